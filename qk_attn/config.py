@@ -1,0 +1,162 @@
+"""Every capture setting in one place: `SniffConfig`, read from `QK_SNIFF_*` or keywords.
+
+Values are validated when the configuration is built, never inside a forward: a bad value
+is a `ValueError` naming the variable, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any
+
+ENV_PREFIX = "QK_SNIFF_"
+SAMPLERS = ("log_uniform", "uniform", "all")
+CAPTURE_KINDS = ("q,k", "q", "k")
+ROPE_STAGES = ("post", "pre")
+BACKENDS = ("sdpa", "eager", "flash_attention_2")
+VECTOR_DTYPES = ("float32", "float16")
+
+
+class ConfigError(ValueError):
+    """A setting has a value outside what is allowed."""
+
+
+def _fail(name: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"{ENV_PREFIX}{name.upper()}={value!r} is invalid: expected {allowed}")
+
+
+def parse_index_list(name: str, value: Any) -> tuple[int, ...] | None:
+    """`"0,3,10-12"` (or a list of ints) -> (0, 3, 10, 11, 12); None/"" means all."""
+    if value is None or value == "" or value == "all":
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    items: list[int] = []
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        for part in parts:
+            if isinstance(part, str) and "-" in part.strip()[1:]:
+                lo, hi = part.split("-", 1)
+                lo_i, hi_i = int(lo), int(hi)
+                if hi_i < lo_i:
+                    raise ValueError
+                items.extend(range(lo_i, hi_i + 1))
+            else:
+                items.append(int(part))
+    except (TypeError, ValueError):
+        raise _fail(name, value, 'comma-separated non-negative integers or ranges, e.g. "0,3,10-12"') from None
+    if any(i < 0 for i in items):
+        raise _fail(name, value, "non-negative integers")
+    return tuple(sorted(set(items)))
+
+
+def _parse_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise _fail(name, value, "0 or 1")
+
+
+def _parse_choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
+    text = str(value).strip().replace(" ", "")
+    if name == "capture" and text == "k,q":
+        text = "q,k"
+    if text not in allowed:
+        raise _fail(name, value, " | ".join(allowed))
+    return text
+
+
+def _parse_number(name: str, value: Any, kind: type, minimum: float, strict: bool = False) -> Any:
+    try:
+        number = kind(value)
+        if kind is int and isinstance(value, float) and value != number:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise _fail(name, value, f"a{'n integer' if kind is int else ' number'}") from None
+    if number < minimum or (strict and number == minimum):
+        raise _fail(name, value, f"a number {'>' if strict else '>='} {minimum}")
+    return number
+
+
+@dataclass(frozen=True)
+class SniffConfig:
+    """What to record and where. Field names are the env variables without `QK_SNIFF_`."""
+
+    output: str | None = None
+    sampler: str = "log_uniform"
+    min_bucket_size: int = 128
+    base_rate: float = 1.0
+    seed: int = 0
+    layers: tuple[int, ...] | None = None
+    heads: tuple[int, ...] | None = None
+    key_heads: tuple[int, ...] | None = None
+    head_sample_count: int | None = None
+    head_sample_seed: int = 0
+    capture: str = "q,k"
+    rope: str = "post"
+    full_attention_only: bool = False
+    backend: str = "sdpa"
+    vector_dtype: str = "float32"
+    pinned_mb: int = 256
+
+    def __post_init__(self) -> None:
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        set_("output", None if self.output in (None, "") else os.fspath(self.output))
+        set_("sampler", _parse_choice("sampler", self.sampler, SAMPLERS))
+        set_("min_bucket_size", _parse_number("min_bucket_size", self.min_bucket_size, int, 1))
+        if self.min_bucket_size & (self.min_bucket_size - 1):
+            raise _fail("min_bucket_size", self.min_bucket_size, "a power of two (1, 2, 4, ..., 8192, ...)")
+        set_("base_rate", _parse_number("base_rate", self.base_rate, float, 0.0, strict=True))
+        set_("seed", _parse_number("seed", self.seed, int, 0))
+        if self.seed >= 2**32:
+            raise _fail("seed", self.seed, "an integer in [0, 2**32)")
+        set_("layers", parse_index_list("layers", self.layers))
+        set_("heads", parse_index_list("heads", self.heads))
+        set_("key_heads", parse_index_list("key_heads", self.key_heads))
+        if self.head_sample_count not in (None, ""):
+            set_("head_sample_count", _parse_number("head_sample_count", self.head_sample_count, int, 1))
+        else:
+            set_("head_sample_count", None)
+        set_("head_sample_seed", _parse_number("head_sample_seed", self.head_sample_seed, int, 0))
+        set_("capture", _parse_choice("capture", self.capture, CAPTURE_KINDS))
+        set_("rope", _parse_choice("rope", self.rope, ROPE_STAGES))
+        set_("full_attention_only", _parse_bool("full_attention_only", self.full_attention_only))
+        set_("backend", _parse_choice("backend", self.backend, BACKENDS))
+        set_("vector_dtype", _parse_choice("vector_dtype", self.vector_dtype, VECTOR_DTYPES))
+        set_("pinned_mb", _parse_number("pinned_mb", self.pinned_mb, int, 1))
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return tuple(self.capture.split(","))
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> "SniffConfig":
+        """Read every `QK_SNIFF_<FIELD>` variable; keyword overrides win over the environment."""
+        environ = os.environ if environ is None else environ
+        values = {name: environ[ENV_PREFIX + name.upper()] for name in cls.field_names() if ENV_PREFIX + name.upper() in environ}
+        values.update(overrides)
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "SniffConfig":
+        unknown = set(changes) - set(self.field_names())
+        if unknown:
+            raise TypeError(f"unknown setting(s) {sorted(unknown)}; known: {', '.join(self.field_names())}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        values = {name: getattr(self, name) for name in self.field_names()}
+        return {name: list(v) if isinstance(v, tuple) else v for name, v in values.items()}
+
+    def sampler_dict(self) -> dict[str, Any]:
+        """The parameters that decide which positions are kept (part of a dataset's identity)."""
+        return {"sampler": self.sampler, "min_bucket_size": self.min_bucket_size, "base_rate": self.base_rate, "seed": self.seed}

@@ -1,0 +1,183 @@
+"""Which token positions to keep: one integer-only definition (DESIGN §4).
+
+The keep decision for a token is a pure function of (seed, example_id, layer, kind,
+position), shared by all heads of a layer. It uses only 32-bit integer mixing and a
+24-bit threshold compare, so the torch reference here, the Triton interpreter and the GPU
+kernel agree bit for bit:
+
+    h = fmix32(seed ^ SALT); h = fmix32(h ^ layer); h = fmix32(h ^ KIND_CODE[kind])
+    h = fmix32(h ^ lo32(example_id)); h = fmix32(h ^ hi32(example_id))
+    r = fmix32(h ^ position) >> 8                  # uniform in [0, 2**24)
+    keep  <=>  r < threshold[bucket(position)]     # threshold = ceil(p * 2**24), float64 on the host
+
+Buckets with m = min_bucket_size (a power of two):
+    log_uniform: bucket 0 = [0, m), bucket k >= 1 = [m*2**(k-1), m*2**k); p = min(1, base_rate / size)
+    uniform:     bucket = position // m;  p = min(1, base_rate / m)
+    all:         bucket = position // m;  p = 1
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+MASK32 = 0xFFFFFFFF
+SALT = 0x5F3759DF
+KIND_CODE = {"q": 1, "k": 2}
+R_BITS = 24
+ONE = 1 << R_BITS  # threshold meaning "always keep"
+MAX_BUCKETS = 64  # log-uniform buckets cover positions up to min_bucket_size * 2**62
+
+
+def _mul32(h, c: int):
+    """(h * c) mod 2**32 without overflowing int64: split h into 16-bit halves."""
+    lo = (h & 0xFFFF) * c
+    hi = ((h >> 16) * c) & 0xFFFF
+    return (lo + (hi << 16)) & MASK32
+
+
+def fmix32(h):
+    """murmur3's 32-bit finaliser; works on Python ints and int64 tensors alike."""
+    h = h & MASK32
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def layer_kind_hash(seed: int, layer: int, kind: str) -> int:
+    """The host-side part of the chain: everything before the example id."""
+    h = fmix32(seed ^ SALT)
+    h = fmix32(h ^ layer)
+    return fmix32(h ^ KIND_CODE[kind])
+
+
+def row_hash(layer_kind: int, example_ids):
+    """Mix the int64 example ids (tensor or int) into the layer/kind hash: both 32-bit halves."""
+    h = fmix32(layer_kind ^ (example_ids & MASK32))
+    return fmix32(h ^ ((example_ids >> 32) & MASK32))
+
+
+def uniform24(row_hashes, positions):
+    """24-bit uniform draw per (row, position); `row_hashes` broadcasts against `positions`."""
+    return fmix32(row_hashes ^ positions) >> (32 - R_BITS)
+
+
+def threshold(p: float) -> int:
+    """Keep iff r < threshold: computed once on the host in float64."""
+    return min(ONE, math.ceil(p * ONE))
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A sampler strategy with its parameters; see the module docstring for the definition."""
+
+    strategy: str = "log_uniform"
+    min_bucket_size: int = 128
+    base_rate: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.strategy not in ("log_uniform", "uniform", "all"):
+            raise ValueError(f"sampler strategy {self.strategy!r} is invalid: expected log_uniform | uniform | all")
+        m = self.min_bucket_size
+        if not isinstance(m, int) or m < 1 or m & (m - 1):
+            raise ValueError(f"min_bucket_size={m!r} is invalid: expected a power of two (1, 2, 4, ..., 8192, ...)")
+        if not self.base_rate > 0:
+            raise ValueError(f"base_rate={self.base_rate!r} is invalid: expected a number > 0")
+
+    @classmethod
+    def from_config(cls, config) -> "Sampler":
+        return cls(config.sampler, config.min_bucket_size, config.base_rate, config.seed)
+
+    @property
+    def shift(self) -> int:
+        return self.min_bucket_size.bit_length() - 1
+
+    # ---- bucket geometry -------------------------------------------------------------
+    def bucket_start(self, bucket: int) -> int:
+        m = self.min_bucket_size
+        if self.strategy != "log_uniform":
+            return bucket * m
+        return 0 if bucket == 0 else m << (bucket - 1)
+
+    def bucket_size(self, bucket: int) -> int:
+        m = self.min_bucket_size
+        if self.strategy != "log_uniform" or bucket == 0:
+            return m
+        return m << (bucket - 1)
+
+    def keep_probability(self, bucket: int) -> float:
+        if self.strategy == "all":
+            return 1.0
+        return min(1.0, self.base_rate / self.bucket_size(bucket))
+
+    def thresholds(self) -> list[int]:
+        """Per-bucket thresholds for log_uniform (MAX_BUCKETS entries), one entry otherwise."""
+        n = MAX_BUCKETS if self.strategy == "log_uniform" else 1
+        return [threshold(self.keep_probability(b)) for b in range(n)]
+
+    def bucket_bounds(self, length: int) -> list[tuple[int, int, int, float]]:
+        """(bucket, start, end, keep probability) for every bucket that meets [0, length)."""
+        rows, bucket = [], 0
+        while self.bucket_start(bucket) < length:
+            start = self.bucket_start(bucket)
+            rows.append((bucket, start, start + self.bucket_size(bucket), self.keep_probability(bucket)))
+            bucket += 1
+        return rows
+
+    def expected_keeps(self, length: int) -> float:
+        """Expected kept tokens among positions [0, length): the densest window of that length."""
+        return sum(p * (min(end, length) - start) for _, start, end, p in self.bucket_bounds(length))
+
+    def capacity(self, length: int) -> int:
+        """Rows to reserve for one sequence of `length` new tokens; overflow beyond it is flagged.
+
+        Keep probability never increases with position, so a window starting at 0 is the
+        densest; mean + 8 standard deviations + 16 makes overflow practically impossible.
+        """
+        if self.strategy == "all":
+            return length
+        mean = self.expected_keeps(length)
+        return min(length, math.ceil(mean + 8 * math.sqrt(mean) + 16))
+
+    # ---- torch reference -------------------------------------------------------------
+    def bucket_of(self, positions: torch.Tensor) -> torch.Tensor:
+        """Bucket id per position (int64 tensor in, int64 out), integer ops only."""
+        q = positions >> self.shift
+        if self.strategy != "log_uniform":
+            return q
+        return bit_length(q)
+
+    def keep(self, example_ids: torch.Tensor, layer: int, kind: str, positions: torch.Tensor) -> torch.Tensor:
+        """Bool keep mask of `positions`' shape (B, T); `example_ids` is (B,) int64."""
+        positions = positions.to(torch.int64)
+        if self.strategy == "all":
+            return torch.ones_like(positions, dtype=torch.bool)
+        rows = row_hash(layer_kind_hash(self.seed, layer, kind), example_ids.to(torch.int64))
+        r = uniform24(rows.reshape(-1, *([1] * (positions.dim() - 1))), positions)
+        if self.strategy == "uniform":
+            return r < self.thresholds()[0]
+        table = torch.tensor(self.thresholds(), dtype=torch.int64, device=positions.device)
+        return r < table[self.bucket_of(positions).clamp_(max=MAX_BUCKETS - 1)]
+
+    def selected_positions(self, example_id: int, layer: int, kind: str, length: int) -> np.ndarray:
+        """Positions in [0, length) that this sampler keeps for one example (for `verify`)."""
+        positions = torch.arange(length, dtype=torch.int64)
+        mask = self.keep(torch.tensor([example_id], dtype=torch.int64), layer, kind, positions[None])[0]
+        return positions[mask].numpy()
+
+
+def bit_length(q: torch.Tensor) -> torch.Tensor:
+    """Number of significant bits of non-negative int64 values (0 -> 0), by binary search."""
+    q = q.clone()
+    bits = torch.zeros_like(q)
+    for shift in (32, 16, 8, 4, 2, 1):
+        big = (q >> shift) > 0
+        q = torch.where(big, q >> shift, q)
+        bits += big.to(q.dtype) * shift
+    return bits + (q > 0).to(q.dtype)

@@ -1,0 +1,104 @@
+"""Which (layer, head) pairs a capture records, and why the others are not recorded.
+
+Built once per model shape from the configuration; the attention call only looks up
+`plan.heads(layer, kind)`. The same plan feeds the dataset card's coverage section.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from .config import SniffConfig
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    layer_types: tuple[str, ...] | None = None
+
+    @classmethod
+    def from_module(cls, module, query, key) -> "ModelShape":
+        """Read the shape from an attention module and the tensors it was called with."""
+        config = module.config
+        layer_types = getattr(config, "layer_types", None)
+        return cls(
+            num_layers=config.num_hidden_layers,
+            num_heads=query.shape[1],
+            num_kv_heads=key.shape[1],
+            head_dim=query.shape[-1],
+            layer_types=tuple(layer_types) if layer_types else None,
+        )
+
+    def is_sliding(self, layer: int) -> bool:
+        return bool(self.layer_types) and layer < len(self.layer_types) and "sliding" in self.layer_types[layer]
+
+
+@dataclass
+class HeadPlan:
+    """Per layer: the query heads and the key (KV) heads to record; reasons for the rest."""
+
+    shape: ModelShape
+    query_heads: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    key_heads: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    excluded_layers: dict[int, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, config: SniffConfig, shape: ModelShape) -> "HeadPlan":
+        plan = cls(shape)
+        group = max(1, shape.num_heads // shape.num_kv_heads)
+        layers = range(shape.num_layers) if config.layers is None else config.layers
+        for layer in range(shape.num_layers):
+            if config.layers is not None and layer not in config.layers:
+                plan.excluded_layers[layer] = "not in layers filter"
+            elif config.full_attention_only and shape.is_sliding(layer):
+                plan.excluded_layers[layer] = "sliding-window layer (full_attention_only)"
+        missing = [layer for layer in layers if layer >= shape.num_layers]
+        if missing:
+            plan.notes.append(f"requested layers {missing} do not exist (model has {shape.num_layers})")
+        bad_heads = [h for h in config.heads or () if h >= shape.num_heads]
+        bad_keys = [h for h in config.key_heads or () if h >= shape.num_kv_heads]
+        if bad_heads:
+            plan.notes.append(f"requested query heads {bad_heads} do not exist (model has {shape.num_heads})")
+        if bad_keys:
+            plan.notes.append(f"requested key heads {bad_keys} do not exist (model has {shape.num_kv_heads})")
+        query_heads = [h for h in (config.heads or range(shape.num_heads)) if h < shape.num_heads]
+        active = [layer for layer in range(shape.num_layers) if layer not in plan.excluded_layers]
+        pairs = [(layer, h) for layer in active for h in query_heads]
+        if config.head_sample_count is not None and config.head_sample_count < len(pairs):
+            pairs = sorted(random.Random(config.head_sample_seed).sample(pairs, config.head_sample_count))
+            plan.notes.append(
+                f"head sampling: {len(pairs)} (layer, query head) pairs drawn with seed {config.head_sample_seed}"
+            )
+        for layer in active:
+            chosen = tuple(h for (pair_layer, h) in pairs if pair_layer == layer)
+            plan.query_heads[layer] = chosen if "q" in config.kinds else ()
+            if config.key_heads is not None:
+                keys = tuple(h for h in config.key_heads if h < shape.num_kv_heads)
+            else:
+                keys = tuple(sorted({h // group for h in chosen}))
+            plan.key_heads[layer] = keys if "k" in config.kinds else ()
+        return plan
+
+    def heads(self, layer: int, kind: str) -> tuple[int, ...]:
+        table = self.query_heads if kind == "q" else self.key_heads
+        return table.get(layer, ())
+
+    def expected(self) -> dict[int, dict[str, tuple[int, ...]]]:
+        return {layer: {"q": self.query_heads[layer], "k": self.key_heads[layer]} for layer in self.query_heads}
+
+    def to_dict(self) -> dict:
+        return {
+            "num_layers": self.shape.num_layers,
+            "num_heads": self.shape.num_heads,
+            "num_kv_heads": self.shape.num_kv_heads,
+            "head_dim": self.shape.head_dim,
+            "query_heads": {str(k): list(v) for k, v in self.query_heads.items()},
+            "key_heads": {str(k): list(v) for k, v in self.key_heads.items()},
+            "excluded_layers": {str(k): v for k, v in self.excluded_layers.items()},
+            "notes": list(self.notes),
+        }
