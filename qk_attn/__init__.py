@@ -1,11 +1,16 @@
 """qk-attn: record the real query and key vectors of a transformers model while it runs.
 
-`import qk_attn` registers the attention implementation "qk_sniff" (and its mask).
+`import qk_attn` registers the attention implementation "qk_sniff" (and its mask) in
+transformers' registries; that is its only side effect.
 """
 
 from .config import ConfigError, SniffConfig
+from .registration import register
 from .sampler import Sampler
+from .session import Session, flush, reload_env, session
 
 __version__ = "0.1.0"
 
-__all__ = ["ConfigError", "Sampler", "SniffConfig", "__version__"]
+register()
+
+__all__ = ["ConfigError", "Sampler", "Session", "SniffConfig", "flush", "register", "reload_env", "session", "__version__"]

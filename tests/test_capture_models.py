@@ -1,0 +1,139 @@
+"""Exactness on every seed family: logits bit for bit, captured vectors equal ground truth."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import qk_attn
+from capture_utils import GroundTruth, attention_modules, expected_rows, rows_by_key
+from families import FAMILIES, build, padded_batch
+
+torch.set_grad_enabled(False)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_logits_equal_wrapped_backend_bit_for_bit(family, side, backend):
+    model = build(family, backend)
+    batch = padded_batch(side)
+    reference = model(**batch).logits
+    model.set_attn_implementation("qk_sniff")
+    with qk_attn.session(sampler="all", backend=backend) as s:
+        logits = model(**batch).logits
+    assert torch.equal(logits, reference)
+    assert s.table().num_rows > 0
+
+
+def _heads_per_layer(model):
+    modules = attention_modules(model)
+    config = modules[0].config
+    group = config.num_attention_heads // config.num_key_value_heads
+    out = {}
+    for module in modules:
+        out[(module.layer_idx, "q")] = list(range(config.num_attention_heads))
+        out[(module.layer_idx, "k")] = sorted({h // group for h in range(config.num_attention_heads)})
+    return out
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_post_rope_vectors_equal_ground_truth(family, side):
+    model = build(family, "qk_sniff")
+    batch = padded_batch(side)
+    truth = GroundTruth(model)
+    with qk_attn.session(sampler="all", example_ids=[10, 11]) as s:
+        model(**batch)
+    truth.remove()
+    got = rows_by_key(s.table())
+    want = expected_rows(truth.post, batch, [10, 11], _heads_per_layer(model))
+    # Same keys: every valid token once per head, no pad token at all.
+    assert got.keys() == want.keys()
+    for key, vector in want.items():
+        np.testing.assert_array_equal(got[key], vector, err_msg=str(key))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_pre_rope_vectors_equal_hook_outputs(family):
+    model = build(family, "qk_sniff")
+    batch = padded_batch("left", lengths=(40, 23))  # long enough for Ministral 3's query scale to vary
+    truth = GroundTruth(model)
+    with qk_attn.session(sampler="all", rope="pre") as s:
+        model(**batch)
+    truth.remove()
+    got = rows_by_key(s.table())
+    want = expected_rows(truth.pre, batch, [0, 1], _heads_per_layer(model))
+    assert got.keys() == want.keys()
+    for key, vector in want.items():
+        np.testing.assert_allclose(got[key], vector, rtol=1e-5, atol=1e-6, err_msg=str(key))
+
+
+def test_pre_and_post_differ_where_rope_applies_and_match_on_nope_layers():
+    model = build("smollm3", "qk_sniff")  # layer 1 is a NoPE layer
+    batch = padded_batch("right")
+    tables = {}
+    for stage in ("post", "pre"):
+        with qk_attn.session(sampler="all", rope=stage) as s:
+            model(**batch)
+        tables[stage] = rows_by_key(s.table())
+    nope = [k for k in tables["post"] if k[1] == 1]
+    rotated = [k for k in tables["post"] if k[1] == 0 and k[4] > 0]
+    assert all(np.array_equal(tables["post"][k], tables["pre"][k]) for k in nope)
+    assert not any(np.allclose(tables["post"][k], tables["pre"][k]) for k in rotated)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("family", ["llama3", "gemma3", "qwen3"])
+def test_generate_records_each_token_once_and_equal_to_uncached(family, cache):
+    model = build(family, "qk_sniff")
+    batch = padded_batch("left", lengths=(7, 5))
+    prompt = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    with qk_attn.session(sampler="all") as s:
+        sequences = model.generate(**prompt, max_new_tokens=4, do_sample=False, cache_implementation=cache,
+                                   pad_token_id=0)
+    generated = rows_by_key(s.table())  # asserts no duplicates
+
+    mask = torch.cat([batch["attention_mask"], torch.ones(2, 4, dtype=torch.long)], dim=1)
+    full = {"input_ids": sequences, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+    with qk_attn.session(sampler="all") as s:
+        model(**full)
+    uncached = rows_by_key(s.table())
+    # The last generated token is never fed back, so it has no row in either run... except the
+    # uncached run sees it: drop it there.
+    last = {(e, l, h, k, p) for (e, l, h, k, p) in uncached if p == int(full["position_ids"][e, -1])}
+    assert generated.keys() == uncached.keys() - last
+    for key, vector in generated.items():
+        np.testing.assert_allclose(vector, uncached[key], rtol=1e-4, atol=1e-5, err_msg=str(key))
+
+
+def _mllama_image_batch():
+    batch = padded_batch("left", lengths=(9, 6))
+    batch.pop("position_ids")
+    batch["input_ids"][:, -6] = model_image_token = 95
+    batch["pixel_values"] = torch.randn(2, 1, 1, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    batch["aspect_ratio_ids"] = torch.ones(2, 1, dtype=torch.long)
+    batch["aspect_ratio_mask"] = torch.ones(2, 1, 1, dtype=torch.long)
+    cross = torch.zeros(2, 9, 1, 1, dtype=torch.long)
+    cross[:, -6:] = 1  # text from the image token on attends to the image
+    batch["cross_attention_mask"] = cross
+    return batch, model_image_token
+
+
+def test_mllama_with_image_records_cross_attention_keys_once():
+    model = build("mllama", "sdpa")
+    batch, _ = _mllama_image_batch()
+    reference = model(**batch).logits
+    model.set_attn_implementation({"text_config": "qk_sniff", "vision_config": "sdpa"})
+    with qk_attn.session(sampler="all") as s:
+        logits = model(**batch).logits
+    assert torch.equal(logits, reference)
+    table = s.table().to_pydict()
+    cross_layer = model.config.text_config.cross_attention_layers[0]
+    keys = [(e, p) for e, l, k, p, h in zip(table["example_id"], table["layer"], table["kind"], table["position"],
+                                              table["head"]) if l == cross_layer and k == "k" and h == 0]
+    num_vision = model.model.vision_model.num_patches  # tokens per tile (1 tile)
+    assert sorted(keys) == sorted((e, p) for e in (0, 1) for p in range(num_vision))
+    queries = sum(1 for l, k in zip(table["layer"], table["kind"]) if l == cross_layer and k == "q")
+    assert queries == (9 + 6) * model.config.text_config.num_attention_heads
