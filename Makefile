@@ -26,13 +26,15 @@ install: $(VENV)/.installed
 demo: $(VENV)/.demo
 	$(VENV)/bin/qk-sniff run
 
+# `pytest`, not `python -m pytest`: the latter puts the repo root on sys.path, where
+# kernels/ would shadow the Hugging Face `kernels` package that transformers probes.
 # Two pytest processes: Triton's interpreter must be switched on before triton is imported.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not interpreter"
-	TRITON_INTERPRET=1 $(PY) -m pytest -q -m interpreter
+	$(VENV)/bin/pytest -q -m "not interpreter"
+	TRITON_INTERPRET=1 $(VENV)/bin/pytest -q -m interpreter
 
 bench: $(VENV)/.installed
-	$(PY) -m pytest -q bench --benchmark-only -p no:cacheprovider
+	$(VENV)/bin/pytest -q bench --benchmark-only -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) qk-sniff-demo

@@ -109,13 +109,15 @@ class SniffConfig:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
         set_("output", None if self.output in (None, "") else os.fspath(self.output))
         set_("sampler", _parse_choice("sampler", self.sampler, SAMPLERS))
-        set_("min_bucket_size", _parse_number("min_bucket_size", self.min_bucket_size, int, 1))
+        raw_bucket = self.min_bucket_size
+        set_("min_bucket_size", _parse_number("min_bucket_size", raw_bucket, int, 1))
         if self.min_bucket_size & (self.min_bucket_size - 1):
-            raise _fail("min_bucket_size", self.min_bucket_size, "a power of two (1, 2, 4, ..., 8192, ...)")
+            raise _fail("min_bucket_size", raw_bucket, "a power of two (1, 2, 4, ..., 8192, ...)")
         set_("base_rate", _parse_number("base_rate", self.base_rate, float, 0.0, strict=True))
-        set_("seed", _parse_number("seed", self.seed, int, 0))
+        raw_seed = self.seed
+        set_("seed", _parse_number("seed", raw_seed, int, 0))
         if self.seed >= 2**32:
-            raise _fail("seed", self.seed, "an integer in [0, 2**32)")
+            raise _fail("seed", raw_seed, "an integer in [0, 2**32)")
         set_("layers", parse_index_list("layers", self.layers))
         set_("heads", parse_index_list("heads", self.heads))
         set_("key_heads", parse_index_list("key_heads", self.key_heads))

@@ -18,6 +18,7 @@ Buckets with m = min_bucket_size (a power of two):
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -162,7 +163,7 @@ class Sampler:
         r = uniform24(rows.reshape(-1, *([1] * (positions.dim() - 1))), positions)
         if self.strategy == "uniform":
             return r < self.thresholds()[0]
-        table = torch.tensor(self.thresholds(), dtype=torch.int64, device=positions.device)
+        table = _threshold_table(tuple(self.thresholds()), positions.device)
         return r < table[self.bucket_of(positions).clamp_(max=MAX_BUCKETS - 1)]
 
     def selected_positions(self, example_id: int, layer: int, kind: str, length: int) -> np.ndarray:
@@ -170,6 +171,12 @@ class Sampler:
         positions = torch.arange(length, dtype=torch.int64)
         mask = self.keep(torch.tensor([example_id], dtype=torch.int64), layer, kind, positions[None])[0]
         return positions[mask].numpy()
+
+
+@functools.lru_cache(maxsize=64)
+def _threshold_table(thresholds: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The per-bucket thresholds on `device`, copied once (not once per attention call)."""
+    return torch.tensor(thresholds, dtype=torch.int64).to(device)
 
 
 def bit_length(q: torch.Tensor) -> torch.Tensor:

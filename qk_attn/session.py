@@ -42,6 +42,7 @@ class Session:
         self._pending_ids = None if example_ids is None else [int(i) for i in example_ids]
         self._ids: list[int] = []
         self._ids_on_device: dict[torch.device, torch.Tensor] = {}
+        self._device_heads: dict[tuple, torch.Tensor] = {}
         self._next_auto_id = 0
         self._begun: list[int] = []
         self._last_layer: int | None = None
@@ -119,7 +120,7 @@ class Session:
         count, row, position, bucket, vectors = select_rows(
             states,
             context.offset if kind == "k" else 0,  # queries are only the new tokens
-            torch.tensor(heads, dtype=torch.int64).to(device, non_blocking=True),
+            self._heads_on(heads, device),
             context.positions,
             context.valid,
             self._example_ids_on(device),
@@ -180,6 +181,13 @@ class Session:
                 host = host.pin_memory()
             ids = self._ids_on_device[device] = host.to(device, non_blocking=True)
         return ids
+
+    def _heads_on(self, heads: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """Head ids as a device tensor, copied once per (heads, device)."""
+        key = (heads, device)
+        if key not in self._device_heads:
+            self._device_heads[key] = torch.tensor(heads, dtype=torch.int64).to(device)
+        return self._device_heads[key]
 
     def _plan(self, module, query, key) -> HeadPlan:
         if self.plan is None:

@@ -1,0 +1,74 @@
+"""Every QK_SNIFF_* variable: parsed when read, bad values rejected with a clear message."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from qk_attn import SniffConfig
+from qk_attn.config import parse_index_list
+
+
+def test_defaults_and_full_environment():
+    env = {
+        "QK_SNIFF_OUTPUT": "/tmp/x", "QK_SNIFF_SAMPLER": "uniform", "QK_SNIFF_MIN_BUCKET_SIZE": "8192",
+        "QK_SNIFF_BASE_RATE": "1.5", "QK_SNIFF_SEED": "7", "QK_SNIFF_LAYERS": "0,3,10-12",
+        "QK_SNIFF_HEADS": "1,2", "QK_SNIFF_KEY_HEADS": "0", "QK_SNIFF_CAPTURE": "k", "QK_SNIFF_ROPE": "pre",
+        "QK_SNIFF_FULL_ATTENTION_ONLY": "1", "QK_SNIFF_BACKEND": "eager", "QK_SNIFF_HEAD_SAMPLE_COUNT": "5",
+        "QK_SNIFF_HEAD_SAMPLE_SEED": "3", "QK_SNIFF_VECTOR_DTYPE": "float16", "QK_SNIFF_PINNED_MB": "64",
+    }
+    config = SniffConfig.from_env(env)
+    assert config == SniffConfig(
+        output="/tmp/x", sampler="uniform", min_bucket_size=8192, base_rate=1.5, seed=7, layers=(0, 3, 10, 11, 12),
+        heads=(1, 2), key_heads=(0,), capture="k", rope="pre", full_attention_only=True, backend="eager",
+        head_sample_count=5, head_sample_seed=3, vector_dtype="float16", pinned_mb=64,
+    )
+    assert SniffConfig.from_env({}) == SniffConfig()
+    assert SniffConfig.from_env({"QK_SNIFF_SEED": "1"}, seed=2).seed == 2  # keywords win
+
+
+@pytest.mark.parametrize("name,value,allowed", [
+    ("SAMPLER", "gauss", "log_uniform | uniform | all"),
+    ("MIN_BUCKET_SIZE", "100", "power of two"),
+    ("MIN_BUCKET_SIZE", "abc", "integer"),
+    ("BASE_RATE", "0", "> 0"),
+    ("BASE_RATE", "many", "number"),
+    ("SEED", "-1", ">= 0"),
+    ("LAYERS", "0,x", "comma-separated"),
+    ("LAYERS", "5-2", "comma-separated"),
+    ("HEADS", "-3", "non-negative"),
+    ("KEY_HEADS", "a-b", "comma-separated"),
+    ("CAPTURE", "v", "q,k | q | k"),
+    ("ROPE", "middle", "post | pre"),
+    ("FULL_ATTENTION_ONLY", "maybe", "0 or 1"),
+    ("BACKEND", "flex", "sdpa | eager | flash_attention_2"),
+    ("HEAD_SAMPLE_COUNT", "0", ">= 1"),
+    ("VECTOR_DTYPE", "bfloat16", "float32 | float16"),
+    ("PINNED_MB", "0", ">= 1"),
+])
+def test_bad_value_names_variable_value_and_allowed(name, value, allowed):
+    with pytest.raises(ValueError) as err:
+        SniffConfig.from_env({f"QK_SNIFF_{name}": value})
+    message = str(err.value)
+    assert f"QK_SNIFF_{name}={value!r}" in message and allowed in message
+
+
+def test_bad_environment_fails_at_import_not_in_a_forward(tmp_path):
+    env = {"QK_SNIFF_SAMPLER": "nope", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-c", "import qk_attn"], env=env, capture_output=True, text=True,
+                            cwd=tmp_path)
+    assert result.returncode != 0
+    assert "QK_SNIFF_SAMPLER='nope' is invalid" in result.stderr
+
+
+def test_index_lists():
+    assert parse_index_list("layers", "3, 1,1-2") == (1, 2, 3)
+    assert parse_index_list("layers", [4, 2]) == (2, 4)
+    assert parse_index_list("layers", "") is None and parse_index_list("layers", None) is None
+
+
+def test_replace_rejects_unknown_fields():
+    with pytest.raises(TypeError, match="unknown setting"):
+        SniffConfig().replace(samplr="all")

@@ -1,0 +1,126 @@
+"""Session behaviour: filters, head plan, example ids, overflow, registration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AttentionInterface, AutoModelForCausalLM
+from transformers.masking_utils import AttentionMaskInterface
+
+import qk_attn
+from qk_attn.gather import gather_rows
+from qk_attn.rows import CaptureBatch, CaptureOverflow
+from qk_attn.sampler import Sampler
+from families import build, padded_batch
+
+torch.set_grad_enabled(False)
+
+
+def _capture(model, batch=None, **settings):
+    with qk_attn.session(**settings) as s:
+        model(**(batch or padded_batch("left")))
+    return s, s.table()
+
+
+def _groups(table):
+    data = table.to_pydict()
+    return sorted({(l, k, h) for l, k, h in zip(data["layer"], data["kind"], data["head"])})
+
+
+def test_registration_is_idempotent_and_pairs_attention_with_mask():
+    qk_attn.register()
+    qk_attn.register()
+    assert AttentionInterface._global_mapping["qk_sniff"] is qk_attn.capture.qk_sniff_attention
+    assert AttentionMaskInterface._global_mapping["qk_sniff"] is qk_attn.registration.qk_sniff_mask
+
+
+def test_from_pretrained_with_qk_sniff(tmp_path):
+    build("qwen3").save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="qk_sniff").eval()
+    assert model.config._attn_implementation == "qk_sniff"
+    _, table = _capture(model, sampler="all", layers="1")
+    assert {g[0] for g in _groups(table)} == {1}
+
+
+def test_layer_head_and_kind_filters_with_gqa_mapping():
+    model = build("llama3", "qk_sniff")  # 4 query heads, 2 KV heads, 3 layers
+    _, table = _capture(model, sampler="all", layers="0,2", heads="1,2")
+    assert _groups(table) == [(0, "k", 0), (0, "k", 1), (0, "q", 1), (0, "q", 2),
+                              (2, "k", 0), (2, "k", 1), (2, "q", 1), (2, "q", 2)]
+    _, table = _capture(model, sampler="all", heads="3", key_heads="0", capture="k")
+    assert _groups(table) == [(layer, "k", 0) for layer in range(3)]
+    _, table = _capture(model, sampler="all", heads="0", capture="q")
+    assert _groups(table) == [(layer, "q", 0) for layer in range(3)]
+
+
+def test_head_sampling_is_seeded_and_reads_its_kv_heads():
+    model = build("llama3", "qk_sniff")
+    s, table = _capture(model, sampler="all", head_sample_count=5, head_sample_seed=4)
+    groups = _groups(table)
+    queries = [(l, h) for l, k, h in groups if k == "q"]
+    keys = [(l, h) for l, k, h in groups if k == "k"]
+    assert len(queries) == 5
+    assert keys == sorted({(l, h // 2) for l, h in queries})
+    assert s.plan.notes and "seed 4" in s.plan.notes[0]
+    assert _groups(_capture(model, sampler="all", head_sample_count=5, head_sample_seed=4)[1]) == groups
+    assert _groups(_capture(model, sampler="all", head_sample_count=5, head_sample_seed=5)[1]) != groups
+
+
+def test_full_attention_only_and_sliding_window_column():
+    model = build("gemma3", "qk_sniff")  # layers: sliding, full, sliding (window 4)
+    _, table = _capture(model, sampler="all")
+    windows = dict(zip(table["layer"].to_pylist(), table["sliding_window"].to_pylist()))
+    assert windows == {0: 4, 1: None, 2: 4}
+    s, table = _capture(model, sampler="all", full_attention_only=True)
+    assert {g[0] for g in _groups(table)} == {1}
+    assert s.plan.excluded_layers == {0: "sliding-window layer (full_attention_only)",
+                                      2: "sliding-window layer (full_attention_only)"}
+
+
+def test_example_ids_counter_explicit_ids_and_decode_keeps_ids():
+    model = build("qwen2", "qk_sniff")
+    batch = padded_batch("left")
+    with qk_attn.session(sampler="all", layers="0", capture="k") as s:
+        model(**batch)  # auto ids 0, 1
+        s.begin([100, 7])
+        model(**batch)
+        model(**batch)  # auto again, after the largest id used
+        assert s._begun == [0, 1, 100, 7, 101, 102]
+    assert set(s.table()["example_id"].to_pylist()) == {0, 1, 7, 100, 101, 102}
+
+    with qk_attn.session(sampler="all", layers="0", capture="k", example_ids=[5, 6]) as s:
+        model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=3,
+                       do_sample=False, pad_token_id=0)
+    assert set(s.table()["example_id"].to_pylist()) == {5, 6}
+
+    with pytest.raises(ValueError, match="example_ids has 3 ids but the forward has batch size 2"):
+        with qk_attn.session(sampler="all", example_ids=[1, 2, 3]):
+            model(**batch)
+
+
+def test_sparse_sampler_rows_are_the_sampler_selection():
+    model = build("llama3", "qk_sniff")
+    batch = padded_batch("right", lengths=(200, 120))
+    sampler = Sampler("log_uniform", 4, 1.0, 11)
+    _, table = _capture(model, batch, sampler="log_uniform", min_bucket_size=4, base_rate=1.0, seed=11)
+    data = table.to_pydict()
+    for example, length in ((0, 200), (1, 120)):
+        for layer in range(3):
+            for kind, head in (("q", 3), ("k", 1)):
+                got = sorted(p for e, l, k, h, p in zip(data["example_id"], data["layer"], data["kind"],
+                                                       data["head"], data["position"])
+                             if (e, l, k, h) == (example, layer, kind, head))
+                assert got == sampler.selected_positions(example, layer, kind, length).tolist()
+                assert got  # log-uniform keeps about one per bucket
+
+
+def test_overflow_is_flagged_not_dropped():
+    states = torch.randn(1, 2, 50, 8)
+    positions = torch.arange(50)[None]
+    count, row, position, bucket, vectors = gather_rows(
+        states, 0, torch.tensor([0, 1]), positions, torch.ones(1, 50, dtype=torch.bool), torch.tensor([3]),
+        Sampler("all", 8, 1.0), 0, "q", 10, torch.float32)
+    assert int(count) == 50 and row.shape == (10,)
+    batch = CaptureBatch(0, "q", (0, 1), (3,), None, False, count, row, position, bucket, vectors, torch.tensor([50]))
+    with pytest.raises(CaptureOverflow, match="50 tokens selected but the staging buffer holds 10"):
+        batch.host_rows()
