@@ -61,6 +61,10 @@ class Session:
         self.sink.commit(list(self._begun))
         self._begun.clear()
 
+    def abort(self) -> None:
+        """Forget the examples begun since the last commit: they will not be committed."""
+        self._begun.clear()
+
     def committed_ids(self) -> set[int]:
         return set(self.sink.committed_ids()) if hasattr(self.sink, "committed_ids") else set(self.sink.committed)
 
@@ -247,6 +251,11 @@ def session(*, example_ids=None, overwrite: bool = False, source: dict | None = 
     _stack().append(active)
     try:
         yield active
+    except BaseException:
+        # Examples in flight when the block fails (Ctrl-C mid-forward) are incomplete:
+        # never commit them, so that a re-run redoes them.
+        active.abort()
+        raise
     finally:
         _stack().pop()
         active.close()

@@ -1,0 +1,466 @@
+"""`qk-sniff run`: config -> documents -> tokenizer -> model backbone -> capture -> dataset.
+
+    documents   datasets.load_dataset (Hub id, local jsonl/json/parquet/csv/txt, folder),
+                ids normalised to int64, texts truncated to tokenizer.max_length
+    model       AutoModelForCausalLM with attn_implementation="qk_sniff"; only the backbone
+                (`model.base_model`) runs, so no logits over 128k positions are materialised
+    capture     one qk_attn.session() for the whole run; each batch: begin(ids) -> forward
+                -> commit(); examples committed by an earlier run are skipped (resume)
+    hub         with --push: pull the remote dataset first (if it exists), push at the end
+
+Progress: one bar over documents with tokens/s and rows written; a summary at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from .config import ConfigError
+from .run_config import DatasetSection, RunConfig
+
+logger = logging.getLogger(__name__)
+
+# Local file suffix -> `datasets` packaged builder.
+LOCAL_BUILDERS = {
+    ".jsonl": "json",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+    ".txt": "text",
+    ".arrow": "arrow",
+}
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+# ---- example ids ---------------------------------------------------------------------------
+def normalize_id(value: Any) -> int:
+    """A dataset's id -> the int64 `example_id` of the capture dataset.
+
+    Integers in int64 range pass through unchanged. Anything else (strings, floats, bools,
+    out-of-range integers) is hashed: the first 8 bytes of blake2b over its UTF-8 text,
+    read big-endian as a signed int64 — stable across runs, machines and Python versions:
+
+        int.from_bytes(hashlib.blake2b(str(value).encode(), digest_size=8).digest(), "big", signed=True)
+    """
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):  # numpy / torch scalars
+        value = value.item()
+    if isinstance(value, int) and not isinstance(value, bool) and INT64_MIN <= value <= INT64_MAX:
+        return value
+    data = value if isinstance(value, bytes) else str(value).encode("utf-8")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big", signed=True)
+
+
+@dataclass
+class Document:
+    example_id: int  # int64, what the capture dataset records
+    source_id: Any  # the dataset's own id (or the row index)
+    text: str
+
+
+# ---- documents ----------------------------------------------------------------------------
+def _local_builder(path: str) -> str | None:
+    """The packaged builder for a local file or glob, None for a folder or a Hub id."""
+    expanded = os.path.expanduser(path)
+    is_glob = any(ch in expanded for ch in "*?[")
+    if not (is_glob or os.path.isfile(expanded)):
+        return None
+    name = expanded.lower()
+    for suffix in (".gz", ".bz2", ".xz", ".zst"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    for suffix, builder in LOCAL_BUILDERS.items():
+        if name.endswith(suffix):
+            return builder
+    raise ConfigError(
+        f"dataset.path={path!r}: unsupported file type; use one of {', '.join(LOCAL_BUILDERS)} "
+        "(or a folder, or a Hub dataset id)"
+    )
+
+
+def load_rows(cfg: DatasetSection):
+    """The dataset as `datasets` gives it (map-style, or iterable when streaming)."""
+    import datasets
+
+    from .demo import resolve_dataset
+
+    path = resolve_dataset(cfg.path)
+    builder = _local_builder(path)
+    kwargs: dict[str, Any] = {"split": cfg.split, "streaming": cfg.streaming}
+    if builder is not None:
+        # Name the file's split after `dataset.split`, so `split: test` works on a local file.
+        kwargs["data_files"] = {re.split(r"[\[+]", cfg.split)[0]: os.path.expanduser(path)}
+        if builder == "text":
+            kwargs["sample_by"] = cfg.sample_by
+        return datasets.load_dataset(builder, **kwargs)
+    if cfg.name is not None:
+        kwargs["name"] = cfg.name
+    if cfg.data_files is not None:
+        kwargs["data_files"] = cfg.data_files
+    if cfg.revision is not None:
+        kwargs["revision"] = cfg.revision
+    return datasets.load_dataset(path, **kwargs)
+
+
+def count_documents(rows, cfg: DatasetSection) -> int | None:
+    try:
+        total = len(rows)
+    except TypeError:  # streaming
+        return cfg.max_samples
+    return total if cfg.max_samples is None else min(total, cfg.max_samples)
+
+
+def iter_documents(rows, cfg: DatasetSection) -> Iterator[Document]:
+    """Documents in dataset order, at most `max_samples`; ids normalised; duplicates refused."""
+    columns = getattr(rows, "column_names", None)
+    if columns is not None:
+        for column in (cfg.text_column, cfg.id_column):
+            if column is not None and column not in columns:
+                raise ConfigError(f"dataset column {column!r} does not exist; the dataset has {', '.join(columns)}")
+    seen: dict[int, Any] = {}
+    for index, row in enumerate(rows):
+        if cfg.max_samples is not None and index >= cfg.max_samples:
+            break
+        if cfg.text_column not in row:
+            raise ConfigError(f"dataset.text_column={cfg.text_column!r} is not in row {index} (columns: {', '.join(row)})")
+        if cfg.id_column is not None and cfg.id_column not in row:
+            raise ConfigError(f"dataset.id_column={cfg.id_column!r} is not in row {index} (columns: {', '.join(row)})")
+        source_id = index if cfg.id_column is None else row[cfg.id_column]
+        example_id = normalize_id(source_id)
+        if example_id in seen:
+            raise ValueError(
+                f"row {index}: id {source_id!r} gives example_id {example_id}, already used by id {seen[example_id]!r}; "
+                "example ids must be unique (set dataset.id_column to a unique column, or leave it unset to use row numbers)"
+            )
+        seen[example_id] = source_id
+        text = row[cfg.text_column]
+        if text is not None and not isinstance(text, str):
+            raise ValueError(f"row {index}: {cfg.text_column!r} is a {type(text).__name__}, expected text")
+        yield Document(example_id, source_id, text or "")
+
+
+def batched(items: Iterable, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+# ---- model and tokenizer ------------------------------------------------------------------
+def _merge(current: Any, new: Any) -> Any:
+    if isinstance(current, dict) and isinstance(new, dict):
+        return {**current, **{k: _merge(current.get(k), v) for k, v in new.items()}}
+    return new
+
+
+def load_model_config(config: RunConfig, name: str):
+    """AutoConfig with `model.config_overrides` merged in (mappings merge key by key, so
+    `rope_parameters: {rope_type: yarn, factor: 4}` keeps the model's rope_theta)."""
+    from transformers import AutoConfig
+
+    cfg = config.model
+    model_config = AutoConfig.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    if not cfg.config_overrides:
+        return model_config
+    values = model_config.to_dict()
+    for key, value in cfg.config_overrides.items():
+        if key not in values and not hasattr(model_config, key):
+            raise ConfigError(
+                f"model.config_overrides.{key}: {type(model_config).__name__} has no setting {key!r} "
+                "(check the spelling against the model's config.json)"
+            )
+        values[key] = _merge(values.get(key), value)
+    return type(model_config).from_dict(values)
+
+
+def default_device(cfg) -> str:
+    import torch
+
+    if cfg.device:
+        return cfg.device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(config: RunConfig, name: str):
+    """The CausalLM with "qk_sniff" attention, in eval mode, placed on its device(s)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import qk_attn  # noqa: F401  (registers "qk_sniff")
+
+    cfg = config.model
+    kwargs: dict[str, Any] = {
+        "config": load_model_config(config, name),
+        "revision": cfg.revision,
+        "trust_remote_code": cfg.trust_remote_code,
+        "attn_implementation": "qk_sniff",
+        "dtype": "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype),
+    }
+    if cfg.device_map is not None:
+        kwargs["device_map"] = cfg.device_map
+    model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    if cfg.device_map is None:
+        model.to(default_device(cfg))
+    return model.eval()
+
+
+def backbone(model):
+    """The decoder without its LM head: hidden states only, never (B, T, vocab) logits."""
+    base = model.base_model
+    if base is model:
+        logger.warning("%s has no separate backbone; running the whole model", type(model).__name__)
+    return base
+
+
+def load_tokenizer(config: RunConfig, name: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        name, revision=config.tokenizer_revision, trust_remote_code=config.model.trust_remote_code
+    )
+    tokenizer.padding_side = config.tokenizer.padding_side
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def resolve_max_length(config: RunConfig, model_config, tokenizer) -> int:
+    """tokenizer.max_length, else the model's max positions (and the tokenizer's, if finite)."""
+    if config.tokenizer.max_length is not None:
+        return config.tokenizer.max_length
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    limits = [getattr(text, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    limits = [int(v) for v in limits if isinstance(v, int) and 0 < v < 10**9]
+    if not limits:
+        raise ConfigError("tokenizer.max_length is not set and the model declares no maximum length; set it")
+    return min(limits)
+
+
+def encode(tokenizer, documents: list[Document], max_length: int, add_special_tokens: bool, device) -> dict:
+    """Token ids, attention mask and RoPE positions of one batch, truncated to `max_length`.
+
+    Positions count valid tokens only (0, 1, 2, ... from each row's first real token), so
+    left and right padding give every example the same positions as running it alone.
+    """
+    enc = tokenizer(
+        [d.text for d in documents],
+        truncation=True,
+        max_length=max_length,
+        padding=len(documents) > 1,
+        add_special_tokens=add_special_tokens,
+        return_tensors="pt",
+        return_attention_mask=True,
+    )
+    mask = enc["attention_mask"]
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    return {
+        "input_ids": enc["input_ids"].to(device),
+        "attention_mask": mask.to(device),
+        "position_ids": positions.to(device),
+    }
+
+
+# ---- the run --------------------------------------------------------------------------------
+@dataclass
+class RunSummary:
+    output: str
+    model: str
+    dataset: str
+    max_length: int = 0
+    documents: int = 0  # processed in this run
+    resumed: int = 0  # skipped: committed by an earlier run
+    empty: int = 0  # skipped: no tokens
+    tokens: int = 0
+    rows_written: int = 0
+    seconds: float = 0.0
+    pulled: bool = False
+    pushed: str | None = None
+    ids: dict[int, Any] = field(default_factory=dict)  # example_id -> dataset id (this run)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def lines(self) -> list[str]:
+        out = [
+            f"model      {self.model}",
+            f"dataset    {self.dataset}",
+            f"documents  {self.documents} captured, {self.resumed} already committed (resumed), {self.empty} empty",
+            f"tokens     {self.tokens:,} (max_length {self.max_length:,}) in {self.seconds:.1f} s "
+            f"= {self.tokens_per_second:,.0f} tokens/s",
+            f"rows       {self.rows_written:,} written",
+            f"output     {self.output}",
+        ]
+        if self.ids and any(source != example for example, source in self.ids.items()):
+            shown = ", ".join(f"{source!r} -> {example}" for example, source in list(self.ids.items())[:4])
+            out.append(f"ids        {shown}{', ...' if len(self.ids) > 4 else ''}")
+        if self.pulled:
+            out.append("hub        pulled the existing remote dataset before capture")
+        if self.pushed:
+            out.append(f"hub        pushed to {self.pushed}")
+        return out
+
+
+def source_info(config: RunConfig, max_length: int) -> dict[str, Any]:
+    """What the dataset card and manifest record about where the text came from."""
+    from .demo import DEMO_DATASET, DEMO_DATASET_DESCRIPTION
+
+    d = config.dataset
+    return {
+        "dataset": d.path,
+        "dataset_name": d.name,
+        "split": d.split,
+        "dataset_revision": d.revision,
+        "text_column": d.text_column,
+        "id_column": d.id_column,
+        "max_samples": d.max_samples,
+        "model": config.model.name,
+        "model_revision": config.model.revision,
+        "dtype": config.model.dtype,
+        "config_overrides": config.model.config_overrides or None,
+        "tokenizer": config.tokenizer_name,
+        "max_length": max_length,
+        "padding_side": config.tokenizer.padding_side,
+        "batch_size": config.inference.batch_size,
+        **({"description": DEMO_DATASET_DESCRIPTION} if d.path == DEMO_DATASET else {}),
+    }
+
+
+def _progress(total: int | None, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="doc", desc="qk-sniff", disable=not enabled, dynamic_ncols=True)
+
+
+def pull_if_remote(config: RunConfig) -> bool:
+    """Before capture: fetch the remote dataset (if it exists) so the run resumes into it."""
+    from . import hub
+
+    out = config.output
+    return bool(hub.pull(out.hf_repo_id, out.data_root, revision=out.hf_branch, missing_ok=True))
+
+
+def push(config: RunConfig) -> str:
+    from . import hub
+
+    out = config.output
+    hub.push(out.data_root, out.hf_repo_id, revision=out.hf_branch, private=out.private)
+    return out.hf_repo_id + (f"@{out.hf_branch}" if out.hf_branch else "")
+
+
+def run(config: RunConfig, *, push_to_hub: bool = False, progress: bool = True, sink=None) -> RunSummary:
+    """Run every document of the dataset through the model once, capturing into the output."""
+    import qk_attn
+
+    from .demo import DEMO_MODEL, DEMO_MODEL_ID, resolve_model
+
+    if push_to_hub and not config.output.hf_repo_id:
+        raise ConfigError("--push needs output.hf_repo_id (e.g. --set output.hf_repo_id=org/name)")
+    settings = config.sniff_settings()
+    model_name = resolve_model(config.model.name)
+    tokenizer_name = resolve_model(config.tokenizer_name)
+    summary = RunSummary(
+        output=str(Path(config.output.data_root).resolve()), model=config.model.name, dataset=config.dataset.path
+    )
+
+    if push_to_hub:
+        summary.pulled = pull_if_remote(config)
+
+    rows = load_rows(config.dataset)
+    total = count_documents(rows, config.dataset)
+    tokenizer = load_tokenizer(config, tokenizer_name)
+    model = load_model(config, model_name)
+    if config.model.name == DEMO_MODEL:  # the card names the real model, not the cache folder
+        model.config.name_or_path = DEMO_MODEL_ID
+    max_length = summary.max_length = resolve_max_length(config, model.config, tokenizer)
+    decoder = backbone(model)
+    device = model.get_input_embeddings().weight.device
+
+    start = time.perf_counter()
+    bar = _progress(total, progress)
+    try:
+        with qk_attn.session(
+            overwrite=config.output.overwrite, source=source_info(config, max_length), sink=sink, **settings
+        ) as s:
+            committed = set(s.committed_ids())
+            pending = []
+            for doc in iter_documents(rows, config.dataset):
+                if doc.example_id in committed:
+                    summary.resumed += 1
+                    bar.update(1)
+                    continue
+                pending.append(doc)
+                if len(pending) == config.inference.batch_size:
+                    _forward(s, decoder, tokenizer, pending, max_length, config, device, summary, bar, start)
+                    pending = []
+            if pending:
+                _forward(s, decoder, tokenizer, pending, max_length, config, device, summary, bar, start)
+        summary.rows_written = s.rows_written
+    finally:
+        bar.close()
+        summary.seconds = time.perf_counter() - start
+    if push_to_hub:
+        summary.pushed = push(config)
+    return summary
+
+
+def _forward(s, decoder, tokenizer, docs, max_length, config, device, summary, bar, start) -> None:
+    import torch
+
+    batch = encode(tokenizer, docs, max_length, config.tokenizer.add_special_tokens, device)
+    lengths = batch["attention_mask"].sum(-1).tolist()
+    keep = [i for i, n in enumerate(lengths) if n > 0]
+    if len(keep) < len(docs):  # documents with no tokens at all are not run
+        summary.empty += len(docs) - len(keep)
+        bar.update(len(docs) - len(keep))
+        if not keep:
+            return
+        docs = [docs[i] for i in keep]
+        batch = {k: v[keep] for k, v in batch.items()}
+    s.begin([d.example_id for d in docs])
+    with torch.inference_mode():
+        decoder(**batch, use_cache=False)
+    s.commit()
+    summary.documents += len(docs)
+    summary.tokens += int(sum(lengths))
+    summary.ids.update((d.example_id, d.source_id) for d in docs)
+    elapsed = max(time.perf_counter() - start, 1e-9)
+    bar.set_postfix_str(f"{summary.tokens / elapsed:,.0f} tok/s, {s.rows_written:,} rows", refresh=False)
+    bar.update(len(docs))
+
+
+def output_files(output: str) -> list[str]:
+    """Summary lines for the card and chart, where the run wrote them."""
+    from .card import CARD, CHART
+
+    paths = (("card", Path(output) / CARD), ("plot", Path(output) / CHART))
+    return [f"{name:<10} {path}" for name, path in paths if path.is_file()]
+
+
+def format_load_hint(output: str) -> list[str]:
+    """How to load the result, naming a (layer, head, kind) that has rows."""
+    from .saver import parse_key, read_manifest
+
+    manifest = read_manifest(output) or {}
+    keys = sorted((parse_key(k) for k, names in manifest.get("shards", {}).items() if names),
+                  key=lambda k: (k[0], k[1], k[2] == "k"))
+    layer, head, kind = keys[0] if keys else (0, 0, "q")
+    name = f"l{layer:02d}h{head:02d}{kind}"
+    return [
+        "Load it:",
+        "    import qk_attn",
+        f"    table = qk_attn.load({output!r}, layer={layer}, head={head}, kind={kind!r})   # pyarrow Table",
+        "    # or, with datasets:",
+        f"    datasets.load_dataset({output!r}, {name!r}, split='train')",
+        f"Check it:  qk-sniff verify {output}",
+    ]

@@ -1,0 +1,447 @@
+"""`qk-sniff` end to end on a tiny random model: config -> documents -> inference -> capture -> save.
+
+The model and tokenizer are built in-process (a 2-layer Llama from its config class and a
+WordLevel tokenizer trained on a few words) and saved to a temporary folder: no Hub.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from qk_attn import cli, runner
+from qk_attn.config import ConfigError
+from qk_attn.rows import MemorySink
+from qk_attn.run_config import RunConfig
+from qk_attn.runner import normalize_id
+
+WORDS = [f"w{i}" for i in range(60)]
+LAYERS, HEADS, KV_HEADS, HEAD_DIM = 2, 4, 2, 8
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A saved folder with a 2-layer Llama (4 query / 2 KV heads) and its WordLevel tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([" ".join(WORDS)], trainers.WordLevelTrainer(special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=HEADS * HEAD_DIM, intermediate_size=64,
+                         num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+                         max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def text(n_words: int, seed: int) -> str:
+    rng = random.Random(seed)
+    return " ".join(rng.choice(WORDS) for _ in range(n_words))
+
+
+@pytest.fixture
+def docs(tmp_path):
+    """Six documents of different lengths (in tokens: words + BOS), string ids."""
+    lengths = [5, 40, 1, 23, 80, 12]
+    rows = [{"doc": f"doc-{i}", "body": text(n, i)} for i, n in enumerate(lengths)]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path, rows
+
+
+def make_config(model_dir, documents, out, **sections) -> RunConfig:
+    data = {
+        "dataset": {"path": str(documents), "text_column": "body", "id_column": "doc"},
+        "model": {"name": str(model_dir), "dtype": "float32", "device": "cpu"},
+        "capture": {"sampler": "all"},
+        "output": {"data_root": str(out)},
+    }
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    return RunConfig.from_dict(data)
+
+
+def run_in_memory(config: RunConfig):
+    sink = MemorySink()
+    summary = runner.run(config, sink=sink, progress=False)
+    return summary, sink.table(), sink
+
+
+# ---- ids ------------------------------------------------------------------------------------
+def test_integer_ids_pass_through():
+    for value in (0, 7, -3, 2**63 - 1, -(2**63), np.int64(42), np.int32(-5)):
+        assert normalize_id(value) == int(value)
+
+
+def test_other_ids_hash_to_stable_signed_int64():
+    import hashlib
+
+    # Golden values: the definition must never change (datasets built earlier rely on it).
+    assert normalize_id("doc-0") == int.from_bytes(hashlib.blake2b(b"doc-0", digest_size=8).digest(), "big", signed=True)
+    assert normalize_id("Genesis") == normalize_id("Genesis") == 8539022195673046619
+    ids = [normalize_id(v) for v in ("a", "b", "7", 7.0, True, 2**64, b"a")]
+    assert all(-(2**63) <= i < 2**63 for i in ids)
+    assert ids[0] == ids[-1]  # bytes hash as their UTF-8 text does
+    assert normalize_id("7") != 7 and normalize_id(True) != 1 and normalize_id(7.0) != 7  # only ints pass
+
+
+# ---- documents --------------------------------------------------------------------------------
+def _section(path, **kw):
+    return RunConfig.from_dict({"dataset": {"path": str(path), **kw}, "model": {"name": "m"}, "output": {"data_root": "o"}}).dataset
+
+
+def test_local_files_of_every_kind(tmp_path):
+    rows = [{"id": 10 + i, "text": f"text {i}"} for i in range(5)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    (tmp_path / "d.csv").write_text("id,text\n" + "".join(f"{r['id']},{r['text']}\n" for r in rows))
+    for name in ("d.jsonl", "d.parquet", "d.csv"):
+        cfg = _section(tmp_path / name, id_column="id", split="test")
+        got = list(runner.iter_documents(runner.load_rows(cfg), cfg))
+        assert [(d.example_id, d.text) for d in got] == [(r["id"], r["text"]) for r in rows], name
+    # Text files: one file = one document by default; ids are row numbers.
+    (tmp_path / "t").mkdir()
+    for i in range(3):
+        (tmp_path / "t" / f"{i}.txt").write_text(f"line one of {i}\nline two\n")
+    cfg = _section(tmp_path / "t" / "*.txt")
+    got = list(runner.iter_documents(runner.load_rows(cfg), cfg))
+    assert [d.example_id for d in got] == [0, 1, 2] and all("line two" in d.text for d in got)
+    cfg = _section(tmp_path / "t" / "0.txt", sample_by="line")
+    assert [d.text for d in runner.iter_documents(runner.load_rows(cfg), cfg)] == ["line one of 0", "line two"]
+
+
+def test_max_samples_streaming_and_column_errors(docs):
+    path, rows = docs
+    cfg = _section(path, text_column="body", id_column="doc", max_samples=3, streaming=True)
+    got = list(runner.iter_documents(runner.load_rows(cfg), cfg))
+    assert [d.source_id for d in got] == ["doc-0", "doc-1", "doc-2"]
+    assert [d.example_id for d in got] == [normalize_id(f"doc-{i}") for i in range(3)]
+    with pytest.raises(ConfigError, match="'text'.*body"):
+        cfg = _section(path)
+        list(runner.iter_documents(runner.load_rows(cfg), cfg))
+    sheet = path.with_suffix(".xlsx")
+    sheet.write_text("")
+    with pytest.raises(ConfigError, match="unsupported file type"):
+        runner.load_rows(_section(sheet))
+
+
+def test_duplicate_ids_are_refused(tmp_path):
+    path = tmp_path / "dup.jsonl"
+    path.write_text('{"id": "a", "text": "x"}\n{"id": "b", "text": "y"}\n{"id": "a", "text": "z"}\n')
+    cfg = _section(path, id_column="id")
+    with pytest.raises(ValueError, match="row 2: id 'a'.*unique"):
+        list(runner.iter_documents(runner.load_rows(cfg), cfg))
+
+
+# ---- inference and capture ------------------------------------------------------------------
+def positions_by_example(table, kind="k", layer=0, head=0):
+    out = {}
+    t = table.to_pydict()
+    for e, lay, h, k, p in zip(t["example_id"], t["layer"], t["head"], t["kind"], t["position"]):
+        if (lay, h, k) == (layer, head, kind):
+            out.setdefault(e, []).append(p)
+    return {e: sorted(p) for e, p in out.items()}
+
+
+@pytest.mark.parametrize("batch_size, side", [(1, "right"), (4, "right"), (4, "left")])
+def test_sequence_lengths_truncation_and_padding(tiny_model, docs, tmp_path, batch_size, side):
+    """Each example records exactly its own tokens (BOS + words, cut at max_length), never a
+    pad, at positions 0..n-1, whatever the batch composition and padding side."""
+    path, rows = docs
+    config = make_config(tiny_model, path, tmp_path / "out", tokenizer={"max_length": 30, "padding_side": side},
+                         inference={"batch_size": batch_size})
+    summary, table, sink = run_in_memory(config)
+    want = {normalize_id(r["doc"]): min(30, len(r["body"].split()) + 1) for r in rows}
+    assert summary.documents == 6 and summary.tokens == sum(want.values()) and summary.max_length == 30
+    assert sorted(sink.committed) == sorted(want)
+    for kind in ("q", "k"):
+        for head in range(HEADS if kind == "q" else KV_HEADS):
+            got = positions_by_example(table, kind, layer=1, head=head)
+            assert got == {e: list(range(n)) for e, n in want.items()}, (kind, head)
+
+
+def test_batching_does_not_change_vectors(tiny_model, docs, tmp_path):
+    path, _ = docs
+    tables = []
+    for batch_size, side in ((1, "right"), (3, "left")):
+        config = make_config(tiny_model, path, tmp_path / "out", inference={"batch_size": batch_size},
+                             tokenizer={"padding_side": side})
+        tables.append(run_in_memory(config)[1])
+    keyed = []
+    for table in tables:
+        t = table.to_pydict()
+        keyed.append({k: np.asarray(v) for k, v in zip(zip(t["example_id"], t["layer"], t["head"], t["kind"], t["position"]), t["vector"])})
+    assert keyed[0].keys() == keyed[1].keys()
+    for key, vector in keyed[0].items():
+        np.testing.assert_allclose(keyed[1][key], vector, rtol=1e-4, atol=1e-5, err_msg=str(key))
+
+
+def test_only_the_backbone_runs(tiny_model, docs, tmp_path, monkeypatch):
+    from transformers import LlamaForCausalLM
+
+    def no_head(*args, **kwargs):
+        raise AssertionError("the LM head ran: logits over every position")
+
+    monkeypatch.setattr(LlamaForCausalLM, "forward", no_head)
+    path, _ = docs
+    summary, table, _ = run_in_memory(make_config(tiny_model, path, tmp_path / "out"))
+    assert summary.documents == 6 and table.num_rows > 0
+
+
+def test_empty_documents_are_skipped(tiny_model, tmp_path):
+    path = tmp_path / "e.jsonl"
+    path.write_text('{"text": ""}\n{"text": "w1 w2"}\n')
+    config = make_config(tiny_model, path, tmp_path / "out", dataset={"text_column": "text", "id_column": None},
+                         tokenizer={"add_special_tokens": False})
+    summary, table, sink = run_in_memory(config)
+    assert (summary.documents, summary.empty) == (1, 1) and sink.committed == [1]
+
+
+def test_config_overrides_merge_into_the_model_config(tiny_model, tmp_path):
+    config = make_config(tiny_model, "x.jsonl", tmp_path / "o", model={"config_overrides": {
+        "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128},
+        "max_position_embeddings": 2048}})
+    model_config = runner.load_model_config(config, str(tiny_model))
+    assert model_config.max_position_embeddings == 2048
+    assert model_config.rope_parameters["rope_type"] == "yarn" and model_config.rope_parameters["factor"] == 4.0
+    assert model_config.rope_parameters["rope_theta"] == 10000.0  # kept from the saved config
+    bad = make_config(tiny_model, "x.jsonl", tmp_path / "o", model={"config_overrides": {"max_position_embedding": 1}})
+    with pytest.raises(ConfigError, match="config_overrides.max_position_embedding"):
+        runner.load_model_config(bad, str(tiny_model))
+
+
+def test_max_length_defaults_to_the_model(tiny_model, docs, tmp_path):
+    path, _ = docs
+    config = make_config(tiny_model, path, tmp_path / "out", dataset={"max_samples": 1})
+    assert run_in_memory(config)[0].max_length == 512
+
+
+# ---- the command line ---------------------------------------------------------------------------
+def test_cli_config_errors_exit_2(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"dataset": {"path": "d.jsonl", "txt_column": "a"}, "model": {"name": "m"},
+                                    "output": {"data_root": "o"}}))
+    assert cli.main(["run", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "'txt_column'" in err and "'dataset'" in err and "text_column" in err
+    assert cli.main(["run", "--config", str(path), "--set", "capture.bucket=3"]) == 2
+    assert "'bucket'" in capsys.readouterr().err
+    assert cli.main(["verify", str(tmp_path / "nowhere")]) == 1
+    assert "qk_sniff.json is missing" in capsys.readouterr().err
+
+
+def test_push_needs_a_repo(tiny_model, docs, tmp_path):
+    path, _ = docs
+    with pytest.raises(ConfigError, match="hf_repo_id"):
+        runner.run(make_config(tiny_model, path, tmp_path / "out"), push_to_hub=True, sink=MemorySink(), progress=False)
+
+
+def test_expected_positions_match_the_sampler():
+    from qk_attn.sampler import Sampler
+
+    sampler = Sampler("log_uniform", 4, 2.0, 3)
+    lengths = {5: 100, -7: 3, 2**40: 257, 9: 0}
+    got = cli.expected_positions(sampler, 1, "k", lengths, chunk=300)  # several chunks
+    for example, length in lengths.items():
+        np.testing.assert_array_equal(got[example], sampler.selected_positions(example, 1, "k", length))
+
+
+# ---- with the Parquet dataset writer -------------------------------------------------------------
+def write_config(tmp_path, model_dir, documents, out, **sections) -> str:
+    data = make_config(model_dir, documents, out, **sections).to_dict()
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def all_rows(out) -> dict[tuple, np.ndarray]:
+    """{(example, layer, head, kind, position, bucket): vector} of every committed row; asserts uniqueness."""
+    from qk_attn.load import load
+
+    t = load(out).to_pydict()
+    keys = ("example_id", "layer", "head", "kind", "position", "bucket")
+    rows = {tuple(t[k][i] for k in keys): np.asarray(t["vector"][i]) for i in range(len(t["example_id"]))}
+    assert len(rows) == len(t["example_id"]), "duplicate rows"
+    return rows
+
+
+def assert_same_rows(got: dict, want: dict, exact: bool = True) -> None:
+    assert got.keys() == want.keys()
+    for key, vector in want.items():
+        if exact:
+            np.testing.assert_array_equal(got[key], vector, err_msg=str(key))
+        else:  # another batch composition: same tokens, float rounding of padded matmuls may differ
+            np.testing.assert_allclose(got[key], vector, rtol=1e-5, atol=1e-6, err_msg=str(key))
+
+
+SPARSE = {"sampler": {"type": "log_uniform", "base_rate": 2}, "min_bucket_size": 2}
+
+
+def test_run_end_to_end_then_verify_inspect_and_load(tiny_model, docs, tmp_path, capsys):
+    import datasets
+
+    path, rows = docs
+    out = tmp_path / "out"
+    config = write_config(tmp_path, tiny_model, path, out, capture=SPARSE, inference={"batch_size": 2})
+    assert cli.main(["run", "--config", config, "--quiet", "--set", "tokenizer.max_length=64"]) == 0
+    printed = capsys.readouterr().out
+    assert "6 captured" in printed and "qk_attn.load(" in printed and "rows " in printed
+    manifest = json.loads((out / "qk_sniff.json").read_text())
+    want = {normalize_id(r["doc"]): min(64, len(r["body"].split()) + 1) for r in rows}
+    assert {int(k): v for k, v in manifest["examples"].items()} == want
+    assert manifest["source"]["dataset"] == str(path) and manifest["source"]["max_length"] == 64
+
+    assert cli.main(["verify", str(out)]) == 0
+    assert "OK:" in capsys.readouterr().out
+    assert cli.main(["inspect", str(out)]) == 0
+    report = capsys.readouterr().out
+    assert "6 committed" in report and "buckets.png" in report and "[0, 2)" in report
+
+    ds = datasets.load_dataset(str(out), "l00h00q", split="train")
+    assert ds.num_rows == manifest["row_counts"]["l00h00q"] > 0
+    assert set(ds["example_id"]) == set(want)
+
+
+def test_resume_skips_committed_examples_and_never_duplicates(tiny_model, docs, tmp_path):
+    path, _ = docs
+    full = tmp_path / "full"
+    runner.run(make_config(tiny_model, path, full, capture=SPARSE), progress=False)
+    out = tmp_path / "out"
+    first = runner.run(make_config(tiny_model, path, out, capture=SPARSE, dataset={"max_samples": 2}), progress=False)
+    again = runner.run(make_config(tiny_model, path, out, capture=SPARSE, inference={"batch_size": 3}), progress=False)
+    assert (first.documents, again.documents, again.resumed) == (2, 4, 2)
+    assert_same_rows(all_rows(out), all_rows(full), exact=False)
+    assert cli.verify_dataset(out, log=lambda *_: None) == []
+    done = runner.run(make_config(tiny_model, path, out, capture=SPARSE), progress=False)
+    assert (done.documents, done.resumed, done.tokens) == (0, 6, 0)
+
+
+def test_killed_mid_forward_then_rerun_gives_the_uninterrupted_rows(tiny_model, docs, tmp_path, monkeypatch):
+    """An interrupt inside the 4th document's forward (after layer 0 was captured) must not
+    commit that document: the re-run redoes it and the rows equal an uninterrupted run."""
+    from transformers.models.llama import modeling_llama
+
+    path, _ = docs
+    full = tmp_path / "full"
+    runner.run(make_config(tiny_model, path, full, capture=SPARSE), progress=False)
+
+    calls = {"n": 0}
+    original = modeling_llama.LlamaDecoderLayer.forward
+
+    def interrupting(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3 * LAYERS + 2:  # 4th document, second layer
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_llama.LlamaDecoderLayer, "forward", interrupting)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(make_config(tiny_model, path, out, capture=SPARSE), progress=False)
+    monkeypatch.setattr(modeling_llama.LlamaDecoderLayer, "forward", original)
+    committed = json.loads((out / "qk_sniff.json").read_text())["examples"]
+    assert len(committed) == 3, "the interrupted document must not be committed"
+    again = runner.run(make_config(tiny_model, path, out, capture=SPARSE), progress=False)
+    assert (again.resumed, again.documents) == (3, 3)
+    assert_same_rows(all_rows(out), all_rows(full))
+    assert cli.verify_dataset(out, log=lambda *_: None) == []
+
+
+def test_pull_before_capture_push_after(tiny_model, docs, tmp_path, monkeypatch):
+    from qk_attn import hub
+
+    events = []
+    monkeypatch.setattr(hub, "pull", lambda repo, out, revision=None, missing_ok=False: events.append(("pull", repo, revision, missing_ok)))
+    monkeypatch.setattr(hub, "push", lambda out, repo, revision=None, private=False: events.append(("push", repo, revision, private)))
+    loader = runner.load_rows
+    monkeypatch.setattr(runner, "load_rows", lambda cfg: events.append(("capture",)) or loader(cfg))
+    path, _ = docs
+    out = tmp_path / "out"
+    config = write_config(tmp_path, tiny_model, path, out, capture=SPARSE,
+                          output={"hf_repo_id": "org/qk", "hf_branch": "tiny", "private": True})
+    assert cli.main(["run", "--config", config, "--quiet"]) == 0
+    assert events == [("capture",)]  # no --push: no network
+    events.clear()
+    assert cli.main(["run", "--config", config, "--quiet", "--push"]) == 0
+    assert events == [("pull", "org/qk", "tiny", True), ("capture",), ("push", "org/qk", "tiny", True)]
+
+
+def test_push_does_not_happen_after_a_failed_run(tiny_model, docs, tmp_path, monkeypatch):
+    from qk_attn import hub
+
+    events = []
+    monkeypatch.setattr(hub, "pull", lambda *a, **k: None)
+    monkeypatch.setattr(hub, "push", lambda *a, **k: events.append("push"))
+    monkeypatch.setattr(runner, "_forward", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    path, _ = docs
+    config = make_config(tiny_model, path, tmp_path / "out", output={"hf_repo_id": "org/qk"})
+    with pytest.raises(RuntimeError, match="boom"):
+        runner.run(config, push_to_hub=True, progress=False)
+    assert events == []
+
+
+def test_verify_finds_what_is_wrong(tiny_model, docs, tmp_path, capsys):
+    path, _ = docs
+    out = tmp_path / "out"
+    runner.run(make_config(tiny_model, path, out, capture=SPARSE), progress=False)
+    manifest = json.loads((out / "qk_sniff.json").read_text())
+    shard = out / "l01h02q" / manifest["shards"]["l01h02q"][0]
+    table = pq.read_table(shard)
+
+    # 1. one row lost: counts and the exact selection both disagree
+    pq.write_table(table.slice(1), shard)
+    problems = cli.verify_dataset(out, log=lambda *_: None)
+    assert any("manifest records" in p and "l01h02q" in p for p in problems)
+    assert any("differ from the sampler's selection" in p and "l01h02q" in p for p in problems)
+
+    # 2. a duplicated row and a wrong bucket
+    bucket = table.column("bucket").to_numpy().copy()
+    bucket[-1] += 1
+    broken = pa.concat_tables([table.set_column(2, "bucket", pa.array(bucket, pa.int32())), table.slice(0, 1)])
+    pq.write_table(broken, shard)
+    problems = cli.verify_dataset(out, log=lambda *_: None)
+    assert any("duplicate" in p for p in problems) and any("bucket inconsistent" in p for p in problems)
+
+    # 3. a file the manifest does not list (datasets.load_dataset would read it)
+    pq.write_table(table, shard)
+    pq.write_table(table, out / "l01h02q" / "stray.parquet")
+    problems = cli.verify_dataset(out, log=lambda *_: None)
+    assert len(problems) == 1 and "not listed in the manifest" in problems[0]
+    (out / "l01h02q" / "stray.parquet").unlink()
+    assert cli.main(["verify", str(out)]) == 0
+
+    # 4. a different schema
+    pq.write_table(table.set_column(1, "position", table.column("position").cast(pa.int64())), shard)
+    assert cli.main(["verify", str(out)]) == 1
+    assert "schema" in capsys.readouterr().out
+
+
+def test_push_and_pull_commands_call_the_hub_module(tmp_path, monkeypatch, capsys):
+    from qk_attn import hub
+
+    calls = []
+    monkeypatch.setattr(hub, "push", lambda out, repo, revision=None, private=False: calls.append(("push", out, repo, revision, private)))
+    monkeypatch.setattr(hub, "pull", lambda repo, out, revision=None: calls.append(("pull", repo, out, revision)))
+    assert cli.main(["push", "out", "--repo", "org/qk", "--revision", "b", "--private"]) == 0
+    assert cli.main(["pull", "out", "--repo", "org/qk"]) == 0
+    assert calls == [("push", "out", "org/qk", "b", True), ("pull", "org/qk", "out", None)]
+
+    def failing(*args, **kwargs):
+        raise hub.HubError("pushing out to org/qk failed: 401 Unauthorized")
+
+    monkeypatch.setattr(hub, "push", failing)
+    assert cli.main(["push", "out", "--repo", "org/qk"]) == 1
+    assert "401 Unauthorized" in capsys.readouterr().err

@@ -1,0 +1,181 @@
+"""`qk-sniff run` configuration: sections, keys, --set overrides, mapping onto SniffConfig."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qk_attn.config import ConfigError, SniffConfig
+from qk_attn.demo import DEMO_CONFIG
+from qk_attn.run_config import RunConfig, apply_override
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+MINIMAL = {"dataset": {"path": "docs.jsonl"}, "model": {"name": "some/model"}, "output": {"data_root": "out"}}
+
+
+def config(**sections) -> RunConfig:
+    data = {k: dict(v) for k, v in MINIMAL.items()}
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    return RunConfig.from_dict(data)
+
+
+def test_demo_yaml_is_the_embedded_demo():
+    assert yaml.safe_load((CONFIGS / "demo.yaml").read_text()) == DEMO_CONFIG
+    sniff = RunConfig.from_dict(DEMO_CONFIG).sniff_config()
+    assert (sniff.sampler, sniff.min_bucket_size, sniff.base_rate, sniff.capture) == ("log_uniform", 32, 8.0, "q,k")
+    assert sniff.output == "qk-sniff-demo"
+
+
+@pytest.mark.parametrize("name", ["longbench-pro-llama-3.1-8b.yaml", "longbench-pro-qwen3-8b-yarn.yaml"])
+def test_production_configs(name):
+    run = RunConfig.load(CONFIGS / name)
+    sniff = run.sniff_config()
+    assert run.dataset.path == "viktoroo/longbench-pro-128k-plus" and run.dataset.split == "test"
+    assert run.tokenizer.max_length == 131072 and run.model.dtype == "bfloat16"
+    assert (sniff.sampler, sniff.min_bucket_size, sniff.base_rate) == ("uniform", 8192, 1.0)
+    assert (sniff.head_sample_count, sniff.head_sample_seed, sniff.full_attention_only) == (300, 0, True)
+    assert run.tokenizer_name == run.model.name
+    if "qwen3" in name:
+        assert run.model.config_overrides["rope_parameters"]["rope_type"] == "yarn"
+
+
+def test_defaults():
+    run = config()
+    assert run.dataset.split == "train" and run.dataset.text_column == "text" and run.dataset.id_column is None
+    assert run.inference.batch_size == 1 and run.tokenizer.padding_side == "right"
+    sniff = run.sniff_config()
+    assert (sniff.sampler, sniff.capture, sniff.rope, sniff.backend) == ("log_uniform", "q,k", "post", "sdpa")
+
+
+@pytest.mark.parametrize(
+    "section, key",
+    [("dataset", "text_col"), ("model", "dtpye"), ("tokenizer", "maxlen"), ("inference", "batch"),
+     ("capture", "samplr"), ("output", "repo")],
+)
+def test_unknown_key_names_key_and_section(section, key):
+    with pytest.raises(ConfigError) as error:
+        config(**{section: {key: 1}})
+    assert repr(key) in str(error.value) and repr(section) in str(error.value)
+
+
+def test_unknown_key_suggests_the_closest():
+    with pytest.raises(ConfigError, match="did you mean 'text_column'"):
+        config(dataset={"text_colum": "body"})
+
+
+def test_unknown_section_and_nested_keys():
+    with pytest.raises(ConfigError, match="'datasets'.*top level"):
+        RunConfig.from_dict({**MINIMAL, "datasets": {}})
+    with pytest.raises(ConfigError, match="'kind' in capture.sampler"):
+        config(capture={"sampler": {"kind": "uniform"}}).sniff_config()
+    with pytest.raises(ConfigError, match="'number' in capture.head_sampling"):
+        config(capture={"head_sampling": {"number": 3}})
+
+
+def test_required_keys():
+    for section, key in (("dataset", "path"), ("model", "name"), ("output", "data_root")):
+        data = {k: dict(v) for k, v in MINIMAL.items()}
+        del data[section][key]
+        with pytest.raises(ConfigError, match=f"{section}.{key} is required"):
+            RunConfig.from_dict(data)
+
+
+def test_type_errors_name_the_key():
+    with pytest.raises(ConfigError, match="inference.batch_size"):
+        config(inference={"batch_size": 0})
+    with pytest.raises(ConfigError, match="model.dtype"):
+        config(model={"dtype": "float64"})
+    with pytest.raises(ConfigError, match="dataset.streaming"):
+        config(dataset={"streaming": "maybe"})
+    with pytest.raises(ConfigError, match="tokenizer.padding_side"):
+        config(tokenizer={"padding_side": "middle"})
+
+
+def test_capture_values_are_checked_when_read_and_name_the_yaml_key():
+    with pytest.raises(ConfigError, match=r"^capture\.min_bucket_size: .*power of two"):
+        config(capture={"min_bucket_size": 100})
+    with pytest.raises(ConfigError, match=r"^capture\.sampler: "):
+        config(capture={"sampler": "gaussian"})
+    with pytest.raises(ConfigError, match=r"^capture\.layers: "):
+        config(capture={"layers": "1-x"})
+    with pytest.raises(ConfigError, match=r"^capture\.head_sampling\.count"):
+        config(capture={"head_sampling": {"count": 0}})
+
+
+def test_sampler_as_mapping_or_flat_keys():
+    nested = config(capture={"sampler": {"type": "uniform", "base_rate": 2, "min_bucket_size": 64, "seed": 5}})
+    flat = config(capture={"sampler": "uniform", "base_rate": 2, "min_bucket_size": 64, "seed": 5})
+    assert nested.sniff_config() == flat.sniff_config()
+    assert nested.sniff_config().sampler_dict() == {"sampler": "uniform", "min_bucket_size": 64, "base_rate": 2.0, "seed": 5}
+    with pytest.raises(ConfigError, match="disagree"):
+        config(capture={"sampler": {"type": "uniform", "base_rate": 2}, "base_rate": 3})
+
+
+def test_capture_kinds_rope_and_heads_map_onto_sniff_config():
+    sniff = config(capture={"capture_queries": False, "capture_pre_rope": True, "layers": "0,3,10-12",
+                            "heads": [1, 0], "key_heads": "0", "full_attention_only": True,
+                            "vector_dtype": "float16"}, inference={"backend": "eager", "pinned_mb": 64}).sniff_config()
+    assert (sniff.capture, sniff.rope, sniff.full_attention_only) == ("k", "pre", True)
+    assert (sniff.layers, sniff.heads, sniff.key_heads) == ((0, 3, 10, 11, 12), (0, 1), (0,))
+    assert (sniff.vector_dtype, sniff.backend, sniff.pinned_mb) == ("float16", "eager", 64)
+    with pytest.raises(ConfigError, match="both false"):
+        config(capture={"capture_queries": False, "capture_keys": False})
+    with pytest.raises(ConfigError, match="capture_token_strings"):
+        config(capture={"capture_token_strings": True})
+
+
+def test_set_overrides_keep_yaml_types(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(MINIMAL))
+    run = RunConfig.load(path, [
+        "capture.base_rate=2.5", "capture.layers=0,3,10-12", "dataset.streaming=true", "inference.batch_size=4",
+        "capture.head_sampling.count=7", "model.config_overrides={max_position_embeddings: 131072}",
+        "tokenizer.max_length=512", "capture.sampler=uniform", "capture.sampler.seed=3",
+    ])
+    sniff = run.sniff_config()
+    assert (sniff.base_rate, sniff.layers, sniff.head_sample_count) == (2.5, (0, 3, 10, 11, 12), 7)
+    assert (sniff.sampler, sniff.seed) == ("uniform", 3)
+    assert run.dataset.streaming is True and run.inference.batch_size == 4 and run.tokenizer.max_length == 512
+    assert run.model.config_overrides == {"max_position_embeddings": 131072}
+
+
+def test_set_errors():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        apply_override({}, "capture.base_rate")
+    with pytest.raises(ConfigError, match="section.key=value"):
+        apply_override({}, "base_rate=2")
+    with pytest.raises(ConfigError, match="'capture'.*'bse_rate'|'bse_rate'.*'capture'"):
+        apply_override({}, "capture.bse_rate=2")
+    with pytest.raises(ConfigError, match="'captur'"):
+        apply_override({}, "captur.base_rate=2")
+
+
+def test_set_on_the_embedded_demo():
+    run = RunConfig.load(None, ["tokenizer.max_length=256", "dataset.max_samples=1"], base=DEMO_CONFIG)
+    assert run.tokenizer.max_length == 256 and run.dataset.max_samples == 1
+    assert DEMO_CONFIG["tokenizer"]["max_length"] == 2048  # the embedded dict is not modified
+
+
+def test_missing_or_bad_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        RunConfig.load(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("dataset: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        RunConfig.load(bad)
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping of sections"):
+        RunConfig.load(bad)
+
+
+def test_environment_does_not_change_a_run(monkeypatch):
+    monkeypatch.setenv("QK_SNIFF_VECTOR_DTYPE", "float16")
+    monkeypatch.setenv("QK_SNIFF_BASE_RATE", "5")
+    monkeypatch.setenv("QK_SNIFF_LAYERS", "1")
+    settings = config().sniff_settings()
+    assert set(settings) == set(SniffConfig.field_names())
+    from_env = SniffConfig.from_env(**settings)  # what qk_attn.session(**settings) builds
+    assert (from_env.vector_dtype, from_env.base_rate, from_env.layers) == ("float32", 1.0, None)
