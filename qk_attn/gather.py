@@ -2,13 +2,21 @@
 
 Nothing here reads a device value on the host: selection is compacted with
 `nonzero_static` into a fixed-capacity buffer and the true count travels with the rows.
+`select_rows` is the entry point of the attention path: it dispatches to the fused kernel
+(`qk_attn.kernels.select_gather`) where it can run and to `gather_rows` elsewhere.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
+
 import torch
 
 from .sampler import Sampler
+
+logger = logging.getLogger(__name__)
 
 
 def gather_rows(
@@ -52,3 +60,74 @@ def gather_rows(
     vectors = states[safe // num_tokens, :, token + token_offset][:, heads]  # (cap, Hs, D)
     vectors = vectors.transpose(0, 1).to(out_dtype).contiguous()
     return count, row, position.to(torch.int32), bucket.to(torch.int32), vectors
+
+
+def select_rows(
+    states: torch.Tensor,
+    token_offset: int | torch.Tensor,
+    heads: torch.Tensor,
+    positions: torch.Tensor,
+    valid: torch.Tensor,
+    example_ids: torch.Tensor,
+    sampler: Sampler,
+    layer: int,
+    kind: str,
+    capacity: int,
+    out_dtype: torch.dtype,
+    *,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
+    interleaved: bool = False,
+    query_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`gather_rows` on the fastest path available: what the attention call uses.
+
+    Same arguments and outputs as `gather_rows`, plus the optional inverse RoPE of
+    `qk_attn.kernels.select_gather.gather_rows_triton` (cos/sin/interleaved/query_scale;
+    fp32 math, then `out_dtype`). Dispatch (see `uses_kernel`):
+
+        CUDA tensors, Triton importable     -> the fused Triton kernel (one launch)
+        CPU tensors with TRITON_INTERPRET=1 -> the same kernel in Triton's interpreter (tests)
+        anything else                       -> `gather_rows` (+ the torch inverse-RoPE reference)
+
+    Rows `[0, min(count, capacity))` are identical on every path; rows past `count` are
+    filler and differ between paths.
+    """
+    args = (states, token_offset, heads, positions, valid, example_ids, sampler, layer, kind, capacity, out_dtype)
+    rope = dict(cos=cos, sin=sin, interleaved=interleaved, query_scale=query_scale)
+    if uses_kernel(states, out_dtype):
+        from .kernels.select_gather import gather_rows_triton
+
+        return gather_rows_triton(*args, **rope)
+    if cos is None and query_scale is None:
+        return gather_rows(*args)
+    from .kernels.select_gather import gather_rows_reference
+
+    return gather_rows_reference(*args, **rope)
+
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def uses_kernel(states: torch.Tensor, out_dtype: torch.dtype) -> bool:
+    """Whether `select_rows` runs the Triton kernel for these inputs (decided without a device sync)."""
+    if states.dtype not in _KERNEL_DTYPES or out_dtype not in _KERNEL_DTYPES:
+        return False
+    if states.device.type == "cuda":
+        return _triton_available(warn=True)
+    if states.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return _triton_available(warn=False)
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_available(warn: bool) -> bool:
+    """Import the kernel module once; without Triton the torch path serves (a soft no)."""
+    from .kernels import select_gather
+
+    if not select_gather.HAS_TRITON and warn:
+        logger.warning(
+            "qk-attn: Triton is not installed, so capture uses the torch path on CUDA "
+            "(correct, a few extra launches per attention call); pip install 'qk-attn[triton]' for the fused kernel"
+        )
+    return select_gather.HAS_TRITON

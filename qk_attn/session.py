@@ -20,7 +20,7 @@ import torch
 
 from .capture import TokenContext, cross_key_context, is_cross_attention
 from .config import SniffConfig
-from .gather import gather_rows as select_rows  # TODO: kernel dispatch
+from .gather import select_rows
 from .rope import RopeInverter
 from .rows import CaptureBatch, MemorySink
 from .sampler import Sampler

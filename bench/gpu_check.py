@@ -1,0 +1,420 @@
+"""One prepared check of qk-attn on a lent GPU (H100/H200 class), in under five minutes.
+
+    python bench/gpu_check.py                 # on the GPU machine
+    python bench/gpu_check.py --cpu-smoke     # anywhere: tiny sizes, CPU, kernel in Triton's interpreter
+
+(a) fused kernel == torch reference on random shapes (selection exact, post-RoPE vectors
+    bit-exact, inverse RoPE within 1e-6 relative);
+(b) logits of attn_implementation "qk_sniff" == "sdpa" on a random Llama-3-8B-shaped model
+    (hidden 4096, 32 heads, 8 KV heads, head_dim 128, a few layers, bf16) at 8k tokens;
+(c) the capturing forward under torch.cuda.set_sync_debug_mode("error"): no host sync;
+(d) kernel vs torch selection path, and whole forward vs vanilla SDPA, at 8k, 32k, 128k.
+
+Prints one Markdown report and writes it to $OUT/gpu_check.md when $OUT is set. Exits
+non-zero when a check fails or the capture API it relies on is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+# --cpu-smoke runs the kernel in Triton's interpreter, which must be chosen before anything
+# imports triton (transformers does, through qk_attn's registration).
+if "--cpu-smoke" in sys.argv:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+
+class CheckFailed(AssertionError):
+    pass
+
+
+def fail(message: str):
+    raise CheckFailed(message)
+
+
+# ---- the API this script relies on (fail loudly when it is missing) ------------------------
+
+
+def require_api():
+    import qk_attn
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    missing = [f"qk_attn.{name}" for name in ("session",) if not hasattr(qk_attn, name)]
+    if "qk_sniff" not in ALL_ATTENTION_FUNCTIONS:
+        missing.append('ALL_ATTENTION_FUNCTIONS["qk_sniff"] (registered by `import qk_attn`)')
+    if "qk_sniff" not in ALL_MASK_ATTENTION_FUNCTIONS:
+        missing.append('ALL_MASK_ATTENTION_FUNCTIONS["qk_sniff"]')
+    try:
+        from qk_attn.gather import select_rows, uses_kernel  # noqa: F401
+        from qk_attn.kernels.select_gather import gather_rows_reference, gather_rows_triton  # noqa: F401
+    except ImportError as e:
+        missing.append(f"qk_attn.gather.select_rows / qk_attn.kernels ({e})")
+    if missing:
+        fail("qk-attn API missing: " + "; ".join(missing))
+    return qk_attn
+
+
+# ---- timing --------------------------------------------------------------------------------
+
+
+def timed(fn, device, reps: int, warmup: int = 1) -> float:
+    """Median seconds of fn() over reps (CUDA events on GPU)."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+# ---- (a) kernel == torch reference ----------------------------------------------------------
+
+
+def random_call(rng: random.Random, device, sizes):
+    from qk_attn.sampler import Sampler
+
+    gen = torch.Generator(device="cpu").manual_seed(rng.randint(0, 2**31))
+    B, T = rng.randint(1, 4), rng.choice(sizes["tokens"])
+    H, D = rng.choice(sizes["heads"]), rng.choice(sizes["head_dims"])
+    cached = rng.choice([0, 0, 13])
+    dtype, out_dtype = (rng.choice([torch.float32, torch.float16, torch.bfloat16]) for _ in range(2))
+    states = torch.randn(B, cached + T, H, D, generator=gen).to(device, dtype).transpose(1, 2)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    for b in range(B):
+        n = rng.randint(0, T)
+        side = rng.choice(["none", "left", "right"])
+        if side == "left":
+            valid[b, : T - n] = False
+        elif side == "right":
+            valid[b, n:] = False
+    positions = (cached + torch.arange(T)).expand(B, T)
+    strategy = rng.choice(["all", "uniform", "log_uniform"])
+    sampler = Sampler(strategy, rng.choice([1, 8, 128]), rng.choice([0.5, 2.0, 16.0]), rng.randint(0, 2**32 - 1))
+    kind, layer = rng.choice(["q", "k"]), rng.randint(0, 63)
+    heads = torch.tensor(sorted(rng.sample(range(H), rng.randint(1, H))))
+    ids = torch.tensor([rng.choice([0, -7, 2**40 + 3]) + b for b in range(B)])
+    capacity = B * sampler.capacity(T) - rng.choice([0, 0, 3])  # sometimes overflowing
+    offset = torch.tensor(cached, device=device) if rng.random() < 0.5 else cached
+    args = (states, offset, heads.to(device), positions.to(device), valid.to(device), ids.to(device), sampler,
+            layer, kind, max(0, capacity), out_dtype)
+    rope = {}
+    if rng.random() < 0.4:
+        R = rng.choice([d for d in (32, 64, D) if d <= D])
+        theta = torch.rand(B, T, R // 2, generator=gen) * 100
+        scale = rng.choice([1.0, 1.15])
+        interleaved = rng.random() < 0.5
+        half = torch.cat([theta, theta], -1) if not interleaved else theta.repeat_interleave(2, -1)
+        rope = dict(cos=(half.cos() * scale).to(device), sin=(half.sin() * scale).to(device), interleaved=interleaved,
+                    query_scale=(1 + torch.rand(B, T, generator=gen)).to(device) if kind == "q" else None)
+    return args, rope
+
+
+def compare(got, want, capacity, rope: bool):
+    if int(got[0]) != int(want[0]):
+        fail(f"count {int(got[0])} != reference {int(want[0])}")
+    n = min(int(want[0]), capacity)
+    for name, a, b in zip(("row", "position", "bucket"), got[1:4], want[1:4]):
+        if not torch.equal(a[:n], b[:n]):
+            fail(f"{name} differs from the reference")
+    a, b = got[4][:, :n].float(), want[4][:, :n].float()
+    if rope:
+        err = ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item() if n else 0.0
+        if err > 1e-6:
+            fail(f"inverse RoPE relative error {err:.2e} > 1e-6")
+    elif not torch.equal(a.nan_to_num(), b.nan_to_num()):
+        fail("post-RoPE vectors differ from the reference cast")
+
+
+def check_kernel(device, cases: int, sizes) -> str:
+    from qk_attn.gather import uses_kernel
+    from qk_attn.kernels.select_gather import gather_rows_reference, gather_rows_triton
+
+    rng = random.Random(1234)
+    for i in range(cases):
+        args, rope = random_call(rng, device, sizes)
+        if not uses_kernel(args[0], args[-1]):
+            fail(f"select_rows would not use the kernel for {device} tensors (is Triton installed?)")
+        try:
+            compare(gather_rows_triton(*args, **rope), gather_rows_reference(*args, **rope), args[9], bool(rope))
+        except CheckFailed as e:
+            shape = tuple(args[0].shape)
+            fail(f"case {i} (states {shape} {args[0].dtype} -> {args[10]}, {args[6]}, rope={bool(rope)}): {e}")
+    return f"{cases} random calls: selection exact, vectors exact (post-RoPE) / within 1e-6 (inverse RoPE)"
+
+
+# ---- the model -----------------------------------------------------------------------------
+
+
+def build_model(device, sizes):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=sizes["hidden"], intermediate_size=sizes["intermediate"], num_attention_heads=sizes["q_heads"],
+        num_key_value_heads=sizes["kv_heads"], head_dim=sizes["hidden"] // sizes["q_heads"],
+        num_hidden_layers=sizes["layers"], vocab_size=sizes["vocab"],
+        max_position_embeddings=max(131072, max(sizes["long"])),
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return model.eval()
+
+
+def set_attention(model, name: str):
+    try:
+        model.set_attn_implementation(name)
+    except Exception:  # older/other transformers: the config field is what the layers read
+        model.config._attn_implementation = name
+    if model.config._attn_implementation != name:
+        fail(f"could not switch the model to attn_implementation={name!r}")
+
+
+@contextlib.contextmanager
+def kernel_call_counter():
+    """Counts gather_rows_triton calls (select_rows looks it up at call time)."""
+    from qk_attn.kernels import select_gather
+
+    original, calls = select_gather.gather_rows_triton, [0]
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    select_gather.gather_rows_triton = counting
+    try:
+        yield calls
+    finally:
+        select_gather.gather_rows_triton = original
+
+
+def forward(model, ids, logits_to_keep=0):
+    with torch.inference_mode():
+        return model(input_ids=ids, logits_to_keep=logits_to_keep).logits
+
+
+def check_parity_and_sync(qk_attn, model, device, tokens, workdir: Path, sampler: str, sync: bool) -> list[str]:
+    lines = []
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), device=device)
+    set_attention(model, "sdpa")
+    want = forward(model, ids)
+    set_attention(model, "qk_sniff")
+    with qk_attn.session(output=str(workdir / "parity"), sampler=sampler, example_ids=[0]) as s:
+        with kernel_call_counter() as calls:
+            got = forward(model, ids)
+    if not torch.equal(got, want):
+        fail(f"(b) logits differ: max |qk_sniff - sdpa| = {(got.float() - want.float()).abs().max().item():.3e}")
+    rows = getattr(s, "rows_written", None)
+    lines.append(f"(b) logits qk_sniff == sdpa bit for bit at {tokens} tokens "
+                 f"({model.config.num_hidden_layers} layers); rows written: {rows}; kernel launches: {calls[0]}")
+    from qk_attn.gather import uses_kernel
+
+    if calls[0] == 0 and uses_kernel(ids.new_zeros(1, dtype=torch.bfloat16), torch.float32):
+        lines.append("**WARNING**: the attention path never called the kernel (is gather.select_rows wired in?)")
+
+    if device.type != "cuda" or not sync:
+        lines.append("(c) sync debug mode: skipped (" + ("--skip c" if not sync else "needs CUDA") + ")")
+        return lines
+    # Baseline first: if vanilla SDPA syncs, a failure below would not be ours.
+    set_attention(model, "sdpa")
+    baseline = sync_free(lambda: forward(model, ids, 1))
+    set_attention(model, "qk_sniff")
+    with qk_attn.session(output=str(workdir / "sync"), sampler=sampler, example_ids=[1]):
+        forward(model, ids, 1)  # warm: kernel compiled, plan built, buffers pooled
+        ours = sync_free(lambda: forward(model, ids, 1))
+    if ours is not None:
+        fail(f"(c) the qk_sniff forward synchronises the host (vanilla sdpa: {baseline or 'no sync'}):\n{ours}")
+    lines.append(f"(c) qk_sniff forward under set_sync_debug_mode('error'): no host sync "
+                 f"(vanilla sdpa: {'no sync' if baseline is None else 'SYNCS: ' + baseline.splitlines()[-1]})")
+    return lines
+
+
+def sync_free(fn) -> str | None:
+    """None if fn() ran without a synchronising CUDA call, else the error text."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        return None
+    except RuntimeError as e:
+        return f"{e}\n{traceback.format_exc(limit=6)}"
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.synchronize()
+
+
+# ---- (d) timing ----------------------------------------------------------------------------
+
+
+def time_selection(device, tokens, sizes, sampler, reps) -> dict:
+    """Kernel vs torch path for one attention call: all query heads and all key heads."""
+    from qk_attn.gather import gather_rows
+    from qk_attn.kernels.select_gather import gather_rows_triton
+
+    out = {}
+    valid = torch.ones(1, tokens, dtype=torch.bool, device=device)
+    positions = torch.arange(tokens, device=device)[None]
+    ids = torch.tensor([5], device=device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    for kind, heads in (("q", sizes["q_heads"]), ("k", sizes["kv_heads"])):
+        states = torch.randn(1, tokens, heads, sizes["hidden"] // sizes["q_heads"], device=device, dtype=dtype)
+        states = states.transpose(1, 2)  # (B, H, T, D) non-contiguous, as attention gets it
+        args = (states, 0, torch.arange(heads, device=device), positions, valid, ids, sampler, 3, kind,
+                sampler.capacity(tokens), torch.float32)
+        out[f"kernel_{kind}"] = timed(lambda: gather_rows_triton(*args), device, reps)
+        out[f"torch_{kind}"] = timed(lambda: gather_rows(*args), device, reps)
+        del states
+    return out
+
+
+def time_forward(qk_attn, model, device, tokens, workdir: Path, sampler: str, reps) -> tuple[float, float]:
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), device=device)
+    set_attention(model, "sdpa")
+    vanilla = timed(lambda: forward(model, ids, 1), device, reps)
+    set_attention(model, "qk_sniff")
+    with qk_attn.session(output=str(workdir / f"time{tokens}"), sampler=sampler, example_ids=[tokens]):
+        ours = timed(lambda: forward(model, ids, 1), device, reps)
+    set_attention(model, "sdpa")
+    return vanilla, ours
+
+
+# ---- main ----------------------------------------------------------------------------------
+
+GPU_SIZES = dict(hidden=4096, intermediate=14336, q_heads=32, kv_heads=8, vocab=128256, layers=4,
+                 parity=8192, long=(8192, 32768, 131072), tokens=[1, 7, 300, 1024, 4097], heads=[8, 32],
+                 head_dims=[64, 80, 96, 128, 256], cases=48, reps=5)
+SMOKE_SIZES = dict(hidden=64, intermediate=128, q_heads=4, kv_heads=2, vocab=512, layers=2,
+                   parity=64, long=(64, 128, 256), tokens=[1, 9, 40], heads=[2, 4],
+                   head_dims=[16, 24], cases=4, reps=2)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on CPU (kernel in the interpreter)")
+    parser.add_argument("--layers", type=int, help="decoder layers of the random model (default 4)")
+    parser.add_argument("--tokens", type=str, help="comma-separated lengths for (d), e.g. 8192,32768")
+    parser.add_argument("--sampler", default="log_uniform", help="sampler of the capture sessions")
+    parser.add_argument("--skip", default="", help="comma-separated checks to skip: a, b (and c), c, d")
+    args = parser.parse_args(argv)
+
+    sizes = dict(SMOKE_SIZES if args.cpu_smoke else GPU_SIZES)
+    if args.layers:
+        sizes["layers"] = args.layers
+    if args.tokens:
+        sizes["long"] = tuple(int(t) for t in args.tokens.split(","))
+    skip = set(filter(None, args.skip.split(",")))
+    if args.cpu_smoke:
+        device = torch.device("cpu")
+    elif torch.cuda.is_available():
+        device = torch.device("cuda")
+    else:
+        print("no CUDA device: run with --cpu-smoke for the tiny CPU version", file=sys.stderr)
+        return 2
+
+    report, failed, started = [], False, time.perf_counter()
+    title = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU smoke (tiny sizes, interpreter)"
+    report.append(f"## qk-attn gpu_check: {title}\n")
+    import transformers
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    report.append(f"torch {torch.__version__}, transformers {transformers.__version__}, triton {triton_version}\n")
+
+    def section(name, fn):
+        nonlocal failed
+        if name in skip:
+            report.append(f"- ({name}) skipped by --skip")
+            return None
+        t0 = time.perf_counter()
+        try:
+            result = fn()
+        except CheckFailed as e:
+            failed = True
+            report.append(f"- **FAIL** ({name}): {e}")
+            return None
+        except Exception:
+            failed = True
+            report.append(f"- **ERROR** ({name}):\n```\n{traceback.format_exc()}```")
+            return None
+        report.extend(f"- {line}" for line in ([result] if isinstance(result, str) else result))
+        report[-1] += f"  [{time.perf_counter() - t0:.1f}s]"
+        return result
+
+    try:
+        qk_attn = require_api()
+    except CheckFailed as e:
+        print("\n".join(report + [f"- **FAIL**: {e}"]))
+        return 1
+
+    from qk_attn.sampler import Sampler
+
+    section("a", lambda: "(a) kernel == torch reference: " + check_kernel(device, sizes["cases"], sizes))
+    with tempfile.TemporaryDirectory(prefix="qk_gpu_check_") as tmp:
+        workdir = Path(tmp)
+        model = build_model(device, sizes)
+        section("b", lambda: check_parity_and_sync(qk_attn, model, device, sizes["parity"], workdir, args.sampler,
+                                                   sync="c" not in skip))
+
+        rows = []
+
+        def timing():
+            sampler = Sampler(args.sampler) if args.sampler != "uniform" else Sampler("uniform", 8192, 1.0)
+            for tokens in sizes["long"]:
+                sel = time_selection(device, tokens, sizes, sampler, sizes["reps"])
+                vanilla, ours = time_forward(qk_attn, model, device, tokens, workdir, args.sampler,
+                                             max(2, sizes["reps"] // 2))
+                rows.append((tokens, sel, vanilla, ours))
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            return [f"(d) timings below ({args.sampler} sampler, {sizes['layers']} layers, batch 1)"]
+
+        if section("d", timing) is not None:
+            report.append("")
+            report.append("| tokens | kernel q (µs) | torch q (µs) | kernel k (µs) | torch k (µs) | "
+                          "sdpa forward (ms) | qk_sniff forward (ms) | overhead |")
+            report.append("|---:|---:|---:|---:|---:|---:|---:|---:|")
+            for tokens, sel, vanilla, ours in rows:
+                report.append(
+                    f"| {tokens} | {sel['kernel_q'] * 1e6:.1f} | {sel['torch_q'] * 1e6:.1f} | "
+                    f"{sel['kernel_k'] * 1e6:.1f} | {sel['torch_k'] * 1e6:.1f} | {vanilla * 1e3:.1f} | "
+                    f"{ours * 1e3:.1f} | {100 * (ours / vanilla - 1):+.1f}% |"
+                )
+    report.append(f"\n{'FAILED' if failed else 'all checks passed'} in {time.perf_counter() - started:.0f}s")
+    text = "\n".join(report)
+    print(text)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
+        (Path(os.environ["OUT"]) / "gpu_check.md").write_text(text + "\n")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
