@@ -400,6 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from .config import ConfigError
     from .demo import DemoUnavailable
+    from .hub import HubError
+    from .saver import OutputLocked
 
     args = build_parser().parse_args(argv)
     try:
@@ -407,12 +409,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"qk-sniff {args.command}: configuration error: {error}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, DemoUnavailable) as error:  # anything else keeps its traceback
-        print(f"qk-sniff {args.command}: {error}", file=sys.stderr)
-        return 1
-    except Exception as error:
-        if type(error).__name__ != "HubError":  # qk_attn.hub's errors carry the Hub's own message
-            raise
+    # Expected failures print their message (a Hub error carries the Hub's own wording);
+    # anything else keeps its traceback.
+    except (FileNotFoundError, DemoUnavailable, HubError, OutputLocked) as error:
         print(f"qk-sniff {args.command}: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -72,6 +72,12 @@ class Session:
     def rows_written(self) -> int:
         return getattr(self.sink, "rows_written", 0)
 
+    def flush(self) -> None:
+        """Write what the sink holds for committed examples now, and surface any saver error."""
+        if hasattr(self.sink, "flush"):
+            self.sink.flush()
+        self.check()
+
     def check(self) -> None:
         """Re-raise an error from the sink's background work, if any."""
         if hasattr(self.sink, "check"):
@@ -265,7 +271,7 @@ def flush() -> None:
     """Commit what the environment-configured default session holds."""
     if _default_session is not None:
         _default_session.commit()
-        _default_session.check()
+        _default_session.flush()
 
 
 def reload_env() -> SniffConfig:

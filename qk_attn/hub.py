@@ -1,0 +1,145 @@
+"""Push a capture folder to a Hub dataset repo (or branch), pull one back to resume into it.
+
+OUT mirrors one repo branch (DESIGN §5). `push` creates the repo and branch when missing,
+uploads the committed shards (deleting remote shards the local manifest no longer lists,
+e.g. after compaction), then the manifest and card — so a reader never sees a manifest
+listing shards that are not there yet. It refuses to push over remote examples the local
+folder lacks (pull first). Any Hub failure is a `HubError` carrying the Hub's message.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from huggingface_hub import HfApi
+
+from .card import CARD, CHART, write_card
+from .saver import MANIFEST, _check_same_capture, _take_lock, read_manifest
+
+SHARDS = "l*h*/*.parquet"
+REPO_TYPE = "dataset"
+
+
+class HubError(RuntimeError):
+    """A Hub operation failed; the message includes what the Hub said."""
+
+
+def _where(repo_id: str, revision: str | None) -> str:
+    return repo_id + (f"@{revision}" if revision else "")
+
+
+def _remote_manifest(api: HfApi, repo_id: str, revision: str | None) -> dict | None:
+    """The remote qk_sniff.json, or None when the repo or branch (or the file) does not exist."""
+    if not api.repo_exists(repo_id, repo_type=REPO_TYPE):
+        return None
+    if revision and not api.revision_exists(repo_id, revision, repo_type=REPO_TYPE):
+        return None
+    root = api.snapshot_download(repo_id, repo_type=REPO_TYPE, revision=revision, allow_patterns=[MANIFEST])
+    return read_manifest(root)
+
+
+def push(
+    output: str | os.PathLike,
+    repo_id: str,
+    revision: str | None = None,
+    private: bool = False,
+    token: str | bool | None = None,
+    api: HfApi | None = None,
+) -> str:
+    """Upload OUT to the dataset repo `repo_id` (branch `revision`, created when missing); returns its URL."""
+    output = Path(output)
+    manifest = read_manifest(output)
+    if manifest is None:
+        raise FileNotFoundError(f"{output} is not a qk-sniff capture: {MANIFEST} is missing")
+    lock = _take_lock(output)  # a capture still writing here would push a moving target
+    api = api or HfApi(token=token)
+    where = _where(repo_id, revision)
+    try:
+        remote = _remote_manifest(api, repo_id, revision)
+        if remote is not None:
+            lacking = set(remote.get("examples", {})) - set(manifest.get("examples", {}))
+            if lacking:
+                raise HubError(
+                    f"{where} holds {len(lacking)} committed example(s) that {output} lacks; pushing would delete them. "
+                    f"Pull first (qk-sniff pull {output} --repo {repo_id}"
+                    f"{' --revision ' + revision if revision else ''}), or push to another branch."
+                )
+        api.create_repo(repo_id, repo_type=REPO_TYPE, private=private or None, exist_ok=True)
+        if revision:
+            api.create_branch(repo_id, branch=revision, repo_type=REPO_TYPE, exist_ok=True)
+        write_card(output, manifest, repo_id=repo_id, revision=revision)  # loading snippet names the repo
+        common = dict(repo_id=repo_id, folder_path=output, repo_type=REPO_TYPE, revision=revision)
+        api.upload_folder(**common, allow_patterns=[SHARDS], delete_patterns=[SHARDS],
+                          commit_message=f"qk-sniff: {len(manifest['examples'])} examples (shards)")
+        api.upload_folder(**common, allow_patterns=[MANIFEST, CARD, CHART],
+                          commit_message=f"qk-sniff: {len(manifest['examples'])} examples (manifest, card)")
+    except HubError:
+        raise
+    except Exception as error:  # noqa: BLE001 - any Hub/network failure: keep the Hub's own words
+        raise HubError(f"pushing {output} to {where} failed: {error}") from error
+    finally:
+        os.close(lock)
+    return f"https://huggingface.co/datasets/{repo_id}" + (f"/tree/{revision}" if revision else "")
+
+
+def pull(
+    repo_id: str,
+    output: str | os.PathLike,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    api: HfApi | None = None,
+    missing_ok: bool = False,
+) -> Path | None:
+    """Download a remote capture into OUT so a run resumes into it.
+
+    Returns OUT, or None when the repo/branch does not exist and `missing_ok`. Refuses when OUT
+    already holds committed examples the remote lacks (they would be orphaned), or a
+    capture with different settings.
+    """
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    lock = _take_lock(output)
+    api = api or HfApi(token=token)
+    where = _where(repo_id, revision)
+    try:
+        remote = _remote_manifest(api, repo_id, revision)
+        if remote is None:
+            if missing_ok:
+                return None
+            raise HubError(f"{where} does not exist or holds no {MANIFEST}: nothing to pull")
+        local = read_manifest(output)
+        if local is not None:
+            lacking = set(local.get("examples", {})) - set(remote.get("examples", {}))
+            if lacking:
+                raise HubError(
+                    f"{output} holds {len(lacking)} committed example(s) that {where} lacks; pulling would discard "
+                    f"them. Push first (qk-sniff push {output} --repo {repo_id}), or pull into another folder."
+                )
+            from .config import SniffConfig
+
+            try:
+                config = SniffConfig(**{k: v for k, v in local["config"].items() if k in SniffConfig.field_names()})
+                _check_same_capture(output, remote, config, local.get("source"))
+            except ValueError as error:
+                raise HubError(f"{where} and {output} are different captures: {error}") from error
+        api.snapshot_download(repo_id, repo_type=REPO_TYPE, revision=revision, local_dir=output,
+                              allow_patterns=[MANIFEST, CARD, CHART, SHARDS])
+    except HubError:
+        raise
+    except Exception as error:  # noqa: BLE001
+        raise HubError(f"pulling {where} into {output} failed: {error}") from error
+    finally:
+        os.close(lock)
+    return output
+
+
+def snapshot(repo_id: str, revision: str | None = None, allow_patterns: list[str] | None = None,
+             token: str | bool | None = None, api: HfApi | None = None) -> Path:
+    """Files of a dataset repo in the local Hugging Face cache (for `qk_attn.load`)."""
+    api = api or HfApi(token=token)
+    try:
+        return Path(api.snapshot_download(repo_id, repo_type=REPO_TYPE, revision=revision, allow_patterns=allow_patterns))
+    except Exception as error:  # noqa: BLE001
+        raise HubError(f"downloading {_where(repo_id, revision)} failed: {error}") from error
+

@@ -1,0 +1,98 @@
+"""Read a capture back: `load` (pyarrow Table) and `load_vectors` ((N, head_dim) torch tensor).
+
+Both take a local capture folder or a Hub dataset repo id. Only shards the manifest lists
+are read, so a folder that a capture is still writing into (or that a killed run left
+orphans in) gives exactly its committed rows. From the Hub only the manifest and the
+requested folders are downloaded (into the Hugging Face cache).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from .saver import MANIFEST, parse_key, read_manifest
+
+
+def _select(manifest: dict, layer: int | None, head: int | None, kind: str | None) -> list[str]:
+    if kind not in (None, "q", "k"):
+        raise ValueError(f"kind={kind!r} is invalid: expected 'q', 'k' or None (both)")
+    keys = []
+    for key, names in sorted(manifest.get("shards", {}).items()):
+        lay, hd, kd = parse_key(key)
+        if names and (layer is None or lay == layer) and (head is None or hd == head) and (kind is None or kd == kind):
+            keys.append(key)
+    return keys
+
+
+def _open(path_or_repo: str | os.PathLike, revision: str | None, token) -> tuple[Path, dict, bool]:
+    """(root folder, manifest, is_remote): a local folder as is, a repo id via the Hub."""
+    local = Path(path_or_repo).expanduser()
+    if local.is_dir():
+        if revision is not None:
+            raise ValueError(f"revision={revision!r} only applies to Hub repos; {local} is a local folder")
+        manifest = read_manifest(local)
+        if manifest is None:
+            raise FileNotFoundError(f"{local} is not a qk-sniff capture: {MANIFEST} is missing")
+        return local, manifest, False
+    from .hub import snapshot
+
+    root = snapshot(str(path_or_repo), revision=revision, allow_patterns=[MANIFEST], token=token)
+    manifest = read_manifest(root)
+    if manifest is None:
+        raise FileNotFoundError(f"{path_or_repo} (revision {revision or 'main'}) has no {MANIFEST}: not a qk-sniff capture")
+    return root, manifest, True
+
+
+def load(
+    path_or_repo: str | os.PathLike,
+    layer: int | None = None,
+    head: int | None = None,
+    kind: str | None = None,
+    revision: str | None = None,
+    columns: list[str] | None = None,
+    token: str | bool | None = None,
+) -> pa.Table:
+    """Committed rows of the matching (layer, head, kind) folders as one Arrow table.
+
+    `None` matches every layer / head / kind: `load(out, layer=3, kind="k")` is every key
+    head of layer 3. Columns as DESIGN §5; `vector` is fixed_size_list<float32|float16>[head_dim].
+    """
+    root, manifest, remote = _open(path_or_repo, revision, token)
+    keys = _select(manifest, layer, head, kind)
+    if not keys:
+        available = ", ".join(sorted(k for k, v in manifest.get("shards", {}).items() if v)) or "none"
+        raise LookupError(f"{path_or_repo} has no committed rows for layer={layer}, head={head}, kind={kind}; configs: {available}")
+    if remote:
+        from .hub import snapshot
+
+        root = snapshot(str(path_or_repo), revision=revision, allow_patterns=[f"{key}/*.parquet" for key in keys], token=token)
+    files = [root / key / name for key in keys for name in manifest["shards"][key]]
+    return pa.concat_tables(pq.read_table(f, columns=columns) for f in files)
+
+
+def load_vectors(
+    path_or_repo: str | os.PathLike,
+    layer: int | None = None,
+    head: int | None = None,
+    kind: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+) -> torch.Tensor:
+    """The `vector` column of `load(...)` as an (N, head_dim) tensor (float32, or float16 as stored)."""
+    return vectors_of(load(path_or_repo, layer, head, kind, revision, columns=["vector"], token=token))
+
+
+def vectors_of(table: pa.Table) -> torch.Tensor:
+    """(N, head_dim) tensor from a table's fixed-size-list `vector` column, without row loops."""
+    column = table.column("vector").combine_chunks()
+    dim = column.type.list_size
+    # flatten() honours slicing offsets (`.values` would not).
+    flat = column.flatten().to_numpy(zero_copy_only=False)
+    if not flat.flags.writeable:  # a zero-copy view of Arrow memory: torch wants its own
+        flat = flat.copy()
+    return torch.from_numpy(flat.reshape(-1, dim))

@@ -1,0 +1,245 @@
+"""Device -> host for capture batches: a bounded pool of host memory, side streams, one event per piece.
+
+Caller thread (inside the attention call), per `CaptureBatch` on the device:
+
+    split the staging capacity into pieces that fit the pool
+    for each piece:  acquire a pool region (blocks while the pool is full: back-pressure)
+                     copy the piece into it: CUDA -> on a side stream, non_blocking, into pinned
+                     memory, then record an event; CPU -> plain copies, no event
+                     hand the piece on (the caller enqueues it before acquiring the next one,
+                     so the saver can always free space: no deadlock)
+
+Saver thread, per piece:  `wait()` on the event -> `rows()` -> build tables -> `release()`.
+
+Nothing here reads a device value on the host: the row count is copied with the rows and
+read by the saver after the event. Rows past the count are copied too (the count is not
+known on the host when the copy is issued); the staging capacity bounds that waste.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from .rows import CaptureBatch, CaptureOverflow, HostRows
+
+ALIGN = 64  # bytes; keeps every dtype view of the pool aligned
+WAIT_S = 0.05  # how often a blocked producer re-checks for a saver error
+
+
+def _aligned(nbytes: int) -> int:
+    return (nbytes + ALIGN - 1) // ALIGN * ALIGN
+
+
+class HostPool:
+    """`nbytes` of host memory (pinned when `pin`), handed out as regions of a ring.
+
+    Regions are normally released in the order they were acquired (one saver thread,
+    FIFO queue); out-of-order release is tolerated, the space returns when every older
+    region is released. `acquire` blocks while there is no room: that is the back-pressure.
+    """
+
+    def __init__(self, nbytes: int, pin: bool) -> None:
+        self.nbytes = _aligned(nbytes)
+        self.pinned = pin
+        self.buffer = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=pin)
+        self._cond = threading.Condition()
+        self._live: deque[list] = deque()  # [start, end, released], in acquisition order
+        self.in_use = 0
+        self.high_water = 0
+        self.waits = 0  # times a producer had to wait for space
+
+    def _find(self, n: int) -> int | None:
+        if not self._live:
+            return 0
+        first, last = self._live[0][0], self._live[-1]
+        wrapped = last[0] < first  # the newest region sits below the oldest one
+        if wrapped:
+            return last[1] if last[1] + n <= first else None
+        if last[1] + n <= self.nbytes:
+            return last[1]
+        return 0 if n <= first else None
+
+    def acquire(self, nbytes: int, check: Callable[[], None] = lambda: None) -> list:
+        """A region [start, end) of at least `nbytes`; waits for space, calling `check` while waiting."""
+        n = _aligned(max(nbytes, 1))
+        if n > self.nbytes:
+            raise ValueError(f"a {n}-byte piece cannot fit a {self.nbytes}-byte host pool")
+        with self._cond:
+            start = self._find(n)
+            if start is None:
+                self.waits += 1
+            while start is None:
+                check()  # a dead saver never frees space: surface its error instead of hanging
+                self._cond.wait(WAIT_S)
+                start = self._find(n)
+            region = [start, start + n, False]
+            self._live.append(region)
+            self.in_use += n
+            self.high_water = max(self.high_water, self.in_use)
+            return region
+
+    def release(self, region: list) -> None:
+        with self._cond:
+            if region[2]:
+                return
+            region[2] = True
+            self.in_use -= region[1] - region[0]
+            while self._live and self._live[0][2]:
+                self._live.popleft()
+            self._cond.notify_all()
+
+    def view(self, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        count = int(np.prod(shape, dtype=np.int64))
+        nbytes = count * torch.empty((), dtype=dtype).element_size()
+        return self.buffer[offset : offset + nbytes].view(dtype).view(shape)
+
+
+@dataclass
+class Piece:
+    """Rows [start, start + len) of one batch's staging buffer, copied into a pool region.
+
+    `host` is a CaptureBatch whose tensors are views of the pool: count (1,), valid (B,),
+    row/position/bucket (n,), vectors (H, n, D). They stay valid until `release()`.
+    """
+
+    host: CaptureBatch
+    start: int
+    capacity: int  # the whole batch's staging capacity (for the overflow check)
+    first: bool  # the first piece of its batch (the one that accounts valid lengths)
+    event: object | None
+    region: list
+    pool: HostPool
+
+    def wait(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
+
+    def rows(self) -> HostRows:
+        """This piece's rows up to the batch's count. Small columns are copies; `vectors`
+        (H, n, D) is still a view of the pool (copy it before `release()`)."""
+        count = int(self.host.count[0])
+        if count > self.capacity:
+            batch = self.host
+            raise CaptureOverflow(
+                f"layer {batch.layer} kind {batch.kind}: {count} tokens selected but the staging buffer holds "
+                f"{self.capacity}; no rows of this call were dropped silently. Use a sparser sampler or a "
+                f"smaller batch, or report this."
+            )
+        n = min(max(count - self.start, 0), self.host.capacity)
+        host = self.host
+        row = host.row[:n].numpy()
+        ids = np.asarray(host.example_ids, dtype=np.int64)
+        return HostRows(
+            layer=host.layer,
+            kind=host.kind,
+            heads=host.heads,
+            sliding_window=host.sliding_window,
+            cross_attention=host.cross_attention,
+            example_id=ids[row] if n else np.zeros(0, np.int64),
+            position=host.position[:n].numpy().astype(np.int32, copy=True),
+            bucket=host.bucket[:n].numpy().astype(np.int32, copy=True),
+            vectors=host.vectors[:, :n].numpy(),
+            valid=dict(zip(host.example_ids, host.valid.tolist())) if self.first else {},
+        )
+
+    def release(self) -> None:
+        self.pool.release(self.region)
+
+
+def _host_dtype(dtype: torch.dtype) -> torch.dtype:
+    # numpy has no bfloat16: anything but float32/float16 is widened to float32 by the copy
+    return dtype if dtype in (torch.float32, torch.float16) else torch.float32
+
+
+class Transfer:
+    """Moves device batches into a bounded host pool of `pool_bytes`, piece by piece.
+
+    On CUDA the pool is pinned, copies run on one side stream per device and each piece
+    carries an event; elsewhere the same path runs with plain copies and no event.
+    """
+
+    def __init__(self, pool_bytes: int) -> None:
+        self.pool_bytes = pool_bytes
+        self.pool: HostPool | None = None  # allocated at the first batch: pinned iff it comes from CUDA
+        self._streams: dict[int, torch.cuda.Stream] = {}
+
+    def _pool_for(self, device: torch.device) -> HostPool:
+        if self.pool is None:
+            self.pool = HostPool(self.pool_bytes, pin=device.type == "cuda")
+        return self.pool
+
+    def pieces(self, batch: CaptureBatch, check: Callable[[], None] = lambda: None) -> Iterator[Piece]:
+        """Copy `batch` into the pool in pieces; yields each piece as soon as its copy is issued.
+
+        The consumer must hand each piece to the saver before asking for the next one.
+        """
+        device = batch.vectors.device
+        pool = self._pool_for(device)
+        heads, cap, dim = batch.vectors.shape
+        vec_dtype = _host_dtype(batch.vectors.dtype)
+        vec_size = torch.empty((), dtype=vec_dtype).element_size()
+        batch_size = batch.valid.shape[0]
+        header = _aligned(8) + _aligned(8 * batch_size)
+        per_row = 8 + 4 + 4 + heads * dim * vec_size
+        # A quarter of the pool per piece keeps several pieces in flight (copy/write overlap).
+        budget = max(pool.nbytes // 4, header + 4 * ALIGN + per_row)
+        rows_per_piece = max(1, (budget - header - 4 * ALIGN) // per_row)
+        if header + 4 * ALIGN + per_row > pool.nbytes:
+            raise ValueError(
+                f"QK_SNIFF_PINNED_MB={self.pool_bytes >> 20} is too small for one row of layer {batch.layer} "
+                f"({heads} heads x {dim} x {vec_size} bytes); raise QK_SNIFF_PINNED_MB"
+            )
+        start = 0
+        while True:
+            n = min(rows_per_piece, cap - start)
+            layout = [
+                ("count", torch.int64, (1,), batch.count.reshape(1)),
+                ("valid", torch.int64, (batch_size,), batch.valid),
+                ("row", torch.int64, (n,), batch.row[start : start + n]),
+                ("position", batch.position.dtype, (n,), batch.position[start : start + n]),
+                ("bucket", batch.bucket.dtype, (n,), batch.bucket[start : start + n]),
+                ("vectors", vec_dtype, (heads, n, dim), batch.vectors[:, start : start + n]),
+            ]
+            sizes = [_aligned(int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dt).element_size()) for _, dt, shape, _ in layout]
+            region = pool.acquire(sum(sizes), check)
+            offset, views, pairs = region[0], {}, []
+            for (name, dt, shape, src), size in zip(layout, sizes):
+                views[name] = pool.view(offset, dt, shape)
+                pairs.append((views[name], src))
+                offset += size
+            event = self._copy(pairs, device)
+            host = CaptureBatch(
+                batch.layer, batch.kind, batch.heads, batch.example_ids, batch.sliding_window, batch.cross_attention, **views
+            )
+            yield Piece(host, start, cap, start == 0, event, region, pool)
+            start += n
+            if start >= cap:
+                return
+
+    def _copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device):
+        if device.type != "cuda":
+            for dst, src in pairs:
+                dst.copy_(src)
+            return None
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        stream = self._streams.get(index)
+        if stream is None:
+            stream = self._streams[index] = torch.cuda.Stream(device=index)
+        # The side stream must see everything the compute stream queued before this call.
+        stream.wait_stream(torch.cuda.current_stream(index))
+        with torch.cuda.stream(stream):
+            for dst, src in pairs:
+                dst.copy_(src, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(stream)
+        for _, src in pairs:
+            # The caching allocator must not hand the staging memory to the compute stream
+            # before the side-stream copy has read it.
+            src.record_stream(stream)
+        return event

@@ -1,0 +1,92 @@
+"""The dataset card: configs for datasets.load_dataset, coverage versus the plan, bucket numbers
+that match the Parquet files, the chart, and a loading snippet that runs as written."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pyarrow.compute as pc
+from huggingface_hub import DatasetCard
+
+from qk_attn.card import coverage, dataset_configs, render_card
+from test_saver import capture_model, folder_table
+
+
+def test_card_of_a_filtered_capture_with_a_layer_that_did_not_run(tmp_path):
+    out = tmp_path / "out"
+    manifest = capture_model(out, drop_layer=True, heads="1,2", sampler="log_uniform", base_rate=2)
+    card = DatasetCard.load(out / "README.md")
+    text = card.text
+
+    # configs: every folder, every layer and kind, every kind (and nothing for layer 2)
+    names = {c["config_name"] for c in card.data.configs}
+    folders = {f"l{layer:02d}h{h:02d}{k}" for layer in (0, 1) for k, hs in (("q", (1, 2)), ("k", (0, 1))) for h in hs}
+    assert names == folders | {"layer00_q", "layer00_k", "layer01_q", "layer01_k", "all_q", "all_k"}
+
+    # coverage: the filtered query heads and the layer that did not run, with why
+    assert "Not recorded: query heads 0, 3: not in the heads filter [1, 2]." in text
+    assert "layer 2: did not run (planned, but no attention call was recorded for this layer)" in text
+    assert "Layers recorded: 2 of 3 (0-1); expected by the plan: 3 (0-2)." in text
+    assert "| 0 | ran | 2/2 (1-2) | 2/2 (0-1) |" in text
+    assert "| 2 | did not run | 0/2 (none) | 0/2 (none) |" in text
+
+    # numbers match the files
+    table = folder_table(out)
+    assert "Query heads: 4 (layer, head) pairs with rows, of 6 planned (4 per layer in the model)." in text
+    assert "Key heads: 4 (layer, head) pairs with rows, of 6 planned (2 per layer in the model)." in text
+    for kind in ("q", "k"):
+        rows = table.filter(pc.equal(table["kind"], kind))
+        counts = np.bincount(rows["bucket"].to_numpy())
+        for bucket, n in enumerate(counts):
+            line = next(l for l in text.splitlines() if l.startswith(f"| {bucket} | ["))
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            assert int(cells[4 if kind == "q" else 5].replace(",", "")) == n, (kind, bucket, line)
+    contents = text.split("## Contents")[1].splitlines()[4]
+    assert contents.split("|")[4].strip() == f"{sum(1 for k in table['kind'].to_pylist() if k == 'q'):,}"
+    assert contents.split("|")[1].strip() == "4"  # examples
+    assert (out / "buckets.png").read_bytes()[:4] == b"\x89PNG" and "![rows per bucket](buckets.png)" in text
+    # provenance and sampler parameters
+    for needed in ("| log_uniform | 4 | 2.0 | 0 | post | q,k | float32 |", "| transformers |", "| torch |", "| qk_attn |",
+                   "| model dtype | unknown |", "| max valid length | 30 |", "`toy/random-tokens`"):
+        assert needed in text, needed
+
+
+def test_loading_snippet_runs_as_written(tmp_path):
+    out = tmp_path / "out"
+    capture_model(out, heads="1")
+    code = re.search(r"```python\n(.*?)```", (out / "README.md").read_text(), re.S).group(1)
+    code = code.replace('split="train")', f'split="train", cache_dir={str(tmp_path / "cache")!r})')
+    scope: dict = {}
+    exec(code, scope)
+    assert scope["ds"].num_rows == scope["table"].num_rows == scope["vectors"].shape[0] > 0
+    assert scope["vectors"].shape[1] == 16
+
+
+def test_coverage_reasons_from_the_plan():
+    manifest = {
+        "config": {"capture": "q,k", "heads": None, "key_heads": [1], "head_sample_count": 2, "head_sample_seed": 7},
+        "plan": {"num_layers": 3, "num_heads": 4, "num_kv_heads": 2, "head_dim": 8,
+                 "query_heads": {"0": [0, 3], "2": []}, "key_heads": {"0": [1], "2": [1]},
+                 "excluded_layers": {"1": "sliding-window layer (full_attention_only)"}, "notes": []},
+        "row_counts": {"l00h00q": 5, "l00h01k": 5},
+        "calls": {"l00h00q": 2, "l00h03q": 2, "l00h01k": 2, "l02h01k": 1},
+        "shards": {"l00h00q": ["a.parquet"], "l00h01k": ["b.parquet"]},
+    }
+    cov = coverage(manifest)
+    layer0, layer1, layer2 = cov["layers"]
+    assert layer0["q"]["no_rows"] == [3] and layer0["q"]["filtered"][1].startswith("not drawn by head sampling")
+    assert layer0["k"]["filtered"] == {0: "not in the key_heads filter [1]"}
+    assert layer1 == {"layer": 1, "status": "excluded", "reason": "sliding-window layer (full_attention_only)"}
+    assert layer2["status"] == "ran" and layer2["k"]["no_rows"] == [1]
+    assert cov["missing"] == [
+        "layer 0 query heads [3]: ran, but the sampler kept no position",
+        "layer 1: not recorded (sliding-window layer (full_attention_only))",
+        "layer 2 key heads [1]: ran, but the sampler kept no position",
+    ]
+    configs = dataset_configs(manifest["shards"])
+    assert configs["layer00_q"] == {"data_files": [{"split": "train", "path": "l00h*q/*.parquet"}]}
+    assert configs["all_k"] == {"data_files": [{"split": "train", "path": "l*h*k/*.parquet"}]}
+    manifest.update(sampler={"sampler": "uniform", "min_bucket_size": 8, "base_rate": 1.0, "seed": 0}, examples={})
+    card = render_card(manifest, "org/qk", revision="llama")
+    assert "load_dataset('org/qk', 'l00h00q', split=\"train\", revision='llama')" in card.text

@@ -1,0 +1,169 @@
+"""push / pull / load from the Hub. Only HfApi's network methods are faked (an in-memory remote);
+the folders, manifest, card, pattern matching and loading are all real."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx2
+import pytest
+from huggingface_hub import HfApi
+from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.utils import filter_repo_objects
+
+import qk_attn
+from qk_attn import hub
+from qk_attn.hub import HubError
+from qk_attn.saver import read_manifest
+from test_saver import folder_table, open_sink, run_examples, sort_rows
+
+
+class FakeHub:
+    """Dataset repos as {repo_id: {branch: {path: bytes}}}; records every call."""
+
+    def __init__(self, cache: Path):
+        self.repos: dict[str, dict[str, dict[str, bytes]]] = {}
+        self.cache = cache
+        self.calls: list[tuple] = []
+        self.fail: dict[str, Exception] = {}
+
+    def _call(self, name, *args):
+        self.calls.append((name, *args))
+        if name in self.fail:
+            raise self.fail[name]
+
+    def install(self, monkeypatch):
+        fake = self
+
+        def repo_exists(self, repo_id, *, repo_type=None, **_):
+            fake._call("repo_exists", repo_id)
+            return repo_id in fake.repos
+
+        def revision_exists(self, repo_id, revision, *, repo_type=None, **_):
+            fake._call("revision_exists", repo_id, revision)
+            return revision in fake.repos.get(repo_id, {})
+
+        def create_repo(self, repo_id, *, repo_type=None, private=None, exist_ok=False, **_):
+            fake._call("create_repo", repo_id, repo_type, private)
+            fake.repos.setdefault(repo_id, {"main": {}})
+
+        def create_branch(self, repo_id, *, branch, repo_type=None, exist_ok=False, **_):
+            fake._call("create_branch", repo_id, branch)
+            branches = fake.repos[repo_id]
+            branches.setdefault(branch, dict(branches["main"]))
+
+        def upload_folder(self, *, repo_id, folder_path, repo_type=None, revision=None, allow_patterns=None,
+                          delete_patterns=None, commit_message=None, **_):
+            fake._call("upload_folder", repo_id, revision, tuple(allow_patterns or ()))
+            files = fake.repos[repo_id][revision or "main"]
+            root = Path(folder_path)
+            local = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
+            added = set(filter_repo_objects(local, allow_patterns=allow_patterns))
+            for path in filter_repo_objects(list(files), allow_patterns=delete_patterns or []) if delete_patterns else []:
+                if path not in added:
+                    del files[path]
+            for path in added:
+                files[path] = (root / path).read_bytes()
+
+        def snapshot_download(self, repo_id, *, repo_type=None, revision=None, allow_patterns=None, local_dir=None, **_):
+            fake._call("snapshot_download", repo_id, revision, local_dir is not None)
+            if repo_id not in fake.repos or (revision or "main") not in fake.repos[repo_id]:
+                raise HfHubHTTPError("404 Client Error: Repository Not Found", response=_response(404))
+            files = fake.repos[repo_id][revision or "main"]
+            target = Path(local_dir) if local_dir else fake.cache / repo_id / (revision or "main")
+            for path in filter_repo_objects(list(files), allow_patterns=allow_patterns):
+                (target / path).parent.mkdir(parents=True, exist_ok=True)
+                (target / path).write_bytes(files[path])
+            target.mkdir(parents=True, exist_ok=True)
+            return str(target)
+
+        for name, fn in list(locals().items()):
+            if name not in ("fake", "self", "monkeypatch") and callable(fn):
+                monkeypatch.setattr(HfApi, name, fn)
+        return self
+
+
+def _response(status: int) -> httpx2.Response:
+    return httpx2.Response(status, request=httpx2.Request("POST", "https://huggingface.co/api/repos/create"))
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    return FakeHub(tmp_path / "hf-cache").install(monkeypatch)
+
+
+def _capture(out: Path, examples) -> list:
+    sink = open_sink(out)
+    batches = run_examples(sink, examples)
+    sink.close()
+    return batches
+
+
+def test_push_creates_repo_and_branch_and_uploads_exactly_the_committed_dataset(tmp_path, fake_hub):
+    out = tmp_path / "out"
+    _capture(out, [0, 1, 2])
+    (out / "l00h00q" / ".s000123-p0000.parquet.tmp").write_bytes(b"in flight")  # never uploaded
+    url = hub.push(out, "org/qk", revision="tiny-llama", private=True)
+    assert url == "https://huggingface.co/datasets/org/qk/tree/tiny-llama"
+    assert ("create_repo", "org/qk", "dataset", True) in fake_hub.calls
+    assert ("create_branch", "org/qk", "tiny-llama") in fake_hub.calls
+    uploads = [c for c in fake_hub.calls if c[0] == "upload_folder"]
+    assert [u[3] for u in uploads] == [("l*h*/*.parquet",), ("qk_sniff.json", "README.md", "buckets.png")]  # shards first
+    remote = fake_hub.repos["org/qk"]["tiny-llama"]
+    manifest = read_manifest(out)
+    shards = {f"{key}/{name}" for key, names in manifest["shards"].items() for name in names}
+    assert set(remote) == shards | {"qk_sniff.json", "README.md", "buckets.png"}
+    card = remote["README.md"].decode()
+    assert "load_dataset('org/qk', 'l00h00k', split=\"train\", revision='tiny-llama')" in card
+    assert fake_hub.repos["org/qk"]["main"] == {}
+
+
+def test_hub_failure_is_raised_with_the_hubs_message(tmp_path, fake_hub):
+    out = tmp_path / "out"
+    _capture(out, [0])
+    fake_hub.fail["upload_folder"] = HfHubHTTPError(
+        "403 Forbidden: You don't have the rights to create a dataset under the namespace 'org'.", response=_response(403))
+    with pytest.raises(HubError, match="pushing .* to org/qk failed: 403 Forbidden: You don't have the rights"):
+        hub.push(out, "org/qk")
+    open_sink(out).close()  # the lock was released: a capture can open the folder again
+
+
+def test_pull_resume_push_round_trip(tmp_path, fake_hub):
+    first = tmp_path / "first"
+    batches = _capture(first, [0, 1])
+    hub.push(first, "org/qk", revision="b")
+
+    assert hub.pull("org/qk", tmp_path / "nowhere", revision="other", missing_ok=True) is None
+    with pytest.raises(HubError, match="does not exist"):
+        hub.pull("org/missing", tmp_path / "nowhere")
+
+    second = tmp_path / "second"  # another machine: pull, resume, push
+    assert hub.pull("org/qk", second, revision="b") == second
+    sink = open_sink(second)
+    assert sink.committed_ids() == {0, 1}
+    batches += run_examples(sink, [1, 2, 3])  # example 1 again: not written twice
+    sink.close()
+    hub.push(second, "org/qk", revision="b")
+    remote = fake_hub.repos["org/qk"]["b"]
+    local = {p.relative_to(second).as_posix() for p in second.rglob("*") if p.is_file()}
+    assert set(remote) == local - {".qk_sniff.lock"} - {p for p in local if p.startswith(".cache/")}
+    assert read_manifest(second)["examples"].keys() == {"0", "1", "2", "3"}
+
+    # Loading straight from the repo reads exactly the committed rows.
+    table = qk_attn.load("org/qk", layer=1, head=0, kind="k", revision="b")
+    assert sort_rows(table).equals(sort_rows(qk_attn.load(second, layer=1, head=0, kind="k")))
+    assert qk_attn.load_vectors("org/qk", layer=0, head=1, kind="q", revision="b").shape[1] == 8
+
+
+def test_push_and_pull_refuse_to_lose_examples(tmp_path, fake_hub):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _capture(a, [0, 1])
+    hub.push(a, "org/qk")
+    _capture(b, [5])
+    with pytest.raises(HubError, match="holds 2 committed example\\(s\\) that .* lacks; pushing would delete them"):
+        hub.push(b, "org/qk")
+    with pytest.raises(HubError, match="holds 1 committed example\\(s\\) that org/qk lacks"):
+        hub.pull("org/qk", b)
+    assert {k for k in fake_hub.repos["org/qk"]["main"] if k.endswith(".parquet")} == {
+        f"{key}/{n}" for key, names in read_manifest(a)["shards"].items() for n in names}
+    assert sort_rows(folder_table(b)).num_rows > 0

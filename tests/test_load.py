@@ -1,0 +1,84 @@
+"""Loading a capture: qk_attn.load / load_vectors, and datasets.load_dataset through the card's configs."""
+
+from __future__ import annotations
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+import torch
+from datasets import List, Value
+
+import qk_attn
+from qk_attn.load import vectors_of
+from qk_attn.rows import arrow_schema
+from test_saver import capture_model, folder_table, sort_rows
+
+# DESIGN §5 column types, as `datasets` names them
+FEATURES = {
+    "example_id": Value("int64"), "position": Value("int32"), "bucket": Value("int32"), "layer": Value("int16"),
+    "head": Value("int16"), "kind": Value("string"), "sliding_window": Value("int32"),
+}
+
+
+@pytest.fixture(scope="module")
+def captured(tmp_path_factory):
+    out = tmp_path_factory.mktemp("load") / "out"
+    capture_model(out)  # sampler "all", every head, 3 layers, 4 examples
+    return out
+
+
+def _where(table, **equal):
+    mask = None
+    for column, value in equal.items():
+        term = pc.equal(table[column], value)
+        mask = term if mask is None else pc.and_(mask, term)
+    return table.filter(mask)
+
+
+def test_load_selects_exactly_one_head_a_layer_or_everything(captured):
+    everything = folder_table(captured)
+    one = qk_attn.load(captured, layer=0, head=0, kind="q")
+    assert one.schema == arrow_schema(16)
+    assert sort_rows(one).equals(sort_rows(_where(everything, layer=0, head=0, kind="q")))
+    assert one.num_rows == 2 * (30 + 17)  # sampler "all": every valid token of both batches
+    keys = qk_attn.load(captured, layer=1, kind="k")
+    assert sort_rows(keys).equals(sort_rows(_where(everything, layer=1, kind="k")))
+    assert sort_rows(qk_attn.load(captured)).equals(sort_rows(everything))
+    with pytest.raises(LookupError, match="no committed rows for layer=0, head=3, kind=k"):
+        qk_attn.load(captured, layer=0, head=3, kind="k")  # only 2 KV heads
+    with pytest.raises(ValueError, match="kind='v'"):
+        qk_attn.load(captured, layer=0, kind="v")
+
+
+def test_load_vectors_is_the_vector_column_as_a_tensor(captured):
+    table = qk_attn.load(captured, layer=2, head=1, kind="q")
+    vectors = qk_attn.load_vectors(captured, layer=2, head=1, kind="q")
+    assert vectors.shape == (table.num_rows, 16) and vectors.dtype == torch.float32
+    assert np.array_equal(vectors.numpy(), np.stack(table["vector"].to_numpy(zero_copy_only=False)))
+    sliced = table.slice(5, 7)  # offsets inside the Arrow array are honoured
+    assert torch.equal(vectors_of(sliced), vectors[5:12])
+
+
+def test_float16_capture_loads_as_float16(tmp_path):
+    out = tmp_path / "out"
+    capture_model(out, vector_dtype="float16", layers="0", batches=((0, 1),))
+    table = qk_attn.load(out, layer=0, head=0, kind="k")
+    assert table.schema == arrow_schema(16, pa.float16())
+    assert qk_attn.load_vectors(out, layer=0, head=0, kind="k").dtype == torch.float16
+
+
+@pytest.mark.parametrize("name, equal", [
+    ("l00h00q", dict(layer=0, head=0, kind="q")),
+    ("layer00_k", dict(layer=0, kind="k")),
+    ("all_q", dict(kind="q")),
+])
+def test_datasets_load_dataset_configs(captured, tmp_path, name, equal):
+    ds = datasets.load_dataset(str(captured), name, split="train", cache_dir=str(tmp_path / "cache"))
+    assert {k: v for k, v in ds.features.items() if k != "vector"} == FEATURES
+    assert ds.features["vector"] == List(Value("float32"), length=16)
+    want = _where(folder_table(captured), **equal)
+    got = ds.data.table.cast(want.schema)  # datasets' Arrow table; the cast only normalises field names
+    assert got.num_rows == want.num_rows
+    assert sort_rows(got).equals(sort_rows(want))

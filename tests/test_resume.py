@@ -1,0 +1,127 @@
+"""Resume: orphan shards of a killed run are removed; a SIGKILLed capture re-run with the same
+command ends with exactly the rows of an uninterrupted run (same set, no duplicates)."""
+
+from __future__ import annotations
+
+import os
+import runpy
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from qk_attn.saver import read_manifest
+from test_saver import folder_table, open_sink, run_examples, sort_rows
+
+TESTS = Path(__file__).parent
+
+# One capture "command": a tiny random Llama (3 layers, 4 query / 2 KV heads) run through
+# qk_attn.session over N examples, two per forward, skipping what OUT already committed.
+SCRIPT = textwrap.dedent(
+    """
+    import sys, time, torch
+    sys.path.insert(0, {tests!r})
+    from families import build
+    import qk_attn
+    from qk_attn.config import SniffConfig
+    from qk_attn.saver import ParquetSink
+
+    out, total = sys.argv[1], int(sys.argv[2])
+    settings = dict(sampler="log_uniform", min_bucket_size=4, base_rate=2, heads="0,3")
+    model = build("llama3", "qk_sniff")
+    sink = ParquetSink(out, SniffConfig(output=out, **settings), commit_every_s=0, fsync=False)
+    with torch.inference_mode(), qk_attn.session(sink=sink, **settings) as s:
+        todo = [e for e in range(total) if e not in s.committed_ids()]
+        print("resuming with", len(todo), "examples", flush=True)
+        for i in range(0, len(todo), 2):
+            ids = todo[i:i + 2]
+            lengths = [20 + (e * 37) % 60 for e in ids]
+            tokens = torch.zeros(len(ids), max(lengths), dtype=torch.long)
+            mask = torch.zeros_like(tokens)
+            for row, (e, n) in enumerate(zip(ids, lengths)):
+                tokens[row, :n] = torch.randint(2, 90, (n,), generator=torch.Generator().manual_seed(e))
+                mask[row, :n] = 1
+            s.begin(ids)
+            model(input_ids=tokens, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+            s.commit()
+            print("committed", ids, flush=True)
+    """
+).format(tests=str(TESTS))
+
+
+def _capture(script: Path, out: Path, total: int) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(script), str(out), str(total)], capture_output=True, text=True, timeout=120)
+
+
+def test_sigkilled_capture_resumes_to_exactly_the_uninterrupted_rows(tmp_path):
+    script = tmp_path / "capture.py"
+    script.write_text(SCRIPT)
+    total = 16
+
+    clean = tmp_path / "clean"  # the uninterrupted run, in this process (same script, saves a start-up)
+    argv = sys.argv
+    try:
+        sys.argv = [str(script), str(clean), str(total)]
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = argv
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(script), str(killed), str(total)], stdout=subprocess.PIPE, text=True)
+    commits = 0
+    for line in proc.stdout:
+        commits += line.startswith("committed")
+        if commits == 3:  # mid-run: the saver may be writing the next shards right now
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+    proc.wait(30)
+    proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL
+    partial = read_manifest(killed)["examples"]
+    assert 0 < len(partial) < total
+
+    resumed = _capture(script, killed, total)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming with {total - len(partial)} examples" in resumed.stdout
+
+    a, b = sort_rows(folder_table(clean)), sort_rows(folder_table(killed))
+    index = ["example_id", "position", "bucket", "layer", "head", "kind"]
+    assert b.select(index).equals(a.select(index))  # same set of rows ...
+    keys = np.stack([b[c].to_numpy(zero_copy_only=False).astype(str) for c in index[:1] + index[1:2] + index[3:]], 1)
+    assert len(np.unique(keys, axis=0)) == b.num_rows  # ... and no duplicates
+    np.testing.assert_allclose(np.stack(b["vector"].to_numpy(zero_copy_only=False)),
+                               np.stack(a["vector"].to_numpy(zero_copy_only=False)), rtol=1e-5, atol=1e-6)
+    assert read_manifest(killed)["examples"] == read_manifest(clean)["examples"]
+
+    from qk_attn.cli import verify_dataset
+
+    assert verify_dataset(killed, log=lambda *_: None) == []
+
+
+def test_orphans_of_a_killed_run_are_removed_and_nothing_else(tmp_path):
+    out = tmp_path / "out"
+    sink = open_sink(out)
+    batches = run_examples(sink, [0, 1])
+    sink.close()
+    listed = read_manifest(out)["shards"]["l00h00q"][0]
+    # What a SIGKILL can leave: a renamed shard the manifest never listed, a temporary shard,
+    # a folder of a (layer, head) whose first shard was never committed.
+    pq.write_table(pq.read_table(out / "l00h00q" / listed), out / "l00h00q" / "s000099-p0000.parquet")
+    (out / "l00h00q" / ".s000099-p0001.parquet.tmp").write_bytes(b"partial")
+    (out / "l02h01q").mkdir()
+    (out / "l02h01q" / ".s000099-p0002.parquet.tmp").write_bytes(b"partial")
+    (out / "notes.txt").write_text("mine")
+    (out / "l00h00q" / "keep.txt").write_text("not a shard")
+
+    sink = open_sink(out)
+    assert sorted(p.name for p in sink.removed_orphans) == [".s000099-p0001.parquet.tmp", ".s000099-p0002.parquet.tmp",
+                                                             "s000099-p0000.parquet"]
+    assert sink.committed_ids() == {0, 1}
+    assert not (out / "l02h01q").exists() and (out / "notes.txt").exists() and (out / "l00h00q" / "keep.txt").exists()
+    sink.close()
+    assert sort_rows(folder_table(out)).equals(sort_rows(
+        __import__("test_saver").reference(batches)))

@@ -1,0 +1,456 @@
+"""ParquetSink and transfer: layout, schema, manifest, pieces, back-pressure, errors, spill, compaction.
+
+Batches are real `CaptureBatch`es made by the torch gather reference from deterministic
+states, so the expected rows are exactly what `MemorySink` (rows.py) makes of them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from qk_attn.config import SniffConfig
+from qk_attn.gather import gather_rows
+from qk_attn.rows import CaptureBatch, CaptureOverflow, MemorySink, arrow_schema
+from qk_attn.sampler import Sampler
+from qk_attn.saver import MANIFEST, ParquetSink, SaverError, key_name, read_manifest
+from qk_attn.selection import HeadPlan, ModelShape
+from qk_attn.transfer import HostPool, Transfer
+
+NUM_HEADS, NUM_KV, DIM = 4, 2, 8
+
+
+# ---- helpers shared by the other test modules (imported as `from test_saver import ...`) ----
+def states_for(example_ids, layer: int, kind: str, length: int, num_heads: int, dim: int) -> torch.Tensor:
+    """(B, H, T, D) states that depend only on (example, layer, kind, head, position): a resumed
+    run, a different batching or another process gives bit-identical vectors."""
+    ex = torch.tensor(example_ids, dtype=torch.float64)[:, None, None, None]
+    h = torch.arange(num_heads, dtype=torch.float64)[None, :, None, None]
+    t = torch.arange(length, dtype=torch.float64)[None, None, :, None]
+    d = torch.arange(dim, dtype=torch.float64)[None, None, None, :]
+    return torch.sin(ex * 1.37 + layer * 0.71 + (kind == "k") * 0.5 + h * 0.31 + t * 0.013 + d * 0.17).float()
+
+
+def make_batch(layer, kind, example_ids, lengths, heads=(0, 1), sampler=None, dtype=torch.float32,
+               num_heads=NUM_HEADS, dim=DIM, capacity=None, sliding_window=None) -> CaptureBatch:
+    """One attention call's batch for `kind`: right-padded rows of `lengths` valid tokens."""
+    sampler = sampler or Sampler("all", 4)
+    length = max(lengths)
+    positions = torch.arange(length, dtype=torch.int64).expand(len(example_ids), -1)
+    valid = positions < torch.tensor(lengths)[:, None]
+    states = states_for(example_ids, layer, kind, length, num_heads, dim)
+    capacity = len(example_ids) * sampler.capacity(length) if capacity is None else capacity
+    count, row, position, bucket, vectors = gather_rows(
+        states, 0, torch.tensor(heads), positions, valid, torch.tensor(example_ids), sampler, layer, kind, capacity, dtype
+    )
+    return CaptureBatch(layer, kind, tuple(heads), tuple(example_ids), sliding_window, False,
+                        count, row, position, bucket, vectors, valid.sum(1))
+
+
+def sort_rows(table: pa.Table) -> pa.Table:
+    return table.sort_by([(c, "ascending") for c in ("layer", "kind", "head", "example_id", "position")])
+
+
+def folder_table(out: Path) -> pa.Table:
+    """Every committed row of OUT, read straight from the shards the manifest lists."""
+    manifest = read_manifest(out)
+    files = [out / key / name for key, names in manifest["shards"].items() for name in names]
+    return pa.concat_tables(pq.read_table(f) for f in files)
+
+
+def reference(batches, vector_type=pa.float32()) -> pa.Table:
+    """What rows.py's own host path makes of the same batches."""
+    sink = MemorySink()
+    for batch in batches:
+        sink.put(batch)
+    return pa.concat_tables(rows.table(i, vector_type) for rows in sink.rows for i in range(len(rows.heads)))
+
+
+def plan_for(config, num_layers=3):
+    return HeadPlan.build(config, ModelShape(num_layers, NUM_HEADS, NUM_KV, DIM))
+
+
+class TinyConfig:
+    _name_or_path = "tiny/llama"
+    _commit_hash = "abc123"
+    dtype = torch.bfloat16
+    model_type = "llama"
+
+
+def open_sink(out, config=None, **kwargs) -> ParquetSink:
+    config = config or SniffConfig(output=str(out), sampler="all", min_bucket_size=4)
+    kwargs.setdefault("fsync", False)
+    kwargs.setdefault("commit_every_s", 0)
+    sink = ParquetSink(out, config, **kwargs)
+    sink.bind_model(TinyConfig(), plan_for(config))
+    return sink
+
+
+def run_examples(sink, example_ids, layers=(0, 1), lengths=None, commit=True):
+    batches = []
+    for i, example in enumerate(example_ids):
+        length = lengths[i] if lengths else 5 + example % 7
+        for layer in layers:
+            for kind, heads in (("q", (0, 1)), ("k", (0,))):
+                batch = make_batch(layer, kind, [example], [length], heads, sampler=Sampler("all", 4))
+                batches.append(batch)
+                sink.put(batch)
+        if commit:
+            sink.commit([example])
+    return batches
+
+
+# ---- tests --------------------------------------------------------------------------------
+def test_dataset_layout_schema_manifest_and_verify(tmp_path):
+    out = tmp_path / "out"
+    sink = open_sink(out, source={"dataset": "toy", "split": "train"})
+    batches = run_examples(sink, range(6))
+    sink.close()
+    sink.close()  # idempotent
+
+    table = folder_table(out)
+    assert table.schema == arrow_schema(DIM)
+    assert sort_rows(table).equals(sort_rows(reference(batches)))
+    manifest = read_manifest(out)
+    assert manifest["examples"] == {str(e): 5 + e % 7 for e in range(6)}
+    assert manifest["model"] == {"id": "tiny/llama", "revision": "abc123", "dtype": "bfloat16", "model_type": "llama"}
+    assert manifest["sampler"] == {"sampler": "all", "min_bucket_size": 4, "base_rate": 1.0, "seed": 0}
+    assert manifest["source"] == {"dataset": "toy", "split": "train"}
+    assert set(manifest["versions"]) >= {"qk_attn", "transformers", "torch"}
+    assert manifest["plan"]["num_layers"] == 3
+    for key, names in manifest["shards"].items():
+        files = sorted(p.name for p in (out / key).iterdir())
+        assert files == sorted(names)  # nothing else: no temporary or orphan files
+        rows = sum(pq.read_metadata(out / key / n).num_rows for n in names)
+        assert manifest["row_counts"][key] == rows
+    assert sink.rows_written == table.num_rows
+    # The lead's `qk-sniff verify` agrees: schema, uniqueness, counts, exact sampler selection.
+    from qk_attn.cli import verify_dataset
+
+    assert verify_dataset(out, log=lambda *_: None) == []
+
+
+def test_float16_vectors(tmp_path):
+    out = tmp_path / "out"
+    config = SniffConfig(output=str(out), sampler="all", min_bucket_size=4, vector_dtype="float16")
+    sink = open_sink(out, config)
+    batch = make_batch(0, "q", [3, 4], [6, 4], dtype=torch.float16)
+    sink.put(batch)
+    sink.commit([3, 4])
+    sink.close()
+    table = folder_table(out)
+    assert table.schema == arrow_schema(DIM, pa.float16())
+    assert sort_rows(table).equals(sort_rows(reference([batch], pa.float16())))
+
+
+def test_pieces_bounded_pool_and_sparse_sampler(tmp_path):
+    """A batch far larger than the 1 MiB pool is copied in pieces; rows past `count` are never written."""
+    out = tmp_path / "out"
+    config = SniffConfig(output=str(out), sampler="uniform", min_bucket_size=8, base_rate=2, pinned_mb=1)
+    sink = open_sink(out, config)
+    sampler = Sampler("uniform", 8, 2.0)
+    batches = [make_batch(layer, "k", [7, 8], [3000, 2000], heads=(0, 1, 2, 3), sampler=sampler, dim=64,
+                          capacity=6000, num_heads=4) for layer in (0, 1)]
+    for batch in batches:
+        sink.put(batch)
+    sink.commit([7, 8])
+    sink.close()
+    pool = sink._transfer.pool
+    assert pool.high_water <= pool.nbytes == 1 << 20
+    assert sort_rows(folder_table(out)).equals(sort_rows(reference(batches)))
+    assert read_manifest(out)["examples"] == {"7": 3000, "8": 2000}
+
+
+def test_host_pool_ring_never_overlaps_and_blocks_when_full():
+    pool = HostPool(1000, pin=False)
+    rng = np.random.default_rng(0)
+    live = []
+    def never_wait():
+        raise AssertionError("acquire blocked although a contiguous region was free")
+
+    for _ in range(2000):
+        # in_use <= 384 leaves >= 640 free bytes, so a contiguous 320 always exists
+        if live and (rng.random() < 0.5 or pool.in_use > 384):
+            pool.release(live.pop(0))  # FIFO, like the saver
+        else:
+            region = pool.acquire(int(rng.integers(1, 300)), never_wait)
+            assert all(region[1] <= r[0] or r[1] <= region[0] for r in live)
+            assert 0 <= region[0] < region[1] <= pool.nbytes
+            live.append(region)
+    assert pool.high_water <= pool.nbytes
+
+    pool = HostPool(256, pin=False)
+    first = pool.acquire(200)
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(pool.acquire(200)))
+    waiter.start()
+    time.sleep(0.2)
+    assert not got and pool.waits == 1  # back-pressure: blocked while the pool is full
+    pool.release(first)
+    waiter.join(2)
+    assert got
+
+
+def test_transfer_pieces_cover_the_batch():
+    batch = make_batch(0, "q", [1, 2], [50, 30], heads=(0, 1, 2, 3), dim=64, num_heads=4)
+    transfer = Transfer(1 << 20)
+    transfer.pool = HostPool(64 << 10, pin=False)  # 64 KiB: 16 KiB pieces of 15 rows
+    pieces = []
+    for piece in transfer.pieces(batch):
+        piece.wait()
+        rows = piece.rows()
+        pieces.append((piece.start, len(rows), rows.vectors.copy(), rows.position))
+        piece.release()
+    assert len(pieces) > 3
+    assert [p[0] for p in pieces] == sorted(p[0] for p in pieces)
+    n = int(batch.count)
+    assert sum(p[1] for p in pieces) == n
+    assert torch.equal(torch.from_numpy(np.concatenate([p[2] for p in pieces], 1)), batch.vectors[:, :n])
+
+
+def test_overflow_is_reported_not_dropped(tmp_path):
+    sink = open_sink(tmp_path / "out")
+    sink.put(make_batch(0, "q", [1], [20], capacity=8))  # 20 selected, room for 8
+    with pytest.raises(CaptureOverflow, match="20 tokens selected"):
+        sink.flush(timeout=10)
+    with pytest.raises(CaptureOverflow):
+        sink.close()
+    assert read_manifest(tmp_path / "out")["examples"] == {}
+
+
+def test_saver_failure_surfaces_in_the_caller_without_hanging(tmp_path):
+    """The output folder disappears (replaced by a file): the next call/flush raises, nothing hangs."""
+    out = tmp_path / "out"
+    config = SniffConfig(output=str(out), sampler="all", min_bucket_size=4, pinned_mb=1)
+    sink = open_sink(out, config)
+    run_examples(sink, [0])
+    sink.flush(timeout=10)
+    shutil.rmtree(out)
+    out.write_text("not a folder")
+    start = time.monotonic()
+    run_examples(sink, [1], commit=False)
+    with pytest.raises(SaverError, match="saver .* failed"):
+        sink.flush(timeout=10)
+    with pytest.raises(SaverError):  # every later call keeps raising, including put
+        sink.put(make_batch(0, "q", [2], [4]))
+    with pytest.raises(SaverError):
+        sink.close()
+    assert time.monotonic() - start < 10
+    assert not sink._thread.is_alive()
+
+
+def test_put_blocked_on_a_full_pool_raises_when_the_saver_dies(tmp_path):
+    out = tmp_path / "out"
+    config = SniffConfig(output=str(out), sampler="all", min_bucket_size=4, pinned_mb=1)
+    sink = open_sink(out, config)
+    release = threading.Event()
+
+    def stuck(rows, first):
+        release.wait(5)
+        raise OSError("disk on fire")
+
+    sink._accept = stuck
+    big = make_batch(0, "q", [1], [600], heads=(0, 1, 2, 3), dim=64, num_heads=4)  # 600 KiB per copy
+    errors = []
+
+    def produce():
+        try:
+            for _ in range(10):
+                sink.put(big)
+        except SaverError as error:
+            errors.append(error)
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    time.sleep(0.3)
+    assert producer.is_alive()  # blocked: the pool is full and the saver is stuck
+    release.set()
+    producer.join(5)
+    assert not producer.is_alive() and "disk on fire" in str(errors[0])
+    with pytest.raises(SaverError):
+        sink.close()
+
+
+def test_different_settings_are_refused_then_overwritten(tmp_path):
+    out = tmp_path / "out"
+    sink = open_sink(out)
+    run_examples(sink, [0, 1])
+    sink.close()
+    other = SniffConfig(output=str(out), sampler="uniform", min_bucket_size=4, heads="1")
+    with pytest.raises(ValueError) as info:
+        ParquetSink(out, other, fsync=False)
+    message = str(info.value)
+    assert "sampler: 'all'" in message and "'uniform' now" in message and "heads: None" in message
+    assert "overwrite=True" in message
+    # Settings that do not change the rows may differ on resume.
+    same = SniffConfig(output=str(out), sampler="all", min_bucket_size=4, pinned_mb=8, backend="eager")
+    ParquetSink(out, same, fsync=False).close()
+    sink = ParquetSink(out, other, overwrite=True, fsync=False)
+    assert sink.committed_ids() == set()
+    assert not any(p.name.startswith("l0") for p in out.iterdir())
+    sink.close()
+
+
+def test_one_writer_per_folder(tmp_path):
+    sink = open_sink(tmp_path / "out")
+    with pytest.raises(RuntimeError, match="another qk-sniff capture"):
+        open_sink(tmp_path / "out")
+    sink.close()
+    open_sink(tmp_path / "out").close()
+
+
+def test_spill_keeps_memory_bounded_and_commits_whole_examples(tmp_path):
+    out = tmp_path / "out"
+    sink = open_sink(out, commit_every_s=3600)
+    sink.buffer_bytes = 4096  # spill almost every batch
+    batches = run_examples(sink, [0, 1, 2], lengths=[40, 40, 40])
+    sink.flush(timeout=10)
+    assert all(not p.name.endswith(".tmp") for p in out.rglob("*"))
+    batches += run_examples(sink, [3], lengths=[40], commit=False)
+    time.sleep(0.2)
+    sink.flush(timeout=10)  # example 3 is incomplete: written to temporary shards, not committed
+    assert any(p.name.endswith(".parquet.tmp") for p in out.rglob("*"))
+    assert read_manifest(out)["examples"].keys() == {"0", "1", "2"}
+    sink.commit([3])
+    sink.close()
+    assert sort_rows(folder_table(out)).equals(sort_rows(reference(batches)))
+
+
+def test_uncommitted_examples_are_not_kept_at_close(tmp_path):
+    out = tmp_path / "out"
+    sink = open_sink(out, commit_every_s=3600)
+    sink.buffer_bytes = 4096
+    kept = run_examples(sink, [0, 1], lengths=[30, 30])
+    run_examples(sink, [2], lengths=[30], commit=False)  # the forward of example 2 never finished
+    sink.close()
+    assert read_manifest(out)["examples"].keys() == {"0", "1"}
+    assert sort_rows(folder_table(out)).equals(sort_rows(reference(kept)))
+    assert all(not p.name.endswith(".tmp") for p in out.rglob("*"))
+
+
+def test_compaction_merges_small_shards(tmp_path):
+    out = tmp_path / "out"
+    sink = open_sink(out)  # commit_every_s=0: one segment per example
+    batches = run_examples(sink, range(5))
+    sink.flush(timeout=10)
+    before = sink.manifest["shards"]
+    assert all(len(names) == 5 for names in before.values())
+    sink.close()
+    after = read_manifest(out)["shards"]
+    assert all(len(names) == 1 for names in after.values())
+    assert sorted(p.name for p in (out / key_name(0, 0, "q")).iterdir()) == after[key_name(0, 0, "q")]
+    assert sort_rows(folder_table(out)).equals(sort_rows(reference(batches)))
+
+
+def test_rows_of_committed_examples_are_never_written_twice(tmp_path):
+    out = tmp_path / "out"
+    sink = open_sink(out)
+    batches = run_examples(sink, [0, 1])
+    sink.close()
+    sink = open_sink(out)
+    assert sink.committed_ids() == {0, 1}
+    run_examples(sink, [1])  # a caller that did not skip it
+    batches += run_examples(sink, [2])
+    sink.close()
+    table = folder_table(out)
+    assert sort_rows(table).equals(sort_rows(reference(batches)))
+    assert json.loads((out / MANIFEST).read_text())["examples"].keys() == {"0", "1", "2"}
+
+
+def capture_model(out: Path, *, drop_layer: bool = False, batches=((0, 1), (2, 3)), **settings) -> dict:
+    """A real capture: tiny random Llama (3 layers, 4 query / 2 KV heads, head_dim 16) through
+    qk_attn.session into OUT, left-padded batches of two. `drop_layer`: the model runs only its
+    first two decoder layers, so layer 2 is planned but never calls attention."""
+    import qk_attn
+    from families import build, padded_batch
+
+    model = build("llama3", "qk_sniff")
+    if drop_layer:
+        model.model.layers = model.model.layers[:2]  # forward loops over self.layers[:num_hidden_layers]
+    settings = {"sampler": "all", "min_bucket_size": 4, **settings}
+    source = {"dataset": "toy/random-tokens", "split": "train", "max_length": 30}
+    sink = ParquetSink(out, SniffConfig(output=str(out), **settings), source=source, commit_every_s=0, fsync=False)
+    with torch.inference_mode(), qk_attn.session(sink=sink, **settings) as s:
+        for ids in batches:
+            s.begin(list(ids))
+            model(**padded_batch("left", lengths=(30, 17), seed=ids[0]))
+            s.commit()
+    return read_manifest(out)
+
+
+def test_bounded_memory_sampler_all_long_sequence_small_pool(tmp_path):
+    """Sampler `all` over an 8192-token sequence: the rows are 8x the 1 MiB pool plus the 64 KiB
+    row buffer, and neither bound is ever exceeded (peak RSS is noted in the saver report)."""
+    import qk_attn
+    from families import build
+
+    out = tmp_path / "out"
+    model = build("llama3", "qk_sniff")
+    settings = dict(sampler="all", min_bucket_size=256, pinned_mb=1)
+    sink = ParquetSink(out, SniffConfig(output=str(out), **settings), commit_every_s=0, fsync=False)
+    sink.buffer_bytes = 64 << 10
+    length = 8192
+    with torch.inference_mode(), qk_attn.session(sink=sink, **settings) as s:
+        s.begin([0])
+        model(input_ids=torch.randint(2, 90, (1, length), generator=torch.Generator().manual_seed(0)))
+    written = sum(p.stat().st_size for p in out.rglob("*.parquet"))
+    rows = 3 * (4 + 2) * length  # 3 layers x (4 query + 2 key heads) x every token
+    assert sink.rows_written == rows == sum(read_manifest(out)["row_counts"].values())
+    data_bytes = rows * (16 * 4 + 20)  # vector + index columns, in memory
+    pool = sink._transfer.pool
+    assert pool.high_water <= pool.nbytes == 1 << 20
+    largest_call = length * 4 * (16 * 4 + 20)  # one call's rows of 4 heads
+    assert sink.max_buffered_bytes <= sink.buffer_bytes + largest_call
+    assert data_bytes > 8 * (pool.nbytes + sink.buffer_bytes) and written > 0
+
+
+def test_saver_failure_surfaces_in_a_model_forward(tmp_path):
+    """The output folder becomes unusable mid-run: a later forward (its first attention call) raises."""
+    import qk_attn
+    from families import build, padded_batch
+
+    out = tmp_path / "out"
+    model = build("llama3", "qk_sniff")
+    sink = ParquetSink(out, SniffConfig(output=str(out), sampler="all", min_bucket_size=4), commit_every_s=0, fsync=False)
+    start = time.monotonic()
+    forwards = 0
+    with pytest.raises(SaverError, match="saver .* failed"):
+        with torch.inference_mode(), qk_attn.session(sink=sink, sampler="all", min_bucket_size=4) as s:
+            for ids in ([0, 1], [2, 3], [4, 5], [6, 7]):
+                s.begin(ids)
+                model(**padded_batch("right"))
+                s.commit()
+                forwards += 1
+                if ids == [0, 1]:
+                    sink.flush(timeout=10)
+                    shutil.rmtree(out)
+                    out.write_text("the disk went away")
+                else:
+                    time.sleep(0.2)  # the saver fails on this commit while the caller moves on
+    assert forwards == 2  # raised inside the third forward: the first call after the failure
+    assert time.monotonic() - start < 20 and not sink._thread.is_alive()
+
+
+def test_a_different_model_is_refused(tmp_path):
+    out = tmp_path / "out"
+    sink = open_sink(out)
+    run_examples(sink, [0])
+    sink.close()
+    sink = ParquetSink(out, SniffConfig(output=str(out), sampler="all", min_bucket_size=4), fsync=False)
+    other = type("Other", (TinyConfig,), {"_commit_hash": "fff999"})()
+    with pytest.raises(ValueError, match="holds captures of model 'tiny/llama' \\(revision abc123\\); this run uses"):
+        sink.bind_model(other, plan_for(sink.config))
+    renamed = type("Renamed", (TinyConfig,), {"_name_or_path": "/elsewhere/llama"})()  # same revision: same weights
+    sink.bind_model(renamed, plan_for(sink.config))
+    with pytest.raises(ValueError, match="shaped"):
+        sink.bind_model(TinyConfig(), HeadPlan.build(sink.config, ModelShape(3, 8, 2, 8)))
+    sink.close()
