@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,7 @@ SCRIPT = textwrap.dedent(
             model(input_ids=tokens, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
             s.commit()
             print("committed", ids, flush=True)
+            time.sleep(float(sys.argv[3]) if len(sys.argv) > 3 else 0)  # stands in for a long forward
     """
 ).format(tests=str(TESTS))
 
@@ -71,13 +73,14 @@ def test_sigkilled_capture_resumes_to_exactly_the_uninterrupted_rows(tmp_path):
         sys.argv = argv
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(script), str(killed), str(total)], stdout=subprocess.PIPE, text=True)
-    commits = 0
-    for line in proc.stdout:
-        commits += line.startswith("committed")
-        if commits == 3:  # mid-run: the saver may be writing the next shards right now
-            os.kill(proc.pid, signal.SIGKILL)
-            break
+    proc = subprocess.Popen([sys.executable, str(script), str(killed), str(total), "0.3"], stdout=subprocess.PIPE,
+                            text=True)
+    # Kill mid-run, once the saver has made some examples durable (it writes asynchronously,
+    # so a fixed number of "committed" lines is no guarantee): it may be writing more right now.
+    deadline = time.monotonic() + 60
+    while len((read_manifest(killed) or {}).get("examples", ())) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
     proc.wait(30)
     proc.stdout.close()
     assert proc.returncode == -signal.SIGKILL
