@@ -253,6 +253,40 @@ def check_parity_and_sync(qk_attn, model, device, tokens, workdir: Path, sampler
     return lines
 
 
+def check_device_split(qk_attn, sizes, workdir: Path, sampler: str, devices=None) -> str:
+    """(e) A model split over two devices (accelerate dispatch, as `model.device_map: auto` does)
+    records the same rows as on one device. Two GPUs: cuda:0 | cuda:1; one GPU: cuda:0 | cpu."""
+    import numpy as np
+    from accelerate import dispatch_model
+
+    devices = devices or (["cuda:0", "cuda:1"] if torch.cuda.device_count() >= 2 else ["cuda:0", "cpu"])
+    model = build_model(torch.device("cpu"), dict(sizes, layers=max(2, sizes["layers"]), vocab=4096)).float()
+    set_attention(model, "qk_sniff")
+    ids = torch.randint(0, model.config.vocab_size, (2, 512))
+
+    def capture(name):
+        with qk_attn.session(output=str(workdir / name), sampler=sampler, example_ids=[0, 1]):
+            forward(model, ids.to(devices[0]))
+        return qk_attn.load(workdir / name).sort_by([(c, "ascending") for c in ("layer", "kind", "head", "example_id", "position")])
+
+    model.to(devices[0])
+    want = capture("one-device")
+    n = model.config.num_hidden_layers
+    device_map = {"model.embed_tokens": devices[0], "model.rotary_emb": devices[0], "model.norm": devices[1],
+                  "lm_head": devices[1], **{f"model.layers.{i}": devices[i * 2 // n] for i in range(n)}}
+    dispatch_model(model.cpu(), device_map)
+    placed = {str(layer.self_attn.q_proj.weight.device) for layer in model.model.layers}
+    got = capture("split")
+    index = ["example_id", "position", "bucket", "layer", "head", "kind"]
+    if not got.select(index).equals(want.select(index)):
+        fail(f"(e) layers on {placed}: the recorded rows differ from the one-device capture")
+    a = torch.from_numpy(np.stack(got["vector"].to_numpy(zero_copy_only=False)))
+    b = torch.from_numpy(np.stack(want["vector"].to_numpy(zero_copy_only=False)))
+    if not torch.allclose(a, b, rtol=1e-3, atol=1e-3):
+        fail(f"(e) layers on {placed}: vectors differ from the one-device capture by up to {(a - b).abs().max():.3e}")
+    return f"(e) layers split over {sorted(placed)}: the same {got.num_rows} rows as on {devices[0]} alone"
+
+
 def sync_free(fn) -> str | None:
     """None if fn() ran without a synchronising CUDA call, else the error text."""
     torch.cuda.synchronize()
@@ -382,6 +416,11 @@ def main(argv=None) -> int:
         model = build_model(device, sizes)
         section("b", lambda: check_parity_and_sync(qk_attn, model, device, sizes["parity"], workdir, args.sampler,
                                                    sync="c" not in skip))
+
+        if device.type == "cuda":
+            section("e", lambda: check_device_split(qk_attn, sizes, workdir, args.sampler))
+        else:
+            report.append("- (e) model split over two devices: skipped (needs CUDA)")
 
         rows = []
 

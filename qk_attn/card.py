@@ -212,8 +212,8 @@ def render_card(manifest: dict, where: str, revision: str | None = None, chart: 
         _table(["model", "revision", "dtype", "type", "layers", "query heads", "key heads", "head dim"],
                [[model.get("id"), model.get("revision"), model.get("dtype"), model.get("model_type"), plan.get("num_layers"),
                  plan.get("num_heads"), plan.get("num_kv_heads"), plan.get("head_dim")]]),
-        "## Source dataset",
-        _table(["setting", "value"], [[k, f"`{v}`"] for k, v in source.items() if v is not None]) if source else "Not recorded.",
+        "## Source dataset",  # (sorted: the same card whether the manifest was just built or read back)
+        _table(["setting", "value"], [[k, f"`{v}`"] for k, v in sorted(source.items()) if v is not None]) if source else "Not recorded.",
         "## Sampler",
         _table(
             ["strategy", "min_bucket_size", "base_rate", "seed", "RoPE stage", "captured", "vector dtype"],

@@ -5,6 +5,10 @@
     qk-sniff verify OUT           schema, uniqueness, manifest counts, buckets, exact selection
     qk-sniff push OUT --repo ID [--revision BRANCH] [--private]
     qk-sniff pull --repo ID OUT [--revision BRANCH]
+    qk-sniff merge OUT            manifest parts of several ranks -> qk_sniff.json + card
+
+`run` under torchrun / accelerate launch, or with `--shard i/n`, captures the documents of one
+rank (qk_attn.distributed); see README "Multi-GPU and multi-node runs".
 
 `run` without `--config` runs the embedded offline demo (SmolLM2-135M over four KJV books,
 written to ./qk-sniff-demo/). Exit status: 0 success, 1 `verify` found problems or a
@@ -304,14 +308,35 @@ def cmd_run(args) -> int:
         print("qk-sniff: no --config given: running the embedded demo (configs/demo.yaml)", flush=True)
         _quiet_libraries()
     start = time.perf_counter()
-    summary = run(config, push_to_hub=args.push, progress=not args.quiet)
+    summary = run(config, push_to_hub=args.push, progress=not args.quiet, shard=args.shard)
     print()
     print(f"qk-sniff run finished in {time.perf_counter() - start:.1f} s")
     for line in summary.lines() + output_files(config.output.data_root):
         print("  " + line)
     print()
+    if summary.rank and not summary.merged:  # launched ranks: rank 0 merges; --shard jobs: the user does
+        from .distributed import detect
+
+        if detect(args.shard).sharded:
+            print(f"When every rank has finished: qk-sniff merge {config.output.data_root}")
+        return 0
     for line in format_load_hint(config.output.data_root):
         print(line)
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .distributed import merge
+
+    try:
+        manifest = merge(args.out, allow_incomplete=args.allow_incomplete)
+    except ValueError as error:  # parts that must not be merged: the message says which and why
+        print(f"qk-sniff merge: {error}", file=sys.stderr)
+        return 1
+    ranks = manifest["ranks"]
+    print(f"merged {ranks['world_size']} rank(s) into {Path(args.out) / MANIFEST}: {len(manifest['examples'])} examples, "
+          f"{sum(manifest['row_counts'].values()):,} rows; card written"
+          + (f" (ranks {ranks['incomplete']} incomplete)" if ranks["incomplete"] else ""))
     return 0
 
 
@@ -372,7 +397,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--push", action="store_true",
                    help="pull output.hf_repo_id before capture (if it exists) and push the dataset after the run")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument("--shard", metavar="I/N",
+                   help="capture only documents d with d %% N == I (0-based; e.g. $SLURM_ARRAY_TASK_ID/8), "
+                        "then run `qk-sniff merge OUT` once all N jobs finished")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("merge", help="merge the manifest parts of a multi-rank / --shard capture; writes the card")
+    p.add_argument("out", help="capture output folder")
+    p.add_argument("--allow-incomplete", action="store_true",
+                   help="merge even if some ranks did not finish their documents (the card counts what is committed)")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("inspect", help="rows, coverage, bucket distribution and plot of a capture dataset")
     p.add_argument("out", help="capture output folder")

@@ -6,6 +6,8 @@
                 (`model.base_model`) runs, so no logits over 128k positions are materialised
     capture     one qk_attn.session() for the whole run; each batch: begin(ids) -> forward
                 -> commit(); examples committed by an earlier run are skipped (resume)
+    ranks       under torchrun / accelerate launch / --shard i/n each rank runs its documents
+                (qk_attn.distributed) into its own files; rank 0 merges after a barrier
     hub         with --push: pull the remote dataset first (if it exists), push at the end
 
 Progress: one bar over documents with tokens/s and rows written; a summary at the end.
@@ -188,7 +190,11 @@ def default_device(cfg) -> str:
 
     if cfg.device:
         return cfg.device
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        return "cpu"
+    if "LOCAL_RANK" in os.environ:  # one GPU per process of a launched job (torchrun / accelerate)
+        return f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
+    return "cuda"
 
 
 def load_model(config: RunConfig, name: str):
@@ -285,6 +291,8 @@ class RunSummary:
     seconds: float = 0.0
     pulled: bool = False
     pushed: str | None = None
+    rank: str | None = None  # "rank 1 of 4" when several processes capture
+    merged: bool = False  # this process merged the ranks' manifests and wrote the card
     ids: dict[int, Any] = field(default_factory=dict)  # example_id -> dataset id (this run)
 
     @property
@@ -301,6 +309,9 @@ class RunSummary:
             f"rows       {self.rows_written:,} written",
             f"output     {self.output}",
         ]
+        if self.rank:
+            out.append(f"ranks      {self.rank}; " + ("merged the manifest parts and wrote the card" if self.merged else
+                                                     "the card is written when the parts are merged"))
         if self.ids and any(source != example for example, source in self.ids.items()):
             shown = ", ".join(f"{source!r} -> {example}" for example, source in list(self.ids.items())[:4])
             out.append(f"ids        {shown}{', ...' if len(self.ids) > 4 else ''}")
@@ -358,8 +369,31 @@ def push(config: RunConfig) -> str:
     return out.hf_repo_id + (f"@{out.hf_branch}" if out.hf_branch else "")
 
 
-def run(config: RunConfig, *, push_to_hub: bool = False, progress: bool = True, sink=None) -> RunSummary:
-    """Run every document of the dataset through the model once, capturing into the output."""
+def run(config: RunConfig, *, push_to_hub: bool = False, progress: bool = True, sink=None,
+        shard: str | None = None) -> RunSummary:
+    """Run every document of the dataset through the model once, capturing into the output.
+
+    Under a launcher (RANK/WORLD_SIZE) or with `shard="i/n"` this process runs only its own
+    documents into its own files; launched ranks meet at a barrier and rank 0 merges.
+    """
+    from . import distributed
+
+    rank = distributed.detect(shard)
+    if push_to_hub and not rank.is_single:
+        raise ConfigError("--push runs in one process only: after a multi-rank capture run `qk-sniff merge OUT` "
+                          "(torchrun / accelerate launch do it at the end) and then `qk-sniff push OUT --repo ID`")
+    with distributed.process_group(rank):
+        summary = _run(config, rank, push_to_hub, progress, sink)
+        if not rank.is_single:
+            summary.rank = f"rank {rank.rank} of {rank.world_size}"
+            distributed.barrier(rank)  # every rank has closed its sink: its manifest part is final
+            if rank.launched and not rank.sharded and rank.rank == 0 and sink is None:
+                distributed.merge(config.output.data_root)
+                summary.merged = True
+    return summary
+
+
+def _run(config: RunConfig, rank, push_to_hub: bool, progress: bool, sink) -> RunSummary:
     import qk_attn
 
     from .demo import DEMO_MODEL, DEMO_MODEL_ID, resolve_model
@@ -386,15 +420,24 @@ def run(config: RunConfig, *, push_to_hub: bool = False, progress: bool = True, 
     decoder = backbone(model)
     device = model.get_input_embeddings().weight.device
 
+    source = source_info(config, max_length)
+    if sink is None and not rank.is_single:
+        from .config import SniffConfig
+        from .saver import ParquetSink
+
+        sniff = SniffConfig.from_env(**settings)
+        sink = ParquetSink(sniff.output, sniff, overwrite=config.output.overwrite, source=source, rank=rank.sink_rank())
+    if total is not None:
+        total = len(range(rank.rank, total, rank.world_size))
     start = time.perf_counter()
-    bar = _progress(total, progress)
+    bar = _progress(total, progress and not (rank.launched and rank.rank))  # one bar per launched job
     try:
-        with qk_attn.session(
-            overwrite=config.output.overwrite, source=source_info(config, max_length), sink=sink, **settings
-        ) as s:
+        with qk_attn.session(overwrite=config.output.overwrite, source=source, sink=sink, **settings) as s:
             committed = set(s.committed_ids())
             pending = []
-            for doc in iter_documents(rows, config.dataset):
+            for index, doc in enumerate(iter_documents(rows, config.dataset)):
+                if not rank.owns(index):
+                    continue
                 if doc.example_id in committed:
                     summary.resumed += 1
                     bar.update(1)
@@ -405,6 +448,8 @@ def run(config: RunConfig, *, push_to_hub: bool = False, progress: bool = True, 
                     pending = []
             if pending:
                 _forward(s, decoder, tokenizer, pending, max_length, config, device, summary, bar, start)
+            if hasattr(s.sink, "complete"):
+                s.sink.complete = True  # a rank's manifest part records that it went through all its documents
         summary.rows_written = s.rows_written
     finally:
         bar.close()

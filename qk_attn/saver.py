@@ -15,6 +15,11 @@ of a killed run and is deleted when the folder is opened again, so re-running a 
 capture redoes exactly the examples that were not committed and never duplicates a row.
 `close()` also merges small committed shards (one segment per commit interval makes many)
 into shards of about `shard_mb`, with the same rename-then-manifest order.
+
+Ranks (qk_attn.distributed). With `rank=(r, n)` the sink is one of n writers into the same
+OUT and touches only its own files: shards `r{RRR}-sNNNNNN-pNNNN.parquet`, the manifest part
+`qk_sniff.rank{RRR}.json`, the lock `.qk_sniff.rank{RRR}.lock`; it writes no card. The
+parts are merged into `qk_sniff.json` and the card once every rank has finished.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ LOCK = ".qk_sniff.lock"
 FORMAT = 1
 KEY_RE = re.compile(r"l(\d+)h(\d+)([qk])")
 SHARD_RE = re.compile(r"s(\d+)-p(\d+)\.parquet")
+PART_RE = re.compile(r"qk_sniff\.rank(\d+)\.json")
 # Settings that do not change which rows are recorded or their values: a resumed run may differ in them.
 NOT_IDENTITY = ("output", "backend", "pinned_mb")
 SOURCE_NOT_IDENTITY = ("batch_size", "padding_side", "max_samples")
@@ -74,6 +80,41 @@ def parse_key(name: str) -> tuple[int, int, str] | None:
     return (int(match[1]), int(match[2]), match[3]) if match else None
 
 
+@dataclass(frozen=True)
+class Files:
+    """The names one writer owns in OUT: the single writer's (rank None) or rank r's of n."""
+
+    rank: int | None = None
+    world_size: int = 1
+
+    @property
+    def prefix(self) -> str:  # of its shard names
+        return "" if self.rank is None else f"r{self.rank:03d}-"
+
+    @property
+    def manifest(self) -> str:
+        return MANIFEST if self.rank is None else f"qk_sniff.rank{self.rank:03d}.json"
+
+    @property
+    def lock(self) -> str:
+        return LOCK if self.rank is None else f".qk_sniff.rank{self.rank:03d}.lock"
+
+    def shard(self, segment: int, part: int) -> str:
+        return f"{self.prefix}s{segment:06d}-p{part:04d}.parquet"
+
+    def owns(self, name: str) -> bool:
+        """A shard (or its temporary file) this writer wrote."""
+        name = name[1:-4] if name.startswith(".") and name.endswith(".parquet.tmp") else name
+        return name.startswith(self.prefix) and SHARD_RE.fullmatch(name[len(self.prefix):]) is not None
+
+
+def part_files(output: str | Path) -> dict[int, Path]:
+    """rank -> manifest part of every rank that has written into OUT."""
+    output = Path(output)
+    found = (PART_RE.fullmatch(p.name) for p in output.iterdir()) if output.is_dir() else ()
+    return {int(m[1]): output / m[0] for m in found if m}
+
+
 class OutputLocked(RuntimeError):
     """Another capture holds the output folder's lock."""
 
@@ -82,8 +123,8 @@ class SaverError(RuntimeError):
     """The saver thread failed; raised in the capturing thread at its next call."""
 
 
-def read_manifest(output: str | Path) -> dict | None:
-    path = Path(output) / MANIFEST
+def read_manifest(output: str | Path, name: str = MANIFEST) -> dict | None:
+    path = Path(output) / name
     if not path.exists():
         return None
     try:
@@ -217,9 +258,12 @@ class ParquetSink:
         commit_every_s: float = 60.0,
         shard_mb: int = 128,
         fsync: bool = True,
+        rank: tuple[int, int] | None = None,
     ) -> None:
         self.output = Path(output)
         self.config = config
+        self.files = Files() if rank is None else Files(*rank)
+        self.complete = False  # set by a runner that went through every document it owns (rank parts record it)
         self.vector_type = pa.float16() if config.vector_dtype == "float16" else pa.float32()
         self.buffer_bytes = buffer_mb << 20
         self.commit_every_s = commit_every_s
@@ -228,19 +272,22 @@ class ParquetSink:
         self.rows_written = 0  # rows accepted by the saver (all heads), for progress bars
         self.max_buffered_bytes = 0  # high-water mark of rows held in host memory (bounded by buffer_mb)
         self.output.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = _take_lock(self.output)
+        self._lock_fd = _take_lock(self.output, self.files.lock)
         try:
-            manifest = read_manifest(self.output)
-            if manifest is not None and overwrite:
-                remove_dataset(self.output)
-                manifest = None
+            if overwrite:
+                remove_dataset(self.output, self.files)
+            else:  # (under overwrite another rank may not have removed its old files yet)
+                _check_layout(self.output, self.files)
+            manifest = read_manifest(self.output, self.files.manifest)
             if manifest is not None:
                 _check_same_capture(self.output, manifest, config, source)
                 manifest["versions"] = versions()  # of the latest run writing here
             else:
                 manifest = self._new_manifest(source)
-            self.removed_orphans = remove_orphans(self.output, manifest)
-            write_json_atomic(self.output / MANIFEST, manifest, fsync)  # also proves OUT is writable
+            if self.files.rank is not None:
+                manifest["part"] = {"rank": self.files.rank, "world_size": self.files.world_size, "complete": False}
+            self.removed_orphans = remove_orphans(self.output, manifest, self.files)
+            write_json_atomic(self.output / self.files.manifest, manifest, fsync)  # also proves OUT is writable
         except BaseException:
             os.close(self._lock_fd)
             raise
@@ -381,11 +428,17 @@ class ParquetSink:
             self._finalize(discard_incomplete=item.final, force=True)
             if item.final:
                 self._compact()
-                from .card import write_card
-
                 with self._manifest_lock:
                     manifest = json.loads(json.dumps(self._manifest))
-                write_card(self.output, manifest)
+                if self.files.rank is None:
+                    from .card import write_card
+
+                    write_card(self.output, manifest)
+                else:  # the card is written when the parts are merged
+                    manifest["part"]["complete"] = self.complete
+                    write_json_atomic(self.output / self.files.manifest, manifest, self.fsync)
+                    with self._manifest_lock:
+                        self._manifest = manifest
         else:
             _, ids = item
             with self._manifest_lock:
@@ -442,7 +495,7 @@ class ParquetSink:
 
     def _write_part(self, key: str, table: pa.Table) -> None:
         seg = self._segment
-        name = f"s{seg.number:06d}-p{seg.next_part:04d}.parquet"
+        name = self.files.shard(seg.number, seg.next_part)
         seg.next_part += 1
         folder = self.output / key
         folder.mkdir(exist_ok=True)
@@ -485,7 +538,7 @@ class ParquetSink:
             manifest["examples"][str(example)] = counts[min(counts)] if counts else 0
         manifest["next_segment"] = seg.number + 1
         manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        write_json_atomic(self.output / MANIFEST, manifest, self.fsync)
+        write_json_atomic(self.output / self.files.manifest, manifest, self.fsync)
         with self._manifest_lock:
             # bind_model may have changed model/plan meanwhile: keep the newest of those.
             manifest["model"], manifest["plan"] = self._manifest.get("model"), self._manifest.get("plan")
@@ -542,7 +595,7 @@ class ParquetSink:
                 if len(group) == 1:
                     kept.append(group[0])
                     continue
-                name = f"s{number:06d}-p{index:04d}.parquet"
+                name = self.files.shard(number, index)
                 table = pa.concat_tables(pq.read_table(folder / n) for n in group)
                 _write_parquet(table, folder / f".{name}.tmp", self.fsync)
                 os.replace(folder / f".{name}.tmp", folder / name)
@@ -554,7 +607,7 @@ class ParquetSink:
         if not replaced:
             return
         manifest["next_segment"] = number + 1
-        write_json_atomic(self.output / MANIFEST, manifest, self.fsync)
+        write_json_atomic(self.output / self.files.manifest, manifest, self.fsync)
         with self._manifest_lock:
             self._manifest = manifest
         for path in replaced:  # orphans from here on: a crash now only leaves files the next open removes
@@ -580,42 +633,78 @@ class ParquetSink:
         }
 
 
-def _take_lock(output: Path) -> int:
-    fd = os.open(output / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+def _take_lock(output: Path, name: str = LOCK) -> int:
+    fd = os.open(output / name, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise OutputLocked(f"another qk-sniff capture is writing to {output} (it holds {output / LOCK})") from None
+        raise OutputLocked(f"another qk-sniff capture is writing to {output} (it holds {output / name})") from None
     return fd
 
 
-def remove_orphans(output: Path, manifest: dict) -> list[Path]:
-    """Delete shards the manifest does not list (left by a killed run) and emptied folders."""
+def _check_layout(output: Path, files: Files) -> None:
+    """One folder is written either by one process or by ranks of one world size, never both."""
+    parts = part_files(output)
+    if files.rank is None:
+        if parts:
+            raise ValueError(
+                f"{output} holds a capture written by ranks ({len(parts)} manifest part(s), e.g. {min(parts.values()).name}); "
+                "resume it with the same launcher (torchrun / accelerate launch / --shard i/n), merge it with "
+                f"`qk-sniff merge {output}`, or pass overwrite=True to start over"
+            )
+        return
+    merged = read_manifest(output)
+    if merged is not None and merged.get("examples") and (merged.get("ranks") or {}).get("world_size") != files.world_size:
+        how = f"{merged['ranks']['world_size']} ranks" if merged.get("ranks") else "a single process"
+        raise ValueError(f"{output} holds a capture written by {how}; this is rank {files.rank} of {files.world_size}. "
+                         "Resume with the same number of ranks, use another output directory, or overwrite.")
+    for rank, path in sorted(parts.items()):
+        other = (read_manifest(output, path.name) or {}).get("part") or {}
+        if other.get("world_size") != files.world_size:
+            raise ValueError(
+                f"{output}: {path.name} was written by rank {rank} of {other.get('world_size')}, this is rank {files.rank} "
+                f"of {files.world_size}; documents are assigned by rank and world size, so resume with the same number "
+                "of ranks (or use another output directory, or overwrite)"
+            )
+
+
+def remove_orphans(output: Path, manifest: dict, files: Files = Files()) -> list[Path]:
+    """Delete this writer's shards that its manifest does not list (left by a killed run) and
+    emptied folders (the single writer only: other ranks may be creating a folder right now)."""
     removed = []
     listed = {key: set(names) for key, names in manifest.get("shards", {}).items()}
     for folder in output.iterdir():
         if not folder.is_dir() or parse_key(folder.name) is None:
             continue
         for path in folder.iterdir():
-            if path.is_file() and path.name not in listed.get(folder.name, ()) and (
-                SHARD_RE.fullmatch(path.name) or path.name.endswith(".parquet.tmp")
-            ):
+            if path.is_file() and path.name not in listed.get(folder.name, ()) and files.owns(path.name):
                 path.unlink()
                 removed.append(path)
-        if not any(folder.iterdir()):
+        if files.rank is None and not any(folder.iterdir()):
             folder.rmdir()
     if removed:
         logger.info("qk-sniff: removed %d uncommitted shard(s) of an interrupted run in %s", len(removed), output)
     return removed
 
 
-def remove_dataset(output: Path) -> None:
-    """Delete what a capture wrote into OUT (and nothing else)."""
+def remove_dataset(output: Path, files: Files = Files()) -> None:
+    """Delete what a capture wrote into OUT (and nothing else). A rank deletes only its own
+    shards and manifest part; rank 0 also the merged manifest, the card and single-writer shards."""
     from .card import CARD_FILES
 
-    for child in output.iterdir():
-        if child.is_dir() and parse_key(child.name) is not None:
-            shutil.rmtree(child)
-        elif child.name in (MANIFEST, *CARD_FILES):
-            child.unlink()
+    if files.rank is None:
+        for child in output.iterdir():
+            if child.is_dir() and parse_key(child.name) is not None:
+                shutil.rmtree(child)
+            elif child.name in (MANIFEST, *CARD_FILES) or PART_RE.fullmatch(child.name):
+                child.unlink()
+        return
+    owners = [files] + ([Files()] if files.rank == 0 else [])
+    for folder in output.iterdir():
+        if folder.is_dir() and parse_key(folder.name) is not None:
+            for path in folder.iterdir():
+                if path.is_file() and any(owner.owns(path.name) for owner in owners):
+                    path.unlink()
+    for name in [files.manifest] + ([MANIFEST, *CARD_FILES] if files.rank == 0 else []):
+        (output / name).unlink(missing_ok=True)

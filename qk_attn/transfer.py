@@ -166,12 +166,13 @@ class Transfer:
 
     def __init__(self, pool_bytes: int) -> None:
         self.pool_bytes = pool_bytes
-        self.pool: HostPool | None = None  # allocated at the first batch: pinned iff it comes from CUDA
+        self.pool: HostPool | None = None  # allocated at the first batch
         self._streams: dict[int, torch.cuda.Stream] = {}
 
     def _pool_for(self, device: torch.device) -> HostPool:
         if self.pool is None:
-            self.pool = HostPool(self.pool_bytes, pin=device.type == "cuda")
+            # Pinned whenever CUDA exists: a model split over cpu and cuda may send its first batch from cpu.
+            self.pool = HostPool(self.pool_bytes, pin=device.type == "cuda" or torch.cuda.is_available())
         return self.pool
 
     def pieces(self, batch: CaptureBatch, check: Callable[[], None] = lambda: None) -> Iterator[Piece]:

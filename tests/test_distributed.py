@@ -1,0 +1,191 @@
+"""Several ranks capture one dataset: `torchrun --nproc-per-node 2` (gloo, CPU), a rank killed and
+re-run, and independent `--shard i/2` jobs + `qk-sniff merge` all end with exactly the dataset a
+single process writes (same rows, committed ids, row counts, card), loadable the same ways."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from qk_attn import cli, distributed
+from qk_attn.config import ConfigError
+from qk_attn.saver import read_manifest
+from test_cli import WORDS, text, tiny_model  # noqa: F401  (fixture)
+from test_saver import folder_table, sort_rows
+
+BIN = Path(sys.executable).parent
+INDEX = ["example_id", "position", "bucket", "layer", "head", "kind"]
+N_DOCS = 8
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model, tmp_path_factory):  # noqa: F811
+    """Documents, a config writer, and the single-process reference run."""
+    root = tmp_path_factory.mktemp("dist")
+    lengths = [5, 40, 1, 23, 80, 12, 30, 9]
+    docs = root / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"doc": f"doc-{i}", "body": text(n, i)}) + "\n" for i, n in enumerate(lengths)))
+
+    def config(out: Path, **capture) -> Path:
+        data = {
+            "dataset": {"path": str(docs), "text_column": "body", "id_column": "doc"},
+            "model": {"name": str(tiny_model), "dtype": "float32", "device": "cpu"},
+            "inference": {"batch_size": 2},
+            "capture": {"sampler": "log_uniform", "min_bucket_size": 4, "base_rate": 2, **capture},
+            "output": {"data_root": str(out)},
+        }
+        path = out.with_suffix(".yaml")
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    single = root / "single"
+    assert cli.main(["run", "--config", str(config(single)), "-q"]) == 0
+    return root, config, single
+
+
+def assert_same_dataset(got: Path, want: Path) -> None:
+    a, b = sort_rows(folder_table(want)), sort_rows(folder_table(got))
+    assert b.select(INDEX).equals(a.select(INDEX))  # same rows (hence no duplicates: the reference has none)
+    # Batches differ (2 per forward either way, but other partners and padding): float noise only.
+    np.testing.assert_allclose(np.stack(b["vector"].to_numpy(zero_copy_only=False)),
+                               np.stack(a["vector"].to_numpy(zero_copy_only=False)), rtol=1e-4, atol=1e-5)
+    m, w = read_manifest(got), read_manifest(want)
+    assert len(w["examples"]) == N_DOCS
+    for field in ("examples", "row_counts", "buckets", "config", "source", "model", "plan", "sampler"):
+        assert m[field] == w[field], field
+    assert m["shards"].keys() == w["shards"].keys()
+    assert m["ranks"]["world_size"] == 2 and m["ranks"]["incomplete"] == []
+
+    def card(out: Path) -> str:  # the card without its path and timestamps
+        body = (out / "README.md").read_text().replace(str(out.resolve()), "OUT")
+        return re.sub(r"\| (created|updated) \| .* \|", "", body)
+
+    assert card(got) == card(want)
+    assert (got / "buckets.png").is_file()
+    assert cli.verify_dataset(got, log=lambda *_: None) == []
+
+
+def torchrun(args: list[str], cwd: Path, **env) -> subprocess.CompletedProcess:
+    # cwd outside the repository: its kernels/ folder would shadow Hugging Face's `kernels`.
+    environ = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    environ.update(OMP_NUM_THREADS="1", **env)
+    return subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", *args],
+                          cwd=cwd, env=environ, capture_output=True, text=True, timeout=240)
+
+
+def test_rank_detection_and_assignment():
+    assert distributed.detect(env={}).is_single
+    r = distributed.detect(env={"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "h"})
+    assert (r.rank, r.world_size, r.launched, r.sharded) == (1, 4, True, False)
+    assert [i for i in range(10) if r.owns(i)] == [1, 5, 9]
+    r = distributed.detect("2/3", env={})
+    assert (r.rank, r.world_size, r.launched, r.sharded, r.sink_rank()) == (2, 3, False, True, (2, 3))
+    r = distributed.detect("1/3", env={"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h"})  # torchrun per array task
+    assert (r.rank, r.world_size, r.sharded) == (3, 6, True)
+    for bad in ("3/3", "x", "1/2/3", "-1/2"):
+        with pytest.raises(ConfigError, match="--shard"):
+            distributed.detect(bad, env={})
+
+
+def test_torchrun_two_ranks_equal_a_single_process(setup):
+    root, config, single = setup
+    out = root / "torchrun"
+    done = torchrun(["--no-python", str(BIN / "qk-sniff"), "run", "--config", str(config(out)), "-q"], root)
+    assert done.returncode == 0, done.stdout + done.stderr
+    names = {p.name for p in out.glob("l*/*.parquet")}
+    assert {n[:5] for n in names} == {"r000-", "r001-"}  # each rank wrote its own shards
+    assert (out / "qk_sniff.rank000.json").is_file() and (out / "qk_sniff.rank001.json").is_file()
+    assert_same_dataset(out, single)
+
+    import datasets
+    import qk_attn
+
+    ds = datasets.load_dataset(str(out), "l00h00q", split="train")
+    assert ds.num_rows == qk_attn.load(out, layer=0, head=0, kind="q").num_rows == read_manifest(single)["row_counts"]["l00h00q"]
+
+
+# Rank 1 makes its first batch durable, waits until rank 0 has finished all its documents, then
+# dies hard (torchrun then stops rank 0, which waits at the barrier).
+KILLER = textwrap.dedent(
+    """
+    import json, os, signal, sys, time
+    from pathlib import Path
+    from qk_attn import cli, runner
+
+    forward = runner._forward
+
+    def forward_then_die(s, *args):
+        forward(s, *args)
+        if os.environ["RANK"] == "1":
+            s.flush()
+            part0 = Path(os.environ["QK_TEST_OUT"]) / "qk_sniff.rank000.json"
+            for _ in range(600):
+                if part0.exists() and json.loads(part0.read_text())["part"]["complete"]:
+                    break
+                time.sleep(0.1)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    runner._forward = forward_then_die
+    sys.exit(cli.main(sys.argv[1:]))
+    """
+)
+
+
+def test_a_killed_rank_is_rerun_without_touching_the_others(setup):
+    root, config, single = setup
+    out = root / "killed"
+    yaml_path = config(out)
+    killer = root / "killer.py"
+    killer.write_text(KILLER)
+    dead = torchrun([str(killer), "run", "--config", str(yaml_path), "-q"], root, QK_TEST_OUT=str(out))
+    assert dead.returncode != 0
+    assert not (out / "qk_sniff.json").exists()  # nobody merged
+    part0, part1 = read_manifest(out, "qk_sniff.rank000.json"), read_manifest(out, "qk_sniff.rank001.json")
+    assert part0["part"]["complete"] and len(part0["examples"]) == N_DOCS // 2
+    assert not part1["part"]["complete"] and 0 < len(part1["examples"]) < N_DOCS // 2
+    rank0 = {p: p.read_bytes() for p in out.glob("l*/r000-*.parquet")}
+
+    again = torchrun(["--no-python", str(BIN / "qk-sniff"), "run", "--config", str(yaml_path), "-q"], root)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert {p: p.read_bytes() for p in out.glob("l*/r000-*.parquet")} == rank0  # rank 0's rows untouched
+    assert not list(out.glob("l*/.*.tmp"))
+    assert_same_dataset(out, single)
+
+
+def test_shard_jobs_then_merge(setup, capsys):
+    root, config, single = setup
+    out = root / "shards"
+    good = str(config(out))
+    assert cli.main(["run", "--config", good, "--shard", "0/2", "-q"]) == 0
+    assert "qk-sniff merge" in capsys.readouterr().out
+    assert cli.main(["merge", str(out)]) == 1
+    assert "ranks [1] of 2 have no manifest part" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="written by ranks"):  # a single process must not write into it
+        cli.main(["run", "--config", good, "-q"])
+
+    rank0 = {p: p.read_bytes() for p in out.glob("l*/r000-*.parquet")}
+    other = config(root / "shards-seed", seed=7)  # rank 1 with another seed, into the same folder
+    other.write_text(other.read_text().replace(str(root / "shards-seed"), str(out)))
+    assert cli.main(["run", "--config", str(other), "--shard", "1/2", "-q"]) == 0
+    assert cli.main(["merge", str(out)]) == 1
+    assert "rank 1 captured with different settings than rank 0 (seed" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="resume with the same number of ranks"):
+        cli.main(["run", "--config", good, "--shard", "1/3", "-q"])
+
+    # Rank 1 again, right settings: overwrite removes only rank 1's files.
+    assert cli.main(["run", "--config", good, "--shard", "1/2", "--set", "output.overwrite=true", "-q"]) == 0
+    assert {p: p.read_bytes() for p in out.glob("l*/r000-*.parquet")} == rank0
+    assert cli.main(["merge", str(out)]) == 0
+    first = (out / "qk_sniff.json").read_bytes()
+    assert cli.main(["merge", str(out)]) == 0  # idempotent
+    assert (out / "qk_sniff.json").read_bytes() == first
+    assert_same_dataset(out, single)
