@@ -64,16 +64,23 @@ class CaptureBatch:
             self.layer, self.kind, self.heads, self.example_ids, self.sliding_window, self.cross_attention, **moved
         )
 
-    def host_rows(self) -> "HostRows":
-        """Trim to `count` on the host. Raises `CaptureOverflow` instead of dropping rows."""
-        count = int(self.count)
-        if count > self.capacity:
+    def host_rows(self, first_row: int = 0, staging_capacity: int | None = None, with_valid: bool = True) -> "HostRows":
+        """Trim to `count` on the host. Raises `CaptureOverflow` instead of dropping rows.
+
+        A transfer piece holds rows [first_row, first_row + capacity) of a batch whose whole
+        staging buffer had `staging_capacity` rows; only its first piece reports `valid`.
+        `vectors` may stay a view of this batch's memory; the small columns are copies.
+        """
+        count = int(self.count.reshape(-1)[0])
+        staging_capacity = self.capacity if staging_capacity is None else staging_capacity
+        if count > staging_capacity:
             raise CaptureOverflow(
                 f"layer {self.layer} kind {self.kind}: {count} tokens selected but the staging buffer holds "
-                f"{self.capacity}; no rows of this call were dropped silently. Use a sparser sampler or "
+                f"{staging_capacity}; no rows of this call were dropped silently. Use a sparser sampler or "
                 f"a smaller batch, or report this (the capacity bound is mean + 8 sd)."
             )
-        row = self.row[:count].cpu().numpy()
+        n = min(max(count - first_row, 0), self.capacity)
+        row = self.row[:n].cpu().numpy()
         ids = np.asarray(self.example_ids, dtype=np.int64)
         return HostRows(
             layer=self.layer,
@@ -81,11 +88,11 @@ class CaptureBatch:
             heads=self.heads,
             sliding_window=self.sliding_window,
             cross_attention=self.cross_attention,
-            example_id=ids[row] if count else np.zeros(0, np.int64),
-            position=self.position[:count].cpu().numpy().astype(np.int32, copy=False),
-            bucket=self.bucket[:count].cpu().numpy().astype(np.int32, copy=False),
-            vectors=self.vectors[:, :count].cpu().numpy(),
-            valid=dict(zip(self.example_ids, self.valid.cpu().tolist())),
+            example_id=ids[row] if n else np.zeros(0, np.int64),
+            position=self.position[:n].cpu().numpy().astype(np.int32, copy=True),
+            bucket=self.bucket[:n].cpu().numpy().astype(np.int32, copy=True),
+            vectors=self.vectors[:, :n].cpu().numpy(),
+            valid=dict(zip(self.example_ids, self.valid.cpu().tolist())) if with_valid else {},
         )
 
 

@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from .rows import CaptureBatch, CaptureOverflow, HostRows
+from .rows import CaptureBatch, HostRows
 
 ALIGN = 64  # bytes; keeps every dtype view of the pool aligned
 WAIT_S = 0.05  # how often a blocked producer re-checks for a saver error
@@ -123,30 +123,7 @@ class Piece:
     def rows(self) -> HostRows:
         """This piece's rows up to the batch's count. Small columns are copies; `vectors`
         (H, n, D) is still a view of the pool (copy it before `release()`)."""
-        count = int(self.host.count[0])
-        if count > self.capacity:
-            batch = self.host
-            raise CaptureOverflow(
-                f"layer {batch.layer} kind {batch.kind}: {count} tokens selected but the staging buffer holds "
-                f"{self.capacity}; no rows of this call were dropped silently. Use a sparser sampler or a "
-                f"smaller batch, or report this."
-            )
-        n = min(max(count - self.start, 0), self.host.capacity)
-        host = self.host
-        row = host.row[:n].numpy()
-        ids = np.asarray(host.example_ids, dtype=np.int64)
-        return HostRows(
-            layer=host.layer,
-            kind=host.kind,
-            heads=host.heads,
-            sliding_window=host.sliding_window,
-            cross_attention=host.cross_attention,
-            example_id=ids[row] if n else np.zeros(0, np.int64),
-            position=host.position[:n].numpy().astype(np.int32, copy=True),
-            bucket=host.bucket[:n].numpy().astype(np.int32, copy=True),
-            vectors=host.vectors[:, :n].numpy(),
-            valid=dict(zip(host.example_ids, host.valid.tolist())) if self.first else {},
-        )
+        return self.host.host_rows(self.start, self.capacity, with_valid=self.first)
 
     def release(self) -> None:
         self.pool.release(self.region)
