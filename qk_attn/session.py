@@ -103,17 +103,19 @@ class Session:
         cross = is_cross_attention(module)
         self._track_sequence(layer, query, key, cross)
         plan = self._plan(module, query, key)
-        if layer in plan.excluded_layers:
-            return
         sliding_window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
-        if self.config.full_attention_only and sliding_window is not None:
+        skip = layer in plan.excluded_layers or (self.config.full_attention_only and sliding_window is not None)
+        if skip and (cross or self._text_context is not None):
             return
         if cross:
+            # Text queries of a cross-attention layer have no positions of their own: they are
+            # the tokens of this forward's self-attention calls.
             contexts = {"q": self._text_context, "k": None if layer in self._cross_done else cross_key_context(key, mask)}
             self._cross_done.add(layer)
         else:
-            context = TokenContext.build(query, key, mask, kwargs.get("position_ids"))
-            self._text_context = context
+            context = self._text_context = TokenContext.build(query, key, mask, kwargs.get("position_ids"))
+            if skip:
+                return
             contexts = {"q": context, "k": context}
         for kind, states in (("q", query.detach()), ("k", key.detach())):
             heads = plan.heads(layer, kind)
@@ -166,6 +168,7 @@ class Session:
         self._last_layer = layer
         if not new_forward or cross:
             return
+        self._text_context = None
         num_new, num_keys = query.shape[2], key.shape[2]
         if self._ids and num_new == 1 and num_keys > 1:
             return  # decode step: same sequences

@@ -137,3 +137,17 @@ def test_mllama_with_image_records_cross_attention_keys_once():
     assert sorted(keys) == sorted((e, p) for e in (0, 1) for p in range(num_vision))
     queries = sum(1 for l, k in zip(table["layer"], table["kind"]) if l == cross_layer and k == "q")
     assert queries == (9 + 6) * model.config.text_config.num_attention_heads
+
+
+def test_mllama_cross_layer_alone_uses_this_forwards_text_tokens():
+    model = build("mllama", "sdpa")
+    model.set_attn_implementation({"text_config": "qk_sniff", "vision_config": "sdpa"})
+    batch, _ = _mllama_image_batch()
+    cross_layer = model.config.text_config.cross_attention_layers[0]
+    with qk_attn.session(sampler="all", layers=str(cross_layer), capture="q") as s:
+        model(**batch)
+    table = s.table().to_pydict()
+    assert set(table["layer"]) == {cross_layer}
+    rows = sorted((e, p) for e, p, h in zip(table["example_id"], table["position"], table["head"]) if h == 0)
+    # No position_ids were passed, so positions are token indices; row 1 has 3 left pads.
+    assert rows == sorted([(0, p) for p in range(9)] + [(1, p) for p in range(3, 9)])
