@@ -290,6 +290,9 @@ def _coverage_text(manifest: dict, cov: dict) -> str:
     lines.append(_table(["layer", "status", "query heads recorded/expected", "key heads recorded/expected", "missing, and why"], rows))
     if cov["missing"]:
         lines.append("Missing versus the plan:\n\n" + "\n".join(f"- {m}" for m in cov["missing"]))
+    if manifest.get("cross_attention_layers"):
+        lines.append(f"Cross-attention layers {_ranges(manifest['cross_attention_layers'])}: their keys are vision "
+                     "tokens (`position` = vision token index, recorded once per sequence); their queries are text tokens.")
     if plan.get("notes"):
         lines.append("Plan notes:\n\n" + "\n".join(f"- {n}" for n in plan["notes"]))
     return "\n\n".join(lines)

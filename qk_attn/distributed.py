@@ -189,6 +189,10 @@ def _merge_parts(output: Path, parts: dict[int, dict], allow_incomplete: bool) -
         for key, names in part["shards"].items():
             merged["shards"].setdefault(key, []).extend(names)
     merged["examples"] = dict(sorted(merged["examples"].items(), key=lambda kv: int(kv[0])))
+    cross = sorted({layer for part in parts.values() for layer in part.get("cross_attention_layers", [])})
+    merged.pop("cross_attention_layers", None)
+    if cross:
+        merged["cross_attention_layers"] = cross
     merged["shards"] = {key: sorted(names) for key, names in sorted(merged["shards"].items())}
     merged["next_segment"] = max(p["next_segment"] for p in parts.values())
     merged["created"] = min(p["created"] for p in parts.values())

@@ -226,6 +226,7 @@ class _Segment:
     examples: set[int] = field(default_factory=set)  # every example seen in this segment
     valid: dict[int, dict[tuple[int, str], int]] = field(default_factory=lambda: defaultdict(Counter))
     calls: Counter = field(default_factory=Counter)  # key -> attention calls seen
+    cross_attention_layers: set[int] = field(default_factory=set)  # layers whose keys are vision tokens
     next_part: int = 0
 
 
@@ -453,7 +454,9 @@ class ParquetSink:
         seg = self._segment
         if first:
             seg.examples.update(int(i) for i in rows.valid)
-            if not rows.cross_attention:  # cross-attention keys are image tokens, not text length
+            if rows.cross_attention:
+                seg.cross_attention_layers.add(rows.layer)
+            else:  # cross-attention keys are image tokens, not text length
                 for example, valid in rows.valid.items():
                     seg.valid[int(example)][(rows.layer, rows.kind)] += int(valid)
         keep = None
@@ -536,6 +539,8 @@ class ParquetSink:
         for example in sorted(self._ready):
             counts = seg.valid.get(example)
             manifest["examples"][str(example)] = counts[min(counts)] if counts else 0
+        if seg.cross_attention_layers:
+            manifest["cross_attention_layers"] = sorted(set(manifest.get("cross_attention_layers", [])) | seg.cross_attention_layers)
         manifest["next_segment"] = seg.number + 1
         manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         write_json_atomic(self.output / self.files.manifest, manifest, self.fsync)

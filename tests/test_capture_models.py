@@ -151,3 +151,16 @@ def test_mllama_cross_layer_alone_uses_this_forwards_text_tokens():
     rows = sorted((e, p) for e, p, h in zip(table["example_id"], table["position"], table["head"]) if h == 0)
     # No position_ids were passed, so positions are token indices; row 1 has 3 left pads.
     assert rows == sorted([(0, p) for p in range(9)] + [(1, p) for p in range(3, 9)])
+
+
+def test_mllama_cross_attention_layers_are_named_in_manifest_and_card(tmp_path):
+    from qk_attn.saver import read_manifest
+
+    model = build("mllama", "sdpa")
+    model.set_attn_implementation({"text_config": "qk_sniff", "vision_config": "sdpa"})
+    batch, _ = _mllama_image_batch()
+    with qk_attn.session(output=tmp_path, sampler="all", heads="0"):
+        model(**batch)
+    cross_layer = model.config.text_config.cross_attention_layers[0]
+    assert read_manifest(tmp_path)["cross_attention_layers"] == [cross_layer]
+    assert f"Cross-attention layers {cross_layer}: their keys are vision tokens" in (tmp_path / "README.md").read_text()
