@@ -33,8 +33,12 @@ test: $(VENV)/.installed
 	$(VENV)/bin/pytest -q -m "not interpreter"
 	TRITON_INTERPRET=1 $(VENV)/bin/pytest -q -m interpreter
 
+# Overhead of qk_sniff versus vanilla SDPA (issue 7): about 15 minutes on 2 CPU cores; prints
+# the ratio table and writes bench/results/cpu.md. BENCH_ARGS passes options, for example
+# BENCH_ARGS="--qk-threads 2 --qk-forward-rounds 5" (all options: pytest bench --help).
+BENCH_ARGS ?=
 bench: $(VENV)/.installed
-	$(VENV)/bin/pytest -q bench --benchmark-only -p no:cacheprovider
+	$(VENV)/bin/pytest -q bench --benchmark-only -p no:cacheprovider -rs $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) qk-sniff-demo

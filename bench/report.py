@@ -1,0 +1,316 @@
+"""The results of one benchmark run and their Markdown table (printed and written to bench/results/)."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+
+import harness
+from harness import ARMS, BASELINE, TARGET_SEQ, TARGETS, pairwise_ratios
+
+MB = 1e6
+
+
+@dataclass
+class Results:
+    command: str
+    threads: int
+    docs: int
+    seqs: tuple[int, ...]
+    machine: dict[str, str] = field(default_factory=dict)
+    load_start: str = ""
+    load_end: str = ""
+    forward: dict[int, list[dict[str, harness.Measurement]]] = field(default_factory=dict)  # seq -> rounds
+    end_to_end: dict[int, list[dict[str, harness.EndToEnd]]] = field(default_factory=dict)
+    rss: dict[str, dict] = field(default_factory=dict)  # arm -> rss.py JSON (TARGET_SEQ)
+    notes: list[str] = field(default_factory=list)
+
+    def complete(self) -> bool:
+        return (
+            all(seq in self.forward and seq in self.end_to_end for seq in self.seqs)
+            and set(self.rss) == {arm.name for arm in ARMS}
+        )
+
+    # ---- derived numbers -------------------------------------------------------------
+    def forward_ratio(self, seq: int, arm: str):
+        return pairwise_ratios(self.forward.get(seq, []), arm)
+
+    def end_to_end_ratio(self, seq: int, arm: str):
+        return pairwise_ratios(self.end_to_end.get(seq, []), arm)
+
+    def rss_over_baseline(self, arm: str) -> float | None:
+        if arm not in self.rss or BASELINE not in self.rss:
+            return None
+        base = self.rss[BASELINE]["peak_rss"]
+        return (self.rss[arm]["peak_rss"] - base) / base
+
+    def runs(self, seq: int, arm: str) -> list[harness.EndToEnd]:
+        return [r[arm] for r in self.end_to_end.get(seq, []) if arm in r]
+
+    def bytes_per_token(self, seq: int, arm: str) -> float | None:
+        runs = self.runs(seq, arm)
+        return runs[-1].bytes_written / runs[-1].tokens if runs else None
+
+    def rss_bounded(self, arm: str) -> bool | None:
+        """Peak RSS stops growing with documents: from after doc 2 to the end it grows by less
+        than a quarter of what one document writes."""
+        info = self.rss.get(arm)
+        if not info or len(info["peak_rss_after_doc"]) < 3:
+            return None
+        peaks = info["peak_rss_after_doc"]
+        per_doc = max(info["bytes_written"] / info["docs"], harness.SMOLLM2_135M_SHAPE["head_dim"] * 4 * info["seq"])
+        return peaks[-1] - peaks[1] < 0.25 * per_doc
+
+
+def qk_attn_default(name: str):
+    return getattr(harness.qk_attn.SniffConfig(), name)
+
+
+def _seconds(values: list[float]) -> str:
+    values = sorted(values)
+    return f"{values[len(values) // 2]:.2f} s" if values else "n/a"
+
+
+def _cell(ratio) -> str:
+    return ratio.cell() if ratio else "n/a"
+
+
+def _mark(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("✓" if ok else "✗")
+
+
+def render(results: Results) -> str:
+    seqs = results.seqs
+    docs = results.docs
+    lines = [
+        "# qk_sniff overhead versus vanilla SDPA on CPU (SmolLM2-135M shape)",
+        "",
+        f"Produced by `{results.command}` (what `make bench` runs; bench/test_overhead.py, bench/rss.py).",
+        "",
+        "## Machine",
+        "",
+    ]
+    lines += [f"- {key}: {value}" for key, value in results.machine.items()]
+    lines += [
+        f"- load average (1/5/15 min) at start: {results.load_start}; at end: {results.load_end}"
+        " (a shared machine: anything above the core count means other work competed)",
+        "",
+        "## Set-up",
+        "",
+        "Random-weight `LlamaModel` (backbone, no LM head) with the SmolLM2-135M shape: hidden 576, "
+        "30 layers, 9 query / 3 KV heads, head_dim 64, intermediate 1536, vocab 49152; fp32, eval, "
+        "batch 1, `use_cache=False`, `torch.inference_mode()`. One model, one input per length, "
+        "arms interleaved inside every round (rotated order).",
+        "",
+        f"`torch.set_num_threads({results.threads})` in every process. "
+        + (
+            "One thread, on purpose: on this shared 2-core machine two OpenMP threads stall whenever "
+            "another process takes a core (a 512-token forward took 0.8 s or 4.8 s at random), while one "
+            "thread gives stable timings and leaves the second core to the saver thread, which is the "
+            "overlap being measured. The CPU-time table gives the cost when compute uses every core."
+            if results.threads == 1
+            else ""
+        ),
+        "",
+        "- **sdpa**: `attn_implementation=\"sdpa\"` (vanilla).",
+        "- **off**: `attn_implementation=\"qk_sniff\"`, no session, `QK_SNIFF_OUTPUT` unset.",
+        "- **uniform**: `session(sampler=\"uniform\", min_bucket_size=8192, base_rate=1)`.",
+        "- **log_uniform**: `session(sampler=\"log_uniform\", min_bucket_size=128, base_rate=1)`.",
+        "- **all**: `session(sampler=\"all\")` (every query and key vector of every head).",
+        "",
+        "*Forward only*: one forward; capture arms do everything a Parquet session does inside the "
+        "attention call (sampler mask, compaction, gather, copy into the bounded host pool) with no saver "
+        "thread (pieces are released at once; `harness.TransferOnlySink`). "
+        f"*End to end*: {docs} documents, each `begin` → forward → `commit`, then the session closes "
+        "(every row durable in Parquet in a temporary directory); the saver overlaps the next "
+        "forward. Ratios are per round (arm / sdpa in the same round); the cell is the median over "
+        "rounds with min–max in brackets. *Peak RSS*: `ru_maxrss` of a fresh process per arm "
+        f"running the end-to-end loop at {TARGET_SEQ} tokens.",
+        "",
+        "## Ratios to vanilla sdpa",
+        "",
+    ]
+    header = ["arm"]
+    header += [f"forward {s}" for s in seqs]
+    header += [f"end to end {s} ({docs} docs)" for s in seqs]
+    header += [f"peak RSS vs sdpa ({TARGET_SEQ})", f"bytes written / token ({TARGET_SEQ})"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for arm in ARMS:
+        name = arm.name
+        row = [f"**{name}**"]
+        if name == BASELINE:
+            row += [_seconds([r[name].seconds for r in harness.used_rounds(results.forward.get(s, []))]) + " / forward" for s in seqs]
+            row += [
+                _seconds([r[name].seconds / r[name].docs for r in harness.used_rounds(results.end_to_end.get(s, []))]) + " / doc"
+                for s in seqs
+            ]
+            info = results.rss.get(name)
+            row += [f"{info['peak_rss'] / MB:.0f} MB" if info else "n/a", "—"]
+        else:
+            row += [_cell(results.forward_ratio(s, name)) for s in seqs]
+            row += ["—" if name == "off" else _cell(results.end_to_end_ratio(s, name)) for s in seqs]
+            over = results.rss_over_baseline(name)
+            if over is None:
+                row.append("n/a")
+            else:
+                delta = (results.rss[name]["peak_rss"] - results.rss[BASELINE]["peak_rss"]) / MB
+                row.append(f"{over * 100:+.1f}% ({delta:+.0f} MB)")
+            per_token = results.bytes_per_token(TARGET_SEQ, name)
+            row.append("—" if name == "off" else ("n/a" if per_token is None else f"{per_token:,.1f}"))
+        lines.append("| " + " | ".join(row) + " |")
+    lines += [
+        "",
+        "CPU time of the process (all threads, the saver's included) as ratios to sdpa, same rounds; "
+        "it moves less than wall time when other processes compete for the cores:",
+        "",
+    ]
+    header = ["arm"] + [f"forward {s} CPU" for s in seqs] + [f"end to end {s} CPU" for s in seqs]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for arm in ARMS:
+        if arm.name == BASELINE:
+            continue
+        row = [f"**{arm.name}**"]
+        row += [_cell(pairwise_ratios(results.forward.get(s, []), arm.name, measure="cpu")) for s in seqs]
+        row += [
+            "—" if arm.name == "off" else _cell(pairwise_ratios(results.end_to_end.get(s, []), arm.name, measure="cpu"))
+            for s in seqs
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    used = []
+    for label, table in (("forward", results.forward), ("end to end", results.end_to_end)):
+        for s in seqs:
+            ratio = pairwise_ratios(table.get(s, []), "all")
+            if ratio:
+                foreign = [m.foreign for r in table[s] for m in r.values()]
+                used.append(
+                    f"{label} {s}: {ratio.n} of {ratio.total} rounds used "
+                    f"(others' share of the machine per measurement: median {statistics.median(foreign):.0%}, "
+                    f"max {max(foreign):.0%})"
+                )
+    lines += [
+        "",
+        "The sdpa row gives its median absolute time. Rounds in which other processes used more than "
+        f"{harness.QUIET:.0%} of the machine during any arm are left out when two or more quiet rounds remain:",
+        "",
+    ]
+    lines += [f"- {line}" for line in used]
+    lines += [
+        "",
+        f"## Targets (issue 7, {TARGET_SEQ} tokens; judged on the median)",
+        "",
+        "| arm | forward | end to end | peak RSS over sdpa |",
+        "|---|---|---|---|",
+    ]
+    for name, target in TARGETS.items():
+        cells = [f"**{name}**"]
+        ratio = results.forward_ratio(TARGET_SEQ, name)
+        cells.append(f"≤ {target['forward']:.2f}: " + _mark(None if ratio is None else ratio.median <= target["forward"]))
+        if "end_to_end" in target:
+            ratio = results.end_to_end_ratio(TARGET_SEQ, name)
+            cells.append(f"≤ {target['end_to_end']:.2f}: " + _mark(None if ratio is None else ratio.median <= target["end_to_end"]))
+        else:
+            cells.append("—")
+        if target["rss"] == "bounded":
+            over = results.rss_over_baseline(name)
+            extra = "" if over is None else (
+                f" (+{(results.rss[name]['peak_rss'] - results.rss[BASELINE]['peak_rss']) / MB:.0f} MB; "
+                f"host pool pinned_mb={qk_attn_default('pinned_mb')})"
+            )
+            cells.append("bounded, not growing with documents: " + _mark(results.rss_bounded(name)) + extra)
+        else:
+            over = results.rss_over_baseline(name)
+            cells.append(f"≤ +{target['rss'] * 100:.0f}%: " + _mark(None if over is None else over <= target["rss"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Where the time goes (direct measures, robust to run-to-run noise)", ""]
+    lines += [
+        "Wall-time ratios on a shared VM move by a few percent from run to run, more than the "
+        "1–3% forward targets. These numbers are measured directly instead: *capture* is the wall "
+        "time inside `Session.capture` (the whole in-call path: token context, sampler, compaction, "
+        "gather, `sink.put`), as a share of the sdpa forward; *saver CPU* is the process CPU outside "
+        "the main thread, minus the same for sdpa in the same round; *drain* is the time from the end "
+        "of the last forward until the session has closed. *Bound* = 1 + (capture + drain) / sdpa "
+        "time over the documents: the end-to-end ratio when the saver has a core of its own and "
+        "nothing else interferes.",
+        "",
+    ]
+    for seq in seqs:
+        forward_rounds = harness.used_rounds(results.forward.get(seq, []))
+        e2e_rounds = harness.used_rounds(results.end_to_end.get(seq, []))
+        if not forward_rounds and not e2e_rounds:
+            continue
+        lines += [
+            f"At {seq} tokens (medians over rounds):",
+            "",
+            "| arm | capture in one forward | capture per doc (end to end) | saver CPU per doc | drain at close | bound |",
+            "|---|---|---|---|---|---|",
+        ]
+        med = lambda values: statistics.median(values) if values else None  # noqa: E731
+        for arm in ARMS:
+            if not arm.captures:
+                continue
+            name = arm.name
+            cells = [f"**{name}**"]
+            fwd = med([r[name].capture / r[BASELINE].seconds for r in forward_rounds if name in r])
+            ms = med([r[name].capture * 1e3 for r in forward_rounds if name in r])
+            cells.append("n/a" if fwd is None else f"{ms:.0f} ms ({fwd:.1%})")
+            runs = [(r[name], r[BASELINE]) for r in e2e_rounds if name in r and BASELINE in r]
+            if runs:
+                cap = med([a.capture / a.docs / b.seconds * b.docs for a, b in runs])
+                cap_ms = med([a.capture / a.docs * 1e3 for a, b in runs])
+                saver = med([(a.other_threads_cpu - b.other_threads_cpu) / a.docs for a, b in runs])
+                saver_share = med([(a.other_threads_cpu - b.other_threads_cpu) / b.seconds for a, b in runs])
+                drain = med([a.drain for a, b in runs])
+                bound = med([1 + (a.capture + a.drain) / b.seconds for a, b in runs])
+                cells += [
+                    f"{cap_ms:.0f} ms ({cap:.1%})",
+                    f"{saver:.2f} s ({saver_share:.1%})",
+                    f"{drain:.2f} s",
+                    f"{bound:.3f}",
+                ]
+            else:
+                cells += ["n/a"] * 4
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## Details", ""]
+    if results.rss:
+        lines += [
+            f"RSS (MB) per process at {TARGET_SEQ} tokens, {docs} documents: after building the model, "
+            "then the peak since then (VmHWM, restarted after the build) after each document and at the end:",
+            "",
+            "| arm | rows went to | RSS after model | peak after each doc | peak at end |",
+            "|---|---|---|---|---|",
+        ]
+        for arm in ARMS:
+            info = results.rss.get(arm.name)
+            if info:
+                peaks = info["peak_rss_after_doc"]
+                lines.append(
+                    f"| {arm.name} | {'—' if not arm.captures else info['mode']} | {info['rss_after_model'] / MB:.0f} | "
+                    + " → ".join(f"{p / MB:.0f}" for p in peaks)
+                    + f" | {info['peak_rss'] / MB:.0f} |"
+                )
+        lines.append("")
+    for seq in seqs:
+        if not results.end_to_end.get(seq):
+            continue
+        lines += [
+            f"End to end at {seq} tokens (medians over rounds):",
+            "",
+            "| arm | s / doc | drain after last forward | rows / doc | MB written / doc | rows/s of wall time |",
+            "|---|---|---|---|---|---|",
+        ]
+        for arm in harness.END_TO_END_ARMS:
+            runs = results.runs(seq, arm.name)
+            if not runs:
+                continue
+            med = lambda values: sorted(values)[len(values) // 2]  # noqa: E731
+            per_doc = med([r.seconds / r.docs for r in runs])
+            drain = med([r.drain for r in runs])
+            rows = runs[-1].rows / runs[-1].docs
+            written = runs[-1].bytes_written / runs[-1].docs / MB
+            rate = med([r.rows / r.seconds for r in runs])
+            lines.append(f"| {arm.name} | {per_doc:.2f} | {drain:.2f} s | {rows:,.0f} | {written:.1f} | {rate:,.0f} |")
+        lines.append("")
+    if results.notes:
+        lines += ["## Notes", ""] + [f"- {note}" for note in results.notes] + [""]
+    return "\n".join(lines)

@@ -1,0 +1,98 @@
+"""Overhead of "qk_sniff" versus vanilla SDPA (issue 7), with pytest-benchmark.
+
+Each benchmark's target is one *round*: every arm once, on the same model and input, in an
+order rotated from round to round, so slow drift on a shared machine hits all arms alike.
+pytest-benchmark times the rounds; the per-arm seconds of each round go to `extra_info`
+and to the ratio table that conftest prints and writes (median of per-round ratios to sdpa).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import pytest
+
+import harness
+import rss
+from harness import ARM_BY_NAME, ARMS, END_TO_END_ARMS, TARGET_SEQ
+
+
+def top_up(one_round, measured: list[dict], wanted: int, config, seq: int) -> None:
+    """Extra rounds (outside pytest-benchmark's timing) while fewer than `wanted` were quiet."""
+    extra = harness.rounds_at(config.getoption("qk_extra_rounds"), seq)
+    while extra > 0 and sum(harness.quiet(r) for r in measured) < wanted:
+        one_round()
+        extra -= 1
+
+
+def test_forward(benchmark, backbone, qk_results, seq, request):
+    benchmark.group = f"forward-{seq}"
+    (input_ids,) = harness.documents(seq, 1)
+    for name in ("sdpa", "all"):  # warm-up: oneDNN primitives, allocator, the capture path
+        harness.time_forward(backbone, ARM_BY_NAME[name], input_ids)
+    measured: list[dict[str, float]] = []
+
+    def one_round():
+        times = {}
+        for arm in harness.rotated(ARMS, len(measured)):
+            gc.collect()
+            times[arm.name] = harness.time_forward(backbone, arm, input_ids)
+        measured.append(times)
+
+    wanted = harness.rounds_at(request.config.getoption("qk_forward_rounds"), seq)
+    benchmark.pedantic(one_round, rounds=wanted, iterations=1)
+    top_up(one_round, measured, wanted, request.config, seq)
+    qk_results.forward[seq] = measured
+    benchmark.extra_info["seconds"] = [{name: vars(m) for name, m in r.items()} for r in measured]
+    benchmark.extra_info["ratio_to_sdpa"] = {
+        arm.name: vars(harness.pairwise_ratios(measured, arm.name)) for arm in ARMS if arm.name != "sdpa"
+    }
+
+
+def test_end_to_end(benchmark, backbone, qk_results, seq, tmp_root, request):
+    if not harness.has_parquet_sink():
+        qk_results.notes.append("end to end not measured: qk_attn.saver.ParquetSink is not available in this checkout")
+        pytest.skip("qk_attn.saver.ParquetSink not available yet: end-to-end arms need it")
+    benchmark.group = f"end-to-end-{seq}"
+    docs = harness.documents(seq, request.config.getoption("qk_docs"))
+    warm = tmp_root / f"warm-{seq}"  # first sink: imports, thread start, Parquet writer set-up
+    harness.run_end_to_end(backbone, ARM_BY_NAME["all"], harness.documents(128, 2), warm)
+    harness.remove(warm)
+    measured: list[dict[str, harness.EndToEnd]] = []
+
+    def one_round():
+        runs = {}
+        for arm in harness.rotated(END_TO_END_ARMS, len(measured)):
+            out = tmp_root / f"{seq}-{len(measured)}-{arm.name}"
+            gc.collect()
+            runs[arm.name] = harness.run_end_to_end(backbone, arm, docs, out if arm.captures else None)
+            harness.remove(out)
+        measured.append(runs)
+
+    wanted = harness.rounds_at(request.config.getoption("qk_e2e_rounds"), seq)
+    benchmark.pedantic(one_round, rounds=wanted, iterations=1)
+    top_up(one_round, measured, wanted, request.config, seq)
+    qk_results.end_to_end[seq] = measured
+    benchmark.extra_info["seconds"] = [{name: (run.seconds, run.foreign) for name, run in r.items()} for r in measured]
+    benchmark.extra_info["bytes_written"] = {name: run.bytes_written for name, run in measured[-1].items()}
+
+
+def test_peak_rss(benchmark, qk_results, threads, request):
+    """One fresh process per arm (bench/rss.py) running the end-to-end loop at 2048 tokens,
+    as many at a time as `threads` leaves cores for."""
+    benchmark.group = "peak-rss"
+    docs = request.config.getoption("qk_docs")
+    parallel = max(1, (os.cpu_count() or 1) // threads)  # RSS does not depend on CPU contention
+    measured: dict[str, dict] = {}
+    benchmark.pedantic(
+        lambda: measured.update(rss.measure_all([arm.name for arm in ARMS], TARGET_SEQ, docs, threads, parallel)),
+        rounds=1,
+        iterations=1,
+    )
+    qk_results.rss = measured
+    if any(info["mode"] == "memory" for info in measured.values()):
+        qk_results.notes.append(
+            "peak RSS measured with in-memory sessions (no qk_attn.saver yet): rows accumulate per document"
+        )
+    benchmark.extra_info["peak_rss"] = {name: info["peak_rss"] for name, info in measured.items()}
