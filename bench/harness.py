@@ -247,7 +247,7 @@ class EndToEnd:
     tokens: int
     bytes_written: int = 0
     rows: int = 0
-    peak_rss_after_doc: list[int] = field(default_factory=list)  # bytes, monotone
+    peak_rss_after_doc: list[int] = field(default_factory=list)  # bytes, monotone (closing not included)
     capture: float = 0.0  # seconds inside Session.capture (all documents)
     other_threads_cpu: float = 0.0  # process CPU minus the main thread's: saver (+ torch workers)
 
@@ -278,7 +278,6 @@ def run_end_to_end(model: LlamaModel, arm: Arm, docs: list[torch.Tensor], out_di
                 peaks.append(peak_rss())
             last = time.perf_counter()
     drain = time.perf_counter() - last
-    peaks[-1] = peak_rss()  # closing may still allocate
     written = directory_bytes(out_dir) if out_dir is not None else 0
     return EndToEnd(
         meter.seconds, meter.cpu, meter.foreign, drain, len(docs), tokens, written, session.rows_written, peaks,

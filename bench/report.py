@@ -51,6 +51,26 @@ class Results:
         runs = self.runs(seq, arm)
         return runs[-1].bytes_written / runs[-1].tokens if runs else None
 
+    def direct(self, seq: int, arm: str) -> dict[str, float]:
+        """Noise-robust measures (medians over the used rounds): capture share of the sdpa
+        forward, per-doc capture/saver/drain of the end-to-end runs, and the bound."""
+        med = lambda values: statistics.median(values) if values else None  # noqa: E731
+        out: dict[str, float] = {}
+        forward_rounds = [r for r in harness.used_rounds(self.forward.get(seq, [])) if arm in r]
+        if forward_rounds:
+            out["capture_ms"] = med([r[arm].capture * 1e3 for r in forward_rounds])
+            out["capture_share"] = med([r[arm].capture / r[BASELINE].seconds for r in forward_rounds])
+            out["forward"] = 1 + out["capture_share"]
+        runs = [(r[arm], r[BASELINE]) for r in harness.used_rounds(self.end_to_end.get(seq, [])) if arm in r]
+        if runs:
+            out["doc_capture_ms"] = med([a.capture / a.docs * 1e3 for a, _ in runs])
+            out["doc_capture_share"] = med([a.capture / b.seconds for a, b in runs])
+            out["saver_cpu"] = med([(a.other_threads_cpu - b.other_threads_cpu) / a.docs for a, b in runs])
+            out["saver_share"] = med([(a.other_threads_cpu - b.other_threads_cpu) / b.seconds for a, b in runs])
+            out["drain"] = med([a.drain for a, _ in runs])
+            out["bound"] = med([1 + (a.capture + a.drain) / b.seconds for a, b in runs])
+        return out
+
     def rss_bounded(self, arm: str) -> bool | None:
         """Peak RSS stops growing with documents: from after doc 2 to the end it grows by less
         than a quarter of what one document writes."""
@@ -124,8 +144,10 @@ def render(results: Results) -> str:
         f"*End to end*: {docs} documents, each `begin` → forward → `commit`, then the session closes "
         "(every row durable in Parquet in a temporary directory); the saver overlaps the next "
         "forward. Ratios are per round (arm / sdpa in the same round); the cell is the median over "
-        "rounds with min–max in brackets. *Peak RSS*: `ru_maxrss` of a fresh process per arm "
-        f"running the end-to-end loop at {TARGET_SEQ} tokens.",
+        "rounds with min–max in brackets. *Peak RSS*: VmHWM of a fresh process per arm running the "
+        f"end-to-end loop at {TARGET_SEQ} tokens, restarted after the model is built, with "
+        "`MALLOC_MMAP_THRESHOLD_=1048576` (glibc's dynamic threshold made identical sdpa processes "
+        "peak 40–50 MB apart).",
         "",
         "## Ratios to vanilla sdpa",
         "",
@@ -196,29 +218,37 @@ def render(results: Results) -> str:
     lines += [f"- {line}" for line in used]
     lines += [
         "",
-        f"## Targets (issue 7, {TARGET_SEQ} tokens; judged on the median)",
+        f"## Targets (issue 7, {TARGET_SEQ} tokens)",
         "",
-        "| arm | forward | end to end | peak RSS over sdpa |",
-        "|---|---|---|---|",
+        "Judged twice: on the median wall-time ratio above, and on the direct measures below "
+        "(forward: 1 + capture share; end to end: the bound), which do not drift with the machine.",
+        "",
+        "| arm | forward target | wall | direct | end-to-end target | wall | direct | peak RSS over sdpa |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, target in TARGETS.items():
-        cells = [f"**{name}**"]
+        direct = results.direct(TARGET_SEQ, name)
+        cells = [f"**{name}**", f"≤ {target['forward']:.2f}"]
         ratio = results.forward_ratio(TARGET_SEQ, name)
-        cells.append(f"≤ {target['forward']:.2f}: " + _mark(None if ratio is None else ratio.median <= target["forward"]))
+        cells.append("n/a" if ratio is None else f"{ratio.median:.3f} {_mark(ratio.median <= target['forward'])}")
+        value = direct.get("forward")
+        cells.append("n/a" if value is None else f"{value:.3f} {_mark(value <= target['forward'])}")
         if "end_to_end" in target:
+            cells.append(f"≤ {target['end_to_end']:.2f}")
             ratio = results.end_to_end_ratio(TARGET_SEQ, name)
-            cells.append(f"≤ {target['end_to_end']:.2f}: " + _mark(None if ratio is None else ratio.median <= target["end_to_end"]))
+            cells.append("n/a" if ratio is None else f"{ratio.median:.3f} {_mark(ratio.median <= target['end_to_end'])}")
+            value = direct.get("bound")
+            cells.append("n/a" if value is None else f"{value:.3f} {_mark(value <= target['end_to_end'])}")
         else:
-            cells.append("—")
+            cells += ["—", "—", "—"]
+        over = results.rss_over_baseline(name)
         if target["rss"] == "bounded":
-            over = results.rss_over_baseline(name)
             extra = "" if over is None else (
                 f" (+{(results.rss[name]['peak_rss'] - results.rss[BASELINE]['peak_rss']) / MB:.0f} MB; "
                 f"host pool pinned_mb={qk_attn_default('pinned_mb')})"
             )
             cells.append("bounded, not growing with documents: " + _mark(results.rss_bounded(name)) + extra)
         else:
-            over = results.rss_over_baseline(name)
             cells.append(f"≤ +{target['rss'] * 100:.0f}%: " + _mark(None if over is None else over <= target["rss"]))
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Where the time goes (direct measures, robust to run-to-run noise)", ""]
@@ -234,9 +264,7 @@ def render(results: Results) -> str:
         "",
     ]
     for seq in seqs:
-        forward_rounds = harness.used_rounds(results.forward.get(seq, []))
-        e2e_rounds = harness.used_rounds(results.end_to_end.get(seq, []))
-        if not forward_rounds and not e2e_rounds:
+        if not results.forward.get(seq) and not results.end_to_end.get(seq):
             continue
         lines += [
             f"At {seq} tokens (medians over rounds):",
@@ -244,28 +272,18 @@ def render(results: Results) -> str:
             "| arm | capture in one forward | capture per doc (end to end) | saver CPU per doc | drain at close | bound |",
             "|---|---|---|---|---|---|",
         ]
-        med = lambda values: statistics.median(values) if values else None  # noqa: E731
         for arm in ARMS:
             if not arm.captures:
                 continue
-            name = arm.name
-            cells = [f"**{name}**"]
-            fwd = med([r[name].capture / r[BASELINE].seconds for r in forward_rounds if name in r])
-            ms = med([r[name].capture * 1e3 for r in forward_rounds if name in r])
-            cells.append("n/a" if fwd is None else f"{ms:.0f} ms ({fwd:.1%})")
-            runs = [(r[name], r[BASELINE]) for r in e2e_rounds if name in r and BASELINE in r]
-            if runs:
-                cap = med([a.capture / a.docs / b.seconds * b.docs for a, b in runs])
-                cap_ms = med([a.capture / a.docs * 1e3 for a, b in runs])
-                saver = med([(a.other_threads_cpu - b.other_threads_cpu) / a.docs for a, b in runs])
-                saver_share = med([(a.other_threads_cpu - b.other_threads_cpu) / b.seconds for a, b in runs])
-                drain = med([a.drain for a, b in runs])
-                bound = med([1 + (a.capture + a.drain) / b.seconds for a, b in runs])
+            d = results.direct(seq, arm.name)
+            cells = [f"**{arm.name}**"]
+            cells.append(f"{d['capture_ms']:.0f} ms ({d['capture_share']:.1%})" if "capture_ms" in d else "n/a")
+            if "bound" in d:
                 cells += [
-                    f"{cap_ms:.0f} ms ({cap:.1%})",
-                    f"{saver:.2f} s ({saver_share:.1%})",
-                    f"{drain:.2f} s",
-                    f"{bound:.3f}",
+                    f"{d['doc_capture_ms']:.0f} ms ({d['doc_capture_share']:.1%})",
+                    f"{d['saver_cpu']:.2f} s ({d['saver_share']:.1%})",
+                    f"{d['drain']:.2f} s",
+                    f"{d['bound']:.3f}",
                 ]
             else:
                 cells += ["n/a"] * 4
@@ -275,7 +293,7 @@ def render(results: Results) -> str:
     if results.rss:
         lines += [
             f"RSS (MB) per process at {TARGET_SEQ} tokens, {docs} documents: after building the model, "
-            "then the peak since then (VmHWM, restarted after the build) after each document and at the end:",
+            "then the peak since then (VmHWM, restarted after the build) after each document, and at the end (session closed):",
             "",
             "| arm | rows went to | RSS after model | peak after each doc | peak at end |",
             "|---|---|---|---|---|",
