@@ -20,6 +20,10 @@ class CaptureOverflow(RuntimeError):
     """More tokens were selected in one attention call than its staging capacity holds."""
 
 
+class PackedSequences(RuntimeError):
+    """A batch row holds several documents (positions restart): refused, never recorded with repeats."""
+
+
 @dataclass
 class CaptureBatch:
     """Selected rows of one attention call for one kind, laid out head-major.
@@ -31,6 +35,7 @@ class CaptureBatch:
         bucket     (cap,)      int32   sampler bucket of that position
         vectors    (H, cap, D) float   vectors[i, j] = head heads[i] of token j
         valid      (B,)        int64   valid (non-pad) new tokens per batch row in this call
+        packed     (B,) | None bool    the row's positions restart: packed documents (refused on the host)
     """
 
     layer: int
@@ -45,6 +50,7 @@ class CaptureBatch:
     bucket: torch.Tensor
     vectors: torch.Tensor
     valid: torch.Tensor
+    packed: torch.Tensor | None = None
 
     @property
     def capacity(self) -> int:
@@ -58,7 +64,8 @@ class CaptureBatch:
         """A copy of every tensor on `device` (the saver calls this on host buffers)."""
         moved = {
             name: getattr(self, name).to(device, non_blocking=non_blocking)
-            for name in ("count", "row", "position", "bucket", "vectors", "valid")
+            for name in ("count", "row", "position", "bucket", "vectors", "valid", "packed")
+            if getattr(self, name) is not None
         }
         return CaptureBatch(
             self.layer, self.kind, self.heads, self.example_ids, self.sliding_window, self.cross_attention, **moved
@@ -72,6 +79,11 @@ class CaptureBatch:
         `vectors` may stay a view of this batch's memory; the small columns are copies.
         """
         count = int(self.count.reshape(-1)[0])
+        if self.packed is not None and bool(self.packed.any()):
+            packed = [self.example_ids[i] for i in self.packed.nonzero().flatten().tolist()]
+            raise PackedSequences(
+                f"examples {packed}: positions restart inside a batch row (packed documents), so positions would "
+                "repeat within one example; run one document per batch row (pad instead of packing)")
         staging_capacity = self.capacity if staging_capacity is None else staging_capacity
         if count > staging_capacity:
             raise CaptureOverflow(

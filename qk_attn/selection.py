@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from .config import SniffConfig
+from .config import ConfigError, SniffConfig
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,17 @@ class ModelShape:
         return bool(self.layer_types) and layer < len(self.layer_types) and "sliding" in self.layer_types[layer]
 
 
+def check_in_range(config: SniffConfig, shape: ModelShape) -> None:
+    """Requested layers and heads must exist: a filter that matches nothing would record nothing."""
+    for name, values, limit, what in (("layers", config.layers, shape.num_layers, "layers"),
+                                      ("heads", config.heads, shape.num_heads, "query heads"),
+                                      ("key_heads", config.key_heads, shape.num_kv_heads, "key/value heads")):
+        missing = [v for v in values or () if v >= limit]
+        if missing:
+            raise ConfigError(f"{name}={','.join(map(str, values))}: {missing} out of range; the model has "
+                              f"{limit} {what} (0-{limit - 1})")
+
+
 @dataclass
 class HeadPlan:
     """Per layer: the query heads and the key (KV) heads to record; reasons for the rest."""
@@ -49,24 +60,15 @@ class HeadPlan:
 
     @classmethod
     def build(cls, config: SniffConfig, shape: ModelShape) -> "HeadPlan":
+        check_in_range(config, shape)
         plan = cls(shape)
         group = max(1, shape.num_heads // shape.num_kv_heads)
-        layers = range(shape.num_layers) if config.layers is None else config.layers
         for layer in range(shape.num_layers):
             if config.layers is not None and layer not in config.layers:
                 plan.excluded_layers[layer] = "not in layers filter"
             elif config.full_attention_only and shape.is_sliding(layer):
                 plan.excluded_layers[layer] = "sliding-window layer (full_attention_only)"
-        missing = [layer for layer in layers if layer >= shape.num_layers]
-        if missing:
-            plan.notes.append(f"requested layers {missing} do not exist (model has {shape.num_layers})")
-        bad_heads = [h for h in config.heads or () if h >= shape.num_heads]
-        bad_keys = [h for h in config.key_heads or () if h >= shape.num_kv_heads]
-        if bad_heads:
-            plan.notes.append(f"requested query heads {bad_heads} do not exist (model has {shape.num_heads})")
-        if bad_keys:
-            plan.notes.append(f"requested key heads {bad_keys} do not exist (model has {shape.num_kv_heads})")
-        query_heads = [h for h in (config.heads or range(shape.num_heads)) if h < shape.num_heads]
+        query_heads = config.heads or range(shape.num_heads)
         active = [layer for layer in range(shape.num_layers) if layer not in plan.excluded_layers]
         pairs = [(layer, h) for layer in active for h in query_heads]
         if config.head_sample_count is not None and config.head_sample_count < len(pairs):
@@ -78,7 +80,7 @@ class HeadPlan:
             chosen = tuple(h for (pair_layer, h) in pairs if pair_layer == layer)
             plan.query_heads[layer] = chosen if "q" in config.kinds else ()
             if config.key_heads is not None:
-                keys = tuple(h for h in config.key_heads if h < shape.num_kv_heads)
+                keys = config.key_heads
             else:
                 keys = tuple(sorted({h // group for h in chosen}))
             plan.key_heads[layer] = keys if "k" in config.kinds else ()

@@ -13,24 +13,34 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
+import logging
 import threading
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import torch
 
-from .capture import TokenContext, cross_key_context, is_cross_attention
-from .config import SniffConfig
+from .capture import is_cross_attention, key_validity, refuse_unsupported
+from .config import ConfigError, SniffConfig
+from .context import CaptureError, ForwardContext, host_int
 from .gather import select_rows
-from .rope import RopeInverter
+from .rope import invert_rope, uses_rope
 from .rows import CaptureBatch, MemorySink
 from .sampler import Sampler
 from .selection import HeadPlan, ModelShape
 
+logger = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 class Session:
-    """Holds what must persist across attention calls; `capture` runs inside each call."""
+    """Holds what must persist across forwards; `capture` runs inside each attention call.
+
+    Sequence identity is explicit (DESIGN §3): `begin(ids)` names the batch rows of the next
+    forward; a later forward over the same cache (chunked prefill, decoding) continues them;
+    a forward over an empty cache without `begin` gets fresh ids. Each model in the session
+    has its own head plan and RoPE inverter.
+    """
 
     def __init__(self, config: SniffConfig, sink=None, example_ids=None, overwrite: bool = False, source=None):
         self.config = config
@@ -38,22 +48,24 @@ class Session:
         if sink is None:
             sink = MemorySink() if config.output is None else _parquet_sink(config, overwrite, source)
         self.sink = sink
-        self.plan: HeadPlan | None = None
         self._pending_ids = None if example_ids is None else [int(i) for i in example_ids]
-        self._ids: list[int] = []
-        self._ids_on_device: dict[torch.device, torch.Tensor] = {}
-        self._device_heads: dict[tuple, torch.Tensor] = {}
-        self._next_auto_id = 0
+        self._models: dict[int, _Model] = {}  # id(model config) -> plan, inverter, current sequence
+        self._forwards: dict[int, ForwardContext] = {}  # id(model config) -> its latest forward
+        self._device_tables: dict[tuple, torch.Tensor] = {}
+        committed = self.committed_ids()
+        self._next_auto_id = max(committed) + 1 if committed else 0
         self._begun: list[int] = []
-        self._last_layer: int | None = None
-        self._text_context: TokenContext | None = None
-        self._cross_done: set[int] = set()
-        self._rope: RopeInverter | None = None
+        self._warned: set[str] = set()
         self._closed = False
+
+    @property
+    def plan(self) -> HeadPlan | None:
+        """The head plan of the first model this session recorded."""
+        return next(iter(self._models.values())).plan if self._models else None
 
     # ---- lifecycle -------------------------------------------------------------------
     def begin(self, example_ids) -> None:
-        """Ids for the batch rows of the next sequence (the next forward without past keys)."""
+        """Ids for the batch rows of the next forward; later forwards over its cache continue them."""
         self._pending_ids = [int(i) for i in example_ids]
 
     def commit(self) -> None:
@@ -96,60 +108,78 @@ class Session:
         """All rows captured so far (in-memory sessions, i.e. without `output`)."""
         return self.sink.table()
 
-    # ---- inside the attention call ---------------------------------------------------
-    def capture(self, module, query: torch.Tensor, key: torch.Tensor, mask, kwargs: dict) -> None:
-        self.check()
-        layer = module.layer_idx
-        cross = is_cross_attention(module)
-        self._track_sequence(layer, query, key, cross)
-        plan = self._plan(module, query, key)
-        sliding_window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
-        skip = layer in plan.excluded_layers or (self.config.full_attention_only and sliding_window is not None)
-        if skip and (cross or self._text_context is not None):
-            return
-        if cross:
-            # Text queries of a cross-attention layer have no positions of their own: they are
-            # the tokens of this forward's self-attention calls.
-            contexts = {"q": self._text_context, "k": None if layer in self._cross_done else cross_key_context(key, mask)}
-            self._cross_done.add(layer)
-        else:
-            context = self._text_context = TokenContext.build(query, key, mask, kwargs.get("position_ids"))
-            if skip:
-                return
-            contexts = {"q": context, "k": context}
-        for kind, states in (("q", query.detach()), ("k", key.detach())):
-            heads = plan.heads(layer, kind)
-            context = contexts[kind]
-            if heads and context is not None:
-                self.sink.put(self._batch(module, layer, kind, states, heads, context, sliding_window, cross))
+    # ---- the mask function: once per forward and mask kind, before any layer ----------
+    def on_mask(self, config, batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask) -> None:
+        forward = self._forwards.get(id(config))
+        if forward is None or forward.config is not config or forward.used:
+            mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+            forward = ForwardContext(config, batch_size, q_length, host_int(q_offset), mask)
+            self._forwards[id(config)] = forward
+        forward.add_mask_kind(kv_length, kv_offset)
 
-    def _batch(self, module, layer, kind, states, heads, context, sliding_window, cross) -> CaptureBatch:
+    # ---- inside the attention call ---------------------------------------------------
+    def capture(self, module, query: torch.Tensor, key: torch.Tensor, mask, kwargs: dict, rotary=None) -> None:
+        """Record this call's rows. `rotary` is the (cos, sin) the layer's forward applied (rope="pre")."""
+        self.check()
+        forward = self._forwards.get(id(module.config))
+        if forward is not None and forward.config is module.config:
+            forward.used = True
+        if self._skips_training(module):
+            return
+        refuse_unsupported(module, kwargs)
+        if forward is None or forward.config is not module.config:
+            raise CaptureError(
+                f"qk_sniff: layer {module.layer_idx} ran without transformers building its mask (the model was given "
+                "a prepared 4-D attention mask, or does not use transformers' mask functions); pass the 2-D "
+                "attention_mask instead")
+        layer = module.layer_idx
+        if not forward.first_call(layer, query, key):
+            return  # the same query and key again (DiffLlama): recorded once
+        model = self._model(module, query, key)
+        self._start_sequence(model, forward)
+        cross = is_cross_attention(module)
+        sliding_window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+        if layer in model.plan.excluded_layers or (self.config.full_attention_only and sliding_window is not None):
+            return
+        device = query.device
+        valid = forward.valid(device)
+        positions = forward.positions(kwargs.get("position_ids"), device)
+        text = _Tokens(0, positions, valid, forward.restarts(positions, valid))
+        if cross:
+            # Text queries of a cross-attention layer are this forward's tokens; its keys are
+            # vision tokens, recorded once per sequence.
+            keys = None if layer in model.cross_done else cross_attention_keys(key, mask)
+            model.cross_done.add(layer)
+            tokens = {"q": text, "k": keys}
+        else:
+            offset = forward.key_slot(layer, key.shape[2]) if model.plan.heads(layer, "k") else 0
+            tokens = {"q": text, "k": text._replace(offset=offset)}
+        for kind, states in (("q", query.detach()), ("k", key.detach())):
+            heads = model.plan.heads(layer, kind)
+            if heads and tokens[kind] is not None:
+                self.sink.put(self._batch(module, model, forward, layer, kind, states, heads, tokens[kind],
+                                          sliding_window, cross, rotary))
+
+    def _batch(self, module, model, forward, layer, kind, states, heads, tokens, sliding_window, cross, rotary):
         device = states.device
-        batch_size, num_tokens = context.positions.shape
+        batch_size, num_tokens = tokens.positions.shape
         capacity = batch_size * self.sampler.capacity(num_tokens)
-        pre_rope = self.config.rope == "pre" and not cross
+        pre_rope = self.config.rope == "pre" and not cross and uses_rope(module)
         out_dtype = torch.float32 if pre_rope else _DTYPES[self.config.vector_dtype]
-        count, row, position, bucket, vectors = select_rows(
-            states,
-            context.offset if kind == "k" else 0,  # queries are only the new tokens
-            self._heads_on(heads, device),
-            context.positions,
-            context.valid,
-            self._example_ids_on(device),
-            self.sampler,
-            layer,
-            kind,
-            capacity,
-            out_dtype,
-        )
+        ids = self._on_device("ids", forward.example_ids, device)
+        select = functools.partial(select_rows, positions=tokens.positions, valid=tokens.valid, example_ids=ids,
+                                   sampler=self.sampler, layer=layer, kind=kind, capacity=capacity)
+        count, row, position, bucket, vectors = select(states, tokens.offset, self._on_device("heads", heads, device),
+                                                       out_dtype=out_dtype)
         if pre_rope:
-            vectors = self._rope_inverter(module, device).invert(module, layer, kind, vectors, position)
+            vectors = invert_rope(module, kind, vectors, position, _selected_rotary(select, rotary, module, batch_size,
+                                                                                  self._on_device("heads", (0,), device)))
             vectors = vectors.to(_DTYPES[self.config.vector_dtype])
         return CaptureBatch(
             layer=layer,
             kind=kind,
             heads=tuple(heads),
-            example_ids=tuple(self._ids),
+            example_ids=forward.example_ids,
             sliding_window=sliding_window,
             cross_attention=cross,
             count=count,
@@ -157,62 +187,132 @@ class Session:
             position=position,
             bucket=bucket,
             vectors=vectors,
-            valid=context.valid.sum(1),
+            valid=tokens.valid.sum(1),
+            packed=tokens.packed,
         )
 
     # ---- bookkeeping (host only) -----------------------------------------------------
-    def _track_sequence(self, layer: int, query, key, cross: bool) -> None:
-        """A call at a layer index not above the previous one starts a forward. It starts a
-        new sequence (new example ids) unless it is a decode step: one new token, past keys."""
-        new_forward = self._last_layer is None or layer <= self._last_layer
-        self._last_layer = layer
-        if not new_forward or cross:
+    def _skips_training(self, module) -> bool:
+        """No capture while gradients flow (training) or in a checkpoint recompute during backward."""
+        if torch._C._current_graph_task_id() != -1:
+            return True  # backward is recomputing a checkpointed layer: its forward was already seen
+        if module.training and torch.is_grad_enabled():
+            self._warn_once("training", "qk-attn: not recording forwards in training mode with gradients enabled "
+                                        "(call model.eval() or use torch.no_grad() to record)")
+            return True
+        return False
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(message)
+
+    def _start_sequence(self, model: "_Model", forward: ForwardContext) -> None:
+        """Give this forward its example ids, once (see the class docstring for the rules)."""
+        if forward.example_ids is not None:
             return
-        self._text_context = None
-        num_new, num_keys = query.shape[2], key.shape[2]
-        if self._ids and num_new == 1 and num_keys > 1:
-            return  # decode step: same sequences
-        batch = query.shape[0]
+        batch = forward.batch_size
         if self._pending_ids is not None:
             ids, self._pending_ids = self._pending_ids, None
             if len(ids) != batch:
                 raise ValueError(f"example_ids has {len(ids)} ids but the forward has batch size {batch}")
-        else:
+            if len(set(ids)) != len(ids):
+                raise ValueError(f"example_ids {ids} repeats an id: every batch row is its own example")
+        elif forward.past == 0:
             ids = list(range(self._next_auto_id, self._next_auto_id + batch))
+        elif model.ids is None or model.end != forward.past or len(model.ids) != batch:
+            where = "no sequence of this model was started" if model.ids is None else (
+                f"this model's sequence {list(model.ids)} is at position {model.end}")
+            raise CaptureError(
+                f"qk_sniff: this forward continues a cache at position {forward.past} but {where} (a rolled-back or "
+                "different cache); call session.begin(ids) before it to name its sequences")
+        else:
+            ids = list(model.ids)
+        if ids != model.ids:
+            model.cross_done = set()
+        model.ids = ids
+        model.end = forward.past + forward.num_new
+        committed = set(ids) & self._committed_now()
+        if committed:
+            raise ValueError(f"example ids {sorted(committed)} are already committed in this output; "
+                             "rows of a committed example are never added (use new ids)")
+        forward.example_ids = tuple(ids)
         self._next_auto_id = max(self._next_auto_id, max(ids) + 1)
-        self._ids = ids
-        self._ids_on_device.clear()
-        self._cross_done.clear()
         self._begun.extend(i for i in ids if i not in self._begun)
 
-    def _example_ids_on(self, device: torch.device) -> torch.Tensor:
-        """The current example ids on `device`, copied once per sequence and device."""
-        ids = self._ids_on_device.get(device)
-        if ids is None:
-            host = torch.tensor(self._ids, dtype=torch.int64)
+    def _committed_now(self) -> set[int]:
+        return self.committed_ids() if hasattr(self.sink, "committed_ids") else set()
+
+    def _on_device(self, what: str, values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """Small host tables (example ids, head ids) as int64 device tensors, copied once per value."""
+        key = (what, tuple(values), device)
+        table = self._device_tables.get(key)
+        if table is None:
+            if len(self._device_tables) > 256:
+                self._device_tables.clear()
+            host = torch.tensor(values, dtype=torch.int64)
             if device.type == "cuda":
                 host = host.pin_memory()
-            ids = self._ids_on_device[device] = host.to(device, non_blocking=True)
-        return ids
+            table = self._device_tables[key] = host.to(device, non_blocking=True)
+        return table
 
-    def _heads_on(self, heads: tuple[int, ...], device: torch.device) -> torch.Tensor:
-        """Head ids as a device tensor, copied once per (heads, device)."""
-        key = (heads, device)
-        if key not in self._device_heads:
-            self._device_heads[key] = torch.tensor(heads, dtype=torch.int64).to(device)
-        return self._device_heads[key]
-
-    def _plan(self, module, query, key) -> HeadPlan:
-        if self.plan is None:
-            self.plan = HeadPlan.build(self.config, ModelShape.from_module(module, query, key))
+    def _model(self, module, query, key) -> "_Model":
+        model = self._models.get(id(module.config))
+        if model is None or model.config is not module.config:
+            if self._models and hasattr(self.sink, "bind_model"):
+                raise CaptureError(
+                    f"qk_sniff: a second model ({type(module).__module__.rsplit('.', 1)[-1]}) in a session that writes "
+                    f"{self.config.output}, which holds one model's dataset; give each model its own session and output")
+            plan = HeadPlan.build(self.config, ModelShape.from_module(module, query, key))
+            model = self._models[id(module.config)] = _Model(module.config, plan)
             if hasattr(self.sink, "bind_model"):
-                self.sink.bind_model(module.config, self.plan)
-        return self.plan
+                self.sink.bind_model(module.config, plan)
+        return model
 
-    def _rope_inverter(self, module, device) -> RopeInverter:
-        if self._rope is None:
-            self._rope = RopeInverter(module, device)
-        return self._rope
+
+class _Model:
+    """Per model in a session: its config, head plan and current sequence."""
+
+    def __init__(self, config, plan: HeadPlan):
+        self.config = config
+        self.plan = plan
+        self.ids: list[int] | None = None  # example ids of its current sequence
+        self.end = 0  # cache position after the last recorded forward of that sequence
+        self.cross_done: set[int] = set()  # cross-attention layers whose vision keys are recorded
+
+
+class _Tokens(NamedTuple):
+    """The tokens one kind of one call records: where they start along the states' token axis."""
+
+    offset: int
+    positions: torch.Tensor  # (B, T) int64
+    valid: torch.Tensor  # (B, T) bool
+    packed: torch.Tensor | None  # (B,) bool: positions restart inside the row
+
+
+def cross_attention_keys(key: torch.Tensor, mask) -> _Tokens:
+    """Vision keys of a cross-attention layer: position = vision token index."""
+    batch, num_keys = key.shape[0], key.shape[2]
+    valid = key_validity(mask, batch)
+    if valid is None:
+        valid = torch.ones(batch, num_keys, dtype=torch.bool, device=key.device)
+    positions = torch.arange(num_keys, device=key.device).expand(batch, num_keys)
+    return _Tokens(0, positions, valid, None)
+
+
+def _selected_rotary(select, rotary, module, batch_size: int, heads: torch.Tensor):
+    """cos, sin (1, N, R) of the selected tokens: the layer's own position embeddings gathered with
+    the same selection as the vectors, so the inverse is exact for every rope type."""
+    if rotary is None:
+        raise ConfigError(f"rope='pre': {type(module).__name__} did not expose the cos/sin it applied "
+                          "(no position_embeddings in its forward); use rope='post'")
+    gathered = []
+    for table in rotary:
+        table = table.to(heads.device)
+        table = table if table.dim() == 3 else table[None]  # (B|1, T, R)
+        states = table[:, None].expand(batch_size, 1, *table.shape[1:])  # (B, 1, T, R)
+        gathered.append(select(states, 0, heads, out_dtype=torch.float32)[4])  # (1, cap, R)
+    return gathered
 
 
 def _parquet_sink(config: SniffConfig, overwrite: bool, source):
@@ -222,33 +322,31 @@ def _parquet_sink(config: SniffConfig, overwrite: bool, source):
 
 
 # ---- the active session --------------------------------------------------------------
-_local = threading.local()
+# One stack for the process, not per thread: a model run in a worker thread (the streamer
+# pattern of generate()) must see the session its caller opened.
+_stack: list[Session] = []
+_stack_lock = threading.Lock()
 _env_config: SniffConfig = SniffConfig.from_env()
 _default_session: Session | None = None
 
 
-def _stack() -> list[Session]:
-    if not hasattr(_local, "stack"):
-        _local.stack = []
-    return _local.stack
-
-
 def current_config() -> SniffConfig:
-    stack = _stack()
+    stack = _stack
     return stack[-1].config if stack else _env_config
 
 
 def current_session() -> Session | None:
     """The innermost `session()`, else the env-configured default (None when capture is off)."""
     global _default_session
-    stack = _stack()
+    stack = _stack
     if stack:
         return stack[-1]
     if _env_config.output is None:
         return None
-    if _default_session is None:
-        _default_session = Session(_env_config)
-        atexit.register(_default_session.close)
+    with _stack_lock:
+        if _default_session is None:
+            _default_session = Session(_env_config)
+            atexit.register(_default_session.close)
     return _default_session
 
 
@@ -257,7 +355,8 @@ def session(*, example_ids=None, overwrite: bool = False, source: dict | None = 
     """Capture inside this block. `settings` are SniffConfig fields; they override QK_SNIFF_*."""
     config = SniffConfig.from_env(**settings)
     active = Session(config, sink=sink, example_ids=example_ids, overwrite=overwrite, source=source)
-    _stack().append(active)
+    with _stack_lock:
+        _stack.append(active)
     try:
         yield active
     except BaseException:
@@ -266,7 +365,8 @@ def session(*, example_ids=None, overwrite: bool = False, source: dict | None = 
         active.abort()
         raise
     finally:
-        _stack().pop()
+        with _stack_lock:
+            _stack.remove(active)
         active.close()
 
 

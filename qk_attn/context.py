@@ -1,0 +1,109 @@
+"""One capture context per model forward, built from what transformers tells the mask function.
+
+transformers calls the registered mask function once per forward and mask kind (full,
+sliding) before any layer runs. Its arguments are the facts no attention call can see on
+its own (DESIGN §3):
+
+    q_offset           tokens already in the cache: the new tokens are cache positions
+                       [q_offset, q_offset + q_length)
+    kv_length, kv_offset  the key tensor of a layer of this kind has kv_length slots and slot
+                       j holds cache position kv_offset + j, so the new keys start at slot
+                       q_offset - kv_offset (dynamic, static and sliding caches alike)
+    attention_mask     the 2-D (B, q_offset + q_length) padding mask, or None
+
+Every attention call of that forward looks its `ForwardContext` up (by the model's config)
+instead of guessing from layer order or mask shapes.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+
+class CaptureError(RuntimeError):
+    """A forward qk_sniff cannot record exactly; raised instead of writing wrong rows."""
+
+
+class ForwardContext:
+    """The facts of one forward of one model, shared by all its attention calls."""
+
+    def __init__(self, config, batch_size: int, num_new: int, past: int, attention_mask: torch.Tensor | None):
+        self.config = config
+        self.batch_size = batch_size
+        self.num_new = num_new
+        self.past = past
+        self.attention_mask = attention_mask
+        self.key_slots: dict[int, int | None] = {}  # kv_length -> slot of new token 0 (None: ambiguous)
+        self.used = False  # an attention call has looked this context up
+        self.example_ids: tuple[int, ...] | None = None  # set by the session at the first recorded call
+        self._calls: dict[int, tuple] = {}  # layer -> weak refs to the query and key it was called with
+        self._valid: torch.Tensor | None = None
+        self._positions: tuple | None = None
+
+    def add_mask_kind(self, kv_length: int, kv_offset: int) -> None:
+        slot = self.past - int(kv_offset)
+        if self.key_slots.setdefault(int(kv_length), slot) != slot:
+            self.key_slots[int(kv_length)] = None
+
+    def key_slot(self, layer: int, num_keys: int) -> int:
+        """Index along K of the first new key, for a layer whose key tensor has num_keys slots."""
+        slot = self.key_slots.get(num_keys)
+        if slot is None:
+            reason = "two mask kinds disagree on it" if num_keys in self.key_slots else (
+                f"the mask function was told of key lengths {sorted(self.key_slots)} only")
+            raise CaptureError(f"qk_sniff: layer {layer} has {num_keys} keys and {reason}; cannot tell where this "
+                               "forward's new keys sit, so nothing is recorded for it")
+        return slot
+
+    def first_call(self, layer: int, query: torch.Tensor, key: torch.Tensor) -> bool:
+        """True for a layer's first call in this forward; False for a repeat with the same query and
+        key tensors (DiffLlama calls attention twice per layer). Anything else is refused: the
+        model either called the layer again with other inputs or started a forward without
+        transformers building its mask (a prepared 4-D mask), and rows would be attributed wrongly."""
+        seen = self._calls.get(layer)
+        if seen is None:
+            self._calls[layer] = (weakref.ref(query), weakref.ref(key))
+            return True
+        if seen[0]() is query and seen[1]() is key:
+            return False
+        raise CaptureError(
+            f"qk_sniff: layer {layer} ran again with other inputs and no new mask: either the model passed a "
+            "prepared 4-D attention mask (qk_sniff needs the 2-D attention_mask so that transformers builds the "
+            "mask), or it calls one layer twice per forward with different inputs; not recorded")
+
+    def valid(self, device: torch.device) -> torch.Tensor:
+        """(B, T) bool: False for padding among the new tokens (the 2-D mask's last T columns)."""
+        if self._valid is None:
+            if self.attention_mask is None:
+                self._valid = torch.ones(self.batch_size, self.num_new, dtype=torch.bool, device=device)
+            else:
+                self._valid = self.attention_mask[:, -self.num_new:].to(device=device, dtype=torch.bool)
+        return self._valid
+
+    def positions(self, position_ids: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+        """(B, T) int64 positions RoPE used: the call's position_ids (text axis of mrope), else the
+        cache positions, which is what transformers uses when no position_ids are given."""
+        if self._positions is None or self._positions[0] is not position_ids:
+            if position_ids is None:
+                positions = torch.arange(self.past, self.past + self.num_new, device=device)
+            else:
+                positions = position_ids[0] if position_ids.dim() == 3 else position_ids
+            positions = positions.to(device=device, dtype=torch.int64).expand(self.batch_size, self.num_new)
+            self._positions = (position_ids, positions)
+        return self._positions[1]
+
+    def restarts(self, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """(B,) bool on the device: a row whose positions go back between two real tokens holds
+        packed documents. Checked on the host with the rows (no sync here)."""
+        if positions.shape[1] < 2:
+            return torch.zeros(positions.shape[0], dtype=torch.bool, device=positions.device)
+        both = valid[:, 1:] & valid[:, :-1]
+        return ((positions[:, 1:] <= positions[:, :-1]) & both).any(1)
+
+
+def host_int(value) -> int:
+    """q_offset as a host int. Static caches give a 0-d device tensor; reading it is the one
+    host read per forward, at the mask call before any layer is queued (never in an attention call)."""
+    return int(value) if isinstance(value, torch.Tensor) else int(value or 0)
