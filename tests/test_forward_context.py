@@ -1,0 +1,283 @@
+"""Issue 10: one capture context per forward. Each situation against an independent oracle:
+an uncached one-shot forward of the same tokens, or hooks on the projections plus the model's RoPE."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import numpy as np
+import pytest
+import torch
+import transformers as tf
+from transformers import DynamicCache, StaticCache
+
+import qk_attn
+from capture_utils import GroundTruth, expected_rows, rows_by_key
+from families import COMMON, VOCAB, build, padded_batch
+from qk_attn.context import CaptureError
+from qk_attn.rows import PackedSequences
+
+torch.set_grad_enabled(False)
+
+
+def _tokens(length: int, batch: int = 1, seed: int = 3) -> torch.Tensor:
+    return torch.randint(2, VOCAB - 2, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _one_shot(model, ids, example_ids, **settings):
+    """Rows of one uncached forward over the whole sequence: the oracle for cached runs."""
+    with qk_attn.session(sampler="all", example_ids=example_ids, **settings) as s:
+        model(input_ids=ids, use_cache=False)
+    return rows_by_key(s.table())
+
+
+def _assert_same_rows(got: dict, want: dict, rtol=1e-4, atol=1e-5):
+    assert got.keys() == want.keys()
+    for key, vector in want.items():
+        np.testing.assert_allclose(got[key], vector, rtol=rtol, atol=atol, err_msg=str(key))
+
+
+@pytest.mark.parametrize("family", ["llama3", "gemma3"])  # gemma3: sliding layers keep only the window
+def test_chunked_prefill_continues_the_begun_sequence(family):
+    model = build(family, "qk_sniff")
+    ids = _tokens(14)
+    with qk_attn.session(sampler="all") as s:
+        s.begin([17])
+        cache = DynamicCache(config=model.config)
+        for chunk in (ids[:, :6], ids[:, 6:11], ids[:, 11:12], ids[:, 12:]):
+            model(input_ids=chunk, cache=cache)
+    got = rows_by_key(s.table())
+    assert {key[0] for key in got} == {17}
+    _assert_same_rows(got, _one_shot(model, ids, [17]))
+
+
+def test_static_cache_decode_without_mask_records_the_real_slot():
+    model = build("llama3", "qk_sniff")
+    ids = _tokens(9)
+    with qk_attn.session(sampler="all", example_ids=[4]) as s:
+        cache = StaticCache(config=model.config, max_cache_len=16)
+        model(input_ids=ids[:, :5], cache=cache)
+        for t in range(5, 9):  # decode steps, no attention_mask: the attention call gets mask None or all-ones
+            model(input_ids=ids[:, t:t + 1], cache=cache)
+    _assert_same_rows(rows_by_key(s.table()), _one_shot(model, ids, [4]))
+
+
+def test_static_cache_one_token_prompts_are_new_sequences():
+    model = build("qwen3", "qk_sniff")
+    prompts = [_tokens(1, seed=5), _tokens(1, seed=6)]
+    cache = StaticCache(config=model.config, max_cache_len=8)
+    with qk_attn.session(sampler="all", capture="k") as s:
+        for example, prompt in zip((5, 6), prompts):
+            cache.reset()
+            s.begin([example])
+            model(input_ids=prompt, cache=cache)
+    got = rows_by_key(s.table())
+    assert sorted({(k[0], k[4]) for k in got}) == [(5, 0), (6, 0)]
+    want = {**_one_shot(model, prompts[0], [5], capture="k"), **_one_shot(model, prompts[1], [6], capture="k")}
+    _assert_same_rows(got, want)
+
+
+def test_forward_without_begin_over_a_fresh_cache_gets_fresh_ids_and_continuations_keep_them():
+    model = build("llama3", "qk_sniff")
+    a, b = _tokens(6, seed=1), _tokens(5, seed=2)
+    with qk_attn.session(sampler="all", capture="k", layers="0") as s:
+        cache = DynamicCache(config=model.config)
+        model(input_ids=a[:, :4], cache=cache)
+        model(input_ids=a[:, 4:], cache=cache)
+        model(input_ids=b, cache=DynamicCache(config=model.config))
+    ids_positions = sorted({(k[0], k[4]) for k in rows_by_key(s.table())})
+    assert ids_positions == [(0, p) for p in range(6)] + [(1, p) for p in range(5)]
+
+
+def test_continuing_a_cache_the_session_did_not_start_is_refused():
+    model = build("llama3", "qk_sniff")
+    ids = _tokens(8)
+    cache = DynamicCache(config=model.config)
+    model(input_ids=ids[:, :4], cache=cache)  # outside any session
+    with pytest.raises(CaptureError, match="continues a cache at position 4"):
+        with qk_attn.session(sampler="all"):
+            model(input_ids=ids[:, 4:], cache=cache)
+    # Naming the sequence makes it recordable: positions 4.. under the given id.
+    cache = DynamicCache(config=model.config)  # the refused forward left the first one half-updated
+    model(input_ids=ids[:, :4], cache=cache)
+    with qk_attn.session(sampler="all", capture="k", layers="0") as s:
+        s.begin([9])
+        model(input_ids=ids[:, 4:6], cache=cache)
+    assert sorted({(k[0], k[4]) for k in rows_by_key(s.table())}) == [(9, 4), (9, 5)]
+
+
+def test_rolled_back_cache_is_refused_not_duplicated():
+    model = build("llama3", "qk_sniff")
+    ids = _tokens(8)
+    with pytest.raises(CaptureError, match="rolled-back"):
+        with qk_attn.session(sampler="all"):
+            cache = DynamicCache(config=model.config)
+            model(input_ids=ids[:, :6], cache=cache)
+            cache.crop(-2)  # assisted decoding rejects candidates like this
+            model(input_ids=ids[:, 4:5], cache=cache)
+
+
+def test_packed_rows_are_refused():
+    model = build("llama3", "qk_sniff")
+    ids = _tokens(16)
+    positions = torch.cat([torch.arange(8), torch.arange(8)])[None]  # two documents in one row
+    with pytest.raises(PackedSequences, match="positions restart"):
+        with qk_attn.session(sampler="all"):
+            model(input_ids=ids, position_ids=positions, use_cache=False)
+
+
+def test_training_and_checkpoint_recompute_are_not_recorded(caplog):
+    model = build("llama3", "qk_sniff").train()
+    model.gradient_checkpointing_enable()
+    ids = _tokens(10)
+    with torch.enable_grad(), caplog.at_level(logging.WARNING, logger="qk_attn.session"):
+        with qk_attn.session(sampler="all") as s:
+            model(input_ids=ids, labels=ids).loss.backward()
+            model(input_ids=ids, labels=ids).loss.backward()
+    assert s.table() is None and s._begun == []
+    assert sum("training mode" in r.message for r in caplog.records) == 1
+    model.eval()
+    with qk_attn.session(sampler="all") as s:
+        model(input_ids=ids)
+    assert s.table().num_rows > 0
+
+
+def _all_heads(model):
+    modules = [m for m in model.modules() if getattr(m, "layer_idx", None) is not None and hasattr(m, "q_proj")]
+    config = modules[0].config
+    group = config.num_attention_heads // config.num_key_value_heads
+    heads = {}
+    for m in modules:
+        heads[(m.layer_idx, "q")] = list(range(config.num_attention_heads))
+        heads[(m.layer_idx, "k")] = sorted({h // group for h in range(config.num_attention_heads)})
+    return heads
+
+
+def test_two_models_of_different_shapes_in_one_session_are_both_recorded_completely():
+    small = build("llama3", "qk_sniff")  # 3 layers, 4 heads
+    torch.manual_seed(0)
+    big = tf.Qwen3ForCausalLM(tf.Qwen3Config(**dict(COMMON, num_hidden_layers=4, num_attention_heads=8,
+                                                    num_key_value_heads=4), head_dim=16))
+    big.set_attn_implementation("qk_sniff")
+    big.eval()
+    batch = padded_batch("left")
+    truths = [GroundTruth(small), GroundTruth(big)]
+    with qk_attn.session(sampler="all") as s:
+        small(**batch)
+        big(**batch)
+    for truth in truths:
+        truth.remove()
+    got = rows_by_key(s.table())
+    want = {**expected_rows(truths[0].post, batch, [0, 1], _all_heads(small)),
+            **expected_rows(truths[1].post, batch, [2, 3], _all_heads(big))}
+    assert got.keys() == want.keys()
+    for key, vector in want.items():
+        np.testing.assert_array_equal(got[key], vector, err_msg=str(key))
+
+
+def test_second_model_into_one_output_folder_is_refused(tmp_path):
+    small, other = build("llama3", "qk_sniff"), build("qwen2", "qk_sniff")
+    ids = _tokens(5)
+    with pytest.raises(CaptureError, match="second model"):
+        with qk_attn.session(output=tmp_path / "out", sampler="all"):
+            small(input_ids=ids)
+            other(input_ids=ids)
+
+
+def test_diffllama_layer_called_twice_is_recorded_once():
+    torch.manual_seed(0)
+    model = tf.DiffLlamaForCausalLM(tf.DiffLlamaConfig(**COMMON)).eval()
+    model.set_attn_implementation("qk_sniff")
+    batch = padded_batch("right")
+    truth = GroundTruth(model)
+    with qk_attn.session(sampler="all", example_ids=[3, 4]) as s:
+        model(**batch)
+    truth.remove()
+    got = rows_by_key(s.table())  # asserts no duplicate keys
+    want = expected_rows(truth.post, batch, [3, 4], _all_heads(model))
+    assert got.keys() == want.keys()
+    for key, vector in want.items():
+        np.testing.assert_array_equal(got[key], vector, err_msg=str(key))
+
+
+def test_prepared_4d_mask_is_refused():
+    model = build("llama3", "qk_sniff")
+    ids = _tokens(6)
+    mask = torch.tril(torch.ones(6, 6, dtype=torch.bool))[None, None]
+    with pytest.raises(CaptureError, match="prepared 4-D attention mask"):
+        with qk_attn.session(sampler="all"):
+            model(input_ids=ids, attention_mask=mask)
+
+
+def test_encoder_decoder_is_refused_at_the_first_call():
+    torch.manual_seed(0)
+    config = tf.BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                           decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64)
+    model = tf.BartForConditionalGeneration(config).eval()
+    model.set_attn_implementation("qk_sniff")
+    with pytest.raises(CaptureError, match="encoder-decoder"):
+        with qk_attn.session(sampler="all"):
+            model(input_ids=_tokens(5), decoder_input_ids=_tokens(3))
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0},
+    {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0 + i / 8 for i in range(8)],
+     "long_factor": [2.0 + i / 4 for i in range(8)], "original_max_position_embeddings": 16},
+])
+def test_pre_rope_is_exact_for_forward_dependent_rope(rope):
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(**dict(COMMON, max_position_embeddings=32), rope_parameters=rope)
+    model = tf.LlamaForCausalLM(config).eval()
+    model.set_attn_implementation("qk_sniff")
+    batch = padded_batch("left", lengths=(40, 23))  # longer than the original context: the scaling is active
+    truth = GroundTruth(model)
+    with qk_attn.session(sampler="all", rope="pre") as s:
+        model(**batch)
+    truth.remove()
+    got = rows_by_key(s.table())
+    want = expected_rows(truth.pre, batch, [0, 1], _all_heads(model))
+    assert got.keys() == want.keys()
+    for key, vector in want.items():
+        np.testing.assert_allclose(got[key], vector, rtol=1e-5, atol=1e-6, err_msg=str(key))
+
+
+def test_generate_in_a_worker_thread_records():
+    model = build("llama3", "qk_sniff")
+    prompt = _tokens(5)
+    with qk_attn.session(sampler="all", capture="k", layers="0", example_ids=[8]) as s:
+        worker = threading.Thread(target=model.generate, kwargs=dict(
+            input_ids=prompt, max_new_tokens=3, do_sample=False, pad_token_id=0))
+        worker.start()
+        worker.join()
+    assert sorted({(k[0], k[4]) for k in rows_by_key(s.table())}) == [(8, p) for p in range(7)]
+
+
+def test_left_padding_without_position_ids_records_the_positions_rope_used():
+    """transformers rotates a left-padded row by its index in the padded row when no position_ids
+    are given; `position` is what RoPE used, so the rows equal the model's own vectors there."""
+    model = build("llama3", "qk_sniff")
+    batch = padded_batch("left", lengths=(9, 6))
+    call = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    truth = GroundTruth(model)
+    with qk_attn.session(sampler="all", example_ids=[0, 1]) as s:
+        model(**call)
+    truth.remove()
+    got = rows_by_key(s.table())
+    index_positions = dict(batch, position_ids=torch.arange(9).expand(2, 9))
+    want = expected_rows(truth.post, index_positions, [0, 1], _all_heads(model))
+    assert got.keys() == want.keys()
+    assert min(k[4] for k in got if k[0] == 1) == 3  # 3 pads before the second document
+    for key, vector in want.items():
+        np.testing.assert_array_equal(got[key], vector, err_msg=str(key))
+
+
+def test_out_of_range_heads_are_a_config_error():
+    model = build("llama3", "qk_sniff")  # 4 query heads, 2 KV heads, 3 layers
+    for setting, message in ((dict(heads="0-20"), "heads=.*model has 4 query heads"),
+                             (dict(key_heads="7"), "key_heads=7: .*2 key/value heads"),
+                             (dict(layers="3"), "layers=3: .*3 layers")):
+        with pytest.raises(qk_attn.ConfigError, match=message):
+            with qk_attn.session(sampler="all", **setting):
+                model(input_ids=_tokens(4))
