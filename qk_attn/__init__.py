@@ -6,7 +6,7 @@ transformers' registries; that is its only side effect.
 
 from .config import ConfigError, SniffConfig
 from .load import load, load_vectors
-from .registration import register
+from .registration import register, wrap_flash_attention
 from .sampler import Sampler
 from .session import Session, flush, reload_env, session
 
@@ -16,5 +16,5 @@ register()
 
 __all__ = [
     "ConfigError", "Sampler", "Session", "SniffConfig", "flush", "load", "load_vectors", "register", "reload_env",
-    "session", "__version__",
+    "session", "wrap_flash_attention", "__version__",
 ]

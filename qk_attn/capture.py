@@ -21,18 +21,37 @@ from .context import CaptureError
 def qk_sniff_attention(module, query, key, value, attention_mask, **kwargs):
     """Registered as "qk_sniff". query (B, Hq, T, D), key/value (B, Hkv, K, D), post-RoPE;
     K includes cached keys. Returns whatever the wrapped backend returns."""
-    from .session import current_config, current_session
+    from .session import current_config
 
-    config = current_config()
-    output = FORWARDS[config.backend](module, query, key, value, attention_mask, **kwargs)
+    backend = FORWARDS[current_config().backend]
+    return attend_and_capture(backend, module, query, key, value, attention_mask, **kwargs)
+
+
+def attend_and_capture(backend, module, query, key, value, attention_mask, **kwargs):
+    """`backend`'s attention, then this call's rows to the active session (if any)."""
+    from .session import current_session
+
+    output = backend(module, query, key, value, attention_mask, **kwargs)
     session = current_session()
     # Vision towers have no layer_idx: only text attention layers are recorded.
     if session is not None and getattr(module, "layer_idx", None) is not None:
-        # The caller is the attention module's forward: its `position_embeddings` are the cos/sin
-        # RoPE just applied, which is what the inverse must use (dynamic/longrope depend on the forward).
-        rotary = sys._getframe(1).f_locals.get("position_embeddings") if session.config.rope == "pre" else None
+        rotary = applied_rotary(module) if session.config.rope == "pre" else None
         _capture(session, module, query, key, attention_mask, kwargs, rotary)
     return output
+
+
+def applied_rotary(module, max_depth: int = 4):
+    """(cos, sin) that the attention module's forward (our caller) applied: its local
+    `position_embeddings`. The inverse must use these: dynamic and longrope RoPE depend on the
+    whole forward, not only on the positions. None when the forward has no such local."""
+    frame = sys._getframe(1)
+    for _ in range(max_depth):
+        frame = frame.f_back
+        if frame is None:
+            return None
+        if frame.f_locals.get("self") is module:
+            return frame.f_locals.get("position_embeddings")
+    return None
 
 
 @torch.compiler.disable

@@ -281,3 +281,37 @@ def test_out_of_range_heads_are_a_config_error():
         with pytest.raises(qk_attn.ConfigError, match=message):
             with qk_attn.session(sampler="all", **setting):
                 model(input_ids=_tokens(4))
+
+
+def test_compiled_model_records_every_forward_like_eager():
+    """torch.compile traces the mask function and layers once; the capture context and the
+    capture itself are kept out of the graph, so each forward is recorded with its own ids."""
+    model = build("llama3", "qk_sniff")
+    first, second = _tokens(6, seed=1), _tokens(6, seed=2)
+    compiled = torch.compile(model, backend="eager")
+    with qk_attn.session(sampler="all", capture="k") as s:
+        compiled(input_ids=first, use_cache=False)
+        compiled(input_ids=second, use_cache=False)
+    got = rows_by_key(s.table())
+    want = {**_one_shot(model, first, [0], capture="k"), **_one_shot(model, second, [1], capture="k")}
+    _assert_same_rows(got, want, rtol=0, atol=0)
+
+
+def test_flash_is_recorded_under_its_own_name_only():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    model = build("llama3", "qk_sniff")
+    with pytest.raises(ValueError, match="wrap_flash_attention"):
+        with qk_attn.session(sampler="all", backend="flash_attention_2"):
+            model(input_ids=_tokens(4))
+    original = AttentionInterface._global_mapping["flash_attention_2"]
+    original_mask = AttentionMaskInterface._global_mapping["flash_attention_2"]
+    try:
+        qk_attn.wrap_flash_attention()
+        wrapped = AttentionInterface._global_mapping["flash_attention_2"]
+        assert wrapped.func is qk_attn.capture.attend_and_capture and wrapped.args == (original,)
+        assert AttentionMaskInterface._global_mapping["flash_attention_2"].args[0].__name__ == "flash_attention_mask"
+    finally:
+        AttentionInterface.register("flash_attention_2", original)
+        AttentionMaskInterface.register("flash_attention_2", original_mask)
