@@ -17,6 +17,7 @@ instead of guessing from layer order or mask shapes.
 
 from __future__ import annotations
 
+import sys
 import weakref
 
 import torch
@@ -29,8 +30,10 @@ class CaptureError(RuntimeError):
 class ForwardContext:
     """The facts of one forward of one model, shared by all its attention calls."""
 
-    def __init__(self, config, batch_size: int, num_new: int, past: int, attention_mask: torch.Tensor | None):
+    def __init__(self, config, batch_size: int, num_new: int, past: int, attention_mask: torch.Tensor | None,
+                 input_ids: torch.Tensor | None = None):
         self.config = config
+        self.input_ids = input_ids  # (B, T) token ids of the new tokens, None when the model got embeddings
         self.batch_size = batch_size
         self.num_new = num_new
         self.past = past
@@ -94,6 +97,17 @@ class ForwardContext:
             self._positions = (position_ids, positions)
         return self._positions[1]
 
+    def token_ids(self, device: torch.device) -> torch.Tensor | None:
+        """(B, 1, T, 1) float32 token ids, shaped like attention states so that the same selection
+        gathers them (exact: vocabulary ids are far below 2**24)."""
+        if self.input_ids is None or self.input_ids.shape != (self.batch_size, self.num_new):
+            return None
+        return self.input_ids.to(device=device, dtype=torch.float32)[:, None, :, None]
+
+    def first_positions(self, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """(B,) int64: the smallest position among each row's real new tokens (int64 max if none)."""
+        return positions.masked_fill(~valid, torch.iinfo(torch.int64).max).amin(1)
+
     def restarts(self, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """(B,) bool on the device: a row whose positions go back between two real tokens holds
         packed documents. Checked on the host with the rows (no sync here)."""
@@ -101,6 +115,25 @@ class ForwardContext:
             return torch.zeros(positions.shape[0], dtype=torch.bool, device=positions.device)
         both = valid[:, 1:] & valid[:, :-1]
         return ((positions[:, 1:] <= positions[:, :-1]) & both).any(1)
+
+
+def model_input_ids(config, max_depth: int = 6) -> torch.Tensor | None:
+    """The `input_ids` of the model forward that is building its mask right now.
+
+    The mask function's callers are transformers' mask builders, called by the model's own
+    forward; that frame (whose `self.config` is this config) holds the forward's arguments.
+    Read here, once per forward, so token ids need no extra argument anywhere.
+    """
+    frame = sys._getframe(2)
+    for _ in range(max_depth):
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if getattr(owner, "config", None) is config:
+            ids = frame.f_locals.get("input_ids")
+            return ids if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None
+        frame = frame.f_back
+    return None
 
 
 def host_int(value) -> int:

@@ -22,7 +22,7 @@ import torch
 
 from .capture import is_cross_attention, key_validity, refuse_unsupported
 from .config import ConfigError, SniffConfig
-from .context import CaptureError, ForwardContext, host_int
+from .context import CaptureError, ForwardContext, host_int, model_input_ids
 from .gather import select_rows
 from .rope import invert_rope, uses_rope
 from .rows import CaptureBatch, MemorySink
@@ -113,7 +113,7 @@ class Session:
         forward = self._forwards.get(id(config))
         if forward is None or forward.config is not config or forward.used:
             mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
-            forward = ForwardContext(config, batch_size, q_length, host_int(q_offset), mask)
+            forward = ForwardContext(config, batch_size, q_length, host_int(q_offset), mask, model_input_ids(config))
             self._forwards[id(config)] = forward
         forward.add_mask_kind(kv_length, kv_offset)
 
