@@ -136,6 +136,20 @@ def model_input_ids(config, max_depth: int = 6) -> torch.Tensor | None:
     return None
 
 
+def refuse_beam_search(max_depth: int = 24) -> None:
+    """Beam search reorders the cache rows between steps, so a batch row's earlier keys belong
+    to another beam's history; rows per example would mix beams. Refused (found by the
+    generation method on the call stack, once per forward)."""
+    frame = sys._getframe(1)
+    for _ in range(max_depth):
+        if frame is None:
+            return
+        if frame.f_code.co_name == "_beam_search":
+            raise CaptureError("qk_sniff: beam search reorders the cache between steps, so rows could not be "
+                               "attributed to one sequence; record with num_beams=1 (greedy or sampling)")
+        frame = frame.f_back
+
+
 def host_int(value) -> int:
     """q_offset as a host int. Static caches give a 0-d device tensor; reading it is the one
     host read per forward, at the mask call before any layer is queued (never in an attention call)."""

@@ -22,7 +22,7 @@ import torch
 
 from .capture import is_cross_attention, key_validity, refuse_unsupported
 from .config import ConfigError, SniffConfig
-from .context import CaptureError, ForwardContext, host_int, model_input_ids
+from .context import CaptureError, ForwardContext, host_int, model_input_ids, refuse_beam_search
 from .gather import select_rows
 from .rope import invert_rope, uses_rope
 from .rows import CaptureBatch, MemorySink
@@ -112,6 +112,7 @@ class Session:
     def on_mask(self, config, batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask) -> None:
         forward = self._forwards.get(id(config))
         if forward is None or forward.config is not config or forward.used:
+            refuse_beam_search()
             mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
             forward = ForwardContext(config, batch_size, q_length, host_int(q_offset), mask, model_input_ids(config))
             self._forwards[id(config)] = forward

@@ -315,3 +315,29 @@ def test_flash_is_recorded_under_its_own_name_only():
     finally:
         AttentionInterface.register("flash_attention_2", original)
         AttentionMaskInterface.register("flash_attention_2", original_mask)
+
+
+def test_static_cache_generate_with_transformers_automatic_compile_records_like_eager():
+    """generate() compiles the forward by itself for static caches (on CUDA; here forced on CPU with
+    the eager backend): the same rows as without compilation."""
+    from transformers import CompileConfig
+
+    model = build("llama3", "qk_sniff")
+    batch = padded_batch("left", lengths=(7, 5))
+    prompt = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=4,
+                  do_sample=False, cache_implementation="static", pad_token_id=0)
+    compile_config = CompileConfig(backend="eager", mode=None)
+    compile_config._compile_all_devices = True  # what makes generate() compile off CUDA
+    tables = []
+    for extra in (dict(compile_config=compile_config), dict(disable_compile=True)):
+        with qk_attn.session(sampler="all") as s:
+            model.generate(**prompt, **extra)
+        tables.append(rows_by_key(s.table()))
+    _assert_same_rows(tables[0], tables[1], rtol=1e-5, atol=1e-6)
+
+
+def test_beam_search_is_refused():
+    model = build("llama3", "qk_sniff")
+    with pytest.raises(CaptureError, match="beam search"):
+        with qk_attn.session(sampler="all"):
+            model.generate(input_ids=_tokens(4), max_new_tokens=2, num_beams=2, do_sample=False, pad_token_id=0)
