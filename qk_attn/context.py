@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import sys
 import weakref
+from typing import NamedTuple
 
 import torch
 
@@ -42,8 +43,7 @@ class ForwardContext:
         self.used = False  # an attention call has looked this context up
         self.example_ids: tuple[int, ...] | None = None  # set by the session at the first recorded call
         self._calls: dict[int, tuple] = {}  # layer -> weak refs to the query and key it was called with
-        self._valid: torch.Tensor | None = None
-        self._positions: tuple | None = None
+        self._tokens: tuple | None = None  # (position_ids it was built from, TextTokens)
 
     def add_mask_kind(self, kv_length: int, kv_offset: int) -> None:
         slot = self.past - int(kv_offset)
@@ -76,45 +76,49 @@ class ForwardContext:
             "prepared 4-D attention mask (qk_sniff needs the 2-D attention_mask so that transformers builds the "
             "mask), or it calls one layer twice per forward with different inputs; not recorded")
 
-    def valid(self, device: torch.device) -> torch.Tensor:
-        """(B, T) bool: False for padding among the new tokens (the 2-D mask's last T columns)."""
-        if self._valid is None:
-            if self.attention_mask is None:
-                self._valid = torch.ones(self.batch_size, self.num_new, dtype=torch.bool, device=device)
-            else:
-                self._valid = self.attention_mask[:, -self.num_new:].to(device=device, dtype=torch.bool)
-        return self._valid
+    def tokens(self, position_ids: torch.Tensor | None, device: torch.device) -> "TextTokens":
+        """The forward's new tokens, computed once per forward (per position_ids tensor) on `device`."""
+        if self._tokens is None or self._tokens[0] is not position_ids:
+            self._tokens = (position_ids, self._text_tokens(position_ids, device))
+        return self._tokens[1]
 
-    def positions(self, position_ids: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-        """(B, T) int64 positions RoPE used: the call's position_ids (text axis of mrope), else the
-        cache positions, which is what transformers uses when no position_ids are given."""
-        if self._positions is None or self._positions[0] is not position_ids:
-            if position_ids is None:
-                positions = torch.arange(self.past, self.past + self.num_new, device=device)
-            else:
-                positions = position_ids[0] if position_ids.dim() == 3 else position_ids
-            positions = positions.to(device=device, dtype=torch.int64).expand(self.batch_size, self.num_new)
-            self._positions = (position_ids, positions)
-        return self._positions[1]
-
-    def token_ids(self, device: torch.device) -> torch.Tensor | None:
-        """(B, 1, T, 1) float32 token ids, shaped like attention states so that the same selection
-        gathers them (exact: vocabulary ids are far below 2**24)."""
-        if self.input_ids is None or self.input_ids.shape != (self.batch_size, self.num_new):
-            return None
-        return self.input_ids.to(device=device, dtype=torch.float32)[:, None, :, None]
-
-    def first_positions(self, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """(B,) int64: the smallest position among each row's real new tokens (int64 max if none)."""
-        return positions.masked_fill(~valid, torch.iinfo(torch.int64).max).amin(1)
-
-    def restarts(self, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """(B,) bool on the device: a row whose positions go back between two real tokens holds
-        packed documents. Checked on the host with the rows (no sync here)."""
-        if positions.shape[1] < 2:
-            return torch.zeros(positions.shape[0], dtype=torch.bool, device=positions.device)
+    def _text_tokens(self, position_ids, device) -> "TextTokens":
+        batch, num_new = self.batch_size, self.num_new
+        # Validity: the 2-D mask's last T columns are the new tokens.
+        if self.attention_mask is None:
+            valid = torch.ones(batch, num_new, dtype=torch.bool, device=device)
+        else:
+            valid = self.attention_mask[:, -num_new:].to(device=device, dtype=torch.bool)
+        # Positions RoPE used: the call's position_ids (text axis of mrope), else the cache
+        # positions, which is what transformers uses when no position_ids are given.
+        if position_ids is None:
+            positions = torch.arange(self.past, self.past + num_new, device=device)
+        else:
+            positions = position_ids[0] if position_ids.dim() == 3 else position_ids
+        positions = positions.to(device=device, dtype=torch.int64).expand(batch, num_new)
+        # Packed documents: positions go back between two real tokens of a row. Checked on the
+        # host with the rows, so no sync here.
         both = valid[:, 1:] & valid[:, :-1]
-        return ((positions[:, 1:] <= positions[:, :-1]) & both).any(1)
+        packed = ((positions[:, 1:] <= positions[:, :-1]) & both).any(1)
+        # Token ids shaped like attention states (B, 1, T, 1) so that the same selection gathers
+        # them; float32 is exact for vocabulary ids (far below 2**24).
+        ids = self.input_ids
+        token_ids = None
+        if ids is not None and ids.shape == (batch, num_new):
+            token_ids = ids.to(device=device, dtype=torch.float32)[:, None, :, None]
+        first = positions.masked_fill(~valid, torch.iinfo(torch.int64).max).amin(1)
+        return TextTokens(positions, valid, valid.sum(1), first, packed, token_ids)
+
+
+class TextTokens(NamedTuple):
+    """The new tokens of one forward, as every attention call of it records them."""
+
+    positions: torch.Tensor  # (B, T) int64, what RoPE used
+    valid: torch.Tensor  # (B, T) bool, False for padding
+    valid_count: torch.Tensor  # (B,) int64
+    first_position: torch.Tensor  # (B,) int64, smallest real position (int64 max for an all-pad row)
+    packed: torch.Tensor  # (B,) bool, the row's positions restart
+    token_ids: torch.Tensor | None  # (B, 1, T, 1) float32, None when the model got embeddings
 
 
 def model_input_ids(config, max_depth: int = 6) -> torch.Tensor | None:

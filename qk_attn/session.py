@@ -16,13 +16,13 @@ import contextlib
 import functools
 import logging
 import threading
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterator
 
 import torch
 
 from .capture import is_cross_attention, key_validity, refuse_unsupported
 from .config import ConfigError, SniffConfig
-from .context import CaptureError, ForwardContext, host_int, model_input_ids, refuse_beam_search
+from .context import CaptureError, ForwardContext, TextTokens, host_int, model_input_ids, refuse_beam_search
 from .gather import select_rows
 from .rope import invert_rope, uses_rope
 from .rows import CaptureBatch, MemorySink
@@ -142,40 +142,47 @@ class Session:
         sliding_window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
         if layer in model.plan.excluded_layers or (self.config.full_attention_only and sliding_window is not None):
             return
-        device = query.device
-        valid = forward.valid(device)
-        positions = forward.positions(kwargs.get("position_ids"), device)
-        text = _Tokens(0, positions, valid, forward.restarts(positions, valid))
+        text = forward.tokens(kwargs.get("position_ids"), query.device)
         if cross:
             # Text queries of a cross-attention layer are this forward's tokens; its keys are
             # vision tokens, recorded once per sequence.
             keys = None if layer in model.cross_done else cross_attention_keys(key, mask)
             model.cross_done.add(layer)
-            tokens = {"q": text, "k": keys}
+            tokens = {"q": (0, text), "k": keys}
         else:
             offset = forward.key_slot(layer, key.shape[2]) if model.plan.heads(layer, "k") else 0
-            tokens = {"q": text, "k": text._replace(offset=offset)}
+            tokens = {"q": (0, text), "k": (offset, text)}
         for kind, states in (("q", query.detach()), ("k", key.detach())):
             heads = model.plan.heads(layer, kind)
             if heads and tokens[kind] is not None:
-                self.sink.put(self._batch(module, model, forward, layer, kind, states, heads, tokens[kind],
+                offset, these = tokens[kind]
+                self.sink.put(self._batch(module, forward, layer, kind, states, heads, offset, these,
                                           sliding_window, cross, rotary))
 
-    def _batch(self, module, model, forward, layer, kind, states, heads, tokens, sliding_window, cross, rotary):
+    def _batch(self, module, forward, layer, kind, states, heads, offset, tokens, sliding_window, cross, rotary):
+        """Select, gather and (rope="pre") un-rotate one kind of one call; stays on the device."""
         device = states.device
         batch_size, num_tokens = tokens.positions.shape
-        capacity = batch_size * self.sampler.capacity(num_tokens)
         pre_rope = self.config.rope == "pre" and not cross and uses_rope(module)
         out_dtype = torch.float32 if pre_rope else _DTYPES[self.config.vector_dtype]
-        ids = self._on_device("ids", forward.example_ids, device)
-        select = functools.partial(select_rows, positions=tokens.positions, valid=tokens.valid, example_ids=ids,
-                                   sampler=self.sampler, layer=layer, kind=kind, capacity=capacity)
-        count, row, position, bucket, vectors = select(states, tokens.offset, self._on_device("heads", heads, device),
+        select = functools.partial(
+            select_rows, positions=tokens.positions, valid=tokens.valid,
+            example_ids=self._on_device("ids", forward.example_ids, device), sampler=self.sampler, layer=layer,
+            kind=kind, capacity=batch_size * self.sampler.capacity(num_tokens))
+        count, row, position, bucket, vectors = select(states, offset, self._on_device("heads", heads, device),
                                                        out_dtype=out_dtype)
+        # Per-token columns (token id, cos/sin) are gathered by the same selection, as one-head states.
+        one_head = self._on_device("heads", (0,), device)
         if pre_rope:
-            vectors = invert_rope(module, kind, vectors, position, _selected_rotary(select, rotary, module, batch_size,
-                                                                                  self._on_device("heads", (0,), device)))
-            vectors = vectors.to(_DTYPES[self.config.vector_dtype])
+            if rotary is None:
+                raise ConfigError(f"rope='pre': {type(module).__name__} did not expose the cos/sin it applied (no "
+                                  "position_embeddings in its forward); use rope='post'")
+            cos, sin = (select(_as_states(t, batch_size, device), 0, one_head, out_dtype=torch.float32)[4]
+                        for t in rotary)
+            vectors = invert_rope(module, kind, vectors, position, (cos, sin)).to(_DTYPES[self.config.vector_dtype])
+        token_id = None
+        if tokens.token_ids is not None:
+            token_id = select(tokens.token_ids, 0, one_head, out_dtype=torch.float32)[4].reshape(-1).to(torch.int32)
         return CaptureBatch(
             layer=layer,
             kind=kind,
@@ -188,7 +195,7 @@ class Session:
             position=position,
             bucket=bucket,
             vectors=vectors,
-            valid=tokens.valid.sum(1),
+            valid=tokens.valid_count,
             packed=tokens.packed,
         )
 
@@ -282,38 +289,22 @@ class _Model:
         self.cross_done: set[int] = set()  # cross-attention layers whose vision keys are recorded
 
 
-class _Tokens(NamedTuple):
-    """The tokens one kind of one call records: where they start along the states' token axis."""
-
-    offset: int
-    positions: torch.Tensor  # (B, T) int64
-    valid: torch.Tensor  # (B, T) bool
-    packed: torch.Tensor | None  # (B,) bool: positions restart inside the row
-
-
-def cross_attention_keys(key: torch.Tensor, mask) -> _Tokens:
-    """Vision keys of a cross-attention layer: position = vision token index."""
+def cross_attention_keys(key: torch.Tensor, mask) -> tuple[int, TextTokens]:
+    """Vision keys of a cross-attention layer: position = vision token index, no token ids."""
     batch, num_keys = key.shape[0], key.shape[2]
     valid = key_validity(mask, batch)
     if valid is None:
         valid = torch.ones(batch, num_keys, dtype=torch.bool, device=key.device)
     positions = torch.arange(num_keys, device=key.device).expand(batch, num_keys)
-    return _Tokens(0, positions, valid, None)
+    none_packed = torch.zeros(batch, dtype=torch.bool, device=key.device)
+    return 0, TextTokens(positions, valid, valid.sum(1), positions[:, 0], none_packed, None)
 
 
-def _selected_rotary(select, rotary, module, batch_size: int, heads: torch.Tensor):
-    """cos, sin (1, N, R) of the selected tokens: the layer's own position embeddings gathered with
-    the same selection as the vectors, so the inverse is exact for every rope type."""
-    if rotary is None:
-        raise ConfigError(f"rope='pre': {type(module).__name__} did not expose the cos/sin it applied "
-                          "(no position_embeddings in its forward); use rope='post'")
-    gathered = []
-    for table in rotary:
-        table = table.to(heads.device)
-        table = table if table.dim() == 3 else table[None]  # (B|1, T, R)
-        states = table[:, None].expand(batch_size, 1, *table.shape[1:])  # (B, 1, T, R)
-        gathered.append(select(states, 0, heads, out_dtype=torch.float32)[4])  # (1, cap, R)
-    return gathered
+def _as_states(table: torch.Tensor, batch_size: int, device) -> torch.Tensor:
+    """A per-token table (B|1, T, R) as one-head attention states (B, 1, T, R)."""
+    table = table.to(device)
+    table = table if table.dim() == 3 else table[None]
+    return table[:, None].expand(batch_size, 1, *table.shape[1:])
 
 
 def _parquet_sink(config: SniffConfig, overwrite: bool, source):
