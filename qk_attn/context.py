@@ -121,7 +121,7 @@ class TextTokens(NamedTuple):
     token_ids: torch.Tensor | None  # (B, 1, T, 1) float32, None when the model got embeddings
 
 
-def model_input_ids(config, max_depth: int = 6) -> torch.Tensor | None:
+def model_input_ids(config, max_depth: int = 12) -> torch.Tensor | None:
     """The `input_ids` of the model forward that is building its mask right now.
 
     The mask function's callers are transformers' mask builders, called by the model's own
@@ -140,7 +140,7 @@ def model_input_ids(config, max_depth: int = 6) -> torch.Tensor | None:
     return None
 
 
-def refuse_beam_search(max_depth: int = 24) -> None:
+def refuse_beam_search(max_depth: int = 40) -> None:
     """Beam search reorders the cache rows between steps, so a batch row's earlier keys belong
     to another beam's history; rows per example would mix beams. Refused (found by the
     generation method on the call stack, once per forward)."""
