@@ -1,4 +1,4 @@
-"""One prepared check of qk-attn on a lent GPU (H100/H200 class), in under five minutes.
+"""One prepared check of qk-attn on a lent GPU (H100/H200 class), in about five minutes.
 
     python bench/gpu_check.py                 # on the GPU machine
     python bench/gpu_check.py --cpu-smoke     # anywhere: tiny sizes, CPU, kernel in Triton's interpreter
@@ -8,16 +8,28 @@
 (b) logits of attn_implementation "qk_sniff" == "sdpa" on a random Llama-3-8B-shaped model
     (hidden 4096, 32 heads, 8 KV heads, head_dim 128, a few layers, bf16) at 8k tokens;
 (c) the capturing forward under torch.cuda.set_sync_debug_mode("error"): no host sync;
-(d) kernel vs torch selection path, and whole forward vs vanilla SDPA, at 8k, 32k, 128k.
+(d) kernel vs torch selection path, and whole forward vs vanilla SDPA, at 8k, 32k, 128k;
+(e) a model split over two devices (accelerate dispatch) records the same rows as on one;
+(f) run-ahead: with ~200 ms of torch.cuda._sleep queued, a captured forward returns to
+    Python before the GPU has finished (the capture path does not wait for the device);
+(g) synchronising calls (set_sync_debug_mode("warn")) in the first forward of a session
+    with head sampling, dynamic and static cache, vs vanilla SDPA: at most one more;
+(h) static-cache generate() with transformers' automatic compile records the same rows as
+    with disable_compile=True (or is refused with qk_attn's CUDA-graph CaptureError);
+(i) capture-all (sampler "all") at 32k tokens on a 2-layer model: rows, GiB, GB/s.
 
-Prints one Markdown report and writes it to $OUT/gpu_check.md when $OUT is set. Exits
-non-zero when a check fails or the capture API it relies on is missing.
+Prints one Markdown report, line by line as checks finish, and writes it to
+$OUT/gpu_check.md (after every check) when $OUT is set. Exits non-zero when a check fails
+or the capture API it relies on is missing; a watchdog (--deadline) dumps every thread's
+stack and exits 1 rather than hang.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
+import inspect
 import os
 import random
 import statistics
@@ -25,6 +37,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 # --cpu-smoke runs the kernel in Triton's interpreter, which must be chosen before anything
@@ -301,6 +314,218 @@ def sync_free(fn) -> str | None:
         torch.cuda.synchronize()
 
 
+# ---- (f) run-ahead, (g) sync count, (h) static-cache generate, (i) capture-all -----------------
+
+SLEEP_MS = 200
+
+
+def sleep_cycles(ms: float) -> int:
+    """torch.cuda._sleep cycles worth about ms milliseconds on this GPU (timed with events)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(2):  # the first launch pays for loading
+        start.record()
+        torch.cuda._sleep(10_000_000)
+        end.record()
+        end.synchronize()
+    return int(ms * 10_000_000 / start.elapsed_time(end))
+
+
+def check_run_ahead(qk_attn, model, device, tokens, workdir: Path, sampler: str) -> str:
+    """(f) The capture path does not wait for the device: with SLEEP_MS of GPU sleep queued
+    ahead, the forward returns while an event recorded after it is still pending."""
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), device=device)
+    cycles = sleep_cycles(SLEEP_MS)
+
+    def ahead() -> tuple[float, bool]:
+        """(host ms of one forward with the sleep queued ahead, GPU still busy when it returned)."""
+        torch.cuda.synchronize()
+        torch.cuda._sleep(cycles)
+        t0 = time.perf_counter()
+        forward(model, ids, 1)
+        host = (time.perf_counter() - t0) * 1e3
+        done = torch.cuda.Event()
+        done.record()
+        pending = not done.query()
+        done.synchronize()
+        return host, pending
+
+    def verdict(label, host, pending) -> str:
+        if pending:
+            return f"{label} {host:.1f} ms, GPU still busy"
+        return (f"{label} {host:.1f} ms, GPU already done ("
+                + ("host work outlasted the sleep: inconclusive)" if host >= SLEEP_MS else "it WAITED for the device)"))
+
+    set_attention(model, "sdpa")
+    forward(model, ids, 1)
+    vanilla = ahead()
+    set_attention(model, "qk_sniff")
+    with qk_attn.session(output=str(workdir / "ahead-warm"), sampler=sampler, example_ids=[0]):
+        forward(model, ids, 1)  # kernels compiled for this shape
+        forward(model, ids, 1)
+    with qk_attn.session(output=str(workdir / "ahead"), sampler=sampler, example_ids=[0]):
+        first, second = ahead(), ahead()
+    set_attention(model, "sdpa")
+    text = (f"with {SLEEP_MS} ms of torch.cuda._sleep queued at {tokens} tokens, host time of the forward: "
+            f"{verdict('captured (second of a session)', *second)}; {verdict('first of a session', *first)}; "
+            f"{verdict('vanilla sdpa', *vanilla)}")
+    if not vanilla[1]:
+        fail(f"(f) run-ahead inconclusive, the vanilla forward does not run ahead: {text}")
+    if not second[1]:
+        fail(f"(f) the captured forward did not run ahead of the GPU: {text}")
+    return f"(f) run-ahead: {text}" + ("" if first[1] else " **note: the first forward of a session waits**")
+
+
+def count_syncs(fn, device) -> tuple[int, set[str]] | None:
+    """(count, call sites) of the synchronising CUDA calls fn() makes; None on CPU (fn still runs)."""
+    if device.type != "cuda":
+        fn()
+        return None
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    hits = [w for w in caught if "synchroniz" in str(w.message)]
+    return len(hits), {f"{'/'.join(Path(w.filename).parts[-2:])}:{w.lineno}" for w in hits}
+
+
+def cache_kwargs(model, cache: str, max_len: int) -> dict:
+    """A fresh cache of that kind, under the forward's own argument name (`cache` since 5.x)."""
+    if cache == "dynamic":
+        return {}
+    from transformers import StaticCache
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: StaticCache(config=model.config, max_cache_len=max_len)}
+
+
+def check_sync_count(qk_attn, model, device, tokens, workdir: Path, sampler: str) -> str:
+    """(g) Synchronising calls in the FIRST forward of a session with head sampling."""
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), device=device)
+    count = max(1, model.config.num_hidden_layers * model.config.num_attention_heads // 4)
+    parts, rows = [], 0
+    for cache in ("dynamic", "static"):
+        def run():
+            kwargs = cache_kwargs(model, cache, tokens)
+            with torch.inference_mode():
+                model(input_ids=ids, logits_to_keep=1, **kwargs)
+
+        set_attention(model, "sdpa")
+        vanilla = count_syncs(run, device)
+        set_attention(model, "qk_sniff")
+        with qk_attn.session(output=str(workdir / f"sync-{cache}"), sampler=sampler, example_ids=[0],
+                             head_sample_count=count) as s:
+            ours = count_syncs(run, device)
+        rows += s.rows_written
+        if vanilla is None:
+            continue
+        extra = ours[0] - vanilla[0]
+        sites = ", ".join(sorted(ours[1] - vanilla[1])) or "none new"
+        parts.append(f"{cache} cache: sdpa {vanilla[0]}, qk_sniff {ours[0]} ({extra:+d}; sites: {sites})"
+                     + (" **expected +0**" if cache == "dynamic" and extra > 0 else ""))
+        if extra > 1:
+            fail(f"(g) with a {cache} cache the first qk_sniff forward makes {ours[0]} synchronising calls, vanilla "
+                 f"sdpa {vanilla[0]}: {extra} more than vanilla (at most 1 allowed); qk_sniff sites: "
+                 f"{', '.join(sorted(ours[1])) or 'none'}")
+    set_attention(model, "sdpa")
+    head = f"(g) first forward of a session, head_sample_count={count}, {tokens} tokens"
+    if not parts:
+        return f"{head}: counting skipped (needs CUDA); dynamic and static cache forwards ran, {rows} rows"
+    return f"{head}: synchronising calls {'; '.join(parts)}"
+
+
+def load_sorted(qk_attn, path):
+    keys = ("example_id", "layer", "head", "kind", "position")
+    return qk_attn.load(path).sort_by([(c, "ascending") for c in keys])
+
+
+def capture_refusal(error: BaseException) -> str | None:
+    """The message of qk_attn's CUDA-graph CaptureError anywhere in the exception chain."""
+    from qk_attn.context import CaptureError
+
+    while error is not None:
+        if isinstance(error, CaptureError) and "cuda-graph" in str(error).lower().replace(" ", "-"):
+            return str(error)
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def check_static_generate(qk_attn, model, device, prompt: int, workdir: Path) -> str:
+    """(h) Static-cache generate() with the automatic compile (CUDA) == with disable_compile=True."""
+    import numpy as np
+
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt), device=device)
+    set_attention(model, "qk_sniff")
+
+    def generate(name, **kwargs):
+        with qk_attn.session(output=str(workdir / name), sampler="all", example_ids=[0]):
+            out = model.generate(ids, max_new_tokens=8, do_sample=False, cache_implementation="static", **kwargs)
+        return out[0].cpu(), load_sorted(qk_attn, workdir / name)
+
+    want_tokens, want = generate("generate-eager", disable_compile=True)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    try:
+        tokens, got = generate("generate-compiled")
+    except Exception as e:  # anything but the documented refusal is a failure (section() reports it)
+        message = capture_refusal(e)
+        if message is None:
+            raise
+        return f"(h) static-cache generate() with the automatic compile: refused: {message}"
+    finally:
+        set_attention(model, "sdpa")
+    compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs
+    if device.type == "cuda" and not compiled:
+        fail("(h) generate(cache_implementation='static') on CUDA did not compile the forward: nothing was checked")
+    index = ["example_id", "layer", "head", "kind", "position"]
+    if not got.select(index).equals(want.select(index)):
+        fail(f"(h) compiled generate recorded {got.num_rows} rows, disable_compile=True {want.num_rows}: the "
+             f"(example_id, layer, head, kind, position) keys differ")
+    # Greedy tokens may diverge under compiled bf16 numerics; q/k at a position depend on tokens up to it.
+    diverged = (tokens != want_tokens).nonzero()
+    same_until = int(diverged[0]) if len(diverged) else len(tokens)
+    keep = torch.tensor(got["position"].to_numpy()) < same_until
+    a = torch.from_numpy(np.stack(got["vector"].to_numpy(zero_copy_only=False)))[keep]
+    b = torch.from_numpy(np.stack(want["vector"].to_numpy(zero_copy_only=False)))[keep]
+    if not torch.allclose(a, b, rtol=1e-2, atol=1e-2):
+        fail(f"(h) compiled generate: vectors differ from disable_compile=True by up to {(a - b).abs().max():.3e}")
+    how = "compiled (reduce-overhead)" if compiled else "not compiled (transformers compiles on CUDA only)"
+    note = f"; tokens diverged at position {same_until}, vectors compared before it" if same_until < len(tokens) else ""
+    return (f"(h) static-cache generate(), {prompt}+8 tokens, forward {how}: the same {got.num_rows} rows as "
+            f"disable_compile=True, vectors within 1e-2{note}")
+
+
+def check_capture_all(qk_attn, model, device, tokens, workdir: Path) -> str:
+    """(i) Capture-all at `tokens`: one forward, committed to local disk; rows and throughput."""
+    import shutil
+
+    set_attention(model, "qk_sniff")
+    with qk_attn.session(output=str(workdir / "all-warm"), sampler="all", example_ids=[0]):
+        forward(model, torch.randint(0, model.config.vocab_size, (1, 256), device=device), 1)  # kernels compiled
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), device=device)
+    out = workdir / "capture-all"
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    with qk_attn.session(output=str(out), sampler="all", example_ids=[0]) as s:
+        t0 = time.perf_counter()
+        forward(model, ids, 1)
+    seconds = time.perf_counter() - t0
+    set_attention(model, "sdpa")
+    config = model.config
+    rows = qk_attn.load(out, columns=["position"]).num_rows
+    expected = config.num_hidden_layers * (config.num_attention_heads + config.num_key_value_heads) * tokens
+    if rows != expected or s.rows_written != expected:
+        fail(f"(i) capture-all committed {rows} rows (session counted {s.rows_written}), expected {expected}")
+    written = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    payload = rows * (config.hidden_size // config.num_attention_heads) * 4  # float32 vectors
+    shutil.rmtree(out, ignore_errors=True)
+    return (f"(i) capture-all at {tokens} tokens, {config.num_hidden_layers} layers: {rows:,} rows, "
+            f"{written / 2**30:.3f} GiB written to {workdir}, {seconds:.2f} s from forward start to session close, "
+            f"{payload / seconds / 1e9:.3g} GB/s of vector payload")
+
+
 # ---- (d) timing ----------------------------------------------------------------------------
 
 
@@ -340,10 +565,10 @@ def time_forward(qk_attn, model, device, tokens, workdir: Path, sampler: str, re
 
 GPU_SIZES = dict(hidden=4096, intermediate=14336, q_heads=32, kv_heads=8, vocab=128256, layers=4,
                  parity=8192, long=(8192, 32768, 131072), tokens=[1, 7, 300, 1024, 4097], heads=[8, 32],
-                 head_dims=[64, 80, 96, 128, 256], cases=48, reps=5)
+                 head_dims=[64, 80, 96, 128, 256], cases=48, reps=5, ahead=2048, syncs=1024, prompt=64, all=32768)
 SMOKE_SIZES = dict(hidden=64, intermediate=128, q_heads=4, kv_heads=2, vocab=512, layers=2,
                    parity=64, long=(64, 128, 256), tokens=[1, 9, 40], heads=[2, 4],
-                   head_dims=[16, 24], cases=4, reps=2)
+                   head_dims=[16, 24], cases=4, reps=2, ahead=64, syncs=64, prompt=16, all=256)
 
 
 def main(argv=None) -> int:
@@ -352,7 +577,9 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, help="decoder layers of the random model (default 4)")
     parser.add_argument("--tokens", type=str, help="comma-separated lengths for (d), e.g. 8192,32768")
     parser.add_argument("--sampler", default="log_uniform", help="sampler of the capture sessions")
-    parser.add_argument("--skip", default="", help="comma-separated checks to skip: a, b (and c), c, d")
+    parser.add_argument("--skip", default="", help="comma-separated checks to skip: a, b (and c), c, d, e, f, g, h, i")
+    parser.add_argument("--deadline", type=float, help="seconds before the watchdog dumps stacks and exits 1 "
+                                                        "(default 360 on GPU, 900 for --cpu-smoke)")
     args = parser.parse_args(argv)
 
     sizes = dict(SMOKE_SIZES if args.cpu_smoke else GPU_SIZES)
@@ -361,6 +588,7 @@ def main(argv=None) -> int:
     if args.tokens:
         sizes["long"] = tuple(int(t) for t in args.tokens.split(","))
     skip = set(filter(None, args.skip.split(",")))
+    faulthandler.dump_traceback_later(args.deadline or (900 if args.cpu_smoke else 360), exit=True)
     if args.cpu_smoke:
         device = torch.device("cpu")
     elif torch.cuda.is_available():
@@ -369,7 +597,17 @@ def main(argv=None) -> int:
         print("no CUDA device: run with --cpu-smoke for the tiny CPU version", file=sys.stderr)
         return 2
 
-    report, failed, started = [], False, time.perf_counter()
+    report, failed, started, printed = [], False, time.perf_counter(), 0
+
+    def emit():
+        """Print the lines not printed yet; rewrite $OUT/gpu_check.md (a partial report survives a kill)."""
+        nonlocal printed
+        if len(report) > printed:
+            print("\n".join(report[printed:]), flush=True)
+            printed = len(report)
+        if os.environ.get("OUT"):
+            Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
+            (Path(os.environ["OUT"]) / "gpu_check.md").write_text("\n".join(report) + "\n")
     title = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU smoke (tiny sizes, interpreter)"
     report.append(f"## qk-attn gpu_check: {title}\n")
     import transformers
@@ -382,31 +620,39 @@ def main(argv=None) -> int:
         triton_version = "not installed"
     report.append(f"torch {torch.__version__}, transformers {transformers.__version__}, triton {triton_version}\n")
 
-    def section(name, fn):
+    def section(name, fn, cuda_only=""):
         nonlocal failed
-        if name in skip:
-            report.append(f"- ({name}) skipped by --skip")
-            return None
-        t0 = time.perf_counter()
         try:
-            result = fn()
-        except CheckFailed as e:
-            failed = True
-            report.append(f"- **FAIL** ({name}): {e}")
-            return None
-        except Exception:
-            failed = True
-            report.append(f"- **ERROR** ({name}):\n```\n{traceback.format_exc()}```")
-            return None
-        report.extend(f"- {line}" for line in ([result] if isinstance(result, str) else result))
-        report[-1] += f"  [{time.perf_counter() - t0:.1f}s]"
-        return result
+            if name in skip:
+                report.append(f"- ({name}) skipped by --skip")
+                return None
+            if cuda_only and device.type != "cuda":
+                report.append(f"- ({name}) {cuda_only}: skipped (needs CUDA)")
+                return None
+            t0 = time.perf_counter()
+            try:
+                result = fn()
+            except CheckFailed as e:
+                failed = True
+                report.append(f"- **FAIL** ({name}): {e}")
+                return None
+            except Exception:
+                failed = True
+                report.append(f"- **ERROR** ({name}):\n```\n{traceback.format_exc()}```")
+                return None
+            report.extend(f"- {line}" for line in ([result] if isinstance(result, str) else result))
+            report[-1] += f"  [{time.perf_counter() - t0:.1f}s]"
+            return result
+        finally:
+            emit()
 
     try:
         qk_attn = require_api()
     except CheckFailed as e:
-        print("\n".join(report + [f"- **FAIL**: {e}"]))
+        report.append(f"- **FAIL**: {e}")
+        emit()
         return 1
+    emit()
 
     from qk_attn.sampler import Sampler
 
@@ -417,10 +663,18 @@ def main(argv=None) -> int:
         section("b", lambda: check_parity_and_sync(qk_attn, model, device, sizes["parity"], workdir, args.sampler,
                                                    sync="c" not in skip))
 
+        section("e", lambda: check_device_split(qk_attn, sizes, workdir, args.sampler),
+                cuda_only="model split over two devices")
+        section("f", lambda: check_run_ahead(qk_attn, model, device, sizes["ahead"], workdir, args.sampler),
+                cuda_only="run-ahead")
+        section("g", lambda: check_sync_count(qk_attn, model, device, sizes["syncs"], workdir, args.sampler))
+        small = None if {"h", "i"} <= skip else build_model(device, dict(sizes, layers=2))  # for (h) and (i)
+        section("i", lambda: check_capture_all(qk_attn, small, device, sizes["all"], workdir))
+        section("h", lambda: check_static_generate(qk_attn, small, device, sizes["prompt"], workdir))
+        del small
+        torch._dynamo.reset()
         if device.type == "cuda":
-            section("e", lambda: check_device_split(qk_attn, sizes, workdir, args.sampler))
-        else:
-            report.append("- (e) model split over two devices: skipped (needs CUDA)")
+            torch.cuda.empty_cache()
 
         rows = []
 
@@ -447,11 +701,7 @@ def main(argv=None) -> int:
                     f"{ours * 1e3:.1f} | {100 * (ours / vanilla - 1):+.1f}% |"
                 )
     report.append(f"\n{'FAILED' if failed else 'all checks passed'} in {time.perf_counter() - started:.0f}s")
-    text = "\n".join(report)
-    print(text)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
-        (Path(os.environ["OUT"]) / "gpu_check.md").write_text(text + "\n")
+    emit()
     return 1 if failed else 0
 
 
