@@ -88,7 +88,7 @@ def tmp_root(request):
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     results: Results | None = getattr(config, "_qk_results", None)
-    if results is None or not (results.forward or results.end_to_end or results.rss):
+    if results is None or not (results.forward or results.end_to_end or results.rss or results.decode):
         return
     results.load_end = harness.load_average()
     results.machine = harness.machine_description(results.threads)

@@ -285,6 +285,52 @@ def run_end_to_end(model: LlamaModel, arm: Arm, docs: list[torch.Tensor], out_di
     )
 
 
+# Issue 13: capture overhead per generated token (dynamic cache, 2048-token prompt, 128 new tokens).
+DECODE_PROMPT = 2048
+DECODE_NEW_TOKENS = 128
+DECODE_TARGET = 1.05
+
+
+@dataclass
+class Decode:
+    seconds: float  # the decode steps only (prefill and closing excluded)
+    cpu: float
+    foreign: float
+    steps: int
+    close: float = 0.0  # commit + session close after the last step (rows durable)
+    capture: float = 0.0  # seconds inside Session.capture during the decode steps
+
+    @property
+    def per_token_ms(self) -> float:
+        return self.seconds / self.steps * 1e3
+
+
+def run_decode(model: LlamaModel, arm: Arm, prompt: torch.Tensor, new_tokens: torch.Tensor, out_dir: Path | None) -> Decode:
+    """Prefill `prompt` into a DynamicCache, then one forward per token of `new_tokens` (what
+    generate() runs per step, minus the LM head and sampling, which the backbone has not).
+    Capture arms record into a Parquet session at `out_dir`: begin -> prefill -> steps -> commit."""
+    import contextlib
+
+    from transformers import DynamicCache
+
+    use_arm(model, arm)
+    cache = DynamicCache(config=model.config)
+    meter = CpuMeter()
+    opened = (qk_attn.session(output=str(out_dir), **arm.settings) if arm.captures else contextlib.nullcontext())
+    with opened as session, torch.inference_mode():
+        if session is not None:
+            session.begin([0])
+        model(input_ids=prompt, cache=cache, use_cache=True)
+        clock = CaptureClock(session) if session is not None else None
+        with meter:
+            for step in range(new_tokens.shape[1]):
+                model(input_ids=new_tokens[:, step:step + 1], cache=cache, use_cache=True)
+        closing = time.perf_counter()
+    close = time.perf_counter() - closing
+    return Decode(meter.seconds, meter.cpu, meter.foreign, new_tokens.shape[1], close,
+                  clock.seconds if clock else 0.0)
+
+
 def peak_rss() -> int:
     """Peak resident set size of this process in bytes: VmHWM since the last `reset_peak_rss()`
     (Linux), else the lifetime peak from getrusage."""

@@ -23,12 +23,14 @@ class Results:
     forward: dict[int, list[dict[str, harness.Measurement]]] = field(default_factory=dict)  # seq -> rounds
     end_to_end: dict[int, list[dict[str, harness.EndToEnd]]] = field(default_factory=dict)
     rss: dict[str, dict] = field(default_factory=dict)  # arm -> rss.py JSON (TARGET_SEQ)
+    decode: list[dict[str, harness.Decode]] = field(default_factory=list)  # rounds
     notes: list[str] = field(default_factory=list)
 
     def complete(self) -> bool:
         return (
             all(seq in self.forward and seq in self.end_to_end for seq in self.seqs)
             and set(self.rss) == {arm.name for arm in ARMS}
+            and bool(self.decode)
         )
 
     # ---- derived numbers -------------------------------------------------------------
@@ -97,6 +99,37 @@ def _cell(ratio) -> str:
 
 def _mark(ok: bool | None) -> str:
     return "n/a" if ok is None else ("✓" if ok else "✗")
+
+
+def _decode_lines(rounds: list[dict[str, harness.Decode]]) -> list[str]:
+    """Per generated token: decode steps over a dynamic cache after a prefill (issue 13)."""
+    lines = [
+        "",
+        f"## Decode (issue 13: ≤ {harness.DECODE_TARGET:.2f} per generated token)",
+        "",
+        f"A {harness.DECODE_PROMPT}-token prompt prefilled into a `DynamicCache`, then "
+        f"{harness.DECODE_NEW_TOKENS} one-token forwards (what `generate()` runs per step; the backbone has "
+        "no LM head or sampling). Capture arms record prompt and new tokens into a Parquet session; only "
+        "the decode steps are timed; *close* is the commit and session close after the last step.",
+        "",
+        "| arm | per token | ratio to sdpa | target | capture per token | close |",
+        "|---|---|---|---|---|---|",
+    ]
+    used = harness.used_rounds(rounds)
+    for arm in harness.END_TO_END_ARMS:
+        runs = [r[arm.name] for r in used if arm.name in r]
+        if not runs:
+            continue
+        per_token = statistics.median(run.per_token_ms for run in runs)
+        if arm.name == BASELINE:
+            lines.append(f"| **{arm.name}** | {per_token:.1f} ms | — | — | — | — |")
+            continue
+        ratio = pairwise_ratios(rounds, arm.name)
+        capture = statistics.median(run.capture / run.steps * 1e3 for run in runs)
+        close = statistics.median(run.close for run in runs)
+        lines.append(f"| **{arm.name}** | {per_token:.1f} ms | {_cell(ratio)} | "
+                     f"{_mark(ratio.median <= harness.DECODE_TARGET)} | {capture:.2f} ms | {close:.2f} s |")
+    return lines
 
 
 def render(results: Results) -> str:
@@ -251,6 +284,8 @@ def render(results: Results) -> str:
         else:
             cells.append(f"≤ +{target['rss'] * 100:.0f}%: " + _mark(None if over is None else over <= target["rss"]))
         lines.append("| " + " | ".join(cells) + " |")
+    if results.decode:
+        lines += _decode_lines(results.decode)
     lines += ["", "## Where the time goes (direct measures, robust to run-to-run noise)", ""]
     lines += [
         "Wall-time ratios on a shared VM move by a few percent from run to run, more than the "

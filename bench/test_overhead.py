@@ -78,6 +78,29 @@ def test_end_to_end(benchmark, backbone, qk_results, seq, tmp_root, request):
     benchmark.extra_info["bytes_written"] = {name: run.bytes_written for name, run in measured[-1].items()}
 
 
+def test_decode(benchmark, backbone, qk_results, tmp_root, request):
+    """Capture overhead per generated token: decode steps over a dynamic cache (issue 13)."""
+    benchmark.group = "decode"
+    prompt, = harness.documents(harness.DECODE_PROMPT, 1)
+    new_tokens, = harness.documents(harness.DECODE_NEW_TOKENS, 1, seed=2)
+    measured: list[dict[str, harness.Decode]] = []
+
+    def one_round():
+        runs = {}
+        for arm in harness.rotated(END_TO_END_ARMS, len(measured)):
+            out = tmp_root / f"decode-{len(measured)}-{arm.name}"
+            gc.collect()
+            runs[arm.name] = harness.run_decode(backbone, arm, prompt, new_tokens, out if arm.captures else None)
+            harness.remove(out)
+        measured.append(runs)
+
+    wanted = request.config.getoption("qk_e2e_rounds")
+    benchmark.pedantic(one_round, rounds=wanted, iterations=1)
+    top_up(one_round, measured, wanted, request.config, harness.DECODE_PROMPT)
+    qk_results.decode = measured
+    benchmark.extra_info["ms_per_token"] = [{name: run.per_token_ms for name, run in r.items()} for r in measured]
+
+
 def test_peak_rss(benchmark, qk_results, threads, request):
     """One fresh process per arm (bench/rss.py) running the end-to-end loop at 2048 tokens,
     as many at a time as `threads` leaves cores for."""
