@@ -38,8 +38,8 @@ class Session:
 
     Sequence identity is explicit (DESIGN §3): `begin(ids)` names the batch rows of the next
     forward; a later forward over the same cache (chunked prefill, decoding) continues them;
-    a forward over an empty cache without `begin` gets fresh ids. Each model in the session
-    has its own head plan and RoPE inverter.
+    a forward over an empty cache without `begin` gets fresh ids (after the largest committed
+    id). Each model in the session has its own head plan and current sequence.
     """
 
     def __init__(self, config: SniffConfig, sink=None, example_ids=None, overwrite: bool = False, source=None):
@@ -49,7 +49,7 @@ class Session:
             sink = MemorySink() if config.output is None else _parquet_sink(config, overwrite, source)
         self.sink = sink
         self._pending_ids = None if example_ids is None else [int(i) for i in example_ids]
-        self._models: dict[int, _Model] = {}  # id(model config) -> plan, inverter, current sequence
+        self._models: dict[int, _Model] = {}  # id(model config) -> head plan, current sequence
         self._forwards: dict[int, ForwardContext] = {}  # id(model config) -> its latest forward
         self._device_tables: dict[tuple, torch.Tensor] = {}
         committed = self.committed_ids()
