@@ -24,6 +24,9 @@ from typing import NamedTuple
 import torch
 
 
+DECIDE_AT_ONCE = 1 << 21  # (layer, kind, token) decisions made in one go per CPU forward
+
+
 class CaptureError(RuntimeError):
     """A forward qk_sniff cannot record exactly; raised instead of writing wrong rows."""
 
@@ -44,6 +47,7 @@ class ForwardContext:
         self.example_ids: tuple[int, ...] | None = None  # set by the session at the first recorded call
         self._calls: dict[int, tuple] = {}  # layer -> weak refs to the query and key it was called with
         self._tokens: tuple | None = None  # (position_ids it was built from, TextTokens)
+        self._decisions: tuple | None = None  # see `decisions`
 
     def add_mask_kind(self, kv_length: int, kv_offset: int) -> None:
         slot = self.past - int(kv_offset)
@@ -81,6 +85,20 @@ class ForwardContext:
         if self._tokens is None or self._tokens[0] is not position_ids:
             self._tokens = (position_ids, self._text_tokens(position_ids, device))
         return self._tokens[1]
+
+    def decisions(self, sampler, num_layers: int, example_ids: torch.Tensor, tokens: "TextTokens"):
+        """On the CPU, for forwards up to DECIDE_AT_ONCE decisions: the sampler's keep mask of every
+        (layer, kind) at once, and on the host which of them keep anything, so that a decode
+        step's attention calls that select nothing cost a lookup. None elsewhere: on a GPU the
+        kernel decides per call without a host read, and a long prefill decides per call."""
+        if self._decisions is None:
+            size = num_layers * 2 * tokens.valid.numel()
+            if tokens.valid.device.type != "cpu" or size > DECIDE_AT_ONCE:
+                self._decisions = (None, None)
+            else:
+                keep = sampler.keep_all_layers(example_ids, num_layers, tokens.positions) & tokens.valid
+                self._decisions = (keep, keep.flatten(2).any(-1).tolist())
+        return self._decisions
 
     def _text_tokens(self, position_ids, device) -> "TextTokens":
         batch, num_new = self.batch_size, self.num_new

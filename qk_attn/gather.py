@@ -31,6 +31,7 @@ def gather_rows(
     kind: str,
     capacity: int,
     out_dtype: torch.dtype,
+    keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Select and gather the kept tokens of one attention call for one kind.
 
@@ -42,12 +43,15 @@ def gather_rows(
         valid:        (B, T) bool, False for padding.
         example_ids:  (B,) int64 on the device.
         capacity:     rows reserved; the selected count may exceed it (flagged downstream).
+        keep:         (B, T) bool, the sampler's decision already made for this call (and
+                      `valid`), or None to make it here.
 
     Returns (count (), row (cap,), position (cap,) int32, bucket (cap,) int32,
     vectors (Hs, cap, D) in `out_dtype`), token-major in (row, t) order.
     """
     num_tokens = positions.shape[1]
-    keep = sampler.keep(example_ids, layer, kind, positions) & valid
+    if keep is None:
+        keep = sampler.keep(example_ids, layer, kind, positions) & valid
     flat = keep.reshape(-1)
     count = flat.sum()
     index = torch.nonzero_static(flat, size=capacity, fill_value=-1).squeeze(1)
@@ -79,6 +83,7 @@ def select_rows(
     sin: torch.Tensor | None = None,
     interleaved: bool = False,
     query_scale: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`gather_rows` on the fastest path available: what the attention call uses.
 
@@ -100,7 +105,7 @@ def select_rows(
 
         return gather_rows_triton(*args, **rope)
     if cos is None and query_scale is None:
-        return gather_rows(*args)
+        return gather_rows(*args, keep=keep)
     from .kernels.select_gather import gather_rows_reference
 
     return gather_rows_reference(*args, **rope)

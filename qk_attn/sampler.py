@@ -166,6 +166,26 @@ class Sampler:
         table = _threshold_table(tuple(self.thresholds()), positions.device)
         return r < table[self.bucket_of(positions).clamp_(max=MAX_BUCKETS - 1)]
 
+    def keep_all_layers(self, example_ids: torch.Tensor, num_layers: int, positions: torch.Tensor) -> torch.Tensor:
+        """`keep` for every (layer, kind) at once: (num_layers, 2, B, T) bool, kinds ordered q, k.
+
+        The same integer chain as `keep`, vectorised over layers and kinds, so one forward pays
+        for it once instead of once per attention call (what dominates a CPU decode step)."""
+        positions = positions.to(torch.int64)
+        shape = (num_layers, 2, *positions.shape)
+        if self.strategy == "all":
+            return torch.ones(shape, dtype=torch.bool, device=positions.device)
+        layer_kinds = torch.tensor([layer_kind_hash(self.seed, layer, kind) for layer in range(num_layers)
+                                    for kind in ("q", "k")], dtype=torch.int64, device=positions.device)
+        rows = row_hash(layer_kinds[:, None], example_ids.to(torch.int64)[None, :])  # (L*2, B)
+        r = uniform24(rows[:, :, None], positions[None])  # (L*2, B, T)
+        if self.strategy == "uniform":
+            keep = r < self.thresholds()[0]
+        else:
+            table = _threshold_table(tuple(self.thresholds()), positions.device)
+            keep = r < table[self.bucket_of(positions).clamp_(max=MAX_BUCKETS - 1)][None]
+        return keep.reshape(shape)
+
     def selected_positions(self, example_id: int, layer: int, kind: str, length: int) -> np.ndarray:
         """Positions in [0, length) that this sampler keeps for one example (for `verify`)."""
         positions = torch.arange(length, dtype=torch.int64)

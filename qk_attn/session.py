@@ -152,14 +152,23 @@ class Session:
         else:
             offset = forward.key_slot(layer, key.shape[2]) if model.plan.heads(layer, "k") else 0
             tokens = {"q": (0, text), "k": (offset, text)}
-        for kind, states in (("q", query.detach()), ("k", key.detach())):
+        ids = self._on_device("ids", forward.example_ids, query.device)
+        keep, keeps_any = forward.decisions(self.sampler, model.plan.shape.num_layers, ids, text)
+        for index, (kind, states) in enumerate((("q", query.detach()), ("k", key.detach()))):
             heads = model.plan.heads(layer, kind)
-            if heads and tokens[kind] is not None:
-                offset, these = tokens[kind]
-                self.sink.put(self._batch(module, forward, layer, kind, states, heads, offset, these,
-                                          sliding_window, cross, rotary))
+            if not heads or tokens[kind] is None:
+                continue
+            offset, these = tokens[kind]
+            decided = None
+            if keep is not None and these is text:
+                if not keeps_any[layer][index]:
+                    continue  # the sampler keeps nothing of this call (known on the CPU without a sync)
+                decided = keep[layer, index]
+            self.sink.put(self._batch(module, forward, layer, kind, states, heads, offset, these,
+                                      sliding_window, cross, rotary, decided))
 
-    def _batch(self, module, forward, layer, kind, states, heads, offset, tokens, sliding_window, cross, rotary):
+    def _batch(self, module, forward, layer, kind, states, heads, offset, tokens, sliding_window, cross, rotary,
+               keep=None):
         """Select, gather and (rope="pre") un-rotate one kind of one call; stays on the device."""
         device = states.device
         batch_size, num_tokens = tokens.positions.shape
@@ -170,19 +179,20 @@ class Session:
             example_ids=self._on_device("ids", forward.example_ids, device), sampler=self.sampler, layer=layer,
             kind=kind, capacity=batch_size * self.sampler.capacity(num_tokens))
         count, row, position, bucket, vectors = select(states, offset, self._on_device("heads", heads, device),
-                                                       out_dtype=out_dtype)
+                                                       out_dtype=out_dtype, keep=keep)
         # Per-token columns (token id, cos/sin) are gathered by the same selection, as one-head states.
         one_head = self._on_device("heads", (0,), device)
         if pre_rope:
             if rotary is None:
                 raise ConfigError(f"rope='pre': {type(module).__name__} did not expose the cos/sin it applied (no "
                                   "position_embeddings in its forward); use rope='post'")
-            cos, sin = (select(_as_states(t, batch_size, device), 0, one_head, out_dtype=torch.float32)[4]
+            cos, sin = (select(_as_states(t, batch_size, device), 0, one_head, out_dtype=torch.float32, keep=keep)[4]
                         for t in rotary)
             vectors = invert_rope(module, kind, vectors, position, (cos, sin)).to(_DTYPES[self.config.vector_dtype])
         token_id = None
         if tokens.token_ids is not None:
-            token_id = select(tokens.token_ids, 0, one_head, out_dtype=torch.float32)[4].reshape(-1).to(torch.int32)
+            token_id = select(tokens.token_ids, 0, one_head, out_dtype=torch.float32, keep=keep)[4]
+            token_id = token_id.reshape(-1).to(torch.int32)
         return CaptureBatch(
             layer=layer,
             kind=kind,

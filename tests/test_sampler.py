@@ -132,3 +132,17 @@ def test_capacity_covers_expected_and_never_exceeds_length():
 def test_bad_parameters_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Sampler(**kwargs)
+
+
+@settings(max_examples=25, deadline=None)
+@given(strategy=st.sampled_from(["log_uniform", "uniform", "all"]), m=powers, rate=rates,
+       ids=st.lists(example_ids, min_size=1, max_size=3), start=st.integers(0, 1 << 20))
+def test_keep_all_layers_equals_keep_per_layer_and_kind(strategy, m, rate, ids, start):
+    sampler = Sampler(strategy, m, rate, seed=5)
+    example = torch.tensor(ids, dtype=torch.int64)
+    positions = torch.arange(start, start + 300, dtype=torch.int64).expand(len(ids), 300)
+    table = sampler.keep_all_layers(example, 4, positions)
+    assert table.shape == (4, 2, len(ids), 300)
+    for layer in range(4):
+        for index, kind in enumerate(("q", "k")):
+            assert torch.equal(table[layer, index], sampler.keep(example, layer, kind, positions))
