@@ -46,7 +46,7 @@ class ForwardContext:
         self.used = False  # an attention call has looked this context up
         self.example_ids: tuple[int, ...] | None = None  # set by the session at the first recorded call
         self._calls: dict[int, tuple] = {}  # layer -> weak refs to the query and key it was called with
-        self._tokens: tuple | None = None  # (position_ids it was built from, TextTokens)
+        self._tokens: dict = {}  # device -> (position_ids it was built from, TextTokens)
         self._decisions: tuple | None = None  # see `decisions`
 
     def add_mask_kind(self, kv_length: int, kv_offset: int) -> None:
@@ -82,18 +82,20 @@ class ForwardContext:
 
     def tokens(self, position_ids: torch.Tensor | None, device: torch.device) -> "TextTokens":
         """The forward's new tokens, computed once per forward (per position_ids tensor) on `device`."""
-        if self._tokens is None or self._tokens[0] is not position_ids:
-            self._tokens = (position_ids, self._text_tokens(position_ids, device))
-        return self._tokens[1]
+        cached = self._tokens.get(device)  # per device: layers of one forward may sit on several
+        if cached is None or cached[0] is not position_ids:
+            cached = self._tokens[device] = (position_ids, self._text_tokens(position_ids, device))
+        return cached[1]
 
     def decisions(self, sampler, num_layers: int, example_ids: torch.Tensor, tokens: "TextTokens"):
         """On the CPU, for forwards up to DECIDE_AT_ONCE decisions: the sampler's keep mask of every
         (layer, kind) at once, and on the host which of them keep anything, so that a decode
         step's attention calls that select nothing cost a lookup. None elsewhere: on a GPU the
         kernel decides per call without a host read, and a long prefill decides per call."""
+        if tokens.valid.device.type != "cpu":
+            return None, None
         if self._decisions is None:
-            size = num_layers * 2 * tokens.valid.numel()
-            if tokens.valid.device.type != "cpu" or size > DECIDE_AT_ONCE:
+            if num_layers * 2 * tokens.valid.numel() > DECIDE_AT_ONCE:
                 self._decisions = (None, None)
             else:
                 keep = sampler.keep_all_layers(example_ids, num_layers, tokens.positions) & tokens.valid
