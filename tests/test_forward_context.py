@@ -341,3 +341,12 @@ def test_beam_search_is_refused():
     with pytest.raises(CaptureError, match="beam search"):
         with qk_attn.session(sampler="all"):
             model.generate(input_ids=_tokens(4), max_new_tokens=2, num_beams=2, do_sample=False, pad_token_id=0)
+
+
+def test_generate_with_chunked_prefill_records_each_position_once():
+    model = build("llama3", "qk_sniff")
+    ids = _tokens(13)
+    with qk_attn.session(sampler="all", example_ids=[5]) as s:
+        sequences = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                                   prefill_chunk_size=4)
+    _assert_same_rows(rows_by_key(s.table()), _one_shot(model, sequences[:, :-1], [5]))
