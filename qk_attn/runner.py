@@ -15,6 +15,7 @@ Progress: one bar over documents with tokens/s and rows written; a summary at th
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -64,6 +65,8 @@ class Document:
     example_id: int  # int64, what the capture dataset records
     source_id: Any  # the dataset's own id (or the row index)
     text: str
+    index: int = 0  # row index in the dataset
+    has_id: bool = False  # source_id came from dataset.id_column (not the row index)
 
 
 # ---- documents ----------------------------------------------------------------------------
@@ -87,12 +90,45 @@ def _local_builder(path: str) -> str | None:
 
 
 def load_rows(cfg: DatasetSection):
-    """The dataset as `datasets` gives it (map-style, or iterable when streaming)."""
-    import datasets
+    """The dataset as `datasets` gives it (map-style, or iterable when streaming).
 
+    Local text files are checked first (empty, not UTF-8), and the builder's own failures on
+    them become one `ConfigError` naming `dataset.path`.
+    """
+    from .preflight import check_local_files
+
+    path = _resolved_path(cfg)
+    if _local_builder(path) is not None:
+        check_local_files(dataclasses.replace(cfg, path=path))
+    try:
+        return _load_rows(cfg, path)
+    except StopIteration:  # datasets' json builder on a file without rows
+        raise ConfigError(f"dataset.path={cfg.path!r} has no rows") from None
+    except (UnicodeDecodeError, _dataset_errors()) as error:
+        cause = error
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            cause = cause.__cause__ or cause.__context__
+        raise ConfigError(f"dataset.path={cfg.path!r} cannot be read: {type(cause).__name__}: "
+                          f"{' '.join(str(cause).split())}") from None
+
+
+def _dataset_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from datasets.exceptions import DatasetGenerationError
+    except ImportError:  # older datasets
+        return ()
+    return (DatasetGenerationError,)
+
+
+def _resolved_path(cfg: DatasetSection) -> str:
     from .demo import resolve_dataset
 
-    path = resolve_dataset(cfg.path)
+    return resolve_dataset(cfg.path)
+
+
+def _load_rows(cfg: DatasetSection, path: str):
+    import datasets
+
     builder = _local_builder(path)
     kwargs: dict[str, Any] = {"split": cfg.split, "streaming": cfg.streaming}
     if builder is not None:
@@ -136,15 +172,17 @@ def iter_documents(rows, cfg: DatasetSection) -> Iterator[Document]:
         source_id = index if cfg.id_column is None else row[cfg.id_column]
         example_id = normalize_id(source_id)
         if example_id in seen:
-            raise ValueError(
-                f"row {index}: id {source_id!r} gives example_id {example_id}, already used by id {seen[example_id]!r}; "
-                "example ids must be unique (set dataset.id_column to a unique column, or leave it unset to use row numbers)"
+            raise ConfigError(
+                f"dataset.id_column={cfg.id_column!r}: row {index}: id {source_id!r} gives example_id {example_id}, "
+                f"already used by id {seen[example_id]!r}; example ids must be unique (choose a unique column, or leave "
+                "dataset.id_column unset to use row numbers)"
             )
         seen[example_id] = source_id
         text = row[cfg.text_column]
         if text is not None and not isinstance(text, str):
-            raise ValueError(f"row {index}: {cfg.text_column!r} is a {type(text).__name__}, expected text")
-        yield Document(example_id, source_id, text or "")
+            raise ConfigError(f"dataset.text_column={cfg.text_column!r}: row {index} holds a {type(text).__name__}, "
+                              "expected text")
+        yield Document(example_id, source_id, text or "", index, cfg.id_column is not None)
 
 
 def batched(items: Iterable, size: int) -> Iterator[list]:
@@ -197,7 +235,7 @@ def default_device(cfg) -> str:
     return "cuda"
 
 
-def load_model(config: RunConfig, name: str):
+def load_model(config: RunConfig, name: str, model_config=None):
     """The CausalLM with "qk_sniff" attention, in eval mode, placed on its device(s)."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -206,7 +244,7 @@ def load_model(config: RunConfig, name: str):
 
     cfg = config.model
     kwargs: dict[str, Any] = {
-        "config": load_model_config(config, name),
+        "config": model_config if model_config is not None else load_model_config(config, name),
         "revision": cfg.revision,
         "trust_remote_code": cfg.trust_remote_code,
         "attn_implementation": "qk_sniff",
@@ -252,11 +290,16 @@ def resolve_max_length(config: RunConfig, model_config, tokenizer) -> int:
     return min(limits)
 
 
-def encode(tokenizer, documents: list[Document], max_length: int, add_special_tokens: bool, device) -> dict:
-    """Token ids, attention mask and RoPE positions of one batch, truncated to `max_length`.
+def encode(tokenizer, documents: list[Document], max_length: int, add_special_tokens: bool, device) -> tuple[dict, list[int]]:
+    """The model inputs of one batch, truncated to `max_length`, and each row's valid length.
 
-    Positions count valid tokens only (0, 1, 2, ... from each row's first real token), so
-    left and right padding give every example the same positions as running it alone.
+    A batch without padding (one document, or rows of equal length) passes `input_ids` only:
+    the model derives positions 0..T-1 itself, and an all-ones `attention_mask` would only
+    make transformers inspect it on the host every forward (a device sync on GPU). A padded
+    batch also gets the mask and RoPE positions that count valid tokens only (0, 1, 2, ...
+    from each row's first real token), so left and right padding give every example the
+    same positions as running it alone. Lengths are read from the host tensor, before any
+    copy to the device.
     """
     enc = tokenizer(
         [d.text for d in documents],
@@ -268,12 +311,13 @@ def encode(tokenizer, documents: list[Document], max_length: int, add_special_to
         return_attention_mask=True,
     )
     mask = enc["attention_mask"]
-    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    return {
-        "input_ids": enc["input_ids"].to(device),
-        "attention_mask": mask.to(device),
-        "position_ids": positions.to(device),
-    }
+    lengths = mask.sum(-1).tolist()
+    batch = {"input_ids": enc["input_ids"].to(device)}
+    if any(n != mask.shape[-1] for n in lengths):
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        batch["attention_mask"] = mask.to(device)
+        batch["position_ids"] = positions.to(device)
+    return batch, lengths
 
 
 # ---- the run --------------------------------------------------------------------------------
@@ -370,7 +414,7 @@ def push(config: RunConfig) -> str:
 
 
 def run(config: RunConfig, *, push_to_hub: bool = False, progress: bool = True, sink=None,
-        shard: str | None = None) -> RunSummary:
+        shard: str | None = None, log=print) -> RunSummary:
     """Run every document of the dataset through the model once, capturing into the output.
 
     Under a launcher (RANK/WORLD_SIZE) or with `shard="i/n"` this process runs only its own
@@ -383,7 +427,7 @@ def run(config: RunConfig, *, push_to_hub: bool = False, progress: bool = True, 
         raise ConfigError("--push runs in one process only: after a multi-rank capture run `qk-sniff merge OUT` "
                           "(torchrun / accelerate launch do it at the end) and then `qk-sniff push OUT --repo ID`")
     with distributed.process_group(rank):
-        summary = _run(config, rank, push_to_hub, progress, sink)
+        summary = _run(config, rank, push_to_hub, progress, sink, log)
         if not rank.is_single:
             summary.rank = f"rank {rank.rank} of {rank.world_size}"
             distributed.barrier(rank)  # every rank has closed its sink: its manifest part is final
@@ -393,7 +437,133 @@ def run(config: RunConfig, *, push_to_hub: bool = False, progress: bool = True, 
     return summary
 
 
-def _run(config: RunConfig, rank, push_to_hub: bool, progress: bool, sink) -> RunSummary:
+@dataclass
+class Preflight:
+    """What the checks before loading weights established (see qk_attn.preflight)."""
+
+    model_config: Any
+    tokenizer: Any
+    max_length: int
+    plan: Any  # HeadPlan from the model's config
+    estimate: Any  # qk_attn.estimate.Estimate, None when the lengths are unknown (streaming)
+    rows: Any  # the dataset (map-style or iterable)
+    total: int | None  # documents to go through
+    source: dict
+
+
+def preflight(config: RunConfig, model_name: str, tokenizer_name: str, rank, sink, log=print) -> Preflight:
+    """Everything that can be checked before the weights load (qk_attn.preflight), in order of
+    cost: the model's config, the output folder, the dataset, the size of the run."""
+    from . import preflight as checks
+    from .config import SniffConfig
+    from .demo import DEMO_MODEL, DEMO_MODEL_ID
+    from .estimate import estimate
+    from .sampler import Sampler
+
+    settings = config.sniff_settings()
+    sniff = config.sniff_config()
+    model_config = load_model_config(config, model_name)
+    shape = checks.model_shape(model_config)
+    model_label = config.model.name if config.model.name != DEMO_MODEL else DEMO_MODEL_ID
+    raw = {name: getattr(config.capture, name) for name in ("layers", "heads", "key_heads")}
+    plan = checks.check_plan(sniff, shape, config.yaml_key, raw, f"{model_label} ({type(model_config).__name__})")
+
+    tokenizer = load_tokenizer(config, tokenizer_name)
+    max_length = resolve_max_length(config, model_config, tokenizer)
+    source = source_info(config, max_length)
+    bound = None
+    if sink is None:
+        model = {"id": model_label if config.model.name == DEMO_MODEL else model_name,
+                 "revision": getattr(model_config, "_commit_hash", None)}
+        bound = checks.check_output(config.output.data_root, SniffConfig(**settings), source,
+                                    overwrite=config.output.overwrite, model=model, shape=shape,
+                                    rank=None if rank.is_single else rank.sink_rank())
+
+    rows = load_rows(config.dataset)
+    total = count_documents(rows, config.dataset)
+    if total == 0:
+        raise ConfigError(f"dataset.path={config.dataset.path!r} (split {config.dataset.split!r}) has no rows")
+    lengths = None
+    if total is not None:  # map-style: ids and lengths of every document, before the model loads
+        lengths = _document_lengths(rows, total, config, tokenizer, max_length, rank, sink is None)
+    else:
+        log(f"qk-sniff: streaming dataset: lengths are not known before the run (at most {max_length:,} tokens each)")
+    est = None
+    if lengths is not None:
+        est = estimate(plan, Sampler.from_config(sniff), lengths, sniff.vector_dtype)
+        for line in format_estimate(est):
+            log(line)
+        if bound is not None and est.documents:
+            from .preflight import size_limit
+
+            limit, how = size_limit(config.capture.max_gb, bound)
+            if est.bytes > limit:
+                raise ConfigError(refusal(est, limit, how))
+    return Preflight(model_config, tokenizer, max_length, plan, est, rows, total, source)
+
+
+def _document_lengths(rows, total, config, tokenizer, max_length, rank, check_output: bool) -> list[int]:
+    """Valid lengths (tokens) of the documents this run will capture; checks ids and texts first.
+
+    Documents an earlier run committed (resume) and other ranks' documents are left out.
+    """
+    from . import preflight as checks
+    from .saver import Files, read_manifest
+
+    cfg = config.dataset
+    head = rows.select(range(total)) if total < len(rows) else rows
+    for column in (cfg.text_column, cfg.id_column):
+        if column is not None and column not in head.column_names:
+            which = "text_column" if column == cfg.text_column else "id_column"
+            raise ConfigError(f"dataset.{which}={column!r} does not exist; the dataset has {', '.join(head.column_names)}")
+    ids = head[cfg.id_column] if cfg.id_column is not None else range(total)
+    if cfg.id_column is not None:
+        checks.check_ids(ids, normalize_id, cfg.id_column)
+    committed: set[int] = set()
+    root = Path(os.path.expanduser(config.output.data_root))
+    if check_output and root.is_dir() and not config.output.overwrite:
+        files = Files() if rank.is_single else Files(*rank.sink_rank())
+        committed = {int(k) for k in (read_manifest(root, files.manifest) or {}).get("examples", {})}
+    todo = [i for i, value in enumerate(ids) if rank.owns(i) and normalize_id(value) not in committed]
+    lengths: list[int] = []
+    for at in range(0, len(todo), 256):
+        part = todo[at : at + 256]
+        texts = head.select(part)[cfg.text_column]
+        for index, text in zip(part, texts):
+            if text is not None and not isinstance(text, str):
+                raise ConfigError(f"dataset.text_column={cfg.text_column!r}: row {index} holds a "
+                                  f"{type(text).__name__}, expected text")
+        enc = tokenizer([t or "" for t in texts], truncation=True, max_length=max_length,
+                        add_special_tokens=config.tokenizer.add_special_tokens)
+        lengths.extend(len(ids_) for ids_ in enc["input_ids"])
+    return lengths
+
+
+def format_estimate(est) -> list[str]:
+    """The estimate as printed before a run."""
+    from .estimate import format_bytes
+
+    if not est.documents:
+        return ["qk-sniff: estimate: nothing to capture (every document is already committed)"]
+    spread = (f"{est.rows_per_document:,.0f}" if round(est.min_rows) == round(est.max_rows) else
+              f"{est.min_rows:,.0f} to {est.max_rows:,.0f} (mean {est.rows_per_document:,.0f})")
+    return [f"qk-sniff: estimate: {est.documents:,} document(s) x {spread} rows = {est.rows:,.0f} rows, "
+            f"{format_bytes(est.bytes)} uncompressed ({est.row_bytes} bytes per row; "
+            f"{format_bytes(est.bytes_per_document)} per document)"]
+
+
+def refusal(est, limit: float, how: str) -> str:
+    from .estimate import format_bytes
+
+    return (f"capture.max_gb: this run would write about {format_bytes(est.bytes)} ({est.rows:,.0f} rows of "
+            f"{est.row_bytes} bytes, uncompressed, {est.documents:,} document(s)), more than the limit of "
+            f"{format_bytes(limit)} ({how}); record less with capture.layers, capture.heads or "
+            "capture.head_sampling, a sparser capture.sampler (uniform with a larger min_bucket_size, or a smaller "
+            "base_rate), capture.vector_dtype: float16, tokenizer.max_length or dataset.max_samples, or raise "
+            "capture.max_gb")
+
+
+def _run(config: RunConfig, rank, push_to_hub: bool, progress: bool, sink, log=print) -> RunSummary:
     import qk_attn
 
     from .demo import DEMO_MODEL, DEMO_MODEL_ID, resolve_model
@@ -410,22 +580,21 @@ def _run(config: RunConfig, rank, push_to_hub: bool, progress: bool, sink) -> Ru
     if push_to_hub:
         summary.pulled = pull_if_remote(config)
 
-    rows = load_rows(config.dataset)
-    total = count_documents(rows, config.dataset)
-    tokenizer = load_tokenizer(config, tokenizer_name)
-    model = load_model(config, model_name)
+    checked = preflight(config, model_name, tokenizer_name, rank, sink, log)
+    rows, total, tokenizer = checked.rows, checked.total, checked.tokenizer
+    model = load_model(config, model_name, checked.model_config)
     if config.model.name == DEMO_MODEL:  # the card names the real model, not the cache folder
         model.config.name_or_path = DEMO_MODEL_ID
-    max_length = summary.max_length = resolve_max_length(config, model.config, tokenizer)
+    max_length = summary.max_length = checked.max_length
     decoder = backbone(model)
     device = model.get_input_embeddings().weight.device
 
-    source = source_info(config, max_length)
+    source = checked.source
     if sink is None and not rank.is_single:
         from .config import SniffConfig
         from .saver import ParquetSink
 
-        sniff = SniffConfig.from_env(**settings)
+        sniff = SniffConfig(**settings)
         sink = ParquetSink(sniff.output, sniff, overwrite=config.output.overwrite, source=source, rank=rank.sink_rank())
     if total is not None:
         total = len(range(rank.rank, total, rank.world_size))
@@ -462,8 +631,7 @@ def _run(config: RunConfig, rank, push_to_hub: bool, progress: bool, sink) -> Ru
 def _forward(s, decoder, tokenizer, docs, max_length, config, device, summary, bar, start) -> None:
     import torch
 
-    batch = encode(tokenizer, docs, max_length, config.tokenizer.add_special_tokens, device)
-    lengths = batch["attention_mask"].sum(-1).tolist()
+    batch, lengths = encode(tokenizer, docs, max_length, config.tokenizer.add_special_tokens, device)
     keep = [i for i, n in enumerate(lengths) if n > 0]
     if len(keep) < len(docs):  # documents with no tokens at all are not run
         summary.empty += len(docs) - len(keep)
@@ -471,7 +639,12 @@ def _forward(s, decoder, tokenizer, docs, max_length, config, device, summary, b
         if not keep:
             return
         docs = [docs[i] for i in keep]
-        batch = {k: v[keep] for k, v in batch.items()}
+        lengths = [lengths[i] for i in keep]
+        batch, lengths = encode(tokenizer, docs, max_length, config.tokenizer.add_special_tokens, device)
+    describe = getattr(s.sink, "describe", None)
+    if describe is not None:  # the examples table: example_id -> the dataset's own id and row
+        for d in docs:
+            describe(d.example_id, str(d.source_id) if d.has_id else None, d.index)
     s.begin([d.example_id for d in docs])
     with torch.inference_mode():
         decoder(**batch, use_cache=False)
