@@ -104,7 +104,9 @@ def load_rows(cfg: DatasetSection):
         return _load_rows(cfg, path)
     except StopIteration:  # datasets' json builder on a file without rows
         raise ConfigError(f"dataset.path={cfg.path!r} has no rows") from None
-    except (UnicodeDecodeError, _dataset_errors()) as error:
+    except (ValueError, *_dataset_errors()) as error:  # ValueError: also UnicodeDecodeError
+        if "corresponds to no data" in str(error):  # the split of a file with a header and no rows
+            raise ConfigError(f"dataset.path={cfg.path!r} has no rows (split {cfg.split!r})") from None
         cause = error
         while cause.__cause__ is not None or cause.__context__ is not None:
             cause = cause.__cause__ or cause.__context__
@@ -466,7 +468,7 @@ def preflight(config: RunConfig, model_name: str, tokenizer_name: str, rank, sin
     shape = checks.model_shape(model_config)
     model_label = config.model.name if config.model.name != DEMO_MODEL else DEMO_MODEL_ID
     raw = {name: getattr(config.capture, name) for name in ("layers", "heads", "key_heads")}
-    plan = checks.check_plan(sniff, shape, config.yaml_key, raw, f"{model_label} ({type(model_config).__name__})")
+    plan = checks.check_plan(sniff, shape, config.yaml_key, raw, f"{model_label} ({getattr(model_config, 'model_type', None) or type(model_config).__name__})")
 
     tokenizer = load_tokenizer(config, tokenizer_name)
     max_length = resolve_max_length(config, model_config, tokenizer)
@@ -672,7 +674,9 @@ def format_load_hint(output: str) -> list[str]:
     manifest = read_manifest(output) or {}
     keys = sorted((parse_key(k) for k, names in manifest.get("shards", {}).items() if names),
                   key=lambda k: (k[0], k[1], k[2] == "k"))
-    layer, head, kind = keys[0] if keys else (0, 0, "q")
+    if not keys:  # nothing to load: do not suggest a config that does not exist
+        return [f"No rows are committed in {output}: `qk-sniff inspect {output}` shows the plan and what is missing."]
+    layer, head, kind = keys[0]
     name = f"l{layer:02d}h{head:02d}{kind}"
     return [
         "Load it:",
