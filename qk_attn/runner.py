@@ -370,7 +370,7 @@ class RunSummary:
 
 def source_info(config: RunConfig, max_length: int) -> dict[str, Any]:
     """What the dataset card and manifest record about where the text came from."""
-    from .demo import DEMO_DATASET, DEMO_DATASET_DESCRIPTION
+    from .demo import DEMO_DATASET, DEMO_DATASET_DESCRIPTION, DEMO_MODEL, weights_provenance
 
     d = config.dataset
     return {
@@ -390,6 +390,7 @@ def source_info(config: RunConfig, max_length: int) -> dict[str, Any]:
         "padding_side": config.tokenizer.padding_side,
         "batch_size": config.inference.batch_size,
         **({"description": DEMO_DATASET_DESCRIPTION} if d.path == DEMO_DATASET else {}),
+        **({"weights": weights_provenance()} if config.model.name == DEMO_MODEL else {}),
     }
 
 

