@@ -367,14 +367,15 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def shorten(lines: list[str], keep: int = 6) -> list[str]:
-    """A summary that stays short for sparse captures: each block of indented continuation lines
-    (coverage gaps, buckets) keeps its first `keep - 2` and last 2 lines, and says how many it left out."""
+def shorten(lines: list[str], keep: int = 10, slack: int = 4) -> list[str]:
+    """A summary that stays short for sparse captures: each block of more than `keep + slack`
+    indented continuation lines (coverage gaps, buckets) keeps its first `keep - 2` and last 2
+    lines, and says how many it left out."""
     out: list[str] = []
     block: list[str] = []
 
     def close() -> None:
-        if len(block) <= keep:
+        if len(block) <= keep + slack:
             out.extend(block)
         else:
             indent = block[0][: len(block[0]) - len(block[0].lstrip())]
