@@ -49,10 +49,14 @@ def _fail(name: str, value: Any, allowed: str) -> ConfigError:
 
 
 def command_line_process() -> bool:
-    """True inside the `qk-sniff` command, which ignores `QK_SNIFF_*` capture settings (its run
-    configuration alone decides a run; README "Environment variables"). Checked by name because
-    `import qk_attn` reads the environment before the command's own code runs."""
-    return bool(sys.argv) and os.path.basename(sys.argv[0] or "") == "qk-sniff"
+    """True inside the `qk-sniff` command (`qk-sniff ...` or `python -m qk_attn.cli ...`), which
+    ignores `QK_SNIFF_*` capture settings: its run configuration alone decides a run (README
+    "Environment variables"). Checked on the command line because `import qk_attn` reads the
+    environment before the command's own code runs."""
+    if sys.argv and os.path.basename(sys.argv[0] or "") == "qk-sniff":
+        return True
+    argv = list(getattr(sys, "orig_argv", ()))  # Python >= 3.10
+    return any(a == "-m" and b == "qk_attn.cli" for a, b in zip(argv, argv[1:]))
 
 
 def parse_index_list(name: str, value: Any) -> tuple[int, ...] | None:

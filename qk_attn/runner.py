@@ -607,6 +607,7 @@ def _run(config: RunConfig, rank, push_to_hub: bool, progress: bool, sink, log=p
         with qk_attn.session(overwrite=config.output.overwrite, source=source, sink=sink, **settings) as s:
             committed = set(s.committed_ids())
             pending = []
+            index = -1
             for index, doc in enumerate(iter_documents(rows, config.dataset)):
                 if not rank.owns(index):
                     continue
@@ -620,6 +621,8 @@ def _run(config: RunConfig, rank, push_to_hub: bool, progress: bool, sink, log=p
                     pending = []
             if pending:
                 _forward(s, decoder, tokenizer, pending, max_length, config, device, summary, bar, start)
+            if index < 0:  # a streaming dataset without rows (map-style ones were checked before loading)
+                raise ConfigError(f"dataset.path={config.dataset.path!r} (split {config.dataset.split!r}) has no rows")
             if hasattr(s.sink, "complete"):
                 s.sink.complete = True  # a rank's manifest part records that it went through all its documents
         summary.rows_written = s.rows_written

@@ -301,11 +301,15 @@ def test_bad_environment_does_not_break_the_command(tiny_model, docs, tmp_path):
     runner.run(make_config(tiny_model, docs[0], out, capture=SPARSE, dataset={"max_samples": 2}), progress=False)
     command = Path(sys.executable).with_name("qk-sniff")
     env = dict(os.environ, QK_SNIFF_SAMPLER="nope", QK_SNIFF_LAYERS="x", QK_SNIFF_OUTPUT=str(tmp_path / "elsewhere"))
-    for args in (["verify", str(out)], ["inspect", str(out)]):
-        result = subprocess.run([str(command), *args], env=env, capture_output=True, text=True, timeout=300)
+    for args in ([str(command), "verify", str(out)], [str(command), "inspect", str(out)],
+                 [sys.executable, "-m", "qk_attn.cli", "verify", str(out)]):
+        result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr
         assert "Traceback" not in result.stderr
     assert not (tmp_path / "elsewhere").exists()
+    # The library itself still refuses a bad environment when it is imported.
+    result = subprocess.run([sys.executable, "-c", "import qk_attn"], env=env, capture_output=True, text=True)
+    assert result.returncode != 0 and "QK_SNIFF_SAMPLER='nope' is invalid" in result.stderr
 
 
 def test_debug_shows_the_traceback(tiny_model, docs, tmp_path, capsys, no_weights):
