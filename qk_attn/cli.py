@@ -523,8 +523,10 @@ def _expected_errors() -> list[tuple[tuple[type[BaseException], ...], int]]:
     from .hub import HubError
     from .saver import OutputLocked, SaverError
 
+    out_of_memory = getattr(sys.modules.get("torch"), "OutOfMemoryError", None)
     return [
         ((ConfigError, CommandError, DemoUnavailable, OutputLocked, SaverError), 2),
+        *([((out_of_memory,), 2)] if out_of_memory is not None else []),
         ((HubError,), 1),
         ((OSError, ValueError), 2),  # a full or unwritable disk, a folder that is not a capture, ...
     ]
@@ -560,6 +562,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         plain = (ConfigError, CommandError, DemoUnavailable, HubError, FileNotFoundError)  # the message is all there is
         hint = "" if args.debug or isinstance(error, plain) else " (--debug shows the traceback)"
+        if types[0].__name__ == "OutOfMemoryError":
+            hint = "; lower tokenizer.max_length or inference.batch_size, or use model.device_map: auto" + hint
         print(f"qk-sniff {args.command}: {_one_line(error)}{hint}", file=sys.stderr)
         return status
 

@@ -102,16 +102,22 @@ def load_rows(cfg: DatasetSection):
         check_local_files(dataclasses.replace(cfg, path=path))
     try:
         return _load_rows(cfg, path)
+    except ConfigError:
+        raise
     except StopIteration:  # datasets' json builder on a file without rows
         raise ConfigError(f"dataset.path={cfg.path!r} has no rows") from None
-    except (ValueError, *_dataset_errors()) as error:  # ValueError: also UnicodeDecodeError
+    except (ValueError, OSError, *_dataset_errors()) as error:  # ValueError: also UnicodeDecodeError
         if "corresponds to no data" in str(error):  # the split of a file with a header and no rows
             raise ConfigError(f"dataset.path={cfg.path!r} has no rows (split {cfg.split!r})") from None
-        cause = error
-        while cause.__cause__ is not None or cause.__context__ is not None:
+        cause = error  # datasets wraps a builder's failure (e.g. a decoding error): name the original
+        while isinstance(error, _dataset_errors()) and (cause.__cause__ or cause.__context__) is not None:
             cause = cause.__cause__ or cause.__context__
         raise ConfigError(f"dataset.path={cfg.path!r} cannot be read: {type(cause).__name__}: "
                           f"{' '.join(str(cause).split())}") from None
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def _dataset_errors() -> tuple[type[BaseException], ...]:
@@ -211,7 +217,10 @@ def load_model_config(config: RunConfig, name: str):
     from transformers import AutoConfig
 
     cfg = config.model
-    model_config = AutoConfig.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    try:
+        model_config = AutoConfig.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as error:  # not found, no network, not a transformers model
+        raise ConfigError(f"model.name={cfg.name!r} cannot be loaded: {_one_line(error)}") from error
     if not cfg.config_overrides:
         return model_config
     values = model_config.to_dict()
@@ -271,9 +280,13 @@ def backbone(model):
 def load_tokenizer(config: RunConfig, name: str):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(
-        name, revision=config.tokenizer_revision, trust_remote_code=config.model.trust_remote_code
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            name, revision=config.tokenizer_revision, trust_remote_code=config.model.trust_remote_code
+        )
+    except (OSError, ValueError) as error:
+        key = "tokenizer.name" if config.tokenizer.name else "model.name"
+        raise ConfigError(f"{key}={config.tokenizer_name!r}: no tokenizer can be loaded: {_one_line(error)}") from error
     tokenizer.padding_side = config.tokenizer.padding_side
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token

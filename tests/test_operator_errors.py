@@ -378,3 +378,12 @@ def test_inspect_stays_short_for_sparse_captures():
     assert len(short) == 4 + 2 * 11 and short[0] == "dataset    x" and short[-1] == "plot       p"
     assert any("30 more lines" in line for line in short) and any("20 more lines" in line for line in short)
     assert cli.shorten(lines[:5]) == lines[:5]
+
+
+def test_a_model_folder_without_a_config(tiny_model, docs, tmp_path, capsys, no_weights):
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    config = write_config(tmp_path, tiny_model, docs[0], tmp_path / "out", model={"name": str(empty)})
+    code, _, err = run_cli(capsys, "--config", config)
+    assert code == 2 and one_line(err).startswith(f"qk-sniff run: model.name={str(empty)!r} cannot be loaded:")
+    assert not (tmp_path / "out").exists()
