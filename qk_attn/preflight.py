@@ -148,16 +148,28 @@ def check_output(data_root: str, sniff: SniffConfig, source: dict | None, *, ove
         return root
     _check_same_settings(root, manifest, sniff, source, where)
     _check_same_model(manifest, model, shape, where)
+    sizes = _storage("check_shard_sizes")  # committed shards missing or truncated: resuming would build on them
+    if sizes is not None:
+        try:
+            sizes(root, manifest)
+        except ValueError as error:
+            raise ConfigError(f"{where}: {_one_line(error)}") from None
     return root
 
 
+def _storage(*names: str):
+    """A check of the storage layer by its current or former name (None: the sink checks it when it opens)."""
+    from . import saver
+
+    return next((getattr(saver, n) for n in names if hasattr(saver, n)), None)
+
+
 def _check_same_settings(root: Path, manifest: dict, sniff: SniffConfig, source: dict | None, where: str) -> None:
-    try:
-        from .saver import _check_same_capture
-    except ImportError:  # the sink makes the same check when it opens
+    check = _storage("check_same_capture", "_check_same_capture")
+    if check is None:
         return
     try:
-        _check_same_capture(root, manifest, sniff, source)
+        check(root, manifest, sniff, source)
     except ValueError as error:
         lines = [line.strip() for line in str(error).splitlines()[1:] if line.strip().count(":") and " now" in line]
         diffs = "; ".join(line.replace(f" in {root}", " there") for line in lines) or _one_line(error)
