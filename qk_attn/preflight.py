@@ -129,6 +129,12 @@ def check_output(data_root: str, sniff: SniffConfig, source: dict | None, *, ove
     files = Files() if rank is None else Files(*rank)
     _probe_lock(root / files.lock, where)
     _probe_writable(root, where)
+    layout = _storage("check_layout", "_check_layout")  # one writer, or ranks of one world size
+    if layout is not None and not overwrite:
+        try:
+            layout(root, files)
+        except ValueError as error:
+            raise ConfigError(f"{where}: {_one_line(error)}") from None
     try:
         manifest = read_manifest(root, files.manifest)
     except ValueError as error:
