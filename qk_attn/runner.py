@@ -1,11 +1,15 @@
-"""`qk-sniff run`: config -> documents -> tokenizer -> model backbone -> capture -> dataset.
+"""`qk-sniff run`: config -> checks -> documents -> tokenizer -> model backbone -> capture -> dataset.
 
+    checks      before any weight loads (qk_attn.preflight): the model's config against the
+                head filters, the output folder, the dataset (UTF-8, rows, unique ids), the
+                estimated size of the run (qk_attn.estimate) against capture.max_gb
     documents   datasets.load_dataset (Hub id, local jsonl/json/parquet/csv/txt, folder),
                 ids normalised to int64, texts truncated to tokenizer.max_length
     model       AutoModelForCausalLM with attn_implementation="qk_sniff"; only the backbone
                 (`model.base_model`) runs, so no logits over 128k positions are materialised
-    capture     one qk_attn.session() for the whole run; each batch: begin(ids) -> forward
-                -> commit(); examples committed by an earlier run are skipped (resume)
+    capture     one qk_attn.session() for the whole run; each batch: describe(ids) ->
+                begin(ids) -> forward -> commit(); examples committed by an earlier run are
+                skipped (resume); an unpadded batch passes input_ids only
     ranks       under torchrun / accelerate launch / --shard i/n each rank runs its documents
                 (qk_attn.distributed) into its own files; rank 0 merges after a barrier
     hub         with --push: pull the remote dataset first (if it exists), push at the end
@@ -598,6 +602,13 @@ def _run(config: RunConfig, rank, push_to_hub: bool, progress: bool, sink, log=p
 
     checked = preflight(config, model_name, tokenizer_name, rank, sink, log)
     rows, total, tokenizer = checked.rows, checked.total, checked.tokenizer
+    if checked.estimate is not None and not checked.estimate.documents and rank.is_single and sink is None:
+        # Every document is committed already: no need to load the weights to do nothing.
+        summary.resumed = total
+        summary.max_length = checked.max_length
+        if push_to_hub:
+            summary.pushed = push(config)
+        return summary
     model = load_model(config, model_name, checked.model_config)
     if config.model.name == DEMO_MODEL:  # the card names the real model, not the cache folder
         model.config.name_or_path = DEMO_MODEL_ID

@@ -387,3 +387,14 @@ def test_a_model_folder_without_a_config(tiny_model, docs, tmp_path, capsys, no_
     code, _, err = run_cli(capsys, "--config", config)
     assert code == 2 and one_line(err).startswith(f"qk-sniff run: model.name={str(empty)!r} cannot be loaded:")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_finished_run_does_not_load_the_weights_again(tiny_model, docs, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    config = first_run(tiny_model, docs, tmp_path, capsys, out)
+    before = snapshot(out)
+    monkeypatch.setattr(runner, "load_model", lambda *a, **k: pytest.fail("loaded the model to do nothing"))
+    code, printed, err = run_cli(capsys, "--config", config)
+    assert code == 0, err
+    assert "nothing to capture" in printed and "0 captured, 3 already committed" in printed
+    assert snapshot(out) == before
