@@ -270,7 +270,7 @@ def render_card(manifest: dict, where: str, revision: str | None = None, chart: 
         f"vectors = qk_attn.load_vectors({where!r}, layer={layer}, head={head}, kind={kind!r}{rev})  # (N, head_dim) torch tensor\n```",
         "## Model",
         _table(["model", "revision", "dtype", "type", "layers", "query heads", "key heads", "head dim"],
-               [[label, model.get("revision") or source.get("model_revision"), model.get("dtype"), model.get("model_type"),
+               [[label, _revision(manifest), model.get("dtype"), model.get("model_type"),
                  plan.get("num_layers"), plan.get("num_heads"), plan.get("num_kv_heads"), plan.get("head_dim")]]),
         "## Source dataset",  # (sorted: the same card whether the manifest was just built or read back)
         _table(["setting", "value"], [[k, f"`{public(v)}`"] for k, v in sorted(source.items())
@@ -365,13 +365,21 @@ def _coverage_text(manifest: dict, cov: dict) -> str:
     return "\n\n".join(lines)
 
 
+def _revision(manifest: dict) -> str:
+    """The weights' revision: the Hub commit, the configured revision, or what identifies them otherwise."""
+    model, source = manifest.get("model") or {}, manifest.get("source") or {}
+    if model.get("revision") or source.get("model_revision"):
+        return model.get("revision") or source.get("model_revision")
+    if source.get("weights"):
+        return "the file and package version under weights"
+    return "not recorded (a local folder, or a Hub model loaded without a commit hash)"
+
+
 def _provenance(manifest: dict, max_length: int) -> str:
     v = manifest.get("versions", {})
     model = manifest.get("model") or {}
     source = manifest.get("source") or {}
-    rows = [["model", public(model.get("id"))],
-            ["model revision", model.get("revision") or source.get("model_revision") or
-             "not recorded (a local folder, or a Hub model loaded without a commit hash)"]]
+    rows = [["model", public(model.get("id"))], ["model revision", _revision(manifest)]]
     if source.get("weights"):
         rows.append(["weights", source["weights"]])
     rows += [[name, f"`{version}`"] for name, version in sorted(v.items())]

@@ -131,4 +131,4 @@ def test_card_has_no_local_paths_counts_its_configs_and_names_the_weights(tmp_pa
     contents = text.split("## Contents")[1].splitlines()[4]
     assert contents.split("|")[6].strip() == f"{len(names)} (6 heads, {len(names) - 6} per layer or kind)"
     assert "| weights | GGUF file `m.Q4_1.gguf` (Q4_1 quantisation" in text
-    assert "| model revision | not recorded" in text
+    assert "| model revision | the file and package version under weights |" in text
