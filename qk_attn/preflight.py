@@ -110,7 +110,7 @@ def _one_line(text: str) -> str:
 
 
 def check_output(data_root: str, sniff: SniffConfig, source: dict | None, *, overwrite: bool,
-                 model: dict, shape: ModelShape, rank=None) -> Path:
+                 model: dict, shape: ModelShape | None, rank=None) -> Path:
     """The output folder can take this capture: see the module docstring. Returns the folder
     whose free space bounds the run (the output, or its nearest existing parent)."""
     from .card import CARD_FILES
@@ -184,7 +184,7 @@ def _check_same_settings(root: Path, manifest: dict, sniff: SniffConfig, source:
                           "that capture and start over") from None
 
 
-def _check_same_model(manifest: dict, model: dict, shape: ModelShape, where: str) -> None:
+def _check_same_model(manifest: dict, model: dict, shape: ModelShape | None, where: str) -> None:
     """The saver refuses a different model once examples are committed; say so before loading it."""
     old = manifest.get("model") or {}
     if not old or not manifest.get("examples"):
@@ -195,6 +195,8 @@ def _check_same_model(manifest: dict, model: dict, shape: ModelShape, where: str
                           f"model.name is {model.get('id')!r} (revision {model.get('revision')}): choose another "
                           "output.data_root, or set output.overwrite: true to start over")
     plan = manifest.get("plan") or {}
+    if shape is None:
+        return
     new = {"num_layers": shape.num_layers, "num_heads": shape.num_heads, "num_kv_heads": shape.num_kv_heads,
            "head_dim": shape.head_dim}
     changed = [f"{k} {plan[k]} there, {v} now" for k, v in new.items() if k in plan and plan[k] != v]

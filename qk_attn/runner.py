@@ -483,10 +483,17 @@ def preflight(config: RunConfig, model_name: str, tokenizer_name: str, rank, sin
     settings = config.sniff_settings()
     sniff = config.sniff_config()
     model_config = load_model_config(config, model_name)
-    shape = checks.model_shape(model_config)
     model_label = config.model.name if config.model.name != DEMO_MODEL else DEMO_MODEL_ID
-    raw = {name: getattr(config.capture, name) for name in ("layers", "heads", "key_heads")}
-    plan = checks.check_plan(sniff, shape, config.yaml_key, raw, f"{model_label} ({getattr(model_config, 'model_type', None) or type(model_config).__name__})")
+    kind = getattr(model_config, "model_type", None) or type(model_config).__name__
+    try:
+        shape = checks.model_shape(model_config)
+    except (AttributeError, TypeError, ValueError) as error:  # a config without the usual attention fields
+        shape = plan = None
+        log(f"qk-sniff: cannot read the attention shape from {model_label}'s config ({type(error).__name__}: "
+            f"{_one_line(error)}); the layer and head checks and the size estimate are skipped")
+    else:
+        raw = {name: getattr(config.capture, name) for name in ("layers", "heads", "key_heads")}
+        plan = checks.check_plan(sniff, shape, config.yaml_key, raw, f"{model_label} ({kind})")
 
     tokenizer = load_tokenizer(config, tokenizer_name)
     max_length = resolve_max_length(config, model_config, tokenizer)
@@ -509,7 +516,7 @@ def preflight(config: RunConfig, model_name: str, tokenizer_name: str, rank, sin
     else:
         log(f"qk-sniff: streaming dataset: lengths are not known before the run (at most {max_length:,} tokens each)")
     est = None
-    if lengths is not None:
+    if lengths is not None and plan is not None:
         est = estimate(plan, Sampler.from_config(sniff), lengths, sniff.vector_dtype)
         for line in format_estimate(est):
             log(line)
