@@ -453,7 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Record sampled query/key vectors of a transformers model over a dataset.",
     )
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    # SUPPRESS: a subcommand without --debug leaves `qk-sniff --debug run ...` as it was
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add = functools.partial(sub.add_parser, parents=[common])  # every command takes --debug

@@ -317,6 +317,10 @@ def test_debug_shows_the_traceback(tiny_model, docs, tmp_path, capsys, no_weight
     assert cli.main(["run", "--config", config, "--set", "capture.layers=5", "--quiet", "--debug"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err and err.strip().splitlines()[-1].startswith("qk-sniff run: capture.layers=5")
+    assert cli.main(["--debug", "run", "--config", config, "--set", "capture.layers=5", "--quiet"]) == 2
+    assert "Traceback" in capsys.readouterr().err
+    assert cli.main(["run", "--config", config, "--set", "capture.layers=5", "--quiet"]) == 2
+    assert "Traceback" not in capsys.readouterr().err
 
 
 # ---- the runner (issue 13) --------------------------------------------------------------------
