@@ -517,19 +517,25 @@ class _SaverFailureFilter(logging.Filter):
         return not str(record.msg).startswith("qk-sniff saver failed")
 
 
-def _expected_errors() -> list[tuple[tuple[type[BaseException], ...], int]]:
-    """(exception types, exit status), first match wins; anything else keeps its traceback."""
+TRACEBACK_HINT = " (--debug shows the traceback)"
+OOM_HINT = "; lower tokenizer.max_length or inference.batch_size, or use model.device_map: auto"
+
+
+def _expected_errors() -> list[tuple[tuple[type[BaseException], ...], int, str]]:
+    """(exception types, exit status, hint after the message); the first match wins, and
+    anything else keeps its traceback. Errors whose message is the whole story get no hint."""
     from .config import ConfigError
     from .demo import DemoUnavailable
     from .hub import HubError
     from .saver import OutputLocked, SaverError
 
-    out_of_memory = getattr(sys.modules.get("torch"), "OutOfMemoryError", None)
+    out_of_memory = getattr(sys.modules.get("torch"), "OutOfMemoryError", None)  # a RuntimeError
     return [
-        ((ConfigError, CommandError, DemoUnavailable, OutputLocked, SaverError), 2),
-        *([((out_of_memory,), 2)] if out_of_memory is not None else []),
-        ((HubError,), 1),
-        ((OSError, ValueError), 2),  # a full or unwritable disk, a folder that is not a capture, ...
+        ((ConfigError, CommandError, DemoUnavailable, FileNotFoundError), 2, ""),
+        ((OutputLocked, SaverError), 2, TRACEBACK_HINT),
+        *([((out_of_memory,), 2, OOM_HINT + TRACEBACK_HINT)] if out_of_memory is not None else []),
+        ((HubError,), 1, ""),
+        ((OSError, ValueError), 2, TRACEBACK_HINT),  # a full or unwritable disk, a folder that is not a capture, ...
     ]
 
 
@@ -539,8 +545,9 @@ def _one_line(error: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    saver_log, quiet = logging.getLogger("qk_attn.saver"), _SaverFailureFilter()
     if not args.debug:
-        logging.getLogger("qk_attn.saver").addFilter(_SaverFailureFilter())
+        saver_log.addFilter(quiet)
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -548,25 +555,19 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     except Exception as error:  # noqa: BLE001 - sorted into expected (one line) and unexpected (traceback)
-        for types, status in _expected_errors():
-            if isinstance(error, types):
-                break
-        else:
+        match = next(((status, hint) for types, status, hint in _expected_errors() if isinstance(error, types)), None)
+        if match is None:
             raise
+        status, hint = match
         if args.debug:
             import traceback
 
             traceback.print_exc()
-        from .config import ConfigError
-        from .demo import DemoUnavailable
-        from .hub import HubError
-
-        plain = (ConfigError, CommandError, DemoUnavailable, HubError, FileNotFoundError)  # the message is all there is
-        hint = "" if args.debug or isinstance(error, plain) else " (--debug shows the traceback)"
-        if types[0].__name__ == "OutOfMemoryError":
-            hint = "; lower tokenizer.max_length or inference.batch_size, or use model.device_map: auto" + hint
+            hint = hint.replace(TRACEBACK_HINT, "")
         print(f"qk-sniff {args.command}: {_one_line(error)}{hint}", file=sys.stderr)
         return status
+    finally:
+        saver_log.removeFilter(quiet)
 
 
 if __name__ == "__main__":
