@@ -543,6 +543,20 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
+def _disk_full(error: BaseException | None) -> bool:
+    """ENOSPC / EDQUOT anywhere in the error's chain (the saver wraps the OSError it met)."""
+    import errno
+
+    seen = 0
+    while error is not None and seen < 16:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(error):  # pyarrow's IOError text
+            return True
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     saver_log, quiet = logging.getLogger("qk_attn.saver"), _SaverFailureFilter()
@@ -559,6 +573,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if match is None:
             raise
         status, hint = match
+        if _disk_full(error):
+            hint = "; free space on the output's disk (or choose another output.data_root) before re-running" + hint
         if args.debug:
             import traceback
 

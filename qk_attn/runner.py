@@ -158,6 +158,14 @@ def _load_rows(cfg: DatasetSection, path: str):
     return datasets.load_dataset(path, **kwargs)
 
 
+def _map_style(rows) -> bool:
+    try:
+        len(rows)
+    except TypeError:  # streaming (IterableDataset)
+        return False
+    return True
+
+
 def count_documents(rows, cfg: DatasetSection) -> int | None:
     try:
         total = len(rows)
@@ -511,10 +519,16 @@ def preflight(config: RunConfig, model_name: str, tokenizer_name: str, rank, sin
     if total == 0:
         raise ConfigError(f"dataset.path={config.dataset.path!r} (split {config.dataset.split!r}) has no rows")
     lengths = None
-    if total is not None:  # map-style: ids and lengths of every document, before the model loads
+    if _map_style(rows):  # ids and lengths of every document, before the model loads
         lengths = _document_lengths(rows, total, config, tokenizer, max_length, rank, sink is None)
-    else:
-        log(f"qk-sniff: streaming dataset: lengths are not known before the run (at most {max_length:,} tokens each)")
+    elif plan is not None:  # streaming: only an upper bound, documents cut at max_length
+        from .estimate import format_bytes
+
+        bound = estimate(plan, Sampler.from_config(sniff), [max_length], sniff.vector_dtype)
+        count = f"{config.dataset.max_samples:,} document(s)" if config.dataset.max_samples else "each document"
+        n = config.dataset.max_samples or 1
+        log(f"qk-sniff: estimate: streaming dataset, lengths unknown before the run: at most {bound.rows * n:,.0f} rows, "
+            f"{format_bytes(bound.bytes * n)} uncompressed for {count} of at most {max_length:,} tokens")
     est = None
     if lengths is not None and plan is not None:
         est = estimate(plan, Sampler.from_config(sniff), lengths, sniff.vector_dtype)

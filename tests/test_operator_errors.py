@@ -207,6 +207,7 @@ def test_full_disk_during_a_run_keeps_what_was_committed(tiny_model, docs, tmp_p
     code, _, err = run_cli(capsys, "--config", config, "--set", "dataset.max_samples=6", "--set", "capture.max_gb=100")
     line = one_line(err)
     assert code == 2 and "No space left on device" in line and "re-run the same command" in line
+    assert "free space on the output's disk" in line
     assert json.loads((out / "qk_sniff.json").read_text())["examples"] == committed
     assert_same_rows(all_rows(out), rows)  # nothing committed was lost or changed
     assert cli.main(["verify", str(out)]) == 0
@@ -232,7 +233,7 @@ def test_injected_enospc_during_a_run(tiny_model, docs, tmp_path, capsys, monkey
     monkeypatch.setattr(pq.ParquetWriter, "write_batch", full)
     code, _, err = run_cli(capsys, "--config", config, "--set", "dataset.max_samples=6")
     line = one_line(err)
-    assert code == 2 and "No space left on device" in line
+    assert code == 2 and "No space left on device" in line and "free space on the output's disk" in line
     monkeypatch.undo()
     assert json.loads((out / "qk_sniff.json").read_text())["examples"] == before
     assert_same_rows(all_rows(out), rows)
@@ -256,6 +257,15 @@ def test_estimate_is_printed_and_exact_for_the_all_sampler(tiny_model, docs, tmp
     lengths = [int(v) for v in manifest["examples"].values()]
     assert int(match[1].replace(",", "")) == heads * min(lengths) and int(match[2].replace(",", "")) == heads * max(lengths)
     assert int(match[5]) == 8 * 4 + 25  # head_dim 8 float32 + index columns
+
+
+def test_streaming_runs_print_an_upper_bound(tiny_model, docs, tmp_path, capsys):
+    config = write_config(tmp_path, tiny_model, docs[0], tmp_path / "out",
+                          dataset={"streaming": True, "max_samples": 2}, tokenizer={"max_length": 30})
+    code, printed, err = run_cli(capsys, "--config", config)
+    assert code == 0, err
+    rows = 2 * 2 * (4 + 2) * 30  # 2 documents x 2 layers x 6 heads x 30 tokens (sampler all)
+    assert f"estimate: streaming dataset, lengths unknown before the run: at most {rows:,} rows" in printed
 
 
 def test_estimate_function():
