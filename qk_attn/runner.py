@@ -567,8 +567,9 @@ def _document_lengths(rows, total, config, tokenizer, max_length, rank, check_ou
         committed = {int(k) for k in (read_manifest(root, files.manifest) or {}).get("examples", {})}
     todo = [i for i, value in enumerate(ids) if rank.owns(i) and normalize_id(value) not in committed]
     lengths: list[int] = []
-    for at in range(0, len(todo), 256):
-        part = todo[at : at + 256]
+    step = 16  # documents tokenized at once: 16 x 128k token ids as Python lists is ~70 MB
+    for at in range(0, len(todo), step):
+        part = todo[at : at + step]
         texts = head.select(part)[cfg.text_column]
         for index, text in zip(part, texts):
             if text is not None and not isinstance(text, str):
