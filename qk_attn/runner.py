@@ -483,12 +483,10 @@ def preflight(config: RunConfig, model_name: str, tokenizer_name: str, rank, sin
     """Everything that can be checked before the weights load (qk_attn.preflight), in order of
     cost: the model's config, the output folder, the dataset, the size of the run."""
     from . import preflight as checks
-    from .config import SniffConfig
     from .demo import DEMO_MODEL, DEMO_MODEL_ID
     from .estimate import estimate
     from .sampler import Sampler
 
-    settings = config.sniff_settings()
     sniff = config.sniff_config()
     model_config = load_model_config(config, model_name)
     model_label = config.model.name if config.model.name != DEMO_MODEL else DEMO_MODEL_ID
@@ -506,11 +504,11 @@ def preflight(config: RunConfig, model_name: str, tokenizer_name: str, rank, sin
     tokenizer = load_tokenizer(config, tokenizer_name)
     max_length = resolve_max_length(config, model_config, tokenizer)
     source = source_info(config, max_length)
-    bound = None
+    disk = None  # the folder whose free space bounds the run (None: not writing to disk)
     if sink is None:
         model = {"id": model_label if config.model.name == DEMO_MODEL else model_name,
                  "revision": getattr(model_config, "_commit_hash", None)}
-        bound = checks.check_output(config.output.data_root, SniffConfig(**settings), source,
+        disk = checks.check_output(config.output.data_root, sniff, source,
                                     overwrite=config.output.overwrite, model=model, shape=shape,
                                     rank=None if rank.is_single else rank.sink_rank())
 
@@ -524,20 +522,18 @@ def preflight(config: RunConfig, model_name: str, tokenizer_name: str, rank, sin
     elif plan is not None:  # streaming: only an upper bound, documents cut at max_length
         from .estimate import format_bytes
 
-        bound = estimate(plan, Sampler.from_config(sniff), [max_length], sniff.vector_dtype)
+        upper = estimate(plan, Sampler.from_config(sniff), [max_length], sniff.vector_dtype)
         count = f"{config.dataset.max_samples:,} document(s)" if config.dataset.max_samples else "each document"
         n = config.dataset.max_samples or 1
-        log(f"qk-sniff: estimate: streaming dataset, lengths unknown before the run: at most {bound.rows * n:,.0f} rows, "
-            f"{format_bytes(bound.bytes * n)} uncompressed for {count} of at most {max_length:,} tokens")
+        log(f"qk-sniff: estimate: streaming dataset, lengths unknown before the run: at most {upper.rows * n:,.0f} rows, "
+            f"{format_bytes(upper.bytes * n)} uncompressed for {count} of at most {max_length:,} tokens")
     est = None
     if lengths is not None and plan is not None:
         est = estimate(plan, Sampler.from_config(sniff), lengths, sniff.vector_dtype)
         for line in format_estimate(est):
             log(line)
-        if bound is not None and est.documents:
-            from .preflight import size_limit
-
-            limit, how = size_limit(config.capture.max_gb, bound)
+        if disk is not None and est.documents:
+            limit, how = checks.size_limit(config.capture.max_gb, disk)
             if est.bytes > limit:
                 raise ConfigError(refusal(est, limit, how))
     return Preflight(model_config, tokenizer, max_length, plan, est, rows, total, source)
