@@ -529,9 +529,12 @@ def _expected_errors() -> list[tuple[tuple[type[BaseException], ...], int, str]]
     from .hub import HubError
     from .saver import OutputLocked, SaverError
 
+    from . import saver
+
+    storage = getattr(saver, "StorageError", ConfigError)  # one-line storage failures (ValueError)
     out_of_memory = getattr(sys.modules.get("torch"), "OutOfMemoryError", None)  # a RuntimeError
     return [
-        ((ConfigError, CommandError, DemoUnavailable, FileNotFoundError), 2, ""),
+        ((ConfigError, CommandError, DemoUnavailable, FileNotFoundError, storage), 2, ""),
         ((OutputLocked, SaverError), 2, TRACEBACK_HINT),
         *([((out_of_memory,), 2, OOM_HINT + TRACEBACK_HINT)] if out_of_memory is not None else []),
         ((HubError,), 1, ""),

@@ -164,10 +164,19 @@ def check_output(data_root: str, sniff: SniffConfig, source: dict | None, *, ove
 
 
 def _storage(*names: str):
-    """A check of the storage layer by its current or former name (None: the sink checks it when it opens)."""
-    from . import saver
+    """A check of the storage layer (qk_attn.manifest, or qk_attn.saver before that module
+    existed) by its current or former name; None: the sink makes the check when it opens."""
+    import importlib
 
-    return next((getattr(saver, n) for n in names if hasattr(saver, n)), None)
+    for module_name in ("qk_attn.manifest", "qk_attn.saver"):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        for name in names:
+            if hasattr(module, name):
+                return getattr(module, name)
+    return None
 
 
 def _check_same_settings(root: Path, manifest: dict, sniff: SniffConfig, source: dict | None, where: str) -> None:
