@@ -36,10 +36,13 @@ def _parse(key: str) -> tuple[int, int, str]:
     return parse_key(key)
 
 
-def dataset_configs(shards: dict[str, list[str]]) -> MetadataConfigs:
-    """`configs:` entries for every folder with committed shards, every layer and kind, each kind."""
+def dataset_configs(shards: dict[str, list[str]], examples_file: str | None = None) -> MetadataConfigs:
+    """`configs:` entries for every folder with committed shards, every layer and kind, each kind,
+    and `examples` (one row per committed example) when the capture wrote that table."""
     keys = sorted((_parse(k), k) for k, names in shards.items() if names)
     configs: dict[str, dict] = {}
+    if examples_file:
+        configs["examples"] = {"data_files": [{"split": "train", "path": examples_file}]}
     for (_, _, _), key in keys:
         configs[key] = {"data_files": [{"split": "train", "path": f"{key}/*.parquet"}]}
     for layer, kind in sorted({(layer, kind) for (layer, _, kind), _ in keys}):
@@ -237,12 +240,13 @@ def render_card(manifest: dict, where: str, revision: str | None = None, chart: 
         pretty_name=f"qk-sniff: {label} query/key vectors",
         tags=["qk-attn", "attention", "interpretability", "query-key"],
     )
-    dataset_configs(manifest.get("shards", {})).to_dataset_card_data(data)
+    examples_file = (manifest.get("examples_file") or {}).get("name")
+    configs = dataset_configs(manifest.get("shards", {}), examples_file)
+    configs.to_dataset_card_data(data)
 
     total = {k: sum(n for key, n in rows.items() if key.endswith(k)) for k in "qk"}
     rev = f", revision={revision!r}" if revision else ""
     first = _key(*keys[0]) if keys else "l00h00q"
-    configs = dataset_configs(manifest.get("shards", {}))
     layer, head, kind = keys[0] if keys else (0, 0, "q")
     cov = coverage(manifest)
 
@@ -255,7 +259,8 @@ def render_card(manifest: dict, where: str, revision: str | None = None, chart: 
         _table(
             ["examples", "valid tokens", "max length", "query rows", "key rows", "configs"],
             [[len(examples), f"{sum(int(v) for v in examples.values()):,}", f"{max_length:,}", f"{total['q']:,}",
-              f"{total['k']:,}", f"{len(configs)} ({len(keys)} heads, {len(configs) - len(keys)} per layer or kind)"]],
+              f"{total['k']:,}", f"{len(configs)} ({len(keys)} heads, {len(configs) - len(keys) - bool(examples_file)} "
+              f"per layer or kind{', examples' if examples_file else ''})"]],
         ),
         "One config per `(layer, head, kind)` folder (`l03h01k`: layer 3, key head 1), per layer and kind "
         "(`layer03_q`, `layer03_k`) and per kind (`all_q`, `all_k`). Columns: `example_id` int64, `position` int32 "
@@ -268,6 +273,7 @@ def render_card(manifest: dict, where: str, revision: str | None = None, chart: 
         "import qk_attn\n\n"
         f"table = qk_attn.load({where!r}, layer={layer}, head={head}, kind={kind!r}{rev})  # pyarrow Table\n"
         f"vectors = qk_attn.load_vectors({where!r}, layer={layer}, head={head}, kind={kind!r}{rev})  # (N, head_dim) torch tensor\n```",
+        *_examples_section(examples_file, where, rev),
         "## Model",
         _table(["model", "revision", "dtype", "type", "layers", "query heads", "key heads", "head dim"],
                [[label, _revision(manifest), model.get("dtype"), model.get("model_type"),
@@ -290,6 +296,22 @@ def render_card(manifest: dict, where: str, revision: str | None = None, chart: 
         parts.append(f"![rows per bucket]({CHART})")
     parts += ["## Coverage", _coverage_text(manifest, cov), "## Provenance", _provenance(manifest, max_length)]
     return DatasetCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(parts) + "\n")
+
+
+def _examples_section(examples_file: str | None, where: str, rev: str) -> list[str]:
+    """From `example_id` back to the source document: the examples table, when the capture wrote it."""
+    if not examples_file:
+        return []
+    return [
+        "## Examples",
+        f"`{examples_file}` (config `examples`) has one row per committed example: `example_id` int64 (as in every "
+        "shard), `source_id` string (the source dataset's own id; null when the row number served as id), "
+        "`source_index` int64 (the row in the source dataset), `valid_length` int64 (its valid tokens), "
+        "`first_position` int64 (the smallest position among them).",
+        "```python\n"
+        f"examples = load_dataset({where!r}, \"examples\", split=\"train\"{rev})\n"
+        f"examples = qk_attn.load_examples({where!r}{rev})  # the same, as a pyarrow Table\n```",
+    ]
 
 
 def _bucket_table(manifest: dict, sampler: Sampler, max_length: int) -> str:

@@ -132,3 +132,26 @@ def test_card_has_no_local_paths_counts_its_configs_and_names_the_weights(tmp_pa
     assert contents.split("|")[6].strip() == f"{len(names)} (6 heads, {len(names) - 6} per layer or kind)"
     assert "| weights | GGUF file `m.Q4_1.gguf` (Q4_1 quantisation" in text
     assert "| model revision | the file and package version under weights |" in text
+
+
+def test_the_examples_table_is_a_config_and_documented(tmp_path, monkeypatch):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "out"
+    manifest = capture_model(out, heads="1")
+    ids = sorted(int(e) for e in manifest["examples"])
+    pq.write_table(pa.table({"example_id": pa.array(ids, pa.int64()), "source_id": [f"doc-{i}" for i in ids],
+                             "source_index": pa.array(ids, pa.int64())}), out / "examples.parquet")
+    manifest["examples_file"] = {"name": "examples.parquet"}
+    write_card(out, manifest)
+    card = DatasetCard.load(out / "README.md")
+    assert "examples" in {c["config_name"] for c in card.data.configs}
+    assert "## Examples" in card.text and "qk_attn.load_examples('out')" in card.text
+    assert ", examples)" in card.text.split("## Contents")[1].splitlines()[4]
+    monkeypatch.chdir(tmp_path)
+    table = datasets.load_dataset("out", "examples", split="train", cache_dir=str(tmp_path / "cache"))
+    assert table["example_id"] == ids
+    heads = datasets.load_dataset("out", "all_q", split="train", cache_dir=str(tmp_path / "cache"))
+    assert "source_id" not in heads.column_names  # the examples table is not mixed into the vectors
