@@ -22,6 +22,7 @@ def test_card_of_a_filtered_capture_with_a_layer_that_did_not_run(tmp_path):
     # configs: every folder, every layer and kind, every kind (and nothing for layer 2)
     names = {c["config_name"] for c in card.data.configs}
     folders = {f"l{layer:02d}h{h:02d}{k}" for layer in (0, 1) for k, hs in (("q", (1, 2)), ("k", (0, 1))) for h in hs}
+    names.discard("examples")  # the examples table, where the storage layer writes one
     assert names == folders | {"layer00_q", "layer00_k", "layer01_q", "layer01_k", "all_q", "all_k"}
 
     # coverage: the filtered query heads and the layer that did not run, with why
@@ -129,7 +130,9 @@ def test_card_has_no_local_paths_counts_its_configs_and_names_the_weights(tmp_pa
     assert "`docs.jsonl (local)`" in text and "model (local)" in text
     names = {c["config_name"] for c in DatasetCard.load(out / "README.md").data.configs}
     contents = text.split("## Contents")[1].splitlines()[4]
-    assert contents.split("|")[6].strip() == f"{len(names)} (6 heads, {len(names) - 6} per layer or kind)"
+    table = "examples" in names  # written by the storage layer's examples table
+    assert contents.split("|")[6].strip() == (f"{len(names)} (6 heads, {len(names) - 6 - table} per layer or kind"
+                                              f"{', examples' if table else ''})")
     assert "| weights | GGUF file `m.Q4_1.gguf` (Q4_1 quantisation" in text
     assert "| model revision | the file and package version under weights |" in text
 
