@@ -143,6 +143,9 @@ def test_different_sampler_on_existing_output(tiny_model, docs, tmp_path, capsys
     assert code == 2 and "holds a capture with different settings (sampler: 'log_uniform' there, 'uniform' now)" in line
     assert "output.overwrite: true" in line
     assert snapshot(out) == before
+    with pytest.raises(ConfigError, match="holds a capture with different settings"):  # the API says the same
+        runner.run(make_config(tiny_model, docs[0], out, capture={"sampler": "uniform"}), progress=False)
+    assert snapshot(out) == before
 
 
 def test_locked_output(tiny_model, docs, tmp_path, capsys, no_weights):
@@ -297,6 +300,8 @@ def test_run_larger_than_max_gb_is_refused(tiny_model, docs, tmp_path, capsys, n
     for advice in ("capture.layers", "capture.heads", "capture.sampler", "capture.vector_dtype: float16"):
         assert advice in line
     assert "estimate:" in printed and not out.exists()
+    with pytest.raises(ConfigError, match=r"^capture\.max_gb: this run would write about 114\.2 kB"):  # the API
+        runner.run(make_config(tiny_model, docs[0], out, capture={"max_gb": 0.00001}), progress=False, log=lambda _: None)
     # The default limit is half the free space at the output.
     from qk_attn import preflight
 
