@@ -44,6 +44,7 @@ LOCAL_BUILDERS = {
     ".arrow": "arrow",
 }
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+LATER_SOURCE_KEYS = ("weights",)  # source keys that captures made by earlier versions lack
 
 
 # ---- example ids ---------------------------------------------------------------------------
@@ -419,6 +420,24 @@ def source_info(config: RunConfig, max_length: int) -> dict[str, Any]:
     }
 
 
+def _compatible(source: dict[str, Any], config: RunConfig, rank) -> dict[str, Any]:
+    """`source` without the keys that a capture already in the output folder was made without
+    (added by later versions, e.g. `weights`): such a capture keeps resuming."""
+    from .saver import Files, read_manifest
+
+    root = Path(os.path.expanduser(config.output.data_root))
+    if config.output.overwrite or not root.is_dir():
+        return source
+    files = Files() if rank.is_single else Files(*rank.sink_rank())
+    try:
+        old = (read_manifest(root, files.manifest) or {}).get("source")
+    except ValueError:  # unreadable: the output checks say so
+        return source
+    if not old:
+        return source
+    return {k: v for k, v in source.items() if k in old or k not in LATER_SOURCE_KEYS}
+
+
 def _progress(total: int | None, enabled: bool):
     from tqdm.auto import tqdm
 
@@ -503,7 +522,7 @@ def preflight(config: RunConfig, model_name: str, tokenizer_name: str, rank, sin
 
     tokenizer = load_tokenizer(config, tokenizer_name)
     max_length = resolve_max_length(config, model_config, tokenizer)
-    source = source_info(config, max_length)
+    source = _compatible(source_info(config, max_length), config, rank)
     disk = None  # the folder whose free space bounds the run (None: not writing to disk)
     if sink is None:
         model = {"id": model_label if config.model.name == DEMO_MODEL else model_name,

@@ -417,3 +417,19 @@ def test_a_finished_run_does_not_load_the_weights_again(tiny_model, docs, tmp_pa
     assert code == 0, err
     assert "nothing to capture" in printed and "0 captured, 3 already committed" in printed
     assert snapshot(out) == before
+
+
+def test_a_capture_made_before_weights_were_recorded_keeps_resuming(tiny_model, docs, tmp_path, capsys, monkeypatch):
+    """`source.weights` (the demo's GGUF provenance) is new: an older capture without it resumes."""
+    out = tmp_path / "out"
+    config = first_run(tiny_model, docs, tmp_path, capsys, out)
+    original = runner.source_info
+    monkeypatch.setattr(runner, "source_info", lambda *a: {**original(*a), "weights": "GGUF file `x.gguf`"})
+    code, _, err = run_cli(capsys, "--config", config, "--set", "dataset.max_samples=6")
+    assert code == 0, err
+    manifest = json.loads((out / "qk_sniff.json").read_text())
+    assert len(manifest["examples"]) == 6 and "weights" not in manifest["source"]
+    fresh = tmp_path / "fresh"
+    code, _, err = run_cli(capsys, "--config", config, "--set", f"output.data_root={fresh}")
+    assert code == 0, err
+    assert json.loads((fresh / "qk_sniff.json").read_text())["source"]["weights"] == "GGUF file `x.gguf`"
