@@ -433,3 +433,11 @@ def test_a_capture_made_before_weights_were_recorded_keeps_resuming(tiny_model, 
     code, _, err = run_cli(capsys, "--config", config, "--set", f"output.data_root={fresh}")
     assert code == 0, err
     assert json.loads((fresh / "qk_sniff.json").read_text())["source"]["weights"] == "GGUF file `x.gguf`"
+
+
+def test_head_sampling_larger_than_the_model_says_so(tiny_model, docs, tmp_path, capsys):
+    config = write_config(tmp_path, tiny_model, docs[0], tmp_path / "out", capture={"head_sampling": {"count": 100}},
+                          dataset={"max_samples": 1})
+    code, printed, err = run_cli(capsys, "--config", config)
+    assert code == 0, err
+    assert "capture.head_sampling.count=100 is more than the 8 (layer, query head) pairs" in printed
