@@ -520,7 +520,7 @@ def preflight(config: RunConfig, model_name: str, tokenizer_name: str, rank, sin
         raw = {name: getattr(config.capture, name) for name in ("layers", "heads", "key_heads")}
         plan = checks.check_plan(sniff, shape, config.yaml_key, raw, f"{model_label} ({kind})")
         pairs = sum(len(heads) for heads in plan.query_heads.values())
-        if sniff.head_sample_count is not None and sniff.head_sample_count > pairs:
+        if sniff.head_sample_count is not None and "q" in sniff.kinds and sniff.head_sample_count > pairs:
             log(f"qk-sniff: capture.head_sampling.count={sniff.head_sample_count} is more than the {pairs} (layer, query "
                 "head) pairs the filters leave: all of them are recorded")
 
