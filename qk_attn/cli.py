@@ -1,6 +1,6 @@
 """`qk-sniff`: run a dataset through a model and check what was recorded.
 
-    qk-sniff run [--config FILE] [--set section.key=value ...] [--push]
+    qk-sniff run [--config FILE] [--set section.key=value ...] [--push] [--dry-run]
     qk-sniff inspect OUT          rows, coverage, bucket distribution, plot path
     qk-sniff verify OUT           schema, uniqueness, manifest counts, buckets, exact selection
     qk-sniff repair OUT           drop the examples that bad or missing shards touched, so a re-run recaptures them
@@ -317,6 +317,13 @@ def cmd_run(args) -> int:
         print("qk-sniff: no --config given: running the embedded demo (configs/demo.yaml)", flush=True)
     if is_demo or args.quiet:
         _quiet_libraries()
+    if args.dry_run:
+        from .runner import check
+
+        check(config, shard=args.shard)
+        print(f"qk-sniff run --dry-run: every check passed; no weights loaded, nothing written to "
+              f"{config.output.data_root}")
+        return 0
     start = time.perf_counter()
     summary = run(config, push_to_hub=args.push, progress=not args.quiet, shard=args.shard)
     print()
@@ -466,6 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--push", action="store_true",
                    help="pull output.hf_repo_id before capture (if it exists) and push the dataset after the run")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars (ours and the libraries')")
+    p.add_argument("--dry-run", action="store_true",
+                   help="make every check and print the estimate, then stop: no weights loaded, nothing written")
     p.add_argument("--shard", metavar="I/N",
                    help="capture only documents d with d %% N == I (0-based; e.g. $SLURM_ARRAY_TASK_ID/8), "
                         "then run `qk-sniff merge OUT` once all N jobs finished")

@@ -484,6 +484,16 @@ def run(config: RunConfig, *, push_to_hub: bool = False, progress: bool = True, 
     return summary
 
 
+def check(config: RunConfig, *, shard: str | None = None, log=print) -> "Preflight":
+    """Every check `run` makes before the weights load, and the estimate; loads no weights and
+    writes nothing (`qk-sniff run --dry-run`)."""
+    from . import distributed
+    from .demo import resolve_model
+
+    rank = distributed.detect(shard)
+    return preflight(config, resolve_model(config.model.name), resolve_model(config.tokenizer_name), rank, None, log)
+
+
 @dataclass
 class Preflight:
     """What the checks before loading weights established (see qk_attn.preflight)."""

@@ -441,3 +441,13 @@ def test_head_sampling_larger_than_the_model_says_so(tiny_model, docs, tmp_path,
     code, printed, err = run_cli(capsys, "--config", config)
     assert code == 0, err
     assert "capture.head_sampling.count=100 is more than the 8 (layer, query head) pairs" in printed
+
+
+def test_dry_run_checks_and_estimates_without_weights_or_writes(tiny_model, docs, tmp_path, capsys, no_weights):
+    out = tmp_path / "out"
+    config = write_config(tmp_path, tiny_model, docs[0], out)
+    code, printed, err = run_cli(capsys, "--config", config, "--dry-run")
+    assert code == 0, err
+    assert "estimate: 6 document(s)" in printed and "every check passed" in printed and not out.exists()
+    code, _, err = run_cli(capsys, "--config", config, "--dry-run", "--set", "capture.layers=9")
+    assert code == 2 and "capture.layers=9 is out of range" in one_line(err)
