@@ -458,6 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qk-sniff",
         description="Record sampled query/key vectors of a transformers model over a dataset.",
+        epilog="exit status: 0 success; 1 verify/merge found problems, or a Hub transfer failed; 2 a configuration, "
+               "usage, output-folder, dataset or disk problem (one line on stderr; --debug for the traceback); "
+               "130 interrupted",
     )
     common = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: a subcommand without --debug leaves `qk-sniff --debug run ...` as it was
