@@ -14,8 +14,8 @@ rank (qk_attn.distributed); see README "Multi-GPU and multi-node runs".
 `run` without `--config` runs the embedded offline demo (SmolLM2-135M over four KJV books,
 written to ./qk-sniff-demo/).
 
-Exit status: 0 success; 1 `verify`/`merge` found problems in the data, or a Hub transfer
-failed; 2 the command cannot do what it was asked: a configuration or usage error, an output
+Exit status: 0 success; 1 `verify`/`merge` found problems in the data (`repair`: some
+remain), or a Hub transfer failed; 2 the command cannot do what it was asked: a configuration or usage error, an output
 folder that is locked, incompatible, not writable or full, a dataset that is empty, not UTF-8
 or has duplicate ids, a run larger than `capture.max_gb`; 130 interrupted. Every expected
 failure is one line on stderr naming the setting, the value and what is allowed; `--debug`
@@ -419,13 +419,9 @@ def cmd_repair(args) -> int:
     except ImportError:
         raise CommandError("this installation of qk-attn has no qk_attn.verify.repair_dataset; update qk-attn "
                            "(repair needs the shard checksums written by newer versions)") from None
-    dropped = repair_dataset(args.out, log=print)
-    if dropped:
-        print(f"repaired {args.out}: {dropped} example(s) dropped from the manifest; re-run the same `qk-sniff run` "
-              "command to capture them again")
-    else:
-        print(f"nothing to repair in {args.out}")
-    return 0
+    # repair_dataset prints what it dropped and returns the exit status: 0 when OUT is sound
+    # afterwards (re-running the capture fills in what was dropped), 1 when problems remain.
+    return int(repair_dataset(args.out, log=print))
 
 
 def cmd_push(args) -> int:
@@ -458,7 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qk-sniff",
         description="Record sampled query/key vectors of a transformers model over a dataset.",
-        epilog="exit status: 0 success; 1 verify/merge found problems, or a Hub transfer failed; 2 a configuration, "
+        epilog="exit status: 0 success; 1 verify/merge found problems (repair: some remain), or a Hub transfer "
+               "failed; 2 a configuration, "
                "usage, output-folder, dataset or disk problem (one line on stderr; --debug for the traceback); "
                "130 interrupted",
     )
