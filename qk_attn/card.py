@@ -12,6 +12,7 @@ manifest, which the saver writes from the same tables it writes to the shards.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from datasets.utils.metadata import MetadataConfigs
@@ -35,10 +36,13 @@ def _parse(key: str) -> tuple[int, int, str]:
     return parse_key(key)
 
 
-def dataset_configs(shards: dict[str, list[str]]) -> MetadataConfigs:
-    """`configs:` entries for every folder with committed shards, every layer and kind, each kind."""
+def dataset_configs(shards: dict[str, list[str]], examples_file: str | None = None) -> MetadataConfigs:
+    """`configs:` entries for every folder with committed shards, every layer and kind, each kind,
+    and `examples` (one row per committed example) when the capture wrote that table."""
     keys = sorted((_parse(k), k) for k, names in shards.items() if names)
     configs: dict[str, dict] = {}
+    if examples_file:
+        configs["examples"] = {"data_files": [{"split": "train", "path": examples_file}]}
     for (_, _, _), key in keys:
         configs[key] = {"data_files": [{"split": "train", "path": f"{key}/*.parquet"}]}
     for layer, kind in sorted({(layer, kind) for (layer, _, kind), _ in keys}):
@@ -122,30 +126,80 @@ def _ranges(values: list[int]) -> str:
     return ", ".join(out) if out else "none"
 
 
+def _heads_that_ran(manifest: dict, kind: str) -> int:
+    """(layer, head) pairs of `kind` the plan records and that received attention calls
+    (cross-attention keys, which are vision tokens, are left out)."""
+    plan = manifest.get("plan") or {}
+    calls = manifest.get("calls", {})
+    cross = set(manifest.get("cross_attention_layers", [])) if kind == "k" else set()
+    table = plan.get("query_heads" if kind == "q" else "key_heads", {})
+    return sum(1 for layer, heads in table.items() for h in heads
+               if int(layer) not in cross and calls.get(_key(int(layer), h, kind), 0) > 0)
+
+
+def per_example_head(manifest: dict) -> dict[int, dict[str, float]]:
+    """bucket -> {"q": rows per (example, head), "k": ..., "expected": the sampler's expectation}.
+
+    Observed: the manifest's committed rows of a bucket over (committed examples x heads that
+    ran). Expected: the mean over the committed examples of keep probability x the bucket's
+    overlap with [0, valid length) -- the same for q and k.
+    """
+    sampler = Sampler(**_sampler_args(manifest))
+    lengths = [int(v) for v in manifest.get("examples", {}).values()]
+    buckets = manifest.get("buckets", {})
+    if not lengths:
+        return {}
+    ids = {int(b) for counts in buckets.values() for b in counts}
+    ids |= {b for b, *_ in sampler.bucket_bounds(max(lengths))}
+    out: dict[int, dict[str, float]] = {}
+    heads = {kind: _heads_that_ran(manifest, kind) for kind in "qk"}
+    for b in sorted(ids):
+        start, size = sampler.bucket_start(b), sampler.bucket_size(b)
+        p = sampler.keep_probability(b)
+        expected = sum(p * max(0, min(start + size, n) - start) for n in lengths) / len(lengths)
+        row = {"expected": expected}
+        for kind in "qk":
+            if heads[kind]:
+                row[kind] = buckets.get(kind, {}).get(str(b), 0) / (len(lengths) * heads[kind])
+        out[b] = row
+    return out
+
+
 def bucket_chart(manifest: dict, path: Path) -> bool:
-    """Bar chart of committed rows per sampler bucket and kind (log scale) as a PNG; False if no rows."""
+    """Rows per (example, head) in each sampler bucket, q and k side by side, with the sampler's
+    expected value marked; a linear axis, so bar length is a count. False if nothing was committed."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    buckets = manifest.get("buckets", {})
-    ids = sorted({int(b) for counts in buckets.values() for b in counts})
-    if not ids:
+    table = per_example_head(manifest)
+    if not table or not any(row.get(k) for row in table.values() for k in "qk"):
         return False
     sampler = Sampler(**_sampler_args(manifest))
-    figure = Figure(figsize=(max(6, 0.45 * len(ids) + 2), 3.6), dpi=100)
+    ids = sorted(table)
+    x = list(range(len(ids)))
+    figure = Figure(figsize=(min(16, max(6, 0.5 * len(ids) + 2)), 4), dpi=100)
     FigureCanvasAgg(figure)  # no pyplot: leaves the user's matplotlib state alone
     ax = figure.add_subplot()
-    width = 0.4
-    for offset, kind in ((-width / 2, "q"), (width / 2, "k")):
-        counts = buckets.get(kind, {})
-        if counts:
-            ax.bar([b + offset for b in ids], [counts.get(str(b), 0) for b in ids], width, label=f"{KINDS[kind]} rows")
-    ax.set_yscale("log")
-    ax.set_xticks(ids, [f"{b}\n{sampler.bucket_start(b)}" for b in ids], fontsize=7)
+    kinds = [k for k in "qk" if any(k in row for row in table.values())]
+    width = 0.8 / len(kinds)
+    for i, kind in enumerate(kinds):
+        offset = (i - (len(kinds) - 1) / 2) * width
+        ax.bar([v + offset for v in x], [table[b].get(kind, 0) for b in ids], width, label=f"{KINDS[kind]} rows")
+    ax.hlines([table[b]["expected"] for b in ids], [v - 0.45 for v in x], [v + 0.45 for v in x], colors="black",
+              linewidth=1.5, label="expected (sampler)")
+    step = max(1, len(ids) // 24)
+    ax.set_xticks(x[::step], [f"{sampler.bucket_start(b):,}" for b in ids][::step], fontsize=7,
+                  rotation=45 if len(ids) > 12 else 0)
     ax.set_xlabel("bucket (first position)")
-    ax.set_ylabel("rows (all heads)")
-    ax.set_title(f"{manifest['sampler']['sampler']} sampler: rows per bucket")
-    ax.legend()
+    ax.set_ylabel("rows per (example, head)")
+    top = max(max(row.get(k, 0) for k in ("q", "k", "expected")) for row in table.values())
+    ax.set_ylim(0, top * 1.3 or 1)  # headroom for the legend, above the bars
+    n = len(manifest.get("examples", {}))
+    s = manifest["sampler"]
+    ax.set_title(f"rows per (example, head) in each bucket, mean over {n} committed example{'s' if n != 1 else ''}\n"
+                 f"{s['sampler']} sampler, min_bucket_size {s['min_bucket_size']}, base_rate {float(s['base_rate']):g}",
+                 fontsize=9)
+    ax.legend(fontsize=8, loc="upper center", ncol=3, frameon=False)
     figure.tight_layout()
     figure.savefig(path)
     return True
@@ -154,6 +208,13 @@ def bucket_chart(manifest: dict, path: Path) -> bool:
 def _sampler_args(manifest: dict) -> dict:
     s = manifest["sampler"]
     return {"strategy": s["sampler"], "min_bucket_size": int(s["min_bucket_size"]), "base_rate": float(s["base_rate"]), "seed": int(s["seed"])}
+
+
+def public(value):
+    """A value fit for a published card: an absolute local path becomes its last part, marked local."""
+    if isinstance(value, str) and (os.path.isabs(value) or value.startswith("~")):
+        return f"{Path(value).name} (local)"
+    return value
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -174,12 +235,14 @@ def render_card(manifest: dict, where: str, revision: str | None = None, chart: 
     max_length = max([int(v) for v in examples.values()] + [0])
     keys = sorted(_parse(k) for k, names in manifest.get("shards", {}).items() if names)
 
-    label = model.get("id") or model.get("model_type") or "unknown model"
+    label = public(model.get("id")) or model.get("model_type") or "unknown model"
     data = DatasetCardData(
         pretty_name=f"qk-sniff: {label} query/key vectors",
         tags=["qk-attn", "attention", "interpretability", "query-key"],
     )
-    dataset_configs(manifest.get("shards", {})).to_dataset_card_data(data)
+    examples_file = (manifest.get("examples_file") or {}).get("name")
+    configs = dataset_configs(manifest.get("shards", {}), examples_file)
+    configs.to_dataset_card_data(data)
 
     total = {k: sum(n for key, n in rows.items() if key.endswith(k)) for k in "qk"}
     rev = f", revision={revision!r}" if revision else ""
@@ -195,7 +258,9 @@ def render_card(manifest: dict, where: str, revision: str | None = None, chart: 
         "## Contents",
         _table(
             ["examples", "valid tokens", "max length", "query rows", "key rows", "configs"],
-            [[len(examples), f"{sum(int(v) for v in examples.values()):,}", f"{max_length:,}", f"{total['q']:,}", f"{total['k']:,}", len(keys)]],
+            [[len(examples), f"{sum(int(v) for v in examples.values()):,}", f"{max_length:,}", f"{total['q']:,}",
+              f"{total['k']:,}", f"{len(configs)} ({len(keys)} heads, {len(configs) - len(keys) - bool(examples_file)} "
+              f"per layer or kind{', examples' if examples_file else ''})"]],
         ),
         "One config per `(layer, head, kind)` folder (`l03h01k`: layer 3, key head 1), per layer and kind "
         "(`layer03_q`, `layer03_k`) and per kind (`all_q`, `all_k`). Columns: `example_id` int64, `position` int32 "
@@ -208,12 +273,14 @@ def render_card(manifest: dict, where: str, revision: str | None = None, chart: 
         "import qk_attn\n\n"
         f"table = qk_attn.load({where!r}, layer={layer}, head={head}, kind={kind!r}{rev})  # pyarrow Table\n"
         f"vectors = qk_attn.load_vectors({where!r}, layer={layer}, head={head}, kind={kind!r}{rev})  # (N, head_dim) torch tensor\n```",
+        *_examples_section(examples_file, where, rev),
         "## Model",
         _table(["model", "revision", "dtype", "type", "layers", "query heads", "key heads", "head dim"],
-               [[model.get("id"), model.get("revision"), model.get("dtype"), model.get("model_type"), plan.get("num_layers"),
-                 plan.get("num_heads"), plan.get("num_kv_heads"), plan.get("head_dim")]]),
+               [[label, _revision(manifest), model.get("dtype"), model.get("model_type"),
+                 plan.get("num_layers"), plan.get("num_heads"), plan.get("num_kv_heads"), plan.get("head_dim")]]),
         "## Source dataset",  # (sorted: the same card whether the manifest was just built or read back)
-        _table(["setting", "value"], [[k, f"`{v}`"] for k, v in sorted(source.items()) if v is not None]) if source else "Not recorded.",
+        _table(["setting", "value"], [[k, f"`{public(v)}`"] for k, v in sorted(source.items())
+                                      if v is not None and k != "weights"]) if source else "Not recorded.",
         "## Sampler",
         _table(
             ["strategy", "min_bucket_size", "base_rate", "seed", "RoPE stage", "captured", "vector dtype"],
@@ -231,17 +298,39 @@ def render_card(manifest: dict, where: str, revision: str | None = None, chart: 
     return DatasetCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(parts) + "\n")
 
 
+def _examples_section(examples_file: str | None, where: str, rev: str) -> list[str]:
+    """From `example_id` back to the source document: the examples table, when the capture wrote it."""
+    if not examples_file:
+        return []
+    return [
+        "## Examples",
+        f"`{examples_file}` (config `examples`) has one row per committed example: `example_id` int64 (as in every "
+        "shard), `source_id` string (the source dataset's own id; null when the row number served as id), "
+        "`source_index` int64 (the row in the source dataset), `valid_length` int64 (its valid tokens), "
+        "`first_position` int64 (the smallest position among them).",
+        "```python\n"
+        f"examples = load_dataset({where!r}, \"examples\", split=\"train\"{rev})\n"
+        f"examples = qk_attn.load_examples({where!r}{rev})  # the same, as a pyarrow Table\n```",
+    ]
+
+
 def _bucket_table(manifest: dict, sampler: Sampler, max_length: int) -> str:
     buckets = manifest.get("buckets", {})
     seen = {int(b) for counts in buckets.values() for b in counts}
     bounds = {b: (s, e, p) for b, s, e, p in sampler.bucket_bounds(max(max_length, 1))}
+    per = per_example_head(manifest)
+    cell = lambda b, k: f"{per[b][k]:.2f}" if b in per and k in per[b] else "-"  # noqa: E731
     rows = []
     for b in sorted(set(bounds) | seen):
         start = sampler.bucket_start(b)
         end = start + sampler.bucket_size(b)
         rows.append([b, f"[{start:,}, {end:,})", f"{sampler.bucket_size(b):,}", f"{sampler.keep_probability(b):.6g}",
-                     f"{buckets.get('q', {}).get(str(b), 0):,}", f"{buckets.get('k', {}).get(str(b), 0):,}"])
-    return _table(["bucket", "positions", "size", "keep probability", "query rows", "key rows"], rows)
+                     f"{buckets.get('q', {}).get(str(b), 0):,}", f"{buckets.get('k', {}).get(str(b), 0):,}",
+                     cell(b, "q"), cell(b, "k"), cell(b, "expected")])
+    return _table(["bucket", "positions", "size", "keep probability", "query rows", "key rows",
+                   "query rows per example-head", "key rows per example-head", "expected per example-head"], rows) + (
+        "\n\nPer example-head: rows over (committed examples x (layer, head) pairs that ran); expected: the "
+        "sampler's keep probability x the bucket's overlap with each example's valid length, averaged over examples.")
 
 
 def _coverage_text(manifest: dict, cov: dict) -> str:
@@ -298,10 +387,24 @@ def _coverage_text(manifest: dict, cov: dict) -> str:
     return "\n\n".join(lines)
 
 
+def _revision(manifest: dict) -> str:
+    """The weights' revision: the Hub commit, the configured revision, or what identifies them otherwise."""
+    model, source = manifest.get("model") or {}, manifest.get("source") or {}
+    if model.get("revision") or source.get("model_revision"):
+        return model.get("revision") or source.get("model_revision")
+    if source.get("weights"):
+        return "the file and package version under weights"
+    return "not recorded (a local folder, or a Hub model loaded without a commit hash)"
+
+
 def _provenance(manifest: dict, max_length: int) -> str:
     v = manifest.get("versions", {})
     model = manifest.get("model") or {}
-    rows = [[name, f"`{version}`"] for name, version in sorted(v.items())]
+    source = manifest.get("source") or {}
+    rows = [["model", public(model.get("id"))], ["model revision", _revision(manifest)]]
+    if source.get("weights"):
+        rows.append(["weights", source["weights"]])
+    rows += [[name, f"`{version}`"] for name, version in sorted(v.items())]
     rows += [["model dtype", model.get("dtype")], ["max valid length", f"{max_length:,}"],
              ["created", manifest.get("created")], ["updated", manifest.get("updated")]]
     config = {k: val for k, val in manifest.get("config", {}).items() if k != "output"}
@@ -317,6 +420,7 @@ def write_card(output: str | Path, manifest: dict | None = None, repo_id: str | 
     if manifest is None:
         raise FileNotFoundError(f"{output} has no qk_sniff.json: not a capture folder")
     chart = bucket_chart(manifest, output / CHART)
-    card = render_card(manifest, repo_id or str(output.resolve()), revision if repo_id else None, chart)
+    # A local card names the folder relative to where it sits: no absolute path is published.
+    card = render_card(manifest, repo_id or output.resolve().name, revision if repo_id else None, chart)
     card.save(output / CARD)
     return output / CARD

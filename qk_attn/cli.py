@@ -1,8 +1,9 @@
 """`qk-sniff`: run a dataset through a model and check what was recorded.
 
-    qk-sniff run [--config FILE] [--set section.key=value ...] [--push]
+    qk-sniff run [--config FILE] [--set section.key=value ...] [--push] [--dry-run]
     qk-sniff inspect OUT          rows, coverage, bucket distribution, plot path
     qk-sniff verify OUT           schema, uniqueness, manifest counts, buckets, exact selection
+    qk-sniff repair OUT           drop the examples that bad or missing shards touched, so a re-run recaptures them
     qk-sniff push OUT --repo ID [--revision BRANCH] [--private]
     qk-sniff pull --repo ID OUT [--revision BRANCH]
     qk-sniff merge OUT            manifest parts of several ranks -> qk_sniff.json + card
@@ -11,13 +12,21 @@
 rank (qk_attn.distributed); see README "Multi-GPU and multi-node runs".
 
 `run` without `--config` runs the embedded offline demo (SmolLM2-135M over four KJV books,
-written to ./qk-sniff-demo/). Exit status: 0 success, 1 `verify` found problems or a
-command failed, 2 a configuration or usage error.
+written to ./qk-sniff-demo/).
+
+Exit status: 0 success; 1 `verify`/`merge` found problems in the data (`repair`: some
+remain), or a Hub transfer failed; 2 the command cannot do what it was asked: a configuration or usage error, an output
+folder that is locked, incompatible, not writable or full, a dataset that is empty, not UTF-8
+or has duplicate ids, a run larger than `capture.max_gb`; 130 interrupted. Every expected
+failure is one line on stderr naming the setting, the value and what is allowed; `--debug`
+adds the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import logging
 import re
 import sys
 import time
@@ -306,7 +315,15 @@ def cmd_run(args) -> int:
     config = RunConfig.load(args.config, args.set or [], base=DEMO_CONFIG if is_demo else None)
     if is_demo:
         print("qk-sniff: no --config given: running the embedded demo (configs/demo.yaml)", flush=True)
+    if is_demo or args.quiet:
         _quiet_libraries()
+    if args.dry_run:
+        from .runner import check
+
+        check(config, shard=args.shard)
+        print(f"qk-sniff run --dry-run: every check passed; no weights loaded, nothing written to "
+              f"{config.output.data_root}")
+        return 0
     start = time.perf_counter()
     summary = run(config, push_to_hub=args.push, progress=not args.quiet, shard=args.shard)
     print()
@@ -325,6 +342,16 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _verify_module():
+    """verify_dataset / inspect_dataset / repair_dataset: qk_attn.verify when present, else here."""
+    try:
+        from . import verify
+
+        return verify
+    except ImportError:
+        return sys.modules[__name__]
+
+
 def cmd_merge(args) -> int:
     from .distributed import merge
 
@@ -341,13 +368,42 @@ def cmd_merge(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    for line in inspect_dataset(args.out):
+    lines = _verify_module().inspect_dataset(args.out)
+    for line in lines if args.full else shorten(lines):
         print(line)
     return 0
 
 
+def shorten(lines: list[str], keep: int = 10, slack: int = 4) -> list[str]:
+    """A summary that stays short for sparse captures: each block of more than `keep + slack`
+    indented continuation lines (coverage gaps, buckets) keeps its first `keep - 2` and last 2
+    lines, and says how many it left out."""
+    out: list[str] = []
+    block: list[str] = []
+
+    def close() -> None:
+        if len(block) <= keep + slack:
+            out.extend(block)
+        else:
+            indent = block[0][: len(block[0]) - len(block[0].lstrip())]
+            out.extend(block[: keep - 2])
+            out.append(f"{indent}... {len(block) - keep} more lines (qk-sniff inspect --full; the card's Coverage "
+                       "and Buckets sections list them all)")
+            out.extend(block[-2:])
+        block.clear()
+
+    for line in lines:
+        if line.startswith(" "):
+            block.append(line)
+            continue
+        close()
+        out.append(line)
+    close()
+    return out
+
+
 def cmd_verify(args) -> int:
-    problems = verify_dataset(args.out)
+    problems = _verify_module().verify_dataset(args.out)
     if problems:
         print(f"FAILED: {len(problems)} problem(s) in {args.out}")
         for p in problems:
@@ -355,6 +411,17 @@ def cmd_verify(args) -> int:
         return 1
     print(f"OK: {args.out} is consistent (schema, uniqueness, manifest counts, buckets, exact sampler selection)")
     return 0
+
+
+def cmd_repair(args) -> int:
+    try:
+        from .verify import repair_dataset
+    except ImportError:
+        raise CommandError("this installation of qk-attn has no qk_attn.verify.repair_dataset; update qk-attn "
+                           "(repair needs the shard checksums written by newer versions)") from None
+    # repair_dataset prints what it dropped and returns the exit status: 0 when OUT is sound
+    # afterwards (re-running the capture fills in what was dropped), 1 when problems remain.
+    return int(repair_dataset(args.out, log=print))
 
 
 def cmd_push(args) -> int:
@@ -374,7 +441,7 @@ def cmd_pull(args) -> int:
 
 
 def _quiet_libraries() -> None:
-    """The demo's output is the progress bar and the summary, not every library's bars."""
+    """The demo's output is our progress bar and the summary, not every library's bars (--quiet: no bars at all)."""
     import datasets
     import transformers
 
@@ -387,43 +454,60 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qk-sniff",
         description="Record sampled query/key vectors of a transformers model over a dataset.",
+        epilog="exit status: 0 success; 1 verify/merge found problems (repair: some remain), or a Hub transfer "
+               "failed; 2 a configuration, "
+               "usage, output-folder, dataset or disk problem (one line on stderr; --debug for the traceback); "
+               "130 interrupted",
     )
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: a subcommand without --debug leaves `qk-sniff --debug run ...` as it was
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add = functools.partial(sub.add_parser, parents=[common])  # every command takes --debug
 
-    p = sub.add_parser("run", help="run a dataset through a model and record q/k (no --config: the offline demo)")
+    p = add("run", help="run a dataset through a model and record q/k (no --config: the offline demo)")
     p.add_argument("--config", "-c", help="YAML run configuration (see configs/); omit for the embedded demo")
     p.add_argument("--set", "-s", action="append", metavar="SECTION.KEY=VALUE",
                    help="override one setting, e.g. --set tokenizer.max_length=4096 (repeatable)")
     p.add_argument("--push", action="store_true",
                    help="pull output.hf_repo_id before capture (if it exists) and push the dataset after the run")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars (ours and the libraries')")
+    p.add_argument("--dry-run", action="store_true",
+                   help="make every check and print the estimate, then stop: no weights loaded, nothing written")
     p.add_argument("--shard", metavar="I/N",
                    help="capture only documents d with d %% N == I (0-based; e.g. $SLURM_ARRAY_TASK_ID/8), "
                         "then run `qk-sniff merge OUT` once all N jobs finished")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("merge", help="merge the manifest parts of a multi-rank / --shard capture; writes the card")
+    p = add("merge", help="merge the manifest parts of a multi-rank / --shard capture; writes the card")
     p.add_argument("out", help="capture output folder")
     p.add_argument("--allow-incomplete", action="store_true",
                    help="merge even if some ranks did not finish their documents (the card counts what is committed)")
     p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("inspect", help="rows, coverage, bucket distribution and plot of a capture dataset")
+    p = add("inspect", help="rows, coverage, bucket distribution and plot of a capture dataset")
     p.add_argument("out", help="capture output folder")
+    p.add_argument("--full", action="store_true", help="every coverage and bucket line, however many")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("verify", help="check a capture dataset against its manifest and the sampler")
+    p = add("verify", help="check a capture dataset against its manifest and the sampler")
     p.add_argument("out", help="capture output folder")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("push", help="upload a capture dataset to the Hugging Face Hub")
+    p = add("repair", help="drop the examples that bad or missing shards touched from the manifest, "
+                                      "so that re-running the same command captures exactly them again")
+    p.add_argument("out", help="capture output folder")
+    p.set_defaults(func=cmd_repair)
+
+    p = add("push", help="upload a capture dataset to the Hugging Face Hub")
     p.add_argument("out", help="capture output folder")
     p.add_argument("--repo", required=True, help="dataset repo id, e.g. org/sniffed-qk")
     p.add_argument("--revision", help="branch (created when missing), e.g. llama-3.1-8b")
     p.add_argument("--private", action="store_true", help="create the repo as private")
     p.set_defaults(func=cmd_push)
 
-    p = sub.add_parser("pull", help="download a capture dataset from the Hub so a run can resume into it")
+    p = add("pull", help="download a capture dataset from the Hub so a run can resume into it")
     p.add_argument("out", help="local folder to fill")
     p.add_argument("--repo", required=True, help="dataset repo id")
     p.add_argument("--revision", help="branch")
@@ -431,27 +515,87 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+class CommandError(RuntimeError):
+    """A command cannot run as asked (exit 2); the message is the whole story."""
+
+
+class _SaverFailureFilter(logging.Filter):
+    """The saver logs its failure in its own thread; the CLI prints the error it raises instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("qk-sniff saver failed")
+
+
+TRACEBACK_HINT = " (--debug shows the traceback)"
+OOM_HINT = "; lower tokenizer.max_length or inference.batch_size, or use model.device_map: auto"
+
+
+def _expected_errors() -> list[tuple[tuple[type[BaseException], ...], int, str]]:
+    """(exception types, exit status, hint after the message); the first match wins, and
+    anything else keeps its traceback. Errors whose message is the whole story get no hint."""
     from .config import ConfigError
     from .demo import DemoUnavailable
     from .hub import HubError
-    from .saver import OutputLocked
+    from .saver import OutputLocked, SaverError
 
+    from . import saver
+
+    storage = getattr(saver, "StorageError", ConfigError)  # one-line storage failures (ValueError)
+    out_of_memory = getattr(sys.modules.get("torch"), "OutOfMemoryError", None)  # a RuntimeError
+    return [
+        ((ConfigError, CommandError, DemoUnavailable, FileNotFoundError, storage), 2, ""),
+        ((OutputLocked, SaverError), 2, TRACEBACK_HINT),
+        *([((out_of_memory,), 2, OOM_HINT + TRACEBACK_HINT)] if out_of_memory is not None else []),
+        ((HubError,), 1, ""),
+        ((OSError, ValueError), 2, TRACEBACK_HINT),  # a full or unwritable disk, a folder that is not a capture, ...
+    ]
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _disk_full(error: BaseException | None) -> bool:
+    """ENOSPC / EDQUOT anywhere in the error's chain (the saver wraps the OSError it met)."""
+    import errno
+
+    seen = 0
+    while error is not None and seen < 16:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(error):  # pyarrow's IOError text
+            return True
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    saver_log, quiet = logging.getLogger("qk_attn.saver"), _SaverFailureFilter()
+    if not args.debug:
+        saver_log.addFilter(quiet)
     try:
         return args.func(args)
-    except ConfigError as error:
-        print(f"qk-sniff {args.command}: configuration error: {error}", file=sys.stderr)
-        return 2
-    # Expected failures print their message (a Hub error carries the Hub's own wording);
-    # anything else keeps its traceback.
-    except (FileNotFoundError, DemoUnavailable, HubError, OutputLocked) as error:
-        print(f"qk-sniff {args.command}: {error}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print(f"qk-sniff {args.command}: interrupted; committed examples are kept, re-run the same command to resume",
               file=sys.stderr)
         return 130
+    except Exception as error:  # noqa: BLE001 - sorted into expected (one line) and unexpected (traceback)
+        match = next(((status, hint) for types, status, hint in _expected_errors() if isinstance(error, types)), None)
+        if match is None:
+            raise
+        status, hint = match
+        if _disk_full(error):
+            hint = "; free space on the output's disk (or choose another output.data_root) before re-running" + hint
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
+            hint = hint.replace(TRACEBACK_HINT, "")
+        print(f"qk-sniff {args.command}: {_one_line(error)}{hint}", file=sys.stderr)
+        return status
+    finally:
+        saver_log.removeFilter(quiet)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,17 @@
 """Every capture setting in one place: `SniffConfig`, read from `QK_SNIFF_*` or keywords.
 
 Values are validated when the configuration is built, never inside a forward: a bad value
-is a `ValueError` naming the variable, the value and what is allowed.
+is a `ConfigError` (a `ValueError`) naming the setting, the value and what is allowed. The
+setting is named as the user wrote it: `layers=...` for keyword arguments, `QK_SNIFF_LAYERS=...`
+for a value read from the environment, `capture.layers=...` for a run configuration
+(qk_attn.run_config relabels it).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,11 +24,39 @@ VECTOR_DTYPES = ("float32", "float16")
 
 
 class ConfigError(ValueError):
-    """A setting has a value outside what is allowed."""
+    """A setting has a value outside what is allowed.
+
+    Errors about one `SniffConfig` field carry `setting` (the field name), `value` and
+    `allowed`, so a caller that knows where the value came from can name it that way
+    (`relabel`); other messages are free text.
+    """
+
+    def __init__(self, message: str, *, setting: str | None = None, value: Any = None, allowed: str | None = None):
+        super().__init__(message)
+        self.setting, self.value, self.allowed = setting, value, allowed
+
+    def relabel(self, label: str) -> "ConfigError":
+        """The same error, naming the setting `label` (e.g. `QK_SNIFF_LAYERS`, `capture.layers`)."""
+        if self.setting is None:
+            return ConfigError(f"{label}: {self}")
+        return ConfigError(f"{label}={self.value!r} is invalid: expected {self.allowed}",
+                           setting=self.setting, value=self.value, allowed=self.allowed)
 
 
 def _fail(name: str, value: Any, allowed: str) -> ConfigError:
-    return ConfigError(f"{ENV_PREFIX}{name.upper()}={value!r} is invalid: expected {allowed}")
+    """A bad value of field `name`, named as a keyword argument (`layers='x'`) until relabelled."""
+    return ConfigError(f"{name}={value!r} is invalid: expected {allowed}", setting=name, value=value, allowed=allowed)
+
+
+def command_line_process() -> bool:
+    """True inside the `qk-sniff` command (`qk-sniff ...` or `python -m qk_attn.cli ...`), which
+    ignores `QK_SNIFF_*` capture settings: its run configuration alone decides a run (README
+    "Environment variables"). Checked on the command line because `import qk_attn` reads the
+    environment before the command's own code runs."""
+    if sys.argv and os.path.basename(sys.argv[0] or "") == "qk-sniff":
+        return True
+    argv = list(getattr(sys, "orig_argv", ()))  # Python >= 3.10
+    return any(a == "-m" and b == "qk_attn.cli" for a, b in zip(argv, argv[1:]))
 
 
 def parse_index_list(name: str, value: Any) -> tuple[int, ...] | None:
@@ -143,11 +175,22 @@ class SniffConfig:
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> "SniffConfig":
-        """Read every `QK_SNIFF_<FIELD>` variable; keyword overrides win over the environment."""
-        environ = os.environ if environ is None else environ
+        """Read every `QK_SNIFF_<FIELD>` variable; keyword overrides win over the environment.
+
+        A bad value names the variable when it came from the environment, the keyword otherwise.
+        In the `qk-sniff` command the process environment is not read (see command_line_process).
+        """
+        if environ is None:
+            environ = {} if command_line_process() else os.environ
         values = {name: environ[ENV_PREFIX + name.upper()] for name in cls.field_names() if ENV_PREFIX + name.upper() in environ}
+        from_environment = set(values) - set(overrides)
         values.update(overrides)
-        return cls(**values)
+        try:
+            return cls(**values)
+        except ConfigError as error:
+            if error.setting in from_environment:
+                raise error.relabel(ENV_PREFIX + error.setting.upper()) from None
+            raise
 
     def replace(self, **changes: Any) -> "SniffConfig":
         unknown = set(changes) - set(self.field_names())

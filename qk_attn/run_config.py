@@ -7,7 +7,7 @@
     inference: {batch_size, backend, pinned_mb}
     capture:   {sampler, min_bucket_size, base_rate, seed, layers, heads, key_heads,
                 head_sampling: {count, seed}, capture_queries, capture_keys, capture_pre_rope,
-                full_attention_only, capture_token_strings, vector_dtype}
+                full_attention_only, capture_token_strings, vector_dtype, max_gb}
     output:    {data_root, hf_repo_id, hf_branch, private, overwrite}
 
 Everything is validated when the file is read, before any model or dataset is loaded: an
@@ -73,6 +73,16 @@ def _validate(where: str, value: Any, kind: str, choices, minimum, nullable) -> 
             raise ConfigError(f"{where}={value!r} is invalid: expected an integer") from None
         if minimum is not None and number < minimum:
             raise ConfigError(f"{where}={value!r} is invalid: expected an integer >= {minimum}")
+        return number
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{where}={value!r} is invalid: expected a number")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"{where}={value!r} is invalid: expected a number") from None
+        if not number > (minimum or 0):
+            raise ConfigError(f"{where}={value!r} is invalid: expected a number > {minimum or 0}")
         return number
     if kind == "mapping":
         if not isinstance(value, Mapping):
@@ -145,6 +155,9 @@ class CaptureSection:
     full_attention_only: bool = _opt(False, "bool")
     capture_token_strings: bool = _opt(False, "bool")
     vector_dtype: str | None = _opt(None, "str")
+    # Refuse a run whose estimated output (qk_attn.estimate) exceeds this many GB (10^9 bytes);
+    # null: half the free space on the output's file system.
+    max_gb: float | None = _opt(None, "float")
 
 
 @dataclass
@@ -328,12 +341,20 @@ class RunConfig:
         return settings
 
     def sniff_config(self) -> SniffConfig:
-        """The capture configuration; a bad value names its YAML key, not the env variable."""
+        """The capture configuration; a bad value names its YAML key (`capture.layers=...`)."""
         settings = self.sniff_settings()
         try:
             return SniffConfig(**settings)
         except ConfigError as error:
-            raise ConfigError(f"{_yaml_key_of(str(error))}: {error}") from None
+            raise error.relabel(self.yaml_key(error.setting)) if error.setting else error from None
+
+    def yaml_key(self, setting: str) -> str:
+        """The YAML key a `SniffConfig` field comes from: `base_rate` -> `capture.base_rate`, or
+        `capture.sampler.base_rate` when it was given inside the `capture.sampler` mapping."""
+        if setting in SAMPLER_KEYS[1:] and isinstance(self.capture.sampler, Mapping) and \
+                self.capture.sampler.get(setting) is not None:
+            return f"capture.sampler.{setting}"
+        return _YAML_KEYS.get(setting, f"capture.{setting}")
 
     @property
     def tokenizer_name(self) -> str:
@@ -344,29 +365,16 @@ class RunConfig:
         return self.tokenizer.revision if self.tokenizer.name else (self.tokenizer.revision or self.model.revision)
 
 
+# SniffConfig field -> the YAML key it is set by (the rest are `capture.<field>`).
 _YAML_KEYS = {
-    "SAMPLER": "capture.sampler",
-    "MIN_BUCKET_SIZE": "capture.min_bucket_size",
-    "BASE_RATE": "capture.base_rate",
-    "SEED": "capture.seed",
-    "LAYERS": "capture.layers",
-    "HEADS": "capture.heads",
-    "KEY_HEADS": "capture.key_heads",
-    "HEAD_SAMPLE_COUNT": "capture.head_sampling.count",
-    "HEAD_SAMPLE_SEED": "capture.head_sampling.seed",
-    "VECTOR_DTYPE": "capture.vector_dtype",
-    "BACKEND": "inference.backend",
-    "PINNED_MB": "inference.pinned_mb",
-    "OUTPUT": "output.data_root",
+    "head_sample_count": "capture.head_sampling.count",
+    "head_sample_seed": "capture.head_sampling.seed",
+    "backend": "inference.backend",
+    "pinned_mb": "inference.pinned_mb",
+    "output": "output.data_root",
+    "rope": "capture.capture_pre_rope",
+    "capture": "capture.capture_queries",
 }
-
-
-def _yaml_key_of(message: str) -> str:
-    """`QK_SNIFF_BASE_RATE=... is invalid` -> `capture.base_rate` (longest match wins)."""
-    for env in sorted(_YAML_KEYS, key=len, reverse=True):
-        if f"QK_SNIFF_{env}=" in message:
-            return _YAML_KEYS[env]
-    return "capture"
 
 
 def _deep_copy(data: Mapping) -> dict:

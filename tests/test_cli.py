@@ -239,7 +239,7 @@ def test_cli_config_errors_exit_2(tmp_path, capsys):
     assert "'txt_column'" in err and "'dataset'" in err and "text_column" in err
     assert cli.main(["run", "--config", str(path), "--set", "capture.bucket=3"]) == 2
     assert "'bucket'" in capsys.readouterr().err
-    assert cli.main(["verify", str(tmp_path / "nowhere")]) == 1
+    assert cli.main(["verify", str(tmp_path / "nowhere")]) == 2  # a usage error, not a problem found in data
     assert "qk_sniff.json is missing" in capsys.readouterr().err
 
 

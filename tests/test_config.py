@@ -55,6 +55,21 @@ def test_bad_value_names_variable_value_and_allowed(name, value, allowed):
     assert f"QK_SNIFF_{name}={value!r}" in message and allowed in message
 
 
+def test_keyword_values_are_named_as_keywords_and_env_values_as_variables():
+    with pytest.raises(ValueError, match=r"^layers='x' is invalid: expected comma-separated") as error:
+        SniffConfig(layers="x")
+    assert "QK_SNIFF" not in str(error.value)
+    with pytest.raises(ValueError, match=r"^base_rate=0 is invalid"):
+        SniffConfig.from_env({"QK_SNIFF_BASE_RATE": "0"}, base_rate=0)  # the keyword won: name the keyword
+    with pytest.raises(ValueError, match=r"^QK_SNIFF_BASE_RATE='0' is invalid"):
+        SniffConfig.from_env({"QK_SNIFF_BASE_RATE": "0"}, seed=1)  # the environment's value failed
+    with pytest.raises(ValueError, match=r"^sampler='x' is invalid"):
+        import qk_attn
+
+        with qk_attn.session(sampler="x"):
+            pass
+
+
 def test_bad_environment_fails_at_import_not_in_a_forward(tmp_path):
     env = {"QK_SNIFF_SAMPLER": "nope", "PATH": "/usr/bin:/bin"}
     result = subprocess.run([sys.executable, "-c", "import qk_attn"], env=env, capture_output=True, text=True,

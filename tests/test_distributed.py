@@ -66,7 +66,7 @@ def assert_same_dataset(got: Path, want: Path) -> None:
     assert m["ranks"]["world_size"] == 2 and m["ranks"]["incomplete"] == []
 
     def card(out: Path) -> str:  # the card without its path and timestamps
-        body = (out / "README.md").read_text().replace(str(out.resolve()), "OUT")
+        body = (out / "README.md").read_text().replace(str(out.resolve()), "OUT").replace(repr(out.name), "'OUT'")
         return re.sub(r"\| (created|updated) \| .* \|", "", body)
 
     assert card(got) == card(want)
@@ -169,8 +169,8 @@ def test_shard_jobs_then_merge(setup, capsys):
     assert "qk-sniff merge" in capsys.readouterr().out
     assert cli.main(["merge", str(out)]) == 1
     assert "ranks [1] of 2 have no manifest part" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="written by ranks"):  # a single process must not write into it
-        cli.main(["run", "--config", good, "-q"])
+    assert cli.main(["run", "--config", good, "-q"]) == 2  # a single process must not write into it
+    assert "written by ranks" in capsys.readouterr().err
 
     rank0 = {p: p.read_bytes() for p in out.glob("l*/r000-*.parquet")}
     other = config(root / "shards-seed", seed=7)  # rank 1 with another seed, into the same folder
@@ -178,8 +178,8 @@ def test_shard_jobs_then_merge(setup, capsys):
     assert cli.main(["run", "--config", str(other), "--shard", "1/2", "-q"]) == 0
     assert cli.main(["merge", str(out)]) == 1
     assert "rank 1 captured with different settings than rank 0 (seed" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="resume with the same number of ranks"):
-        cli.main(["run", "--config", good, "--shard", "1/3", "-q"])
+    assert cli.main(["run", "--config", good, "--shard", "1/3", "-q"]) == 2
+    assert "resume with the same number of ranks" in capsys.readouterr().err
 
     # Rank 1 again, right settings: overwrite removes only rank 1's files.
     assert cli.main(["run", "--config", good, "--shard", "1/2", "--set", "output.overwrite=true", "-q"]) == 0

@@ -94,15 +94,26 @@ def test_type_errors_name_the_key():
         config(tokenizer={"padding_side": "middle"})
 
 
-def test_capture_values_are_checked_when_read_and_name_the_yaml_key():
-    with pytest.raises(ConfigError, match=r"^capture\.min_bucket_size: .*power of two"):
-        config(capture={"min_bucket_size": 100})
-    with pytest.raises(ConfigError, match=r"^capture\.sampler: "):
-        config(capture={"sampler": "gaussian"})
-    with pytest.raises(ConfigError, match=r"^capture\.layers: "):
-        config(capture={"layers": "1-x"})
-    with pytest.raises(ConfigError, match=r"^capture\.head_sampling\.count"):
-        config(capture={"head_sampling": {"count": 0}})
+def test_capture_values_are_checked_when_read_and_name_the_yaml_key(monkeypatch):
+    monkeypatch.setenv("QK_SNIFF_LAYERS", "0")  # the environment never names a YAML value
+    cases = [
+        ({"min_bucket_size": 100}, r"^capture\.min_bucket_size=100 is invalid: expected a power of two"),
+        ({"sampler": "gaussian"}, r"^capture\.sampler='gaussian' is invalid: expected log_uniform \| uniform \| all$"),
+        ({"layers": "1-x"}, r"^capture\.layers='1-x' is invalid: expected comma-separated"),
+        ({"head_sampling": {"count": 0}}, r"^capture\.head_sampling\.count=0 is invalid"),
+        ({"sampler": {"type": "uniform", "base_rate": -1}}, r"^capture\.sampler\.base_rate=-1 is invalid: expected a number > 0"),
+        ({"base_rate": 0}, r"^capture\.base_rate=0 is invalid"),
+        ({"vector_dtype": "bf16"}, r"^capture\.vector_dtype='bf16' is invalid: expected float32 \| float16"),
+        ({"max_gb": 0}, r"^capture\.max_gb=0 is invalid: expected a number > 0"),
+        ({"max_gb": "lots"}, r"^capture\.max_gb='lots' is invalid: expected a number"),
+    ]
+    for capture, pattern in cases:
+        with pytest.raises(ConfigError, match=pattern) as error:
+            config(capture=capture)
+        assert "QK_SNIFF" not in str(error.value) and "\n" not in str(error.value)
+    with pytest.raises(ConfigError, match=r"^inference\.backend='flex' is invalid"):
+        config(inference={"backend": "flex"})
+    assert config(capture={"max_gb": 2.5}).capture.max_gb == 2.5
 
 
 def test_sampler_as_mapping_or_flat_keys():

@@ -1,0 +1,88 @@
+"""How many rows and bytes a capture will write, before it runs.
+
+    rows(document)  = sum over recorded (layer, kind) of  heads(layer, kind) * E[kept positions in [0, length)]
+    bytes(document) = rows(document) * (head_dim * vector bytes + INDEX_BYTES)
+
+`E[kept positions]` is `Sampler.expected_keeps` (exact: every bucket's keep probability times
+its overlap with the document), so for `all` it is the length itself. Bytes are the
+uncompressed size of the columns (what Arrow holds in memory); the Parquet files on disk are
+somewhat smaller, by how much the vectors compress (the demo: 22.7 MB estimated, 21.9 MB on
+disk). Cross-attention keys (vision tokens, recorded once per sequence) are not counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+from .sampler import Sampler
+from .selection import HeadPlan
+
+# example_id int64 + position int32 + bucket int32 + layer int16 + head int16 + sliding_window int32
+# + kind (one character, dictionary encoded on disk)
+INDEX_BYTES = 8 + 4 + 4 + 2 + 2 + 4 + 1
+VECTOR_BYTES = {"float32": 4, "float16": 2}
+
+
+def row_bytes(head_dim: int, vector_dtype: str = "float32") -> int:
+    """Uncompressed bytes of one row: the vector plus the index columns."""
+    return head_dim * VECTOR_BYTES[vector_dtype] + INDEX_BYTES
+
+
+def heads_per_layer(plan: HeadPlan) -> int:
+    """Recorded (layer, head, kind) triples: query heads plus key heads over every planned layer."""
+    return sum(len(plan.heads(layer, kind)) for layer in plan.query_heads for kind in ("q", "k"))
+
+
+def document_rows(plan: HeadPlan, sampler: Sampler, length: int) -> float:
+    """Expected rows one document of `length` valid tokens adds (all recorded heads, q and k)."""
+    if length <= 0:
+        return 0.0
+    return heads_per_layer(plan) * sampler.expected_keeps(length)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Expected output of a run: per document and in total (rows are expectations, bytes uncompressed)."""
+
+    documents: int
+    rows: float  # total
+    bytes: float  # total, uncompressed
+    min_rows: float
+    max_rows: float
+    row_bytes: int
+
+    @property
+    def rows_per_document(self) -> float:
+        return self.rows / self.documents if self.documents else 0.0
+
+    @property
+    def bytes_per_document(self) -> float:
+        return self.bytes / self.documents if self.documents else 0.0
+
+    @property
+    def gb(self) -> float:
+        return self.bytes / 1e9
+
+
+def estimate(plan: HeadPlan, sampler: Sampler, lengths: Iterable[int], vector_dtype: str = "float32") -> Estimate:
+    """The expected rows and bytes of capturing documents of these valid lengths (tokens)."""
+    per_row = row_bytes(plan.shape.head_dim, vector_dtype)
+    rows = [document_rows(plan, sampler, int(n)) for n in lengths]
+    total = sum(rows)
+    return Estimate(
+        documents=len(rows),
+        rows=total,
+        bytes=total * per_row,
+        min_rows=min(rows, default=0.0),
+        max_rows=max(rows, default=0.0),
+        row_bytes=per_row,
+    )
+
+
+def format_bytes(n: float) -> str:
+    """1234567 -> '1.2 MB' (decimal units, as disks are sold and `capture.max_gb` is read)."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"

@@ -1,0 +1,292 @@
+"""Checks `qk-sniff run` makes before any weights load: each failure is one `ConfigError` line.
+
+    model      layers, query heads and key heads asked for exist in the model's config
+               (AutoConfig); the plan records something
+    output     a folder (or creatable), writable, not locked by another capture, empty or a
+               capture of the same settings and model (qk_sniff.json), never someone else's files
+    dataset    local files non-empty UTF-8; the dataset has rows; ids unique (map-style datasets)
+    size       the expected rows and bytes (qk_attn.estimate) fit under `capture.max_gb`
+
+Every message names the YAML key, the value and what is allowed. Nothing here writes to the
+output folder: writability is probed with a temporary file that is removed at once.
+"""
+
+from __future__ import annotations
+
+import codecs
+import fcntl
+import glob
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from .config import ConfigError, SniffConfig
+from .selection import HeadPlan, ModelShape
+
+UTF8_CHUNK = 1 << 20
+TEXT_SUFFIXES = (".jsonl", ".json", ".csv", ".txt")
+DEFAULT_FREE_FRACTION = 0.5  # capture.max_gb default: this fraction of the free space at the output
+
+
+# ---- the model ------------------------------------------------------------------------------
+def model_shape(model_config) -> ModelShape:
+    """The attention shape from a transformers config (its text config for multimodal models)."""
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    heads = int(text.num_attention_heads)
+    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    layer_types = getattr(text, "layer_types", None)
+    return ModelShape(int(text.num_hidden_layers), heads, kv_heads, int(head_dim),
+                      tuple(layer_types) if layer_types else None)
+
+
+def _span(n: int) -> str:
+    return "0" if n == 1 else f"0-{n - 1}"
+
+
+def check_plan(sniff: SniffConfig, shape: ModelShape, key: Callable[[str], str], raw: dict[str, Any],
+               model: str) -> HeadPlan:
+    """Every requested layer / head exists, and something is recorded; returns the head plan.
+
+    `key(setting)` names a setting as the user wrote it (`capture.layers`); `raw` holds the
+    values as written (`"0-99"`, not the expanded tuple).
+    """
+    limits = (("layers", shape.num_layers, "layers"), ("heads", shape.num_heads, "query heads"),
+              ("key_heads", shape.num_kv_heads, "key/value heads"))
+    for setting, limit, what in limits:
+        chosen = getattr(sniff, setting) or ()
+        missing = [i for i in chosen if i >= limit]
+        if missing:
+            shown = ", ".join(map(str, missing[:3])) + (", ..." if len(missing) > 3 else "")
+            raise ConfigError(f"{key(setting)}={raw.get(setting)!r} is out of range: {model} has {limit} {what} "
+                              f"({_span(limit)}); {shown} do{'es' if len(missing) == 1 else ''} not exist")
+    plan = HeadPlan.build(sniff, shape)
+    if not any(plan.heads(layer, kind) for layer in plan.query_heads for kind in ("q", "k")):
+        why = sorted(set(plan.excluded_layers.values())) or ["the head filters select no head"]
+        raise ConfigError(f"nothing would be recorded: {model} has no layer and head left to record "
+                          f"({'; '.join(why)}); check {key('layers')}, {key('heads')}, {key('key_heads')} "
+                          f"and {key('full_attention_only')}")
+    return plan
+
+
+# ---- the output folder ---------------------------------------------------------------------
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _probe_writable(folder: Path, where: str) -> None:
+    try:
+        fd, name = tempfile.mkstemp(prefix=".qk_sniff-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as error:
+        raise ConfigError(f"{where}: cannot write in {folder} ({error.strerror or error}); "
+                          "choose a folder you can write to") from None
+
+
+def _probe_lock(path: Path, where: str) -> None:
+    if not path.is_file():
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # an unreadable lock file: the sink itself will say so when it takes the lock
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ConfigError(f"{where} is in use: another qk-sniff capture is writing to it (it holds {path.name}); "
+                          "wait until it finishes, or choose another output.data_root") from None
+    finally:
+        os.close(fd)  # also releases the probe's lock
+
+
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def check_output(data_root: str, sniff: SniffConfig, source: dict | None, *, overwrite: bool,
+                 model: dict, shape: ModelShape | None, rank=None) -> Path:
+    """The output folder can take this capture: see the module docstring. Returns the folder
+    whose free space bounds the run (the output, or its nearest existing parent)."""
+    from .card import CARD_FILES
+    from .saver import LOCK, MANIFEST, Files, parse_key, part_files, read_manifest
+
+    root = Path(os.path.expanduser(data_root))
+    where = f"output.data_root={data_root!r}"
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"{where} is a file, expected a folder (new or holding a qk-sniff capture)")
+    if not root.exists():
+        parent = _existing_ancestor(root)
+        if not parent.is_dir():
+            raise ConfigError(f"{where} cannot be created: {parent} is a file")
+        _probe_writable(parent, where)
+        return parent
+    files = Files() if rank is None else Files(*rank)
+    _probe_lock(root / files.lock, where)
+    _probe_writable(root, where)
+    layout = _storage("check_layout", "_check_layout")  # one writer, or ranks of one world size
+    if layout is not None and not overwrite:
+        try:
+            layout(root, files)
+        except ValueError as error:
+            raise ConfigError(f"{where}: {_one_line(error)}") from None
+    try:
+        manifest = read_manifest(root, files.manifest)
+    except ValueError as error:
+        raise ConfigError(f"{where}: {MANIFEST} cannot be read ({_one_line(error.__cause__ or error)}); "
+                          f"run `qk-sniff verify {data_root}` to see what is wrong") from None
+    if manifest is None and not part_files(root):
+        ours = {LOCK, MANIFEST, f".{MANIFEST}.tmp"}
+        foreign = sorted(p.name for p in root.iterdir()
+                         if p.name not in ours and not p.name.startswith(".qk_sniff") and
+                         not (p.is_dir() and parse_key(p.name) and not any(p.iterdir())))
+        if foreign:
+            raise ConfigError(f"{where} is not empty and holds no qk-sniff capture (e.g. {foreign[0]!r}"
+                              f"{' and ' + str(len(foreign) - 1) + ' more' if len(foreign) > 1 else ''}); a capture "
+                              f"writes its own {', '.join(CARD_FILES)} there, so choose a new or empty folder")
+        return root
+    if manifest is None or overwrite:
+        return root
+    _check_same_settings(root, manifest, sniff, source, where)
+    _check_same_model(manifest, model, shape, where)
+    sizes = _storage("check_shard_sizes")  # committed shards missing or truncated: resuming would build on them
+    if sizes is not None:
+        try:
+            sizes(root, manifest)
+        except ValueError as error:
+            raise ConfigError(f"{where}: {_one_line(error)}") from None
+    return root
+
+
+def _storage(*names: str):
+    """A check of the storage layer (qk_attn.manifest, or qk_attn.saver before that module
+    existed) by its current or former name; None: the sink makes the check when it opens."""
+    import importlib
+
+    for module_name in ("qk_attn.manifest", "qk_attn.saver"):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        for name in names:
+            if hasattr(module, name):
+                return getattr(module, name)
+    return None
+
+
+def _check_same_settings(root: Path, manifest: dict, sniff: SniffConfig, source: dict | None, where: str) -> None:
+    check = _storage("check_same_capture", "_check_same_capture")
+    if check is None:
+        return
+    try:
+        check(root, manifest, sniff, source)
+    except ValueError as error:
+        lines = [line.strip() for line in str(error).splitlines()[1:] if line.strip().count(":") and " now" in line]
+        diffs = "; ".join(line.replace(f" in {root}", " there") for line in lines) or _one_line(error)
+        raise ConfigError(f"{where} holds a capture with different settings ({diffs}); re-run with the same settings "
+                          "to resume it, choose another output.data_root, or set output.overwrite: true to delete "
+                          "that capture and start over") from None
+
+
+def _check_same_model(manifest: dict, model: dict, shape: ModelShape | None, where: str) -> None:
+    """The saver refuses a different model once examples are committed; say so before loading it."""
+    old = manifest.get("model") or {}
+    if not old or not manifest.get("examples"):
+        return
+    both = old.get("revision") and model.get("revision")
+    if (old.get("revision") != model.get("revision")) if both else (old.get("id") != model.get("id")):
+        raise ConfigError(f"{where} holds captures of model {old.get('id')!r} (revision {old.get('revision')}); "
+                          f"model.name is {model.get('id')!r} (revision {model.get('revision')}): choose another "
+                          "output.data_root, or set output.overwrite: true to start over")
+    plan = manifest.get("plan") or {}
+    if shape is None:
+        return
+    new = {"num_layers": shape.num_layers, "num_heads": shape.num_heads, "num_kv_heads": shape.num_kv_heads,
+           "head_dim": shape.head_dim}
+    changed = [f"{k} {plan[k]} there, {v} now" for k, v in new.items() if k in plan and plan[k] != v]
+    if changed:
+        raise ConfigError(f"{where} holds captures of a model with another shape ({'; '.join(changed)}); choose "
+                          "another output.data_root, or set output.overwrite: true to start over")
+
+
+# ---- the dataset -----------------------------------------------------------------------------
+def local_files(path: str) -> list[Path]:
+    """The files a local file or glob names (a folder or Hub id: none)."""
+    expanded = os.path.expanduser(path)
+    if any(ch in expanded for ch in "*?["):
+        return [Path(p) for p in sorted(glob.glob(expanded)) if os.path.isfile(p)]
+    return [Path(expanded)] if os.path.isfile(expanded) else []
+
+
+def first_bad_utf8(path: Path) -> tuple[int, int] | None:
+    """(offset, byte) of the first byte that is not valid UTF-8, or None; reads the file in chunks."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(UTF8_CHUNK)
+            final = not chunk
+            try:
+                decoder.decode(chunk, final=final)
+            except UnicodeDecodeError as error:
+                # error.start counts from the decoder's pending bytes (< 4) plus this chunk
+                pending = len(error.object) - len(chunk)
+                return offset + error.start - pending, error.object[error.start]
+            if final:
+                return None
+            offset += len(chunk)
+
+
+def check_local_files(cfg) -> None:
+    """Text files of `dataset.path` exist, are not empty and are UTF-8 (datasets would fail later
+    with StopIteration or a decoding error deep in its builder)."""
+    path = cfg.path
+    where = f"dataset.path={path!r}"
+    expanded = os.path.expanduser(path)
+    files = local_files(path)
+    if any(ch in expanded for ch in "*?[") and not files:
+        raise ConfigError(f"{where} matches no file")
+    for file in files:
+        name = file.name.lower()
+        if not name.endswith(TEXT_SUFFIXES):  # parquet/arrow are binary; compressed files are checked by datasets
+            continue
+        if file.stat().st_size == 0:
+            raise ConfigError(f"{where}: {file} is empty (0 bytes); a run needs at least one document")
+        bad = first_bad_utf8(file)
+        if bad is not None:
+            offset, byte = bad
+            raise ConfigError(f"{where}: {file} is not UTF-8 text (byte 0x{byte:02x} at offset {offset:,}); "
+                              f"convert it, e.g. `iconv -f latin1 -t utf-8 {file.name} > {file.stem}.utf8{file.suffix}`")
+
+
+def check_ids(ids: Iterable[Any], normalize: Callable[[Any], int], id_column: str) -> None:
+    """No two rows map to the same example_id (the capture would mix their rows)."""
+    seen: dict[int, tuple[int, Any]] = {}
+    for index, value in enumerate(ids):
+        example = normalize(value)
+        if example in seen:
+            first, other = seen[example]
+            same = "the same id" if other == value else f"the same example_id {example} as id {other!r}"
+            raise ConfigError(f"dataset.id_column={id_column!r}: rows {first} and {index} have {same} ({value!r}); "
+                              "ids must be unique: choose a unique column, or leave dataset.id_column unset to use "
+                              "row numbers")
+        seen[example] = (index, value)
+
+
+# ---- the size of the run ---------------------------------------------------------------------
+def free_bytes(folder: Path) -> int:
+    return shutil.disk_usage(folder).free
+
+
+def size_limit(max_gb: float | None, folder: Path) -> tuple[float, str]:
+    """The byte limit for a run and how it was set (for messages)."""
+    if max_gb is not None:
+        return max_gb * 1e9, f"capture.max_gb={max_gb:g}"
+    free = free_bytes(folder)
+    return free * DEFAULT_FREE_FRACTION, (f"half the {free / 1e9:,.1f} GB free at {folder} "
+                                          "(the default of capture.max_gb)")

@@ -1,0 +1,455 @@
+"""`qk-sniff run` as an operator meets it: every expected failure is one line on stderr, exit 2,
+found before the weights load, and nothing committed is lost (issues 11 and 13).
+
+The model is the 2-layer tiny Llama of test_cli (4 query / 2 KV heads), saved to a folder.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from qk_attn import cli, runner
+from qk_attn.config import ConfigError
+from qk_attn.rows import MemorySink
+from test_cli import SPARSE, all_rows, assert_same_rows, docs, make_config, tiny_model, write_config  # noqa: F401 (fixtures)
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Fail the test if the model's weights are loaded."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the configuration was checked")
+
+    monkeypatch.setattr(runner, "load_model", refuse)
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    code = cli.main(["run", *args, "--quiet"])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def one_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
+    assert "Traceback" not in err
+    assert lines[0].startswith("qk-sniff run: ")
+    return lines[0]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (relative name -> bytes)."""
+    if not folder.exists():
+        return {}
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ---- the model's shape, before its weights load ---------------------------------------------
+@pytest.mark.parametrize("setting, value, says", [
+    ("layers", "2", "capture.layers=2 is out of range: .* has 2 layers \\(0-1\\); 2 does not exist"),
+    ("layers", "0-99", "capture.layers='0-99' is out of range: .* has 2 layers \\(0-1\\); 2, 3, 4, ... do not exist"),
+    ("heads", "0-20", "capture.heads='0-20' is out of range: .* has 4 query heads \\(0-3\\)"),
+    ("key_heads", "7", "capture.key_heads=7 is out of range: .* has 2 key/value heads \\(0-1\\)"),
+])
+def test_layers_and_heads_out_of_range(tiny_model, docs, tmp_path, capsys, no_weights, setting, value, says):
+    out = tmp_path / "out"
+    config = write_config(tmp_path, tiny_model, docs[0], out)
+    code, _, err = run_cli(capsys, "--config", config, "--set", f"capture.{setting}={value}")
+    assert code == 2
+    assert re.search(says, one_line(err)), err
+    assert not out.exists()  # nothing written
+    with pytest.raises(ConfigError, match=says):  # the Python API says the same
+        runner.run(make_config(tiny_model, docs[0], out, capture={setting: yaml.safe_load(value)}), progress=False)
+
+
+def test_a_plan_that_records_nothing_is_refused():
+    from qk_attn.config import SniffConfig
+    from qk_attn.preflight import check_plan
+    from qk_attn.selection import ModelShape
+
+    shape = ModelShape(4, 4, 2, 8, layer_types=("sliding_attention",) * 4)
+    with pytest.raises(ConfigError, match="nothing would be recorded: m has no layer.*capture.full_attention_only"):
+        check_plan(SniffConfig(full_attention_only=True), shape, lambda s: f"capture.{s}", {}, "m")
+    assert check_plan(SniffConfig(), shape, lambda s: f"capture.{s}", {}, "m").heads(3, "k") == (0, 1)
+
+
+# ---- the dataset, before the weights load ----------------------------------------------------
+@pytest.mark.parametrize("content, says", [
+    (b"", "is empty \\(0 bytes\\)"),
+    (b'{"doc": "a", "body": "w1 w2"}\n{"doc": "b", "body": "caf\xe9"}\n', "is not UTF-8 text \\(byte 0xe9 at offset 55\\)"),
+    (b'{"doc": "a", "body": "w1"}\n{"doc": "b", "body": "w2"}\n{"doc": "a", "body": "w3"}\n',
+     "dataset.id_column='doc': rows 0 and 2 have the same id \\('a'\\)"),
+])
+def test_bad_datasets(tiny_model, tmp_path, capsys, no_weights, content, says):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(content)
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "--config", write_config(tmp_path, tiny_model, path, out))
+    assert code == 2 and re.search(says, one_line(err)), err
+    assert not out.exists()
+    with pytest.raises(ConfigError, match=says):
+        runner.run(make_config(tiny_model, path, out), progress=False)
+
+
+def test_csv_with_a_header_only_and_text_not_utf8(tiny_model, tmp_path, capsys, no_weights):
+    (tmp_path / "h.csv").write_text("doc,body\n")
+    code, _, err = run_cli(capsys, "--config", write_config(tmp_path, tiny_model, tmp_path / "h.csv", tmp_path / "o"))
+    assert code == 2 and "has no rows" in one_line(err)
+    (tmp_path / "t.txt").write_bytes(b"w1 w2\ncaf\xe9\n")
+    config = write_config(tmp_path, tiny_model, tmp_path / "t.txt", tmp_path / "o",
+                          dataset={"text_column": "text", "id_column": None})
+    code, _, err = run_cli(capsys, "--config", config)
+    assert code == 2 and "not UTF-8 text (byte 0xe9 at offset 9)" in one_line(err)
+
+
+def test_utf8_check_across_chunk_boundaries(tmp_path, monkeypatch):
+    from qk_attn import preflight
+
+    monkeypatch.setattr(preflight, "UTF8_CHUNK", 3)
+    path = tmp_path / "x.txt"
+    path.write_bytes("aé€😀".encode() + b"\xff")  # multi-byte characters split across chunks, then a bad byte
+    assert preflight.first_bad_utf8(path) == (len("aé€😀".encode()), 0xFF)
+    path.write_bytes("aé€😀".encode())
+    assert preflight.first_bad_utf8(path) is None
+
+
+# ---- the output folder -------------------------------------------------------------------------
+def first_run(tiny_model, docs, tmp_path, capsys, out, **sections) -> str:
+    config = write_config(tmp_path, tiny_model, docs[0], out, capture=SPARSE, dataset={"max_samples": 3}, **sections)
+    code, _, err = run_cli(capsys, "--config", config)
+    assert code == 0, err
+    return config
+
+
+def test_different_sampler_on_existing_output(tiny_model, docs, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    config = first_run(tiny_model, docs, tmp_path, capsys, out)
+    before = snapshot(out)
+    monkeypatch.setattr(runner, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    code, _, err = run_cli(capsys, "--config", config, "--set", "capture.sampler.type=uniform")
+    line = one_line(err)
+    assert code == 2 and "holds a capture with different settings (sampler: 'log_uniform' there, 'uniform' now)" in line
+    assert "output.overwrite: true" in line
+    assert snapshot(out) == before
+    with pytest.raises(ConfigError, match="holds a capture with different settings"):  # the API says the same
+        runner.run(make_config(tiny_model, docs[0], out, capture={"sampler": "uniform"}), progress=False)
+    assert snapshot(out) == before
+
+
+def test_locked_output(tiny_model, docs, tmp_path, capsys, no_weights):
+    out = tmp_path / "out"
+    out.mkdir()
+    fd = os.open(out / ".qk_sniff.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another process would hold it; flock locks are per open file
+    try:
+        code, _, err = run_cli(capsys, "--config", write_config(tmp_path, tiny_model, docs[0], out))
+    finally:
+        os.close(fd)
+    assert code == 2 and "is in use: another qk-sniff capture is writing to it" in one_line(err)
+    assert sorted(p.name for p in out.iterdir()) == [".qk_sniff.lock"]
+
+
+def test_output_that_is_not_a_capture_or_cannot_be_written(tiny_model, docs, tmp_path, capsys, no_weights):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "README.md").write_text("my notes")
+    code, _, err = run_cli(capsys, "--config", write_config(tmp_path, tiny_model, docs[0], mine))
+    assert code == 2 and "is not empty and holds no qk-sniff capture (e.g. 'README.md')" in one_line(err)
+    assert snapshot(mine) == {"README.md": b"my notes"}
+    code, _, err = run_cli(capsys, "--config", write_config(tmp_path, tiny_model, docs[0], mine / "README.md" / "out"))
+    assert code == 2 and "cannot be created" in one_line(err)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A tiny tmpfs of our own (needs root and a kernel that lets us mount); skipped elsewhere."""
+    mounted = []
+
+    def mount(size_kb: int, readonly: bool = False) -> Path:
+        folder = tmp_path / f"tmpfs{len(mounted)}"
+        folder.mkdir()
+        options = f"size={size_kb}k" + (",ro" if readonly else "")
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+        if result.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def test_read_only_output(tiny_model, docs, tmp_path, capsys, no_weights, tmpfs):
+    folder = tmpfs(64, readonly=True)
+    code, _, err = run_cli(capsys, "--config", write_config(tmp_path, tiny_model, docs[0], folder / "out"))
+    assert code == 2 and "cannot write in" in one_line(err) and "Read-only file system" in err
+
+
+def test_full_disk_during_a_run_keeps_what_was_committed(tiny_model, docs, tmp_path, capsys, tmpfs):
+    """A real ENOSPC: a tmpfs that fills up during the second run."""
+    disk = tmpfs(2048)
+    out = disk / "out"
+    config = first_run(tiny_model, docs, tmp_path, capsys, out)
+    committed = json.loads((out / "qk_sniff.json").read_text())["examples"]
+    rows = all_rows(out)
+    free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+    (disk / "filler").write_bytes(b"\0" * max(0, free - 8192))
+    code, _, err = run_cli(capsys, "--config", config, "--set", "dataset.max_samples=6", "--set", "capture.max_gb=100")
+    line = one_line(err)
+    assert code == 2 and "No space left on device" in line and "re-run the same command" in line
+    assert "free space on the output's disk" in line
+    assert json.loads((out / "qk_sniff.json").read_text())["examples"] == committed
+    assert_same_rows(all_rows(out), rows)  # nothing committed was lost or changed
+    assert cli.main(["verify", str(out)]) == 0
+    (disk / "filler").unlink()
+    code, _, err = run_cli(capsys, "--config", config, "--set", "dataset.max_samples=6")
+    assert code == 0, err
+    assert len(json.loads((out / "qk_sniff.json").read_text())["examples"]) == 6
+    assert cli.main(["verify", str(out)]) == 0
+
+
+def test_injected_enospc_during_a_run(tiny_model, docs, tmp_path, capsys, monkeypatch):
+    """The same without a tmpfs: every Parquet write fails with ENOSPC during the second run."""
+    out = tmp_path / "out"
+    config = first_run(tiny_model, docs, tmp_path, capsys, out)
+    before = json.loads((out / "qk_sniff.json").read_text())["examples"]
+    rows = all_rows(out)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(pq, "write_table", full)
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", full)
+    monkeypatch.setattr(pq.ParquetWriter, "write_batch", full)
+    code, _, err = run_cli(capsys, "--config", config, "--set", "dataset.max_samples=6")
+    line = one_line(err)
+    assert code == 2 and "No space left on device" in line and "free space on the output's disk" in line
+    monkeypatch.undo()
+    assert json.loads((out / "qk_sniff.json").read_text())["examples"] == before
+    assert_same_rows(all_rows(out), rows)
+    code, _, err = run_cli(capsys, "--config", config, "--set", "dataset.max_samples=6")
+    assert code == 0, err
+    assert cli.main(["verify", str(out)]) == 0
+
+
+# ---- the size of the run ------------------------------------------------------------------------
+def test_estimate_is_printed_and_exact_for_the_all_sampler(tiny_model, docs, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, printed, err = run_cli(capsys, "--config", write_config(tmp_path, tiny_model, docs[0], out))
+    assert code == 0, err
+    match = re.search(r"estimate: 6 document\(s\) x ([\d,]+) to ([\d,]+) \(mean [\d,]+\) rows = ([\d,]+) rows, "
+                      r"([\d.]+ kB) uncompressed \((\d+) bytes per row", printed)
+    assert match, printed
+    manifest = json.loads((out / "qk_sniff.json").read_text())
+    rows = sum(manifest["row_counts"].values())
+    assert int(match[3].replace(",", "")) == rows  # `all` keeps every token: the expectation is exact
+    heads = 2 * (4 + 2)  # layers x (query + key heads)
+    lengths = [int(v) for v in manifest["examples"].values()]
+    assert int(match[1].replace(",", "")) == heads * min(lengths) and int(match[2].replace(",", "")) == heads * max(lengths)
+    assert int(match[5]) == 8 * 4 + 25  # head_dim 8 float32 + index columns
+
+
+def test_streaming_runs_print_an_upper_bound(tiny_model, docs, tmp_path, capsys):
+    config = write_config(tmp_path, tiny_model, docs[0], tmp_path / "out",
+                          dataset={"streaming": True, "max_samples": 2}, tokenizer={"max_length": 30})
+    code, printed, err = run_cli(capsys, "--config", config)
+    assert code == 0, err
+    rows = 2 * 2 * (4 + 2) * 30  # 2 documents x 2 layers x 6 heads x 30 tokens (sampler all)
+    assert f"estimate: streaming dataset, lengths unknown before the run: at most {rows:,} rows" in printed
+
+
+def test_estimate_function():
+    from qk_attn.config import SniffConfig
+    from qk_attn.estimate import estimate, row_bytes
+    from qk_attn.sampler import Sampler
+    from qk_attn.selection import HeadPlan, ModelShape
+
+    shape = ModelShape(num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128)
+    plan = HeadPlan.build(SniffConfig(sampler="all"), shape)
+    dense = estimate(plan, Sampler("all"), [131072])
+    assert dense.rows == 32 * (32 + 8) * 131072  # the issue's capture-all 8B model at 128k: ~80 GiB of vectors
+    assert 80 * 2**30 < dense.bytes < 90 * 2**30
+    half = estimate(plan, Sampler("all"), [131072], "float16")
+    assert half.bytes < dense.bytes * 0.55 and row_bytes(128, "float16") == 256 + 25
+    sparse = estimate(HeadPlan.build(SniffConfig(layers="0,1", heads="0"), shape), Sampler("uniform", 8192, 1.0),
+                      [131072, 65536, 0])
+    assert sparse.documents == 3 and sparse.min_rows == 0
+    assert sparse.max_rows == pytest.approx(2 * 2 * 16)  # 2 layers x (1 query + 1 key head) x 16 buckets x 1
+    assert sparse.rows == pytest.approx(2 * 2 * (16 + 8))
+
+
+def test_run_larger_than_max_gb_is_refused(tiny_model, docs, tmp_path, capsys, no_weights, monkeypatch):
+    out = tmp_path / "out"
+    config = write_config(tmp_path, tiny_model, docs[0], out)
+    code, printed, err = run_cli(capsys, "--config", config, "--set", "capture.max_gb=0.00001")
+    line = one_line(err)
+    assert code == 2 and line.startswith("qk-sniff run: capture.max_gb: this run would write about 114.2 kB")
+    for advice in ("capture.layers", "capture.heads", "capture.sampler", "capture.vector_dtype: float16"):
+        assert advice in line
+    assert "estimate:" in printed and not out.exists()
+    with pytest.raises(ConfigError, match=r"^capture\.max_gb: this run would write about 114\.2 kB"):  # the API
+        runner.run(make_config(tiny_model, docs[0], out, capture={"max_gb": 0.00001}), progress=False, log=lambda _: None)
+    # The default limit is half the free space at the output.
+    from qk_attn import preflight
+
+    monkeypatch.setattr(preflight, "free_bytes", lambda folder: 100_000)
+    code, _, err = run_cli(capsys, "--config", config)
+    assert code == 2 and "more than the limit of 50.0 kB (half the 0.0 GB free at" in one_line(err)
+
+
+# ---- the environment and --debug -----------------------------------------------------------------
+def test_bad_environment_does_not_break_the_command(tiny_model, docs, tmp_path):
+    out = tmp_path / "out"
+    runner.run(make_config(tiny_model, docs[0], out, capture=SPARSE, dataset={"max_samples": 2}), progress=False)
+    command = Path(sys.executable).with_name("qk-sniff")
+    env = dict(os.environ, QK_SNIFF_SAMPLER="nope", QK_SNIFF_LAYERS="x", QK_SNIFF_OUTPUT=str(tmp_path / "elsewhere"))
+    for args in ([str(command), "verify", str(out)], [str(command), "inspect", str(out)],
+                 [sys.executable, "-m", "qk_attn.cli", "verify", str(out)]):
+        result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "elsewhere").exists()
+    # The library itself still refuses a bad environment when it is imported.
+    result = subprocess.run([sys.executable, "-c", "import qk_attn"], env=env, capture_output=True, text=True)
+    assert result.returncode != 0 and "QK_SNIFF_SAMPLER='nope' is invalid" in result.stderr
+
+
+def test_debug_shows_the_traceback(tiny_model, docs, tmp_path, capsys, no_weights):
+    config = write_config(tmp_path, tiny_model, docs[0], tmp_path / "out")
+    assert cli.main(["run", "--config", config, "--set", "capture.layers=5", "--quiet", "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("qk-sniff run: capture.layers=5")
+    assert cli.main(["--debug", "run", "--config", config, "--set", "capture.layers=5", "--quiet"]) == 2
+    assert "Traceback" in capsys.readouterr().err
+    assert cli.main(["run", "--config", config, "--set", "capture.layers=5", "--quiet"]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+# ---- the runner (issue 13) --------------------------------------------------------------------
+class DescribingSink(MemorySink):
+    def __init__(self):
+        super().__init__()
+        self.described = []
+
+    def describe(self, example_id, source_id, source_index):
+        self.described.append((example_id, source_id, source_index))
+
+
+def test_unpadded_batches_pass_input_ids_only_and_documents_are_described(tiny_model, docs, tmp_path, monkeypatch):
+    from transformers.models.llama import modeling_llama
+
+    seen = []
+    original = modeling_llama.LlamaModel.forward
+
+    def recording(self, *args, **kwargs):
+        seen.append(sorted(k for k, v in kwargs.items() if v is not None and k != "use_cache"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_llama.LlamaModel, "forward", recording)
+    path, rows = docs
+    sink = DescribingSink()
+    runner.run(make_config(tiny_model, path, tmp_path / "o", inference={"batch_size": 1}), sink=sink, progress=False)
+    assert seen == [["input_ids"]] * 6
+    from qk_attn.runner import normalize_id
+
+    assert sink.described == [(normalize_id(r["doc"]), r["doc"], i) for i, r in enumerate(rows)]
+    seen.clear()
+    sink = DescribingSink()
+    runner.run(make_config(tiny_model, path, tmp_path / "o", inference={"batch_size": 2},
+                           dataset={"id_column": None}), sink=sink, progress=False)
+    assert seen == [["attention_mask", "input_ids", "position_ids"]] * 3  # padded pairs need mask and positions
+    assert sink.described == [(i, None, i) for i in range(6)]
+
+
+# ---- repair and exit codes --------------------------------------------------------------------
+def test_repair_command(tmp_path, capsys, monkeypatch):
+    import types
+
+    monkeypatch.setitem(sys.modules, "qk_attn.verify", types.ModuleType("qk_attn.verify"))
+    assert cli.main(["repair", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "repair_dataset" in err
+    calls = []
+    module = types.ModuleType("qk_attn.verify")
+    module.repair_dataset = lambda root, log=print: calls.append(root) or log("dropped 3 example(s)") or status
+    monkeypatch.setitem(sys.modules, "qk_attn.verify", module)
+    for status in (0, 1):  # repair_dataset's own status: sound afterwards, or problems remain
+        assert cli.main(["repair", str(tmp_path)]) == status
+        assert "dropped 3 example(s)" in capsys.readouterr().out
+    assert calls == [str(tmp_path)] * 2
+
+
+def test_inspect_stays_short_for_sparse_captures():
+    lines = ["dataset    x", "coverage   q: ...", *[f"           layer {i}: ran, no rows" for i in range(40)],
+             "buckets    header", *[f"           {b}" for b in range(30)], "plot       p"]
+    short = cli.shorten(lines)
+    assert len(short) == 4 + 2 * 11 and short[0] == "dataset    x" and short[-1] == "plot       p"
+    assert any("30 more lines" in line for line in short) and any("20 more lines" in line for line in short)
+    assert cli.shorten(lines[:5]) == lines[:5]
+
+
+def test_a_model_folder_without_a_config(tiny_model, docs, tmp_path, capsys, no_weights):
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    config = write_config(tmp_path, tiny_model, docs[0], tmp_path / "out", model={"name": str(empty)})
+    code, _, err = run_cli(capsys, "--config", config)
+    assert code == 2 and one_line(err).startswith(f"qk-sniff run: model.name={str(empty)!r} cannot be loaded:")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_finished_run_does_not_load_the_weights_again(tiny_model, docs, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    config = first_run(tiny_model, docs, tmp_path, capsys, out)
+    before = snapshot(out)
+    monkeypatch.setattr(runner, "load_model", lambda *a, **k: pytest.fail("loaded the model to do nothing"))
+    code, printed, err = run_cli(capsys, "--config", config)
+    assert code == 0, err
+    assert "nothing to capture" in printed and "0 captured, 3 already committed" in printed
+    assert snapshot(out) == before
+
+
+def test_a_capture_made_before_weights_were_recorded_keeps_resuming(tiny_model, docs, tmp_path, capsys, monkeypatch):
+    """`source.weights` (the demo's GGUF provenance) is new: an older capture without it resumes."""
+    out = tmp_path / "out"
+    config = first_run(tiny_model, docs, tmp_path, capsys, out)
+    original = runner.source_info
+    monkeypatch.setattr(runner, "source_info", lambda *a: {**original(*a), "weights": "GGUF file `x.gguf`"})
+    code, _, err = run_cli(capsys, "--config", config, "--set", "dataset.max_samples=6")
+    assert code == 0, err
+    manifest = json.loads((out / "qk_sniff.json").read_text())
+    assert len(manifest["examples"]) == 6 and "weights" not in manifest["source"]
+    fresh = tmp_path / "fresh"
+    code, _, err = run_cli(capsys, "--config", config, "--set", f"output.data_root={fresh}")
+    assert code == 0, err
+    assert json.loads((fresh / "qk_sniff.json").read_text())["source"]["weights"] == "GGUF file `x.gguf`"
+
+
+def test_head_sampling_larger_than_the_model_says_so(tiny_model, docs, tmp_path, capsys):
+    config = write_config(tmp_path, tiny_model, docs[0], tmp_path / "out", capture={"head_sampling": {"count": 100}},
+                          dataset={"max_samples": 1})
+    code, printed, err = run_cli(capsys, "--config", config)
+    assert code == 0, err
+    assert "capture.head_sampling.count=100 is more than the 8 (layer, query head) pairs" in printed
+
+
+def test_dry_run_checks_and_estimates_without_weights_or_writes(tiny_model, docs, tmp_path, capsys, no_weights):
+    out = tmp_path / "out"
+    config = write_config(tmp_path, tiny_model, docs[0], out)
+    code, printed, err = run_cli(capsys, "--config", config, "--dry-run")
+    assert code == 0, err
+    assert "estimate: 6 document(s)" in printed and "every check passed" in printed and not out.exists()
+    code, _, err = run_cli(capsys, "--config", config, "--dry-run", "--set", "capture.layers=9")
+    assert code == 2 and "capture.layers=9 is out of range" in one_line(err)
