@@ -260,18 +260,24 @@ def default_device(cfg) -> str:
 
 
 def load_model(config: RunConfig, name: str, model_config=None):
-    """The CausalLM with "qk_sniff" attention, in eval mode, placed on its device(s)."""
+    """The CausalLM with "qk_sniff" attention (flash attention wrapped under its own name), in eval
+    mode, placed on its device(s)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    import qk_attn  # noqa: F401  (registers "qk_sniff")
+    import qk_attn  # registers "qk_sniff"
 
+    attention = "qk_sniff"
+    if config.inference.backend == "flash_attention_2":
+        # Flash is recorded under its own name: transformers takes flash-only branches by name.
+        qk_attn.wrap_flash_attention()
+        attention = "flash_attention_2"
     cfg = config.model
     kwargs: dict[str, Any] = {
         "config": model_config if model_config is not None else load_model_config(config, name),
         "revision": cfg.revision,
         "trust_remote_code": cfg.trust_remote_code,
-        "attn_implementation": "qk_sniff",
+        "attn_implementation": attention,
         "dtype": "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype),
     }
     if cfg.device_map is not None:
