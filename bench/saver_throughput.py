@@ -1,0 +1,82 @@
+"""Throughput of ParquetSink on capture-all-like rows (issue 13): float32 vector payload MB/s into
+committed Parquet, time the producer spends inside `put`, and the drain after the last batch.
+
+    .venv/bin/python bench/saver_throughput.py [--gib 1] [--out /tmp/qk-bench] [--commit-every-s S]
+
+Shape: a 12-layer SmolLM2-like model (9 query / 3 key heads, head_dim 64), one 2048-token
+document per forward, every token kept (sampler `all`). Batches are built once and re-sent
+with new example ids, so the producer costs almost nothing and the number is the sink's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from qk_attn.config import SniffConfig
+from qk_attn.rows import CaptureBatch
+from qk_attn.saver import ParquetSink
+
+LAYERS, QH, KH, DIM, TOKENS = 12, 9, 3, 64, 2048
+
+
+def batch(layer: int, kind: str, example: int, heads: int) -> CaptureBatch:
+    g = torch.Generator().manual_seed(layer * 2 + (kind == "k"))
+    return CaptureBatch(
+        layer=layer, kind=kind, heads=tuple(range(heads)), example_ids=(example,), sliding_window=None,
+        cross_attention=False, count=torch.tensor(TOKENS), row=torch.zeros(TOKENS, dtype=torch.int64),
+        position=torch.arange(TOKENS, dtype=torch.int32), bucket=torch.arange(TOKENS, dtype=torch.int32) // 1024,
+        vectors=torch.randn(heads, TOKENS, DIM, generator=g).to(torch.bfloat16).float(), valid=torch.tensor([TOKENS]),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--gib", type=float, default=1.0)
+    parser.add_argument("--out", default="/tmp/qk-bench-saver")
+    parser.add_argument("--commit-every-s", type=float, default=None, help="sink default when omitted")
+    args = parser.parse_args()
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    config = SniffConfig(output=str(out), sampler="all", min_bucket_size=1024)
+    kwargs = {} if args.commit_every_s is None else {"commit_every_s": args.commit_every_s}
+    templates = [batch(layer, kind, 0, QH if kind == "q" else KH) for layer in range(LAYERS) for kind in "qk"]
+    per_doc = sum(t.vectors.numel() * 4 for t in templates)
+    docs = max(1, round(args.gib * (1 << 30) / per_doc))
+    sink = ParquetSink(out, config, **kwargs)
+    blocked = 0.0
+    start = time.perf_counter()
+    for example in range(docs):
+        for t in templates:
+            b = CaptureBatch(**{**t.__dict__, "example_ids": (example,)})
+            s = time.perf_counter()
+            sink.put(b)
+            blocked += time.perf_counter() - s
+        if hasattr(sink, "end_forward"):
+            s = time.perf_counter()
+            sink.end_forward()
+            blocked += time.perf_counter() - s
+        sink.commit([example])
+    last = time.perf_counter()
+    sink.close()
+    end = time.perf_counter()
+    payload = docs * per_doc
+    disk = sum(p.stat().st_size for p in out.rglob("*.parquet"))
+    shards = len(list(out.rglob("l*/*.parquet")))
+    result = {
+        "payload_mib": round(payload / 2**20), "docs": docs, "seconds": round(end - start, 2),
+        "mb_per_s": round(payload / 1e6 / (end - start), 1), "producer_blocked_s": round(blocked, 2),
+        "drain_after_last_forward_s": round(end - last, 2), "disk_mib": round(disk / 2**20),
+        "shards": shards, "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
