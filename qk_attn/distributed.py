@@ -112,7 +112,7 @@ def merge(output: str | Path, allow_incomplete: bool = False) -> dict:
     finish their documents. Reads the parts and never changes them or a shard: idempotent.
     """
     from .card import write_card
-    from .saver import MANIFEST, Files, OutputLocked, _take_lock, part_files, read_manifest, write_json_atomic
+    from .manifest import MANIFEST, Files, OutputLocked, part_files, read_manifest, take_lock, write_json_atomic
 
     output = Path(output)
     paths = part_files(output)
@@ -120,10 +120,10 @@ def merge(output: str | Path, allow_incomplete: bool = False) -> dict:
         raise FileNotFoundError(f"{output} holds no manifest parts (qk_sniff.rank*.json): nothing to merge")
     locks = []
     try:
-        locks.append(_take_lock(output, Files().lock))
+        locks.append(take_lock(output, Files().lock))
         for rank in sorted(paths):
             try:
-                locks.append(_take_lock(output, Files(rank).lock))
+                locks.append(take_lock(output, Files(rank).lock))
             except OutputLocked:
                 raise OutputLocked(f"rank {rank} is still writing to {output}; merge when every rank has finished") from None
         parts = {rank: read_manifest(output, path.name) for rank, path in sorted(paths.items())}
@@ -140,7 +140,7 @@ def merge(output: str | Path, allow_incomplete: bool = False) -> dict:
 
 
 def _merge_parts(output: Path, parts: dict[int, dict], allow_incomplete: bool) -> dict:
-    from .saver import _identity
+    from .manifest import identity
 
     sizes = {rank: (p.get("part") or {}).get("world_size") for rank, p in parts.items()}
     world = sizes[min(sizes)]
@@ -155,10 +155,10 @@ def _merge_parts(output: Path, parts: dict[int, dict], allow_incomplete: bool) -
         raise ValueError(f"{output}: ranks {incomplete} did not finish their documents; re-run them (the same command "
                          "resumes), or merge with --allow-incomplete")
     first = parts[0]
-    reference = _identity(first["config"], first.get("source"))
+    reference = identity(first["config"], first.get("source"))
     models = {}
     for rank, part in parts.items():
-        other = _identity(part["config"], part.get("source"))
+        other = identity(part["config"], part.get("source"))
         diffs = sorted(k for k in set(reference) | set(other) if reference.get(k) != other.get(k))
         if diffs or part.get("vector_dtype") != first.get("vector_dtype"):
             raise ValueError(f"{output}: rank {rank} captured with different settings than rank 0 "
@@ -204,6 +204,6 @@ def _merge_parts(output: Path, parts: dict[int, dict], allow_incomplete: bool) -
 
 
 def parts_name(rank: int) -> str:
-    from .saver import Files
+    from .manifest import Files
 
     return Files(rank).manifest
