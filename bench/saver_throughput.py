@@ -41,11 +41,15 @@ def main() -> None:
     parser.add_argument("--gib", type=float, default=1.0)
     parser.add_argument("--out", default="/tmp/qk-bench-saver")
     parser.add_argument("--commit-every-s", type=float, default=None, help="sink default when omitted")
+    parser.add_argument("--sink", action="append", help="ParquetSink keyword=int, e.g. writer_threads=4")
     args = parser.parse_args()
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     config = SniffConfig(output=str(out), sampler="all", min_bucket_size=1024)
     kwargs = {} if args.commit_every_s is None else {"commit_every_s": args.commit_every_s}
+    for item in args.sink or []:  # e.g. --sink writer_threads=4 --sink fsync=0
+        name, value = item.split("=")
+        kwargs[name] = int(value)
     templates = [batch(layer, kind, 0, QH if kind == "q" else KH) for layer in range(LAYERS) for kind in "qk"]
     per_doc = sum(t.vectors.numel() * 4 for t in templates)
     docs = max(1, round(args.gib * (1 << 30) / per_doc))

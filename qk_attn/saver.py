@@ -104,6 +104,17 @@ class _Segment:
         return sum(b.nbytes for b in self.buffers.values())
 
 
+@dataclass
+class _Inflight:
+    """A finalise whose shards the writer threads are writing."""
+
+    sealed: list[_Segment]
+    commit: set[int]
+    number: int
+    futures: list
+    nbytes: int
+
+
 class _Flush:
     def __init__(self, final: bool) -> None:
         self.final = final
@@ -186,6 +197,8 @@ class ParquetSink:
         self._open = self._new_segment()
         self._sealed: list[_Segment] = []
         self._waiting_since: float | None = None  # first commit() not yet durable
+        self._inflight: _Inflight | None = None  # the finalise being written
+        self._spilling: list = []  # (future, bytes) of spills being written
         self._transfer = Transfer(config.pinned_mb << 20)
         self._deferred: list[list] = []  # [batch, first staging row not sent yet]: waits for end_forward
         self._deferred_bytes = 0
@@ -354,8 +367,8 @@ class ParquetSink:
     # ---- the saver thread --------------------------------------------------------------
     def _run(self) -> None:
         while True:
-            timeout = None
-            if self._waiting_since is not None and self._error is None:
+            timeout = None  # a finalise in flight reports its end through the queue ("written")
+            if self._waiting_since is not None and self._inflight is None and self._error is None:
                 timeout = max(0.0, self._waiting_since + self.commit_every_s - time.monotonic())
             try:
                 item = self._queue.get(timeout=timeout)
@@ -381,10 +394,12 @@ class ParquetSink:
             item.wait()
             self._accept(item.rows(), item.first)
         elif isinstance(item, _Flush):
+            self._complete(wait=True)
             if item.final:
                 self._drop_incomplete()
             self._seal()
             self._finalize()
+            self._complete(wait=True)
             if not self._seal_ready():  # flush() with examples in flight: write them now, commit later
                 self._spill(until=0)
             if item.final:
@@ -394,10 +409,14 @@ class ParquetSink:
             if item is not None:
                 self._ready.update(i for i in item[1] if i not in self._durable)
                 self._seal()
-            if not (self._sealed or self._ready - self._open.examples):
+            if not self._committable():
                 self._waiting_since = None  # nothing committable: examples wait for their segment to complete
             elif self._waiting_since is None:
                 self._waiting_since = time.monotonic()
+            if self._waiting_since is not None and time.monotonic() - self._waiting_since >= self.commit_every_s:
+                self._finalize()
+        elif item[0] == "written":
+            self._complete(wait=False)
             if self._waiting_since is not None and time.monotonic() - self._waiting_since >= self.commit_every_s:
                 self._finalize()
         elif item[0] == "describe":
@@ -429,10 +448,15 @@ class ParquetSink:
             vectors = np.array(rows.vectors[index], dtype=storage, order="C").reshape(-1)
             buffer.add(rows.example_id, rows.position, rows.bucket, vectors, rows.token_id)
         self.rows_written += len(rows) * len(rows.heads)
-        buffered = seg.nbytes + sum(s.nbytes for s in self._sealed)
+        buffered = seg.nbytes + sum(s.nbytes for s in self._sealed) + self._writing_bytes()
         self.max_buffered_bytes = max(self.max_buffered_bytes, buffered)
         if buffered > self.buffer_bytes:
-            self._finalize()  # sealed segments are complete: committing them early frees their memory
+            # Over budget: wait for the writes in flight, commit what is sealed (complete
+            # examples), and only then spill the open segment's largest buffers.
+            self._complete(wait=True)
+            self._finalize()
+            self._complete(wait=True)
+            self._wait_spills()
             if seg.nbytes > self.buffer_bytes // 2:
                 self._spill(until=self.buffer_bytes // 4)
 
@@ -441,6 +465,11 @@ class ParquetSink:
         seg = _Segment(self._next_segment)
         self._next_segment += 1
         return seg
+
+    def _committable(self) -> bool:
+        """Something a finalise would commit that no finalise in flight already holds."""
+        holding = self._inflight.commit if self._inflight else set()
+        return bool(self._sealed or self._ready - self._open.examples - holding)
 
     def _seal_ready(self) -> bool:
         return not (self._open.examples - self._ready - self._durable)
@@ -464,10 +493,21 @@ class ParquetSink:
         for buffer_bytes, key in sorted(((b.nbytes, k) for k, b in seg.buffers.items()), reverse=True):
             if seg.nbytes <= until and until > 0:
                 break
-            seg.parts.append(self._submit(seg, key, seg.buffers.pop(key), [seg.number]))
-        # Waiting here bounds memory (the writers hold the buffers until written).
-        for future in seg.parts:
+            buffer = seg.buffers.pop(key)
+            seg.parts.append(self._submit(seg, key, buffer, [seg.number]))
+            self._spilling.append((seg.parts[-1], buffer.nbytes))
+        if until == 0:
+            self._wait_spills()  # flush(): surfaces I/O errors now
+
+    def _wait_spills(self) -> None:
+        for future, _ in self._spilling:
             future.result()
+        self._spilling.clear()
+
+    def _writing_bytes(self) -> int:
+        """Bytes the writer threads still hold (spills and the finalise in flight)."""
+        self._spilling = [(f, n) for f, n in self._spilling if not f.done()]
+        return sum(n for _, n in self._spilling) + (self._inflight.nbytes if self._inflight else 0)
 
     def _drop_incomplete(self) -> None:
         """At close: rows of examples that were never committed are not kept (buffers and .tmp shards)."""
@@ -500,12 +540,16 @@ class ParquetSink:
         seg.examples -= incomplete
 
     def _finalize(self) -> None:
-        """Commit the sealed segments (see the module docstring); one manifest update."""
+        """Start committing the sealed segments (see the module docstring): their buffers go to
+        the writer threads, one shard per folder; `_complete` renames and writes the manifest
+        when every write is done. One finalise is in flight at a time."""
+        if self._inflight is not None:
+            return  # the next one starts when this one completes ("written")
         sealed, self._sealed = self._sealed, []
         commit = self._ready - self._open.examples  # examples whose rows (if any) are all in sealed segments
         if not sealed and not commit:
             return
-        # One shard per folder for everything buffered in the sealed segments (spills are extra).
+        self._waiting_since = None  # commits from now on wait for the next finalise
         merged: dict[str, tuple[KeyBuffer, list[int]]] = {}
         for seg in sealed:
             for key, buffer in seg.buffers.items():
@@ -517,7 +561,30 @@ class ParquetSink:
         first = sealed[0] if sealed else self._new_segment()
         futures = [f for seg in sealed for f in seg.parts]
         futures += [self._submit(first, key, buffer, segments) for key, (buffer, segments) in sorted(merged.items())]
-        written: list[Written] = [f.result() for f in futures]
+        self._inflight = _Inflight(sealed, commit, first.number, futures, sum(b.nbytes for b, _ in merged.values()))
+        pending = [len(futures)]
+        lock = threading.Lock()
+
+        def done(_future) -> None:  # in a writer thread: tell the saver thread once all are written
+            with lock:
+                pending[0] -= 1
+                last = pending[0] == 0
+            if last:
+                self._queue.put(("written",))
+
+        if not futures:
+            self._queue.put(("written",))
+        for future in futures:
+            future.add_done_callback(done)
+
+    def _complete(self, wait: bool) -> None:
+        """Finish the finalise in flight: rename its shards, write the manifest (the commit point)."""
+        job = self._inflight
+        if job is None or (not wait and not all(f.done() for f in job.futures)):
+            return
+        self._inflight = None
+        written: list[Written] = [f.result() for f in job.futures]
+        sealed, commit = job.sealed, job.commit
         with self._manifest_lock:
             manifest = json.loads(json.dumps(self._manifest))
         folders = set()
@@ -541,7 +608,7 @@ class ParquetSink:
             manifest["examples"][str(example)] = counts[min(counts)] if counts else 0
             position = first_position.get(example, NO_POSITION)
             manifest["example_info"][str(example)] = {
-                "source_id": None, "source_index": None, "segment": segment_of.get(example, first.number),
+                "source_id": None, "source_index": None, "segment": segment_of.get(example, job.number),
                 "first_position": None if position == NO_POSITION else position,
             }
         for example, (source_id, source_index) in list(self._described.items()):
@@ -554,7 +621,6 @@ class ParquetSink:
         self._write_manifest(manifest)
         self._durable |= commit
         self._ready -= commit
-        self._waiting_since = None
         self._compact(COMPACT_AT)
 
     def _write_manifest(self, manifest: dict) -> None:

@@ -340,16 +340,22 @@ def test_uncommitted_examples_are_not_kept_at_close(tmp_path):
 def test_compaction_merges_small_shards(tmp_path):
     from qk_attn.saver import COMPACT_AT_CLOSE
 
+    def one_segment_each(sink, examples):
+        batches = []
+        for example in examples:
+            batches += run_examples(sink, [example])
+            sink.flush(timeout=10)
+        return batches
+
     short = tmp_path / "short"  # a short session's few shards are left as they are (no close-time cost)
     sink = open_sink(short)
-    run_examples(sink, range(COMPACT_AT_CLOSE - 1))
+    one_segment_each(sink, range(COMPACT_AT_CLOSE - 1))
     sink.close()
     assert all(len(names) == COMPACT_AT_CLOSE - 1 for names in read_manifest(short)["shards"].values())
 
     out = tmp_path / "out"
-    sink = open_sink(out)  # commit_every_s=0: one segment per example
-    batches = run_examples(sink, range(COMPACT_AT_CLOSE))
-    sink.flush(timeout=10)
+    sink = open_sink(out)
+    batches = one_segment_each(sink, range(COMPACT_AT_CLOSE))
     before = sink.manifest["shards"]
     assert all(len(names) == COMPACT_AT_CLOSE for names in before.values())
     sink.close()
