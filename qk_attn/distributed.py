@@ -131,12 +131,24 @@ def merge(output: str | Path, allow_incomplete: bool = False) -> dict:
         current = read_manifest(output)
         if current is not None and current.get("examples") and not current.get("ranks"):
             raise ValueError(f"{output}/{MANIFEST} is a single-process capture; it cannot be replaced by a merge")
-        write_json_atomic(output / MANIFEST, merged)
+        _write_examples(output, merged)
+        write_json_atomic(output / MANIFEST, merged, keep_previous=True)
         write_card(output, merged)
     finally:
         for fd in locks:
             os.close(fd)
     return merged
+
+
+def _write_examples(output: Path, merged: dict) -> None:
+    """OUT/examples.parquet for the merged manifest (the ranks wrote examples.rankRRR.parquet)."""
+    from .manifest import EXAMPLES
+    from .shards import write_table
+    from .verify import examples_table
+
+    size, digest = write_table(examples_table(merged), output / f".{EXAMPLES}.tmp", True)
+    os.replace(output / f".{EXAMPLES}.tmp", output / EXAMPLES)
+    merged["examples_file"] = {"name": EXAMPLES, "bytes": size, "sha256": digest}
 
 
 def _merge_parts(output: Path, parts: dict[int, dict], allow_incomplete: bool) -> dict:
@@ -174,11 +186,20 @@ def _merge_parts(output: Path, parts: dict[int, dict], allow_incomplete: bool) -
     merged["model"] = with_model[0]["model"] if with_model else None
     merged["plan"] = with_model[0]["plan"] if with_model else None
     merged["examples"], merged["row_counts"], merged["calls"], merged["buckets"], merged["shards"] = {}, {}, {}, {}, {}
+    merged["example_info"], merged["shard_info"] = {}, {}
+    merged.pop("examples_file", None)
     for rank, part in sorted(parts.items()):
         overlap = set(part["examples"]) & set(merged["examples"])
         if overlap:
             raise ValueError(f"{output}: example {sorted(overlap)[0]} is committed by rank {rank} and an earlier rank")
         merged["examples"].update(part["examples"])
+        # Segment numbers are per rank: made unique in the merged manifest (s * world + rank), so
+        # that a shard's examples (qk_attn.manifest.shard_examples) are only its own rank's.
+        unique = lambda segment: segment * world + rank  # noqa: E731
+        for example, info in part.get("example_info", {}).items():
+            merged["example_info"][example] = {**info, "segment": unique(info["segment"])}
+        for name, info in part.get("shard_info", {}).items():
+            merged["shard_info"][name] = {**info, "segments": [unique(s) for s in info["segments"]]}
         for field in ("row_counts", "calls"):
             for key, n in part[field].items():
                 merged[field][key] = merged[field].get(key, 0) + n
