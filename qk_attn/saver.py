@@ -134,6 +134,9 @@ class ParquetSink:
     later `put`/`commit`/`check`/`flush`/`close`.
     """
 
+    # A committed example is durable this long after commit() plus one write (bench/durability.py).
+    DEFAULT_COMMIT_EVERY_S = 1.0
+
     def __init__(
         self,
         output: str | os.PathLike,
@@ -142,7 +145,7 @@ class ParquetSink:
         source: dict | None = None,
         *,
         buffer_mb: int = 256,
-        commit_every_s: float = 1.0,
+        commit_every_s: float | None = None,
         shard_mb: int = 128,
         fsync: bool = True,
         rank: tuple[int, int] | None = None,
@@ -159,7 +162,7 @@ class ParquetSink:
         # One schema per dataset: token ids are a column of every shard or of none.
         self.token_ids = bool(getattr(config, "token_ids", False) or vocabulary is not None) if token_ids is None else token_ids
         self.buffer_bytes = buffer_mb << 20
-        self.commit_every_s = commit_every_s
+        self.commit_every_s = self.DEFAULT_COMMIT_EVERY_S if commit_every_s is None else commit_every_s
         self.shard_bytes = shard_mb << 20
         self.fsync = fsync
         self.rows_written = 0  # rows accepted by the saver (all heads), for progress bars
