@@ -55,6 +55,10 @@ class ManifestError(ValueError):
     """qk_sniff.json is unreadable or invalid (one line; says how to recover without losing rows)."""
 
 
+class DamagedDataset(ValueError):
+    """Committed shards are missing or have the wrong size: resuming would keep them so."""
+
+
 class NotACapture(ValueError):
     """The output folder holds files that no capture wrote; nothing there is touched."""
 
@@ -203,6 +207,23 @@ def check_is_capture(output: Path, files: Files) -> None:
         raise NotACapture(
             f"{output} is not empty ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}) and holds no "
             f"{MANIFEST}: refusing to write a capture into it; choose a new or empty output folder"
+        )
+
+
+def check_shard_sizes(output: Path, manifest: dict) -> None:
+    """Before resuming: every committed shard exists with its recorded size (a cheap stat; the
+    digests are `qk-sniff verify`'s job). A damaged folder is refused with how to repair it."""
+    bad = []
+    for key, names in manifest.get("shards", {}).items():
+        for name in names:
+            path = output / key / name
+            size = manifest.get("shard_info", {}).get(f"{key}/{name}", {}).get("bytes")
+            if not path.is_file() or (size is not None and path.stat().st_size != size):
+                bad.append(f"{key}/{name}")
+    if bad:
+        raise DamagedDataset(
+            f"{output}: {len(bad)} committed shard(s) are missing or truncated (e.g. {bad[0]}); run "
+            f"`qk-sniff repair {output}` to drop the examples they hold, then re-run to capture them again"
         )
 
 

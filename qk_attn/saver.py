@@ -54,6 +54,8 @@ from .manifest import (  # noqa: F401 - re-exported: other modules import these 
     check_is_capture,
     check_layout,
     check_same_capture,
+    check_shard_sizes,
+    DamagedDataset,
     fsync_dir,
     key_name,
     new_manifest,
@@ -178,6 +180,7 @@ class ParquetSink:
             manifest = read_manifest(self.output, self.files.manifest)
             if manifest is not None:
                 check_same_capture(self.output, manifest, config, source)
+                check_shard_sizes(self.output, manifest)
                 manifest["versions"] = versions()  # of the latest run writing here
                 manifest.setdefault("example_info", {})
                 manifest.setdefault("shard_info", {})

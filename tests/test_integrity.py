@@ -14,7 +14,7 @@ import pytest
 import qk_attn
 from qk_attn import cli
 from qk_attn.config import SniffConfig
-from qk_attn.manifest import PREVIOUS, ManifestError, NotACapture, shard_examples
+from qk_attn.manifest import PREVIOUS, DamagedDataset, ManifestError, NotACapture, shard_examples
 from qk_attn.saver import MANIFEST, ParquetSink, read_manifest
 from qk_attn.verify import CorruptShard, repair, repair_dataset, verify_dataset
 from test_saver import folder_table, open_sink, reference, run_examples, sort_rows
@@ -108,6 +108,9 @@ def test_repair_then_rerun_recaptures_exactly_the_dropped_examples(dataset, dama
         os.truncate(path, 200)
     else:
         path.unlink()
+    if damage != "flip":  # resuming over a missing or truncated shard is refused (a stat; digests: verify)
+        with pytest.raises(DamagedDataset, match=f"qk-sniff repair {out}"):
+            open_sink(out)
     lines = []
     assert repair_dataset(out, log=lines.append) == 0
     assert any(path.name in line for line in lines) and any("dropped" in line for line in lines)
