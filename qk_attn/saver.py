@@ -491,7 +491,7 @@ class ParquetSink:
         name = self.files.shard(seg.number, seg.next_part)
         seg.next_part += 1
         return self._writers.submit(write_buffer, self.output / key, name, key, buffer, segments, self.vector_type,
-                                    self.token_ids, self.vocabulary, self.fsync)
+                                    self.token_ids, self.vocabulary, False)  # fsync'd together at commit
 
     def _spill(self, until: int) -> None:
         """Write the open segment's largest buffers to `.tmp` shards until at most `until` bytes stay."""
@@ -593,14 +593,13 @@ class ParquetSink:
         sealed, commit = job.sealed, job.commit
         with self._manifest_lock:
             manifest = json.loads(json.dumps(self._manifest))
-        folders = set()
+        if self.fsync:  # data on disk before the names that commit it
+            self._writers.fsync([self.output / w.key / f".{w.name}.tmp" for w in written])
         for w in written:
             os.replace(self.output / w.key / f".{w.name}.tmp", self.output / w.key / w.name)
-            folders.add(w.key)
             _add_shard(manifest, w)
         if self.fsync:
-            for key in folders:
-                fsync_dir(self.output / key)
+            self._writers.fsync({self.output / w.key for w in written})
         segment_of = {e: seg.number for seg in sealed for e in seg.examples}
         for seg in sealed:
             for key, n in seg.calls.items():
@@ -672,10 +671,12 @@ class ParquetSink:
             name = self.files.shard(seg.number, seg.next_part)
             seg.next_part += 1
             segments = sorted({s for n in group for s in shard_segments(manifest, key, n)})
-            futures.append((key, group, self._writers.submit(_merge, self.output / key, group, name, key, segments, self.fsync)))
+            futures.append((key, group, self._writers.submit(_merge, self.output / key, group, name, key, segments)))
+        merged = [(key, group, future.result()) for key, group, future in futures]
+        if self.fsync:
+            self._writers.fsync([self.output / key / f".{w.name}.tmp" for key, _, w in merged])
         replaced = []
-        for key, group, future in futures:
-            written = future.result()
+        for key, group, written in merged:
             os.replace(self.output / key / f".{written.name}.tmp", self.output / key / written.name)
             for n in group:
                 manifest["shards"][key].remove(n)
@@ -685,8 +686,7 @@ class ParquetSink:
             manifest["shards"][key].sort()
             info[f"{key}/{written.name}"] = _shard_info(written)
         if self.fsync:
-            for key in {key for key, _ in jobs}:
-                fsync_dir(self.output / key)
+            self._writers.fsync({self.output / key for key, _ in jobs})
         manifest["next_segment"] = max(manifest["next_segment"], self._next_segment)
         self._write_manifest(manifest)
         for path in replaced:  # orphans from here on: a crash now only leaves files the next open removes
@@ -733,7 +733,7 @@ def _add_shard(manifest: dict, w: Written) -> None:
         kind_buckets[str(bucket)] = kind_buckets.get(str(bucket), 0) + n
 
 
-def _merge(folder: Path, group: list[str], name: str, key: str, segments: list[int], fsync: bool) -> Written:
+def _merge(folder: Path, group: list[str], name: str, key: str, segments: list[int]) -> Written:
     table = pa.concat_tables(pq.read_table(folder / n) for n in group)
-    size, digest = write_table(table, folder / f".{name}.tmp", fsync)
+    size, digest = write_table(table, folder / f".{name}.tmp", False)
     return Written(key, name, table.num_rows, size, digest, Counter(), segments)

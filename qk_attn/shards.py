@@ -2,7 +2,8 @@
 
     saver thread:   piece -> `KeyBuffer.add` (one copy out of the host pool, nothing else)
     writer threads: `KeyBuffer` -> Arrow table (zero-copy over the chunks) -> Parquet bytes
-                    (zstd-1, BYTE_STREAM_SPLIT vectors, page checksums) -> sha256 -> file (+fsync)
+                    (zstd-1, BYTE_STREAM_SPLIT vectors, page checksums) -> sha256 -> file
+    commit:         `Writers.fsync` of all of a finalise's files at once, before they are renamed
 
 pyarrow releases the GIL while it encodes and compresses, and hashlib while it hashes, so
 shards of different folders are written in parallel by `Writers`. Which shards are committed
@@ -134,13 +135,32 @@ def write_buffer(folder: Path, name: str, key: str, buffer: KeyBuffer, segments:
 
 
 class Writers:
-    """A few threads that write shards; `submit` returns a Future of `Written`."""
+    """A few threads that write shards (`submit` returns a Future of `Written`), and more that
+    only wait in fsync: many concurrent fsyncs share the file system's journal commits, so
+    syncing a finalise's shards costs about one fsync's latency instead of their sum."""
+
+    SYNC_THREADS = 16
 
     def __init__(self, threads: int) -> None:
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="qk-sniff-writer")
+        self._sync = ThreadPoolExecutor(max_workers=self.SYNC_THREADS, thread_name_prefix="qk-sniff-fsync")
 
     def submit(self, fn, *args) -> Future:
         return self._pool.submit(fn, *args)
 
+    def fsync(self, paths) -> None:
+        """fsync every path (files or folders) concurrently; re-raises the first error."""
+        for future in [self._sync.submit(_fsync, p) for p in paths]:
+            future.result()
+
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self._sync.shutdown(wait=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

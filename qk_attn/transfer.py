@@ -13,6 +13,8 @@ Caller thread (inside the attention call), per `CaptureBatch` on the device:
 
 Saver thread, per piece:  `wait()` on the event -> `rows()` -> copy into buffers -> `release()`.
 
+On the CPU the pieces are views of the batch itself (no copy); the pool then only counts bytes.
+
 Nothing here reads a device value on the host: the row count is copied with the rows and
 read by the saver after the event. Rows past the count are copied too (the count is not
 known on the host when the copy is issued); the staging capacity bounds that waste.
@@ -201,12 +203,19 @@ class Transfer:
             if region is None:
                 stopped.append(start)
                 return
-            offset, views, pairs = region[0], {}, []
-            for (name, dt, shape, src), size in zip(layout, sizes):
-                views[name] = pool.view(offset, dt, shape)
-                pairs.append((views[name], src))
-                offset += size
-            event = self._copy(pairs, device)
+            if device.type == "cuda":
+                offset, views, pairs = region[0], {}, []
+                for (name, dt, shape, src), size in zip(layout, sizes):
+                    views[name] = pool.view(offset, dt, shape)
+                    pairs.append((views[name], src))
+                    offset += size
+                event = self._copy(pairs, device)
+            else:
+                # Host tensors are handed over, not copied (a batch is not modified after `put`):
+                # the region only accounts for their bytes, so the pool still bounds what is in
+                # flight and its own memory is never touched.
+                views = {name: src if src.dtype == dt else src.to(dt) for name, dt, _, src in layout}
+                event = None
             host = CaptureBatch(
                 batch.layer, batch.kind, batch.heads, batch.example_ids, batch.sliding_window, batch.cross_attention, **views
             )
