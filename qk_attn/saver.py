@@ -13,7 +13,7 @@ qk_attn.shards; this module decides *when* rows are written and committed.
                                          threads as `.tmp` shards, fsync'd, renamed; then the manifest
                                          (listing the shards and the examples) replaces the old one
 
-So a committed example is durable `commit_every_s` (default 1 s) plus one finalise (the write of
+So a committed example is durable `commit_every_s` (default 2 s) plus one finalise (the write of
 what is buffered) after `commit()`; a SIGKILL loses only examples in flight and those. A shard
 the manifest does not list is an orphan of a killed run and is deleted when the folder is opened
 again: a re-run redoes exactly the examples that were not committed and never duplicates a row.
@@ -76,8 +76,11 @@ from .transfer import Piece, Transfer
 
 logger = logging.getLogger(__name__)
 
-COMPACT_AT = 32  # small shards in one folder that trigger a merge while running
-COMPACT_AT_CLOSE = 8  # ... and at close (a short session's few shards stay as they are)
+# Small shards (< shard_mb / 2) in one folder that trigger a merge while running, and at close.
+# A session of a few minutes keeps its shards as they are (no close-time rewrite); a long dense
+# capture rewrites each row once more, in the writer threads.
+COMPACT_AT = 64
+COMPACT_AT_CLOSE = 16
 NO_POSITION = np.iinfo(np.int64).max
 
 
@@ -137,7 +140,7 @@ class ParquetSink:
     """
 
     # A committed example is durable this long after commit() plus one write (bench/durability.py).
-    DEFAULT_COMMIT_EVERY_S = 1.0
+    DEFAULT_COMMIT_EVERY_S = 2.0
 
     def __init__(
         self,
@@ -408,6 +411,7 @@ class ParquetSink:
             self._complete(wait=True)
             if not self._seal_ready():  # flush() with examples in flight: write them now, commit later
                 self._spill(until=0)
+                self._wait_spills()  # surfaces I/O errors now
             if item.final:
                 self._compact(COMPACT_AT_CLOSE)
                 self._finish()
@@ -454,17 +458,30 @@ class ParquetSink:
             vectors = np.array(rows.vectors[index], dtype=storage, order="C").reshape(-1)
             buffer.add(rows.example_id, rows.position, rows.bucket, vectors, rows.token_id)
         self.rows_written += len(rows) * len(rows.heads)
-        buffered = seg.nbytes + sum(s.nbytes for s in self._sealed) + self._writing_bytes()
+        buffered = self._buffered()
         self.max_buffered_bytes = max(self.max_buffered_bytes, buffered)
-        if buffered > self.buffer_bytes:
-            # Over budget: wait for the writes in flight, commit what is sealed (complete
-            # examples), and only then spill the open segment's largest buffers.
-            self._complete(wait=True)
+        if buffered > self.buffer_bytes * 3 // 4:
+            # Start writing early (sealed segments first: they are complete examples), so the
+            # writers are busy while rows keep arriving; wait only when over the whole budget.
             self._finalize()
-            self._complete(wait=True)
-            self._wait_spills()
-            if seg.nbytes > self.buffer_bytes // 2:
+            if seg.nbytes > self.buffer_bytes // 2:  # one long example: sealing cannot help
                 self._spill(until=self.buffer_bytes // 4)
+            while self._buffered() > self.buffer_bytes:
+                if self._spilling:
+                    self._spilling.pop(0)[0].result()
+                elif self._inflight is not None:
+                    self._complete(wait=True)
+                    self._finalize()
+                elif self._sealed:
+                    self._finalize()
+                elif seg.buffers:
+                    self._spill(until=0)
+                else:
+                    break
+
+    def _buffered(self) -> int:
+        """Bytes of rows held: buffers of the open and sealed segments, and what writers hold."""
+        return self._open.nbytes + sum(s.nbytes for s in self._sealed) + self._writing_bytes()
 
     # ---- segments ----------------------------------------------------------------------
     def _new_segment(self) -> _Segment:
@@ -502,8 +519,6 @@ class ParquetSink:
             buffer = seg.buffers.pop(key)
             seg.parts.append(self._submit(seg, key, buffer, [seg.number]))
             self._spilling.append((seg.parts[-1], buffer.nbytes))
-        if until == 0:
-            self._wait_spills()  # flush(): surfaces I/O errors now
 
     def _wait_spills(self) -> None:
         for future, _ in self._spilling:
