@@ -51,15 +51,20 @@ class OutputLocked(RuntimeError):
     """Another capture holds the output folder's lock."""
 
 
-class ManifestError(ValueError):
+class StorageError(ValueError):
+    """An expected storage failure (damaged or foreign files, misuse): a one-line message that
+    names the file and the fix; a CLI prints it without a traceback."""
+
+
+class ManifestError(StorageError):
     """qk_sniff.json is unreadable or invalid (one line; says how to recover without losing rows)."""
 
 
-class DamagedDataset(ValueError):
+class DamagedDataset(StorageError):
     """Committed shards are missing or have the wrong size: resuming would keep them so."""
 
 
-class NotACapture(ValueError):
+class NotACapture(StorageError):
     """The output folder holds files that no capture wrote; nothing there is touched."""
 
 

@@ -51,6 +51,7 @@ from .manifest import (  # noqa: F401 - re-exported: other modules import these 
     ManifestError,
     NotACapture,
     OutputLocked,
+    StorageError,
     check_is_capture,
     check_layout,
     check_same_capture,
@@ -88,7 +89,7 @@ class SaverError(RuntimeError):
     """The saver thread failed; raised in the capturing thread at its next call."""
 
 
-class CommittedExampleError(RuntimeError):
+class CommittedExampleError(StorageError):
     """Rows arrived for an example that is already committed (a rerun of it, or reused ids)."""
 
 

@@ -26,6 +26,7 @@ from .manifest import (
     MANIFEST,
     PREVIOUS,
     ManifestError,
+    StorageError,
     fsync_dir,
     parse_key,
     read_manifest,
@@ -39,7 +40,7 @@ from .manifest import (
 INDEX_COLUMNS = ["example_id", "position", "bucket", "layer", "head", "kind"]
 
 
-class CorruptShard(ValueError):
+class CorruptShard(StorageError):
     """A committed shard fails its size, digest or page checksums (the message names the file)."""
 
 
@@ -113,10 +114,17 @@ class Dataset:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        files = [f for f in self.files(key) if f.is_file() and f not in self.bad]
-        if not files:
-            return None
-        return pa.concat_tables(pq.read_table(f, columns=INDEX_COLUMNS) for f in files)
+        tables = []
+        for f in self.files(key):
+            if not f.is_file():
+                self.bad.add(f)
+            if f in self.bad:
+                continue
+            try:
+                tables.append(pq.read_table(f, columns=INDEX_COLUMNS))
+            except Exception:  # noqa: BLE001 - damaged: `verify` names it; readers skip it
+                self.bad.add(f)
+        return pa.concat_tables(tables) if tables else None
 
     def plot_paths(self) -> list[Path]:
         from .card import CHART
@@ -387,6 +395,9 @@ def inspect_dataset(root: str | Path) -> list[str]:
         span = f"[{start:,}, {start + sampler.bucket_size(b):,})"
         per = rows["q"][b] / n_examples / max(1, len(heads["q"]))
         lines.append(f"           {b:>6}  {span:<20} {rows['q'][b]:>10,}  {rows['k'][b]:>10,}   {per:10.2f}")
+    if data.bad:
+        lines.append(f"damaged    {len(data.bad)} committed shard(s) missing or unreadable (not counted above); "
+                     f"run `qk-sniff verify {data.root}`, then `qk-sniff repair {data.root}`")
     plots = data.plot_paths()
     lines.append(f"plot       {plots[0] if plots else '(none: the card is written when a capture closes)'}")
     if data.folders:
