@@ -569,7 +569,8 @@ class ParquetSink:
             return  # the next one starts when this one completes ("written")
         sealed, self._sealed = self._sealed, []
         commit = self._ready - self._open.examples  # examples whose rows (if any) are all in sealed segments
-        if not sealed and not commit:
+        late = any(e in self._durable for e in self._described)  # describe() after the commit
+        if not sealed and not commit and not late:
             return
         self._waiting_since = None  # commits from now on wait for the next finalise
         merged: dict[str, tuple[KeyBuffer, list[int]]] = {}
@@ -637,7 +638,7 @@ class ParquetSink:
             if info is not None:  # described before or after its commit: both are kept
                 info.update(source_id=source_id, source_index=source_index)
                 del self._described[example]
-        manifest["next_segment"] = self._open.number
+        manifest["next_segment"] = self._next_segment  # above every number in use (open, merged)
         manifest["updated"] = now()
         self._write_manifest(manifest)
         self._durable |= commit

@@ -195,12 +195,15 @@ def test_examples_table_identity_and_first_position(tmp_path):
     out = tmp_path / "out"
     sink = open_sink(out)
     for example, first in ((3, 0), (7, 4)):
-        sink.describe(example, f"doc-{example}", example * 10)
+        if example == 3:
+            sink.describe(example, f"doc-{example}", example * 10)
         for layer in (0, 1):
             batch = make_batch(layer, "k", [example], [12], (0,))
             batch.first_position = torch.tensor([first + layer])  # min over calls is kept
             sink.put(batch)
         sink.commit([example])
+    sink.flush(timeout=10)
+    sink.describe(7, "doc-7", 70)  # after its commit is durable: recorded too
     sink.describe(9, "late", 1)  # described but never committed: not listed
     sink.close()
     table = qk_attn.load_examples(out)
