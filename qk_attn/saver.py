@@ -190,6 +190,13 @@ class ParquetSink:
                 manifest.setdefault("shard_info", {})
             else:
                 manifest = new_manifest(config, source)
+            columns = {"token_id": self.token_ids, "token_str": self.token_ids and vocabulary is not None}
+            old = manifest.setdefault("columns", columns if not manifest["examples"] else {"token_id": False, "token_str": False})
+            if old != columns:  # one schema per dataset
+                raise StorageError(
+                    f"{self.output} was captured with optional columns {old}; this run would write {columns} "
+                    "(token ids / vocabulary): use the same setting, another output directory, or overwrite=True"
+                )
             if self.files.rank is not None:
                 manifest["part"] = {"rank": self.files.rank, "world_size": self.files.world_size, "complete": False}
             self.removed_orphans = remove_orphans(self.output, manifest, self.files)

@@ -15,7 +15,9 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor
+import queue
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -137,25 +139,54 @@ def write_buffer(folder: Path, name: str, key: str, buffer: KeyBuffer, segments:
 class Writers:
     """A few threads that write shards (`submit` returns a Future of `Written`), and more that
     only wait in fsync: many concurrent fsyncs share the file system's journal commits, so
-    syncing a finalise's shards costs about one fsync's latency instead of their sum."""
+    syncing a finalise's shards costs about one fsync's latency instead of their sum.
+
+    Plain daemon threads, not concurrent.futures' executors: those refuse new work once the
+    interpreter starts to exit, and the env-configured session commits from an atexit hook.
+    """
 
     SYNC_THREADS = 16
 
     def __init__(self, threads: int) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="qk-sniff-writer")
-        self._sync = ThreadPoolExecutor(max_workers=self.SYNC_THREADS, thread_name_prefix="qk-sniff-fsync")
+        self._work: queue.Queue = queue.Queue()
+        self._sync: queue.Queue = queue.Queue()
+        self._threads = [_start(self._work, f"qk-sniff-writer-{i}") for i in range(max(1, threads))]
+        self._threads += [_start(self._sync, f"qk-sniff-fsync-{i}") for i in range(self.SYNC_THREADS)]
 
     def submit(self, fn, *args) -> Future:
-        return self._pool.submit(fn, *args)
+        future: Future = Future()
+        self._work.put((future, fn, args))
+        return future
 
     def fsync(self, paths) -> None:
         """fsync every path (files or folders) concurrently; re-raises the first error."""
-        for future in [self._sync.submit(_fsync, p) for p in paths]:
+        futures = []
+        for path in paths:
+            futures.append(Future())
+            self._sync.put((futures[-1], _fsync, (path,)))
+        for future in futures:
             future.result()
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
-        self._sync.shutdown(wait=True)
+        for _ in range(len(self._threads)):
+            self._work.put(None)
+            self._sync.put(None)
+        for thread in self._threads:
+            thread.join()
+
+
+def _start(work: queue.Queue, name: str) -> threading.Thread:
+    def run() -> None:
+        while (item := work.get()) is not None:
+            future, fn, args = item
+            try:
+                future.set_result(fn(*args))
+            except BaseException as error:  # noqa: BLE001 - handed to whoever waits on the future
+                future.set_exception(error)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    return thread
 
 
 def _fsync(path: Path) -> None:

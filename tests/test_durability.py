@@ -17,7 +17,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+import pytest
+
 from qk_attn.config import SniffConfig
+from qk_attn.manifest import StorageError
 from qk_attn.saver import ParquetSink, read_manifest
 from qk_attn.verify import verify_dataset
 from test_saver import folder_table, make_batch, open_sink, reference, run_examples, sort_rows
@@ -65,6 +68,8 @@ def test_committed_documents_survive_a_sigkill_seconds_later(tmp_path):
     sink.close()
     assert sort_rows(folder_table(out)).equals(sort_rows(reference(want)))
     assert verify_dataset(out, log=lambda *_: None) == []
+    with pytest.raises(StorageError, match="optional columns"):  # one schema per dataset
+        open_sink(out)  # no vocabulary this time
 
 
 def test_put_never_waits_for_pool_space_end_forward_does(tmp_path):
@@ -114,3 +119,5 @@ def test_token_ids_first_position_and_vocabulary_columns(tmp_path):
     k = pq.read_table(out / "l01h00k")
     assert k["token_id"].null_count == k.num_rows and k["token_str"].null_count == k.num_rows
     assert verify_dataset(out, log=lambda *_: None) == []
+    with pytest.raises(StorageError, match="optional columns"):  # one schema per dataset
+        open_sink(out)  # no vocabulary this time
