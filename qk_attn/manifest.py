@@ -201,6 +201,60 @@ def check_same_capture(output: Path, manifest: dict, config, source: dict | None
         )
 
 
+def open_capture(output: Path, files: Files, config, source: dict | None, overwrite: bool, columns: dict,
+                 fsync: bool) -> tuple[dict, list[Path]]:
+    """The commit protocol's open step, under the writer's lock: refuse what must not be
+    touched or mixed, remove what `overwrite` or a killed run left, and write the manifest
+    (which also proves OUT is writable). Returns (manifest, orphans removed)."""
+    check_is_capture(output, files)  # never write into (or clean) a folder of someone else's files
+    if overwrite:
+        remove_dataset(output, files)
+    else:  # (under overwrite another rank may not have removed its old files yet)
+        check_layout(output, files)
+    manifest = read_manifest(output, files.manifest)
+    if manifest is not None:
+        check_same_capture(output, manifest, config, source)
+        check_shard_sizes(output, manifest)
+        manifest["versions"] = versions()  # of the latest run writing here
+        manifest.setdefault("example_info", {})
+        manifest.setdefault("shard_info", {})
+    else:
+        manifest = new_manifest(config, source)
+    old = manifest.setdefault("columns", columns if not manifest["examples"] else {"token_id": False, "token_str": False})
+    if old != columns:  # one schema per dataset
+        raise StorageError(
+            f"{output} was captured with optional columns {old}; this run would write {columns} "
+            "(token ids / vocabulary): use the same setting, another output directory, or overwrite=True"
+        )
+    if files.rank is not None:
+        manifest["part"] = {"rank": files.rank, "world_size": files.world_size, "complete": False}
+    removed = remove_orphans(output, manifest, files)
+    write_json_atomic(output / files.manifest, manifest, fsync)
+    return manifest, removed
+
+
+def check_same_model(output: Path, manifest: dict, model: dict, plan: dict) -> None:
+    """Refuse rows of another model (or another shape) than OUT already holds."""
+    old = manifest.get("model")
+    if not old:
+        return
+    # A commit hash identifies the weights; without one on both sides, the name has to do.
+    both = old.get("revision") and model["revision"]
+    if (old["revision"] != model["revision"]) if both else (old.get("id") != model["id"]):
+        raise ValueError(
+            f"{output} holds captures of model {old.get('id')!r} (revision {old.get('revision')}); "
+            f"this run uses {model['id']!r} (revision {model['revision']}). Use another output directory "
+            "or overwrite=True to start over."
+        )
+    shape = ("num_layers", "num_heads", "num_kv_heads", "head_dim")
+    old_plan = manifest.get("plan") or {}
+    if any(old_plan.get(k) != plan[k] for k in shape if k in old_plan):
+        raise ValueError(
+            f"{output} holds captures of a model shaped {[old_plan.get(k) for k in shape]} "
+            f"({', '.join(shape)}); this model is {[plan[k] for k in shape]}"
+        )
+
+
 def check_is_capture(output: Path, files: Files) -> None:
     """A folder with files but no manifest is not a capture: refuse it (even under overwrite),
     so that no file the capture did not write is ever overwritten or deleted."""
@@ -351,6 +405,22 @@ def remove_dataset(output: Path, files: Files = Files()) -> None:
                     path.unlink()
     for name in [files.manifest, files.examples] + ([*ours, *CARD_FILES] if files.rank == 0 else []):
         (output / name).unlink(missing_ok=True)
+
+
+def shard_info(written) -> dict:
+    """The manifest's record of one shard (a qk_attn.shards.Written)."""
+    return {"bytes": written.bytes, "sha256": written.sha256, "rows": written.rows, "segments": written.segments}
+
+
+def add_shard(manifest: dict, written) -> None:
+    """List a newly committed shard: its name, record, rows and bucket counts."""
+    key = written.key
+    manifest["shards"].setdefault(key, []).append(written.name)
+    manifest["shard_info"][f"{key}/{written.name}"] = shard_info(written)
+    manifest["row_counts"][key] = manifest["row_counts"].get(key, 0) + written.rows
+    kind_buckets = manifest["buckets"].setdefault(key[-1], {})
+    for bucket, n in written.buckets.items():
+        kind_buckets[str(bucket)] = kind_buckets.get(str(bucket), 0) + n
 
 
 def shard_segments(manifest: dict, key: str, name: str) -> list[int]:

@@ -42,38 +42,32 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import compact
 from .config import SniffConfig
 from .manifest import (  # noqa: F401 - re-exported: other modules import these from qk_attn.saver
     EXAMPLES,
     LOCK,
     MANIFEST,
+    DamagedDataset,
     Files,
     ManifestError,
     NotACapture,
     OutputLocked,
     StorageError,
-    check_is_capture,
-    check_layout,
-    check_same_capture,
-    check_shard_sizes,
-    DamagedDataset,
-    fsync_dir,
+    add_shard,
+    check_same_model,
     key_name,
-    new_manifest,
     now,
+    open_capture,
     parse_key,
     part_files,
     read_manifest,
-    remove_dataset,
-    remove_orphans,
-    shard_segments,
     take_lock,
-    versions,
     write_json_atomic,
 )
 from .rows import CaptureBatch, CaptureOverflow, HostRows
 from .shards import KeyBuffer, Writers, Written, write_buffer, write_table
-from .transfer import Piece, Transfer
+from .transfer import Piece, Sender, Transfer
 
 logger = logging.getLogger(__name__)
 
@@ -176,31 +170,8 @@ class ParquetSink:
         self.output.mkdir(parents=True, exist_ok=True)
         self._lock_fd = take_lock(self.output, self.files.lock)
         try:
-            check_is_capture(self.output, self.files)  # never write into (or clean) a folder of someone else's files
-            if overwrite:
-                remove_dataset(self.output, self.files)
-            else:  # (under overwrite another rank may not have removed its old files yet)
-                check_layout(self.output, self.files)
-            manifest = read_manifest(self.output, self.files.manifest)
-            if manifest is not None:
-                check_same_capture(self.output, manifest, config, source)
-                check_shard_sizes(self.output, manifest)
-                manifest["versions"] = versions()  # of the latest run writing here
-                manifest.setdefault("example_info", {})
-                manifest.setdefault("shard_info", {})
-            else:
-                manifest = new_manifest(config, source)
             columns = {"token_id": self.token_ids, "token_str": self.token_ids and vocabulary is not None}
-            old = manifest.setdefault("columns", columns if not manifest["examples"] else {"token_id": False, "token_str": False})
-            if old != columns:  # one schema per dataset
-                raise StorageError(
-                    f"{self.output} was captured with optional columns {old}; this run would write {columns} "
-                    "(token ids / vocabulary): use the same setting, another output directory, or overwrite=True"
-                )
-            if self.files.rank is not None:
-                manifest["part"] = {"rank": self.files.rank, "world_size": self.files.world_size, "complete": False}
-            self.removed_orphans = remove_orphans(self.output, manifest, self.files)
-            write_json_atomic(self.output / self.files.manifest, manifest, fsync)  # also proves OUT is writable
+            manifest, self.removed_orphans = open_capture(self.output, self.files, config, source, overwrite, columns, fsync)
         except BaseException:
             os.close(self._lock_fd)
             raise
@@ -217,11 +188,9 @@ class ParquetSink:
         self._inflight: _Inflight | None = None  # the finalise being written
         self._spilling: list = []  # (future, bytes) of spills being written
         self._transfer = Transfer(config.pinned_mb << 20)
-        self._deferred: list[list] = []  # [batch, first staging row not sent yet]: waits for end_forward
-        self._deferred_bytes = 0
-        self._warned_pool = False
         self._writers = Writers(writer_threads)
         self._queue: queue.Queue = queue.Queue()
+        self._sender = Sender(self._transfer, self._queue.put, self.check)
         self._error: BaseException | None = None
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="qk-sniff-saver", daemon=True)
@@ -246,23 +215,8 @@ class ParquetSink:
         }
         plan_dict = plan.to_dict()
         with self._manifest_lock:
-            old = self._manifest.get("model")
-            if old and self._manifest["examples"]:
-                # A commit hash identifies the weights; without one on both sides, the name has to do.
-                both = old.get("revision") and model["revision"]
-                if (old["revision"] != model["revision"]) if both else (old.get("id") != model["id"]):
-                    raise ValueError(
-                        f"{self.output} holds captures of model {old.get('id')!r} (revision {old.get('revision')}); "
-                        f"this run uses {model['id']!r} (revision {model['revision']}). Use another output directory "
-                        "or overwrite=True to start over."
-                    )
-                shape = ("num_layers", "num_heads", "num_kv_heads", "head_dim")
-                old_plan = self._manifest.get("plan") or {}
-                if any(old_plan.get(k) != plan_dict[k] for k in shape if k in old_plan):
-                    raise ValueError(
-                        f"{self.output} holds captures of a model shaped {[old_plan.get(k) for k in shape]} "
-                        f"({', '.join(shape)}); this model is {[plan_dict[k] for k in shape]}"
-                    )
+            if self._manifest["examples"]:
+                check_same_model(self.output, self._manifest, model, plan_dict)
             self._manifest["model"] = model
             self._manifest["plan"] = plan_dict
 
@@ -278,43 +232,13 @@ class ParquetSink:
                 f"rows for example(s) {done[:5]} arrived, but they are already committed in {self.output}; "
                 "skip committed examples (committed_ids()) or give new examples new ids (after max_committed_id())"
             )
-        if not self._deferred:
-            stopped: list[int] = []
-            for piece in self._transfer.send(batch, 0, self.check, wait=False, stopped=stopped):
-                self._queue.put(piece)
-            if not stopped:
-                return
-            batch_start = [batch, stopped[0]]
-        else:  # keep the order of batches: once one waits, later ones wait behind it
-            batch_start = [batch, 0]
-        self._deferred.append(batch_start)
-        self._deferred_bytes += batch.vectors.numel() * batch.vectors.element_size()
-        pool = self._transfer.pool
-        if self._deferred_bytes > pool.nbytes:
-            # More than a pool's worth held on the device within one forward: the pool is too
-            # small for this plan. Waiting here is the lesser evil than unbounded device memory.
-            if not self._warned_pool:
-                logger.warning(
-                    "qk-sniff: one forward captures more than the %d MiB host pool; capture now waits inside "
-                    "attention calls. Raise pinned_mb (QK_SNIFF_PINNED_MB) above the bytes of one forward's rows.",
-                    pool.nbytes >> 20,
-                )
-                self._warned_pool = True
-            self._drain_deferred()
+        self._sender.put(batch)
 
     def end_forward(self) -> None:
         """Called once after every model forward, outside attention calls: sends what waited on
         the device, waiting for pool space (this is where back-pressure happens)."""
         self.check()
-        self._drain_deferred()
-
-    def _drain_deferred(self) -> None:
-        while self._deferred:
-            batch, start = self._deferred[0]
-            for piece in self._transfer.send(batch, start, self.check, wait=True):
-                self._queue.put(piece)
-            self._deferred.pop(0)
-            self._deferred_bytes -= batch.vectors.numel() * batch.vectors.element_size()
+        self._sender.drain()
 
     def describe(self, example_id: int, source_id: str | None, source_index: int | None) -> None:
         """Where example `example_id` came from: the source dataset's own id and its row index
@@ -325,7 +249,7 @@ class ParquetSink:
     def commit(self, example_ids) -> None:
         """These examples are complete; they become durable within `commit_every_s` (plus one write)."""
         self.check()
-        self._drain_deferred()  # their rows must be queued before the commit
+        self._sender.drain()  # their rows must be queued before the commit
         ids = [int(i) for i in example_ids]
         self._committed.update(ids)
         self._queue.put(("commit", ids))
@@ -333,7 +257,7 @@ class ParquetSink:
     def flush(self, timeout: float | None = None) -> None:
         """Make every committed example durable now, and wait for it (re-raises saver errors)."""
         self.check()
-        self._drain_deferred()
+        self._sender.drain()
         self._wait(_Flush(final=False), timeout)
 
     def check(self) -> None:
@@ -355,10 +279,10 @@ class ParquetSink:
         self._closed = True
         try:
             if self._error is None:
-                self._drain_deferred()
+                self._sender.drain()
                 self._wait(_Flush(final=True), None)
         finally:
-            self._deferred.clear()
+            self._sender.clear()
             self._queue.put(_STOP)
             self._thread.join()
             self._writers.close()
@@ -621,7 +545,7 @@ class ParquetSink:
             self._writers.fsync([self.output / w.key / f".{w.name}.tmp" for w in written])
         for w in written:
             os.replace(self.output / w.key / f".{w.name}.tmp", self.output / w.key / w.name)
-            _add_shard(manifest, w)
+            add_shard(manifest, w)
         if self.fsync:
             self._writers.fsync({self.output / w.key for w in written})
         segment_of = {e: seg.number for seg in sealed for e in seg.examples}
@@ -667,26 +591,10 @@ class ParquetSink:
             self._manifest = manifest
 
     def _compact(self, at_least: int) -> None:
-        """Merge the small committed shards of folders that hold `at_least` of them into shards of
-        about `shard_mb` (rename, manifest, then delete the old ones: a crash leaves only orphans)."""
+        """Merge small committed shards (qk_attn.compact) in the writer threads; one manifest update."""
         with self._manifest_lock:
             manifest = json.loads(json.dumps(self._manifest))
-        info = manifest["shard_info"]
-        jobs = []
-        for key, names in manifest["shards"].items():
-            sizes = {n: info.get(f"{key}/{n}", {}).get("bytes") or (self.output / key / n).stat().st_size for n in names}
-            small = [n for n in names if sizes[n] < self.shard_bytes // 2]
-            if len(small) < max(2, at_least):
-                continue
-            groups, group, total = [], [], 0
-            for name in small:
-                if group and total + sizes[name] > self.shard_bytes:
-                    groups.append(group)
-                    group, total = [], 0
-                group.append(name)
-                total += sizes[name]
-            groups.append(group)
-            jobs += [(key, g) for g in groups if len(g) > 1]
+        jobs = compact.plan(manifest, self.output, self.shard_bytes, at_least)
         if not jobs:
             return
         seg = self._new_segment()  # a fresh number for the merged shards' names
@@ -694,23 +602,15 @@ class ParquetSink:
         for key, group in jobs:
             name = self.files.shard(seg.number, seg.next_part)
             seg.next_part += 1
-            segments = sorted({s for n in group for s in shard_segments(manifest, key, n)})
-            futures.append((key, group, self._writers.submit(_merge, self.output / key, group, name, key, segments)))
+            futures.append((key, group, self._writers.submit(compact.merge, self.output / key, group, name, key, manifest)))
         merged = [(key, group, future.result()) for key, group, future in futures]
         if self.fsync:
             self._writers.fsync([self.output / key / f".{w.name}.tmp" for key, _, w in merged])
-        replaced = []
-        for key, group, written in merged:
+        for key, _, written in merged:
             os.replace(self.output / key / f".{written.name}.tmp", self.output / key / written.name)
-            for n in group:
-                manifest["shards"][key].remove(n)
-                info.pop(f"{key}/{n}", None)
-                replaced.append(self.output / key / n)
-            manifest["shards"][key].append(written.name)
-            manifest["shards"][key].sort()
-            info[f"{key}/{written.name}"] = _shard_info(written)
         if self.fsync:
             self._writers.fsync({self.output / key for key, _ in jobs})
+        replaced = compact.apply(manifest, self.output, merged)
         manifest["next_segment"] = max(manifest["next_segment"], self._next_segment)
         self._write_manifest(manifest)
         for path in replaced:  # orphans from here on: a crash now only leaves files the next open removes
@@ -742,22 +642,3 @@ class _Done:
 
     def result(self) -> Written:
         return self._written
-
-
-def _shard_info(w: Written) -> dict:
-    return {"bytes": w.bytes, "sha256": w.sha256, "rows": w.rows, "segments": w.segments}
-
-
-def _add_shard(manifest: dict, w: Written) -> None:
-    manifest["shards"].setdefault(w.key, []).append(w.name)
-    manifest["shard_info"][f"{w.key}/{w.name}"] = _shard_info(w)
-    manifest["row_counts"][w.key] = manifest["row_counts"].get(w.key, 0) + w.rows
-    kind_buckets = manifest["buckets"].setdefault(w.key[-1], {})
-    for bucket, n in w.buckets.items():
-        kind_buckets[str(bucket)] = kind_buckets.get(str(bucket), 0) + n
-
-
-def _merge(folder: Path, group: list[str], name: str, key: str, segments: list[int]) -> Written:
-    table = pa.concat_tables(pq.read_table(folder / n) for n in group)
-    size, digest = write_table(table, folder / f".{name}.tmp", False)
-    return Written(key, name, table.num_rows, size, digest, Counter(), segments)

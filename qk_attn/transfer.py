@@ -22,6 +22,7 @@ known on the host when the copy is issued); the staging capacity bounds that was
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ import numpy as np
 import torch
 
 from .rows import CaptureBatch, HostRows
+
+logger = logging.getLogger(__name__)
 
 ALIGN = 64  # bytes; keeps every dtype view of the pool aligned
 WAIT_S = 0.05  # how often a blocked producer re-checks for a saver error
@@ -246,3 +249,61 @@ class Transfer:
             # before the side-stream copy has read it.
             src.record_stream(stream)
         return event
+
+
+class Sender:
+    """The `put` side of a sink: pieces into the pool without waiting inside an attention call.
+
+    When the pool is full, the rest of the batch (and every later batch, to keep their order)
+    stays on the device, its tensors kept alive, until `drain()` (the sink's `end_forward`,
+    `commit`, `flush`), which waits for space. If one forward holds more than the pool on the
+    device, `put` waits after all (with a warning naming the setting): device memory must not
+    grow without bound because the pool is too small for the plan.
+    """
+
+    def __init__(self, transfer: Transfer, emit: Callable[[Piece], None], check: Callable[[], None]) -> None:
+        self.transfer = transfer
+        self.emit = emit  # hands a piece to the saver thread
+        self.check = check  # re-raises the saver's error while waiting
+        self.deferred: deque[list] = deque()  # [batch, first staging row not sent yet]
+        self.deferred_bytes = 0
+        self._warned = False
+
+    def put(self, batch: CaptureBatch) -> None:
+        if not self.deferred:
+            stopped: list[int] = []
+            for piece in self.transfer.send(batch, 0, self.check, wait=False, stopped=stopped):
+                self.emit(piece)
+            if not stopped:
+                return
+            self.deferred.append([batch, stopped[0]])
+        else:
+            self.deferred.append([batch, 0])
+        self.deferred_bytes += _nbytes(batch)
+        pool = self.transfer.pool
+        if self.deferred_bytes > pool.nbytes:
+            if not self._warned:
+                logger.warning(
+                    "qk-sniff: one forward captures more than the %d MiB host pool; capture now waits inside "
+                    "attention calls. Raise pinned_mb (QK_SNIFF_PINNED_MB) above the bytes of one forward's rows.",
+                    pool.nbytes >> 20,
+                )
+                self._warned = True
+            self.drain()
+
+    def drain(self) -> None:
+        """Send every deferred batch, waiting for pool space (never call inside an attention call)."""
+        while self.deferred:
+            batch, start = self.deferred[0]
+            for piece in self.transfer.send(batch, start, self.check, wait=True):
+                self.emit(piece)
+            self.deferred.popleft()
+            self.deferred_bytes -= _nbytes(batch)
+
+    def clear(self) -> None:
+        self.deferred.clear()
+        self.deferred_bytes = 0
+
+
+def _nbytes(batch: CaptureBatch) -> int:
+    return batch.vectors.numel() * batch.vectors.element_size()

@@ -426,7 +426,6 @@ def repair(output: str | Path, log=print) -> dict:
     import pyarrow.parquet as pq
 
     from .manifest import Files
-    from .saver import _shard_info
     from .shards import write_table
 
     output = Path(output)
