@@ -12,7 +12,12 @@ Manifest fields written by the sink (besides config, sampler, model, plan, versi
     example_info  {example_id: {"source_id", "source_index", "first_position", "segment"}}
     shards        {key: [shard names]}
     shard_info    {"key/name": {"bytes", "sha256", "rows", "segments": [segment numbers]}}
+    columns       {"token_id": bool, "token_str": bool}: the optional columns of every shard
+    examples_file {"name", "bytes", "sha256"} of OUT/examples.parquet
     row_counts, calls, buckets, next_segment, created, updated
+
+Datasets written before `shard_info` / `example_info` existed still load and verify: their
+shards are checked by reading them with their page checksums (if they have any) only.
 
 A *segment* is what one manifest update commits: every example committed in it has all its
 rows in shards of that segment (a merged shard lists every segment it holds), so the
