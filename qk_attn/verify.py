@@ -428,9 +428,14 @@ def repair(output: str | Path, log=print) -> dict:
     from .manifest import Files
     from .shards import write_table
 
+    from .manifest import part_files
+
     output = Path(output)
     if not output.is_dir():
         raise FileNotFoundError(f"{output} is not a folder")
+    if part_files(output):
+        raise StorageError(f"{output} was captured by several ranks (qk_sniff.rank*.json): repair is not supported "
+                           "for it yet; restore the damaged shards from a copy or the Hub (qk-sniff pull)")
     fd = take_lock(output, LOCK)  # never repair under a running capture
     try:
         restored = False
