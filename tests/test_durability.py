@@ -119,3 +119,35 @@ def test_token_ids_first_position_and_vocabulary_columns(tmp_path):
     assert verify_dataset(out, log=lambda *_: None) == []
     with pytest.raises(StorageError, match="optional columns"):  # one schema per dataset
         open_sink(out)  # no vocabulary this time
+
+
+def test_a_full_disk_fails_loudly_and_loses_nothing_committed(tmp_path, monkeypatch):
+    import errno
+
+    import qk_attn.shards as shards
+    from qk_attn.saver import SaverError
+
+    out = tmp_path / "out"
+    sink = open_sink(out)
+    kept = run_examples(sink, [0, 1])
+    sink.flush(timeout=10)
+    before = (out / "qk_sniff.json").read_text()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shards, "write_table", full)  # every shard write from now on
+    run_examples(sink, [2, 3])
+    with pytest.raises(SaverError, match="No space left on device") as error:
+        sink.flush(timeout=10)
+    assert "committed before the failure are safe" in str(error.value)
+    with pytest.raises(SaverError):
+        sink.close()
+    monkeypatch.undo()
+    assert (out / "qk_sniff.json").read_text() == before  # the last commit is intact
+    assert verify_dataset(out, log=lambda *_: None) == []
+    sink = open_sink(out)  # the re-run: 2 and 3 were never committed, so they are captured again
+    assert sink.committed_ids() == {0, 1}
+    kept += run_examples(sink, [2, 3])
+    sink.close()
+    assert sort_rows(folder_table(out)).equals(sort_rows(reference(kept)))
