@@ -77,6 +77,7 @@ logger = logging.getLogger(__name__)
 COMPACT_AT = 64
 COMPACT_AT_CLOSE = 16
 NO_POSITION = np.iinfo(np.int64).max
+EXPORT_EVERY_S = 60.0  # OUT/examples.parquet is rewritten at most this often while running (and at close)
 
 
 class SaverError(RuntimeError):
@@ -186,6 +187,7 @@ class ParquetSink:
         self._sealed: list[_Segment] = []
         self._waiting_since: float | None = None  # first commit() not yet durable
         self._inflight: _Inflight | None = None  # the finalise being written
+        self._exported_at = float("-inf")  # last write of OUT/examples.parquet
         self._spilling: list = []  # (future, bytes) of spills being written
         self._transfer = Transfer(config.pinned_mb << 20)
         self._writers = Writers(writer_threads)
@@ -539,61 +541,66 @@ class ParquetSink:
         self._inflight = None
         written: list[Written] = [f.result() for f in job.futures]
         sealed, commit = job.sealed, job.commit
-        with self._manifest_lock:
-            manifest = json.loads(json.dumps(self._manifest))
         if self.fsync:  # data on disk before the names that commit it
             self._writers.fsync([self.output / w.key / f".{w.name}.tmp" for w in written])
         for w in written:
             os.replace(self.output / w.key / f".{w.name}.tmp", self.output / w.key / w.name)
-            add_shard(manifest, w)
         if self.fsync:
             self._writers.fsync({self.output / w.key for w in written})
         segment_of = {e: seg.number for seg in sealed for e in seg.examples}
-        for seg in sealed:
-            for key, n in seg.calls.items():
-                manifest["calls"][key] = manifest["calls"].get(key, 0) + n
-            if seg.cross_attention_layers:
-                manifest["cross_attention_layers"] = sorted(set(manifest.get("cross_attention_layers", [])) | seg.cross_attention_layers)
         valid = {e: c for seg in sealed for e, c in seg.valid.items()}
         first_position = {e: p for seg in sealed for e, p in seg.first.items()}
-        for example in sorted(commit):
-            counts = valid.get(example)
-            manifest["examples"][str(example)] = counts[min(counts)] if counts else 0
-            position = first_position.get(example, NO_POSITION)
-            manifest["example_info"][str(example)] = {
-                "source_id": None, "source_index": None, "segment": segment_of.get(example, job.number),
-                "first_position": None if position == NO_POSITION else position,
-            }
-        for example, (source_id, source_index) in list(self._described.items()):
-            info = manifest["example_info"].get(str(example))
-            if info is not None:  # described before or after its commit: both are kept
-                info.update(source_id=source_id, source_index=source_index)
-                del self._described[example]
-        manifest["next_segment"] = self._next_segment  # above every number in use (open, merged)
-        manifest["updated"] = now()
-        self._write_manifest(manifest)
+        # Edited in place, not copied (a large capture's manifest is megabytes): only this thread
+        # changes what it commits, and after a failed write the sink is in error for good.
+        with self._manifest_lock:
+            manifest = self._manifest
+            for w in written:
+                add_shard(manifest, w)
+            for seg in sealed:
+                for key, n in seg.calls.items():
+                    manifest["calls"][key] = manifest["calls"].get(key, 0) + n
+                if seg.cross_attention_layers:
+                    layers = set(manifest.get("cross_attention_layers", [])) | seg.cross_attention_layers
+                    manifest["cross_attention_layers"] = sorted(layers)
+            for example in sorted(commit):
+                counts = valid.get(example)
+                manifest["examples"][str(example)] = counts[min(counts)] if counts else 0
+                position = first_position.get(example, NO_POSITION)
+                manifest["example_info"][str(example)] = {
+                    "source_id": None, "source_index": None, "segment": segment_of.get(example, job.number),
+                    "first_position": None if position == NO_POSITION else position,
+                }
+            for example, (source_id, source_index) in list(self._described.items()):
+                info = manifest["example_info"].get(str(example))
+                if info is not None:  # described before or after its commit: both are kept
+                    info.update(source_id=source_id, source_index=source_index)
+                    del self._described[example]
+            manifest["next_segment"] = self._next_segment  # above every number in use (open, merged)
+            manifest["updated"] = now()
+        self._write_manifest()
         self._durable |= commit
         self._ready -= commit
         self._compact(COMPACT_AT)
 
-    def _write_manifest(self, manifest: dict) -> None:
-        """The examples table first (an export: readers filter it by the manifest), then the manifest."""
+    def _write_manifest(self, export: bool = False) -> None:
+        """The manifest (the commit point). Before it, at most every EXPORT_EVERY_S and at close,
+        OUT/examples.parquet: an export of the manifest's examples for `datasets` (qk_attn
+        readers use the manifest itself), so a large capture does not rewrite it every commit."""
         from .verify import examples_table
 
-        path = self.output / self.files.examples
-        size, digest = write_table(examples_table(manifest), path.with_name(f".{path.name}.tmp"), self.fsync)
-        os.replace(path.with_name(f".{path.name}.tmp"), path)
-        manifest["examples_file"] = {"name": path.name, "bytes": size, "sha256": digest}
-        write_json_atomic(self.output / self.files.manifest, manifest, self.fsync, keep_previous=True)
         with self._manifest_lock:
-            # bind_model may have changed model/plan meanwhile: keep the newest of those.
-            manifest["model"], manifest["plan"] = self._manifest.get("model"), self._manifest.get("plan")
-            self._manifest = manifest
+            manifest = self._manifest
+            if export or time.monotonic() - self._exported_at >= EXPORT_EVERY_S:
+                path = self.output / self.files.examples
+                size, digest = write_table(examples_table(manifest), path.with_name(f".{path.name}.tmp"), self.fsync)
+                os.replace(path.with_name(f".{path.name}.tmp"), path)
+                manifest["examples_file"] = {"name": path.name, "bytes": size, "sha256": digest}
+                self._exported_at = time.monotonic()
+            write_json_atomic(self.output / self.files.manifest, manifest, self.fsync, keep_previous=True)
 
     def _compact(self, at_least: int) -> None:
         """Merge small committed shards (qk_attn.compact) in the writer threads; one manifest update."""
-        with self._manifest_lock:
-            manifest = json.loads(json.dumps(self._manifest))
+        manifest = self._manifest  # only this thread changes shards; the merges only read it
         jobs = compact.plan(manifest, self.output, self.shard_bytes, at_least)
         if not jobs:
             return
@@ -610,16 +617,20 @@ class ParquetSink:
             os.replace(self.output / key / f".{written.name}.tmp", self.output / key / written.name)
         if self.fsync:
             self._writers.fsync({self.output / key for key, _ in jobs})
-        replaced = compact.apply(manifest, self.output, merged)
-        manifest["next_segment"] = max(manifest["next_segment"], self._next_segment)
-        self._write_manifest(manifest)
+        with self._manifest_lock:
+            replaced = compact.apply(manifest, self.output, merged)
+            manifest["next_segment"] = max(manifest["next_segment"], self._next_segment)
+        self._write_manifest()
         for path in replaced:  # orphans from here on: a crash now only leaves files the next open removes
             path.unlink()
 
     def _finish(self) -> None:
-        """At close: the card (single writer) or the part's completion flag (ranks)."""
-        with self._manifest_lock:
-            manifest = json.loads(json.dumps(self._manifest))
+        """At close: the examples export, and the card (single writer) or the part's completion flag (ranks)."""
+        if self.files.rank is not None:  # the card is written when the parts are merged
+            with self._manifest_lock:
+                self._manifest["part"]["complete"] = self.complete
+        self._write_manifest(export=True)
+        manifest = self.manifest
         if self.files.rank is None:
             from .card import write_card
             from .manifest import card_is_ours
@@ -629,9 +640,6 @@ class ParquetSink:
             else:
                 logger.warning("qk-sniff: %s/README.md was not written by qk-sniff; the dataset card is not written",
                                self.output)
-        else:  # the card is written when the parts are merged
-            manifest["part"]["complete"] = self.complete
-            self._write_manifest(manifest)
 
 
 class _Done:
