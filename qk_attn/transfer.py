@@ -7,7 +7,7 @@ Caller thread (inside the attention call), per `CaptureBatch` on the device:
                      of the batch stays on the device (its tensors are kept alive) until
                      `end_forward`, which runs between forwards and may wait for space
                      copy the piece into it: CUDA -> on a side stream, non_blocking, into pinned
-                     memory, then record a blocking-sync event; CPU -> plain copies, no event
+                     memory, then record a blocking-sync event; CPU -> no copy, no event
                      hand the piece on (the caller enqueues it before taking the next region,
                      so the saver can always free space: no deadlock)
 
