@@ -177,7 +177,21 @@ def check_integrity(data: "Dataset") -> tuple[list[str], set[Path], int]:
             if problem:
                 lines.append(shard_problem_line(data.root, data.manifest, key, name, problem))
                 bad.add(data.root / key / name)
+    problem = check_examples_file(data.root, data.manifest)
+    if problem:
+        lines.append(problem)
     return lines, bad, no_digest
+
+
+def check_examples_file(root: Path, manifest: dict) -> str | None:
+    """OUT/examples.parquet against the digest the manifest records for it (an export: repair rewrites it)."""
+    record = manifest.get("examples_file")
+    if not record:
+        return None
+    path = Path(root) / record["name"]
+    if not path.is_file() or path.stat().st_size != record["bytes"] or sha256_file(path) != record["sha256"]:
+        return f"{record['name']}: missing or changed since it was written (the examples table); `qk-sniff repair` rewrites it"
+    return None
 
 
 def _unreadable(path: Path) -> bool:
@@ -479,7 +493,7 @@ def repair(output: str | Path, log=print) -> dict:
                     if (key, name) not in bad and set(shard_segments(manifest, key, name)) & segments:
                         ids = pq.read_table(output / key / name, columns=["example_id"]).column("example_id")
                         dropped |= set(np.unique(ids.to_numpy()).tolist())
-        if not bad and not restored:
+        if not bad and not restored and not check_examples_file(output, manifest):
             return {"restored": False, "bad": [], "dropped": []}
 
         files = Files()
@@ -495,6 +509,9 @@ def repair(output: str | Path, log=print) -> dict:
                     manifest["shard_info"].pop(f"{key}/{name}", None)
                     continue
                 path = output / key / name
+                if not len(drop):
+                    kept.append(name)
+                    continue
                 table = pq.read_table(path)
                 hit = np.isin(table.column("example_id").to_numpy(), drop)
                 if not hit.any():

@@ -132,6 +132,16 @@ def test_repair_then_rerun_recaptures_exactly_the_dropped_examples(dataset, dama
     assert verify_dataset(out, log=lambda *_: None) == []
 
 
+def test_a_changed_examples_table_is_found_and_rewritten_by_repair(dataset):
+    out, _ = dataset
+    (out / "examples.parquet").write_bytes(b"not parquet")
+    problems = verify_dataset(out, log=lambda *_: None)
+    assert len(problems) == 1 and problems[0].startswith("examples.parquet: missing or changed")
+    assert repair_dataset(out, log=lambda *_: None) == 0
+    assert verify_dataset(out, log=lambda *_: None) == []
+    assert pq.read_table(out / "examples.parquet").equals(qk_attn.load_examples(out))
+
+
 def test_repair_of_a_sound_dataset_changes_nothing(dataset):
     out, _ = dataset
     before = (out / MANIFEST).read_text()
