@@ -58,6 +58,7 @@ def main() -> None:
     batches = [[batch(layer, kind, example, heads) for layer, kind, heads in plan] for example in range(docs)]
     sink = ParquetSink(out, config, **kwargs)
     blocked = 0.0
+    cpu_start = time.process_time()
     start = time.perf_counter()
     for example in range(docs):
         for b in batches[example]:
@@ -72,6 +73,7 @@ def main() -> None:
     last = time.perf_counter()
     sink.close()
     end = time.perf_counter()
+    cpu = time.process_time() - cpu_start  # all threads of this process
     payload = docs * per_doc
     disk = sum(p.stat().st_size for p in out.rglob("*.parquet"))
     shards = len(list(out.rglob("l*/*.parquet")))
@@ -81,6 +83,9 @@ def main() -> None:
         "drain_after_last_forward_s": round(end - last, 2), "disk_mib": round(disk / 2**20),
         "shards": shards, "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "sink_held_mib": round(sink.max_buffered_bytes / 2**20),
+        # CPU seconds the whole pipeline spent (all threads), and the rate two otherwise idle
+        # cores would allow if it spread perfectly: a check on numbers taken on a busy machine.
+        "cpu_s": round(cpu, 2), "mb_per_cpu_s": round(payload / 1e6 / cpu, 1),
     }
     print(json.dumps(result))
 
