@@ -299,14 +299,6 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_json_atomic(path: Path, data: dict, fsync: bool = True, keep_previous: bool = False) -> None:
     """tmp + fsync + rename. `keep_previous` first hard-links the current file to PREVIOUS, so a
     manifest damaged later (by a disk or a person) can be restored to the last good state."""
