@@ -483,16 +483,7 @@ def repair(output: str | Path, log=print) -> dict:
             log(line)
         dropped: set[int] = set()
         for key, name in bad:
-            dropped |= set(shard_examples(manifest, key, name))
-        if bad and not manifest["example_info"]:
-            # An older manifest has no example -> segment record: the bad shards' segments'
-            # examples are those that readable shards of the same segments hold.
-            segments = {s for key, name in bad for s in shard_segments(manifest, key, name)}
-            for key, names in manifest["shards"].items():
-                for name in names:
-                    if (key, name) not in bad and set(shard_segments(manifest, key, name)) & segments:
-                        ids = pq.read_table(output / key / name, columns=["example_id"]).column("example_id")
-                        dropped |= set(np.unique(ids.to_numpy()).tolist())
+            dropped |= set(shard_examples(manifest, key, name)) or _older_shard_examples(output, manifest, key, name, bad)
         if not bad and not restored and not check_examples_file(output, manifest):
             return {"restored": False, "bad": [], "dropped": []}
 
@@ -548,6 +539,27 @@ def repair(output: str | Path, log=print) -> dict:
         return {"restored": restored, "bad": lines, "dropped": sorted(dropped)}
     finally:
         os.close(fd)
+
+
+def _older_shard_examples(output: Path, manifest: dict, key: str, name: str, bad) -> set[int]:
+    """The examples of a bad shard written before the manifest recorded them (no shard_info):
+    those that readable older shards of the same segment (its name) hold in other folders, or,
+    failing that, every committed example without a record (dropping too many only costs a
+    recapture; dropping too few would leave a hole)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    if f"{key}/{name}" in manifest.get("shard_info", {}):
+        return set()  # a recorded shard of no committed example (all of them were dropped before)
+    segments = set(shard_segments(manifest, key, name))
+    found: set[int] = set()
+    for other, names in manifest["shards"].items():
+        for n in names:
+            older = f"{other}/{n}" not in manifest.get("shard_info", {})
+            if older and (other, n) not in bad and set(shard_segments(manifest, other, n)) & segments:
+                ids = pq.read_table(output / other / n, columns=["example_id"]).column("example_id")
+                found |= set(np.unique(ids.to_numpy()).tolist())
+    return found or {int(e) for e in manifest["examples"] if e not in manifest.get("example_info", {})}
 
 
 def _recount(output: Path, manifest: dict) -> None:

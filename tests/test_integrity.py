@@ -237,3 +237,24 @@ def test_older_datasets_without_digests_still_load_and_verify(dataset):
     assert any(line.startswith("info:") and "no recorded size/digest" in line for line in lines)
     assert qk_attn.load(out).num_rows == folder_table(out).num_rows
     assert np.array_equal(qk_attn.load_examples(out)["example_id"].to_numpy(), np.array(EXAMPLES))
+
+
+def test_repair_of_an_older_dataset_resumed_by_this_version(tmp_path):
+    """Shards and examples without records (written before they existed), then new ones: a
+    damaged older shard drops the older examples it may hold, and the re-run restores them."""
+    out = tmp_path / "out"
+    capture(out, EXAMPLES[:4])
+    manifest = read_manifest(out)
+    for field in ("shard_info", "example_info", "examples_file"):
+        manifest.pop(field)
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    capture(out, EXAMPLES)  # resumed by this version: 4..7 get records
+    older = next(n for n in read_manifest(out)["shards"]["l00h00q"] if f"l00h00q/{n}" not in read_manifest(out)["shard_info"])
+    os.truncate(out / "l00h00q" / older, 100)
+    assert repair_dataset(out, log=lambda *_: None) == 0
+    assert set(map(int, read_manifest(out)["examples"])) == set(EXAMPLES[4:])
+    capture(out, EXAMPLES)
+    clean = tmp_path / "clean"
+    capture(clean, EXAMPLES)
+    assert sort_rows(folder_table(out)).equals(sort_rows(folder_table(clean)))
+    assert verify_dataset(out, log=lambda *_: None) == []
