@@ -145,7 +145,7 @@ class ParquetSink:
         overwrite: bool = False,
         source: dict | None = None,
         *,
-        buffer_mb: int = 256,
+        buffer_mb: int = 512,
         commit_every_s: float | None = None,
         shard_mb: int = 128,
         fsync: bool = True,
