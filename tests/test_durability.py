@@ -137,9 +137,9 @@ def test_a_full_disk_fails_loudly_and_loses_nothing_committed(tmp_path, monkeypa
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(shards, "write_table", full)  # every shard write from now on
-    run_examples(sink, [2, 3])
     with pytest.raises(SaverError, match="No space left on device") as error:
-        sink.flush(timeout=10)
+        run_examples(sink, [2, 3])  # surfaces at the next put/commit after the failed write ...
+        sink.flush(timeout=10)  # ... or here at the latest
     assert "committed before the failure are safe" in str(error.value)
     with pytest.raises(SaverError):
         sink.close()
