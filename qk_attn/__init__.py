@@ -5,7 +5,7 @@ transformers' registries; that is its only side effect.
 """
 
 from .config import ConfigError, SniffConfig
-from .load import load, load_vectors
+from .load import load, load_examples, load_vectors
 from .registration import register, wrap_flash_attention
 from .sampler import Sampler
 from .session import Session, flush, reload_env, session
@@ -15,6 +15,6 @@ __version__ = "0.1.0"
 register()
 
 __all__ = [
-    "ConfigError", "Sampler", "Session", "SniffConfig", "flush", "load", "load_vectors", "register", "reload_env",
-    "session", "wrap_flash_attention", "__version__",
+    "ConfigError", "Sampler", "Session", "SniffConfig", "flush", "load", "load_examples", "load_vectors", "register",
+    "reload_env", "session", "wrap_flash_attention", "__version__",
 ]

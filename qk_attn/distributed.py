@@ -112,7 +112,7 @@ def merge(output: str | Path, allow_incomplete: bool = False) -> dict:
     finish their documents. Reads the parts and never changes them or a shard: idempotent.
     """
     from .card import write_card
-    from .saver import MANIFEST, Files, OutputLocked, _take_lock, part_files, read_manifest, write_json_atomic
+    from .manifest import MANIFEST, Files, OutputLocked, part_files, read_manifest, take_lock, write_json_atomic
 
     output = Path(output)
     paths = part_files(output)
@@ -120,10 +120,10 @@ def merge(output: str | Path, allow_incomplete: bool = False) -> dict:
         raise FileNotFoundError(f"{output} holds no manifest parts (qk_sniff.rank*.json): nothing to merge")
     locks = []
     try:
-        locks.append(_take_lock(output, Files().lock))
+        locks.append(take_lock(output, Files().lock))
         for rank in sorted(paths):
             try:
-                locks.append(_take_lock(output, Files(rank).lock))
+                locks.append(take_lock(output, Files(rank).lock))
             except OutputLocked:
                 raise OutputLocked(f"rank {rank} is still writing to {output}; merge when every rank has finished") from None
         parts = {rank: read_manifest(output, path.name) for rank, path in sorted(paths.items())}
@@ -131,7 +131,8 @@ def merge(output: str | Path, allow_incomplete: bool = False) -> dict:
         current = read_manifest(output)
         if current is not None and current.get("examples") and not current.get("ranks"):
             raise ValueError(f"{output}/{MANIFEST} is a single-process capture; it cannot be replaced by a merge")
-        write_json_atomic(output / MANIFEST, merged)
+        _write_examples(output, merged)
+        write_json_atomic(output / MANIFEST, merged, keep_previous=True)
         write_card(output, merged)
     finally:
         for fd in locks:
@@ -139,8 +140,19 @@ def merge(output: str | Path, allow_incomplete: bool = False) -> dict:
     return merged
 
 
+def _write_examples(output: Path, merged: dict) -> None:
+    """OUT/examples.parquet for the merged manifest (the ranks wrote examples.rankRRR.parquet)."""
+    from .manifest import EXAMPLES
+    from .shards import write_table
+    from .verify import examples_table
+
+    size, digest = write_table(examples_table(merged), output / f".{EXAMPLES}.tmp", True)
+    os.replace(output / f".{EXAMPLES}.tmp", output / EXAMPLES)
+    merged["examples_file"] = {"name": EXAMPLES, "bytes": size, "sha256": digest}
+
+
 def _merge_parts(output: Path, parts: dict[int, dict], allow_incomplete: bool) -> dict:
-    from .saver import _identity
+    from .manifest import identity
 
     sizes = {rank: (p.get("part") or {}).get("world_size") for rank, p in parts.items()}
     world = sizes[min(sizes)]
@@ -155,10 +167,10 @@ def _merge_parts(output: Path, parts: dict[int, dict], allow_incomplete: bool) -
         raise ValueError(f"{output}: ranks {incomplete} did not finish their documents; re-run them (the same command "
                          "resumes), or merge with --allow-incomplete")
     first = parts[0]
-    reference = _identity(first["config"], first.get("source"))
+    reference = identity(first["config"], first.get("source"))
     models = {}
     for rank, part in parts.items():
-        other = _identity(part["config"], part.get("source"))
+        other = identity(part["config"], part.get("source"))
         diffs = sorted(k for k in set(reference) | set(other) if reference.get(k) != other.get(k))
         if diffs or part.get("vector_dtype") != first.get("vector_dtype"):
             raise ValueError(f"{output}: rank {rank} captured with different settings than rank 0 "
@@ -174,11 +186,20 @@ def _merge_parts(output: Path, parts: dict[int, dict], allow_incomplete: bool) -
     merged["model"] = with_model[0]["model"] if with_model else None
     merged["plan"] = with_model[0]["plan"] if with_model else None
     merged["examples"], merged["row_counts"], merged["calls"], merged["buckets"], merged["shards"] = {}, {}, {}, {}, {}
+    merged["example_info"], merged["shard_info"] = {}, {}
+    merged.pop("examples_file", None)
     for rank, part in sorted(parts.items()):
         overlap = set(part["examples"]) & set(merged["examples"])
         if overlap:
             raise ValueError(f"{output}: example {sorted(overlap)[0]} is committed by rank {rank} and an earlier rank")
         merged["examples"].update(part["examples"])
+        # Segment numbers are per rank: made unique in the merged manifest (s * world + rank), so
+        # that a shard's examples (qk_attn.manifest.shard_examples) are only its own rank's.
+        unique = lambda segment: segment * world + rank  # noqa: E731
+        for example, info in part.get("example_info", {}).items():
+            merged["example_info"][example] = {**info, "segment": unique(info["segment"])}
+        for name, info in part.get("shard_info", {}).items():
+            merged["shard_info"][name] = {**info, "segments": [unique(s) for s in info["segments"]]}
         for field in ("row_counts", "calls"):
             for key, n in part[field].items():
                 merged[field][key] = merged[field].get(key, 0) + n
@@ -204,6 +225,6 @@ def _merge_parts(output: Path, parts: dict[int, dict], allow_incomplete: bool) -
 
 
 def parts_name(rank: int) -> str:
-    from .saver import Files
+    from .manifest import Files
 
     return Files(rank).manifest

@@ -15,7 +15,7 @@ from pathlib import Path
 from huggingface_hub import HfApi
 
 from .card import CARD, CHART, write_card
-from .saver import MANIFEST, _check_same_capture, _take_lock, read_manifest
+from .manifest import EXAMPLES, MANIFEST, check_same_capture, read_manifest, take_lock
 
 SHARDS = "l*h*/*.parquet"
 REPO_TYPE = "dataset"
@@ -52,7 +52,7 @@ def push(
     manifest = read_manifest(output)
     if manifest is None:
         raise FileNotFoundError(f"{output} is not a qk-sniff capture: {MANIFEST} is missing")
-    lock = _take_lock(output)  # a capture still writing here would push a moving target
+    lock = take_lock(output)  # a capture still writing here would push a moving target
     api = api or HfApi(token=token)
     where = _where(repo_id, revision)
     try:
@@ -72,7 +72,7 @@ def push(
         common = dict(repo_id=repo_id, folder_path=output, repo_type=REPO_TYPE, revision=revision)
         api.upload_folder(**common, allow_patterns=[SHARDS], delete_patterns=[SHARDS],
                           commit_message=f"qk-sniff: {len(manifest['examples'])} examples (shards)")
-        api.upload_folder(**common, allow_patterns=[MANIFEST, CARD, CHART],
+        api.upload_folder(**common, allow_patterns=[MANIFEST, EXAMPLES, CARD, CHART],
                           commit_message=f"qk-sniff: {len(manifest['examples'])} examples (manifest, card)")
     except HubError:
         raise
@@ -99,7 +99,7 @@ def pull(
     """
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    lock = _take_lock(output)
+    lock = take_lock(output)
     api = api or HfApi(token=token)
     where = _where(repo_id, revision)
     try:
@@ -120,11 +120,11 @@ def pull(
 
             try:
                 config = SniffConfig(**{k: v for k, v in local["config"].items() if k in SniffConfig.field_names()})
-                _check_same_capture(output, remote, config, local.get("source"))
+                check_same_capture(output, remote, config, local.get("source"))
             except ValueError as error:
                 raise HubError(f"{where} and {output} are different captures: {error}") from error
         api.snapshot_download(repo_id, repo_type=REPO_TYPE, revision=revision, local_dir=output,
-                              allow_patterns=[MANIFEST, CARD, CHART, SHARDS])
+                              allow_patterns=[MANIFEST, EXAMPLES, CARD, CHART, SHARDS])
     except HubError:
         raise
     except Exception as error:  # noqa: BLE001

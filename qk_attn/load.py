@@ -1,4 +1,4 @@
-"""Read a capture back: `load` (pyarrow Table) and `load_vectors` ((N, head_dim) torch tensor).
+"""Read a capture back: `load` (pyarrow Table), `load_vectors` ((N, head_dim) torch tensor), `load_examples`.
 
 Both take a local capture folder or a Hub dataset repo id. Only shards the manifest lists
 are read, so a folder that a capture is still writing into (or that a killed run left
@@ -15,7 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from .saver import MANIFEST, parse_key, read_manifest
+from .manifest import MANIFEST, parse_key, read_manifest
+from .verify import CorruptShard, check_shard, examples_table
 
 
 def _select(manifest: dict, layer: int | None, head: int | None, kind: str | None) -> list[str]:
@@ -71,8 +72,27 @@ def load(
         from .hub import snapshot
 
         root = snapshot(str(path_or_repo), revision=revision, allow_patterns=[f"{key}/*.parquet" for key in keys], token=token)
-    files = [root / key / name for key in keys for name in manifest["shards"][key]]
-    return pa.concat_tables(pq.read_table(f, columns=columns) for f in files)
+    return pa.concat_tables(_read(root, manifest, key, name, columns) for key in keys for name in manifest["shards"][key])
+
+
+def _read(root: Path, manifest: dict, key: str, name: str, columns: list[str] | None) -> pa.Table:
+    """One shard, refused when its size or sha256 differs from the manifest or a page checksum fails."""
+    problem = check_shard(root, manifest, key, name, read=False)
+    if problem:
+        raise CorruptShard(f"{root / key / name}: {problem}; run `qk-sniff verify {root}` and `qk-sniff repair {root}`")
+    try:
+        return pq.read_table(root / key / name, columns=columns, page_checksum_verification=True)
+    except Exception as error:  # noqa: BLE001 - a damaged page in a shard without a digest
+        raise CorruptShard(f"{root / key / name}: unreadable ({type(error).__name__}: {error}); "
+                           f"run `qk-sniff repair {root}`") from None
+
+
+def load_examples(path_or_repo: str | os.PathLike, revision: str | None = None, token: str | bool | None = None) -> pa.Table:
+    """One row per committed example: example_id, source_id (the source dataset's own id, a
+    string), source_index (its row), valid_length, first_position. From the manifest, so it
+    is exactly the committed examples (OUT/examples.parquet is the same table for `datasets`)."""
+    _, manifest, _ = _open(path_or_repo, revision, token)
+    return examples_table(manifest)
 
 
 def load_vectors(

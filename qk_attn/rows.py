@@ -6,7 +6,7 @@ never waits for it. Only the sink (transfer/saver) reads `count`, after an event
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -35,6 +35,9 @@ class CaptureBatch:
         bucket     (cap,)      int32   sampler bucket of that position
         vectors    (H, cap, D) float   vectors[i, j] = head heads[i] of token j
         valid      (B,)        int64   valid (non-pad) new tokens per batch row in this call
+        token_id   (cap,)      int32   token id of each selected token, or None (e.g. vision keys)
+        first_position (B,)    int64   smallest position among valid new tokens of each batch row
+                                       in this call (int64 max when none), or None
         packed     (B,) | None bool    the row's positions restart: packed documents (refused on the host)
     """
 
@@ -50,6 +53,8 @@ class CaptureBatch:
     bucket: torch.Tensor
     vectors: torch.Tensor
     valid: torch.Tensor
+    token_id: torch.Tensor | None = None
+    first_position: torch.Tensor | None = None
     packed: torch.Tensor | None = None
 
     @property
@@ -63,9 +68,8 @@ class CaptureBatch:
     def to(self, device: str | torch.device, non_blocking: bool = False) -> "CaptureBatch":
         """A copy of every tensor on `device` (the saver calls this on host buffers)."""
         moved = {
-            name: getattr(self, name).to(device, non_blocking=non_blocking)
-            for name in ("count", "row", "position", "bucket", "vectors", "valid", "packed")
-            if getattr(self, name) is not None
+            name: None if getattr(self, name) is None else getattr(self, name).to(device, non_blocking=non_blocking)
+            for name in ("count", "row", "position", "bucket", "vectors", "valid", "token_id", "first_position", "packed")
         }
         return CaptureBatch(
             self.layer, self.kind, self.heads, self.example_ids, self.sliding_window, self.cross_attention, **moved
@@ -94,6 +98,9 @@ class CaptureBatch:
         n = min(max(count - first_row, 0), self.capacity)
         row = self.row[:n].cpu().numpy()
         ids = np.asarray(self.example_ids, dtype=np.int64)
+        first = {}
+        if with_valid and self.first_position is not None:
+            first = dict(zip(self.example_ids, self.first_position.cpu().tolist()))
         return HostRows(
             layer=self.layer,
             kind=self.kind,
@@ -105,6 +112,8 @@ class CaptureBatch:
             bucket=self.bucket[:n].cpu().numpy().astype(np.int32, copy=True),
             vectors=self.vectors[:, :n].cpu().numpy(),
             valid=dict(zip(self.example_ids, self.valid.cpu().tolist())) if with_valid else {},
+            token_id=None if self.token_id is None else self.token_id[:n].cpu().numpy().astype(np.int32, copy=True),
+            first_position=first,
         )
 
 
@@ -122,41 +131,83 @@ class HostRows:
     bucket: np.ndarray
     vectors: np.ndarray
     valid: dict[int, int]
+    token_id: np.ndarray | None = None  # (N,) int32
+    first_position: dict[int, int] = field(default_factory=dict)  # example_id -> first valid position in the call
 
     def __len__(self) -> int:
         return len(self.position)
 
-    def table(self, head_index: int, vector_type: pa.DataType = pa.float32()) -> pa.Table:
-        """The rows of one head as an Arrow table in the dataset schema, built without row loops."""
-        n, dim = len(self), self.vectors.shape[-1]
+    def table(self, head_index: int, vector_type: pa.DataType = pa.float32(), token_ids: bool | None = None,
+              vocabulary: pa.Array | None = None) -> pa.Table:
+        """The rows of one head as an Arrow table in the dataset schema, built without row loops.
+
+        `token_ids`: whether the schema has `token_id` (None: when this batch has token ids);
+        `vocabulary` (string array) adds `token_str`."""
+        token_ids = self.token_id is not None if token_ids is None else token_ids
         flat = np.ascontiguousarray(self.vectors[head_index], dtype=vector_type.to_pandas_dtype()).reshape(-1)
-        columns = [
-            pa.array(self.example_id, pa.int64()),
-            pa.array(self.position, pa.int32()),
-            pa.array(self.bucket, pa.int32()),
-            pa.array(np.full(n, self.layer, np.int16)),
-            pa.array(np.full(n, self.heads[head_index], np.int16)),
-            pa.repeat(pa.scalar(self.kind, pa.string()), n),
-            pa.nulls(n, pa.int32()) if self.sliding_window is None else pa.array(np.full(n, self.sliding_window, np.int32)),
-            pa.FixedSizeListArray.from_arrays(pa.array(flat, vector_type), dim),
-        ]
-        return pa.Table.from_arrays(columns, schema=arrow_schema(dim, vector_type))
+        return columns_table(
+            [self.example_id], [self.position], [self.bucket], [flat], [self.token_id],
+            self.layer, self.heads[head_index], self.kind, self.sliding_window,
+            self.vectors.shape[-1], vector_type, token_ids, vocabulary,
+        )
 
 
-def arrow_schema(head_dim: int, vector_type: pa.DataType = pa.float32()) -> pa.Schema:
-    """Columns of every shard (DESIGN §5)."""
-    return pa.schema(
-        [
-            ("example_id", pa.int64()),
-            ("position", pa.int32()),
-            ("bucket", pa.int32()),
-            ("layer", pa.int16()),
-            ("head", pa.int16()),
-            ("kind", pa.string()),
-            ("sliding_window", pa.int32()),
-            ("vector", pa.list_(vector_type, head_dim)),
-        ]
-    )
+def columns_table(example_id, position, bucket, vectors, token_id, layer: int, head: int, kind: str,
+                  sliding_window: int | None, head_dim: int, vector_type: pa.DataType, token_ids: bool,
+                  vocabulary: pa.Array | None = None) -> pa.Table:
+    """A table in the dataset schema from lists of numpy chunks (one chunk per piece), without
+    copying them: numeric numpy arrays become Arrow arrays zero-copy; the constant columns are
+    made once. `vectors` chunks are flat (rows * head_dim,); `token_id` chunks may be None (nulls)."""
+    n = sum(len(c) for c in position)
+    chunked = lambda chunks, t: pa.chunked_array([pa.array(c, t) for c in chunks], t)  # noqa: E731
+    columns = [
+        chunked(example_id, pa.int64()),
+        chunked(position, pa.int32()),
+        chunked(bucket, pa.int32()),
+        pa.array(np.full(n, layer, np.int16)),
+        pa.array(np.full(n, head, np.int16)),
+        pa.repeat(pa.scalar(kind, pa.string()), n),
+        pa.nulls(n, pa.int32()) if sliding_window is None else pa.array(np.full(n, sliding_window, np.int32)),
+        pa.chunked_array([pa.FixedSizeListArray.from_arrays(pa.array(c, vector_type), head_dim) for c in vectors],
+                         pa.list_(vector_type, head_dim)),
+    ]
+    if token_ids:
+        tokens = [pa.nulls(len(p), pa.int32()) if t is None else pa.array(t, pa.int32()) for t, p in zip(token_id, position)]
+        columns.append(pa.chunked_array(tokens, pa.int32()))
+        if vocabulary is not None:
+            columns.append(pa.chunked_array([_token_str(t, vocabulary) for t in tokens], pa.dictionary(pa.int32(), pa.string())))
+    schema = arrow_schema(head_dim, vector_type, token_ids, vocabulary is not None)
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _token_str(token_id: pa.Array, vocabulary: pa.Array) -> pa.DictionaryArray:
+    # Ids outside the vocabulary (added tokens the list lacks) become nulls, not an error mid-run.
+    ids = token_id.to_numpy(zero_copy_only=False)
+    bad = np.isnan(ids) if ids.dtype.kind == "f" else np.zeros(len(ids), bool)
+    ids = np.where(bad, 0, ids).astype(np.int64)
+    bad |= (ids < 0) | (ids >= len(vocabulary))
+    return pa.DictionaryArray.from_arrays(pa.array(np.where(bad, 0, ids).astype(np.int32), mask=bad), vocabulary)
+
+
+def arrow_schema(head_dim: int, vector_type: pa.DataType = pa.float32(), token_id: bool = False,
+                 token_str: bool = False) -> pa.Schema:
+    """Columns of every shard (DESIGN §5); `token_id` (int32, nullable) and `token_str`
+    (dictionary-encoded string) are present for the whole dataset or absent."""
+    fields = [
+        ("example_id", pa.int64()),
+        ("position", pa.int32()),
+        ("bucket", pa.int32()),
+        ("layer", pa.int16()),
+        ("head", pa.int16()),
+        ("kind", pa.string()),
+        ("sliding_window", pa.int32()),
+        ("vector", pa.list_(vector_type, head_dim)),
+    ]
+    if token_id:
+        fields.append(("token_id", pa.int32()))
+        if token_str:
+            fields.append(("token_str", pa.dictionary(pa.int32(), pa.string())))
+    return pa.schema(fields)
 
 
 class Sink(Protocol):
@@ -166,6 +217,10 @@ class Sink(Protocol):
     def put(self, batch: CaptureBatch) -> None: ...
 
     def commit(self, example_ids: list[int]) -> None: ...
+
+    def end_forward(self) -> None:
+        """Called once after every model forward, outside attention calls: the one place
+        where a sink may wait (back-pressure). Default: nothing to do."""
 
     def close(self) -> None: ...
 
@@ -182,6 +237,9 @@ class MemorySink:
 
     def commit(self, example_ids: list[int]) -> None:
         self.committed.extend(example_ids)
+
+    def end_forward(self) -> None:
+        pass
 
     def close(self) -> None:
         pass

@@ -3,13 +3,17 @@
 Caller thread (inside the attention call), per `CaptureBatch` on the device:
 
     split the staging capacity into pieces that fit the pool
-    for each piece:  acquire a pool region (blocks while the pool is full: back-pressure)
+    for each piece:  take a pool region *without waiting*; when the pool is full, stop: the rest
+                     of the batch stays on the device (its tensors are kept alive) until
+                     `end_forward`, which runs between forwards and may wait for space
                      copy the piece into it: CUDA -> on a side stream, non_blocking, into pinned
-                     memory, then record an event; CPU -> plain copies, no event
-                     hand the piece on (the caller enqueues it before acquiring the next one,
+                     memory, then record a blocking-sync event; CPU -> no copy, no event
+                     hand the piece on (the caller enqueues it before taking the next region,
                      so the saver can always free space: no deadlock)
 
-Saver thread, per piece:  `wait()` on the event -> `rows()` -> build tables -> `release()`.
+Saver thread, per piece:  `wait()` on the event -> `rows()` -> copy into buffers -> `release()`.
+
+On the CPU the pieces are views of the batch itself (no copy); the pool then only counts bytes.
 
 Nothing here reads a device value on the host: the row count is copied with the rows and
 read by the saver after the event. Rows past the count are copied too (the count is not
@@ -18,6 +22,7 @@ known on the host when the copy is issued); the staging capacity bounds that was
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -27,6 +32,8 @@ import numpy as np
 import torch
 
 from .rows import CaptureBatch, HostRows
+
+logger = logging.getLogger(__name__)
 
 ALIGN = 64  # bytes; keeps every dtype view of the pool aligned
 WAIT_S = 0.05  # how often a blocked producer re-checks for a saver error
@@ -65,13 +72,16 @@ class HostPool:
             return last[1]
         return 0 if n <= first else None
 
-    def acquire(self, nbytes: int, check: Callable[[], None] = lambda: None) -> list:
-        """A region [start, end) of at least `nbytes`; waits for space, calling `check` while waiting."""
+    def acquire(self, nbytes: int, check: Callable[[], None] = lambda: None, wait: bool = True) -> list | None:
+        """A region [start, end) of at least `nbytes`; waits for space, calling `check` while
+        waiting (`wait=False`: None instead of waiting)."""
         n = _aligned(max(nbytes, 1))
         if n > self.nbytes:
             raise ValueError(f"a {n}-byte piece cannot fit a {self.nbytes}-byte host pool")
         with self._cond:
             start = self._find(n)
+            if start is None and not wait:
+                return None
             if start is None:
                 self.waits += 1
             while start is None:
@@ -153,27 +163,30 @@ class Transfer:
         return self.pool
 
     def pieces(self, batch: CaptureBatch, check: Callable[[], None] = lambda: None) -> Iterator[Piece]:
-        """Copy `batch` into the pool in pieces; yields each piece as soon as its copy is issued.
+        """Copy `batch` into the pool in pieces, waiting for space; yields each piece as soon as
+        its copy is issued. The consumer must hand each piece on before asking for the next."""
+        yield from self.send(batch, 0, check, wait=True)
 
-        The consumer must hand each piece to the saver before asking for the next one.
-        """
+    def send(self, batch: CaptureBatch, start: int, check: Callable[[], None], wait: bool,
+             stopped: list | None = None) -> Iterator[Piece]:
+        """Pieces of `batch` from staging row `start` on. With `wait=False` it stops at the first
+        piece the pool has no room for and appends that row to `stopped` (the rest is sent later)."""
         device = batch.vectors.device
         pool = self._pool_for(device)
         heads, cap, dim = batch.vectors.shape
         vec_dtype = _host_dtype(batch.vectors.dtype)
         vec_size = torch.empty((), dtype=vec_dtype).element_size()
         batch_size = batch.valid.shape[0]
-        header = _aligned(8) + _aligned(8 * batch_size)
-        per_row = 8 + 4 + 4 + heads * dim * vec_size
+        header = _aligned(8) + 2 * _aligned(8 * batch_size)
+        per_row = 8 + 4 + 4 + 4 + heads * dim * vec_size
         # A quarter of the pool per piece keeps several pieces in flight (copy/write overlap).
-        budget = max(pool.nbytes // 4, header + 4 * ALIGN + per_row)
-        rows_per_piece = max(1, (budget - header - 4 * ALIGN) // per_row)
-        if header + 4 * ALIGN + per_row > pool.nbytes:
+        budget = max(pool.nbytes // 4, header + 5 * ALIGN + per_row)
+        rows_per_piece = max(1, (budget - header - 5 * ALIGN) // per_row)
+        if header + 5 * ALIGN + per_row > pool.nbytes:
             raise ValueError(
                 f"QK_SNIFF_PINNED_MB={self.pool_bytes >> 20} is too small for one row of layer {batch.layer} "
                 f"({heads} heads x {dim} x {vec_size} bytes); raise QK_SNIFF_PINNED_MB"
             )
-        start = 0
         while True:
             n = min(rows_per_piece, cap - start)
             layout = [
@@ -184,14 +197,30 @@ class Transfer:
                 ("bucket", batch.bucket.dtype, (n,), batch.bucket[start : start + n]),
                 ("vectors", vec_dtype, (heads, n, dim), batch.vectors[:, start : start + n]),
             ]
+            if batch.first_position is not None:
+                layout.append(("first_position", torch.int64, (batch_size,), batch.first_position))
+            if batch.token_id is not None:
+                layout.append(("token_id", batch.token_id.dtype, (n,), batch.token_id[start : start + n]))
+            if batch.packed is not None:
+                layout.append(("packed", torch.bool, (batch_size,), batch.packed))
             sizes = [_aligned(int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dt).element_size()) for _, dt, shape, _ in layout]
-            region = pool.acquire(sum(sizes), check)
-            offset, views, pairs = region[0], {}, []
-            for (name, dt, shape, src), size in zip(layout, sizes):
-                views[name] = pool.view(offset, dt, shape)
-                pairs.append((views[name], src))
-                offset += size
-            event = self._copy(pairs, device)
+            region = pool.acquire(sum(sizes), check, wait=wait)
+            if region is None:
+                stopped.append(start)
+                return
+            if device.type == "cuda":
+                offset, views, pairs = region[0], {}, []
+                for (name, dt, shape, src), size in zip(layout, sizes):
+                    views[name] = pool.view(offset, dt, shape)
+                    pairs.append((views[name], src))
+                    offset += size
+                event = self._copy(pairs, device)
+            else:
+                # Host tensors are handed over, not copied (a batch is not modified after `put`):
+                # the region only accounts for their bytes, so the pool still bounds what is in
+                # flight and its own memory is never touched.
+                views = {name: src if src.dtype == dt else src.to(dt) for name, dt, _, src in layout}
+                event = None
             host = CaptureBatch(
                 batch.layer, batch.kind, batch.heads, batch.example_ids, batch.sliding_window, batch.cross_attention, **views
             )
@@ -214,10 +243,69 @@ class Transfer:
         with torch.cuda.stream(stream):
             for dst, src in pairs:
                 dst.copy_(src, non_blocking=True)
-            event = torch.cuda.Event()
+            # blocking: the saver thread sleeps in synchronize() instead of spinning a core.
+            event = torch.cuda.Event(blocking=True)
             event.record(stream)
         for _, src in pairs:
             # The caching allocator must not hand the staging memory to the compute stream
             # before the side-stream copy has read it.
             src.record_stream(stream)
         return event
+
+
+class Sender:
+    """The `put` side of a sink: pieces into the pool without waiting inside an attention call.
+
+    When the pool is full, the rest of the batch (and every later batch, to keep their order)
+    stays on the device, its tensors kept alive, until `drain()` (the sink's `end_forward`,
+    `commit`, `flush`), which waits for space. If one forward holds more than the pool on the
+    device, `put` waits after all (with a warning naming the setting): device memory must not
+    grow without bound because the pool is too small for the plan.
+    """
+
+    def __init__(self, transfer: Transfer, emit: Callable[[Piece], None], check: Callable[[], None]) -> None:
+        self.transfer = transfer
+        self.emit = emit  # hands a piece to the saver thread
+        self.check = check  # re-raises the saver's error while waiting
+        self.deferred: deque[list] = deque()  # [batch, first staging row not sent yet]
+        self.deferred_bytes = 0
+        self._warned = False
+
+    def put(self, batch: CaptureBatch) -> None:
+        if not self.deferred:
+            stopped: list[int] = []
+            for piece in self.transfer.send(batch, 0, self.check, wait=False, stopped=stopped):
+                self.emit(piece)
+            if not stopped:
+                return
+            self.deferred.append([batch, stopped[0]])
+        else:
+            self.deferred.append([batch, 0])
+        self.deferred_bytes += _nbytes(batch)
+        pool = self.transfer.pool
+        if self.deferred_bytes > pool.nbytes:
+            if not self._warned:
+                logger.warning(
+                    "qk-sniff: one forward captures more than the %d MiB host pool; capture now waits inside "
+                    "attention calls. Raise pinned_mb (QK_SNIFF_PINNED_MB) above the bytes of one forward's rows.",
+                    pool.nbytes >> 20,
+                )
+                self._warned = True
+            self.drain()
+
+    def drain(self) -> None:
+        """Send every deferred batch, waiting for pool space (never call inside an attention call)."""
+        while self.deferred:
+            batch, start = self.deferred[0]
+            for piece in self.transfer.send(batch, start, self.check, wait=True):
+                self.emit(piece)
+            self.deferred.popleft()
+            self.deferred_bytes -= _nbytes(batch)
+
+    def clear(self) -> None:
+        self.deferred.clear()
+        self.deferred_bytes = 0
+
+
+def _nbytes(batch: CaptureBatch) -> int:
+    return batch.vectors.numel() * batch.vectors.element_size()

@@ -400,6 +400,7 @@ def test_verify_finds_what_is_wrong(tiny_model, docs, tmp_path, capsys):
     manifest = json.loads((out / "qk_sniff.json").read_text())
     shard = out / "l01h02q" / manifest["shards"]["l01h02q"][0]
     table = pq.read_table(shard)
+    original = shard.read_bytes()
 
     # 1. one row lost: counts and the exact selection both disagree
     pq.write_table(table.slice(1), shard)
@@ -416,7 +417,7 @@ def test_verify_finds_what_is_wrong(tiny_model, docs, tmp_path, capsys):
     assert any("duplicate" in p for p in problems) and any("bucket inconsistent" in p for p in problems)
 
     # 3. a file the manifest does not list (datasets.load_dataset would read it)
-    pq.write_table(table, shard)
+    shard.write_bytes(original)  # the same bytes: a rewrite with other options would fail its sha256
     pq.write_table(table, out / "l01h02q" / "stray.parquet")
     problems = cli.verify_dataset(out, log=lambda *_: None)
     assert len(problems) == 1 and "not listed in the manifest" in problems[0]

@@ -13,9 +13,11 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
+import qk_attn
 from qk_attn import cli, distributed
 from qk_attn.config import ConfigError
 from qk_attn.saver import read_manifest
@@ -72,6 +74,9 @@ def assert_same_dataset(got: Path, want: Path) -> None:
     assert card(got) == card(want)
     assert (got / "buckets.png").is_file()
     assert cli.verify_dataset(got, log=lambda *_: None) == []
+    # the merged examples table is the single process's, up to which segment an example was in
+    assert qk_attn.load_examples(got).equals(qk_attn.load_examples(want))
+    assert pq.read_table(got / "examples.parquet").equals(qk_attn.load_examples(got))
 
 
 def torchrun(args: list[str], cwd: Path, **env) -> subprocess.CompletedProcess:
@@ -107,7 +112,6 @@ def test_torchrun_two_ranks_equal_a_single_process(setup):
     assert_same_dataset(out, single)
 
     import datasets
-    import qk_attn
 
     ds = datasets.load_dataset(str(out), "l00h00q", split="train")
     assert ds.num_rows == qk_attn.load(out, layer=0, head=0, kind="q").num_rows == read_manifest(single)["row_counts"]["l00h00q"]

@@ -14,7 +14,7 @@ from huggingface_hub.utils import filter_repo_objects
 import qk_attn
 from qk_attn import hub
 from qk_attn.hub import HubError
-from qk_attn.saver import read_manifest
+from qk_attn.saver import CommittedExampleError, read_manifest
 from test_saver import folder_table, open_sink, run_examples, sort_rows
 
 
@@ -108,11 +108,11 @@ def test_push_creates_repo_and_branch_and_uploads_exactly_the_committed_dataset(
     assert ("create_repo", "org/qk", "dataset", True) in fake_hub.calls
     assert ("create_branch", "org/qk", "tiny-llama") in fake_hub.calls
     uploads = [c for c in fake_hub.calls if c[0] == "upload_folder"]
-    assert [u[3] for u in uploads] == [("l*h*/*.parquet",), ("qk_sniff.json", "README.md", "buckets.png")]  # shards first
+    assert [u[3] for u in uploads] == [("l*h*/*.parquet",), ("qk_sniff.json", "examples.parquet", "README.md", "buckets.png")]  # shards first
     remote = fake_hub.repos["org/qk"]["tiny-llama"]
     manifest = read_manifest(out)
     shards = {f"{key}/{name}" for key, names in manifest["shards"].items() for name in names}
-    assert set(remote) == shards | {"qk_sniff.json", "README.md", "buckets.png"}
+    assert set(remote) == shards | {"qk_sniff.json", "examples.parquet", "README.md", "buckets.png"}
     card = remote["README.md"].decode()
     assert "load_dataset('org/qk', 'l00h00k', split=\"train\", revision='tiny-llama')" in card
     assert fake_hub.repos["org/qk"]["main"] == {}
@@ -141,12 +141,14 @@ def test_pull_resume_push_round_trip(tmp_path, fake_hub):
     assert hub.pull("org/qk", second, revision="b") == second
     sink = open_sink(second)
     assert sink.committed_ids() == {0, 1}
-    batches += run_examples(sink, [1, 2, 3])  # example 1 again: not written twice
+    with pytest.raises(CommittedExampleError):  # example 1 again: an error, never written twice
+        run_examples(sink, [1])
+    batches += run_examples(sink, [2, 3])
     sink.close()
     hub.push(second, "org/qk", revision="b")
     remote = fake_hub.repos["org/qk"]["b"]
     local = {p.relative_to(second).as_posix() for p in second.rglob("*") if p.is_file()}
-    assert set(remote) == local - {".qk_sniff.lock"} - {p for p in local if p.startswith(".cache/")}
+    assert set(remote) == local - {".qk_sniff.lock", ".qk_sniff.json.prev"} - {p for p in local if p.startswith(".cache/")}
     assert read_manifest(second)["examples"].keys() == {"0", "1", "2", "3"}
 
     # Loading straight from the repo reads exactly the committed rows.
@@ -164,6 +166,6 @@ def test_push_and_pull_refuse_to_lose_examples(tmp_path, fake_hub):
         hub.push(b, "org/qk")
     with pytest.raises(HubError, match="holds 1 committed example\\(s\\) that org/qk lacks"):
         hub.pull("org/qk", b)
-    assert {k for k in fake_hub.repos["org/qk"]["main"] if k.endswith(".parquet")} == {
+    assert {k for k in fake_hub.repos["org/qk"]["main"] if k.endswith(".parquet") and "/" in k} == {
         f"{key}/{n}" for key, names in read_manifest(a)["shards"].items() for n in names}
     assert sort_rows(folder_table(b)).num_rows > 0

@@ -338,12 +338,26 @@ def test_uncommitted_examples_are_not_kept_at_close(tmp_path):
 
 
 def test_compaction_merges_small_shards(tmp_path):
+    from qk_attn.saver import COMPACT_AT_CLOSE
+
+    def one_segment_each(sink, examples):
+        batches = []
+        for example in examples:
+            batches += run_examples(sink, [example])
+            sink.flush(timeout=10)
+        return batches
+
+    short = tmp_path / "short"  # a short session's few shards are left as they are (no close-time cost)
+    sink = open_sink(short)
+    one_segment_each(sink, range(COMPACT_AT_CLOSE - 1))
+    sink.close()
+    assert all(len(names) == COMPACT_AT_CLOSE - 1 for names in read_manifest(short)["shards"].values())
+
     out = tmp_path / "out"
-    sink = open_sink(out)  # commit_every_s=0: one segment per example
-    batches = run_examples(sink, range(5))
-    sink.flush(timeout=10)
+    sink = open_sink(out)
+    batches = one_segment_each(sink, range(COMPACT_AT_CLOSE))
     before = sink.manifest["shards"]
-    assert all(len(names) == 5 for names in before.values())
+    assert all(len(names) == COMPACT_AT_CLOSE for names in before.values())
     sink.close()
     after = read_manifest(out)["shards"]
     assert all(len(names) == 1 for names in after.values())
@@ -351,18 +365,22 @@ def test_compaction_merges_small_shards(tmp_path):
     assert sort_rows(folder_table(out)).equals(sort_rows(reference(batches)))
 
 
-def test_rows_of_committed_examples_are_never_written_twice(tmp_path):
+def test_rows_of_committed_examples_are_an_error_never_a_silent_drop(tmp_path):
+    from qk_attn.saver import CommittedExampleError
+
     out = tmp_path / "out"
     sink = open_sink(out)
     batches = run_examples(sink, [0, 1])
     sink.close()
     sink = open_sink(out)
-    assert sink.committed_ids() == {0, 1}
-    run_examples(sink, [1])  # a caller that did not skip it
+    assert sink.committed_ids() == {0, 1} and sink.max_committed_id() == 1
+    with pytest.raises(CommittedExampleError, match=r"example\(s\) \[1\] arrived, but they are already committed"):
+        run_examples(sink, [1])  # a caller that did not skip it
     batches += run_examples(sink, [2])
+    with pytest.raises(CommittedExampleError):  # also one committed in this run
+        run_examples(sink, [2])
     sink.close()
-    table = folder_table(out)
-    assert sort_rows(table).equals(sort_rows(reference(batches)))
+    assert sort_rows(folder_table(out)).equals(sort_rows(reference(batches)))
     assert json.loads((out / MANIFEST).read_text())["examples"].keys() == {"0", "1", "2"}
 
 

@@ -1,0 +1,262 @@
+"""Data you can trust (issue 11, storage side): checksummed shards, verify, load refusing damage,
+repair then re-run recapturing exactly what was dropped, a corrupt manifest, folders that are
+not captures, and the examples table. Real files throughout; batches from test_saver."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+import qk_attn
+from qk_attn import cli
+from qk_attn.config import SniffConfig
+from qk_attn.manifest import PREVIOUS, DamagedDataset, ManifestError, NotACapture, shard_examples
+from qk_attn.saver import MANIFEST, ParquetSink, read_manifest
+from qk_attn.verify import CorruptShard, repair, repair_dataset, verify_dataset
+from test_saver import folder_table, open_sink, reference, run_examples, sort_rows
+
+EXAMPLES = list(range(8))
+
+
+def capture(out, examples, batches=None, per_segment=2):
+    """Examples two per finalise (so shards hold different examples), then close."""
+    sink = open_sink(out)
+    batches = [] if batches is None else batches
+    todo = [e for e in examples if e not in sink.committed_ids()]
+    for i in range(0, len(todo), per_segment):
+        batches += run_examples(sink, todo[i:i + per_segment], commit=False)
+        sink.commit(todo[i:i + per_segment])
+        sink.flush(timeout=10)
+    sink.close()
+    return batches
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    out = tmp_path / "out"
+    batches = capture(out, EXAMPLES)
+    return out, batches
+
+
+def a_shard(out, key="l01h00q", index=1):
+    manifest = read_manifest(out)
+    name = manifest["shards"][key][index]
+    return out / key / name, shard_examples(manifest, key, name)
+
+
+def run_cli(argv, capsys):
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def test_manifest_records_size_and_digest_and_shards_have_page_checksums(dataset):
+    out, _ = dataset
+    manifest = read_manifest(out)
+    for key, names in manifest["shards"].items():
+        for name in names:
+            info = manifest["shard_info"][f"{key}/{name}"]
+            assert info["bytes"] == (out / key / name).stat().st_size
+            assert len(info["sha256"]) == 64 and info["rows"] == pq.read_metadata(out / key / name).num_rows
+            pq.read_table(out / key / name, page_checksum_verification=True)
+    assert verify_dataset(out, log=lambda *_: None) == []
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_a_damaged_shard_is_found_named_and_refused(dataset, damage, capsys):
+    out, _ = dataset
+    path, held = a_shard(out)
+    assert held  # the manifest knows which examples the shard holds, even when it cannot be read
+    if damage == "flip":  # 64 bytes in the middle of the data, same size
+        data = bytearray(path.read_bytes())
+        middle = len(data) // 2
+        data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+        path.write_bytes(bytes(data))
+    elif damage == "truncate":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        path.unlink()
+
+    code, text = run_cli(["verify", str(out)], capsys)
+    assert code == 1
+    lines = [line for line in text.splitlines() if path.name in line]
+    assert len(lines) == 1, text
+    assert f"l01h00q/{path.name}" in lines[0] and str(held[:2])[1:-1] in lines[0]
+    assert {"flip": "sha256", "truncate": "size", "delete": "missing"}[damage] in lines[0]
+
+    with pytest.raises(CorruptShard, match=path.name) as error:
+        qk_attn.load(out, layer=1, head=0, kind="q")
+    assert "\n" not in str(error.value)
+    with pytest.raises(CorruptShard):
+        qk_attn.load_vectors(out, layer=1)
+    qk_attn.load(out, layer=0, head=0, kind="q")  # other folders still load
+    if damage != "flip":  # inspect reads only the index columns: a flip in the vectors is verify's to find
+        assert any(line.startswith("damaged") for line in cli.inspect_dataset(out))
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_repair_then_rerun_recaptures_exactly_the_dropped_examples(dataset, damage, tmp_path):
+    out, _ = dataset
+    path, held = a_shard(out)
+    if damage == "flip":
+        data = bytearray(path.read_bytes())
+        data[100:164] = bytes(64)
+        path.write_bytes(bytes(data))
+    elif damage == "truncate":
+        os.truncate(path, 200)
+    else:
+        path.unlink()
+    if damage != "flip":  # resuming over a missing or truncated shard is refused (a stat; digests: verify)
+        with pytest.raises(DamagedDataset, match=f"qk-sniff repair {out}"):
+            open_sink(out)
+    lines = []
+    assert repair_dataset(out, log=lines.append) == 0
+    assert any(path.name in line for line in lines) and any("dropped" in line for line in lines)
+    manifest = read_manifest(out)
+    assert set(map(int, manifest["examples"])) == set(EXAMPLES) - set(held)
+    assert verify_dataset(out, log=lambda *_: None) == []  # consistent before the re-run too
+
+    sink = open_sink(out)
+    assert sorted(set(EXAMPLES) - sink.committed_ids()) == held  # a re-run recaptures exactly them
+    sink.close()
+    capture(out, EXAMPLES)
+    clean = tmp_path / "clean"
+    uninterrupted = capture(clean, EXAMPLES)
+    assert sort_rows(folder_table(out)).equals(sort_rows(folder_table(clean)))
+    assert sort_rows(folder_table(out)).equals(sort_rows(reference(uninterrupted)))
+    assert read_manifest(out)["examples"] == read_manifest(clean)["examples"]
+    assert verify_dataset(out, log=lambda *_: None) == []
+
+
+def test_a_changed_examples_table_is_found_and_rewritten_by_repair(dataset):
+    out, _ = dataset
+    (out / "examples.parquet").write_bytes(b"not parquet")
+    problems = verify_dataset(out, log=lambda *_: None)
+    assert len(problems) == 1 and problems[0].startswith("examples.parquet: missing or changed")
+    assert repair_dataset(out, log=lambda *_: None) == 0
+    assert verify_dataset(out, log=lambda *_: None) == []
+    assert pq.read_table(out / "examples.parquet").equals(qk_attn.load_examples(out))
+
+
+def test_repair_of_a_sound_dataset_changes_nothing(dataset):
+    out, _ = dataset
+    before = (out / MANIFEST).read_text()
+    lines = []
+    assert repair_dataset(out, log=lines.append) == 0
+    assert "nothing to repair" in lines[-1] and (out / MANIFEST).read_text() == before
+
+
+def test_a_corrupt_manifest_is_one_line_that_never_advises_overwrite(dataset, capsys, tmp_path):
+    out, _ = dataset
+    good = read_manifest(out)
+    (out / MANIFEST).write_text('{"examples": {"0": 5}, "shards": {')  # cut short
+    for action in (lambda: read_manifest(out), lambda: ParquetSink(out, SniffConfig(output=str(out), sampler="all", min_bucket_size=4))):
+        with pytest.raises(ManifestError) as error:
+            action()
+        message = str(error.value)
+        assert "\n" not in message and "overwrite" not in message
+        assert f"qk-sniff repair {out}" in message
+    # repair restores the previous manifest; what was committed after it is captured again
+    assert (out / PREVIOUS).exists()
+    lines = []
+    assert repair_dataset(out, log=lines.append) == 0
+    restored = read_manifest(out)
+    assert restored["examples"] and set(restored["examples"]) <= set(good["examples"]) and "restored" in lines[0]
+    assert verify_dataset(out, log=lambda *_: None) == []
+    capture(out, EXAMPLES)
+    clean = tmp_path / "clean"
+    capture(clean, EXAMPLES)
+    assert sort_rows(folder_table(out)).equals(sort_rows(folder_table(clean)))
+
+
+def test_a_folder_that_is_not_a_capture_is_refused_and_left_alone(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "README.md").write_text("# my notes\n")
+    for overwrite in (False, True):
+        with pytest.raises(NotACapture, match=r"not empty \(README.md\) and holds no qk_sniff.json") as error:
+            ParquetSink(out, SniffConfig(output=str(out), sampler="all", min_bucket_size=4), overwrite=overwrite)
+        assert "\n" not in str(error.value)
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["README.md"]
+    assert (out / "README.md").read_text() == "# my notes\n"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    open_sink(empty).close()  # an empty folder is fine
+
+
+def test_the_card_never_replaces_a_readme_the_capture_did_not_write(dataset):
+    out, _ = dataset
+    assert "qk-attn" in (out / "README.md").read_text()  # the card
+    (out / "README.md").write_text("# the user's own words\n")
+    capture(out, EXAMPLES + [8, 9])
+    assert (out / "README.md").read_text() == "# the user's own words\n"
+
+
+def test_examples_table_identity_and_first_position(tmp_path):
+    import datasets
+    import torch
+
+    from test_saver import make_batch
+
+    out = tmp_path / "out"
+    sink = open_sink(out)
+    for example, first in ((3, 0), (7, 4)):
+        if example == 3:
+            sink.describe(example, f"doc-{example}", example * 10)
+        for layer in (0, 1):
+            batch = make_batch(layer, "k", [example], [12], (0,))
+            batch.first_position = torch.tensor([first + layer])  # min over calls is kept
+            sink.put(batch)
+        sink.commit([example])
+    sink.flush(timeout=10)
+    sink.describe(7, "doc-7", 70)  # after its commit is durable: recorded too
+    sink.describe(9, "late", 1)  # described but never committed: not listed
+    sink.close()
+    table = qk_attn.load_examples(out)
+    assert table.to_pylist() == [
+        {"example_id": 3, "source_id": "doc-3", "source_index": 30, "valid_length": 12, "first_position": 0},
+        {"example_id": 7, "source_id": "doc-7", "source_index": 70, "valid_length": 12, "first_position": 4},
+    ]
+    assert pq.read_table(out / "examples.parquet").equals(table)
+    loaded = datasets.load_dataset("parquet", data_files=str(out / "examples.parquet"), split="train")
+    assert loaded["source_id"] == ["doc-3", "doc-7"]
+
+
+def test_older_datasets_without_digests_still_load_and_verify(dataset):
+    out, _ = dataset
+    manifest = read_manifest(out)
+    for field in ("shard_info", "example_info", "examples_file"):
+        manifest.pop(field)
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    lines = []
+    assert verify_dataset(out, log=lines.append) == []
+    assert any(line.startswith("info:") and "no recorded size/digest" in line for line in lines)
+    assert qk_attn.load(out).num_rows == folder_table(out).num_rows
+    assert np.array_equal(qk_attn.load_examples(out)["example_id"].to_numpy(), np.array(EXAMPLES))
+
+
+def test_repair_of_an_older_dataset_resumed_by_this_version(tmp_path):
+    """Shards and examples without records (written before they existed), then new ones: a
+    damaged older shard drops the older examples it may hold, and the re-run restores them."""
+    out = tmp_path / "out"
+    capture(out, EXAMPLES[:4])
+    manifest = read_manifest(out)
+    for field in ("shard_info", "example_info", "examples_file"):
+        manifest.pop(field)
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    capture(out, EXAMPLES)  # resumed by this version: 4..7 get records
+    older = next(n for n in read_manifest(out)["shards"]["l00h00q"] if f"l00h00q/{n}" not in read_manifest(out)["shard_info"])
+    os.truncate(out / "l00h00q" / older, 100)
+    assert repair_dataset(out, log=lambda *_: None) == 0
+    dropped = set(EXAMPLES) - set(map(int, read_manifest(out)["examples"]))
+    assert dropped and dropped <= set(EXAMPLES[:4])  # its segment's examples, found in the other folders
+    assert verify_dataset(out, log=lambda *_: None) == []
+    capture(out, EXAMPLES)
+    clean = tmp_path / "clean"
+    capture(clean, EXAMPLES)
+    assert sort_rows(folder_table(out)).equals(sort_rows(folder_table(clean)))
+    assert verify_dataset(out, log=lambda *_: None) == []
