@@ -245,6 +245,7 @@ class MemorySink:
         pass
 
     def table(self) -> pa.Table:
-        """Every captured row of every head, in the dataset schema (vectors as float32)."""
-        tables = [rows.table(i) for rows in self.rows for i in range(len(rows.heads))]
+        """Every captured row of every head, in the dataset schema (vectors as float32; `token_id`
+        null where a row has none, e.g. vision keys)."""
+        tables = [rows.table(i, token_ids=True) for rows in self.rows for i in range(len(rows.heads))]
         return pa.concat_tables(tables) if tables else None

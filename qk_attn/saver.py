@@ -160,8 +160,13 @@ class ParquetSink:
         self.complete = False  # set by a runner that went through every document it owns (rank parts record it)
         self.vector_type = pa.float16() if config.vector_dtype == "float16" else pa.float32()
         self.vocabulary = None if vocabulary is None else pa.array(vocabulary, pa.string())
-        # One schema per dataset: token ids are a column of every shard or of none.
-        self.token_ids = bool(getattr(config, "token_ids", False) or vocabulary is not None) if token_ids is None else token_ids
+        # One schema per dataset: token ids are a column of every shard or of none. New captures
+        # have them; a capture resumed from before token ids keeps its schema.
+        if token_ids is None:
+            existing = read_manifest(self.output, self.files.manifest) if self.output.is_dir() else None
+            resumed = existing is not None and existing.get("examples")
+            token_ids = existing.get("columns", {}).get("token_id", False) if resumed else True
+        self.token_ids = token_ids or vocabulary is not None
         self.buffer_bytes = buffer_mb << 20
         self.commit_every_s = self.DEFAULT_COMMIT_EVERY_S if commit_every_s is None else commit_every_s
         self.shard_bytes = shard_mb << 20

@@ -70,6 +70,7 @@ class Session:
 
     def commit(self) -> None:
         """Every example begun so far is complete: the sink makes it durable."""
+        self._end_forward()
         self.sink.commit(list(self._begun))
         self._begun.clear()
 
@@ -86,6 +87,7 @@ class Session:
 
     def flush(self) -> None:
         """Write what the sink holds for committed examples now, and surface any saver error."""
+        self._end_forward()
         if hasattr(self.sink, "flush"):
             self.sink.flush()
         self.check()
@@ -112,6 +114,7 @@ class Session:
     def on_mask(self, config, batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask) -> None:
         forward = self._forwards.get(id(config))
         if forward is None or forward.config is not config or forward.used:
+            self._end_forward()  # the previous forward is over: back-pressure belongs here, not in a layer
             refuse_beam_search()
             mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
             forward = ForwardContext(config, batch_size, q_length, host_int(q_offset), mask, model_input_ids(config))
@@ -206,10 +209,17 @@ class Session:
             bucket=bucket,
             vectors=vectors,
             valid=tokens.valid_count,
+            token_id=token_id,
+            first_position=None if cross and kind == "k" else tokens.first_position,
             packed=tokens.packed,
         )
 
     # ---- bookkeeping (host only) -----------------------------------------------------
+    def _end_forward(self) -> None:
+        """Between forwards: the sink sends what waited on the device (waiting for pool space)."""
+        if hasattr(self.sink, "end_forward"):
+            self.sink.end_forward()
+
     def _skips_training(self, module) -> bool:
         """No capture while gradients flow (training) or in a checkpoint recompute during backward."""
         if torch._C._current_graph_task_id() != -1:
