@@ -18,7 +18,7 @@ from test_saver import capture_model, folder_table, sort_rows
 # DESIGN §5 column types, as `datasets` names them
 FEATURES = {
     "example_id": Value("int64"), "position": Value("int32"), "bucket": Value("int32"), "layer": Value("int16"),
-    "head": Value("int16"), "kind": Value("string"), "sliding_window": Value("int32"),
+    "head": Value("int16"), "kind": Value("string"), "sliding_window": Value("int32"), "token_id": Value("int32"),
 }
 
 
@@ -40,7 +40,7 @@ def _where(table, **equal):
 def test_load_selects_exactly_one_head_a_layer_or_everything(captured):
     everything = folder_table(captured)
     one = qk_attn.load(captured, layer=0, head=0, kind="q")
-    assert one.schema == arrow_schema(16)
+    assert one.schema == arrow_schema(16, token_id=True)
     assert sort_rows(one).equals(sort_rows(_where(everything, layer=0, head=0, kind="q")))
     assert one.num_rows == 2 * (30 + 17)  # sampler "all": every valid token of both batches
     keys = qk_attn.load(captured, layer=1, kind="k")
@@ -65,7 +65,7 @@ def test_float16_capture_loads_as_float16(tmp_path):
     out = tmp_path / "out"
     capture_model(out, vector_dtype="float16", layers="0", batches=((0, 1),))
     table = qk_attn.load(out, layer=0, head=0, kind="k")
-    assert table.schema == arrow_schema(16, pa.float16())
+    assert table.schema == arrow_schema(16, pa.float16(), token_id=True)
     assert qk_attn.load_vectors(out, layer=0, head=0, kind="k").dtype == torch.float16
 
 

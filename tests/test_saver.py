@@ -67,12 +67,13 @@ def folder_table(out: Path) -> pa.Table:
     return pa.concat_tables(pq.read_table(f) for f in files)
 
 
-def reference(batches, vector_type=pa.float32()) -> pa.Table:
-    """What rows.py's own host path makes of the same batches."""
+def reference(batches, vector_type=pa.float32(), token_ids=True) -> pa.Table:
+    """What rows.py's own host path makes of the same batches (new captures have `token_id`)."""
     sink = MemorySink()
     for batch in batches:
         sink.put(batch)
-    return pa.concat_tables(rows.table(i, vector_type) for rows in sink.rows for i in range(len(rows.heads)))
+    return pa.concat_tables(rows.table(i, vector_type, token_ids=token_ids) for rows in sink.rows
+                            for i in range(len(rows.heads)))
 
 
 def plan_for(config, num_layers=3):
@@ -118,7 +119,7 @@ def test_dataset_layout_schema_manifest_and_verify(tmp_path):
     sink.close()  # idempotent
 
     table = folder_table(out)
-    assert table.schema == arrow_schema(DIM)
+    assert table.schema == arrow_schema(DIM, token_id=True)
     assert sort_rows(table).equals(sort_rows(reference(batches)))
     manifest = read_manifest(out)
     assert manifest["examples"] == {str(e): 5 + e % 7 for e in range(6)}
@@ -148,7 +149,7 @@ def test_float16_vectors(tmp_path):
     sink.commit([3, 4])
     sink.close()
     table = folder_table(out)
-    assert table.schema == arrow_schema(DIM, pa.float16())
+    assert table.schema == arrow_schema(DIM, pa.float16(), token_id=True)
     assert sort_rows(table).equals(sort_rows(reference([batch], pa.float16())))
 
 
