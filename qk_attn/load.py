@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -57,11 +58,15 @@ def load(
     revision: str | None = None,
     columns: list[str] | None = None,
     token: str | bool | None = None,
+    tokens: bool = False,
+    tokenizer=None,
 ) -> pa.Table:
     """Committed rows of the matching (layer, head, kind) folders as one Arrow table.
 
     `None` matches every layer / head / kind: `load(out, layer=3, kind="k")` is every key
     head of layer 3. Columns as DESIGN §5; `vector` is fixed_size_list<float32|float16>[head_dim].
+    `tokens=True` adds a `token` string column: each row's `token_id` decoded with `tokenizer`
+    (a tokenizer, or its name or path), by default the one the manifest records.
     """
     root, manifest, remote = _open(path_or_repo, revision, token)
     keys = _select(manifest, layer, head, kind)
@@ -72,7 +77,37 @@ def load(
         from .hub import snapshot
 
         root = snapshot(str(path_or_repo), revision=revision, allow_patterns=[f"{key}/*.parquet" for key in keys], token=token)
-    return pa.concat_tables(_read(root, manifest, key, name, columns) for key in keys for name in manifest["shards"][key])
+    if tokens and columns is not None and "token_id" not in columns:
+        columns = [*columns, "token_id"]
+    table = pa.concat_tables(_read(root, manifest, key, name, columns) for key in keys for name in manifest["shards"][key])
+    return with_token_strings(table, manifest, tokenizer) if tokens else table
+
+
+def with_token_strings(table: pa.Table, manifest: dict, tokenizer=None) -> pa.Table:
+    """`table` plus a `token` column (dictionary-encoded strings; null where `token_id` is null)."""
+    if "token_id" not in table.column_names:
+        raise ValueError("tokens=True: this capture has no token_id column (it was written before token ids "
+                         "were recorded, or with token ids off)")
+    tokenizer = tokenizer_of(manifest, tokenizer)
+    ids = table.column("token_id").combine_chunks()
+    vocabulary = pc.unique(ids.drop_null())
+    strings = pa.array(tokenizer.convert_ids_to_tokens(vocabulary.to_pylist()), pa.string())
+    indices = pc.index_in(ids, value_set=vocabulary)
+    return table.append_column("token", pa.DictionaryArray.from_arrays(indices, strings))
+
+
+def tokenizer_of(manifest: dict, tokenizer=None):
+    """`tokenizer` as a tokenizer object; by default the one the manifest's source names."""
+    if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
+        return tokenizer
+    source = manifest.get("source") or {}
+    name = tokenizer if tokenizer is not None else source.get("tokenizer")
+    if name is None:
+        raise ValueError("tokens=True: the capture records no tokenizer; pass tokenizer=<name, path or tokenizer>")
+    from transformers import AutoTokenizer
+
+    revision = None if tokenizer is not None else source.get("tokenizer_revision")
+    return AutoTokenizer.from_pretrained(os.fspath(name), revision=revision)
 
 
 def _read(root: Path, manifest: dict, key: str, name: str, columns: list[str] | None) -> pa.Table:

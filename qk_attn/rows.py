@@ -9,9 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import logging
+
 import numpy as np
 import pyarrow as pa
 import torch
+
+logger = logging.getLogger(__name__)
 
 KINDS = ("q", "k")
 
@@ -225,15 +229,30 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
+def warn_not_from_zero(example_id: int, first_position: int, warned: set) -> None:
+    """Once per sink (`warned` is its memo): a document whose first token is not at position 0 (a
+    left-padded batch run without position_ids rotates it by its index in the padded row)."""
+    if 0 < first_position < np.iinfo(np.int64).max and not warned:
+        warned.add(example_id)
+        logger.warning(
+            "qk-attn: example %d starts at position %d, not 0: `position` is what RoPE used, and this batch was "
+            "left-padded without position_ids; pass position_ids (as generate() and qk-sniff run do) to start at 0",
+            example_id, first_position)
+
+
 class MemorySink:
     """Keeps every batch's rows on the host; for tests and small interactive runs."""
 
     def __init__(self) -> None:
         self.rows: list[HostRows] = []
         self.committed: list[int] = []
+        self._warned: set[int] = set()
 
     def put(self, batch: CaptureBatch) -> None:
-        self.rows.append(batch.host_rows())
+        rows = batch.host_rows()
+        for example, position in rows.first_position.items():
+            warn_not_from_zero(example, position, self._warned)
+        self.rows.append(rows)
 
     def commit(self, example_ids: list[int]) -> None:
         self.committed.extend(example_ids)

@@ -314,12 +314,6 @@ class RunConfig:
         c = self.capture
         if not (c.capture_queries or c.capture_keys):
             raise ConfigError("capture.capture_queries and capture.capture_keys are both false: nothing would be recorded")
-        if c.capture_token_strings:
-            # DESIGN §5 lists optional token_id / token_str columns; the writer has no such
-            # column yet, and a run that silently dropped them would be worse than none.
-            raise ConfigError(
-                "capture.capture_token_strings: true is not supported yet (no token_id/token_str columns); set it to false"
-            )
         kinds = ",".join(k for k, on in (("q", c.capture_queries), ("k", c.capture_keys)) if on)
         defaults = SniffConfig()
         settings: dict[str, Any] = {name: getattr(defaults, name) for name in SniffConfig.field_names()}

@@ -418,6 +418,7 @@ def source_info(config: RunConfig, max_length: int) -> dict[str, Any]:
         "dtype": config.model.dtype,
         "config_overrides": config.model.config_overrides or None,
         "tokenizer": config.tokenizer_name,
+        "tokenizer_revision": config.tokenizer_revision,
         "max_length": max_length,
         "padding_side": config.tokenizer.padding_side,
         "batch_size": config.inference.batch_size,
@@ -674,18 +675,22 @@ def _run(config: RunConfig, rank, push_to_hub: bool, progress: bool, sink, log=p
     device = model.get_input_embeddings().weight.device
 
     source = checked.source
+    # capture_token_strings: the token strings by id, stored as a dictionary-encoded column.
+    vocabulary = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))) if config.capture.capture_token_strings else None
     if sink is None and not rank.is_single:
         from .config import SniffConfig
         from .saver import ParquetSink
 
         sniff = SniffConfig(**settings)
-        sink = ParquetSink(sniff.output, sniff, overwrite=config.output.overwrite, source=source, rank=rank.sink_rank())
+        sink = ParquetSink(sniff.output, sniff, overwrite=config.output.overwrite, source=source, rank=rank.sink_rank(),
+                           vocabulary=vocabulary)
     if total is not None:
         total = len(range(rank.rank, total, rank.world_size))
     start = time.perf_counter()
     bar = _progress(total, progress and not (rank.launched and rank.rank))  # one bar per launched job
     try:
-        with qk_attn.session(overwrite=config.output.overwrite, source=source, sink=sink, **settings) as s:
+        with qk_attn.session(overwrite=config.output.overwrite, source=source, sink=sink, vocabulary=vocabulary,
+                             **settings) as s:
             committed = set(s.committed_ids())
             pending = []
             index = -1

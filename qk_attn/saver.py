@@ -65,7 +65,7 @@ from .manifest import (  # noqa: F401 - re-exported: other modules import these 
     take_lock,
     write_json_atomic,
 )
-from .rows import CaptureBatch, CaptureOverflow, HostRows
+from .rows import CaptureBatch, CaptureOverflow, HostRows, warn_not_from_zero
 from .shards import KeyBuffer, Writers, Written, write_buffer, write_table
 from .transfer import Piece, Sender, Transfer
 
@@ -187,6 +187,7 @@ class ParquetSink:
         self._durable = set(self._committed)  # saver thread
         self._ready: set[int] = set()  # saver thread: committed, not durable yet
         self._described: dict[int, tuple] = {}  # saver thread: example -> (source_id, source_index)
+        self._warned_start: set[int] = set()  # saver thread: see rows.warn_not_from_zero
         self._next_segment = manifest["next_segment"]
         self._open = self._new_segment()
         self._sealed: list[_Segment] = []
@@ -571,6 +572,7 @@ class ParquetSink:
                 counts = valid.get(example)
                 manifest["examples"][str(example)] = counts[min(counts)] if counts else 0
                 position = first_position.get(example, NO_POSITION)
+                warn_not_from_zero(example, position, self._warned_start)
                 manifest["example_info"][str(example)] = {
                     "source_id": None, "source_index": None, "segment": segment_of.get(example, job.number),
                     "first_position": None if position == NO_POSITION else position,

@@ -42,11 +42,12 @@ class Session:
     id). Each model in the session has its own head plan and current sequence.
     """
 
-    def __init__(self, config: SniffConfig, sink=None, example_ids=None, overwrite: bool = False, source=None):
+    def __init__(self, config: SniffConfig, sink=None, example_ids=None, overwrite: bool = False, source=None,
+                 vocabulary=None):
         self.config = config
         self.sampler = Sampler.from_config(config)
         if sink is None:
-            sink = MemorySink() if config.output is None else _parquet_sink(config, overwrite, source)
+            sink = MemorySink() if config.output is None else _parquet_sink(config, overwrite, source, vocabulary)
         self.sink = sink
         self._pending_ids = None if example_ids is None else [int(i) for i in example_ids]
         self._models: dict[int, _Model] = {}  # id(model config) -> head plan, current sequence
@@ -327,10 +328,10 @@ def _as_states(table: torch.Tensor, batch_size: int, device) -> torch.Tensor:
     return table[:, None].expand(batch_size, 1, *table.shape[1:])
 
 
-def _parquet_sink(config: SniffConfig, overwrite: bool, source):
+def _parquet_sink(config: SniffConfig, overwrite: bool, source, vocabulary=None):
     from .saver import ParquetSink
 
-    return ParquetSink(config.output, config, overwrite=overwrite, source=source)
+    return ParquetSink(config.output, config, overwrite=overwrite, source=source, vocabulary=vocabulary)
 
 
 # ---- the active session --------------------------------------------------------------
@@ -363,10 +364,16 @@ def current_session() -> Session | None:
 
 
 @contextlib.contextmanager
-def session(*, example_ids=None, overwrite: bool = False, source: dict | None = None, sink=None, **settings: Any) -> Iterator[Session]:
-    """Capture inside this block. `settings` are SniffConfig fields; they override QK_SNIFF_*."""
+def session(*, example_ids=None, overwrite: bool = False, source: dict | None = None, sink=None, vocabulary=None,
+            **settings: Any) -> Iterator[Session]:
+    """Capture inside this block. `settings` are SniffConfig fields; they override QK_SNIFF_*.
+
+    `source` is recorded in the manifest and card (e.g. {"tokenizer": name, "tokenizer_revision":
+    rev}, which `load(..., tokens=True)` uses); `vocabulary` (token strings by id, e.g.
+    `tokenizer.convert_ids_to_tokens(range(len(tokenizer)))`) adds a `token_str` column."""
     config = SniffConfig.from_env(**settings)
-    active = Session(config, sink=sink, example_ids=example_ids, overwrite=overwrite, source=source)
+    active = Session(config, sink=sink, example_ids=example_ids, overwrite=overwrite, source=source,
+                     vocabulary=vocabulary)
     with _stack_lock:
         _stack.append(active)
     try:

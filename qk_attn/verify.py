@@ -82,6 +82,12 @@ class Dataset:
         """example_id -> valid length (tokens) of every committed example."""
         return {int(k): int(v) for k, v in self.manifest.get("examples", {}).items()}
 
+    def first_positions(self) -> dict[int, int]:
+        """example_id -> the position of its first token (0 unless a left-padded batch ran without
+        position_ids: `position` is what RoPE used); 0 where the manifest predates the record."""
+        info = self.manifest.get("example_info", {})
+        return {int(k): int((info.get(k) or {}).get("first_position") or 0) for k in self.manifest.get("examples", {})}
+
     def row_counts(self) -> dict[str, int]:
         """Folder name (e.g. "l00h00q") -> committed rows, as the manifest records them."""
         return {str(k): int(v) for k, v in self.manifest.get("row_counts", {}).items()}
@@ -222,9 +228,10 @@ def examples_table(manifest: dict):
 
 
 # ---- verify ----------------------------------------------------------------------------------
-def expected_positions(sampler, layer: int, kind: str, lengths: dict[int, int], chunk: int = 1 << 22):
-    """example_id -> the positions the sampler selects in [0, valid length), vectorised over
-    examples (at most `chunk` candidate positions at a time)."""
+def expected_positions(sampler, layer: int, kind: str, lengths: dict[int, int], chunk: int = 1 << 22,
+                       starts: dict[int, int] | None = None):
+    """example_id -> the positions the sampler selects in [start, start + valid length) (start 0
+    unless `starts` says otherwise), vectorised over examples (at most `chunk` candidates at a time)."""
     import numpy as np
     import torch
 
@@ -237,9 +244,10 @@ def expected_positions(sampler, layer: int, kind: str, lengths: dict[int, int], 
         group = items[i : i + n]
         longest = max(length for _, length in group)
         ids = torch.tensor([e for e, _ in group], dtype=torch.int64)
-        positions = torch.arange(longest, dtype=torch.int64).expand(len(group), -1)
+        offsets = torch.tensor([(starts or {}).get(e, 0) for e, _ in group], dtype=torch.int64)[:, None]
+        positions = torch.arange(longest, dtype=torch.int64).expand(len(group), -1) + offsets
         keep = sampler.keep(ids, layer, kind, positions)
-        keep &= positions < torch.tensor([length for _, length in group])[:, None]
+        keep &= positions < offsets + torch.tensor([length for _, length in group])[:, None]
         for row, (example, _) in enumerate(group):
             out[example] = positions[row][keep[row]].numpy()
         i += n
@@ -344,7 +352,7 @@ def verify_dataset(root: str | Path, log=print) -> list[str]:
                           if calls.get(f"l{layer:02d}h{head:02d}{kind}", 0) > 0}
     pairs = sorted({(layer, kind) for layer, _, kind in expected_keys})
     for layer, kind in pairs:
-        want = expected_positions(sampler, layer, kind, committed)
+        want = expected_positions(sampler, layer, kind, committed, starts=data.first_positions())
         heads = sorted(h for (lay, h, k) in expected_keys if lay == layer and k == kind)
         for head in heads:
             name = f"l{layer:02d}h{head:02d}{kind}"

@@ -446,3 +446,29 @@ def test_push_and_pull_commands_call_the_hub_module(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(hub, "push", failing)
     assert cli.main(["push", "out", "--repo", "org/qk"]) == 1
     assert "401 Unauthorized" in capsys.readouterr().err
+
+
+def test_token_ids_and_token_strings_match_the_tokenizer(tiny_model, docs, tmp_path, capsys):
+    """Issue 12: every row's token_id is the tokenizer's id at that position, token_str (stored with
+    capture_token_strings: true) its convert_ids_to_tokens, and load(tokens=True) decodes the same."""
+    from transformers import AutoTokenizer
+
+    from qk_attn.load import load
+
+    path, rows = docs
+    out = tmp_path / "out"
+    config = write_config(tmp_path, tiny_model, path, out, capture=dict(SPARSE, capture_token_strings=True),
+                          inference={"batch_size": 2}, tokenizer={"padding_side": "left"})
+    assert cli.main(["run", "--config", config, "--quiet"]) == 0
+    capsys.readouterr()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    encoded = {normalize_id(r["doc"]): tokenizer(r["body"])["input_ids"] for r in rows}
+    table = load(out, tokens=True).to_pydict()
+    assert len(table["example_id"]) > 0
+    for e, p, tok, stored, decoded in zip(table["example_id"], table["position"], table["token_id"],
+                                          table["token_str"], table["token"]):
+        assert tok == encoded[e][p]
+        assert stored == decoded == tokenizer.convert_ids_to_tokens(tok)
+    manifest = json.loads((out / "qk_sniff.json").read_text())
+    assert manifest["source"]["tokenizer"] == str(tiny_model)
+    assert cli.main(["verify", str(out)]) == 0

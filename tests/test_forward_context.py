@@ -350,3 +350,20 @@ def test_generate_with_chunked_prefill_records_each_position_once():
         sequences = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0,
                                    prefill_chunk_size=4)
     _assert_same_rows(rows_by_key(s.table()), _one_shot(model, sequences[:, :-1], [5]))
+
+
+def test_left_padding_without_position_ids_verifies_and_warns_once(tmp_path, caplog):
+    """The position contract end to end: the examples table records where each document starts,
+    `verify` expects the sampler's positions from there, and the user is told once."""
+    from qk_attn.verify import verify_dataset
+
+    model = build("llama3", "qk_sniff")
+    batch = padded_batch("left", lengths=(9, 6))
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING, logger="qk_attn.rows"):
+        with qk_attn.session(output=out, sampler="log_uniform", min_bucket_size=2, example_ids=[0, 1]):
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    starts = dict(zip(*qk_attn.load_examples(out).select(["example_id", "first_position"]).to_pydict().values()))
+    assert starts == {0: 0, 1: 3}
+    assert verify_dataset(out, log=lambda *_: None) == []
+    assert sum("starts at position 3, not 0" in r.message for r in caplog.records) == 1
