@@ -266,13 +266,17 @@ def render_card(manifest: dict, where: str, revision: str | None = None, chart: 
         "(`layer03_q`, `layer03_k`) and per kind (`all_q`, `all_k`). Columns: `example_id` int64, `position` int32 "
         "(the RoPE position), `bucket` int32, `layer` int16, `head` int16, `kind` string, `sliding_window` int32 "
         f"(null on full-attention layers), `vector` fixed-size list of {manifest.get('vector_dtype', 'float32')} "
-        f"[{plan.get('head_dim', 'head_dim')}].",
+        f"[{plan.get('head_dim', 'head_dim')}]" + _token_columns_text(manifest) + ".",
         "## Loading",
         "```python\nfrom datasets import load_dataset\n\n"
         f"ds = load_dataset({where!r}, {first!r}, split=\"train\"{rev})  # one head; 'layer{layer:02d}_{kind}', 'all_{kind}' for more\n\n"
         "import qk_attn\n\n"
         f"table = qk_attn.load({where!r}, layer={layer}, head={head}, kind={kind!r}{rev})  # pyarrow Table\n"
-        f"vectors = qk_attn.load_vectors({where!r}, layer={layer}, head={head}, kind={kind!r}{rev})  # (N, head_dim) torch tensor\n```",
+        f"vectors = qk_attn.load_vectors({where!r}, layer={layer}, head={head}, kind={kind!r}{rev})  # (N, head_dim) torch tensor\n"
+        + (f"tokens = qk_attn.load({where!r}, layer={layer}, head={head}, kind={kind!r}{rev}, tokens=True)  "
+           "# + `token`: token_id decoded with the recorded tokenizer\n"
+           if (manifest.get("columns") or {}).get("token_id") and (manifest.get("source") or {}).get("tokenizer") else "")
+        + "```",
         *_examples_section(examples_file, where, rev),
         "## Model",
         _table(["model", "revision", "dtype", "type", "layers", "query heads", "key heads", "head dim"],
@@ -296,6 +300,16 @@ def render_card(manifest: dict, where: str, revision: str | None = None, chart: 
         parts.append(f"![rows per bucket]({CHART})")
     parts += ["## Coverage", _coverage_text(manifest, cov), "## Provenance", _provenance(manifest, max_length)]
     return DatasetCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(parts) + "\n")
+
+
+def _token_columns_text(manifest: dict) -> str:
+    columns = manifest.get("columns") or {}
+    text = ""
+    if columns.get("token_id"):
+        text += ", `token_id` int32 (the vocabulary id of the token at that position; null for vision keys)"
+    if columns.get("token_str"):
+        text += ", `token_str` string (dictionary-encoded: the tokenizer's token for `token_id`)"
+    return text
 
 
 def _examples_section(examples_file: str | None, where: str, rev: str) -> list[str]:

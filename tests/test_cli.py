@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -448,7 +449,7 @@ def test_push_and_pull_commands_call_the_hub_module(tmp_path, monkeypatch, capsy
     assert "401 Unauthorized" in capsys.readouterr().err
 
 
-def test_token_ids_and_token_strings_match_the_tokenizer(tiny_model, docs, tmp_path, capsys):
+def test_token_ids_and_token_strings_match_the_tokenizer(tiny_model, docs, tmp_path, capsys, monkeypatch):
     """Issue 12: every row's token_id is the tokenizer's id at that position, token_str (stored with
     capture_token_strings: true) its convert_ids_to_tokens, and load(tokens=True) decodes the same."""
     from transformers import AutoTokenizer
@@ -472,3 +473,13 @@ def test_token_ids_and_token_strings_match_the_tokenizer(tiny_model, docs, tmp_p
     manifest = json.loads((out / "qk_sniff.json").read_text())
     assert manifest["source"]["tokenizer"] == str(tiny_model)
     assert cli.main(["verify", str(out)]) == 0
+
+    # The card's loading snippet shows the token strings, and runs as written.
+    card = (out / "README.md").read_text()
+    assert "`token_id` int32" in card and "`token_str` string" in card
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    code = code.replace('split="train")', f'split="train", cache_dir={str(tmp_path / "cache")!r})')
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(code, scope)
+    assert "token" in scope["tokens"].column_names and scope["tokens"].num_rows == scope["table"].num_rows
