@@ -127,7 +127,8 @@ class Dataset:
             if f in self.bad:
                 continue
             try:
-                tables.append(pq.read_table(f, columns=INDEX_COLUMNS))
+                has_tokens = "token_id" in pq.read_schema(f).names
+                tables.append(pq.read_table(f, columns=INDEX_COLUMNS + ["token_id"] * has_tokens))
             except Exception:  # noqa: BLE001 - damaged: `verify` names it; readers skip it
                 self.bad.add(f)
         return pa.concat_tables(tables) if tables else None
@@ -281,6 +282,7 @@ def verify_dataset(root: str | Path, log=print) -> list[str]:
     seen_counts: dict[str, int] = {}
     # (layer, kind) -> {folder name: {example_id: sorted positions}}
     selections: dict[tuple[int, str], dict[str, dict[int, Any]]] = defaultdict(dict)
+    token_rows: list = []  # (example ids, positions, token ids) per folder, for the token check
 
     for key, folder in data.folders.items():
         layer, head, kind = key
@@ -330,6 +332,13 @@ def verify_dataset(root: str | Path, log=print) -> list[str]:
         starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
         ends = np.r_[starts[1:], len(ids)]
         selections[(layer, kind)][name] = {int(ids[s]): pos[s:e] for s, e in zip(starts, ends)}
+        if "token_id" in table.column_names and not (data.manifest.get("cross_attention_layers") and kind == "k"
+                                                     and layer in data.manifest["cross_attention_layers"]):
+            tokens = table.column("token_id").to_numpy(zero_copy_only=False)[order]
+            token_rows.append((ids, pos, np.where(np.isnan(tokens), -1, tokens).astype(np.int64)
+                               if tokens.dtype.kind == "f" else tokens.astype(np.int64)))
+
+    problems += token_id_problems(token_rows)
 
     # Row counts: the manifest against the files (both directions).
     for name in sorted(set(manifest_counts) | set(seen_counts)):
@@ -369,6 +378,24 @@ def verify_dataset(root: str | Path, log=print) -> list[str]:
     log(f"checked {len(data.folders)} (layer, head, kind) folders, {sum(seen_counts.values()):,} rows, "
         f"{len(committed)} committed examples")
     return problems
+
+
+def token_id_problems(token_rows: list) -> list[str]:
+    """Every row of one (example, position) holds the same token, whatever its layer, head or kind
+    (null, as -1, only where the model was given embeddings: then for all of them)."""
+    import numpy as np
+
+    if not token_rows:
+        return []
+    ids, pos, tok = (np.concatenate(parts) for parts in zip(*token_rows))
+    order = np.lexsort((tok, pos, ids))
+    ids, pos, tok = ids[order], pos[order], tok[order]
+    clash = np.flatnonzero((ids[1:] == ids[:-1]) & (pos[1:] == pos[:-1]) & (tok[1:] != tok[:-1]))
+    if not clash.size:
+        return []
+    i = clash[0]
+    return [f"token_id: {clash.size} (example, position) pairs whose rows disagree on the token, e.g. example "
+            f"{ids[i]} position {pos[i]}: {tok[i]} and {tok[i + 1]}"]
 
 
 # ---- inspect ---------------------------------------------------------------------------------

@@ -89,3 +89,18 @@ def test_inputs_embeds_give_null_token_ids_and_vision_keys_are_null():
             assert tok is None
         else:
             assert tok == expected[(e, p)]
+
+
+def test_verify_finds_rows_that_disagree_on_a_token(tmp_path):
+    import numpy as np
+
+    from qk_attn.verify import token_id_problems, verify_dataset
+
+    model = build("llama3", "qk_sniff")
+    with qk_attn.session(output=tmp_path / "out", sampler="all", example_ids=[0, 1]):
+        model(**padded_batch("right"))
+    assert verify_dataset(tmp_path / "out", log=lambda *_: None) == []
+    ids, pos = np.array([0, 0, 1]), np.array([4, 4, 4])
+    assert token_id_problems([(ids, pos, np.array([7, 7, 9]))]) == []
+    problems = token_id_problems([(ids, pos, np.array([7, 7, 9])), (ids[:1], pos[:1], np.array([8]))])
+    assert problems and "example 0 position 4: 7 and 8" in problems[0]
