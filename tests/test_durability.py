@@ -100,6 +100,7 @@ def test_token_ids_first_position_and_vocabulary_columns(tmp_path):
     text.token_id = (torch.arange(text.capacity, dtype=torch.int32) * 7) % 60  # ids >= 50 are not in the list
     text.first_position = torch.tensor([0, 0])
     vision = make_batch(1, "k", [0, 1], [6, 9], (0,))  # e.g. cross-attention keys: no token ids
+    vision.cross_attention = True  # (verify compares tokens across rows of one position, vision keys aside)
     for batch in (text, vision):
         sink.put(batch)
     sink.commit([0, 1])
