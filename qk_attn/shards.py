@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .manifest import fsync_dir
 from .rows import columns_table
 
 ROW_GROUP_BYTES = 32 << 20
@@ -163,7 +164,7 @@ class Writers:
         futures = []
         for path in paths:
             futures.append(Future())
-            self._sync.put((futures[-1], _fsync, (path,)))
+            self._sync.put((futures[-1], fsync_dir, (path,)))
         for future in futures:
             future.result()
 
@@ -187,11 +188,3 @@ def _start(work: queue.Queue, name: str) -> threading.Thread:
     thread = threading.Thread(target=run, name=name, daemon=True)
     thread.start()
     return thread
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
