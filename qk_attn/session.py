@@ -80,7 +80,9 @@ class Session:
         self._begun.clear()
 
     def committed_ids(self) -> set[int]:
-        return set(self.sink.committed_ids()) if hasattr(self.sink, "committed_ids") else set(self.sink.committed)
+        if hasattr(self.sink, "committed_ids"):
+            return set(self.sink.committed_ids())
+        return set(getattr(self.sink, "committed", ()))  # a MemorySink; custom sinks may keep none
 
     @property
     def rows_written(self) -> int:

@@ -124,3 +124,27 @@ def test_overflow_is_flagged_not_dropped():
     batch = CaptureBatch(0, "q", (0, 1), (3,), None, False, count, row, position, bucket, vectors, torch.tensor([50]))
     with pytest.raises(CaptureOverflow, match="50 tokens selected but the staging buffer holds 10"):
         batch.host_rows()
+
+
+def test_a_sink_with_only_the_protocol_methods_works():
+    """`Sink` asks for put/commit/close only; the session must not need more of a custom sink."""
+    class Collect:
+        def __init__(self):
+            self.batches, self.committed_lists = [], []
+
+        def put(self, batch):
+            self.batches.append(batch.host_rows())
+
+        def commit(self, example_ids):
+            self.committed_lists.append(list(example_ids))
+
+        def close(self):
+            pass
+
+    sink = Collect()
+    model = build("llama3", "qk_sniff")
+    with qk_attn.session(sink=sink, sampler="all", layers="0", capture="k"):
+        model(**padded_batch("left"))
+    assert sink.committed_lists == [[0, 1]]
+    assert [len(rows) for rows in sink.batches] == [9 + 6]  # one batch: every token of both rows
+    assert sink.batches[0].heads == (0, 1)
