@@ -62,6 +62,9 @@ class ForwardContext:
                 f"the mask function was told of key lengths {sorted(self.key_slots)} only")
             raise CaptureError(f"qk_sniff: layer {layer} has {num_keys} keys and {reason}; cannot tell where this "
                                "forward's new keys sit, so nothing is recorded for it")
+        if not 0 <= slot <= num_keys - self.num_new:
+            raise CaptureError(f"qk_sniff: layer {layer}: this forward's {self.num_new} new keys would start at slot "
+                               f"{slot} of {num_keys}; the cache does not hold them where transformers said")
         return slot
 
     def first_call(self, layer: int, query: torch.Tensor, key: torch.Tensor) -> bool:
