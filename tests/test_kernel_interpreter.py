@@ -287,9 +287,11 @@ def test_kernel_and_torch_paths_write_identical_parquet_rows(tmp_path):
     assert tables[0].equals(tables[1])
 
 
-def test_session_capture_is_identical_through_kernel_and_torch_paths(tmp_path, monkeypatch):
-    """A whole capture (tiny Llama, left padding, q and k) written by the kernel path and by
-    the torch path: the same Parquet rows in the same shards."""
+@pytest.mark.parametrize("rope", ["post", "pre"])
+def test_session_capture_is_identical_through_kernel_and_torch_paths(tmp_path, monkeypatch, rope):
+    """A whole capture (tiny Llama, left padding, q and k; token ids, and with rope="pre" the
+    layer's cos/sin gathered by the same selection) written by the kernel path and by the
+    torch path: the same Parquet rows in the same shards."""
     import qk_attn
     from qk_attn import gather
     from qk_attn.kernels import select_gather
@@ -312,7 +314,7 @@ def test_session_capture_is_identical_through_kernel_and_torch_paths(tmp_path, m
             if not kernel:
                 patch.setattr(gather, "uses_kernel", lambda *a: False)
             with qk_attn.session(output=str(out), sampler="log_uniform", min_bucket_size=2, base_rate=3.0,
-                                 example_ids=[10, 11]):
+                                 example_ids=[10, 11], rope=rope):
                 with torch.inference_mode():
                     model(input_ids=input_ids, attention_mask=attention_mask)
         shards = {}
