@@ -27,21 +27,14 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import re
 import sys
 import time
-from collections import Counter, defaultdict
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-CONFIG_DIR = re.compile(r"l(\d+)h(\d+)([qk])")
-MANIFEST = "qk_sniff.json"
-INDEX_COLUMNS = ["example_id", "position", "bucket", "layer", "head", "kind"]
-
-
-# Dataset reading, verify and inspect live in qk_attn.verify (the storage side).
-from .verify import Dataset, expected_positions, inspect_dataset, repair_dataset, verify_dataset  # noqa: E402,F401
+from .manifest import MANIFEST
+# Dataset reading, verify, inspect and repair live in qk_attn.verify; re-exported for callers of qk_attn.cli.
+from .verify import Dataset, expected_positions, inspect_dataset, repair_dataset, verify_dataset  # noqa: F401
 
 
 # ---- commands --------------------------------------------------------------------------------
@@ -81,16 +74,6 @@ def cmd_run(args) -> int:
     return 0
 
 
-def _verify_module():
-    """verify_dataset / inspect_dataset / repair_dataset: qk_attn.verify when present, else here."""
-    try:
-        from . import verify
-
-        return verify
-    except ImportError:
-        return sys.modules[__name__]
-
-
 def cmd_merge(args) -> int:
     from .distributed import merge
 
@@ -107,7 +90,7 @@ def cmd_merge(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    lines = _verify_module().inspect_dataset(args.out)
+    lines = inspect_dataset(args.out)
     for line in lines if args.full else shorten(lines):
         print(line)
     return 0
@@ -142,7 +125,7 @@ def shorten(lines: list[str], keep: int = 10, slack: int = 4) -> list[str]:
 
 
 def cmd_verify(args) -> int:
-    problems = _verify_module().verify_dataset(args.out)
+    problems = verify_dataset(args.out)
     if problems:
         print(f"FAILED: {len(problems)} problem(s) in {args.out}")
         for p in problems:
@@ -153,11 +136,6 @@ def cmd_verify(args) -> int:
 
 
 def cmd_repair(args) -> int:
-    try:
-        from .verify import repair_dataset
-    except ImportError:
-        raise CommandError("this installation of qk-attn has no qk_attn.verify.repair_dataset; update qk-attn "
-                           "(repair needs the shard checksums written by newer versions)") from None
     # repair_dataset prints what it dropped and returns the exit status: 0 when OUT is sound
     # afterwards (re-running the capture fills in what was dropped), 1 when problems remain.
     return int(repair_dataset(args.out, log=print))
