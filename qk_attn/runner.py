@@ -524,6 +524,12 @@ def preflight(config: RunConfig, model_name: str, tokenizer_name: str, rank, sin
     from .sampler import Sampler
 
     sniff = config.sniff_config()
+    if sniff.backend == "flash_attention_2":
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ConfigError("inference.backend='flash_attention_2' needs the flash-attn package "
+                              "(pip install 'qk-attn[flash]', CUDA only); use sdpa or eager")
     model_config = load_model_config(config, model_name)
     model_label = config.model.name if config.model.name != DEMO_MODEL else DEMO_MODEL_ID
     kind = getattr(model_config, "model_type", None) or type(model_config).__name__

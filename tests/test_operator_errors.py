@@ -453,3 +453,16 @@ def test_dry_run_checks_and_estimates_without_weights_or_writes(tiny_model, docs
     assert "estimate: 6 document(s)" in printed and "every check passed" in printed and not out.exists()
     code, _, err = run_cli(capsys, "--config", config, "--dry-run", "--set", "capture.layers=9")
     assert code == 2 and "capture.layers=9 is out of range" in one_line(err)
+
+
+def test_flash_backend_without_flash_attn_is_one_line_before_weights(tiny_model, docs, tmp_path, capsys, no_weights):
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+    out = tmp_path / "out"
+    config = write_config(tmp_path, tiny_model, docs[0], out)
+    code, _, err = run_cli(capsys, "--config", config, "--set", "inference.backend=flash_attention_2")
+    assert code == 2
+    assert "inference.backend='flash_attention_2' needs the flash-attn package" in one_line(err)
+    assert not out.exists()
