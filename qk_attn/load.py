@@ -106,8 +106,10 @@ def tokenizer_of(manifest: dict, tokenizer=None):
         raise ValueError("tokens=True: the capture records no tokenizer; pass tokenizer=<name, path or tokenizer>")
     from transformers import AutoTokenizer
 
+    from .demo import resolve_model
+
     revision = None if tokenizer is not None else source.get("tokenizer_revision")
-    return AutoTokenizer.from_pretrained(os.fspath(name), revision=revision)
+    return AutoTokenizer.from_pretrained(resolve_model(os.fspath(name), verbose=False), revision=revision)
 
 
 def _read(root: Path, manifest: dict, key: str, name: str, columns: list[str] | None) -> pa.Table:

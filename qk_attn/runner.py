@@ -419,6 +419,8 @@ def source_info(config: RunConfig, max_length: int) -> dict[str, Any]:
         "config_overrides": config.model.config_overrides or None,
         "tokenizer": config.tokenizer_name,
         "tokenizer_revision": config.tokenizer_revision,
+        "add_special_tokens": config.tokenizer.add_special_tokens,
+        "sample_by": d.sample_by,
         "max_length": max_length,
         "padding_side": config.tokenizer.padding_side,
         "batch_size": config.inference.batch_size,

@@ -339,6 +339,7 @@ def verify_dataset(root: str | Path, log=print) -> list[str]:
                                if tokens.dtype.kind == "f" else tokens.astype(np.int64)))
 
     problems += token_id_problems(token_rows)
+    problems += source_token_problems(data, token_rows, log)
 
     # Row counts: the manifest against the files (both directions).
     for name in sorted(set(manifest_counts) | set(seen_counts)):
@@ -396,6 +397,70 @@ def token_id_problems(token_rows: list) -> list[str]:
     i = clash[0]
     return [f"token_id: {clash.size} (example, position) pairs whose rows disagree on the token, e.g. example "
             f"{ids[i]} position {pos[i]}: {tok[i]} and {tok[i + 1]}"]
+
+
+def source_token_problems(data: Dataset, token_rows: list, log) -> list[str]:
+    """`token_id` against the source documents encoded again with the recorded tokenizer and
+    settings, where the source dataset and tokenizer are available here (else one info line)."""
+    import numpy as np
+
+    source = data.manifest.get("source") or {}
+    if not token_rows or not source.get("dataset") or not source.get("tokenizer"):
+        return []
+    try:
+        encoded = _encode_source(data.manifest, source)
+    except Exception as error:  # noqa: BLE001 - the source is optional for verify
+        log(f"info: token ids not checked against the source dataset ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''})")
+        return []
+    starts = data.first_positions()
+    checked, wrong, first = 0, 0, None
+    for ids, pos, tok in token_rows:  # each sorted by example: compare one example's run at a time
+        bounds = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1], True])
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            tokens = encoded.get(int(ids[lo]))
+            if tokens is None:
+                continue
+            index = pos[lo:hi] - starts.get(int(ids[lo]), 0)
+            inside = (index >= 0) & (index < len(tokens))
+            want = np.full(hi - lo, -2, np.int64)
+            want[inside] = np.asarray(tokens, np.int64)[index[inside]]
+            bad = np.flatnonzero(want != tok[lo:hi])
+            checked += hi - lo
+            wrong += bad.size
+            if bad.size and first is None:
+                i = lo + bad[0]
+                first = (int(ids[i]), int(pos[i]), int(tok[i]), int(want[bad[0]]) if inside[bad[0]] else None)
+    log(f"checked {checked:,} token ids against {len(encoded)} source documents")
+    if not wrong:
+        return []
+    e, p, got, expected = first
+    return [f"token_id: {wrong} rows differ from the source documents encoded again, e.g. example {e} position "
+            f"{p}: {got}, the tokenizer gives {expected}"]
+
+
+def _encode_source(manifest: dict, source: dict) -> dict[int, list[int]]:
+    """example_id -> the token ids of its source document (via the examples table's row index)."""
+    from transformers import AutoTokenizer
+
+    from .demo import resolve_model
+    from .run_config import DatasetSection
+    from .runner import load_rows
+
+    cfg = DatasetSection(path=source["dataset"], name=source.get("dataset_name"), split=source.get("split") or "train",
+                         revision=source.get("dataset_revision"), text_column=source.get("text_column") or "text",
+                         id_column=source.get("id_column"), sample_by=source.get("sample_by") or "document")
+    rows = load_rows(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(source["tokenizer"], verbose=False),
+                                              revision=source.get("tokenizer_revision"))
+    out = {}
+    for key, info in manifest.get("example_info", {}).items():
+        if info.get("source_index") is None:
+            continue
+        text = rows[int(info["source_index"])][cfg.text_column] or ""
+        out[int(key)] = tokenizer(text, truncation=True, max_length=source.get("max_length"),
+                                  add_special_tokens=source.get("add_special_tokens", True))["input_ids"]
+    return out
 
 
 # ---- inspect ---------------------------------------------------------------------------------

@@ -473,6 +473,15 @@ def test_token_ids_and_token_strings_match_the_tokenizer(tiny_model, docs, tmp_p
     manifest = json.loads((out / "qk_sniff.json").read_text())
     assert manifest["source"]["tokenizer"] == str(tiny_model)
     assert cli.main(["verify", str(out)]) == 0
+    assert "token ids against 6 source documents" in capsys.readouterr().out
+
+    # verify encodes the source documents again: a document changed since the capture is found.
+    changed = [dict(r, body=r["body"].replace("w", "w1", 1)) if i == 1 else r for i, r in enumerate(rows)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in changed))
+    assert cli.main(["verify", str(out)]) == 1
+    assert "rows differ from the source documents encoded again, e.g. example " + str(normalize_id("doc-1")) \
+        in capsys.readouterr().out
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     # The card's loading snippet shows the token strings, and runs as written.
     card = (out / "README.md").read_text()
