@@ -337,25 +337,36 @@ def _parquet_sink(config: SniffConfig, overwrite: bool, source, vocabulary=None)
 
 
 # ---- the active session --------------------------------------------------------------
-# One stack for the process, not per thread: a model run in a worker thread (the streamer
-# pattern of generate()) must see the session its caller opened.
-_stack: list[Session] = []
+# A thread that opened sessions uses its own innermost one. A thread that opened none (a
+# worker running the model, the streamer pattern of generate()) uses the most recently
+# opened session of the process, so it records into the session its caller opened.
+_opened: list[Session] = []  # every open session() of the process, in opening order
+_local = threading.local()  # .stack: the sessions this thread opened
 _stack_lock = threading.Lock()
 _env_config: SniffConfig = SniffConfig.from_env()
 _default_session: Session | None = None
 
 
+def _active() -> Session | None:
+    own = getattr(_local, "stack", None)
+    if own:
+        return own[-1]
+    opened = _opened
+    return opened[-1] if opened else None
+
+
 def current_config() -> SniffConfig:
-    stack = _stack
-    return stack[-1].config if stack else _env_config
+    active = _active()
+    return active.config if active is not None else _env_config
 
 
 def current_session() -> Session | None:
-    """The innermost `session()`, else the env-configured default (None when capture is off)."""
+    """This thread's innermost `session()`, else the process's latest one, else the
+    env-configured default (None when capture is off)."""
     global _default_session
-    stack = _stack
-    if stack:
-        return stack[-1]
+    active = _active()
+    if active is not None:
+        return active
     if _env_config.output is None:
         return None
     with _stack_lock:
@@ -376,8 +387,11 @@ def session(*, example_ids=None, overwrite: bool = False, source: dict | None = 
     config = SniffConfig.from_env(**settings)
     active = Session(config, sink=sink, example_ids=example_ids, overwrite=overwrite, source=source,
                      vocabulary=vocabulary)
+    if not hasattr(_local, "stack"):
+        _local.stack = []
+    _local.stack.append(active)
     with _stack_lock:
-        _stack.append(active)
+        _opened.append(active)
     try:
         yield active
     except BaseException:
@@ -386,8 +400,9 @@ def session(*, example_ids=None, overwrite: bool = False, source: dict | None = 
         active.abort()
         raise
     finally:
+        _local.stack.remove(active)
         with _stack_lock:
-            _stack.remove(active)
+            _opened.remove(active)
         active.close()
 
 

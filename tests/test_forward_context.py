@@ -367,3 +367,25 @@ def test_left_padding_without_position_ids_verifies_and_warns_once(tmp_path, cap
     assert starts == {0: 0, 1: 3}
     assert verify_dataset(out, log=lambda *_: None) == []
     assert sum("starts at position 3, not 0" in r.message for r in caplog.records) == 1
+
+
+def test_sessions_opened_in_two_threads_each_record_their_own_model():
+    """Process-wide visibility is for threads that opened no session; a thread with its own
+    session records into it even while another thread's session is open."""
+    small, other = build("llama3", "qk_sniff"), build("qwen2", "qk_sniff")
+    opened, done = threading.Barrier(2), {}
+
+    def run(name, model, example):
+        with qk_attn.session(sampler="all", capture="k", layers="0", example_ids=[example]) as s:
+            opened.wait()  # both sessions open at once
+            model(input_ids=_tokens(5, seed=example))
+            opened.wait()
+        done[name] = s.table()
+
+    threads = [threading.Thread(target=run, args=("a", small, 1)), threading.Thread(target=run, args=("b", other, 2))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert set(done["a"]["example_id"].to_pylist()) == {1}
+    assert set(done["b"]["example_id"].to_pylist()) == {2}
