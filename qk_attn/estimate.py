@@ -5,9 +5,9 @@
 
 `E[kept positions]` is `Sampler.expected_keeps` (exact: every bucket's keep probability times
 its overlap with the document), so for `all` it is the length itself. Bytes are the
-uncompressed size of the columns (what Arrow holds in memory); the Parquet files on disk are
-somewhat smaller, by how much the vectors compress (the demo: 22.7 MB estimated, 21.9 MB on
-disk). Cross-attention keys (vision tokens, recorded once per sequence) are not counted.
+uncompressed size of the columns (what Arrow holds in memory); on disk, compression and
+per-shard overhead roughly cancel (the demo: 23.0 MB estimated, 23.2 MB of shards).
+Cross-attention keys (vision tokens, recorded once per sequence) are not counted.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from .sampler import Sampler
 from .selection import HeadPlan
 
 # example_id int64 + position int32 + bucket int32 + layer int16 + head int16 + sliding_window int32
-# + kind (one character, dictionary encoded on disk)
-INDEX_BYTES = 8 + 4 + 4 + 2 + 2 + 4 + 1
+# + kind (one character, dictionary encoded on disk) + token_id int32
+INDEX_BYTES = 8 + 4 + 4 + 2 + 2 + 4 + 1 + 4
 VECTOR_BYTES = {"float32": 4, "float16": 2}
 
 

@@ -259,7 +259,8 @@ def test_estimate_is_printed_and_exact_for_the_all_sampler(tiny_model, docs, tmp
     heads = 2 * (4 + 2)  # layers x (query + key heads)
     lengths = [int(v) for v in manifest["examples"].values()]
     assert int(match[1].replace(",", "")) == heads * min(lengths) and int(match[2].replace(",", "")) == heads * max(lengths)
-    assert int(match[5]) == 8 * 4 + 25  # head_dim 8 float32 + index columns
+    # head_dim 8 float32 + example_id 8, position 4, bucket 4, layer 2, head 2, sliding_window 4, kind 1, token_id 4
+    assert int(match[5]) == 8 * 4 + (8 + 4 + 4 + 2 + 2 + 4 + 1 + 4)
 
 
 def test_streaming_runs_print_an_upper_bound(tiny_model, docs, tmp_path, capsys):
@@ -283,7 +284,7 @@ def test_estimate_function():
     assert dense.rows == 32 * (32 + 8) * 131072  # the capture-all 8B model at 128k: ~80 GiB of vectors
     assert 80 * 2**30 < dense.bytes < 90 * 2**30
     half = estimate(plan, Sampler("all"), [131072], "float16")
-    assert half.bytes < dense.bytes * 0.55 and row_bytes(128, "float16") == 256 + 25
+    assert half.bytes < dense.bytes * 0.55 and row_bytes(128, "float16") == 256 + 29
     sparse = estimate(HeadPlan.build(SniffConfig(layers="0,1", heads="0"), shape), Sampler("uniform", 8192, 1.0),
                       [131072, 65536, 0])
     assert sparse.documents == 3 and sparse.min_rows == 0
@@ -296,11 +297,12 @@ def test_run_larger_than_max_gb_is_refused(tiny_model, docs, tmp_path, capsys, n
     config = write_config(tmp_path, tiny_model, docs[0], out)
     code, printed, err = run_cli(capsys, "--config", config, "--set", "capture.max_gb=0.00001")
     line = one_line(err)
-    assert code == 2 and line.startswith("qk-sniff run: capture.max_gb: this run would write about 114.2 kB")
+    estimated = re.search(r"rows, ([\d.]+ kB) uncompressed", printed)[1]  # the estimate printed first
+    assert code == 2 and line.startswith(f"qk-sniff run: capture.max_gb: this run would write about {estimated}")
     for advice in ("capture.layers", "capture.heads", "capture.sampler", "capture.vector_dtype: float16"):
         assert advice in line
     assert "estimate:" in printed and not out.exists()
-    with pytest.raises(ConfigError, match=r"^capture\.max_gb: this run would write about 114\.2 kB"):  # the API
+    with pytest.raises(ConfigError, match=r"^capture\.max_gb: this run would write about " + re.escape(estimated)):
         runner.run(make_config(tiny_model, docs[0], out, capture={"max_gb": 0.00001}), progress=False, log=lambda _: None)
     # The default limit is half the free space at the output.
     from qk_attn import preflight
