@@ -35,9 +35,10 @@ class ForwardContext:
     """The facts of one forward of one model, shared by all its attention calls."""
 
     def __init__(self, config, batch_size: int, num_new: int, past: int, attention_mask: torch.Tensor | None,
-                 input_ids: torch.Tensor | None = None):
+                 input_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None):
         self.config = config
         self.input_ids = input_ids  # (B, T) token ids of the new tokens, None when the model got embeddings
+        self.position_ids = position_ids  # the model forward's own, when it has them
         self.batch_size = batch_size
         self.num_new = num_new
         self.past = past
@@ -85,6 +86,8 @@ class ForwardContext:
 
     def tokens(self, position_ids: torch.Tensor | None, device: torch.device) -> "TextTokens":
         """The forward's new tokens, computed once per forward (per position_ids tensor) on `device`."""
+        if position_ids is None:  # a layer that does not pass them on: the forward's own
+            position_ids = self.position_ids
         cached = self._tokens.get(device)  # per device: layers of one forward may sit on several
         if cached is None or cached[0] is not position_ids:
             cached = self._tokens[device] = (position_ids, self._text_tokens(position_ids, device))
@@ -144,23 +147,25 @@ class TextTokens(NamedTuple):
     token_ids: torch.Tensor | None  # (B, 1, T, 1) float32, None when the model got embeddings
 
 
-def model_input_ids(config, max_depth: int = 12) -> torch.Tensor | None:
-    """The `input_ids` of the model forward that is building its mask right now.
+def model_forward_inputs(config, max_depth: int = 12) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(input_ids, position_ids) of the model forward that is building its mask right now.
 
     The mask function's callers are transformers' mask builders, called by the model's own
-    forward; that frame (whose `self.config` is this config) holds the forward's arguments.
-    Read here, once per forward, so token ids need no extra argument anywhere.
+    forward; that frame (whose `self.config` is this config) holds the forward's arguments, and
+    its `position_ids` are already defaulted to the cache positions when none were given: what
+    its rotary embedding uses. Read here, once per forward, so layers that do not pass
+    `position_ids` on (Mllama's cross-attention layers) still get the forward's positions.
     """
     frame = sys._getframe(2)
     for _ in range(max_depth):
         if frame is None:
-            return None
-        owner = frame.f_locals.get("self")
-        if getattr(owner, "config", None) is config:
-            ids = frame.f_locals.get("input_ids")
-            return ids if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None
+            break
+        if getattr(frame.f_locals.get("self"), "config", None) is config:
+            ids, positions = frame.f_locals.get("input_ids"), frame.f_locals.get("position_ids")
+            return (ids if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None,
+                    positions if isinstance(positions, torch.Tensor) else None)
         frame = frame.f_back
-    return None
+    return None, None
 
 
 def refuse_beam_search(max_depth: int = 40) -> None:

@@ -389,3 +389,23 @@ def test_sessions_opened_in_two_threads_each_record_their_own_model():
         thread.join()
     assert set(done["a"]["example_id"].to_pylist()) == {1}
     assert set(done["b"]["example_id"].to_pylist()) == {2}
+
+
+def test_layers_that_do_not_pass_position_ids_get_the_forwards_positions():
+    """Mllama's cross-attention layers get no position_ids: their query rows must carry the same
+    positions as the self-attention layers of that forward (the positions RoPE used)."""
+    from test_capture_models import _mllama_image_batch
+
+    model = build("mllama", "sdpa")
+    model.set_attn_implementation({"text_config": "qk_sniff", "vision_config": "sdpa"})
+    batch, _ = _mllama_image_batch()
+    batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # row 1 starts at 0
+    with qk_attn.session(sampler="all", capture="q", heads="0", example_ids=[0, 1]) as s:
+        model(**batch)
+    data = s.table().to_pydict()
+    cross = model.config.text_config.cross_attention_layers[0]
+    per_layer = {}
+    for e, l, p in zip(data["example_id"], data["layer"], data["position"]):
+        per_layer.setdefault(l, set()).add((e, p))
+    want = {(0, p) for p in range(9)} | {(1, p) for p in range(6)}
+    assert per_layer[cross] == want and all(rows == want for rows in per_layer.values())
