@@ -671,7 +671,7 @@ def main(argv=None) -> int:
         small = None if {"h", "i"} <= skip else build_model(device, dict(sizes, layers=2))  # for (h) and (i)
         section("i", lambda: check_capture_all(qk_attn, small, device, sizes["all"], workdir))
         section("h", lambda: check_static_generate(qk_attn, small, device, sizes["prompt"], workdir))
-        del small
+        small = None  # free it before the timings (the lambdas above have run)
         torch._dynamo.reset()
         if device.type == "cuda":
             torch.cuda.empty_cache()

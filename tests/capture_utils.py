@@ -87,3 +87,31 @@ def expected_rows(truth: dict, batch: dict, example_ids, layers_heads) -> dict[t
                 for h in heads:
                     out[(example, layer, h, kind, int(positions[b, t]))] = states[b, h, t].float().numpy()
     return out
+
+
+def all_heads(model) -> dict[tuple[int, str], list[int]]:
+    """{(layer, kind): heads} of a capture with no head filter: every query head, and the key
+    heads they read by GQA."""
+    modules = attention_modules(model)
+    config = modules[0].config
+    group = config.num_attention_heads // config.num_key_value_heads
+    out = {}
+    for module in modules:
+        out[(module.layer_idx, "q")] = list(range(config.num_attention_heads))
+        out[(module.layer_idx, "k")] = sorted({h // group for h in range(config.num_attention_heads)})
+    return out
+
+
+def captured_and_truth(model, call: dict, example_ids, stage: str = "post", expected_batch: dict | None = None,
+                       **settings) -> tuple[dict, dict]:
+    """(rows a sampler="all" session recorded for model(**call), the same keys from hooks on the
+    projections/norms plus the model's RoPE). `expected_batch` gives the mask and positions the
+    oracle should use (default: `call`)."""
+    import qk_attn
+
+    truth = GroundTruth(model)
+    with qk_attn.session(sampler="all", example_ids=example_ids, rope=stage, **settings) as s:
+        model(**call)
+    truth.remove()
+    states = truth.post if stage == "post" else truth.pre
+    return rows_by_key(s.table()), expected_rows(states, expected_batch or call, example_ids, all_heads(model))

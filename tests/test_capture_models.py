@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import qk_attn
-from capture_utils import GroundTruth, attention_modules, expected_rows, rows_by_key
+from capture_utils import captured_and_truth, rows_by_key
 from families import FAMILIES, build, padded_batch
 
 torch.set_grad_enabled(False)
@@ -27,28 +27,11 @@ def test_logits_equal_wrapped_backend_bit_for_bit(family, side, backend):
     assert s.table().num_rows > 0
 
 
-def _heads_per_layer(model):
-    modules = attention_modules(model)
-    config = modules[0].config
-    group = config.num_attention_heads // config.num_key_value_heads
-    out = {}
-    for module in modules:
-        out[(module.layer_idx, "q")] = list(range(config.num_attention_heads))
-        out[(module.layer_idx, "k")] = sorted({h // group for h in range(config.num_attention_heads)})
-    return out
-
-
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_post_rope_vectors_equal_ground_truth(family, side):
     model = build(family, "qk_sniff")
-    batch = padded_batch(side)
-    truth = GroundTruth(model)
-    with qk_attn.session(sampler="all", example_ids=[10, 11]) as s:
-        model(**batch)
-    truth.remove()
-    got = rows_by_key(s.table())
-    want = expected_rows(truth.post, batch, [10, 11], _heads_per_layer(model))
+    got, want = captured_and_truth(model, padded_batch(side), [10, 11])
     # Same keys: every valid token once per head, no pad token at all.
     assert got.keys() == want.keys()
     for key, vector in want.items():
@@ -59,12 +42,7 @@ def test_post_rope_vectors_equal_ground_truth(family, side):
 def test_pre_rope_vectors_equal_hook_outputs(family):
     model = build(family, "qk_sniff")
     batch = padded_batch("left", lengths=(40, 23))  # long enough for Ministral 3's query scale to vary
-    truth = GroundTruth(model)
-    with qk_attn.session(sampler="all", rope="pre") as s:
-        model(**batch)
-    truth.remove()
-    got = rows_by_key(s.table())
-    want = expected_rows(truth.pre, batch, [0, 1], _heads_per_layer(model))
+    got, want = captured_and_truth(model, batch, [0, 1], stage="pre")
     assert got.keys() == want.keys()
     for key, vector in want.items():
         np.testing.assert_allclose(got[key], vector, rtol=1e-5, atol=1e-6, err_msg=str(key))

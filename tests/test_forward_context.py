@@ -13,7 +13,7 @@ import transformers as tf
 from transformers import DynamicCache, StaticCache
 
 import qk_attn
-from capture_utils import GroundTruth, expected_rows, rows_by_key
+from capture_utils import GroundTruth, all_heads, captured_and_truth, expected_rows, rows_by_key
 from families import COMMON, VOCAB, build, padded_batch
 from qk_attn.context import CaptureError
 from qk_attn.rows import PackedSequences
@@ -143,17 +143,6 @@ def test_training_and_checkpoint_recompute_are_not_recorded(caplog):
     assert s.table().num_rows > 0
 
 
-def _all_heads(model):
-    modules = [m for m in model.modules() if getattr(m, "layer_idx", None) is not None and hasattr(m, "q_proj")]
-    config = modules[0].config
-    group = config.num_attention_heads // config.num_key_value_heads
-    heads = {}
-    for m in modules:
-        heads[(m.layer_idx, "q")] = list(range(config.num_attention_heads))
-        heads[(m.layer_idx, "k")] = sorted({h // group for h in range(config.num_attention_heads)})
-    return heads
-
-
 def test_two_models_of_different_shapes_in_one_session_are_both_recorded_completely():
     small = build("llama3", "qk_sniff")  # 3 layers, 4 heads
     torch.manual_seed(0)
@@ -169,8 +158,8 @@ def test_two_models_of_different_shapes_in_one_session_are_both_recorded_complet
     for truth in truths:
         truth.remove()
     got = rows_by_key(s.table())
-    want = {**expected_rows(truths[0].post, batch, [0, 1], _all_heads(small)),
-            **expected_rows(truths[1].post, batch, [2, 3], _all_heads(big))}
+    want = {**expected_rows(truths[0].post, batch, [0, 1], all_heads(small)),
+            **expected_rows(truths[1].post, batch, [2, 3], all_heads(big))}
     assert got.keys() == want.keys()
     for key, vector in want.items():
         np.testing.assert_array_equal(got[key], vector, err_msg=str(key))
@@ -189,13 +178,7 @@ def test_diffllama_layer_called_twice_is_recorded_once():
     torch.manual_seed(0)
     model = tf.DiffLlamaForCausalLM(tf.DiffLlamaConfig(**COMMON)).eval()
     model.set_attn_implementation("qk_sniff")
-    batch = padded_batch("right")
-    truth = GroundTruth(model)
-    with qk_attn.session(sampler="all", example_ids=[3, 4]) as s:
-        model(**batch)
-    truth.remove()
-    got = rows_by_key(s.table())  # asserts no duplicate keys
-    want = expected_rows(truth.post, batch, [3, 4], _all_heads(model))
+    got, want = captured_and_truth(model, padded_batch("right"), [3, 4])  # rows_by_key asserts no duplicates
     assert got.keys() == want.keys()
     for key, vector in want.items():
         np.testing.assert_array_equal(got[key], vector, err_msg=str(key))
@@ -232,12 +215,7 @@ def test_pre_rope_is_exact_for_forward_dependent_rope(rope):
     model = tf.LlamaForCausalLM(config).eval()
     model.set_attn_implementation("qk_sniff")
     batch = padded_batch("left", lengths=(40, 23))  # longer than the original context: the scaling is active
-    truth = GroundTruth(model)
-    with qk_attn.session(sampler="all", rope="pre") as s:
-        model(**batch)
-    truth.remove()
-    got = rows_by_key(s.table())
-    want = expected_rows(truth.pre, batch, [0, 1], _all_heads(model))
+    got, want = captured_and_truth(model, batch, [0, 1], stage="pre")
     assert got.keys() == want.keys()
     for key, vector in want.items():
         np.testing.assert_allclose(got[key], vector, rtol=1e-5, atol=1e-6, err_msg=str(key))
@@ -260,13 +238,8 @@ def test_left_padding_without_position_ids_records_the_positions_rope_used():
     model = build("llama3", "qk_sniff")
     batch = padded_batch("left", lengths=(9, 6))
     call = {k: batch[k] for k in ("input_ids", "attention_mask")}
-    truth = GroundTruth(model)
-    with qk_attn.session(sampler="all", example_ids=[0, 1]) as s:
-        model(**call)
-    truth.remove()
-    got = rows_by_key(s.table())
     index_positions = dict(batch, position_ids=torch.arange(9).expand(2, 9))
-    want = expected_rows(truth.post, index_positions, [0, 1], _all_heads(model))
+    got, want = captured_and_truth(model, call, [0, 1], expected_batch=index_positions)
     assert got.keys() == want.keys()
     assert min(k[4] for k in got if k[0] == 1) == 3  # 3 pads before the second document
     for key, vector in want.items():
