@@ -10,12 +10,14 @@ for a value read from the environment, `capture.layers=...` for a run configurat
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import sys
 from dataclasses import dataclass
 from typing import Any
 
 ENV_PREFIX = "QK_SNIFF_"
+OTHER_ENV = ("QK_SNIFF_CACHE",)  # read by the demo, not a capture setting
 SAMPLERS = ("log_uniform", "uniform", "all")
 CAPTURE_KINDS = ("q,k", "q", "k")
 ROPE_STAGES = ("post", "pre")
@@ -182,7 +184,13 @@ class SniffConfig:
         """
         if environ is None:
             environ = {} if command_line_process() else os.environ
-        values = {name: environ[ENV_PREFIX + name.upper()] for name in cls.field_names() if ENV_PREFIX + name.upper() in environ}
+        known = {ENV_PREFIX + name.upper(): name for name in cls.field_names()}
+        unknown = sorted(v for v in environ if v.startswith(ENV_PREFIX) and v not in known and v not in OTHER_ENV)
+        if unknown:  # a typo would otherwise capture with a default silently
+            close = difflib.get_close_matches(unknown[0], list(known) + list(OTHER_ENV), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"{unknown[0]} is not a qk-attn variable{hint}; known: {', '.join([*known, *OTHER_ENV])}")
+        values = {name: environ[variable] for variable, name in known.items() if variable in environ}
         from_environment = set(values) - set(overrides)
         values.update(overrides)
         try:

@@ -17,6 +17,7 @@ instead of guessing from layer order or mask shapes.
 
 from __future__ import annotations
 
+import os
 import sys
 import weakref
 from typing import NamedTuple
@@ -168,17 +169,28 @@ def model_forward_inputs(config, max_depth: int = 12) -> tuple[torch.Tensor | No
     return None, None
 
 
-def refuse_beam_search(max_depth: int = 40) -> None:
-    """Beam search reorders the cache rows between steps, so a batch row's earlier keys belong
-    to another beam's history; rows per example would mix beams. Refused (found by the
-    generation method on the call stack, once per forward)."""
+GENERATION_FILE = os.path.join("generation", "utils.py")
+
+
+def refuse_unrecordable_generation(max_depth: int = 40) -> None:
+    """Generation whose steps cannot be recorded as one sequence, found by the generation method
+    on the call stack (once per forward). Beam search reorders the cache rows between steps, so
+    a batch row's earlier keys belong to another beam's history. Without a cache every step
+    re-runs the whole sequence, which would record it again as a new example per token."""
     frame = sys._getframe(1)
     for _ in range(max_depth):
         if frame is None:
             return
-        if frame.f_code.co_name == "_beam_search":
+        name = frame.f_code.co_name
+        if name == "_beam_search":
             raise CaptureError("qk_sniff: beam search reorders the cache between steps, so rows could not be "
                                "attributed to one sequence; record with num_beams=1 (greedy or sampling)")
+        if name in ("_sample", "_assisted_decoding") and frame.f_code.co_filename.endswith(GENERATION_FILE):
+            model_kwargs = frame.f_locals.get("model_kwargs")
+            if isinstance(model_kwargs, dict) and model_kwargs.get("use_cache") is False:
+                raise CaptureError("qk_sniff: generate(use_cache=False) re-runs the whole sequence at every step, "
+                                   "which would record it once per new token; generate with use_cache=True")
+            return
         frame = frame.f_back
 
 

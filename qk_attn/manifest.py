@@ -40,13 +40,22 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 MANIFEST = "qk_sniff.json"
-PREVIOUS = ".qk_sniff.json.prev"
+
+
+def previous_name(manifest_name: str) -> str:
+    """Where a manifest's last good version is kept; one per manifest file, so that ranks
+    writing their parts into one folder never touch each other's."""
+    return f".{manifest_name}.prev"
+
+
+PREVIOUS = previous_name(MANIFEST)
 LOCK = ".qk_sniff.lock"
 EXAMPLES = "examples.parquet"
 FORMAT = 1
 KEY_RE = re.compile(r"l(\d+)h(\d+)([qk])")
 SHARD_RE = re.compile(r"s(\d+)-p(\d+)\.parquet")
 PART_RE = re.compile(r"qk_sniff\.rank(\d+)\.json")
+PART_FILES_RE = re.compile(r"\.?qk_sniff\.rank\d+\.json(\.prev)?")  # a part, or its previous version
 # Settings that do not change which rows are recorded or their values: a resumed run may differ in them.
 NOT_IDENTITY = ("output", "backend", "pinned_mb")
 SOURCE_NOT_IDENTITY = ("batch_size", "padding_side", "max_samples")
@@ -311,10 +320,11 @@ def write_json_atomic(path: Path, data: dict, fsync: bool = True, keep_previous:
         if fsync:
             os.fsync(f.fileno())
     if keep_previous and path.exists():
-        link = path.with_name(PREVIOUS + ".tmp")
+        previous = path.with_name(previous_name(path.name))
+        link = previous.with_name(previous.name + ".tmp")
         link.unlink(missing_ok=True)
         os.link(path, link)
-        os.replace(link, path.with_name(PREVIOUS))
+        os.replace(link, previous)
     os.replace(tmp, path)
     if fsync:
         fsync_dir(path.parent)
@@ -393,7 +403,7 @@ def remove_dataset(output: Path, files: Files = Files()) -> None:
         for child in output.iterdir():
             if child.is_dir() and parse_key(child.name) is not None:
                 shutil.rmtree(child)
-            elif child.name in (*ours, *CARD_FILES) or PART_RE.fullmatch(child.name):
+            elif child.name in (*ours, *CARD_FILES) or PART_FILES_RE.fullmatch(child.name):
                 child.unlink()
         return
     owners = [files] + ([Files()] if files.rank == 0 else [])
@@ -402,7 +412,7 @@ def remove_dataset(output: Path, files: Files = Files()) -> None:
             for path in folder.iterdir():
                 if path.is_file() and any(owner.owns(path.name) for owner in owners):
                     path.unlink()
-    for name in [files.manifest, files.examples] + ([*ours, *CARD_FILES] if files.rank == 0 else []):
+    for name in [files.manifest, previous_name(files.manifest), files.examples] + ([*ours, *CARD_FILES] if files.rank == 0 else []):
         (output / name).unlink(missing_ok=True)
 
 

@@ -247,11 +247,14 @@ class MemorySink:
         self.rows: list[HostRows] = []
         self.committed: list[int] = []
         self._warned: set[int] = set()
+        self._seen: set[int] = set()
 
     def put(self, batch: CaptureBatch) -> None:
         rows = batch.host_rows()
         for example, position in rows.first_position.items():
-            warn_not_from_zero(example, position, self._warned)
+            if example not in self._seen:  # its first forward (later ones continue the sequence)
+                self._seen.add(example)
+                warn_not_from_zero(example, position, self._warned)
         self.rows.append(rows)
 
     def commit(self, example_ids: list[int]) -> None:

@@ -22,7 +22,7 @@ import torch
 
 from .capture import is_cross_attention, key_validity, refuse_unsupported
 from .config import ConfigError, SniffConfig
-from .context import CaptureError, ForwardContext, TextTokens, host_int, model_forward_inputs, refuse_beam_search
+from .context import CaptureError, ForwardContext, TextTokens, host_int, model_forward_inputs, refuse_unrecordable_generation
 from .gather import select_rows
 from .rope import invert_rope, uses_rope
 from .rows import CaptureBatch, MemorySink
@@ -118,7 +118,7 @@ class Session:
         forward = self._forwards.get(id(config))
         if forward is None or forward.config is not config or forward.used:
             self._end_forward()  # the previous forward is over: back-pressure belongs here, not in a layer
-            refuse_beam_search()
+            refuse_unrecordable_generation()
             mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
             forward = ForwardContext(config, batch_size, q_length, host_int(q_offset), mask, *model_forward_inputs(config))
             self._forwards[id(config)] = forward

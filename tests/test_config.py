@@ -78,6 +78,16 @@ def test_bad_environment_fails_at_import_not_in_a_forward(tmp_path):
     assert "QK_SNIFF_SAMPLER='nope' is invalid" in result.stderr
 
 
+def test_unknown_variable_is_refused_with_the_closest_name(tmp_path):
+    with pytest.raises(ValueError, match=r"^QK_SNIFF_SAMPLR is not a qk-attn variable \(did you mean QK_SNIFF_SAMPLER\?\)"):
+        SniffConfig.from_env({"QK_SNIFF_SAMPLR": "all"})
+    assert SniffConfig.from_env({"QK_SNIFF_CACHE": "/tmp/x"}) == SniffConfig()  # the demo's variable
+    env = {"QK_SNIFF_OUTPT": str(tmp_path), "PATH": "/usr/bin:/bin"}  # would otherwise record nothing, silently
+    result = subprocess.run([sys.executable, "-c", "import qk_attn"], env=env, capture_output=True, text=True,
+                            cwd=tmp_path)
+    assert result.returncode != 0 and "did you mean QK_SNIFF_OUTPUT?" in result.stderr
+
+
 def test_index_lists():
     assert parse_index_list("layers", "3, 1,1-2") == (1, 2, 3)
     assert parse_index_list("layers", [4, 2]) == (2, 4)

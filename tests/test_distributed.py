@@ -132,9 +132,10 @@ KILLER = textwrap.dedent(
         if os.environ["RANK"] == "1":
             s.flush()
             part0 = Path(os.environ["QK_TEST_OUT"]) / "qk_sniff.rank000.json"
-            for _ in range(600):
-                if part0.exists() and json.loads(part0.read_text())["part"]["complete"]:
-                    break
+            deadline = time.monotonic() + 200  # the test's torchrun timeout is 240 s
+            while not (part0.exists() and json.loads(part0.read_text())["part"]["complete"]):
+                if time.monotonic() > deadline:
+                    sys.exit("killer: rank 0 never marked its part complete")
                 time.sleep(0.1)
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -154,8 +155,9 @@ def test_a_killed_rank_is_rerun_without_touching_the_others(setup):
     assert dead.returncode != 0
     assert not (out / "qk_sniff.json").exists()  # nobody merged
     part0, part1 = read_manifest(out, "qk_sniff.rank000.json"), read_manifest(out, "qk_sniff.rank001.json")
-    assert part0["part"]["complete"] and len(part0["examples"]) == N_DOCS // 2
-    assert not part1["part"]["complete"] and 0 < len(part1["examples"]) < N_DOCS // 2
+    assert part0["part"]["complete"], dead.stdout + dead.stderr
+    assert len(part0["examples"]) == N_DOCS // 2, part0["examples"]
+    assert not part1["part"]["complete"] and 0 < len(part1["examples"]) < N_DOCS // 2, dead.stdout + dead.stderr
     rank0 = {p: p.read_bytes() for p in out.glob("l*/r000-*.parquet")}
 
     again = torchrun(["--no-python", str(BIN / "qk-sniff"), "run", "--config", str(yaml_path), "-q"], root)
@@ -193,3 +195,22 @@ def test_shard_jobs_then_merge(setup, capsys):
     assert cli.main(["merge", str(out)]) == 0  # idempotent
     assert (out / "qk_sniff.json").read_bytes() == first
     assert_same_dataset(out, single)
+
+
+def test_ranks_keep_their_own_previous_manifest(tmp_path):
+    """Ranks write their parts into one folder at once; each keeps its own last good version
+    (one shared backup name once let a rank's commit fail with FileNotFoundError)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from qk_attn.manifest import previous_name, write_json_atomic
+
+    def write(rank: int) -> None:
+        for i in range(300):
+            write_json_atomic(tmp_path / f"qk_sniff.rank{rank:03d}.json", {"rank": rank, "i": i}, False, keep_previous=True)
+
+    with ThreadPoolExecutor(2) as pool:
+        for done in [pool.submit(write, rank) for rank in (0, 1)]:
+            done.result()
+    for rank in (0, 1):
+        previous = json.loads((tmp_path / previous_name(f"qk_sniff.rank{rank:03d}.json")).read_text())
+        assert previous == {"rank": rank, "i": 298}

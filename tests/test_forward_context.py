@@ -316,6 +316,23 @@ def test_beam_search_is_refused():
             model.generate(input_ids=_tokens(4), max_new_tokens=2, num_beams=2, do_sample=False, pad_token_id=0)
 
 
+def test_generate_without_a_cache_is_refused_before_anything_is_recorded():
+    """Every step re-runs the whole sequence: it would be recorded once per new token."""
+    model = build("llama3", "qk_sniff")
+    with pytest.raises(CaptureError, match=r"use_cache=False"):
+        with qk_attn.session(sampler="all") as s:
+            model.generate(input_ids=_tokens(4), max_new_tokens=3, do_sample=False, pad_token_id=0, use_cache=False)
+    assert s.table() is None
+
+
+def test_decode_steps_do_not_warn_about_the_first_position(caplog):
+    model = build("llama3", "qk_sniff")
+    with caplog.at_level(logging.WARNING, logger="qk_attn"), qk_attn.session(sampler="all", example_ids=[3]) as s:
+        model.generate(input_ids=_tokens(6), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert {k[4] for k in rows_by_key(s.table()) if k[3] == "k"} == set(range(8))
+    assert "starts at position" not in caplog.text
+
+
 def test_generate_with_chunked_prefill_records_each_position_once():
     model = build("llama3", "qk_sniff")
     ids = _tokens(13)
