@@ -46,6 +46,9 @@ class ForwardContext:
         self.attention_mask = attention_mask
         self.key_slots: dict[int, int | None] = {}  # kv_length -> slot of new token 0 (None: ambiguous)
         self.used = False  # an attention call has looked this context up
+        # Whether the model forward ran to its end: False until its end is reported
+        # (registration.watch_forward_end), None when it cannot be.
+        self.finished: bool | None = None
         self.example_ids: tuple[int, ...] | None = None  # set by the session at the first recorded call
         self._calls: dict[int, tuple] = {}  # layer -> weak refs to the query and key it was called with
         self._tokens: dict = {}  # device -> (position_ids it was built from, TextTokens)
@@ -148,8 +151,16 @@ class TextTokens(NamedTuple):
     token_ids: torch.Tensor | None  # (B, 1, T, 1) float32, None when the model got embeddings
 
 
-def model_forward_inputs(config, max_depth: int = 12) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(input_ids, position_ids) of the model forward that is building its mask right now.
+class ModelForward(NamedTuple):
+    """The model forward that is building its mask: the module and its own arguments."""
+
+    module: torch.nn.Module | None
+    input_ids: torch.Tensor | None
+    position_ids: torch.Tensor | None
+
+
+def model_forward(config, max_depth: int = 12) -> ModelForward:
+    """The model forward that is building its mask right now, with its input_ids and position_ids.
 
     The mask function's callers are transformers' mask builders, called by the model's own
     forward; that frame (whose `self.config` is this config) holds the forward's arguments, and
@@ -161,12 +172,14 @@ def model_forward_inputs(config, max_depth: int = 12) -> tuple[torch.Tensor | No
     for _ in range(max_depth):
         if frame is None:
             break
-        if getattr(frame.f_locals.get("self"), "config", None) is config:
+        module = frame.f_locals.get("self")
+        if getattr(module, "config", None) is config:
             ids, positions = frame.f_locals.get("input_ids"), frame.f_locals.get("position_ids")
-            return (ids if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None,
-                    positions if isinstance(positions, torch.Tensor) else None)
+            return ModelForward(module if isinstance(module, torch.nn.Module) else None,
+                                ids if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None,
+                                positions if isinstance(positions, torch.Tensor) else None)
         frame = frame.f_back
-    return None, None
+    return ModelForward(None, None, None)
 
 
 GENERATION_FILE = os.path.join("generation", "utils.py")

@@ -4,6 +4,7 @@ record flash attention under its own name."""
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 from transformers import AttentionInterface
@@ -38,6 +39,38 @@ def _noting_context(mask_fn, batch_size, q_length, kv_length, q_offset=0, kv_off
         session.on_mask(kwargs.get("config"), batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask)
     return mask_fn(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                    kv_offset=kv_offset, attention_mask=attention_mask, **kwargs)
+
+
+_watched: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+
+
+def watch_forward_end(model: torch.nn.Module | None) -> bool | None:
+    """Have the end of `model`'s forwards reported to the session (`Session.on_forward_end`), so
+    that a forward stopped part-way by an exception is never committed. Returns False when this
+    forward's end will be reported, None when it cannot be.
+
+    The hook goes on the model's final norm, which runs after every layer, when it has one; it is
+    registered during the first forward, before the norm runs, so it reports that forward too. A
+    hook on the model itself (no `norm`) reports from its next forward on: torch decides whether
+    to call hooks when a module's call starts."""
+    if model is None:
+        return None
+    norm = getattr(model, "norm", None)
+    target = norm if isinstance(norm, torch.nn.Module) else model
+    if target in _watched:
+        return False
+    target.register_forward_hook(functools.partial(_forward_ended, model.config))
+    _watched.add(target)
+    return False if target is norm else None
+
+
+@torch.compiler.disable
+def _forward_ended(config, _module, _args, _output) -> None:
+    from .session import current_session
+
+    session = current_session()
+    if session is not None:
+        session.on_forward_end(config)
 
 
 def register() -> None:

@@ -6,10 +6,10 @@ never waits for it. Only the sink (transfer/saver) reads `count`, after an event
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass, field
 from typing import Protocol
-
-import logging
 
 import numpy as np
 import pyarrow as pa
@@ -141,6 +141,16 @@ class HostRows:
     def __len__(self) -> int:
         return len(self.position)
 
+    def without(self, example_ids: np.ndarray) -> "HostRows":
+        """These rows less those of `example_ids`."""
+        keep = ~np.isin(self.example_id, example_ids)
+        gone = set(example_ids.tolist())
+        return dataclasses.replace(
+            self, example_id=self.example_id[keep], position=self.position[keep], bucket=self.bucket[keep],
+            vectors=self.vectors[:, keep], token_id=None if self.token_id is None else self.token_id[keep],
+            valid={e: n for e, n in self.valid.items() if e not in gone},
+            first_position={e: p for e, p in self.first_position.items() if e not in gone})
+
     def table(self, head_index: int, vector_type: pa.DataType = pa.float32(), token_ids: bool | None = None,
               vocabulary: pa.Array | None = None) -> pa.Table:
         """The rows of one head as an Arrow table in the dataset schema, built without row loops.
@@ -226,6 +236,10 @@ class Sink(Protocol):
         """Called once after every model forward, outside attention calls: the one place
         where a sink may wait (back-pressure). Default: nothing to do."""
 
+    def discard(self, example_ids: list[int]) -> None:
+        """Drop the rows of these uncommitted examples (their forward stopped part-way). A sink
+        without it keeps them; the session never commits them."""
+
     def close(self) -> None: ...
 
 
@@ -259,6 +273,11 @@ class MemorySink:
 
     def commit(self, example_ids: list[int]) -> None:
         self.committed.extend(example_ids)
+
+    def discard(self, example_ids: list[int]) -> None:
+        """Rows of these examples are dropped (a forward that stopped part-way)."""
+        drop = np.asarray(example_ids, np.int64)
+        self.rows = [rows.without(drop) for rows in self.rows]
 
     def end_forward(self) -> None:
         pass

@@ -248,6 +248,12 @@ class ParquetSink:
         self.check()
         self._sender.drain()
 
+    def discard(self, example_ids) -> None:
+        """Drop the rows of these uncommitted examples (their forward stopped part-way)."""
+        self.check()
+        self._sender.drain()  # their rows are queued before the discard
+        self._queue.put(("discard", [int(i) for i in example_ids]))
+
     def describe(self, example_id: int, source_id: str | None, source_index: int | None) -> None:
         """Where example `example_id` came from: the source dataset's own id and its row index
         (recorded in the manifest's `example_info` and OUT/examples.parquet)."""
@@ -371,6 +377,9 @@ class ParquetSink:
                 self._finalize()
         elif item[0] == "describe":
             self._described[item[1]] = item[2:]
+        elif item[0] == "discard":
+            self._drop(set(item[1]) - self._ready - self._durable)
+            self._seal()  # the segment may have waited for them only
 
     def _accept(self, rows: HostRows, first: bool) -> None:
         seg = self._open
@@ -471,12 +480,18 @@ class ParquetSink:
         return sum(n for _, n in self._spilling) + (self._inflight.nbytes if self._inflight else 0)
 
     def _drop_incomplete(self) -> None:
-        """At close: rows of examples that were never committed are not kept (buffers and .tmp shards)."""
+        """At close: rows of examples that were never committed are not kept."""
+        incomplete = self._open.examples - self._ready - self._durable
+        if incomplete:
+            logger.warning("qk-sniff: %d example(s) were never committed; their rows are not kept", len(incomplete))
+            self._drop(incomplete)
+
+    def _drop(self, incomplete: set[int]) -> None:
+        """Remove uncommitted examples' rows from the open segment (buffers and .tmp shards)."""
         seg = self._open
-        incomplete = seg.examples - self._ready - self._durable
+        incomplete = incomplete & seg.examples
         if not incomplete:
             return
-        logger.warning("qk-sniff: %d example(s) were never committed; their rows are not kept", len(incomplete))
         drop = np.array(sorted(incomplete), np.int64)
         for key, buffer in list(seg.buffers.items()):
             buffer.drop(drop)
@@ -487,7 +502,11 @@ class ParquetSink:
             written: Written = future.result()
             path = self.output / written.key / f".{written.name}.tmp"
             table = pq.read_table(path)
-            table = table.filter(~np.isin(table.column("example_id").to_numpy(), drop))
+            kept_rows = ~np.isin(table.column("example_id").to_numpy(), drop)
+            if kept_rows.all():
+                kept.append(future)
+                continue
+            table = table.filter(kept_rows)
             if not table.num_rows:
                 path.unlink()
                 continue

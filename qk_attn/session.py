@@ -22,8 +22,9 @@ import torch
 
 from .capture import is_cross_attention, key_validity, refuse_unsupported
 from .config import ConfigError, SniffConfig
-from .context import CaptureError, ForwardContext, TextTokens, host_int, model_forward_inputs, refuse_unrecordable_generation
+from .context import CaptureError, ForwardContext, TextTokens, host_int, model_forward, refuse_unrecordable_generation
 from .gather import select_rows
+from .registration import watch_forward_end
 from .rope import invert_rope, uses_rope
 from .rows import CaptureBatch, MemorySink
 from .sampler import Sampler
@@ -71,7 +72,7 @@ class Session:
 
     def commit(self) -> None:
         """Every example begun so far is complete: the sink makes it durable."""
-        self._end_forward()
+        self._end_forwards()
         self.sink.commit(list(self._begun))
         self._begun.clear()
 
@@ -90,7 +91,7 @@ class Session:
 
     def flush(self) -> None:
         """Write what the sink holds for committed examples now, and surface any saver error."""
-        self._end_forward()
+        self._end_forwards()
         if hasattr(self.sink, "flush"):
             self.sink.flush()
         self.check()
@@ -117,12 +118,40 @@ class Session:
     def on_mask(self, config, batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask) -> None:
         forward = self._forwards.get(id(config))
         if forward is None or forward.config is not config or forward.used:
+            if forward is not None:
+                self._discard_if_unfinished(forward)
             self._end_forward()  # the previous forward is over: back-pressure belongs here, not in a layer
             refuse_unrecordable_generation()
             mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
-            forward = ForwardContext(config, batch_size, q_length, host_int(q_offset), mask, *model_forward_inputs(config))
+            model = model_forward(config)
+            forward = ForwardContext(config, batch_size, q_length, host_int(q_offset), mask, model.input_ids,
+                                     model.position_ids)
+            forward.finished = watch_forward_end(model.module)
             self._forwards[id(config)] = forward
         forward.add_mask_kind(kv_length, kv_offset)
+
+    def on_forward_end(self, config) -> None:
+        """The model forward of `config` ran to its end (see registration.watch_forward_end)."""
+        forward = self._forwards.get(id(config))
+        if forward is not None and forward.config is config:
+            forward.finished = True
+
+    def _discard_if_unfinished(self, forward: ForwardContext) -> None:
+        """A forward that stopped part-way (an exception inside the model, caught by the caller, or
+        an interrupt in a notebook) recorded some layers only: its sequences are discarded, never
+        committed, and cannot be continued."""
+        if forward.finished is not False or forward.example_ids is None:
+            return
+        forward.finished = None  # discarded once
+        ids = list(forward.example_ids)
+        model = self._models.get(id(forward.config))
+        if model is not None and model.ids == ids:
+            model.ids = None
+        self._begun = [i for i in self._begun if i not in ids]
+        if hasattr(self.sink, "discard"):
+            self.sink.discard(ids)
+        logger.warning("qk-attn: a forward of example(s) %s stopped before its end (an exception inside the model); "
+                       "their rows are discarded and they are not committed", ids)
 
     # ---- inside the attention call ---------------------------------------------------
     def capture(self, module, query: torch.Tensor, key: torch.Tensor, mask, kwargs: dict, rotary=None) -> None:
@@ -218,6 +247,12 @@ class Session:
         )
 
     # ---- bookkeeping (host only) -----------------------------------------------------
+    def _end_forwards(self) -> None:
+        """Outside every forward (commit, flush): discard what an unfinished forward recorded."""
+        for forward in self._forwards.values():
+            self._discard_if_unfinished(forward)
+        self._end_forward()
+
     def _end_forward(self) -> None:
         """Between forwards: the sink sends what waited on the device (waiting for pool space)."""
         if hasattr(self.sink, "end_forward"):

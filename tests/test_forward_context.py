@@ -15,6 +15,7 @@ from transformers import DynamicCache, StaticCache
 import qk_attn
 from capture_utils import GroundTruth, all_heads, captured_and_truth, expected_rows, rows_by_key
 from families import COMMON, VOCAB, build, padded_batch
+from qk_attn import cli
 from qk_attn.context import CaptureError
 from qk_attn.rows import PackedSequences
 
@@ -172,6 +173,63 @@ def test_second_model_into_one_output_folder_is_refused(tmp_path):
         with qk_attn.session(output=tmp_path / "out", sampler="all"):
             small(input_ids=ids)
             other(input_ids=ids)
+
+
+class _Boom(RuntimeError):
+    pass
+
+
+def _fail_in(layer: torch.nn.Module):
+    """Make `layer` raise, as an out-of-memory error in the middle of a forward would."""
+    def boom(*_):
+        raise _Boom("out of memory (simulated)")
+
+    return layer.register_forward_pre_hook(boom)
+
+
+@pytest.mark.parametrize("into", ["memory", "parquet"])
+def test_a_forward_stopped_by_an_exception_is_discarded_not_committed(tmp_path, caplog, into):
+    """The caller catches the error and goes on (a notebook, a loop skipping long documents):
+    the layers recorded before it must not become a committed example."""
+    model = build("qwen3", "qk_sniff")
+    bad, good = _tokens(6, seed=1), _tokens(5, seed=2)
+    out = tmp_path / "out" if into == "parquet" else None
+    with caplog.at_level(logging.WARNING, logger="qk_attn"), qk_attn.session(sampler="all", output=out) as s:
+        handle = _fail_in(model.model.layers[2])  # layers 0 and 1 have recorded by then
+        with pytest.raises(_Boom):
+            model(input_ids=bad)  # the first forward of this model: nothing seen before tells its length
+        handle.remove()
+        model(input_ids=good)
+    assert "a forward of example(s) [0] stopped before its end" in caplog.text
+    want = _one_shot(model, good, [1])
+    if out is None:
+        _assert_same_rows(rows_by_key(s.table()), want)
+    else:
+        assert sorted(qk_attn.load_examples(out).column("example_id").to_pylist()) == [1]
+        got = {}
+        for layer, head, kind in {(k[1], k[2], k[3]) for k in want}:
+            got.update(rows_by_key(qk_attn.load(out, layer=layer, head=head, kind=kind)))
+        _assert_same_rows(got, want)
+        assert cli.verify_dataset(out, log=lambda *_: None) == []
+
+
+def test_a_decode_step_stopped_by_an_exception_discards_its_sequence():
+    model = build("llama3", "qk_sniff")
+    ids = _tokens(7)
+    with qk_attn.session(sampler="all") as s:
+        s.begin([8])
+        cache = DynamicCache(config=model.config)
+        model(input_ids=ids[:, :5], cache=cache)
+        handle = _fail_in(model.model.layers[1])
+        with pytest.raises(_Boom):
+            model(input_ids=ids[:, 5:6], cache=cache)
+        handle.remove()
+        with pytest.raises(CaptureError, match="no sequence of this model was started"):
+            model(input_ids=ids[:, 5:6], cache=cache)  # a broken sequence cannot be continued
+        s.begin([9])
+        model(input_ids=ids)
+    assert {k[0] for k in rows_by_key(s.table())} == {9}
+    assert s.sink.committed == [9]
 
 
 def test_diffllama_layer_called_twice_is_recorded_once():
