@@ -36,7 +36,9 @@ def attend_and_capture(backend, module, query, key, value, attention_mask, **kwa
     # Vision towers have no layer_idx: only text attention layers are recorded.
     if session is not None and getattr(module, "layer_idx", None) is not None:
         rotary = applied_rotary(module) if session.config.rope == "pre" else None
-        _capture(session, module, query, key, attention_mask, kwargs, rotary)
+        # The graph-break wrapper costs a few microseconds per call: only pay it while compiling.
+        capture = _capture_outside_graph if torch.compiler.is_compiling() else _capture
+        capture(session, module, query, key, attention_mask, kwargs, rotary)
     return output
 
 
@@ -54,16 +56,19 @@ def applied_rotary(module, max_depth: int = 4):
     return None
 
 
-@torch.compiler.disable
 def _capture(session, module, query, key, attention_mask, kwargs, rotary) -> None:
-    """Kept out of torch.compile graphs (a graph break): its Python bookkeeping must run every
-    forward, and its buffers must not live in CUDA-graph memory that the next replay overwrites."""
+    """Kept out of torch.compile graphs (`_capture_outside_graph`, a graph break): its Python
+    bookkeeping must run every forward, and its buffers must not live in CUDA-graph memory that
+    the next replay overwrites."""
     if query.is_cuda and torch.cuda.is_current_stream_capturing():
         raise CaptureError("qk_sniff: capture cannot run inside CUDA-graph capture; compile without "
                            "mode='reduce-overhead' (generate(..., disable_compile=True) for static caches)")
     device = torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext()
     with device:  # kernels and copies go to the layer's own GPU under device_map
         session.capture(module, query, key, attention_mask, kwargs, rotary)
+
+
+_capture_outside_graph = torch.compiler.disable(_capture)
 
 
 def refuse_unsupported(module, kwargs: dict) -> None:

@@ -53,6 +53,7 @@ class ForwardContext:
         self._calls: dict[int, tuple] = {}  # layer -> weak refs to the query and key it was called with
         self._tokens: dict = {}  # device -> (position_ids it was built from, TextTokens)
         self._decisions: tuple | None = None  # see `decisions`
+        self.selections: dict = {}  # id(tokens) -> (tokens, Selection): Session._selection under "all"
 
     def add_mask_kind(self, kv_length: int, kv_offset: int) -> None:
         slot = self.past - int(kv_offset)

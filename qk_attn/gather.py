@@ -11,12 +11,46 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from typing import NamedTuple
 
 import torch
 
 from .sampler import Sampler
 
 logger = logging.getLogger(__name__)
+
+
+class Selection(NamedTuple):
+    """Which new tokens one call keeps, compacted into `capacity` slots (filler where fewer)."""
+
+    count: torch.Tensor  # () tokens selected (may exceed the capacity: flagged downstream)
+    row: torch.Tensor  # (cap,) batch row, -1 for filler
+    batch: torch.Tensor  # (cap,) batch row, 0 for filler (safe to index with)
+    token: torch.Tensor  # (cap,) index among the T new tokens
+    position: torch.Tensor  # (cap,) int32
+    bucket: torch.Tensor  # (cap,) int32
+
+
+def select_tokens(keep: torch.Tensor, positions: torch.Tensor, sampler: Sampler, capacity: int) -> Selection:
+    """Compact the (B, T) keep mask into token-major (row, t) order, without a host read."""
+    num_tokens = positions.shape[1]
+    flat = keep.reshape(-1)
+    index = torch.nonzero_static(flat, size=capacity, fill_value=-1).squeeze(1)
+    safe = index.clamp(min=0)
+    batch = safe // num_tokens
+    position = positions.reshape(-1)[safe]
+    return Selection(flat.sum(), torch.where(index >= 0, batch, -1), batch, safe % num_tokens,
+                     position.to(torch.int32), sampler.bucket_of(position).to(torch.int32))
+
+
+def gather_selected(states: torch.Tensor, selection: Selection, token_offset: int | torch.Tensor,
+                    heads: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """(Hs, cap, D) vectors of `heads` (None: every head, in order) at the selected tokens;
+    `states` is (B, H, K, D) and the new tokens start at `token_offset` along K."""
+    vectors = states[selection.batch, :, selection.token + token_offset]  # (cap, H, D)
+    if heads is not None:
+        vectors = vectors[:, heads]
+    return vectors.transpose(0, 1).to(out_dtype).contiguous()
 
 
 def gather_rows(
@@ -49,21 +83,11 @@ def gather_rows(
     Returns (count (), row (cap,), position (cap,) int32, bucket (cap,) int32,
     vectors (Hs, cap, D) in `out_dtype`), token-major in (row, t) order.
     """
-    num_tokens = positions.shape[1]
     if keep is None:
         keep = sampler.keep(example_ids, layer, kind, positions) & valid
-    flat = keep.reshape(-1)
-    count = flat.sum()
-    index = torch.nonzero_static(flat, size=capacity, fill_value=-1).squeeze(1)
-    in_range = index >= 0
-    safe = index.clamp(min=0)
-    row = torch.where(in_range, safe // num_tokens, -1)
-    token = safe % num_tokens
-    position = positions.reshape(-1)[safe]
-    bucket = sampler.bucket_of(position)
-    vectors = states[safe // num_tokens, :, token + token_offset][:, heads]  # (cap, Hs, D)
-    vectors = vectors.transpose(0, 1).to(out_dtype).contiguous()
-    return count, row, position.to(torch.int32), bucket.to(torch.int32), vectors
+    selection = select_tokens(keep, positions, sampler, capacity)
+    vectors = gather_selected(states, selection, token_offset, heads, out_dtype)
+    return selection.count, selection.row, selection.position, selection.bucket, vectors
 
 
 def select_rows(

@@ -117,10 +117,9 @@ class Sampler:
             return 1.0
         return min(1.0, self.base_rate / self.bucket_size(bucket))
 
-    def thresholds(self) -> list[int]:
+    def thresholds(self) -> tuple[int, ...]:
         """Per-bucket thresholds for log_uniform (MAX_BUCKETS entries), one entry otherwise."""
-        n = MAX_BUCKETS if self.strategy == "log_uniform" else 1
-        return [threshold(self.keep_probability(b)) for b in range(n)]
+        return _thresholds(self)
 
     def bucket_bounds(self, length: int) -> list[tuple[int, int, int, float]]:
         """(bucket, start, end, keep probability) for every bucket that meets [0, length)."""
@@ -163,7 +162,7 @@ class Sampler:
         r = uniform24(rows.reshape(-1, *([1] * (positions.dim() - 1))), positions)
         if self.strategy == "uniform":
             return r < self.thresholds()[0]
-        table = _threshold_table(tuple(self.thresholds()), positions.device)
+        table = _threshold_table(self.thresholds(), positions.device)
         return r < table[self.bucket_of(positions).clamp_(max=MAX_BUCKETS - 1)]
 
     def keep_all_layers(self, example_ids: torch.Tensor, num_layers: int, positions: torch.Tensor) -> torch.Tensor:
@@ -175,14 +174,13 @@ class Sampler:
         shape = (num_layers, 2, *positions.shape)
         if self.strategy == "all":
             return torch.ones(shape, dtype=torch.bool, device=positions.device)
-        layer_kinds = torch.tensor([layer_kind_hash(self.seed, layer, kind) for layer in range(num_layers)
-                                    for kind in ("q", "k")], dtype=torch.int64, device=positions.device)
+        layer_kinds = _layer_kind_hashes(self.seed, num_layers, positions.device)
         rows = row_hash(layer_kinds[:, None], example_ids.to(torch.int64)[None, :])  # (L*2, B)
         r = uniform24(rows[:, :, None], positions[None])  # (L*2, B, T)
         if self.strategy == "uniform":
             keep = r < self.thresholds()[0]
         else:
-            table = _threshold_table(tuple(self.thresholds()), positions.device)
+            table = _threshold_table(self.thresholds(), positions.device)
             keep = r < table[self.bucket_of(positions).clamp_(max=MAX_BUCKETS - 1)][None]
         return keep.reshape(shape)
 
@@ -191,6 +189,20 @@ class Sampler:
         positions = torch.arange(length, dtype=torch.int64)
         mask = self.keep(torch.tensor([example_id], dtype=torch.int64), layer, kind, positions[None])[0]
         return positions[mask].numpy()
+
+
+# Once per sampler / model shape, not once per forward (a CPU decode step is short).
+@functools.lru_cache(maxsize=64)
+def _thresholds(sampler: Sampler) -> tuple[int, ...]:
+    n = MAX_BUCKETS if sampler.strategy == "log_uniform" else 1
+    return tuple(threshold(sampler.keep_probability(b)) for b in range(n))
+
+
+@functools.lru_cache(maxsize=64)
+def _layer_kind_hashes(seed: int, num_layers: int, device: torch.device) -> torch.Tensor:
+    """(num_layers * 2,) int64: `layer_kind_hash` of every (layer, kind), kinds ordered q, k."""
+    hashes = [layer_kind_hash(seed, layer, kind) for layer in range(num_layers) for kind in ("q", "k")]
+    return torch.tensor(hashes, dtype=torch.int64).to(device)
 
 
 @functools.lru_cache(maxsize=64)

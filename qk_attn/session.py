@@ -23,7 +23,7 @@ import torch
 from .capture import is_cross_attention, key_validity, refuse_unsupported
 from .config import ConfigError, SniffConfig
 from .context import CaptureError, ForwardContext, TextTokens, host_int, model_forward, refuse_unrecordable_generation
-from .gather import select_rows
+from .gather import Selection, gather_selected, select_rows, select_tokens, uses_kernel
 from .registration import watch_forward_end
 from .rope import invert_rope, uses_rope
 from .rows import CaptureBatch, MemorySink
@@ -209,25 +209,20 @@ class Session:
         batch_size, num_tokens = tokens.positions.shape
         pre_rope = self.config.rope == "pre" and not cross and uses_rope(module)
         out_dtype = torch.float32 if pre_rope else _DTYPES[self.config.vector_dtype]
-        select = functools.partial(
-            select_rows, positions=tokens.positions, valid=tokens.valid,
-            example_ids=self._on_device("ids", forward.example_ids, device), sampler=self.sampler, layer=layer,
-            kind=kind, capacity=batch_size * self.sampler.capacity(num_tokens))
-        count, row, position, bucket, vectors = select(states, offset, self._on_device("heads", heads, device),
-                                                       out_dtype=out_dtype, keep=keep)
-        # Per-token columns (token id, cos/sin) are gathered by the same selection, as one-head states.
-        one_head = self._on_device("heads", (0,), device)
-        if pre_rope:
-            if rotary is None:
-                raise ConfigError(f"rope='pre': {type(module).__name__} did not expose the cos/sin it applied (no "
-                                  "position_embeddings in its forward); use rope='post'")
-            cos, sin = (select(_as_states(t, batch_size, device), 0, one_head, out_dtype=torch.float32, keep=keep)[4]
-                        for t in rotary)
-            vectors = invert_rope(module, kind, vectors, position, (cos, sin)).to(_DTYPES[self.config.vector_dtype])
-        token_id = None
-        if tokens.token_ids is not None:
-            token_id = select(tokens.token_ids, 0, one_head, out_dtype=torch.float32, keep=keep)[4]
-            token_id = token_id.reshape(-1).to(torch.int32)
+        capacity = batch_size * self.sampler.capacity(num_tokens)
+        example_ids = self._on_device("ids", forward.example_ids, device)
+        head_ids = self._on_device("heads", heads, device)
+        if pre_rope or uses_kernel(states, out_dtype):
+            count, row, position, bucket, vectors, token_id = self._select_and_gather(
+                module, kind, layer, states, head_ids, offset, tokens, example_ids, capacity, pre_rope, rotary, keep)
+        else:  # the torch path: one selection serves the vectors and the token ids
+            selection = self._selection(forward, layer, kind, tokens, example_ids, capacity, keep)
+            every_head = len(heads) == states.shape[1] and tuple(heads) == tuple(range(len(heads)))
+            vectors = gather_selected(states, selection, offset, None if every_head else head_ids, out_dtype)
+            count, row, position, bucket = selection.count, selection.row, selection.position, selection.bucket
+            token_id = None
+            if tokens.token_ids is not None:
+                token_id = tokens.token_ids[selection.batch, 0, selection.token, 0].to(torch.int32)
         return CaptureBatch(
             layer=layer,
             kind=kind,
@@ -245,6 +240,44 @@ class Session:
             first_position=None if cross and kind == "k" else tokens.first_position,
             packed=tokens.packed,
         )
+
+    def _selection(self, forward, layer, kind, tokens, example_ids, capacity, keep) -> Selection:
+        """The sampler's selection of one call. Under "all" it is every valid token for every
+        layer and kind, so it is made once per forward (a dense decode step has 2 x layers calls)."""
+        if self.sampler.strategy == "all":
+            cached = forward.selections.get(id(tokens))
+            if cached is None or cached[0] is not tokens:
+                cached = forward.selections[id(tokens)] = (
+                    tokens, select_tokens(tokens.valid, tokens.positions, self.sampler, capacity))
+            return cached[1]
+        if keep is None:
+            keep = self.sampler.keep(example_ids, layer, kind, tokens.positions) & tokens.valid
+        return select_tokens(keep, tokens.positions, self.sampler, capacity)
+
+    def _select_and_gather(self, module, kind, layer, states, head_ids, offset, tokens, example_ids, capacity,
+                           pre_rope, rotary, keep):
+        """The kernel path (and rope="pre"): per-token columns (token id, cos/sin) are gathered by
+        the same selection as the vectors, as one-head states."""
+        device = states.device
+        out_dtype = torch.float32 if pre_rope else _DTYPES[self.config.vector_dtype]
+        select = functools.partial(
+            select_rows, positions=tokens.positions, valid=tokens.valid, example_ids=example_ids,
+            sampler=self.sampler, layer=layer, kind=kind, capacity=capacity)
+        count, row, position, bucket, vectors = select(states, offset, head_ids, out_dtype=out_dtype, keep=keep)
+        one_head = self._on_device("heads", (0,), device)
+        batch_size = tokens.positions.shape[0]
+        if pre_rope:
+            if rotary is None:
+                raise ConfigError(f"rope='pre': {type(module).__name__} did not expose the cos/sin it applied (no "
+                                  "position_embeddings in its forward); use rope='post'")
+            cos, sin = (select(_as_states(t, batch_size, device), 0, one_head, out_dtype=torch.float32, keep=keep)[4]
+                        for t in rotary)
+            vectors = invert_rope(module, kind, vectors, position, (cos, sin)).to(_DTYPES[self.config.vector_dtype])
+        token_id = None
+        if tokens.token_ids is not None:
+            token_id = select(tokens.token_ids, 0, one_head, out_dtype=torch.float32, keep=keep)[4]
+            token_id = token_id.reshape(-1).to(torch.int32)
+        return count, row, position, bucket, vectors, token_id
 
     # ---- bookkeeping (host only) -----------------------------------------------------
     def _end_forwards(self) -> None:

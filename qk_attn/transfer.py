@@ -23,12 +23,12 @@ known on the host when the copy is issued); the staging capacity bounds that was
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-import numpy as np
 import torch
 
 from .rows import CaptureBatch, HostRows
@@ -105,8 +105,7 @@ class HostPool:
             self._cond.notify_all()
 
     def view(self, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        count = int(np.prod(shape, dtype=np.int64))
-        nbytes = count * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         return self.buffer[offset : offset + nbytes].view(dtype).view(shape)
 
 
@@ -175,7 +174,7 @@ class Transfer:
         pool = self._pool_for(device)
         heads, cap, dim = batch.vectors.shape
         vec_dtype = _host_dtype(batch.vectors.dtype)
-        vec_size = torch.empty((), dtype=vec_dtype).element_size()
+        vec_size = vec_dtype.itemsize
         batch_size = batch.valid.shape[0]
         header = _aligned(8) + 2 * _aligned(8 * batch_size)
         per_row = 8 + 4 + 4 + 4 + heads * dim * vec_size
@@ -203,7 +202,7 @@ class Transfer:
                 layout.append(("token_id", batch.token_id.dtype, (n,), batch.token_id[start : start + n]))
             if batch.packed is not None:
                 layout.append(("packed", torch.bool, (batch_size,), batch.packed))
-            sizes = [_aligned(int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dt).element_size()) for _, dt, shape, _ in layout]
+            sizes = [_aligned(math.prod(shape) * dt.itemsize) for _, dt, shape, _ in layout]
             region = pool.acquire(sum(sizes), check, wait=wait)
             if region is None:
                 stopped.append(start)

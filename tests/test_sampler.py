@@ -92,7 +92,7 @@ def test_uniform_and_all_buckets_are_position_div_m():
     positions = torch.tensor([0, 8191, 8192, 100000])
     for strategy in ("uniform", "all"):
         assert Sampler(strategy, 8192, 1.0).bucket_of(positions).tolist() == [0, 0, 1, 12]
-    assert Sampler("uniform", 8192, 1.0).thresholds() == [math.ceil(2**24 / 8192)]
+    assert Sampler("uniform", 8192, 1.0).thresholds() == (math.ceil(2**24 / 8192),)
     assert _keep(Sampler("all", 4, 1.0), 0, 0, "q", 100).all()
 
 
