@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
+import yaml
 from datasets.utils.metadata import MetadataConfigs
 from huggingface_hub import DatasetCard, DatasetCardData
 
@@ -225,6 +227,12 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 def render_card(manifest: dict, where: str, revision: str | None = None, chart: bool = True) -> DatasetCard:
     """The card for a capture whose manifest is `manifest`, loadable from `where` (path or repo id)."""
+    return DatasetCard(card_text(manifest, where, revision, chart))
+
+
+def card_text(manifest: dict, where: str, revision: str | None = None, chart: bool = True) -> str:
+    """`render_card`'s Markdown, YAML header included. Written as is at close: parsing it back
+    into a DatasetCard and dumping it again would cost a second or more for a dense plan."""
     model = manifest.get("model") or {}
     source = manifest.get("source") or {}
     config = manifest.get("config", {})
@@ -299,7 +307,7 @@ def render_card(manifest: dict, where: str, revision: str | None = None, chart: 
     if chart:
         parts.append(f"![rows per bucket]({CHART})")
     parts += ["## Coverage", _coverage_text(manifest, cov), "## Provenance", _provenance(manifest, max_length)]
-    return DatasetCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(parts) + "\n")
+    return f"---\n{_yaml(data)}\n---\n\n" + "\n\n".join(parts) + "\n"
 
 
 def _token_columns_text(manifest: dict) -> str:
@@ -425,6 +433,13 @@ def _provenance(manifest: dict, max_length: int) -> str:
     return _table(["", ""], rows) + "\n\nFull capture configuration:\n\n```json\n" + json.dumps(config, indent=1, sort_keys=True) + "\n```"
 
 
+def _yaml(data: DatasetCardData) -> str:
+    """`data.to_yaml()`, emitted by libyaml when PyYAML has it (10x faster for a dense plan's
+    hundreds of configs; tests check that both give the same text)."""
+    dumper = getattr(yaml, "CDumper", yaml.Dumper)
+    return yaml.dump(data.to_dict(), Dumper=dumper, allow_unicode=True, sort_keys=False).strip()
+
+
 def write_card(output: str | Path, manifest: dict | None = None, repo_id: str | None = None, revision: str | None = None) -> Path:
     """Write OUT/README.md (and OUT/buckets.png) from the manifest; returns the card's path."""
     from .saver import read_manifest
@@ -435,6 +450,24 @@ def write_card(output: str | Path, manifest: dict | None = None, repo_id: str | 
         raise FileNotFoundError(f"{output} has no qk_sniff.json: not a capture folder")
     chart = bucket_chart(manifest, output / CHART)
     # A local card names the folder relative to where it sits: no absolute path is published.
-    card = render_card(manifest, repo_id or output.resolve().name, revision if repo_id else None, chart)
-    card.save(output / CARD)
+    text = card_text(manifest, repo_id or output.resolve().name, revision if repo_id else None, chart)
+    with open(output / CARD, "w", newline="", encoding="utf-8") as f:
+        f.write(text)
     return output / CARD
+
+
+def warm_chart_imports() -> None:
+    """Import matplotlib in the background (once per process), so that the chart drawn at close
+    does not pay for the import (most of a second) after the last forward."""
+    global _warming
+    if _warming is None:
+        _warming = threading.Thread(target=_import_chart_modules, name="qk-sniff-chart-import", daemon=True)
+        _warming.start()
+
+
+_warming: threading.Thread | None = None
+
+
+def _import_chart_modules() -> None:
+    from matplotlib import figure  # noqa: F401
+    from matplotlib.backends import backend_agg  # noqa: F401

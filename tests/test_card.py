@@ -135,6 +135,8 @@ def test_card_has_no_local_paths_counts_its_configs_and_names_the_weights(tmp_pa
                                               f"{', examples' if table else ''})")
     assert "| weights | GGUF file `m.Q4_1.gguf` (Q4_1 quantisation" in text
     assert "| model revision | the file and package version under weights |" in text
+    # written as huggingface_hub would write it (our YAML comes from libyaml; a round trip is stable)
+    assert DatasetCard.load(out / "README.md").content == text
 
 
 def test_the_examples_table_is_a_config_and_documented(tmp_path, monkeypatch):
