@@ -45,6 +45,11 @@ class ConfigError(ValueError):
                            setting=self.setting, value=self.value, allowed=self.allowed)
 
 
+def _did_you_mean(name: str, known) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return (f" (did you mean {close[0]}?)" if close else "") + f"; known: {', '.join(known)}"
+
+
 def _fail(name: str, value: Any, allowed: str) -> ConfigError:
     """A bad value of field `name`, named as a keyword argument (`layers='x'`) until relabelled."""
     return ConfigError(f"{name}={value!r} is invalid: expected {allowed}", setting=name, value=value, allowed=allowed)
@@ -187,9 +192,8 @@ class SniffConfig:
         known = {ENV_PREFIX + name.upper(): name for name in cls.field_names()}
         unknown = sorted(v for v in environ if v.startswith(ENV_PREFIX) and v not in known and v not in OTHER_ENV)
         if unknown:  # a typo would otherwise capture with a default silently
-            close = difflib.get_close_matches(unknown[0], list(known) + list(OTHER_ENV), n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise ConfigError(f"{unknown[0]} is not a qk-attn variable{hint}; known: {', '.join([*known, *OTHER_ENV])}")
+            raise ConfigError(f"{unknown[0]} is not a qk-attn variable{_did_you_mean(unknown[0], [*known, *OTHER_ENV])}")
+        cls._refuse_unknown(overrides)
         values = {name: environ[variable] for variable, name in known.items() if variable in environ}
         from_environment = set(values) - set(overrides)
         values.update(overrides)
@@ -201,10 +205,14 @@ class SniffConfig:
             raise
 
     def replace(self, **changes: Any) -> "SniffConfig":
-        unknown = set(changes) - set(self.field_names())
-        if unknown:
-            raise TypeError(f"unknown setting(s) {sorted(unknown)}; known: {', '.join(self.field_names())}")
+        self._refuse_unknown(changes)
         return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def _refuse_unknown(cls, settings: dict[str, Any]) -> None:
+        unknown = sorted(set(settings) - set(cls.field_names()))
+        if unknown:
+            raise TypeError(f"unknown setting {unknown[0]!r}{_did_you_mean(unknown[0], cls.field_names())}")
 
     def to_dict(self) -> dict[str, Any]:
         values = {name: getattr(self, name) for name in self.field_names()}

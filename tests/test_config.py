@@ -94,6 +94,11 @@ def test_index_lists():
     assert parse_index_list("layers", "") is None and parse_index_list("layers", None) is None
 
 
-def test_replace_rejects_unknown_fields():
-    with pytest.raises(TypeError, match="unknown setting"):
+def test_replace_and_session_reject_unknown_settings_with_the_closest_name():
+    with pytest.raises(TypeError, match=r"^unknown setting 'samplr' \(did you mean sampler\?\)"):
         SniffConfig().replace(samplr="all")
+    import qk_attn
+
+    with pytest.raises(TypeError, match=r"^unknown setting 'min_bucket' \(did you mean min_bucket_size\?\)"):
+        with qk_attn.session(min_bucket=64):
+            pass
