@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from pathlib import Path
 
 import yaml
@@ -454,20 +453,3 @@ def write_card(output: str | Path, manifest: dict | None = None, repo_id: str | 
     with open(output / CARD, "w", newline="", encoding="utf-8") as f:
         f.write(text)
     return output / CARD
-
-
-def warm_chart_imports() -> None:
-    """Import matplotlib in the background (once per process), so that the chart drawn at close
-    does not pay for the import (most of a second) after the last forward."""
-    global _warming
-    if _warming is None:
-        _warming = threading.Thread(target=_import_chart_modules, name="qk-sniff-chart-import", daemon=True)
-        _warming.start()
-
-
-_warming: threading.Thread | None = None
-
-
-def _import_chart_modules() -> None:
-    from matplotlib import figure  # noqa: F401
-    from matplotlib.backends import backend_agg  # noqa: F401

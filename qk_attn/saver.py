@@ -203,10 +203,6 @@ class ParquetSink:
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="qk-sniff-saver", daemon=True)
         self._thread.start()
-        if self.files.rank is None:  # this writer draws the card's chart at close
-            from .card import warm_chart_imports
-
-            warm_chart_imports()
 
     # ---- the capturing thread ----------------------------------------------------------
     def committed_ids(self) -> set[int]:

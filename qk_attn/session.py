@@ -214,7 +214,8 @@ class Session:
         head_ids = self._on_device("heads", heads, device)
         if pre_rope or uses_kernel(states, out_dtype):
             count, row, position, bucket, vectors, token_id = self._select_and_gather(
-                module, kind, layer, states, head_ids, offset, tokens, example_ids, capacity, pre_rope, rotary, keep)
+                module, kind, layer, states, head_ids, offset, tokens, example_ids, capacity, out_dtype, pre_rope,
+                rotary, keep)
         else:  # the torch path: one selection serves the vectors and the token ids
             selection = self._selection(forward, layer, kind, tokens, example_ids, capacity, keep)
             every_head = len(heads) == states.shape[1] and tuple(heads) == tuple(range(len(heads)))
@@ -255,11 +256,10 @@ class Session:
         return select_tokens(keep, tokens.positions, self.sampler, capacity)
 
     def _select_and_gather(self, module, kind, layer, states, head_ids, offset, tokens, example_ids, capacity,
-                           pre_rope, rotary, keep):
+                           out_dtype, pre_rope, rotary, keep):
         """The kernel path (and rope="pre"): per-token columns (token id, cos/sin) are gathered by
         the same selection as the vectors, as one-head states."""
         device = states.device
-        out_dtype = torch.float32 if pre_rope else _DTYPES[self.config.vector_dtype]
         select = functools.partial(
             select_rows, positions=tokens.positions, valid=tokens.valid, example_ids=example_ids,
             sampler=self.sampler, layer=layer, kind=kind, capacity=capacity)
