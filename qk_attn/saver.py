@@ -173,6 +173,8 @@ class ParquetSink:
         self.fsync = fsync
         self.rows_written = 0  # rows accepted by the saver (all heads), for progress bars
         self.max_buffered_bytes = 0  # high-water mark of rows held in host memory (bounded by buffer_mb)
+        if self.output.exists() and not self.output.is_dir():
+            raise StorageError(f"output {self.output} is a file, not a folder; choose a folder for the capture")
         self.output.mkdir(parents=True, exist_ok=True)
         self._lock_fd = take_lock(self.output, self.files.lock)
         try:

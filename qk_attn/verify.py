@@ -533,7 +533,7 @@ def repair(output: str | Path, log=print) -> dict:
        holds are dropped from the manifest, and their rows are removed from every other shard
        (rewritten under a new name, or deleted when nothing else is left in it).
     Re-running the same capture then recaptures exactly the dropped examples.
-    Returns {"restored": bool, "bad": [lines], "dropped": [example ids]}.
+    Returns {"restored": bool, "bad": [lines], "dropped": [example ids], "examples_rewritten": bool}.
     """
     import numpy as np
     import pyarrow as pa
@@ -584,8 +584,9 @@ def repair(output: str | Path, log=print) -> dict:
         dropped: set[int] = set()
         for key, name in bad:
             dropped |= set(shard_examples(manifest, key, name)) or _older_shard_examples(output, manifest, key, name, bad)
-        if not bad and not restored and not check_examples_file(output, manifest):
-            return {"restored": False, "bad": [], "dropped": []}
+        examples_changed = bool(check_examples_file(output, manifest))
+        if not bad and not restored and not examples_changed:
+            return {"restored": False, "bad": [], "dropped": [], "examples_rewritten": False}
 
         files = Files()
         number = manifest["next_segment"]
@@ -636,7 +637,7 @@ def repair(output: str | Path, log=print) -> dict:
         if dropped:
             log(f"dropped {len(dropped)} example(s) from the manifest: {_ids_text(sorted(dropped))}; "
                 "re-run the same capture command to record them again")
-        return {"restored": restored, "bad": lines, "dropped": sorted(dropped)}
+        return {"restored": restored, "bad": lines, "dropped": sorted(dropped), "examples_rewritten": True}
     finally:
         os.close(fd)
 
@@ -683,7 +684,8 @@ def repair_dataset(root: str | Path, log=print) -> int:
     afterwards (re-run the capture to fill what was dropped), 1 when it is not."""
     result = repair(root, log=log)
     if not result["bad"] and not result["restored"]:
-        log(f"OK: every committed shard of {root} is intact; nothing to repair")
+        done = f"rewrote {EXAMPLES} from the manifest" if result["examples_rewritten"] else "nothing to repair"
+        log(f"OK: every committed shard of {root} is intact; {done}")
         return 0
     problems = verify_dataset(root, log=lambda *_: None)
     for line in problems:

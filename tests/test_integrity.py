@@ -137,7 +137,9 @@ def test_a_changed_examples_table_is_found_and_rewritten_by_repair(dataset):
     (out / "examples.parquet").write_bytes(b"not parquet")
     problems = verify_dataset(out, log=lambda *_: None)
     assert len(problems) == 1 and problems[0].startswith("examples.parquet: missing or changed")
-    assert repair_dataset(out, log=lambda *_: None) == 0
+    lines = []
+    assert repair_dataset(out, log=lines.append) == 0
+    assert lines[-1].endswith("intact; rewrote examples.parquet from the manifest")
     assert verify_dataset(out, log=lambda *_: None) == []
     assert pq.read_table(out / "examples.parquet").equals(qk_attn.load_examples(out))
 

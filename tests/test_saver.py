@@ -309,6 +309,13 @@ def test_one_writer_per_folder(tmp_path):
     open_sink(tmp_path / "out").close()
 
 
+def test_an_output_that_is_a_file_is_refused_in_one_line(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"notes.txt is a file, not a folder"):
+        open_sink(tmp_path / "notes.txt")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_spill_keeps_memory_bounded_and_commits_whole_examples(tmp_path):
     out = tmp_path / "out"
     sink = open_sink(out, commit_every_s=3600)
