@@ -129,7 +129,7 @@ def test_everything_works_without_triton(tmp_path):
         sys.modules["triton"] = None  # import triton -> ImportError, as if not installed
         logging.basicConfig(level=logging.WARNING)
         from qk_attn.gather import select_rows, gather_rows, _triton_available
-        from qk_attn.kernels import HAS_TRITON, gather_rows_triton
+        from qk_attn.kernels.select_gather import HAS_TRITON, gather_rows_triton
         from qk_attn.sampler import Sampler
         assert not HAS_TRITON
         args = (torch.randn(1, 2, 9, 8), 0, torch.tensor([1]), torch.arange(9)[None],
@@ -149,22 +149,39 @@ def test_everything_works_without_triton(tmp_path):
     assert "Triton is not installed" in result.stderr
 
 
-def test_repository_kernels_dir_never_acts_as_top_level_kernels():
-    # With the repository root on sys.path (python -m pytest, python -c in the checkout),
-    # transformers' probe for Hugging Face's `kernels` finds this directory: it must stay
-    # an empty, version-less module so the probe says "not available" and moves on.
+@pytest.mark.parametrize("argv", [
+    ["-c", "import transformers.integrations.hub_kernels, qk_attn"],
+    ["-m", "qk_attn.cli", "--help"],
+])
+def test_python_started_in_the_clone_never_takes_kernels_dir_as_top_level_kernels(argv):
+    # `python -c` and `python -m` put the repository root first on sys.path, where the
+    # kernels/ folder sits; transformers >= 5.25 imports Hugging Face's `kernels` at import
+    # time. The folder has no __init__.py, so an installed `kernels` always wins over it.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_kernel_package_is_reachable_only_as_qk_attn_kernels():
+    # Where Hugging Face's `kernels` is installed it is what `import kernels` gives; where it is
+    # not, the folder is at most an empty namespace that transformers' probe reports unavailable.
     result = run_python(
         """
-        import sys; sys.path.insert(0, ".")
+        import importlib.metadata, os, kernels
         from transformers.utils.import_utils import is_kernels_available
-        import kernels, qk_attn.kernels
-        name = "gather_rows_triton"
-        print(is_kernels_available(), hasattr(kernels, name), hasattr(qk_attn.kernels, name))
+        import qk_attn.kernels.select_gather as ours
+        try:
+            importlib.metadata.version("kernels"); installed = True
+        except importlib.metadata.PackageNotFoundError:
+            installed = False
+        found = os.path.realpath(os.path.dirname(getattr(kernels, "__file__", None) or "/"))
+        print(found != os.path.realpath(os.path.dirname(ours.__file__)),
+              installed or not is_kernels_available(), hasattr(ours, "gather_rows_triton"))
         """,
         REPO,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["False", "False", "True"]
+    assert result.stdout.split() == ["True", "True", "True"]
 
 
 @pytest.mark.parametrize(
