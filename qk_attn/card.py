@@ -16,7 +16,6 @@ import os
 from pathlib import Path
 
 import yaml
-from datasets.utils.metadata import MetadataConfigs
 from huggingface_hub import DatasetCard, DatasetCardData
 
 from .sampler import Sampler
@@ -37,9 +36,11 @@ def _parse(key: str) -> tuple[int, int, str]:
     return parse_key(key)
 
 
-def dataset_configs(shards: dict[str, list[str]], examples_file: str | None = None) -> MetadataConfigs:
+def dataset_configs(shards: dict[str, list[str]], examples_file: str | None = None) -> dict[str, dict]:
     """`configs:` entries for every folder with committed shards, every layer and kind, each kind,
-    and `examples` (one row per committed example) when the capture wrote that table."""
+    and `examples` (one row per committed example) when the capture wrote that table. The card
+    lists them sorted by name, as `datasets`' MetadataConfigs writes them (no `datasets` import:
+    a capture closes without it)."""
     keys = sorted((_parse(k), k) for k, names in shards.items() if names)
     configs: dict[str, dict] = {}
     if examples_file:
@@ -50,7 +51,7 @@ def dataset_configs(shards: dict[str, list[str]], examples_file: str | None = No
         configs[f"layer{layer:02d}_{kind}"] = {"data_files": [{"split": "train", "path": f"l{layer:02d}h*{kind}/*.parquet"}]}
     for kind in sorted({kind for (_, _, kind), _ in keys}):
         configs[f"all_{kind}"] = {"data_files": [{"split": "train", "path": f"l*h*{kind}/*.parquet"}]}
-    return MetadataConfigs(configs)
+    return configs
 
 
 def coverage(manifest: dict) -> dict:
@@ -249,7 +250,7 @@ def card_text(manifest: dict, where: str, revision: str | None = None, chart: bo
     )
     examples_file = (manifest.get("examples_file") or {}).get("name")
     configs = dataset_configs(manifest.get("shards", {}), examples_file)
-    configs.to_dataset_card_data(data)
+    data["configs"] = [{"config_name": name, **config} for name, config in sorted(configs.items())]
 
     total = {k: sum(n for key, n in rows.items() if key.endswith(k)) for k in "qk"}
     rev = f", revision={revision!r}" if revision else ""
