@@ -1,7 +1,16 @@
-"""One prepared check of qk-attn on a lent GPU (H100/H200 class), in about five minutes.
+"""One prepared check of qk-attn on a lent GPU (H100/H200 class), within one 10-minute device call.
 
-    python bench/gpu_check.py                 # on the GPU machine
+On the GPU machine (its fixed image: Python 3.12, torch 2.11, transformers 5.17, triton 3.6,
+accelerate 1.15, no `datasets`, no package registry), from the repository root, after
+`bash bench/gpu_wheels.sh` here has put the missing wheels in .whl/ (carried with the tree):
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site:. python3 bench/gpu_check.py
+
+(the device tool's run: carry [".whl"], timeout_s 600). Elsewhere:
+
     python bench/gpu_check.py --cpu-smoke     # anywhere: tiny sizes, CPU, kernel in Triton's interpreter
+
+Without the wheels everything runs but (j), which says it was not exercised.
 
 (a) fused kernel == torch reference on random shapes (selection exact, post-RoPE vectors
     bit-exact, inverse RoPE within 1e-6 relative);
@@ -16,12 +25,18 @@
     with head sampling, dynamic and static cache, vs vanilla SDPA: at most one more;
 (h) static-cache generate() with transformers' automatic compile records the same rows as
     with disable_compile=True (or is refused with qk_attn's CUDA-graph CaptureError);
-(i) capture-all (sampler "all") at 32k tokens on a 2-layer model: rows, GiB, GB/s.
+(i) capture-all (sampler "all") at 32k tokens on a 2-layer model: rows, GiB, GB/s;
+(j) `qk-sniff run` end to end (runner.run: local JSONL read by `datasets`, tokenizer, model on
+    the device, capture, card) on a tiny saved Llama.
 
+Order: a, b/c, d (the timing table), then e-j, so a watchdog kill late still leaves the table.
+Each line says what it exercised; a path this machine cannot exercise (a split over two GPUs
+on one GPU, CUDA-only checks in --cpu-smoke, `datasets` missing) says "not exercised: why".
 Prints one Markdown report, line by line as checks finish, and writes it to
 $OUT/gpu_check.md (after every check) when $OUT is set. Exits non-zero when a check fails
 or the capture API it relies on is missing; a watchdog (--deadline) dumps every thread's
-stack and exits 1 rather than hang.
+stack and exits 1 rather than hang: 510 s by default on GPU, which leaves the 600 s device
+call room for the wheel install and interpreter start.
 """
 
 from __future__ import annotations
@@ -250,7 +265,7 @@ def check_parity_and_sync(qk_attn, model, device, tokens, workdir: Path, sampler
         lines.append("**WARNING**: the attention path never called the kernel (is gather.select_rows wired in?)")
 
     if device.type != "cuda" or not sync:
-        lines.append("(c) sync debug mode: skipped (" + ("--skip c" if not sync else "needs CUDA") + ")")
+        lines.append("(c) sync debug mode: not exercised: " + ("--skip c" if not sync else "needs CUDA"))
         return lines
     # Baseline first: if vanilla SDPA syncs, a failure below would not be ours.
     set_attention(model, "sdpa")
@@ -268,7 +283,8 @@ def check_parity_and_sync(qk_attn, model, device, tokens, workdir: Path, sampler
 
 def check_device_split(qk_attn, sizes, workdir: Path, sampler: str, devices=None) -> str:
     """(e) A model split over two devices (accelerate dispatch, as `model.device_map: auto` does)
-    records the same rows as on one device. Two GPUs: cuda:0 | cuda:1; one GPU: cuda:0 | cpu."""
+    records the same rows as on one device. Two GPUs: cuda:0 | cuda:1; one GPU: cuda:0 | cpu (CPU
+    offload), and the line says that the split over two GPUs was not exercised."""
     import numpy as np
     from accelerate import dispatch_model
 
@@ -297,7 +313,10 @@ def check_device_split(qk_attn, sizes, workdir: Path, sampler: str, devices=None
     b = torch.from_numpy(np.stack(want["vector"].to_numpy(zero_copy_only=False)))
     if not torch.allclose(a, b, rtol=1e-3, atol=1e-3):
         fail(f"(e) layers on {placed}: vectors differ from the one-device capture by up to {(a - b).abs().max():.3e}")
-    return f"(e) layers split over {sorted(placed)}: the same {got.num_rows} rows as on {devices[0]} alone"
+    line = f"(e) layers split over {sorted(placed)}: the same {got.num_rows} rows as on {devices[0]} alone"
+    if not all(d.startswith("cuda") for d in devices):
+        line += f"; split over two GPUs: not exercised: one device ({torch.cuda.device_count()} CUDA device)"
+    return line
 
 
 def sync_free(fn) -> str | None:
@@ -433,7 +452,7 @@ def check_sync_count(qk_attn, model, device, tokens, workdir: Path, sampler: str
     set_attention(model, "sdpa")
     head = f"(g) first forward of a session, head_sample_count={count}, {tokens} tokens"
     if not parts:
-        return f"{head}: counting skipped (needs CUDA); dynamic and static cache forwards ran, {rows} rows"
+        return f"{head}: dynamic and static cache forwards ran, {rows} rows; counting syncs not exercised: needs CUDA"
     return f"{head}: synchronising calls {'; '.join(parts)}"
 
 
@@ -491,7 +510,7 @@ def check_static_generate(qk_attn, model, device, prompt: int, workdir: Path) ->
     b = torch.from_numpy(np.stack(want["vector"].to_numpy(zero_copy_only=False)))[keep]
     if not torch.allclose(a, b, rtol=1e-2, atol=1e-2):
         fail(f"(h) compiled generate: vectors differ from disable_compile=True by up to {(a - b).abs().max():.3e}")
-    how = "compiled (reduce-overhead)" if compiled else "not compiled (transformers compiles on CUDA only)"
+    how = "compiled (reduce-overhead)" if compiled else "not compiled (compile path not exercised: transformers compiles on CUDA only)"
     note = f"; tokens diverged at position {same_until}, vectors compared before it" if same_until < len(tokens) else ""
     return (f"(h) static-cache generate(), {prompt}+8 tokens, forward {how}: the same {got.num_rows} rows as "
             f"disable_compile=True, vectors within 1e-2{note}")
@@ -524,6 +543,58 @@ def check_capture_all(qk_attn, model, device, tokens, workdir: Path) -> str:
     return (f"(i) capture-all at {tokens} tokens, {config.num_hidden_layers} layers: {rows:,} rows, "
             f"{written / 2**30:.3f} GiB written to {workdir}, {seconds:.2f} s from forward start to session close, "
             f"{payload / seconds / 1e9:.3g} GB/s of vector payload")
+
+
+def check_runner(device, workdir: Path) -> str:
+    """(j) `qk-sniff run` end to end on a tiny saved Llama and a local JSONL file (needs `datasets`)."""
+    import json
+
+    try:
+        import datasets
+    except ImportError as e:
+        return f"(j) qk-sniff run end to end: not exercised: `datasets` is not installed ({e}; see .whl/ in the docstring)"
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    import qk_attn
+    from qk_attn import runner
+    from qk_attn.run_config import RunConfig
+
+    words = [f"w{i}" for i in range(50)]
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([" ".join(words)], trainers.WordLevelTrainer(special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>")
+    model_dir = workdir / "tiny-llama"
+    tokenizer.save_pretrained(model_dir)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                 pad_token_id=0, bos_token_id=1, eos_token_id=2)).save_pretrained(model_dir)
+    lengths = [5, 40, 1, 23, 80, 12]
+    documents = workdir / "docs.jsonl"
+    documents.write_text("".join(json.dumps({"doc": f"doc-{i}", "body": " ".join(words[(i * 7 + j) % 50] for j in range(n))})
+                                 + "\n" for i, n in enumerate(lengths)))
+    out = workdir / "runner"
+    config = RunConfig.from_dict({
+        "dataset": {"path": str(documents), "text_column": "body", "id_column": "doc"},
+        "model": {"name": str(model_dir), "dtype": "float32", "device": str(device)},
+        "capture": {"sampler": "all"},
+        "output": {"data_root": str(out)},
+    })
+    summary = runner.run(config, progress=False, log=lambda *a, **k: None)
+    tokens = sum(n + 1 for n in lengths)  # words + BOS
+    rows = qk_attn.load(summary.output, columns=["position"]).num_rows
+    expected = 2 * (4 + 2) * tokens
+    if summary.documents != len(lengths) or summary.rows_written != expected or rows != expected:
+        fail(f"(j) runner: {summary.documents} documents, {summary.rows_written} rows written, {rows} loaded; "
+             f"expected {len(lengths)} documents and {expected} rows")
+    if not (Path(summary.output) / "README.md").is_file():
+        fail("(j) runner: no dataset card written")
+    return (f"(j) qk-sniff run end to end (datasets {datasets.__version__}, model on {device}): {summary.documents} "
+            f"JSONL documents, {tokens} tokens, {rows} rows committed, card written")
 
 
 # ---- (d) timing ----------------------------------------------------------------------------
@@ -577,9 +648,9 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, help="decoder layers of the random model (default 4)")
     parser.add_argument("--tokens", type=str, help="comma-separated lengths for (d), e.g. 8192,32768")
     parser.add_argument("--sampler", default="log_uniform", help="sampler of the capture sessions")
-    parser.add_argument("--skip", default="", help="comma-separated checks to skip: a, b (and c), c, d, e, f, g, h, i")
+    parser.add_argument("--skip", default="", help="comma-separated checks to skip: a, b (and c), c, d, e, f, g, h, i, j")
     parser.add_argument("--deadline", type=float, help="seconds before the watchdog dumps stacks and exits 1 "
-                                                        "(default 360 on GPU, 900 for --cpu-smoke)")
+                                                        "(default 510 on GPU, 900 for --cpu-smoke)")
     args = parser.parse_args(argv)
 
     sizes = dict(SMOKE_SIZES if args.cpu_smoke else GPU_SIZES)
@@ -588,7 +659,7 @@ def main(argv=None) -> int:
     if args.tokens:
         sizes["long"] = tuple(int(t) for t in args.tokens.split(","))
     skip = set(filter(None, args.skip.split(",")))
-    faulthandler.dump_traceback_later(args.deadline or (900 if args.cpu_smoke else 360), exit=True)
+    faulthandler.dump_traceback_later(args.deadline or (900 if args.cpu_smoke else 510), exit=True)
     if args.cpu_smoke:
         device = torch.device("cpu")
     elif torch.cuda.is_available():
@@ -620,14 +691,18 @@ def main(argv=None) -> int:
         triton_version = "not installed"
     report.append(f"torch {torch.__version__}, transformers {transformers.__version__}, triton {triton_version}\n")
 
+    not_exercised = []
+
     def section(name, fn, cuda_only=""):
         nonlocal failed
         try:
             if name in skip:
-                report.append(f"- ({name}) skipped by --skip")
+                report.append(f"- ({name}) not exercised: --skip {name}")
+                not_exercised.append(name)
                 return None
             if cuda_only and device.type != "cuda":
-                report.append(f"- ({name}) {cuda_only}: skipped (needs CUDA)")
+                report.append(f"- ({name}) {cuda_only}: not exercised: needs CUDA")
+                not_exercised.append(name)
                 return None
             t0 = time.perf_counter()
             try:
@@ -640,8 +715,13 @@ def main(argv=None) -> int:
                 failed = True
                 report.append(f"- **ERROR** ({name}):\n```\n{traceback.format_exc()}```")
                 return None
-            report.extend(f"- {line}" for line in ([result] if isinstance(result, str) else result))
-            report[-1] += f"  [{time.perf_counter() - t0:.1f}s]"
+            lines = [result] if isinstance(result, str) else result
+            if any("not exercised" in line for line in lines):
+                not_exercised.append(name)
+            # Markdown table rows and blank lines go in as they are; other lines are list items.
+            report.extend(line if line.startswith("|") or not line else f"- {line}" for line in lines)
+            first = next(i for i in range(len(report) - 1, -1, -1) if report[i].startswith("- "))
+            report[first] += f"  [{time.perf_counter() - t0:.1f}s]"
             return result
         finally:
             emit()
@@ -663,44 +743,45 @@ def main(argv=None) -> int:
         section("b", lambda: check_parity_and_sync(qk_attn, model, device, sizes["parity"], workdir, args.sampler,
                                                    sync="c" not in skip))
 
+        def timing():
+            """(d) first after the parity checks: a watchdog kill in a later section still leaves the table."""
+            sampler = Sampler(args.sampler) if args.sampler != "uniform" else Sampler("uniform", 8192, 1.0)
+            rows = []
+            for tokens in sizes["long"]:
+                sel = time_selection(device, tokens, sizes, sampler, sizes["reps"])
+                vanilla, ours = time_forward(qk_attn, model, device, tokens, workdir, args.sampler,
+                                             max(2, sizes["reps"] // 2))
+                rows.append(f"| {tokens} | {sel['kernel_q'] * 1e6:.1f} | {sel['torch_q'] * 1e6:.1f} | "
+                            f"{sel['kernel_k'] * 1e6:.1f} | {sel['torch_k'] * 1e6:.1f} | {vanilla * 1e3:.1f} | "
+                            f"{ours * 1e3:.1f} | {100 * (ours / vanilla - 1):+.1f}% |")
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            return [f"(d) timings: kernel vs torch selection, and whole forward qk_sniff vs sdpa ({args.sampler} "
+                    f"sampler, {sizes['layers']} layers, batch 1, median of {sizes['reps']})", "",
+                    "| tokens | kernel q (µs) | torch q (µs) | kernel k (µs) | torch k (µs) | "
+                    "sdpa forward (ms) | qk_sniff forward (ms) | overhead |",
+                    "|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, ""]
+
+        section("d", timing)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         section("e", lambda: check_device_split(qk_attn, sizes, workdir, args.sampler),
                 cuda_only="model split over two devices")
         section("f", lambda: check_run_ahead(qk_attn, model, device, sizes["ahead"], workdir, args.sampler),
                 cuda_only="run-ahead")
         section("g", lambda: check_sync_count(qk_attn, model, device, sizes["syncs"], workdir, args.sampler))
+        model = None  # the big model is done with: free it for (i) and (h)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         small = None if {"h", "i"} <= skip else build_model(device, dict(sizes, layers=2))  # for (h) and (i)
         section("i", lambda: check_capture_all(qk_attn, small, device, sizes["all"], workdir))
         section("h", lambda: check_static_generate(qk_attn, small, device, sizes["prompt"], workdir))
-        small = None  # free it before the timings (the lambdas above have run)
+        small = None
         torch._dynamo.reset()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-
-        rows = []
-
-        def timing():
-            sampler = Sampler(args.sampler) if args.sampler != "uniform" else Sampler("uniform", 8192, 1.0)
-            for tokens in sizes["long"]:
-                sel = time_selection(device, tokens, sizes, sampler, sizes["reps"])
-                vanilla, ours = time_forward(qk_attn, model, device, tokens, workdir, args.sampler,
-                                             max(2, sizes["reps"] // 2))
-                rows.append((tokens, sel, vanilla, ours))
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-            return [f"(d) timings below ({args.sampler} sampler, {sizes['layers']} layers, batch 1)"]
-
-        if section("d", timing) is not None:
-            report.append("")
-            report.append("| tokens | kernel q (µs) | torch q (µs) | kernel k (µs) | torch k (µs) | "
-                          "sdpa forward (ms) | qk_sniff forward (ms) | overhead |")
-            report.append("|---:|---:|---:|---:|---:|---:|---:|---:|")
-            for tokens, sel, vanilla, ours in rows:
-                report.append(
-                    f"| {tokens} | {sel['kernel_q'] * 1e6:.1f} | {sel['torch_q'] * 1e6:.1f} | "
-                    f"{sel['kernel_k'] * 1e6:.1f} | {sel['torch_k'] * 1e6:.1f} | {vanilla * 1e3:.1f} | "
-                    f"{ours * 1e3:.1f} | {100 * (ours / vanilla - 1):+.1f}% |"
-                )
-    report.append(f"\n{'FAILED' if failed else 'all checks passed'} in {time.perf_counter() - started:.0f}s")
+        section("j", lambda: check_runner(device, workdir))
+    verdict = "FAILED" if failed else "all checks passed"
+    exercised = f"not exercised (in whole or part): {', '.join(not_exercised)}" if not_exercised else "every section exercised"
+    report.append(f"\n{verdict} in {time.perf_counter() - started:.0f}s; {exercised}")
     emit()
     return 1 if failed else 0
 

@@ -29,6 +29,7 @@ block widths are powers of two with masked tails.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -53,6 +54,30 @@ except ImportError:  # the torch path (qk_attn.gather) works without Triton
 
     triton = tl = _NoTriton()
     HAS_TRITON = False
+
+
+def _interpreter_index_on_numpy_2_5():
+    """Triton's interpreter before 3.9 (3.6 seen) reads a scalar's loop bound with `int()` on a
+    one-element array, which NumPy 2.5 refuses ("only 0-dimensional arrays can be converted to
+    Python scalars"), so every `range(runtime size)` in the kernel fails under TRITON_INTERPRET=1.
+    Squeeze first, as Triton 3.9 does; the same value on every version."""
+    if not HAS_TRITON or os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    from triton.runtime import interpreter
+
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "squeezes_index", False):
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patch_lang_tensor.squeezes_index = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+_interpreter_index_on_numpy_2_5()
 
 
 # Sampler strategies and storage kinds, as kernel constants.
