@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import httpx2
+try:  # the HTTP library huggingface_hub raises with: httpx2 from huggingface_hub 2, httpx before
+    import httpx2 as httpx
+except ImportError:
+    import httpx
 import pytest
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError
@@ -83,8 +86,8 @@ class FakeHub:
         return self
 
 
-def _response(status: int) -> httpx2.Response:
-    return httpx2.Response(status, request=httpx2.Request("POST", "https://huggingface.co/api/repos/create"))
+def _response(status: int) -> httpx.Response:
+    return httpx.Response(status, request=httpx.Request("POST", "https://huggingface.co/api/repos/create"))
 
 
 @pytest.fixture
