@@ -36,24 +36,46 @@ class ForwardContext:
     """The facts of one forward of one model, shared by all its attention calls."""
 
     def __init__(self, config, batch_size: int, num_new: int, past: int, attention_mask: torch.Tensor | None,
-                 input_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None):
+                 input_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None, cache=None):
         self.config = config
         self.input_ids = input_ids  # (B, T) token ids of the new tokens, None when the model got embeddings
         self.position_ids = position_ids  # the model forward's own, when it has them
+        self.cache = cache  # the cache object this forward extends (None: none, or not known yet)
         self.batch_size = batch_size
         self.num_new = num_new
         self.past = past
         self.attention_mask = attention_mask
         self.key_slots: dict[int, int | None] = {}  # kv_length -> slot of new token 0 (None: ambiguous)
         self.used = False  # an attention call has looked this context up
-        # Whether the model forward ran to its end: False until its end is reported
-        # (registration.watch_forward_end), None when it cannot be.
+        # "running": its model forward has started; "pending": the mask was built before the forward
+        # (generate()'s prepared masks, a multimodal wrapper); the decoder stack's start adopts it.
+        self.state = "running"
+        # Whether the decoder stack's own hooks report this forward's start and end
+        # (registration.watch_forward); otherwise the end is its last layer's return.
+        self.armed = False
+        # Whether the model forward ran to its end: False until its end is reported, None when it cannot be.
         self.finished: bool | None = None
         self.example_ids: tuple[int, ...] | None = None  # set by the session at the first recorded call
+        self.sequence = None  # the session's sequence this forward extends
+        self.unfinished = None  # generate()'s (B,) unfinished_sequences at this step (device), if any
+        self.alive = None  # (B,) rows still generating when this forward's tokens were produced (device)
         self._calls: dict[int, tuple] = {}  # layer -> weak refs to the query and key it was called with
-        self._tokens: dict = {}  # device -> (position_ids it was built from, TextTokens)
+        self._tokens: dict = {}  # (device, length) -> (position_ids it was built from, TextTokens)
         self._decisions: tuple | None = None  # see `decisions`
         self.selections: dict = {}  # id(tokens) -> (tokens, Selection): Session._selection under "all"
+
+    def adopt(self, kwargs: dict) -> None:
+        """The decoder stack started with the mask this context was built from: its own arguments
+        are the forward's (the token ids and cache a wrapper or generate() hands it)."""
+        self.state, self.armed = "running", True
+        ids, positions, cache = (kwargs.get("input_ids"), kwargs.get("position_ids"),
+                                 _cache_of(kwargs))
+        if isinstance(ids, torch.Tensor) and ids.shape == (self.batch_size, self.num_new):
+            self.input_ids = ids
+        if isinstance(positions, torch.Tensor) and positions.shape[-1] == self.num_new:
+            self.position_ids = positions
+        if cache is not None:
+            self.cache = cache
 
     def add_mask_kind(self, kv_length: int, kv_offset: int) -> None:
         slot = self.past - int(kv_offset)
@@ -89,13 +111,18 @@ class ForwardContext:
             "prepared 4-D attention mask (qk_sniff needs the 2-D attention_mask so that transformers builds the "
             "mask), or it calls one layer twice per forward with different inputs; not recorded")
 
-    def tokens(self, position_ids: torch.Tensor | None, device: torch.device) -> "TextTokens":
-        """The forward's new tokens, computed once per forward (per position_ids tensor) on `device`."""
+    def tokens(self, position_ids: torch.Tensor | None, device: torch.device, length: int | None = None) -> "TextTokens":
+        """The forward's new tokens, computed once per forward (per position_ids tensor) on `device`;
+        with `length`, its last `length` tokens (a layer given only a suffix of the queries)."""
         if position_ids is None:  # a layer that does not pass them on: the forward's own
             position_ids = self.position_ids
-        cached = self._tokens.get(device)  # per device: layers of one forward may sit on several
+        length = self.num_new if length is None else length
+        cached = self._tokens.get((device, length))  # per device: layers of one forward may sit on several
         if cached is None or cached[0] is not position_ids:
-            cached = self._tokens[device] = (position_ids, self._text_tokens(position_ids, device))
+            tokens = self._text_tokens(position_ids, device)
+            if length != self.num_new:
+                tokens = tokens.suffix(length)
+            cached = self._tokens[(device, length)] = (position_ids, tokens)
         return cached[1]
 
     def decisions(self, sampler, num_layers: int, example_ids: torch.Tensor, tokens: "TextTokens"):
@@ -120,6 +147,8 @@ class ForwardContext:
             valid = torch.ones(batch, num_new, dtype=torch.bool, device=device)
         else:
             valid = self.attention_mask[:, -num_new:].to(device=device, dtype=torch.bool)
+        if self.alive is not None:  # rows of a batched generate() that finished before this step
+            valid = valid & self.alive.to(device=device, dtype=torch.bool)[:, None]
         # Positions RoPE used: the call's position_ids (text axis of mrope), else the cache
         # positions, which is what transformers uses when no position_ids are given.
         if position_ids is None:
@@ -151,6 +180,11 @@ class TextTokens(NamedTuple):
     packed: torch.Tensor  # (B,) bool, the row's positions restart
     token_ids: torch.Tensor | None  # (B, 1, T, 1) float32, None when the model got embeddings
 
+    def suffix(self, length: int) -> "TextTokens":
+        """The last `length` tokens; `valid_count`, `first_position` and `packed` stay the forward's."""
+        token_ids = None if self.token_ids is None else self.token_ids[:, :, -length:]
+        return self._replace(positions=self.positions[:, -length:], valid=self.valid[:, -length:], token_ids=token_ids)
+
 
 class ModelForward(NamedTuple):
     """The model forward that is building its mask: the module and its own arguments."""
@@ -158,43 +192,89 @@ class ModelForward(NamedTuple):
     module: torch.nn.Module | None
     input_ids: torch.Tensor | None
     position_ids: torch.Tensor | None
+    cache: object | None
+    images: bool  # an enclosing forward was given pixel values
 
 
-def model_forward(config, max_depth: int = 12) -> ModelForward:
-    """The model forward that is building its mask right now, with its input_ids and position_ids.
+def model_forward(batch_size: int, num_new: int, max_depth: int = 16) -> ModelForward:
+    """The module forward that is building its mask right now, with its arguments.
 
-    The mask function's callers are transformers' mask builders, called by the model's own
-    forward; that frame (whose `self.config` is this config) holds the forward's arguments, and
-    its `position_ids` are already defaulted to the cache positions when none were given: what
-    its rotary embedding uses. Read here, once per forward, so layers that do not pass
-    `position_ids` on (Mllama's cross-attention layers) still get the forward's positions.
-    """
+    The mask function's callers are transformers' mask builders, called by a module's own forward
+    (the decoder stack, a multimodal wrapper, or generate()'s input preparation); that frame holds
+    the forward's `position_ids` (already defaulted to what its rotary embedding uses) and its cache
+    (already created when the caller gave none). Token ids come from the nearest enclosing module
+    forward that has this forward's (B, T) `input_ids`: wrappers hand their text model embeddings."""
     frame = sys._getframe(2)
+    module = positions = ids = cache = None
+    images = False
     for _ in range(max_depth):
         if frame is None:
             break
-        module = frame.f_locals.get("self")
-        if getattr(module, "config", None) is config:
-            ids, positions = frame.f_locals.get("input_ids"), frame.f_locals.get("position_ids")
-            return ModelForward(module if isinstance(module, torch.nn.Module) else None,
-                                ids if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None,
-                                positions if isinstance(positions, torch.Tensor) else None)
+        local = frame.f_locals
+        this = local.get("self")
+        if isinstance(this, torch.nn.Module):
+            if module is None:
+                module, positions, cache = this, local.get("position_ids"), _cache_of(local)
+            candidate = local.get("input_ids")
+            if ids is None and isinstance(candidate, torch.Tensor) and candidate.shape == (batch_size, num_new):
+                ids = candidate
+            images = images or any(local.get(name) is not None for name in ("pixel_values", "pixel_values_videos"))
         frame = frame.f_back
-    return ModelForward(None, None, None)
+    return ModelForward(module, ids, positions if isinstance(positions, torch.Tensor) else None, cache, images)
+
+
+def _cache_of(arguments: dict):
+    """The cache among a forward's arguments (`cache` from transformers 5.25, `past_key_values` before)."""
+    for name in ("cache", "past_key_values"):
+        value = arguments.get(name)
+        if value is not None and hasattr(value, "get_seq_length"):
+            return value
+    return None
+
+
+def decoder_stack(module: torch.nn.Module | None, config) -> tuple[torch.nn.Module | None, torch.nn.Module | None]:
+    """(owner, last layer): the module whose forward runs the decoder layers of `config`'s attention
+    modules (a child ModuleList holds them), and the layer that runs last. Found by structure, not by
+    attribute names, inside `module` (the module that built the mask, or one enclosing the stack)."""
+    if module is None:
+        return None, None
+    for owner in module.modules():
+        for child in owner.children():
+            if not isinstance(child, torch.nn.ModuleList) or not len(child):
+                continue
+            layers = list(child)[:getattr(config, "num_hidden_layers", None) or len(child)]
+            if any(getattr(m, "config", None) is config and getattr(m, "layer_idx", None) is not None
+                   for layer in layers for m in layer.modules()):
+                return owner, layers[-1]
+    return None, None
+
+
+def running(module: torch.nn.Module, max_depth: int = 40) -> bool:
+    """Whether `module`'s forward is on the call stack."""
+    frame = sys._getframe(1)
+    for _ in range(max_depth):
+        if frame is None:
+            return False
+        if frame.f_locals.get("self") is module:
+            return True
+        frame = frame.f_back
+    return False
 
 
 GENERATION_FILE = os.path.join("generation", "utils.py")
 
 
-def refuse_unrecordable_generation(max_depth: int = 40) -> None:
+def refuse_unrecordable_generation(max_depth: int = 40):
     """Generation whose steps cannot be recorded as one sequence, found by the generation method
     on the call stack (once per forward). Beam search reorders the cache rows between steps, so
     a batch row's earlier keys belong to another beam's history. Without a cache every step
-    re-runs the whole sequence, which would record it again as a new example per token."""
+    re-runs the whole sequence, which would record it again as a new example per token.
+
+    Returns generate()'s (B,) `unfinished_sequences` of this step (a device tensor) or None."""
     frame = sys._getframe(1)
     for _ in range(max_depth):
         if frame is None:
-            return
+            return None
         name = frame.f_code.co_name
         if name == "_beam_search":
             raise CaptureError("qk_sniff: beam search reorders the cache between steps, so rows could not be "
@@ -204,11 +284,31 @@ def refuse_unrecordable_generation(max_depth: int = 40) -> None:
             if isinstance(model_kwargs, dict) and model_kwargs.get("use_cache") is False:
                 raise CaptureError("qk_sniff: generate(use_cache=False) re-runs the whole sequence at every step, "
                                    "which would record it once per new token; generate with use_cache=True")
-            return
+            unfinished = frame.f_locals.get("unfinished_sequences")
+            return unfinished if isinstance(unfinished, torch.Tensor) and unfinished.dim() == 1 else None
         frame = frame.f_back
+    return None
 
 
 def host_int(value) -> int:
     """q_offset as a host int. Static caches give a 0-d device tensor; reading it is the one
     host read per forward, at the mask call before any layer is queued (never in an attention call)."""
     return int(value) if isinstance(value, torch.Tensor) else int(value or 0)
+
+
+def check_shapes(forward: ForwardContext, layer: int, query: torch.Tensor, key: torch.Tensor, cross: bool) -> int:
+    """An attention call's tensors against its forward, on the host (shapes only, no device read).
+    Returns how many of the forward's new tokens the query holds: all of them, or its last ones
+    (layers that compute only the positions whose logits are kept, as Gemma 4's shared-KV layers do)."""
+    batch = forward.batch_size
+    if query.shape[0] != batch or key.shape[0] != batch:
+        raise CaptureError(f"qk_sniff: layer {layer} got a query of batch {query.shape[0]} and a key of batch "
+                           f"{key.shape[0]} in a forward of batch {batch}; not recorded")
+    num_queries = query.shape[2]
+    if not 0 < num_queries <= forward.num_new:
+        raise CaptureError(f"qk_sniff: layer {layer} got {num_queries} queries in a forward of {forward.num_new} "
+                           "new tokens; not recorded")
+    if not cross and key.shape[2] < forward.num_new:
+        raise CaptureError(f"qk_sniff: layer {layer} got {key.shape[2]} keys in a forward of {forward.num_new} new "
+                           "tokens; not recorded")
+    return num_queries

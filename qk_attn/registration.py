@@ -44,24 +44,29 @@ def _noting_context(mask_fn, batch_size, q_length, kv_length, q_offset=0, kv_off
 _watched: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 
 
-def watch_forward_end(model: torch.nn.Module | None) -> bool | None:
-    """Have the end of `model`'s forwards reported to the session (`Session.on_forward_end`), so
-    that a forward stopped part-way by an exception is never committed. Returns False when this
-    forward's end will be reported, None when it cannot be.
-
-    The hook goes on the model's final norm, which runs after every layer, when it has one; it is
-    registered during the first forward, before the norm runs, so it reports that forward too. A
-    hook on the model itself (no `norm`) reports from its next forward on: torch decides whether
-    to call hooks when a module's call starts."""
-    if model is None:
-        return None
-    norm = getattr(model, "norm", None)
-    target = norm if isinstance(norm, torch.nn.Module) else model
-    if target in _watched:
+def watch_forward(owner: torch.nn.Module | None, last_layer: torch.nn.Module | None, config) -> bool:
+    """Have every forward of the decoder stack `owner` report its start and end to the active session
+    (`Session.on_forward_start`, `on_forward_end`), and its last layer its return (`on_layers_done`).
+    Returns True when the hooks were registered now (during a forward that has already started:
+    torch decides whether to call a module's hooks when its call starts, so the stack's own hooks
+    report from its next forward on, and this one's end is its last layer's return)."""
+    if owner is None or owner in _watched:
         return False
-    target.register_forward_hook(functools.partial(_forward_ended, model.config))
-    _watched.add(target)
-    return False if target is norm else None
+    owner.register_forward_pre_hook(functools.partial(_forward_started, config), with_kwargs=True)
+    owner.register_forward_hook(functools.partial(_forward_ended, config))
+    if last_layer is not None:
+        last_layer.register_forward_hook(functools.partial(_layers_done, config))
+    _watched.add(owner)
+    return True
+
+
+@torch.compiler.disable
+def _forward_started(config, _module, _args, kwargs) -> None:
+    from .session import current_session
+
+    session = current_session()
+    if session is not None:
+        session.on_forward_start(config, kwargs)
 
 
 @torch.compiler.disable
@@ -71,6 +76,15 @@ def _forward_ended(config, _module, _args, _output) -> None:
     session = current_session()
     if session is not None:
         session.on_forward_end(config)
+
+
+@torch.compiler.disable
+def _layers_done(config, _module, _args, _output) -> None:
+    from .session import current_session
+
+    session = current_session()
+    if session is not None:
+        session.on_layers_done(config)
 
 
 def register() -> None:

@@ -16,15 +16,17 @@ import contextlib
 import functools
 import logging
 import threading
+import weakref
 from typing import Any, Iterator
 
 import torch
 
 from .capture import is_cross_attention, key_validity, refuse_unsupported
 from .config import ConfigError, SniffConfig
-from .context import CaptureError, ForwardContext, TextTokens, host_int, model_forward, refuse_unrecordable_generation
+from .context import (CaptureError, ForwardContext, TextTokens, check_shapes, decoder_stack, host_int, model_forward,
+                      refuse_unrecordable_generation, running)
 from .gather import Selection, gather_selected, select_rows, select_tokens, uses_kernel
-from .registration import watch_forward_end
+from .registration import watch_forward
 from .rope import invert_rope, uses_rope
 from .rows import CaptureBatch, MemorySink
 from .sampler import Sampler
@@ -52,7 +54,8 @@ class Session:
         self.sink = sink
         self._pending_ids = None if example_ids is None else [int(i) for i in example_ids]
         self._models: dict[int, _Model] = {}  # id(model config) -> head plan, current sequence
-        self._forwards: dict[int, ForwardContext] = {}  # id(model config) -> its latest forward
+        self._forwards: dict[int, object] = {}  # id(model config) -> its current forward (or _STARTED)
+        self._sequences: dict[tuple, _Sequence] = {}  # (id(model config), id(cache)) -> its sequence
         self._device_tables: dict[tuple, torch.Tensor] = {}
         committed = self.committed_ids()
         self._next_auto_id = max(committed) + 1 if committed else 0
@@ -114,27 +117,69 @@ class Session:
         """All rows captured so far (in-memory sessions, i.e. without `output`)."""
         return self.sink.table()
 
-    # ---- the mask function: once per forward and mask kind, before any layer ----------
+    # ---- a forward's start and end, and its mask: once per forward and mask kind ------
     def on_mask(self, config, batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask) -> None:
-        forward = self._forwards.get(id(config))
-        if forward is None or forward.config is not config or forward.used:
-            if forward is not None:
-                self._discard_if_unfinished(forward)
-            self._end_forward()  # the previous forward is over: back-pressure belongs here, not in a layer
-            refuse_unrecordable_generation()
-            mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
-            model = model_forward(config)
-            forward = ForwardContext(config, batch_size, q_length, host_int(q_offset), mask, model.input_ids,
-                                     model.position_ids)
-            forward.finished = watch_forward_end(model.module)
-            self._forwards[id(config)] = forward
+        entry = self._forwards.get(id(config))
+        forward = entry if isinstance(entry, ForwardContext) and entry.config is config else None
+        if forward is not None and not forward.used:
+            forward.add_mask_kind(kv_length, kv_offset)  # another mask kind of the same forward
+            return
+        if forward is not None:
+            self._discard_if_unfinished(forward)
+        self._end_forward()  # the previous forward is over: back-pressure belongs here, not in a layer
+        caller = model_forward(batch_size, q_length)
+        try:
+            unfinished = refuse_unrecordable_generation()
+        except CaptureError:
+            self._discard(None, "was refused", config, caller.cache)
+            raise
+        mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+        forward = ForwardContext(config, batch_size, q_length, host_int(q_offset), mask, caller.input_ids,
+                                 caller.position_ids, caller.cache)
+        forward.unfinished = unfinished
+        if caller.images and caller.position_ids is not None and caller.position_ids.dim() == 3:
+            self._discard(None, "was refused", config, caller.cache)
+            raise CaptureError("qk_sniff: this forward has images and multimodal RoPE (mrope), whose positions repeat "
+                               "across an image's tokens, so rows could not be keyed by position; record text-only "
+                               "inputs of this model (no pixel_values)")
+        owner, last_layer = decoder_stack(caller.module, config)
+        if entry is _STARTED:  # the decoder stack's start was reported: its end will be too
+            forward.armed, forward.finished = True, False
+        elif owner is None:
+            forward.finished = None  # nothing tells this forward's end
+        elif watch_forward(owner, last_layer, config) and running(owner):
+            forward.finished = False  # the first forward: its last layer's return is its end
+        else:  # built before the decoder stack runs (generate(), a wrapper): its start adopts it
+            forward.state, forward.finished = "pending", False
+        self._forwards[id(config)] = forward
         forward.add_mask_kind(kv_length, kv_offset)
 
+    def on_forward_start(self, config, kwargs: dict) -> None:
+        """The decoder stack of `config` starts a forward (registration.watch_forward). Whatever an
+        earlier forward left is over: discarded unless it ended, never reused. A mask built for this
+        forward before it started (passed in as prepared masks) is adopted."""
+        entry = self._forwards.get(id(config))
+        if isinstance(entry, ForwardContext):
+            mask = kwargs.get("attention_mask")
+            prepared = mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2)
+            if entry.state == "pending" and not entry.used and prepared:
+                entry.adopt(kwargs)
+                return
+            self._discard_if_unfinished(entry)
+        self._forwards[id(config)] = _STARTED
+
     def on_forward_end(self, config) -> None:
-        """The model forward of `config` ran to its end (see registration.watch_forward_end)."""
-        forward = self._forwards.get(id(config))
-        if forward is not None and forward.config is config:
-            forward.finished = True
+        """The decoder stack of `config` returned: its forward is complete and over."""
+        entry = self._forwards.get(id(config))
+        if isinstance(entry, ForwardContext) and entry.state == "running":
+            entry.finished = True
+            del self._forwards[id(config)]
+
+    def on_layers_done(self, config) -> None:
+        """The last decoder layer returned: the end of a forward whose stack's own end is not reported."""
+        entry = self._forwards.get(id(config))
+        if isinstance(entry, ForwardContext) and entry.state == "running" and not entry.armed:
+            entry.finished = True
 
     def _discard_if_unfinished(self, forward: ForwardContext) -> None:
         """A forward that stopped part-way (an exception inside the model, caught by the caller, or
@@ -143,59 +188,88 @@ class Session:
         if forward.finished is not False or forward.example_ids is None:
             return
         forward.finished = None  # discarded once
-        ids = list(forward.example_ids)
-        model = self._models.get(id(forward.config))
-        if model is not None and model.ids == ids:
-            model.ids = None
+        self._discard(forward, "stopped before its end (an exception inside the model)")
+
+    def _discard(self, forward: ForwardContext | None, why: str, config=None, cache=None) -> None:
+        """Forget the sequences `forward` extends (or, before it has a context, the one of `cache` of the
+        model of `config`): their rows are dropped and they are neither committed nor continued."""
+        ids = set(forward.example_ids or ()) if forward is not None else set()
+        key = self._cache_key(forward) if forward is not None else (id(config), id(cache) if cache is not None else None)
+        for sequence in (getattr(forward, "sequence", None), self._sequences.get(key)):
+            if sequence is not None:
+                ids |= set(sequence.ids)
+        self._sequences = {k: v for k, v in self._sequences.items() if not ids & set(v.ids)}
+        if not ids:
+            return
         self._begun = [i for i in self._begun if i not in ids]
         if hasattr(self.sink, "discard"):
-            self.sink.discard(ids)
-        logger.warning("qk-attn: a forward of example(s) %s stopped before its end (an exception inside the model); "
-                       "their rows are discarded and they are not committed", ids)
+            self.sink.discard(sorted(ids))
+        logger.warning("qk-attn: a forward of example(s) %s %s; their rows are discarded and they are not committed",
+                       sorted(ids), why)
+
+    @staticmethod
+    def _cache_key(forward: ForwardContext) -> tuple:
+        """Sequences are keyed by model and cache; those begun without a known cache by model only."""
+        return id(forward.config), None if forward.cache is None else id(forward.cache)
 
     # ---- inside the attention call ---------------------------------------------------
     def capture(self, module, query: torch.Tensor, key: torch.Tensor, mask, kwargs: dict, rotary=None) -> None:
         """Record this call's rows. `rotary` is the (cos, sin) the layer's forward applied (rope="pre")."""
         self.check()
-        forward = self._forwards.get(id(module.config))
-        if forward is not None and forward.config is module.config:
+        entry = self._forwards.get(id(module.config))
+        forward = entry if isinstance(entry, ForwardContext) and entry.config is module.config else None
+        if forward is not None:
             forward.used = True
         if self._skips_training(module):
             return
+        try:
+            self._capture(forward, module, query, key, mask, kwargs, rotary)
+        except CaptureError:
+            # A refused forward takes its sequences with it, before the error reaches any caller or
+            # exit handler that could commit them.
+            self._discard(forward, "was refused")
+            raise
+
+    def _capture(self, forward, module, query, key, mask, kwargs, rotary) -> None:
         refuse_unsupported(module, kwargs)
-        if forward is None or forward.config is not module.config:
+        if forward is None or forward.state != "running":
             raise CaptureError(
                 f"qk_sniff: layer {module.layer_idx} ran without transformers building its mask (the model was given "
                 "a prepared 4-D attention mask, or does not use transformers' mask functions); pass the 2-D "
                 "attention_mask instead")
         layer = module.layer_idx
+        cross = is_cross_attention(module)
+        num_queries = check_shapes(forward, layer, query, key, cross)
         if not forward.first_call(layer, query, key):
             return  # the same query and key again (DiffLlama): recorded once
         model = self._model(module, query, key)
         self._start_sequence(model, forward)
-        cross = is_cross_attention(module)
         sliding_window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
         if layer in model.plan.excluded_layers or (self.config.full_attention_only and sliding_window is not None):
             return
-        text = forward.tokens(kwargs.get("position_ids"), query.device)
+        position_ids = kwargs.get("position_ids")
+        everything = forward.tokens(position_ids, query.device)
+        text = everything if num_queries == forward.num_new else forward.tokens(position_ids, query.device,
+                                                                                num_queries)
+        sequence = forward.sequence
         if cross:
             # Text queries of a cross-attention layer are this forward's tokens; its keys are
             # vision tokens, recorded once per sequence.
-            keys = None if layer in model.cross_done else cross_attention_keys(key, mask)
-            model.cross_done.add(layer)
+            keys = None if layer in sequence.cross_done else cross_attention_keys(key, mask)
+            sequence.cross_done.add(layer)
             tokens = {"q": (0, text), "k": keys}
         else:
             offset = forward.key_slot(layer, key.shape[2]) if model.plan.heads(layer, "k") else 0
-            tokens = {"q": (0, text), "k": (offset, text)}
+            tokens = {"q": (0, text), "k": (offset, everything)}
         ids = self._on_device("ids", forward.example_ids, query.device)
-        keep, keeps_any = forward.decisions(self.sampler, model.plan.shape.num_layers, ids, text)
+        keep, keeps_any = forward.decisions(self.sampler, model.plan.shape.num_layers, ids, everything)
         for index, (kind, states) in enumerate((("q", query.detach()), ("k", key.detach()))):
             heads = model.plan.heads(layer, kind)
             if not heads or tokens[kind] is None:
                 continue
             offset, these = tokens[kind]
             decided = None
-            if keep is not None and these is text:
+            if keep is not None and these is everything:
                 if not keeps_any[layer][index]:
                     continue  # the sampler keeps nothing of this call (known on the CPU without a sync)
                 decided = keep[layer, index]
@@ -236,7 +310,7 @@ class Session:
             position=position,
             bucket=bucket,
             vectors=vectors,
-            valid=tokens.valid_count,
+            valid=tokens.valid_count,  # the forward's, also for a suffix of its queries
             token_id=token_id,
             first_position=None if cross and kind == "k" else tokens.first_position,
             packed=tokens.packed,
@@ -282,8 +356,9 @@ class Session:
     # ---- bookkeeping (host only) -----------------------------------------------------
     def _end_forwards(self) -> None:
         """Outside every forward (commit, flush): discard what an unfinished forward recorded."""
-        for forward in self._forwards.values():
-            self._discard_if_unfinished(forward)
+        for forward in list(self._forwards.values()):
+            if isinstance(forward, ForwardContext):
+                self._discard_if_unfinished(forward)
         self._end_forward()
 
     def _end_forward(self) -> None:
@@ -307,34 +382,43 @@ class Session:
             logger.warning(message)
 
     def _start_sequence(self, model: "_Model", forward: ForwardContext) -> None:
-        """Give this forward its example ids, once (see the class docstring for the rules)."""
+        """Give this forward its example ids, once (see the class docstring for the rules). A
+        sequence belongs to its cache: a forward continues the sequence of the cache it extends."""
         if forward.example_ids is not None:
             return
         batch = forward.batch_size
+        key = self._cache_key(forward)
+        sequence = self._sequences.get(key)
+        if sequence is not None and sequence.cache() is not forward.cache:
+            sequence = None  # a cache that is gone, whose id a new one took
         if self._pending_ids is not None:
             ids, self._pending_ids = self._pending_ids, None
             if len(ids) != batch:
                 raise ValueError(f"example_ids has {len(ids)} ids but the forward has batch size {batch}")
             if len(set(ids)) != len(ids):
                 raise ValueError(f"example_ids {ids} repeats an id: every batch row is its own example")
+            sequence = None
         elif forward.past == 0:
-            ids = list(range(self._next_auto_id, self._next_auto_id + batch))
-        elif model.ids is None or model.end != forward.past or len(model.ids) != batch:
-            where = "no sequence of this model was started" if model.ids is None else (
-                f"this model's sequence {list(model.ids)} is at position {model.end}")
+            ids, sequence = list(range(self._next_auto_id, self._next_auto_id + batch)), None
+        elif sequence is None or sequence.end != forward.past or len(sequence.ids) != batch:
+            where = "no sequence of this model was started on this cache" if sequence is None else (
+                f"the sequence {list(sequence.ids)} of this cache is at position {sequence.end}")
             raise CaptureError(
                 f"qk_sniff: this forward continues a cache at position {forward.past} but {where} (a rolled-back or "
                 "different cache); call session.begin(ids) before it to name its sequences")
         else:
-            ids = list(model.ids)
-        if ids != model.ids:
-            model.cross_done = set()
-        model.ids = ids
-        model.end = forward.past + forward.num_new
+            ids = list(sequence.ids)
         committed = set(ids) & self._committed_now()
         if committed:
             raise ValueError(f"example ids {sorted(committed)} are already committed in this output; "
                              "rows of a committed example are never added (use new ids)")
+        if sequence is None:
+            sequence = self._sequences[key] = _Sequence(ids, forward.cache)
+        else:  # rows of a batched generate() that had finished before this step's tokens
+            forward.alive = sequence.unfinished
+        sequence.unfinished = forward.unfinished
+        sequence.end = forward.past + forward.num_new
+        forward.sequence = sequence
         forward.example_ids = tuple(ids)
         self._next_auto_id = max(self._next_auto_id, max(ids) + 1)
         self._begun.extend(i for i in ids if i not in self._begun)
@@ -370,14 +454,25 @@ class Session:
 
 
 class _Model:
-    """Per model in a session: its config, head plan and current sequence."""
+    """Per model in a session: its config and head plan."""
 
     def __init__(self, config, plan: HeadPlan):
         self.config = config
         self.plan = plan
-        self.ids: list[int] | None = None  # example ids of its current sequence
-        self.end = 0  # cache position after the last recorded forward of that sequence
+
+
+class _Sequence:
+    """The examples one cache holds (one per batch row), and how far they go."""
+
+    def __init__(self, ids: list[int], cache):
+        self.ids = ids
+        self.cache = weakref.ref(cache) if cache is not None else (lambda: None)
+        self.end = 0  # cache position after the last recorded forward
+        self.unfinished = None  # generate()'s unfinished rows after the last step (device), if any
         self.cross_done: set[int] = set()  # cross-attention layers whose vision keys are recorded
+
+
+_STARTED = object()  # Session._forwards entry: the decoder stack started a forward, no mask yet
 
 
 def cross_attention_keys(key: torch.Tensor, mask) -> tuple[int, TextTokens]:
