@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import transformers as tf
 
 VOCAB = 96
+# The forward's cache argument: `cache` from transformers 5.2x, `past_key_values` before (5.17);
+# a name the forward does not know would be swallowed by **kwargs and the cache silently unused.
+CACHE_ARG = "cache" if "cache" in inspect.signature(tf.LlamaModel.forward).parameters else "past_key_values"
+
+
+def cache_kw(cache) -> dict:
+    """{CACHE_ARG: cache}, for `model(input_ids=ids, **cache_kw(cache))` on every transformers."""
+    return {CACHE_ARG: cache}
+
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0)
 

@@ -14,7 +14,7 @@ from transformers import DynamicCache, StaticCache
 
 import qk_attn
 from capture_utils import GroundTruth, all_heads, captured_and_truth, expected_rows, rows_by_key
-from families import COMMON, VOCAB, build, padded_batch
+from families import COMMON, VOCAB, build, cache_kw, padded_batch
 from qk_attn import cli
 from qk_attn.context import CaptureError
 from qk_attn.rows import PackedSequences
@@ -47,7 +47,7 @@ def test_chunked_prefill_continues_the_begun_sequence(family):
         s.begin([17])
         cache = DynamicCache(config=model.config)
         for chunk in (ids[:, :6], ids[:, 6:11], ids[:, 11:12], ids[:, 12:]):
-            model(input_ids=chunk, cache=cache)
+            model(input_ids=chunk, **cache_kw(cache))
     got = rows_by_key(s.table())
     assert {key[0] for key in got} == {17}
     _assert_same_rows(got, _one_shot(model, ids, [17]))
@@ -58,9 +58,9 @@ def test_static_cache_decode_without_mask_records_the_real_slot():
     ids = _tokens(9)
     with qk_attn.session(sampler="all", example_ids=[4]) as s:
         cache = StaticCache(config=model.config, max_cache_len=16)
-        model(input_ids=ids[:, :5], cache=cache)
+        model(input_ids=ids[:, :5], **cache_kw(cache))
         for t in range(5, 9):  # decode steps, no attention_mask: the attention call gets mask None or all-ones
-            model(input_ids=ids[:, t:t + 1], cache=cache)
+            model(input_ids=ids[:, t:t + 1], **cache_kw(cache))
     _assert_same_rows(rows_by_key(s.table()), _one_shot(model, ids, [4]))
 
 
@@ -72,7 +72,7 @@ def test_static_cache_one_token_prompts_are_new_sequences():
         for example, prompt in zip((5, 6), prompts):
             cache.reset()
             s.begin([example])
-            model(input_ids=prompt, cache=cache)
+            model(input_ids=prompt, **cache_kw(cache))
     got = rows_by_key(s.table())
     assert sorted({(k[0], k[4]) for k in got}) == [(5, 0), (6, 0)]
     want = {**_one_shot(model, prompts[0], [5], capture="k"), **_one_shot(model, prompts[1], [6], capture="k")}
@@ -84,9 +84,9 @@ def test_forward_without_begin_over_a_fresh_cache_gets_fresh_ids_and_continuatio
     a, b = _tokens(6, seed=1), _tokens(5, seed=2)
     with qk_attn.session(sampler="all", capture="k", layers="0") as s:
         cache = DynamicCache(config=model.config)
-        model(input_ids=a[:, :4], cache=cache)
-        model(input_ids=a[:, 4:], cache=cache)
-        model(input_ids=b, cache=DynamicCache(config=model.config))
+        model(input_ids=a[:, :4], **cache_kw(cache))
+        model(input_ids=a[:, 4:], **cache_kw(cache))
+        model(input_ids=b, **cache_kw(DynamicCache(config=model.config)))
     ids_positions = sorted({(k[0], k[4]) for k in rows_by_key(s.table())})
     assert ids_positions == [(0, p) for p in range(6)] + [(1, p) for p in range(5)]
 
@@ -95,16 +95,16 @@ def test_continuing_a_cache_the_session_did_not_start_is_refused():
     model = build("llama3", "qk_sniff")
     ids = _tokens(8)
     cache = DynamicCache(config=model.config)
-    model(input_ids=ids[:, :4], cache=cache)  # outside any session
+    model(input_ids=ids[:, :4], **cache_kw(cache))  # outside any session
     with pytest.raises(CaptureError, match="continues a cache at position 4"):
         with qk_attn.session(sampler="all"):
-            model(input_ids=ids[:, 4:], cache=cache)
+            model(input_ids=ids[:, 4:], **cache_kw(cache))
     # Naming the sequence makes it recordable: positions 4.. under the given id.
     cache = DynamicCache(config=model.config)  # the refused forward left the first one half-updated
-    model(input_ids=ids[:, :4], cache=cache)
+    model(input_ids=ids[:, :4], **cache_kw(cache))
     with qk_attn.session(sampler="all", capture="k", layers="0") as s:
         s.begin([9])
-        model(input_ids=ids[:, 4:6], cache=cache)
+        model(input_ids=ids[:, 4:6], **cache_kw(cache))
     assert sorted({(k[0], k[4]) for k in rows_by_key(s.table())}) == [(9, 4), (9, 5)]
 
 
@@ -114,9 +114,9 @@ def test_rolled_back_cache_is_refused_not_duplicated():
     with pytest.raises(CaptureError, match="rolled-back"):
         with qk_attn.session(sampler="all"):
             cache = DynamicCache(config=model.config)
-            model(input_ids=ids[:, :6], cache=cache)
+            model(input_ids=ids[:, :6], **cache_kw(cache))
             cache.crop(-2)  # assisted decoding rejects candidates like this
-            model(input_ids=ids[:, 4:5], cache=cache)
+            model(input_ids=ids[:, 4:5], **cache_kw(cache))
 
 
 def test_packed_rows_are_refused():
@@ -219,13 +219,13 @@ def test_a_decode_step_stopped_by_an_exception_discards_its_sequence():
     with qk_attn.session(sampler="all") as s:
         s.begin([8])
         cache = DynamicCache(config=model.config)
-        model(input_ids=ids[:, :5], cache=cache)
+        model(input_ids=ids[:, :5], **cache_kw(cache))
         handle = _fail_in(model.model.layers[1])
         with pytest.raises(_Boom):
-            model(input_ids=ids[:, 5:6], cache=cache)
+            model(input_ids=ids[:, 5:6], **cache_kw(cache))
         handle.remove()
         with pytest.raises(CaptureError, match="no sequence of this model was started"):
-            model(input_ids=ids[:, 5:6], cache=cache)  # a broken sequence cannot be continued
+            model(input_ids=ids[:, 5:6], **cache_kw(cache))  # a broken sequence cannot be continued
         s.begin([9])
         model(input_ids=ids)
     assert {k[0] for k in rows_by_key(s.table())} == {9}

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import qk_attn
-from families import build, padded_batch
+from families import build, cache_kw, padded_batch
 
 torch.set_grad_enabled(False)
 
@@ -60,7 +60,7 @@ def test_chunked_prefill_rows_carry_their_chunks_tokens():
     with qk_attn.session(sampler="all", example_ids=[3]) as s:
         cache = StaticCache(config=model.config, max_cache_len=16)
         for chunk in (ids[:, :5], ids[:, 5:9], ids[:, 9:]):
-            model(input_ids=chunk, cache=cache)
+            model(input_ids=chunk, **cache_kw(cache))
     ones = torch.ones_like(ids)
     _assert_token_ids(s.table(), _token_of(ids, ones, torch.arange(12)[None], [3]))
 
