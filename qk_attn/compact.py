@@ -3,9 +3,12 @@
 A finalise writes one shard per folder, so a long capture collects many small shards. Merged
 shards follow the commit protocol (qk_attn.manifest): written under a temporary name, fsync'd,
 renamed, then the manifest lists them instead of the small ones, and only then are the small
-ones deleted, so a crash at any point leaves at most orphans that the next open removes.
-A merged shard records every segment it holds (`shard_info[...]["segments"]`), so the examples
-of a shard stay known from the manifest alone.
+ones deleted, so a crash at any point leaves at most orphans that the next open (or `repair`)
+removes. Every part is read only after its bytes match the manifest's sha256 (a damaged part
+is never copied into a merged shard: its group is left as it is, for verify and repair).
+A merged shard keeps its parts' row groups and records the segments of each
+(`shard_info[...]["row_groups"]`), so the examples of a shard, and of each of its row groups,
+stay known from the manifest alone: damage to one row group costs only its examples.
 """
 
 from __future__ import annotations
@@ -13,11 +16,8 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from .manifest import shard_info, shard_segments
-from .shards import Written, write_table
+from .manifest import CorruptShard, row_group_segments, shard_info
+from .shards import Written, read_verified, write_row_groups
 
 
 def plan(manifest: dict, output: Path, shard_bytes: int, at_least: int) -> list[tuple[str, list[str]]]:
@@ -43,11 +43,25 @@ def plan(manifest: dict, output: Path, shard_bytes: int, at_least: int) -> list[
 
 
 def merge(folder: Path, group: list[str], name: str, key: str, manifest: dict) -> Written:
-    """Write the rows of `group` as `folder/.name.tmp` (a writer thread runs this)."""
-    table = pa.concat_tables(pq.read_table(folder / n) for n in group)
-    size, digest = write_table(table, folder / f".{name}.tmp", False)
-    segments = sorted({s for n in group for s in shard_segments(manifest, key, n)})
-    return Written(key, name, table.num_rows, size, digest, Counter(), segments)
+    """Write the rows of `group` as `folder/.name.tmp`, one row group per row group read (a writer
+    thread runs this). `CorruptShard` when a part fails its digest: nothing is written then."""
+    tables, row_groups = [], []
+    for n in group:
+        parquet = read_verified(folder.parent, manifest, key, n)
+        segments = row_group_segments(manifest, key, n, parquet.num_row_groups)
+        if segments is None:
+            raise CorruptShard(f"{folder / n}: its row groups differ from the manifest's record")
+        tables += [parquet.read_row_group(i) for i in range(parquet.num_row_groups)]
+        row_groups += segments
+    tmp = folder / f".{name}.tmp"
+    try:
+        size, digest, rows, ranges, footer = write_row_groups(tables, tmp, False)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    segments = sorted({s for group_segments in row_groups for s in group_segments})
+    groups = [{"segments": s, **r} for s, r in zip(row_groups, ranges)]
+    return Written(key, name, rows, size, digest, Counter(), segments, groups, footer)
 
 
 def apply(manifest: dict, output: Path, merged: list[tuple[str, list[str], Written]]) -> list[Path]:

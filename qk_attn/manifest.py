@@ -78,6 +78,10 @@ class DamagedDataset(StorageError):
     """Committed shards are missing or have the wrong size: resuming would keep them so."""
 
 
+class CorruptShard(StorageError):
+    """A committed shard fails its size, digest or page checksums (the message names the file)."""
+
+
 class NotACapture(StorageError):
     """The output folder holds files that no capture wrote; nothing there is touched."""
 
@@ -143,6 +147,9 @@ def read_manifest(output: str | Path, name: str = MANIFEST) -> dict | None:
         manifest = json.loads(path.read_text())
         if not isinstance(manifest, dict) or not isinstance(manifest.get("examples"), dict) or not isinstance(manifest.get("shards"), dict):
             raise ValueError("missing 'examples' or 'shards'")
+        recorded = manifest.pop("digest", None)  # manifests written before the digest existed have none
+        if recorded is not None and recorded != manifest_digest(manifest):
+            raise ValueError("its sha256 digest differs: a value changed after it was written")
     except (OSError, ValueError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ManifestError(
@@ -150,6 +157,12 @@ def read_manifest(output: str | Path, name: str = MANIFEST) -> dict | None:
             f"(restores the previous manifest, {PREVIOUS}) or restore the file from a copy"
         ) from None
     return manifest
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of a manifest's canonical JSON (sorted keys, no spaces), its own `digest` field left out."""
+    body = {k: v for k, v in manifest.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def versions() -> dict[str, str]:
@@ -228,7 +241,7 @@ def open_capture(output: Path, files: Files, config, source: dict | None, overwr
     manifest = read_manifest(output, files.manifest)
     if manifest is not None:
         check_same_capture(output, manifest, config, source)
-        check_shard_sizes(output, manifest)
+        check_shard_sizes(output, manifest, digests=True)
         manifest["versions"] = versions()  # of the latest run writing here
         manifest.setdefault("example_info", {})
         manifest.setdefault("shard_info", {})
@@ -283,19 +296,24 @@ def check_is_capture(output: Path, files: Files) -> None:
         )
 
 
-def check_shard_sizes(output: Path, manifest: dict) -> None:
-    """Before resuming: every committed shard exists with its recorded size (a cheap stat; the
-    digests are `qk-sniff verify`'s job). A damaged folder is refused with how to repair it."""
+def check_shard_sizes(output: Path, manifest: dict, digests: bool = False) -> None:
+    """Before resuming: every committed shard exists with its recorded size (a cheap stat, made
+    before the weights load) and, with `digests`, its recorded sha256 (when a sink opens the folder:
+    a resumed run must never build on, or compact, a damaged shard). A damaged folder is refused
+    with how to repair it."""
     bad = []
     for key, names in manifest.get("shards", {}).items():
         for name in names:
             path = output / key / name
-            size = manifest.get("shard_info", {}).get(f"{key}/{name}", {}).get("bytes")
+            info = manifest.get("shard_info", {}).get(f"{key}/{name}", {})
+            size = info.get("bytes")
             if not path.is_file() or (size is not None and path.stat().st_size != size):
+                bad.append(f"{key}/{name}")
+            elif digests and info.get("sha256") and sha256_file(path) != info["sha256"]:
                 bad.append(f"{key}/{name}")
     if bad:
         raise DamagedDataset(
-            f"{output}: {len(bad)} committed shard(s) are missing or truncated (e.g. {bad[0]}); run "
+            f"{output}: {len(bad)} committed shard(s) are missing, truncated or altered (e.g. {bad[0]}); run "
             f"`qk-sniff repair {output}` to drop the examples they hold, then re-run to capture them again"
         )
 
@@ -308,18 +326,25 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, data: dict, fsync: bool = True, keep_previous: bool = False) -> None:
-    """tmp + fsync + rename. `keep_previous` first hard-links the current file to PREVIOUS, so a
-    manifest damaged later (by a disk or a person) can be restored to the last good state."""
+def write_json_atomic(path: Path, data: dict, fsync: bool = True, keep_previous: bool = False,
+                      previous_too: bool = False) -> None:
+    """tmp + fsync + rename, with the data's own sha256 (`digest`, checked by read_manifest).
+    `keep_previous` first hard-links the current file to PREVIOUS, so a manifest damaged later (by
+    a disk or a person) can be restored to the last good state. `previous_too` writes `data` as
+    PREVIOUS as well: for an update that deletes files the old manifest lists (compaction, repair),
+    after which the old manifest is no state to go back to."""
+    if previous_too:
+        write_json_atomic(path.with_name(previous_name(path.name)), data, fsync)
     tmp = path.with_name(f".{path.name}.tmp")
     # Indented while small enough to read; compact (4x faster to write) for large captures.
     small = len(data.get("examples", ())) + len(data.get("shard_info", ())) < 5000
+    data = {**data, "digest": manifest_digest(data)}
     with open(tmp, "w") as f:
         json.dump(data, f, indent=1 if small else None, separators=None if small else (",", ":"), sort_keys=True)
         f.flush()
         if fsync:
             os.fsync(f.fileno())
-    if keep_previous and path.exists():
+    if keep_previous and not previous_too and path.exists():
         previous = path.with_name(previous_name(path.name))
         link = previous.with_name(previous.name + ".tmp")
         link.unlink(missing_ok=True)
@@ -339,13 +364,31 @@ def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
 
 
 def take_lock(output: Path, name: str = LOCK) -> int:
-    fd = os.open(output / name, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    """flock OUT/name (created if absent). `release_lock` deletes the file, so a lock taken on a
+    file that another process deleted meanwhile is taken again on the file now at that name."""
+    while True:
+        fd = os.open(output / name, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputLocked(f"another qk-sniff capture is writing to {output} (it holds {output / name})") from None
+        try:
+            same = os.stat(output / name).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
         os.close(fd)
-        raise OutputLocked(f"another qk-sniff capture is writing to {output} (it holds {output / name})") from None
-    return fd
+
+
+def release_lock(output: Path, fd: int, name: str = LOCK) -> None:
+    """Delete the lock file, then release it: a finished or failed command leaves no lock behind."""
+    try:
+        (Path(output) / name).unlink(missing_ok=True)
+    except OSError:
+        pass  # a read-only folder: the flock is released all the same
+    os.close(fd)
 
 
 def check_layout(output: Path, files: Files) -> None:
@@ -417,8 +460,27 @@ def remove_dataset(output: Path, files: Files = Files()) -> None:
 
 
 def shard_info(written) -> dict:
-    """The manifest's record of one shard (a qk_attn.shards.Written)."""
-    return {"bytes": written.bytes, "sha256": written.sha256, "rows": written.rows, "segments": written.segments}
+    """The manifest's record of one shard (a qk_attn.shards.Written). A merged shard also records
+    the segments of each row group (`row_groups`), so damage to one row group costs its examples only."""
+    info = {"bytes": written.bytes, "sha256": written.sha256, "rows": written.rows, "segments": written.segments}
+    if written.row_groups is not None:
+        info["row_groups"], info["footer_sha256"] = written.row_groups, written.footer_sha256
+    return info
+
+
+def row_group_segments(manifest: dict, key: str, name: str, groups: int) -> list[list[int]] | None:
+    """The segments of each of a shard's `groups` row groups; None when the record disagrees with the file."""
+    info = manifest.get("shard_info", {}).get(f"{key}/{name}") or {}
+    recorded = info.get("row_groups")
+    if recorded is not None:
+        return [list(group["segments"]) for group in recorded] if len(recorded) == groups else None
+    return [shard_segments(manifest, key, name)] * groups
+
+
+def segment_examples(manifest: dict, segments) -> set[int]:
+    """The committed examples of these segments."""
+    segments = set(segments)
+    return {int(e) for e, i in manifest.get("example_info", {}).items() if i.get("segment") in segments}
 
 
 def add_shard(manifest: dict, written) -> None:

@@ -48,6 +48,7 @@ from .manifest import (  # noqa: F401 - re-exported: other modules import these 
     EXAMPLES,
     LOCK,
     MANIFEST,
+    CorruptShard,
     DamagedDataset,
     Files,
     ManifestError,
@@ -62,6 +63,7 @@ from .manifest import (  # noqa: F401 - re-exported: other modules import these 
     parse_key,
     part_files,
     read_manifest,
+    release_lock,
     take_lock,
     write_json_atomic,
 )
@@ -181,7 +183,7 @@ class ParquetSink:
             columns = {"token_id": self.token_ids, "token_str": self.token_ids and vocabulary is not None}
             manifest, self.removed_orphans = open_capture(self.output, self.files, config, source, overwrite, columns, fsync)
         except BaseException:
-            os.close(self._lock_fd)
+            release_lock(self.output, self._lock_fd, self.files.lock)
             raise
         self._manifest = manifest
         self._manifest_lock = threading.Lock()
@@ -205,6 +207,10 @@ class ParquetSink:
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="qk-sniff-saver", daemon=True)
         self._thread.start()
+        from .verify import check_examples_file
+
+        if manifest["examples"] and check_examples_file(self.output, manifest, self.files.examples):
+            self._write_manifest(export=True)  # a killed run left the examples table behind the manifest
 
     # ---- the capturing thread ----------------------------------------------------------
     def committed_ids(self) -> set[int]:
@@ -302,7 +308,7 @@ class ParquetSink:
             self._queue.put(_STOP)
             self._thread.join()
             self._writers.close()
-            os.close(self._lock_fd)
+            release_lock(self.output, self._lock_fd, self.files.lock)
         self.check()
 
     @property
@@ -610,7 +616,7 @@ class ParquetSink:
         self._ready -= commit
         self._compact(COMPACT_AT)
 
-    def _write_manifest(self, export: bool = False) -> None:
+    def _write_manifest(self, export: bool = False, previous_too: bool = False) -> None:
         """The manifest (the commit point). Before it, at most every EXPORT_EVERY_S and at close,
         OUT/examples.parquet: an export of the manifest's examples for `datasets` (qk_attn
         readers use the manifest itself), so a large capture does not rewrite it every commit."""
@@ -624,7 +630,8 @@ class ParquetSink:
                 os.replace(path.with_name(f".{path.name}.tmp"), path)
                 manifest["examples_file"] = {"name": path.name, "bytes": size, "sha256": digest}
                 self._exported_at = time.monotonic()
-            write_json_atomic(self.output / self.files.manifest, manifest, self.fsync, keep_previous=True)
+            write_json_atomic(self.output / self.files.manifest, manifest, self.fsync, keep_previous=True,
+                              previous_too=previous_too)
 
     def _compact(self, at_least: int) -> None:
         """Merge small committed shards (qk_attn.compact) in the writer threads; one manifest update."""
@@ -638,7 +645,15 @@ class ParquetSink:
             name = self.files.shard(seg.number, seg.next_part)
             seg.next_part += 1
             futures.append((key, group, self._writers.submit(compact.merge, self.output / key, group, name, key, manifest)))
-        merged = [(key, group, future.result()) for key, group, future in futures]
+        merged = []
+        for key, group, future in futures:
+            try:
+                merged.append((key, group, future.result()))
+            except CorruptShard as error:  # left as it is: verify names it, repair drops what it holds
+                logger.warning("qk-sniff: not compacting %s: %s; run `qk-sniff repair %s`", key, error, self.output)
+        if not merged:
+            return
+        jobs = [(key, group) for key, group, _ in merged]
         if self.fsync:
             self._writers.fsync([self.output / key / f".{w.name}.tmp" for key, _, w in merged])
         for key, _, written in merged:
@@ -648,7 +663,7 @@ class ParquetSink:
         with self._manifest_lock:
             replaced = compact.apply(manifest, self.output, merged)
             manifest["next_segment"] = max(manifest["next_segment"], self._next_segment)
-        self._write_manifest()
+        self._write_manifest(previous_too=True)  # the old manifest lists the parts deleted next
         for path in replaced:  # orphans from here on: a crash now only leaves files the next open removes
             path.unlink()
 

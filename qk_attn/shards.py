@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .manifest import fsync_dir
+from .manifest import CorruptShard, fsync_dir
 from .rows import columns_table
 
 ROW_GROUP_BYTES = 32 << 20
@@ -53,6 +53,8 @@ class Written:
     sha256: str
     buckets: Counter
     segments: list[int]
+    row_groups: list[dict] | None = None  # merged shards: each row group's segments, byte range and sha256
+    footer_sha256: str | None = None  # merged shards: of the bytes after the last row group
 
 
 @dataclass
@@ -127,6 +129,65 @@ def write_table(table: pa.Table, path: Path, fsync: bool) -> tuple[int, str]:
         if fsync:
             os.fsync(f.fileno())
     return data.size, digest
+
+
+def write_row_groups(groups, path: Path, fsync: bool) -> tuple[int, str, int, list[dict], str]:
+    """Write each table of `groups` as exactly one row group of one Parquet file (merges and
+    repairs keep the row groups they read, so a row group still holds known segments). Returns
+    (size, sha256, rows, [{"offset", "bytes", "sha256"} of each row group], sha256 of the footer)
+    of exactly the bytes written: `repair` keeps a damaged shard's row groups whose bytes match."""
+    out = pa.BufferOutputStream()
+    writer, rows = None, 0
+    for table in groups:
+        if writer is None:
+            writer = pq.ParquetWriter(out, table.schema, **WRITE_OPTIONS)
+        writer.write_table(table, row_group_size=max(1, table.num_rows))
+        rows += table.num_rows
+    writer.close()
+    data = out.getvalue()
+    view = memoryview(data)
+    ranges = row_group_ranges(pq.read_metadata(pa.BufferReader(data)))
+    parts = [{"offset": start, "bytes": end - start, "sha256": hashlib.sha256(view[start:end]).hexdigest()}
+             for start, end in ranges]
+    footer = hashlib.sha256(view[ranges[-1][1] if ranges else 0:]).hexdigest()
+    digest = hashlib.sha256(view).hexdigest()
+    with open(path, "wb") as f:
+        f.write(view)
+        f.flush()
+        if fsync:
+            os.fsync(f.fileno())
+    return data.size, digest, rows, parts, footer
+
+
+def row_group_ranges(metadata) -> list[tuple[int, int]]:
+    """[start, end) bytes of each row group's column chunks."""
+    out = []
+    for i in range(metadata.num_row_groups):
+        group = metadata.row_group(i)
+        columns = [group.column(c) for c in range(group.num_columns)]
+        starts = [c.dictionary_page_offset if c.has_dictionary_page and c.dictionary_page_offset else c.data_page_offset
+                  for c in columns]
+        start = min(starts)
+        out.append((start, max(s + c.total_compressed_size for s, c in zip(starts, columns))))
+    return out
+
+
+def read_verified(root: Path, manifest: dict, key: str, name: str) -> pq.ParquetFile:
+    """A committed shard opened for reading only after its bytes match the manifest's size and
+    sha256 (one read: the digest is taken of the bytes then parsed); pages are read with their
+    checksums. `CorruptShard` names the file otherwise: no damaged row is ever copied on."""
+    path = Path(root) / key / name
+    info = manifest.get("shard_info", {}).get(f"{key}/{name}")
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise CorruptShard(f"{path}: cannot be read ({error.strerror or error})") from None
+    if info is not None and (len(data) != info["bytes"] or hashlib.sha256(data).hexdigest() != info["sha256"]):
+        raise CorruptShard(f"{path}: size or sha256 differs from the manifest (the bytes changed after it was written)")
+    try:
+        return pq.ParquetFile(pa.BufferReader(data), page_checksum_verification=True)
+    except Exception as error:  # noqa: BLE001 - a damaged footer in a shard without a digest
+        raise CorruptShard(f"{path}: unreadable ({type(error).__name__})") from None
 
 
 def write_buffer(folder: Path, name: str, key: str, buffer: KeyBuffer, segments: list[int], vector_type, token_ids: bool,

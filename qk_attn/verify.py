@@ -25,23 +25,25 @@ from .manifest import (
     LOCK,
     MANIFEST,
     PREVIOUS,
+    CorruptShard,
     ManifestError,
     StorageError,
     fsync_dir,
     parse_key,
     read_manifest,
+    row_group_segments,
+    segment_examples,
     sha256_file,
     shard_examples,
     shard_segments,
     take_lock,
     write_json_atomic,
 )
+from .shards import write_table
+
+QUARANTINE = ".qk_sniff.quarantine"  # where repair moves Parquet files no manifest lists
 
 INDEX_COLUMNS = ["example_id", "position", "bucket", "layer", "head", "kind"]
-
-
-class CorruptShard(StorageError):
-    """A committed shard fails its size, digest or page checksums (the message names the file)."""
 
 
 # ---- reading a capture dataset ---------------------------------------------------------------
@@ -190,25 +192,26 @@ def check_integrity(data: "Dataset") -> tuple[list[str], set[Path], int]:
     return lines, bad, no_digest
 
 
-def check_examples_file(root: Path, manifest: dict) -> str | None:
-    """OUT/examples.parquet against the digest the manifest records for it (an export: repair rewrites it)."""
+def check_examples_file(root: Path, manifest: dict, name: str = EXAMPLES) -> str | None:
+    """OUT/examples.parquet against the digest the manifest records for it, and its rows against
+    the manifest's committed examples (an export written at most every minute: a killed run leaves
+    it behind; the next run and `repair` rewrite it)."""
+    import pyarrow.parquet as pq
+
     record = manifest.get("examples_file")
-    if not record:
+    if not record:  # written before the examples table existed
         return None
     path = Path(root) / record["name"]
     if not path.is_file() or path.stat().st_size != record["bytes"] or sha256_file(path) != record["sha256"]:
-        return f"{record['name']}: missing or changed since it was written (the examples table); `qk-sniff repair` rewrites it"
-    return None
-
-
-def _unreadable(path: Path) -> bool:
-    import pyarrow.parquet as pq
-
+        return f"{path.name}: missing or changed since it was written (the examples table); `qk-sniff repair` rewrites it"
     try:
-        pq.read_table(path, page_checksum_verification=True)
-    except Exception:  # noqa: BLE001
-        return True
-    return False
+        same = pq.read_table(path, page_checksum_verification=True).equals(examples_table(manifest))
+    except Exception:  # noqa: BLE001 - unreadable is as wrong as different
+        same = False
+    if not same:
+        return (f"{path.name}: lags the manifest (the examples table does not list exactly the {len(manifest['examples'])} "
+                "committed examples); the next run or `qk-sniff repair` rewrites it")
+    return None
 
 
 # ---- the examples table ------------------------------------------------------------------------
@@ -263,11 +266,14 @@ def verify_dataset(root: str | Path, log=print) -> list[str]:
 
     from .rows import arrow_schema
 
-    data = Dataset.open(root)
+    try:
+        data = Dataset.open(root)
+    except ManifestError as error:  # altered or unreadable: nothing it lists can be trusted
+        return [str(error)]
     integrity, bad, no_digest = check_integrity(data)
-    # Shards that cannot be read are left out of the content checks; one whose bytes changed but
-    # still reads is checked as well (its content problems say what changed).
-    data.bad = {f for f in bad if not f.is_file() or _unreadable(f)}
+    # Shards that fail their size or digest are left out of the content checks (their line says
+    # which examples they hold): bytes that changed are never read as rows.
+    data.bad = set(bad)
     problems: list[str] = list(integrity)
     if no_digest:
         log(f"info: {no_digest} shard(s) have no recorded size/digest (written by an older qk-attn): "
@@ -525,53 +531,44 @@ def inspect_dataset(root: str | Path) -> list[str]:
 
 # ---- repair ----------------------------------------------------------------------------------
 def repair(output: str | Path, log=print) -> dict:
-    """Make OUT consistent again after shards were damaged or lost, keeping every intact example.
+    """Make OUT sound again after files were damaged, lost or left behind, keeping every intact row.
 
-    1. An unreadable qk_sniff.json is replaced by the previous one (PREVIOUS); shards committed
-       after it become orphans, removed when a capture next opens the folder.
-    2. Every committed shard is checked (check_shard). The examples a bad or missing shard
-       holds are dropped from the manifest, and their rows are removed from every other shard
-       (rewritten under a new name, or deleted when nothing else is left in it).
+    1. An unreadable or altered qk_sniff.json (its digest) is replaced by the previous one
+       (PREVIOUS); shards committed after it become orphans.
+    2. Files no manifest lists are removed: the writer's own orphans and temporary files (left by
+       a killed run or compaction) are deleted, other Parquet files in the key folders are moved
+       to OUT/.qk_sniff.quarantine/ (no reader sees them there).
+    3. Every committed shard is checked (check_shard). Of a bad one, the row groups whose bytes
+       still match their recorded digests (merged shards record one per row group) are kept; the
+       examples of the others (of the whole shard, when it records none or its footer changed)
+       are dropped from the manifest and their rows removed from every other shard (rewritten
+       under a new name, row group by row group).
+    4. The row counts, the examples table and the card are written again from what remains.
     Re-running the same capture then recaptures exactly the dropped examples.
-    Returns {"restored": bool, "bad": [lines], "dropped": [example ids], "examples_rewritten": bool}.
+    Returns {"restored", "bad": [lines], "dropped": [example ids], "tidied": [lines], "examples_rewritten"}.
     """
     import numpy as np
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    from .manifest import Files
-    from .shards import write_table
-
-    from .manifest import part_files
+    from .manifest import NotACapture, Files, part_files, release_lock
+    from .shards import read_verified, write_row_groups
 
     output = Path(output)
     if not output.is_dir():
         raise FileNotFoundError(f"{output} is not a folder")
+    if not (output / MANIFEST).exists() and not (output / PREVIOUS).exists():
+        raise NotACapture(f"{output} is not a qk-sniff dataset ({MANIFEST} is missing); nothing was changed")
     if part_files(output):
         raise StorageError(f"{output} was captured by several ranks (qk_sniff.rank*.json): repair is not supported "
                            "for it yet; restore the damaged shards from a copy or the Hub (qk-sniff pull)")
     fd = take_lock(output, LOCK)  # never repair under a running capture
     try:
-        restored = False
-        try:
-            manifest = read_manifest(output)
-        except ManifestError:
-            manifest = None
-            previous = output / PREVIOUS
-            if not previous.exists():
-                raise ManifestError(f"{output / MANIFEST} is unreadable and there is no previous manifest "
-                                    f"({PREVIOUS}) to restore; restore {MANIFEST} from a copy") from None
-        if manifest is None:
-            if not (output / PREVIOUS).exists():
-                raise FileNotFoundError(f"{output} is not a qk-sniff dataset: {MANIFEST} is missing")
-            manifest = read_manifest(output, PREVIOUS)
-            restored = True
-            log(f"restored {MANIFEST} from {PREVIOUS}: examples committed after it will be captured again")
-            from .manifest import remove_orphans
-
-            remove_orphans(output, manifest)  # shards committed after it
+        manifest, restored = _readable_manifest(output, log)
         manifest.setdefault("shard_info", {})
         manifest.setdefault("example_info", {})
+        tidied = _tidy(output, manifest)
+        for line in tidied:
+            log(line)
         bad: dict[tuple[str, str], str] = {}
         for key, names in sorted(manifest["shards"].items()):
             for name in names:
@@ -581,47 +578,52 @@ def repair(output: str | Path, log=print) -> dict:
         lines = [shard_problem_line(output, manifest, key, name, p) for (key, name), p in sorted(bad.items())]
         for line in lines:
             log(line)
+        salvaged: dict[tuple[str, str], list] = {}
         dropped: set[int] = set()
         for key, name in bad:
-            dropped |= set(shard_examples(manifest, key, name)) or _older_shard_examples(output, manifest, key, name, bad)
+            salvaged[(key, name)], lost = _salvage(output, manifest, key, name)
+            if lost is None:
+                dropped |= set(shard_examples(manifest, key, name)) or _older_shard_examples(output, manifest, key, name, bad)
+            else:
+                dropped |= segment_examples(manifest, lost)
         examples_changed = bool(check_examples_file(output, manifest))
-        if not bad and not restored and not examples_changed:
-            return {"restored": False, "bad": [], "dropped": [], "examples_rewritten": False}
+        if not bad and not restored and not examples_changed and not tidied:
+            return {"restored": False, "bad": [], "dropped": [], "tidied": [], "examples_rewritten": False}
 
         files = Files()
         number = manifest["next_segment"]
         manifest["next_segment"] = number + 1
         drop = np.array(sorted(dropped), np.int64)
-        removed: list[Path] = [output / key / name for key, name in bad]
+        removed: list[Path] = []
         part = 0
         for key, names in sorted(manifest["shards"].items()):
             kept = []
             for name in names:
-                if (key, name) in bad:
-                    manifest["shard_info"].pop(f"{key}/{name}", None)
-                    continue
                 path = output / key / name
-                if not len(drop):
-                    kept.append(name)
-                    continue
-                table = pq.read_table(path)
-                hit = np.isin(table.column("example_id").to_numpy(), drop)
-                if not hit.any():
-                    kept.append(name)
-                    continue
+                if (key, name) in bad:
+                    groups = salvaged[(key, name)]
+                else:
+                    if not len(drop) or not _holds_any(path, drop):
+                        kept.append(name)
+                        continue
+                    parquet = read_verified(output, manifest, key, name)
+                    segments = row_group_segments(manifest, key, name, parquet.num_row_groups)
+                    segments = segments or [shard_segments(manifest, key, name)] * parquet.num_row_groups
+                    groups = [(parquet.read_row_group(i), segments[i]) for i in range(parquet.num_row_groups)]
                 removed.append(path)
-                info = manifest["shard_info"].pop(f"{key}/{name}", None)
-                table = table.filter(pa.array(~hit))
-                if not table.num_rows:
+                manifest["shard_info"].pop(f"{key}/{name}", None)
+                groups = [(t.filter(pa.array(~np.isin(t.column("example_id").to_numpy(), drop))), s) for t, s in groups]
+                groups = [(t, s) for t, s in groups if t.num_rows]
+                if not groups:
                     continue
                 new = files.shard(number, part)
                 part += 1
-                size, digest = write_table(table, output / key / f".{new}.tmp", True)
+                size, digest, rows, ranges, footer = write_row_groups([t for t, _ in groups], output / key / f".{new}.tmp", True)
                 os.replace(output / key / f".{new}.tmp", output / key / new)
                 fsync_dir(output / key)
-                segments = info["segments"] if info else shard_segments(manifest, key, name)
-                manifest["shard_info"][f"{key}/{new}"] = {"bytes": size, "sha256": digest, "rows": table.num_rows,
-                                                          "segments": segments}
+                manifest["shard_info"][f"{key}/{new}"] = {
+                    "bytes": size, "sha256": digest, "rows": rows, "segments": sorted({x for _, s in groups for x in s}),
+                    "row_groups": [{"segments": s, **r} for (_, s), r in zip(groups, ranges)], "footer_sha256": footer}
                 kept.append(new)
             manifest["shards"][key] = sorted(kept)
         for example in dropped:
@@ -631,15 +633,122 @@ def repair(output: str | Path, log=print) -> dict:
         size, digest = write_table(examples_table(manifest), output / f".{EXAMPLES}.tmp", True)
         os.replace(output / f".{EXAMPLES}.tmp", output / EXAMPLES)
         manifest["examples_file"] = {"name": EXAMPLES, "bytes": size, "sha256": digest}
-        write_json_atomic(output / MANIFEST, manifest, keep_previous=not restored)
+        # The old manifest lists the shards removed next: it is no state to go back to.
+        write_json_atomic(output / MANIFEST, manifest, previous_too=True)
         for path in removed:  # after the manifest: a crash before this leaves only orphans
             path.unlink(missing_ok=True)
+        _write_card(output, manifest, log)
         if dropped:
             log(f"dropped {len(dropped)} example(s) from the manifest: {_ids_text(sorted(dropped))}; "
                 "re-run the same capture command to record them again")
-        return {"restored": restored, "bad": lines, "dropped": sorted(dropped), "examples_rewritten": True}
+        return {"restored": restored, "bad": lines, "dropped": sorted(dropped), "tidied": tidied,
+                "examples_rewritten": True}
     finally:
-        os.close(fd)
+        release_lock(output, fd, LOCK)
+
+
+def _readable_manifest(output: Path, log) -> tuple[dict, bool]:
+    """(the manifest, whether it was restored from PREVIOUS because it was unreadable or altered)."""
+    try:
+        manifest = read_manifest(output)
+    except ManifestError as error:
+        log(f"{MANIFEST}: {str(error).split(' (', 1)[-1].split(');', 1)[0]}")
+        manifest = None
+    if manifest is not None:
+        return manifest, False
+    try:
+        manifest = read_manifest(output, PREVIOUS)
+    except ManifestError:
+        manifest = None
+    if manifest is None:
+        raise ManifestError(f"{output / MANIFEST} is unreadable or altered and there is no intact previous manifest "
+                            f"({PREVIOUS}) to restore; restore {MANIFEST} from a copy") from None
+    log(f"restored {MANIFEST} from {PREVIOUS}: examples committed after it will be captured again")
+    return manifest, True
+
+
+def _tidy(output: Path, manifest: dict) -> list[str]:
+    """Remove what no reader may see: this writer's unlisted shards and temporary files (a killed
+    run's or compaction's leftovers) are deleted; other Parquet files in key folders are moved to
+    OUT/.qk_sniff.quarantine/ (never deleted: someone else put them there)."""
+    from .manifest import Files, remove_orphans
+
+    lines = []
+    removed = remove_orphans(output, manifest)
+    if removed:
+        lines.append(f"removed {len(removed)} file(s) that no commit lists (left by an interrupted run or "
+                     f"compaction), e.g. {removed[0].relative_to(output)}")
+    quarantine = output / QUARANTINE
+    moved = []
+    listed = {key: set(names) for key, names in manifest.get("shards", {}).items()}
+    for folder in sorted(p for p in output.iterdir() if p.is_dir() and parse_key(p.name)):
+        for path in sorted(folder.iterdir()):
+            if path.is_file() and path.name not in listed.get(folder.name, ()) and not Files().owns(path.name):
+                (quarantine / folder.name).mkdir(parents=True, exist_ok=True)
+                os.replace(path, quarantine / folder.name / path.name)
+                moved.append(path)
+        if not any(folder.iterdir()) and not listed.get(folder.name):
+            folder.rmdir()
+    if moved:
+        lines.append(f"moved {len(moved)} file(s) that the manifest does not list to {quarantine} (readers would "
+                     f"have read them), e.g. {moved[0].relative_to(output)}")
+    for leftover in (output / f".{MANIFEST}.tmp", output / f".{EXAMPLES}.tmp", output / f".{PREVIOUS}.tmp"):
+        leftover.unlink(missing_ok=True)
+    return lines
+
+
+def _salvage(output: Path, manifest: dict, key: str, name: str) -> tuple[list, set[int] | None]:
+    """Of a shard that failed its digest: ([(table, segments)] of the row groups whose bytes match
+    their recorded sha256, segments of the others), or ([], None) when nothing is known intact
+    (no per-row-group digests recorded, or the footer changed)."""
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    info = manifest.get("shard_info", {}).get(f"{key}/{name}") or {}
+    groups = info.get("row_groups")
+    path = output / key / name
+    if not groups or not info.get("footer_sha256") or not path.is_file():
+        return [], None
+    data = path.read_bytes()
+    end = groups[-1]["offset"] + groups[-1]["bytes"]
+    if hashlib.sha256(data[end:]).hexdigest() != info["footer_sha256"]:
+        return [], None
+    try:
+        parquet = pq.ParquetFile(pa.BufferReader(data), page_checksum_verification=True)
+        if parquet.num_row_groups != len(groups):
+            return [], None
+        kept, lost = [], set()
+        for i, group in enumerate(groups):
+            start = group["offset"]
+            if hashlib.sha256(data[start:start + group["bytes"]]).hexdigest() == group["sha256"]:
+                kept.append((parquet.read_row_group(i), list(group["segments"])))
+            else:
+                lost |= set(group["segments"])
+    except Exception:  # noqa: BLE001 - an intact footer that cannot be read: nothing is known intact
+        return [], None
+    return kept, lost
+
+
+def _holds_any(path: Path, examples) -> bool:
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    ids = pq.read_table(path, columns=["example_id"]).column("example_id").to_numpy()
+    return bool(np.isin(ids, examples).any())
+
+
+def _write_card(output: Path, manifest: dict, log) -> None:
+    """The card follows the manifest (never over a README.md qk-sniff did not write)."""
+    from .manifest import card_is_ours
+
+    if not card_is_ours(output):
+        log(f"info: {output}/README.md was not written by qk-sniff; the dataset card is not rewritten")
+        return
+    from .card import write_card
+
+    write_card(output, manifest)
 
 
 def _older_shard_examples(output: Path, manifest: dict, key: str, name: str, bad) -> set[int]:
@@ -680,14 +789,16 @@ def _recount(output: Path, manifest: dict) -> None:
 
 
 def repair_dataset(root: str | Path, log=print) -> int:
-    """`qk-sniff repair OUT`: repair() with its report as lines; exit status 0 when OUT is sound
-    afterwards (re-run the capture to fill what was dropped), 1 when it is not."""
+    """`qk-sniff repair OUT`: repair() with its report as lines, then every check of `verify`:
+    exit status 0 exactly when verify passes afterwards (re-run the capture to fill what was
+    dropped); 1 with each problem repair could not fix listed."""
     result = repair(root, log=log)
-    if not result["bad"] and not result["restored"]:
-        done = f"rewrote {EXAMPLES} from the manifest" if result["examples_rewritten"] else "nothing to repair"
-        log(f"OK: every committed shard of {root} is intact; {done}")
-        return 0
     problems = verify_dataset(root, log=lambda *_: None)
     for line in problems:
         log(f"still wrong: {line}")
-    return 1 if problems else 0
+    if problems:
+        return 1
+    if not (result["bad"] or result["restored"] or result["tidied"]):
+        done = f"rewrote {EXAMPLES} from the manifest" if result["examples_rewritten"] else "nothing to repair"
+        log(f"OK: every committed shard of {root} is intact; {done}")
+    return 0

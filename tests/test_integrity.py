@@ -167,7 +167,7 @@ def test_a_corrupt_manifest_is_one_line_that_never_advises_overwrite(dataset, ca
     lines = []
     assert repair_dataset(out, log=lines.append) == 0
     restored = read_manifest(out)
-    assert restored["examples"] and set(restored["examples"]) <= set(good["examples"]) and "restored" in lines[0]
+    assert restored["examples"] and set(restored["examples"]) <= set(good["examples"]) and any("restored" in line for line in lines)
     assert verify_dataset(out, log=lambda *_: None) == []
     capture(out, EXAMPLES)
     clean = tmp_path / "clean"
