@@ -1,0 +1,184 @@
+"""Issue 17: capture state belongs to one forward (with a start and an end) and one cache, and every
+attention call is checked against its forward. Each situation against an independent oracle: hooks
+on the projections plus the model's own RoPE, or an uncached forward of the same tokens."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+import transformers as tf
+from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
+
+import qk_attn
+from capture_utils import GroundTruth, all_heads, expected_rows, rows_by_key
+from families import COMMON, VOCAB, build, padded_batch
+from qk_attn import backends
+from qk_attn.context import CaptureError
+
+torch.set_grad_enabled(False)
+
+
+class _Boom(RuntimeError):
+    pass
+
+
+def _tokens(length: int, batch: int = 1, seed: int = 3) -> torch.Tensor:
+    return torch.randint(2, VOCAB - 2, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _raise(*_args, **_kwargs):
+    raise _Boom("out of memory (simulated)")
+
+
+def _one_shot(model, ids, example_ids, **settings):
+    """Rows of one uncached forward over the whole sequence: the oracle for cached runs."""
+    with qk_attn.session(sampler="all", example_ids=example_ids, **settings) as s:
+        model(input_ids=ids, use_cache=False)
+    return rows_by_key(s.table())
+
+
+def _truth(model, call: dict, example_ids) -> dict:
+    """The rows of `call` from hooks on the projections plus the model's RoPE, run without capture."""
+    truth = GroundTruth(model)
+    model(**call)
+    truth.remove()
+    return expected_rows(truth.post, call, example_ids, all_heads(model))
+
+
+def _token_ids(table) -> dict[tuple[int, int], int]:
+    data = table.select(["example_id", "position", "token_id"]).to_pydict()
+    return dict(zip(zip(data["example_id"], data["position"]), data["token_id"]))
+
+
+def _want_token_ids(call: dict, example_ids) -> dict[tuple[int, int], int]:
+    out = {}
+    for b, example in enumerate(example_ids):
+        for t in torch.nonzero(call["attention_mask"][b]).flatten().tolist():
+            out[(example, int(call["position_ids"][b, t]))] = int(call["input_ids"][b, t])
+    return out
+
+
+def _assert_same_rows(got: dict, want: dict, rtol=1e-5, atol=1e-6):
+    assert got.keys() == want.keys()
+    for key, vector in want.items():
+        np.testing.assert_allclose(got[key], vector, rtol=rtol, atol=atol, err_msg=str(key))
+
+
+# ---- a forward that raises is discarded, whole, and nothing of it is reused -------------------
+
+@pytest.mark.parametrize("earlier", [False, True], ids=["first-forward", "later-forward"])
+@pytest.mark.parametrize("where", ["mask", "layer0-q_proj"])
+def test_a_forward_that_raises_before_any_attention_call_leaves_nothing_to_the_next(where, earlier, monkeypatch):
+    """The retry has another batch size, padding and length: it must get its own context."""
+    model = build("llama3", "qk_sniff")
+    retry = padded_batch("left", lengths=(9, 6), seed=4)
+    with qk_attn.session(sampler="all") as s:
+        if earlier:
+            model(input_ids=_tokens(5, seed=7))  # example 0, a complete forward before the failing one
+        with monkeypatch.context() as patch:
+            if where == "mask":
+                patch.setitem(backends.MASKS, "sdpa", _raise)
+            else:
+                patch.setattr(model.model.layers[0].self_attn.q_proj, "forward", _raise)
+            with pytest.raises(_Boom):
+                model(input_ids=_tokens(9, seed=1))
+        model(**retry)
+    ids = [1, 2] if earlier else [0, 1]
+    got = rows_by_key(s.table())
+    want = _truth(model, retry, ids)
+    if earlier:
+        got = {k: v for k, v in got.items() if k[0] != 0}
+    _assert_same_rows(got, want)
+    got_ids = {k: v for k, v in _token_ids(s.table()).items() if k[0] in ids}
+    assert got_ids == _want_token_ids(retry, ids)
+    assert s.sink.committed == ([0] if earlier else []) + ids
+
+
+def _gpt_neox():
+    return tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3,
+                                                  num_attention_heads=4, intermediate_size=96, rotary_pct=0.5))
+
+
+def _phi():
+    return tf.PhiForCausalLM(tf.PhiConfig(**COMMON))
+
+
+def _gpt2():
+    return tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=64))
+
+
+def _falcon():
+    return tf.FalconForCausalLM(tf.FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3,
+                                                num_attention_heads=4))
+
+
+def _opt():
+    return tf.OPTForCausalLM(tf.OPTConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3,
+                                          num_attention_heads=4, ffn_dim=96, word_embed_proj_dim=64))
+
+
+def _gptj():
+    return tf.GPTJForCausalLM(tf.GPTJConfig(vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, rotary_dim=8,
+                                            n_positions=64))
+
+
+NO_NORM_ATTRIBUTE = {"gpt_neox": _gpt_neox, "phi": _phi, "gpt2": _gpt2, "falcon": _falcon, "opt": _opt,
+                     "gptj": _gptj}
+
+
+def _build(family: str):
+    if family not in NO_NORM_ATTRIBUTE:
+        return build(family, "qk_sniff")
+    torch.manual_seed(0)
+    model = NO_NORM_ATTRIBUTE[family]()
+    model.set_attn_implementation("qk_sniff")
+    return model.eval()
+
+
+def _last_layer(model) -> torch.nn.Module:
+    return [m for m in model.base_model.modules() if isinstance(m, torch.nn.ModuleList)][0][-1]
+
+
+@pytest.mark.parametrize("family", ["llama3", "gemma3", *NO_NORM_ATTRIBUTE])
+@pytest.mark.parametrize("earlier", [False, True], ids=["first-forward", "later-forward"])
+def test_an_exception_in_the_last_layer_discards_the_forward_for_every_architecture(family, earlier, caplog):
+    """No reliance on a final norm called `norm`: the forward's end is its decoder stack's."""
+    model = _build(family)
+    good = _tokens(6, seed=2)
+    with caplog.at_level(logging.WARNING, logger="qk_attn"), qk_attn.session(sampler="all", capture="k") as s:
+        if earlier:
+            s.begin([5])
+            model(input_ids=good)
+        handle = _last_layer(model).register_forward_hook(_raise)  # after the last layer's attention ran
+        with pytest.raises(_Boom):
+            model(input_ids=_tokens(7, seed=1))
+        handle.remove()
+        s.begin([9])
+        model(input_ids=good)
+    assert "stopped before its end" in caplog.text
+    assert s.sink.committed == ([5] if earlier else []) + [9]
+    got = {k: v for k, v in rows_by_key(s.table()).items() if k[0] == 9}
+    _assert_same_rows(got, _one_shot(model, good, [9], capture="k"), rtol=0, atol=0)
+
+
+# ---- a sequence belongs to its cache ------------------------------------------------------------
+
+def test_two_caches_stepped_alternately_are_two_sequences():
+    model = build("llama3", "qk_sniff")
+    a, b = _tokens(9, seed=1), _tokens(11, seed=2)  # prompts of 5 and 8 tokens, then decode steps
+    with qk_attn.session(sampler="all") as s:
+        caches = {3: DynamicCache(config=model.config), 4: DynamicCache(config=model.config)}
+        s.begin([3])
+        model(input_ids=a[:, :5], cache=caches[3])
+        s.begin([4])
+        model(input_ids=b[:, :8], cache=caches[4])
+        for step in range(3):
+            model(input_ids=a[:, 5 + step:6 + step], cache=caches[3])
+            model(input_ids=b[:, 8 + step:9 + step], cache=caches[4])
+        model(input_ids=a[:, 8:9], cache=caches[3])
+    _assert_same_rows(rows_by_key(s.table()), {**_one_shot(model, a, [3]), **_one_shot(model, b, [4])},
+                      rtol=1e-4, atol=1e-5)
+    assert s.sink.committed == [3, 4]
