@@ -182,3 +182,90 @@ def test_two_caches_stepped_alternately_are_two_sequences():
     _assert_same_rows(rows_by_key(s.table()), {**_one_shot(model, a, [3]), **_one_shot(model, b, [4])},
                       rtol=1e-4, atol=1e-5)
     assert s.sink.committed == [3, 4]
+
+
+def _repetitive_prompt() -> torch.Tensor:
+    return torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6]])  # n-grams prompt lookup proposes candidates from
+
+
+def test_a_refused_rollback_discards_its_sequence_before_the_error_propagates():
+    """Prompt-lookup decoding rejects candidates by cropping the cache: refused, and the example that
+    held the rejected candidates' rows is discarded, so nothing can commit it."""
+    model = build("llama3", "qk_sniff")
+    with qk_attn.session(sampler="all") as s:
+        s.begin([1])
+        model(input_ids=_tokens(4))  # a complete example before
+        with pytest.raises(CaptureError, match="rolled-back"):
+            model.generate(input_ids=_repetitive_prompt(), max_new_tokens=8, prompt_lookup_num_tokens=3,
+                           do_sample=False, pad_token_id=0)
+        assert s.sink.committed == [] and s._begun == [1]
+    assert s.sink.committed == [1]
+    assert set(rows_by_key(s.table())) == set(_one_shot(model, _tokens(4), [1]))
+
+
+ENV_SCRIPT = """
+import sys, torch, qk_attn
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], attn_implementation="qk_sniff").eval()
+with torch.no_grad():
+    model(input_ids=torch.arange(2, 8)[None])   # example 0
+    try:
+        model.generate(input_ids=torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6]]), max_new_tokens=8,
+                       prompt_lookup_num_tokens=3, do_sample=False, pad_token_id=0)
+    except qk_attn.context.CaptureError as error:
+        print("refused:", error)
+"""
+
+
+def test_a_refusal_in_env_mode_is_not_committed_by_the_exit_handler(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    build("llama3").save_pretrained(tmp_path / "model")
+    out = tmp_path / "out"
+    env = dict(os.environ, QK_SNIFF_OUTPUT=str(out), QK_SNIFF_SAMPLER="all", QK_SNIFF_LAYERS="0",
+               QK_SNIFF_CAPTURE="k")
+    result = subprocess.run([sys.executable, "-c", ENV_SCRIPT, str(tmp_path / "model")], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "refused: qk_sniff: this forward continues a cache" in result.stdout
+    assert qk_attn.load_examples(out).column("example_id").to_pylist() == [0]
+    table = qk_attn.load(out, layer=0, head=0, kind="k")
+    assert sorted(table.column("example_id").to_pylist()) == [0] * 6
+    from qk_attn.verify import verify_dataset
+    assert verify_dataset(out, log=lambda *_: None) == []
+
+
+class _StopRow(StoppingCriteria):
+    """Row `row` is finished once the sequences reach `length` tokens (as an EOS would end it)."""
+
+    def __init__(self, row: int, length: int):
+        self.row, self.length = row, length
+
+    def __call__(self, input_ids, scores, **kwargs):
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        done[self.row] = input_ids.shape[1] >= self.length
+        return done
+
+
+def test_rows_of_a_batched_generate_end_at_their_eos(tmp_path):
+    """After a row's end (its EOS), generate() keeps feeding it pad tokens: they are not its document."""
+    from qk_attn.verify import verify_dataset
+
+    model = build("llama3", "qk_sniff")
+    prompt = _tokens(5, batch=2, seed=6)
+    out = tmp_path / "out"
+    with qk_attn.session(output=out, sampler="all", example_ids=[0, 1], capture="k", layers="0") as s:
+        sequences = model.generate(input_ids=prompt, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                                   stopping_criteria=StoppingCriteriaList([_StopRow(0, 7)]))
+    assert sequences.shape[1] == 11 and (sequences[0, 7:] == 0).all()  # row 0 ended with its token at position 6
+    got = {}
+    for head in (0, 1):
+        got.update(rows_by_key(qk_attn.load(out, layer=0, head=head, kind="k")))
+    want = {**_one_shot(model, sequences[:1, :7], [0], capture="k", layers="0"),
+            **_one_shot(model, sequences[1:, :10], [1], capture="k", layers="0")}
+    _assert_same_rows(got, want, rtol=1e-4, atol=1e-5)
+    lengths = qk_attn.load_examples(out).select(["example_id", "valid_length"]).to_pydict()
+    assert lengths == {"example_id": [0, 1], "valid_length": [7, 10]}
+    assert verify_dataset(out, log=lambda *_: None) == []
