@@ -10,12 +10,15 @@ folder lacks (pull first). Any Hub failure is a `HubError` carrying the Hub's me
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from huggingface_hub import HfApi
 
 from .card import CARD, CHART, write_card
-from .manifest import EXAMPLES, MANIFEST, check_same_capture, read_manifest, take_lock
+from .manifest import (EXAMPLES, MANIFEST, StorageError, check_same_capture, public_manifest, read_manifest,
+                       release_lock, take_lock, write_json_atomic)
 
 SHARDS = "l*h*/*.parquet"
 REPO_TYPE = "dataset"
@@ -56,6 +59,7 @@ def push(
     api = api or HfApi(token=token)
     where = _where(repo_id, revision)
     try:
+        _check_shards(output, manifest)
         remote = _remote_manifest(api, repo_id, revision)
         if remote is not None:
             lacking = set(remote.get("examples", {})) - set(manifest.get("examples", {}))
@@ -69,17 +73,23 @@ def push(
         if revision:
             api.create_branch(repo_id, branch=revision, repo_type=REPO_TYPE, exist_ok=True)
         write_card(output, manifest, repo_id=repo_id, revision=revision)  # loading snippet names the repo
-        common = dict(repo_id=repo_id, folder_path=output, repo_type=REPO_TYPE, revision=revision)
-        api.upload_folder(**common, allow_patterns=[SHARDS], delete_patterns=[SHARDS],
+        common = dict(repo_id=repo_id, repo_type=REPO_TYPE, revision=revision)
+        api.upload_folder(**common, folder_path=output, allow_patterns=[SHARDS], delete_patterns=[SHARDS],
                           commit_message=f"qk-sniff: {len(manifest['examples'])} examples (shards)")
-        api.upload_folder(**common, allow_patterns=[MANIFEST, EXAMPLES, CARD, CHART],
-                          commit_message=f"qk-sniff: {len(manifest['examples'])} examples (manifest, card)")
-    except HubError:
+        with tempfile.TemporaryDirectory(prefix="qk-sniff-push-") as staging:  # the manifest without local paths
+            staging = Path(staging)
+            write_json_atomic(staging / MANIFEST, public_manifest(manifest), fsync=False)
+            for name in (EXAMPLES, CARD, CHART):
+                if (output / name).is_file():
+                    shutil.copy(output / name, staging / name)
+            api.upload_folder(**common, folder_path=staging, allow_patterns=[MANIFEST, EXAMPLES, CARD, CHART],
+                              commit_message=f"qk-sniff: {len(manifest['examples'])} examples (manifest, card)")
+    except (HubError, StorageError):
         raise
     except Exception as error:  # noqa: BLE001 - any Hub/network failure: keep the Hub's own words
         raise HubError(f"pushing {output} to {where} failed: {error}") from error
     finally:
-        os.close(lock)
+        release_lock(output, lock)
     return f"https://huggingface.co/datasets/{repo_id}" + (f"/tree/{revision}" if revision else "")
 
 
@@ -98,6 +108,7 @@ def pull(
     capture with different settings.
     """
     output = Path(output)
+    created = not output.exists()
     output.mkdir(parents=True, exist_ok=True)
     lock = take_lock(output)
     api = api or HfApi(token=token)
@@ -130,8 +141,22 @@ def pull(
     except Exception as error:  # noqa: BLE001
         raise HubError(f"pulling {where} into {output} failed: {error}") from error
     finally:
-        os.close(lock)
+        release_lock(output, lock)
+        if created and not any(output.iterdir()):  # a failed pull leaves nothing behind
+            output.rmdir()
     return output
+
+
+def _check_shards(output: Path, manifest: dict) -> None:
+    """Every committed shard against its recorded size and sha256: a damaged shard is never published."""
+    from .verify import check_shard
+
+    for key, names in sorted(manifest["shards"].items()):
+        for name in names:
+            problem = check_shard(output, manifest, key, name, read=False)
+            if problem:
+                raise StorageError(f"{output / key / name}: {problem}; nothing was pushed: run `qk-sniff verify "
+                                   f"{output}`, then `qk-sniff repair {output}` and the capture again")
 
 
 def snapshot(repo_id: str, revision: str | None = None, allow_patterns: list[str] | None = None,

@@ -209,9 +209,30 @@ def now() -> str:
 
 
 def identity(config: dict, source: dict | None) -> dict:
-    out = {k: v for k, v in config.items() if k not in NOT_IDENTITY}
-    if source:
-        out.update({f"source.{k}": v for k, v in source.items() if k not in SOURCE_NOT_IDENTITY})
+    out = {k: public_value(v) for k, v in config.items() if k not in NOT_IDENTITY}
+    if source:  # a pushed (then pulled) manifest names local files by their last part
+        out.update({f"source.{k}": public_value(v) for k, v in source.items() if k not in SOURCE_NOT_IDENTITY})
+    return out
+
+
+def public_value(value):
+    """A value fit for publishing: an absolute local path becomes its last part, marked local."""
+    if isinstance(value, str) and (os.path.isabs(value) or value.startswith("~")):
+        return f"{Path(value).name} (local)"
+    if isinstance(value, dict):
+        return {k: public_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [public_value(v) for v in value]
+    return value
+
+
+def public_manifest(manifest: dict) -> dict:
+    """The manifest as pushed: no absolute local paths (the dataset, model or tokenizer a capture
+    was made from locally are named by their last part)."""
+    out = dict(manifest)
+    for field in ("config", "source", "model", "plan"):
+        if out.get(field) is not None:
+            out[field] = public_value(out[field])
     return out
 
 

@@ -17,7 +17,7 @@ from huggingface_hub.utils import filter_repo_objects
 import qk_attn
 from qk_attn import hub
 from qk_attn.hub import HubError
-from qk_attn.saver import CommittedExampleError, read_manifest
+from qk_attn.saver import CommittedExampleError, StorageError, read_manifest
 from test_saver import folder_table, open_sink, run_examples, sort_rows
 
 
@@ -172,3 +172,33 @@ def test_push_and_pull_refuse_to_lose_examples(tmp_path, fake_hub):
     assert {k for k in fake_hub.repos["org/qk"]["main"] if k.endswith(".parquet") and "/" in k} == {
         f"{key}/{n}" for key, names in read_manifest(a)["shards"].items() for n in names}
     assert sort_rows(folder_table(b)).num_rows > 0
+
+
+def test_pushed_files_hold_no_local_paths_damage_is_never_pushed_and_failures_leave_no_lock(tmp_path, fake_hub):
+    out = tmp_path / "out"
+    source = {"dataset": str(tmp_path / "docs.jsonl"), "tokenizer": str(tmp_path / "tok"), "split": "train"}
+    sink = open_sink(out, source=source)
+    run_examples(sink, [0, 1])
+    sink.close()
+    hub.push(out, "org/qk")
+    remote = fake_hub.repos["org/qk"]["main"]
+    assert all(str(tmp_path).encode() not in data for data in remote.values())
+    pulled = tmp_path / "pulled"
+    hub.pull("org/qk", pulled)
+    assert read_manifest(pulled)["source"]["dataset"] == "docs.jsonl (local)"
+    open_sink(pulled, source=source).close()  # the same capture: it resumes where it was made
+    assert not (out / ".qk_sniff.lock").exists() and not (pulled / ".qk_sniff.lock").exists()
+
+    key, names = next(iter(read_manifest(out)["shards"].items()))
+    data = bytearray((out / key / names[0]).read_bytes())
+    data[len(data) // 2] ^= 1
+    (out / key / names[0]).write_bytes(bytes(data))
+    before = dict(remote)
+    with pytest.raises(StorageError, match="qk-sniff repair"):
+        hub.push(out, "org/qk")
+    assert fake_hub.repos["org/qk"]["main"] == before and not (out / ".qk_sniff.lock").exists()
+
+    fake_hub.fail["snapshot_download"] = OSError("no network")
+    with pytest.raises(HubError, match="no network"):
+        hub.pull("org/qk", tmp_path / "new")
+    assert not (tmp_path / "new").exists()  # no folder, no lock left behind
