@@ -457,6 +457,23 @@ def remove_orphans(output: Path, manifest: dict, files: Files = Files()) -> list
     return removed
 
 
+def has_leftovers(output: Path) -> bool:
+    """What a killed run (or compaction) leaves that the next open of the folder makes good: shards
+    or temporary files no commit lists, an examples table behind the manifest, no card."""
+    from .card import CARD
+    from .verify import check_examples_file
+
+    manifest = read_manifest(output)
+    if manifest is None:
+        return False
+    if not (output / CARD).exists() or check_examples_file(output, manifest):
+        return True
+    listed = {key: set(names) for key, names in manifest.get("shards", {}).items()}
+    return any(path.name not in listed.get(folder.name, ()) and Files().owns(path.name)
+               for folder in output.iterdir() if folder.is_dir() and parse_key(folder.name)
+               for path in folder.iterdir())
+
+
 def remove_dataset(output: Path, files: Files = Files()) -> None:
     """Delete what a capture wrote into OUT (and nothing else). A rank deletes only its own
     shards and manifest part; rank 0 also the merged manifest, the card and single-writer shards."""

@@ -669,9 +669,20 @@ def _run(config: RunConfig, rank, push_to_hub: bool, progress: bool, sink, log=p
     checked = preflight(config, model_name, tokenizer_name, rank, sink, log)
     rows, total, tokenizer = checked.rows, checked.total, checked.tokenizer
     if checked.estimate is not None and not checked.estimate.documents and rank.is_single and sink is None:
-        # Every document is committed already: no need to load the weights to do nothing.
+        # Every document is committed already: no need to load the weights to do nothing, but a
+        # killed run's leftovers (orphan shards, a lagging examples table, no card) are made good.
         summary.resumed = total
         summary.max_length = checked.max_length
+        from .manifest import has_leftovers
+
+        if has_leftovers(Path(os.path.expanduser(config.output.data_root))):
+            from .config import SniffConfig
+            from .saver import ParquetSink
+
+            vocabulary = (tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+                          if config.capture.capture_token_strings else None)
+            sniff = SniffConfig(**settings)
+            ParquetSink(sniff.output, sniff, source=checked.source, vocabulary=vocabulary).close()
         if push_to_hub:
             summary.pushed = push(config)
         return summary

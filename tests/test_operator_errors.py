@@ -468,3 +468,23 @@ def test_flash_backend_without_flash_attn_is_one_line_before_weights(tiny_model,
     assert code == 2
     assert "inference.backend='flash_attention_2' needs the flash-attn package" in one_line(err)
     assert not out.exists()
+
+
+def test_a_rerun_after_a_kill_at_close_makes_the_folder_sound_without_the_weights(tiny_model, docs, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """A kill after the last commit (during close-time compaction) leaves orphan shards, a lagging
+    examples table and no card; re-running the same command says "nothing to capture" and makes
+    them good, so `verify` passes."""
+    out = tmp_path / "out"
+    config = first_run(tiny_model, docs, tmp_path, capsys, out)
+    key = next(p for p in sorted(out.iterdir()) if p.is_dir())
+    shard = next(key.glob("*.parquet"))
+    (key / "s000777-p0000.parquet").write_bytes(shard.read_bytes())  # a merged shard never listed
+    (out / "README.md").unlink()
+    (out / "examples.parquet").unlink()
+    assert cli.main(["verify", str(out)]) == 1
+    monkeypatch.setattr(runner, "load_model", lambda *a, **k: pytest.fail("loaded the model to do nothing"))
+    code, printed, err = run_cli(capsys, "--config", config)
+    assert code == 0 and "nothing to capture" in printed, err
+    assert not (key / "s000777-p0000.parquet").exists() and (out / "README.md").is_file()
+    assert cli.main(["verify", str(out)]) == 0
