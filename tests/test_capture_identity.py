@@ -4,6 +4,7 @@ on the projections plus the model's own RoPE, or an uncached forward of the same
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import numpy as np
@@ -269,3 +270,58 @@ def test_rows_of_a_batched_generate_end_at_their_eos(tmp_path):
     lengths = qk_attn.load_examples(out).select(["example_id", "valid_length"]).to_pydict()
     assert lengths == {"example_id": [0, 1], "valid_length": [7, 10]}
     assert verify_dataset(out, log=lambda *_: None) == []
+
+
+# ---- multimodal wrappers: the text model gets embeddings, the token ids are the wrapper's --------
+
+def _gemma3_multimodal():
+    torch.manual_seed(0)
+    text = dict(COMMON, head_dim=16, sliding_window=4,
+                layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+                  patch_size=8)
+    config = tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                             image_token_index=VOCAB - 1, boi_token_index=VOCAB - 3, eoi_token_index=VOCAB - 2)
+    model = tf.Gemma3ForConditionalGeneration(config).eval()
+    model.set_attn_implementation({"text_config": "qk_sniff", "vision_config": "sdpa"})
+    return model
+
+
+def _qwen2_vl():
+    torch.manual_seed(0)
+    text = dict(COMMON, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0})
+    vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, patch_size=2, spatial_merge_size=1,
+                  temporal_patch_size=1, in_channels=3)
+    config = tf.Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=VOCAB - 1,
+                              video_token_id=VOCAB - 2, vision_start_token_id=VOCAB - 3)
+    model = tf.Qwen2VLForConditionalGeneration(config).eval()
+    model.set_attn_implementation({"text_config": "qk_sniff", "vision_config": "sdpa"})
+    return model
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen2_vl"])
+def test_text_only_forwards_of_multimodal_models_record_token_ids_and_their_end(family, caplog):
+    model = _gemma3_multimodal() if family == "gemma3" else _qwen2_vl()
+    call = padded_batch("right", lengths=(7, 5), seed=8)
+    with caplog.at_level(logging.WARNING, logger="qk_attn"), qk_attn.session(sampler="all") as s:
+        last = model.model.language_model.layers[-1].register_forward_hook(_raise)
+        with pytest.raises(_Boom):
+            model(input_ids=_tokens(6, seed=1))  # the first forward: its end is never reached
+        last.remove()
+        s.begin([4, 5])
+        model(input_ids=call["input_ids"], attention_mask=call["attention_mask"])
+    assert "example(s) [0] stopped before its end" in caplog.text and s.sink.committed == [4, 5]
+    _assert_same_rows(rows_by_key(s.table()), _truth(model, call, [4, 5]))
+    assert _token_ids(s.table()) == _want_token_ids(call, [4, 5])
+
+
+def test_qwen2_vl_with_an_image_is_refused_naming_images_and_mrope():
+    model = _qwen2_vl()
+    ids = torch.tensor([[3, 4, VOCAB - 3] + [VOCAB - 1] * 4 + [5, 6]])  # an image of 2 x 2 patches
+    image = dict(pixel_values=torch.randn(4, 12), image_grid_thw=torch.tensor([[1, 2, 2]]))
+    if "mm_token_type_ids" in inspect.signature(model.model.forward).parameters:  # transformers >= 5.2x
+        image["mm_token_type_ids"] = (ids == VOCAB - 1).long()
+    with pytest.raises(CaptureError, match="images and multimodal RoPE \\(mrope\\)"):
+        with qk_attn.session(sampler="all") as s:
+            model(input_ids=ids, **image)
+    assert s.table() is None and s.sink.committed == []
