@@ -42,6 +42,18 @@ def model_shape(model_config) -> ModelShape:
                       tuple(layer_types) if layer_types else None)
 
 
+def check_decoder(model_config, where: str, kind: str) -> None:
+    """Only decoders are captured: an encoder-decoder (T5) or an encoder (BERT: a masked-LM model
+    type not configured as a decoder) is refused from its config, before any weight loads."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    if getattr(model_config, "is_encoder_decoder", False):
+        raise ConfigError(f"{where} is an encoder-decoder model ({kind}); qk-sniff records decoder-only models")
+    if kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(model_config, "is_decoder", False):
+        raise ConfigError(f"{where} is an encoder model ({kind}, bidirectional attention); qk-sniff records "
+                          "decoder-only models")
+
+
 def _span(n: int) -> str:
     return "0" if n == 1 else f"0-{n - 1}"
 

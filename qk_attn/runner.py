@@ -230,6 +230,9 @@ def load_model_config(config: RunConfig, name: str):
     from transformers import AutoConfig
 
     cfg = config.model
+    local = cfg.name.startswith(("/", "./", "../", "~")) or os.path.isabs(cfg.name)
+    if local and not Path(os.path.expanduser(cfg.name)).exists():
+        raise ConfigError(f"model.name={cfg.name!r} does not exist: no such folder (a Hub id looks like org/name)")
     try:
         model_config = AutoConfig.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as error:  # not found, no network, not a transformers model
@@ -535,6 +538,7 @@ def preflight(config: RunConfig, model_name: str, tokenizer_name: str, rank, sin
     model_config = load_model_config(config, model_name)
     model_label = config.model.name if config.model.name != DEMO_MODEL else DEMO_MODEL_ID
     kind = getattr(model_config, "model_type", None) or type(model_config).__name__
+    checks.check_decoder(model_config, f"model.name={config.model.name!r}", kind)
     try:
         shape = checks.model_shape(model_config)
     except (AttributeError, TypeError, ValueError) as error:  # a config without the usual attention fields

@@ -488,3 +488,25 @@ def test_a_rerun_after_a_kill_at_close_makes_the_folder_sound_without_the_weight
     assert code == 0 and "nothing to capture" in printed, err
     assert not (key / "s000777-p0000.parquet").exists() and (out / "README.md").is_file()
     assert cli.main(["verify", str(out)]) == 0
+
+
+@pytest.mark.parametrize("model, says", [
+    ("bert", "is an encoder model (bert"),
+    ("t5", "is an encoder-decoder model (t5)"),
+    ("missing", "does not exist: no such folder"),
+])
+def test_models_that_are_not_decoders_or_not_there_are_refused_before_the_weights(model, says, docs, tmp_path, capsys,
+                                                                                   no_weights, tiny_model):
+    from transformers import BertConfig, T5Config
+
+    folder = tmp_path / model
+    if model != "missing":
+        config = BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64) \
+            if model == "bert" else T5Config(num_layers=2, d_model=32, num_heads=2, d_kv=16, d_ff=64)
+        config.save_pretrained(folder)
+    config = write_config(tmp_path, tiny_model, docs[0], tmp_path / "out", capture=SPARSE,
+                          model={"name": str(folder), "dtype": "float32", "device": "cpu"},
+                          tokenizer={"name": str(tiny_model)})
+    code, _, err = run_cli(capsys, "--config", config)
+    assert code == 2 and says in one_line(err) and len(err) < 300
+    assert not (tmp_path / "out").exists()
