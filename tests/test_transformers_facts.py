@@ -1,0 +1,118 @@
+"""What qk-attn assumes about transformers holds on the installed version (qk_attn.transformers_facts)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+
+import qk_attn
+from qk_attn import transformers_facts as facts
+from qk_attn.context import CaptureError
+
+
+@pytest.mark.parametrize("fact", facts.FACTS, ids=lambda fact: fact.name)
+def test_fact_holds(fact):
+    findings = facts.check_all((fact,))
+    assert not findings, str(findings[0])
+
+
+def test_a_broken_fact_names_the_version_and_the_fact(monkeypatch):
+    from transformers import masking_utils
+
+    def sdpa_mask(batch_size, q_length, kv_length, attention_mask=None):  # lost q_offset and kv_offset
+        return None
+
+    monkeypatch.setattr(masking_utils, "sdpa_mask", sdpa_mask)
+    (finding,) = facts.check_all()
+    assert (finding.fact, finding.transformers) == ("mask_functions", tf.__version__)
+    assert "sdpa_mask(batch_size, q_length, kv_length, attention_mask=None)" in finding.found
+    facts.require.cache_clear()
+    with pytest.raises(facts.TransformersMismatch, match=rf"transformers {tf.__version__} .*mask_functions"):
+        facts.require()
+    facts.require.cache_clear()
+
+
+def test_a_changed_attention_signature_is_found(monkeypatch):
+    from transformers.integrations import sdpa_attention
+
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", lambda module, q, k, v, mask, **kw: None)
+    assert [f.fact for f in facts.check_all()] == ["sdpa_forward"]
+
+
+def test_every_name_branch_is_classified():
+    found = facts.name_branches()
+    unclassified = [f"{b.path} line {found[b][0]}: {b.condition}" for b in found if b not in facts.NAME_BRANCHES]
+    assert not unclassified, (f"transformers {tf.__version__} branches on the attention implementation's name where "
+                              "qk_attn.transformers_facts.NAME_BRANCHES does not say how 'qk_sniff' is handled: "
+                              + "; ".join(unclassified))
+
+
+def test_branches_said_alike_are_alike():
+    wrong = [b for b, handling in facts.NAME_BRANCHES.items() if handling == facts.ALIKE and not facts.alike(b.condition)]
+    assert not wrong
+
+
+def test_the_enumeration_finds_a_new_branch(tmp_path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "modeling_new.py").write_text(
+        "def f(self):\n    if self.config._attn_implementation   ==  \"sdpa\":\n        return 1\n")
+    (tmp_path / "models" / "modular_new.py").write_text("x = config._attn_implementation == 'eager'\n")
+    assert facts.name_branches(tmp_path) == {
+        facts.Branch("models/modeling_new.py", "self.config._attn_implementation == 'sdpa'"): [2]}
+    assert not facts.alike("self.config._attn_implementation == 'sdpa'")
+
+
+def test_followed_methods_exist_where_their_branch_does():
+    found = {b.path for b in facts.name_branches()}
+    for module_name, (class_name, method) in facts.FOLLOWED_METHODS.items():
+        path = module_name.removeprefix("transformers.").replace(".", "/") + ".py"
+        if path in found:
+            module = __import__(module_name, fromlist=[class_name])
+            assert callable(getattr(getattr(module, class_name), method)), (module_name, class_name, method)
+
+
+def tiny_gemma4():
+    config = tf.Gemma4TextConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, sliding_window=4, pad_token_id=0,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        num_kv_shared_layers=2, vocab_size_per_layer_input=96, hidden_size_per_layer_input=8, global_head_dim=16)
+    torch.manual_seed(0)
+    return tf.Gemma4ForCausalLM(config).eval()
+
+
+def logits(model, implementation, ids, **kwargs):
+    model.set_attn_implementation(implementation)
+    facts.follow_wrapped_backend(model.config, "sdpa")  # what the "qk_sniff" mask function does each forward
+    with torch.no_grad():
+        return model(input_ids=ids, **kwargs).logits
+
+
+@pytest.mark.parametrize("capture", [False, True], ids=["capture_off", "capture_on"])
+def test_gemma4_logits_to_keep_equal_sdpa(capture):
+    model = tiny_gemma4()
+    ids = torch.randint(3, 96, (2, 10), generator=torch.Generator().manual_seed(1))
+    expected = logits(model, "sdpa", ids, logits_to_keep=3)
+    if capture:
+        with qk_attn.session(sampler="all", example_ids=[0, 1]) as s:
+            got = logits(model, "qk_sniff", ids, logits_to_keep=3)
+        assert s.table().num_rows > 0
+    else:
+        got = logits(model, "qk_sniff", ids, logits_to_keep=3)
+    assert got.shape == (2, 3, 96)
+    assert torch.equal(got, expected)
+    assert model.config._attn_implementation == "qk_sniff"  # the name is back after the followed method
+
+
+def test_sparse_indexer_models_are_refused():
+    config = tf.DeepseekV32Config() if hasattr(tf, "DeepseekV32Config") else pytest.skip("no DeepSeek-V3.2 here")
+    with pytest.raises(CaptureError, match="deepseek_v32 .*load it with attn_implementation='sdpa'"):
+        facts.follow_wrapped_backend(config, "sdpa")
+
+
+def test_gpt2_upcast_attention_is_refused_under_eager_only():
+    config = tf.GPT2Config(reorder_and_upcast_attn=True)
+    facts.follow_wrapped_backend(config, "sdpa")  # sdpa ignores reorder_and_upcast_attn, as "sdpa" does
+    with pytest.raises(CaptureError, match="reorder_and_upcast_attn=True .*QK_SNIFF_BACKEND=sdpa"):
+        facts.follow_wrapped_backend(config, "eager")
