@@ -325,3 +325,56 @@ def test_qwen2_vl_with_an_image_is_refused_naming_images_and_mrope():
         with qk_attn.session(sampler="all") as s:
             model(input_ids=ids, **image)
     assert s.table() is None and s.sink.committed == []
+
+
+# ---- every attention call checked against its forward ----------------------------------------------
+
+def _gemma4():
+    torch.manual_seed(0)
+    config = tf.Gemma4TextConfig(**dict(COMMON, num_hidden_layers=4), head_dim=16, global_head_dim=16,
+                                 sliding_window=4, num_kv_shared_layers=2, hidden_size_per_layer_input=0,
+                                 layer_types=["sliding_attention", "full_attention"] * 2)
+    model = tf.Gemma4ForCausalLM(config).eval()
+    model.set_attn_implementation("qk_sniff")
+    return model
+
+
+def test_layers_given_only_the_last_queries_record_exactly_those_positions():
+    """Gemma 4's KV-shared layers compute only the `logits_to_keep` last queries (transformers >= 5.25):
+    their rows are those positions, equal to the same queries of a forward that computes them all."""
+    model = _gemma4()
+    ids = _tokens(7)
+    with qk_attn.session(sampler="all", capture="q", example_ids=[2]) as s:
+        model(input_ids=ids, logits_to_keep=3)
+    full = _one_shot(model, ids, [2], capture="q")
+    shared = range(model.config.num_hidden_layers - model.config.num_kv_shared_layers, model.config.num_hidden_layers)
+    want = {k: v for k, v in full.items() if k[1] not in shared or k[4] >= 4}
+    got = rows_by_key(s.table())
+    if not {k for k in got if k[1] in shared and k[4] < 4}:  # transformers slices the queries here
+        _assert_same_rows(got, want, rtol=1e-4, atol=1e-5)
+    else:  # older transformers compute every query
+        _assert_same_rows(got, full, rtol=1e-4, atol=1e-5)
+    with qk_attn.session(sampler="all", capture="q", heads="0", example_ids=[3]) as s:
+        model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0)  # logits_to_keep=1
+    per_layer = {}
+    for layer, position in zip(s.table()["layer"].to_pylist(), s.table()["position"].to_pylist()):
+        per_layer.setdefault(layer, []).append(position)
+    assert all(sorted(per_layer[layer]) == list(range(9)) for layer in range(2))
+    assert all(sorted(per_layer[layer]) in (list(range(6, 9)), list(range(9))) for layer in shared)
+
+
+def test_an_attention_call_that_does_not_fit_its_forward_is_refused_in_one_line(monkeypatch):
+    """A query of another batch or longer than the forward's tokens is never gathered from."""
+    model = build("llama3", "qk_sniff")
+    attention = model.model.layers[1].self_attn
+    original = attention.forward
+
+    def doubled(hidden_states, *args, **kwargs):  # as a layer run with another forward's inputs would be
+        return original(torch.cat([hidden_states, hidden_states]), *args, **kwargs)
+
+    monkeypatch.setattr(attention, "forward", doubled)
+    with pytest.raises(CaptureError, match=r"^qk_sniff: layer 1 got a query of batch 2 and a key of batch 2 in a "
+                                           r"forward of batch 1; not recorded$"):
+        with qk_attn.session(sampler="all") as s:
+            model(input_ids=_tokens(5))
+    assert s.sink.committed == [] and s.table().num_rows == 0
