@@ -12,6 +12,8 @@ import sys
 
 import torch
 
+from .context import CaptureError
+
 
 def uses_rope(module) -> bool:
     """False for layers that skip rotation (SmolLM3's NoPE layers set `use_rope = 0`)."""
@@ -34,7 +36,14 @@ def invert_rope(module, kind: str, vectors: torch.Tensor, positions: torch.Tenso
     cos, sin = rotary
     apply = _modeling_module(module).apply_rotary_pos_emb
     rows = vectors[None]  # (1, H, N, D) as apply_rotary_pos_emb expects (B, H, T, D)
-    back = apply(rows, rows, cos, -sin)[0]
+    try:
+        back = apply(rows, rows, cos, -sin)[0]
+    except RuntimeError as error:  # shapes only: raised before anything runs on the device
+        raise CaptureError(
+            f"qk_sniff: rope='pre': {type(module).__name__} rotates {cos.shape[-1]} of the {vectors.shape[-1]} "
+            f"dimensions of each {kind} head outside the layout its apply_rotary_pos_emb handles (multi-head latent "
+            "attention splits heads into rotated and unrotated parts), so it cannot be inverted here; use "
+            "rope='post'") from error
     ones = torch.ones_like(rows[:, :1])
     scale = apply(apply(ones, ones, cos, sin)[0], ones, cos, -sin)[0]
     out = (back / scale)[0]

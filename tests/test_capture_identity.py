@@ -378,3 +378,21 @@ def test_an_attention_call_that_does_not_fit_its_forward_is_refused_in_one_line(
         with qk_attn.session(sampler="all") as s:
             model(input_ids=_tokens(5))
     assert s.sink.committed == [] and s.table().num_rows == 0
+
+
+def test_pre_rope_of_multi_head_latent_attention_is_refused_with_a_message():
+    torch.manual_seed(0)
+    config = tf.DeepseekV3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
+                                 num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1,
+                                 q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16,
+                                 v_head_dim=16, max_position_embeddings=64)
+    model = tf.DeepseekV3ForCausalLM(config).eval()
+    model.set_attn_implementation("qk_sniff")
+    with pytest.raises(CaptureError, match=r"rope='pre': DeepseekV3Attention rotates 8 of the 24 dimensions"):
+        with qk_attn.session(sampler="all", rope="pre") as s:
+            model(input_ids=_tokens(5))
+    assert s.sink.committed == []
+    with qk_attn.session(sampler="all", example_ids=[0]) as s:  # post-RoPE rows: the projections' own
+        model(input_ids=_tokens(5))
+    assert {k[4] for k in rows_by_key(s.table())} == set(range(5))
