@@ -396,3 +396,18 @@ def test_pre_rope_of_multi_head_latent_attention_is_refused_with_a_message():
     with qk_attn.session(sampler="all", example_ids=[0]) as s:  # post-RoPE rows: the projections' own
         model(input_ids=_tokens(5))
     assert {k[4] for k in rows_by_key(s.table())} == set(range(5))
+
+
+@pytest.mark.parametrize("dtype, median, worst", [(torch.bfloat16, 2.5e-3, 6e-3), (torch.float16, 4e-4, 1e-3)])
+def test_pre_rope_in_low_precision_is_within_the_documented_error(dtype, median, worst):
+    """The README's numbers: rows against the projection (or q/k-norm) output the model computed."""
+    model = build("qwen3", "qk_sniff").to(dtype)
+    batch = padded_batch("left", lengths=(64, 40))
+    truth = GroundTruth(model)
+    with qk_attn.session(sampler="all", rope="pre", example_ids=[0, 1]) as s:
+        model(**batch)
+    truth.remove()
+    got, want = rows_by_key(s.table()), expected_rows(truth.pre, batch, [0, 1], all_heads(model))
+    assert got.keys() == want.keys()
+    error = np.array([np.linalg.norm(got[k] - v) / np.linalg.norm(v) for k, v in want.items()])
+    assert np.median(error) < median and error.max() < worst
