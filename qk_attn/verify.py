@@ -214,6 +214,16 @@ def check_examples_file(root: Path, manifest: dict, name: str = EXAMPLES) -> str
     return None
 
 
+def _unreadable(path: Path) -> bool:
+    import pyarrow.parquet as pq
+
+    try:
+        pq.read_table(path, page_checksum_verification=True)
+    except Exception:  # noqa: BLE001
+        return True
+    return False
+
+
 # ---- the examples table ------------------------------------------------------------------------
 def examples_table(manifest: dict):
     """One row per committed example: example_id, source_id, source_index, valid_length, first_position."""
@@ -271,9 +281,10 @@ def verify_dataset(root: str | Path, log=print) -> list[str]:
     except ManifestError as error:  # altered or unreadable: nothing it lists can be trusted
         return [str(error)]
     integrity, bad, no_digest = check_integrity(data)
-    # Shards that fail their size or digest are left out of the content checks (their line says
-    # which examples they hold): bytes that changed are never read as rows.
-    data.bad = set(bad)
+    # Shards that cannot be read are left out of the content checks; one whose bytes changed but
+    # still reads is checked as well (its content problems say what changed). verify only reports:
+    # nothing it reads is copied anywhere.
+    data.bad = {f for f in bad if not f.is_file() or _unreadable(f)}
     problems: list[str] = list(integrity)
     if no_digest:
         log(f"info: {no_digest} shard(s) have no recorded size/digest (written by an older qk-attn): "
@@ -300,9 +311,9 @@ def verify_dataset(root: str | Path, log=print) -> list[str]:
                             f"datasets.load_dataset would read them), e.g. {stray[0].name}")
         for f in (f for f in files if f.is_file() and f not in data.bad):
             schema = pq.read_schema(f)
-            dim = schema.field("vector").type.list_size if "vector" in schema.names else -1
-            vector_type = schema.field("vector").type.value_type if dim > 0 else None
-            want = arrow_schema(dim, vector_type) if dim > 0 else None
+            vector = schema.field("vector").type if "vector" in schema.names else None
+            dim = getattr(vector, "list_size", -1)  # a changed footer may make it any type
+            want = arrow_schema(dim, vector.value_type) if dim > 0 else None
             base = [schema.field(n) for n in schema.names if n not in ("token_id", "token_str")]
             if want is None or [(f_.name, f_.type) for f_ in base] != [(w.name, w.type) for w in want]:
                 problems.append(f"{f.relative_to(data.root)}: schema {schema.to_string(show_schema_metadata=False)!r} "
