@@ -13,6 +13,7 @@ from transformers.masking_utils import AttentionMaskInterface, flash_attention_m
 
 from .backends import MASKS
 from .capture import attend_and_capture, qk_sniff_attention
+from .context import CaptureError
 
 NAME = "qk_sniff"
 
@@ -36,6 +37,7 @@ def _noting_context(mask_fn, batch_size, q_length, kv_length, q_offset=0, kv_off
 
     session = current_session()
     if session is not None:
+        check_recorded(kwargs.get("config"), mask_fn)
         session.on_mask(kwargs.get("config"), batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask)
     return mask_fn(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                    kv_offset=kv_offset, attention_mask=attention_mask, **kwargs)
@@ -96,13 +98,45 @@ FLASH = "flash_attention_2"
 
 
 def wrap_flash_attention() -> None:
-    """Record models loaded with attn_implementation="flash_attention_2" (idempotent).
+    """Record models that run flash attention (idempotent): `flash_attention_2/3/4`, and the Hub
+    kernels transformers swaps in for them (`kernels-community/flash-attn2` when flash-attn is absent),
+    which it registers with the flash mask function.
 
     transformers recognises flash attention by its name (generate()'s mask handling,
     chunked-attention guards, which kernel to load), so a wrapper under another name would
-    take non-flash branches. This replaces transformers' own "flash_attention_2" entries
-    with the same functions plus capture; outside a session they only add a lookup.
-    Opt-in because it changes a registry entry that is not ours.
-    """
-    AttentionInterface.register(FLASH, functools.partial(attend_and_capture, flash_attention_forward))
-    AttentionMaskInterface.register(FLASH, functools.partial(_noting_context, flash_attention_mask))
+    take non-flash branches. This replaces transformers' own entries with the same functions
+    plus capture; outside a session they only add a lookup. A Hub kernel registered later (at
+    model load) gets our flash mask, and its attention is wrapped at its first mask call.
+    Opt-in because it changes registry entries that are not ours."""
+    for name, mask in list(AttentionMaskInterface._global_mapping.items()):
+        if name.startswith("flash_attention") or mask is flash_attention_mask:
+            _wrap(name)
+
+
+def _wrap(name: str) -> None:
+    attention = AttentionInterface._global_mapping.get(name)
+    if attention is None or _records(name):
+        return
+    AttentionInterface.register(name, functools.partial(attend_and_capture, attention))
+    AttentionMaskInterface.register(name, functools.partial(_noting_context, flash_attention_mask))
+
+
+def _records(name: str) -> bool:
+    """Whether the attention registered under `name` records (is ours)."""
+    attention = AttentionInterface._global_mapping.get(name)
+    return attention is qk_sniff_attention or getattr(attention, "func", None) is attend_and_capture
+
+
+def check_recorded(config, mask_fn) -> None:
+    """At the mask call of a forward inside an active session: the model's attention records. A Hub
+    kernel that transformers registered with our flash mask (it copies the "flash_attention_2" entry)
+    is wrapped now, before its layers look it up; anything else is refused, never recorded as nothing."""
+    name = getattr(config, "_attn_implementation", None)
+    if name is None or _records(name):
+        return
+    if mask_fn is flash_attention_mask and name in AttentionInterface._global_mapping:
+        _wrap(name)
+        return
+    raise CaptureError(f"qk_sniff: the model runs the attention implementation {name!r}, which qk-attn does not "
+                       "wrap, so nothing would be recorded; load it with attn_implementation=\"qk_sniff\" (or call "
+                       "qk_attn.wrap_flash_attention() before loading it with \"flash_attention_2\")")

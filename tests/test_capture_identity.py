@@ -411,3 +411,59 @@ def test_pre_rope_in_low_precision_is_within_the_documented_error(dtype, median,
     assert got.keys() == want.keys()
     error = np.array([np.linalg.norm(got[k] - v) / np.linalg.norm(v) for k, v in want.items()])
     assert np.median(error) < median and error.max() < worst
+
+
+# ---- a session never records nothing silently --------------------------------------------------
+
+@pytest.fixture
+def registries():
+    """Restores transformers' attention and mask registries after the test."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    saved = dict(AttentionInterface._global_mapping), dict(AttentionMaskInterface._global_mapping)
+    yield AttentionInterface, AttentionMaskInterface
+    for interface, mapping in zip((AttentionInterface, AttentionMaskInterface), saved):
+        interface._global_mapping.clear()
+        interface._global_mapping.update(mapping)
+
+
+def _swap_in_hub_kernel(model, attention, masks, name="kernels-community/flash-attn2"):
+    """What transformers does when flash_attention_2 is asked for and flash-attn is absent: register the Hub
+    kernel with the flash mask and run the model under the kernel's name (here sdpa stands in on the CPU)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    attention.register(name, sdpa_attention_forward)
+    masks.register(name, masks._global_mapping["flash_attention_2"])
+    model.config._attn_implementation = name
+
+
+@pytest.mark.parametrize("wrapped", ["before-load", "after-load"])
+def test_a_hub_flash_kernel_swapped_in_by_transformers_is_recorded(registries, wrapped):
+    model = build("llama3", "sdpa")
+    ids = _tokens(6)
+    want = _one_shot(build("llama3", "qk_sniff"), ids, [0])
+    if wrapped == "before-load":
+        qk_attn.wrap_flash_attention()
+    _swap_in_hub_kernel(model, *registries)
+    if wrapped == "after-load":
+        qk_attn.wrap_flash_attention()
+    with qk_attn.session(sampler="all", example_ids=[0]) as s:
+        model(input_ids=ids)
+    assert s.table() is not None
+    _assert_same_rows(rows_by_key(s.table()), want, rtol=0, atol=0)
+
+
+def test_an_implementation_qk_attn_does_not_wrap_is_an_error_in_a_session(registries):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    attention, masks = registries
+    attention.register("my_attention", sdpa_attention_forward)
+    masks.register("my_attention", masks._global_mapping["qk_sniff"])
+    model = build("llama3", "sdpa")
+    model.config._attn_implementation = "my_attention"
+    with pytest.raises(CaptureError, match="runs the attention implementation 'my_attention', which qk-attn does "
+                                           "not wrap"):
+        with qk_attn.session(sampler="all"):
+            model(input_ids=_tokens(6))
+    model(input_ids=_tokens(6))  # outside a session it runs as registered

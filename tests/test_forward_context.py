@@ -336,16 +336,17 @@ def test_flash_is_recorded_under_its_own_name_only():
     with pytest.raises(ValueError, match="wrap_flash_attention"):
         with qk_attn.session(sampler="all", backend="flash_attention_2"):
             model(input_ids=_tokens(4))
-    original = AttentionInterface._global_mapping["flash_attention_2"]
-    original_mask = AttentionMaskInterface._global_mapping["flash_attention_2"]
+    saved = dict(AttentionInterface._global_mapping), dict(AttentionMaskInterface._global_mapping)
+    original = saved[0]["flash_attention_2"]
     try:
         qk_attn.wrap_flash_attention()
         wrapped = AttentionInterface._global_mapping["flash_attention_2"]
         assert wrapped.func is qk_attn.capture.attend_and_capture and wrapped.args == (original,)
         assert AttentionMaskInterface._global_mapping["flash_attention_2"].args[0].__name__ == "flash_attention_mask"
     finally:
-        AttentionInterface.register("flash_attention_2", original)
-        AttentionMaskInterface.register("flash_attention_2", original_mask)
+        for interface, mapping in zip((AttentionInterface, AttentionMaskInterface), saved):
+            interface._global_mapping.clear()
+            interface._global_mapping.update(mapping)
 
 
 def test_static_cache_generate_with_transformers_automatic_compile_records_like_eager():
