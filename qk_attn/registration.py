@@ -14,15 +14,21 @@ from transformers.masking_utils import AttentionMaskInterface, flash_attention_m
 from .backends import MASKS
 from .capture import attend_and_capture, qk_sniff_attention
 from .context import CaptureError
+from .transformers_facts import follow_wrapped_backend
+from .transformers_facts import require as require_facts
 
 NAME = "qk_sniff"
 
 
 def qk_sniff_mask(*args, **kwargs):
-    """The mask of the wrapped backend, after the forward's capture context is noted."""
+    """The mask of the wrapped backend, after the forward's capture context is noted. Every forward,
+    capture on or off, first has the model's branches on the implementation's name take the
+    wrapped backend's path (or refuses the model), so logits stay the backend's bit for bit."""
     from .session import current_config
 
-    return _noting_context(MASKS[current_config().backend], *args, **kwargs)
+    backend = current_config().backend
+    follow_wrapped_backend(kwargs.get("config"), backend)
+    return _noting_context(MASKS[backend], *args, **kwargs)
 
 
 @torch.compiler.disable
@@ -37,6 +43,7 @@ def _noting_context(mask_fn, batch_size, q_length, kv_length, q_offset=0, kv_off
 
     session = current_session()
     if session is not None:
+        require_facts()  # what the capture reads of transformers' internals holds (checked once)
         check_recorded(kwargs.get("config"), mask_fn)
         session.on_mask(kwargs.get("config"), batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask)
     return mask_fn(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,

@@ -89,13 +89,42 @@ def tiny_gemma4():
 
 def logits(model, implementation, ids, **kwargs):
     model.set_attn_implementation(implementation)
-    facts.follow_wrapped_backend(model.config, "sdpa")  # what the "qk_sniff" mask function does each forward
     with torch.no_grad():
         return model(input_ids=ids, **kwargs).logits
 
 
+@pytest.fixture
+def not_yet_followed(monkeypatch):
+    """Gemma 4 as transformers ships it: the "qk_sniff" mask function itself must make it follow sdpa."""
+    from transformers.models.gemma4 import modeling_gemma4
+
+    method = getattr(modeling_gemma4.Gemma4TextModel, "_maybe_slice_kv_shared_inputs", None)
+    if method is not None:
+        monkeypatch.setattr(modeling_gemma4.Gemma4TextModel, "_maybe_slice_kv_shared_inputs",
+                            getattr(method, "__wrapped__", method))
+    monkeypatch.setattr(facts, "_followed", set())
+
+
+def test_a_broken_fact_stops_the_first_captured_forward_and_only_it(monkeypatch):
+    from families import build
+
+    model = build("llama3", "qk_sniff")
+    ids = torch.randint(3, 96, (1, 6), generator=torch.Generator().manual_seed(0))
+    broken = facts.Finding("mask_call_keywords", tf.__version__, "the keywords", "none of them")
+    monkeypatch.setattr(facts, "check_all", lambda: [broken])
+    facts.require.cache_clear()
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)  # no session: the model runs as it is
+            with pytest.raises(facts.TransformersMismatch, match=rf"transformers {tf.__version__} .*mask_call_keywords"):
+                with qk_attn.session(sampler="all", example_ids=[0]):
+                    model(input_ids=ids)
+    finally:
+        facts.require.cache_clear()
+
+
 @pytest.mark.parametrize("capture", [False, True], ids=["capture_off", "capture_on"])
-def test_gemma4_logits_to_keep_equal_sdpa(capture):
+def test_gemma4_logits_to_keep_equal_sdpa(not_yet_followed, capture):
     model = tiny_gemma4()
     ids = torch.randint(3, 96, (2, 10), generator=torch.Generator().manual_seed(1))
     expected = logits(model, "sdpa", ids, logits_to_keep=3)
