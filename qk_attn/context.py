@@ -51,8 +51,10 @@ class ForwardContext:
         # (generate()'s prepared masks, a multimodal wrapper); the decoder stack's start adopts it.
         self.state = "running"
         # Whether the decoder stack's own hooks report this forward's start and end
-        # (registration.watch_forward); otherwise the end is its last layer's return.
+        # (registration.watch_forward); otherwise the end is the return of the last module the stack
+        # runs after its last layer has returned (`layers_done`).
         self.armed = False
+        self.layers_done = False
         # Whether the model forward ran to its end: False until its end is reported, None when it cannot be.
         self.finished: bool | None = None
         self.example_ids: tuple[int, ...] | None = None  # set by the session at the first recorded call

@@ -51,28 +51,41 @@ def _noting_context(mask_fn, batch_size, q_length, kv_length, q_offset=0, kv_off
 
 
 _watched: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+_first_forward_hooks: "weakref.WeakKeyDictionary[torch.nn.Module, list]" = weakref.WeakKeyDictionary()
 
 
 def watch_forward(owner: torch.nn.Module | None, last_layer: torch.nn.Module | None, config) -> bool:
     """Have every forward of the decoder stack `owner` report its start and end to the active session
-    (`Session.on_forward_start`, `on_forward_end`), and its last layer its return (`on_layers_done`).
-    Returns True when the hooks were registered now (during a forward that has already started:
-    torch decides whether to call a module's hooks when its call starts, so the stack's own hooks
-    report from its next forward on, and this one's end is its last layer's return)."""
+    (`Session.on_forward_start`, `on_forward_end`). Returns True when the hooks were registered now.
+
+    torch decides whether to call a module's hooks when its call starts, so when this runs during a
+    forward of `owner` (its first), the stack's own hooks report from its next forward on. That first
+    forward's end is reported by what the stack runs after its layers, found by structure: its last
+    layer's return (`on_layers_done`), then each direct child of the stack that runs after it (the
+    final norm, whatever its name: `on_tail_start`, `on_tail_end`). Those hooks are removed when the
+    stack's own start is first reported."""
     if owner is None or owner in _watched:
         return False
     owner.register_forward_pre_hook(functools.partial(_forward_started, config), with_kwargs=True)
     owner.register_forward_hook(functools.partial(_forward_ended, config))
+    handles = []
     if last_layer is not None:
-        last_layer.register_forward_hook(functools.partial(_layers_done, config))
+        handles.append(last_layer.register_forward_hook(functools.partial(_report, "on_layers_done", config)))
+    for child in owner.children():
+        if not isinstance(child, torch.nn.ModuleList):
+            handles.append(child.register_forward_pre_hook(functools.partial(_report, "on_tail_start", config)))
+            handles.append(child.register_forward_hook(functools.partial(_report, "on_tail_end", config)))
+    _first_forward_hooks[owner] = handles
     _watched.add(owner)
     return True
 
 
 @torch.compiler.disable
-def _forward_started(config, _module, _args, kwargs) -> None:
+def _forward_started(config, module, _args, kwargs) -> None:
     from .session import current_session
 
+    for handle in _first_forward_hooks.pop(module, ()):  # the stack's own hooks report from now on
+        handle.remove()
     session = current_session()
     if session is not None:
         session.on_forward_start(config, kwargs)
@@ -88,12 +101,12 @@ def _forward_ended(config, _module, _args, _output) -> None:
 
 
 @torch.compiler.disable
-def _layers_done(config, _module, _args, _output) -> None:
+def _report(event: str, config, *_hook_args) -> None:
     from .session import current_session
 
     session = current_session()
     if session is not None:
-        session.on_layers_done(config)
+        getattr(session, event)(config)
 
 
 def register() -> None:

@@ -176,10 +176,29 @@ class Session:
             del self._forwards[id(config)]
 
     def on_layers_done(self, config) -> None:
-        """The last decoder layer returned: the end of a forward whose stack's own end is not reported."""
+        """The last decoder layer of a forward whose stack's own end is not reported (its first) returned:
+        its end, unless the stack runs a module after it (`on_tail_start`)."""
+        entry = self._first_forward(config)
+        if entry is not None:
+            entry.layers_done = entry.finished = True
+
+    def on_tail_start(self, config) -> None:
+        """A module of that stack starts; after the last layer (the final norm) the forward is not over."""
+        entry = self._first_forward(config)
+        if entry is not None and entry.layers_done:
+            entry.finished = False
+
+    def on_tail_end(self, config) -> None:
+        """That module returned: the forward's end again, unless another one starts after it."""
+        entry = self._first_forward(config)
+        if entry is not None and entry.layers_done:
+            entry.finished = True
+
+    def _first_forward(self, config) -> ForwardContext | None:
         entry = self._forwards.get(id(config))
         if isinstance(entry, ForwardContext) and entry.state == "running" and not entry.armed:
-            entry.finished = True
+            return entry
+        return None
 
     def _discard_if_unfinished(self, forward: ForwardContext) -> None:
         """A forward that stopped part-way (an exception inside the model, caught by the caller, or
@@ -270,8 +289,10 @@ class Session:
             offset, these = tokens[kind]
             decided = None
             if keep is not None and these is everything:
-                if not keeps_any[layer][index]:
-                    continue  # the sampler keeps nothing of this call (known on the CPU without a sync)
+                if not keeps_any[layer][index]:  # the sampler keeps nothing of this call (known on the CPU
+                    if hasattr(self.sink, "put_empty"):  # without a sync): the sink still learns that it ran
+                        self.sink.put_empty(layer, kind, heads, forward.example_ids, sliding_window, cross, these)
+                    continue
                 decided = keep[layer, index]
             self.sink.put(self._batch(module, forward, layer, kind, states, heads, offset, these,
                                       sliding_window, cross, rotary, decided))

@@ -128,8 +128,12 @@ def _gptj():
                                             n_positions=64))
 
 
+def _bloom():
+    return tf.BloomForCausalLM(tf.BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=3, n_head=4))
+
+
 NO_NORM_ATTRIBUTE = {"gpt_neox": _gpt_neox, "phi": _phi, "gpt2": _gpt2, "falcon": _falcon, "opt": _opt,
-                     "gptj": _gptj}
+                     "gptj": _gptj, "bloom": _bloom}
 
 
 def _build(family: str):
@@ -148,17 +152,28 @@ def _last_layer(model) -> torch.nn.Module:
     return [m for m in model.base_model.modules() if isinstance(m, torch.nn.ModuleList)][0][-1]
 
 
+def _final_norm(model) -> torch.nn.Module | None:
+    """The norm the decoder stack runs after its last layer, whatever the architecture calls it."""
+    names = ("norm", "ln_f", "final_layer_norm", "final_layernorm")
+    norms = [m for name, m in model.base_model.named_modules() if name.rsplit(".", 1)[-1] in names]
+    return norms[-1] if norms else None
+
+
 @pytest.mark.parametrize("family", ["llama3", "gemma3", *NO_NORM_ATTRIBUTE])
 @pytest.mark.parametrize("earlier", [False, True], ids=["first-forward", "later-forward"])
-def test_an_exception_in_the_last_layer_discards_the_forward_for_every_architecture(family, earlier, caplog):
-    """No reliance on a final norm called `norm`: the forward's end is its decoder stack's."""
+@pytest.mark.parametrize("where", ["last-layer", "final-norm"])
+def test_an_exception_in_the_last_layer_discards_the_forward_for_every_architecture(family, earlier, where, caplog):
+    """No reliance on a final norm called `norm`: the forward's end is its decoder stack's. In the very
+    first forward too, where the stack's own hooks cannot fire yet: its end is the return of what the
+    stack runs after its last layer (the final norm)."""
     model = _build(family)
     good = _tokens(6, seed=2)
+    failing = _last_layer(model) if where == "last-layer" else _final_norm(model)
     with caplog.at_level(logging.WARNING, logger="qk_attn"), qk_attn.session(sampler="all", capture="k") as s:
         if earlier:
             s.begin([5])
             model(input_ids=good)
-        handle = _last_layer(model).register_forward_hook(_raise)  # after the last layer's attention ran
+        handle = failing.register_forward_hook(_raise)  # after the last layer's attention ran
         with pytest.raises(_Boom):
             model(input_ids=_tokens(7, seed=1))
         handle.remove()
