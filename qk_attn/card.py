@@ -92,11 +92,14 @@ def coverage(manifest: dict) -> dict:
             missing.append(f"layer {layer}: did not run ({entry['reason']})")
             layers.append(entry)
             continue
+        entry["rows"] = sum(rows.get(_key(layer, h, k), 0) for k in "qk" for h in entry[k]["expected"])
+        if not entry["rows"]:
+            missing.append(f"layer {layer}: ran, 0 rows (the sampler kept no position of its planned heads)")
         for kind in "qk":
             part = entry[kind]
             if part["did_not_run"]:
                 missing.append(f"layer {layer} {KINDS[kind]} heads {part['did_not_run']}: planned, no attention call recorded")
-            if part["no_rows"]:
+            if part["no_rows"] and entry["rows"]:
                 missing.append(f"layer {layer} {KINDS[kind]} heads {part['no_rows']}: ran, but the sampler kept no position")
         layers.append(entry)
     return {"layers": layers, "missing": missing}
@@ -397,7 +400,8 @@ def _coverage_text(manifest: dict, cov: dict) -> str:
         if e["status"] == "did not run":
             notes.insert(0, "**did not run**: " + e["reason"])
         cell = lambda k: f"{len(e[k]['recorded'])}/{len(e[k]['expected'])} ({_ranges(e[k]['recorded'])})"  # noqa: E731
-        rows.append([e["layer"], e["status"], cell("q"), cell("k"), "; ".join(notes) or "complete"])
+        status = "ran, 0 rows" if e["status"] == "ran" and not e["rows"] else e["status"]
+        rows.append([e["layer"], status, cell("q"), cell("k"), "; ".join(notes) or "complete"])
     lines.append(_table(["layer", "status", "query heads recorded/expected", "key heads recorded/expected", "missing, and why"], rows))
     if cov["missing"]:
         lines.append("Missing versus the plan:\n\n" + "\n".join(f"- {m}" for m in cov["missing"]))

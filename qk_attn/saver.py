@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from . import compact
 from .config import SniffConfig
@@ -250,6 +251,20 @@ class ParquetSink:
             )
         self._sender.put(batch)
 
+    def put_empty(self, layer: int, kind: str, heads, example_ids, sliding_window, cross_attention: bool, tokens) -> None:
+        """An attention call of which the sampler keeps nothing, known on the CPU before any
+        selection (the session skips its gather): it ran, its heads count as heads that ran with 0
+        rows, and its valid tokens count towards the examples' lengths. `tokens` is the forward's
+        TextTokens (CPU tensors)."""
+        self.check()
+        empty = torch.zeros(0, dtype=torch.int64)
+        batch = CaptureBatch(layer, kind, tuple(heads), example_ids, sliding_window, cross_attention,
+                             count=torch.zeros(1, dtype=torch.int64), row=empty, position=empty, bucket=empty,
+                             vectors=torch.zeros(len(heads), 0, 1), valid=tokens.valid_count,
+                             first_position=None if cross_attention and kind == "k" else tokens.first_position,
+                             packed=tokens.packed)
+        self._queue.put(("empty", batch))
+
     def end_forward(self) -> None:
         """Called once after every model forward, outside attention calls: sends what waited on
         the device, waiting for pool space (this is where back-pressure happens)."""
@@ -383,6 +398,8 @@ class ParquetSink:
             self._complete(wait=False)
             if self._waiting_since is not None and time.monotonic() - self._waiting_since >= self.commit_every_s:
                 self._finalize()
+        elif item[0] == "empty":
+            self._accept(item[1].host_rows(), True)
         elif item[0] == "describe":
             self._described[item[1]] = item[2:]
         elif item[0] == "discard":

@@ -393,8 +393,10 @@ def verify_dataset(root: str | Path, log=print) -> list[str]:
                     f"{name}: {len(wrong)} example(s) whose positions differ from the sampler's selection, e.g. example "
                     f"{e} (valid length {committed[e]}): recorded {len(got.get(e, []))} positions, expected {len(want[e])}"
                 )
+    empty = len(expected_keys - set(data.folders))
     log(f"checked {len(data.folders)} (layer, head, kind) folders, {sum(seen_counts.values()):,} rows, "
-        f"{len(committed)} committed examples")
+        f"{len(committed)} committed examples" + (f"; {empty} (layer, head, kind) that ran with 0 rows, checked "
+                                                  "against the sampler's selection too" if empty else ""))
     return problems
 
 
@@ -530,7 +532,8 @@ def inspect_dataset(root: str | Path) -> list[str]:
         lines.append(f"damaged    {len(data.bad)} committed shard(s) missing or unreadable (not counted above); "
                      f"run `qk-sniff verify {data.root}`, then `qk-sniff repair {data.root}`")
     plots = data.plot_paths()
-    lines.append(f"plot       {plots[0] if plots else '(none: the card is written when a capture closes)'}")
+    why = "no rows committed" if not total["q"] + total["k"] else "the card is written when a capture closes"
+    lines.append(f"plot       {plots[0] if plots else f'(none: {why})'}")
     if data.folders:
         layer, head, kind = min((k for k in data.folders if data.files(k)), key=lambda k: (k[0], k[1], k[2] == "k"),
                                 default=(0, 0, "q"))

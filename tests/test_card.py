@@ -84,7 +84,7 @@ def test_coverage_reasons_from_the_plan():
     assert cov["missing"] == [
         "layer 0 query heads [3]: ran, but the sampler kept no position",
         "layer 1: not recorded (sliding-window layer (full_attention_only))",
-        "layer 2 key heads [1]: ran, but the sampler kept no position",
+        "layer 2: ran, 0 rows (the sampler kept no position of its planned heads)",
     ]
     configs = dataset_configs(manifest["shards"])
     assert configs["layer00_q"] == {"data_files": [{"split": "train", "path": "l00h*q/*.parquet"}]}
@@ -160,3 +160,41 @@ def test_the_examples_table_is_a_config_and_documented(tmp_path, monkeypatch):
     assert table["example_id"] == ids
     heads = datasets.load_dataset("out", "all_q", split="train", cache_dir=str(tmp_path / "cache"))
     assert "source_id" not in heads.column_names  # the examples table is not mixed into the vectors
+
+
+def test_a_layer_that_ran_but_kept_no_position_is_ran_0_rows_and_verify_checks_it(tmp_path, capsys):
+    """Sparse sampling (p = 1/100 over 94 tokens per layer and kind): with seed 3 layer 2 keeps no
+    position at all. Its calls selected nothing on the host (no gather), yet it ran: the manifest
+    counts its calls and its valid tokens, the card and `inspect` say "ran, 0 rows", and `verify`
+    recomputes the sampler's selection there."""
+    import json
+
+    from qk_attn import cli
+    from qk_attn.manifest import MANIFEST, manifest_digest
+    from qk_attn.verify import verify_dataset
+
+    out = tmp_path / "out"
+    manifest = capture_model(out, sampler="uniform", min_bucket_size=128, base_rate=1.28, seed=3)
+    layer_rows = [sum(n for key, n in manifest["row_counts"].items() if key.startswith(f"l{layer:02d}")) for layer in range(3)]
+    assert layer_rows[2] == 0 and layer_rows[0] and layer_rows[1]
+    assert manifest["examples"] == {"0": 30, "1": 17, "2": 30, "3": 17}  # calls that kept nothing count their tokens
+    assert all(manifest["calls"][f"l02h{h:02d}{k}"] == 2 for k, n in (("q", 4), ("k", 2)) for h in range(n))
+    line = "layer 2: ran, 0 rows (the sampler kept no position of its planned heads)"
+    assert line in coverage(manifest)["missing"]
+    text = (out / "README.md").read_text()
+    assert line in text and "| 2 | ran, 0 rows | 0/4 (none) | 0/2 (none) |" in text and "did not run" not in text
+    assert cli.main(["inspect", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert line in printed and "did not run" not in printed
+    logged = []
+    assert verify_dataset(out, log=logged.append) == []
+    assert "10 (layer, head, kind) that ran with 0 rows" in logged[-1]  # layer 2 and 4 heads of 0-1
+
+    # Verify recomputes the selection there: under a longer valid length the sampler keeps
+    # positions of layer 2 that no file holds.
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["examples"]["0"] = 400
+    manifest["digest"] = manifest_digest(manifest)
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    problems = verify_dataset(out, log=lambda *_: None)
+    assert any(p.startswith("l02h") and "differ from the sampler's selection" in p for p in problems), problems
