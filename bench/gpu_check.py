@@ -2,7 +2,7 @@
 
 On the GPU machine (its fixed image: Python 3.12, torch 2.11, transformers 5.17, triton 3.6,
 accelerate 1.15, no `datasets`, no package registry), from the repository root, after
-`bash bench/gpu_wheels.sh` here has put the missing wheels in .whl/ (carried with the tree):
+`make gpu-wheels` (bench/gpu_wheels.sh) here has put the missing wheels in .whl/ (carried with the tree):
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site:. python3 bench/gpu_check.py
 
