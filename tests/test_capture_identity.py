@@ -19,6 +19,8 @@ from capture_utils import GroundTruth, all_heads, expected_rows, rows_by_key
 from families import COMMON, VOCAB, build, padded_batch
 from qk_attn import backends
 from qk_attn.context import CaptureError
+from qk_attn.runner import normalize_id
+from test_cli import SPARSE, all_rows, assert_same_rows, docs, tiny_model, write_config  # noqa: F401 (fixtures)
 
 torch.set_grad_enabled(False)
 CACHE = "cache" if "cache" in inspect.signature(tf.LlamaModel.forward).parameters else "past_key_values"  # < 5.25
@@ -487,3 +489,39 @@ def test_an_implementation_qk_attn_does_not_wrap_is_an_error_in_a_session(regist
         with qk_attn.session(sampler="all"):
             model(input_ids=_tokens(6))
     model(input_ids=_tokens(6))  # outside a session it runs as registered
+
+
+# ---- a refusal through the CLI ----------------------------------------------------------------
+
+def test_a_refusal_in_a_cli_run_commits_none_of_the_refused_documents(tiny_model, docs, tmp_path, monkeypatch):
+    """`qk-sniff run` refused at layer 1 of its 4th document (layer 0's rows already handed to the saver):
+    the three before are committed, the refused one has no row and no entry, and the re-run resumes
+    to the rows of a run that was never refused."""
+    from qk_attn import cli
+    from qk_attn.verify import verify_dataset
+    from transformers.models.llama import modeling_llama
+
+    path, _ = docs
+    full = tmp_path / "full"
+    assert cli.main(["run", "--config", write_config(tmp_path, tiny_model, path, full, capture=SPARSE), "--quiet"]) == 0
+    original, forwards = modeling_llama.LlamaAttention.forward, []
+
+    def doubled_in_the_4th(self, hidden_states, *args, **kwargs):  # a layer run with another forward's inputs
+        forwards.append(self.layer_idx)
+        if len(forwards) == 3 * 2 + 2:
+            hidden_states = torch.cat([hidden_states, hidden_states])
+        return original(self, hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_llama.LlamaAttention, "forward", doubled_in_the_4th)
+    out = tmp_path / "out"
+    config = write_config(tmp_path, tiny_model, path, out, capture=SPARSE)
+    with pytest.raises(CaptureError, match="layer 1 got a query of batch 2"):
+        cli.main(["run", "--config", config, "--quiet"])
+    monkeypatch.setattr(modeling_llama.LlamaAttention, "forward", original)
+    committed = set(qk_attn.load_examples(out).column("example_id").to_pylist())
+    refused = normalize_id("doc-3")
+    assert committed == {normalize_id(f"doc-{i}") for i in range(3)}
+    assert refused not in {k[0] for k in all_rows(out)}
+    assert verify_dataset(out, log=lambda *_: None) == []
+    assert cli.main(["run", "--config", config, "--quiet"]) == 0
+    assert_same_rows(all_rows(out), all_rows(full))
