@@ -85,10 +85,10 @@ def require_api():
     if "qk_sniff" not in ALL_MASK_ATTENTION_FUNCTIONS:
         missing.append('ALL_MASK_ATTENTION_FUNCTIONS["qk_sniff"]')
     try:
-        from qk_attn.gather import select_rows, uses_kernel  # noqa: F401
+        from qk_attn.capture.gather import select_rows, uses_kernel  # noqa: F401
         from qk_attn.kernels.select_gather import gather_rows_reference, gather_rows_triton  # noqa: F401
     except ImportError as e:
-        missing.append(f"qk_attn.gather.select_rows / qk_attn.kernels ({e})")
+        missing.append(f"qk_attn.capture.gather.select_rows / qk_attn.kernels ({e})")
     if missing:
         fail("qk-attn API missing: " + "; ".join(missing))
     return qk_attn
@@ -176,7 +176,7 @@ def compare(got, want, capacity, rope: bool):
 
 
 def check_kernel(device, cases: int, sizes) -> str:
-    from qk_attn.gather import uses_kernel
+    from qk_attn.capture.gather import uses_kernel
     from qk_attn.kernels.select_gather import gather_rows_reference, gather_rows_triton
 
     rng = random.Random(1234)
@@ -259,7 +259,7 @@ def check_parity_and_sync(qk_attn, model, device, tokens, workdir: Path, sampler
     rows = getattr(s, "rows_written", None)
     lines.append(f"(b) logits qk_sniff == sdpa bit for bit at {tokens} tokens "
                  f"({model.config.num_hidden_layers} layers); rows written: {rows}; kernel launches: {calls[0]}")
-    from qk_attn.gather import uses_kernel
+    from qk_attn.capture.gather import uses_kernel
 
     if calls[0] == 0 and uses_kernel(ids.new_zeros(1, dtype=torch.bfloat16), torch.float32):
         lines.append("**WARNING**: the attention path never called the kernel (is gather.select_rows wired in?)")
@@ -463,7 +463,7 @@ def load_sorted(qk_attn, path):
 
 def capture_refusal(error: BaseException) -> str | None:
     """The message of qk_attn's CUDA-graph CaptureError anywhere in the exception chain."""
-    from qk_attn.context import CaptureError
+    from qk_attn.capture.forward import CaptureError
 
     while error is not None:
         if isinstance(error, CaptureError) and "cuda-graph" in str(error).lower().replace(" ", "-"):
@@ -557,8 +557,8 @@ def check_runner(device, workdir: Path) -> str:
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     import qk_attn
-    from qk_attn import runner
-    from qk_attn.run_config import RunConfig
+    from qk_attn.run import runner
+    from qk_attn.run.config import RunConfig
 
     words = [f"w{i}" for i in range(50)]
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
@@ -602,7 +602,7 @@ def check_runner(device, workdir: Path) -> str:
 
 def time_selection(device, tokens, sizes, sampler, reps) -> dict:
     """Kernel vs torch path for one attention call: all query heads and all key heads."""
-    from qk_attn.gather import gather_rows
+    from qk_attn.capture.gather import gather_rows
     from qk_attn.kernels.select_gather import gather_rows_triton
 
     out = {}

@@ -95,10 +95,10 @@ TARGET_SEQ = 2048
 
 
 def has_parquet_sink() -> bool:
-    """End-to-end arms need qk_attn.saver.ParquetSink (the storage issue)."""
-    if importlib.util.find_spec("qk_attn.saver") is None:
+    """End-to-end arms need qk_attn.storage.saver.ParquetSink (the storage issue)."""
+    if importlib.util.find_spec("qk_attn.storage.saver") is None:
         return False
-    from qk_attn import saver
+    from qk_attn.storage import saver
 
     return hasattr(saver, "ParquetSink")
 
@@ -196,12 +196,12 @@ class TransferOnlySink:
 
     `put` runs the production transfer (copy into the bounded host pool, piece by piece) and
     releases each piece at once, so a forward-only measure holds exactly the in-call work:
-    sampler mask, compaction, gather, copy out. Without `qk_attn.transfer` it drops batches.
+    sampler mask, compaction, gather, copy out. Without `qk_attn.storage.transfer` it drops batches.
     """
 
     def __init__(self, config) -> None:
         try:
-            from qk_attn.transfer import Transfer
+            from qk_attn.storage.transfer import Transfer
         except ImportError:
             self.transfer = None
         else:

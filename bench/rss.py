@@ -6,7 +6,7 @@ prints one JSON object: RSS after building the model, then the peak RSS (restart
 the model is built, see `harness.reset_peak_rss`) after each document and at the end, plus
 bytes and rows written. The process runs the arm's end-to-end loop
 (begin -> forward -> commit per document into a ParquetSink in a temporary directory);
-without `qk_attn.saver` it falls back to an in-memory session (`"mode": "memory"`), where
+without `qk_attn.storage.saver` it falls back to an in-memory session (`"mode": "memory"`), where
 rows pile up in RAM by design. `measure_all` runs every arm this way, one after another.
 """
 

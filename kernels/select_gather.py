@@ -1,6 +1,6 @@
 """Fused sampler mask -> compaction -> (inverse RoPE) -> gather, one launch per call and kind.
 
-The kernel does on the GPU what `qk_attn.gather.gather_rows` does in torch, bit for bit:
+The kernel does on the GPU what `qk_attn.capture.gather.gather_rows` does in torch, bit for bit:
 
     keep[b, t]   = sampler keep decision (DESIGN §4, integer hashing only) & valid[b, t]
     j            = rank of (b, t) among the kept tokens in token-major (b, t) order
@@ -33,15 +33,15 @@ import os
 
 import torch
 
-from ..gather import gather_rows
-from ..sampler import KIND_CODE, MAX_BUCKETS, R_BITS, Sampler, layer_kind_hash
+from qk_attn.capture.gather import gather_rows
+from qk_attn.sampler import KIND_CODE, MAX_BUCKETS, R_BITS, Sampler, layer_kind_hash
 
 try:
     import triton
     import triton.language as tl
 
     HAS_TRITON = True
-except ImportError:  # the torch path (qk_attn.gather) works without Triton
+except ImportError:  # the torch path (qk_attn.capture.gather) works without Triton
 
     class _NoTriton:
         """Just enough of `triton`/`tl` for this module to import; launching raises."""
@@ -405,7 +405,7 @@ def gather_rows_triton(
     _block: int | None = None,
     _programs: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`qk_attn.gather.gather_rows` as one Triton launch, optionally un-rotating the vectors.
+    """`qk_attn.capture.gather.gather_rows` as one Triton launch, optionally un-rotating the vectors.
 
     Args (as `gather_rows`):
         states:       (B, H, K, D) float32/float16/bfloat16, any strides; D need not be a power of two.
@@ -442,7 +442,7 @@ def gather_rows_triton(
     """
     if not HAS_TRITON:
         raise RuntimeError("gather_rows_triton needs Triton (pip install 'qk-attn[triton]'); "
-                           "qk_attn.gather.select_rows falls back to the torch path on its own")
+                           "qk_attn.capture.gather.select_rows falls back to the torch path on its own")
     if states.dim() != 4:
         raise ValueError(f"states must be (B, H, K, D); got shape {tuple(states.shape)}")
     if positions.dim() != 2 or valid.shape != positions.shape or valid.dtype != torch.bool:

@@ -4,11 +4,11 @@
 transformers' registries; that is its only side effect.
 """
 
-from .config import ConfigError, SniffConfig
-from .load import load, load_examples, load_vectors
-from .registration import register, wrap_flash_attention
-from .sampler import Sampler
-from .session import Session, flush, reload_env, session
+from qk_attn.config import ConfigError, SniffConfig
+from qk_attn.dataset.load import load, load_examples, load_vectors
+from qk_attn.capture.hooks import register, wrap_flash_attention
+from qk_attn.sampler import Sampler
+from qk_attn.session import Session, flush, reload_env, session
 
 __version__ = "0.1.0"
 

@@ -9,7 +9,7 @@
     qk-sniff merge OUT            manifest parts of several ranks -> qk_sniff.json + card
 
 `run` under torchrun / accelerate launch, or with `--shard i/n`, captures the documents of one
-rank (qk_attn.distributed); see README "Multi-GPU and multi-node runs".
+rank (qk_attn.run.distributed); see README "Multi-GPU and multi-node runs".
 
 `run` without `--config` runs the embedded offline demo (SmolLM2-135M over four KJV books,
 written to ./qk-sniff-demo/).
@@ -32,16 +32,16 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from .manifest import MANIFEST
-# Dataset reading, verify, inspect and repair live in qk_attn.verify; re-exported for callers of qk_attn.cli.
-from .verify import Dataset, expected_positions, inspect_dataset, repair_dataset, verify_dataset  # noqa: F401
+from qk_attn.storage.manifest import MANIFEST
+# Dataset reading, verify, inspect and repair live in qk_attn.dataset.verify; re-exported for callers of qk_attn.cli.
+from qk_attn.dataset.verify import Dataset, expected_positions, inspect_dataset, repair_dataset, verify_dataset  # noqa: F401
 
 
 # ---- commands --------------------------------------------------------------------------------
 def cmd_run(args) -> int:
-    from .demo import DEMO_CONFIG
-    from .run_config import RunConfig
-    from .runner import format_load_hint, output_files, run
+    from qk_attn.demo import DEMO_CONFIG
+    from qk_attn.run.config import RunConfig
+    from qk_attn.run.runner import format_load_hint, output_files, run
 
     is_demo = args.config is None
     config = RunConfig.load(args.config, args.set or [], base=DEMO_CONFIG if is_demo else None)
@@ -50,7 +50,7 @@ def cmd_run(args) -> int:
     if is_demo or args.quiet:
         _quiet_libraries()
     if args.dry_run:
-        from .runner import check
+        from qk_attn.run.runner import check
 
         check(config, shard=args.shard)
         print(f"qk-sniff run --dry-run: every check passed; no weights loaded, nothing written to "
@@ -64,7 +64,7 @@ def cmd_run(args) -> int:
         print("  " + line)
     print()
     if summary.rank and not summary.merged:  # launched ranks: rank 0 merges; --shard jobs: the user does
-        from .distributed import detect
+        from qk_attn.run.distributed import detect
 
         if detect(args.shard).sharded:
             print(f"When every rank has finished: qk-sniff merge {config.output.data_root}")
@@ -75,7 +75,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from .distributed import merge
+    from qk_attn.run.distributed import merge
 
     try:
         manifest = merge(args.out, allow_incomplete=args.allow_incomplete)
@@ -142,7 +142,7 @@ def cmd_repair(args) -> int:
 
 
 def cmd_push(args) -> int:
-    from . import hub
+    from qk_attn.dataset import hub
 
     hub.push(args.out, args.repo, revision=args.revision, private=args.private)
     print(f"pushed {args.out} to {args.repo}{'@' + args.revision if args.revision else ''}")
@@ -150,7 +150,7 @@ def cmd_push(args) -> int:
 
 
 def cmd_pull(args) -> int:
-    from . import hub
+    from qk_attn.dataset import hub
 
     hub.pull(args.repo, args.out, revision=args.revision)
     print(f"pulled {args.repo}{'@' + args.revision if args.revision else ''} into {args.out}")
@@ -250,12 +250,12 @@ OOM_HINT = "; lower tokenizer.max_length or inference.batch_size, or use model.d
 def _expected_errors() -> list[tuple[tuple[type[BaseException], ...], int, str]]:
     """(exception types, exit status, hint after the message); the first match wins, and
     anything else keeps its traceback. Errors whose message is the whole story get no hint."""
-    from .config import ConfigError
-    from .demo import DemoUnavailable
-    from .hub import HubError
-    from .saver import OutputLocked, SaverError
+    from qk_attn.config import ConfigError
+    from qk_attn.demo import DemoUnavailable
+    from qk_attn.dataset.hub import HubError
+    from qk_attn.storage.saver import OutputLocked, SaverError
 
-    from . import saver
+    from qk_attn.storage import saver
 
     storage = getattr(saver, "StorageError", ConfigError)  # one-line storage failures (ValueError)
     out_of_memory = getattr(sys.modules.get("torch"), "OutOfMemoryError", None)  # a RuntimeError
@@ -288,7 +288,7 @@ def _disk_full(error: BaseException | None) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    saver_log, quiet = logging.getLogger("qk_attn.saver"), _SaverFailureFilter()
+    saver_log, quiet = logging.getLogger("qk_attn.storage.saver"), _SaverFailureFilter()
     if not args.debug:
         saver_log.addFilter(quiet)
     try:

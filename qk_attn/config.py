@@ -4,7 +4,7 @@ Values are validated when the configuration is built, never inside a forward: a 
 is a `ConfigError` (a `ValueError`) naming the setting, the value and what is allowed. The
 setting is named as the user wrote it: `layers=...` for keyword arguments, `QK_SNIFF_LAYERS=...`
 for a value read from the environment, `capture.layers=...` for a run configuration
-(qk_attn.run_config relabels it).
+(qk_attn.run.config relabels it).
 """
 
 from __future__ import annotations

@@ -21,16 +21,16 @@ from typing import Any, Iterator
 
 import torch
 
-from .capture import is_cross_attention, key_validity, refuse_unsupported
-from .config import ConfigError, SniffConfig
-from .context import (CaptureError, ForwardContext, TextTokens, check_shapes, decoder_stack, host_int, model_forward,
+from qk_attn.capture.attention import is_cross_attention, key_validity, refuse_unsupported
+from qk_attn.config import ConfigError, SniffConfig
+from qk_attn.capture.forward import (CaptureError, ForwardContext, TextTokens, check_shapes, decoder_stack, host_int, model_forward,
                       refuse_unrecordable_generation, running)
-from .gather import Selection, gather_selected, select_rows, select_tokens, uses_kernel
-from .registration import watch_forward
-from .rope import invert_rope, uses_rope
-from .rows import CaptureBatch, MemorySink
-from .sampler import Sampler
-from .selection import HeadPlan, ModelShape
+from qk_attn.capture.gather import Selection, gather_selected, select_rows, select_tokens, uses_kernel
+from qk_attn.capture.hooks import watch_forward
+from qk_attn.capture.rope import invert_rope, uses_rope
+from qk_attn.capture.batch import CaptureBatch, MemorySink
+from qk_attn.sampler import Sampler
+from qk_attn.capture.plan import HeadPlan, ModelShape
 
 logger = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -515,7 +515,7 @@ def _as_states(table: torch.Tensor, batch_size: int, device) -> torch.Tensor:
 
 
 def _parquet_sink(config: SniffConfig, overwrite: bool, source, vocabulary=None):
-    from .saver import ParquetSink
+    from qk_attn.storage.saver import ParquetSink
 
     return ParquetSink(config.output, config, overwrite=overwrite, source=source, vocabulary=vocabulary)
 

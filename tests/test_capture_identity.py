@@ -17,9 +17,9 @@ from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 import qk_attn
 from capture_utils import GroundTruth, all_heads, expected_rows, rows_by_key
 from families import COMMON, VOCAB, build, padded_batch
-from qk_attn import backends
-from qk_attn.context import CaptureError
-from qk_attn.runner import normalize_id
+from qk_attn.capture import backends
+from qk_attn.capture.forward import CaptureError
+from qk_attn.run.runner import normalize_id
 from test_cli import SPARSE, all_rows, assert_same_rows, docs, tiny_model, write_config  # noqa: F401 (fixtures)
 
 torch.set_grad_enabled(False)
@@ -235,7 +235,7 @@ with torch.no_grad():
     try:
         model.generate(input_ids=torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6]]), max_new_tokens=8,
                        prompt_lookup_num_tokens=3, do_sample=False, pad_token_id=0)
-    except qk_attn.context.CaptureError as error:
+    except qk_attn.capture.forward.CaptureError as error:
         print("refused:", error)
 """
 
@@ -256,7 +256,7 @@ def test_a_refusal_in_env_mode_is_not_committed_by_the_exit_handler(tmp_path):
     assert qk_attn.load_examples(out).column("example_id").to_pylist() == [0]
     table = qk_attn.load(out, layer=0, head=0, kind="k")
     assert sorted(table.column("example_id").to_pylist()) == [0] * 6
-    from qk_attn.verify import verify_dataset
+    from qk_attn.dataset.verify import verify_dataset
     assert verify_dataset(out, log=lambda *_: None) == []
 
 
@@ -274,7 +274,7 @@ class _StopRow(StoppingCriteria):
 
 def test_rows_of_a_batched_generate_end_at_their_eos(tmp_path):
     """After a row's end (its EOS), generate() keeps feeding it pad tokens: they are not its document."""
-    from qk_attn.verify import verify_dataset
+    from qk_attn.dataset.verify import verify_dataset
 
     model = build("llama3", "qk_sniff")
     prompt = _tokens(5, batch=2, seed=6)
@@ -498,7 +498,7 @@ def test_a_refusal_in_a_cli_run_commits_none_of_the_refused_documents(tiny_model
     the three before are committed, the refused one has no row and no entry, and the re-run resumes
     to the rows of a run that was never refused."""
     from qk_attn import cli
-    from qk_attn.verify import verify_dataset
+    from qk_attn.dataset.verify import verify_dataset
     from transformers.models.llama import modeling_llama
 
     path, _ = docs

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.compute as pc
 from huggingface_hub import DatasetCard
 
-from qk_attn.card import coverage, dataset_configs, per_example_head, render_card, write_card
+from qk_attn.storage.card import coverage, dataset_configs, per_example_head, render_card, write_card
 from test_saver import capture_model, folder_table
 
 
@@ -170,8 +170,8 @@ def test_a_layer_that_ran_but_kept_no_position_is_ran_0_rows_and_verify_checks_i
     import json
 
     from qk_attn import cli
-    from qk_attn.manifest import MANIFEST, manifest_digest
-    from qk_attn.verify import verify_dataset
+    from qk_attn.storage.manifest import MANIFEST, manifest_digest
+    from qk_attn.dataset.verify import verify_dataset
 
     out = tmp_path / "out"
     manifest = capture_model(out, sampler="uniform", min_bucket_size=128, base_rate=1.28, seed=3)

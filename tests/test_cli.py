@@ -17,11 +17,13 @@ import pytest
 import torch
 import yaml
 
-from qk_attn import cli, runner
+from qk_attn import cli
+
+from qk_attn.run import runner
 from qk_attn.config import ConfigError
-from qk_attn.rows import MemorySink
-from qk_attn.run_config import RunConfig
-from qk_attn.runner import normalize_id
+from qk_attn.capture.batch import MemorySink
+from qk_attn.run.config import RunConfig
+from qk_attn.run.runner import normalize_id
 
 WORDS = [f"w{i}" for i in range(60)]
 LAYERS, HEADS, KV_HEADS, HEAD_DIM = 2, 4, 2, 8
@@ -270,7 +272,7 @@ def write_config(tmp_path, model_dir, documents, out, **sections) -> str:
 
 def all_rows(out) -> dict[tuple, np.ndarray]:
     """{(example, layer, head, kind, position, bucket): vector} of every committed row; asserts uniqueness."""
-    from qk_attn.load import load
+    from qk_attn.dataset.load import load
 
     t = load(out).to_pydict()
     keys = ("example_id", "layer", "head", "kind", "position", "bucket")
@@ -362,7 +364,7 @@ def test_killed_mid_forward_then_rerun_gives_the_uninterrupted_rows(tiny_model, 
 
 
 def test_pull_before_capture_push_after(tiny_model, docs, tmp_path, monkeypatch):
-    from qk_attn import hub
+    from qk_attn.dataset import hub
 
     events = []
     monkeypatch.setattr(hub, "pull", lambda repo, out, revision=None, missing_ok=False: events.append(("pull", repo, revision, missing_ok)))
@@ -381,7 +383,7 @@ def test_pull_before_capture_push_after(tiny_model, docs, tmp_path, monkeypatch)
 
 
 def test_push_does_not_happen_after_a_failed_run(tiny_model, docs, tmp_path, monkeypatch):
-    from qk_attn import hub
+    from qk_attn.dataset import hub
 
     events = []
     monkeypatch.setattr(hub, "pull", lambda *a, **k: None)
@@ -432,7 +434,7 @@ def test_verify_finds_what_is_wrong(tiny_model, docs, tmp_path, capsys):
 
 
 def test_push_and_pull_commands_call_the_hub_module(tmp_path, monkeypatch, capsys):
-    from qk_attn import hub
+    from qk_attn.dataset import hub
 
     calls = []
     monkeypatch.setattr(hub, "push", lambda out, repo, revision=None, private=False: calls.append(("push", out, repo, revision, private)))
@@ -454,7 +456,7 @@ def test_token_ids_and_token_strings_match_the_tokenizer(tiny_model, docs, tmp_p
     capture_token_strings: true) its convert_ids_to_tokens, and load(tokens=True) decodes the same."""
     from transformers import AutoTokenizer
 
-    from qk_attn.load import load
+    from qk_attn.dataset.load import load
 
     path, rows = docs
     out = tmp_path / "out"

@@ -18,9 +18,10 @@ import pytest
 import yaml
 
 import qk_attn
-from qk_attn import cli, distributed
+from qk_attn import cli
+from qk_attn.run import distributed
 from qk_attn.config import ConfigError
-from qk_attn.saver import read_manifest
+from qk_attn.storage.saver import read_manifest
 from test_cli import WORDS, text, tiny_model  # noqa: F401  (fixture)
 from test_saver import folder_table, sort_rows
 
@@ -123,7 +124,8 @@ KILLER = textwrap.dedent(
     """
     import json, os, signal, sys, time
     from pathlib import Path
-    from qk_attn import cli, runner
+    from qk_attn import cli
+    from qk_attn.run import runner
 
     forward = runner._forward
 
@@ -202,7 +204,7 @@ def test_ranks_keep_their_own_previous_manifest(tmp_path):
     (one shared backup name once let a rank's commit fail with FileNotFoundError)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from qk_attn.manifest import previous_name, write_json_atomic
+    from qk_attn.storage.manifest import previous_name, write_json_atomic
 
     def write(rank: int) -> None:
         for i in range(300):

@@ -20,9 +20,9 @@ import torch
 import pytest
 
 from qk_attn.config import SniffConfig
-from qk_attn.manifest import StorageError
-from qk_attn.saver import ParquetSink, read_manifest
-from qk_attn.verify import verify_dataset
+from qk_attn.storage.manifest import StorageError
+from qk_attn.storage.saver import ParquetSink, read_manifest
+from qk_attn.dataset.verify import verify_dataset
 from test_saver import folder_table, make_batch, open_sink, reference, run_examples, sort_rows
 
 TESTS = Path(__file__).parent
@@ -125,8 +125,8 @@ def test_token_ids_first_position_and_vocabulary_columns(tmp_path):
 def test_a_full_disk_fails_loudly_and_loses_nothing_committed(tmp_path, monkeypatch):
     import errno
 
-    import qk_attn.shards as shards
-    from qk_attn.saver import SaverError
+    import qk_attn.storage.shards as shards
+    from qk_attn.storage.saver import SaverError
 
     out = tmp_path / "out"
     sink = open_sink(out)

@@ -19,10 +19,11 @@ import pyarrow.parquet as pq
 import pytest
 
 import qk_attn
-from qk_attn import cli, compact
-from qk_attn.manifest import PREVIOUS, CorruptShard, DamagedDataset, segment_examples
-from qk_attn.saver import EXAMPLES, MANIFEST, read_manifest
-from qk_attn.verify import QUARANTINE, repair_dataset, verify_dataset
+from qk_attn import cli
+from qk_attn.storage import compact
+from qk_attn.storage.manifest import PREVIOUS, CorruptShard, DamagedDataset, segment_examples
+from qk_attn.storage.saver import EXAMPLES, MANIFEST, read_manifest
+from qk_attn.dataset.verify import QUARANTINE, repair_dataset, verify_dataset
 from test_saver import folder_table, open_sink, reference, run_examples, sort_rows
 
 MANY = list(range(17))  # one segment each: 17 small shards per folder, so closing compacts them (COMPACT_AT_CLOSE)
@@ -177,7 +178,7 @@ def test_a_changed_manifest_value_is_found_by_verify_and_repaired(compacted, tmp
 
 
 def test_the_examples_table_is_rebuilt_when_it_lags_the_manifest(tmp_path, monkeypatch):
-    from qk_attn import saver
+    from qk_attn.storage import saver
 
     monkeypatch.setattr(saver, "EXPORT_EVERY_S", 1e9)  # exported at the first commit and at close only
     out, crashed = tmp_path / "out", tmp_path / "crashed"
@@ -216,7 +217,7 @@ SERVER = textwrap.dedent("""
     import os, signal, sys, time
     sys.path.insert(0, sys.argv[1])
     from test_saver import open_sink
-    from qk_attn.verify import repair
+    from qk_attn.dataset.verify import repair
     print("ready", flush=True)
     for line in sys.stdin:  # "<what> <folder> <delay s>": fork, run it, SIGKILL it after the delay
         what, folder, delay = line.split()
@@ -304,7 +305,7 @@ def test_sigkill_at_random_points_of_compaction_and_repair(tmp_path, killer):
 
 def capture_uncompacted(out):
     """MANY committed one per segment, closed without compaction (a kill then compacts nothing twice)."""
-    from qk_attn import saver
+    from qk_attn.storage import saver
 
     at_close = saver.COMPACT_AT_CLOSE
     saver.COMPACT_AT_CLOSE = 10**6

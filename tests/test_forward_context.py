@@ -16,8 +16,8 @@ import qk_attn
 from capture_utils import GroundTruth, all_heads, captured_and_truth, expected_rows, rows_by_key
 from families import COMMON, VOCAB, build, cache_kw, padded_batch
 from qk_attn import cli
-from qk_attn.context import CaptureError
-from qk_attn.rows import PackedSequences
+from qk_attn.capture.forward import CaptureError
+from qk_attn.capture.batch import PackedSequences
 
 torch.set_grad_enabled(False)
 
@@ -341,7 +341,7 @@ def test_flash_is_recorded_under_its_own_name_only():
     try:
         qk_attn.wrap_flash_attention()
         wrapped = AttentionInterface._global_mapping["flash_attention_2"]
-        assert wrapped.func is qk_attn.capture.attend_and_capture and wrapped.args == (original,)
+        assert wrapped.func is qk_attn.capture.attention.attend_and_capture and wrapped.args == (original,)
         assert AttentionMaskInterface._global_mapping["flash_attention_2"].args[0].__name__ == "flash_attention_mask"
     finally:
         for interface, mapping in zip((AttentionInterface, AttentionMaskInterface), saved):
@@ -404,12 +404,12 @@ def test_generate_with_chunked_prefill_records_each_position_once():
 def test_left_padding_without_position_ids_verifies_and_warns_once(tmp_path, caplog):
     """The position contract end to end: the examples table records where each document starts,
     `verify` expects the sampler's positions from there, and the user is told once."""
-    from qk_attn.verify import verify_dataset
+    from qk_attn.dataset.verify import verify_dataset
 
     model = build("llama3", "qk_sniff")
     batch = padded_batch("left", lengths=(9, 6))
     out = tmp_path / "out"
-    with caplog.at_level(logging.WARNING, logger="qk_attn.rows"):
+    with caplog.at_level(logging.WARNING, logger="qk_attn.capture.batch"):
         with qk_attn.session(output=out, sampler="log_uniform", min_bucket_size=2, example_ids=[0, 1]):
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     starts = dict(zip(*qk_attn.load_examples(out).select(["example_id", "first_position"]).to_pydict().values()))

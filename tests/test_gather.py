@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qk_attn.gather import gather_rows, select_rows, uses_kernel
+from qk_attn.capture.gather import gather_rows, select_rows, uses_kernel
 from qk_attn.kernels.select_gather import gather_rows_reference, inverse_rope_reference
 from qk_attn.sampler import Sampler
 
@@ -128,7 +128,7 @@ def test_everything_works_without_triton(tmp_path):
         import logging, sys, torch
         sys.modules["triton"] = None  # import triton -> ImportError, as if not installed
         logging.basicConfig(level=logging.WARNING)
-        from qk_attn.gather import select_rows, gather_rows, _triton_available
+        from qk_attn.capture.gather import select_rows, gather_rows, _triton_available
         from qk_attn.kernels.select_gather import HAS_TRITON, gather_rows_triton
         from qk_attn.sampler import Sampler
         assert not HAS_TRITON

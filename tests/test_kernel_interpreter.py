@@ -26,13 +26,13 @@ if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
     )
 pytest.importorskip("triton", reason="Triton is not installed (pip install 'qk-attn[triton]')")
 
-from qk_attn.gather import gather_rows, select_rows, uses_kernel  # noqa: E402
+from qk_attn.capture.gather import gather_rows, select_rows, uses_kernel  # noqa: E402
 from qk_attn.kernels.select_gather import (  # noqa: E402
     gather_rows_reference,
     gather_rows_triton,
     inverse_rope_reference,
 )
-from qk_attn.rows import CaptureBatch, CaptureOverflow  # noqa: E402
+from qk_attn.capture.batch import CaptureBatch, CaptureOverflow  # noqa: E402
 from qk_attn.sampler import Sampler  # noqa: E402
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -293,7 +293,7 @@ def test_session_capture_is_identical_through_kernel_and_torch_paths(tmp_path, m
     layer's cos/sin gathered by the same selection) written by the kernel path and by the
     torch path: the same Parquet rows in the same shards."""
     import qk_attn
-    from qk_attn import gather
+    from qk_attn.capture import gather
     from qk_attn.kernels import select_gather
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -1,4 +1,4 @@
-"""Loading a capture: qk_attn.load / load_vectors, and datasets.load_dataset through the card's configs."""
+"""Loading a capture: qk_attn.dataset.load / load_vectors, and datasets.load_dataset through the card's configs."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 from datasets import List, Value
 
 import qk_attn
-from qk_attn.load import vectors_of
-from qk_attn.rows import arrow_schema
+from qk_attn.dataset.load import vectors_of
+from qk_attn.capture.batch import arrow_schema
 from test_saver import capture_model, folder_table, sort_rows
 
 # DESIGN §5 column types, as `datasets` names them

@@ -19,9 +19,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from qk_attn import cli, runner
+from qk_attn import cli
+
+from qk_attn.run import runner
 from qk_attn.config import ConfigError
-from qk_attn.rows import MemorySink
+from qk_attn.capture.batch import MemorySink
 from test_cli import SPARSE, all_rows, assert_same_rows, docs, make_config, tiny_model, write_config  # noqa: F401 (fixtures)
 
 
@@ -76,8 +78,8 @@ def test_layers_and_heads_out_of_range(tiny_model, docs, tmp_path, capsys, no_we
 
 def test_a_plan_that_records_nothing_is_refused():
     from qk_attn.config import SniffConfig
-    from qk_attn.preflight import check_plan
-    from qk_attn.selection import ModelShape
+    from qk_attn.run.preflight import check_plan
+    from qk_attn.capture.plan import ModelShape
 
     shape = ModelShape(4, 4, 2, 8, layer_types=("sliding_attention",) * 4)
     with pytest.raises(ConfigError, match="nothing would be recorded: m has no layer.*capture.full_attention_only"):
@@ -115,7 +117,7 @@ def test_csv_with_a_header_only_and_text_not_utf8(tiny_model, tmp_path, capsys, 
 
 
 def test_utf8_check_across_chunk_boundaries(tmp_path, monkeypatch):
-    from qk_attn import preflight
+    from qk_attn.run import preflight
 
     monkeypatch.setattr(preflight, "UTF8_CHUNK", 3)
     path = tmp_path / "x.txt"
@@ -274,9 +276,9 @@ def test_streaming_runs_print_an_upper_bound(tiny_model, docs, tmp_path, capsys)
 
 def test_estimate_function():
     from qk_attn.config import SniffConfig
-    from qk_attn.estimate import estimate, row_bytes
+    from qk_attn.run.estimate import estimate, row_bytes
     from qk_attn.sampler import Sampler
-    from qk_attn.selection import HeadPlan, ModelShape
+    from qk_attn.capture.plan import HeadPlan, ModelShape
 
     shape = ModelShape(num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128)
     plan = HeadPlan.build(SniffConfig(sampler="all"), shape)
@@ -305,7 +307,7 @@ def test_run_larger_than_max_gb_is_refused(tiny_model, docs, tmp_path, capsys, n
     with pytest.raises(ConfigError, match=r"^capture\.max_gb: this run would write about " + re.escape(estimated)):
         runner.run(make_config(tiny_model, docs[0], out, capture={"max_gb": 0.00001}), progress=False, log=lambda _: None)
     # The default limit is half the free space at the output.
-    from qk_attn import preflight
+    from qk_attn.run import preflight
 
     monkeypatch.setattr(preflight, "free_bytes", lambda folder: 100_000)
     code, _, err = run_cli(capsys, "--config", config)
@@ -365,7 +367,7 @@ def test_unpadded_batches_pass_input_ids_only_and_documents_are_described(tiny_m
     sink = DescribingSink()
     runner.run(make_config(tiny_model, path, tmp_path / "o", inference={"batch_size": 1}), sink=sink, progress=False)
     assert seen == [["input_ids"]] * 6
-    from qk_attn.runner import normalize_id
+    from qk_attn.run.runner import normalize_id
 
     assert sink.described == [(normalize_id(r["doc"]), r["doc"], i) for i, r in enumerate(rows)]
     seen.clear()

@@ -9,7 +9,7 @@ import yaml
 
 from qk_attn.config import ConfigError, SniffConfig
 from qk_attn.demo import DEMO_CONFIG
-from qk_attn.run_config import RunConfig, apply_override
+from qk_attn.run.config import RunConfig, apply_override
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MINIMAL = {"dataset": {"path": "docs.jsonl"}, "model": {"name": "some/model"}, "output": {"data_root": "out"}}

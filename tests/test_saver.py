@@ -19,12 +19,12 @@ import pytest
 import torch
 
 from qk_attn.config import SniffConfig
-from qk_attn.gather import gather_rows
-from qk_attn.rows import CaptureBatch, CaptureOverflow, MemorySink, arrow_schema
+from qk_attn.capture.gather import gather_rows
+from qk_attn.capture.batch import CaptureBatch, CaptureOverflow, MemorySink, arrow_schema
 from qk_attn.sampler import Sampler
-from qk_attn.saver import MANIFEST, ParquetSink, SaverError, key_name, read_manifest
-from qk_attn.selection import HeadPlan, ModelShape
-from qk_attn.transfer import HostPool, Transfer
+from qk_attn.storage.saver import MANIFEST, ParquetSink, SaverError, key_name, read_manifest
+from qk_attn.capture.plan import HeadPlan, ModelShape
+from qk_attn.storage.transfer import HostPool, Transfer
 
 NUM_HEADS, NUM_KV, DIM = 4, 2, 8
 
@@ -346,7 +346,7 @@ def test_uncommitted_examples_are_not_kept_at_close(tmp_path):
 
 
 def test_compaction_merges_small_shards(tmp_path):
-    from qk_attn.saver import COMPACT_AT_CLOSE
+    from qk_attn.storage.saver import COMPACT_AT_CLOSE
 
     def one_segment_each(sink, examples):
         batches = []
@@ -374,7 +374,7 @@ def test_compaction_merges_small_shards(tmp_path):
 
 
 def test_rows_of_committed_examples_are_an_error_never_a_silent_drop(tmp_path):
-    from qk_attn.saver import CommittedExampleError
+    from qk_attn.storage.saver import CommittedExampleError
 
     out = tmp_path / "out"
     sink = open_sink(out)

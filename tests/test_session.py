@@ -8,8 +8,8 @@ from transformers import AttentionInterface, AutoModelForCausalLM
 from transformers.masking_utils import AttentionMaskInterface
 
 import qk_attn
-from qk_attn.gather import gather_rows
-from qk_attn.rows import CaptureBatch, CaptureOverflow
+from qk_attn.capture.gather import gather_rows
+from qk_attn.capture.batch import CaptureBatch, CaptureOverflow
 from qk_attn.sampler import Sampler
 from families import build, padded_batch
 
@@ -30,8 +30,8 @@ def _groups(table):
 def test_registration_is_idempotent_and_pairs_attention_with_mask():
     qk_attn.register()
     qk_attn.register()
-    assert AttentionInterface._global_mapping["qk_sniff"] is qk_attn.capture.qk_sniff_attention
-    assert AttentionMaskInterface._global_mapping["qk_sniff"] is qk_attn.registration.qk_sniff_mask
+    assert AttentionInterface._global_mapping["qk_sniff"] is qk_attn.capture.attention.qk_sniff_attention
+    assert AttentionMaskInterface._global_mapping["qk_sniff"] is qk_attn.capture.hooks.qk_sniff_mask
 
 
 def test_from_pretrained_with_qk_sniff(tmp_path):

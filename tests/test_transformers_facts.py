@@ -1,4 +1,4 @@
-"""What qk-attn assumes about transformers holds on the installed version (qk_attn.transformers_facts)."""
+"""What qk-attn assumes about transformers holds on the installed version (qk_attn.capture.facts)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 import transformers as tf
 
 import qk_attn
-from qk_attn import transformers_facts as facts
-from qk_attn.context import CaptureError
+from qk_attn.capture import facts
+from qk_attn.capture.forward import CaptureError
 
 
 @pytest.mark.parametrize("fact", facts.FACTS, ids=lambda fact: fact.name)
@@ -49,7 +49,7 @@ def found():
 def test_every_name_branch_is_classified(found):
     unclassified = [f"{b.path} line {found[b][0]}: {b.condition}" for b in found if b not in facts.NAME_BRANCHES]
     assert not unclassified, (f"transformers {tf.__version__} branches on the attention implementation's name where "
-                              "qk_attn.transformers_facts.NAME_BRANCHES does not say how 'qk_sniff' is handled: "
+                              "qk_attn.capture.facts.NAME_BRANCHES does not say how 'qk_sniff' is handled: "
                               + "; ".join(unclassified))
 
 

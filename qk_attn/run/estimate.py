@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
-from .sampler import Sampler
-from .selection import HeadPlan
+from qk_attn.sampler import Sampler
+from qk_attn.capture.plan import HeadPlan
 
 # example_id int64 + position int32 + bucket int32 + layer int16 + head int16 + sliding_window int32
 # + kind (one character, dictionary encoded on disk) + token_id int32

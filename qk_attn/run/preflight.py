@@ -5,7 +5,7 @@
     output     a folder (or creatable), writable, not locked by another capture, empty or a
                capture of the same settings and model (qk_sniff.json), never someone else's files
     dataset    local files non-empty UTF-8; the dataset has rows; ids unique (map-style datasets)
-    size       the expected rows and bytes (qk_attn.estimate) fit under `capture.max_gb`
+    size       the expected rows and bytes (qk_attn.run.estimate) fit under `capture.max_gb`
 
 Every message names the YAML key, the value and what is allowed. Nothing here writes to the
 output folder: writability is probed with a temporary file that is removed at once.
@@ -22,8 +22,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .config import ConfigError, SniffConfig
-from .selection import HeadPlan, ModelShape
+from qk_attn.config import ConfigError, SniffConfig
+from qk_attn.capture.plan import HeadPlan, ModelShape
 
 UTF8_CHUNK = 1 << 20
 TEXT_SUFFIXES = (".jsonl", ".json", ".csv", ".txt")
@@ -125,8 +125,8 @@ def check_output(data_root: str, sniff: SniffConfig, source: dict | None, *, ove
                  model: dict, shape: ModelShape | None, rank=None) -> Path:
     """The output folder can take this capture: see the module docstring. Returns the folder
     whose free space bounds the run (the output, or its nearest existing parent)."""
-    from .card import CARD_FILES
-    from .saver import LOCK, MANIFEST, Files, parse_key, part_files, read_manifest
+    from qk_attn.storage.card import CARD_FILES
+    from qk_attn.storage.saver import LOCK, MANIFEST, Files, parse_key, part_files, read_manifest
 
     root = Path(os.path.expanduser(data_root))
     where = f"output.data_root={data_root!r}"
@@ -176,11 +176,11 @@ def check_output(data_root: str, sniff: SniffConfig, source: dict | None, *, ove
 
 
 def _storage(*names: str):
-    """A check of the storage layer (qk_attn.manifest, or qk_attn.saver before that module
+    """A check of the storage layer (qk_attn.storage.manifest, or qk_attn.storage.saver before that module
     existed) by its current or former name; None: the sink makes the check when it opens."""
     import importlib
 
-    for module_name in ("qk_attn.manifest", "qk_attn.saver"):
+    for module_name in ("qk_attn.storage.manifest", "qk_attn.storage.saver"):
         try:
             module = importlib.import_module(module_name)
         except ImportError:

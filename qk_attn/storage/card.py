@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 from huggingface_hub import DatasetCard, DatasetCardData
 
-from .sampler import Sampler
+from qk_attn.sampler import Sampler
 
 CARD = "README.md"
 CHART = "buckets.png"
@@ -31,7 +31,7 @@ def _key(layer: int, head: int, kind: str) -> str:
 
 
 def _parse(key: str) -> tuple[int, int, str]:
-    from .saver import parse_key
+    from qk_attn.storage.saver import parse_key
 
     return parse_key(key)
 
@@ -446,7 +446,7 @@ def _yaml(data: DatasetCardData) -> str:
 
 def write_card(output: str | Path, manifest: dict | None = None, repo_id: str | None = None, revision: str | None = None) -> Path:
     """Write OUT/README.md (and OUT/buckets.png) from the manifest; returns the card's path."""
-    from .saver import read_manifest
+    from qk_attn.storage.saver import read_manifest
 
     output = Path(output)
     manifest = manifest if manifest is not None else read_manifest(output)

@@ -31,7 +31,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .rows import CaptureBatch, HostRows
+from qk_attn.capture.batch import CaptureBatch, HostRows
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """`ParquetSink`: capture batches -> transfer -> saver thread -> Parquet shards + manifest (DESIGN §5).
 
-The files and the commit protocol's primitives are in qk_attn.manifest, the Parquet writing in
-qk_attn.shards; this module decides *when* rows are written and committed.
+The files and the commit protocol's primitives are in qk_attn.storage.manifest, the Parquet writing in
+qk_attn.storage.shards; this module decides *when* rows are written and committed.
 
     capturing thread  put(batch)      pieces into the host pool, never waiting inside an attention
                                       call (what does not fit waits on the device for end_forward)
@@ -21,8 +21,8 @@ Buffers over `buffer_mb` are spilled to `.tmp` shards of the open segment. Folde
 many small shards (one per finalise) are merged into shards of about `shard_mb`, with the same
 rename-then-manifest order, when they pass COMPACT_AT shards and at close.
 
-Ranks (qk_attn.distributed). With `rank=(r, n)` the sink is one of n writers into the same
-OUT and touches only its own files (qk_attn.manifest.Files); it writes no card. The parts are
+Ranks (qk_attn.run.distributed). With `rank=(r, n)` the sink is one of n writers into the same
+OUT and touches only its own files (qk_attn.storage.manifest.Files); it writes no card. The parts are
 merged into `qk_sniff.json` and the card once every rank has finished.
 """
 
@@ -43,9 +43,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from . import compact
-from .config import SniffConfig
-from .manifest import (  # noqa: F401 - re-exported: other modules import these from qk_attn.saver
+from qk_attn.storage import compact
+from qk_attn.config import SniffConfig
+from qk_attn.storage.manifest import (  # noqa: F401 - re-exported: other modules import these from qk_attn.storage.saver
     EXAMPLES,
     LOCK,
     MANIFEST,
@@ -68,9 +68,9 @@ from .manifest import (  # noqa: F401 - re-exported: other modules import these 
     take_lock,
     write_json_atomic,
 )
-from .rows import CaptureBatch, CaptureOverflow, HostRows, warn_not_from_zero
-from .shards import KeyBuffer, Writers, Written, write_buffer, write_table
-from .transfer import Piece, Sender, Transfer
+from qk_attn.capture.batch import CaptureBatch, CaptureOverflow, HostRows, warn_not_from_zero
+from qk_attn.storage.shards import KeyBuffer, Writers, Written, write_buffer, write_table
+from qk_attn.storage.transfer import Piece, Sender, Transfer
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class ParquetSink:
 
     Thread model: `put`/`commit`/`describe`/`end_forward`/`flush`/`close` are called by the
     capturing thread; `put` only issues copies into the bounded host pool (never waiting for
-    space: see qk_attn.transfer) and enqueues them. One saver thread buffers rows and commits;
+    space: see qk_attn.storage.transfer) and enqueues them. One saver thread buffers rows and commits;
     `writer_threads` threads encode and write shards. The first error is re-raised by every
     later `put`/`commit`/`check`/`flush`/`close`.
     """
@@ -208,7 +208,7 @@ class ParquetSink:
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="qk-sniff-saver", daemon=True)
         self._thread.start()
-        from .verify import check_examples_file
+        from qk_attn.dataset.verify import check_examples_file
 
         if manifest["examples"] and check_examples_file(self.output, manifest, self.files.examples):
             self._write_manifest(export=True)  # a killed run left the examples table behind the manifest
@@ -637,7 +637,7 @@ class ParquetSink:
         """The manifest (the commit point). Before it, at most every EXPORT_EVERY_S and at close,
         OUT/examples.parquet: an export of the manifest's examples for `datasets` (qk_attn
         readers use the manifest itself), so a large capture does not rewrite it every commit."""
-        from .verify import examples_table
+        from qk_attn.dataset.verify import examples_table
 
         with self._manifest_lock:
             manifest = self._manifest
@@ -651,7 +651,7 @@ class ParquetSink:
                               previous_too=previous_too)
 
     def _compact(self, at_least: int) -> None:
-        """Merge small committed shards (qk_attn.compact) in the writer threads; one manifest update."""
+        """Merge small committed shards (qk_attn.storage.compact) in the writer threads; one manifest update."""
         manifest = self._manifest  # only this thread changes shards; the merges only read it
         jobs = compact.plan(manifest, self.output, self.shard_bytes, at_least)
         if not jobs:
@@ -692,8 +692,8 @@ class ParquetSink:
         self._write_manifest(export=True)
         manifest = self.manifest
         if self.files.rank is None:
-            from .card import write_card
-            from .manifest import card_is_ours
+            from qk_attn.storage.card import write_card
+            from qk_attn.storage.manifest import card_is_ours
 
             if card_is_ours(self.output):
                 write_card(self.output, manifest)

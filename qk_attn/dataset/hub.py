@@ -16,8 +16,8 @@ from pathlib import Path
 
 from huggingface_hub import HfApi
 
-from .card import CARD, CHART, write_card
-from .manifest import (EXAMPLES, MANIFEST, StorageError, check_same_capture, public_manifest, read_manifest,
+from qk_attn.storage.card import CARD, CHART, write_card
+from qk_attn.storage.manifest import (EXAMPLES, MANIFEST, StorageError, check_same_capture, public_manifest, read_manifest,
                        release_lock, take_lock, write_json_atomic)
 
 SHARDS = "l*h*/*.parquet"
@@ -127,7 +127,7 @@ def pull(
                     f"{output} holds {len(lacking)} committed example(s) that {where} lacks; pulling would discard "
                     f"them. Push first (qk-sniff push {output} --repo {repo_id}), or pull into another folder."
                 )
-            from .config import SniffConfig
+            from qk_attn.config import SniffConfig
 
             try:
                 config = SniffConfig(**{k: v for k, v in local["config"].items() if k in SniffConfig.field_names()})
@@ -149,7 +149,7 @@ def pull(
 
 def _check_shards(output: Path, manifest: dict) -> None:
     """Every committed shard against its recorded size and sha256: a damaged shard is never published."""
-    from .verify import check_shard
+    from qk_attn.dataset.verify import check_shard
 
     for key, names in sorted(manifest["shards"].items()):
         for name in names:
@@ -161,7 +161,7 @@ def _check_shards(output: Path, manifest: dict) -> None:
 
 def snapshot(repo_id: str, revision: str | None = None, allow_patterns: list[str] | None = None,
              token: str | bool | None = None, api: HfApi | None = None) -> Path:
-    """Files of a dataset repo in the local Hugging Face cache (for `qk_attn.load`)."""
+    """Files of a dataset repo in the local Hugging Face cache (for `qk_attn.dataset.load`)."""
     api = api or HfApi(token=token)
     try:
         return Path(api.snapshot_download(repo_id, repo_type=REPO_TYPE, revision=revision, allow_patterns=allow_patterns))

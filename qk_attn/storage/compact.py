@@ -1,7 +1,7 @@
 """Merging small committed shards of a folder into shards of about `shard_mb`.
 
 A finalise writes one shard per folder, so a long capture collects many small shards. Merged
-shards follow the commit protocol (qk_attn.manifest): written under a temporary name, fsync'd,
+shards follow the commit protocol (qk_attn.storage.manifest): written under a temporary name, fsync'd,
 renamed, then the manifest lists them instead of the small ones, and only then are the small
 ones deleted, so a crash at any point leaves at most orphans that the next open (or `repair`)
 removes. Every part is read only after its bytes match the manifest's sha256 (a damaged part
@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from .manifest import CorruptShard, row_group_segments, shard_info
-from .shards import Written, read_verified, write_row_groups
+from qk_attn.storage.manifest import CorruptShard, row_group_segments, shard_info
+from qk_attn.storage.shards import Written, read_verified, write_row_groups
 
 
 def plan(manifest: dict, output: Path, shard_bytes: int, at_least: int) -> list[tuple[str, list[str]]]:

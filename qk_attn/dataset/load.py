@@ -16,8 +16,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from .manifest import MANIFEST, parse_key, read_manifest
-from .verify import CorruptShard, check_shard, examples_table
+from qk_attn.storage.manifest import MANIFEST, parse_key, read_manifest
+from qk_attn.dataset.verify import CorruptShard, check_shard, examples_table
 
 
 def _select(manifest: dict, layer: int | None, head: int | None, kind: str | None) -> list[str]:
@@ -41,7 +41,7 @@ def _open(path_or_repo: str | os.PathLike, revision: str | None, token) -> tuple
         if manifest is None:
             raise FileNotFoundError(f"{local} is not a qk-sniff capture: {MANIFEST} is missing")
         return local, manifest, False
-    from .hub import snapshot
+    from qk_attn.dataset.hub import snapshot
 
     root = snapshot(str(path_or_repo), revision=revision, allow_patterns=[MANIFEST], token=token)
     manifest = read_manifest(root)
@@ -74,7 +74,7 @@ def load(
         available = ", ".join(sorted(k for k, v in manifest.get("shards", {}).items() if v)) or "none"
         raise LookupError(f"{path_or_repo} has no committed rows for layer={layer}, head={head}, kind={kind}; configs: {available}")
     if remote:
-        from .hub import snapshot
+        from qk_attn.dataset.hub import snapshot
 
         root = snapshot(str(path_or_repo), revision=revision, allow_patterns=[f"{key}/*.parquet" for key in keys], token=token)
     if tokens and columns is not None and "token_id" not in columns:
@@ -106,7 +106,7 @@ def tokenizer_of(manifest: dict, tokenizer=None):
         raise ValueError("tokens=True: the capture records no tokenizer; pass tokenizer=<name, path or tokenizer>")
     from transformers import AutoTokenizer
 
-    from .demo import resolve_model
+    from qk_attn.demo import resolve_model
 
     revision = None if tokenizer is not None else source.get("tokenizer_revision")
     return AutoTokenizer.from_pretrained(resolve_model(os.fspath(name), verbose=False), revision=revision)

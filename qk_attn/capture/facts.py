@@ -101,7 +101,7 @@ def _attention_interface_register() -> str | None:
     from transformers import AttentionInterface
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    from .capture import qk_sniff_attention
+    from qk_attn.capture.attention import qk_sniff_attention
 
     if not callable(getattr(AttentionInterface, "register", None)):
         return "no AttentionInterface.register"
@@ -112,7 +112,7 @@ def _attention_interface_register() -> str | None:
 def _mask_interface_register() -> str | None:
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-    from .registration import qk_sniff_mask
+    from qk_attn.capture.hooks import qk_sniff_mask
 
     if not callable(getattr(AttentionMaskInterface, "register", None)):
         return "no AttentionMaskInterface.register"
@@ -676,7 +676,7 @@ def follow_wrapped_backend(config, backend: str) -> None:
     modeling = _modeling_name(type(config))
     refuse = REFUSED_MODELS.get(modeling)
     if refuse is not None and (reason := refuse(config, backend)) is not None:
-        from .context import CaptureError
+        from qk_attn.capture.forward import CaptureError
 
         raise CaptureError(reason)
     if modeling in FOLLOWED_METHODS and modeling not in _followed:
@@ -698,7 +698,7 @@ def _under_wrapped_name(method):
         config = self.config
         if config._attn_implementation != NAME:
             return method(self, *args, **kwargs)
-        from .session import current_config
+        from qk_attn.session import current_config
 
         config._attn_implementation = current_config().backend
         try:

@@ -1,8 +1,8 @@
 """`qk-sniff run`: config -> checks -> documents -> tokenizer -> model backbone -> capture -> dataset.
 
-    checks      before any weight loads (qk_attn.preflight): the model's config against the
+    checks      before any weight loads (qk_attn.run.preflight): the model's config against the
                 head filters, the output folder, the dataset (UTF-8, rows, unique ids), the
-                estimated size of the run (qk_attn.estimate) against capture.max_gb
+                estimated size of the run (qk_attn.run.estimate) against capture.max_gb
     documents   datasets.load_dataset (Hub id, local jsonl/json/parquet/csv/txt, folder),
                 ids normalised to int64, texts truncated to tokenizer.max_length
     model       AutoModelForCausalLM with attn_implementation="qk_sniff"; only the backbone
@@ -11,7 +11,7 @@
                 begin(ids) -> forward -> commit(); examples committed by an earlier run are
                 skipped (resume); an unpadded batch passes input_ids only
     ranks       under torchrun / accelerate launch / --shard i/n each rank runs its documents
-                (qk_attn.distributed) into its own files; rank 0 merges after a barrier
+                (qk_attn.run.distributed) into its own files; rank 0 merges after a barrier
     hub         with --push: pull the remote dataset first (if it exists), push at the end
 
 Progress: one bar over documents with tokens/s and rows written; a summary at the end.
@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .config import ConfigError
-from .run_config import DatasetSection, RunConfig
+from qk_attn.config import ConfigError
+from qk_attn.run.config import DatasetSection, RunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def load_rows(cfg: DatasetSection):
     Local text files are checked first (empty, not UTF-8), and the builder's own failures on
     them become one `ConfigError` naming `dataset.path`.
     """
-    from .preflight import check_local_files
+    from qk_attn.run.preflight import check_local_files
 
     path = _resolved_path(cfg)
     if _local_builder(path) is not None:
@@ -134,7 +134,7 @@ def _dataset_errors() -> tuple[type[BaseException], ...]:
 
 
 def _resolved_path(cfg: DatasetSection) -> str:
-    from .demo import resolve_dataset
+    from qk_attn.demo import resolve_dataset
 
     return resolve_dataset(cfg.path)
 
@@ -405,7 +405,7 @@ class RunSummary:
 
 def source_info(config: RunConfig, max_length: int) -> dict[str, Any]:
     """What the dataset card and manifest record about where the text came from."""
-    from .demo import DEMO_DATASET, DEMO_DATASET_DESCRIPTION, DEMO_MODEL, weights_provenance
+    from qk_attn.demo import DEMO_DATASET, DEMO_DATASET_DESCRIPTION, DEMO_MODEL, weights_provenance
 
     d = config.dataset
     return {
@@ -435,7 +435,7 @@ def source_info(config: RunConfig, max_length: int) -> dict[str, Any]:
 def _compatible(source: dict[str, Any], config: RunConfig, rank) -> dict[str, Any]:
     """`source` without the keys that a capture already in the output folder was made without
     (added by later versions, e.g. `weights`): such a capture keeps resuming."""
-    from .saver import Files, read_manifest
+    from qk_attn.storage.saver import Files, read_manifest
 
     root = Path(os.path.expanduser(config.output.data_root))
     if config.output.overwrite or not root.is_dir():
@@ -458,14 +458,14 @@ def _progress(total: int | None, enabled: bool):
 
 def pull_if_remote(config: RunConfig) -> bool:
     """Before capture: fetch the remote dataset (if it exists) so the run resumes into it."""
-    from . import hub
+    from qk_attn.dataset import hub
 
     out = config.output
     return bool(hub.pull(out.hf_repo_id, out.data_root, revision=out.hf_branch, missing_ok=True))
 
 
 def push(config: RunConfig) -> str:
-    from . import hub
+    from qk_attn.dataset import hub
 
     out = config.output
     hub.push(out.data_root, out.hf_repo_id, revision=out.hf_branch, private=out.private)
@@ -479,7 +479,7 @@ def run(config: RunConfig, *, push_to_hub: bool = False, progress: bool = True, 
     Under a launcher (RANK/WORLD_SIZE) or with `shard="i/n"` this process runs only its own
     documents into its own files; launched ranks meet at a barrier and rank 0 merges.
     """
-    from . import distributed
+    from qk_attn.run import distributed
 
     rank = distributed.detect(shard)
     if push_to_hub and not rank.is_single:
@@ -499,8 +499,8 @@ def run(config: RunConfig, *, push_to_hub: bool = False, progress: bool = True, 
 def check(config: RunConfig, *, shard: str | None = None, log=print) -> "Preflight":
     """Every check `run` makes before the weights load, and the estimate; loads no weights and
     writes nothing (`qk-sniff run --dry-run`)."""
-    from . import distributed
-    from .demo import resolve_model
+    from qk_attn.run import distributed
+    from qk_attn.demo import resolve_model
 
     rank = distributed.detect(shard)
     return preflight(config, resolve_model(config.model.name), resolve_model(config.tokenizer_name), rank, None, log)
@@ -508,25 +508,25 @@ def check(config: RunConfig, *, shard: str | None = None, log=print) -> "Preflig
 
 @dataclass
 class Preflight:
-    """What the checks before loading weights established (see qk_attn.preflight)."""
+    """What the checks before loading weights established (see qk_attn.run.preflight)."""
 
     model_config: Any
     tokenizer: Any
     max_length: int
     plan: Any  # HeadPlan from the model's config
-    estimate: Any  # qk_attn.estimate.Estimate, None when the lengths are unknown (streaming)
+    estimate: Any  # qk_attn.run.estimate.Estimate, None when the lengths are unknown (streaming)
     rows: Any  # the dataset (map-style or iterable)
     total: int | None  # documents to go through
     source: dict
 
 
 def preflight(config: RunConfig, model_name: str, tokenizer_name: str, rank, sink, log=print) -> Preflight:
-    """Everything that can be checked before the weights load (qk_attn.preflight), in order of
+    """Everything that can be checked before the weights load (qk_attn.run.preflight), in order of
     cost: the model's config, the output folder, the dataset, the size of the run."""
-    from . import preflight as checks
-    from .demo import DEMO_MODEL, DEMO_MODEL_ID
-    from .estimate import estimate
-    from .sampler import Sampler
+    from qk_attn.run import preflight as checks
+    from qk_attn.demo import DEMO_MODEL, DEMO_MODEL_ID
+    from qk_attn.run.estimate import estimate
+    from qk_attn.sampler import Sampler
 
     sniff = config.sniff_config()
     if sniff.backend == "flash_attention_2":
@@ -572,7 +572,7 @@ def preflight(config: RunConfig, model_name: str, tokenizer_name: str, rank, sin
     if _map_style(rows):  # ids and lengths of every document, before the model loads
         lengths = _document_lengths(rows, total, config, tokenizer, max_length, rank, sink is None)
     elif plan is not None:  # streaming: only an upper bound, documents cut at max_length
-        from .estimate import format_bytes
+        from qk_attn.run.estimate import format_bytes
 
         upper = estimate(plan, Sampler.from_config(sniff), [max_length], sniff.vector_dtype)
         count = f"{config.dataset.max_samples:,} document(s)" if config.dataset.max_samples else "each document"
@@ -596,8 +596,8 @@ def _document_lengths(rows, total, config, tokenizer, max_length, rank, check_ou
 
     Documents an earlier run committed (resume) and other ranks' documents are left out.
     """
-    from . import preflight as checks
-    from .saver import Files, read_manifest
+    from qk_attn.run import preflight as checks
+    from qk_attn.storage.saver import Files, read_manifest
 
     cfg = config.dataset
     head = rows.select(range(total)) if total < len(rows) else rows
@@ -631,7 +631,7 @@ def _document_lengths(rows, total, config, tokenizer, max_length, rank, check_ou
 
 def format_estimate(est) -> list[str]:
     """The estimate as printed before a run."""
-    from .estimate import format_bytes
+    from qk_attn.run.estimate import format_bytes
 
     if not est.documents:
         return ["qk-sniff: estimate: nothing to capture (every document is already committed)"]
@@ -643,7 +643,7 @@ def format_estimate(est) -> list[str]:
 
 
 def refusal(est, limit: float, how: str) -> str:
-    from .estimate import format_bytes
+    from qk_attn.run.estimate import format_bytes
 
     return (f"capture.max_gb: this run would write about {format_bytes(est.bytes)} ({est.rows:,.0f} rows of "
             f"{est.row_bytes} bytes, uncompressed, {est.documents:,} document(s)), more than the limit of "
@@ -656,7 +656,7 @@ def refusal(est, limit: float, how: str) -> str:
 def _run(config: RunConfig, rank, push_to_hub: bool, progress: bool, sink, log=print) -> RunSummary:
     import qk_attn
 
-    from .demo import DEMO_MODEL, DEMO_MODEL_ID, resolve_model
+    from qk_attn.demo import DEMO_MODEL, DEMO_MODEL_ID, resolve_model
 
     if push_to_hub and not config.output.hf_repo_id:
         raise ConfigError("--push needs output.hf_repo_id (e.g. --set output.hf_repo_id=org/name)")
@@ -677,11 +677,11 @@ def _run(config: RunConfig, rank, push_to_hub: bool, progress: bool, sink, log=p
         # killed run's leftovers (orphan shards, a lagging examples table, no card) are made good.
         summary.resumed = total
         summary.max_length = checked.max_length
-        from .manifest import has_leftovers
+        from qk_attn.storage.manifest import has_leftovers
 
         if has_leftovers(Path(os.path.expanduser(config.output.data_root))):
-            from .config import SniffConfig
-            from .saver import ParquetSink
+            from qk_attn.config import SniffConfig
+            from qk_attn.storage.saver import ParquetSink
 
             vocabulary = (tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
                           if config.capture.capture_token_strings else None)
@@ -701,8 +701,8 @@ def _run(config: RunConfig, rank, push_to_hub: bool, progress: bool, sink, log=p
     # capture_token_strings: the token strings by id, stored as a dictionary-encoded column.
     vocabulary = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))) if config.capture.capture_token_strings else None
     if sink is None and not rank.is_single:
-        from .config import SniffConfig
-        from .saver import ParquetSink
+        from qk_attn.config import SniffConfig
+        from qk_attn.storage.saver import ParquetSink
 
         sniff = SniffConfig(**settings)
         sink = ParquetSink(sniff.output, sniff, overwrite=config.output.overwrite, source=source, rank=rank.sink_rank(),
@@ -774,7 +774,7 @@ def _forward(s, decoder, tokenizer, docs, max_length, config, device, summary, b
 
 def output_files(output: str) -> list[str]:
     """Summary lines for the card and chart, where the run wrote them."""
-    from .card import CARD, CHART
+    from qk_attn.storage.card import CARD, CHART
 
     paths = (("card", Path(output) / CARD), ("plot", Path(output) / CHART))
     return [f"{name:<10} {path}" for name, path in paths if path.is_file()]
@@ -782,7 +782,7 @@ def output_files(output: str) -> list[str]:
 
 def format_load_hint(output: str) -> list[str]:
     """How to load the result, naming a (layer, head, kind) that has rows."""
-    from .saver import parse_key, read_manifest
+    from qk_attn.storage.saver import parse_key, read_manifest
 
     manifest = read_manifest(output) or {}
     keys = sorted((parse_key(k) for k, names in manifest.get("shards", {}).items() if names),

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from .sampler import Sampler
+from qk_attn.sampler import Sampler
 
 logger = logging.getLogger(__name__)
 
@@ -125,12 +125,12 @@ def select_rows(
     args = (states, token_offset, heads, positions, valid, example_ids, sampler, layer, kind, capacity, out_dtype)
     rope = dict(cos=cos, sin=sin, interleaved=interleaved, query_scale=query_scale)
     if uses_kernel(states, out_dtype):
-        from .kernels.select_gather import gather_rows_triton
+        from qk_attn.kernels.select_gather import gather_rows_triton
 
         return gather_rows_triton(*args, **rope)
     if cos is None and query_scale is None:
         return gather_rows(*args, keep=keep)
-    from .kernels.select_gather import gather_rows_reference
+    from qk_attn.kernels.select_gather import gather_rows_reference
 
     return gather_rows_reference(*args, **rope)
 
@@ -152,7 +152,7 @@ def uses_kernel(states: torch.Tensor, out_dtype: torch.dtype) -> bool:
 @functools.lru_cache(maxsize=None)
 def _triton_available(warn: bool) -> bool:
     """Import the kernel module once; without Triton the torch path serves (a soft no)."""
-    from .kernels import select_gather
+    from qk_attn.kernels import select_gather
 
     if not select_gather.HAS_TRITON and warn:
         logger.warning(

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from .context import CaptureError
+from qk_attn.capture.forward import CaptureError
 
 
 def uses_rope(module) -> bool:

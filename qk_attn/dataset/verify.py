@@ -6,7 +6,7 @@
     repair_dataset(OUT) -> exit code    drops from the manifest the examples that a bad or missing
                                         shard holds (and their rows everywhere else), so that
                                         re-running the same capture recaptures exactly them
-    check_shard(...)                    one shard's integrity problem, or None (qk_attn.load uses it)
+    check_shard(...)                    one shard's integrity problem, or None (qk_attn.dataset.load uses it)
 
 Each integrity problem is one line: the file, what is wrong, the examples it holds (from the
 manifest, so also for a shard that cannot be read).
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .manifest import (
+from qk_attn.storage.manifest import (
     EXAMPLES,
     LOCK,
     MANIFEST,
@@ -39,7 +39,7 @@ from .manifest import (
     take_lock,
     write_json_atomic,
 )
-from .shards import write_table
+from qk_attn.storage.shards import write_table
 
 QUARANTINE = ".qk_sniff.quarantine"  # where repair moves Parquet files no manifest lists
 
@@ -51,7 +51,7 @@ INDEX_COLUMNS = ["example_id", "position", "bucket", "layer", "head", "kind"]
 class Dataset:
     """A capture output folder as `inspect` and `verify` read it (vectors are never loaded).
 
-    Only shards the manifest lists are committed (qk_attn.saver); `folders` holds every
+    Only shards the manifest lists are committed (qk_attn.storage.saver); `folders` holds every
     (layer, head, kind) that the manifest or the disk knows of.
     """
 
@@ -75,7 +75,7 @@ class Dataset:
         return cls(root, manifest, folders)
 
     def sampler(self):
-        from .sampler import Sampler
+        from qk_attn.sampler import Sampler
 
         s = self.manifest["sampler"]
         return Sampler(s["sampler"], int(s["min_bucket_size"]), float(s["base_rate"]), int(s["seed"]))
@@ -136,7 +136,7 @@ class Dataset:
         return pa.concat_tables(tables) if tables else None
 
     def plot_paths(self) -> list[Path]:
-        from .card import CHART
+        from qk_attn.storage.card import CHART
 
         return [self.root / CHART] if (self.root / CHART).is_file() else []
 
@@ -274,7 +274,7 @@ def verify_dataset(root: str | Path, log=print) -> list[str]:
     import pyarrow.parquet as pq
     import torch
 
-    from .rows import arrow_schema
+    from qk_attn.capture.batch import arrow_schema
 
     try:
         data = Dataset.open(root)
@@ -462,9 +462,9 @@ def _encode_source(manifest: dict, source: dict) -> dict[int, list[int]]:
     """example_id -> the token ids of its source document (via the examples table's row index)."""
     from transformers import AutoTokenizer
 
-    from .demo import resolve_model
-    from .run_config import DatasetSection
-    from .runner import load_rows
+    from qk_attn.demo import resolve_model
+    from qk_attn.run.config import DatasetSection
+    from qk_attn.run.runner import load_rows
 
     cfg = DatasetSection(path=source["dataset"], name=source.get("dataset_name"), split=source.get("split") or "train",
                          revision=source.get("dataset_revision"), text_column=source.get("text_column") or "text",
@@ -488,7 +488,7 @@ def inspect_dataset(root: str | Path) -> list[str]:
     coverage reasons from the manifest, as the card states them)."""
     import numpy as np
 
-    from .card import coverage
+    from qk_attn.storage.card import coverage
 
     data = Dataset.open(root)
     sampler = data.sampler()
@@ -564,8 +564,8 @@ def repair(output: str | Path, log=print) -> dict:
     import numpy as np
     import pyarrow as pa
 
-    from .manifest import NotACapture, Files, part_files, release_lock
-    from .shards import read_verified, write_row_groups
+    from qk_attn.storage.manifest import NotACapture, Files, part_files, release_lock
+    from qk_attn.storage.shards import read_verified, write_row_groups
 
     output = Path(output)
     if not output.is_dir():
@@ -685,7 +685,7 @@ def _tidy(output: Path, manifest: dict) -> list[str]:
     """Remove what no reader may see: this writer's unlisted shards and temporary files (a killed
     run's or compaction's leftovers) are deleted; other Parquet files in key folders are moved to
     OUT/.qk_sniff.quarantine/ (never deleted: someone else put them there)."""
-    from .manifest import Files, remove_orphans
+    from qk_attn.storage.manifest import Files, remove_orphans
 
     lines = []
     removed = remove_orphans(output, manifest)
@@ -755,12 +755,12 @@ def _holds_any(path: Path, examples) -> bool:
 
 def _write_card(output: Path, manifest: dict, log) -> None:
     """The card follows the manifest (never over a README.md qk-sniff did not write)."""
-    from .manifest import card_is_ours
+    from qk_attn.storage.manifest import card_is_ours
 
     if not card_is_ours(output):
         log(f"info: {output}/README.md was not written by qk-sniff; the dataset card is not rewritten")
         return
-    from .card import write_card
+    from qk_attn.storage.card import write_card
 
     write_card(output, manifest)
 

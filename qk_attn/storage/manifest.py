@@ -171,7 +171,7 @@ def versions() -> dict[str, str]:
     import pyarrow as pa
     import torch
 
-    from . import __version__
+    from qk_attn import __version__
 
     out = {"qk_attn": __version__, "torch": torch.__version__, "pyarrow": pa.__version__}
     for name in ("transformers", "datasets", "huggingface_hub"):
@@ -460,8 +460,8 @@ def remove_orphans(output: Path, manifest: dict, files: Files = Files()) -> list
 def has_leftovers(output: Path) -> bool:
     """What a killed run (or compaction) leaves that the next open of the folder makes good: shards
     or temporary files no commit lists, an examples table behind the manifest, no card."""
-    from .card import CARD
-    from .verify import check_examples_file
+    from qk_attn.storage.card import CARD
+    from qk_attn.dataset.verify import check_examples_file
 
     manifest = read_manifest(output)
     if manifest is None:
@@ -477,7 +477,7 @@ def has_leftovers(output: Path) -> bool:
 def remove_dataset(output: Path, files: Files = Files()) -> None:
     """Delete what a capture wrote into OUT (and nothing else). A rank deletes only its own
     shards and manifest part; rank 0 also the merged manifest, the card and single-writer shards."""
-    from .card import CARD_FILES
+    from qk_attn.storage.card import CARD_FILES
 
     ours = (MANIFEST, PREVIOUS, EXAMPLES)
     if files.rank is None:
@@ -498,7 +498,7 @@ def remove_dataset(output: Path, files: Files = Files()) -> None:
 
 
 def shard_info(written) -> dict:
-    """The manifest's record of one shard (a qk_attn.shards.Written). A merged shard also records
+    """The manifest's record of one shard (a qk_attn.storage.shards.Written). A merged shard also records
     the segments of each row group (`row_groups`), so damage to one row group costs its examples only."""
     info = {"bytes": written.bytes, "sha256": written.sha256, "rows": written.rows, "segments": written.segments}
     if written.row_groups is not None:
@@ -551,7 +551,7 @@ def shard_examples(manifest: dict, key: str, name: str) -> list[int]:
 
 def card_is_ours(output: Path) -> bool:
     """README.md is absent or a card qk-sniff wrote (a user's own README is never overwritten)."""
-    from .card import CARD
+    from qk_attn.storage.card import CARD
 
     path = Path(output) / CARD
     if not path.exists():

@@ -7,7 +7,7 @@
 
 pyarrow releases the GIL while it encodes and compresses, and hashlib while it hashes, so
 shards of different folders are written in parallel by `Writers`. Which shards are committed
-is not decided here (qk_attn.manifest, qk_attn.saver).
+is not decided here (qk_attn.storage.manifest, qk_attn.storage.saver).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .manifest import CorruptShard, fsync_dir
-from .rows import columns_table
+from qk_attn.storage.manifest import CorruptShard, fsync_dir
+from qk_attn.capture.batch import columns_table
 
 ROW_GROUP_BYTES = 32 << 20
 # zstd level 1 with BYTE_STREAM_SPLIT on the vectors was the smallest and fastest option measured

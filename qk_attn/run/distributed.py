@@ -6,7 +6,7 @@
 
 Document d (its index in the dataset, after `max_samples`) belongs to rank `d % n`, so the
 ranks' documents are disjoint and their union is the dataset, whatever the launcher. Each
-rank writes only its own files (qk_attn.saver.Files); `merge` combines the manifest parts
+rank writes only its own files (qk_attn.storage.saver.Files); `merge` combines the manifest parts
 into `qk_sniff.json` and writes the card, the same as a single process would have.
 """
 
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .config import ConfigError
+from qk_attn.config import ConfigError
 
 # A barrier waits for the slowest rank: 128k-token documents take hours, not the 30 minutes
 # torch.distributed defaults to.
@@ -45,7 +45,7 @@ class Rank:
         return index % self.world_size == self.rank
 
     def sink_rank(self) -> tuple[int, int] | None:
-        """(rank, world_size) for qk_attn.saver.ParquetSink; None for a single process."""
+        """(rank, world_size) for qk_attn.storage.saver.ParquetSink; None for a single process."""
         return None if self.is_single else (self.rank, self.world_size)
 
 
@@ -111,8 +111,8 @@ def merge(output: str | Path, allow_incomplete: bool = False) -> dict:
     overlapping examples, ranks still writing, and (unless `allow_incomplete`) ranks that did not
     finish their documents. Reads the parts and never changes them or a shard: idempotent.
     """
-    from .card import write_card
-    from .manifest import MANIFEST, Files, OutputLocked, part_files, read_manifest, take_lock, write_json_atomic
+    from qk_attn.storage.card import write_card
+    from qk_attn.storage.manifest import MANIFEST, Files, OutputLocked, part_files, read_manifest, take_lock, write_json_atomic
 
     output = Path(output)
     paths = part_files(output)
@@ -142,9 +142,9 @@ def merge(output: str | Path, allow_incomplete: bool = False) -> dict:
 
 def _write_examples(output: Path, merged: dict) -> None:
     """OUT/examples.parquet for the merged manifest (the ranks wrote examples.rankRRR.parquet)."""
-    from .manifest import EXAMPLES
-    from .shards import write_table
-    from .verify import examples_table
+    from qk_attn.storage.manifest import EXAMPLES
+    from qk_attn.storage.shards import write_table
+    from qk_attn.dataset.verify import examples_table
 
     size, digest = write_table(examples_table(merged), output / f".{EXAMPLES}.tmp", True)
     os.replace(output / f".{EXAMPLES}.tmp", output / EXAMPLES)
@@ -152,7 +152,7 @@ def _write_examples(output: Path, merged: dict) -> None:
 
 
 def _merge_parts(output: Path, parts: dict[int, dict], allow_incomplete: bool) -> dict:
-    from .manifest import identity
+    from qk_attn.storage.manifest import identity
 
     sizes = {rank: (p.get("part") or {}).get("world_size") for rank, p in parts.items()}
     world = sizes[min(sizes)]
@@ -194,7 +194,7 @@ def _merge_parts(output: Path, parts: dict[int, dict], allow_incomplete: bool) -
             raise ValueError(f"{output}: example {sorted(overlap)[0]} is committed by rank {rank} and an earlier rank")
         merged["examples"].update(part["examples"])
         # Segment numbers are per rank: made unique in the merged manifest (s * world + rank), so
-        # that a shard's examples (qk_attn.manifest.shard_examples) are only its own rank's.
+        # that a shard's examples (qk_attn.storage.manifest.shard_examples) are only its own rank's.
         unique = lambda segment: segment * world + rank  # noqa: E731
         for example, info in part.get("example_info", {}).items():
             merged["example_info"][example] = {**info, "segment": unique(info["segment"])}
@@ -225,6 +225,6 @@ def _merge_parts(output: Path, parts: dict[int, dict], allow_incomplete: bool) -
 
 
 def parts_name(rank: int) -> str:
-    from .manifest import Files
+    from qk_attn.storage.manifest import Files
 
     return Files(rank).manifest

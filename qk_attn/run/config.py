@@ -27,7 +27,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from .config import ConfigError, SniffConfig
+from qk_attn.config import ConfigError, SniffConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PADDING_SIDES = ("right", "left")
@@ -155,7 +155,7 @@ class CaptureSection:
     full_attention_only: bool = _opt(False, "bool")
     capture_token_strings: bool = _opt(False, "bool")
     vector_dtype: str | None = _opt(None, "str")
-    # Refuse a run whose estimated output (qk_attn.estimate) exceeds this many GB (10^9 bytes);
+    # Refuse a run whose estimated output (qk_attn.run.estimate) exceeds this many GB (10^9 bytes);
     # null: half the free space on the output's file system.
     max_gb: float | None = _opt(None, "float")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from .config import ConfigError, SniffConfig
+from qk_attn.config import ConfigError, SniffConfig
 
 
 @dataclass(frozen=True)

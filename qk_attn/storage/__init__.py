@@ -1,0 +1,1 @@
+"""Writing an output folder: capture batches -> host -> Parquet shards, manifest, card."""
