@@ -512,3 +512,64 @@ def test_models_that_are_not_decoders_or_not_there_are_refused_before_the_weight
     code, _, err = run_cli(capsys, "--config", config)
     assert code == 2 and says in one_line(err) and len(err) < 300
     assert not (tmp_path / "out").exists()
+
+
+# ---- documents, datasets and the Hub, before the weights load (issue 18) -----------------------
+def test_documents_longer_than_the_model_positions_are_refused_or_truncated_in_one_line(tiny_model, tmp_path, capsys,
+                                                                                        no_weights):
+    """The tiny model has max_position_embeddings 512. tokenizer.max_length above it lets a
+    600-token document through: refused, naming it. Within it, longer documents are cut, said once."""
+    from test_cli import text
+
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps({"doc": f"d{i}", "body": text(n, i)}) + "\n" for i, n in enumerate([10, 599, 300])))
+    out = tmp_path / "out"
+    config = write_config(tmp_path, tiny_model, path, out, tokenizer={"max_length": 1024})
+    code, _, err = run_cli(capsys, "--config", config)
+    assert code == 2 and not out.exists()
+    assert one_line(err) == (
+        "qk-sniff run: tokenizer.max_length=1024 is more than " + str(tiny_model) + "'s max_position_embeddings (512), "
+        "and document 'd1' has 600 tokens; set tokenizer.max_length to 512 or less (longer documents are truncated to "
+        "it), or extend the model's positions (model.config_overrides: max_position_embeddings with a rope scaling)")
+    code, printed, err = run_cli(capsys, "--config", config, "--set", "tokenizer.max_length=512", "--dry-run")
+    assert code == 0 and err == ""
+    assert "qk-sniff: 1 of 3 document(s) have more than tokenizer.max_length=512 tokens and are truncated to it" in printed
+    code, printed, _ = run_cli(capsys, "--config", config, "--set", "tokenizer.max_length=1000", "--set",
+                               "dataset.max_samples=1", "--dry-run")
+    assert code == 0 and "truncated" not in printed  # above the limit, but no document reaches it
+
+
+@pytest.mark.parametrize("setting", ["dataset", "model"])
+def test_a_hub_id_without_network_is_one_line_without_retries(tiny_model, docs, tmp_path, capsys, no_weights,
+                                                              monkeypatch, setting):
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    sections = {"dataset": {"path": "org/not-here"}} if setting == "dataset" else \
+        {"model": {"name": "org/not-here"}, "tokenizer": {"name": str(tiny_model)}}
+    out = tmp_path / "out"
+    start = time.monotonic()
+    code, _, err = run_cli(capsys, "--config", write_config(tmp_path, tiny_model, docs[0], out, **sections))
+    took = time.monotonic() - start
+    assert code == 2 and not out.exists()
+    assert one_line(err).startswith(f"qk-sniff run: {setting}.{'path' if setting == 'dataset' else 'name'}='org/not-here' "
+                                    f"is a Hub {setting} id, but the Hub (http://127.0.0.1:9) cannot be reached (")
+    assert "HF_HUB_OFFLINE=1" in err and took < 5, took
+
+
+def test_an_empty_or_unreadable_parquet_dataset_is_one_line(tiny_model, tmp_path, capsys, no_weights):
+    import pyarrow as pa
+
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"doc": pa.array([], pa.string()), "body": pa.array([], pa.string())}), empty)
+    code, _, err = run_cli(capsys, "--config", write_config(tmp_path, tiny_model, empty, tmp_path / "out"))
+    assert code == 2 and one_line(err) == (f"qk-sniff run: dataset.path={str(empty)!r}: {empty} has no rows (a Parquet "
+                                           "file with 0 rows); a run needs at least one document")
+    empty.unlink()
+    (tmp_path / "notes.parquet").write_text("not parquet")
+    code, _, err = run_cli(capsys, "--config", write_config(tmp_path, tiny_model, tmp_path / "*.parquet", tmp_path / "out"))
+    assert code == 2 and "notes.parquet is not a readable Parquet file (" in one_line(err)
+    assert not (tmp_path / "out").exists()

@@ -4,7 +4,9 @@
                (AutoConfig); the plan records something
     output     a folder (or creatable), writable, not locked by another capture, empty or a
                capture of the same settings and model (qk_sniff.json), never someone else's files
-    dataset    local files non-empty UTF-8; the dataset has rows; ids unique (map-style datasets)
+    hub        a Hub model or dataset id: the Hub answers one short probe (no retry storm)
+    dataset    local files non-empty UTF-8, Parquet files with rows; the dataset has rows; ids
+               unique; documents fit the model's positions (map-style datasets)
     size       the expected rows and bytes (qk_attn.run.estimate) fit under `capture.max_gb`
 
 Every message names the YAML key, the value and what is allowed. Nothing here writes to the
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import codecs
 import fcntl
+import functools
 import glob
 import os
 import shutil
@@ -28,6 +31,7 @@ from qk_attn.capture.plan import HeadPlan, ModelShape
 UTF8_CHUNK = 1 << 20
 TEXT_SUFFIXES = (".jsonl", ".json", ".csv", ".txt")
 DEFAULT_FREE_FRACTION = 0.5  # capture.max_gb default: this fraction of the free space at the output
+HUB_PROBE_TIMEOUT_S = 3.0
 
 
 # ---- the model ------------------------------------------------------------------------------
@@ -265,6 +269,9 @@ def check_local_files(cfg) -> None:
         raise ConfigError(f"{where} matches no file")
     for file in files:
         name = file.name.lower()
+        if name.endswith(".parquet"):
+            _check_parquet(file, where)
+            continue
         if not name.endswith(TEXT_SUFFIXES):  # parquet/arrow are binary; compressed files are checked by datasets
             continue
         if file.stat().st_size == 0:
@@ -274,6 +281,77 @@ def check_local_files(cfg) -> None:
             offset, byte = bad
             raise ConfigError(f"{where}: {file} is not UTF-8 text (byte 0x{byte:02x} at offset {offset:,}); "
                               f"convert it, e.g. `iconv -f latin1 -t utf-8 {file.name} > {file.stem}.utf8{file.suffix}`")
+
+
+def _check_parquet(file: Path, where: str) -> None:
+    """A Parquet file has a readable footer and rows (datasets fails on 0 rows with Arrow's
+    'BatchSize must be greater than 0')."""
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_metadata(file).num_rows
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{where}: {file} is not a readable Parquet file ({type(error).__name__}: "
+                          f"{_one_line(str(error))})") from None
+    if rows == 0:
+        raise ConfigError(f"{where}: {file} has no rows (a Parquet file with 0 rows); a run needs at least one document")
+
+
+# ---- the Hub ---------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=4)
+def _hub_probe(endpoint: str) -> str | None:
+    """Why `endpoint` does not answer one HTTP request within HUB_PROBE_TIMEOUT_S, or None (any
+    answer, even an error status, means it is reachable). Through huggingface_hub's own client,
+    so its proxy and certificate settings apply."""
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(endpoint, timeout=HUB_PROBE_TIMEOUT_S)
+    except Exception as error:  # noqa: BLE001 - whatever the HTTP client raises: not reachable
+        cause = error
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            cause = cause.__cause__ or cause.__context__
+        return _one_line(str(cause) or type(cause).__name__)
+    return None
+
+
+def check_hub(where: str, what: str) -> None:
+    """Before a Hub id is loaded: the Hub answers (one probe per process), else one line instead
+    of huggingface_hub's retries (5, over about 25 s). With HF_HUB_OFFLINE=1 nothing is probed: the
+    libraries use their cache and fail at once."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return
+    why = _hub_probe(constants.ENDPOINT)
+    if why is not None:
+        raise ConfigError(f"{where} is a Hub {what} id, but the Hub ({constants.ENDPOINT}) cannot be reached ({why}); "
+                          f"connect to the network, give a local {what} path, or set HF_HUB_OFFLINE=1 to use a copy "
+                          "in the local Hugging Face cache")
+
+
+def check_positions(max_length: int, limit: int | None, longest: tuple[Any, int] | None, model: str,
+                    streaming: bool) -> None:
+    """Documents never run past the model's positions (`max_position_embeddings`): only a
+    `tokenizer.max_length` above them lets one through, and then the run is refused. `longest`
+    is (source id, tokens) of the longest document to capture (cut at max_length)."""
+    if limit is None or max_length <= limit:
+        return
+    fix = (f"set tokenizer.max_length to {limit} or less (longer documents are truncated to it), or extend the "
+           "model's positions (model.config_overrides: max_position_embeddings with a rope scaling)")
+    if streaming:
+        raise ConfigError(f"tokenizer.max_length={max_length} is more than {model}'s max_position_embeddings ({limit:,}) "
+                          f"and a streaming dataset's lengths are not known before the run; {fix}")
+    if longest is not None and longest[1] > limit:
+        raise ConfigError(f"tokenizer.max_length={max_length} is more than {model}'s max_position_embeddings ({limit:,}), "
+                          f"and document {longest[0]!r} has {longest[1]:,} tokens; {fix}")
+
+
+def model_positions(model_config) -> int | None:
+    """The model's `max_position_embeddings` (of its text config), None where it declares none."""
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    value = getattr(text, "max_position_embeddings", None)
+    return value if isinstance(value, int) and 0 < value < 10**9 else None
 
 
 def check_ids(ids: Iterable[Any], normalize: Callable[[Any], int], id_column: str) -> None:

@@ -100,11 +100,13 @@ def load_rows(cfg: DatasetSection):
     Local text files are checked first (empty, not UTF-8), and the builder's own failures on
     them become one `ConfigError` naming `dataset.path`.
     """
-    from qk_attn.run.preflight import check_local_files
+    from qk_attn.run.preflight import check_hub, check_local_files
 
     path = _resolved_path(cfg)
     if _local_builder(path) is not None:
         check_local_files(dataclasses.replace(cfg, path=path))
+    elif not os.path.isdir(os.path.expanduser(path)):
+        check_hub(f"dataset.path={cfg.path!r}", "dataset")
     try:
         return _load_rows(cfg, path)
     except ConfigError:
@@ -233,6 +235,10 @@ def load_model_config(config: RunConfig, name: str):
     local = cfg.name.startswith(("/", "./", "../", "~")) or os.path.isabs(cfg.name)
     if local and not Path(os.path.expanduser(cfg.name)).exists():
         raise ConfigError(f"model.name={cfg.name!r} does not exist: no such folder (a Hub id looks like org/name)")
+    if not Path(os.path.expanduser(name)).exists():
+        from qk_attn.run.preflight import check_hub
+
+        check_hub(f"model.name={cfg.name!r}", "model")
     try:
         model_config = AutoConfig.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as error:  # not found, no network, not a transformers model
@@ -302,12 +308,16 @@ def backbone(model):
 def load_tokenizer(config: RunConfig, name: str):
     from transformers import AutoTokenizer
 
+    from qk_attn.run.preflight import check_hub
+
+    key = "tokenizer.name" if config.tokenizer.name else "model.name"
+    if not Path(os.path.expanduser(name)).exists():
+        check_hub(f"{key}={config.tokenizer_name!r}", "tokenizer")
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             name, revision=config.tokenizer_revision, trust_remote_code=config.model.trust_remote_code
         )
     except (OSError, ValueError) as error:
-        key = "tokenizer.name" if config.tokenizer.name else "model.name"
         raise ConfigError(f"{key}={config.tokenizer_name!r}: no tokenizer can be loaded: {_one_line(error)}") from error
     tokenizer.padding_side = config.tokenizer.padding_side
     if tokenizer.pad_token is None:
@@ -319,8 +329,9 @@ def resolve_max_length(config: RunConfig, model_config, tokenizer) -> int:
     """tokenizer.max_length, else the model's max positions (and the tokenizer's, if finite)."""
     if config.tokenizer.max_length is not None:
         return config.tokenizer.max_length
-    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-    limits = [getattr(text, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    from qk_attn.run.preflight import model_positions
+
+    limits = [model_positions(model_config), getattr(tokenizer, "model_max_length", None)]
     limits = [int(v) for v in limits if isinstance(v, int) and 0 < v < 10**9]
     if not limits:
         raise ConfigError("tokenizer.max_length is not set and the model declares no maximum length; set it")
@@ -569,9 +580,16 @@ def preflight(config: RunConfig, model_name: str, tokenizer_name: str, rank, sin
     if total == 0:
         raise ConfigError(f"dataset.path={config.dataset.path!r} (split {config.dataset.split!r}) has no rows")
     lengths = None
+    positions = checks.model_positions(model_config)
     if _map_style(rows):  # ids and lengths of every document, before the model loads
-        lengths = _document_lengths(rows, total, config, tokenizer, max_length, rank, sink is None)
-    elif plan is not None:  # streaming: only an upper bound, documents cut at max_length
+        lengths, longest, truncated = _document_lengths(rows, total, config, tokenizer, max_length, rank, sink is None)
+        checks.check_positions(max_length, positions, longest, model_label, streaming=False)
+        if truncated:
+            log(f"qk-sniff: {truncated} of {len(lengths)} document(s) have more than tokenizer.max_length={max_length:,} "
+                "tokens and are truncated to it")
+    else:
+        checks.check_positions(max_length, positions, None, model_label, streaming=True)
+    if lengths is None and plan is not None:  # streaming: only an upper bound, documents cut at max_length
         from qk_attn.run.estimate import format_bytes
 
         upper = estimate(plan, Sampler.from_config(sniff), [max_length], sniff.vector_dtype)
@@ -591,10 +609,11 @@ def preflight(config: RunConfig, model_name: str, tokenizer_name: str, rank, sin
     return Preflight(model_config, tokenizer, max_length, plan, est, rows, total, source)
 
 
-def _document_lengths(rows, total, config, tokenizer, max_length, rank, check_output: bool) -> list[int]:
-    """Valid lengths (tokens) of the documents this run will capture; checks ids and texts first.
-
-    Documents an earlier run committed (resume) and other ranks' documents are left out.
+def _document_lengths(rows, total, config, tokenizer, max_length, rank,
+                      check_output: bool) -> tuple[list[int], tuple[Any, int] | None, int]:
+    """Valid lengths (tokens, cut at max_length) of the documents this run will capture, the
+    longest as (source id, tokens), and how many are longer than max_length; checks ids and texts
+    first. Documents an earlier run committed (resume) and other ranks' documents are left out.
     """
     from qk_attn.run import preflight as checks
     from qk_attn.storage.saver import Files, read_manifest
@@ -615,6 +634,7 @@ def _document_lengths(rows, total, config, tokenizer, max_length, rank, check_ou
         committed = {int(k) for k in (read_manifest(root, files.manifest) or {}).get("examples", {})}
     todo = [i for i, value in enumerate(ids) if rank.owns(i) and normalize_id(value) not in committed]
     lengths: list[int] = []
+    longest, truncated = None, 0
     step = 16  # documents tokenized at once: 16 x 128k token ids as Python lists is ~70 MB
     for at in range(0, len(todo), step):
         part = todo[at : at + step]
@@ -623,10 +643,14 @@ def _document_lengths(rows, total, config, tokenizer, max_length, rank, check_ou
             if text is not None and not isinstance(text, str):
                 raise ConfigError(f"dataset.text_column={cfg.text_column!r}: row {index} holds a "
                                   f"{type(text).__name__}, expected text")
-        enc = tokenizer([t or "" for t in texts], truncation=True, max_length=max_length,
+        enc = tokenizer([t or "" for t in texts], truncation=True, max_length=max_length + 1,  # +1: was it cut?
                         add_special_tokens=config.tokenizer.add_special_tokens)
-        lengths.extend(len(ids_) for ids_ in enc["input_ids"])
-    return lengths
+        for index, tokens in zip(part, enc["input_ids"]):
+            truncated += len(tokens) > max_length
+            lengths.append(min(len(tokens), max_length))
+            if longest is None or lengths[-1] > longest[1]:
+                longest = (ids[index], lengths[-1])
+    return lengths, longest, truncated
 
 
 def format_estimate(est) -> list[str]:

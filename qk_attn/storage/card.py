@@ -12,12 +12,12 @@ manifest, which the saver writes from the same tables it writes to the shards.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import yaml
 from huggingface_hub import DatasetCard, DatasetCardData
 
+from qk_attn.storage.manifest import public_value
 from qk_attn.sampler import Sampler
 
 CARD = "README.md"
@@ -215,13 +215,6 @@ def _sampler_args(manifest: dict) -> dict:
     return {"strategy": s["sampler"], "min_bucket_size": int(s["min_bucket_size"]), "base_rate": float(s["base_rate"]), "seed": int(s["seed"])}
 
 
-def public(value):
-    """A value fit for a published card: an absolute local path becomes its last part, marked local."""
-    if isinstance(value, str) and (os.path.isabs(value) or value.startswith("~")):
-        return f"{Path(value).name} (local)"
-    return value
-
-
 def _table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join("unknown" if c is None else str(c) for c in row) + " |" for row in rows]
@@ -246,7 +239,7 @@ def card_text(manifest: dict, where: str, revision: str | None = None, chart: bo
     max_length = max([int(v) for v in examples.values()] + [0])
     keys = sorted(_parse(k) for k, names in manifest.get("shards", {}).items() if names)
 
-    label = public(model.get("id")) or model.get("model_type") or "unknown model"
+    label = public_value(model.get("id")) or model.get("model_type") or "unknown model"
     data = DatasetCardData(
         pretty_name=f"qk-sniff: {label} query/key vectors",
         tags=["qk-attn", "attention", "interpretability", "query-key"],
@@ -294,7 +287,7 @@ def card_text(manifest: dict, where: str, revision: str | None = None, chart: bo
                [[label, _revision(manifest), model.get("dtype"), model.get("model_type"),
                  plan.get("num_layers"), plan.get("num_heads"), plan.get("num_kv_heads"), plan.get("head_dim")]]),
         "## Source dataset",  # (sorted: the same card whether the manifest was just built or read back)
-        _table(["setting", "value"], [[k, f"`{public(v)}`"] for k, v in sorted(source.items())
+        _table(["setting", "value"], [[k, f"`{public_value(v)}`"] for k, v in sorted(source.items())
                                       if v is not None and k != "weights"]) if source else "Not recorded.",
         "## Sampler",
         _table(
@@ -427,7 +420,7 @@ def _provenance(manifest: dict, max_length: int) -> str:
     v = manifest.get("versions", {})
     model = manifest.get("model") or {}
     source = manifest.get("source") or {}
-    rows = [["model", public(model.get("id"))], ["model revision", _revision(manifest)]]
+    rows = [["model", public_value(model.get("id"))], ["model revision", _revision(manifest)]]
     if source.get("weights"):
         rows.append(["weights", source["weights"]])
     rows += [[name, f"`{version}`"] for name, version in sorted(v.items())]
