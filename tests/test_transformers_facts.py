@@ -8,6 +8,7 @@ import transformers as tf
 
 import qk_attn
 from qk_attn.capture import facts
+from qk_attn.capture import name_branches as branches
 from qk_attn.capture.forward import CaptureError
 
 
@@ -43,18 +44,18 @@ def test_a_changed_attention_signature_is_found(monkeypatch):
 @pytest.fixture(scope="module")
 def found():
     """The installed transformers' branches on the implementation's name (reading its source takes seconds)."""
-    return facts.name_branches()
+    return branches.name_branches()
 
 
 def test_every_name_branch_is_classified(found):
-    unclassified = [f"{b.path} line {found[b][0]}: {b.condition}" for b in found if b not in facts.NAME_BRANCHES]
+    unclassified = [f"{b.path} line {found[b][0]}: {b.condition}" for b in found if b not in branches.NAME_BRANCHES]
     assert not unclassified, (f"transformers {tf.__version__} branches on the attention implementation's name where "
-                              "qk_attn.capture.facts.NAME_BRANCHES does not say how 'qk_sniff' is handled: "
+                              "qk_attn.capture.branches.NAME_BRANCHES does not say how 'qk_sniff' is handled: "
                               + "; ".join(unclassified))
 
 
 def test_branches_said_alike_are_alike():
-    wrong = [b for b, handling in facts.NAME_BRANCHES.items() if handling == facts.ALIKE and not facts.alike(b.condition)]
+    wrong = [b for b, handling in branches.NAME_BRANCHES.items() if handling == branches.ALIKE and not branches.alike(b.condition)]
     assert not wrong
 
 
@@ -63,16 +64,16 @@ def test_the_enumeration_finds_a_new_branch(tmp_path):
     (tmp_path / "models" / "modeling_new.py").write_text(
         "def f(self):\n    if self.config._attn_implementation   ==  \"sdpa\":\n        return 1\n")
     (tmp_path / "models" / "modular_new.py").write_text("x = config._attn_implementation == 'eager'\n")
-    assert facts.name_branches(tmp_path) == {
-        facts.Branch("models/modeling_new.py", "self.config._attn_implementation == 'sdpa'"): [2]}
-    assert not facts.alike("self.config._attn_implementation == 'sdpa'")
+    assert branches.name_branches(tmp_path) == {
+        branches.Branch("models/modeling_new.py", "self.config._attn_implementation == 'sdpa'"): [2]}
+    assert not branches.alike("self.config._attn_implementation == 'sdpa'")
 
 
 def test_followed_branches_have_their_method(found):
-    followed = [b for b in found if facts.NAME_BRANCHES.get(b, "").startswith("qk_sniff takes the wrapped")]
+    followed = [b for b in found if branches.NAME_BRANCHES.get(b, "").startswith("qk_sniff takes the wrapped")]
     for branch in followed:
         module_name = "transformers." + branch.path.removesuffix(".py").replace("/", ".")
-        class_name, method = facts.FOLLOWED_METHODS[module_name]
+        class_name, method = branches.FOLLOWED_METHODS[module_name]
         module = __import__(module_name, fromlist=[class_name])
         assert callable(getattr(getattr(module, class_name), method)), branch
 
@@ -102,7 +103,7 @@ def not_yet_followed(monkeypatch):
     if method is not None:
         monkeypatch.setattr(modeling_gemma4.Gemma4TextModel, "_maybe_slice_kv_shared_inputs",
                             getattr(method, "__wrapped__", method))
-    monkeypatch.setattr(facts, "_followed", set())
+    monkeypatch.setattr(branches, "_followed", set())
 
 
 def test_a_broken_fact_stops_the_first_captured_forward_and_only_it(monkeypatch):
@@ -142,11 +143,11 @@ def test_gemma4_logits_to_keep_equal_sdpa(not_yet_followed, capture):
 def test_sparse_indexer_models_are_refused():
     config = tf.DeepseekV32Config() if hasattr(tf, "DeepseekV32Config") else pytest.skip("no DeepSeek-V3.2 here")
     with pytest.raises(CaptureError, match="deepseek_v32 .*load it with attn_implementation='sdpa'"):
-        facts.follow_wrapped_backend(config, "sdpa")
+        branches.follow_wrapped_backend(config, "sdpa")
 
 
 def test_gpt2_upcast_attention_is_refused_under_eager_only():
     config = tf.GPT2Config(reorder_and_upcast_attn=True)
-    facts.follow_wrapped_backend(config, "sdpa")  # sdpa ignores reorder_and_upcast_attn, as "sdpa" does
+    branches.follow_wrapped_backend(config, "sdpa")  # sdpa ignores reorder_and_upcast_attn, as "sdpa" does
     with pytest.raises(CaptureError, match="reorder_and_upcast_attn=True .*QK_SNIFF_BACKEND=sdpa"):
-        facts.follow_wrapped_backend(config, "eager")
+        branches.follow_wrapped_backend(config, "eager")

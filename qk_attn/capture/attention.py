@@ -21,7 +21,7 @@ from qk_attn.capture.forward import CaptureError
 def qk_sniff_attention(module, query, key, value, attention_mask, **kwargs):
     """Registered as "qk_sniff". query (B, Hq, T, D), key/value (B, Hkv, K, D), post-RoPE;
     K includes cached keys. Returns whatever the wrapped backend returns."""
-    from qk_attn.session import current_config
+    from qk_attn.capture.active import current_config
 
     backend = FORWARDS[current_config().backend]
     return attend_and_capture(backend, module, query, key, value, attention_mask, **kwargs)
@@ -29,7 +29,7 @@ def qk_sniff_attention(module, query, key, value, attention_mask, **kwargs):
 
 def attend_and_capture(backend, module, query, key, value, attention_mask, **kwargs):
     """`backend`'s attention, then this call's rows to the active session (if any)."""
-    from qk_attn.session import current_session
+    from qk_attn.capture.active import current_session
 
     output = backend(module, query, key, value, attention_mask, **kwargs)
     session = current_session()

@@ -14,8 +14,7 @@ from transformers.masking_utils import AttentionMaskInterface, flash_attention_m
 from qk_attn.capture.backends import MASKS
 from qk_attn.capture.attention import attend_and_capture, qk_sniff_attention
 from qk_attn.capture.forward import CaptureError
-from qk_attn.capture.facts import follow_wrapped_backend
-from qk_attn.capture.facts import require as require_facts
+from qk_attn.capture.name_branches import follow_wrapped_backend
 
 NAME = "qk_sniff"
 
@@ -24,7 +23,7 @@ def qk_sniff_mask(*args, **kwargs):
     """The mask of the wrapped backend, after the forward's capture context is noted. Every forward,
     capture on or off, first has the model's branches on the implementation's name take the
     wrapped backend's path (or refuses the model), so logits stay the backend's bit for bit."""
-    from qk_attn.session import current_config
+    from qk_attn.capture.active import current_config
 
     backend = current_config().backend
     follow_wrapped_backend(kwargs.get("config"), backend)
@@ -39,11 +38,10 @@ def _noting_context(mask_fn, batch_size, q_length, kv_length, q_offset=0, kv_off
     transformers calls it once per forward and mask kind before any layer: the capture
     context of the forward is established here (qk_attn.capture.forward). Kept out of compiled
     graphs so that it runs every forward, not once at trace time."""
-    from qk_attn.session import current_session
+    from qk_attn.capture.active import current_session
 
     session = current_session()
     if session is not None:
-        require_facts()  # what the capture reads of transformers' internals holds (checked once)
         check_recorded(kwargs.get("config"), mask_fn)
         session.on_mask(kwargs.get("config"), batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask)
     return mask_fn(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
@@ -82,7 +80,7 @@ def watch_forward(owner: torch.nn.Module | None, last_layer: torch.nn.Module | N
 
 @torch.compiler.disable
 def _forward_started(config, module, _args, kwargs) -> None:
-    from qk_attn.session import current_session
+    from qk_attn.capture.active import current_session
 
     for handle in _first_forward_hooks.pop(module, ()):  # the stack's own hooks report from now on
         handle.remove()
@@ -93,7 +91,7 @@ def _forward_started(config, module, _args, kwargs) -> None:
 
 @torch.compiler.disable
 def _forward_ended(config, _module, _args, _output) -> None:
-    from qk_attn.session import current_session
+    from qk_attn.capture.active import current_session
 
     session = current_session()
     if session is not None:
@@ -102,7 +100,7 @@ def _forward_ended(config, _module, _args, _output) -> None:
 
 @torch.compiler.disable
 def _report(event: str, config, *_hook_args) -> None:
-    from qk_attn.session import current_session
+    from qk_attn.capture.active import current_session
 
     session = current_session()
     if session is not None:

@@ -1,0 +1,83 @@
+"""Which recorder an attention call records into: this thread's innermost session, else the
+process's latest one, else the default session configured by QK_SNIFF_* (None: capture off).
+
+A leaf of the capture layer, so that the hooks find the recorder without importing the public API;
+`qk_attn.session` opens and closes sessions here and says how a default session is made.
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+from typing import Callable
+
+from qk_attn.config import SniffConfig
+
+# A thread that opened sessions uses its own innermost one. A thread that opened none (a
+# worker running the model, the streamer pattern of generate()) uses the most recently
+# opened session of the process, so it records into the session its caller opened.
+_opened: list = []  # every open session() of the process, in opening order
+_local = threading.local()  # .stack: the sessions this thread opened
+_lock = threading.Lock()
+_env_config: SniffConfig = SniffConfig.from_env()
+_default = None  # the env-configured default session, made on first use
+make_default: Callable[[SniffConfig], object] | None = None  # set by qk_attn.session
+
+
+def opened(session) -> None:
+    """`session` is this thread's innermost from now on, and the process's latest."""
+    if not hasattr(_local, "stack"):
+        _local.stack = []
+    _local.stack.append(session)
+    with _lock:
+        _opened.append(session)
+
+
+def closed(session) -> None:
+    _local.stack.remove(session)
+    with _lock:
+        _opened.remove(session)
+
+
+def _active():
+    own = getattr(_local, "stack", None)
+    if own:
+        return own[-1]
+    opened_now = _opened
+    return opened_now[-1] if opened_now else None
+
+
+def current_config() -> SniffConfig:
+    active = _active()
+    return active.config if active is not None else _env_config
+
+
+def current_session():
+    """This thread's innermost `session()`, else the process's latest one, else the
+    env-configured default (None when capture is off)."""
+    global _default
+    active = _active()
+    if active is not None:
+        return active
+    if _env_config.output is None:
+        return None
+    with _lock:
+        if _default is None:
+            _default = make_default(_env_config)
+            atexit.register(_default.close)
+    return _default
+
+
+def default_session():
+    """The env-configured default session, if one was made."""
+    return _default
+
+
+def reload_env() -> SniffConfig:
+    """Re-read QK_SNIFF_* (closing a running default session first)."""
+    global _env_config, _default
+    if _default is not None:
+        _default.close()
+        _default = None
+    _env_config = SniffConfig.from_env()
+    return _env_config
