@@ -171,7 +171,7 @@ def versions() -> dict[str, str]:
     import pyarrow as pa
     import torch
 
-    from qk_attn import __version__
+    from qk_attn.version import __version__
 
     out = {"qk_attn": __version__, "torch": torch.__version__, "pyarrow": pa.__version__}
     for name in ("transformers", "datasets", "huggingface_hub"):

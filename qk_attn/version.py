@@ -1,0 +1,3 @@
+"""The version of qk-attn, recorded in every manifest."""
+
+__version__ = "0.1.0"
