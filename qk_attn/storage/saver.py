@@ -83,6 +83,17 @@ NO_POSITION = np.iinfo(np.int64).max
 EXPORT_EVERY_S = 60.0  # OUT/examples.parquet is rewritten at most this often while running (and at close)
 
 
+def _empty_call(layer, kind, heads, example_ids, sliding_window, cross_attention, tokens) -> CaptureBatch:
+    """The CaptureBatch of an attention call that selected nothing: no rows, the forward's valid
+    counts and first positions (and its packed flags, checked by host_rows like any batch's)."""
+    empty = torch.zeros(0, dtype=torch.int64)
+    return CaptureBatch(layer, kind, heads, example_ids, sliding_window, cross_attention,
+                        count=torch.zeros(1, dtype=torch.int64), row=empty, position=empty, bucket=empty,
+                        vectors=torch.zeros(len(heads), 0, 1), valid=tokens.valid_count,
+                        first_position=None if cross_attention and kind == "k" else tokens.first_position,
+                        packed=tokens.packed)
+
+
 class SaverError(RuntimeError):
     """The saver thread failed; raised in the capturing thread at its next call."""
 
@@ -255,15 +266,9 @@ class ParquetSink:
         """An attention call of which the sampler keeps nothing, known on the CPU before any
         selection (the session skips its gather): it ran, its heads count as heads that ran with 0
         rows, and its valid tokens count towards the examples' lengths. `tokens` is the forward's
-        TextTokens (CPU tensors)."""
+        TextTokens (CPU tensors). A few microseconds here: the saver thread does the rest."""
         self.check()
-        empty = torch.zeros(0, dtype=torch.int64)
-        batch = CaptureBatch(layer, kind, tuple(heads), example_ids, sliding_window, cross_attention,
-                             count=torch.zeros(1, dtype=torch.int64), row=empty, position=empty, bucket=empty,
-                             vectors=torch.zeros(len(heads), 0, 1), valid=tokens.valid_count,
-                             first_position=None if cross_attention and kind == "k" else tokens.first_position,
-                             packed=tokens.packed)
-        self._queue.put(("empty", batch))
+        self._queue.put(("empty", layer, kind, tuple(heads), example_ids, sliding_window, cross_attention, tokens))
 
     def end_forward(self) -> None:
         """Called once after every model forward, outside attention calls: sends what waited on
@@ -399,7 +404,7 @@ class ParquetSink:
             if self._waiting_since is not None and time.monotonic() - self._waiting_since >= self.commit_every_s:
                 self._finalize()
         elif item[0] == "empty":
-            self._accept(item[1].host_rows(), True)
+            self._accept(_empty_call(*item[1:]).host_rows(), True)
         elif item[0] == "describe":
             self._described[item[1]] = item[2:]
         elif item[0] == "discard":
