@@ -463,7 +463,7 @@ def load_sorted(qk_attn, path):
 
 def capture_refusal(error: BaseException) -> str | None:
     """The message of qk_attn's CUDA-graph CaptureError anywhere in the exception chain."""
-    from qk_attn.capture.forward import CaptureError
+    from qk_attn.errors import CaptureError
 
     while error is not None:
         if isinstance(error, CaptureError) and "cuda-graph" in str(error).lower().replace(" ", "-"):

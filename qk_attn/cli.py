@@ -17,7 +17,8 @@ written to ./qk-sniff-demo/).
 Exit status: 0 success; 1 `verify`/`merge` found problems in the data (`repair`: some
 remain), or a Hub transfer failed; 2 the command cannot do what it was asked: a configuration or usage error, an output
 folder that is locked, incompatible, not writable or full, a dataset that is empty, not UTF-8
-or has duplicate ids, a run larger than `capture.max_gb`; 130 interrupted. Every expected
+or has duplicate ids, a run larger than `capture.max_gb`, a forward the capture refuses (nothing of it
+is committed); 130 interrupted (qk_attn.errors.EXIT_STATUS lists each error's status). Every expected
 failure is one line on stderr naming the setting, the value and what is allowed; `--debug`
 adds the traceback.
 """
@@ -32,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from qk_attn.errors import EXIT_STATUS
 from qk_attn.storage.manifest import MANIFEST
 # Dataset reading, verify, inspect and repair live in qk_attn.dataset.verify; re-exported for callers of qk_attn.cli.
 from qk_attn.dataset.verify import Dataset, expected_positions, inspect_dataset, repair_dataset, verify_dataset  # noqa: F401
@@ -232,10 +234,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class CommandError(RuntimeError):
-    """A command cannot run as asked (exit 2); the message is the whole story."""
-
-
 class _SaverFailureFilter(logging.Filter):
     """The saver logs its failure in its own thread; the CLI prints the error it raises instead."""
 
@@ -247,25 +245,17 @@ TRACEBACK_HINT = " (--debug shows the traceback)"
 OOM_HINT = "; lower tokenizer.max_length or inference.batch_size, or use model.device_map: auto"
 
 
-def _expected_errors() -> list[tuple[tuple[type[BaseException], ...], int, str]]:
-    """(exception types, exit status, hint after the message); the first match wins, and
-    anything else keeps its traceback. Errors whose message is the whole story get no hint."""
-    from qk_attn.config import ConfigError
-    from qk_attn.demo import DemoUnavailable
-    from qk_attn.dataset.hub import HubError
-    from qk_attn.storage.saver import OutputLocked, SaverError
-
-    from qk_attn.storage import saver
-
-    storage = getattr(saver, "StorageError", ConfigError)  # one-line storage failures (ValueError)
+def _exit_status(error: BaseException) -> tuple[int, str] | None:
+    """(exit status, hint after the message) of an expected error, from `qk_attn.errors.EXIT_STATUS`
+    (the first match wins); None: the error keeps its traceback. Errors whose message is the whole
+    story get no hint."""
     out_of_memory = getattr(sys.modules.get("torch"), "OutOfMemoryError", None)  # a RuntimeError
-    return [
-        ((ConfigError, CommandError, DemoUnavailable, FileNotFoundError, storage), 2, ""),
-        ((OutputLocked, SaverError), 2, TRACEBACK_HINT),
-        *([((out_of_memory,), 2, OOM_HINT + TRACEBACK_HINT)] if out_of_memory is not None else []),
-        ((HubError,), 1, ""),
-        ((OSError, ValueError), 2, TRACEBACK_HINT),  # a full or unwritable disk, a folder that is not a capture, ...
-    ]
+    if out_of_memory is not None and isinstance(error, out_of_memory):
+        return 2, OOM_HINT + TRACEBACK_HINT
+    for kind, status, traceback_hint in EXIT_STATUS:
+        if isinstance(error, kind):
+            return None if status is None else (status, TRACEBACK_HINT if traceback_hint else "")
+    return None
 
 
 def _one_line(error: BaseException) -> str:
@@ -298,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     except Exception as error:  # noqa: BLE001 - sorted into expected (one line) and unexpected (traceback)
-        match = next(((status, hint) for types, status, hint in _expected_errors() if isinstance(error, types)), None)
+        match = _exit_status(error)
         if match is None:
             raise
         status, hint = match

@@ -16,6 +16,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from qk_attn.errors import ConfigError
+
 ENV_PREFIX = "QK_SNIFF_"
 OTHER_ENV = ("QK_SNIFF_CACHE",)  # read by the demo, not a capture setting
 SAMPLERS = ("log_uniform", "uniform", "all")
@@ -23,26 +25,6 @@ CAPTURE_KINDS = ("q,k", "q", "k")
 ROPE_STAGES = ("post", "pre")
 BACKENDS = ("sdpa", "eager", "flash_attention_2")
 VECTOR_DTYPES = ("float32", "float16")
-
-
-class ConfigError(ValueError):
-    """A setting has a value outside what is allowed.
-
-    Errors about one `SniffConfig` field carry `setting` (the field name), `value` and
-    `allowed`, so a caller that knows where the value came from can name it that way
-    (`relabel`); other messages are free text.
-    """
-
-    def __init__(self, message: str, *, setting: str | None = None, value: Any = None, allowed: str | None = None):
-        super().__init__(message)
-        self.setting, self.value, self.allowed = setting, value, allowed
-
-    def relabel(self, label: str) -> "ConfigError":
-        """The same error, naming the setting `label` (e.g. `QK_SNIFF_LAYERS`, `capture.layers`)."""
-        if self.setting is None:
-            return ConfigError(f"{label}: {self}")
-        return ConfigError(f"{label}={self.value!r} is invalid: expected {self.allowed}",
-                           setting=self.setting, value=self.value, allowed=self.allowed)
 
 
 def _did_you_mean(name: str, known) -> str:

@@ -27,6 +27,8 @@ import tempfile
 from contextlib import closing
 from pathlib import Path
 
+from qk_attn.errors import DemoUnavailable
+
 DEMO_MODEL = "demo:smollm2-135m"
 DEMO_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the GGUF was made from (Apache-2.0)
 DEMO_DATASET = "demo:kjv"
@@ -45,10 +47,6 @@ DEMO_CONFIG = {
     "capture": {"sampler": {"type": "log_uniform", "base_rate": 8}, "min_bucket_size": 32, "seed": 0},
     "output": {"data_root": "qk-sniff-demo"},
 }
-
-
-class DemoUnavailable(RuntimeError):
-    """A package the demo needs is not installed; the message says which command installs it."""
 
 
 def cache_dir() -> Path:

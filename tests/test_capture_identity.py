@@ -18,7 +18,7 @@ import qk_attn
 from capture_utils import GroundTruth, all_heads, expected_rows, rows_by_key
 from families import COMMON, VOCAB, build, padded_batch
 from qk_attn.capture import backends
-from qk_attn.capture.forward import CaptureError
+from qk_attn.errors import CaptureError
 from qk_attn.run.runner import normalize_id
 from test_cli import SPARSE, all_rows, assert_same_rows, docs, tiny_model, write_config  # noqa: F401 (fixtures)
 
@@ -227,7 +227,7 @@ def test_a_refused_rollback_discards_its_sequence_before_the_error_propagates():
 
 
 ENV_SCRIPT = """
-import sys, torch, qk_attn
+import sys, torch, qk_attn.errors
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], attn_implementation="qk_sniff").eval()
 with torch.no_grad():
@@ -235,7 +235,7 @@ with torch.no_grad():
     try:
         model.generate(input_ids=torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6]]), max_new_tokens=8,
                        prompt_lookup_num_tokens=3, do_sample=False, pad_token_id=0)
-    except qk_attn.capture.forward.CaptureError as error:
+    except qk_attn.errors.CaptureError as error:
         print("refused:", error)
 """
 

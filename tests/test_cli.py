@@ -20,7 +20,7 @@ import yaml
 from qk_attn import cli
 
 from qk_attn.run import runner
-from qk_attn.config import ConfigError
+from qk_attn.errors import ConfigError, HubError
 from qk_attn.capture.batch import MemorySink
 from qk_attn.run.config import RunConfig
 from qk_attn.run.runner import normalize_id
@@ -444,7 +444,7 @@ def test_push_and_pull_commands_call_the_hub_module(tmp_path, monkeypatch, capsy
     assert calls == [("push", "out", "org/qk", "b", True), ("pull", "org/qk", "out", None)]
 
     def failing(*args, **kwargs):
-        raise hub.HubError("pushing out to org/qk failed: 401 Unauthorized")
+        raise HubError("pushing out to org/qk failed: 401 Unauthorized")
 
     monkeypatch.setattr(hub, "push", failing)
     assert cli.main(["push", "out", "--repo", "org/qk"]) == 1

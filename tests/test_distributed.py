@@ -20,7 +20,7 @@ import yaml
 import qk_attn
 from qk_attn import cli
 from qk_attn.run import distributed
-from qk_attn.config import ConfigError
+from qk_attn.errors import ConfigError
 from qk_attn.storage.saver import read_manifest
 from test_cli import WORDS, text, tiny_model  # noqa: F401  (fixture)
 from test_saver import folder_table, sort_rows

@@ -20,7 +20,7 @@ import torch
 import pytest
 
 from qk_attn.config import SniffConfig
-from qk_attn.storage.manifest import StorageError
+from qk_attn.errors import StorageError
 from qk_attn.storage.saver import ParquetSink, read_manifest
 from qk_attn.dataset.verify import verify_dataset
 from test_saver import folder_table, make_batch, open_sink, reference, run_examples, sort_rows
@@ -126,7 +126,7 @@ def test_a_full_disk_fails_loudly_and_loses_nothing_committed(tmp_path, monkeypa
     import errno
 
     import qk_attn.storage.shards as shards
-    from qk_attn.storage.saver import SaverError
+    from qk_attn.errors import SaverError
 
     out = tmp_path / "out"
     sink = open_sink(out)

@@ -21,7 +21,8 @@ import pytest
 import qk_attn
 from qk_attn import cli
 from qk_attn.storage import compact
-from qk_attn.storage.manifest import PREVIOUS, CorruptShard, DamagedDataset, segment_examples
+from qk_attn.storage.manifest import PREVIOUS, segment_examples
+from qk_attn.errors import CorruptShard, DamagedDataset
 from qk_attn.storage.saver import EXAMPLES, MANIFEST, read_manifest
 from qk_attn.dataset.verify import QUARANTINE, repair, repair_dataset, verify_dataset
 from test_saver import folder_table, open_sink, reference, run_examples, sort_rows

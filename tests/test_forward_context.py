@@ -16,8 +16,8 @@ import qk_attn
 from capture_utils import GroundTruth, all_heads, captured_and_truth, expected_rows, rows_by_key
 from families import COMMON, VOCAB, build, cache_kw, padded_batch
 from qk_attn import cli
-from qk_attn.capture.forward import CaptureError
-from qk_attn.capture.batch import PackedSequences
+from qk_attn.errors import CaptureError
+from qk_attn.errors import PackedSequences
 
 torch.set_grad_enabled(False)
 

@@ -14,9 +14,11 @@ import pytest
 import qk_attn
 from qk_attn import cli
 from qk_attn.config import SniffConfig
-from qk_attn.storage.manifest import PREVIOUS, DamagedDataset, ManifestError, NotACapture, shard_examples
+from qk_attn.storage.manifest import PREVIOUS, shard_examples
+from qk_attn.errors import DamagedDataset, ManifestError, NotACapture
 from qk_attn.storage.saver import MANIFEST, ParquetSink, read_manifest
-from qk_attn.dataset.verify import CorruptShard, repair, repair_dataset, verify_dataset
+from qk_attn.dataset.verify import repair, repair_dataset, verify_dataset
+from qk_attn.errors import CorruptShard
 from test_saver import folder_table, open_sink, reference, run_examples, sort_rows
 
 EXAMPLES = list(range(8))

@@ -32,7 +32,8 @@ from qk_attn.kernels.select_gather import (  # noqa: E402
     gather_rows_triton,
     inverse_rope_reference,
 )
-from qk_attn.capture.batch import CaptureBatch, CaptureOverflow  # noqa: E402
+from qk_attn.capture.batch import CaptureBatch  # noqa: E402
+from qk_attn.errors import CaptureOverflow
 from qk_attn.sampler import Sampler  # noqa: E402
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)

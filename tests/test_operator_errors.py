@@ -22,7 +22,7 @@ import yaml
 from qk_attn import cli
 
 from qk_attn.run import runner
-from qk_attn.config import ConfigError
+from qk_attn.errors import ConfigError
 from qk_attn.capture.batch import MemorySink
 from test_cli import SPARSE, all_rows, assert_same_rows, docs, make_config, tiny_model, write_config  # noqa: F401 (fixtures)
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qk_attn.config import ConfigError, SniffConfig
+from qk_attn.config import SniffConfig
+from qk_attn.errors import ConfigError
 from qk_attn.demo import DEMO_CONFIG
 from qk_attn.run.config import RunConfig, apply_override
 

@@ -20,9 +20,11 @@ import torch
 
 from qk_attn.config import SniffConfig
 from qk_attn.capture.gather import gather_rows
-from qk_attn.capture.batch import CaptureBatch, CaptureOverflow, MemorySink, arrow_schema
+from qk_attn.capture.batch import CaptureBatch, MemorySink, arrow_schema
+from qk_attn.errors import CaptureOverflow
 from qk_attn.sampler import Sampler
-from qk_attn.storage.saver import MANIFEST, ParquetSink, SaverError, key_name, read_manifest
+from qk_attn.storage.saver import MANIFEST, ParquetSink, key_name, read_manifest
+from qk_attn.errors import SaverError
 from qk_attn.capture.plan import HeadPlan, ModelShape
 from qk_attn.storage.transfer import HostPool, Transfer
 
@@ -374,7 +376,7 @@ def test_compaction_merges_small_shards(tmp_path):
 
 
 def test_rows_of_committed_examples_are_an_error_never_a_silent_drop(tmp_path):
-    from qk_attn.storage.saver import CommittedExampleError
+    from qk_attn.errors import CommittedExampleError
 
     out = tmp_path / "out"
     sink = open_sink(out)

@@ -9,7 +9,8 @@ from transformers.masking_utils import AttentionMaskInterface
 
 import qk_attn
 from qk_attn.capture.gather import gather_rows
-from qk_attn.capture.batch import CaptureBatch, CaptureOverflow
+from qk_attn.capture.batch import CaptureBatch
+from qk_attn.errors import CaptureOverflow
 from qk_attn.sampler import Sampler
 from families import build, padded_batch
 

@@ -9,7 +9,7 @@ import transformers as tf
 import qk_attn
 from qk_attn.capture import facts
 from qk_attn.capture import name_branches as branches
-from qk_attn.capture.forward import CaptureError
+from qk_attn.errors import CaptureError, TransformersMismatch
 
 
 @pytest.mark.parametrize("fact", facts.FACTS, ids=lambda fact: fact.name)
@@ -29,7 +29,7 @@ def test_a_broken_fact_names_the_version_and_the_fact(monkeypatch):
     assert (finding.fact, finding.transformers) == ("mask_functions", tf.__version__)
     assert "sdpa_mask(batch_size, q_length, kv_length, attention_mask=None)" in finding.found
     facts.require.cache_clear()
-    with pytest.raises(facts.TransformersMismatch, match=rf"transformers {tf.__version__} .*mask_functions"):
+    with pytest.raises(TransformersMismatch, match=rf"transformers {tf.__version__} .*mask_functions"):
         facts.require()
     facts.require.cache_clear()
 
@@ -117,7 +117,7 @@ def test_a_broken_fact_stops_the_first_captured_forward_and_only_it(monkeypatch)
     try:
         with torch.no_grad():
             model(input_ids=ids)  # no session: the model runs as it is
-            with pytest.raises(facts.TransformersMismatch, match=rf"transformers {tf.__version__} .*mask_call_keywords"):
+            with pytest.raises(TransformersMismatch, match=rf"transformers {tf.__version__} .*mask_call_keywords"):
                 with qk_attn.session(sampler="all", example_ids=[0]):
                     model(input_ids=ids)
     finally:

@@ -15,7 +15,7 @@ import sys
 import torch
 
 from qk_attn.capture.backends import FORWARDS
-from qk_attn.capture.forward import CaptureError
+from qk_attn.errors import CaptureError
 
 
 def qk_sniff_attention(module, query, key, value, attention_mask, **kwargs):

@@ -15,17 +15,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from qk_attn.errors import CaptureOverflow, PackedSequences
+
 logger = logging.getLogger(__name__)
 
 KINDS = ("q", "k")
-
-
-class CaptureOverflow(RuntimeError):
-    """More tokens were selected in one attention call than its staging capacity holds."""
-
-
-class PackedSequences(RuntimeError):
-    """A batch row holds several documents (positions restart): refused, never recorded with repeats."""
 
 
 @dataclass

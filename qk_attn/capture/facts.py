@@ -44,6 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+from qk_attn.errors import TransformersMismatch
+
 NAME = "qk_sniff"
 WRAPPED = ("sdpa", "eager")  # what "qk_sniff" may wrap (flash is recorded under its own name)
 
@@ -68,10 +70,6 @@ class Fact(NamedTuple):
     name: str
     expected: str  # one line: what qk-attn relies on
     check: Callable[[], str | None]  # None when it holds, else what was found
-
-
-class TransformersMismatch(RuntimeError):
-    """The installed transformers breaks facts qk-attn relies on."""
 
 
 def transformers_version() -> str:

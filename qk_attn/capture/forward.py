@@ -24,12 +24,10 @@ from typing import NamedTuple
 
 import torch
 
+from qk_attn.errors import CaptureError
+
 
 DECIDE_AT_ONCE = 1 << 21  # (layer, kind, token) decisions made in one go per CPU forward
-
-
-class CaptureError(RuntimeError):
-    """A forward qk_sniff cannot record exactly; raised instead of writing wrong rows."""
 
 
 class ForwardContext:

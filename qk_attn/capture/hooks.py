@@ -13,7 +13,7 @@ from transformers.masking_utils import AttentionMaskInterface, flash_attention_m
 
 from qk_attn.capture.backends import MASKS
 from qk_attn.capture.attention import attend_and_capture, qk_sniff_attention
-from qk_attn.capture.forward import CaptureError
+from qk_attn.errors import CaptureError
 from qk_attn.capture.name_branches import follow_wrapped_backend
 
 NAME = "qk_sniff"

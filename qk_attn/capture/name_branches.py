@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 from qk_attn.capture.active import current_config
-from qk_attn.capture.forward import CaptureError
+from qk_attn.errors import CaptureError
 
 NAME = "qk_sniff"
 WRAPPED = ("sdpa", "eager")  # what "qk_sniff" may wrap (flash is recorded under its own name)

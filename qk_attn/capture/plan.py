@@ -9,7 +9,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from qk_attn.config import ConfigError, SniffConfig
+from qk_attn.config import SniffConfig
+from qk_attn.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -15,13 +15,15 @@ import torch
 from qk_attn.capture.attention import is_cross_attention, key_validity, refuse_unsupported
 from qk_attn.capture.batch import CaptureBatch, MemorySink
 from qk_attn.capture.facts import require as require_facts
-from qk_attn.capture.forward import (CaptureError, ForwardContext, TextTokens, check_shapes, decoder_stack, host_int,
+from qk_attn.capture.forward import (ForwardContext, TextTokens, check_shapes, decoder_stack, host_int,
                                      model_forward, refuse_unrecordable_generation, running)
+from qk_attn.errors import CaptureError
 from qk_attn.capture.gather import Selection, gather_selected, select_rows, select_tokens, uses_kernel
 from qk_attn.capture.hooks import watch_forward
 from qk_attn.capture.plan import HeadPlan, ModelShape
 from qk_attn.capture.rope import invert_rope, uses_rope
-from qk_attn.config import ConfigError, SniffConfig
+from qk_attn.config import SniffConfig
+from qk_attn.errors import ConfigError
 from qk_attn.sampler import Sampler
 
 logger = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from qk_attn.capture.forward import CaptureError
+from qk_attn.errors import CaptureError
 
 
 def uses_rope(module) -> bool:

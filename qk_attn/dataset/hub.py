@@ -17,15 +17,12 @@ from pathlib import Path
 from huggingface_hub import HfApi
 
 from qk_attn.storage.card import CARD, CHART, write_card
-from qk_attn.storage.manifest import (EXAMPLES, MANIFEST, StorageError, check_same_capture, public_manifest, read_manifest,
+from qk_attn.storage.manifest import (EXAMPLES, MANIFEST, check_same_capture, public_manifest, read_manifest,
                        release_lock, take_lock, write_json_atomic)
+from qk_attn.errors import HubError, StorageError
 
 SHARDS = "l*h*/*.parquet"
 REPO_TYPE = "dataset"
-
-
-class HubError(RuntimeError):
-    """A Hub operation failed; the message includes what the Hub said."""
 
 
 def _where(repo_id: str, revision: str | None) -> str:

@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 import torch
 
 from qk_attn.storage.manifest import MANIFEST, parse_key, read_manifest
-from qk_attn.dataset.verify import CorruptShard, check_shard, examples_table
+from qk_attn.dataset.verify import check_shard, examples_table
+from qk_attn.errors import CorruptShard
 
 
 def _select(manifest: dict, layer: int | None, head: int | None, kind: str | None) -> list[str]:

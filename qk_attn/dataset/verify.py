@@ -25,9 +25,6 @@ from qk_attn.storage.manifest import (
     LOCK,
     MANIFEST,
     PREVIOUS,
-    CorruptShard,
-    ManifestError,
-    StorageError,
     fsync_dir,
     parse_key,
     read_manifest,
@@ -39,6 +36,7 @@ from qk_attn.storage.manifest import (
     take_lock,
     write_json_atomic,
 )
+from qk_attn.errors import CorruptShard, ManifestError, StorageError
 from qk_attn.storage.shards import write_table
 
 QUARANTINE = ".qk_sniff.quarantine"  # where repair moves Parquet files no manifest lists
@@ -564,7 +562,8 @@ def repair(output: str | Path, log=print) -> dict:
     import numpy as np
     import pyarrow as pa
 
-    from qk_attn.storage.manifest import NotACapture, Files, part_files, release_lock
+    from qk_attn.storage.manifest import Files, part_files, release_lock
+    from qk_attn.errors import NotACapture
     from qk_attn.storage.shards import read_verified, write_row_groups
 
     output = Path(output)

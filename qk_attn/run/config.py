@@ -27,7 +27,8 @@ from typing import Any, Mapping
 
 import yaml
 
-from qk_attn.config import ConfigError, SniffConfig
+from qk_attn.config import SniffConfig
+from qk_attn.errors import ConfigError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PADDING_SIDES = ("right", "left")

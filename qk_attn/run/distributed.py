@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from qk_attn.config import ConfigError
+from qk_attn.errors import ConfigError
 
 # A barrier waits for the slowest rank: 128k-token documents take hours, not the 30 minutes
 # torch.distributed defaults to.
@@ -112,7 +112,8 @@ def merge(output: str | Path, allow_incomplete: bool = False) -> dict:
     finish their documents. Reads the parts and never changes them or a shard: idempotent.
     """
     from qk_attn.storage.card import write_card
-    from qk_attn.storage.manifest import MANIFEST, Files, OutputLocked, part_files, read_manifest, take_lock, write_json_atomic
+    from qk_attn.storage.manifest import MANIFEST, Files, part_files, read_manifest, take_lock, write_json_atomic
+    from qk_attn.errors import OutputLocked
 
     output = Path(output)
     paths = part_files(output)

@@ -25,7 +25,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from qk_attn.config import ConfigError, SniffConfig
+from qk_attn.config import SniffConfig
+from qk_attn.errors import ConfigError
 from qk_attn.capture.plan import HeadPlan, ModelShape
 
 UTF8_CHUNK = 1 << 20

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from qk_attn.config import ConfigError
+from qk_attn.errors import ConfigError
 from qk_attn.run.config import DatasetSection, RunConfig
 
 logger = logging.getLogger(__name__)

@@ -37,6 +37,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from qk_attn.errors import DamagedDataset, ManifestError, NotACapture, OutputLocked, StorageError
+
 logger = logging.getLogger(__name__)
 
 MANIFEST = "qk_sniff.json"
@@ -59,31 +61,6 @@ PART_FILES_RE = re.compile(r"\.?qk_sniff\.rank\d+\.json(\.prev)?")  # a part, or
 # Settings that do not change which rows are recorded or their values: a resumed run may differ in them.
 NOT_IDENTITY = ("output", "backend", "pinned_mb")
 SOURCE_NOT_IDENTITY = ("batch_size", "padding_side", "max_samples")
-
-
-class OutputLocked(RuntimeError):
-    """Another capture holds the output folder's lock."""
-
-
-class StorageError(ValueError):
-    """An expected storage failure (damaged or foreign files, misuse): a one-line message that
-    names the file and the fix; a CLI prints it without a traceback."""
-
-
-class ManifestError(StorageError):
-    """qk_sniff.json is unreadable or invalid (one line; says how to recover without losing rows)."""
-
-
-class DamagedDataset(StorageError):
-    """Committed shards are missing or have the wrong size: resuming would keep them so."""
-
-
-class CorruptShard(StorageError):
-    """A committed shard fails its size, digest or page checksums (the message names the file)."""
-
-
-class NotACapture(StorageError):
-    """The output folder holds files that no capture wrote; nothing there is touched."""
 
 
 def key_name(layer: int, head: int, kind: str) -> str:

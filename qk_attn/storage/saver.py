@@ -49,13 +49,7 @@ from qk_attn.storage.manifest import (  # noqa: F401 - re-exported: other module
     EXAMPLES,
     LOCK,
     MANIFEST,
-    CorruptShard,
-    DamagedDataset,
     Files,
-    ManifestError,
-    NotACapture,
-    OutputLocked,
-    StorageError,
     add_shard,
     check_same_model,
     key_name,
@@ -68,7 +62,8 @@ from qk_attn.storage.manifest import (  # noqa: F401 - re-exported: other module
     take_lock,
     write_json_atomic,
 )
-from qk_attn.capture.batch import CaptureBatch, CaptureOverflow, HostRows, warn_not_from_zero
+from qk_attn.capture.batch import CaptureBatch, HostRows, warn_not_from_zero
+from qk_attn.errors import CaptureOverflow, CommittedExampleError, CorruptShard, SaverError, StorageError
 from qk_attn.storage.shards import KeyBuffer, Writers, Written, write_buffer, write_table
 from qk_attn.storage.transfer import Piece, Sender, Transfer
 
@@ -92,14 +87,6 @@ def _empty_call(layer, kind, heads, example_ids, sliding_window, cross_attention
                         vectors=torch.zeros(len(heads), 0, 1), valid=tokens.valid_count,
                         first_position=None if cross_attention and kind == "k" else tokens.first_position,
                         packed=tokens.packed)
-
-
-class SaverError(RuntimeError):
-    """The saver thread failed; raised in the capturing thread at its next call."""
-
-
-class CommittedExampleError(StorageError):
-    """Rows arrived for an example that is already committed (a rerun of it, or reused ids)."""
 
 
 @dataclass

@@ -25,7 +25,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from qk_attn.storage.manifest import CorruptShard, fsync_dir
+from qk_attn.storage.manifest import fsync_dir
+from qk_attn.errors import CorruptShard
 from qk_attn.capture.batch import columns_table
 
 ROW_GROUP_BYTES = 32 << 20
