@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 
 from qk_attn import cli
@@ -341,6 +342,33 @@ def test_debug_shows_the_traceback(tiny_model, docs, tmp_path, capsys, no_weight
     assert cli.main(["run", "--config", config, "--set", "capture.layers=5", "--quiet"]) == 2
     assert "Traceback" not in capsys.readouterr().err
 
+
+
+def test_a_refusal_inside_a_run_is_one_line_exit_2(tiny_model, docs, tmp_path, capsys, monkeypatch):
+    """A forward the capture refuses (CaptureError) ends `qk-sniff run` with one line and exit 2,
+    not a traceback; the refused document is not committed (--debug shows the traceback)."""
+    import qk_attn
+    from transformers.models.llama import modeling_llama
+
+    from qk_attn.capture import facts
+
+    facts.require()  # checked (once per process) on the real forward, before it is wrapped
+    original, forwards = modeling_llama.LlamaAttention.forward, []
+
+    def doubled_in_the_first(self, hidden_states, *args, **kwargs):  # layer 1 gets another forward's inputs
+        forwards.append(self.layer_idx)
+        if len(forwards) == 2:
+            hidden_states = torch.cat([hidden_states, hidden_states])
+        return original(self, hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_llama.LlamaAttention, "forward", doubled_in_the_first)
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "--config", write_config(tmp_path, tiny_model, docs[0], out, capture=SPARSE))
+    assert code == 2 and "layer 1 got a query of batch 2" in one_line(err)
+    assert runner.normalize_id("doc-0") not in set(qk_attn.load_examples(out).column("example_id").to_pylist())
+    forwards.clear()
+    code, _, err = run_cli(capsys, "--config", write_config(tmp_path, tiny_model, docs[0], out, capture=SPARSE), "--debug")
+    assert code == 2 and "Traceback" in err and "CaptureError" in err
 
 # ---- the runner (issue 13) --------------------------------------------------------------------
 class DescribingSink(MemorySink):
