@@ -130,8 +130,10 @@ def check_output(data_root: str, sniff: SniffConfig, source: dict | None, *, ove
                  model: dict, shape: ModelShape | None, rank=None) -> Path:
     """The output folder can take this capture: see the module docstring. Returns the folder
     whose free space bounds the run (the output, or its nearest existing parent)."""
-    from qk_attn.storage.card import CARD_FILES
-    from qk_attn.storage.saver import LOCK, MANIFEST, Files, parse_key, part_files, read_manifest
+    from qk_attn.storage.folder import check_layout, check_shard_sizes
+    from qk_attn.storage.layout import CARD_FILES
+    from qk_attn.storage.layout import LOCK, MANIFEST, Files, parse_key, part_files
+    from qk_attn.storage.manifest import read_manifest
 
     root = Path(os.path.expanduser(data_root))
     where = f"output.data_root={data_root!r}"
@@ -146,10 +148,9 @@ def check_output(data_root: str, sniff: SniffConfig, source: dict | None, *, ove
     files = Files() if rank is None else Files(*rank)
     _probe_lock(root / files.lock, where)
     _probe_writable(root, where)
-    layout = _storage("check_layout", "_check_layout")  # one writer, or ranks of one world size
-    if layout is not None and not overwrite:
+    if not overwrite:  # one writer, or ranks of one world size
         try:
-            layout(root, files)
+            check_layout(root, files)
         except ValueError as error:
             raise ConfigError(f"{where}: {_one_line(error)}") from None
     try:
@@ -169,45 +170,24 @@ def check_output(data_root: str, sniff: SniffConfig, source: dict | None, *, ove
         return root
     if manifest is None or overwrite:
         return root
-    _check_same_settings(root, manifest, sniff, source, where)
+    _check_same_settings(manifest, sniff, source, where)
     _check_same_model(manifest, model, shape, where)
-    sizes = _storage("check_shard_sizes")  # committed shards missing or truncated: resuming would build on them
-    if sizes is not None:
-        try:
-            sizes(root, manifest)
-        except ValueError as error:
-            raise ConfigError(f"{where}: {_one_line(error)}") from None
+    try:  # committed shards missing or truncated: resuming would build on them
+        check_shard_sizes(root, manifest)
+    except ValueError as error:
+        raise ConfigError(f"{where}: {_one_line(error)}") from None
     return root
 
 
-def _storage(*names: str):
-    """A check of the storage layer (qk_attn.storage.manifest, or qk_attn.storage.saver before that module
-    existed) by its current or former name; None: the sink makes the check when it opens."""
-    import importlib
+def _check_same_settings(manifest: dict, sniff: SniffConfig, source: dict | None, where: str) -> None:
+    from qk_attn.storage.differences import setting_differences
 
-    for module_name in ("qk_attn.storage.manifest", "qk_attn.storage.saver"):
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        for name in names:
-            if hasattr(module, name):
-                return getattr(module, name)
-    return None
-
-
-def _check_same_settings(root: Path, manifest: dict, sniff: SniffConfig, source: dict | None, where: str) -> None:
-    check = _storage("check_same_capture", "_check_same_capture")
-    if check is None:
-        return
-    try:
-        check(root, manifest, sniff, source)
-    except ValueError as error:
-        lines = [line.strip() for line in str(error).splitlines()[1:] if line.strip().count(":") and " now" in line]
-        diffs = "; ".join(line.replace(f" in {root}", " there") for line in lines) or _one_line(error)
+    differences = setting_differences(manifest, sniff, source)
+    if differences:
+        diffs = "; ".join(f"{d.setting}: {d.there!r} there, {d.now!r} now" for d in differences)
         raise ConfigError(f"{where} holds a capture with different settings ({diffs}); re-run with the same settings "
                           "to resume it, choose another output.data_root, or set output.overwrite: true to delete "
-                          "that capture and start over") from None
+                          "that capture and start over")
 
 
 def _check_same_model(manifest: dict, model: dict, shape: ModelShape | None, where: str) -> None:
