@@ -1,24 +1,25 @@
-"""Fused sampler mask -> compaction -> (inverse RoPE) -> gather, one launch per call and kind.
+"""The fused select+gather kernel and its launcher: sampler mask -> compaction -> gather, one launch.
 
-The kernel does on the GPU what `qk_attn.capture.gather.gather_rows` does in torch, bit for bit:
+The kernel does on the GPU what `qk_attn.capture.gather.gather_rows` does in torch, bit for bit
+(the sampler's rule and the contracts: docs/architecture.md):
 
-    keep[b, t]   = sampler keep decision (DESIGN §4, integer hashing only) & valid[b, t]
+    keep[b, t]   = sampler keep decision (integer hashing only) & valid[b, t]
     j            = rank of (b, t) among the kept tokens in token-major (b, t) order
     row[j]       = b;  position[j] = positions[b, t];  bucket[j] = bucket_of(positions[b, t])
-    vectors[i, j] = states[b, heads[i], token_offset + t, :]       (optionally un-rotated)
+    vectors[i, j] = states[b, heads[i], token_offset + t, :]
     count        = number of kept tokens (may exceed capacity: overflow, flagged downstream)
 
 Order without atomics. Program p owns a contiguous chunk of one batch row and writes its
 kept tokens at `offset_p + local rank`. Every program finds `offset_p` (and the total
 count) by re-evaluating the keep bit of all B*T tokens itself: that costs one integer
-hash per token per program (N/1024 vector steps of the scan; estimated at tens of
-microseconds for 128k tokens, to be confirmed by bench/gpu_check.py) and buys a
-deterministic order, a single launch, no zeroed workspace and no host sync.
+hash per token per program (N/1024 vector steps of the scan) and buys a deterministic
+order, a single launch, no zeroed workspace and no host sync.
 Rows in [count, capacity) are filled with row = -1, position = bucket = 0, zero vectors.
 
 Layout of this file: kernel (jit helpers, then `_select_gather_kernel`) -> launcher
-(`gather_rows_triton`) -> torch reference (`inverse_rope_reference`,
-`gather_rows_reference`), as in Triton's tutorials.
+(`gather_rows_triton`). The torch reference lives with the tests (tests/kernel_reference.py).
+This module imports nothing of the package but the sampler's constants: the torch path
+(`qk_attn.capture.gather`) imports it, never the reverse.
 
 Interpreter caveats (TRITON_INTERPRET=1, used by the CPU tests): all math is fp32; bf16
 is moved as raw 16-bit patterns (the interpreter truncates fp32->bf16 casts, so the
@@ -33,8 +34,7 @@ import os
 
 import torch
 
-from qk_attn.capture.gather import gather_rows
-from qk_attn.sampler import KIND_CODE, MAX_BUCKETS, R_BITS, Sampler, layer_kind_hash
+from qk_attn.sampler import KIND_CODE, MAX_BUCKETS, R_BITS, layer_kind_hash
 
 try:
     import triton
@@ -198,27 +198,14 @@ def _store_f32(ptrs, value, mask, KIND: tl.constexpr):
 def _gather_block(
     states_ptr, s_b, s_h, s_k, s_d, token_offset, heads_ptr, s_heads, num_heads,
     pos_ptr, s_pb, s_pt, valid_ptr, s_vb, s_vt, thr_ptr, threshold, shift,
-    cos_ptr, s_cb, s_ct, s_cd, sin_ptr, s_sb, s_st, s_sd, qs_ptr, s_qb, s_qt,
     row_ptr, out_pos_ptr, out_bucket_ptr, vec_ptr,
-    rb, t0, T, D, R, cap, row_h, base,
+    rb, t0, T, D, cap, row_h, base,
     STRATEGY: tl.constexpr, IN_KIND: tl.constexpr, OUT_KIND: tl.constexpr,
-    CS_KIND: tl.constexpr, QS_KIND: tl.constexpr,
-    HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_QS: tl.constexpr,
     SCAN: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Write the kept tokens of tokens [t0, t0 + SCAN) of row `rb` at rows base, base+1, ..."""
     d = tl.arange(0, BLOCK_D)
     d_in = d < D
-    if HAS_ROPE:
-        # Partner of dim d and the sign of rotate_half(y)[d] = sign * y[partner].
-        if INTERLEAVED:
-            partner = d ^ 1
-            sign = tl.where((d & 1) == 0, -1.0, 1.0)
-        else:
-            half = R // 2
-            partner = tl.where(d < half, d + half, d - half)
-            sign = tl.where(d < half, -1.0, 1.0)
-        rotated = d < R
     for sub in range(0, SCAN // BLOCK_G):
         t = t0 + sub * BLOCK_G + tl.arange(0, BLOCK_G)
         keep, pos = _keep(pos_ptr, s_pb, s_pt, valid_ptr, s_vb, s_vt, rb, t, T, row_h, thr_ptr, threshold,
@@ -237,25 +224,9 @@ def _gather_block(
             tile = write[:, None] & d_in[None, :]
             src_row = states_ptr + rb64 * s_b + tok[:, None] * s_k  # (BLOCK_G, 1)
             dst = vec_ptr + dest64[:, None] * D + d[None, :]  # (BLOCK_G, BLOCK_D), head 0
-            if HAS_ROPE:
-                # cos/sin are per token (shared by every head): load once per block.
-                t64 = t.to(tl.int64)
-                rot_tile = write[:, None] & rotated[None, :]
-                cos = _load_f32(cos_ptr + rb64 * s_cb + t64[:, None] * s_ct + d[None, :] * s_cd, rot_tile, CS_KIND)
-                sin = _load_f32(sin_ptr + rb64 * s_sb + t64[:, None] * s_st + d[None, :] * s_sd, rot_tile, CS_KIND)
-                denom = tl.where(rot_tile, cos * cos + sin * sin, 1.0)  # no 0/0 in masked lanes
-                if HAS_QS:
-                    qs = tl.where(write, _load_f32(qs_ptr + rb64 * s_qb + t64 * s_qt, write, QS_KIND), 1.0)
             for i in range(0, num_heads):
                 head = tl.load(heads_ptr + i * s_heads).to(tl.int64)
-                src = src_row + head * s_h
-                y = _load_f32(src + d[None, :] * s_d, tile, IN_KIND)
-                if HAS_ROPE:
-                    y_partner = _load_f32(src + partner[None, :] * s_d, rot_tile, IN_KIND)
-                    x = (y * cos - (sign[None, :] * y_partner) * sin) / denom
-                    y = tl.where(rotated[None, :], x, y)
-                    if HAS_QS:
-                        y = y / qs[:, None]
+                y = _load_f32(src_row + head * s_h + d[None, :] * s_d, tile, IN_KIND)
                 _store_f32(dst + tl.cast(i * cap, tl.int64) * D, y, tile, OUT_KIND)
         base += n
 
@@ -270,16 +241,11 @@ def _select_gather_kernel(
     valid_ptr, s_vb, s_vt,
     eid_ptr, s_e,
     thr_ptr, threshold, shift, layer_kind,
-    cos_ptr, s_cb, s_ct, s_cd,
-    sin_ptr, s_sb, s_st, s_sd,
-    qs_ptr, s_qb, s_qt,
     # outputs (contiguous)
     count_ptr, row_ptr, out_pos_ptr, out_bucket_ptr, vec_ptr,
     # sizes
-    B, T, D, R, cap, chunks_per_row, blocks_per_chunk,
-    STRATEGY: tl.constexpr, OFFSET_FROM_PTR: tl.constexpr,
-    IN_KIND: tl.constexpr, OUT_KIND: tl.constexpr, CS_KIND: tl.constexpr, QS_KIND: tl.constexpr,
-    HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_QS: tl.constexpr,
+    B, T, D, cap, chunks_per_row, blocks_per_chunk,
+    STRATEGY: tl.constexpr, OFFSET_FROM_PTR: tl.constexpr, IN_KIND: tl.constexpr, OUT_KIND: tl.constexpr,
     SCAN: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
     """Grid: (B * chunks_per_row,). Program p owns scan blocks [c*k, (c+1)*k) of row b."""
@@ -303,11 +269,9 @@ def _select_gather_kernel(
                 _gather_block(
                     states_ptr, s_b, s_h, s_k, s_d, token_offset, heads_ptr, s_heads, num_heads,
                     pos_ptr, s_pb, s_pt, valid_ptr, s_vb, s_vt, thr_ptr, threshold, shift,
-                    cos_ptr, s_cb, s_ct, s_cd, sin_ptr, s_sb, s_st, s_sd, qs_ptr, s_qb, s_qt,
                     row_ptr, out_pos_ptr, out_bucket_ptr, vec_ptr,
-                    rb, blk * SCAN, T, D, R, cap, row_h, running,
-                    STRATEGY, IN_KIND, OUT_KIND, CS_KIND, QS_KIND, HAS_ROPE, INTERLEAVED, HAS_QS,
-                    SCAN, BLOCK_G, BLOCK_D,
+                    rb, blk * SCAN, T, D, cap, row_h, running,
+                    STRATEGY, IN_KIND, OUT_KIND, SCAN, BLOCK_G, BLOCK_D,
                 )
             running += n
 
@@ -354,10 +318,10 @@ def _target_programs(device: torch.device) -> int:
 _THRESHOLDS: dict = {}
 
 
-def _threshold_table(sampler: Sampler, device: torch.device) -> torch.Tensor:
+def _threshold_table(sampler, device: torch.device) -> torch.Tensor:
     """The log-uniform threshold table on `device`, uploaded once per (sampler, device).
 
-    The upload is asynchronous from pinned memory (no host sync, DESIGN §5); the pinned
+    The upload is asynchronous from pinned memory (no host sync); the pinned
     source stays referenced in the cache so the copy can never read freed memory.
     """
     key = (sampler.strategy, sampler.min_bucket_size, sampler.base_rate, str(device))
@@ -369,13 +333,6 @@ def _threshold_table(sampler: Sampler, device: torch.device) -> torch.Tensor:
     return _THRESHOLDS[key][1]
 
 
-def _check_rope_args(cos, sin, query_scale) -> None:
-    if (cos is None) != (sin is None):
-        raise ValueError("cos and sin must be given together (inverse RoPE) or both left out")
-    if query_scale is not None and cos is None:
-        raise ValueError("query_scale is part of the inverse RoPE: pass cos and sin with it")
-
-
 def _storage(t: torch.Tensor, what: str) -> tuple[torch.Tensor, int]:
     """(tensor as the kernel reads it, storage kind): bf16 travels as int16 bits."""
     if t.dtype not in _STORAGE:
@@ -385,29 +342,12 @@ def _storage(t: torch.Tensor, what: str) -> tuple[torch.Tensor, int]:
 
 
 def gather_rows_triton(
-    states: torch.Tensor,
-    token_offset: int | torch.Tensor,
-    heads: torch.Tensor,
-    positions: torch.Tensor,
-    valid: torch.Tensor,
-    example_ids: torch.Tensor,
-    sampler: Sampler,
-    layer: int,
-    kind: str,
-    capacity: int,
-    out_dtype: torch.dtype,
-    *,
-    cos: torch.Tensor | None = None,
-    sin: torch.Tensor | None = None,
-    interleaved: bool = False,
-    query_scale: torch.Tensor | None = None,
-    _scan: int | None = None,
-    _block: int | None = None,
-    _programs: int | None = None,
+    spec, *, _scan: int | None = None, _block: int | None = None, _programs: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`qk_attn.capture.gather.gather_rows` as one Triton launch, optionally un-rotating the vectors.
+    """`qk_attn.capture.gather.gather_rows` as one Triton launch.
 
-    Args (as `gather_rows`):
+    `spec` is a `qk_attn.capture.gather.SelectionSpec` (read by attribute: this module does not
+    import the package's torch path). As there:
         states:       (B, H, K, D) float32/float16/bfloat16, any strides; D need not be a power of two.
         token_offset: index along K of the first new token: int or device scalar tensor.
         heads:        (Hs,) integer head ids to gather, on the device of `states`.
@@ -416,26 +356,12 @@ def gather_rows_triton(
         example_ids:  (B,) int64.
         capacity:     rows reserved; `count` may exceed it (overflow; rows past it are not written).
         out_dtype:    float32, float16 or bfloat16 (bf16: round to nearest even, as torch).
-
-    Inverse RoPE (keyword-only; all None = post-RoPE vectors, copied exactly):
-        cos, sin:     (B, T, R) "gathered" cos/sin: the factors the model's forward multiplied
-                      into each of the first R dims of these tokens' vectors, aligned with
-                      `positions` (batch dim may broadcast). Rotate-half models: the rotary
-                      class output as is. GLM-style interleaved models, whose forward uses
-                      `cos[..., :R//2].repeat_interleave(2, -1)`: pass exactly that. R even,
-                      R <= D; dims >= R pass through (partial rotary). Any float dtype; any
-                      attention scaling is folded in (the kernel divides by cos**2 + sin**2).
-        interleaved:  False: rotate_half pairs (d, d + R/2); True: pairs (2i, 2i + 1).
-        query_scale:  (B, T) optional per-token divisor applied after un-rotating (Ministral 3
-                      multiplies queries by 1 + beta*log(1 + floor(pos / orig_max)) after RoPE).
-
-    All inverse-RoPE math is fp32:  x = (y*cos - rotate_half(y)*sin) / (cos**2 + sin**2) [/ scale],
-    see `inverse_rope_reference`.
+    `spec.keep` is not read: the kernel makes the sampler's decision itself (the same one).
 
     Returns (count () int64, row (cap,) int64, position (cap,) int32, bucket (cap,) int32,
     vectors (Hs, cap, D) out_dtype), kept tokens in token-major (b, t) order, exactly the
     rows `gather_rows` selects. Rows past `count` are filler: row -1, position 0, bucket 0,
-    zero vectors (the torch reference repeats token (0, 0) there instead).
+    zero vectors (the torch path repeats token (0, 0) there instead).
 
     The `_scan`, `_block`, `_programs` overrides exist for tests that need many programs
     and blocks on small inputs.
@@ -443,21 +369,22 @@ def gather_rows_triton(
     if not HAS_TRITON:
         raise RuntimeError("gather_rows_triton needs Triton (pip install 'qk-attn[triton]'); "
                            "qk_attn.capture.gather.select_rows falls back to the torch path on its own")
+    states, token_offset, heads, positions, valid = (spec.states, spec.token_offset, spec.heads, spec.positions,
+                                                      spec.valid)
+    example_ids, sampler, capacity, out_dtype = spec.example_ids, spec.sampler, spec.capacity, spec.out_dtype
     if states.dim() != 4:
         raise ValueError(f"states must be (B, H, K, D); got shape {tuple(states.shape)}")
     if positions.dim() != 2 or valid.shape != positions.shape or valid.dtype != torch.bool:
         raise ValueError(f"positions and valid must both be (B, T), valid bool; got {tuple(positions.shape)}, "
                          f"{tuple(valid.shape)} {valid.dtype}")
-    if kind not in KIND_CODE:
-        raise ValueError(f"kind={kind!r} is invalid: expected 'q' or 'k'")
+    if spec.kind not in KIND_CODE:
+        raise ValueError(f"kind={spec.kind!r} is invalid: expected 'q' or 'k'")
     if out_dtype not in _STORAGE:
         raise ValueError(f"out_dtype={out_dtype} is invalid: expected float32, float16 or bfloat16")
-    _check_rope_args(cos, sin, query_scale)
 
     device = states.device
-    for name, tensor in (("heads", heads), ("positions", positions), ("valid", valid), ("example_ids", example_ids),
-                         ("cos", cos), ("sin", sin), ("query_scale", query_scale)):
-        if tensor is not None and tensor.device != device:
+    for name, tensor in (("heads", heads), ("positions", positions), ("valid", valid), ("example_ids", example_ids)):
+        if tensor.device != device:
             raise ValueError(f"{name} is on {tensor.device} but states are on {device}: move it once, outside "
                              f"the attention call (a per-call copy would synchronise)")
     if isinstance(token_offset, torch.Tensor) and token_offset.device != device:
@@ -479,20 +406,8 @@ def gather_rows_triton(
     strategy = _STRATEGY[sampler.strategy]
     thresholds = sampler.thresholds()
     table = _threshold_table(sampler, device) if strategy == 2 else positions  # unused pointer otherwise
-    lk = layer_kind_hash(sampler.seed, layer, kind)
+    lk = layer_kind_hash(sampler.seed, spec.layer, spec.kind)
     lk = lk - (1 << 32) if lk >= 1 << 31 else lk  # same 32 bits, always typed int32
-
-    has_rope = cos is not None
-    if has_rope:
-        R = cos.shape[-1]
-        if R % 2 or not 0 < R <= D:
-            raise ValueError(f"rotary dim (cos.shape[-1]) = {R} must be even and in (0, head_dim={D}]")
-        cos_k, cs_kind = _storage(cos.expand(B, T, R), "cos")
-        sin_k, _ = _storage(sin.to(cos.dtype).expand(B, T, R), "sin")
-        qs = query_scale.expand(B, T) if query_scale is not None else positions
-        qs_k, qs_kind = _storage(qs, "query_scale") if query_scale is not None else (positions, 0)
-    else:
-        R, cos_k, sin_k, cs_kind, qs_k, qs_kind = 0, positions[:, :, None], positions[:, :, None], 0, positions, 0
 
     offset_from_ptr = isinstance(token_offset, torch.Tensor)
     offset_t = token_offset.reshape(()) if offset_from_ptr else positions
@@ -517,113 +432,14 @@ def gather_rows_triton(
         valid.view(torch.uint8), *valid.stride(),
         example_ids, example_ids.stride(0),
         table, thresholds[0], sampler.shift, lk,
-        cos_k, *cos_k.stride(),
-        sin_k, *sin_k.stride(),
-        qs_k, *qs_k.stride(),
         count, row, position, bucket, vectors_k,
-        B, T, D, R, capacity, chunks_per_row, blocks_per_chunk,
-        STRATEGY=strategy, OFFSET_FROM_PTR=offset_from_ptr,
-        IN_KIND=in_kind, OUT_KIND=_STORAGE[out_dtype], CS_KIND=cs_kind, QS_KIND=qs_kind,
-        HAS_ROPE=has_rope, INTERLEAVED=bool(interleaved), HAS_QS=query_scale is not None,
+        B, T, D, capacity, chunks_per_row, blocks_per_chunk,
+        STRATEGY=strategy, OFFSET_FROM_PTR=offset_from_ptr, IN_KIND=in_kind, OUT_KIND=_STORAGE[out_dtype],
         SCAN=scan, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_F=block_g,
         num_warps=_NUM_WARPS,
-        enable_fp_fusion=False,  # no FMA contraction: the same fp32 roundings as the reference
+        enable_fp_fusion=False,  # no FMA contraction: values are only moved and cast
     )
     return count, row, position, bucket, vectors
 
 
-# ======================================================================================
-# torch reference
-# ======================================================================================
-
-
-def rotate_half(y: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """rotate_half(y) for the two layouts: (-y2, y1) on halves, or (-y1, y0) on pairs."""
-    if interleaved:
-        pairs = y.unflatten(-1, (-1, 2))
-        return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
-    y1, y2 = y.chunk(2, dim=-1)
-    return torch.cat((-y2, y1), dim=-1)
-
-
-def inverse_rope_reference(
-    vectors: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    interleaved: bool = False,
-    query_scale: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Undo `y = x*cos + rotate_half(x)*sin` (then `* query_scale`) in fp32; the kernel's math.
-
-    vectors (..., D) post-RoPE; cos, sin (..., R) per-dim factors (R even, R <= D);
-    query_scale (...) or None. Returns (..., D) float32:
-
-        x[..., :R] = (y*cos - rotate_half(y)*sin) / (cos**2 + sin**2)
-        x[..., R:] = y[..., R:]                        (partial rotary passes through)
-        x          = x / query_scale[..., None]         (when given)
-
-    Exact inverse because rotate_half(rotate_half(y)) = -y and paired dims share their
-    cos/sin; cos**2 + sin**2 is the attention scaling squared (1 without scaling).
-    """
-    y = vectors.float()
-    cos, sin = cos.float(), sin.float()
-    rot = cos.shape[-1]
-    head, tail = y[..., :rot], y[..., rot:]
-    x = (head * cos - rotate_half(head, interleaved) * sin) / (cos * cos + sin * sin)
-    x = torch.cat((x, tail), dim=-1)
-    if query_scale is not None:
-        x = x / query_scale.float()[..., None]
-    return x
-
-
-def gather_rows_reference(
-    states: torch.Tensor,
-    token_offset: int | torch.Tensor,
-    heads: torch.Tensor,
-    positions: torch.Tensor,
-    valid: torch.Tensor,
-    example_ids: torch.Tensor,
-    sampler: Sampler,
-    layer: int,
-    kind: str,
-    capacity: int,
-    out_dtype: torch.dtype,
-    *,
-    cos: torch.Tensor | None = None,
-    sin: torch.Tensor | None = None,
-    interleaved: bool = False,
-    query_scale: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`gather_rows_triton` in torch: `gather_rows`, then `inverse_rope_reference` (same contract).
-
-    cos/sin/query_scale are gathered for the selected tokens by running `gather_rows` on
-    them too (same sampler, same order), so no token index has to leave the reference.
-    """
-    _check_rope_args(cos, sin, query_scale)
-    if cos is None:
-        return gather_rows(states, token_offset, heads, positions, valid, example_ids, sampler, layer, kind,
-                           capacity, out_dtype)
-    count, row, position, bucket, post = gather_rows(states, token_offset, heads, positions, valid, example_ids,
-                                                     sampler, layer, kind, capacity, torch.float32)
-    B, T = positions.shape
-    R = cos.shape[-1]
-    if query_scale is None:
-        scale = torch.ones(B, T, 1, device=cos.device)
-    else:
-        scale = query_scale.float().expand(B, T)[..., None]
-    per_token = torch.cat([cos.float().expand(B, T, R), sin.float().expand(B, T, R), scale], -1)
-    zero = torch.zeros(1, dtype=torch.int64, device=states.device)
-    _, _, _, _, gathered = gather_rows(per_token[:, None], 0, zero, positions, valid, example_ids, sampler, layer,
-                                       kind, capacity, torch.float32)
-    g_cos, g_sin, g_scale = gathered[0, :, :R], gathered[0, :, R:2 * R], gathered[0, :, 2 * R]
-    vectors = inverse_rope_reference(post, g_cos, g_sin, interleaved, None if query_scale is None else g_scale)
-    return count, row, position, bucket, vectors.to(out_dtype)
-
-
-__all__ = [
-    "HAS_TRITON",
-    "gather_rows_reference",
-    "gather_rows_triton",
-    "inverse_rope_reference",
-    "rotate_half",
-]
+__all__ = ["HAS_TRITON", "gather_rows_triton"]

@@ -1,4 +1,4 @@
-"""Selection dispatch on the torch path: `select_rows`, the inverse-RoPE reference, and the
+"""Selection dispatch on the torch path (`select_rows`, `gather_rows`, the tests' reference), and the
 kernel module's behaviour where it cannot run (no Triton, no GPU, top-level `kernels`).
 
 The kernel itself is checked against the reference in tests/test_kernel_interpreter.py
@@ -7,6 +7,7 @@ The kernel itself is checked against the reference in tests/test_kernel_interpre
 
 from __future__ import annotations
 
+import ast
 import inspect
 import os
 import subprocess
@@ -17,14 +18,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from qk_attn.capture.gather import gather_rows, select_rows, uses_kernel
-from qk_attn.kernels.select_gather import gather_rows_reference, inverse_rope_reference
+from kernel_reference import gather_rows_reference
+from qk_attn.capture.gather import SelectionSpec, gather_rows, select_rows, uses_kernel
 from qk_attn.sampler import Sampler
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def call_args(strategy="log_uniform", dtype=torch.float32, out_dtype=torch.float32, seed=0):
+def call_spec(strategy="log_uniform", dtype=torch.float32, out_dtype=torch.float32, seed=0):
     gen = torch.Generator().manual_seed(seed)
     B, H, T, D = 3, 4, 50, 80
     states = torch.randn(B, T + 6, H, D, generator=gen).to(dtype).transpose(1, 2)  # KV cache of 6 before
@@ -32,8 +33,8 @@ def call_args(strategy="log_uniform", dtype=torch.float32, out_dtype=torch.float
     valid[0, :10] = False  # left padding
     valid[2, 40:] = False  # right padding
     positions = torch.arange(6, 6 + T).expand(B, T)
-    return (states, torch.tensor(6), torch.tensor([0, 3]), positions, valid, torch.tensor([1, -2, 2**40]),
-            Sampler(strategy, 2, 3.0, 11), 5, "k", B * T, out_dtype)
+    return SelectionSpec(states, torch.tensor(6), torch.tensor([0, 3]), positions, valid, torch.tensor([1, -2, 2**40]),
+                         Sampler(strategy, 2, 3.0, 11), 5, "k", B * T, out_dtype)
 
 
 @pytest.fixture
@@ -44,16 +45,29 @@ def no_interpreter(monkeypatch):
 @pytest.mark.parametrize("strategy", ["all", "uniform", "log_uniform"])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 def test_select_rows_on_cpu_is_gather_rows(no_interpreter, strategy, out_dtype):
-    args = call_args(strategy, torch.bfloat16, out_dtype)
-    assert not uses_kernel(args[0], out_dtype)
-    for got, want in zip(select_rows(*args), gather_rows(*args)):
+    spec = call_spec(strategy, torch.bfloat16, out_dtype)
+    assert not uses_kernel(spec.states, out_dtype)
+    for got, want in zip(select_rows(spec), gather_rows(spec)):
         assert torch.equal(got, want)
 
 
-def test_reference_without_rope_is_gather_rows():
-    args = call_args()
-    for got, want in zip(gather_rows_reference(*args), gather_rows(*args)):
-        assert torch.equal(got, want)
+@pytest.mark.parametrize("strategy", ["all", "uniform", "log_uniform"])
+def test_torch_path_is_the_reference_on_the_stored_rows(strategy):
+    spec = call_spec(strategy, torch.bfloat16, torch.float16)
+    got, want = gather_rows(spec), gather_rows_reference(spec)
+    n = min(int(want[0]), spec.capacity)
+    assert int(got[0]) == int(want[0]) > 0
+    for a, b in zip(got[1:4], want[1:4]):
+        assert a.dtype == b.dtype and torch.equal(a[:n], b[:n])
+    assert got[4].dtype == want[4].dtype and torch.equal(got[4][:, :n], want[4][:, :n])
+
+
+def test_a_decision_already_made_is_used():
+    spec = call_spec("uniform")
+    keep = torch.zeros_like(spec.valid)
+    keep[1, 3] = True
+    count, row, position, _, _ = gather_rows(spec._replace(keep=keep))
+    assert int(count) == 1 and int(row[0]) == 1 and int(position[0]) == int(spec.positions[1, 3])
 
 
 def test_unsupported_dtypes_stay_on_the_torch_path(monkeypatch):
@@ -61,56 +75,6 @@ def test_unsupported_dtypes_stay_on_the_torch_path(monkeypatch):
     assert not uses_kernel(torch.zeros(1, dtype=torch.float64), torch.float32)
     assert not uses_kernel(torch.zeros(1), torch.float64)
     assert not uses_kernel(torch.zeros(1, device="meta"), torch.float32)
-
-
-def hf_rope(pre, positions, rotary_dim, interleaved, scaling):
-    """Post-RoPE vectors by transformers' own code; returns (post, per-dim cos, per-dim sin)."""
-    from transformers.models.glm.modeling_glm import apply_rotary_pos_emb as glm_apply
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as llama_apply
-
-    inv_freq = 1.0 / (500000 ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))
-    emb = positions[..., None].float() * inv_freq
-    emb = torch.cat((emb, emb), -1)
-    cos, sin = emb.cos() * scaling, emb.sin() * scaling
-    if interleaved:
-        post, _ = glm_apply(pre, pre, cos, sin)
-        return post, *(c[..., : rotary_dim // 2].repeat_interleave(2, -1) for c in (cos, sin))
-    rot, rest = pre[..., :rotary_dim], pre[..., rotary_dim:]
-    return torch.cat([llama_apply(rot, rot, cos, sin)[0], rest], -1), cos, sin
-
-
-@pytest.mark.parametrize(
-    "interleaved, rotary_dim, scaling, beta",
-    [(False, 80, 1.0, None), (False, 40, 1.3, None), (True, 64, 1.0, None), (False, 80, 1.1, 0.1)],
-)
-def test_select_rows_inverse_rope_recovers_pre_rope_vectors(no_interpreter, interleaved, rotary_dim, scaling, beta):
-    args = list(call_args("all"))
-    states, cached = args[0].float(), int(args[1])
-    every_position = torch.arange(states.shape[2]).expand(states.shape[0], -1)  # cache + new tokens
-    post, cos, sin = hf_rope(states, every_position, rotary_dim, interleaved, scaling)
-    scale = None
-    if beta is not None:  # Ministral 3's query scale, applied after RoPE
-        scale = 1 + beta * torch.log(1 + torch.floor(every_position / 8.0))
-        post = post * scale[:, None, :, None]
-        scale = scale[:, cached:]
-    args[0] = post
-    # cos/sin "gathered" for the new tokens: aligned with `positions`
-    count, _, position, _, vectors = select_rows(*args, cos=cos[:, cached:], sin=sin[:, cached:],
-                                                 interleaved=interleaved, query_scale=scale)
-    n = int(count)
-    _, _, _, _, expected = gather_rows(states, *args[1:])
-    torch.testing.assert_close(vectors[:, :n], expected[:, :n], rtol=1e-5, atol=1e-5)
-    assert torch.equal(position, gather_rows(*args)[2])
-
-
-def test_inverse_rope_reference_layouts():
-    # cos = 0, sin = 1: the forward was y = rotate_half(x) on the first 4 dims (partial rotary)
-    ones, zeros = torch.ones(1, 4), torch.zeros(1, 4)
-    x = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])
-    rh = torch.tensor([[-3.0, -4.0, 1.0, 2.0]])  # rotate_half of the first 4 dims
-    assert torch.equal(inverse_rope_reference(torch.cat([rh, x[:, 4:]], -1), zeros, ones), x)
-    ri = torch.tensor([[-2.0, 1.0, -4.0, 3.0]])  # interleaved rotate_half
-    assert torch.equal(inverse_rope_reference(torch.cat([ri, x[:, 4:]], -1), zeros, ones, interleaved=True), x)
 
 
 # ---- where the kernel cannot run -------------------------------------------------------
@@ -128,17 +92,17 @@ def test_everything_works_without_triton(tmp_path):
         import logging, sys, torch
         sys.modules["triton"] = None  # import triton -> ImportError, as if not installed
         logging.basicConfig(level=logging.WARNING)
-        from qk_attn.capture.gather import select_rows, gather_rows, _triton_available
+        from qk_attn.capture.gather import SelectionSpec, select_rows, gather_rows, _triton_available
         from qk_attn.kernels.select_gather import HAS_TRITON, gather_rows_triton
         from qk_attn.sampler import Sampler
         assert not HAS_TRITON
-        args = (torch.randn(1, 2, 9, 8), 0, torch.tensor([1]), torch.arange(9)[None],
-                torch.ones(1, 9, dtype=torch.bool), torch.tensor([4]), Sampler("uniform", 1, 0.5), 0, "q", 9,
-                torch.float32)
-        assert all(torch.equal(a, b) for a, b in zip(select_rows(*args), gather_rows(*args)))
+        spec = SelectionSpec(torch.randn(1, 2, 9, 8), 0, torch.tensor([1]), torch.arange(9)[None],
+                             torch.ones(1, 9, dtype=torch.bool), torch.tensor([4]), Sampler("uniform", 1, 0.5), 0, "q",
+                             9, torch.float32)
+        assert all(torch.equal(a, b) for a, b in zip(select_rows(spec), gather_rows(spec)))
         assert not _triton_available(warn=True)  # what a CUDA tensor would hit: a warning, then torch
         try:
-            gather_rows_triton(*args)
+            gather_rows_triton(spec)
         except RuntimeError as e:
             print("raised:", e)
         """,
@@ -184,16 +148,24 @@ def test_kernel_package_is_reachable_only_as_qk_attn_kernels():
     assert result.stdout.split() == ["True", "True", "True"]
 
 
+def test_kernel_module_imports_only_the_sampler_from_the_package():
+    """The kernel is below the torch path: it never imports `qk_attn.capture` (no import circle)."""
+    tree = ast.parse((REPO / "kernels" / "select_gather.py").read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert {name for name in imported if name.startswith("qk_attn")} == {"qk_attn.sampler"}
+
+
 @pytest.mark.parametrize(
-    "strategy, dtype, out_dtype, rope, ones",
+    "strategy, dtype, out_dtype, ones",
     [
-        ("log_uniform", torch.bfloat16, torch.bfloat16, "half+scale", False),
-        ("uniform", torch.float32, torch.float16, None, False),
-        ("all", torch.float16, torch.float32, "interleaved", False),
-        ("log_uniform", torch.bfloat16, torch.float32, "half", True),  # ints == 1 become constexprs
+        ("log_uniform", torch.bfloat16, torch.bfloat16, False),
+        ("uniform", torch.float32, torch.float16, False),
+        ("all", torch.float16, torch.float32, False),
+        ("log_uniform", torch.bfloat16, torch.float32, True),  # ints == 1 become constexprs
     ],
 )
-def test_kernel_compiles_for_sm90(no_interpreter, monkeypatch, strategy, dtype, out_dtype, rope, ones):
+def test_kernel_compiles_for_sm90(no_interpreter, monkeypatch, strategy, dtype, out_dtype, ones):
     """Compile (to a cubin, no GPU needed) what the launcher would launch on an H100/H200.
 
     The interpreter does not type-check like the compiler does; this catches compile-only
@@ -216,19 +188,12 @@ def test_kernel_compiles_for_sm90(no_interpreter, monkeypatch, strategy, dtype, 
 
     kernel = select_gather._select_gather_kernel
     monkeypatch.setattr(select_gather, "_select_gather_kernel", Recorder())
-    args = list(call_args(strategy, dtype, out_dtype))
+    spec = call_spec(strategy, dtype, out_dtype)
     if ones:  # decode step of one row, one head, capacity 1, offset 1: Triton specializes 1s
-        args[0], args[1], args[2] = args[0][:1, :, :2], 1, args[2][:1]
-        args[3:6] = args[3][:1, :1], args[4][:1, :1], args[5][:1]
-        args[9] = 1
-    B, T = args[3].shape
-    extra = {}
-    if rope:
-        cos = torch.rand(B, T, 64, dtype=torch.bfloat16)
-        extra = dict(cos=cos, sin=cos, interleaved=rope == "interleaved")
-        if "scale" in rope:
-            extra["query_scale"] = torch.rand(B, T)
-    select_gather.gather_rows_triton(*args, **extra)
+        spec = spec._replace(states=spec.states[:1, :, :2], token_offset=1, heads=spec.heads[:1],
+                             positions=spec.positions[:1, :1], valid=spec.valid[:1, :1],
+                             example_ids=spec.example_ids[:1], capacity=1)
+    select_gather.gather_rows_triton(spec)
 
     names = list(inspect.signature(kernel.fn).parameters)
     signature, constexprs = {}, {}

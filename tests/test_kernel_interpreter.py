@@ -26,14 +26,11 @@ if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
     )
 pytest.importorskip("triton", reason="Triton is not installed (pip install 'qk-attn[triton]')")
 
-from qk_attn.capture.gather import gather_rows, select_rows, uses_kernel  # noqa: E402
-from qk_attn.kernels.select_gather import (  # noqa: E402
-    gather_rows_reference,
-    gather_rows_triton,
-    inverse_rope_reference,
-)
+from kernel_reference import gather_rows_reference  # noqa: E402
+from qk_attn.capture.gather import SelectionSpec, gather_rows, select_rows, uses_kernel  # noqa: E402
+from qk_attn.kernels.select_gather import gather_rows_triton  # noqa: E402
 from qk_attn.capture.batch import CaptureBatch  # noqa: E402
-from qk_attn.errors import CaptureOverflow
+from qk_attn.errors import CaptureOverflow  # noqa: E402
 from qk_attn.sampler import Sampler  # noqa: E402
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -102,14 +99,16 @@ def random_case(seed: int):
     offset = cached if rng.random() < 0.5 else torch.tensor(cached)  # device-scalar offset too
     full = sampler.keep(torch.tensor(ids), layer, kind, positions) & valid
     capacity = rng.choice([int(full.sum()), int(full.sum()) + 5, max(0, int(full.sum()) - 2), B * T])
-    return (states, offset, heads, positions, valid, torch.tensor(ids), sampler, layer, kind, capacity, out_dtype)
+    return SelectionSpec(states, offset, heads, positions, valid, torch.tensor(ids), sampler, layer, kind, capacity,
+                         out_dtype)
 
 
 @pytest.mark.parametrize("seed", range(32))
-def test_selection_and_post_rope_vectors_match_reference(seed):
-    args = random_case(seed)
-    got = gather_rows_triton(*args, **SMALL_BLOCKS)
-    assert_same_selection(got, gather_rows(*args), capacity=args[9])
+def test_selection_and_vectors_match_reference(seed):
+    spec = random_case(seed)
+    got = gather_rows_triton(spec, **SMALL_BLOCKS)
+    assert_same_selection(got, gather_rows_reference(spec), capacity=spec.capacity)
+    assert_same_selection(got, gather_rows(spec), capacity=spec.capacity)  # the package's torch path
 
 
 @pytest.mark.parametrize("strategy", ["all", "uniform", "log_uniform"])
@@ -120,9 +119,9 @@ def test_default_launch_settings(strategy):
     valid = torch.ones(B, T, dtype=torch.bool)
     valid[0, :40] = False
     positions = torch.arange(T).expand(B, T)
-    args = (states, 0, torch.tensor([2, 0]), positions, valid, torch.tensor([11, 12]), Sampler(strategy, 4, 2.0, 5),
-            7, "q", 200, torch.bfloat16)
-    assert_same_selection(gather_rows_triton(*args), gather_rows(*args), capacity=200)
+    spec = SelectionSpec(states, 0, torch.tensor([2, 0]), positions, valid, torch.tensor([11, 12]),
+                         Sampler(strategy, 4, 2.0, 5), 7, "q", 200, torch.bfloat16)
+    assert_same_selection(gather_rows_triton(spec), gather_rows(spec), capacity=200)
 
 
 def test_bf16_output_rounds_to_nearest_even_like_torch():
@@ -134,20 +133,21 @@ def test_bf16_output_rounds_to_nearest_even_like_torch():
     values = torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(torch.float32)
     T = len(bits)
     states = values.reshape(1, 1, T, 1).expand(1, 1, T, 3).contiguous()
-    args = (states, 0, torch.tensor([0]), torch.arange(T)[None], torch.ones(1, T, dtype=torch.bool),
-            torch.tensor([1]), Sampler("all", 1), 0, "k", T, torch.bfloat16)
-    got = gather_rows_triton(*args, **SMALL_BLOCKS)[4]
+    spec = SelectionSpec(states, 0, torch.tensor([0]), torch.arange(T)[None], torch.ones(1, T, dtype=torch.bool),
+                         torch.tensor([1]), Sampler("all", 1), 0, "k", T, torch.bfloat16)
+    got = gather_rows_triton(spec, **SMALL_BLOCKS)[4]
     assert_bits_equal(got, values.to(torch.bfloat16).reshape(1, T, 1).expand(1, T, 3))
 
 
 def test_overflow_is_counted_and_flagged_not_dropped():
     B, H, T, D = 2, 2, 64, 16
     states = torch.randn(B, H, T, D)
-    args = (states, 0, torch.tensor([0, 1]), torch.arange(T).expand(B, T), torch.ones(B, T, dtype=torch.bool),
-            torch.tensor([3, 4]), Sampler("all", 8), 1, "q", 50, torch.float32)
-    got = gather_rows_triton(*args, **SMALL_BLOCKS)
+    spec = SelectionSpec(states, 0, torch.tensor([0, 1]), torch.arange(T).expand(B, T),
+                         torch.ones(B, T, dtype=torch.bool), torch.tensor([3, 4]), Sampler("all", 8), 1, "q", 50,
+                         torch.float32)
+    got = gather_rows_triton(spec, **SMALL_BLOCKS)
     assert int(got[0]) == B * T > 50
-    assert_same_selection(got, gather_rows(*args), capacity=50)
+    assert_same_selection(got, gather_rows(spec), capacity=50)
     batch = CaptureBatch(1, "q", (0, 1), (3, 4), None, False, *got, valid=torch.tensor([T, T]))
     with pytest.raises(CaptureOverflow, match="128 tokens selected but the staging buffer holds 50"):
         batch.host_rows()
@@ -157,131 +157,51 @@ def test_degenerate_shapes():
     sampler = Sampler("all", 4)
     states = torch.randn(2, 2, 4, 8)
     positions, valid = torch.arange(4).expand(2, 4), torch.ones(2, 4, dtype=torch.bool)
-    ids = torch.tensor([1, 2])
+    spec = SelectionSpec(states, 0, torch.tensor([0]), positions, valid, torch.tensor([1, 2]), sampler, 0, "q", 0,
+                         torch.float32)
     # capacity 0: everything overflows, nothing is written
-    count, row, _, _, vectors = gather_rows_triton(states, 0, torch.tensor([0]), positions, valid, ids, sampler,
-                                                   0, "q", 0, torch.float32)
+    count, row, _, _, vectors = gather_rows_triton(spec)
     assert int(count) == 8 and row.numel() == 0 and vectors.shape == (1, 0, 8)
     # no heads: rows and positions still come back
-    got = gather_rows_triton(states, 0, torch.tensor([], dtype=torch.int64), positions, valid, ids, sampler, 0, "q",
-                             10, torch.float32)
-    assert_same_selection(got, gather_rows(states, 0, torch.tensor([], dtype=torch.int64), positions, valid, ids,
-                                           sampler, 0, "q", 10, torch.float32), 10)
+    no_heads = spec._replace(heads=torch.tensor([], dtype=torch.int64), capacity=10)
+    assert_same_selection(gather_rows_triton(no_heads), gather_rows(no_heads), 10)
     # no new tokens, and all padding: count 0, all filler
     for pos, val in ((positions[:, :0], valid[:, :0]), (positions, torch.zeros_like(valid))):
-        count, row, _, _, vectors = gather_rows_triton(states, 0, torch.tensor([1]), pos, val, ids, sampler, 0, "k",
-                                                       3, torch.float16)
+        empty = spec._replace(heads=torch.tensor([1]), positions=pos, valid=val, kind="k", capacity=3,
+                              out_dtype=torch.float16)
+        count, row, _, _, vectors = gather_rows_triton(empty)
         assert int(count) == 0 and (row == -1).all() and (vectors == 0).all()
     # decode step: one new token after a cache, int32 positions
-    got = gather_rows_triton(states, torch.tensor(3), torch.tensor([1]), torch.tensor([[3], [3]], dtype=torch.int32),
-                             valid[:, :1], ids, sampler, 0, "k", 2, torch.float32)
-    assert_same_selection(got, gather_rows(states, torch.tensor(3), torch.tensor([1]), torch.tensor([[3], [3]]),
-                                           valid[:, :1], ids, sampler, 0, "k", 2, torch.float32), 2)
-
-
-# ---- inverse RoPE ---------------------------------------------------------------------
-
-
-def rope_case(seed: int, interleaved: bool, rotary_dim: int, head_dim: int, scaling: float, with_scale: bool,
-              dtype=torch.float32, cs_dtype=torch.float32):
-    """Post-RoPE states made from random pre-RoPE ones by transformers' own rotary code."""
-    from transformers.models.glm.modeling_glm import apply_rotary_pos_emb as glm_apply
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as llama_apply
-
-    gen = torch.Generator().manual_seed(seed)
-    B, H, T = 2, 3, 37
-    positions = torch.arange(T).expand(B, T) + torch.tensor([[0], [900]])
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))
-    freqs = positions[..., None].float() * inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1)
-    cos, sin = emb.cos() * scaling, emb.sin() * scaling  # (B, T, R), HF layout, attention scaling folded in
-    pre = torch.randn(B, H, T, head_dim, generator=gen)
-    if interleaved:
-        post, _ = glm_apply(pre, pre, cos, sin)
-        # what the GLM forward multiplied each dim by:
-        cos, sin = (c[..., : rotary_dim // 2].repeat_interleave(2, -1) for c in (cos, sin))
-    else:
-        rot, keep = pre[..., :rotary_dim], pre[..., rotary_dim:]
-        post = torch.cat([llama_apply(rot, rot, cos, sin)[0], keep], -1)
-    scale = None
-    if with_scale:  # Ministral 3: queries * (1 + beta * log(1 + floor(pos / orig_max)))
-        scale = 1 + 0.1 * torch.log(1 + torch.floor(positions / 16.0))
-        post = post * scale[:, None, :, None]
-    valid = torch.ones(B, T, dtype=torch.bool)
-    valid[1, :4] = False
-    args = (post.to(dtype), 0, torch.tensor([0, 2]), positions, valid, torch.tensor([5, 6]),
-            Sampler("log_uniform", 2, 2.0, seed), 4, "q", B * T, torch.float32)
-    rope = dict(cos=cos.to(cs_dtype), sin=sin.to(cs_dtype), interleaved=interleaved, query_scale=scale)
-    return args, rope, pre
-
-
-@pytest.mark.parametrize(
-    "interleaved, rotary_dim, head_dim, scaling, with_scale",
-    [
-        (False, 64, 64, 1.0, False),  # Llama
-        (False, 32, 80, 1.0, False),  # partial rotary, head_dim not a power of two
-        (False, 96, 96, 1.2, True),  # yarn-style attention scaling, Ministral 3 query scale
-        (True, 64, 128, 1.0, False),  # GLM: interleaved partial rotary
-        (True, 48, 96, 0.9, True),
-    ],
-)
-def test_inverse_rope_matches_fp32_reference(interleaved, rotary_dim, head_dim, scaling, with_scale):
-    args, rope, pre = rope_case(1, interleaved, rotary_dim, head_dim, scaling, with_scale)
-    got = gather_rows_triton(*args, **rope, **SMALL_BLOCKS)
-    want = gather_rows_reference(*args, **rope)
-    n = int(want[0])
-    assert int(got[0]) == n and torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
-    torch.testing.assert_close(got[4][:, :n], want[4][:, :n], rtol=1e-6, atol=1e-6 * want[4].abs().max().item())
-    # and it is the inverse: the pre-RoPE vectors come back (fp32 rounding of the forward only)
-    rows, tokens = want[1][:n], (want[2][:n, None] == args[3][want[1][:n]]).int().argmax(1)
-    expected = pre[rows, :, tokens][:, args[2]].transpose(0, 1)
-    torch.testing.assert_close(got[4][:, :n], expected, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
-def test_inverse_rope_bf16_inputs_and_outputs(out_dtype):
-    """bf16 states and bf16 cos/sin (what models hand over), cast after the fp32 math."""
-    args, rope, _ = rope_case(2, False, 64, 80, 1.1, True, dtype=torch.bfloat16, cs_dtype=torch.bfloat16)
-    args = args[:-1] + (out_dtype,)
-    got = gather_rows_triton(*args, **rope, **SMALL_BLOCKS)
-    want = gather_rows_reference(*args[:-1], torch.float32, **rope)
-    n = int(want[0])
-    assert_bits_equal(got[4][:, :n], want[4][:, :n].to(out_dtype))
-
-
-def test_inverse_rope_reference_inverts_the_forward():
-    x = torch.randn(5, 40)
-    theta = torch.rand(5, 16) * 6
-    cos, sin = torch.cat([theta.cos()] * 2, -1) * 1.3, torch.cat([theta.sin()] * 2, -1) * 1.3
-    y = torch.cat([x[:, :32] * cos + torch.cat([-x[:, 16:32], x[:, :16]], -1) * sin, x[:, 32:] * 1.69], -1) * 2
-    back = inverse_rope_reference(y, cos, sin, query_scale=torch.full((5,), 2.0))
-    torch.testing.assert_close(back[:, :32], x[:, :32])
+    decode = spec._replace(token_offset=torch.tensor(3), heads=torch.tensor([1]),
+                           positions=torch.tensor([[3], [3]], dtype=torch.int32), valid=valid[:, :1], kind="k",
+                           capacity=2)
+    assert_same_selection(gather_rows_triton(decode), gather_rows(decode._replace(positions=torch.tensor([[3], [3]]))),
+                          2)
 
 
 # ---- dispatch and the rows that reach the dataset --------------------------------------
 
 
 def test_select_rows_runs_the_kernel_under_the_interpreter():
-    args = random_case(3)
-    assert uses_kernel(args[0], args[-1])
+    spec = random_case(3)
+    assert uses_kernel(spec.states, spec.out_dtype)
     torch.manual_seed(0)
-    a = select_rows(*args)
-    b = gather_rows_triton(*args)
+    a = select_rows(spec)
+    b = gather_rows_triton(spec)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
 
 
 def test_kernel_and_torch_paths_write_identical_parquet_rows(tmp_path):
-    args = random_case(5)
-    _, _, heads, positions, valid, ids, _, layer, kind, _, _ = args
-    capacity = positions.numel()  # no overflow here
-    args = args[:9] + (capacity, torch.float32)  # the saver's vector types: float32 / float16
+    spec = random_case(5)
+    # no overflow here; the saver's vector types: float32 / float16
+    spec = spec._replace(capacity=spec.positions.numel(), out_dtype=torch.float32)
     tables = []
-    for name, result in (("kernel", gather_rows_triton(*args, **SMALL_BLOCKS)), ("torch", gather_rows(*args))):
-        batch = CaptureBatch(layer, kind, tuple(heads.tolist()), tuple(ids.tolist()), None, False, *result,
-                             valid=valid.sum(1))
+    for name, result in (("kernel", gather_rows_triton(spec, **SMALL_BLOCKS)), ("torch", gather_rows(spec))):
+        batch = CaptureBatch(spec.layer, spec.kind, tuple(spec.heads.tolist()), tuple(spec.example_ids.tolist()), None,
+                             False, *result, valid=spec.valid.sum(1))
         rows = batch.host_rows()
-        table = pa.concat_tables([rows.table(i) for i in range(len(heads))])
+        table = pa.concat_tables([rows.table(i) for i in range(len(spec.heads))])
         pq.write_table(table, tmp_path / f"{name}.parquet")
         tables.append(pq.read_table(tmp_path / f"{name}.parquet"))
     assert tables[0].num_rows > 0

@@ -2,7 +2,7 @@
 
 transformers calls the registered mask function once per forward and mask kind (full,
 sliding) before any layer runs. Its arguments are the facts no attention call can see on
-its own (DESIGN §3):
+its own (positions and identity: docs/architecture.md):
 
     q_offset           tokens already in the cache: the new tokens are cache positions
                        [q_offset, q_offset + q_length)

@@ -1,9 +1,10 @@
-"""Sampler mask -> compaction -> gather, in plain torch: the reference the Triton kernel matches.
+"""Select and gather one call's kept tokens: the selection spec, the torch path, the kernel dispatch.
 
 Nothing here reads a device value on the host: selection is compacted with
 `nonzero_static` into a fixed-capacity buffer and the true count travels with the rows.
-`select_rows` is the entry point of the attention path: it dispatches to the fused kernel
-(`qk_attn.kernels.select_gather`) where it can run and to `gather_rows` elsewhere.
+`select_rows` is the entry point of the attention path: it runs the fused kernel
+(`qk_attn.kernels.select_gather`) where it can and `gather_rows` elsewhere; rows are
+identical on both (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -18,6 +19,33 @@ import torch
 from qk_attn.sampler import Sampler
 
 logger = logging.getLogger(__name__)
+
+
+class SelectionSpec(NamedTuple):
+    """What one attention call selects for one kind (q or k), and from which states.
+
+    The fields every path takes (torch, kernel, tests); `spec._replace(states=..., heads=...)`
+    gathers another per-token table (token ids, cos/sin) by the same selection.
+    """
+
+    states: torch.Tensor  # (B, H, K, D) query or key states as the attention function got them
+    token_offset: int | torch.Tensor  # index along K of the first new token (a device scalar is fine)
+    heads: torch.Tensor  # (Hs,) int64 head ids to keep, on the device of `states`
+    positions: torch.Tensor  # (B, T) int64 RoPE positions of the T new tokens
+    valid: torch.Tensor  # (B, T) bool, False for padding (never selected)
+    example_ids: torch.Tensor  # (B,) int64, on the device
+    sampler: Sampler
+    layer: int
+    kind: str  # "q" or "k"
+    capacity: int  # rows reserved; the selected count may exceed it (flagged downstream)
+    out_dtype: torch.dtype  # dtype of the gathered vectors
+    keep: torch.Tensor | None = None  # (B, T) bool: the sampler's decision (and `valid`) already made, or None
+
+    def decide(self) -> torch.Tensor:
+        """(B, T) bool: the sampler's keep decision for these tokens, `valid` ones only."""
+        if self.keep is not None:
+            return self.keep
+        return self.sampler.keep(self.example_ids, self.layer, self.kind, self.positions) & self.valid
 
 
 class Selection(NamedTuple):
@@ -53,86 +81,34 @@ def gather_selected(states: torch.Tensor, selection: Selection, token_offset: in
     return vectors.transpose(0, 1).to(out_dtype).contiguous()
 
 
-def gather_rows(
-    states: torch.Tensor,
-    token_offset: int | torch.Tensor,
-    heads: torch.Tensor,
-    positions: torch.Tensor,
-    valid: torch.Tensor,
-    example_ids: torch.Tensor,
-    sampler: Sampler,
-    layer: int,
-    kind: str,
-    capacity: int,
-    out_dtype: torch.dtype,
-    keep: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Select and gather the kept tokens of one attention call for one kind.
-
-    Args:
-        states:       (B, H, K, D) query or key states as the attention function got them.
-        token_offset: index along K of the first new token (a device scalar is fine).
-        heads:        (Hs,) int64 head ids to keep, on the device of `states`.
-        positions:    (B, T) int64 RoPE positions of the T new tokens.
-        valid:        (B, T) bool, False for padding.
-        example_ids:  (B,) int64 on the device.
-        capacity:     rows reserved; the selected count may exceed it (flagged downstream).
-        keep:         (B, T) bool, the sampler's decision already made for this call (and
-                      `valid`), or None to make it here.
+def gather_rows(spec: SelectionSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Select and gather the kept tokens of one attention call for one kind, in torch.
 
     Returns (count (), row (cap,), position (cap,) int32, bucket (cap,) int32,
-    vectors (Hs, cap, D) in `out_dtype`), token-major in (row, t) order.
+    vectors (Hs, cap, D) in `spec.out_dtype`), token-major in (row, t) order.
     """
-    if keep is None:
-        keep = sampler.keep(example_ids, layer, kind, positions) & valid
-    selection = select_tokens(keep, positions, sampler, capacity)
-    vectors = gather_selected(states, selection, token_offset, heads, out_dtype)
+    selection = select_tokens(spec.decide(), spec.positions, spec.sampler, spec.capacity)
+    vectors = gather_selected(spec.states, selection, spec.token_offset, spec.heads, spec.out_dtype)
     return selection.count, selection.row, selection.position, selection.bucket, vectors
 
 
-def select_rows(
-    states: torch.Tensor,
-    token_offset: int | torch.Tensor,
-    heads: torch.Tensor,
-    positions: torch.Tensor,
-    valid: torch.Tensor,
-    example_ids: torch.Tensor,
-    sampler: Sampler,
-    layer: int,
-    kind: str,
-    capacity: int,
-    out_dtype: torch.dtype,
-    *,
-    cos: torch.Tensor | None = None,
-    sin: torch.Tensor | None = None,
-    interleaved: bool = False,
-    query_scale: torch.Tensor | None = None,
-    keep: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def select_rows(spec: SelectionSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`gather_rows` on the fastest path available: what the attention call uses.
 
-    Same arguments and outputs as `gather_rows`, plus the optional inverse RoPE of
-    `qk_attn.kernels.select_gather.gather_rows_triton` (cos/sin/interleaved/query_scale;
-    fp32 math, then `out_dtype`). Dispatch (see `uses_kernel`):
+    Dispatch (see `uses_kernel`):
 
         CUDA tensors, Triton importable     -> the fused Triton kernel (one launch)
         CPU tensors with TRITON_INTERPRET=1 -> the same kernel in Triton's interpreter (tests)
-        anything else                       -> `gather_rows` (+ the torch inverse-RoPE reference)
+        anything else                       -> `gather_rows`
 
     Rows `[0, min(count, capacity))` are identical on every path; rows past `count` are
     filler and differ between paths.
     """
-    args = (states, token_offset, heads, positions, valid, example_ids, sampler, layer, kind, capacity, out_dtype)
-    rope = dict(cos=cos, sin=sin, interleaved=interleaved, query_scale=query_scale)
-    if uses_kernel(states, out_dtype):
+    if uses_kernel(spec.states, spec.out_dtype):
         from qk_attn.kernels.select_gather import gather_rows_triton
 
-        return gather_rows_triton(*args, **rope)
-    if cos is None and query_scale is None:
-        return gather_rows(*args, keep=keep)
-    from qk_attn.kernels.select_gather import gather_rows_reference
-
-    return gather_rows_reference(*args, **rope)
+        return gather_rows_triton(spec)
+    return gather_rows(spec)
 
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

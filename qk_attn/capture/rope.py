@@ -1,4 +1,4 @@
-"""Undo RoPE on captured rows with the model's own rotary code (DESIGN §3, "pre" stage).
+"""Undo RoPE on captured rows with the model's own rotary code (rope="pre"; docs/architecture.md).
 
 No family tables: `apply_rotary_pos_emb` is looked up in the attention module's own Python
 module and cos/sin are the ones the layer's forward applied, so partial, interleaved and

@@ -1,0 +1,248 @@
+"""Which forward is running, when it ends, and which examples (sequences) its rows belong to.
+
+The forward and sequence lifecycle of a recorder: the mask and decoder-stack hooks report a
+forward's start and end here; a forward's batch rows get their example ids here (named by
+`begin`, continued over the same cache, or fresh); unfinished forwards are discarded. Sequence
+identity, forward start and end, and the commit protocol: docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+
+import torch
+
+from qk_attn.capture.facts import require as require_facts
+from qk_attn.capture.forward import (ForwardContext, decoder_stack, host_int, model_forward,
+                                     refuse_unrecordable_generation, running)
+from qk_attn.capture.hooks import watch_forward
+from qk_attn.errors import CaptureError
+
+logger = logging.getLogger(__name__)
+
+
+class SequenceTracker:
+    """The forwards and sequences of a recorder (`Session` is one), and the examples begun since the last commit.
+
+    Sequence identity is explicit: `begin(ids)` names the batch rows of the next forward; a
+    later forward over the same cache (chunked prefill, decoding) continues them; a forward over
+    an empty cache without `begin` gets fresh ids (after the largest committed id). Each model
+    has its own current forward and sequences.
+    """
+
+    def __init__(self, sink, example_ids=None):
+        self.sink = sink
+        self._pending_ids = None if example_ids is None else [int(i) for i in example_ids]
+        self._forwards: dict[int, object] = {}  # id(model config) -> its current forward (or _STARTED)
+        self._sequences: dict[tuple, _Sequence] = {}  # (id(model config), id(cache)) -> its sequence
+        committed = self.committed_ids()
+        self._next_auto_id = max(committed) + 1 if committed else 0
+        self._begun: list[int] = []
+
+    def begin(self, example_ids) -> None:
+        """Ids for the batch rows of the next forward; later forwards over its cache continue them."""
+        self._pending_ids = [int(i) for i in example_ids]
+
+    def commit(self) -> None:
+        """Every example begun so far is complete: the sink makes it durable."""
+        self._end_forwards()
+        self.sink.commit(list(self._begun))
+        self._begun.clear()
+
+    def abort(self) -> None:
+        """Forget the examples begun since the last commit: they will not be committed."""
+        self._begun.clear()
+
+    def committed_ids(self) -> set[int]:
+        return set(self.sink.committed_ids())
+
+    def _current(self, config) -> ForwardContext | None:
+        """The forward of the model of `config` that is running now (its mask was built), if any."""
+        entry = self._forwards.get(id(config))
+        return entry if isinstance(entry, ForwardContext) and entry.config is config else None
+
+    # ---- a forward's start and end, and its mask: once per forward and mask kind ------
+    def on_mask(self, config, batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask) -> None:
+        require_facts()  # what the capture reads of transformers' internals holds (checked once)
+        entry = self._forwards.get(id(config))
+        forward = entry if isinstance(entry, ForwardContext) and entry.config is config else None
+        if forward is not None and not forward.used:
+            forward.add_mask_kind(kv_length, kv_offset)  # another mask kind of the same forward
+            return
+        if forward is not None:
+            self._discard_if_unfinished(forward)
+        self._end_forward()  # the previous forward is over: back-pressure belongs here, not in a layer
+        caller = model_forward(batch_size, q_length)
+        try:
+            unfinished = refuse_unrecordable_generation()
+        except CaptureError:
+            self._discard(None, "was refused", config, caller.cache)
+            raise
+        mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+        forward = ForwardContext(config, batch_size, q_length, host_int(q_offset), mask, caller.input_ids,
+                                 caller.position_ids, caller.cache)
+        forward.unfinished = unfinished
+        if caller.images and caller.position_ids is not None and caller.position_ids.dim() == 3:
+            self._discard(None, "was refused", config, caller.cache)
+            raise CaptureError("qk_sniff: this forward has images and multimodal RoPE (mrope), whose positions repeat "
+                               "across an image's tokens, so rows could not be keyed by position; record text-only "
+                               "inputs of this model (no pixel_values)")
+        owner, last_layer = decoder_stack(caller.module, config)
+        if entry is _STARTED:  # the decoder stack's start was reported: its end will be too
+            forward.armed, forward.finished = True, False
+        elif owner is None:
+            forward.finished = None  # nothing tells this forward's end
+        elif watch_forward(owner, last_layer, config) and running(owner):
+            forward.finished = False  # the first forward: its last layer's return is its end
+        else:  # built before the decoder stack runs (generate(), a wrapper): its start adopts it
+            forward.state, forward.finished = "pending", False
+        self._forwards[id(config)] = forward
+        forward.add_mask_kind(kv_length, kv_offset)
+
+    def on_forward_start(self, config, kwargs: dict) -> None:
+        """The decoder stack of `config` starts a forward (registration.watch_forward). Whatever an
+        earlier forward left is over: discarded unless it ended, never reused. A mask built for this
+        forward before it started (passed in as prepared masks) is adopted."""
+        entry = self._forwards.get(id(config))
+        if isinstance(entry, ForwardContext):
+            mask = kwargs.get("attention_mask")
+            prepared = mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2)
+            if entry.state == "pending" and not entry.used and prepared:
+                entry.adopt(kwargs)
+                return
+            self._discard_if_unfinished(entry)
+        self._forwards[id(config)] = _STARTED
+
+    def on_forward_end(self, config) -> None:
+        """The decoder stack of `config` returned: its forward is complete and over."""
+        entry = self._forwards.get(id(config))
+        if isinstance(entry, ForwardContext) and entry.state == "running":
+            entry.finished = True
+            del self._forwards[id(config)]
+
+    def on_layers_done(self, config) -> None:
+        """The last decoder layer of a forward whose stack's own end is not reported (its first) returned:
+        its end, unless the stack runs a module after it (`on_tail_start`)."""
+        entry = self._first_forward(config)
+        if entry is not None:
+            entry.layers_done = entry.finished = True
+
+    def on_tail_start(self, config) -> None:
+        """A module of that stack starts; after the last layer (the final norm) the forward is not over."""
+        entry = self._first_forward(config)
+        if entry is not None and entry.layers_done:
+            entry.finished = False
+
+    def on_tail_end(self, config) -> None:
+        """That module returned: the forward's end again, unless another one starts after it."""
+        entry = self._first_forward(config)
+        if entry is not None and entry.layers_done:
+            entry.finished = True
+
+    def _first_forward(self, config) -> ForwardContext | None:
+        entry = self._forwards.get(id(config))
+        if isinstance(entry, ForwardContext) and entry.state == "running" and not entry.armed:
+            return entry
+        return None
+
+    def _discard_if_unfinished(self, forward: ForwardContext) -> None:
+        """A forward that stopped part-way (an exception inside the model, caught by the caller, or
+        an interrupt in a notebook) recorded some layers only: its sequences are discarded, never
+        committed, and cannot be continued."""
+        if forward.finished is not False or forward.example_ids is None:
+            return
+        forward.finished = None  # discarded once
+        self._discard(forward, "stopped before its end (an exception inside the model)")
+
+    def _discard(self, forward: ForwardContext | None, why: str, config=None, cache=None) -> None:
+        """Forget the sequences `forward` extends (or, before it has a context, the one of `cache` of the
+        model of `config`): their rows are dropped and they are neither committed nor continued."""
+        ids = set(forward.example_ids or ()) if forward is not None else set()
+        key = self._cache_key(forward) if forward is not None else (id(config), id(cache) if cache is not None else None)
+        for sequence in (getattr(forward, "sequence", None), self._sequences.get(key)):
+            if sequence is not None:
+                ids |= set(sequence.ids)
+        self._sequences = {k: v for k, v in self._sequences.items() if not ids & set(v.ids)}
+        if not ids:
+            return
+        self._begun = [i for i in self._begun if i not in ids]
+        self.sink.discard(sorted(ids))
+        logger.warning("qk-attn: a forward of example(s) %s %s; their rows are discarded and they are not committed",
+                       sorted(ids), why)
+
+    @staticmethod
+    def _cache_key(forward: ForwardContext) -> tuple:
+        """Sequences are keyed by model and cache; those begun without a known cache by model only."""
+        return id(forward.config), None if forward.cache is None else id(forward.cache)
+
+    def _end_forwards(self) -> None:
+        """Outside every forward (commit, flush): discard what an unfinished forward recorded."""
+        for forward in list(self._forwards.values()):
+            if isinstance(forward, ForwardContext):
+                self._discard_if_unfinished(forward)
+        self._end_forward()
+
+    def _end_forward(self) -> None:
+        """Between forwards: the sink sends what waited on the device (waiting for pool space)."""
+        self.sink.end_forward()
+
+    def _start_sequence(self, forward: ForwardContext) -> None:
+        """Give this forward its example ids, once (the rules: the class docstring). A
+        sequence belongs to its cache: a forward continues the sequence of the cache it extends."""
+        if forward.example_ids is not None:
+            return
+        batch = forward.batch_size
+        key = self._cache_key(forward)
+        sequence = self._sequences.get(key)
+        if sequence is not None and sequence.cache() is not forward.cache:
+            sequence = None  # a cache that is gone, whose id a new one took
+        if self._pending_ids is not None:
+            ids, self._pending_ids = self._pending_ids, None
+            if len(ids) != batch:
+                raise ValueError(f"example_ids has {len(ids)} ids but the forward has batch size {batch}")
+            if len(set(ids)) != len(ids):
+                raise ValueError(f"example_ids {ids} repeats an id: every batch row is its own example")
+            sequence = None
+        elif forward.past == 0:
+            ids, sequence = list(range(self._next_auto_id, self._next_auto_id + batch)), None
+        elif sequence is None or sequence.end != forward.past or len(sequence.ids) != batch:
+            where = "no sequence of this model was started on this cache" if sequence is None else (
+                f"the sequence {list(sequence.ids)} of this cache is at position {sequence.end}")
+            raise CaptureError(
+                f"qk_sniff: this forward continues a cache at position {forward.past} but {where} (a rolled-back or "
+                "different cache); call session.begin(ids) before it to name its sequences")
+        else:
+            ids = list(sequence.ids)
+        committed = set(ids) & self._committed_now()
+        if committed:
+            raise ValueError(f"example ids {sorted(committed)} are already committed in this output; "
+                             "rows of a committed example are never added (use new ids)")
+        if sequence is None:
+            sequence = self._sequences[key] = _Sequence(ids, forward.cache)
+        else:  # rows of a batched generate() that had finished before this step's tokens
+            forward.alive = sequence.unfinished
+        sequence.unfinished = forward.unfinished
+        sequence.end = forward.past + forward.num_new
+        forward.sequence = sequence
+        forward.example_ids = tuple(ids)
+        self._next_auto_id = max(self._next_auto_id, max(ids) + 1)
+        self._begun.extend(i for i in ids if i not in self._begun)
+
+    def _committed_now(self) -> set[int]:
+        return self.committed_ids()
+
+
+
+class _Sequence:
+    """The examples one cache holds (one per batch row), and how far they go."""
+
+    def __init__(self, ids: list[int], cache):
+        self.ids = ids
+        self.cache = weakref.ref(cache) if cache is not None else (lambda: None)
+        self.end = 0  # cache position after the last recorded forward
+        self.unfinished = None  # generate()'s unfinished rows after the last step (device), if any
+        self.cross_done: set[int] = set()  # cross-attention layers whose vision keys are recorded
+
+
+_STARTED = object()  # Session._forwards entry: the decoder stack started a forward, no mask yet
