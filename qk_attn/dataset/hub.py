@@ -16,9 +16,12 @@ from pathlib import Path
 
 from huggingface_hub import HfApi
 
-from qk_attn.storage.card import CARD, CHART, write_card
-from qk_attn.storage.manifest import (EXAMPLES, MANIFEST, check_same_capture, public_manifest, read_manifest,
-                       release_lock, take_lock, write_json_atomic)
+from qk_attn.storage.card import write_card
+from qk_attn.storage.layout import CARD, CHART
+from qk_attn.storage.folder import release_lock, take_lock
+from qk_attn.storage.layout import EXAMPLES, MANIFEST
+from qk_attn.storage.manifest import read_manifest, write_json_atomic
+from qk_attn.storage.settings import check_same_capture, public_manifest
 from qk_attn.errors import HubError, StorageError
 
 SHARDS = "l*h*/*.parquet"
@@ -146,7 +149,7 @@ def pull(
 
 def _check_shards(output: Path, manifest: dict) -> None:
     """Every committed shard against its recorded size and sha256: a damaged shard is never published."""
-    from qk_attn.dataset.verify import check_shard
+    from qk_attn.dataset.reader import check_shard
 
     for key, names in sorted(manifest["shards"].items()):
         for name in names:

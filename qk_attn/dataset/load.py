@@ -16,8 +16,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from qk_attn.storage.manifest import MANIFEST, parse_key, read_manifest
-from qk_attn.dataset.verify import check_shard, examples_table
+from qk_attn.storage.layout import MANIFEST, parse_key
+from qk_attn.storage.manifest import read_manifest
+from qk_attn.dataset.reader import check_shard
+from qk_attn.storage.examples import examples_table
 from qk_attn.errors import CorruptShard
 
 
