@@ -20,7 +20,7 @@ from pathlib import Path
 
 from qk_attn.config import SniffConfig
 from qk_attn.capture.batch import CaptureBatch
-from qk_attn.storage.saver import ParquetSink
+from qk_attn.storage.sink import ParquetSink
 
 from saver_throughput import KH, LAYERS, QH, batch
 

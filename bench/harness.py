@@ -21,7 +21,6 @@ the "off" arm is defined as "no session and no QK_SNIFF_OUTPUT".
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import platform
 import resource
@@ -39,6 +38,8 @@ import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaModel  # noqa: E402
 
 import qk_attn  # noqa: E402  (registers "qk_sniff")
+from qk_attn.capture.batch import Sink  # noqa: E402
+from qk_attn.storage.transfer import Transfer  # noqa: E402
 
 if CLEARED_ENV:  # in case qk_attn was imported before this module: drop its env-configured session
     qk_attn.reload_env()
@@ -92,15 +93,6 @@ TARGETS = {
     "all": {"forward": 1.03, "end_to_end": 1.08, "rss": "bounded"},
 }
 TARGET_SEQ = 2048
-
-
-def has_parquet_sink() -> bool:
-    """End-to-end arms need qk_attn.storage.saver.ParquetSink (the storage issue)."""
-    if importlib.util.find_spec("qk_attn.storage.saver") is None:
-        return False
-    from qk_attn.storage import saver
-
-    return hasattr(saver, "ParquetSink")
 
 
 # ---- model and inputs ------------------------------------------------------------------
@@ -191,33 +183,20 @@ class Measurement:
     capture: float = 0.0  # seconds inside Session.capture
 
 
-class TransferOnlySink:
+class TransferOnlySink(Sink):
     """What a Parquet session does inside the attention call, without the saver thread.
 
     `put` runs the production transfer (copy into the bounded host pool, piece by piece) and
     releases each piece at once, so a forward-only measure holds exactly the in-call work:
-    sampler mask, compaction, gather, copy out. Without `qk_attn.storage.transfer` it drops batches.
+    sampler mask, compaction, gather, copy out.
     """
 
     def __init__(self, config) -> None:
-        try:
-            from qk_attn.storage.transfer import Transfer
-        except ImportError:
-            self.transfer = None
-        else:
-            self.transfer = Transfer(config.pinned_mb << 20)
+        self.transfer = Transfer(config.pinned_mb << 20)
 
     def put(self, batch) -> None:
-        if self.transfer is None:
-            return
         for piece in self.transfer.pieces(batch):
             piece.release()
-
-    def commit(self, example_ids) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def time_forward(model: LlamaModel, arm: Arm, input_ids: torch.Tensor) -> Measurement:

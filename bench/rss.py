@@ -5,9 +5,8 @@
 prints one JSON object: RSS after building the model, then the peak RSS (restarted after
 the model is built, see `harness.reset_peak_rss`) after each document and at the end, plus
 bytes and rows written. The process runs the arm's end-to-end loop
-(begin -> forward -> commit per document into a ParquetSink in a temporary directory);
-without `qk_attn.storage.saver` it falls back to an in-memory session (`"mode": "memory"`), where
-rows pile up in RAM by design. `measure_all` runs every arm this way, one after another.
+(begin -> forward -> commit per document into a ParquetSink in a temporary directory).
+`measure_all` runs every arm this way, one after another.
 """
 
 from __future__ import annotations
@@ -46,9 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     gc.collect()
     after_model = harness.current_rss()
     reset = harness.reset_peak_rss()
-    parquet = harness.has_parquet_sink()
     with tempfile.TemporaryDirectory(prefix="qk-bench-rss-") as tmp:
-        out_dir = Path(tmp) / "out" if parquet else None
+        out_dir = Path(tmp) / "out"
         result = harness.run_end_to_end(model, arm, docs, out_dir)
     print(
         json.dumps(
@@ -57,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
                 "seq": args.seq,
                 "docs": args.docs,
                 "threads": args.threads,
-                "mode": "parquet" if parquet else "memory",
+                "mode": "parquet",
                 "rss_after_model": after_model,
                 "peak_reset": reset,
                 "peak_rss_after_doc": result.peak_rss_after_doc,

@@ -23,7 +23,7 @@ import torch
 
 from qk_attn.config import SniffConfig
 from qk_attn.capture.batch import CaptureBatch
-from qk_attn.storage.saver import ParquetSink
+from qk_attn.storage.sink import ParquetSink
 
 LAYERS, QH, KH, DIM, TOKENS = 12, 9, 3, 64, 2048
 

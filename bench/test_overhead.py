@@ -11,8 +11,6 @@ from __future__ import annotations
 import gc
 import os
 
-import pytest
-
 import harness
 import rss
 from harness import ARM_BY_NAME, ARMS, END_TO_END_ARMS, TARGET_SEQ
@@ -66,9 +64,6 @@ def test_forward(benchmark, backbone, qk_results, seq, request):
 
 
 def test_end_to_end(benchmark, backbone, qk_results, seq, tmp_root, request):
-    if not harness.has_parquet_sink():
-        qk_results.notes.append("end to end not measured: qk_attn.storage.saver.ParquetSink is not available in this checkout")
-        pytest.skip("qk_attn.storage.saver.ParquetSink not available yet: end-to-end arms need it")
     benchmark.group = f"end-to-end-{seq}"
     docs = harness.documents(seq, request.config.getoption("qk_docs"))
     warm = tmp_root / f"warm-{seq}"  # first sink: imports, thread start, Parquet writer set-up
@@ -115,8 +110,4 @@ def test_peak_rss(benchmark, qk_results, threads, request):
         iterations=1,
     )
     qk_results.rss = measured
-    if any(info["mode"] == "memory" for info in measured.values()):
-        qk_results.notes.append(
-            "peak RSS measured with in-memory sessions (no qk_attn.storage.saver yet): rows accumulate per document"
-        )
     benchmark.extra_info["peak_rss"] = {name: info["peak_rss"] for name, info in measured.items()}

@@ -19,7 +19,7 @@ from qk_attn.capture import active
 from qk_attn.capture.active import reload_env
 from qk_attn.capture.recorder import Session
 from qk_attn.config import SniffConfig
-from qk_attn.storage.saver import ParquetSink
+from qk_attn.storage.sink import ParquetSink
 
 __all__ = ["Session", "flush", "reload_env", "session"]
 

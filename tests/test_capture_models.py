@@ -132,7 +132,7 @@ def test_mllama_cross_layer_alone_uses_this_forwards_text_tokens():
 
 
 def test_mllama_cross_attention_layers_are_named_in_manifest_and_card(tmp_path):
-    from qk_attn.storage.saver import read_manifest
+    from qk_attn.storage.manifest import read_manifest
 
     model = build("mllama", "sdpa")
     model.set_attn_implementation({"text_config": "qk_sniff", "vision_config": "sdpa"})

@@ -9,7 +9,8 @@ import numpy as np
 import pyarrow.compute as pc
 from huggingface_hub import DatasetCard
 
-from qk_attn.storage.card import coverage, dataset_configs, per_example_head, render_card, write_card
+from qk_attn.storage.card import coverage, dataset_configs, render_card, write_card
+from qk_attn.storage.chart import per_example_head
 from test_saver import capture_model, folder_table
 
 
@@ -170,7 +171,8 @@ def test_a_layer_that_ran_but_kept_no_position_is_ran_0_rows_and_verify_checks_i
     import json
 
     from qk_attn import cli
-    from qk_attn.storage.manifest import MANIFEST, manifest_digest
+    from qk_attn.storage.layout import MANIFEST
+    from qk_attn.storage.manifest import manifest_digest
     from qk_attn.dataset.verify import verify_dataset
 
     out = tmp_path / "out"

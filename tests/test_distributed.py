@@ -21,7 +21,7 @@ import qk_attn
 from qk_attn import cli
 from qk_attn.run import distributed
 from qk_attn.errors import ConfigError
-from qk_attn.storage.saver import read_manifest
+from qk_attn.storage.manifest import read_manifest
 from test_cli import WORDS, text, tiny_model  # noqa: F401  (fixture)
 from test_saver import folder_table, sort_rows
 
@@ -204,7 +204,8 @@ def test_ranks_keep_their_own_previous_manifest(tmp_path):
     (one shared backup name once let a rank's commit fail with FileNotFoundError)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from qk_attn.storage.manifest import previous_name, write_json_atomic
+    from qk_attn.storage.layout import previous_name
+    from qk_attn.storage.manifest import write_json_atomic
 
     def write(rank: int) -> None:
         for i in range(300):

@@ -21,7 +21,8 @@ import pytest
 
 from qk_attn.config import SniffConfig
 from qk_attn.errors import StorageError
-from qk_attn.storage.saver import ParquetSink, read_manifest
+from qk_attn.storage.manifest import read_manifest
+from qk_attn.storage.sink import ParquetSink
 from qk_attn.dataset.verify import verify_dataset
 from test_saver import folder_table, make_batch, open_sink, reference, run_examples, sort_rows
 

@@ -21,10 +21,14 @@ import pytest
 import qk_attn
 from qk_attn import cli
 from qk_attn.storage import compact
-from qk_attn.storage.manifest import PREVIOUS, segment_examples
+from qk_attn.storage.layout import PREVIOUS
+from qk_attn.storage.records import segment_examples
 from qk_attn.errors import CorruptShard, DamagedDataset
-from qk_attn.storage.saver import EXAMPLES, MANIFEST, read_manifest
-from qk_attn.dataset.verify import QUARANTINE, repair, repair_dataset, verify_dataset
+from qk_attn.storage.layout import EXAMPLES, MANIFEST
+from qk_attn.storage.manifest import read_manifest
+from qk_attn.dataset.repair import repair, repair_dataset
+from qk_attn.dataset.verify import verify_dataset
+from qk_attn.storage.layout import QUARANTINE
 from test_saver import folder_table, open_sink, reference, run_examples, sort_rows
 
 MANY = list(range(17))  # one segment each: 17 small shards per folder, so closing compacts them (COMPACT_AT_CLOSE)
@@ -220,7 +224,7 @@ SERVER = textwrap.dedent("""
     import os, signal, sys, time
     sys.path.insert(0, sys.argv[1])
     from test_saver import open_sink
-    from qk_attn.dataset.verify import repair
+    from qk_attn.dataset.repair import repair
     # What compaction, repair and the card import on first use, imported once here: a forked child
     # then spends its time in the work being killed, not in imports.
     from qk_attn.storage import card, compact, shards  # noqa: F401

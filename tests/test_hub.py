@@ -17,7 +17,7 @@ from huggingface_hub.utils import filter_repo_objects
 import qk_attn
 from qk_attn.dataset import hub
 from qk_attn.errors import HubError
-from qk_attn.storage.saver import read_manifest
+from qk_attn.storage.manifest import read_manifest
 from qk_attn.errors import CommittedExampleError, StorageError
 from test_saver import folder_table, open_sink, run_examples, sort_rows
 

@@ -14,10 +14,14 @@ import pytest
 import qk_attn
 from qk_attn import cli
 from qk_attn.config import SniffConfig
-from qk_attn.storage.manifest import PREVIOUS, shard_examples
+from qk_attn.storage.layout import PREVIOUS
+from qk_attn.storage.records import shard_examples
 from qk_attn.errors import DamagedDataset, ManifestError, NotACapture
-from qk_attn.storage.saver import MANIFEST, ParquetSink, read_manifest
-from qk_attn.dataset.verify import repair, repair_dataset, verify_dataset
+from qk_attn.storage.layout import MANIFEST
+from qk_attn.storage.manifest import read_manifest
+from qk_attn.storage.sink import ParquetSink
+from qk_attn.dataset.repair import repair, repair_dataset
+from qk_attn.dataset.verify import verify_dataset
 from qk_attn.errors import CorruptShard
 from test_saver import folder_table, open_sink, reference, run_examples, sort_rows
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from qk_attn.storage.saver import read_manifest
+from qk_attn.storage.manifest import read_manifest
 from test_saver import folder_table, open_sink, run_examples, sort_rows
 
 TESTS = Path(__file__).parent
@@ -29,7 +29,7 @@ SCRIPT = textwrap.dedent(
     from families import build
     import qk_attn
     from qk_attn.config import SniffConfig
-    from qk_attn.storage.saver import ParquetSink
+    from qk_attn.storage.sink import ParquetSink
 
     out, total = sys.argv[1], int(sys.argv[2])
     settings = dict(sampler="log_uniform", min_bucket_size=4, base_rate=2, heads="0,3")

@@ -19,11 +19,13 @@ import pytest
 import torch
 
 from qk_attn.config import SniffConfig
-from qk_attn.capture.gather import gather_rows
+from qk_attn.capture.gather import SelectionSpec, gather_rows
 from qk_attn.capture.batch import CaptureBatch, MemorySink, arrow_schema
 from qk_attn.errors import CaptureOverflow
 from qk_attn.sampler import Sampler
-from qk_attn.storage.saver import MANIFEST, ParquetSink, key_name, read_manifest
+from qk_attn.storage.layout import MANIFEST, key_name
+from qk_attn.storage.manifest import read_manifest
+from qk_attn.storage.sink import ParquetSink
 from qk_attn.errors import SaverError
 from qk_attn.capture.plan import HeadPlan, ModelShape
 from qk_attn.storage.transfer import HostPool, Transfer
@@ -51,9 +53,9 @@ def make_batch(layer, kind, example_ids, lengths, heads=(0, 1), sampler=None, dt
     valid = positions < torch.tensor(lengths)[:, None]
     states = states_for(example_ids, layer, kind, length, num_heads, dim)
     capacity = len(example_ids) * sampler.capacity(length) if capacity is None else capacity
-    count, row, position, bucket, vectors = gather_rows(
+    count, row, position, bucket, vectors = gather_rows(SelectionSpec(
         states, 0, torch.tensor(heads), positions, valid, torch.tensor(example_ids), sampler, layer, kind, capacity, dtype
-    )
+    ))
     return CaptureBatch(layer, kind, tuple(heads), tuple(example_ids), sliding_window, False,
                         count, row, position, bucket, vectors, valid.sum(1))
 

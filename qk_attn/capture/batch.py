@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -218,23 +217,56 @@ def arrow_schema(head_dim: int, vector_type: pa.DataType = pa.float32(), token_i
     return pa.schema(fields)
 
 
-class Sink(Protocol):
-    """Where capture batches go. `put` is called inside the attention call and must not block
-    on the device; `commit` marks whole examples durable; `close` commits and releases."""
+class Sink:
+    """Where capture batches go: every method the recorder calls, each with a working default
+    (keep nothing, wait for nothing), so a sink overrides only what it does. `put` is called
+    inside the attention call and must not block on the device; `commit` marks whole examples
+    complete; `close` commits and releases. Subclasses: MemorySink, qk_attn.storage.sink.ParquetSink."""
 
-    def put(self, batch: CaptureBatch) -> None: ...
+    one_model = False  # writes one model's dataset: the recorder refuses a second model in the session
+    rows_written = 0  # rows handed on (all heads), for progress bars
+    complete = False  # set by a runner that went through every document it owns
 
-    def commit(self, example_ids: list[int]) -> None: ...
+    def put(self, batch: CaptureBatch) -> None:
+        """One attention call's selected rows of one kind (still on the device)."""
+
+    def put_empty(self, layer: int, kind: str, heads, example_ids, sliding_window, cross_attention: bool,
+                  tokens) -> None:
+        """An attention call of which the sampler keeps nothing (known on the CPU): it ran, with 0 rows."""
 
     def end_forward(self) -> None:
         """Called once after every model forward, outside attention calls: the one place
-        where a sink may wait (back-pressure). Default: nothing to do."""
+        where a sink may wait (back-pressure)."""
+
+    def commit(self, example_ids: list[int]) -> None:
+        """These examples are complete."""
 
     def discard(self, example_ids: list[int]) -> None:
-        """Drop the rows of these uncommitted examples (their forward stopped part-way). A sink
-        without it keeps them; the session never commits them."""
+        """Drop the rows of these uncommitted examples (their forward stopped part-way); the
+        session never commits them."""
 
-    def close(self) -> None: ...
+    def committed_ids(self) -> set[int]:
+        """Examples committed so far (a resuming run skips them)."""
+        return set()
+
+    def describe(self, example_id: int, source_id: str | None, source_index: int | None) -> None:
+        """Where an example came from (its source dataset's id and row)."""
+
+    def bind_model(self, model_config, plan) -> None:
+        """The model and head plan of the first captured call."""
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Make what was committed durable now."""
+
+    def check(self) -> None:
+        """Re-raise an error of the sink's background work, if any."""
+
+    def close(self) -> None:
+        """Commit what was committed and release what the sink holds."""
+
+    def table(self) -> pa.Table | None:
+        """Every row kept, when the sink keeps rows in memory."""
+        return None
 
 
 def warn_not_from_zero(example_id: int, first_position: int, warned: set) -> None:
@@ -248,7 +280,7 @@ def warn_not_from_zero(example_id: int, first_position: int, warned: set) -> Non
             example_id, first_position)
 
 
-class MemorySink:
+class MemorySink(Sink):
     """Keeps every batch's rows on the host; for tests and small interactive runs."""
 
     def __init__(self) -> None:
@@ -268,18 +300,15 @@ class MemorySink:
     def commit(self, example_ids: list[int]) -> None:
         self.committed.extend(example_ids)
 
+    def committed_ids(self) -> set[int]:
+        return set(self.committed)
+
     def discard(self, example_ids: list[int]) -> None:
         """Rows of these examples are dropped (a forward that stopped part-way)."""
         drop = np.asarray(example_ids, np.int64)
         self.rows = [rows.without(drop) for rows in self.rows]
 
-    def end_forward(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def table(self) -> pa.Table:
+    def table(self) -> pa.Table | None:
         """Every captured row of every head, in the dataset schema (vectors as float32; `token_id`
         null where a row has none, e.g. vision keys)."""
         tables = [rows.table(i, token_ids=True) for rows in self.rows for i in range(len(rows.heads))]

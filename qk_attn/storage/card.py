@@ -1,4 +1,4 @@
-"""The dataset card (`README.md`) and bucket chart of a capture folder, built from its manifest.
+"""The dataset card (`README.md`) of a capture folder, built from its manifest (the chart: qk_attn.storage.chart).
 
 YAML front matter: one `datasets` config per folder `l{LL}h{HH}{q|k}`, per layer and kind
 (`layer{LL}_q`, `layer{LL}_k`) and per kind (`all_q`, `all_k`), each a `data_files` glob, so
@@ -17,23 +17,11 @@ from pathlib import Path
 import yaml
 from huggingface_hub import DatasetCard, DatasetCardData
 
-from qk_attn.storage.manifest import public_value
 from qk_attn.sampler import Sampler
-
-CARD = "README.md"
-CHART = "buckets.png"
-CARD_FILES = (CARD, CHART)
-KINDS = {"q": "query", "k": "key"}
-
-
-def _key(layer: int, head: int, kind: str) -> str:
-    return f"l{layer:02d}h{head:02d}{kind}"
-
-
-def _parse(key: str) -> tuple[int, int, str]:
-    from qk_attn.storage.saver import parse_key
-
-    return parse_key(key)
+from qk_attn.storage.chart import KINDS, bucket_chart, per_example_head, sampler_of
+from qk_attn.storage.layout import CARD, CHART, key_name, parse_key
+from qk_attn.storage.manifest import read_manifest
+from qk_attn.storage.settings import public_value
 
 
 def dataset_configs(shards: dict[str, list[str]], examples_file: str | None = None) -> dict[str, dict]:
@@ -41,7 +29,7 @@ def dataset_configs(shards: dict[str, list[str]], examples_file: str | None = No
     and `examples` (one row per committed example) when the capture wrote that table. The card
     lists them sorted by name, as `datasets`' MetadataConfigs writes them (no `datasets` import:
     a capture closes without it)."""
-    keys = sorted((_parse(k), k) for k, names in shards.items() if names)
+    keys = sorted((parse_key(k), k) for k, names in shards.items() if names)
     configs: dict[str, dict] = {}
     if examples_file:
         configs["examples"] = {"data_files": [{"split": "train", "path": examples_file}]}
@@ -78,13 +66,13 @@ def coverage(manifest: dict) -> dict:
             missing.append(f"layer {layer}: not recorded ({reason})")
             layers.append(entry)
             continue
-        layer_calls = sum(calls.get(_key(layer, h, k), 0) for k in "qk" for h in range(counts[k]))
+        layer_calls = sum(calls.get(key_name(layer, h, k), 0) for k in "qk" for h in range(counts[k]))
         entry["status"] = "ran" if layer_calls else "did not run"
         for kind in "qk":
             planned = plan["query_heads" if kind == "q" else "key_heads"].get(str(layer), [])
-            recorded = [h for h in planned if rows.get(_key(layer, h, kind), 0) > 0]
-            empty = [h for h in planned if h not in recorded and calls.get(_key(layer, h, kind), 0) > 0]
-            not_run = [h for h in planned if calls.get(_key(layer, h, kind), 0) == 0]
+            recorded = [h for h in planned if rows.get(key_name(layer, h, kind), 0) > 0]
+            empty = [h for h in planned if h not in recorded and calls.get(key_name(layer, h, kind), 0) > 0]
+            not_run = [h for h in planned if calls.get(key_name(layer, h, kind), 0) == 0]
             filtered = {h: _filter_reason(kind, h, config, kinds) for h in range(counts[kind]) if h not in planned}
             entry[kind] = {"expected": planned, "recorded": recorded, "no_rows": empty, "did_not_run": not_run, "filtered": filtered}
         if not layer_calls:
@@ -92,7 +80,7 @@ def coverage(manifest: dict) -> dict:
             missing.append(f"layer {layer}: did not run ({entry['reason']})")
             layers.append(entry)
             continue
-        entry["rows"] = sum(rows.get(_key(layer, h, k), 0) for k in "qk" for h in entry[k]["expected"])
+        entry["rows"] = sum(rows.get(key_name(layer, h, k), 0) for k in "qk" for h in entry[k]["expected"])
         if not entry["rows"]:
             missing.append(f"layer {layer}: ran, 0 rows (the sampler kept no position of its planned heads)")
         for kind in "qk":
@@ -131,90 +119,6 @@ def _ranges(values: list[int]) -> str:
     return ", ".join(out) if out else "none"
 
 
-def _heads_that_ran(manifest: dict, kind: str) -> int:
-    """(layer, head) pairs of `kind` the plan records and that received attention calls
-    (cross-attention keys, which are vision tokens, are left out)."""
-    plan = manifest.get("plan") or {}
-    calls = manifest.get("calls", {})
-    cross = set(manifest.get("cross_attention_layers", [])) if kind == "k" else set()
-    table = plan.get("query_heads" if kind == "q" else "key_heads", {})
-    return sum(1 for layer, heads in table.items() for h in heads
-               if int(layer) not in cross and calls.get(_key(int(layer), h, kind), 0) > 0)
-
-
-def per_example_head(manifest: dict) -> dict[int, dict[str, float]]:
-    """bucket -> {"q": rows per (example, head), "k": ..., "expected": the sampler's expectation}.
-
-    Observed: the manifest's committed rows of a bucket over (committed examples x heads that
-    ran). Expected: the mean over the committed examples of keep probability x the bucket's
-    overlap with [0, valid length) -- the same for q and k.
-    """
-    sampler = Sampler(**_sampler_args(manifest))
-    lengths = [int(v) for v in manifest.get("examples", {}).values()]
-    buckets = manifest.get("buckets", {})
-    if not lengths:
-        return {}
-    ids = {int(b) for counts in buckets.values() for b in counts}
-    ids |= {b for b, *_ in sampler.bucket_bounds(max(lengths))}
-    out: dict[int, dict[str, float]] = {}
-    heads = {kind: _heads_that_ran(manifest, kind) for kind in "qk"}
-    for b in sorted(ids):
-        start, size = sampler.bucket_start(b), sampler.bucket_size(b)
-        p = sampler.keep_probability(b)
-        expected = sum(p * max(0, min(start + size, n) - start) for n in lengths) / len(lengths)
-        row = {"expected": expected}
-        for kind in "qk":
-            if heads[kind]:
-                row[kind] = buckets.get(kind, {}).get(str(b), 0) / (len(lengths) * heads[kind])
-        out[b] = row
-    return out
-
-
-def bucket_chart(manifest: dict, path: Path) -> bool:
-    """Rows per (example, head) in each sampler bucket, q and k side by side, with the sampler's
-    expected value marked; a linear axis, so bar length is a count. False if nothing was committed."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    table = per_example_head(manifest)
-    if not table or not any(row.get(k) for row in table.values() for k in "qk"):
-        return False
-    sampler = Sampler(**_sampler_args(manifest))
-    ids = sorted(table)
-    x = list(range(len(ids)))
-    figure = Figure(figsize=(min(16, max(6, 0.5 * len(ids) + 2)), 4), dpi=100)
-    FigureCanvasAgg(figure)  # no pyplot: leaves the user's matplotlib state alone
-    ax = figure.add_subplot()
-    kinds = [k for k in "qk" if any(k in row for row in table.values())]
-    width = 0.8 / len(kinds)
-    for i, kind in enumerate(kinds):
-        offset = (i - (len(kinds) - 1) / 2) * width
-        ax.bar([v + offset for v in x], [table[b].get(kind, 0) for b in ids], width, label=f"{KINDS[kind]} rows")
-    ax.hlines([table[b]["expected"] for b in ids], [v - 0.45 for v in x], [v + 0.45 for v in x], colors="black",
-              linewidth=1.5, label="expected (sampler)")
-    step = max(1, len(ids) // 24)
-    ax.set_xticks(x[::step], [f"{sampler.bucket_start(b):,}" for b in ids][::step], fontsize=7,
-                  rotation=45 if len(ids) > 12 else 0)
-    ax.set_xlabel("bucket (first position)")
-    ax.set_ylabel("rows per (example, head)")
-    top = max(max(row.get(k, 0) for k in ("q", "k", "expected")) for row in table.values())
-    ax.set_ylim(0, top * 1.3 or 1)  # headroom for the legend, above the bars
-    n = len(manifest.get("examples", {}))
-    s = manifest["sampler"]
-    ax.set_title(f"rows per (example, head) in each bucket, mean over {n} committed example{'s' if n != 1 else ''}\n"
-                 f"{s['sampler']} sampler, min_bucket_size {s['min_bucket_size']}, base_rate {float(s['base_rate']):g}",
-                 fontsize=9)
-    ax.legend(fontsize=8, loc="upper center", ncol=3, frameon=False)
-    figure.tight_layout()
-    figure.savefig(path)
-    return True
-
-
-def _sampler_args(manifest: dict) -> dict:
-    s = manifest["sampler"]
-    return {"strategy": s["sampler"], "min_bucket_size": int(s["min_bucket_size"]), "base_rate": float(s["base_rate"]), "seed": int(s["seed"])}
-
-
 def _table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join("unknown" if c is None else str(c) for c in row) + " |" for row in rows]
@@ -235,9 +139,9 @@ def card_text(manifest: dict, where: str, revision: str | None = None, chart: bo
     rows = manifest.get("row_counts", {})
     examples = manifest.get("examples", {})
     plan = manifest.get("plan") or {}
-    sampler = Sampler(**_sampler_args(manifest))
+    sampler = Sampler(**sampler_of(manifest))
     max_length = max([int(v) for v in examples.values()] + [0])
-    keys = sorted(_parse(k) for k, names in manifest.get("shards", {}).items() if names)
+    keys = sorted(parse_key(k) for k, names in manifest.get("shards", {}).items() if names)
 
     label = public_value(model.get("id")) or model.get("model_type") or "unknown model"
     data = DatasetCardData(
@@ -250,7 +154,7 @@ def card_text(manifest: dict, where: str, revision: str | None = None, chart: bo
 
     total = {k: sum(n for key, n in rows.items() if key.endswith(k)) for k in "qk"}
     rev = f", revision={revision!r}" if revision else ""
-    first = _key(*keys[0]) if keys else "l00h00q"
+    first = key_name(*keys[0]) if keys else "l00h00q"
     layer, head, kind = keys[0] if keys else (0, 0, "q")
     cov = coverage(manifest)
 
@@ -439,8 +343,6 @@ def _yaml(data: DatasetCardData) -> str:
 
 def write_card(output: str | Path, manifest: dict | None = None, repo_id: str | None = None, revision: str | None = None) -> Path:
     """Write OUT/README.md (and OUT/buckets.png) from the manifest; returns the card's path."""
-    from qk_attn.storage.saver import read_manifest
-
     output = Path(output)
     manifest = manifest if manifest is not None else read_manifest(output)
     if manifest is None:

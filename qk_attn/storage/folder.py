@@ -1,0 +1,211 @@
+"""Opening an output folder safely: its lock, whose files it holds, what a killed run left.
+
+A sink opens OUT under the writer's lock (`take_lock`), refuses a folder of someone else's
+files or of another capture, and removes the orphans of a killed run before it writes
+(`open_capture`); `remove_dataset` deletes exactly what a capture wrote.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from qk_attn.errors import DamagedDataset, NotACapture, OutputLocked, StorageError
+from qk_attn.storage.layout import (CARD, CARD_FILES, EXAMPLES, LOCK, MANIFEST, PART_FILES_RE, PREVIOUS, Files, parse_key,
+                                    part_files, previous_name)
+from qk_attn.storage.examples import check_examples_file
+from qk_attn.storage.manifest import new_manifest, read_manifest, sha256_file, versions, write_json_atomic
+from qk_attn.storage.settings import check_same_capture
+
+logger = logging.getLogger(__name__)
+
+
+def open_capture(output: Path, files: Files, config, source: dict | None, overwrite: bool, columns: dict,
+                 fsync: bool) -> tuple[dict, list[Path]]:
+    """The commit protocol's open step, under the writer's lock: refuse what must not be
+    touched or mixed, remove what `overwrite` or a killed run left, and write the manifest
+    (which also proves OUT is writable). Returns (manifest, orphans removed)."""
+    check_is_capture(output, files)  # never write into (or clean) a folder of someone else's files
+    if overwrite:
+        remove_dataset(output, files)
+    else:  # (under overwrite another rank may not have removed its old files yet)
+        check_layout(output, files)
+    manifest = read_manifest(output, files.manifest)
+    if manifest is not None:
+        check_same_capture(output, manifest, config, source)
+        check_shard_sizes(output, manifest, digests=True)
+        manifest["versions"] = versions()  # of the latest run writing here
+        manifest.setdefault("example_info", {})
+        manifest.setdefault("shard_info", {})
+    else:
+        manifest = new_manifest(config, source)
+    old = manifest.setdefault("columns", columns if not manifest["examples"] else {"token_id": False, "token_str": False})
+    if old != columns:  # one schema per dataset
+        raise StorageError(
+            f"{output} was captured with optional columns {old}; this run would write {columns} "
+            "(token ids / vocabulary): use the same setting, another output directory, or overwrite=True"
+        )
+    if files.rank is not None:
+        manifest["part"] = {"rank": files.rank, "world_size": files.world_size, "complete": False}
+    removed = remove_orphans(output, manifest, files)
+    write_json_atomic(output / files.manifest, manifest, fsync)
+    return manifest, removed
+
+
+def check_is_capture(output: Path, files: Files) -> None:
+    """A folder with files but no manifest is not a capture: refuse it (even under overwrite),
+    so that no file the capture did not write is ever overwritten or deleted."""
+    if (output / files.manifest).exists() or (output / MANIFEST).exists() or part_files(output):
+        return
+    ours = {LOCK, files.lock}
+    foreign = sorted(p.name for p in output.iterdir() if p.name not in ours and not p.name.startswith(".qk_sniff."))
+    if foreign:
+        raise NotACapture(
+            f"{output} is not empty ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}) and holds no "
+            f"{MANIFEST}: refusing to write a capture into it; choose a new or empty output folder"
+        )
+
+
+def check_shard_sizes(output: Path, manifest: dict, digests: bool = False) -> None:
+    """Before resuming: every committed shard exists with its recorded size (a cheap stat, made
+    before the weights load) and, with `digests`, its recorded sha256 (when a sink opens the folder:
+    a resumed run must never build on, or compact, a damaged shard). A damaged folder is refused
+    with how to repair it."""
+    bad = []
+    for key, names in manifest.get("shards", {}).items():
+        for name in names:
+            path = output / key / name
+            info = manifest.get("shard_info", {}).get(f"{key}/{name}", {})
+            size = info.get("bytes")
+            if not path.is_file() or (size is not None and path.stat().st_size != size):
+                bad.append(f"{key}/{name}")
+            elif digests and info.get("sha256") and sha256_file(path) != info["sha256"]:
+                bad.append(f"{key}/{name}")
+    if bad:
+        raise DamagedDataset(
+            f"{output}: {len(bad)} committed shard(s) are missing, truncated or altered (e.g. {bad[0]}); run "
+            f"`qk-sniff repair {output}` to drop the examples they hold, then re-run to capture them again"
+        )
+
+
+def take_lock(output: Path, name: str = LOCK) -> int:
+    """flock OUT/name (created if absent). `release_lock` deletes the file, so a lock taken on a
+    file that another process deleted meanwhile is taken again on the file now at that name."""
+    while True:
+        fd = os.open(output / name, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputLocked(f"another qk-sniff capture is writing to {output} (it holds {output / name})") from None
+        try:
+            same = os.stat(output / name).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+
+
+def release_lock(output: Path, fd: int, name: str = LOCK) -> None:
+    """Delete the lock file, then release it: a finished or failed command leaves no lock behind."""
+    try:
+        (Path(output) / name).unlink(missing_ok=True)
+    except OSError:
+        pass  # a read-only folder: the flock is released all the same
+    os.close(fd)
+
+
+def check_layout(output: Path, files: Files) -> None:
+    """One folder is written either by one process or by ranks of one world size, never both."""
+    parts = part_files(output)
+    if files.rank is None:
+        if parts:
+            raise ValueError(
+                f"{output} holds a capture written by ranks ({len(parts)} manifest part(s), e.g. {min(parts.values()).name}); "
+                "resume it with the same launcher (torchrun / accelerate launch / --shard i/n), merge it with "
+                f"`qk-sniff merge {output}`, or pass overwrite=True to start over"
+            )
+        return
+    merged = read_manifest(output)
+    if merged is not None and merged.get("examples") and (merged.get("ranks") or {}).get("world_size") != files.world_size:
+        how = f"{merged['ranks']['world_size']} ranks" if merged.get("ranks") else "a single process"
+        raise ValueError(f"{output} holds a capture written by {how}; this is rank {files.rank} of {files.world_size}. "
+                         "Resume with the same number of ranks, use another output directory, or overwrite.")
+    for rank, path in sorted(parts.items()):
+        other = (read_manifest(output, path.name) or {}).get("part") or {}
+        if other.get("world_size") != files.world_size:
+            raise ValueError(
+                f"{output}: {path.name} was written by rank {rank} of {other.get('world_size')}, this is rank {files.rank} "
+                f"of {files.world_size}; documents are assigned by rank and world size, so resume with the same number "
+                "of ranks (or use another output directory, or overwrite)"
+            )
+
+
+def remove_orphans(output: Path, manifest: dict, files: Files = Files()) -> list[Path]:
+    """Delete this writer's shards that its manifest does not list (left by a killed run) and
+    emptied folders (the single writer only: other ranks may be creating a folder right now)."""
+    removed = []
+    listed = {key: set(names) for key, names in manifest.get("shards", {}).items()}
+    for folder in output.iterdir():
+        if not folder.is_dir() or parse_key(folder.name) is None:
+            continue
+        for path in folder.iterdir():
+            if path.is_file() and path.name not in listed.get(folder.name, ()) and files.owns(path.name):
+                path.unlink()
+                removed.append(path)
+        if files.rank is None and not any(folder.iterdir()):
+            folder.rmdir()
+    if removed:
+        logger.info("qk-sniff: removed %d uncommitted shard(s) of an interrupted run in %s", len(removed), output)
+    return removed
+
+
+def has_leftovers(output: Path) -> bool:
+    """What a killed run (or compaction) leaves that the next open of the folder makes good: shards
+    or temporary files no commit lists, an examples table behind the manifest, no card."""
+    manifest = read_manifest(output)
+    if manifest is None:
+        return False
+    if not (output / CARD).exists() or check_examples_file(output, manifest):
+        return True
+    listed = {key: set(names) for key, names in manifest.get("shards", {}).items()}
+    return any(path.name not in listed.get(folder.name, ()) and Files().owns(path.name)
+               for folder in output.iterdir() if folder.is_dir() and parse_key(folder.name)
+               for path in folder.iterdir())
+
+
+def remove_dataset(output: Path, files: Files = Files()) -> None:
+    """Delete what a capture wrote into OUT (and nothing else). A rank deletes only its own
+    shards and manifest part; rank 0 also the merged manifest, the card and single-writer shards."""
+    ours = (MANIFEST, PREVIOUS, EXAMPLES)
+    if files.rank is None:
+        for child in output.iterdir():
+            if child.is_dir() and parse_key(child.name) is not None:
+                shutil.rmtree(child)
+            elif child.name in (*ours, *CARD_FILES) or PART_FILES_RE.fullmatch(child.name):
+                child.unlink()
+        return
+    owners = [files] + ([Files()] if files.rank == 0 else [])
+    for folder in output.iterdir():
+        if folder.is_dir() and parse_key(folder.name) is not None:
+            for path in folder.iterdir():
+                if path.is_file() and any(owner.owns(path.name) for owner in owners):
+                    path.unlink()
+    for name in [files.manifest, previous_name(files.manifest), files.examples] + ([*ours, *CARD_FILES] if files.rank == 0 else []):
+        (output / name).unlink(missing_ok=True)
+
+
+def card_is_ours(output: Path) -> bool:
+    """README.md is absent or a card qk-sniff wrote (a user's own README is never overwritten)."""
+    path = Path(output) / CARD
+    if not path.exists():
+        return True
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return False
+    return "qk-attn" in text and "qk_sniff" in text  # the card's tag and its attn_implementation

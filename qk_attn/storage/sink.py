@@ -1,0 +1,244 @@
+"""`ParquetSink`: the capturing thread's side of writing OUT (put, commit, flush, close).
+
+`put` only issues copies into the bounded host pool (qk_attn.storage.transfer) and enqueues
+them; the saver thread (qk_attn.storage.saver) buffers rows and commits them
+(qk_attn.storage.commit); a shard the manifest does not list is an orphan of a killed run and is
+deleted when the folder is opened again (qk_attn.storage.folder), so a re-run redoes exactly the
+examples that were not committed and never duplicates a row.
+
+Ranks (qk_attn.run.distributed). With `rank=(r, n)` the sink is one of n writers into the same
+OUT and touches only its own files (qk_attn.storage.layout.Files); it writes no card. The parts are
+merged into `qk_sniff.json` and the card once every rank has finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+
+from qk_attn.capture.batch import CaptureBatch, Sink
+from qk_attn.config import SniffConfig
+from qk_attn.errors import CaptureOverflow, CommittedExampleError, SaverError, StorageError
+from qk_attn.storage.examples import check_examples_file
+from qk_attn.storage.folder import open_capture, release_lock, take_lock
+from qk_attn.storage.layout import Files
+from qk_attn.storage.manifest import read_manifest
+from qk_attn.storage.saver import _STOP, SaverThread, _Flush
+from qk_attn.storage.settings import check_same_model
+from qk_attn.storage.shards import Writers
+from qk_attn.storage.transfer import Sender, Transfer
+
+
+class ParquetSink(SaverThread, Sink):
+    """Writes capture batches of one model into OUT as a Parquet dataset with a manifest and card.
+
+    Thread model: `put`/`commit`/`describe`/`end_forward`/`flush`/`close` are called by the
+    capturing thread; `put` only issues copies into the bounded host pool (never waiting for
+    space: see qk_attn.storage.transfer) and enqueues them. One saver thread buffers rows and commits;
+    `writer_threads` threads encode and write shards. The first error is re-raised by every
+    later `put`/`commit`/`check`/`flush`/`close`.
+    """
+
+    one_model = True  # OUT holds one model's dataset
+    # A committed example is durable this long after commit() plus one write (bench/durability.py).
+    DEFAULT_COMMIT_EVERY_S = 2.0
+
+    def __init__(
+        self,
+        output: str | os.PathLike,
+        config: SniffConfig,
+        overwrite: bool = False,
+        source: dict | None = None,
+        *,
+        buffer_mb: int = 512,
+        commit_every_s: float | None = None,
+        shard_mb: int = 128,
+        fsync: bool = True,
+        rank: tuple[int, int] | None = None,
+        writer_threads: int = 2,
+        vocabulary: list[str] | None = None,
+        token_ids: bool | None = None,
+    ) -> None:
+        self.output = Path(output)
+        self.config = config
+        self.files = Files() if rank is None else Files(*rank)
+        self.complete = False  # set by a runner that went through every document it owns (rank parts record it)
+        self.vector_type = pa.float16() if config.vector_dtype == "float16" else pa.float32()
+        self.vocabulary = None if vocabulary is None else pa.array(vocabulary, pa.string())
+        # One schema per dataset: token ids are a column of every shard or of none. New captures
+        # have them; a capture resumed from before token ids keeps its schema.
+        if token_ids is None:
+            existing = read_manifest(self.output, self.files.manifest) if self.output.is_dir() else None
+            resumed = existing is not None and existing.get("examples")
+            token_ids = existing.get("columns", {}).get("token_id", False) if resumed else True
+        self.token_ids = token_ids or vocabulary is not None
+        self.buffer_bytes = buffer_mb << 20
+        self.commit_every_s = self.DEFAULT_COMMIT_EVERY_S if commit_every_s is None else commit_every_s
+        self.shard_bytes = shard_mb << 20
+        self.fsync = fsync
+        self.rows_written = 0  # rows accepted by the saver (all heads), for progress bars
+        self.max_buffered_bytes = 0  # high-water mark of rows held in host memory (bounded by buffer_mb)
+        if self.output.exists() and not self.output.is_dir():
+            raise StorageError(f"output {self.output} is a file, not a folder; choose a folder for the capture")
+        self.output.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = take_lock(self.output, self.files.lock)
+        try:
+            columns = {"token_id": self.token_ids, "token_str": self.token_ids and vocabulary is not None}
+            manifest, self.removed_orphans = open_capture(self.output, self.files, config, source, overwrite, columns, fsync)
+        except BaseException:
+            release_lock(self.output, self._lock_fd, self.files.lock)
+            raise
+        self._manifest = manifest
+        self._manifest_lock = threading.Lock()
+        self._committed = {int(i) for i in manifest["examples"]}  # capturing thread: durable or commit() called
+        self._durable = set(self._committed)  # saver thread
+        self._ready: set[int] = set()  # saver thread: committed, not durable yet
+        self._described: dict[int, tuple] = {}  # saver thread: example -> (source_id, source_index)
+        self._warned_start: set[int] = set()  # saver thread: see rows.warn_not_from_zero
+        self._next_segment = manifest["next_segment"]
+        self._open = self._new_segment()
+        self._sealed: list = []  # of _Segment
+        self._waiting_since: float | None = None  # first commit() not yet durable
+        self._inflight = None  # the finalise being written
+        self._exported_at = float("-inf")  # last write of OUT/examples.parquet
+        self._spilling: list = []  # (future, bytes) of spills being written
+        self._transfer = Transfer(config.pinned_mb << 20)
+        self._writers = Writers(writer_threads)
+        self._queue: queue.Queue = queue.Queue()
+        self._sender = Sender(self._transfer, self._queue.put, self.check)
+        self._error: BaseException | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="qk-sniff-saver", daemon=True)
+        self._thread.start()
+        if manifest["examples"] and check_examples_file(self.output, manifest):
+            self._write_manifest(export=True)  # a killed run left the examples table behind the manifest
+
+    # ---- the capturing thread ----------------------------------------------------------
+    # ---- the capturing thread ----------------------------------------------------------
+    def committed_ids(self) -> set[int]:
+        """Examples already committed (by this run or an earlier one): a resuming run skips them."""
+        return set(self._committed)
+
+    def max_committed_id(self) -> int | None:
+        """The largest committed example id (automatic ids continue after it), None if none."""
+        return max(self._committed, default=None)
+
+    def bind_model(self, model_config, plan) -> None:
+        """Record the model and head plan (first captured call); refuse a different model than OUT holds."""
+        model = {
+            "id": getattr(model_config, "_name_or_path", None) or None,
+            "revision": getattr(model_config, "_commit_hash", None),
+            "dtype": str(getattr(model_config, "dtype", None) or "").replace("torch.", "") or None,
+            "model_type": getattr(model_config, "model_type", None),
+        }
+        plan_dict = plan.to_dict()
+        with self._manifest_lock:
+            if self._manifest["examples"]:
+                check_same_model(self.output, self._manifest, model, plan_dict)
+            self._manifest["model"] = model
+            self._manifest["plan"] = plan_dict
+
+    def put(self, batch: CaptureBatch) -> None:
+        """Hand one batch on (called inside the attention call; never reads device values and
+        never waits for pool space: what does not fit stays on the device until `end_forward`)."""
+        self.check()
+        if self._closed:
+            raise RuntimeError(f"the qk-sniff sink for {self.output} is closed")
+        if not self._committed.isdisjoint(batch.example_ids):
+            done = sorted(self._committed.intersection(batch.example_ids))
+            raise CommittedExampleError(
+                f"rows for example(s) {done[:5]} arrived, but they are already committed in {self.output}; "
+                "skip committed examples (committed_ids()) or give new examples new ids (after max_committed_id())"
+            )
+        self._sender.put(batch)
+
+    def put_empty(self, layer: int, kind: str, heads, example_ids, sliding_window, cross_attention: bool, tokens) -> None:
+        """An attention call of which the sampler keeps nothing, known on the CPU before any
+        selection (the session skips its gather): it ran, its heads count as heads that ran with 0
+        rows, and its valid tokens count towards the examples' lengths. `tokens` is the forward's
+        TextTokens (CPU tensors). A few microseconds here: the saver thread does the rest."""
+        self.check()
+        self._queue.put(("empty", layer, kind, tuple(heads), example_ids, sliding_window, cross_attention, tokens))
+
+    def end_forward(self) -> None:
+        """Called once after every model forward, outside attention calls: sends what waited on
+        the device, waiting for pool space (this is where back-pressure happens)."""
+        self.check()
+        self._sender.drain()
+
+    def discard(self, example_ids) -> None:
+        """Drop the rows of these uncommitted examples (their forward stopped part-way)."""
+        self.check()
+        self._sender.drain()  # their rows are queued before the discard
+        self._queue.put(("discard", [int(i) for i in example_ids]))
+
+    def describe(self, example_id: int, source_id: str | None, source_index: int | None) -> None:
+        """Where example `example_id` came from: the source dataset's own id and its row index
+        (recorded in the manifest's `example_info` and OUT/examples.parquet)."""
+        self._queue.put(("describe", int(example_id), None if source_id is None else str(source_id),
+                         None if source_index is None else int(source_index)))
+
+    def commit(self, example_ids) -> None:
+        """These examples are complete; they become durable within `commit_every_s` (plus one write)."""
+        self.check()
+        self._sender.drain()  # their rows must be queued before the commit
+        ids = [int(i) for i in example_ids]
+        self._committed.update(ids)
+        self._queue.put(("commit", ids))
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Make every committed example durable now, and wait for it (re-raises saver errors)."""
+        self.check()
+        self._sender.drain()
+        self._wait(_Flush(final=False), timeout)
+
+    def check(self) -> None:
+        """Re-raise the saver thread's error, if it had one."""
+        error = self._error
+        if error is None:
+            return
+        if isinstance(error, (CaptureOverflow, CommittedExampleError)):
+            raise type(error)(str(error)) from error
+        raise SaverError(
+            f"qk-sniff saver for {self.output} failed: {type(error).__name__}: {error}. Examples committed before "
+            "the failure are safe in the manifest; re-run the same command to resume the rest."
+        ) from error
+
+    def close(self) -> None:
+        """Commit everything committed so far, write the card, stop the threads. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._error is None:
+                self._sender.drain()
+                self._wait(_Flush(final=True), None)
+        finally:
+            self._sender.clear()
+            self._queue.put(_STOP)
+            self._thread.join()
+            self._writers.close()
+            release_lock(self.output, self._lock_fd, self.files.lock)
+        self.check()
+
+    @property
+    def manifest(self) -> dict:
+        with self._manifest_lock:
+            return json.loads(json.dumps(self._manifest))
+
+    def _wait(self, flush: _Flush, timeout: float | None) -> None:
+        self._queue.put(flush)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not flush.done.wait(0.05):
+            self.check()
+            if not self._thread.is_alive():
+                raise SaverError(f"qk-sniff saver thread for {self.output} is not running")
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"qk-sniff saver did not finish flushing {self.output} within {timeout} s")
+        self.check()
