@@ -33,17 +33,20 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from qk_attn.errors import EXIT_STATUS
-from qk_attn.storage.manifest import MANIFEST
-# Dataset reading, verify, inspect and repair live in qk_attn.dataset.verify; re-exported for callers of qk_attn.cli.
-from qk_attn.dataset.verify import Dataset, expected_positions, inspect_dataset, repair_dataset, verify_dataset  # noqa: F401
+from qk_attn.errors import EXIT_STATUS, one_line
+from qk_attn.storage.layout import MANIFEST
+from qk_attn.dataset.inspect import inspect_dataset
+from qk_attn.dataset.repair import repair_dataset
+from qk_attn.dataset.verify import verify_dataset
+from qk_attn.run.source import encode_source
 
 
 # ---- commands --------------------------------------------------------------------------------
 def cmd_run(args) -> int:
     from qk_attn.demo import DEMO_CONFIG
     from qk_attn.run.config import RunConfig
-    from qk_attn.run.runner import format_load_hint, output_files, run
+    from qk_attn.run.runner import run
+    from qk_attn.run.summary import format_load_hint, output_files
 
     is_demo = args.config is None
     config = RunConfig.load(args.config, args.set or [], base=DEMO_CONFIG if is_demo else None)
@@ -52,7 +55,7 @@ def cmd_run(args) -> int:
     if is_demo or args.quiet:
         _quiet_libraries()
     if args.dry_run:
-        from qk_attn.run.runner import check
+        from qk_attn.run.prepare import check
 
         check(config, shard=args.shard)
         print(f"qk-sniff run --dry-run: every check passed; no weights loaded, nothing written to "
@@ -127,7 +130,7 @@ def shorten(lines: list[str], keep: int = 10, slack: int = 4) -> list[str]:
 
 
 def cmd_verify(args) -> int:
-    problems = verify_dataset(args.out)
+    problems = verify_dataset(args.out, encode_source=encode_source)
     if problems:
         print(f"FAILED: {len(problems)} problem(s) in {args.out}")
         for p in problems:
@@ -140,7 +143,7 @@ def cmd_verify(args) -> int:
 def cmd_repair(args) -> int:
     # repair_dataset prints what it dropped and returns the exit status: 0 when OUT is sound
     # afterwards (re-running the capture fills in what was dropped), 1 when problems remain.
-    return int(repair_dataset(args.out, log=print))
+    return int(repair_dataset(args.out, log=print, encode_source=encode_source))
 
 
 def cmd_push(args) -> int:
@@ -258,10 +261,6 @@ def _exit_status(error: BaseException) -> tuple[int, str] | None:
     return None
 
 
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
-
-
 def _disk_full(error: BaseException | None) -> bool:
     """ENOSPC / EDQUOT anywhere in the error's chain (the saver wraps the OSError it met)."""
     import errno
@@ -299,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             traceback.print_exc()
             hint = hint.replace(TRACEBACK_HINT, "")
-        print(f"qk-sniff {args.command}: {_one_line(error)}{hint}", file=sys.stderr)
+        print(f"qk-sniff {args.command}: {one_line(error)}{hint}", file=sys.stderr)
         return status
     finally:
         saver_log.removeFilter(quiet)

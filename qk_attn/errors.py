@@ -10,6 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 
+def one_line(error: BaseException) -> str:
+    """An error's message as one line (whitespace runs become one space), else its type's name."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 # ---- settings ---------------------------------------------------------------------------------
 class ConfigError(ValueError):
     """A setting has a value outside what is allowed.

@@ -19,7 +19,7 @@ from capture_utils import GroundTruth, all_heads, expected_rows, rows_by_key
 from families import COMMON, VOCAB, build, padded_batch
 from qk_attn.capture import backends
 from qk_attn.errors import CaptureError
-from qk_attn.run.runner import normalize_id
+from qk_attn.run.documents import normalize_id
 from test_cli import SPARSE, all_rows, assert_same_rows, docs, tiny_model, write_config  # noqa: F401 (fixtures)
 
 torch.set_grad_enabled(False)

@@ -23,7 +23,9 @@ from qk_attn.run import runner
 from qk_attn.errors import ConfigError, HubError
 from qk_attn.capture.batch import MemorySink
 from qk_attn.run.config import RunConfig
-from qk_attn.run.runner import normalize_id
+from qk_attn.run import prepare
+from qk_attn.run.documents import iter_documents, load_rows, normalize_id
+from qk_attn.run.model import load_model_config
 
 WORDS = [f"w{i}" for i in range(60)]
 LAYERS, HEADS, KV_HEADS, HEAD_DIM = 2, 4, 2, 8
@@ -113,32 +115,32 @@ def test_local_files_of_every_kind(tmp_path):
     (tmp_path / "d.csv").write_text("id,text\n" + "".join(f"{r['id']},{r['text']}\n" for r in rows))
     for name in ("d.jsonl", "d.parquet", "d.csv"):
         cfg = _section(tmp_path / name, id_column="id", split="test")
-        got = list(runner.iter_documents(runner.load_rows(cfg), cfg))
+        got = list(iter_documents(load_rows(cfg), cfg))
         assert [(d.example_id, d.text) for d in got] == [(r["id"], r["text"]) for r in rows], name
     # Text files: one file = one document by default; ids are row numbers.
     (tmp_path / "t").mkdir()
     for i in range(3):
         (tmp_path / "t" / f"{i}.txt").write_text(f"line one of {i}\nline two\n")
     cfg = _section(tmp_path / "t" / "*.txt")
-    got = list(runner.iter_documents(runner.load_rows(cfg), cfg))
+    got = list(iter_documents(load_rows(cfg), cfg))
     assert [d.example_id for d in got] == [0, 1, 2] and all("line two" in d.text for d in got)
     cfg = _section(tmp_path / "t" / "0.txt", sample_by="line")
-    assert [d.text for d in runner.iter_documents(runner.load_rows(cfg), cfg)] == ["line one of 0", "line two"]
+    assert [d.text for d in iter_documents(load_rows(cfg), cfg)] == ["line one of 0", "line two"]
 
 
 def test_max_samples_streaming_and_column_errors(docs):
     path, rows = docs
     cfg = _section(path, text_column="body", id_column="doc", max_samples=3, streaming=True)
-    got = list(runner.iter_documents(runner.load_rows(cfg), cfg))
+    got = list(iter_documents(load_rows(cfg), cfg))
     assert [d.source_id for d in got] == ["doc-0", "doc-1", "doc-2"]
     assert [d.example_id for d in got] == [normalize_id(f"doc-{i}") for i in range(3)]
     with pytest.raises(ConfigError, match="'text'.*body"):
         cfg = _section(path)
-        list(runner.iter_documents(runner.load_rows(cfg), cfg))
+        list(iter_documents(load_rows(cfg), cfg))
     sheet = path.with_suffix(".xlsx")
     sheet.write_text("")
     with pytest.raises(ConfigError, match="unsupported file type"):
-        runner.load_rows(_section(sheet))
+        load_rows(_section(sheet))
 
 
 def test_duplicate_ids_are_refused(tmp_path):
@@ -146,7 +148,7 @@ def test_duplicate_ids_are_refused(tmp_path):
     path.write_text('{"id": "a", "text": "x"}\n{"id": "b", "text": "y"}\n{"id": "a", "text": "z"}\n')
     cfg = _section(path, id_column="id")
     with pytest.raises(ValueError, match="row 2: id 'a'.*unique"):
-        list(runner.iter_documents(runner.load_rows(cfg), cfg))
+        list(iter_documents(load_rows(cfg), cfg))
 
 
 # ---- inference and capture ------------------------------------------------------------------
@@ -217,13 +219,13 @@ def test_config_overrides_merge_into_the_model_config(tiny_model, tmp_path):
     config = make_config(tiny_model, "x.jsonl", tmp_path / "o", model={"config_overrides": {
         "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128},
         "max_position_embeddings": 2048}})
-    model_config = runner.load_model_config(config, str(tiny_model))
+    model_config = load_model_config(config, str(tiny_model))
     assert model_config.max_position_embeddings == 2048
     assert model_config.rope_parameters["rope_type"] == "yarn" and model_config.rope_parameters["factor"] == 4.0
     assert model_config.rope_parameters["rope_theta"] == 10000.0  # kept from the saved config
     bad = make_config(tiny_model, "x.jsonl", tmp_path / "o", model={"config_overrides": {"max_position_embedding": 1}})
     with pytest.raises(ConfigError, match="config_overrides.max_position_embedding"):
-        runner.load_model_config(bad, str(tiny_model))
+        load_model_config(bad, str(tiny_model))
 
 
 def test_max_length_defaults_to_the_model(tiny_model, docs, tmp_path):
@@ -253,11 +255,12 @@ def test_push_needs_a_repo(tiny_model, docs, tmp_path):
 
 
 def test_expected_positions_match_the_sampler():
+    from qk_attn.dataset.verify import expected_positions
     from qk_attn.sampler import Sampler
 
     sampler = Sampler("log_uniform", 4, 2.0, 3)
     lengths = {5: 100, -7: 3, 2**40: 257, 9: 0}
-    got = cli.expected_positions(sampler, 1, "k", lengths, chunk=300)  # several chunks
+    got = expected_positions(sampler, 1, "k", lengths, chunk=300)  # several chunks
     for example, length in lengths.items():
         np.testing.assert_array_equal(got[example], sampler.selected_positions(example, 1, "k", length))
 
@@ -369,8 +372,8 @@ def test_pull_before_capture_push_after(tiny_model, docs, tmp_path, monkeypatch)
     events = []
     monkeypatch.setattr(hub, "pull", lambda repo, out, revision=None, missing_ok=False: events.append(("pull", repo, revision, missing_ok)))
     monkeypatch.setattr(hub, "push", lambda out, repo, revision=None, private=False: events.append(("push", repo, revision, private)))
-    loader = runner.load_rows
-    monkeypatch.setattr(runner, "load_rows", lambda cfg: events.append(("capture",)) or loader(cfg))
+    loader = load_rows
+    monkeypatch.setattr(prepare, "load_rows", lambda cfg: events.append(("capture",)) or loader(cfg))
     path, _ = docs
     out = tmp_path / "out"
     config = write_config(tmp_path, tiny_model, path, out, capture=SPARSE,

@@ -22,7 +22,8 @@ import yaml
 
 from qk_attn import cli
 
-from qk_attn.run import runner
+from qk_attn.run import prepare, runner
+from qk_attn.run.documents import normalize_id
 from qk_attn.errors import ConfigError
 from qk_attn.capture.batch import MemorySink
 from test_cli import SPARSE, all_rows, assert_same_rows, docs, make_config, tiny_model, write_config  # noqa: F401 (fixtures)
@@ -365,7 +366,7 @@ def test_a_refusal_inside_a_run_is_one_line_exit_2(tiny_model, docs, tmp_path, c
     out = tmp_path / "out"
     code, _, err = run_cli(capsys, "--config", write_config(tmp_path, tiny_model, docs[0], out, capture=SPARSE))
     assert code == 2 and "layer 1 got a query of batch 2" in one_line(err)
-    assert runner.normalize_id("doc-0") not in set(qk_attn.load_examples(out).column("example_id").to_pylist())
+    assert normalize_id("doc-0") not in set(qk_attn.load_examples(out).column("example_id").to_pylist())
     forwards.clear()
     code, _, err = run_cli(capsys, "--config", write_config(tmp_path, tiny_model, docs[0], out, capture=SPARSE), "--debug")
     assert code == 2 and "Traceback" in err and "CaptureError" in err
@@ -395,7 +396,7 @@ def test_unpadded_batches_pass_input_ids_only_and_documents_are_described(tiny_m
     sink = DescribingSink()
     runner.run(make_config(tiny_model, path, tmp_path / "o", inference={"batch_size": 1}), sink=sink, progress=False)
     assert seen == [["input_ids"]] * 6
-    from qk_attn.run.runner import normalize_id
+    from qk_attn.run.documents import normalize_id
 
     assert sink.described == [(normalize_id(r["doc"]), r["doc"], i) for i, r in enumerate(rows)]
     seen.clear()
@@ -457,8 +458,8 @@ def test_a_capture_made_before_weights_were_recorded_keeps_resuming(tiny_model, 
     """`source.weights` (the demo's GGUF provenance) is new: an older capture without it resumes."""
     out = tmp_path / "out"
     config = first_run(tiny_model, docs, tmp_path, capsys, out)
-    original = runner.source_info
-    monkeypatch.setattr(runner, "source_info", lambda *a: {**original(*a), "weights": "GGUF file `x.gguf`"})
+    original = prepare.source_info
+    monkeypatch.setattr(prepare, "source_info", lambda *a: {**original(*a), "weights": "GGUF file `x.gguf`"})
     code, _, err = run_cli(capsys, "--config", config, "--set", "dataset.max_samples=6")
     assert code == 0, err
     manifest = json.loads((out / "qk_sniff.json").read_text())

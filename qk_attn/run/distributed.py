@@ -6,7 +6,7 @@
 
 Document d (its index in the dataset, after `max_samples`) belongs to rank `d % n`, so the
 ranks' documents are disjoint and their union is the dataset, whatever the launcher. Each
-rank writes only its own files (qk_attn.storage.saver.Files); `merge` combines the manifest parts
+rank writes only its own files (qk_attn.storage.layout.Files); `merge` combines the manifest parts
 into `qk_sniff.json` and writes the card, the same as a single process would have.
 """
 
@@ -45,7 +45,7 @@ class Rank:
         return index % self.world_size == self.rank
 
     def sink_rank(self) -> tuple[int, int] | None:
-        """(rank, world_size) for qk_attn.storage.saver.ParquetSink; None for a single process."""
+        """(rank, world_size) for qk_attn.storage.sink.ParquetSink; None for a single process."""
         return None if self.is_single else (self.rank, self.world_size)
 
 
@@ -112,7 +112,10 @@ def merge(output: str | Path, allow_incomplete: bool = False) -> dict:
     finish their documents. Reads the parts and never changes them or a shard: idempotent.
     """
     from qk_attn.storage.card import write_card
-    from qk_attn.storage.manifest import MANIFEST, Files, part_files, read_manifest, take_lock, write_json_atomic
+    from qk_attn.storage.examples import write_examples
+    from qk_attn.storage.folder import take_lock
+    from qk_attn.storage.layout import MANIFEST, Files, part_files
+    from qk_attn.storage.manifest import read_manifest, write_json_atomic
     from qk_attn.errors import OutputLocked
 
     output = Path(output)
@@ -132,7 +135,7 @@ def merge(output: str | Path, allow_incomplete: bool = False) -> dict:
         current = read_manifest(output)
         if current is not None and current.get("examples") and not current.get("ranks"):
             raise ValueError(f"{output}/{MANIFEST} is a single-process capture; it cannot be replaced by a merge")
-        _write_examples(output, merged)
+        write_examples(output, merged)  # the merged OUT/examples.parquet (ranks wrote examples.rankRRR.parquet)
         write_json_atomic(output / MANIFEST, merged, keep_previous=True)
         write_card(output, merged)
     finally:
@@ -141,19 +144,8 @@ def merge(output: str | Path, allow_incomplete: bool = False) -> dict:
     return merged
 
 
-def _write_examples(output: Path, merged: dict) -> None:
-    """OUT/examples.parquet for the merged manifest (the ranks wrote examples.rankRRR.parquet)."""
-    from qk_attn.storage.manifest import EXAMPLES
-    from qk_attn.storage.shards import write_table
-    from qk_attn.dataset.verify import examples_table
-
-    size, digest = write_table(examples_table(merged), output / f".{EXAMPLES}.tmp", True)
-    os.replace(output / f".{EXAMPLES}.tmp", output / EXAMPLES)
-    merged["examples_file"] = {"name": EXAMPLES, "bytes": size, "sha256": digest}
-
-
 def _merge_parts(output: Path, parts: dict[int, dict], allow_incomplete: bool) -> dict:
-    from qk_attn.storage.manifest import identity
+    from qk_attn.storage.settings import identity
 
     sizes = {rank: (p.get("part") or {}).get("world_size") for rank, p in parts.items()}
     world = sizes[min(sizes)]
@@ -226,6 +218,6 @@ def _merge_parts(output: Path, parts: dict[int, dict], allow_incomplete: bool) -
 
 
 def parts_name(rank: int) -> str:
-    from qk_attn.storage.manifest import Files
+    from qk_attn.storage.layout import Files
 
     return Files(rank).manifest

@@ -86,3 +86,23 @@ def format_bytes(n: float) -> str:
         if n >= scale:
             return f"{n / scale:.1f} {unit}"
     return f"{n:.0f} B"
+
+
+def format_estimate(est) -> list[str]:
+    """The estimate as printed before a run."""
+    if not est.documents:
+        return ["qk-sniff: estimate: nothing to capture (every document is already committed)"]
+    spread = (f"{est.rows_per_document:,.0f}" if round(est.min_rows) == round(est.max_rows) else
+              f"{est.min_rows:,.0f} to {est.max_rows:,.0f} (mean {est.rows_per_document:,.0f})")
+    return [f"qk-sniff: estimate: {est.documents:,} document(s) x {spread} rows = {est.rows:,.0f} rows, "
+            f"{format_bytes(est.bytes)} uncompressed ({est.row_bytes} bytes per row; "
+            f"{format_bytes(est.bytes_per_document)} per document)"]
+
+
+def refusal(est, limit: float, how: str) -> str:
+    return (f"capture.max_gb: this run would write about {format_bytes(est.bytes)} ({est.rows:,.0f} rows of "
+            f"{est.row_bytes} bytes, uncompressed, {est.documents:,} document(s)), more than the limit of "
+            f"{format_bytes(limit)} ({how}); record less with capture.layers, capture.heads or "
+            "capture.head_sampling, a sparser capture.sampler (uniform with a larger min_bucket_size, or a smaller "
+            "base_rate), capture.vector_dtype: float16, tokenizer.max_length or dataset.max_samples, or raise "
+            "capture.max_gb")

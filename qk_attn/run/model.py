@@ -1,0 +1,166 @@
+"""The model and tokenizer of a run: config, weights, backbone, max_length, and encoding a batch.
+
+The model loads with attn_implementation="qk_sniff"; only its backbone (`model.base_model`)
+runs, so no logits over 128k positions are materialised.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from qk_attn.errors import ConfigError, one_line
+from qk_attn.run.config import RunConfig
+from qk_attn.run.documents import Document
+
+logger = logging.getLogger(__name__)
+
+
+def _merge(current: Any, new: Any) -> Any:
+    if isinstance(current, dict) and isinstance(new, dict):
+        return {**current, **{k: _merge(current.get(k), v) for k, v in new.items()}}
+    return new
+
+
+def load_model_config(config: RunConfig, name: str):
+    """AutoConfig with `model.config_overrides` merged in (mappings merge key by key, so
+    `rope_parameters: {rope_type: yarn, factor: 4}` keeps the model's rope_theta)."""
+    from transformers import AutoConfig
+
+    cfg = config.model
+    local = cfg.name.startswith(("/", "./", "../", "~")) or os.path.isabs(cfg.name)
+    if local and not Path(os.path.expanduser(cfg.name)).exists():
+        raise ConfigError(f"model.name={cfg.name!r} does not exist: no such folder (a Hub id looks like org/name)")
+    if not Path(os.path.expanduser(name)).exists():
+        from qk_attn.run.preflight import check_hub
+
+        check_hub(f"model.name={cfg.name!r}", "model")
+    try:
+        model_config = AutoConfig.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as error:  # not found, no network, not a transformers model
+        raise ConfigError(f"model.name={cfg.name!r} cannot be loaded: {one_line(error)}") from error
+    if not cfg.config_overrides:
+        return model_config
+    values = model_config.to_dict()
+    for key, value in cfg.config_overrides.items():
+        if key not in values and not hasattr(model_config, key):
+            raise ConfigError(
+                f"model.config_overrides.{key}: {type(model_config).__name__} has no setting {key!r} "
+                "(check the spelling against the model's config.json)"
+            )
+        values[key] = _merge(values.get(key), value)
+    return type(model_config).from_dict(values)
+
+
+def default_device(cfg) -> str:
+    import torch
+
+    if cfg.device:
+        return cfg.device
+    if not torch.cuda.is_available():
+        return "cpu"
+    if "LOCAL_RANK" in os.environ:  # one GPU per process of a launched job (torchrun / accelerate)
+        return f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
+    return "cuda"
+
+
+def load_model(config: RunConfig, name: str, model_config=None):
+    """The CausalLM with "qk_sniff" attention (flash attention wrapped under its own name), in eval
+    mode, placed on its device(s)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import qk_attn  # registers "qk_sniff"
+
+    attention = "qk_sniff"
+    if config.inference.backend == "flash_attention_2":
+        # Flash is recorded under its own name: transformers takes flash-only branches by name.
+        qk_attn.wrap_flash_attention()
+        attention = "flash_attention_2"
+    cfg = config.model
+    kwargs: dict[str, Any] = {
+        "config": model_config if model_config is not None else load_model_config(config, name),
+        "revision": cfg.revision,
+        "trust_remote_code": cfg.trust_remote_code,
+        "attn_implementation": attention,
+        "dtype": "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype),
+    }
+    if cfg.device_map is not None:
+        kwargs["device_map"] = cfg.device_map
+    model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    if cfg.device_map is None:
+        model.to(default_device(cfg))
+    return model.eval()
+
+
+def backbone(model):
+    """The decoder without its LM head: hidden states only, never (B, T, vocab) logits."""
+    base = model.base_model
+    if base is model:
+        logger.warning("%s has no separate backbone; running the whole model", type(model).__name__)
+    return base
+
+
+def load_tokenizer(config: RunConfig, name: str):
+    from transformers import AutoTokenizer
+
+    from qk_attn.run.preflight import check_hub
+
+    key = "tokenizer.name" if config.tokenizer.name else "model.name"
+    if not Path(os.path.expanduser(name)).exists():
+        check_hub(f"{key}={config.tokenizer_name!r}", "tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            name, revision=config.tokenizer_revision, trust_remote_code=config.model.trust_remote_code
+        )
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{key}={config.tokenizer_name!r}: no tokenizer can be loaded: {one_line(error)}") from error
+    tokenizer.padding_side = config.tokenizer.padding_side
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def resolve_max_length(config: RunConfig, model_config, tokenizer) -> int:
+    """tokenizer.max_length, else the model's max positions (and the tokenizer's, if finite)."""
+    if config.tokenizer.max_length is not None:
+        return config.tokenizer.max_length
+    from qk_attn.run.preflight import model_positions
+
+    limits = [model_positions(model_config), getattr(tokenizer, "model_max_length", None)]
+    limits = [int(v) for v in limits if isinstance(v, int) and 0 < v < 10**9]
+    if not limits:
+        raise ConfigError("tokenizer.max_length is not set and the model declares no maximum length; set it")
+    return min(limits)
+
+
+def encode(tokenizer, documents: list[Document], max_length: int, add_special_tokens: bool, device) -> tuple[dict, list[int]]:
+    """The model inputs of one batch, truncated to `max_length`, and each row's valid length.
+
+    A batch without padding (one document, or rows of equal length) passes `input_ids` only:
+    the model derives positions 0..T-1 itself, and an all-ones `attention_mask` would only
+    make transformers inspect it on the host every forward (a device sync on GPU). A padded
+    batch also gets the mask and RoPE positions that count valid tokens only (0, 1, 2, ...
+    from each row's first real token), so left and right padding give every example the
+    same positions as running it alone. Lengths are read from the host tensor, before any
+    copy to the device.
+    """
+    enc = tokenizer(
+        [d.text for d in documents],
+        truncation=True,
+        max_length=max_length,
+        padding=len(documents) > 1,
+        add_special_tokens=add_special_tokens,
+        return_tensors="pt",
+        return_attention_mask=True,
+    )
+    mask = enc["attention_mask"]
+    lengths = mask.sum(-1).tolist()
+    batch = {"input_ids": enc["input_ids"].to(device)}
+    if any(n != mask.shape[-1] for n in lengths):
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        batch["attention_mask"] = mask.to(device)
+        batch["position_ids"] = positions.to(device)
+    return batch, lengths
