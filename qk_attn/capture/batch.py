@@ -269,6 +269,28 @@ class Sink:
         return None
 
 
+class _BareSink(Sink):
+    """A sink object that does not subclass Sink, used through the minimum a custom sink must
+    have (put, commit, close); every other method is the base's default."""
+
+    def __init__(self, sink) -> None:
+        self.sink = sink
+
+    def put(self, batch: CaptureBatch) -> None:
+        self.sink.put(batch)
+
+    def commit(self, example_ids: list[int]) -> None:
+        self.sink.commit(example_ids)
+
+    def close(self) -> None:
+        self.sink.close()
+
+
+def as_sink(sink) -> Sink:
+    """`sink` itself when it subclasses Sink, else it wrapped in one (put, commit, close used)."""
+    return sink if isinstance(sink, Sink) else _BareSink(sink)
+
+
 def warn_not_from_zero(example_id: int, first_position: int, warned: set) -> None:
     """Once per sink (`warned` is its memo): a document whose first token is not at position 0 (a
     left-padded batch run without position_ids rotates it by its index in the padded row)."""

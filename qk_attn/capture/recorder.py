@@ -12,7 +12,7 @@ import logging
 import torch
 
 from qk_attn.capture.attention import is_cross_attention, key_validity, refuse_unsupported
-from qk_attn.capture.batch import CaptureBatch, MemorySink
+from qk_attn.capture.batch import CaptureBatch, MemorySink, as_sink
 from qk_attn.capture.forward import TextTokens, check_shapes
 from qk_attn.capture.gather import Selection, SelectionSpec, gather_selected, select_rows, select_tokens, uses_kernel
 from qk_attn.capture.plan import HeadPlan, ModelShape
@@ -38,7 +38,7 @@ class Session(SequenceTracker):
         self.sampler = Sampler.from_config(config)
         self._models: dict[int, _Model] = {}  # id(model config) -> its head plan
         self._device_tables: dict[tuple, torch.Tensor] = {}
-        super().__init__(MemorySink() if sink is None else sink, example_ids)
+        super().__init__(MemorySink() if sink is None else as_sink(sink), example_ids)
         self._warned: set[str] = set()
         self._closed = False
 

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from qk_attn.dataset.reader import INDEX_COLUMNS, Dataset, check_integrity
 from qk_attn.errors import ManifestError
+from qk_attn.storage.layout import key_name
 from qk_attn.storage.records import shard_examples
 
 # (manifest, manifest["source"]) -> {example_id: the token ids of its source document}. The run
@@ -159,13 +160,13 @@ def verify_dataset(root: str | Path, log=print, encode_source: EncodeSource | No
     expected_keys = set(data.folders)
     if plan is not None:
         expected_keys |= {(layer, head, kind) for (layer, kind), heads in plan.items() for head in heads
-                          if calls.get(f"l{layer:02d}h{head:02d}{kind}", 0) > 0}
+                          if calls.get(key_name(layer, head, kind), 0) > 0}
     pairs = sorted({(layer, kind) for layer, _, kind in expected_keys})
     for layer, kind in pairs:
         want = expected_positions(sampler, layer, kind, committed, starts=data.first_positions())
         heads = sorted(h for (lay, h, k) in expected_keys if lay == layer and k == kind)
         for head in heads:
-            name = f"l{layer:02d}h{head:02d}{kind}"
+            name = key_name(layer, head, kind)
             if name in damaged_folders and not damaged:  # an old dataset: no per-shard examples to exclude
                 continue
             got = selections.get((layer, kind), {}).get(name, {})
