@@ -1,10 +1,11 @@
 """Push a capture folder to a Hub dataset repo (or branch), pull one back to resume into it.
 
-OUT mirrors one repo branch (DESIGN §5). `push` creates the repo and branch when missing,
-uploads the committed shards (deleting remote shards the local manifest no longer lists,
-e.g. after compaction), then the manifest and card — so a reader never sees a manifest
-listing shards that are not there yet. It refuses to push over remote examples the local
-folder lacks (pull first). Any Hub failure is a `HubError` carrying the Hub's message.
+OUT mirrors one repo branch (the commit protocol: docs/architecture.md). `push` creates the
+repo and branch when missing, uploads the committed shards (deleting remote shards the local
+manifest no longer lists, e.g. after compaction), then the manifest and card — so a reader
+never sees a manifest listing shards that are not there yet. It refuses to push over remote
+examples the local folder lacks (pull first). Any Hub failure is a `HubError` carrying the
+Hub's message.
 """
 
 from __future__ import annotations
