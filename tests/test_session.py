@@ -8,7 +8,7 @@ from transformers import AttentionInterface, AutoModelForCausalLM
 from transformers.masking_utils import AttentionMaskInterface
 
 import qk_attn
-from qk_attn.capture.gather import gather_rows
+from qk_attn.capture.gather import SelectionSpec, gather_rows
 from qk_attn.capture.batch import CaptureBatch
 from qk_attn.errors import CaptureOverflow
 from qk_attn.sampler import Sampler
@@ -118,9 +118,9 @@ def test_sparse_sampler_rows_are_the_sampler_selection():
 def test_overflow_is_flagged_not_dropped():
     states = torch.randn(1, 2, 50, 8)
     positions = torch.arange(50)[None]
-    count, row, position, bucket, vectors = gather_rows(
+    count, row, position, bucket, vectors = gather_rows(SelectionSpec(
         states, 0, torch.tensor([0, 1]), positions, torch.ones(1, 50, dtype=torch.bool), torch.tensor([3]),
-        Sampler("all", 8, 1.0), 0, "q", 10, torch.float32)
+        Sampler("all", 8, 1.0), 0, "q", 10, torch.float32))
     assert int(count) == 50 and row.shape == (10,)
     batch = CaptureBatch(0, "q", (0, 1), (3,), None, False, count, row, position, bucket, vectors, torch.tensor([50]))
     with pytest.raises(CaptureOverflow, match="50 tokens selected but the staging buffer holds 10"):
