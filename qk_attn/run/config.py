@@ -13,13 +13,14 @@
 Everything is validated when the file is read, before any model or dataset is loaded: an
 unknown section or key, or a value of the wrong type, is a `ConfigError` that names the
 section and key (and the closest known key). The capture section maps onto `SniffConfig`
-(`RunConfig.sniff_config()`), whose own checks run at the same time.
+(`RunConfig.sniff_config()`), whose own checks run at the same time. The sections and the
+check of each key live in qk_attn.run.sections; this module reads the file, applies `--set`
+and maps the result onto the capture library.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,182 +30,20 @@ import yaml
 
 from qk_attn.config import SniffConfig
 from qk_attn.errors import ConfigError
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-PADDING_SIDES = ("right", "left")
-SAMPLE_BY = ("document", "paragraph", "line")
-
-
-# ---- one field = one validator -------------------------------------------------------------
-def _check(kind: str, choices: tuple[str, ...] | None = None, minimum: int | None = None, nullable: bool = True):
-    """Field metadata: how a YAML value of this key is checked (and lightly coerced)."""
-    return {"kind": kind, "choices": choices, "minimum": minimum, "nullable": nullable}
-
-
-def _opt(default: Any, kind: str, **check: Any):
-    return field(default=default, metadata=_check(kind, **check))
-
-
-def _validate(where: str, value: Any, kind: str, choices, minimum, nullable) -> Any:
-    if value is None:
-        if nullable:
-            return None
-        raise ConfigError(f"{where} is required")
-    if kind == "str":
-        if isinstance(value, (dict, list, bool)):
-            raise ConfigError(f"{where}={value!r} is invalid: expected a string")
-        value = os.fspath(value) if isinstance(value, Path) else str(value)
-        if choices and value not in choices:
-            raise ConfigError(f"{where}={value!r} is invalid: expected one of {' | '.join(choices)}")
-        return value
-    if kind == "bool":
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-            return value.strip().lower() in ("1", "true", "yes", "on")
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        raise ConfigError(f"{where}={value!r} is invalid: expected true or false")
-    if kind == "int":
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ConfigError(f"{where}={value!r} is invalid: expected an integer")
-        try:
-            number = int(value)
-        except ValueError:
-            raise ConfigError(f"{where}={value!r} is invalid: expected an integer") from None
-        if minimum is not None and number < minimum:
-            raise ConfigError(f"{where}={value!r} is invalid: expected an integer >= {minimum}")
-        return number
-    if kind == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"{where}={value!r} is invalid: expected a number")
-        try:
-            number = float(value)
-        except ValueError:
-            raise ConfigError(f"{where}={value!r} is invalid: expected a number") from None
-        if not number > (minimum or 0):
-            raise ConfigError(f"{where}={value!r} is invalid: expected a number > {minimum or 0}")
-        return number
-    if kind == "mapping":
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{where}={value!r} is invalid: expected a mapping (key: value, ...)")
-        return dict(value)
-    return value  # "any": checked where it is used (e.g. by SniffConfig)
-
-
-# ---- sections ------------------------------------------------------------------------------
-@dataclass
-class DatasetSection:
-    """Which documents to run: anything `datasets.load_dataset` reads, or a local file."""
-
-    path: str | None = _opt(None, "str", nullable=False)  # Hub id, local file/glob/folder, or "demo:kjv"
-    name: str | None = _opt(None, "str")  # dataset configuration name
-    split: str = _opt("train", "str", nullable=False)
-    data_files: Any = _opt(None, "any")
-    revision: str | None = _opt(None, "str")
-    text_column: str = _opt("text", "str", nullable=False)
-    id_column: str | None = _opt(None, "str")  # None: the row index is the example id
-    max_samples: int | None = _opt(None, "int", minimum=1)
-    streaming: bool = _opt(False, "bool")
-    sample_by: str = _opt("document", "str", choices=SAMPLE_BY, nullable=False)  # for .txt files
-
-
-@dataclass
-class ModelSection:
-    name: str | None = _opt(None, "str", nullable=False)  # Hub id, local folder, or "demo:smollm2-135m"
-    revision: str | None = _opt(None, "str")
-    dtype: str = _opt("auto", "str", choices=DTYPES, nullable=False)
-    device_map: Any = _opt(None, "any")  # e.g. "auto" (needs accelerate)
-    device: str | None = _opt(None, "str")  # without device_map: cuda when available, else cpu
-    trust_remote_code: bool = _opt(False, "bool")
-    config_overrides: dict = _opt(None, "mapping")  # e.g. rope_parameters for YaRN
-
-    def __post_init__(self) -> None:
-        if self.config_overrides is None:
-            self.config_overrides = {}
-
-
-@dataclass
-class TokenizerSection:
-    name: str | None = _opt(None, "str")  # defaults to model.name
-    revision: str | None = _opt(None, "str")  # defaults to model.revision when name is unset
-    max_length: int | None = _opt(None, "int", minimum=1)  # defaults to the model's max positions
-    padding_side: str = _opt("right", "str", choices=PADDING_SIDES, nullable=False)
-    add_special_tokens: bool = _opt(True, "bool")
-
-
-@dataclass
-class InferenceSection:
-    batch_size: int = _opt(1, "int", minimum=1, nullable=False)
-    backend: str = _opt("sdpa", "str", nullable=False)  # attention that "qk_sniff" wraps
-    pinned_mb: int | None = _opt(None, "int", minimum=1)
-
-
-@dataclass
-class CaptureSection:
-    sampler: Any = _opt("log_uniform", "any")  # a name, or {type, base_rate, min_bucket_size, seed}
-    min_bucket_size: int | None = _opt(None, "int", minimum=1)
-    base_rate: Any = _opt(None, "any")
-    seed: int | None = _opt(None, "int", minimum=0)
-    layers: Any = _opt(None, "any")  # "0,3,10-12" or a list; null = all
-    heads: Any = _opt(None, "any")  # query heads; null = all
-    key_heads: Any = _opt(None, "any")  # null = the KV heads the chosen query heads read
-    head_sampling: Any = _opt(None, "any")  # {count, seed}: a seeded sample of (layer, head) pairs
-    capture_queries: bool = _opt(True, "bool")
-    capture_keys: bool = _opt(True, "bool")
-    capture_pre_rope: bool = _opt(False, "bool")
-    full_attention_only: bool = _opt(False, "bool")
-    capture_token_strings: bool = _opt(False, "bool")
-    vector_dtype: str | None = _opt(None, "str")
-    # Refuse a run whose estimated output (qk_attn.run.estimate) exceeds this many GB (10^9 bytes);
-    # null: half the free space on the output's file system.
-    max_gb: float | None = _opt(None, "float")
-
-
-@dataclass
-class OutputSection:
-    data_root: str | None = _opt(None, "str", nullable=False)
-    hf_repo_id: str | None = _opt(None, "str")
-    hf_branch: str | None = _opt(None, "str")
-    private: bool = _opt(False, "bool")
-    overwrite: bool = _opt(False, "bool")
-
-
-SECTIONS: dict[str, type] = {
-    "dataset": DatasetSection,
-    "model": ModelSection,
-    "tokenizer": TokenizerSection,
-    "inference": InferenceSection,
-    "capture": CaptureSection,
-    "output": OutputSection,
-}
-SAMPLER_KEYS = ("type", "base_rate", "min_bucket_size", "seed")
-HEAD_SAMPLING_KEYS = ("count", "seed")
-
-
-def _unknown(key: str, where: str, known) -> ConfigError:
-    close = difflib.get_close_matches(str(key), list(known), n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return ConfigError(f"unknown key {key!r} in {where}{hint}; known keys: {', '.join(known)}")
-
-
-def _build_section(name: str, values: Any):
-    cls = SECTIONS[name]
-    if values is None:
-        values = {}
-    if not isinstance(values, Mapping):
-        raise ConfigError(f"section {name!r} must be a mapping of keys to values, got {values!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in values:
-        if key not in fields:
-            raise _unknown(key, f"section {name!r}", list(fields))
-    checked = {}
-    for key, f in fields.items():
-        if key in values:
-            checked[key] = _validate(f"{name}.{key}", values[key], **f.metadata)
-        elif not f.metadata.get("nullable", True) and f.default is None:
-            raise ConfigError(f"{name}.{key} is required")
-    return cls(**checked)
+from qk_attn.run.sections import (
+    HEAD_SAMPLING_KEYS,
+    SAMPLER_KEYS,
+    SECTIONS,
+    CaptureSection,
+    DatasetSection,
+    InferenceSection,
+    ModelSection,
+    OutputSection,
+    TokenizerSection,
+    build_section,
+    unknown_key,
+    validate,
+)
 
 
 @dataclass
@@ -226,8 +65,8 @@ class RunConfig:
             raise ConfigError(f"a run configuration is a mapping of sections, got {type(data).__name__}")
         for key in data:
             if key not in SECTIONS:
-                raise _unknown(key, "the configuration (top level)", list(SECTIONS))
-        sections = {name: _build_section(name, data.get(name)) for name in SECTIONS}
+                raise unknown_key(key, "the configuration (top level)", list(SECTIONS))
+        sections = {name: build_section(name, data.get(name)) for name in SECTIONS}
         config = cls(**sections)
         config.sniff_config()  # every capture value is checked now, not after the model loaded
         return config
@@ -267,7 +106,7 @@ class RunConfig:
         if isinstance(sampler, Mapping):
             for key in sampler:
                 if key not in SAMPLER_KEYS:
-                    raise _unknown(key, "capture.sampler", SAMPLER_KEYS)
+                    raise unknown_key(key, "capture.sampler", SAMPLER_KEYS)
             nested = {k: sampler.get(k) for k in SAMPLER_KEYS[1:]}
             for key, value in nested.items():
                 if value is not None and flat[key] is not None and value != flat[key]:
@@ -298,12 +137,12 @@ class RunConfig:
             raise ConfigError(f"capture.head_sampling={hs!r} is invalid: expected a mapping {{count, seed}} or null")
         for key in hs:
             if key not in HEAD_SAMPLING_KEYS:
-                raise _unknown(key, "capture.head_sampling", HEAD_SAMPLING_KEYS)
+                raise unknown_key(key, "capture.head_sampling", HEAD_SAMPLING_KEYS)
         out = {}
         if hs.get("count") is not None:
-            out["head_sample_count"] = _validate("capture.head_sampling.count", hs["count"], "int", None, 1, True)
+            out["head_sample_count"] = validate("capture.head_sampling.count", hs["count"], "int", None, 1, True)
         if hs.get("seed") is not None:
-            out["head_sample_seed"] = _validate("capture.head_sampling.seed", hs["seed"], "int", None, 0, True)
+            out["head_sample_seed"] = validate("capture.head_sampling.seed", hs["seed"], "int", None, 0, True)
         return out
 
     def sniff_settings(self) -> dict[str, Any]:
@@ -390,10 +229,10 @@ def apply_override(data: dict, item: str) -> None:
         raise ConfigError(f"--set {item!r} is invalid: expected section.key=value, e.g. capture.base_rate=2")
     section, key = parts[0], parts[1]
     if section not in SECTIONS:
-        raise _unknown(section, f"--set {item!r} (sections)", list(SECTIONS))
+        raise unknown_key(section, f"--set {item!r} (sections)", list(SECTIONS))
     known = [f.name for f in dataclasses.fields(SECTIONS[section])]
     if key not in known:
-        raise _unknown(key, f"section {section!r} (--set {item!r})", known)
+        raise unknown_key(key, f"section {section!r} (--set {item!r})", known)
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from qk_attn.errors import ConfigError
-from qk_attn.run.config import DatasetSection
+from qk_attn.run.sections import DatasetSection
 
 # Local file suffix -> `datasets` packaged builder.
 # Local file suffix -> `datasets` packaged builder.

@@ -17,7 +17,7 @@ def encode_source(manifest: dict, source: dict) -> dict[int, list[int]]:
     from transformers import AutoTokenizer
 
     from qk_attn.demo import resolve_model
-    from qk_attn.run.config import DatasetSection
+    from qk_attn.run.sections import DatasetSection
     from qk_attn.run.documents import load_rows
 
     cfg = DatasetSection(path=source["dataset"], name=source.get("dataset_name"), split=source.get("split") or "train",

@@ -1,0 +1,193 @@
+"""The six sections of a run configuration, and the check each key's value gets when read.
+
+Each section is a dataclass whose fields carry their own validator (`_opt`): `build_section`
+turns one YAML mapping into a section, refusing an unknown key (naming the closest known one)
+or a value of the wrong type with a `ConfigError` that names `section.key`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from qk_attn.errors import ConfigError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+PADDING_SIDES = ("right", "left")
+SAMPLE_BY = ("document", "paragraph", "line")
+
+
+# ---- one field = one validator -------------------------------------------------------------
+def _check(kind: str, choices: tuple[str, ...] | None = None, minimum: int | None = None, nullable: bool = True):
+    """Field metadata: how a YAML value of this key is checked (and lightly coerced)."""
+    return {"kind": kind, "choices": choices, "minimum": minimum, "nullable": nullable}
+
+
+def _opt(default: Any, kind: str, **check: Any):
+    return field(default=default, metadata=_check(kind, **check))
+
+
+def validate(where: str, value: Any, kind: str, choices, minimum, nullable) -> Any:
+    if value is None:
+        if nullable:
+            return None
+        raise ConfigError(f"{where} is required")
+    if kind == "str":
+        if isinstance(value, (dict, list, bool)):
+            raise ConfigError(f"{where}={value!r} is invalid: expected a string")
+        value = os.fspath(value) if isinstance(value, Path) else str(value)
+        if choices and value not in choices:
+            raise ConfigError(f"{where}={value!r} is invalid: expected one of {' | '.join(choices)}")
+        return value
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.strip().lower() in ("1", "true", "yes", "on")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{where}={value!r} is invalid: expected true or false")
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{where}={value!r} is invalid: expected an integer")
+        try:
+            number = int(value)
+        except ValueError:
+            raise ConfigError(f"{where}={value!r} is invalid: expected an integer") from None
+        if minimum is not None and number < minimum:
+            raise ConfigError(f"{where}={value!r} is invalid: expected an integer >= {minimum}")
+        return number
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{where}={value!r} is invalid: expected a number")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"{where}={value!r} is invalid: expected a number") from None
+        if not number > (minimum or 0):
+            raise ConfigError(f"{where}={value!r} is invalid: expected a number > {minimum or 0}")
+        return number
+    if kind == "mapping":
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}={value!r} is invalid: expected a mapping (key: value, ...)")
+        return dict(value)
+    return value  # "any": checked where it is used (e.g. by SniffConfig)
+
+
+# ---- sections ------------------------------------------------------------------------------
+@dataclass
+class DatasetSection:
+    """Which documents to run: anything `datasets.load_dataset` reads, or a local file."""
+
+    path: str | None = _opt(None, "str", nullable=False)  # Hub id, local file/glob/folder, or "demo:kjv"
+    name: str | None = _opt(None, "str")  # dataset configuration name
+    split: str = _opt("train", "str", nullable=False)
+    data_files: Any = _opt(None, "any")
+    revision: str | None = _opt(None, "str")
+    text_column: str = _opt("text", "str", nullable=False)
+    id_column: str | None = _opt(None, "str")  # None: the row index is the example id
+    max_samples: int | None = _opt(None, "int", minimum=1)
+    streaming: bool = _opt(False, "bool")
+    sample_by: str = _opt("document", "str", choices=SAMPLE_BY, nullable=False)  # for .txt files
+
+
+@dataclass
+class ModelSection:
+    name: str | None = _opt(None, "str", nullable=False)  # Hub id, local folder, or "demo:smollm2-135m"
+    revision: str | None = _opt(None, "str")
+    dtype: str = _opt("auto", "str", choices=DTYPES, nullable=False)
+    device_map: Any = _opt(None, "any")  # e.g. "auto" (needs accelerate)
+    device: str | None = _opt(None, "str")  # without device_map: cuda when available, else cpu
+    trust_remote_code: bool = _opt(False, "bool")
+    config_overrides: dict = _opt(None, "mapping")  # e.g. rope_parameters for YaRN
+
+    def __post_init__(self) -> None:
+        if self.config_overrides is None:
+            self.config_overrides = {}
+
+
+@dataclass
+class TokenizerSection:
+    name: str | None = _opt(None, "str")  # defaults to model.name
+    revision: str | None = _opt(None, "str")  # defaults to model.revision when name is unset
+    max_length: int | None = _opt(None, "int", minimum=1)  # defaults to the model's max positions
+    padding_side: str = _opt("right", "str", choices=PADDING_SIDES, nullable=False)
+    add_special_tokens: bool = _opt(True, "bool")
+
+
+@dataclass
+class InferenceSection:
+    batch_size: int = _opt(1, "int", minimum=1, nullable=False)
+    backend: str = _opt("sdpa", "str", nullable=False)  # attention that "qk_sniff" wraps
+    pinned_mb: int | None = _opt(None, "int", minimum=1)
+
+
+@dataclass
+class CaptureSection:
+    sampler: Any = _opt("log_uniform", "any")  # a name, or {type, base_rate, min_bucket_size, seed}
+    min_bucket_size: int | None = _opt(None, "int", minimum=1)
+    base_rate: Any = _opt(None, "any")
+    seed: int | None = _opt(None, "int", minimum=0)
+    layers: Any = _opt(None, "any")  # "0,3,10-12" or a list; null = all
+    heads: Any = _opt(None, "any")  # query heads; null = all
+    key_heads: Any = _opt(None, "any")  # null = the KV heads the chosen query heads read
+    head_sampling: Any = _opt(None, "any")  # {count, seed}: a seeded sample of (layer, head) pairs
+    capture_queries: bool = _opt(True, "bool")
+    capture_keys: bool = _opt(True, "bool")
+    capture_pre_rope: bool = _opt(False, "bool")
+    full_attention_only: bool = _opt(False, "bool")
+    capture_token_strings: bool = _opt(False, "bool")
+    vector_dtype: str | None = _opt(None, "str")
+    # Refuse a run whose estimated output (qk_attn.run.estimate) exceeds this many GB (10^9 bytes);
+    # null: half the free space on the output's file system.
+    max_gb: float | None = _opt(None, "float")
+
+
+@dataclass
+class OutputSection:
+    data_root: str | None = _opt(None, "str", nullable=False)
+    hf_repo_id: str | None = _opt(None, "str")
+    hf_branch: str | None = _opt(None, "str")
+    private: bool = _opt(False, "bool")
+    overwrite: bool = _opt(False, "bool")
+
+
+SECTIONS: dict[str, type] = {
+    "dataset": DatasetSection,
+    "model": ModelSection,
+    "tokenizer": TokenizerSection,
+    "inference": InferenceSection,
+    "capture": CaptureSection,
+    "output": OutputSection,
+}
+SAMPLER_KEYS = ("type", "base_rate", "min_bucket_size", "seed")
+HEAD_SAMPLING_KEYS = ("count", "seed")
+
+
+def unknown_key(key: str, where: str, known) -> ConfigError:
+    close = difflib.get_close_matches(str(key), list(known), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"unknown key {key!r} in {where}{hint}; known keys: {', '.join(known)}")
+
+
+def build_section(name: str, values: Any):
+    cls = SECTIONS[name]
+    if values is None:
+        values = {}
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"section {name!r} must be a mapping of keys to values, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in fields:
+            raise unknown_key(key, f"section {name!r}", list(fields))
+    checked = {}
+    for key, f in fields.items():
+        if key in values:
+            checked[key] = validate(f"{name}.{key}", values[key], **f.metadata)
+        elif not f.metadata.get("nullable", True) and f.default is None:
+            raise ConfigError(f"{name}.{key} is required")
+    return cls(**checked)
