@@ -9,6 +9,7 @@ import transformers as tf
 import qk_attn
 from qk_attn.capture import facts
 from qk_attn.capture import name_branches as branches
+from qk_attn.capture.known_branches import ALIKE, NAME_BRANCHES
 from qk_attn.errors import CaptureError, TransformersMismatch
 
 
@@ -48,14 +49,14 @@ def found():
 
 
 def test_every_name_branch_is_classified(found):
-    unclassified = [f"{b.path} line {found[b][0]}: {b.condition}" for b in found if b not in branches.NAME_BRANCHES]
+    unclassified = [f"{b.path} line {found[b][0]}: {b.condition}" for b in found if b not in NAME_BRANCHES]
     assert not unclassified, (f"transformers {tf.__version__} branches on the attention implementation's name where "
-                              "qk_attn.capture.branches.NAME_BRANCHES does not say how 'qk_sniff' is handled: "
+                              "qk_attn.capture.known_branches.NAME_BRANCHES does not say how 'qk_sniff' is handled: "
                               + "; ".join(unclassified))
 
 
 def test_branches_said_alike_are_alike():
-    wrong = [b for b, handling in branches.NAME_BRANCHES.items() if handling == branches.ALIKE and not branches.alike(b.condition)]
+    wrong = [b for b, handling in NAME_BRANCHES.items() if handling == ALIKE and not branches.alike(b.condition)]
     assert not wrong
 
 
@@ -70,7 +71,7 @@ def test_the_enumeration_finds_a_new_branch(tmp_path):
 
 
 def test_followed_branches_have_their_method(found):
-    followed = [b for b in found if branches.NAME_BRANCHES.get(b, "").startswith("qk_sniff takes the wrapped")]
+    followed = [b for b in found if NAME_BRANCHES.get(b, "").startswith("qk_sniff takes the wrapped")]
     for branch in followed:
         module_name = "transformers." + branch.path.removesuffix(".py").replace("/", ".")
         class_name, method = branches.FOLLOWED_METHODS[module_name]
