@@ -16,7 +16,6 @@ output folder: writability is probed with a temporary file that is removed at on
 from __future__ import annotations
 
 import codecs
-import fcntl
 import functools
 import glob
 import os
@@ -107,19 +106,11 @@ def _probe_writable(folder: Path, where: str) -> None:
 
 
 def _probe_lock(path: Path, where: str) -> None:
-    if not path.is_file():
-        return
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # an unreadable lock file: the sink itself will say so when it takes the lock
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    from qk_attn.storage.folder import lock_held
+
+    if lock_held(path):
         raise ConfigError(f"{where} is in use: another qk-sniff capture is writing to it (it holds {path.name}); "
-                          "wait until it finishes, or choose another output.data_root") from None
-    finally:
-        os.close(fd)  # also releases the probe's lock
+                          "wait until it finishes, or choose another output.data_root")
 
 
 def _one_line(text: str) -> str:
@@ -180,7 +171,7 @@ def check_output(data_root: str, sniff: SniffConfig, source: dict | None, *, ove
 
 
 def _check_same_settings(manifest: dict, sniff: SniffConfig, source: dict | None, where: str) -> None:
-    from qk_attn.storage.differences import setting_differences
+    from qk_attn.storage.settings import setting_differences
 
     differences = setting_differences(manifest, sniff, source)
     if differences:
@@ -192,20 +183,20 @@ def _check_same_settings(manifest: dict, sniff: SniffConfig, source: dict | None
 
 def _check_same_model(manifest: dict, model: dict, shape: ModelShape | None, where: str) -> None:
     """The saver refuses a different model once examples are committed; say so before loading it."""
-    old = manifest.get("model") or {}
-    if not old or not manifest.get("examples"):
+    from qk_attn.storage.settings import other_model, shape_differences
+
+    if not manifest.get("model") or not manifest.get("examples"):
         return
-    both = old.get("revision") and model.get("revision")
-    if (old.get("revision") != model.get("revision")) if both else (old.get("id") != model.get("id")):
+    old = other_model(manifest, model)
+    if old is not None:
         raise ConfigError(f"{where} holds captures of model {old.get('id')!r} (revision {old.get('revision')}); "
                           f"model.name is {model.get('id')!r} (revision {model.get('revision')}): choose another "
                           "output.data_root, or set output.overwrite: true to start over")
-    plan = manifest.get("plan") or {}
     if shape is None:
         return
     new = {"num_layers": shape.num_layers, "num_heads": shape.num_heads, "num_kv_heads": shape.num_kv_heads,
            "head_dim": shape.head_dim}
-    changed = [f"{k} {plan[k]} there, {v} now" for k, v in new.items() if k in plan and plan[k] != v]
+    changed = [f"{d.setting} {d.there} there, {d.now} now" for d in shape_differences(manifest, new)]
     if changed:
         raise ConfigError(f"{where} holds captures of a model with another shape ({'; '.join(changed)}); choose "
                           "another output.data_root, or set output.overwrite: true to start over")

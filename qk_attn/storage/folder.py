@@ -110,6 +110,24 @@ def take_lock(output: Path, name: str = LOCK) -> int:
         os.close(fd)
 
 
+def lock_held(path: Path) -> bool:
+    """Whether another process holds the writer's lock at `path` (a probe: the file is never
+    created, and an absent or unreadable one is not held; the sink says more when it takes it)."""
+    if not path.is_file():
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also releases the probe's lock
+    return False
+
+
 def release_lock(output: Path, fd: int, name: str = LOCK) -> None:
     """Delete the lock file, then release it: a finished or failed command leaves no lock behind."""
     try:

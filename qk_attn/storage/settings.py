@@ -1,10 +1,17 @@
 """Which settings make a capture what it is: the resume check (same capture, same model) and
-the public form of recorded values (no local paths published)."""
+the public form of recorded values (no local paths published).
+
+`setting_differences` gives the differences as data; `check_same_capture` words them for the
+folder's writers, and a caller that checks before opening the folder (qk_attn.run.preflight)
+words the same differences in its own terms, without reading this module's message.
+"""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # Settings that do not change which rows are recorded or their values: a resumed run may differ in them.
 NOT_IDENTITY = ("output", "backend", "pinned_mb")
@@ -41,11 +48,28 @@ def public_manifest(manifest: dict) -> dict:
     return out
 
 
-def check_same_capture(output: Path, manifest: dict, config, source: dict | None) -> None:
-    """Refuse to mix two different captures in one folder; the message names every difference."""
+@dataclass(frozen=True)
+class SettingDifference:
+    """One identity setting whose value differs: recorded in the folder (`there`) vs this run (`now`)."""
+
+    setting: str  # a SniffConfig field, or `source.<key>` for the dataset a run reads
+    there: Any
+    now: Any
+
+
+def setting_differences(manifest: dict, config, source: dict | None) -> list[SettingDifference]:
+    """Every identity setting (see `identity`) that differs between `manifest` and a run of
+    `config` (a SniffConfig) over `source`, sorted by name; empty when the run may resume.
+    The source is compared only when both sides name one."""
     old = identity(manifest.get("config", {}), manifest.get("source") if source else None)
     new = identity(config.to_dict(), source if manifest.get("source") else None)
-    diffs = [f"  {k}: {old.get(k)!r} in {output}, {new.get(k)!r} now" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return [SettingDifference(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def check_same_capture(output: Path, manifest: dict, config, source: dict | None) -> None:
+    """Refuse to mix two different captures in one folder; the message names every difference."""
+    differences = setting_differences(manifest, config, source)
+    diffs = [f"  {d.setting}: {d.there!r} in {output}, {d.now!r} now" for d in differences]
     if diffs:
         raise ValueError(
             f"{output} already holds a qk-sniff capture with different settings:\n" + "\n".join(diffs) + "\n"
@@ -54,22 +78,39 @@ def check_same_capture(output: Path, manifest: dict, config, source: dict | None
         )
 
 
-def check_same_model(output: Path, manifest: dict, model: dict, plan: dict) -> None:
-    """Refuse rows of another model (or another shape) than OUT already holds."""
+MODEL_SHAPE = ("num_layers", "num_heads", "num_kv_heads", "head_dim")
+
+
+def other_model(manifest: dict, model: dict) -> dict | None:
+    """The model `manifest` records when it is not `model` ({id, revision}); None when it is the
+    same or none is recorded. A commit hash identifies the weights; without one on both sides,
+    the name has to do."""
     old = manifest.get("model")
     if not old:
-        return
-    # A commit hash identifies the weights; without one on both sides, the name has to do.
-    both = old.get("revision") and model["revision"]
-    if (old["revision"] != model["revision"]) if both else (old.get("id") != model["id"]):
+        return None
+    both = old.get("revision") and model.get("revision")
+    differs = (old.get("revision") != model.get("revision")) if both else (old.get("id") != model.get("id"))
+    return old if differs else None
+
+
+def shape_differences(manifest: dict, plan: dict) -> list[SettingDifference]:
+    """Each of MODEL_SHAPE that `manifest`'s plan records with another value than `plan` has."""
+    old_plan = manifest.get("plan") or {}
+    return [SettingDifference(k, old_plan[k], plan[k]) for k in MODEL_SHAPE if k in old_plan and old_plan[k] != plan[k]]
+
+
+def check_same_model(output: Path, manifest: dict, model: dict, plan: dict) -> None:
+    """Refuse rows of another model (or another shape) than OUT already holds."""
+    old = other_model(manifest, model)
+    if old is not None:
         raise ValueError(
             f"{output} holds captures of model {old.get('id')!r} (revision {old.get('revision')}); "
             f"this run uses {model['id']!r} (revision {model['revision']}). Use another output directory "
             "or overwrite=True to start over."
         )
-    shape = ("num_layers", "num_heads", "num_kv_heads", "head_dim")
+    shape = MODEL_SHAPE
     old_plan = manifest.get("plan") or {}
-    if any(old_plan.get(k) != plan[k] for k in shape if k in old_plan):
+    if shape_differences(manifest, plan):
         raise ValueError(
             f"{output} holds captures of a model shaped {[old_plan.get(k) for k in shape]} "
             f"({', '.join(shape)}); this model is {[plan[k] for k in shape]}"
