@@ -9,7 +9,6 @@ when every measurement ran, written to bench/results/cpu.md (or --qk-results PAT
 
 from __future__ import annotations
 
-import os
 import shlex
 import sys
 import tempfile

@@ -38,10 +38,8 @@ import ast
 import functools
 import importlib
 import inspect
-import operator
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, NamedTuple
 
 from qk_attn.errors import TransformersMismatch

@@ -8,7 +8,6 @@ import weakref
 
 import torch
 from transformers import AttentionInterface
-from transformers.integrations.flash_attention import flash_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
 from qk_attn.capture.backends import MASKS
