@@ -34,8 +34,12 @@ install: $(VENV)/.installed
 demo: $(VENV)/.demo
 	$(VENV)/bin/qk-sniff run
 
-# Two pytest processes: Triton's interpreter must be switched on before triton is imported.
+# Lint, the layer contract (no import circles), then two pytest processes: Triton's interpreter
+# must be switched on before triton is imported.
 test: $(VENV)/.installed
+	$(VENV)/bin/ruff check qk_attn tests bench
+	$(VENV)/bin/ruff format --check qk_attn tests bench
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/pytest -q -m "not interpreter"
 	TRITON_INTERPRET=1 $(VENV)/bin/pytest -q -m interpreter
 

@@ -14,9 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-import pytest
-
 import harness  # first: clears QK_SNIFF_* before qk_attn is imported
+import pytest
 from report import Results, render
 
 RESULTS_DEFAULT = Path(__file__).resolve().parent / "results" / "cpu.md"
@@ -25,9 +24,16 @@ RESULTS_DEFAULT = Path(__file__).resolve().parent / "results" / "cpu.md"
 def pytest_addoption(parser):
     group = parser.getgroup("qk-bench", "qk_sniff overhead benchmark")
     group.addoption("--qk-seqs", default="512,2048", help="sequence lengths (default 512,2048)")
-    group.addoption("--qk-forward-rounds", type=int, default=3, help="interleaved forward rounds at 2048 (x2 at <= 512)")
+    group.addoption(
+        "--qk-forward-rounds", type=int, default=3, help="interleaved forward rounds at 2048 (x2 at <= 512)"
+    )
     group.addoption("--qk-e2e-rounds", type=int, default=2, help="interleaved end-to-end rounds at 2048 (x2 at <= 512)")
-    group.addoption("--qk-extra-rounds", type=int, default=1, help="extra rounds (x2 at <= 512) while fewer rounds than asked were quiet")
+    group.addoption(
+        "--qk-extra-rounds",
+        type=int,
+        default=1,
+        help="extra rounds (x2 at <= 512) while fewer rounds than asked were quiet",
+    )
     group.addoption("--qk-docs", type=int, default=4, help="documents per end-to-end run (>= 4)")
     group.addoption(
         "--qk-threads",

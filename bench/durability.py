@@ -18,11 +18,11 @@ import threading
 import time
 from pathlib import Path
 
-from qk_attn.config import SniffConfig
-from qk_attn.capture.batch import CaptureBatch
-from qk_attn.storage.sink import ParquetSink
-
 from saver_throughput import KH, LAYERS, QH, batch
+
+from qk_attn.capture.batch import CaptureBatch
+from qk_attn.config import SniffConfig
+from qk_attn.storage.sink import ParquetSink
 
 
 def main() -> None:
@@ -59,7 +59,7 @@ def main() -> None:
         for t in templates[: len(templates) // 2]:  # the first half of the forward
             sink.put(CaptureBatch(**{**t.__dict__, "example_ids": (doc,)}))
         time.sleep(args.forward_s)
-        for t in templates[len(templates) // 2:]:
+        for t in templates[len(templates) // 2 :]:
             sink.put(CaptureBatch(**{**t.__dict__, "example_ids": (doc,)}))
         sink.end_forward()
         sink.commit([doc])
@@ -69,10 +69,19 @@ def main() -> None:
     watcher.join()
     sink.close()
     lags = [durable_at[d] - committed_at[d] for d in range(args.docs) if d in durable_at]
-    print(json.dumps({
-        "dense": args.dense, "docs": args.docs, "forward_s": args.forward_s, "commit_every_s": sink.commit_every_s,
-        "durable": len(lags), "lag_median_s": round(statistics.median(lags), 2), "lag_max_s": round(max(lags), 2),
-    }))
+    print(
+        json.dumps(
+            {
+                "dense": args.dense,
+                "docs": args.docs,
+                "forward_s": args.forward_s,
+                "commit_every_s": sink.commit_every_s,
+                "durable": len(lags),
+                "lag_median_s": round(statistics.median(lags), 2),
+                "lag_max_s": round(max(lags), 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -75,9 +75,10 @@ def fail(message: str):
 
 
 def require_api():
-    import qk_attn
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    import qk_attn
 
     missing = [f"qk_attn.{name}" for name in ("session",) if not hasattr(qk_attn, name)]
     if "qk_sniff" not in ALL_ATTENTION_FUNCTIONS:
@@ -146,8 +147,19 @@ def random_call(rng: random.Random, device, sizes):
     ids = torch.tensor([rng.choice([0, -7, 2**40 + 3]) + b for b in range(B)])
     capacity = B * sampler.capacity(T) - rng.choice([0, 0, 3])  # sometimes overflowing
     offset = torch.tensor(cached, device=device) if rng.random() < 0.5 else cached
-    return SelectionSpec(states, offset, heads.to(device), positions.to(device), valid.to(device), ids.to(device),
-                         sampler, layer, kind, max(0, capacity), out_dtype)
+    return SelectionSpec(
+        states,
+        offset,
+        heads.to(device),
+        positions.to(device),
+        valid.to(device),
+        ids.to(device),
+        sampler,
+        layer,
+        kind,
+        max(0, capacity),
+        out_dtype,
+    )
 
 
 def compare(got, want):
@@ -166,7 +178,7 @@ def check_kernel(device, cases: int, sizes) -> str:
     from qk_attn.kernels.select_gather import gather_rows_triton
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from kernel_reference import gather_rows_reference
+    from support.kernel_reference import gather_rows_reference
 
     rng = random.Random(1234)
     for i in range(cases):
@@ -176,8 +188,10 @@ def check_kernel(device, cases: int, sizes) -> str:
         try:
             compare(gather_rows_triton(spec), gather_rows_reference(spec))
         except CheckFailed as e:
-            fail(f"case {i} (states {tuple(spec.states.shape)} {spec.states.dtype} -> {spec.out_dtype}, "
-                 f"{spec.sampler}): {e}")
+            fail(
+                f"case {i} (states {tuple(spec.states.shape)} {spec.states.dtype} -> {spec.out_dtype}, "
+                f"{spec.sampler}): {e}"
+            )
     return f"{cases} random calls: selection exact, vectors and filler rows exact"
 
 
@@ -188,12 +202,22 @@ def build_model(device, sizes):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        hidden_size=sizes["hidden"], intermediate_size=sizes["intermediate"], num_attention_heads=sizes["q_heads"],
-        num_key_value_heads=sizes["kv_heads"], head_dim=sizes["hidden"] // sizes["q_heads"],
-        num_hidden_layers=sizes["layers"], vocab_size=sizes["vocab"],
+        hidden_size=sizes["hidden"],
+        intermediate_size=sizes["intermediate"],
+        num_attention_heads=sizes["q_heads"],
+        num_key_value_heads=sizes["kv_heads"],
+        head_dim=sizes["hidden"] // sizes["q_heads"],
+        num_hidden_layers=sizes["layers"],
+        vocab_size=sizes["vocab"],
         max_position_embeddings=max(131072, max(sizes["long"])),
-        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
         attn_implementation="sdpa",
     )
     torch.manual_seed(0)
@@ -246,8 +270,10 @@ def check_parity_and_sync(qk_attn, model, device, tokens, workdir: Path, sampler
     if not torch.equal(got, want):
         fail(f"(b) logits differ: max |qk_sniff - sdpa| = {(got.float() - want.float()).abs().max().item():.3e}")
     rows = getattr(s, "rows_written", None)
-    lines.append(f"(b) logits qk_sniff == sdpa bit for bit at {tokens} tokens "
-                 f"({model.config.num_hidden_layers} layers); rows written: {rows}; kernel launches: {calls[0]}")
+    lines.append(
+        f"(b) logits qk_sniff == sdpa bit for bit at {tokens} tokens "
+        f"({model.config.num_hidden_layers} layers); rows written: {rows}; kernel launches: {calls[0]}"
+    )
     from qk_attn.capture.gather import uses_kernel
 
     if calls[0] == 0 and uses_kernel(ids.new_zeros(1, dtype=torch.bfloat16), torch.float32):
@@ -265,8 +291,10 @@ def check_parity_and_sync(qk_attn, model, device, tokens, workdir: Path, sampler
         ours = sync_free(lambda: forward(model, ids, 1))
     if ours is not None:
         fail(f"(c) the qk_sniff forward synchronises the host (vanilla sdpa: {baseline or 'no sync'}):\n{ours}")
-    lines.append(f"(c) qk_sniff forward under set_sync_debug_mode('error'): no host sync "
-                 f"(vanilla sdpa: {'no sync' if baseline is None else 'SYNCS: ' + baseline.splitlines()[-1]})")
+    lines.append(
+        f"(c) qk_sniff forward under set_sync_debug_mode('error'): no host sync "
+        f"(vanilla sdpa: {'no sync' if baseline is None else 'SYNCS: ' + baseline.splitlines()[-1]})"
+    )
     return lines
 
 
@@ -285,13 +313,20 @@ def check_device_split(qk_attn, sizes, workdir: Path, sampler: str, devices=None
     def capture(name):
         with qk_attn.session(output=str(workdir / name), sampler=sampler, example_ids=[0, 1]):
             forward(model, ids.to(devices[0]))
-        return qk_attn.load(workdir / name).sort_by([(c, "ascending") for c in ("layer", "kind", "head", "example_id", "position")])
+        return qk_attn.load(workdir / name).sort_by(
+            [(c, "ascending") for c in ("layer", "kind", "head", "example_id", "position")]
+        )
 
     model.to(devices[0])
     want = capture("one-device")
     n = model.config.num_hidden_layers
-    device_map = {"model.embed_tokens": devices[0], "model.rotary_emb": devices[0], "model.norm": devices[1],
-                  "lm_head": devices[1], **{f"model.layers.{i}": devices[i * 2 // n] for i in range(n)}}
+    device_map = {
+        "model.embed_tokens": devices[0],
+        "model.rotary_emb": devices[0],
+        "model.norm": devices[1],
+        "lm_head": devices[1],
+        **{f"model.layers.{i}": devices[i * 2 // n] for i in range(n)},
+    }
     dispatch_model(model.cpu(), device_map)
     placed = {str(layer.self_attn.q_proj.weight.device) for layer in model.model.layers}
     got = capture("split")
@@ -360,8 +395,9 @@ def check_run_ahead(qk_attn, model, device, tokens, workdir: Path, sampler: str)
     def verdict(label, host, pending) -> str:
         if pending:
             return f"{label} {host:.1f} ms, GPU still busy"
-        return (f"{label} {host:.1f} ms, GPU already done ("
-                + ("host work outlasted the sleep: inconclusive)" if host >= SLEEP_MS else "it WAITED for the device)"))
+        return f"{label} {host:.1f} ms, GPU already done (" + (
+            "host work outlasted the sleep: inconclusive)" if host >= SLEEP_MS else "it WAITED for the device)"
+        )
 
     set_attention(model, "sdpa")
     forward(model, ids, 1)
@@ -373,9 +409,11 @@ def check_run_ahead(qk_attn, model, device, tokens, workdir: Path, sampler: str)
     with qk_attn.session(output=str(workdir / "ahead"), sampler=sampler, example_ids=[0]):
         first, second = ahead(), ahead()
     set_attention(model, "sdpa")
-    text = (f"with {SLEEP_MS} ms of torch.cuda._sleep queued at {tokens} tokens, host time of the forward: "
-            f"{verdict('captured (second of a session)', *second)}; {verdict('first of a session', *first)}; "
-            f"{verdict('vanilla sdpa', *vanilla)}")
+    text = (
+        f"with {SLEEP_MS} ms of torch.cuda._sleep queued at {tokens} tokens, host time of the forward: "
+        f"{verdict('captured (second of a session)', *second)}; {verdict('first of a session', *first)}; "
+        f"{verdict('vanilla sdpa', *vanilla)}"
+    )
     if not vanilla[1]:
         fail(f"(f) run-ahead inconclusive, the vanilla forward does not run ahead: {text}")
     if not second[1]:
@@ -416,6 +454,7 @@ def check_sync_count(qk_attn, model, device, tokens, workdir: Path, sampler: str
     count = max(1, model.config.num_hidden_layers * model.config.num_attention_heads // 4)
     parts, rows = [], 0
     for cache in ("dynamic", "static"):
+
         def run():
             kwargs = cache_kwargs(model, cache, tokens)
             with torch.inference_mode():
@@ -424,20 +463,25 @@ def check_sync_count(qk_attn, model, device, tokens, workdir: Path, sampler: str
         set_attention(model, "sdpa")
         vanilla = count_syncs(run, device)
         set_attention(model, "qk_sniff")
-        with qk_attn.session(output=str(workdir / f"sync-{cache}"), sampler=sampler, example_ids=[0],
-                             head_sample_count=count) as s:
+        with qk_attn.session(
+            output=str(workdir / f"sync-{cache}"), sampler=sampler, example_ids=[0], head_sample_count=count
+        ) as s:
             ours = count_syncs(run, device)
         rows += s.rows_written
         if vanilla is None:
             continue
         extra = ours[0] - vanilla[0]
         sites = ", ".join(sorted(ours[1] - vanilla[1])) or "none new"
-        parts.append(f"{cache} cache: sdpa {vanilla[0]}, qk_sniff {ours[0]} ({extra:+d}; sites: {sites})"
-                     + (" **expected +0**" if cache == "dynamic" and extra > 0 else ""))
+        parts.append(
+            f"{cache} cache: sdpa {vanilla[0]}, qk_sniff {ours[0]} ({extra:+d}; sites: {sites})"
+            + (" **expected +0**" if cache == "dynamic" and extra > 0 else "")
+        )
         if extra > 1:
-            fail(f"(g) with a {cache} cache the first qk_sniff forward makes {ours[0]} synchronising calls, vanilla "
-                 f"sdpa {vanilla[0]}: {extra} more than vanilla (at most 1 allowed); qk_sniff sites: "
-                 f"{', '.join(sorted(ours[1])) or 'none'}")
+            fail(
+                f"(g) with a {cache} cache the first qk_sniff forward makes {ours[0]} synchronising calls, vanilla "
+                f"sdpa {vanilla[0]}: {extra} more than vanilla (at most 1 allowed); qk_sniff sites: "
+                f"{', '.join(sorted(ours[1])) or 'none'}"
+            )
     set_attention(model, "sdpa")
     head = f"(g) first forward of a session, head_sample_count={count}, {tokens} tokens"
     if not parts:
@@ -489,8 +533,10 @@ def check_static_generate(qk_attn, model, device, prompt: int, workdir: Path) ->
         fail("(h) generate(cache_implementation='static') on CUDA did not compile the forward: nothing was checked")
     index = ["example_id", "layer", "head", "kind", "position"]
     if not got.select(index).equals(want.select(index)):
-        fail(f"(h) compiled generate recorded {got.num_rows} rows, disable_compile=True {want.num_rows}: the "
-             f"(example_id, layer, head, kind, position) keys differ")
+        fail(
+            f"(h) compiled generate recorded {got.num_rows} rows, disable_compile=True {want.num_rows}: the "
+            f"(example_id, layer, head, kind, position) keys differ"
+        )
     # Greedy tokens may diverge under compiled bf16 numerics; q/k at a position depend on tokens up to it.
     diverged = (tokens != want_tokens).nonzero()
     same_until = int(diverged[0]) if len(diverged) else len(tokens)
@@ -499,10 +545,16 @@ def check_static_generate(qk_attn, model, device, prompt: int, workdir: Path) ->
     b = torch.from_numpy(np.stack(want["vector"].to_numpy(zero_copy_only=False)))[keep]
     if not torch.allclose(a, b, rtol=1e-2, atol=1e-2):
         fail(f"(h) compiled generate: vectors differ from disable_compile=True by up to {(a - b).abs().max():.3e}")
-    how = "compiled (reduce-overhead)" if compiled else "not compiled (compile path not exercised: transformers compiles on CUDA only)"
+    how = (
+        "compiled (reduce-overhead)"
+        if compiled
+        else "not compiled (compile path not exercised: transformers compiles on CUDA only)"
+    )
     note = f"; tokens diverged at position {same_until}, vectors compared before it" if same_until < len(tokens) else ""
-    return (f"(h) static-cache generate(), {prompt}+8 tokens, forward {how}: the same {got.num_rows} rows as "
-            f"disable_compile=True, vectors within 1e-2{note}")
+    return (
+        f"(h) static-cache generate(), {prompt}+8 tokens, forward {how}: the same {got.num_rows} rows as "
+        f"disable_compile=True, vectors within 1e-2{note}"
+    )
 
 
 def check_capture_all(qk_attn, model, device, tokens, workdir: Path) -> str:
@@ -529,9 +581,11 @@ def check_capture_all(qk_attn, model, device, tokens, workdir: Path) -> str:
     written = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     payload = rows * (config.hidden_size // config.num_attention_heads) * 4  # float32 vectors
     shutil.rmtree(out, ignore_errors=True)
-    return (f"(i) capture-all at {tokens} tokens, {config.num_hidden_layers} layers: {rows:,} rows, "
-            f"{written / 2**30:.3f} GiB written to {workdir}, {seconds:.2f} s from forward start to session close, "
-            f"{payload / seconds / 1e9:.3g} GB/s of vector payload")
+    return (
+        f"(i) capture-all at {tokens} tokens, {config.num_hidden_layers} layers: {rows:,} rows, "
+        f"{written / 2**30:.3f} GiB written to {workdir}, {seconds:.2f} s from forward start to session close, "
+        f"{payload / seconds / 1e9:.3g} GB/s of vector payload"
+    )
 
 
 def check_runner(device, workdir: Path) -> str:
@@ -541,7 +595,9 @@ def check_runner(device, workdir: Path) -> str:
     try:
         import datasets
     except ImportError as e:
-        return f"(j) qk-sniff run end to end: not exercised: `datasets` is not installed ({e}; see .whl/ in the docstring)"
+        return (
+            f"(j) qk-sniff run end to end: not exercised: `datasets` is not installed ({e}; see .whl/ in the docstring)"
+        )
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -552,38 +608,64 @@ def check_runner(device, workdir: Path) -> str:
     words = [f"w{i}" for i in range(50)]
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([" ".join(words)], trainers.WordLevelTrainer(special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                        unk_token="<unk>")
+    tok.train_from_iterator(
+        [" ".join(words)], trainers.WordLevelTrainer(special_tokens=["<pad>", "<s>", "</s>", "<unk>"])
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
     model_dir = workdir / "tiny-llama"
     tokenizer.save_pretrained(model_dir)
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                 pad_token_id=0, bos_token_id=1, eos_token_id=2)).save_pretrained(model_dir)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    ).save_pretrained(model_dir)
     lengths = [5, 40, 1, 23, 80, 12]
     documents = workdir / "docs.jsonl"
-    documents.write_text("".join(json.dumps({"doc": f"doc-{i}", "body": " ".join(words[(i * 7 + j) % 50] for j in range(n))})
-                                 + "\n" for i, n in enumerate(lengths)))
+    documents.write_text(
+        "".join(
+            json.dumps({"doc": f"doc-{i}", "body": " ".join(words[(i * 7 + j) % 50] for j in range(n))}) + "\n"
+            for i, n in enumerate(lengths)
+        )
+    )
     out = workdir / "runner"
-    config = RunConfig.from_dict({
-        "dataset": {"path": str(documents), "text_column": "body", "id_column": "doc"},
-        "model": {"name": str(model_dir), "dtype": "float32", "device": str(device)},
-        "capture": {"sampler": "all"},
-        "output": {"data_root": str(out)},
-    })
+    config = RunConfig.from_dict(
+        {
+            "dataset": {"path": str(documents), "text_column": "body", "id_column": "doc"},
+            "model": {"name": str(model_dir), "dtype": "float32", "device": str(device)},
+            "capture": {"sampler": "all"},
+            "output": {"data_root": str(out)},
+        }
+    )
     summary = runner.run(config, progress=False, log=lambda *a, **k: None)
     tokens = sum(n + 1 for n in lengths)  # words + BOS
     rows = qk_attn.load(summary.output, columns=["position"]).num_rows
     expected = 2 * (4 + 2) * tokens
     if summary.documents != len(lengths) or summary.rows_written != expected or rows != expected:
-        fail(f"(j) runner: {summary.documents} documents, {summary.rows_written} rows written, {rows} loaded; "
-             f"expected {len(lengths)} documents and {expected} rows")
+        fail(
+            f"(j) runner: {summary.documents} documents, {summary.rows_written} rows written, {rows} loaded; "
+            f"expected {len(lengths)} documents and {expected} rows"
+        )
     if not (Path(summary.output) / "README.md").is_file():
         fail("(j) runner: no dataset card written")
-    return (f"(j) qk-sniff run end to end (datasets {datasets.__version__}, model on {device}): {summary.documents} "
-            f"JSONL documents, {tokens} tokens, {rows} rows committed, card written")
+    return (
+        f"(j) qk-sniff run end to end (datasets {datasets.__version__}, model on {device}): {summary.documents} "
+        f"JSONL documents, {tokens} tokens, {rows} rows committed, card written"
+    )
 
 
 # ---- (d) timing ----------------------------------------------------------------------------
@@ -602,8 +684,19 @@ def time_selection(device, tokens, sizes, sampler, reps) -> dict:
     for kind, heads in (("q", sizes["q_heads"]), ("k", sizes["kv_heads"])):
         states = torch.randn(1, tokens, heads, sizes["hidden"] // sizes["q_heads"], device=device, dtype=dtype)
         states = states.transpose(1, 2)  # (B, H, T, D) non-contiguous, as attention gets it
-        spec = SelectionSpec(states, 0, torch.arange(heads, device=device), positions, valid, ids, sampler, 3, kind,
-                             sampler.capacity(tokens), torch.float32)
+        spec = SelectionSpec(
+            states,
+            0,
+            torch.arange(heads, device=device),
+            positions,
+            valid,
+            ids,
+            sampler,
+            3,
+            kind,
+            sampler.capacity(tokens),
+            torch.float32,
+        )
         out[f"kernel_{kind}"] = timed(lambda: gather_rows_triton(spec), device, reps)
         out[f"torch_{kind}"] = timed(lambda: gather_rows(spec), device, reps)
         states = spec = None  # free them before the next kind allocates its own
@@ -623,12 +716,44 @@ def time_forward(qk_attn, model, device, tokens, workdir: Path, sampler: str, re
 
 # ---- main ----------------------------------------------------------------------------------
 
-GPU_SIZES = dict(hidden=4096, intermediate=14336, q_heads=32, kv_heads=8, vocab=128256, layers=4,
-                 parity=8192, long=(8192, 32768, 131072), tokens=[1, 7, 300, 1024, 4097], heads=[8, 32],
-                 head_dims=[64, 80, 96, 128, 256], cases=48, reps=5, ahead=2048, syncs=1024, prompt=64, all=32768)
-SMOKE_SIZES = dict(hidden=64, intermediate=128, q_heads=4, kv_heads=2, vocab=512, layers=2,
-                   parity=64, long=(64, 128, 256), tokens=[1, 9, 40], heads=[2, 4],
-                   head_dims=[16, 24], cases=4, reps=2, ahead=64, syncs=64, prompt=16, all=256)
+GPU_SIZES = dict(
+    hidden=4096,
+    intermediate=14336,
+    q_heads=32,
+    kv_heads=8,
+    vocab=128256,
+    layers=4,
+    parity=8192,
+    long=(8192, 32768, 131072),
+    tokens=[1, 7, 300, 1024, 4097],
+    heads=[8, 32],
+    head_dims=[64, 80, 96, 128, 256],
+    cases=48,
+    reps=5,
+    ahead=2048,
+    syncs=1024,
+    prompt=64,
+    all=32768,
+)
+SMOKE_SIZES = dict(
+    hidden=64,
+    intermediate=128,
+    q_heads=4,
+    kv_heads=2,
+    vocab=512,
+    layers=2,
+    parity=64,
+    long=(64, 128, 256),
+    tokens=[1, 9, 40],
+    heads=[2, 4],
+    head_dims=[16, 24],
+    cases=4,
+    reps=2,
+    ahead=64,
+    syncs=64,
+    prompt=16,
+    all=256,
+)
 
 
 def main(argv=None) -> int:
@@ -637,9 +762,14 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, help="decoder layers of the random model (default 4)")
     parser.add_argument("--tokens", type=str, help="comma-separated lengths for (d), e.g. 8192,32768")
     parser.add_argument("--sampler", default="log_uniform", help="sampler of the capture sessions")
-    parser.add_argument("--skip", default="", help="comma-separated checks to skip: a, b (and c), c, d, e, f, g, h, i, j")
-    parser.add_argument("--deadline", type=float, help="seconds before the watchdog dumps stacks and exits 1 "
-                                                        "(default 510 on GPU, 900 for --cpu-smoke)")
+    parser.add_argument(
+        "--skip", default="", help="comma-separated checks to skip: a, b (and c), c, d, e, f, g, h, i, j"
+    )
+    parser.add_argument(
+        "--deadline",
+        type=float,
+        help="seconds before the watchdog dumps stacks and exits 1 (default 510 on GPU, 900 for --cpu-smoke)",
+    )
     args = parser.parse_args(argv)
 
     sizes = dict(SMOKE_SIZES if args.cpu_smoke else GPU_SIZES)
@@ -668,6 +798,7 @@ def main(argv=None) -> int:
         if os.environ.get("OUT"):
             Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
             (Path(os.environ["OUT"]) / "gpu_check.md").write_text("\n".join(report) + "\n")
+
     title = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU smoke (tiny sizes, interpreter)"
     report.append(f"## qk-attn gpu_check: {title}\n")
     import transformers
@@ -729,8 +860,12 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="qk_gpu_check_") as tmp:
         workdir = Path(tmp)
         model = build_model(device, sizes)
-        section("b", lambda: check_parity_and_sync(qk_attn, model, device, sizes["parity"], workdir, args.sampler,
-                                                   sync="c" not in skip))
+        section(
+            "b",
+            lambda: check_parity_and_sync(
+                qk_attn, model, device, sizes["parity"], workdir, args.sampler, sync="c" not in skip
+            ),
+        )
 
         def timing():
             """(d) first after the parity checks: a watchdog kill in a later section still leaves the table."""
@@ -738,26 +873,40 @@ def main(argv=None) -> int:
             rows = []
             for tokens in sizes["long"]:
                 sel = time_selection(device, tokens, sizes, sampler, sizes["reps"])
-                vanilla, ours = time_forward(qk_attn, model, device, tokens, workdir, args.sampler,
-                                             max(2, sizes["reps"] // 2))
-                rows.append(f"| {tokens} | {sel['kernel_q'] * 1e6:.1f} | {sel['torch_q'] * 1e6:.1f} | "
-                            f"{sel['kernel_k'] * 1e6:.1f} | {sel['torch_k'] * 1e6:.1f} | {vanilla * 1e3:.1f} | "
-                            f"{ours * 1e3:.1f} | {100 * (ours / vanilla - 1):+.1f}% |")
+                vanilla, ours = time_forward(
+                    qk_attn, model, device, tokens, workdir, args.sampler, max(2, sizes["reps"] // 2)
+                )
+                rows.append(
+                    f"| {tokens} | {sel['kernel_q'] * 1e6:.1f} | {sel['torch_q'] * 1e6:.1f} | "
+                    f"{sel['kernel_k'] * 1e6:.1f} | {sel['torch_k'] * 1e6:.1f} | {vanilla * 1e3:.1f} | "
+                    f"{ours * 1e3:.1f} | {100 * (ours / vanilla - 1):+.1f}% |"
+                )
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-            return [f"(d) timings: kernel vs torch selection, and whole forward qk_sniff vs sdpa ({args.sampler} "
-                    f"sampler, {sizes['layers']} layers, batch 1, median of {sizes['reps']})", "",
-                    "| tokens | kernel q (µs) | torch q (µs) | kernel k (µs) | torch k (µs) | "
-                    "sdpa forward (ms) | qk_sniff forward (ms) | overhead |",
-                    "|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, ""]
+            return [
+                f"(d) timings: kernel vs torch selection, and whole forward qk_sniff vs sdpa ({args.sampler} "
+                f"sampler, {sizes['layers']} layers, batch 1, median of {sizes['reps']})",
+                "",
+                "| tokens | kernel q (µs) | torch q (µs) | kernel k (µs) | torch k (µs) | "
+                "sdpa forward (ms) | qk_sniff forward (ms) | overhead |",
+                "|---:|---:|---:|---:|---:|---:|---:|---:|",
+                *rows,
+                "",
+            ]
 
         section("d", timing)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        section("e", lambda: check_device_split(qk_attn, sizes, workdir, args.sampler),
-                cuda_only="model split over two devices")
-        section("f", lambda: check_run_ahead(qk_attn, model, device, sizes["ahead"], workdir, args.sampler),
-                cuda_only="run-ahead")
+        section(
+            "e",
+            lambda: check_device_split(qk_attn, sizes, workdir, args.sampler),
+            cuda_only="model split over two devices",
+        )
+        section(
+            "f",
+            lambda: check_run_ahead(qk_attn, model, device, sizes["ahead"], workdir, args.sampler),
+            cuda_only="run-ahead",
+        )
         section("g", lambda: check_sync_count(qk_attn, model, device, sizes["syncs"], workdir, args.sampler))
         model = None  # the big model is done with: free it for (i) and (h)
         if device.type == "cuda":
@@ -769,7 +918,9 @@ def main(argv=None) -> int:
         torch._dynamo.reset()
         section("j", lambda: check_runner(device, workdir))
     verdict = "FAILED" if failed else "all checks passed"
-    exercised = f"not exercised (in whole or part): {', '.join(not_exercised)}" if not_exercised else "every section exercised"
+    exercised = (
+        f"not exercised (in whole or part): {', '.join(not_exercised)}" if not_exercised else "every section exercised"
+    )
     report.append(f"\n{verdict} in {time.perf_counter() - started:.0f}s; {exercised}")
     emit()
     return 1 if failed else 0

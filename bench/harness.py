@@ -29,7 +29,7 @@ import statistics
 import subprocess
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 CLEARED_ENV = {k: os.environ.pop(k) for k in sorted(os.environ) if k.startswith("QK_SNIFF_")}
@@ -142,7 +142,7 @@ class CpuMeter:
     thread_cpu: float = 0.0  # the calling thread only
     foreign: float = 0.0
 
-    def __enter__(self) -> "CpuMeter":
+    def __enter__(self) -> CpuMeter:
         self._own = sum(os.times()[:2])
         self._thread = time.thread_time()
         self._busy = _machine_busy_seconds()
@@ -244,8 +244,14 @@ def run_end_to_end(model: LlamaModel, arm: Arm, docs: list[torch.Tensor], out_di
                 forward(model, doc)
                 peaks.append(peak_rss())
         return EndToEnd(
-            meter.seconds, meter.cpu, meter.foreign, 0.0, len(docs), tokens,
-            peak_rss_after_doc=peaks, other_threads_cpu=meter.cpu - meter.thread_cpu,
+            meter.seconds,
+            meter.cpu,
+            meter.foreign,
+            0.0,
+            len(docs),
+            tokens,
+            peak_rss_after_doc=peaks,
+            other_threads_cpu=meter.cpu - meter.thread_cpu,
         )
     with meter:
         with qk_attn.session(output=None if out_dir is None else str(out_dir), **arm.settings) as session:
@@ -259,8 +265,17 @@ def run_end_to_end(model: LlamaModel, arm: Arm, docs: list[torch.Tensor], out_di
     drain = time.perf_counter() - last
     written = directory_bytes(out_dir) if out_dir is not None else 0
     return EndToEnd(
-        meter.seconds, meter.cpu, meter.foreign, drain, len(docs), tokens, written, session.rows_written, peaks,
-        clock.seconds, meter.cpu - meter.thread_cpu,
+        meter.seconds,
+        meter.cpu,
+        meter.foreign,
+        drain,
+        len(docs),
+        tokens,
+        written,
+        session.rows_written,
+        peaks,
+        clock.seconds,
+        meter.cpu - meter.thread_cpu,
     )
 
 
@@ -284,7 +299,9 @@ class Decode:
         return self.seconds / self.steps * 1e3
 
 
-def run_decode(model: LlamaModel, arm: Arm, prompt: torch.Tensor, new_tokens: torch.Tensor, out_dir: Path | None) -> Decode:
+def run_decode(
+    model: LlamaModel, arm: Arm, prompt: torch.Tensor, new_tokens: torch.Tensor, out_dir: Path | None
+) -> Decode:
     """Prefill `prompt` into a DynamicCache, then one forward per token of `new_tokens` (what
     generate() runs per step, minus the LM head and sampling, which the backbone has not).
     Capture arms record into a Parquet session at `out_dir`: begin -> prefill -> steps -> commit."""
@@ -295,7 +312,7 @@ def run_decode(model: LlamaModel, arm: Arm, prompt: torch.Tensor, new_tokens: to
     use_arm(model, arm)
     cache = DynamicCache(config=model.config)
     meter = CpuMeter()
-    opened = (qk_attn.session(output=str(out_dir), **arm.settings) if arm.captures else contextlib.nullcontext())
+    opened = qk_attn.session(output=str(out_dir), **arm.settings) if arm.captures else contextlib.nullcontext()
     with opened as session, torch.inference_mode():
         if session is not None:
             session.begin([0])
@@ -303,11 +320,10 @@ def run_decode(model: LlamaModel, arm: Arm, prompt: torch.Tensor, new_tokens: to
         clock = CaptureClock(session) if session is not None else None
         with meter:
             for step in range(new_tokens.shape[1]):
-                model(input_ids=new_tokens[:, step:step + 1], cache=cache, use_cache=True)
+                model(input_ids=new_tokens[:, step : step + 1], cache=cache, use_cache=True)
         closing = time.perf_counter()
     close = time.perf_counter() - closing
-    return Decode(meter.seconds, meter.cpu, meter.foreign, new_tokens.shape[1], close,
-                  clock.seconds if clock else 0.0)
+    return Decode(meter.seconds, meter.cpu, meter.foreign, new_tokens.shape[1], close, clock.seconds if clock else 0.0)
 
 
 def peak_rss() -> int:
@@ -419,7 +435,7 @@ def machine_description(threads: int) -> dict[str, str]:
     except (OSError, ValueError, IndexError):
         memory = "?"
     info = {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": f"{cpu}, {len(os.sched_getaffinity(0))} cores usable ({os.cpu_count()} online), "
         f"{torch.backends.cpu.get_cpu_capability()}",
         "memory": memory,
@@ -439,8 +455,12 @@ def machine_description(threads: int) -> dict[str, str]:
 def git_revision() -> str:
     env = dict(os.environ, GIT_OPTIONAL_LOCKS="0")  # read-only: no index refresh
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, env=env, capture_output=True, text=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, env=env, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, env=env, capture_output=True, text=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "?"
     return head + (" + uncommitted changes" if dirty else "")

@@ -127,8 +127,10 @@ def _decode_lines(rounds: list[dict[str, harness.Decode]]) -> list[str]:
         ratio = pairwise_ratios(rounds, arm.name)
         capture = statistics.median(run.capture / run.steps * 1e3 for run in runs)
         close = statistics.median(run.close for run in runs)
-        lines.append(f"| **{arm.name}** | {per_token:.1f} ms | {_cell(ratio)} | "
-                     f"{_mark(ratio.median <= harness.DECODE_TARGET)} | {capture:.2f} ms | {close:.2f} s |")
+        lines.append(
+            f"| **{arm.name}** | {per_token:.1f} ms | {_cell(ratio)} | "
+            f"{_mark(ratio.median <= harness.DECODE_TARGET)} | {capture:.2f} ms | {close:.2f} s |"
+        )
     return lines
 
 
@@ -165,11 +167,11 @@ def render(results: Results) -> str:
             else ""
         ),
         "",
-        "- **sdpa**: `attn_implementation=\"sdpa\"` (vanilla).",
-        "- **off**: `attn_implementation=\"qk_sniff\"`, no session, `QK_SNIFF_OUTPUT` unset.",
-        "- **uniform**: `session(sampler=\"uniform\", min_bucket_size=8192, base_rate=1)`.",
-        "- **log_uniform**: `session(sampler=\"log_uniform\", min_bucket_size=128, base_rate=1)`.",
-        "- **all**: `session(sampler=\"all\")` (every query and key vector of every head).",
+        '- **sdpa**: `attn_implementation="sdpa"` (vanilla).',
+        '- **off**: `attn_implementation="qk_sniff"`, no session, `QK_SNIFF_OUTPUT` unset.',
+        '- **uniform**: `session(sampler="uniform", min_bucket_size=8192, base_rate=1)`.',
+        '- **log_uniform**: `session(sampler="log_uniform", min_bucket_size=128, base_rate=1)`.',
+        '- **all**: `session(sampler="all")` (every query and key vector of every head).',
         "",
         "*Forward only*: one forward; capture arms do everything a Parquet session does inside the "
         "attention call (sampler mask, compaction, gather, copy into the bounded host pool) with no saver "
@@ -194,9 +196,13 @@ def render(results: Results) -> str:
         name = arm.name
         row = [f"**{name}**"]
         if name == BASELINE:
-            row += [_seconds([r[name].seconds for r in harness.used_rounds(results.forward.get(s, []))]) + " / forward" for s in seqs]
             row += [
-                _seconds([r[name].seconds / r[name].docs for r in harness.used_rounds(results.end_to_end.get(s, []))]) + " / doc"
+                _seconds([r[name].seconds for r in harness.used_rounds(results.forward.get(s, []))]) + " / forward"
+                for s in seqs
+            ]
+            row += [
+                _seconds([r[name].seconds / r[name].docs for r in harness.used_rounds(results.end_to_end.get(s, []))])
+                + " / doc"
                 for s in seqs
             ]
             info = results.rss.get(name)
@@ -269,16 +275,22 @@ def render(results: Results) -> str:
         if "end_to_end" in target:
             cells.append(f"≤ {target['end_to_end']:.2f}")
             ratio = results.end_to_end_ratio(TARGET_SEQ, name)
-            cells.append("n/a" if ratio is None else f"{ratio.median:.3f} {_mark(ratio.median <= target['end_to_end'])}")
+            cells.append(
+                "n/a" if ratio is None else f"{ratio.median:.3f} {_mark(ratio.median <= target['end_to_end'])}"
+            )
             value = direct.get("bound")
             cells.append("n/a" if value is None else f"{value:.3f} {_mark(value <= target['end_to_end'])}")
         else:
             cells += ["—", "—", "—"]
         over = results.rss_over_baseline(name)
         if target["rss"] == "bounded":
-            extra = "" if over is None else (
-                f" (+{(results.rss[name]['peak_rss'] - results.rss[BASELINE]['peak_rss']) / MB:.0f} MB; "
-                f"host pool pinned_mb={qk_attn_default('pinned_mb')})"
+            extra = (
+                ""
+                if over is None
+                else (
+                    f" (+{(results.rss[name]['peak_rss'] - results.rss[BASELINE]['peak_rss']) / MB:.0f} MB; "
+                    f"host pool pinned_mb={qk_attn_default('pinned_mb')})"
+                )
             )
             cells.append("bounded, not growing with documents: " + _mark(results.rss_bounded(name)) + extra)
         else:

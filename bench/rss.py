@@ -70,7 +70,18 @@ def main(argv: list[str] | None = None) -> None:
 
 def measure(arm: str, seq: int, docs: int, threads: int) -> dict:
     """Run `main` for one arm in a child process and return its JSON."""
-    command = [sys.executable, str(HERE / "rss.py"), "--arm", arm, "--seq", str(seq), "--docs", str(docs), "--threads", str(threads)]
+    command = [
+        sys.executable,
+        str(HERE / "rss.py"),
+        "--arm",
+        arm,
+        "--seq",
+        str(seq),
+        "--docs",
+        str(docs),
+        "--threads",
+        str(threads),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, cwd=HERE, env=dict(os.environ, **MALLOC_ENV))
     if done.returncode != 0:
         raise RuntimeError(f"rss.py --arm {arm} failed ({done.returncode}):\n{done.stderr[-4000:]}")

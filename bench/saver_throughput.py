@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from qk_attn.config import SniffConfig
 from qk_attn.capture.batch import CaptureBatch
+from qk_attn.config import SniffConfig
 from qk_attn.storage.sink import ParquetSink
 
 LAYERS, QH, KH, DIM, TOKENS = 12, 9, 3, 64, 2048
@@ -31,10 +31,18 @@ LAYERS, QH, KH, DIM, TOKENS = 12, 9, 3, 64, 2048
 def batch(layer: int, kind: str, example: int, heads: int) -> CaptureBatch:
     g = torch.Generator().manual_seed((example * LAYERS + layer) * 2 + (kind == "k"))
     return CaptureBatch(
-        layer=layer, kind=kind, heads=tuple(range(heads)), example_ids=(example,), sliding_window=None,
-        cross_attention=False, count=torch.tensor(TOKENS), row=torch.zeros(TOKENS, dtype=torch.int64),
-        position=torch.arange(TOKENS, dtype=torch.int32), bucket=torch.arange(TOKENS, dtype=torch.int32) // 1024,
-        vectors=torch.randn(heads, TOKENS, DIM, generator=g).to(torch.bfloat16).float(), valid=torch.tensor([TOKENS]),
+        layer=layer,
+        kind=kind,
+        heads=tuple(range(heads)),
+        example_ids=(example,),
+        sliding_window=None,
+        cross_attention=False,
+        count=torch.tensor(TOKENS),
+        row=torch.zeros(TOKENS, dtype=torch.int64),
+        position=torch.arange(TOKENS, dtype=torch.int32),
+        bucket=torch.arange(TOKENS, dtype=torch.int32) // 1024,
+        vectors=torch.randn(heads, TOKENS, DIM, generator=g).to(torch.bfloat16).float(),
+        valid=torch.tensor([TOKENS]),
     )
 
 
@@ -80,15 +88,22 @@ def main() -> None:
     disk = sum(p.stat().st_size for p in out.rglob("*.parquet"))
     shards = len(list(out.rglob("l*/*.parquet")))
     result = {
-        "payload_mib": round(payload / 2**20), "docs": docs, "seconds_to_committed": round(committed - start, 2),
-        "mb_per_s": round(payload / 1e6 / (committed - start), 1), "producer_blocked_s": round(blocked, 2),
-        "drain_after_last_forward_s": round(committed - last, 2), "close_card_s": round(end - committed, 2),
-        "mb_per_s_with_close": round(payload / 1e6 / (end - start), 1), "disk_mib": round(disk / 2**20),
-        "shards": shards, "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "payload_mib": round(payload / 2**20),
+        "docs": docs,
+        "seconds_to_committed": round(committed - start, 2),
+        "mb_per_s": round(payload / 1e6 / (committed - start), 1),
+        "producer_blocked_s": round(blocked, 2),
+        "drain_after_last_forward_s": round(committed - last, 2),
+        "close_card_s": round(end - committed, 2),
+        "mb_per_s_with_close": round(payload / 1e6 / (end - start), 1),
+        "disk_mib": round(disk / 2**20),
+        "shards": shards,
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "sink_held_mib": round(sink.max_buffered_bytes / 2**20),
         # CPU seconds the whole pipeline spent (all threads), and the rate two otherwise idle
         # cores would allow if it spread perfectly: a check on numbers taken on a busy machine.
-        "cpu_s": round(cpu, 2), "mb_per_cpu_s": round(payload / 1e6 / cpu, 1),
+        "cpu_s": round(cpu, 2),
+        "mb_per_cpu_s": round(payload / 1e6 / cpu, 1),
     }
     print(json.dumps(result))
 

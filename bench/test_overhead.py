@@ -19,6 +19,7 @@ from harness import ARM_BY_NAME, ARMS, END_TO_END_ARMS, TARGET_SEQ
 def capture_round(measured: list[dict], tmp_root, name: str, run):
     """One round: every end-to-end arm in rotated order, `run(arm, out)` each (out: a fresh folder
     for capture arms, None for sdpa), appended to `measured`."""
+
     def one_round():
         runs = {}
         for arm in harness.rotated(END_TO_END_ARMS, len(measured)):
@@ -70,8 +71,9 @@ def test_end_to_end(benchmark, backbone, qk_results, seq, tmp_root, request):
     harness.run_end_to_end(backbone, ARM_BY_NAME["all"], harness.documents(128, 2), warm)
     harness.remove(warm)
     measured: list[dict[str, harness.EndToEnd]] = []
-    one_round = capture_round(measured, tmp_root, str(seq),
-                              lambda arm, out: harness.run_end_to_end(backbone, arm, docs, out))
+    one_round = capture_round(
+        measured, tmp_root, str(seq), lambda arm, out: harness.run_end_to_end(backbone, arm, docs, out)
+    )
 
     wanted = harness.rounds_at(request.config.getoption("qk_e2e_rounds"), seq)
     benchmark.pedantic(one_round, rounds=wanted, iterations=1)
@@ -84,11 +86,12 @@ def test_end_to_end(benchmark, backbone, qk_results, seq, tmp_root, request):
 def test_decode(benchmark, backbone, qk_results, tmp_root, request):
     """Capture overhead per generated token: decode steps over a dynamic cache (issue 13)."""
     benchmark.group = "decode"
-    prompt, = harness.documents(harness.DECODE_PROMPT, 1)
-    new_tokens, = harness.documents(harness.DECODE_NEW_TOKENS, 1, seed=2)
+    (prompt,) = harness.documents(harness.DECODE_PROMPT, 1)
+    (new_tokens,) = harness.documents(harness.DECODE_NEW_TOKENS, 1, seed=2)
     measured: list[dict[str, harness.Decode]] = []
-    one_round = capture_round(measured, tmp_root, "decode",
-                              lambda arm, out: harness.run_decode(backbone, arm, prompt, new_tokens, out))
+    one_round = capture_round(
+        measured, tmp_root, "decode", lambda arm, out: harness.run_decode(backbone, arm, prompt, new_tokens, out)
+    )
 
     wanted = request.config.getoption("qk_e2e_rounds")
     benchmark.pedantic(one_round, rounds=wanted, iterations=1)

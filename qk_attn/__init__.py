@@ -6,8 +6,8 @@ transformers' registries; that is its only side effect.
 
 from qk_attn.capture.hooks import register, wrap_flash_attention
 from qk_attn.config import SniffConfig
-from qk_attn.errors import ConfigError
 from qk_attn.dataset.load import load, load_examples, load_vectors
+from qk_attn.errors import ConfigError
 from qk_attn.sampler import Sampler
 from qk_attn.session import Session, flush, reload_env, session
 from qk_attn.version import __version__
@@ -15,6 +15,17 @@ from qk_attn.version import __version__
 register()
 
 __all__ = [
-    "ConfigError", "Sampler", "Session", "SniffConfig", "flush", "load", "load_examples", "load_vectors", "register",
-    "reload_env", "session", "wrap_flash_attention", "__version__",
+    "ConfigError",
+    "Sampler",
+    "Session",
+    "SniffConfig",
+    "flush",
+    "load",
+    "load_examples",
+    "load_vectors",
+    "register",
+    "reload_env",
+    "session",
+    "wrap_flash_attention",
+    "__version__",
 ]

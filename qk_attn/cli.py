@@ -30,15 +30,15 @@ import functools
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
-from qk_attn.errors import EXIT_STATUS, one_line
-from qk_attn.storage.layout import MANIFEST
 from qk_attn.dataset.inspect import inspect_dataset
 from qk_attn.dataset.repair import repair_dataset
 from qk_attn.dataset.verify import verify_dataset
+from qk_attn.errors import EXIT_STATUS, one_line
 from qk_attn.run.source import encode_source
+from qk_attn.storage.layout import MANIFEST
 
 
 # ---- commands --------------------------------------------------------------------------------
@@ -58,8 +58,10 @@ def cmd_run(args) -> int:
         from qk_attn.run.prepare import check
 
         check(config, shard=args.shard)
-        print(f"qk-sniff run --dry-run: every check passed; no weights loaded, nothing written to "
-              f"{config.output.data_root}")
+        print(
+            f"qk-sniff run --dry-run: every check passed; no weights loaded, nothing written to "
+            f"{config.output.data_root}"
+        )
         return 0
     start = time.perf_counter()
     summary = run(config, push_to_hub=args.push, progress=not args.quiet, shard=args.shard)
@@ -88,9 +90,11 @@ def cmd_merge(args) -> int:
         print(f"qk-sniff merge: {error}", file=sys.stderr)
         return 1
     ranks = manifest["ranks"]
-    print(f"merged {ranks['world_size']} rank(s) into {Path(args.out) / MANIFEST}: {len(manifest['examples'])} examples, "
-          f"{sum(manifest['row_counts'].values()):,} rows; card written"
-          + (f" (ranks {ranks['incomplete']} incomplete)" if ranks["incomplete"] else ""))
+    print(
+        f"merged {ranks['world_size']} rank(s) into {Path(args.out) / MANIFEST}: {len(manifest['examples'])} examples, "
+        f"{sum(manifest['row_counts'].values()):,} rows; card written"
+        + (f" (ranks {ranks['incomplete']} incomplete)" if ranks["incomplete"] else "")
+    )
     return 0
 
 
@@ -114,8 +118,10 @@ def shorten(lines: list[str], keep: int = 10, slack: int = 4) -> list[str]:
         else:
             indent = block[0][: len(block[0]) - len(block[0].lstrip())]
             out.extend(block[: keep - 2])
-            out.append(f"{indent}... {len(block) - keep} more lines (qk-sniff inspect --full; the card's Coverage "
-                       "and Buckets sections list them all)")
+            out.append(
+                f"{indent}... {len(block) - keep} more lines (qk-sniff inspect --full; the card's Coverage "
+                "and Buckets sections list them all)"
+            )
             out.extend(block[-2:])
         block.clear()
 
@@ -177,35 +183,54 @@ def build_parser() -> argparse.ArgumentParser:
         prog="qk-sniff",
         description="Record sampled query/key vectors of a transformers model over a dataset.",
         epilog="exit status: 0 success; 1 verify/merge found problems (repair: some remain), or a Hub transfer "
-               "failed; 2 a configuration, "
-               "usage, output-folder, dataset or disk problem (one line on stderr; --debug for the traceback); "
-               "130 interrupted",
+        "failed; 2 a configuration, "
+        "usage, output-folder, dataset or disk problem (one line on stderr; --debug for the traceback); "
+        "130 interrupted",
     )
     common = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: a subcommand without --debug leaves `qk-sniff --debug run ...` as it was
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
+    common.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error"
+    )
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add = functools.partial(sub.add_parser, parents=[common])  # every command takes --debug
 
     p = add("run", help="run a dataset through a model and record q/k (no --config: the offline demo)")
     p.add_argument("--config", "-c", help="YAML run configuration (see configs/); omit for the embedded demo")
-    p.add_argument("--set", "-s", action="append", metavar="SECTION.KEY=VALUE",
-                   help="override one setting, e.g. --set tokenizer.max_length=4096 (repeatable)")
-    p.add_argument("--push", action="store_true",
-                   help="pull output.hf_repo_id before capture (if it exists) and push the dataset after the run")
+    p.add_argument(
+        "--set",
+        "-s",
+        action="append",
+        metavar="SECTION.KEY=VALUE",
+        help="override one setting, e.g. --set tokenizer.max_length=4096 (repeatable)",
+    )
+    p.add_argument(
+        "--push",
+        action="store_true",
+        help="pull output.hf_repo_id before capture (if it exists) and push the dataset after the run",
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars (ours and the libraries')")
-    p.add_argument("--dry-run", action="store_true",
-                   help="make every check and print the estimate, then stop: no weights loaded, nothing written")
-    p.add_argument("--shard", metavar="I/N",
-                   help="capture only documents d with d %% N == I (0-based; e.g. $SLURM_ARRAY_TASK_ID/8), "
-                        "then run `qk-sniff merge OUT` once all N jobs finished")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="make every check and print the estimate, then stop: no weights loaded, nothing written",
+    )
+    p.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="capture only documents d with d %% N == I (0-based; e.g. $SLURM_ARRAY_TASK_ID/8), "
+        "then run `qk-sniff merge OUT` once all N jobs finished",
+    )
     p.set_defaults(func=cmd_run)
 
     p = add("merge", help="merge the manifest parts of a multi-rank / --shard capture; writes the card")
     p.add_argument("out", help="capture output folder")
-    p.add_argument("--allow-incomplete", action="store_true",
-                   help="merge even if some ranks did not finish their documents (the card counts what is committed)")
+    p.add_argument(
+        "--allow-incomplete",
+        action="store_true",
+        help="merge even if some ranks did not finish their documents (the card counts what is committed)",
+    )
     p.set_defaults(func=cmd_merge)
 
     p = add("inspect", help="rows, coverage, bucket distribution and plot of a capture dataset")
@@ -217,8 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="capture output folder")
     p.set_defaults(func=cmd_verify)
 
-    p = add("repair", help="drop the examples that bad or missing shards touched from the manifest, "
-                                      "so that re-running the same command captures exactly them again")
+    p = add(
+        "repair",
+        help="drop the examples that bad or missing shards touched from the manifest, "
+        "so that re-running the same command captures exactly them again",
+    )
     p.add_argument("out", help="capture output folder")
     p.set_defaults(func=cmd_repair)
 
@@ -283,8 +311,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        print(f"qk-sniff {args.command}: interrupted; committed examples are kept, re-run the same command to resume",
-              file=sys.stderr)
+        print(
+            f"qk-sniff {args.command}: interrupted; committed examples are kept, re-run the same command to resume",
+            file=sys.stderr,
+        )
         return 130
     except Exception as error:  # noqa: BLE001 - sorted into expected (one line) and unexpected (traceback)
         match = _exit_status(error)

@@ -163,7 +163,7 @@ class SniffConfig:
         return tuple(f.name for f in dataclasses.fields(cls))
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> "SniffConfig":
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> SniffConfig:
         """Read every `QK_SNIFF_<FIELD>` variable; keyword overrides win over the environment.
 
         A bad value names the variable when it came from the environment, the keyword otherwise.
@@ -174,7 +174,9 @@ class SniffConfig:
         known = {ENV_PREFIX + name.upper(): name for name in cls.field_names()}
         unknown = sorted(v for v in environ if v.startswith(ENV_PREFIX) and v not in known and v not in OTHER_ENV)
         if unknown:  # a typo would otherwise capture with a default silently
-            raise ConfigError(f"{unknown[0]} is not a qk-attn variable{_did_you_mean(unknown[0], [*known, *OTHER_ENV])}")
+            raise ConfigError(
+                f"{unknown[0]} is not a qk-attn variable{_did_you_mean(unknown[0], [*known, *OTHER_ENV])}"
+            )
         cls._refuse_unknown(overrides)
         values = {name: environ[variable] for variable, name in known.items() if variable in environ}
         from_environment = set(values) - set(overrides)
@@ -186,7 +188,7 @@ class SniffConfig:
                 raise error.relabel(ENV_PREFIX + error.setting.upper()) from None
             raise
 
-    def replace(self, **changes: Any) -> "SniffConfig":
+    def replace(self, **changes: Any) -> SniffConfig:
         self._refuse_unknown(changes)
         return dataclasses.replace(self, **changes)
 
@@ -202,4 +204,9 @@ class SniffConfig:
 
     def sampler_dict(self) -> dict[str, Any]:
         """The parameters that decide which positions are kept (part of a dataset's identity)."""
-        return {"sampler": self.sampler, "min_bucket_size": self.min_bucket_size, "base_rate": self.base_rate, "seed": self.seed}
+        return {
+            "sampler": self.sampler,
+            "min_bucket_size": self.min_bucket_size,
+            "base_rate": self.base_rate,
+            "seed": self.seed,
+        }

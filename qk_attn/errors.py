@@ -28,12 +28,16 @@ class ConfigError(ValueError):
         super().__init__(message)
         self.setting, self.value, self.allowed = setting, value, allowed
 
-    def relabel(self, label: str) -> "ConfigError":
+    def relabel(self, label: str) -> ConfigError:
         """The same error, naming the setting `label` (e.g. `QK_SNIFF_LAYERS`, `capture.layers`)."""
         if self.setting is None:
             return ConfigError(f"{label}: {self}")
-        return ConfigError(f"{label}={self.value!r} is invalid: expected {self.allowed}",
-                           setting=self.setting, value=self.value, allowed=self.allowed)
+        return ConfigError(
+            f"{label}={self.value!r} is invalid: expected {self.allowed}",
+            setting=self.setting,
+            value=self.value,
+            allowed=self.allowed,
+        )
 
 
 class DemoUnavailable(RuntimeError):

@@ -1,4 +1,4 @@
-"""Which token positions to keep: one integer-only definition (DESIGN §4).
+"""Which token positions to keep: one integer-only definition (docs/architecture.md, "The sampler").
 
 The keep decision for a token is a pure function of (seed, example_id, layer, kind,
 position), shared by all heads of a layer. It uses only 32-bit integer mixing and a
@@ -92,7 +92,7 @@ class Sampler:
             raise ValueError(f"base_rate={self.base_rate!r} is invalid: expected a number > 0")
 
     @classmethod
-    def from_config(cls, config) -> "Sampler":
+    def from_config(cls, config) -> Sampler:
         return cls(config.sampler, config.min_bucket_size, config.base_rate, config.seed)
 
     @property

@@ -13,7 +13,8 @@ which commits at `qk_attn.flush()` and at interpreter exit.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from qk_attn.capture import active
 from qk_attn.capture.active import reload_env
@@ -24,8 +25,9 @@ from qk_attn.storage.sink import ParquetSink
 __all__ = ["Session", "flush", "reload_env", "session"]
 
 
-def _recorder(config: SniffConfig, sink=None, example_ids=None, overwrite: bool = False, source=None,
-              vocabulary=None) -> Session:
+def _recorder(
+    config: SniffConfig, sink=None, example_ids=None, overwrite: bool = False, source=None, vocabulary=None
+) -> Session:
     """A recorder writing to `sink`, else to `config.output` (Parquet), else to memory."""
     if sink is None and config.output is not None:
         sink = ParquetSink(config.output, config, overwrite=overwrite, source=source, vocabulary=vocabulary)
@@ -36,8 +38,15 @@ active.make_default = _recorder
 
 
 @contextlib.contextmanager
-def session(*, example_ids=None, overwrite: bool = False, source: dict | None = None, sink=None, vocabulary=None,
-            **settings: Any) -> Iterator[Session]:
+def session(
+    *,
+    example_ids=None,
+    overwrite: bool = False,
+    source: dict | None = None,
+    sink=None,
+    vocabulary=None,
+    **settings: Any,
+) -> Iterator[Session]:
     """Capture inside this block. `settings` are SniffConfig fields; they override QK_SNIFF_*.
 
     `source` is recorded in the manifest and card (e.g. {"tokenizer": name, "tokenizer_revision":

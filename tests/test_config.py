@@ -13,41 +13,68 @@ from qk_attn.config import parse_index_list
 
 def test_defaults_and_full_environment():
     env = {
-        "QK_SNIFF_OUTPUT": "/tmp/x", "QK_SNIFF_SAMPLER": "uniform", "QK_SNIFF_MIN_BUCKET_SIZE": "8192",
-        "QK_SNIFF_BASE_RATE": "1.5", "QK_SNIFF_SEED": "7", "QK_SNIFF_LAYERS": "0,3,10-12",
-        "QK_SNIFF_HEADS": "1,2", "QK_SNIFF_KEY_HEADS": "0", "QK_SNIFF_CAPTURE": "k", "QK_SNIFF_ROPE": "pre",
-        "QK_SNIFF_FULL_ATTENTION_ONLY": "1", "QK_SNIFF_BACKEND": "eager", "QK_SNIFF_HEAD_SAMPLE_COUNT": "5",
-        "QK_SNIFF_HEAD_SAMPLE_SEED": "3", "QK_SNIFF_VECTOR_DTYPE": "float16", "QK_SNIFF_PINNED_MB": "64",
+        "QK_SNIFF_OUTPUT": "/tmp/x",
+        "QK_SNIFF_SAMPLER": "uniform",
+        "QK_SNIFF_MIN_BUCKET_SIZE": "8192",
+        "QK_SNIFF_BASE_RATE": "1.5",
+        "QK_SNIFF_SEED": "7",
+        "QK_SNIFF_LAYERS": "0,3,10-12",
+        "QK_SNIFF_HEADS": "1,2",
+        "QK_SNIFF_KEY_HEADS": "0",
+        "QK_SNIFF_CAPTURE": "k",
+        "QK_SNIFF_ROPE": "pre",
+        "QK_SNIFF_FULL_ATTENTION_ONLY": "1",
+        "QK_SNIFF_BACKEND": "eager",
+        "QK_SNIFF_HEAD_SAMPLE_COUNT": "5",
+        "QK_SNIFF_HEAD_SAMPLE_SEED": "3",
+        "QK_SNIFF_VECTOR_DTYPE": "float16",
+        "QK_SNIFF_PINNED_MB": "64",
     }
     config = SniffConfig.from_env(env)
     assert config == SniffConfig(
-        output="/tmp/x", sampler="uniform", min_bucket_size=8192, base_rate=1.5, seed=7, layers=(0, 3, 10, 11, 12),
-        heads=(1, 2), key_heads=(0,), capture="k", rope="pre", full_attention_only=True, backend="eager",
-        head_sample_count=5, head_sample_seed=3, vector_dtype="float16", pinned_mb=64,
+        output="/tmp/x",
+        sampler="uniform",
+        min_bucket_size=8192,
+        base_rate=1.5,
+        seed=7,
+        layers=(0, 3, 10, 11, 12),
+        heads=(1, 2),
+        key_heads=(0,),
+        capture="k",
+        rope="pre",
+        full_attention_only=True,
+        backend="eager",
+        head_sample_count=5,
+        head_sample_seed=3,
+        vector_dtype="float16",
+        pinned_mb=64,
     )
     assert SniffConfig.from_env({}) == SniffConfig()
     assert SniffConfig.from_env({"QK_SNIFF_SEED": "1"}, seed=2).seed == 2  # keywords win
 
 
-@pytest.mark.parametrize("name,value,allowed", [
-    ("SAMPLER", "gauss", "log_uniform | uniform | all"),
-    ("MIN_BUCKET_SIZE", "100", "power of two"),
-    ("MIN_BUCKET_SIZE", "abc", "integer"),
-    ("BASE_RATE", "0", "> 0"),
-    ("BASE_RATE", "many", "number"),
-    ("SEED", "-1", ">= 0"),
-    ("LAYERS", "0,x", "comma-separated"),
-    ("LAYERS", "5-2", "comma-separated"),
-    ("HEADS", "-3", "non-negative"),
-    ("KEY_HEADS", "a-b", "comma-separated"),
-    ("CAPTURE", "v", "q,k | q | k"),
-    ("ROPE", "middle", "post | pre"),
-    ("FULL_ATTENTION_ONLY", "maybe", "0 or 1"),
-    ("BACKEND", "flex", "sdpa | eager | flash_attention_2"),
-    ("HEAD_SAMPLE_COUNT", "0", ">= 1"),
-    ("VECTOR_DTYPE", "bfloat16", "float32 | float16"),
-    ("PINNED_MB", "0", ">= 1"),
-])
+@pytest.mark.parametrize(
+    "name,value,allowed",
+    [
+        ("SAMPLER", "gauss", "log_uniform | uniform | all"),
+        ("MIN_BUCKET_SIZE", "100", "power of two"),
+        ("MIN_BUCKET_SIZE", "abc", "integer"),
+        ("BASE_RATE", "0", "> 0"),
+        ("BASE_RATE", "many", "number"),
+        ("SEED", "-1", ">= 0"),
+        ("LAYERS", "0,x", "comma-separated"),
+        ("LAYERS", "5-2", "comma-separated"),
+        ("HEADS", "-3", "non-negative"),
+        ("KEY_HEADS", "a-b", "comma-separated"),
+        ("CAPTURE", "v", "q,k | q | k"),
+        ("ROPE", "middle", "post | pre"),
+        ("FULL_ATTENTION_ONLY", "maybe", "0 or 1"),
+        ("BACKEND", "flex", "sdpa | eager | flash_attention_2"),
+        ("HEAD_SAMPLE_COUNT", "0", ">= 1"),
+        ("VECTOR_DTYPE", "bfloat16", "float32 | float16"),
+        ("PINNED_MB", "0", ">= 1"),
+    ],
+)
 def test_bad_value_names_variable_value_and_allowed(name, value, allowed):
     with pytest.raises(ValueError) as err:
         SniffConfig.from_env({f"QK_SNIFF_{name}": value})
@@ -72,19 +99,23 @@ def test_keyword_values_are_named_as_keywords_and_env_values_as_variables():
 
 def test_bad_environment_fails_at_import_not_in_a_forward(tmp_path):
     env = {"QK_SNIFF_SAMPLER": "nope", "PATH": "/usr/bin:/bin"}
-    result = subprocess.run([sys.executable, "-c", "import qk_attn"], env=env, capture_output=True, text=True,
-                            cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-c", "import qk_attn"], env=env, capture_output=True, text=True, cwd=tmp_path
+    )
     assert result.returncode != 0
     assert "QK_SNIFF_SAMPLER='nope' is invalid" in result.stderr
 
 
 def test_unknown_variable_is_refused_with_the_closest_name(tmp_path):
-    with pytest.raises(ValueError, match=r"^QK_SNIFF_SAMPLR is not a qk-attn variable \(did you mean QK_SNIFF_SAMPLER\?\)"):
+    with pytest.raises(
+        ValueError, match=r"^QK_SNIFF_SAMPLR is not a qk-attn variable \(did you mean QK_SNIFF_SAMPLER\?\)"
+    ):
         SniffConfig.from_env({"QK_SNIFF_SAMPLR": "all"})
     assert SniffConfig.from_env({"QK_SNIFF_CACHE": "/tmp/x"}) == SniffConfig()  # the demo's variable
     env = {"QK_SNIFF_OUTPT": str(tmp_path), "PATH": "/usr/bin:/bin"}  # would otherwise record nothing, silently
-    result = subprocess.run([sys.executable, "-c", "import qk_attn"], env=env, capture_output=True, text=True,
-                            cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-c", "import qk_attn"], env=env, capture_output=True, text=True, cwd=tmp_path
+    )
     assert result.returncode != 0 and "did you mean QK_SNIFF_OUTPUT?" in result.stderr
 
 

@@ -1,4 +1,4 @@
-"""Sampler contract (DESIGN §4): determinism, prefix stability, nesting, bucket bounds, rates."""
+"""The sampler contract: determinism, prefix stability, nesting, bucket bounds, rates."""
 
 from __future__ import annotations
 
@@ -38,8 +38,16 @@ def test_fmix32_matches_python_int_reference():
 
 
 @settings(max_examples=30, deadline=None)
-@given(strategy=strategies, m=powers, rate=rates, seed=st.integers(0, 2**32 - 1), example=example_ids,
-       layer=st.integers(0, 200), length=st.integers(1, 3000), cut=st.integers(1, 3000))
+@given(
+    strategy=strategies,
+    m=powers,
+    rate=rates,
+    seed=st.integers(0, 2**32 - 1),
+    example=example_ids,
+    layer=st.integers(0, 200),
+    length=st.integers(1, 3000),
+    cut=st.integers(1, 3000),
+)
 def test_deterministic_and_prefix_stable(strategy, m, rate, seed, example, layer, length, cut):
     sampler = Sampler(strategy, m, rate, seed)
     full = _keep(sampler, example, layer, "k", length)
@@ -72,9 +80,13 @@ def test_independent_of_batch_composition_and_order(ids, shuffle_seed):
 def test_queries_keys_layers_and_seeds_are_sampled_independently():
     sampler = Sampler("uniform", 1, 0.5, 0)
     base = _keep(sampler, 1, 0, "q", 4000)
-    for other in (_keep(sampler, 1, 0, "k", 4000), _keep(sampler, 1, 1, "q", 4000),
-                  _keep(Sampler("uniform", 1, 0.5, 1), 1, 0, "q", 4000), _keep(sampler, 2, 0, "q", 4000),
-                  _keep(sampler, 1 + 2**32, 0, "q", 4000)):  # high half of the id matters too
+    for other in (
+        _keep(sampler, 1, 0, "k", 4000),
+        _keep(sampler, 1, 1, "q", 4000),
+        _keep(Sampler("uniform", 1, 0.5, 1), 1, 0, "q", 4000),
+        _keep(sampler, 2, 0, "q", 4000),
+        _keep(sampler, 1 + 2**32, 0, "q", 4000),
+    ):  # high half of the id matters too
         agreement = (base == other).float().mean().item()
         assert 0.45 < agreement < 0.55  # independent fair coins agree half the time
 
@@ -123,20 +135,28 @@ def test_capacity_covers_expected_and_never_exceeds_length():
     assert Sampler("all", 128, 1.0).capacity(5000) == 5000
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(strategy="gaussian"), "log_uniform | uniform | all"),
-    (dict(min_bucket_size=100), "power of two"),
-    (dict(min_bucket_size=0), "power of two"),
-    (dict(base_rate=0.0), "> 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(strategy="gaussian"), "log_uniform | uniform | all"),
+        (dict(min_bucket_size=100), "power of two"),
+        (dict(min_bucket_size=0), "power of two"),
+        (dict(base_rate=0.0), "> 0"),
+    ],
+)
 def test_bad_parameters_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Sampler(**kwargs)
 
 
 @settings(max_examples=25, deadline=None)
-@given(strategy=st.sampled_from(["log_uniform", "uniform", "all"]), m=powers, rate=rates,
-       ids=st.lists(example_ids, min_size=1, max_size=3), start=st.integers(0, 1 << 20))
+@given(
+    strategy=st.sampled_from(["log_uniform", "uniform", "all"]),
+    m=powers,
+    rate=rates,
+    ids=st.lists(example_ids, min_size=1, max_size=3),
+    start=st.integers(0, 1 << 20),
+)
 def test_keep_all_layers_equals_keep_per_layer_and_kind(strategy, m, rate, ids, start):
     sampler = Sampler(strategy, m, rate, seed=5)
     example = torch.tensor(ids, dtype=torch.int64)

@@ -8,11 +8,11 @@ from transformers import AttentionInterface, AutoModelForCausalLM
 from transformers.masking_utils import AttentionMaskInterface
 
 import qk_attn
-from qk_attn.capture.gather import SelectionSpec, gather_rows
 from qk_attn.capture.batch import CaptureBatch
+from qk_attn.capture.gather import SelectionSpec, gather_rows
 from qk_attn.errors import CaptureOverflow
 from qk_attn.sampler import Sampler
-from families import build, padded_batch
+from support.models import build, padded_batch
 
 torch.set_grad_enabled(False)
 
@@ -46,8 +46,16 @@ def test_from_pretrained_with_qk_sniff(tmp_path):
 def test_layer_head_and_kind_filters_with_gqa_mapping():
     model = build("llama3", "qk_sniff")  # 4 query heads, 2 KV heads, 3 layers
     _, table = _capture(model, sampler="all", layers="0,2", heads="1,2")
-    assert _groups(table) == [(0, "k", 0), (0, "k", 1), (0, "q", 1), (0, "q", 2),
-                              (2, "k", 0), (2, "k", 1), (2, "q", 1), (2, "q", 2)]
+    assert _groups(table) == [
+        (0, "k", 0),
+        (0, "k", 1),
+        (0, "q", 1),
+        (0, "q", 2),
+        (2, "k", 0),
+        (2, "k", 1),
+        (2, "q", 1),
+        (2, "q", 2),
+    ]
     _, table = _capture(model, sampler="all", heads="3", key_heads="0", capture="k")
     assert _groups(table) == [(layer, "k", 0) for layer in range(3)]
     _, table = _capture(model, sampler="all", heads="0", capture="q")
@@ -74,8 +82,10 @@ def test_full_attention_only_and_sliding_window_column():
     assert windows == {0: 4, 1: None, 2: 4}
     s, table = _capture(model, sampler="all", full_attention_only=True)
     assert {g[0] for g in _groups(table)} == {1}
-    assert s.plan.excluded_layers == {0: "sliding-window layer (full_attention_only)",
-                                      2: "sliding-window layer (full_attention_only)"}
+    assert s.plan.excluded_layers == {
+        0: "sliding-window layer (full_attention_only)",
+        2: "sliding-window layer (full_attention_only)",
+    }
 
 
 def test_example_ids_counter_explicit_ids_and_decode_keeps_ids():
@@ -90,8 +100,13 @@ def test_example_ids_counter_explicit_ids_and_decode_keeps_ids():
     assert set(s.table()["example_id"].to_pylist()) == {0, 1, 7, 100, 101, 102}
 
     with qk_attn.session(sampler="all", layers="0", capture="k", example_ids=[5, 6]) as s:
-        model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=3,
-                       do_sample=False, pad_token_id=0)
+        model.generate(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            max_new_tokens=3,
+            do_sample=False,
+            pad_token_id=0,
+        )
     assert set(s.table()["example_id"].to_pylist()) == {5, 6}
 
     with pytest.raises(ValueError, match="example_ids has 3 ids but the forward has batch size 2"):
@@ -108,9 +123,13 @@ def test_sparse_sampler_rows_are_the_sampler_selection():
     for example, length in ((0, 200), (1, 120)):
         for layer in range(3):
             for kind, head in (("q", 3), ("k", 1)):
-                got = sorted(p for e, l, k, h, p in zip(data["example_id"], data["layer"], data["kind"],
-                                                       data["head"], data["position"])
-                             if (e, l, k, h) == (example, layer, kind, head))
+                got = sorted(
+                    p
+                    for e, l, k, h, p in zip(
+                        data["example_id"], data["layer"], data["kind"], data["head"], data["position"]
+                    )
+                    if (e, l, k, h) == (example, layer, kind, head)
+                )
                 assert got == sampler.selected_positions(example, layer, kind, length).tolist()
                 assert got  # log-uniform keeps about one per bucket
 
@@ -118,9 +137,21 @@ def test_sparse_sampler_rows_are_the_sampler_selection():
 def test_overflow_is_flagged_not_dropped():
     states = torch.randn(1, 2, 50, 8)
     positions = torch.arange(50)[None]
-    count, row, position, bucket, vectors = gather_rows(SelectionSpec(
-        states, 0, torch.tensor([0, 1]), positions, torch.ones(1, 50, dtype=torch.bool), torch.tensor([3]),
-        Sampler("all", 8, 1.0), 0, "q", 10, torch.float32))
+    count, row, position, bucket, vectors = gather_rows(
+        SelectionSpec(
+            states,
+            0,
+            torch.tensor([0, 1]),
+            positions,
+            torch.ones(1, 50, dtype=torch.bool),
+            torch.tensor([3]),
+            Sampler("all", 8, 1.0),
+            0,
+            "q",
+            10,
+            torch.float32,
+        )
+    )
     assert int(count) == 50 and row.shape == (10,)
     batch = CaptureBatch(0, "q", (0, 1), (3,), None, False, count, row, position, bucket, vectors, torch.tensor([50]))
     with pytest.raises(CaptureOverflow, match="50 tokens selected but the staging buffer holds 10"):
@@ -129,6 +160,7 @@ def test_overflow_is_flagged_not_dropped():
 
 def test_a_sink_with_only_the_protocol_methods_works():
     """`Sink` asks for put/commit/close only; the session must not need more of a custom sink."""
+
     class Collect:
         def __init__(self):
             self.batches, self.committed_lists = [], []

@@ -61,8 +61,10 @@ def _capture(session, module, query, key, attention_mask, kwargs, rotary) -> Non
     bookkeeping must run every forward, and its buffers must not live in CUDA-graph memory that
     the next replay overwrites."""
     if query.is_cuda and torch.cuda.is_current_stream_capturing():
-        raise CaptureError("qk_sniff: capture cannot run inside CUDA-graph capture; compile without "
-                           "mode='reduce-overhead' (generate(..., disable_compile=True) for static caches)")
+        raise CaptureError(
+            "qk_sniff: capture cannot run inside CUDA-graph capture; compile without "
+            "mode='reduce-overhead' (generate(..., disable_compile=True) for static caches)"
+        )
     device = torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext()
     with device:  # kernels and copies go to the layer's own GPU under device_map
         session.capture(module, query, key, attention_mask, kwargs, rotary)
@@ -74,11 +76,15 @@ _capture_outside_graph = torch.compiler.disable(_capture)
 def refuse_unsupported(module, kwargs: dict) -> None:
     """Forwards whose rows cannot be attributed exactly are refused, with the reason."""
     if getattr(module.config, "is_encoder_decoder", False):
-        raise CaptureError(f"qk_sniff: {type(module).__name__} belongs to an encoder-decoder model; qk-attn records "
-                           "decoder-only models (their self-attention positions and caches)")
+        raise CaptureError(
+            f"qk_sniff: {type(module).__name__} belongs to an encoder-decoder model; qk-attn records "
+            "decoder-only models (their self-attention positions and caches)"
+        )
     if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None:
-        raise CaptureError("qk_sniff: packed sequences (cu_seq_lens_*) hold several documents in one row; "
-                           "run one document per batch row (pad instead of packing) to record them")
+        raise CaptureError(
+            "qk_sniff: packed sequences (cu_seq_lens_*) hold several documents in one row; "
+            "run one document per batch row (pad instead of packing) to record them"
+        )
 
 
 def is_cross_attention(module) -> bool:

@@ -31,7 +31,7 @@ def flash_forward(module, *args, **kwargs):
     name, and loads flash kernels only for the names `flash_attention_{2,3,4}`."""
     raise ValueError(
         "QK_SNIFF_BACKEND=flash_attention_2: flash attention is recorded under its own name: call "
-        "qk_attn.wrap_flash_attention() and load the model with attn_implementation=\"flash_attention_2\""
+        'qk_attn.wrap_flash_attention() and load the model with attn_implementation="flash_attention_2"'
     )
 
 

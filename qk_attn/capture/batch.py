@@ -62,17 +62,27 @@ class CaptureBatch:
     def head_dim(self) -> int:
         return self.vectors.shape[-1]
 
-    def to(self, device: str | torch.device, non_blocking: bool = False) -> "CaptureBatch":
+    def to(self, device: str | torch.device, non_blocking: bool = False) -> CaptureBatch:
         """A copy of every tensor on `device` (the saver calls this on host buffers)."""
         moved = {
             name: None if getattr(self, name) is None else getattr(self, name).to(device, non_blocking=non_blocking)
-            for name in ("count", "row", "position", "bucket", "vectors", "valid", "token_id", "first_position", "packed")
+            for name in (
+                "count",
+                "row",
+                "position",
+                "bucket",
+                "vectors",
+                "valid",
+                "token_id",
+                "first_position",
+                "packed",
+            )
         }
         return CaptureBatch(
             self.layer, self.kind, self.heads, self.example_ids, self.sliding_window, self.cross_attention, **moved
         )
 
-    def host_rows(self, first_row: int = 0, staging_capacity: int | None = None, with_valid: bool = True) -> "HostRows":
+    def host_rows(self, first_row: int = 0, staging_capacity: int | None = None, with_valid: bool = True) -> HostRows:
         """Trim to `count` on the host. Raises `CaptureOverflow` instead of dropping rows.
 
         A transfer piece holds rows [first_row, first_row + capacity) of a batch whose whole
@@ -84,7 +94,8 @@ class CaptureBatch:
             packed = [self.example_ids[i] for i in self.packed.nonzero().flatten().tolist()]
             raise PackedSequences(
                 f"examples {packed}: positions restart inside a batch row (packed documents), so positions would "
-                "repeat within one example; run one document per batch row (pad instead of packing)")
+                "repeat within one example; run one document per batch row (pad instead of packing)"
+            )
         staging_capacity = self.capacity if staging_capacity is None else staging_capacity
         if count > staging_capacity:
             raise CaptureOverflow(
@@ -134,18 +145,28 @@ class HostRows:
     def __len__(self) -> int:
         return len(self.position)
 
-    def without(self, example_ids: np.ndarray) -> "HostRows":
+    def without(self, example_ids: np.ndarray) -> HostRows:
         """These rows less those of `example_ids`."""
         keep = ~np.isin(self.example_id, example_ids)
         gone = set(example_ids.tolist())
         return dataclasses.replace(
-            self, example_id=self.example_id[keep], position=self.position[keep], bucket=self.bucket[keep],
-            vectors=self.vectors[:, keep], token_id=None if self.token_id is None else self.token_id[keep],
+            self,
+            example_id=self.example_id[keep],
+            position=self.position[keep],
+            bucket=self.bucket[keep],
+            vectors=self.vectors[:, keep],
+            token_id=None if self.token_id is None else self.token_id[keep],
             valid={e: n for e, n in self.valid.items() if e not in gone},
-            first_position={e: p for e, p in self.first_position.items() if e not in gone})
+            first_position={e: p for e, p in self.first_position.items() if e not in gone},
+        )
 
-    def table(self, head_index: int, vector_type: pa.DataType = pa.float32(), token_ids: bool | None = None,
-              vocabulary: pa.Array | None = None) -> pa.Table:
+    def table(
+        self,
+        head_index: int,
+        vector_type: pa.DataType = pa.float32(),
+        token_ids: bool | None = None,
+        vocabulary: pa.Array | None = None,
+    ) -> pa.Table:
         """The rows of one head as an Arrow table in the dataset schema, built without row loops.
 
         `token_ids`: whether the schema has `token_id` (None: when this batch has token ids);
@@ -153,15 +174,37 @@ class HostRows:
         token_ids = self.token_id is not None if token_ids is None else token_ids
         flat = np.ascontiguousarray(self.vectors[head_index], dtype=vector_type.to_pandas_dtype()).reshape(-1)
         return columns_table(
-            [self.example_id], [self.position], [self.bucket], [flat], [self.token_id],
-            self.layer, self.heads[head_index], self.kind, self.sliding_window,
-            self.vectors.shape[-1], vector_type, token_ids, vocabulary,
+            [self.example_id],
+            [self.position],
+            [self.bucket],
+            [flat],
+            [self.token_id],
+            self.layer,
+            self.heads[head_index],
+            self.kind,
+            self.sliding_window,
+            self.vectors.shape[-1],
+            vector_type,
+            token_ids,
+            vocabulary,
         )
 
 
-def columns_table(example_id, position, bucket, vectors, token_id, layer: int, head: int, kind: str,
-                  sliding_window: int | None, head_dim: int, vector_type: pa.DataType, token_ids: bool,
-                  vocabulary: pa.Array | None = None) -> pa.Table:
+def columns_table(
+    example_id,
+    position,
+    bucket,
+    vectors,
+    token_id,
+    layer: int,
+    head: int,
+    kind: str,
+    sliding_window: int | None,
+    head_dim: int,
+    vector_type: pa.DataType,
+    token_ids: bool,
+    vocabulary: pa.Array | None = None,
+) -> pa.Table:
     """A table in the dataset schema from lists of numpy chunks (one chunk per piece), without
     copying them: numeric numpy arrays become Arrow arrays zero-copy; the constant columns are
     made once. `vectors` chunks are flat (rows * head_dim,); `token_id` chunks may be None (nulls)."""
@@ -175,14 +218,20 @@ def columns_table(example_id, position, bucket, vectors, token_id, layer: int, h
         pa.array(np.full(n, head, np.int16)),
         pa.repeat(pa.scalar(kind, pa.string()), n),
         pa.nulls(n, pa.int32()) if sliding_window is None else pa.array(np.full(n, sliding_window, np.int32)),
-        pa.chunked_array([pa.FixedSizeListArray.from_arrays(pa.array(c, vector_type), head_dim) for c in vectors],
-                         pa.list_(vector_type, head_dim)),
+        pa.chunked_array(
+            [pa.FixedSizeListArray.from_arrays(pa.array(c, vector_type), head_dim) for c in vectors],
+            pa.list_(vector_type, head_dim),
+        ),
     ]
     if token_ids:
-        tokens = [pa.nulls(len(p), pa.int32()) if t is None else pa.array(t, pa.int32()) for t, p in zip(token_id, position)]
+        tokens = [
+            pa.nulls(len(p), pa.int32()) if t is None else pa.array(t, pa.int32()) for t, p in zip(token_id, position)
+        ]
         columns.append(pa.chunked_array(tokens, pa.int32()))
         if vocabulary is not None:
-            columns.append(pa.chunked_array([_token_str(t, vocabulary) for t in tokens], pa.dictionary(pa.int32(), pa.string())))
+            columns.append(
+                pa.chunked_array([_token_str(t, vocabulary) for t in tokens], pa.dictionary(pa.int32(), pa.string()))
+            )
     schema = arrow_schema(head_dim, vector_type, token_ids, vocabulary is not None)
     return pa.Table.from_arrays(columns, schema=schema)
 
@@ -196,9 +245,10 @@ def _token_str(token_id: pa.Array, vocabulary: pa.Array) -> pa.DictionaryArray:
     return pa.DictionaryArray.from_arrays(pa.array(np.where(bad, 0, ids).astype(np.int32), mask=bad), vocabulary)
 
 
-def arrow_schema(head_dim: int, vector_type: pa.DataType = pa.float32(), token_id: bool = False,
-                 token_str: bool = False) -> pa.Schema:
-    """Columns of every shard (DESIGN §5); `token_id` (int32, nullable) and `token_str`
+def arrow_schema(
+    head_dim: int, vector_type: pa.DataType = pa.float32(), token_id: bool = False, token_str: bool = False
+) -> pa.Schema:
+    """Columns of every shard (docs/architecture.md); `token_id` (int32, nullable) and `token_str`
     (dictionary-encoded string) are present for the whole dataset or absent."""
     fields = [
         ("example_id", pa.int64()),
@@ -230,8 +280,9 @@ class Sink:
     def put(self, batch: CaptureBatch) -> None:
         """One attention call's selected rows of one kind (still on the device)."""
 
-    def put_empty(self, layer: int, kind: str, heads, example_ids, sliding_window, cross_attention: bool,
-                  tokens) -> None:
+    def put_empty(
+        self, layer: int, kind: str, heads, example_ids, sliding_window, cross_attention: bool, tokens
+    ) -> None:
         """An attention call of which the sampler keeps nothing (known on the CPU): it ran, with 0 rows."""
 
     def end_forward(self) -> None:
@@ -299,7 +350,9 @@ def warn_not_from_zero(example_id: int, first_position: int, warned: set) -> Non
         logger.warning(
             "qk-attn: example %d starts at position %d, not 0: `position` is what RoPE used, and this batch was "
             "left-padded without position_ids; pass position_ids (as generate() and qk-sniff run do) to start at 0",
-            example_id, first_position)
+            example_id,
+            first_position,
+        )
 
 
 class MemorySink(Sink):

@@ -39,8 +39,9 @@ import functools
 import importlib
 import inspect
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 from qk_attn.errors import TransformersMismatch
 
@@ -133,8 +134,11 @@ def _mask_call_keywords() -> str | None:
     from transformers import masking_utils
 
     tree = ast.parse(inspect.getsource(masking_utils.create_causal_mask))
-    calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call)
-             and isinstance(node.func, ast.Name) and node.func.id == "mask_interface"]
+    calls = [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "mask_interface"
+    ]
     if not calls:
         return "create_causal_mask calls no mask_interface(...)"
     keywords = {k.arg for k in calls[0].keywords}
@@ -212,8 +216,14 @@ def _rotary_helpers() -> str | None:
     return None
 
 
-ATTENTION_CLASSES = {"llama": "LlamaAttention", "qwen3": "Qwen3Attention", "gemma3": "Gemma3Attention",
-                     "glm": "GlmAttention", "ministral3": "Ministral3Attention", "smollm3": "SmolLM3Attention"}
+ATTENTION_CLASSES = {
+    "llama": "LlamaAttention",
+    "qwen3": "Qwen3Attention",
+    "gemma3": "Gemma3Attention",
+    "glm": "GlmAttention",
+    "ministral3": "Ministral3Attention",
+    "smollm3": "SmolLM3Attention",
+}
 
 
 def _attention_forward_locals() -> str | None:
@@ -225,8 +235,13 @@ def _attention_forward_locals() -> str | None:
     return None
 
 
-BASE_MODELS = {"llama": "LlamaModel", "qwen3": "Qwen3Model", "gemma3": "Gemma3TextModel",
-               "mllama": "MllamaTextModel", "smollm3": "SmolLM3Model"}
+BASE_MODELS = {
+    "llama": "LlamaModel",
+    "qwen3": "Qwen3Model",
+    "gemma3": "Gemma3TextModel",
+    "mllama": "MllamaTextModel",
+    "smollm3": "SmolLM3Model",
+}
 
 
 def _model_forward_locals() -> str | None:
@@ -234,8 +249,11 @@ def _model_forward_locals() -> str | None:
     for family, name in BASE_MODELS.items():
         forward = inspect.unwrap(getattr(_modeling(family), name).forward)
         params = _parameters(forward)
-        if params[0] != "self" or not {"input_ids", "position_ids"} <= set(params) or not (
-                {"cache", "past_key_values"} & set(params)):
+        if (
+            params[0] != "self"
+            or not {"input_ids", "position_ids"} <= set(params)
+            or not ({"cache", "past_key_values"} & set(params))
+        ):
             return f"{name}.forward{tuple(params)}"
         if "create_causal_mask" not in forward.__code__.co_names:
             return f"{name}.forward does not call create_causal_mask itself"
@@ -259,9 +277,13 @@ def _init_sets(cls) -> set[str]:
     """Attributes `cls.__init__` assigns on self, read from its source (`kernels` may wrap __init__)."""
     tree = ast.parse(inspect.getsource(cls))
     init = next(n for n in tree.body[0].body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
-    return {t.attr for n in ast.walk(init) if isinstance(n, (ast.Assign, ast.AnnAssign))
-            for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
-            if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self"}
+    return {
+        t.attr
+        for n in ast.walk(init)
+        if isinstance(n, (ast.Assign, ast.AnnAssign))
+        for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
+        if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self"
+    }
 
 
 def _attention_module_attributes() -> str | None:
@@ -280,31 +302,71 @@ def _attention_module_attributes() -> str | None:
 
 
 FACTS: tuple[Fact, ...] = (
-    Fact("attention_interface_register", "AttentionInterface.register(name, fn) makes fn "
-         "ALL_ATTENTION_FUNCTIONS.get_interface(name)", _attention_interface_register),
-    Fact("mask_interface_register", "AttentionMaskInterface.register(name, fn) makes fn "
-         "ALL_MASK_ATTENTION_FUNCTIONS[name]", _mask_interface_register),
-    Fact("mask_functions", f"masking_utils.sdpa_mask/eager_mask/flash_attention_mask accept {MASK_KEYWORDS}",
-         _mask_functions),
-    Fact("mask_call_keywords", f"create_causal_mask calls the registered mask with {MASK_KEYWORDS} and config=",
-         _mask_call_keywords),
-    Fact("sdpa_forward", "integrations.sdpa_attention.sdpa_attention_forward(module, query, key, value, "
-         "attention_mask, **kwargs)", _sdpa_forward),
-    Fact("flash_forward", "integrations.flash_attention.flash_attention_forward(module, query, key, value, "
-         "attention_mask, **kwargs)", _flash_forward),
-    Fact("eager_forward", "each rotary decoder's modeling module defines eager_attention_forward(module, query, "
-         "key, value, attention_mask, ...)", _eager_forward),
-    Fact("rotary_helpers", "apply_rotary_pos_emb(q, k, cos, sin, ...) in each seed modeling module; Ministral 3's "
-         "get_llama_4_attn_scale(positions, beta, original_max)", _rotary_helpers),
-    Fact("attention_forward_locals", "attention forward(self, hidden_states, position_embeddings, ...) holds the "
-         "cos/sin it applied", _attention_forward_locals),
-    Fact("model_forward_locals", "the base model's forward(self, input_ids, ..., position_ids, cache or "
-         "past_key_values) calls create_causal_mask itself", _model_forward_locals),
-    Fact("generation_frames", "GenerationMixin._sample/_beam_search/_assisted_decoding exist; _sample has locals "
-         "model_kwargs and unfinished_sequences", _generation_frames),
-    Fact("attention_module_attributes", "attention modules set layer_idx and config (use_rope: SmolLM3, "
-         "sliding_window: Gemma 3); Mllama's cross-attention class is MllamaTextCrossAttention",
-         _attention_module_attributes),
+    Fact(
+        "attention_interface_register",
+        "AttentionInterface.register(name, fn) makes fn ALL_ATTENTION_FUNCTIONS.get_interface(name)",
+        _attention_interface_register,
+    ),
+    Fact(
+        "mask_interface_register",
+        "AttentionMaskInterface.register(name, fn) makes fn ALL_MASK_ATTENTION_FUNCTIONS[name]",
+        _mask_interface_register,
+    ),
+    Fact(
+        "mask_functions",
+        f"masking_utils.sdpa_mask/eager_mask/flash_attention_mask accept {MASK_KEYWORDS}",
+        _mask_functions,
+    ),
+    Fact(
+        "mask_call_keywords",
+        f"create_causal_mask calls the registered mask with {MASK_KEYWORDS} and config=",
+        _mask_call_keywords,
+    ),
+    Fact(
+        "sdpa_forward",
+        "integrations.sdpa_attention.sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)",
+        _sdpa_forward,
+    ),
+    Fact(
+        "flash_forward",
+        "integrations.flash_attention.flash_attention_forward(module, query, key, value, attention_mask, **kwargs)",
+        _flash_forward,
+    ),
+    Fact(
+        "eager_forward",
+        "each rotary decoder's modeling module defines eager_attention_forward(module, query, "
+        "key, value, attention_mask, ...)",
+        _eager_forward,
+    ),
+    Fact(
+        "rotary_helpers",
+        "apply_rotary_pos_emb(q, k, cos, sin, ...) in each seed modeling module; Ministral 3's "
+        "get_llama_4_attn_scale(positions, beta, original_max)",
+        _rotary_helpers,
+    ),
+    Fact(
+        "attention_forward_locals",
+        "attention forward(self, hidden_states, position_embeddings, ...) holds the cos/sin it applied",
+        _attention_forward_locals,
+    ),
+    Fact(
+        "model_forward_locals",
+        "the base model's forward(self, input_ids, ..., position_ids, cache or "
+        "past_key_values) calls create_causal_mask itself",
+        _model_forward_locals,
+    ),
+    Fact(
+        "generation_frames",
+        "GenerationMixin._sample/_beam_search/_assisted_decoding exist; _sample has locals "
+        "model_kwargs and unfinished_sequences",
+        _generation_frames,
+    ),
+    Fact(
+        "attention_module_attributes",
+        "attention modules set layer_idx and config (use_rope: SmolLM3, "
+        "sliding_window: Gemma 3); Mllama's cross-attention class is MllamaTextCrossAttention",
+        _attention_module_attributes,
+    ),
 )
 
 
@@ -330,4 +392,5 @@ def require() -> None:
         raise TransformersMismatch(
             f"qk_sniff: transformers {findings[0].transformers} breaks what qk-attn relies on: "
             + "; ".join(f"{f.fact}: expected {f.expected}, found {f.found}" for f in findings)
-            + "; install a transformers version qk-attn supports (see README)")
+            + "; install a transformers version qk-attn supports (see README)"
+        )

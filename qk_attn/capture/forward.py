@@ -26,15 +26,23 @@ import torch
 
 from qk_attn.errors import CaptureError
 
-
 DECIDE_AT_ONCE = 1 << 21  # (layer, kind, token) decisions made in one go per CPU forward
 
 
 class ForwardContext:
     """The facts of one forward of one model, shared by all its attention calls."""
 
-    def __init__(self, config, batch_size: int, num_new: int, past: int, attention_mask: torch.Tensor | None,
-                 input_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None, cache=None):
+    def __init__(
+        self,
+        config,
+        batch_size: int,
+        num_new: int,
+        past: int,
+        attention_mask: torch.Tensor | None,
+        input_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache=None,
+    ):
         self.config = config
         self.input_ids = input_ids  # (B, T) token ids of the new tokens, None when the model got embeddings
         self.position_ids = position_ids  # the model forward's own, when it has them
@@ -68,8 +76,7 @@ class ForwardContext:
         """The decoder stack started with the mask this context was built from: its own arguments
         are the forward's (the token ids and cache a wrapper or generate() hands it)."""
         self.state, self.armed = "running", True
-        ids, positions, cache = (kwargs.get("input_ids"), kwargs.get("position_ids"),
-                                 _cache_of(kwargs))
+        ids, positions, cache = (kwargs.get("input_ids"), kwargs.get("position_ids"), _cache_of(kwargs))
         if isinstance(ids, torch.Tensor) and ids.shape == (self.batch_size, self.num_new):
             self.input_ids = ids
         if isinstance(positions, torch.Tensor) and positions.shape[-1] == self.num_new:
@@ -86,13 +93,20 @@ class ForwardContext:
         """Index along K of the first new key, for a layer whose key tensor has num_keys slots."""
         slot = self.key_slots.get(num_keys)
         if slot is None:
-            reason = "two mask kinds disagree on it" if num_keys in self.key_slots else (
-                f"the mask function was told of key lengths {sorted(self.key_slots)} only")
-            raise CaptureError(f"qk_sniff: layer {layer} has {num_keys} keys and {reason}; cannot tell where this "
-                               "forward's new keys sit, so nothing is recorded for it")
+            reason = (
+                "two mask kinds disagree on it"
+                if num_keys in self.key_slots
+                else (f"the mask function was told of key lengths {sorted(self.key_slots)} only")
+            )
+            raise CaptureError(
+                f"qk_sniff: layer {layer} has {num_keys} keys and {reason}; cannot tell where this "
+                "forward's new keys sit, so nothing is recorded for it"
+            )
         if not 0 <= slot <= num_keys - self.num_new:
-            raise CaptureError(f"qk_sniff: layer {layer}: this forward's {self.num_new} new keys would start at slot "
-                               f"{slot} of {num_keys}; the cache does not hold them where transformers said")
+            raise CaptureError(
+                f"qk_sniff: layer {layer}: this forward's {self.num_new} new keys would start at slot "
+                f"{slot} of {num_keys}; the cache does not hold them where transformers said"
+            )
         return slot
 
     def first_call(self, layer: int, query: torch.Tensor, key: torch.Tensor) -> bool:
@@ -109,9 +123,10 @@ class ForwardContext:
         raise CaptureError(
             f"qk_sniff: layer {layer} ran again with other inputs and no new mask: either the model passed a "
             "prepared 4-D attention mask (qk_sniff needs the 2-D attention_mask so that transformers builds the "
-            "mask), or it calls one layer twice per forward with different inputs; not recorded")
+            "mask), or it calls one layer twice per forward with different inputs; not recorded"
+        )
 
-    def tokens(self, position_ids: torch.Tensor | None, device: torch.device, length: int | None = None) -> "TextTokens":
+    def tokens(self, position_ids: torch.Tensor | None, device: torch.device, length: int | None = None) -> TextTokens:
         """The forward's new tokens, computed once per forward (per position_ids tensor) on `device`;
         with `length`, its last `length` tokens (a layer given only a suffix of the queries)."""
         if position_ids is None:  # a layer that does not pass them on: the forward's own
@@ -125,7 +140,7 @@ class ForwardContext:
             cached = self._tokens[(device, length)] = (position_ids, tokens)
         return cached[1]
 
-    def decisions(self, sampler, num_layers: int, example_ids: torch.Tensor, tokens: "TextTokens"):
+    def decisions(self, sampler, num_layers: int, example_ids: torch.Tensor, tokens: TextTokens):
         """On the CPU, for forwards up to DECIDE_AT_ONCE decisions: the sampler's keep mask of every
         (layer, kind) at once, and on the host which of them keep anything, so that a decode
         step's attention calls that select nothing cost a lookup. None elsewhere: on a GPU the
@@ -140,7 +155,7 @@ class ForwardContext:
                 self._decisions = (keep, keep.flatten(2).any(-1).tolist())
         return self._decisions
 
-    def _text_tokens(self, position_ids, device) -> "TextTokens":
+    def _text_tokens(self, position_ids, device) -> TextTokens:
         batch, num_new = self.batch_size, self.num_new
         # Validity: the 2-D mask's last T columns are the new tokens.
         if self.attention_mask is None:
@@ -180,7 +195,7 @@ class TextTokens(NamedTuple):
     packed: torch.Tensor  # (B,) bool, the row's positions restart
     token_ids: torch.Tensor | None  # (B, 1, T, 1) float32, None when the model got embeddings
 
-    def suffix(self, length: int) -> "TextTokens":
+    def suffix(self, length: int) -> TextTokens:
         """The last `length` tokens; `valid_count`, `first_position` and `packed` stay the forward's."""
         token_ids = None if self.token_ids is None else self.token_ids[:, :, -length:]
         return self._replace(positions=self.positions[:, -length:], valid=self.valid[:, -length:], token_ids=token_ids)
@@ -242,9 +257,12 @@ def decoder_stack(module: torch.nn.Module | None, config) -> tuple[torch.nn.Modu
         for child in owner.children():
             if not isinstance(child, torch.nn.ModuleList) or not len(child):
                 continue
-            layers = list(child)[:getattr(config, "num_hidden_layers", None) or len(child)]
-            if any(getattr(m, "config", None) is config and getattr(m, "layer_idx", None) is not None
-                   for layer in layers for m in layer.modules()):
+            layers = list(child)[: getattr(config, "num_hidden_layers", None) or len(child)]
+            if any(
+                getattr(m, "config", None) is config and getattr(m, "layer_idx", None) is not None
+                for layer in layers
+                for m in layer.modules()
+            ):
                 return owner, layers[-1]
     return None, None
 
@@ -277,13 +295,17 @@ def refuse_unrecordable_generation(max_depth: int = 40):
             return None
         name = frame.f_code.co_name
         if name == "_beam_search":
-            raise CaptureError("qk_sniff: beam search reorders the cache between steps, so rows could not be "
-                               "attributed to one sequence; record with num_beams=1 (greedy or sampling)")
+            raise CaptureError(
+                "qk_sniff: beam search reorders the cache between steps, so rows could not be "
+                "attributed to one sequence; record with num_beams=1 (greedy or sampling)"
+            )
         if name in ("_sample", "_assisted_decoding") and frame.f_code.co_filename.endswith(GENERATION_FILE):
             model_kwargs = frame.f_locals.get("model_kwargs")
             if isinstance(model_kwargs, dict) and model_kwargs.get("use_cache") is False:
-                raise CaptureError("qk_sniff: generate(use_cache=False) re-runs the whole sequence at every step, "
-                                   "which would record it once per new token; generate with use_cache=True")
+                raise CaptureError(
+                    "qk_sniff: generate(use_cache=False) re-runs the whole sequence at every step, "
+                    "which would record it once per new token; generate with use_cache=True"
+                )
             unfinished = frame.f_locals.get("unfinished_sequences")
             return unfinished if isinstance(unfinished, torch.Tensor) and unfinished.dim() == 1 else None
         frame = frame.f_back
@@ -302,13 +324,19 @@ def check_shapes(forward: ForwardContext, layer: int, query: torch.Tensor, key: 
     (layers that compute only the positions whose logits are kept, as Gemma 4's shared-KV layers do)."""
     batch = forward.batch_size
     if query.shape[0] != batch or key.shape[0] != batch:
-        raise CaptureError(f"qk_sniff: layer {layer} got a query of batch {query.shape[0]} and a key of batch "
-                           f"{key.shape[0]} in a forward of batch {batch}; not recorded")
+        raise CaptureError(
+            f"qk_sniff: layer {layer} got a query of batch {query.shape[0]} and a key of batch "
+            f"{key.shape[0]} in a forward of batch {batch}; not recorded"
+        )
     num_queries = query.shape[2]
     if not 0 < num_queries <= forward.num_new:
-        raise CaptureError(f"qk_sniff: layer {layer} got {num_queries} queries in a forward of {forward.num_new} "
-                           "new tokens; not recorded")
+        raise CaptureError(
+            f"qk_sniff: layer {layer} got {num_queries} queries in a forward of {forward.num_new} "
+            "new tokens; not recorded"
+        )
     if not cross and key.shape[2] < forward.num_new:
-        raise CaptureError(f"qk_sniff: layer {layer} got {key.shape[2]} keys in a forward of {forward.num_new} new "
-                           "tokens; not recorded")
+        raise CaptureError(
+            f"qk_sniff: layer {layer} got {key.shape[2]} keys in a forward of {forward.num_new} new "
+            "tokens; not recorded"
+        )
     return num_queries

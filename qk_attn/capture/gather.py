@@ -67,12 +67,23 @@ def select_tokens(keep: torch.Tensor, positions: torch.Tensor, sampler: Sampler,
     safe = index.clamp(min=0)
     batch = safe // num_tokens
     position = positions.reshape(-1)[safe]
-    return Selection(flat.sum(), torch.where(index >= 0, batch, -1), batch, safe % num_tokens,
-                     position.to(torch.int32), sampler.bucket_of(position).to(torch.int32))
+    return Selection(
+        flat.sum(),
+        torch.where(index >= 0, batch, -1),
+        batch,
+        safe % num_tokens,
+        position.to(torch.int32),
+        sampler.bucket_of(position).to(torch.int32),
+    )
 
 
-def gather_selected(states: torch.Tensor, selection: Selection, token_offset: int | torch.Tensor,
-                    heads: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+def gather_selected(
+    states: torch.Tensor,
+    selection: Selection,
+    token_offset: int | torch.Tensor,
+    heads: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
     """(Hs, cap, D) vectors of `heads` (None: every head, in order) at the selected tokens;
     `states` is (B, H, K, D) and the new tokens start at `token_offset` along K."""
     vectors = states[selection.batch, :, selection.token + token_offset]  # (cap, H, D)
@@ -125,7 +136,7 @@ def uses_kernel(states: torch.Tensor, out_dtype: torch.dtype) -> bool:
     return False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_available(warn: bool) -> bool:
     """Import the kernel module once; without Triton the torch path serves (a soft no)."""
     from qk_attn.kernels import select_gather

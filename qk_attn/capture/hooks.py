@@ -10,10 +10,10 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
-from qk_attn.capture.backends import MASKS
 from qk_attn.capture.attention import attend_and_capture, qk_sniff_attention
-from qk_attn.errors import CaptureError
+from qk_attn.capture.backends import MASKS
 from qk_attn.capture.name_branches import follow_wrapped_backend
+from qk_attn.errors import CaptureError
 
 NAME = "qk_sniff"
 
@@ -43,12 +43,19 @@ def _noting_context(mask_fn, batch_size, q_length, kv_length, q_offset=0, kv_off
     if session is not None:
         check_recorded(kwargs.get("config"), mask_fn)
         session.on_mask(kwargs.get("config"), batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask)
-    return mask_fn(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                   kv_offset=kv_offset, attention_mask=attention_mask, **kwargs)
+    return mask_fn(
+        batch_size=batch_size,
+        q_length=q_length,
+        kv_length=kv_length,
+        q_offset=q_offset,
+        kv_offset=kv_offset,
+        attention_mask=attention_mask,
+        **kwargs,
+    )
 
 
-_watched: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
-_first_forward_hooks: "weakref.WeakKeyDictionary[torch.nn.Module, list]" = weakref.WeakKeyDictionary()
+_watched: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+_first_forward_hooks: weakref.WeakKeyDictionary[torch.nn.Module, list] = weakref.WeakKeyDictionary()
 
 
 def watch_forward(owner: torch.nn.Module | None, last_layer: torch.nn.Module | None, config) -> bool:
@@ -154,6 +161,8 @@ def check_recorded(config, mask_fn) -> None:
     if mask_fn is flash_attention_mask and name in AttentionInterface._global_mapping:
         _wrap(name)
         return
-    raise CaptureError(f"qk_sniff: the model runs the attention implementation {name!r}, which qk-attn does not "
-                       "wrap, so nothing would be recorded; load it with attn_implementation=\"qk_sniff\" (or call "
-                       "qk_attn.wrap_flash_attention() before loading it with \"flash_attention_2\")")
+    raise CaptureError(
+        f"qk_sniff: the model runs the attention implementation {name!r}, which qk-attn does not "
+        'wrap, so nothing would be recorded; load it with attn_implementation="qk_sniff" (or call '
+        'qk_attn.wrap_flash_attention() before loading it with "flash_attention_2")'
+    )

@@ -13,8 +13,9 @@ import ast
 import functools
 import operator
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 from qk_attn.capture.active import current_config
 from qk_attn.errors import CaptureError
@@ -23,10 +24,20 @@ NAME = "qk_sniff"
 WRAPPED = ("sdpa", "eager")  # what "qk_sniff" may wrap (flash is recorded under its own name)
 
 # Identifiers that hold an attention implementation's name in transformers' source.
-NAME_HOLDERS = ("_attn_implementation", "attn_implementation", "attn_impl", "requested_attention_implementation",
-                "checked_attention_implementation", "applicable_attention", "requested_attention", "target_implem",
-                "original_attn_impl", "sub_implementation", "implementation",
-                "_loaded_implementation")
+NAME_HOLDERS = (
+    "_attn_implementation",
+    "attn_implementation",
+    "attn_impl",
+    "requested_attention_implementation",
+    "checked_attention_implementation",
+    "applicable_attention",
+    "requested_attention",
+    "target_implem",
+    "original_attn_impl",
+    "sub_implementation",
+    "implementation",
+    "_loaded_implementation",
+)
 NOT_ATTENTION = ("experts", "cache_implementation")  # other "implementation" settings
 REGISTRIES = ("ALL_ATTENTION_FUNCTIONS", "ALL_MASK_ATTENTION_FUNCTIONS")  # lookups "qk_sniff" is registered in
 
@@ -41,7 +52,8 @@ class Branch(NamedTuple):
 
 def _holds_name(node: ast.AST) -> bool:
     return (isinstance(node, ast.Attribute) and node.attr in NAME_HOLDERS) or (
-        isinstance(node, ast.Name) and node.id in NAME_HOLDERS)
+        isinstance(node, ast.Name) and node.id in NAME_HOLDERS
+    )
 
 
 def _name_condition(node: ast.AST) -> bool:
@@ -54,11 +66,16 @@ def _name_condition(node: ast.AST) -> bool:
         if any(isinstance(op, (ast.Is, ast.IsNot)) for op in node.ops):
             return False  # `is None`: the default implementation, never "qk_sniff"
         operands = (node.left, *node.comparators)
-    elif isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == \
-            "is_flash_attention_requested":
+    elif (
+        isinstance(node, ast.Call)
+        and getattr(node.func, "id", getattr(node.func, "attr", None)) == "is_flash_attention_requested"
+    ):
         return True
-    elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in (
-            "startswith", "endswith", "split"):
+    elif (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr in ("startswith", "endswith", "split")
+    ):
         operands = (node.func.value,)
     else:
         return False
@@ -88,8 +105,12 @@ def name_branches(root: Path | None = None) -> dict[Branch, list[int]]:
     return found
 
 
-COMPARISONS = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.In: lambda a, b: a in b,
-               ast.NotIn: lambda a, b: a not in b}
+COMPARISONS = {
+    ast.Eq: operator.eq,
+    ast.NotEq: operator.ne,
+    ast.In: lambda a, b: a in b,
+    ast.NotIn: lambda a, b: a not in b,
+}
 
 
 def outcome(condition: str, name: str):
@@ -130,31 +151,48 @@ def alike(condition: str) -> bool:
 FOLLOWED_METHODS: dict[str, tuple[str, str]] = {
     "transformers.models.gemma4.modeling_gemma4": ("Gemma4TextModel", "_maybe_slice_kv_shared_inputs"),
     "transformers.models.gemma4_unified.modeling_gemma4_unified": (
-        "Gemma4UnifiedTextModel", "_maybe_slice_kv_shared_inputs"),
+        "Gemma4UnifiedTextModel",
+        "_maybe_slice_kv_shared_inputs",
+    ),
     "transformers.models.glm5_next.modeling_glm5_next": ("Glm5NextTextAttention", "build_attention_mask_from_topk"),
 }
 
 
 def _sparse_indexer(config, backend: str) -> str:
-    return (f"qk_sniff: {config.model_type} chooses its sparse attention (the indexer's top-k keys) by the "
-            f"implementation's name inside its attention forward, so under 'qk_sniff' it would attend to every key "
-            f"and differ from '{backend}'; qk-attn cannot record this model: load it with "
-            f"attn_implementation='{backend}'")
+    return (
+        f"qk_sniff: {config.model_type} chooses its sparse attention (the indexer's top-k keys) by the "
+        f"implementation's name inside its attention forward, so under 'qk_sniff' it would attend to every key "
+        f"and differ from '{backend}'; qk-attn cannot record this model: load it with "
+        f"attn_implementation='{backend}'"
+    )
 
 
 def _upcast_attention(config, backend: str) -> str | None:
     if backend != "eager" or not getattr(config, "reorder_and_upcast_attn", False):
         return None
-    return (f"qk_sniff: {config.model_type} with reorder_and_upcast_attn=True computes 'eager' attention in its own "
-            "upcast path, which the 'qk_sniff' attention function never reaches; use QK_SNIFF_BACKEND=sdpa (sdpa "
-            "ignores reorder_and_upcast_attn too) or load the model with attn_implementation='eager'")
+    return (
+        f"qk_sniff: {config.model_type} with reorder_and_upcast_attn=True computes 'eager' attention in its own "
+        "upcast path, which the 'qk_sniff' attention function never reaches; use QK_SNIFF_BACKEND=sdpa (sdpa "
+        "ignores reorder_and_upcast_attn too) or load the model with attn_implementation='eager'"
+    )
 
 
 # Model types whose branch on the name sits where no wrapper can show it the wrapped name: a reason
 # (one line, what to do) when the model cannot be run exactly under "qk_sniff" wrapping `backend`.
 REFUSED_MODELS: dict[str, Callable[..., str | None]] = {
-    **{f"transformers.models.{m}.modeling_{m}": _sparse_indexer for m in (
-        "axk2", "deepseek_v32", "dots3_note", "glm_moe_dsa", "hy_v4", "hy_v4_vl", "minimax_m3_vl", "mistral_large4")},
+    **{
+        f"transformers.models.{m}.modeling_{m}": _sparse_indexer
+        for m in (
+            "axk2",
+            "deepseek_v32",
+            "dots3_note",
+            "glm_moe_dsa",
+            "hy_v4",
+            "hy_v4_vl",
+            "minimax_m3_vl",
+            "mistral_large4",
+        )
+    },
     "transformers.models.gpt2.modeling_gpt2": _upcast_attention,
     "transformers.models.decision_transformer.modeling_decision_transformer": _upcast_attention,
 }

@@ -22,7 +22,7 @@ class ModelShape:
     layer_types: tuple[str, ...] | None = None
 
     @classmethod
-    def from_module(cls, module, query, key) -> "ModelShape":
+    def from_module(cls, module, query, key) -> ModelShape:
         """Read the shape from an attention module and the tensors it was called with."""
         config = module.config
         layer_types = getattr(config, "layer_types", None)
@@ -40,13 +40,17 @@ class ModelShape:
 
 def check_in_range(config: SniffConfig, shape: ModelShape) -> None:
     """Requested layers and heads must exist: a filter that matches nothing would record nothing."""
-    for name, values, limit, what in (("layers", config.layers, shape.num_layers, "layers"),
-                                      ("heads", config.heads, shape.num_heads, "query heads"),
-                                      ("key_heads", config.key_heads, shape.num_kv_heads, "key/value heads")):
+    for name, values, limit, what in (
+        ("layers", config.layers, shape.num_layers, "layers"),
+        ("heads", config.heads, shape.num_heads, "query heads"),
+        ("key_heads", config.key_heads, shape.num_kv_heads, "key/value heads"),
+    ):
         missing = [v for v in values or () if v >= limit]
         if missing:
-            raise ConfigError(f"{name}={','.join(map(str, values))}: {missing} out of range; the model has "
-                              f"{limit} {what} (0-{limit - 1})")
+            raise ConfigError(
+                f"{name}={','.join(map(str, values))}: {missing} out of range; the model has "
+                f"{limit} {what} (0-{limit - 1})"
+            )
 
 
 @dataclass
@@ -60,7 +64,7 @@ class HeadPlan:
     notes: list[str] = field(default_factory=list)
 
     @classmethod
-    def build(cls, config: SniffConfig, shape: ModelShape) -> "HeadPlan":
+    def build(cls, config: SniffConfig, shape: ModelShape) -> HeadPlan:
         check_in_range(config, shape)
         plan = cls(shape)
         group = max(1, shape.num_heads // shape.num_kv_heads)

@@ -98,7 +98,8 @@ class Session(SequenceTracker):
             raise CaptureError(
                 f"qk_sniff: layer {module.layer_idx} ran without transformers building its mask (the model was given "
                 "a prepared 4-D attention mask, or does not use transformers' mask functions); pass the 2-D "
-                "attention_mask instead")
+                "attention_mask instead"
+            )
         layer = module.layer_idx
         cross = is_cross_attention(module)
         num_queries = check_shapes(forward, layer, query, key, cross)
@@ -111,8 +112,7 @@ class Session(SequenceTracker):
             return
         position_ids = kwargs.get("position_ids")
         everything = forward.tokens(position_ids, query.device)
-        text = everything if num_queries == forward.num_new else forward.tokens(position_ids, query.device,
-                                                                                num_queries)
+        text = everything if num_queries == forward.num_new else forward.tokens(position_ids, query.device, num_queries)
         sequence = forward.sequence
         if cross:
             # Text queries of a cross-attention layer are this forward's tokens; its keys are
@@ -137,11 +137,15 @@ class Session(SequenceTracker):
                     self.sink.put_empty(layer, kind, heads, forward.example_ids, sliding_window, cross, these)
                     continue
                 decided = keep[layer, index]
-            self.sink.put(self._batch(module, forward, layer, kind, states, heads, offset, these,
-                                      sliding_window, cross, rotary, decided))
+            self.sink.put(
+                self._batch(
+                    module, forward, layer, kind, states, heads, offset, these, sliding_window, cross, rotary, decided
+                )
+            )
 
-    def _batch(self, module, forward, layer, kind, states, heads, offset, tokens, sliding_window, cross, rotary,
-               keep=None):
+    def _batch(
+        self, module, forward, layer, kind, states, heads, offset, tokens, sliding_window, cross, rotary, keep=None
+    ):
         """Select, gather and (rope="pre") un-rotate one kind of one call; stays on the device."""
         device = states.device
         batch_size, num_tokens = tokens.positions.shape
@@ -150,11 +154,24 @@ class Session(SequenceTracker):
         capacity = batch_size * self.sampler.capacity(num_tokens)
         example_ids = self._on_device("ids", forward.example_ids, device)
         head_ids = self._on_device("heads", heads, device)
-        spec = SelectionSpec(states, offset, head_ids, tokens.positions, tokens.valid, example_ids, self.sampler, layer,
-                             kind, capacity, out_dtype, keep)
+        spec = SelectionSpec(
+            states,
+            offset,
+            head_ids,
+            tokens.positions,
+            tokens.valid,
+            example_ids,
+            self.sampler,
+            layer,
+            kind,
+            capacity,
+            out_dtype,
+            keep,
+        )
         if pre_rope or uses_kernel(states, out_dtype):
-            count, row, position, bucket, vectors, token_id = self._select_and_gather(module, spec, tokens, pre_rope,
-                                                                                      rotary)
+            count, row, position, bucket, vectors, token_id = self._select_and_gather(
+                module, spec, tokens, pre_rope, rotary
+            )
         else:  # the torch path: one selection serves the vectors and the token ids
             selection = self._selection(forward, spec, tokens)
             every_head = len(heads) == states.shape[1] and tuple(heads) == tuple(range(len(heads)))
@@ -188,7 +205,9 @@ class Session(SequenceTracker):
             cached = forward.selections.get(id(tokens))
             if cached is None or cached[0] is not tokens:
                 cached = forward.selections[id(tokens)] = (
-                    tokens, select_tokens(tokens.valid, tokens.positions, self.sampler, spec.capacity))
+                    tokens,
+                    select_tokens(tokens.valid, tokens.positions, self.sampler, spec.capacity),
+                )
             return cached[1]
         return select_tokens(spec.decide(), tokens.positions, self.sampler, spec.capacity)
 
@@ -201,10 +220,14 @@ class Session(SequenceTracker):
         batch_size = tokens.positions.shape[0]
         if pre_rope:
             if rotary is None:
-                raise ConfigError(f"rope='pre': {type(module).__name__} did not expose the cos/sin it applied (no "
-                                  "position_embeddings in its forward); use rope='post'")
+                raise ConfigError(
+                    f"rope='pre': {type(module).__name__} did not expose the cos/sin it applied (no "
+                    "position_embeddings in its forward); use rope='post'"
+                )
             cos, sin = (select_rows(per_token._replace(states=_as_states(t, batch_size, device)))[4] for t in rotary)
-            vectors = invert_rope(module, spec.kind, vectors, position, (cos, sin)).to(_DTYPES[self.config.vector_dtype])
+            vectors = invert_rope(module, spec.kind, vectors, position, (cos, sin)).to(
+                _DTYPES[self.config.vector_dtype]
+            )
         token_id = None
         if tokens.token_ids is not None:
             token_id = select_rows(per_token._replace(states=tokens.token_ids))[4]
@@ -217,8 +240,11 @@ class Session(SequenceTracker):
         if torch._C._current_graph_task_id() != -1:
             return True  # backward is recomputing a checkpointed layer: its forward was already seen
         if module.training and torch.is_grad_enabled():
-            self._warn_once("training", "qk-attn: not recording forwards in training mode with gradients enabled "
-                                        "(call model.eval() or use torch.no_grad() to record)")
+            self._warn_once(
+                "training",
+                "qk-attn: not recording forwards in training mode with gradients enabled "
+                "(call model.eval() or use torch.no_grad() to record)",
+            )
             return True
         return False
 
@@ -240,13 +266,14 @@ class Session(SequenceTracker):
             table = self._device_tables[key] = host.to(device, non_blocking=True)
         return table
 
-    def _model(self, module, query, key) -> "_Model":
+    def _model(self, module, query, key) -> _Model:
         model = self._models.get(id(module.config))
         if model is None or model.config is not module.config:
             if self._models and self.sink.one_model:
                 raise CaptureError(
                     f"qk_sniff: a second model ({type(module).__module__.rsplit('.', 1)[-1]}) in a session that writes "
-                    f"{self.config.output}, which holds one model's dataset; give each model its own session and output")
+                    f"{self.config.output}, which holds one model's dataset; give each model its own session and output"
+                )
             plan = HeadPlan.build(self.config, ModelShape.from_module(module, query, key))
             model = self._models[id(module.config)] = _Model(module.config, plan)
             self.sink.bind_model(module.config, plan)

@@ -43,7 +43,8 @@ def invert_rope(module, kind: str, vectors: torch.Tensor, positions: torch.Tenso
             f"qk_sniff: rope='pre': {type(module).__name__} rotates {cos.shape[-1]} of the {vectors.shape[-1]} "
             f"dimensions of each {kind} head outside the layout its apply_rotary_pos_emb handles (multi-head latent "
             "attention splits heads into rotated and unrotated parts), so it cannot be inverted here; use "
-            "rope='post'") from error
+            "rope='post'"
+        ) from error
     ones = torch.ones_like(rows[:, :1])
     scale = apply(apply(ones, ones, cos, sin)[0], ones, cos, -sin)[0]
     out = (back / scale)[0]

@@ -14,8 +14,14 @@ import weakref
 import torch
 
 from qk_attn.capture.facts import require as require_facts
-from qk_attn.capture.forward import (ForwardContext, decoder_stack, host_int, model_forward,
-                                     refuse_unrecordable_generation, running)
+from qk_attn.capture.forward import (
+    ForwardContext,
+    decoder_stack,
+    host_int,
+    model_forward,
+    refuse_unrecordable_generation,
+    running,
+)
 from qk_attn.capture.hooks import watch_forward
 from qk_attn.errors import CaptureError
 
@@ -80,14 +86,17 @@ class SequenceTracker:
             self._discard(None, "was refused", config, caller.cache)
             raise
         mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
-        forward = ForwardContext(config, batch_size, q_length, host_int(q_offset), mask, caller.input_ids,
-                                 caller.position_ids, caller.cache)
+        forward = ForwardContext(
+            config, batch_size, q_length, host_int(q_offset), mask, caller.input_ids, caller.position_ids, caller.cache
+        )
         forward.unfinished = unfinished
         if caller.images and caller.position_ids is not None and caller.position_ids.dim() == 3:
             self._discard(None, "was refused", config, caller.cache)
-            raise CaptureError("qk_sniff: this forward has images and multimodal RoPE (mrope), whose positions repeat "
-                               "across an image's tokens, so rows could not be keyed by position; record text-only "
-                               "inputs of this model (no pixel_values)")
+            raise CaptureError(
+                "qk_sniff: this forward has images and multimodal RoPE (mrope), whose positions repeat "
+                "across an image's tokens, so rows could not be keyed by position; record text-only "
+                "inputs of this model (no pixel_values)"
+            )
         owner, last_layer = decoder_stack(caller.module, config)
         if entry is _STARTED:  # the decoder stack's start was reported: its end will be too
             forward.armed, forward.finished = True, False
@@ -159,7 +168,9 @@ class SequenceTracker:
         """Forget the sequences `forward` extends (or, before it has a context, the one of `cache` of the
         model of `config`): their rows are dropped and they are neither committed nor continued."""
         ids = set(forward.example_ids or ()) if forward is not None else set()
-        key = self._cache_key(forward) if forward is not None else (id(config), id(cache) if cache is not None else None)
+        key = (
+            self._cache_key(forward) if forward is not None else (id(config), id(cache) if cache is not None else None)
+        )
         for sequence in (getattr(forward, "sequence", None), self._sequences.get(key)):
             if sequence is not None:
                 ids |= set(sequence.ids)
@@ -168,8 +179,11 @@ class SequenceTracker:
             return
         self._begun = [i for i in self._begun if i not in ids]
         self.sink.discard(sorted(ids))
-        logger.warning("qk-attn: a forward of example(s) %s %s; their rows are discarded and they are not committed",
-                       sorted(ids), why)
+        logger.warning(
+            "qk-attn: a forward of example(s) %s %s; their rows are discarded and they are not committed",
+            sorted(ids),
+            why,
+        )
 
     @staticmethod
     def _cache_key(forward: ForwardContext) -> tuple:
@@ -207,17 +221,23 @@ class SequenceTracker:
         elif forward.past == 0:
             ids, sequence = list(range(self._next_auto_id, self._next_auto_id + batch)), None
         elif sequence is None or sequence.end != forward.past or len(sequence.ids) != batch:
-            where = "no sequence of this model was started on this cache" if sequence is None else (
-                f"the sequence {list(sequence.ids)} of this cache is at position {sequence.end}")
+            where = (
+                "no sequence of this model was started on this cache"
+                if sequence is None
+                else (f"the sequence {list(sequence.ids)} of this cache is at position {sequence.end}")
+            )
             raise CaptureError(
                 f"qk_sniff: this forward continues a cache at position {forward.past} but {where} (a rolled-back or "
-                "different cache); call session.begin(ids) before it to name its sequences")
+                "different cache); call session.begin(ids) before it to name its sequences"
+            )
         else:
             ids = list(sequence.ids)
         committed = set(ids) & self._committed_now()
         if committed:
-            raise ValueError(f"example ids {sorted(committed)} are already committed in this output; "
-                             "rows of a committed example are never added (use new ids)")
+            raise ValueError(
+                f"example ids {sorted(committed)} are already committed in this output; "
+                "rows of a committed example are never added (use new ids)"
+            )
         if sequence is None:
             sequence = self._sequences[key] = _Sequence(ids, forward.cache)
         else:  # rows of a batched generate() that had finished before this step's tokens
@@ -231,7 +251,6 @@ class SequenceTracker:
 
     def _committed_now(self) -> set[int]:
         return self.committed_ids()
-
 
 
 class _Sequence:

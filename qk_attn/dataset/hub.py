@@ -17,13 +17,12 @@ from pathlib import Path
 
 from huggingface_hub import HfApi
 
+from qk_attn.errors import HubError, StorageError
 from qk_attn.storage.card import write_card
-from qk_attn.storage.layout import CARD, CHART
 from qk_attn.storage.folder import release_lock, take_lock
-from qk_attn.storage.layout import EXAMPLES, MANIFEST
+from qk_attn.storage.layout import CARD, CHART, EXAMPLES, MANIFEST
 from qk_attn.storage.manifest import read_manifest, write_json_atomic
 from qk_attn.storage.settings import check_same_capture, public_manifest
-from qk_attn.errors import HubError, StorageError
 
 SHARDS = "l*h*/*.parquet"
 REPO_TYPE = "dataset"
@@ -75,16 +74,25 @@ def push(
             api.create_branch(repo_id, branch=revision, repo_type=REPO_TYPE, exist_ok=True)
         write_card(output, manifest, repo_id=repo_id, revision=revision)  # loading snippet names the repo
         common = dict(repo_id=repo_id, repo_type=REPO_TYPE, revision=revision)
-        api.upload_folder(**common, folder_path=output, allow_patterns=[SHARDS], delete_patterns=[SHARDS],
-                          commit_message=f"qk-sniff: {len(manifest['examples'])} examples (shards)")
+        api.upload_folder(
+            **common,
+            folder_path=output,
+            allow_patterns=[SHARDS],
+            delete_patterns=[SHARDS],
+            commit_message=f"qk-sniff: {len(manifest['examples'])} examples (shards)",
+        )
         with tempfile.TemporaryDirectory(prefix="qk-sniff-push-") as staging:  # the manifest without local paths
             staging = Path(staging)
             write_json_atomic(staging / MANIFEST, public_manifest(manifest), fsync=False)
             for name in (EXAMPLES, CARD, CHART):
                 if (output / name).is_file():
                     shutil.copy(output / name, staging / name)
-            api.upload_folder(**common, folder_path=staging, allow_patterns=[MANIFEST, EXAMPLES, CARD, CHART],
-                              commit_message=f"qk-sniff: {len(manifest['examples'])} examples (manifest, card)")
+            api.upload_folder(
+                **common,
+                folder_path=staging,
+                allow_patterns=[MANIFEST, EXAMPLES, CARD, CHART],
+                commit_message=f"qk-sniff: {len(manifest['examples'])} examples (manifest, card)",
+            )
     except (HubError, StorageError):
         raise
     except Exception as error:  # noqa: BLE001 - any Hub/network failure: keep the Hub's own words
@@ -135,8 +143,13 @@ def pull(
                 check_same_capture(output, remote, config, local.get("source"))
             except ValueError as error:
                 raise HubError(f"{where} and {output} are different captures: {error}") from error
-        api.snapshot_download(repo_id, repo_type=REPO_TYPE, revision=revision, local_dir=output,
-                              allow_patterns=[MANIFEST, EXAMPLES, CARD, CHART, SHARDS])
+        api.snapshot_download(
+            repo_id,
+            repo_type=REPO_TYPE,
+            revision=revision,
+            local_dir=output,
+            allow_patterns=[MANIFEST, EXAMPLES, CARD, CHART, SHARDS],
+        )
     except HubError:
         raise
     except Exception as error:  # noqa: BLE001
@@ -156,16 +169,24 @@ def _check_shards(output: Path, manifest: dict) -> None:
         for name in names:
             problem = check_shard(output, manifest, key, name, read=False)
             if problem:
-                raise StorageError(f"{output / key / name}: {problem}; nothing was pushed: run `qk-sniff verify "
-                                   f"{output}`, then `qk-sniff repair {output}` and the capture again")
+                raise StorageError(
+                    f"{output / key / name}: {problem}; nothing was pushed: run `qk-sniff verify "
+                    f"{output}`, then `qk-sniff repair {output}` and the capture again"
+                )
 
 
-def snapshot(repo_id: str, revision: str | None = None, allow_patterns: list[str] | None = None,
-             token: str | bool | None = None, api: HfApi | None = None) -> Path:
+def snapshot(
+    repo_id: str,
+    revision: str | None = None,
+    allow_patterns: list[str] | None = None,
+    token: str | bool | None = None,
+    api: HfApi | None = None,
+) -> Path:
     """Files of a dataset repo in the local Hugging Face cache (for `qk_attn.dataset.load`)."""
     api = api or HfApi(token=token)
     try:
-        return Path(api.snapshot_download(repo_id, repo_type=REPO_TYPE, revision=revision, allow_patterns=allow_patterns))
+        return Path(
+            api.snapshot_download(repo_id, repo_type=REPO_TYPE, revision=revision, allow_patterns=allow_patterns)
+        )
     except Exception as error:  # noqa: BLE001
         raise HubError(f"downloading {_where(repo_id, revision)} failed: {error}") from error
-

@@ -41,8 +41,10 @@ def inspect_dataset(root: str | Path) -> list[str]:
     plan = data.manifest.get("plan")
     if plan:
         layers = plan["num_layers"]
-        lines.append(f"coverage   q: {len(heads['q'])} (layer, head) pairs with rows of {layers} layers x {plan['num_heads']} "
-                     f"query heads; k: {len(heads['k'])} of {layers} x {plan['num_kv_heads']} key heads")
+        lines.append(
+            f"coverage   q: {len(heads['q'])} (layer, head) pairs with rows of {layers} layers x {plan['num_heads']} "
+            f"query heads; k: {len(heads['k'])} of {layers} x {plan['num_kv_heads']} key heads"
+        )
         for line in coverage(data.manifest).get("missing", []):
             lines.append(f"           {line}")
     lines.append("buckets    bucket  positions              q rows      k rows   q per example-head")
@@ -53,13 +55,16 @@ def inspect_dataset(root: str | Path) -> list[str]:
         per = rows["q"][b] / n_examples / max(1, len(heads["q"]))
         lines.append(f"           {b:>6}  {span:<20} {rows['q'][b]:>10,}  {rows['k'][b]:>10,}   {per:10.2f}")
     if data.bad:
-        lines.append(f"damaged    {len(data.bad)} committed shard(s) missing or unreadable (not counted above); "
-                     f"run `qk-sniff verify {data.root}`, then `qk-sniff repair {data.root}`")
+        lines.append(
+            f"damaged    {len(data.bad)} committed shard(s) missing or unreadable (not counted above); "
+            f"run `qk-sniff verify {data.root}`, then `qk-sniff repair {data.root}`"
+        )
     plots = data.plot_paths()
     why = "no rows committed" if not total["q"] + total["k"] else "the card is written when a capture closes"
     lines.append(f"plot       {plots[0] if plots else f'(none: {why})'}")
     if data.folders:
-        layer, head, kind = min((k for k in data.folders if data.files(k)), key=lambda k: (k[0], k[1], k[2] == "k"),
-                                default=(0, 0, "q"))
+        layer, head, kind = min(
+            (k for k in data.folders if data.files(k)), key=lambda k: (k[0], k[1], k[2] == "k"), default=(0, 0, "q")
+        )
         lines.append(f"load       qk_attn.load({str(data.root)!r}, layer={layer}, head={head}, kind={kind!r})")
     return lines

@@ -16,11 +16,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from qk_attn.dataset.reader import check_shard
+from qk_attn.errors import CorruptShard
+from qk_attn.storage.examples import examples_table
 from qk_attn.storage.layout import MANIFEST, parse_key
 from qk_attn.storage.manifest import read_manifest
-from qk_attn.dataset.reader import check_shard
-from qk_attn.storage.examples import examples_table
-from qk_attn.errors import CorruptShard
 
 
 def _select(manifest: dict, layer: int | None, head: int | None, kind: str | None) -> list[str]:
@@ -49,7 +49,9 @@ def _open(path_or_repo: str | os.PathLike, revision: str | None, token) -> tuple
     root = snapshot(str(path_or_repo), revision=revision, allow_patterns=[MANIFEST], token=token)
     manifest = read_manifest(root)
     if manifest is None:
-        raise FileNotFoundError(f"{path_or_repo} (revision {revision or 'main'}) has no {MANIFEST}: not a qk-sniff capture")
+        raise FileNotFoundError(
+            f"{path_or_repo} (revision {revision or 'main'}) has no {MANIFEST}: not a qk-sniff capture"
+        )
     return root, manifest, True
 
 
@@ -76,22 +78,30 @@ def load(
     keys = _select(manifest, layer, head, kind)
     if not keys:
         available = ", ".join(sorted(k for k, v in manifest.get("shards", {}).items() if v)) or "none"
-        raise LookupError(f"{path_or_repo} has no committed rows for layer={layer}, head={head}, kind={kind}; configs: {available}")
+        raise LookupError(
+            f"{path_or_repo} has no committed rows for layer={layer}, head={head}, kind={kind}; configs: {available}"
+        )
     if remote:
         from qk_attn.dataset.hub import snapshot
 
-        root = snapshot(str(path_or_repo), revision=revision, allow_patterns=[f"{key}/*.parquet" for key in keys], token=token)
+        root = snapshot(
+            str(path_or_repo), revision=revision, allow_patterns=[f"{key}/*.parquet" for key in keys], token=token
+        )
     if tokens and columns is not None and "token_id" not in columns:
         columns = [*columns, "token_id"]
-    table = pa.concat_tables(_read(root, manifest, key, name, columns) for key in keys for name in manifest["shards"][key])
+    table = pa.concat_tables(
+        _read(root, manifest, key, name, columns) for key in keys for name in manifest["shards"][key]
+    )
     return with_token_strings(table, manifest, tokenizer) if tokens else table
 
 
 def with_token_strings(table: pa.Table, manifest: dict, tokenizer=None) -> pa.Table:
     """`table` plus a `token` column (dictionary-encoded strings; null where `token_id` is null)."""
     if "token_id" not in table.column_names:
-        raise ValueError("tokens=True: this capture has no token_id column (it was written before token ids "
-                         "were recorded, or with token ids off)")
+        raise ValueError(
+            "tokens=True: this capture has no token_id column (it was written before token ids "
+            "were recorded, or with token ids off)"
+        )
     tokenizer = tokenizer_of(manifest, tokenizer)
     ids = table.column("token_id").combine_chunks()
     vocabulary = pc.unique(ids.drop_null())
@@ -124,11 +134,14 @@ def _read(root: Path, manifest: dict, key: str, name: str, columns: list[str] | 
     try:
         return pq.read_table(root / key / name, columns=columns, page_checksum_verification=True)
     except Exception as error:  # noqa: BLE001 - a damaged page in a shard without a digest
-        raise CorruptShard(f"{root / key / name}: unreadable ({type(error).__name__}: {error}); "
-                           f"run `qk-sniff repair {root}`") from None
+        raise CorruptShard(
+            f"{root / key / name}: unreadable ({type(error).__name__}: {error}); run `qk-sniff repair {root}`"
+        ) from None
 
 
-def load_examples(path_or_repo: str | os.PathLike, revision: str | None = None, token: str | bool | None = None) -> pa.Table:
+def load_examples(
+    path_or_repo: str | os.PathLike, revision: str | None = None, token: str | bool | None = None
+) -> pa.Table:
     """One row per committed example: example_id, source_id (the source dataset's own id, a
     string), source_index (its row), valid_length, first_position. From the manifest, so it
     is exactly the committed examples (OUT/examples.parquet is the same table for `datasets`)."""

@@ -40,7 +40,7 @@ class Dataset:
         self.bad = set() if self.bad is None else self.bad
 
     @classmethod
-    def open(cls, root: str | Path) -> "Dataset":
+    def open(cls, root: str | Path) -> Dataset:
         root = Path(root)
         manifest = read_manifest(root) if root.is_dir() else None
         if manifest is None:
@@ -149,7 +149,7 @@ def ids_text(ids: list[int], limit: int = 20) -> str:
     return "[" + ", ".join(map(str, ids[:limit])) + (f", ... {len(ids) - limit} more" if len(ids) > limit else "") + "]"
 
 
-def check_integrity(data: "Dataset") -> tuple[list[str], set[Path], int]:
+def check_integrity(data: Dataset) -> tuple[list[str], set[Path], int]:
     """(one line per bad shard, the bad shard paths, how many shards had no digest to check)."""
     lines, bad, no_digest = [], set(), 0
     info = data.manifest.get("shard_info", {})

@@ -18,8 +18,8 @@ from qk_attn.dataset.reader import check_shard, ids_text, shard_problem_line
 from qk_attn.dataset.verify import EncodeSource, verify_dataset
 from qk_attn.errors import ManifestError, NotACapture, StorageError
 from qk_attn.storage.examples import check_examples_file, write_examples
-from qk_attn.storage.layout import EXAMPLES, LOCK, MANIFEST, PREVIOUS, QUARANTINE, Files, parse_key, part_files
 from qk_attn.storage.folder import card_is_ours, release_lock, remove_orphans, take_lock
+from qk_attn.storage.layout import EXAMPLES, LOCK, MANIFEST, PREVIOUS, QUARANTINE, Files, parse_key, part_files
 from qk_attn.storage.manifest import fsync_dir, read_manifest, write_json_atomic
 from qk_attn.storage.records import row_group_segments, segment_examples, shard_examples, shard_segments
 
@@ -52,8 +52,10 @@ def repair(output: str | Path, log=print) -> dict:
     if not (output / MANIFEST).exists() and not (output / PREVIOUS).exists():
         raise NotACapture(f"{output} is not a qk-sniff dataset ({MANIFEST} is missing); nothing was changed")
     if part_files(output):
-        raise StorageError(f"{output} was captured by several ranks (qk_sniff.rank*.json): repair is not supported "
-                           "for it yet; restore the damaged shards from a copy or the Hub (qk-sniff pull)")
+        raise StorageError(
+            f"{output} was captured by several ranks (qk_sniff.rank*.json): repair is not supported "
+            "for it yet; restore the damaged shards from a copy or the Hub (qk-sniff pull)"
+        )
     fd = take_lock(output, LOCK)  # never repair under a running capture
     try:
         manifest, restored = _readable_manifest(output, log)
@@ -76,7 +78,9 @@ def repair(output: str | Path, log=print) -> dict:
         for key, name in bad:
             salvaged[(key, name)], lost = _salvage(output, manifest, key, name)
             if lost is None:
-                dropped |= set(shard_examples(manifest, key, name)) or _older_shard_examples(output, manifest, key, name, bad)
+                dropped |= set(shard_examples(manifest, key, name)) or _older_shard_examples(
+                    output, manifest, key, name, bad
+                )
             else:
                 dropped |= segment_examples(manifest, lost)
         examples_changed = bool(check_examples_file(output, manifest))
@@ -111,12 +115,19 @@ def repair(output: str | Path, log=print) -> dict:
                     continue
                 new = files.shard(number, part)
                 part += 1
-                size, digest, rows, ranges, footer = write_row_groups([t for t, _ in groups], output / key / f".{new}.tmp", True)
+                size, digest, rows, ranges, footer = write_row_groups(
+                    [t for t, _ in groups], output / key / f".{new}.tmp", True
+                )
                 os.replace(output / key / f".{new}.tmp", output / key / new)
                 fsync_dir(output / key)
                 manifest["shard_info"][f"{key}/{new}"] = {
-                    "bytes": size, "sha256": digest, "rows": rows, "segments": sorted({x for _, s in groups for x in s}),
-                    "row_groups": [{"segments": s, **r} for (_, s), r in zip(groups, ranges)], "footer_sha256": footer}
+                    "bytes": size,
+                    "sha256": digest,
+                    "rows": rows,
+                    "segments": sorted({x for _, s in groups for x in s}),
+                    "row_groups": [{"segments": s, **r} for (_, s), r in zip(groups, ranges)],
+                    "footer_sha256": footer,
+                }
                 kept.append(new)
             manifest["shards"][key] = sorted(kept)
         for example in dropped:
@@ -130,10 +141,17 @@ def repair(output: str | Path, log=print) -> dict:
             path.unlink(missing_ok=True)
         _write_card(output, manifest, log)
         if dropped:
-            log(f"dropped {len(dropped)} example(s) from the manifest: {ids_text(sorted(dropped))}; "
-                "re-run the same capture command to record them again")
-        return {"restored": restored, "bad": lines, "dropped": sorted(dropped), "tidied": tidied,
-                "examples_rewritten": True}
+            log(
+                f"dropped {len(dropped)} example(s) from the manifest: {ids_text(sorted(dropped))}; "
+                "re-run the same capture command to record them again"
+            )
+        return {
+            "restored": restored,
+            "bad": lines,
+            "dropped": sorted(dropped),
+            "tidied": tidied,
+            "examples_rewritten": True,
+        }
     finally:
         release_lock(output, fd, LOCK)
 
@@ -152,8 +170,10 @@ def _readable_manifest(output: Path, log) -> tuple[dict, bool]:
     except ManifestError:
         manifest = None
     if manifest is None:
-        raise ManifestError(f"{output / MANIFEST} is unreadable or altered and there is no intact previous manifest "
-                            f"({PREVIOUS}) to restore; restore {MANIFEST} from a copy") from None
+        raise ManifestError(
+            f"{output / MANIFEST} is unreadable or altered and there is no intact previous manifest "
+            f"({PREVIOUS}) to restore; restore {MANIFEST} from a copy"
+        ) from None
     log(f"restored {MANIFEST} from {PREVIOUS}: examples committed after it will be captured again")
     return manifest, True
 
@@ -165,8 +185,10 @@ def _tidy(output: Path, manifest: dict) -> list[str]:
     lines = []
     removed = remove_orphans(output, manifest)
     if removed:
-        lines.append(f"removed {len(removed)} file(s) that no commit lists (left by an interrupted run or "
-                     f"compaction), e.g. {removed[0].relative_to(output)}")
+        lines.append(
+            f"removed {len(removed)} file(s) that no commit lists (left by an interrupted run or "
+            f"compaction), e.g. {removed[0].relative_to(output)}"
+        )
     quarantine = output / QUARANTINE
     moved = []
     listed = {key: set(names) for key, names in manifest.get("shards", {}).items()}
@@ -179,8 +201,10 @@ def _tidy(output: Path, manifest: dict) -> list[str]:
         if not any(folder.iterdir()) and not listed.get(folder.name):
             folder.rmdir()
     if moved:
-        lines.append(f"moved {len(moved)} file(s) that the manifest does not list to {quarantine} (readers would "
-                     f"have read them), e.g. {moved[0].relative_to(output)}")
+        lines.append(
+            f"moved {len(moved)} file(s) that the manifest does not list to {quarantine} (readers would "
+            f"have read them), e.g. {moved[0].relative_to(output)}"
+        )
     for leftover in (output / f".{MANIFEST}.tmp", output / f".{EXAMPLES}.tmp", output / f".{PREVIOUS}.tmp"):
         leftover.unlink(missing_ok=True)
     return lines
@@ -211,7 +235,7 @@ def _salvage(output: Path, manifest: dict, key: str, name: str) -> tuple[list, s
         kept, lost = [], set()
         for i, group in enumerate(groups):
             start = group["offset"]
-            if hashlib.sha256(data[start:start + group["bytes"]]).hexdigest() == group["sha256"]:
+            if hashlib.sha256(data[start : start + group["bytes"]]).hexdigest() == group["sha256"]:
                 kept.append((parquet.read_row_group(i), list(group["segments"])))
             else:
                 lost |= set(group["segments"])

@@ -12,8 +12,9 @@ verify only reports: nothing it reads is copied anywhere. See docs/architecture.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from qk_attn.dataset.reader import INDEX_COLUMNS, Dataset, check_integrity
 from qk_attn.errors import ManifestError
@@ -25,8 +26,9 @@ from qk_attn.storage.records import shard_examples
 EncodeSource = Callable[[dict, dict], dict[int, list[int]]]
 
 
-def expected_positions(sampler, layer: int, kind: str, lengths: dict[int, int], chunk: int = 1 << 22,
-                       starts: dict[int, int] | None = None):
+def expected_positions(
+    sampler, layer: int, kind: str, lengths: dict[int, int], chunk: int = 1 << 22, starts: dict[int, int] | None = None
+):
     """example_id -> the positions the sampler selects in [start, start + valid length) (start 0
     unless `starts` says otherwise), vectorised over examples (at most `chunk` candidates at a time)."""
     import numpy as np
@@ -71,8 +73,10 @@ def verify_dataset(root: str | Path, log=print, encode_source: EncodeSource | No
     data.bad = {f for f in bad if not f.is_file() or _unreadable(f)}
     problems: list[str] = list(integrity)
     if no_digest:
-        log(f"info: {no_digest} shard(s) have no recorded size/digest (written by an older qk-attn): "
-            "checked that they read with their page checksums only")
+        log(
+            f"info: {no_digest} shard(s) have no recorded size/digest (written by an older qk-attn): "
+            "checked that they read with their page checksums only"
+        )
     # Examples held by a bad shard: their other checks would only repeat the same problem.
     damaged = {e for f in data.bad for e in shard_examples(data.manifest, f.parent.name, f.name)}
     damaged_folders = {f.parent.name for f in data.bad}
@@ -91,8 +95,10 @@ def verify_dataset(root: str | Path, log=print, encode_source: EncodeSource | No
         files = data.files(key)
         stray = data.stray_files(key)
         if stray:
-            problems.append(f"{name}: {len(stray)} Parquet file(s) not listed in the manifest (a glob reader such as "
-                            f"datasets.load_dataset would read them), e.g. {stray[0].name}")
+            problems.append(
+                f"{name}: {len(stray)} Parquet file(s) not listed in the manifest (a glob reader such as "
+                f"datasets.load_dataset would read them), e.g. {stray[0].name}"
+            )
         for f in (f for f in files if f.is_file() and f not in data.bad):
             schema = pq.read_schema(f)
             vector = schema.field("vector").type if "vector" in schema.names else None
@@ -100,8 +106,10 @@ def verify_dataset(root: str | Path, log=print, encode_source: EncodeSource | No
             want = arrow_schema(dim, vector.value_type) if dim > 0 else None
             base = [schema.field(n) for n in schema.names if n not in ("token_id", "token_str")]
             if want is None or [(f_.name, f_.type) for f_ in base] != [(w.name, w.type) for w in want]:
-                problems.append(f"{f.relative_to(data.root)}: schema {schema.to_string(show_schema_metadata=False)!r} "
-                                f"differs from the dataset schema")
+                problems.append(
+                    f"{f.relative_to(data.root)}: schema {schema.to_string(show_schema_metadata=False)!r} "
+                    f"differs from the dataset schema"
+                )
         table = data.index(key)
         rows = 0 if table is None else table.num_rows
         seen_counts[name] = rows
@@ -118,26 +126,42 @@ def verify_dataset(root: str | Path, log=print, encode_source: EncodeSource | No
         bad = np.flatnonzero(want_bucket != bucket)
         if bad.size:
             i = bad[0]
-            problems.append(f"{name}: {bad.size} rows have a bucket inconsistent with their position "
-                            f"(e.g. position {pos[i]} in bucket {bucket[i]}, expected {want_bucket[i]})")
+            problems.append(
+                f"{name}: {bad.size} rows have a bucket inconsistent with their position "
+                f"(e.g. position {pos[i]} in bucket {bucket[i]}, expected {want_bucket[i]})"
+            )
         order = np.lexsort((pos, ids))
         ids, pos = ids[order], pos[order]
         dup = np.flatnonzero((ids[1:] == ids[:-1]) & (pos[1:] == pos[:-1]))
         if dup.size:
-            problems.append(f"{name}: {dup.size} duplicate (example, position) rows, e.g. example {ids[dup[0]]} "
-                            f"position {pos[dup[0]]}")
+            problems.append(
+                f"{name}: {dup.size} duplicate (example, position) rows, e.g. example {ids[dup[0]]} "
+                f"position {pos[dup[0]]}"
+            )
         uncommitted = set(np.unique(ids).tolist()) - set(committed) - damaged
         if uncommitted:
-            problems.append(f"{name}: rows of {len(uncommitted)} example(s) the manifest does not list as committed, "
-                            f"e.g. {sorted(uncommitted)[:3]}")
+            problems.append(
+                f"{name}: rows of {len(uncommitted)} example(s) the manifest does not list as committed, "
+                f"e.g. {sorted(uncommitted)[:3]}"
+            )
         starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
         ends = np.r_[starts[1:], len(ids)]
         selections[(layer, kind)][name] = {int(ids[s]): pos[s:e] for s, e in zip(starts, ends)}
-        if "token_id" in table.column_names and not (data.manifest.get("cross_attention_layers") and kind == "k"
-                                                     and layer in data.manifest["cross_attention_layers"]):
+        if "token_id" in table.column_names and not (
+            data.manifest.get("cross_attention_layers")
+            and kind == "k"
+            and layer in data.manifest["cross_attention_layers"]
+        ):
             tokens = table.column("token_id").to_numpy(zero_copy_only=False)[order]
-            token_rows.append((ids, pos, np.where(np.isnan(tokens), -1, tokens).astype(np.int64)
-                               if tokens.dtype.kind == "f" else tokens.astype(np.int64)))
+            token_rows.append(
+                (
+                    ids,
+                    pos,
+                    np.where(np.isnan(tokens), -1, tokens).astype(np.int64)
+                    if tokens.dtype.kind == "f"
+                    else tokens.astype(np.int64),
+                )
+            )
 
     problems += token_id_problems(token_rows)
     problems += source_token_problems(data, token_rows, log, encode_source)
@@ -147,8 +171,10 @@ def verify_dataset(root: str | Path, log=print, encode_source: EncodeSource | No
         if name in damaged_folders:
             continue
         if manifest_counts.get(name, 0) != seen_counts.get(name, 0):
-            problems.append(f"{name}: the manifest records {manifest_counts.get(name, 0)} rows, the files hold "
-                            f"{seen_counts.get(name, 0)}")
+            problems.append(
+                f"{name}: the manifest records {manifest_counts.get(name, 0)} rows, the files hold "
+                f"{seen_counts.get(name, 0)}"
+            )
 
     # Exact selection: for each committed example, every recorded (layer, head, kind) holds
     # exactly the sampler's positions for that example's valid length. Planned heads with no
@@ -159,8 +185,12 @@ def verify_dataset(root: str | Path, log=print, encode_source: EncodeSource | No
     calls = data.manifest.get("calls", {})
     expected_keys = set(data.folders)
     if plan is not None:
-        expected_keys |= {(layer, head, kind) for (layer, kind), heads in plan.items() for head in heads
-                          if calls.get(key_name(layer, head, kind), 0) > 0}
+        expected_keys |= {
+            (layer, head, kind)
+            for (layer, kind), heads in plan.items()
+            for head in heads
+            if calls.get(key_name(layer, head, kind), 0) > 0
+        }
     pairs = sorted({(layer, kind) for layer, _, kind in expected_keys})
     for layer, kind in pairs:
         want = expected_positions(sampler, layer, kind, committed, starts=data.first_positions())
@@ -170,7 +200,9 @@ def verify_dataset(root: str | Path, log=print, encode_source: EncodeSource | No
             if name in damaged_folders and not damaged:  # an old dataset: no per-shard examples to exclude
                 continue
             got = selections.get((layer, kind), {}).get(name, {})
-            wrong = [e for e, positions in want.items() if not np.array_equal(got.get(e, np.empty(0, np.int64)), positions)]
+            wrong = [
+                e for e, positions in want.items() if not np.array_equal(got.get(e, np.empty(0, np.int64)), positions)
+            ]
             if wrong:
                 e = wrong[0]
                 problems.append(
@@ -178,9 +210,15 @@ def verify_dataset(root: str | Path, log=print, encode_source: EncodeSource | No
                     f"{e} (valid length {committed[e]}): recorded {len(got.get(e, []))} positions, expected {len(want[e])}"
                 )
     empty = len(expected_keys - set(data.folders))
-    log(f"checked {len(data.folders)} (layer, head, kind) folders, {sum(seen_counts.values()):,} rows, "
-        f"{len(committed)} committed examples" + (f"; {empty} (layer, head, kind) that ran with 0 rows, checked "
-                                                  "against the sampler's selection too" if empty else ""))
+    log(
+        f"checked {len(data.folders)} (layer, head, kind) folders, {sum(seen_counts.values()):,} rows, "
+        f"{len(committed)} committed examples"
+        + (
+            f"; {empty} (layer, head, kind) that ran with 0 rows, checked against the sampler's selection too"
+            if empty
+            else ""
+        )
+    )
     return problems
 
 
@@ -209,8 +247,10 @@ def token_id_problems(token_rows: list) -> list[str]:
     if not clash.size:
         return []
     i = clash[0]
-    return [f"token_id: {clash.size} (example, position) pairs whose rows disagree on the token, e.g. example "
-            f"{ids[i]} position {pos[i]}: {tok[i]} and {tok[i + 1]}"]
+    return [
+        f"token_id: {clash.size} (example, position) pairs whose rows disagree on the token, e.g. example "
+        f"{ids[i]} position {pos[i]}: {tok[i]} and {tok[i + 1]}"
+    ]
 
 
 def source_token_problems(data: Dataset, token_rows: list, log, encode_source: EncodeSource | None) -> list[str]:
@@ -228,8 +268,10 @@ def source_token_problems(data: Dataset, token_rows: list, log, encode_source: E
     try:
         encoded = encode_source(data.manifest, source)
     except Exception as error:  # noqa: BLE001 - the source is optional for verify
-        log(f"info: token ids not checked against the source dataset ({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else ''})")
+        log(
+            f"info: token ids not checked against the source dataset ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''})"
+        )
         return []
     starts = data.first_positions()
     checked, wrong, first = 0, 0, None
@@ -253,5 +295,7 @@ def source_token_problems(data: Dataset, token_rows: list, log, encode_source: E
     if not wrong:
         return []
     e, p, got, expected = first
-    return [f"token_id: {wrong} rows differ from the source documents encoded again, e.g. example {e} position "
-            f"{p}: {got}, the tokenizer gives {expected}"]
+    return [
+        f"token_id: {wrong} rows differ from the source documents encoded again, e.g. example {e} position "
+        f"{p}: {got}, the tokenizer gives {expected}"
+    ]

@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -59,7 +60,7 @@ class RunConfig:
 
     # ---- reading ---------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None) -> "RunConfig":
+    def from_dict(cls, data: Mapping[str, Any] | None) -> RunConfig:
         data = {} if data is None else data
         if not isinstance(data, Mapping):
             raise ConfigError(f"a run configuration is a mapping of sections, got {type(data).__name__}")
@@ -73,8 +74,11 @@ class RunConfig:
 
     @classmethod
     def load(
-        cls, path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (), base: Mapping | None = None
-    ) -> "RunConfig":
+        cls,
+        path: str | os.PathLike | None = None,
+        overrides: list[str] | tuple[str, ...] = (),
+        base: Mapping | None = None,
+    ) -> RunConfig:
         """Read YAML from `path` (or start from `base`), apply `section.key=value` overrides."""
         data: dict = {}
         if path is not None:
@@ -153,7 +157,9 @@ class RunConfig:
         """
         c = self.capture
         if not (c.capture_queries or c.capture_keys):
-            raise ConfigError("capture.capture_queries and capture.capture_keys are both false: nothing would be recorded")
+            raise ConfigError(
+                "capture.capture_queries and capture.capture_keys are both false: nothing would be recorded"
+            )
         kinds = ",".join(k for k, on in (("q", c.capture_queries), ("k", c.capture_keys)) if on)
         defaults = SniffConfig()
         settings: dict[str, Any] = {name: getattr(defaults, name) for name in SniffConfig.field_names()}
@@ -185,8 +191,11 @@ class RunConfig:
     def yaml_key(self, setting: str) -> str:
         """The YAML key a `SniffConfig` field comes from: `base_rate` -> `capture.base_rate`, or
         `capture.sampler.base_rate` when it was given inside the `capture.sampler` mapping."""
-        if setting in SAMPLER_KEYS[1:] and isinstance(self.capture.sampler, Mapping) and \
-                self.capture.sampler.get(setting) is not None:
+        if (
+            setting in SAMPLER_KEYS[1:]
+            and isinstance(self.capture.sampler, Mapping)
+            and self.capture.sampler.get(setting) is not None
+        ):
             return f"capture.sampler.{setting}"
         return _YAML_KEYS.get(setting, f"capture.{setting}")
 

@@ -17,9 +17,9 @@ import datetime
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from qk_attn.errors import ConfigError
 
@@ -111,12 +111,12 @@ def merge(output: str | Path, allow_incomplete: bool = False) -> dict:
     overlapping examples, ranks still writing, and (unless `allow_incomplete`) ranks that did not
     finish their documents. Reads the parts and never changes them or a shard: idempotent.
     """
+    from qk_attn.errors import OutputLocked
     from qk_attn.storage.card import write_card
     from qk_attn.storage.examples import write_examples
     from qk_attn.storage.folder import take_lock
     from qk_attn.storage.layout import MANIFEST, Files, part_files
     from qk_attn.storage.manifest import read_manifest, write_json_atomic
-    from qk_attn.errors import OutputLocked
 
     output = Path(output)
     paths = part_files(output)
@@ -129,7 +129,9 @@ def merge(output: str | Path, allow_incomplete: bool = False) -> dict:
             try:
                 locks.append(take_lock(output, Files(rank).lock))
             except OutputLocked:
-                raise OutputLocked(f"rank {rank} is still writing to {output}; merge when every rank has finished") from None
+                raise OutputLocked(
+                    f"rank {rank} is still writing to {output}; merge when every rank has finished"
+                ) from None
         parts = {rank: read_manifest(output, path.name) for rank, path in sorted(paths.items())}
         merged = _merge_parts(output, parts, allow_incomplete)
         current = read_manifest(output)
@@ -150,15 +152,21 @@ def _merge_parts(output: Path, parts: dict[int, dict], allow_incomplete: bool) -
     sizes = {rank: (p.get("part") or {}).get("world_size") for rank, p in parts.items()}
     world = sizes[min(sizes)]
     if set(sizes.values()) != {world}:
-        raise ValueError(f"{output}: manifest parts of different world sizes (rank -> world size: {sizes}); "
-                         "they come from different runs: remove the stale ones or use another output directory")
+        raise ValueError(
+            f"{output}: manifest parts of different world sizes (rank -> world size: {sizes}); "
+            "they come from different runs: remove the stale ones or use another output directory"
+        )
     missing = sorted(set(range(world)) - set(parts))
     if missing:
-        raise ValueError(f"{output}: ranks {missing} of {world} have no manifest part; run them (--shard i/{world}) first")
+        raise ValueError(
+            f"{output}: ranks {missing} of {world} have no manifest part; run them (--shard i/{world}) first"
+        )
     incomplete = sorted(r for r, p in parts.items() if not p["part"].get("complete"))
     if incomplete and not allow_incomplete:
-        raise ValueError(f"{output}: ranks {incomplete} did not finish their documents; re-run them (the same command "
-                         "resumes), or merge with --allow-incomplete")
+        raise ValueError(
+            f"{output}: ranks {incomplete} did not finish their documents; re-run them (the same command "
+            "resumes), or merge with --allow-incomplete"
+        )
     first = parts[0]
     reference = identity(first["config"], first.get("source"))
     models = {}
@@ -166,13 +174,21 @@ def _merge_parts(output: Path, parts: dict[int, dict], allow_incomplete: bool) -
         other = identity(part["config"], part.get("source"))
         diffs = sorted(k for k in set(reference) | set(other) if reference.get(k) != other.get(k))
         if diffs or part.get("vector_dtype") != first.get("vector_dtype"):
-            raise ValueError(f"{output}: rank {rank} captured with different settings than rank 0 "
-                             f"({', '.join(diffs) or 'vector_dtype'}); refusing to merge different captures")
+            raise ValueError(
+                f"{output}: rank {rank} captured with different settings than rank 0 "
+                f"({', '.join(diffs) or 'vector_dtype'}); refusing to merge different captures"
+            )
         if part.get("model"):
-            models[rank] = (part["model"].get("id"), part["model"].get("revision"), json.dumps(part.get("plan"), sort_keys=True))
+            models[rank] = (
+                part["model"].get("id"),
+                part["model"].get("revision"),
+                json.dumps(part.get("plan"), sort_keys=True),
+            )
     if len(set(models.values())) > 1:
-        raise ValueError(f"{output}: the ranks captured different models or head plans: "
-                         + "; ".join(f"rank {r}: {m[0]} ({m[1]})" for r, m in sorted(models.items())))
+        raise ValueError(
+            f"{output}: the ranks captured different models or head plans: "
+            + "; ".join(f"rank {r}: {m[0]} ({m[1]})" for r, m in sorted(models.items()))
+        )
 
     merged = {k: v for k, v in first.items() if k != "part"}
     with_model = [p for p in parts.values() if p.get("model")]
@@ -212,8 +228,7 @@ def _merge_parts(output: Path, parts: dict[int, dict], allow_incomplete: bool) -
     merged["created"] = min(p["created"] for p in parts.values())
     stamps = [p["updated"] for p in parts.values() if p.get("updated")]
     merged["updated"] = max(stamps) if stamps else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    merged["ranks"] = {"world_size": world, "parts": [parts_name(r) for r in sorted(parts)],
-                       "incomplete": incomplete}
+    merged["ranks"] = {"world_size": world, "parts": [parts_name(r) for r in sorted(parts)], "incomplete": incomplete}
     return merged
 
 

@@ -1,9 +1,9 @@
 """The documents of a run: the dataset as `datasets` loads it, example ids, and the rows in order.
 
-    load_rows       datasets.load_dataset (Hub id, local jsonl/json/parquet/csv/txt, folder);
-                    local files are checked first (qk_attn.run.preflight)
-    normalize_id    a dataset's id -> the int64 example_id the capture records
-    iter_documents  Documents in dataset order, at most dataset.max_samples; duplicates refused
+load_rows       datasets.load_dataset (Hub id, local jsonl/json/parquet/csv/txt, folder);
+                local files are checked first (qk_attn.run.preflight)
+normalize_id    a dataset's id -> the int64 example_id the capture records
+iter_documents  Documents in dataset order, at most dataset.max_samples; duplicates refused
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import dataclasses
 import hashlib
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 from qk_attn.errors import ConfigError
 from qk_attn.run.sections import DatasetSection
@@ -103,8 +104,9 @@ def load_rows(cfg: DatasetSection):
         cause = error  # datasets wraps a builder's failure (e.g. a decoding error): name the original
         while isinstance(error, _dataset_errors()) and (cause.__cause__ or cause.__context__) is not None:
             cause = cause.__cause__ or cause.__context__
-        raise ConfigError(f"dataset.path={cfg.path!r} cannot be read: {type(cause).__name__}: "
-                          f"{' '.join(str(cause).split())}") from None
+        raise ConfigError(
+            f"dataset.path={cfg.path!r} cannot be read: {type(cause).__name__}: {' '.join(str(cause).split())}"
+        ) from None
 
 
 def _dataset_errors() -> tuple[type[BaseException], ...]:
@@ -169,7 +171,9 @@ def iter_documents(rows, cfg: DatasetSection) -> Iterator[Document]:
         if cfg.max_samples is not None and index >= cfg.max_samples:
             break
         if cfg.text_column not in row:
-            raise ConfigError(f"dataset.text_column={cfg.text_column!r} is not in row {index} (columns: {', '.join(row)})")
+            raise ConfigError(
+                f"dataset.text_column={cfg.text_column!r} is not in row {index} (columns: {', '.join(row)})"
+            )
         if cfg.id_column is not None and cfg.id_column not in row:
             raise ConfigError(f"dataset.id_column={cfg.id_column!r} is not in row {index} (columns: {', '.join(row)})")
         source_id = index if cfg.id_column is None else row[cfg.id_column]
@@ -183,6 +187,7 @@ def iter_documents(rows, cfg: DatasetSection) -> Iterator[Document]:
         seen[example_id] = source_id
         text = row[cfg.text_column]
         if text is not None and not isinstance(text, str):
-            raise ConfigError(f"dataset.text_column={cfg.text_column!r}: row {index} holds a {type(text).__name__}, "
-                              "expected text")
+            raise ConfigError(
+                f"dataset.text_column={cfg.text_column!r}: row {index} holds a {type(text).__name__}, expected text"
+            )
         yield Document(example_id, source_id, text or "", index, cfg.id_column is not None)

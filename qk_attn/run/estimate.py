@@ -12,11 +12,11 @@ Cross-attention keys (vision tokens, recorded once per sequence) are not counted
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
-from qk_attn.sampler import Sampler
 from qk_attn.capture.plan import HeadPlan
+from qk_attn.sampler import Sampler
 
 # example_id int64 + position int32 + bucket int32 + layer int16 + head int16 + sliding_window int32
 # + kind (one character, dictionary encoded on disk) + token_id int32
@@ -92,17 +92,24 @@ def format_estimate(est) -> list[str]:
     """The estimate as printed before a run."""
     if not est.documents:
         return ["qk-sniff: estimate: nothing to capture (every document is already committed)"]
-    spread = (f"{est.rows_per_document:,.0f}" if round(est.min_rows) == round(est.max_rows) else
-              f"{est.min_rows:,.0f} to {est.max_rows:,.0f} (mean {est.rows_per_document:,.0f})")
-    return [f"qk-sniff: estimate: {est.documents:,} document(s) x {spread} rows = {est.rows:,.0f} rows, "
-            f"{format_bytes(est.bytes)} uncompressed ({est.row_bytes} bytes per row; "
-            f"{format_bytes(est.bytes_per_document)} per document)"]
+    spread = (
+        f"{est.rows_per_document:,.0f}"
+        if round(est.min_rows) == round(est.max_rows)
+        else f"{est.min_rows:,.0f} to {est.max_rows:,.0f} (mean {est.rows_per_document:,.0f})"
+    )
+    return [
+        f"qk-sniff: estimate: {est.documents:,} document(s) x {spread} rows = {est.rows:,.0f} rows, "
+        f"{format_bytes(est.bytes)} uncompressed ({est.row_bytes} bytes per row; "
+        f"{format_bytes(est.bytes_per_document)} per document)"
+    ]
 
 
 def refusal(est, limit: float, how: str) -> str:
-    return (f"capture.max_gb: this run would write about {format_bytes(est.bytes)} ({est.rows:,.0f} rows of "
-            f"{est.row_bytes} bytes, uncompressed, {est.documents:,} document(s)), more than the limit of "
-            f"{format_bytes(limit)} ({how}); record less with capture.layers, capture.heads or "
-            "capture.head_sampling, a sparser capture.sampler (uniform with a larger min_bucket_size, or a smaller "
-            "base_rate), capture.vector_dtype: float16, tokenizer.max_length or dataset.max_samples, or raise "
-            "capture.max_gb")
+    return (
+        f"capture.max_gb: this run would write about {format_bytes(est.bytes)} ({est.rows:,.0f} rows of "
+        f"{est.row_bytes} bytes, uncompressed, {est.documents:,} document(s)), more than the limit of "
+        f"{format_bytes(limit)} ({how}); record less with capture.layers, capture.heads or "
+        "capture.head_sampling, a sparser capture.sampler (uniform with a larger min_bucket_size, or a smaller "
+        "base_rate), capture.vector_dtype: float16, tokenizer.max_length or dataset.max_samples, or raise "
+        "capture.max_gb"
+    )

@@ -136,7 +136,9 @@ def resolve_max_length(config: RunConfig, model_config, tokenizer) -> int:
     return min(limits)
 
 
-def encode(tokenizer, documents: list[Document], max_length: int, add_special_tokens: bool, device) -> tuple[dict, list[int]]:
+def encode(
+    tokenizer, documents: list[Document], max_length: int, add_special_tokens: bool, device
+) -> tuple[dict, list[int]]:
     """The model inputs of one batch, truncated to `max_length`, and each row's valid length.
 
     A batch without padding (one document, or rows of equal length) passes `input_ids` only:

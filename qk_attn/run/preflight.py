@@ -21,12 +21,13 @@ import glob
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
+from qk_attn.capture.plan import HeadPlan, ModelShape
 from qk_attn.config import SniffConfig
 from qk_attn.errors import ConfigError
-from qk_attn.capture.plan import HeadPlan, ModelShape
 
 UTF8_CHUNK = 1 << 20
 TEXT_SUFFIXES = (".jsonl", ".json", ".csv", ".txt")
@@ -42,8 +43,9 @@ def model_shape(model_config) -> ModelShape:
     kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     layer_types = getattr(text, "layer_types", None)
-    return ModelShape(int(text.num_hidden_layers), heads, kv_heads, int(head_dim),
-                      tuple(layer_types) if layer_types else None)
+    return ModelShape(
+        int(text.num_hidden_layers), heads, kv_heads, int(head_dim), tuple(layer_types) if layer_types else None
+    )
 
 
 def check_decoder(model_config, where: str, kind: str) -> None:
@@ -54,36 +56,45 @@ def check_decoder(model_config, where: str, kind: str) -> None:
     if getattr(model_config, "is_encoder_decoder", False):
         raise ConfigError(f"{where} is an encoder-decoder model ({kind}); qk-sniff records decoder-only models")
     if kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(model_config, "is_decoder", False):
-        raise ConfigError(f"{where} is an encoder model ({kind}, bidirectional attention); qk-sniff records "
-                          "decoder-only models")
+        raise ConfigError(
+            f"{where} is an encoder model ({kind}, bidirectional attention); qk-sniff records decoder-only models"
+        )
 
 
 def _span(n: int) -> str:
     return "0" if n == 1 else f"0-{n - 1}"
 
 
-def check_plan(sniff: SniffConfig, shape: ModelShape, key: Callable[[str], str], raw: dict[str, Any],
-               model: str) -> HeadPlan:
+def check_plan(
+    sniff: SniffConfig, shape: ModelShape, key: Callable[[str], str], raw: dict[str, Any], model: str
+) -> HeadPlan:
     """Every requested layer / head exists, and something is recorded; returns the head plan.
 
     `key(setting)` names a setting as the user wrote it (`capture.layers`); `raw` holds the
     values as written (`"0-99"`, not the expanded tuple).
     """
-    limits = (("layers", shape.num_layers, "layers"), ("heads", shape.num_heads, "query heads"),
-              ("key_heads", shape.num_kv_heads, "key/value heads"))
+    limits = (
+        ("layers", shape.num_layers, "layers"),
+        ("heads", shape.num_heads, "query heads"),
+        ("key_heads", shape.num_kv_heads, "key/value heads"),
+    )
     for setting, limit, what in limits:
         chosen = getattr(sniff, setting) or ()
         missing = [i for i in chosen if i >= limit]
         if missing:
             shown = ", ".join(map(str, missing[:3])) + (", ..." if len(missing) > 3 else "")
-            raise ConfigError(f"{key(setting)}={raw.get(setting)!r} is out of range: {model} has {limit} {what} "
-                              f"({_span(limit)}); {shown} do{'es' if len(missing) == 1 else ''} not exist")
+            raise ConfigError(
+                f"{key(setting)}={raw.get(setting)!r} is out of range: {model} has {limit} {what} "
+                f"({_span(limit)}); {shown} do{'es' if len(missing) == 1 else ''} not exist"
+            )
     plan = HeadPlan.build(sniff, shape)
     if not any(plan.heads(layer, kind) for layer in plan.query_heads for kind in ("q", "k")):
         why = sorted(set(plan.excluded_layers.values())) or ["the head filters select no head"]
-        raise ConfigError(f"nothing would be recorded: {model} has no layer and head left to record "
-                          f"({'; '.join(why)}); check {key('layers')}, {key('heads')}, {key('key_heads')} "
-                          f"and {key('full_attention_only')}")
+        raise ConfigError(
+            f"nothing would be recorded: {model} has no layer and head left to record "
+            f"({'; '.join(why)}); check {key('layers')}, {key('heads')}, {key('key_heads')} "
+            f"and {key('full_attention_only')}"
+        )
     return plan
 
 
@@ -101,29 +112,39 @@ def _probe_writable(folder: Path, where: str) -> None:
         os.close(fd)
         os.unlink(name)
     except OSError as error:
-        raise ConfigError(f"{where}: cannot write in {folder} ({error.strerror or error}); "
-                          "choose a folder you can write to") from None
+        raise ConfigError(
+            f"{where}: cannot write in {folder} ({error.strerror or error}); choose a folder you can write to"
+        ) from None
 
 
 def _probe_lock(path: Path, where: str) -> None:
     from qk_attn.storage.folder import lock_held
 
     if lock_held(path):
-        raise ConfigError(f"{where} is in use: another qk-sniff capture is writing to it (it holds {path.name}); "
-                          "wait until it finishes, or choose another output.data_root")
+        raise ConfigError(
+            f"{where} is in use: another qk-sniff capture is writing to it (it holds {path.name}); "
+            "wait until it finishes, or choose another output.data_root"
+        )
 
 
 def _one_line(text: str) -> str:
     return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
 
 
-def check_output(data_root: str, sniff: SniffConfig, source: dict | None, *, overwrite: bool,
-                 model: dict, shape: ModelShape | None, rank=None) -> Path:
+def check_output(
+    data_root: str,
+    sniff: SniffConfig,
+    source: dict | None,
+    *,
+    overwrite: bool,
+    model: dict,
+    shape: ModelShape | None,
+    rank=None,
+) -> Path:
     """The output folder can take this capture: see the module docstring. Returns the folder
     whose free space bounds the run (the output, or its nearest existing parent)."""
     from qk_attn.storage.folder import check_layout, check_shard_sizes
-    from qk_attn.storage.layout import CARD_FILES
-    from qk_attn.storage.layout import LOCK, MANIFEST, Files, parse_key, part_files
+    from qk_attn.storage.layout import CARD_FILES, LOCK, MANIFEST, Files, parse_key, part_files
     from qk_attn.storage.manifest import read_manifest
 
     root = Path(os.path.expanduser(data_root))
@@ -147,17 +168,25 @@ def check_output(data_root: str, sniff: SniffConfig, source: dict | None, *, ove
     try:
         manifest = read_manifest(root, files.manifest)
     except ValueError as error:
-        raise ConfigError(f"{where}: {MANIFEST} cannot be read ({_one_line(error.__cause__ or error)}); "
-                          f"run `qk-sniff verify {data_root}` to see what is wrong") from None
+        raise ConfigError(
+            f"{where}: {MANIFEST} cannot be read ({_one_line(error.__cause__ or error)}); "
+            f"run `qk-sniff verify {data_root}` to see what is wrong"
+        ) from None
     if manifest is None and not part_files(root):
         ours = {LOCK, MANIFEST, f".{MANIFEST}.tmp"}
-        foreign = sorted(p.name for p in root.iterdir()
-                         if p.name not in ours and not p.name.startswith(".qk_sniff") and
-                         not (p.is_dir() and parse_key(p.name) and not any(p.iterdir())))
+        foreign = sorted(
+            p.name
+            for p in root.iterdir()
+            if p.name not in ours
+            and not p.name.startswith(".qk_sniff")
+            and not (p.is_dir() and parse_key(p.name) and not any(p.iterdir()))
+        )
         if foreign:
-            raise ConfigError(f"{where} is not empty and holds no qk-sniff capture (e.g. {foreign[0]!r}"
-                              f"{' and ' + str(len(foreign) - 1) + ' more' if len(foreign) > 1 else ''}); a capture "
-                              f"writes its own {', '.join(CARD_FILES)} there, so choose a new or empty folder")
+            raise ConfigError(
+                f"{where} is not empty and holds no qk-sniff capture (e.g. {foreign[0]!r}"
+                f"{' and ' + str(len(foreign) - 1) + ' more' if len(foreign) > 1 else ''}); a capture "
+                f"writes its own {', '.join(CARD_FILES)} there, so choose a new or empty folder"
+            )
         return root
     if manifest is None or overwrite:
         return root
@@ -176,9 +205,11 @@ def _check_same_settings(manifest: dict, sniff: SniffConfig, source: dict | None
     differences = setting_differences(manifest, sniff, source)
     if differences:
         diffs = "; ".join(f"{d.setting}: {d.there!r} there, {d.now!r} now" for d in differences)
-        raise ConfigError(f"{where} holds a capture with different settings ({diffs}); re-run with the same settings "
-                          "to resume it, choose another output.data_root, or set output.overwrite: true to delete "
-                          "that capture and start over")
+        raise ConfigError(
+            f"{where} holds a capture with different settings ({diffs}); re-run with the same settings "
+            "to resume it, choose another output.data_root, or set output.overwrite: true to delete "
+            "that capture and start over"
+        )
 
 
 def _check_same_model(manifest: dict, model: dict, shape: ModelShape | None, where: str) -> None:
@@ -189,17 +220,25 @@ def _check_same_model(manifest: dict, model: dict, shape: ModelShape | None, whe
         return
     old = other_model(manifest, model)
     if old is not None:
-        raise ConfigError(f"{where} holds captures of model {old.get('id')!r} (revision {old.get('revision')}); "
-                          f"model.name is {model.get('id')!r} (revision {model.get('revision')}): choose another "
-                          "output.data_root, or set output.overwrite: true to start over")
+        raise ConfigError(
+            f"{where} holds captures of model {old.get('id')!r} (revision {old.get('revision')}); "
+            f"model.name is {model.get('id')!r} (revision {model.get('revision')}): choose another "
+            "output.data_root, or set output.overwrite: true to start over"
+        )
     if shape is None:
         return
-    new = {"num_layers": shape.num_layers, "num_heads": shape.num_heads, "num_kv_heads": shape.num_kv_heads,
-           "head_dim": shape.head_dim}
+    new = {
+        "num_layers": shape.num_layers,
+        "num_heads": shape.num_heads,
+        "num_kv_heads": shape.num_kv_heads,
+        "head_dim": shape.head_dim,
+    }
     changed = [f"{d.setting} {d.there} there, {d.now} now" for d in shape_differences(manifest, new)]
     if changed:
-        raise ConfigError(f"{where} holds captures of a model with another shape ({'; '.join(changed)}); choose "
-                          "another output.data_root, or set output.overwrite: true to start over")
+        raise ConfigError(
+            f"{where} holds captures of a model with another shape ({'; '.join(changed)}); choose "
+            "another output.data_root, or set output.overwrite: true to start over"
+        )
 
 
 # ---- the dataset -----------------------------------------------------------------------------
@@ -251,8 +290,10 @@ def check_local_files(cfg) -> None:
         bad = first_bad_utf8(file)
         if bad is not None:
             offset, byte = bad
-            raise ConfigError(f"{where}: {file} is not UTF-8 text (byte 0x{byte:02x} at offset {offset:,}); "
-                              f"convert it, e.g. `iconv -f latin1 -t utf-8 {file.name} > {file.stem}.utf8{file.suffix}`")
+            raise ConfigError(
+                f"{where}: {file} is not UTF-8 text (byte 0x{byte:02x} at offset {offset:,}); "
+                f"convert it, e.g. `iconv -f latin1 -t utf-8 {file.name} > {file.stem}.utf8{file.suffix}`"
+            )
 
 
 def _check_parquet(file: Path, where: str) -> None:
@@ -263,10 +304,13 @@ def _check_parquet(file: Path, where: str) -> None:
     try:
         rows = pq.read_metadata(file).num_rows
     except (OSError, ValueError) as error:
-        raise ConfigError(f"{where}: {file} is not a readable Parquet file ({type(error).__name__}: "
-                          f"{_one_line(str(error))})") from None
+        raise ConfigError(
+            f"{where}: {file} is not a readable Parquet file ({type(error).__name__}: {_one_line(str(error))})"
+        ) from None
     if rows == 0:
-        raise ConfigError(f"{where}: {file} has no rows (a Parquet file with 0 rows); a run needs at least one document")
+        raise ConfigError(
+            f"{where}: {file} has no rows (a Parquet file with 0 rows); a run needs at least one document"
+        )
 
 
 # ---- the Hub ---------------------------------------------------------------------------------
@@ -297,26 +341,35 @@ def check_hub(where: str, what: str) -> None:
         return
     why = _hub_probe(constants.ENDPOINT)
     if why is not None:
-        raise ConfigError(f"{where} is a Hub {what} id, but the Hub ({constants.ENDPOINT}) cannot be reached ({why}); "
-                          f"connect to the network, give a local {what} path, or set HF_HUB_OFFLINE=1 to use a copy "
-                          "in the local Hugging Face cache")
+        raise ConfigError(
+            f"{where} is a Hub {what} id, but the Hub ({constants.ENDPOINT}) cannot be reached ({why}); "
+            f"connect to the network, give a local {what} path, or set HF_HUB_OFFLINE=1 to use a copy "
+            "in the local Hugging Face cache"
+        )
 
 
-def check_positions(max_length: int, limit: int | None, longest: tuple[Any, int] | None, model: str,
-                    streaming: bool) -> None:
+def check_positions(
+    max_length: int, limit: int | None, longest: tuple[Any, int] | None, model: str, streaming: bool
+) -> None:
     """Documents never run past the model's positions (`max_position_embeddings`): only a
     `tokenizer.max_length` above them lets one through, and then the run is refused. `longest`
     is (source id, tokens) of the longest document to capture (cut at max_length)."""
     if limit is None or max_length <= limit:
         return
-    fix = (f"set tokenizer.max_length to {limit} or less (longer documents are truncated to it), or extend the "
-           "model's positions (model.config_overrides: max_position_embeddings with a rope scaling)")
+    fix = (
+        f"set tokenizer.max_length to {limit} or less (longer documents are truncated to it), or extend the "
+        "model's positions (model.config_overrides: max_position_embeddings with a rope scaling)"
+    )
     if streaming:
-        raise ConfigError(f"tokenizer.max_length={max_length} is more than {model}'s max_position_embeddings ({limit:,}) "
-                          f"and a streaming dataset's lengths are not known before the run; {fix}")
+        raise ConfigError(
+            f"tokenizer.max_length={max_length} is more than {model}'s max_position_embeddings ({limit:,}) "
+            f"and a streaming dataset's lengths are not known before the run; {fix}"
+        )
     if longest is not None and longest[1] > limit:
-        raise ConfigError(f"tokenizer.max_length={max_length} is more than {model}'s max_position_embeddings ({limit:,}), "
-                          f"and document {longest[0]!r} has {longest[1]:,} tokens; {fix}")
+        raise ConfigError(
+            f"tokenizer.max_length={max_length} is more than {model}'s max_position_embeddings ({limit:,}), "
+            f"and document {longest[0]!r} has {longest[1]:,} tokens; {fix}"
+        )
 
 
 def model_positions(model_config) -> int | None:
@@ -334,9 +387,11 @@ def check_ids(ids: Iterable[Any], normalize: Callable[[Any], int], id_column: st
         if example in seen:
             first, other = seen[example]
             same = "the same id" if other == value else f"the same example_id {example} as id {other!r}"
-            raise ConfigError(f"dataset.id_column={id_column!r}: rows {first} and {index} have {same} ({value!r}); "
-                              "ids must be unique: choose a unique column, or leave dataset.id_column unset to use "
-                              "row numbers")
+            raise ConfigError(
+                f"dataset.id_column={id_column!r}: rows {first} and {index} have {same} ({value!r}); "
+                "ids must be unique: choose a unique column, or leave dataset.id_column unset to use "
+                "row numbers"
+            )
         seen[example] = (index, value)
 
 
@@ -350,5 +405,6 @@ def size_limit(max_gb: float | None, folder: Path) -> tuple[float, str]:
     if max_gb is not None:
         return max_gb * 1e9, f"capture.max_gb={max_gb:g}"
     free = free_bytes(folder)
-    return free * DEFAULT_FREE_FRACTION, (f"half the {free / 1e9:,.1f} GB free at {folder} "
-                                          "(the default of capture.max_gb)")
+    return free * DEFAULT_FREE_FRACTION, (
+        f"half the {free / 1e9:,.1f} GB free at {folder} (the default of capture.max_gb)"
+    )

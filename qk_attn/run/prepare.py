@@ -71,11 +71,11 @@ def _compatible(source: dict[str, Any], config: RunConfig, rank) -> dict[str, An
     return {k: v for k, v in source.items() if k in old or k not in LATER_SOURCE_KEYS}
 
 
-def check(config: RunConfig, *, shard: str | None = None, log=print) -> "Preflight":
+def check(config: RunConfig, *, shard: str | None = None, log=print) -> Preflight:
     """Every check `run` makes before the weights load, and the estimate; loads no weights and
     writes nothing (`qk-sniff run --dry-run`)."""
-    from qk_attn.run import distributed
     from qk_attn.demo import resolve_model
+    from qk_attn.run import distributed
 
     rank = distributed.detect(shard)
     return prepare(config, resolve_model(config.model.name), resolve_model(config.tokenizer_name), rank, None, log)
@@ -98,8 +98,8 @@ class Preflight:
 def prepare(config: RunConfig, model_name: str, tokenizer_name: str, rank, sink, log=print) -> Preflight:
     """Everything that can be checked before the weights load (qk_attn.run.preflight), in order of
     cost: the model's config, the output folder, the dataset, the size of the run."""
-    from qk_attn.run import preflight as checks
     from qk_attn.demo import DEMO_MODEL, DEMO_MODEL_ID
+    from qk_attn.run import preflight as checks
     from qk_attn.run.estimate import estimate
     from qk_attn.sampler import Sampler
 
@@ -108,8 +108,10 @@ def prepare(config: RunConfig, model_name: str, tokenizer_name: str, rank, sink,
         import importlib.util
 
         if importlib.util.find_spec("flash_attn") is None:
-            raise ConfigError("inference.backend='flash_attention_2' needs the flash-attn package "
-                              "(pip install 'qk-attn[flash]', CUDA only); use sdpa or eager")
+            raise ConfigError(
+                "inference.backend='flash_attention_2' needs the flash-attn package "
+                "(pip install 'qk-attn[flash]', CUDA only); use sdpa or eager"
+            )
     model_config = load_model_config(config, model_name)
     model_label = config.model.name if config.model.name != DEMO_MODEL else DEMO_MODEL_ID
     kind = getattr(model_config, "model_type", None) or type(model_config).__name__
@@ -118,26 +120,38 @@ def prepare(config: RunConfig, model_name: str, tokenizer_name: str, rank, sink,
         shape = checks.model_shape(model_config)
     except (AttributeError, TypeError, ValueError) as error:  # a config without the usual attention fields
         shape = plan = None
-        log(f"qk-sniff: cannot read the attention shape from {model_label}'s config ({type(error).__name__}: "
-            f"{one_line(error)}); the layer and head checks and the size estimate are skipped")
+        log(
+            f"qk-sniff: cannot read the attention shape from {model_label}'s config ({type(error).__name__}: "
+            f"{one_line(error)}); the layer and head checks and the size estimate are skipped"
+        )
     else:
         raw = {name: getattr(config.capture, name) for name in ("layers", "heads", "key_heads")}
         plan = checks.check_plan(sniff, shape, config.yaml_key, raw, f"{model_label} ({kind})")
         pairs = sum(len(heads) for heads in plan.query_heads.values())
         if sniff.head_sample_count is not None and "q" in sniff.kinds and sniff.head_sample_count > pairs:
-            log(f"qk-sniff: capture.head_sampling.count={sniff.head_sample_count} is more than the {pairs} (layer, query "
-                "head) pairs the filters leave: all of them are recorded")
+            log(
+                f"qk-sniff: capture.head_sampling.count={sniff.head_sample_count} is more than the {pairs} (layer, query "
+                "head) pairs the filters leave: all of them are recorded"
+            )
 
     tokenizer = load_tokenizer(config, tokenizer_name)
     max_length = resolve_max_length(config, model_config, tokenizer)
     source = _compatible(source_info(config, max_length), config, rank)
     disk = None  # the folder whose free space bounds the run (None: not writing to disk)
     if sink is None:
-        model = {"id": model_label if config.model.name == DEMO_MODEL else model_name,
-                 "revision": getattr(model_config, "_commit_hash", None)}
-        disk = checks.check_output(config.output.data_root, sniff, source,
-                                    overwrite=config.output.overwrite, model=model, shape=shape,
-                                    rank=None if rank.is_single else rank.sink_rank())
+        model = {
+            "id": model_label if config.model.name == DEMO_MODEL else model_name,
+            "revision": getattr(model_config, "_commit_hash", None),
+        }
+        disk = checks.check_output(
+            config.output.data_root,
+            sniff,
+            source,
+            overwrite=config.output.overwrite,
+            model=model,
+            shape=shape,
+            rank=None if rank.is_single else rank.sink_rank(),
+        )
 
     rows = load_rows(config.dataset)
     total = count_documents(rows, config.dataset)
@@ -149,8 +163,10 @@ def prepare(config: RunConfig, model_name: str, tokenizer_name: str, rank, sink,
         lengths, longest, truncated = _document_lengths(rows, total, config, tokenizer, max_length, rank, sink is None)
         checks.check_positions(max_length, positions, longest, model_label, streaming=False)
         if truncated:
-            log(f"qk-sniff: {truncated} of {len(lengths)} document(s) have more than tokenizer.max_length={max_length:,} "
-                "tokens and are truncated to it")
+            log(
+                f"qk-sniff: {truncated} of {len(lengths)} document(s) have more than tokenizer.max_length={max_length:,} "
+                "tokens and are truncated to it"
+            )
     else:
         checks.check_positions(max_length, positions, None, model_label, streaming=True)
     if lengths is None and plan is not None:  # streaming: only an upper bound, documents cut at max_length
@@ -159,8 +175,10 @@ def prepare(config: RunConfig, model_name: str, tokenizer_name: str, rank, sink,
         upper = estimate(plan, Sampler.from_config(sniff), [max_length], sniff.vector_dtype)
         count = f"{config.dataset.max_samples:,} document(s)" if config.dataset.max_samples else "each document"
         n = config.dataset.max_samples or 1
-        log(f"qk-sniff: estimate: streaming dataset, lengths unknown before the run: at most {upper.rows * n:,.0f} rows, "
-            f"{format_bytes(upper.bytes * n)} uncompressed for {count} of at most {max_length:,} tokens")
+        log(
+            f"qk-sniff: estimate: streaming dataset, lengths unknown before the run: at most {upper.rows * n:,.0f} rows, "
+            f"{format_bytes(upper.bytes * n)} uncompressed for {count} of at most {max_length:,} tokens"
+        )
     est = None
     if lengths is not None and plan is not None:
         est = estimate(plan, Sampler.from_config(sniff), lengths, sniff.vector_dtype)
@@ -173,8 +191,9 @@ def prepare(config: RunConfig, model_name: str, tokenizer_name: str, rank, sink,
     return Preflight(model_config, tokenizer, max_length, plan, est, rows, total, source)
 
 
-def _document_lengths(rows, total, config, tokenizer, max_length, rank,
-                      check_output: bool) -> tuple[list[int], tuple[Any, int] | None, int]:
+def _document_lengths(
+    rows, total, config, tokenizer, max_length, rank, check_output: bool
+) -> tuple[list[int], tuple[Any, int] | None, int]:
     """Valid lengths (tokens, cut at max_length) of the documents this run will capture, the
     longest as (source id, tokens), and how many are longer than max_length; checks ids and texts
     first. Documents an earlier run committed (resume) and other ranks' documents are left out.
@@ -188,7 +207,9 @@ def _document_lengths(rows, total, config, tokenizer, max_length, rank,
     for column in (cfg.text_column, cfg.id_column):
         if column is not None and column not in head.column_names:
             which = "text_column" if column == cfg.text_column else "id_column"
-            raise ConfigError(f"dataset.{which}={column!r} does not exist; the dataset has {', '.join(head.column_names)}")
+            raise ConfigError(
+                f"dataset.{which}={column!r} does not exist; the dataset has {', '.join(head.column_names)}"
+            )
     ids = head[cfg.id_column] if cfg.id_column is not None else range(total)
     if cfg.id_column is not None:
         checks.check_ids(ids, normalize_id, cfg.id_column)
@@ -206,10 +227,15 @@ def _document_lengths(rows, total, config, tokenizer, max_length, rank,
         texts = head.select(part)[cfg.text_column]
         for index, text in zip(part, texts):
             if text is not None and not isinstance(text, str):
-                raise ConfigError(f"dataset.text_column={cfg.text_column!r}: row {index} holds a "
-                                  f"{type(text).__name__}, expected text")
-        enc = tokenizer([t or "" for t in texts], truncation=True, max_length=max_length + 1,  # +1: was it cut?
-                        add_special_tokens=config.tokenizer.add_special_tokens)
+                raise ConfigError(
+                    f"dataset.text_column={cfg.text_column!r}: row {index} holds a {type(text).__name__}, expected text"
+                )
+        enc = tokenizer(
+            [t or "" for t in texts],
+            truncation=True,
+            max_length=max_length + 1,  # +1: was it cut?
+            add_special_tokens=config.tokenizer.add_special_tokens,
+        )
         for index, tokens in zip(part, enc["input_ids"]):
             truncated += len(tokens) > max_length
             lengths.append(min(len(tokens), max_length))

@@ -52,8 +52,15 @@ def push(config: RunConfig) -> str:
     return out.hf_repo_id + (f"@{out.hf_branch}" if out.hf_branch else "")
 
 
-def run(config: RunConfig, *, push_to_hub: bool = False, progress: bool = True, sink=None,
-        shard: str | None = None, log=print) -> RunSummary:
+def run(
+    config: RunConfig,
+    *,
+    push_to_hub: bool = False,
+    progress: bool = True,
+    sink=None,
+    shard: str | None = None,
+    log=print,
+) -> RunSummary:
     """Run every document of the dataset through the model once, capturing into the output.
 
     Under a launcher (RANK/WORLD_SIZE) or with `shard="i/n"` this process runs only its own
@@ -63,8 +70,10 @@ def run(config: RunConfig, *, push_to_hub: bool = False, progress: bool = True, 
 
     rank = distributed.detect(shard)
     if push_to_hub and not rank.is_single:
-        raise ConfigError("--push runs in one process only: after a multi-rank capture run `qk-sniff merge OUT` "
-                          "(torchrun / accelerate launch do it at the end) and then `qk-sniff push OUT --repo ID`")
+        raise ConfigError(
+            "--push runs in one process only: after a multi-rank capture run `qk-sniff merge OUT` "
+            "(torchrun / accelerate launch do it at the end) and then `qk-sniff push OUT --repo ID`"
+        )
     with distributed.process_group(rank):
         summary = _run(config, rank, push_to_hub, progress, sink, log)
         if not rank.is_single:
@@ -78,7 +87,6 @@ def run(config: RunConfig, *, push_to_hub: bool = False, progress: bool = True, 
 
 def _run(config: RunConfig, rank, push_to_hub: bool, progress: bool, sink, log=print) -> RunSummary:
     import qk_attn
-
     from qk_attn.demo import DEMO_MODEL, DEMO_MODEL_ID, resolve_model
 
     if push_to_hub and not config.output.hf_repo_id:
@@ -106,8 +114,11 @@ def _run(config: RunConfig, rank, push_to_hub: bool, progress: bool, sink, log=p
             from qk_attn.config import SniffConfig
             from qk_attn.storage.sink import ParquetSink
 
-            vocabulary = (tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-                          if config.capture.capture_token_strings else None)
+            vocabulary = (
+                tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+                if config.capture.capture_token_strings
+                else None
+            )
             sniff = SniffConfig(**settings)
             ParquetSink(sniff.output, sniff, source=checked.source, vocabulary=vocabulary).close()
         if push_to_hub:
@@ -122,21 +133,30 @@ def _run(config: RunConfig, rank, push_to_hub: bool, progress: bool, sink, log=p
 
     source = checked.source
     # capture_token_strings: the token strings by id, stored as a dictionary-encoded column.
-    vocabulary = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))) if config.capture.capture_token_strings else None
+    vocabulary = (
+        tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))) if config.capture.capture_token_strings else None
+    )
     if sink is None and not rank.is_single:
         from qk_attn.config import SniffConfig
         from qk_attn.storage.sink import ParquetSink
 
         sniff = SniffConfig(**settings)
-        sink = ParquetSink(sniff.output, sniff, overwrite=config.output.overwrite, source=source, rank=rank.sink_rank(),
-                           vocabulary=vocabulary)
+        sink = ParquetSink(
+            sniff.output,
+            sniff,
+            overwrite=config.output.overwrite,
+            source=source,
+            rank=rank.sink_rank(),
+            vocabulary=vocabulary,
+        )
     if total is not None:
         total = len(range(rank.rank, total, rank.world_size))
     start = time.perf_counter()
     bar = _progress(total, progress and not (rank.launched and rank.rank))  # one bar per launched job
     try:
-        with qk_attn.session(overwrite=config.output.overwrite, source=source, sink=sink, vocabulary=vocabulary,
-                             **settings) as s:
+        with qk_attn.session(
+            overwrite=config.output.overwrite, source=source, sink=sink, vocabulary=vocabulary, **settings
+        ) as s:
             committed = set(s.committed_ids())
             pending = []
             index = -1

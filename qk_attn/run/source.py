@@ -17,20 +17,31 @@ def encode_source(manifest: dict, source: dict) -> dict[int, list[int]]:
     from transformers import AutoTokenizer
 
     from qk_attn.demo import resolve_model
-    from qk_attn.run.sections import DatasetSection
     from qk_attn.run.documents import load_rows
+    from qk_attn.run.sections import DatasetSection
 
-    cfg = DatasetSection(path=source["dataset"], name=source.get("dataset_name"), split=source.get("split") or "train",
-                         revision=source.get("dataset_revision"), text_column=source.get("text_column") or "text",
-                         id_column=source.get("id_column"), sample_by=source.get("sample_by") or "document")
+    cfg = DatasetSection(
+        path=source["dataset"],
+        name=source.get("dataset_name"),
+        split=source.get("split") or "train",
+        revision=source.get("dataset_revision"),
+        text_column=source.get("text_column") or "text",
+        id_column=source.get("id_column"),
+        sample_by=source.get("sample_by") or "document",
+    )
     rows = load_rows(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(source["tokenizer"], verbose=False),
-                                              revision=source.get("tokenizer_revision"))
+    tokenizer = AutoTokenizer.from_pretrained(
+        resolve_model(source["tokenizer"], verbose=False), revision=source.get("tokenizer_revision")
+    )
     out = {}
     for key, info in manifest.get("example_info", {}).items():
         if info.get("source_index") is None:
             continue
         text = rows[int(info["source_index"])][cfg.text_column] or ""
-        out[int(key)] = tokenizer(text, truncation=True, max_length=source.get("max_length"),
-                                  add_special_tokens=source.get("add_special_tokens", True))["input_ids"]
+        out[int(key)] = tokenizer(
+            text,
+            truncation=True,
+            max_length=source.get("max_length"),
+            add_special_tokens=source.get("add_special_tokens", True),
+        )["input_ids"]
     return out

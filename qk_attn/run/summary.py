@@ -40,8 +40,14 @@ class RunSummary:
             f"output     {self.output}",
         ]
         if self.rank:
-            out.append(f"ranks      {self.rank}; " + ("merged the manifest parts and wrote the card" if self.merged else
-                                                     "the card is written when the parts are merged"))
+            out.append(
+                f"ranks      {self.rank}; "
+                + (
+                    "merged the manifest parts and wrote the card"
+                    if self.merged
+                    else "the card is written when the parts are merged"
+                )
+            )
         if self.ids and any(source != example for example, source in self.ids.items()):
             shown = ", ".join(f"{source!r} -> {example}" for example, source in list(self.ids.items())[:4])
             out.append(f"ids        {shown}{', ...' if len(self.ids) > 4 else ''}")
@@ -66,8 +72,10 @@ def format_load_hint(output: str) -> list[str]:
     from qk_attn.storage.manifest import read_manifest
 
     manifest = read_manifest(output) or {}
-    keys = sorted((parse_key(k) for k, names in manifest.get("shards", {}).items() if names),
-                  key=lambda k: (k[0], k[1], k[2] == "k"))
+    keys = sorted(
+        (parse_key(k) for k, names in manifest.get("shards", {}).items() if names),
+        key=lambda k: (k[0], k[1], k[2] == "k"),
+    )
     if not keys:  # nothing to load: do not suggest a config that does not exist
         return [f"No rows are committed in {output}: `qk-sniff inspect {output}` shows the plan and what is missing."]
     layer, head, kind = keys[0]

@@ -36,7 +36,9 @@ def dataset_configs(shards: dict[str, list[str]], examples_file: str | None = No
     for (_, _, _), key in keys:
         configs[key] = {"data_files": [{"split": "train", "path": f"{key}/*.parquet"}]}
     for layer, kind in sorted({(layer, kind) for (layer, _, kind), _ in keys}):
-        configs[f"layer{layer:02d}_{kind}"] = {"data_files": [{"split": "train", "path": f"l{layer:02d}h*{kind}/*.parquet"}]}
+        configs[f"layer{layer:02d}_{kind}"] = {
+            "data_files": [{"split": "train", "path": f"l{layer:02d}h*{kind}/*.parquet"}]
+        }
     for kind in sorted({kind for (_, _, kind), _ in keys}):
         configs[f"all_{kind}"] = {"data_files": [{"split": "train", "path": f"l*h*{kind}/*.parquet"}]}
     return configs
@@ -74,7 +76,13 @@ def coverage(manifest: dict) -> dict:
             empty = [h for h in planned if h not in recorded and calls.get(key_name(layer, h, kind), 0) > 0]
             not_run = [h for h in planned if calls.get(key_name(layer, h, kind), 0) == 0]
             filtered = {h: _filter_reason(kind, h, config, kinds) for h in range(counts[kind]) if h not in planned}
-            entry[kind] = {"expected": planned, "recorded": recorded, "no_rows": empty, "did_not_run": not_run, "filtered": filtered}
+            entry[kind] = {
+                "expected": planned,
+                "recorded": recorded,
+                "no_rows": empty,
+                "did_not_run": not_run,
+                "filtered": filtered,
+            }
         if not layer_calls:
             entry["reason"] = "planned, but no attention call was recorded for this layer"
             missing.append(f"layer {layer}: did not run ({entry['reason']})")
@@ -86,9 +94,13 @@ def coverage(manifest: dict) -> dict:
         for kind in "qk":
             part = entry[kind]
             if part["did_not_run"]:
-                missing.append(f"layer {layer} {KINDS[kind]} heads {part['did_not_run']}: planned, no attention call recorded")
+                missing.append(
+                    f"layer {layer} {KINDS[kind]} heads {part['did_not_run']}: planned, no attention call recorded"
+                )
             if part["no_rows"] and entry["rows"]:
-                missing.append(f"layer {layer} {KINDS[kind]} heads {part['no_rows']}: ran, but the sampler kept no position")
+                missing.append(
+                    f"layer {layer} {KINDS[kind]} heads {part['no_rows']}: ran, but the sampler kept no position"
+                )
         layers.append(entry)
     return {"layers": layers, "missing": missing}
 
@@ -100,7 +112,9 @@ def _filter_reason(kind: str, head: int, config: dict, kinds: list[str]) -> str:
     if chosen is not None and head not in chosen:
         return f"not in the {'heads' if kind == 'q' else 'key_heads'} filter {chosen}"
     if kind == "q" and config.get("head_sample_count"):
-        return f"not drawn by head sampling (count {config['head_sample_count']}, seed {config.get('head_sample_seed')})"
+        return (
+            f"not drawn by head sampling (count {config['head_sample_count']}, seed {config.get('head_sample_seed')})"
+        )
     if kind == "k":
         return "no recorded query head in its GQA group"
     return "not planned"
@@ -161,14 +175,22 @@ def card_text(manifest: dict, where: str, revision: str | None = None, chart: bo
     parts = [
         f"# {data.pretty_name}",
         f"Query and key vectors recorded inside the attention calls of `{label}` by "
-        f"qk-attn (`attn_implementation=\"qk_sniff\"`): the exact vectors the model's attention "
+        f'qk-attn (`attn_implementation="qk_sniff"`): the exact vectors the model\'s attention '
         f"used ({'after' if config.get('rope', 'post') == 'post' else 'before'} RoPE), sampled over positions.",
         "## Contents",
         _table(
             ["examples", "valid tokens", "max length", "query rows", "key rows", "configs"],
-            [[len(examples), f"{sum(int(v) for v in examples.values()):,}", f"{max_length:,}", f"{total['q']:,}",
-              f"{total['k']:,}", f"{len(configs)} ({len(keys)} heads, {len(configs) - len(keys) - bool(examples_file)} "
-              f"per layer or kind{', examples' if examples_file else ''})"]],
+            [
+                [
+                    len(examples),
+                    f"{sum(int(v) for v in examples.values()):,}",
+                    f"{max_length:,}",
+                    f"{total['q']:,}",
+                    f"{total['k']:,}",
+                    f"{len(configs)} ({len(keys)} heads, {len(configs) - len(keys) - bool(examples_file)} "
+                    f"per layer or kind{', examples' if examples_file else ''})",
+                ]
+            ],
         ),
         "One config per `(layer, head, kind)` folder (`l03h01k`: layer 3, key head 1), per layer and kind "
         "(`layer03_q`, `layer03_k`) and per kind (`all_q`, `all_k`). Columns: `example_id` int64, `position` int32 "
@@ -181,23 +203,51 @@ def card_text(manifest: dict, where: str, revision: str | None = None, chart: bo
         "import qk_attn\n\n"
         f"table = qk_attn.load({where!r}, layer={layer}, head={head}, kind={kind!r}{rev})  # pyarrow Table\n"
         f"vectors = qk_attn.load_vectors({where!r}, layer={layer}, head={head}, kind={kind!r}{rev})  # (N, head_dim) torch tensor\n"
-        + (f"tokens = qk_attn.load({where!r}, layer={layer}, head={head}, kind={kind!r}{rev}, tokens=True)  "
-           "# + `token`: token_id decoded with the recorded tokenizer\n"
-           if (manifest.get("columns") or {}).get("token_id") and (manifest.get("source") or {}).get("tokenizer") else "")
+        + (
+            f"tokens = qk_attn.load({where!r}, layer={layer}, head={head}, kind={kind!r}{rev}, tokens=True)  "
+            "# + `token`: token_id decoded with the recorded tokenizer\n"
+            if (manifest.get("columns") or {}).get("token_id") and (manifest.get("source") or {}).get("tokenizer")
+            else ""
+        )
         + "```",
         *_examples_section(examples_file, where, rev),
         "## Model",
-        _table(["model", "revision", "dtype", "type", "layers", "query heads", "key heads", "head dim"],
-               [[label, _revision(manifest), model.get("dtype"), model.get("model_type"),
-                 plan.get("num_layers"), plan.get("num_heads"), plan.get("num_kv_heads"), plan.get("head_dim")]]),
+        _table(
+            ["model", "revision", "dtype", "type", "layers", "query heads", "key heads", "head dim"],
+            [
+                [
+                    label,
+                    _revision(manifest),
+                    model.get("dtype"),
+                    model.get("model_type"),
+                    plan.get("num_layers"),
+                    plan.get("num_heads"),
+                    plan.get("num_kv_heads"),
+                    plan.get("head_dim"),
+                ]
+            ],
+        ),
         "## Source dataset",  # (sorted: the same card whether the manifest was just built or read back)
-        _table(["setting", "value"], [[k, f"`{public_value(v)}`"] for k, v in sorted(source.items())
-                                      if v is not None and k != "weights"]) if source else "Not recorded.",
+        _table(
+            ["setting", "value"],
+            [[k, f"`{public_value(v)}`"] for k, v in sorted(source.items()) if v is not None and k != "weights"],
+        )
+        if source
+        else "Not recorded.",
         "## Sampler",
         _table(
             ["strategy", "min_bucket_size", "base_rate", "seed", "RoPE stage", "captured", "vector dtype"],
-            [[sampler.strategy, sampler.min_bucket_size, sampler.base_rate, sampler.seed, config.get("rope"), config.get("capture"),
-              manifest.get("vector_dtype")]],
+            [
+                [
+                    sampler.strategy,
+                    sampler.min_bucket_size,
+                    sampler.base_rate,
+                    sampler.seed,
+                    config.get("rope"),
+                    config.get("capture"),
+                    manifest.get("vector_dtype"),
+                ]
+            ],
         ),
         "A token is kept iff a 24-bit hash of (seed, example_id, layer, kind, position) is below its bucket's "
         "threshold: the same positions for every head of a layer, independent of batching and padding.",
@@ -231,7 +281,7 @@ def _examples_section(examples_file: str | None, where: str, rev: str) -> list[s
         "`source_index` int64 (the row in the source dataset), `valid_length` int64 (its valid tokens), "
         "`first_position` int64 (the smallest position among them).",
         "```python\n"
-        f"examples = load_dataset({where!r}, \"examples\", split=\"train\"{rev})\n"
+        f'examples = load_dataset({where!r}, "examples", split="train"{rev})\n'
         f"examples = qk_attn.load_examples({where!r}{rev})  # the same, as a pyarrow Table\n```",
     ]
 
@@ -246,13 +296,36 @@ def _bucket_table(manifest: dict, sampler: Sampler, max_length: int) -> str:
     for b in sorted(set(bounds) | seen):
         start = sampler.bucket_start(b)
         end = start + sampler.bucket_size(b)
-        rows.append([b, f"[{start:,}, {end:,})", f"{sampler.bucket_size(b):,}", f"{sampler.keep_probability(b):.6g}",
-                     f"{buckets.get('q', {}).get(str(b), 0):,}", f"{buckets.get('k', {}).get(str(b), 0):,}",
-                     cell(b, "q"), cell(b, "k"), cell(b, "expected")])
-    return _table(["bucket", "positions", "size", "keep probability", "query rows", "key rows",
-                   "query rows per example-head", "key rows per example-head", "expected per example-head"], rows) + (
+        rows.append(
+            [
+                b,
+                f"[{start:,}, {end:,})",
+                f"{sampler.bucket_size(b):,}",
+                f"{sampler.keep_probability(b):.6g}",
+                f"{buckets.get('q', {}).get(str(b), 0):,}",
+                f"{buckets.get('k', {}).get(str(b), 0):,}",
+                cell(b, "q"),
+                cell(b, "k"),
+                cell(b, "expected"),
+            ]
+        )
+    return _table(
+        [
+            "bucket",
+            "positions",
+            "size",
+            "keep probability",
+            "query rows",
+            "key rows",
+            "query rows per example-head",
+            "key rows per example-head",
+            "expected per example-head",
+        ],
+        rows,
+    ) + (
         "\n\nPer example-head: rows over (committed examples x (layer, head) pairs that ran); expected: the "
-        "sampler's keep probability x the bucket's overlap with each example's valid length, averaged over examples.")
+        "sampler's keep probability x the bucket's overlap with each example's valid length, averaged over examples."
+    )
 
 
 def _coverage_text(manifest: dict, cov: dict) -> str:
@@ -270,13 +343,17 @@ def _coverage_text(manifest: dict, cov: dict) -> str:
     for kind, total in (("q", plan["num_heads"]), ("k", plan["num_kv_heads"])):
         expected_pairs = sum(len(e[kind]["expected"]) for e in active)
         recorded_pairs = sum(len(e[kind]["recorded"]) for e in active)
-        line = (f"{KINDS[kind].capitalize()} heads: {recorded_pairs} (layer, head) pairs with rows, of {expected_pairs} "
-                f"planned ({total} per layer in the model).")
+        line = (
+            f"{KINDS[kind].capitalize()} heads: {recorded_pairs} (layer, head) pairs with rows, of {expected_pairs} "
+            f"planned ({total} per layer in the model)."
+        )
         filtered: dict[str, set[int]] = {}
         for e in active:
             for h, why in e[kind]["filtered"].items():
                 filtered.setdefault(why, set()).add(h)
-        line += "".join(f" Not recorded: {KINDS[kind]} heads {_ranges(sorted(hs))}: {why}." for why, hs in filtered.items())
+        line += "".join(
+            f" Not recorded: {KINDS[kind]} heads {_ranges(sorted(hs))}: {why}." for why, hs in filtered.items()
+        )
         lines.append(line)
     rows = []
     for e in layers:
@@ -299,12 +376,19 @@ def _coverage_text(manifest: dict, cov: dict) -> str:
         cell = lambda k: f"{len(e[k]['recorded'])}/{len(e[k]['expected'])} ({_ranges(e[k]['recorded'])})"  # noqa: E731
         status = "ran, 0 rows" if e["status"] == "ran" and not e["rows"] else e["status"]
         rows.append([e["layer"], status, cell("q"), cell("k"), "; ".join(notes) or "complete"])
-    lines.append(_table(["layer", "status", "query heads recorded/expected", "key heads recorded/expected", "missing, and why"], rows))
+    lines.append(
+        _table(
+            ["layer", "status", "query heads recorded/expected", "key heads recorded/expected", "missing, and why"],
+            rows,
+        )
+    )
     if cov["missing"]:
         lines.append("Missing versus the plan:\n\n" + "\n".join(f"- {m}" for m in cov["missing"]))
     if manifest.get("cross_attention_layers"):
-        lines.append(f"Cross-attention layers {_ranges(manifest['cross_attention_layers'])}: their keys are vision "
-                     "tokens (`position` = vision token index, recorded once per sequence); their queries are text tokens.")
+        lines.append(
+            f"Cross-attention layers {_ranges(manifest['cross_attention_layers'])}: their keys are vision "
+            "tokens (`position` = vision token index, recorded once per sequence); their queries are text tokens."
+        )
     if plan.get("notes"):
         lines.append("Plan notes:\n\n" + "\n".join(f"- {n}" for n in plan["notes"]))
     return "\n\n".join(lines)
@@ -328,10 +412,19 @@ def _provenance(manifest: dict, max_length: int) -> str:
     if source.get("weights"):
         rows.append(["weights", source["weights"]])
     rows += [[name, f"`{version}`"] for name, version in sorted(v.items())]
-    rows += [["model dtype", model.get("dtype")], ["max valid length", f"{max_length:,}"],
-             ["created", manifest.get("created")], ["updated", manifest.get("updated")]]
+    rows += [
+        ["model dtype", model.get("dtype")],
+        ["max valid length", f"{max_length:,}"],
+        ["created", manifest.get("created")],
+        ["updated", manifest.get("updated")],
+    ]
     config = {k: val for k, val in manifest.get("config", {}).items() if k != "output"}
-    return _table(["", ""], rows) + "\n\nFull capture configuration:\n\n```json\n" + json.dumps(config, indent=1, sort_keys=True) + "\n```"
+    return (
+        _table(["", ""], rows)
+        + "\n\nFull capture configuration:\n\n```json\n"
+        + json.dumps(config, indent=1, sort_keys=True)
+        + "\n```"
+    )
 
 
 def _yaml(data: DatasetCardData) -> str:
@@ -341,7 +434,9 @@ def _yaml(data: DatasetCardData) -> str:
     return yaml.dump(data.to_dict(), Dumper=dumper, allow_unicode=True, sort_keys=False).strip()
 
 
-def write_card(output: str | Path, manifest: dict | None = None, repo_id: str | None = None, revision: str | None = None) -> Path:
+def write_card(
+    output: str | Path, manifest: dict | None = None, repo_id: str | None = None, revision: str | None = None
+) -> Path:
     """Write OUT/README.md (and OUT/buckets.png) from the manifest; returns the card's path."""
     output = Path(output)
     manifest = manifest if manifest is not None else read_manifest(output)

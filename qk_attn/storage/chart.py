@@ -14,7 +14,12 @@ KINDS = {"q": "query", "k": "key"}
 def sampler_of(manifest: dict) -> dict:
     """The Sampler keywords a manifest records."""
     s = manifest["sampler"]
-    return {"strategy": s["sampler"], "min_bucket_size": int(s["min_bucket_size"]), "base_rate": float(s["base_rate"]), "seed": int(s["seed"])}
+    return {
+        "strategy": s["sampler"],
+        "min_bucket_size": int(s["min_bucket_size"]),
+        "base_rate": float(s["base_rate"]),
+        "seed": int(s["seed"]),
+    }
 
 
 def _heads_that_ran(manifest: dict, kind: str) -> int:
@@ -24,8 +29,12 @@ def _heads_that_ran(manifest: dict, kind: str) -> int:
     calls = manifest.get("calls", {})
     cross = set(manifest.get("cross_attention_layers", [])) if kind == "k" else set()
     table = plan.get("query_heads" if kind == "q" else "key_heads", {})
-    return sum(1 for layer, heads in table.items() for h in heads
-               if int(layer) not in cross and calls.get(key_name(int(layer), h, kind), 0) > 0)
+    return sum(
+        1
+        for layer, heads in table.items()
+        for h in heads
+        if int(layer) not in cross and calls.get(key_name(int(layer), h, kind), 0) > 0
+    )
 
 
 def per_example_head(manifest: dict) -> dict[int, dict[str, float]]:
@@ -76,20 +85,32 @@ def bucket_chart(manifest: dict, path: Path) -> bool:
     for i, kind in enumerate(kinds):
         offset = (i - (len(kinds) - 1) / 2) * width
         ax.bar([v + offset for v in x], [table[b].get(kind, 0) for b in ids], width, label=f"{KINDS[kind]} rows")
-    ax.hlines([table[b]["expected"] for b in ids], [v - 0.45 for v in x], [v + 0.45 for v in x], colors="black",
-              linewidth=1.5, label="expected (sampler)")
+    ax.hlines(
+        [table[b]["expected"] for b in ids],
+        [v - 0.45 for v in x],
+        [v + 0.45 for v in x],
+        colors="black",
+        linewidth=1.5,
+        label="expected (sampler)",
+    )
     step = max(1, len(ids) // 24)
-    ax.set_xticks(x[::step], [f"{sampler.bucket_start(b):,}" for b in ids][::step], fontsize=7,
-                  rotation=45 if len(ids) > 12 else 0)
+    ax.set_xticks(
+        x[::step],
+        [f"{sampler.bucket_start(b):,}" for b in ids][::step],
+        fontsize=7,
+        rotation=45 if len(ids) > 12 else 0,
+    )
     ax.set_xlabel("bucket (first position)")
     ax.set_ylabel("rows per (example, head)")
     top = max(max(row.get(k, 0) for k in ("q", "k", "expected")) for row in table.values())
     ax.set_ylim(0, top * 1.3 or 1)  # headroom for the legend, above the bars
     n = len(manifest.get("examples", {}))
     s = manifest["sampler"]
-    ax.set_title(f"rows per (example, head) in each bucket, mean over {n} committed example{'s' if n != 1 else ''}\n"
-                 f"{s['sampler']} sampler, min_bucket_size {s['min_bucket_size']}, base_rate {float(s['base_rate']):g}",
-                 fontsize=9)
+    ax.set_title(
+        f"rows per (example, head) in each bucket, mean over {n} committed example{'s' if n != 1 else ''}\n"
+        f"{s['sampler']} sampler, min_bucket_size {s['min_bucket_size']}, base_rate {float(s['base_rate']):g}",
+        fontsize=9,
+    )
     ax.legend(fontsize=8, loc="upper center", ncol=3, frameon=False)
     figure.tight_layout()
     figure.savefig(path)

@@ -117,7 +117,9 @@ class Committer:
                 position = first_position.get(example, NO_POSITION)
                 warn_not_from_zero(example, position, self._warned_start)
                 manifest["example_info"][str(example)] = {
-                    "source_id": None, "source_index": None, "segment": segment_of.get(example, job.number),
+                    "source_id": None,
+                    "source_index": None,
+                    "segment": segment_of.get(example, job.number),
                     "first_position": None if position == NO_POSITION else position,
                 }
             for example, (source_id, source_index) in list(self._described.items()):
@@ -143,7 +145,9 @@ class Committer:
         for key, group in jobs:
             name = self.files.shard(seg.number, seg.next_part)
             seg.next_part += 1
-            futures.append((key, group, self._writers.submit(compact.merge, self.output / key, group, name, key, manifest)))
+            futures.append(
+                (key, group, self._writers.submit(compact.merge, self.output / key, group, name, key, manifest))
+            )
         merged = []
         for key, group, future in futures:
             try:

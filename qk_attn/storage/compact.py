@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from qk_attn.storage.records import row_group_segments, shard_info
 from qk_attn.errors import CorruptShard
+from qk_attn.storage.records import row_group_segments, shard_info
 from qk_attn.storage.shards import Written, read_verified, write_row_groups
 
 

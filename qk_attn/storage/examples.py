@@ -27,13 +27,15 @@ def examples_table(manifest: dict):
     ids = sorted(int(e) for e in manifest.get("examples", {}))
     info = manifest.get("example_info", {})
     get = lambda field: [info.get(str(e), {}).get(field) for e in ids]  # noqa: E731
-    return pa.table({
-        "example_id": pa.array(ids, pa.int64()),
-        "source_id": pa.array(get("source_id"), pa.string()),
-        "source_index": pa.array(get("source_index"), pa.int64()),
-        "valid_length": pa.array([int(manifest["examples"][str(e)]) for e in ids], pa.int64()),
-        "first_position": pa.array(get("first_position"), pa.int64()),
-    })
+    return pa.table(
+        {
+            "example_id": pa.array(ids, pa.int64()),
+            "source_id": pa.array(get("source_id"), pa.string()),
+            "source_index": pa.array(get("source_index"), pa.int64()),
+            "valid_length": pa.array([int(manifest["examples"][str(e)]) for e in ids], pa.int64()),
+            "first_position": pa.array(get("first_position"), pa.int64()),
+        }
+    )
 
 
 def write_examples(output: Path, manifest: dict, name: str = EXAMPLES, fsync: bool = True) -> None:
@@ -57,12 +59,16 @@ def check_examples_file(root: Path, manifest: dict) -> str | None:
         return None
     path = Path(root) / record["name"]
     if not path.is_file() or path.stat().st_size != record["bytes"] or sha256_file(path) != record["sha256"]:
-        return f"{path.name}: missing or changed since it was written (the examples table); `qk-sniff repair` rewrites it"
+        return (
+            f"{path.name}: missing or changed since it was written (the examples table); `qk-sniff repair` rewrites it"
+        )
     try:
         same = pq.read_table(path, page_checksum_verification=True).equals(examples_table(manifest))
     except Exception:  # noqa: BLE001 - unreadable is as wrong as different
         same = False
     if not same:
-        return (f"{path.name}: lags the manifest (the examples table does not list exactly the {len(manifest['examples'])} "
-                "committed examples); the next run or `qk-sniff repair` rewrites it")
+        return (
+            f"{path.name}: lags the manifest (the examples table does not list exactly the {len(manifest['examples'])} "
+            "committed examples); the next run or `qk-sniff repair` rewrites it"
+        )
     return None

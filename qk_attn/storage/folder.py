@@ -14,17 +14,29 @@ import shutil
 from pathlib import Path
 
 from qk_attn.errors import DamagedDataset, NotACapture, OutputLocked, StorageError
-from qk_attn.storage.layout import (CARD, CARD_FILES, EXAMPLES, LOCK, MANIFEST, PART_FILES_RE, PREVIOUS, Files, parse_key,
-                                    part_files, previous_name)
 from qk_attn.storage.examples import check_examples_file
+from qk_attn.storage.layout import (
+    CARD,
+    CARD_FILES,
+    EXAMPLES,
+    LOCK,
+    MANIFEST,
+    PART_FILES_RE,
+    PREVIOUS,
+    Files,
+    parse_key,
+    part_files,
+    previous_name,
+)
 from qk_attn.storage.manifest import new_manifest, read_manifest, sha256_file, versions, write_json_atomic
 from qk_attn.storage.settings import check_same_capture
 
 logger = logging.getLogger(__name__)
 
 
-def open_capture(output: Path, files: Files, config, source: dict | None, overwrite: bool, columns: dict,
-                 fsync: bool) -> tuple[dict, list[Path]]:
+def open_capture(
+    output: Path, files: Files, config, source: dict | None, overwrite: bool, columns: dict, fsync: bool
+) -> tuple[dict, list[Path]]:
     """The commit protocol's open step, under the writer's lock: refuse what must not be
     touched or mixed, remove what `overwrite` or a killed run left, and write the manifest
     (which also proves OUT is writable). Returns (manifest, orphans removed)."""
@@ -42,7 +54,9 @@ def open_capture(output: Path, files: Files, config, source: dict | None, overwr
         manifest.setdefault("shard_info", {})
     else:
         manifest = new_manifest(config, source)
-    old = manifest.setdefault("columns", columns if not manifest["examples"] else {"token_id": False, "token_str": False})
+    old = manifest.setdefault(
+        "columns", columns if not manifest["examples"] else {"token_id": False, "token_str": False}
+    )
     if old != columns:  # one schema per dataset
         raise StorageError(
             f"{output} was captured with optional columns {old}; this run would write {columns} "
@@ -149,10 +163,16 @@ def check_layout(output: Path, files: Files) -> None:
             )
         return
     merged = read_manifest(output)
-    if merged is not None and merged.get("examples") and (merged.get("ranks") or {}).get("world_size") != files.world_size:
+    if (
+        merged is not None
+        and merged.get("examples")
+        and (merged.get("ranks") or {}).get("world_size") != files.world_size
+    ):
         how = f"{merged['ranks']['world_size']} ranks" if merged.get("ranks") else "a single process"
-        raise ValueError(f"{output} holds a capture written by {how}; this is rank {files.rank} of {files.world_size}. "
-                         "Resume with the same number of ranks, use another output directory, or overwrite.")
+        raise ValueError(
+            f"{output} holds a capture written by {how}; this is rank {files.rank} of {files.world_size}. "
+            "Resume with the same number of ranks, use another output directory, or overwrite."
+        )
     for rank, path in sorted(parts.items()):
         other = (read_manifest(output, path.name) or {}).get("part") or {}
         if other.get("world_size") != files.world_size:
@@ -191,9 +211,12 @@ def has_leftovers(output: Path) -> bool:
     if not (output / CARD).exists() or check_examples_file(output, manifest):
         return True
     listed = {key: set(names) for key, names in manifest.get("shards", {}).items()}
-    return any(path.name not in listed.get(folder.name, ()) and Files().owns(path.name)
-               for folder in output.iterdir() if folder.is_dir() and parse_key(folder.name)
-               for path in folder.iterdir())
+    return any(
+        path.name not in listed.get(folder.name, ()) and Files().owns(path.name)
+        for folder in output.iterdir()
+        if folder.is_dir() and parse_key(folder.name)
+        for path in folder.iterdir()
+    )
 
 
 def remove_dataset(output: Path, files: Files = Files()) -> None:
@@ -213,7 +236,9 @@ def remove_dataset(output: Path, files: Files = Files()) -> None:
             for path in folder.iterdir():
                 if path.is_file() and any(owner.owns(path.name) for owner in owners):
                     path.unlink()
-    for name in [files.manifest, previous_name(files.manifest), files.examples] + ([*ours, *CARD_FILES] if files.rank == 0 else []):
+    for name in [files.manifest, previous_name(files.manifest), files.examples] + (
+        [*ours, *CARD_FILES] if files.rank == 0 else []
+    ):
         (output / name).unlink(missing_ok=True)
 
 

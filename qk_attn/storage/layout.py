@@ -89,7 +89,7 @@ class Files:
     def owns(self, name: str) -> bool:
         """A shard (or its temporary file) this writer wrote."""
         name = name[1:-4] if name.startswith(".") and name.endswith(".parquet.tmp") else name
-        return name.startswith(self.prefix) and SHARD_RE.fullmatch(name[len(self.prefix):]) is not None
+        return name.startswith(self.prefix) and SHARD_RE.fullmatch(name[len(self.prefix) :]) is not None
 
 
 def part_files(output: str | Path) -> dict[int, Path]:

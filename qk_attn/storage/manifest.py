@@ -39,7 +39,11 @@ def read_manifest(output: str | Path, name: str = MANIFEST) -> dict | None:
         return None
     try:
         manifest = json.loads(path.read_text())
-        if not isinstance(manifest, dict) or not isinstance(manifest.get("examples"), dict) or not isinstance(manifest.get("shards"), dict):
+        if (
+            not isinstance(manifest, dict)
+            or not isinstance(manifest.get("examples"), dict)
+            or not isinstance(manifest.get("shards"), dict)
+        ):
             raise ValueError("missing 'examples' or 'shards'")
         recorded = manifest.pop("digest", None)  # manifests written before the digest existed have none
         if recorded is not None and recorded != manifest_digest(manifest):
@@ -110,8 +114,9 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, data: dict, fsync: bool = True, keep_previous: bool = False,
-                      previous_too: bool = False) -> None:
+def write_json_atomic(
+    path: Path, data: dict, fsync: bool = True, keep_previous: bool = False, previous_too: bool = False
+) -> None:
     """tmp + fsync + rename, with the data's own sha256 (`digest`, checked by read_manifest).
     `keep_previous` first hard-links the current file to PREVIOUS, so a manifest damaged later (by
     a disk or a person) can be restored to the last good state. `previous_too` writes `data` as

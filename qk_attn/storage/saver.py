@@ -48,11 +48,22 @@ def _empty_call(layer, kind, heads, example_ids, sliding_window, cross_attention
     """The CaptureBatch of an attention call that selected nothing: no rows, the forward's valid
     counts and first positions (and its packed flags, checked by host_rows like any batch's)."""
     empty = torch.zeros(0, dtype=torch.int64)
-    return CaptureBatch(layer, kind, heads, example_ids, sliding_window, cross_attention,
-                        count=torch.zeros(1, dtype=torch.int64), row=empty, position=empty, bucket=empty,
-                        vectors=torch.zeros(len(heads), 0, 1), valid=tokens.valid_count,
-                        first_position=None if cross_attention and kind == "k" else tokens.first_position,
-                        packed=tokens.packed)
+    return CaptureBatch(
+        layer,
+        kind,
+        heads,
+        example_ids,
+        sliding_window,
+        cross_attention,
+        count=torch.zeros(1, dtype=torch.int64),
+        row=empty,
+        position=empty,
+        bucket=empty,
+        vectors=torch.zeros(len(heads), 0, 1),
+        valid=tokens.valid_count,
+        first_position=None if cross_attention and kind == "k" else tokens.first_position,
+        packed=tokens.packed,
+    )
 
 
 @dataclass
@@ -62,7 +73,9 @@ class _Segment:
     parts: list = field(default_factory=list)  # Futures of Written: spilled .tmp shards
     next_part: int = 0
     examples: set[int] = field(default_factory=set)  # every example seen in this segment
-    valid: dict[int, Counter] = field(default_factory=lambda: defaultdict(Counter))  # example -> (layer, kind) -> tokens
+    valid: dict[int, Counter] = field(
+        default_factory=lambda: defaultdict(Counter)
+    )  # example -> (layer, kind) -> tokens
     first: dict[int, int] = field(default_factory=dict)  # example -> smallest first position
     calls: Counter = field(default_factory=Counter)  # key -> attention calls seen
     cross_attention_layers: set[int] = field(default_factory=set)  # layers whose keys are vision tokens
@@ -234,8 +247,18 @@ class SaverThread(Committer):
     def _submit(self, seg: _Segment, key: str, buffer: KeyBuffer, segments: list[int]):
         name = self.files.shard(seg.number, seg.next_part)
         seg.next_part += 1
-        return self._writers.submit(write_buffer, self.output / key, name, key, buffer, segments, self.vector_type,
-                                    self.token_ids, self.vocabulary, False)  # fsync'd together at commit
+        return self._writers.submit(
+            write_buffer,
+            self.output / key,
+            name,
+            key,
+            buffer,
+            segments,
+            self.vector_type,
+            self.token_ids,
+            self.vocabulary,
+            False,
+        )  # fsync'd together at commit
 
     def _spill(self, until: int) -> None:
         """Write the open segment's largest buffers to `.tmp` shards until at most `until` bytes stay."""
@@ -289,8 +312,12 @@ class SaverThread(Committer):
                 path.unlink()
                 continue
             size, digest = write_table(table, path, self.fsync)
-            buckets = Counter({int(b): int(n) for b, n in enumerate(np.bincount(table.column("bucket").to_numpy())) if n})
-            kept.append(_Done(Written(written.key, written.name, table.num_rows, size, digest, buckets, written.segments)))
+            buckets = Counter(
+                {int(b): int(n) for b, n in enumerate(np.bincount(table.column("bucket").to_numpy())) if n}
+            )
+            kept.append(
+                _Done(Written(written.key, written.name, table.num_rows, size, digest, buckets, written.segments))
+            )
         seg.parts = kept
         for example in incomplete:
             seg.valid.pop(example, None)
@@ -306,8 +333,9 @@ class SaverThread(Committer):
             if export or time.monotonic() - self._exported_at >= EXPORT_EVERY_S:
                 write_examples(self.output, manifest, self.files.examples, self.fsync)
                 self._exported_at = time.monotonic()
-            write_json_atomic(self.output / self.files.manifest, manifest, self.fsync, keep_previous=True,
-                              previous_too=previous_too)
+            write_json_atomic(
+                self.output / self.files.manifest, manifest, self.fsync, keep_previous=True, previous_too=previous_too
+            )
 
     def _finish(self) -> None:
         """At close: the examples export, and the card (single writer) or the part's completion flag (ranks)."""
@@ -322,5 +350,6 @@ class SaverThread(Committer):
             if card_is_ours(self.output):
                 write_card(self.output, manifest)
             else:
-                logger.warning("qk-sniff: %s/README.md was not written by qk-sniff; the dataset card is not written",
-                               self.output)
+                logger.warning(
+                    "qk-sniff: %s/README.md was not written by qk-sniff; the dataset card is not written", self.output
+                )

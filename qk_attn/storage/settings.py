@@ -63,7 +63,9 @@ def setting_differences(manifest: dict, config, source: dict | None) -> list[Set
     The source is compared only when both sides name one."""
     old = identity(manifest.get("config", {}), manifest.get("source") if source else None)
     new = identity(config.to_dict(), source if manifest.get("source") else None)
-    return [SettingDifference(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return [
+        SettingDifference(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
+    ]
 
 
 def check_same_capture(output: Path, manifest: dict, config, source: dict | None) -> None:

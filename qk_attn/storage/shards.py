@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections import Counter
 import queue
 import threading
+from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +25,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from qk_attn.storage.manifest import fsync_dir
-from qk_attn.errors import CorruptShard
 from qk_attn.capture.batch import columns_table
+from qk_attn.errors import CorruptShard
+from qk_attn.storage.manifest import fsync_dir
 
 ROW_GROUP_BYTES = 32 << 20
 # zstd level 1 with BYTE_STREAM_SPLIT on the vectors was the smallest and fastest option measured
@@ -88,7 +88,7 @@ class KeyBuffer:
         self.rows += len(position)
         self.nbytes += vectors.nbytes + 20 * len(position)
 
-    def extend(self, other: "KeyBuffer") -> None:
+    def extend(self, other: KeyBuffer) -> None:
         for name in ("example_id", "position", "bucket", "vectors", "token_id"):
             getattr(self, name).extend(getattr(other, name))
         self.rows += other.rows
@@ -106,8 +106,21 @@ class KeyBuffer:
         self.__dict__.update(kept.__dict__)
 
     def table(self, vector_type: pa.DataType, token_ids: bool, vocabulary: pa.Array | None) -> pa.Table:
-        return columns_table(self.example_id, self.position, self.bucket, self.vectors, self.token_id, self.layer,
-                             self.head, self.kind, self.sliding_window, self.head_dim, vector_type, token_ids, vocabulary)
+        return columns_table(
+            self.example_id,
+            self.position,
+            self.bucket,
+            self.vectors,
+            self.token_id,
+            self.layer,
+            self.head,
+            self.kind,
+            self.sliding_window,
+            self.head_dim,
+            vector_type,
+            token_ids,
+            vocabulary,
+        )
 
     def buckets(self) -> Counter:
         counts = np.bincount(np.concatenate(self.bucket)) if self.rows else np.zeros(0, np.int64)
@@ -148,9 +161,11 @@ def write_row_groups(groups, path: Path, fsync: bool) -> tuple[int, str, int, li
     data = out.getvalue()
     view = memoryview(data)
     ranges = row_group_ranges(pq.read_metadata(pa.BufferReader(data)))
-    parts = [{"offset": start, "bytes": end - start, "sha256": hashlib.sha256(view[start:end]).hexdigest()}
-             for start, end in ranges]
-    footer = hashlib.sha256(view[ranges[-1][1] if ranges else 0:]).hexdigest()
+    parts = [
+        {"offset": start, "bytes": end - start, "sha256": hashlib.sha256(view[start:end]).hexdigest()}
+        for start, end in ranges
+    ]
+    footer = hashlib.sha256(view[ranges[-1][1] if ranges else 0 :]).hexdigest()
     digest = hashlib.sha256(view).hexdigest()
     with open(path, "wb") as f:
         f.write(view)
@@ -166,8 +181,10 @@ def row_group_ranges(metadata) -> list[tuple[int, int]]:
     for i in range(metadata.num_row_groups):
         group = metadata.row_group(i)
         columns = [group.column(c) for c in range(group.num_columns)]
-        starts = [c.dictionary_page_offset if c.has_dictionary_page and c.dictionary_page_offset else c.data_page_offset
-                  for c in columns]
+        starts = [
+            c.dictionary_page_offset if c.has_dictionary_page and c.dictionary_page_offset else c.data_page_offset
+            for c in columns
+        ]
         start = min(starts)
         out.append((start, max(s + c.total_compressed_size for s, c in zip(starts, columns))))
     return out
@@ -191,8 +208,17 @@ def read_verified(root: Path, manifest: dict, key: str, name: str) -> pq.Parquet
         raise CorruptShard(f"{path}: unreadable ({type(error).__name__})") from None
 
 
-def write_buffer(folder: Path, name: str, key: str, buffer: KeyBuffer, segments: list[int], vector_type, token_ids: bool,
-                 vocabulary, fsync: bool) -> Written:
+def write_buffer(
+    folder: Path,
+    name: str,
+    key: str,
+    buffer: KeyBuffer,
+    segments: list[int],
+    vector_type,
+    token_ids: bool,
+    vocabulary,
+    fsync: bool,
+) -> Written:
     """Write one buffer to `folder/.name.tmp` (the commit renames it)."""
     folder.mkdir(exist_ok=True)
     size, digest = write_table(buffer.table(vector_type, token_ids, vocabulary), folder / f".{name}.tmp", fsync)

@@ -90,7 +90,9 @@ class ParquetSink(SaverThread, Sink):
         self._lock_fd = take_lock(self.output, self.files.lock)
         try:
             columns = {"token_id": self.token_ids, "token_str": self.token_ids and vocabulary is not None}
-            manifest, self.removed_orphans = open_capture(self.output, self.files, config, source, overwrite, columns, fsync)
+            manifest, self.removed_orphans = open_capture(
+                self.output, self.files, config, source, overwrite, columns, fsync
+            )
         except BaseException:
             release_lock(self.output, self._lock_fd, self.files.lock)
             raise
@@ -158,7 +160,9 @@ class ParquetSink(SaverThread, Sink):
             )
         self._sender.put(batch)
 
-    def put_empty(self, layer: int, kind: str, heads, example_ids, sliding_window, cross_attention: bool, tokens) -> None:
+    def put_empty(
+        self, layer: int, kind: str, heads, example_ids, sliding_window, cross_attention: bool, tokens
+    ) -> None:
         """An attention call of which the sampler keeps nothing, known on the CPU before any
         selection (the session skips its gather): it ran, its heads count as heads that ran with 0
         rows, and its valid tokens count towards the examples' lengths. `tokens` is the forward's
@@ -181,8 +185,14 @@ class ParquetSink(SaverThread, Sink):
     def describe(self, example_id: int, source_id: str | None, source_index: int | None) -> None:
         """Where example `example_id` came from: the source dataset's own id and its row index
         (recorded in the manifest's `example_info` and OUT/examples.parquet)."""
-        self._queue.put(("describe", int(example_id), None if source_id is None else str(source_id),
-                         None if source_index is None else int(source_index)))
+        self._queue.put(
+            (
+                "describe",
+                int(example_id),
+                None if source_id is None else str(source_id),
+                None if source_index is None else int(source_index),
+            )
+        )
 
     def commit(self, example_ids) -> None:
         """These examples are complete; they become durable within `commit_every_s` (plus one write)."""

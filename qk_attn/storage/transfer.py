@@ -26,8 +26,8 @@ import logging
 import math
 import threading
 from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 
@@ -166,8 +166,9 @@ class Transfer:
         its copy is issued. The consumer must hand each piece on before asking for the next."""
         yield from self.send(batch, 0, check, wait=True)
 
-    def send(self, batch: CaptureBatch, start: int, check: Callable[[], None], wait: bool,
-             stopped: list | None = None) -> Iterator[Piece]:
+    def send(
+        self, batch: CaptureBatch, start: int, check: Callable[[], None], wait: bool, stopped: list | None = None
+    ) -> Iterator[Piece]:
         """Pieces of `batch` from staging row `start` on. With `wait=False` it stops at the first
         piece the pool has no room for and appends that row to `stopped` (the rest is sent later)."""
         device = batch.vectors.device
@@ -221,7 +222,13 @@ class Transfer:
                 views = {name: src if src.dtype == dt else src.to(dt) for name, dt, _, src in layout}
                 event = None
             host = CaptureBatch(
-                batch.layer, batch.kind, batch.heads, batch.example_ids, batch.sliding_window, batch.cross_attention, **views
+                batch.layer,
+                batch.kind,
+                batch.heads,
+                batch.example_ids,
+                batch.sliding_window,
+                batch.cross_attention,
+                **views,
             )
             yield Piece(host, start, cap, start == 0, event, region, pool)
             start += n

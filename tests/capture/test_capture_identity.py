@@ -15,12 +15,12 @@ import transformers as tf
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 import qk_attn
-from capture_utils import GroundTruth, all_heads, expected_rows, rows_by_key
-from families import COMMON, VOCAB, build, padded_batch
 from qk_attn.capture import backends
 from qk_attn.errors import CaptureError
 from qk_attn.run.documents import normalize_id
-from test_cli import SPARSE, all_rows, assert_same_rows, docs, tiny_model, write_config  # noqa: F401 (fixtures)
+from support.models import COMMON, VOCAB, build, padded_batch
+from support.oracle import GroundTruth, all_heads, expected_rows, rows_by_key
+from support.run import SPARSE, all_rows, assert_same_rows, write_config
 
 torch.set_grad_enabled(False)
 CACHE = "cache" if "cache" in inspect.signature(tf.LlamaModel.forward).parameters else "past_key_values"  # < 5.25
@@ -74,6 +74,7 @@ def _assert_same_rows(got: dict, want: dict, rtol=1e-5, atol=1e-6):
 
 # ---- a forward that raises is discarded, whole, and nothing of it is reused -------------------
 
+
 @pytest.mark.parametrize("earlier", [False, True], ids=["first-forward", "later-forward"])
 @pytest.mark.parametrize("where", ["mask", "layer0-q_proj"])
 def test_a_forward_that_raises_before_any_attention_call_leaves_nothing_to_the_next(where, earlier, monkeypatch):
@@ -103,8 +104,16 @@ def test_a_forward_that_raises_before_any_attention_call_leaves_nothing_to_the_n
 
 
 def _gpt_neox():
-    return tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3,
-                                                  num_attention_heads=4, intermediate_size=96, rotary_pct=0.5))
+    return tf.GPTNeoXForCausalLM(
+        tf.GPTNeoXConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            intermediate_size=96,
+            rotary_pct=0.5,
+        )
+    )
 
 
 def _phi():
@@ -116,26 +125,43 @@ def _gpt2():
 
 
 def _falcon():
-    return tf.FalconForCausalLM(tf.FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3,
-                                                num_attention_heads=4))
+    return tf.FalconForCausalLM(
+        tf.FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4)
+    )
 
 
 def _opt():
-    return tf.OPTForCausalLM(tf.OPTConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3,
-                                          num_attention_heads=4, ffn_dim=96, word_embed_proj_dim=64))
+    return tf.OPTForCausalLM(
+        tf.OPTConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            ffn_dim=96,
+            word_embed_proj_dim=64,
+        )
+    )
 
 
 def _gptj():
-    return tf.GPTJForCausalLM(tf.GPTJConfig(vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, rotary_dim=8,
-                                            n_positions=64))
+    return tf.GPTJForCausalLM(
+        tf.GPTJConfig(vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, rotary_dim=8, n_positions=64)
+    )
 
 
 def _bloom():
     return tf.BloomForCausalLM(tf.BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=3, n_head=4))
 
 
-NO_NORM_ATTRIBUTE = {"gpt_neox": _gpt_neox, "phi": _phi, "gpt2": _gpt2, "falcon": _falcon, "opt": _opt,
-                     "gptj": _gptj, "bloom": _bloom}
+NO_NORM_ATTRIBUTE = {
+    "gpt_neox": _gpt_neox,
+    "phi": _phi,
+    "gpt2": _gpt2,
+    "falcon": _falcon,
+    "opt": _opt,
+    "gptj": _gptj,
+    "bloom": _bloom,
+}
 
 
 def _build(family: str):
@@ -144,8 +170,10 @@ def _build(family: str):
     torch.manual_seed(0)
     model = NO_NORM_ATTRIBUTE[family]()
     if "ALL_ATTENTION_FUNCTIONS" not in vars(sys.modules[type(model).__module__]):
-        pytest.skip(f"{family} does not route attention through AttentionInterface in transformers "
-                    f"{tf.__version__}, so it cannot run \"qk_sniff\" there")
+        pytest.skip(
+            f"{family} does not route attention through AttentionInterface in transformers "
+            f'{tf.__version__}, so it cannot run "qk_sniff" there'
+        )
     model.set_attn_implementation("qk_sniff")
     return model.eval()
 
@@ -189,6 +217,7 @@ def test_an_exception_in_the_last_layer_discards_the_forward_for_every_architect
 
 # ---- a sequence belongs to its cache ------------------------------------------------------------
 
+
 def test_two_caches_stepped_alternately_are_two_sequences():
     model = build("llama3", "qk_sniff")
     a, b = _tokens(9, seed=1), _tokens(11, seed=2)  # prompts of 5 and 8 tokens, then decode steps
@@ -199,11 +228,12 @@ def test_two_caches_stepped_alternately_are_two_sequences():
         s.begin([4])
         model(input_ids=b[:, :8], **{CACHE: caches[4]})
         for step in range(3):
-            model(input_ids=a[:, 5 + step:6 + step], **{CACHE: caches[3]})
-            model(input_ids=b[:, 8 + step:9 + step], **{CACHE: caches[4]})
+            model(input_ids=a[:, 5 + step : 6 + step], **{CACHE: caches[3]})
+            model(input_ids=b[:, 8 + step : 9 + step], **{CACHE: caches[4]})
         model(input_ids=a[:, 8:9], **{CACHE: caches[3]})
-    _assert_same_rows(rows_by_key(s.table()), {**_one_shot(model, a, [3]), **_one_shot(model, b, [4])},
-                      rtol=1e-4, atol=1e-5)
+    _assert_same_rows(
+        rows_by_key(s.table()), {**_one_shot(model, a, [3]), **_one_shot(model, b, [4])}, rtol=1e-4, atol=1e-5
+    )
     assert s.sink.committed == [3, 4]
 
 
@@ -219,8 +249,13 @@ def test_a_refused_rollback_discards_its_sequence_before_the_error_propagates():
         s.begin([1])
         model(input_ids=_tokens(4))  # a complete example before
         with pytest.raises(CaptureError, match="rolled-back"):
-            model.generate(input_ids=_repetitive_prompt(), max_new_tokens=8, prompt_lookup_num_tokens=3,
-                           do_sample=False, pad_token_id=0)
+            model.generate(
+                input_ids=_repetitive_prompt(),
+                max_new_tokens=8,
+                prompt_lookup_num_tokens=3,
+                do_sample=False,
+                pad_token_id=0,
+            )
         assert s.sink.committed == [] and s._begun == [1]
     assert s.sink.committed == [1]
     assert set(rows_by_key(s.table())) == set(_one_shot(model, _tokens(4), [1]))
@@ -247,16 +282,22 @@ def test_a_refusal_in_env_mode_is_not_committed_by_the_exit_handler(tmp_path):
 
     build("llama3").save_pretrained(tmp_path / "model")
     out = tmp_path / "out"
-    env = dict(os.environ, QK_SNIFF_OUTPUT=str(out), QK_SNIFF_SAMPLER="all", QK_SNIFF_LAYERS="0",
-               QK_SNIFF_CAPTURE="k")
-    result = subprocess.run([sys.executable, "-c", ENV_SCRIPT, str(tmp_path / "model")], env=env, cwd=tmp_path,
-                            capture_output=True, text=True, timeout=300)
+    env = dict(os.environ, QK_SNIFF_OUTPUT=str(out), QK_SNIFF_SAMPLER="all", QK_SNIFF_LAYERS="0", QK_SNIFF_CAPTURE="k")
+    result = subprocess.run(
+        [sys.executable, "-c", ENV_SCRIPT, str(tmp_path / "model")],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert "refused: qk_sniff: this forward continues a cache" in result.stdout
     assert qk_attn.load_examples(out).column("example_id").to_pylist() == [0]
     table = qk_attn.load(out, layer=0, head=0, kind="k")
     assert sorted(table.column("example_id").to_pylist()) == [0] * 6
     from qk_attn.dataset.verify import verify_dataset
+
     assert verify_dataset(out, log=lambda *_: None) == []
 
 
@@ -279,15 +320,22 @@ def test_rows_of_a_batched_generate_end_at_their_eos(tmp_path):
     model = build("llama3", "qk_sniff")
     prompt = _tokens(5, batch=2, seed=6)
     out = tmp_path / "out"
-    with qk_attn.session(output=out, sampler="all", example_ids=[0, 1], capture="k", layers="0") as s:
-        sequences = model.generate(input_ids=prompt, max_new_tokens=6, do_sample=False, pad_token_id=0,
-                                   stopping_criteria=StoppingCriteriaList([_StopRow(0, 7)]))
+    with qk_attn.session(output=out, sampler="all", example_ids=[0, 1], capture="k", layers="0"):
+        sequences = model.generate(
+            input_ids=prompt,
+            max_new_tokens=6,
+            do_sample=False,
+            pad_token_id=0,
+            stopping_criteria=StoppingCriteriaList([_StopRow(0, 7)]),
+        )
     assert sequences.shape[1] == 11 and (sequences[0, 7:] == 0).all()  # row 0 ended with its token at position 6
     got = {}
     for head in (0, 1):
         got.update(rows_by_key(qk_attn.load(out, layer=0, head=head, kind="k")))
-    want = {**_one_shot(model, sequences[:1, :7], [0], capture="k", layers="0"),
-            **_one_shot(model, sequences[1:, :10], [1], capture="k", layers="0")}
+    want = {
+        **_one_shot(model, sequences[:1, :7], [0], capture="k", layers="0"),
+        **_one_shot(model, sequences[1:, :10], [1], capture="k", layers="0"),
+    }
     _assert_same_rows(got, want, rtol=1e-4, atol=1e-5)
     lengths = qk_attn.load_examples(out).select(["example_id", "valid_length"]).to_pydict()
     assert lengths == {"example_id": [0, 1], "valid_length": [7, 10]}
@@ -296,14 +344,23 @@ def test_rows_of_a_batched_generate_end_at_their_eos(tmp_path):
 
 # ---- multimodal wrappers: the text model gets embeddings, the token ids are the wrapper's --------
 
+
 def _gemma3_multimodal():
     torch.manual_seed(0)
-    text = dict(COMMON, head_dim=16, sliding_window=4,
-                layer_types=["sliding_attention", "full_attention", "sliding_attention"])
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=16,
-                  patch_size=8)
-    config = tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
-                             image_token_index=VOCAB - 1, boi_token_index=VOCAB - 3, eoi_token_index=VOCAB - 2)
+    text = dict(
+        COMMON, head_dim=16, sliding_window=4, layer_types=["sliding_attention", "full_attention", "sliding_attention"]
+    )
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=8
+    )
+    config = tf.Gemma3Config(
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=4,
+        image_token_index=VOCAB - 1,
+        boi_token_index=VOCAB - 3,
+        eoi_token_index=VOCAB - 2,
+    )
     model = tf.Gemma3ForConditionalGeneration(config).eval()
     model.set_attn_implementation({"text_config": "qk_sniff", "vision_config": "sdpa"})
     return model
@@ -312,10 +369,23 @@ def _gemma3_multimodal():
 def _qwen2_vl():
     torch.manual_seed(0)
     text = dict(COMMON, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0})
-    vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, patch_size=2, spatial_merge_size=1,
-                  temporal_patch_size=1, in_channels=3)
-    config = tf.Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=VOCAB - 1,
-                              video_token_id=VOCAB - 2, vision_start_token_id=VOCAB - 3)
+    vision = dict(
+        depth=1,
+        embed_dim=32,
+        hidden_size=64,
+        num_heads=2,
+        patch_size=2,
+        spatial_merge_size=1,
+        temporal_patch_size=1,
+        in_channels=3,
+    )
+    config = tf.Qwen2VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=VOCAB - 1,
+        video_token_id=VOCAB - 2,
+        vision_start_token_id=VOCAB - 3,
+    )
     model = tf.Qwen2VLForConditionalGeneration(config).eval()
     model.set_attn_implementation({"text_config": "qk_sniff", "vision_config": "sdpa"})
     return model
@@ -351,11 +421,18 @@ def test_qwen2_vl_with_an_image_is_refused_naming_images_and_mrope():
 
 # ---- every attention call checked against its forward ----------------------------------------------
 
+
 def _gemma4():
     torch.manual_seed(0)
-    config = tf.Gemma4TextConfig(**dict(COMMON, num_hidden_layers=4), head_dim=16, global_head_dim=16,
-                                 sliding_window=4, num_kv_shared_layers=2, hidden_size_per_layer_input=0,
-                                 layer_types=["sliding_attention", "full_attention"] * 2)
+    config = tf.Gemma4TextConfig(
+        **dict(COMMON, num_hidden_layers=4),
+        head_dim=16,
+        global_head_dim=16,
+        sliding_window=4,
+        num_kv_shared_layers=2,
+        hidden_size_per_layer_input=0,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+    )
     model = tf.Gemma4ForCausalLM(config).eval()
     model.set_attn_implementation("qk_sniff")
     return model
@@ -395,8 +472,11 @@ def test_an_attention_call_that_does_not_fit_its_forward_is_refused_in_one_line(
         return original(torch.cat([hidden_states, hidden_states]), *args, **kwargs)
 
     monkeypatch.setattr(attention, "forward", doubled)
-    with pytest.raises(CaptureError, match=r"^qk_sniff: layer 1 got a query of batch 2 and a key of batch 2 in a "
-                                           r"forward of batch 1; not recorded$"):
+    with pytest.raises(
+        CaptureError,
+        match=r"^qk_sniff: layer 1 got a query of batch 2 and a key of batch 2 in a "
+        r"forward of batch 1; not recorded$",
+    ):
         with qk_attn.session(sampler="all") as s:
             model(input_ids=_tokens(5))
     assert s.sink.committed == [] and s.table().num_rows == 0
@@ -404,11 +484,26 @@ def test_an_attention_call_that_does_not_fit_its_forward_is_refused_in_one_line(
 
 def test_pre_rope_of_multi_head_latent_attention_is_refused_with_a_message():
     torch.manual_seed(0)
-    config = tf.DeepseekV3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
-                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
-                                 num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1,
-                                 q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16,
-                                 v_head_dim=16, max_position_embeddings=64)
+    config = tf.DeepseekV3Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        first_k_dense_replace=1,
+        q_lora_rank=32,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=16,
+        v_head_dim=16,
+        max_position_embeddings=64,
+    )
     model = tf.DeepseekV3ForCausalLM(config).eval()
     model.set_attn_implementation("qk_sniff")
     with pytest.raises(CaptureError, match=r"rope='pre': DeepseekV3Attention rotates 8 of the 24 dimensions"):
@@ -436,6 +531,7 @@ def test_pre_rope_in_low_precision_is_within_the_documented_error(dtype, median,
 
 
 # ---- a session never records nothing silently --------------------------------------------------
+
 
 @pytest.fixture
 def registries():
@@ -484,8 +580,9 @@ def test_an_implementation_qk_attn_does_not_wrap_is_an_error_in_a_session(regist
     masks.register("my_attention", masks._global_mapping["qk_sniff"])
     model = build("llama3", "sdpa")
     model.config._attn_implementation = "my_attention"
-    with pytest.raises(CaptureError, match="runs the attention implementation 'my_attention', which qk-attn does "
-                                           "not wrap"):
+    with pytest.raises(
+        CaptureError, match="runs the attention implementation 'my_attention', which qk-attn does not wrap"
+    ):
         with qk_attn.session(sampler="all"):
             model(input_ids=_tokens(6))
     model(input_ids=_tokens(6))  # outside a session it runs as registered
@@ -493,13 +590,15 @@ def test_an_implementation_qk_attn_does_not_wrap_is_an_error_in_a_session(regist
 
 # ---- a refusal through the CLI ----------------------------------------------------------------
 
+
 def test_a_refusal_in_a_cli_run_commits_none_of_the_refused_documents(tiny_model, docs, tmp_path, monkeypatch):
     """`qk-sniff run` refused at layer 1 of its 4th document (layer 0's rows already handed to the saver):
     the three before are committed, the refused one has no row and no entry, and the re-run resumes
     to the rows of a run that was never refused."""
+    from transformers.models.llama import modeling_llama
+
     from qk_attn import cli
     from qk_attn.dataset.verify import verify_dataset
-    from transformers.models.llama import modeling_llama
 
     path, _ = docs
     full = tmp_path / "full"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from huggingface_hub import DatasetCard
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]  # where tests/support lives
 ROOT = TESTS.parent
 
 CAPTURE = """
@@ -20,7 +20,7 @@ import json, sys
 sys.modules["datasets"] = None  # `import datasets` (and any submodule) now raises ImportError
 import torch
 import qk_attn
-from families import build, padded_batch
+from support.models import build, padded_batch
 
 model = build("llama3", "qk_sniff")
 with torch.inference_mode(), qk_attn.session(output=sys.argv[1], sampler="all", example_ids=[0, 1]) as s:
@@ -32,8 +32,9 @@ print(json.dumps({"rows": s.rows_written, "datasets": [m for m in sys.modules if
 def test_capture_closes_with_the_card_when_datasets_cannot_be_imported(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT)])}
-    run = subprocess.run([sys.executable, "-c", CAPTURE, str(out)], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", CAPTURE, str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(run.stdout.strip().splitlines()[-1])
     assert report["datasets"] == ["datasets"]  # only the blocking None entry: nothing imported it
@@ -42,8 +43,9 @@ def test_capture_closes_with_the_card_when_datasets_cannot_be_imported(tmp_path)
     assert report["rows"] == rows
     shards = sorted(out.glob("l*h*/*.parquet"))
     assert sum(pq.read_metadata(p).num_rows for p in shards) == rows
-    assert {p.parent.name for p in shards} == {f"l{layer:02d}h{h:02d}{k}" for layer in range(3)
-                                               for k, heads in (("q", 4), ("k", 2)) for h in range(heads)}
+    assert {p.parent.name for p in shards} == {
+        f"l{layer:02d}h{h:02d}{k}" for layer in range(3) for k, heads in (("q", 4), ("k", 2)) for h in range(heads)
+    }
 
     card = DatasetCard.load(out / "README.md")
     configs = {c["config_name"]: c["data_files"] for c in card.data.configs}

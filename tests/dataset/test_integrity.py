@@ -14,16 +14,14 @@ import pytest
 import qk_attn
 from qk_attn import cli
 from qk_attn.config import SniffConfig
-from qk_attn.storage.layout import PREVIOUS
-from qk_attn.storage.records import shard_examples
-from qk_attn.errors import DamagedDataset, ManifestError, NotACapture
-from qk_attn.storage.layout import MANIFEST
-from qk_attn.storage.manifest import read_manifest
-from qk_attn.storage.sink import ParquetSink
-from qk_attn.dataset.repair import repair, repair_dataset
+from qk_attn.dataset.repair import repair_dataset
 from qk_attn.dataset.verify import verify_dataset
-from qk_attn.errors import CorruptShard
-from test_saver import folder_table, open_sink, reference, run_examples, sort_rows
+from qk_attn.errors import CorruptShard, DamagedDataset, ManifestError, NotACapture
+from qk_attn.storage.layout import MANIFEST, PREVIOUS
+from qk_attn.storage.manifest import read_manifest
+from qk_attn.storage.records import shard_examples
+from qk_attn.storage.sink import ParquetSink
+from support.storage import folder_table, open_sink, reference, run_examples, sort_rows
 
 EXAMPLES = list(range(8))
 
@@ -34,8 +32,8 @@ def capture(out, examples, batches=None, per_segment=2):
     batches = [] if batches is None else batches
     todo = [e for e in examples if e not in sink.committed_ids()]
     for i in range(0, len(todo), per_segment):
-        batches += run_examples(sink, todo[i:i + per_segment], commit=False)
-        sink.commit(todo[i:i + per_segment])
+        batches += run_examples(sink, todo[i : i + per_segment], commit=False)
+        sink.commit(todo[i : i + per_segment])
         sink.flush(timeout=10)
     sink.close()
     return batches
@@ -80,7 +78,7 @@ def test_a_damaged_shard_is_found_named_and_refused(dataset, damage, capsys):
     if damage == "flip":  # 64 bytes in the middle of the data, same size
         data = bytearray(path.read_bytes())
         middle = len(data) // 2
-        data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+        data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
         path.write_bytes(bytes(data))
     elif damage == "truncate":
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
@@ -162,7 +160,10 @@ def test_a_corrupt_manifest_is_one_line_that_never_advises_overwrite(dataset, ca
     out, _ = dataset
     good = read_manifest(out)
     (out / MANIFEST).write_text('{"examples": {"0": 5}, "shards": {')  # cut short
-    for action in (lambda: read_manifest(out), lambda: ParquetSink(out, SniffConfig(output=str(out), sampler="all", min_bucket_size=4))):
+    for action in (
+        lambda: read_manifest(out),
+        lambda: ParquetSink(out, SniffConfig(output=str(out), sampler="all", min_bucket_size=4)),
+    ):
         with pytest.raises(ManifestError) as error:
             action()
         message = str(error.value)
@@ -173,7 +174,11 @@ def test_a_corrupt_manifest_is_one_line_that_never_advises_overwrite(dataset, ca
     lines = []
     assert repair_dataset(out, log=lines.append) == 0
     restored = read_manifest(out)
-    assert restored["examples"] and set(restored["examples"]) <= set(good["examples"]) and any("restored" in line for line in lines)
+    assert (
+        restored["examples"]
+        and set(restored["examples"]) <= set(good["examples"])
+        and any("restored" in line for line in lines)
+    )
     assert verify_dataset(out, log=lambda *_: None) == []
     capture(out, EXAMPLES)
     clean = tmp_path / "clean"
@@ -208,7 +213,7 @@ def test_examples_table_identity_and_first_position(tmp_path):
     import datasets
     import torch
 
-    from test_saver import make_batch
+    from support.storage import make_batch
 
     out = tmp_path / "out"
     sink = open_sink(out)
@@ -257,7 +262,9 @@ def test_repair_of_an_older_dataset_resumed_by_this_version(tmp_path):
         manifest.pop(field)
     (out / MANIFEST).write_text(json.dumps(manifest))
     capture(out, EXAMPLES)  # resumed by this version: 4..7 get records
-    older = next(n for n in read_manifest(out)["shards"]["l00h00q"] if f"l00h00q/{n}" not in read_manifest(out)["shard_info"])
+    older = next(
+        n for n in read_manifest(out)["shards"]["l00h00q"] if f"l00h00q/{n}" not in read_manifest(out)["shard_info"]
+    )
     os.truncate(out / "l00h00q" / older, 100)
     assert repair_dataset(out, log=lambda *_: None) == 0
     dropped = set(EXAMPLES) - set(map(int, read_manifest(out)["examples"]))

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import qk_attn
-from capture_utils import captured_and_truth, rows_by_key
-from families import FAMILIES, build, padded_batch
+from support.models import FAMILIES, _mllama_image_batch, build, padded_batch
+from support.oracle import captured_and_truth, rows_by_key
 
 torch.set_grad_enabled(False)
 
@@ -69,8 +69,9 @@ def test_generate_records_each_token_once_and_equal_to_uncached(family, cache):
     batch = padded_batch("left", lengths=(7, 5))
     prompt = {k: batch[k] for k in ("input_ids", "attention_mask")}
     with qk_attn.session(sampler="all") as s:
-        sequences = model.generate(**prompt, max_new_tokens=4, do_sample=False, cache_implementation=cache,
-                                   pad_token_id=0)
+        sequences = model.generate(
+            **prompt, max_new_tokens=4, do_sample=False, cache_implementation=cache, pad_token_id=0
+        )
     generated = rows_by_key(s.table())  # asserts no duplicates
 
     mask = torch.cat([batch["attention_mask"], torch.ones(2, 4, dtype=torch.long)], dim=1)
@@ -86,19 +87,6 @@ def test_generate_records_each_token_once_and_equal_to_uncached(family, cache):
         np.testing.assert_allclose(vector, uncached[key], rtol=1e-4, atol=1e-5, err_msg=str(key))
 
 
-def _mllama_image_batch():
-    batch = padded_batch("left", lengths=(9, 6))
-    batch.pop("position_ids")
-    batch["input_ids"][:, -6] = model_image_token = 95
-    batch["pixel_values"] = torch.randn(2, 1, 1, 3, 16, 16, generator=torch.Generator().manual_seed(3))
-    batch["aspect_ratio_ids"] = torch.ones(2, 1, dtype=torch.long)
-    batch["aspect_ratio_mask"] = torch.ones(2, 1, 1, dtype=torch.long)
-    cross = torch.zeros(2, 9, 1, 1, dtype=torch.long)
-    cross[:, -6:] = 1  # text from the image token on attends to the image
-    batch["cross_attention_mask"] = cross
-    return batch, model_image_token
-
-
 def test_mllama_with_image_records_cross_attention_keys_once():
     model = build("mllama", "sdpa")
     batch, _ = _mllama_image_batch()
@@ -109,8 +97,11 @@ def test_mllama_with_image_records_cross_attention_keys_once():
     assert torch.equal(logits, reference)
     table = s.table().to_pydict()
     cross_layer = model.config.text_config.cross_attention_layers[0]
-    keys = [(e, p) for e, l, k, p, h in zip(table["example_id"], table["layer"], table["kind"], table["position"],
-                                              table["head"]) if l == cross_layer and k == "k" and h == 0]
+    keys = [
+        (e, p)
+        for e, l, k, p, h in zip(table["example_id"], table["layer"], table["kind"], table["position"], table["head"])
+        if l == cross_layer and k == "k" and h == 0
+    ]
     num_vision = model.model.vision_model.num_patches  # tokens per tile (1 tile)
     assert sorted(keys) == sorted((e, p) for e in (0, 1) for p in range(num_vision))
     queries = sum(1 for l, k in zip(table["layer"], table["kind"]) if l == cross_layer and k == "q")

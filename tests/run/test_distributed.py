@@ -19,11 +19,11 @@ import yaml
 
 import qk_attn
 from qk_attn import cli
-from qk_attn.run import distributed
 from qk_attn.errors import ConfigError
+from qk_attn.run import distributed
 from qk_attn.storage.manifest import read_manifest
-from test_cli import WORDS, text, tiny_model  # noqa: F401  (fixture)
-from test_saver import folder_table, sort_rows
+from support.run import text
+from support.storage import folder_table, sort_rows
 
 BIN = Path(sys.executable).parent
 INDEX = ["example_id", "position", "bucket", "layer", "head", "kind"]
@@ -59,8 +59,12 @@ def assert_same_dataset(got: Path, want: Path) -> None:
     a, b = sort_rows(folder_table(want)), sort_rows(folder_table(got))
     assert b.select(INDEX).equals(a.select(INDEX))  # same rows (hence no duplicates: the reference has none)
     # Batches differ (2 per forward either way, but other partners and padding): float noise only.
-    np.testing.assert_allclose(np.stack(b["vector"].to_numpy(zero_copy_only=False)),
-                               np.stack(a["vector"].to_numpy(zero_copy_only=False)), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        np.stack(b["vector"].to_numpy(zero_copy_only=False)),
+        np.stack(a["vector"].to_numpy(zero_copy_only=False)),
+        rtol=1e-4,
+        atol=1e-5,
+    )
     m, w = read_manifest(got), read_manifest(want)
     assert len(w["examples"]) == N_DOCS
     for field in ("examples", "row_counts", "buckets", "config", "source", "model", "plan", "sampler"):
@@ -84,8 +88,14 @@ def torchrun(args: list[str], cwd: Path, **env) -> subprocess.CompletedProcess:
     # cwd outside the repository: its kernels/ folder would shadow Hugging Face's `kernels`.
     environ = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
     environ.update(OMP_NUM_THREADS="1", **env)
-    return subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", *args],
-                          cwd=cwd, env=environ, capture_output=True, text=True, timeout=240)
+    return subprocess.run(
+        [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", *args],
+        cwd=cwd,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
 
 
 def test_rank_detection_and_assignment():
@@ -115,7 +125,11 @@ def test_torchrun_two_ranks_equal_a_single_process(setup):
     import datasets
 
     ds = datasets.load_dataset(str(out), "l00h00q", split="train")
-    assert ds.num_rows == qk_attn.load(out, layer=0, head=0, kind="q").num_rows == read_manifest(single)["row_counts"]["l00h00q"]
+    assert (
+        ds.num_rows
+        == qk_attn.load(out, layer=0, head=0, kind="q").num_rows
+        == read_manifest(single)["row_counts"]["l00h00q"]
+    )
 
 
 # Rank 1 makes its first batch durable, waits until rank 0 has finished all its documents, then
@@ -209,7 +223,9 @@ def test_ranks_keep_their_own_previous_manifest(tmp_path):
 
     def write(rank: int) -> None:
         for i in range(300):
-            write_json_atomic(tmp_path / f"qk_sniff.rank{rank:03d}.json", {"rank": rank, "i": i}, False, keep_previous=True)
+            write_json_atomic(
+                tmp_path / f"qk_sniff.rank{rank:03d}.json", {"rank": rank, "i": i}, False, keep_previous=True
+            )
 
     with ThreadPoolExecutor(2) as pool:
         for done in [pool.submit(write, rank) for rank in (0, 1)]:

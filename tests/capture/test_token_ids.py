@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import qk_attn
-from families import build, cache_kw, padded_batch
+from support.models import build, cache_kw, padded_batch
 
 torch.set_grad_enabled(False)
 
@@ -45,8 +45,14 @@ def test_generate_rows_carry_the_generated_tokens(cache):
     model = build("llama3", "qk_sniff")
     batch = padded_batch("left", lengths=(7, 5))
     with qk_attn.session(sampler="all", example_ids=[0, 1]) as s:
-        sequences = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                   max_new_tokens=4, do_sample=False, cache_implementation=cache, pad_token_id=0)
+        sequences = model.generate(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            max_new_tokens=4,
+            do_sample=False,
+            cache_implementation=cache,
+            pad_token_id=0,
+        )
     mask = torch.cat([batch["attention_mask"], torch.ones(2, 4, dtype=torch.long)], dim=1)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     _assert_token_ids(s.table(), _token_of(sequences, mask, positions, [0, 1]))
@@ -73,7 +79,7 @@ def test_inputs_embeds_give_null_token_ids_and_vision_keys_are_null():
         model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], position_ids=batch["position_ids"])
     assert set(s.table()["token_id"].to_pylist()) == {None}
 
-    from test_capture_models import _mllama_image_batch
+    from support.models import _mllama_image_batch
 
     model = build("mllama", "sdpa")
     model.set_attn_implementation({"text_config": "qk_sniff", "vision_config": "sdpa"})

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernel_reference import gather_rows_reference
 from qk_attn.capture.gather import SelectionSpec, gather_rows, select_rows, uses_kernel
 from qk_attn.sampler import Sampler
+from support.kernel_reference import gather_rows_reference
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def call_spec(strategy="log_uniform", dtype=torch.float32, out_dtype=torch.float32, seed=0):
@@ -33,8 +33,19 @@ def call_spec(strategy="log_uniform", dtype=torch.float32, out_dtype=torch.float
     valid[0, :10] = False  # left padding
     valid[2, 40:] = False  # right padding
     positions = torch.arange(6, 6 + T).expand(B, T)
-    return SelectionSpec(states, torch.tensor(6), torch.tensor([0, 3]), positions, valid, torch.tensor([1, -2, 2**40]),
-                         Sampler(strategy, 2, 3.0, 11), 5, "k", B * T, out_dtype)
+    return SelectionSpec(
+        states,
+        torch.tensor(6),
+        torch.tensor([0, 3]),
+        positions,
+        valid,
+        torch.tensor([1, -2, 2**40]),
+        Sampler(strategy, 2, 3.0, 11),
+        5,
+        "k",
+        B * T,
+        out_dtype,
+    )
 
 
 @pytest.fixture
@@ -82,8 +93,9 @@ def test_unsupported_dtypes_stay_on_the_torch_path(monkeypatch):
 
 def run_python(code: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_everything_works_without_triton(tmp_path):
@@ -113,10 +125,13 @@ def test_everything_works_without_triton(tmp_path):
     assert "Triton is not installed" in result.stderr
 
 
-@pytest.mark.parametrize("argv", [
-    ["-c", "import transformers.integrations.hub_kernels, qk_attn"],
-    ["-m", "qk_attn.cli", "--help"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["-c", "import transformers.integrations.hub_kernels, qk_attn"],
+        ["-m", "qk_attn.cli", "--help"],
+    ],
+)
 def test_python_started_in_the_clone_never_takes_kernels_dir_as_top_level_kernels(argv):
     # `python -c` and `python -m` put the repository root first on sys.path, where the
     # kernels/ folder sits; transformers >= 5.25 imports Hugging Face's `kernels` at import
@@ -190,9 +205,15 @@ def test_kernel_compiles_for_sm90(no_interpreter, monkeypatch, strategy, dtype, 
     monkeypatch.setattr(select_gather, "_select_gather_kernel", Recorder())
     spec = call_spec(strategy, dtype, out_dtype)
     if ones:  # decode step of one row, one head, capacity 1, offset 1: Triton specializes 1s
-        spec = spec._replace(states=spec.states[:1, :, :2], token_offset=1, heads=spec.heads[:1],
-                             positions=spec.positions[:1, :1], valid=spec.valid[:1, :1],
-                             example_ids=spec.example_ids[:1], capacity=1)
+        spec = spec._replace(
+            states=spec.states[:1, :, :2],
+            token_offset=1,
+            heads=spec.heads[:1],
+            positions=spec.positions[:1, :1],
+            valid=spec.valid[:1, :1],
+            example_ids=spec.example_ids[:1],
+            capacity=1,
+        )
     select_gather.gather_rows_triton(spec)
 
     names = list(inspect.signature(kernel.fn).parameters)
@@ -205,11 +226,17 @@ def test_kernel_compiles_for_sm90(no_interpreter, monkeypatch, strategy, dtype, 
         if name in names:
             signature[name], constexprs[name] = "constexpr", value
     try:
-        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                                  target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, enable_fp_fusion=False))
+        compiled = triton.compile(
+            ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+            target=GPUTarget("cuda", 90, 32),
+            options=dict(num_warps=4, enable_fp_fusion=False),
+        )
     except FileNotFoundError as e:  # a Triton build without its bundled ptxas
         pytest.skip(f"no ptxas to finish the compile: {e}")
     assert compiled.asm["cubin"]
-    signed_i32_shifts = [line for line in compiled.asm["ttir"].splitlines()
-                         if "arith.shrsi" in line and ("xi32>" in line or line.rstrip().endswith(": i32"))]
+    signed_i32_shifts = [
+        line
+        for line in compiled.asm["ttir"].splitlines()
+        if "arith.shrsi" in line and ("xi32>" in line or line.rstrip().endswith(": i32"))
+    ]
     assert not signed_i32_shifts, signed_i32_shifts[:3]

@@ -16,10 +16,9 @@ from huggingface_hub.utils import filter_repo_objects
 
 import qk_attn
 from qk_attn.dataset import hub
-from qk_attn.errors import HubError
+from qk_attn.errors import CommittedExampleError, HubError, StorageError
 from qk_attn.storage.manifest import read_manifest
-from qk_attn.errors import CommittedExampleError, StorageError
-from test_saver import folder_table, open_sink, run_examples, sort_rows
+from support.storage import folder_table, open_sink, run_examples, sort_rows
 
 
 class FakeHub:
@@ -56,20 +55,34 @@ class FakeHub:
             branches = fake.repos[repo_id]
             branches.setdefault(branch, dict(branches["main"]))
 
-        def upload_folder(self, *, repo_id, folder_path, repo_type=None, revision=None, allow_patterns=None,
-                          delete_patterns=None, commit_message=None, **_):
+        def upload_folder(
+            self,
+            *,
+            repo_id,
+            folder_path,
+            repo_type=None,
+            revision=None,
+            allow_patterns=None,
+            delete_patterns=None,
+            commit_message=None,
+            **_,
+        ):
             fake._call("upload_folder", repo_id, revision, tuple(allow_patterns or ()))
             files = fake.repos[repo_id][revision or "main"]
             root = Path(folder_path)
             local = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
             added = set(filter_repo_objects(local, allow_patterns=allow_patterns))
-            for path in filter_repo_objects(list(files), allow_patterns=delete_patterns or []) if delete_patterns else []:
+            for path in (
+                filter_repo_objects(list(files), allow_patterns=delete_patterns or []) if delete_patterns else []
+            ):
                 if path not in added:
                     del files[path]
             for path in added:
                 files[path] = (root / path).read_bytes()
 
-        def snapshot_download(self, repo_id, *, repo_type=None, revision=None, allow_patterns=None, local_dir=None, **_):
+        def snapshot_download(
+            self, repo_id, *, repo_type=None, revision=None, allow_patterns=None, local_dir=None, **_
+        ):
             fake._call("snapshot_download", repo_id, revision, local_dir is not None)
             if repo_id not in fake.repos or (revision or "main") not in fake.repos[repo_id]:
                 raise HfHubHTTPError("404 Client Error: Repository Not Found", response=_response(404))
@@ -112,7 +125,10 @@ def test_push_creates_repo_and_branch_and_uploads_exactly_the_committed_dataset(
     assert ("create_repo", "org/qk", "dataset", True) in fake_hub.calls
     assert ("create_branch", "org/qk", "tiny-llama") in fake_hub.calls
     uploads = [c for c in fake_hub.calls if c[0] == "upload_folder"]
-    assert [u[3] for u in uploads] == [("l*h*/*.parquet",), ("qk_sniff.json", "examples.parquet", "README.md", "buckets.png")]  # shards first
+    assert [u[3] for u in uploads] == [
+        ("l*h*/*.parquet",),
+        ("qk_sniff.json", "examples.parquet", "README.md", "buckets.png"),
+    ]  # shards first
     remote = fake_hub.repos["org/qk"]["tiny-llama"]
     manifest = read_manifest(out)
     shards = {f"{key}/{name}" for key, names in manifest["shards"].items() for name in names}
@@ -126,7 +142,9 @@ def test_hub_failure_is_raised_with_the_hubs_message(tmp_path, fake_hub):
     out = tmp_path / "out"
     _capture(out, [0])
     fake_hub.fail["upload_folder"] = HfHubHTTPError(
-        "403 Forbidden: You don't have the rights to create a dataset under the namespace 'org'.", response=_response(403))
+        "403 Forbidden: You don't have the rights to create a dataset under the namespace 'org'.",
+        response=_response(403),
+    )
     with pytest.raises(HubError, match="pushing .* to org/qk failed: 403 Forbidden: You don't have the rights"):
         hub.push(out, "org/qk")
     open_sink(out).close()  # the lock was released: a capture can open the folder again
@@ -152,7 +170,9 @@ def test_pull_resume_push_round_trip(tmp_path, fake_hub):
     hub.push(second, "org/qk", revision="b")
     remote = fake_hub.repos["org/qk"]["b"]
     local = {p.relative_to(second).as_posix() for p in second.rglob("*") if p.is_file()}
-    assert set(remote) == local - {".qk_sniff.lock", ".qk_sniff.json.prev"} - {p for p in local if p.startswith(".cache/")}
+    assert set(remote) == local - {".qk_sniff.lock", ".qk_sniff.json.prev"} - {
+        p for p in local if p.startswith(".cache/")
+    }
     assert read_manifest(second)["examples"].keys() == {"0", "1", "2", "3"}
 
     # Loading straight from the repo reads exactly the committed rows.
@@ -171,7 +191,8 @@ def test_push_and_pull_refuse_to_lose_examples(tmp_path, fake_hub):
     with pytest.raises(HubError, match="holds 1 committed example\\(s\\) that org/qk lacks"):
         hub.pull("org/qk", b)
     assert {k for k in fake_hub.repos["org/qk"]["main"] if k.endswith(".parquet") and "/" in k} == {
-        f"{key}/{n}" for key, names in read_manifest(a)["shards"].items() for n in names}
+        f"{key}/{n}" for key, names in read_manifest(a)["shards"].items() for n in names
+    }
     assert sort_rows(folder_table(b)).num_rows > 0
 
 

@@ -7,82 +7,33 @@ WordLevel tokenizer trained on a few words) and saved to a temporary folder: no 
 from __future__ import annotations
 
 import json
-import random
 import re
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 import yaml
 
 from qk_attn import cli
-
-from qk_attn.run import runner
-from qk_attn.errors import ConfigError, HubError
 from qk_attn.capture.batch import MemorySink
+from qk_attn.errors import ConfigError, HubError
+from qk_attn.run import prepare, runner
 from qk_attn.run.config import RunConfig
-from qk_attn.run import prepare
 from qk_attn.run.documents import iter_documents, load_rows, normalize_id
 from qk_attn.run.model import load_model_config
-
-WORDS = [f"w{i}" for i in range(60)]
-LAYERS, HEADS, KV_HEADS, HEAD_DIM = 2, 4, 2, 8
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A saved folder with a 2-layer Llama (4 query / 2 KV heads) and its WordLevel tokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([" ".join(WORDS)], trainers.WordLevelTrainer(special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    tokenizer.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=HEADS * HEAD_DIM, intermediate_size=64,
-                         num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
-                         max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
-
-
-def text(n_words: int, seed: int) -> str:
-    rng = random.Random(seed)
-    return " ".join(rng.choice(WORDS) for _ in range(n_words))
-
-
-@pytest.fixture
-def docs(tmp_path):
-    """Six documents of different lengths (in tokens: words + BOS), string ids."""
-    lengths = [5, 40, 1, 23, 80, 12]
-    rows = [{"doc": f"doc-{i}", "body": text(n, i)} for i, n in enumerate(lengths)]
-    path = tmp_path / "docs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path, rows
-
-
-def make_config(model_dir, documents, out, **sections) -> RunConfig:
-    data = {
-        "dataset": {"path": str(documents), "text_column": "body", "id_column": "doc"},
-        "model": {"name": str(model_dir), "dtype": "float32", "device": "cpu"},
-        "capture": {"sampler": "all"},
-        "output": {"data_root": str(out)},
-    }
-    for name, values in sections.items():
-        data.setdefault(name, {}).update(values)
-    return RunConfig.from_dict(data)
-
-
-def run_in_memory(config: RunConfig):
-    sink = MemorySink()
-    summary = runner.run(config, sink=sink, progress=False)
-    return summary, sink.table(), sink
+from support.run import (
+    HEADS,
+    KV_HEADS,
+    LAYERS,
+    SPARSE,
+    all_rows,
+    assert_same_rows,
+    make_config,
+    positions_by_example,
+    run_in_memory,
+    write_config,
+)
 
 
 # ---- ids ------------------------------------------------------------------------------------
@@ -95,7 +46,9 @@ def test_other_ids_hash_to_stable_signed_int64():
     import hashlib
 
     # Golden values: the definition must never change (datasets built earlier rely on it).
-    assert normalize_id("doc-0") == int.from_bytes(hashlib.blake2b(b"doc-0", digest_size=8).digest(), "big", signed=True)
+    assert normalize_id("doc-0") == int.from_bytes(
+        hashlib.blake2b(b"doc-0", digest_size=8).digest(), "big", signed=True
+    )
     assert normalize_id("Genesis") == normalize_id("Genesis") == 8539022195673046619
     ids = [normalize_id(v) for v in ("a", "b", "7", 7.0, True, 2**64, b"a")]
     assert all(-(2**63) <= i < 2**63 for i in ids)
@@ -105,7 +58,9 @@ def test_other_ids_hash_to_stable_signed_int64():
 
 # ---- documents --------------------------------------------------------------------------------
 def _section(path, **kw):
-    return RunConfig.from_dict({"dataset": {"path": str(path), **kw}, "model": {"name": "m"}, "output": {"data_root": "o"}}).dataset
+    return RunConfig.from_dict(
+        {"dataset": {"path": str(path), **kw}, "model": {"name": "m"}, "output": {"data_root": "o"}}
+    ).dataset
 
 
 def test_local_files_of_every_kind(tmp_path):
@@ -152,13 +107,6 @@ def test_duplicate_ids_are_refused(tmp_path):
 
 
 # ---- inference and capture ------------------------------------------------------------------
-def positions_by_example(table, kind="k", layer=0, head=0):
-    out = {}
-    t = table.to_pydict()
-    for e, lay, h, k, p in zip(t["example_id"], t["layer"], t["head"], t["kind"], t["position"]):
-        if (lay, h, k) == (layer, head, kind):
-            out.setdefault(e, []).append(p)
-    return {e: sorted(p) for e, p in out.items()}
 
 
 @pytest.mark.parametrize("batch_size, side", [(1, "right"), (4, "right"), (4, "left")])
@@ -166,8 +114,13 @@ def test_sequence_lengths_truncation_and_padding(tiny_model, docs, tmp_path, bat
     """Each example records exactly its own tokens (BOS + words, cut at max_length), never a
     pad, at positions 0..n-1, whatever the batch composition and padding side."""
     path, rows = docs
-    config = make_config(tiny_model, path, tmp_path / "out", tokenizer={"max_length": 30, "padding_side": side},
-                         inference={"batch_size": batch_size})
+    config = make_config(
+        tiny_model,
+        path,
+        tmp_path / "out",
+        tokenizer={"max_length": 30, "padding_side": side},
+        inference={"batch_size": batch_size},
+    )
     summary, table, sink = run_in_memory(config)
     want = {normalize_id(r["doc"]): min(30, len(r["body"].split()) + 1) for r in rows}
     assert summary.documents == 6 and summary.tokens == sum(want.values()) and summary.max_length == 30
@@ -182,13 +135,19 @@ def test_batching_does_not_change_vectors(tiny_model, docs, tmp_path):
     path, _ = docs
     tables = []
     for batch_size, side in ((1, "right"), (3, "left")):
-        config = make_config(tiny_model, path, tmp_path / "out", inference={"batch_size": batch_size},
-                             tokenizer={"padding_side": side})
+        config = make_config(
+            tiny_model, path, tmp_path / "out", inference={"batch_size": batch_size}, tokenizer={"padding_side": side}
+        )
         tables.append(run_in_memory(config)[1])
     keyed = []
     for table in tables:
         t = table.to_pydict()
-        keyed.append({k: np.asarray(v) for k, v in zip(zip(t["example_id"], t["layer"], t["head"], t["kind"], t["position"]), t["vector"])})
+        keyed.append(
+            {
+                k: np.asarray(v)
+                for k, v in zip(zip(t["example_id"], t["layer"], t["head"], t["kind"], t["position"]), t["vector"])
+            }
+        )
     assert keyed[0].keys() == keyed[1].keys()
     for key, vector in keyed[0].items():
         np.testing.assert_allclose(keyed[1][key], vector, rtol=1e-4, atol=1e-5, err_msg=str(key))
@@ -209,16 +168,29 @@ def test_only_the_backbone_runs(tiny_model, docs, tmp_path, monkeypatch):
 def test_empty_documents_are_skipped(tiny_model, tmp_path):
     path = tmp_path / "e.jsonl"
     path.write_text('{"text": ""}\n{"text": "w1 w2"}\n')
-    config = make_config(tiny_model, path, tmp_path / "out", dataset={"text_column": "text", "id_column": None},
-                         tokenizer={"add_special_tokens": False})
+    config = make_config(
+        tiny_model,
+        path,
+        tmp_path / "out",
+        dataset={"text_column": "text", "id_column": None},
+        tokenizer={"add_special_tokens": False},
+    )
     summary, table, sink = run_in_memory(config)
     assert (summary.documents, summary.empty) == (1, 1) and sink.committed == [1]
 
 
 def test_config_overrides_merge_into_the_model_config(tiny_model, tmp_path):
-    config = make_config(tiny_model, "x.jsonl", tmp_path / "o", model={"config_overrides": {
-        "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128},
-        "max_position_embeddings": 2048}})
+    config = make_config(
+        tiny_model,
+        "x.jsonl",
+        tmp_path / "o",
+        model={
+            "config_overrides": {
+                "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128},
+                "max_position_embeddings": 2048,
+            }
+        },
+    )
     model_config = load_model_config(config, str(tiny_model))
     assert model_config.max_position_embeddings == 2048
     assert model_config.rope_parameters["rope_type"] == "yarn" and model_config.rope_parameters["factor"] == 4.0
@@ -237,8 +209,11 @@ def test_max_length_defaults_to_the_model(tiny_model, docs, tmp_path):
 # ---- the command line ---------------------------------------------------------------------------
 def test_cli_config_errors_exit_2(tmp_path, capsys):
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump({"dataset": {"path": "d.jsonl", "txt_column": "a"}, "model": {"name": "m"},
-                                    "output": {"data_root": "o"}}))
+    path.write_text(
+        yaml.safe_dump(
+            {"dataset": {"path": "d.jsonl", "txt_column": "a"}, "model": {"name": "m"}, "output": {"data_root": "o"}}
+        )
+    )
     assert cli.main(["run", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert "'txt_column'" in err and "'dataset'" in err and "text_column" in err
@@ -266,34 +241,6 @@ def test_expected_positions_match_the_sampler():
 
 
 # ---- with the Parquet dataset writer -------------------------------------------------------------
-def write_config(tmp_path, model_dir, documents, out, **sections) -> str:
-    data = make_config(model_dir, documents, out, **sections).to_dict()
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return str(path)
-
-
-def all_rows(out) -> dict[tuple, np.ndarray]:
-    """{(example, layer, head, kind, position, bucket): vector} of every committed row; asserts uniqueness."""
-    from qk_attn.dataset.load import load
-
-    t = load(out).to_pydict()
-    keys = ("example_id", "layer", "head", "kind", "position", "bucket")
-    rows = {tuple(t[k][i] for k in keys): np.asarray(t["vector"][i]) for i in range(len(t["example_id"]))}
-    assert len(rows) == len(t["example_id"]), "duplicate rows"
-    return rows
-
-
-def assert_same_rows(got: dict, want: dict, exact: bool = True) -> None:
-    assert got.keys() == want.keys()
-    for key, vector in want.items():
-        if exact:
-            np.testing.assert_array_equal(got[key], vector, err_msg=str(key))
-        else:  # another batch composition: same tokens, float rounding of padded matmuls may differ
-            np.testing.assert_allclose(got[key], vector, rtol=1e-5, atol=1e-6, err_msg=str(key))
-
-
-SPARSE = {"sampler": {"type": "log_uniform", "base_rate": 2}, "min_bucket_size": 2}
 
 
 def test_run_end_to_end_then_verify_inspect_and_load(tiny_model, docs, tmp_path, capsys):
@@ -370,14 +317,26 @@ def test_pull_before_capture_push_after(tiny_model, docs, tmp_path, monkeypatch)
     from qk_attn.dataset import hub
 
     events = []
-    monkeypatch.setattr(hub, "pull", lambda repo, out, revision=None, missing_ok=False: events.append(("pull", repo, revision, missing_ok)))
-    monkeypatch.setattr(hub, "push", lambda out, repo, revision=None, private=False: events.append(("push", repo, revision, private)))
+    monkeypatch.setattr(
+        hub,
+        "pull",
+        lambda repo, out, revision=None, missing_ok=False: events.append(("pull", repo, revision, missing_ok)),
+    )
+    monkeypatch.setattr(
+        hub, "push", lambda out, repo, revision=None, private=False: events.append(("push", repo, revision, private))
+    )
     loader = load_rows
     monkeypatch.setattr(prepare, "load_rows", lambda cfg: events.append(("capture",)) or loader(cfg))
     path, _ = docs
     out = tmp_path / "out"
-    config = write_config(tmp_path, tiny_model, path, out, capture=SPARSE,
-                          output={"hf_repo_id": "org/qk", "hf_branch": "tiny", "private": True})
+    config = write_config(
+        tmp_path,
+        tiny_model,
+        path,
+        out,
+        capture=SPARSE,
+        output={"hf_repo_id": "org/qk", "hf_branch": "tiny", "private": True},
+    )
     assert cli.main(["run", "--config", config, "--quiet"]) == 0
     assert events == [("capture",)]  # no --push: no network
     events.clear()
@@ -440,7 +399,11 @@ def test_push_and_pull_commands_call_the_hub_module(tmp_path, monkeypatch, capsy
     from qk_attn.dataset import hub
 
     calls = []
-    monkeypatch.setattr(hub, "push", lambda out, repo, revision=None, private=False: calls.append(("push", out, repo, revision, private)))
+    monkeypatch.setattr(
+        hub,
+        "push",
+        lambda out, repo, revision=None, private=False: calls.append(("push", out, repo, revision, private)),
+    )
     monkeypatch.setattr(hub, "pull", lambda repo, out, revision=None: calls.append(("pull", repo, out, revision)))
     assert cli.main(["push", "out", "--repo", "org/qk", "--revision", "b", "--private"]) == 0
     assert cli.main(["pull", "out", "--repo", "org/qk"]) == 0
@@ -463,16 +426,24 @@ def test_token_ids_and_token_strings_match_the_tokenizer(tiny_model, docs, tmp_p
 
     path, rows = docs
     out = tmp_path / "out"
-    config = write_config(tmp_path, tiny_model, path, out, capture=dict(SPARSE, capture_token_strings=True),
-                          inference={"batch_size": 2}, tokenizer={"padding_side": "left"})
+    config = write_config(
+        tmp_path,
+        tiny_model,
+        path,
+        out,
+        capture=dict(SPARSE, capture_token_strings=True),
+        inference={"batch_size": 2},
+        tokenizer={"padding_side": "left"},
+    )
     assert cli.main(["run", "--config", config, "--quiet"]) == 0
     capsys.readouterr()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     encoded = {normalize_id(r["doc"]): tokenizer(r["body"])["input_ids"] for r in rows}
     table = load(out, tokens=True).to_pydict()
     assert len(table["example_id"]) > 0
-    for e, p, tok, stored, decoded in zip(table["example_id"], table["position"], table["token_id"],
-                                          table["token_str"], table["token"]):
+    for e, p, tok, stored, decoded in zip(
+        table["example_id"], table["position"], table["token_id"], table["token_str"], table["token"]
+    ):
         assert tok == encoded[e][p]
         assert stored == decoded == tokenizer.convert_ids_to_tokens(tok)
     manifest = json.loads((out / "qk_sniff.json").read_text())
@@ -484,8 +455,10 @@ def test_token_ids_and_token_strings_match_the_tokenizer(tiny_model, docs, tmp_p
     changed = [dict(r, body=r["body"].replace("w", "w1", 1)) if i == 1 else r for i, r in enumerate(rows)]
     path.write_text("".join(json.dumps(r) + "\n" for r in changed))
     assert cli.main(["verify", str(out)]) == 1
-    assert "rows differ from the source documents encoded again, e.g. example " + str(normalize_id("doc-1")) \
+    assert (
+        "rows differ from the source documents encoded again, e.g. example " + str(normalize_id("doc-1"))
         in capsys.readouterr().out
+    )
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     # The card's loading snippet shows the token strings, and runs as written.

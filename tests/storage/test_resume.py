@@ -16,9 +16,9 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from qk_attn.storage.manifest import read_manifest
-from test_saver import folder_table, open_sink, run_examples, sort_rows
+from support.storage import folder_table, open_sink, run_examples, sort_rows
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).resolve().parents[1]  # where tests/support lives
 
 # One capture "command": a tiny random Llama (3 layers, 4 query / 2 KV heads) run through
 # qk_attn.session over N examples, two per forward, skipping what OUT already committed.
@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent(
     """
     import sys, time, torch
     sys.path.insert(0, {tests!r})
-    from families import build
+    from support.models import build
     import qk_attn
     from qk_attn.config import SniffConfig
     from qk_attn.storage.sink import ParquetSink
@@ -56,7 +56,9 @@ SCRIPT = textwrap.dedent(
 
 
 def _capture(script: Path, out: Path, total: int) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(script), str(out), str(total)], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(script), str(out), str(total)], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_sigkilled_capture_resumes_to_exactly_the_uninterrupted_rows(tmp_path):
@@ -73,8 +75,9 @@ def test_sigkilled_capture_resumes_to_exactly_the_uninterrupted_rows(tmp_path):
         sys.argv = argv
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(script), str(killed), str(total), "0.3"], stdout=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(killed), str(total), "0.3"], stdout=subprocess.PIPE, text=True
+    )
     # Kill mid-run, once the saver has made some examples durable (it writes asynchronously,
     # so a fixed number of "committed" lines is no guarantee): it may be writing more right now.
     deadline = time.monotonic() + 60
@@ -96,8 +99,12 @@ def test_sigkilled_capture_resumes_to_exactly_the_uninterrupted_rows(tmp_path):
     assert b.select(index).equals(a.select(index))  # same set of rows ...
     keys = np.stack([b[c].to_numpy(zero_copy_only=False).astype(str) for c in index[:1] + index[1:2] + index[3:]], 1)
     assert len(np.unique(keys, axis=0)) == b.num_rows  # ... and no duplicates
-    np.testing.assert_allclose(np.stack(b["vector"].to_numpy(zero_copy_only=False)),
-                               np.stack(a["vector"].to_numpy(zero_copy_only=False)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.stack(b["vector"].to_numpy(zero_copy_only=False)),
+        np.stack(a["vector"].to_numpy(zero_copy_only=False)),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     assert read_manifest(killed)["examples"] == read_manifest(clean)["examples"]
 
     from qk_attn.cli import verify_dataset
@@ -121,10 +128,12 @@ def test_orphans_of_a_killed_run_are_removed_and_nothing_else(tmp_path):
     (out / "l00h00q" / "keep.txt").write_text("not a shard")
 
     sink = open_sink(out)
-    assert sorted(p.name for p in sink.removed_orphans) == [".s000099-p0001.parquet.tmp", ".s000099-p0002.parquet.tmp",
-                                                             "s000099-p0000.parquet"]
+    assert sorted(p.name for p in sink.removed_orphans) == [
+        ".s000099-p0001.parquet.tmp",
+        ".s000099-p0002.parquet.tmp",
+        "s000099-p0000.parquet",
+    ]
     assert sink.committed_ids() == {0, 1}
     assert not (out / "l02h01q").exists() and (out / "notes.txt").exists() and (out / "l00h00q" / "keep.txt").exists()
     sink.close()
-    assert sort_rows(folder_table(out)).equals(sort_rows(
-        __import__("test_saver").reference(batches)))
+    assert sort_rows(folder_table(out)).equals(sort_rows(__import__("test_saver").reference(batches)))

@@ -13,11 +13,10 @@ import transformers as tf
 from transformers import DynamicCache, StaticCache
 
 import qk_attn
-from capture_utils import GroundTruth, all_heads, captured_and_truth, expected_rows, rows_by_key
-from families import COMMON, VOCAB, build, cache_kw, padded_batch
 from qk_attn import cli
-from qk_attn.errors import CaptureError
-from qk_attn.errors import PackedSequences
+from qk_attn.errors import CaptureError, PackedSequences
+from support.models import COMMON, VOCAB, build, cache_kw, padded_batch
+from support.oracle import GroundTruth, all_heads, captured_and_truth, expected_rows, rows_by_key
 
 torch.set_grad_enabled(False)
 
@@ -60,7 +59,7 @@ def test_static_cache_decode_without_mask_records_the_real_slot():
         cache = StaticCache(config=model.config, max_cache_len=16)
         model(input_ids=ids[:, :5], **cache_kw(cache))
         for t in range(5, 9):  # decode steps, no attention_mask: the attention call gets mask None or all-ones
-            model(input_ids=ids[:, t:t + 1], **cache_kw(cache))
+            model(input_ids=ids[:, t : t + 1], **cache_kw(cache))
     _assert_same_rows(rows_by_key(s.table()), _one_shot(model, ids, [4]))
 
 
@@ -147,8 +146,9 @@ def test_training_and_checkpoint_recompute_are_not_recorded(caplog):
 def test_two_models_of_different_shapes_in_one_session_are_both_recorded_completely():
     small = build("llama3", "qk_sniff")  # 3 layers, 4 heads
     torch.manual_seed(0)
-    big = tf.Qwen3ForCausalLM(tf.Qwen3Config(**dict(COMMON, num_hidden_layers=4, num_attention_heads=8,
-                                                    num_key_value_heads=4), head_dim=16))
+    big = tf.Qwen3ForCausalLM(
+        tf.Qwen3Config(**dict(COMMON, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4), head_dim=16)
+    )
     big.set_attn_implementation("qk_sniff")
     big.eval()
     batch = padded_batch("left")
@@ -159,8 +159,10 @@ def test_two_models_of_different_shapes_in_one_session_are_both_recorded_complet
     for truth in truths:
         truth.remove()
     got = rows_by_key(s.table())
-    want = {**expected_rows(truths[0].post, batch, [0, 1], all_heads(small)),
-            **expected_rows(truths[1].post, batch, [2, 3], all_heads(big))}
+    want = {
+        **expected_rows(truths[0].post, batch, [0, 1], all_heads(small)),
+        **expected_rows(truths[1].post, batch, [2, 3], all_heads(big)),
+    }
     assert got.keys() == want.keys()
     for key, vector in want.items():
         np.testing.assert_array_equal(got[key], vector, err_msg=str(key))
@@ -181,6 +183,7 @@ class _Boom(RuntimeError):
 
 def _fail_in(layer: torch.nn.Module):
     """Make `layer` raise, as an out-of-memory error in the middle of a forward would."""
+
     def boom(*_):
         raise _Boom("out of memory (simulated)")
 
@@ -253,8 +256,17 @@ def test_prepared_4d_mask_is_refused():
 
 def test_encoder_decoder_is_refused_at_the_first_call():
     torch.manual_seed(0)
-    config = tf.BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-                           decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64)
+    config = tf.BartConfig(
+        vocab_size=VOCAB,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        max_position_embeddings=64,
+    )
     model = tf.BartForConditionalGeneration(config).eval()
     model.set_attn_implementation("qk_sniff")
     with pytest.raises(CaptureError, match="encoder-decoder"):
@@ -262,11 +274,19 @@ def test_encoder_decoder_is_refused_at_the_first_call():
             model(input_ids=_tokens(5), decoder_input_ids=_tokens(3))
 
 
-@pytest.mark.parametrize("rope", [
-    {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0},
-    {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0 + i / 8 for i in range(8)],
-     "long_factor": [2.0 + i / 4 for i in range(8)], "original_max_position_embeddings": 16},
-])
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0},
+        {
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "short_factor": [1.0 + i / 8 for i in range(8)],
+            "long_factor": [2.0 + i / 4 for i in range(8)],
+            "original_max_position_embeddings": 16,
+        },
+    ],
+)
 def test_pre_rope_is_exact_for_forward_dependent_rope(rope):
     torch.manual_seed(0)
     config = tf.LlamaConfig(**dict(COMMON, max_position_embeddings=32), rope_parameters=rope)
@@ -283,8 +303,9 @@ def test_generate_in_a_worker_thread_records():
     model = build("llama3", "qk_sniff")
     prompt = _tokens(5)
     with qk_attn.session(sampler="all", capture="k", layers="0", example_ids=[8]) as s:
-        worker = threading.Thread(target=model.generate, kwargs=dict(
-            input_ids=prompt, max_new_tokens=3, do_sample=False, pad_token_id=0))
+        worker = threading.Thread(
+            target=model.generate, kwargs=dict(input_ids=prompt, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        )
         worker.start()
         worker.join()
     assert sorted({(k[0], k[4]) for k in rows_by_key(s.table())}) == [(8, p) for p in range(7)]
@@ -306,9 +327,11 @@ def test_left_padding_without_position_ids_records_the_positions_rope_used():
 
 def test_out_of_range_heads_are_a_config_error():
     model = build("llama3", "qk_sniff")  # 4 query heads, 2 KV heads, 3 layers
-    for setting, message in ((dict(heads="0-20"), "heads=.*model has 4 query heads"),
-                             (dict(key_heads="7"), "key_heads=7: .*2 key/value heads"),
-                             (dict(layers="3"), "layers=3: .*3 layers")):
+    for setting, message in (
+        (dict(heads="0-20"), "heads=.*model has 4 query heads"),
+        (dict(key_heads="7"), "key_heads=7: .*2 key/value heads"),
+        (dict(layers="3"), "layers=3: .*3 layers"),
+    ):
         with pytest.raises(qk_attn.ConfigError, match=message):
             with qk_attn.session(sampler="all", **setting):
                 model(input_ids=_tokens(4))
@@ -356,8 +379,14 @@ def test_static_cache_generate_with_transformers_automatic_compile_records_like_
 
     model = build("llama3", "qk_sniff")
     batch = padded_batch("left", lengths=(7, 5))
-    prompt = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=4,
-                  do_sample=False, cache_implementation="static", pad_token_id=0)
+    prompt = dict(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        max_new_tokens=4,
+        do_sample=False,
+        cache_implementation="static",
+        pad_token_id=0,
+    )
     compile_config = CompileConfig(backend="eager", mode=None)
     compile_config._compile_all_devices = True  # what makes generate() compile off CUDA
     tables = []
@@ -396,8 +425,9 @@ def test_generate_with_chunked_prefill_records_each_position_once():
     model = build("llama3", "qk_sniff")
     ids = _tokens(13)
     with qk_attn.session(sampler="all", example_ids=[5]) as s:
-        sequences = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0,
-                                   prefill_chunk_size=4)
+        sequences = model.generate(
+            input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0, prefill_chunk_size=4
+        )
     _assert_same_rows(rows_by_key(s.table()), _one_shot(model, sequences[:, :-1], [5]))
 
 
@@ -443,7 +473,7 @@ def test_sessions_opened_in_two_threads_each_record_their_own_model():
 def test_layers_that_do_not_pass_position_ids_get_the_forwards_positions():
     """Mllama's cross-attention layers get no position_ids: their query rows must carry the same
     positions as the self-attention layers of that forward (the positions RoPE used)."""
-    from test_capture_models import _mllama_image_batch
+    from support.models import _mllama_image_batch
 
     model = build("mllama", "sdpa")
     model.set_attn_implementation({"text_config": "qk_sniff", "vision_config": "sdpa"})

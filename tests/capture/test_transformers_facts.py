@@ -50,9 +50,11 @@ def found():
 
 def test_every_name_branch_is_classified(found):
     unclassified = [f"{b.path} line {found[b][0]}: {b.condition}" for b in found if b not in NAME_BRANCHES]
-    assert not unclassified, (f"transformers {tf.__version__} branches on the attention implementation's name where "
-                              "qk_attn.capture.known_branches.NAME_BRANCHES does not say how 'qk_sniff' is handled: "
-                              + "; ".join(unclassified))
+    assert not unclassified, (
+        f"transformers {tf.__version__} branches on the attention implementation's name where "
+        "qk_attn.capture.known_branches.NAME_BRANCHES does not say how 'qk_sniff' is handled: "
+        + "; ".join(unclassified)
+    )
 
 
 def test_branches_said_alike_are_alike():
@@ -63,10 +65,12 @@ def test_branches_said_alike_are_alike():
 def test_the_enumeration_finds_a_new_branch(tmp_path):
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "modeling_new.py").write_text(
-        "def f(self):\n    if self.config._attn_implementation   ==  \"sdpa\":\n        return 1\n")
+        'def f(self):\n    if self.config._attn_implementation   ==  "sdpa":\n        return 1\n'
+    )
     (tmp_path / "models" / "modular_new.py").write_text("x = config._attn_implementation == 'eager'\n")
     assert branches.name_branches(tmp_path) == {
-        branches.Branch("models/modeling_new.py", "self.config._attn_implementation == 'sdpa'"): [2]}
+        branches.Branch("models/modeling_new.py", "self.config._attn_implementation == 'sdpa'"): [2]
+    }
     assert not branches.alike("self.config._attn_implementation == 'sdpa'")
 
 
@@ -81,10 +85,22 @@ def test_followed_branches_have_their_method(found):
 
 def tiny_gemma4():
     config = tf.Gemma4TextConfig(
-        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, sliding_window=4, pad_token_id=0,
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        sliding_window=4,
+        pad_token_id=0,
         layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
-        num_kv_shared_layers=2, vocab_size_per_layer_input=96, hidden_size_per_layer_input=8, global_head_dim=16)
+        num_kv_shared_layers=2,
+        vocab_size_per_layer_input=96,
+        hidden_size_per_layer_input=8,
+        global_head_dim=16,
+    )
     torch.manual_seed(0)
     return tf.Gemma4ForCausalLM(config).eval()
 
@@ -102,13 +118,14 @@ def not_yet_followed(monkeypatch):
 
     method = getattr(modeling_gemma4.Gemma4TextModel, "_maybe_slice_kv_shared_inputs", None)
     if method is not None:
-        monkeypatch.setattr(modeling_gemma4.Gemma4TextModel, "_maybe_slice_kv_shared_inputs",
-                            getattr(method, "__wrapped__", method))
+        monkeypatch.setattr(
+            modeling_gemma4.Gemma4TextModel, "_maybe_slice_kv_shared_inputs", getattr(method, "__wrapped__", method)
+        )
     monkeypatch.setattr(branches, "_followed", set())
 
 
 def test_a_broken_fact_stops_the_first_captured_forward_and_only_it(monkeypatch):
-    from families import build
+    from support.models import build
 
     model = build("llama3", "qk_sniff")
     ids = torch.randint(3, 96, (1, 6), generator=torch.Generator().manual_seed(0))

@@ -8,11 +8,11 @@ import pytest
 import yaml
 
 from qk_attn.config import SniffConfig
-from qk_attn.errors import ConfigError
 from qk_attn.demo import DEMO_CONFIG
+from qk_attn.errors import ConfigError
 from qk_attn.run.config import RunConfig, apply_override
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 MINIMAL = {"dataset": {"path": "docs.jsonl"}, "model": {"name": "some/model"}, "output": {"data_root": "out"}}
 
 
@@ -53,8 +53,14 @@ def test_defaults():
 
 @pytest.mark.parametrize(
     "section, key",
-    [("dataset", "text_col"), ("model", "dtpye"), ("tokenizer", "maxlen"), ("inference", "batch"),
-     ("capture", "samplr"), ("output", "repo")],
+    [
+        ("dataset", "text_col"),
+        ("model", "dtpye"),
+        ("tokenizer", "maxlen"),
+        ("inference", "batch"),
+        ("capture", "samplr"),
+        ("output", "repo"),
+    ],
 )
 def test_unknown_key_names_key_and_section(section, key):
     with pytest.raises(ConfigError) as error:
@@ -102,7 +108,10 @@ def test_capture_values_are_checked_when_read_and_name_the_yaml_key(monkeypatch)
         ({"sampler": "gaussian"}, r"^capture\.sampler='gaussian' is invalid: expected log_uniform \| uniform \| all$"),
         ({"layers": "1-x"}, r"^capture\.layers='1-x' is invalid: expected comma-separated"),
         ({"head_sampling": {"count": 0}}, r"^capture\.head_sampling\.count=0 is invalid"),
-        ({"sampler": {"type": "uniform", "base_rate": -1}}, r"^capture\.sampler\.base_rate=-1 is invalid: expected a number > 0"),
+        (
+            {"sampler": {"type": "uniform", "base_rate": -1}},
+            r"^capture\.sampler\.base_rate=-1 is invalid: expected a number > 0",
+        ),
         ({"base_rate": 0}, r"^capture\.base_rate=0 is invalid"),
         ({"vector_dtype": "bf16"}, r"^capture\.vector_dtype='bf16' is invalid: expected float32 \| float16"),
         ({"max_gb": 0}, r"^capture\.max_gb=0 is invalid: expected a number > 0"),
@@ -121,15 +130,29 @@ def test_sampler_as_mapping_or_flat_keys():
     nested = config(capture={"sampler": {"type": "uniform", "base_rate": 2, "min_bucket_size": 64, "seed": 5}})
     flat = config(capture={"sampler": "uniform", "base_rate": 2, "min_bucket_size": 64, "seed": 5})
     assert nested.sniff_config() == flat.sniff_config()
-    assert nested.sniff_config().sampler_dict() == {"sampler": "uniform", "min_bucket_size": 64, "base_rate": 2.0, "seed": 5}
+    assert nested.sniff_config().sampler_dict() == {
+        "sampler": "uniform",
+        "min_bucket_size": 64,
+        "base_rate": 2.0,
+        "seed": 5,
+    }
     with pytest.raises(ConfigError, match="disagree"):
         config(capture={"sampler": {"type": "uniform", "base_rate": 2}, "base_rate": 3})
 
 
 def test_capture_kinds_rope_and_heads_map_onto_sniff_config():
-    sniff = config(capture={"capture_queries": False, "capture_pre_rope": True, "layers": "0,3,10-12",
-                            "heads": [1, 0], "key_heads": "0", "full_attention_only": True,
-                            "vector_dtype": "float16"}, inference={"backend": "eager", "pinned_mb": 64}).sniff_config()
+    sniff = config(
+        capture={
+            "capture_queries": False,
+            "capture_pre_rope": True,
+            "layers": "0,3,10-12",
+            "heads": [1, 0],
+            "key_heads": "0",
+            "full_attention_only": True,
+            "vector_dtype": "float16",
+        },
+        inference={"backend": "eager", "pinned_mb": 64},
+    ).sniff_config()
     assert (sniff.capture, sniff.rope, sniff.full_attention_only) == ("k", "pre", True)
     assert (sniff.layers, sniff.heads, sniff.key_heads) == ((0, 3, 10, 11, 12), (0, 1), (0,))
     assert (sniff.vector_dtype, sniff.backend, sniff.pinned_mb) == ("float16", "eager", 64)
@@ -141,11 +164,20 @@ def test_capture_kinds_rope_and_heads_map_onto_sniff_config():
 def test_set_overrides_keep_yaml_types(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(MINIMAL))
-    run = RunConfig.load(path, [
-        "capture.base_rate=2.5", "capture.layers=0,3,10-12", "dataset.streaming=true", "inference.batch_size=4",
-        "capture.head_sampling.count=7", "model.config_overrides={max_position_embeddings: 131072}",
-        "tokenizer.max_length=512", "capture.sampler=uniform", "capture.sampler.seed=3",
-    ])
+    run = RunConfig.load(
+        path,
+        [
+            "capture.base_rate=2.5",
+            "capture.layers=0,3,10-12",
+            "dataset.streaming=true",
+            "inference.batch_size=4",
+            "capture.head_sampling.count=7",
+            "model.config_overrides={max_position_embeddings: 131072}",
+            "tokenizer.max_length=512",
+            "capture.sampler=uniform",
+            "capture.sampler.seed=3",
+        ],
+    )
     sniff = run.sniff_config()
     assert (sniff.base_rate, sniff.layers, sniff.head_sample_count) == (2.5, (0, 3, 10, 11, 12), 7)
     assert (sniff.sampler, sniff.seed) == ("uniform", 3)

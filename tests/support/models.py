@@ -17,13 +17,28 @@ def cache_kw(cache) -> dict:
     """{CACHE_ARG: cache}, for `model(input_ids=ids, **cache_kw(cache))` on every transformers."""
     return {CACHE_ARG: cache}
 
-COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0)
+
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    pad_token_id=0,
+)
 
 
 def llama3():
-    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
     return tf.LlamaForCausalLM(tf.LlamaConfig(**COMMON, rope_parameters=rope))
 
 
@@ -36,8 +51,12 @@ def qwen3():
 
 
 def gemma3():
-    config = tf.Gemma3TextConfig(**COMMON, head_dim=16, sliding_window=4,
-                                 layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    config = tf.Gemma3TextConfig(
+        **COMMON,
+        head_dim=16,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    )
     return tf.Gemma3ForCausalLM(config)
 
 
@@ -50,14 +69,27 @@ def glm4():
 
 
 def ministral():
-    config = tf.MinistralConfig(**COMMON, head_dim=16, sliding_window=4,
-                                layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    config = tf.MinistralConfig(
+        **COMMON,
+        head_dim=16,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    )
     return tf.MinistralForCausalLM(config)
 
 
 def ministral3():
-    rope = {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 16.0, "original_max_position_embeddings": 4,
-            "beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0, "llama_4_scaling_beta": 0.1}
+    rope = {
+        "rope_type": "yarn",
+        "rope_theta": 1000000.0,
+        "factor": 16.0,
+        "original_max_position_embeddings": 4,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "mscale_all_dim": 1.0,
+        "mscale": 1.0,
+        "llama_4_scaling_beta": 0.1,
+    }
     # original_max_position_embeddings=4 so that the query scale 1 + beta*log(1 + pos // 4) varies in a short test
     config = tf.Ministral3Config(**dict(COMMON, max_position_embeddings=64), head_dim=16, rope_parameters=rope)
     return tf.Ministral3ForCausalLM(config)
@@ -71,9 +103,19 @@ def smollm3():
 def mllama_config():
     text = dict(COMMON, num_hidden_layers=4, cross_attention_layers=[1], rope_parameters=None)
     text.pop("max_position_embeddings")
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1,
-                  num_attention_heads=4, image_size=16, patch_size=8, max_num_tiles=1, vision_output_dim=64,
-                  intermediate_layers_indices=[0], supported_aspect_ratios=[[1, 1]])
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_global_layers=1,
+        num_attention_heads=4,
+        image_size=16,
+        patch_size=8,
+        max_num_tiles=1,
+        vision_output_dim=64,
+        intermediate_layers_indices=[0],
+        supported_aspect_ratios=[[1, 1]],
+    )
     return tf.MllamaConfig(text_config=text, vision_config=vision, image_token_index=VOCAB - 1)
 
 
@@ -86,8 +128,16 @@ def mllama():
 
 
 FAMILIES = {
-    "llama3": llama3, "qwen2": qwen2, "qwen3": qwen3, "gemma3": gemma3, "glm": glm, "glm4": glm4,
-    "ministral": ministral, "ministral3": ministral3, "smollm3": smollm3, "mllama_text": mllama_text,
+    "llama3": llama3,
+    "qwen2": qwen2,
+    "qwen3": qwen3,
+    "gemma3": gemma3,
+    "glm": glm,
+    "glm4": glm4,
+    "ministral": ministral,
+    "ministral3": ministral3,
+    "smollm3": smollm3,
+    "mllama_text": mllama_text,
 }
 
 
@@ -106,9 +156,22 @@ def padded_batch(side: str, lengths=(9, 6), seed: int = 1):
     mask = torch.zeros(len(lengths), total, dtype=torch.long)
     for row, length in enumerate(lengths):
         if side == "left":
-            mask[row, total - length:] = 1
+            mask[row, total - length :] = 1
         else:
             mask[row, :length] = 1
     ids = ids.masked_fill(mask == 0, 0)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+
+
+def _mllama_image_batch():
+    batch = padded_batch("left", lengths=(9, 6))
+    batch.pop("position_ids")
+    batch["input_ids"][:, -6] = model_image_token = 95
+    batch["pixel_values"] = torch.randn(2, 1, 1, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    batch["aspect_ratio_ids"] = torch.ones(2, 1, dtype=torch.long)
+    batch["aspect_ratio_mask"] = torch.ones(2, 1, 1, dtype=torch.long)
+    cross = torch.zeros(2, 9, 1, 1, dtype=torch.long)
+    cross[:, -6:] = 1  # text from the image token on attends to the image
+    batch["cross_attention_mask"] = cross
+    return batch, model_image_token

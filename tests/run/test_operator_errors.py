@@ -21,12 +21,11 @@ import torch
 import yaml
 
 from qk_attn import cli
-
+from qk_attn.capture.batch import MemorySink
+from qk_attn.errors import ConfigError
 from qk_attn.run import prepare, runner
 from qk_attn.run.documents import normalize_id
-from qk_attn.errors import ConfigError
-from qk_attn.capture.batch import MemorySink
-from test_cli import SPARSE, all_rows, assert_same_rows, docs, make_config, tiny_model, write_config  # noqa: F401 (fixtures)
+from support.run import SPARSE, all_rows, assert_same_rows, make_config, write_config
 
 
 @pytest.fixture
@@ -61,12 +60,19 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 # ---- the model's shape, before its weights load ---------------------------------------------
-@pytest.mark.parametrize("setting, value, says", [
-    ("layers", "2", "capture.layers=2 is out of range: .* has 2 layers \\(0-1\\); 2 does not exist"),
-    ("layers", "0-99", "capture.layers='0-99' is out of range: .* has 2 layers \\(0-1\\); 2, 3, 4, ... do not exist"),
-    ("heads", "0-20", "capture.heads='0-20' is out of range: .* has 4 query heads \\(0-3\\)"),
-    ("key_heads", "7", "capture.key_heads=7 is out of range: .* has 2 key/value heads \\(0-1\\)"),
-])
+@pytest.mark.parametrize(
+    "setting, value, says",
+    [
+        ("layers", "2", "capture.layers=2 is out of range: .* has 2 layers \\(0-1\\); 2 does not exist"),
+        (
+            "layers",
+            "0-99",
+            "capture.layers='0-99' is out of range: .* has 2 layers \\(0-1\\); 2, 3, 4, ... do not exist",
+        ),
+        ("heads", "0-20", "capture.heads='0-20' is out of range: .* has 4 query heads \\(0-3\\)"),
+        ("key_heads", "7", "capture.key_heads=7 is out of range: .* has 2 key/value heads \\(0-1\\)"),
+    ],
+)
 def test_layers_and_heads_out_of_range(tiny_model, docs, tmp_path, capsys, no_weights, setting, value, says):
     out = tmp_path / "out"
     config = write_config(tmp_path, tiny_model, docs[0], out)
@@ -79,9 +85,9 @@ def test_layers_and_heads_out_of_range(tiny_model, docs, tmp_path, capsys, no_we
 
 
 def test_a_plan_that_records_nothing_is_refused():
+    from qk_attn.capture.plan import ModelShape
     from qk_attn.config import SniffConfig
     from qk_attn.run.preflight import check_plan
-    from qk_attn.capture.plan import ModelShape
 
     shape = ModelShape(4, 4, 2, 8, layer_types=("sliding_attention",) * 4)
     with pytest.raises(ConfigError, match="nothing would be recorded: m has no layer.*capture.full_attention_only"):
@@ -90,12 +96,20 @@ def test_a_plan_that_records_nothing_is_refused():
 
 
 # ---- the dataset, before the weights load ----------------------------------------------------
-@pytest.mark.parametrize("content, says", [
-    (b"", "is empty \\(0 bytes\\)"),
-    (b'{"doc": "a", "body": "w1 w2"}\n{"doc": "b", "body": "caf\xe9"}\n', "is not UTF-8 text \\(byte 0xe9 at offset 55\\)"),
-    (b'{"doc": "a", "body": "w1"}\n{"doc": "b", "body": "w2"}\n{"doc": "a", "body": "w3"}\n',
-     "dataset.id_column='doc': rows 0 and 2 have the same id \\('a'\\)"),
-])
+@pytest.mark.parametrize(
+    "content, says",
+    [
+        (b"", "is empty \\(0 bytes\\)"),
+        (
+            b'{"doc": "a", "body": "w1 w2"}\n{"doc": "b", "body": "caf\xe9"}\n',
+            "is not UTF-8 text \\(byte 0xe9 at offset 55\\)",
+        ),
+        (
+            b'{"doc": "a", "body": "w1"}\n{"doc": "b", "body": "w2"}\n{"doc": "a", "body": "w3"}\n',
+            "dataset.id_column='doc': rows 0 and 2 have the same id \\('a'\\)",
+        ),
+    ],
+)
 def test_bad_datasets(tiny_model, tmp_path, capsys, no_weights, content, says):
     path = tmp_path / "d.jsonl"
     path.write_bytes(content)
@@ -112,8 +126,9 @@ def test_csv_with_a_header_only_and_text_not_utf8(tiny_model, tmp_path, capsys, 
     code, _, err = run_cli(capsys, "--config", write_config(tmp_path, tiny_model, tmp_path / "h.csv", tmp_path / "o"))
     assert code == 2 and "has no rows" in one_line(err)
     (tmp_path / "t.txt").write_bytes(b"w1 w2\ncaf\xe9\n")
-    config = write_config(tmp_path, tiny_model, tmp_path / "t.txt", tmp_path / "o",
-                          dataset={"text_column": "text", "id_column": None})
+    config = write_config(
+        tmp_path, tiny_model, tmp_path / "t.txt", tmp_path / "o", dataset={"text_column": "text", "id_column": None}
+    )
     code, _, err = run_cli(capsys, "--config", config)
     assert code == 2 and "not UTF-8 text (byte 0xe9 at offset 9)" in one_line(err)
 
@@ -254,22 +269,33 @@ def test_estimate_is_printed_and_exact_for_the_all_sampler(tiny_model, docs, tmp
     out = tmp_path / "out"
     code, printed, err = run_cli(capsys, "--config", write_config(tmp_path, tiny_model, docs[0], out))
     assert code == 0, err
-    match = re.search(r"estimate: 6 document\(s\) x ([\d,]+) to ([\d,]+) \(mean [\d,]+\) rows = ([\d,]+) rows, "
-                      r"([\d.]+ kB) uncompressed \((\d+) bytes per row", printed)
+    match = re.search(
+        r"estimate: 6 document\(s\) x ([\d,]+) to ([\d,]+) \(mean [\d,]+\) rows = ([\d,]+) rows, "
+        r"([\d.]+ kB) uncompressed \((\d+) bytes per row",
+        printed,
+    )
     assert match, printed
     manifest = json.loads((out / "qk_sniff.json").read_text())
     rows = sum(manifest["row_counts"].values())
     assert int(match[3].replace(",", "")) == rows  # `all` keeps every token: the expectation is exact
     heads = 2 * (4 + 2)  # layers x (query + key heads)
     lengths = [int(v) for v in manifest["examples"].values()]
-    assert int(match[1].replace(",", "")) == heads * min(lengths) and int(match[2].replace(",", "")) == heads * max(lengths)
+    assert int(match[1].replace(",", "")) == heads * min(lengths) and int(match[2].replace(",", "")) == heads * max(
+        lengths
+    )
     # head_dim 8 float32 + example_id 8, position 4, bucket 4, layer 2, head 2, sliding_window 4, kind 1, token_id 4
     assert int(match[5]) == 8 * 4 + (8 + 4 + 4 + 2 + 2 + 4 + 1 + 4)
 
 
 def test_streaming_runs_print_an_upper_bound(tiny_model, docs, tmp_path, capsys):
-    config = write_config(tmp_path, tiny_model, docs[0], tmp_path / "out",
-                          dataset={"streaming": True, "max_samples": 2}, tokenizer={"max_length": 30})
+    config = write_config(
+        tmp_path,
+        tiny_model,
+        docs[0],
+        tmp_path / "out",
+        dataset={"streaming": True, "max_samples": 2},
+        tokenizer={"max_length": 30},
+    )
     code, printed, err = run_cli(capsys, "--config", config)
     assert code == 0, err
     rows = 2 * 2 * (4 + 2) * 30  # 2 documents x 2 layers x 6 heads x 30 tokens (sampler all)
@@ -277,10 +303,10 @@ def test_streaming_runs_print_an_upper_bound(tiny_model, docs, tmp_path, capsys)
 
 
 def test_estimate_function():
+    from qk_attn.capture.plan import HeadPlan, ModelShape
     from qk_attn.config import SniffConfig
     from qk_attn.run.estimate import estimate, row_bytes
     from qk_attn.sampler import Sampler
-    from qk_attn.capture.plan import HeadPlan, ModelShape
 
     shape = ModelShape(num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128)
     plan = HeadPlan.build(SniffConfig(sampler="all"), shape)
@@ -289,8 +315,9 @@ def test_estimate_function():
     assert 80 * 2**30 < dense.bytes < 90 * 2**30
     half = estimate(plan, Sampler("all"), [131072], "float16")
     assert half.bytes < dense.bytes * 0.55 and row_bytes(128, "float16") == 256 + 29
-    sparse = estimate(HeadPlan.build(SniffConfig(layers="0,1", heads="0"), shape), Sampler("uniform", 8192, 1.0),
-                      [131072, 65536, 0])
+    sparse = estimate(
+        HeadPlan.build(SniffConfig(layers="0,1", heads="0"), shape), Sampler("uniform", 8192, 1.0), [131072, 65536, 0]
+    )
     assert sparse.documents == 3 and sparse.min_rows == 0
     assert sparse.max_rows == pytest.approx(2 * 2 * 16)  # 2 layers x (1 query + 1 key head) x 16 buckets x 1
     assert sparse.rows == pytest.approx(2 * 2 * (16 + 8))
@@ -307,7 +334,9 @@ def test_run_larger_than_max_gb_is_refused(tiny_model, docs, tmp_path, capsys, n
         assert advice in line
     assert "estimate:" in printed and not out.exists()
     with pytest.raises(ConfigError, match=r"^capture\.max_gb: this run would write about " + re.escape(estimated)):
-        runner.run(make_config(tiny_model, docs[0], out, capture={"max_gb": 0.00001}), progress=False, log=lambda _: None)
+        runner.run(
+            make_config(tiny_model, docs[0], out, capture={"max_gb": 0.00001}), progress=False, log=lambda _: None
+        )
     # The default limit is half the free space at the output.
     from qk_attn.run import preflight
 
@@ -322,8 +351,11 @@ def test_bad_environment_does_not_break_the_command(tiny_model, docs, tmp_path):
     runner.run(make_config(tiny_model, docs[0], out, capture=SPARSE, dataset={"max_samples": 2}), progress=False)
     command = Path(sys.executable).with_name("qk-sniff")
     env = dict(os.environ, QK_SNIFF_SAMPLER="nope", QK_SNIFF_LAYERS="x", QK_SNIFF_OUTPUT=str(tmp_path / "elsewhere"))
-    for args in ([str(command), "verify", str(out)], [str(command), "inspect", str(out)],
-                 [sys.executable, "-m", "qk_attn.cli", "verify", str(out)]):
+    for args in (
+        [str(command), "verify", str(out)],
+        [str(command), "inspect", str(out)],
+        [sys.executable, "-m", "qk_attn.cli", "verify", str(out)],
+    ):
         result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr
         assert "Traceback" not in result.stderr
@@ -344,13 +376,12 @@ def test_debug_shows_the_traceback(tiny_model, docs, tmp_path, capsys, no_weight
     assert "Traceback" not in capsys.readouterr().err
 
 
-
 def test_a_refusal_inside_a_run_is_one_line_exit_2(tiny_model, docs, tmp_path, capsys, monkeypatch):
     """A forward the capture refuses (CaptureError) ends `qk-sniff run` with one line and exit 2,
     not a traceback; the refused document is not committed (--debug shows the traceback)."""
-    import qk_attn
     from transformers.models.llama import modeling_llama
 
+    import qk_attn
     from qk_attn.capture import facts
 
     facts.require()  # checked (once per process) on the real forward, before it is wrapped
@@ -368,8 +399,11 @@ def test_a_refusal_inside_a_run_is_one_line_exit_2(tiny_model, docs, tmp_path, c
     assert code == 2 and "layer 1 got a query of batch 2" in one_line(err)
     assert normalize_id("doc-0") not in set(qk_attn.load_examples(out).column("example_id").to_pylist())
     forwards.clear()
-    code, _, err = run_cli(capsys, "--config", write_config(tmp_path, tiny_model, docs[0], out, capture=SPARSE), "--debug")
+    code, _, err = run_cli(
+        capsys, "--config", write_config(tmp_path, tiny_model, docs[0], out, capture=SPARSE), "--debug"
+    )
     assert code == 2 and "Traceback" in err and "CaptureError" in err
+
 
 # ---- the runner (issue 13) --------------------------------------------------------------------
 class DescribingSink(MemorySink):
@@ -401,8 +435,11 @@ def test_unpadded_batches_pass_input_ids_only_and_documents_are_described(tiny_m
     assert sink.described == [(normalize_id(r["doc"]), r["doc"], i) for i, r in enumerate(rows)]
     seen.clear()
     sink = DescribingSink()
-    runner.run(make_config(tiny_model, path, tmp_path / "o", inference={"batch_size": 2},
-                           dataset={"id_column": None}), sink=sink, progress=False)
+    runner.run(
+        make_config(tiny_model, path, tmp_path / "o", inference={"batch_size": 2}, dataset={"id_column": None}),
+        sink=sink,
+        progress=False,
+    )
     assert seen == [["attention_mask", "input_ids", "position_ids"]] * 3  # padded pairs need mask and positions
     assert sink.described == [(i, None, i) for i in range(6)]
 
@@ -410,7 +447,7 @@ def test_unpadded_batches_pass_input_ids_only_and_documents_are_described(tiny_m
 # ---- repair and exit codes --------------------------------------------------------------------
 def test_repair_command(tmp_path, capsys):
     import qk_attn
-    from families import build, padded_batch
+    from support.models import build, padded_batch
 
     assert cli.main(["repair", str(tmp_path)]) == 2  # not a capture: one line, nothing touched
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
@@ -426,8 +463,14 @@ def test_repair_command(tmp_path, capsys):
 
 
 def test_inspect_stays_short_for_sparse_captures():
-    lines = ["dataset    x", "coverage   q: ...", *[f"           layer {i}: ran, no rows" for i in range(40)],
-             "buckets    header", *[f"           {b}" for b in range(30)], "plot       p"]
+    lines = [
+        "dataset    x",
+        "coverage   q: ...",
+        *[f"           layer {i}: ran, no rows" for i in range(40)],
+        "buckets    header",
+        *[f"           {b}" for b in range(30)],
+        "plot       p",
+    ]
     short = cli.shorten(lines)
     assert len(short) == 4 + 2 * 11 and short[0] == "dataset    x" and short[-1] == "plot       p"
     assert any("30 more lines" in line for line in short) and any("20 more lines" in line for line in short)
@@ -471,8 +514,14 @@ def test_a_capture_made_before_weights_were_recorded_keeps_resuming(tiny_model, 
 
 
 def test_head_sampling_larger_than_the_model_says_so(tiny_model, docs, tmp_path, capsys):
-    config = write_config(tmp_path, tiny_model, docs[0], tmp_path / "out", capture={"head_sampling": {"count": 100}},
-                          dataset={"max_samples": 1})
+    config = write_config(
+        tmp_path,
+        tiny_model,
+        docs[0],
+        tmp_path / "out",
+        capture={"head_sampling": {"count": 100}},
+        dataset={"max_samples": 1},
+    )
     code, printed, err = run_cli(capsys, "--config", config)
     assert code == 0, err
     assert "capture.head_sampling.count=100 is more than the 8 (layer, query head) pairs" in printed
@@ -501,8 +550,9 @@ def test_flash_backend_without_flash_attn_is_one_line_before_weights(tiny_model,
     assert not out.exists()
 
 
-def test_a_rerun_after_a_kill_at_close_makes_the_folder_sound_without_the_weights(tiny_model, docs, tmp_path, capsys,
-                                                                                 monkeypatch):
+def test_a_rerun_after_a_kill_at_close_makes_the_folder_sound_without_the_weights(
+    tiny_model, docs, tmp_path, capsys, monkeypatch
+):
     """A kill after the last commit (during close-time compaction) leaves orphan shards, a lagging
     examples table and no card; re-running the same command says "nothing to capture" and makes
     them good, so `verify` passes."""
@@ -521,37 +571,53 @@ def test_a_rerun_after_a_kill_at_close_makes_the_folder_sound_without_the_weight
     assert cli.main(["verify", str(out)]) == 0
 
 
-@pytest.mark.parametrize("model, says", [
-    ("bert", "is an encoder model (bert"),
-    ("t5", "is an encoder-decoder model (t5)"),
-    ("missing", "does not exist: no such folder"),
-])
-def test_models_that_are_not_decoders_or_not_there_are_refused_before_the_weights(model, says, docs, tmp_path, capsys,
-                                                                                   no_weights, tiny_model):
+@pytest.mark.parametrize(
+    "model, says",
+    [
+        ("bert", "is an encoder model (bert"),
+        ("t5", "is an encoder-decoder model (t5)"),
+        ("missing", "does not exist: no such folder"),
+    ],
+)
+def test_models_that_are_not_decoders_or_not_there_are_refused_before_the_weights(
+    model, says, docs, tmp_path, capsys, no_weights, tiny_model
+):
     from transformers import BertConfig, T5Config
 
     folder = tmp_path / model
     if model != "missing":
-        config = BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64) \
-            if model == "bert" else T5Config(num_layers=2, d_model=32, num_heads=2, d_kv=16, d_ff=64)
+        config = (
+            BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64)
+            if model == "bert"
+            else T5Config(num_layers=2, d_model=32, num_heads=2, d_kv=16, d_ff=64)
+        )
         config.save_pretrained(folder)
-    config = write_config(tmp_path, tiny_model, docs[0], tmp_path / "out", capture=SPARSE,
-                          model={"name": str(folder), "dtype": "float32", "device": "cpu"},
-                          tokenizer={"name": str(tiny_model)})
+    config = write_config(
+        tmp_path,
+        tiny_model,
+        docs[0],
+        tmp_path / "out",
+        capture=SPARSE,
+        model={"name": str(folder), "dtype": "float32", "device": "cpu"},
+        tokenizer={"name": str(tiny_model)},
+    )
     code, _, err = run_cli(capsys, "--config", config)
     assert code == 2 and says in one_line(err) and len(err) < 300
     assert not (tmp_path / "out").exists()
 
 
 # ---- documents, datasets and the Hub, before the weights load (issue 18) -----------------------
-def test_documents_longer_than_the_model_positions_are_refused_or_truncated_in_one_line(tiny_model, tmp_path, capsys,
-                                                                                        no_weights):
+def test_documents_longer_than_the_model_positions_are_refused_or_truncated_in_one_line(
+    tiny_model, tmp_path, capsys, no_weights
+):
     """The tiny model has max_position_embeddings 512. tokenizer.max_length above it lets a
     600-token document through: refused, naming it. Within it, longer documents are cut, said once."""
-    from test_cli import text
+    from support.run import text
 
     path = tmp_path / "long.jsonl"
-    path.write_text("".join(json.dumps({"doc": f"d{i}", "body": text(n, i)}) + "\n" for i, n in enumerate([10, 599, 300])))
+    path.write_text(
+        "".join(json.dumps({"doc": f"d{i}", "body": text(n, i)}) + "\n" for i, n in enumerate([10, 599, 300]))
+    )
     out = tmp_path / "out"
     config = write_config(tmp_path, tiny_model, path, out, tokenizer={"max_length": 1024})
     code, _, err = run_cli(capsys, "--config", config)
@@ -559,33 +625,43 @@ def test_documents_longer_than_the_model_positions_are_refused_or_truncated_in_o
     assert one_line(err) == (
         "qk-sniff run: tokenizer.max_length=1024 is more than " + str(tiny_model) + "'s max_position_embeddings (512), "
         "and document 'd1' has 600 tokens; set tokenizer.max_length to 512 or less (longer documents are truncated to "
-        "it), or extend the model's positions (model.config_overrides: max_position_embeddings with a rope scaling)")
+        "it), or extend the model's positions (model.config_overrides: max_position_embeddings with a rope scaling)"
+    )
     code, printed, err = run_cli(capsys, "--config", config, "--set", "tokenizer.max_length=512", "--dry-run")
     assert code == 0 and err == ""
-    assert "qk-sniff: 1 of 3 document(s) have more than tokenizer.max_length=512 tokens and are truncated to it" in printed
-    code, printed, _ = run_cli(capsys, "--config", config, "--set", "tokenizer.max_length=1000", "--set",
-                               "dataset.max_samples=1", "--dry-run")
+    assert (
+        "qk-sniff: 1 of 3 document(s) have more than tokenizer.max_length=512 tokens and are truncated to it" in printed
+    )
+    code, printed, _ = run_cli(
+        capsys, "--config", config, "--set", "tokenizer.max_length=1000", "--set", "dataset.max_samples=1", "--dry-run"
+    )
     assert code == 0 and "truncated" not in printed  # above the limit, but no document reaches it
 
 
 @pytest.mark.parametrize("setting", ["dataset", "model"])
-def test_a_hub_id_without_network_is_one_line_without_retries(tiny_model, docs, tmp_path, capsys, no_weights,
-                                                              monkeypatch, setting):
+def test_a_hub_id_without_network_is_one_line_without_retries(
+    tiny_model, docs, tmp_path, capsys, no_weights, monkeypatch, setting
+):
     import time
 
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
-    sections = {"dataset": {"path": "org/not-here"}} if setting == "dataset" else \
-        {"model": {"name": "org/not-here"}, "tokenizer": {"name": str(tiny_model)}}
+    sections = (
+        {"dataset": {"path": "org/not-here"}}
+        if setting == "dataset"
+        else {"model": {"name": "org/not-here"}, "tokenizer": {"name": str(tiny_model)}}
+    )
     out = tmp_path / "out"
     start = time.monotonic()
     code, _, err = run_cli(capsys, "--config", write_config(tmp_path, tiny_model, docs[0], out, **sections))
     took = time.monotonic() - start
     assert code == 2 and not out.exists()
-    assert one_line(err).startswith(f"qk-sniff run: {setting}.{'path' if setting == 'dataset' else 'name'}='org/not-here' "
-                                    f"is a Hub {setting} id, but the Hub (http://127.0.0.1:9) cannot be reached (")
+    assert one_line(err).startswith(
+        f"qk-sniff run: {setting}.{'path' if setting == 'dataset' else 'name'}='org/not-here' "
+        f"is a Hub {setting} id, but the Hub (http://127.0.0.1:9) cannot be reached ("
+    )
     assert "HF_HUB_OFFLINE=1" in err and took < 5, took
 
 
@@ -595,10 +671,14 @@ def test_an_empty_or_unreadable_parquet_dataset_is_one_line(tiny_model, tmp_path
     empty = tmp_path / "empty.parquet"
     pq.write_table(pa.table({"doc": pa.array([], pa.string()), "body": pa.array([], pa.string())}), empty)
     code, _, err = run_cli(capsys, "--config", write_config(tmp_path, tiny_model, empty, tmp_path / "out"))
-    assert code == 2 and one_line(err) == (f"qk-sniff run: dataset.path={str(empty)!r}: {empty} has no rows (a Parquet "
-                                           "file with 0 rows); a run needs at least one document")
+    assert code == 2 and one_line(err) == (
+        f"qk-sniff run: dataset.path={str(empty)!r}: {empty} has no rows (a Parquet "
+        "file with 0 rows); a run needs at least one document"
+    )
     empty.unlink()
     (tmp_path / "notes.parquet").write_text("not parquet")
-    code, _, err = run_cli(capsys, "--config", write_config(tmp_path, tiny_model, tmp_path / "*.parquet", tmp_path / "out"))
+    code, _, err = run_cli(
+        capsys, "--config", write_config(tmp_path, tiny_model, tmp_path / "*.parquet", tmp_path / "out")
+    )
     assert code == 2 and "notes.parquet is not a readable Parquet file (" in one_line(err)
     assert not (tmp_path / "out").exists()

@@ -20,16 +20,14 @@ import pytest
 
 import qk_attn
 from qk_attn import cli
-from qk_attn.storage import compact
-from qk_attn.storage.layout import PREVIOUS
-from qk_attn.storage.records import segment_examples
-from qk_attn.errors import CorruptShard, DamagedDataset
-from qk_attn.storage.layout import EXAMPLES, MANIFEST
-from qk_attn.storage.manifest import read_manifest
 from qk_attn.dataset.repair import repair, repair_dataset
 from qk_attn.dataset.verify import verify_dataset
-from qk_attn.storage.layout import QUARANTINE
-from test_saver import folder_table, open_sink, reference, run_examples, sort_rows
+from qk_attn.errors import CorruptShard, DamagedDataset
+from qk_attn.storage import compact
+from qk_attn.storage.layout import EXAMPLES, MANIFEST, PREVIOUS, QUARANTINE
+from qk_attn.storage.manifest import read_manifest
+from qk_attn.storage.records import segment_examples
+from support.storage import folder_table, open_sink, reference, run_examples, sort_rows
 
 MANY = list(range(17))  # one segment each: 17 small shards per folder, so closing compacts them (COMPACT_AT_CLOSE)
 NOTHING_TO_REPAIR = {"restored": False, "bad": [], "dropped": [], "tidied": [], "examples_rewritten": False}
@@ -40,8 +38,8 @@ def capture(out, examples, per_segment=1, layers=(0, 1)):
     batches = []
     todo = [e for e in examples if e not in sink.committed_ids()]
     for i in range(0, len(todo), per_segment):
-        batches += run_examples(sink, todo[i:i + per_segment], layers=layers, commit=False)
-        sink.commit(todo[i:i + per_segment])
+        batches += run_examples(sink, todo[i : i + per_segment], layers=layers, commit=False)
+        sink.commit(todo[i : i + per_segment])
         sink.flush(timeout=10)
     sink.close()
     return batches
@@ -66,7 +64,9 @@ def flip(path: Path, at: int) -> None:
 def vector_page_byte(path: Path, row_group: int = 0) -> int:
     """A byte in the middle of the vector column's data of one row group (past its page header)."""
     group = pq.read_metadata(path).row_group(row_group)
-    column = next(group.column(i) for i in range(group.num_columns) if group.column(i).path_in_schema.startswith("vector"))
+    column = next(
+        group.column(i) for i in range(group.num_columns) if group.column(i).path_in_schema.startswith("vector")
+    )
     return column.data_page_offset + column.total_compressed_size * 2 // 3
 
 
@@ -223,7 +223,7 @@ def test_failed_and_finished_commands_leave_no_lock(compacted, tmp_path, capsys)
 SERVER = textwrap.dedent("""
     import os, signal, sys, time
     sys.path.insert(0, sys.argv[1])
-    from test_saver import open_sink
+    from support.storage import open_sink
     from qk_attn.dataset.repair import repair
     # What compaction, repair and the card import on first use, imported once here: a forked child
     # then spends its time in the work being killed, not in imports.
@@ -259,8 +259,14 @@ SERVER = textwrap.dedent("""
 def killer(tmp_path):
     script = tmp_path / "killer.py"
     script.write_text(SERVER)
-    proc = subprocess.Popen([sys.executable, str(script), str(Path(__file__).parent)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    tests, repo = Path(__file__).resolve().parents[1], Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tests)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+    )
     ready = []
 
     def kill(what: str, folder: Path, delay: float) -> str:
@@ -302,7 +308,9 @@ def test_sigkill_at_random_points_of_compaction_and_repair(tmp_path, killer):
     key = "l00h01q"
     name = read_manifest(damaged)["shards"][key][0]
     flip(damaged / key / name, vector_page_byte(damaged / key / name, row_group=2))
-    lost = segment_examples(read_manifest(damaged), read_manifest(damaged)["shard_info"][f"{key}/{name}"]["row_groups"][2]["segments"])
+    lost = segment_examples(
+        read_manifest(damaged), read_manifest(damaged)["shard_info"][f"{key}/{name}"]["row_groups"][2]["segments"]
+    )
     timed = tmp_path / "timed-repair"
     shutil.copytree(damaged, timed)
     outcome, span = killer("repair", timed, 30).split()
@@ -318,8 +326,10 @@ def test_sigkill_at_random_points_of_compaction_and_repair(tmp_path, killer):
         capture(out, MANY, layers=(0,))
         assert_complete(out, want)
     assert len(outcomes) == 20 and outcomes.count("killed") >= 10, outcomes
-    print(f"20 kills in {time.perf_counter() - start:.1f} s (compaction {spans[0]:.2f} s, repair {spans[1]:.2f} s): "
-          f"{outcomes.count('killed')} killed mid-way")
+    print(
+        f"20 kills in {time.perf_counter() - start:.1f} s (compaction {spans[0]:.2f} s, repair {spans[1]:.2f} s): "
+        f"{outcomes.count('killed')} killed mid-way"
+    )
 
 
 def capture_uncompacted(out, layers=(0, 1)):

@@ -9,7 +9,7 @@ import textwrap
 
 import pyarrow.parquet as pq
 
-from families import build
+from support.models import build
 
 SCRIPT = textwrap.dedent("""
     import sys, torch, qk_attn
@@ -27,10 +27,22 @@ SCRIPT = textwrap.dedent("""
 def test_env_only_capture_commits_on_flush_and_at_exit(tmp_path):
     build("llama3").save_pretrained(tmp_path / "model")
     out = tmp_path / "out"
-    env = dict(os.environ, QK_SNIFF_OUTPUT=str(out), QK_SNIFF_SAMPLER="all", QK_SNIFF_LAYERS="1",
-               QK_SNIFF_HEADS="2", QK_SNIFF_CAPTURE="q")
-    result = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "model")], env=env, cwd=tmp_path,
-                            capture_output=True, text=True, timeout=300)
+    env = dict(
+        os.environ,
+        QK_SNIFF_OUTPUT=str(out),
+        QK_SNIFF_SAMPLER="all",
+        QK_SNIFF_LAYERS="1",
+        QK_SNIFF_HEADS="2",
+        QK_SNIFF_CAPTURE="q",
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tmp_path / "model")],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["l01h02q"]
     table = pq.read_table(out / "l01h02q")

@@ -26,12 +26,12 @@ if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
     )
 pytest.importorskip("triton", reason="Triton is not installed (pip install 'qk-attn[triton]')")
 
-from kernel_reference import gather_rows_reference  # noqa: E402
-from qk_attn.capture.gather import SelectionSpec, gather_rows, select_rows, uses_kernel  # noqa: E402
-from qk_attn.kernels.select_gather import gather_rows_triton  # noqa: E402
 from qk_attn.capture.batch import CaptureBatch  # noqa: E402
+from qk_attn.capture.gather import SelectionSpec, gather_rows, select_rows, uses_kernel  # noqa: E402
 from qk_attn.errors import CaptureOverflow  # noqa: E402
+from qk_attn.kernels.select_gather import gather_rows_triton  # noqa: E402
 from qk_attn.sampler import Sampler  # noqa: E402
+from support.kernel_reference import gather_rows_reference  # noqa: E402
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SMALL_BLOCKS = dict(_scan=16, _block=8, _programs=3)
@@ -60,8 +60,10 @@ def assert_bits_equal(a, b):
     bad = ((a.contiguous().view(int_type) != b.contiguous().view(int_type)) & ~both_nan).nonzero()
     if bad.numel():
         first = [tuple(i) for i in bad[:5].tolist()]
-        raise AssertionError(f"{bad.shape[0]} elements differ, first at {first}: "
-                             f"{[a[i].item() for i in first]} vs {[b[i].item() for i in first]}")
+        raise AssertionError(
+            f"{bad.shape[0]} elements differ, first at {first}: "
+            f"{[a[i].item() for i in first]} vs {[b[i].item() for i in first]}"
+        )
 
 
 def random_case(seed: int):
@@ -99,8 +101,9 @@ def random_case(seed: int):
     offset = cached if rng.random() < 0.5 else torch.tensor(cached)  # device-scalar offset too
     full = sampler.keep(torch.tensor(ids), layer, kind, positions) & valid
     capacity = rng.choice([int(full.sum()), int(full.sum()) + 5, max(0, int(full.sum()) - 2), B * T])
-    return SelectionSpec(states, offset, heads, positions, valid, torch.tensor(ids), sampler, layer, kind, capacity,
-                         out_dtype)
+    return SelectionSpec(
+        states, offset, heads, positions, valid, torch.tensor(ids), sampler, layer, kind, capacity, out_dtype
+    )
 
 
 @pytest.mark.parametrize("seed", range(32))
@@ -119,22 +122,63 @@ def test_default_launch_settings(strategy):
     valid = torch.ones(B, T, dtype=torch.bool)
     valid[0, :40] = False
     positions = torch.arange(T).expand(B, T)
-    spec = SelectionSpec(states, 0, torch.tensor([2, 0]), positions, valid, torch.tensor([11, 12]),
-                         Sampler(strategy, 4, 2.0, 5), 7, "q", 200, torch.bfloat16)
+    spec = SelectionSpec(
+        states,
+        0,
+        torch.tensor([2, 0]),
+        positions,
+        valid,
+        torch.tensor([11, 12]),
+        Sampler(strategy, 4, 2.0, 5),
+        7,
+        "q",
+        200,
+        torch.bfloat16,
+    )
     assert_same_selection(gather_rows_triton(spec), gather_rows(spec), capacity=200)
 
 
 def test_bf16_output_rounds_to_nearest_even_like_torch():
     # fp32 bit patterns around every bf16 rounding edge: ties to even and odd, just above
     # and below a tie, overflow to inf, subnormals, signed zero, inf and NaN.
-    bits = [0x3F808000, 0x3F818000, 0x3F808001, 0x3F807FFF, 0x3F80FFFF, 0x7F7FFFFF, 0x7F7F8000, 0xFF7F8000,
-            0x00008000, 0x00018000, 0x00000001, 0x807FFFFF, 0x80000000, 0x7F800000, 0x7FC00001, 0xFFFFFFFF,
-            0x7F800001, 0x4049_0FDB, 0xC2F6_E979, 0x3400_8000]
+    bits = [
+        0x3F808000,
+        0x3F818000,
+        0x3F808001,
+        0x3F807FFF,
+        0x3F80FFFF,
+        0x7F7FFFFF,
+        0x7F7F8000,
+        0xFF7F8000,
+        0x00008000,
+        0x00018000,
+        0x00000001,
+        0x807FFFFF,
+        0x80000000,
+        0x7F800000,
+        0x7FC00001,
+        0xFFFFFFFF,
+        0x7F800001,
+        0x4049_0FDB,
+        0xC2F6_E979,
+        0x3400_8000,
+    ]
     values = torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(torch.float32)
     T = len(bits)
     states = values.reshape(1, 1, T, 1).expand(1, 1, T, 3).contiguous()
-    spec = SelectionSpec(states, 0, torch.tensor([0]), torch.arange(T)[None], torch.ones(1, T, dtype=torch.bool),
-                         torch.tensor([1]), Sampler("all", 1), 0, "k", T, torch.bfloat16)
+    spec = SelectionSpec(
+        states,
+        0,
+        torch.tensor([0]),
+        torch.arange(T)[None],
+        torch.ones(1, T, dtype=torch.bool),
+        torch.tensor([1]),
+        Sampler("all", 1),
+        0,
+        "k",
+        T,
+        torch.bfloat16,
+    )
     got = gather_rows_triton(spec, **SMALL_BLOCKS)[4]
     assert_bits_equal(got, values.to(torch.bfloat16).reshape(1, T, 1).expand(1, T, 3))
 
@@ -142,9 +186,19 @@ def test_bf16_output_rounds_to_nearest_even_like_torch():
 def test_overflow_is_counted_and_flagged_not_dropped():
     B, H, T, D = 2, 2, 64, 16
     states = torch.randn(B, H, T, D)
-    spec = SelectionSpec(states, 0, torch.tensor([0, 1]), torch.arange(T).expand(B, T),
-                         torch.ones(B, T, dtype=torch.bool), torch.tensor([3, 4]), Sampler("all", 8), 1, "q", 50,
-                         torch.float32)
+    spec = SelectionSpec(
+        states,
+        0,
+        torch.tensor([0, 1]),
+        torch.arange(T).expand(B, T),
+        torch.ones(B, T, dtype=torch.bool),
+        torch.tensor([3, 4]),
+        Sampler("all", 8),
+        1,
+        "q",
+        50,
+        torch.float32,
+    )
     got = gather_rows_triton(spec, **SMALL_BLOCKS)
     assert int(got[0]) == B * T > 50
     assert_same_selection(got, gather_rows(spec), capacity=50)
@@ -157,8 +211,9 @@ def test_degenerate_shapes():
     sampler = Sampler("all", 4)
     states = torch.randn(2, 2, 4, 8)
     positions, valid = torch.arange(4).expand(2, 4), torch.ones(2, 4, dtype=torch.bool)
-    spec = SelectionSpec(states, 0, torch.tensor([0]), positions, valid, torch.tensor([1, 2]), sampler, 0, "q", 0,
-                         torch.float32)
+    spec = SelectionSpec(
+        states, 0, torch.tensor([0]), positions, valid, torch.tensor([1, 2]), sampler, 0, "q", 0, torch.float32
+    )
     # capacity 0: everything overflows, nothing is written
     count, row, _, _, vectors = gather_rows_triton(spec)
     assert int(count) == 8 and row.numel() == 0 and vectors.shape == (1, 0, 8)
@@ -167,16 +222,23 @@ def test_degenerate_shapes():
     assert_same_selection(gather_rows_triton(no_heads), gather_rows(no_heads), 10)
     # no new tokens, and all padding: count 0, all filler
     for pos, val in ((positions[:, :0], valid[:, :0]), (positions, torch.zeros_like(valid))):
-        empty = spec._replace(heads=torch.tensor([1]), positions=pos, valid=val, kind="k", capacity=3,
-                              out_dtype=torch.float16)
+        empty = spec._replace(
+            heads=torch.tensor([1]), positions=pos, valid=val, kind="k", capacity=3, out_dtype=torch.float16
+        )
         count, row, _, _, vectors = gather_rows_triton(empty)
         assert int(count) == 0 and (row == -1).all() and (vectors == 0).all()
     # decode step: one new token after a cache, int32 positions
-    decode = spec._replace(token_offset=torch.tensor(3), heads=torch.tensor([1]),
-                           positions=torch.tensor([[3], [3]], dtype=torch.int32), valid=valid[:, :1], kind="k",
-                           capacity=2)
-    assert_same_selection(gather_rows_triton(decode), gather_rows(decode._replace(positions=torch.tensor([[3], [3]]))),
-                          2)
+    decode = spec._replace(
+        token_offset=torch.tensor(3),
+        heads=torch.tensor([1]),
+        positions=torch.tensor([[3], [3]], dtype=torch.int32),
+        valid=valid[:, :1],
+        kind="k",
+        capacity=2,
+    )
+    assert_same_selection(
+        gather_rows_triton(decode), gather_rows(decode._replace(positions=torch.tensor([[3], [3]]))), 2
+    )
 
 
 # ---- dispatch and the rows that reach the dataset --------------------------------------
@@ -198,8 +260,16 @@ def test_kernel_and_torch_paths_write_identical_parquet_rows(tmp_path):
     spec = spec._replace(capacity=spec.positions.numel(), out_dtype=torch.float32)
     tables = []
     for name, result in (("kernel", gather_rows_triton(spec, **SMALL_BLOCKS)), ("torch", gather_rows(spec))):
-        batch = CaptureBatch(spec.layer, spec.kind, tuple(spec.heads.tolist()), tuple(spec.example_ids.tolist()), None,
-                             False, *result, valid=spec.valid.sum(1))
+        batch = CaptureBatch(
+            spec.layer,
+            spec.kind,
+            tuple(spec.heads.tolist()),
+            tuple(spec.example_ids.tolist()),
+            None,
+            False,
+            *result,
+            valid=spec.valid.sum(1),
+        )
         rows = batch.host_rows()
         table = pa.concat_tables([rows.table(i) for i in range(len(spec.heads))])
         pq.write_table(table, tmp_path / f"{name}.parquet")
@@ -213,13 +283,21 @@ def test_session_capture_is_identical_through_kernel_and_torch_paths(tmp_path, m
     """A whole capture (tiny Llama, left padding, q and k; token ids, and with rope="pre" the
     layer's cos/sin gathered by the same selection) written by the kernel path and by the
     torch path: the same Parquet rows in the same shards."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     import qk_attn
     from qk_attn.capture import gather
     from qk_attn.kernels import select_gather
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
-                         num_hidden_layers=2, vocab_size=97, attn_implementation="qk_sniff")
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=2,
+        vocab_size=97,
+        attn_implementation="qk_sniff",
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
     input_ids = torch.randint(0, 97, (2, 40))
@@ -234,15 +312,23 @@ def test_session_capture_is_identical_through_kernel_and_torch_paths(tmp_path, m
         with monkeypatch.context() as patch:
             if not kernel:
                 patch.setattr(gather, "uses_kernel", lambda *a: False)
-            with qk_attn.session(output=str(out), sampler="log_uniform", min_bucket_size=2, base_rate=3.0,
-                                 example_ids=[10, 11], rope=rope):
+            with qk_attn.session(
+                output=str(out),
+                sampler="log_uniform",
+                min_bucket_size=2,
+                base_rate=3.0,
+                example_ids=[10, 11],
+                rope=rope,
+            ):
                 with torch.inference_mode():
                     model(input_ids=input_ids, attention_mask=attention_mask)
         shards = {}
         for path in sorted(out.glob("l*h*/*.parquet")):  # the shards (not OUT/examples.parquet)
             shards.setdefault(path.parent.name, []).append(pq.read_table(path))
-        return {name: pa.concat_tables(t).sort_by([("example_id", "ascending"), ("position", "ascending")])
-                for name, t in shards.items()}
+        return {
+            name: pa.concat_tables(t).sort_by([("example_id", "ascending"), ("position", "ascending")])
+            for name, t in shards.items()
+        }
 
     kernel_rows = capture(tmp_path / "kernel", kernel=True)
     assert launches, "the session never launched the kernel"

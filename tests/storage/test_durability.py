@@ -15,18 +15,17 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import torch
 
-import pytest
-
 from qk_attn.config import SniffConfig
+from qk_attn.dataset.verify import verify_dataset
 from qk_attn.errors import StorageError
 from qk_attn.storage.manifest import read_manifest
 from qk_attn.storage.sink import ParquetSink
-from qk_attn.dataset.verify import verify_dataset
-from test_saver import folder_table, make_batch, open_sink, reference, run_examples, sort_rows
+from support.storage import folder_table, make_batch, open_sink, reference, run_examples, sort_rows
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).resolve().parents[1]  # where tests/support lives
 
 # N documents committed one by one with the sink's default durability settings (fsync on), then
 # the rows of one more document arrive and the process "works" on it until it is killed.
@@ -34,7 +33,7 @@ CHILD = textwrap.dedent(
     """
     import sys, time
     sys.path.insert(0, {tests!r})
-    from test_saver import open_sink, run_examples
+    from support.storage import open_sink, run_examples
     out, n = sys.argv[1], int(sys.argv[2])
     sink = open_sink(out, fsync=True, commit_every_s=None)
     run_examples(sink, range(n))

@@ -1,0 +1,1 @@
+"""Helpers the tests share: tiny models, oracles, runs and folders to compare."""
