@@ -8,7 +8,7 @@ table, and that the branches said ALIKE are alike.
 
 from __future__ import annotations
 
-from qk_attn.capture.name_branches import Branch
+from qk_attn.capture.name_branches import SPARSE_INDEXER_MODELS, Branch
 
 ALIKE = "harmless for qk_sniff because the condition has the same value for 'qk_sniff' as for 'sdpa' and 'eager'"
 FOLLOWS = "qk_sniff takes the wrapped backend's branch via follow_wrapped_backend: {} runs under the wrapped name"
@@ -129,16 +129,7 @@ MANUAL_BRANCHES: dict[Branch, str] = {
         Branch(
             f"models/{model}/modeling_{model}.py", "self.config._attn_implementation in ('eager', 'sdpa')"
         ): SPARSE_INDEXER
-        for model in (
-            "axk2",
-            "deepseek_v32",
-            "dots3_note",
-            "glm_moe_dsa",
-            "hy_v4",
-            "hy_v4_vl",
-            "minimax_m3_vl",
-            "mistral_large4",
-        )
+        for model in SPARSE_INDEXER_MODELS
     },
     **{
         Branch(f"models/{path}", f"{table}[{key}]"): CLASS_TABLE

@@ -177,22 +177,23 @@ def _upcast_attention(config, backend: str) -> str | None:
     )
 
 
+# Models that choose their sparse attention (an indexer's top-k keys) by the implementation's name
+# inside their attention forward.
+SPARSE_INDEXER_MODELS = (
+    "axk2",
+    "deepseek_v32",
+    "dots3_note",
+    "glm_moe_dsa",
+    "hy_v4",
+    "hy_v4_vl",
+    "minimax_m3_vl",
+    "mistral_large4",
+)
+
 # Model types whose branch on the name sits where no wrapper can show it the wrapped name: a reason
 # (one line, what to do) when the model cannot be run exactly under "qk_sniff" wrapping `backend`.
 REFUSED_MODELS: dict[str, Callable[..., str | None]] = {
-    **{
-        f"transformers.models.{m}.modeling_{m}": _sparse_indexer
-        for m in (
-            "axk2",
-            "deepseek_v32",
-            "dots3_note",
-            "glm_moe_dsa",
-            "hy_v4",
-            "hy_v4_vl",
-            "minimax_m3_vl",
-            "mistral_large4",
-        )
-    },
+    **{f"transformers.models.{m}.modeling_{m}": _sparse_indexer for m in SPARSE_INDEXER_MODELS},
     "transformers.models.gpt2.modeling_gpt2": _upcast_attention,
     "transformers.models.decision_transformer.modeling_decision_transformer": _upcast_attention,
 }
