@@ -3,7 +3,8 @@
 The model's config against the head filters, the tokenizer and max_length, the source record,
 the output folder, the dataset (rows, ids, texts, lengths against the model's positions) and
 the estimated size of the run against capture.max_gb. Each check is one function of
-qk_attn.run.preflight; this module runs them in order and keeps what they found (`Preflight`).
+qk_attn.run.preflight or qk_attn.run.output_checks; this module runs them in order and keeps
+what they found (`Preflight`).
 `check` is `qk-sniff run --dry-run`: these steps alone, no weights loaded, nothing written.
 """
 
@@ -96,11 +97,13 @@ class Preflight:
 
 
 def prepare(config: RunConfig, model_name: str, tokenizer_name: str, rank, sink, log=print) -> Preflight:
-    """Everything that can be checked before the weights load (qk_attn.run.preflight), in order of
-    cost: the model's config, the output folder, the dataset, the size of the run."""
+    """Everything that can be checked before the weights load (qk_attn.run.preflight,
+    qk_attn.run.output_checks), in order of cost: the model's config, the output folder, the
+    dataset, the size of the run."""
     from qk_attn.demo import DEMO_MODEL, DEMO_MODEL_ID
     from qk_attn.run import preflight as checks
     from qk_attn.run.estimate import estimate
+    from qk_attn.run.output_checks import check_output
     from qk_attn.sampler import Sampler
 
     sniff = config.sniff_config()
@@ -143,7 +146,7 @@ def prepare(config: RunConfig, model_name: str, tokenizer_name: str, rank, sink,
             "id": model_label if config.model.name == DEMO_MODEL else model_name,
             "revision": getattr(model_config, "_commit_hash", None),
         }
-        disk = checks.check_output(
+        disk = check_output(
             config.output.data_root,
             sniff,
             source,

@@ -1,7 +1,8 @@
 """`qk-sniff run`: the loop. Checks -> model backbone -> one session -> batches -> dataset.
 
     checks      before any weight loads (qk_attn.run.prepare, with the checks of
-                qk_attn.run.preflight and the estimate of qk_attn.run.estimate)
+                qk_attn.run.preflight and qk_attn.run.output_checks and the estimate of
+                qk_attn.run.estimate)
     documents   qk_attn.run.documents: the dataset's rows, ids normalised to int64
     model       qk_attn.run.model: AutoModelForCausalLM with attn_implementation="qk_sniff";
                 only the backbone runs; texts truncated to tokenizer.max_length

@@ -2,7 +2,7 @@
 the public form of recorded values (no local paths published).
 
 `setting_differences` gives the differences as data; `check_same_capture` words them for the
-folder's writers, and a caller that checks before opening the folder (qk_attn.run.preflight)
+folder's writers, and a caller that checks before opening the folder (qk_attn.run.output_checks)
 words the same differences in its own terms, without reading this module's message.
 """
 
