@@ -6,7 +6,7 @@ from collections import Counter
 from pathlib import Path
 
 from qk_attn.dataset.reader import Dataset
-from qk_attn.storage.card import coverage
+from qk_attn.storage.coverage import coverage
 
 
 def inspect_dataset(root: str | Path) -> list[str]:

@@ -69,7 +69,7 @@ def load(
     """Committed rows of the matching (layer, head, kind) folders as one Arrow table.
 
     `None` matches every layer / head / kind: `load(out, layer=3, kind="k")` is every key
-    head of layer 3. Columns as qk_attn.capture.batch.arrow_schema; `vector` is
+    head of layer 3. Columns as qk_attn.capture.schema.arrow_schema; `vector` is
     fixed_size_list<float32|float16>[head_dim].
     `tokens=True` adds a `token` string column: each row's `token_id` decoded with `tokenizer`
     (a tokenizer, or its name or path), by default the one the manifest records.

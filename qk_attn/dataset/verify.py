@@ -60,7 +60,7 @@ def verify_dataset(root: str | Path, log=print, encode_source: EncodeSource | No
     import pyarrow.parquet as pq
     import torch
 
-    from qk_attn.capture.batch import arrow_schema
+    from qk_attn.capture.schema import arrow_schema
 
     try:
         data = Dataset.open(root)

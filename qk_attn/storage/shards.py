@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from qk_attn.capture.batch import columns_table
+from qk_attn.capture.schema import columns_table
 from qk_attn.errors import CorruptShard
 from qk_attn.storage.manifest import fsync_dir
 

@@ -11,7 +11,7 @@ import torch
 from datasets import List, Value
 
 import qk_attn
-from qk_attn.capture.batch import arrow_schema
+from qk_attn.capture.schema import arrow_schema
 from qk_attn.dataset.load import vectors_of
 from support.storage import capture_model, folder_table, sort_rows
 

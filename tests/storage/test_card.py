@@ -9,8 +9,9 @@ import numpy as np
 import pyarrow.compute as pc
 from huggingface_hub import DatasetCard
 
-from qk_attn.storage.card import coverage, dataset_configs, render_card, write_card
+from qk_attn.storage.card import dataset_configs, render_card, write_card
 from qk_attn.storage.chart import per_example_head
+from qk_attn.storage.coverage import coverage
 from support.storage import capture_model, folder_table
 
 

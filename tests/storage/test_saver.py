@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from qk_attn.capture.batch import arrow_schema
 from qk_attn.capture.plan import HeadPlan, ModelShape
+from qk_attn.capture.schema import arrow_schema
 from qk_attn.config import SniffConfig
 from qk_attn.errors import CaptureOverflow, SaverError
 from qk_attn.sampler import Sampler

@@ -1,0 +1,87 @@
+"""The Arrow schema of every shard, and a table in it from host rows (`token_str` from a vocabulary).
+
+`arrow_schema` is the one definition of the columns; `columns_table` builds a table in it
+from numpy chunks without copying them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+
+def columns_table(
+    example_id,
+    position,
+    bucket,
+    vectors,
+    token_id,
+    layer: int,
+    head: int,
+    kind: str,
+    sliding_window: int | None,
+    head_dim: int,
+    vector_type: pa.DataType,
+    token_ids: bool,
+    vocabulary: pa.Array | None = None,
+) -> pa.Table:
+    """A table in the dataset schema from lists of numpy chunks (one chunk per piece), without
+    copying them: numeric numpy arrays become Arrow arrays zero-copy; the constant columns are
+    made once. `vectors` chunks are flat (rows * head_dim,); `token_id` chunks may be None (nulls)."""
+    n = sum(len(c) for c in position)
+    chunked = lambda chunks, t: pa.chunked_array([pa.array(c, t) for c in chunks], t)  # noqa: E731
+    columns = [
+        chunked(example_id, pa.int64()),
+        chunked(position, pa.int32()),
+        chunked(bucket, pa.int32()),
+        pa.array(np.full(n, layer, np.int16)),
+        pa.array(np.full(n, head, np.int16)),
+        pa.repeat(pa.scalar(kind, pa.string()), n),
+        pa.nulls(n, pa.int32()) if sliding_window is None else pa.array(np.full(n, sliding_window, np.int32)),
+        pa.chunked_array(
+            [pa.FixedSizeListArray.from_arrays(pa.array(c, vector_type), head_dim) for c in vectors],
+            pa.list_(vector_type, head_dim),
+        ),
+    ]
+    if token_ids:
+        tokens = [
+            pa.nulls(len(p), pa.int32()) if t is None else pa.array(t, pa.int32()) for t, p in zip(token_id, position)
+        ]
+        columns.append(pa.chunked_array(tokens, pa.int32()))
+        if vocabulary is not None:
+            columns.append(
+                pa.chunked_array([_token_str(t, vocabulary) for t in tokens], pa.dictionary(pa.int32(), pa.string()))
+            )
+    schema = arrow_schema(head_dim, vector_type, token_ids, vocabulary is not None)
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _token_str(token_id: pa.Array, vocabulary: pa.Array) -> pa.DictionaryArray:
+    # Ids outside the vocabulary (added tokens the list lacks) become nulls, not an error mid-run.
+    ids = token_id.to_numpy(zero_copy_only=False)
+    bad = np.isnan(ids) if ids.dtype.kind == "f" else np.zeros(len(ids), bool)
+    ids = np.where(bad, 0, ids).astype(np.int64)
+    bad |= (ids < 0) | (ids >= len(vocabulary))
+    return pa.DictionaryArray.from_arrays(pa.array(np.where(bad, 0, ids).astype(np.int32), mask=bad), vocabulary)
+
+
+def arrow_schema(
+    head_dim: int, vector_type: pa.DataType = pa.float32(), token_id: bool = False, token_str: bool = False
+) -> pa.Schema:
+    """Columns of every shard (docs/architecture.md); `token_id` (int32, nullable) and `token_str`
+    (dictionary-encoded string) are present for the whole dataset or absent."""
+    fields = [
+        ("example_id", pa.int64()),
+        ("position", pa.int32()),
+        ("bucket", pa.int32()),
+        ("layer", pa.int16()),
+        ("head", pa.int16()),
+        ("kind", pa.string()),
+        ("sliding_window", pa.int32()),
+        ("vector", pa.list_(vector_type, head_dim)),
+    ]
+    if token_id:
+        fields.append(("token_id", pa.int32()))
+        if token_str:
+            fields.append(("token_str", pa.dictionary(pa.int32(), pa.string())))
+    return pa.schema(fields)
