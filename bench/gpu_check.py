@@ -27,9 +27,19 @@ Without the wheels everything runs but (j), which says it was not exercised.
     with disable_compile=True (or is refused with qk_attn's CUDA-graph CaptureError);
 (i) capture-all (sampler "all") at 32k tokens on a 2-layer model: rows, GiB, GB/s;
 (j) `qk-sniff run` end to end (runner.run: local JSONL read by `datasets`, tokenizer, model on
-    the device, capture, card) on a tiny saved Llama.
+    the device, capture, card) on a tiny saved Llama;
+(k) decode (issue 20) on a random Llama-3-8B-shaped model (32 layers, bf16; fewer layers when the
+    free memory is short, said so): a 4096-token prompt, then 128 greedy one-token forwards over
+    a DynamicCache; per-token time of sdpa and of qk_sniff with samplers uniform, log_uniform and
+    all, interleaved (sdpa, arm, sdpa, ...) and each compared with the sdpa runs beside it; then,
+    per decode step, host syncs (set_sync_debug_mode), gather_rows_triton calls, select_gather
+    launches and device-to-host copies (torch.profiler), and run-ahead behind a GPU sleep as in
+    (f). Fails when a capture arm loses the run-ahead that sdpa keeps, or "all" does not record
+    every head at every step; the other numbers are reported against issue 20's targets. Sized
+    to ~120 s (fewer steps, said so, when the warm-up runs say they would not fit); skipped
+    ("not exercised") when the deadline is too near.
 
-Order: a, b/c, d (the timing table), then e-j, so a watchdog kill late still leaves the table.
+Order: a, b/c, d (the timing table), e, f, g, k, i, h, j, so a watchdog kill late still leaves the table.
 Each line says what it exercised; a path this machine cannot exercise (a split over two GPUs
 on one GPU, CUDA-only checks in --cpu-smoke, `datasets` missing) says "not exercised: why".
 Prints one Markdown report, line by line as checks finish, and writes it to
@@ -44,6 +54,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import faulthandler
+import gc
 import inspect
 import os
 import random
@@ -198,10 +209,10 @@ def check_kernel(device, cases: int, sizes) -> str:
 # ---- the model -----------------------------------------------------------------------------
 
 
-def build_model(device, sizes):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def llama_config(sizes):
+    from transformers import LlamaConfig
 
-    config = LlamaConfig(
+    return LlamaConfig(
         hidden_size=sizes["hidden"],
         intermediate_size=sizes["intermediate"],
         num_attention_heads=sizes["q_heads"],
@@ -220,9 +231,14 @@ def build_model(device, sizes):
         },
         attn_implementation="sdpa",
     )
+
+
+def build_model(device, sizes):
+    from transformers import LlamaForCausalLM
+
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM(config).to(torch.bfloat16 if device.type == "cuda" else torch.float32)
+        model = LlamaForCausalLM(llama_config(sizes)).to(torch.bfloat16 if device.type == "cuda" else torch.float32)
     return model.eval()
 
 
@@ -444,8 +460,12 @@ def cache_kwargs(model, cache: str, max_len: int) -> dict:
         return {}
     from transformers import StaticCache
 
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    return {name: StaticCache(config=model.config, max_cache_len=max_len)}
+    return {cache_name(model): StaticCache(config=model.config, max_cache_len=max_len)}
+
+
+def cache_name(model) -> str:
+    """The forward's cache argument: `past_key_values` in transformers 5.17, `cache` in later 5.x."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def check_sync_count(qk_attn, model, device, tokens, workdir: Path, sampler: str) -> str:
@@ -668,6 +688,313 @@ def check_runner(device, workdir: Path) -> str:
     )
 
 
+# ---- (k) decode: per-token time with capture, host syncs, launches, run-ahead ----------------
+
+CAPTURE_ARMS = ("uniform", "log_uniform", "all")
+PROBE_STEPS = 4  # decode steps per probe (syncs, kernel calls, profiler, run-ahead)
+
+
+def decode_layers(device, sizes, d) -> tuple[int, str]:
+    """The most layers (up to d["layers"]) whose weights, cache and activations fit the free GPU memory."""
+    if device.type != "cuda":
+        return d["layers"], ""
+    hidden, head_dim, kv = sizes["hidden"], sizes["hidden"] // sizes["q_heads"], sizes["kv_heads"]
+    weights = hidden * head_dim * 2 * (sizes["q_heads"] + kv) + 3 * hidden * sizes["intermediate"]
+    cache = 2 * kv * head_dim * (d["prompt"] + d["steps"] + 8 * PROBE_STEPS)
+    per_layer = 2 * (weights + cache)  # bf16
+    fixed = 2 * 2 * sizes["vocab"] * hidden + 6 * 2**30  # embeddings, LM head; prefill activations, allocator slack
+    free = torch.cuda.mem_get_info()[0]
+    return min(d["layers"], max(0, (free - fixed) // per_layer)), f"{free / 2**30:.0f} GiB free"
+
+
+def build_decode_model(device, sizes):
+    """Built in its final dtype on the device: an 8B model made in float32 first would need 32 GB more."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16 if device.type == "cuda" else torch.float32)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(llama_config(sizes))
+    finally:
+        torch.set_default_dtype(default)
+    return model.eval()
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def advance(model, run, steps: int):
+    """`steps` greedy one-token forwards over run.cache. The next token is picked on the device, so
+    nothing here waits for the GPU (generate() checks its stopping criteria on the host each step)."""
+    name = cache_name(model)
+    for _ in range(steps):
+        logits = model(input_ids=run.token, use_cache=True, logits_to_keep=1, **{name: run.cache}).logits
+        run.token = logits[:, -1:].argmax(-1)
+    run.forwards += steps
+
+
+@contextlib.contextmanager
+def decoding(qk_attn, model, prompt, arm: str, out: Path):
+    """A prefilled DynamicCache with its first token; capture arms decode in a session (begin -> prefill
+    -> steps -> commit). Under "all" the prefill runs uncaptured and the session begins at the first
+    step: an 8B model's 4k prefill would be ~5M rows (~2.7 GB), which is section (i)'s subject."""
+    import types
+
+    from transformers import DynamicCache
+
+    run = types.SimpleNamespace(cache=DynamicCache(config=model.config), token=prompt, forwards=0, session=None)
+
+    def open_session(stack):
+        set_attention(model, "qk_sniff")
+        run.session = stack.enter_context(qk_attn.session(output=str(out), sampler=arm))
+        run.session.begin([0])
+
+    try:
+        with contextlib.ExitStack() as stack, torch.inference_mode():
+            set_attention(model, "sdpa")
+            if arm not in ("sdpa", "all"):
+                open_session(stack)
+            advance(model, run, 1)  # the prefill
+            if arm == "all":
+                open_session(stack)
+            run.forwards = 0  # decode forwards inside the session from here
+            yield run
+            if run.session is not None:
+                run.session.commit()
+    finally:
+        set_attention(model, "sdpa")
+
+
+def timed_steps(model, run, steps: int, device) -> float:
+    """Seconds per token of `steps` decode forwards, the device synchronised only before and after."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    advance(model, run, steps)
+    synchronize(device)
+    return (time.perf_counter() - t0) / steps
+
+
+def profile_launches(model, run, device) -> str | tuple[float, float]:
+    """(select_gather kernel launches, device-to-host copies) per decode step, from the CUDA profiler."""
+    if device.type != "cuda":
+        return "not measured: needs CUDA"
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        synchronize(device)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            advance(model, run, PROBE_STEPS)
+            synchronize(device)
+        names = [event.name for event in prof.events()]
+    except Exception as e:  # CUPTI missing or busy: the other numbers still stand
+        return f"not measured: profiler failed ({type(e).__name__}: {e})"
+    kernels = sum("select_gather" in name for name in names)
+    copies = sum(name.startswith("Memcpy DtoH") for name in names)
+    return kernels / PROBE_STEPS, copies / PROBE_STEPS
+
+
+def decode_run_ahead(model, run, device, per_token: float) -> tuple[float, float, bool] | None:
+    """(sleep ms, host ms of PROBE_STEPS steps issued behind that GPU sleep, GPU still busy when they
+    returned). The sleep is 3x the steps' measured time, so a host that never waits returns first."""
+    if device.type != "cuda":
+        return None
+    sleep_ms = max(SLEEP_MS, 3e3 * PROBE_STEPS * per_token)
+    cycles = sleep_cycles(sleep_ms)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(cycles)
+    t0 = time.perf_counter()
+    advance(model, run, PROBE_STEPS)
+    host = (time.perf_counter() - t0) * 1e3
+    done = torch.cuda.Event()
+    done.record()
+    pending = not done.query()
+    done.synchronize()
+    return sleep_ms, host, pending
+
+
+def probe_decode(model, run, device, per_token: float) -> dict:
+    """On a running decode, after its timed steps: host syncs, kernel calls, launches, run-ahead."""
+    syncs = count_syncs(lambda: advance(model, run, PROBE_STEPS), device)
+    with kernel_call_counter() as calls:
+        advance(model, run, PROBE_STEPS)
+    return {
+        "syncs": syncs,
+        "calls": calls[0] / PROBE_STEPS,
+        "launches": profile_launches(model, run, device),
+        "ahead": decode_run_ahead(model, run, device, per_token),
+    }
+
+
+def fit_steps(d, warm: dict, warm_seconds: float, left: float, runs: int) -> int:
+    """Decode steps per timed run that fit the `left` seconds, from the warm-up runs: their per-token
+    times, and their wall time beyond their steps (prefill, session open and close), per run."""
+    per_run = (warm_seconds - d["warm"] * sum(warm.values())) / len(warm)
+    per_step = (runs - len(CAPTURE_ARMS)) * warm["sdpa"] + sum(warm[arm] for arm in CAPTURE_ARMS)
+    probes = 4 * (7 * PROBE_STEPS * max(warm.values()) + 2)  # 4 probed runs: 4 probes, a 3x sleep, profiler start
+    return max(8, min(d["steps"], int((left - runs * per_run - probes - 10) / per_step)))
+
+
+def check_decode(qk_attn, device, sizes, workdir: Path, budget: float) -> list[str]:
+    """(k) Decode: prefill, then one-token forwards; per-token time of each capture arm against sdpa
+    runs on either side of it, then syncs, launches and run-ahead on the running decode."""
+    import shutil
+
+    start, d = time.perf_counter(), sizes["decode"]
+    layers, memory = decode_layers(device, sizes, d)
+    if layers < 2:
+        return [f"(k) decode: not exercised: GPU memory too small for 2 layers of the 8B shape ({memory})"]
+    model = build_decode_model(device, dict(sizes, layers=layers))
+    config = model.config
+    rows_per_step = layers * (config.num_attention_heads + config.num_key_value_heads)
+    gen = torch.Generator().manual_seed(20)
+    prompt = torch.randint(0, config.vocab_size, (1, d["prompt"]), generator=gen).to(device)
+    built = time.perf_counter() - start
+
+    # Warm-ups: kernels compiled and the allocator primed for these shapes; their times size the runs.
+    warm, t0 = {}, time.perf_counter()
+    for arm in ("sdpa", *CAPTURE_ARMS):
+        with decoding(qk_attn, model, prompt, arm, workdir / f"decode-warm-{arm}") as run:
+            warm[arm] = timed_steps(model, run, d["warm"], device)
+        shutil.rmtree(workdir / f"decode-warm-{arm}", ignore_errors=True)
+    # Interleaved: sdpa, arm, sdpa, arm, ..., sdpa; each arm is compared with the sdpa runs beside it.
+    order = ["sdpa"]
+    for arm in CAPTURE_ARMS:
+        order += [arm, "sdpa"]
+    left = budget - (time.perf_counter() - start)
+    steps = fit_steps(d, warm, time.perf_counter() - t0, left, len(order))
+    times, probes, rows = [], {}, {}
+    for i, arm in enumerate(order):
+        out = workdir / f"decode-{i}-{arm}"
+        with decoding(qk_attn, model, prompt, arm, out) as run:
+            times.append(timed_steps(model, run, steps, device))
+            if arm != "sdpa" or i == len(order) - 1:
+                probes[arm] = probe_decode(model, run, device, times[-1])
+        if arm == "all":
+            rows[arm] = check_all_rows(qk_attn, out, run, rows_per_step, d["prompt"])
+        elif run.session is not None:
+            rows[arm] = run.session.rows_written
+        shutil.rmtree(out, ignore_errors=True)
+    lines = decode_report(device, sizes, d, layers, memory, steps, order, times, probes, rows, built)
+    vanilla = probes["sdpa"]["ahead"]
+    if vanilla is not None and not vanilla[2]:
+        lines.append("(k) run-ahead under capture: not exercised: vanilla sdpa decode itself did not run ahead")
+    elif vanilla is not None:
+        lost = [arm for arm in CAPTURE_ARMS if not probes[arm]["ahead"][2]]
+        if lost:
+            fail(
+                f"(k) decode under capture ({', '.join(lost)}) waited for the GPU, sdpa did not:\n\n" + "\n".join(lines)
+            )
+    return lines
+
+
+def check_all_rows(qk_attn, out: Path, run, rows_per_step: int, prompt: int) -> int:
+    """Under "all" every decode step records every head's q and its new k, at positions after the prompt."""
+    positions = qk_attn.load(out, columns=["position"])["position"].to_numpy()
+    expected = run.forwards * rows_per_step
+    if len(positions) != expected or run.session.rows_written != expected:
+        fail(
+            f"(k) capture-all decode committed {len(positions)} rows (session counted {run.session.rows_written}) "
+            f"for {run.forwards} steps, expected {expected}"
+        )
+    if positions.min() != prompt:
+        fail(f"(k) capture-all decode: first recorded position {positions.min()}, expected {prompt} (the first step)")
+    return expected
+
+
+def decode_report(device, sizes, d, layers, memory, steps, order, times, probes, rows, built) -> list[str]:
+    cuda = device.type == "cuda"
+    sdpa = [t for arm, t in zip(order, times) if arm == "sdpa"]
+    targets = {"syncs": [], "launches": [], "copies": [], "ahead": []}
+    table = []
+    for i, arm in enumerate(order):
+        if arm == "sdpa" and i != len(order) - 1:
+            continue
+        if arm == "sdpa":
+            ms, ratio, beside = statistics.median(sdpa) * 1e3, "1.00", f"median of {len(sdpa)}"
+        else:
+            ms, base = times[i] * 1e3, (times[i - 1] + times[i + 1]) / 2 * 1e3
+            ratio, beside = f"{ms / base:.2f}", f"{times[i - 1] * 1e3:.1f}, {times[i + 1] * 1e3:.1f}"
+        table.append(
+            f"| {arm} | {ms:.2f} | {beside} | {ratio} | {rows.get(arm, '-')} | "
+            + " | ".join(probe_cells(arm, probes[arm], probes["sdpa"]["syncs"], layers, targets))
+            + " |"
+        )
+    shape = (
+        f"Llama-3-8B shape ({layers} of {d['layers']} layers{', reduced to fit ' + memory if layers < d['layers'] else ''}"
+        if cuda
+        else f"tiny shape ({layers} layers"
+    )
+    head = (
+        f"(k) decode, random {shape}, hidden {sizes['hidden']}, {sizes['q_heads']}/{sizes['kv_heads']} heads, "
+        f"MLP {sizes['intermediate']}, vocab {sizes['vocab']}), {'bf16' if cuda else 'float32 on CPU'}, batch 1: "
+        f"{d['prompt']}-token prompt, then {steps} greedy one-token forwards over a DynamicCache, timed between "
+        f"two synchronizes; probes on {PROBE_STEPS} more steps each; model built in {built:.1f} s"
+    )
+    missed = [f"{what}: {', '.join(arms)}" for what, arms in targets.items() if arms]
+    verdict = "(k) issue 20 targets (0 host syncs per step beyond sdpa's, <= 1 select_gather launch per (layer, kind), "
+    verdict += "<= 1 device-to-host copy per forward, run-ahead): " + (
+        "**MISSED** " + "; ".join(missed) if missed else "met where measured"
+    )
+    skipped = ["batch > 1", "static cache", "generate() itself (its per-step host check)", "flash attention"]
+    skipped.append(
+        "capture of the prompt's prefill under \"all\" (its session begins at the first step, hence qk-attn's "
+        f'"starts at position {d["prompt"]}" warning; (i) captures a long prefill)'
+    )
+    if steps < d["steps"]:
+        skipped.append(f"{d['steps']} steps (cut to {steps} to fit the section's time)")
+    if not cuda:
+        skipped.append("host syncs, profiler launch counts, run-ahead (need CUDA)")
+    if layers < d["layers"]:
+        skipped.append(f"all {d['layers']} layers ({memory})")
+    return [
+        head,
+        "",
+        "| arm | ms/token | sdpa ms/token beside it | ratio | rows committed | host syncs/step | gather_rows_triton "
+        f"calls/step | select_gather launches/step (target <= {2 * layers}) | DtoH copies/step (target <= 1) | "
+        "run-ahead |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        *table,
+        "",
+        verdict,
+        "(k) not exercised: " + "; ".join(skipped),
+    ]
+
+
+def probe_cells(arm, probe, vanilla, layers, targets) -> list[str]:
+    """The table cells of one arm's probes; misses of issue 20's targets are noted in `targets`. A sync
+    vanilla sdpa makes too (`vanilla`: its count and sites) is transformers', not a miss of qk-attn's."""
+    syncs = probe["syncs"]
+    if syncs is None:
+        sync_cell = "not measured: needs CUDA"
+    else:
+        sync_cell = f"{syncs[0] / PROBE_STEPS:g}" + (f" ({', '.join(sorted(syncs[1]))})" if syncs[0] else "")
+        if arm != "sdpa" and syncs[0] > vanilla[0]:
+            targets["syncs"].append(arm)
+    launches = probe["launches"]
+    if isinstance(launches, str):
+        launch_cells = [launches, launches]
+    else:
+        launch_cells = [f"{launches[0]:g}", f"{launches[1]:g}"]
+        if arm != "sdpa" and launches[0] > 2 * layers:
+            targets["launches"].append(arm)
+        if arm != "sdpa" and launches[1] > 1:
+            targets["copies"].append(arm)
+    ahead = probe["ahead"]
+    if ahead is None:
+        ahead_cell = "not exercised: needs CUDA"
+    else:
+        sleep_ms, host, pending = ahead
+        ahead_cell = f"{'yes' if pending else '**NO**'}: {PROBE_STEPS} steps issued in {host:.0f} ms behind "
+        ahead_cell += f"{sleep_ms:.0f} ms of GPU sleep, GPU {'still busy' if pending else 'already done'}"
+        if not pending and arm != "sdpa":
+            targets["ahead"].append(arm)
+    return [sync_cell, f"{probe['calls']:g}", *launch_cells, ahead_cell]
+
+
 # ---- (d) timing ----------------------------------------------------------------------------
 
 
@@ -734,6 +1061,9 @@ GPU_SIZES = dict(
     syncs=1024,
     prompt=64,
     all=32768,
+    decode=dict(
+        layers=32, prompt=4096, steps=128, warm=17, budget=120
+    ),  # warm 17: cache lengths on and off multiples of 16
 )
 SMOKE_SIZES = dict(
     hidden=64,
@@ -753,6 +1083,7 @@ SMOKE_SIZES = dict(
     syncs=64,
     prompt=16,
     all=256,
+    decode=dict(layers=2, prompt=32, steps=8, warm=2, budget=120),
 )
 
 
@@ -763,7 +1094,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=str, help="comma-separated lengths for (d), e.g. 8192,32768")
     parser.add_argument("--sampler", default="log_uniform", help="sampler of the capture sessions")
     parser.add_argument(
-        "--skip", default="", help="comma-separated checks to skip: a, b (and c), c, d, e, f, g, h, i, j"
+        "--skip", default="", help="comma-separated checks to skip: a, b (and c), c, d, e, f, g, h, i, j, k"
     )
     parser.add_argument(
         "--deadline",
@@ -778,7 +1109,9 @@ def main(argv=None) -> int:
     if args.tokens:
         sizes["long"] = tuple(int(t) for t in args.tokens.split(","))
     skip = set(filter(None, args.skip.split(",")))
-    faulthandler.dump_traceback_later(args.deadline or (900 if args.cpu_smoke else 510), exit=True)
+    deadline = args.deadline or (900 if args.cpu_smoke else 510)
+    faulthandler.dump_traceback_later(deadline, exit=True)
+    deadline_at = time.perf_counter() + deadline
     if args.cpu_smoke:
         device = torch.device("cpu")
     elif torch.cuda.is_available():
@@ -908,7 +1241,19 @@ def main(argv=None) -> int:
             cuda_only="run-ahead",
         )
         section("g", lambda: check_sync_count(qk_attn, model, device, sizes["syncs"], workdir, args.sampler))
-        model = None  # the big model is done with: free it for (i) and (h)
+        model = None  # the big model is done with: free it for (k), (i) and (h)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+        def decode():
+            """(k) builds its own model (the 8B shape), gone when it returns; skipped when the deadline is near."""
+            left, need = deadline_at - time.perf_counter(), sizes["decode"]["budget"] + 30
+            if left < need:
+                return f"(k) decode: not exercised: {left:.0f} s left before the {deadline:.0f} s deadline, it needs ~{need} s"
+            return check_decode(qk_attn, device, sizes, workdir, sizes["decode"]["budget"])
+
+        section("k", decode)
+        gc.collect()  # a failed (k) leaves its 16 GB model in traceback frames until collected
         if device.type == "cuda":
             torch.cuda.empty_cache()
         small = None if {"h", "i"} <= skip else build_model(device, dict(sizes, layers=2))  # for (h) and (i)
