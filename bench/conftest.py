@@ -16,7 +16,7 @@ from pathlib import Path
 
 import harness  # first: clears QK_SNIFF_* before qk_attn is imported
 import pytest
-from report import Results, render
+from report import OPTIONAL, Results, render
 
 RESULTS_DEFAULT = Path(__file__).resolve().parent / "results" / "cpu.md"
 
@@ -33,6 +33,9 @@ def pytest_addoption(parser):
         type=int,
         default=1,
         help="extra rounds (x2 at <= 512) while fewer rounds than asked were quiet",
+    )
+    group.addoption(
+        "--qk-short-rounds", type=int, default=5, help="interleaved rounds of each short-run benchmark (issue 20)"
     )
     group.addoption("--qk-docs", type=int, default=4, help="documents per end-to-end run (>= 4)")
     group.addoption(
@@ -86,14 +89,27 @@ def backbone(threads):
 
 
 @pytest.fixture(scope="session")
+def short_lm(threads):
+    """Issue 20's 12-layer model with its LM head; `.model` is the backbone of the short captures."""
+    return harness.build_lm(num_hidden_layers=harness.SHORT_LAYERS)
+
+
+@pytest.fixture(scope="session")
 def tmp_root(request):
     with tempfile.TemporaryDirectory(prefix="qk-bench-", dir=request.config.getoption("qk_tmp")) as path:
         yield Path(path)
 
 
+def pytest_collection_finish(session):
+    """The optional sections whose tests were selected: the table is complete only with them."""
+    results: Results | None = getattr(session.config, "_qk_results", None)
+    if results is not None:
+        results.selected = {OPTIONAL[item.originalname] for item in session.items if item.originalname in OPTIONAL}
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     results: Results | None = getattr(config, "_qk_results", None)
-    if results is None or not (results.forward or results.end_to_end or results.rss or results.decode):
+    if results is None or not results.measured():
         return
     results.load_end = harness.load_average()
     results.machine = harness.machine_description(results.threads)

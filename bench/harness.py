@@ -14,6 +14,9 @@ Used by `test_overhead.py` (timings, interleaved arms, pytest-benchmark) and by 
                    Parquet session (select, gather, copy into the host pool) but no saver
     end to end     N documents: begin -> forward -> commit each, session closed at the end
                    (rows durable in Parquet); the saver overlaps the next forward
+    short runs     (issue 20) a 12-layer model of the same shape, one session per run, timed
+                   from session open to session closed: `generate()` with the LM head
+                   (`LlamaForCausalLM`), and a few 1024-token documents through its backbone
 
 Importing this module clears QK_SNIFF_* from the environment *before* importing qk_attn:
 the "off" arm is defined as "no session and no QK_SNIFF_OUTPUT".
@@ -21,6 +24,7 @@ the "off" arm is defined as "no session and no QK_SNIFF_OUTPUT".
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import resource
@@ -35,7 +39,7 @@ from pathlib import Path
 CLEARED_ENV = {k: os.environ.pop(k) for k in sorted(os.environ) if k.startswith("QK_SNIFF_")}
 
 import torch  # noqa: E402
-from transformers import LlamaConfig, LlamaModel  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel  # noqa: E402
 
 import qk_attn  # noqa: E402  (registers "qk_sniff")
 from qk_attn.capture.batch import Sink  # noqa: E402
@@ -96,10 +100,21 @@ TARGET_SEQ = 2048
 
 
 # ---- model and inputs ------------------------------------------------------------------
-def build_backbone(seed: int = 0) -> LlamaModel:
+def _config(**overrides) -> LlamaConfig:
+    return LlamaConfig(**{**SMOLLM2_135M_SHAPE, **overrides}, attn_implementation="sdpa")
+
+
+def build_backbone(seed: int = 0, **overrides) -> LlamaModel:
     torch.manual_seed(seed)
-    config = LlamaConfig(**SMOLLM2_135M_SHAPE, attn_implementation="sdpa")
-    return LlamaModel(config).eval()
+    return LlamaModel(_config(**overrides)).eval()
+
+
+def build_lm(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    """The model with its LM head, for `generate()`; `.model` is its backbone."""
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(_config(**overrides)).eval()
+    model.generation_config.pad_token_id = model.config.eos_token_id  # else generate() warns every call
+    return model
 
 
 def documents(seq: int, count: int, seed: int = 1) -> list[torch.Tensor]:
@@ -117,6 +132,11 @@ def forward(model: LlamaModel, input_ids: torch.Tensor) -> None:
 def use_arm(model: LlamaModel, arm: Arm) -> None:
     if model.config._attn_implementation != arm.attn:
         model.set_attn_implementation(arm.attn)
+
+
+def _session(arm: Arm, out_dir: Path | None):
+    """The arm's Parquet session at `out_dir`, or no session (a null context yielding None)."""
+    return qk_attn.session(output=str(out_dir), **arm.settings) if arm.captures else contextlib.nullcontext()
 
 
 # ---- one measurement ---------------------------------------------------------------------
@@ -282,7 +302,8 @@ def run_end_to_end(model: LlamaModel, arm: Arm, docs: list[torch.Tensor], out_di
 # Issue 13: capture overhead per generated token (dynamic cache, 2048-token prompt, 128 new tokens).
 DECODE_PROMPT = 2048
 DECODE_NEW_TOKENS = 128
-DECODE_TARGET = 1.05
+# Issue 20: ratio to sdpa per generated token.
+DECODE_TARGETS = {"uniform": 1.02, "log_uniform": 1.02, "all": 1.10}
 
 
 @dataclass
@@ -305,15 +326,12 @@ def run_decode(
     """Prefill `prompt` into a DynamicCache, then one forward per token of `new_tokens` (what
     generate() runs per step, minus the LM head and sampling, which the backbone has not).
     Capture arms record into a Parquet session at `out_dir`: begin -> prefill -> steps -> commit."""
-    import contextlib
-
     from transformers import DynamicCache
 
     use_arm(model, arm)
     cache = DynamicCache(config=model.config)
     meter = CpuMeter()
-    opened = qk_attn.session(output=str(out_dir), **arm.settings) if arm.captures else contextlib.nullcontext()
-    with opened as session, torch.inference_mode():
+    with _session(arm, out_dir) as session, torch.inference_mode():
         if session is not None:
             session.begin([0])
         model(input_ids=prompt, cache=cache, use_cache=True)
@@ -324,6 +342,53 @@ def run_decode(
         closing = time.perf_counter()
     close = time.perf_counter() - closing
     return Decode(meter.seconds, meter.cpu, meter.foreign, new_tokens.shape[1], close, clock.seconds if clock else 0.0)
+
+
+# Issue 20: short runs as a researcher runs them, on a 12-layer model of the SmolLM2-135M shape.
+SHORT_LAYERS = 12
+GENERATE_PROMPT = 512
+GENERATE_NEW_TOKENS = 64
+SHORT_CAPTURE_SEQ = 1024
+SHORT_CAPTURE_DOCS = 4
+# Issue 20 gives short captures the long-session end-to-end targets (uniform and all only).
+SHORT_CAPTURE_TARGETS = {name: TARGETS[name]["end_to_end"] for name in ("uniform", "all")}
+
+
+@dataclass
+class Generation:
+    seconds: float  # session open -> generate() -> session closed (rows durable)
+    cpu: float
+    foreign: float
+    new_tokens: int
+    open: float = 0.0  # session open (sink set-up)
+    close: float = 0.0  # generate() returned -> session closed
+    capture: float = 0.0  # seconds inside Session.capture
+
+
+def run_generate(model: LlamaForCausalLM, arm: Arm, prompt: torch.Tensor, out_dir: Path | None) -> Generation:
+    """One greedy `generate()` of GENERATE_NEW_TOKENS tokens after `prompt`; capture arms open a
+    Parquet session at `out_dir` around it (fresh cache: fresh example ids, committed at close)."""
+    use_arm(model, arm)
+    meter = CpuMeter()
+    with meter:
+        start = time.perf_counter()
+        with _session(arm, out_dir) as session:
+            opened = time.perf_counter()
+            clock = CaptureClock(session) if session is not None else None
+            output = model.generate(
+                prompt, max_new_tokens=GENERATE_NEW_TOKENS, min_new_tokens=GENERATE_NEW_TOKENS, do_sample=False
+            )
+            closing = time.perf_counter()
+        close = time.perf_counter() - closing
+    return Generation(
+        meter.seconds,
+        meter.cpu,
+        meter.foreign,
+        output.shape[1] - prompt.shape[1],
+        opened - start,
+        close,
+        clock.seconds if clock else 0.0,
+    )
 
 
 def peak_rss() -> int:

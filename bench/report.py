@@ -9,6 +9,8 @@ import harness
 from harness import ARMS, BASELINE, TARGET_SEQ, TARGETS, pairwise_ratios
 
 MB = 1e6
+# Issue 20's sections: test -> Results field. A run needs them for completeness only if it selected them.
+OPTIONAL = {"test_short_generation": "generation", "test_short_capture": "short_capture"}
 
 
 @dataclass
@@ -24,6 +26,9 @@ class Results:
     end_to_end: dict[int, list[dict[str, harness.EndToEnd]]] = field(default_factory=dict)
     rss: dict[str, dict] = field(default_factory=dict)  # arm -> rss.py JSON (TARGET_SEQ)
     decode: list[dict[str, harness.Decode]] = field(default_factory=list)  # rounds
+    generation: list[dict[str, harness.Generation]] = field(default_factory=list)  # rounds
+    short_capture: list[dict[str, harness.EndToEnd]] = field(default_factory=list)  # rounds
+    selected: set[str] = field(default_factory=set)  # OPTIONAL fields whose tests were selected
     notes: list[str] = field(default_factory=list)
 
     def complete(self) -> bool:
@@ -31,7 +36,11 @@ class Results:
             all(seq in self.forward and seq in self.end_to_end for seq in self.seqs)
             and set(self.rss) == {arm.name for arm in ARMS}
             and bool(self.decode)
+            and all(getattr(self, name) for name in self.selected)
         )
+
+    def measured(self) -> bool:
+        return any((self.forward, self.end_to_end, self.rss, self.decode, self.generation, self.short_capture))
 
     # ---- derived numbers -------------------------------------------------------------
     def forward_ratio(self, seq: int, arm: str):
@@ -101,36 +110,123 @@ def _mark(ok: bool | None) -> str:
     return "n/a" if ok is None else ("✓" if ok else "✗")
 
 
-def _decode_lines(rounds: list[dict[str, harness.Decode]]) -> list[str]:
-    """Per generated token: decode steps over a dynamic cache after a prefill (issue 13)."""
-    lines = [
-        "",
-        f"## Decode (issue 13: ≤ {harness.DECODE_TARGET:.2f} per generated token)",
-        "",
-        f"A {harness.DECODE_PROMPT}-token prompt prefilled into a `DynamicCache`, then "
-        f"{harness.DECODE_NEW_TOKENS} one-token forwards (what `generate()` runs per step; the backbone has "
-        "no LM head or sampling). Capture arms record prompt and new tokens into a Parquet session; only "
-        "the decode steps are timed; *close* is the commit and session close after the last step.",
-        "",
-        "| arm | per token | ratio to sdpa | target | capture per token | close |",
-        "|---|---|---|---|---|---|",
-    ]
+def _target(ratio, target: float | None) -> str:
+    return "—" if target is None or ratio is None else f"≤ {target:.2f} {_mark(ratio.median <= target)}"
+
+
+def _arm_table(rounds: list[dict], header: list[str], absolute, targets: dict[str, float], details) -> list[str]:
+    """One row per end-to-end arm over the used rounds: arm, `absolute(runs)`, then for capture
+    arms the ratio to sdpa, the target mark and `details(arm name, runs)`."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     used = harness.used_rounds(rounds)
     for arm in harness.END_TO_END_ARMS:
         runs = [r[arm.name] for r in used if arm.name in r]
         if not runs:
             continue
-        per_token = statistics.median(run.per_token_ms for run in runs)
+        cells = [f"**{arm.name}**", absolute(runs)]
         if arm.name == BASELINE:
-            lines.append(f"| **{arm.name}** | {per_token:.1f} ms | — | — | — | — |")
-            continue
-        ratio = pairwise_ratios(rounds, arm.name)
-        capture = statistics.median(run.capture / run.steps * 1e3 for run in runs)
-        close = statistics.median(run.close for run in runs)
-        lines.append(
-            f"| **{arm.name}** | {per_token:.1f} ms | {_cell(ratio)} | "
-            f"{_mark(ratio.median <= harness.DECODE_TARGET)} | {capture:.2f} ms | {close:.2f} s |"
-        )
+            cells += ["—"] * (len(header) - 2)
+        else:
+            ratio = pairwise_ratios(rounds, arm.name)
+            cells += [_cell(ratio), _target(ratio, targets.get(arm.name)), *details(arm.name, runs)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _targets_text(targets: dict[str, float]) -> str:
+    return ", ".join(f"{name} ≤ {target:.2f}" for name, target in targets.items())
+
+
+def _rounds_note(rounds: list[dict]) -> str:
+    ratio = pairwise_ratios(rounds, "all")
+    return "" if ratio is None else f" {ratio.n} of {ratio.total} rounds used."
+
+
+def _decode_lines(rounds: list[dict[str, harness.Decode]]) -> list[str]:
+    """Per generated token: decode steps over a dynamic cache after a prefill (issues 13, 20)."""
+    med = statistics.median
+    lines = [
+        "",
+        f"## Decode (issue 20, per generated token: {_targets_text(harness.DECODE_TARGETS)})",
+        "",
+        f"A {harness.DECODE_PROMPT}-token prompt prefilled into a `DynamicCache`, then "
+        f"{harness.DECODE_NEW_TOKENS} one-token forwards (what `generate()` runs per step; the backbone has "
+        "no LM head or sampling). Capture arms record prompt and new tokens into a Parquet session; only "
+        "the decode steps are timed; *close* is the commit and session close after the last step."
+        + _rounds_note(rounds),
+        "",
+    ]
+    lines += _arm_table(
+        rounds,
+        ["arm", "per token", "ratio to sdpa", "target", "capture per token", "close"],
+        lambda runs: f"{med(run.per_token_ms for run in runs):.1f} ms",
+        harness.DECODE_TARGETS,
+        lambda name, runs: [
+            f"{med(run.capture / run.steps * 1e3 for run in runs):.2f} ms",
+            f"{med(run.close for run in runs):.2f} s",
+        ],
+    )
+    return lines
+
+
+def _generation_lines(rounds: list[dict[str, harness.Generation]]) -> list[str]:
+    """Issue 20: one generate() per session, end to end."""
+    med = statistics.median
+    lines = [
+        "",
+        "## Short generation, one session per `generate()` (issue 20)",
+        "",
+        f"`LlamaForCausalLM` (with the LM head) of the same shape with {harness.SHORT_LAYERS} layers; "
+        f"`generate()` of {harness.GENERATE_NEW_TOKENS} greedy tokens after a {harness.GENERATE_PROMPT}-token "
+        "prompt, timed from session open to session closed (rows durable). The issue sets no target of its "
+        f"own: it should approach decode's ({_targets_text(harness.DECODE_TARGETS)}), which the target "
+        "column applies; before issue 20 this case measured log_uniform 1.16, all 1.86. *Open* and "
+        "*close* are the session's set-up and its close after `generate()` returned." + _rounds_note(rounds),
+        "",
+    ]
+    lines += _arm_table(
+        rounds,
+        ["arm", "per generation", "ratio to sdpa", "decode's target", "CPU ratio", "capture", "open", "close"],
+        lambda runs: (
+            f"{med(run.seconds for run in runs):.2f} s "
+            f"({med(run.seconds / run.new_tokens * 1e3 for run in runs):.0f} ms / new token)"
+        ),
+        harness.DECODE_TARGETS,
+        lambda name, runs: [
+            _cell(pairwise_ratios(rounds, name, measure="cpu")),
+            f"{med(run.capture * 1e3 for run in runs):.0f} ms",
+            f"{med(run.open * 1e3 for run in runs):.0f} ms",
+            f"{med(run.close * 1e3 for run in runs):.0f} ms",
+        ],
+    )
+    return lines
+
+
+def _short_capture_lines(rounds: list[dict[str, harness.EndToEnd]]) -> list[str]:
+    """Issue 20: a few short documents per session, end to end."""
+    med = statistics.median
+    lines = [
+        "",
+        f"## Short captures, one session per run (issue 20: {_targets_text(harness.SHORT_CAPTURE_TARGETS)})",
+        "",
+        f"{harness.SHORT_CAPTURE_DOCS} documents × {harness.SHORT_CAPTURE_SEQ} tokens through the "
+        f"{harness.SHORT_LAYERS}-layer backbone (`LlamaModel`, no LM head), each `begin` → forward → `commit`, "
+        "timed from session open to session closed: the session's fixed cost against a short capture "
+        "(`bench/profile_short.py` splits it). *Drain* is the last forward's end to session closed."
+        + _rounds_note(rounds),
+        "",
+    ]
+    lines += _arm_table(
+        rounds,
+        ["arm", "per run", "ratio to sdpa", "target", "CPU ratio", "capture", "drain at close"],
+        lambda runs: f"{med(run.seconds for run in runs):.2f} s",
+        harness.SHORT_CAPTURE_TARGETS,
+        lambda name, runs: [
+            _cell(pairwise_ratios(rounds, name, measure="cpu")),
+            f"{med(run.capture * 1e3 for run in runs):.0f} ms",
+            f"{med(run.drain * 1e3 for run in runs):.0f} ms",
+        ],
+    )
     return lines
 
 
@@ -298,6 +394,10 @@ def render(results: Results) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     if results.decode:
         lines += _decode_lines(results.decode)
+    if results.generation:
+        lines += _generation_lines(results.generation)
+    if results.short_capture:
+        lines += _short_capture_lines(results.short_capture)
     lines += ["", "## Where the time goes (direct measures, robust to run-to-run noise)", ""]
     lines += [
         "Wall-time ratios on a shared VM move by a few percent from run to run, more than the "

@@ -2,6 +2,8 @@
 
 Each benchmark's target is one *round*: every arm once, on the same model and input, in an
 order rotated from round to round, so slow drift on a shared machine hits all arms alike.
+`test_short_*` (issue 20) time short runs with a session opened and closed per run, where the
+session's fixed cost counts.
 pytest-benchmark times the rounds; the per-arm seconds of each round go to `extra_info`
 and to the ratio table that conftest prints and writes (median of per-round ratios to sdpa).
 """
@@ -40,6 +42,22 @@ def top_up(one_round, measured: list[dict], wanted: int, config, seq: int) -> No
         extra -= 1
 
 
+def interleaved(benchmark, tmp_root, name: str, wanted: int, config, seq: int, run) -> list[dict]:
+    """`wanted` capture rounds timed by pytest-benchmark, topped up while too few were quiet."""
+    measured: list[dict] = []
+    one_round = capture_round(measured, tmp_root, name, run)
+    benchmark.pedantic(one_round, rounds=wanted, iterations=1)
+    top_up(one_round, measured, wanted, config, seq)
+    return measured
+
+
+def warm_up(model, tmp_root, name: str) -> None:
+    """A first small capture: imports, thread start, Parquet writer set-up stay out of the rounds."""
+    warm = tmp_root / f"warm-{name}"
+    harness.run_end_to_end(model, ARM_BY_NAME["all"], harness.documents(128, 2), warm)
+    harness.remove(warm)
+
+
 def test_forward(benchmark, backbone, qk_results, seq, request):
     benchmark.group = f"forward-{seq}"
     (input_ids,) = harness.documents(seq, 1)
@@ -67,17 +85,13 @@ def test_forward(benchmark, backbone, qk_results, seq, request):
 def test_end_to_end(benchmark, backbone, qk_results, seq, tmp_root, request):
     benchmark.group = f"end-to-end-{seq}"
     docs = harness.documents(seq, request.config.getoption("qk_docs"))
-    warm = tmp_root / f"warm-{seq}"  # first sink: imports, thread start, Parquet writer set-up
-    harness.run_end_to_end(backbone, ARM_BY_NAME["all"], harness.documents(128, 2), warm)
-    harness.remove(warm)
-    measured: list[dict[str, harness.EndToEnd]] = []
-    one_round = capture_round(
-        measured, tmp_root, str(seq), lambda arm, out: harness.run_end_to_end(backbone, arm, docs, out)
-    )
-
+    warm_up(backbone, tmp_root, str(seq))
     wanted = harness.rounds_at(request.config.getoption("qk_e2e_rounds"), seq)
-    benchmark.pedantic(one_round, rounds=wanted, iterations=1)
-    top_up(one_round, measured, wanted, request.config, seq)
+
+    def run_arm(arm, out):
+        return harness.run_end_to_end(backbone, arm, docs, out)
+
+    measured = interleaved(benchmark, tmp_root, str(seq), wanted, request.config, seq, run_arm)
     qk_results.end_to_end[seq] = measured
     benchmark.extra_info["seconds"] = [{name: (run.seconds, run.foreign) for name, run in r.items()} for r in measured]
     benchmark.extra_info["bytes_written"] = {name: run.bytes_written for name, run in measured[-1].items()}
@@ -88,16 +102,49 @@ def test_decode(benchmark, backbone, qk_results, tmp_root, request):
     benchmark.group = "decode"
     (prompt,) = harness.documents(harness.DECODE_PROMPT, 1)
     (new_tokens,) = harness.documents(harness.DECODE_NEW_TOKENS, 1, seed=2)
-    measured: list[dict[str, harness.Decode]] = []
-    one_round = capture_round(
-        measured, tmp_root, "decode", lambda arm, out: harness.run_decode(backbone, arm, prompt, new_tokens, out)
-    )
-
     wanted = request.config.getoption("qk_e2e_rounds")
-    benchmark.pedantic(one_round, rounds=wanted, iterations=1)
-    top_up(one_round, measured, wanted, request.config, harness.DECODE_PROMPT)
+
+    def run_arm(arm, out):
+        return harness.run_decode(backbone, arm, prompt, new_tokens, out)
+
+    measured = interleaved(benchmark, tmp_root, "decode", wanted, request.config, harness.DECODE_PROMPT, run_arm)
     qk_results.decode = measured
     benchmark.extra_info["ms_per_token"] = [{name: run.per_token_ms for name, run in r.items()} for r in measured]
+
+
+def test_short_generation(benchmark, short_lm, qk_results, tmp_root, request):
+    """Issue 20: one `generate()` (512-token prompt, 64 greedy tokens) of the 12-layer model with
+    its LM head, one session opened and closed per generation, timed end to end."""
+    benchmark.group = "short-generation"
+    (prompt,) = harness.documents(harness.GENERATE_PROMPT, 1)
+    warm = tmp_root / "warm-generate"  # generate()'s own first-call set-up, and a first sink
+    harness.run_generate(short_lm, ARM_BY_NAME["all"], prompt[:, :16], warm)
+    harness.remove(warm)
+    wanted = request.config.getoption("qk_short_rounds")
+
+    def run_arm(arm, out):
+        return harness.run_generate(short_lm, arm, prompt, out)
+
+    measured = interleaved(benchmark, tmp_root, "generate", wanted, request.config, harness.GENERATE_PROMPT, run_arm)
+    qk_results.generation = measured
+    benchmark.extra_info["seconds"] = [{name: run.seconds for name, run in r.items()} for r in measured]
+
+
+def test_short_capture(benchmark, short_lm, qk_results, tmp_root, request):
+    """Issue 20: 4 documents x 1024 tokens through the 12-layer backbone (`short_lm.model`, no LM
+    head, like the long end-to-end runs), one session per run, timed from open to closed."""
+    benchmark.group = "short-capture"
+    backbone = short_lm.model
+    docs = harness.documents(harness.SHORT_CAPTURE_SEQ, harness.SHORT_CAPTURE_DOCS)
+    warm_up(backbone, tmp_root, "short")
+    wanted = request.config.getoption("qk_short_rounds")
+
+    def run_arm(arm, out):
+        return harness.run_end_to_end(backbone, arm, docs, out)
+
+    measured = interleaved(benchmark, tmp_root, "short", wanted, request.config, harness.SHORT_CAPTURE_SEQ, run_arm)
+    qk_results.short_capture = measured
+    benchmark.extra_info["seconds"] = [{name: run.seconds for name, run in r.items()} for r in measured]
 
 
 def test_peak_rss(benchmark, qk_results, threads, request):
