@@ -198,9 +198,9 @@ def _store_f32(ptrs, value, mask, KIND: tl.constexpr):
 def _gather_block(
     states_ptr, s_b, s_h, s_k, s_d, token_offset, heads_ptr, s_heads, num_heads,
     pos_ptr, s_pb, s_pt, valid_ptr, s_vb, s_vt, thr_ptr, threshold, shift,
-    row_ptr, out_pos_ptr, out_bucket_ptr, vec_ptr,
+    row_ptr, out_pos_ptr, out_bucket_ptr, vec_ptr, tok_ptr, s_tb, s_tt, out_tok_ptr,
     rb, t0, T, D, cap, row_h, base,
-    STRATEGY: tl.constexpr, IN_KIND: tl.constexpr, OUT_KIND: tl.constexpr,
+    STRATEGY: tl.constexpr, IN_KIND: tl.constexpr, OUT_KIND: tl.constexpr, HAS_TOKENS: tl.constexpr,
     SCAN: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Write the kept tokens of tokens [t0, t0 + SCAN) of row `rb` at rows base, base+1, ..."""
@@ -218,9 +218,12 @@ def _gather_block(
             tl.store(row_ptr + dest64, tl.zeros_like(dest64) + rb, mask=write)
             tl.store(out_pos_ptr + dest64, pos.to(tl.int32), mask=write)
             tl.store(out_bucket_ptr + dest64, _bucket(pos, shift, STRATEGY).to(tl.int32), mask=write)
+            rb64 = tl.cast(rb, tl.int64)
+            if HAS_TOKENS:  # the token id of each kept token, by the same selection (exact: ids < 2**24)
+                token_id = tl.load(tok_ptr + rb64 * s_tb + t.to(tl.int64) * s_tt, mask=write, other=0)
+                tl.store(out_tok_ptr + dest64, token_id.to(tl.int32), mask=write)
 
             tok = (token_offset + t).to(tl.int64)
-            rb64 = tl.cast(rb, tl.int64)
             tile = write[:, None] & d_in[None, :]
             src_row = states_ptr + rb64 * s_b + tok[:, None] * s_k  # (BLOCK_G, 1)
             dst = vec_ptr + dest64[:, None] * D + d[None, :]  # (BLOCK_G, BLOCK_D), head 0
@@ -231,7 +234,13 @@ def _gather_block(
         base += n
 
 
-@triton.jit
+# Sizes, strides and offsets that change from call to call (a decode step's key stride and offset
+# grow by one token) are not specialised on, so a decode step never compiles a new variant.
+_VARYING = ("s_b", "s_h", "token_offset", "s_pb", "s_vb", "s_tb", "threshold", "layer_kind", "B", "T", "cap",
+            "chunks_per_row", "blocks_per_chunk")
+
+
+@triton.jit(do_not_specialize=_VARYING)
 def _select_gather_kernel(
     # inputs (any strides)
     states_ptr, s_b, s_h, s_k, s_d,
@@ -241,12 +250,14 @@ def _select_gather_kernel(
     valid_ptr, s_vb, s_vt,
     eid_ptr, s_e,
     thr_ptr, threshold, shift, layer_kind,
+    tok_ptr, s_tb, s_tt,
     # outputs (contiguous)
-    count_ptr, row_ptr, out_pos_ptr, out_bucket_ptr, vec_ptr,
+    count_ptr, row_ptr, out_pos_ptr, out_bucket_ptr, vec_ptr, out_tok_ptr,
     # sizes
     B, T, D, cap, chunks_per_row, blocks_per_chunk,
     STRATEGY: tl.constexpr, OFFSET_FROM_PTR: tl.constexpr, IN_KIND: tl.constexpr, OUT_KIND: tl.constexpr,
-    SCAN: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
+    HAS_TOKENS: tl.constexpr, SCAN: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_F: tl.constexpr,
 ):
     """Grid: (B * chunks_per_row,). Program p owns scan blocks [c*k, (c+1)*k) of row b."""
     pid = tl.program_id(0)
@@ -269,9 +280,9 @@ def _select_gather_kernel(
                 _gather_block(
                     states_ptr, s_b, s_h, s_k, s_d, token_offset, heads_ptr, s_heads, num_heads,
                     pos_ptr, s_pb, s_pt, valid_ptr, s_vb, s_vt, thr_ptr, threshold, shift,
-                    row_ptr, out_pos_ptr, out_bucket_ptr, vec_ptr,
+                    row_ptr, out_pos_ptr, out_bucket_ptr, vec_ptr, tok_ptr, s_tb, s_tt, out_tok_ptr,
                     rb, blk * SCAN, T, D, cap, row_h, running,
-                    STRATEGY, IN_KIND, OUT_KIND, SCAN, BLOCK_G, BLOCK_D,
+                    STRATEGY, IN_KIND, OUT_KIND, HAS_TOKENS, SCAN, BLOCK_G, BLOCK_D,
                 )
             running += n
 
@@ -288,6 +299,8 @@ def _select_gather_kernel(
         tl.store(row_ptr + j64, tl.full((BLOCK_F,), -1, tl.int64), mask=inside)
         tl.store(out_pos_ptr + j64, tl.zeros((BLOCK_F,), tl.int32), mask=inside)
         tl.store(out_bucket_ptr + j64, tl.zeros((BLOCK_F,), tl.int32), mask=inside)
+        if HAS_TOKENS:
+            tl.store(out_tok_ptr + j64, tl.zeros((BLOCK_F,), tl.int32), mask=inside)
         tile = inside[:, None] & (d < D)[None, :]
         zeros = tl.zeros((BLOCK_F, BLOCK_D), tl.float32)
         for i in range(0, num_heads):
@@ -342,7 +355,8 @@ def _storage(t: torch.Tensor, what: str) -> tuple[torch.Tensor, int]:
 
 
 def gather_rows_triton(
-    spec, *, _scan: int | None = None, _block: int | None = None, _programs: int | None = None,
+    spec, *, out: tuple | None = None, token_ids: torch.Tensor | None = None, token_out: torch.Tensor | None = None,
+    _scan: int | None = None, _block: int | None = None, _programs: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`qk_attn.capture.gather.gather_rows` as one Triton launch.
 
@@ -362,6 +376,10 @@ def gather_rows_triton(
     vectors (Hs, cap, D) out_dtype), kept tokens in token-major (b, t) order, exactly the
     rows `gather_rows` selects. Rows past `count` are filler: row -1, position 0, bucket 0,
     zero vectors (the torch path repeats token (0, 0) there instead).
+
+    `out`: the five result tensors to write into (views of a forward's staging buffer), else new
+    ones. `token_ids` (B, 1, T, 1) or (B, T), any strides and dtype: the same launch writes the
+    token id of each kept token into `token_out` (cap,) int32 (filler: 0).
 
     The `_scan`, `_block`, `_programs` overrides exist for tests that need many programs
     and blocks on small inputs.
@@ -396,11 +414,23 @@ def gather_rows_triton(
     Hs = heads.shape[0]
     states_k, in_kind = _storage(states, "states")
 
-    count = torch.empty((), dtype=torch.int64, device=device)
-    row = torch.empty(capacity, dtype=torch.int64, device=device)
-    position = torch.empty(capacity, dtype=torch.int32, device=device)
-    bucket = torch.empty(capacity, dtype=torch.int32, device=device)
-    vectors = torch.empty((Hs, capacity, D), dtype=out_dtype, device=device)
+    if out is None:
+        out = (
+            torch.empty((), dtype=torch.int64, device=device),
+            torch.empty(capacity, dtype=torch.int64, device=device),
+            torch.empty(capacity, dtype=torch.int32, device=device),
+            torch.empty(capacity, dtype=torch.int32, device=device),
+            torch.empty((Hs, capacity, D), dtype=out_dtype, device=device),
+        )
+    count, row, position, bucket, vectors = out
+    has_tokens = token_ids is not None
+    if has_tokens:
+        if token_out is None or token_out.dtype != torch.int32 or token_out.shape != (capacity,):
+            raise ValueError(f"token_ids needs token_out: a ({capacity},) int32 tensor")
+        token_ids = token_ids[:, 0, :, 0] if token_ids.dim() == 4 else token_ids  # (B, T), a view
+        tok_strides = token_ids.stride()[:2]
+    else:
+        token_ids, token_out, tok_strides = positions, row, (0, 0)  # unused pointers
     vectors_k = vectors.view(torch.int16) if out_dtype == torch.bfloat16 else vectors
 
     strategy = _STRATEGY[sampler.strategy]
@@ -432,10 +462,11 @@ def gather_rows_triton(
         valid.view(torch.uint8), *valid.stride(),
         example_ids, example_ids.stride(0),
         table, thresholds[0], sampler.shift, lk,
-        count, row, position, bucket, vectors_k,
+        token_ids, *tok_strides,
+        count, row, position, bucket, vectors_k, token_out,
         B, T, D, capacity, chunks_per_row, blocks_per_chunk,
         STRATEGY=strategy, OFFSET_FROM_PTR=offset_from_ptr, IN_KIND=in_kind, OUT_KIND=_STORAGE[out_dtype],
-        SCAN=scan, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_F=block_g,
+        HAS_TOKENS=has_tokens, SCAN=scan, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_F=block_g,
         num_warps=_NUM_WARPS,
         enable_fp_fusion=False,  # no FMA contraction: values are only moved and cast
     )

@@ -200,6 +200,22 @@ class Sink:
     one_model = False  # writes one model's dataset: the recorder refuses a second model in the session
     rows_written = 0  # rows handed on (all heads), for progress bars
     complete = False  # set by a runner that went through every document it owns
+    staging_limit: int | None = None  # bytes of one forward's rows staged whole; larger forwards stream
+
+    def prepare(self, device) -> None:
+        """At a forward's first recorded call, before any rows: set up what the hand-off needs."""
+
+    def put_forward(self, staging) -> None:
+        """One forward's rows at its end, on the device (`qk_attn.capture.staging.Staging`): its calls
+        in order, and cache offsets the host derived, to check. This default checks them (a host read)
+        and hands each call to `put` or `put_empty`."""
+        for check in staging.checks:
+            check.verify()
+        for call in staging.calls:
+            if isinstance(call, CaptureBatch):
+                self.put(call)
+            else:
+                self.put_empty(*call)
 
     def put(self, batch: CaptureBatch) -> None:
         """One attention call's selected rows of one kind (still on the device)."""
@@ -280,21 +296,46 @@ def warn_not_from_zero(example_id: int, first_position: int, warned: set) -> Non
 
 
 class MemorySink(Sink):
-    """Keeps every batch's rows on the host; for tests and small interactive runs."""
+    """Keeps every batch's rows; for tests and small interactive runs. Batches on a GPU stay there
+    until `table()` or `discard` reads them: capturing never waits for the device."""
 
     def __init__(self) -> None:
-        self.rows: list[HostRows] = []
+        self._rows: list[HostRows] = []
         self.committed: list[int] = []
+        self._pending: list = []  # CaptureBatch and OffsetCheck, in the order they came
         self._warned: set[int] = set()
         self._seen: set[int] = set()
 
+    @property
+    def rows(self) -> list[HostRows]:
+        """Every batch's rows on the host (reads what is pending)."""
+        self._read()
+        return self._rows
+
     def put(self, batch: CaptureBatch) -> None:
-        rows = batch.host_rows()
-        for example, position in rows.first_position.items():
-            if example not in self._seen:  # its first forward (later ones continue the sequence)
-                self._seen.add(example)
-                warn_not_from_zero(example, position, self._warned)
-        self.rows.append(rows)
+        self._pending.append(batch)
+        if batch.count.device.type == "cpu":  # reading host tensors waits for nothing: refusals surface now
+            self._read()
+
+    def put_forward(self, staging) -> None:
+        self._pending += staging.checks
+        self._pending += [call for call in staging.calls if isinstance(call, CaptureBatch)]
+        if staging.device.type == "cpu":
+            self._read()
+
+    def _read(self) -> None:
+        """The pending batches as host rows (the device is read here, not while capturing)."""
+        pending, self._pending = self._pending, []
+        for item in pending:
+            if not isinstance(item, CaptureBatch):
+                item.verify()
+                continue
+            rows = item.host_rows()
+            for example, position in rows.first_position.items():
+                if example not in self._seen:  # its first forward (later ones continue the sequence)
+                    self._seen.add(example)
+                    warn_not_from_zero(example, position, self._warned)
+            self._rows.append(rows)
 
     def commit(self, example_ids: list[int]) -> None:
         self.committed.extend(example_ids)
@@ -305,7 +346,7 @@ class MemorySink(Sink):
     def discard(self, example_ids: list[int]) -> None:
         """Rows of these examples are dropped (a forward that stopped part-way)."""
         drop = np.asarray(example_ids, np.int64)
-        self.rows = [rows.without(drop) for rows in self.rows]
+        self._rows = [rows.without(drop) for rows in self.rows]
 
     def table(self) -> pa.Table | None:
         """Every captured row of every head, in the dataset schema (vectors as float32; `token_id`

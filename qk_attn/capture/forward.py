@@ -71,6 +71,8 @@ class ForwardContext:
         self._tokens: dict = {}  # (device, length) -> (position_ids it was built from, TextTokens)
         self._decisions: tuple | None = None  # see `decisions`
         self.selections: dict = {}  # id(tokens) -> (tokens, Selection): Session._selection under "all"
+        self.staging = None  # its rows until its end (qk_attn.capture.staging), from its first recorded call
+        self.offset_check = None  # the derived `past` of a static cache, checked by the sink (OffsetCheck)
 
     def adopt(self, kwargs: dict) -> None:
         """The decoder stack started with the mask this context was built from: its own arguments
@@ -313,8 +315,8 @@ def refuse_unrecordable_generation(max_depth: int = 40):
 
 
 def host_int(value) -> int:
-    """q_offset as a host int. Static caches give a 0-d device tensor; reading it is the one
-    host read per forward, at the mask call before any layer is queued (never in an attention call)."""
+    """q_offset as a host int. Static caches give a 0-d device tensor: read at a sequence's first
+    forward only, at the mask call before any layer is queued (never in an attention call)."""
     return int(value) if isinstance(value, torch.Tensor) else int(value or 0)
 
 

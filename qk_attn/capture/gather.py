@@ -122,6 +122,25 @@ def select_rows(spec: SelectionSpec) -> tuple[torch.Tensor, torch.Tensor, torch.
     return gather_rows(spec)
 
 
+def kernel_rows(spec: SelectionSpec, token_ids: torch.Tensor | None, new) -> tuple:
+    """One call on the kernel path, in one launch: (count, row, position, bucket, vectors, token_id),
+    written into tensors made by `new(dtype, shape)` (views of the forward's staging buffer);
+    `token_id` is None without `token_ids` ((B, 1, T, 1) ids of the new tokens)."""
+    from qk_attn.kernels.select_gather import gather_rows_triton
+
+    cap, heads, dim = spec.capacity, spec.heads.shape[0], spec.states.shape[-1]
+    out = (
+        new(torch.int64, ()),
+        new(torch.int64, (cap,)),
+        new(torch.int32, (cap,)),
+        new(torch.int32, (cap,)),
+        new(spec.out_dtype, (heads, cap, dim)),
+    )
+    token_id = None if token_ids is None else new(torch.int32, (cap,))
+    gather_rows_triton(spec, out=out, token_ids=token_ids, token_out=token_id)
+    return (*out, token_id)
+
+
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 

@@ -14,10 +14,19 @@ import torch
 from qk_attn.capture.attention import is_cross_attention, key_validity, refuse_unsupported
 from qk_attn.capture.batch import CaptureBatch, MemorySink, as_sink
 from qk_attn.capture.forward import TextTokens, check_shapes
-from qk_attn.capture.gather import Selection, SelectionSpec, gather_selected, select_rows, select_tokens, uses_kernel
+from qk_attn.capture.gather import (
+    Selection,
+    SelectionSpec,
+    gather_selected,
+    kernel_rows,
+    select_rows,
+    select_tokens,
+    uses_kernel,
+)
 from qk_attn.capture.plan import HeadPlan, ModelShape
 from qk_attn.capture.rope import invert_rope, uses_rope
 from qk_attn.capture.sequences import SequenceTracker
+from qk_attn.capture.staging import EmptyCall, Staging, StagingBuffer, call_bytes, shared_bytes
 from qk_attn.config import SniffConfig
 from qk_attn.errors import CaptureError, ConfigError
 from qk_attn.sampler import Sampler
@@ -38,6 +47,7 @@ class Session(SequenceTracker):
         self.sampler = Sampler.from_config(config)
         self._models: dict[int, _Model] = {}  # id(model config) -> its head plan
         self._device_tables: dict[tuple, torch.Tensor] = {}
+        self._buffers: dict[torch.device, StagingBuffer] = {}  # per device, reused by its forwards
         super().__init__(MemorySink() if sink is None else as_sink(sink), example_ids)
         self._warned: set[str] = set()
         self._closed = False
@@ -73,6 +83,7 @@ class Session(SequenceTracker):
 
     def table(self):
         """All rows captured so far (in-memory sessions, i.e. without `output`)."""
+        self._end_forwards()  # the last forward's rows are handed off at its end
         return self.sink.table()
 
     # ---- inside the attention call ---------------------------------------------------
@@ -125,6 +136,7 @@ class Session(SequenceTracker):
             tokens = {"q": (0, text), "k": (offset, everything)}
         ids = self._on_device("ids", forward.example_ids, query.device)
         keep, keeps_any = forward.decisions(self.sampler, model.plan.shape.num_layers, ids, everything)
+        staging = forward.staging or self._start_staging(forward, model, query)
         for index, (kind, states) in enumerate((("q", query.detach()), ("k", key.detach()))):
             heads = model.plan.heads(layer, kind)
             if not heads or tokens[kind] is None:
@@ -134,19 +146,82 @@ class Session(SequenceTracker):
             if keep is not None and these is everything:
                 if not keeps_any[layer][index]:  # the sampler keeps nothing of this call (known on the CPU
                     # without a sync): the sink still learns that it ran
-                    self.sink.put_empty(layer, kind, heads, forward.example_ids, sliding_window, cross, these)
+                    staging.add_empty(
+                        EmptyCall(layer, kind, tuple(heads), forward.example_ids, sliding_window, cross, these)
+                    )
                     continue
                 decided = keep[layer, index]
-            self.sink.put(
-                self._batch(
-                    module, forward, layer, kind, states, heads, offset, these, sliding_window, cross, rotary, decided
-                )
+            pre_rope = self.config.rope == "pre" and not cross and uses_rope(module)
+            out_dtype = torch.float32 if pre_rope else _DTYPES[self.config.vector_dtype]
+            capacity = these.positions.shape[0] * self.sampler.capacity(these.positions.shape[1])
+            nbytes = call_bytes(capacity, len(heads), states.shape[-1], out_dtype.itemsize, these.token_ids is not None)
+            staged = not staging.streams and staging.fits(nbytes + shared_bytes(forward.batch_size))
+            batch = self._batch(
+                module,
+                forward,
+                layer,
+                kind,
+                states,
+                heads,
+                offset,
+                these,
+                sliding_window,
+                cross,
+                rotary,
+                decided,
+                staging if staged else None,
             )
+            if staged:
+                staging.add(batch)
+            else:  # too large to stage (the run's estimate said so): streamed call by call
+                self.sink.put(batch)
+
+    def _start_staging(self, forward, model, query) -> Staging:
+        """The forward's staging area, at its first recorded call, sized for every call it can make."""
+        batch_size, num_new, device = forward.batch_size, forward.num_new, query.device
+        dtype = torch.float32 if self.config.rope == "pre" else _DTYPES[self.config.vector_dtype]
+        capacity = batch_size * self.sampler.capacity(num_new)
+        tokens = forward.input_ids is not None
+        nbytes = 3 * shared_bytes(batch_size) + sum(
+            call_bytes(capacity, len(model.plan.heads(layer, kind)), query.shape[-1], dtype.itemsize, tokens)
+            for layer in range(model.plan.shape.num_layers)
+            for kind in ("q", "k")
+            if model.plan.heads(layer, kind)
+        )
+        limit = self.sink.staging_limit
+        streams = limit is not None and nbytes > limit
+        buffer = None
+        if device.type == "cuda" or uses_kernel(query, dtype):
+            buffer = self._buffers.setdefault(device, StagingBuffer(device))
+        self.sink.prepare(device)
+        if streams:
+            self._warn_once(
+                "streams",
+                f"qk-attn: one forward's rows ({nbytes / 2**20:,.0f} MiB at most) exceed the staging limit "
+                f"({limit / 2**20:,.0f} MiB, half of pinned_mb): such forwards are handed to the sink call by "
+                "call and may wait for the saver inside the forward; raise pinned_mb to stage them whole",
+            )
+        forward.staging = Staging(forward.example_ids, device, nbytes, buffer, streams)
+        return forward.staging
 
     def _batch(
-        self, module, forward, layer, kind, states, heads, offset, tokens, sliding_window, cross, rotary, keep=None
+        self,
+        module,
+        forward,
+        layer,
+        kind,
+        states,
+        heads,
+        offset,
+        tokens,
+        sliding_window,
+        cross,
+        rotary,
+        keep=None,
+        staging: Staging | None = None,
     ):
-        """Select, gather and (rope="pre") un-rotate one kind of one call; stays on the device."""
+        """Select, gather and (rope="pre") un-rotate one kind of one call; stays on the device (in
+        `staging`'s buffer when it has one)."""
         device = states.device
         batch_size, num_tokens = tokens.positions.shape
         pre_rope = self.config.rope == "pre" and not cross and uses_rope(module)
@@ -168,18 +243,25 @@ class Session(SequenceTracker):
             out_dtype,
             keep,
         )
-        if pre_rope or uses_kernel(states, out_dtype):
-            count, row, position, bucket, vectors, token_id = self._select_and_gather(
-                module, spec, tokens, pre_rope, rotary
-            )
+        if uses_kernel(states, out_dtype) and not pre_rope:  # one launch, straight into the staging buffer
+            new = staging.empty if staging is not None else _new_on(device)
+            columns = kernel_rows(spec, tokens.token_ids, new)
+        elif pre_rope or uses_kernel(states, out_dtype):
+            columns = self._select_and_gather(module, spec, tokens, pre_rope, rotary)
         else:  # the torch path: one selection serves the vectors and the token ids
             selection = self._selection(forward, spec, tokens)
             every_head = len(heads) == states.shape[1] and tuple(heads) == tuple(range(len(heads)))
             vectors = gather_selected(states, selection, offset, None if every_head else head_ids, out_dtype)
-            count, row, position, bucket = selection.count, selection.row, selection.position, selection.bucket
             token_id = None
             if tokens.token_ids is not None:
                 token_id = tokens.token_ids[selection.batch, 0, selection.token, 0].to(torch.int32)
+            columns = (selection.count, selection.row, selection.position, selection.bucket, vectors, token_id)
+        shared = (tokens.valid_count, None if cross and kind == "k" else tokens.first_position, tokens.packed)
+        if staging is not None:  # in buffer mode every column is part of the staged bytes
+            columns = tuple(map(staging.copy_in, columns))
+            shared = tuple(map(staging.hold, shared))
+        count, row, position, bucket, vectors, token_id = columns
+        valid, first_position, packed = shared
         return CaptureBatch(
             layer=layer,
             kind=kind,
@@ -192,10 +274,10 @@ class Session(SequenceTracker):
             position=position,
             bucket=bucket,
             vectors=vectors,
-            valid=tokens.valid_count,  # the forward's, also for a suffix of its queries
+            valid=valid,  # the forward's, also for a suffix of its queries
             token_id=token_id,
-            first_position=None if cross and kind == "k" else tokens.first_position,
-            packed=tokens.packed,
+            first_position=first_position,
+            packed=packed,
         )
 
     def _selection(self, forward, spec: SelectionSpec, tokens) -> Selection:
@@ -297,6 +379,10 @@ def cross_attention_keys(key: torch.Tensor, mask) -> tuple[int, TextTokens]:
     positions = torch.arange(num_keys, device=key.device).expand(batch, num_keys)
     none_packed = torch.zeros(batch, dtype=torch.bool, device=key.device)
     return 0, TextTokens(positions, valid, valid.sum(1), positions[:, 0], none_packed, None)
+
+
+def _new_on(device: torch.device):
+    return lambda dtype, shape: torch.empty(shape, dtype=dtype, device=device)
 
 
 def _as_states(table: torch.Tensor, batch_size: int, device) -> torch.Tensor:

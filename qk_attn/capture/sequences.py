@@ -23,6 +23,7 @@ from qk_attn.capture.forward import (
     running,
 )
 from qk_attn.capture.hooks import watch_forward
+from qk_attn.capture.staging import OffsetCheck
 from qk_attn.errors import CaptureError
 
 logger = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ class SequenceTracker:
             forward.add_mask_kind(kv_length, kv_offset)  # another mask kind of the same forward
             return
         if forward is not None:
-            self._discard_if_unfinished(forward)
+            self._retire(forward)
         self._end_forward()  # the previous forward is over: back-pressure belongs here, not in a layer
         caller = model_forward(batch_size, q_length)
         try:
@@ -86,9 +87,11 @@ class SequenceTracker:
             self._discard(None, "was refused", config, caller.cache)
             raise
         mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+        past, check = self._past(config, caller.cache, q_offset)
         forward = ForwardContext(
-            config, batch_size, q_length, host_int(q_offset), mask, caller.input_ids, caller.position_ids, caller.cache
+            config, batch_size, q_length, past, mask, caller.input_ids, caller.position_ids, caller.cache
         )
+        forward.offset_check = check
         forward.unfinished = unfinished
         if caller.images and caller.position_ids is not None and caller.position_ids.dim() == 3:
             self._discard(None, "was refused", config, caller.cache)
@@ -109,6 +112,19 @@ class SequenceTracker:
         self._forwards[id(config)] = forward
         forward.add_mask_kind(kv_length, kv_offset)
 
+    def _past(self, config, cache, q_offset) -> tuple[int, OffsetCheck | None]:
+        """Tokens already in the cache. A static cache gives a device scalar: reading it would stop the
+        host from running ahead, so a forward that continues this cache's sequence takes the
+        sequence's end instead, and the sink checks it against the device value with the rows. A
+        sequence's first forward (or one after `begin`) reads it."""
+        if not isinstance(q_offset, torch.Tensor):
+            return int(q_offset or 0), None
+        sequence = self._sequences.get((id(config), id(cache))) if cache is not None else None
+        if sequence is None or sequence.cache() is not cache or self._pending_ids is not None:
+            return host_int(q_offset), None
+        # A snapshot (no host read): the cache may advance the tensor in place as the layers run.
+        return sequence.end, OffsetCheck(q_offset.detach().clone(), sequence.end, tuple(sequence.ids))
+
     def on_forward_start(self, config, kwargs: dict) -> None:
         """The decoder stack of `config` starts a forward (registration.watch_forward). Whatever an
         earlier forward left is over: discarded unless it ended, never reused. A mask built for this
@@ -120,7 +136,7 @@ class SequenceTracker:
             if entry.state == "pending" and not entry.used and prepared:
                 entry.adopt(kwargs)
                 return
-            self._discard_if_unfinished(entry)
+            self._retire(entry)
         self._forwards[id(config)] = _STARTED
 
     def on_forward_end(self, config) -> None:
@@ -128,6 +144,7 @@ class SequenceTracker:
         entry = self._forwards.get(id(config))
         if isinstance(entry, ForwardContext) and entry.state == "running":
             entry.finished = True
+            self._hand_off(entry)
             del self._forwards[id(config)]
 
     def on_layers_done(self, config) -> None:
@@ -155,6 +172,22 @@ class SequenceTracker:
             return entry
         return None
 
+    def _retire(self, forward: ForwardContext) -> None:
+        """A forward is over: its rows go to the sink in one hand-off, unless it stopped part-way."""
+        self._discard_if_unfinished(forward)
+        self._hand_off(forward)
+
+    def _hand_off(self, forward: ForwardContext) -> None:
+        """The forward's staged rows to the sink, once (qk_attn.capture.staging)."""
+        staging, forward.staging = forward.staging, None
+        if staging is None:
+            return
+        if forward.offset_check is not None:
+            staging.check(forward.offset_check)
+        if staging.calls or staging.checks:
+            self.sink.put_forward(staging)
+        staging.handed_off()
+
     def _discard_if_unfinished(self, forward: ForwardContext) -> None:
         """A forward that stopped part-way (an exception inside the model, caught by the caller, or
         an interrupt in a notebook) recorded some layers only: its sequences are discarded, never
@@ -167,6 +200,8 @@ class SequenceTracker:
     def _discard(self, forward: ForwardContext | None, why: str, config=None, cache=None) -> None:
         """Forget the sequences `forward` extends (or, before it has a context, the one of `cache` of the
         model of `config`): their rows are dropped and they are neither committed nor continued."""
+        if forward is not None:
+            forward.staging = None  # its staged rows are dropped, never handed off
         ids = set(forward.example_ids or ()) if forward is not None else set()
         key = (
             self._cache_key(forward) if forward is not None else (id(config), id(cache) if cache is not None else None)
@@ -194,7 +229,7 @@ class SequenceTracker:
         """Outside every forward (commit, flush): discard what an unfinished forward recorded."""
         for forward in list(self._forwards.values()):
             if isinstance(forward, ForwardContext):
-                self._discard_if_unfinished(forward)
+                self._retire(forward)
         self._end_forward()
 
     def _end_forward(self) -> None:

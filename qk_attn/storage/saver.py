@@ -36,7 +36,7 @@ from qk_attn.storage.folder import card_is_ours
 from qk_attn.storage.layout import key_name
 from qk_attn.storage.manifest import write_json_atomic
 from qk_attn.storage.shards import KeyBuffer, Written, write_buffer, write_table
-from qk_attn.storage.transfer import Piece
+from qk_attn.storage.transfer import ForwardPiece, Piece
 
 logger = logging.getLogger(__name__)
 
@@ -128,13 +128,20 @@ class SaverThread(Committer):
                 self._error = error
             finally:
                 # Free pool space and wake waiters even after an error: a producer must never hang.
-                if isinstance(item, Piece):
+                if isinstance(item, (Piece, ForwardPiece)):
                     item.release()
                 elif isinstance(item, _Flush):
                     item.done.set()
 
     def _handle(self, item) -> None:
-        if isinstance(item, Piece):
+        if isinstance(item, ForwardPiece):
+            item.wait()
+            for check in item.checks:
+                check.verify()
+            for call in item.calls:
+                rows = call.host_rows() if isinstance(call, CaptureBatch) else _empty_call(*call).host_rows()
+                self._accept(rows, True)
+        elif isinstance(item, Piece):
             item.wait()
             self._accept(item.rows(), item.first)
         elif isinstance(item, _Flush):

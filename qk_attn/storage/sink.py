@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from qk_attn.capture.batch import CaptureBatch, Sink
 from qk_attn.config import SniffConfig
-from qk_attn.errors import CaptureOverflow, CommittedExampleError, SaverError, StorageError
+from qk_attn.errors import CaptureError, CaptureOverflow, CommittedExampleError, SaverError, StorageError
 from qk_attn.storage.examples import check_examples_file
 from qk_attn.storage.folder import open_capture, release_lock, take_lock
 from qk_attn.storage.layout import Files
@@ -111,6 +111,9 @@ class ParquetSink(SaverThread, Sink):
         self._exported_at = float("-inf")  # last write of OUT/examples.parquet
         self._spilling: list = []  # (future, bytes) of spills being written
         self._transfer = Transfer(config.pinned_mb << 20)
+        # A forward's rows are staged whole when they fit half the pool: the saver can hold the
+        # previous forward's piece while the next one is copied in.
+        self.staging_limit = (config.pinned_mb << 20) // 2
         self._writers = Writers(writer_threads)
         self._queue: queue.Queue = queue.Queue()
         self._sender = Sender(self._transfer, self._queue.put, self.check)
@@ -152,13 +155,30 @@ class ParquetSink(SaverThread, Sink):
         self.check()
         if self._closed:
             raise RuntimeError(f"the qk-sniff sink for {self.output} is closed")
-        if not self._committed.isdisjoint(batch.example_ids):
-            done = sorted(self._committed.intersection(batch.example_ids))
+        self._refuse_committed(batch.example_ids)
+        self._sender.put(batch)
+
+    def _refuse_committed(self, example_ids) -> None:
+        if not self._committed.isdisjoint(example_ids):
+            done = sorted(self._committed.intersection(example_ids))
             raise CommittedExampleError(
                 f"rows for example(s) {done[:5]} arrived, but they are already committed in {self.output}; "
                 "skip committed examples (committed_ids()) or give new examples new ids (after max_committed_id())"
             )
-        self._sender.put(batch)
+
+    def prepare(self, device) -> None:
+        """The pinned pool, allocated at the first forward's first recorded call."""
+        self._transfer.prepare(device)
+
+    def put_forward(self, staging) -> None:
+        """A forward's rows at its end: one copy into the pool (waiting for space here, between
+        forwards) and one piece to the saver."""
+        self.check()
+        if self._closed:
+            raise RuntimeError(f"the qk-sniff sink for {self.output} is closed")
+        self._refuse_committed(staging.example_ids)
+        self._sender.drain()  # streamed calls of an earlier forward go first
+        self._queue.put(self._transfer.send_forward(staging, self.check))
 
     def put_empty(
         self, layer: int, kind: str, heads, example_ids, sliding_window, cross_attention: bool, tokens
@@ -213,7 +233,7 @@ class ParquetSink(SaverThread, Sink):
         error = self._error
         if error is None:
             return
-        if isinstance(error, (CaptureOverflow, CommittedExampleError)):
+        if isinstance(error, (CaptureError, CaptureOverflow, CommittedExampleError)):
             raise type(error)(str(error)) from error
         raise SaverError(
             f"qk-sniff saver for {self.output} failed: {type(error).__name__}: {error}. Examples committed before "

@@ -22,6 +22,7 @@ known on the host when the copy is issued); the staging capacity bounds that was
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -161,16 +162,48 @@ class Transfer:
             self.pool = HostPool(self.pool_bytes, pin=device.type == "cuda" or torch.cuda.is_available())
         return self.pool
 
+    def prepare(self, device: torch.device) -> None:
+        """Allocate the pool at the first forward's start, not inside an attention call."""
+        self._pool_for(device)
+
+    def send_forward(self, staging, check: Callable[[], None]) -> ForwardPiece:
+        """A forward's staged rows (qk_attn.capture.staging.Staging) as one piece, waiting for pool space
+        (between forwards). Buffer mode on CUDA: one copy of the used bytes into the pinned pool and one
+        event; the staging buffer is returned for reuse after that event. Elsewhere the staged host
+        tensors are the piece (the region accounts for their bytes, as in `send`)."""
+        pool = self._pool_for(staging.device)
+        calls = staging.calls
+        if staging.bytes is not None and staging.device.type == "cuda":
+            region = pool.acquire(staging.used, check)
+            host = pool.buffer[region[0] : region[0] + staging.used]
+            event = self._copy([(host, staging.bytes[: staging.used])], staging.device, staging.stream)
+            staging.returned(event)
+            base = staging.bytes.data_ptr()
+            calls = [_moved(call, lambda t: _rebase(t, base, host)) for call in calls]
+            checks = [c._replace(value=_rebase(c.value, base, host)) for c in staging.checks]
+        else:
+            nbytes = sum(_nbytes(call) for call in calls if isinstance(call, CaptureBatch))
+            region = pool.acquire(min(nbytes, pool.nbytes), check)
+            event, checks = None, staging.checks
+        return ForwardPiece(calls, checks, event, region, pool)
+
     def pieces(self, batch: CaptureBatch, check: Callable[[], None] = lambda: None) -> Iterator[Piece]:
         """Copy `batch` into the pool in pieces, waiting for space; yields each piece as soon as
         its copy is issued. The consumer must hand each piece on before asking for the next."""
         yield from self.send(batch, 0, check, wait=True)
 
     def send(
-        self, batch: CaptureBatch, start: int, check: Callable[[], None], wait: bool, stopped: list | None = None
+        self,
+        batch: CaptureBatch,
+        start: int,
+        check: Callable[[], None],
+        wait: bool,
+        stopped: list | None = None,
+        producer=None,
     ) -> Iterator[Piece]:
         """Pieces of `batch` from staging row `start` on. With `wait=False` it stops at the first
-        piece the pool has no room for and appends that row to `stopped` (the rest is sent later)."""
+        piece the pool has no room for and appends that row to `stopped` (the rest is sent later).
+        `producer`: the event recorded where the batch was made (a deferred batch), else the current stream."""
         device = batch.vectors.device
         pool = self._pool_for(device)
         heads, cap, dim = batch.vectors.shape
@@ -214,7 +247,7 @@ class Transfer:
                     views[name] = pool.view(offset, dt, shape)
                     pairs.append((views[name], src))
                     offset += size
-                event = self._copy(pairs, device)
+                event = self._copy(pairs, device, producer)
             else:
                 # Host tensors are handed over, not copied (a batch is not modified after `put`):
                 # the region only accounts for their bytes, so the pool still bounds what is in
@@ -235,17 +268,18 @@ class Transfer:
             if start >= cap:
                 return
 
-    def _copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device):
-        if device.type != "cuda":
-            for dst, src in pairs:
-                dst.copy_(src)
-            return None
+    def _copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device, producer=None):
+        """Copy on a side stream after everything `producer` (a stream or an event recorded on it; by
+        default the current stream) queued so far; returns the copy's event."""
         index = device.index if device.index is not None else torch.cuda.current_device()
         stream = self._streams.get(index)
         if stream is None:
             stream = self._streams[index] = torch.cuda.Stream(device=index)
-        # The side stream must see everything the compute stream queued before this call.
-        stream.wait_stream(torch.cuda.current_stream(index))
+        producer = torch.cuda.current_stream(index) if producer is None else producer
+        if isinstance(producer, torch.cuda.Event):
+            stream.wait_event(producer)
+        else:
+            stream.wait_stream(producer)
         with torch.cuda.stream(stream):
             for dst, src in pairs:
                 dst.copy_(src, non_blocking=True)
@@ -284,9 +318,9 @@ class Sender:
                 self.emit(piece)
             if not stopped:
                 return
-            self.deferred.append([batch, stopped[0]])
+            self.deferred.append([batch, stopped[0], _produced(batch)])
         else:
-            self.deferred.append([batch, 0])
+            self.deferred.append([batch, 0, _produced(batch)])
         self.deferred_bytes += _nbytes(batch)
         pool = self.transfer.pool
         if self.deferred_bytes > pool.nbytes:
@@ -302,8 +336,8 @@ class Sender:
     def drain(self) -> None:
         """Send every deferred batch, waiting for pool space (never call inside an attention call)."""
         while self.deferred:
-            batch, start = self.deferred[0]
-            for piece in self.transfer.send(batch, start, self.check, wait=True):
+            batch, start, produced = self.deferred[0]
+            for piece in self.transfer.send(batch, start, self.check, wait=True, producer=produced):
                 self.emit(piece)
             self.deferred.popleft()
             self.deferred_bytes -= _nbytes(batch)
@@ -315,3 +349,46 @@ class Sender:
 
 def _nbytes(batch: CaptureBatch) -> int:
     return batch.vectors.numel() * batch.vectors.element_size()
+
+
+def _produced(batch: CaptureBatch):
+    """An event on the stream that made `batch` (CUDA): a deferred copy waits for it, not for whatever
+    stream is current when it is finally sent."""
+    if batch.vectors.device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(batch.vectors.device))
+    return event
+
+
+def _rebase(tensor: torch.Tensor | None, base: int, host: torch.Tensor) -> torch.Tensor | None:
+    """The view of `host` (the pool's copy of a staging buffer at `base`) where `tensor` was in the buffer."""
+    if tensor is None:
+        return None
+    offset = tensor.data_ptr() - base
+    return host[offset : offset + tensor.numel() * tensor.element_size()].view(tensor.dtype).view(tensor.shape)
+
+
+def _moved(call, move):
+    """`call` (a CaptureBatch or an empty call) with every tensor replaced by `move(tensor)`."""
+    if not isinstance(call, CaptureBatch):
+        return call
+    return dataclasses.replace(call, **{name: move(getattr(call, name)) for name in _TENSORS})
+
+
+_TENSORS = ("count", "row", "position", "bucket", "vectors", "valid", "token_id", "first_position", "packed")
+
+
+class ForwardPiece:
+    """One forward's rows in host memory (`Transfer.send_forward`): its calls (CaptureBatch views of
+    the pool, or an empty call), the offset checks to verify first, and the event of the one copy."""
+
+    def __init__(self, calls: list, checks: list, event, region: list, pool: HostPool) -> None:
+        self.calls, self.checks, self.event, self.region, self.pool = calls, checks, event, region, pool
+
+    def wait(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
+
+    def release(self) -> None:
+        self.pool.release(self.region)
