@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -83,20 +84,19 @@ class CaptureBatch:
             self.layer, self.kind, self.heads, self.example_ids, self.sliding_window, self.cross_attention, **moved
         )
 
-    def host_rows(self, first_row: int = 0, staging_capacity: int | None = None, with_valid: bool = True) -> HostRows:
+    def host_rows(
+        self, first_row: int = 0, staging_capacity: int | None = None, with_valid: bool = True, per_row=None
+    ) -> HostRows:
         """Trim to `count` on the host. Raises `CaptureOverflow` instead of dropping rows.
 
         A transfer piece holds rows [first_row, first_row + capacity) of a batch whose whole
         staging buffer had `staging_capacity` rows; only its first piece reports `valid`.
+        `per_row`: its (valid, first position) dicts, already read (`PerRow`).
         `vectors` may stay a view of this batch's memory; the small columns are copies.
         """
         count = int(self.count.reshape(-1)[0])
-        if self.packed is not None and bool(self.packed.any()):
-            packed = [self.example_ids[i] for i in self.packed.nonzero().flatten().tolist()]
-            raise PackedSequences(
-                f"examples {packed}: positions restart inside a batch row (packed documents), so positions would "
-                "repeat within one example; run one document per batch row (pad instead of packing)"
-            )
+        if per_row is None:
+            per_row = PerRow().read(self.example_ids, self.valid, self.first_position, self.packed)
         staging_capacity = self.capacity if staging_capacity is None else staging_capacity
         if count > staging_capacity:
             raise CaptureOverflow(
@@ -105,11 +105,9 @@ class CaptureBatch:
                 f"a smaller batch, or report this (the capacity bound is mean + 8 sd)."
             )
         n = min(max(count - first_row, 0), self.capacity)
-        row = self.row[:n].cpu().numpy()
+        row = self.row[:n].numpy(force=True)
         ids = np.asarray(self.example_ids, dtype=np.int64)
-        first = {}
-        if with_valid and self.first_position is not None:
-            first = dict(zip(self.example_ids, self.first_position.cpu().tolist()))
+        valid, first = per_row if with_valid else ({}, {})
         return HostRows(
             layer=self.layer,
             kind=self.kind,
@@ -117,12 +115,65 @@ class CaptureBatch:
             sliding_window=self.sliding_window,
             cross_attention=self.cross_attention,
             example_id=ids[row] if n else np.zeros(0, np.int64),
-            position=self.position[:n].cpu().numpy().astype(np.int32, copy=True),
-            bucket=self.bucket[:n].cpu().numpy().astype(np.int32, copy=True),
-            vectors=self.vectors[:, :n].cpu().numpy(),
-            valid=dict(zip(self.example_ids, self.valid.cpu().tolist())) if with_valid else {},
-            token_id=None if self.token_id is None else self.token_id[:n].cpu().numpy().astype(np.int32, copy=True),
+            position=self.position[:n].numpy(force=True).astype(np.int32, copy=True),
+            bucket=self.bucket[:n].numpy(force=True).astype(np.int32, copy=True),
+            vectors=self.vectors[:, :n].numpy(force=True),
+            valid=valid,
+            token_id=None if self.token_id is None else self.token_id[:n].numpy(force=True).astype(np.int32, copy=True),
             first_position=first,
+        )
+
+
+class PerRow:
+    """The per-batch-row columns of calls on the host, read once per tensor: a forward's calls share
+    them (valid counts, first positions), and a row whose positions restart is refused here."""
+
+    def __init__(self) -> None:
+        self._read: dict[tuple, tuple] = {}
+
+    def read(self, example_ids, valid, first_position, packed) -> tuple[dict, dict]:
+        key = (id(valid), id(first_position), id(packed))
+        cached = self._read.get(key)
+        if cached is not None and all(a is b for a, b in zip(cached[0], (valid, first_position, packed))):
+            return cached[1]
+        if packed is not None and packed.any():
+            rows = [example_ids[i] for i in packed.nonzero().flatten().tolist()]
+            raise PackedSequences(
+                f"examples {rows}: positions restart inside a batch row (packed documents), so positions would "
+                "repeat within one example; run one document per batch row (pad instead of packing)"
+            )
+        first = {} if first_position is None else dict(zip(example_ids, first_position.tolist()))
+        result = dict(zip(example_ids, valid.tolist())), first
+        self._read[key] = ((valid, first_position, packed), result)
+        return result
+
+
+def forward_rows(calls) -> Iterator[HostRows]:
+    """A forward's calls on the host (CaptureBatch, or an empty call: qk_attn.capture.staging.EmptyCall)
+    as host rows, reading the per-row columns they share once."""
+    per_row = PerRow()
+    empty = np.zeros(0, np.int64)
+    for call in calls:
+        if isinstance(call, CaptureBatch):
+            shared = per_row.read(call.example_ids, call.valid, call.first_position, call.packed)
+            yield call.host_rows(per_row=shared)
+            continue
+        tokens = call.tokens
+        first = None if call.cross_attention and call.kind == "k" else tokens.first_position
+        valid, first = per_row.read(call.example_ids, tokens.valid_count, first, tokens.packed)
+        yield HostRows(
+            call.layer,
+            call.kind,
+            call.heads,
+            call.sliding_window,
+            call.cross_attention,
+            empty,
+            empty.astype(np.int32),
+            empty.astype(np.int32),
+            np.zeros((len(call.heads), 0, 1), np.float32),
+            valid,
+            None,
+            first,
         )
 
 

@@ -26,7 +26,7 @@ from qk_attn.capture.gather import (
 from qk_attn.capture.plan import HeadPlan, ModelShape
 from qk_attn.capture.rope import invert_rope, uses_rope
 from qk_attn.capture.sequences import SequenceTracker
-from qk_attn.capture.staging import EmptyCall, Staging, StagingBuffer, call_bytes, shared_bytes
+from qk_attn.capture.staging import EmptyCall, Staging, StagingBuffer, call_bytes, forward_bytes, shared_bytes
 from qk_attn.config import SniffConfig
 from qk_attn.errors import CaptureError, ConfigError
 from qk_attn.sampler import Sampler
@@ -182,12 +182,7 @@ class Session(SequenceTracker):
         dtype = torch.float32 if self.config.rope == "pre" else _DTYPES[self.config.vector_dtype]
         capacity = batch_size * self.sampler.capacity(num_new)
         tokens = forward.input_ids is not None
-        nbytes = 3 * shared_bytes(batch_size) + sum(
-            call_bytes(capacity, len(model.plan.heads(layer, kind)), query.shape[-1], dtype.itemsize, tokens)
-            for layer in range(model.plan.shape.num_layers)
-            for kind in ("q", "k")
-            if model.plan.heads(layer, kind)
-        )
+        nbytes = forward_bytes(model.plan, capacity, batch_size, query.shape[-1], dtype.itemsize, tokens)
         limit = self.sink.staging_limit
         streams = limit is not None and nbytes > limit
         buffer = None

@@ -35,6 +35,18 @@ def call_bytes(capacity: int, heads: int, head_dim: int, itemsize: int, token_id
     return columns + aligned(heads * capacity * head_dim * itemsize) + (aligned(4 * capacity) if token_ids else 0)
 
 
+def forward_bytes(plan, capacity: int, batch_size: int, head_dim: int, itemsize: int, token_ids: bool) -> int:
+    """The most bytes one forward stages: every planned (layer, kind) call at `capacity` rows (the
+    sampler's bound for the forward's tokens), and its per-row columns."""
+    calls = (
+        call_bytes(capacity, len(plan.heads(layer, kind)), head_dim, itemsize, token_ids)
+        for layer in range(plan.shape.num_layers)
+        for kind in ("q", "k")
+        if plan.heads(layer, kind)
+    )
+    return 3 * shared_bytes(batch_size) + sum(calls)
+
+
 def shared_bytes(batch_size: int) -> int:
     """Bytes of one forward's per-row columns (valid counts, first positions, packed flags)."""
     return 2 * aligned(8 * batch_size) + aligned(batch_size)

@@ -27,9 +27,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow.parquet as pq
-import torch
 
-from qk_attn.capture.batch import CaptureBatch, HostRows
+from qk_attn.capture.batch import HostRows, forward_rows
 from qk_attn.storage.commit import NO_POSITION, Committer
 from qk_attn.storage.examples import write_examples
 from qk_attn.storage.folder import card_is_ours
@@ -42,28 +41,6 @@ logger = logging.getLogger(__name__)
 
 COMPACT_AT_CLOSE = 16
 EXPORT_EVERY_S = 60.0  # OUT/examples.parquet is rewritten at most this often while running (and at close)
-
-
-def _empty_call(layer, kind, heads, example_ids, sliding_window, cross_attention, tokens) -> CaptureBatch:
-    """The CaptureBatch of an attention call that selected nothing: no rows, the forward's valid
-    counts and first positions (and its packed flags, checked by host_rows like any batch's)."""
-    empty = torch.zeros(0, dtype=torch.int64)
-    return CaptureBatch(
-        layer,
-        kind,
-        heads,
-        example_ids,
-        sliding_window,
-        cross_attention,
-        count=torch.zeros(1, dtype=torch.int64),
-        row=empty,
-        position=empty,
-        bucket=empty,
-        vectors=torch.zeros(len(heads), 0, 1),
-        valid=tokens.valid_count,
-        first_position=None if cross_attention and kind == "k" else tokens.first_position,
-        packed=tokens.packed,
-    )
 
 
 @dataclass
@@ -138,9 +115,9 @@ class SaverThread(Committer):
             item.wait()
             for check in item.checks:
                 check.verify()
-            for call in item.calls:
-                rows = call.host_rows() if isinstance(call, CaptureBatch) else _empty_call(*call).host_rows()
-                self._accept(rows, True)
+            for rows in forward_rows(item.calls):
+                self._accept(rows, True, in_budget=False)
+            self._keep_in_budget()
         elif isinstance(item, Piece):
             item.wait()
             self._accept(item.rows(), item.first)
@@ -171,15 +148,15 @@ class SaverThread(Committer):
             self._complete(wait=False)
             if self._waiting_since is not None and time.monotonic() - self._waiting_since >= self.commit_every_s:
                 self._finalize()
-        elif item[0] == "empty":
-            self._accept(_empty_call(*item[1:]).host_rows(), True)
         elif item[0] == "describe":
             self._described[item[1]] = item[2:]
         elif item[0] == "discard":
             self._drop(set(item[1]) - self._ready - self._durable)
             self._seal()  # the segment may have waited for them only
 
-    def _accept(self, rows: HostRows, first: bool) -> None:
+    def _accept(self, rows: HostRows, first: bool, in_budget: bool = True) -> None:
+        """Rows into the open segment's buffers; `in_budget`: then keep the buffers within buffer_mb
+        (a forward's piece does that once, after all its calls)."""
         seg = self._open
         if first:
             seg.examples.update(int(i) for i in rows.valid)
@@ -205,6 +182,11 @@ class SaverThread(Committer):
             vectors = np.array(rows.vectors[index], dtype=storage, order="C").reshape(-1)
             buffer.add(rows.example_id, rows.position, rows.bucket, vectors, rows.token_id)
         self.rows_written += len(rows) * len(rows.heads)
+        if in_budget:
+            self._keep_in_budget()
+
+    def _keep_in_budget(self) -> None:
+        seg = self._open
         buffered = self._buffered()
         self.max_buffered_bytes = max(self.max_buffered_bytes, buffered)
         if buffered > self.buffer_bytes * 3 // 4:

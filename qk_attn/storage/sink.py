@@ -180,16 +180,6 @@ class ParquetSink(SaverThread, Sink):
         self._sender.drain()  # streamed calls of an earlier forward go first
         self._queue.put(self._transfer.send_forward(staging, self.check))
 
-    def put_empty(
-        self, layer: int, kind: str, heads, example_ids, sliding_window, cross_attention: bool, tokens
-    ) -> None:
-        """An attention call of which the sampler keeps nothing, known on the CPU before any
-        selection (the session skips its gather): it ran, its heads count as heads that ran with 0
-        rows, and its valid tokens count towards the examples' lengths. `tokens` is the forward's
-        TextTokens (CPU tensors). A few microseconds here: the saver thread does the rest."""
-        self.check()
-        self._queue.put(("empty", layer, kind, tuple(heads), example_ids, sliding_window, cross_attention, tokens))
-
     def end_forward(self) -> None:
         """Called once after every model forward, outside attention calls: sends what waited on
         the device, waiting for pool space (this is where back-pressure happens)."""
