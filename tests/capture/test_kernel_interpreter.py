@@ -332,6 +332,8 @@ def test_session_capture_is_identical_through_kernel_and_torch_paths(tmp_path, m
 
     kernel_rows = capture(tmp_path / "kernel", kernel=True)
     assert launches, "the session never launched the kernel"
+    if rope == "post":  # one launch per (layer, kind), token ids included (issue 20)
+        assert len(launches) == config.num_hidden_layers * 2
     torch_rows = capture(tmp_path / "torch", kernel=False)
     assert kernel_rows.keys() == torch_rows.keys() and len(kernel_rows) > 0
     for name in kernel_rows:

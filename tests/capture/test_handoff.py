@@ -1,0 +1,139 @@
+"""The work of one decode step, counted (issue 20): the structural guarantee that holds on a GPU too.
+
+Per step of a decode over a dynamic cache, into a Parquet session: at most one gather per recorded
+(layer, kind) and none for a call the sampler keeps nothing of, one hand-off of the whole forward
+(`Transfer.send_forward`: on CUDA its one device-to-host copy), no per-call transfer, and one piece
+on the saver's queue. The rows written are still every row of the decode (checked against the
+model's own states).
+"""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import qk_attn
+from qk_attn.capture import recorder
+from qk_attn.storage.manifest import read_manifest
+from qk_attn.storage.transfer import ForwardPiece, Piece, Transfer
+from support.models import build, cache_kw
+
+PROMPT, STEPS = 8, 5
+LAYERS, KINDS = 3, 2  # the tiny llama: every layer records q and k
+
+
+class Counts:
+    """Calls counted per decode step (`step` is set by the test before each forward)."""
+
+    def __init__(self) -> None:
+        self.step = -1
+        self.per_step: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
+
+    def count(self, what: str, n: int = 1) -> None:
+        self.per_step[self.step][what] += n
+
+    def wrap(self, monkeypatch, owner, name: str, what: str) -> None:
+        original = getattr(owner, name)
+
+        def counted(*args, **kwargs):
+            self.count(what)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, counted)
+
+
+def _decode(tmp_path, monkeypatch, sampler: str, **settings) -> tuple[Counts, object]:
+    model = build("llama3", "qk_sniff")
+    counts = Counts()
+    counts.wrap(monkeypatch, recorder, "gather_selected", "gathers")  # the torch path's one gather per call
+    counts.wrap(monkeypatch, recorder, "select_tokens", "selections")
+    counts.wrap(monkeypatch, Transfer, "send_forward", "hand-offs")
+    counts.wrap(monkeypatch, Transfer, "send", "per-call transfers")
+    counts.wrap(monkeypatch, Transfer, "_copy", "device-to-host copies")
+    torch.manual_seed(5)
+    ids = torch.randint(2, 90, (1, PROMPT + STEPS))
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode(), qk_attn.session(output=str(tmp_path / "out"), sampler=sampler, **settings) as s:
+        queue_put = s.sink._queue.put
+
+        def put(item, *args, **kwargs):
+            if isinstance(item, (ForwardPiece, Piece)):
+                counts.count("pieces")
+            return queue_put(item, *args, **kwargs)
+
+        s.sink._queue.put = put
+        s.begin([0])
+        model(input_ids=ids[:, :PROMPT], **cache_kw(cache))
+        for step in range(STEPS):
+            counts.step = step
+            model(input_ids=ids[:, PROMPT + step : PROMPT + step + 1], **cache_kw(cache))
+        counts.step = STEPS
+        s.commit()
+    return counts, read_manifest(tmp_path / "out")
+
+
+@pytest.mark.parametrize("sampler", ["all", "uniform"])
+def test_one_hand_off_and_one_piece_per_decode_step(tmp_path, monkeypatch, sampler):
+    settings = {"min_bucket_size": 4, "base_rate": 0.5} if sampler == "uniform" else {}
+    counts, _ = _decode(tmp_path, monkeypatch, sampler, **settings)
+    # Step 0 also hands off the prompt's forward (the first forward's end is known at the next mask).
+    for step in range(1, STEPS):
+        work = counts.per_step[step]
+        assert work["hand-offs"] == 1 and work["pieces"] == 1, (step, work)
+        assert work["per-call transfers"] == 0 and work["device-to-host copies"] == 0, (step, work)  # CPU: none
+        assert work["gathers"] <= LAYERS * KINDS, (step, work)
+        if sampler == "all":  # every call keeps its one token; the selection is made once per forward
+            assert work["gathers"] == LAYERS * KINDS and work["selections"] == 1, (step, work)
+    assert counts.per_step[0]["pieces"] == 2
+
+
+def test_calls_that_keep_nothing_cost_no_gather(tmp_path, monkeypatch):
+    """base_rate 0 past the first bucket: decode positions are never kept, so no step gathers anything,
+    yet each step's calls are handed off (the heads ran, with 0 rows)."""
+    counts, manifest = _decode(tmp_path, monkeypatch, "log_uniform", min_bucket_size=4, base_rate=1e-9)
+    for step in range(1, STEPS):
+        work = counts.per_step[step]
+        assert work["gathers"] == 0 and work["selections"] == 0 and work["pieces"] == 1, (step, work)
+    assert manifest["examples"] == {"0": PROMPT + STEPS}  # every token counted, none kept
+    assert set(manifest["calls"].values()) == {1 + STEPS}  # every head of every call ran: prompt + steps
+    assert not any(manifest["row_counts"].values())
+
+
+def test_every_decoded_row_arrives(tmp_path, monkeypatch):
+    """The hand-off loses nothing: under "all" every layer, kind and head has every position."""
+    _decode(tmp_path, monkeypatch, "all")
+    table = qk_attn.load(str(tmp_path / "out"))
+    model = build("llama3", "qk_sniff")
+    heads = {"q": model.config.num_attention_heads, "k": model.config.num_key_value_heads}
+    keys = collections.Counter(zip(table["layer"].to_pylist(), table["kind"].to_pylist(), table["head"].to_pylist()))
+    assert set(keys) == {(layer, kind, h) for layer in range(LAYERS) for kind in heads for h in range(heads[kind])}
+    assert set(keys.values()) == {PROMPT + STEPS}
+    assert sorted(set(table["position"].to_pylist())) == list(range(PROMPT + STEPS))
+
+
+@pytest.mark.parametrize("output", [False, True])
+def test_a_static_cache_offset_the_host_derived_is_checked_with_the_rows(tmp_path, output):
+    """Decode steps over a static cache take their offset from the sequence (no device read per
+    forward); a cache reset behind the session's back makes that offset wrong, and the rows of that
+    forward are refused loudly, in memory and in Parquet, never recorded at the wrong slot."""
+    from transformers import StaticCache
+
+    from qk_attn.errors import CaptureError, SaverError
+
+    model = build("llama3", "qk_sniff")
+    ids = torch.randint(2, 90, (1, 9), generator=torch.Generator().manual_seed(1))
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    settings = {"output": str(tmp_path / "out")} if output else {}
+    with pytest.raises((CaptureError, SaverError), match="the cache was at position 0, not 7"):
+        with torch.inference_mode(), qk_attn.session(sampler="all", **settings) as s:
+            model(input_ids=ids[:, :5], **cache_kw(cache))
+            for t in range(5, 7):  # derived offsets 5 and 6: both right
+                model(input_ids=ids[:, t : t + 1], **cache_kw(cache))
+            cache.reset()  # not told to the session
+            model(input_ids=ids[:, 7:8], **cache_kw(cache))
+            s.flush()
+    if output:
+        assert read_manifest(tmp_path / "out")["examples"] == {}  # nothing of the refused sequence
