@@ -244,12 +244,9 @@ class Session(SequenceTracker):
         elif pre_rope or uses_kernel(states, out_dtype):
             columns = self._select_and_gather(module, spec, tokens, pre_rope, rotary)
         else:  # the torch path: one selection serves the vectors and the token ids
-            selection = self._selection(forward, spec, tokens)
+            selection, token_id = self._selection(forward, spec, tokens)
             every_head = len(heads) == states.shape[1] and tuple(heads) == tuple(range(len(heads)))
             vectors = gather_selected(states, selection, offset, None if every_head else head_ids, out_dtype)
-            token_id = None
-            if tokens.token_ids is not None:
-                token_id = tokens.token_ids[selection.batch, 0, selection.token, 0].to(torch.int32)
             columns = (selection.count, selection.row, selection.position, selection.bucket, vectors, token_id)
         shared = (tokens.valid_count, None if cross and kind == "k" else tokens.first_position, tokens.packed)
         if staging is not None:  # in buffer mode every column is part of the staged bytes
@@ -275,18 +272,17 @@ class Session(SequenceTracker):
             packed=packed,
         )
 
-    def _selection(self, forward, spec: SelectionSpec, tokens) -> Selection:
-        """The sampler's selection of one call. Under "all" it is every valid token for every
-        layer and kind, so it is made once per forward (a dense decode step has 2 x layers calls)."""
-        if self.sampler.strategy == "all":
-            cached = forward.selections.get(id(tokens))
-            if cached is None or cached[0] is not tokens:
-                cached = forward.selections[id(tokens)] = (
-                    tokens,
-                    select_tokens(tokens.valid, tokens.positions, self.sampler, spec.capacity),
-                )
-            return cached[1]
-        return select_tokens(spec.decide(), tokens.positions, self.sampler, spec.capacity)
+    def _selection(self, forward, spec: SelectionSpec, tokens) -> tuple[Selection, torch.Tensor | None]:
+        """The sampler's selection of one call, and the token id of each selected token. Under "all"
+        it is every valid token for every layer and kind, so it is made once per forward (a dense
+        decode step has 2 x layers calls)."""
+        if self.sampler.strategy != "all":
+            return _with_token_ids(select_tokens(spec.decide(), tokens.positions, self.sampler, spec.capacity), tokens)
+        cached = forward.selections.get(id(tokens))
+        if cached is None or cached[0] is not tokens:
+            selection = select_tokens(tokens.valid, tokens.positions, self.sampler, spec.capacity)
+            cached = forward.selections[id(tokens)] = (tokens, _with_token_ids(selection, tokens))
+        return cached[1]
 
     def _select_and_gather(self, module, spec: SelectionSpec, tokens, pre_rope: bool, rotary):
         """The kernel path (and rope="pre"): per-token columns (token id, cos/sin) are gathered by
@@ -374,6 +370,12 @@ def cross_attention_keys(key: torch.Tensor, mask) -> tuple[int, TextTokens]:
     positions = torch.arange(num_keys, device=key.device).expand(batch, num_keys)
     none_packed = torch.zeros(batch, dtype=torch.bool, device=key.device)
     return 0, TextTokens(positions, valid, valid.sum(1), positions[:, 0], none_packed, None)
+
+
+def _with_token_ids(selection: Selection, tokens) -> tuple[Selection, torch.Tensor | None]:
+    if tokens.token_ids is None:
+        return selection, None
+    return selection, tokens.token_ids[selection.batch, 0, selection.token, 0].to(torch.int32)
 
 
 def _new_on(device: torch.device):
