@@ -182,16 +182,31 @@ def prepare(config: RunConfig, model_name: str, tokenizer_name: str, rank, sink,
             f"qk-sniff: estimate: streaming dataset, lengths unknown before the run: at most {upper.rows * n:,.0f} rows, "
             f"{format_bytes(upper.bytes * n)} uncompressed for {count} of at most {max_length:,} tokens"
         )
+        if sink is None:  # the session's ParquetSink stages forwards within half of inference.pinned_mb
+            log(_staging_line(config, sniff, plan, max_length, config.dataset.max_samples))
     est = None
     if lengths is not None and plan is not None:
         est = estimate(plan, Sampler.from_config(sniff), lengths, sniff.vector_dtype)
         for line in format_estimate(est):
             log(line)
+        if sink is None and est.documents:
+            log(_staging_line(config, sniff, plan, max(lengths), len(lengths)))
         if disk is not None and est.documents:
             limit, how = checks.size_limit(config.capture.max_gb, disk)
             if est.bytes > limit:
                 raise ConfigError(refusal(est, limit, how))
     return Preflight(model_config, tokenizer, max_length, plan, est, rows, total, source)
+
+
+def _staging_line(config: RunConfig, sniff, plan, longest: int, documents: int | None) -> str:
+    """Whether every forward's rows are staged whole (qk_attn.run.estimate.staging_fit)."""
+    from qk_attn.run.estimate import format_staging, staging_fit
+    from qk_attn.sampler import Sampler
+
+    batch = min(config.inference.batch_size, documents or config.inference.batch_size)
+    dtype = "float32" if sniff.rope == "pre" else sniff.vector_dtype  # pre-RoPE rows are staged in float32
+    fit = staging_fit(plan, Sampler.from_config(sniff), longest, batch, plan.shape.head_dim, dtype, sniff.pinned_mb)
+    return format_staging(fit)
 
 
 def _document_lengths(
