@@ -94,7 +94,7 @@ class CaptureBatch:
         `per_row`: its (valid, first position) dicts, already read (`PerRow`).
         `vectors` may stay a view of this batch's memory; the small columns are copies.
         """
-        count = int(self.count.reshape(-1)[0])
+        count = int(_host(self.count, None).reshape(-1)[0])
         if per_row is None:
             per_row = PerRow().read(self.example_ids, self.valid, self.first_position, self.packed)
         staging_capacity = self.capacity if staging_capacity is None else staging_capacity
@@ -105,7 +105,7 @@ class CaptureBatch:
                 f"a smaller batch, or report this (the capacity bound is mean + 8 sd)."
             )
         n = min(max(count - first_row, 0), self.capacity)
-        row = self.row[:n].numpy(force=True)
+        row = _host(self.row, n)
         ids = np.asarray(self.example_ids, dtype=np.int64)
         valid, first = per_row if with_valid else ({}, {})
         return HostRows(
@@ -115,13 +115,23 @@ class CaptureBatch:
             sliding_window=self.sliding_window,
             cross_attention=self.cross_attention,
             example_id=ids[row] if n else np.zeros(0, np.int64),
-            position=self.position[:n].numpy(force=True).astype(np.int32, copy=True),
-            bucket=self.bucket[:n].numpy(force=True).astype(np.int32, copy=True),
+            position=_host(self.position, n).astype(np.int32, copy=True),
+            bucket=_host(self.bucket, n).astype(np.int32, copy=True),
             vectors=self.vectors[:, :n].numpy(force=True),
             valid=valid,
-            token_id=None if self.token_id is None else self.token_id[:n].numpy(force=True).astype(np.int32, copy=True),
+            token_id=None if self.token_id is None else _host(self.token_id, n).astype(np.int32, copy=True),
             first_position=first,
         )
+
+
+def _host(tensor: torch.Tensor, n: int | None) -> np.ndarray:
+    """The first `n` entries (None: all) as numpy: sliced in numpy on the host (a torch op costs
+    more than the copy for a decode step's few rows), in torch on a device (only what is needed moves)."""
+    if n is None:
+        return tensor.numpy(force=True)
+    if tensor.device.type == "cpu":
+        return tensor.numpy()[:n]
+    return tensor[:n].numpy(force=True)
 
 
 class PerRow:

@@ -18,6 +18,7 @@ protocol is described in docs/architecture.md.
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -40,6 +41,7 @@ from qk_attn.storage.transfer import ForwardPiece, Piece
 logger = logging.getLogger(__name__)
 
 COMPACT_AT_CLOSE = 16
+_key_name = functools.lru_cache(maxsize=1 << 16)(key_name)  # per head of every call: formatted once
 EXPORT_EVERY_S = 60.0  # OUT/examples.parquet is rewritten at most this often while running (and at close)
 
 
@@ -170,7 +172,7 @@ class SaverThread(Committer):
         storage = self.vector_type.to_pandas_dtype()
         dim = rows.vectors.shape[-1]
         for index, head in enumerate(rows.heads):
-            key = key_name(rows.layer, head, rows.kind)
+            key = _key_name(rows.layer, head, rows.kind)
             if first:
                 seg.calls[key] += 1
             if not len(rows):
