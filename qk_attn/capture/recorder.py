@@ -151,12 +151,7 @@ class Session(SequenceTracker):
                     )
                     continue
                 decided = keep[layer, index]
-            pre_rope = self.config.rope == "pre" and not cross and uses_rope(module)
-            out_dtype = torch.float32 if pre_rope else _DTYPES[self.config.vector_dtype]
-            capacity = these.positions.shape[0] * self.sampler.capacity(these.positions.shape[1])
-            nbytes = call_bytes(capacity, len(heads), states.shape[-1], out_dtype.itemsize, these.token_ids is not None)
-            staged = not staging.streams and staging.fits(nbytes + shared_bytes(forward.batch_size))
-            batch = self._batch(
+            batch, staged = self._batch(
                 module,
                 forward,
                 layer,
@@ -169,7 +164,7 @@ class Session(SequenceTracker):
                 cross,
                 rotary,
                 decided,
-                staging if staged else None,
+                staging,
             )
             if staged:
                 staging.add(batch)
@@ -212,16 +207,20 @@ class Session(SequenceTracker):
         sliding_window,
         cross,
         rotary,
-        keep=None,
-        staging: Staging | None = None,
-    ):
-        """Select, gather and (rope="pre") un-rotate one kind of one call; stays on the device (in
-        `staging`'s buffer when it has one)."""
+        keep,
+        staging: Staging,
+    ) -> tuple[CaptureBatch, bool]:
+        """Select, gather and (rope="pre") un-rotate one kind of one call; stays on the device, in
+        `staging`'s buffer when it has one. Also says whether the batch is staged: not when the
+        forward streams or the call does not fit (then it goes to the sink by itself)."""
         device = states.device
         batch_size, num_tokens = tokens.positions.shape
         pre_rope = self.config.rope == "pre" and not cross and uses_rope(module)
         out_dtype = torch.float32 if pre_rope else _DTYPES[self.config.vector_dtype]
         capacity = batch_size * self.sampler.capacity(num_tokens)
+        nbytes = call_bytes(capacity, len(heads), states.shape[-1], out_dtype.itemsize, tokens.token_ids is not None)
+        staged = not staging.streams and staging.fits(nbytes + shared_bytes(batch_size))
+        staging = staging if staged else None
         example_ids = self._on_device("ids", forward.example_ids, device)
         head_ids = self._on_device("heads", heads, device)
         spec = SelectionSpec(
@@ -254,7 +253,7 @@ class Session(SequenceTracker):
             shared = tuple(map(staging.hold, shared))
         count, row, position, bucket, vectors, token_id = columns
         valid, first_position, packed = shared
-        return CaptureBatch(
+        batch = CaptureBatch(
             layer=layer,
             kind=kind,
             heads=tuple(heads),
@@ -271,6 +270,7 @@ class Session(SequenceTracker):
             first_position=first_position,
             packed=packed,
         )
+        return batch, staged
 
     def _selection(self, forward, spec: SelectionSpec, tokens) -> tuple[Selection, torch.Tensor | None]:
         """The sampler's selection of one call, and the token id of each selected token. Under "all"
