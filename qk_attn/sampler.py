@@ -147,7 +147,7 @@ class Sampler:
 
     # ---- torch reference -------------------------------------------------------------
     def bucket_of(self, positions: torch.Tensor) -> torch.Tensor:
-        """Bucket id per position (int64 tensor in, int64 out), integer ops only."""
+        """Bucket id per position (int64 tensor or numpy array in, the same out), integer ops only."""
         q = positions >> self.shift
         if self.strategy != "log_uniform":
             return q
@@ -166,23 +166,25 @@ class Sampler:
         return r < table[self.bucket_of(positions).clamp_(max=MAX_BUCKETS - 1)]
 
     def keep_all_layers(self, example_ids: torch.Tensor, num_layers: int, positions: torch.Tensor) -> torch.Tensor:
-        """`keep` for every (layer, kind) at once: (num_layers, 2, B, T) bool, kinds ordered q, k.
+        """`keep` for every (layer, kind) at once: (num_layers, 2, B, T) bool, kinds ordered q, k, for
+        host tensors.
 
         The same integer chain as `keep`, vectorised over layers and kinds, so one forward pays
-        for it once instead of once per attention call (what dominates a CPU decode step)."""
-        positions = positions.to(torch.int64)
+        for it once instead of once per attention call (what dominates a CPU decode step); run in
+        numpy, whose per-op cost is a fraction of torch's on a decode step's few tokens."""
+        positions = positions.numpy(force=True).astype(np.int64)
         shape = (num_layers, 2, *positions.shape)
         if self.strategy == "all":
-            return torch.ones(shape, dtype=torch.bool, device=positions.device)
-        layer_kinds = _layer_kind_hashes(self.seed, num_layers, positions.device)
-        rows = row_hash(layer_kinds[:, None], example_ids.to(torch.int64)[None, :])  # (L*2, B)
+            return torch.ones(shape, dtype=torch.bool)
+        layer_kinds = np.array(_layer_kind_list(self.seed, num_layers), dtype=np.int64)
+        rows = row_hash(layer_kinds[:, None], example_ids.numpy(force=True).astype(np.int64)[None, :])  # (L*2, B)
         r = uniform24(rows[:, :, None], positions[None])  # (L*2, B, T)
         if self.strategy == "uniform":
             keep = r < self.thresholds()[0]
         else:
-            table = _threshold_table(self.thresholds(), positions.device)
-            keep = r < table[self.bucket_of(positions).clamp_(max=MAX_BUCKETS - 1)][None]
-        return keep.reshape(shape)
+            table = np.array(self.thresholds(), dtype=np.int64)
+            keep = r < table[np.minimum(self.bucket_of(positions), MAX_BUCKETS - 1)][None]
+        return torch.from_numpy(keep.reshape(shape))
 
     def selected_positions(self, example_id: int, layer: int, kind: str, length: int) -> np.ndarray:
         """Positions in [0, length) that this sampler keeps for one example (for `verify`)."""
@@ -199,10 +201,9 @@ def _thresholds(sampler: Sampler) -> tuple[int, ...]:
 
 
 @functools.lru_cache(maxsize=64)
-def _layer_kind_hashes(seed: int, num_layers: int, device: torch.device) -> torch.Tensor:
-    """(num_layers * 2,) int64: `layer_kind_hash` of every (layer, kind), kinds ordered q, k."""
-    hashes = [layer_kind_hash(seed, layer, kind) for layer in range(num_layers) for kind in ("q", "k")]
-    return torch.tensor(hashes, dtype=torch.int64).to(device)
+def _layer_kind_list(seed: int, num_layers: int) -> tuple[int, ...]:
+    """`layer_kind_hash` of every (layer, kind), kinds ordered q, k."""
+    return tuple(layer_kind_hash(seed, layer, kind) for layer in range(num_layers) for kind in ("q", "k"))
 
 
 @functools.lru_cache(maxsize=64)
@@ -211,12 +212,13 @@ def _threshold_table(thresholds: tuple[int, ...], device: torch.device) -> torch
     return torch.tensor(thresholds, dtype=torch.int64).to(device)
 
 
-def bit_length(q: torch.Tensor) -> torch.Tensor:
-    """Number of significant bits of non-negative int64 values (0 -> 0), by binary search."""
-    q = q.clone()
-    bits = torch.zeros_like(q)
+def bit_length(q):
+    """Number of significant bits of non-negative int64 values (0 -> 0), by binary search; an int64
+    torch tensor or numpy array in, the same out."""
+    where = torch.where if isinstance(q, torch.Tensor) else np.where
+    bits = q * 0
     for shift in (32, 16, 8, 4, 2, 1):
         big = (q >> shift) > 0
-        q = torch.where(big, q >> shift, q)
-        bits += big.to(q.dtype) * shift
-    return bits + (q > 0).to(q.dtype)
+        q = where(big, q >> shift, q)
+        bits = bits + big * shift
+    return bits + (q > 0)

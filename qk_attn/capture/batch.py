@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -156,35 +155,6 @@ class PerRow:
         result = dict(zip(example_ids, valid.tolist())), first
         self._read[key] = ((valid, first_position, packed), result)
         return result
-
-
-def forward_rows(calls) -> Iterator[HostRows]:
-    """A forward's calls on the host (CaptureBatch, or an empty call: qk_attn.capture.staging.EmptyCall)
-    as host rows, reading the per-row columns they share once."""
-    per_row = PerRow()
-    empty = np.zeros(0, np.int64)
-    for call in calls:
-        if isinstance(call, CaptureBatch):
-            shared = per_row.read(call.example_ids, call.valid, call.first_position, call.packed)
-            yield call.host_rows(per_row=shared)
-            continue
-        tokens = call.tokens
-        first = None if call.cross_attention and call.kind == "k" else tokens.first_position
-        valid, first = per_row.read(call.example_ids, tokens.valid_count, first, tokens.packed)
-        yield HostRows(
-            call.layer,
-            call.kind,
-            call.heads,
-            call.sliding_window,
-            call.cross_attention,
-            empty,
-            empty.astype(np.int32),
-            empty.astype(np.int32),
-            np.zeros((len(call.heads), 0, 1), np.float32),
-            valid,
-            None,
-            first,
-        )
 
 
 @dataclass

@@ -86,10 +86,14 @@ def gather_selected(
 ) -> torch.Tensor:
     """(Hs, cap, D) vectors of `heads` (None: every head, in order) at the selected tokens;
     `states` is (B, H, K, D) and the new tokens start at `token_offset` along K."""
-    vectors = states[selection.batch, :, selection.token + token_offset]  # (cap, H, D)
+    tokens = selection.token if isinstance(token_offset, int) and token_offset == 0 else selection.token + token_offset
+    if states.shape[0] == 1:  # one row: a single index_select gives (H, cap, D) in order (a decode step)
+        vectors = states[0].index_select(1, tokens)
+    else:
+        vectors = states[selection.batch, :, tokens].transpose(0, 1)  # (H, cap, D)
     if heads is not None:
-        vectors = vectors[:, heads]
-    return vectors.transpose(0, 1).to(out_dtype).contiguous()
+        vectors = vectors[heads]
+    return vectors.to(out_dtype).contiguous()
 
 
 def gather_rows(spec: SelectionSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -177,7 +177,10 @@ class Session(SequenceTracker):
         dtype = torch.float32 if self.config.rope == "pre" else _DTYPES[self.config.vector_dtype]
         capacity = batch_size * self.sampler.capacity(num_new)
         tokens = forward.input_ids is not None
-        nbytes = forward_bytes(model.plan, capacity, batch_size, query.shape[-1], dtype.itemsize, tokens)
+        key = (capacity, batch_size, query.shape[-1], dtype.itemsize, tokens)
+        nbytes = model.staging_bytes.get(key)
+        if nbytes is None:  # once per forward shape (a decode step repeats the last one)
+            nbytes = model.staging_bytes[key] = forward_bytes(model.plan, *key)
         limit = self.sink.staging_limit
         streams = limit is not None and nbytes > limit
         buffer = None
@@ -218,9 +221,13 @@ class Session(SequenceTracker):
         pre_rope = self.config.rope == "pre" and not cross and uses_rope(module)
         out_dtype = torch.float32 if pre_rope else _DTYPES[self.config.vector_dtype]
         capacity = batch_size * self.sampler.capacity(num_tokens)
-        nbytes = call_bytes(capacity, len(heads), states.shape[-1], out_dtype.itemsize, tokens.token_ids is not None)
-        staged = not staging.streams and staging.fits(nbytes + shared_bytes(batch_size))
-        staging = staging if staged else None
+        staged = not staging.streams
+        if staged and staging.bytes is not None:  # buffer mode: the call must fit what is left of it
+            nbytes = call_bytes(
+                capacity, len(heads), states.shape[-1], out_dtype.itemsize, tokens.token_ids is not None
+            )
+            staged = staging.fits(nbytes + shared_bytes(batch_size))
+        buffer = staging if staged and staging.bytes is not None else None
         example_ids = self._on_device("ids", forward.example_ids, device)
         head_ids = self._on_device("heads", heads, device)
         spec = SelectionSpec(
@@ -237,10 +244,11 @@ class Session(SequenceTracker):
             out_dtype,
             keep,
         )
-        if uses_kernel(states, out_dtype) and not pre_rope:  # one launch, straight into the staging buffer
-            new = staging.empty if staging is not None else _new_on(device)
+        kernel = uses_kernel(states, out_dtype)
+        if kernel and not pre_rope:  # one launch, straight into the staging buffer
+            new = buffer.empty if buffer is not None else _new_on(device)
             columns = kernel_rows(spec, tokens.token_ids, new)
-        elif pre_rope or uses_kernel(states, out_dtype):
+        elif pre_rope or kernel:
             columns = self._select_and_gather(module, spec, tokens, pre_rope, rotary)
         else:  # the torch path: one selection serves the vectors and the token ids
             selection, token_id = self._selection(forward, spec, tokens)
@@ -248,9 +256,9 @@ class Session(SequenceTracker):
             vectors = gather_selected(states, selection, offset, None if every_head else head_ids, out_dtype)
             columns = (selection.count, selection.row, selection.position, selection.bucket, vectors, token_id)
         shared = (tokens.valid_count, None if cross and kind == "k" else tokens.first_position, tokens.packed)
-        if staging is not None:  # in buffer mode every column is part of the staged bytes
-            columns = tuple(map(staging.copy_in, columns))
-            shared = tuple(map(staging.hold, shared))
+        if buffer is not None:  # in buffer mode every column is part of the staged bytes
+            columns = tuple(map(buffer.copy_in, columns))
+            shared = tuple(map(buffer.hold, shared))
         count, row, position, bucket, vectors, token_id = columns
         valid, first_position, packed = shared
         batch = CaptureBatch(
@@ -359,6 +367,7 @@ class _Model:
     def __init__(self, config, plan: HeadPlan):
         self.config = config
         self.plan = plan
+        self.staging_bytes: dict[tuple, int] = {}  # forward shape -> its staging bound
 
 
 def cross_attention_keys(key: torch.Tensor, mask) -> tuple[int, TextTokens]:

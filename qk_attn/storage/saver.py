@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow.parquet as pq
 
-from qk_attn.capture.batch import HostRows, forward_rows
+from qk_attn.capture.batch import CaptureBatch, HostRows, PerRow
 from qk_attn.storage.commit import NO_POSITION, Committer
 from qk_attn.storage.examples import write_examples
 from qk_attn.storage.folder import card_is_ours
@@ -41,7 +41,14 @@ from qk_attn.storage.transfer import ForwardPiece, Piece
 logger = logging.getLogger(__name__)
 
 COMPACT_AT_CLOSE = 16
-_key_name = functools.lru_cache(maxsize=1 << 16)(key_name)  # per head of every call: formatted once
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _key_names(layer: int, heads: tuple[int, ...], kind: str) -> tuple[str, ...]:
+    """The folder names of one call's heads, formatted once per (layer, heads, kind)."""
+    return tuple(key_name(layer, head, kind) for head in heads)
+
+
 EXPORT_EVERY_S = 60.0  # OUT/examples.parquet is rewritten at most this often while running (and at close)
 
 
@@ -117,9 +124,7 @@ class SaverThread(Committer):
             item.wait()
             for check in item.checks:
                 check.verify()
-            for rows in forward_rows(item.calls):
-                self._accept(rows, True, in_budget=False)
-            self._keep_in_budget()
+            self._accept_forward(item.calls)
         elif isinstance(item, Piece):
             item.wait()
             self._accept(item.rows(), item.first)
@@ -156,30 +161,52 @@ class SaverThread(Committer):
             self._drop(set(item[1]) - self._ready - self._durable)
             self._seal()  # the segment may have waited for them only
 
-    def _accept(self, rows: HostRows, first: bool, in_budget: bool = True) -> None:
-        """Rows into the open segment's buffers; `in_budget`: then keep the buffers within buffer_mb
-        (a forward's piece does that once, after all its calls)."""
+    def _accept_forward(self, calls: list) -> None:
+        """A forward's calls (host batches, or empty calls: qk_attn.capture.staging.EmptyCall) into the
+        open segment; an empty call is only counted. The per-row columns the calls share are read once."""
+        per_row = PerRow()
+        for call in calls:
+            if isinstance(call, CaptureBatch):
+                shared = per_row.read(call.example_ids, call.valid, call.first_position, call.packed)
+                self._accept(call.host_rows(per_row=shared), True, in_budget=False)
+                continue
+            tokens = call.tokens
+            first = None if call.cross_attention and call.kind == "k" else tokens.first_position
+            valid, first = per_row.read(call.example_ids, tokens.valid_count, first, tokens.packed)
+            self._count_call(call.layer, call.kind, call.heads, call.cross_attention, valid, first)
+        self._keep_in_budget()
+
+    def _count_call(self, layer: int, kind: str, heads, cross_attention: bool, valid: dict, first: dict) -> None:
+        """An attention call ran: its examples, their first positions and valid tokens, and one call of
+        each of its heads."""
         seg = self._open
+        seg.examples.update(valid)
+        for example, position in first.items():
+            seg.first[example] = min(seg.first.get(example, NO_POSITION), position)
+        if cross_attention:
+            seg.cross_attention_layers.add(layer)
+        else:  # cross-attention keys are image tokens, not text length
+            for example, count in valid.items():
+                seg.valid[example][(layer, kind)] += count
+        seg.calls.update(_key_names(layer, heads, kind))
+
+    def _accept(self, rows: HostRows, first: bool, in_budget: bool = True) -> None:
+        """Rows into the open segment's buffers (`first`: the first piece of its call, which counts
+        it); `in_budget`: then keep the buffers within buffer_mb (a forward's piece does that once,
+        after all its calls)."""
         if first:
-            seg.examples.update(int(i) for i in rows.valid)
-            for example, position in rows.first_position.items():
-                seg.first[int(example)] = min(seg.first.get(int(example), NO_POSITION), int(position))
-            if rows.cross_attention:
-                seg.cross_attention_layers.add(rows.layer)
-            else:  # cross-attention keys are image tokens, not text length
-                for example, valid in rows.valid.items():
-                    seg.valid[int(example)][(rows.layer, rows.kind)] += int(valid)
+            self._count_call(rows.layer, rows.kind, rows.heads, rows.cross_attention, rows.valid, rows.first_position)
+        if not len(rows):
+            return
+        seg = self._open
         storage = self.vector_type.to_pandas_dtype()
         dim = rows.vectors.shape[-1]
-        for index, head in enumerate(rows.heads):
-            key = _key_name(rows.layer, head, rows.kind)
-            if first:
-                seg.calls[key] += 1
-            if not len(rows):
-                continue
+        for index, key in enumerate(_key_names(rows.layer, rows.heads, rows.kind)):
             buffer = seg.buffers.get(key)
             if buffer is None:
-                buffer = seg.buffers[key] = KeyBuffer(rows.layer, head, rows.kind, rows.sliding_window, dim)
+                buffer = seg.buffers[key] = KeyBuffer(
+                    rows.layer, rows.heads[index], rows.kind, rows.sliding_window, dim
+                )
             # The one copy: out of the host pool, whose region is reused after this returns.
             vectors = np.array(rows.vectors[index], dtype=storage, order="C").reshape(-1)
             buffer.add(rows.example_id, rows.position, rows.bucket, vectors, rows.token_id)
