@@ -176,8 +176,7 @@ class Sampler:
         shape = (num_layers, 2, *positions.shape)
         if self.strategy == "all":
             return torch.ones(shape, dtype=torch.bool)
-        layer_kinds = np.array(_layer_kind_list(self.seed, num_layers), dtype=np.int64)
-        rows = row_hash(layer_kinds[:, None], example_ids.numpy(force=True).astype(np.int64)[None, :])  # (L*2, B)
+        rows = _row_hashes(self.seed, num_layers, tuple(example_ids.tolist()))  # (L*2, B)
         r = uniform24(rows[:, :, None], positions[None])  # (L*2, B, T)
         if self.strategy == "uniform":
             keep = r < self.thresholds()[0]
@@ -200,10 +199,12 @@ def _thresholds(sampler: Sampler) -> tuple[int, ...]:
     return tuple(threshold(sampler.keep_probability(b)) for b in range(n))
 
 
-@functools.lru_cache(maxsize=64)
-def _layer_kind_list(seed: int, num_layers: int) -> tuple[int, ...]:
-    """`layer_kind_hash` of every (layer, kind), kinds ordered q, k."""
-    return tuple(layer_kind_hash(seed, layer, kind) for layer in range(num_layers) for kind in ("q", "k"))
+@functools.lru_cache(maxsize=256)
+def _row_hashes(seed: int, num_layers: int, example_ids: tuple[int, ...]) -> np.ndarray:
+    """(num_layers * 2, B) int64 `row_hash` of every (layer, kind) (kinds ordered q, k) and example:
+    the same for every forward of a sequence, so a decode step only mixes in its positions."""
+    layer_kinds = [layer_kind_hash(seed, layer, kind) for layer in range(num_layers) for kind in ("q", "k")]
+    return row_hash(np.array(layer_kinds, dtype=np.int64)[:, None], np.array(example_ids, dtype=np.int64)[None, :])
 
 
 @functools.lru_cache(maxsize=64)

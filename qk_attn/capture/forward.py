@@ -147,14 +147,12 @@ class ForwardContext:
         (layer, kind) at once, and on the host which of them keep anything, so that a decode
         step's attention calls that select nothing cost a lookup. None elsewhere: on a GPU the
         kernel decides per call without a host read, and a long prefill decides per call."""
-        if tokens.valid.device.type != "cpu":
-            return None, None
         if self._decisions is None:
-            if num_layers * 2 * tokens.valid.numel() > DECIDE_AT_ONCE:
+            if tokens.valid.device.type != "cpu" or num_layers * 2 * tokens.valid.numel() > DECIDE_AT_ONCE:
                 self._decisions = (None, None)
             else:
-                keep = sampler.keep_all_layers(example_ids, num_layers, tokens.positions) & tokens.valid
-                self._decisions = (keep, keep.flatten(2).any(-1).tolist())
+                keep = sampler.keep_all_layers(example_ids, num_layers, tokens.positions).numpy() & tokens.valid.numpy()
+                self._decisions = (torch.from_numpy(keep), keep.reshape(num_layers, 2, -1).any(-1).tolist())
         return self._decisions
 
     def _text_tokens(self, position_ids, device) -> TextTokens:
