@@ -42,7 +42,7 @@ import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel  # noqa: E402
 
 import qk_attn  # noqa: E402  (registers "qk_sniff")
-from qk_attn.capture.batch import Sink  # noqa: E402
+from qk_attn.capture.sinks import Sink  # noqa: E402
 from qk_attn.storage.transfer import Transfer  # noqa: E402
 
 if CLEARED_ENV:  # in case qk_attn was imported before this module: drop its env-configured session

@@ -15,6 +15,7 @@ import sys
 import torch
 
 from qk_attn.capture.backends import FORWARDS
+from qk_attn.capture.forward import TextTokens
 from qk_attn.errors import CaptureError
 
 
@@ -87,6 +88,16 @@ def refuse_unsupported(module, kwargs: dict) -> None:
         )
 
 
+def not_recorded(module) -> str | None:
+    """Why an attention call is not recorded, if it is not: "backward" (a checkpointed layer recomputed
+    during backward: its forward was already seen) or "training" (training mode with gradients on)."""
+    if torch._C._current_graph_task_id() != -1:
+        return "backward"
+    if module.training and torch.is_grad_enabled():
+        return "training"
+    return None
+
+
 def is_cross_attention(module) -> bool:
     """Cross-attention layers (Mllama) attend text queries to vision keys."""
     explicit = getattr(module, "is_cross_attention", None)
@@ -105,3 +116,14 @@ def key_validity(mask: torch.Tensor | None, batch: int) -> torch.Tensor | None:
         mask = mask > torch.finfo(mask.dtype).min / 2
     valid = mask if mask.dim() == 2 else mask.any(-2)[:, 0]
     return valid.expand(batch, -1)
+
+
+def cross_attention_keys(key: torch.Tensor, mask) -> tuple[int, TextTokens]:
+    """Vision keys of a cross-attention layer: position = vision token index, no token ids."""
+    batch, num_keys = key.shape[0], key.shape[2]
+    valid = key_validity(mask, batch)
+    if valid is None:
+        valid = torch.ones(batch, num_keys, dtype=torch.bool, device=key.device)
+    positions = torch.arange(num_keys, device=key.device).expand(batch, num_keys)
+    none_packed = torch.zeros(batch, dtype=torch.bool, device=key.device)
+    return 0, TextTokens(positions, valid, valid.sum(1), positions[:, 0], none_packed, None)

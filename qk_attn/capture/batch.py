@@ -1,13 +1,12 @@
-"""The unit that leaves the attention call: one `CaptureBatch` per (call, kind), and the sinks it goes to.
+"""The unit that leaves the attention call: one `CaptureBatch` per (call, kind), and its rows on the host.
 
-A batch is still on the compute device when it is handed to a sink: the attention call
-never waits for it. Only the sink (transfer/saver) reads `count`, after an event.
+A batch is still on the compute device when it is handed to a sink (qk_attn.capture.sinks): the
+attention call never waits for it. Only the sink (transfer/saver) reads `count`, after an event.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,8 +15,6 @@ import torch
 
 from qk_attn.capture.schema import columns_table
 from qk_attn.errors import CaptureOverflow, PackedSequences
-
-logger = logging.getLogger(__name__)
 
 KINDS = ("q", "k")
 
@@ -220,167 +217,3 @@ class HostRows:
             token_ids,
             vocabulary,
         )
-
-
-class Sink:
-    """Where capture batches go: every method the recorder calls, each with a working default
-    (keep nothing, wait for nothing), so a sink overrides only what it does. `put` is called
-    inside the attention call and must not block on the device; `commit` marks whole examples
-    complete; `close` commits and releases. Subclasses: MemorySink, qk_attn.storage.sink.ParquetSink."""
-
-    one_model = False  # writes one model's dataset: the recorder refuses a second model in the session
-    rows_written = 0  # rows handed on (all heads), for progress bars
-    complete = False  # set by a runner that went through every document it owns
-    staging_limit: int | None = None  # bytes of one forward's rows staged whole; larger forwards stream
-
-    def prepare(self, device) -> None:
-        """At a forward's first recorded call, before any rows: set up what the hand-off needs."""
-
-    def put_forward(self, staging) -> None:
-        """One forward's rows at its end, on the device (`qk_attn.capture.staging.Staging`): its calls
-        in order, and cache offsets the host derived, to check. This default checks them (a host read)
-        and hands each call to `put` or `put_empty`."""
-        for check in staging.checks:
-            check.verify()
-        for call in staging.calls:
-            if isinstance(call, CaptureBatch):
-                self.put(call)
-            else:
-                self.put_empty(*call)
-
-    def put(self, batch: CaptureBatch) -> None:
-        """One attention call's selected rows of one kind (still on the device)."""
-
-    def put_empty(
-        self, layer: int, kind: str, heads, example_ids, sliding_window, cross_attention: bool, tokens
-    ) -> None:
-        """An attention call of which the sampler keeps nothing (known on the CPU): it ran, with 0 rows."""
-
-    def end_forward(self) -> None:
-        """Called once after every model forward, outside attention calls: the one place
-        where a sink may wait (back-pressure)."""
-
-    def commit(self, example_ids: list[int]) -> None:
-        """These examples are complete."""
-
-    def discard(self, example_ids: list[int]) -> None:
-        """Drop the rows of these uncommitted examples (their forward stopped part-way); the
-        session never commits them."""
-
-    def committed_ids(self) -> set[int]:
-        """Examples committed so far (a resuming run skips them)."""
-        return set()
-
-    def describe(self, example_id: int, source_id: str | None, source_index: int | None) -> None:
-        """Where an example came from (its source dataset's id and row)."""
-
-    def bind_model(self, model_config, plan) -> None:
-        """The model and head plan of the first captured call."""
-
-    def flush(self, timeout: float | None = None) -> None:
-        """Make what was committed durable now."""
-
-    def check(self) -> None:
-        """Re-raise an error of the sink's background work, if any."""
-
-    def close(self) -> None:
-        """Commit what was committed and release what the sink holds."""
-
-    def table(self) -> pa.Table | None:
-        """Every row kept, when the sink keeps rows in memory."""
-        return None
-
-
-class _BareSink(Sink):
-    """A sink object that does not subclass Sink, used through the minimum a custom sink must
-    have (put, commit, close); every other method is the base's default."""
-
-    def __init__(self, sink) -> None:
-        self.sink = sink
-
-    def put(self, batch: CaptureBatch) -> None:
-        self.sink.put(batch)
-
-    def commit(self, example_ids: list[int]) -> None:
-        self.sink.commit(example_ids)
-
-    def close(self) -> None:
-        self.sink.close()
-
-
-def as_sink(sink) -> Sink:
-    """`sink` itself when it subclasses Sink, else it wrapped in one (put, commit, close used)."""
-    return sink if isinstance(sink, Sink) else _BareSink(sink)
-
-
-def warn_not_from_zero(example_id: int, first_position: int, warned: set) -> None:
-    """Once per sink (`warned` is its memo): a document whose first token is not at position 0 (a
-    left-padded batch run without position_ids rotates it by its index in the padded row)."""
-    if 0 < first_position < np.iinfo(np.int64).max and not warned:
-        warned.add(example_id)
-        logger.warning(
-            "qk-attn: example %d starts at position %d, not 0: `position` is what RoPE used, and this batch was "
-            "left-padded without position_ids; pass position_ids (as generate() and qk-sniff run do) to start at 0",
-            example_id,
-            first_position,
-        )
-
-
-class MemorySink(Sink):
-    """Keeps every batch's rows; for tests and small interactive runs. Batches on a GPU stay there
-    until `table()` or `discard` reads them: capturing never waits for the device."""
-
-    def __init__(self) -> None:
-        self._rows: list[HostRows] = []
-        self.committed: list[int] = []
-        self._pending: list = []  # CaptureBatch and OffsetCheck, in the order they came
-        self._warned: set[int] = set()
-        self._seen: set[int] = set()
-
-    @property
-    def rows(self) -> list[HostRows]:
-        """Every batch's rows on the host (reads what is pending)."""
-        self._read()
-        return self._rows
-
-    def put(self, batch: CaptureBatch) -> None:
-        self._pending.append(batch)
-        if batch.count.device.type == "cpu":  # reading host tensors waits for nothing: refusals surface now
-            self._read()
-
-    def put_forward(self, staging) -> None:
-        self._pending += staging.checks
-        self._pending += [call for call in staging.calls if isinstance(call, CaptureBatch)]
-        if staging.device.type == "cpu":
-            self._read()
-
-    def _read(self) -> None:
-        """The pending batches as host rows (the device is read here, not while capturing)."""
-        pending, self._pending = self._pending, []
-        for item in pending:
-            if not isinstance(item, CaptureBatch):
-                item.verify()
-                continue
-            rows = item.host_rows()
-            for example, position in rows.first_position.items():
-                if example not in self._seen:  # its first forward (later ones continue the sequence)
-                    self._seen.add(example)
-                    warn_not_from_zero(example, position, self._warned)
-            self._rows.append(rows)
-
-    def commit(self, example_ids: list[int]) -> None:
-        self.committed.extend(example_ids)
-
-    def committed_ids(self) -> set[int]:
-        return set(self.committed)
-
-    def discard(self, example_ids: list[int]) -> None:
-        """Rows of these examples are dropped (a forward that stopped part-way)."""
-        drop = np.asarray(example_ids, np.int64)
-        self._rows = [rows.without(drop) for rows in self.rows]
-
-    def table(self) -> pa.Table | None:
-        """Every captured row of every head, in the dataset schema (vectors as float32; `token_id`
-        null where a row has none, e.g. vision keys)."""
-        tables = [rows.table(i, token_ids=True) for rows in self.rows for i in range(len(rows.heads))]
-        return pa.concat_tables(tables) if tables else None

@@ -96,6 +96,21 @@ def gather_selected(
     return vectors.to(out_dtype).contiguous()
 
 
+def selected_token_ids(selection: Selection, tokens) -> tuple[Selection, torch.Tensor | None]:
+    """`selection` and the token id (int32) of each selected token, from the forward's TextTokens."""
+    if tokens.token_ids is None:
+        return selection, None
+    return selection, tokens.token_ids[selection.batch, 0, selection.token, 0].to(torch.int32)
+
+
+def as_states(table: torch.Tensor, batch_size: int, device) -> torch.Tensor:
+    """A per-token table (B|1, T, R) as one-head attention states (B, 1, T, R), so that the same
+    selection gathers it (cos/sin under rope="pre")."""
+    table = table.to(device)
+    table = table if table.dim() == 3 else table[None]
+    return table[:, None].expand(batch_size, 1, *table.shape[1:])
+
+
 def gather_rows(spec: SelectionSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Select and gather the kept tokens of one attention call for one kind, in torch.
 
@@ -126,11 +141,15 @@ def select_rows(spec: SelectionSpec) -> tuple[torch.Tensor, torch.Tensor, torch.
     return gather_rows(spec)
 
 
-def kernel_rows(spec: SelectionSpec, token_ids: torch.Tensor | None, new) -> tuple:
+def kernel_rows(spec: SelectionSpec, token_ids: torch.Tensor | None, new=None) -> tuple:
     """One call on the kernel path, in one launch: (count, row, position, bucket, vectors, token_id),
-    written into tensors made by `new(dtype, shape)` (views of the forward's staging buffer);
-    `token_id` is None without `token_ids` ((B, 1, T, 1) ids of the new tokens)."""
+    written into tensors made by `new(dtype, shape)` (views of the forward's staging buffer; None:
+    new tensors); `token_id` is None without `token_ids` ((B, 1, T, 1) ids of the new tokens)."""
     from qk_attn.kernels.select_gather import gather_rows_triton
+
+    if new is None:
+        device = spec.states.device
+        new = lambda dtype, shape: torch.empty(shape, dtype=dtype, device=device)  # noqa: E731
 
     cap, heads, dim = spec.capacity, spec.heads.shape[0], spec.states.shape[-1]
     out = (
@@ -143,6 +162,27 @@ def kernel_rows(spec: SelectionSpec, token_ids: torch.Tensor | None, new) -> tup
     token_id = None if token_ids is None else new(torch.int32, (cap,))
     gather_rows_triton(spec, out=out, token_ids=token_ids, token_out=token_id)
     return (*out, token_id)
+
+
+class DeviceTables:
+    """Small host tables (example ids, head ids) as int64 device tensors, copied once per value
+    (asynchronously from pinned memory on CUDA), not once per attention call."""
+
+    def __init__(self, limit: int = 256) -> None:
+        self._tables: dict[tuple, torch.Tensor] = {}
+        self.limit = limit
+
+    def get(self, what: str, values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        key = (what, tuple(values), device)
+        table = self._tables.get(key)
+        if table is None:
+            if len(self._tables) > self.limit:
+                self._tables.clear()
+            host = torch.tensor(values, dtype=torch.int64)
+            if device.type == "cuda":
+                host = host.pin_memory()
+            table = self._tables[key] = host.to(device, non_blocking=True)
+        return table
 
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -11,21 +11,25 @@ import logging
 
 import torch
 
-from qk_attn.capture.attention import is_cross_attention, key_validity, refuse_unsupported
-from qk_attn.capture.batch import CaptureBatch, MemorySink, as_sink
-from qk_attn.capture.forward import TextTokens, check_shapes
+from qk_attn.capture.attention import cross_attention_keys, is_cross_attention, not_recorded, refuse_unsupported
+from qk_attn.capture.batch import CaptureBatch
+from qk_attn.capture.forward import check_shapes
 from qk_attn.capture.gather import (
+    DeviceTables,
     Selection,
     SelectionSpec,
+    as_states,
     gather_selected,
     kernel_rows,
     select_rows,
     select_tokens,
+    selected_token_ids,
     uses_kernel,
 )
 from qk_attn.capture.plan import HeadPlan, ModelShape
 from qk_attn.capture.rope import invert_rope, uses_rope
 from qk_attn.capture.sequences import SequenceTracker
+from qk_attn.capture.sinks import MemorySink, as_sink
 from qk_attn.capture.staging import EmptyCall, Staging, StagingBuffer, call_bytes, forward_bytes, shared_bytes
 from qk_attn.config import SniffConfig
 from qk_attn.errors import CaptureError, ConfigError
@@ -46,7 +50,7 @@ class Session(SequenceTracker):
         self.config = config
         self.sampler = Sampler.from_config(config)
         self._models: dict[int, _Model] = {}  # id(model config) -> its head plan
-        self._device_tables: dict[tuple, torch.Tensor] = {}
+        self._device_tables = DeviceTables()  # example and head ids on the device, copied once
         self._buffers: dict[torch.device, StagingBuffer] = {}  # per device, reused by its forwards
         super().__init__(MemorySink() if sink is None else as_sink(sink), example_ids)
         self._warned: set[str] = set()
@@ -134,7 +138,7 @@ class Session(SequenceTracker):
         else:
             offset = forward.key_slot(layer, key.shape[2]) if model.plan.heads(layer, "k") else 0
             tokens = {"q": (0, text), "k": (offset, everything)}
-        ids = self._on_device("ids", forward.example_ids, query.device)
+        ids = self._device_tables.get("ids", forward.example_ids, query.device)
         keep, keeps_any = forward.decisions(self.sampler, model.plan.shape.num_layers, ids, everything)
         staging = forward.staging or self._start_staging(forward, model, query)
         for index, (kind, states) in enumerate((("q", query.detach()), ("k", key.detach()))):
@@ -228,8 +232,8 @@ class Session(SequenceTracker):
             )
             staged = staging.fits(nbytes + shared_bytes(batch_size))
         buffer = staging if staged and staging.bytes is not None else None
-        example_ids = self._on_device("ids", forward.example_ids, device)
-        head_ids = self._on_device("heads", heads, device)
+        example_ids = self._device_tables.get("ids", forward.example_ids, device)
+        head_ids = self._device_tables.get("heads", heads, device)
         spec = SelectionSpec(
             states,
             offset,
@@ -246,8 +250,7 @@ class Session(SequenceTracker):
         )
         kernel = uses_kernel(states, out_dtype)
         if kernel and not pre_rope:  # one launch, straight into the staging buffer
-            new = buffer.empty if buffer is not None else _new_on(device)
-            columns = kernel_rows(spec, tokens.token_ids, new)
+            columns = kernel_rows(spec, tokens.token_ids, buffer.empty if buffer is not None else None)
         elif pre_rope or kernel:
             columns = self._select_and_gather(module, spec, tokens, pre_rope, rotary)
         else:  # the torch path: one selection serves the vectors and the token ids
@@ -285,11 +288,13 @@ class Session(SequenceTracker):
         it is every valid token for every layer and kind, so it is made once per forward (a dense
         decode step has 2 x layers calls)."""
         if self.sampler.strategy != "all":
-            return _with_token_ids(select_tokens(spec.decide(), tokens.positions, self.sampler, spec.capacity), tokens)
+            return selected_token_ids(
+                select_tokens(spec.decide(), tokens.positions, self.sampler, spec.capacity), tokens
+            )
         cached = forward.selections.get(id(tokens))
         if cached is None or cached[0] is not tokens:
             selection = select_tokens(tokens.valid, tokens.positions, self.sampler, spec.capacity)
-            cached = forward.selections[id(tokens)] = (tokens, _with_token_ids(selection, tokens))
+            cached = forward.selections[id(tokens)] = (tokens, selected_token_ids(selection, tokens))
         return cached[1]
 
     def _select_and_gather(self, module, spec: SelectionSpec, tokens, pre_rope: bool, rotary):
@@ -297,7 +302,9 @@ class Session(SequenceTracker):
         the same selection as the vectors, as one-head states."""
         device = spec.states.device
         count, row, position, bucket, vectors = select_rows(spec)
-        per_token = spec._replace(token_offset=0, heads=self._on_device("heads", (0,), device), out_dtype=torch.float32)
+        per_token = spec._replace(
+            token_offset=0, heads=self._device_tables.get("heads", (0,), device), out_dtype=torch.float32
+        )
         batch_size = tokens.positions.shape[0]
         if pre_rope:
             if rotary is None:
@@ -305,7 +312,7 @@ class Session(SequenceTracker):
                     f"rope='pre': {type(module).__name__} did not expose the cos/sin it applied (no "
                     "position_embeddings in its forward); use rope='post'"
                 )
-            cos, sin = (select_rows(per_token._replace(states=_as_states(t, batch_size, device)))[4] for t in rotary)
+            cos, sin = (select_rows(per_token._replace(states=as_states(t, batch_size, device)))[4] for t in rotary)
             vectors = invert_rope(module, spec.kind, vectors, position, (cos, sin)).to(
                 _DTYPES[self.config.vector_dtype]
             )
@@ -318,34 +325,19 @@ class Session(SequenceTracker):
     # ---- bookkeeping (host only) -----------------------------------------------------
     def _skips_training(self, module) -> bool:
         """No capture while gradients flow (training) or in a checkpoint recompute during backward."""
-        if torch._C._current_graph_task_id() != -1:
-            return True  # backward is recomputing a checkpointed layer: its forward was already seen
-        if module.training and torch.is_grad_enabled():
+        reason = not_recorded(module)
+        if reason == "training":
             self._warn_once(
                 "training",
                 "qk-attn: not recording forwards in training mode with gradients enabled "
                 "(call model.eval() or use torch.no_grad() to record)",
             )
-            return True
-        return False
+        return reason is not None
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
             logger.warning(message)
-
-    def _on_device(self, what: str, values: tuple[int, ...], device: torch.device) -> torch.Tensor:
-        """Small host tables (example ids, head ids) as int64 device tensors, copied once per value."""
-        key = (what, tuple(values), device)
-        table = self._device_tables.get(key)
-        if table is None:
-            if len(self._device_tables) > 256:
-                self._device_tables.clear()
-            host = torch.tensor(values, dtype=torch.int64)
-            if device.type == "cuda":
-                host = host.pin_memory()
-            table = self._device_tables[key] = host.to(device, non_blocking=True)
-        return table
 
     def _model(self, module, query, key) -> _Model:
         model = self._models.get(id(module.config))
@@ -368,31 +360,3 @@ class _Model:
         self.config = config
         self.plan = plan
         self.staging_bytes: dict[tuple, int] = {}  # forward shape -> its staging bound
-
-
-def cross_attention_keys(key: torch.Tensor, mask) -> tuple[int, TextTokens]:
-    """Vision keys of a cross-attention layer: position = vision token index, no token ids."""
-    batch, num_keys = key.shape[0], key.shape[2]
-    valid = key_validity(mask, batch)
-    if valid is None:
-        valid = torch.ones(batch, num_keys, dtype=torch.bool, device=key.device)
-    positions = torch.arange(num_keys, device=key.device).expand(batch, num_keys)
-    none_packed = torch.zeros(batch, dtype=torch.bool, device=key.device)
-    return 0, TextTokens(positions, valid, valid.sum(1), positions[:, 0], none_packed, None)
-
-
-def _with_token_ids(selection: Selection, tokens) -> tuple[Selection, torch.Tensor | None]:
-    if tokens.token_ids is None:
-        return selection, None
-    return selection, tokens.token_ids[selection.batch, 0, selection.token, 0].to(torch.int32)
-
-
-def _new_on(device: torch.device):
-    return lambda dtype, shape: torch.empty(shape, dtype=dtype, device=device)
-
-
-def _as_states(table: torch.Tensor, batch_size: int, device) -> torch.Tensor:
-    """A per-token table (B|1, T, R) as one-head attention states (B, 1, T, R)."""
-    table = table.to(device)
-    table = table if table.dim() == 3 else table[None]
-    return table[:, None].expand(batch_size, 1, *table.shape[1:])

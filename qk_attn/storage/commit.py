@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qk_attn.capture.batch import warn_not_from_zero
+from qk_attn.capture.sinks import warn_not_from_zero
 from qk_attn.errors import CorruptShard
 from qk_attn.storage import compact
 from qk_attn.storage.manifest import now

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from qk_attn.capture.batch import CaptureBatch, Sink
+from qk_attn.capture.batch import CaptureBatch
+from qk_attn.capture.sinks import Sink
 from qk_attn.config import SniffConfig
 from qk_attn.errors import CaptureError, CaptureOverflow, CommittedExampleError, SaverError, StorageError
 from qk_attn.storage.examples import check_examples_file

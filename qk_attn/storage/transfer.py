@@ -1,23 +1,30 @@
-"""Device -> host for capture batches: a bounded pool of host memory, side streams, one event per piece.
+"""Device -> host for captured rows: into the bounded host pool (qk_attn.storage.pool), on a side
+stream, one event per piece.
 
-Caller thread (inside the attention call), per `CaptureBatch` on the device:
+A forward's rows (the usual path), at the forward's end, between forwards (`send_forward`):
+
+    take a pool region for the staging's used bytes, waiting for space here
+    CUDA: one copy of the staging buffer into it, on the side stream after the producing stream,
+          one blocking-sync event; the buffer is reused after that event. CPU: no copy, the staged
+          host tensors are the piece and the region only accounts for their bytes
+    one ForwardPiece to the saver
+
+A streamed call (a forward too large to stage: qk_attn.capture.staging), per `CaptureBatch`:
 
     split the staging capacity into pieces that fit the pool
     for each piece:  take a pool region *without waiting*; when the pool is full, stop: the rest
-                     of the batch stays on the device (its tensors are kept alive) until
-                     `end_forward`, which runs between forwards and may wait for space
-                     copy the piece into it: CUDA -> on a side stream, non_blocking, into pinned
-                     memory, then record a blocking-sync event; CPU -> no copy, no event
-                     hand the piece on (the caller enqueues it before taking the next region,
-                     so the saver can always free space: no deadlock)
+                     of the batch stays on the device (its tensors are kept alive, and an event on
+                     its producing stream orders the later copy) until `end_forward`, which runs
+                     between forwards and may wait for space
+                     copy the piece into it (as above, or no copy on the CPU) and hand it on (the
+                     caller enqueues it before taking the next region, so the saver can always
+                     free space: no deadlock)
 
-Saver thread, per piece:  `wait()` on the event -> `rows()` -> copy into buffers -> `release()`.
+Saver thread, per piece:  `wait()` on the event -> rows -> copy into buffers -> `release()`.
 
-On the CPU the pieces are views of the batch itself (no copy); the pool then only counts bytes.
-
-Nothing here reads a device value on the host: the row count is copied with the rows and
-read by the saver after the event. Rows past the count are copied too (the count is not
-known on the host when the copy is issued); the staging capacity bounds that waste.
+Nothing here reads a device value on the host: row counts are copied with the rows and read
+by the saver after the event. Rows past a count are copied too (the count is not known on the
+host when the copy is issued); the sampler's capacity bound limits that waste.
 """
 
 from __future__ import annotations
@@ -25,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -33,81 +39,10 @@ from dataclasses import dataclass
 import torch
 
 from qk_attn.capture.batch import CaptureBatch, HostRows
+from qk_attn.capture.staging import ALIGN, aligned
+from qk_attn.storage.pool import HostPool
 
 logger = logging.getLogger(__name__)
-
-ALIGN = 64  # bytes; keeps every dtype view of the pool aligned
-WAIT_S = 0.05  # how often a blocked producer re-checks for a saver error
-
-
-def _aligned(nbytes: int) -> int:
-    return (nbytes + ALIGN - 1) // ALIGN * ALIGN
-
-
-class HostPool:
-    """`nbytes` of host memory (pinned when `pin`), handed out as regions of a ring.
-
-    Regions are normally released in the order they were acquired (one saver thread,
-    FIFO queue); out-of-order release is tolerated, the space returns when every older
-    region is released. `acquire` blocks while there is no room: that is the back-pressure.
-    """
-
-    def __init__(self, nbytes: int, pin: bool) -> None:
-        self.nbytes = _aligned(nbytes)
-        self.pinned = pin
-        self.buffer = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=pin)
-        self._cond = threading.Condition()
-        self._live: deque[list] = deque()  # [start, end, released], in acquisition order
-        self.in_use = 0
-        self.high_water = 0
-        self.waits = 0  # times a producer had to wait for space
-
-    def _find(self, n: int) -> int | None:
-        if not self._live:
-            return 0
-        first, last = self._live[0][0], self._live[-1]
-        wrapped = last[0] < first  # the newest region sits below the oldest one
-        if wrapped:
-            return last[1] if last[1] + n <= first else None
-        if last[1] + n <= self.nbytes:
-            return last[1]
-        return 0 if n <= first else None
-
-    def acquire(self, nbytes: int, check: Callable[[], None] = lambda: None, wait: bool = True) -> list | None:
-        """A region [start, end) of at least `nbytes`; waits for space, calling `check` while
-        waiting (`wait=False`: None instead of waiting)."""
-        n = _aligned(max(nbytes, 1))
-        if n > self.nbytes:
-            raise ValueError(f"a {n}-byte piece cannot fit a {self.nbytes}-byte host pool")
-        with self._cond:
-            start = self._find(n)
-            if start is None and not wait:
-                return None
-            if start is None:
-                self.waits += 1
-            while start is None:
-                check()  # a dead saver never frees space: surface its error instead of hanging
-                self._cond.wait(WAIT_S)
-                start = self._find(n)
-            region = [start, start + n, False]
-            self._live.append(region)
-            self.in_use += n
-            self.high_water = max(self.high_water, self.in_use)
-            return region
-
-    def release(self, region: list) -> None:
-        with self._cond:
-            if region[2]:
-                return
-            region[2] = True
-            self.in_use -= region[1] - region[0]
-            while self._live and self._live[0][2]:
-                self._live.popleft()
-            self._cond.notify_all()
-
-    def view(self, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        nbytes = math.prod(shape) * dtype.itemsize
-        return self.buffer[offset : offset + nbytes].view(dtype).view(shape)
 
 
 @dataclass
@@ -210,7 +145,7 @@ class Transfer:
         vec_dtype = _host_dtype(batch.vectors.dtype)
         vec_size = vec_dtype.itemsize
         batch_size = batch.valid.shape[0]
-        header = _aligned(8) + 2 * _aligned(8 * batch_size)
+        header = aligned(8) + 2 * aligned(8 * batch_size)
         per_row = 8 + 4 + 4 + 4 + heads * dim * vec_size
         # A quarter of the pool per piece keeps several pieces in flight (copy/write overlap).
         budget = max(pool.nbytes // 4, header + 5 * ALIGN + per_row)
@@ -236,7 +171,7 @@ class Transfer:
                 layout.append(("token_id", batch.token_id.dtype, (n,), batch.token_id[start : start + n]))
             if batch.packed is not None:
                 layout.append(("packed", torch.bool, (batch_size,), batch.packed))
-            sizes = [_aligned(math.prod(shape) * dt.itemsize) for _, dt, shape, _ in layout]
+            sizes = [aligned(math.prod(shape) * dt.itemsize) for _, dt, shape, _ in layout]
             region = pool.acquire(sum(sizes), check, wait=wait)
             if region is None:
                 stopped.append(start)

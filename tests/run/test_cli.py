@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from qk_attn import cli
-from qk_attn.capture.batch import MemorySink
+from qk_attn.capture.sinks import MemorySink
 from qk_attn.errors import ConfigError, HubError
 from qk_attn.run import prepare, runner
 from qk_attn.run.config import RunConfig

@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from qk_attn import cli
-from qk_attn.capture.batch import MemorySink
+from qk_attn.capture.sinks import MemorySink
 from qk_attn.errors import ConfigError
 from qk_attn.run import prepare, runner
 from qk_attn.run.documents import normalize_id

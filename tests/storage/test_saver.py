@@ -24,8 +24,9 @@ from qk_attn.errors import CaptureOverflow, SaverError
 from qk_attn.sampler import Sampler
 from qk_attn.storage.layout import MANIFEST, key_name
 from qk_attn.storage.manifest import read_manifest
+from qk_attn.storage.pool import HostPool
 from qk_attn.storage.sink import ParquetSink
-from qk_attn.storage.transfer import HostPool, Transfer
+from qk_attn.storage.transfer import Transfer
 from support.storage import (
     DIM,
     TinyConfig,

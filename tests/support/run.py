@@ -7,7 +7,7 @@ import random
 import numpy as np
 import yaml
 
-from qk_attn.capture.batch import MemorySink
+from qk_attn.capture.sinks import MemorySink
 from qk_attn.run import runner
 from qk_attn.run.config import RunConfig
 

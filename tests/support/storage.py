@@ -8,9 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from qk_attn.capture.batch import CaptureBatch, MemorySink
+from qk_attn.capture.batch import CaptureBatch
 from qk_attn.capture.gather import SelectionSpec, gather_rows
 from qk_attn.capture.plan import HeadPlan, ModelShape
+from qk_attn.capture.sinks import MemorySink
 from qk_attn.config import SniffConfig
 from qk_attn.sampler import Sampler
 from qk_attn.storage.manifest import read_manifest
