@@ -147,8 +147,10 @@ class ForwardContext:
         (layer, kind) at once, and on the host which of them keep anything, so that a decode
         step's attention calls that select nothing cost a lookup. None elsewhere: on a GPU the
         kernel decides per call without a host read, and a long prefill decides per call."""
+        if tokens.valid.device.type != "cpu":  # per call: layers of one forward may sit on several devices
+            return None, None
         if self._decisions is None:
-            if tokens.valid.device.type != "cpu" or num_layers * 2 * tokens.valid.numel() > DECIDE_AT_ONCE:
+            if num_layers * 2 * tokens.valid.numel() > DECIDE_AT_ONCE:
                 self._decisions = (None, None)
             else:
                 keep = sampler.keep_all_layers(example_ids, num_layers, tokens.positions).numpy() & tokens.valid.numpy()

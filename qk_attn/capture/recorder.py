@@ -225,7 +225,9 @@ class Session(SequenceTracker):
         pre_rope = self.config.rope == "pre" and not cross and uses_rope(module)
         out_dtype = torch.float32 if pre_rope else _DTYPES[self.config.vector_dtype]
         capacity = batch_size * self.sampler.capacity(num_tokens)
-        staged = not staging.streams
+        # A layer on another device than the forward's first (device_map) streams its call: one
+        # staging buffer lives on one device.
+        staged = not staging.streams and device == staging.device
         if staged and staging.bytes is not None:  # buffer mode: the call must fit what is left of it
             nbytes = call_bytes(
                 capacity, len(heads), states.shape[-1], out_dtype.itemsize, tokens.token_ids is not None
