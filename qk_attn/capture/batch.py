@@ -17,6 +17,7 @@ from qk_attn.capture.schema import columns_table
 from qk_attn.errors import CaptureOverflow, PackedSequences
 
 KINDS = ("q", "k")
+TENSORS = ("count", "row", "position", "bucket", "vectors", "valid", "token_id", "first_position", "packed")
 
 
 @dataclass
@@ -60,25 +61,9 @@ class CaptureBatch:
     def head_dim(self) -> int:
         return self.vectors.shape[-1]
 
-    def to(self, device: str | torch.device, non_blocking: bool = False) -> CaptureBatch:
-        """A copy of every tensor on `device` (the saver calls this on host buffers)."""
-        moved = {
-            name: None if getattr(self, name) is None else getattr(self, name).to(device, non_blocking=non_blocking)
-            for name in (
-                "count",
-                "row",
-                "position",
-                "bucket",
-                "vectors",
-                "valid",
-                "token_id",
-                "first_position",
-                "packed",
-            )
-        }
-        return CaptureBatch(
-            self.layer, self.kind, self.heads, self.example_ids, self.sliding_window, self.cross_attention, **moved
-        )
+    def map_tensors(self, fn) -> CaptureBatch:
+        """This batch with every tensor `t` replaced by `fn(t)` (None stays None)."""
+        return dataclasses.replace(self, **{name: _apply(fn, getattr(self, name)) for name in TENSORS})
 
     def host_rows(
         self, first_row: int = 0, staging_capacity: int | None = None, with_valid: bool = True, per_row=None
@@ -118,6 +103,10 @@ class CaptureBatch:
             token_id=None if self.token_id is None else _host(self.token_id, n).astype(np.int32, copy=True),
             first_position=first,
         )
+
+
+def _apply(fn, tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else fn(tensor)
 
 
 def _host(tensor: torch.Tensor, n: int | None) -> np.ndarray:

@@ -172,8 +172,8 @@ class Session(SequenceTracker):
             )
             if staged:
                 staging.add(batch)
-            else:  # too large to stage (the run's estimate said so): streamed call by call
-                self.sink.put(batch)
+            else:  # a forward too large to stage (the run's estimate said so), or a layer on another
+                self.sink.put(batch)  # device: streamed call by call
 
     def _start_staging(self, forward, model, query) -> Staging:
         """The forward's staging area, at its first recorded call, sized for every call it can make."""
@@ -253,8 +253,8 @@ class Session(SequenceTracker):
         kernel = uses_kernel(states, out_dtype)
         if kernel and not pre_rope:  # one launch, straight into the staging buffer
             columns = kernel_rows(spec, tokens.token_ids, buffer.empty if buffer is not None else None)
-        elif pre_rope or kernel:
-            columns = self._select_and_gather(module, spec, tokens, pre_rope, rotary)
+        elif pre_rope:
+            columns = self._pre_rope_rows(module, spec, tokens, rotary)
         else:  # the torch path: one selection serves the vectors and the token ids
             selection, token_id = self._selection(forward, spec, tokens)
             every_head = len(heads) == states.shape[1] and tuple(heads) == tuple(range(len(heads)))
@@ -299,25 +299,22 @@ class Session(SequenceTracker):
             cached = forward.selections[id(tokens)] = (tokens, selected_token_ids(selection, tokens))
         return cached[1]
 
-    def _select_and_gather(self, module, spec: SelectionSpec, tokens, pre_rope: bool, rotary):
-        """The kernel path (and rope="pre"): per-token columns (token id, cos/sin) are gathered by
-        the same selection as the vectors, as one-head states."""
+    def _pre_rope_rows(self, module, spec: SelectionSpec, tokens, rotary):
+        """rope="pre": the rows un-rotated with the cos/sin the layer applied; per-token columns (token
+        id, cos/sin) are gathered by the same selection as the vectors, as one-head states."""
         device = spec.states.device
         count, row, position, bucket, vectors = select_rows(spec)
         per_token = spec._replace(
             token_offset=0, heads=self._device_tables.get("heads", (0,), device), out_dtype=torch.float32
         )
         batch_size = tokens.positions.shape[0]
-        if pre_rope:
-            if rotary is None:
-                raise ConfigError(
-                    f"rope='pre': {type(module).__name__} did not expose the cos/sin it applied (no "
-                    "position_embeddings in its forward); use rope='post'"
-                )
-            cos, sin = (select_rows(per_token._replace(states=as_states(t, batch_size, device)))[4] for t in rotary)
-            vectors = invert_rope(module, spec.kind, vectors, position, (cos, sin)).to(
-                _DTYPES[self.config.vector_dtype]
+        if rotary is None:
+            raise ConfigError(
+                f"rope='pre': {type(module).__name__} did not expose the cos/sin it applied (no "
+                "position_embeddings in its forward); use rope='post'"
             )
+        cos, sin = (select_rows(per_token._replace(states=as_states(t, batch_size, device)))[4] for t in rotary)
+        vectors = invert_rope(module, spec.kind, vectors, position, (cos, sin)).to(_DTYPES[self.config.vector_dtype])
         token_id = None
         if tokens.token_ids is not None:
             token_id = select_rows(per_token._replace(states=tokens.token_ids))[4]

@@ -134,7 +134,8 @@ class Staging:
 
     # ---- the attention calls -------------------------------------------------------------
     def fits(self, nbytes: int) -> bool:
-        return self.bytes is None or self.used + nbytes <= self.bytes.numel()
+        """Whether `nbytes` more fit the buffer (buffer mode)."""
+        return self.used + nbytes <= self.bytes.numel()
 
     def empty(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         """A new tensor for a staged column: a view of the buffer in buffer mode (check `fits` first)."""
@@ -190,6 +191,3 @@ class Staging:
         if self.buffer is not None and self.bytes is not None and not self._returned:
             self.buffer.forget()
         self._held.clear()
-
-    def __len__(self) -> int:
-        return len(self.calls)

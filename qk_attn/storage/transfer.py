@@ -29,7 +29,6 @@ host when the copy is issued); the sampler's capacity bound limits that waste.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from collections import deque
@@ -114,7 +113,7 @@ class Transfer:
             event = self._copy([(host, staging.bytes[: staging.used])], staging.device, staging.stream)
             staging.returned(event)
             base = staging.bytes.data_ptr()
-            calls = [_moved(call, lambda t: _rebase(t, base, host)) for call in calls]
+            calls = [_rebased(call, base, host) for call in calls]
             checks = [c._replace(value=_rebase(c.value, base, host)) for c in staging.checks]
         else:
             nbytes = sum(_nbytes(call) for call in calls if isinstance(call, CaptureBatch))
@@ -296,22 +295,17 @@ def _produced(batch: CaptureBatch):
     return event
 
 
-def _rebase(tensor: torch.Tensor | None, base: int, host: torch.Tensor) -> torch.Tensor | None:
+def _rebase(tensor: torch.Tensor, base: int, host: torch.Tensor) -> torch.Tensor:
     """The view of `host` (the pool's copy of a staging buffer at `base`) where `tensor` was in the buffer."""
-    if tensor is None:
-        return None
     offset = tensor.data_ptr() - base
     return host[offset : offset + tensor.numel() * tensor.element_size()].view(tensor.dtype).view(tensor.shape)
 
 
-def _moved(call, move):
-    """`call` (a CaptureBatch or an empty call) with every tensor replaced by `move(tensor)`."""
+def _rebased(call, base: int, host: torch.Tensor):
+    """`call` (a CaptureBatch, or an empty call) with its tensors as views of the host copy."""
     if not isinstance(call, CaptureBatch):
         return call
-    return dataclasses.replace(call, **{name: move(getattr(call, name)) for name in _TENSORS})
-
-
-_TENSORS = ("count", "row", "position", "bucket", "vectors", "valid", "token_id", "first_position", "packed")
+    return call.map_tensors(lambda tensor: _rebase(tensor, base, host))
 
 
 class ForwardPiece:
