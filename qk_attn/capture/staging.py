@@ -21,6 +21,7 @@ from typing import NamedTuple
 import torch
 
 from qk_attn.capture.batch import CaptureBatch
+from qk_attn.errors import CaptureError
 
 ALIGN = 64  # bytes; every view of the buffer starts aligned for any dtype (and for the kernel)
 
@@ -72,10 +73,9 @@ class OffsetCheck(NamedTuple):
     expected: int
     example_ids: tuple[int, ...]
 
-    def verify(self, value: int | None = None) -> None:
-        from qk_attn.errors import CaptureError
-
-        actual = int(self.value) if value is None else value
+    def verify(self) -> None:
+        """Raise CaptureError when the device value (read here: on the host after the copy) differs."""
+        actual = int(self.value)
         if actual != self.expected:
             raise CaptureError(
                 f"qk_sniff: examples {list(self.example_ids)}: the cache was at position {actual}, not "
@@ -142,6 +142,11 @@ class Staging:
         if self.bytes is None:
             return torch.empty(shape, dtype=dtype, device=self.device)
         nbytes = math.prod(shape) * dtype.itemsize
+        if self.used + nbytes > self.bytes.numel():  # the bound is wrong: never write past the buffer
+            raise CaptureError(
+                f"qk_sniff: internal: a forward staged more than its bound of {self.bytes.numel()} bytes; "
+                "please report this (set pinned_mb lower to stream such forwards meanwhile)"
+            )
         view = self.bytes[self.used : self.used + nbytes].view(dtype).view(shape)
         self.used += aligned(nbytes)
         return view

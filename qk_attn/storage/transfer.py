@@ -297,8 +297,10 @@ def _produced(batch: CaptureBatch):
 
 def _rebase(tensor: torch.Tensor, base: int, host: torch.Tensor) -> torch.Tensor:
     """The view of `host` (the pool's copy of a staging buffer at `base`) where `tensor` was in the buffer."""
-    offset = tensor.data_ptr() - base
-    return host[offset : offset + tensor.numel() * tensor.element_size()].view(tensor.dtype).view(tensor.shape)
+    offset, nbytes = tensor.data_ptr() - base, tensor.numel() * tensor.element_size()
+    if not 0 <= offset <= offset + nbytes <= host.numel():  # a column outside the copied bytes
+        raise RuntimeError(f"qk_sniff: internal: a staged tensor lies outside the staging buffer (offset {offset})")
+    return host[offset : offset + nbytes].view(tensor.dtype).view(tensor.shape)
 
 
 def _rebased(call, base: int, host: torch.Tensor):
