@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 
+import numpy as np
 import pytest
 import torch
 from transformers import DynamicCache
@@ -137,3 +138,33 @@ def test_a_static_cache_offset_the_host_derived_is_checked_with_the_rows(tmp_pat
             s.flush()
     if output:
         assert read_manifest(tmp_path / "out")["examples"] == {}  # nothing of the refused sequence
+
+
+def test_a_forward_too_large_to_stage_streams_call_by_call_and_loses_nothing(tmp_path, monkeypatch, caplog):
+    """pinned_mb=1 stages at most 0.5 MiB per forward; a left-padded batch of 4 x 200 tokens under
+    "all" is about 1 MiB, so its calls stream to the sink one by one (with a warning), and the rows
+    equal those of an in-memory session, which stages the same forward whole."""
+    from support.models import padded_batch
+    from support.run import all_rows, assert_same_rows
+
+    model = build("llama3", "qk_sniff")
+    batch = padded_batch("left", lengths=(200, 150, 90, 200), seed=4)
+    counts = Counts()
+    counts.wrap(monkeypatch, Transfer, "send", "per-call transfers")
+    counts.wrap(monkeypatch, Transfer, "send_forward", "hand-offs")
+    with torch.inference_mode(), caplog.at_level("WARNING"):
+        with qk_attn.session(output=str(tmp_path / "out"), sampler="all", pinned_mb=1, example_ids=[1, 2, 3, 4]):
+            model(**batch)
+        with qk_attn.session(sampler="all", example_ids=[1, 2, 3, 4]) as memory:
+            model(**batch)
+    assert counts.per_step[-1]["per-call transfers"] == LAYERS * KINDS
+    assert counts.per_step[-1]["hand-offs"] == 0  # nothing else was staged (no empty calls, no checks)
+    assert sum("exceed the staging limit" in r.message for r in caplog.records) == 1
+    want = {key: np.asarray(vector) for key, vector in _keyed(memory.table()).items()}
+    assert_same_rows(all_rows(tmp_path / "out"), want)
+
+
+def _keyed(table) -> dict:
+    t = table.to_pydict()
+    keys = ("example_id", "layer", "head", "kind", "position", "bucket")
+    return {tuple(t[k][i] for k in keys): t["vector"][i] for i in range(table.num_rows)}
