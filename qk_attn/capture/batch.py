@@ -66,18 +66,18 @@ class CaptureBatch:
         return dataclasses.replace(self, **{name: _apply(fn, getattr(self, name)) for name in TENSORS})
 
     def host_rows(
-        self, first_row: int = 0, staging_capacity: int | None = None, with_valid: bool = True, per_row=None
+        self, first_row: int = 0, staging_capacity: int | None = None, with_valid: bool = True, reader=None
     ) -> HostRows:
         """Trim to `count` on the host. Raises `CaptureOverflow` instead of dropping rows.
 
         A transfer piece holds rows [first_row, first_row + capacity) of a batch whose whole
         staging buffer had `staging_capacity` rows; only its first piece reports `valid`.
-        `per_row`: its (valid, first position) dicts, already read (`PerRow`).
+        `reader`: the `HostReader` of this batch's forward (columns its calls share are read once).
         `vectors` may stay a view of this batch's memory; the small columns are copies.
         """
-        count = int(_host(self.count, None).reshape(-1)[0])
-        if per_row is None:
-            per_row = PerRow().read(self.example_ids, self.valid, self.first_position, self.packed)
+        reader = HostReader() if reader is None else reader
+        count = int(reader.column(self.count, None).reshape(-1)[0])
+        per_row = reader.per_row(self.example_ids, self.valid, self.first_position, self.packed)
         staging_capacity = self.capacity if staging_capacity is None else staging_capacity
         if count > staging_capacity:
             raise CaptureOverflow(
@@ -86,8 +86,6 @@ class CaptureBatch:
                 f"a smaller batch, or report this (the capacity bound is mean + 8 sd)."
             )
         n = min(max(count - first_row, 0), self.capacity)
-        row = _host(self.row, n)
-        ids = np.asarray(self.example_ids, dtype=np.int64)
         valid, first = per_row if with_valid else ({}, {})
         return HostRows(
             layer=self.layer,
@@ -95,12 +93,12 @@ class CaptureBatch:
             heads=self.heads,
             sliding_window=self.sliding_window,
             cross_attention=self.cross_attention,
-            example_id=ids[row] if n else np.zeros(0, np.int64),
-            position=_host(self.position, n).astype(np.int32, copy=True),
-            bucket=_host(self.bucket, n).astype(np.int32, copy=True),
+            example_id=reader.example_ids(self.example_ids, self.row, n),
+            position=reader.column(self.position, n, np.int32),
+            bucket=reader.column(self.bucket, n, np.int32),
             vectors=self.vectors[:, :n].numpy(force=True),
             valid=valid,
-            token_id=None if self.token_id is None else _host(self.token_id, n).astype(np.int32, copy=True),
+            token_id=None if self.token_id is None else reader.column(self.token_id, n, np.int32),
             first_position=first,
         )
 
@@ -119,28 +117,50 @@ def _host(tensor: torch.Tensor, n: int | None) -> np.ndarray:
     return tensor[:n].numpy(force=True)
 
 
-class PerRow:
-    """The per-batch-row columns of calls on the host, read once per tensor: a forward's calls share
-    them (valid counts, first positions), and a row whose positions restart is refused here."""
+class HostReader:
+    """Reads the host columns of one forward's calls, each tensor once: the per-row columns every call
+    shares (valid counts, first positions; a row whose positions restart is refused here) and the
+    selection columns the calls of a forward share under "all" (rows, positions, token ids)."""
 
     def __init__(self) -> None:
         self._read: dict[tuple, tuple] = {}
 
-    def read(self, example_ids, valid, first_position, packed) -> tuple[dict, dict]:
-        key = (id(valid), id(first_position), id(packed))
+    def _once(self, tensors: tuple, extra: tuple, read):
+        """`read()`, memoised by the identity of `tensors` (kept alive with the result) and `extra`."""
+        key = (*map(id, tensors), *extra)
         cached = self._read.get(key)
-        if cached is not None and all(a is b for a, b in zip(cached[0], (valid, first_position, packed))):
-            return cached[1]
-        if packed is not None and packed.any():
-            rows = [example_ids[i] for i in packed.nonzero().flatten().tolist()]
-            raise PackedSequences(
-                f"examples {rows}: positions restart inside a batch row (packed documents), so positions would "
-                "repeat within one example; run one document per batch row (pad instead of packing)"
-            )
-        first = {} if first_position is None else dict(zip(example_ids, first_position.tolist()))
-        result = dict(zip(example_ids, valid.tolist())), first
-        self._read[key] = ((valid, first_position, packed), result)
-        return result
+        if cached is None or not all(a is b for a, b in zip(cached[0], tensors)):
+            cached = self._read[key] = (tensors, read())
+        return cached[1]
+
+    def column(self, tensor: torch.Tensor, n: int | None, dtype=None) -> np.ndarray:
+        """The first `n` entries as numpy; with `dtype` a copy (the source may be a pool region)."""
+        if dtype is None:
+            return _host(tensor, n)
+        return self._once((tensor,), (n, dtype), lambda: _host(tensor, n).astype(dtype, copy=True))
+
+    def example_ids(self, example_ids: tuple[int, ...], row: torch.Tensor, n: int) -> np.ndarray:
+        """The example id of each of the first `n` rows (`row`: their batch rows)."""
+        if not n:
+            return np.zeros(0, np.int64)
+        return self._once((row,), (n, example_ids), lambda: np.asarray(example_ids, dtype=np.int64)[_host(row, n)])
+
+    def per_row(self, example_ids, valid, first_position, packed) -> tuple[dict, dict]:
+        """({example: valid tokens}, {example: first position}) of one call."""
+        return self._once(
+            (valid, first_position, packed), (), lambda: _per_row(example_ids, valid, first_position, packed)
+        )
+
+
+def _per_row(example_ids, valid, first_position, packed) -> tuple[dict, dict]:
+    if packed is not None and packed.any():
+        rows = [example_ids[i] for i in packed.nonzero().flatten().tolist()]
+        raise PackedSequences(
+            f"examples {rows}: positions restart inside a batch row (packed documents), so positions would "
+            "repeat within one example; run one document per batch row (pad instead of packing)"
+        )
+    first = {} if first_position is None else dict(zip(example_ids, first_position.tolist()))
+    return dict(zip(example_ids, valid.tolist())), first
 
 
 @dataclass

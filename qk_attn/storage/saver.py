@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow.parquet as pq
 
-from qk_attn.capture.batch import CaptureBatch, HostRows, PerRow
+from qk_attn.capture.batch import CaptureBatch, HostReader, HostRows
 from qk_attn.storage.commit import NO_POSITION, Committer
 from qk_attn.storage.examples import write_examples
 from qk_attn.storage.folder import card_is_ours
@@ -163,16 +163,15 @@ class SaverThread(Committer):
 
     def _accept_forward(self, calls: list) -> None:
         """A forward's calls (host batches, or empty calls: qk_attn.capture.staging.EmptyCall) into the
-        open segment; an empty call is only counted. The per-row columns the calls share are read once."""
-        per_row = PerRow()
+        open segment; an empty call is only counted. Columns the calls share are read once."""
+        reader = HostReader()
         for call in calls:
             if isinstance(call, CaptureBatch):
-                shared = per_row.read(call.example_ids, call.valid, call.first_position, call.packed)
-                self._accept(call.host_rows(per_row=shared), True, in_budget=False)
+                self._accept(call.host_rows(reader=reader), True, in_budget=False)
                 continue
             tokens = call.tokens
             first = None if call.cross_attention and call.kind == "k" else tokens.first_position
-            valid, first = per_row.read(call.example_ids, tokens.valid_count, first, tokens.packed)
+            valid, first = reader.per_row(call.example_ids, tokens.valid_count, first, tokens.packed)
             self._count_call(call.layer, call.kind, call.heads, call.cross_attention, valid, first)
         self._keep_in_budget()
 
