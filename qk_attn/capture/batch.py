@@ -76,7 +76,7 @@ class CaptureBatch:
         `vectors` may stay a view of this batch's memory; the small columns are copies.
         """
         reader = HostReader() if reader is None else reader
-        count = int(reader.column(self.count, None).reshape(-1)[0])
+        count = int(_host(self.count, None).reshape(-1)[0])
         per_row = reader.per_row(self.example_ids, self.valid, self.first_position, self.packed)
         staging_capacity = self.capacity if staging_capacity is None else staging_capacity
         if count > staging_capacity:
@@ -87,18 +87,19 @@ class CaptureBatch:
             )
         n = min(max(count - first_row, 0), self.capacity)
         valid, first = per_row if with_valid else ({}, {})
+        example_id, position, bucket, token_id = reader.selection(self, n)
         return HostRows(
             layer=self.layer,
             kind=self.kind,
             heads=self.heads,
             sliding_window=self.sliding_window,
             cross_attention=self.cross_attention,
-            example_id=reader.example_ids(self.example_ids, self.row, n),
-            position=reader.column(self.position, n, np.int32),
-            bucket=reader.column(self.bucket, n, np.int32),
-            vectors=self.vectors[:, :n].numpy(force=True),
+            example_id=example_id,
+            position=position,
+            bucket=bucket,
+            vectors=_host(self.vectors, n, axis=1),
             valid=valid,
-            token_id=None if self.token_id is None else reader.column(self.token_id, n, np.int32),
+            token_id=token_id,
             first_position=first,
         )
 
@@ -107,14 +108,15 @@ def _apply(fn, tensor: torch.Tensor | None) -> torch.Tensor | None:
     return None if tensor is None else fn(tensor)
 
 
-def _host(tensor: torch.Tensor, n: int | None) -> np.ndarray:
-    """The first `n` entries (None: all) as numpy: sliced in numpy on the host (a torch op costs
-    more than the copy for a decode step's few rows), in torch on a device (only what is needed moves)."""
+def _host(tensor: torch.Tensor, n: int | None, axis: int = 0) -> np.ndarray:
+    """The first `n` entries along `axis` (None: all) as numpy: sliced in numpy on the host (a torch
+    op costs more than the copy for a decode step's few rows), in torch on a device (only what is
+    needed moves)."""
     if n is None:
         return tensor.numpy(force=True)
     if tensor.device.type == "cpu":
-        return tensor.numpy()[:n]
-    return tensor[:n].numpy(force=True)
+        return tensor.numpy()[(slice(None),) * axis + (slice(n),)]
+    return tensor.narrow(axis, 0, n).numpy(force=True)
 
 
 class HostReader:
@@ -133,17 +135,11 @@ class HostReader:
             cached = self._read[key] = (tensors, read())
         return cached[1]
 
-    def column(self, tensor: torch.Tensor, n: int | None, dtype=None) -> np.ndarray:
-        """The first `n` entries as numpy; with `dtype` a copy (the source may be a pool region)."""
-        if dtype is None:
-            return _host(tensor, n)
-        return self._once((tensor,), (n, dtype), lambda: _host(tensor, n).astype(dtype, copy=True))
-
-    def example_ids(self, example_ids: tuple[int, ...], row: torch.Tensor, n: int) -> np.ndarray:
-        """The example id of each of the first `n` rows (`row`: their batch rows)."""
-        if not n:
-            return np.zeros(0, np.int64)
-        return self._once((row,), (n, example_ids), lambda: np.asarray(example_ids, dtype=np.int64)[_host(row, n)])
+    def selection(self, batch: CaptureBatch, n: int) -> tuple:
+        """(example_id, position, bucket, token_id) of the batch's first `n` rows, as numpy copies (the
+        source may be a pool region); token_id None when the batch has none."""
+        columns = (batch.row, batch.position, batch.bucket, batch.token_id)
+        return self._once(columns, (n, batch.example_ids), lambda: _selection(batch.example_ids, *columns, n))
 
     def per_row(self, example_ids, valid, first_position, packed) -> tuple[dict, dict]:
         """({example: valid tokens}, {example: first position}) of one call."""
@@ -152,9 +148,19 @@ class HostReader:
         )
 
 
+def _selection(example_ids, row, position, bucket, token_id, n: int) -> tuple:
+    if not n:
+        empty = np.zeros(0, np.int32)
+        return np.zeros(0, np.int64), empty, empty, None if token_id is None else empty
+    example_id = np.asarray(example_ids, dtype=np.int64)[_host(row, n)]
+    token_id = None if token_id is None else _host(token_id, n).astype(np.int32)
+    return example_id, _host(position, n).astype(np.int32), _host(bucket, n).astype(np.int32), token_id
+
+
 def _per_row(example_ids, valid, first_position, packed) -> tuple[dict, dict]:
-    if packed is not None and packed.any():
-        rows = [example_ids[i] for i in packed.nonzero().flatten().tolist()]
+    # numpy, not torch: a torch op would let go of the GIL and wait to take it back from the model
+    if packed is not None and _host(packed, None).any():
+        rows = [example_ids[i] for i in _host(packed, None).nonzero()[0].tolist()]
         raise PackedSequences(
             f"examples {rows}: positions restart inside a batch row (packed documents), so positions would "
             "repeat within one example; run one document per batch row (pad instead of packing)"

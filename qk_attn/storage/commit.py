@@ -19,9 +19,10 @@ import numpy as np
 from qk_attn.capture.sinks import warn_not_from_zero
 from qk_attn.errors import CorruptShard
 from qk_attn.storage import compact
+from qk_attn.storage.layout import key_names
 from qk_attn.storage.manifest import now
 from qk_attn.storage.records import add_shard
-from qk_attn.storage.shards import KeyBuffer, Written
+from qk_attn.storage.shards import CallBuffer, Written
 
 logger = logging.getLogger("qk_attn.storage.saver")  # one logger for the saver thread (the CLI filters it)
 
@@ -55,7 +56,7 @@ class Committer:
         if not sealed and not commit and not late:
             return
         self._waiting_since = None  # commits from now on wait for the next finalise
-        merged: dict[str, tuple[KeyBuffer, list[int]]] = {}
+        merged: dict[tuple, tuple[CallBuffer, list[int]]] = {}
         for seg in sealed:
             for key, buffer in seg.buffers.items():
                 if key in merged:
@@ -65,7 +66,8 @@ class Committer:
                     merged[key] = (buffer, [seg.number])
         first = sealed[0] if sealed else self._new_segment()
         futures = [f for seg in sealed for f in seg.parts]
-        futures += [self._submit(first, key, buffer, segments) for key, (buffer, segments) in sorted(merged.items())]
+        for _, (buffer, segments) in sorted(merged.items()):
+            futures += self._submit(first, buffer, segments)
         self._inflight = _Inflight(sealed, commit, first.number, futures, sum(b.nbytes for b, _ in merged.values()))
         pending = [len(futures)]
         lock = threading.Lock()
@@ -106,8 +108,9 @@ class Committer:
             for w in written:
                 add_shard(manifest, w)
             for seg in sealed:
-                for key, n in seg.calls.items():
-                    manifest["calls"][key] = manifest["calls"].get(key, 0) + n
+                for (layer, kind, heads), n in seg.calls.items():
+                    for key in key_names(layer, heads, kind):
+                        manifest["calls"][key] = manifest["calls"].get(key, 0) + n
                 if seg.cross_attention_layers:
                     layers = set(manifest.get("cross_attention_layers", [])) | seg.cross_attention_layers
                     manifest["cross_attention_layers"] = sorted(layers)

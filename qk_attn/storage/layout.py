@@ -16,6 +16,7 @@ prefixed `rRRR-`. The commit protocol that ties the names together is in docs/ar
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,12 @@ PREVIOUS = previous_name(MANIFEST)
 def key_name(layer: int, head: int, kind: str) -> str:
     """Folder and config name of one (layer, head, kind): `l03h01k`."""
     return f"l{layer:02d}h{head:02d}{kind}"
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def key_names(layer: int, heads: tuple[int, ...], kind: str) -> tuple[str, ...]:
+    """The folder names of one call's heads, formatted once per (layer, heads, kind)."""
+    return tuple(key_name(layer, head, kind) for head in heads)
 
 
 def parse_key(name: str) -> tuple[int, int, str] | None:

@@ -2,7 +2,7 @@
 
     capturing thread  put(batch)      pieces into the host pool (qk_attn.storage.sink.ParquetSink)
                       commit(ids)     these examples are complete
-    saver thread      piece           -> rows into the open segment's per-(layer, head, kind) buffers
+    saver thread      piece           -> rows into the open segment's per-(layer, kind) buffers
                       commit          -> the open segment is *sealed* once every example in it is complete
                       timer           -> sealed segments are *finalised* at most `commit_every_s` after
                                          the first commit waiting in them (qk_attn.storage.commit):
@@ -18,7 +18,6 @@ protocol is described in docs/architecture.md.
 
 from __future__ import annotations
 
-import functools
 import logging
 import queue
 import threading
@@ -33,20 +32,14 @@ from qk_attn.capture.batch import CaptureBatch, HostReader, HostRows
 from qk_attn.storage.commit import NO_POSITION, Committer
 from qk_attn.storage.examples import write_examples
 from qk_attn.storage.folder import card_is_ours
-from qk_attn.storage.layout import key_name
+from qk_attn.storage.layout import key_names
 from qk_attn.storage.manifest import write_json_atomic
-from qk_attn.storage.shards import KeyBuffer, Written, write_buffer, write_table
+from qk_attn.storage.shards import CallBuffer, Written, write_buffer, write_table
 from qk_attn.storage.transfer import ForwardPiece, Piece
 
 logger = logging.getLogger(__name__)
 
 COMPACT_AT_CLOSE = 16
-
-
-@functools.lru_cache(maxsize=1 << 14)
-def _key_names(layer: int, heads: tuple[int, ...], kind: str) -> tuple[str, ...]:
-    """The folder names of one call's heads, formatted once per (layer, heads, kind)."""
-    return tuple(key_name(layer, head, kind) for head in heads)
 
 
 EXPORT_EVERY_S = 60.0  # OUT/examples.parquet is rewritten at most this often while running (and at close)
@@ -55,7 +48,7 @@ EXPORT_EVERY_S = 60.0  # OUT/examples.parquet is rewritten at most this often wh
 @dataclass
 class _Segment:
     number: int
-    buffers: dict[str, KeyBuffer] = field(default_factory=dict)
+    buffers: dict[tuple, CallBuffer] = field(default_factory=dict)  # (layer, kind, heads) -> rows
     parts: list = field(default_factory=list)  # Futures of Written: spilled .tmp shards
     next_part: int = 0
     examples: set[int] = field(default_factory=set)  # every example seen in this segment
@@ -63,7 +56,7 @@ class _Segment:
         default_factory=lambda: defaultdict(Counter)
     )  # example -> (layer, kind) -> tokens
     first: dict[int, int] = field(default_factory=dict)  # example -> smallest first position
-    calls: Counter = field(default_factory=Counter)  # key -> attention calls seen
+    calls: Counter = field(default_factory=Counter)  # (layer, kind, heads) -> attention calls seen
     cross_attention_layers: set[int] = field(default_factory=set)  # layers whose keys are vision tokens
 
     @property
@@ -163,55 +156,66 @@ class SaverThread(Committer):
 
     def _accept_forward(self, calls: list) -> None:
         """A forward's calls (host batches, or empty calls: qk_attn.capture.staging.EmptyCall) into the
-        open segment; an empty call is only counted. Columns the calls share are read once."""
+        open segment. Columns the calls share are read once, and calls that share their per-row
+        counts are counted together: a decode step's calls cost a few list appends here."""
         reader = HostReader()
+        empty: dict[tuple, tuple[dict, dict]] = {}  # per-row counts of empty calls, by their tokens
+        groups: dict[tuple, tuple[dict, dict, list]] = {}  # calls by the per-row counts they share
         for call in calls:
             if isinstance(call, CaptureBatch):
-                self._accept(call.host_rows(reader=reader), True, in_budget=False)
-                continue
-            tokens = call.tokens
-            first = None if call.cross_attention and call.kind == "k" else tokens.first_position
-            valid, first = reader.per_row(call.example_ids, tokens.valid_count, first, tokens.packed)
-            self._count_call(call.layer, call.kind, call.heads, call.cross_attention, valid, first)
+                rows = call.host_rows(reader=reader)
+                self._add_rows(rows)
+                valid, first = rows.valid, rows.first_position
+            else:
+                image_keys = call.cross_attention and call.kind == "k"  # vision tokens: no text position
+                per_row = empty.get((id(call.tokens), image_keys))
+                if per_row is None:
+                    tokens = call.tokens
+                    first = None if image_keys else tokens.first_position
+                    per_row = reader.per_row(call.example_ids, tokens.valid_count, first, tokens.packed)
+                    empty[(id(tokens), image_keys)] = per_row
+                valid, first = per_row
+            # The reader returns the same dicts for the same columns: one group per forward, mostly.
+            groups.setdefault((id(valid), id(first)), (valid, first, []))[2].append(call)
+        for valid, first, members in groups.values():
+            self._count_calls(members, valid, first)
         self._keep_in_budget()
 
-    def _count_call(self, layer: int, kind: str, heads, cross_attention: bool, valid: dict, first: dict) -> None:
-        """An attention call ran: its examples, their first positions and valid tokens, and one call of
-        each of its heads."""
+    def _count_calls(self, calls: list, valid: dict, first: dict) -> None:
+        """Attention calls ran (each with .layer, .kind, .heads, .cross_attention), all with these
+        per-row counts: their examples, first positions and valid tokens, and one call of each head."""
         seg = self._open
         seg.examples.update(valid)
         for example, position in first.items():
             seg.first[example] = min(seg.first.get(example, NO_POSITION), position)
-        if cross_attention:
-            seg.cross_attention_layers.add(layer)
-        else:  # cross-attention keys are image tokens, not text length
-            for example, count in valid.items():
-                seg.valid[example][(layer, kind)] += count
-        seg.calls.update(_key_names(layer, heads, kind))
+        seg.calls.update((call.layer, call.kind, call.heads) for call in calls)
+        text = dict.fromkeys((call.layer, call.kind) for call in calls if not call.cross_attention)
+        # Cross-attention keys are image tokens, not text length.
+        seg.cross_attention_layers.update(call.layer for call in calls if call.cross_attention)
+        for example, count in valid.items():
+            seg.valid[example].update(dict.fromkeys(text, count))
 
-    def _accept(self, rows: HostRows, first: bool, in_budget: bool = True) -> None:
-        """Rows into the open segment's buffers (`first`: the first piece of its call, which counts
-        it); `in_budget`: then keep the buffers within buffer_mb (a forward's piece does that once,
-        after all its calls)."""
+    def _accept(self, rows: HostRows, first: bool) -> None:
+        """A streamed piece's rows (`first`: the first piece of its call, which counts it)."""
         if first:
-            self._count_call(rows.layer, rows.kind, rows.heads, rows.cross_attention, rows.valid, rows.first_position)
+            self._count_calls([rows], rows.valid, rows.first_position)
+        self._add_rows(rows)
+        self._keep_in_budget()
+
+    def _add_rows(self, rows: HostRows) -> None:
+        """Rows into the open segment's buffer of their (layer, kind): one copy out of the host pool,
+        whose region is reused after this returns."""
         if not len(rows):
             return
-        seg = self._open
-        storage = self.vector_type.to_pandas_dtype()
-        dim = rows.vectors.shape[-1]
-        for index, key in enumerate(_key_names(rows.layer, rows.heads, rows.kind)):
-            buffer = seg.buffers.get(key)
-            if buffer is None:
-                buffer = seg.buffers[key] = KeyBuffer(
-                    rows.layer, rows.heads[index], rows.kind, rows.sliding_window, dim
-                )
-            # The one copy: out of the host pool, whose region is reused after this returns.
-            vectors = np.array(rows.vectors[index], dtype=storage, order="C").reshape(-1)
-            buffer.add(rows.example_id, rows.position, rows.bucket, vectors, rows.token_id)
+        key = (rows.layer, rows.kind, rows.heads)
+        buffer = self._open.buffers.get(key)
+        if buffer is None:
+            buffer = self._open.buffers[key] = CallBuffer(
+                rows.layer, rows.kind, rows.heads, rows.sliding_window, rows.vectors.shape[-1]
+            )
+        vectors = np.array(rows.vectors, dtype=self.vector_type.to_pandas_dtype(), order="C")
+        buffer.add(rows.example_id, rows.position, rows.bucket, vectors, rows.token_id)
         self.rows_written += len(rows) * len(rows.heads)
-        if in_budget:
-            self._keep_in_budget()
 
     def _keep_in_budget(self) -> None:
         seg = self._open
@@ -261,21 +265,28 @@ class SaverThread(Committer):
             self._sealed.append(seg)
             self._open = self._new_segment()
 
-    def _submit(self, seg: _Segment, key: str, buffer: KeyBuffer, segments: list[int]):
-        name = self.files.shard(seg.number, seg.next_part)
-        seg.next_part += 1
-        return self._writers.submit(
-            write_buffer,
-            self.output / key,
-            name,
-            key,
-            buffer,
-            segments,
-            self.vector_type,
-            self.token_ids,
-            self.vocabulary,
-            False,
-        )  # fsync'd together at commit
+    def _submit(self, seg: _Segment, buffer: CallBuffer, segments: list[int]) -> list:
+        """One shard per head of `buffer` to the writer threads: their Futures of `Written`."""
+        futures = []
+        for index, key in enumerate(key_names(buffer.layer, buffer.heads, buffer.kind)):
+            name = self.files.shard(seg.number, seg.next_part)
+            seg.next_part += 1
+            futures.append(
+                self._writers.submit(
+                    write_buffer,
+                    self.output / key,
+                    name,
+                    key,
+                    buffer,
+                    index,
+                    segments,
+                    self.vector_type,
+                    self.token_ids,
+                    self.vocabulary,
+                    False,
+                )  # fsync'd together at commit
+            )
+        return futures
 
     def _spill(self, until: int) -> None:
         """Write the open segment's largest buffers to `.tmp` shards until at most `until` bytes stay."""
@@ -284,8 +295,9 @@ class SaverThread(Committer):
             if seg.nbytes <= until and until > 0:
                 break
             buffer = seg.buffers.pop(key)
-            seg.parts.append(self._submit(seg, key, buffer, [seg.number]))
-            self._spilling.append((seg.parts[-1], buffer.nbytes))
+            futures = self._submit(seg, buffer, [seg.number])
+            seg.parts += futures
+            self._spilling += [(future, buffer.nbytes // len(futures)) for future in futures]
 
     def _wait_spills(self) -> None:
         for future, _ in self._spilling:

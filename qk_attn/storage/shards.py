@@ -1,7 +1,7 @@
-"""Writing rows: per-(layer, head, kind) buffers of numpy chunks -> checksummed Parquet shards.
+"""Writing rows: per-(layer, kind) buffers of numpy chunks -> one checksummed Parquet shard per head.
 
-    saver thread:   piece -> `KeyBuffer.add` (one copy out of the host pool, nothing else)
-    writer threads: `KeyBuffer` -> Arrow table (zero-copy over the chunks) -> Parquet bytes
+    saver thread:   call -> `CallBuffer.add` (one copy out of the host pool, nothing else)
+    writer threads: `CallBuffer.key_buffer(head)` -> Arrow table (zero-copy over the chunks) -> Parquet bytes
                     (zstd-1, BYTE_STREAM_SPLIT vectors, page checksums) -> sha256 -> file
     commit:         `Writers.fsync` of all of a finalise's files at once, before they are renamed
 
@@ -60,50 +60,20 @@ class Written:
 
 @dataclass
 class KeyBuffer:
-    """Rows of one (layer, head, kind) in host memory, as the numpy chunks pieces brought.
-
-    Chunks of the small columns are shared by every head of a piece (no copy per head);
-    `vectors` chunks are flat (rows * head_dim,) copies out of the pool.
-    """
+    """Rows of one (layer, head, kind) as one shard gets them: views of a `CallBuffer`'s chunks
+    (`vectors` chunks flat (rows * head_dim,))."""
 
     layer: int
     head: int
     kind: str
     sliding_window: int | None
     head_dim: int
-    example_id: list[np.ndarray] = field(default_factory=list)
-    position: list[np.ndarray] = field(default_factory=list)
-    bucket: list[np.ndarray] = field(default_factory=list)
-    vectors: list[np.ndarray] = field(default_factory=list)
-    token_id: list[np.ndarray | None] = field(default_factory=list)
-    rows: int = 0
-    nbytes: int = 0
-
-    def add(self, example_id, position, bucket, vectors, token_id) -> None:
-        self.example_id.append(example_id)
-        self.position.append(position)
-        self.bucket.append(bucket)
-        self.vectors.append(vectors)
-        self.token_id.append(token_id)
-        self.rows += len(position)
-        self.nbytes += vectors.nbytes + 20 * len(position)
-
-    def extend(self, other: KeyBuffer) -> None:
-        for name in ("example_id", "position", "bucket", "vectors", "token_id"):
-            getattr(self, name).extend(getattr(other, name))
-        self.rows += other.rows
-        self.nbytes += other.nbytes
-
-    def drop(self, examples: np.ndarray) -> None:
-        """Remove the rows of `examples` (an example that was never committed)."""
-        dim = self.head_dim
-        kept = KeyBuffer(self.layer, self.head, self.kind, self.sliding_window, dim)
-        for ids, pos, bucket, vec, tok in zip(self.example_id, self.position, self.bucket, self.vectors, self.token_id):
-            keep = ~np.isin(ids, examples)
-            if keep.any():
-                vec = vec.reshape(-1, dim)[keep].reshape(-1)
-                kept.add(ids[keep], pos[keep], bucket[keep], vec, None if tok is None else tok[keep])
-        self.__dict__.update(kept.__dict__)
+    example_id: list[np.ndarray]
+    position: list[np.ndarray]
+    bucket: list[np.ndarray]
+    vectors: list[np.ndarray]
+    token_id: list[np.ndarray | None]
+    rows: int
 
     def table(self, vector_type: pa.DataType, token_ids: bool, vocabulary: pa.Array | None) -> pa.Table:
         return columns_table(
@@ -125,6 +95,69 @@ class KeyBuffer:
     def buckets(self) -> Counter:
         counts = np.bincount(np.concatenate(self.bucket)) if self.rows else np.zeros(0, np.int64)
         return Counter({int(b): int(n) for b, n in enumerate(counts) if n})
+
+
+@dataclass
+class CallBuffer:
+    """Rows of one (layer, kind) for the heads its calls record, as the numpy chunks calls brought.
+
+    One chunk per call: its small columns, and one copy of its (H, rows, D) vectors out of the
+    host pool. A decode step adds one chunk per call instead of one per head; the split per head
+    happens when a shard is written (`key_buffer`: views, no copy).
+    """
+
+    layer: int
+    kind: str
+    heads: tuple[int, ...]
+    sliding_window: int | None
+    head_dim: int
+    example_id: list[np.ndarray] = field(default_factory=list)
+    position: list[np.ndarray] = field(default_factory=list)
+    bucket: list[np.ndarray] = field(default_factory=list)
+    vectors: list[np.ndarray] = field(default_factory=list)  # (H, rows, D) C-contiguous
+    token_id: list[np.ndarray | None] = field(default_factory=list)
+    rows: int = 0  # per head
+    nbytes: int = 0
+
+    def add(self, example_id, position, bucket, vectors, token_id) -> None:
+        self.example_id.append(example_id)
+        self.position.append(position)
+        self.bucket.append(bucket)
+        self.vectors.append(vectors)
+        self.token_id.append(token_id)
+        self.rows += len(position)
+        self.nbytes += vectors.nbytes + 20 * len(position) * len(self.heads)
+
+    def extend(self, other: CallBuffer) -> None:
+        for name in ("example_id", "position", "bucket", "vectors", "token_id"):
+            getattr(self, name).extend(getattr(other, name))
+        self.rows += other.rows
+        self.nbytes += other.nbytes
+
+    def drop(self, examples: np.ndarray) -> None:
+        """Remove the rows of `examples` (an example that was never committed)."""
+        kept = CallBuffer(self.layer, self.kind, self.heads, self.sliding_window, self.head_dim)
+        for ids, pos, bucket, vec, tok in zip(self.example_id, self.position, self.bucket, self.vectors, self.token_id):
+            keep = ~np.isin(ids, examples)
+            if keep.any():
+                kept.add(ids[keep], pos[keep], bucket[keep], vec[:, keep], None if tok is None else tok[keep])
+        self.__dict__.update(kept.__dict__)
+
+    def key_buffer(self, index: int) -> KeyBuffer:
+        """The rows of head `self.heads[index]`."""
+        return KeyBuffer(
+            self.layer,
+            self.heads[index],
+            self.kind,
+            self.sliding_window,
+            self.head_dim,
+            self.example_id,
+            self.position,
+            self.bucket,
+            [chunk[index].reshape(-1) for chunk in self.vectors],
+            self.token_id,
+            self.rows,
+        )
 
 
 def write_table(table: pa.Table, path: Path, fsync: bool) -> tuple[int, str]:
@@ -212,17 +245,19 @@ def write_buffer(
     folder: Path,
     name: str,
     key: str,
-    buffer: KeyBuffer,
+    buffer: CallBuffer,
+    index: int,
     segments: list[int],
     vector_type,
     token_ids: bool,
     vocabulary,
     fsync: bool,
 ) -> Written:
-    """Write one buffer to `folder/.name.tmp` (the commit renames it)."""
+    """Write head `buffer.heads[index]` of one buffer to `folder/.name.tmp` (the commit renames it)."""
     folder.mkdir(exist_ok=True)
-    size, digest = write_table(buffer.table(vector_type, token_ids, vocabulary), folder / f".{name}.tmp", fsync)
-    return Written(key, name, buffer.rows, size, digest, buffer.buckets(), sorted(segments))
+    rows = buffer.key_buffer(index)  # split here, in the writer thread
+    size, digest = write_table(rows.table(vector_type, token_ids, vocabulary), folder / f".{name}.tmp", fsync)
+    return Written(key, name, rows.rows, size, digest, rows.buckets(), sorted(segments))
 
 
 class Writers:

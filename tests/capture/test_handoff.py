@@ -19,6 +19,7 @@ from transformers import DynamicCache
 import qk_attn
 from qk_attn.capture import recorder
 from qk_attn.storage.manifest import read_manifest
+from qk_attn.storage.shards import CallBuffer
 from qk_attn.storage.transfer import ForwardPiece, Piece, Transfer
 from support.models import build, cache_kw
 
@@ -54,6 +55,7 @@ def _decode(tmp_path, monkeypatch, sampler: str, **settings) -> tuple[Counts, ob
     counts.wrap(monkeypatch, Transfer, "send_forward", "hand-offs")
     counts.wrap(monkeypatch, Transfer, "send", "per-call transfers")
     counts.wrap(monkeypatch, Transfer, "_copy", "device-to-host copies")
+    counts.wrap(monkeypatch, CallBuffer, "add", "saver chunks")  # on the saver thread: totals only
     torch.manual_seed(5)
     ids = torch.randint(2, 90, (1, PROMPT + STEPS))
     cache = DynamicCache(config=model.config)
@@ -104,8 +106,10 @@ def test_calls_that_keep_nothing_cost_no_gather(tmp_path, monkeypatch):
 
 
 def test_every_decoded_row_arrives(tmp_path, monkeypatch):
-    """The hand-off loses nothing: under "all" every layer, kind and head has every position."""
-    _decode(tmp_path, monkeypatch, "all")
+    """The hand-off loses nothing: under "all" every layer, kind and head has every position. The saver
+    keeps one chunk per call (its heads together), not one per head."""
+    counts, _ = _decode(tmp_path, monkeypatch, "all")
+    assert sum(work["saver chunks"] for work in counts.per_step.values()) == (1 + STEPS) * LAYERS * KINDS
     table = qk_attn.load(str(tmp_path / "out"))
     model = build("llama3", "qk_sniff")
     heads = {"q": model.config.num_attention_heads, "k": model.config.num_key_value_heads}
