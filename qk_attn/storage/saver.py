@@ -107,17 +107,20 @@ class SaverThread(Committer):
                 self._error = error
             finally:
                 # Free pool space and wake waiters even after an error: a producer must never hang.
-                if isinstance(item, (Piece, ForwardPiece)):
-                    item.release()
-                elif isinstance(item, _Flush):
+                if isinstance(item, _Flush):
                     item.done.set()
+                for piece in item if isinstance(item, list) else [item]:
+                    if isinstance(piece, (Piece, ForwardPiece)):
+                        piece.release()
 
     def _handle(self, item) -> None:
-        if isinstance(item, ForwardPiece):
-            item.wait()
-            for check in item.checks:
-                check.verify()
-            self._accept_forward(item.calls)
+        if isinstance(item, list):  # forward pieces (ForwardPiece) the sink held back and sent together
+            for piece in item:
+                piece.wait()
+                for check in piece.checks:
+                    check.verify()
+                self._accept_forward(piece.calls)
+                piece.release()  # its pool region is free now, not after the whole list
         elif isinstance(item, Piece):
             item.wait()
             self._accept(item.rows(), item.first)

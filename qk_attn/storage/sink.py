@@ -1,7 +1,7 @@
 """`ParquetSink`: the capturing thread's side of writing OUT (put, commit, flush, close).
 
-`put` only issues copies into the bounded host pool (qk_attn.storage.transfer) and enqueues
-them; the saver thread (qk_attn.storage.saver) buffers rows and commits them
+`put_forward` and `put` only issue copies into the bounded host pool (qk_attn.storage.transfer)
+and enqueue them (forward pieces HOLD_FORWARDS at a time); the saver thread (qk_attn.storage.saver) buffers rows and commits them
 (qk_attn.storage.commit); a shard the manifest does not list is an orphan of a killed run and is
 deleted when the folder is opened again (qk_attn.storage.folder), so a re-run redoes exactly the
 examples that were not committed and never duplicates a row.
@@ -34,6 +34,11 @@ from qk_attn.storage.saver import _STOP, SaverThread, _Flush
 from qk_attn.storage.settings import check_same_model
 from qk_attn.storage.shards import Writers
 from qk_attn.storage.transfer import Sender, Transfer
+
+# Forward pieces the sink hands the saver together (fewer if they hold more than 1/HOLD_FORWARDS of
+# the pool): one wake-up of the saver per batch of decode steps, with its code and data still warm.
+# Its Python holds the GIL against the model, so this is measured in the model's own time.
+HOLD_FORWARDS = 16
 
 
 class ParquetSink(SaverThread, Sink):
@@ -117,7 +122,8 @@ class ParquetSink(SaverThread, Sink):
         self.staging_limit = (config.pinned_mb << 20) // 2
         self._writers = Writers(writer_threads)
         self._queue: queue.Queue = queue.Queue()
-        self._sender = Sender(self._transfer, self._queue.put, self.check)
+        self._held: list = []  # forward pieces not queued yet: the saver takes them together
+        self._sender = Sender(self._transfer, self._enqueue, self._check_waiting)
         self._error: BaseException | None = None
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="qk-sniff-saver", daemon=True)
@@ -179,7 +185,25 @@ class ParquetSink(SaverThread, Sink):
             raise RuntimeError(f"the qk-sniff sink for {self.output} is closed")
         self._refuse_committed(staging.example_ids)
         self._sender.drain()  # streamed calls of an earlier forward go first
-        self._queue.put(self._transfer.send_forward(staging, self.check))
+        self._held.append(self._transfer.send_forward(staging, self._check_waiting))
+        held_bytes = sum(piece.region[1] - piece.region[0] for piece in self._held)
+        if len(self._held) >= HOLD_FORWARDS or held_bytes > self._transfer.pool.nbytes // HOLD_FORWARDS:
+            self._send_held()
+
+    def _check_waiting(self) -> None:
+        """Called while a forward waits for pool space: the held pieces go first (they hold some)."""
+        self._send_held()
+        self.check()
+
+    def _send_held(self) -> None:
+        if self._held:
+            held, self._held = self._held, []
+            self._queue.put(held)
+
+    def _enqueue(self, item) -> None:
+        """Queue `item` for the saver after the forward pieces held back, in the order they came."""
+        self._send_held()
+        self._queue.put(item)
 
     def end_forward(self) -> None:
         """Called once after every model forward, outside attention calls: sends what waited on
@@ -191,12 +215,12 @@ class ParquetSink(SaverThread, Sink):
         """Drop the rows of these uncommitted examples (their forward stopped part-way)."""
         self.check()
         self._sender.drain()  # their rows are queued before the discard
-        self._queue.put(("discard", [int(i) for i in example_ids]))
+        self._enqueue(("discard", [int(i) for i in example_ids]))
 
     def describe(self, example_id: int, source_id: str | None, source_index: int | None) -> None:
         """Where example `example_id` came from: the source dataset's own id and its row index
         (recorded in the manifest's `example_info` and OUT/examples.parquet)."""
-        self._queue.put(
+        self._enqueue(
             (
                 "describe",
                 int(example_id),
@@ -211,7 +235,7 @@ class ParquetSink(SaverThread, Sink):
         self._sender.drain()  # their rows must be queued before the commit
         ids = [int(i) for i in example_ids]
         self._committed.update(ids)
-        self._queue.put(("commit", ids))
+        self._enqueue(("commit", ids))
 
     def flush(self, timeout: float | None = None) -> None:
         """Make every committed example durable now, and wait for it (re-raises saver errors)."""
@@ -242,7 +266,7 @@ class ParquetSink(SaverThread, Sink):
                 self._wait(_Flush(final=True), None)
         finally:
             self._sender.clear()
-            self._queue.put(_STOP)
+            self._enqueue(_STOP)
             self._thread.join()
             self._writers.close()
             release_lock(self.output, self._lock_fd, self.files.lock)
@@ -254,7 +278,7 @@ class ParquetSink(SaverThread, Sink):
             return json.loads(json.dumps(self._manifest))
 
     def _wait(self, flush: _Flush, timeout: float | None) -> None:
-        self._queue.put(flush)
+        self._enqueue(flush)
         deadline = None if timeout is None else time.monotonic() + timeout
         while not flush.done.wait(0.05):
             self.check()

@@ -63,8 +63,9 @@ def _decode(tmp_path, monkeypatch, sampler: str, **settings) -> tuple[Counts, ob
         queue_put = s.sink._queue.put
 
         def put(item, *args, **kwargs):
-            if isinstance(item, (ForwardPiece, Piece)):
-                counts.count("pieces")
+            for piece in item if isinstance(item, list) else [item]:  # forward pieces come held together
+                if isinstance(piece, (ForwardPiece, Piece)):
+                    counts.count("pieces")
             return queue_put(item, *args, **kwargs)
 
         s.sink._queue.put = put
@@ -83,14 +84,16 @@ def test_one_hand_off_and_one_piece_per_decode_step(tmp_path, monkeypatch, sampl
     settings = {"min_bucket_size": 4, "base_rate": 0.5} if sampler == "uniform" else {}
     counts, _ = _decode(tmp_path, monkeypatch, sampler, **settings)
     # Step 0 also hands off the prompt's forward (the first forward's end is known at the next mask).
+    # The sink holds pieces back and queues them together (at the commit here): one piece per forward.
     for step in range(1, STEPS):
         work = counts.per_step[step]
-        assert work["hand-offs"] == 1 and work["pieces"] == 1, (step, work)
+        assert work["hand-offs"] == 1, (step, work)
         assert work["per-call transfers"] == 0 and work["device-to-host copies"] == 0, (step, work)  # CPU: none
         assert work["gathers"] <= LAYERS * KINDS, (step, work)
         if sampler == "all":  # every call keeps its one token; the selection is made once per forward
             assert work["gathers"] == LAYERS * KINDS and work["selections"] == 1, (step, work)
-    assert counts.per_step[0]["pieces"] == 2
+    assert counts.per_step[0]["hand-offs"] == 2
+    assert sum(work["pieces"] for work in counts.per_step.values()) == 1 + STEPS
 
 
 def test_calls_that_keep_nothing_cost_no_gather(tmp_path, monkeypatch):
@@ -99,7 +102,7 @@ def test_calls_that_keep_nothing_cost_no_gather(tmp_path, monkeypatch):
     counts, manifest = _decode(tmp_path, monkeypatch, "log_uniform", min_bucket_size=4, base_rate=1e-9)
     for step in range(1, STEPS):
         work = counts.per_step[step]
-        assert work["gathers"] == 0 and work["selections"] == 0 and work["pieces"] == 1, (step, work)
+        assert work["gathers"] == 0 and work["selections"] == 0 and work["hand-offs"] == 1, (step, work)
     assert manifest["examples"] == {"0": PROMPT + STEPS}  # every token counted, none kept
     assert set(manifest["calls"].values()) == {1 + STEPS}  # every head of every call ran: prompt + steps
     assert not any(manifest["row_counts"].values())
