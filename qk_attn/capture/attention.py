@@ -9,11 +9,12 @@ Data path of one call (nothing here reads a device value on the host):
 
 from __future__ import annotations
 
-import contextlib
 import sys
+from typing import NamedTuple
 
 import torch
 
+from qk_attn.capture import active
 from qk_attn.capture.backends import FORWARDS
 from qk_attn.capture.forward import TextTokens
 from qk_attn.errors import CaptureError
@@ -22,18 +23,14 @@ from qk_attn.errors import CaptureError
 def qk_sniff_attention(module, query, key, value, attention_mask, **kwargs):
     """Registered as "qk_sniff". query (B, Hq, T, D), key/value (B, Hkv, K, D), post-RoPE;
     K includes cached keys. Returns whatever the wrapped backend returns."""
-    from qk_attn.capture.active import current_config
-
-    backend = FORWARDS[current_config().backend]
+    backend = FORWARDS[active.current_config().backend]
     return attend_and_capture(backend, module, query, key, value, attention_mask, **kwargs)
 
 
 def attend_and_capture(backend, module, query, key, value, attention_mask, **kwargs):
     """`backend`'s attention, then this call's rows to the active session (if any)."""
-    from qk_attn.capture.active import current_session
-
     output = backend(module, query, key, value, attention_mask, **kwargs)
-    session = current_session()
+    session = active.current_session()
     # Vision towers have no layer_idx: only text attention layers are recorded.
     if session is not None and getattr(module, "layer_idx", None) is not None:
         rotary = applied_rotary(module) if session.config.rope == "pre" else None
@@ -61,22 +58,44 @@ def _capture(session, module, query, key, attention_mask, kwargs, rotary) -> Non
     """Kept out of torch.compile graphs (`_capture_outside_graph`, a graph break): its Python
     bookkeeping must run every forward, and its buffers must not live in CUDA-graph memory that
     the next replay overwrites."""
-    if query.is_cuda and torch.cuda.is_current_stream_capturing():
+    if not query.is_cuda:
+        session.capture(module, query, key, attention_mask, kwargs, rotary)
+        return
+    if torch.cuda.is_current_stream_capturing():
         raise CaptureError(
             "qk_sniff: capture cannot run inside CUDA-graph capture; compile without "
             "mode='reduce-overhead' (generate(..., disable_compile=True) for static caches)"
         )
-    device = torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext()
-    with device:  # kernels and copies go to the layer's own GPU under device_map
+    with torch.cuda.device(query.device):  # kernels and copies go to the layer's own GPU under device_map
         session.capture(module, query, key, attention_mask, kwargs, rotary)
 
 
 _capture_outside_graph = torch.compiler.disable(_capture)
 
 
-def refuse_unsupported(module, kwargs: dict) -> None:
+class ModuleFacts(NamedTuple):
+    """What an attention module says of itself, read once per module (`Session` keeps them): reading
+    an attribute that an nn.Module lacks raises and catches an AttributeError inside torch, which is
+    slow enough to show in a decode step's 2 x layers calls."""
+
+    layer: int
+    cross: bool  # `is_cross_attention`
+    sliding_window: int | None  # the module's own, for calls whose kwargs do not pass one
+    encoder_decoder: bool  # its model is an encoder-decoder (refused)
+
+
+def module_facts(module) -> ModuleFacts:
+    return ModuleFacts(
+        module.layer_idx,
+        is_cross_attention(module),
+        getattr(module, "sliding_window", None),
+        bool(getattr(module.config, "is_encoder_decoder", False)),
+    )
+
+
+def refuse_unsupported(module, facts: ModuleFacts, kwargs: dict) -> None:
     """Forwards whose rows cannot be attributed exactly are refused, with the reason."""
-    if getattr(module.config, "is_encoder_decoder", False):
+    if facts.encoder_decoder:
         raise CaptureError(
             f"qk_sniff: {type(module).__name__} belongs to an encoder-decoder model; qk-attn records "
             "decoder-only models (their self-attention positions and caches)"

@@ -22,11 +22,15 @@ import sys
 import weakref
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from qk_attn.errors import CaptureError
 
 DECIDE_AT_ONCE = 1 << 21  # (layer, kind, token) decisions made in one go per CPU forward
+DECODE_TOKENS = 8  # forwards of up to this many new tokens take their decisions from a DecisionWindow
+DECISION_WINDOW = 64  # positions per row that a DecisionWindow decides at once
+_INT64_MAX = np.iinfo(np.int64).max
 
 
 class ForwardContext:
@@ -70,6 +74,7 @@ class ForwardContext:
         self._calls: dict[int, tuple] = {}  # layer -> weak refs to the query and key it was called with
         self._tokens: dict = {}  # (device, length) -> (position_ids it was built from, TextTokens)
         self._decisions: tuple | None = None  # see `decisions`
+        self._decided_for: TextTokens | None = None  # the host tokens `_decisions` was last returned for
         self.selections: dict = {}  # id(tokens) -> (tokens, Selection): Session._selection under "all"
         self.staging = None  # its rows until its end (qk_attn.capture.staging), from its first recorded call
         self.offset_check = None  # the derived `past` of a static cache, checked by the sink (OffsetCheck)
@@ -142,22 +147,73 @@ class ForwardContext:
             cached = self._tokens[(device, length)] = (position_ids, tokens)
         return cached[1]
 
-    def decisions(self, sampler, num_layers: int, example_ids: torch.Tensor, tokens: TextTokens):
+    def decisions(self, sampler, num_layers: int, tokens: TextTokens):
         """On the CPU, for forwards up to DECIDE_AT_ONCE decisions: the sampler's keep mask of every
         (layer, kind) at once, and on the host which of them keep anything, so that a decode
         step's attention calls that select nothing cost a lookup. None elsewhere: on a GPU the
         kernel decides per call without a host read, and a long prefill decides per call."""
+        if tokens is self._decided_for:  # the same tokens as the last call: its answer
+            return self._decisions
         if tokens.valid.device.type != "cpu":  # per call: layers of one forward may sit on several devices
             return None, None
         if self._decisions is None:
             if num_layers * 2 * tokens.valid.numel() > DECIDE_AT_ONCE:
                 self._decisions = (None, None)
             else:
-                keep = sampler.keep_all_layers(example_ids, num_layers, tokens.positions).numpy() & tokens.valid.numpy()
+                keep = self._keep_all_layers(sampler, num_layers, tokens.positions) & tokens.valid.numpy()
                 self._decisions = (torch.from_numpy(keep), keep.reshape(num_layers, 2, -1).any(-1).tolist())
+        self._decided_for = tokens
         return self._decisions
 
+    def _keep_all_layers(self, sampler, num_layers: int, positions: torch.Tensor) -> np.ndarray:
+        """`sampler.keep_all_layers` of these (host) positions, as numpy; a decode step's from its
+        sequence's `DecisionWindow`."""
+        if self.num_new > DECODE_TOKENS:
+            example_ids = torch.tensor(self.example_ids, dtype=torch.int64)
+            return sampler.keep_all_layers(example_ids, num_layers, positions).numpy()
+        host = positions.numpy()
+        window = self.sequence.decisions
+        keep = None if window is None else window.get(num_layers, host)
+        if keep is None:  # the sequence's first decode step, or past its window
+            window = self.sequence.decisions = DecisionWindow(sampler, num_layers, self.example_ids, host.min(1))
+            keep = window.get(num_layers, host)
+        return keep
+
     def _text_tokens(self, position_ids, device) -> TextTokens:
+        if device.type == "cpu":
+            return self._host_tokens(position_ids)
+        return self._device_tokens(position_ids, device)
+
+    def _host_tokens(self, position_ids) -> TextTokens:
+        """`_device_tokens` on the CPU, in numpy where it can: a decode step's (B, T) tensors are tiny,
+        and numpy's cost per op is a fraction of torch's. The same values and dtypes."""
+        batch, num_new = self.batch_size, self.num_new
+        cpu = torch.device("cpu")
+        if self.attention_mask is None:
+            valid = np.ones((batch, num_new), dtype=bool)
+        else:
+            valid = self.attention_mask[:, -num_new:].to(device=cpu, dtype=torch.bool).numpy()
+        if self.alive is not None:
+            valid = valid & self.alive.to(device=cpu, dtype=torch.bool).numpy()[:, None]
+        if position_ids is None:
+            positions = torch.arange(self.past, self.past + num_new)
+        else:
+            positions = position_ids[0] if position_ids.dim() == 3 else position_ids
+        positions = positions.to(device=cpu, dtype=torch.int64).expand(batch, num_new)
+        host = positions.numpy()
+        if num_new == 1:  # one token per row cannot restart its positions
+            packed = np.zeros(batch, dtype=bool)
+        else:
+            packed = ((host[:, 1:] <= host[:, :-1]) & valid[:, 1:] & valid[:, :-1]).any(1)
+        first = np.where(valid, host, _INT64_MAX).min(1)
+        ids = self.input_ids
+        token_ids = None
+        if ids is not None and ids.shape == (batch, num_new):
+            token_ids = ids.to(device=cpu, dtype=torch.float32)[:, None, :, None]
+        valid_count = valid.sum(1, dtype=np.int64)
+        return TextTokens(positions, *map(torch.from_numpy, (valid, valid_count, first, packed)), token_ids)
+
+    def _device_tokens(self, position_ids, device) -> TextTokens:
         batch, num_new = self.batch_size, self.num_new
         # Validity: the 2-D mask's last T columns are the new tokens.
         if self.attention_mask is None:
@@ -185,6 +241,28 @@ class ForwardContext:
             token_ids = ids.to(device=device, dtype=torch.float32)[:, None, :, None]
         first = positions.masked_fill(~valid, torch.iinfo(torch.int64).max).amin(1)
         return TextTokens(positions, valid, valid.sum(1), first, packed, token_ids)
+
+
+class DecisionWindow:
+    """The sampler's keep mask of every (layer, kind) for the next DECISION_WINDOW positions of each
+    row of a sequence, made at once. The decode steps that follow slice it (a few numpy ops) instead of
+    each running the sampler's whole hash chain for its own few tokens: the decisions are the same (a
+    pure function of example, layer, kind and position)."""
+
+    def __init__(self, sampler, num_layers: int, example_ids: tuple[int, ...], start: np.ndarray):
+        grid = torch.from_numpy(start[:, None] + np.arange(DECISION_WINDOW))  # (B, DECISION_WINDOW)
+        example_ids = torch.tensor(example_ids, dtype=torch.int64)
+        self.keep = sampler.keep_all_layers(example_ids, num_layers, grid).numpy()  # (L, 2, B, DECISION_WINDOW)
+        self.num_layers = num_layers
+        self.start = start[:, None]
+        self.rows = np.arange(len(start))[:, None]
+
+    def get(self, num_layers: int, positions: np.ndarray) -> np.ndarray | None:
+        """The (L, 2, B, T) keep mask of (B, T) positions; None when some lie outside the window."""
+        offset = positions - self.start
+        if num_layers != self.num_layers or offset.min() < 0 or offset.max() >= DECISION_WINDOW:
+            return None
+        return self.keep[:, :, self.rows, offset]
 
 
 class TextTokens(NamedTuple):

@@ -8,10 +8,17 @@ and the commit protocol: docs/architecture.md.
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 
-from qk_attn.capture.attention import cross_attention_keys, is_cross_attention, not_recorded, refuse_unsupported
+from qk_attn.capture.attention import (
+    ModuleFacts,
+    cross_attention_keys,
+    module_facts,
+    not_recorded,
+    refuse_unsupported,
+)
 from qk_attn.capture.batch import CaptureBatch
 from qk_attn.capture.forward import check_shapes
 from qk_attn.capture.gather import (
@@ -50,6 +57,7 @@ class Session(SequenceTracker):
         self.config = config
         self.sampler = Sampler.from_config(config)
         self._models: dict[int, _Model] = {}  # id(model config) -> its head plan
+        self._modules: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # attention module -> its ModuleFacts
         self._device_tables = DeviceTables()  # example and head ids on the device, copied once
         self._buffers: dict[torch.device, StagingBuffer] = {}  # per device, reused by its forwards
         super().__init__(MemorySink() if sink is None else as_sink(sink), example_ids)
@@ -97,7 +105,8 @@ class Session(SequenceTracker):
         forward = self._current(module.config)
         if forward is not None:
             forward.used = True
-        if self._skips_training(module):
+        # Cheap test first: skipped calls are rare (training, a checkpoint recompute during backward).
+        if (module.training or torch._C._current_graph_task_id() != -1) and self._skips_training(module):
             return
         try:
             self._capture(forward, module, query, key, mask, kwargs, rotary)
@@ -108,51 +117,48 @@ class Session(SequenceTracker):
             raise
 
     def _capture(self, forward, module, query, key, mask, kwargs, rotary) -> None:
-        refuse_unsupported(module, kwargs)
+        facts = self._module_facts(module)
+        refuse_unsupported(module, facts, kwargs)
         if forward is None or forward.state != "running":
             raise CaptureError(
-                f"qk_sniff: layer {module.layer_idx} ran without transformers building its mask (the model was given "
+                f"qk_sniff: layer {facts.layer} ran without transformers building its mask (the model was given "
                 "a prepared 4-D attention mask, or does not use transformers' mask functions); pass the 2-D "
                 "attention_mask instead"
             )
-        layer = module.layer_idx
-        cross = is_cross_attention(module)
+        layer, cross = facts.layer, facts.cross
         num_queries = check_shapes(forward, layer, query, key, cross)
         if not forward.first_call(layer, query, key):
             return  # the same query and key again (DiffLlama): recorded once
         model = self._model(module, query, key)
         self._start_sequence(forward)
-        sliding_window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+        sliding_window = kwargs.get("sliding_window", facts.sliding_window)
         if layer in model.plan.excluded_layers or (self.config.full_attention_only and sliding_window is not None):
             return
         position_ids = kwargs.get("position_ids")
         everything = forward.tokens(position_ids, query.device)
         text = everything if num_queries == forward.num_new else forward.tokens(position_ids, query.device, num_queries)
-        sequence = forward.sequence
+        plan = model.plan
         if cross:
             # Text queries of a cross-attention layer are this forward's tokens; its keys are
             # vision tokens, recorded once per sequence.
+            sequence = forward.sequence
             keys = None if layer in sequence.cross_done else cross_attention_keys(key, mask)
             sequence.cross_done.add(layer)
-            tokens = {"q": (0, text), "k": keys}
         else:
-            offset = forward.key_slot(layer, key.shape[2]) if model.plan.heads(layer, "k") else 0
-            tokens = {"q": (0, text), "k": (offset, everything)}
-        ids = self._device_tables.get("ids", forward.example_ids, query.device)
-        keep, keeps_any = forward.decisions(self.sampler, model.plan.shape.num_layers, ids, everything)
+            keys = (forward.key_slot(layer, key.shape[2]) if plan.heads(layer, "k") else 0, everything)
+        keep, keeps_any = forward.decisions(self.sampler, plan.shape.num_layers, everything)
+        kept = keeps_any[layer] if keep is not None else None  # per kind: whether the sampler keeps any token
         staging = forward.staging or self._start_staging(forward, model, query)
-        for index, (kind, states) in enumerate((("q", query.detach()), ("k", key.detach()))):
-            heads = model.plan.heads(layer, kind)
-            if not heads or tokens[kind] is None:
+        for index, (kind, states, tokens) in enumerate((("q", query, (0, text)), ("k", key, keys))):
+            heads = plan.heads(layer, kind)
+            if not heads or tokens is None:
                 continue
-            offset, these = tokens[kind]
+            offset, these = tokens
             decided = None
-            if keep is not None and these is everything:
-                if not keeps_any[layer][index]:  # the sampler keeps nothing of this call (known on the CPU
-                    # without a sync): the sink still learns that it ran
-                    staging.add_empty(
-                        EmptyCall(layer, kind, tuple(heads), forward.example_ids, sliding_window, cross, these)
-                    )
+            if kept is not None and these is everything:
+                if not kept[index]:  # the sampler keeps nothing of this call (known on the CPU without a
+                    # sync): the sink still learns that it ran. The plan's heads are tuples already.
+                    staging.add_empty(EmptyCall(layer, kind, heads, forward.example_ids, sliding_window, cross, these))
                     continue
                 decided = keep[layer, index]
             batch, staged = self._batch(
@@ -160,7 +166,7 @@ class Session(SequenceTracker):
                 forward,
                 layer,
                 kind,
-                states,
+                states.detach(),
                 heads,
                 offset,
                 these,
@@ -337,6 +343,12 @@ class Session(SequenceTracker):
         if key not in self._warned:
             self._warned.add(key)
             logger.warning(message)
+
+    def _module_facts(self, module) -> ModuleFacts:
+        facts = self._modules.get(module)
+        if facts is None:  # once per attention module
+            facts = self._modules[module] = module_facts(module)
+        return facts
 
     def _model(self, module, query, key) -> _Model:
         model = self._models.get(id(module.config))

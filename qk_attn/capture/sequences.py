@@ -100,17 +100,24 @@ class SequenceTracker:
                 "across an image's tokens, so rows could not be keyed by position; record text-only "
                 "inputs of this model (no pixel_values)"
             )
-        owner, last_layer = decoder_stack(caller.module, config)
         if entry is _STARTED:  # the decoder stack's start was reported: its end will be too
             forward.armed, forward.finished = True, False
-        elif owner is None:
+        else:
+            self._find_end(forward, caller.module, config)
+        self._forwards[id(config)] = forward
+        forward.add_mask_kind(kv_length, kv_offset)
+
+    @staticmethod
+    def _find_end(forward: ForwardContext, module, config) -> None:
+        """What will tell the end of a forward whose decoder stack did not report its start (the
+        stack found by structure from `module`, the one building the mask)."""
+        owner, last_layer = decoder_stack(module, config)
+        if owner is None:
             forward.finished = None  # nothing tells this forward's end
         elif watch_forward(owner, last_layer, config) and running(owner):
             forward.finished = False  # the first forward: its last layer's return is its end
         else:  # built before the decoder stack runs (generate(), a wrapper): its start adopts it
             forward.state, forward.finished = "pending", False
-        self._forwards[id(config)] = forward
-        forward.add_mask_kind(kv_length, kv_offset)
 
     def _past(self, config, cache, q_offset) -> tuple[int, OffsetCheck | None]:
         """Tokens already in the cache. A static cache gives a device scalar: reading it would stop the
@@ -297,6 +304,7 @@ class _Sequence:
         self.end = 0  # cache position after the last recorded forward
         self.unfinished = None  # generate()'s unfinished rows after the last step (device), if any
         self.cross_done: set[int] = set()  # cross-attention layers whose vision keys are recorded
+        self.decisions = None  # the sampler's decisions for its next decode steps (forward.DecisionWindow)
 
 
 _STARTED = object()  # Session._forwards entry: the decoder stack started a forward, no mask yet

@@ -488,3 +488,57 @@ def test_layers_that_do_not_pass_position_ids_get_the_forwards_positions():
         per_layer.setdefault(l, set()).add((e, p))
     want = {(0, p) for p in range(9)} | {(1, p) for p in range(6)}
     assert per_layer[cross] == want and all(rows == want for rows in per_layer.values())
+
+
+@pytest.mark.parametrize(
+    "mask, alive, position_ids, ids",
+    [
+        (None, None, torch.tensor([[7]]), torch.tensor([[5]])),  # a decode step
+        (None, None, None, None),  # no position_ids: the cache positions; embeddings only
+        (
+            torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]),  # left padding
+            torch.tensor([1, 0]),  # row 1 finished before this step
+            torch.tensor([[0, 0, 0, 1, 2], [2, 3, 4, 5, 6]]),
+            torch.tensor([[1, 1, 2, 3, 4], [5, 6, 7, 8, 9]]),
+        ),
+        (torch.tensor([[1.0, 1, 1, 1, 1, 1, 1]]), None, torch.tensor([[[3, 4, 5, 0, 1]]] * 3), None),  # mrope, packed
+        (torch.ones(2, 5, dtype=torch.bool), None, torch.tensor([[0, 1, 2, 3, 4]]).expand(2, 5), None),
+    ],
+)
+def test_host_tokens_equal_the_torch_path(mask, alive, position_ids, ids):
+    """On the CPU a forward's tokens are made in numpy: the same values, dtypes and shapes as in torch."""
+    from qk_attn.capture.forward import ForwardContext
+
+    batch = 1 if mask is None else mask.shape[0]
+    num_new = 1 if position_ids is None else position_ids.shape[-1]
+    forward = ForwardContext(None, batch, num_new, 3, mask, ids, position_ids)
+    forward.alive = alive
+    host = forward._host_tokens(position_ids)
+    reference = forward._device_tokens(position_ids, torch.device("cpu"))
+    for name, got, want in zip(reference._fields, host, reference):
+        if want is None:
+            assert got is None, name
+            continue
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        assert torch.equal(got, want), name
+
+
+@pytest.mark.parametrize("strategy", ["uniform", "log_uniform"])
+def test_decode_steps_decide_from_the_window_like_the_sampler(strategy):
+    """A decode step takes the sampler's decisions from its sequence's DecisionWindow: the same as
+    the sampler's own, past the window's end too (it is made again there)."""
+    from types import SimpleNamespace
+
+    from qk_attn.capture.forward import DECISION_WINDOW, ForwardContext
+    from qk_attn.sampler import Sampler
+
+    sampler = Sampler(strategy, min_bucket_size=4, base_rate=2.0, seed=3)
+    sequence = SimpleNamespace(decisions=None)
+    start = torch.tensor([[5], [0]])  # two rows at different positions (left padding)
+    for step in range(0, 2 * DECISION_WINDOW + 3, 2):
+        positions = (start + step + torch.arange(2)).expand(2, 2)  # two new tokens per step
+        forward = ForwardContext(None, 2, 2, 0, None)
+        forward.example_ids, forward.sequence = (7, 2**40 + 1), sequence
+        got = forward._keep_all_layers(sampler, 5, positions)
+        want = sampler.keep_all_layers(torch.tensor(forward.example_ids), 5, positions).numpy()
+        assert got.shape == want.shape and (got == want).all(), step
