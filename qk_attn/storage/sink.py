@@ -185,7 +185,8 @@ class ParquetSink(SaverThread, Sink):
             raise RuntimeError(f"the qk-sniff sink for {self.output} is closed")
         self._refuse_committed(staging.example_ids)
         self._sender.drain()  # streamed calls of an earlier forward go first
-        self._held.append(self._transfer.send_forward(staging, self._check_waiting))
+        piece = self._transfer.send_forward(staging, self._check_waiting)  # may send the held list
+        self._held.append(piece)  # so: appended to the list held after it, never to one already sent
         held_bytes = sum(piece.region[1] - piece.region[0] for piece in self._held)
         if len(self._held) >= HOLD_FORWARDS or held_bytes > self._transfer.pool.nbytes // HOLD_FORWARDS:
             self._send_held()

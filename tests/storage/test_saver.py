@@ -19,6 +19,7 @@ import torch
 
 from qk_attn.capture.plan import HeadPlan, ModelShape
 from qk_attn.capture.schema import arrow_schema
+from qk_attn.capture.staging import Staging
 from qk_attn.config import SniffConfig
 from qk_attn.errors import CaptureOverflow, SaverError
 from qk_attn.sampler import Sampler
@@ -184,6 +185,47 @@ def test_saver_failure_surfaces_in_the_caller_without_hanging(tmp_path):
         sink.close()
     assert time.monotonic() - start < 10
     assert not sink._thread.is_alive()
+
+
+def test_forward_pieces_held_back_are_sent_when_a_wait_needs_their_pool_space(tmp_path):
+    """The sink holds small forward pieces back (HOLD_FORWARDS). A later forward that needs pool space
+    only they can free (the pool is a ring: a held region in its middle leaves no run long enough)
+    sends them to the saver instead of waiting forever; every row arrives."""
+    out = tmp_path / "out"
+    config = SniffConfig(output=str(out), sampler="all", min_bucket_size=4, pinned_mb=1)
+    sink = open_sink(out, config)
+    pool_bytes = 1 << 20
+
+    def forward(example, rows):  # about 1 KiB per row
+        batch = make_batch(0, "q", [example], [rows], heads=(0, 1, 2, 3), dim=64, num_heads=4)
+        staging = Staging((example,), torch.device("cpu"), 0, None, streams=False)
+        staging.add(batch)
+        sink.put_forward(staging)
+        return batch
+
+    done, batches, saver_may_go = [], [], threading.Event()
+    accept = sink._accept_forward
+    sink._accept_forward = lambda calls: (saver_may_go.wait(10), accept(calls))
+
+    def run():
+        batches.append(forward(0, 480))  # ~47% of the pool: more than 1/16, so queued at once
+        batches.append(forward(1, 60))  # ~6%, held back, right after it in the ring
+        assert len(sink._held) == 1
+        saver_may_go.set()
+        pool = sink._transfer.pool
+        while pool.in_use > pool_bytes // 8:  # the saver frees the first one
+            time.sleep(0.01)
+        batches.append(forward(2, 500))  # ~49%: fits neither before nor after the held region
+        sink.commit([0, 1, 2])
+        sink.close()
+        done.append(True)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(20)
+    assert done, "the sink waited for pool space that only its held pieces could free"
+    assert sink._transfer.pool.waits >= 1  # the case this test is about did happen
+    assert sort_rows(folder_table(out)).equals(sort_rows(reference(batches)))
 
 
 def test_put_blocked_on_a_full_pool_raises_when_the_saver_dies(tmp_path):
