@@ -205,7 +205,7 @@ class ForwardContext:
             packed = np.zeros(batch, dtype=bool)
         else:
             packed = ((host[:, 1:] <= host[:, :-1]) & valid[:, 1:] & valid[:, :-1]).any(1)
-        first = np.where(valid, host, _INT64_MAX).min(1)
+        first = host.min(1, initial=_INT64_MAX, where=valid)  # an all-padding row: int64 max
         ids = self.input_ids
         token_ids = None
         if ids is not None and ids.shape == (batch, num_new):
@@ -402,21 +402,21 @@ def check_shapes(forward: ForwardContext, layer: int, query: torch.Tensor, key: 
     """An attention call's tensors against its forward, on the host (shapes only, no device read).
     Returns how many of the forward's new tokens the query holds: all of them, or its last ones
     (layers that compute only the positions whose logits are kept, as Gemma 4's shared-KV layers do)."""
-    batch = forward.batch_size
-    if query.shape[0] != batch or key.shape[0] != batch:
+    batch, query_shape, key_shape = forward.batch_size, query.shape, key.shape
+    if query_shape[0] != batch or key_shape[0] != batch:
         raise CaptureError(
-            f"qk_sniff: layer {layer} got a query of batch {query.shape[0]} and a key of batch "
-            f"{key.shape[0]} in a forward of batch {batch}; not recorded"
+            f"qk_sniff: layer {layer} got a query of batch {query_shape[0]} and a key of batch "
+            f"{key_shape[0]} in a forward of batch {batch}; not recorded"
         )
-    num_queries = query.shape[2]
+    num_queries = query_shape[2]
     if not 0 < num_queries <= forward.num_new:
         raise CaptureError(
             f"qk_sniff: layer {layer} got {num_queries} queries in a forward of {forward.num_new} "
             "new tokens; not recorded"
         )
-    if not cross and key.shape[2] < forward.num_new:
+    if not cross and key_shape[2] < forward.num_new:
         raise CaptureError(
-            f"qk_sniff: layer {layer} got {key.shape[2]} keys in a forward of {forward.num_new} new "
+            f"qk_sniff: layer {layer} got {key_shape[2]} keys in a forward of {forward.num_new} new "
             "tokens; not recorded"
         )
     return num_queries

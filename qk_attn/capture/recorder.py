@@ -138,6 +138,7 @@ class Session(SequenceTracker):
         everything = forward.tokens(position_ids, query.device)
         text = everything if num_queries == forward.num_new else forward.tokens(position_ids, query.device, num_queries)
         plan = model.plan
+        query_heads, key_heads = plan.heads(layer, "q"), plan.heads(layer, "k")
         if cross:
             # Text queries of a cross-attention layer are this forward's tokens; its keys are
             # vision tokens, recorded once per sequence.
@@ -145,12 +146,13 @@ class Session(SequenceTracker):
             keys = None if layer in sequence.cross_done else cross_attention_keys(key, mask)
             sequence.cross_done.add(layer)
         else:
-            keys = (forward.key_slot(layer, key.shape[2]) if plan.heads(layer, "k") else 0, everything)
+            keys = (forward.key_slot(layer, key.shape[2]) if key_heads else 0, everything)
         keep, keeps_any = forward.decisions(self.sampler, plan.shape.num_layers, everything)
         kept = keeps_any[layer] if keep is not None else None  # per kind: whether the sampler keeps any token
         staging = forward.staging or self._start_staging(forward, model, query)
-        for index, (kind, states, tokens) in enumerate((("q", query, (0, text)), ("k", key, keys))):
-            heads = plan.heads(layer, kind)
+        for index, (kind, states, heads, tokens) in enumerate(
+            (("q", query, query_heads, (0, text)), ("k", key, key_heads, keys))
+        ):
             if not heads or tokens is None:
                 continue
             offset, these = tokens
