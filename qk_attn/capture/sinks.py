@@ -27,6 +27,7 @@ class Sink:
     rows_written = 0  # rows handed on (all heads), for progress bars
     complete = False  # set by a runner that went through every document it owns
     staging_limit: int | None = None  # bytes of one forward's rows staged whole; larger forwards stream
+    pool = None  # the host pool rows wait in (ParquetSink): its `waits` and `waited_s` for the run's summary
 
     def prepare(self, device) -> None:
         """At a forward's first recorded call, before any rows: set up what the hand-off needs."""

@@ -178,6 +178,8 @@ def _run(config: RunConfig, rank, push_to_hub: bool, progress: bool, sink, log=p
                 raise ConfigError(f"dataset.path={config.dataset.path!r} (split {config.dataset.split!r}) has no rows")
             s.sink.complete = True  # a rank's manifest part records that it went through all its documents
         summary.rows_written = s.rows_written
+        pool = s.sink.pool
+        summary.pool_waits = (pool.waits, pool.waited_s) if pool is not None else (0, 0.0)
     finally:
         bar.close()
         summary.seconds = time.perf_counter() - start

@@ -19,6 +19,7 @@ class RunSummary:
     tokens: int = 0
     rows_written: int = 0
     seconds: float = 0.0
+    pool_waits: tuple[int, float] = (0, 0.0)  # times capture waited for host pool space, seconds in all
     pulled: bool = False
     pushed: str | None = None
     rank: str | None = None  # "rank 1 of 4" when several processes capture
@@ -39,6 +40,13 @@ class RunSummary:
             f"rows       {self.rows_written:,} written",
             f"output     {self.output}",
         ]
+        waits, waited = self.pool_waits
+        if waits:  # the saver fell behind: capture could have run this much faster
+            share = waited / self.seconds if self.seconds > 0 else 0.0
+            out.append(
+                f"waits      capture waited {waits} time(s), {waited:.1f} s ({share:.0%} of the run), for the saver "
+                "to free host pool space (raise inference.pinned_mb, or write to a faster disk)"
+            )
         if self.rank:
             out.append(
                 f"ranks      {self.rank}; "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 
@@ -32,6 +33,7 @@ class HostPool:
         self.in_use = 0
         self.high_water = 0
         self.waits = 0  # times a producer had to wait for space
+        self.waited_s = 0.0  # and for how long in all: how far the saver held capture back
 
     def _find(self, n: int) -> int | None:
         if not self._live:
@@ -56,10 +58,12 @@ class HostPool:
                 return None
             if start is None:
                 self.waits += 1
-            while start is None:
-                check()  # a dead saver never frees space: surface its error instead of hanging
-                self._cond.wait(WAIT_S)
-                start = self._find(n)
+                since = time.perf_counter()
+                while start is None:
+                    check()  # a dead saver never frees space: surface its error instead of hanging
+                    self._cond.wait(WAIT_S)
+                    start = self._find(n)
+                self.waited_s += time.perf_counter() - since
             region = [start, start + n, False]
             self._live.append(region)
             self.in_use += n

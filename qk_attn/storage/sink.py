@@ -173,6 +173,12 @@ class ParquetSink(SaverThread, Sink):
                 "skip committed examples (committed_ids()) or give new examples new ids (after max_committed_id())"
             )
 
+    @property
+    def pool(self):
+        """The host pool (qk_attn.storage.pool.HostPool; None before the first recorded call): its
+        `waits` and `waited_s` say how far the saver held capture back."""
+        return self._transfer.pool
+
     def prepare(self, device) -> None:
         """The pinned pool, allocated at the first forward's first recorded call."""
         self._transfer.prepare(device)

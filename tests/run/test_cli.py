@@ -22,6 +22,7 @@ from qk_attn.run import prepare, runner
 from qk_attn.run.config import RunConfig
 from qk_attn.run.documents import iter_documents, load_rows, normalize_id
 from qk_attn.run.model import load_model_config
+from qk_attn.run.summary import RunSummary
 from support.run import (
     HEADS,
     KV_HEADS,
@@ -470,3 +471,12 @@ def test_token_ids_and_token_strings_match_the_tokenizer(tiny_model, docs, tmp_p
     scope: dict = {}
     exec(code, scope)
     assert "token" in scope["tokens"].column_names and scope["tokens"].num_rows == scope["table"].num_rows
+
+
+def test_summary_reports_how_long_capture_waited_for_the_saver():
+    """A run that waited for host pool space says so, with the share of the run; one that never waited doesn't."""
+    quiet = RunSummary(output="out", model="m", dataset="d", seconds=10.0)
+    assert not any(line.startswith("waits") for line in quiet.lines())
+    slowed = RunSummary(output="out", model="m", dataset="d", seconds=10.0, pool_waits=(3, 2.5))
+    (line,) = [line for line in slowed.lines() if line.startswith("waits")]
+    assert "3 time(s), 2.5 s (25% of the run)" in line and "inference.pinned_mb" in line

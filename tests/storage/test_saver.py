@@ -137,6 +137,7 @@ def test_host_pool_ring_never_overlaps_and_blocks_when_full():
     pool.release(first)
     waiter.join(2)
     assert got
+    assert 0.2 <= pool.waited_s < 2  # the wait is measured: the run's summary reports it
 
 
 def test_transfer_pieces_cover_the_batch():
