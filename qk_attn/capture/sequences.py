@@ -46,6 +46,7 @@ class SequenceTracker:
         committed = self.committed_ids()
         self._next_auto_id = max(committed) + 1 if committed else 0
         self._begun: list[int] = []
+        self._commits = 0  # commits so far: a sequence's ids are checked against the committed ones once per commit
 
     def begin(self, example_ids) -> None:
         """Ids for the batch rows of the next forward; later forwards over its cache continue them."""
@@ -54,6 +55,7 @@ class SequenceTracker:
     def commit(self) -> None:
         """Every example begun so far is complete: the sink makes it durable."""
         self._end_forwards()
+        self._commits += 1
         self.sink.commit(list(self._begun))
         self._begun.clear()
 
@@ -274,18 +276,21 @@ class SequenceTracker:
             )
         else:
             ids = list(sequence.ids)
-        committed = set(ids) & self._committed_now()
-        if committed:
-            raise ValueError(
-                f"example ids {sorted(committed)} are already committed in this output; "
-                "rows of a committed example are never added (use new ids)"
-            )
+        # Once per sequence and commit: the committed ids are copied to be read, O(committed) per forward.
+        if sequence is None or sequence.checked != self._commits:
+            committed = set(ids) & self._committed_now()
+            if committed:
+                raise ValueError(
+                    f"example ids {sorted(committed)} are already committed in this output; "
+                    "rows of a committed example are never added (use new ids)"
+                )
         if sequence is None:
             sequence = self._sequences[key] = _Sequence(ids, forward.cache)
         else:  # rows of a batched generate() that had finished before this step's tokens
             forward.alive = sequence.unfinished
         sequence.unfinished = forward.unfinished
         sequence.end = forward.past + forward.num_new
+        sequence.checked = self._commits
         forward.sequence = sequence
         forward.example_ids = tuple(ids)
         self._next_auto_id = max(self._next_auto_id, max(ids) + 1)
@@ -305,6 +310,7 @@ class _Sequence:
         self.unfinished = None  # generate()'s unfinished rows after the last step (device), if any
         self.cross_done: set[int] = set()  # cross-attention layers whose vision keys are recorded
         self.decisions = None  # the sampler's decisions for its next decode steps (forward.DecisionWindow)
+        self.checked = -1  # the tracker's commit count when its ids were last checked against the committed ones
 
 
 _STARTED = object()  # Session._forwards entry: the decoder stack started a forward, no mask yet

@@ -542,3 +542,23 @@ def test_decode_steps_decide_from_the_window_like_the_sampler(strategy):
         got = forward._keep_all_layers(sampler, 5, positions)
         want = sampler.keep_all_layers(torch.tensor(forward.example_ids), 5, positions).numpy()
         assert got.shape == want.shape and (got == want).all(), step
+
+
+def test_continuing_a_committed_sequence_is_refused_and_decode_steps_do_not_copy_the_committed_set():
+    """A decode step's ids are checked against the committed ones again only after a commit: each
+    forward copying every committed id would cost O(committed) per step in a long run."""
+    model = build("llama3", "qk_sniff")
+    ids = _tokens(8)
+    with qk_attn.session(sampler="all", capture="k", layers="0") as s:
+        s.begin([4])
+        cache = DynamicCache(config=model.config)
+        model(input_ids=ids[:, :5], **cache_kw(cache))
+        reads = []
+        real = s.sink.committed_ids
+        s.sink.committed_ids = lambda: reads.append(1) or real()
+        model(input_ids=ids[:, 5:6], **cache_kw(cache))
+        model(input_ids=ids[:, 6:7], **cache_kw(cache))
+        assert not reads  # nothing was committed since the sequence began
+        s.commit()
+        with pytest.raises(ValueError, match=r"example ids \[4\] are already committed"):
+            model(input_ids=ids[:, 7:], **cache_kw(cache))
