@@ -185,8 +185,9 @@ class ForwardContext:
         return self._device_tokens(position_ids, device)
 
     def _host_tokens(self, position_ids) -> TextTokens:
-        """`_device_tokens` on the CPU, in numpy where it can: a decode step's (B, T) tensors are tiny,
-        and numpy's cost per op is a fraction of torch's. The same values and dtypes."""
+        """`_device_tokens` on the CPU, in numpy where it can: a decode step's (B, T) tensors are tiny, a
+        numpy op on them costs less than a torch op, and the decisions that follow are numpy too. The
+        same values and dtypes (tests/capture/test_forward_context.py)."""
         batch, num_new = self.batch_size, self.num_new
         cpu = torch.device("cpu")
         if self.attention_mask is None:
