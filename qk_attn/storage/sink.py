@@ -1,10 +1,11 @@
 """`ParquetSink`: the capturing thread's side of writing OUT (put, commit, flush, close).
 
 `put_forward` and `put` only issue copies into the bounded host pool (qk_attn.storage.transfer)
-and enqueue them (forward pieces HOLD_FORWARDS at a time); the saver thread (qk_attn.storage.saver) buffers rows and commits them
-(qk_attn.storage.commit); a shard the manifest does not list is an orphan of a killed run and is
-deleted when the folder is opened again (qk_attn.storage.folder), so a re-run redoes exactly the
-examples that were not committed and never duplicates a row.
+and enqueue them (forward pieces HOLD_FORWARDS at a time); the saver thread
+(qk_attn.storage.saver) buffers rows and commits them (qk_attn.storage.commit); a shard the
+manifest does not list is an orphan of a killed run and is deleted when the folder is opened
+again (qk_attn.storage.folder), so a re-run redoes exactly the examples that were not committed
+and never duplicates a row.
 
 Ranks (qk_attn.run.distributed). With `rank=(r, n)` the sink is one of n writers into the same
 OUT and touches only its own files (qk_attn.storage.layout.Files); it writes no card. The parts are
