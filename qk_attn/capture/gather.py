@@ -192,9 +192,10 @@ def uses_kernel(states: torch.Tensor, out_dtype: torch.dtype) -> bool:
     """Whether `select_rows` runs the Triton kernel for these inputs (decided without a device sync)."""
     if states.dtype not in _KERNEL_DTYPES or out_dtype not in _KERNEL_DTYPES:
         return False
-    if states.device.type == "cuda":
+    # is_cuda / is_cpu: called twice per attention call, and `tensor.device` builds an object each time
+    if states.is_cuda:
         return _triton_available(warn=True)
-    if states.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if states.is_cpu and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         return _triton_available(warn=False)
     return False
 
