@@ -22,14 +22,14 @@ Where the capture code relies on each fact (the module that reads it):
     eager_forward                  backends.eager_forward
     rotary_helpers                 rope.invert_rope (apply_rotary_pos_emb), rope.query_scale
     attention_forward_locals       attention.applied_rotary (frame locals self, position_embeddings)
-    model_forward_locals           forward.model_forward, forward._cache_of (frame locals self,
+    model_forward_locals           frames.model_forward, frames.cache_of (frame locals self,
                                    input_ids, position_ids, cache (5.25) or past_key_values (5.17))
-    generation_frames              forward.refuse_unrecordable_generation (_beam_search, _sample,
+    generation_frames              frames.refuse_unrecordable_generation (_beam_search, _sample,
                                    _assisted_decoding in generation/utils.py, locals model_kwargs,
                                    unfinished_sequences)
     attention_module_attributes    capture/session: module.layer_idx, module.config,
                                    module.sliding_window, rope.uses_rope (module.use_rope)
-    (torch, not transformers: forward hooks on the decoder stack, forward.decoder_stack, which
+    (torch, not transformers: forward hooks on the decoder stack, frames.decoder_stack, which
     finds it by structure: a ModuleList child whose attention modules share `config`)
 """
 

@@ -14,14 +14,8 @@ import weakref
 import torch
 
 from qk_attn.capture.facts import require as require_facts
-from qk_attn.capture.forward import (
-    ForwardContext,
-    decoder_stack,
-    host_int,
-    model_forward,
-    refuse_unrecordable_generation,
-    running,
-)
+from qk_attn.capture.forward import ForwardContext, host_int
+from qk_attn.capture.frames import decoder_stack, model_forward, refuse_unrecordable_generation, running
 from qk_attn.capture.hooks import watch_forward
 from qk_attn.capture.staging import OffsetCheck
 from qk_attn.errors import CaptureError

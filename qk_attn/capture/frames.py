@@ -1,0 +1,130 @@
+"""What the call stack says while transformers builds a forward's mask: the module forward that is
+building it (its token ids, positions and cache), the decoder stack whose hooks tell the forward's
+end, and the generation method that is running (refused when its steps cannot be one sequence).
+
+These read frame locals and code names of transformers (named and checked in qk_attn.capture.facts):
+`self`, `input_ids`, `position_ids`, `cache` / `past_key_values`, `pixel_values`, and
+generation/utils.py's `_sample`, `_assisted_decoding`, `_beam_search`, `model_kwargs`,
+`unfinished_sequences`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import NamedTuple
+
+import torch
+
+from qk_attn.errors import CaptureError
+
+
+class ModelForward(NamedTuple):
+    """The model forward that is building its mask: the module and its own arguments."""
+
+    module: torch.nn.Module | None
+    input_ids: torch.Tensor | None
+    position_ids: torch.Tensor | None
+    cache: object | None
+    images: bool  # an enclosing forward was given pixel values
+
+
+def model_forward(batch_size: int, num_new: int, max_depth: int = 16) -> ModelForward:
+    """The module forward that is building its mask right now, with its arguments.
+
+    The mask function's callers are transformers' mask builders, called by a module's own forward
+    (the decoder stack, a multimodal wrapper, or generate()'s input preparation); that frame holds
+    the forward's `position_ids` (already defaulted to what its rotary embedding uses) and its cache
+    (already created when the caller gave none). Token ids come from the nearest enclosing module
+    forward that has this forward's (B, T) `input_ids`: wrappers hand their text model embeddings."""
+    frame = sys._getframe(2)
+    module = positions = ids = cache = None
+    images = False
+    for _ in range(max_depth):
+        if frame is None:
+            break
+        local = frame.f_locals
+        this = local.get("self")
+        if isinstance(this, torch.nn.Module):
+            if module is None:
+                module, positions, cache = this, local.get("position_ids"), cache_of(local)
+            candidate = local.get("input_ids")
+            if ids is None and isinstance(candidate, torch.Tensor) and candidate.shape == (batch_size, num_new):
+                ids = candidate
+            images = images or any(local.get(name) is not None for name in ("pixel_values", "pixel_values_videos"))
+        frame = frame.f_back
+    return ModelForward(module, ids, positions if isinstance(positions, torch.Tensor) else None, cache, images)
+
+
+def cache_of(arguments: dict):
+    """The cache among a forward's arguments (`cache` from transformers 5.25, `past_key_values` before)."""
+    for name in ("cache", "past_key_values"):
+        value = arguments.get(name)
+        if value is not None and hasattr(value, "get_seq_length"):
+            return value
+    return None
+
+
+def decoder_stack(module: torch.nn.Module | None, config) -> tuple[torch.nn.Module | None, torch.nn.Module | None]:
+    """(owner, last layer): the module whose forward runs the decoder layers of `config`'s attention
+    modules (a child ModuleList holds them), and the layer that runs last. Found by structure, not by
+    attribute names, inside `module` (the module that built the mask, or one enclosing the stack)."""
+    if module is None:
+        return None, None
+    for owner in module.modules():
+        for child in owner.children():
+            if not isinstance(child, torch.nn.ModuleList) or not len(child):
+                continue
+            layers = list(child)[: getattr(config, "num_hidden_layers", None) or len(child)]
+            if any(
+                getattr(m, "config", None) is config and getattr(m, "layer_idx", None) is not None
+                for layer in layers
+                for m in layer.modules()
+            ):
+                return owner, layers[-1]
+    return None, None
+
+
+def running(module: torch.nn.Module, max_depth: int = 40) -> bool:
+    """Whether `module`'s forward is on the call stack."""
+    frame = sys._getframe(1)
+    for _ in range(max_depth):
+        if frame is None:
+            return False
+        if frame.f_locals.get("self") is module:
+            return True
+        frame = frame.f_back
+    return False
+
+
+GENERATION_FILE = os.path.join("generation", "utils.py")
+
+
+def refuse_unrecordable_generation(max_depth: int = 40):
+    """Generation whose steps cannot be recorded as one sequence, found by the generation method
+    on the call stack (once per forward). Beam search reorders the cache rows between steps, so
+    a batch row's earlier keys belong to another beam's history. Without a cache every step
+    re-runs the whole sequence, which would record it again as a new example per token.
+
+    Returns generate()'s (B,) `unfinished_sequences` of this step (a device tensor) or None."""
+    frame = sys._getframe(1)
+    for _ in range(max_depth):
+        if frame is None:
+            return None
+        name = frame.f_code.co_name
+        if name == "_beam_search":
+            raise CaptureError(
+                "qk_sniff: beam search reorders the cache between steps, so rows could not be "
+                "attributed to one sequence; record with num_beams=1 (greedy or sampling)"
+            )
+        if name in ("_sample", "_assisted_decoding") and frame.f_code.co_filename.endswith(GENERATION_FILE):
+            model_kwargs = frame.f_locals.get("model_kwargs")
+            if isinstance(model_kwargs, dict) and model_kwargs.get("use_cache") is False:
+                raise CaptureError(
+                    "qk_sniff: generate(use_cache=False) re-runs the whole sequence at every step, "
+                    "which would record it once per new token; generate with use_cache=True"
+                )
+            unfinished = frame.f_locals.get("unfinished_sequences")
+            return unfinished if isinstance(unfinished, torch.Tensor) and unfinished.dim() == 1 else None
+        frame = frame.f_back
+    return None
