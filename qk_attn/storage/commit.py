@@ -14,27 +14,25 @@ import os
 import threading
 from dataclasses import dataclass
 
-import numpy as np
-
 from qk_attn.capture.sinks import warn_not_from_zero
 from qk_attn.errors import CorruptShard
 from qk_attn.storage import compact
 from qk_attn.storage.layout import key_names
 from qk_attn.storage.manifest import now
 from qk_attn.storage.records import add_shard
+from qk_attn.storage.segment import NO_POSITION
 from qk_attn.storage.shards import CallBuffer, Written
 
 logger = logging.getLogger("qk_attn.storage.saver")  # one logger for the saver thread (the CLI filters it)
 
 COMPACT_AT = 64  # small committed shards in one folder that trigger a merge while running
-NO_POSITION = np.iinfo(np.int64).max
 
 
 @dataclass
 class _Inflight:
     """A finalise whose shards the writer threads are writing."""
 
-    sealed: list  # of qk_attn.storage.saver._Segment
+    sealed: list  # of qk_attn.storage.segment.Segment
     commit: set[int]
     number: int
     futures: list

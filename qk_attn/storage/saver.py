@@ -22,19 +22,17 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter, defaultdict
-from dataclasses import dataclass, field
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from qk_attn.capture.batch import CaptureBatch, HostReader, HostRows
-from qk_attn.storage.commit import NO_POSITION, Committer
+from qk_attn.storage.commit import Committer
 from qk_attn.storage.examples import write_examples
 from qk_attn.storage.folder import card_is_ours
 from qk_attn.storage.layout import key_names
 from qk_attn.storage.manifest import write_json_atomic
-from qk_attn.storage.shards import CallBuffer, Written, write_buffer, write_table
+from qk_attn.storage.segment import Segment
+from qk_attn.storage.shards import CallBuffer, write_buffer
 from qk_attn.storage.transfer import ForwardPiece, Piece
 
 logger = logging.getLogger(__name__)
@@ -45,25 +43,6 @@ COMPACT_AT_CLOSE = 16
 EXPORT_EVERY_S = 60.0  # OUT/examples.parquet is rewritten at most this often while running (and at close)
 
 
-@dataclass
-class _Segment:
-    number: int
-    buffers: dict[tuple, CallBuffer] = field(default_factory=dict)  # (layer, kind, heads) -> rows
-    parts: list = field(default_factory=list)  # Futures of Written: spilled .tmp shards
-    next_part: int = 0
-    examples: set[int] = field(default_factory=set)  # every example seen in this segment
-    valid: dict[int, Counter] = field(
-        default_factory=lambda: defaultdict(Counter)
-    )  # example -> (layer, kind) -> tokens
-    first: dict[int, int] = field(default_factory=dict)  # example -> smallest first position
-    calls: Counter = field(default_factory=Counter)  # (layer, kind, heads) -> attention calls seen
-    cross_attention_layers: set[int] = field(default_factory=set)  # layers whose keys are vision tokens
-
-    @property
-    def nbytes(self) -> int:
-        return sum(b.nbytes for b in self.buffers.values())
-
-
 class _Flush:
     def __init__(self, final: bool) -> None:
         self.final = final
@@ -71,16 +50,6 @@ class _Flush:
 
 
 _STOP = object()
-
-
-class _Done:
-    """A finished write in place of a Future."""
-
-    def __init__(self, written: Written) -> None:
-        self._written = written
-
-    def result(self) -> Written:
-        return self._written
 
 
 class SaverThread(Committer):
@@ -181,27 +150,13 @@ class SaverThread(Committer):
             # The reader returns the same dicts for the same columns: one group per forward, mostly.
             groups.setdefault((id(valid), id(first)), (valid, first, []))[2].append(call)
         for valid, first, members in groups.values():
-            self._count_calls(members, valid, first)
+            self._open.count_calls(members, valid, first)
         self._keep_in_budget()
-
-    def _count_calls(self, calls: list, valid: dict, first: dict) -> None:
-        """Attention calls ran (each with .layer, .kind, .heads, .cross_attention), all with these
-        per-row counts: their examples, first positions and valid tokens, and one call of each head."""
-        seg = self._open
-        seg.examples.update(valid)
-        for example, position in first.items():
-            seg.first[example] = min(seg.first.get(example, NO_POSITION), position)
-        seg.calls.update((call.layer, call.kind, call.heads) for call in calls)
-        text = dict.fromkeys((call.layer, call.kind) for call in calls if not call.cross_attention)
-        # Cross-attention keys are image tokens, not text length.
-        seg.cross_attention_layers.update(call.layer for call in calls if call.cross_attention)
-        for example, count in valid.items():
-            seg.valid[example].update(dict.fromkeys(text, count))
 
     def _accept(self, rows: HostRows, first: bool) -> None:
         """A streamed piece's rows (`first`: the first piece of its call, which counts it)."""
         if first:
-            self._count_calls([rows], rows.valid, rows.first_position)
+            self._open.count_calls([rows], rows.valid, rows.first_position)
         self._add_rows(rows)
         self._keep_in_budget()
 
@@ -248,8 +203,8 @@ class SaverThread(Committer):
         return self._open.nbytes + sum(s.nbytes for s in self._sealed) + self._writing_bytes()
 
     # ---- segments ----------------------------------------------------------------------
-    def _new_segment(self) -> _Segment:
-        seg = _Segment(self._next_segment)
+    def _new_segment(self) -> Segment:
+        seg = Segment(self._next_segment)
         self._next_segment += 1
         return seg
 
@@ -268,7 +223,7 @@ class SaverThread(Committer):
             self._sealed.append(seg)
             self._open = self._new_segment()
 
-    def _submit(self, seg: _Segment, buffer: CallBuffer, segments: list[int]) -> list:
+    def _submit(self, seg: Segment, buffer: CallBuffer, segments: list[int]) -> list:
         """One shard per head of `buffer` to the writer threads: their Futures of `Written`."""
         futures = []
         for index, key in enumerate(key_names(buffer.layer, buffer.heads, buffer.kind)):
@@ -321,40 +276,7 @@ class SaverThread(Committer):
 
     def _drop(self, incomplete: set[int]) -> None:
         """Remove uncommitted examples' rows from the open segment (buffers and .tmp shards)."""
-        seg = self._open
-        incomplete = incomplete & seg.examples
-        if not incomplete:
-            return
-        drop = np.array(sorted(incomplete), np.int64)
-        for key, buffer in list(seg.buffers.items()):
-            buffer.drop(drop)
-            if not buffer.rows:
-                del seg.buffers[key]
-        kept = []
-        for future in seg.parts:
-            written: Written = future.result()
-            path = self.output / written.key / f".{written.name}.tmp"
-            table = pq.read_table(path)
-            kept_rows = ~np.isin(table.column("example_id").to_numpy(), drop)
-            if kept_rows.all():
-                kept.append(future)
-                continue
-            table = table.filter(kept_rows)
-            if not table.num_rows:
-                path.unlink()
-                continue
-            size, digest = write_table(table, path, self.fsync)
-            buckets = Counter(
-                {int(b): int(n) for b, n in enumerate(np.bincount(table.column("bucket").to_numpy())) if n}
-            )
-            kept.append(
-                _Done(Written(written.key, written.name, table.num_rows, size, digest, buckets, written.segments))
-            )
-        seg.parts = kept
-        for example in incomplete:
-            seg.valid.pop(example, None)
-            seg.first.pop(example, None)
-        seg.examples -= incomplete
+        self._open.drop(incomplete, self.output, self.fsync)
 
     def _write_manifest(self, export: bool = False, previous_too: bool = False) -> None:
         """The manifest (the commit point). Before it, at most every EXPORT_EVERY_S and at close,

@@ -112,7 +112,7 @@ class ParquetSink(SaverThread, Sink):
         self._warned_start: set[int] = set()  # saver thread: see rows.warn_not_from_zero
         self._next_segment = manifest["next_segment"]
         self._open = self._new_segment()
-        self._sealed: list = []  # of _Segment
+        self._sealed: list = []  # of Segment
         self._waiting_since: float | None = None  # first commit() not yet durable
         self._inflight = None  # the finalise being written
         self._exported_at = float("-inf")  # last write of OUT/examples.parquet

@@ -1,0 +1,96 @@
+"""A saver segment: rows of the examples that arrived between two seals (qk_attn.storage.saver),
+their per-(layer, kind) buffers, spilled `.tmp` shards and call counts, and dropping examples
+that were never committed from it."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from qk_attn.storage.shards import CallBuffer, Written, write_table
+
+NO_POSITION = np.iinfo(np.int64).max
+
+
+@dataclass
+class Segment:
+    """The rows of the examples that arrived between two seals, and what is known of their calls."""
+
+    number: int
+    buffers: dict[tuple, CallBuffer] = field(default_factory=dict)  # (layer, kind, heads) -> rows
+    parts: list = field(default_factory=list)  # Futures of Written: spilled .tmp shards
+    next_part: int = 0
+    examples: set[int] = field(default_factory=set)  # every example seen in this segment
+    valid: dict[int, Counter] = field(
+        default_factory=lambda: defaultdict(Counter)
+    )  # example -> (layer, kind) -> tokens
+    first: dict[int, int] = field(default_factory=dict)  # example -> smallest first position
+    calls: Counter = field(default_factory=Counter)  # (layer, kind, heads) -> attention calls seen
+    cross_attention_layers: set[int] = field(default_factory=set)  # layers whose keys are vision tokens
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.buffers.values())
+
+    def count_calls(self, calls: list, valid: dict, first: dict) -> None:
+        """Attention calls ran (each with .layer, .kind, .heads, .cross_attention), all with these
+        per-row counts: their examples, first positions and valid tokens, and one call of each head."""
+        self.examples.update(valid)
+        for example, position in first.items():
+            self.first[example] = min(self.first.get(example, NO_POSITION), position)
+        self.calls.update((call.layer, call.kind, call.heads) for call in calls)
+        text = dict.fromkeys((call.layer, call.kind) for call in calls if not call.cross_attention)
+        # Cross-attention keys are image tokens, not text length.
+        self.cross_attention_layers.update(call.layer for call in calls if call.cross_attention)
+        for example, count in valid.items():
+            self.valid[example].update(dict.fromkeys(text, count))
+
+    def drop(self, incomplete: set[int], output: Path, fsync: bool) -> None:
+        """Remove uncommitted examples' rows (buffers and .tmp shards under `output`)."""
+        incomplete = incomplete & self.examples
+        if not incomplete:
+            return
+        ids = np.array(sorted(incomplete), np.int64)
+        for key, buffer in list(self.buffers.items()):
+            buffer.drop(ids)
+            if not buffer.rows:
+                del self.buffers[key]
+        kept = []
+        for future in self.parts:
+            written: Written = future.result()
+            path = output / written.key / f".{written.name}.tmp"
+            table = pq.read_table(path)
+            kept_rows = ~np.isin(table.column("example_id").to_numpy(), ids)
+            if kept_rows.all():
+                kept.append(future)
+                continue
+            table = table.filter(kept_rows)
+            if not table.num_rows:
+                path.unlink()
+                continue
+            size, digest = write_table(table, path, fsync)
+            buckets = Counter(
+                {int(b): int(n) for b, n in enumerate(np.bincount(table.column("bucket").to_numpy())) if n}
+            )
+            kept.append(
+                _Done(Written(written.key, written.name, table.num_rows, size, digest, buckets, written.segments))
+            )
+        self.parts = kept
+        for example in incomplete:
+            self.valid.pop(example, None)
+            self.first.pop(example, None)
+        self.examples -= incomplete
+
+
+class _Done:
+    """A finished write in place of a Future."""
+
+    def __init__(self, written: Written) -> None:
+        self._written = written
+
+    def result(self) -> Written:
+        return self._written
