@@ -25,21 +25,19 @@ from qk_attn.capture.gather import (
     DeviceTables,
     Selection,
     SelectionSpec,
-    as_states,
     gather_selected,
     kernel_rows,
-    select_rows,
     select_tokens,
     selected_token_ids,
     uses_kernel,
 )
 from qk_attn.capture.plan import HeadPlan, ModelShape
-from qk_attn.capture.rope import invert_rope, uses_rope
+from qk_attn.capture.rope import pre_rope_rows, uses_rope
 from qk_attn.capture.sequences import SequenceTracker
 from qk_attn.capture.sinks import MemorySink, as_sink
 from qk_attn.capture.staging import EmptyCall, Staging, StagingBuffer, call_bytes, forward_bytes, shared_bytes
 from qk_attn.config import SniffConfig
-from qk_attn.errors import CaptureError, ConfigError
+from qk_attn.errors import CaptureError
 from qk_attn.sampler import Sampler
 
 logger = logging.getLogger(__name__)
@@ -262,7 +260,14 @@ class Session(SequenceTracker):
         if kernel and not pre_rope:  # one launch, straight into the staging buffer
             columns = kernel_rows(spec, tokens.token_ids, buffer.empty if buffer is not None else None)
         elif pre_rope:
-            columns = self._pre_rope_rows(module, spec, tokens, rotary)
+            columns = pre_rope_rows(
+                module,
+                spec,
+                tokens,
+                rotary,
+                self._device_tables.get("heads", (0,), device),
+                _DTYPES[self.config.vector_dtype],
+            )
         else:  # the torch path: one selection serves the vectors and the token ids
             selection, token_id = self._selection(forward, spec, tokens)
             every_head = len(heads) == states.shape[1] and tuple(heads) == tuple(range(len(heads)))
@@ -306,28 +311,6 @@ class Session(SequenceTracker):
             selection = select_tokens(tokens.valid, tokens.positions, self.sampler, spec.capacity)
             cached = forward.selections[id(tokens)] = (tokens, selected_token_ids(selection, tokens))
         return cached[1]
-
-    def _pre_rope_rows(self, module, spec: SelectionSpec, tokens, rotary):
-        """rope="pre": the rows un-rotated with the cos/sin the layer applied; per-token columns (token
-        id, cos/sin) are gathered by the same selection as the vectors, as one-head states."""
-        device = spec.states.device
-        count, row, position, bucket, vectors = select_rows(spec)
-        per_token = spec._replace(
-            token_offset=0, heads=self._device_tables.get("heads", (0,), device), out_dtype=torch.float32
-        )
-        batch_size = tokens.positions.shape[0]
-        if rotary is None:
-            raise ConfigError(
-                f"rope='pre': {type(module).__name__} did not expose the cos/sin it applied (no "
-                "position_embeddings in its forward); use rope='post'"
-            )
-        cos, sin = (select_rows(per_token._replace(states=as_states(t, batch_size, device)))[4] for t in rotary)
-        vectors = invert_rope(module, spec.kind, vectors, position, (cos, sin)).to(_DTYPES[self.config.vector_dtype])
-        token_id = None
-        if tokens.token_ids is not None:
-            token_id = select_rows(per_token._replace(states=tokens.token_ids))[4]
-            token_id = token_id.reshape(-1).to(torch.int32)
-        return count, row, position, bucket, vectors, token_id
 
     # ---- bookkeeping (host only) -----------------------------------------------------
     def _skips_training(self, module) -> bool:

@@ -12,7 +12,8 @@ import sys
 
 import torch
 
-from qk_attn.errors import CaptureError
+from qk_attn.capture.gather import SelectionSpec, as_states, select_rows
+from qk_attn.errors import CaptureError, ConfigError
 
 
 def uses_rope(module) -> bool:
@@ -22,6 +23,26 @@ def uses_rope(module) -> bool:
 
 def _modeling_module(module):
     return sys.modules[type(module).__module__]
+
+
+def pre_rope_rows(module, spec: SelectionSpec, tokens, rotary, one_head: torch.Tensor, vector_dtype: torch.dtype):
+    """rope="pre": one call's selected rows un-rotated with the cos/sin the layer applied. The
+    per-token columns (token id, cos/sin) are gathered by the same selection as the vectors, as
+    one-head states (`one_head`: the head-id table (0,) on the states' device)."""
+    if rotary is None:
+        raise ConfigError(
+            f"rope='pre': {type(module).__name__} did not expose the cos/sin it applied (no "
+            "position_embeddings in its forward); use rope='post'"
+        )
+    count, row, position, bucket, vectors = select_rows(spec)
+    per_token = spec._replace(token_offset=0, heads=one_head, out_dtype=torch.float32)
+    batch_size, device = tokens.positions.shape[0], spec.states.device
+    cos, sin = (select_rows(per_token._replace(states=as_states(t, batch_size, device)))[4] for t in rotary)
+    vectors = invert_rope(module, spec.kind, vectors, position, (cos, sin)).to(vector_dtype)
+    token_id = None
+    if tokens.token_ids is not None:
+        token_id = select_rows(per_token._replace(states=tokens.token_ids))[4].reshape(-1).to(torch.int32)
+    return count, row, position, bucket, vectors, token_id
 
 
 def invert_rope(module, kind: str, vectors: torch.Tensor, positions: torch.Tensor, rotary) -> torch.Tensor:
