@@ -16,7 +16,7 @@ from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 import qk_attn
 from qk_attn.capture import backends
-from qk_attn.errors import CaptureError
+from qk_attn.errors import CaptureError, ConfigError
 from qk_attn.run.documents import normalize_id
 from support.models import COMMON, VOCAB, build, padded_batch
 from support.oracle import GroundTruth, all_heads, expected_rows, rows_by_key
@@ -513,6 +513,27 @@ def test_pre_rope_of_multi_head_latent_attention_is_refused_with_a_message():
     with qk_attn.session(sampler="all", example_ids=[0]) as s:  # post-RoPE rows: the projections' own
         model(input_ids=_tokens(5))
     assert {k[4] for k in rows_by_key(s.table())} == set(range(5))
+
+
+def test_pre_rope_without_the_applied_cos_sin_is_refused_and_records_nothing(monkeypatch):
+    """A layer whose forward holds no `position_embeddings` gives nothing to invert with: an error
+    that names the way out, and the forward's rows (layers before it included) are not kept."""
+    from qk_attn.capture import attention
+
+    model = build("llama3", "qk_sniff")
+    applied, given = attention.applied_rotary, []
+
+    def layer_1_without_cos_sin(module):
+        rotary = None if module.layer_idx == 1 else applied(module, max_depth=5)  # one frame deeper here
+        given.append(rotary is not None)
+        return rotary
+
+    monkeypatch.setattr(attention, "applied_rotary", layer_1_without_cos_sin)
+    with pytest.raises(ConfigError, match=r"rope='pre': LlamaAttention did not expose the cos/sin .* use rope='post'"):
+        with qk_attn.session(sampler="all", rope="pre") as s:
+            model(input_ids=_tokens(5))
+    assert given == [True, False]  # layer 0 was recorded first
+    assert s.sink.committed == [] and s.table() is None
 
 
 @pytest.mark.parametrize("dtype, median, worst", [(torch.bfloat16, 2.5e-3, 6e-3), (torch.float16, 4e-4, 1e-3)])
