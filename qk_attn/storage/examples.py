@@ -19,6 +19,10 @@ from qk_attn.storage.layout import EXAMPLES
 from qk_attn.storage.manifest import sha256_file
 from qk_attn.storage.shards import write_table
 
+# Every column compressed: ids and source ids, one row per example (the shards compress only their vectors,
+# positions and token ids).
+OPTIONS = dict(compression="zstd", compression_level=1, write_statistics=["example_id"], write_page_checksum=True)
+
 
 def examples_table(manifest: dict):
     """One row per committed example: example_id, source_id, source_index, valid_length, first_position."""
@@ -43,7 +47,7 @@ def write_examples(output: Path, manifest: dict, name: str = EXAMPLES, fsync: bo
     manifest itself is the caller's to write next (the record is checked against it)."""
     path = Path(output) / name
     tmp = path.with_name(f".{path.name}.tmp")
-    size, digest = write_table(examples_table(manifest), tmp, fsync)
+    size, digest = write_table(examples_table(manifest), tmp, fsync, OPTIONS)
     os.replace(tmp, path)
     manifest["examples_file"] = {"name": path.name, "bytes": size, "sha256": digest}
 
