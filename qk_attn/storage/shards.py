@@ -2,7 +2,8 @@
 
     saver thread:   call -> `CallBuffer.add` (one copy out of the host pool, nothing else)
     writer threads: `CallBuffer.key_buffer(head)` -> Arrow table (zero-copy over the chunks) -> Parquet bytes
-                    (zstd-1, BYTE_STREAM_SPLIT vectors, page checksums) -> sha256 -> file
+                    (zstd-1 on vectors, positions and token ids; BYTE_STREAM_SPLIT vectors; the other
+                    columns dictionary-encoded; page checksums) -> sha256 -> file
     commit:         `Writers.fsync` of all of a finalise's files at once, before they are renamed
 
 pyarrow releases the GIL while it encodes and compresses, and hashlib while it hashes, so
