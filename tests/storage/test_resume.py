@@ -15,8 +15,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from qk_attn.dataset.verify import verify_dataset
+from qk_attn.storage import shards
 from qk_attn.storage.manifest import read_manifest
-from support.storage import folder_table, open_sink, run_examples, sort_rows
+from support.storage import folder_table, open_sink, reference, run_examples, sort_rows
 
 TESTS = Path(__file__).resolve().parents[1]  # where tests/support lives
 
@@ -137,3 +139,39 @@ def test_orphans_of_a_killed_run_are_removed_and_nothing_else(tmp_path):
     assert not (out / "l02h01q").exists() and (out / "notes.txt").exists() and (out / "l00h00q" / "keep.txt").exists()
     sink.close()
     assert sort_rows(folder_table(out)).equals(sort_rows(__import__("test_saver").reference(batches)))
+
+
+# The shard options before 2026-12-05 (zstd on every column, dictionaries for kind and token_str
+# only): a folder written with them is resumed, merged and read with today's.
+EARLIER_WRITE_OPTIONS = dict(
+    compression="zstd",
+    compression_level=1,
+    use_dictionary=["kind", "token_str"],
+    column_encoding={"vector.list.element": "BYTE_STREAM_SPLIT"},
+    write_statistics=["example_id", "position", "bucket", "layer", "head"],
+    write_page_checksum=True,
+)
+
+
+def test_a_capture_written_with_earlier_shard_encodings_resumes_merges_and_reads_back_exactly(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+
+    def layer_compression() -> set[str]:
+        manifest = read_manifest(out)
+        files = [out / key / name for key, names in manifest["shards"].items() for name in names]
+        return {pq.read_metadata(f).row_group(0).column(3).compression for f in files}  # column 3: layer
+
+    with monkeypatch.context() as earlier:
+        for option, value in EARLIER_WRITE_OPTIONS.items():  # in place: write_table's default is this dict
+            earlier.setitem(shards.WRITE_OPTIONS, option, value)
+        sink = open_sink(out)
+        batches = run_examples(sink, range(20))  # one shard per folder and commit: merged at close
+        sink.close()
+    assert layer_compression() == {"ZSTD"}
+    sink = open_sink(out)
+    assert sink.committed_ids() == set(range(20))
+    batches += run_examples(sink, range(20, 40))
+    sink.close()
+    assert "UNCOMPRESSED" in layer_compression()  # today's shards sit beside the earlier ones
+    assert sort_rows(folder_table(out)).equals(sort_rows(reference(batches)))
+    assert verify_dataset(out, log=lambda *_: None) == []
