@@ -87,6 +87,34 @@ def test_generate_records_each_token_once_and_equal_to_uncached(family, cache):
         np.testing.assert_allclose(vector, uncached[key], rtol=1e-4, atol=1e-5, err_msg=str(key))
 
 
+@pytest.mark.parametrize("sampler", ["log_uniform", "uniform"])
+def test_a_long_sampled_generate_into_parquet_keeps_what_one_uncached_forward_keeps(tmp_path, sampler):
+    """80 decode steps of a left-padded batch: the host's decode decisions (windows of 64 positions
+    per row, rebuilt past their end), the forwards' pieces the sink holds back, and the empty calls
+    counted without rows must keep exactly the rows the sampler keeps in one uncached forward."""
+    model = build("llama3", "qk_sniff")
+    batch = padded_batch("left", lengths=(7, 5))
+    prompt = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    settings = dict(sampler=sampler, min_bucket_size=4, base_rate=3, example_ids=[0, 1])
+    out = tmp_path / "out"
+    with qk_attn.session(output=out, **settings):
+        sequences = model.generate(**prompt, max_new_tokens=80, min_new_tokens=80, do_sample=False, pad_token_id=0)
+    generated = {}
+    for layer in range(model.config.num_hidden_layers):
+        generated.update(rows_by_key(qk_attn.load(out, layer=layer)))
+
+    mask = torch.cat([batch["attention_mask"], torch.ones(2, 80, dtype=torch.long)], dim=1)
+    full = {"input_ids": sequences, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+    with qk_attn.session(**settings) as s:
+        model(**full)
+    uncached = rows_by_key(s.table())
+    last = {(e, l, h, k, p) for (e, l, h, k, p) in uncached if p == int(full["position_ids"][e, -1])}
+    want = uncached.keys() - last  # the last generated token is never fed back
+    assert generated.keys() == want and any(p >= 64 for *_, p in want)  # decode rows past the first window
+    for key, vector in generated.items():
+        np.testing.assert_allclose(vector, uncached[key], rtol=1e-4, atol=1e-5, err_msg=str(key))
+
+
 def test_mllama_with_image_records_cross_attention_keys_once():
     model = build("mllama", "sdpa")
     batch, _ = _mllama_image_batch()
