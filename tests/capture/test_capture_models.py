@@ -87,8 +87,9 @@ def test_generate_records_each_token_once_and_equal_to_uncached(family, cache):
         np.testing.assert_allclose(vector, uncached[key], rtol=1e-4, atol=1e-5, err_msg=str(key))
 
 
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
 @pytest.mark.parametrize("sampler", ["log_uniform", "uniform"])
-def test_a_long_sampled_generate_into_parquet_keeps_what_one_uncached_forward_keeps(tmp_path, sampler):
+def test_a_long_sampled_generate_into_parquet_keeps_what_one_uncached_forward_keeps(tmp_path, sampler, cache):
     """80 decode steps of a left-padded batch: the host's decode decisions (windows of 64 positions
     per row, rebuilt past their end), the forwards' pieces the sink holds back, and the empty calls
     counted without rows must keep exactly the rows the sampler keeps in one uncached forward."""
@@ -98,7 +99,9 @@ def test_a_long_sampled_generate_into_parquet_keeps_what_one_uncached_forward_ke
     settings = dict(sampler=sampler, min_bucket_size=4, base_rate=3, example_ids=[0, 1])
     out = tmp_path / "out"
     with qk_attn.session(output=out, **settings):
-        sequences = model.generate(**prompt, max_new_tokens=80, min_new_tokens=80, do_sample=False, pad_token_id=0)
+        sequences = model.generate(
+            **prompt, max_new_tokens=80, min_new_tokens=80, do_sample=False, cache_implementation=cache, pad_token_id=0
+        )
     generated = {}
     for layer in range(model.config.num_hidden_layers):
         generated.update(rows_by_key(qk_attn.load(out, layer=layer)))
