@@ -89,11 +89,12 @@ def test_generate_records_each_token_once_and_equal_to_uncached(family, cache):
 
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 @pytest.mark.parametrize("sampler", ["log_uniform", "uniform"])
-def test_a_long_sampled_generate_into_parquet_keeps_what_one_uncached_forward_keeps(tmp_path, sampler, cache):
+@pytest.mark.parametrize("family", ["llama3", "gemma3"])  # gemma3: sliding layers of 4 keys, rolled 80 times
+def test_a_long_sampled_generate_into_parquet_keeps_what_one_uncached_forward_keeps(tmp_path, family, sampler, cache):
     """80 decode steps of a left-padded batch: the host's decode decisions (windows of 64 positions
     per row, rebuilt past their end), the forwards' pieces the sink holds back, and the empty calls
     counted without rows must keep exactly the rows the sampler keeps in one uncached forward."""
-    model = build("llama3", "qk_sniff")
+    model = build(family, "qk_sniff")
     batch = padded_batch("left", lengths=(7, 5))
     prompt = {k: batch[k] for k in ("input_ids", "attention_mask")}
     settings = dict(sampler=sampler, min_bucket_size=4, base_rate=3, example_ids=[0, 1])
