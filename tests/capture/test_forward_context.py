@@ -235,6 +235,36 @@ def test_a_decode_step_stopped_by_an_exception_discards_its_sequence():
     assert s.sink.committed == [9]
 
 
+def test_a_decode_step_stopped_by_an_exception_in_parquet_loses_only_its_sequence(tmp_path):
+    """The same with the pieces a Parquet sink holds back: 25 decode steps of example 8 are queued
+    or held when its step fails; none of its rows is committed, and example 9 is exact."""
+    model = build("llama3", "qk_sniff")
+    ids = _tokens(40)
+    out = tmp_path / "out"
+    with qk_attn.session(sampler="all", output=out) as s:
+        s.begin([8])
+        cache = DynamicCache(config=model.config)
+        model(input_ids=ids[:, :5], **cache_kw(cache))
+        for t in range(5, 30):
+            model(input_ids=ids[:, t : t + 1], **cache_kw(cache))
+        handle = _fail_in(model.model.layers[1])
+        with pytest.raises(_Boom):
+            model(input_ids=ids[:, 30:31], **cache_kw(cache))
+        handle.remove()
+        s.begin([9])
+        cache = DynamicCache(config=model.config)
+        model(input_ids=ids[:, :5], **cache_kw(cache))
+        for t in range(5, 25):
+            model(input_ids=ids[:, t : t + 1], **cache_kw(cache))
+        s.commit()
+    assert qk_attn.load_examples(out).column("example_id").to_pylist() == [9]
+    got = {}
+    for layer in range(model.config.num_hidden_layers):
+        got.update(rows_by_key(qk_attn.load(out, layer=layer)))
+    _assert_same_rows(got, _one_shot(model, ids[:, :25], [9]))
+    assert cli.verify_dataset(out, log=lambda *_: None) == []
+
+
 def test_diffllama_layer_called_twice_is_recorded_once():
     torch.manual_seed(0)
     model = tf.DiffLlamaForCausalLM(tf.DiffLlamaConfig(**COMMON)).eval()
