@@ -84,6 +84,8 @@ def verify_dataset(root: str | Path, log=print, encode_source: EncodeSource | No
     committed = {e: n for e, n in data.committed().items() if e not in damaged}
     manifest_counts = data.row_counts()
     plan = data.plan()
+    # Keys of cross-attention layers are vision tokens: no text positions or token ids to hold them to.
+    vision_keys = {(layer, "k") for layer in data.manifest.get("cross_attention_layers", [])}
     seen_counts: dict[str, int] = {}
     # (layer, kind) -> {folder name: {example_id: sorted positions}}
     selections: dict[tuple[int, str], dict[str, dict[int, Any]]] = defaultdict(dict)
@@ -147,11 +149,7 @@ def verify_dataset(root: str | Path, log=print, encode_source: EncodeSource | No
         starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
         ends = np.r_[starts[1:], len(ids)]
         selections[(layer, kind)][name] = {int(ids[s]): pos[s:e] for s, e in zip(starts, ends)}
-        if "token_id" in table.column_names and not (
-            data.manifest.get("cross_attention_layers")
-            and kind == "k"
-            and layer in data.manifest["cross_attention_layers"]
-        ):
+        if "token_id" in table.column_names and (layer, kind) not in vision_keys:
             tokens = table.column("token_id").to_numpy(zero_copy_only=False)[order]
             token_rows.append(
                 (
@@ -191,7 +189,7 @@ def verify_dataset(root: str | Path, log=print, encode_source: EncodeSource | No
             for head in heads
             if calls.get(key_name(layer, head, kind), 0) > 0
         }
-    pairs = sorted({(layer, kind) for layer, _, kind in expected_keys})
+    pairs = sorted({(layer, kind) for layer, _, kind in expected_keys} - vision_keys)
     for layer, kind in pairs:
         want = expected_positions(sampler, layer, kind, committed, starts=data.first_positions())
         heads = sorted(h for (lay, h, k) in expected_keys if lay == layer and k == kind)

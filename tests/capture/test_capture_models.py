@@ -165,3 +165,18 @@ def test_mllama_cross_attention_layers_are_named_in_manifest_and_card(tmp_path):
     cross_layer = model.config.text_config.cross_attention_layers[0]
     assert read_manifest(tmp_path)["cross_attention_layers"] == [cross_layer]
     assert f"Cross-attention layers {cross_layer}: their keys are vision tokens" in (tmp_path / "README.md").read_text()
+
+
+@pytest.mark.parametrize("sampler", ["all", "log_uniform"])
+def test_a_generate_with_an_image_passes_verify(tmp_path, sampler):
+    """Cross-attention keys are vision tokens: verify must not hold them to the text's positions."""
+    from qk_attn.dataset.verify import verify_dataset
+
+    model = build("mllama", "sdpa")
+    model.set_attn_implementation({"text_config": "qk_sniff", "vision_config": "sdpa"})
+    batch, _ = _mllama_image_batch()
+    with qk_attn.session(output=tmp_path, sampler=sampler, min_bucket_size=4, base_rate=2, example_ids=[0, 1]):
+        model.generate(**batch, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    cross_layer = model.config.text_config.cross_attention_layers[0]
+    assert qk_attn.load(tmp_path, layer=cross_layer, kind="k").num_rows > 0  # the image's keys are there
+    assert verify_dataset(tmp_path, log=lambda *_: None) == []
