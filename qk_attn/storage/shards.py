@@ -166,16 +166,17 @@ class CallBuffer:
         )
 
 
-def write_table(table: pa.Table, path: Path, fsync: bool, options: dict = WRITE_OPTIONS) -> tuple[int, str]:
+def write_table(table: pa.Table, path: Path, fsync: bool, options: dict | None = None) -> tuple[int, str]:
     """Write `table` as one Parquet file; returns (size, sha256) of exactly the bytes written.
 
-    The file is encoded in memory first, so the digest costs no second read of the file.
+    The file is encoded in memory first, so the digest costs no second read of the file. `options`:
+    pyarrow's writer options (default: the shards' WRITE_OPTIONS).
     """
     rows = MIN_ROW_GROUP  # small tables (most shards of sparse samplers) skip the costly nbytes
     if table.num_rows > MIN_ROW_GROUP:
         rows = max(MIN_ROW_GROUP, ROW_GROUP_BYTES // max(1, table.nbytes // table.num_rows))
     out = pa.BufferOutputStream()
-    pq.write_table(table, out, row_group_size=rows, **options)
+    pq.write_table(table, out, row_group_size=rows, **(options or WRITE_OPTIONS))
     data = out.getvalue()
     digest = hashlib.sha256(memoryview(data)).hexdigest()
     with open(path, "wb") as f:

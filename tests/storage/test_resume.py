@@ -162,7 +162,7 @@ def test_a_capture_written_with_earlier_shard_encodings_resumes_merges_and_reads
         return {pq.read_metadata(f).row_group(0).column(3).compression for f in files}  # column 3: layer
 
     with monkeypatch.context() as earlier:
-        for option, value in EARLIER_WRITE_OPTIONS.items():  # in place: write_table's default is this dict
+        for option, value in EARLIER_WRITE_OPTIONS.items():
             earlier.setitem(shards.WRITE_OPTIONS, option, value)
         sink = open_sink(out)
         batches = run_examples(sink, range(20))  # one shard per folder and commit: merged at close
