@@ -73,6 +73,7 @@ class ForwardContext:
         self._calls: dict[int, tuple] = {}  # layer -> weak refs to the query and key it was called with
         self._tokens: dict = {}  # (device, length) -> (position_ids it was built from, TextTokens)
         self._decisions: tuple | None = None  # see `decisions`
+        self._mirror: HostMirror | None = None  # a GPU decode step's tokens, copied to the host (`decisions`)
         self._decided_for: TextTokens | None = None  # the host tokens `_decisions` was last returned for
         self.selections: dict = {}  # id(tokens) -> (tokens, Selection): Session._selection under "all"
         self.staging = None  # its rows until its end (qk_attn.capture.staging), from its first recorded call
@@ -146,23 +147,38 @@ class ForwardContext:
             cached = self._tokens[(device, length)] = (position_ids, tokens)
         return cached[1]
 
-    def decisions(self, sampler, num_layers: int, tokens: TextTokens):
-        """On the CPU, for forwards up to DECIDE_AT_ONCE decisions: the sampler's keep mask of every
-        (layer, kind) at once, and on the host which of them keep anything, so that a decode
-        step's attention calls that select nothing cost a lookup. None elsewhere: on a GPU the
-        kernel decides per call without a host read, and a long prefill decides per call."""
+    def decisions(self, sampler, num_layers: int, tokens: TextTokens) -> tuple:
+        """For forwards up to DECIDE_AT_ONCE decisions whose positions the host knows: the sampler's
+        keep mask of every (layer, kind) at once, which of them keep anything, and the host tokens
+        they were made from, so that the attention calls that select nothing cost a lookup; else
+        (None, None, None) and the call decides for itself (a long prefill, or a GPU forward whose
+        positions have not reached the host yet: `HostMirror`).
+
+        On the CPU the tokens are host tensors. On a GPU a decode step's are copied to the host
+        without a wait (`HostMirror`), and asked for again at each call until they have arrived."""
         if tokens is self._decided_for:  # the same tokens as the last call: its answer
             return self._decisions
-        if tokens.valid.device.type != "cpu":  # per call: layers of one forward may sit on several devices
-            return None, None
         if self._decisions is None:
-            if num_layers * 2 * tokens.valid.numel() > DECIDE_AT_ONCE:
-                self._decisions = (None, None)
+            host = tokens if builds_on_host(tokens.valid.device) else self._mirrored(sampler, tokens)
+            if host is None:
+                return UNDECIDED
+            if num_layers * 2 * host.valid.numel() > DECIDE_AT_ONCE:
+                self._decisions = UNDECIDED
             else:
-                keep = self._keep_all_layers(sampler, num_layers, tokens.positions) & tokens.valid.numpy()
-                self._decisions = (torch.from_numpy(keep), keep.reshape(num_layers, 2, -1).any(-1).tolist())
+                keep = self._keep_all_layers(sampler, num_layers, host.positions) & host.valid.numpy()
+                any_kept = keep.reshape(num_layers, 2, -1).any(-1).tolist()
+                self._decisions = (torch.from_numpy(keep), any_kept, host)
         self._decided_for = tokens
         return self._decisions
+
+    def _mirrored(self, sampler, tokens: TextTokens) -> TextTokens | None:
+        """A GPU decode step's tokens on the host once their copy has landed (None until then). A
+        prefill decides in the kernel, and under "all" every call keeps every valid token."""
+        if self.num_new > DECODE_TOKENS or sampler.strategy == "all":
+            return None
+        if self._mirror is None:
+            self._mirror = HostMirror(tokens)
+        return self._mirror.tokens()
 
     def _keep_all_layers(self, sampler, num_layers: int, positions: torch.Tensor) -> np.ndarray:
         """`sampler.keep_all_layers` of these (host) positions, as numpy; a decode step's from its
@@ -179,7 +195,7 @@ class ForwardContext:
         return keep
 
     def _text_tokens(self, position_ids, device) -> TextTokens:
-        if device.type == "cpu":
+        if builds_on_host(device):
             return self._host_tokens(position_ids)
         return self._device_tokens(position_ids, device)
 
@@ -200,18 +216,11 @@ class ForwardContext:
         else:
             positions = position_ids[0] if position_ids.dim() == 3 else position_ids
         positions = positions.to(device=cpu, dtype=torch.int64).expand(batch, num_new)
-        host = positions.numpy()
-        if num_new == 1:  # one token per row cannot restart its positions
-            packed = np.zeros(batch, dtype=bool)
-        else:
-            packed = ((host[:, 1:] <= host[:, :-1]) & valid[:, 1:] & valid[:, :-1]).any(1)
-        first = host.min(1, initial=_INT64_MAX, where=valid)  # an all-padding row: int64 max
         ids = self.input_ids
         token_ids = None
         if ids is not None and ids.shape == (batch, num_new):
             token_ids = ids.to(device=cpu, dtype=torch.float32)[:, None, :, None]
-        valid_count = valid.sum(1, dtype=np.int64)
-        return TextTokens(positions, *map(torch.from_numpy, (valid, valid_count, first, packed)), token_ids)
+        return host_text_tokens(positions, valid, token_ids)
 
     def _device_tokens(self, position_ids, device) -> TextTokens:
         batch, num_new = self.batch_size, self.num_new
@@ -241,6 +250,43 @@ class ForwardContext:
             token_ids = ids.to(device=device, dtype=torch.float32)[:, None, :, None]
         first = positions.masked_fill(~valid, torch.iinfo(torch.int64).max).amin(1)
         return TextTokens(positions, valid, valid.sum(1), first, packed, token_ids)
+
+
+UNDECIDED = (None, None, None)
+
+
+def builds_on_host(device: torch.device) -> bool:
+    """Whether a forward's tokens on `device` are built and decided on the host (the CPU) or on the
+    device, where the kernel decides per call."""
+    return device.type == "cpu"
+
+
+class HostMirror:
+    """A GPU decode step's token positions and validity, copied to pinned host memory without a wait
+    (one small copy and an event, issued at its first recorded call), so that the host can make the
+    sampler's decisions and skip the calls that keep nothing. Until the copy has landed, `tokens()`
+    is None and calls launch the kernel as usual: exact either way, and the host never waits."""
+
+    def __init__(self, tokens: TextTokens) -> None:
+        both = torch.cat((tokens.positions, tokens.valid), 1)  # (B, 2T) int64: one copy
+        self._host = torch.empty(both.shape, dtype=both.dtype, pin_memory=both.is_cuda)
+        self._host.copy_(both, non_blocking=True)
+        self._event = None
+        if both.is_cuda:
+            self._event = torch.cuda.Event()
+            self._event.record()
+        self._tokens: TextTokens | None = None
+
+    def ready(self) -> bool:
+        return self._event is None or self._event.query()
+
+    def tokens(self) -> TextTokens | None:
+        """The host's TextTokens (no token ids: empty calls have no rows), or None while the copy runs."""
+        if self._tokens is None and self.ready():
+            num_new = self._host.shape[1] // 2
+            valid = self._host[:, num_new:].numpy().astype(bool)
+            self._tokens = host_text_tokens(self._host[:, :num_new], valid, None)
+        return self._tokens
 
 
 class DecisionWindow:
@@ -279,6 +325,18 @@ class TextTokens(NamedTuple):
         """The last `length` tokens; `valid_count`, `first_position` and `packed` stay the forward's."""
         token_ids = None if self.token_ids is None else self.token_ids[:, :, -length:]
         return self._replace(positions=self.positions[:, -length:], valid=self.valid[:, -length:], token_ids=token_ids)
+
+
+def host_text_tokens(positions: torch.Tensor, valid: np.ndarray, token_ids) -> TextTokens:
+    """TextTokens from (B, T) int64 host positions and bool validity: the per-row columns in numpy."""
+    host = positions.numpy()
+    if host.shape[1] == 1:  # one token per row cannot restart its positions
+        packed = np.zeros(host.shape[0], dtype=bool)
+    else:
+        packed = ((host[:, 1:] <= host[:, :-1]) & valid[:, 1:] & valid[:, :-1]).any(1)
+    first = host.min(1, initial=_INT64_MAX, where=valid)  # an all-padding row: int64 max
+    valid_count = valid.sum(1, dtype=np.int64)
+    return TextTokens(positions, *map(torch.from_numpy, (valid, valid_count, first, packed)), token_ids)
 
 
 def host_int(value) -> int:

@@ -145,7 +145,7 @@ class Session(SequenceTracker):
             sequence.cross_done.add(layer)
         else:
             keys = (forward.key_slot(layer, key.shape[2]) if key_heads else 0, everything)
-        keep, keeps_any = forward.decisions(self.sampler, plan.shape.num_layers, everything)
+        keep, keeps_any, host = forward.decisions(self.sampler, plan.shape.num_layers, everything)
         kept = keeps_any[layer] if keep is not None else None  # per kind: whether the sampler keeps any token
         staging = forward.staging or self._start_staging(forward, model, query)
         for index, (kind, states, heads, tokens) in enumerate(
@@ -156,11 +156,11 @@ class Session(SequenceTracker):
             offset, these = tokens
             decided = None
             if kept is not None and these is everything:
-                if not kept[index]:  # the sampler keeps nothing of this call (known on the CPU without a
+                if not kept[index]:  # the sampler keeps nothing of this call (known on the host without a
                     # sync): the sink still learns that it ran. The plan's heads are tuples already.
-                    staging.add_empty(EmptyCall(layer, kind, heads, forward.example_ids, sliding_window, cross, these))
+                    staging.add_empty(EmptyCall(layer, kind, heads, forward.example_ids, sliding_window, cross, host))
                     continue
-                decided = keep[layer, index]
+                decided = keep[layer, index] if host is these else None  # on a GPU the kernel decides
             batch, staged = self._batch(
                 module,
                 forward,

@@ -50,7 +50,7 @@ class Sink:
     def put_empty(
         self, layer: int, kind: str, heads, example_ids, sliding_window, cross_attention: bool, tokens
     ) -> None:
-        """An attention call of which the sampler keeps nothing (known on the CPU): it ran, with 0 rows."""
+        """An attention call of which the sampler keeps nothing (known on the host): it ran, with 0 rows."""
 
     def end_forward(self) -> None:
         """Called once after every model forward, outside attention calls: the one place

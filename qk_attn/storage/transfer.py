@@ -103,11 +103,12 @@ class Transfer:
     def send_forward(self, staging, check: Callable[[], None]) -> ForwardPiece:
         """A forward's staged rows (qk_attn.capture.staging.Staging) as one piece, waiting for pool space
         (between forwards). Buffer mode on CUDA: one copy of the used bytes into the pinned pool and one
-        event; the staging buffer is returned for reuse after that event. Elsewhere the staged host
-        tensors are the piece (the region accounts for their bytes, as in `send`)."""
+        event; the staging buffer is returned for reuse after that event. Elsewhere, or when no call
+        staged anything (a decode step whose calls all kept nothing), no copy: the staged host tensors
+        are the piece (the region accounts for their bytes, as in `send`)."""
         pool = self._pool_for(staging.device)
         calls = staging.calls
-        if staging.bytes is not None and staging.device.type == "cuda":
+        if staging.bytes is not None and staging.device.type == "cuda" and staging.used:
             region = pool.acquire(staging.used, check)
             host = pool.buffer[region[0] : region[0] + staging.used]
             event = self._copy([(host, staging.bytes[: staging.used])], staging.device, staging.stream)
@@ -116,6 +117,8 @@ class Transfer:
             calls = [_rebased(call, base, host) for call in calls]
             checks = [c._replace(value=_rebase(c.value, base, host)) for c in staging.checks]
         else:
+            if staging.bytes is not None and not staging.used:  # every call kept nothing: no bytes to copy or keep
+                staging.returned(None)
             nbytes = sum(_nbytes(call) for call in calls if isinstance(call, CaptureBatch))
             region = pool.acquire(min(nbytes, pool.nbytes), check)
             event, checks = None, staging.checks

@@ -21,7 +21,9 @@ from qk_attn.capture import recorder
 from qk_attn.storage.manifest import read_manifest
 from qk_attn.storage.shards import CallBuffer
 from qk_attn.storage.transfer import ForwardPiece, Piece, Transfer
-from support.models import build, cache_kw
+from support.device_path import ARRIVES, arrived, generate_counting_launches
+from support.models import build, cache_kw, padded_batch
+from support.run import all_rows, assert_same_datasets, assert_same_rows
 
 PROMPT, STEPS = 8, 5
 LAYERS, KINDS = 3, 2  # the tiny llama: every layer records q and k
@@ -151,9 +153,6 @@ def test_a_forward_too_large_to_stage_streams_call_by_call_and_loses_nothing(tmp
     """pinned_mb=1 stages at most 0.5 MiB per forward; a left-padded batch of 4 x 200 tokens under
     "all" is about 1 MiB, so its calls stream to the sink one by one (with a warning), and the rows
     equal those of an in-memory session, which stages the same forward whole."""
-    from support.models import padded_batch
-    from support.run import all_rows, assert_same_rows
-
     model = build("llama3", "qk_sniff")
     batch = padded_batch("left", lengths=(200, 150, 90, 200), seed=4)
     counts = Counts()
@@ -175,3 +174,27 @@ def _keyed(table) -> dict:
     t = table.to_pydict()
     keys = ("example_id", "layer", "head", "kind", "position", "bucket")
     return {tuple(t[k][i] for k in keys): t["vector"][i] for i in range(table.num_rows)}
+
+
+@pytest.mark.parametrize("arrives", ARRIVES)
+def test_a_gpu_decode_step_skips_what_it_keeps_nothing_of_once_its_positions_reach_the_host(
+    tmp_path, monkeypatch, arrives
+):
+    """The GPU path's decisions, run on CPU tensors (support/device_path.py): the copy of a decode
+    step's positions lands at its first call, at its third (layer 2), or never. Each way, 70 steps
+    of a left-padded generate() write the very dataset the CPU path writes, rows and per-example
+    counts alike; the calls launched are exactly the ones made before the copy landed, and after it
+    the ones that keep something."""
+    model = build("llama3", "qk_sniff")
+    batch = padded_batch("left", lengths=(12, 9))
+    prompt = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    on_host = generate_counting_launches(model, prompt, tmp_path / "cpu", monkeypatch, None, steps=70)
+    on_device = generate_counting_launches(model, prompt, tmp_path / "gpu", monkeypatch, arrives, steps=70)
+    assert_same_datasets(tmp_path / "gpu", tmp_path / "cpu")
+    # Forward 1 is the prompt; the 70th token is never fed back: 69 decode steps.
+    decode = [(f, layer) for f in range(2, 71) for layer in range(LAYERS)]
+    kept = [on_host[key] for key in decode]  # the CPU path launches the kinds that keep something
+    assert 0 in kept and any(kept), "no decode call kept nothing, or none kept something"
+    for f, layer in decode:
+        copied = arrived(arrives, layer + 1)
+        assert on_device[(f, layer)] == (on_host[(f, layer)] if copied else KINDS), (f, layer)

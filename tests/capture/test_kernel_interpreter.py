@@ -339,3 +339,40 @@ def test_session_capture_is_identical_through_kernel_and_torch_paths(tmp_path, m
     for name in kernel_rows:
         assert kernel_rows[name].num_rows > 0
         assert kernel_rows[name].equals(torch_rows[name]), name
+
+
+@pytest.mark.parametrize("arrives", ["at_once", "at_layer_2"])
+def test_gpu_decode_steps_through_the_kernel_write_what_the_host_path_writes(tmp_path, monkeypatch, arrives):
+    """The GPU path's decode decisions (support/device_path.py) with the kernel writing into the staging
+    buffer: calls made before the positions reach the host launch it, later ones launch only where
+    the sampler keeps something, and steps that stage nothing are handed off without a copy (the
+    buffer is reused). The dataset equals the host path's, which also runs the kernel here."""
+    from qk_attn.capture.staging import StagingBuffer
+    from qk_attn.kernels import select_gather
+    from support.device_path import arrived, generate_counting_launches
+    from support.models import build, padded_batch
+    from support.run import assert_same_datasets
+
+    model = build("llama3", "qk_sniff")
+    batch = padded_batch("left", lengths=(12, 9))
+    prompt = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    launches, forgotten = [], []
+    original, forget = select_gather.gather_rows_triton, StagingBuffer.forget
+    monkeypatch.setattr(select_gather, "gather_rows_triton", lambda *a, **k: launches.append(1) or original(*a, **k))
+    monkeypatch.setattr(StagingBuffer, "forget", lambda self: forgotten.append(1) or forget(self))
+    on_host = generate_counting_launches(model, prompt, tmp_path / "cpu", monkeypatch, None, steps=24)
+    assert len(launches) == sum(on_host.values())  # one kernel launch per launched call
+    launches.clear(), forgotten.clear()
+    on_device = generate_counting_launches(model, prompt, tmp_path / "gpu", monkeypatch, arrives, steps=24)
+    assert_same_datasets(tmp_path / "gpu", tmp_path / "cpu")
+    assert len(launches) == sum(on_device.values())
+    decode = [(f, layer) for f in range(2, 25) for layer in range(model.config.num_hidden_layers)]
+    assert 0 in [on_host[key] for key in decode]
+    for f, layer in decode:
+        assert on_device[(f, layer)] == (on_host[(f, layer)] if arrived(arrives, layer + 1) else 2), (f, layer)
+    # On the CPU the sink keeps a staged forward's tensors, so its buffer is let go; a forward that
+    # staged nothing returns it for the next one.
+    staged = {f for (f, _), n in on_device.items() if n}
+    assert len(forgotten) == len(staged)
+    if arrives == "at_once":
+        assert len(staged) < 24, "every decode step staged something: the empty hand-off was not exercised"

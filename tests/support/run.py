@@ -5,11 +5,13 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import pyarrow.parquet as pq
 import yaml
 
 from qk_attn.capture.sinks import MemorySink
 from qk_attn.run import runner
 from qk_attn.run.config import RunConfig
+from qk_attn.storage.manifest import read_manifest
 
 WORDS = [f"w{i}" for i in range(60)]
 
@@ -74,6 +76,15 @@ def assert_same_rows(got: dict, want: dict, exact: bool = True) -> None:
             np.testing.assert_array_equal(got[key], vector, err_msg=str(key))
         else:  # another batch composition: same tokens, float rounding of padded matmuls may differ
             np.testing.assert_allclose(got[key], vector, rtol=1e-5, atol=1e-6, err_msg=str(key))
+
+
+def assert_same_datasets(got, want) -> None:
+    """The same rows, per-example counts and examples table in two capture folders."""
+    assert_same_rows(all_rows(got), all_rows(want))
+    manifests = [read_manifest(path) for path in (got, want)]
+    for field in ("examples", "calls", "row_counts"):
+        assert manifests[0][field] == manifests[1][field], field
+    assert pq.read_table(got / "examples.parquet").equals(pq.read_table(want / "examples.parquet"))
 
 
 SPARSE = {"sampler": {"type": "log_uniform", "base_rate": 2}, "min_bucket_size": 2}
