@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 import transformers as tf
-from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
+from transformers import DynamicCache, StoppingCriteriaList
 
 import qk_attn
 from qk_attn.capture import backends
 from qk_attn.errors import CaptureError, ConfigError
 from qk_attn.run.documents import normalize_id
-from support.models import COMMON, VOCAB, build, padded_batch
+from support.models import COMMON, VOCAB, StopRow, build, padded_batch
 from support.oracle import GroundTruth, all_heads, expected_rows, rows_by_key
 from support.run import SPARSE, all_rows, assert_same_rows, write_config
 
@@ -301,18 +301,6 @@ def test_a_refusal_in_env_mode_is_not_committed_by_the_exit_handler(tmp_path):
     assert verify_dataset(out, log=lambda *_: None) == []
 
 
-class _StopRow(StoppingCriteria):
-    """Row `row` is finished once the sequences reach `length` tokens (as an EOS would end it)."""
-
-    def __init__(self, row: int, length: int):
-        self.row, self.length = row, length
-
-    def __call__(self, input_ids, scores, **kwargs):
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        done[self.row] = input_ids.shape[1] >= self.length
-        return done
-
-
 def test_rows_of_a_batched_generate_end_at_their_eos(tmp_path):
     """After a row's end (its EOS), generate() keeps feeding it pad tokens: they are not its document."""
     from qk_attn.dataset.verify import verify_dataset
@@ -326,7 +314,7 @@ def test_rows_of_a_batched_generate_end_at_their_eos(tmp_path):
             max_new_tokens=6,
             do_sample=False,
             pad_token_id=0,
-            stopping_criteria=StoppingCriteriaList([_StopRow(0, 7)]),
+            stopping_criteria=StoppingCriteriaList([StopRow(0, 7)]),
         )
     assert sequences.shape[1] == 11 and (sequences[0, 7:] == 0).all()  # row 0 ended with its token at position 6
     got = {}

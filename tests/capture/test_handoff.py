@@ -14,7 +14,7 @@ import collections
 import numpy as np
 import pytest
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StoppingCriteriaList
 
 import qk_attn
 from qk_attn.capture import recorder
@@ -22,7 +22,7 @@ from qk_attn.storage.manifest import read_manifest
 from qk_attn.storage.shards import CallBuffer
 from qk_attn.storage.transfer import ForwardPiece, Piece, Transfer
 from support.device_path import ARRIVES, arrived, generate_counting_launches
-from support.models import build, cache_kw, padded_batch
+from support.models import StopRow, build, cache_kw, padded_batch
 from support.run import all_rows, assert_same_datasets, assert_same_rows
 
 PROMPT, STEPS = 8, 5
@@ -176,21 +176,31 @@ def _keyed(table) -> dict:
     return {tuple(t[k][i] for k in keys): t["vector"][i] for i in range(table.num_rows)}
 
 
+@pytest.mark.parametrize("row_ends", [False, True])
 @pytest.mark.parametrize("arrives", ARRIVES)
 def test_a_gpu_decode_step_skips_what_it_keeps_nothing_of_once_its_positions_reach_the_host(
-    tmp_path, monkeypatch, arrives
+    tmp_path, monkeypatch, arrives, row_ends
 ):
     """The GPU path's decisions, run on CPU tensors (support/device_path.py): the copy of a decode
     step's positions lands at its first call, at its third (layer 2), or never. Each way, 70 steps
     of a left-padded generate() write the very dataset the CPU path writes, rows and per-example
-    counts alike; the calls launched are exactly the ones made before the copy landed, and after it
-    the ones that keep something."""
+    counts alike, also when a row ends (its EOS) after 30 steps and is fed padding from then on;
+    the calls launched are exactly the ones made before the copy landed, and after it the ones
+    that keep something."""
     model = build("llama3", "qk_sniff")
     batch = padded_batch("left", lengths=(12, 9))
     prompt = {k: batch[k] for k in ("input_ids", "attention_mask")}
-    on_host = generate_counting_launches(model, prompt, tmp_path / "cpu", monkeypatch, None, steps=70)
-    on_device = generate_counting_launches(model, prompt, tmp_path / "gpu", monkeypatch, arrives, steps=70)
+    stop = {"stopping_criteria": StoppingCriteriaList([StopRow(0, 12 + 30)])} if row_ends else {}
+    runs = {}
+    for name, way in (("cpu", None), ("gpu", arrives)):
+        runs[name] = generate_counting_launches(
+            model, prompt, tmp_path / name, monkeypatch, way, steps=70, min_new_tokens=70, **stop
+        )
+    on_host, on_device = runs["cpu"], runs["gpu"]
     assert_same_datasets(tmp_path / "gpu", tmp_path / "cpu")
+    if row_ends:
+        lengths = qk_attn.load_examples(tmp_path / "gpu").select(["example_id", "valid_length"]).to_pydict()
+        assert lengths == {"example_id": [0, 1], "valid_length": [12 + 30, 9 + 69]}
     # Forward 1 is the prompt; the 70th token is never fed back: 69 decode steps.
     decode = [(f, layer) for f in range(2, 71) for layer in range(LAYERS)]
     kept = [on_host[key] for key in decode]  # the CPU path launches the kinds that keep something

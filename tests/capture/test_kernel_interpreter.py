@@ -360,10 +360,10 @@ def test_gpu_decode_steps_through_the_kernel_write_what_the_host_path_writes(tmp
     original, forget = select_gather.gather_rows_triton, StagingBuffer.forget
     monkeypatch.setattr(select_gather, "gather_rows_triton", lambda *a, **k: launches.append(1) or original(*a, **k))
     monkeypatch.setattr(StagingBuffer, "forget", lambda self: forgotten.append(1) or forget(self))
-    on_host = generate_counting_launches(model, prompt, tmp_path / "cpu", monkeypatch, None, steps=24)
+    on_host = generate_counting_launches(model, prompt, tmp_path / "cpu", monkeypatch, None, 24, min_new_tokens=24)
     assert len(launches) == sum(on_host.values())  # one kernel launch per launched call
     launches.clear(), forgotten.clear()
-    on_device = generate_counting_launches(model, prompt, tmp_path / "gpu", monkeypatch, arrives, steps=24)
+    on_device = generate_counting_launches(model, prompt, tmp_path / "gpu", monkeypatch, arrives, 24, min_new_tokens=24)
     assert_same_datasets(tmp_path / "gpu", tmp_path / "cpu")
     assert len(launches) == sum(on_device.values())
     decode = [(f, layer) for f in range(2, 25) for layer in range(model.config.num_hidden_layers)]

@@ -23,7 +23,9 @@ def arrived(arrives: str, queries: int) -> bool:
     return {"at_once": True, "at_layer_2": queries >= 3, "never": False}[arrives]
 
 
-def generate_counting_launches(model, prompt: dict, out, monkeypatch, arrives: str | None, steps: int) -> dict:
+def generate_counting_launches(
+    model, prompt: dict, out, monkeypatch, arrives: str | None, steps: int, **generate_kwargs
+) -> dict:
     """{(forward, layer): calls launched} of a greedy generate() into a log_uniform Parquet session at
     `out`; forward 1 is the prompt. `arrives` None: the CPU path; else the device path, its copy
     landing as ARRIVES says."""
@@ -51,5 +53,5 @@ def generate_counting_launches(model, prompt: dict, out, monkeypatch, arrives: s
             patch.setattr(forward_module.HostMirror, "ready", ready)
         settings = dict(sampler="log_uniform", min_bucket_size=4, base_rate=3, example_ids=[0, 1])
         with torch.inference_mode(), qk_attn.session(output=out, **settings):
-            model.generate(**prompt, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=0)
+            model.generate(**prompt, max_new_tokens=steps, do_sample=False, pad_token_id=0, **generate_kwargs)
     return launched

@@ -175,3 +175,15 @@ def _mllama_image_batch():
     cross[:, -6:] = 1  # text from the image token on attends to the image
     batch["cross_attention_mask"] = cross
     return batch, model_image_token
+
+
+class StopRow(tf.StoppingCriteria):
+    """Row `row` is finished once the sequences reach `length` tokens (as an EOS would end it)."""
+
+    def __init__(self, row: int, length: int):
+        self.row, self.length = row, length
+
+    def __call__(self, input_ids, scores, **kwargs):
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        done[self.row] = input_ids.shape[1] >= self.length
+        return done
