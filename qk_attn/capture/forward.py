@@ -272,9 +272,9 @@ class HostMirror:
         self._host = torch.empty(both.shape, dtype=both.dtype, pin_memory=both.is_cuda)
         self._host.copy_(both, non_blocking=True)
         self._event = None
-        if both.is_cuda:
+        if both.is_cuda:  # on the tokens' device's stream, which need not be the current device's
             self._event = torch.cuda.Event()
-            self._event.record()
+            self._event.record(torch.cuda.current_stream(both.device))
         self._tokens: TextTokens | None = None
 
     def ready(self) -> bool:
