@@ -53,8 +53,22 @@ class CaptureOverflow(RuntimeError):
     """More tokens were selected in one attention call than its staging capacity holds."""
 
 
-class PackedSequences(RuntimeError):
-    """A batch row holds several documents (positions restart): refused, never recorded with repeats."""
+class MisnumberedPositions(CaptureError):
+    """The positions RoPE used do not count up by one along an example (packed documents restart
+    them, right padding in generate() repeats them, position_ids that change between a sequence's
+    forwards skip some): refused, since rows are keyed by position and an example's positions are
+    the range [first_position, first_position + valid_length)."""
+
+    @classmethod
+    def of(cls, example_ids: list[int], seen: str = "") -> MisnumberedPositions:
+        """`seen`: what the first of them looks like, where the host knows it."""
+        return cls(
+            f"qk_sniff: examples {example_ids}: the positions RoPE used do not count up by one from token to "
+            f"token{f' ({seen})' if seen else ''}; packed documents restart them, right padding in generate() "
+            "repeats them, position_ids that change between a sequence's forwards skip some; rows could not be "
+            "keyed by position, so nothing of them is recorded; run one document per batch row, left-padded, "
+            "with the same position_ids scheme in every forward"
+        )
 
 
 class TransformersMismatch(RuntimeError):
@@ -115,7 +129,6 @@ EXIT_STATUS: tuple[tuple[type[BaseException], int | None, bool], ...] = (
     (SaverError, 2, True),
     (HubError, 1, False),
     (CaptureOverflow, None, False),
-    (PackedSequences, None, False),
     (TransformersMismatch, None, False),
     (OSError, 2, True),  # a full or unwritable disk, a folder that is not a capture, ...
     (ValueError, 2, True),

@@ -144,5 +144,5 @@ def cross_attention_keys(key: torch.Tensor, mask) -> tuple[int, TextTokens]:
     if valid is None:
         valid = torch.ones(batch, num_keys, dtype=torch.bool, device=key.device)
     positions = torch.arange(num_keys, device=key.device).expand(batch, num_keys)
-    none_packed = torch.zeros(batch, dtype=torch.bool, device=key.device)
-    return 0, TextTokens(positions, valid, valid.sum(1), positions[:, 0], none_packed, None)
+    numbered = torch.zeros(batch, dtype=torch.bool, device=key.device)  # vision keys: one per index
+    return 0, TextTokens(positions, valid, valid.sum(1), positions[:, 0], numbered, None)

@@ -14,10 +14,10 @@ import pyarrow as pa
 import torch
 
 from qk_attn.capture.schema import columns_table
-from qk_attn.errors import CaptureOverflow, PackedSequences
+from qk_attn.errors import CaptureOverflow, MisnumberedPositions
 
 KINDS = ("q", "k")
-TENSORS = ("count", "row", "position", "bucket", "vectors", "valid", "token_id", "first_position", "packed")
+TENSORS = ("count", "row", "position", "bucket", "vectors", "valid", "token_id", "first_position", "misnumbered")
 
 
 @dataclass
@@ -34,7 +34,8 @@ class CaptureBatch:
         token_id   (cap,)      int32   token id of each selected token, or None (e.g. vision keys)
         first_position (B,)    int64   smallest position among valid new tokens of each batch row
                                        in this call (int64 max when none), or None
-        packed     (B,) | None bool    the row's positions restart: packed documents (refused on the host)
+        misnumbered (B,) | None bool   the row's positions do not count up by one (refused on the host:
+                                       qk_attn.capture.forward.misnumbered_rows)
     """
 
     layer: int
@@ -51,7 +52,7 @@ class CaptureBatch:
     valid: torch.Tensor
     token_id: torch.Tensor | None = None
     first_position: torch.Tensor | None = None
-    packed: torch.Tensor | None = None
+    misnumbered: torch.Tensor | None = None
 
     @property
     def capacity(self) -> int:
@@ -77,7 +78,7 @@ class CaptureBatch:
         """
         reader = HostReader() if reader is None else reader
         count = int(_host(self.count, None).reshape(-1)[0])
-        per_row = reader.per_row(self.example_ids, self.valid, self.first_position, self.packed)
+        per_row = reader.per_row(self.example_ids, self.valid, self.first_position, self.misnumbered)
         staging_capacity = self.capacity if staging_capacity is None else staging_capacity
         if count > staging_capacity:
             raise CaptureOverflow(
@@ -141,10 +142,12 @@ class HostReader:
         columns = (batch.row, batch.position, batch.bucket, batch.token_id)
         return self._once(columns, (n, batch.example_ids), lambda: _selection(batch.example_ids, *columns, n))
 
-    def per_row(self, example_ids, valid, first_position, packed) -> tuple[dict, dict]:
+    def per_row(self, example_ids, valid, first_position, misnumbered) -> tuple[dict, dict]:
         """({example: valid tokens}, {example: first position}) of one call."""
         return self._once(
-            (valid, first_position, packed), (), lambda: _per_row(example_ids, valid, first_position, packed)
+            (valid, first_position, misnumbered),
+            (),
+            lambda: _per_row(example_ids, valid, first_position, misnumbered),
         )
 
 
@@ -157,14 +160,10 @@ def _selection(example_ids, row, position, bucket, token_id, n: int) -> tuple:
     return example_id, _host(position, n).astype(np.int32), _host(bucket, n).astype(np.int32), token_id
 
 
-def _per_row(example_ids, valid, first_position, packed) -> tuple[dict, dict]:
+def _per_row(example_ids, valid, first_position, misnumbered) -> tuple[dict, dict]:
     # numpy, not torch: a torch op would let go of the GIL and wait to take it back from the model
-    if packed is not None and _host(packed, None).any():
-        rows = [example_ids[i] for i in _host(packed, None).nonzero()[0].tolist()]
-        raise PackedSequences(
-            f"examples {rows}: positions restart inside a batch row (packed documents), so positions would "
-            "repeat within one example; run one document per batch row (pad instead of packing)"
-        )
+    if misnumbered is not None and _host(misnumbered, None).any():
+        raise MisnumberedPositions.of([example_ids[i] for i in _host(misnumbered, None).nonzero()[0].tolist()])
     first = {} if first_position is None else dict(zip(example_ids, first_position.tolist()))
     return dict(zip(example_ids, valid.tolist())), first
 

@@ -201,13 +201,15 @@ def model_forward_locals() -> str | None:
 def generation_frames() -> str | None:
     from transformers.generation import utils
 
-    for method in ("_sample", "_beam_search", "_assisted_decoding"):
+    for method in ("_sample", "_beam_search", "_assisted_decoding", "_prefill"):
         fn = getattr(utils.GenerationMixin, method, None)
         if fn is None:
             return f"no GenerationMixin.{method}"
-    local = utils.GenerationMixin._sample.__code__.co_varnames
-    if "model_kwargs" not in local or "unfinished_sequences" not in local:
-        return f"GenerationMixin._sample locals {local}"
+    code = utils.GenerationMixin._sample.__code__
+    if "model_kwargs" not in code.co_varnames or "unfinished_sequences" not in code.co_varnames:
+        return f"GenerationMixin._sample locals {code.co_varnames}"
+    if "_prefill" not in code.co_names:  # its first forwards feed the caller's tokens (frames)
+        return "GenerationMixin._sample does not call self._prefill"
     return None
 
 

@@ -25,8 +25,8 @@ Where the capture code relies on each fact (the module that reads it):
     model_forward_locals           frames.model_forward, frames.cache_of (frame locals self,
                                    input_ids, position_ids, cache (5.25) or past_key_values (5.17))
     generation_frames              frames.refuse_unrecordable_generation (_beam_search, _sample,
-                                   _assisted_decoding in generation/utils.py, locals model_kwargs,
-                                   unfinished_sequences)
+                                   _assisted_decoding, _prefill in generation/utils.py, locals
+                                   model_kwargs, unfinished_sequences)
     attention_module_attributes    capture/session: module.layer_idx, module.config,
                                    module.sliding_window, rope.uses_rope (module.use_rope)
     (torch, not transformers: forward hooks on the decoder stack, frames.decoder_stack, which
@@ -142,7 +142,7 @@ FACTS: tuple[Fact, ...] = (
     Fact(
         "generation_frames",
         "GenerationMixin._sample/_beam_search/_assisted_decoding exist; _sample has locals "
-        "model_kwargs and unfinished_sequences",
+        "model_kwargs and unfinished_sequences and runs its first forwards in _prefill",
         generation_frames,
     ),
     Fact(

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from qk_attn.capture.frames import cache_of
-from qk_attn.errors import CaptureError
+from qk_attn.errors import CaptureError, MisnumberedPositions
 
 DECIDE_AT_ONCE = 1 << 21  # (layer, kind, token) decisions made in one go per CPU forward
 DECODE_TOKENS = 8  # forwards of up to this many new tokens take their decisions from a DecisionWindow
@@ -69,7 +69,11 @@ class ForwardContext:
         self.example_ids: tuple[int, ...] | None = None  # set by the session at the first recorded call
         self.sequence = None  # the session's sequence this forward extends
         self.unfinished = None  # generate()'s (B,) unfinished_sequences at this step (device), if any
+        self.decode_step = False  # a step of generate()'s decoding loop (not its prefill)
         self.alive = None  # (B,) rows still generating when this forward's tokens were produced (device)
+        # (B,) the position after each row's last recorded token in the sequence's previous forwards
+        # (-1: none yet), or None for a new sequence: the forward must continue there.
+        self.continues_from = None
         self._calls: dict[int, tuple] = {}  # layer -> weak refs to the query and key it was called with
         self._tokens: dict = {}  # (device, length) -> (position_ids it was built from, TextTokens)
         self._decisions: tuple | None = None  # see `decisions`
@@ -195,11 +199,42 @@ class ForwardContext:
         return keep
 
     def _text_tokens(self, position_ids, device) -> TextTokens:
+        """The tokens on `device`, their rows' positions checked (`misnumbered_rows`): on the host at
+        once, on a device by the sink with the rows; and where the sequence's next forward continues."""
+        expected = self.continues_from
+        unknown = -1 if expected is None else expected  # where a row has no tokens here
         if builds_on_host(device):
-            return self._host_tokens(position_ids)
-        return self._device_tokens(position_ids, device)
+            if isinstance(expected, torch.Tensor):  # made on a device (a forward split over devices)
+                expected = unknown = expected.cpu().numpy()
+            tokens = self._host_tokens(position_ids, expected)
+            if tokens.misnumbered.any():
+                self._refuse_misnumbered(tokens, expected)
+            count, first = tokens.valid_count.numpy(), tokens.first_position.numpy()
+            after = np.where(count > 0, first + count, unknown)
+        else:
+            if expected is not None:
+                expected = unknown = torch.as_tensor(expected).to(device, non_blocking=True)
+            tokens = self._device_tokens(position_ids, device, expected)
+            after = torch.where(tokens.valid_count > 0, tokens.first_position + tokens.valid_count, unknown)
+        if self.sequence is not None:
+            self.sequence.next_position = after
+        return tokens
 
-    def _host_tokens(self, position_ids) -> TextTokens:
+    def _refuse_misnumbered(self, tokens: TextTokens, expected) -> None:
+        """Raise MisnumberedPositions for host tokens, saying what the first such row holds."""
+        rows = tokens.misnumbered.nonzero()[:, 0].tolist()
+        row, example = rows[0], self.example_ids[rows[0]]
+        positions = tokens.positions[row][tokens.valid[row]].tolist()
+        if expected is not None and 0 <= expected[row] != positions[0]:
+            seen = (
+                f"example {example} goes on at position {positions[0]} after its previous token at {expected[row] - 1}"
+            )
+        else:
+            i = next(i for i, p in enumerate(positions) if p != positions[0] + i)
+            seen = f"example {example} goes from position {positions[i - 1]} to {positions[i]}"
+        raise MisnumberedPositions.of([self.example_ids[i] for i in rows], seen)
+
+    def _host_tokens(self, position_ids, expected=None) -> TextTokens:
         """`_device_tokens` on the CPU, in numpy where it can: a decode step's (B, T) tensors are tiny, a
         numpy op on them costs less than a torch op, and the decisions that follow are numpy too. The
         same values and dtypes (tests/capture/test_forward_context.py)."""
@@ -220,9 +255,9 @@ class ForwardContext:
         token_ids = None
         if ids is not None and ids.shape == (batch, num_new):
             token_ids = ids.to(device=cpu, dtype=torch.float32)[:, None, :, None]
-        return host_text_tokens(positions, valid, token_ids)
+        return host_text_tokens(positions, valid, token_ids, expected)
 
-    def _device_tokens(self, position_ids, device) -> TextTokens:
+    def _device_tokens(self, position_ids, device, expected=None) -> TextTokens:
         batch, num_new = self.batch_size, self.num_new
         # Validity: the 2-D mask's last T columns are the new tokens.
         if self.attention_mask is None:
@@ -238,10 +273,6 @@ class ForwardContext:
         else:
             positions = position_ids[0] if position_ids.dim() == 3 else position_ids
         positions = positions.to(device=device, dtype=torch.int64).expand(batch, num_new)
-        # Packed documents: positions go back between two real tokens of a row. Checked on the
-        # host with the rows, so no sync here.
-        both = valid[:, 1:] & valid[:, :-1]
-        packed = ((positions[:, 1:] <= positions[:, :-1]) & both).any(1)
         # Token ids shaped like attention states (B, 1, T, 1) so that the same selection gathers
         # them; float32 is exact for vocabulary ids (far below 2**24).
         ids = self.input_ids
@@ -249,7 +280,10 @@ class ForwardContext:
         if ids is not None and ids.shape == (batch, num_new):
             token_ids = ids.to(device=device, dtype=torch.float32)[:, None, :, None]
         first = positions.masked_fill(~valid, torch.iinfo(torch.int64).max).amin(1)
-        return TextTokens(positions, valid, valid.sum(1), first, packed, token_ids)
+        valid_count = valid.sum(1)
+        # Checked on the host with the rows, so no sync here.
+        misnumbered = misnumbered_rows(positions, valid, valid_count, first, expected)
+        return TextTokens(positions, valid, valid_count, first, misnumbered, token_ids)
 
 
 UNDECIDED = (None, None, None)
@@ -268,7 +302,9 @@ class HostMirror:
     is None and calls launch the kernel as usual: exact either way, and the host never waits."""
 
     def __init__(self, tokens: TextTokens) -> None:
-        both = torch.cat((tokens.positions, tokens.valid), 1)  # (B, 2T) int64: one copy
+        both = torch.cat(
+            (tokens.positions, tokens.valid, tokens.misnumbered[:, None]), 1
+        )  # (B, 2T + 1) int64: one copy
         self._host = torch.empty(both.shape, dtype=both.dtype, pin_memory=both.is_cuda)
         self._host.copy_(both, non_blocking=True)
         self._event = None
@@ -284,8 +320,9 @@ class HostMirror:
         """The host's TextTokens (no token ids: empty calls have no rows), or None while the copy runs."""
         if self._tokens is None and self.ready():
             num_new = self._host.shape[1] // 2
-            valid = self._host[:, num_new:].numpy().astype(bool)
-            self._tokens = host_text_tokens(self._host[:, :num_new], valid, None)
+            valid = self._host[:, num_new:-1].numpy().astype(bool)
+            tokens = host_text_tokens(self._host[:, :num_new], valid, None, None)
+            self._tokens = tokens._replace(misnumbered=self._host[:, -1].bool())  # the device's check
         return self._tokens
 
 
@@ -318,25 +355,35 @@ class TextTokens(NamedTuple):
     valid: torch.Tensor  # (B, T) bool, False for padding
     valid_count: torch.Tensor  # (B,) int64
     first_position: torch.Tensor  # (B,) int64, smallest real position (int64 max for an all-pad row)
-    packed: torch.Tensor  # (B,) bool, the row's positions restart
+    misnumbered: torch.Tensor  # (B,) bool, the row's positions do not count up by one (`misnumbered_rows`)
     token_ids: torch.Tensor | None  # (B, 1, T, 1) float32, None when the model got embeddings
 
     def suffix(self, length: int) -> TextTokens:
-        """The last `length` tokens; `valid_count`, `first_position` and `packed` stay the forward's."""
+        """The last `length` tokens; `valid_count`, `first_position` and `misnumbered` stay the forward's."""
         token_ids = None if self.token_ids is None else self.token_ids[:, :, -length:]
         return self._replace(positions=self.positions[:, -length:], valid=self.valid[:, -length:], token_ids=token_ids)
 
 
-def host_text_tokens(positions: torch.Tensor, valid: np.ndarray, token_ids) -> TextTokens:
-    """TextTokens from (B, T) int64 host positions and bool validity: the per-row columns in numpy."""
+def host_text_tokens(positions: torch.Tensor, valid: np.ndarray, token_ids, expected) -> TextTokens:
+    """TextTokens from (B, T) int64 host positions and bool validity: the per-row columns in numpy
+    (`expected`: as `misnumbered_rows` takes it)."""
     host = positions.numpy()
-    if host.shape[1] == 1:  # one token per row cannot restart its positions
-        packed = np.zeros(host.shape[0], dtype=bool)
-    else:
-        packed = ((host[:, 1:] <= host[:, :-1]) & valid[:, 1:] & valid[:, :-1]).any(1)
     first = host.min(1, initial=_INT64_MAX, where=valid)  # an all-padding row: int64 max
     valid_count = valid.sum(1, dtype=np.int64)
-    return TextTokens(positions, *map(torch.from_numpy, (valid, valid_count, first, packed)), token_ids)
+    misnumbered = misnumbered_rows(host, valid, valid_count, first, expected)
+    return TextTokens(positions, *map(torch.from_numpy, (valid, valid_count, first, misnumbered)), token_ids)
+
+
+def misnumbered_rows(positions, valid, valid_count, first, expected):
+    """(B,) bool, numpy or torch alike: rows whose real tokens are not at positions first, first + 1,
+    ... in token order (packed documents restart, repeats, gaps), or that do not start at `expected`
+    ((B,) the position after the row's earlier tokens, -1 where it has none; None: a new sequence).
+    Rows are keyed by position, and an example's positions are [first_position, + valid_length)."""
+    counted = first[:, None] + valid.cumsum(1) - 1  # the k-th real token of a row at first + k
+    misnumbered = ((positions != counted) & valid).any(1)
+    if expected is not None:
+        misnumbered = misnumbered | ((valid_count > 0) & (expected >= 0) & (first != expected))
+    return misnumbered
 
 
 def host_int(value) -> int:

@@ -106,18 +106,23 @@ def refuse_unrecordable_generation(max_depth: int = 40):
     a batch row's earlier keys belong to another beam's history. Without a cache every step
     re-runs the whole sequence, which would record it again as a new example per token.
 
-    Returns generate()'s (B,) `unfinished_sequences` of this step (a device tensor) or None."""
+    Returns generate()'s (B,) `unfinished_sequences` of this step (a device tensor) or None, and
+    whether this forward is a step of its decoding loop rather than of its prefill (`_prefill`,
+    which feeds only the caller's tokens, also when it continues an earlier generate()'s cache)."""
     frame = sys._getframe(1)
+    prefill = False
     for _ in range(max_depth):
         if frame is None:
-            return None
+            return None, False
         name = frame.f_code.co_name
+        in_generation = frame.f_code.co_filename.endswith(GENERATION_FILE)
+        prefill = prefill or (name == "_prefill" and in_generation)
         if name == "_beam_search":
             raise CaptureError(
                 "qk_sniff: beam search reorders the cache between steps, so rows could not be "
                 "attributed to one sequence; record with num_beams=1 (greedy or sampling)"
             )
-        if name in ("_sample", "_assisted_decoding") and frame.f_code.co_filename.endswith(GENERATION_FILE):
+        if name in ("_sample", "_assisted_decoding") and in_generation:
             model_kwargs = frame.f_locals.get("model_kwargs")
             if isinstance(model_kwargs, dict) and model_kwargs.get("use_cache") is False:
                 raise CaptureError(
@@ -125,6 +130,8 @@ def refuse_unrecordable_generation(max_depth: int = 40):
                     "which would record it once per new token; generate with use_cache=True"
                 )
             unfinished = frame.f_locals.get("unfinished_sequences")
-            return unfinished if isinstance(unfinished, torch.Tensor) and unfinished.dim() == 1 else None
+            if not (isinstance(unfinished, torch.Tensor) and unfinished.dim() == 1):
+                return None, False
+            return unfinished, not prefill
         frame = frame.f_back
-    return None
+    return None, False

@@ -128,6 +128,14 @@ class Session(SequenceTracker):
         if not forward.first_call(layer, query, key):
             return  # the same query and key again (DiffLlama): recorded once
         model = self._model(module, query, key)
+        shape = model.plan.shape
+        if query.shape[1] != shape.num_heads or key.shape[1] != shape.num_kv_heads:
+            raise CaptureError(
+                f"qk_sniff: layer {layer} has {query.shape[1]} query and {key.shape[1]} key/value heads where the "
+                f"model's first layer had {shape.num_heads} and {shape.num_kv_heads}: models whose layers differ in "
+                "head counts (MiMo-V2's sliding layers, Gemma 4's global key/value heads) are not supported yet, "
+                "since one head plan serves every layer; nothing of this forward is recorded"
+            )
         self._start_sequence(forward)
         sliding_window = kwargs.get("sliding_window", facts.sliding_window)
         if layer in model.plan.excluded_layers or (self.config.full_attention_only and sliding_window is not None):
@@ -273,12 +281,12 @@ class Session(SequenceTracker):
             every_head = len(heads) == states.shape[1] and tuple(heads) == tuple(range(len(heads)))
             vectors = gather_selected(states, selection, offset, None if every_head else head_ids, out_dtype)
             columns = (selection.count, selection.row, selection.position, selection.bucket, vectors, token_id)
-        shared = (tokens.valid_count, None if cross and kind == "k" else tokens.first_position, tokens.packed)
+        shared = (tokens.valid_count, None if cross and kind == "k" else tokens.first_position, tokens.misnumbered)
         if buffer is not None:  # in buffer mode every column is part of the staged bytes
             columns = tuple(map(buffer.copy_in, columns))
             shared = tuple(map(buffer.hold, shared))
         count, row, position, bucket, vectors, token_id = columns
-        valid, first_position, packed = shared
+        valid, first_position, misnumbered = shared
         batch = CaptureBatch(
             layer=layer,
             kind=kind,
@@ -294,7 +302,7 @@ class Session(SequenceTracker):
             valid=valid,  # the forward's, also for a suffix of its queries
             token_id=token_id,
             first_position=first_position,
-            packed=packed,
+            misnumbered=misnumbered,
         )
         return batch, staged
 

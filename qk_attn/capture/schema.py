@@ -85,3 +85,13 @@ def arrow_schema(
         if token_str:
             fields.append(("token_str", pa.dictionary(pa.int32(), pa.string())))
     return pa.schema(fields)
+
+
+def concat_rows(tables: list[pa.Table]) -> pa.Table:
+    """Row tables as one. Where layers differ in head size (Gemma 4's global layers), `vector` becomes
+    list<float32> (each row keeps its own length) instead of a fixed-size list that fits none."""
+    if len({table.schema.field("vector").type for table in tables}) > 1:
+        column = tables[0].schema.get_field_index("vector")
+        vector = pa.list_(tables[0].schema.field("vector").type.value_type)
+        tables = [table.set_column(column, "vector", table["vector"].cast(vector)) for table in tables]
+    return pa.concat_tables(tables)

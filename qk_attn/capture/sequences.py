@@ -78,7 +78,7 @@ class SequenceTracker:
         self._end_forward()  # the previous forward is over: back-pressure belongs here, not in a layer
         caller = model_forward(batch_size, q_length)
         try:
-            unfinished = refuse_unrecordable_generation()
+            generation = refuse_unrecordable_generation()
         except CaptureError:
             self._discard(None, "was refused", config, caller.cache)
             raise
@@ -88,7 +88,7 @@ class SequenceTracker:
             config, batch_size, q_length, past, mask, caller.input_ids, caller.position_ids, caller.cache
         )
         forward.offset_check = check
-        forward.unfinished = unfinished
+        forward.unfinished, forward.decode_step = generation
         if caller.images and caller.position_ids is not None and caller.position_ids.dim() == 3:
             self._discard(None, "was refused", config, caller.cache)
             raise CaptureError(
@@ -280,8 +280,10 @@ class SequenceTracker:
                 )
         if sequence is None:
             sequence = self._sequences[key] = _Sequence(ids, forward.cache)
-        else:  # rows of a batched generate() that had finished before this step's tokens
-            forward.alive = sequence.unfinished
+        else:
+            forward.continues_from = sequence.next_position
+            if forward.decode_step:  # rows of a batched generate() that had finished before this step's tokens
+                forward.alive = sequence.unfinished
         sequence.unfinished = forward.unfinished
         sequence.end = forward.past + forward.num_new
         sequence.checked = self._commits
@@ -302,6 +304,7 @@ class _Sequence:
         self.cache = weakref.ref(cache) if cache is not None else (lambda: None)
         self.end = 0  # cache position after the last recorded forward
         self.unfinished = None  # generate()'s unfinished rows after the last step (device), if any
+        self.next_position = None  # (B,) the position after each row's last token (-1: none yet)
         self.cross_done: set[int] = set()  # cross-attention layers whose vision keys are recorded
         self.decisions = None  # the sampler's decisions for its next decode steps (forward.DecisionWindow)
         self.checked = -1  # the tracker's commit count when its ids were last checked against the committed ones

@@ -12,7 +12,9 @@ import logging
 import numpy as np
 import pyarrow as pa
 
-from qk_attn.capture.batch import CaptureBatch, HostRows
+from qk_attn.capture.batch import CaptureBatch, HostReader, HostRows
+from qk_attn.capture.schema import concat_rows
+from qk_attn.capture.staging import EmptyCall
 
 logger = logging.getLogger(__name__)
 
@@ -110,13 +112,15 @@ def as_sink(sink) -> Sink:
 
 
 def warn_not_from_zero(example_id: int, first_position: int, warned: set) -> None:
-    """Once per sink (`warned` is its memo): a document whose first token is not at position 0 (a
-    left-padded batch run without position_ids rotates it by its index in the padded row)."""
+    """Once per sink (`warned` is its memo): a document whose first recorded token is not at position 0:
+    its cache was filled before the session (or before `begin`), or a left-padded batch ran without
+    position_ids (which rotates a row by its padding)."""
     if 0 < first_position < np.iinfo(np.int64).max and not warned:
         warned.add(example_id)
         logger.warning(
-            "qk-attn: example %d starts at position %d, not 0: `position` is what RoPE used, and this batch was "
-            "left-padded without position_ids; pass position_ids (as generate() and qk-sniff run do) to start at 0",
+            "qk-attn: example %d starts at position %d, not 0: `position` is what RoPE used; either its cache was "
+            "filled before the session (or before begin()), or a left-padded batch ran without position_ids "
+            "(pass them, as generate() and qk-sniff run do, to start at 0)",
             example_id,
             first_position,
         )
@@ -146,14 +150,19 @@ class MemorySink(Sink):
 
     def put_forward(self, staging) -> None:
         self._pending += staging.checks
-        self._pending += [call for call in staging.calls if isinstance(call, CaptureBatch)]
+        self._pending += staging.calls  # empty calls too: their forward's positions are checked
         if staging.device.type == "cpu":
             self._read()
 
     def _read(self) -> None:
         """The pending batches as host rows (the device is read here, not while capturing)."""
         pending, self._pending = self._pending, []
+        reader = HostReader()
         for item in pending:
+            if isinstance(item, EmptyCall):
+                tokens = item.tokens
+                reader.per_row(item.example_ids, tokens.valid_count, None, tokens.misnumbered)
+                continue
             if not isinstance(item, CaptureBatch):
                 item.verify()
                 continue
@@ -179,4 +188,4 @@ class MemorySink(Sink):
         """Every captured row of every head, in the dataset schema (vectors as float32; `token_id`
         null where a row has none, e.g. vision keys)."""
         tables = [rows.table(i, token_ids=True) for rows in self.rows for i in range(len(rows.heads))]
-        return pa.concat_tables(tables) if tables else None
+        return concat_rows(tables) if tables else None

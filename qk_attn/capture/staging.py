@@ -49,7 +49,7 @@ def forward_bytes(plan, capacity: int, batch_size: int, head_dim: int, itemsize:
 
 
 def shared_bytes(batch_size: int) -> int:
-    """Bytes of one forward's per-row columns (valid counts, first positions, packed flags)."""
+    """Bytes of one forward's per-row columns (valid counts, first positions, misnumbered flags)."""
     return 2 * aligned(8 * batch_size) + aligned(batch_size)
 
 

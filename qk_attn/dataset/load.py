@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from qk_attn.capture.schema import concat_rows
 from qk_attn.dataset.reader import check_shard
 from qk_attn.errors import CorruptShard
 from qk_attn.storage.examples import examples_table
@@ -70,7 +71,7 @@ def load(
 
     `None` matches every layer / head / kind: `load(out, layer=3, kind="k")` is every key
     head of layer 3. Columns as qk_attn.capture.schema.arrow_schema; `vector` is
-    fixed_size_list<float32|float16>[head_dim].
+    fixed_size_list<float32|float16>[head_dim], or list<...> when the folders differ in head size.
     `tokens=True` adds a `token` string column: each row's `token_id` decoded with `tokenizer`
     (a tokenizer, or its name or path), by default the one the manifest records.
     """
@@ -89,9 +90,8 @@ def load(
         )
     if tokens and columns is not None and "token_id" not in columns:
         columns = [*columns, "token_id"]
-    table = pa.concat_tables(
-        _read(root, manifest, key, name, columns) for key in keys for name in manifest["shards"][key]
-    )
+    tables = [_read(root, manifest, key, name, columns) for key in keys for name in manifest["shards"][key]]
+    table = concat_rows(tables) if columns is None or "vector" in columns else pa.concat_tables(tables)
     return with_token_strings(table, manifest, tokenizer) if tokens else table
 
 

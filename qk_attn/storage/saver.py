@@ -144,7 +144,7 @@ class SaverThread(Committer):
                 if per_row is None:
                     tokens = call.tokens
                     first = None if image_keys else tokens.first_position
-                    per_row = reader.per_row(call.example_ids, tokens.valid_count, first, tokens.packed)
+                    per_row = reader.per_row(call.example_ids, tokens.valid_count, first, tokens.misnumbered)
                     empty[(id(tokens), image_keys)] = per_row
                 valid, first = per_row
             # The reader returns the same dicts for the same columns: one group per forward, mostly.

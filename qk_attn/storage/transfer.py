@@ -171,8 +171,8 @@ class Transfer:
                 layout.append(("first_position", torch.int64, (batch_size,), batch.first_position))
             if batch.token_id is not None:
                 layout.append(("token_id", batch.token_id.dtype, (n,), batch.token_id[start : start + n]))
-            if batch.packed is not None:
-                layout.append(("packed", torch.bool, (batch_size,), batch.packed))
+            if batch.misnumbered is not None:
+                layout.append(("misnumbered", torch.bool, (batch_size,), batch.misnumbered))
             sizes = [aligned(math.prod(shape) * dt.itemsize) for _, dt, shape, _ in layout]
             region = pool.acquire(sum(sizes), check, wait=wait)
             if region is None:

@@ -14,7 +14,7 @@ from transformers import DynamicCache, StaticCache
 
 import qk_attn
 from qk_attn import cli
-from qk_attn.errors import CaptureError, PackedSequences
+from qk_attn.errors import CaptureError
 from support.models import COMMON, VOCAB, build, cache_kw, padded_batch
 from support.oracle import GroundTruth, all_heads, captured_and_truth, expected_rows, rows_by_key
 
@@ -116,15 +116,6 @@ def test_rolled_back_cache_is_refused_not_duplicated():
             model(input_ids=ids[:, :6], **cache_kw(cache))
             cache.crop(-2)  # assisted decoding rejects candidates like this
             model(input_ids=ids[:, 4:5], **cache_kw(cache))
-
-
-def test_packed_rows_are_refused():
-    model = build("llama3", "qk_sniff")
-    ids = _tokens(16)
-    positions = torch.cat([torch.arange(8), torch.arange(8)])[None]  # two documents in one row
-    with pytest.raises(PackedSequences, match="positions restart"):
-        with qk_attn.session(sampler="all"):
-            model(input_ids=ids, position_ids=positions, use_cache=False)
 
 
 def test_training_and_checkpoint_recompute_are_not_recorded(caplog):
@@ -520,6 +511,7 @@ def test_layers_that_do_not_pass_position_ids_get_the_forwards_positions():
     assert per_layer[cross] == want and all(rows == want for rows in per_layer.values())
 
 
+@pytest.mark.parametrize("expected", ["none", "continues", "unknown", "skips"])
 @pytest.mark.parametrize(
     "mask, alive, position_ids, ids",
     [
@@ -535,16 +527,21 @@ def test_layers_that_do_not_pass_position_ids_get_the_forwards_positions():
         (torch.ones(2, 5, dtype=torch.bool), None, torch.tensor([[0, 1, 2, 3, 4]]).expand(2, 5), None),
     ],
 )
-def test_host_tokens_equal_the_torch_path(mask, alive, position_ids, ids):
-    """On the CPU a forward's tokens are made in numpy: the same values, dtypes and shapes as in torch."""
+def test_host_tokens_equal_the_torch_path(mask, alive, position_ids, ids, expected):
+    """On the CPU a forward's tokens are made in numpy: the same values, dtypes and shapes as in torch,
+    the check of their positions against where the sequence's earlier forwards ended included."""
     from qk_attn.capture.forward import ForwardContext
 
     batch = 1 if mask is None else mask.shape[0]
     num_new = 1 if position_ids is None else position_ids.shape[-1]
     forward = ForwardContext(None, batch, num_new, 3, mask, ids, position_ids)
     forward.alive = alive
-    host = forward._host_tokens(position_ids)
-    reference = forward._device_tokens(position_ids, torch.device("cpu"))
+    first = forward._device_tokens(position_ids, torch.device("cpu")).first_position
+    after = {"none": None, "continues": first, "unknown": torch.full_like(first, -1), "skips": first + 1}[expected]
+    host = forward._host_tokens(position_ids, None if after is None else after.numpy())
+    reference = forward._device_tokens(position_ids, torch.device("cpu"), after)
+    if expected == "skips":  # every row with a real token starts one before where it should
+        assert reference.misnumbered.tolist() == (reference.valid_count > 0).tolist()
     for name, got, want in zip(reference._fields, host, reference):
         if want is None:
             assert got is None, name

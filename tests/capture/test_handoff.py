@@ -128,7 +128,9 @@ def test_every_decoded_row_arrives(tmp_path, monkeypatch):
 def test_a_static_cache_offset_the_host_derived_is_checked_with_the_rows(tmp_path, output):
     """Decode steps over a static cache take their offset from the sequence (no device read per
     forward); a cache reset behind the session's back makes that offset wrong, and the rows of that
-    forward are refused loudly, in memory and in Parquet, never recorded at the wrong slot."""
+    forward are refused loudly, in memory and in Parquet, never recorded at the wrong slot. The steps
+    give their position_ids, so that the positions go on as the sequence's would (without them the
+    reset cache's positions restart, which the forward itself refuses: test_positions.py)."""
     from transformers import StaticCache
 
     from qk_attn.errors import CaptureError, SaverError
@@ -141,9 +143,9 @@ def test_a_static_cache_offset_the_host_derived_is_checked_with_the_rows(tmp_pat
         with torch.inference_mode(), qk_attn.session(sampler="all", **settings) as s:
             model(input_ids=ids[:, :5], **cache_kw(cache))
             for t in range(5, 7):  # derived offsets 5 and 6: both right
-                model(input_ids=ids[:, t : t + 1], **cache_kw(cache))
+                model(input_ids=ids[:, t : t + 1], position_ids=torch.tensor([[t]]), **cache_kw(cache))
             cache.reset()  # not told to the session
-            model(input_ids=ids[:, 7:8], **cache_kw(cache))
+            model(input_ids=ids[:, 7:8], position_ids=torch.tensor([[7]]), **cache_kw(cache))
             s.flush()
     if output:
         assert read_manifest(tmp_path / "out")["examples"] == {}  # nothing of the refused sequence

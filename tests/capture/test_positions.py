@@ -1,0 +1,147 @@
+"""An example's positions count up by one, from forward to forward: rows are keyed by position and an
+example holds [first_position, first_position + valid_length). Whatever breaks that (packed documents,
+gaps, right padding in generate(), a row continued past the padding after its EOS) is refused in
+the forward, with nothing of those examples recorded, and the next document is recorded as usual."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache, StoppingCriteriaList
+
+import qk_attn
+from qk_attn.dataset.verify import verify_dataset
+from qk_attn.errors import MisnumberedPositions, SaverError
+from support.models import VOCAB, StopRow, build, cache_kw, padded_batch
+from support.oracle import rows_by_key
+from support.run import all_rows, assert_same_rows
+
+torch.set_grad_enabled(False)
+
+
+def _ids(length: int, batch: int = 1, seed: int = 3) -> torch.Tensor:
+    return torch.randint(2, VOCAB - 2, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("into", ["memory", "parquet"])
+@pytest.mark.parametrize(
+    "positions, seen",
+    [
+        (torch.cat([torch.arange(8), torch.arange(8)]), "from position 7 to 0"),  # two documents in one row
+        (torch.cat([torch.arange(8), torch.arange(10, 18)]), "from position 7 to 10"),  # a gap
+        (torch.cat([torch.arange(8), torch.arange(7, 15)]), "from position 7 to 7"),  # a repeat
+        (torch.cat([torch.arange(1, 16), torch.tensor([0])]), "from position 15 to 0"),  # out of order
+    ],
+)
+def test_positions_that_do_not_count_up_by_one_in_a_forward_are_refused_there(tmp_path, into, positions, seen):
+    model = build("llama3", "qk_sniff")
+    out = tmp_path / "out"
+    with qk_attn.session(sampler="all", **({"output": out} if into == "parquet" else {})) as s:
+        with pytest.raises(MisnumberedPositions, match=rf"examples \[0\]: .*\(example 0 goes {seen}\)"):
+            model(input_ids=_ids(16), position_ids=positions[None], use_cache=False)
+        model(input_ids=_ids(5, seed=4), use_cache=False)  # the next document: recorded
+        s.commit()
+        if into == "memory":
+            assert set(s.table()["example_id"].to_pylist()) == {1}
+    if into == "parquet":
+        assert qk_attn.load_examples(out)["example_id"].to_pylist() == [1]
+        assert verify_dataset(out, log=lambda *_: None) == []
+
+
+def test_a_decode_step_that_does_not_continue_its_prompt_is_refused():
+    """A left-padded prompt given position_ids, then decode steps given none: transformers uses the
+    cache positions, which count the padding, so the short row would skip positions."""
+    model = build("llama3", "qk_sniff")
+    batch = padded_batch("left", lengths=(7, 4))
+    with qk_attn.session(sampler="all", example_ids=[0, 1]) as s:
+        cache = DynamicCache(config=model.config)
+        model(**batch, **cache_kw(cache))
+        mask = torch.cat([batch["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1)
+        with pytest.raises(
+            MisnumberedPositions,
+            match=r"examples \[1\]: .*example 1 goes on at position 7 after its previous token at 3",
+        ):
+            model(input_ids=torch.tensor([[40], [50]]), attention_mask=mask, **cache_kw(cache))
+        assert s.table().num_rows == 0  # the refused sequences are discarded, the prompt's rows with them
+
+
+def test_a_right_padded_generate_is_refused_not_recorded_with_repeats():
+    """generate() on right padding (transformers only warns) feeds the short row's new tokens at
+    positions it already used."""
+    model = build("llama3", "qk_sniff")
+    batch = padded_batch("right", lengths=(7, 4))
+    with qk_attn.session(sampler="all", example_ids=[0, 1]):
+        with pytest.raises(MisnumberedPositions, match=r"examples \[1\]"):
+            model.generate(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                max_new_tokens=3,
+                do_sample=False,
+                pad_token_id=0,
+            )
+
+
+@pytest.mark.parametrize("padding_masked", [True, False])
+def test_a_row_ended_by_its_eos_and_continued_by_a_second_generate(tmp_path, padding_masked):
+    """A batched generate() whose row 0 ends (its EOS) three steps early, then a second generate()
+    over the returned cache with a new turn for both rows. Row 0's cache holds the padding fed after
+    its EOS. With that padding masked, the new turn continues row 0's positions: both generate()s
+    record what one uncached forward over the whole masked sequence records. Unmasked, the new turn
+    would sit after a gap: refused."""
+    model = build("llama3", "qk_sniff")
+    out = tmp_path / "out"
+    prompt = _ids(5, batch=2, seed=6)
+    with qk_attn.session(output=out, sampler="all", example_ids=[0, 1]) as s:
+        first = model.generate(
+            input_ids=prompt,
+            max_new_tokens=6,
+            do_sample=False,
+            pad_token_id=0,
+            stopping_criteria=StoppingCriteriaList([StopRow(0, 8)]),  # row 0 ends with its token at 7
+            return_dict_in_generate=True,
+        )
+        sequences = torch.cat([first.sequences, torch.tensor([[20, 21, 22], [23, 24, 25]])], 1)
+        mask = torch.ones_like(sequences)
+        if padding_masked:
+            mask[0, 8:11] = 0  # the padding generate() fed row 0 after its end
+        second = dict(input_ids=sequences, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        if not padding_masked:
+            with pytest.raises(
+                MisnumberedPositions, match=r"example 0 goes on at position 10 after its previous token at 7"
+            ):
+                model.generate(past_key_values=first.past_key_values, **second)
+            return
+        final = model.generate(past_key_values=first.past_key_values, **second)
+        s.commit()
+    assert (first.sequences[0, 8:] == 0).all() and first.sequences.shape[1] == 11
+    mask = torch.cat([mask, torch.ones(2, final.shape[1] - mask.shape[1], dtype=torch.long)], 1)
+    with qk_attn.session(sampler="all", example_ids=[0, 1]) as once:
+        model(
+            input_ids=final[:, :-1], attention_mask=mask[:, :-1], position_ids=(mask[:, :-1].cumsum(1) - 1).clamp(min=0)
+        )
+    want = {key: vector for key, vector in rows_by_key(once.table()).items()}
+    got = {key[:5]: vector for key, vector in all_rows(out).items()}  # (example, layer, head, kind, position)
+    assert_same_rows(got, want, exact=False)
+    lengths = qk_attn.load_examples(out).select(["example_id", "valid_length"]).to_pydict()
+    assert lengths == {"example_id": [0, 1], "valid_length": [8 + 3 + 3, 14 + 3]}
+    assert verify_dataset(out, log=lambda *_: None) == []
+
+
+@pytest.mark.parametrize("into", ["memory", "parquet"])
+def test_on_a_device_a_misnumbered_step_that_keeps_nothing_is_refused_by_the_sink(tmp_path, monkeypatch, into):
+    """On a GPU positions are checked by the sink with the rows. A decode step that skips positions
+    and of which the sampler keeps nothing has no rows: its empty calls carry the check (through the
+    host copy of its positions, support/device_path.py)."""
+    from qk_attn.capture import forward as forward_module
+
+    monkeypatch.setattr(forward_module, "builds_on_host", lambda device: False)
+    model = build("llama3", "qk_sniff")
+    batch = padded_batch("left", lengths=(7, 4))
+    settings = dict(sampler="log_uniform", min_bucket_size=4, base_rate=1e-9, example_ids=[0, 1])
+    with pytest.raises((MisnumberedPositions, SaverError), match=r"examples \[1\]: the positions RoPE used"):
+        with qk_attn.session(**settings, **({"output": tmp_path / "out"} if into == "parquet" else {})) as s:
+            cache = DynamicCache(config=model.config)
+            model(**batch, **cache_kw(cache))
+            mask = torch.cat([batch["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1)
+            model(input_ids=torch.tensor([[40], [50]]), attention_mask=mask, **cache_kw(cache))
+            s.table() if into == "memory" else s.flush()
