@@ -95,6 +95,13 @@ def module_facts(module) -> ModuleFacts:
 
 def refuse_unsupported(module, facts: ModuleFacts, kwargs: dict) -> None:
     """Forwards whose rows cannot be attributed exactly are refused, with the reason."""
+    num_layers = getattr(module.config, "num_hidden_layers", None)
+    if not isinstance(facts.layer, int) or facts.layer < 0 or (num_layers is not None and facts.layer >= num_layers):
+        raise CaptureError(
+            f"qk_sniff: {type(module).__name__} has layer_idx {facts.layer}, outside the model's {num_layers} "
+            "layers (an attention block shared between layers, as Zamba2's), so its rows could not be keyed "
+            "by layer; not recorded"
+        )
     if facts.encoder_decoder:
         raise CaptureError(
             f"qk_sniff: {type(module).__name__} belongs to an encoder-decoder model; qk-attn records "

@@ -177,8 +177,24 @@ class SequenceTracker:
 
     def _retire(self, forward: ForwardContext) -> None:
         """A forward is over: its rows go to the sink in one hand-off, unless it stopped part-way."""
+        self._refuse_unattended(forward)
         self._discard_if_unfinished(forward)
         self._hand_off(forward)
+
+    def _refuse_unattended(self, forward: ForwardContext) -> None:
+        """A model that builds its mask through qk_sniff but whose layers never call qk_sniff's attention
+        (Bloom, MPT, XGLM: their attention does not go through transformers' attention interface)
+        would run in a session with nothing recorded. Refused once, when its forward is over."""
+        if forward.used or forward.state != "running" or forward.finished is False:
+            return
+        if self._forwards.get(id(forward.config)) is forward:
+            del self._forwards[id(forward.config)]
+        raise CaptureError(
+            f"qk_sniff: a {getattr(forward.config, 'model_type', '')} model built its attention mask through "
+            "qk_sniff but none of its layers called qk_sniff's attention (its attention modules do not go "
+            "through transformers' attention interface), so nothing could be recorded; qk-attn records models "
+            "whose attention calls ALL_ATTENTION_FUNCTIONS"
+        )
 
     def _hand_off(self, forward: ForwardContext) -> None:
         """The forward's staged rows to the sink, once (qk_attn.capture.staging)."""

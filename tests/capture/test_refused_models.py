@@ -1,0 +1,60 @@
+"""Models qk_sniff cannot record are refused in one line, never run with 0 rows recorded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+
+import qk_attn
+from qk_attn.errors import CaptureError
+from support.models import VOCAB, padded_batch
+
+torch.set_grad_enabled(False)
+
+
+@pytest.mark.parametrize("into", ["memory", "parquet"])
+def test_a_model_whose_attention_does_not_use_the_interface_is_refused_not_recorded_empty(tmp_path, into):
+    """Bloom builds its mask with transformers' mask functions (so through qk_sniff's) but computes
+    attention itself: nothing reaches qk_sniff's attention. The session refuses it when the forward
+    is over (here at the commit), instead of committing examples with no rows."""
+    config = tf.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4)
+    model = tf.BloomForCausalLM._from_config(config, attn_implementation="qk_sniff").eval()
+    assert model.config._attn_implementation == "qk_sniff"
+    out = tmp_path / "out"
+    with pytest.raises(CaptureError, match="a bloom model built its attention mask through qk_sniff but none of its"):
+        with qk_attn.session(sampler="all", **({"output": out} if into == "parquet" else {})) as s:
+            model(input_ids=torch.randint(2, VOCAB - 2, (1, 8)))
+            s.commit()
+    if into == "parquet":
+        assert qk_attn.load_examples(out).num_rows == 0
+
+
+def test_an_attention_block_shared_between_layers_is_refused():
+    """Zamba2's shared attention block has layer_idx -1: its rows could not be keyed by layer."""
+    torch.manual_seed(0)
+    config = tf.Zamba2Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        attention_head_dim=16,
+        layers_block_type=["mamba", "hybrid", "mamba", "mamba"],
+        mamba_d_state=8,
+        mamba_headdim=8,
+        mamba_ngroups=1,
+        n_mamba_heads=16,
+        num_mem_blocks=1,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        use_mem_rope=True,
+    )
+    model = tf.Zamba2ForCausalLM(config).eval()
+    model.set_attn_implementation("qk_sniff")
+    batch = padded_batch("left")
+    with qk_attn.session(sampler="all") as s:
+        with pytest.raises(CaptureError, match="has layer_idx -1, outside the model's 4 layers"):
+            model(**batch)
+        assert s.table() is None or s.table().num_rows == 0
