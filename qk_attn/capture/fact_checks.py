@@ -173,6 +173,33 @@ def attention_forward_locals() -> str | None:
     return None
 
 
+ROTATING_CLASSES = {
+    **ATTENTION_CLASSES,
+    "qwen2": "Qwen2Attention",
+    "glm4": "Glm4Attention",
+    "ministral": "MinistralAttention",
+    "mllama": "MllamaTextSelfAttention",
+}
+
+
+def attention_forward_rotation() -> str | None:
+    """Each seed attention forward rotates as rope="pre" can undo (rope_check.rotation, read from its
+    syntax tree): one `q, k = apply_rotary_pos_emb(q, k, cos, sin)` with `cos, sin = position_embeddings`,
+    q and k then changed only by the cache update; SmolLM3's under a test of the module (`self.use_rope`),
+    Ministral 3's query scaled after it by get_llama_4_attn_scale."""
+    from qk_attn.capture.rope_check import rotation
+
+    for family, name in ROTATING_CLASSES.items():
+        verdict = rotation(getattr(_modeling(family), name))
+        if verdict.refusal is not None:
+            return f"{name}.forward {verdict.refusal}"
+    if rotation(_modeling("smollm3").SmolLM3Attention).condition is None:
+        return "SmolLM3Attention.forward rotates under no test of the module (its NoPE layers)"
+    if rotation(_modeling("ministral3").Ministral3Attention).query_scale is None:
+        return "Ministral3Attention.forward scales no query by get_llama_4_attn_scale after RoPE"
+    return None
+
+
 BASE_MODELS = {
     "llama": "LlamaModel",
     "qwen3": "Qwen3Model",

@@ -22,6 +22,8 @@ Where the capture code relies on each fact (the module that reads it):
     eager_forward                  backends.eager_forward
     rotary_helpers                 rope.invert_rope (apply_rotary_pos_emb), rope.query_scale
     attention_forward_locals       attention.applied_rotary (frame locals self, position_embeddings)
+    attention_forward_rotation     rope.uses_rope, rope.pre_rope_rows, rope.invert_rope (rope_check.rotation:
+                                   which rotation a forward applies, read from its syntax tree)
     model_forward_locals           frames.model_forward, frames.cache_of (frame locals self,
                                    input_ids, position_ids, cache (5.25) or past_key_values (5.17))
     generation_frames              frames.refuse_unrecordable_generation (_beam_search, _sample,
@@ -43,6 +45,7 @@ from typing import NamedTuple
 from qk_attn.capture.fact_checks import (
     MASK_KEYWORDS,
     attention_forward_locals,
+    attention_forward_rotation,
     attention_interface_register,
     attention_module_attributes,
     eager_forward,
@@ -132,6 +135,13 @@ FACTS: tuple[Fact, ...] = (
         "attention_forward_locals",
         "attention forward(self, hidden_states, position_embeddings, ...) holds the cos/sin it applied",
         attention_forward_locals,
+    ),
+    Fact(
+        "attention_forward_rotation",
+        "each seed attention forward rotates with one `q, k = apply_rotary_pos_emb(q, k, cos, sin)` (cos, sin = "
+        "position_embeddings; SmolLM3's under `if self.use_rope:`) and changes q, k after it only by the cache "
+        "update (and Ministral 3's get_llama_4_attn_scale)",
+        attention_forward_rotation,
     ),
     Fact(
         "model_forward_locals",

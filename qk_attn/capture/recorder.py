@@ -236,7 +236,7 @@ class Session(SequenceTracker):
         forward streams or the call does not fit (then it goes to the sink by itself)."""
         device = states.device
         batch_size, num_tokens = tokens.positions.shape
-        pre_rope = self.config.rope == "pre" and not cross and uses_rope(module)
+        pre_rope = self.config.rope == "pre" and not cross and uses_rope(module, rotary)
         out_dtype = torch.float32 if pre_rope else _DTYPES[self.config.vector_dtype]
         capacity = batch_size * self.sampler.capacity(num_tokens)
         # A layer on another device than the forward's first (device_map) streams its call: one

@@ -1,34 +1,38 @@
 """Undo RoPE on captured rows with the model's own rotary code (rope="pre"; docs/architecture.md).
 
-No family tables: `apply_rotary_pos_emb` is looked up in the attention module's own Python
-module and cos/sin are the ones the layer's forward applied, so partial, interleaved and
-scaled rotary (GLM, yarn, longrope, llama3, dynamic) come for free. The few documented
-special cases each sit behind one small function below.
+No family tables: `apply_rotary_pos_emb` is the one the attention forward calls and cos/sin are
+the ones the layer's forward applied, so partial, interleaved and scaled rotary (GLM, yarn,
+longrope, llama3, dynamic) come for free. Whether a forward's rotation can be undone at all, and
+whether a layer rotates, is read once per class from the forward's source (`rope_check`): any
+other shape is refused in one line, never inverted wrongly. The few documented special cases
+each sit behind one small function below.
 """
 
 from __future__ import annotations
 
-import sys
-
 import torch
 
 from qk_attn.capture.gather import SelectionSpec, as_states, select_rows
+from qk_attn.capture.rope_check import refusal_message, rotates, rotation
 from qk_attn.errors import CaptureError, ConfigError
 
 
-def uses_rope(module) -> bool:
-    """False for layers that skip rotation (SmolLM3's NoPE layers set `use_rope = 0`)."""
-    return bool(getattr(module, "use_rope", True))
-
-
-def _modeling_module(module):
-    return sys.modules[type(module).__module__]
+def uses_rope(module, rotary) -> bool:
+    """False for layers whose forward applied no RoPE in this call, read from the forward's own test
+    (SmolLM3's `self.use_rope`, Cohere 2's `self.sliding_window is not None`, Falcon's
+    `not self.config.alibi`): their vectors are recorded as they are. `rotary`: the layer's
+    position_embeddings (None when none were found)."""
+    return rotates(module, rotary)
 
 
 def pre_rope_rows(module, spec: SelectionSpec, tokens, rotary, one_head: torch.Tensor, vector_dtype: torch.dtype):
     """rope="pre": one call's selected rows un-rotated with the cos/sin the layer applied. The
     per-token columns (token id, cos/sin) are gathered by the same selection as the vectors, as
-    one-head states (`one_head`: the head-id table (0,) on the states' device)."""
+    one-head states (`one_head`: the head-id table (0,) on the states' device). Refused (CaptureError)
+    where the forward's rotation is not the one `invert_rope` undoes (`rope_check`)."""
+    if rotation(type(module)).refusal is not None:
+        rotated = rotary[0].shape[-1] if _is_cos_sin(rotary) else None
+        raise CaptureError(refusal_message(module, spec.kind, rotated, spec.states.shape[-1]))
     if rotary is None:
         raise ConfigError(
             f"rope='pre': {type(module).__name__} did not expose the cos/sin it applied (no "
@@ -55,31 +59,36 @@ def invert_rope(module, kind: str, vectors: torch.Tensor, positions: torch.Tenso
     layout (partial, interleaved) is assumed here.
     """
     cos, sin = rotary
-    apply = _modeling_module(module).apply_rotary_pos_emb
+    verdict = rotation(type(module))
+    apply = verdict.apply
     rows = vectors[None]  # (1, H, N, D) as apply_rotary_pos_emb expects (B, H, T, D)
     try:
         back = apply(rows, rows, cos, -sin)[0]
-    except RuntimeError as error:  # shapes only: raised before anything runs on the device
+    except (RuntimeError, TypeError, ValueError) as error:  # shapes only: before anything runs on the device
         raise CaptureError(
             f"qk_sniff: rope='pre': {type(module).__name__} rotates {cos.shape[-1]} of the {vectors.shape[-1]} "
-            f"dimensions of each {kind} head outside the layout its apply_rotary_pos_emb handles (multi-head latent "
-            "attention splits heads into rotated and unrotated parts), so it cannot be inverted here; use "
-            "rope='post'"
+            f"dimensions of each {kind} head, which its {apply.__name__} cannot undo on the rows it hands to "
+            f"attention ({type(error).__name__}: {' '.join(str(error).split())[:120]}); use rope='post'"
         ) from error
     ones = torch.ones_like(rows[:, :1])
     scale = apply(apply(ones, ones, cos, sin)[0], ones, cos, -sin)[0]
     out = (back / scale)[0]
-    if kind == "q":
-        out = out / query_scale(module, positions)[:, None]
+    if kind == "q" and verdict.query_scale is not None:
+        out = out / query_scale(module, verdict.query_scale, positions)[:, None]
     return out
 
 
-def query_scale(module, positions: torch.Tensor) -> torch.Tensor:
-    """Ministral 3 multiplies queries by 1 + beta*log(1 + floor(pos/orig_max)) after RoPE; (N,) fp32."""
-    scale_fn = getattr(_modeling_module(module), "get_llama_4_attn_scale", None)
-    params = getattr(module.config, "rope_parameters", None) or {}
-    beta = params.get("llama_4_scaling_beta") if isinstance(params, dict) else None
-    if scale_fn is None or beta is None:
-        return torch.ones(positions.shape, dtype=torch.float32, device=positions.device)
-    scale = scale_fn(positions[None].to(torch.float32), beta, params.get("original_max_position_embeddings"))
+def query_scale(module, scale_fn, positions: torch.Tensor) -> torch.Tensor:
+    """Ministral 3 multiplies queries by 1 + beta*log(1 + floor(pos/orig_max)) after RoPE
+    (`scale_fn`: the forward's get_llama_4_attn_scale); (N,) fp32."""
+    params = module.config.rope_parameters
+    scale = scale_fn(
+        positions[None].to(torch.float32),
+        params.get("llama_4_scaling_beta"),
+        params.get("original_max_position_embeddings"),
+    )
     return scale.reshape(-1)
+
+
+def _is_cos_sin(rotary) -> bool:
+    return isinstance(rotary, tuple | list) and len(rotary) == 2 and all(isinstance(t, torch.Tensor) for t in rotary)
