@@ -56,6 +56,8 @@ class ForwardContext:
         self.attention_mask = attention_mask
         self.key_slots: dict[int, int | None] = {}  # kv_length -> slot of new token 0 (None: ambiguous)
         self.used = False  # an attention call has looked this context up
+        self.recorded = False  # a call got past the layer filters (its rows, maybe none, are taken)
+        self.skipped_sliding = False  # a call was skipped as a sliding-window layer (full_attention_only)
         # "running": its model forward has started; "pending": the mask was built before the forward
         # (generate()'s prepared masks, a multimodal wrapper); the decoder stack's start adopts it.
         self.state = "running"

@@ -138,8 +138,12 @@ class Session(SequenceTracker):
             )
         self._start_sequence(forward)
         sliding_window = kwargs.get("sliding_window", facts.sliding_window)
-        if layer in model.plan.excluded_layers or (self.config.full_attention_only and sliding_window is not None):
+        if layer in model.plan.excluded_layers:
             return
+        if self.config.full_attention_only and sliding_window is not None:
+            forward.skipped_sliding = True
+            return
+        forward.recorded = True
         position_ids = kwargs.get("position_ids")
         everything = forward.tokens(position_ids, query.device)
         text = everything if num_queries == forward.num_new else forward.tokens(position_ids, query.device, num_queries)

@@ -182,19 +182,31 @@ class SequenceTracker:
         self._hand_off(forward)
 
     def _refuse_unattended(self, forward: ForwardContext) -> None:
-        """A model that builds its mask through qk_sniff but whose layers never call qk_sniff's attention
-        (Bloom, MPT, XGLM: their attention does not go through transformers' attention interface)
-        would run in a session with nothing recorded. Refused once, when its forward is over."""
-        if forward.used or forward.state != "running" or forward.finished is False:
+        """A forward over which nothing could be recorded, refused once when it is over, instead of a
+        session that runs with no rows: a model that builds its mask through qk_sniff but whose layers
+        never call qk_sniff's attention (Bloom, MPT, XGLM: their attention does not go through
+        transformers' attention interface), or full_attention_only on a model whose every layer has a
+        sliding window (Mistral, Phi-3, Starcoder2)."""
+        if forward.state != "running" or forward.finished is False:
+            return
+        if not forward.used:
+            why = (
+                f"qk_sniff: a {getattr(forward.config, 'model_type', '')} model built its attention mask through "
+                "qk_sniff but none of its layers called qk_sniff's attention (its attention modules do not go "
+                "through transformers' attention interface), so nothing could be recorded; qk-attn records "
+                "models whose attention calls ALL_ATTENTION_FUNCTIONS"
+            )
+        elif forward.skipped_sliding and not forward.recorded:
+            why = (
+                f"qk_sniff: full_attention_only=True, but every layer of this {getattr(forward.config, 'model_type', '')} "
+                "model that ran has a sliding window, so nothing would be recorded; set full_attention_only=False "
+                "(QK_SNIFF_FULL_ATTENTION_ONLY=0)"
+            )
+        else:
             return
         if self._forwards.get(id(forward.config)) is forward:
             del self._forwards[id(forward.config)]
-        raise CaptureError(
-            f"qk_sniff: a {getattr(forward.config, 'model_type', '')} model built its attention mask through "
-            "qk_sniff but none of its layers called qk_sniff's attention (its attention modules do not go "
-            "through transformers' attention interface), so nothing could be recorded; qk-attn records models "
-            "whose attention calls ALL_ATTENTION_FUNCTIONS"
-        )
+        raise CaptureError(why)
 
     def _hand_off(self, forward: ForwardContext) -> None:
         """The forward's staged rows to the sink, once (qk_attn.capture.staging)."""

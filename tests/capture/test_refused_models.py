@@ -58,3 +58,26 @@ def test_an_attention_block_shared_between_layers_is_refused():
         with pytest.raises(CaptureError, match="has layer_idx -1, outside the model's 4 layers"):
             model(**batch)
         assert s.table() is None or s.table().num_rows == 0
+
+
+def test_full_attention_only_on_a_model_with_no_full_attention_layer_is_refused():
+    """Mistral with a sliding window has it on every layer: full_attention_only would record nothing."""
+    torch.manual_seed(0)
+    config = tf.MistralConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=4,
+        attn_implementation="qk_sniff",
+    )
+    model = tf.MistralForCausalLM(config).eval()
+    with pytest.raises(CaptureError, match="full_attention_only=True, but every layer of this mistral model"):
+        with qk_attn.session(sampler="all", full_attention_only=True) as s:
+            model(**padded_batch("left"))
+            s.commit()
+    with qk_attn.session(sampler="all", full_attention_only=False) as s:  # the way out
+        model(**padded_batch("left"))
+    assert s.table().num_rows > 0
