@@ -129,9 +129,29 @@ def refuse_unrecordable_generation(max_depth: int = 40):
                     "qk_sniff: generate(use_cache=False) re-runs the whole sequence at every step, "
                     "which would record it once per new token; generate with use_cache=True"
                 )
+            if name == "_sample":
+                _refuse_assistant(frame, max_depth)
             unfinished = frame.f_locals.get("unfinished_sequences")
             if not (isinstance(unfinished, torch.Tensor) and unfinished.dim() == 1):
                 return None, False
             return unfinished, not prefill
         frame = frame.f_back
     return None, False
+
+
+def _refuse_assistant(sample, max_depth: int) -> None:
+    """A `_sample` run by assisted decoding's assistant model (its draft tokens, most of them thrown
+    away and its cache cropped): refused, since only the main model's forwards are a document."""
+    model, frame = sample.f_locals.get("self"), sample.f_back
+    for _ in range(max_depth):
+        if frame is None:
+            return
+        if frame.f_code.co_name == "_assisted_decoding" and frame.f_code.co_filename.endswith(GENERATION_FILE):
+            if frame.f_locals.get("self") is not model:
+                raise CaptureError(
+                    "qk_sniff: this forward is assisted decoding's assistant model, loaded with qk_sniff (its "
+                    "draft tokens are mostly thrown away); load the assistant with attn_implementation='sdpa': "
+                    "only the main model is recorded"
+                )
+            return
+        frame = frame.f_back

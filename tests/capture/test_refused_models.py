@@ -81,3 +81,16 @@ def test_full_attention_only_on_a_model_with_no_full_attention_layer_is_refused(
     with qk_attn.session(sampler="all", full_attention_only=False) as s:  # the way out
         model(**padded_batch("left"))
     assert s.table().num_rows > 0
+
+
+def test_an_assistant_model_loaded_with_qk_sniff_is_refused():
+    """Assisted decoding's assistant drafts tokens that are mostly thrown away: its forwards are no
+    document, and its first forward would take the ids given for the main model's rows."""
+    from support.models import build
+
+    main, assistant = build("llama3", "qk_sniff"), build("llama3", "qk_sniff", seed=7)
+    with qk_attn.session(sampler="all", example_ids=[1]):
+        with pytest.raises(CaptureError, match="assisted decoding's assistant model, loaded with qk_sniff"):
+            main.generate(
+                input_ids=torch.arange(5, 13)[None], max_new_tokens=4, do_sample=False, assistant_model=assistant
+            )
