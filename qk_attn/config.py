@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import numbers
 import os
 import sys
 from dataclasses import dataclass
@@ -48,16 +50,29 @@ def command_line_process() -> bool:
     return any(a == "-m" and b == "qk_attn.cli" for a, b in zip(argv, argv[1:]))
 
 
-def parse_index_list(name: str, value: Any) -> tuple[int, ...] | None:
-    """`"0,3,10-12"` (or a list of ints) -> (0, 3, 10, 11, 12); None/"" means all."""
+def parse_index_list(name: str, value: Any, allow_empty: bool = True) -> tuple[int, ...] | None:
+    """`"0,3,10-12"` (or a list of ints) -> (0, 3, 10, 11, 12); None/"" means all.
+
+    Items are ints or strings of ints and ranges; a bool, a float or a mapping is refused, never
+    truncated (`[0.9]` is not layer 0). An empty list is refused unless `allow_empty` (for
+    `layers` and `heads` it would select nothing, so "all" must be said by omitting the setting).
+    """
     if value is None or value == "" or value == "all":
         return None
-    if isinstance(value, int) and not isinstance(value, bool):
+    expected = 'comma-separated non-negative integers or ranges, e.g. "0,3,10-12"'
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         value = [value]
+    if isinstance(value, str):
+        parts: list[Any] = value.split(",")
+    elif isinstance(value, (list, tuple, range, set, frozenset)):
+        parts = list(value)
+    else:
+        raise _fail(name, value, expected)
     items: list[int] = []
-    parts = value.split(",") if isinstance(value, str) else list(value)
     try:
         for part in parts:
+            if isinstance(part, bool) or not isinstance(part, (numbers.Integral, str)):
+                raise TypeError
             if isinstance(part, str) and "-" in part.strip()[1:]:
                 lo, hi = part.split("-", 1)
                 lo_i, hi_i = int(lo), int(hi)
@@ -67,10 +82,21 @@ def parse_index_list(name: str, value: Any) -> tuple[int, ...] | None:
             else:
                 items.append(int(part))
     except (TypeError, ValueError):
-        raise _fail(name, value, 'comma-separated non-negative integers or ranges, e.g. "0,3,10-12"') from None
+        raise _fail(name, value, expected) from None
     if any(i < 0 for i in items):
         raise _fail(name, value, "non-negative integers")
+    if not items and not allow_empty:
+        raise _fail(name, value, _EMPTY_HINTS.get(name, "at least one index (omit the setting for all)"))
     return tuple(sorted(set(items)))
+
+
+_EMPTY_HINTS = {
+    "layers": "at least one layer; omit the setting (null) to record every layer",
+    "heads": (
+        "at least one query head; omit it to record every query head, or record keys only "
+        "(capture='k', QK_SNIFF_CAPTURE=k; in a run configuration capture.capture_queries: false)"
+    ),
+}
 
 
 def _parse_bool(name: str, value: Any) -> bool:
@@ -93,15 +119,35 @@ def _parse_choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
     return text
 
 
-def _parse_number(name: str, value: Any, kind: type, minimum: float, strict: bool = False) -> Any:
+def _host_memory_mib() -> int | None:
+    """This host's physical memory in MiB, None where the system does not say."""
     try:
-        number = kind(value)
-        if kind is int and isinstance(value, float) and value != number:
-            raise ValueError
+        return (os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")) >> 20
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _parse_number(name: str, value: Any, kind: type, minimum: float, strict: bool = False) -> Any:
+    """An int (an int or a string of one: never a bool or a float, which would be truncated) or a
+    finite real number (never a bool, NaN or infinity), at least `minimum` (above it if `strict`)."""
+    what = f"{'an integer' if kind is int else 'a finite number'} {'>' if strict else '>='} {minimum:g}"
+    try:
+        if isinstance(value, bool):  # True would pass as 1
+            raise TypeError
+        if kind is int:
+            if not isinstance(value, (numbers.Integral, str)):
+                raise TypeError  # 1.5 or 2.0: a float is not silently truncated
+            number = int(value)
+        else:
+            if not isinstance(value, (numbers.Real, str)):
+                raise TypeError
+            number = float(value)
+            if not math.isfinite(number):
+                raise ValueError
     except (TypeError, ValueError):
-        raise _fail(name, value, f"a{'n integer' if kind is int else ' number'}") from None
+        raise _fail(name, value, what) from None
     if number < minimum or (strict and number == minimum):
-        raise _fail(name, value, f"a number {'>' if strict else '>='} {minimum}")
+        raise _fail(name, value, what)
     return number
 
 
@@ -128,6 +174,8 @@ class SniffConfig:
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        if not (self.output is None or isinstance(self.output, (str, os.PathLike))):
+            raise _fail("output", self.output, "a folder path")
         set_("output", None if self.output in (None, "") else os.fspath(self.output))
         set_("sampler", _parse_choice("sampler", self.sampler, SAMPLERS))
         raw_bucket = self.min_bucket_size
@@ -139,8 +187,8 @@ class SniffConfig:
         set_("seed", _parse_number("seed", raw_seed, int, 0))
         if self.seed >= 2**32:
             raise _fail("seed", raw_seed, "an integer in [0, 2**32)")
-        set_("layers", parse_index_list("layers", self.layers))
-        set_("heads", parse_index_list("heads", self.heads))
+        set_("layers", parse_index_list("layers", self.layers, allow_empty=False))
+        set_("heads", parse_index_list("heads", self.heads, allow_empty=False))
         set_("key_heads", parse_index_list("key_heads", self.key_heads))
         if self.head_sample_count not in (None, ""):
             set_("head_sample_count", _parse_number("head_sample_count", self.head_sample_count, int, 1))
@@ -152,7 +200,17 @@ class SniffConfig:
         set_("full_attention_only", _parse_bool("full_attention_only", self.full_attention_only))
         set_("backend", _parse_choice("backend", self.backend, BACKENDS))
         set_("vector_dtype", _parse_choice("vector_dtype", self.vector_dtype, VECTOR_DTYPES))
-        set_("pinned_mb", _parse_number("pinned_mb", self.pinned_mb, int, 1))
+        raw_pinned = self.pinned_mb
+        set_("pinned_mb", _parse_number("pinned_mb", raw_pinned, int, 1))
+        # The pool is allocated whole when a capture starts: a size beyond this host's memory would
+        # fail there (an allocator error inside the session) instead of here with the setting's name.
+        memory = _host_memory_mib()
+        if memory and self.pinned_mb > memory:
+            raise _fail(
+                "pinned_mb",
+                raw_pinned,
+                f"an integer from 1 to {memory} (MiB of pinned host memory; this host has {memory:,} MiB of memory)",
+            )
 
     @property
     def kinds(self) -> tuple[str, ...]:

@@ -133,3 +133,67 @@ def test_replace_and_session_reject_unknown_settings_with_the_closest_name():
     with pytest.raises(TypeError, match=r"^unknown setting 'min_bucket' \(did you mean min_bucket_size\?\)"):
         with qk_attn.session(min_bucket=64):
             pass
+
+
+@pytest.mark.parametrize("value", [[], (), set()])
+def test_an_empty_head_or_layer_list_is_refused_not_read_as_all(value):
+    """`heads=[]` used to record every query head (`heads or range(...)`), `layers=[]` nothing."""
+    import qk_attn
+
+    with pytest.raises(ValueError, match=r"^heads=.* is invalid: expected at least one query head; omit it"):
+        SniffConfig(heads=value)
+    with pytest.raises(ValueError, match=r"^heads=.* is invalid: expected at least one query head"):
+        with qk_attn.session(heads=value):
+            pass
+    with pytest.raises(ValueError, match=r"^layers=.* is invalid: expected at least one layer"):
+        SniffConfig(layers=value)
+    # unset (or empty, the shell's way of unsetting) means every head, as omitting the keyword does
+    assert SniffConfig.from_env({"QK_SNIFF_HEADS": ""}).heads is None
+    assert SniffConfig(key_heads=value).key_heads == ()  # an explicit "no key heads" stays allowed
+
+
+@pytest.mark.parametrize(
+    "setting, value, allowed",
+    [
+        ("layers", [0.9], "comma-separated"),
+        ("layers", {1: "x"}, "comma-separated"),
+        ("layers", [True], "comma-separated"),
+        ("layers", 1.5, "comma-separated"),
+        ("heads", True, "comma-separated"),
+        ("seed", True, "an integer >= 0"),
+        ("seed", 1.0, "an integer >= 0"),
+        ("min_bucket_size", True, "an integer >= 1"),
+        ("min_bucket_size", 128.0, "an integer >= 1"),
+        ("head_sample_count", 2.5, "an integer >= 1"),
+        ("pinned_mb", True, "an integer >= 1"),
+        ("base_rate", True, "a finite number > 0"),
+        ("base_rate", float("nan"), "a finite number > 0"),
+        ("base_rate", float("inf"), "a finite number > 0"),
+        ("base_rate", "nan", "a finite number > 0"),
+        ("output", 5, "a folder path"),
+    ],
+)
+def test_wrong_types_and_non_finite_numbers_are_refused_not_coerced(setting, value, allowed):
+    with pytest.raises(ValueError) as error:
+        SniffConfig(**{setting: value})
+    assert str(error.value).startswith(f"{setting}={value!r} is invalid: expected ") and allowed in str(error.value)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN"])
+def test_a_non_finite_base_rate_from_the_environment_names_the_variable(value):
+    with pytest.raises(ValueError, match=rf"^QK_SNIFF_BASE_RATE='{value}' is invalid: expected a finite number > 0$"):
+        SniffConfig.from_env({"QK_SNIFF_BASE_RATE": value})
+
+
+def test_pinned_mb_beyond_this_hosts_memory_is_refused_when_read():
+    with pytest.raises(ValueError, match=r"^QK_SNIFF_PINNED_MB='100000000' is invalid: expected an integer from 1 to"):
+        SniffConfig.from_env({"QK_SNIFF_PINNED_MB": "100000000"})
+    assert SniffConfig(pinned_mb=1024).pinned_mb == 1024
+
+
+def test_index_lists_take_ints_and_strings_only():
+    assert parse_index_list("layers", ["1-2", 0]) == (0, 1, 2)
+    assert parse_index_list("layers", 3) == (3,)
+    for bad in ([0.9], [False], {1: "x"}, 1.5, True, [[0]]):
+        with pytest.raises(ValueError, match="comma-separated"):
+            parse_index_list("layers", bad)

@@ -73,7 +73,9 @@ class HeadPlan:
                 plan.excluded_layers[layer] = "not in layers filter"
             elif config.full_attention_only and shape.is_sliding(layer):
                 plan.excluded_layers[layer] = "sliding-window layer (full_attention_only)"
-        query_heads = config.heads or range(shape.num_heads)
+        # None is every head; an empty tuple never reaches here (SniffConfig refuses it), and must
+        # never mean "all".
+        query_heads = range(shape.num_heads) if config.heads is None else config.heads
         active = [layer for layer in range(shape.num_layers) if layer not in plan.excluded_layers]
         pairs = [(layer, h) for layer in active for h in query_heads]
         if config.head_sample_count is not None and config.head_sample_count < len(pairs):

@@ -29,7 +29,10 @@ def load_model_config(config: RunConfig, name: str):
     `rope_parameters: {rope_type: yarn, factor: 4}` keeps the model's rope_theta)."""
     from transformers import AutoConfig
 
+    from qk_attn.run.preflight import check_device, check_overrides_build
+
     cfg = config.model
+    check_device(cfg.device)  # first of the model's checks: cheap, and --dry-run makes it
     local = cfg.name.startswith(("/", "./", "../", "~")) or os.path.isabs(cfg.name)
     if local and not Path(os.path.expanduser(cfg.name)).exists():
         raise ConfigError(f"model.name={cfg.name!r} does not exist: no such folder (a Hub id looks like org/name)")
@@ -51,7 +54,16 @@ def load_model_config(config: RunConfig, name: str):
                 "(check the spelling against the model's config.json)"
             )
         values[key] = _merge(values.get(key), value)
-    return type(model_config).from_dict(values)
+    where = f"model.config_overrides={cfg.config_overrides!r}"
+    try:
+        overridden = type(model_config).from_dict(values)
+    except Exception as error:  # noqa: BLE001 - the config class's own validation (e.g. heads vs hidden size)
+        raise ConfigError(
+            f"{where}: {type(model_config).__name__} refuses them ({type(error).__name__}: {one_line(error)})"
+        ) from None
+    folder = name if Path(os.path.expanduser(name)).is_dir() else None
+    check_overrides_build(model_config, overridden, cfg.config_overrides, cfg.trust_remote_code, repr(cfg.name), folder)
+    return overridden
 
 
 def default_device(cfg) -> str:
@@ -89,7 +101,16 @@ def load_model(config: RunConfig, name: str, model_config=None):
     }
     if cfg.device_map is not None:
         kwargs["device_map"] = cfg.device_map
-    model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except (RuntimeError, ValueError) as error:
+        if not cfg.config_overrides:
+            raise
+        # e.g. vocab_size: the weights' shapes no longer fit the config (known only once they load)
+        raise ConfigError(
+            f"model.config_overrides={cfg.config_overrides!r}: the weights of {cfg.name!r} do not fit the "
+            f"overridden config ({type(error).__name__}: {one_line(error)})"
+        ) from error
     if cfg.device_map is None:
         model.to(default_device(cfg))
     return model.eval()
@@ -106,10 +127,12 @@ def backbone(model):
 def load_tokenizer(config: RunConfig, name: str):
     from transformers import AutoTokenizer
 
+    from qk_attn.run.documents import missing_local_path
     from qk_attn.run.preflight import check_hub
 
     key = "tokenizer.name" if config.tokenizer.name else "model.name"
     if not Path(os.path.expanduser(name)).exists():
+        missing_local_path(f"{key}={config.tokenizer_name!r}", name, "tokenizer")
         check_hub(f"{key}={config.tokenizer_name!r}", "tokenizer")
     try:
         tokenizer = AutoTokenizer.from_pretrained(

@@ -58,6 +58,90 @@ def check_decoder(model_config, where: str, kind: str) -> None:
         )
 
 
+def check_device(device: str | None) -> None:
+    """`model.device` names a torch device this machine has (torch would fail only when the weights
+    are moved: a RuntimeError for a bad name, an AssertionError for CUDA on a CPU-only torch)."""
+    if device is None:
+        return
+    import torch
+
+    expected = "cpu, cuda, cuda:N or mps, or omit it (cuda when available, else cpu)"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise ConfigError(
+            f"model.device={device!r} is invalid: not a torch device ({one_line(str(error))}); expected {expected}"
+        ) from None
+    if parsed.type == "cpu":
+        return
+    backend = torch.backends.mps if parsed.type == "mps" else getattr(torch, parsed.type, None)
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        raise ConfigError(
+            f"model.device={device!r} is invalid: this machine (torch {torch.__version__}) has no {parsed.type} "
+            f"device; expected {expected}"
+        )
+    count = getattr(backend, "device_count", None)
+    if parsed.index is not None and count is not None and parsed.index >= count():
+        n = count()
+        raise ConfigError(
+            f"model.device={device!r} is invalid: this machine has {n} {parsed.type} device(s) ({_span(n)}); "
+            f"expected {expected}"
+        )
+
+
+def check_overrides_build(
+    original, overridden, overrides: dict, trust_remote_code: bool, where: str, folder: str | None = None
+) -> None:
+    """The model can be built from its config with `model.config_overrides` merged in: built on
+    the meta device (no memory, no weights), so an override the model's code cannot take
+    (`head_dim: 0`) is refused before the weights load; and, for a local folder of safetensors
+    files, its weights still fit (`vocab_size: 5` changes the embedding's shape). Where the config
+    without overrides cannot be built that way or does not fit the files itself, nothing is said
+    here: loading the weights will tell."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    def build(model_config):
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
+
+    label = f"model.config_overrides={overrides!r}"
+    try:
+        model = build(overridden)
+    except Exception as error:  # noqa: BLE001 - whatever the model's code raises for these values
+        try:
+            build(original)
+        except Exception:  # noqa: BLE001 - this model is not built on the meta device at all
+            return
+        raise ConfigError(
+            f"{label}: {where} cannot be built with them ({type(error).__name__}: {one_line(str(error))})"
+        ) from None
+    files = sorted(Path(os.path.expanduser(folder)).glob("*.safetensors")) if folder else []
+    if not files:
+        return
+    mismatched = _mismatched_shapes(model, files)
+    if mismatched and not _mismatched_shapes(build(original), files):
+        shown = "; ".join(mismatched[:2]) + (f"; and {len(mismatched) - 2} more" if len(mismatched) > 2 else "")
+        raise ConfigError(f"{label}: the weights of {where} do not fit them: {shown}")
+
+
+def _mismatched_shapes(model, files: list[Path]) -> list[str]:
+    """Tensors of the safetensors `files` (read from their headers only) whose shape differs from
+    the same-named parameter of `model`."""
+    from safetensors import safe_open
+
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    found = []
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                shape = tuple(f.get_slice(name).get_shape())
+                if name in expected and shape != expected[name]:
+                    found.append(f"{name} is {list(shape)} in {file.name}, {list(expected[name])} with them")
+    return found
+
+
 def _span(n: int) -> str:
     return "0" if n == 1 else f"0-{n - 1}"
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -64,13 +65,13 @@ def validate(where: str, value: Any, kind: str, choices, minimum, nullable) -> A
         return number
     if kind == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"{where}={value!r} is invalid: expected a number")
+            raise ConfigError(f"{where}={value!r} is invalid: expected a finite number")
         try:
             number = float(value)
         except ValueError:
-            raise ConfigError(f"{where}={value!r} is invalid: expected a number") from None
-        if not number > (minimum or 0):
-            raise ConfigError(f"{where}={value!r} is invalid: expected a number > {minimum or 0}")
+            raise ConfigError(f"{where}={value!r} is invalid: expected a finite number") from None
+        if not math.isfinite(number) or not number > (minimum or 0):  # .nan / .inf: not a size
+            raise ConfigError(f"{where}={value!r} is invalid: expected a finite number > {minimum or 0}")
         return number
     if kind == "mapping":
         if not isinstance(value, Mapping):

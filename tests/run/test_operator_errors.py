@@ -682,3 +682,60 @@ def test_an_empty_or_unreadable_parquet_dataset_is_one_line(tiny_model, tmp_path
     )
     assert code == 2 and "notes.parquet is not a readable Parquet file (" in one_line(err)
     assert not (tmp_path / "out").exists()
+
+
+# ---- values that used to pass the checks and fail (or be coerced) later ----------------------
+@pytest.mark.parametrize(
+    "override, says",
+    [
+        ("capture.heads=[]", r"capture\.heads=\[\] is invalid: expected at least one query head; omit it"),
+        ("capture.layers=1.5", r"capture\.layers=1\.5 is invalid: expected comma-separated"),
+        ("capture.layers=[0.9]", r"capture\.layers=\[0\.9\] is invalid"),
+        ("capture.sampler={type: all, seed: true}", r"capture\.sampler\.seed=True is invalid: expected an integer"),
+        ("capture.base_rate=.nan", r"capture\.base_rate=nan is invalid: expected a finite number > 0$"),
+        ("capture.base_rate=.inf", r"capture\.base_rate=inf is invalid: expected a finite number > 0$"),
+        ("model.device=foo", r"model\.device='foo' is invalid: not a torch device .*expected cpu, cuda, cuda:N or mps"),
+        ("model.device=meta", r"model\.device='meta' is invalid: this machine .* has no meta device"),
+        ("model.device=cuda:99", r"model\.device='cuda:99' is invalid: this machine .*(has no cuda|cuda device\(s\))"),
+        ("inference.pinned_mb=100000000", r"inference\.pinned_mb=100000000 is invalid: expected an integer from 1 to"),
+        (
+            "model.config_overrides={num_attention_heads: 3}",
+            r"model\.config_overrides=\{'num_attention_heads': 3\}: LlamaConfig refuses them \(.*hidden size",
+        ),
+        (
+            "model.config_overrides={head_dim: 0}",
+            r"model\.config_overrides=\{'head_dim': 0\}: .* cannot be built with them \(ZeroDivisionError",
+        ),
+        (
+            "model.config_overrides={vocab_size: 5}",
+            r"model\.config_overrides=\{'vocab_size': 5\}: the weights of .* do not fit them: .* is \[\d+, 32\] in "
+            r"model\.safetensors, \[5, 32\] with them",
+        ),
+    ],
+)
+def test_bad_values_are_one_line_in_a_dry_run(tiny_model, docs, tmp_path, capsys, no_weights, override, says):
+    out = tmp_path / "out"
+    config = write_config(tmp_path, tiny_model, docs[0], out)
+    code, _, err = run_cli(capsys, "--config", config, "--dry-run", "--set", override)
+    assert code == 2, err
+    line = one_line(err)
+    assert re.search(says, line), line
+    assert "--debug" not in line and not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_cuda_device_on_a_cpu_only_machine_is_one_line(tiny_model, docs, tmp_path, capsys, no_weights):
+    config = write_config(tmp_path, tiny_model, docs[0], tmp_path / "out", model={"device": "cuda"})
+    code, _, err = run_cli(capsys, "--config", config, "--dry-run")
+    assert code == 2
+    assert "model.device='cuda' is invalid: this machine (torch " in one_line(err) and "has no cuda device" in err
+
+
+def test_config_overrides_that_fit_still_run(tiny_model, docs, tmp_path, capsys):
+    """The meta-device build and the weight-shape check refuse nothing a model takes."""
+    out = tmp_path / "out"
+    config = write_config(tmp_path, tiny_model, docs[0], out, model={"config_overrides": {"rms_norm_eps": 1e-5}})
+    code, printed, err = run_cli(capsys, "--config", config, "--set", "dataset.max_samples=1")
+    assert code == 0, err
+    strict = json.loads((out / "qk_sniff.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert strict["sampler"]["base_rate"] == 1.0

@@ -110,12 +110,12 @@ def test_capture_values_are_checked_when_read_and_name_the_yaml_key(monkeypatch)
         ({"head_sampling": {"count": 0}}, r"^capture\.head_sampling\.count=0 is invalid"),
         (
             {"sampler": {"type": "uniform", "base_rate": -1}},
-            r"^capture\.sampler\.base_rate=-1 is invalid: expected a number > 0",
+            r"^capture\.sampler\.base_rate=-1 is invalid: expected a finite number > 0",
         ),
         ({"base_rate": 0}, r"^capture\.base_rate=0 is invalid"),
         ({"vector_dtype": "bf16"}, r"^capture\.vector_dtype='bf16' is invalid: expected float32 \| float16"),
-        ({"max_gb": 0}, r"^capture\.max_gb=0 is invalid: expected a number > 0"),
-        ({"max_gb": "lots"}, r"^capture\.max_gb='lots' is invalid: expected a number"),
+        ({"max_gb": 0}, r"^capture\.max_gb=0 is invalid: expected a finite number > 0"),
+        ({"max_gb": "lots"}, r"^capture\.max_gb='lots' is invalid: expected a finite number"),
     ]
     for capture, pattern in cases:
         with pytest.raises(ConfigError, match=pattern) as error:
@@ -124,6 +124,47 @@ def test_capture_values_are_checked_when_read_and_name_the_yaml_key(monkeypatch)
     with pytest.raises(ConfigError, match=r"^inference\.backend='flex' is invalid"):
         config(inference={"backend": "flex"})
     assert config(capture={"max_gb": 2.5}).capture.max_gb == 2.5
+
+
+@pytest.mark.parametrize(
+    "overrides, pattern",
+    [
+        # an empty head list would have recorded every head (plan.py read it as "all")
+        (["capture.heads=[]"], r"^capture\.heads=\[\] is invalid: expected at least one query head; omit it"),
+        (["capture.layers=[]"], r"^capture\.layers=\[\] is invalid: expected at least one layer"),
+        # wrong types are refused, never truncated or read as 1
+        (["capture.layers=[0.9]"], r"^capture\.layers=\[0\.9\] is invalid: expected comma-separated"),
+        (["capture.layers={1: x}"], r"^capture\.layers=\{1: 'x'\} is invalid: expected comma-separated"),
+        (["capture.layers=[true]"], r"^capture\.layers=\[True\] is invalid: expected comma-separated"),
+        (["capture.layers=1.5"], r"^capture\.layers=1\.5 is invalid: expected comma-separated"),
+        (["capture.heads=2.0"], r"^capture\.heads=2\.0 is invalid: expected comma-separated"),
+        (
+            ["capture.sampler={type: all, seed: true}"],
+            r"^capture\.sampler\.seed=True is invalid: expected an integer >= 0$",
+        ),
+        (
+            ["capture.sampler={type: all, min_bucket_size: true}"],
+            r"^capture\.sampler\.min_bucket_size=True is invalid: expected an integer >= 1$",
+        ),
+        (["capture.sampler={type: all, seed: 1.0}"], r"^capture\.sampler\.seed=1\.0 is invalid: expected an integer"),
+        (["capture.base_rate=true"], r"^capture\.base_rate=True is invalid: expected a finite number > 0$"),
+        # NaN and infinity are not rates or sizes (inf was written to qk_sniff.json as Infinity)
+        (["capture.base_rate=.nan"], r"^capture\.base_rate=nan is invalid: expected a finite number > 0$"),
+        (["capture.base_rate=.inf"], r"^capture\.base_rate=inf is invalid: expected a finite number > 0$"),
+        (["capture.sampler.base_rate=.inf"], r"^capture\.sampler\.base_rate=inf is invalid: expected a finite number"),
+        (["capture.max_gb=.inf"], r"^capture\.max_gb=inf is invalid: expected a finite number > 0$"),
+        (["capture.max_gb=.nan"], r"^capture\.max_gb=nan is invalid: expected a finite number > 0$"),
+        (
+            ["inference.pinned_mb=100000000"],
+            r"^inference\.pinned_mb=100000000 is invalid: expected an integer from 1 to",
+        ),
+        (["inference.pinned_mb=64.0"], r"^inference\.pinned_mb=64\.0 is invalid: expected an integer"),
+    ],
+)
+def test_set_values_of_the_wrong_type_or_not_finite_are_refused(overrides, pattern):
+    with pytest.raises(ConfigError, match=pattern) as error:
+        RunConfig.load(None, overrides, base=MINIMAL)
+    assert "\n" not in str(error.value)
 
 
 def test_sampler_as_mapping_or_flat_keys():
