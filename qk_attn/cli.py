@@ -36,7 +36,7 @@ from pathlib import Path
 from qk_attn.dataset.inspect import inspect_dataset
 from qk_attn.dataset.repair import repair_dataset
 from qk_attn.dataset.verify import verify_dataset
-from qk_attn.errors import EXIT_STATUS, one_line
+from qk_attn.errors import EXIT_STATUS, ConfigError, one_line
 from qk_attn.run.source import encode_source
 from qk_attn.storage.layout import MANIFEST
 
@@ -49,6 +49,8 @@ def cmd_run(args) -> int:
     from qk_attn.run.summary import format_load_hint, output_files
 
     is_demo = args.config is None
+    if not is_demo:
+        _check_config_file(args.config)
     config = RunConfig.load(args.config, args.set or [], base=DEMO_CONFIG if is_demo else None)
     if is_demo:
         print("qk-sniff: no --config given: running the embedded demo (configs/demo.yaml)", flush=True)
@@ -79,6 +81,27 @@ def cmd_run(args) -> int:
     for line in format_load_hint(config.output.data_root):
         print(line)
     return 0
+
+
+def _check_config_file(path: str) -> None:
+    """What reading `--config` would otherwise word without naming the file: a folder, or bytes
+    that are not UTF-8 (the file, the byte and its offset)."""
+    file = Path(path).expanduser()
+    if file.is_dir():
+        raise ConfigError(
+            f"--config {path!r} is a folder; give the YAML run configuration file (e.g. configs/demo.yaml)"
+        )
+    try:
+        data = file.read_bytes()
+    except OSError:
+        return  # missing or unreadable: RunConfig.load says so
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"--config {path!r}: {path} is not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start}); "
+            f"convert it, e.g. `iconv -f latin1 -t utf-8 {path} > run.utf8.yaml`"
+        ) from None
 
 
 def cmd_merge(args) -> int:

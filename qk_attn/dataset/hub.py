@@ -5,7 +5,8 @@ repo and branch when missing, uploads the committed shards (deleting remote shar
 manifest no longer lists, e.g. after compaction), then the manifest and card — so a reader
 never sees a manifest listing shards that are not there yet. It refuses to push over remote
 examples the local folder lacks (pull first). Any Hub failure is a `HubError` carrying the
-Hub's message.
+Hub's message; a repo id that cannot name a Hub repo (a local path) is a `ConfigError`, a usage
+error, before anything is contacted.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ from pathlib import Path
 
 from huggingface_hub import HfApi
 
-from qk_attn.errors import HubError, StorageError
+from qk_attn.errors import ConfigError, HubError, StorageError
 from qk_attn.storage.card import write_card
 from qk_attn.storage.folder import release_lock, take_lock
 from qk_attn.storage.layout import CARD, CHART, EXAMPLES, MANIFEST
 from qk_attn.storage.manifest import read_manifest, write_json_atomic
-from qk_attn.storage.settings import check_same_capture, public_manifest
+from qk_attn.storage.settings import check_same_capture, is_repo_id, public_manifest
 
 SHARDS = "l*h*/*.parquet"
 REPO_TYPE = "dataset"
@@ -30,6 +31,15 @@ REPO_TYPE = "dataset"
 
 def _where(repo_id: str, revision: str | None) -> str:
     return repo_id + (f"@{revision}" if revision else "")
+
+
+def _check_repo_id(repo_id: str) -> None:
+    """A usage error (exit 2), not a failed transfer: `repo_id` cannot name a Hub repo."""
+    if not isinstance(repo_id, str) or not is_repo_id(repo_id):
+        raise ConfigError(
+            f"repo {repo_id!r} is not a Hub dataset repo id: expected NAME or ORG/NAME (e.g. org/sniffed-qk); "
+            "a local copy is made with cp or rsync, not push or pull"
+        )
 
 
 def _remote_manifest(api: HfApi, repo_id: str, revision: str | None) -> dict | None:
@@ -51,6 +61,7 @@ def push(
     api: HfApi | None = None,
 ) -> str:
     """Upload OUT to the dataset repo `repo_id` (branch `revision`, created when missing); returns its URL."""
+    _check_repo_id(repo_id)
     output = Path(output)
     manifest = read_manifest(output)
     if manifest is None:
@@ -116,6 +127,7 @@ def pull(
     already holds committed examples the remote lacks (they would be orphaned), or a
     capture with different settings.
     """
+    _check_repo_id(repo_id)
     output = Path(output)
     created = not output.exists()
     output.mkdir(parents=True, exist_ok=True)

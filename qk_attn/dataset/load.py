@@ -22,6 +22,7 @@ from qk_attn.errors import CorruptShard
 from qk_attn.storage.examples import examples_table
 from qk_attn.storage.layout import MANIFEST, parse_key
 from qk_attn.storage.manifest import read_manifest
+from qk_attn.storage.settings import is_repo_id
 
 
 def _select(manifest: dict, layer: int | None, head: int | None, kind: str | None) -> list[str]:
@@ -45,6 +46,10 @@ def _open(path_or_repo: str | os.PathLike, revision: str | None, token) -> tuple
         if manifest is None:
             raise FileNotFoundError(f"{local} is not a qk-sniff capture: {MANIFEST} is missing")
         return local, manifest, False
+    if local.exists():
+        raise FileNotFoundError(f"{local} is a file, not a qk-sniff capture folder (or a Hub dataset repo id)")
+    if not is_repo_id(str(path_or_repo)):  # a path, never a repo id: say it is missing, not what the Hub said
+        raise FileNotFoundError(f"{local} does not exist: expected a qk-sniff capture folder or a Hub dataset repo id")
     from qk_attn.dataset.hub import snapshot
 
     root = snapshot(str(path_or_repo), revision=revision, allow_patterns=[MANIFEST], token=token)

@@ -37,7 +37,8 @@ def repair(output: str | Path, log=print) -> dict:
        examples of the others (of the whole shard, when it records none or its footer changed)
        are dropped from the manifest and their rows removed from every other shard (rewritten
        under a new name, row group by row group).
-    4. The row counts, the examples table and the card are written again from what remains.
+    4. The row counts, the examples table and the card are written again from what remains, and
+       the attention calls (`calls`) are reduced by the dropped examples' share (`_scale_calls`).
     Re-running the same capture then recaptures exactly the dropped examples.
     Returns {"restored", "bad": [lines], "dropped": [example ids], "tidied": [lines], "examples_rewritten"}.
     """
@@ -130,9 +131,11 @@ def repair(output: str | Path, log=print) -> dict:
                 }
                 kept.append(new)
             manifest["shards"][key] = sorted(kept)
+        before = len(manifest["examples"])
         for example in dropped:
             manifest["examples"].pop(str(example), None)
             manifest["example_info"].pop(str(example), None)
+        _scale_calls(manifest, before)
         _recount(output, manifest)
         write_examples(output, manifest)
         # The old manifest lists the shards removed next: it is no state to go back to.
@@ -281,6 +284,24 @@ def _older_shard_examples(output: Path, manifest: dict, key: str, name: str, bad
                 ids = pq.read_table(output / other / n, columns=["example_id"]).column("example_id")
                 found |= set(np.unique(ids.to_numpy()).tolist())
     return found or {int(e) for e in manifest["examples"] if e not in manifest.get("example_info", {})}
+
+
+def _scale_calls(manifest: dict, before: int) -> None:
+    """`calls` without the dropped examples' calls: each key's count times the share of the
+    `before` committed examples that remain. The manifest counts calls per key, not per example or
+    segment, so this is exact when the examples made the same number of calls each (`qk-sniff run`:
+    one forward per document at batch size 1, or per batch of equal size), and otherwise the
+    nearest estimate; a key that ran keeps at least one call while examples remain (coverage
+    reads `calls` to tell heads that ran with no row from heads that did not run). A re-run of
+    the dropped examples adds their calls back."""
+    after = len(manifest["examples"])
+    if after == before or not before:
+        return
+    scaled = {}
+    for key, n in manifest.get("calls", {}).items():
+        if after and n:
+            scaled[key] = max(1, (n * after * 2 + before) // (before * 2))  # rounded half up, integers only
+    manifest["calls"] = scaled
 
 
 def _recount(output: Path, manifest: dict) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 from qk_attn.dataset.reader import INDEX_COLUMNS, Dataset, check_integrity
 from qk_attn.errors import ManifestError
-from qk_attn.storage.layout import key_name
+from qk_attn.storage.layout import MANIFEST, PREVIOUS, key_name
 from qk_attn.storage.records import shard_examples
 
 # (manifest, manifest["source"]) -> {example_id: the token ids of its source document}. The run
@@ -62,6 +62,12 @@ def verify_dataset(root: str | Path, log=print, encode_source: EncodeSource | No
 
     from qk_attn.capture.schema import arrow_schema
 
+    root = Path(root)
+    if root.is_dir() and not (root / MANIFEST).exists() and (root / PREVIOUS).is_file():
+        return [  # a capture whose manifest was lost: damage repair mends, not a folder of someone else's
+            f"{root / MANIFEST} is missing, but the previous manifest {PREVIOUS} is there: run `qk-sniff repair "
+            f"{root}` to restore it (examples committed after it are captured again by the next run)"
+        ]
     try:
         data = Dataset.open(root)
     except ManifestError as error:  # altered or unreadable: nothing it lists can be trusted

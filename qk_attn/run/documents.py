@@ -20,7 +20,6 @@ from qk_attn.errors import ConfigError
 from qk_attn.run.sections import DatasetSection
 
 # Local file suffix -> `datasets` packaged builder.
-# Local file suffix -> `datasets` packaged builder.
 LOCAL_BUILDERS = {
     ".jsonl": "json",
     ".json": "json",
@@ -31,7 +30,28 @@ LOCAL_BUILDERS = {
 }
 
 
+COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
+LOCAL_SUFFIXES = tuple(LOCAL_BUILDERS) + tuple(s + c for s in LOCAL_BUILDERS for c in COMPRESSED)
+
+
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def missing_local_path(where: str, value: str, what: str, suffixes: tuple[str, ...] = ()) -> None:
+    """Refuse a `value` that names a local path (it cannot be a Hub id, or ends in one of
+    `suffixes`, e.g. `.jsonl`) which does not exist: one line saying so, instead of treating it
+    as a Hub id. `what`: "dataset" or "tokenizer"."""
+    from qk_attn.storage.settings import is_repo_id
+
+    expanded = os.path.expanduser(value)
+    if os.path.exists(expanded) or (is_repo_id(value) and not value.lower().endswith(suffixes)):
+        return
+    parent = os.path.dirname(os.path.abspath(expanded))
+    where_not = "" if os.path.isdir(parent) else f" (nor does its folder {parent})"
+    raise ConfigError(
+        f"{where}: {expanded} does not exist{where_not}; give an existing local {what} file or folder, "
+        f"or a Hub {what} id (NAME or ORG/NAME)"
+    )
 
 
 def normalize_id(value: Any) -> int:
@@ -67,7 +87,7 @@ def _local_builder(path: str) -> str | None:
     if not (is_glob or os.path.isfile(expanded)):
         return None
     name = expanded.lower()
-    for suffix in (".gz", ".bz2", ".xz", ".zst"):
+    for suffix in COMPRESSED:
         if name.endswith(suffix):
             name = name[: -len(suffix)]
     for suffix, builder in LOCAL_BUILDERS.items():
@@ -91,6 +111,7 @@ def load_rows(cfg: DatasetSection):
     if _local_builder(path) is not None:
         check_local_files(dataclasses.replace(cfg, path=path))
     elif not os.path.isdir(os.path.expanduser(path)):
+        missing_local_path(f"dataset.path={cfg.path!r}", path, "dataset", LOCAL_SUFFIXES)
         check_hub(f"dataset.path={cfg.path!r}", "dataset")
     try:
         return _load_rows(cfg, path)

@@ -1,6 +1,8 @@
 """The manifest record (`qk_sniff.json`): build it, read it, write it atomically with its digest.
 
 Manifest fields written by the sink (besides config, sampler, model, plan, versions):
+    source_files  {"dataset" | "tokenizer": {"files", "bytes", "sha256"}}: fingerprints of the local
+                  files a capture was made from, no paths (qk_attn.storage.settings: the resume check)
     examples      {example_id: valid length}
     example_info  {example_id: {"source_id", "source_index", "first_position", "segment"}}
     shards        {key: [shard names]}
@@ -25,6 +27,7 @@ from pathlib import Path
 
 from qk_attn.errors import ManifestError
 from qk_attn.storage.layout import MANIFEST, PREVIOUS, previous_name
+from qk_attn.storage.settings import source_fingerprints
 
 FORMAT = 1
 
@@ -87,6 +90,7 @@ def new_manifest(config, source: dict | None) -> dict:
         "sampler": config.sampler_dict(),
         "vector_dtype": config.vector_dtype,
         "source": source,
+        "source_files": source_fingerprints(source),  # what tells local sources apart (the paths are not published)
         "versions": versions(),
         "model": None,
         "plan": None,

@@ -4,10 +4,22 @@ the public form of recorded values (no local paths published).
 `setting_differences` gives the differences as data; `check_same_capture` words them for the
 folder's writers, and a caller that checks before opening the folder (qk_attn.run.output_checks)
 words the same differences in its own terms, without reading this module's message.
+
+Local sources. A published manifest names a local dataset or tokenizer by its last part only
+(`public_value`: no absolute local paths on the Hub), and a pulled copy must still resume, so
+the recorded path cannot be what tells two local sources apart: /x/docs.jsonl and /y/docs.jsonl
+are both `docs.jsonl (local)`. A new capture therefore also records a fingerprint of each local
+source's files (`source_fingerprints`, the manifest's `source_files`: names, sizes and the sha256
+of each file's first and last MiB; no paths), and the resume check compares that: the same files
+resume wherever they lie (another folder, another machine), different files are refused. A
+capture recorded before the fingerprint existed is compared by its full recorded path (refusing a
+moved run rather than risking a mix), or by name only where a pull left nothing else.
 """
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +30,15 @@ NOT_IDENTITY = ("output", "backend", "pinned_mb")
 
 
 SOURCE_NOT_IDENTITY = ("batch_size", "padding_side", "max_samples")
+
+# Source keys that may name local files, and the run-configuration key that sets each.
+LOCAL_SOURCES = {"dataset": "dataset.path", "tokenizer": "tokenizer.name"}
+# Files of a tokenizer folder that make the tokenizer (a model folder's weights are not read).
+TOKENIZER_FILE_PARTS = ("tokenizer", "vocab", "merges", "special_tokens", "added_tokens", "spiece", "sentencepiece")
+TOKENIZER_SUFFIXES = (".model", ".tiktoken", ".spm")
+SAMPLE_BYTES = 1 << 20  # read from each end of a file: a multi-GB dataset is fingerprinted in milliseconds
+SAMPLE_BUDGET = 64 << 20  # read in all, so a folder of thousands of files costs no more
+_fingerprints: dict[tuple, dict] = {}  # by (key, files with their sizes and mtimes): output checks, then the sink
 
 
 def identity(config: dict, source: dict | None) -> dict:
@@ -36,6 +57,18 @@ def public_value(value):
     if isinstance(value, list):
         return [public_value(v) for v in value]
     return value
+
+
+def is_repo_id(value: str) -> bool:
+    """Whether `value` can be a Hub repo id (NAME or ORG/NAME); a value that cannot is a local path
+    (absolute, `~`, `./`, several `/`, ...), whether or not it exists."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        return False
+    return True
 
 
 def public_manifest(manifest: dict) -> dict:
@@ -60,12 +93,120 @@ class SettingDifference:
 def setting_differences(manifest: dict, config, source: dict | None) -> list[SettingDifference]:
     """Every identity setting (see `identity`) that differs between `manifest` and a run of
     `config` (a SniffConfig) over `source`, sorted by name; empty when the run may resume.
-    The source is compared only when both sides name one."""
-    old = identity(manifest.get("config", {}), manifest.get("source") if source else None)
-    new = identity(config.to_dict(), source if manifest.get("source") else None)
-    return [
-        SettingDifference(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
-    ]
+    The source is compared only when both sides name one; its local files by their fingerprint
+    (see the module docstring), named by their run-configuration key (`dataset.path`)."""
+    recorded = manifest.get("source")
+    old = identity(manifest.get("config", {}), recorded if source else None)
+    new = identity(config.to_dict(), source if recorded else None)
+    out = {k: SettingDifference(k, old.get(k), new.get(k)) for k in set(old) | set(new) if old.get(k) != new.get(k)}
+    if source and recorded:
+        for key, setting in LOCAL_SOURCES.items():
+            decided, difference = _local_difference(manifest, key, setting, recorded.get(key), source.get(key))
+            if decided:  # replaces the comparison of names
+                out.pop(f"source.{key}", None)
+                if difference is not None:
+                    out[setting] = difference
+    return [out[k] for k in sorted(out)]
+
+
+def source_fingerprints(source: dict | None) -> dict[str, dict]:
+    """{source key: fingerprint} of the sources in `source` that are local files (see
+    `local_fingerprint`); what a new manifest records as `source_files`."""
+    out = {}
+    for key in LOCAL_SOURCES:
+        fingerprint = local_fingerprint((source or {}).get(key), key)
+        if fingerprint is not None:
+            out[key] = fingerprint
+    return out
+
+
+def local_fingerprint(value, key: str = "dataset") -> dict | None:
+    """{"files", "bytes", "sha256"} of the local file, folder or glob `value` names, None when it
+    names none (a Hub id). The sha256 covers each file's name (relative to the folder or glob),
+    size, and first and last SAMPLE_BYTES (fewer when there are many files), in name order: it
+    holds no path, so the same files elsewhere give the same fingerprint. Hidden files are left
+    out; of a tokenizer folder (`key` "tokenizer"), only the tokenizer's own files."""
+    if not isinstance(value, str) or not value:
+        return None
+    path = os.path.expanduser(value)
+    if os.path.isfile(path):
+        files = [(os.path.basename(path), path)]
+    elif os.path.isdir(path):
+        files = _folder_files(path, key)
+    elif any(ch in path for ch in "*?["):
+        base = os.path.dirname(path[: min(path.index(ch) for ch in "*?[" if ch in path)])
+        files = [(os.path.relpath(f, base), f) for f in sorted(glob.glob(path, recursive=True)) if os.path.isfile(f)]
+    else:
+        return None
+    if not files:
+        return None
+    try:
+        stats = tuple((name, os.path.abspath(f), *_size_and_time(f)) for name, f in files)
+        if (key, stats) not in _fingerprints:
+            _fingerprints[(key, stats)] = _fingerprint(files, [s[2] for s in stats])
+    except OSError:  # unreadable here: the checks that read it say why
+        return None
+    return _fingerprints[(key, stats)]
+
+
+def _folder_files(folder: str, key: str) -> list[tuple[str, str]]:
+    files = []
+    for parent, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        files += [(os.path.relpath(os.path.join(parent, n), folder), os.path.join(parent, n)) for n in names]
+    files = sorted(f for f in files if not os.path.basename(f[0]).startswith("."))
+    if key == "tokenizer":
+        own = [
+            f
+            for f in files
+            if any(part in f[0].lower() for part in TOKENIZER_FILE_PARTS) or f[0].lower().endswith(TOKENIZER_SUFFIXES)
+        ]
+        files = own or files
+    return files
+
+
+def _size_and_time(path: str) -> tuple[int, int]:
+    stat = os.stat(path)
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _fingerprint(files: list[tuple[str, str]], sizes: list[int]) -> dict:
+    sample = max(4096, min(SAMPLE_BYTES, SAMPLE_BUDGET // (2 * len(files))))
+    digest = hashlib.sha256()
+    for (name, path), size in zip(files, sizes):
+        digest.update(f"{name}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            digest.update(f.read(sample))
+            if size > sample:
+                f.seek(max(sample, size - sample))
+                digest.update(f.read(sample))
+    return {"files": len(files), "bytes": sum(sizes), "sha256": digest.hexdigest()}
+
+
+def _local_difference(manifest: dict, key: str, setting: str, there, now) -> tuple[bool, SettingDifference | None]:
+    """(decided, the difference or None) for the local source `key`; not decided when `now` names
+    no local file, or when only the name recorded by a pull is known (compared as `public_value`)."""
+    now_fingerprint = local_fingerprint(now, key)
+    if now_fingerprint is None:
+        return False, None
+    recorded = (manifest.get("source_files") or {}).get(key)
+    if recorded is not None:
+        if recorded == now_fingerprint:
+            return True, None  # the same files, wherever they are now
+        return True, SettingDifference(setting, _described(there, recorded), _described(now, now_fingerprint))
+    if isinstance(there, str) and not there.endswith(" (local)"):  # recorded before fingerprints: its full path
+        same = _normal_path(there) == _normal_path(now)
+        return True, None if same else SettingDifference(setting, there, now)
+    return False, None
+
+
+def _normal_path(value: str) -> str:
+    return os.path.normpath(os.path.abspath(os.path.expanduser(value)))
+
+
+def _described(value, fingerprint: dict) -> str:
+    files = f" in {fingerprint['files']} files" if fingerprint["files"] > 1 else ""
+    return f"{value} ({fingerprint['bytes']:,} bytes{files}, fingerprint {fingerprint['sha256'][:12]})"
 
 
 def check_same_capture(output: Path, manifest: dict, config, source: dict | None) -> None:

@@ -224,3 +224,26 @@ def test_pushed_files_hold_no_local_paths_damage_is_never_pushed_and_failures_le
     with pytest.raises(HubError, match="no network"):
         hub.pull("org/qk", tmp_path / "new")
     assert not (tmp_path / "new").exists()  # no folder, no lock left behind
+
+
+def test_a_pulled_copy_resumes_with_the_same_local_files_anywhere_and_refuses_others(tmp_path, fake_hub):
+    """The pushed manifest names local sources by their last part only; their fingerprints (no
+    paths) tell the same files (here in another folder, as on another machine) from others."""
+    made, moved, other = (tmp_path / name for name in ("made", "moved", "other"))
+    for folder, text in ((made, "one"), (moved, "one"), (other, "two")):
+        (folder / "tok").mkdir(parents=True)
+        (folder / "docs.jsonl").write_text(f'{{"text": "{text}"}}\n')
+        (folder / "tok" / "tokenizer.json").write_text("{}")
+        (folder / "tok" / "model.safetensors").write_text(text)  # weights are not the tokenizer's
+    out = tmp_path / "out"
+    sink = open_sink(out, source={"dataset": str(made / "docs.jsonl"), "tokenizer": str(made / "tok")})
+    run_examples(sink, [0, 1])
+    sink.close()
+    hub.push(out, "org/qk")
+    assert all(str(tmp_path).encode() not in data for data in fake_hub.repos["org/qk"]["main"].values())
+    pulled = tmp_path / "pulled"
+    hub.pull("org/qk", pulled)
+    assert read_manifest(pulled)["source_files"] == read_manifest(out)["source_files"]
+    open_sink(pulled, source={"dataset": str(moved / "docs.jsonl"), "tokenizer": str(other / "tok")}).close()
+    with pytest.raises(ValueError, match=r"dataset.path: 'docs.jsonl \(local\) \(16 bytes, fingerprint \w+\)' in "):
+        open_sink(pulled, source={"dataset": str(other / "docs.jsonl"), "tokenizer": str(moved / "tok")})

@@ -132,7 +132,9 @@ def test_repair_then_rerun_recaptures_exactly_the_dropped_examples(dataset, dama
     uninterrupted = capture(clean, EXAMPLES)
     assert sort_rows(folder_table(out)).equals(sort_rows(folder_table(clean)))
     assert sort_rows(folder_table(out)).equals(sort_rows(reference(uninterrupted)))
-    assert read_manifest(out)["examples"] == read_manifest(clean)["examples"]
+    repaired, uninterrupted = read_manifest(out), read_manifest(clean)
+    for field in ("examples", "calls", "row_counts", "buckets"):  # repair took the dropped examples' calls out too
+        assert repaired[field] == uninterrupted[field], field
     assert verify_dataset(out, log=lambda *_: None) == []
 
 
@@ -184,6 +186,17 @@ def test_a_corrupt_manifest_is_one_line_that_never_advises_overwrite(dataset, ca
     clean = tmp_path / "clean"
     capture(clean, EXAMPLES)
     assert sort_rows(folder_table(out)).equals(sort_rows(folder_table(clean)))
+
+
+def test_a_deleted_manifest_with_its_previous_one_is_damage_that_repair_mends(dataset, capsys):
+    """verify of a capture whose qk_sniff.json is gone but whose previous manifest is there reports
+    damage (exit 1) and names `qk-sniff repair`, which restores it."""
+    out, _ = dataset
+    (out / MANIFEST).unlink()
+    code, printed = run_cli(["verify", str(out)], capsys)
+    assert code == 1 and f"run `qk-sniff repair {out}`" in printed and PREVIOUS in printed
+    assert run_cli(["repair", str(out)], capsys)[0] == 0
+    assert run_cli(["verify", str(out)], capsys)[0] == 0
 
 
 def test_a_folder_that_is_not_a_capture_is_refused_and_left_alone(tmp_path):

@@ -91,3 +91,12 @@ def test_datasets_load_dataset_configs(captured, tmp_path, name, equal):
     got = ds.data.table.cast(want.schema)  # datasets' Arrow table; the cast only normalises field names
     assert got.num_rows == want.num_rows
     assert sort_rows(got).equals(sort_rows(want))
+
+
+def test_a_missing_folder_or_a_file_is_named_not_sent_to_the_hub(tmp_path):
+    missing = tmp_path / "missing" / "dir"
+    with pytest.raises(FileNotFoundError, match=f"{missing} does not exist: expected a qk-sniff capture folder"):
+        qk_attn.load(missing)
+    (tmp_path / "file.parquet").write_bytes(b"x")
+    with pytest.raises(FileNotFoundError, match="is a file, not a qk-sniff capture folder"):
+        qk_attn.load(tmp_path / "file.parquet")

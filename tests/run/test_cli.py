@@ -23,6 +23,7 @@ from qk_attn.run.config import RunConfig
 from qk_attn.run.documents import iter_documents, load_rows, normalize_id
 from qk_attn.run.model import load_model_config
 from qk_attn.run.summary import RunSummary
+from qk_attn.storage.manifest import read_manifest
 from support.run import (
     HEADS,
     KV_HEADS,
@@ -224,6 +225,40 @@ def test_cli_config_errors_exit_2(tmp_path, capsys):
     assert "qk_sniff.json is missing" in capsys.readouterr().err
 
 
+def test_a_missing_local_path_or_a_bad_config_file_is_named(tiny_model, docs, tmp_path, capsys):
+    """One line, exit 2, naming what is wrong: a dataset or tokenizer path that does not exist is not
+    a Hub id the Hub failed to answer; a --config folder or a non-UTF-8 config file is named as such."""
+    path, _ = docs
+    config = write_config(tmp_path, tiny_model, path, tmp_path / "out")
+    for missing in (str(tmp_path / "nope.jsonl"), "nope.jsonl", str(tmp_path / "no" / "folder")):
+        assert cli.main(["run", "--config", config, "--dry-run", "--set", f"dataset.path={missing}"]) == 2
+        err = capsys.readouterr().err
+        assert f"dataset.path={missing!r}: " in err and " does not exist" in err and "Hub (" not in err, err
+    missing = str(tmp_path / "no_tokenizer")
+    assert cli.main(["run", "--config", config, "--dry-run", "--set", f"tokenizer.name={missing}"]) == 2
+    err = capsys.readouterr().err
+    assert f"tokenizer.name={missing!r}: " in err and " does not exist" in err and "Hub (" not in err, err
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    assert cli.main(["run", "--config", str(folder)]) == 2
+    assert f"--config {str(folder)!r} is a folder" in capsys.readouterr().err
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("model: {name: caf\xe9}\n".encode("latin-1"))
+    assert cli.main(["run", "--config", str(latin)]) == 2
+    err = capsys.readouterr().err
+    assert f"{latin} is not UTF-8 text (byte 0xe9 at offset 17)" in err and len(err.splitlines()) == 1
+
+
+def test_push_and_pull_to_a_local_path_are_usage_errors(tiny_model, docs, tmp_path, capsys):
+    path, _ = docs
+    out = tmp_path / "out"
+    runner.run(make_config(tiny_model, path, out, dataset={"max_samples": 1}), progress=False)
+    for command in (["push", str(out)], ["pull", str(tmp_path / "pulled")]):
+        assert cli.main([*command, "--repo", str(tmp_path / "copy")]) == 2
+        assert "is not a Hub dataset repo id: expected NAME or ORG/NAME" in capsys.readouterr().err
+    assert not (tmp_path / "pulled").exists() and not (out / ".qk_sniff.lock").exists()
+
+
 def test_push_needs_a_repo(tiny_model, docs, tmp_path):
     path, _ = docs
     with pytest.raises(ConfigError, match="hf_repo_id"):
@@ -283,6 +318,62 @@ def test_resume_skips_committed_examples_and_never_duplicates(tiny_model, docs, 
     assert (done.documents, done.resumed, done.tokens) == (0, 6, 0)
 
 
+def test_resume_refuses_another_local_dataset_or_tokenizer_of_the_same_name(
+    tiny_model, docs, tmp_path, capsys, monkeypatch
+):
+    """The published manifest names a local file by its last part, so /a/docs.jsonl and
+    /b/docs.jsonl must be told apart by their content: another file is refused before the model
+    loads (one line naming dataset.path or tokenizer.name); the same files moved elsewhere resume."""
+    import shutil
+
+    from qk_attn.storage.manifest import write_json_atomic
+
+    path, rows = docs
+    out = tmp_path / "out"
+    config = write_config(tmp_path, tiny_model, path, out, capture=SPARSE)
+    assert cli.main(["run", "--config", config, "--quiet", "--set", "dataset.max_samples=2"]) == 0
+    capsys.readouterr()
+    other = tmp_path / "other" / path.name
+    other.parent.mkdir()
+    other.write_text("".join(json.dumps(dict(r, body=r["body"] + " w1")) + "\n" for r in rows))
+    loaded = []
+    monkeypatch.setattr(runner, "load_model", lambda *a, **k: loaded.append(a) or 1 / 0)
+    for argv in (["--dry-run"], []):
+        assert cli.main(["run", "--config", config, "--quiet", "--set", f"dataset.path={other}", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "holds a capture with different settings (dataset.path: " in err
+        assert f"{path} (" in err and f"{other} (" in err and "fingerprint" in err
+    assert loaded == [] and len(read_manifest(out)["examples"]) == 2
+
+    # A different tokenizer in a folder of the same name.
+    tokenizer = tmp_path / "elsewhere" / tiny_model.name
+    shutil.copytree(tiny_model, tokenizer)
+    settings = json.loads((tokenizer / "tokenizer_config.json").read_text())
+    (tokenizer / "tokenizer_config.json").write_text(
+        json.dumps({**settings, "clean_up_tokenization_spaces": not settings.get("clean_up_tokenization_spaces")})
+    )
+    assert cli.main(["run", "--config", config, "--quiet", "--dry-run", "--set", f"tokenizer.name={tokenizer}"]) == 2
+    assert "(tokenizer.name: " in capsys.readouterr().err and loaded == []
+
+    # The same files somewhere else (another folder, another machine) resume.
+    moved = tmp_path / "moved" / path.name
+    moved.parent.mkdir()
+    shutil.copy(path, moved)
+    monkeypatch.undo()
+    assert cli.main(["run", "--config", config, "--quiet", "--set", f"dataset.path={moved}"]) == 0
+    capsys.readouterr()
+    assert len(read_manifest(out)["examples"]) == 6
+    assert cli.verify_dataset(out, log=lambda *_: None) == []
+
+    # A capture recorded before fingerprints existed is held to its full recorded path.
+    manifest = read_manifest(out)
+    del manifest["source_files"]
+    write_json_atomic(out / "qk_sniff.json", manifest)
+    assert cli.main(["run", "--config", config, "--quiet", "--dry-run", "--set", f"dataset.path={other}"]) == 2
+    assert f"(dataset.path: '{path}' there, '{other}' now)" in capsys.readouterr().err
+    assert cli.main(["run", "--config", config, "--quiet", "--dry-run"]) == 0
+
+
 def test_killed_mid_forward_then_rerun_gives_the_uninterrupted_rows(tiny_model, docs, tmp_path, monkeypatch):
     """An interrupt inside the 4th document's forward (after layer 0 was captured) must not
     commit that document: the re-run redoes it and the rows equal an uninterrupted run."""
@@ -312,6 +403,31 @@ def test_killed_mid_forward_then_rerun_gives_the_uninterrupted_rows(tiny_model, 
     assert (again.resumed, again.documents) == (3, 3)
     assert_same_rows(all_rows(out), all_rows(full))
     assert cli.verify_dataset(out, log=lambda *_: None) == []
+
+
+def test_repair_then_rerun_gives_the_uninterrupted_manifest(tiny_model, docs, tmp_path, capsys):
+    """After repair dropped some examples and the same command captured them again, the rows, the
+    examples table and the manifest's examples, calls and row counts equal an uninterrupted run's."""
+    from support.run import assert_same_datasets
+
+    path, _ = docs
+    full = tmp_path / "full"
+    runner.run(make_config(tiny_model, path, full, capture=SPARSE), progress=False)
+    out = tmp_path / "out"
+    config = write_config(tmp_path, tiny_model, path, out, capture=SPARSE)
+    assert cli.main(["run", "--config", config, "--quiet", "--set", "dataset.max_samples=3"]) == 0
+    assert cli.main(["run", "--config", config, "--quiet"]) == 0
+    manifest = read_manifest(out)
+    key = "l01h01k"
+    name = max(manifest["shards"][key], key=lambda n: manifest["shard_info"][f"{key}/{n}"]["segments"])
+    (out / key / name).unlink()  # the second run's shard: its examples are dropped
+    capsys.readouterr()
+    assert cli.main(["repair", str(out)]) == 0
+    left = len(read_manifest(out)["examples"])
+    assert 0 < left < 6 and "dropped" in capsys.readouterr().out
+    assert cli.main(["run", "--config", config, "--quiet"]) == 0
+    assert_same_datasets(out, full)
+    assert cli.main(["verify", str(out)]) == 0
 
 
 def test_pull_before_capture_push_after(tiny_model, docs, tmp_path, monkeypatch):
