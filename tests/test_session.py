@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers as tf
 from transformers import AttentionInterface, AutoModelForCausalLM
 from transformers.masking_utils import AttentionMaskInterface
 
@@ -12,7 +13,7 @@ from qk_attn.capture.batch import CaptureBatch
 from qk_attn.capture.gather import SelectionSpec, gather_rows
 from qk_attn.errors import CaptureOverflow
 from qk_attn.sampler import Sampler
-from support.models import build, padded_batch
+from support.models import VOCAB, build, padded_batch
 
 torch.set_grad_enabled(False)
 
@@ -86,6 +87,31 @@ def test_full_attention_only_and_sliding_window_column():
         0: "sliding-window layer (full_attention_only)",
         2: "sliding-window layer (full_attention_only)",
     }
+
+
+def test_full_attention_only_skips_chunked_attention_layers():
+    """Llama 4's chunked-attention layers attend within chunks of attention_chunk_size tokens: not full."""
+    torch.manual_seed(0)
+    config = tf.Llama4TextConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        intermediate_size_mlp=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        attention_chunk_size=4,
+        num_local_experts=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        attn_implementation="qk_sniff",
+    )
+    model = tf.Llama4ForCausalLM(config).eval()
+    assert config.layer_types == ["chunked_attention"] * 3 + ["full_attention"]
+    s, table = _capture(model, sampler="all", full_attention_only=True)
+    assert {g[0] for g in _groups(table)} == {3}
+    assert s.plan.excluded_layers == {layer: "chunked-attention layer (full_attention_only)" for layer in range(3)}
 
 
 def test_example_ids_counter_explicit_ids_and_decode_keeps_ids():

@@ -34,8 +34,11 @@ class ModelShape:
             layer_types=tuple(layer_types) if layer_types else None,
         )
 
-    def is_sliding(self, layer: int) -> bool:
-        return bool(self.layer_types) and layer < len(self.layer_types) and "sliding" in self.layer_types[layer]
+    def local_attention(self, layer: int) -> str | None:
+        """What a layer attends over when not the whole sequence, from the config's layer_types: "sliding-window"
+        or "chunked-attention" (Llama 4), else None."""
+        kind = self.layer_types[layer] if self.layer_types and layer < len(self.layer_types) else ""
+        return "sliding-window" if "sliding" in kind else "chunked-attention" if "chunked" in kind else None
 
 
 def check_in_range(config: SniffConfig, shape: ModelShape) -> None:
@@ -71,8 +74,8 @@ class HeadPlan:
         for layer in range(shape.num_layers):
             if config.layers is not None and layer not in config.layers:
                 plan.excluded_layers[layer] = "not in layers filter"
-            elif config.full_attention_only and shape.is_sliding(layer):
-                plan.excluded_layers[layer] = "sliding-window layer (full_attention_only)"
+            elif config.full_attention_only and shape.local_attention(layer):
+                plan.excluded_layers[layer] = f"{shape.local_attention(layer)} layer (full_attention_only)"
         # None is every head; an empty tuple never reaches here (SniffConfig refuses it), and must
         # never mean "all".
         query_heads = range(shape.num_heads) if config.heads is None else config.heads
