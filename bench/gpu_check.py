@@ -896,10 +896,10 @@ def check_decode(qk_attn, device, sizes, workdir: Path, budget: float) -> list[s
 
 def check_host_decisions(qk_attn, model, prompt, workdir: Path) -> str:
     """log_uniform decode steps whose calls the host skips once the step's positions have arrived
-    (qk_attn.capture.forward.HostMirror) commit the same rows as steps that launch every call."""
+    (qk_attn.capture.tokens.HostMirror) commit the same rows as steps that launch every call."""
     import shutil
 
-    from qk_attn.capture.forward import HostMirror
+    from qk_attn.capture.tokens import HostMirror
 
     steps, calls, tables = 4 * PROBE_STEPS, {}, {}
     for way in ("skipping", "launching every call"):

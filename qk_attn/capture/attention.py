@@ -16,7 +16,7 @@ import torch
 
 from qk_attn.capture import active
 from qk_attn.capture.backends import FORWARDS
-from qk_attn.capture.forward import TextTokens
+from qk_attn.capture.tokens import TextTokens
 from qk_attn.errors import CaptureError
 
 

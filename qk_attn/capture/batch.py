@@ -35,7 +35,7 @@ class CaptureBatch:
         first_position (B,)    int64   smallest position among valid new tokens of each batch row
                                        in this call (int64 max when none), or None
         misnumbered (B,) | None bool   the row's positions do not count up by one (refused on the host:
-                                       qk_attn.capture.forward.misnumbered_rows)
+                                       qk_attn.capture.tokens.misnumbered_rows)
     """
 
     layer: int

@@ -18,18 +18,17 @@ instead of guessing from layer order or mask shapes.
 from __future__ import annotations
 
 import weakref
-from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from qk_attn.capture.frames import cache_of
+from qk_attn.capture.tokens import HostMirror, TextTokens, host_text_tokens, misnumbered_rows
 from qk_attn.errors import CaptureError, MisnumberedPositions
 
 DECIDE_AT_ONCE = 1 << 21  # (layer, kind, token) decisions made in one go per CPU forward
 DECODE_TOKENS = 8  # forwards of up to this many new tokens take their decisions from a DecisionWindow
 DECISION_WINDOW = 64  # positions per row that a DecisionWindow decides at once
-_INT64_MAX = np.iinfo(np.int64).max
 
 
 class ForwardContext:
@@ -297,37 +296,6 @@ def builds_on_host(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-class HostMirror:
-    """A GPU decode step's token positions and validity, copied to pinned host memory without a wait
-    (one small copy and an event, issued at its first recorded call), so that the host can make the
-    sampler's decisions and skip the calls that keep nothing. Until the copy has landed, `tokens()`
-    is None and calls launch the kernel as usual: exact either way, and the host never waits."""
-
-    def __init__(self, tokens: TextTokens) -> None:
-        both = torch.cat(
-            (tokens.positions, tokens.valid, tokens.misnumbered[:, None]), 1
-        )  # (B, 2T + 1) int64: one copy
-        self._host = torch.empty(both.shape, dtype=both.dtype, pin_memory=both.is_cuda)
-        self._host.copy_(both, non_blocking=True)
-        self._event = None
-        if both.is_cuda:  # on the tokens' device's stream, which need not be the current device's
-            self._event = torch.cuda.Event()
-            self._event.record(torch.cuda.current_stream(both.device))
-        self._tokens: TextTokens | None = None
-
-    def ready(self) -> bool:
-        return self._event is None or self._event.query()
-
-    def tokens(self) -> TextTokens | None:
-        """The host's TextTokens (no token ids: empty calls have no rows), or None while the copy runs."""
-        if self._tokens is None and self.ready():
-            num_new = self._host.shape[1] // 2
-            valid = self._host[:, num_new:-1].numpy().astype(bool)
-            tokens = host_text_tokens(self._host[:, :num_new], valid, None, None)
-            self._tokens = tokens._replace(misnumbered=self._host[:, -1].bool())  # the device's check
-        return self._tokens
-
-
 class DecisionWindow:
     """The sampler's keep mask of every (layer, kind) for the next DECISION_WINDOW positions of each
     row of a sequence, made at once. The decode steps that follow slice it (a few numpy ops) instead of
@@ -348,44 +316,6 @@ class DecisionWindow:
         if num_layers != self.num_layers or offset.min() < 0 or offset.max() >= DECISION_WINDOW:
             return None
         return self.keep[:, :, self.rows, offset]
-
-
-class TextTokens(NamedTuple):
-    """The new tokens of one forward, as every attention call of it records them."""
-
-    positions: torch.Tensor  # (B, T) int64, what RoPE used
-    valid: torch.Tensor  # (B, T) bool, False for padding
-    valid_count: torch.Tensor  # (B,) int64
-    first_position: torch.Tensor  # (B,) int64, smallest real position (int64 max for an all-pad row)
-    misnumbered: torch.Tensor  # (B,) bool, the row's positions do not count up by one (`misnumbered_rows`)
-    token_ids: torch.Tensor | None  # (B, 1, T, 1) float32, None when the model got embeddings
-
-    def suffix(self, length: int) -> TextTokens:
-        """The last `length` tokens; `valid_count`, `first_position` and `misnumbered` stay the forward's."""
-        token_ids = None if self.token_ids is None else self.token_ids[:, :, -length:]
-        return self._replace(positions=self.positions[:, -length:], valid=self.valid[:, -length:], token_ids=token_ids)
-
-
-def host_text_tokens(positions: torch.Tensor, valid: np.ndarray, token_ids, expected) -> TextTokens:
-    """TextTokens from (B, T) int64 host positions and bool validity: the per-row columns in numpy
-    (`expected`: as `misnumbered_rows` takes it)."""
-    host = positions.numpy()
-    first = host.min(1, initial=_INT64_MAX, where=valid)  # an all-padding row: int64 max
-    valid_count = valid.sum(1, dtype=np.int64)
-    misnumbered = misnumbered_rows(host, valid, valid_count, first, expected)
-    return TextTokens(positions, *map(torch.from_numpy, (valid, valid_count, first, misnumbered)), token_ids)
-
-
-def misnumbered_rows(positions, valid, valid_count, first, expected):
-    """(B,) bool, numpy or torch alike: rows whose real tokens are not at positions first, first + 1,
-    ... in token order (packed documents restart, repeats, gaps), or that do not start at `expected`
-    ((B,) the position after the row's earlier tokens, -1 where it has none; None: a new sequence).
-    Rows are keyed by position, and an example's positions are [first_position, + valid_length)."""
-    counted = first[:, None] + valid.cumsum(1) - 1  # the k-th real token of a row at first + k
-    misnumbered = ((positions != counted) & valid).any(1)
-    if expected is not None:
-        misnumbered = misnumbered | ((valid_count > 0) & (expected >= 0) & (first != expected))
-    return misnumbered
 
 
 def host_int(value) -> int:

@@ -1,7 +1,7 @@
 """The GPU path's decode decisions, run on CPU tensors (issue 20).
 
 On a GPU a forward's tokens are device tensors, and a decode step's positions reach the host by a
-copy that is not waited for (qk_attn.capture.forward.HostMirror). `generate_counting_launches`
+copy that is not waited for (qk_attn.capture.tokens.HostMirror). `generate_counting_launches`
 makes CPU forwards build their tokens as on a device and lets that copy land when a test says.
 """
 
@@ -14,6 +14,7 @@ import torch
 import qk_attn
 from qk_attn.capture import forward as forward_module
 from qk_attn.capture import recorder
+from qk_attn.capture.tokens import HostMirror
 
 ARRIVES = ("at_once", "at_layer_2", "never")  # the copy lands at a step's first call, its third, or never
 
@@ -50,7 +51,7 @@ def generate_counting_launches(
                 mirror.queries = getattr(mirror, "queries", 0) + 1
                 return arrived(arrives, mirror.queries)
 
-            patch.setattr(forward_module.HostMirror, "ready", ready)
+            patch.setattr(HostMirror, "ready", ready)
         settings = dict(sampler="log_uniform", min_bucket_size=4, base_rate=3, example_ids=[0, 1])
         with torch.inference_mode(), qk_attn.session(output=out, **settings):
             model.generate(**prompt, max_new_tokens=steps, do_sample=False, pad_token_id=0, **generate_kwargs)
