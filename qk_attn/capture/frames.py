@@ -155,3 +155,16 @@ def _refuse_assistant(sample, max_depth: int) -> None:
                 )
             return
         frame = frame.f_back
+
+
+def cache_length(cache) -> int | None:
+    """Tokens a transformers cache holds, as the host knows them (`get_seq_length()` of a cache whose
+    layers count on the host: dynamic, sliding and static layers alike); None when unknown."""
+    get = getattr(cache, "get_seq_length", None)
+    if get is None:
+        return None
+    try:
+        held = get()
+    except Exception:  # noqa: BLE001 - a cache of a model's own kind: its length is not ours to judge
+        return None
+    return held if type(held) is int else None

@@ -15,7 +15,7 @@ import torch
 
 from qk_attn.capture.facts import require as require_facts
 from qk_attn.capture.forward import ForwardContext, host_int
-from qk_attn.capture.frames import decoder_stack, model_forward, refuse_unrecordable_generation, running
+from qk_attn.capture.frames import cache_length, decoder_stack, model_forward, refuse_unrecordable_generation, running
 from qk_attn.capture.hooks import watch_forward
 from qk_attn.capture.staging import OffsetCheck
 from qk_attn.errors import CaptureError
@@ -121,7 +121,15 @@ class SequenceTracker:
         sequence's end instead, and the sink checks it against the device value with the rows. A
         sequence's first forward (or one after `begin`) reads it."""
         if not isinstance(q_offset, torch.Tensor):
-            return int(q_offset or 0), None
+            past = int(q_offset or 0)
+            held = cache_length(cache)
+            if held is not None and held != past:
+                raise CaptureError(
+                    f"qk_sniff: a {getattr(config, 'model_type', '')} model built this forward's mask for new tokens "
+                    f"at cache position {past}, but its cache holds {held} tokens, so its new keys could not be "
+                    "found in the cache (BertLMHeadModel without is_decoder does so); not recorded"
+                )
+            return past, None
         sequence = self._sequences.get((id(config), id(cache))) if cache is not None else None
         if sequence is None or sequence.cache() is not cache or self._pending_ids is not None:
             return host_int(q_offset), None

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers as tf
+from transformers import DynamicCache
 
 import qk_attn
 from qk_attn.errors import CaptureError
-from support.models import VOCAB, padded_batch
+from support.models import VOCAB, cache_kw, padded_batch
 
 torch.set_grad_enabled(False)
 
@@ -94,3 +95,25 @@ def test_an_assistant_model_loaded_with_qk_sniff_is_refused():
             main.generate(
                 input_ids=torch.arange(5, 13)[None], max_new_tokens=4, do_sample=False, assistant_model=assistant
             )
+
+
+def test_a_mask_built_for_another_position_than_the_cache_holds_is_refused():
+    """BertLMHeadModel without is_decoder (as AutoModelForCausalLM builds it from a BERT config) fills a
+    cache it is given, yet builds each mask for cache position 0: a decode step's new keys would be
+    taken from slot 0 (the prompt's first key) under a new example id. Refused."""
+    torch.manual_seed(0)
+    config = tf.BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48
+    )
+    model = tf.BertLMHeadModel(config).eval()
+    model.set_attn_implementation("qk_sniff")
+    batch = padded_batch("left")
+    with qk_attn.session(sampler="all", example_ids=[0, 1]):
+        cache = DynamicCache(config=config)
+        model(**batch, **cache_kw(cache), use_cache=True)
+        mask = torch.cat([batch["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1)
+        step = dict(
+            input_ids=torch.tensor([[5], [6]]), attention_mask=mask, position_ids=batch["position_ids"][:, -1:] + 1
+        )
+        with pytest.raises(CaptureError, match="mask for new tokens at cache position 0, but its cache holds 9 tokens"):
+            model(**step, **cache_kw(cache), use_cache=True)
