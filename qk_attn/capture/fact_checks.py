@@ -225,6 +225,37 @@ def model_forward_locals() -> str | None:
     return None
 
 
+def cache_lengths() -> str | None:
+    """After 3 tokens, DynamicCache (full and sliding layers) reports 3, as an int. (A static cache
+    gives a device tensor; its forwards' q_offset is one too, checked by OffsetCheck instead.)"""
+    import torch
+    from transformers import DynamicCache, LlamaConfig
+
+    config = LlamaConfig(hidden_size=8, num_attention_heads=1, num_key_value_heads=1, num_hidden_layers=1)
+    states = torch.zeros(1, 1, 3, 8)
+    for cache in (
+        DynamicCache(config=config),
+        DynamicCache(config=LlamaConfig(**config.to_dict(), sliding_window=2, layer_types=["sliding_attention"])),
+    ):
+        cache.update(states, states, 0, {"cache_position": torch.arange(3)})
+        held = cache.get_seq_length()
+        if type(held) is not int or held != 3:
+            return f"{type(cache).__name__}.get_seq_length() after 3 tokens is {held!r}"
+    return None
+
+
+def layer_type_names() -> str | None:
+    from transformers import Gemma3TextConfig, Llama4TextConfig
+
+    for config, word in (
+        (Gemma3TextConfig(num_hidden_layers=2), "sliding"),
+        (Llama4TextConfig(num_hidden_layers=4), "chunked"),
+    ):
+        if not any(word in kind for kind in config.layer_types or ()):
+            return f"{type(config).__name__}.layer_types {config.layer_types} name no '{word}' layer"
+    return None
+
+
 def generation_frames() -> str | None:
     from transformers.generation import utils
 

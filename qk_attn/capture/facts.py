@@ -26,6 +26,8 @@ Where the capture code relies on each fact (the module that reads it):
                                    which rotation a forward applies, read from its syntax tree)
     model_forward_locals           frames.model_forward, frames.cache_of (frame locals self,
                                    input_ids, position_ids, cache (5.25) or past_key_values (5.17))
+    cache_lengths                  frames.cache_length (sequences._past compares it with q_offset)
+    layer_type_names               plan.ModelShape.local_attention (full_attention_only)
     generation_frames              frames.refuse_unrecordable_generation (_beam_search, _sample,
                                    _assisted_decoding, _prefill in generation/utils.py, locals
                                    model_kwargs, unfinished_sequences)
@@ -48,9 +50,11 @@ from qk_attn.capture.fact_checks import (
     attention_forward_rotation,
     attention_interface_register,
     attention_module_attributes,
+    cache_lengths,
     eager_forward,
     flash_forward,
     generation_frames,
+    layer_type_names,
     mask_call_keywords,
     mask_functions,
     mask_interface_register,
@@ -154,6 +158,16 @@ FACTS: tuple[Fact, ...] = (
         "GenerationMixin._sample/_beam_search/_assisted_decoding exist; _sample has locals "
         "model_kwargs and unfinished_sequences and runs its first forwards in _prefill",
         generation_frames,
+    ),
+    Fact(
+        "cache_lengths",
+        "a dynamic cache's get_seq_length() (full and sliding layers) is a host int: the tokens it holds",
+        cache_lengths,
+    ),
+    Fact(
+        "layer_type_names",
+        "config.layer_types name local layers with 'sliding' (Gemma 3) or 'chunked' (Llama 4) in them",
+        layer_type_names,
     ),
     Fact(
         "attention_module_attributes",

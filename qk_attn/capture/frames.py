@@ -158,8 +158,9 @@ def _refuse_assistant(sample, max_depth: int) -> None:
 
 
 def cache_length(cache) -> int | None:
-    """Tokens a transformers cache holds, as the host knows them (`get_seq_length()` of a cache whose
-    layers count on the host: dynamic, sliding and static layers alike); None when unknown."""
+    """Tokens a transformers cache holds, as the host knows them: `get_seq_length()` where it is an int
+    (dynamic caches, full and sliding layers; fact `cache_lengths`); None when unknown (a static
+    cache gives a device tensor)."""
     get = getattr(cache, "get_seq_length", None)
     if get is None:
         return None
