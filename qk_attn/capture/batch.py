@@ -83,7 +83,7 @@ class CaptureBatch:
         if count > staging_capacity:
             raise CaptureOverflow(
                 f"layer {self.layer} kind {self.kind}: {count} tokens selected but the staging buffer holds "
-                f"{staging_capacity}; no rows of this call were dropped silently. Use a sparser sampler or "
+                f"{staging_capacity}; its examples are refused rather than recorded in part. Use a sparser sampler or "
                 f"a smaller batch, or report this (the capacity bound is mean + 8 sd)."
             )
         n = min(max(count - first_row, 0), self.capacity)

@@ -32,6 +32,7 @@ from qk_attn.capture.gather import (
     uses_kernel,
 )
 from qk_attn.capture.plan import HeadPlan, ModelShape
+from qk_attn.capture.refusals import REFUSALS
 from qk_attn.capture.rope import pre_rope_rows, uses_rope
 from qk_attn.capture.sequences import SequenceTracker
 from qk_attn.capture.sinks import MemorySink, as_sink
@@ -108,7 +109,7 @@ class Session(SequenceTracker):
             return
         try:
             self._capture(forward, module, query, key, mask, kwargs, rotary)
-        except CaptureError:
+        except REFUSALS:
             # A refused forward takes its sequences with it, before the error reaches any caller or
             # exit handler that could commit them.
             self._discard(forward, "was refused")

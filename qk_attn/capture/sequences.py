@@ -13,6 +13,7 @@ import weakref
 
 import torch
 
+from qk_attn.capture import forward as forward_module
 from qk_attn.capture.facts import require as require_facts
 from qk_attn.capture.forward import ForwardContext, host_int
 from qk_attn.capture.frames import cache_length, decoder_stack, model_forward, refuse_unrecordable_generation, running
@@ -50,8 +51,8 @@ class SequenceTracker:
         """Every example begun so far is complete: the sink makes it durable."""
         self._end_forwards()
         self._commits += 1
-        self.sink.commit(list(self._begun))
-        self._begun.clear()
+        begun, self._begun = list(self._begun), []
+        self.sink.commit(begun)  # may raise a refusal found after a forward: they are committed or refused anyway
 
     def abort(self) -> None:
         """Forget the examples begun since the last commit: they will not be committed."""
@@ -83,7 +84,11 @@ class SequenceTracker:
             self._discard(None, "was refused", config, caller.cache)
             raise
         mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
-        past, check = self._past(config, caller.cache, q_offset)
+        try:
+            past, check = self._past(config, caller.cache, q_offset)
+        except CaptureError:
+            self._discard(None, "was refused", config, caller.cache)
+            raise
         forward = ForwardContext(
             config, batch_size, q_length, past, mask, caller.input_ids, caller.position_ids, caller.cache
         )
@@ -134,7 +139,11 @@ class SequenceTracker:
         if sequence is None or sequence.cache() is not cache or self._pending_ids is not None:
             return host_int(q_offset), None
         # A snapshot (no host read): the cache may advance the tensor in place as the layers run.
-        return sequence.end, OffsetCheck(q_offset.detach().clone(), sequence.end, tuple(sequence.ids))
+        check = OffsetCheck(q_offset.detach().clone(), sequence.end, tuple(sequence.ids))
+        if forward_module.builds_on_host(q_offset.device):  # reading it costs nothing: refused in the forward
+            check.verify()
+            check = None
+        return sequence.end, check
 
     def on_forward_start(self, config, kwargs: dict) -> None:
         """The decoder stack of `config` starts a forward (registration.watch_forward). Whatever an
@@ -327,6 +336,7 @@ class SequenceTracker:
         forward.example_ids = tuple(ids)
         self._next_auto_id = max(self._next_auto_id, max(ids) + 1)
         self._begun.extend(i for i in ids if i not in self._begun)
+        self.sink.check_examples(forward.example_ids)  # refused after an earlier forward of theirs
 
     def _committed_now(self) -> set[int]:
         return self.committed_ids()

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from qk_attn.capture.batch import CaptureBatch, HostReader, HostRows
+from qk_attn.capture.refusals import REFUSALS, LateRefusals
 from qk_attn.capture.schema import concat_rows
 from qk_attn.capture.staging import EmptyCall
 
@@ -81,6 +82,10 @@ class Sink:
     def check(self) -> None:
         """Re-raise an error of the sink's background work, if any."""
 
+    def check_examples(self, example_ids) -> None:
+        """Raise the refusal of any of these examples that the sink found after their forward
+        (qk_attn.capture.refusals); called when a forward of theirs starts."""
+
     def close(self) -> None:
         """Commit what was committed and release what the sink holds."""
 
@@ -133,9 +138,10 @@ class MemorySink(Sink):
     def __init__(self) -> None:
         self._rows: list[HostRows] = []
         self.committed: list[int] = []
-        self._pending: list = []  # CaptureBatch and OffsetCheck, in the order they came
+        self._pending: list = []  # CaptureBatch, EmptyCall and OffsetCheck, in the order they came
         self._warned: set[int] = set()
         self._seen: set[int] = set()
+        self.refusals = LateRefusals()
 
     @property
     def rows(self) -> list[HostRows]:
@@ -155,23 +161,42 @@ class MemorySink(Sink):
             self._read()
 
     def _read(self) -> None:
-        """The pending batches as host rows (the device is read here, not while capturing)."""
+        """The pending batches as host rows (the device is read here, not while capturing). A check
+        that fails refuses its examples (qk_attn.capture.refusals) and the reading goes on."""
         pending, self._pending = self._pending, []
         reader = HostReader()
         for item in pending:
-            if isinstance(item, EmptyCall):
-                tokens = item.tokens
-                reader.per_row(item.example_ids, tokens.valid_count, None, tokens.misnumbered)
+            try:
+                rows = self._host_rows(item, reader)
+            except REFUSALS as error:
+                self.refusals.refuse(item.example_ids, error)
+                refused = np.asarray(sorted(self.refusals.ids), np.int64)
+                self._rows = [rows.without(refused) for rows in self._rows]
                 continue
-            if not isinstance(item, CaptureBatch):
-                item.verify()
+            if rows is None:
                 continue
-            rows = item.host_rows()
+            if self.refusals.ids:
+                rows = rows.without(np.asarray(sorted(self.refusals.ids), np.int64))
             for example, position in rows.first_position.items():
                 if example not in self._seen:  # its first forward (later ones continue the sequence)
                     self._seen.add(example)
                     warn_not_from_zero(example, position, self._warned)
             self._rows.append(rows)
+
+    @staticmethod
+    def _host_rows(item, reader: HostReader) -> HostRows | None:
+        """A batch's rows; None for what only has checks (an empty call's positions, a cache offset)."""
+        if isinstance(item, EmptyCall):
+            tokens = item.tokens
+            reader.per_row(item.example_ids, tokens.valid_count, None, tokens.misnumbered)
+            return None
+        if not isinstance(item, CaptureBatch):
+            item.verify()
+            return None
+        return item.host_rows()
+
+    def check_examples(self, example_ids) -> None:
+        self.refusals.raise_for(example_ids)
 
     def commit(self, example_ids: list[int]) -> None:
         self.committed.extend(example_ids)
@@ -188,4 +213,5 @@ class MemorySink(Sink):
         """Every captured row of every head, in the dataset schema (vectors as float32; `token_id`
         null where a row has none, e.g. vision keys)."""
         tables = [rows.table(i, token_ids=True) for rows in self.rows for i in range(len(rows.heads))]
+        self.refusals.raise_for(None)
         return concat_rows(tables) if tables else None

@@ -26,6 +26,7 @@ import time
 import numpy as np
 
 from qk_attn.capture.batch import CaptureBatch, HostReader, HostRows
+from qk_attn.capture.refusals import REFUSALS
 from qk_attn.storage.commit import Committer
 from qk_attn.storage.examples import write_examples
 from qk_attn.storage.folder import card_is_ours
@@ -86,13 +87,11 @@ class SaverThread(Committer):
         if isinstance(item, list):  # forward pieces (ForwardPiece) the sink held back and sent together
             for piece in item:
                 piece.wait()
-                for check in piece.checks:
-                    check.verify()
-                self._accept_forward(piece.calls)
+                self._checked(piece.example_ids, lambda: self._accept_forward(piece.checks, piece.calls))
                 piece.release()  # its pool region is free now, not after the whole list
         elif isinstance(item, Piece):
             item.wait()
-            self._accept(item.rows(), item.first)
+            self._checked(item.host.example_ids, lambda: self._accept(item.rows(), item.first))
         elif isinstance(item, _Flush):
             self._complete(wait=True)
             if item.final:
@@ -108,7 +107,7 @@ class SaverThread(Committer):
                 self._finish()
         elif item is None or item[0] == "commit":
             if item is not None:
-                self._ready.update(i for i in item[1] if i not in self._durable)
+                self._ready.update(i for i in item[1] if i not in self._durable and i not in self.refusals.ids)
                 self._seal()
             if not self._committable():
                 self._waiting_since = None  # nothing committable: examples wait for their segment to complete
@@ -126,10 +125,25 @@ class SaverThread(Committer):
             self._drop(set(item[1]) - self._ready - self._durable)
             self._seal()  # the segment may have waited for them only
 
-    def _accept_forward(self, calls: list) -> None:
-        """A forward's calls (host batches, or empty calls: qk_attn.capture.staging.EmptyCall) into the
-        open segment. Columns the calls share are read once, and calls that share their per-row
-        counts are counted together: a decode step's calls cost a few list appends here."""
+    def _checked(self, example_ids, accept) -> None:
+        """`accept()` rows of these examples. A check of theirs that fails refuses them
+        (qk_attn.capture.refusals): what they hold is dropped, and so are rows of refused examples
+        that arrive later."""
+        try:
+            accept()
+        except REFUSALS as error:
+            self.refusals.refuse(example_ids, error)
+        refused = self.refusals.ids.intersection(example_ids)
+        if refused:
+            self._drop(set(refused))
+
+    def _accept_forward(self, checks: list, calls: list) -> None:
+        """A forward's offset checks, then its calls (host batches, or empty calls:
+        qk_attn.capture.staging.EmptyCall) into the open segment. Columns the calls share are read
+        once, and calls that share their per-row counts are counted together: a decode step's calls
+        cost a few list appends here."""
+        for check in checks:
+            check.verify()
         reader = HostReader()
         empty: dict[tuple, tuple[dict, dict]] = {}  # per-row counts of empty calls, by their tokens
         groups: dict[tuple, tuple[dict, dict, list]] = {}  # calls by the per-row counts they share

@@ -50,15 +50,16 @@ class Segment:
             self.valid[example].update(dict.fromkeys(text, count))
 
     def drop(self, incomplete: set[int], output: Path, fsync: bool) -> None:
-        """Remove uncommitted examples' rows (buffers and .tmp shards under `output`)."""
-        incomplete = incomplete & self.examples
-        if not incomplete:
-            return
+        """Remove uncommitted examples' rows (buffers and .tmp shards under `output`). Buffers may hold
+        rows of examples not counted yet (a forward refused part-way through its calls)."""
         ids = np.array(sorted(incomplete), np.int64)
         for key, buffer in list(self.buffers.items()):
             buffer.drop(ids)
             if not buffer.rows:
                 del self.buffers[key]
+        incomplete = incomplete & self.examples
+        if not incomplete:
+            return  # spilled shards hold rows of counted examples only
         kept = []
         for future in self.parts:
             written: Written = future.result()

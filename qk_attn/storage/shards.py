@@ -142,6 +142,8 @@ class CallBuffer:
 
     def drop(self, examples: np.ndarray) -> None:
         """Remove the rows of `examples` (an example that was never committed)."""
+        if not any(np.isin(ids, examples).any() for ids in self.example_id):
+            return
         kept = CallBuffer(self.layer, self.kind, self.heads, self.sliding_window, self.head_dim)
         for ids, pos, bucket, vec, tok in zip(self.example_id, self.position, self.bucket, self.vectors, self.token_id):
             keep = ~np.isin(ids, examples)

@@ -24,6 +24,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from qk_attn.capture.batch import CaptureBatch
+from qk_attn.capture.refusals import REFUSALS, LateRefusals
 from qk_attn.capture.sinks import Sink
 from qk_attn.config import SniffConfig
 from qk_attn.errors import CaptureError, CaptureOverflow, CommittedExampleError, SaverError, StorageError
@@ -126,6 +127,7 @@ class ParquetSink(SaverThread, Sink):
         self._held: list = []  # forward pieces not queued yet: the saver takes them together
         self._sender = Sender(self._transfer, self._enqueue, self._check_waiting)
         self._error: BaseException | None = None
+        self.refusals = LateRefusals()  # examples the saver refused after their forward
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="qk-sniff-saver", daemon=True)
         self._thread.start()
@@ -198,6 +200,17 @@ class ParquetSink(SaverThread, Sink):
         if len(self._held) >= HOLD_FORWARDS or held_bytes > self._transfer.pool.nbytes // HOLD_FORWARDS:
             self._send_held()
 
+    def check_examples(self, example_ids) -> None:
+        self._report_refused(example_ids)
+
+    def _report_refused(self, example_ids=None) -> None:
+        """Raise the refusals (qk_attn.capture.refusals) of these examples (None: any) not reported yet."""
+        try:
+            self.refusals.raise_for(example_ids)
+        except REFUSALS:
+            self._committed -= self.refusals.ids  # commit() may have named them before the saver refused them
+            raise
+
     def _check_waiting(self) -> None:
         """Called while a forward waits for pool space: the held pieces go first (they hold some)."""
         self._send_held()
@@ -242,14 +255,16 @@ class ParquetSink(SaverThread, Sink):
         self.check()
         self._sender.drain()  # their rows must be queued before the commit
         ids = [int(i) for i in example_ids]
-        self._committed.update(ids)
+        self._committed.update(set(ids) - self.refusals.ids)
         self._enqueue(("commit", ids))
+        self._report_refused(ids)
 
     def flush(self, timeout: float | None = None) -> None:
         """Make every committed example durable now, and wait for it (re-raises saver errors)."""
         self.check()
         self._sender.drain()
         self._wait(_Flush(final=False), timeout)
+        self._report_refused()
 
     def check(self) -> None:
         """Re-raise the saver thread's error, if it had one."""
@@ -279,6 +294,7 @@ class ParquetSink(SaverThread, Sink):
             self._writers.close()
             release_lock(self.output, self._lock_fd, self.files.lock)
         self.check()
+        self._report_refused()
 
     @property
     def manifest(self) -> dict:

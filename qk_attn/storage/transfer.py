@@ -122,7 +122,7 @@ class Transfer:
             nbytes = sum(_nbytes(call) for call in calls if isinstance(call, CaptureBatch))
             region = pool.acquire(min(nbytes, pool.nbytes), check)
             event, checks = None, staging.checks
-        return ForwardPiece(calls, checks, event, region, pool)
+        return ForwardPiece(staging.example_ids, calls, checks, event, region, pool)
 
     def pieces(self, batch: CaptureBatch, check: Callable[[], None] = lambda: None) -> Iterator[Piece]:
         """Copy `batch` into the pool in pieces, waiting for space; yields each piece as soon as
@@ -314,11 +314,13 @@ def _rebased(call, base: int, host: torch.Tensor):
 
 
 class ForwardPiece:
-    """One forward's rows in host memory (`Transfer.send_forward`): its calls (CaptureBatch views of
-    the pool, or an empty call), the offset checks to verify first, and the event of the one copy."""
+    """One forward's rows in host memory (`Transfer.send_forward`): its examples, its calls
+    (CaptureBatch views of the pool, or an empty call), the offset checks to verify first, and the
+    event of the one copy."""
 
-    def __init__(self, calls: list, checks: list, event, region: list, pool: HostPool) -> None:
-        self.calls, self.checks, self.event, self.region, self.pool = calls, checks, event, region, pool
+    def __init__(self, example_ids: tuple, calls: list, checks: list, event, region: list, pool: HostPool) -> None:
+        self.example_ids, self.calls, self.checks = example_ids, calls, checks
+        self.event, self.region, self.pool = event, region, pool
 
     def wait(self) -> None:
         if self.event is not None:

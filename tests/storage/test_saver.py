@@ -17,10 +17,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+import qk_attn
 from qk_attn.capture.plan import HeadPlan, ModelShape
 from qk_attn.capture.schema import arrow_schema
 from qk_attn.capture.staging import Staging
 from qk_attn.config import SniffConfig
+from qk_attn.dataset.verify import verify_dataset
 from qk_attn.errors import CaptureOverflow, SaverError
 from qk_attn.sampler import Sampler
 from qk_attn.storage.layout import MANIFEST, key_name
@@ -157,14 +159,26 @@ def test_transfer_pieces_cover_the_batch():
     assert torch.equal(torch.from_numpy(np.concatenate([p[2] for p in pieces], 1)), batch.vectors[:, :n])
 
 
-def test_overflow_is_reported_not_dropped(tmp_path):
-    sink = open_sink(tmp_path / "out")
+def test_an_overflow_refuses_its_example_only_and_the_sink_goes_on(tmp_path):
+    """A call with more rows than its staging holds is found when the saver reads its count (as a
+    device's deferred check is): example 1 is refused, reported once, and none of its rows is kept,
+    neither those before the bad call nor those after; examples 0 and 2, around it, are kept."""
+    out = tmp_path / "out"
+    sink = open_sink(out)
+    run_examples(sink, [0])
+    run_examples(sink, [1], commit=False)  # rows of example 1 before the bad call
     sink.put(make_batch(0, "q", [1], [20], capacity=8))  # 20 selected, room for 8
-    with pytest.raises(CaptureOverflow, match="20 tokens selected"):
+    with pytest.raises(
+        CaptureOverflow, match=r"20 tokens selected.*examples \[1\] had returned: none of their rows is kept"
+    ):
         sink.flush(timeout=10)
-    with pytest.raises(CaptureOverflow):
-        sink.close()
-    assert read_manifest(tmp_path / "out")["examples"] == {}
+    run_examples(sink, [1], layers=(1,), commit=False)  # later rows of the refused example
+    sink.commit([1])  # already reported: not committed, not reported again
+    run_examples(sink, [2])
+    sink.close()
+    assert sorted(read_manifest(out)["examples"]) == ["0", "2"]
+    assert set(qk_attn.load(str(out))["example_id"].to_pylist()) == {0, 2}
+    assert verify_dataset(out, log=lambda *_: None) == []
 
 
 def test_saver_failure_surfaces_in_the_caller_without_hanging(tmp_path):
@@ -206,7 +220,7 @@ def test_forward_pieces_held_back_are_sent_when_a_wait_needs_their_pool_space(tm
 
     done, batches, saver_may_go = [], [], threading.Event()
     accept = sink._accept_forward
-    sink._accept_forward = lambda calls: (saver_may_go.wait(10), accept(calls))
+    sink._accept_forward = lambda checks, calls: (saver_may_go.wait(10), accept(checks, calls))
 
     def run():
         batches.append(forward(0, 480))  # ~47% of the pool: more than 1/16, so queued at once
