@@ -108,13 +108,7 @@ class SaverThread(Committer):
         elif item is None or item[0] == "commit":
             if item is not None:
                 self._ready.update(i for i in item[1] if i not in self._durable and i not in self.refusals.ids)
-                self._seal()
-            if not self._committable():
-                self._waiting_since = None  # nothing committable: examples wait for their segment to complete
-            elif self._waiting_since is None:
-                self._waiting_since = time.monotonic()
-            if self._waiting_since is not None and time.monotonic() - self._waiting_since >= self.commit_every_s:
-                self._finalize()
+            self._seal_and_schedule()
         elif item[0] == "written":
             self._complete(wait=False)
             if self._waiting_since is not None and time.monotonic() - self._waiting_since >= self.commit_every_s:
@@ -123,7 +117,18 @@ class SaverThread(Committer):
             self._described[item[1]] = item[2:]
         elif item[0] == "discard":
             self._drop(set(item[1]) - self._ready - self._durable)
-            self._seal()  # the segment may have waited for them only
+            self._seal_and_schedule()  # the segment may have waited for them only
+
+    def _seal_and_schedule(self) -> None:
+        """Seal the open segment once it is complete, and keep the clock of the first commit waiting
+        to be durable (stopped when nothing is committable); finalise once it has waited long enough."""
+        self._seal()
+        if not self._committable():
+            self._waiting_since = None  # nothing committable: examples wait for their segment to complete
+        elif self._waiting_since is None:
+            self._waiting_since = time.monotonic()
+        if self._waiting_since is not None and time.monotonic() - self._waiting_since >= self.commit_every_s:
+            self._finalize()
 
     def _checked(self, example_ids, accept) -> None:
         """`accept()` rows of these examples. A check of theirs that fails refuses them
@@ -136,6 +141,7 @@ class SaverThread(Committer):
         refused = self.refusals.ids.intersection(example_ids)
         if refused:
             self._drop(set(refused))
+            self._seal_and_schedule()  # the segment may have waited for them only
 
     def _accept_forward(self, checks: list, calls: list) -> None:
         """A forward's offset checks, then its calls (host batches, or empty calls:

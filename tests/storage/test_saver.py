@@ -181,6 +181,22 @@ def test_an_overflow_refuses_its_example_only_and_the_sink_goes_on(tmp_path):
     assert verify_dataset(out, log=lambda *_: None) == []
 
 
+def test_an_example_refused_late_does_not_hold_back_one_committed_beside_it(tmp_path):
+    """Examples 0 and 1 share the open segment; 0 is committed while 1 is still running, then 1 is
+    refused: the segment no longer waits for 1, so 0 becomes durable without another commit."""
+    out = tmp_path / "out"
+    sink = open_sink(out)  # commit_every_s=0
+    run_examples(sink, [0, 1], commit=False)
+    sink.commit([0])
+    sink.put(make_batch(0, "q", [1], [20], capacity=8))  # example 1 refused when the saver reads it
+    deadline = time.monotonic() + 10
+    while "0" not in read_manifest(out)["examples"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(read_manifest(out)["examples"]) == ["0"]
+    with pytest.raises(CaptureOverflow, match=r"examples \[1\] had returned"):
+        sink.close()
+
+
 def test_saver_failure_surfaces_in_the_caller_without_hanging(tmp_path):
     """The output folder disappears (replaced by a file): the next call/flush raises, nothing hangs."""
     out = tmp_path / "out"
