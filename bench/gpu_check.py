@@ -41,7 +41,11 @@ Without the wheels everything runs but (j), which says it was not exercised.
     to ~120 s (fewer steps, said so, when the warm-up runs say they would not fit); skipped
     ("not exercised") when the deadline is too near.
 
-Order: a, b/c, d (the timing table), e, f, g, k, i, h, j, so a watchdog kill late still leaves the table.
+(l) late refusals: a static cache reset behind the session's back, and generate() on right
+    padding, each between two good documents: on the GPU refused at flush (the checks the forward
+    left to the sink), on the CPU in the forward; the capture keeps exactly the two good documents.
+
+Order: a, b/c, d (the timing table), e, f, g, k, i, h, l, j, so a watchdog kill late still leaves the table.
 Each line says what it exercised; a path this machine cannot exercise (a split over two GPUs
 on one GPU, CUDA-only checks in --cpu-smoke, `datasets` missing) says "not exercised: why".
 Prints one Markdown report, line by line as checks finish, and writes it to
@@ -577,6 +581,69 @@ def check_static_generate(qk_attn, model, device, prompt: int, workdir: Path) ->
         f"(h) static-cache generate(), {prompt}+8 tokens, forward {how}: the same {got.num_rows} rows as "
         f"disable_compile=True, vectors within 1e-2{note}"
     )
+
+
+def check_late_refusals(qk_attn, model, device, workdir: Path) -> str:
+    """(l) Checks a device's forward leaves to the sink (a static cache's offset, positions counting up
+    by one) refuse only that forward's examples when they fail, reported at flush; the session goes on
+    and keeps the documents before and after. On the CPU both are refused in the forward itself."""
+    from transformers import StaticCache
+
+    from qk_attn.errors import CaptureError, MisnumberedPositions
+
+    vocab = model.config.vocab_size
+    ids = torch.randint(2, vocab, (2, 12), device=device)
+    right_padded = torch.ones_like(ids)
+    right_padded[1, 8:] = 0
+    bad_forwards = {
+        "a static cache reset behind the session's back": (CaptureError, "the cache was at position 0, not 7"),
+        "generate() on right padding": (MisnumberedPositions, "do not count up by one"),
+    }
+
+    def reset_static_cache():
+        cache = StaticCache(config=model.config, max_cache_len=16)
+        model(input_ids=ids[:1, :5], past_key_values=cache)
+        for t in range(5, 7):
+            model(input_ids=ids[:1, t : t + 1], position_ids=torch.tensor([[t]], device=device), past_key_values=cache)
+        cache.reset()
+        model(input_ids=ids[:1, 7:8], position_ids=torch.tensor([[7]], device=device), past_key_values=cache)
+
+    def right_padded_generate():
+        model.generate(input_ids=ids, attention_mask=right_padded, max_new_tokens=3, do_sample=False, pad_token_id=0)
+
+    set_attention(model, "qk_sniff")
+    seen = []
+    try:
+        for (name, (error, message)), make, bad_ids in zip(
+            bad_forwards.items(), (reset_static_cache, right_padded_generate), ([1], [1, 2])
+        ):
+            out = workdir / f"late-{len(seen)}"
+            with qk_attn.session(output=str(out), sampler="log_uniform") as s:
+                s.begin([0])
+                model(input_ids=ids[:1], use_cache=False)
+                s.commit()
+                s.begin(bad_ids)
+                where = "in the forward"
+                try:
+                    make()
+                    where = "at flush (found after the forward)"
+                    s.flush()
+                except error as e:
+                    if message not in str(e):
+                        raise
+                else:
+                    fail(f"(l) {name}: not refused")
+                s.commit()
+                s.begin([3])
+                model(input_ids=ids[:1, :9], use_cache=False)
+                s.commit()
+            kept = sorted(qk_attn.load_examples(out)["example_id"].to_pylist())
+            if kept != [0, 3]:
+                fail(f"(l) {name}: the capture holds examples {kept}, not [0, 3]")
+            seen.append(f"{name}: refused {where}")
+    finally:
+        set_attention(model, "sdpa")
+    return f"(l) late refusals: {'; '.join(seen)}; the documents before and after kept"
 
 
 def check_capture_all(qk_attn, model, device, tokens, workdir: Path) -> str:
@@ -1142,7 +1209,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=str, help="comma-separated lengths for (d), e.g. 8192,32768")
     parser.add_argument("--sampler", default="log_uniform", help="sampler of the capture sessions")
     parser.add_argument(
-        "--skip", default="", help="comma-separated checks to skip: a, b (and c), c, d, e, f, g, h, i, j, k"
+        "--skip", default="", help="comma-separated checks to skip: a, b (and c), c, d, e, f, g, h, i, j, k, l"
     )
     parser.add_argument(
         "--deadline",
@@ -1304,9 +1371,10 @@ def main(argv=None) -> int:
         gc.collect()  # a failed (k) leaves its 16 GB model in traceback frames until collected
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        small = None if {"h", "i"} <= skip else build_model(device, dict(sizes, layers=2))  # for (h) and (i)
+        small = None if {"h", "i", "l"} <= skip else build_model(device, dict(sizes, layers=2))  # for (h), (i), (l)
         section("i", lambda: check_capture_all(qk_attn, small, device, sizes["all"], workdir))
         section("h", lambda: check_static_generate(qk_attn, small, device, sizes["prompt"], workdir))
+        section("l", lambda: check_late_refusals(qk_attn, small, device, workdir))
         small = None
         torch._dynamo.reset()
         section("j", lambda: check_runner(device, workdir))
