@@ -29,81 +29,19 @@ import argparse
 import functools
 import logging
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from qk_attn.dataset.inspect import inspect_dataset
 from qk_attn.dataset.repair import repair_dataset
 from qk_attn.dataset.verify import verify_dataset
-from qk_attn.errors import EXIT_STATUS, ConfigError, one_line
+from qk_attn.errors import EXIT_STATUS, one_line
+from qk_attn.run.command import cmd_run
 from qk_attn.run.source import encode_source
 from qk_attn.storage.layout import MANIFEST
 
 
-# ---- commands --------------------------------------------------------------------------------
-def cmd_run(args) -> int:
-    from qk_attn.demo import DEMO_CONFIG
-    from qk_attn.run.config import RunConfig
-    from qk_attn.run.runner import run
-    from qk_attn.run.summary import format_load_hint, output_files
-
-    is_demo = args.config is None
-    if not is_demo:
-        _check_config_file(args.config)
-    config = RunConfig.load(args.config, args.set or [], base=DEMO_CONFIG if is_demo else None)
-    if is_demo:
-        print("qk-sniff: no --config given: running the embedded demo (configs/demo.yaml)", flush=True)
-    if is_demo or args.quiet:
-        _quiet_libraries()
-    if args.dry_run:
-        from qk_attn.run.prepare import check
-
-        check(config, shard=args.shard)
-        print(
-            f"qk-sniff run --dry-run: every check passed; no weights loaded, nothing written to "
-            f"{config.output.data_root}"
-        )
-        return 0
-    start = time.perf_counter()
-    summary = run(config, push_to_hub=args.push, progress=not args.quiet, shard=args.shard)
-    print()
-    print(f"qk-sniff run finished in {time.perf_counter() - start:.1f} s")
-    for line in summary.lines() + output_files(config.output.data_root):
-        print("  " + line)
-    print()
-    if summary.rank and not summary.merged:  # launched ranks: rank 0 merges; --shard jobs: the user does
-        from qk_attn.run.distributed import detect
-
-        if detect(args.shard).sharded:
-            print(f"When every rank has finished: qk-sniff merge {config.output.data_root}")
-        return 0
-    for line in format_load_hint(config.output.data_root):
-        print(line)
-    return 0
-
-
-def _check_config_file(path: str) -> None:
-    """What reading `--config` would otherwise word without naming the file: a folder, or bytes
-    that are not UTF-8 (the file, the byte and its offset)."""
-    file = Path(path).expanduser()
-    if file.is_dir():
-        raise ConfigError(
-            f"--config {path!r} is a folder; give the YAML run configuration file (e.g. configs/demo.yaml)"
-        )
-    try:
-        data = file.read_bytes()
-    except OSError:
-        return  # missing or unreadable: RunConfig.load says so
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise ConfigError(
-            f"--config {path!r}: {path} is not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start}); "
-            f"convert it, e.g. `iconv -f latin1 -t utf-8 {path} > run.utf8.yaml`"
-        ) from None
-
-
+# ---- commands (`run` is qk_attn.run.command: it is the run layer's own) ------------------------
 def cmd_merge(args) -> int:
     from qk_attn.run.distributed import merge
 
@@ -189,16 +127,6 @@ def cmd_pull(args) -> int:
     hub.pull(args.repo, args.out, revision=args.revision)
     print(f"pulled {args.repo}{'@' + args.revision if args.revision else ''} into {args.out}")
     return 0
-
-
-def _quiet_libraries() -> None:
-    """The demo's output is our progress bar and the summary, not every library's bars (--quiet: no bars at all)."""
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,7 +16,9 @@ rotated apart, Gemma 3n/4; a branch per layout, DeepSeek-V3), rotation of split 
 after it (Phi, StableLM, Persimmon, multi-head latent attention), a q/k norm or any other change
 after the rotation (HunYuan, NanoChat), a condition on something else than the module.
 
-No family names: the verdict follows from the forward's syntax tree alone.
+No family names: the verdict follows from the forward's syntax tree alone. This module holds the
+verdict (`Rotation`, `rotation`), its per-layer test (`rotates`), the refusal line and the rules
+(`_read`); the pieces of code the rules look for are read by `rope_syntax`.
 """
 
 from __future__ import annotations
@@ -30,11 +32,23 @@ from collections.abc import Callable
 from types import CodeType
 from typing import NamedTuple
 
+from qk_attn.capture.rope_syntax import (
+    APPLY,
+    GIVEN,
+    QUERY_SCALE,
+    attention_calls,
+    is_cache_update,
+    is_query_scale,
+    is_rotary,
+    module_test,
+    name_of,
+    own_nodes,
+    snippet,
+    statement_of,
+    touched,
+)
 from qk_attn.errors import CaptureError
 
-APPLY = "apply_rotary_pos_emb"
-GIVEN = "position_embeddings"  # the forward's (cos, sin): what attention.applied_rotary reads
-QUERY_SCALE = "get_llama_4_attn_scale"  # Ministral 3: q *= 1 + beta*log(1 + floor(pos/orig_max)) after RoPE
 SHAPE = f"`q, k = {APPLY}(q, k, cos, sin)` on the vectors it hands to attention"
 
 
@@ -108,213 +122,37 @@ def refusal_message(module, kind: str, rotated: int | None, head_dim: int) -> st
     )
 
 
-# ---- reading one forward -------------------------------------------------------------------
-
-
-def _name(node) -> str:
-    if isinstance(node, ast.Name):
-        return node.id
-    return node.attr if isinstance(node, ast.Attribute) else ""
-
-
-def _is_rotary(node) -> bool:
-    name = _name(node.func).lower() if isinstance(node, ast.Call) else ""
-    return any(word in name for word in ("rotary", "rope", "rotate"))
-
-
-def _nodes(fn):
-    """Every node of the function's own body (nested functions and classes are not its code)."""
-    stack = list(reversed(fn.body))
-    while stack:
-        node = stack.pop()
-        yield node
-        if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef | ast.Lambda):
-            stack.extend(reversed(list(ast.iter_child_nodes(node))))
-
-
-def _statement_of(fn, call) -> tuple[ast.stmt, list[ast.stmt]]:
-    """The statement holding `call` and the compound statements around it (outermost first)."""
-
-    def search(body, outer):
-        for stmt in body:
-            if any(node is call for node in ast.walk(stmt)):
-                inner = [getattr(stmt, f, []) for f in ("body", "orelse", "finalbody", "handlers")]
-                for block in inner:
-                    if isinstance(block, list) and block and isinstance(block[0], ast.stmt):
-                        found = search(block, [*outer, stmt])
-                        if found is not None:
-                            return found
-                return stmt, outer
-        return None
-
-    return search(fn.body, [])
-
-
-def _code(node) -> str:
-    text = " ".join(ast.unparse(node).split())
-    return text if len(text) <= 100 else text[:97] + "..."
-
-
-def _bound(stmt) -> list[ast.expr]:
-    """The targets a statement binds or writes into."""
-    if isinstance(stmt, ast.Assign):
-        return stmt.targets
-    if isinstance(stmt, ast.AugAssign | ast.AnnAssign | ast.For | ast.AsyncFor):
-        return [stmt.target]
-    if isinstance(stmt, ast.With | ast.AsyncWith):
-        return [item.optional_vars for item in stmt.items if item.optional_vars is not None]
-    return []
-
-
-_COMPOUND = (ast.If, ast.For, ast.AsyncFor, ast.While, ast.With, ast.AsyncWith, ast.Try, ast.Match)
-
-
-def _touched(node, names: set[str]) -> set[str]:
-    """Which of `names` a statement (or `:=`) rebinds, writes into (`q[...] = `) or changes in place
-    (`q.mul_()`). A compound statement's own targets only: the statements inside it are nodes too."""
-    if isinstance(node, ast.NamedExpr):
-        return {node.target.id} & names
-    if not isinstance(node, ast.stmt):
-        return set()
-    out = set()
-    for target in _bound(node):
-        for sub in ast.walk(target):
-            if isinstance(sub, ast.Name) and sub.id in names:
-                out.add(sub.id)
-    if isinstance(node, _COMPOUND):
-        return out
-    for node in ast.walk(node):
-        if isinstance(node, ast.NamedExpr) and node.target.id in names:
-            out.add(node.target.id)
-        if (
-            isinstance(node, ast.Call)
-            and isinstance(node.func, ast.Attribute)
-            and node.func.attr.endswith("_")
-            and not node.func.attr.startswith("_")
-            and isinstance(node.func.value, ast.Name)
-            and node.func.value.id in names
-        ):
-            out.add(node.func.value.id)
-    return out
-
-
-def _is_cache_update(stmt, key: str) -> bool:
-    """`key, value = cache.update(key, value, ...)`: the cached keys join the new ones, unchanged."""
-    if not (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Tuple)):
-        return False
-    first = stmt.targets[0].elts[0]
-    call = stmt.value
-    return (
-        isinstance(first, ast.Name)
-        and first.id == key
-        and isinstance(call, ast.Call)
-        and isinstance(call.func, ast.Attribute)
-        and call.func.attr == "update"
-        and bool(call.args)
-        and isinstance(call.args[0], ast.Name)
-        and call.args[0].id == key
-    )
-
-
-def _is_query_scale(stmt, query: str) -> bool:
-    """`query = query * get_llama_4_attn_scale(...)...` (undone by rope.query_scale)."""
-    if not (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)):
-        return False
-    value = stmt.value
-    typed = {  # `.to(query.dtype)`: the scale's type, not the query's values
-        id(n.value) for n in ast.walk(value) if isinstance(n, ast.Attribute) and n.attr in ("dtype", "device")
-    }
-    return (
-        stmt.targets[0].id == query
-        and isinstance(value, ast.BinOp)
-        and isinstance(value.op, ast.Mult)
-        and isinstance(value.left, ast.Name)
-        and value.left.id == query
-        and any(isinstance(n, ast.Call) and _name(n.func) == QUERY_SCALE for n in ast.walk(value.right))
-        and not any(isinstance(n, ast.Name) and n.id == query for n in ast.walk(value.right) if id(n) not in typed)
-    )
-
-
-_TEST_NODES = (
-    ast.Expression,
-    ast.Attribute,
-    ast.Name,
-    ast.Constant,
-    ast.Compare,
-    ast.BoolOp,
-    ast.UnaryOp,
-    ast.Tuple,
-    ast.Load,
-    ast.And,
-    ast.Or,
-    ast.Not,
-    ast.Is,
-    ast.IsNot,
-    ast.Eq,
-    ast.NotEq,
-    ast.In,
-    ast.NotIn,
-)
-
-
-def _module_test(test, self_name: str) -> CodeType | None:
-    """The `if` test compiled, when it reads only constants, the module's attributes (`self.a.b`) and
-    the forward's position_embeddings argument (`position_embeddings is not None`)."""
-    for node in ast.walk(test):
-        if not isinstance(node, _TEST_NODES):
-            return None
-        if isinstance(node, ast.Name) and node.id not in (self_name, GIVEN):
-            return None
-        if isinstance(node, ast.UnaryOp) and not isinstance(node.op, ast.Not):
-            return None
-    if self_name != "self":  # evaluated with the module bound to `self`
-        test = ast.fix_missing_locations(_Rename(self_name).visit(test))
-    return compile(ast.Expression(test), "<rotation test>", "eval")
-
-
-class _Rename(ast.NodeTransformer):
-    def __init__(self, name: str):
-        self.name = name
-
-    def visit_Name(self, node):
-        return ast.copy_location(ast.Name("self", node.ctx), node) if node.id == self.name else node
-
-
-def _attention_calls(fn, self_name: str) -> list[ast.Call]:
-    """Calls that hand the attention function `(self, query, key, value, ...)`."""
-    return [
-        node
-        for node in _nodes(fn)
-        if isinstance(node, ast.Call)
-        and len(node.args) >= 3
-        and isinstance(node.args[0], ast.Name)
-        and node.args[0].id == self_name
-        and any(word in _name(node.func).lower() for word in ("attention", "interface"))
-    ]
+# ---- the rules, on one forward's tree (the pieces: rope_syntax) -----------------------------
 
 
 def _read(fn, forward) -> Rotation:
+    """The rules, in order: the first one the forward breaks is its refusal; none broken, what
+    `rotates` and rope.pre_rope_rows need (the test, the forward's code, its apply and query scale)."""
     params = [a.arg for a in (*fn.args.posonlyargs, *fn.args.args, *fn.args.kwonlyargs)]
     self_name = params[0] if params else "self"
-    calls = [node for node in _nodes(fn) if _is_rotary(node)]
+    calls = [node for node in own_nodes(fn) if is_rotary(node)]
     if not calls:
         return Rotation(f"calls no {APPLY} (it applies RoPE some other way, or not at all)")
-    attention = _attention_calls(fn, self_name)
+    attention = attention_calls(fn, self_name)
     if not attention:
         return Rotation("hands q and k to no attention function call of the form `f(self, query, key, value, ...)`")
-    handed = {tuple(_code(a) for a in found.args[1:3]) for found in attention}
+    handed = {tuple(snippet(a) for a in found.args[1:3]) for found in attention}
     if len(handed) > 1:
         return Rotation(f"attends with different vectors in its {len(attention)} attention calls")
     cos_sin = {  # the names `cos, sin = position_embeddings` binds
         t.id
-        for n in _nodes(fn)
+        for n in own_nodes(fn)
         if isinstance(n, ast.Assign) and isinstance(n.value, ast.Name) and n.value.id == GIVEN
         for t in (n.targets[0].elts if isinstance(n.targets[0], ast.Tuple) else [])
         if isinstance(t, ast.Name)
     }
     (query, key), rotated = (
         handed.pop(),
-        [tuple(_code(a) for a in c.args[:2]) for c in calls if len(c.args) == 4 and _code(c.args[1]) not in cos_sin],
+        [
+            tuple(snippet(a) for a in c.args[:2])
+            for c in calls
+            if len(c.args) == 4 and snippet(c.args[1]) not in cos_sin
+        ],
     )
     if len(rotated) == len(calls) and (query, key) not in rotated:
         return Rotation(
@@ -323,11 +161,11 @@ def _read(fn, forward) -> Rotation:
             split=True,
         )
     if len(calls) > 1:
-        return Rotation(f"rotates in {len(calls)} calls ({', '.join(f'`{_code(c)}`' for c in calls)})")
+        return Rotation(f"rotates in {len(calls)} calls ({', '.join(f'`{snippet(c)}`' for c in calls)})")
     call = calls[0]
-    stmt, outer = _statement_of(fn, call)
-    if _name(call.func) != APPLY or not isinstance(call.func, ast.Name):
-        return Rotation(f"rotates with another function (`{_code(stmt)}`)")
+    stmt, outer = statement_of(fn, call)
+    if name_of(call.func) != APPLY or not isinstance(call.func, ast.Name):
+        return Rotation(f"rotates with another function (`{snippet(stmt)}`)")
     targets = stmt.targets[0].elts if isinstance(stmt, ast.Assign) and isinstance(stmt.targets[0], ast.Tuple) else []
     names = [t.id for t in targets if isinstance(t, ast.Name)]
     args = [a.id for a in call.args if isinstance(a, ast.Name)]
@@ -342,17 +180,17 @@ def _read(fn, forward) -> Rotation:
         or call.keywords
         or args[:2] != names
     ):
-        return Rotation(f"rotates with `{_code(stmt)}`")
+        return Rotation(f"rotates with `{snippet(stmt)}`")
     if names != [query, key]:
         return Rotation(f"rotates `{', '.join(names)}` but attends with `{query}, {key}`")
     # cos and sin: exactly the position_embeddings the forward was given, unpacked last before the
     # rotation in its own block or the forward's body
     if GIVEN not in params:
         return Rotation(f"takes no {GIVEN} argument")
-    if changed := [node for node in _nodes(fn) if _touched(node, {GIVEN})]:
-        return Rotation(f"changes the {GIVEN} it was given (`{_code(changed[0])}`)")
+    if changed := [node for node in own_nodes(fn) if touched(node, {GIVEN})]:
+        return Rotation(f"changes the {GIVEN} it was given (`{snippet(changed[0])}`)")
     writes = sorted(
-        (node for node in _nodes(fn) if _touched(node, set(args[2:])) and node.lineno < stmt.lineno),
+        (node for node in own_nodes(fn) if touched(node, set(args[2:])) and node.lineno < stmt.lineno),
         key=lambda node: node.lineno,
     )
     unpack = writes[-1] if writes else stmt
@@ -365,31 +203,31 @@ def _read(fn, forward) -> Rotation:
         and unpack.value.id == GIVEN
         and (unpack in fn.body or (outer and unpack in outer[-1].body))
     ):
-        return Rotation(f"rotates with a cos/sin other than the {GIVEN} it was given (`{_code(unpack)}`)")
+        return Rotation(f"rotates with a cos/sin other than the {GIVEN} it was given (`{snippet(unpack)}`)")
     condition, reads_given = None, False
     if outer:
         test = outer[0]
         if len(outer) > 1 or not isinstance(test, ast.If) or test.orelse or stmt not in test.body:
-            return Rotation(f"rotates inside `{_code(outer[-1]).split(':')[0]}:` ({_code(stmt)})")
-        condition = _module_test(test.test, self_name)
+            return Rotation(f"rotates inside `{snippet(outer[-1]).split(':')[0]}:` ({snippet(stmt)})")
+        condition = module_test(test.test, self_name)
         if condition is None:
             return Rotation(
-                f"rotates only when `{_code(test.test)}`, which is not a test of the module's own attributes "
+                f"rotates only when `{snippet(test.test)}`, which is not a test of the module's own attributes "
                 f"or of its {GIVEN}"
             )
         reads_given = any(isinstance(n, ast.Name) and n.id == GIVEN for n in ast.walk(test.test))
     scaled = False
     last = max(node.lineno for node in attention)
-    for node in _nodes(fn):
-        if not (stmt.end_lineno < getattr(node, "lineno", 0) <= last) or not _touched(node, {query, key}):
+    for node in own_nodes(fn):
+        if not (stmt.end_lineno < getattr(node, "lineno", 0) <= last) or not touched(node, {query, key}):
             continue
-        if _is_cache_update(node, key):
+        if is_cache_update(node, key):
             continue
-        if _is_query_scale(node, query):
+        if is_query_scale(node, query):
             scaled = True
             continue
-        changed = ", ".join(sorted(_touched(node, {query, key})))
-        return Rotation(f"changes {changed} after rotating it (`{_code(node)}`)")
+        changed = ", ".join(sorted(touched(node, {query, key})))
+        return Rotation(f"changes {changed} after rotating it (`{snippet(node)}`)")
     namespace = forward.__globals__
     apply = namespace.get(APPLY)
     if not callable(apply):

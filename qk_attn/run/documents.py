@@ -1,7 +1,7 @@
 """The documents of a run: the dataset as `datasets` loads it, example ids, and the rows in order.
 
 load_rows       datasets.load_dataset (Hub id, local jsonl/json/parquet/csv/txt, folder);
-                local files are checked first (qk_attn.run.preflight)
+                local files are checked first (qk_attn.run.input_checks)
 normalize_id    a dataset's id -> the int64 example_id the capture records
 iter_documents  Documents in dataset order, at most dataset.max_samples; duplicates refused
 """
@@ -105,7 +105,7 @@ def load_rows(cfg: DatasetSection):
     Local text files are checked first (empty, not UTF-8), and the builder's own failures on
     them become one `ConfigError` naming `dataset.path`.
     """
-    from qk_attn.run.preflight import check_hub, check_local_files
+    from qk_attn.run.input_checks import check_hub, check_local_files
 
     path = _resolved_path(cfg)
     if _local_builder(path) is not None:

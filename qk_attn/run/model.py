@@ -37,7 +37,7 @@ def load_model_config(config: RunConfig, name: str):
     if local and not Path(os.path.expanduser(cfg.name)).exists():
         raise ConfigError(f"model.name={cfg.name!r} does not exist: no such folder (a Hub id looks like org/name)")
     if not Path(os.path.expanduser(name)).exists():
-        from qk_attn.run.preflight import check_hub
+        from qk_attn.run.input_checks import check_hub
 
         check_hub(f"model.name={cfg.name!r}", "model")
     try:
@@ -128,7 +128,7 @@ def load_tokenizer(config: RunConfig, name: str):
     from transformers import AutoTokenizer
 
     from qk_attn.run.documents import missing_local_path
-    from qk_attn.run.preflight import check_hub
+    from qk_attn.run.input_checks import check_hub
 
     key = "tokenizer.name" if config.tokenizer.name else "model.name"
     if not Path(os.path.expanduser(name)).exists():

@@ -15,8 +15,7 @@ from pathlib import Path
 
 from qk_attn.capture.plan import ModelShape
 from qk_attn.config import SniffConfig
-from qk_attn.errors import ConfigError
-from qk_attn.run.preflight import one_line
+from qk_attn.errors import ConfigError, one_line
 
 
 def _existing_ancestor(path: Path) -> Path:

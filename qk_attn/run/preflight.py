@@ -1,35 +1,33 @@
 """Checks `qk-sniff run` makes before any weights load: each failure is one `ConfigError` line.
 
     model      layers, query heads and key heads asked for exist in the model's config
-               (AutoConfig); the plan records something
+               (AutoConfig); the plan records something; a decoder, on a device this machine
+               has, built with its config_overrides
     output     the output folder can take the capture: qk_attn.run.output_checks
-    hub        a Hub model or dataset id: the Hub answers one short probe (no retry storm)
-    dataset    local files non-empty UTF-8, Parquet files with rows; the dataset has rows; ids
-               unique; documents fit the model's positions (map-style datasets)
+    hub        a Hub model or dataset id: the Hub answers one short probe (no retry storm):
+               qk_attn.run.input_checks
+    dataset    local files non-empty UTF-8, Parquet files with rows; ids unique
+               (qk_attn.run.input_checks); the dataset has rows; documents fit the model's
+               positions (map-style datasets)
     size       the expected rows and bytes (qk_attn.run.estimate) fit under `capture.max_gb`
 
-Every message names the YAML key, the value and what is allowed.
+This module holds the model's checks, the positions check and the size limit. Every message
+names the YAML key, the value and what is allowed.
 """
 
 from __future__ import annotations
 
-import codecs
-import functools
-import glob
 import os
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from qk_attn.capture.plan import HeadPlan, ModelShape
 from qk_attn.config import SniffConfig
-from qk_attn.errors import ConfigError
+from qk_attn.errors import ConfigError, one_line
 
-UTF8_CHUNK = 1 << 20
-TEXT_SUFFIXES = (".jsonl", ".json", ".csv", ".txt")
 DEFAULT_FREE_FRACTION = 0.5  # capture.max_gb default: this fraction of the free space at the output
-HUB_PROBE_TIMEOUT_S = 3.0
 
 
 # ---- the model ------------------------------------------------------------------------------
@@ -70,7 +68,7 @@ def check_device(device: str | None) -> None:
         parsed = torch.device(device)
     except (RuntimeError, TypeError, ValueError) as error:
         raise ConfigError(
-            f"model.device={device!r} is invalid: not a torch device ({one_line(str(error))}); expected {expected}"
+            f"model.device={device!r} is invalid: not a torch device ({one_line(error)}); expected {expected}"
         ) from None
     if parsed.type == "cpu":
         return
@@ -115,7 +113,7 @@ def check_overrides_build(
         except Exception:  # noqa: BLE001 - this model is not built on the meta device at all
             return
         raise ConfigError(
-            f"{label}: {where} cannot be built with them ({type(error).__name__}: {one_line(str(error))})"
+            f"{label}: {where} cannot be built with them ({type(error).__name__}: {one_line(error)})"
         ) from None
     files = sorted(Path(os.path.expanduser(folder)).glob("*.safetensors")) if folder else []
     if not files:
@@ -179,118 +177,6 @@ def check_plan(
     return plan
 
 
-def one_line(text: str) -> str:
-    """A message's lines joined into one (each stripped, blank ones dropped)."""
-    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
-
-
-# ---- the dataset -----------------------------------------------------------------------------
-def local_files(path: str) -> list[Path]:
-    """The files a local file or glob names (a folder or Hub id: none)."""
-    expanded = os.path.expanduser(path)
-    if any(ch in expanded for ch in "*?["):
-        return [Path(p) for p in sorted(glob.glob(expanded)) if os.path.isfile(p)]
-    return [Path(expanded)] if os.path.isfile(expanded) else []
-
-
-def first_bad_utf8(path: Path) -> tuple[int, int] | None:
-    """(offset, byte) of the first byte that is not valid UTF-8, or None; reads the file in chunks."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    offset = 0
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(UTF8_CHUNK)
-            final = not chunk
-            try:
-                decoder.decode(chunk, final=final)
-            except UnicodeDecodeError as error:
-                # error.start counts from the decoder's pending bytes (< 4) plus this chunk
-                pending = len(error.object) - len(chunk)
-                return offset + error.start - pending, error.object[error.start]
-            if final:
-                return None
-            offset += len(chunk)
-
-
-def check_local_files(cfg) -> None:
-    """Text files of `dataset.path` exist, are not empty and are UTF-8 (datasets would fail later
-    with StopIteration or a decoding error deep in its builder)."""
-    path = cfg.path
-    where = f"dataset.path={path!r}"
-    expanded = os.path.expanduser(path)
-    files = local_files(path)
-    if any(ch in expanded for ch in "*?[") and not files:
-        raise ConfigError(f"{where} matches no file")
-    for file in files:
-        name = file.name.lower()
-        if name.endswith(".parquet"):
-            _check_parquet(file, where)
-            continue
-        if not name.endswith(TEXT_SUFFIXES):  # parquet/arrow are binary; compressed files are checked by datasets
-            continue
-        if file.stat().st_size == 0:
-            raise ConfigError(f"{where}: {file} is empty (0 bytes); a run needs at least one document")
-        bad = first_bad_utf8(file)
-        if bad is not None:
-            offset, byte = bad
-            raise ConfigError(
-                f"{where}: {file} is not UTF-8 text (byte 0x{byte:02x} at offset {offset:,}); "
-                f"convert it, e.g. `iconv -f latin1 -t utf-8 {file.name} > {file.stem}.utf8{file.suffix}`"
-            )
-
-
-def _check_parquet(file: Path, where: str) -> None:
-    """A Parquet file has a readable footer and rows (datasets fails on 0 rows with Arrow's
-    'BatchSize must be greater than 0')."""
-    import pyarrow.parquet as pq
-
-    try:
-        rows = pq.read_metadata(file).num_rows
-    except (OSError, ValueError) as error:
-        raise ConfigError(
-            f"{where}: {file} is not a readable Parquet file ({type(error).__name__}: {one_line(str(error))})"
-        ) from None
-    if rows == 0:
-        raise ConfigError(
-            f"{where}: {file} has no rows (a Parquet file with 0 rows); a run needs at least one document"
-        )
-
-
-# ---- the Hub ---------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=4)
-def _hub_probe(endpoint: str) -> str | None:
-    """Why `endpoint` does not answer one HTTP request within HUB_PROBE_TIMEOUT_S, or None (any
-    answer, even an error status, means it is reachable). Through huggingface_hub's own client,
-    so its proxy and certificate settings apply."""
-    from huggingface_hub.utils import get_session
-
-    try:
-        get_session().head(endpoint, timeout=HUB_PROBE_TIMEOUT_S)
-    except Exception as error:  # noqa: BLE001 - whatever the HTTP client raises: not reachable
-        cause = error
-        while cause.__cause__ is not None or cause.__context__ is not None:
-            cause = cause.__cause__ or cause.__context__
-        return one_line(str(cause) or type(cause).__name__)
-    return None
-
-
-def check_hub(where: str, what: str) -> None:
-    """Before a Hub id is loaded: the Hub answers (one probe per process), else one line instead
-    of huggingface_hub's retries (5, over about 25 s). With HF_HUB_OFFLINE=1 nothing is probed: the
-    libraries use their cache and fail at once."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return
-    why = _hub_probe(constants.ENDPOINT)
-    if why is not None:
-        raise ConfigError(
-            f"{where} is a Hub {what} id, but the Hub ({constants.ENDPOINT}) cannot be reached ({why}); "
-            f"connect to the network, give a local {what} path, or set HF_HUB_OFFLINE=1 to use a copy "
-            "in the local Hugging Face cache"
-        )
-
-
 def check_positions(
     max_length: int, limit: int | None, longest: tuple[Any, int] | None, model: str, streaming: bool
 ) -> None:
@@ -320,22 +206,6 @@ def model_positions(model_config) -> int | None:
     text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     value = getattr(text, "max_position_embeddings", None)
     return value if isinstance(value, int) and 0 < value < 10**9 else None
-
-
-def check_ids(ids: Iterable[Any], normalize: Callable[[Any], int], id_column: str) -> None:
-    """No two rows map to the same example_id (the capture would mix their rows)."""
-    seen: dict[int, tuple[int, Any]] = {}
-    for index, value in enumerate(ids):
-        example = normalize(value)
-        if example in seen:
-            first, other = seen[example]
-            same = "the same id" if other == value else f"the same example_id {example} as id {other!r}"
-            raise ConfigError(
-                f"dataset.id_column={id_column!r}: rows {first} and {index} have {same} ({value!r}); "
-                "ids must be unique: choose a unique column, or leave dataset.id_column unset to use "
-                "row numbers"
-            )
-        seen[example] = (index, value)
 
 
 # ---- the size of the run ---------------------------------------------------------------------

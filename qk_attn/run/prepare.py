@@ -3,8 +3,8 @@
 The model's config against the head filters, the tokenizer and max_length, the source record,
 the output folder, the dataset (rows, ids, texts, lengths against the model's positions) and
 the estimated size of the run against capture.max_gb. Each check is one function of
-qk_attn.run.preflight or qk_attn.run.output_checks; this module runs them in order and keeps
-what they found (`Preflight`).
+qk_attn.run.preflight, qk_attn.run.input_checks or qk_attn.run.output_checks; this module runs
+them in order and keeps what they found (`Preflight`).
 `check` is `qk-sniff run --dry-run`: these steps alone, no weights loaded, nothing written.
 """
 
@@ -216,7 +216,7 @@ def _document_lengths(
     longest as (source id, tokens), and how many are longer than max_length; checks ids and texts
     first. Documents an earlier run committed (resume) and other ranks' documents are left out.
     """
-    from qk_attn.run import preflight as checks
+    from qk_attn.run.input_checks import check_ids
     from qk_attn.storage.layout import Files
     from qk_attn.storage.manifest import read_manifest
 
@@ -230,7 +230,7 @@ def _document_lengths(
             )
     ids = head[cfg.id_column] if cfg.id_column is not None else range(total)
     if cfg.id_column is not None:
-        checks.check_ids(ids, normalize_id, cfg.id_column)
+        check_ids(ids, normalize_id, cfg.id_column)
     committed: set[int] = set()
     root = Path(os.path.expanduser(config.output.data_root))
     if check_output and root.is_dir() and not config.output.overwrite:

@@ -134,14 +134,14 @@ def test_csv_with_a_header_only_and_text_not_utf8(tiny_model, tmp_path, capsys, 
 
 
 def test_utf8_check_across_chunk_boundaries(tmp_path, monkeypatch):
-    from qk_attn.run import preflight
+    from qk_attn.run import input_checks
 
-    monkeypatch.setattr(preflight, "UTF8_CHUNK", 3)
+    monkeypatch.setattr(input_checks, "UTF8_CHUNK", 3)
     path = tmp_path / "x.txt"
     path.write_bytes("aé€😀".encode() + b"\xff")  # multi-byte characters split across chunks, then a bad byte
-    assert preflight.first_bad_utf8(path) == (len("aé€😀".encode()), 0xFF)
+    assert input_checks.first_bad_utf8(path) == (len("aé€😀".encode()), 0xFF)
     path.write_bytes("aé€😀".encode())
-    assert preflight.first_bad_utf8(path) is None
+    assert input_checks.first_bad_utf8(path) is None
 
 
 # ---- the output folder -------------------------------------------------------------------------

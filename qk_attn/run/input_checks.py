@@ -1,0 +1,150 @@
+"""The inputs a run reads, checked before they load: each failure is one `ConfigError` line.
+
+    hub        a Hub model or dataset id: the Hub answers one short probe (no retry storm)
+    files      local dataset files: non-empty UTF-8 text, Parquet files with rows
+    ids        no two rows of the dataset map to the same example_id
+
+The libraries would fail later and deeper (datasets' builder, huggingface_hub's retries);
+these say which setting, which file or row, and the fix. The checks of the model's config and
+of the run's size are in `preflight`, the output folder's in `output_checks`.
+"""
+
+from __future__ import annotations
+
+import codecs
+import functools
+import glob
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from qk_attn.errors import ConfigError, one_line
+
+UTF8_CHUNK = 1 << 20
+TEXT_SUFFIXES = (".jsonl", ".json", ".csv", ".txt")
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+# ---- the Hub ---------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=4)
+def _hub_probe(endpoint: str) -> str | None:
+    """Why `endpoint` does not answer one HTTP request within HUB_PROBE_TIMEOUT_S, or None (any
+    answer, even an error status, means it is reachable). Through huggingface_hub's own client,
+    so its proxy and certificate settings apply."""
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(endpoint, timeout=HUB_PROBE_TIMEOUT_S)
+    except Exception as error:  # noqa: BLE001 - whatever the HTTP client raises: not reachable
+        cause = error
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            cause = cause.__cause__ or cause.__context__
+        return one_line(cause)
+    return None
+
+
+def check_hub(where: str, what: str) -> None:
+    """Before a Hub id is loaded: the Hub answers (one probe per process), else one line instead
+    of huggingface_hub's retries (5, over about 25 s). With HF_HUB_OFFLINE=1 nothing is probed: the
+    libraries use their cache and fail at once."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return
+    why = _hub_probe(constants.ENDPOINT)
+    if why is not None:
+        raise ConfigError(
+            f"{where} is a Hub {what} id, but the Hub ({constants.ENDPOINT}) cannot be reached ({why}); "
+            f"connect to the network, give a local {what} path, or set HF_HUB_OFFLINE=1 to use a copy "
+            "in the local Hugging Face cache"
+        )
+
+
+# ---- the dataset's files ---------------------------------------------------------------------
+def local_files(path: str) -> list[Path]:
+    """The files a local file or glob names (a folder or Hub id: none)."""
+    expanded = os.path.expanduser(path)
+    if any(ch in expanded for ch in "*?["):
+        return [Path(p) for p in sorted(glob.glob(expanded)) if os.path.isfile(p)]
+    return [Path(expanded)] if os.path.isfile(expanded) else []
+
+
+def first_bad_utf8(path: Path) -> tuple[int, int] | None:
+    """(offset, byte) of the first byte that is not valid UTF-8, or None; reads the file in chunks."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(UTF8_CHUNK)
+            final = not chunk
+            try:
+                decoder.decode(chunk, final=final)
+            except UnicodeDecodeError as error:
+                # error.start counts from the decoder's pending bytes (< 4) plus this chunk
+                pending = len(error.object) - len(chunk)
+                return offset + error.start - pending, error.object[error.start]
+            if final:
+                return None
+            offset += len(chunk)
+
+
+def check_local_files(cfg) -> None:
+    """Text files of `dataset.path` exist, are not empty and are UTF-8 (datasets would fail later
+    with StopIteration or a decoding error deep in its builder)."""
+    path = cfg.path
+    where = f"dataset.path={path!r}"
+    expanded = os.path.expanduser(path)
+    files = local_files(path)
+    if any(ch in expanded for ch in "*?[") and not files:
+        raise ConfigError(f"{where} matches no file")
+    for file in files:
+        name = file.name.lower()
+        if name.endswith(".parquet"):
+            _check_parquet(file, where)
+            continue
+        if not name.endswith(TEXT_SUFFIXES):  # parquet/arrow are binary; compressed files are checked by datasets
+            continue
+        if file.stat().st_size == 0:
+            raise ConfigError(f"{where}: {file} is empty (0 bytes); a run needs at least one document")
+        bad = first_bad_utf8(file)
+        if bad is not None:
+            offset, byte = bad
+            raise ConfigError(
+                f"{where}: {file} is not UTF-8 text (byte 0x{byte:02x} at offset {offset:,}); "
+                f"convert it, e.g. `iconv -f latin1 -t utf-8 {file.name} > {file.stem}.utf8{file.suffix}`"
+            )
+
+
+def _check_parquet(file: Path, where: str) -> None:
+    """A Parquet file has a readable footer and rows (datasets fails on 0 rows with Arrow's
+    'BatchSize must be greater than 0')."""
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_metadata(file).num_rows
+    except (OSError, ValueError) as error:
+        raise ConfigError(
+            f"{where}: {file} is not a readable Parquet file ({type(error).__name__}: {one_line(error)})"
+        ) from None
+    if rows == 0:
+        raise ConfigError(
+            f"{where}: {file} has no rows (a Parquet file with 0 rows); a run needs at least one document"
+        )
+
+
+# ---- the dataset's ids -----------------------------------------------------------------------
+def check_ids(ids: Iterable[Any], normalize: Callable[[Any], int], id_column: str) -> None:
+    """No two rows map to the same example_id (the capture would mix their rows)."""
+    seen: dict[int, tuple[int, Any]] = {}
+    for index, value in enumerate(ids):
+        example = normalize(value)
+        if example in seen:
+            first, other = seen[example]
+            same = "the same id" if other == value else f"the same example_id {example} as id {other!r}"
+            raise ConfigError(
+                f"dataset.id_column={id_column!r}: rows {first} and {index} have {same} ({value!r}); "
+                "ids must be unique: choose a unique column, or leave dataset.id_column unset to use "
+                "row numbers"
+            )
+        seen[example] = (index, value)
