@@ -25,15 +25,40 @@ from qk_attn.storage.manifest import read_manifest
 from qk_attn.storage.settings import is_repo_id
 
 
-def _select(manifest: dict, layer: int | None, head: int | None, kind: str | None) -> list[str]:
+def _index(name: str, value) -> int | None:
+    """`layer` or `head` as an int (None: every one); a bool, float or string is refused, not matched."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not hasattr(value, "__index__") or int(value) < 0:
+        raise ValueError(f"{name}={value!r} is invalid: expected a {name} index (an int >= 0) or None (every {name})")
+    return int(value)
+
+
+def _select(where, manifest: dict, layer, head, kind: str | None) -> list[str]:
+    """The folders with committed rows that match; LookupError naming the first filter that matches
+    nothing and the values this capture holds for it."""
     if kind not in (None, "q", "k"):
         raise ValueError(f"kind={kind!r} is invalid: expected 'q', 'k' or None (both)")
-    keys = []
-    for key, names in sorted(manifest.get("shards", {}).items()):
-        lay, hd, kd = parse_key(key)
-        if names and (layer is None or lay == layer) and (head is None or hd == head) and (kind is None or kd == kind):
-            keys.append(key)
-    return keys
+    wanted = {"layer": _index("layer", layer), "kind": kind, "head": _index("head", head)}
+    keys = {key: parse_key(key) for key, names in sorted(manifest.get("shards", {}).items()) if names}
+    for i, name in ((0, "layer"), (2, "kind"), (1, "head")):  # narrowed in this order: "heads of layer 3"
+        if wanted[name] is None:
+            continue
+        held = sorted({parsed[i] for parsed in keys.values()})
+        keys = {key: parsed for key, parsed in keys.items() if parsed[i] == wanted[name]}
+        if not keys:
+            raise LookupError(
+                f"{where} has no committed rows for layer={layer}, head={head}, kind={kind!r}: "
+                f"{name}={wanted[name]!r} is not among the {name}s with rows ({', '.join(map(str, held)) or 'none'})"
+            )
+    return list(keys)
+
+
+def _check_columns(columns) -> None:
+    if columns is not None and (
+        isinstance(columns, str) or not columns or not all(isinstance(c, str) for c in columns)
+    ):
+        raise ValueError(f"columns={columns!r} is invalid: expected a non-empty list of column names, or None (all)")
 
 
 def _open(path_or_repo: str | os.PathLike, revision: str | None, token) -> tuple[Path, dict, bool]:
@@ -80,13 +105,9 @@ def load(
     `tokens=True` adds a `token` string column: each row's `token_id` decoded with `tokenizer`
     (a tokenizer, or its name or path), by default the one the manifest records.
     """
+    _check_columns(columns)
     root, manifest, remote = _open(path_or_repo, revision, token)
-    keys = _select(manifest, layer, head, kind)
-    if not keys:
-        available = ", ".join(sorted(k for k, v in manifest.get("shards", {}).items() if v)) or "none"
-        raise LookupError(
-            f"{path_or_repo} has no committed rows for layer={layer}, head={head}, kind={kind}; configs: {available}"
-        )
+    keys = _select(path_or_repo, manifest, layer, head, kind)
     if remote:
         from qk_attn.dataset.hub import snapshot
 
@@ -136,6 +157,16 @@ def _read(root: Path, manifest: dict, key: str, name: str, columns: list[str] | 
     problem = check_shard(root, manifest, key, name, read=False)
     if problem:
         raise CorruptShard(f"{root / key / name}: {problem}; run `qk-sniff verify {root}` and `qk-sniff repair {root}`")
+    if columns is not None:  # a name the shards lack is the caller's mistake, not a damaged shard
+        try:
+            names = pq.read_schema(root / key / name).names
+        except Exception:  # noqa: BLE001 - reported as unreadable below
+            names = columns
+        unknown = [c for c in columns if c not in names]
+        if unknown:
+            raise ValueError(
+                f"columns: {', '.join(map(repr, unknown))} not in this capture; its columns: {', '.join(names)}"
+            )
     try:
         return pq.read_table(root / key / name, columns=columns, page_checksum_verification=True)
     except Exception as error:  # noqa: BLE001 - a damaged page in a shard without a digest
@@ -169,6 +200,12 @@ def load_vectors(
 def vectors_of(table: pa.Table) -> torch.Tensor:
     """(N, head_dim) tensor from a table's fixed-size-list `vector` column, without row loops."""
     column = table.column("vector").combine_chunks()
+    if not pa.types.is_fixed_size_list(column.type):  # concat_rows made it a list: head sizes differ
+        sizes = sorted(set(pc.list_value_length(column).unique().to_pylist()))
+        raise ValueError(
+            f"the vectors have different head sizes ({', '.join(map(str, sizes))}): they form no one (N, head_dim) "
+            "tensor; pass layer= (or load() for a table of lists)"
+        )
     dim = column.type.list_size
     # flatten() honours slicing offsets (`.values` would not).
     flat = column.flatten().to_numpy(zero_copy_only=False)

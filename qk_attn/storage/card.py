@@ -14,6 +14,7 @@ manifest, which the saver writes from the same tables it writes to the shards.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import yaml
@@ -22,9 +23,12 @@ from huggingface_hub import DatasetCard, DatasetCardData
 from qk_attn.sampler import Sampler
 from qk_attn.storage.chart import bucket_chart, per_example_head, sampler_of
 from qk_attn.storage.coverage import coverage, coverage_text, markdown_table
+from qk_attn.storage.folder import card_is_ours
 from qk_attn.storage.layout import CARD, CHART, key_name, parse_key
 from qk_attn.storage.manifest import read_manifest
 from qk_attn.storage.settings import public_value
+
+logger = logging.getLogger(__name__)
 
 
 def dataset_configs(shards: dict[str, list[str]], examples_file: str | None = None) -> dict[str, dict]:
@@ -47,14 +51,65 @@ def dataset_configs(shards: dict[str, list[str]], examples_file: str | None = No
     return configs
 
 
-def render_card(manifest: dict, where: str, revision: str | None = None, chart: bool = True) -> DatasetCard:
+def head_dims(output: str | Path, manifest: dict) -> dict[str, int]:
+    """Folder name -> the head size of its vectors, from the schema of its first committed shard
+    (a footer read; folders whose shard cannot be read are left out)."""
+    import pyarrow.parquet as pq
+
+    dims = {}
+    for key, names in manifest.get("shards", {}).items():
+        try:
+            dims[key] = pq.read_schema(Path(output) / key / names[0]).field("vector").type.list_size
+        except (IndexError, OSError, KeyError, AttributeError, ValueError):  # no shard, or not readable
+            continue
+    return dims
+
+
+def mixed_size_features(manifest: dict, dims: dict[str, int]) -> list[dict]:
+    """`dataset_info` entries for the configs whose folders differ in head size (Gemma 4's global
+    layers): their `vector` is a variable-length list, as in qk_attn.load, so that `datasets`
+    can put the folders in one table (it cannot concatenate fixed-size lists of different sizes)."""
+    groups: dict[str, set[int]] = {}
+    for key, dim in dims.items():
+        layer, _, kind = parse_key(key)
+        for name in (f"layer{layer:02d}_{kind}", f"all_{kind}"):
+            groups.setdefault(name, set()).add(dim)
+    columns = manifest.get("columns") or {}
+    features = [
+        {"name": name, "dtype": dtype}
+        for name, dtype in (
+            ("example_id", "int64"),
+            ("position", "int32"),
+            ("bucket", "int32"),
+            ("layer", "int16"),
+            ("head", "int16"),
+            ("kind", "string"),
+            ("sliding_window", "int32"),
+        )
+    ]
+    features.append({"name": "vector", "list": manifest.get("vector_dtype", "float32")})
+    features += [{"name": "token_id", "dtype": "int32"}] * bool(columns.get("token_id"))
+    features += [{"name": "token_str", "dtype": "string"}] * bool(columns.get("token_str"))
+    return [  # a copy each: the same object twice would be written as a YAML alias
+        {"config_name": name, "features": [dict(f) for f in features]}
+        for name, sizes in sorted(groups.items())
+        if len(sizes) > 1
+    ]
+
+
+def render_card(
+    manifest: dict, where: str, revision: str | None = None, chart: bool = True, dims: dict[str, int] | None = None
+) -> DatasetCard:
     """The card for a capture whose manifest is `manifest`, loadable from `where` (path or repo id)."""
-    return DatasetCard(card_text(manifest, where, revision, chart))
+    return DatasetCard(card_text(manifest, where, revision, chart, dims))
 
 
-def card_text(manifest: dict, where: str, revision: str | None = None, chart: bool = True) -> str:
+def card_text(
+    manifest: dict, where: str, revision: str | None = None, chart: bool = True, dims: dict[str, int] | None = None
+) -> str:
     """`render_card`'s Markdown, YAML header included. Written as is at close: parsing it back
-    into a DatasetCard and dumping it again would cost a second or more for a dense plan."""
+    into a DatasetCard and dumping it again would cost a second or more for a dense plan.
+    `dims` (folder -> head size, `head_dims`) matters where folders differ in head size."""
     model = manifest.get("model") or {}
     source = manifest.get("source") or {}
     config = manifest.get("config", {})
@@ -73,6 +128,10 @@ def card_text(manifest: dict, where: str, revision: str | None = None, chart: bo
     examples_file = (manifest.get("examples_file") or {}).get("name")
     configs = dataset_configs(manifest.get("shards", {}), examples_file)
     data["configs"] = [{"config_name": name, **config} for name, config in sorted(configs.items())]
+    dims = {k: d for k, d in (dims or {}).items() if k in configs}
+    features = mixed_size_features(manifest, dims)
+    if features:
+        data["dataset_info"] = features
 
     total = {k: sum(n for key, n in rows.items() if key.endswith(k)) for k in "qk"}
     rev = f", revision={revision!r}" if revision else ""
@@ -103,8 +162,9 @@ def card_text(manifest: dict, where: str, revision: str | None = None, chart: bo
         "One config per `(layer, head, kind)` folder (`l03h01k`: layer 3, key head 1), per layer and kind "
         "(`layer03_q`, `layer03_k`) and per kind (`all_q`, `all_k`). Columns: `example_id` int64, `position` int32 "
         "(the RoPE position), `bucket` int32, `layer` int16, `head` int16, `kind` string, `sliding_window` int32 "
-        f"(null on full-attention layers), `vector` fixed-size list of {manifest.get('vector_dtype', 'float32')} "
-        f"[{plan.get('head_dim', 'head_dim')}]" + _token_columns_text(manifest) + ".",
+        f"(null on full-attention layers), `vector` {_vector_text(manifest, dims)}"
+        + _token_columns_text(manifest)
+        + ".",
         "## Loading",
         "```python\nfrom datasets import load_dataset\n\n"
         f"ds = load_dataset({where!r}, {first!r}, split=\"train\"{rev})  # one head; 'layer{layer:02d}_{kind}', 'all_{kind}' for more\n\n"
@@ -166,6 +226,21 @@ def card_text(manifest: dict, where: str, revision: str | None = None, chart: bo
         parts.append(f"![rows per bucket]({CHART})")
     parts += ["## Coverage", coverage_text(manifest, cov), "## Provenance", _provenance(manifest, max_length)]
     return f"---\n{_yaml(data)}\n---\n\n" + "\n\n".join(parts) + "\n"
+
+
+def _vector_text(manifest: dict, dims: dict[str, int]) -> str:
+    """The `vector` column's type; where layers differ in head size, each size and its layers."""
+    dtype = manifest.get("vector_dtype", "float32")
+    layers: dict[int, set[int]] = {}
+    for key, dim in dims.items():
+        layers.setdefault(dim, set()).add(parse_key(key)[0])
+    if len(layers) < 2:
+        return f"fixed-size list of {dtype} [{next(iter(layers), (manifest.get('plan') or {}).get('head_dim', 'head_dim'))}]"
+    sizes = "; ".join(f"[{dim}] in layers {', '.join(map(str, sorted(ls)))}" for dim, ls in sorted(layers.items()))
+    return (
+        f"fixed-size list of {dtype}: {sizes} (configs that mix head sizes, such as `all_q`, give a "
+        "variable-length list)"
+    )
 
 
 def _token_columns_text(manifest: dict) -> str:
@@ -278,15 +353,20 @@ def _yaml(data: DatasetCardData) -> str:
 
 def write_card(
     output: str | Path, manifest: dict | None = None, repo_id: str | None = None, revision: str | None = None
-) -> Path:
-    """Write OUT/README.md (and OUT/buckets.png) from the manifest; returns the card's path."""
+) -> Path | None:
+    """Write OUT/README.md (and OUT/buckets.png) from the manifest; returns the card's path, or None
+    when OUT/README.md is someone else's (folder.card_is_ours), which is never overwritten."""
     output = Path(output)
     manifest = manifest if manifest is not None else read_manifest(output)
     if manifest is None:
         raise FileNotFoundError(f"{output} has no qk_sniff.json: not a capture folder")
+    if not card_is_ours(output):  # checked here, for every writer: close, repair, merge, push
+        logger.warning("qk-sniff: %s/README.md was not written by qk-sniff; the dataset card is not written", output)
+        return None
     chart = bucket_chart(manifest, output / CHART)
     # A local card names the folder relative to where it sits: no absolute path is published.
-    text = card_text(manifest, repo_id or output.resolve().name, revision if repo_id else None, chart)
+    where = repo_id or output.resolve().name
+    text = card_text(manifest, where, revision if repo_id else None, chart, head_dims(output, manifest))
     with open(output / CARD, "w", newline="", encoding="utf-8") as f:
         f.write(text)
     return output / CARD

@@ -228,7 +228,8 @@ def remove_dataset(output: Path, files: Files = Files()) -> None:
             if child.is_dir() and parse_key(child.name) is not None:
                 shutil.rmtree(child)
             elif child.name in (*ours, *CARD_FILES) or PART_FILES_RE.fullmatch(child.name):
-                child.unlink()
+                if child.name != CARD or card_is_ours(output):  # a README of the user's own stays
+                    child.unlink()
         return
     owners = [files] + ([Files()] if files.rank == 0 else [])
     for folder in output.iterdir():
@@ -239,7 +240,8 @@ def remove_dataset(output: Path, files: Files = Files()) -> None:
     for name in [files.manifest, previous_name(files.manifest), files.examples] + (
         [*ours, *CARD_FILES] if files.rank == 0 else []
     ):
-        (output / name).unlink(missing_ok=True)
+        if name != CARD or card_is_ours(output):  # a README of the user's own stays
+            (output / name).unlink(missing_ok=True)
 
 
 def card_is_ours(output: Path) -> bool:

@@ -29,7 +29,6 @@ from qk_attn.capture.batch import CaptureBatch, HostReader, HostRows
 from qk_attn.capture.refusals import REFUSALS
 from qk_attn.storage.commit import Committer
 from qk_attn.storage.examples import write_examples
-from qk_attn.storage.folder import card_is_ours
 from qk_attn.storage.layout import key_names
 from qk_attn.storage.manifest import write_json_atomic
 from qk_attn.storage.segment import Segment
@@ -321,9 +320,4 @@ class SaverThread(Committer):
         if self.files.rank is None:
             from qk_attn.storage.card import write_card  # huggingface_hub and yaml: imported at close only
 
-            if card_is_ours(self.output):
-                write_card(self.output, manifest)
-            else:
-                logger.warning(
-                    "qk-sniff: %s/README.md was not written by qk-sniff; the dataset card is not written", self.output
-                )
+            write_card(self.output, manifest)

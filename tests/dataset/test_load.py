@@ -52,7 +52,9 @@ def test_load_selects_exactly_one_head_a_layer_or_everything(captured):
     keys = qk_attn.load(captured, layer=1, kind="k")
     assert sort_rows(keys).equals(sort_rows(_where(everything, layer=1, kind="k")))
     assert sort_rows(qk_attn.load(captured)).equals(sort_rows(everything))
-    with pytest.raises(LookupError, match="no committed rows for layer=0, head=3, kind=k"):
+    with pytest.raises(
+        LookupError, match="no committed rows for layer=0, head=3, kind=.k.: head=3 is not among the heads with rows"
+    ):
         qk_attn.load(captured, layer=0, head=3, kind="k")  # only 2 KV heads
     with pytest.raises(ValueError, match="kind='v'"):
         qk_attn.load(captured, layer=0, kind="v")

@@ -1,0 +1,148 @@
+"""The dataset card's configs load with `datasets` exactly as the files hold them, also where layers
+differ in head size; a README.md the capture did not write is never replaced or deleted."""
+
+from __future__ import annotations
+
+import re
+
+import datasets
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+import transformers as tf
+from huggingface_hub import DatasetCard
+
+import qk_attn
+from qk_attn.capture.schema import concat_rows
+from qk_attn.config import SniffConfig
+from qk_attn.run import distributed
+from qk_attn.storage.card import write_card
+from qk_attn.storage.manifest import read_manifest
+from qk_attn.storage.sink import ParquetSink
+from support.models import COMMON, build, padded_batch
+from support.storage import sort_rows
+
+SETTINGS = {"sampler": "all", "min_bucket_size": 4}
+
+
+def _gemma4():
+    """Tiny Gemma 4: sliding layers of head size 16, global (full-attention) layers of 32."""
+    torch.manual_seed(0)
+    config = tf.Gemma4TextConfig(
+        **dict(COMMON, num_hidden_layers=4),
+        head_dim=16,
+        global_head_dim=32,
+        sliding_window=4,
+        num_kv_shared_layers=0,
+        hidden_size_per_layer_input=0,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+    )
+    model = tf.Gemma4ForCausalLM(config).eval()
+    model.set_attn_implementation("qk_sniff")
+    return model
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mixed") / "out"
+    vocabulary = [f"t{i}" for i in range(COMMON["vocab_size"])]
+    model = _gemma4()
+    with (
+        torch.inference_mode(),
+        qk_attn.session(output=out, vector_dtype="float16", vocabulary=vocabulary, **SETTINGS) as s,
+    ):
+        for ids in ((0, 1), (2, 3)):
+            s.begin(list(ids))
+            model(**padded_batch("left", lengths=(12, 7), seed=ids[0]))
+            s.commit()
+    return out
+
+
+def _files(out, pattern):
+    manifest = read_manifest(out)
+    listed = sorted(out / key / name for key, names in manifest["shards"].items() for name in names)
+    return [p for p in listed if p.match(str(out / pattern))]
+
+
+def test_every_config_loads_with_datasets_where_layers_differ_in_head_size(mixed, tmp_path):
+    card = DatasetCard.load(mixed / "README.md")
+    dims = {
+        pq.read_schema(p).field("vector").type.list_size for p in _files(mixed, "l*h*q/*.parquet")
+    }  # the capture really mixes head sizes
+    assert dims == {16, 32}
+    assert "[16] in layers 0, 2; [32] in layers 1, 3" in card.text
+    for config in card.data.configs:
+        name = config["config_name"]
+        ds = datasets.load_dataset(str(mixed), name, split="train", cache_dir=str(tmp_path / "cache"))
+        if name == "examples":
+            assert ds.num_rows == 4
+            continue
+        want = concat_rows([pq.read_table(p) for p in _files(mixed, config["data_files"][0]["path"])])
+        got = ds.data.table
+        assert got.num_rows == want.num_rows > 0, name
+        keys = [(c, "ascending") for c in ("layer", "kind", "head", "example_id", "position")]
+        got, want = got.sort_by(keys), want.sort_by(keys)
+        assert got["vector"].to_pylist() == want["vector"].to_pylist(), name
+        assert got["token_str"].to_pylist() == want["token_str"].to_pylist(), name
+        assert got.drop_columns(["vector", "token_str"]).equals(want.drop_columns(["vector", "token_str"])), name
+    layer = qk_attn.load(mixed, layer=1, kind="q")  # one head size: (N, 32) vectors
+    assert qk_attn.load_vectors(mixed, layer=1, kind="q").shape == (layer.num_rows, 32)
+    with pytest.raises(ValueError, match=r"different head sizes \(16, 32\).*pass layer="):
+        qk_attn.load_vectors(mixed, kind="q")
+
+
+def test_load_filters_refuse_wrong_values_naming_the_argument(mixed):
+    everything = qk_attn.load(mixed)
+    for layer, head, kind in ((1, 0, "k"), (0, None, "q"), (None, 3, None)):
+        mask = pa.array([True] * everything.num_rows)
+        for column, value in (("layer", layer), ("head", head), ("kind", kind)):
+            if value is not None:
+                mask = pc.and_(mask, pc.equal(everything[column], value))
+        got = qk_attn.load(mixed, layer=layer, head=head, kind=kind)
+        vector = got.schema.get_field_index("vector")  # a list where the head sizes differ
+        got = got.set_column(vector, "vector", got["vector"].cast(everything.schema.field("vector").type))
+        assert sort_rows(got).equals(sort_rows(everything.filter(mask)))
+    for argument, value in (("layer", True), ("layer", "1"), ("head", 1.0), ("head", -1), ("layer", [0, 1])):
+        with pytest.raises(
+            ValueError, match=rf"^{argument}={re.escape(repr(value))} is invalid: expected a {argument} index"
+        ):
+            qk_attn.load(mixed, **{argument: value})
+    with pytest.raises(LookupError, match=r"head=3 is not among the heads with rows \(0, 1\)$"):
+        qk_attn.load(mixed, layer=0, head=3, kind="k")  # 2 KV heads
+    with pytest.raises(LookupError, match=r"layer=4 is not among the layers with rows \(0, 1, 2, 3\)$"):
+        qk_attn.load(mixed, layer=4)
+    with pytest.raises(ValueError, match=r"^columns: 'vectr' not in this capture; its columns: example_id, "):
+        qk_attn.load(mixed, layer=0, columns=["vectr"])  # a typo, not a damaged shard
+    for columns in ("vector", []):
+        with pytest.raises(ValueError, match=r"^columns=.* is invalid: expected a non-empty list"):
+            qk_attn.load(mixed, columns=columns)
+
+
+def _capture(out, **kwargs):
+    model = build("llama3", "qk_sniff")
+    with torch.inference_mode(), qk_attn.session(output=out, example_ids=[0, 1], **SETTINGS, **kwargs):
+        model(**padded_batch("left", lengths=(6, 4)))
+
+
+def test_a_readme_of_the_users_own_is_never_replaced_or_deleted(tmp_path):
+    own = "# My notes on this capture\n"
+    out = tmp_path / "out"
+    _capture(out)
+    (out / "README.md").write_text(own)
+    assert write_card(out) is None  # every writer of the card: close, repair, merge, push
+    _capture(out, overwrite=True)  # overwriting the capture deletes what it wrote, nothing else
+    assert (out / "README.md").read_text() == own and read_manifest(out)["examples"]
+
+    ranks = tmp_path / "ranks"
+    model = build("llama3", "qk_sniff")
+    for rank in (0, 1):
+        sink = ParquetSink(ranks, SniffConfig(output=str(ranks), **SETTINGS), rank=(rank, 2), fsync=False)
+        sink.complete = True
+        with torch.inference_mode(), qk_attn.session(sink=sink, example_ids=[rank], **SETTINGS):
+            model(**padded_batch("left", lengths=(5,)))
+    (ranks / "README.md").write_text(own)
+    distributed.merge(ranks)
+    assert (ranks / "README.md").read_text() == own
+    assert qk_attn.load(ranks).num_rows == 2 * 3 * (4 + 2) * 5
