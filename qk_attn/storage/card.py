@@ -23,7 +23,7 @@ from huggingface_hub import DatasetCard, DatasetCardData
 from qk_attn.sampler import Sampler
 from qk_attn.storage.chart import bucket_chart, per_example_head, sampler_of
 from qk_attn.storage.coverage import coverage, coverage_text, markdown_table
-from qk_attn.storage.folder import card_is_ours
+from qk_attn.storage.folder import card_is_ours, signed_card
 from qk_attn.storage.layout import CARD, CHART, key_name, parse_key
 from qk_attn.storage.manifest import read_manifest
 from qk_attn.storage.settings import public_value
@@ -361,12 +361,16 @@ def write_card(
     if manifest is None:
         raise FileNotFoundError(f"{output} has no qk_sniff.json: not a capture folder")
     if not card_is_ours(output):  # checked here, for every writer: close, repair, merge, push
-        logger.warning("qk-sniff: %s/README.md was not written by qk-sniff; the dataset card is not written", output)
+        logger.warning(
+            "qk-sniff: %s/README.md was not written by qk-sniff, or was edited since; the dataset card is not "
+            "written (delete README.md to have it written)",
+            output,
+        )
         return None
     chart = bucket_chart(manifest, output / CHART)
     # A local card names the folder relative to where it sits: no absolute path is published.
     where = repo_id or output.resolve().name
     text = card_text(manifest, where, revision if repo_id else None, chart, head_dims(output, manifest))
     with open(output / CARD, "w", newline="", encoding="utf-8") as f:
-        f.write(text)
+        f.write(signed_card(text))
     return output / CARD

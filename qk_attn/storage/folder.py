@@ -8,6 +8,7 @@ files or of another capture, and removes the orphans of a killed run before it w
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import os
 import shutil
@@ -244,13 +245,27 @@ def remove_dataset(output: Path, files: Files = Files()) -> None:
             (output / name).unlink(missing_ok=True)
 
 
+CARD_SIGNATURE = "<!-- qk-sniff wrote this card; sha256 of the text above: {} -->"
+
+
+def signed_card(text: str) -> str:
+    """The card's text with a last line that tells an untouched card from one the user edited."""
+    return text + CARD_SIGNATURE.format(hashlib.sha256(text.encode()).hexdigest()) + "\n"
+
+
 def card_is_ours(output: Path) -> bool:
-    """README.md is absent or a card qk-sniff wrote (a user's own README is never overwritten)."""
+    """README.md is absent or a card qk-sniff wrote and nobody edited since: a user's own README,
+    or a card the user edited, is never overwritten (delete it to have the card written again).
+    Cards written before cards were signed are recognised by their tag and attn_implementation."""
     path = Path(output) / CARD
     if not path.exists():
         return True
     try:
-        text = path.read_text(errors="replace")
+        text = path.read_text(encoding="utf-8", errors="replace")
     except OSError:
         return False
-    return "qk-attn" in text and "qk_sniff" in text  # the card's tag and its attn_implementation
+    body, _, last = text.rstrip("\n").rpartition("\n")
+    prefix = CARD_SIGNATURE.split("{}")[0]
+    if last.startswith(prefix):
+        return signed_card(body + "\n") == text
+    return "qk-attn" in text and "qk_sniff" in text and prefix[:20] not in text

@@ -146,3 +146,27 @@ def test_a_readme_of_the_users_own_is_never_replaced_or_deleted(tmp_path):
     distributed.merge(ranks)
     assert (ranks / "README.md").read_text() == own
     assert qk_attn.load(ranks).num_rows == 2 * 3 * (4 + 2) * 5
+
+
+def test_a_card_the_user_edited_is_kept_and_an_untouched_one_is_rewritten(tmp_path):
+    """The card's last line signs the text above it. An untouched card (or one written before cards
+    were signed) is qk-sniff's to rewrite; once the user edits it, it is theirs: resuming the capture
+    does not overwrite it, and deleting it has the card written again."""
+    out = tmp_path / "out"
+    _capture(out)
+    card = out / "README.md"
+    written = card.read_text()
+    assert written.splitlines()[-1].startswith("<!-- qk-sniff wrote this card; sha256")
+    unsigned = written[: written.rstrip("\n").rfind("\n") + 1]  # as cards were before the signature
+    card.write_text(unsigned)
+    assert write_card(out) == card and card.read_text() == written
+
+    edited = written.replace("## Loading", "My notes: layer 0 looks odd.\n\n## Loading")
+    card.write_text(edited)
+    with torch.inference_mode(), qk_attn.session(output=out, example_ids=[2], **SETTINGS):  # resumed
+        build("llama3", "qk_sniff")(**padded_batch("left", lengths=(5,)))
+    assert card.read_text() == edited and "2" in read_manifest(out)["examples"]
+    card.write_text(written + "More notes after the signature.\n")
+    assert write_card(out) is None
+    card.unlink()
+    assert write_card(out) == card and "My notes" not in card.read_text()
