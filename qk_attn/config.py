@@ -240,15 +240,24 @@ class SniffConfig:
         from_environment = set(values) - set(overrides)
         values.update(overrides)
         try:
-            return cls(**values)
+            config = cls(**values)
         except ConfigError as error:
             if error.setting in from_environment:
                 raise error.relabel(ENV_PREFIX + error.setting.upper()) from None
             raise
+        object.__setattr__(config, "_from_env", frozenset(from_environment))
+        return config
+
+    def setting_name(self, name: str) -> str:
+        """Field `name` as the user set it, for errors found later (in a forward): `QK_SNIFF_LAYERS`
+        when its value came from the environment, else the keyword `layers`."""
+        return ENV_PREFIX + name.upper() if name in getattr(self, "_from_env", ()) else name
 
     def replace(self, **changes: Any) -> SniffConfig:
         self._refuse_unknown(changes)
-        return dataclasses.replace(self, **changes)
+        config = dataclasses.replace(self, **changes)
+        object.__setattr__(config, "_from_env", frozenset(getattr(self, "_from_env", ())) - set(changes))
+        return config
 
     @classmethod
     def _refuse_unknown(cls, settings: dict[str, Any]) -> None:

@@ -207,3 +207,43 @@ def test_a_sink_with_only_the_protocol_methods_works():
     assert sink.committed_lists == [[0, 1]]
     assert [len(rows) for rows in sink.batches] == [9 + 6]  # one batch: every token of both rows
     assert sink.batches[0].heads == (0, 1)
+
+
+def test_a_session_opened_in_one_thread_can_end_in_another():
+    """A session entered in one thread and exited in another (a fixture or an ExitStack handed to a
+    worker) ends there: it commits, and the opening thread no longer records into it."""
+    import threading
+
+    model = build("llama3", "qk_sniff")
+    block = qk_attn.session(sampler="all", layers="0", heads="0", capture="q")
+    s = block.__enter__()
+    model(input_ids=torch.arange(2, 10)[None])
+    errors = []
+
+    def end():
+        try:
+            block.__exit__(None, None, None)
+        except BaseException as error:
+            errors.append(error)
+
+    worker = threading.Thread(target=end)
+    worker.start()
+    worker.join()
+    assert errors == []
+    assert s.committed_ids() == {0}
+    model(input_ids=torch.arange(2, 10)[None])  # no session is open: not recorded
+    assert s.table()["example_id"].to_pylist() == [0] * 8
+
+
+def test_a_parquet_session_refuses_table_and_a_closed_session_refuses_begin(tmp_path):
+    """table() of a session that writes a folder is an error, not None (which reads as "no rows");
+    begin() after close names no forward and is refused; flush() after close has nothing left to do."""
+    model = build("llama3", "qk_sniff")
+    with qk_attn.session(output=tmp_path / "out", sampler="all", layers="0", heads="0", capture="q") as s:
+        model(input_ids=torch.arange(2, 10)[None])
+        with pytest.raises(ValueError, match="table\\(\\) reads the rows of an in-memory session"):
+            s.table()
+    with pytest.raises(RuntimeError, match="begin\\(\\[5\\]\\) on a closed session"):
+        s.begin([5])
+    s.flush()
+    assert qk_attn.load(tmp_path / "out", layer=0, head=0, kind="q")["example_id"].to_pylist() == [0] * 8

@@ -8,6 +8,7 @@ A leaf of the capture layer, so that the hooks find the recorder without importi
 from __future__ import annotations
 
 import atexit
+import sys
 import threading
 from collections.abc import Callable
 
@@ -18,9 +19,11 @@ from qk_attn.config import SniffConfig
 # opened session of the process, so it records into the session its caller opened.
 _opened: list = []  # every open session() of the process, in opening order
 _local = threading.local()  # .stack: the sessions this thread opened
+_stacks: dict[int, list] = {}  # id(open session) -> the stack of the thread that opened it
 _lock = threading.Lock()
 _env_config: SniffConfig = SniffConfig.from_env()
 _default = None  # the env-configured default session, made on first use
+_exit_registered = False
 make_default: Callable[[SniffConfig], object] | None = None  # set by qk_attn.session
 
 
@@ -28,15 +31,17 @@ def opened(session) -> None:
     """`session` is this thread's innermost from now on, and the process's latest."""
     if not hasattr(_local, "stack"):
         _local.stack = []
-    _local.stack.append(session)
     with _lock:
+        _local.stack.append(session)
         _opened.append(session)
+        _stacks[id(session)] = _local.stack
 
 
 def closed(session) -> None:
-    _local.stack.remove(session)
+    """`session` ends, also when another thread than the one that opened it ends it."""
     with _lock:
         _opened.remove(session)
+        _stacks.pop(id(session)).remove(session)
 
 
 def _active():
@@ -55,7 +60,7 @@ def current_config() -> SniffConfig:
 def current_session():
     """This thread's innermost `session()`, else the process's latest one, else the
     env-configured default (None when capture is off)."""
-    global _default
+    global _default, _exit_registered
     active = _active()
     if active is not None:
         return active
@@ -64,8 +69,23 @@ def current_session():
     with _lock:
         if _default is None:
             _default = make_default(_env_config)
-            atexit.register(_default.close)
+            if not _exit_registered:
+                _exit_registered = True
+                atexit.register(_close_default_at_exit)
     return _default
+
+
+def _close_default_at_exit() -> None:
+    """Interpreter exit: the default session commits and closes. When an uncaught exception ends the
+    process (sys.last_value), it may have stopped an example between two of its forwards (prefill
+    chunks, generate() steps): the sequences a later forward could still continue are not committed."""
+    if _default is None:
+        return
+    try:
+        if getattr(sys, "last_value", None) is not None:
+            _default.drop_open_sequences("the process ended with an uncaught exception")
+    finally:
+        _default.close()
 
 
 def default_session():

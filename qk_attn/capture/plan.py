@@ -51,7 +51,7 @@ def check_in_range(config: SniffConfig, shape: ModelShape) -> None:
         missing = [v for v in values or () if v >= limit]
         if missing:
             raise ConfigError(
-                f"{name}={','.join(map(str, values))}: {missing} out of range; the model has "
+                f"{config.setting_name(name)}={','.join(map(str, values))}: {missing} out of range; the model has "
                 f"{limit} {what} (0-{limit - 1})"
             )
 

@@ -35,7 +35,7 @@ from qk_attn.capture.plan import HeadPlan, ModelShape
 from qk_attn.capture.refusals import REFUSALS
 from qk_attn.capture.rope import pre_rope_rows, uses_rope
 from qk_attn.capture.sequences import SequenceTracker
-from qk_attn.capture.sinks import MemorySink, as_sink
+from qk_attn.capture.sinks import MemorySink, Sink, as_sink
 from qk_attn.capture.staging import EmptyCall, Staging, StagingBuffer, call_bytes, forward_bytes, shared_bytes
 from qk_attn.config import SniffConfig
 from qk_attn.errors import CaptureError
@@ -73,8 +73,15 @@ class Session(SequenceTracker):
     def rows_written(self) -> int:
         return self.sink.rows_written
 
+    def begin(self, example_ids) -> None:
+        if self._closed:  # its ids would name no forward: nothing records into a closed session
+            raise RuntimeError(f"qk_attn: begin({list(example_ids)}) on a closed session; open a new session()")
+        super().begin(example_ids)
+
     def flush(self) -> None:
         """Write what the sink holds for committed examples now, and surface any saver error."""
+        if self._closed:  # closing made every commit durable
+            return
         self._end_forwards()
         self.sink.flush()
         self.check()
@@ -93,7 +100,13 @@ class Session(SequenceTracker):
             self.sink.close()
 
     def table(self):
-        """All rows captured so far (in-memory sessions, i.e. without `output`)."""
+        """All rows captured so far (in-memory sessions, i.e. without `output`; None before any)."""
+        if type(self.sink).table is Sink.table:  # a sink that keeps no rows: None would read as "no rows"
+            where = f"writes {self.config.output}" if self.config.output else "has a sink that keeps no rows"
+            raise ValueError(
+                f"qk_attn: table() reads the rows of an in-memory session (no output); this session {where}: "
+                "read it with qk_attn.load(output, layer=..., head=..., kind=...) once the session is closed"
+            )
         self._end_forwards()  # the last forward's rows are handed off at its end
         return self.sink.table()
 

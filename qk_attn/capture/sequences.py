@@ -58,6 +58,23 @@ class SequenceTracker:
         """Forget the examples begun since the last commit: they will not be committed."""
         self._begun.clear()
 
+    def drop_open_sequences(self, why: str) -> None:
+        """Forget the uncommitted examples whose cache is still alive, so a later forward could have
+        continued them: stopped between forwards, they may be incomplete, and are never committed."""
+        self._end_forwards()  # an unfinished forward is discarded first, with its own warning
+        ids = sorted({i for s in self._sequences.values() if s.cache() is not None for i in s.ids} & set(self._begun))
+        if not ids:
+            return
+        self._sequences = {k: v for k, v in self._sequences.items() if not set(ids) & set(v.ids)}
+        self._begun = [i for i in self._begun if i not in ids]
+        self.sink.discard(ids)
+        logger.warning(
+            "qk-attn: example(s) %s could still be continued (their cache is alive) when %s; they may be "
+            "incomplete, so their rows are discarded and they are not committed",
+            ids,
+            why,
+        )
+
     def committed_ids(self) -> set[int]:
         return set(self.sink.committed_ids())
 

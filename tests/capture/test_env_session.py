@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import textwrap
 
 import pyarrow.parquet as pq
+import pytest
 
-from support.models import build
+from support.models import CACHE_ARG, build
 
 SCRIPT = textwrap.dedent("""
     import sys, torch, qk_attn
@@ -49,3 +51,48 @@ def test_env_only_capture_commits_on_flush_and_at_exit(tmp_path):
     assert sorted(table["example_id"].to_pylist()) == [0] * 32 + [1] * 32
     assert sorted(set(table["position"].to_pylist())) == list(range(32))
     assert (out / "README.md").exists() and (out / "qk_sniff.json").exists()
+
+
+STOPPED = textwrap.dedent("""
+    import sys, torch, qk_attn
+    from transformers import AutoModelForCausalLM, DynamicCache, LogitsProcessor, LogitsProcessorList
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], attn_implementation="qk_sniff").eval()
+    ids = torch.arange(2, 34)[None]
+
+    class StopAtStep3(LogitsProcessor):  # Ctrl-C between two decode steps, outside any forward
+        step = 0
+        def __call__(self, input_ids, scores):
+            self.step += 1
+            if self.step == 3:
+                raise KeyboardInterrupt
+            return scores
+
+    with torch.no_grad():
+        model(input_ids=ids)  # example 0: complete
+        if sys.argv[2] == "chunks":  # example 1: its first prefill chunk, then the script fails
+            cache = DynamicCache(config=model.config)
+            model(input_ids=ids[:, :16], use_cache=True, **{sys.argv[3]: cache})
+            raise RuntimeError("failed between two chunks")
+        model.generate(ids, max_new_tokens=8, do_sample=False, logits_processor=LogitsProcessorList([StopAtStep3()]))
+""")
+
+
+@pytest.mark.parametrize("stop", ["chunks", "generate"])
+def test_an_uncaught_exception_between_forwards_commits_no_example_that_could_continue(tmp_path, stop):
+    """The exit handler after an uncaught exception: example 1 stopped between two of its forwards (a
+    prefill chunk, a generate() step) may be incomplete, so it is not committed; example 0 is."""
+    build("llama3").save_pretrained(tmp_path / "model")
+    out = tmp_path / "out"
+    env = dict(os.environ, QK_SNIFF_OUTPUT=str(out), QK_SNIFF_SAMPLER="all", QK_SNIFF_LAYERS="0", QK_SNIFF_HEADS="0")
+    result = subprocess.run(
+        [sys.executable, "-c", STOPPED, str(tmp_path / "model"), stop, CACHE_ARG],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0 and "could still be continued" in result.stderr, result.stderr
+    assert sorted(json.loads((out / "qk_sniff.json").read_text())["examples"]) == ["0"]
+    table = pq.read_table(out / "l00h00q")
+    assert table["example_id"].to_pylist() == [0] * 32

@@ -358,6 +358,24 @@ def test_out_of_range_heads_are_a_config_error():
                 model(input_ids=_tokens(4))
 
 
+def test_out_of_range_heads_from_the_environment_name_the_variable(monkeypatch):
+    """Found in the forward, a value that came from QK_SNIFF_* is named as that variable; a keyword
+    given to session() overrides it and is named as the keyword."""
+    model = build("llama3", "qk_sniff")
+    monkeypatch.setenv("QK_SNIFF_LAYERS", "3")
+    monkeypatch.setenv("QK_SNIFF_HEADS", "0,9")
+    for setting, message in (
+        (dict(layers="0"), r"^QK_SNIFF_HEADS=0,9: \[9\] out of range"),
+        (dict(heads="1"), r"^QK_SNIFF_LAYERS=3: "),
+    ):
+        with pytest.raises(qk_attn.ConfigError, match=message):
+            with qk_attn.session(sampler="all", **setting):
+                model(input_ids=_tokens(4))
+    with pytest.raises(qk_attn.ConfigError, match=r"^layers=7: \[7\] out of range"):
+        with qk_attn.session(sampler="all", layers="7", heads="0"):
+            model(input_ids=_tokens(4))
+
+
 def test_compiled_model_records_every_forward_like_eager():
     """torch.compile traces the mask function and layers once; the capture context and the
     capture itself are kept out of the graph, so each forward is recorded with its own ids."""
