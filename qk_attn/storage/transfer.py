@@ -113,15 +113,17 @@ class Transfer:
             host = pool.buffer[region[0] : region[0] + staging.used]
             event = self._copy([(host, staging.bytes[: staging.used])], staging.device, staging.stream)
             staging.returned(event)
-            base = staging.bytes.data_ptr()
-            calls = [_rebased(call, base, host) for call in calls]
-            checks = [c._replace(value=_rebase(c.value, base, host)) for c in staging.checks]
+            calls, checks = host_views(calls, staging.checks, staging.bytes.data_ptr(), host)
         else:
             if staging.bytes is not None and not staging.used:  # every call kept nothing: no bytes to copy or keep
                 staging.returned(None)
             nbytes = sum(_nbytes(call) for call in calls if isinstance(call, CaptureBatch))
             region = pool.acquire(min(nbytes, pool.nbytes), check)
             event, checks = None, staging.checks
+            if staging.device.type == "cuda" and checks:
+                # The saver reads the checks' device values: after the producing stream's work, not
+                # on its own stream's terms (a user's stream does not wait for the saver's).
+                event = self._copy([], staging.device, staging.stream)
         return ForwardPiece(staging.example_ids, calls, checks, event, region, pool)
 
     def pieces(self, batch: CaptureBatch, check: Callable[[], None] = lambda: None) -> Iterator[Piece]:
@@ -306,11 +308,20 @@ def _rebase(tensor: torch.Tensor, base: int, host: torch.Tensor) -> torch.Tensor
     return host[offset : offset + nbytes].view(tensor.dtype).view(tensor.shape)
 
 
-def _rebased(call, base: int, host: torch.Tensor):
-    """`call` (a CaptureBatch, or an empty call) with its tensors as views of the host copy."""
-    if not isinstance(call, CaptureBatch):
-        return call
-    return call.map_tensors(lambda tensor: _rebase(tensor, base, host))
+def host_views(calls: list, checks: list, base: int, host: torch.Tensor) -> tuple[list, list]:
+    """The calls (CaptureBatch, or empty calls) and offset checks with their tensors as views of
+    `host`, the copy of a staging buffer at `base`. A tensor the calls share (the per-row columns)
+    becomes one view they share, so the saver reads it once (HostReader keys on identity)."""
+    views: dict[tuple, torch.Tensor] = {}
+
+    def view(tensor: torch.Tensor) -> torch.Tensor:
+        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
+        if key not in views:
+            views[key] = _rebase(tensor, base, host)
+        return views[key]
+
+    calls = [call.map_tensors(view) if isinstance(call, CaptureBatch) else call for call in calls]
+    return calls, [c._replace(value=view(c.value)) for c in checks]
 
 
 class ForwardPiece:

@@ -6,6 +6,7 @@ states, so the expected rows are exactly what `MemorySink` (rows.py) makes of th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import threading
@@ -471,3 +472,34 @@ def test_a_different_model_is_refused(tmp_path):
     with pytest.raises(ValueError, match="shaped"):
         sink.bind_model(TinyConfig(), HeadPlan.build(sink.config, ModelShape(3, 8, 2, 8)))
     sink.close()
+
+
+def test_host_views_of_a_staged_forward_share_what_its_calls_share():
+    """On CUDA a forward's calls become views of its pinned copy. Columns the calls share in the staging
+    buffer (the per-row counts) become one view, so the saver reads them once and counts the calls
+    together (HostReader keys on identity)."""
+    from qk_attn.capture.batch import HostReader
+    from qk_attn.storage.transfer import host_views
+
+    buffer = torch.zeros(1 << 16, dtype=torch.uint8)
+    used = [0]
+
+    def staged(tensor: torch.Tensor) -> torch.Tensor:
+        nbytes = tensor.numel() * tensor.element_size()
+        view = buffer[used[0] : used[0] + nbytes].view(tensor.dtype).view(tensor.shape)
+        used[0] += -(-nbytes // 64) * 64
+        return view.copy_(tensor)
+
+    q, k = (make_batch(0, kind, [1, 2], [5, 3]) for kind in "qk")
+    valid = staged(q.valid)
+    calls = [batch.map_tensors(staged) for batch in (q, k)]
+    calls = [dataclasses.replace(call, valid=valid) for call in calls]
+    host = buffer.clone()
+    views, _ = host_views(calls, [], buffer.data_ptr(), host)
+    assert views[0].valid is views[1].valid and views[0].vectors is not views[1].vectors
+    assert views[0].valid.data_ptr() == host.data_ptr() + (valid.data_ptr() - buffer.data_ptr())
+    reader = HostReader()
+    rows = [call.host_rows(reader=reader) for call in views]
+    assert rows[0].valid is rows[1].valid == {1: 5, 2: 3}
+    for got, want in zip(rows, (q, k)):
+        np.testing.assert_array_equal(got.vectors, want.host_rows().vectors)
