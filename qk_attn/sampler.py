@@ -207,10 +207,20 @@ def _row_hashes(seed: int, num_layers: int, example_ids: tuple[int, ...]) -> np.
     return row_hash(np.array(layer_kinds, dtype=np.int64)[:, None], np.array(example_ids, dtype=np.int64)[None, :])
 
 
-@functools.lru_cache(maxsize=64)
+_THRESHOLD_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 def _threshold_table(thresholds: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """The per-bucket thresholds on `device`, copied once (not once per attention call)."""
-    return torch.tensor(thresholds, dtype=torch.int64).to(device)
+    """The per-bucket thresholds on `device`, copied once (not once per attention call). To a GPU
+    from pinned memory without a host sync (it happens inside an attention call); the pinned source
+    stays referenced, so the copy never reads freed memory."""
+    key = (thresholds, str(device))
+    if key not in _THRESHOLD_TABLES:
+        host = torch.tensor(thresholds, dtype=torch.int64)
+        if device.type == "cuda":
+            host = host.pin_memory()
+        _THRESHOLD_TABLES[key] = (host, host.to(device, non_blocking=True))
+    return _THRESHOLD_TABLES[key][1]
 
 
 def bit_length(q):

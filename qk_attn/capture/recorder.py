@@ -58,7 +58,6 @@ class Session(SequenceTracker):
         self._models: dict[int, _Model] = {}  # id(model config) -> its head plan
         self._modules: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # attention module -> its ModuleFacts
         self._device_tables = DeviceTables()  # example and head ids on the device, copied once
-        self._buffers: dict[torch.device, StagingBuffer] = {}  # per device, reused by its forwards
         super().__init__(MemorySink() if sink is None else as_sink(sink), example_ids)
         self._warned: set[str] = set()
         self._closed = False
@@ -221,7 +220,9 @@ class Session(SequenceTracker):
         streams = limit is not None and nbytes > limit
         buffer = None
         if device.type == "cuda" or uses_kernel(query, dtype):
-            buffer = self._buffers.setdefault(device, StagingBuffer(device))
+            buffer = model.buffers.get(device)
+            if buffer is None:
+                buffer = model.buffers[device] = StagingBuffer(device)
         self.sink.prepare(device)
         if streams:
             self._warn_once(
@@ -376,9 +377,12 @@ class Session(SequenceTracker):
 
 
 class _Model:
-    """Per model in a session: its config and head plan."""
+    """Per model in a session: its config, head plan and staging buffers."""
 
     def __init__(self, config, plan: HeadPlan):
         self.config = config
         self.plan = plan
         self.staging_bytes: dict[tuple, int] = {}  # forward shape -> its staging bound
+        # Per device, reused by this model's forwards. Not shared between models: a forward of one
+        # may still hold its staged rows (not handed off yet) while the other's forward runs.
+        self.buffers: dict[torch.device, StagingBuffer] = {}

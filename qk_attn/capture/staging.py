@@ -182,7 +182,13 @@ class Staging:
         self.calls.append(call)
 
     def check(self, check: OffsetCheck) -> None:
-        self.checks.append(check._replace(value=self.hold(check.value.reshape(1))))
+        """Stage an offset check (at the hand-off, which may run outside the forward's stream context:
+        its copy goes on the producing stream, which the copy out waits for)."""
+        if self.stream is None:
+            self.checks.append(check._replace(value=self.hold(check.value.reshape(1))))
+            return
+        with torch.cuda.stream(self.stream):
+            self.checks.append(check._replace(value=self.hold(check.value.reshape(1))))
 
     # ---- the sink ---------------------------------------------------------------------------
     def returned(self, ready) -> None:

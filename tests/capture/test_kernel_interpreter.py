@@ -16,6 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+import qk_attn
+
 pytestmark = pytest.mark.interpreter
 
 if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
@@ -376,3 +378,25 @@ def test_gpu_decode_steps_through_the_kernel_write_what_the_host_path_writes(tmp
     assert len(forgotten) == len(staged)
     if arrives == "at_once":
         assert len(staged) < 24, "every decode step staged something: the empty hand-off was not exercised"
+
+
+def test_two_models_in_one_session_stage_into_buffers_of_their_own():
+    """Model A's forward stays staged until A's next forward or the session reads it (its end is not
+    reported in a model's first forward). Model B's forward runs meanwhile: its kernel must not write
+    into A's staging buffer. A's rows equal those of a session with A alone."""
+    from support.models import build, padded_batch
+    from support.oracle import rows_by_key
+    from support.run import assert_same_rows
+
+    batch = padded_batch("left", lengths=(12, 9))
+
+    def rows(names):
+        models = {name: build("llama3", "qk_sniff", seed=seed) for name, seed in (("A", 0), ("B", 1))}
+        with torch.inference_mode(), qk_attn.session(sampler="all") as s:
+            for example, name in enumerate(names):
+                s.begin([2 * example, 2 * example + 1])
+                models[name](**batch)
+            return rows_by_key(s.table())
+
+    alone, both = rows(["A"]), rows(["A", "B"])
+    assert_same_rows({key: v for key, v in both.items() if key[0] < 2}, alone)
