@@ -67,6 +67,7 @@ class ForwardContext:
         self.layers_done = False
         # Whether the model forward ran to its end: False until its end is reported, None when it cannot be.
         self.finished: bool | None = None
+        self.discarded = False  # refused or stopped part-way: its sequences are gone (warned once)
         self.example_ids: tuple[int, ...] | None = None  # set by the session at the first recorded call
         self.sequence = None  # the session's sequence this forward extends
         self.unfinished = None  # generate()'s (B,) unfinished_sequences at this step (device), if any

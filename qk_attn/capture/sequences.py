@@ -221,7 +221,7 @@ class SequenceTracker:
         never call qk_sniff's attention (Bloom, MPT, XGLM: their attention does not go through
         transformers' attention interface), or full_attention_only on a model whose every layer has a
         sliding window (Mistral, Phi-3, Starcoder2)."""
-        if forward.state != "running" or forward.finished is False:
+        if forward.state != "running" or forward.finished is False or forward.discarded:
             return
         if not forward.used:
             why = (
@@ -257,9 +257,8 @@ class SequenceTracker:
         """A forward that stopped part-way (an exception inside the model, caught by the caller, or
         an interrupt in a notebook) recorded some layers only: its sequences are discarded, never
         committed, and cannot be continued."""
-        if forward.finished is not False or forward.example_ids is None:
+        if forward.finished is not False or forward.example_ids is None or forward.discarded:
             return
-        forward.finished = None  # discarded once
         self._discard(forward, "stopped before its end (an exception inside the model)")
 
     def _discard(self, forward: ForwardContext | None, why: str, config=None, cache=None) -> None:
@@ -267,6 +266,7 @@ class SequenceTracker:
         model of `config`): their rows are dropped and they are neither committed nor continued."""
         if forward is not None:
             forward.staging = None  # its staged rows are dropped, never handed off
+            forward.discarded = True
         ids = set(forward.example_ids or ()) if forward is not None else set()
         key = (
             self._cache_key(forward) if forward is not None else (id(config), id(cache) if cache is not None else None)

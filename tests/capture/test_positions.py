@@ -65,9 +65,10 @@ def test_a_decode_step_that_does_not_continue_its_prompt_is_refused():
         assert s.table().num_rows == 0  # the refused sequences are discarded, the prompt's rows with them
 
 
-def test_a_right_padded_generate_is_refused_not_recorded_with_repeats():
+def test_a_right_padded_generate_is_refused_not_recorded_with_repeats(caplog):
     """generate() on right padding (transformers only warns) feeds the short row's new tokens at
-    positions it already used."""
+    positions it already used. One warning says the examples are discarded (not a second one when
+    the refused forward is retired as stopped part-way)."""
     model = build("llama3", "qk_sniff")
     batch = padded_batch("right", lengths=(7, 4))
     with qk_attn.session(sampler="all", example_ids=[0, 1]):
@@ -79,6 +80,10 @@ def test_a_right_padded_generate_is_refused_not_recorded_with_repeats():
                 do_sample=False,
                 pad_token_id=0,
             )
+    discarded = [r.getMessage() for r in caplog.records if "their rows are discarded" in r.getMessage()]
+    assert discarded == [
+        "qk-attn: a forward of example(s) [0, 1] was refused; their rows are discarded and they are not committed"
+    ]
 
 
 @pytest.mark.parametrize("padding_masked", [True, False])
