@@ -104,16 +104,20 @@ def refuse_unrecordable_generation(max_depth: int = 40):
     """Generation whose steps cannot be recorded as one sequence, found by the generation method
     on the call stack (once per forward). Beam search reorders the cache rows between steps, so
     a batch row's earlier keys belong to another beam's history. Without a cache every step
-    re-runs the whole sequence, which would record it again as a new example per token.
+    re-runs the whole sequence, which would record it again as a new example per token. Assisted
+    decoding (an assistant model, prompt lookup, early exit) verifies draft tokens in one forward
+    and crops the rejected ones from the cache after it returned, its rows already taken.
 
-    Returns generate()'s (B,) `unfinished_sequences` of this step (a device tensor) or None, and
+    Returns generate()'s (B,) `unfinished_sequences` of this step (a device tensor) or None;
     whether this forward is a step of its decoding loop rather than of its prefill (`_prefill`,
-    which feeds only the caller's tokens, also when it continues an earlier generate()'s cache)."""
+    which feeds only the caller's tokens, also when it continues an earlier generate()'s cache); and
+    whether it drafts for early-exit assisted decoding (not recorded: the verifying forward that
+    follows is refused, once transformers has restored the layer count the draft ran with)."""
     frame = sys._getframe(1)
     prefill = False
     for _ in range(max_depth):
         if frame is None:
-            return None, False
+            return None, False, False
         name = frame.f_code.co_name
         in_generation = frame.f_code.co_filename.endswith(GENERATION_FILE)
         prefill = prefill or (name == "_prefill" and in_generation)
@@ -122,39 +126,49 @@ def refuse_unrecordable_generation(max_depth: int = 40):
                 "qk_sniff: beam search reorders the cache between steps, so rows could not be "
                 "attributed to one sequence; record with num_beams=1 (greedy or sampling)"
             )
-        if name in ("_sample", "_assisted_decoding") and in_generation:
+        if name == "_assisted_decoding" and in_generation:
+            raise CaptureError(ASSISTED)
+        if name == "_sample" and in_generation:
             model_kwargs = frame.f_locals.get("model_kwargs")
             if isinstance(model_kwargs, dict) and model_kwargs.get("use_cache") is False:
                 raise CaptureError(
                     "qk_sniff: generate(use_cache=False) re-runs the whole sequence at every step, "
                     "which would record it once per new token; generate with use_cache=True"
                 )
-            if name == "_sample":
-                _refuse_assistant(frame, max_depth)
+            draft = _assistant_draft(frame, max_depth)
             unfinished = frame.f_locals.get("unfinished_sequences")
             if not (isinstance(unfinished, torch.Tensor) and unfinished.dim() == 1):
-                return None, False
-            return unfinished, not prefill
+                return None, False, draft
+            return unfinished, not prefill, draft
         frame = frame.f_back
-    return None, False
+    return None, False, False
 
 
-def _refuse_assistant(sample, max_depth: int) -> None:
-    """A `_sample` run by assisted decoding's assistant model (its draft tokens, most of them thrown
-    away and its cache cropped): refused, since only the main model's forwards are a document."""
+ASSISTED = (
+    "qk_sniff: assisted decoding (assistant_model, prompt_lookup_num_tokens, assistant_early_exit) verifies "
+    "draft tokens in one forward and crops the rejected ones from the cache after it, when their rows are "
+    "already taken; not recorded: generate without an assistant (greedy decoding gives the same tokens)"
+)
+
+
+def _assistant_draft(sample, max_depth: int) -> bool:
+    """A `_sample` that drafts tokens for assisted decoding: refused when an assistant model loaded
+    with qk_sniff runs it; True when the model drafts for itself (early exit), whose drafts are not
+    recorded and whose verifying forward is refused: a refusal inside the draft would leave the model
+    with the draft's layer count (transformers restores it only when the draft returns)."""
     model, frame = sample.f_locals.get("self"), sample.f_back
     for _ in range(max_depth):
         if frame is None:
-            return
+            return False
         if frame.f_code.co_name == "_assisted_decoding" and frame.f_code.co_filename.endswith(GENERATION_FILE):
             if frame.f_locals.get("self") is not model:
                 raise CaptureError(
                     "qk_sniff: this forward is assisted decoding's assistant model, loaded with qk_sniff (its "
-                    "draft tokens are mostly thrown away); load the assistant with attn_implementation='sdpa': "
-                    "only the main model is recorded"
+                    "draft tokens are mostly thrown away); " + ASSISTED.removeprefix("qk_sniff: ")
                 )
-            return
+            return True
         frame = frame.f_back
+    return False
 
 
 def cache_length(cache) -> int | None:

@@ -116,6 +116,8 @@ class Session(SequenceTracker):
         forward = self._current(module.config)
         if forward is not None:
             forward.used = True
+            if forward.draft:
+                return
         # Cheap test first: skipped calls are rare (training, a checkpoint recompute during backward).
         if (module.training or torch._C._current_graph_task_id() != -1) and self._skips_training(module):
             return

@@ -110,7 +110,7 @@ class SequenceTracker:
             config, batch_size, q_length, past, mask, caller.input_ids, caller.position_ids, caller.cache
         )
         forward.offset_check = check
-        forward.unfinished, forward.decode_step = generation
+        forward.unfinished, forward.decode_step, forward.draft = generation
         if caller.images and caller.position_ids is not None and caller.position_ids.dim() == 3:
             self._discard(None, "was refused", config, caller.cache)
             raise CaptureError(

@@ -237,25 +237,20 @@ def test_two_caches_stepped_alternately_are_two_sequences():
     assert s.sink.committed == [3, 4]
 
 
-def _repetitive_prompt() -> torch.Tensor:
-    return torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6]])  # n-grams prompt lookup proposes candidates from
-
-
 def test_a_refused_rollback_discards_its_sequence_before_the_error_propagates():
-    """Prompt-lookup decoding rejects candidates by cropping the cache: refused, and the example that
-    held the rejected candidates' rows is discarded, so nothing can commit it."""
+    """A decoding loop that rejects candidates by cropping the cache (as speculative decoding does):
+    refused, and the example that held the rejected candidates' rows is discarded, so nothing can
+    commit it. (generate()'s own assisted decoding is refused at its first forward:
+    test_generation_strategies.py.)"""
     model = build("llama3", "qk_sniff")
     with qk_attn.session(sampler="all") as s:
         s.begin([1])
         model(input_ids=_tokens(4))  # a complete example before
+        cache = DynamicCache(config=model.config)
+        model(input_ids=_tokens(10, seed=5), **{CACHE: cache})  # example 2: a prompt and candidates
+        cache.crop(-3)  # the candidates rejected
         with pytest.raises(CaptureError, match="rolled-back"):
-            model.generate(
-                input_ids=_repetitive_prompt(),
-                max_new_tokens=8,
-                prompt_lookup_num_tokens=3,
-                do_sample=False,
-                pad_token_id=0,
-            )
+            model(input_ids=_tokens(1, seed=6), **{CACHE: cache})
         assert s.sink.committed == [] and s._begun == [1]
     assert s.sink.committed == [1]
     assert set(rows_by_key(s.table())) == set(_one_shot(model, _tokens(4), [1]))
@@ -263,13 +258,15 @@ def test_a_refused_rollback_discards_its_sequence_before_the_error_propagates():
 
 ENV_SCRIPT = """
 import sys, torch, qk_attn.errors
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, DynamicCache
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], attn_implementation="qk_sniff").eval()
 with torch.no_grad():
     model(input_ids=torch.arange(2, 8)[None])   # example 0
+    cache = DynamicCache(config=model.config)
+    model(input_ids=torch.arange(2, 12)[None], CACHE=cache)   # example 1: a prompt and candidates
+    cache.crop(-3)   # the candidates rejected, as speculative decoding does
     try:
-        model.generate(input_ids=torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6]]), max_new_tokens=8,
-                       prompt_lookup_num_tokens=3, do_sample=False, pad_token_id=0)
+        model(input_ids=torch.tensor([[40]]), CACHE=cache)
     except qk_attn.errors.CaptureError as error:
         print("refused:", error)
 """
@@ -284,7 +281,7 @@ def test_a_refusal_in_env_mode_is_not_committed_by_the_exit_handler(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, QK_SNIFF_OUTPUT=str(out), QK_SNIFF_SAMPLER="all", QK_SNIFF_LAYERS="0", QK_SNIFF_CAPTURE="k")
     result = subprocess.run(
-        [sys.executable, "-c", ENV_SCRIPT, str(tmp_path / "model")],
+        [sys.executable, "-c", ENV_SCRIPT.replace("CACHE=", f"{CACHE}="), str(tmp_path / "model")],
         env=env,
         cwd=tmp_path,
         capture_output=True,
