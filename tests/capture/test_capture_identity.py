@@ -18,7 +18,7 @@ import qk_attn
 from qk_attn.capture import backends
 from qk_attn.errors import CaptureError, ConfigError
 from qk_attn.run.documents import normalize_id
-from support.models import COMMON, VOCAB, StopRow, build, padded_batch
+from support.models import COMMON, VOCAB, StopRow, build, gemma4, padded_batch
 from support.oracle import GroundTruth, all_heads, expected_rows, rows_by_key
 from support.run import SPARSE, all_rows, assert_same_rows, write_config
 
@@ -407,26 +407,11 @@ def test_qwen2_vl_with_an_image_is_refused_naming_images_and_mrope():
 # ---- every attention call checked against its forward ----------------------------------------------
 
 
-def _gemma4():
-    torch.manual_seed(0)
-    config = tf.Gemma4TextConfig(
-        **dict(COMMON, num_hidden_layers=4),
-        head_dim=16,
-        global_head_dim=16,
-        sliding_window=4,
-        num_kv_shared_layers=2,
-        hidden_size_per_layer_input=0,
-        layer_types=["sliding_attention", "full_attention"] * 2,
-    )
-    model = tf.Gemma4ForCausalLM(config).eval()
-    model.set_attn_implementation("qk_sniff")
-    return model
-
-
 def test_layers_given_only_the_last_queries_record_exactly_those_positions():
     """Gemma 4's KV-shared layers compute only the `logits_to_keep` last queries (transformers >= 5.25):
     their rows are those positions, equal to the same queries of a forward that computes them all."""
-    model = _gemma4()
+    model = gemma4(global_head_dim=16, num_kv_shared_layers=2)
+    model.set_attn_implementation("qk_sniff")
     ids = _tokens(7)
     with qk_attn.session(sampler="all", capture="q", example_ids=[2]) as s:
         model(input_ids=ids, logits_to_keep=3)

@@ -5,40 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import transformers as tf
 
 import qk_attn
 from qk_attn.errors import CaptureError
-from support.models import VOCAB, padded_batch
+from support.models import gemma4, padded_batch
 from support.run import all_rows
 
 torch.set_grad_enabled(False)
 
 
-def _gemma4(layer_types, **config):
-    torch.manual_seed(0)
-    text = tf.Gemma4TextConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=len(layer_types),
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        sliding_window=4,
-        hidden_size_per_layer_input=0,
-        layer_types=layer_types,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        **config,
-    )
-    return tf.Gemma4ForCausalLM(text).eval()
-
-
 def test_layers_of_two_head_sizes_are_recorded_in_memory_as_in_parquet(tmp_path):
     """Gemma 4's full-attention layers have their own head size (global_head_dim): an in-memory
     session's table holds both, row for row what the Parquet dataset holds."""
-    model = _gemma4(["sliding_attention", "full_attention", "sliding_attention"], global_head_dim=32)
+    model = gemma4(["sliding_attention", "full_attention", "sliding_attention"], global_head_dim=32)
     batch = padded_batch("left")
     model.set_attn_implementation("sdpa")
     want = model(**batch).logits
@@ -68,7 +47,7 @@ def test_layers_with_other_head_counts_are_refused(first):
     layers 2. One head plan cannot serve both (key heads would be missed or mapped to the wrong
     query heads), so the forward is refused, whichever kind of layer comes first."""
     other = "full_attention" if first == "sliding_attention" else "sliding_attention"
-    model = _gemma4([first, other, first], num_global_key_value_heads=1, attention_k_eq_v=True)
+    model = gemma4([first, other, first], num_global_key_value_heads=1, attention_k_eq_v=True)
     model.set_attn_implementation("qk_sniff")
     with qk_attn.session(sampler="all") as s:
         with pytest.raises(CaptureError, match=r"layer 1 has 4 query and [12] key/value heads where the model's first"):

@@ -11,7 +11,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
-import transformers as tf
 from huggingface_hub import DatasetCard
 
 import qk_attn
@@ -21,34 +20,18 @@ from qk_attn.run import distributed
 from qk_attn.storage.card import write_card
 from qk_attn.storage.manifest import read_manifest
 from qk_attn.storage.sink import ParquetSink
-from support.models import COMMON, build, padded_batch
+from support.models import COMMON, build, gemma4, padded_batch
 from support.storage import sort_rows
 
 SETTINGS = {"sampler": "all", "min_bucket_size": 4}
-
-
-def _gemma4():
-    """Tiny Gemma 4: sliding layers of head size 16, global (full-attention) layers of 32."""
-    torch.manual_seed(0)
-    config = tf.Gemma4TextConfig(
-        **dict(COMMON, num_hidden_layers=4),
-        head_dim=16,
-        global_head_dim=32,
-        sliding_window=4,
-        num_kv_shared_layers=0,
-        hidden_size_per_layer_input=0,
-        layer_types=["sliding_attention", "full_attention"] * 2,
-    )
-    model = tf.Gemma4ForCausalLM(config).eval()
-    model.set_attn_implementation("qk_sniff")
-    return model
 
 
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory):
     out = tmp_path_factory.mktemp("mixed") / "out"
     vocabulary = [f"t{i}" for i in range(COMMON["vocab_size"])]
-    model = _gemma4()
+    model = gemma4(global_head_dim=32, num_kv_shared_layers=0)  # global layers of head size 32
+    model.set_attn_implementation("qk_sniff")
     with (
         torch.inference_mode(),
         qk_attn.session(output=out, vector_dtype="float16", vocabulary=vocabulary, **SETTINGS) as s,

@@ -127,6 +127,21 @@ def mllama():
     return tf.MllamaForConditionalGeneration(mllama_config())
 
 
+def gemma4(layer_types=("sliding_attention", "full_attention") * 2, **config):
+    """Tiny Gemma 4 (text), seeded: head size 16, window 4; `config` sets the rest (global_head_dim,
+    num_kv_shared_layers, num_global_key_value_heads, ...)."""
+    torch.manual_seed(0)
+    text = tf.Gemma4TextConfig(
+        **dict(COMMON, num_hidden_layers=len(layer_types)),
+        head_dim=16,
+        sliding_window=4,
+        hidden_size_per_layer_input=0,
+        layer_types=list(layer_types),
+        **config,
+    )
+    return tf.Gemma4ForCausalLM(text).eval()
+
+
 FAMILIES = {
     "llama3": llama3,
     "qwen2": qwen2,
