@@ -1,5 +1,6 @@
-"""The recorder: what runs inside each attention call (`Session.capture`): head plan, selection,
-gather, (rope="pre") inverse RoPE, one CaptureBatch per kind handed to the sink.
+"""The recorder: what runs inside each attention call (`Session.capture`): the checks of the call
+against its forward, the head plan, the sampler's decisions, and one CaptureBatch per kind
+(`qk_attn.capture.call_rows`) staged for the forward's hand-off.
 
 The forward and sequence lifecycle it inherits is `qk_attn.capture.sequences`; sequence identity
 and the commit protocol: docs/architecture.md.
@@ -19,30 +20,19 @@ from qk_attn.capture.attention import (
     not_recorded,
     refuse_unsupported,
 )
-from qk_attn.capture.batch import CaptureBatch
+from qk_attn.capture.call_rows import CallRows, staged_dtype
 from qk_attn.capture.forward import check_shapes
-from qk_attn.capture.gather import (
-    DeviceTables,
-    Selection,
-    SelectionSpec,
-    gather_selected,
-    kernel_rows,
-    select_tokens,
-    selected_token_ids,
-    uses_kernel,
-)
+from qk_attn.capture.gather import uses_kernel
 from qk_attn.capture.plan import HeadPlan, ModelShape
 from qk_attn.capture.refusals import REFUSALS
-from qk_attn.capture.rope import pre_rope_rows, uses_rope
 from qk_attn.capture.sequences import SequenceTracker
 from qk_attn.capture.sinks import MemorySink, Sink, as_sink
-from qk_attn.capture.staging import EmptyCall, Staging, StagingBuffer, call_bytes, forward_bytes, shared_bytes
+from qk_attn.capture.staging import EmptyCall, Staging, StagingBuffer, forward_bytes
 from qk_attn.config import SniffConfig
 from qk_attn.errors import CaptureError
 from qk_attn.sampler import Sampler
 
 logger = logging.getLogger(__name__)
-_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 class Session(SequenceTracker):
@@ -57,7 +47,7 @@ class Session(SequenceTracker):
         self.sampler = Sampler.from_config(config)
         self._models: dict[int, _Model] = {}  # id(model config) -> its head plan
         self._modules: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # attention module -> its ModuleFacts
-        self._device_tables = DeviceTables()  # example and head ids on the device, copied once
+        self._call_rows = CallRows(config, self.sampler)
         super().__init__(MemorySink() if sink is None else as_sink(sink), example_ids)
         self._warned: set[str] = set()
         self._closed = False
@@ -188,7 +178,7 @@ class Session(SequenceTracker):
                     staging.add_empty(EmptyCall(layer, kind, heads, forward.example_ids, sliding_window, cross, host))
                     continue
                 decided = keep[layer, index] if host is these else None  # on a GPU the kernel decides
-            batch, staged = self._batch(
+            batch, staged = self._call_rows.batch(
                 module,
                 forward,
                 layer,
@@ -211,7 +201,7 @@ class Session(SequenceTracker):
     def _start_staging(self, forward, model, query) -> Staging:
         """The forward's staging area, at its first recorded call, sized for every call it can make."""
         batch_size, num_new, device = forward.batch_size, forward.num_new, query.device
-        dtype = torch.float32 if self.config.rope == "pre" else _DTYPES[self.config.vector_dtype]
+        dtype = staged_dtype(self.config, self.config.rope == "pre")
         capacity = batch_size * self.sampler.capacity(num_new)
         tokens = forward.input_ids is not None
         key = (capacity, batch_size, query.shape[-1], dtype.itemsize, tokens)
@@ -235,111 +225,6 @@ class Session(SequenceTracker):
             )
         forward.staging = Staging(forward.example_ids, device, nbytes, buffer, streams)
         return forward.staging
-
-    def _batch(
-        self,
-        module,
-        forward,
-        layer,
-        kind,
-        states,
-        heads,
-        offset,
-        tokens,
-        sliding_window,
-        cross,
-        rotary,
-        keep,
-        staging: Staging,
-    ) -> tuple[CaptureBatch, bool]:
-        """Select, gather and (rope="pre") un-rotate one kind of one call; stays on the device, in
-        `staging`'s buffer when it has one. Also says whether the batch is staged: not when the
-        forward streams or the call does not fit (then it goes to the sink by itself)."""
-        device = states.device
-        batch_size, num_tokens = tokens.positions.shape
-        pre_rope = self.config.rope == "pre" and not cross and uses_rope(module, rotary)
-        out_dtype = torch.float32 if pre_rope else _DTYPES[self.config.vector_dtype]
-        capacity = batch_size * self.sampler.capacity(num_tokens)
-        # A layer on another device than the forward's first (device_map) streams its call: one
-        # staging buffer lives on one device.
-        staged = not staging.streams and device == staging.device
-        if staged and staging.bytes is not None:  # buffer mode: the call must fit what is left of it
-            nbytes = call_bytes(
-                capacity, len(heads), states.shape[-1], out_dtype.itemsize, tokens.token_ids is not None
-            )
-            staged = staging.fits(nbytes + shared_bytes(batch_size))
-        buffer = staging if staged and staging.bytes is not None else None
-        example_ids = self._device_tables.get("ids", forward.example_ids, device)
-        head_ids = self._device_tables.get("heads", heads, device)
-        spec = SelectionSpec(
-            states,
-            offset,
-            head_ids,
-            tokens.positions,
-            tokens.valid,
-            example_ids,
-            self.sampler,
-            layer,
-            kind,
-            capacity,
-            out_dtype,
-            keep,
-        )
-        kernel = uses_kernel(states, out_dtype)
-        if kernel and not pre_rope:  # one launch, straight into the staging buffer
-            columns = kernel_rows(spec, tokens.token_ids, buffer.empty if buffer is not None else None)
-        elif pre_rope:
-            columns = pre_rope_rows(
-                module,
-                spec,
-                tokens,
-                rotary,
-                self._device_tables.get("heads", (0,), device),
-                _DTYPES[self.config.vector_dtype],
-            )
-        else:  # the torch path: one selection serves the vectors and the token ids
-            selection, token_id = self._selection(forward, spec, tokens)
-            every_head = len(heads) == states.shape[1] and tuple(heads) == tuple(range(len(heads)))
-            vectors = gather_selected(states, selection, offset, None if every_head else head_ids, out_dtype)
-            columns = (selection.count, selection.row, selection.position, selection.bucket, vectors, token_id)
-        shared = (tokens.valid_count, None if cross and kind == "k" else tokens.first_position, tokens.misnumbered)
-        if buffer is not None:  # in buffer mode every column is part of the staged bytes
-            columns = tuple(map(buffer.copy_in, columns))
-            shared = tuple(map(buffer.hold, shared))
-        count, row, position, bucket, vectors, token_id = columns
-        valid, first_position, misnumbered = shared
-        batch = CaptureBatch(
-            layer=layer,
-            kind=kind,
-            heads=tuple(heads),
-            example_ids=forward.example_ids,
-            sliding_window=sliding_window,
-            cross_attention=cross,
-            count=count,
-            row=row,
-            position=position,
-            bucket=bucket,
-            vectors=vectors,
-            valid=valid,  # the forward's, also for a suffix of its queries
-            token_id=token_id,
-            first_position=first_position,
-            misnumbered=misnumbered,
-        )
-        return batch, staged
-
-    def _selection(self, forward, spec: SelectionSpec, tokens) -> tuple[Selection, torch.Tensor | None]:
-        """The sampler's selection of one call, and the token id of each selected token. Under "all"
-        it is every valid token for every layer and kind, so it is made once per forward (a dense
-        decode step has 2 x layers calls)."""
-        if self.sampler.strategy != "all":
-            return selected_token_ids(
-                select_tokens(spec.decide(), tokens.positions, self.sampler, spec.capacity), tokens
-            )
-        cached = forward.selections.get(id(tokens))
-        if cached is None or cached[0] is not tokens:
-            selection = select_tokens(tokens.valid, tokens.positions, self.sampler, spec.capacity)
-            cached = forward.selections[id(tokens)] = (tokens, selected_token_ids(selection, tokens))
-        return cached[1]
 
     # ---- bookkeeping (host only) -----------------------------------------------------
     def _skips_training(self, module) -> bool:

@@ -17,7 +17,7 @@ import torch
 from transformers import DynamicCache, StoppingCriteriaList
 
 import qk_attn
-from qk_attn.capture import recorder
+from qk_attn.capture import call_rows
 from qk_attn.storage.manifest import read_manifest
 from qk_attn.storage.shards import CallBuffer
 from qk_attn.storage.transfer import ForwardPiece, Piece, Transfer
@@ -52,8 +52,8 @@ class Counts:
 def _decode(tmp_path, monkeypatch, sampler: str, **settings) -> tuple[Counts, object]:
     model = build("llama3", "qk_sniff")
     counts = Counts()
-    counts.wrap(monkeypatch, recorder, "gather_selected", "gathers")  # the torch path's one gather per call
-    counts.wrap(monkeypatch, recorder, "select_tokens", "selections")
+    counts.wrap(monkeypatch, call_rows, "gather_selected", "gathers")  # the torch path's one gather per call
+    counts.wrap(monkeypatch, call_rows, "select_tokens", "selections")
     counts.wrap(monkeypatch, Transfer, "send_forward", "hand-offs")
     counts.wrap(monkeypatch, Transfer, "send", "per-call transfers")
     counts.wrap(monkeypatch, Transfer, "_copy", "device-to-host copies")

@@ -14,6 +14,7 @@ import torch
 import qk_attn
 from qk_attn.capture import forward as forward_module
 from qk_attn.capture import recorder
+from qk_attn.capture.call_rows import CallRows
 from qk_attn.capture.tokens import HostMirror
 
 ARRIVES = ("at_once", "at_layer_2", "never")  # the copy lands at a step's first call, its third, or never
@@ -32,7 +33,7 @@ def generate_counting_launches(
     landing as ARRIVES says."""
     launched, forwards = collections.Counter(), [0]
     with monkeypatch.context() as patch:
-        start_staging, batch_of = recorder.Session._start_staging, recorder.Session._batch
+        start_staging, batch_of = recorder.Session._start_staging, CallRows.batch
 
         def started(self, forward, *args):
             forwards[0] += 1  # at each forward's first recorded call
@@ -43,7 +44,7 @@ def generate_counting_launches(
             return batch_of(self, module, forward, layer, *args)
 
         patch.setattr(recorder.Session, "_start_staging", started)
-        patch.setattr(recorder.Session, "_batch", launch)
+        patch.setattr(CallRows, "batch", launch)
         if arrives is not None:
             patch.setattr(forward_module, "builds_on_host", lambda device: False)
 
