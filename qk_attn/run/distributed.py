@@ -114,7 +114,7 @@ def merge(output: str | Path, allow_incomplete: bool = False) -> dict:
     from qk_attn.errors import OutputLocked
     from qk_attn.storage.card import write_card
     from qk_attn.storage.examples import write_examples
-    from qk_attn.storage.folder import take_lock
+    from qk_attn.storage.folder import release_lock, take_lock
     from qk_attn.storage.layout import MANIFEST, Files, part_files
     from qk_attn.storage.manifest import read_manifest, write_json_atomic
 
@@ -124,10 +124,10 @@ def merge(output: str | Path, allow_incomplete: bool = False) -> dict:
         raise FileNotFoundError(f"{output} holds no manifest parts (qk_sniff.rank*.json): nothing to merge")
     locks = []
     try:
-        locks.append(take_lock(output, Files().lock))
+        locks.append((take_lock(output, Files().lock), Files().lock))
         for rank in sorted(paths):
             try:
-                locks.append(take_lock(output, Files(rank).lock))
+                locks.append((take_lock(output, Files(rank).lock), Files(rank).lock))
             except OutputLocked:
                 raise OutputLocked(
                     f"rank {rank} is still writing to {output}; merge when every rank has finished"
@@ -141,13 +141,13 @@ def merge(output: str | Path, allow_incomplete: bool = False) -> dict:
         write_json_atomic(output / MANIFEST, merged, keep_previous=True)
         write_card(output, merged)
     finally:
-        for fd in locks:
-            os.close(fd)
+        for fd, name in reversed(locks):  # deleted, as every command leaves no lock file behind
+            release_lock(output, fd, name)
     return merged
 
 
 def _merge_parts(output: Path, parts: dict[int, dict], allow_incomplete: bool) -> dict:
-    from qk_attn.storage.settings import identity
+    from qk_attn.storage.settings import LOCAL_SOURCES, identity
 
     sizes = {rank: (p.get("part") or {}).get("world_size") for rank, p in parts.items()}
     world = sizes[min(sizes)]
@@ -173,6 +173,13 @@ def _merge_parts(output: Path, parts: dict[int, dict], allow_incomplete: bool) -
     for rank, part in parts.items():
         other = identity(part["config"], part.get("source"))
         diffs = sorted(k for k in set(reference) | set(other) if reference.get(k) != other.get(k))
+        # Local files are recorded by name; their fingerprints tell another docs.jsonl of the same name apart.
+        files, first_files = part.get("source_files") or {}, first.get("source_files") or {}
+        diffs += [
+            f"{LOCAL_SOURCES.get(k, k)}: other files of the same name"
+            for k in sorted(files)
+            if k in first_files and files[k] != first_files[k]
+        ]
         if diffs or part.get("vector_dtype") != first.get("vector_dtype"):
             raise ValueError(
                 f"{output}: rank {rank} captured with different settings than rank 0 "
@@ -189,6 +196,8 @@ def _merge_parts(output: Path, parts: dict[int, dict], allow_incomplete: bool) -
             f"{output}: the ranks captured different models or head plans: "
             + "; ".join(f"rank {r}: {m[0]} ({m[1]})" for r, m in sorted(models.items()))
         )
+
+    _check_same_documents(output, parts)
 
     merged = {k: v for k, v in first.items() if k != "part"}
     with_model = [p for p in parts.values() if p.get("model")]
@@ -230,6 +239,20 @@ def _merge_parts(output: Path, parts: dict[int, dict], allow_incomplete: bool) -
     merged["updated"] = max(stamps) if stamps else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     merged["ranks"] = {"world_size": world, "parts": [parts_name(r) for r in sorted(parts)], "incomplete": incomplete}
     return merged
+
+
+def _check_same_documents(output: Path, parts: dict[int, dict]) -> None:
+    """The finished ranks went through one document list (in one order): with another
+    `dataset.max_samples`, or a dataset that changed between their runs, some documents would be
+    no rank's, and the merge would lack them while every rank says it is complete."""
+    lists = {rank: p["part"]["documents"] for rank, p in parts.items() if p["part"].get("documents")}
+    if len({(d["count"], d["sha256"]) for d in lists.values()}) > 1:
+        seen = "; ".join(f"rank {r}: {d['count']} documents ({d['sha256'][:12]})" for r, d in sorted(lists.items()))
+        raise ValueError(
+            f"{output}: the ranks went through different document lists ({seen}): dataset.max_samples or the "
+            "dataset's rows or their order changed between their runs, so some documents are no rank's; re-run "
+            "the ranks with the same settings and dataset (the same command resumes), then merge"
+        )
 
 
 def parts_name(rank: int) -> str:

@@ -19,6 +19,7 @@ Progress: one bar over documents with tokens/s and rows written; a summary at th
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from pathlib import Path
@@ -161,7 +162,9 @@ def _run(config: RunConfig, rank, push_to_hub: bool, progress: bool, sink, log=p
             committed = set(s.committed_ids())
             pending = []
             index = -1
+            listed = hashlib.sha256()  # the document list in order: ranks that went through other lists do not merge
             for index, doc in enumerate(iter_documents(rows, config.dataset)):
+                listed.update(doc.example_id.to_bytes(8, "little", signed=True))
                 if not rank.owns(index):
                     continue
                 if doc.example_id in committed:
@@ -176,6 +179,7 @@ def _run(config: RunConfig, rank, push_to_hub: bool, progress: bool, sink, log=p
                 _forward(s, decoder, tokenizer, pending, max_length, config, device, summary, bar, start)
             if index < 0:  # a streaming dataset without rows (map-style ones were checked before loading)
                 raise ConfigError(f"dataset.path={config.dataset.path!r} (split {config.dataset.split!r}) has no rows")
+            s.sink.documents = {"count": index + 1, "sha256": listed.hexdigest()}
             s.sink.complete = True  # a rank's manifest part records that it went through all its documents
         summary.rows_written = s.rows_written
         pool = s.sink.pool

@@ -65,6 +65,10 @@ def open_capture(
         )
     if files.rank is not None:
         manifest["part"] = {"rank": files.rank, "world_size": files.world_size, "complete": False}
+        # This rank changes what a merge wrote (its shards, compacted or overwritten): `qk-sniff merge`
+        # writes it again from the parts, and until then no reader is given a manifest that lies.
+        for name in (MANIFEST, PREVIOUS, EXAMPLES):
+            (output / name).unlink(missing_ok=True)
     removed = remove_orphans(output, manifest, files)
     write_json_atomic(output / files.manifest, manifest, fsync)
     return manifest, removed
@@ -173,6 +177,13 @@ def check_layout(output: Path, files: Files) -> None:
         raise ValueError(
             f"{output} holds a capture written by {how}; this is rank {files.rank} of {files.world_size}. "
             "Resume with the same number of ranks, use another output directory, or overwrite."
+        )
+    lost = [name for name in ((merged or {}).get("ranks") or {}).get("parts", []) if not (output / name).exists()]
+    if merged is not None and merged.get("examples") and lost:  # a pulled copy: only the merged manifest lists them
+        raise ValueError(
+            f"{output} holds a merged capture without its manifest parts ({', '.join(lost)}), a pulled copy perhaps; "
+            "a rank would delete the shards only the merged manifest lists: resume it with a single process "
+            "(no launcher, no --shard), or use another output directory"
         )
     for rank, path in sorted(parts.items()):
         other = (read_manifest(output, path.name) or {}).get("part") or {}

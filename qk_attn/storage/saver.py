@@ -315,6 +315,8 @@ class SaverThread(Committer):
         if self.files.rank is not None:  # the card is written when the parts are merged
             with self._manifest_lock:
                 self._manifest["part"]["complete"] = self.complete
+                if self.complete and self.documents is not None:  # merge compares the ranks' lists
+                    self._manifest["part"]["documents"] = self.documents
         self._write_manifest(export=True)
         manifest = self.manifest
         if self.files.rank is None:

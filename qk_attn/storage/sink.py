@@ -77,6 +77,7 @@ class ParquetSink(SaverThread, Sink):
         self.config = config
         self.files = Files() if rank is None else Files(*rank)
         self.complete = False  # set by a runner that went through every document it owns (rank parts record it)
+        self.documents: dict | None = None  # with `complete`: the document list it went through ({"count", "sha256"})
         self.vector_type = pa.float16() if config.vector_dtype == "float16" else pa.float32()
         self.vocabulary = None if vocabulary is None else pa.array(vocabulary, pa.string())
         # One schema per dataset: token ids are a column of every shard or of none. New captures

@@ -234,3 +234,83 @@ def test_ranks_keep_their_own_previous_manifest(tmp_path):
     for rank in (0, 1):
         previous = json.loads((tmp_path / previous_name(f"qk_sniff.rank{rank:03d}.json")).read_text())
         assert previous.pop("digest") and previous == {"rank": rank, "i": 298}
+
+
+def test_merge_refuses_ranks_that_went_through_other_documents(setup, capsys):
+    """Each rank says it is complete, but over another document list (another max_samples, or
+    another docs.jsonl of the same name): some documents are no rank's, so merge refuses."""
+    root, config, single = setup
+    out = root / "lists"
+    good = str(config(out))
+    assert cli.main(["run", "--config", good, "--shard", "0/2", "--set", "dataset.max_samples=4", "-q"]) == 0
+    assert cli.main(["run", "--config", good, "--shard", "1/2", "-q"]) == 0
+    assert cli.main(["merge", str(out)]) == 1  # rank 0 went through documents 0-3 only: 4 and 6 are no rank's
+    err = capsys.readouterr().err
+    assert "different document lists (rank 0: 4 documents" in err and "rank 1: 8 documents" in err, err
+    assert not (out / "qk_sniff.json").exists()
+    assert cli.main(["run", "--config", good, "--shard", "0/2", "-q"]) == 0  # rank 0 resumes over all 8
+    assert cli.main(["merge", str(out)]) == 0
+    assert read_manifest(out)["examples"] == read_manifest(single)["examples"]
+    assert cli.verify_dataset(out, log=lambda *_: None) == []
+
+    # Rank 1 reads another docs.jsonl (the same ids in the same order, other texts): local files
+    # are recorded by name, so only their fingerprints tell them apart.
+    other = root / "other" / "docs.jsonl"
+    other.parent.mkdir()
+    other.write_text((root / "docs.jsonl").read_text().replace('"body": "', '"body": "w0 '))
+    mixed = root / "mixed"
+    assert cli.main(["run", "--config", str(config(mixed)), "--shard", "0/2", "-q"]) == 0
+    moved = config(root / "mixed-other")
+    moved.write_text(
+        moved.read_text().replace(str(root / "mixed-other"), str(mixed)).replace(str(root / "docs.jsonl"), str(other))
+    )
+    assert cli.main(["run", "--config", str(moved), "--shard", "1/2", "-q"]) == 0
+    assert cli.main(["merge", str(mixed)]) == 1
+    assert "rank 1 captured with different settings than rank 0 (dataset.path: other files" in capsys.readouterr().err
+
+
+def test_a_rank_rerun_after_merge_takes_the_merged_manifest_away(setup, capsys):
+    """A rank that writes again changes what the merge listed (here: its shards, overwritten with
+    another seed under the same names); the stale merged manifest is removed, and merge writes it
+    again. A merged copy without its parts (pulled from the Hub) is refused to ranks: they would
+    delete the shards only the merged manifest lists."""
+    root, config, single = setup
+    out = root / "remerged"
+    good = str(config(out))
+    for shard in ("0/2", "1/2"):
+        assert cli.main(["run", "--config", good, "--shard", shard, "-q"]) == 0
+    assert cli.main(["merge", str(out)]) == 0
+    assert not list(out.glob(".qk_sniff*.lock"))  # merge leaves no lock file behind
+    assert (
+        cli.main(
+            [
+                "run",
+                "--config",
+                good,
+                "--shard",
+                "1/2",
+                "--set",
+                "output.overwrite=true",
+                "--set",
+                "capture.seed=3",
+                "-q",
+            ]
+        )
+        == 0
+    )
+    assert not (out / "qk_sniff.json").exists() and not (out / ".qk_sniff.json.prev").exists()
+    with pytest.raises(FileNotFoundError):
+        qk_attn.load(out)  # not the rows of the merge before: rank 1's shards now hold other rows
+    assert cli.main(["merge", str(out)]) == 1  # seed 3 against seed 0
+    capsys.readouterr()
+    assert cli.main(["run", "--config", good, "--shard", "1/2", "--set", "output.overwrite=true", "-q"]) == 0
+    assert cli.main(["merge", str(out)]) == 0
+    assert_same_dataset(out, single)
+
+    for part in out.glob("*rank*"):  # what `qk-sniff pull` brings back: the merged manifest and the shards
+        part.unlink()
+    shards = {p: p.read_bytes() for p in out.glob("l*/*.parquet")}
+    assert cli.main(["run", "--config", good, "--shard", "1/2", "-q"]) == 2
+    assert "holds a merged capture without its manifest parts" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.glob("l*/*.parquet")} == shards
+    assert cli.verify_dataset(out, log=lambda *_: None) == []
