@@ -83,6 +83,12 @@ class Session(SequenceTracker):
         if self._closed:
             return
         self._closed = True
+        if not self._models:  # an empty dataset would otherwise look like a capture
+            logger.warning(
+                "qk-attn: the session ends having recorded nothing: no attention call of a model running "
+                "'qk_sniff' reached it; check the model's config._attn_implementation (set_attn_implementation "
+                "keeps the old one, with transformers' warning, on models that cannot switch, e.g. Bloom)"
+            )
         try:
             self.commit()
         finally:

@@ -9,7 +9,7 @@ from transformers import DynamicCache
 
 import qk_attn
 from qk_attn.errors import CaptureError
-from support.models import VOCAB, cache_kw, padded_batch
+from support.models import VOCAB, build, cache_kw, padded_batch
 
 torch.set_grad_enabled(False)
 
@@ -29,6 +29,23 @@ def test_a_model_whose_attention_does_not_use_the_interface_is_refused_not_recor
             s.commit()
     if into == "parquet":
         assert qk_attn.load_examples(out).num_rows == 0
+
+
+def test_a_session_that_records_nothing_says_so_when_it_ends(tmp_path, caplog):
+    """set_attn_implementation("qk_sniff") on Bloom keeps "eager" (transformers only warns): its
+    forwards never reach qk_sniff, so the session would end with an empty dataset and no word."""
+    config = tf.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4)
+    model = tf.BloomForCausalLM._from_config(config, attn_implementation="eager").eval()
+    model.set_attn_implementation("qk_sniff")
+    assert model.config._attn_implementation == "eager"
+    with qk_attn.session(sampler="all", output=tmp_path / "out"):
+        model(input_ids=torch.randint(2, VOCAB - 2, (1, 8)))
+    assert [r for r in caplog.records if "the session ends having recorded nothing" in r.getMessage()]
+    caplog.clear()
+    recorded = build("llama3", "qk_sniff")
+    with qk_attn.session(sampler="all"):
+        recorded(input_ids=torch.randint(2, VOCAB - 2, (1, 8)))
+    assert not [r for r in caplog.records if "recorded nothing" in r.getMessage()]
 
 
 def test_an_attention_block_shared_between_layers_is_refused():
