@@ -1,6 +1,6 @@
 """`qk-sniff`: run a dataset through a model and check what was recorded.
 
-    qk-sniff run [--config FILE] [--set section.key=value ...] [--push] [--dry-run]
+    qk-sniff run [--config FILE] [--set section.key=value ...] [--push] [--quiet] [--dry-run] [--shard I/N]
     qk-sniff inspect OUT          rows, coverage, bucket distribution, plot path
     qk-sniff verify OUT           schema, uniqueness, manifest counts, buckets, exact selection
     qk-sniff repair OUT           drop the examples that bad or missing shards touched, so a re-run recaptures them
