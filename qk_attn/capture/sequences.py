@@ -23,6 +23,8 @@ from qk_attn.errors import CaptureError
 
 logger = logging.getLogger(__name__)
 
+PRUNE_AT = 16  # sequences held before those of caches that are gone are forgotten (SequenceTracker._sequences)
+
 
 class SequenceTracker:
     """The forwards and sequences of a recorder (`Session` is one), and the examples begun since the last commit.
@@ -38,6 +40,7 @@ class SequenceTracker:
         self._pending_ids = None if example_ids is None else [int(i) for i in example_ids]
         self._forwards: dict[int, object] = {}  # id(model config) -> its current forward (or _STARTED)
         self._sequences: dict[tuple, _Sequence] = {}  # (id(model config), id(cache)) -> its sequence
+        self._prune_at = PRUNE_AT  # size of _sequences at which those of caches that are gone are forgotten
         committed = self.committed_ids()
         self._next_auto_id = max(committed) + 1 if committed else 0
         self._begun: list[int] = []
@@ -341,6 +344,7 @@ class SequenceTracker:
                     "rows of a committed example are never added (use new ids)"
                 )
         if sequence is None:
+            self._forget_gone_caches()
             sequence = self._sequences[key] = _Sequence(ids, forward.cache)
         else:
             forward.continues_from = sequence.next_position
@@ -354,6 +358,16 @@ class SequenceTracker:
         self._next_auto_id = max(self._next_auto_id, max(ids) + 1)
         self._begun.extend(i for i in ids if i not in self._begun)
         self.sink.check_examples(forward.example_ids)  # refused after an earlier forward of theirs
+
+    def _forget_gone_caches(self) -> None:
+        """Forget the sequences whose cache is gone: no forward can continue them (a new cache that
+        takes a gone one's id starts its own). Each forward over a new cache (a document, a generate()
+        call) adds one, so a long session would otherwise hold one per example; pruned when the dict
+        has doubled, O(1) per new sequence."""
+        if len(self._sequences) < self._prune_at:
+            return
+        self._sequences = {k: s for k, s in self._sequences.items() if k[1] is None or s.cache() is not None}
+        self._prune_at = 2 * len(self._sequences) + PRUNE_AT
 
     def _committed_now(self) -> set[int]:
         return self.committed_ids()

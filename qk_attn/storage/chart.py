@@ -122,4 +122,12 @@ def bucket_chart(manifest: dict, path: Path) -> bool:
         top=1 - 0.6 / height_in,
     )
     figure.savefig(path)
+    # matplotlib keeps the fonts it opened (open files) per thread id, up to 64 threads: each session's
+    # saver thread draws its own chart and then ends, so a process that opens many sessions would hold
+    # fonts of threads that are gone. Cleared here (they are opened again when needed).
+    from matplotlib import font_manager
+
+    clear = getattr(getattr(font_manager, "_get_font", None), "cache_clear", None)
+    if clear is not None:
+        clear()
     return True

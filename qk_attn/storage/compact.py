@@ -8,7 +8,9 @@ removes. Every part is read only after its bytes match the manifest's sha256 (a 
 is never copied into a merged shard: its group is left as it is, for verify and repair).
 A merged shard keeps its parts' row groups and records the segments of each
 (`shard_info[...]["row_groups"]`), so the examples of a shard, and of each of its row groups,
-stay known from the manifest alone: damage to one row group costs only its examples.
+stay known from the manifest alone: damage to one row group costs only its examples. When a merged
+shard is merged again, its row groups are joined up to JOIN_BYTES, so that the row groups of a
+folder, and their records in the manifest, grow with its bytes and not with the number of finalises.
 """
 
 from __future__ import annotations
@@ -16,9 +18,16 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import pyarrow as pa
+
 from qk_attn.errors import CorruptShard
 from qk_attn.storage.records import row_group_segments, shard_info
 from qk_attn.storage.shards import Written, read_verified, write_row_groups
+
+# Row groups of a shard merged before are joined, when it is merged again, into row groups of up to
+# this many bytes: a part's own row group is kept the first time (damage costs its segment only), but a
+# long capture's merged shard would otherwise gain a row group, and a manifest record, per finalise.
+JOIN_BYTES = 1 << 20
 
 
 def plan(manifest: dict, output: Path, shard_bytes: int, at_least: int) -> list[tuple[str, list[str]]]:
@@ -44,16 +53,27 @@ def plan(manifest: dict, output: Path, shard_bytes: int, at_least: int) -> list[
 
 
 def merge(folder: Path, group: list[str], name: str, key: str, manifest: dict) -> Written:
-    """Write the rows of `group` as `folder/.name.tmp`, one row group per row group read (a writer
-    thread runs this). `CorruptShard` when a part fails its digest: nothing is written then."""
-    tables, row_groups = [], []
+    """Write the rows of `group` as `folder/.name.tmp`, one row group per row group read, except that
+    those of shards merged before are joined up to JOIN_BYTES (a writer thread runs this).
+    `CorruptShard` when a part fails its digest: nothing is written then."""
+    tables, row_groups, joined = [], [], []  # joined: (bytes, whether a later merged group may join it)
     for n in group:
         parquet = read_verified(folder.parent, manifest, key, n)
         segments = row_group_segments(manifest, key, n, parquet.num_row_groups)
         if segments is None:
             raise CorruptShard(f"{folder / n}: its row groups differ from the manifest's record")
-        tables += [parquet.read_row_group(i) for i in range(parquet.num_row_groups)]
-        row_groups += segments
+        recorded = manifest.get("shard_info", {}).get(f"{key}/{n}", {}).get("row_groups")
+        for i in range(parquet.num_row_groups):
+            table, size = parquet.read_row_group(i), recorded[i]["bytes"] if recorded else None
+            if size is not None and joined and joined[-1][1] and joined[-1][0] + size <= JOIN_BYTES:
+                tables[-1].append(table)  # merged before: joined with the previous row group
+                row_groups[-1] = sorted(set(row_groups[-1]) | set(segments[i]))
+                joined[-1] = (joined[-1][0] + size, True)
+            else:
+                tables.append([table])
+                row_groups.append(list(segments[i]))
+                joined.append((size or 0, size is not None))
+    tables = [pa.concat_tables(parts) if len(parts) > 1 else parts[0] for parts in tables]
     tmp = folder / f".{name}.tmp"
     try:
         size, digest, rows, ranges, footer = write_row_groups(tables, tmp, False)
