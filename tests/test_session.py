@@ -247,3 +247,53 @@ def test_a_parquet_session_refuses_table_and_a_closed_session_refuses_begin(tmp_
         s.begin([5])
     s.flush()
     assert qk_attn.load(tmp_path / "out", layer=0, head=0, kind="q")["example_id"].to_pylist() == [0] * 8
+
+
+def test_a_model_running_a_forward_in_another_thread_refuses_a_second_one():
+    """One model, one session, two threads: while thread A is inside a forward (held in layer 1),
+    thread B's forward of the same model is refused before it records anything; A's rows are exactly
+    those of A alone, and B's document, run after, is recorded as usual."""
+    import threading
+
+    from qk_attn.errors import CaptureError
+    from support.oracle import rows_by_key
+
+    model = build("llama3", "qk_sniff")
+    ids = {
+        name: torch.randint(2, VOCAB - 2, (1, 7), generator=torch.Generator().manual_seed(seed))
+        for seed, name in enumerate("AB")
+    }
+    inside, b_done, refused = threading.Event(), threading.Event(), []
+
+    def hold(module, args):
+        if threading.current_thread().name == "A" and not b_done.is_set():
+            inside.set()
+            b_done.wait(10)
+
+    def run_b():
+        inside.wait(10)
+        try:
+            model(input_ids=ids["B"])
+        except CaptureError as error:
+            refused.append(str(error))
+        finally:
+            b_done.set()
+
+    handle = model.model.layers[1].register_forward_pre_hook(hold)
+    with torch.inference_mode(), qk_attn.session(sampler="all") as s:
+        threads = [threading.Thread(target=lambda: model(input_ids=ids["A"]), name="A"), threading.Thread(target=run_b)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        handle.remove()
+        s.begin([1])
+        model(input_ids=ids["B"])
+        got = rows_by_key(s.table())
+    assert len(refused) == 1 and "in the middle of a forward in thread 'A'" in refused[0]
+    want = {}
+    for example, name in enumerate("AB"):
+        with torch.inference_mode(), qk_attn.session(sampler="all", example_ids=[example]) as alone:
+            model(input_ids=ids[name])
+            want.update(rows_by_key(alone.table()))
+    assert got.keys() == want.keys()
+    for key, vector in want.items():
+        assert torch.equal(torch.from_numpy(got[key]), torch.from_numpy(vector)), key

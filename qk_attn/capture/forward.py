@@ -17,6 +17,7 @@ instead of guessing from layer order or mask shapes.
 
 from __future__ import annotations
 
+import threading
 import weakref
 
 import numpy as np
@@ -68,6 +69,7 @@ class ForwardContext:
         # Whether the model forward ran to its end: False until its end is reported, None when it cannot be.
         self.finished: bool | None = None
         self.discarded = False  # refused or stopped part-way: its sequences are gone (warned once)
+        self.thread = threading.current_thread()  # the thread running it (one forward of a model at a time)
         self.example_ids: tuple[int, ...] | None = None  # set by the session at the first recorded call
         self.sequence = None  # the session's sequence this forward extends
         self.unfinished = None  # generate()'s (B,) unfinished_sequences at this step (device), if any

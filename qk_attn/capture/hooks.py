@@ -88,11 +88,13 @@ def watch_forward(owner: torch.nn.Module | None, last_layer: torch.nn.Module | N
 def _forward_started(config, module, _args, kwargs) -> None:
     from qk_attn.capture.active import current_session
 
-    for handle in _first_forward_hooks.pop(module, ()):  # the stack's own hooks report from now on
-        handle.remove()
     session = current_session()
     if session is not None:
+        # May refuse this forward (another thread is inside the model's first forward, whose end
+        # only the hooks below report): they are removed only once a forward has started.
         session.on_forward_start(config, kwargs)
+    for handle in _first_forward_hooks.pop(module, ()):  # the stack's own hooks report from now on
+        handle.remove()
 
 
 @torch.compiler.disable

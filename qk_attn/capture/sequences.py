@@ -9,6 +9,7 @@ identity, forward start and end, and the commit protocol: docs/architecture.md.
 from __future__ import annotations
 
 import logging
+import threading
 import weakref
 
 import torch
@@ -91,6 +92,7 @@ class SequenceTracker:
         require_facts()  # what the capture reads of transformers' internals holds (checked once)
         entry = self._forwards.get(id(config))
         forward = entry if isinstance(entry, ForwardContext) and entry.config is config else None
+        _refuse_concurrent(forward)
         if forward is not None and not forward.used:
             forward.add_mask_kind(kv_length, kv_offset)  # another mask kind of the same forward
             return
@@ -171,6 +173,7 @@ class SequenceTracker:
         forward before it started (passed in as prepared masks) is adopted."""
         entry = self._forwards.get(id(config))
         if isinstance(entry, ForwardContext):
+            _refuse_concurrent(entry)
             mask = kwargs.get("attention_mask")
             prepared = mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2)
             if entry.state == "pending" and not entry.used and prepared:
@@ -371,6 +374,25 @@ class SequenceTracker:
 
     def _committed_now(self) -> set[int]:
         return self.committed_ids()
+
+
+def _refuse_concurrent(forward: ForwardContext | None) -> None:
+    """A forward of a model that starts while another thread is in the middle of one of the same model
+    (the hooks and the session's forward context are per model): refused before it records anything,
+    so that the running one is recorded exactly. A forward that raised in a thread still running is
+    taken as running until that thread's next forward or the session's commit."""
+    if (
+        forward is not None
+        and forward.thread is not threading.current_thread()
+        and forward.finished is False
+        and not forward.discarded
+        and forward.thread.is_alive()
+    ):
+        raise CaptureError(
+            f"qk_sniff: this model is in the middle of a forward in thread {forward.thread.name!r}; a session "
+            "records one forward of a model at a time: give each thread its own copy of the model (each is "
+            "recorded exactly), or run the forwards one after the other"
+        )
 
 
 class _Sequence:
