@@ -198,6 +198,10 @@ def iter_documents(rows, cfg: DatasetSection) -> Iterator[Document]:
         if cfg.id_column is not None and cfg.id_column not in row:
             raise ConfigError(f"dataset.id_column={cfg.id_column!r} is not in row {index} (columns: {', '.join(row)})")
         source_id = index if cfg.id_column is None else row[cfg.id_column]
+        if source_id is None:
+            from qk_attn.run.input_checks import missing_id
+
+            raise ConfigError(missing_id(cfg.id_column, index))
         example_id = normalize_id(source_id)
         if example_id in seen:
             raise ConfigError(

@@ -134,10 +134,20 @@ def _check_parquet(file: Path, where: str) -> None:
 
 
 # ---- the dataset's ids -----------------------------------------------------------------------
+def missing_id(id_column: str, index: int) -> str:
+    """A row whose id is null: it would be recorded as the id "None" (hashed), which it is not."""
+    return (
+        f"dataset.id_column={id_column!r}: row {index} has no id (null); every row needs an id: fill it in, "
+        "choose a column without nulls, or leave dataset.id_column unset to use row numbers"
+    )
+
+
 def check_ids(ids: Iterable[Any], normalize: Callable[[Any], int], id_column: str) -> None:
     """No two rows map to the same example_id (the capture would mix their rows)."""
     seen: dict[int, tuple[int, Any]] = {}
     for index, value in enumerate(ids):
+        if value is None:
+            raise ConfigError(missing_id(id_column, index))
         example = normalize(value)
         if example in seen:
             first, other = seen[example]

@@ -94,6 +94,7 @@ class Preflight:
     rows: Any  # the dataset (map-style or iterable)
     total: int | None  # documents to go through
     source: dict
+    empty: int = 0  # documents left to capture that have no tokens (never run, never committed)
 
 
 def prepare(config: RunConfig, model_name: str, tokenizer_name: str, rank, sink, log=print) -> Preflight:
@@ -161,6 +162,7 @@ def prepare(config: RunConfig, model_name: str, tokenizer_name: str, rank, sink,
     if total == 0:
         raise ConfigError(f"dataset.path={config.dataset.path!r} (split {config.dataset.split!r}) has no rows")
     lengths = None
+    empty = 0
     positions = checks.model_positions(model_config)
     if map_style(rows):  # ids and lengths of every document, before the model loads
         lengths, longest, truncated = _document_lengths(rows, total, config, tokenizer, max_length, rank, sink is None)
@@ -170,6 +172,22 @@ def prepare(config: RunConfig, model_name: str, tokenizer_name: str, rank, sink,
                 f"qk-sniff: {truncated} of {len(lengths)} document(s) have more than tokenizer.max_length={max_length:,} "
                 "tokens and are truncated to it"
             )
+        # Documents without a single token are never run nor committed: not part of the estimate, and
+        # a run of nothing but such documents (none committed before) is refused, not an empty capture.
+        empty = lengths.count(0)
+        if empty:
+            if empty == len(lengths) == total and rank.is_single:
+                raise ConfigError(
+                    f"dataset.path={config.dataset.path!r}: all {total:,} document(s) of "
+                    f"dataset.text_column={config.dataset.text_column!r} have no tokens (empty or whitespace-only "
+                    f"text, tokenizer.add_special_tokens={config.tokenizer.add_special_tokens}); there is nothing "
+                    "to capture"
+                )
+            log(
+                f"qk-sniff: {empty} of {len(lengths)} document(s) have no tokens (empty or whitespace-only text) and "
+                "are skipped"
+            )
+            lengths = [n for n in lengths if n]
     else:
         checks.check_positions(max_length, positions, None, model_label, streaming=True)
     if lengths is None and plan is not None:  # streaming: only an upper bound, documents cut at max_length
@@ -195,7 +213,7 @@ def prepare(config: RunConfig, model_name: str, tokenizer_name: str, rank, sink,
             limit, how = checks.size_limit(config.capture.max_gb, disk)
             if est.bytes > limit:
                 raise ConfigError(refusal(est, limit, how))
-    return Preflight(model_config, tokenizer, max_length, plan, est, rows, total, source)
+    return Preflight(model_config, tokenizer, max_length, plan, est, rows, total, source, empty)
 
 
 def _staging_line(config: RunConfig, sniff, plan, longest: int, documents: int | None) -> str:

@@ -108,7 +108,8 @@ def _run(config: RunConfig, rank, push_to_hub: bool, progress: bool, sink, log=p
     if checked.estimate is not None and not checked.estimate.documents and rank.is_single and sink is None:
         # Every document is committed already: no need to load the weights to do nothing, but a
         # killed run's leftovers (orphan shards, a lagging examples table, no card) are made good.
-        summary.resumed = total
+        summary.resumed = total - checked.empty  # the rest have no tokens: never committed
+        summary.empty = checked.empty
         summary.max_length = checked.max_length
         from qk_attn.storage.folder import has_leftovers
 
