@@ -9,6 +9,7 @@ and the commit protocol: docs/architecture.md.
 from __future__ import annotations
 
 import logging
+import sys
 import weakref
 
 import torch
@@ -83,11 +84,11 @@ class Session(SequenceTracker):
         if self._closed:
             return
         self._closed = True
-        if not self._models:  # an empty dataset would otherwise look like a capture
+        if not self._models and sys.exc_info()[0] is None:  # an empty dataset would look like a capture
             logger.warning(
-                "qk-attn: the session ends having recorded nothing: no attention call of a model running "
-                "'qk_sniff' reached it; check the model's config._attn_implementation (set_attn_implementation "
-                "keeps the old one, with transformers' warning, on models that cannot switch, e.g. Bloom)"
+                "qk-attn: the session ends having recorded nothing: no attention call reached qk_sniff; if a "
+                "model ran forwards in it, check its config._attn_implementation (set_attn_implementation keeps "
+                "the old one, with transformers' warning, on models that cannot switch, e.g. Bloom)"
             )
         try:
             self.commit()

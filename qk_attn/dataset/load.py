@@ -51,6 +51,8 @@ def _select(where, manifest: dict, layer, head, kind: str | None) -> list[str]:
                 f"{where} has no committed rows for layer={layer}, head={head}, kind={kind!r}: "
                 f"{name}={wanted[name]!r} is not among the {name}s with rows ({', '.join(map(str, held)) or 'none'})"
             )
+    if not keys:  # no filter, and no folder holds a committed row
+        raise LookupError(f"{where} has no committed rows (no example was committed, or none kept a row)")
     return list(keys)
 
 

@@ -46,6 +46,9 @@ def test_a_session_that_records_nothing_says_so_when_it_ends(tmp_path, caplog):
     with qk_attn.session(sampler="all"):
         recorded(input_ids=torch.randint(2, VOCAB - 2, (1, 8)))
     assert not [r for r in caplog.records if "recorded nothing" in r.getMessage()]
+    with pytest.raises(KeyboardInterrupt), qk_attn.session(sampler="all"):  # its error says enough
+        raise KeyboardInterrupt
+    assert not [r for r in caplog.records if "recorded nothing" in r.getMessage()]
 
 
 def test_an_attention_block_shared_between_layers_is_refused():

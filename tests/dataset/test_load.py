@@ -102,3 +102,14 @@ def test_a_missing_folder_or_a_file_is_named_not_sent_to_the_hub(tmp_path):
     (tmp_path / "file.parquet").write_bytes(b"x")
     with pytest.raises(FileNotFoundError, match="is a file, not a qk-sniff capture folder"):
         qk_attn.load(tmp_path / "file.parquet")
+
+
+def test_a_capture_without_rows_is_a_lookup_error_not_an_arrow_one(tmp_path):
+    """A session that committed nothing leaves a valid, empty capture: load() says so in one line."""
+
+    out = tmp_path / "out"
+    with qk_attn.session(output=out, sampler="all"):
+        pass
+    assert qk_attn.load_examples(out).num_rows == 0
+    with pytest.raises(LookupError, match="has no committed rows"):
+        qk_attn.load(out)
