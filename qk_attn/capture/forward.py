@@ -174,7 +174,7 @@ class ForwardContext:
             if num_layers * 2 * host.valid.numel() > DECIDE_AT_ONCE:
                 self._decisions = UNDECIDED
             else:
-                keep = self._keep_all_layers(sampler, num_layers, host.positions) & host.valid.numpy()
+                keep = self._keep_all_layers(sampler, num_layers, host.positions, host.valid) & host.valid.numpy()
                 any_kept = keep.reshape(num_layers, 2, -1).any(-1).tolist()
                 self._decisions = (torch.from_numpy(keep), any_kept, host)
         self._decided_for = tokens
@@ -189,18 +189,27 @@ class ForwardContext:
             self._mirror = HostMirror(tokens)
         return self._mirror.tokens()
 
-    def _keep_all_layers(self, sampler, num_layers: int, positions: torch.Tensor) -> np.ndarray:
+    def _keep_all_layers(self, sampler, num_layers: int, positions: torch.Tensor, valid: torch.Tensor) -> np.ndarray:
         """`sampler.keep_all_layers` of these (host) positions, as numpy; a decode step's from its
-        sequence's `DecisionWindow`."""
+        sequence's `DecisionWindow`. `valid` (B, T) bool: padding, whose decisions the caller masks out,
+        so its positions (arbitrary: a caller's position_ids may give pads any value) never place or
+        move the window; it is decided at a position the window holds."""
         if self.num_new > DECODE_TOKENS:
             example_ids = torch.tensor(self.example_ids, dtype=torch.int64)
             return sampler.keep_all_layers(example_ids, num_layers, positions).numpy()
         host = positions.numpy()
         window = self.sequence.decisions
+        valid = valid.numpy()
+        real = np.where(valid, host, np.iinfo(np.int64).max).min(1)  # each row's first real position
+        anchor = np.where(valid.any(1), real, 0 if window is None else window.start[:, 0])
+        host = np.where(valid, host, anchor[:, None])
         keep = None if window is None else window.get(num_layers, host)
         if keep is None:  # the sequence's first decode step, or past its window
             window = self.sequence.decisions = DecisionWindow(sampler, num_layers, self.example_ids, host.min(1))
             keep = window.get(num_layers, host)
+        if keep is None:  # real positions spread wider than a window (misnumbered: refused after): decided directly
+            example_ids = torch.tensor(self.example_ids, dtype=torch.int64)
+            keep = sampler.keep_all_layers(example_ids, num_layers, torch.from_numpy(host)).numpy()
         return keep
 
     def _text_tokens(self, position_ids, device) -> TextTokens:

@@ -150,3 +150,31 @@ def test_on_a_device_a_misnumbered_step_that_keeps_nothing_is_refused_by_the_sin
             mask = torch.cat([batch["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1)
             model(input_ids=torch.tensor([[40], [50]]), attention_mask=mask, **cache_kw(cache))
             s.table() if into == "memory" else s.flush()
+
+
+@pytest.mark.parametrize("sampler", ["log_uniform", "all"])
+def test_padding_at_any_position_in_a_short_forward_records_what_padding_at_position_one_does(sampler):
+    """A forward of a few tokens decides from its sequence's window of positions; padding's own
+    position_ids (any value: they are masked) must neither place the window nor stop the decision.
+    Chunks of 3 and 2 tokens over a cache, the second row's first chunk holding two pads and a token,
+    with pads at 500 (once a TypeError inside the forward), record what pads at position 1 record."""
+    model = build("llama3", "qk_sniff")
+    batch = padded_batch("left", lengths=(5, 3))
+    tables = {}
+    for pad_position in (1, 500, -700):
+        positions = batch["position_ids"].masked_fill(batch["attention_mask"] == 0, pad_position)
+        with qk_attn.session(sampler=sampler, min_bucket_size=4, rope="pre", vector_dtype="float16") as s:
+            s.begin([0, 1])
+            cache = DynamicCache(config=model.config)
+            for start, end in ((0, 3), (3, 5)):
+                model(
+                    input_ids=batch["input_ids"][:, start:end],
+                    attention_mask=batch["attention_mask"][:, :end],
+                    position_ids=positions[:, start:end],
+                    **cache_kw(cache),
+                )
+        tables[pad_position] = rows_by_key(s.table())
+    assert {key[4] for key in tables[1]} == set(range(5))
+    for pad_position in (500, -700):
+        assert tables[pad_position].keys() == tables[1].keys()
+        assert all((tables[pad_position][key] == vector).all() for key, vector in tables[1].items())
