@@ -584,7 +584,7 @@ def test_decode_steps_decide_from_the_window_like_the_sampler(strategy):
         positions = (start + step + torch.arange(2)).expand(2, 2)  # two new tokens per step
         forward = ForwardContext(None, 2, 2, 0, None)
         forward.example_ids, forward.sequence = (7, 2**40 + 1), sequence
-        got = forward._keep_all_layers(sampler, 5, positions)
+        got = forward._keep_all_layers(sampler, 5, positions, torch.ones(2, 2, dtype=torch.bool))
         want = sampler.keep_all_layers(torch.tensor(forward.example_ids), 5, positions).numpy()
         assert got.shape == want.shape and (got == want).all(), step
 
