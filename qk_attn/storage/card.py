@@ -21,6 +21,7 @@ import yaml
 from huggingface_hub import DatasetCard, DatasetCardData
 
 from qk_attn.sampler import Sampler
+from qk_attn.storage.card_columns import head_dims, mixed_size_features, vector_text
 from qk_attn.storage.chart import bucket_chart, per_example_head, sampler_of
 from qk_attn.storage.coverage import coverage, coverage_text, markdown_table
 from qk_attn.storage.folder import card_is_ours, signed_card
@@ -49,52 +50,6 @@ def dataset_configs(shards: dict[str, list[str]], examples_file: str | None = No
     for kind in sorted({kind for (_, _, kind), _ in keys}):
         configs[f"all_{kind}"] = {"data_files": [{"split": "train", "path": f"l*h*{kind}/*.parquet"}]}
     return configs
-
-
-def head_dims(output: str | Path, manifest: dict) -> dict[str, int]:
-    """Folder name -> the head size of its vectors, from the schema of its first committed shard
-    (a footer read; folders whose shard cannot be read are left out)."""
-    import pyarrow.parquet as pq
-
-    dims = {}
-    for key, names in manifest.get("shards", {}).items():
-        try:
-            dims[key] = pq.read_schema(Path(output) / key / names[0]).field("vector").type.list_size
-        except (IndexError, OSError, KeyError, AttributeError, ValueError):  # no shard, or not readable
-            continue
-    return dims
-
-
-def mixed_size_features(manifest: dict, dims: dict[str, int]) -> list[dict]:
-    """`dataset_info` entries for the configs whose folders differ in head size (Gemma 4's global
-    layers): their `vector` is a variable-length list, as in qk_attn.load, so that `datasets`
-    can put the folders in one table (it cannot concatenate fixed-size lists of different sizes)."""
-    groups: dict[str, set[int]] = {}
-    for key, dim in dims.items():
-        layer, _, kind = parse_key(key)
-        for name in (f"layer{layer:02d}_{kind}", f"all_{kind}"):
-            groups.setdefault(name, set()).add(dim)
-    columns = manifest.get("columns") or {}
-    features = [
-        {"name": name, "dtype": dtype}
-        for name, dtype in (
-            ("example_id", "int64"),
-            ("position", "int32"),
-            ("bucket", "int32"),
-            ("layer", "int16"),
-            ("head", "int16"),
-            ("kind", "string"),
-            ("sliding_window", "int32"),
-        )
-    ]
-    features.append({"name": "vector", "list": manifest.get("vector_dtype", "float32")})
-    features += [{"name": "token_id", "dtype": "int32"}] * bool(columns.get("token_id"))
-    features += [{"name": "token_str", "dtype": "string"}] * bool(columns.get("token_str"))
-    return [  # a copy each: the same object twice would be written as a YAML alias
-        {"config_name": name, "features": [dict(f) for f in features]}
-        for name, sizes in sorted(groups.items())
-        if len(sizes) > 1
-    ]
 
 
 def render_card(
@@ -162,7 +117,7 @@ def card_text(
         "One config per `(layer, head, kind)` folder (`l03h01k`: layer 3, key head 1), per layer and kind "
         "(`layer03_q`, `layer03_k`) and per kind (`all_q`, `all_k`). Columns: `example_id` int64, `position` int32 "
         "(the RoPE position), `bucket` int32, `layer` int16, `head` int16, `kind` string, `sliding_window` int32 "
-        f"(null on full-attention layers), `vector` {_vector_text(manifest, dims)}"
+        f"(null on full-attention layers), `vector` {vector_text(manifest, dims)}"
         + _token_columns_text(manifest)
         + ".",
         "## Loading",
@@ -226,21 +181,6 @@ def card_text(
         parts.append(f"![rows per bucket]({CHART})")
     parts += ["## Coverage", coverage_text(manifest, cov), "## Provenance", _provenance(manifest, max_length)]
     return f"---\n{_yaml(data)}\n---\n\n" + "\n\n".join(parts) + "\n"
-
-
-def _vector_text(manifest: dict, dims: dict[str, int]) -> str:
-    """The `vector` column's type; where layers differ in head size, each size and its layers."""
-    dtype = manifest.get("vector_dtype", "float32")
-    layers: dict[int, set[int]] = {}
-    for key, dim in dims.items():
-        layers.setdefault(dim, set()).add(parse_key(key)[0])
-    if len(layers) < 2:
-        return f"fixed-size list of {dtype} [{next(iter(layers), (manifest.get('plan') or {}).get('head_dim', 'head_dim'))}]"
-    sizes = "; ".join(f"[{dim}] in layers {', '.join(map(str, sorted(ls)))}" for dim, ls in sorted(layers.items()))
-    return (
-        f"fixed-size list of {dtype}: {sizes} (configs that mix head sizes, such as `all_q`, give a "
-        "variable-length list)"
-    )
 
 
 def _token_columns_text(manifest: dict) -> str:
