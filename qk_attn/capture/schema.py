@@ -29,7 +29,9 @@ def columns_table(
     numpy arrays become Arrow arrays zero-copy, runs of small chunks are joined first
     (`_join_small_chunks`); the constant columns are made once. `vectors` chunks are flat
     (rows * head_dim,); `token_id` chunks may be None (nulls)."""
-    example_id, position, bucket, vectors, token_id = _join_small_chunks(example_id, position, bucket, vectors, token_id)
+    example_id, position, bucket, vectors, token_id = _join_small_chunks(
+        example_id, position, bucket, vectors, token_id
+    )
     n = sum(len(c) for c in position)
     chunked = lambda chunks, t: pa.chunked_array([pa.array(c, t) for c in chunks], t)  # noqa: E731
     columns = [
