@@ -74,39 +74,35 @@ _capture_outside_graph = torch.compiler.disable(_capture)
 
 
 class ModuleFacts(NamedTuple):
-    """What an attention module says of itself, read once per module (`Session` keeps them): reading
-    an attribute that an nn.Module lacks raises and catches an AttributeError inside torch, which is
-    slow enough to show in a decode step's 2 x layers calls."""
+    """What an attention module says of itself, read and checked once per module (`Session` keeps
+    them): reading an attribute that an nn.Module or a config lacks costs microseconds, which a
+    decode step pays 2 x layers times."""
 
     layer: int
     cross: bool  # `is_cross_attention`
     sliding_window: int | None  # the module's own, for calls whose kwargs do not pass one
-    encoder_decoder: bool  # its model is an encoder-decoder (refused)
 
 
 def module_facts(module) -> ModuleFacts:
-    return ModuleFacts(
-        module.layer_idx,
-        is_cross_attention(module),
-        getattr(module, "sliding_window", None),
-        bool(getattr(module.config, "is_encoder_decoder", False)),
-    )
-
-
-def refuse_unsupported(module, facts: ModuleFacts, kwargs: dict) -> None:
-    """Forwards whose rows cannot be attributed exactly are refused, with the reason."""
+    """The module's facts; modules whose rows cannot be attributed exactly are refused, with the reason."""
+    layer = module.layer_idx
     num_layers = getattr(module.config, "num_hidden_layers", None)
-    if not isinstance(facts.layer, int) or facts.layer < 0 or (num_layers is not None and facts.layer >= num_layers):
+    if not isinstance(layer, int) or layer < 0 or (num_layers is not None and layer >= num_layers):
         raise CaptureError(
-            f"qk_sniff: {type(module).__name__} has layer_idx {facts.layer}, outside the model's {num_layers} "
+            f"qk_sniff: {type(module).__name__} has layer_idx {layer}, outside the model's {num_layers} "
             "layers (an attention block shared between layers, as Zamba2's), so its rows could not be keyed "
             "by layer; not recorded"
         )
-    if facts.encoder_decoder:
+    if getattr(module.config, "is_encoder_decoder", False):
         raise CaptureError(
             f"qk_sniff: {type(module).__name__} belongs to an encoder-decoder model; qk-attn records "
             "decoder-only models (their self-attention positions and caches)"
         )
+    return ModuleFacts(layer, is_cross_attention(module), getattr(module, "sliding_window", None))
+
+
+def refuse_packed(kwargs: dict) -> None:
+    """Calls whose rows cannot be attributed exactly are refused, with the reason."""
     if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None:
         raise CaptureError(
             "qk_sniff: packed sequences (cu_seq_lens_*) hold several documents in one row; "

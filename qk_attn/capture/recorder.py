@@ -19,7 +19,7 @@ from qk_attn.capture.attention import (
     cross_attention_keys,
     module_facts,
     not_recorded,
-    refuse_unsupported,
+    refuse_packed,
 )
 from qk_attn.capture.call_rows import CallRows, staged_dtype
 from qk_attn.capture.forward import check_shapes
@@ -128,7 +128,7 @@ class Session(SequenceTracker):
 
     def _capture(self, forward, module, query, key, mask, kwargs, rotary) -> None:
         facts = self._module_facts(module)
-        refuse_unsupported(module, facts, kwargs)
+        refuse_packed(kwargs)
         if forward is None or forward.state != "running":
             raise CaptureError(
                 f"qk_sniff: layer {facts.layer} ran without transformers building its mask (the model was given "
