@@ -244,6 +244,22 @@ def cache_lengths() -> str | None:
     return None
 
 
+def cache_row_methods() -> str | None:
+    """The Cache methods that move batch rows are defined on Cache and inherited, not overridden, by
+    the caches a decoder uses, so that wrapping them on Cache sees every call (cache_rows)."""
+    from transformers import cache_utils
+
+    from qk_attn.capture.cache_rows import ROW_METHODS
+
+    for name in ROW_METHODS:
+        if not callable(getattr(cache_utils.Cache, name, None)):
+            return f"Cache has no method {name}"
+        for cls in (cache_utils.DynamicCache, cache_utils.StaticCache, cache_utils.QuantizedCache):
+            if name in vars(cls):
+                return f"{cls.__name__} overrides Cache.{name}"
+    return None
+
+
 def layer_type_names() -> str | None:
     from transformers import Gemma3TextConfig, Llama4TextConfig
 

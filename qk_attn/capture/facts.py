@@ -27,6 +27,8 @@ Where the capture code relies on each fact (the module that reads it):
     model_forward_locals           frames.model_forward, frames.cache_of (frame locals self,
                                    input_ids, position_ids, cache (5.25) or past_key_values (5.17))
     cache_lengths                  frames.cache_length (sequences._past compares it with q_offset)
+    cache_row_methods              cache_rows.watch_row_moves (Cache.reorder_cache, batch_select_indices,
+                                   batch_repeat_interleave, inherited by Dynamic/Static/QuantizedCache)
     layer_type_names               plan.ModelShape.local_attention (full_attention_only)
     generation_frames              frames.refuse_unrecordable_generation (_beam_search, _sample,
                                    _assisted_decoding, _prefill in generation/utils.py, locals
@@ -51,6 +53,7 @@ from qk_attn.capture.fact_checks import (
     attention_interface_register,
     attention_module_attributes,
     cache_lengths,
+    cache_row_methods,
     eager_forward,
     flash_forward,
     generation_frames,
@@ -163,6 +166,12 @@ FACTS: tuple[Fact, ...] = (
         "cache_lengths",
         "a dynamic cache's get_seq_length() (full and sliding layers) is a host int: the tokens it holds",
         cache_lengths,
+    ),
+    Fact(
+        "cache_row_methods",
+        "Cache.reorder_cache/batch_select_indices/batch_repeat_interleave move batch rows, and DynamicCache, "
+        "StaticCache and QuantizedCache inherit them from Cache",
+        cache_row_methods,
     ),
     Fact(
         "layer_type_names",

@@ -12,6 +12,7 @@ from transformers.masking_utils import AttentionMaskInterface, flash_attention_m
 
 from qk_attn.capture.attention import attend_and_capture, qk_sniff_attention
 from qk_attn.capture.backends import MASKS
+from qk_attn.capture.cache_rows import watch_row_moves
 from qk_attn.capture.name_branches import follow_wrapped_backend
 from qk_attn.errors import CaptureError
 
@@ -118,6 +119,7 @@ def _report(event: str, config, *_hook_args) -> None:
 def register() -> None:
     AttentionInterface.register(NAME, qk_sniff_attention)
     AttentionMaskInterface.register(NAME, qk_sniff_mask)
+    watch_row_moves()
 
 
 FLASH = "flash_attention_2"

@@ -15,6 +15,7 @@ import weakref
 import torch
 
 from qk_attn.capture import forward as forward_module
+from qk_attn.capture.cache_rows import row_moves
 from qk_attn.capture.facts import require as require_facts
 from qk_attn.capture.forward import ForwardContext, host_int
 from qk_attn.capture.frames import cache_length, decoder_stack, model_forward, refuse_unrecordable_generation, running
@@ -336,6 +337,13 @@ class SequenceTracker:
                 f"qk_sniff: this forward continues a cache at position {forward.past} but {where} (a rolled-back or "
                 "different cache); call session.begin(ids) before it to name its sequences"
             )
+        elif sequence.row_moves != row_moves(forward.cache):
+            raise CaptureError(
+                f"qk_sniff: the rows of the cache that holds examples {list(sequence.ids)} were moved since their "
+                "last forward (Cache.reorder_cache, batch_select_indices or batch_repeat_interleave: beam search or a "
+                "custom decoding loop), so a row's new tokens could belong to another example; not recorded "
+                "(record decoding that keeps each example in its batch row: greedy or sampling)"
+            )
         else:
             ids = list(sequence.ids)
         # Once per sequence and commit: the committed ids are copied to be read, O(committed) per forward.
@@ -354,6 +362,7 @@ class SequenceTracker:
             if forward.decode_step:  # rows of a batched generate() that had finished before this step's tokens
                 forward.alive = sequence.unfinished
         sequence.unfinished = forward.unfinished
+        sequence.row_moves = row_moves(forward.cache)
         sequence.end = forward.past + forward.num_new
         sequence.checked = self._commits
         forward.sequence = sequence
@@ -407,6 +416,7 @@ class _Sequence:
         self.cross_done: set[int] = set()  # cross-attention layers whose vision keys are recorded
         self.decisions = None  # the sampler's decisions for its next decode steps (forward.DecisionWindow)
         self.checked = -1  # the tracker's commit count when its ids were last checked against the committed ones
+        self.row_moves = 0  # its cache's row moves (qk_attn.capture.cache_rows) at its last forward
 
 
 _STARTED = object()  # Session._forwards entry: the decoder stack started a forward, no mask yet

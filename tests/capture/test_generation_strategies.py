@@ -11,10 +11,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import transformers as tf
 
 import qk_attn
 from qk_attn.errors import CaptureError
-from support.models import build
+from support.models import build, cache_kw
 from support.oracle import rows_by_key
 
 torch.set_grad_enabled(False)
@@ -57,3 +58,68 @@ def test_assisted_decoding_is_refused_before_any_row_and_the_session_goes_on(str
     assert got.keys() == want.keys()
     for key, vector in want.items():
         np.testing.assert_allclose(got[key], vector, rtol=1e-4, atol=1e-5, err_msg=str(key))
+
+
+# ---- custom decoding loops that move the cache's rows (beam search by hand, Hub custom_generate) ----
+
+PROMPTS = torch.tensor([[3, 4, 5, 6], [7, 8, 9, 10]])
+NEXT = torch.tensor([[11], [12]])
+
+
+@pytest.mark.parametrize(
+    "move",
+    [
+        lambda cache: cache.reorder_cache(torch.tensor([1, 0])),
+        lambda cache: cache.batch_select_indices(torch.tensor([1, 0])),
+        lambda cache: cache.batch_repeat_interleave(1),  # a no-op on the values, still a move
+    ],
+    ids=["reorder_cache", "batch_select_indices", "batch_repeat_interleave"],
+)
+def test_a_forward_after_the_cache_rows_moved_is_refused_and_the_session_goes_on(move):
+    model = build("llama3", "qk_sniff")
+    with qk_attn.session(sampler="all") as s:
+        cache = tf.DynamicCache(config=model.config)
+        s.begin([1, 2])
+        model(input_ids=PROMPTS, **cache_kw(cache))
+        move(cache)
+        with pytest.raises(
+            CaptureError, match=r"^qk_sniff: the rows of the cache that holds examples \[1, 2\] were moved"
+        ):
+            model(input_ids=NEXT, **cache_kw(cache))
+        s.begin([3])
+        model(input_ids=BEFORE)
+    got = rows_by_key(s.table())
+    assert {key[0] for key in got} == {3}  # the moved examples are discarded, the next one is whole
+    assert got.keys() == _one_shot(model, BEFORE, 3).keys()
+
+
+def test_rows_are_recorded_when_no_row_moved():
+    """The same loop without the move: every row, equal to one uncached forward over each sequence."""
+    model = build("llama3", "qk_sniff")
+    with qk_attn.session(sampler="all") as s:
+        cache = tf.DynamicCache(config=model.config)
+        s.begin([1, 2])
+        model(input_ids=PROMPTS, **cache_kw(cache))
+        model(input_ids=NEXT, **cache_kw(cache))
+    got = rows_by_key(s.table())
+    whole = torch.cat((PROMPTS, NEXT), 1)
+    want = {**_one_shot(model, whole[:1], 1), **_one_shot(model, whole[1:], 2)}
+    assert got.keys() == want.keys()
+    for key, vector in want.items():
+        np.testing.assert_allclose(got[key], vector, rtol=1e-4, atol=1e-5, err_msg=str(key))
+
+
+def test_new_sequences_begun_on_a_moved_cache_are_recorded():
+    """begin() names the rows afresh: a cache whose rows moved before it is fine."""
+    model = build("llama3", "qk_sniff")
+    with qk_attn.session(sampler="all") as s:
+        cache = tf.DynamicCache(config=model.config)
+        s.begin([1, 2])
+        model(input_ids=PROMPTS, **cache_kw(cache))
+        s.commit()
+        cache.reorder_cache(torch.tensor([1, 0]))
+        s.begin([5, 6])
+        model(input_ids=NEXT, **cache_kw(cache))
+    got = rows_by_key(s.table())
+    assert {key[0] for key in got} == {1, 2, 5, 6}
+    assert {key[4] for key in got if key[0] in (5, 6)} == {PROMPTS.shape[1]}  # only the new tokens

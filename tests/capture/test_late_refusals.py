@@ -128,3 +128,41 @@ def test_a_sequence_refused_late_is_refused_at_its_next_forward(tmp_path, monkey
         s.commit()
     assert qk_attn.load_examples(out)["example_id"].to_pylist() == [3]
     assert verify_dataset(out, log=lambda *_: None) == []
+
+
+@pytest.mark.parametrize("into", ["memory", "parquet"])
+def test_vectors_beyond_float16s_range_refuse_their_examples(tmp_path, into):
+    """vector_dtype="float16" cannot hold a query of 1e6: the cast would store inf. The examples of that
+    forward are refused (found where the rows reach the host, on any device); those before and after
+    are recorded, equal to a float32 session's rows cast to float16."""
+    model = build("llama3", "qk_sniff")
+    q_proj = model.model.layers[1].self_attn.q_proj
+    out = tmp_path / "out"
+
+    def capture(vector_dtype, bad: bool):
+        settings = dict(sampler="all", vector_dtype=vector_dtype)
+        with qk_attn.session(**settings, **({"output": out / vector_dtype} if into == "parquet" else {})) as s:
+            _good_document(model, s, 0, seed=5)
+            s.commit()
+            if bad:
+                q_proj.weight.mul_(1e7)
+                try:
+                    _good_document(model, s, 1, seed=7)
+                finally:
+                    q_proj.weight.div_(1e7)
+                found_late = s.table if into == "memory" else s.flush
+                with pytest.raises(CaptureError, match=r"vectors of examples \[1\] are not finite in float16"):
+                    found_late()
+                s.commit()  # nothing of theirs is committed
+            _good_document(model, s, 3, seed=6)
+            s.commit()
+            if into == "memory":
+                return rows_by_key(s.table())
+        return {key[:5]: vector for key, vector in all_rows(out / vector_dtype).items()}
+
+    got = capture("float16", bad=True)
+    want = capture("float32", bad=False)
+    assert {key[0] for key in got} == {0, 3}
+    assert got.keys() == want.keys()
+    for key, vector in want.items():
+        assert (got[key] == vector.astype("float16")).all(), key

@@ -169,3 +169,9 @@ def test_gpt2_upcast_attention_is_refused_under_eager_only():
     branches.follow_wrapped_backend(config, "sdpa")  # sdpa ignores reorder_and_upcast_attn, as "sdpa" does
     with pytest.raises(CaptureError, match="reorder_and_upcast_attn=True .*QK_SNIFF_BACKEND=sdpa"):
         branches.follow_wrapped_backend(config, "eager")
+
+
+def test_a_cache_that_overrides_a_row_method_is_found(monkeypatch):
+    """A cache class with its own reorder_cache would bypass the wrapper on Cache: a broken fact."""
+    monkeypatch.setattr(tf.DynamicCache, "reorder_cache", lambda self, beam_idx: None, raising=False)
+    assert [f.fact for f in facts.check_all()] == ["cache_row_methods"]
