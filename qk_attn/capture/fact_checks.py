@@ -246,10 +246,10 @@ def cache_lengths() -> str | None:
 
 def cache_row_methods() -> str | None:
     """The Cache methods that move batch rows are defined on Cache and inherited, not overridden, by
-    the caches a decoder uses, so that wrapping them on Cache sees every call (cache_rows)."""
+    the caches a decoder uses, so that wrapping them on Cache sees every call (capture/caches)."""
     from transformers import cache_utils
 
-    from qk_attn.capture.cache_rows import ROW_METHODS
+    from qk_attn.capture.caches import ROW_METHODS
 
     for name in ROW_METHODS:
         if not callable(getattr(cache_utils.Cache, name, None)):
@@ -280,7 +280,7 @@ def generation_frames() -> str | None:
         if fn is None:
             return f"no GenerationMixin.{method}"
     code = utils.GenerationMixin._sample.__code__
-    if "model_kwargs" not in code.co_varnames or "unfinished_sequences" not in code.co_varnames:
+    if not {"model_kwargs", "unfinished_sequences", "has_eos_stopping_criteria"} <= set(code.co_varnames):
         return f"GenerationMixin._sample locals {code.co_varnames}"
     if "_prefill" not in code.co_names:  # its first forwards feed the caller's tokens (frames)
         return "GenerationMixin._sample does not call self._prefill"

@@ -27,12 +27,12 @@ Where the capture code relies on each fact (the module that reads it):
     model_forward_locals           frames.model_forward, frames.cache_of (frame locals self,
                                    input_ids, position_ids, cache (5.25) or past_key_values (5.17))
     cache_lengths                  frames.cache_length (sequences._past compares it with q_offset)
-    cache_row_methods              cache_rows.watch_row_moves (Cache.reorder_cache, batch_select_indices,
+    cache_row_methods              caches.watch_row_moves (Cache.reorder_cache, batch_select_indices,
                                    batch_repeat_interleave, inherited by Dynamic/Static/QuantizedCache)
     layer_type_names               plan.ModelShape.local_attention (full_attention_only)
     generation_frames              frames.refuse_unrecordable_generation (_beam_search, _sample,
                                    _assisted_decoding, _prefill in generation/utils.py, locals
-                                   model_kwargs, unfinished_sequences)
+                                   model_kwargs, unfinished_sequences, has_eos_stopping_criteria)
     attention_module_attributes    capture/session: module.layer_idx, module.config,
                                    module.sliding_window, rope.uses_rope (module.use_rope)
     (torch, not transformers: forward hooks on the decoder stack, frames.decoder_stack, which
@@ -158,8 +158,9 @@ FACTS: tuple[Fact, ...] = (
     ),
     Fact(
         "generation_frames",
-        "GenerationMixin._sample/_beam_search/_assisted_decoding exist; _sample has locals "
-        "model_kwargs and unfinished_sequences and runs its first forwards in _prefill",
+        "GenerationMixin._sample/_beam_search/_assisted_decoding exist; _sample has locals model_kwargs, "
+        "unfinished_sequences and has_eos_stopping_criteria (it pads finished rows only when True) and runs "
+        "its first forwards in _prefill",
         generation_frames,
     ),
     Fact(

@@ -108,7 +108,8 @@ def refuse_unrecordable_generation(max_depth: int = 40):
     decoding (an assistant model, prompt lookup, early exit) verifies draft tokens in one forward
     and crops the rejected ones from the cache after it returned, its rows already taken.
 
-    Returns generate()'s (B,) `unfinished_sequences` of this step (a device tensor) or None;
+    Returns generate()'s (B,) `unfinished_sequences` of this step (a device tensor), or None when
+    there is none or it does not pad finished rows (no EOS stopping criterion);
     whether this forward is a step of its decoding loop rather than of its prefill (`_prefill`,
     which feeds only the caller's tokens, also when it continues an earlier generate()'s cache); and
     whether it drafts for early-exit assisted decoding (not recorded: the verifying forward that
@@ -139,6 +140,9 @@ def refuse_unrecordable_generation(max_depth: int = 40):
             unfinished = frame.f_locals.get("unfinished_sequences")
             if not (isinstance(unfinished, torch.Tensor) and unfinished.dim() == 1):
                 return None, False, draft
+            if frame.f_locals.get("has_eos_stopping_criteria") is False:
+                # Without an EOS criterion a finished row is fed real tokens, not padding: every row goes on.
+                return None, not prefill, draft
             return unfinished, not prefill, draft
         frame = frame.f_back
     return None, False, False

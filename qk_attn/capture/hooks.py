@@ -12,7 +12,7 @@ from transformers.masking_utils import AttentionMaskInterface, flash_attention_m
 
 from qk_attn.capture.attention import attend_and_capture, qk_sniff_attention
 from qk_attn.capture.backends import MASKS
-from qk_attn.capture.cache_rows import watch_row_moves
+from qk_attn.capture.caches import watch_row_moves
 from qk_attn.capture.name_branches import follow_wrapped_backend
 from qk_attn.errors import CaptureError
 

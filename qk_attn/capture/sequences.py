@@ -15,7 +15,7 @@ import weakref
 import torch
 
 from qk_attn.capture import forward as forward_module
-from qk_attn.capture.cache_rows import row_moves
+from qk_attn.capture.caches import refuse_rounding_cache, row_moves
 from qk_attn.capture.facts import require as require_facts
 from qk_attn.capture.forward import ForwardContext, host_int
 from qk_attn.capture.frames import cache_length, decoder_stack, model_forward, refuse_unrecordable_generation, running
@@ -103,6 +103,7 @@ class SequenceTracker:
         caller = model_forward(batch_size, q_length)
         try:
             generation = refuse_unrecordable_generation()
+            refuse_rounding_cache(caller.cache)
         except CaptureError:
             self._discard(None, "was refused", config, caller.cache)
             raise
@@ -399,8 +400,9 @@ def _refuse_concurrent(forward: ForwardContext | None) -> None:
     ):
         raise CaptureError(
             f"qk_sniff: this model is in the middle of a forward in thread {forward.thread.name!r}; a session "
-            "records one forward of a model at a time: give each thread its own copy of the model (each is "
-            "recorded exactly), or run the forwards one after the other"
+            "records one forward of a model at a time, and tells models apart by their config object: give each "
+            "thread its own copy of the model with its own config (copy.deepcopy(model); each is recorded exactly), "
+            "or run the forwards one after the other"
         )
 
 
@@ -416,7 +418,7 @@ class _Sequence:
         self.cross_done: set[int] = set()  # cross-attention layers whose vision keys are recorded
         self.decisions = None  # the sampler's decisions for its next decode steps (forward.DecisionWindow)
         self.checked = -1  # the tracker's commit count when its ids were last checked against the committed ones
-        self.row_moves = 0  # its cache's row moves (qk_attn.capture.cache_rows) at its last forward
+        self.row_moves = 0  # its cache's row moves (qk_attn.capture.caches) at its last forward
 
 
 _STARTED = object()  # Session._forwards entry: the decoder stack started a forward, no mask yet

@@ -327,6 +327,28 @@ def test_rows_of_a_batched_generate_end_at_their_eos(tmp_path):
     assert verify_dataset(out, log=lambda *_: None) == []
 
 
+def test_rows_of_a_batched_generate_without_eos_follow_its_sequences(tmp_path):
+    """Without an EOS id, generate() does not pad a row that a stopping criterion finished: it goes on
+    feeding it real tokens, which `sequences` returns, and which are recorded like the others."""
+    model = build("llama3", "qk_sniff")
+    prompt = _tokens(5, batch=2, seed=6)
+    with qk_attn.session(sampler="all", example_ids=[0, 1], capture="k", layers="0") as s:
+        sequences = model.generate(
+            input_ids=prompt,
+            max_new_tokens=6,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+            stopping_criteria=StoppingCriteriaList([StopRow(0, 7)]),
+        )
+    assert sequences.shape[1] == 11 and (sequences[0, 7:] != 0).any()  # row 0 was fed real tokens after its end
+    want = {
+        **_one_shot(model, sequences[:1, :10], [0], capture="k", layers="0"),
+        **_one_shot(model, sequences[1:, :10], [1], capture="k", layers="0"),
+    }
+    _assert_same_rows(rows_by_key(s.table()), want, rtol=1e-4, atol=1e-5)
+
+
 # ---- multimodal wrappers: the text model gets embeddings, the token ids are the wrapper's --------
 
 

@@ -122,3 +122,27 @@ def test_new_sequences_begun_on_a_moved_cache_are_recorded():
     got = rows_by_key(s.table())
     assert {key[0] for key in got} == {1, 2, 5, 6}
     assert {key[4] for key in got if key[0] in (5, 6)} == {PROMPTS.shape[1]}  # only the new tokens
+
+
+@pytest.mark.skipif(not hasattr(tf.cache_utils, "Fp8QuantizedLayer"), reason="no fp8 quantized cache before 5.2x")
+def test_a_cache_that_rounds_the_new_keys_is_refused_and_the_session_goes_on():
+    """The fp8 quantized cache hands attention this forward's keys after an fp8 round trip: not the
+    model's keys. Refused at the first forward, before any row; the next document is recorded."""
+    model = build("llama3", "qk_sniff")
+    with qk_attn.session(sampler="all") as s:
+        s.begin([1])
+        with pytest.raises(
+            CaptureError, match=r"^qk_sniff: this forward's cache \(QuantizedCache of Fp8QuantizedLayer\)"
+        ):
+            model.generate(
+                input_ids=BEFORE,
+                max_new_tokens=3,
+                do_sample=False,
+                pad_token_id=0,
+                cache_implementation="quantized",
+                cache_config={"backend": "fp8"},
+            )
+        s.begin([2])
+        model(input_ids=BEFORE)
+    got = rows_by_key(s.table())
+    assert_same_rows(got, _one_shot(model, BEFORE, 2))

@@ -1,0 +1,77 @@
+"""Caches under which a forward's rows would be wrong: refused, never recorded.
+
+Rows moved between forwards. `Cache.reorder_cache` (beam search), `batch_select_indices` and
+`batch_repeat_interleave` (custom decoding loops, Hub `custom_generate` strategies) give a batch row
+another row's history. A sequence continued on such a cache would key each row's new tokens by the
+example that row held before, so the tracker refuses the forward that continues it
+(`SequenceTracker._start_sequence`). The three methods are wrapped on the `Cache` base class, which
+DynamicCache, StaticCache and QuantizedCache inherit them from (fact `cache_row_methods`); each
+call counts one move of the cache's rows.
+
+Keys rounded by the cache. A quantized cache layer that hands attention this forward's keys after
+a round trip through its storage format (transformers' `Fp8QuantizedLayer`) gives keys that are not
+the model's k projection with RoPE; only `QuantizedLayer` (quanto, HQQ) returns them as given
+(`rounding_layer`: any other quantized layer type is refused, so a new one is never trusted unread).
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+
+from transformers import cache_utils
+
+from qk_attn.errors import CaptureError
+
+ROW_METHODS = ("reorder_cache", "batch_select_indices", "batch_repeat_interleave")
+
+_moves: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> times its rows were moved
+
+
+def row_moves(cache) -> int:
+    """How many times the rows of `cache` were moved (0 for None or a cache never moved)."""
+    return 0 if cache is None else _moves.get(cache, 0)
+
+
+def watch_row_moves() -> None:
+    """Wrap the Cache methods that move rows (idempotent)."""
+    for name in ROW_METHODS:
+        method = getattr(cache_utils.Cache, name)
+        if getattr(method, "_counts_row_moves", False):
+            continue
+        setattr(cache_utils.Cache, name, _counting(method))
+
+
+def _counting(method):
+    @functools.wraps(method)
+    def counted(cache, *args, **kwargs):
+        _moves[cache] = _moves.get(cache, 0) + 1
+        return method(cache, *args, **kwargs)
+
+    counted._counts_row_moves = True
+    return counted
+
+
+def refuse_rounding_cache(cache) -> None:
+    """Refuse a forward whose cache rounds the keys it hands to attention (once per forward)."""
+    if cache is None:
+        return
+    classes = {type(layer) for layer in getattr(cache, "layers", ())}
+    replicated = getattr(cache, "layer_class_to_replicate", None)
+    if isinstance(replicated, type):
+        classes.add(replicated)
+    rounding = sorted(cls.__name__ for cls in classes if rounding_layer(cls))
+    if rounding:
+        raise CaptureError(
+            f"qk_sniff: this forward's cache ({type(cache).__name__} of {', '.join(rounding)}) hands attention the "
+            "new keys after a round trip through its quantized storage, so they are not the model's keys; not "
+            "recorded: use a dynamic or static cache (or a quanto/HQQ quantized cache, which returns them as given)"
+        )
+
+
+def rounding_layer(cls: type) -> bool:
+    """A quantized cache layer type that may round this forward's keys: every one but QuantizedLayer's family."""
+    base = getattr(cache_utils, "BaseQuantizedLayer", None)  # transformers 5.17: QuantizedLayer only
+    if base is None or not issubclass(cls, base):
+        return False
+    return not issubclass(cls, cache_utils.QuantizedLayer)
