@@ -122,7 +122,7 @@ def test_example_ids_counter_explicit_ids_and_decode_keeps_ids():
         s.begin([100, 7])
         model(**batch)
         model(**batch)  # auto again, after the largest id used
-        assert s._begun == [0, 1, 100, 7, 101, 102]
+        assert list(s._begun) == [0, 1, 100, 7, 101, 102]
     assert set(s.table()["example_id"].to_pylist()) == {0, 1, 7, 100, 101, 102}
 
     with qk_attn.session(sampler="all", layers="0", capture="k", example_ids=[5, 6]) as s:

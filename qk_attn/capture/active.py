@@ -88,6 +88,11 @@ def _close_default_at_exit() -> None:
         _default.close()
 
 
+def existing_session():
+    """`current_session()` without making the env-configured default (None if there is none yet)."""
+    return _active() or _default
+
+
 def default_session():
     """The env-configured default session, if one was made."""
     return _default

@@ -275,7 +275,7 @@ def layer_type_names() -> str | None:
 def generation_frames() -> str | None:
     from transformers.generation import utils
 
-    for method in ("_sample", "_beam_search", "_assisted_decoding", "_prefill"):
+    for method in ("generate", "_sample", "_beam_search", "_assisted_decoding", "_prefill"):
         fn = getattr(utils.GenerationMixin, method, None)
         if fn is None:
             return f"no GenerationMixin.{method}"

@@ -30,7 +30,8 @@ Where the capture code relies on each fact (the module that reads it):
     cache_row_methods              caches.watch_row_moves (Cache.reorder_cache, batch_select_indices,
                                    batch_repeat_interleave, inherited by Dynamic/Static/QuantizedCache)
     layer_type_names               plan.ModelShape.local_attention (full_attention_only)
-    generation_frames              frames.refuse_unrecordable_generation (_beam_search, _sample,
+    generation_frames              hooks.watch_generate (GenerationMixin.generate),
+                                   frames.refuse_unrecordable_generation (_beam_search, _sample,
                                    _assisted_decoding, _prefill in generation/utils.py, locals
                                    model_kwargs, unfinished_sequences, has_eos_stopping_criteria)
     attention_module_attributes    capture/session: module.layer_idx, module.config,
@@ -158,7 +159,7 @@ FACTS: tuple[Fact, ...] = (
     ),
     Fact(
         "generation_frames",
-        "GenerationMixin._sample/_beam_search/_assisted_decoding exist; _sample has locals model_kwargs, "
+        "GenerationMixin.generate/_sample/_beam_search/_assisted_decoding exist; _sample has locals model_kwargs, "
         "unfinished_sequences and has_eos_stopping_criteria (it pads finished rows only when True) and runs "
         "its first forwards in _prefill",
         generation_frames,

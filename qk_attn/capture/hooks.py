@@ -1,9 +1,11 @@
-"""Add "qk_sniff" to transformers' attention and mask registries (idempotent), and, on request,
-record flash attention under its own name."""
+"""Add "qk_sniff" to transformers' attention and mask registries (idempotent), watch the cache
+methods that move rows and generate()'s failures, and, on request, record flash attention under its
+own name."""
 
 from __future__ import annotations
 
 import functools
+import logging
 import weakref
 
 import torch
@@ -17,6 +19,8 @@ from qk_attn.capture.name_branches import follow_wrapped_backend
 from qk_attn.errors import CaptureError
 
 NAME = "qk_sniff"
+
+logger = logging.getLogger(__name__)
 
 
 def qk_sniff_mask(*args, **kwargs):
@@ -120,6 +124,39 @@ def register() -> None:
     AttentionInterface.register(NAME, qk_sniff_attention)
     AttentionMaskInterface.register(NAME, qk_sniff_mask)
     watch_row_moves()
+    watch_generate()
+
+
+def watch_generate() -> None:
+    """A generate() that raises (a logits processor, a stopping criterion, an interrupt between two
+    steps) stopped its sequences part-way: the session forgets what its forwards extended, as it does
+    for a forward stopped part-way. Wrapped on GenerationMixin.generate, which every model's generate()
+    is or calls (idempotent)."""
+    from transformers.generation.utils import GenerationMixin
+
+    generate = GenerationMixin.generate
+    if getattr(generate, "_forgets_when_raising", False):
+        return
+
+    @functools.wraps(generate)
+    def generate_or_forget(model, *args, **kwargs):
+        from qk_attn.capture.active import existing_session
+
+        before = existing_session()  # not made here: a model without qk_sniff must not start one
+        since = before.generation_started() if before is not None else 0
+        try:
+            return generate(model, *args, **kwargs)
+        except BaseException:
+            after = existing_session()  # the env-configured one may have started in this generate()
+            if after is not None:
+                try:
+                    after.drop_open_sequences("generate() raised", since if after is before else 0)
+                except Exception as error:  # noqa: BLE001 - the generate()'s own error is the one to raise
+                    logger.warning("qk-attn: could not forget what the failed generate() recorded: %r", error)
+            raise
+
+    generate_or_forget._forgets_when_raising = True
+    GenerationMixin.generate = generate_or_forget
 
 
 FLASH = "flash_attention_2"

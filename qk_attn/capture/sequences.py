@@ -45,7 +45,8 @@ class SequenceTracker:
         self._prune_at = PRUNE_AT  # size of _sequences at which those of caches that are gone are forgotten
         committed = self.committed_ids()
         self._next_auto_id = max(committed) + 1 if committed else 0
-        self._begun: list[int] = []
+        self._begun: dict[int, int] = {}  # uncommitted example id -> number of its latest forward, in begin order
+        self._forward_number = 0  # forwards given example ids so far
         self._commits = 0  # commits so far: a sequence's ids are checked against the committed ones once per commit
 
     def begin(self, example_ids) -> None:
@@ -56,32 +57,45 @@ class SequenceTracker:
         """Every example begun so far is complete: the sink makes it durable."""
         self._end_forwards()
         self._commits += 1
-        begun, self._begun = list(self._begun), []
+        begun, self._begun = list(self._begun), {}
         self.sink.commit(begun)  # may raise a refusal found after a forward: they are committed or refused anyway
 
     def abort(self) -> None:
         """Forget the examples begun since the last commit: they will not be committed."""
         self._begun.clear()
 
-    def drop_open_sequences(self, why: str) -> None:
-        """Forget the uncommitted examples whose cache is still alive, so a later forward could have
-        continued them: stopped between forwards, they may be incomplete, and are never committed."""
+    def drop_open_sequences(self, why: str, since: int | None = None) -> None:
+        """Forget the uncommitted examples that were stopped between forwards, so they may be incomplete:
+        those whose cache is still alive, so that a later forward could have continued them, or with
+        `since` (a `generation_started()` number), those a generate() that raised has extended. They are
+        never committed."""
         self._end_forwards()  # an unfinished forward is discarded first, with its own warning
-        ids = sorted({i for s in self._sequences.values() if s.cache() is not None for i in s.ids} & set(self._begun))
+        if since is None:
+            open_ids = {i for s in self._sequences.values() if s.cache() is not None for i in s.ids}
+            ids = sorted(open_ids & self._begun.keys())
+        else:
+            ids = sorted(i for i, number in self._begun.items() if number > since)
         if not ids:
             return
         self._sequences = {k: v for k, v in self._sequences.items() if not set(ids) & set(v.ids)}
-        self._begun = [i for i in self._begun if i not in ids]
+        self._begun = {i: n for i, n in self._begun.items() if i not in ids}
         self.sink.discard(ids)
+        where = (
+            "could still be continued (their cache is alive) when" if since is None else "stopped between two forwards:"
+        )
         logger.warning(
-            "qk-attn: example(s) %s could still be continued (their cache is alive) when %s; they may be "
-            "incomplete, so their rows are discarded and they are not committed",
+            "qk-attn: example(s) %s %s %s; they may be incomplete, so their rows are discarded and they are not committed",
             ids,
+            where,
             why,
         )
 
     def committed_ids(self) -> set[int]:
         return set(self.sink.committed_ids())
+
+    def generation_started(self) -> int:
+        """A generate() starts: the number `drop_open_sequences(since=...)` takes if it raises."""
+        return self._forward_number
 
     def _current(self, config) -> ForwardContext | None:
         """The forward of the model of `config` that is running now (its mask was built), if any."""
@@ -285,7 +299,7 @@ class SequenceTracker:
         self._sequences = {k: v for k, v in self._sequences.items() if not ids & set(v.ids)}
         if not ids:
             return
-        self._begun = [i for i in self._begun if i not in ids]
+        self._begun = {i: n for i, n in self._begun.items() if i not in ids}
         self.sink.discard(sorted(ids))
         logger.warning(
             "qk-attn: a forward of example(s) %s %s; their rows are discarded and they are not committed",
@@ -369,7 +383,8 @@ class SequenceTracker:
         forward.sequence = sequence
         forward.example_ids = tuple(ids)
         self._next_auto_id = max(self._next_auto_id, max(ids) + 1)
-        self._begun.extend(i for i in ids if i not in self._begun)
+        self._forward_number += 1
+        self._begun.update(dict.fromkeys(ids, self._forward_number))
         self.sink.check_examples(forward.example_ids)  # refused after an earlier forward of theirs
 
     def _forget_gone_caches(self) -> None:

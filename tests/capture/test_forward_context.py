@@ -126,7 +126,7 @@ def test_training_and_checkpoint_recompute_are_not_recorded(caplog):
         with qk_attn.session(sampler="all") as s:
             model(input_ids=ids, labels=ids).loss.backward()
             model(input_ids=ids, labels=ids).loss.backward()
-    assert s.table() is None and s._begun == []
+    assert s.table() is None and not s._begun
     assert sum("training mode" in r.message for r in caplog.records) == 1
     model.eval()
     with qk_attn.session(sampler="all") as s:

@@ -17,7 +17,7 @@ import qk_attn
 from qk_attn.errors import CaptureError
 from support.models import build, cache_kw
 from support.oracle import rows_by_key
-from support.run import assert_same_rows
+from support.run import all_rows, assert_same_rows
 
 torch.set_grad_enabled(False)
 
@@ -146,3 +146,45 @@ def test_a_cache_that_rounds_the_new_keys_is_refused_and_the_session_goes_on():
         model(input_ids=BEFORE)
     got = rows_by_key(s.table())
     assert_same_rows(got, _one_shot(model, BEFORE, 2))
+
+
+# ---- a generate() that raises between two of its forwards -------------------------------------------
+
+
+class RaiseAtStep(tf.LogitsProcessor):
+    """Raises when the sequences reach `length` tokens: after some decode steps ran, before the next."""
+
+    def __init__(self, length: int):
+        self.length = length
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] >= self.length:
+            raise RuntimeError("a logits processor failed")
+        return scores
+
+
+def test_a_generate_that_raises_between_steps_forgets_its_examples(tmp_path, caplog):
+    """Its examples stopped part-way: none of their rows is committed (they would look complete),
+    with one warning; examples before and after it are recorded."""
+    model = build("llama3", "qk_sniff")
+    out = tmp_path / "out"
+    with qk_attn.session(output=out, sampler="all") as s:
+        s.begin([1])
+        model(input_ids=BEFORE)
+        s.begin([2, 3])
+        with pytest.raises(RuntimeError, match="a logits processor failed"):
+            model.generate(
+                input_ids=torch.arange(5, 13).repeat(2, 1),
+                max_new_tokens=8,
+                do_sample=False,
+                pad_token_id=0,
+                logits_processor=tf.LogitsProcessorList([RaiseAtStep(11)]),
+            )
+        s.commit()
+        s.begin([4])
+        after = model.generate(input_ids=torch.arange(5, 13)[None], max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert "example(s) [2, 3]" in caplog.text and "generate() raised" in caplog.text
+    assert qk_attn.load_examples(out)["example_id"].to_pylist() == [1, 4]
+    got = {key[:5]: vector for key, vector in all_rows(out).items()}
+    want = {**_one_shot(model, BEFORE, 1), **_one_shot(model, after[:, :-1], 4)}
+    assert_same_rows(got, want, exact=False)
