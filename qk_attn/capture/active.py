@@ -90,7 +90,8 @@ def _close_default_at_exit() -> None:
 
 def existing_session():
     """`current_session()` without making the env-configured default (None if there is none yet)."""
-    return _active() or _default
+    active = _active()
+    return active if active is not None else _default
 
 
 def default_session():
