@@ -217,6 +217,7 @@ def verify_dataset(root: str | Path, log=print, encode_source: EncodeSource | No
     log(
         f"checked {len(data.folders)} (layer, head, kind) folders, {sum(seen_counts.values()):,} rows, "
         f"{len(committed)} committed examples"
+        + (f" checked ({len(damaged & data.committed().keys())} more in damaged shards)" if damaged else "")
         + (
             f"; {empty} (layer, head, kind) that ran with 0 rows, checked against the sampler's selection too"
             if empty

@@ -180,10 +180,12 @@ def _merge_parts(output: Path, parts: dict[int, dict], allow_incomplete: bool) -
             for k in sorted(files)
             if k in first_files and files[k] != first_files[k]
         ]
-        if diffs or part.get("vector_dtype") != first.get("vector_dtype"):
+        # One schema and one vocabulary per dataset (the optional columns, token_str's strings).
+        diffs += [f for f in ("vector_dtype", "columns", "vocabulary_sha256") if part.get(f) != first.get(f)]
+        if diffs:
             raise ValueError(
                 f"{output}: rank {rank} captured with different settings than rank 0 "
-                f"({', '.join(diffs) or 'vector_dtype'}); refusing to merge different captures"
+                f"({', '.join(diffs)}); refusing to merge different captures"
             )
         if part.get("model"):
             models[rank] = (

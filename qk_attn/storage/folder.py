@@ -36,7 +36,14 @@ logger = logging.getLogger(__name__)
 
 
 def open_capture(
-    output: Path, files: Files, config, source: dict | None, overwrite: bool, columns: dict, fsync: bool
+    output: Path,
+    files: Files,
+    config,
+    source: dict | None,
+    overwrite: bool,
+    columns: dict,
+    fsync: bool,
+    vocabulary_sha256: str | None = None,
 ) -> tuple[dict, list[Path]]:
     """The commit protocol's open step, under the writer's lock: refuse what must not be
     touched or mixed, remove what `overwrite` or a killed run left, and write the manifest
@@ -63,6 +70,7 @@ def open_capture(
             f"{output} was captured with optional columns {old}; this run would write {columns} "
             "(token ids / vocabulary): use the same setting, another output directory, or overwrite=True"
         )
+    check_same_vocabulary(output, manifest, vocabulary_sha256)
     if files.rank is not None:
         manifest["part"] = {"rank": files.rank, "world_size": files.world_size, "complete": False}
         # This rank changes what a merge wrote (its shards, compacted or overwritten): `qk-sniff merge`
@@ -72,6 +80,19 @@ def open_capture(
     removed = remove_orphans(output, manifest, files)
     write_json_atomic(output / files.manifest, manifest, fsync)
     return manifest, removed
+
+
+def check_same_vocabulary(output: Path, manifest: dict, digest: str | None) -> None:
+    """One vocabulary per dataset: `token_str` is the vocabulary's string of `token_id`, so another
+    list would give one id two strings. Captures made before the digest was kept cannot be checked."""
+    there = manifest.get("vocabulary_sha256", digest)
+    if manifest["examples"] and there != digest:
+        raise StorageError(
+            f"{output} was captured with another vocabulary (token_str strings, sha256 {str(there)[:12]}...) than "
+            f"this run's (sha256 {str(digest)[:12]}...): one token id would get two strings; use the same "
+            "vocabulary, another output directory, or overwrite=True"
+        )
+    manifest["vocabulary_sha256"] = digest
 
 
 def check_is_capture(output: Path, files: Files) -> None:

@@ -8,6 +8,7 @@ Manifest fields written by the sink (besides config, sampler, model, plan, versi
     shards        {key: [shard names]}
     shard_info    {"key/name": {"bytes", "sha256", "rows", "segments": [segment numbers]}}
     columns       {"token_id": bool, "token_str": bool}: the optional columns of every shard
+    vocabulary_sha256  `vocabulary_digest` of the list `token_str` comes from (None without one)
     examples_file {"name", "bytes", "sha256"} of OUT/examples.parquet
     row_counts, calls, buckets, next_segment, created, updated
 
@@ -154,3 +155,10 @@ def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def vocabulary_digest(vocabulary) -> str | None:
+    """sha256 of a token_str vocabulary (its strings by id, as a JSON list); None for no vocabulary."""
+    if vocabulary is None:
+        return None
+    return hashlib.sha256(json.dumps(list(vocabulary)).encode()).hexdigest()

@@ -31,7 +31,7 @@ from qk_attn.errors import CaptureError, CaptureOverflow, CommittedExampleError,
 from qk_attn.storage.examples import check_examples_file
 from qk_attn.storage.folder import open_capture, release_lock, take_lock
 from qk_attn.storage.layout import Files
-from qk_attn.storage.manifest import read_manifest
+from qk_attn.storage.manifest import read_manifest, vocabulary_digest
 from qk_attn.storage.saver import _STOP, SaverThread, _Flush
 from qk_attn.storage.settings import check_same_model
 from qk_attn.storage.shards import Writers
@@ -100,7 +100,7 @@ class ParquetSink(SaverThread, Sink):
         try:
             columns = {"token_id": self.token_ids, "token_str": self.token_ids and vocabulary is not None}
             manifest, self.removed_orphans = open_capture(
-                self.output, self.files, config, source, overwrite, columns, fsync
+                self.output, self.files, config, source, overwrite, columns, fsync, vocabulary_digest(vocabulary)
             )
         except BaseException:
             release_lock(self.output, self._lock_fd, self.files.lock)

@@ -314,3 +314,23 @@ def test_a_rank_rerun_after_merge_takes_the_merged_manifest_away(setup, capsys):
     assert "holds a merged capture without its manifest parts" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in out.glob("l*/*.parquet")} == shards
     assert cli.verify_dataset(out, log=lambda *_: None) == []
+
+
+@pytest.mark.parametrize(
+    "vocabularies, differs",
+    [
+        ((["a", "b", "c"], ["x", "y", "z"]), "vocabulary_sha256"),  # token_str would give one id two strings
+        ((["a", "b", "c"], None), "columns, vocabulary_sha256"),  # rank 1's shards lack token_str
+    ],
+)
+def test_merge_refuses_ranks_with_another_vocabulary_or_schema(tmp_path, vocabularies, differs):
+    from support.storage import open_sink, run_examples
+
+    out = tmp_path / "out"
+    for rank, vocabulary in enumerate(vocabularies):
+        sink = open_sink(out, rank=(rank, 2), vocabulary=vocabulary)
+        run_examples(sink, [rank])
+        sink.complete = True
+        sink.close()
+    with pytest.raises(ValueError, match=rf"rank 1 captured with different settings than rank 0 \({differs}\)"):
+        distributed.merge(out)

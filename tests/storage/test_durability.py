@@ -120,6 +120,13 @@ def test_token_ids_first_position_and_vocabulary_columns(tmp_path):
     assert verify_dataset(out, log=lambda *_: None) == []
     with pytest.raises(StorageError, match="optional columns"):  # one schema per dataset
         open_sink(out)  # no vocabulary this time
+    # One vocabulary per dataset: other strings (or fewer) would give a token id two token_str values.
+    for other in ([f"other{i}" for i in range(50)], vocabulary[:20]):
+        with pytest.raises(StorageError, match="captured with another vocabulary"):
+            open_sink(out, vocabulary=other)
+    again = open_sink(out, vocabulary=list(vocabulary))  # the same list resumes
+    again.close()
+    assert verify_dataset(out, log=lambda *_: None) == []
 
 
 def test_a_full_disk_fails_loudly_and_loses_nothing_committed(tmp_path, monkeypatch):
