@@ -43,6 +43,7 @@ class SequenceTracker:
         self._forwards: dict[int, object] = {}  # id(model config) -> its current forward (or _STARTED)
         self._sequences: dict[tuple, _Sequence] = {}  # (id(model config), id(cache)) -> its sequence
         self._prune_at = PRUNE_AT  # size of _sequences at which those of caches that are gone are forgotten
+        self._discarded: dict[tuple, tuple] = {}  # cache key -> (weak ref to the cache, ids, why) of its last discard
         committed = self.committed_ids()
         self._next_auto_id = max(committed) + 1 if committed else 0
         self._begun: dict[int, int] = {}  # uncommitted example id -> number of its latest forward, in begin order
@@ -299,6 +300,9 @@ class SequenceTracker:
         self._sequences = {k: v for k, v in self._sequences.items() if not ids & set(v.ids)}
         if not ids:
             return
+        held = forward.cache if forward is not None else cache
+        if held is not None:  # a later forward on it is told why its examples are gone
+            self._discarded[key] = (weakref.ref(held), sorted(ids), why)
         self._begun = {i: n for i, n in self._begun.items() if i not in ids}
         self.sink.discard(sorted(ids))
         logger.warning(
@@ -342,6 +346,13 @@ class SequenceTracker:
             sequence = None
         elif forward.past == 0:
             ids, sequence = list(range(self._next_auto_id, self._next_auto_id + batch)), None
+        elif sequence is None and self._was_discarded(key, forward.cache):
+            _, gone, why = self._discarded[key]
+            raise CaptureError(
+                f"qk_sniff: this forward continues the cache of examples {gone}, which were discarded when a forward "
+                f"of theirs {why}; nothing more of them is recorded: call session.begin(ids) before it to record "
+                "its tokens under new ids"
+            )
         elif sequence is None or sequence.end != forward.past or len(sequence.ids) != batch:
             where = (
                 "no sequence of this model was started on this cache"
@@ -387,6 +398,10 @@ class SequenceTracker:
         self._begun.update(dict.fromkeys(ids, self._forward_number))
         self.sink.check_examples(forward.example_ids)  # refused after an earlier forward of theirs
 
+    def _was_discarded(self, key: tuple, cache) -> bool:
+        entry = self._discarded.get(key)
+        return entry is not None and cache is not None and entry[0]() is cache
+
     def _forget_gone_caches(self) -> None:
         """Forget the sequences whose cache is gone: no forward can continue them (a new cache that
         takes a gone one's id starts its own). Each forward over a new cache (a document, a generate()
@@ -395,6 +410,7 @@ class SequenceTracker:
         if len(self._sequences) < self._prune_at:
             return
         self._sequences = {k: s for k, s in self._sequences.items() if k[1] is None or s.cache() is not None}
+        self._discarded = {k: entry for k, entry in self._discarded.items() if entry[0]() is not None}
         self._prune_at = 2 * len(self._sequences) + PRUNE_AT
 
     def _committed_now(self) -> set[int]:
