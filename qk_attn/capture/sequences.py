@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import weakref
 
 import torch
 
@@ -20,12 +19,11 @@ from qk_attn.capture.facts import require as require_facts
 from qk_attn.capture.forward import ForwardContext, host_int
 from qk_attn.capture.frames import cache_length, decoder_stack, model_forward, refuse_unrecordable_generation, running
 from qk_attn.capture.hooks import watch_forward
+from qk_attn.capture.sequence_table import SequenceTable, key_of
 from qk_attn.capture.staging import OffsetCheck
 from qk_attn.errors import CaptureError
 
 logger = logging.getLogger(__name__)
-
-PRUNE_AT = 16  # sequences held before those of caches that are gone are forgotten (SequenceTracker._sequences)
 
 
 class SequenceTracker:
@@ -41,9 +39,7 @@ class SequenceTracker:
         self.sink = sink
         self._pending_ids = None if example_ids is None else [int(i) for i in example_ids]
         self._forwards: dict[int, object] = {}  # id(model config) -> its current forward (or _STARTED)
-        self._sequences: dict[tuple, _Sequence] = {}  # (id(model config), id(cache)) -> its sequence
-        self._prune_at = PRUNE_AT  # size of _sequences at which those of caches that are gone are forgotten
-        self._discarded: dict[tuple, tuple] = {}  # cache key -> (weak ref to the cache, ids, why) of its last discard
+        self._sequences = SequenceTable()
         committed = self.committed_ids()
         self._next_auto_id = max(committed) + 1 if committed else 0
         self._begun: dict[int, int] = {}  # uncommitted example id -> number of its latest forward, in begin order
@@ -72,13 +68,12 @@ class SequenceTracker:
         never committed."""
         self._end_forwards()  # an unfinished forward is discarded first, with its own warning
         if since is None:
-            open_ids = {i for s in self._sequences.values() if s.cache() is not None for i in s.ids}
-            ids = sorted(open_ids & self._begun.keys())
+            ids = sorted(self._sequences.open_ids() & self._begun.keys())
         else:
             ids = sorted(i for i, number in self._begun.items() if number > since)
         if not ids:
             return
-        self._sequences = {k: v for k, v in self._sequences.items() if not set(ids) & set(v.ids)}
+        self._sequences.forget(ids)
         self._begun = {i: n for i, n in self._begun.items() if i not in ids}
         self.sink.discard(ids)
         where = (
@@ -174,8 +169,8 @@ class SequenceTracker:
                     "found in the cache (BertLMHeadModel without is_decoder does so); not recorded"
                 )
             return past, None
-        sequence = self._sequences.get((id(config), id(cache))) if cache is not None else None
-        if sequence is None or sequence.cache() is not cache or self._pending_ids is not None:
+        sequence = self._sequences.of(key_of(config, cache), cache) if cache is not None else None
+        if sequence is None or self._pending_ids is not None:
             return host_int(q_offset), None
         # A snapshot (no host read): the cache may advance the tensor in place as the layers run.
         check = OffsetCheck(q_offset.detach().clone(), sequence.end, tuple(sequence.ids))
@@ -291,18 +286,15 @@ class SequenceTracker:
             forward.staging = None  # its staged rows are dropped, never handed off
             forward.discarded = True
         ids = set(forward.example_ids or ()) if forward is not None else set()
-        key = (
-            self._cache_key(forward) if forward is not None else (id(config), id(cache) if cache is not None else None)
-        )
+        if forward is not None:
+            config, cache = forward.config, forward.cache
+        key = key_of(config, cache)
         for sequence in (getattr(forward, "sequence", None), self._sequences.get(key)):
             if sequence is not None:
                 ids |= set(sequence.ids)
-        self._sequences = {k: v for k, v in self._sequences.items() if not ids & set(v.ids)}
+        self._sequences.forget(ids, key, cache, why)  # a later forward on its cache is told why
         if not ids:
             return
-        held = forward.cache if forward is not None else cache
-        if held is not None:  # a later forward on it is told why its examples are gone
-            self._discarded[key] = (weakref.ref(held), sorted(ids), why)
         self._begun = {i: n for i, n in self._begun.items() if i not in ids}
         self.sink.discard(sorted(ids))
         logger.warning(
@@ -310,11 +302,6 @@ class SequenceTracker:
             sorted(ids),
             why,
         )
-
-    @staticmethod
-    def _cache_key(forward: ForwardContext) -> tuple:
-        """Sequences are keyed by model and cache; those begun without a known cache by model only."""
-        return id(forward.config), None if forward.cache is None else id(forward.cache)
 
     def _end_forwards(self) -> None:
         """Outside every forward (commit, flush): discard what an unfinished forward recorded."""
@@ -333,10 +320,9 @@ class SequenceTracker:
         if forward.example_ids is not None:
             return
         batch = forward.batch_size
-        key = self._cache_key(forward)
-        sequence = self._sequences.get(key)
-        if sequence is not None and sequence.cache() is not forward.cache:
-            sequence = None  # a cache that is gone, whose id a new one took
+        key = key_of(forward.config, forward.cache)
+        sequence = self._sequences.of(key, forward.cache)  # None for a cache that is gone, whose id a new one took
+        gone = self._sequences.discarded(key, forward.cache) if sequence is None else None
         if self._pending_ids is not None:
             ids, self._pending_ids = self._pending_ids, None
             if len(ids) != batch:
@@ -346,12 +332,11 @@ class SequenceTracker:
             sequence = None
         elif forward.past == 0:
             ids, sequence = list(range(self._next_auto_id, self._next_auto_id + batch)), None
-        elif sequence is None and self._was_discarded(key, forward.cache):
-            _, gone, why = self._discarded[key]
+        elif gone is not None:
             raise CaptureError(
-                f"qk_sniff: this forward continues the cache of examples {gone}, which were discarded when a forward "
-                f"of theirs {why}; nothing more of them is recorded: call session.begin(ids) before it to record "
-                "its tokens under new ids"
+                f"qk_sniff: this forward continues the cache of examples {gone[0]}, which were discarded when a "
+                f"forward of theirs {gone[1]}; nothing more of them is recorded: call session.begin(ids) before it "
+                "to record its tokens under new ids"
             )
         elif sequence is None or sequence.end != forward.past or len(sequence.ids) != batch:
             where = (
@@ -381,8 +366,7 @@ class SequenceTracker:
                     "rows of a committed example are never added (use new ids)"
                 )
         if sequence is None:
-            self._forget_gone_caches()
-            sequence = self._sequences[key] = _Sequence(ids, forward.cache)
+            sequence = self._sequences.start(key, ids, forward.cache)
         else:
             forward.continues_from = sequence.next_position
             if forward.decode_step:  # rows of a batched generate() that had finished before this step's tokens
@@ -397,21 +381,6 @@ class SequenceTracker:
         self._forward_number += 1
         self._begun.update(dict.fromkeys(ids, self._forward_number))
         self.sink.check_examples(forward.example_ids)  # refused after an earlier forward of theirs
-
-    def _was_discarded(self, key: tuple, cache) -> bool:
-        entry = self._discarded.get(key)
-        return entry is not None and cache is not None and entry[0]() is cache
-
-    def _forget_gone_caches(self) -> None:
-        """Forget the sequences whose cache is gone: no forward can continue them (a new cache that
-        takes a gone one's id starts its own). Each forward over a new cache (a document, a generate()
-        call) adds one, so a long session would otherwise hold one per example; pruned when the dict
-        has doubled, O(1) per new sequence."""
-        if len(self._sequences) < self._prune_at:
-            return
-        self._sequences = {k: s for k, s in self._sequences.items() if k[1] is None or s.cache() is not None}
-        self._discarded = {k: entry for k, entry in self._discarded.items() if entry[0]() is not None}
-        self._prune_at = 2 * len(self._sequences) + PRUNE_AT
 
     def _committed_now(self) -> set[int]:
         return self.committed_ids()
@@ -435,21 +404,6 @@ def _refuse_concurrent(forward: ForwardContext | None) -> None:
             "thread its own copy of the model with its own config (copy.deepcopy(model); each is recorded exactly), "
             "or run the forwards one after the other"
         )
-
-
-class _Sequence:
-    """The examples one cache holds (one per batch row), and how far they go."""
-
-    def __init__(self, ids: list[int], cache):
-        self.ids = ids
-        self.cache = weakref.ref(cache) if cache is not None else (lambda: None)
-        self.end = 0  # cache position after the last recorded forward
-        self.unfinished = None  # generate()'s unfinished rows after the last step (device), if any
-        self.next_position = None  # (B,) the position after each row's last token (-1: none yet)
-        self.cross_done: set[int] = set()  # cross-attention layers whose vision keys are recorded
-        self.decisions = None  # the sampler's decisions for its next decode steps (forward.DecisionWindow)
-        self.checked = -1  # the tracker's commit count when its ids were last checked against the committed ones
-        self.row_moves = 0  # its cache's row moves (qk_attn.capture.caches) at its last forward
 
 
 _STARTED = object()  # Session._forwards entry: the decoder stack started a forward, no mask yet
