@@ -260,6 +260,20 @@ def cache_row_methods() -> str | None:
     return None
 
 
+def quantized_cache_layers() -> str | None:
+    """Every quantized cache layer class is QuantizedLayer's family (quanto, HQQ: this forward's keys
+    returned as given) or one that capture/caches refuses as rounding them (Fp8QuantizedLayer)."""
+    from transformers import cache_utils
+
+    from qk_attn.capture.caches import rounding_layer
+
+    for name, cls in vars(cache_utils).items():
+        if isinstance(cls, type) and "Quantized" in name and name.endswith("Layer"):
+            if not issubclass(cls, cache_utils.QuantizedLayer) and not rounding_layer(cls):
+                return f"cache_utils.{name} is neither a QuantizedLayer nor refused as rounding the keys"
+    return None
+
+
 def layer_type_names() -> str | None:
     from transformers import Gemma3TextConfig, Llama4TextConfig
 

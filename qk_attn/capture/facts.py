@@ -29,6 +29,8 @@ Where the capture code relies on each fact (the module that reads it):
     cache_lengths                  frames.cache_length (sequences._past compares it with q_offset)
     cache_row_methods              caches.watch_row_moves (Cache.reorder_cache, batch_select_indices,
                                    batch_repeat_interleave, inherited by Dynamic/Static/QuantizedCache)
+    quantized_cache_layers         caches.refuse_rounding_cache (QuantizedLayer's family returns the
+                                   new keys as given; every other quantized layer is refused)
     layer_type_names               plan.ModelShape.local_attention (full_attention_only)
     generation_frames              hooks.watch_generate (GenerationMixin.generate),
                                    frames.refuse_unrecordable_generation (_beam_search, _sample,
@@ -63,6 +65,7 @@ from qk_attn.capture.fact_checks import (
     mask_functions,
     mask_interface_register,
     model_forward_locals,
+    quantized_cache_layers,
     rotary_helpers,
     sdpa_forward,
 )
@@ -174,6 +177,12 @@ FACTS: tuple[Fact, ...] = (
         "Cache.reorder_cache/batch_select_indices/batch_repeat_interleave move batch rows, and DynamicCache, "
         "StaticCache and QuantizedCache inherit them from Cache",
         cache_row_methods,
+    ),
+    Fact(
+        "quantized_cache_layers",
+        "every quantized cache layer class is a QuantizedLayer (quanto, HQQ: returns this forward's keys as given) "
+        "or a BaseQuantizedLayer that is refused as rounding them (Fp8QuantizedLayer)",
+        quantized_cache_layers,
     ),
     Fact(
         "layer_type_names",

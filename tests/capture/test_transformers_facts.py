@@ -175,3 +175,13 @@ def test_a_cache_that_overrides_a_row_method_is_found(monkeypatch):
     """A cache class with its own reorder_cache would bypass the wrapper on Cache: a broken fact."""
     monkeypatch.setattr(tf.DynamicCache, "reorder_cache", lambda self, beam_idx: None, raising=False)
     assert [f.fact for f in facts.check_all()] == ["cache_row_methods"]
+
+
+def test_a_quantized_cache_layer_outside_the_known_families_is_found(monkeypatch):
+    """A new quantized layer that is not a QuantizedLayer and that capture/caches would not refuse."""
+    from transformers import cache_utils
+
+    monkeypatch.setattr(
+        cache_utils, "Int2QuantizedLayer", type("Int2QuantizedLayer", (cache_utils.DynamicLayer,), {}), raising=False
+    )
+    assert [f.fact for f in facts.check_all()] == ["quantized_cache_layers"]
