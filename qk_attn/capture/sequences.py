@@ -199,6 +199,7 @@ class SequenceTracker:
         entry = self._forwards.get(id(config))
         if isinstance(entry, ForwardContext) and entry.state == "running":
             entry.finished = True
+            self._refuse_unattended(entry)  # as `_retire` does for a model's first forward
             self._hand_off(entry)
             del self._forwards[id(config)]
 

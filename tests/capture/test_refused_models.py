@@ -95,13 +95,18 @@ def test_full_attention_only_on_a_model_with_no_full_attention_layer_is_refused(
         attn_implementation="qk_sniff",
     )
     model = tf.MistralForCausalLM(config).eval()
-    with pytest.raises(CaptureError, match="full_attention_only=True, but every layer of this mistral model"):
-        with qk_attn.session(sampler="all", full_attention_only=True) as s:
-            model(**padded_batch("left"))
-            s.commit()
+
+    def refused():
+        with pytest.raises(CaptureError, match="full_attention_only=True, but every layer of this mistral model"):
+            with qk_attn.session(sampler="all", full_attention_only=True) as s:
+                model(**padded_batch("left"))
+                s.commit()
+
+    refused()  # the model's first forward: its end is found by structure
     with qk_attn.session(sampler="all", full_attention_only=False) as s:  # the way out
         model(**padded_batch("left"))
     assert s.table().num_rows > 0
+    refused()  # a later forward: its end is the decoder stack's own hook
 
 
 def test_an_assistant_model_loaded_with_qk_sniff_is_refused():
