@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 
 from qk_attn.capture import active
-from qk_attn.capture.backends import FORWARDS
+from qk_attn.capture.backends import attention_forward
 from qk_attn.capture.tokens import TextTokens
 from qk_attn.errors import CaptureError
 
@@ -23,7 +23,7 @@ from qk_attn.errors import CaptureError
 def qk_sniff_attention(module, query, key, value, attention_mask, **kwargs):
     """Registered as "qk_sniff". query (B, Hq, T, D), key/value (B, Hkv, K, D), post-RoPE;
     K includes cached keys. Returns whatever the wrapped backend returns."""
-    backend = FORWARDS[active.current_config().backend]
+    backend = attention_forward(active.current_config().backend)
     return attend_and_capture(backend, module, query, key, value, attention_mask, **kwargs)
 
 

@@ -1,19 +1,19 @@
 """The attention backends "qk_sniff" wraps, and the mask function that goes with each.
 
 Attention is computed by transformers' own functions, untouched, so logits are the
-wrapped backend's bit for bit.
+wrapped backend's bit for bit. The sdpa function and every mask are looked up in transformers'
+registries at each call, not imported by name: a release (or a user) that registers another
+function under "sdpa" changes what a model loaded with "sdpa" runs, and "qk_sniff" runs the same.
 """
 
 from __future__ import annotations
 
 import sys
 
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import eager_mask, flash_attention_mask, sdpa_mask
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from qk_attn.capture import active
-
-MASKS = {"sdpa": sdpa_mask, "eager": eager_mask, "flash_attention_2": flash_attention_mask}
 
 
 def eager_forward(module, *args, **kwargs):
@@ -35,4 +35,16 @@ def flash_forward(module, *args, **kwargs):
     )
 
 
-FORWARDS = {"sdpa": sdpa_attention_forward, "eager": eager_forward, "flash_attention_2": flash_forward}
+_OWN_FORWARDS = {"eager": eager_forward, "flash_attention_2": flash_forward}
+
+
+def attention_forward(backend: str):
+    """What a model loaded with `backend` calls: the registered function (sdpa), its modeling file's
+    own (eager, the default transformers falls back to), or the flash refusal."""
+    own = _OWN_FORWARDS.get(backend)
+    return own if own is not None else ALL_ATTENTION_FUNCTIONS[backend]
+
+
+def mask_function(backend: str):
+    """The mask function transformers builds `backend`'s masks with."""
+    return ALL_MASK_ATTENTION_FUNCTIONS[backend]

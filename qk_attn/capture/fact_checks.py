@@ -56,12 +56,12 @@ MASK_KEYWORDS = ("batch_size", "q_length", "kv_length", "q_offset", "kv_offset",
 
 
 def mask_functions() -> str | None:
-    from transformers import masking_utils
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-    for name in ("sdpa_mask", "eager_mask", "flash_attention_mask"):
-        fn = getattr(masking_utils, name, None)
+    for name in ("sdpa", "eager", "flash_attention_2"):
+        fn = ALL_MASK_ATTENTION_FUNCTIONS[name] if name in ALL_MASK_ATTENTION_FUNCTIONS else None
         if fn is None:
-            return f"no masking_utils.{name}"
+            return f"no ALL_MASK_ATTENTION_FUNCTIONS[{name!r}]"
         if (signature := _accepts(fn, MASK_KEYWORDS)) is not None:
             return signature
     return None
@@ -93,10 +93,10 @@ def _attention_call(fn) -> str | None:
 
 
 def sdpa_forward() -> str | None:
-    from transformers.integrations import sdpa_attention
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    fn = getattr(sdpa_attention, "sdpa_attention_forward", None)
-    return "no sdpa_attention_forward" if fn is None else _attention_call(fn)
+    fn = ALL_ATTENTION_FUNCTIONS.get_interface("sdpa", None)
+    return "no ALL_ATTENTION_FUNCTIONS['sdpa']" if fn is None else _attention_call(fn)
 
 
 def flash_forward() -> str | None:

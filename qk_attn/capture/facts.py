@@ -13,11 +13,11 @@ Where the capture code relies on each fact (the module that reads it):
 
     attention_interface_register   hooks.register, wrap_flash_attention
     mask_interface_register        hooks.register, wrap_flash_attention
-    mask_functions                 backends.MASKS, hooks._noting_context
+    mask_functions                 backends.mask_function, hooks._noting_context
     mask_call_keywords             hooks._noting_context (batch_size, q_length, kv_length,
                                    q_offset, kv_offset, attention_mask, config)
     attention_call                 attention.qk_sniff_attention, attention.attend_and_capture
-    sdpa_forward                   backends.FORWARDS["sdpa"]
+    sdpa_forward                   backends.attention_forward("sdpa")
     flash_forward                  hooks.wrap_flash_attention
     eager_forward                  backends.eager_forward
     rotary_helpers                 rope.invert_rope (apply_rotary_pos_emb), rope.query_scale
@@ -112,7 +112,7 @@ FACTS: tuple[Fact, ...] = (
     ),
     Fact(
         "mask_functions",
-        f"masking_utils.sdpa_mask/eager_mask/flash_attention_mask accept {MASK_KEYWORDS}",
+        f"ALL_MASK_ATTENTION_FUNCTIONS['sdpa'/'eager'/'flash_attention_2'] accept {MASK_KEYWORDS}",
         mask_functions,
     ),
     Fact(
@@ -122,7 +122,7 @@ FACTS: tuple[Fact, ...] = (
     ),
     Fact(
         "sdpa_forward",
-        "integrations.sdpa_attention.sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)",
+        "ALL_ATTENTION_FUNCTIONS['sdpa'] is a function(module, query, key, value, attention_mask, **kwargs)",
         sdpa_forward,
     ),
     Fact(

@@ -13,7 +13,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
 from qk_attn.capture.attention import attend_and_capture, qk_sniff_attention
-from qk_attn.capture.backends import MASKS
+from qk_attn.capture.backends import mask_function
 from qk_attn.capture.caches import watch_row_moves
 from qk_attn.capture.name_branches import follow_wrapped_backend
 from qk_attn.errors import CaptureError
@@ -31,7 +31,7 @@ def qk_sniff_mask(*args, **kwargs):
 
     backend = current_config().backend
     follow_wrapped_backend(kwargs.get("config"), backend)
-    return _noting_context(MASKS[backend], *args, **kwargs)
+    return _noting_context(mask_function(backend), *args, **kwargs)
 
 
 @torch.compiler.disable

@@ -13,9 +13,9 @@ import pytest
 import torch
 import transformers as tf
 from transformers import DynamicCache, StoppingCriteriaList
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 import qk_attn
-from qk_attn.capture import backends
 from qk_attn.errors import CaptureError, ConfigError
 from qk_attn.run.documents import normalize_id
 from support.models import COMMON, VOCAB, StopRow, build, gemma4, padded_batch
@@ -86,7 +86,7 @@ def test_a_forward_that_raises_before_any_attention_call_leaves_nothing_to_the_n
             model(input_ids=_tokens(5, seed=7))  # example 0, a complete forward before the failing one
         with monkeypatch.context() as patch:
             if where == "mask":
-                patch.setitem(backends.MASKS, "sdpa", _raise)
+                patch.setitem(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, "sdpa", _raise)
             else:
                 patch.setattr(model.model.layers[0].self_attn.q_proj, "forward", _raise)
             with pytest.raises(_Boom):
@@ -583,6 +583,38 @@ def test_a_hub_flash_kernel_swapped_in_by_transformers_is_recorded(registries, w
         model(input_ids=ids)
     assert s.table() is not None
     _assert_same_rows(rows_by_key(s.table()), want, rtol=0, atol=0)
+
+
+def test_what_transformers_registers_under_sdpa_is_what_qk_sniff_runs(registries):
+    """A release (or a user) that registers another function under "sdpa", and another sdpa mask, changes
+    what a model loaded with "sdpa" computes: "qk_sniff" must compute the same, not a copy imported by name."""
+    attention, masks = registries
+    sdpa, sdpa_mask = attention._global_mapping["sdpa"], masks._global_mapping["sdpa"]
+
+    def sdpa_in_float64(module, query, key, value, attention_mask, **kwargs):  # other rounding, same maths
+        mask = (
+            None
+            if attention_mask is None
+            else attention_mask.double()
+            if attention_mask.is_floating_point()
+            else attention_mask
+        )
+        out, weights = sdpa(module, query.double(), key.double(), value.double(), mask, **kwargs)
+        return out.to(query.dtype), weights
+
+    def sdpa_mask_as_floats(*args, **kwargs):
+        mask = sdpa_mask(*args, **kwargs)
+        return mask if mask is None else torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+
+    attention.register("sdpa", sdpa_in_float64)
+    masks.register("sdpa", sdpa_mask_as_floats)
+    batch = padded_batch("left", lengths=(9, 6))
+    want = build("llama3", "sdpa")(**batch).logits
+    model = build("llama3", "qk_sniff")
+    assert torch.equal(model(**batch).logits, want)
+    with qk_attn.session(sampler="all") as s:
+        assert torch.equal(model(**batch).logits, want)
+    _assert_same_rows(rows_by_key(s.table()), _truth(model, batch, [0, 1]))
 
 
 def test_an_implementation_qk_attn_does_not_wrap_is_an_error_in_a_session(registries):

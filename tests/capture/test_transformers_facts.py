@@ -20,12 +20,12 @@ def test_fact_holds(fact):
 
 
 def test_a_broken_fact_names_the_version_and_the_fact(monkeypatch):
-    from transformers import masking_utils
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     def sdpa_mask(batch_size, q_length, kv_length, attention_mask=None):  # lost q_offset and kv_offset
         return None
 
-    monkeypatch.setattr(masking_utils, "sdpa_mask", sdpa_mask)
+    monkeypatch.setitem(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, "sdpa", sdpa_mask)
     (finding,) = facts.check_all()
     assert (finding.fact, finding.transformers) == ("mask_functions", tf.__version__)
     assert "sdpa_mask(batch_size, q_length, kv_length, attention_mask=None)" in finding.found
@@ -36,9 +36,9 @@ def test_a_broken_fact_names_the_version_and_the_fact(monkeypatch):
 
 
 def test_a_changed_attention_signature_is_found(monkeypatch):
-    from transformers.integrations import sdpa_attention
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", lambda module, q, k, v, mask, **kw: None)
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa", lambda module, q, k, v, mask, **kw: None)
     assert [f.fact for f in facts.check_all()] == ["sdpa_forward"]
 
 
