@@ -8,7 +8,11 @@ function under "sdpa" changes what a model loaded with "sdpa" runs, and "qk_snif
 
 from __future__ import annotations
 
+import ast
+import functools
+import inspect
 import sys
+import textwrap
 
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -17,12 +21,35 @@ from qk_attn.capture import active
 
 
 def eager_forward(module, *args, **kwargs):
-    """The model's own eager attention (each modeling file defines `eager_attention_forward`)."""
-    fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
-    if fn is None:
-        name = active.current_config().setting_name("backend")
-        raise ValueError(f"{name}=eager: {type(module).__module__} defines no eager_attention_forward; use {name}=sdpa")
-    return fn(module, *args, **kwargs)
+    """The model's own eager attention: what its attention forward falls back to for "eager"."""
+    return _eager_attention_of(type(module))(module, *args, **kwargs)
+
+
+@functools.cache
+def _eager_attention_of(cls):
+    """The function `cls.forward` passes to `ALL_ATTENTION_FUNCTIONS.get_interface` as its default
+    (what transformers runs for "eager"), read from the forward's source and looked up in the forward's
+    own module; the module's `eager_attention_forward` when the forward names none."""
+    forward = inspect.unwrap(cls.forward)
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(forward)))
+    except (OSError, TypeError, SyntaxError):  # no source to read: the modeling file's convention
+        tree = ast.Module(body=[], type_ignores=[])
+    defaults = {
+        ast.unparse(node.args[1])
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "get_interface" and len(node.args) > 1
+    }
+    name = defaults.pop() if len(defaults) == 1 else "eager_attention_forward"
+    fn = getattr(sys.modules.get(forward.__module__), name, None)
+    if fn is None or defaults:
+        setting = active.current_config().setting_name("backend")
+        found = f"names {sorted(defaults | {name})}" if defaults else f"has no {name}"
+        raise ValueError(
+            f"{setting}=eager: the eager attention of {cls.__qualname__} ({forward.__module__}) cannot be told: "
+            f"its forward {found}; use {setting}=sdpa"
+        )
+    return fn
 
 
 def flash_forward(module, *args, **kwargs):

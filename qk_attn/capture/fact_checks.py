@@ -11,6 +11,7 @@ import ast
 import importlib
 import inspect
 import sys
+import textwrap
 
 NAME = "qk_sniff"
 
@@ -298,6 +299,29 @@ def generation_frames() -> str | None:
         return f"GenerationMixin._sample locals {code.co_varnames}"
     if "_prefill" not in code.co_names:  # its first forwards feed the caller's tokens (frames)
         return "GenerationMixin._sample does not call self._prefill"
+    tree = ast.parse(textwrap.dedent(inspect.getsource(utils.GenerationMixin._sample)))
+    if not any(isinstance(n, ast.Subscript) and ast.unparse(n) == "model_kwargs['use_cache']" for n in ast.walk(tree)):
+        return "GenerationMixin._sample does not read model_kwargs['use_cache']"  # frames: use_cache=False refusal
+    return _pads_only_under_eos_criteria(tree)
+
+
+def _pads_only_under_eos_criteria(tree: ast.AST) -> str | None:
+    """`_sample` mixes pad tokens into finished rows (`next_tokens = ... unfinished_sequences ...`) only
+    under `if has_eos_stopping_criteria:`; frames reads that local to tell padding from real tokens."""
+    padding = [
+        (node, parent)
+        for parent in ast.walk(tree)
+        for node in ast.iter_child_nodes(parent)
+        if isinstance(node, ast.Assign)
+        and [ast.unparse(t) for t in node.targets] == ["next_tokens"]
+        and "unfinished_sequences" in ast.unparse(node.value)
+    ]
+    if not padding:
+        return "GenerationMixin._sample pads no finished rows (no `next_tokens = ... unfinished_sequences ...`)"
+    for node, parent in padding:
+        if not (isinstance(parent, ast.If) and ast.unparse(parent.test) == "has_eos_stopping_criteria"):
+            under = ast.unparse(parent.test) if isinstance(parent, ast.If) else type(parent).__name__
+            return f"GenerationMixin._sample pads finished rows under `{under}`: `{ast.unparse(node)}`"
     return None
 
 

@@ -163,8 +163,8 @@ FACTS: tuple[Fact, ...] = (
     Fact(
         "generation_frames",
         "GenerationMixin.generate/_sample/_beam_search/_assisted_decoding exist; _sample has locals model_kwargs, "
-        "unfinished_sequences and has_eos_stopping_criteria (it pads finished rows only when True) and runs "
-        "its first forwards in _prefill",
+        "unfinished_sequences and has_eos_stopping_criteria (it pads finished rows only under `if "
+        "has_eos_stopping_criteria:`), reads model_kwargs['use_cache'] and runs its first forwards in _prefill",
         generation_frames,
     ),
     Fact(

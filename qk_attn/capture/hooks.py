@@ -15,6 +15,7 @@ from transformers.masking_utils import AttentionMaskInterface, flash_attention_m
 from qk_attn.capture.attention import attend_and_capture, qk_sniff_attention
 from qk_attn.capture.backends import mask_function
 from qk_attn.capture.caches import watch_row_moves
+from qk_attn.capture.modeling_checks import refuse_unknown_branches
 from qk_attn.capture.name_branches import follow_wrapped_backend
 from qk_attn.errors import CaptureError
 
@@ -26,11 +27,13 @@ logger = logging.getLogger(__name__)
 def qk_sniff_mask(*args, **kwargs):
     """The mask of the wrapped backend, after the forward's capture context is noted. Every forward,
     capture on or off, first has the model's branches on the implementation's name take the
-    wrapped backend's path (or refuses the model), so logits stay the backend's bit for bit."""
+    wrapped backend's path (or refuses the model, also for a branch qk-attn does not know), so
+    logits stay the backend's bit for bit."""
     from qk_attn.capture.active import current_config
 
-    backend = current_config().backend
-    follow_wrapped_backend(kwargs.get("config"), backend)
+    backend, config = current_config().backend, kwargs.get("config")
+    refuse_unknown_branches(config)
+    follow_wrapped_backend(config, backend)
     return _noting_context(mask_function(backend), *args, **kwargs)
 
 

@@ -96,12 +96,17 @@ def name_branches(root: Path | None = None) -> dict[Branch, list[int]]:
     root = root or transformers_root()
     found: dict[Branch, list[int]] = {}
     for path in sorted(root.rglob("*.py")):
-        if path.name.startswith("modular_"):
-            continue
-        relative = path.relative_to(root).as_posix()
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if _name_condition(node):
-                found.setdefault(Branch(relative, ast.unparse(node)), []).append(node.lineno)
+        if not path.name.startswith("modular_"):
+            found.update(file_branches(path, path.relative_to(root).as_posix()))
+    return found
+
+
+def file_branches(path: Path, relative: str) -> dict[Branch, list[int]]:
+    """The conditions on the attention implementation's name in one source file, with their lines."""
+    found: dict[Branch, list[int]] = {}
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if _name_condition(node):
+            found.setdefault(Branch(relative, ast.unparse(node)), []).append(node.lineno)
     return found
 
 
@@ -200,7 +205,7 @@ REFUSED_MODELS: dict[str, Callable[..., str | None]] = {
 
 
 @functools.cache
-def _modeling_name(config_type: type) -> str:
+def modeling_name(config_type: type) -> str:
     return config_type.__module__.replace(".configuration_", ".modeling_")
 
 
@@ -212,7 +217,7 @@ def follow_wrapped_backend(config, backend: str) -> None:
     a model whose name branches cannot take `backend`'s path (CaptureError, one line), and have the
     FOLLOWED_METHODS of its modeling module evaluate their branches under `backend`'s name.
     Costs two dict lookups after a model's first forward."""
-    modeling = _modeling_name(type(config))
+    modeling = modeling_name(type(config))
     refuse = REFUSED_MODELS.get(modeling)
     if refuse is not None and (reason := refuse(config, backend)) is not None:
         raise CaptureError(reason)
@@ -220,7 +225,14 @@ def follow_wrapped_backend(config, backend: str) -> None:
         class_name, method_name = FOLLOWED_METHODS[modeling]
         cls = getattr(sys.modules.get(modeling), class_name, None)
         method = getattr(cls, method_name, None)
-        if method is not None and not getattr(method, "runs_under_wrapped_name", False):
+        if method is None:  # renamed or moved: its branch would take qk_sniff's path, not the backend's
+            raise CaptureError(
+                f"qk_sniff: {modeling} has no {class_name}.{method_name}, which branches on the attention "
+                f"implementation's name and which qk-attn runs under '{backend}''s name; this transformers "
+                f"release moved it, so '{config.model_type}' cannot be recorded exactly: install a transformers "
+                "version qk-attn supports (see README)"
+            )
+        if not getattr(method, "runs_under_wrapped_name", False):
             setattr(cls, method_name, _under_wrapped_name(method))
         _followed.add(modeling)
 

@@ -1,0 +1,127 @@
+"""A transformers release that changes what qk-attn relies on is refused or followed, never silently
+wrong: each case edits transformers' own source as such a release would (support.release)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers.models.llama.modeling_llama as modeling_llama
+
+import qk_attn
+from qk_attn.capture import backends, facts, modeling_checks, name_branches
+from qk_attn.errors import CaptureError
+from support.models import build, padded_batch
+from support.release import edit_file, redefine
+
+NEW_BRANCH = (
+    "        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS",
+    '        if self.config._attn_implementation == "sdpa":\n'
+    "            attention_mask = attention_mask  # a path only sdpa takes\n"
+    "        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS",
+)
+
+
+@pytest.fixture
+def fresh_checks(monkeypatch):
+    """Modeling files and followed methods are checked once per process: forget what was checked."""
+    monkeypatch.setattr(modeling_checks, "_unknown", {})
+    monkeypatch.setattr(name_branches, "_followed", set())
+
+
+@pytest.mark.parametrize("in_session", [False, True], ids=["capture-off", "capture-on"])
+def test_a_new_branch_on_the_implementation_name_in_the_modeling_file_is_refused(
+    in_session, fresh_checks, tmp_path, monkeypatch
+):
+    model = build("llama3", "qk_sniff")
+    edit_file(modeling_llama, [NEW_BRANCH], tmp_path, monkeypatch)
+    expected = r"modeling_llama.py line \d+ branches on the attention implementation's name \(self.config"
+    with pytest.raises(CaptureError, match=expected):
+        if in_session:
+            with qk_attn.session(sampler="all"):
+                model(**padded_batch("left"))
+        else:
+            model(**padded_batch("left"))
+
+
+def test_a_branch_alike_for_qk_sniff_and_its_backends_is_not_refused(fresh_checks, tmp_path, monkeypatch):
+    alike = (NEW_BRANCH[0], NEW_BRANCH[1].replace('== "sdpa"', '== "flex_attention"'))
+    model = build("llama3", "qk_sniff")
+    edit_file(modeling_llama, [alike], tmp_path, monkeypatch)
+    with qk_attn.session(sampler="all") as s:
+        model(**padded_batch("left"))
+    assert s.table().num_rows > 0
+
+
+def test_an_eager_default_renamed_by_a_release_is_the_one_qk_sniff_runs(tmp_path, monkeypatch):
+    """transformers runs, for "eager", the default the attention forward gives get_interface: a release
+    that gives it another function (here: softmax in float64) changes eager's logits, and qk_sniff's."""
+
+    def eager_in_float64(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        key = modeling_llama.repeat_kv(key, module.num_key_value_groups)
+        value = modeling_llama.repeat_kv(value, module.num_key_value_groups)
+        weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+        if attention_mask is not None:
+            weights = weights + attention_mask
+        weights = torch.softmax(weights, dim=-1, dtype=torch.float64).to(query.dtype)
+        return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+    monkeypatch.setattr(modeling_llama, "eager_in_float64", eager_in_float64, raising=False)
+    redefine(
+        modeling_llama.LlamaAttention,
+        "forward",
+        [
+            (
+                "self.config._attn_implementation, eager_attention_forward",
+                "self.config._attn_implementation, eager_in_float64",
+            )
+        ],
+        tmp_path,
+        monkeypatch,
+    )
+    backends._eager_attention_of.cache_clear()
+    batch = padded_batch("left")
+    model = build("llama3", "eager")
+    want = model(**batch).logits
+    model.set_attn_implementation("qk_sniff")
+    with qk_attn.session(sampler="all", backend="eager"):
+        got = model(**batch).logits
+    backends._eager_attention_of.cache_clear()
+    assert torch.equal(got, want)
+
+
+def test_a_followed_method_a_release_renamed_is_refused(fresh_checks, monkeypatch):
+    """Gemma 4 slices its shared key/value inputs by the implementation's name: qk-attn runs that
+    method under the backend's name; if a release renames it, the branch would take qk_sniff's path."""
+    modeling, (class_name, method) = next(iter(name_branches.FOLLOWED_METHODS.items()))
+    gemma4 = pytest.importorskip(modeling)
+    cls = getattr(gemma4, class_name, None)
+    if cls is None or not hasattr(cls, method):
+        pytest.skip(f"{class_name}.{method} is not in this transformers")
+    config = pytest.importorskip("transformers").Gemma4TextConfig()
+    monkeypatch.delattr(cls, method)
+    with pytest.raises(CaptureError, match=rf"has no {class_name}.{method}, which branches on the attention"):
+        name_branches.follow_wrapped_backend(config, "sdpa")
+
+
+@pytest.mark.parametrize(
+    "edit, found",
+    [
+        (
+            ("if has_eos_stopping_criteria:\n", "if has_eos_stopping_criteria or True:\n"),
+            "pads finished rows under `has_eos_stopping_criteria or True`",
+        ),
+        (
+            ('next_sequence_length = 1 if model_kwargs["use_cache"] else None', "next_sequence_length = 1"),
+            "does not read model_kwargs['use_cache']",
+        ),
+    ],
+    ids=["pads-without-eos-criteria", "use-cache-out-of-model-kwargs"],
+)
+def test_a_sample_loop_that_changes_what_frames_read_breaks_a_fact(edit, found, tmp_path, monkeypatch):
+    """frames reads `has_eos_stopping_criteria` to tell pad tokens from real ones, and
+    `model_kwargs["use_cache"]` to refuse generate(use_cache=False): both are checked in the source."""
+    from transformers.generation.utils import GenerationMixin
+
+    redefine(GenerationMixin, "_sample", [edit], tmp_path, monkeypatch)
+    (finding,) = facts.check_all()
+    assert finding.fact == "generation_frames" and found in finding.found

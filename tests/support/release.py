@@ -1,0 +1,37 @@
+"""Simulate what a transformers release changes, in a test: a modeling file or one function edited
+as text, written to a real file, so that inspect and ast read the edited source as they would a
+release's. Both are undone by the `monkeypatch` they are given."""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import textwrap
+from pathlib import Path
+
+
+def _edited(source: str, edits) -> str:
+    for old, new in edits:
+        assert old in source, f"the source no longer contains {old!r}"
+        source = source.replace(old, new)
+    return source
+
+
+def edit_file(module, edits, directory: Path, monkeypatch) -> Path:
+    """`module.__file__` becomes an edited copy of its source file (its code is not re-run)."""
+    path = directory / Path(module.__file__).name
+    path.write_text(_edited(Path(module.__file__).read_text(encoding="utf-8"), edits), encoding="utf-8")
+    monkeypatch.setattr(module, "__file__", str(path))
+    return path
+
+
+def redefine(owner, name: str, edits, directory: Path, monkeypatch):
+    """`owner.name` (a function or method) redefined from its edited source, in its own module."""
+    fn = inspect.unwrap(getattr(owner, name))
+    module = sys.modules[fn.__module__]
+    path = directory / f"{fn.__module__.replace('.', '_')}_{name}.py"
+    path.write_text(_edited(textwrap.dedent(inspect.getsource(fn)), edits), encoding="utf-8")
+    namespace: dict = {}
+    exec(compile(path.read_text(encoding="utf-8"), str(path), "exec"), module.__dict__, namespace)
+    monkeypatch.setattr(owner, name, namespace[name])
+    return namespace[name]
