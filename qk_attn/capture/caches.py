@@ -8,10 +8,12 @@ example that row held before, so the tracker refuses the forward that continues 
 DynamicCache, StaticCache and QuantizedCache inherit them from (fact `cache_row_methods`); each
 call counts one move of the cache's rows.
 
-Keys rounded by the cache. A quantized cache layer that hands attention this forward's keys after
-a round trip through its storage format (transformers' `Fp8QuantizedLayer`) gives keys that are not
-the model's k projection with RoPE; only `QuantizedLayer` (quanto, HQQ) returns them as given
-(`rounding_layer`: any other quantized layer type is refused, so a new one is never trusted unread).
+Keys rounded by the cache. A cache layer that hands attention this forward's keys after a round
+trip through its storage format (transformers' `Fp8QuantizedLayer`) gives keys that are not the
+model's k projection with RoPE. Of transformers' own layer types (`cache_utils`), only those whose
+`update` is one qk-attn has read to return the new keys as given are trusted (`VETTED_UPDATES`:
+dynamic, sliding, static, and `QuantizedLayer`'s quanto/HQQ); any other, a new one included, is
+refused (`rounding_layer`), so none is trusted unread. Layer types a modeling file defines are its own.
 """
 
 from __future__ import annotations
@@ -63,15 +65,33 @@ def refuse_rounding_cache(cache) -> None:
     rounding = sorted(cls.__name__ for cls in classes if rounding_layer(cls))
     if rounding:
         raise CaptureError(
-            f"qk_sniff: this forward's cache ({type(cache).__name__} of {', '.join(rounding)}) hands attention the "
-            "new keys after a round trip through its quantized storage, so they are not the model's keys; not "
-            "recorded: use a dynamic or static cache (or a quanto/HQQ quantized cache, which returns them as given)"
+            f"qk_sniff: this forward's cache ({type(cache).__name__} of {', '.join(rounding)}) may hand attention the "
+            "new keys after a round trip through its storage (fp8 rounds them), so they would not be the model's "
+            "keys; not recorded: use a dynamic or static cache (or a quanto/HQQ quantized cache, which returns "
+            "them as given)"
         )
 
 
+# The layer types whose `update` returns this forward's keys as given (read in transformers 5.17-5.25).
+VETTED_UPDATES = (
+    "DynamicLayer",
+    "DynamicSlidingWindowLayer",
+    "StaticLayer",
+    "StaticSlidingWindowLayer",
+    "QuantizedLayer",
+)
+
+
+@functools.cache
+def _vetted_updates() -> tuple:
+    return tuple(getattr(cache_utils, name).update for name in VETTED_UPDATES)
+
+
 def rounding_layer(cls: type) -> bool:
-    """A quantized cache layer type that may round this forward's keys: every one but QuantizedLayer's family."""
-    base = getattr(cache_utils, "BaseQuantizedLayer", None)  # transformers 5.17: QuantizedLayer only
-    if base is None or not issubclass(cls, base):
-        return False
-    return not issubclass(cls, cache_utils.QuantizedLayer)
+    """One of transformers' own cache layer types whose `update` qk-attn has not read to return the new
+    keys as given (Fp8QuantizedLayer rounds them)."""
+    return (
+        issubclass(cls, cache_utils.CacheLayerMixin)  # attention layers: not DummyLayer, not linear attention
+        and cls.__module__ == cache_utils.__name__
+        and cls.update not in _vetted_updates()
+    )

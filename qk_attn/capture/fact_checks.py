@@ -261,17 +261,21 @@ def cache_row_methods() -> str | None:
     return None
 
 
-def quantized_cache_layers() -> str | None:
-    """Every quantized cache layer class is QuantizedLayer's family (quanto, HQQ: this forward's keys
-    returned as given) or one that capture/caches refuses as rounding them (Fp8QuantizedLayer)."""
+def cache_layer_updates() -> str | None:
+    """The cache layer types whose `update` capture/caches trusts exist, and Fp8QuantizedLayer (where
+    present) is refused: a renamed or moved layer type would otherwise be refused, or trusted, unread."""
     from transformers import cache_utils
 
-    from qk_attn.capture.caches import rounding_layer
+    from qk_attn.capture.caches import VETTED_UPDATES, rounding_layer
 
-    for name, cls in vars(cache_utils).items():
-        if isinstance(cls, type) and "Quantized" in name and name.endswith("Layer"):
-            if not issubclass(cls, cache_utils.QuantizedLayer) and not rounding_layer(cls):
-                return f"cache_utils.{name} is neither a QuantizedLayer nor refused as rounding the keys"
+    missing = [
+        name for name in VETTED_UPDATES if not callable(getattr(getattr(cache_utils, name, None), "update", None))
+    ]
+    if missing:
+        return f"no cache_utils.{missing[0]}.update"
+    fp8 = getattr(cache_utils, "Fp8QuantizedLayer", None)  # transformers 5.25
+    if fp8 is not None and not rounding_layer(fp8):
+        return "cache_utils.Fp8QuantizedLayer is not refused as rounding the keys"
     return None
 
 

@@ -29,8 +29,8 @@ Where the capture code relies on each fact (the module that reads it):
     cache_lengths                  frames.cache_length (sequences._past compares it with q_offset)
     cache_row_methods              caches.watch_row_moves (Cache.reorder_cache, batch_select_indices,
                                    batch_repeat_interleave, inherited by Dynamic/Static/QuantizedCache)
-    quantized_cache_layers         caches.refuse_rounding_cache (QuantizedLayer's family returns the
-                                   new keys as given; every other quantized layer is refused)
+    cache_layer_updates            caches.refuse_rounding_cache (transformers' own layer types are
+                                   trusted only with an update qk-attn read: VETTED_UPDATES)
     layer_type_names               plan.ModelShape.local_attention (full_attention_only)
     generation_frames              hooks.watch_generate (GenerationMixin.generate),
                                    frames.refuse_unrecordable_generation (_beam_search, _sample,
@@ -55,6 +55,7 @@ from qk_attn.capture.fact_checks import (
     attention_forward_rotation,
     attention_interface_register,
     attention_module_attributes,
+    cache_layer_updates,
     cache_lengths,
     cache_row_methods,
     eager_forward,
@@ -65,7 +66,6 @@ from qk_attn.capture.fact_checks import (
     mask_functions,
     mask_interface_register,
     model_forward_locals,
-    quantized_cache_layers,
     rotary_helpers,
     sdpa_forward,
 )
@@ -179,10 +179,10 @@ FACTS: tuple[Fact, ...] = (
         cache_row_methods,
     ),
     Fact(
-        "quantized_cache_layers",
-        "every quantized cache layer class is a QuantizedLayer (quanto, HQQ: returns this forward's keys as given) "
-        "or a BaseQuantizedLayer that is refused as rounding them (Fp8QuantizedLayer)",
-        quantized_cache_layers,
+        "cache_layer_updates",
+        "cache_utils' Dynamic, DynamicSlidingWindow, Static, StaticSlidingWindow and Quantized layers update "
+        "with the methods qk-attn read (this forward's keys returned as given); Fp8QuantizedLayer is refused",
+        cache_layer_updates,
     ),
     Fact(
         "layer_type_names",

@@ -16,6 +16,13 @@ from types import CodeType
 APPLY = "apply_rotary_pos_emb"
 GIVEN = "position_embeddings"  # the forward's (cos, sin): what attention.applied_rotary reads
 QUERY_SCALE = "get_llama_4_attn_scale"  # Ministral 3: q *= 1 + beta*log(1 + floor(pos/orig_max)) after RoPE
+# What rope.query_scale passes it: the forward must pass the same (the positions, then beta and the
+# original length from the config's rope parameters), or its scale cannot be undone.
+QUERY_SCALE_ARGS = (
+    "position_ids",
+    "self.config.rope_parameters.get('llama_4_scaling_beta')",
+    "self.config.rope_parameters.get('original_max_position_embeddings')",
+)
 
 
 # ---- reading one function ------------------------------------------------------------------
@@ -145,7 +152,7 @@ def is_cache_update(stmt, key: str) -> bool:
 
 
 def is_query_scale(stmt, query: str) -> bool:
-    """`query = query * get_llama_4_attn_scale(...)...` (undone by rope.query_scale)."""
+    """`query = query * get_llama_4_attn_scale(*QUERY_SCALE_ARGS)...` (undone by rope.query_scale)."""
     if not (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)):
         return False
     value = stmt.value
@@ -158,7 +165,13 @@ def is_query_scale(stmt, query: str) -> bool:
         and isinstance(value.op, ast.Mult)
         and isinstance(value.left, ast.Name)
         and value.left.id == query
-        and any(isinstance(n, ast.Call) and name_of(n.func) == QUERY_SCALE for n in ast.walk(value.right))
+        and any(
+            isinstance(n, ast.Call)
+            and name_of(n.func) == QUERY_SCALE
+            and tuple(map(ast.unparse, n.args)) == QUERY_SCALE_ARGS
+            and not n.keywords
+            for n in ast.walk(value.right)
+        )
         and not any(isinstance(n, ast.Name) and n.id == query for n in ast.walk(value.right) if id(n) not in typed)
     )
 

@@ -166,7 +166,8 @@ class SequenceTracker:
                 raise CaptureError(
                     f"qk_sniff: a {getattr(config, 'model_type', '')} model built this forward's mask for new tokens "
                     f"at cache position {past}, but its cache holds {held} tokens, so its new keys could not be "
-                    "found in the cache (BertLMHeadModel without is_decoder does so); not recorded"
+                    "found in the cache (BertLMHeadModel without is_decoder does so; so would a transformers release "
+                    "that passes the mask's offsets under other names); not recorded"
                 )
             return past, None
         sequence = self._sequences.of(key_of(config, cache), cache) if cache is not None else None

@@ -125,3 +125,18 @@ def test_a_sample_loop_that_changes_what_frames_read_breaks_a_fact(edit, found, 
     redefine(GenerationMixin, "_sample", [edit], tmp_path, monkeypatch)
     (finding,) = facts.check_all()
     assert finding.fact == "generation_frames" and found in finding.found
+
+
+def test_a_query_scale_read_from_other_settings_breaks_a_fact(tmp_path, monkeypatch):
+    """rope="pre" undoes Ministral 3's query scale with the arguments its forward passes today: a
+    forward that reads them from other settings would be undone with the wrong length."""
+    from transformers.models.ministral3 import modeling_ministral3
+
+    other_length = (
+        'self.config.rope_parameters.get("original_max_position_embeddings"),',
+        "self.config.max_position_embeddings,",
+    )
+    redefine(modeling_ministral3.Ministral3Attention, "forward", [other_length], tmp_path, monkeypatch)
+    (finding,) = facts.check_all()
+    assert finding.fact == "attention_forward_rotation"
+    assert "Ministral3Attention.forward changes query_states after rotating it" in finding.found
