@@ -8,7 +8,7 @@ import torch
 import transformers.models.llama.modeling_llama as modeling_llama
 
 import qk_attn
-from qk_attn.capture import backends, facts, modeling_checks, name_branches
+from qk_attn.capture import backends, facts, modeling_checks, name_branches, rope_check
 from qk_attn.errors import CaptureError
 from support.models import build, padded_batch
 from support.release import edit_file, redefine
@@ -127,7 +127,15 @@ def test_a_sample_loop_that_changes_what_frames_read_breaks_a_fact(edit, found, 
     assert finding.fact == "generation_frames" and found in finding.found
 
 
-def test_a_query_scale_read_from_other_settings_breaks_a_fact(tmp_path, monkeypatch):
+@pytest.fixture
+def fresh_rotation():
+    """Each attention class's rotation is read once per process (rope_check.rotation): read it anew."""
+    rope_check.rotation.cache_clear()
+    yield
+    rope_check.rotation.cache_clear()
+
+
+def test_a_query_scale_read_from_other_settings_breaks_a_fact(fresh_rotation, tmp_path, monkeypatch):
     """rope="pre" undoes Ministral 3's query scale with the arguments its forward passes today: a
     forward that reads them from other settings would be undone with the wrong length."""
     from transformers.models.ministral3 import modeling_ministral3
