@@ -18,10 +18,11 @@ import ast
 import sys
 from pathlib import Path
 
-from qk_attn.capture.known_branches import NAME_BRANCHES
-from qk_attn.capture.name_branches import alike, modeling_name, transformers_root, tree_branches
+from qk_attn.capture.known_branches import FOLLOWS, NAME_BRANCHES
+from qk_attn.capture.name_branches import FOLLOWED_METHODS, alike, modeling_name, transformers_root, tree_branches
 from qk_attn.errors import CaptureError
 
+FOLLOWS_PREFIX = FOLLOWS.split("{}")[0]  # a branch a FOLLOWED_METHODS method takes under the backend's name
 WINDOW = "sliding_window"  # the keyword the recorder reads a call's window from
 
 _unknown: dict[str, str | None] = {}  # modeling module -> why it is refused, or None
@@ -47,6 +48,7 @@ def _first_unknown(modeling: str) -> str | None:
     import transformers
 
     release = f"transformers {transformers.__version__}"
+    followed = ".".join(FOLLOWED_METHODS.get(modeling, ()))
     for branch, lines in tree_branches(tree, relative).items():
         if branch not in NAME_BRANCHES and not alike(branch.condition):
             return (
@@ -55,6 +57,15 @@ def _first_unknown(modeling: str) -> str | None:
                 "model could compute something else than its backend; load it with its backend's name to run "
                 "it unrecorded, or install a transformers version qk-attn supports (see README)"
             )
+        if NAME_BRANCHES.get(branch, "").startswith(FOLLOWS_PREFIX):
+            where = {_method_at(tree, line) for line in lines} - {followed}
+            if where:
+                return (
+                    f"qk_sniff: {relative} line {lines[0]} branches on the attention implementation's name in "
+                    f"{where.pop()}, where qk-attn runs {followed or 'no method'} under the backend's name ({release}), "
+                    "so under 'qk_sniff' that branch would not take the backend's path; install a transformers "
+                    "version qk-attn supports (see README)"
+                )
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and ast.unparse(node.func) == "attention_interface":
             other = [k.arg for k in node.keywords if k.arg and "window" in k.arg and k.arg != WINDOW]
@@ -65,3 +76,18 @@ def _first_unknown(modeling: str) -> str | None:
                     "full_attention_only would be wrong; install a transformers version qk-attn supports (see README)"
                 )
     return None
+
+
+def _method_at(tree: ast.Module, line: int) -> str:
+    """`Class.method`, or the function, whose body holds `line`."""
+
+    def holds(node) -> bool:
+        return isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.lineno <= line <= node.end_lineno
+
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            for fn in filter(holds, node.body):
+                return f"{node.name}.{fn.name}"
+        elif holds(node):
+            return node.name
+    return "module level"

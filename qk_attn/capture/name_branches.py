@@ -230,14 +230,8 @@ def follow_wrapped_backend(config, backend: str) -> None:
         class_name, method_name = FOLLOWED_METHODS[modeling]
         cls = getattr(sys.modules.get(modeling), class_name, None)
         method = getattr(cls, method_name, None)
-        if method is None:  # renamed or moved: its branch would take qk_sniff's path, not the backend's
-            raise CaptureError(
-                f"qk_sniff: {modeling} has no {class_name}.{method_name}, which branches on the attention "
-                f"implementation's name and which qk-attn runs under '{backend}''s name; this transformers "
-                f"release moved it, so '{config.model_type}' cannot be recorded exactly: install a transformers "
-                "version qk-attn supports (see README)"
-            )
-        if not getattr(method, "runs_under_wrapped_name", False):
+        # Absent in releases without the branch; a branch that moved out of it is refused (modeling_checks).
+        if method is not None and not getattr(method, "runs_under_wrapped_name", False):
             setattr(cls, method_name, _under_wrapped_name(method))
         _followed.add(modeling)
 

@@ -11,7 +11,7 @@ import transformers.models.llama.modeling_llama as modeling_llama
 import qk_attn
 from qk_attn.capture import backends, facts, modeling_checks, name_branches, rope_check
 from qk_attn.errors import CaptureError
-from support.models import COMMON, build, padded_batch
+from support.models import COMMON, build, gemma4, padded_batch
 from support.release import edit_file, redefine
 
 NEW_BRANCH = (
@@ -23,9 +23,11 @@ NEW_BRANCH = (
 
 
 @pytest.fixture
-def fresh_checks(monkeypatch):
-    """Modeling files and followed methods are checked once per process: forget what was checked."""
+def fresh_checks(tmp_path, monkeypatch):
+    """Modeling files and followed methods are checked once per process: forget what was checked. The
+    edited files (`edit_file(..., tmp_path, ...)`) lie under tmp_path as under the transformers package."""
     monkeypatch.setattr(modeling_checks, "_unknown", {})
+    monkeypatch.setattr(modeling_checks, "transformers_root", lambda: tmp_path)
     monkeypatch.setattr(name_branches, "_followed", set())
 
 
@@ -35,7 +37,7 @@ def test_a_new_branch_on_the_implementation_name_in_the_modeling_file_is_refused
 ):
     model = build("llama3", "qk_sniff")
     edit_file(modeling_llama, [NEW_BRANCH], tmp_path, monkeypatch)
-    expected = r"modeling_llama.py line \d+ branches on the attention implementation's name \(self.config"
+    expected = r"^qk_sniff: models/llama/modeling_llama.py line \d+ branches on the attention implementation's name \(self.config"
     with pytest.raises(CaptureError, match=expected):
         if in_session:
             with qk_attn.session(sampler="all"):
@@ -90,18 +92,21 @@ def test_an_eager_default_renamed_by_a_release_is_the_one_qk_sniff_runs(tmp_path
     assert torch.equal(got, want)
 
 
-def test_a_followed_method_a_release_renamed_is_refused(fresh_checks, monkeypatch):
+def test_a_followed_branch_that_moved_to_another_method_is_refused(fresh_checks, tmp_path, monkeypatch):
     """Gemma 4 slices its shared key/value inputs by the implementation's name: qk-attn runs that
-    method under the backend's name; if a release renames it, the branch would take qk_sniff's path."""
-    modeling, (class_name, method) = next(iter(name_branches.FOLLOWED_METHODS.items()))
-    gemma4 = pytest.importorskip(modeling)
-    cls = getattr(gemma4, class_name, None)
-    if cls is None or not hasattr(cls, method):
-        pytest.skip(f"{class_name}.{method} is not in this transformers")
-    config = pytest.importorskip("transformers").Gemma4TextConfig()
-    monkeypatch.delattr(cls, method)
-    with pytest.raises(CaptureError, match=rf"has no {class_name}.{method}, which branches on the attention"):
-        name_branches.follow_wrapped_backend(config, "sdpa")
+    method under the backend's name. A release that moves the branch into another method (here: the
+    method renamed) would take qk_sniff's path there. (A release without the method has no branch.)"""
+    modeling_gemma4 = pytest.importorskip("transformers.models.gemma4.modeling_gemma4")
+    if not hasattr(modeling_gemma4.Gemma4TextModel, "_maybe_slice_kv_shared_inputs"):
+        pytest.skip("no Gemma 4 branch to follow in this transformers")
+    model = gemma4()
+    model.set_attn_implementation("qk_sniff")
+    moved = ("def _maybe_slice_kv_shared_inputs(", "def _slice_kv_shared_inputs(")
+    edit_file(modeling_gemma4, [moved], tmp_path, monkeypatch)
+    with pytest.raises(
+        CaptureError, match=r"in Gemma4TextModel._slice_kv_shared_inputs, where qk-attn runs Gemma4TextModel._maybe"
+    ):
+        model(**padded_batch("left"))
 
 
 @pytest.mark.parametrize(
@@ -163,7 +168,8 @@ def test_a_window_passed_under_another_keyword_is_refused(fresh_checks, tmp_path
     )
     edit_file(modeling_mistral, [renamed], tmp_path, monkeypatch)
     with pytest.raises(
-        CaptureError, match=r"modeling_mistral.py line \d+ passes the attention call a window as window_size="
+        CaptureError,
+        match=r"^qk_sniff: models/mistral/modeling_mistral.py line \d+ passes the attention call a window as window_size=",
     ):
         with qk_attn.session(sampler="all", full_attention_only=True):
             model.eval()(**padded_batch("left"))

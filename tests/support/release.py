@@ -17,10 +17,15 @@ def _edited(source: str, edits) -> str:
     return source
 
 
-def edit_file(module, edits, directory: Path, monkeypatch) -> Path:
-    """`module.__file__` becomes an edited copy of its source file (its code is not re-run)."""
-    path = directory / Path(module.__file__).name
-    path.write_text(_edited(Path(module.__file__).read_text(encoding="utf-8"), edits), encoding="utf-8")
+def edit_file(module, edits, root: Path, monkeypatch) -> Path:
+    """`module.__file__` becomes an edited copy of its source file (its code is not re-run), at the
+    same place under `root` as under the transformers package (for code that reads paths from there)."""
+    import transformers
+
+    source = Path(module.__file__)
+    path = root / source.relative_to(Path(transformers.__file__).parent)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(_edited(source.read_text(encoding="utf-8"), edits), encoding="utf-8")
     monkeypatch.setattr(module, "__file__", str(path))
     return path
 
