@@ -186,7 +186,9 @@ def _wrap(name: str) -> None:
     if attention is None or _records(name):
         return
     AttentionInterface.register(name, functools.partial(attend_and_capture, attention))
-    AttentionMaskInterface.register(name, functools.partial(_noting_context, flash_attention_mask))
+    mask = AttentionMaskInterface._global_mapping.get(name, flash_attention_mask)  # the registered one, as for sdpa
+    if not (isinstance(mask, functools.partial) and mask.func is _noting_context):  # a copy of ours: kept
+        AttentionMaskInterface.register(name, functools.partial(_noting_context, mask))
 
 
 def _records(name: str) -> bool:

@@ -1,5 +1,6 @@
 """How "qk_sniff" is handled at each place where transformers branches on the attention
-implementation's name (transformers 5.17 and 5.25): NAME_BRANCHES, Branch -> handling text.
+implementation's name (transformers 5.17 to 5.25, constraints/range.txt between): NAME_BRANCHES,
+Branch -> handling text.
 
 qk_attn.capture.name_branches finds the branches in the installed source and follows or refuses
 them at run time; tests/test_transformers_facts.py checks that every branch found is in this
@@ -147,10 +148,12 @@ MANUAL_BRANCHES: dict[Branch, str] = {
                 "config._attn_implementation",
             ),
             ("falcon/modeling_falcon.py", "FALCON_ATTENTION_CLASSES", "config._attn_implementation"),
+            ("falcon/modeling_falcon.py", "FALCON_ATTENTION_CLASSES", "attn_implementation"),  # 5.23
             ("git/modeling_git.py", "GIT_SELF_ATTENTION_CLASSES", "config._attn_implementation"),
             ("gpt_neo/modeling_gpt_neo.py", "GPT_NEO_ATTENTION_CLASSES", "attn_implementation"),
             ("gpt_neo/modeling_gpt_neo.py", "GPT_NEO_ATTENTION_CLASSES", "config._attn_implementation"),
             ("gptj/modeling_gptj.py", "GPTJ_ATTENTION_CLASSES", "config._attn_implementation"),
+            ("gptj/modeling_gptj.py", "GPTJ_ATTENTION_CLASSES", "attn_implementation"),  # 5.23
             ("sam/modeling_sam.py", "SAM_VISION_ATTENTION_CLASSES", "config._attn_implementation"),
             ("sam_hq/modeling_sam_hq.py", "SAM_HQ_VISION_ATTENTION_CLASSES", "config._attn_implementation"),
             ("superglue/modeling_superglue.py", "SUPERGLUE_SELF_ATTENTION_CLASSES", "config._attn_implementation"),
@@ -206,7 +209,10 @@ ALIKE_BRANCHES: dict[str, tuple[str, ...]] = {  # path -> conditions with one va
     "models/ernie4_5_vl_moe/modeling_ernie4_5_vl_moe.py": ("is_flash_attention_requested(self.config)",),
     "models/esmc/modeling_esmc.py": ("is_flash_attention_requested(self.config)",),
     "models/exaone4_5/modeling_exaone4_5.py": ("is_flash_attention_requested(self.config)",),
-    "models/falcon/modeling_falcon.py": ("is_flash_attention_requested(self.config)",),
+    "models/falcon/modeling_falcon.py": (
+        "is_flash_attention_requested(config)",  # 5.23
+        "is_flash_attention_requested(self.config)",
+    ),
     "models/gemma4/modeling_gemma4.py": (
         "is_flash_attention_requested(self.config)",
         "self.config._attn_implementation == 'flex_attention'",
@@ -222,6 +228,7 @@ ALIKE_BRANCHES: dict[str, tuple[str, ...]] = {  # path -> conditions with one va
     "models/glm_ocr/modeling_glm_ocr.py": ("is_flash_attention_requested(self.config)",),
     "models/gpt_bigcode/modeling_gpt_bigcode.py": ("is_flash_attention_requested(self.config)",),
     "models/gpt_neo/modeling_gpt_neo.py": ("is_flash_attention_requested(config)",),
+    "models/gptj/modeling_gptj.py": ("is_flash_attention_requested(config)",),  # 5.23
     "models/hrm_text/configuration_hrm_text.py": (
         "is_flash_attention_requested(requested_attention_implementation=base_implementation)",
         "is_flash_attention_requested(requested_attention_implementation=value)",
