@@ -432,7 +432,8 @@ def test_qwen2_vl_with_an_image_is_refused_naming_images_and_mrope():
 def test_layers_given_only_the_last_queries_record_exactly_those_positions():
     """Gemma 4's KV-shared layers compute only the `logits_to_keep` last queries (transformers >= 5.25):
     their rows are those positions, equal to the same queries of a forward that computes them all."""
-    model = gemma4(global_head_dim=16, num_kv_shared_layers=2)
+    # Per-layer inputs: transformers 5.23-5.24 slice them for the shared layers without checking for None.
+    model = gemma4(global_head_dim=16, num_kv_shared_layers=2, hidden_size_per_layer_input=8)
     model.set_attn_implementation("qk_sniff")
     ids = _tokens(7)
     with qk_attn.session(sampler="all", capture="q", example_ids=[2]) as s:

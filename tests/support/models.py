@@ -135,9 +135,8 @@ def gemma4(layer_types=("sliding_attention", "full_attention") * 2, **config):
         **dict(COMMON, num_hidden_layers=len(layer_types)),
         head_dim=16,
         sliding_window=4,
-        hidden_size_per_layer_input=0,
         layer_types=list(layer_types),
-        **config,
+        **{"hidden_size_per_layer_input": 0, **config},
     )
     return tf.Gemma4ForCausalLM(text).eval()
 
