@@ -15,7 +15,7 @@ from transformers.masking_utils import AttentionMaskInterface, flash_attention_m
 from qk_attn.capture.attention import attend_and_capture, qk_sniff_attention
 from qk_attn.capture.backends import mask_function
 from qk_attn.capture.caches import watch_row_moves
-from qk_attn.capture.modeling_checks import refuse_unknown_branches
+from qk_attn.capture.modeling_checks import check_modeling_file
 from qk_attn.capture.name_branches import follow_wrapped_backend
 from qk_attn.errors import CaptureError
 
@@ -32,7 +32,7 @@ def qk_sniff_mask(*args, **kwargs):
     from qk_attn.capture.active import current_config
 
     backend, config = current_config().backend, kwargs.get("config")
-    refuse_unknown_branches(config)
+    check_modeling_file(config)
     follow_wrapped_backend(config, backend)
     return _noting_context(mask_function(backend), *args, **kwargs)
 

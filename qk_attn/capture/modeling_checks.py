@@ -18,6 +18,8 @@ import ast
 import sys
 from pathlib import Path
 
+import transformers
+
 from qk_attn.capture.known_branches import FOLLOWS, NAME_BRANCHES
 from qk_attn.capture.name_branches import FOLLOWED_METHODS, alike, modeling_name, transformers_root, tree_branches
 from qk_attn.errors import CaptureError
@@ -25,55 +27,66 @@ from qk_attn.errors import CaptureError
 FOLLOWS_PREFIX = FOLLOWS.split("{}")[0]  # a branch a FOLLOWED_METHODS method takes under the backend's name
 WINDOW = "sliding_window"  # the keyword the recorder reads a call's window from
 
-_unknown: dict[str, str | None] = {}  # modeling module -> why it is refused, or None
+_refusals: dict[str, str | None] = {}  # modeling module -> why its models are refused, or None
 
 
-def refuse_unknown_branches(config) -> None:
-    """CaptureError (one line) when the modeling file of `config`'s model branches on the name where
-    qk-attn does not know how 'qk_sniff' fares. A dict lookup after the file's first forward."""
+def check_modeling_file(config) -> None:
+    """CaptureError (one line) when the modeling file of `config`'s model has a branch or a window
+    keyword qk-attn does not know. A dict lookup after the file's first forward."""
     modeling = modeling_name(type(config))
-    if modeling not in _unknown:
-        _unknown[modeling] = _first_unknown(modeling)
-    if (why := _unknown[modeling]) is not None:
+    if modeling not in _refusals:
+        _refusals[modeling] = _refusal(modeling)
+    if (why := _refusals[modeling]) is not None:
         raise CaptureError(why)
 
 
-def _first_unknown(modeling: str) -> str | None:
+def _refusal(modeling: str) -> str | None:
     source = getattr(sys.modules.get(modeling), "__file__", None)
     if source is None or not source.endswith(".py"):
         return None
     path, root = Path(source), transformers_root()
     relative = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    import transformers
+    found = _unknown_branch(tree, relative, ".".join(FOLLOWED_METHODS.get(modeling, ()))) or _other_window(tree)
+    if found is None:
+        return None
+    line, what = found
+    return (
+        f"qk_sniff: {relative} line {line} {what} (transformers {transformers.__version__}); install a "
+        "transformers version qk-attn supports (see README), or load the model with its backend's name to run it "
+        "unrecorded"
+    )
 
-    release = f"transformers {transformers.__version__}"
-    followed = ".".join(FOLLOWED_METHODS.get(modeling, ()))
+
+def _unknown_branch(tree: ast.Module, relative: str, followed: str) -> tuple[int, str] | None:
+    """A branch on the name that NAME_BRANCHES lacks and that is not alike, or a followed branch outside
+    its followed method: (line, what)."""
     for branch, lines in tree_branches(tree, relative).items():
         if branch not in NAME_BRANCHES and not alike(branch.condition):
-            return (
-                f"qk_sniff: {relative} line {lines[0]} branches on the attention implementation's name "
-                f"({branch.condition}), a branch qk-attn does not know ({release}), so under 'qk_sniff' the "
-                "model could compute something else than its backend; load it with its backend's name to run "
-                "it unrecorded, or install a transformers version qk-attn supports (see README)"
+            return lines[0], (
+                f"branches on the attention implementation's name ({branch.condition}), a branch qk-attn does "
+                "not know, so under 'qk_sniff' the model could compute something else than its backend"
             )
         if NAME_BRANCHES.get(branch, "").startswith(FOLLOWS_PREFIX):
             where = {_method_at(tree, line) for line in lines} - {followed}
             if where:
-                return (
-                    f"qk_sniff: {relative} line {lines[0]} branches on the attention implementation's name in "
-                    f"{where.pop()}, where qk-attn runs {followed or 'no method'} under the backend's name ({release}), "
-                    "so under 'qk_sniff' that branch would not take the backend's path; install a transformers "
-                    "version qk-attn supports (see README)"
+                return lines[0], (
+                    f"branches on the attention implementation's name in {where.pop()}, where qk-attn runs "
+                    f"{followed or 'no method'} under the backend's name, so under 'qk_sniff' that branch would "
+                    "not take the backend's path"
                 )
+    return None
+
+
+def _other_window(tree: ast.Module) -> tuple[int, str] | None:
+    """An attention call passed a window under another keyword than WINDOW: (line, what)."""
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and ast.unparse(node.func) == "attention_interface":
             other = [k.arg for k in node.keywords if k.arg and "window" in k.arg and k.arg != WINDOW]
             if other:
-                return (
-                    f"qk_sniff: {relative} line {node.lineno} passes the attention call a window as {other[0]}=, "
-                    f"where qk-attn reads {WINDOW}= ({release}), so the rows' sliding_window and "
-                    "full_attention_only would be wrong; install a transformers version qk-attn supports (see README)"
+                return node.lineno, (
+                    f"passes the attention call a window as {other[0]}=, where qk-attn reads {WINDOW}=, so the "
+                    "rows' sliding_window and full_attention_only would be wrong"
                 )
     return None
 

@@ -26,7 +26,7 @@ NEW_BRANCH = (
 def fresh_checks(tmp_path, monkeypatch):
     """Modeling files and followed methods are checked once per process: forget what was checked. The
     edited files (`edit_file(..., tmp_path, ...)`) lie under tmp_path as under the transformers package."""
-    monkeypatch.setattr(modeling_checks, "_unknown", {})
+    monkeypatch.setattr(modeling_checks, "_refusals", {})
     monkeypatch.setattr(modeling_checks, "transformers_root", lambda: tmp_path)
     monkeypatch.setattr(name_branches, "_followed", set())
 
