@@ -40,11 +40,11 @@ def _eager_attention_of(cls):
         for node in ast.walk(tree)
         if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "get_interface" and len(node.args) > 1
     }
-    name = defaults.pop() if len(defaults) == 1 else "eager_attention_forward"
+    name = next(iter(defaults)) if defaults else "eager_attention_forward"
     fn = getattr(sys.modules.get(forward.__module__), name, None)
-    if fn is None or defaults:
+    if fn is None or len(defaults) > 1:
         setting = active.current_config().setting_name("backend")
-        found = f"names {sorted(defaults | {name})}" if defaults else f"has no {name}"
+        found = f"names several: {sorted(defaults)}" if len(defaults) > 1 else f"names {name}, which its module lacks"
         raise ValueError(
             f"{setting}=eager: the eager attention of {cls.__qualname__} ({forward.__module__}) cannot be told: "
             f"its forward {found}; use {setting}=sdpa"

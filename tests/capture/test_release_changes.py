@@ -173,3 +173,20 @@ def test_a_window_passed_under_another_keyword_is_refused(fresh_checks, tmp_path
     ):
         with qk_attn.session(sampler="all", full_attention_only=True):
             model.eval()(**padded_batch("left"))
+
+
+def test_an_eager_default_qk_attn_cannot_resolve_is_an_error(tmp_path, monkeypatch):
+    """A forward whose eager default is no name of its module (here an attribute of its class): named, not guessed."""
+    monkeypatch.setattr(
+        modeling_llama.LlamaAttention, "eager", staticmethod(modeling_llama.eager_attention_forward), raising=False
+    )
+    edit = ("self.config._attn_implementation, eager_attention_forward", "self.config._attn_implementation, self.eager")
+    redefine(modeling_llama.LlamaAttention, "forward", [edit], tmp_path, monkeypatch)
+    backends._eager_attention_of.cache_clear()
+    model = build("llama3", "qk_sniff")
+    with pytest.raises(
+        ValueError, match=r"=eager: the eager attention of LlamaAttention .* names self.eager, which its"
+    ):
+        with qk_attn.session(sampler="all", backend="eager"):
+            model(**padded_batch("left"))
+    backends._eager_attention_of.cache_clear()
