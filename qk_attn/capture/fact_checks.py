@@ -262,8 +262,8 @@ def cache_row_methods() -> str | None:
 
 
 def cache_layer_updates() -> str | None:
-    """The cache layer types whose `update` capture/caches trusts exist, and Fp8QuantizedLayer (where
-    present) is refused: a renamed or moved layer type would otherwise be refused, or trusted, unread."""
+    """The layer types whose `update` capture/caches trusts exist, a Cache keeps its layers where
+    refuse_rounding_cache looks, and Fp8QuantizedLayer (where present) is refused."""
     from transformers import cache_utils
 
     from qk_attn.capture.caches import VETTED_UPDATES, rounding_layer
@@ -273,6 +273,8 @@ def cache_layer_updates() -> str | None:
     ]
     if missing:
         return f"no cache_utils.{missing[0]}.update"
+    if not {"layers", "layer_class_to_replicate"} <= (found := _init_sets(cache_utils.Cache)):  # what caches reads
+        return f"Cache.__init__ sets {sorted(found)}, not layers and layer_class_to_replicate"
     fp8 = getattr(cache_utils, "Fp8QuantizedLayer", None)  # transformers 5.25
     if fp8 is not None and not rounding_layer(fp8):
         return "cache_utils.Fp8QuantizedLayer is not refused as rounding the keys"

@@ -181,7 +181,8 @@ FACTS: tuple[Fact, ...] = (
     Fact(
         "cache_layer_updates",
         "cache_utils' Dynamic, DynamicSlidingWindow, Static, StaticSlidingWindow and Quantized layers update "
-        "with the methods qk-attn read (this forward's keys returned as given); Fp8QuantizedLayer is refused",
+        "with the methods qk-attn read (this forward's keys returned as given); a Cache keeps its layers in "
+        "layers and layer_class_to_replicate; Fp8QuantizedLayer is refused",
         cache_layer_updates,
     ),
     Fact(

@@ -190,3 +190,18 @@ def test_an_eager_default_qk_attn_cannot_resolve_is_an_error(tmp_path, monkeypat
         with qk_attn.session(sampler="all", backend="eager"):
             model(**padded_batch("left"))
     backends._eager_attention_of.cache_clear()
+
+
+def test_a_cache_that_keeps_its_layers_elsewhere_breaks_a_fact(tmp_path, monkeypatch):
+    """refuse_rounding_cache finds a cache's layer types in `layers`: a release that keeps them under another
+    name would leave it nothing to refuse."""
+    from transformers import cache_utils
+
+    edit_file(
+        cache_utils,
+        [("        self.layers = layers if", "        self.cache_layers = layers if")],
+        tmp_path,
+        monkeypatch,
+    )
+    (finding,) = facts.check_all()
+    assert finding.fact == "cache_layer_updates" and "not layers and layer_class_to_replicate" in finding.found

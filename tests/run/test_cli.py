@@ -596,3 +596,30 @@ def test_summary_reports_how_long_capture_waited_for_the_saver():
     slowed = RunSummary(output="out", model="m", dataset="d", seconds=10.0, pool_waits=(3, 2.5))
     (line,) = [line for line in slowed.lines() if line.startswith("waits")]
     assert "3 time(s), 2.5 s (25% of the run)" in line and "inference.pinned_mb" in line
+
+
+def test_a_release_the_modeling_checks_refuse_is_one_line_and_exit_2(tiny_model, docs, tmp_path, capsys, monkeypatch):
+    """What modeling_checks refuses (here a new branch on the implementation's name in modeling_llama.py)
+    reaches a `qk-sniff run` user as one line naming file and line, exit 2, nothing committed."""
+    import transformers.models.llama.modeling_llama as modeling_llama
+
+    from qk_attn.capture import modeling_checks
+    from support.release import edit_file
+
+    branch = (
+        "        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS",
+        '        if self.config._attn_implementation == "sdpa":\n'
+        "            pass\n"
+        "        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS",
+    )
+    monkeypatch.setattr(modeling_checks, "_refusals", {})
+    monkeypatch.setattr(modeling_checks, "transformers_root", lambda: tmp_path / "tf")
+    edit_file(modeling_llama, [branch], tmp_path / "tf", monkeypatch)
+    path, _ = docs
+    out = tmp_path / "out"
+    config = write_config(tmp_path, tiny_model, path, out, capture=SPARSE)
+    assert cli.main(["run", "--config", config, "--quiet", "--set", "tokenizer.max_length=64"]) == 2
+    err = capsys.readouterr().err
+    assert "models/llama/modeling_llama.py line" in err and "a branch qk-attn does not know" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (out / "qk_sniff.json").exists() or not read_manifest(out).get("examples")
