@@ -16,6 +16,7 @@ import torch
 
 from qk_attn.capture import active
 from qk_attn.capture.backends import attention_forward
+from qk_attn.capture.modeling_checks import check_attention_module
 from qk_attn.capture.tokens import TextTokens
 from qk_attn.errors import CaptureError
 
@@ -29,6 +30,7 @@ def qk_sniff_attention(module, query, key, value, attention_mask, **kwargs):
 
 def attend_and_capture(backend, module, query, key, value, attention_mask, **kwargs):
     """`backend`'s attention, then this call's rows to the active session (if any)."""
+    check_attention_module(module)
     output = backend(module, query, key, value, attention_mask, **kwargs)
     session = active.current_session()
     # Vision towers have no layer_idx: only text attention layers are recorded.

@@ -1,5 +1,7 @@
 """What qk-attn checks in a model's own modeling file, once per file and process, at the model's
-first "qk_sniff" forward (capture on or off):
+first "qk_sniff" forward (capture on or off), and in the file that defines each attention module
+class, at its first call (remote code that borrows a transformers config class lives elsewhere
+than the config's modeling file):
 
 - every branch on the attention implementation's name is one qk_attn.capture.known_branches says
   how to handle, or has the same value for "qk_sniff" as for the backends it wraps;
@@ -33,7 +35,17 @@ _refusals: dict[str, str | None] = {}  # modeling module -> why its models are r
 def check_modeling_file(config) -> None:
     """CaptureError (one line) when the modeling file of `config`'s model has a branch or a window
     keyword qk-attn does not know. A dict lookup after the file's first forward."""
-    modeling = modeling_name(type(config))
+    check_module(modeling_name(type(config)))
+
+
+def check_attention_module(module) -> None:
+    """The same for the file that defines the attention module's class."""
+    check_module(type(module).__module__)
+
+
+def check_module(modeling: str) -> None:
+    """CaptureError (one line) when the Python module named `modeling` has a branch or a window keyword
+    qk-attn does not know; checked once per module and process."""
     if modeling not in _refusals:
         _refusals[modeling] = _refusal(modeling)
     if (why := _refusals[modeling]) is not None:

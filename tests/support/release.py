@@ -17,6 +17,11 @@ def _edited(source: str, edits) -> str:
     return source
 
 
+def edited_source(module, edits) -> str:
+    """`module`'s source file with `edits` made."""
+    return _edited(Path(module.__file__).read_text(encoding="utf-8"), edits)
+
+
 def edit_file(module, edits, root: Path, monkeypatch) -> Path:
     """`module.__file__` becomes an edited copy of its source file (its code is not re-run), at the
     same place under `root` as under the transformers package (for code that reads paths from there)."""
@@ -25,7 +30,7 @@ def edit_file(module, edits, root: Path, monkeypatch) -> Path:
     source = Path(module.__file__)
     path = root / source.relative_to(Path(transformers.__file__).parent)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(_edited(source.read_text(encoding="utf-8"), edits), encoding="utf-8")
+    path.write_text(edited_source(module, edits), encoding="utf-8")
     monkeypatch.setattr(module, "__file__", str(path))
     return path
 
