@@ -2,7 +2,8 @@
 
 Registries and call signatures (attention_interface_register ... eager_forward) are read with
 inspect and ast; frames and attributes (rotary_helpers ... attention_module_attributes) from the
-seed modeling modules. A check may raise: `check_all()` reports that as the fact broken.
+seed modeling modules; caches and the generation loop in qk_attn.capture.fact_checks_generation.
+A check may raise: `check_all()` reports that as the fact broken.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import ast
 import importlib
 import inspect
 import sys
-import textwrap
 
 NAME = "qk_sniff"
 
@@ -226,112 +226,7 @@ def model_forward_locals() -> str | None:
     return None
 
 
-def cache_lengths() -> str | None:
-    """After 3 tokens, DynamicCache (full and sliding layers) reports 3, as an int. (A static cache
-    gives a device tensor; its forwards' q_offset is one too, checked by OffsetCheck instead.)"""
-    import torch
-    from transformers import DynamicCache, LlamaConfig
-
-    config = LlamaConfig(hidden_size=8, num_attention_heads=1, num_key_value_heads=1, num_hidden_layers=1)
-    states = torch.zeros(1, 1, 3, 8)
-    for cache in (
-        DynamicCache(config=config),
-        DynamicCache(config=LlamaConfig(**config.to_dict(), sliding_window=2, layer_types=["sliding_attention"])),
-    ):
-        cache.update(states, states, 0, {"cache_position": torch.arange(3)})
-        held = cache.get_seq_length()
-        if type(held) is not int or held != 3:
-            return f"{type(cache).__name__}.get_seq_length() after 3 tokens is {held!r}"
-    return None
-
-
-def cache_row_methods() -> str | None:
-    """The Cache methods that move batch rows are defined on Cache and inherited, not overridden, by
-    the caches a decoder uses, so that wrapping them on Cache sees every call (capture/caches)."""
-    from transformers import cache_utils
-
-    from qk_attn.capture.caches import ROW_METHODS
-
-    for name in ROW_METHODS:
-        if not callable(getattr(cache_utils.Cache, name, None)):
-            return f"Cache has no method {name}"
-        for cls in (cache_utils.DynamicCache, cache_utils.StaticCache, cache_utils.QuantizedCache):
-            if name in vars(cls):
-                return f"{cls.__name__} overrides Cache.{name}"
-    return None
-
-
-def cache_layer_updates() -> str | None:
-    """The layer types whose `update` capture/caches trusts exist, a Cache keeps its layers where
-    refuse_rounding_cache looks, and Fp8QuantizedLayer (where present) is refused."""
-    from transformers import cache_utils
-
-    from qk_attn.capture.caches import VETTED_UPDATES, rounding_layer
-
-    missing = [
-        name for name in VETTED_UPDATES if not callable(getattr(getattr(cache_utils, name, None), "update", None))
-    ]
-    if missing:
-        return f"no cache_utils.{missing[0]}.update"
-    if not {"layers", "layer_class_to_replicate"} <= (found := _init_sets(cache_utils.Cache)):  # what caches reads
-        return f"Cache.__init__ sets {sorted(found)}, not layers and layer_class_to_replicate"
-    fp8 = getattr(cache_utils, "Fp8QuantizedLayer", None)  # transformers 5.25
-    if fp8 is not None and not rounding_layer(fp8):
-        return "cache_utils.Fp8QuantizedLayer is not refused as rounding the keys"
-    return None
-
-
-def layer_type_names() -> str | None:
-    from transformers import Gemma3TextConfig, Llama4TextConfig
-
-    for config, word in (
-        (Gemma3TextConfig(num_hidden_layers=2), "sliding"),
-        (Llama4TextConfig(num_hidden_layers=4), "chunked"),
-    ):
-        if not any(word in kind for kind in config.layer_types or ()):
-            return f"{type(config).__name__}.layer_types {config.layer_types} name no '{word}' layer"
-    return None
-
-
-def generation_frames() -> str | None:
-    from transformers.generation import utils
-
-    for method in ("generate", "_sample", "_beam_search", "_assisted_decoding", "_prefill"):
-        fn = getattr(utils.GenerationMixin, method, None)
-        if fn is None:
-            return f"no GenerationMixin.{method}"
-    code = utils.GenerationMixin._sample.__code__
-    if not {"model_kwargs", "unfinished_sequences", "has_eos_stopping_criteria"} <= set(code.co_varnames):
-        return f"GenerationMixin._sample locals {code.co_varnames}"
-    if "_prefill" not in code.co_names:  # its first forwards feed the caller's tokens (frames)
-        return "GenerationMixin._sample does not call self._prefill"
-    tree = ast.parse(textwrap.dedent(inspect.getsource(utils.GenerationMixin._sample)))
-    if not any(isinstance(n, ast.Subscript) and ast.unparse(n) == "model_kwargs['use_cache']" for n in ast.walk(tree)):
-        return "GenerationMixin._sample does not read model_kwargs['use_cache']"  # frames: use_cache=False refusal
-    return _pads_only_under_eos_criteria(tree)
-
-
-def _pads_only_under_eos_criteria(tree: ast.AST) -> str | None:
-    """`_sample` mixes pad tokens into finished rows (`next_tokens = ... unfinished_sequences ...`) only
-    under `if has_eos_stopping_criteria:`; frames reads that local to tell padding from real tokens."""
-    padding = [
-        (node, parent)
-        for parent in ast.walk(tree)
-        for node in ast.iter_child_nodes(parent)
-        if isinstance(node, ast.Assign)
-        and [ast.unparse(t) for t in node.targets] == ["next_tokens"]
-        and "unfinished_sequences" in ast.unparse(node.value)
-    ]
-    if not padding:
-        return "GenerationMixin._sample pads no finished rows (no `next_tokens = ... unfinished_sequences ...`)"
-    for node, parent in padding:
-        if not (isinstance(parent, ast.If) and ast.unparse(parent.test) == "has_eos_stopping_criteria"):
-            under = ast.unparse(parent.test) if isinstance(parent, ast.If) else type(parent).__name__
-            return f"GenerationMixin._sample pads finished rows under `{under}`: `{ast.unparse(node)}`"
-    return None
-
-
-def _init_sets(cls) -> set[str]:
+def init_sets(cls) -> set[str]:
     """Attributes `cls.__init__` assigns on self, read from its source (`kernels` may wrap __init__)."""
     tree = ast.parse(inspect.getsource(cls))
     init = next(n for n in tree.body[0].body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
@@ -348,11 +243,11 @@ def attention_module_attributes() -> str | None:
     """Text attention modules set self.layer_idx and self.config; SmolLM3 sets self.use_rope;
     sliding-window families set self.sliding_window; Mllama's cross-attention class says so in its name."""
     for family, name in ATTENTION_CLASSES.items():
-        if not {"layer_idx", "config"} <= _init_sets(getattr(_modeling(family), name)):
+        if not {"layer_idx", "config"} <= init_sets(getattr(_modeling(family), name)):
             return f"{name}.__init__ sets no self.layer_idx/self.config"
-    if "use_rope" not in _init_sets(_modeling("smollm3").SmolLM3Attention):
+    if "use_rope" not in init_sets(_modeling("smollm3").SmolLM3Attention):
         return "SmolLM3Attention.__init__ sets no self.use_rope"
-    if "sliding_window" not in _init_sets(_modeling("gemma3").Gemma3Attention):
+    if "sliding_window" not in init_sets(_modeling("gemma3").Gemma3Attention):
         return "Gemma3Attention.__init__ sets no self.sliding_window"
     if "CrossAttention" not in getattr(_modeling("mllama"), "MllamaTextCrossAttention", type).__name__:
         return "modeling_mllama has no MllamaTextCrossAttention"

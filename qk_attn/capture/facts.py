@@ -6,7 +6,7 @@ a session's first forward:
 FACTS are the internal facts the capture relies on (registries, mask and attention function
 signatures, the frames and attributes it reads). `check_all()` runs them all; `require()` raises
 one error naming the transformers version and every broken fact. The check behind each fact is
-in qk_attn.capture.fact_checks. Branches on the implementation's
+in qk_attn.capture.fact_checks (caches and generation: fact_checks_generation). Branches on the implementation's
 name are listed in qk_attn.capture.name_branches.
 
 Where the capture code relies on each fact (the module that reads it):
@@ -55,19 +55,21 @@ from qk_attn.capture.fact_checks import (
     attention_forward_rotation,
     attention_interface_register,
     attention_module_attributes,
-    cache_layer_updates,
-    cache_lengths,
-    cache_row_methods,
     eager_forward,
     flash_forward,
-    generation_frames,
-    layer_type_names,
     mask_call_keywords,
     mask_functions,
     mask_interface_register,
     model_forward_locals,
     rotary_helpers,
     sdpa_forward,
+)
+from qk_attn.capture.fact_checks_generation import (
+    cache_layer_updates,
+    cache_lengths,
+    cache_row_methods,
+    generation_frames,
+    layer_type_names,
 )
 from qk_attn.errors import TransformersMismatch
 
