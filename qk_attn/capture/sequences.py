@@ -246,9 +246,10 @@ class SequenceTracker:
         if not forward.used:
             why = (
                 f"qk_sniff: a {getattr(forward.config, 'model_type', '')} model built its attention mask through "
-                "qk_sniff but none of its layers called qk_sniff's attention (its attention modules do not go "
-                "through transformers' attention interface), so nothing could be recorded; qk-attn records "
-                "models whose attention calls ALL_ATTENTION_FUNCTIONS"
+                "qk_sniff but none of its layers called qk_sniff's attention with a layer_idx (its attention modules "
+                "do not go through transformers' attention interface, or set no self.layer_idx), so nothing could be "
+                "recorded; qk-attn records models whose attention modules have a layer_idx and call "
+                "ALL_ATTENTION_FUNCTIONS"
             )
         elif forward.skipped_sliding and not forward.recorded:
             why = (

@@ -31,6 +31,19 @@ def test_a_model_whose_attention_does_not_use_the_interface_is_refused_not_recor
         assert qk_attn.load_examples(out).num_rows == 0
 
 
+def test_attention_modules_without_a_layer_idx_are_named_in_the_refusal():
+    """Attention calls without a layer_idx are not recorded (vision towers have none): a release that
+    stops setting it on a text model's attention records nothing, and the refusal names layer_idx."""
+    model = build("llama3", "qk_sniff")
+    for layer in model.model.layers:
+        layer.self_attn.layer_idx = None
+    with pytest.raises(
+        CaptureError, match=r"none of its layers called qk_sniff's attention with a layer_idx .*set no self\.layer_idx"
+    ):
+        with qk_attn.session(sampler="all"):
+            model(**padded_batch("left"), use_cache=False)
+
+
 def test_a_session_that_records_nothing_says_so_when_it_ends(tmp_path, caplog):
     """set_attn_implementation("qk_sniff") on Bloom keeps "eager" (transformers only warns): its
     forwards never reach qk_sniff, so the session would end with an empty dataset and no word."""
