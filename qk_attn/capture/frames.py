@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from typing import NamedTuple
 
 import torch
@@ -91,6 +92,16 @@ def running(module: torch.nn.Module, max_depth: int = 40) -> bool:
     for _ in range(max_depth):
         if frame is None:
             return False
+        if frame.f_locals.get("self") is module:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def running_in(module: torch.nn.Module, thread: threading.Thread) -> bool:
+    """Whether `module`'s forward is on `thread`'s call stack (any depth)."""
+    frame = sys._getframe(1) if thread is threading.current_thread() else sys._current_frames().get(thread.ident)
+    while frame is not None:
         if frame.f_locals.get("self") is module:
             return True
         frame = frame.f_back

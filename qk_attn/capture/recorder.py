@@ -72,7 +72,7 @@ class Session(SequenceTracker):
         """Write what the sink holds for committed examples now, and surface any saver error."""
         if self._closed:  # closing made every commit durable
             return
-        self._end_forwards()
+        self._end_forwards("flush")
         self.sink.flush()
         self.check()
 
@@ -91,6 +91,7 @@ class Session(SequenceTracker):
                 "the old one, with transformers' warning, on models that cannot switch, e.g. Bloom)"
             )
         try:
+            self._end_forwards("close")  # refused while a forward runs, named as what the caller called
             self.commit()
         finally:
             self.sink.close()
@@ -103,7 +104,7 @@ class Session(SequenceTracker):
                 f"qk_attn: table() reads the rows of an in-memory session (no output); this session {where}: "
                 "read it with qk_attn.load(output, layer=..., head=..., kind=...) once the session is closed"
             )
-        self._end_forwards()  # the last forward's rows are handed off at its end
+        self._end_forwards("table")  # the last forward's rows are handed off at its end
         return self.sink.table()
 
     # ---- inside the attention call ---------------------------------------------------
@@ -113,7 +114,7 @@ class Session(SequenceTracker):
         forward = self._current(module.config)
         if forward is not None:
             forward.used = True
-            if forward.draft:
+            if forward.draft or forward.discarded:  # a discarded forward that runs on records nothing more
                 return
         # Cheap test first: skipped calls are rare (training, a checkpoint recompute during backward).
         if (module.training or torch._C._current_graph_task_id() != -1) and self._skips_training(module):

@@ -9,6 +9,7 @@ identity, forward start and end, and the commit protocol: docs/architecture.md.
 from __future__ import annotations
 
 import logging
+import operator
 import threading
 
 import torch
@@ -17,7 +18,14 @@ from qk_attn.capture import forward as forward_module
 from qk_attn.capture.caches import refuse_rounding_cache, row_moves
 from qk_attn.capture.facts import require as require_facts
 from qk_attn.capture.forward import ForwardContext, host_int
-from qk_attn.capture.frames import cache_length, decoder_stack, model_forward, refuse_unrecordable_generation, running
+from qk_attn.capture.frames import (
+    cache_length,
+    decoder_stack,
+    model_forward,
+    refuse_unrecordable_generation,
+    running,
+    running_in,
+)
 from qk_attn.capture.hooks import watch_forward
 from qk_attn.capture.sequence_table import SequenceTable, key_of
 from qk_attn.capture.staging import OffsetCheck
@@ -37,8 +45,8 @@ class SequenceTracker:
 
     def __init__(self, sink, example_ids=None):
         self.sink = sink
-        self._pending_ids = None if example_ids is None else [int(i) for i in example_ids]
-        self._forwards: dict[int, object] = {}  # id(model config) -> its current forward (or _STARTED)
+        self._pending_ids = None if example_ids is None else integer_ids(example_ids)
+        self._forwards: dict[int, object] = {}  # id(model config) -> its current forward (or _Started)
         self._sequences = SequenceTable()
         committed = self.committed_ids()
         self._next_auto_id = max(committed) + 1 if committed else 0
@@ -48,25 +56,35 @@ class SequenceTracker:
 
     def begin(self, example_ids) -> None:
         """Ids for the batch rows of the next forward; later forwards over its cache continue them."""
-        self._pending_ids = [int(i) for i in example_ids]
+        self._pending_ids = integer_ids(example_ids)
+
+    def _take_begun_ids(self) -> list[int] | None:
+        """`begin()`'s ids, taken by the forward that starts now: used up by it even if it fails or is
+        refused, so that they never name a later forward's rows."""
+        ids, self._pending_ids = self._pending_ids, None
+        return ids
 
     def commit(self) -> None:
         """Every example begun so far is complete: the sink makes it durable."""
-        self._end_forwards()
+        self._end_forwards("commit")
         self._commits += 1
         begun, self._begun = list(self._begun), {}
         self.sink.commit(begun)  # may raise a refusal found after a forward: they are committed or refused anyway
 
     def abort(self) -> None:
-        """Forget the examples begun since the last commit: they will not be committed."""
-        self._begun.clear()
+        """Forget the examples begun since the last commit: they may be incomplete, so their rows are
+        dropped (an in-memory table no longer shows them) and they are never committed."""
+        ids, self._begun = sorted(self._begun), {}
+        self._sequences.forget(ids)
+        if ids:
+            self.sink.discard(ids)
 
     def drop_open_sequences(self, why: str, since: int | None = None) -> None:
         """Forget the uncommitted examples that were stopped between forwards, so they may be incomplete:
         those whose cache is still alive, so that a later forward could have continued them, or with
         `since` (a `generation_started()` number), those a generate() that raised has extended. They are
         never committed."""
-        self._end_forwards()  # an unfinished forward is discarded first, with its own warning
+        self._end_forwards("drop_open_sequences")  # an unfinished forward is discarded first, with its own warning
         if since is None:
             ids = sorted(self._sequences.open_ids() & self._begun.keys())
         else:
@@ -110,6 +128,7 @@ class SequenceTracker:
         if forward is not None:
             self._retire(forward)
         self._end_forward()  # the previous forward is over: back-pressure belongs here, not in a layer
+        begun_ids = entry.begun_ids if isinstance(entry, _Started) else self._take_begun_ids()
         caller = model_forward(batch_size, q_length)
         try:
             generation = refuse_unrecordable_generation()
@@ -119,14 +138,14 @@ class SequenceTracker:
             raise
         mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
         try:
-            past, check = self._past(config, caller.cache, q_offset)
+            past, check = self._past(config, caller.cache, q_offset, begun_ids is not None)
         except CaptureError:
             self._discard(None, "was refused", config, caller.cache)
             raise
         forward = ForwardContext(
             config, batch_size, q_length, past, mask, caller.input_ids, caller.position_ids, caller.cache
         )
-        forward.offset_check = check
+        forward.offset_check, forward.begun_ids = check, begun_ids
         forward.unfinished, forward.decode_step, forward.draft = generation
         if caller.images and caller.position_ids is not None and caller.position_ids.dim() == 3:
             self._discard(None, "was refused", config, caller.cache)
@@ -135,8 +154,8 @@ class SequenceTracker:
                 "across an image's tokens, so rows could not be keyed by position; record text-only "
                 "inputs of this model (no pixel_values)"
             )
-        if entry is _STARTED:  # the decoder stack's start was reported: its end will be too
-            forward.armed, forward.finished = True, False
+        if isinstance(entry, _Started):  # the decoder stack's start was reported: its end will be too
+            forward.armed, forward.finished, forward.stack = True, False, entry.stack
         else:
             self._find_end(forward, caller.module, config)
         self._forwards[id(config)] = forward
@@ -147,6 +166,7 @@ class SequenceTracker:
         """What will tell the end of a forward whose decoder stack did not report its start (the
         stack found by structure from `module`, the one building the mask)."""
         owner, last_layer = decoder_stack(module, config)
+        forward.stack = owner
         if owner is None:
             forward.finished = None  # nothing tells this forward's end
         elif watch_forward(owner, last_layer, config) and running(owner):
@@ -154,7 +174,7 @@ class SequenceTracker:
         else:  # built before the decoder stack runs (generate(), a wrapper): its start adopts it
             forward.state, forward.finished = "pending", False
 
-    def _past(self, config, cache, q_offset) -> tuple[int, OffsetCheck | None]:
+    def _past(self, config, cache, q_offset, begun: bool) -> tuple[int, OffsetCheck | None]:
         """Tokens already in the cache. A static cache gives a device scalar: reading it would stop the
         host from running ahead, so a forward that continues this cache's sequence takes the
         sequence's end instead, and the sink checks it against the device value with the rows. A
@@ -171,7 +191,7 @@ class SequenceTracker:
                 )
             return past, None
         sequence = self._sequences.of(key_of(config, cache), cache) if cache is not None else None
-        if sequence is None or self._pending_ids is not None:
+        if sequence is None or begun:
             return host_int(q_offset), None
         # A snapshot (no host read): the cache may advance the tensor in place as the layers run.
         check = OffsetCheck(q_offset.detach().clone(), sequence.end, tuple(sequence.ids))
@@ -180,7 +200,7 @@ class SequenceTracker:
             check = None
         return sequence.end, check
 
-    def on_forward_start(self, config, kwargs: dict) -> None:
+    def on_forward_start(self, config, kwargs: dict, stack) -> None:
         """The decoder stack of `config` starts a forward (registration.watch_forward). Whatever an
         earlier forward left is over: discarded unless it ended, never reused. A mask built for this
         forward before it started (passed in as prepared masks) is adopted."""
@@ -193,7 +213,7 @@ class SequenceTracker:
                 entry.adopt(kwargs)
                 return
             self._retire(entry)
-        self._forwards[id(config)] = _STARTED
+        self._forwards[id(config)] = _Started(self._take_begun_ids(), stack)
 
     def on_forward_end(self, config) -> None:
         """The decoder stack of `config` returned: its forward is complete and over."""
@@ -306,11 +326,24 @@ class SequenceTracker:
             why,
         )
 
-    def _end_forwards(self) -> None:
-        """Outside every forward (commit, flush): discard what an unfinished forward recorded."""
-        for forward in list(self._forwards.values()):
-            if isinstance(forward, ForwardContext):
-                self._retire(forward)
+    def _end_forwards(self, caller: str) -> None:
+        """Outside every forward (`caller`: commit, flush, table): discard what an unfinished forward
+        recorded. Refused while a forward is still running: it would be discarded part-way, or handed
+        off with the layers it has not run yet missing."""
+        forwards = [f for f in self._forwards.values() if isinstance(f, ForwardContext)]
+        for forward in forwards:
+            if in_progress(forward):
+                where = (
+                    "from inside it (a hook or callback)"
+                    if forward.thread is threading.current_thread()
+                    else f"in thread {forward.thread.name!r}"
+                )
+                raise RuntimeError(
+                    f"qk_attn: {caller}() was called while a forward of this session is running {where}; call it "
+                    "between forwards"
+                )
+        for forward in forwards:
+            self._retire(forward)
         self._end_forward()
 
     def _end_forward(self) -> None:
@@ -326,12 +359,18 @@ class SequenceTracker:
         key = key_of(forward.config, forward.cache)
         sequence = self._sequences.of(key, forward.cache)  # None for a cache that is gone, whose id a new one took
         gone = self._sequences.discarded(key, forward.cache) if sequence is None else None
-        if self._pending_ids is not None:
-            ids, self._pending_ids = self._pending_ids, None
+        if forward.begun_ids is not None:
+            ids = forward.begun_ids
             if len(ids) != batch:
                 raise ValueError(f"example_ids has {len(ids)} ids but the forward has batch size {batch}")
             if len(set(ids)) != len(ids):
                 raise ValueError(f"example_ids {ids} repeats an id: every batch row is its own example")
+            again = sorted(set(ids) & self._begun.keys())
+            if again:
+                raise ValueError(
+                    f"example ids {again} were begun already and are not committed yet: an example is begun once "
+                    "(later forwards over its cache continue it without begin); use new ids, or commit() first"
+                )
             sequence = None
         elif forward.past == 0:
             ids, sequence = list(range(self._next_auto_id, self._next_auto_id + batch)), None
@@ -393,14 +432,8 @@ def _refuse_concurrent(forward: ForwardContext | None) -> None:
     """A forward of a model that starts while another thread is in the middle of one of the same model
     (the hooks and the session's forward context are per model): refused before it records anything,
     so that the running one is recorded exactly. A forward that raised in a thread still running is
-    taken as running until that thread's next forward or the session's commit."""
-    if (
-        forward is not None
-        and forward.thread is not threading.current_thread()
-        and forward.finished is False
-        and not forward.discarded
-        and forward.thread.is_alive()
-    ):
+    is over."""
+    if forward is not None and forward.thread is not threading.current_thread() and in_progress(forward):
         raise CaptureError(
             f"qk_sniff: this model is in the middle of a forward in thread {forward.thread.name!r}; a session "
             "records one forward of a model at a time, and tells models apart by their config object: give each "
@@ -409,4 +442,30 @@ def _refuse_concurrent(forward: ForwardContext | None) -> None:
         )
 
 
-_STARTED = object()  # Session._forwards entry: the decoder stack started a forward, no mask yet
+def integer_ids(example_ids) -> list[int]:
+    """Example ids as Python ints; ValueError for one that is not an integer (9.7 is not example 9)."""
+    ids = []
+    for i in example_ids:
+        try:
+            ids.append(operator.index(i))
+        except TypeError:
+            raise ValueError(f"example_ids {list(example_ids)!r} holds {i!r}: example ids are integers") from None
+    return ids
+
+
+def in_progress(forward: ForwardContext) -> bool:
+    """Whether `forward` is still running: its thread is inside its decoder stack (or, for a mask built
+    before the stack runs, as generate() builds it, alive in another thread). One that raised is over."""
+    if forward.finished is not False or forward.discarded or not forward.thread.is_alive():
+        return False
+    if forward.state == "pending":
+        return forward.thread is not threading.current_thread()
+    return forward.stack is not None and running_in(forward.stack, forward.thread)
+
+
+class _Started:
+    """Session._forwards entry: the decoder stack started a forward, no mask yet."""
+
+    def __init__(self, begun_ids: list[int] | None, stack):
+        self.begun_ids = begun_ids  # `begin()`'s ids, which this forward took at its start
+        self.stack = stack  # the decoder stack module whose forward started

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from qk_attn.capture.sinks import warn_not_from_zero
 from qk_attn.errors import CorruptShard
 from qk_attn.storage import compact
+from qk_attn.storage.folder import remove_orphans
 from qk_attn.storage.layout import key_names
-from qk_attn.storage.manifest import now
+from qk_attn.storage.manifest import now, read_manifest
 from qk_attn.storage.records import add_shard
 from qk_attn.storage.segment import NO_POSITION
 from qk_attn.storage.shards import CallBuffer, Written
@@ -130,10 +131,25 @@ class Committer:
                     del self._described[example]
             manifest["next_segment"] = self._next_segment  # above every number in use (open, merged)
             manifest["updated"] = now()
-        self._write_manifest()
+        try:
+            self._write_manifest()
+        except BaseException:
+            self._remove_uncommitted()
+            raise
         self._durable |= commit
         self._ready -= commit
         self._compact(COMPACT_AT)
+
+    def _remove_uncommitted(self) -> None:
+        """After a failed manifest write: the shards that the manifest on disk does not list go now, so
+        that the folder is what it says (verify passes, the card's file patterns read no uncommitted
+        rows) without waiting for the next open. Best effort: the write's own error is the one raised."""
+        try:
+            manifest = read_manifest(self.output, self.files.manifest)
+            if manifest is not None:
+                remove_orphans(self.output, manifest, self.files)
+        except Exception as error:  # noqa: BLE001
+            logger.warning("qk-sniff: could not remove the uncommitted shards in %s: %r", self.output, error)
 
     def _compact(self, at_least: int) -> None:
         """Merge small committed shards (qk_attn.storage.compact) in the writer threads; one manifest update."""

@@ -161,3 +161,33 @@ def test_a_full_disk_fails_loudly_and_loses_nothing_committed(tmp_path, monkeypa
     sink.close()
     assert sort_rows(folder_table(out)).equals(sort_rows(reference(kept)))
     assert verify_dataset(out, log=lambda *_: None) == []
+
+
+def test_a_failed_manifest_write_leaves_no_shard_that_the_manifest_does_not_list(tmp_path, monkeypatch):
+    """The shards of a commit are named before its manifest is written: when that write fails, they go,
+    so the folder is what its manifest says (no uncommitted rows for the card's file patterns)."""
+    import errno
+
+    import qk_attn.storage.saver as saver
+    from qk_attn.errors import SaverError
+
+    out = tmp_path / "out"
+    sink = open_sink(out)
+    kept = run_examples(sink, [0, 1])
+    sink.flush(timeout=10)
+    write = saver.write_json_atomic
+
+    def full(path, *args, **kwargs):
+        if Path(path).name == "qk_sniff.json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(path, *args, **kwargs)
+
+    monkeypatch.setattr(saver, "write_json_atomic", full)
+    with pytest.raises(SaverError, match="No space left on device"):
+        run_examples(sink, [2, 3])
+        sink.flush(timeout=10)
+    with pytest.raises(SaverError):
+        sink.close()
+    monkeypatch.undo()
+    assert all("lags the manifest" in p for p in verify_dataset(out, log=lambda *_: None))
+    assert sort_rows(folder_table(out)).equals(sort_rows(reference(kept)))

@@ -25,6 +25,7 @@ class GroundTruth:
     def __init__(self, model):
         self.pre: dict[tuple[int, str], torch.Tensor] = {}
         self.post: dict[tuple[int, str], torch.Tensor] = {}
+        self.tokens_first: dict[tuple[int, str], bool] = {}  # whether the hooked q/k is (B, T, H, D)
         self._handles = []
         for module in attention_modules(model):
             self._hook(module)
@@ -46,8 +47,13 @@ class GroundTruth:
         def rotate(mod, args, kwargs, _out):
             num_tokens = (args[0] if args else kwargs["hidden_states"]).shape[1]
             for kind in ("q", "k"):  # families differ in whether the norm runs before the transpose
-                if self.pre[(layer, kind)].shape[2] != num_tokens:
-                    self.pre[(layer, kind)] = self.pre[(layer, kind)].transpose(1, 2)
+                pre = self.pre[(layer, kind)]
+                if pre.shape[1] != pre.shape[2]:  # else as many tokens as heads: the layout seen before
+                    self.tokens_first[(layer, kind)] = pre.shape[1] == num_tokens
+                tokens_first = self.tokens_first.get((layer, kind))
+                assert tokens_first is not None, f"{num_tokens} tokens and as many heads: (B, T, H, D) or (B, H, T, D)?"
+                if tokens_first:
+                    self.pre[(layer, kind)] = pre.transpose(1, 2)
             q, k = self.pre[(layer, "q")], self.pre[(layer, "k")]
             modeling = sys.modules[type(mod).__module__]
             if getattr(mod, "use_rope", True):

@@ -1,0 +1,222 @@
+"""What one forward leaves behind never reaches the next: `begin()` ids of a forward that failed,
+an id begun twice, session calls made while a forward runs (from a hook or another thread), a
+forward that raised in a thread that lives on, and a session left by an exception. Each against an
+uncached one-shot forward of the same tokens in a fresh session."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from transformers import DynamicCache
+
+import qk_attn
+from qk_attn import cli
+from qk_attn.errors import CaptureError
+from support.models import VOCAB, build, cache_kw
+from support.oracle import rows_by_key
+
+torch.set_grad_enabled(False)
+
+
+class _Boom(RuntimeError):
+    pass
+
+
+def _tokens(length: int, seed: int) -> torch.Tensor:
+    return torch.randint(2, VOCAB - 2, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _one_shot(model, ids, example_id: int) -> dict:
+    with qk_attn.session(sampler="all", example_ids=[example_id]) as s:
+        model(input_ids=ids, use_cache=False)
+    return rows_by_key(s.table())
+
+
+def _assert_same_rows(got: dict, want: dict):
+    assert got.keys() == want.keys()
+    for key, vector in want.items():
+        np.testing.assert_allclose(got[key], vector, rtol=1e-4, atol=1e-5, err_msg=str(key))
+
+
+def _raise(*_):
+    raise _Boom("inside the model")
+
+
+def _fail_in_embeddings(model, ids):
+    """A forward that raises before its mask is built and before any attention call."""
+    handle = model.model.embed_tokens.register_forward_hook(_raise)
+    try:
+        with pytest.raises(_Boom):
+            model(input_ids=ids)
+    finally:
+        handle.remove()
+
+
+def _refused_4d_mask(model, ids):
+    """A forward refused at its first attention call (a prepared 4-D mask: no mask built through qk_sniff)."""
+    n = ids.shape[1]
+    with pytest.raises(CaptureError, match="without transformers building its mask"):
+        model(input_ids=ids, attention_mask=torch.full((1, 1, n, n), float("-inf")).triu(1))
+
+
+@pytest.mark.parametrize("fail", [_fail_in_embeddings, _refused_4d_mask], ids=["raised", "refused"])
+def test_begin_ids_are_used_up_by_a_forward_that_fails(fail):
+    """begin() names the next forward. When that forward fails or is refused, its ids must not name
+    the forward after it: here a chunk that continues example 3 would have been recorded as example 7."""
+    model = build("llama3", "qk_sniff")
+    document, other = _tokens(9, seed=1), _tokens(6, seed=2)
+    with qk_attn.session(sampler="all") as s:
+        cache = DynamicCache(config=model.config)
+        s.begin([3])
+        model(input_ids=document[:, :5], **cache_kw(cache))
+        s.begin([7])
+        fail(model, other)
+        model(input_ids=document[:, 5:], **cache_kw(cache))  # example 3 goes on
+    _assert_same_rows(rows_by_key(s.table()), _one_shot(model, document, 3))
+    assert s.sink.committed == [3]
+
+
+def test_an_example_id_begun_and_not_committed_cannot_be_begun_again(tmp_path):
+    """Two documents begun under one id would be committed as one example with every position twice."""
+    model = build("llama3", "qk_sniff")
+    first, second = _tokens(7, seed=1), _tokens(6, seed=2)
+    out = tmp_path / "out"
+    with qk_attn.session(sampler="all", output=out) as s:
+        s.begin([20])
+        model(input_ids=first)
+        s.begin([20])
+        with pytest.raises(ValueError, match=r"example ids \[20\] were begun already and are not committed yet"):
+            model(input_ids=second)
+        s.commit()
+    got = {}
+    for layer in range(model.config.num_hidden_layers):
+        got.update(rows_by_key(qk_attn.load(out, layer=layer)))
+    _assert_same_rows(got, _one_shot(model, first, 20))
+    assert cli.verify_dataset(out, log=lambda *_: None) == []
+
+
+@pytest.mark.parametrize("call", ["commit", "flush", "table"])
+def test_a_session_call_from_inside_a_forward_is_refused_and_the_forward_is_not_kept(call):
+    """A hook that commits, flushes or reads the table mid-forward would hand off a forward part-way
+    through: refused, and the forward (stopped by the error) records nothing."""
+    model = build("llama3", "qk_sniff")
+    bad, good = _tokens(6, seed=1), _tokens(5, seed=2)
+    with qk_attn.session(sampler="all") as s:
+        handle = model.model.layers[1].register_forward_pre_hook(lambda *_: getattr(s, call)())
+        with pytest.raises(
+            RuntimeError, match=rf"{call}\(\) was called while a forward of this session is running from inside it"
+        ):
+            model(input_ids=bad)
+        handle.remove()
+        s.begin([1])
+        model(input_ids=good)
+    _assert_same_rows(rows_by_key(s.table()), _one_shot(model, good, 1))
+    assert s.sink.committed == [1]
+
+
+def test_a_session_call_from_another_thread_during_a_forward_is_refused_there():
+    """The forward goes on and is recorded whole; the other thread gets the error."""
+    model = build("llama3", "qk_sniff")
+    ids = _tokens(6, seed=1)
+    errors = []
+
+    def commit_now():
+        try:
+            s.commit()
+        except RuntimeError as error:
+            errors.append(str(error))
+
+    def commit_from_another_thread(*_):
+        other = threading.Thread(target=commit_now)
+        other.start()
+        other.join()
+
+    with qk_attn.session(sampler="all", example_ids=[4]) as s:
+        handle = model.model.layers[1].register_forward_pre_hook(commit_from_another_thread)
+        model(input_ids=ids)
+        handle.remove()
+    assert len(errors) == 1 and "is running in thread 'MainThread'; call it between forwards" in errors[0]
+    _assert_same_rows(rows_by_key(s.table()), _one_shot(model, ids, 4))
+
+
+def test_a_forward_that_raised_in_a_thread_that_lives_on_does_not_block_the_model():
+    """The worker caught its error and waits for more work: its forward is over, not running, so
+    the main thread's forward of the same model is recorded (and the failed one is not)."""
+    model = build("llama3", "qk_sniff")
+    bad, good = _tokens(6, seed=1), _tokens(5, seed=2)
+    failed, release = threading.Event(), threading.Event()
+
+    def worker():
+        handle = model.model.layers[1].register_forward_hook(_raise)
+        try:
+            model(input_ids=bad)
+        except _Boom:
+            pass
+        finally:
+            handle.remove()
+        failed.set()
+        release.wait(10)  # alive, idle
+
+    with qk_attn.session(sampler="all") as s:
+        thread = threading.Thread(target=worker, name="pool_0")
+        thread.start()
+        failed.wait(10)
+        s.begin([2])
+        model(input_ids=good)
+        release.set()
+        thread.join()
+    _assert_same_rows(rows_by_key(s.table()), _one_shot(model, good, 2))
+
+
+def test_an_in_memory_session_left_by_an_exception_keeps_only_committed_examples():
+    """Example 5 was stopped between two chunks: the table shows no part of it."""
+    model = build("llama3", "qk_sniff")
+    done, stopped = _tokens(6, seed=1), _tokens(10, seed=2)
+    with pytest.raises(KeyboardInterrupt):
+        with qk_attn.session(sampler="all") as s:
+            s.begin([0])
+            model(input_ids=done)
+            s.commit()
+            s.begin([5])
+            model(input_ids=stopped[:, :4], **cache_kw(DynamicCache(config=model.config)))
+            raise KeyboardInterrupt
+    _assert_same_rows(rows_by_key(s.table()), _one_shot(model, done, 0))
+
+
+def test_an_example_discarded_after_a_flush_wrote_its_rows_leaves_the_others_committed(tmp_path):
+    """flush() writes the rows of examples still in flight (1 and 2) into shared temporary shards;
+    when a later chunk of 1 fails, 1 is cut out of them and 2, committed after, is kept exactly."""
+    model = build("llama3", "qk_sniff")
+    first, second = _tokens(8, seed=1), _tokens(6, seed=2)
+    out = tmp_path / "out"
+    with qk_attn.session(sampler="all", output=out) as s:
+        cache = DynamicCache(config=model.config)
+        s.begin([1])
+        model(input_ids=first[:, :4], **cache_kw(cache))
+        s.begin([2])
+        model(input_ids=second)
+        s.flush()
+        handle = model.model.layers[1].register_forward_hook(_raise)
+        with pytest.raises(_Boom):
+            model(input_ids=first[:, 4:], **cache_kw(cache))
+        handle.remove()
+        s.commit()
+        s.flush()
+    got = {}
+    for layer in range(model.config.num_hidden_layers):
+        got.update(rows_by_key(qk_attn.load(out, layer=layer)))
+    _assert_same_rows(got, _one_shot(model, second, 2))
+    assert cli.verify_dataset(out, log=lambda *_: None) == []
+
+
+def test_example_ids_are_integers():
+    model = build("llama3", "qk_sniff")
+    with qk_attn.session(sampler="all") as s:
+        with pytest.raises(ValueError, match=r"holds 9\.7: example ids are integers"):
+            s.begin([9.7])
+        s.begin([np.int64(9)])
+        model(input_ids=_tokens(5, seed=1))
+    assert s.sink.committed == [9]
