@@ -70,7 +70,7 @@ class ForwardContext:
         self.finished: bool | None = None
         self.discarded = False  # refused or stopped part-way: its sequences are gone (warned once)
         self.thread = threading.current_thread()  # the thread running it (one forward of a model at a time)
-        self.stack = None  # its decoder stack module (frames.decoder_stack), when one was found
+        self.builder = None  # the module whose forward built its mask (frames.model_forward), if found
         self.example_ids: tuple[int, ...] | None = None  # set by the session at the first recorded call
         self.begun_ids: list[int] | None = None  # `begin()`'s ids, taken by this forward at its start
         self.sequence = None  # the session's sequence this forward extends

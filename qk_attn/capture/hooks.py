@@ -100,7 +100,7 @@ def _forward_started(config, module, _args, kwargs) -> None:
     if session is not None:
         # May refuse this forward (another thread is inside the model's first forward, whose end
         # only the hooks below report): they are removed only once a forward has started.
-        session.on_forward_start(config, kwargs, module)
+        session.on_forward_start(config, kwargs)
     for handle in _first_forward_hooks.pop(module, ()):  # the stack's own hooks report from now on
         handle.remove()
 

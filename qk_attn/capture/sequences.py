@@ -145,7 +145,7 @@ class SequenceTracker:
         forward = ForwardContext(
             config, batch_size, q_length, past, mask, caller.input_ids, caller.position_ids, caller.cache
         )
-        forward.offset_check, forward.begun_ids = check, begun_ids
+        forward.offset_check, forward.begun_ids, forward.builder = check, begun_ids, caller.module
         forward.unfinished, forward.decode_step, forward.draft = generation
         if caller.images and caller.position_ids is not None and caller.position_ids.dim() == 3:
             self._discard(None, "was refused", config, caller.cache)
@@ -155,7 +155,7 @@ class SequenceTracker:
                 "inputs of this model (no pixel_values)"
             )
         if isinstance(entry, _Started):  # the decoder stack's start was reported: its end will be too
-            forward.armed, forward.finished, forward.stack = True, False, entry.stack
+            forward.armed, forward.finished = True, False
         else:
             self._find_end(forward, caller.module, config)
         self._forwards[id(config)] = forward
@@ -166,7 +166,6 @@ class SequenceTracker:
         """What will tell the end of a forward whose decoder stack did not report its start (the
         stack found by structure from `module`, the one building the mask)."""
         owner, last_layer = decoder_stack(module, config)
-        forward.stack = owner
         if owner is None:
             forward.finished = None  # nothing tells this forward's end
         elif watch_forward(owner, last_layer, config) and running(owner):
@@ -200,7 +199,7 @@ class SequenceTracker:
             check = None
         return sequence.end, check
 
-    def on_forward_start(self, config, kwargs: dict, stack) -> None:
+    def on_forward_start(self, config, kwargs: dict) -> None:
         """The decoder stack of `config` starts a forward (registration.watch_forward). Whatever an
         earlier forward left is over: discarded unless it ended, never reused. A mask built for this
         forward before it started (passed in as prepared masks) is adopted."""
@@ -213,7 +212,7 @@ class SequenceTracker:
                 entry.adopt(kwargs)
                 return
             self._retire(entry)
-        self._forwards[id(config)] = _Started(self._take_begun_ids(), stack)
+        self._forwards[id(config)] = _Started(self._take_begun_ids())
 
     def on_forward_end(self, config) -> None:
         """The decoder stack of `config` returned: its forward is complete and over."""
@@ -454,18 +453,16 @@ def integer_ids(example_ids) -> list[int]:
 
 
 def in_progress(forward: ForwardContext) -> bool:
-    """Whether `forward` is still running: its thread is inside its decoder stack (or, for a mask built
-    before the stack runs, as generate() builds it, alive in another thread). One that raised is over."""
-    if forward.finished is not False or forward.discarded or not forward.thread.is_alive():
+    """Whether `forward` is still running: not ended, and its thread is inside the forward of the module
+    that built its mask (the decoder stack, a wrapper, or generate()'s model, which encloses the forwards
+    it prepares). One that raised is over."""
+    if forward.finished is not False or forward.discarded or forward.builder is None:
         return False
-    if forward.state == "pending":
-        return forward.thread is not threading.current_thread()
-    return forward.stack is not None and running_in(forward.stack, forward.thread)
+    return forward.thread.is_alive() and running_in(forward.builder, forward.thread)
 
 
 class _Started:
     """Session._forwards entry: the decoder stack started a forward, no mask yet."""
 
-    def __init__(self, begun_ids: list[int] | None, stack):
+    def __init__(self, begun_ids: list[int] | None):
         self.begun_ids = begun_ids  # `begin()`'s ids, which this forward took at its start
-        self.stack = stack  # the decoder stack module whose forward started
