@@ -86,20 +86,9 @@ def decoder_stack(module: torch.nn.Module | None, config) -> tuple[torch.nn.Modu
     return None, None
 
 
-def running(module: torch.nn.Module, max_depth: int = 40) -> bool:
-    """Whether `module`'s forward is on the call stack."""
-    frame = sys._getframe(1)
-    for _ in range(max_depth):
-        if frame is None:
-            return False
-        if frame.f_locals.get("self") is module:
-            return True
-        frame = frame.f_back
-    return False
-
-
-def running_in(module: torch.nn.Module, thread: threading.Thread) -> bool:
-    """Whether `module`'s forward is on `thread`'s call stack (any depth)."""
+def running_in(module: torch.nn.Module, thread: threading.Thread | None = None) -> bool:
+    """Whether `module`'s forward is on the call stack of `thread` (None: this thread), at any depth."""
+    thread = thread or threading.current_thread()
     frame = sys._getframe(1) if thread is threading.current_thread() else sys._current_frames().get(thread.ident)
     while frame is not None:
         if frame.f_locals.get("self") is module:

@@ -23,7 +23,6 @@ from qk_attn.capture.frames import (
     decoder_stack,
     model_forward,
     refuse_unrecordable_generation,
-    running,
     running_in,
 )
 from qk_attn.capture.hooks import watch_forward
@@ -168,7 +167,7 @@ class SequenceTracker:
         owner, last_layer = decoder_stack(module, config)
         if owner is None:
             forward.finished = None  # nothing tells this forward's end
-        elif watch_forward(owner, last_layer, config) and running(owner):
+        elif watch_forward(owner, last_layer, config) and running_in(owner):
             forward.finished = False  # the first forward: its last layer's return is its end
         else:  # built before the decoder stack runs (generate(), a wrapper): its start adopts it
             forward.state, forward.finished = "pending", False
