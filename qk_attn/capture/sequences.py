@@ -207,10 +207,16 @@ class SequenceTracker:
             _refuse_concurrent(entry)
             mask = kwargs.get("attention_mask")
             prepared = mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2)
-            if entry.state == "pending" and not entry.used and prepared:
+            unused = entry.state == "pending" and not entry.used
+            if unused and prepared:
                 entry.adopt(kwargs)
                 return
             self._retire(entry)
+            if unused and entry.begun_ids is not None:
+                # Its mask was prepared for this forward, which did not get it (sdpa drops a mask that
+                # is causal only): this forward takes the ids that one took.
+                self._forwards[id(config)] = _Started(entry.begun_ids)
+                return
         self._forwards[id(config)] = _Started(self._take_begun_ids())
 
     def on_forward_end(self, config) -> None:

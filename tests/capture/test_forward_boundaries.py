@@ -220,3 +220,23 @@ def test_example_ids_are_integers():
         s.begin([np.int64(9)])
         model(input_ids=_tokens(5, seed=1))
     assert s.sink.committed == [9]
+
+
+@pytest.mark.parametrize("family", ["llama3", "gemma3"])
+def test_generate_with_a_static_cache_records_under_the_begun_ids(family):
+    """generate() prepares a static cache's mask before the decoder stack runs; sdpa drops it when
+    it is causal only (an unpadded batch), and the stack's own forward must take the begun ids."""
+    model = build(family, "qk_sniff")
+    prompt = _tokens(4, seed=1)
+    with qk_attn.session(sampler="all") as s:
+        s.begin([17])
+        out = model.generate(
+            input_ids=prompt,
+            max_new_tokens=3,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+            cache_implementation="static",
+            disable_compile=True,
+        )
+    _assert_same_rows(rows_by_key(s.table()), _one_shot(model, out[:, :-1], 17))
