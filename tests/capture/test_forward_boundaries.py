@@ -41,6 +41,14 @@ def _assert_same_rows(got: dict, want: dict):
         np.testing.assert_allclose(got[key], vector, rtol=1e-4, atol=1e-5, err_msg=str(key))
 
 
+def _folder_rows(out, model) -> dict:
+    """Every committed row of a capture folder, by key."""
+    got = {}
+    for layer in range(model.config.num_hidden_layers):
+        got.update(rows_by_key(qk_attn.load(out, layer=layer)))
+    return got
+
+
 def _raise(*_):
     raise _Boom("inside the model")
 
@@ -91,10 +99,7 @@ def test_an_example_id_begun_and_not_committed_cannot_be_begun_again(tmp_path):
         with pytest.raises(ValueError, match=r"example ids \[20\] were begun already and are not committed yet"):
             model(input_ids=second)
         s.commit()
-    got = {}
-    for layer in range(model.config.num_hidden_layers):
-        got.update(rows_by_key(qk_attn.load(out, layer=layer)))
-    _assert_same_rows(got, _one_shot(model, first, 20))
+    _assert_same_rows(_folder_rows(out, model), _one_shot(model, first, 20))
     assert cli.verify_dataset(out, log=lambda *_: None) == []
 
 
@@ -205,10 +210,7 @@ def test_an_example_discarded_after_a_flush_wrote_its_rows_leaves_the_others_com
         handle.remove()
         s.commit()
         s.flush()
-    got = {}
-    for layer in range(model.config.num_hidden_layers):
-        got.update(rows_by_key(qk_attn.load(out, layer=layer)))
-    _assert_same_rows(got, _one_shot(model, second, 2))
+    _assert_same_rows(_folder_rows(out, model), _one_shot(model, second, 2))
     assert cli.verify_dataset(out, log=lambda *_: None) == []
 
 
