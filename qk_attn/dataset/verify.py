@@ -11,7 +11,7 @@ verify only reports: nothing it reads is copied anywhere. See docs/architecture.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -96,6 +96,7 @@ def verify_dataset(root: str | Path, log=print, encode_source: EncodeSource | No
     # (layer, kind) -> {folder name: {example_id: sorted positions}}
     selections: dict[tuple[int, str], dict[str, dict[int, Any]]] = defaultdict(dict)
     token_rows: list = []  # (example ids, positions, token ids) per folder, for the token check
+    seen_buckets: dict[str, Counter] = defaultdict(Counter)  # kind -> bucket -> rows in the files
 
     for key, folder in data.folders.items():
         layer, head, kind = key
@@ -130,6 +131,7 @@ def verify_dataset(root: str | Path, log=print, encode_source: EncodeSource | No
         ids = cols["example_id"].astype(np.int64)
         pos = cols["position"].astype(np.int64)
         bucket = cols["bucket"].astype(np.int64)
+        seen_buckets[kind].update(dict(enumerate(np.bincount(bucket).tolist())))
         want_bucket = sampler.bucket_of(torch.from_numpy(pos)).numpy()
         bad = np.flatnonzero(want_bucket != bucket)
         if bad.size:
@@ -179,6 +181,18 @@ def verify_dataset(root: str | Path, log=print, encode_source: EncodeSource | No
                 f"{name}: the manifest records {manifest_counts.get(name, 0)} rows, the files hold "
                 f"{seen_counts.get(name, 0)}"
             )
+
+    # Bucket counts: the card and chart are drawn from the manifest's, so they must be the files'.
+    if not damaged_folders:
+        for kind in sorted(set(seen_buckets) | set(data.manifest.get("buckets", {}))):
+            recorded = {int(b): n for b, n in data.manifest.get("buckets", {}).get(kind, {}).items() if n}
+            held = {b: n for b, n in seen_buckets[kind].items() if n}
+            if recorded != held:
+                b = min(b for b in set(recorded) | set(held) if recorded.get(b, 0) != held.get(b, 0))
+                problems.append(
+                    f"the manifest's bucket counts of kind {kind!r} differ from the files' (the card and chart show "
+                    f"the manifest's), e.g. bucket {b}: manifest {recorded.get(b, 0)}, files {held.get(b, 0)}"
+                )
 
     # Exact selection: for each committed example, every recorded (layer, head, kind) holds
     # exactly the sampler's positions for that example's valid length. Planned heads with no

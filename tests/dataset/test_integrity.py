@@ -288,3 +288,19 @@ def test_repair_of_an_older_dataset_resumed_by_this_version(tmp_path):
     capture(clean, EXAMPLES)
     assert sort_rows(folder_table(out)).equals(sort_rows(folder_table(clean)))
     assert verify_dataset(out, log=lambda *_: None) == []
+
+
+def test_verify_holds_the_manifests_bucket_counts_to_the_files(dataset):
+    """The card's bucket table and chart are drawn from the manifest's counts: a manifest edited
+    (and signed again) to show other counts is a problem, not OK."""
+    from qk_attn.storage.manifest import manifest_digest
+
+    out, _ = dataset
+    assert verify_dataset(out, log=lambda *_: None) == []
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["buckets"]["q"]["0"] += 999
+    manifest["digest"] = manifest_digest({k: v for k, v in manifest.items() if k != "digest"})
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    problems = verify_dataset(out, log=lambda *_: None)
+    assert len(problems) == 1 and "bucket counts of kind 'q' differ from the files'" in problems[0], problems
+    assert "bucket 0: manifest" in problems[0]
