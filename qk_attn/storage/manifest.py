@@ -1,7 +1,7 @@
 """The manifest record (`qk_sniff.json`): build it, read it, write it atomically with its digest.
 
 Manifest fields written by the sink (besides config, sampler, model, plan, versions):
-    source_files  {"dataset" | "tokenizer": {"files", "bytes", "sha256"}}: fingerprints of the local
+    source_files  {"dataset" | "tokenizer" | "model": {"files", "bytes", "sha256"}}: fingerprints of the local
                   files a capture was made from, no paths (qk_attn.storage.settings: the resume check)
     examples      {example_id: valid length}
     example_info  {example_id: {"source_id", "source_index", "first_position", "segment"}}

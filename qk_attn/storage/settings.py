@@ -5,7 +5,7 @@ the public form of recorded values (no local paths published).
 folder's writers, and a caller that checks before opening the folder (qk_attn.run.output_checks)
 words the same differences in its own terms, without reading this module's message.
 
-Local sources. A published manifest names a local dataset or tokenizer by its last part only
+Local sources. A published manifest names a local dataset, tokenizer or model by its last part only
 (`public_value`: no absolute local paths on the Hub), and a pulled copy must still resume, so
 the recorded path cannot be what tells two local sources apart: /x/docs.jsonl and /y/docs.jsonl
 are both `docs.jsonl (local)`. A new capture therefore also records a fingerprint of each local
@@ -32,10 +32,13 @@ NOT_IDENTITY = ("output", "backend", "pinned_mb")
 SOURCE_NOT_IDENTITY = ("batch_size", "padding_side", "max_samples")
 
 # Source keys that may name local files, and the run-configuration key that sets each.
-LOCAL_SOURCES = {"dataset": "dataset.path", "tokenizer": "tokenizer.name"}
+LOCAL_SOURCES = {"dataset": "dataset.path", "tokenizer": "tokenizer.name", "model": "model.name"}
 # Files of a tokenizer folder that make the tokenizer (a model folder's weights are not read).
 TOKENIZER_FILE_PARTS = ("tokenizer", "vocab", "merges", "special_tokens", "added_tokens", "spiece", "sentencepiece")
 TOKENIZER_SUFFIXES = (".model", ".tiktoken", ".spm")
+# Files of a model folder that make the model: its config and weights (not its tokenizer or card).
+MODEL_FILES = ("config.json",)
+MODEL_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
 SAMPLE_BYTES = 1 << 20  # read from each end of a file: a multi-GB dataset is fingerprinted in milliseconds
 SAMPLE_BUDGET = 64 << 20  # read in all, so a folder of thousands of files costs no more
 _fingerprints: dict[tuple, dict] = {}  # by (key, files with their sizes and mtimes): output checks, then the sink
@@ -162,6 +165,8 @@ def _folder_files(folder: str, key: str) -> list[tuple[str, str]]:
             if any(part in f[0].lower() for part in TOKENIZER_FILE_PARTS) or f[0].lower().endswith(TOKENIZER_SUFFIXES)
         ]
         files = own or files
+    elif key == "model":
+        files = [f for f in files if os.path.basename(f[0]) in MODEL_FILES or f[0].endswith(MODEL_SUFFIXES)] or files
     return files
 
 

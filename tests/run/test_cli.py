@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 
 from qk_attn import cli
@@ -372,6 +373,30 @@ def test_resume_refuses_another_local_dataset_or_tokenizer_of_the_same_name(
     assert cli.main(["run", "--config", config, "--quiet", "--dry-run", "--set", f"dataset.path={other}"]) == 2
     assert f"(dataset.path: '{path}' there, '{other}' now)" in capsys.readouterr().err
     assert cli.main(["run", "--config", config, "--quiet", "--dry-run"]) == 0
+
+
+def test_resume_refuses_other_weights_in_the_same_local_model_folder(tiny_model, docs, tmp_path, capsys):
+    """A local model folder is named by its last part too: weights replaced in it (same config, same
+    tokenizer) are another model, refused before it loads, not mixed into the capture."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    path, _ = docs
+    model_dir = tmp_path / "models" / tiny_model.name
+    shutil.copytree(tiny_model, model_dir)
+    out = tmp_path / "out"
+    config = write_config(tmp_path, model_dir, path, out, capture=SPARSE)
+    assert cli.main(["run", "--config", config, "--quiet", "--set", "dataset.max_samples=2"]) == 0
+    capsys.readouterr()
+    other = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        other.lm_head.weight.add_(1.0)
+    other.save_pretrained(model_dir)
+    assert cli.main(["run", "--config", config, "--quiet", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds a capture with different settings (model.name: " in err
+    assert "fingerprint" in err and len(read_manifest(out)["examples"]) == 2
 
 
 def test_killed_mid_forward_then_rerun_gives_the_uninterrupted_rows(tiny_model, docs, tmp_path, monkeypatch):
