@@ -105,10 +105,11 @@ def load_rows(cfg: DatasetSection):
     Local text files are checked first (empty, not UTF-8), and the builder's own failures on
     them become one `ConfigError` naming `dataset.path`.
     """
-    from qk_attn.run.input_checks import check_hub, check_local_files
+    from qk_attn.run.input_checks import check_file_options, check_hub, check_local_files
 
     path = _resolved_path(cfg)
     if _local_builder(path) is not None:
+        check_file_options(cfg)
         check_local_files(dataclasses.replace(cfg, path=path))
     elif not os.path.isdir(os.path.expanduser(path)):
         missing_local_path(f"dataset.path={cfg.path!r}", path, "dataset", LOCAL_SUFFIXES)

@@ -89,6 +89,17 @@ def first_bad_utf8(path: Path) -> tuple[int, int] | None:
             offset += len(chunk)
 
 
+def check_file_options(cfg) -> None:
+    """dataset.name, data_files and revision choose within a Hub dataset or a dataset folder: on a
+    local file they would be ignored (and the card would name them as if used)."""
+    given = [f"dataset.{key}={getattr(cfg, key)!r}" for key in ("name", "data_files", "revision") if getattr(cfg, key)]
+    if given:
+        raise ConfigError(
+            f"{', '.join(given)} cannot apply to the local file dataset.path={cfg.path!r} (they choose within a Hub "
+            "dataset or a dataset folder); remove them, or point dataset.path at the folder"
+        )
+
+
 def check_local_files(cfg) -> None:
     """Text files of `dataset.path` exist, are not empty and are UTF-8 (datasets would fail later
     with StopIteration or a decoding error deep in its builder)."""

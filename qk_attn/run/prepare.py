@@ -21,7 +21,7 @@ from qk_attn.run.documents import count_documents, load_rows, map_style, normali
 from qk_attn.run.estimate import format_estimate, refusal
 from qk_attn.run.model import load_model_config, load_tokenizer, resolve_max_length
 
-LATER_SOURCE_KEYS = ("weights",)  # source keys that captures made by earlier versions lack
+LATER_SOURCE_KEYS = ("weights", "data_files")  # source keys that captures made by earlier versions lack
 
 
 def source_info(config: RunConfig, max_length: int) -> dict[str, Any]:
@@ -34,6 +34,7 @@ def source_info(config: RunConfig, max_length: int) -> dict[str, Any]:
         "dataset_name": d.name,
         "split": d.split,
         "dataset_revision": d.revision,
+        "data_files": d.data_files,
         "text_column": d.text_column,
         "id_column": d.id_column,
         "max_samples": d.max_samples,

@@ -25,6 +25,7 @@ def encode_source(manifest: dict, source: dict) -> dict[int, list[int]]:
         name=source.get("dataset_name"),
         split=source.get("split") or "train",
         revision=source.get("dataset_revision"),
+        data_files=source.get("data_files"),
         text_column=source.get("text_column") or "text",
         id_column=source.get("id_column"),
         sample_by=source.get("sample_by") or "document",

@@ -399,6 +399,29 @@ def test_resume_refuses_other_weights_in_the_same_local_model_folder(tiny_model,
     assert "fingerprint" in err and len(read_manifest(out)["examples"]) == 2
 
 
+def test_dataset_files_are_part_of_what_a_capture_is(tiny_model, docs, tmp_path, capsys):
+    """dataset.data_files chooses files in a dataset folder: another choice is another capture, refused
+    on resume (the same ids name other texts). On a single local file it, dataset.name and
+    dataset.revision cannot apply: refused rather than ignored (and shown on the card as if used)."""
+    path, rows = docs
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text(path.read_text())
+    (folder / "b.jsonl").write_text("".join(json.dumps(dict(r, body=r["body"] + " w1")) + "\n" for r in rows))
+    out = tmp_path / "out"
+    config = write_config(tmp_path, tiny_model, folder, out, capture=SPARSE)
+    assert cli.main(["run", "--config", config, "--quiet", "--set", "dataset.data_files=a.jsonl"]) == 0
+    capsys.readouterr()
+    assert cli.main(["run", "--config", config, "--quiet", "--dry-run", "--set", "dataset.data_files=b.jsonl"]) == 2
+    assert "(source.data_files: 'a.jsonl' there, 'b.jsonl' now)" in capsys.readouterr().err
+
+    config = write_config(tmp_path, tiny_model, path, tmp_path / "out2", capture=SPARSE)
+    for option in ("dataset.name=x", "dataset.revision=v9", "dataset.data_files=a.jsonl"):
+        assert cli.main(["run", "--config", config, "--quiet", "--dry-run", "--set", option]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "cannot apply to the local file dataset.path=" in err, err
+
+
 def test_killed_mid_forward_then_rerun_gives_the_uninterrupted_rows(tiny_model, docs, tmp_path, monkeypatch):
     """An interrupt inside the 4th document's forward (after layer 0 was captured) must not
     commit that document: the re-run redoes it and the rows equal an uninterrupted run."""
