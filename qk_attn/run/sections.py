@@ -110,6 +110,11 @@ class ModelSection:
     def __post_init__(self) -> None:
         if self.config_overrides is None:
             self.config_overrides = {}
+        if self.device_map is not None and self.device is not None:  # one of them would be ignored
+            raise ConfigError(
+                f"model.device_map={self.device_map!r} and model.device={self.device!r} both place the model; "
+                "set one of them (device_map: spread over devices, device: all on one)"
+            )
 
 
 @dataclass

@@ -159,6 +159,8 @@ def test_capture_values_are_checked_when_read_and_name_the_yaml_key(monkeypatch)
             r"^inference\.pinned_mb=100000000 is invalid: expected an integer from 1 to",
         ),
         (["inference.pinned_mb=64.0"], r"^inference\.pinned_mb=64\.0 is invalid: expected an integer"),
+        # one of the two would be ignored, silently
+        (["model.device_map=auto", "model.device=cpu"], r"^model\.device_map='auto' and model\.device='cpu' both"),
     ],
 )
 def test_set_values_of_the_wrong_type_or_not_finite_are_refused(overrides, pattern):
