@@ -30,7 +30,7 @@ from qk_attn.storage.layout import (
     previous_name,
 )
 from qk_attn.storage.manifest import new_manifest, read_manifest, sha256_file, versions, write_json_atomic
-from qk_attn.storage.settings import check_same_capture
+from qk_attn.storage.settings import check_same_capture, record_latest_run
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ def open_capture(
         check_same_capture(output, manifest, config, source)
         check_shard_sizes(output, manifest, digests=True)
         manifest["versions"] = versions()  # of the latest run writing here
+        record_latest_run(manifest, config, source)
         manifest.setdefault("example_info", {})
         manifest.setdefault("shard_info", {})
     else:

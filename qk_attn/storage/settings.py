@@ -51,6 +51,15 @@ def identity(config: dict, source: dict | None) -> dict:
     return out
 
 
+def record_latest_run(manifest: dict, config, source: dict | None) -> None:
+    """A resumed run may differ in the settings that are not identity: the manifest (and so the card)
+    records the latest run's, as it does its versions."""
+    latest = config.to_dict()
+    manifest["config"].update({k: latest[k] for k in NOT_IDENTITY if k in manifest["config"] and k in latest})
+    if source and manifest.get("source"):
+        manifest["source"].update({k: source[k] for k in SOURCE_NOT_IDENTITY if k in source})
+
+
 def public_value(value):
     """A value fit for publishing: an absolute local path becomes its last part, marked local."""
     if isinstance(value, str) and (os.path.isabs(value) or value.startswith("~")):

@@ -313,6 +313,8 @@ def test_resume_skips_committed_examples_and_never_duplicates(tiny_model, docs, 
     first = runner.run(make_config(tiny_model, path, out, capture=SPARSE, dataset={"max_samples": 2}), progress=False)
     again = runner.run(make_config(tiny_model, path, out, capture=SPARSE, inference={"batch_size": 3}), progress=False)
     assert (first.documents, again.documents, again.resumed) == (2, 4, 2)
+    source = read_manifest(out)["source"]  # the card shows the latest run's, not the first's
+    assert (source["max_samples"], source["batch_size"]) == (None, 3)
     assert_same_rows(all_rows(out), all_rows(full), exact=False)
     assert cli.verify_dataset(out, log=lambda *_: None) == []
     done = runner.run(make_config(tiny_model, path, out, capture=SPARSE), progress=False)
