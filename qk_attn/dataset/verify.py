@@ -57,6 +57,7 @@ def verify_dataset(root: str | Path, log=print, encode_source: EncodeSource | No
     """Every check of `qk-sniff verify`; returns the problems found (empty: the dataset is sound).
     Without `encode_source` the token ids are not checked against the source documents (one info line)."""
     import numpy as np
+    import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
 
@@ -98,6 +99,9 @@ def verify_dataset(root: str | Path, log=print, encode_source: EncodeSource | No
     token_rows: list = []  # (example ids, positions, token ids) per folder, for the token check
     seen_buckets: dict[str, Counter] = defaultdict(Counter)  # kind -> bucket -> rows in the files
 
+    # The vector type the manifest (and the card) states: every shard holds it (older manifests: the shard's own).
+    stated_dim = (data.manifest.get("plan") or {}).get("head_dim")
+    stated_type = {"float32": pa.float32(), "float16": pa.float16()}.get(data.manifest.get("vector_dtype"))
     for key, folder in data.folders.items():
         layer, head, kind = key
         name = folder.name
@@ -112,7 +116,7 @@ def verify_dataset(root: str | Path, log=print, encode_source: EncodeSource | No
             schema = pq.read_schema(f)
             vector = schema.field("vector").type if "vector" in schema.names else None
             dim = getattr(vector, "list_size", -1)  # a changed footer may make it any type
-            want = arrow_schema(dim, vector.value_type) if dim > 0 else None
+            want = arrow_schema(stated_dim or dim, stated_type or vector.value_type) if dim > 0 else None
             base = [schema.field(n) for n in schema.names if n not in ("token_id", "token_str")]
             if want is None or [(f_.name, f_.type) for f_ in base] != [(w.name, w.type) for w in want]:
                 problems.append(

@@ -304,3 +304,21 @@ def test_verify_holds_the_manifests_bucket_counts_to_the_files(dataset):
     problems = verify_dataset(out, log=lambda *_: None)
     assert len(problems) == 1 and "bucket counts of kind 'q' differ from the files'" in problems[0], problems
     assert "bucket 0: manifest" in problems[0]
+
+
+@pytest.mark.parametrize("field, value", [("vector_dtype", "float16"), ("head_dim", 16)])
+def test_verify_holds_the_shards_vectors_to_the_manifests_type(dataset, field, value):
+    """The card states the vector type and size from the manifest: shards of another type (written by
+    hand, or a manifest edited and signed again) are a problem for each shard, not OK."""
+    from qk_attn.storage.manifest import manifest_digest
+
+    out, _ = dataset
+    manifest = json.loads((out / MANIFEST).read_text())
+    holder = manifest if field == "vector_dtype" else manifest["plan"]
+    assert holder[field] != value
+    holder[field] = value
+    manifest["digest"] = manifest_digest({k: v for k, v in manifest.items() if k != "digest"})
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    problems = verify_dataset(out, log=lambda *_: None)
+    shards = sum(len(names) for names in manifest["shards"].values())
+    assert len(problems) == shards and all("differs from the dataset schema" in p for p in problems), problems
