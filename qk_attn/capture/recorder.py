@@ -2,7 +2,8 @@
 against its forward, the head plan, the sampler's decisions, and one CaptureBatch per kind
 (`qk_attn.capture.call_rows`) staged for the forward's hand-off.
 
-The forward and sequence lifecycle it inherits is `qk_attn.capture.sequences`; sequence identity
+The forward and sequence lifecycle it inherits is `qk_attn.capture.forwards` and
+`qk_attn.capture.sequences`; sequence identity
 and the commit protocol: docs/architecture.md.
 """
 
@@ -39,7 +40,7 @@ logger = logging.getLogger(__name__)
 class Session(SequenceTracker):
     """Holds what must persist across forwards; `capture` runs inside each attention call.
 
-    Forwards, sequences and commits: `SequenceTracker`. Each model in the session has its own
+    Forwards: `ForwardTracker`; sequences and commits: `SequenceTracker`. Each model in the session has its own
     head plan (and, there, its current forward and sequences).
     """
 

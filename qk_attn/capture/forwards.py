@@ -1,0 +1,300 @@
+"""When a forward starts and ends: the base of a recorder's lifecycle (`SequenceTracker` is the rest).
+
+The mask and decoder-stack hooks report a forward's start, its mask and its end here; a forward
+that is over hands its staged rows to the sink once; one that stopped part-way is discarded; a
+forward's end is found once per forward, never guessed from layer order. Forward start and end:
+docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from qk_attn.capture import forward as forward_module
+from qk_attn.capture.caches import refuse_rounding_cache
+from qk_attn.capture.facts import require as require_facts
+from qk_attn.capture.forward import ForwardContext, host_int
+from qk_attn.capture.frames import (
+    cache_length,
+    decoder_stack,
+    model_forward,
+    refuse_unrecordable_generation,
+    running_in,
+)
+from qk_attn.capture.hooks import watch_forward
+from qk_attn.capture.staging import OffsetCheck
+from qk_attn.errors import CaptureError
+
+
+class ForwardTracker:
+    """Each model's current forward (keyed by its config object), from its start to its hand-off.
+
+    What a forward's rows belong to is the sequence side's (`SequenceTracker`): it gives a starting
+    forward the ids `begin()` named (`_take_begun_ids`), knows where a cache's sequence ends
+    (`_sequence_of`), and forgets the sequences of a forward that is discarded (`_discard`).
+    """
+
+    def __init__(self, sink):
+        self.sink = sink
+        self._forwards: dict[int, object] = {}  # id(model config) -> its current forward (or _Started)
+
+    def _take_begun_ids(self) -> list[int] | None:
+        raise NotImplementedError
+
+    def _sequence_of(self, config, cache):
+        raise NotImplementedError
+
+    def _discard(self, forward: ForwardContext | None, why: str, config=None, cache=None) -> None:
+        raise NotImplementedError
+
+    def _current(self, config) -> ForwardContext | None:
+        """The forward of the model of `config` that is running now (its mask was built), if any."""
+        entry = self._forwards.get(id(config))
+        return entry if isinstance(entry, ForwardContext) and entry.config is config else None
+
+    # ---- a forward's start and end, and its mask: once per forward and mask kind ------
+    def on_mask(self, config, batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask) -> None:
+        require_facts()  # what the capture reads of transformers' internals holds (checked once)
+        entry = self._forwards.get(id(config))
+        forward = entry if isinstance(entry, ForwardContext) and entry.config is config else None
+        _refuse_concurrent(forward)
+        if forward is not None and not forward.used:
+            forward.add_mask_kind(kv_length, kv_offset)  # another mask kind of the same forward
+            return
+        if forward is not None:
+            self._retire(forward)
+        self._end_forward()  # the previous forward is over: back-pressure belongs here, not in a layer
+        begun_ids = entry.begun_ids if isinstance(entry, _Started) else self._take_begun_ids()
+        caller = model_forward(batch_size, q_length)
+        try:
+            generation = refuse_unrecordable_generation()
+            refuse_rounding_cache(caller.cache)
+        except CaptureError:
+            self._discard(None, "was refused", config, caller.cache)
+            raise
+        mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+        try:
+            past, check = self._past(config, caller.cache, q_offset, begun_ids is not None)
+        except CaptureError:
+            self._discard(None, "was refused", config, caller.cache)
+            raise
+        forward = ForwardContext(
+            config, batch_size, q_length, past, mask, caller.input_ids, caller.position_ids, caller.cache
+        )
+        forward.offset_check, forward.begun_ids, forward.builder = check, begun_ids, caller.module
+        forward.unfinished, forward.decode_step, forward.draft = generation
+        if caller.images and caller.position_ids is not None and caller.position_ids.dim() == 3:
+            self._discard(None, "was refused", config, caller.cache)
+            raise CaptureError(
+                "qk_sniff: this forward has images and multimodal RoPE (mrope), whose positions repeat "
+                "across an image's tokens, so rows could not be keyed by position; record text-only "
+                "inputs of this model (no pixel_values)"
+            )
+        if isinstance(entry, _Started):  # the decoder stack's start was reported: its end will be too
+            forward.armed, forward.finished = True, False
+        else:
+            self._find_end(forward, caller.module, config)
+        self._forwards[id(config)] = forward
+        forward.add_mask_kind(kv_length, kv_offset)
+
+    @staticmethod
+    def _find_end(forward: ForwardContext, module, config) -> None:
+        """What will tell the end of a forward whose decoder stack did not report its start (the
+        stack found by structure from `module`, the one building the mask)."""
+        owner, last_layer = decoder_stack(module, config)
+        if owner is None:
+            forward.finished = None  # nothing tells this forward's end
+        elif watch_forward(owner, last_layer, config) and running_in(owner):
+            forward.finished = False  # the first forward: its last layer's return is its end
+        else:  # built before the decoder stack runs (generate(), a wrapper): its start adopts it
+            forward.state, forward.finished = "pending", False
+
+    def _past(self, config, cache, q_offset, begun: bool) -> tuple[int, OffsetCheck | None]:
+        """Tokens already in the cache. A static cache gives a device scalar: reading it would stop the
+        host from running ahead, so a forward that continues this cache's sequence takes the
+        sequence's end instead, and the sink checks it against the device value with the rows. A
+        sequence's first forward (or one after `begin`) reads it."""
+        if not isinstance(q_offset, torch.Tensor):
+            past = int(q_offset or 0)
+            held = cache_length(cache)
+            if held is not None and held != past:
+                raise CaptureError(
+                    f"qk_sniff: a {getattr(config, 'model_type', '')} model built this forward's mask for new tokens "
+                    f"at cache position {past}, but its cache holds {held} tokens, so its new keys could not be "
+                    "found in the cache (BertLMHeadModel without is_decoder does so; so would a transformers release "
+                    "that passes the mask's offsets under other names); not recorded"
+                )
+            return past, None
+        sequence = self._sequence_of(config, cache) if cache is not None else None
+        if sequence is None or begun:
+            return host_int(q_offset), None
+        # A snapshot (no host read): the cache may advance the tensor in place as the layers run.
+        check = OffsetCheck(q_offset.detach().clone(), sequence.end, tuple(sequence.ids))
+        if forward_module.builds_on_host(q_offset.device):  # reading it costs nothing: refused in the forward
+            check.verify()
+            check = None
+        return sequence.end, check
+
+    def on_forward_start(self, config, kwargs: dict) -> None:
+        """The decoder stack of `config` starts a forward (registration.watch_forward). Whatever an
+        earlier forward left is over: discarded unless it ended, never reused. A mask built for this
+        forward before it started (passed in as prepared masks) is adopted."""
+        entry = self._forwards.get(id(config))
+        if isinstance(entry, ForwardContext):
+            _refuse_concurrent(entry)
+            mask = kwargs.get("attention_mask")
+            prepared = mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2)
+            unused = entry.state == "pending" and not entry.used
+            if unused and prepared:
+                entry.adopt(kwargs)
+                return
+            self._retire(entry)
+            if unused and entry.begun_ids is not None:
+                # Its mask was prepared for this forward, which did not get it (sdpa drops a mask that
+                # is causal only): this forward takes the ids that one took.
+                self._forwards[id(config)] = _Started(entry.begun_ids)
+                return
+        self._forwards[id(config)] = _Started(self._take_begun_ids())
+
+    def on_forward_end(self, config) -> None:
+        """The decoder stack of `config` returned: its forward is complete and over."""
+        entry = self._forwards.get(id(config))
+        if isinstance(entry, ForwardContext) and entry.state == "running":
+            entry.finished = True
+            self._refuse_unattended(entry)  # as `_retire` does for a model's first forward
+            self._hand_off(entry)
+            del self._forwards[id(config)]
+
+    def on_layers_done(self, config) -> None:
+        """The last decoder layer of a forward whose stack's own end is not reported (its first) returned:
+        its end, unless the stack runs a module after it (`on_tail_start`)."""
+        entry = self._first_forward(config)
+        if entry is not None:
+            entry.layers_done = entry.finished = True
+
+    def on_tail_start(self, config) -> None:
+        """A module of that stack starts; after the last layer (the final norm) the forward is not over."""
+        entry = self._first_forward(config)
+        if entry is not None and entry.layers_done:
+            entry.finished = False
+
+    def on_tail_end(self, config) -> None:
+        """That module returned: the forward's end again, unless another one starts after it."""
+        entry = self._first_forward(config)
+        if entry is not None and entry.layers_done:
+            entry.finished = True
+
+    def _first_forward(self, config) -> ForwardContext | None:
+        entry = self._forwards.get(id(config))
+        if isinstance(entry, ForwardContext) and entry.state == "running" and not entry.armed:
+            return entry
+        return None
+
+    def _retire(self, forward: ForwardContext) -> None:
+        """A forward is over: its rows go to the sink in one hand-off, unless it stopped part-way."""
+        self._refuse_unattended(forward)
+        self._discard_if_unfinished(forward)
+        self._hand_off(forward)
+
+    def _refuse_unattended(self, forward: ForwardContext) -> None:
+        """A forward over which nothing could be recorded, refused once when it is over, instead of a
+        session that runs with no rows: a model that builds its mask through qk_sniff but whose layers
+        never call qk_sniff's attention (Bloom, MPT, XGLM: their attention does not go through
+        transformers' attention interface), or full_attention_only on a model whose every layer has a
+        sliding window (Mistral, Phi-3, Starcoder2)."""
+        if forward.state != "running" or forward.finished is False or forward.discarded:
+            return
+        if not forward.used:
+            why = (
+                f"qk_sniff: a {getattr(forward.config, 'model_type', '')} model built its attention mask through "
+                "qk_sniff but none of its layers called qk_sniff's attention with a layer_idx (its attention modules "
+                "do not go through transformers' attention interface, or set no self.layer_idx), so nothing could be "
+                "recorded; qk-attn records models whose attention modules have a layer_idx and call "
+                "ALL_ATTENTION_FUNCTIONS"
+            )
+        elif forward.skipped_sliding and not forward.recorded:
+            why = (
+                f"qk_sniff: full_attention_only=True, but every layer of this {getattr(forward.config, 'model_type', '')} "
+                "model that ran has a sliding window, so nothing would be recorded; set full_attention_only=False "
+                "(QK_SNIFF_FULL_ATTENTION_ONLY=0)"
+            )
+        else:
+            return
+        if self._forwards.get(id(forward.config)) is forward:
+            del self._forwards[id(forward.config)]
+        raise CaptureError(why)
+
+    def _hand_off(self, forward: ForwardContext) -> None:
+        """The forward's staged rows to the sink, once (qk_attn.capture.staging)."""
+        staging, forward.staging = forward.staging, None
+        if staging is None:
+            return
+        if forward.offset_check is not None:
+            staging.check(forward.offset_check)
+        if staging.calls or staging.checks:
+            self.sink.put_forward(staging)
+        staging.handed_off()
+
+    def _discard_if_unfinished(self, forward: ForwardContext) -> None:
+        """A forward that stopped part-way (an exception inside the model, caught by the caller, or
+        an interrupt in a notebook) recorded some layers only: its sequences are discarded, never
+        committed, and cannot be continued."""
+        if forward.finished is not False or forward.example_ids is None or forward.discarded:
+            return
+        self._discard(forward, "stopped before its end (an exception inside the model)")
+
+    def _end_forwards(self, caller: str) -> None:
+        """Outside every forward (`caller`: commit, flush, table): discard what an unfinished forward
+        recorded. Refused while a forward is still running: it would be discarded part-way, or handed
+        off with the layers it has not run yet missing."""
+        forwards = [f for f in self._forwards.values() if isinstance(f, ForwardContext)]
+        for forward in forwards:
+            if in_progress(forward):
+                where = (
+                    "from inside it (a hook or callback)"
+                    if forward.thread is threading.current_thread()
+                    else f"in thread {forward.thread.name!r}"
+                )
+                raise RuntimeError(
+                    f"qk_attn: {caller}() was called while a forward of this session is running {where}; call it "
+                    "between forwards"
+                )
+        for forward in forwards:
+            self._retire(forward)
+        self._end_forward()
+
+    def _end_forward(self) -> None:
+        """Between forwards: the sink sends what waited on the device (waiting for pool space)."""
+        self.sink.end_forward()
+
+
+def _refuse_concurrent(forward: ForwardContext | None) -> None:
+    """A forward of a model that starts while another thread is in the middle of one of the same model
+    (the hooks and the session's forward context are per model): refused before it records anything,
+    so that the running one is recorded exactly. A forward that raised in a thread still running is
+    is over."""
+    if forward is not None and forward.thread is not threading.current_thread() and in_progress(forward):
+        raise CaptureError(
+            f"qk_sniff: this model is in the middle of a forward in thread {forward.thread.name!r}; a session "
+            "records one forward of a model at a time, and tells models apart by their config object: give each "
+            "thread its own copy of the model with its own config (copy.deepcopy(model); each is recorded exactly), "
+            "or run the forwards one after the other"
+        )
+
+
+def in_progress(forward: ForwardContext) -> bool:
+    """Whether `forward` is still running: not ended, and its thread is inside the forward of the module
+    that built its mask (the decoder stack, a wrapper, or generate()'s model, which encloses the forwards
+    it prepares). One that raised is over."""
+    if forward.finished is not False or forward.discarded or forward.builder is None:
+        return False
+    return forward.thread.is_alive() and running_in(forward.builder, forward.thread)
+
+
+class _Started:
+    """Session._forwards entry: the decoder stack started a forward, no mask yet."""
+
+    def __init__(self, begun_ids: list[int] | None):
+        self.begun_ids = begun_ids  # `begin()`'s ids, which this forward took at its start
