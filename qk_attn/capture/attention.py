@@ -112,16 +112,6 @@ def refuse_packed(kwargs: dict) -> None:
         )
 
 
-def not_recorded(module) -> str | None:
-    """Why an attention call is not recorded, if it is not: "backward" (a checkpointed layer recomputed
-    during backward: its forward was already seen) or "training" (training mode with gradients on)."""
-    if torch._C._current_graph_task_id() != -1:
-        return "backward"
-    if module.training and torch.is_grad_enabled():
-        return "training"
-    return None
-
-
 def is_cross_attention(module) -> bool:
     """Cross-attention layers (Mllama) attend text queries to vision keys."""
     explicit = getattr(module, "is_cross_attention", None)

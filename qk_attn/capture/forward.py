@@ -56,6 +56,8 @@ class ForwardContext:
         self.attention_mask = attention_mask
         self.key_slots: dict[int, int | None] = {}  # kv_length -> slot of new token 0 (None: ambiguous)
         self.used = False  # an attention call has looked this context up
+        self.grad_enabled = torch.is_grad_enabled()  # at its start (outside any reentrant checkpoint)
+        self.training: bool | None = None  # a training forward (not recorded): decided at its first call
         self.recorded = False  # a call got past the layer filters (its rows, maybe none, are taken)
         self.skipped_sliding = False  # a call was skipped as a sliding-window layer (full_attention_only)
         # "running": its model forward has started; "pending": the mask was built before the forward

@@ -19,7 +19,6 @@ from qk_attn.capture.attention import (
     ModuleFacts,
     cross_attention_keys,
     module_facts,
-    not_recorded,
     refuse_packed,
 )
 from qk_attn.capture.call_rows import CallRows, staged_dtype
@@ -85,7 +84,8 @@ class Session(SequenceTracker):
         if self._closed:
             return
         self._closed = True
-        if not self._models and sys.exc_info()[0] is None:  # an empty dataset would look like a capture
+        # An empty dataset would look like a capture (a training-only session was told why already).
+        if not self._models and "training" not in self._warned and sys.exc_info()[0] is None:
             logger.warning(
                 "qk-attn: the session ends having recorded nothing: no attention call reached qk_sniff; if a "
                 "model ran forwards in it, check its config._attn_implementation (set_attn_implementation keeps "
@@ -117,10 +117,9 @@ class Session(SequenceTracker):
             forward.used = True
             if forward.draft or forward.discarded:  # a discarded forward that runs on records nothing more
                 return
-        # Cheap test first: skipped calls are rare (training, a checkpoint recompute during backward).
-        if (module.training or torch._C._current_graph_task_id() != -1) and self._skips_training(module):
-            return
         try:
+            if self._not_recorded(forward, module):
+                return
             self._capture(forward, module, query, key, mask, kwargs, rotary)
         except REFUSALS:
             # A refused forward takes its sequences with it, before the error reaches any caller or
@@ -236,16 +235,31 @@ class Session(SequenceTracker):
         return forward.staging
 
     # ---- bookkeeping (host only) -----------------------------------------------------
-    def _skips_training(self, module) -> bool:
-        """No capture while gradients flow (training) or in a checkpoint recompute during backward."""
-        reason = not_recorded(module)
-        if reason == "training":
+    def _not_recorded(self, forward, module) -> bool:
+        """No capture while gradients flow (training), decided once per forward: by the grad mode at its
+        start (a reentrant checkpoint turns gradients off inside each layer) and its first layer's mode;
+        a layer in another mode refuses the forward instead of recording it in part. Nor in a checkpoint
+        recompute during backward (its forward was seen)."""
+        if torch._C._current_graph_task_id() != -1:
+            return True
+        training = module.training and (forward.grad_enabled if forward is not None else torch.is_grad_enabled())
+        if forward is not None:
+            if forward.training is None:
+                forward.training = training
+            elif forward.training != training:
+                modes = ("in training mode with gradients on", "not") if training else ("not", "in training mode")
+                raise CaptureError(
+                    f"qk_sniff: layer {getattr(module, 'layer_idx', '?')} of this forward is {modes[0]}, but its "
+                    f"earlier layers are {modes[1]}, so the forward would be recorded in part (training forwards "
+                    "are not recorded); put the whole model in one mode (model.eval() to record it)"
+                )
+        if training:
             self._warn_once(
                 "training",
                 "qk-attn: not recording forwards in training mode with gradients enabled "
                 "(call model.eval() or use torch.no_grad() to record)",
             )
-        return reason is not None
+        return training
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -134,6 +134,36 @@ def test_training_and_checkpoint_recompute_are_not_recorded(caplog):
     assert s.table().num_rows > 0
 
 
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_training_under_gradient_checkpointing_is_not_recorded_in_either_mode(reentrant, caplog):
+    """A reentrant checkpoint runs each layer with gradients off: the forward's own grad mode decides."""
+    model = build("llama3", "qk_sniff").train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    ids = _tokens(10)
+    with torch.enable_grad(), caplog.at_level(logging.WARNING, logger="qk_attn.session"):
+        with qk_attn.session(sampler="all") as s:
+            model(input_ids=ids, labels=ids).loss.backward()
+    assert s.table() is None and not s._begun
+    assert [r.message for r in caplog.records if "qk-attn" in r.message] == [
+        "qk-attn: not recording forwards in training mode with gradients enabled "
+        "(call model.eval() or use torch.no_grad() to record)"
+    ]
+
+
+@pytest.mark.parametrize("odd_layer_training", [True, False])
+def test_a_forward_whose_layers_differ_in_training_mode_is_refused_not_recorded_in_part(odd_layer_training):
+    model = build("llama3", "qk_sniff").train(not odd_layer_training)
+    model.model.layers[1].train(odd_layer_training)
+    ids = _tokens(10)
+    with torch.enable_grad(), qk_attn.session(sampler="all") as s:
+        with pytest.raises(CaptureError, match="layer 1 of this forward is .* but its earlier layers are"):
+            model(input_ids=ids)
+        model.eval()(input_ids=ids)  # the next forward is recorded whole
+    rows = rows_by_key(s.table())
+    assert len({k[0] for k in rows}) == 1 and {k[1] for k in rows} == {0, 1, 2}
+    assert len(rows) == 3 * (4 + 2) * 10  # every (layer, head, kind, position) of the second forward, once
+
+
 def test_two_models_of_different_shapes_in_one_session_are_both_recorded_completely():
     small = build("llama3", "qk_sniff")  # 3 layers, 4 heads
     torch.manual_seed(0)
