@@ -18,6 +18,10 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from qk_attn.capture import active
+from qk_attn.errors import CaptureError
+
+# The class flag transformers reads before it runs a model with a backend (named in qk_attn.capture.facts).
+SUPPORT_FLAGS = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn"}
 
 
 def eager_forward(module, *args, **kwargs):
@@ -70,6 +74,20 @@ def attention_forward(backend: str):
     own (eager, the default transformers falls back to), or the flash refusal."""
     own = _OWN_FORWARDS.get(backend)
     return own if own is not None else ALL_ATTENTION_FUNCTIONS[backend]
+
+
+def check_backend_support(model, backend: str) -> None:
+    """CaptureError (one line) for a model class that transformers would not run with `backend`
+    (`_supports_sdpa` is False: GPT-OSS, whose sdpa would drop its attention sinks): "qk_sniff"
+    would compute another attention than the model's, capture on or off."""
+    flag = SUPPORT_FLAGS.get(backend)
+    if model is None or flag is None or getattr(type(model), flag, True):
+        return
+    setting = active.current_config().setting_name("backend")
+    raise CaptureError(
+        f"qk_sniff: {type(model).__name__} does not support {backend} in transformers ({flag} is False), so "
+        f"{setting}={backend} would compute another attention than the model's; use {setting}=eager"
+    )
 
 
 def mask_function(backend: str):

@@ -252,3 +252,18 @@ def attention_module_attributes() -> str | None:
     if "CrossAttention" not in getattr(_modeling("mllama"), "MllamaTextCrossAttention", type).__name__:
         return "modeling_mllama has no MllamaTextCrossAttention"
     return None
+
+
+def backend_support_flags() -> str | None:
+    """PreTrainedModel declares which backends a model class supports with class flags that default to
+    False, and transformers refuses a backend whose flag is False (the check `_sdpa_can_dispatch` makes)."""
+    from transformers import LlamaModel, PreTrainedModel
+
+    for flag in ("_supports_sdpa", "_supports_flash_attn"):
+        if getattr(PreTrainedModel, flag, None) is not False or getattr(LlamaModel, flag, None) is not True:
+            return f"PreTrainedModel.{flag} = {getattr(PreTrainedModel, flag, 'absent')!r}, LlamaModel's " + repr(
+                getattr(LlamaModel, flag, "absent")
+            )
+    if "_supports_sdpa" not in inspect.getsource(PreTrainedModel._sdpa_can_dispatch):
+        return "PreTrainedModel._sdpa_can_dispatch does not read _supports_sdpa"
+    return None

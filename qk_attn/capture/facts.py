@@ -20,6 +20,7 @@ Where the capture code relies on each fact (the module that reads it):
     sdpa_forward                   backends.attention_forward("sdpa")
     flash_forward                  hooks.wrap_flash_attention
     eager_forward                  backends.eager_forward
+    backend_support_flags          backends.check_backend_support (_supports_sdpa, _supports_flash_attn)
     rotary_helpers                 rope.invert_rope (apply_rotary_pos_emb), rope.query_scale
     attention_forward_locals       attention.applied_rotary (frame locals self, position_embeddings)
     attention_forward_rotation     rope.uses_rope, rope.pre_rope_rows, rope.invert_rope (rope_check.rotation:
@@ -55,6 +56,7 @@ from qk_attn.capture.fact_checks import (
     attention_forward_rotation,
     attention_interface_register,
     attention_module_attributes,
+    backend_support_flags,
     eager_forward,
     flash_forward,
     mask_call_keywords,
@@ -131,6 +133,12 @@ FACTS: tuple[Fact, ...] = (
         "flash_forward",
         "integrations.flash_attention.flash_attention_forward(module, query, key, value, attention_mask, **kwargs)",
         flash_forward,
+    ),
+    Fact(
+        "backend_support_flags",
+        "a model class that transformers runs with sdpa (flash) sets _supports_sdpa (_supports_flash_attn), "
+        "False on PreTrainedModel",
+        backend_support_flags,
     ),
     Fact(
         "eager_forward",

@@ -57,6 +57,22 @@ def model_forward(batch_size: int, num_new: int, max_depth: int = 16) -> ModelFo
     return ModelForward(module, ids, positions if isinstance(positions, torch.Tensor) else None, cache, images)
 
 
+def building_model(max_depth: int = 16):
+    """The transformers model (a PreTrainedModel: the decoder stack, or a wrapper) whose forward is
+    building the mask right now; None when no frame of one is found."""
+    from transformers import PreTrainedModel
+
+    frame = sys._getframe(1)
+    for _ in range(max_depth):
+        if frame is None:
+            return None
+        this = frame.f_locals.get("self")
+        if isinstance(this, PreTrainedModel):
+            return this
+        frame = frame.f_back
+    return None
+
+
 def cache_of(arguments: dict):
     """The cache among a forward's arguments (`cache` from transformers 5.25, `past_key_values` before)."""
     for name in ("cache", "past_key_values"):

@@ -13,8 +13,9 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
 from qk_attn.capture.attention import attend_and_capture, qk_sniff_attention
-from qk_attn.capture.backends import mask_function
+from qk_attn.capture.backends import check_backend_support, mask_function
 from qk_attn.capture.caches import watch_row_moves
+from qk_attn.capture.frames import building_model
 from qk_attn.capture.modeling_checks import check_modeling_file
 from qk_attn.capture.name_branches import follow_wrapped_backend
 from qk_attn.errors import CaptureError
@@ -33,6 +34,7 @@ def qk_sniff_mask(*args, **kwargs):
 
     backend, config = current_config().backend, kwargs.get("config")
     check_modeling_file(config)
+    check_backend_support(building_model(), backend)
     follow_wrapped_backend(config, backend)
     return _noting_context(mask_function(backend), *args, **kwargs)
 

@@ -9,7 +9,7 @@ from transformers import DynamicCache
 
 import qk_attn
 from qk_attn.errors import CaptureError
-from support.models import VOCAB, build, cache_kw, padded_batch
+from support.models import COMMON, VOCAB, build, cache_kw, padded_batch
 
 torch.set_grad_enabled(False)
 
@@ -18,13 +18,14 @@ torch.set_grad_enabled(False)
 def test_a_model_whose_attention_does_not_use_the_interface_is_refused_not_recorded_empty(tmp_path, into):
     """Bloom builds its mask with transformers' mask functions (so through qk_sniff's) but computes
     attention itself: nothing reaches qk_sniff's attention. The session refuses it when the forward
-    is over (here at the commit), instead of committing examples with no rows."""
+    is over (here at the commit), instead of committing examples with no rows. (Bloom declares no sdpa
+    support, so the eager backend: under sdpa it is refused at its mask already.)"""
     config = tf.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4)
     model = tf.BloomForCausalLM._from_config(config, attn_implementation="qk_sniff").eval()
     assert model.config._attn_implementation == "qk_sniff"
     out = tmp_path / "out"
     with pytest.raises(CaptureError, match="a bloom model built its attention mask through qk_sniff but none of its"):
-        with qk_attn.session(sampler="all", **({"output": out} if into == "parquet" else {})) as s:
+        with qk_attn.session(sampler="all", backend="eager", **({"output": out} if into == "parquet" else {})) as s:
             model(input_ids=torch.randint(2, VOCAB - 2, (1, 8)))
             s.commit()
     if into == "parquet":
@@ -155,3 +156,30 @@ def test_a_mask_built_for_another_position_than_the_cache_holds_is_refused():
         )
         with pytest.raises(CaptureError, match="mask for new tokens at cache position 0, but its cache holds 9 tokens"):
             model(**step, **cache_kw(cache), use_cache=True)
+
+
+def test_a_model_transformers_runs_without_sdpa_is_refused_under_the_sdpa_backend():
+    """GPT-OSS declares no sdpa support (its sdpa would drop the attention sinks): qk_sniff's default
+    backend would compute another model, capture on or off; backend="eager" records it exactly."""
+    config = tf.GptOssConfig(
+        **dict(COMMON, num_hidden_layers=2),
+        head_dim=16,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"],
+    )
+    torch.manual_seed(0)
+    model = tf.GptOssForCausalLM(config).eval()
+    ids = torch.randint(1, 90, (1, 12))
+    model.set_attn_implementation("eager")
+    want = model(input_ids=ids).logits
+    model.set_attn_implementation("qk_sniff")
+    with pytest.raises(CaptureError, match=r"^qk_sniff: GptOssModel does not support sdpa .* use backend=eager$"):
+        model(input_ids=ids)  # capture off
+    with pytest.raises(CaptureError, match="GptOssModel does not support sdpa"):
+        with qk_attn.session(sampler="all"):
+            model(input_ids=ids)
+    with qk_attn.session(sampler="all", backend="eager") as s:
+        got = model(input_ids=ids).logits
+    assert torch.equal(got, want) and s.table().num_rows > 0
