@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from qk_attn.capture.frames import cache_of
-from qk_attn.capture.tokens import HostMirror, TextTokens, host_text_tokens, misnumbered_rows
+from qk_attn.capture.tokens import POSITION_LIMIT, HostMirror, TextTokens, host_text_tokens, misnumbered_rows
 from qk_attn.errors import CaptureError, MisnumberedPositions
 
 DECIDE_AT_ONCE = 1 << 21  # (layer, kind, token) decisions made in one go per CPU forward
@@ -243,7 +243,9 @@ class ForwardContext:
         rows = tokens.misnumbered.nonzero()[:, 0].tolist()
         row, example = rows[0], self.example_ids[rows[0]]
         positions = tokens.positions[row][tokens.valid[row]].tolist()
-        if expected is not None and 0 <= expected[row] != positions[0]:
+        if positions[0] < 0 or positions[-1] >= POSITION_LIMIT:
+            seen = f"example {example} is at positions {positions[0]} to {positions[-1]}"
+        elif expected is not None and 0 <= expected[row] != positions[0]:
             seen = (
                 f"example {example} goes on at position {positions[0]} after its previous token at {expected[row] - 1}"
             )

@@ -9,6 +9,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+POSITION_LIMIT = 2**31  # positions are stored as int32
 _INT64_MAX = np.iinfo(np.int64).max
 
 
@@ -40,11 +41,13 @@ def host_text_tokens(positions: torch.Tensor, valid: np.ndarray, token_ids, expe
 
 def misnumbered_rows(positions, valid, valid_count, first, expected):
     """(B,) bool, numpy or torch alike: rows whose real tokens are not at positions first, first + 1,
-    ... in token order (packed documents restart, repeats, gaps), or that do not start at `expected`
-    ((B,) the position after the row's earlier tokens, -1 where it has none; None: a new sequence).
-    Rows are keyed by position, and an example's positions are [first_position, + valid_length)."""
+    ... in token order (packed documents restart, repeats, gaps), that lie outside [0, POSITION_LIMIT)
+    (the position column's int32), or that do not start at `expected` ((B,) the position after the
+    row's earlier tokens, -1 where it has none; None: a new sequence). Rows are keyed by position,
+    and an example's positions are [first_position, + valid_length)."""
     counted = first[:, None] + valid.cumsum(1) - 1  # the k-th real token of a row at first + k
     misnumbered = ((positions != counted) & valid).any(1)
+    misnumbered = misnumbered | ((valid_count > 0) & ((first < 0) | (first > POSITION_LIMIT - valid_count)))
     if expected is not None:
         misnumbered = misnumbered | ((valid_count > 0) & (expected >= 0) & (first != expected))
     return misnumbered

@@ -27,17 +27,20 @@ def _ids(length: int, batch: int = 1, seed: int = 3) -> torch.Tensor:
 @pytest.mark.parametrize(
     "positions, seen",
     [
-        (torch.cat([torch.arange(8), torch.arange(8)]), "from position 7 to 0"),  # two documents in one row
-        (torch.cat([torch.arange(8), torch.arange(10, 18)]), "from position 7 to 10"),  # a gap
-        (torch.cat([torch.arange(8), torch.arange(7, 15)]), "from position 7 to 7"),  # a repeat
-        (torch.cat([torch.arange(1, 16), torch.tensor([0])]), "from position 15 to 0"),  # out of order
+        (torch.cat([torch.arange(8), torch.arange(8)]), "goes from position 7 to 0"),  # two documents in one row
+        (torch.cat([torch.arange(8), torch.arange(10, 18)]), "goes from position 7 to 10"),  # a gap
+        (torch.cat([torch.arange(8), torch.arange(7, 15)]), "goes from position 7 to 7"),  # a repeat
+        (torch.cat([torch.arange(1, 16), torch.tensor([0])]), "goes from position 15 to 0"),  # out of order
+        (torch.arange(-3, 13), "is at positions -3 to 12"),  # below 0: no bucket holds it
+        (torch.arange(2**31 - 8, 2**31 + 8), "is at positions 2147483640 to 2147483655"),  # past int32
+        (torch.arange(2**40, 2**40 + 16), "is at positions 1099511627776 to 1099511627791"),
     ],
 )
 def test_positions_that_do_not_count_up_by_one_in_a_forward_are_refused_there(tmp_path, into, positions, seen):
     model = build("llama3", "qk_sniff")
     out = tmp_path / "out"
     with qk_attn.session(sampler="all", **({"output": out} if into == "parquet" else {})) as s:
-        with pytest.raises(MisnumberedPositions, match=rf"examples \[0\]: .*\(example 0 goes {seen}\)"):
+        with pytest.raises(MisnumberedPositions, match=rf"examples \[0\]: .*\(example 0 {seen}\)"):
             model(input_ids=_ids(16), position_ids=positions[None], use_cache=False)
         model(input_ids=_ids(5, seed=4), use_cache=False)  # the next document: recorded
         s.commit()
@@ -149,6 +152,18 @@ def test_on_a_device_a_misnumbered_step_that_keeps_nothing_is_refused_by_the_sin
             model(**batch, **cache_kw(cache))
             mask = torch.cat([batch["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1)
             model(input_ids=torch.tensor([[40], [50]]), attention_mask=mask, **cache_kw(cache))
+            s.table() if into == "memory" else s.flush()
+
+
+@pytest.mark.parametrize("into", ["memory", "parquet"])
+def test_on_a_device_positions_outside_int32_are_refused_by_the_sink(tmp_path, monkeypatch, into):
+    from qk_attn.capture import forward as forward_module
+
+    monkeypatch.setattr(forward_module, "builds_on_host", lambda device: False)
+    model = build("llama3", "qk_sniff")
+    with pytest.raises(MisnumberedPositions, match=r"examples \[0\]: the positions RoPE used"):
+        with qk_attn.session(sampler="all", **({"output": tmp_path / "out"} if into == "parquet" else {})) as s:
+            model(input_ids=_ids(8), position_ids=torch.arange(-4, 4)[None], use_cache=False)
             s.table() if into == "memory" else s.flush()
 
 
