@@ -275,8 +275,8 @@ class ParquetSink(SaverThread, Sink):
         if isinstance(error, (CaptureError, CaptureOverflow, CommittedExampleError)):
             raise type(error)(str(error)) from error
         raise SaverError(
-            f"qk-sniff saver for {self.output} failed: {type(error).__name__}: {error}. Examples committed before "
-            "the failure are safe in the manifest; re-run the same command to resume the rest."
+            f"qk-sniff saver for {self.output} failed: {type(error).__name__}: {error}. The examples its manifest "
+            "lists (those whose commit the saver had finished) are safe; re-run the same command to resume the rest."
         ) from error
 
     def close(self) -> None:

@@ -148,7 +148,7 @@ def test_a_full_disk_fails_loudly_and_loses_nothing_committed(tmp_path, monkeypa
     with pytest.raises(SaverError, match="No space left on device") as error:
         run_examples(sink, [2, 3])  # surfaces at the next put/commit after the failed write ...
         sink.flush(timeout=10)  # ... or here at the latest
-    assert "committed before the failure are safe" in str(error.value)
+    assert "those whose commit the saver had finished) are safe" in str(error.value)
     with pytest.raises(SaverError):
         sink.close()
     monkeypatch.undo()
