@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import operator
+from collections.abc import Iterable
 
 from qk_attn.capture.caches import row_moves
 from qk_attn.capture.forward import ForwardContext
@@ -18,6 +19,8 @@ from qk_attn.capture.sequence_table import SequenceTable, key_of
 from qk_attn.errors import CaptureError
 
 logger = logging.getLogger(__name__)
+
+ID_RANGE = (-(2**63), 2**63 - 1)  # the example_id column is int64
 
 
 class SequenceTracker(ForwardTracker):
@@ -147,6 +150,11 @@ class SequenceTracker(ForwardTracker):
                 )
             sequence = None
         elif forward.past == 0:
+            if self._next_auto_id + batch - 1 > ID_RANGE[1]:
+                raise CaptureError(
+                    f"qk_sniff: no automatic example ids are left after {self._next_auto_id - 1} (ids are int64); "
+                    "call session.begin(ids) to name this forward's examples"
+                )
             ids, sequence = list(range(self._next_auto_id, self._next_auto_id + batch)), None
         elif gone is not None:
             raise CaptureError(
@@ -203,11 +211,21 @@ class SequenceTracker(ForwardTracker):
 
 
 def integer_ids(example_ids) -> list[int]:
-    """Example ids as Python ints; ValueError for one that is not an integer (9.7 is not example 9)."""
+    """Example ids as Python ints; ValueError for one that is not an integer (9.7 is not example 9, True
+    is not example 1) or does not fit the example_id column (int64), or for ids that are not a list."""
+    if isinstance(example_ids, (str, bytes)) or not isinstance(example_ids, Iterable):
+        raise ValueError(f"example_ids={example_ids!r}: give a list of integer ids, one per batch row")
+    example_ids = list(example_ids)
     ids = []
     for i in example_ids:
         try:
+            if isinstance(i, bool):
+                raise TypeError
             ids.append(operator.index(i))
         except TypeError:
-            raise ValueError(f"example_ids {list(example_ids)!r} holds {i!r}: example ids are integers") from None
+            raise ValueError(f"example_ids {example_ids!r} holds {i!r}: example ids are integers") from None
+        if not ID_RANGE[0] <= ids[-1] <= ID_RANGE[1]:
+            raise ValueError(
+                f"example_ids {example_ids!r} holds {i}: example ids fit int64 ({ID_RANGE[0]} to {ID_RANGE[1]})"
+            )
     return ids

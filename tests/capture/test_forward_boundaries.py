@@ -214,14 +214,38 @@ def test_an_example_discarded_after_a_flush_wrote_its_rows_leaves_the_others_com
     assert cli.verify_dataset(out, log=lambda *_: None) == []
 
 
-def test_example_ids_are_integers():
+@pytest.mark.parametrize(
+    "ids, why",
+    [
+        ([9.7], r"holds 9\.7: example ids are integers"),
+        ([True], r"holds True: example ids are integers"),
+        ([2**63], r"holds 9223372036854775808: example ids fit int64"),
+        ([-(2**63) - 1], r"holds -9223372036854775809: example ids fit int64"),
+        (5, r"^example_ids=5: give a list of integer ids"),
+        ("12", r"^example_ids='12': give a list of integer ids"),
+    ],
+)
+def test_example_ids_are_int64_integers_in_a_list(ids, why):
     model = build("llama3", "qk_sniff")
+    with pytest.raises(ValueError, match=why):
+        with qk_attn.session(sampler="all", example_ids=ids):
+            pass
     with qk_attn.session(sampler="all") as s:
-        with pytest.raises(ValueError, match=r"holds 9\.7: example ids are integers"):
-            s.begin([9.7])
+        with pytest.raises(ValueError, match=why):
+            s.begin(ids)
         s.begin([np.int64(9)])
         model(input_ids=_tokens(5, seed=1))
     assert s.sink.committed == [9]
+
+
+def test_automatic_ids_after_the_largest_int64_are_refused_in_the_forward():
+    model = build("llama3", "qk_sniff")
+    with qk_attn.session(sampler="all") as s:
+        s.begin([2**63 - 1])
+        model(input_ids=_tokens(5, seed=1))
+        with pytest.raises(CaptureError, match=r"no automatic example ids are left after 9223372036854775807"):
+            model(input_ids=_tokens(5, seed=2))
+    assert s.sink.committed == [2**63 - 1]
 
 
 @pytest.mark.parametrize("family", ["llama3", "gemma3"])
