@@ -57,7 +57,9 @@ def parse_index_list(name: str, value: Any, allow_empty: bool = True) -> tuple[i
     truncated (`[0.9]` is not layer 0). An empty list is refused unless `allow_empty` (for
     `layers` and `heads` it would select nothing, so "all" must be said by omitting the setting).
     """
-    if value is None or value == "" or value == "all":
+    if hasattr(value, "tolist") and not isinstance(value, str):  # a numpy array or a torch tensor
+        value = value.tolist()
+    if value is None or (isinstance(value, str) and value.strip() in ("", "all")):
         return None
     expected = 'comma-separated non-negative integers or ranges, e.g. "0,3,10-12"'
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
@@ -111,7 +113,7 @@ def _parse_bool(name: str, value: Any) -> bool:
 
 
 def _parse_choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
-    text = str(value).strip().replace(" ", "")
+    text = ",".join(part.strip() for part in str(value).split(","))  # "q, k": spaces around items only
     if name == "capture" and text == "k,q":
         text = "q,k"
     if text not in allowed:
@@ -144,7 +146,7 @@ def _parse_number(name: str, value: Any, kind: type, minimum: float, strict: boo
             number = float(value)
             if not math.isfinite(number):
                 raise ValueError
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int beyond a float (10**400)
         raise _fail(name, value, what) from None
     if number < minimum or (strict and number == minimum):
         raise _fail(name, value, what)
@@ -177,6 +179,8 @@ class SniffConfig:
         if not (self.output is None or isinstance(self.output, (str, os.PathLike))):
             raise _fail("output", self.output, "a folder path")
         set_("output", None if self.output in (None, "") else os.fspath(self.output))
+        if self.output is not None and not self.output.strip():  # a folder named " " is a typo
+            raise _fail("output", self.output, "a folder path (empty or unset: no output)")
         set_("sampler", _parse_choice("sampler", self.sampler, SAMPLERS))
         raw_bucket = self.min_bucket_size
         set_("min_bucket_size", _parse_number("min_bucket_size", raw_bucket, int, 1))
@@ -196,6 +200,8 @@ class SniffConfig:
             set_("head_sample_count", None)
         set_("head_sample_seed", _parse_number("head_sample_seed", self.head_sample_seed, int, 0))
         set_("capture", _parse_choice("capture", self.capture, CAPTURE_KINDS))
+        if self.key_heads and "k" not in self.kinds:  # it would choose among no rows
+            raise _fail("key_heads", ",".join(map(str, self.key_heads)), f"unset while capture={self.capture!r}")
         set_("rope", _parse_choice("rope", self.rope, ROPE_STAGES))
         set_("full_attention_only", _parse_bool("full_attention_only", self.full_attention_only))
         set_("backend", _parse_choice("backend", self.backend, BACKENDS))
@@ -230,10 +236,13 @@ class SniffConfig:
         if environ is None:
             environ = {} if command_line_process() else os.environ
         known = {ENV_PREFIX + name.upper(): name for name in cls.field_names()}
-        unknown = sorted(v for v in environ if v.startswith(ENV_PREFIX) and v not in known and v not in OTHER_ENV)
+        # Names are upper case: qk_sniff_output would be ignored by the shell's user, silently.
+        unknown = sorted(
+            v for v in environ if v.upper().startswith(ENV_PREFIX) and v not in known and v not in OTHER_ENV
+        )
         if unknown:  # a typo would otherwise capture with a default silently
             raise ConfigError(
-                f"{unknown[0]} is not a qk-attn variable{_did_you_mean(unknown[0], [*known, *OTHER_ENV])}"
+                f"{unknown[0]} is not a qk-attn variable{_did_you_mean(unknown[0].upper(), [*known, *OTHER_ENV])}"
             )
         cls._refuse_unknown(overrides)
         values = {name: environ[variable] for variable, name in known.items() if variable in environ}

@@ -5,7 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
 
 from qk_attn import SniffConfig
 from qk_attn.config import parse_index_list
@@ -117,11 +119,16 @@ def test_unknown_variable_is_refused_with_the_closest_name(tmp_path):
         [sys.executable, "-c", "import qk_attn"], env=env, capture_output=True, text=True, cwd=tmp_path
     )
     assert result.returncode != 0 and "did you mean QK_SNIFF_OUTPUT?" in result.stderr
+    # Names are upper case: a lower-case one would leave capture off, silently.
+    with pytest.raises(ValueError, match=r"^qk_sniff_output is not a qk-attn variable \(did you mean QK_SNIFF_OUTPUT"):
+        SniffConfig.from_env({"qk_sniff_output": str(tmp_path)})
 
 
 def test_index_lists():
     assert parse_index_list("layers", "3, 1,1-2") == (1, 2, 3)
     assert parse_index_list("layers", [4, 2]) == (2, 4)
+    assert parse_index_list("layers", np.array([4, 2])) == (2, 4) == parse_index_list("layers", torch.tensor([4, 2]))
+    assert SniffConfig(capture=" k , q ").capture == "q,k"
     assert parse_index_list("layers", "") is None and parse_index_list("layers", None) is None
 
 
@@ -171,11 +178,15 @@ def test_an_empty_head_or_layer_list_is_refused_not_read_as_all(value):
         ("base_rate", float("inf"), "a finite number > 0"),
         ("base_rate", "nan", "a finite number > 0"),
         ("output", 5, "a folder path"),
+        ("output", " ", "a folder path (empty or unset: no output)"),  # a folder named " " is a typo
+        ("base_rate", 10**400, "a finite number > 0"),  # beyond a float
+        ("sampler", "uni form", "log_uniform | uniform | all"),  # spaces are not dropped inside a value
+        ("key_heads", "0", "unset while capture='q'"),  # key heads of no recorded keys
     ],
 )
 def test_wrong_types_and_non_finite_numbers_are_refused_not_coerced(setting, value, allowed):
     with pytest.raises(ValueError) as error:
-        SniffConfig(**{setting: value})
+        SniffConfig(**{setting: value}, **({"capture": "q"} if setting == "key_heads" else {}))
     assert str(error.value).startswith(f"{setting}={value!r} is invalid: expected ") and allowed in str(error.value)
 
 
