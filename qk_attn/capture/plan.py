@@ -94,6 +94,13 @@ class HeadPlan:
             else:
                 keys = tuple(sorted({h // group for h in chosen}))
             plan.key_heads[layer] = keys if "k" in config.kinds else ()
+        if not any(plan.query_heads.values()) and not any(plan.key_heads.values()):
+            # Examples would be committed with no rows and no valid tokens, as if they were empty.
+            why = "; ".join(sorted({f"layer {layer}: {reason}" for layer, reason in plan.excluded_layers.items()}))
+            raise ConfigError(
+                f"qk_sniff: the capture settings select no (layer, head) of this {shape.num_layers}-layer model "
+                f"({why or 'no heads of any kind'}); change layers, full_attention_only, heads, key_heads or capture"
+            )
         return plan
 
     def heads(self, layer: int, kind: str) -> tuple[int, ...]:

@@ -8,7 +8,7 @@ import transformers as tf
 from transformers import DynamicCache
 
 import qk_attn
-from qk_attn.errors import CaptureError
+from qk_attn.errors import CaptureError, ConfigError
 from support.models import COMMON, VOCAB, build, cache_kw, padded_batch
 
 torch.set_grad_enabled(False)
@@ -183,3 +183,19 @@ def test_a_model_transformers_runs_without_sdpa_is_refused_under_the_sdpa_backen
     with qk_attn.session(sampler="all", backend="eager") as s:
         got = model(input_ids=ids).logits
     assert torch.equal(got, want) and s.table().num_rows > 0
+
+
+@pytest.mark.parametrize("into", ["memory", "parquet"])
+def test_settings_that_select_no_layer_of_the_model_are_refused_not_committed_empty(tmp_path, into):
+    """Gemma 3's layers 0 and 2 have a sliding window: layers="0,2" with full_attention_only selects
+    nothing, and its examples were committed with no rows and a valid length of 0."""
+    model = build("gemma3", "qk_sniff")
+    out = tmp_path / "out"
+    settings = dict(sampler="all", layers="0,2", full_attention_only=True)
+    with pytest.raises(ConfigError, match=r"select no \(layer, head\) of this 3-layer model \(layer 0: sliding"):
+        with qk_attn.session(**settings, **({"output": out} if into == "parquet" else {})) as s:
+            model(**padded_batch("left"))
+    assert not s.sink.committed_ids()
+    with qk_attn.session(sampler="all", layers="0,1", full_attention_only=True) as s:  # layer 1 is full
+        model(**padded_batch("left"))
+    assert set(s.table()["layer"].to_pylist()) == {1}
