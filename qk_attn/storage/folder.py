@@ -54,6 +54,9 @@ def open_capture(
     else:  # (under overwrite another rank may not have removed its old files yet)
         check_layout(output, files)
     manifest = read_manifest(output, files.manifest)
+    if manifest is not None and not manifest["examples"] and files.rank is None:
+        # Nothing committed (a run refused at its first forward): nothing to mix, so this run's settings.
+        manifest = None
     if manifest is not None:
         check_same_capture(output, manifest, config, source)
         check_shard_sizes(output, manifest, digests=True)

@@ -175,3 +175,26 @@ def test_a_capture_written_with_earlier_shard_encodings_resumes_merges_and_reads
     assert "UNCOMPRESSED" in layer_compression()  # today's shards sit beside the earlier ones
     assert sort_rows(folder_table(out)).equals(sort_rows(reference(batches)))
     assert verify_dataset(out, log=lambda *_: None) == []
+
+
+def test_a_folder_with_nothing_committed_takes_the_next_runs_settings(tmp_path):
+    """A session refused at its first forward (layers beyond the model) leaves a manifest with no
+    examples: the corrected run writes there instead of being refused for "different settings"."""
+    import pytest
+    import torch
+
+    import qk_attn
+    from qk_attn.errors import ConfigError
+    from support.models import build
+
+    model, out = build("llama3", "qk_sniff"), tmp_path / "out"
+    ids = torch.randint(2, 90, (1, 6))
+    with pytest.raises(ConfigError, match="layers"):
+        with torch.no_grad(), qk_attn.session(output=out, sampler="all", layers="5"):
+            model(input_ids=ids)
+    assert read_manifest(out)["examples"] == {}
+    with torch.no_grad(), qk_attn.session(output=out, sampler="all", layers="1"):
+        model(input_ids=ids)
+    manifest = read_manifest(out)
+    assert manifest["config"]["layers"] == [1] and list(manifest["examples"]) == ["0"]
+    assert verify_dataset(out, log=lambda *_: None) == []
