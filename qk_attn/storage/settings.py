@@ -239,14 +239,17 @@ MODEL_SHAPE = ("num_layers", "num_heads", "num_kv_heads", "head_dim")
 
 
 def other_model(manifest: dict, model: dict) -> dict | None:
-    """The model `manifest` records when it is not `model` ({id, revision}); None when it is the
-    same or none is recorded. A commit hash identifies the weights; without one on both sides,
-    the name has to do."""
+    """The model `manifest` records when it is not `model` ({id, revision, dtype, model_type}); None
+    when it is the same or none is recorded. A commit hash identifies the weights; without one on
+    both sides, the name has to do. Another architecture or dtype is another model in any case (a
+    model built in code has no name)."""
     old = manifest.get("model")
     if not old:
         return None
     both = old.get("revision") and model.get("revision")
     differs = (old.get("revision") != model.get("revision")) if both else (old.get("id") != model.get("id"))
+    for key in ("model_type", "dtype"):
+        differs = differs or (old.get(key) and model.get(key) and old[key] != model[key])
     return old if differs else None
 
 
@@ -256,14 +259,17 @@ def shape_differences(manifest: dict, plan: dict) -> list[SettingDifference]:
     return [SettingDifference(k, old_plan[k], plan[k]) for k in MODEL_SHAPE if k in old_plan and old_plan[k] != plan[k]]
 
 
+def _described(model: dict) -> str:
+    return f"{model.get('id')!r} ({model.get('model_type')}, {model.get('dtype')}, revision {model.get('revision')})"
+
+
 def check_same_model(output: Path, manifest: dict, model: dict, plan: dict) -> None:
     """Refuse rows of another model (or another shape) than OUT already holds."""
     old = other_model(manifest, model)
     if old is not None:
         raise ValueError(
-            f"{output} holds captures of model {old.get('id')!r} (revision {old.get('revision')}); "
-            f"this run uses {model['id']!r} (revision {model['revision']}). Use another output directory "
-            "or overwrite=True to start over."
+            f"{output} holds captures of model {_described(old)}; this run uses {_described(model)}. Use another "
+            "output directory or overwrite=True to start over."
         )
     shape = MODEL_SHAPE
     old_plan = manifest.get("plan") or {}

@@ -465,8 +465,15 @@ def test_a_different_model_is_refused(tmp_path):
     sink.close()
     sink = ParquetSink(out, SniffConfig(output=str(out), sampler="all", min_bucket_size=4), fsync=False)
     other = type("Other", (TinyConfig,), {"_commit_hash": "fff999"})()
-    with pytest.raises(ValueError, match="holds captures of model 'tiny/llama' \\(revision abc123\\); this run uses"):
+    with pytest.raises(
+        ValueError, match=r"holds captures of model 'tiny/llama' \(llama, bfloat16, revision abc123\); this"
+    ):
         sink.bind_model(other, plan_for(sink.config))
+    # Models built in code have no name or revision: another architecture or dtype is another model.
+    for changed in ({"model_type": "qwen2"}, {"dtype": torch.float32}):
+        unnamed = {"_commit_hash": None}  # compared by name, which is the same
+        with pytest.raises(ValueError, match="holds captures of model"):
+            sink.bind_model(type("Other", (TinyConfig,), {**unnamed, **changed})(), plan_for(sink.config))
     renamed = type("Renamed", (TinyConfig,), {"_name_or_path": "/elsewhere/llama"})()  # same revision: same weights
     sink.bind_model(renamed, plan_for(sink.config))
     with pytest.raises(ValueError, match="shaped"):
