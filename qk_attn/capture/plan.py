@@ -67,7 +67,9 @@ class HeadPlan:
     notes: list[str] = field(default_factory=list)
 
     @classmethod
-    def build(cls, config: SniffConfig, shape: ModelShape) -> HeadPlan:
+    def build(cls, config: SniffConfig, shape: ModelShape, model: str = "this model", key=None) -> HeadPlan:
+        """The (layer, head, kind) to record; ConfigError when none is left. `key(setting)` names a
+        setting as the user wrote it (default: the keyword, or its QK_SNIFF_ variable)."""
         check_in_range(config, shape)
         plan = cls(shape)
         group = max(1, shape.num_heads // shape.num_kv_heads)
@@ -96,10 +98,11 @@ class HeadPlan:
             plan.key_heads[layer] = keys if "k" in config.kinds else ()
         if not any(plan.query_heads.values()) and not any(plan.key_heads.values()):
             # Examples would be committed with no rows and no valid tokens, as if they were empty.
-            why = "; ".join(sorted({f"layer {layer}: {reason}" for layer, reason in plan.excluded_layers.items()}))
+            key = key or config.setting_name
+            why = sorted(set(plan.excluded_layers.values())) or ["the head filters select no head"]
             raise ConfigError(
-                f"qk_sniff: the capture settings select no (layer, head) of this {shape.num_layers}-layer model "
-                f"({why or 'no heads of any kind'}); change layers, full_attention_only, heads, key_heads or capture"
+                f"nothing would be recorded: {model} has no layer and head left to record ({'; '.join(why)}); "
+                f"check {key('layers')}, {key('heads')}, {key('key_heads')} and {key('full_attention_only')}"
             )
         return plan
 

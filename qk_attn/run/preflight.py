@@ -166,14 +166,7 @@ def check_plan(
                 f"{key(setting)}={raw.get(setting)!r} is out of range: {model} has {limit} {what} "
                 f"({_span(limit)}); {shown} do{'es' if len(missing) == 1 else ''} not exist"
             )
-    plan = HeadPlan.build(sniff, shape)
-    if not any(plan.heads(layer, kind) for layer in plan.query_heads for kind in ("q", "k")):
-        why = sorted(set(plan.excluded_layers.values())) or ["the head filters select no head"]
-        raise ConfigError(
-            f"nothing would be recorded: {model} has no layer and head left to record "
-            f"({'; '.join(why)}); check {key('layers')}, {key('heads')}, {key('key_heads')} "
-            f"and {key('full_attention_only')}"
-        )
+    plan = HeadPlan.build(sniff, shape, model, key)
     return plan
 
 
