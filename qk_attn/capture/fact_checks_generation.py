@@ -84,6 +84,9 @@ def generation_frames() -> str | None:
         fn = getattr(utils.GenerationMixin, method, None)
         if fn is None:
             return f"no GenerationMixin.{method}"
+        name = getattr(inspect.unwrap(fn), "__code__", None)
+        if method != "generate" and (name is None or name.co_name != method):  # frames match code names
+            return f"GenerationMixin.{method} runs code named {getattr(name, 'co_name', None)!r}"
     code = utils.GenerationMixin._sample.__code__
     if not {"model_kwargs", "unfinished_sequences", "has_eos_stopping_criteria"} <= set(code.co_varnames):
         return f"GenerationMixin._sample locals {code.co_varnames}"

@@ -157,6 +157,19 @@ def test_a_sample_loop_that_changes_what_frames_read_breaks_a_fact(edit, found, 
     assert finding.fact == "generation_frames" and found in finding.found
 
 
+def test_a_sample_loop_renamed_with_an_alias_breaks_a_fact(monkeypatch):
+    """frames tells the decoding loop by its code's name: `_sample = _decode` keeps the attribute but
+    not the name (the finished rows' padding would be recorded as tokens)."""
+    from transformers.generation.utils import GenerationMixin
+
+    def _decode(self, *args, **kwargs):
+        return None
+
+    monkeypatch.setattr(GenerationMixin, "_sample", _decode)
+    (finding,) = facts.check_all()
+    assert finding.fact == "generation_frames" and "GenerationMixin._sample runs code named '_decode'" in finding.found
+
+
 @pytest.fixture
 def fresh_rotation():
     """Each attention class's rotation is read once per process (rope_check.rotation): read it anew."""
