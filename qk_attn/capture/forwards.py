@@ -118,6 +118,12 @@ class ForwardTracker:
         sequence's first forward (or one after `begin`) reads it."""
         if not isinstance(q_offset, torch.Tensor):
             past = int(q_offset or 0)
+            if cache is None and past > 0:
+                raise CaptureError(
+                    f"qk_sniff: a {getattr(config, 'model_type', '')} model built this forward's mask for new tokens "
+                    f"at cache position {past}, but its forward has no cache argument qk-attn knows (cache or "
+                    "past_key_values), so its sequence could not be told from another cache's; not recorded"
+                )
             held = cache_length(cache)
             if held is not None and held != past:
                 raise CaptureError(

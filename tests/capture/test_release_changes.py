@@ -6,12 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers as tf
+from transformers import DynamicCache
 import transformers.models.llama.modeling_llama as modeling_llama
 
 import qk_attn
 from qk_attn.capture import backends, facts, modeling_checks, name_branches, rope_check
 from qk_attn.errors import CaptureError
-from support.models import COMMON, build, gemma4, padded_batch
+from support.models import COMMON, build, cache_kw, gemma4, padded_batch
 from support.release import edit_file, edited_source, redefine
 
 NEW_BRANCH = (
@@ -242,3 +243,19 @@ def test_a_cache_that_keeps_its_layers_elsewhere_breaks_a_fact(tmp_path, monkeyp
     )
     (finding,) = facts.check_all()
     assert finding.fact == "cache_layer_updates" and "not layers and layer_class_to_replicate" in finding.found
+
+
+def test_a_cache_argument_under_a_name_qk_attn_does_not_know_is_refused(monkeypatch):
+    """A release (or remote code) that renames the forward's cache argument: the cache is not found,
+    so two caches of one model could not be told apart. A forward that continues a cache is refused."""
+    from qk_attn.capture import frames
+
+    model = build("llama3", "qk_sniff")
+    monkeypatch.setattr(frames, "cache_of", lambda arguments: None)  # the name frames reads is gone
+    ids = torch.randint(2, 90, (1, 8))
+    cache = DynamicCache(config=model.config)
+    with qk_attn.session(sampler="all") as s:
+        model(input_ids=ids[:, :5], **cache_kw(cache))  # a first forward: past 0, recorded
+        with pytest.raises(CaptureError, match=r"at cache position 5, but its forward has no cache argument"):
+            model(input_ids=ids[:, 5:], **cache_kw(cache))
+    assert s.table().num_rows == 0  # the example it would continue is discarded with it: it is incomplete
