@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers as tf
-from transformers import DynamicCache
 import transformers.models.llama.modeling_llama as modeling_llama
+from transformers import DynamicCache
 
 import qk_attn
 from qk_attn.capture import backends, facts, modeling_checks, name_branches, rope_check
