@@ -259,7 +259,7 @@ def shape_differences(manifest: dict, plan: dict) -> list[SettingDifference]:
     return [SettingDifference(k, old_plan[k], plan[k]) for k in MODEL_SHAPE if k in old_plan and old_plan[k] != plan[k]]
 
 
-def _described(model: dict) -> str:
+def _model_words(model: dict) -> str:
     return f"{model.get('id')!r} ({model.get('model_type')}, {model.get('dtype')}, revision {model.get('revision')})"
 
 
@@ -268,7 +268,7 @@ def check_same_model(output: Path, manifest: dict, model: dict, plan: dict) -> N
     old = other_model(manifest, model)
     if old is not None:
         raise ValueError(
-            f"{output} holds captures of model {_described(old)}; this run uses {_described(model)}. Use another "
+            f"{output} holds captures of model {_model_words(old)}; this run uses {_model_words(model)}. Use another "
             "output directory or overwrite=True to start over."
         )
     shape = MODEL_SHAPE
