@@ -38,9 +38,19 @@ def pre_rope_rows(module, spec: SelectionSpec, tokens, rotary, one_head: torch.T
             f"rope='pre': {type(module).__name__} did not expose the cos/sin it applied (no "
             "position_embeddings in its forward); use rope='post'"
         )
+    batch_size, device = tokens.positions.shape[0], spec.states.device
+    shapes = [tuple(t.shape) for t in rotary] if _is_cos_sin(rotary) else None
+    if (
+        shapes is None
+        or shapes[0] != shapes[1]
+        or not (len(shapes[0]) == 2 or (len(shapes[0]) == 3 and shapes[0][0] in (1, batch_size)))
+    ):
+        raise ConfigError(  # (a release that shapes cos/sin for the heads already: (B, 1, T, R))
+            f"rope='pre': {type(module).__name__} applied cos/sin shaped {shapes}, where qk-attn reads (T, R) or "
+            "(batch or 1, T, R) per token; use rope='post'"
+        )
     count, row, position, bucket, vectors = select_rows(spec)
     per_token = spec._replace(token_offset=0, heads=one_head, out_dtype=torch.float32)
-    batch_size, device = tokens.positions.shape[0], spec.states.device
     cos, sin = (select_rows(per_token._replace(states=as_states(t, batch_size, device)))[4] for t in rotary)
     vectors = invert_rope(module, spec.kind, vectors, position, (cos, sin)).to(vector_dtype)
     token_id = None

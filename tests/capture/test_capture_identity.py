@@ -529,6 +529,20 @@ def test_pre_rope_without_the_applied_cos_sin_is_refused_and_records_nothing(mon
     assert s.sink.committed == [] and s.table() is None
 
 
+def test_pre_rope_with_cos_sin_shaped_otherwise_is_refused_in_one_line(monkeypatch):
+    """A release whose rotary class shapes cos/sin for the heads already, (B, 1, T, R): refused, not
+    an IndexError from the gather."""
+    from qk_attn.capture import attention
+
+    model = build("llama3", "qk_sniff")
+    applied = attention.applied_rotary
+    monkeypatch.setattr(attention, "applied_rotary", lambda m: tuple(t[:, None] for t in applied(m, max_depth=5)))
+    with pytest.raises(ConfigError, match=r"^rope='pre': LlamaAttention applied cos/sin shaped \[\(1, 1, 5, 16\)"):
+        with qk_attn.session(sampler="all", rope="pre") as s:
+            model(input_ids=_tokens(5))
+    assert s.sink.committed == []
+
+
 @pytest.mark.parametrize("dtype, median, worst", [(torch.bfloat16, 2.5e-3, 6e-3), (torch.float16, 4e-4, 1e-3)])
 def test_pre_rope_in_low_precision_is_within_the_documented_error(dtype, median, worst):
     """The README's numbers: rows against the projection (or q/k-norm) output the model computed."""
