@@ -10,7 +10,7 @@ import random
 from dataclasses import dataclass, field
 
 from qk_attn.config import SniffConfig
-from qk_attn.errors import ConfigError
+from qk_attn.errors import CaptureError, ConfigError
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,14 @@ class ModelShape:
     def from_module(cls, module, query, key) -> ModelShape:
         """Read the shape from an attention module and the tensors it was called with."""
         config = module.config
+        for setting, tensor, got in (("num_attention_heads", "query", query), ("num_key_value_heads", "key", key)):
+            said = getattr(config, setting, None)
+            if isinstance(said, int) and said != got.shape[1]:  # heads are axis 1 of (B, H, T, D)
+                raise CaptureError(
+                    f"qk_sniff: {type(module).__name__} called attention with a {tensor} of shape {tuple(got.shape)}, "
+                    f"whose axis 1 is not the config's {setting}={said}: its heads are repeated, or it is not laid "
+                    "out (batch, heads, tokens, head_dim) as qk-attn reads it; not recorded"
+                )
         layer_types = getattr(config, "layer_types", None)
         return cls(
             num_layers=config.num_hidden_layers,

@@ -184,6 +184,13 @@ class SequenceTracker(ForwardTracker):
         # Once per sequence and commit: the committed ids are copied to be read, O(committed) per forward.
         if sequence is None or sequence.checked != self._commits:
             committed = set(ids) & self._committed_now()
+            if committed and sequence is not None:  # env mode names no ids: say where they came from
+                raise ValueError(
+                    f"this forward continues the cache of examples {sorted(committed)}, which a commit() or "
+                    "flush() since its last forward committed: a committed example is complete, so rows are "
+                    "never added to it; commit or flush after a sequence's last forward, or call "
+                    "session.begin(ids) before this one to record it under new ids"
+                )
             if committed:
                 raise ValueError(
                     f"example ids {sorted(committed)} are already committed in this output; "

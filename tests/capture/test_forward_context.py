@@ -636,5 +636,5 @@ def test_continuing_a_committed_sequence_is_refused_and_decode_steps_do_not_copy
         model(input_ids=ids[:, 6:7], **cache_kw(cache))
         assert not reads  # nothing was committed since the sequence began
         s.commit()
-        with pytest.raises(ValueError, match=r"example ids \[4\] are already committed"):
+        with pytest.raises(ValueError, match=r"continues the cache of examples \[4\], which a commit\(\) or flush\(\)"):
             model(input_ids=ids[:, 7:], **cache_kw(cache))
