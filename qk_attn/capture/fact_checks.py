@@ -68,21 +68,28 @@ def mask_functions() -> str | None:
     return None
 
 
+MASK_BUILDERS = ("create_causal_mask", "create_sliding_window_causal_mask", "create_chunked_causal_mask")
+
+
 def mask_call_keywords() -> str | None:
-    """transformers' mask builders call `mask_interface(...)` with these keywords and `config=`."""
+    """transformers' causal mask builders (full, sliding and chunked: all-sliding models build only the
+    second) call `mask_interface(...)` with these keywords and `config=`."""
     from transformers import masking_utils
 
-    tree = ast.parse(inspect.getsource(masking_utils.create_causal_mask))
-    calls = [
-        node
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "mask_interface"
-    ]
-    if not calls:
-        return "create_causal_mask calls no mask_interface(...)"
-    keywords = {k.arg for k in calls[0].keywords}
-    missing = [k for k in (*MASK_KEYWORDS, "config") if k not in keywords]
-    return f"mask_interface called with {sorted(keywords)}" if missing else None
+    for builder in MASK_BUILDERS:
+        tree = ast.parse(inspect.getsource(getattr(masking_utils, builder)))
+        calls = [
+            node
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "mask_interface"
+        ]
+        if not calls:
+            return f"{builder} calls no mask_interface(...)"
+        for call in calls:
+            keywords = {k.arg for k in call.keywords}
+            if any(k not in keywords for k in (*MASK_KEYWORDS, "config")):
+                return f"{builder} calls mask_interface with {sorted(k for k in keywords if k)}"
+    return None
 
 
 ATTENTION_PARAMETERS = ["module", "query", "key", "value", "attention_mask"]

@@ -121,7 +121,8 @@ FACTS: tuple[Fact, ...] = (
     ),
     Fact(
         "mask_call_keywords",
-        f"create_causal_mask calls the registered mask with {MASK_KEYWORDS} and config=",
+        f"create_causal_mask, create_sliding_window_causal_mask and create_chunked_causal_mask call the "
+        f"registered mask with {MASK_KEYWORDS} and config=",
         mask_call_keywords,
     ),
     Fact(

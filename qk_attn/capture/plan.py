@@ -25,14 +25,20 @@ class ModelShape:
     def from_module(cls, module, query, key) -> ModelShape:
         """Read the shape from an attention module and the tensors it was called with."""
         config = module.config
-        for setting, tensor, got in (("num_attention_heads", "query", query), ("num_key_value_heads", "key", key)):
-            said = getattr(config, setting, None)
-            if isinstance(said, int) and said != got.shape[1]:  # heads are axis 1 of (B, H, T, D)
-                raise CaptureError(
-                    f"qk_sniff: {type(module).__name__} called attention with a {tensor} of shape {tuple(got.shape)}, "
-                    f"whose axis 1 is not the config's {setting}={said}: its heads are repeated, or it is not laid "
-                    "out (batch, heads, tokens, head_dim) as qk-attn reads it; not recorded"
-                )
+        heads, groups = _config_int(config, "num_attention_heads"), getattr(module, "num_key_value_groups", 1)
+        # Heads are axis 1 of (B, H, T, D). A module that groups query heads over key heads (GQA) and
+        # hands attention as many key heads as query heads repeated them before the call.
+        if heads is not None and query.shape[1] != heads:
+            found = f"a query of shape {tuple(query.shape)}, whose axis 1 is not num_attention_heads={heads}"
+        elif isinstance(groups, int) and groups > 1 and key.shape[1] == query.shape[1]:
+            found = f"keys of {key.shape[1]} heads, repeated for its num_key_value_groups={groups}"
+        else:
+            found = None
+        if found:
+            raise CaptureError(
+                f"qk_sniff: {type(module).__name__} called attention with {found}: not laid out (batch, heads, "
+                "tokens, head_dim) with the model's own heads, as qk-attn reads it; not recorded"
+            )
         layer_types = getattr(config, "layer_types", None)
         return cls(
             num_layers=config.num_hidden_layers,
@@ -47,6 +53,16 @@ class ModelShape:
         or "chunked-attention" (Llama 4), else None."""
         kind = self.layer_types[layer] if self.layer_types and layer < len(self.layer_types) else ""
         return "sliding-window" if "sliding" in kind else "chunked-attention" if "chunked" in kind else None
+
+
+def _config_int(config, name: str) -> int | None:
+    """An int setting of `config`, None where it has none or one per layer (reading the global value of
+    a heterogeneous config raises in transformers >= 5.25)."""
+    try:
+        value = getattr(config, name, None)
+    except Exception:
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def check_in_range(config: SniffConfig, shape: ModelShape) -> None:

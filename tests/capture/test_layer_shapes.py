@@ -8,7 +8,7 @@ import torch
 
 import qk_attn
 from qk_attn.errors import CaptureError
-from support.models import gemma4, padded_batch
+from support.models import build, gemma4, padded_batch
 from support.run import all_rows
 
 torch.set_grad_enabled(False)
@@ -53,3 +53,20 @@ def test_layers_with_other_head_counts_are_refused(first):
         with pytest.raises(CaptureError, match=r"layer 1 has 4 query and [12] key/value heads where the model's first"):
             model(**padded_batch("left"))
         assert s.table() is None or s.table().num_rows == 0
+
+
+@pytest.mark.parametrize("change", ["repeated keys", "tokens before heads"])
+def test_attention_called_with_other_heads_than_the_configs_is_refused(change):
+    """A release that repeats the key heads for GQA before the attention call, or hands it
+    (B, T, H, D): rows would be recorded under heads the model does not have."""
+    from qk_attn.capture.plan import ModelShape
+
+    module = build("llama3", "qk_sniff").model.layers[0].self_attn  # 4 query heads, 2 key/value heads
+    query, key = torch.zeros(1, 4, 5, 16), torch.zeros(1, 2, 5, 16)
+    assert ModelShape.from_module(module, query, key).num_kv_heads == 2
+    if change == "repeated keys":
+        key, why = key.repeat_interleave(2, 1), "keys of 4 heads, repeated for its num_key_value_groups=2"
+    else:
+        query, key, why = query.transpose(1, 2), key.transpose(1, 2), "axis 1 is not num_attention_heads=4"
+    with pytest.raises(CaptureError, match=why):
+        ModelShape.from_module(module, query, key)

@@ -158,6 +158,20 @@ def test_a_sample_loop_that_changes_what_frames_read_breaks_a_fact(edit, found, 
     assert finding.fact == "generation_frames" and found in finding.found
 
 
+def test_a_sliding_mask_builder_that_passes_the_mask_under_another_keyword_breaks_a_fact(tmp_path, monkeypatch):
+    """All-sliding models (Mistral with a window) build only the sliding mask: a builder that hands the
+    2-D mask over as `padding_mask=` would give qk_sniff no padding, and padding would be recorded."""
+    from transformers import masking_utils
+
+    edit = (
+        "        attention_mask=attention_mask,\n        allow_is",
+        "        padding_mask=attention_mask,\n        allow_is",
+    )
+    redefine(masking_utils, "create_sliding_window_causal_mask", [edit], tmp_path, monkeypatch)
+    (finding,) = facts.check_all()
+    assert finding.fact == "mask_call_keywords" and "create_sliding_window_causal_mask calls" in finding.found
+
+
 def test_a_sample_loop_renamed_with_an_alias_breaks_a_fact(monkeypatch):
     """frames tells the decoding loop by its code's name: `_sample = _decode` keeps the attribute but
     not the name (the finished rows' padding would be recorded as tokens)."""
