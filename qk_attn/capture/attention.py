@@ -83,6 +83,7 @@ class ModuleFacts(NamedTuple):
     layer: int
     cross: bool  # `is_cross_attention`
     sliding_window: int | None  # the module's own, for calls whose kwargs do not pass one
+    windowed: bool  # the config gives this layer a sliding window (`config_windowed`)
 
 
 def module_facts(module) -> ModuleFacts:
@@ -100,7 +101,21 @@ def module_facts(module) -> ModuleFacts:
             f"qk_sniff: {type(module).__name__} belongs to an encoder-decoder model; qk-attn records "
             "decoder-only models (their self-attention positions and caches)"
         )
-    return ModuleFacts(layer, is_cross_attention(module), getattr(module, "sliding_window", None))
+    windowed = config_windowed(module.config, layer)
+    return ModuleFacts(layer, is_cross_attention(module), getattr(module, "sliding_window", None), windowed)
+
+
+def config_windowed(config, layer: int) -> bool:
+    """Whether `config` gives `layer` a sliding window: its layer_types say "sliding", or, without
+    layer_types, it sets an int sliding_window (Mistral: every layer) not switched off by use_sliding_window."""
+    try:
+        types = getattr(config, "layer_types", None)
+        if types:
+            return layer < len(types) and "sliding" in str(types[layer])
+        window = getattr(config, "sliding_window", None)
+        return isinstance(window, int) and getattr(config, "use_sliding_window", True) is not False
+    except Exception:  # a per-layer setting read globally (transformers >= 5.25's heterogeneous configs)
+        return False
 
 
 def refuse_packed(kwargs: dict) -> None:

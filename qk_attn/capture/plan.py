@@ -28,8 +28,8 @@ class ModelShape:
         heads, groups = _config_int(config, "num_attention_heads"), getattr(module, "num_key_value_groups", 1)
         # Heads are axis 1 of (B, H, T, D). A module that groups query heads over key heads (GQA) and
         # hands attention as many key heads as query heads repeated them before the call.
-        if heads is not None and query.shape[1] != heads:
-            found = f"a query of shape {tuple(query.shape)}, whose axis 1 is not num_attention_heads={heads}"
+        if heads is not None and query.shape[1] != heads == query.shape[2]:  # (B, T, H, D)
+            found = f"a query of shape {tuple(query.shape)}, whose heads (num_attention_heads={heads}) are axis 2"
         elif isinstance(groups, int) and groups > 1 and key.shape[1] == query.shape[1]:
             found = f"keys of {key.shape[1]} heads, repeated for its num_key_value_groups={groups}"
         else:

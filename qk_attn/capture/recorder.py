@@ -151,6 +151,12 @@ class Session(SequenceTracker):
             )
         self._start_sequence(forward)
         sliding_window = kwargs.get("sliding_window", facts.sliding_window)
+        if sliding_window is None and facts.windowed:  # rows would be labelled full attention
+            raise CaptureError(
+                f"qk_sniff: layer {layer} of this {getattr(module.config, 'model_type', '')} model has a sliding "
+                "window by its config, but its attention call passed none (no sliding_window= and no "
+                f"{type(module).__name__}.sliding_window), so its rows could not be labelled; not recorded"
+            )
         if layer in model.plan.excluded_layers:
             return
         if self.config.full_attention_only and sliding_window is not None:

@@ -67,6 +67,10 @@ def test_attention_called_with_other_heads_than_the_configs_is_refused(change):
     if change == "repeated keys":
         key, why = key.repeat_interleave(2, 1), "keys of 4 heads, repeated for its num_key_value_groups=2"
     else:
-        query, key, why = query.transpose(1, 2), key.transpose(1, 2), "axis 1 is not num_attention_heads=4"
+        query, key, why = (
+            query.transpose(1, 2),
+            key.transpose(1, 2),
+            "whose heads \\(num_attention_heads=4\\) are axis 2",
+        )
     with pytest.raises(CaptureError, match=why):
         ModelShape.from_module(module, query, key)

@@ -158,6 +158,23 @@ def test_a_sample_loop_that_changes_what_frames_read_breaks_a_fact(edit, found, 
     assert finding.fact == "generation_frames" and found in finding.found
 
 
+def test_a_sliding_layer_whose_call_passes_no_window_is_refused_not_labelled_full(tmp_path, monkeypatch):
+    """A release of Mistral that stops passing sliding_window= to the attention call: its rows would be
+    labelled full attention (and full_attention_only would record them)."""
+    import transformers.models.mistral.modeling_mistral as modeling_mistral
+
+    model = tf.MistralForCausalLM(tf.MistralConfig(**COMMON, sliding_window=4)).eval()
+    model.set_attn_implementation("qk_sniff")
+    with qk_attn.session(sampler="all", layers="0") as s:
+        model(**padded_batch("left"))
+    assert set(s.table()["sliding_window"].to_pylist()) == {4}
+    edit = ('sliding_window=getattr(self.config, "sliding_window", None),  # main diff with Llama', "")
+    redefine(modeling_mistral.MistralAttention, "forward", [edit], tmp_path, monkeypatch)
+    with pytest.raises(CaptureError, match=r"layer 0 of this mistral model has a sliding window by its config, but"):
+        with qk_attn.session(sampler="all", full_attention_only=False):
+            model(**padded_batch("left"))
+
+
 def test_a_sliding_mask_builder_that_passes_the_mask_under_another_keyword_breaks_a_fact(tmp_path, monkeypatch):
     """All-sliding models (Mistral with a window) build only the sliding mask: a builder that hands the
     2-D mask over as `padding_mask=` would give qk_sniff no padding, and padding would be recorded."""
