@@ -12,6 +12,7 @@ import ast
 import importlib
 import inspect
 import sys
+import textwrap
 
 NAME = "qk_sniff"
 
@@ -230,7 +231,21 @@ def model_forward_locals() -> str | None:
             return f"{name}.forward{tuple(params)}"
         if "create_causal_mask" not in forward.__code__.co_names:
             return f"{name}.forward does not call create_causal_mask itself"
+        if not _rotates_by_position_ids(forward):  # frames key rows by that local
+            return f"{name}.forward does not call self.rotary_emb(..., position_ids)"
     return None
+
+
+def _rotates_by_position_ids(forward) -> bool:
+    """`forward` hands its own `position_ids` local, as it is, to `self.rotary_emb`: the positions RoPE
+    uses are the ones frames.model_forward reads."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(forward)))
+    return any(
+        isinstance(node, ast.Call)
+        and ast.unparse(node.func) == "self.rotary_emb"
+        and any(ast.unparse(a) == "position_ids" for a in (*node.args, *(k.value for k in node.keywords)))
+        for node in ast.walk(tree)
+    )
 
 
 def init_sets(cls) -> set[str]:

@@ -168,7 +168,7 @@ FACTS: tuple[Fact, ...] = (
     Fact(
         "model_forward_locals",
         "the base model's forward(self, input_ids, ..., position_ids, cache or "
-        "past_key_values) calls create_causal_mask itself",
+        "past_key_values) calls create_causal_mask itself and self.rotary_emb(..., position_ids)",
         model_forward_locals,
     ),
     Fact(

@@ -189,6 +189,23 @@ def test_a_sliding_mask_builder_that_passes_the_mask_under_another_keyword_break
     assert finding.fact == "mask_call_keywords" and "create_sliding_window_causal_mask calls" in finding.found
 
 
+def _forward_rotating_other_positions(self, input_ids=None, attention_mask=None, position_ids=None, cache=None):
+    """LlamaModel.forward as a release might write it: RoPE gets positions computed in a new local."""
+    mask = create_causal_mask(config=self.config, attention_mask=attention_mask)  # noqa: F821 (never run)
+    rope_positions = attention_mask.cumsum(-1) - 1
+    return self.rotary_emb(input_ids, position_ids=rope_positions), mask
+
+
+def test_a_model_forward_that_rotates_by_other_positions_breaks_a_fact(monkeypatch):
+    """Rows are keyed by the model forward's `position_ids` local: a release that hands its rotary
+    embedding other positions (padding-aware ones in a new local) would mislabel every row."""
+    monkeypatch.setattr(modeling_llama.LlamaModel, "forward", _forward_rotating_other_positions)
+    (finding,) = facts.check_all()
+    assert (
+        finding.fact == "model_forward_locals" and "does not call self.rotary_emb(..., position_ids)" in finding.found
+    )
+
+
 def test_a_sample_loop_renamed_with_an_alias_breaks_a_fact(monkeypatch):
     """frames tells the decoding loop by its code's name: `_sample = _decode` keeps the attribute but
     not the name (the finished rows' padding would be recorded as tokens)."""
