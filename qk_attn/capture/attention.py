@@ -83,7 +83,7 @@ class ModuleFacts(NamedTuple):
     layer: int
     cross: bool  # `is_cross_attention`
     sliding_window: int | None  # the module's own, for calls whose kwargs do not pass one
-    windowed: bool  # the config gives this layer a sliding window (`config_windowed`)
+    windowed: bool  # its config's layer_types give it a sliding window (`config_windowed`)
 
 
 def module_facts(module) -> ModuleFacts:
@@ -106,16 +106,13 @@ def module_facts(module) -> ModuleFacts:
 
 
 def config_windowed(config, layer: int) -> bool:
-    """Whether `config` gives `layer` a sliding window: its layer_types say "sliding", or, without
-    layer_types, it sets an int sliding_window (Mistral: every layer) not switched off by use_sliding_window."""
+    """Whether `config.layer_types` give `layer` a sliding window (transformers builds each layer's mask by
+    its type). A config's `sliding_window` alone says nothing: Moshi sets one and attends in full."""
     try:
         types = getattr(config, "layer_types", None)
-        if types:
-            return layer < len(types) and "sliding" in str(types[layer])
-        window = getattr(config, "sliding_window", None)
-        return isinstance(window, int) and getattr(config, "use_sliding_window", True) is not False
     except Exception:  # a per-layer setting read globally (transformers >= 5.25's heterogeneous configs)
         return False
+    return bool(types) and layer < len(types) and "sliding" in str(types[layer])
 
 
 def refuse_packed(kwargs: dict) -> None:

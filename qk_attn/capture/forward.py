@@ -55,6 +55,7 @@ class ForwardContext:
         self.past = past
         self.attention_mask = attention_mask
         self.key_slots: dict[int, int | None] = {}  # kv_length -> slot of new token 0 (None: ambiguous)
+        self.local_masks: set[bool] = set()  # which mask kinds it built: {True}: only local ones (Mistral)
         self.used = False  # an attention call has looked this context up
         self.grad_enabled = torch.is_grad_enabled()  # at its start (outside any reentrant checkpoint)
         self.training: bool | None = None  # a training forward (not recorded): decided at its first call
@@ -104,7 +105,8 @@ class ForwardContext:
         if cache is not None:
             self.cache = cache
 
-    def add_mask_kind(self, kv_length: int, kv_offset: int) -> None:
+    def add_mask_kind(self, kv_length: int, kv_offset: int, local_size=None) -> None:
+        self.local_masks.add(local_size is not None)  # a sliding (or chunked) mask kind: local_size
         slot = self.past - int(kv_offset)
         if self.key_slots.setdefault(int(kv_length), slot) != slot:
             self.key_slots[int(kv_length)] = None

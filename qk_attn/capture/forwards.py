@@ -55,13 +55,15 @@ class ForwardTracker:
         return entry if isinstance(entry, ForwardContext) and entry.config is config else None
 
     # ---- a forward's start and end, and its mask: once per forward and mask kind ------
-    def on_mask(self, config, batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask) -> None:
+    def on_mask(
+        self, config, batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask, local_size=None
+    ) -> None:
         require_facts()  # what the capture reads of transformers' internals holds (checked once)
         entry = self._forwards.get(id(config))
         forward = entry if isinstance(entry, ForwardContext) and entry.config is config else None
         _refuse_concurrent(forward)
         if forward is not None and not forward.used:
-            forward.add_mask_kind(kv_length, kv_offset)  # another mask kind of the same forward
+            forward.add_mask_kind(kv_length, kv_offset, local_size)  # another mask kind of the same forward
             return
         if forward is not None:
             self._retire(forward)
@@ -97,7 +99,7 @@ class ForwardTracker:
         else:
             self._find_end(forward, caller.module, config)
         self._forwards[id(config)] = forward
-        forward.add_mask_kind(kv_length, kv_offset)
+        forward.add_mask_kind(kv_length, kv_offset, local_size)
 
     @staticmethod
     def _find_end(forward: ForwardContext, module, config) -> None:

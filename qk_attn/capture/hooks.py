@@ -51,8 +51,11 @@ def _noting_context(mask_fn, batch_size, q_length, kv_length, q_offset=0, kv_off
 
     session = current_session()
     if session is not None:
-        check_recorded(kwargs.get("config"), mask_fn)
-        session.on_mask(kwargs.get("config"), batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask)
+        config = kwargs.get("config")
+        check_recorded(config, mask_fn)
+        # local_size: the window of a sliding (or chunked) mask kind (fact mask_call_keywords)
+        local_size = kwargs.get("local_size")
+        session.on_mask(config, batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask, local_size)
     return mask_fn(
         batch_size=batch_size,
         q_length=q_length,

@@ -151,11 +151,14 @@ class Session(SequenceTracker):
             )
         self._start_sequence(forward)
         sliding_window = kwargs.get("sliding_window", facts.sliding_window)
-        if sliding_window is None and facts.windowed:  # rows would be labelled full attention
+        # A layer that attends through a sliding window by its layer type, or in a forward that built only
+        # local masks (Mistral), and passed none: its rows would be labelled full attention.
+        if sliding_window is None and (facts.windowed or forward.local_masks == {True}) and not cross:
             raise CaptureError(
-                f"qk_sniff: layer {layer} of this {getattr(module.config, 'model_type', '')} model has a sliding "
-                "window by its config, but its attention call passed none (no sliding_window= and no "
-                f"{type(module).__name__}.sliding_window), so its rows could not be labelled; not recorded"
+                f"qk_sniff: layer {layer} of this {getattr(module.config, 'model_type', '')} model attends through "
+                "a sliding window (its layer type, or the only mask its forward built), but its attention call "
+                f"passed none (no sliding_window= and no {type(module).__name__}.sliding_window), so its rows could "
+                "not be labelled; not recorded"
             )
         if layer in model.plan.excluded_layers:
             return

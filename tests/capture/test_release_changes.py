@@ -170,7 +170,10 @@ def test_a_sliding_layer_whose_call_passes_no_window_is_refused_not_labelled_ful
     assert set(s.table()["sliding_window"].to_pylist()) == {4}
     edit = ('sliding_window=getattr(self.config, "sliding_window", None),  # main diff with Llama', "")
     redefine(modeling_mistral.MistralAttention, "forward", [edit], tmp_path, monkeypatch)
-    with pytest.raises(CaptureError, match=r"layer 0 of this mistral model has a sliding window by its config, but"):
+    with pytest.raises(
+        CaptureError,
+        match=r"layer 0 of this mistral model attends through a sliding window \(its layer type, or the only mask",
+    ):
         with qk_attn.session(sampler="all", full_attention_only=False):
             model(**padded_batch("left"))
 
