@@ -248,7 +248,7 @@ def other_model(manifest: dict, model: dict) -> dict | None:
         return None
     both = old.get("revision") and model.get("revision")
     differs = (old.get("revision") != model.get("revision")) if both else (old.get("id") != model.get("id"))
-    for key in ("model_type", "dtype"):
+    for key in ("model_type", "dtype", "files"):  # "files": a local folder's fingerprint
         differs = differs or (old.get(key) and model.get(key) and old[key] != model[key])
     return old if differs else None
 
@@ -260,7 +260,8 @@ def shape_differences(manifest: dict, plan: dict) -> list[SettingDifference]:
 
 
 def _model_words(model: dict) -> str:
-    return f"{model.get('id')!r} ({model.get('model_type')}, {model.get('dtype')}, revision {model.get('revision')})"
+    files = f", weight files sha256 {model['files']['sha256'][:12]}..." if model.get("files") else ""
+    return f"{model.get('id')!r} ({model.get('model_type')}, {model.get('dtype')}, revision {model.get('revision')}{files})"
 
 
 def check_same_model(output: Path, manifest: dict, model: dict, plan: dict) -> None:

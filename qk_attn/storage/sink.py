@@ -33,7 +33,7 @@ from qk_attn.storage.folder import open_capture, release_lock, take_lock
 from qk_attn.storage.layout import Files
 from qk_attn.storage.manifest import read_manifest, vocabulary_digest
 from qk_attn.storage.saver import _STOP, SaverThread, _Flush
-from qk_attn.storage.settings import check_same_model
+from qk_attn.storage.settings import check_same_model, local_fingerprint
 from qk_attn.storage.shards import Writers
 from qk_attn.storage.transfer import Sender, Transfer
 
@@ -153,6 +153,11 @@ class ParquetSink(SaverThread, Sink):
             "dtype": str(getattr(model_config, "dtype", None) or "").replace("torch.", "") or None,
             "model_type": getattr(model_config, "model_type", None),
         }
+        # A model loaded from a local folder: its config and weight files, so a folder whose weights were
+        # replaced (a checkpoint saved again under one path) is another model (settings.local_fingerprint).
+        files = local_fingerprint(model["id"], "model")
+        if files is not None:
+            model["files"] = files
         plan_dict = plan.to_dict()
         with self._manifest_lock:
             if self._manifest["examples"]:

@@ -198,3 +198,29 @@ def test_a_folder_with_nothing_committed_takes_the_next_runs_settings(tmp_path):
     manifest = read_manifest(out)
     assert manifest["config"]["layers"] == [1] and list(manifest["examples"]) == ["0"]
     assert verify_dataset(out, log=lambda *_: None) == []
+
+
+def test_a_local_model_folder_with_other_weights_does_not_resume_into_the_capture(tmp_path):
+    """A checkpoint saved again under one path (same name, type and dtype) is another model: its rows
+    are refused, not mixed with the first weights' (the folder's config and weight files are fingerprinted)."""
+    import pytest
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import qk_attn
+    from support.models import build
+
+    folder, out = tmp_path / "checkpoint", tmp_path / "out"
+    ids = torch.randint(2, 90, (1, 6))
+    for seed, example in ((0, 0), (0, 1), (1, 2)):
+        build("llama3", seed=seed).save_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="qk_sniff").eval()
+        with torch.no_grad(), qk_attn.session(output=out, sampler="all", layers="0") as s:
+            s.begin([example])
+            if seed == 0:  # the same weights saved again: the capture resumes
+                model(input_ids=ids)
+            else:
+                with pytest.raises(ValueError, match=r"holds captures of model .*weight files sha256"):
+                    model(input_ids=ids)
+    assert sorted(read_manifest(out)["examples"]) == ["0", "1"]
+    assert verify_dataset(out, log=lambda *_: None) == []
