@@ -61,6 +61,27 @@ MANUAL_BRANCHES: dict[Branch, str] = {
         "is_flash_attention_requested(requested_attention_implementation=repo_id, version=flash_attn_version)",
     ): HUB_NAMES,
     Branch("integrations/msa_attention.py", "attn_implementation.split('|')"): HUB_NAMES,
+    Branch("integrations/hub_kernels.py", "':' in actual_attn_name"): HUB_NAMES,
+    Branch("integrations/hub_kernels.py", "actual_attn_name.split(':')"): HUB_NAMES,
+    **{
+        Branch("modeling_flash_attention_utils.py", f"fa_fallback_version == {version}"): FLASH_ONLY
+        for version in (2, 3, 4)
+    },
+    Branch(
+        "modeling_flash_attention_utils.py", "FLASH_ATTN_KERNEL_FALLBACK.get(implementation, implementation)"
+    ): FLASH_ONLY,
+    Branch("modeling_utils.py", "FLASH_ATTENTION_COMPATIBILITY_MATRIX[fa_version]"): FLASH_ONLY,
+    Branch("modeling_utils.py", "super().get(attn_implementation, default)"): (
+        "harmless for qk_sniff because it is the attention registry's own lookup (AttentionInterface.get_interface), "
+        "in which qk_sniff is registered"
+    ),
+    Branch("modeling_utils.py", "attn_implementation.get('', self.config._attn_implementation)"): LOAD_NAME,
+    Branch("modeling_utils.py", "implementation.get(subconfig_key, subconfig._attn_implementation)"): LOAD_NAME,
+    Branch("modeling_utils.py", "sub_implementation.get('', subconfig._attn_implementation)"): LOAD_NAME,
+    Branch(
+        "modeling_utils.py",
+        "subconfig_implementations.get(id(submodule.config), (None, None, requested_implementation))",
+    ): LOAD_NAME,
     Branch(
         "masking_utils.py", "config._attn_implementation not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping"
     ): MASK_REGISTERED,

@@ -56,12 +56,22 @@ def _holds_name(node: ast.AST) -> bool:
     )
 
 
-def _name_condition(node: ast.AST) -> bool:
-    """A comparison, call, method call or table lookup that tests an attention implementation's name."""
+def _name_condition(node: ast.AST, aliases: frozenset[str] = frozenset()) -> bool:
+    """A comparison, call, method call, table lookup or `match` that tests an attention implementation's
+    name (held by a NAME_HOLDERS identifier, or by a local of the function assigned from one: `aliases`)."""
     if isinstance(node, ast.Subscript):  # CLASSES[config._attn_implementation]; the registries are facts
         if ast.unparse(node.value) in REGISTRIES:
             return False
         operands = (node.slice,)
+    elif isinstance(node, ast.Match):
+        operands = (node.subject,)
+    elif (  # TABLE.get(config._attn_implementation, default): a lookup by name
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr in ("get", "pop", "setdefault")
+        and ast.unparse(node.func.value) not in REGISTRIES
+    ):
+        operands = tuple(node.args)
     elif isinstance(node, ast.Compare):
         if any(isinstance(op, (ast.Is, ast.IsNot)) for op in node.ops):
             return False  # `is None`: the default implementation, never "qk_sniff"
@@ -79,9 +89,37 @@ def _name_condition(node: ast.AST) -> bool:
         operands = (node.func.value,)
     else:
         return False
-    names = [n for operand in operands for n in ast.walk(operand) if _holds_name(n)]
-    text = ast.unparse(node)
+    names = [
+        n
+        for operand in operands
+        for n in ast.walk(operand)
+        if _holds_name(n) or (isinstance(n, ast.Name) and n.id in aliases)
+    ]
+    text = _condition_text(node)
     return bool(names) and not any(word in text for word in NOT_ATTENTION)
+
+
+def _condition_text(node: ast.AST) -> str:
+    """A branch as NAME_BRANCHES names it: the condition's source (a `match` by its subject)."""
+    return f"match {ast.unparse(node.subject)}" if isinstance(node, ast.Match) else ast.unparse(node)
+
+
+def _aliases(tree: ast.AST) -> dict[int, frozenset[str]]:
+    """id(node) -> the locals of its (innermost) function assigned from an expression that holds an
+    implementation's name (`impl = self.config._attn_implementation`), which then hold it too."""
+    out: dict[int, frozenset[str]] = {}
+    functions = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    for function in functions:  # ast.walk is breadth first: inner functions come later and win
+        names = frozenset(
+            target.id
+            for node in ast.walk(function)
+            if isinstance(node, ast.Assign) and any(_holds_name(n) for n in ast.walk(node.value))
+            for target in node.targets
+            if isinstance(target, ast.Name) and target.id not in NAME_HOLDERS
+        )
+        for node in ast.walk(function):
+            out[id(node)] = names
+    return out
 
 
 def transformers_root() -> Path:
@@ -109,9 +147,10 @@ def file_branches(path: Path, relative: str) -> dict[Branch, list[int]]:
 def tree_branches(tree: ast.AST, relative: str) -> dict[Branch, list[int]]:
     """The same, in a parsed source file."""
     found: dict[Branch, list[int]] = {}
+    aliases = _aliases(tree)
     for node in ast.walk(tree):
-        if _name_condition(node):
-            found.setdefault(Branch(relative, ast.unparse(node)), []).append(node.lineno)
+        if _name_condition(node, aliases.get(id(node), frozenset())):
+            found.setdefault(Branch(relative, _condition_text(node)), []).append(node.lineno)
     return found
 
 
@@ -128,6 +167,8 @@ def outcome(condition: str, name: str):
     the name (another variable, a registry) and so cannot be decided from the source alone."""
     from transformers.utils.generic import is_flash_attention_requested
 
+    if condition.startswith("match "):  # a `match` statement: its cases are not read
+        return None
     node = ast.parse(condition, mode="eval").body
     try:
         if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "is_flash_attention_requested":

@@ -47,6 +47,35 @@ def test_a_new_branch_on_the_implementation_name_in_the_modeling_file_is_refused
             model(**padded_batch("left"))
 
 
+NEW_BRANCH_FORMS = {
+    "an alias": (
+        '        impl = self.config._attn_implementation\n        if impl == "sdpa":\n'
+        "            attention_mask = attention_mask\n",
+        r"\(impl == 'sdpa'\)",
+    ),
+    "a match": (
+        "        match self.config._attn_implementation:\n            case 'sdpa':\n"
+        "                attention_mask = attention_mask\n",
+        r"\(match self.config._attn_implementation\)",
+    ),
+    "a table lookup": (
+        "        attention_mask = {'sdpa': attention_mask}.get(self.config._attn_implementation, attention_mask)\n",
+        r"\(\{'sdpa': attention_mask\}.get\(self.config._attn_implementation, attention_mask\)\)",
+    ),
+}
+
+
+@pytest.mark.parametrize("form", NEW_BRANCH_FORMS)
+def test_a_new_branch_written_another_way_is_refused_too(form, fresh_checks, tmp_path, monkeypatch):
+    """A release may test the name through a local alias, a `match` or a table's `.get`: still a branch."""
+    code, condition = NEW_BRANCH_FORMS[form]
+    anchor = "        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS"
+    model = build("llama3", "qk_sniff")
+    edit_file(modeling_llama, [(anchor, code + anchor)], tmp_path, monkeypatch)
+    with pytest.raises(CaptureError, match=r"branches on the attention implementation's name " + condition):
+        model(**padded_batch("left"))
+
+
 def test_remote_code_on_a_transformers_config_class_has_its_own_file_checked(fresh_checks, tmp_path, monkeypatch):
     """Remote code may reuse a transformers config class (here LlamaConfig): the config names
     modeling_llama, but the attention runs from the remote file, which is checked at its first call."""
