@@ -77,6 +77,10 @@ MANUAL_BRANCHES: dict[Branch, str] = {
     ),
     Branch("modeling_utils.py", "attn_implementation.get('', self.config._attn_implementation)"): LOAD_NAME,
     Branch("modeling_utils.py", "implementation.get(subconfig_key, subconfig._attn_implementation)"): LOAD_NAME,
+    Branch("modeling_utils.py", "attn_implementation.get(subconfig_key, subconfig._attn_implementation)"): LOAD_NAME,
+    Branch(
+        "modeling_utils.py", "attn_implementation.get(subconfig_key, submodule.config._attn_implementation)"
+    ): LOAD_NAME,
     Branch("modeling_utils.py", "sub_implementation.get('', subconfig._attn_implementation)"): LOAD_NAME,
     Branch(
         "modeling_utils.py",
