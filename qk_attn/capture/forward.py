@@ -57,8 +57,7 @@ class ForwardContext:
         self.key_slots: dict[int, int | None] = {}  # kv_length -> slot of new token 0 (None: ambiguous)
         self.local_masks: set[bool] = set()  # which mask kinds it built: {True}: only local ones (Mistral)
         self.used = False  # an attention call has looked this context up
-        self.grad_enabled = torch.is_grad_enabled()  # at its start (outside any reentrant checkpoint)
-        self.training: bool | None = None  # a training forward (not recorded): decided at its first call
+        self.training: bool | None = None  # a layer of it ran in training mode (not recorded); None: no call yet
         self.recorded = False  # a call got past the layer filters (its rows, maybe none, are taken)
         self.skipped_sliding = False  # a call was skipped as a sliding-window layer (full_attention_only)
         # "running": its model forward has started; "pending": the mask was built before the forward

@@ -245,28 +245,24 @@ class Session(SequenceTracker):
 
     # ---- bookkeeping (host only) -----------------------------------------------------
     def _not_recorded(self, forward, module) -> bool:
-        """No capture while gradients flow (training), decided once per forward: by the grad mode at its
-        start (a reentrant checkpoint turns gradients off inside each layer) and its first layer's mode;
-        a layer in another mode refuses the forward instead of recording it in part. Nor in a checkpoint
-        recompute during backward (its forward was seen)."""
+        """No capture of a forward in training mode, whatever the grad mode (dropout is active, and a
+        checkpoint around the model runs its first pass without gradients), nor of a checkpoint
+        recompute during backward (its forward was seen). A forward is in training mode when any of its
+        layers is: rows its earlier layers took are discarded, so nothing of it is recorded in part."""
         if torch._C._current_graph_task_id() != -1:
             return True
-        training = module.training and (forward.grad_enabled if forward is not None else torch.is_grad_enabled())
-        if forward is not None:
-            if forward.training is None:
-                forward.training = training
-            elif forward.training != training:
-                modes = ("in training mode with gradients on", "not") if training else ("not", "in training mode")
-                raise CaptureError(
-                    f"qk_sniff: layer {getattr(module, 'layer_idx', '?')} of this forward is {modes[0]}, but its "
-                    f"earlier layers are {modes[1]}, so the forward would be recorded in part (training forwards "
-                    "are not recorded); put the whole model in one mode (model.eval() to record it)"
-                )
+        if forward is None:
+            training = module.training
+        else:
+            if module.training and forward.training is False:  # earlier layers were in eval: drop their rows
+                self._discard(forward, f"ran in training mode from layer {getattr(module, 'layer_idx', '?')} on")
+            if forward.training is not True:
+                forward.training = module.training
+            training = forward.training
         if training:
             self._warn_once(
                 "training",
-                "qk-attn: not recording forwards in training mode with gradients enabled "
-                "(call model.eval() or use torch.no_grad() to record)",
+                "qk-attn: not recording forwards in training mode (call model.eval() to record them)",
             )
         return training
 
