@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import operator
-from collections.abc import Iterable
 
 from qk_attn.capture.caches import row_moves
 from qk_attn.capture.forward import ForwardContext
@@ -220,7 +219,9 @@ class SequenceTracker(ForwardTracker):
 def integer_ids(example_ids) -> list[int]:
     """Example ids as Python ints; ValueError for one that is not an integer (9.7 is not example 9, True
     is not example 1) or does not fit the example_id column (int64), or for ids that are not a list."""
-    if isinstance(example_ids, (str, bytes)) or not isinstance(example_ids, Iterable):
+    if getattr(example_ids, "ndim", 1) == 1 and hasattr(example_ids, "tolist"):  # a numpy array, a tensor
+        example_ids = example_ids.tolist()  # (bool elements become bools, refused below)
+    if not isinstance(example_ids, (list, tuple, range)):  # a set or dict has no batch-row order
         raise ValueError(f"example_ids={example_ids!r}: give a list of integer ids, one per batch row")
     example_ids = list(example_ids)
     ids = []

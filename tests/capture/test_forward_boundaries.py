@@ -223,6 +223,9 @@ def test_an_example_discarded_after_a_flush_wrote_its_rows_leaves_the_others_com
         ([-(2**63) - 1], r"holds -9223372036854775809: example ids fit int64"),
         (5, r"^example_ids=5: give a list of integer ids"),
         ("12", r"^example_ids='12': give a list of integer ids"),
+        ({20, 3}, r"^example_ids=\{.*\}: give a list of integer ids"),  # no batch-row order
+        (torch.tensor([True]), r"holds True: example ids are integers"),
+        (torch.tensor(5), r"^example_ids=tensor\(5\): give a list"),
     ],
 )
 def test_example_ids_are_int64_integers_in_a_list(ids, why):
@@ -233,7 +236,7 @@ def test_example_ids_are_int64_integers_in_a_list(ids, why):
     with qk_attn.session(sampler="all") as s:
         with pytest.raises(ValueError, match=why):
             s.begin(ids)
-        s.begin([np.int64(9)])
+        s.begin(np.array([9]))  # a numpy array or tensor of ids is a list of ids
         model(input_ids=_tokens(5, seed=1))
     assert s.sink.committed == [9]
 
