@@ -55,7 +55,7 @@ class ForwardContext:
         self.past = past
         self.attention_mask = attention_mask
         self.key_slots: dict[int, int | None] = {}  # kv_length -> slot of new token 0 (None: ambiguous)
-        self.local_masks: set[bool] = set()  # which mask kinds it built: {True}: only local ones (Mistral)
+        self.mask_windows: set[int | None] = set()  # the windows of the mask kinds it built (None: full)
         self.used = False  # an attention call has looked this context up
         self.training: bool | None = None  # a layer of it ran in training mode (not recorded); None: no call yet
         self.recorded = False  # a call got past the layer filters (its rows, maybe none, are taken)
@@ -105,10 +105,25 @@ class ForwardContext:
             self.cache = cache
 
     def add_mask_kind(self, kv_length: int, kv_offset: int, local_size=None) -> None:
-        self.local_masks.add(local_size is not None)  # a sliding (or chunked) mask kind: local_size
+        self.mask_windows.add(None if local_size is None else int(local_size))  # a sliding (or chunked) kind
         slot = self.past - int(kv_offset)
         if self.key_slots.setdefault(int(kv_length), slot) != slot:
             self.key_slots[int(kv_length)] = None
+
+    def mask_window(self, layer: int, windowed: bool) -> int | None:
+        """The window of a layer whose attention call names none: None for a full-attention layer; for a
+        sliding one (`windowed`: by its layer type), or in a forward that built only local masks (Mistral,
+        PhiMoE), the one window its forward's masks were built with. CaptureError when that is not one."""
+        if not windowed and None in self.mask_windows:
+            return None
+        windows = self.mask_windows - {None}
+        if len(windows) != 1:
+            raise CaptureError(
+                f"qk_sniff: layer {layer} attends through a sliding window, but its attention call passed none and "
+                f"its forward built masks with windows {sorted(windows)}, so its rows could not be labelled; "
+                "not recorded"
+            )
+        return next(iter(windows))
 
     def key_slot(self, layer: int, num_keys: int) -> int:
         """Index along K of the first new key, for a layer whose key tensor has num_keys slots."""

@@ -151,15 +151,8 @@ class Session(SequenceTracker):
             )
         self._start_sequence(forward)
         sliding_window = kwargs.get("sliding_window", facts.sliding_window)
-        # A layer that attends through a sliding window by its layer type, or in a forward that built only
-        # local masks (Mistral), and passed none: its rows would be labelled full attention.
-        if sliding_window is None and (facts.windowed or forward.local_masks == {True}) and not cross:
-            raise CaptureError(
-                f"qk_sniff: layer {layer} of this {getattr(module.config, 'model_type', '')} model attends through "
-                "a sliding window (its layer type, or the only mask its forward built), but its attention call "
-                f"passed none (no sliding_window= and no {type(module).__name__}.sliding_window), so its rows could "
-                "not be labelled; not recorded"
-            )
+        if sliding_window is None and not cross:  # the window its mask was built with, if any
+            sliding_window = forward.mask_window(layer, facts.windowed)
         if layer in model.plan.excluded_layers:
             return
         if self.config.full_attention_only and sliding_window is not None:

@@ -187,24 +187,35 @@ def test_a_sample_loop_that_changes_what_frames_read_breaks_a_fact(edit, found, 
     assert finding.fact == "generation_frames" and found in finding.found
 
 
-def test_a_sliding_layer_whose_call_passes_no_window_is_refused_not_labelled_full(tmp_path, monkeypatch):
-    """A release of Mistral that stops passing sliding_window= to the attention call: its rows would be
-    labelled full attention (and full_attention_only would record them)."""
+@pytest.mark.parametrize("released", [False, True])
+def test_a_sliding_layer_whose_call_passes_no_window_is_labelled_with_its_masks(released, tmp_path, monkeypatch):
+    """A release of Mistral that stops passing sliding_window= to the attention call (as PhiMoE and Doge
+    never do): its forward built only the sliding mask, whose window labels the rows (and
+    full_attention_only still skips them)."""
     import transformers.models.mistral.modeling_mistral as modeling_mistral
 
     model = tf.MistralForCausalLM(tf.MistralConfig(**COMMON, sliding_window=4)).eval()
     model.set_attn_implementation("qk_sniff")
-    with qk_attn.session(sampler="all", layers="0") as s:
+    if released:
+        edit = ('sliding_window=getattr(self.config, "sliding_window", None),  # main diff with Llama', "")
+        redefine(modeling_mistral.MistralAttention, "forward", [edit], tmp_path, monkeypatch)
+    with qk_attn.session(sampler="all") as s:
         model(**padded_batch("left"))
     assert set(s.table()["sliding_window"].to_pylist()) == {4}
-    edit = ('sliding_window=getattr(self.config, "sliding_window", None),  # main diff with Llama', "")
-    redefine(modeling_mistral.MistralAttention, "forward", [edit], tmp_path, monkeypatch)
-    with pytest.raises(
-        CaptureError,
-        match=r"layer 0 of this mistral model attends through a sliding window \(its layer type, or the only mask",
-    ):
-        with qk_attn.session(sampler="all", full_attention_only=False):
+    with pytest.raises(CaptureError, match="full_attention_only=True, but every layer of this mistral model"):
+        with qk_attn.session(sampler="all", full_attention_only=True):
             model(**padded_batch("left"))
+
+
+def test_phimoe_whose_calls_never_pass_a_window_is_labelled_with_its_masks():
+    """PhiMoE builds a sliding mask whenever its config sets sliding_window, and passes no window to
+    the attention call: its rows carry that window (they were labelled full attention)."""
+    config = tf.PhimoeConfig(**COMMON, sliding_window=4, num_local_experts=2, num_experts_per_tok=1)
+    model = tf.PhimoeForCausalLM(config).eval()
+    model.set_attn_implementation("qk_sniff")
+    with qk_attn.session(sampler="all") as s:
+        model(**padded_batch("left"))
+    assert set(s.table()["sliding_window"].to_pylist()) == {4}
 
 
 def test_a_sliding_mask_builder_that_passes_the_mask_under_another_keyword_breaks_a_fact(tmp_path, monkeypatch):
