@@ -64,7 +64,7 @@ class MisnumberedPositions(CaptureError):
         """`seen`: what the first of them looks like, where the host knows it."""
         return cls(
             f"qk_sniff: examples {example_ids}: the positions RoPE used do not count up by one from token to "
-            f"token from 0 to at most 2**31 - 1{f' ({seen})' if seen else ''}; packed documents restart them, right "
+            f"token, or leave 0 to 2**31 - 1{f' ({seen})' if seen else ''}; packed documents restart them, right "
             "padding in generate() repeats them, position_ids that change between a sequence's forwards skip some; "
             "rows could not be keyed by position, so nothing of them is recorded; run one document per batch row, "
             "left-padded, with the same position_ids scheme in every forward"

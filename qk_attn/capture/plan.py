@@ -26,11 +26,13 @@ class ModelShape:
         """Read the shape from an attention module and the tensors it was called with."""
         config = module.config
         heads, groups = _config_int(config, "num_attention_heads"), getattr(module, "num_key_value_groups", 1)
+        latent = getattr(module, "kv_lora_rank", None) is not None
         # Heads are axis 1 of (B, H, T, D). A module that groups query heads over key heads (GQA) and
         # hands attention as many key heads as query heads repeated them before the call.
         if heads is not None and query.shape[1] != heads == query.shape[2]:  # (B, T, H, D)
             found = f"a query of shape {tuple(query.shape)}, whose heads (num_attention_heads={heads}) are axis 2"
-        elif isinstance(groups, int) and groups > 1 and key.shape[1] == query.shape[1]:
+        # (Multi-head latent attention expands its keys per query head from a latent: kv_lora_rank.)
+        elif isinstance(groups, int) and groups > 1 and key.shape[1] == query.shape[1] and not latent:
             found = f"keys of {key.shape[1]} heads, repeated for its num_key_value_groups={groups}"
         else:
             found = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import transformers as tf
 
 import qk_attn
 from qk_attn.errors import CaptureError
@@ -74,3 +75,19 @@ def test_attention_called_with_other_heads_than_the_configs_is_refused(change):
         )
     with pytest.raises(CaptureError, match=why):
         ModelShape.from_module(module, query, key)
+
+
+def test_latent_attention_keys_for_every_query_head_are_not_taken_for_repeated_ones():
+    """DeepSeek-V3's multi-head latent attention expands its keys per query head from a latent, also
+    where its config says fewer key/value heads (num_key_value_groups 2)."""
+    from qk_attn.capture.plan import ModelShape
+
+    config = tf.DeepseekV3Config(
+        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+        v_head_dim=16,
+    )  # fmt: skip
+    module = tf.DeepseekV3ForCausalLM(config).model.layers[0].self_attn
+    assert module.num_key_value_groups == 2
+    shape = ModelShape.from_module(module, torch.zeros(1, 4, 5, 16), torch.zeros(1, 4, 5, 16))
+    assert (shape.num_heads, shape.num_kv_heads) == (4, 4)
