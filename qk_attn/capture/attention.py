@@ -83,7 +83,7 @@ class ModuleFacts(NamedTuple):
     layer: int
     cross: bool  # `is_cross_attention`
     sliding_window: int | None  # the module's own, for calls whose kwargs do not pass one
-    windowed: bool  # its config's layer_types give it a sliding window (`config_windowed`)
+    layer_type: str | None  # its config's layer_types entry (`layer_type`)
 
 
 def module_facts(module) -> ModuleFacts:
@@ -101,18 +101,19 @@ def module_facts(module) -> ModuleFacts:
             f"qk_sniff: {type(module).__name__} belongs to an encoder-decoder model; qk-attn records "
             "decoder-only models (their self-attention positions and caches)"
         )
-    windowed = config_windowed(module.config, layer)
-    return ModuleFacts(layer, is_cross_attention(module), getattr(module, "sliding_window", None), windowed)
+    kind = layer_type(module.config, layer)
+    return ModuleFacts(layer, is_cross_attention(module), getattr(module, "sliding_window", None), kind)
 
 
-def config_windowed(config, layer: int) -> bool:
-    """Whether `config.layer_types` give `layer` a sliding window (transformers builds each layer's mask by
-    its type). A config's `sliding_window` alone says nothing: Moshi sets one and attends in full."""
+def layer_type(config, layer: int) -> str | None:
+    """`config.layer_types[layer]` ("full_attention", "sliding_attention", "chunked_attention", ...; None
+    where the config has none): transformers builds each layer's mask by it. A config's `sliding_window`
+    alone says nothing: Moshi sets one and attends in full."""
     try:
         types = getattr(config, "layer_types", None)
     except Exception:  # a per-layer setting read globally (transformers >= 5.25's heterogeneous configs)
-        return False
-    return bool(types) and layer < len(types) and "sliding" in str(types[layer])
+        return None
+    return str(types[layer]) if types and layer < len(types) else None
 
 
 def refuse_packed(kwargs: dict) -> None:

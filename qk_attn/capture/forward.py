@@ -110,11 +110,14 @@ class ForwardContext:
         if self.key_slots.setdefault(int(kv_length), slot) != slot:
             self.key_slots[int(kv_length)] = None
 
-    def mask_window(self, layer: int, windowed: bool) -> int | None:
-        """The window of a layer whose attention call names none: None for a full-attention layer; for a
-        sliding one (`windowed`: by its layer type), or in a forward that built only local masks (Mistral,
-        PhiMoE), the one window its forward's masks were built with. CaptureError when that is not one."""
-        if not windowed and None in self.mask_windows:
+    def mask_window(self, layer: int, layer_type: str | None) -> int | None:
+        """The window of a layer whose attention call names none. By its `layer_type` (config.layer_types):
+        None for a full or chunked layer, and for a sliding one the one window its forward's masks were
+        built with; without layer types, that window when the forward built only local masks (Mistral,
+        PhiMoE), else None. CaptureError when the masks have several windows."""
+        if layer_type is not None and "sliding" not in layer_type:
+            return None
+        if layer_type is None and None in self.mask_windows:
             return None
         windows = self.mask_windows - {None}
         if len(windows) != 1:

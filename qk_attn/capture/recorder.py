@@ -152,7 +152,7 @@ class Session(SequenceTracker):
         self._start_sequence(forward)
         sliding_window = kwargs.get("sliding_window", facts.sliding_window)
         if sliding_window is None and not cross:  # the window its mask was built with, if any
-            sliding_window = forward.mask_window(layer, facts.windowed)
+            sliding_window = forward.mask_window(layer, facts.layer_type)
         if layer in model.plan.excluded_layers:
             return
         if self.config.full_attention_only and sliding_window is not None:

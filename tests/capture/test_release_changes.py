@@ -218,6 +218,18 @@ def test_phimoe_whose_calls_never_pass_a_window_is_labelled_with_its_masks():
     assert set(s.table()["sliding_window"].to_pylist()) == {4}
 
 
+def test_chunked_layers_are_not_labelled_with_their_chunk_as_a_sliding_window():
+    """Llama 4's chunked layers build only local masks (their chunk) and pass no window: their layer type
+    says chunked, so the chunk size is not taken for a sliding window."""
+    config = tf.Llama4TextConfig(**COMMON, head_dim=16)
+    assert set(config.layer_types) == {"chunked_attention"}
+    model = tf.Llama4ForCausalLM(config).eval()
+    model.set_attn_implementation("qk_sniff")
+    with qk_attn.session(sampler="all") as s:
+        model(**padded_batch("left"))
+    assert set(s.table()["sliding_window"].to_pylist()) == {None}
+
+
 def test_a_sliding_mask_builder_that_passes_the_mask_under_another_keyword_breaks_a_fact(tmp_path, monkeypatch):
     """All-sliding models (Mistral with a window) build only the sliding mask: a builder that hands the
     2-D mask over as `padding_mask=` would give qk_sniff no padding, and padding would be recorded."""
