@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import yaml
@@ -311,6 +312,10 @@ def write_card(
     # A local card names the folder relative to where it sits: no absolute path is published.
     where = repo_id or output.resolve().name
     text = card_text(manifest, where, revision if repo_id else None, chart, head_dims(output, manifest))
-    with open(output / CARD, "w", newline="", encoding="utf-8") as f:
+    # Written whole or not at all: a card cut short by a kill would fail its signature and then count
+    # as the user's own (never rewritten).
+    partial = output / f".{CARD}.tmp"
+    with open(partial, "w", newline="", encoding="utf-8") as f:
         f.write(signed_card(text))
+    os.replace(partial, output / CARD)
     return output / CARD

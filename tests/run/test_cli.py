@@ -7,6 +7,7 @@ WordLevel tokenizer trained on a few words) and saved to a temporary folder: no 
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import numpy as np
@@ -673,3 +674,21 @@ def test_a_release_the_modeling_checks_refuse_is_one_line_and_exit_2(tiny_model,
     assert "models/llama/modeling_llama.py line" in err and "a branch qk-attn does not know" in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (out / "qk_sniff.json").exists() or not read_manifest(out).get("examples")
+
+
+def test_a_card_left_behind_its_manifest_is_a_leftover_the_next_open_makes_good(tiny_model, docs, tmp_path):
+    """A run killed while it wrote the card (it comes after the manifest) left the earlier run's card,
+    older than the manifest: that is a leftover, so even a run with nothing left to capture opens the
+    folder, and its close writes the card again."""
+    from qk_attn.storage.folder import has_leftovers
+
+    path, _ = docs
+    out = tmp_path / "out"
+    runner.run(make_config(tiny_model, path, out, capture=SPARSE, dataset={"max_samples": 2}), progress=False)
+    earlier_card = (out / "README.md").read_text()
+    runner.run(make_config(tiny_model, path, out, capture=SPARSE), progress=False)
+    assert not has_leftovers(out)
+    (out / "README.md").write_text(earlier_card)  # as a kill while the card was written leaves it:
+    manifest_time = (out / "qk_sniff.json").stat().st_mtime_ns  # the earlier card, older than the manifest
+    os.utime(out / "README.md", ns=(manifest_time - 10**9, manifest_time - 10**9))
+    assert has_leftovers(out)
