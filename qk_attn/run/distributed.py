@@ -188,9 +188,10 @@ def _merge_parts(output: Path, parts: dict[int, dict], allow_incomplete: bool) -
                 f"({', '.join(diffs)}); refusing to merge different captures"
             )
         if part.get("model"):
+            model = part["model"]  # a local folder is known by its files: each node may keep it elsewhere
             models[rank] = (
-                part["model"].get("id"),
-                part["model"].get("revision"),
+                model["files"]["sha256"] if model.get("files") else model.get("id"),
+                model.get("revision"),
                 json.dumps(part.get("plan"), sort_keys=True),
             )
     if len(set(models.values())) > 1:

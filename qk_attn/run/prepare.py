@@ -148,6 +148,11 @@ def prepare(config: RunConfig, model_name: str, tokenizer_name: str, rank, sink,
             "id": model_label if config.model.name == DEMO_MODEL else model_name,
             "revision": getattr(model_config, "_commit_hash", None),
         }
+        from qk_attn.storage.settings import local_fingerprint
+
+        files = local_fingerprint(model_name, "model")  # a local folder: known by its files, not its path
+        if files is not None:
+            model["files"] = files
         disk = check_output(
             config.output.data_root,
             sniff,

@@ -246,9 +246,13 @@ def other_model(manifest: dict, model: dict) -> dict | None:
     old = manifest.get("model")
     if not old:
         return None
-    both = old.get("revision") and model.get("revision")
-    differs = (old.get("revision") != model.get("revision")) if both else (old.get("id") != model.get("id"))
-    for key in ("model_type", "dtype", "files"):  # "files": a local folder's fingerprint
+    if old.get("revision") and model.get("revision"):
+        differs = old["revision"] != model["revision"]
+    elif old.get("files") and model.get("files"):  # local folders: the same files anywhere are the same model
+        differs = old["files"] != model["files"]
+    else:
+        differs = old.get("id") != model.get("id")
+    for key in ("model_type", "dtype"):
         differs = differs or (old.get(key) and model.get(key) and old[key] != model[key])
     return old if differs else None
 

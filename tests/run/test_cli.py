@@ -402,6 +402,25 @@ def test_resume_refuses_other_weights_in_the_same_local_model_folder(tiny_model,
     assert "fingerprint" in err and len(read_manifest(out)["examples"]) == 2
 
 
+def test_the_same_model_files_elsewhere_resume_the_capture(tiny_model, docs, tmp_path, capsys):
+    """A local model folder is known by its files, not its path: a copy on another node's scratch disk
+    resumes the capture (it was refused as another model)."""
+    import shutil
+
+    path, rows = docs
+    first, elsewhere = tmp_path / "a" / tiny_model.name, tmp_path / "b" / tiny_model.name
+    shutil.copytree(tiny_model, first)
+    shutil.copytree(tiny_model, elsewhere)
+    out = tmp_path / "out"
+    config = write_config(tmp_path, first, path, out, capture=SPARSE)
+    assert cli.main(["run", "--config", config, "--quiet", "--set", "dataset.max_samples=2"]) == 0
+    assert cli.main(["run", "--config", config, "--quiet", "--set", f"model.name={elsewhere}"]) == 0, (
+        capsys.readouterr()
+    )
+    assert len(read_manifest(out)["examples"]) == len(rows)
+    assert cli.verify_dataset(out, log=lambda *_: None) == []
+
+
 def test_dataset_files_are_part_of_what_a_capture_is(tiny_model, docs, tmp_path, capsys):
     """dataset.data_files chooses files in a dataset folder: another choice is another capture, refused
     on resume (the same ids name other texts). On a single local file it, dataset.name and
