@@ -256,6 +256,20 @@ def _check_same_documents(output: Path, parts: dict[int, dict]) -> None:
             "dataset's rows or their order changed between their runs, so some documents are no rank's; re-run "
             "the ranks with the same settings and dataset (the same command resumes), then merge"
         )
+    # A rank re-run over a shorter list (a smaller max_samples) still holds the documents an earlier run
+    # committed past it: the other ranks went through the shorter list, so those between are no rank's.
+    for rank, documents in sorted(lists.items()):
+        beyond = sorted(
+            info["source_index"]
+            for info in parts[rank].get("example_info", {}).values()
+            if info.get("source_index") is not None and info["source_index"] >= documents["count"]
+        )
+        if beyond:
+            raise ValueError(
+                f"{output}: rank {rank} holds documents {beyond[:5]} beyond its latest document list of "
+                f"{documents['count']} (an earlier run with a larger dataset.max_samples), so the documents "
+                "between are no rank's; re-run every rank with that larger dataset.max_samples, then merge"
+            )
 
 
 def parts_name(rank: int) -> str:

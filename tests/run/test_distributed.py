@@ -253,6 +253,19 @@ def test_merge_refuses_ranks_that_went_through_other_documents(setup, capsys):
     assert read_manifest(out)["examples"] == read_manifest(single)["examples"]
     assert cli.verify_dataset(out, log=lambda *_: None) == []
 
+    # The other way round: rank 1 went through all 8, then was re-run with max_samples=4 like rank 0.
+    # Their lists agree now, but rank 1 still holds documents 5 and 7: 4 and 6 would be no rank's.
+    shorter = root / "shorter"
+    assert cli.main(["run", "--config", str(config(shorter)), "--shard", "1/2", "-q"]) == 0
+    for rank in ("0/2", "1/2"):
+        assert (
+            cli.main(["run", "--config", str(config(shorter)), "--shard", rank, "--set", "dataset.max_samples=4", "-q"])
+            == 0
+        )
+    capsys.readouterr()
+    assert cli.main(["merge", str(shorter)]) == 1
+    assert "rank 1 holds documents [5, 7] beyond its latest document list of 4" in capsys.readouterr().err
+
     # Rank 1 reads another docs.jsonl (the same ids in the same order, other texts): local files
     # are recorded by name, so only their fingerprints tell them apart.
     other = root / "other" / "docs.jsonl"
