@@ -3,8 +3,7 @@ against its forward, the head plan, the sampler's decisions, and one CaptureBatc
 (`qk_attn.capture.call_rows`) staged for the forward's hand-off.
 
 The forward and sequence lifecycle it inherits is `qk_attn.capture.forwards` and
-`qk_attn.capture.sequences`; sequence identity
-and the commit protocol: docs/architecture.md.
+`qk_attn.capture.sequences`; sequence identity and the commit protocol: docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -39,8 +38,8 @@ logger = logging.getLogger(__name__)
 class Session(SequenceTracker):
     """Holds what must persist across forwards; `capture` runs inside each attention call.
 
-    Forwards: `ForwardTracker`; sequences and commits: `SequenceTracker`. Each model in the session has its own
-    head plan (and, there, its current forward and sequences).
+    Forwards: `ForwardTracker`; sequences and commits: `SequenceTracker`. Each model in the session
+    has its own head plan (and, there, its current forward and sequences).
     """
 
     def __init__(self, config: SniffConfig, sink=None, example_ids=None):
