@@ -56,6 +56,24 @@ def check_decoder(model_config, where: str, kind: str) -> None:
         )
 
 
+def check_backend(model_config, backend: str, kind: str) -> None:
+    """A model class transformers does not run with `backend` (`_supports_sdpa` False: GPT-OSS) is
+    refused from its config, before any weight loads (the capture refuses it at its first forward too:
+    qk_attn.capture.backends.check_backend_support)."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from qk_attn.capture.backends import SUPPORT_FLAGS
+
+    cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(kind, ""), None)  # remote code: not known here
+    flag = SUPPORT_FLAGS.get(backend)
+    if cls is not None and flag is not None and not getattr(cls, flag, True):
+        raise ConfigError(
+            f"inference.backend={backend!r}: {cls.__name__} does not support {backend} in transformers ({flag} is "
+            "False), so it would compute another attention than the model's; set inference.backend: eager"
+        )
+
+
 def check_device(device: str | None) -> None:
     """`model.device` names a torch device this machine has (torch would fail only when the weights
     are moved: a RuntimeError for a bad name, an AssertionError for CUDA on a CPU-only torch)."""

@@ -121,6 +121,7 @@ def prepare(config: RunConfig, model_name: str, tokenizer_name: str, rank, sink,
     model_label = config.model.name if config.model.name != DEMO_MODEL else DEMO_MODEL_ID
     kind = getattr(model_config, "model_type", None) or type(model_config).__name__
     checks.check_decoder(model_config, f"model.name={config.model.name!r}", kind)
+    checks.check_backend(model_config, config.inference.backend, kind)
     try:
         shape = checks.model_shape(model_config)
     except (AttributeError, TypeError, ValueError) as error:  # a config without the usual attention fields

@@ -739,3 +739,25 @@ def test_config_overrides_that_fit_still_run(tiny_model, docs, tmp_path, capsys)
     assert code == 0, err
     strict = json.loads((out / "qk_sniff.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     assert strict["sampler"]["base_rate"] == 1.0
+
+
+def test_a_model_transformers_runs_without_sdpa_is_refused_before_its_weights_load(
+    tiny_model, docs, tmp_path, capsys, no_weights
+):
+    """GPT-OSS declares no sdpa support: with the default inference.backend the run is refused from the
+    config, in one line naming the setting, before any weight loads."""
+    import shutil
+
+    import transformers as tf
+
+    model = tmp_path / "gpt-oss"
+    shutil.copytree(tiny_model, model)
+    tf.GptOssConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+    ).save_pretrained(model)  # fmt: skip
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "--config", write_config(tmp_path, model, docs[0], out))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "inference.backend='sdpa': GptOssForCausalLM does not support sdpa" in err
+    assert "set inference.backend: eager" in err and not out.exists()
