@@ -88,7 +88,8 @@ def mask_call_keywords() -> str | None:
             return f"{builder} calls no mask_interface(...)"
         for call in calls:
             keywords = {k.arg for k in call.keywords}
-            if any(k not in keywords for k in (*MASK_KEYWORDS, "config")):
+            local = ("local_size",) if builder != "create_causal_mask" else ()  # a window's size: ForwardContext
+            if any(k not in keywords for k in (*MASK_KEYWORDS, "config", *local)):
                 return f"{builder} calls mask_interface with {sorted(k for k in keywords if k)}"
     return None
 

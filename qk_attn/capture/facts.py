@@ -15,7 +15,7 @@ Where the capture code relies on each fact (the module that reads it):
     mask_interface_register        hooks.register, wrap_flash_attention
     mask_functions                 backends.mask_function, hooks._noting_context
     mask_call_keywords             hooks._noting_context (batch_size, q_length, kv_length,
-                                   q_offset, kv_offset, attention_mask, config)
+                                   q_offset, kv_offset, attention_mask, config, local_size)
     attention_call                 attention.qk_sniff_attention, attention.attend_and_capture
     sdpa_forward                   backends.attention_forward("sdpa")
     flash_forward                  hooks.wrap_flash_attention
@@ -122,7 +122,7 @@ FACTS: tuple[Fact, ...] = (
     Fact(
         "mask_call_keywords",
         f"create_causal_mask, create_sliding_window_causal_mask and create_chunked_causal_mask call the "
-        f"registered mask with {MASK_KEYWORDS} and config=",
+        f"registered mask with {MASK_KEYWORDS} and config= (the sliding and chunked ones with local_size=)",
         mask_call_keywords,
     ),
     Fact(

@@ -261,6 +261,16 @@ def test_a_model_forward_that_rotates_by_other_positions_breaks_a_fact(monkeypat
     )
 
 
+def test_a_sliding_mask_builder_that_passes_its_window_under_another_keyword_breaks_a_fact(tmp_path, monkeypatch):
+    """A sliding layer whose call names no window (PhiMoE) is labelled with its mask's `local_size`."""
+    from transformers import masking_utils
+
+    edit = ("local_size=sliding_window,", "window_size=sliding_window,")
+    redefine(masking_utils, "create_sliding_window_causal_mask", [edit], tmp_path, monkeypatch)
+    (finding,) = facts.check_all()
+    assert finding.fact == "mask_call_keywords" and "create_sliding_window_causal_mask calls" in finding.found
+
+
 def test_a_sample_loop_renamed_with_an_alias_breaks_a_fact(monkeypatch):
     """frames tells the decoding loop by its code's name: `_sample = _decode` keeps the attribute but
     not the name (the finished rows' padding would be recorded as tokens)."""
