@@ -32,7 +32,7 @@ QUARANTINE = ".qk_sniff.quarantine"  # where repair moves Parquet files no manif
 KEY_RE = re.compile(r"l(\d+)h(\d+)([qk])")
 SHARD_RE = re.compile(r"s(\d+)-p(\d+)\.parquet")
 PART_RE = re.compile(r"qk_sniff\.rank(\d+)\.json")
-PART_FILES_RE = re.compile(r"\.?qk_sniff\.rank\d+\.json(\.prev)?")  # a part, or its previous version
+PART_FILES_RE = re.compile(r"\.?qk_sniff\.rank(\d+)\.json(\.prev)?")  # a part, or its previous version
 
 
 def previous_name(manifest_name: str) -> str:
@@ -97,6 +97,13 @@ class Files:
         """A shard (or its temporary file) this writer wrote."""
         name = name[1:-4] if name.startswith(".") and name.endswith(".parquet.tmp") else name
         return name.startswith(self.prefix) and SHARD_RE.fullmatch(name[len(self.prefix) :]) is not None
+
+
+def part_ranks(output: str | Path) -> list[int]:
+    """The ranks that have written into OUT: a manifest part, or only its previous version left."""
+    output = Path(output)
+    found = (PART_FILES_RE.fullmatch(p.name) for p in output.iterdir()) if output.is_dir() else ()
+    return sorted({int(m[1]) for m in found if m})
 
 
 def part_files(output: str | Path) -> dict[int, Path]:

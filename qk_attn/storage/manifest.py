@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from qk_attn.errors import ManifestError
-from qk_attn.storage.layout import MANIFEST, PREVIOUS, previous_name
+from qk_attn.storage.layout import MANIFEST, previous_name
 from qk_attn.storage.settings import source_fingerprints
 
 FORMAT = 1
@@ -56,7 +56,7 @@ def read_manifest(output: str | Path, name: str = MANIFEST) -> dict | None:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ManifestError(
             f"{path} is not a readable qk-sniff manifest ({reason}); run `qk-sniff repair {Path(output)}` "
-            f"(restores the previous manifest, {PREVIOUS}) or restore the file from a copy"
+            f"(restores the previous manifest, {previous_name(path.name)}) or restore the file from a copy"
         ) from None
     return manifest
 

@@ -347,3 +347,47 @@ def test_merge_refuses_ranks_with_another_vocabulary_or_schema(tmp_path, vocabul
         sink.close()
     with pytest.raises(ValueError, match=rf"rank 1 captured with different settings than rank 0 \({differs}\)"):
         distributed.merge(out)
+
+
+def test_repair_mends_a_folder_written_by_ranks(setup, capsys):
+    """The recovery every damage message names (`qk-sniff repair OUT`) works on a rank folder too: a
+    damaged shard of rank 1 drops rank 1's examples from its part only, an altered part of rank 0 is
+    restored from that rank's own previous manifest, a Parquet file no rank wrote is quarantined,
+    and the merged manifest (which listed the lost files) is taken away. Re-running the ranks and
+    merging then gives exactly the single-process dataset."""
+    root, config, single = setup
+    out = root / "repaired-ranks"
+    good = str(config(out))
+    for shard in ("0/2", "1/2"):
+        assert cli.main(["run", "--config", good, "--shard", shard, "-q"]) == 0
+    assert cli.main(["merge", str(out)]) == 0
+    rank0 = {p: p.read_bytes() for p in out.glob("l*/r000-*.parquet")}
+    shard = sorted(out.glob("l00h00q/r001-*.parquet"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    part0 = out / "qk_sniff.rank000.json"
+    part0.write_text(part0.read_text().replace('"complete": true', '"complete": false'))  # digest now wrong
+    stray = out / "l00h00k" / "s000000-p0000.parquet"  # a single writer's name: no rank owns it
+    stray.write_bytes(sorted(out.glob("l00h00k/r000-*.parquet"))[0].read_bytes())
+    problems = cli.verify_dataset(out, log=lambda *_: None)
+    assert any("sha256 differs" in line for line in problems) and any("not listed" in line for line in problems)
+
+    capsys.readouterr()
+    assert cli.main(["repair", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "restored qk_sniff.rank000.json from .qk_sniff.rank000.json.prev" in said
+    assert "re-run ranks [0, 1] (the same command resumes them), then `qk-sniff merge" in said
+    assert not (out / "qk_sniff.json").exists() and not stray.exists()
+    assert (out / ".qk_sniff.quarantine" / "l00h00k" / stray.name).is_file()
+    assert {p: p.read_bytes() for p in out.glob("l*/r000-*.parquet")} == rank0  # rank 0's rows untouched
+    part1 = read_manifest(out, "qk_sniff.rank001.json")
+    assert part1["part"]["complete"] is False and len(part1["examples"]) < N_DOCS // 2
+    assert cli.main(["merge", str(out)]) == 1  # incomplete parts: refused until the ranks ran again
+
+    for shard in ("0/2", "1/2"):
+        assert cli.main(["run", "--config", good, "--shard", shard, "-q"]) == 0
+    assert cli.main(["merge", str(out)]) == 0
+    assert_same_dataset(out, single)
+    assert cli.main(["repair", str(out)]) == 0  # sound now: nothing to do, merged manifest kept
+    assert "nothing to repair" in capsys.readouterr().out and (out / "qk_sniff.json").exists()
