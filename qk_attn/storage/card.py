@@ -115,6 +115,7 @@ def card_text(
                 ]
             ],
         ),
+        *_incomplete_text(manifest),
         "One config per `(layer, head, kind)` folder (`l03h01k`: layer 3, key head 1), per layer and kind "
         "(`layer03_q`, `layer03_k`) and per kind (`all_q`, `all_k`). Columns: `example_id` int64, `position` int32 "
         "(the RoPE position), `bucket` int32, `layer` int16, `head` int16, `kind` string, `sliding_window` int32 "
@@ -192,6 +193,17 @@ def _token_columns_text(manifest: dict) -> str:
     if columns.get("token_str"):
         text += ", `token_str` string (dictionary-encoded: the tokenizer's token for `token_id`)"
     return text
+
+
+def _incomplete_text(manifest: dict) -> list[str]:
+    """A merge of unfinished ranks (`--allow-incomplete`) says so where the contents are counted."""
+    ranks = manifest.get("ranks") or {}
+    if not ranks.get("incomplete"):
+        return []
+    return [
+        f"**Incomplete:** merged with `qk-sniff merge --allow-incomplete` while ranks {ranks['incomplete']} of "
+        f"{ranks['world_size']} had not finished their documents: the documents they did not reach are missing."
+    ]
 
 
 def _examples_section(examples_file: str | None, where: str, rev: str) -> list[str]:

@@ -384,6 +384,13 @@ def test_repair_mends_a_folder_written_by_ranks(setup, capsys):
     part1 = read_manifest(out, "qk_sniff.rank001.json")
     assert part1["part"]["complete"] is False and len(part1["examples"]) < N_DOCS // 2
     assert cli.main(["merge", str(out)]) == 1  # incomplete parts: refused until the ranks ran again
+    assert cli.main(["merge", str(out), "--allow-incomplete"]) == 0  # readable meanwhile, and says so
+    assert (
+        "**Incomplete:** merged with `qk-sniff merge --allow-incomplete` while ranks [0, 1] of 2"
+        in (out / "README.md").read_text()
+    )
+    assert cli.verify_dataset(out, log=lambda *_: None) == []
+    assert len(qk_attn.load_examples(out)) == len(part1["examples"]) + len(read_manifest(out, part0.name)["examples"])
 
     for shard in ("0/2", "1/2"):
         assert cli.main(["run", "--config", good, "--shard", shard, "-q"]) == 0
