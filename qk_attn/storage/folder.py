@@ -22,6 +22,7 @@ from qk_attn.storage.layout import (
     EXAMPLES,
     LOCK,
     MANIFEST,
+    PART_EXAMPLES_RE,
     PART_FILES_RE,
     PREVIOUS,
     Files,
@@ -260,6 +261,9 @@ def has_leftovers(output: Path) -> bool:
     )
 
 
+RANK_FILES = (PART_FILES_RE, PART_EXAMPLES_RE)  # what a single writer's overwrite deletes of ranks'
+
+
 def remove_dataset(output: Path, files: Files = Files()) -> None:
     """Delete what a capture wrote into OUT (and nothing else). A rank deletes only its own
     shards and manifest part; rank 0 also the merged manifest, the card and single-writer shards."""
@@ -268,7 +272,7 @@ def remove_dataset(output: Path, files: Files = Files()) -> None:
         for child in output.iterdir():
             if child.is_dir() and parse_key(child.name) is not None:
                 shutil.rmtree(child)
-            elif child.name in (*ours, *CARD_FILES) or PART_FILES_RE.fullmatch(child.name):
+            elif child.name in (*ours, *CARD_FILES) or any(r.fullmatch(child.name) for r in RANK_FILES):
                 if child.name != CARD or card_is_ours(output):  # a README of the user's own stays
                     child.unlink()
         return

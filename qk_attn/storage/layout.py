@@ -33,6 +33,7 @@ KEY_RE = re.compile(r"l(\d+)h(\d+)([qk])")
 SHARD_RE = re.compile(r"s(\d+)-p(\d+)\.parquet")
 PART_RE = re.compile(r"qk_sniff\.rank(\d+)\.json")
 PART_FILES_RE = re.compile(r"\.?qk_sniff\.rank(\d+)\.json(\.prev)?")  # a part, or its previous version
+PART_EXAMPLES_RE = re.compile(r"examples\.rank\d+\.parquet")  # a rank's examples table
 
 
 def previous_name(manifest_name: str) -> str:

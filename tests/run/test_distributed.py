@@ -398,3 +398,9 @@ def test_repair_mends_a_folder_written_by_ranks(setup, capsys):
     assert_same_dataset(out, single)
     assert cli.main(["repair", str(out)]) == 0  # sound now: nothing to do, merged manifest kept
     assert "nothing to repair" in capsys.readouterr().out and (out / "qk_sniff.json").exists()
+
+    # A single process told to overwrite the rank folder leaves none of the ranks' files behind.
+    assert cli.main(["run", "--config", good, "--set", "output.overwrite=true", "-q"]) == 0
+    assert not list(out.glob("*rank*")) and not list(out.glob("l*/r0*")), sorted(out.glob("*rank*"))
+    assert read_manifest(out)["examples"] == read_manifest(single)["examples"]
+    assert cli.verify_dataset(out, log=lambda *_: None) == []
