@@ -290,3 +290,21 @@ def backend_support_flags() -> str | None:
     if "_supports_sdpa" not in inspect.getsource(PreTrainedModel._sdpa_can_dispatch):
         return "PreTrainedModel._sdpa_can_dispatch does not read _supports_sdpa"
     return None
+
+
+def text_config_lookup() -> str | None:
+    """A composite model's config gives its language model's config with get_text_config(decoder=True)
+    (its `text_config`), a language model's gives itself, and its towers' configs are attributes of it
+    (frames.tower_of tells a tower's mask from the language model's by these)."""
+    from transformers import Gemma3Config, LlamaConfig
+
+    composite, plain = Gemma3Config(), LlamaConfig()
+    try:
+        text, itself = composite.get_text_config(decoder=True), plain.get_text_config(decoder=True)
+    except Exception as error:  # noqa: BLE001 - a changed signature is what this fact reports
+        return f"get_text_config(decoder=True) raised {type(error).__name__}: {error}"
+    if text is not composite.text_config or itself is not plain:
+        return f"Gemma3Config().get_text_config(decoder=True) is {type(text).__name__}, LlamaConfig()'s {type(itself).__name__}"
+    if vars(composite).get("vision_config") is not composite.vision_config:
+        return "Gemma3Config keeps its vision_config elsewhere than in its instance attributes"
+    return None

@@ -16,6 +16,7 @@ Where the capture code relies on each fact (the module that reads it):
     mask_functions                 backends.mask_function, hooks._noting_context
     mask_call_keywords             hooks._noting_context (batch_size, q_length, kv_length,
                                    q_offset, kv_offset, attention_mask, config, local_size)
+    text_config_lookup             frames.tower_of (a vision or audio tower's mask and attention: not recorded)
     attention_call                 attention.qk_sniff_attention, attention.attend_and_capture
     sdpa_forward                   backends.attention_forward("sdpa")
     flash_forward                  hooks.wrap_flash_attention
@@ -65,6 +66,7 @@ from qk_attn.capture.fact_checks import (
     model_forward_locals,
     rotary_helpers,
     sdpa_forward,
+    text_config_lookup,
 )
 from qk_attn.capture.fact_checks_generation import (
     cache_layer_updates,
@@ -124,6 +126,12 @@ FACTS: tuple[Fact, ...] = (
         f"create_causal_mask, create_sliding_window_causal_mask and create_chunked_causal_mask call the "
         f"registered mask with {MASK_KEYWORDS} and config= (the sliding and chunked ones with local_size=)",
         mask_call_keywords,
+    ),
+    Fact(
+        "text_config_lookup",
+        "config.get_text_config(decoder=True) is a composite config's text_config (a language model's: itself); "
+        "its towers' configs are its attributes",
+        text_config_lookup,
     ),
     Fact(
         "sdpa_forward",

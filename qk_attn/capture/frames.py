@@ -73,6 +73,28 @@ def building_model(max_depth: int = 16):
     return None
 
 
+def tower_of(config, max_depth: int = 64) -> str | None:
+    """Where the outermost model running now keeps `config` when it is not its language model's:
+    the attribute of its config (`vision_config`, `audio_config`, ...), or "a sub-model" deeper
+    down; None for the language model, whose config is the outermost one or its text decoder's
+    (`get_text_config(decoder=True)`, fact `text_config_lookup`). Vision and audio towers build
+    masks and may number their layers; their rows are no text positions."""
+    from transformers import PreTrainedModel
+
+    frame, top = sys._getframe(1), None
+    for _ in range(max_depth):
+        if frame is None:
+            break
+        this = frame.f_locals.get("self")
+        if isinstance(this, PreTrainedModel):
+            top = this
+        frame = frame.f_back
+    outer = getattr(top, "config", None)
+    if outer is None or config is None or config is outer or config is outer.get_text_config(decoder=True):
+        return None
+    return next((name for name, value in vars(outer).items() if value is config), "a sub-model")
+
+
 def cache_of(arguments: dict):
     """The cache among a forward's arguments (`cache` from transformers 5.25, `past_key_values` before)."""
     for name in ("cache", "past_key_values"):

@@ -15,7 +15,7 @@ from transformers.masking_utils import AttentionMaskInterface, flash_attention_m
 from qk_attn.capture.attention import attend_and_capture, qk_sniff_attention
 from qk_attn.capture.backends import check_backend_support, mask_function
 from qk_attn.capture.caches import watch_row_moves
-from qk_attn.capture.frames import building_model
+from qk_attn.capture.frames import building_model, tower_of
 from qk_attn.capture.modeling_checks import check_modeling_file
 from qk_attn.capture.name_branches import follow_wrapped_backend
 from qk_attn.errors import CaptureError
@@ -53,9 +53,13 @@ def _noting_context(mask_fn, batch_size, q_length, kv_length, q_offset=0, kv_off
     if session is not None:
         config = kwargs.get("config")
         check_recorded(config, mask_fn)
-        # local_size: the window of a sliding (or chunked) mask kind (fact mask_call_keywords)
-        local_size = kwargs.get("local_size")
-        session.on_mask(config, batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask, local_size)
+        tower = tower_of(config)
+        if tower is not None:  # a vision or audio tower's forward: not a text forward, nothing recorded
+            session.on_tower_mask(config, tower)
+        else:
+            # local_size: the window of a sliding (or chunked) mask kind (fact mask_call_keywords)
+            local_size = kwargs.get("local_size")
+            session.on_mask(config, batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask, local_size)
     return mask_fn(
         batch_size=batch_size,
         q_length=q_length,

@@ -51,6 +51,7 @@ class Session(SequenceTracker):
         super().__init__(MemorySink() if sink is None else as_sink(sink), example_ids)
         self._warned: set[str] = set()
         self._closed = False
+        self._towers: dict[int, weakref.ref] = {}  # id(config) -> config of a vision/audio tower seen at its mask
 
     @property
     def plan(self) -> HeadPlan | None:
@@ -108,9 +109,22 @@ class Session(SequenceTracker):
         return self.sink.table()
 
     # ---- inside the attention call ---------------------------------------------------
+    def on_tower_mask(self, config, where: str) -> None:
+        """A vision or audio tower builds its mask (frames.tower_of): its attention calls are not text
+        positions, so they are not recorded, and its forward is no forward of the language model."""
+        self._towers[id(config)] = weakref.ref(config)
+        self._warn_once(
+            f"tower {where}",
+            f"qk-attn: the {where} tower ({getattr(config, 'model_type', '?')}) is not recorded: qk-attn records "
+            "the language model's attention",
+        )
+
     def capture(self, module, query: torch.Tensor, key: torch.Tensor, mask, kwargs: dict, rotary=None) -> None:
         """Record this call's rows. `rotary` is the (cos, sin) the layer's forward applied (rope="pre")."""
         self.check()
+        tower = self._towers.get(id(module.config))
+        if tower is not None and tower() is module.config:
+            return
         forward = self._current(module.config)
         if forward is not None:
             forward.used = True

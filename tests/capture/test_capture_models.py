@@ -180,3 +180,110 @@ def test_a_generate_with_an_image_passes_verify(tmp_path, sampler):
     cross_layer = model.config.text_config.cross_attention_layers[0]
     assert qk_attn.load(tmp_path, layer=cross_layer, kind="k").num_rows > 0  # the image's keys are there
     assert verify_dataset(tmp_path, log=lambda *_: None) == []
+
+
+def _gemma4_with_vision(impl):
+    import transformers as tf
+
+    from support.models import COMMON, VOCAB
+
+    torch.manual_seed(0)
+    text = dict(
+        COMMON,
+        num_hidden_layers=2,
+        head_dim=16,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"],
+        hidden_size_per_layer_input=0,
+    )
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=16,
+        patch_size=2,
+        pooling_kernel_size=2,
+        position_embedding_size=64,
+    )
+    config = tf.Gemma4Config(
+        text_config=text,
+        vision_config=vision,
+        audio_config=None,
+        image_token_id=VOCAB - 1,
+        boi_token_id=VOCAB - 3,
+        eoi_token_id=VOCAB - 2,
+        video_token_id=VOCAB - 4,
+        boa_token_id=VOCAB - 5,
+        eoa_token_index=VOCAB - 6,
+        audio_token_id=VOCAB - 7,
+    )
+    model = tf.Gemma4ForConditionalGeneration(config).eval()
+    model.set_attn_implementation(impl)
+    grid = torch.stack(torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij"), -1).reshape(1, 16, 2)
+    call = dict(
+        input_ids=torch.tensor([[3, 4, VOCAB - 3] + [VOCAB - 1] * 4 + [VOCAB - 2, 5, 6]]),
+        pixel_values=torch.randn(1, 16, 12, generator=torch.Generator().manual_seed(1)),
+        image_position_ids=grid,
+    )
+    return model, call, "vision_config"
+
+
+def _qwen2_audio(impl):
+    import transformers as tf
+
+    from support.models import COMMON, VOCAB
+
+    torch.manual_seed(0)
+    audio = dict(
+        num_mel_bins=8,
+        encoder_layers=2,
+        encoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        d_model=32,
+        max_source_positions=8,
+    )
+    config = tf.Qwen2AudioConfig(
+        text_config=dict(COMMON, num_hidden_layers=2, model_type="qwen2"),
+        audio_config=audio,
+        audio_token_index=VOCAB - 1,
+    )
+    model = tf.Qwen2AudioForConditionalGeneration(config).eval()
+    model.set_attn_implementation(impl)
+    ids = torch.tensor([[3, 4] + [VOCAB - 1] * 4 + [5, 6]])
+    call = dict(
+        input_ids=ids,
+        input_features=torch.randn(1, 8, 16, generator=torch.Generator().manual_seed(3)),
+        feature_attention_mask=torch.ones(1, 16, dtype=torch.long),
+        attention_mask=torch.ones_like(ids),
+    )
+    return model, call, "audio_config"
+
+
+@pytest.mark.parametrize("make", [_gemma4_with_vision, _qwen2_audio], ids=["gemma4-vision", "qwen2-audio"])
+def test_vision_and_audio_towers_are_not_recorded(make, tmp_path):
+    """A tower that builds its mask through qk_sniff and numbers its layers (Gemma 4's vision encoder,
+    Qwen2-Audio's audio encoder) is no text model: loaded whole with "qk_sniff", the model records
+    exactly what its text model alone records, under the ids begun for the document (the tower's
+    forward once took them, and its patches were stored as text layers 0 and 1; Qwen2-Audio was
+    refused whole), and a folder takes it as one model."""
+    sdpa, call, tower = make("sdpa")
+    reference = sdpa(**call).logits
+    text_only, _, _ = make({"text_config": "qk_sniff", tower: "sdpa"})
+    with qk_attn.session(sampler="all", example_ids=[7]) as s:
+        text_only(**call)
+    want = rows_by_key(s.table())
+    whole, _, _ = make("qk_sniff")
+    with qk_attn.session(sampler="all", example_ids=[7]) as s:
+        logits = whole(**call).logits
+    assert torch.equal(logits, reference)
+    got = rows_by_key(s.table())
+    assert got.keys() == want.keys() and {key[0] for key in got} == {7}
+    for key, vector in want.items():
+        np.testing.assert_array_equal(got[key], vector, err_msg=str(key))
+    assert set(s.table()["token_id"].to_pylist()) <= set(call["input_ids"][0].tolist())
+
+    with qk_attn.session(output=str(tmp_path / "out"), sampler="all", example_ids=[7]):
+        whole(**call)
+    assert qk_attn.load_examples(tmp_path / "out")["example_id"].to_pylist() == [7]
