@@ -8,6 +8,13 @@ example that row held before, so the tracker refuses the forward that continues 
 DynamicCache, StaticCache and QuantizedCache inherit them from (fact `cache_row_methods`); each
 call counts one move of the cache's rows.
 
+Tokens rolled back. `Cache.crop` removes a cache's last tokens (assisted decoding's rejected drafts, a
+hand-written speculative loop, a deferred stop check's extra step). Rows of the removed tokens were
+recorded already, so a sequence whose cache a crop left shorter than its recorded end is discarded
+(`SequenceTracker`): at its commit, and when a forward continues the cache. The wrapped `crop` notes
+the shortest length it left in the cache's `Rollback`, which a sequence holds (so it is read even
+after the cache is gone).
+
 Keys rounded by the cache. A cache layer that hands attention this forward's keys after a round
 trip through its storage format (transformers' `Fp8QuantizedLayer`) gives keys that are not the
 model's k projection with RoPE. Of transformers' own layer types (`cache_utils`), only those whose
@@ -23,11 +30,37 @@ import weakref
 
 from transformers import cache_utils
 
+from qk_attn.capture.frames import cache_length
 from qk_attn.errors import CaptureError
 
 ROW_METHODS = ("reorder_cache", "batch_select_indices", "batch_repeat_interleave")
 
 _moves: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> times its rows were moved
+_rollbacks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> its Rollback
+
+
+class Rollback:
+    """The shortest length (`to`; None: no crop) a crop left in one cache since a sequence's last forward
+    (-1: unknown, a static cache's length is on the device)."""
+
+    __slots__ = ("to",)
+
+    def __init__(self) -> None:
+        self.to: int | None = None
+
+    def below(self, end: int) -> bool:
+        return self.to is not None and self.to < end
+
+
+def rollback_of(cache) -> Rollback | None:
+    """The cache's Rollback, reset: a sequence's forward notes from here on."""
+    if cache is None:
+        return None
+    record = _rollbacks.get(cache)
+    if record is None:
+        record = _rollbacks[cache] = Rollback()
+    record.to = None
+    return record
 
 
 def row_moves(cache) -> int:
@@ -42,6 +75,27 @@ def watch_row_moves() -> None:
         if getattr(method, "_counts_row_moves", False):
             continue
         setattr(cache_utils.Cache, name, _counting(method))
+    if not getattr(cache_utils.Cache.crop, "_notes_rollbacks", False):
+        cache_utils.Cache.crop = _noting_rollbacks(cache_utils.Cache.crop)
+
+
+def _noting_rollbacks(crop):
+    @functools.wraps(crop)
+    def noted(cache, *args, **kwargs):
+        before = cache_length(cache)
+        result = crop(cache, *args, **kwargs)
+        after = cache_length(cache)
+        record = _rollbacks.get(cache)
+        if record is not None:  # a cache some sequence holds
+            amount = args[0] if args else next(iter(kwargs.values()), None)
+            if after is None and amount != 0:
+                record.to = -1
+            elif after is not None and before is not None and after < before:
+                record.to = after if record.to is None else min(record.to, after)
+        return result
+
+    noted._notes_rollbacks = True
+    return noted
 
 
 def _counting(method):

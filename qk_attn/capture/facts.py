@@ -30,7 +30,7 @@ Where the capture code relies on each fact (the module that reads it):
                                    input_ids, position_ids, cache (5.25) or past_key_values (5.17))
     cache_lengths                  frames.cache_length (sequences._past compares it with q_offset)
     cache_row_methods              caches.watch_row_moves (Cache.reorder_cache, batch_select_indices,
-                                   batch_repeat_interleave, inherited by Dynamic/Static/QuantizedCache)
+                                   batch_repeat_interleave, crop, inherited by Dynamic/Static/QuantizedCache)
     cache_layer_updates            caches.refuse_rounding_cache (transformers' own layer types are
                                    trusted only with an update qk-attn read: VETTED_UPDATES)
     layer_type_names               plan.ModelShape.local_attention (full_attention_only)
@@ -193,8 +193,8 @@ FACTS: tuple[Fact, ...] = (
     ),
     Fact(
         "cache_row_methods",
-        "Cache.reorder_cache/batch_select_indices/batch_repeat_interleave move batch rows, and DynamicCache, "
-        "StaticCache and QuantizedCache inherit them from Cache",
+        "Cache.reorder_cache/batch_select_indices/batch_repeat_interleave move batch rows, Cache.crop rolls "
+        "tokens back, and DynamicCache, StaticCache and QuantizedCache inherit them from Cache",
         cache_row_methods,
     ),
     Fact(

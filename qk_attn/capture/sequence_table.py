@@ -26,6 +26,7 @@ class Sequence:
         self.decisions = None  # the sampler's decisions for its next decode steps (forward.DecisionWindow)
         self.checked = -1  # the tracker's commit count when its ids were last checked against the committed ones
         self.row_moves = 0  # its cache's row moves (qk_attn.capture.caches) at its last forward
+        self.rollback = None  # its cache's caches.Rollback since its last forward
 
 
 def key_of(config, cache) -> tuple:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import operator
 
-from qk_attn.capture.caches import row_moves
+from qk_attn.capture.caches import rollback_of, row_moves
 from qk_attn.capture.forward import ForwardContext
 from qk_attn.capture.forwards import ForwardTracker
 from qk_attn.capture.sequence_table import SequenceTable, key_of
@@ -40,6 +40,7 @@ class SequenceTracker(ForwardTracker):
         self._begun: dict[int, int] = {}  # uncommitted example id -> number of its latest forward, in begin order
         self._forward_number = 0  # forwards given example ids so far
         self._commits = 0  # commits so far: a sequence's ids are checked against the committed ones once per commit
+        self._begun_sequences: list = []  # the sequences of the examples begun since the last commit
 
     def begin(self, example_ids) -> None:
         """Ids for the batch rows of the next forward; later forwards over its cache continue them."""
@@ -58,7 +59,9 @@ class SequenceTracker(ForwardTracker):
     def commit(self) -> None:
         """Every example begun so far is complete: the sink makes it durable."""
         self._end_forwards("commit")
+        self._drop_rolled_back()
         self._commits += 1
+        self._begun_sequences = []
         begun, self._begun = list(self._begun), {}
         self.sink.commit(begun)  # may raise a refusal found after a forward: they are committed or refused anyway
 
@@ -66,6 +69,7 @@ class SequenceTracker(ForwardTracker):
         """Forget the examples begun since the last commit: they may be incomplete, so their rows are
         dropped (an in-memory table no longer shows them) and they are never committed."""
         ids, self._begun = sorted(self._begun), {}
+        self._begun_sequences = []
         self._sequences.forget(ids)
         if ids:
             self.sink.discard(ids)
@@ -93,6 +97,25 @@ class SequenceTracker(ForwardTracker):
             ids,
             where,
             why,
+        )
+
+    def _drop_rolled_back(self) -> None:
+        """Forget the begun examples whose cache a crop left shorter than their recorded end: the rows
+        of the removed tokens (rejected drafts) were recorded, and no later forward told."""
+        for sequence in self._begun_sequences:
+            ids = sorted(set(sequence.ids) & self._begun.keys())
+            if ids and sequence.rollback is not None and sequence.rollback.below(sequence.end):
+                self._forget_rolled_back(sequence, ids)
+
+    def _forget_rolled_back(self, sequence, ids: list[int]) -> None:
+        self._sequences.forget(ids)
+        self._begun = {i: n for i, n in self._begun.items() if i not in ids}
+        self.sink.discard(ids)
+        logger.warning(
+            "qk-attn: the cache of example(s) %s was cropped (Cache.crop) below the %d tokens recorded for them, so "
+            "rows of tokens it no longer holds were taken; their rows are discarded and they are not committed",
+            ids,
+            sequence.end,
         )
 
     def committed_ids(self) -> set[int]:
@@ -135,6 +158,10 @@ class SequenceTracker(ForwardTracker):
         key = key_of(forward.config, forward.cache)
         sequence = self._sequences.of(key, forward.cache)  # None for a cache that is gone, whose id a new one took
         gone = self._sequences.discarded(key, forward.cache) if sequence is None else None
+        if sequence is not None and sequence.rollback is not None and sequence.rollback.below(sequence.end):
+            rolled_back = sorted(set(sequence.ids) & self._begun.keys())
+            if rolled_back:
+                self._forget_rolled_back(sequence, rolled_back)
         if forward.begun_ids is not None:
             ids = forward.begun_ids
             if len(ids) != batch:
@@ -197,12 +224,14 @@ class SequenceTracker(ForwardTracker):
                 )
         if sequence is None:
             sequence = self._sequences.start(key, ids, forward.cache)
+            self._begun_sequences.append(sequence)
         else:
             forward.continues_from = sequence.next_position
             if forward.decode_step:  # rows of a batched generate() that had finished before this step's tokens
                 forward.alive = sequence.unfinished
         sequence.unfinished = forward.unfinished
         sequence.row_moves = row_moves(forward.cache)
+        sequence.rollback = rollback_of(forward.cache)
         sequence.end = forward.past + forward.num_new
         sequence.checked = self._commits
         forward.sequence = sequence

@@ -208,3 +208,50 @@ def test_a_generate_that_raises_between_steps_forgets_its_examples(tmp_path, cap
     got = {key[:5]: vector for key, vector in all_rows(out).items()}
     want = {**_one_shot(model, BEFORE, 1), **_one_shot(model, after[:, :-1], 4)}
     assert_same_rows(got, want, exact=False)
+
+
+PROMPT = torch.arange(3, 11)[None]  # 8 tokens: positions 0-7
+DRAFTS = torch.tensor([[50, 51, 52, 53]])  # a verifying forward: positions 8-11
+
+
+@pytest.mark.parametrize("then", ["commit", "begin", "gone"])
+def test_a_cache_cropped_below_its_recorded_tokens_discards_their_example(then, caplog):
+    """A hand-written speculative step: drafts verified in one forward, the rejected ones cropped from
+    the cache (Cache.crop) after it, when their rows were taken. With no forward after the crop,
+    the example was committed with the rejected drafts' rows; now it is discarded, whether the
+    session commits next, a forward with new ids continues the cache (those are recorded), or the
+    cache is gone by the commit (env mode's exit)."""
+    model = build("llama3", "qk_sniff")
+    with qk_attn.session(sampler="all") as s:
+        s.begin([1])
+        cache = tf.DynamicCache(config=model.config)
+        model(input_ids=PROMPT, **cache_kw(cache))
+        model(input_ids=DRAFTS, **cache_kw(cache))
+        cache.crop(-3)  # the first draft kept: 9 tokens left
+        assert cache.get_seq_length() == 9
+        if then == "begin":
+            s.begin([2])
+            model(input_ids=torch.tensor([[60]]), **cache_kw(cache))
+        if then == "gone":
+            del cache
+        s.commit()
+    assert "cropped (Cache.crop) below the 12 tokens recorded for them" in caplog.text
+    got = rows_by_key(s.table()) if s.table() is not None else {}
+    if then == "begin":
+        assert {key[0] for key in got} == {2} and {key[4] for key in got} == {9}
+    else:
+        assert got == {}
+
+
+def test_a_crop_that_removes_nothing_recorded_keeps_the_example():
+    """crop(0), and a crop back to the recorded end (the cache held more than was recorded: none here),
+    change nothing recorded: the example is committed whole."""
+    model = build("llama3", "qk_sniff")
+    with qk_attn.session(sampler="all") as s:
+        s.begin([1])
+        cache = tf.DynamicCache(config=model.config)
+        model(input_ids=PROMPT, **cache_kw(cache))
+        cache.crop(0)
+        model(input_ids=DRAFTS[:, :1], **cache_kw(cache))
+    got = rows_by_key(s.table())
+    assert {key[0] for key in got} == {1} and {key[4] for key in got} == set(range(9))
