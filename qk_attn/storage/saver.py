@@ -268,6 +268,8 @@ class SaverThread(Committer):
     def _spill(self, until: int) -> None:
         """Write the open segment's largest buffers to `.tmp` shards until at most `until` bytes stay."""
         seg = self._open
+        if seg.buffers:
+            self._check_folder()  # no shard goes into a folder that replaced OUT
         for buffer_bytes, key in sorted(((b.nbytes, k) for k, b in seg.buffers.items()), reverse=True):
             if seg.nbytes <= until and until > 0:
                 break
@@ -300,7 +302,9 @@ class SaverThread(Committer):
     def _write_manifest(self, export: bool = False, previous_too: bool = False) -> None:
         """The manifest (the commit point). Before it, at most every EXPORT_EVERY_S and at close,
         OUT/examples.parquet: an export of the manifest's examples for `datasets` (qk_attn
-        readers use the manifest itself), so a large capture does not rewrite it every commit."""
+        readers use the manifest itself), so a large capture does not rewrite it every commit.
+        Neither is written when OUT is no longer the folder this sink opened (`_check_folder`)."""
+        self._check_folder()  # the commit point: never a manifest in a folder that replaced OUT
         with self._manifest_lock:
             manifest = self._manifest
             if export or time.monotonic() - self._exported_at >= EXPORT_EVERY_S:
