@@ -45,10 +45,6 @@ class SequenceTable:
     def __len__(self) -> int:
         return len(self._by_key)
 
-    def get(self, key: tuple) -> Sequence | None:
-        """The sequence under `key`, whether or not its cache is still the one of that id."""
-        return self._by_key.get(key)
-
     def of(self, key: tuple, cache) -> Sequence | None:
         """The sequence of `cache` under `key` (None when the cache of that id is another one)."""
         sequence = self._by_key.get(key)

@@ -135,7 +135,7 @@ class SequenceTracker(ForwardTracker):
         if forward is not None:
             config, cache = forward.config, forward.cache
         key = key_of(config, cache)
-        for sequence in (getattr(forward, "sequence", None), self._sequences.get(key)):
+        for sequence in (getattr(forward, "sequence", None), self._sequences.of(key, cache)):
             if sequence is not None:
                 ids |= set(sequence.ids)
         self._sequences.forget(ids, key, cache, why)  # a later forward on its cache is told why
