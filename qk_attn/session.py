@@ -60,11 +60,15 @@ def session(
     except BaseException:
         # Examples in flight when the block fails (Ctrl-C mid-forward) are incomplete:
         # never commit them, so that a re-run redoes them.
-        recorder.abort()
+        if not active.inherited(recorder):
+            recorder.abort()
         raise
     finally:
         active.closed(recorder)
-        recorder.close()
+        # A process forked inside the block leaves it with a copy of the session: its saver, lock and
+        # files are the parent's, which goes on writing them, so the copy is dropped, never closed.
+        if not active.inherited(recorder):
+            recorder.close()
 
 
 def flush() -> None:

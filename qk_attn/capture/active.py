@@ -3,16 +3,23 @@ process's latest one, else the default session configured by QK_SNIFF_* (None: c
 
 A leaf of the capture layer, so that the hooks find the recorder without importing the public API;
 `qk_attn.session` opens and closes sessions here and says how a default session is made.
+
+A process forked while sessions are open (os.fork, a multiprocessing or DataLoader worker) inherits
+copies of them, whose saver thread, lock and folder are the parent's: in the child they are inert.
+Closing one there (leaving its with-block, the exit handler) does nothing, and a forward that would
+record into one is refused (`_refuse_forked`).
 """
 
 from __future__ import annotations
 
 import atexit
+import os
 import sys
 import threading
 from collections.abc import Callable
 
 from qk_attn.config import SniffConfig
+from qk_attn.errors import CaptureError
 
 # A thread that opened sessions uses its own innermost one. A thread that opened none (a
 # worker running the model, the streamer pattern of generate()) uses the most recently
@@ -25,6 +32,36 @@ _env_config: SniffConfig = SniffConfig.from_env()
 _default = None  # the env-configured default session, made on first use
 _exit_registered = False
 make_default: Callable[[SniffConfig], object] | None = None  # set by qk_attn.session
+# Sessions (held, so that their ids are never reused) that were open in the process this one was
+# forked from, or in one before it: their copies here write nothing.
+_inherited: list = []
+
+
+def _after_fork_in_child() -> None:
+    global _lock
+    _lock = threading.Lock()  # another thread of the parent may have held it at the fork
+    _inherited.extend(s for s in (*_opened, _default) if s is not None and not inherited(s))
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def inherited(session) -> bool:
+    """Whether `session` was opened in another process, of which this one is a fork (its copy is inert)."""
+    return any(session is s for s in _inherited)
+
+
+def _refuse_forked(session) -> None:
+    what = (
+        f"the default session of QK_SNIFF_OUTPUT={session.config.output}"
+        if session is _default
+        else "the session this forward would record into"
+    )
+    raise CaptureError(
+        f"qk_sniff: this process (pid {os.getpid()}) was forked from the one that opened {what}, whose saver, "
+        "lock and files stay that process's; nothing is recorded here: open a session in the child (with "
+        "its own output), or run the model in the parent"
+    )
 
 
 def opened(session) -> None:
@@ -63,9 +100,13 @@ def current_session():
     global _default, _exit_registered
     active = _active()
     if active is not None:
+        if _inherited and inherited(active):
+            _refuse_forked(active)
         return active
     if _env_config.output is None:
         return None
+    if _inherited and _default is not None and inherited(_default):
+        _refuse_forked(_default)
     with _lock:
         if _default is None:
             _default = make_default(_env_config)
@@ -76,12 +117,16 @@ def current_session():
 
 
 def _close_default_at_exit() -> None:
-    """Interpreter exit: the default session commits and closes. When an uncaught exception ends the
-    process (sys.last_value), it may have stopped an example between two of its forwards (prefill
-    chunks, generate() steps): the sequences a later forward could still continue are not committed."""
-    if _default is None:
+    """Interpreter exit: the default session commits and closes (in the process that made it: a forked
+    child's copy is inert). A daemon thread may still be inside a forward: that forward's examples (and
+    the sequences it extends) are discarded with one warning, and the examples whose forwards ended are
+    committed. When an uncaught exception ends the process (sys.last_value), it may have stopped an
+    example between two of its forwards (prefill chunks, generate() steps): the sequences a later forward
+    could still continue are not committed."""
+    if _default is None or inherited(_default):
         return
     try:
+        _default.discard_running("was still running in thread {thread} when the interpreter exited")
         if getattr(sys, "last_value", None) is not None:
             _default.drop_open_sequences("the process ended with an uncaught exception")
     finally:
@@ -89,21 +134,24 @@ def _close_default_at_exit() -> None:
 
 
 def existing_session():
-    """`current_session()` without making the env-configured default (None if there is none yet)."""
+    """`current_session()` without making the env-configured default (None if there is none yet, or if
+    it is a copy inherited from the process this one was forked from)."""
     active = _active()
-    return active if active is not None else _default
+    found = active if active is not None else _default
+    return None if found is None or inherited(found) else found
 
 
 def default_session():
-    """The env-configured default session, if one was made."""
-    return _default
+    """The env-configured default session, if this process made one (a forked child's copy: None)."""
+    return None if _default is None or inherited(_default) else _default
 
 
 def reload_env() -> SniffConfig:
-    """Re-read QK_SNIFF_* (closing a running default session first)."""
+    """Re-read QK_SNIFF_* (closing a running default session first; a forked child's copy is dropped unclosed)."""
     global _env_config, _default
     if _default is not None:
-        _default.close()
+        if not inherited(_default):
+            _default.close()
         _default = None
     _env_config = SniffConfig.from_env()
     return _env_config

@@ -273,6 +273,14 @@ class ForwardTracker:
             self._retire(forward)
         self._end_forward()
 
+    def discard_running(self, why: str) -> None:
+        """Discard the forwards other threads are inside now (the interpreter exits while a daemon thread
+        runs one; `why` names the thread as {thread}): their sequences are neither committed nor continued,
+        and what the thread does next in them records nothing. Then the session can commit and close."""
+        for forward in [f for f in self._forwards.values() if isinstance(f, ForwardContext)]:
+            if forward.thread is not threading.current_thread() and in_progress(forward):
+                self._discard(forward, why.format(thread=repr(forward.thread.name)))
+
     def _end_forward(self) -> None:
         """Between forwards: the sink sends what waited on the device (waiting for pool space)."""
         self.sink.end_forward()

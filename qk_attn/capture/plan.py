@@ -20,6 +20,7 @@ class ModelShape:
     num_kv_heads: int
     head_dim: int
     layer_types: tuple[str, ...] | None = None
+    dtype: str | None = None  # what attention ran in (the query's), whatever the config says
 
     @classmethod
     def from_module(cls, module, query, key) -> ModelShape:
@@ -48,6 +49,7 @@ class ModelShape:
             num_kv_heads=key.shape[1],
             head_dim=query.shape[-1],
             layer_types=tuple(layer_types) if layer_types else None,
+            dtype=str(query.dtype).replace("torch.", ""),
         )
 
     def local_attention(self, layer: int) -> str | None:

@@ -153,7 +153,7 @@ class Session(SequenceTracker):
         num_queries = check_shapes(forward, layer, query, key, cross)
         if not forward.first_call(layer, query, key):
             return  # the same query and key again (DiffLlama): recorded once
-        model = self._model(module, query, key)
+        model = self._model(module, layer, query, key)
         shape = model.plan.shape
         if query.shape[1] != shape.num_heads or key.shape[1] != shape.num_kv_heads:
             raise CaptureError(
@@ -283,7 +283,7 @@ class Session(SequenceTracker):
             facts = self._modules[module] = module_facts(module)
         return facts
 
-    def _model(self, module, query, key) -> _Model:
+    def _model(self, module, layer: int, query, key) -> _Model:
         model = self._models.get(id(module.config))
         if model is None or model.config is not module.config:
             if self._models and self.sink.one_model:
@@ -294,6 +294,20 @@ class Session(SequenceTracker):
             plan = HeadPlan.build(self.config, ModelShape.from_module(module, query, key))
             model = self._models[id(module.config)] = _Model(module.config, plan)
             self.sink.bind_model(module.config, plan)
+            if query.dtype == torch.float64:
+                self._warn_once(
+                    "float64",
+                    f"qk-attn: the model runs in float64; vectors are stored as {self.config.vector_dtype} "
+                    "(vector_dtype), rounded",
+                )
+        first = model.layer_dtypes.setdefault(layer, query.dtype)
+        if first != query.dtype and self.sink.one_model:  # (per layer: a model may upcast some layers)
+            raise CaptureError(
+                f"qk_sniff: layer {layer}'s attention runs in {str(query.dtype).replace('torch.', '')} in this forward, "
+                f"but in {str(first).replace('torch.', '')} in the forwards recorded into {self.config.output}, which "
+                "holds one model's dataset (its card states one dtype); keep the model's dtype for the whole capture, "
+                "or give this dtype its own output"
+            )
         return model
 
 
@@ -303,6 +317,7 @@ class _Model:
     def __init__(self, config, plan: HeadPlan):
         self.config = config
         self.plan = plan
+        self.layer_dtypes: dict[int, torch.dtype] = {}  # what each layer's attention ran in at its first call
         self.staging_bytes: dict[tuple, int] = {}  # forward shape -> its staging bound
         # Per device, reused by this model's forwards. Not shared between models: a forward of one
         # may still hold its staged rows (not handed off yet) while the other's forward runs.

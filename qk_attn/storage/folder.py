@@ -136,6 +136,11 @@ def check_shard_sizes(output: Path, manifest: dict, digests: bool = False) -> No
         )
 
 
+# Lock descriptors `take_lock` returned -> the process that took the lock. A process forked while it
+# was held inherits the descriptor but not the lock's ownership (`release_lock`).
+_lock_holders: dict[int, int] = {}
+
+
 def take_lock(output: Path, name: str = LOCK) -> int:
     """flock OUT/name (created if absent). `release_lock` deletes the file, so a lock taken on a
     file that another process deleted meanwhile is taken again on the file now at that name."""
@@ -151,6 +156,7 @@ def take_lock(output: Path, name: str = LOCK) -> int:
         except FileNotFoundError:
             same = False
         if same:
+            _lock_holders[fd] = os.getpid()
             return fd
         os.close(fd)
 
@@ -173,12 +179,25 @@ def lock_held(path: Path) -> bool:
     return False
 
 
+def lock_taken_here(fd: int) -> bool:
+    """Whether this process took the lock of `fd` (False in a process forked after `take_lock`)."""
+    return _lock_holders.get(fd, os.getpid()) == os.getpid()
+
+
 def release_lock(output: Path, fd: int, name: str = LOCK) -> None:
-    """Delete the lock file, then release it: a finished or failed command leaves no lock behind."""
+    """Delete the lock file, then release it: a finished or failed command leaves no lock behind.
+    In a process forked from the one that took the lock, only this copy of the descriptor is closed:
+    the file stays, and the flock with it (it belongs to the open file, which the taker still holds)."""
+    if _lock_holders.pop(fd, None) not in (None, os.getpid()):
+        os.close(fd)
+        return
+    path = Path(output) / name
     try:
-        (Path(output) / name).unlink(missing_ok=True)
+        held, there = os.fstat(fd), path.stat()
+        if (held.st_dev, held.st_ino) == (there.st_dev, there.st_ino):  # not another writer's, in a new OUT
+            path.unlink()
     except OSError:
-        pass  # a read-only folder: the flock is released all the same
+        pass  # gone already, or a read-only folder: the flock is released all the same
     os.close(fd)
 
 

@@ -29,7 +29,7 @@ from qk_attn.capture.sinks import Sink
 from qk_attn.config import SniffConfig
 from qk_attn.errors import CaptureError, CaptureOverflow, CommittedExampleError, SaverError, StorageError
 from qk_attn.storage.examples import check_examples_file
-from qk_attn.storage.folder import open_capture, release_lock, take_lock
+from qk_attn.storage.folder import lock_taken_here, open_capture, release_lock, take_lock
 from qk_attn.storage.layout import Files
 from qk_attn.storage.manifest import read_manifest, vocabulary_digest
 from qk_attn.storage.saver import _STOP, SaverThread, _Flush
@@ -150,7 +150,8 @@ class ParquetSink(SaverThread, Sink):
         model = {
             "id": getattr(model_config, "_name_or_path", None) or None,
             "revision": getattr(model_config, "_commit_hash", None),
-            "dtype": str(getattr(model_config, "dtype", None) or "").replace("torch.", "") or None,
+            # what attention ran in: `.half()` and `.to()` leave config.dtype as it was loaded
+            "dtype": plan.shape.dtype or str(getattr(model_config, "dtype", None) or "").replace("torch.", "") or None,
             "model_type": getattr(model_config, "model_type", None),
         }
         # A model loaded from a local folder: its config and weight files, so a folder whose weights were
@@ -285,10 +286,15 @@ class ParquetSink(SaverThread, Sink):
         ) from error
 
     def close(self) -> None:
-        """Commit everything committed so far, write the card, stop the threads. Idempotent."""
+        """Commit everything committed so far, write the card, stop the threads. Idempotent. In a process
+        forked from the one that opened the sink it only closes this copy of the lock's descriptor: the
+        saver thread, the lock and the folder are the parent's, which goes on writing them."""
         if self._closed:
             return
         self._closed = True
+        if not lock_taken_here(self._lock_fd):
+            release_lock(self.output, self._lock_fd, self.files.lock)  # the descriptor only (folder.release_lock)
+            return
         try:
             if self._error is None:
                 self._sender.drain()

@@ -55,7 +55,7 @@ def test_card_of_a_filtered_capture_with_a_layer_that_did_not_run(tmp_path):
         "| transformers |",
         "| torch |",
         "| qk_attn |",
-        "| model dtype | unknown |",
+        "| model dtype | float32 |",
         "| max valid length | 30 |",
         "`toy/random-tokens`",
     ):

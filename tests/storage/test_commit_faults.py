@@ -221,3 +221,22 @@ def test_an_output_folder_replaced_during_a_commit_is_not_touched(tmp_path, monk
         sink.close()
     monkeypatch.undo()
     assert list(out.iterdir()) == []
+
+
+def test_closing_a_capture_whose_folder_was_replaced_leaves_the_new_folders_lock(tmp_path):
+    """After OUT was replaced and another capture opened it, the first capture's close deleted the lock
+    file at OUT's name, which was the other capture's: a third writer could then open the folder."""
+    import shutil
+
+    from qk_attn.storage.folder import release_lock, take_lock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    first = take_lock(out)
+    shutil.rmtree(out)
+    out.mkdir()
+    second = take_lock(out)
+    release_lock(out, first)
+    assert (out / ".qk_sniff.lock").exists()
+    release_lock(out, second)
+    assert not (out / ".qk_sniff.lock").exists()

@@ -224,3 +224,34 @@ def test_a_local_model_folder_with_other_weights_does_not_resume_into_the_captur
                     model(input_ids=ids)
     assert sorted(read_manifest(out)["examples"]) == ["0", "1"]
     assert verify_dataset(out, log=lambda *_: None) == []
+
+
+def test_the_dtype_attention_ran_in_is_the_captures_dtype(tmp_path):
+    """`model.half()` leaves config.dtype as loaded: the manifest once said float32 for float16 rows,
+    and a float32 model then resumed into them. The dtype is now what attention ran in: a resume in
+    another dtype is refused, and so is a dtype change between forwards of one session."""
+    import pytest
+    import torch
+
+    import qk_attn
+    from qk_attn.errors import CaptureError
+    from support.models import build
+
+    out, ids = tmp_path / "out", torch.randint(2, 90, (1, 6))
+    model = build("llama3", "qk_sniff").half()
+    with torch.no_grad(), qk_attn.session(output=out, sampler="all", layers="0") as s:
+        s.begin([0])
+        model(input_ids=ids)
+        s.commit()
+        model.float()
+        s.begin([1])
+        with pytest.raises(CaptureError, match="layer 0's attention runs in float32 in this forward, but in float16"):
+            model(input_ids=ids)
+    assert read_manifest(out)["model"]["dtype"] == "float16"
+    assert sorted(read_manifest(out)["examples"]) == ["0"]
+    with torch.no_grad(), qk_attn.session(output=out, sampler="all", layers="0") as s:
+        s.begin([2])
+        with pytest.raises(ValueError, match=r"holds captures of model .*float16.*this run uses .*float32"):
+            model(input_ids=ids)
+    assert sorted(read_manifest(out)["examples"]) == ["0"]
+    assert verify_dataset(out, log=lambda *_: None) == []
