@@ -74,11 +74,11 @@ def building_model(max_depth: int = 16):
 
 
 def tower_of(config, max_depth: int = 64) -> str | None:
-    """Where the outermost model running now keeps `config` when it is not its language model's:
-    the attribute of its config (`vision_config`, `audio_config`, ...), or "a sub-model" deeper
-    down; None for the language model, whose config is the outermost one or its text decoder's
-    (`get_text_config(decoder=True)`, fact `text_config_lookup`). Vision and audio towers build
-    masks and may number their layers; their rows are no text positions."""
+    """The attribute (`vision_config`, `audio_config`, ...) under which the outermost model whose forward
+    is running keeps `config`, when that is not its language model's config (`get_text_config(decoder=True)`,
+    fact `text_config_lookup`); None for the language model and for a config it does not hold (an
+    assistant model run from another model's generate()). Vision and audio towers build masks and may
+    number their layers; their rows are no text positions."""
     from transformers import PreTrainedModel
 
     frame, top = sys._getframe(1), None
@@ -86,13 +86,13 @@ def tower_of(config, max_depth: int = 64) -> str | None:
         if frame is None:
             break
         this = frame.f_locals.get("self")
-        if isinstance(this, PreTrainedModel):
+        if isinstance(this, PreTrainedModel) and frame.f_code.co_name == "forward":
             top = this
         frame = frame.f_back
     outer = getattr(top, "config", None)
     if outer is None or config is None or config is outer or config is outer.get_text_config(decoder=True):
         return None
-    return next((name for name, value in vars(outer).items() if value is config), "a sub-model")
+    return next((name for name, value in vars(outer).items() if value is config), None)
 
 
 def cache_of(arguments: dict):
