@@ -196,7 +196,8 @@ class SequenceTracker(ForwardTracker):
             )
             raise CaptureError(
                 f"qk_sniff: this forward continues a cache at position {forward.past} but {where} (a rolled-back or "
-                "different cache); call session.begin(ids) before it to name its sequences"
+                "different cache, or forwards that ran on it without qk_sniff or outside this session); call "
+                "session.begin(ids) before it to name its sequences"
             )
         elif sequence.row_moves != row_moves(forward.cache):
             raise CaptureError(
