@@ -89,6 +89,7 @@ def push(
             **common,
             folder_path=output,
             allow_patterns=[SHARDS],
+            ignore_patterns=_unlisted_shards(output, manifest),  # a killed run's orphans, copies: never published
             delete_patterns=[SHARDS],
             commit_message=f"qk-sniff: {len(manifest['examples'])} examples (shards)",
         )
@@ -171,6 +172,15 @@ def pull(
         if created and not any(output.iterdir()):  # a failed pull leaves nothing behind
             output.rmdir()
     return output
+
+
+def _unlisted_shards(output: Path, manifest: dict) -> list[str]:
+    """Files SHARDS matches that the manifest does not list (a glob reader on the Hub would read them)."""
+    import fnmatch
+
+    listed = {f"{key}/{name}" for key, names in manifest["shards"].items() for name in names}
+    found = (path.relative_to(output).as_posix() for path in output.glob("l*h*/**/*") if path.is_file())
+    return sorted(path for path in found if fnmatch.fnmatch(path, SHARDS) and path not in listed)
 
 
 def _check_shards(output: Path, manifest: dict) -> None:

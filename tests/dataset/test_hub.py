@@ -63,6 +63,7 @@ class FakeHub:
             repo_type=None,
             revision=None,
             allow_patterns=None,
+            ignore_patterns=None,
             delete_patterns=None,
             commit_message=None,
             **_,
@@ -71,7 +72,7 @@ class FakeHub:
             files = fake.repos[repo_id][revision or "main"]
             root = Path(folder_path)
             local = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
-            added = set(filter_repo_objects(local, allow_patterns=allow_patterns))
+            added = set(filter_repo_objects(local, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
             for path in (
                 filter_repo_objects(list(files), allow_patterns=delete_patterns or []) if delete_patterns else []
             ):
@@ -120,6 +121,12 @@ def test_push_creates_repo_and_branch_and_uploads_exactly_the_committed_dataset(
     out = tmp_path / "out"
     _capture(out, [0, 1, 2])
     (out / "l00h00q" / ".s000123-p0000.parquet.tmp").write_bytes(b"in flight")  # never uploaded
+    # Parquet files no commit lists (a killed run's renamed shards, a user's copies) are never published:
+    # the Hub's glob configs would read them.
+    listed = sorted((out / "l00h00q").glob("*.parquet"))[0]
+    for stray in ("l00h00q/s000999-p0000.parquet", "l00h00q/copy.parquet", "l07h00q/s000000-p0000.parquet"):
+        (out / stray).parent.mkdir(exist_ok=True)
+        (out / stray).write_bytes(listed.read_bytes())
     url = hub.push(out, "org/qk", revision="tiny-llama", private=True)
     assert url == "https://huggingface.co/datasets/org/qk/tree/tiny-llama"
     assert ("create_repo", "org/qk", "dataset", True) in fake_hub.calls
