@@ -18,9 +18,11 @@ from qk_attn.dataset.reader import check_shard, ids_text, shard_problem_line
 from qk_attn.dataset.salvage import holds_any, older_shard_examples, recount, salvage, scale_calls
 from qk_attn.dataset.verify import EncodeSource, verify_dataset
 from qk_attn.errors import ManifestError, NotACapture
+from qk_attn.storage.card import card_problem
 from qk_attn.storage.examples import check_examples_file, write_examples
 from qk_attn.storage.folder import card_is_ours, release_lock, remove_orphans, take_lock
 from qk_attn.storage.layout import (
+    CARD,
     EXAMPLES,
     LOCK,
     MANIFEST,
@@ -163,7 +165,17 @@ def _repair_writer(output: Path, files: Files, log, card: bool = True) -> dict:
             dropped |= segment_examples(manifest, lost)
     examples_changed = bool(check_examples_file(output, manifest))
     if not bad and not restored and not examples_changed and not tidied:
-        return {"restored": False, "bad": [], "dropped": [], "tidied": [], "examples_rewritten": False}
+        stale = card and card_problem(output, manifest)
+        if stale:  # a run stopped between its last manifest and its card
+            _write_card(output, manifest, log)
+            log(f"wrote {CARD} again: {stale}")
+        return {
+            "restored": False,
+            "bad": [],
+            "dropped": [],
+            "tidied": [f"wrote {CARD}"] if stale else [],
+            "examples_rewritten": False,
+        }
 
     number = manifest["next_segment"]
     manifest["next_segment"] = number + 1

@@ -18,6 +18,7 @@ from typing import Any
 
 from qk_attn.dataset.reader import INDEX_COLUMNS, Dataset, check_integrity
 from qk_attn.errors import ManifestError
+from qk_attn.storage.card import card_problem
 from qk_attn.storage.layout import MANIFEST, PREVIOUS, key_name
 from qk_attn.storage.records import shard_examples
 
@@ -74,6 +75,9 @@ def verify_dataset(root: str | Path, log=print, encode_source: EncodeSource | No
     except ManifestError as error:  # altered or unreadable: nothing it lists can be trusted
         return [str(error)]
     integrity, bad, no_digest = check_integrity(data)
+    card = card_problem(root, data.manifest)
+    if card:
+        integrity = [*integrity, f"{card}; `qk-sniff repair {root}` (or the next run of the capture) writes it"]
     # Shards that cannot be read are left out of the content checks; one whose bytes changed but
     # still reads is checked as well (its content problems say what changed). verify only reports:
     # nothing it reads is copied anywhere.

@@ -27,10 +27,14 @@ from qk_attn.storage.chart import bucket_chart, per_example_head, sampler_of
 from qk_attn.storage.coverage import coverage, coverage_text, markdown_table
 from qk_attn.storage.folder import card_is_ours, signed_card
 from qk_attn.storage.layout import CARD, CHART, key_name, parse_key
-from qk_attn.storage.manifest import read_manifest
-from qk_attn.storage.settings import public_value
+from qk_attn.storage.manifest import manifest_digest, read_manifest
+from qk_attn.storage.settings import public_manifest, public_value
 
 logger = logging.getLogger(__name__)
+
+# The manifest a card was written from (as pushed, for a card naming a Hub repo): a card behind its
+# manifest (a run killed before it wrote the card) is told apart by it (`card_problem`).
+MANIFEST_LINE = "<!-- qk-sniff manifest sha256 {} -->"
 
 
 def dataset_configs(shards: dict[str, list[str]], examples_file: str | None = None) -> dict[str, dict]:
@@ -320,14 +324,34 @@ def write_card(
             output,
         )
         return None
+    written_from = MANIFEST_LINE.format(manifest_digest(public_manifest(manifest) if repo_id else manifest))
     chart = bucket_chart(manifest, output / CHART)
     # A local card names the folder relative to where it sits: no absolute path is published.
     where = repo_id or output.resolve().name
     text = card_text(manifest, where, revision if repo_id else None, chart, head_dims(output, manifest))
     # Written whole or not at all: a card cut short by a kill would fail its signature and then count
     # as the user's own (never rewritten).
+    text += written_from + "\n"
     partial = output / f".{CARD}.tmp"
     with open(partial, "w", newline="", encoding="utf-8") as f:
         f.write(signed_card(text))
     os.replace(partial, output / CARD)
     return output / CARD
+
+
+def card_problem(output: str | Path, manifest: dict) -> str | None:
+    """What is wrong with OUT/README.md for `manifest`: missing (datasets.load_dataset then finds none
+    of the configs), or one of ours written from another manifest (its counts and configs are
+    behind); None when it is right, is the user's own, or predates the manifest line."""
+    import re
+
+    output = Path(output)
+    path = output / CARD
+    if not path.is_file():
+        return f"{CARD} (the dataset card, which names the configs datasets.load_dataset reads) is missing"
+    if not card_is_ours(output):
+        return None
+    found = re.search(MANIFEST_LINE.format("([0-9a-f]{64})"), path.read_text(encoding="utf-8"))
+    if found and found[1] not in (manifest_digest(manifest), manifest_digest(public_manifest(manifest))):
+        return f"{CARD} was written from an earlier manifest (a run stopped before it wrote the card): its counts and configs are behind"
+    return None

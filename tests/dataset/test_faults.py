@@ -197,7 +197,8 @@ def test_the_examples_table_is_rebuilt_when_it_lags_the_manifest(tmp_path, monke
     shutil.copytree(out, crashed)  # the state a kill leaves now: two examples, the table lists one
     sink.close()
     problems = quiet(crashed)
-    assert len(problems) == 1 and "lags the manifest" in problems[0]
+    # a run killed before its close also leaves no card: datasets.load_dataset would find no configs
+    assert len(problems) == 2 and "lags the manifest" in problems[0] and "README.md (the dataset card" in problems[1]
     second = tmp_path / "second"
     shutil.copytree(crashed, second)
     open_sink(crashed).close()  # the next run rebuilds it
@@ -342,3 +343,27 @@ def capture_uncompacted(out, layers=(0, 1)):
         return capture(out, MANY, layers=layers)
     finally:
         saver.COMPACT_AT_CLOSE = at_close
+
+
+def test_a_card_behind_its_manifest_is_reported_and_written_again(tmp_path):
+    """A run stopped between its last manifest and its card (a kill, a full disk) left the earlier card:
+    its counts and configs named fewer examples, and verify passed. verify now holds the card to the
+    manifest it was written from; repair writes it again (also a card that is missing)."""
+    out = tmp_path / "out"
+    sink = open_sink(out)
+    run_examples(sink, [0])
+    sink.close()
+    earlier = (out / "README.md").read_text()
+    sink = open_sink(out)
+    run_examples(sink, [1, 2])
+    sink.close()
+    assert quiet(out) == []
+    (out / "README.md").write_text(earlier)
+    problems = quiet(out)
+    assert len(problems) == 1 and problems[0].startswith("README.md was written from an earlier manifest"), problems
+    code, lines = repaired(out)
+    assert code == 0 and any(line.startswith("wrote README.md again") for line in lines)
+    assert quiet(out) == [] and "| 3 |" in (out / "README.md").read_text()
+    (out / "README.md").unlink()
+    assert quiet(out)[0].startswith("README.md (the dataset card")
+    assert repaired(out)[0] == 0 and quiet(out) == []
