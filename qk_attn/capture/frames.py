@@ -3,7 +3,7 @@ building it (its token ids, positions and cache), the decoder stack whose hooks 
 end, and the generation method that is running (refused when its steps cannot be one sequence).
 
 These read frame locals and code names of transformers (named and checked in qk_attn.capture.facts):
-`self`, `input_ids`, `position_ids`, `cache` / `past_key_values`, `pixel_values`, and
+`self`, `input_ids`, `position_ids`, `cache` / `past_key_values`, `pixel_values`, `mm_encoder_outputs`, and
 generation/utils.py's `_sample`, `_assisted_decoding`, `_beam_search`, `model_kwargs`,
 `unfinished_sequences`.
 """
@@ -53,6 +53,9 @@ def model_forward(batch_size: int, num_new: int, max_depth: int = 16) -> ModelFo
             if ids is None and isinstance(candidate, torch.Tensor) and candidate.shape == (batch_size, num_new):
                 ids = candidate
             images = images or any(local.get(name) is not None for name in ("pixel_values", "pixel_values_videos"))
+            # generate() encodes images before the first forward and hands the model their features
+            encoded = local.get("mm_encoder_outputs")
+            images = images or (isinstance(encoded, dict) and any(v is not None for v in encoded.values()))
         frame = frame.f_back
     return ModelForward(module, ids, positions if isinstance(positions, torch.Tensor) else None, cache, images)
 
@@ -74,25 +77,26 @@ def building_model(max_depth: int = 16):
 
 
 def tower_of(config, max_depth: int = 64) -> str | None:
-    """The attribute (`vision_config`, `audio_config`, ...) under which the outermost model whose forward
-    is running keeps `config`, when that is not its language model's config (`get_text_config(decoder=True)`,
-    fact `text_config_lookup`); None for the language model and for a config it does not hold (an
+    """The attribute (`vision_config`, `audio_config`, ...) under which a model running on the call stack
+    (in any method: generate() encodes images before the first forward, in get_image_features) keeps
+    `config`, when that is not its language model's config (`get_text_config(decoder=True)`, fact
+    `text_config_lookup`); None for a language model and for a config no enclosing model holds (an
     assistant model run from another model's generate()). Vision and audio towers build masks and may
     number their layers; their rows are no text positions."""
     from transformers import PreTrainedModel
 
-    frame, top = sys._getframe(1), None
+    frame = sys._getframe(1)
     for _ in range(max_depth):
         if frame is None:
-            break
+            return None
         this = frame.f_locals.get("self")
-        if isinstance(this, PreTrainedModel) and frame.f_code.co_name == "forward":
-            top = this
+        outer = this.config if isinstance(this, PreTrainedModel) else None
+        if outer is not None and config is not outer and config is not outer.get_text_config(decoder=True):
+            name = next((name for name, value in vars(outer).items() if value is config), None)
+            if name is not None:
+                return name
         frame = frame.f_back
-    outer = getattr(top, "config", None)
-    if outer is None or config is None or config is outer or config is outer.get_text_config(decoder=True):
-        return None
-    return next((name for name, value in vars(outer).items() if value is config), None)
+    return None
 
 
 def cache_of(arguments: dict):

@@ -19,7 +19,8 @@ from typing import Any
 from qk_attn.dataset.reader import INDEX_COLUMNS, Dataset, check_integrity
 from qk_attn.errors import ManifestError
 from qk_attn.storage.card import card_problem
-from qk_attn.storage.layout import MANIFEST, PREVIOUS, key_name
+from qk_attn.storage.card_columns import head_dims
+from qk_attn.storage.layout import MANIFEST, PREVIOUS, key_name, parse_key
 from qk_attn.storage.records import shard_examples
 
 # (manifest, manifest["source"]) -> {example_id: the token ids of its source document}. The run
@@ -106,6 +107,13 @@ def verify_dataset(root: str | Path, log=print, encode_source: EncodeSource | No
     # The vector type the manifest (and the card) states: every shard holds it (older manifests: the shard's own).
     stated_dim = (data.manifest.get("plan") or {}).get("head_dim")
     stated_type = {"float32": pa.float32(), "float16": pa.float16()}.get(data.manifest.get("vector_dtype"))
+    # The plan states the first layer's head size; Gemma 4's global layers have another. Where some
+    # folder holds the stated size, each layer is held to the size of its first folder instead.
+    first_dims = {key: dim for key, dim in head_dims(root, data.manifest).items() if parse_key(key)}
+    layer_dim: dict[int, int] = {}
+    if stated_dim in first_dims.values():
+        for key, dim in sorted(first_dims.items()):
+            layer_dim.setdefault(parse_key(key)[0], dim)
     for key, folder in data.folders.items():
         layer, head, kind = key
         name = folder.name
@@ -120,7 +128,11 @@ def verify_dataset(root: str | Path, log=print, encode_source: EncodeSource | No
             schema = pq.read_schema(f)
             vector = schema.field("vector").type if "vector" in schema.names else None
             dim = getattr(vector, "list_size", -1)  # a changed footer may make it any type
-            want = arrow_schema(stated_dim or dim, stated_type or vector.value_type) if dim > 0 else None
+            want = (
+                arrow_schema(layer_dim.get(layer, stated_dim) or dim, stated_type or vector.value_type)
+                if dim > 0
+                else None
+            )
             base = [schema.field(n) for n in schema.names if n not in ("token_id", "token_str")]
             if want is None or [(f_.name, f_.type) for f_ in base] != [(w.name, w.type) for w in want]:
                 problems.append(

@@ -424,6 +424,12 @@ def test_qwen2_vl_with_an_image_is_refused_naming_images_and_mrope():
         with qk_attn.session(sampler="all") as s:
             model(input_ids=ids, **image)
     assert s.table() is None and s.sink.committed == []
+    # generate() encodes the image before the first forward and hands it `mm_encoder_outputs`, no
+    # pixel values: it was recorded, every decode position off by the image's repeated positions.
+    with pytest.raises(CaptureError, match="images and multimodal RoPE \\(mrope\\)"):
+        with qk_attn.session(sampler="all") as s:
+            model.generate(input_ids=ids, **image, max_new_tokens=2, do_sample=False)
+    assert s.table() is None and s.sink.committed == []
 
 
 # ---- every attention call checked against its forward ----------------------------------------------

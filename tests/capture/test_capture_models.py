@@ -287,3 +287,26 @@ def test_vision_and_audio_towers_are_not_recorded(make, tmp_path):
     with qk_attn.session(output=str(tmp_path / "out"), sampler="all", example_ids=[7]):
         whole(**call)
     assert qk_attn.load_examples(tmp_path / "out")["example_id"].to_pylist() == [7]
+
+
+def test_gemma4_generate_with_an_image_records_the_text_model_only(tmp_path):
+    """generate() encodes the image before its first forward (get_image_features, outside any model
+    forward): the vision tower's patches were stored as text layers under the begun id."""
+    sdpa, call, _ = _gemma4_with_vision("sdpa")
+    reference = sdpa.generate(**call, max_new_tokens=3, do_sample=False)
+    text_only, _, _ = _gemma4_with_vision({"text_config": "qk_sniff", "vision_config": "sdpa"})
+    with qk_attn.session(sampler="all", example_ids=[7]) as s:
+        text_only.generate(**call, max_new_tokens=3, do_sample=False)
+    want = rows_by_key(s.table())
+    whole, _, _ = _gemma4_with_vision("qk_sniff")
+    with qk_attn.session(sampler="all", example_ids=[7]) as s:
+        assert torch.equal(whole.generate(**call, max_new_tokens=3, do_sample=False), reference)
+    got = rows_by_key(s.table())
+    assert got.keys() == want.keys() and {key[0] for key in got} == {7}
+    for key, vector in want.items():
+        np.testing.assert_array_equal(got[key], vector, err_msg=str(key))
+    with qk_attn.session(output=str(tmp_path / "out"), sampler="all", example_ids=[7]):
+        whole.generate(**call, max_new_tokens=3, do_sample=False)
+    from qk_attn.dataset.verify import verify_dataset
+
+    assert verify_dataset(tmp_path / "out", log=lambda *_: None) == []  # its global layers' head size included
