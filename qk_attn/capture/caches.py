@@ -40,26 +40,26 @@ _rollbacks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> 
 
 
 class Rollback:
-    """The shortest length (`to`; None: no crop) a crop left in one cache since a sequence's last forward
-    (-1: unknown, a static cache's length is on the device)."""
+    """The lengths crops left in one cache, in order (-1: unknown, a static cache's length is on the
+    device). Each sequence on the cache notes how many it had seen at its last forward."""
 
-    __slots__ = ("to",)
+    __slots__ = ("lengths",)
 
     def __init__(self) -> None:
-        self.to: int | None = None
+        self.lengths: list[int] = []
 
-    def below(self, end: int) -> bool:
-        return self.to is not None and self.to < end
+    def below(self, end: int, seen: int) -> bool:
+        """Whether a crop since the first `seen` left fewer than `end` tokens."""
+        return any(length < end for length in self.lengths[seen:])
 
 
 def rollback_of(cache) -> Rollback | None:
-    """The cache's Rollback, reset: a sequence's forward notes from here on."""
+    """The cache's Rollback (made on first use: crops are noted from then on)."""
     if cache is None:
         return None
     record = _rollbacks.get(cache)
     if record is None:
         record = _rollbacks[cache] = Rollback()
-    record.to = None
     return record
 
 
@@ -83,16 +83,17 @@ def _noting_rollbacks(crop):
     @functools.wraps(crop)
     def noted(cache, *args, **kwargs):
         before = cache_length(cache)
-        result = crop(cache, *args, **kwargs)
-        after = cache_length(cache)
-        record = _rollbacks.get(cache)
-        if record is not None:  # a cache some sequence holds
-            amount = args[0] if args else next(iter(kwargs.values()), None)
-            if after is None and amount != 0:
-                record.to = -1
-            elif after is not None and before is not None and after < before:
-                record.to = after if record.to is None else min(record.to, after)
-        return result
+        try:
+            return crop(cache, *args, **kwargs)
+        finally:  # also a crop that raised after cutting some layers
+            after = cache_length(cache)
+            record = _rollbacks.get(cache)
+            if record is not None:  # a cache some sequence holds
+                amount = args[0] if args else next(iter(kwargs.values()), None)
+                if after is None and amount != 0:
+                    record.lengths.append(-1)
+                elif after is not None and before is not None and after < before:
+                    record.lengths.append(after)
 
     noted._notes_rollbacks = True
     return noted

@@ -26,7 +26,12 @@ class Sequence:
         self.decisions = None  # the sampler's decisions for its next decode steps (forward.DecisionWindow)
         self.checked = -1  # the tracker's commit count when its ids were last checked against the committed ones
         self.row_moves = 0  # its cache's row moves (qk_attn.capture.caches) at its last forward
-        self.rollback = None  # its cache's caches.Rollback since its last forward
+        self.rollback = None  # its cache's caches.Rollback
+        self.rollbacks_seen = 0  # how many crops of it its last forward had seen
+
+    def rolled_back(self) -> bool:
+        """Whether a crop since its last forward left its cache shorter than the tokens recorded for it."""
+        return self.rollback is not None and self.rollback.below(self.end, self.rollbacks_seen)
 
 
 def key_of(config, cache) -> tuple:

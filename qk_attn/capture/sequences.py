@@ -104,7 +104,7 @@ class SequenceTracker(ForwardTracker):
         of the removed tokens (rejected drafts) were recorded, and no later forward told."""
         for sequence in self._begun_sequences:
             ids = sorted(set(sequence.ids) & self._begun.keys())
-            if ids and sequence.rollback is not None and sequence.rollback.below(sequence.end):
+            if ids and sequence.rolled_back():
                 self._forget_rolled_back(sequence, ids)
 
     def _forget_rolled_back(self, sequence, ids: list[int]) -> None:
@@ -158,7 +158,7 @@ class SequenceTracker(ForwardTracker):
         key = key_of(forward.config, forward.cache)
         sequence = self._sequences.of(key, forward.cache)  # None for a cache that is gone, whose id a new one took
         gone = self._sequences.discarded(key, forward.cache) if sequence is None else None
-        if sequence is not None and sequence.rollback is not None and sequence.rollback.below(sequence.end):
+        if sequence is not None and sequence.rolled_back():
             rolled_back = sorted(set(sequence.ids) & self._begun.keys())
             if rolled_back:
                 self._forget_rolled_back(sequence, rolled_back)
@@ -233,6 +233,7 @@ class SequenceTracker(ForwardTracker):
         sequence.unfinished = forward.unfinished
         sequence.row_moves = row_moves(forward.cache)
         sequence.rollback = rollback_of(forward.cache)
+        sequence.rollbacks_seen = len(sequence.rollback.lengths) if sequence.rollback is not None else 0
         sequence.end = forward.past + forward.num_new
         sequence.checked = self._commits
         forward.sequence = sequence

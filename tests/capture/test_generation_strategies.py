@@ -255,3 +255,19 @@ def test_a_crop_that_removes_nothing_recorded_keeps_the_example():
         model(input_ids=DRAFTS[:, :1], **cache_kw(cache))
     got = rows_by_key(s.table())
     assert {key[0] for key in got} == {1} and {key[4] for key in got} == set(range(9))
+
+
+def test_a_crop_is_not_forgotten_when_another_session_continues_the_cache(caplog):
+    """Each cache kept one crop record, reset by every new sequence on it: a second session (or model)
+    that continued the cache after the crop erased it, and the first committed the removed tokens."""
+    model = build("llama3", "qk_sniff")
+    cache = tf.DynamicCache(config=model.config)
+    with qk_attn.session(sampler="all") as first:
+        first.begin([1])
+        model(input_ids=torch.cat((PROMPT, DRAFTS), 1), **cache_kw(cache))
+        cache.crop(-3)
+        with qk_attn.session(sampler="all") as second:
+            second.begin([5])
+            model(input_ids=torch.tensor([[60]]), **cache_kw(cache))
+    assert (first.table() is None or first.table().num_rows == 0) and "example(s) [1] was cropped" in caplog.text
+    assert {key[0] for key in rows_by_key(second.table())} == {5}
