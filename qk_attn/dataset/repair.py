@@ -17,7 +17,7 @@ from pathlib import Path
 from qk_attn.dataset.reader import check_shard, ids_text, shard_problem_line
 from qk_attn.dataset.salvage import holds_any, older_shard_examples, recount, salvage, scale_calls
 from qk_attn.dataset.verify import EncodeSource, verify_dataset
-from qk_attn.errors import ManifestError, NotACapture
+from qk_attn.errors import ManifestError, NotACapture, StorageError
 from qk_attn.storage.card import card_problem
 from qk_attn.storage.examples import check_examples_file, write_examples
 from qk_attn.storage.folder import card_is_ours, release_lock, remove_orphans, take_lock
@@ -85,14 +85,21 @@ def _repair_ranks(output: Path, ranks: list[int], log) -> dict:
     try:
         for name in names:  # as merge: no rank may be writing
             locks.append((take_lock(output, name), name))
+        merged = _merged_manifest(output)
+        if merged is not None and merged.get("examples") and not merged.get("ranks"):
+            raise StorageError(
+                f"{output}/{MANIFEST} is a single process's capture, but {output} also holds rank parts "
+                f"(ranks {ranks}): two captures in one folder; nothing was changed: move one of them out"
+            )
         results = {}
         for rank in ranks:
             results[rank] = _repair_writer(output, Files(rank), log, card=False)
-        tidied = _quarantine(output, {}, lambda name: any(Files(rank).owns(name) for rank in ranks))
+        # Shards the merged manifest lists stay, also those of a rank whose part is gone.
+        listed = {key: set(names) for key, names in ((merged or {}).get("shards") or {}).items()}
+        tidied = _quarantine(output, listed, lambda name: any(Files(rank).owns(name) for rank in ranks))
         for line in tidied:
             log(line)
         changed = any(r["restored"] or r["bad"] or r["dropped"] or r["tidied"] for r in results.values())
-        merged = _merged_manifest(output)
         if merged is not None and not changed and check_examples_file(output, merged):
             write_examples(output, merged)  # the merged export behind its manifest: written again
             write_json_atomic(output / MANIFEST, merged)

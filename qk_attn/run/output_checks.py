@@ -83,8 +83,10 @@ def check_output(
     try:
         manifest = read_manifest(root, files.manifest)
     except ValueError as error:
+        if overwrite:  # deleted by the run, which starts over
+            return root
         raise ConfigError(
-            f"{where}: {MANIFEST} cannot be read ({one_line(error.__cause__ or error)}); "
+            f"{where}: {files.manifest} cannot be read ({one_line(error.__cause__ or error)}); "
             f"run `qk-sniff verify {data_root}` to see what is wrong"
         ) from None
     if manifest is None and not part_files(root):

@@ -83,7 +83,10 @@ class ParquetSink(SaverThread, Sink):
         # One schema per dataset: token ids are a column of every shard or of none. New captures
         # have them; a capture resumed from before token ids keeps its schema.
         if token_ids is None:
-            existing = read_manifest(self.output, self.files.manifest) if self.output.is_dir() else None
+            # (under overwrite the old capture, readable or not, is deleted: new captures have them)
+            existing = (
+                read_manifest(self.output, self.files.manifest) if self.output.is_dir() and not overwrite else None
+            )
             resumed = existing is not None and existing.get("examples")
             token_ids = existing.get("columns", {}).get("token_id", False) if resumed else True
         self.token_ids = token_ids or vocabulary is not None

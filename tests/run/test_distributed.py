@@ -405,3 +405,37 @@ def test_repair_mends_a_folder_written_by_ranks(setup, capsys):
     assert not list(out.glob("*rank*")) and not list(out.glob("l*/r0*")), sorted(out.glob("*rank*"))
     assert read_manifest(out)["examples"] == read_manifest(single)["examples"]
     assert cli.verify_dataset(out, log=lambda *_: None) == []
+
+
+def test_repair_of_a_rank_folder_keeps_what_the_merged_manifest_lists_and_refuses_two_captures(setup, capsys):
+    """A rank whose part and previous part are both gone: its shards, which the merged manifest lists,
+    were quarantined and the folder left unreadable; now repair leaves them (verify passes). A rank part
+    and its previous version both unreadable: the recovery repair names (re-run that rank with
+    overwrite) once failed reading the part. A single process's manifest among rank parts: refused."""
+    root, config, single = setup
+    out = root / "repair-edges"
+    good = str(config(out))
+    for shard in ("0/2", "1/2"):
+        assert cli.main(["run", "--config", good, "--shard", shard, "-q"]) == 0
+    assert cli.main(["merge", str(out)]) == 0
+    kept = (out / "qk_sniff.rank001.json").read_bytes(), (out / ".qk_sniff.rank001.json.prev").read_bytes()
+    (out / "qk_sniff.rank001.json").unlink()
+    (out / ".qk_sniff.rank001.json.prev").unlink()
+    capsys.readouterr()
+    assert cli.main(["repair", str(out)]) == 0
+    assert not (out / ".qk_sniff.quarantine").exists() and cli.verify_dataset(out, log=lambda *_: None) == []
+    (out / "qk_sniff.rank001.json").write_bytes(kept[0])
+    (out / ".qk_sniff.rank001.json.prev").write_bytes(kept[1])
+
+    for name in ("qk_sniff.rank000.json", ".qk_sniff.rank000.json.prev"):
+        (out / name).write_text("{}")
+    assert cli.main(["repair", str(out)]) == 2
+    assert "re-run rank 0 with output.overwrite: true" in capsys.readouterr().err
+    assert cli.main(["run", "--config", good, "--shard", "0/2", "--set", "output.overwrite=true", "-q"]) == 0
+    assert cli.main(["merge", str(out)]) == 0
+    assert_same_dataset(out, single)
+
+    (out / "qk_sniff.json").write_bytes((single / "qk_sniff.json").read_bytes())
+    capsys.readouterr()
+    assert cli.main(["repair", str(out)]) == 2
+    assert "is a single process's capture, but" in capsys.readouterr().err
