@@ -208,3 +208,37 @@ def test_the_exit_handler_commits_the_ended_forwards_while_a_daemon_thread_is_in
         assert _positions(out, layer=layer, kind="k") == {i: list(range(5 + i)) for i in range(3)}
     assert verify_dataset(out, log=lambda *_: None) == []
     assert not (out / LOCK).exists()
+
+
+# A daemon thread between two forwards of its sequence (chunked prefill over a live cache) at exit.
+DAEMON_BETWEEN_FORWARDS = PRELUDE + textwrap.dedent("""
+    from transformers import DynamicCache
+    from support.models import cache_kw
+
+    model = build("llama3", "qk_sniff")
+    model(input_ids=tokens(7, 0))
+    between = threading.Event()
+
+    def chunks():
+        cache, ids = DynamicCache(config=model.config), tokens(12, 1)
+        model(input_ids=ids[:, :6], **cache_kw(cache))
+        between.set()
+        time.sleep(120)
+        model(input_ids=ids[:, 6:], **cache_kw(cache))
+
+    threading.Thread(target=chunks, name="bg", daemon=True).start()
+    assert between.wait(60)
+    print("main thread returns")
+""")
+
+
+def test_the_exit_handler_discards_a_sequence_a_live_thread_was_still_extending(tmp_path):
+    """Example 1 had 6 of its 12 tokens when the interpreter exited: it was committed with valid length 6,
+    and a resume skipped it for good. Now it is discarded (one warning); example 0 is committed."""
+    out = tmp_path / "out"
+    env = dict(os.environ, QK_SNIFF_OUTPUT=str(out), QK_SNIFF_SAMPLER="all")
+    result = _run(DAEMON_BETWEEN_FORWARDS, env=env)
+    assert result.returncode == 0 and "main thread returns" in result.stdout, result.stderr
+    assert "example(s) [1] could still be continued" in result.stderr, result.stderr
+    assert _examples(out) == [0]
+    assert verify_dataset(out, log=lambda *_: None) == []

@@ -127,6 +127,8 @@ def _close_default_at_exit() -> None:
         return
     try:
         _default.discard_running("was still running in thread {thread} when the interpreter exited")
+        # a thread still alive may be between two forwards of its sequence (prefill chunks, decode steps)
+        _default.drop_open_sequences("the interpreter exited while their thread ran", other_threads=True)
         if getattr(sys, "last_value", None) is not None:
             _default.drop_open_sequences("the process ended with an uncaught exception")
     finally:

@@ -8,6 +8,7 @@ sequence are `SequenceTracker._start_sequence`'s (qk_attn.capture.sequences).
 
 from __future__ import annotations
 
+import threading
 import weakref
 
 PRUNE_AT = 16  # sequences held before those of caches that are gone are forgotten
@@ -26,6 +27,7 @@ class Sequence:
         self.decisions = None  # the sampler's decisions for its next decode steps (forward.DecisionWindow)
         self.checked = -1  # the tracker's commit count when its ids were last checked against the committed ones
         self.row_moves = 0  # its cache's row moves (qk_attn.capture.caches) at its last forward
+        self.thread = threading.current_thread()  # that ran its last forward
         self.rollback = None  # its cache's caches.Rollback
         self.rollbacks_seen = 0  # how many crops of it its last forward had seen
 
@@ -60,9 +62,16 @@ class SequenceTable:
         sequence = self._by_key[key] = Sequence(ids, cache)
         return sequence
 
-    def open_ids(self) -> set[int]:
-        """Ids of the sequences whose cache is alive: a later forward could continue them."""
-        return {i for s in self._by_key.values() if s.cache() is not None for i in s.ids}
+    def open_ids(self, other_threads: bool = False) -> set[int]:
+        """Ids of the sequences whose cache is alive: a later forward could continue them (with
+        `other_threads`, only those whose last forward ran in another thread that is still alive)."""
+        here = threading.current_thread()
+        return {
+            i
+            for s in self._by_key.values()
+            if s.cache() is not None and (not other_threads or (s.thread is not here and s.thread.is_alive()))
+            for i in s.ids
+        }
 
     def forget(self, ids, key: tuple | None = None, cache=None, why: str = "") -> None:
         """Forget the sequences holding any of `ids`; with `cache`, remember why they went (`discarded`)."""

@@ -74,14 +74,15 @@ class SequenceTracker(ForwardTracker):
         if ids:
             self.sink.discard(ids)
 
-    def drop_open_sequences(self, why: str, since: int | None = None) -> None:
+    def drop_open_sequences(self, why: str, since: int | None = None, other_threads: bool = False) -> None:
         """Forget the uncommitted examples that were stopped between forwards, so they may be incomplete:
-        those whose cache is still alive, so that a later forward could have continued them, or with
-        `since` (a `generation_started()` number), those a generate() that raised has extended. They are
-        never committed."""
+        those whose cache is still alive, so that a later forward could have continued them (with
+        `other_threads`, only those another thread that is still alive was extending: a daemon thread
+        at interpreter exit), or with `since` (a `generation_started()` number), those a generate() that
+        raised has extended. They are never committed."""
         self._end_forwards("drop_open_sequences")  # an unfinished forward is discarded first, with its own warning
         if since is None:
-            ids = sorted(self._sequences.open_ids() & self._begun.keys())
+            ids = sorted(self._sequences.open_ids(other_threads) & self._begun.keys())
         else:
             ids = sorted(i for i, number in self._begun.items() if number > since)
         if not ids:
@@ -231,6 +232,7 @@ class SequenceTracker(ForwardTracker):
             if forward.decode_step:  # rows of a batched generate() that had finished before this step's tokens
                 forward.alive = sequence.unfinished
         sequence.unfinished = forward.unfinished
+        sequence.thread = forward.thread
         sequence.row_moves = row_moves(forward.cache)
         sequence.rollback = rollback_of(forward.cache)
         sequence.rollbacks_seen = len(sequence.rollback.lengths) if sequence.rollback is not None else 0
