@@ -56,11 +56,18 @@ def _select(where, manifest: dict, layer, head, kind: str | None) -> list[str]:
     return list(keys)
 
 
-def _check_columns(columns) -> None:
+def _check_columns(columns) -> list[str] | None:
+    """`columns` as a list (a tuple is one too); one line naming what is wrong with it otherwise."""
     if columns is not None and (
-        isinstance(columns, str) or not columns or not all(isinstance(c, str) for c in columns)
+        isinstance(columns, (str, bytes))
+        or not isinstance(columns, (list, tuple))
+        or not columns
+        or not all(isinstance(c, str) for c in columns)
     ):
         raise ValueError(f"columns={columns!r} is invalid: expected a non-empty list of column names, or None (all)")
+    if columns is not None and len(set(columns)) != len(columns):
+        raise ValueError(f"columns={columns!r} names a column twice")
+    return None if columns is None else list(columns)
 
 
 def _open(path_or_repo: str | os.PathLike, revision: str | None, token) -> tuple[Path, dict, bool]:
@@ -107,7 +114,7 @@ def load(
     `tokens=True` adds a `token` string column: each row's `token_id` decoded with `tokenizer`
     (a tokenizer, or its name or path), by default the one the manifest records.
     """
-    _check_columns(columns)
+    columns = _check_columns(columns)
     root, manifest, remote = _open(path_or_repo, revision, token)
     keys = _select(path_or_repo, manifest, layer, head, kind)
     if remote:

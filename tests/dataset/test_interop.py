@@ -98,9 +98,15 @@ def test_load_filters_refuse_wrong_values_naming_the_argument(mixed):
         qk_attn.load(mixed, layer=4)
     with pytest.raises(ValueError, match=r"^columns: 'vectr' not in this capture; its columns: example_id, "):
         qk_attn.load(mixed, layer=0, columns=["vectr"])  # a typo, not a damaged shard
-    for columns in ("vector", []):
+    for columns in ("vector", [], {"vector"}):
         with pytest.raises(ValueError, match=r"^columns=.* is invalid: expected a non-empty list"):
             qk_attn.load(mixed, columns=columns)
+    with pytest.raises(ValueError, match=r"^columns=\['vector', 'vector'\] names a column twice$"):
+        qk_attn.load(mixed, columns=["vector", "vector"])  # was a bare KeyError from Arrow
+    # a tuple is a list of names (it was reported as a damaged shard, with repair advised)
+    assert qk_attn.load(mixed, layer=0, columns=("position",)).equals(
+        qk_attn.load(mixed, layer=0, columns=["position"])
+    )
 
 
 def _capture(out, **kwargs):
