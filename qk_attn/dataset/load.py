@@ -125,7 +125,14 @@ def load(
         )
     if tokens and columns is not None and "token_id" not in columns:
         columns = [*columns, "token_id"]
-    tables = [_read(root, manifest, key, name, columns) for key in keys for name in manifest["shards"][key]]
+    try:
+        tables = [_read(root, manifest, key, name, columns) for key in keys for name in manifest["shards"][key]]
+    except CorruptShard:
+        # A capture writing here may have merged the shards listed (compaction deletes the parts after
+        # its manifest lists the merged shard): read again from its manifest now, while it changes.
+        if remote or read_manifest(root) == manifest:
+            raise
+        return load(path_or_repo, layer, head, kind, revision, columns, token, tokens, tokenizer)
     table = concat_rows(tables) if columns is None or "vector" in columns else pa.concat_tables(tables)
     return with_token_strings(table, manifest, tokenizer) if tokens else table
 

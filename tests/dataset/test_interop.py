@@ -159,3 +159,27 @@ def test_a_card_the_user_edited_is_kept_and_an_untouched_one_is_rewritten(tmp_pa
     assert write_card(out) is None
     card.unlink()
     assert write_card(out) == card and "My notes" not in card.read_text()
+
+
+def test_a_shard_merged_away_while_load_read_the_folder_is_read_from_the_new_manifest(tmp_path, monkeypatch):
+    """A capture compacting the folder deletes the parts after its new manifest lists the merged shard:
+    a load that read the old manifest found a part missing and advised repair on a healthy folder."""
+    from qk_attn.dataset import load as load_module
+    from qk_attn.errors import CorruptShard
+
+    out = tmp_path / "out"
+    _capture(out)
+    want = qk_attn.load(out, layer=0)
+    opened = load_module._open
+
+    def stale(*args):
+        root, manifest, remote = opened(*args)
+        gone = {**manifest, "shards": {k: [n.replace("-p", "-q") for n in v] for k, v in manifest["shards"].items()}}
+        monkeypatch.setattr(load_module, "_open", opened)  # the next read sees the folder as it is
+        return root, gone, remote
+
+    monkeypatch.setattr(load_module, "_open", stale)
+    assert qk_attn.load(out, layer=0).equals(want)
+    (out / "l00h00q" / read_manifest(out)["shards"]["l00h00q"][0]).unlink()  # really missing: still refused
+    with pytest.raises(CorruptShard, match="qk-sniff repair"):
+        qk_attn.load(out, layer=0)
