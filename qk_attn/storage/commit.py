@@ -159,6 +159,18 @@ class Committer:
             return
         self._remove_uncommitted()
 
+    def _remove_examples_ahead(self, manifest: dict) -> None:
+        """The examples table is exported just before the manifest: after a failed manifest write it can
+        list examples the manifest does not commit, which the `examples` config would give. Such a table
+        goes (verify then reports it missing; the next run or `repair` writes it again)."""
+        import pyarrow.parquet as pq
+
+        path = self.output / self.files.examples
+        if path.is_file():
+            ids = pq.read_table(path, columns=["example_id"]).column("example_id").to_pylist()
+            if not {str(i) for i in ids} <= manifest["examples"].keys():
+                path.unlink()
+
     def _remove_uncommitted(self) -> None:
         """After a failed commit: the shards that the manifest on disk does not list (renamed or still
         temporary) go now, so that the folder is what it says (verify passes, the card's file patterns
@@ -168,6 +180,7 @@ class Committer:
             manifest = read_manifest(self.output, self.files.manifest)
             if manifest is not None:
                 remove_orphans(self.output, manifest, self.files)
+                self._remove_examples_ahead(manifest)
         except Exception as error:  # noqa: BLE001
             logger.warning("qk-sniff: could not remove the uncommitted shards in %s: %r", self.output, error)
 
