@@ -86,6 +86,13 @@ def assert_same_dataset(got: Path, want: Path) -> None:
     assert pq.read_table(got / "examples.parquet").equals(qk_attn.load_examples(got))
 
 
+def run_both_shards_and_merge(config: str, out: Path) -> None:
+    """`--shard 0/2` and `--shard 1/2` as independent jobs, then `qk-sniff merge OUT`."""
+    for shard in ("0/2", "1/2"):
+        assert cli.main(["run", "--config", config, "--shard", shard, "-q"]) == 0
+    assert cli.main(["merge", str(out)]) == 0
+
+
 def torchrun(args: list[str], cwd: Path, **env) -> subprocess.CompletedProcess:
     # cwd outside the repository: its kernels/ folder would shadow Hugging Face's `kernels`.
     environ = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
@@ -291,9 +298,7 @@ def test_a_rank_rerun_after_merge_takes_the_merged_manifest_away(setup, capsys):
     root, config, single = setup
     out = root / "remerged"
     good = str(config(out))
-    for shard in ("0/2", "1/2"):
-        assert cli.main(["run", "--config", good, "--shard", shard, "-q"]) == 0
-    assert cli.main(["merge", str(out)]) == 0
+    run_both_shards_and_merge(good, out)
     assert not list(out.glob(".qk_sniff*.lock"))  # merge leaves no lock file behind
     assert (
         cli.main(
@@ -359,9 +364,7 @@ def test_repair_mends_a_folder_written_by_ranks(setup, capsys):
     root, config, single = setup
     out = root / "repaired-ranks"
     good = str(config(out))
-    for shard in ("0/2", "1/2"):
-        assert cli.main(["run", "--config", good, "--shard", shard, "-q"]) == 0
-    assert cli.main(["merge", str(out)]) == 0
+    run_both_shards_and_merge(good, out)
     rank0 = {p: p.read_bytes() for p in out.glob("l*/r000-*.parquet")}
     shard = sorted(out.glob("l00h00q/r001-*.parquet"))[0]
     data = bytearray(shard.read_bytes())
@@ -393,9 +396,7 @@ def test_repair_mends_a_folder_written_by_ranks(setup, capsys):
     assert cli.verify_dataset(out, log=lambda *_: None) == []
     assert len(qk_attn.load_examples(out)) == len(part1["examples"]) + len(read_manifest(out, part0.name)["examples"])
 
-    for shard in ("0/2", "1/2"):
-        assert cli.main(["run", "--config", good, "--shard", shard, "-q"]) == 0
-    assert cli.main(["merge", str(out)]) == 0
+    run_both_shards_and_merge(good, out)
     assert_same_dataset(out, single)
     assert cli.main(["repair", str(out)]) == 0  # sound now: nothing to do, merged manifest kept
     assert "nothing to repair" in capsys.readouterr().out and (out / "qk_sniff.json").exists()
@@ -415,9 +416,7 @@ def test_repair_of_a_rank_folder_keeps_what_the_merged_manifest_lists_and_refuse
     root, config, single = setup
     out = root / "repair-edges"
     good = str(config(out))
-    for shard in ("0/2", "1/2"):
-        assert cli.main(["run", "--config", good, "--shard", shard, "-q"]) == 0
-    assert cli.main(["merge", str(out)]) == 0
+    run_both_shards_and_merge(good, out)
     kept = (out / "qk_sniff.rank001.json").read_bytes(), (out / ".qk_sniff.rank001.json.prev").read_bytes()
     (out / "qk_sniff.rank001.json").unlink()
     (out / ".qk_sniff.rank001.json.prev").unlink()
