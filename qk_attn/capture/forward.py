@@ -17,6 +17,7 @@ instead of guessing from layer order or mask shapes.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import weakref
 
@@ -27,6 +28,7 @@ from qk_attn.capture.frames import cache_of
 from qk_attn.capture.tokens import POSITION_LIMIT, HostMirror, TextTokens, host_text_tokens, misnumbered_rows
 from qk_attn.errors import CaptureError, MisnumberedPositions
 
+_serials = itertools.count()  # ForwardContext.serial: never reused, unlike id()
 DECIDE_AT_ONCE = 1 << 21  # (layer, kind, token) decisions made in one go per CPU forward
 DECODE_TOKENS = 8  # forwards of up to this many new tokens take their decisions from a DecisionWindow
 DECISION_WINDOW = 64  # positions per row that a DecisionWindow decides at once
@@ -72,6 +74,7 @@ class ForwardContext:
         self.finished: bool | None = None
         self.discarded = False  # refused or stopped part-way: its sequences are gone (warned once)
         self.thread = threading.current_thread()  # the thread running it (one forward of a model at a time)
+        self.serial = next(_serials)
         self.builder = None  # the module whose forward built its mask (frames.model_forward), if found
         self.example_ids: tuple[int, ...] | None = None  # set by the session at the first recorded call
         self.begun_ids: list[int] | None = None  # `begin()`'s ids, taken by this forward at its start

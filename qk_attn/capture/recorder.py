@@ -109,6 +109,12 @@ class Session(SequenceTracker):
         return self.sink.table()
 
     # ---- inside the attention call ---------------------------------------------------
+    def _discard(self, forward, why: str, config=None, cache=None) -> None:
+        super()._discard(forward, why, config, cache)
+        if forward is not None:
+            for model in self._models.values():
+                model.layer_dtypes = {k: v for k, v in model.layer_dtypes.items() if v[1] != forward.serial}
+
     def on_tower_mask(self, config, where: str) -> None:
         """A vision or audio tower builds its mask (frames.tower_of): its attention calls are not text
         positions, so they are not recorded, and its forward is no forward of the language model."""
@@ -153,7 +159,7 @@ class Session(SequenceTracker):
         num_queries = check_shapes(forward, layer, query, key, cross)
         if not forward.first_call(layer, query, key):
             return  # the same query and key again (DiffLlama): recorded once
-        model = self._model(module, layer, query, key)
+        model = self._model(module, forward, layer, query, key)
         shape = model.plan.shape
         if query.shape[1] != shape.num_heads or key.shape[1] != shape.num_kv_heads:
             raise CaptureError(
@@ -283,7 +289,7 @@ class Session(SequenceTracker):
             facts = self._modules[module] = module_facts(module)
         return facts
 
-    def _model(self, module, layer: int, query, key) -> _Model:
+    def _model(self, module, forward, layer: int, query, key) -> _Model:
         model = self._models.get(id(module.config))
         if model is None or model.config is not module.config:
             if self._models and self.sink.one_model:
@@ -300,7 +306,14 @@ class Session(SequenceTracker):
                     f"qk-attn: the model runs in float64; vectors are stored as {self.config.vector_dtype} "
                     "(vector_dtype), rounded",
                 )
-        first = model.layer_dtypes.setdefault(layer, query.dtype)
+        entry = model.layer_dtypes.get(layer)
+        if entry is None:
+            if not model.layer_dtypes and str(query.dtype).replace("torch.", "") != model.plan.shape.dtype:
+                # every forward that had run in the bound dtype was discarded: this one's is the model's
+                model.plan = HeadPlan.build(self.config, ModelShape.from_module(module, query, key))
+                self.sink.bind_model(module.config, model.plan)
+            entry = model.layer_dtypes[layer] = (query.dtype, forward.serial)
+        first = entry[0]
         if first != query.dtype and self.sink.one_model:  # (per layer: a model may upcast some layers)
             raise CaptureError(
                 f"qk_sniff: layer {layer}'s attention runs in {str(query.dtype).replace('torch.', '')} in this forward, "
@@ -317,7 +330,9 @@ class _Model:
     def __init__(self, config, plan: HeadPlan):
         self.config = config
         self.plan = plan
-        self.layer_dtypes: dict[int, torch.dtype] = {}  # what each layer's attention ran in at its first call
+        # What each layer's attention ran in at its first call, and that forward's serial: a forward that
+        # is discarded takes its entries with it (Session._discard), so its dtype binds nothing.
+        self.layer_dtypes: dict[int, tuple[torch.dtype, int]] = {}
         self.staging_bytes: dict[tuple, int] = {}  # forward shape -> its staging bound
         # Per device, reused by this model's forwards. Not shared between models: a forward of one
         # may still hold its staged rows (not handed off yet) while the other's forward runs.

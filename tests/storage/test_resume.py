@@ -255,3 +255,27 @@ def test_the_dtype_attention_ran_in_is_the_captures_dtype(tmp_path):
             model(input_ids=ids)
     assert sorted(read_manifest(out)["examples"]) == ["0"]
     assert verify_dataset(out, log=lambda *_: None) == []
+
+
+def test_a_refused_first_forward_binds_no_dtype(tmp_path):
+    """A forward refused before anything of it was kept (positions that skip) once fixed the folder's
+    dtype: the next forward, the model corrected to float32, was refused as a dtype change."""
+    import pytest
+    import torch
+
+    import qk_attn
+    from qk_attn.errors import CaptureError
+    from support.models import build
+
+    out, ids = tmp_path / "out", torch.randint(2, 90, (1, 6))
+    model = build("llama3", "qk_sniff").to(torch.bfloat16)
+    with torch.no_grad(), qk_attn.session(output=out, sampler="all", layers="0") as s:
+        s.begin([1])
+        with pytest.raises(CaptureError, match="do not count up by one"):
+            model(input_ids=ids, position_ids=torch.arange(0, 12, 2)[None])
+        model.float()
+        s.begin([2])
+        model(input_ids=ids)
+    assert sorted(read_manifest(out)["examples"]) == ["2"]
+    assert read_manifest(out)["model"]["dtype"] == "float32"
+    assert verify_dataset(out, log=lambda *_: None) == []
