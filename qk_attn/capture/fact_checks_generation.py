@@ -117,3 +117,18 @@ def _pads_only_under_eos_criteria(tree: ast.AST) -> str | None:
             under = ast.unparse(parent.test) if isinstance(parent, ast.If) else type(parent).__name__
             return f"GenerationMixin._sample pads finished rows under `{under}`: `{ast.unparse(node)}`"
     return None
+
+
+def encoded_image_inputs() -> str | None:
+    """generate() that encodes images before its first forward (transformers >= 5.18:
+    `_prepare_multimodal_encoder_kwargs_for_generation`) hands the model their features as
+    `mm_encoder_outputs`, the forward local frames.model_forward reads to tell a forward with images
+    (refused with mrope); before 5.18 images reach the forward as `pixel_values`."""
+    from transformers.generation import utils
+
+    encode = getattr(utils.GenerationMixin, "_prepare_multimodal_encoder_kwargs_for_generation", None)
+    if encode is None:
+        return None
+    if "'mm_encoder_outputs'" not in ast.unparse(ast.parse(textwrap.dedent(inspect.getsource(encode)))):
+        return "GenerationMixin._prepare_multimodal_encoder_kwargs_for_generation does not fill mm_encoder_outputs"
+    return None

@@ -31,6 +31,7 @@ Where the capture code relies on each fact (the module that reads it):
     cache_lengths                  frames.cache_length (sequences._past compares it with q_offset)
     cache_row_methods              caches.watch_row_moves (Cache.reorder_cache, batch_select_indices,
                                    batch_repeat_interleave, crop, inherited by Dynamic/Static/QuantizedCache)
+    encoded_image_inputs           frames.model_forward (mm_encoder_outputs: a forward given images by generate())
     cache_layer_updates            caches.refuse_rounding_cache (transformers' own layer types are
                                    trusted only with an update qk-attn read: VETTED_UPDATES)
     layer_type_names               plan.ModelShape.local_attention (full_attention_only)
@@ -72,6 +73,7 @@ from qk_attn.capture.fact_checks_generation import (
     cache_layer_updates,
     cache_lengths,
     cache_row_methods,
+    encoded_image_inputs,
     generation_frames,
     layer_type_names,
 )
@@ -196,6 +198,12 @@ FACTS: tuple[Fact, ...] = (
         "Cache.reorder_cache/batch_select_indices/batch_repeat_interleave move batch rows, Cache.crop rolls "
         "tokens back, and DynamicCache, StaticCache and QuantizedCache inherit them from Cache",
         cache_row_methods,
+    ),
+    Fact(
+        "encoded_image_inputs",
+        "generate() that encodes images before its first forward hands the model their features as "
+        "mm_encoder_outputs (5.18+; before, pixel_values)",
+        encoded_image_inputs,
     ),
     Fact(
         "cache_layer_updates",
