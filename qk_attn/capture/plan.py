@@ -13,6 +13,11 @@ from qk_attn.config import SniffConfig
 from qk_attn.errors import CaptureError, ConfigError
 
 
+def dtype_name(dtype) -> str:
+    """`torch.bfloat16` -> "bfloat16", as manifests and messages name a dtype."""
+    return str(dtype).replace("torch.", "")
+
+
 @dataclass(frozen=True)
 class ModelShape:
     num_layers: int
@@ -49,7 +54,7 @@ class ModelShape:
             num_kv_heads=key.shape[1],
             head_dim=query.shape[-1],
             layer_types=tuple(layer_types) if layer_types else None,
-            dtype=str(query.dtype).replace("torch.", ""),
+            dtype=dtype_name(query.dtype),
         )
 
     def local_attention(self, layer: int) -> str | None:

@@ -23,7 +23,7 @@ from qk_attn.capture.attention import (
 from qk_attn.capture.call_rows import CallRows, staged_dtype
 from qk_attn.capture.forward import check_shapes
 from qk_attn.capture.gather import uses_kernel
-from qk_attn.capture.plan import HeadPlan, ModelShape
+from qk_attn.capture.plan import HeadPlan, ModelShape, dtype_name
 from qk_attn.capture.refusals import REFUSALS
 from qk_attn.capture.sequences import SequenceTracker
 from qk_attn.capture.sinks import MemorySink, Sink, as_sink
@@ -308,7 +308,7 @@ class Session(SequenceTracker):
                 )
         entry = model.layer_dtypes.get(layer)
         if entry is None:
-            if not model.layer_dtypes and str(query.dtype).replace("torch.", "") != model.plan.shape.dtype:
+            if not model.layer_dtypes and dtype_name(query.dtype) != model.plan.shape.dtype:
                 # every forward that had run in the bound dtype was discarded: this one's is the model's
                 model.plan = HeadPlan.build(self.config, ModelShape.from_module(module, query, key))
                 self.sink.bind_model(module.config, model.plan)
@@ -316,8 +316,8 @@ class Session(SequenceTracker):
         first = entry[0]
         if first != query.dtype and self.sink.one_model:  # (per layer: a model may upcast some layers)
             raise CaptureError(
-                f"qk_sniff: layer {layer}'s attention runs in {str(query.dtype).replace('torch.', '')} in this forward, "
-                f"but in {str(first).replace('torch.', '')} in the forwards recorded into {self.config.output}, which "
+                f"qk_sniff: layer {layer}'s attention runs in {dtype_name(query.dtype)} in this forward, "
+                f"but in {dtype_name(first)} in the forwards recorded into {self.config.output}, which "
                 "holds one model's dataset (its card states one dtype); keep the model's dtype for the whole capture, "
                 "or give this dtype its own output"
             )

@@ -87,9 +87,7 @@ class SequenceTracker(ForwardTracker):
             ids = sorted(i for i, number in self._begun.items() if number > since)
         if not ids:
             return
-        self._sequences.forget(ids)
-        self._begun = {i: n for i, n in self._begun.items() if i not in ids}
-        self.sink.discard(ids)
+        self._forget_begun(ids)
         where = (
             "could still be continued (their cache is alive) when" if since is None else "stopped between two forwards:"
         )
@@ -109,15 +107,19 @@ class SequenceTracker(ForwardTracker):
                 self._forget_rolled_back(sequence, ids)
 
     def _forget_rolled_back(self, sequence, ids: list[int]) -> None:
-        self._sequences.forget(ids)
-        self._begun = {i: n for i, n in self._begun.items() if i not in ids}
-        self.sink.discard(ids)
+        self._forget_begun(ids)
         logger.warning(
             "qk-attn: the cache of example(s) %s was cropped (Cache.crop) below the %d tokens recorded for them, so "
             "rows of tokens it no longer holds were taken; their rows are discarded and they are not committed",
             ids,
             sequence.end,
         )
+
+    def _forget_begun(self, ids: list[int]) -> None:
+        """Forget sequences holding `ids`, which are never committed: their rows in the sink go."""
+        self._sequences.forget(ids)
+        self._begun = {i: n for i, n in self._begun.items() if i not in ids}
+        self.sink.discard(ids)
 
     def committed_ids(self) -> set[int]:
         return set(self.sink.committed_ids())

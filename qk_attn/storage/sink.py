@@ -24,6 +24,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from qk_attn.capture.batch import CaptureBatch
+from qk_attn.capture.plan import dtype_name
 from qk_attn.capture.refusals import REFUSALS, LateRefusals
 from qk_attn.capture.sinks import Sink
 from qk_attn.config import SniffConfig
@@ -154,7 +155,8 @@ class ParquetSink(SaverThread, Sink):
             "id": getattr(model_config, "_name_or_path", None) or None,
             "revision": getattr(model_config, "_commit_hash", None),
             # what attention ran in: `.half()` and `.to()` leave config.dtype as it was loaded
-            "dtype": plan.shape.dtype or str(getattr(model_config, "dtype", None) or "").replace("torch.", "") or None,
+            "dtype": plan.shape.dtype
+            or (dtype_name(model_config.dtype) if getattr(model_config, "dtype", None) else None),
             "model_type": getattr(model_config, "model_type", None),
         }
         # A model loaded from a local folder: its config and weight files, so a folder whose weights were

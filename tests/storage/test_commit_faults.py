@@ -83,6 +83,21 @@ def check_folder_is_what_its_manifest_says(out: Path, cache: Path) -> set[int]:
     return committed
 
 
+def fail_while_capturing(out: Path, examples: list[int], fault: FailingReplace, monkeypatch) -> None:
+    """Capture `examples` into OUT with `fault` as os.replace: the flush fails in one line, and so does
+    the close after it."""
+    sink = open_sink(out)
+    monkeypatch.setattr(os, "replace", fault)
+    with pytest.raises(SaverError, match="injected") as error:
+        run_examples(sink, examples)
+        sink.flush(timeout=10)
+    assert "\n" not in str(error.value)
+    with pytest.raises(SaverError):
+        sink.close()
+    monkeypatch.undo()
+    assert fault.fired
+
+
 class _NullSink:
     """Keeps nothing: `run_examples` into it only makes the batches that an example puts."""
 
@@ -113,17 +128,7 @@ def test_a_rename_failing_partway_through_a_commit_leaves_no_unlisted_shard(tmp_
     run_examples(sink, [0, 1])
     sink.close()  # a committed capture with its card (the configs `datasets` reads)
 
-    sink = open_sink(out)
-    fault = FailingReplace(nth)
-    monkeypatch.setattr(os, "replace", fault)
-    with pytest.raises(SaverError, match="injected") as error:
-        run_examples(sink, [2, 3])
-        sink.flush(timeout=10)
-    assert "\n" not in str(error.value)
-    with pytest.raises(SaverError):
-        sink.close()
-    monkeypatch.undo()
-    assert fault.fired
+    fail_while_capturing(out, [2, 3], FailingReplace(nth), monkeypatch)
 
     committed = check_folder_is_what_its_manifest_says(out, tmp_path / "cache")
     assert {0, 1} <= committed <= {0, 1, 2, 3}
@@ -141,17 +146,7 @@ def test_a_rename_failing_partway_through_a_merge_leaves_no_unlisted_shard(tmp_p
     sink.close()
 
     monkeypatch.setattr(commit, "COMPACT_AT", 3)  # the next commit merges them
-    sink = open_sink(out)
-    fault = FailingReplace(nth, inside="_compact")
-    monkeypatch.setattr(os, "replace", fault)
-    with pytest.raises(SaverError, match="injected") as error:
-        run_examples(sink, [3])
-        sink.flush(timeout=10)
-    assert "\n" not in str(error.value)
-    with pytest.raises(SaverError):
-        sink.close()
-    monkeypatch.undo()
-    assert fault.fired
+    fail_while_capturing(out, [3], FailingReplace(nth, inside="_compact"), monkeypatch)
 
     committed = check_folder_is_what_its_manifest_says(out, tmp_path / "cache")
     assert committed == {0, 1, 2, 3}  # the commit itself was done before the merge
