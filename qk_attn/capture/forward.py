@@ -24,14 +24,13 @@ import weakref
 import numpy as np
 import torch
 
+from qk_attn.capture.decisions import DECODE_TOKENS, keep_all_layers
 from qk_attn.capture.frames import cache_of
 from qk_attn.capture.tokens import POSITION_LIMIT, HostMirror, TextTokens, host_text_tokens, misnumbered_rows
 from qk_attn.errors import CaptureError, MisnumberedPositions
 
 _serials = itertools.count()  # ForwardContext.serial: never reused, unlike id()
 DECIDE_AT_ONCE = 1 << 21  # (layer, kind, token) decisions made in one go per CPU forward
-DECODE_TOKENS = 8  # forwards of up to this many new tokens take their decisions from a DecisionWindow
-DECISION_WINDOW = 64  # positions per row that a DecisionWindow decides at once
 
 
 class ForwardContext:
@@ -200,7 +199,7 @@ class ForwardContext:
             if num_layers * 2 * host.valid.numel() > DECIDE_AT_ONCE:
                 self._decisions = UNDECIDED
             else:
-                keep = self._keep_all_layers(sampler, num_layers, host.positions, host.valid) & host.valid.numpy()
+                keep = keep_all_layers(sampler, self, num_layers, host.positions, host.valid) & host.valid.numpy()
                 any_kept = keep.reshape(num_layers, 2, -1).any(-1).tolist()
                 self._decisions = (torch.from_numpy(keep), any_kept, host)
         self._decided_for = tokens
@@ -214,29 +213,6 @@ class ForwardContext:
         if self._mirror is None:
             self._mirror = HostMirror(tokens)
         return self._mirror.tokens()
-
-    def _keep_all_layers(self, sampler, num_layers: int, positions: torch.Tensor, valid: torch.Tensor) -> np.ndarray:
-        """`sampler.keep_all_layers` of these (host) positions, as numpy; a decode step's from its
-        sequence's `DecisionWindow`. `valid` (B, T) bool: padding, whose decisions the caller masks out,
-        so its positions (arbitrary: a caller's position_ids may give pads any value) never place or
-        move the window; it is decided at a position the window holds."""
-        if self.num_new > DECODE_TOKENS:
-            example_ids = torch.tensor(self.example_ids, dtype=torch.int64)
-            return sampler.keep_all_layers(example_ids, num_layers, positions).numpy()
-        host = positions.numpy()
-        window = self.sequence.decisions
-        valid = valid.numpy()
-        real = np.where(valid, host, np.iinfo(np.int64).max).min(1)  # each row's first real position
-        anchor = np.where(valid.any(1), real, 0 if window is None else window.start[:, 0])
-        host = np.where(valid, host, anchor[:, None])
-        keep = None if window is None else window.get(num_layers, host)
-        if keep is None:  # the sequence's first decode step, or past its window
-            window = self.sequence.decisions = DecisionWindow(sampler, num_layers, self.example_ids, host.min(1))
-            keep = window.get(num_layers, host)
-        if keep is None:  # real positions spread wider than a window (misnumbered: refused after): decided directly
-            example_ids = torch.tensor(self.example_ids, dtype=torch.int64)
-            keep = sampler.keep_all_layers(example_ids, num_layers, torch.from_numpy(host)).numpy()
-        return keep
 
     def _text_tokens(self, position_ids, device) -> TextTokens:
         """The tokens on `device`, their rows' positions checked (`misnumbered_rows`): on the host at
@@ -335,28 +311,6 @@ def builds_on_host(device: torch.device) -> bool:
     """Whether a forward's tokens on `device` are built and decided on the host (the CPU) or on the
     device, where the kernel decides per call."""
     return device.type == "cpu"
-
-
-class DecisionWindow:
-    """The sampler's keep mask of every (layer, kind) for the next DECISION_WINDOW positions of each
-    row of a sequence, made at once. The decode steps that follow slice it (a few numpy ops) instead of
-    each running the sampler's whole hash chain for its own few tokens: the decisions are the same (a
-    pure function of example, layer, kind and position)."""
-
-    def __init__(self, sampler, num_layers: int, example_ids: tuple[int, ...], start: np.ndarray):
-        grid = torch.from_numpy(start[:, None] + np.arange(DECISION_WINDOW))  # (B, DECISION_WINDOW)
-        example_ids = torch.tensor(example_ids, dtype=torch.int64)
-        self.keep = sampler.keep_all_layers(example_ids, num_layers, grid).numpy()  # (L, 2, B, DECISION_WINDOW)
-        self.num_layers = num_layers
-        self.start = start[:, None]
-        self.rows = np.arange(len(start))[:, None]
-
-    def get(self, num_layers: int, positions: np.ndarray) -> np.ndarray | None:
-        """The (L, 2, B, T) keep mask of (B, T) positions; None when some lie outside the window."""
-        offset = positions - self.start
-        if num_layers != self.num_layers or offset.min() < 0 or offset.max() >= DECISION_WINDOW:
-            return None
-        return self.keep[:, :, self.rows, offset]
 
 
 def host_int(value) -> int:

@@ -24,7 +24,7 @@ class Sequence:
         self.unfinished = None  # generate()'s unfinished rows after the last step (device), if any
         self.next_position = None  # (B,) the position after each row's last token (-1: none yet)
         self.cross_done: set[int] = set()  # cross-attention layers whose vision keys are recorded
-        self.decisions = None  # the sampler's decisions for its next decode steps (forward.DecisionWindow)
+        self.decisions = None  # the sampler's decisions for its next decode steps (decisions.DecisionWindow)
         self.checked = -1  # the tracker's commit count when its ids were last checked against the committed ones
         self.row_moves = 0  # its cache's row moves (qk_attn.capture.caches) at its last forward
         self.thread = threading.current_thread()  # that ran its last forward

@@ -621,7 +621,8 @@ def test_decode_steps_decide_from_the_window_like_the_sampler(strategy):
     the sampler's own, past the window's end too (it is made again there)."""
     from types import SimpleNamespace
 
-    from qk_attn.capture.forward import DECISION_WINDOW, ForwardContext
+    from qk_attn.capture.decisions import DECISION_WINDOW, keep_all_layers
+    from qk_attn.capture.forward import ForwardContext
     from qk_attn.sampler import Sampler
 
     sampler = Sampler(strategy, min_bucket_size=4, base_rate=2.0, seed=3)
@@ -631,7 +632,7 @@ def test_decode_steps_decide_from_the_window_like_the_sampler(strategy):
         positions = (start + step + torch.arange(2)).expand(2, 2)  # two new tokens per step
         forward = ForwardContext(None, 2, 2, 0, None)
         forward.example_ids, forward.sequence = (7, 2**40 + 1), sequence
-        got = forward._keep_all_layers(sampler, 5, positions, torch.ones(2, 2, dtype=torch.bool))
+        got = keep_all_layers(sampler, forward, 5, positions, torch.ones(2, 2, dtype=torch.bool))
         want = sampler.keep_all_layers(torch.tensor(forward.example_ids), 5, positions).numpy()
         assert got.shape == want.shape and (got == want).all(), step
 
