@@ -71,7 +71,7 @@ class ForwardTracker:
         begun_ids = entry.begun_ids if isinstance(entry, _Started) else self._take_begun_ids()
         caller = model_forward(batch_size, q_length)
         try:
-            generation = refuse_unrecordable_generation()
+            generation = refuse_unrecordable_generation(config)
             refuse_rounding_cache(caller.cache)
         except CaptureError:
             self._discard(None, "was refused", config, caller.cache)

@@ -30,20 +30,19 @@ class ModelForward(NamedTuple):
     images: bool  # an enclosing forward was given pixel values
 
 
-def model_forward(batch_size: int, num_new: int, max_depth: int = 16) -> ModelForward:
+def model_forward(batch_size: int, num_new: int) -> ModelForward:
     """The module forward that is building its mask right now, with its arguments.
 
     The mask function's callers are transformers' mask builders, called by a module's own forward
     (the decoder stack, a multimodal wrapper, or generate()'s input preparation); that frame holds
     the forward's `position_ids` (already defaulted to what its rotary embedding uses) and its cache
     (already created when the caller gave none). Token ids come from the nearest enclosing module
-    forward that has this forward's (B, T) `input_ids`: wrappers hand their text model embeddings."""
-    frame = sys._getframe(2)
+    forward that has this forward's (B, T) `input_ids`: wrappers hand their text model embeddings.
+    The whole stack is read: wrappers and hooks only add frames, and an enclosing forward's images
+    missed would let a forward with images be recorded."""
     module = positions = ids = cache = None
     images = False
-    for _ in range(max_depth):
-        if frame is None:
-            break
+    for frame in _method_frames(sys._getframe(2)):
         local = frame.f_locals
         this = local.get("self")
         if isinstance(this, torch.nn.Module):
@@ -56,7 +55,6 @@ def model_forward(batch_size: int, num_new: int, max_depth: int = 16) -> ModelFo
             # generate() encodes images before the first forward and hands the model their features
             encoded = local.get("mm_encoder_outputs")
             images = images or (isinstance(encoded, dict) and any(v is not None for v in encoded.values()))
-        frame = frame.f_back
     return ModelForward(module, ids, positions if isinstance(positions, torch.Tensor) else None, cache, images)
 
 
@@ -76,27 +74,32 @@ def building_model(max_depth: int = 16):
     return None
 
 
-def tower_of(config, max_depth: int = 64) -> str | None:
+def tower_of(config) -> str | None:
     """The attribute (`vision_config`, `audio_config`, ...) under which a model running on the call stack
     (in any method: generate() encodes images before the first forward, in get_image_features) keeps
     `config`, when that is not its language model's config (`get_text_config(decoder=True)`, fact
     `text_config_lookup`); None for a language model and for a config no enclosing model holds (an
     assistant model run from another model's generate()). Vision and audio towers build masks and may
-    number their layers; their rows are no text positions."""
+    number their layers; their rows are no text positions. The whole stack is read (a tower missed
+    would be recorded as text layers)."""
     from transformers import PreTrainedModel
 
-    frame = sys._getframe(1)
-    for _ in range(max_depth):
-        if frame is None:
-            return None
+    for frame in _method_frames(sys._getframe(1)):
         this = frame.f_locals.get("self")
         outer = this.config if isinstance(this, PreTrainedModel) else None
         if outer is not None and config is not outer and config is not outer.get_text_config(decoder=True):
             name = next((name for name, value in vars(outer).items() if value is config), None)
             if name is not None:
                 return name
-        frame = frame.f_back
     return None
+
+
+def _method_frames(frame):
+    """`frame` and its callers that have a `self` (reading a frame's locals costs more than its code's names)."""
+    while frame is not None:
+        if "self" in frame.f_code.co_varnames or "self" in frame.f_code.co_freevars:
+            yield frame
+        frame = frame.f_back
 
 
 def cache_of(arguments: dict):
@@ -142,9 +145,12 @@ def running_in(module: torch.nn.Module, thread: threading.Thread | None = None) 
 GENERATION_FILE = os.path.join("generation", "utils.py")
 
 
-def refuse_unrecordable_generation(max_depth: int = 40):
+def refuse_unrecordable_generation(config):
     """Generation whose steps cannot be recorded as one sequence, found by the generation method
-    on the call stack (once per forward). Beam search reorders the cache rows between steps, so
+    on the call stack (once per forward), at any depth: wrappers and hooks between generate() and the
+    mask only add frames, and a refusal or the padding rule missed there would record wrong rows. Only
+    a generation method of a model that holds `config` counts (`_generates_for`): a model run inside
+    another model's generate() (a reward model in a logits processor) is not that generation's step. Beam search reorders the cache rows between steps, so
     a batch row's earlier keys belong to another beam's history. Without a cache every step
     re-runs the whole sequence, which would record it again as a new example per token. Assisted
     decoding (an assistant model, prompt lookup, early exit) verifies draft tokens in one forward
@@ -158,11 +164,12 @@ def refuse_unrecordable_generation(max_depth: int = 40):
     follows is refused, once transformers has restored the layer count the draft ran with)."""
     frame = sys._getframe(1)
     prefill = False
-    for _ in range(max_depth):
-        if frame is None:
-            return None, False, False
+    while frame is not None:
         name = frame.f_code.co_name
         in_generation = frame.f_code.co_filename.endswith(GENERATION_FILE)
+        if in_generation and name in GENERATION_METHODS and not _generates_for(frame.f_locals.get("self"), config):
+            frame = frame.f_back  # another model's generation
+            continue
         prefill = prefill or (name == "_prefill" and in_generation)
         if name == "_beam_search":
             raise CaptureError(
@@ -178,7 +185,7 @@ def refuse_unrecordable_generation(max_depth: int = 40):
                     "qk_sniff: generate(use_cache=False) re-runs the whole sequence at every step, "
                     "which would record it once per new token; generate with use_cache=True"
                 )
-            draft = _assistant_draft(frame, max_depth)
+            draft = _assistant_draft(frame)
             unfinished = frame.f_locals.get("unfinished_sequences")
             if not (isinstance(unfinished, torch.Tensor) and unfinished.dim() == 1):
                 return None, False, draft
@@ -190,6 +197,24 @@ def refuse_unrecordable_generation(max_depth: int = 40):
     return None, False, False
 
 
+GENERATION_METHODS = frozenset(("_prefill", "_sample", "_beam_search", "_assisted_decoding"))
+
+
+def _generates_for(model, config) -> bool:
+    """Whether the model running a generation method holds `config`: as its own, its language model's
+    or a sub-config, or in any of its modules (a wrapper whose text model keeps a config of its own)."""
+    outer = getattr(model, "config", None)
+    if outer is None or not isinstance(model, torch.nn.Module):
+        return True  # not a model we can ask: taken as this forward's, as before
+    if (
+        config is outer
+        or config is outer.get_text_config(decoder=True)
+        or any(v is config for v in vars(outer).values())
+    ):
+        return True
+    return any(getattr(module, "config", None) is config for module in model.modules())
+
+
 ASSISTED = (
     "qk_sniff: assisted decoding (assistant_model, prompt_lookup_num_tokens, assistant_early_exit) verifies "
     "draft tokens in one forward and crops the rejected ones from the cache after it, when their rows are "
@@ -197,15 +222,13 @@ ASSISTED = (
 )
 
 
-def _assistant_draft(sample, max_depth: int) -> bool:
+def _assistant_draft(sample) -> bool:
     """A `_sample` that drafts tokens for assisted decoding: refused when an assistant model loaded
     with qk_sniff runs it; True when the model drafts for itself (early exit), whose drafts are not
     recorded and whose verifying forward is refused: a refusal inside the draft would leave the model
     with the draft's layer count (transformers restores it only when the draft returns)."""
     model, frame = sample.f_locals.get("self"), sample.f_back
-    for _ in range(max_depth):
-        if frame is None:
-            return False
+    while frame is not None:
         if frame.f_code.co_name == "_assisted_decoding" and frame.f_code.co_filename.endswith(GENERATION_FILE):
             if frame.f_locals.get("self") is not model:
                 raise CaptureError(

@@ -271,3 +271,89 @@ def test_a_crop_is_not_forgotten_when_another_session_continues_the_cache(caplog
             model(input_ids=torch.tensor([[60]]), **cache_kw(cache))
     assert (first.table() is None or first.table().num_rows == 0) and "example(s) [1] was cropped" in caplog.text
     assert {key[0] for key in rows_by_key(second.table())} == {5}
+
+
+# ---- generate() found at any depth, and only for the model it generates with ---------------------
+
+
+class PassThrough(torch.nn.Module):
+    """A wrapper module that only adds frames between generate() and the mask (hooks, adapters)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args, **kwargs):
+        return self.inner(*args, **kwargs)
+
+
+def _behind_wrappers(depth: int):
+    model = build("llama3", "qk_sniff")
+    for _ in range(depth):
+        model.model = PassThrough(model.model)
+    return model
+
+
+def test_generation_refusals_hold_behind_many_wrappers():
+    """generate(use_cache=False) and beam search are refused however many frames lie between them and
+    the mask: they were looked for within 40 frames, 13-22 more than a plain model needs."""
+    model = _behind_wrappers(48)
+    for arguments, refusal in ((dict(use_cache=False), "use_cache=False"), (dict(num_beams=2), "beam search")):
+        with qk_attn.session(sampler="all"), pytest.raises(CaptureError, match=refusal):
+            model.generate(input_ids=PROMPT, max_new_tokens=2, do_sample=False, pad_token_id=0, **arguments)
+
+
+def test_rows_of_a_batched_generate_end_at_their_eos_behind_many_wrappers():
+    """The pad tokens generate() feeds a finished row are not recorded, however deep the model sits."""
+    from support.models import StopRow
+
+    model = _behind_wrappers(48)
+    with qk_attn.session(sampler="all", example_ids=[0, 1], capture="k", layers="0") as s:
+        sequences = model.generate(
+            input_ids=torch.arange(5, 15).reshape(2, 5),
+            max_new_tokens=6,
+            do_sample=False,
+            pad_token_id=0,
+            stopping_criteria=tf.StoppingCriteriaList([StopRow(0, 7)]),
+        )
+    assert (sequences[0, 7:] == 0).all()  # row 0 ended with its token at position 6
+    table = s.table().to_pydict()
+    positions = {e: {p for e2, p in zip(table["example_id"], table["position"]) if e2 == e} for e in (0, 1)}
+    assert positions == {0: set(range(7)), 1: set(range(sequences.shape[1] - 1))}
+
+
+class RunsAnotherModel(tf.LogitsProcessor):
+    """A logits processor that decodes a second model (a guide model) one token per step, on its own cache."""
+
+    def __init__(self, model, ids):
+        self.model, self.ids, self.cache = model, ids, tf.DynamicCache()
+
+    def __call__(self, input_ids, scores):
+        held = self.cache.get_seq_length()
+        self.model(input_ids=self.ids[:, held : held + 1] if held else self.ids[:, :4], **cache_kw(self.cache))
+        return scores
+
+
+def test_a_model_run_inside_another_models_generate_is_not_its_step():
+    """A second model's forwards inside generate() are its own, not decode steps of the generating
+    model: the generating model's finished row (its padding) does not mark the guide's row 0."""
+    from support.models import StopRow
+
+    model, guide = build("llama3", "qk_sniff"), build("llama3", "qk_sniff", seed=5)
+    guide_ids = torch.arange(20, 36).reshape(2, 8)
+    with qk_attn.session(sampler="all", capture="k", layers="0") as s:
+        s.begin([0, 1])
+        model.generate(
+            input_ids=torch.arange(5, 15).reshape(2, 5),
+            max_new_tokens=4,
+            do_sample=False,
+            pad_token_id=0,
+            stopping_criteria=tf.StoppingCriteriaList([StopRow(0, 6)]),
+            logits_processor=tf.LogitsProcessorList([RunsAnotherModel(guide, guide_ids)]),
+        )
+    table = s.table().to_pydict()
+    guide_rows = [(e, p) for e, p in zip(table["example_id"], table["position"]) if e not in (0, 1)]
+    examples = sorted({e for e, _ in guide_rows})
+    assert len(examples) == 2  # one example per guide row, 4 + 3 tokens each (two key heads)
+    for example in examples:
+        assert sorted(p for e, p in guide_rows if e == example) == [p for p in range(7) for _ in range(2)]
