@@ -14,6 +14,7 @@ import difflib
 import math
 import numbers
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,13 @@ CAPTURE_KINDS = ("q,k", "q", "k")
 ROPE_STAGES = ("post", "pre")
 BACKENDS = ("sdpa", "eager", "flash_attention_2")
 VECTOR_DTYPES = ("float32", "float16")
+# The sampler's largest log-uniform bucket is min_bucket_size << 62 (sampler.MAX_BUCKETS): its keep
+# probability needs it as a finite float, and the kernel shifts int64 positions by log2 of it.
+MAX_MIN_BUCKET_SIZE = 2**62
+BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+# Plain ASCII numbers only: int() and float() also take "1_024", "+4" and other scripts' digits ("٣").
+_INT_TEXT = re.compile(r"[0-9]+")
+_FLOAT_TEXT = re.compile(r"-?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 
 
 def _did_you_mean(name: str, known) -> str:
@@ -46,8 +54,36 @@ def command_line_process() -> bool:
     environment before the command's own code runs."""
     if sys.argv and os.path.basename(sys.argv[0] or "") == "qk-sniff":
         return True
-    argv = list(getattr(sys, "orig_argv", ()))  # Python >= 3.10
-    return any(a == "-m" and b == "qk_attn.cli" for a, b in zip(argv, argv[1:]))
+    return main_module(getattr(sys, "orig_argv", ())) == "qk_attn.cli"  # orig_argv: Python >= 3.10
+
+
+_PYTHON_FLAGS = "bBdEhiIOPqRsSuvx"  # interpreter options without an argument
+
+
+def main_module(argv) -> str | None:
+    """The module that the interpreter command line `argv` runs with `-m` (`-m qk_attn.cli`,
+    `-mqk_attn.cli`, `-u -m ...`, `-Im ...`), None for a script, `-c` or stdin."""
+    args = iter(list(argv)[1:])
+    for arg in args:
+        if arg == "--check-hash-based-pycs":  # the one long option that takes a value
+            next(args, None)
+            continue
+        if not arg.startswith("-") or arg in ("-", "--"):
+            return None  # a script, or stdin
+        if arg.startswith("--"):
+            continue
+        options = arg[1:].lstrip(_PYTHON_FLAGS)  # flags may share one word: -Im, -Bu
+        if not options:
+            continue
+        option, value = options[0], options[1:]
+        if option == "m":
+            return value or next(args, None)
+        if option in "WX":  # -W arg / -Warg, -X opt / -Xopt
+            if not value:
+                next(args, None)
+            continue
+        return None  # -c: a command, not a module
+    return None
 
 
 def parse_index_list(name: str, value: Any, allow_empty: bool = True) -> tuple[int, ...] | None:
@@ -77,12 +113,12 @@ def parse_index_list(name: str, value: Any, allow_empty: bool = True) -> tuple[i
                 raise TypeError
             if isinstance(part, str) and "-" in part.strip()[1:]:
                 lo, hi = part.split("-", 1)
-                lo_i, hi_i = int(lo), int(hi)
+                lo_i, hi_i = _int(lo), _int(hi)
                 if hi_i < lo_i:
                     raise ValueError
                 items.extend(range(lo_i, hi_i + 1))
             else:
-                items.append(int(part))
+                items.append(_int(part))
     except (TypeError, ValueError):
         raise _fail(name, value, expected) from None
     if any(i < 0 for i in items):
@@ -101,15 +137,31 @@ _EMPTY_HINTS = {
 }
 
 
+def _int(value: Any) -> int:
+    """An int, or a string of ASCII digits (surrounding spaces allowed); anything else is a ValueError."""
+    if isinstance(value, str) and not _INT_TEXT.fullmatch(value.strip()):
+        raise ValueError(value)
+    return int(value)
+
+
+def _float(value: Any) -> float:
+    """A real number, or a string of a plain ASCII decimal number (`1.5`, `2e3`); else a ValueError."""
+    if isinstance(value, str) and not _FLOAT_TEXT.fullmatch(value.strip()):
+        raise ValueError(value)
+    return float(value)
+
+
 def _parse_bool(name: str, value: Any) -> bool:
+    """The words the run configuration takes for its true/false keys (`1`, `true`, `yes`, `on` and their
+    opposites, any case), and empty: unset, as the shell unsets a variable."""
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off", ""):
+    if text == "":
         return False
-    raise _fail(name, value, "0 or 1")
+    if text not in BOOL_WORDS:
+        raise _fail(name, value, "0 or 1 (or true/false, yes/no, on/off)")
+    return BOOL_WORDS[text]
 
 
 def _parse_choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
@@ -130,8 +182,9 @@ def _host_memory_mib() -> int | None:
 
 
 def _parse_number(name: str, value: Any, kind: type, minimum: float, strict: bool = False) -> Any:
-    """An int (an int or a string of one: never a bool or a float, which would be truncated) or a
-    finite real number (never a bool, NaN or infinity), at least `minimum` (above it if `strict`)."""
+    """An int (an int or a string of ASCII digits: never a bool or a float, which would be truncated)
+    or a finite real number (never a bool, NaN or infinity; a string must be a plain decimal number),
+    at least `minimum` (above it if `strict`)."""
     what = f"{'an integer' if kind is int else 'a finite number'} {'>' if strict else '>='} {minimum:g}"
     try:
         if isinstance(value, bool):  # True would pass as 1
@@ -139,11 +192,11 @@ def _parse_number(name: str, value: Any, kind: type, minimum: float, strict: boo
         if kind is int:
             if not isinstance(value, (numbers.Integral, str)):
                 raise TypeError  # 1.5 or 2.0: a float is not silently truncated
-            number = int(value)
+            number = _int(value)
         else:
             if not isinstance(value, (numbers.Real, str)):
                 raise TypeError
-            number = float(value)
+            number = _float(value)
             if not math.isfinite(number):
                 raise ValueError
     except (TypeError, ValueError, OverflowError):  # OverflowError: an int beyond a float (10**400)
@@ -181,11 +234,13 @@ class SniffConfig:
         set_("output", None if self.output in (None, "") else os.fspath(self.output))
         if self.output is not None and not self.output.strip():  # a folder named " " is a typo
             raise _fail("output", self.output, "a folder path (empty or unset: no output)")
+        if self.output is not None:  # "~/x" is a home folder, as for qk_attn.load and a run's data_root
+            set_("output", os.path.expanduser(self.output))
         set_("sampler", _parse_choice("sampler", self.sampler, SAMPLERS))
         raw_bucket = self.min_bucket_size
         set_("min_bucket_size", _parse_number("min_bucket_size", raw_bucket, int, 1))
-        if self.min_bucket_size & (self.min_bucket_size - 1):
-            raise _fail("min_bucket_size", raw_bucket, "a power of two (1, 2, 4, ..., 8192, ...)")
+        if self.min_bucket_size & (self.min_bucket_size - 1) or self.min_bucket_size > MAX_MIN_BUCKET_SIZE:
+            raise _fail("min_bucket_size", raw_bucket, "a power of two from 1 to 2**62 (1, 2, 4, ..., 8192, ...)")
         set_("base_rate", _parse_number("base_rate", self.base_rate, float, 0.0, strict=True))
         raw_seed = self.seed
         set_("seed", _parse_number("seed", raw_seed, int, 0))

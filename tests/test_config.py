@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from qk_attn import SniffConfig
-from qk_attn.config import parse_index_list
+from qk_attn.config import main_module, parse_index_list
 
 
 def test_defaults_and_full_environment():
@@ -208,3 +209,115 @@ def test_index_lists_take_ints_and_strings_only():
     for bad in ([0.9], [False], {1: "x"}, 1.5, True, [[0]]):
         with pytest.raises(ValueError, match="comma-separated"):
             parse_index_list("layers", bad)
+
+
+# ---- bounds, home folders, plain numbers, the command line ----------------------------------------
+def test_a_min_bucket_size_beyond_2_to_62_is_refused_when_read():
+    """The largest log-uniform bucket, min_bucket_size << 62, must be a finite float: 2**1000 passed
+    the power-of-two check and then failed inside the forward with an OverflowError."""
+    for value in (2**63, 2**1000):
+        with pytest.raises(
+            ValueError, match=r"^min_bucket_size=\d+ is invalid: expected a power of two from 1 to 2\*\*62"
+        ):
+            SniffConfig(min_bucket_size=value)
+    with pytest.raises(ValueError, match=r"^QK_SNIFF_MIN_BUCKET_SIZE='\d+' is invalid: .* from 1 to 2\*\*62"):
+        SniffConfig.from_env({"QK_SNIFF_MIN_BUCKET_SIZE": str(2**1000)})
+    assert SniffConfig(min_bucket_size=2**62).min_bucket_size == 2**62
+
+
+def test_the_largest_min_bucket_size_records_a_forward():
+    """2**62 is usable: its largest bucket's keep probability is a finite float, in a real forward."""
+    import qk_attn
+    from support.models import build
+
+    model = build("llama3", "qk_sniff")
+    with qk_attn.session(sampler="log_uniform", min_bucket_size=2**62, base_rate=2**70) as s:
+        with torch.no_grad():
+            model(input_ids=torch.arange(2, 10)[None])
+    assert sorted(set(s.table()["position"].to_pylist())) == list(range(8))  # base_rate above every bucket's size
+    assert set(s.table()["bucket"].to_pylist()) == {0}
+
+
+def test_an_output_under_home_is_expanded(tmp_path, monkeypatch):
+    """`~/x` is the home folder's x, as for qk_attn.load("~/x"), never a folder named `~` here."""
+    import qk_attn
+    from support.models import build
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert SniffConfig(output="~/x").output == str(tmp_path / "home" / "x")
+    assert SniffConfig.from_env({"QK_SNIFF_OUTPUT": "~/x"}).output == str(tmp_path / "home" / "x")
+    model = build("llama3", "qk_sniff")
+    with qk_attn.session(output="~/x", sampler="all", layers="0"):
+        with torch.no_grad():
+            model(input_ids=torch.arange(2, 6)[None])
+    assert not (tmp_path / "~").exists()
+    assert qk_attn.load("~/x", layer=0, head=0, kind="q").num_rows == 4
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("MIN_BUCKET_SIZE", "1_024"),
+        ("MIN_BUCKET_SIZE", "+4"),
+        ("MIN_BUCKET_SIZE", "\u0664"),  # Arabic-Indic 4
+        ("SEED", "1_0"),
+        ("SEED", "\u0663"),
+        ("HEAD_SAMPLE_COUNT", "+3"),
+        ("HEAD_SAMPLE_SEED", "\u0663"),
+        ("PINNED_MB", "6_4"),
+        ("LAYERS", "1_0"),
+        ("LAYERS", "\u0663"),
+        ("HEADS", "+1"),
+        ("KEY_HEADS", "0-\u0663"),
+        ("BASE_RATE", "1_024"),
+        ("BASE_RATE", "\u0663"),
+        ("BASE_RATE", "infinity"),
+    ],
+)
+def test_numbers_are_plain_ascii(name, value):
+    """int() and float() take underscores, a plus sign and other scripts' digits: a setting does not."""
+    with pytest.raises(ValueError) as error:
+        SniffConfig.from_env({f"QK_SNIFF_{name}": value})
+    assert str(error.value).startswith(f"QK_SNIFF_{name}={value!r} is invalid: expected ")
+    assert "\n" not in str(error.value)
+
+
+def test_plain_numbers_with_spaces_around_them_are_read():
+    config = SniffConfig.from_env(
+        {"QK_SNIFF_MIN_BUCKET_SIZE": " 8192 ", "QK_SNIFF_SEED": "\t7\n", "QK_SNIFF_BASE_RATE": " 2e3 "}
+    )
+    assert (config.min_bucket_size, config.seed, config.base_rate) == (8192, 7, 2000.0)
+    assert SniffConfig.from_env({"QK_SNIFF_BASE_RATE": ".5"}).base_rate == 0.5
+    assert SniffConfig.from_env({"QK_SNIFF_LAYERS": " 1 - 2 ,4"}).layers == (1, 2, 4)
+
+
+@pytest.mark.parametrize(
+    "value, expected", [("1", True), ("TRUE", True), ("on", True), ("0", False), ("no", False), ("", False)]
+)
+def test_full_attention_only_takes_the_true_false_words_and_says_so(value, expected):
+    assert SniffConfig.from_env({"QK_SNIFF_FULL_ATTENTION_ONLY": value}).full_attention_only is expected
+    message = "QK_SNIFF_FULL_ATTENTION_ONLY='2' is invalid: expected 0 or 1 (or true/false, yes/no, on/off)"
+    with pytest.raises(ValueError, match=rf"^{re.escape(message)}$"):
+        SniffConfig.from_env({"QK_SNIFF_FULL_ATTENTION_ONLY": "2"})
+
+
+@pytest.mark.parametrize(
+    "argv, module",
+    [
+        (["python", "-m", "qk_attn.cli", "verify", "out"], "qk_attn.cli"),
+        (["python", "-mqk_attn.cli", "verify", "out"], "qk_attn.cli"),
+        (["python", "-u", "-m", "qk_attn.cli", "run"], "qk_attn.cli"),
+        (["python", "-Im", "qk_attn.cli"], "qk_attn.cli"),
+        (["python", "-Bumqk_attn.cli"], "qk_attn.cli"),
+        (["python", "-W", "ignore", "-X", "dev", "-m", "qk_attn.cli"], "qk_attn.cli"),
+        (["python", "-Werror", "--check-hash-based-pycs", "never", "-mqk_attn.cli"], "qk_attn.cli"),
+        (["python", "-m", "pytest", "-m", "qk_attn.cli"], "pytest"),
+        (["python", "script.py", "-m", "qk_attn.cli"], None),
+        (["python", "-c", "import qk_attn", "-m", "qk_attn.cli"], None),
+        (["python", "-"], None),
+        (["python"], None),
+    ],
+)
+def test_the_module_run_with_dash_m_is_read_from_the_interpreter_command_line(argv, module):
+    assert main_module(argv) == module

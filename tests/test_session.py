@@ -297,3 +297,37 @@ def test_a_model_running_a_forward_in_another_thread_refuses_a_second_one():
     assert got.keys() == want.keys()
     for key, vector in want.items():
         assert torch.equal(torch.from_numpy(got[key]), torch.from_numpy(vector)), key
+
+
+def test_reload_env_with_a_bad_value_leaves_the_running_default_session(tmp_path, monkeypatch):
+    """A failed reload used to close the default session first: the next forward then opened a new
+    one on the old folder, under the old settings, as if nothing had been asked."""
+    from qk_attn.capture import active
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    model = build("llama3", "qk_sniff")
+    ids = torch.arange(2, 10)[None]
+    monkeypatch.setenv("QK_SNIFF_OUTPUT", str(a))
+    monkeypatch.setenv("QK_SNIFF_SAMPLER", "all")
+    try:
+        qk_attn.reload_env()
+        model(input_ids=ids)
+        running = active.default_session()
+        monkeypatch.setenv("QK_SNIFF_OUTPUT", str(b))
+        monkeypatch.setenv("QK_SNIFF_SAMPLER", "bogus")
+        with pytest.raises(qk_attn.ConfigError, match=r"^QK_SNIFF_SAMPLER='bogus' is invalid"):
+            qk_attn.reload_env()
+        assert active.default_session() is running and (a / ".qk_sniff.lock").exists()
+        model(input_ids=ids)  # still into the running session
+        qk_attn.flush()
+        assert sorted(qk_attn.load_examples(a)["example_id"].to_pylist()) == [0, 1]
+        monkeypatch.setenv("QK_SNIFF_SAMPLER", "all")
+        assert qk_attn.reload_env().output == str(b)  # valid: the running session closes, b takes over
+        assert not (a / ".qk_sniff.lock").exists()
+        model(input_ids=ids)
+        qk_attn.flush()
+        assert qk_attn.load_examples(b)["example_id"].to_pylist() == [0]
+    finally:
+        monkeypatch.delenv("QK_SNIFF_OUTPUT")
+        monkeypatch.delenv("QK_SNIFF_SAMPLER")
+        qk_attn.reload_env()

@@ -149,11 +149,13 @@ def default_session():
 
 
 def reload_env() -> SniffConfig:
-    """Re-read QK_SNIFF_* (closing a running default session first; a forked child's copy is dropped unclosed)."""
+    """Re-read QK_SNIFF_*, then close a running default session (a forked child's copy is dropped unclosed).
+    A bad value raises ConfigError first and leaves the running default session open and in force."""
     global _env_config, _default
+    config = SniffConfig.from_env()
     if _default is not None:
         if not inherited(_default):
             _default.close()
         _default = None
-    _env_config = SniffConfig.from_env()
+    _env_config = config
     return _env_config

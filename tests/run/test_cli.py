@@ -711,3 +711,20 @@ def test_a_card_left_behind_its_manifest_is_a_leftover_the_next_open_makes_good(
     manifest_time = (out / "qk_sniff.json").stat().st_mtime_ns  # the earlier card, older than the manifest
     os.utime(out / "README.md", ns=(manifest_time - 10**9, manifest_time - 10**9))
     assert has_leftovers(out)
+
+
+def test_the_command_ignores_the_environment_however_python_is_told_to_run_it(tiny_model, docs, tmp_path):
+    """`python -mqk_attn.cli` (no space) is the command too: a bad QK_SNIFF_* value broke it at import."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    runner.run(make_config(tiny_model, docs[0], out, capture=SPARSE, dataset={"max_samples": 1}), progress=False)
+    env = dict(os.environ, QK_SNIFF_SAMPLER="nope", QK_SNIFF_OUTPUT=str(tmp_path / "elsewhere"))
+    for flags in (["-mqk_attn.cli"], ["-Im", "qk_attn.cli"], ["-u", "-X", "utf8", "-m", "qk_attn.cli"]):
+        result = subprocess.run(
+            [sys.executable, *flags, "inspect", str(out)], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert result.returncode == 0, (flags, result.stderr)
+        assert "QK_SNIFF_SAMPLER" not in result.stderr
+    assert not (tmp_path / "elsewhere").exists()
