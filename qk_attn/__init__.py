@@ -4,15 +4,20 @@
 transformers' registries; that is its only side effect.
 """
 
-from qk_attn.capture.hooks import register, wrap_flash_attention
+try:
+    from qk_attn.capture.hooks import register, wrap_flash_attention
+    from qk_attn.session import Session, flush, reload_env, session
+
+    register()
+except (ImportError, AttributeError) as error:  # a transformers release that moved what qk-attn uses
+    from qk_attn.capture.facts import mismatch_at_import
+
+    raise mismatch_at_import(error) from error
 from qk_attn.config import SniffConfig
 from qk_attn.dataset.load import load, load_examples, load_vectors
 from qk_attn.errors import ConfigError
 from qk_attn.sampler import Sampler
-from qk_attn.session import Session, flush, reload_env, session
 from qk_attn.version import __version__
-
-register()
 
 __all__ = [
     "ConfigError",

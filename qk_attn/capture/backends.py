@@ -31,19 +31,15 @@ def eager_forward(module, *args, **kwargs):
 
 @functools.cache
 def _eager_attention_of(cls):
-    """The function `cls.forward` passes to `ALL_ATTENTION_FUNCTIONS.get_interface` as its default
-    (what transformers runs for "eager"), read from the forward's source and looked up in the forward's
+    """The function `cls.forward` passes to `ALL_ATTENTION_FUNCTIONS.get_interface` (or `.get`) as its
+    default (what transformers runs for "eager"), read from the forward's source and looked up in the forward's
     own module; the module's `eager_attention_forward` when the forward names none."""
     forward = inspect.unwrap(cls.forward)
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(forward)))
     except (OSError, TypeError, SyntaxError):  # no source to read: the modeling file's convention
         tree = ast.Module(body=[], type_ignores=[])
-    defaults = {
-        ast.unparse(node.args[1])
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "get_interface" and len(node.args) > 1
-    }
+    defaults = {ast.unparse(node.args[1]) for node in ast.walk(tree) if _registry_lookup(node) and len(node.args) > 1}
     name = next(iter(defaults)) if defaults else "eager_attention_forward"
     fn = getattr(sys.modules.get(forward.__module__), name, None)
     if fn is None or len(defaults) > 1:
@@ -54,6 +50,16 @@ def _eager_attention_of(cls):
             f"its forward {found}; use {setting}=sdpa"
         )
     return fn
+
+
+def _registry_lookup(node: ast.AST) -> bool:
+    """`X.get_interface(name, default)`, or `ALL_ATTENTION_FUNCTIONS.get(name, default)` (a mapping lookup
+    a release might use instead): a call whose second argument is what "eager" runs."""
+    if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+        return False
+    return node.func.attr == "get_interface" or (
+        node.func.attr == "get" and ast.unparse(node.func.value).endswith("ATTENTION_FUNCTIONS")
+    )
 
 
 def flash_forward(module, *args, **kwargs):

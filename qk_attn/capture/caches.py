@@ -5,8 +5,9 @@ Rows moved between forwards. `Cache.reorder_cache` (beam search), `batch_select_
 another row's history. A sequence continued on such a cache would key each row's new tokens by the
 example that row held before, so the tracker refuses the forward that continues it
 (`SequenceTracker._start_sequence`). The three methods are wrapped on the `Cache` base class, which
-DynamicCache, StaticCache and QuantizedCache inherit them from (fact `cache_row_methods`); each
-call counts one move of the cache's rows.
+DynamicCache, StaticCache and QuantizedCache inherit them from (fact `cache_row_methods`), and on
+any subclass that overrides them (a modeling file's cache, as MiniMax's, which does not call Cache's),
+wrapped at its first forward (`watch_cache_class`); each call counts one move of the cache's rows.
 
 Tokens rolled back. `Cache.crop` removes a cache's last tokens (assisted decoding's rejected drafts, a
 hand-written speculative loop, a deferred stop check's extra step). Rows of the removed tokens were
@@ -26,6 +27,7 @@ refused (`rounding_layer`), so none is trusted unread. Layer types a modeling fi
 from __future__ import annotations
 
 import functools
+import types
 import weakref
 
 from transformers import cache_utils
@@ -69,14 +71,34 @@ def row_moves(cache) -> int:
 
 
 def watch_row_moves() -> None:
-    """Wrap the Cache methods that move rows (idempotent)."""
+    """Wrap the Cache methods that move rows, and crop (idempotent)."""
+    _wrap_own_methods(cache_utils.Cache)
+
+
+_watched_classes: weakref.WeakSet = weakref.WeakSet()
+
+
+def watch_cache_class(cache) -> None:
+    """Wrap the row methods and crop where a class between the cache's own and Cache overrides them,
+    before rows of this cache are recorded (once per class)."""
+    cls = type(cache)
+    if cache is None or cls in _watched_classes or not isinstance(cache, cache_utils.Cache):
+        return
+    for klass in cls.__mro__[: cls.__mro__.index(cache_utils.Cache)]:
+        _wrap_own_methods(klass)
+    _watched_classes.add(cls)
+
+
+def _wrap_own_methods(klass: type) -> None:
+    """Wrap the row methods and crop that `klass` defines itself (plain functions), unless wrapped."""
+    own = vars(klass)
     for name in ROW_METHODS:
-        method = getattr(cache_utils.Cache, name)
-        if getattr(method, "_counts_row_moves", False):
-            continue
-        setattr(cache_utils.Cache, name, _counting(method))
-    if not getattr(cache_utils.Cache.crop, "_notes_rollbacks", False):
-        cache_utils.Cache.crop = _noting_rollbacks(cache_utils.Cache.crop)
+        method = own.get(name)
+        if isinstance(method, types.FunctionType) and not getattr(method, "_counts_row_moves", False):
+            setattr(klass, name, _counting(method))
+    crop = own.get("crop")
+    if isinstance(crop, types.FunctionType) and not getattr(crop, "_notes_rollbacks", False):
+        klass.crop = _noting_rollbacks(crop)
 
 
 def _noting_rollbacks(crop):

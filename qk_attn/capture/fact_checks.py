@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
+import re
 import sys
 import textwrap
 
@@ -29,6 +30,30 @@ def _accepts(fn, names) -> str | None:
     else:
         missing = [n for n in names if n not in params]
     return f"{fn.__qualname__}{inspect.signature(fn)}" if missing else None
+
+
+# What qk-attn imports from transformers when it is imported, and what `register()` wraps (module, attribute path).
+IMPORTED_NAMES = (
+    ("transformers", "AttentionInterface"),
+    ("transformers.masking_utils", "AttentionMaskInterface"),
+    ("transformers.masking_utils", "ALL_MASK_ATTENTION_FUNCTIONS"),
+    ("transformers.masking_utils", "flash_attention_mask"),
+    ("transformers.modeling_utils", "ALL_ATTENTION_FUNCTIONS"),
+    ("transformers.cache_utils", "Cache"),
+    ("transformers.generation.utils", "GenerationMixin.generate"),
+    ("transformers.utils.generic", "is_flash_attention_requested"),
+)
+
+
+def imported_names() -> str | None:
+    """Every name of IMPORTED_NAMES exists where qk-attn takes it from."""
+    for module, path in IMPORTED_NAMES:
+        found = importlib.import_module(module)
+        for part in path.split("."):
+            found = getattr(found, part, None)
+            if found is None:
+                return f"{module} has no {path}"
+    return None
 
 
 def attention_interface_register() -> str | None:
@@ -210,6 +235,38 @@ def attention_forward_rotation() -> str | None:
     return None
 
 
+def attention_call_layout() -> str | None:
+    """Each seed attention forward hands attention heads-first states: query_states and key_states are
+    assigned `...view(<tokens>..., self.head_dim)....transpose(1, 2)` (the view's shape directly, or as
+    `hidden_shape = (*input_shape, -1, self.head_dim)`), i.e. (batch, heads, tokens, head_dim). Rows are
+    read by that layout; shapes alone cannot tell it from (batch, tokens, heads, head_dim) when a forward
+    has as many tokens as heads."""
+    for family, name in ROTATING_CLASSES.items():
+        values: dict[str, list[str]] = {}
+        for node in ast.walk(_forward_tree(getattr(_modeling(family), name))):
+            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                values.setdefault(node.targets[0].id, []).append(ast.unparse(node.value))
+        shapes = {"hidden_shape": values.get("hidden_shape", ["?"])[0]}
+        for states in ("query_states", "key_states"):
+            found = values.get(states, [])
+            if not any(_heads_first(text, shapes) for text in found):
+                return f"{name}.forward assigns {states} = {' / '.join(found) or 'nothing'}"
+    return None
+
+
+def _heads_first(text: str, shapes: dict[str, str]) -> bool:
+    """`text` views its projection as (..., tokens, heads, head_dim) and transposes tokens and heads."""
+    view = re.search(r"\.view\(([^()]*)\)", text)
+    if view is None or not text.endswith(".transpose(1, 2)"):
+        return False
+    shape = shapes.get(view.group(1), view.group(1))
+    return shape.removeprefix("(").removesuffix(")").replace(" ", "").endswith(",self.head_dim")
+
+
+def _forward_tree(cls) -> ast.AST:
+    return ast.parse(textwrap.dedent(inspect.getsource(inspect.unwrap(cls.forward))))
+
+
 BASE_MODELS = {
     "llama": "LlamaModel",
     "qwen3": "Qwen3Model",
@@ -307,4 +364,29 @@ def text_config_lookup() -> str | None:
         return f"Gemma3Config().get_text_config(decoder=True) is {type(text).__name__}, LlamaConfig()'s {type(itself).__name__}"
     if vars(composite).get("vision_config") is not composite.vision_config:
         return "Gemma3Config keeps its vision_config elsewhere than in its instance attributes"
+    return None
+
+
+def backward_marker() -> str | None:
+    """torch (not transformers): `torch._C._current_graph_task_id()` is -1 outside a backward pass and a
+    task id inside one, which is how a checkpoint's recompute during backward is told apart (not recorded)."""
+    import torch
+
+    inside = []
+
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            inside.append(torch._C._current_graph_task_id())
+            return grad
+
+    outside = torch._C._current_graph_task_id()
+    with torch.inference_mode(False), torch.enable_grad():
+        Probe.apply(torch.zeros(1, requires_grad=True)).sum().backward()
+    if outside != -1 or len(inside) != 1 or type(inside[0]) is not int or inside[0] == -1:
+        return f"torch {torch.__version__}: {outside!r} outside a backward pass, {inside!r} inside one"
     return None

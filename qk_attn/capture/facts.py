@@ -11,6 +11,8 @@ name are listed in qk_attn.capture.name_branches.
 
 Where the capture code relies on each fact (the module that reads it):
 
+    imported_names                 what qk_attn imports from transformers at its import, and what
+                                   hooks.register wraps (fact_checks.IMPORTED_NAMES)
     attention_interface_register   hooks.register, wrap_flash_attention
     mask_interface_register        hooks.register, wrap_flash_attention
     mask_functions                 backends.mask_function, hooks._noting_context
@@ -23,6 +25,7 @@ Where the capture code relies on each fact (the module that reads it):
     eager_forward                  backends.eager_forward
     backend_support_flags          backends.check_backend_support (_supports_sdpa, _supports_flash_attn)
     rotary_helpers                 rope.invert_rope (apply_rotary_pos_emb), rope.query_scale
+    attention_call_layout          call_rows, gather (query and key read as (batch, heads, tokens, head_dim))
     attention_forward_locals       attention.applied_rotary (frame locals self, position_embeddings)
     attention_forward_rotation     rope.uses_rope, rope.pre_rope_rows, rope.invert_rope (rope_check.rotation:
                                    which rotation a forward applies, read from its syntax tree)
@@ -41,6 +44,8 @@ Where the capture code relies on each fact (the module that reads it):
                                    model_kwargs, unfinished_sequences, has_eos_stopping_criteria)
     attention_module_attributes    capture/session: module.layer_idx, module.config,
                                    module.sliding_window, rope.uses_rope (module.use_rope)
+    backward_marker                recorder._not_recorded (torch's, not transformers': a checkpoint's
+                                   recompute during backward, by torch._C._current_graph_task_id)
     (torch, not transformers: forward hooks on the decoder stack, frames.decoder_stack, which
     finds it by structure: a ModuleList child whose attention modules share `config`)
 """
@@ -53,14 +58,18 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from qk_attn.capture.fact_checks import (
+    IMPORTED_NAMES,
     MASK_KEYWORDS,
+    attention_call_layout,
     attention_forward_locals,
     attention_forward_rotation,
     attention_interface_register,
     attention_module_attributes,
     backend_support_flags,
+    backward_marker,
     eager_forward,
     flash_forward,
+    imported_names,
     mask_call_keywords,
     mask_functions,
     mask_interface_register,
@@ -108,6 +117,12 @@ def transformers_version() -> str:
 
 
 FACTS: tuple[Fact, ...] = (
+    Fact(
+        "imported_names",
+        f"the {len(IMPORTED_NAMES)} names qk-attn takes from transformers exist where it takes them "
+        "(transformers.AttentionInterface, masking_utils.flash_attention_mask, ...)",
+        imported_names,
+    ),
     Fact(
         "attention_interface_register",
         "AttentionInterface.register(name, fn) makes fn ALL_ATTENTION_FUNCTIONS.get_interface(name)",
@@ -162,6 +177,12 @@ FACTS: tuple[Fact, ...] = (
         "apply_rotary_pos_emb(q, k, cos, sin, ...) in each seed modeling module; Ministral 3's "
         "get_llama_4_attn_scale(positions, beta, original_max)",
         rotary_helpers,
+    ),
+    Fact(
+        "attention_call_layout",
+        "each seed attention forward hands attention (batch, heads, tokens, head_dim) states: query_states and "
+        "key_states are `proj(hidden_states).view((*input_shape, -1, self.head_dim))...transpose(1, 2)`",
+        attention_call_layout,
     ),
     Fact(
         "attention_forward_locals",
@@ -223,6 +244,11 @@ FACTS: tuple[Fact, ...] = (
         "sliding_window: Gemma 3); Mllama's cross-attention class is MllamaTextCrossAttention",
         attention_module_attributes,
     ),
+    Fact(
+        "backward_marker",
+        "torch._C._current_graph_task_id() is -1 outside a backward pass and a task id inside one (torch)",
+        backward_marker,
+    ),
 )
 
 
@@ -245,8 +271,21 @@ def require() -> None:
     """Raise TransformersMismatch naming the transformers version and every broken fact (once per process)."""
     findings = check_all()
     if findings:
-        raise TransformersMismatch(
-            f"qk_sniff: transformers {findings[0].transformers} breaks what qk-attn relies on: "
-            + "; ".join(f"{f.fact}: expected {f.expected}, found {f.found}" for f in findings)
-            + "; install a transformers version qk-attn supports (see README)"
-        )
+        raise _mismatch(findings)
+
+
+def mismatch_at_import(error: Exception) -> Exception:
+    """What `import qk_attn` raises when registering failed with `error`: TransformersMismatch naming the
+    broken facts (a moved or removed transformers name), or `error` itself when every fact holds."""
+    findings = check_all()
+    return _mismatch(findings) if findings else error
+
+
+def _mismatch(findings: list[Finding]) -> TransformersMismatch:
+    import torch
+
+    return TransformersMismatch(
+        f"qk_sniff: transformers {findings[0].transformers} (torch {torch.__version__}) breaks what qk-attn relies on: "
+        + "; ".join(f"{f.fact}: expected {f.expected}, found {f.found}" for f in findings)
+        + "; install a transformers version qk-attn supports (see README)"
+    )

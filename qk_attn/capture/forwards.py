@@ -13,7 +13,7 @@ import threading
 import torch
 
 from qk_attn.capture import forward as forward_module
-from qk_attn.capture.caches import refuse_rounding_cache
+from qk_attn.capture.caches import refuse_rounding_cache, watch_cache_class
 from qk_attn.capture.facts import require as require_facts
 from qk_attn.capture.forward import ForwardContext, host_int
 from qk_attn.capture.frames import (
@@ -72,6 +72,7 @@ class ForwardTracker:
         caller = model_forward(batch_size, q_length)
         try:
             generation = refuse_unrecordable_generation(config)
+            watch_cache_class(caller.cache)
             refuse_rounding_cache(caller.cache)
         except CaptureError:
             self._discard(None, "was refused", config, caller.cache)
@@ -79,6 +80,7 @@ class ForwardTracker:
         mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
         try:
             past, check = self._past(config, caller.cache, q_offset, begun_ids is not None)
+            _refuse_mask_length(mask, past, q_length)
         except CaptureError:
             self._discard(None, "was refused", config, caller.cache)
             raise
@@ -284,6 +286,20 @@ class ForwardTracker:
     def _end_forward(self) -> None:
         """Between forwards: the sink sends what waited on the device (waiting for pool space)."""
         self.sink.end_forward()
+
+
+def _refuse_mask_length(mask: torch.Tensor | None, past: int, num_new: int) -> None:
+    """The 2-D mask must cover exactly the cache's tokens and the new ones: validity is read from its last
+    `num_new` columns. transformers accepts other lengths (it reads the first columns it needs and pads
+    a short mask with 0: a decode loop that did not extend its mask masks its new tokens), so another
+    length would label other tokens real or padding than attention did."""
+    if mask is not None and mask.shape[-1] != past + num_new:
+        raise CaptureError(
+            f"qk_sniff: the 2-D attention_mask has {mask.shape[-1]} columns, but this forward's keys are the "
+            f"cache's {past} tokens and its {num_new} new ones ({past + num_new}), so it does not say which new "
+            f"tokens are real; pass a mask of exactly {past + num_new} columns (extend it by the new tokens at "
+            "every step, as generate() does); not recorded"
+        )
 
 
 def _refuse_concurrent(forward: ForwardContext | None) -> None:

@@ -94,6 +94,42 @@ def test_a_forward_after_the_cache_rows_moved_is_refused_and_the_session_goes_on
     assert got.keys() == _one_shot(model, BEFORE, 3).keys()
 
 
+class OwnRowMethodsCache(tf.DynamicCache):
+    """A modeling file's cache (as MiniMax's) that moves its rows and crops in methods of its own,
+    without calling Cache's."""
+
+    def batch_select_indices(self, indices):
+        for layer in self.layers:
+            layer.keys, layer.values = layer.keys[indices], layer.values[indices]
+
+    def reorder_cache(self, beam_idx):
+        self.batch_select_indices(beam_idx)
+
+    def batch_repeat_interleave(self, repeats):
+        for layer in self.layers:
+            layer.keys = layer.keys.repeat_interleave(repeats, dim=0)
+            layer.values = layer.values.repeat_interleave(repeats, dim=0)
+
+    def crop(self, max_length):
+        for layer in self.layers:
+            layer.keys, layer.values = layer.keys[..., :max_length, :], layer.values[..., :max_length, :]
+
+
+@pytest.mark.parametrize("name", ["batch_select_indices", "reorder_cache", "batch_repeat_interleave"])
+def test_rows_moved_by_a_cache_subclass_of_its_own_are_refused(name):
+    """Wrapping the methods on Cache missed a subclass's overrides: MiniMax's rows were swapped
+    silently, each example recorded with the other's history."""
+    model = build("llama3", "qk_sniff")
+    argument = 1 if name == "batch_repeat_interleave" else torch.tensor([1, 0])
+    with qk_attn.session(sampler="all") as s:
+        cache = OwnRowMethodsCache(config=model.config)
+        s.begin([1, 2])
+        model(input_ids=PROMPTS, **cache_kw(cache))
+        getattr(cache, name)(argument)
+        with pytest.raises(CaptureError, match=r"^qk_sniff: the rows of the cache that holds examples \[1, 2\] were"):
+            model(input_ids=NEXT, **cache_kw(cache))
+
+
 def test_rows_are_recorded_when_no_row_moved():
     """The same loop without the move: every row, equal to one uncached forward over each sequence."""
     model = build("llama3", "qk_sniff")
@@ -241,6 +277,21 @@ def test_a_cache_cropped_below_its_recorded_tokens_discards_their_example(then, 
         assert {key[0] for key in got} == {2} and {key[4] for key in got} == {9}
     else:
         assert got == {}
+
+
+def test_a_crop_by_a_cache_subclass_of_its_own_discards_the_example(caplog):
+    """The same rollback through a subclass's own crop (not Cache.crop): noticed all the same."""
+    model = build("llama3", "qk_sniff")
+    with qk_attn.session(sampler="all") as s:
+        s.begin([1])
+        cache = OwnRowMethodsCache(config=model.config)
+        model(input_ids=PROMPT, **cache_kw(cache))
+        model(input_ids=DRAFTS, **cache_kw(cache))
+        cache.crop(9)
+        assert cache.get_seq_length() == 9
+        s.commit()
+    assert "cropped (Cache.crop) below the 12 tokens recorded for them" in caplog.text
+    assert s.table() is None or s.table().num_rows == 0
 
 
 def test_a_crop_that_removes_nothing_recorded_keeps_the_example():

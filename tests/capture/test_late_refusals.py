@@ -123,6 +123,7 @@ def test_a_sequence_refused_late_is_refused_at_its_next_forward(tmp_path, monkey
                 model(input_ids=torch.tensor([[40], [50]]), attention_mask=mask, **cache_kw(cache))
         assert 0 < step < 199  # found some forwards later, and then at once
         refused = r"continues the cache of examples \[1, 2\], which were discarded when a forward of theirs was refused"
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
         with pytest.raises(CaptureError, match=refused):  # its sequence is gone with it, and it says so
             model(input_ids=torch.tensor([[40], [50]]), attention_mask=mask, **cache_kw(cache))
         _good_document(model, s, 3, seed=6)

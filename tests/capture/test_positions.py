@@ -11,7 +11,7 @@ from transformers import DynamicCache, StoppingCriteriaList
 
 import qk_attn
 from qk_attn.dataset.verify import verify_dataset
-from qk_attn.errors import MisnumberedPositions
+from qk_attn.errors import CaptureError, MisnumberedPositions
 from support.models import VOCAB, StopRow, build, cache_kw, padded_batch
 from support.oracle import rows_by_key
 from support.run import all_rows, assert_same_rows
@@ -193,3 +193,49 @@ def test_padding_at_any_position_in_a_short_forward_records_what_padding_at_posi
     for pad_position in (500, -700):
         assert tables[pad_position].keys() == tables[1].keys()
         assert all((tables[pad_position][key] == vector).all() for key, vector in tables[1].items())
+
+
+# ---- a 2-D mask of another length than the cache's tokens plus the new ones ------------------------
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "longer, zeros after",
+        "longer, a pad inside",
+        "shorter prefill",
+        "decode step not extended",
+        "static, full length",
+    ],
+)
+def test_a_mask_of_another_length_than_the_keys_is_refused_and_the_session_goes_on(case):
+    """transformers reads the first columns it needs and pads a short mask with 0, so a mask of another
+    length than cache + new tokens gave the new tokens' validity from the wrong columns: a committed
+    example missing real tokens, a pad recorded as a token, a decode step's masked token recorded, or
+    (shorter than the input) a bare numpy error. Refused in one line instead; the next forward is recorded."""
+    model = build("llama3", "qk_sniff")
+    ids = _ids(5)
+    cache = DynamicCache()
+    mask, prefill = None, ids
+    if case == "longer, zeros after":
+        mask = torch.tensor([[1, 1, 1, 1, 1, 0, 0, 0]])
+    elif case == "longer, a pad inside":
+        mask = torch.tensor([[1, 1, 0, 1, 1, 1, 1, 1]])
+    elif case == "shorter prefill":
+        mask = torch.tensor([[1, 1, 1]])
+    elif case == "static, full length":
+        from transformers import StaticCache
+
+        cache = StaticCache(config=model.config, max_cache_len=16)
+        mask = torch.cat([torch.ones(1, 5), torch.zeros(1, 11)], 1).long()  # allocated for the whole cache
+    with qk_attn.session(sampler="all", capture="k", layers="0") as s:
+        if case == "decode step not extended":  # a hand-written loop that passes the prompt's mask again
+            s.begin([0])
+            model(input_ids=ids, attention_mask=torch.ones(1, 5, dtype=torch.long), **cache_kw(cache))
+            prefill, mask = _ids(1, seed=4), torch.ones(1, 5, dtype=torch.long)
+        with pytest.raises(CaptureError, match=r"^qk_sniff: the 2-D attention_mask has \d+ columns, but"):
+            model(input_ids=prefill, attention_mask=mask, **cache_kw(cache))
+        s.begin([1])
+        model(input_ids=ids, attention_mask=torch.ones(1, 5, dtype=torch.long))
+    table = s.table().to_pydict()
+    assert set(table["example_id"]) == {1} and sorted(set(table["position"])) == list(range(5))

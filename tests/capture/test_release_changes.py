@@ -109,9 +109,11 @@ def test_a_branch_alike_for_qk_sniff_and_its_backends_is_not_refused(fresh_check
     assert s.table().num_rows > 0
 
 
-def test_an_eager_default_renamed_by_a_release_is_the_one_qk_sniff_runs(tmp_path, monkeypatch):
-    """transformers runs, for "eager", the default the attention forward gives get_interface: a release
-    that gives it another function (here: softmax in float64) changes eager's logits, and qk_sniff's."""
+@pytest.mark.parametrize("lookup", ["get_interface", "get"])
+def test_an_eager_default_renamed_by_a_release_is_the_one_qk_sniff_runs(lookup, tmp_path, monkeypatch):
+    """transformers runs, for "eager", the default the attention forward gives get_interface (or a plain
+    mapping `.get`): a release that gives it another function (here: softmax in float64) changes eager's
+    logits, and qk_sniff's."""
 
     def eager_in_float64(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
         key = modeling_llama.repeat_kv(key, module.num_key_value_groups)
@@ -127,10 +129,11 @@ def test_an_eager_default_renamed_by_a_release_is_the_one_qk_sniff_runs(tmp_path
         modeling_llama.LlamaAttention,
         "forward",
         [
+            ("ALL_ATTENTION_FUNCTIONS.get_interface(", f"ALL_ATTENTION_FUNCTIONS.{lookup}("),
             (
                 "self.config._attn_implementation, eager_attention_forward",
                 "self.config._attn_implementation, eager_in_float64",
-            )
+            ),
         ],
         tmp_path,
         monkeypatch,
@@ -372,3 +375,52 @@ def test_a_cache_argument_under_a_name_qk_attn_does_not_know_is_refused(monkeypa
         with pytest.raises(CaptureError, match=r"at cache position 5, but its forward has no cache argument"):
             model(input_ids=ids[:, 5:], **cache_kw(cache))
     assert s.table().num_rows == 0  # the example it would continue is discarded with it: it is incomplete
+
+
+def test_attention_states_handed_over_tokens_first_break_a_fact(tmp_path, monkeypatch):
+    """A release whose attention forwards hand attention (batch, tokens, heads, head_dim) states (its
+    attention functions transposing them themselves): rows would be read with heads and tokens swapped,
+    and shapes cannot tell when a forward has as many tokens as heads. The layout is a fact."""
+    edits = [
+        (
+            "self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)",
+            "self.q_proj(hidden_states).view(hidden_shape)",
+        ),
+        (
+            "self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)",
+            "self.k_proj(hidden_states).view(hidden_shape)",
+        ),
+    ]
+    redefine(modeling_llama.LlamaAttention, "forward", edits, tmp_path, monkeypatch)
+    (finding,) = facts.check_all()
+    assert finding.fact == "attention_call_layout" and "LlamaAttention.forward assigns query_states" in finding.found
+
+
+def test_a_torch_whose_backward_marker_changed_breaks_a_fact(monkeypatch):
+    """Checkpoint recomputes during backward are told by torch._C._current_graph_task_id() != -1: a
+    torch whose sentinel changed (None here) would have every forward skipped, with a misleading warning."""
+    monkeypatch.setattr(torch._C, "_current_graph_task_id", lambda: None)
+    (finding,) = facts.check_all()
+    assert finding.fact == "backward_marker" and "None outside a backward pass" in finding.found
+
+
+@pytest.mark.parametrize(
+    "release",
+    [
+        "import transformers.masking_utils as m; del m.flash_attention_mask",
+        "import transformers.masking_utils as m; del m.AttentionMaskInterface",
+        "from transformers.generation.utils import GenerationMixin; del GenerationMixin.generate",
+    ],
+    ids=["moved-function", "renamed-class", "removed-method"],
+)
+def test_a_release_that_moved_what_qk_attn_imports_fails_its_import_naming_the_fact(release):
+    """`import qk_attn` registers at once: a name it imports or wraps that a release moved raised a bare
+    ImportError or AttributeError, naming no version and no fact."""
+    import subprocess
+    import sys
+
+    code = f"{release}\ntry:\n    import qk_attn\nexcept Exception as error:\n    print(type(error).__name__, error)\n"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"TransformersMismatch qk_sniff: transformers {tf.__version__} (torch ")
+    assert "imported_names: expected the 8 names qk-attn takes from transformers" in result.stdout
