@@ -42,3 +42,30 @@ def test_the_lock_pins_every_dependency_within_the_supported_range():
 
 def _version(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
+
+
+def test_the_versions_qk_attn_names_as_tested_are_the_constraint_files():
+    """qk-attn warns about a transformers release outside the range its suite ran (TRANSFORMERS_TESTED):
+    that range is the lowest run's and the lock's."""
+    from qk_attn.version import TRANSFORMERS_TESTED
+
+    assert TRANSFORMERS_TESTED == (_pins("lowest.txt")["transformers"], _pins("tested.txt")["transformers"])
+
+
+def test_a_transformers_release_outside_the_tested_range_is_named_at_the_first_forward(monkeypatch, caplog):
+    """Its facts still decide (checked first); the warning says the models of that release were not run."""
+    import torch
+
+    import qk_attn
+    from qk_attn.capture import facts
+    from support.models import build
+
+    model = build("llama3", "qk_sniff")
+    for version, warned in (("5.25.1", False), ("5.99.0", True), ("4.57.6", True)):
+        monkeypatch.setattr(facts, "transformers_version", lambda version=version: version)
+        facts.require.cache_clear()
+        caplog.clear()
+        with qk_attn.session(sampler="all"), torch.no_grad():
+            model(input_ids=torch.arange(3, 9)[None])
+        assert (f"qk-attn: transformers {version} is " in caplog.text) is warned, version
+    facts.require.cache_clear()

@@ -53,6 +53,8 @@ Where the capture code relies on each fact (the module that reads it):
 from __future__ import annotations
 
 import functools
+import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -87,6 +89,9 @@ from qk_attn.capture.fact_checks_generation import (
     layer_type_names,
 )
 from qk_attn.errors import TransformersMismatch
+from qk_attn.version import TRANSFORMERS_TESTED, __version__
+
+logger = logging.getLogger(__name__)
 
 # ---- facts ---------------------------------------------------------------------------------
 
@@ -272,6 +277,31 @@ def require() -> None:
     findings = check_all()
     if findings:
         raise _mismatch(findings)
+    untested = untested_release(transformers_version())
+    if untested:
+        logger.warning(untested)
+
+
+def untested_release(version: str) -> str | None:
+    """One line for a transformers release outside the tested range (TRANSFORMERS_TESTED), else None. The
+    facts hold (checked before), but what changed in its models was not run by the suite."""
+    lowest, newest = TRANSFORMERS_TESTED
+    if _release(lowest) <= _release(version) <= _release(newest):
+        return None
+    side = (
+        f"newer than the newest release ({newest})"
+        if _release(version) > _release(newest)
+        else (f"older than the lowest release ({lowest})")
+    )
+    return (
+        f"qk-attn: transformers {version} is {side} qk-attn {__version__} was tested with; every fact it relies "
+        "on holds (checked), but models changed in that release have not been run by its suite (README: Tested versions)"
+    )
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """(major, minor): a patch release of a tested minor counts as tested (test-range runs one patch per minor)."""
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:2])
 
 
 def mismatch_at_import(error: Exception) -> Exception:
