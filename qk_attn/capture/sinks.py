@@ -118,14 +118,15 @@ def as_sink(sink) -> Sink:
 
 def warn_not_from_zero(example_id: int, first_position: int, warned: set) -> None:
     """Once per sink (`warned` is its memo): a document whose first recorded token is not at position 0:
-    its cache was filled before the session (or before `begin`), or a left-padded batch ran without
-    position_ids (which rotates a row by its padding)."""
+    its cache was filled before the session (or before `begin`), a left-padded batch ran without
+    position_ids (which rotates a row by its padding), or its prompt row was all padding."""
     if 0 < first_position < np.iinfo(np.int64).max and not warned:
         warned.add(example_id)
         logger.warning(
             "qk-attn: example %d starts at position %d, not 0: `position` is what RoPE used; either its cache was "
             "filled before the session (or before begin()), or a left-padded batch ran without position_ids "
-            "(pass them, as generate() and qk-sniff run do, to start at 0)",
+            "(pass them, as generate() and qk-sniff run do, to start at 0), or its prompt row was all padding "
+            "(generate() numbers such a row's new tokens from 1)",
             example_id,
             first_position,
         )
