@@ -150,8 +150,10 @@ def refuse_unrecordable_generation(config):
     on the call stack (once per forward), at any depth: wrappers and hooks between generate() and the
     mask only add frames, and a refusal or the padding rule missed there would record wrong rows. Only
     a generation method of a model that holds `config` counts (`_generates_for`): a model run inside
-    another model's generate() (a reward model in a logits processor) is not that generation's step. Beam search reorders the cache rows between steps, so
-    a batch row's earlier keys belong to another beam's history. Without a cache every step
+    another model's generate() (a reward model in a logits processor) is not that generation's step.
+
+    Beam search reorders the cache rows between steps, so a batch row's earlier keys belong to another
+    beam's history. Without a cache every step
     re-runs the whole sequence, which would record it again as a new example per token. Assisted
     decoding (an assistant model, prompt lookup, early exit) verifies draft tokens in one forward
     and crops the rejected ones from the cache after it returned, its rows already taken.
