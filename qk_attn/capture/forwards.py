@@ -71,7 +71,7 @@ class ForwardTracker:
         begun_ids = entry.begun_ids if isinstance(entry, _Started) else self._take_begun_ids()
         caller = model_forward(batch_size, q_length)
         try:
-            generation = refuse_unrecordable_generation(config)
+            generation = refuse_unrecordable_generation(caller.module)
             watch_cache_class(caller.cache)
             refuse_rounding_cache(caller.cache)
         except CaptureError:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -38,24 +39,43 @@ def model_forward(batch_size: int, num_new: int) -> ModelForward:
     the forward's `position_ids` (already defaulted to what its rotary embedding uses) and its cache
     (already created when the caller gave none). Token ids come from the nearest enclosing module
     forward that has this forward's (B, T) `input_ids`: wrappers hand their text model embeddings.
-    The whole stack is read: wrappers and hooks only add frames, and an enclosing forward's images
-    missed would let a forward with images be recorded."""
+    The whole stack is read (wrappers and hooks only add frames, and an enclosing forward's images
+    missed would let a forward with images be recorded), but only frames of modules that contain the
+    one building the mask: another model whose method runs this one (a guide model inside a
+    generate()) holds its own token ids and images."""
     module = positions = ids = cache = None
     images = False
     for frame in _method_frames(sys._getframe(2)):
         local = frame.f_locals
         this = local.get("self")
-        if isinstance(this, torch.nn.Module):
-            if module is None:
-                module, positions, cache = this, local.get("position_ids"), cache_of(local)
-            candidate = local.get("input_ids")
-            if ids is None and isinstance(candidate, torch.Tensor) and candidate.shape == (batch_size, num_new):
-                ids = candidate
-            images = images or any(local.get(name) is not None for name in ("pixel_values", "pixel_values_videos"))
-            # generate() encodes images before the first forward and hands the model their features
-            encoded = local.get("mm_encoder_outputs")
-            images = images or (isinstance(encoded, dict) and any(v is not None for v in encoded.values()))
+        if not isinstance(this, torch.nn.Module):
+            continue
+        if module is None:
+            module, positions, cache = this, local.get("position_ids"), cache_of(local)
+        elif not contains(this, module):
+            continue
+        candidate = local.get("input_ids")
+        if ids is None and isinstance(candidate, torch.Tensor) and candidate.shape == (batch_size, num_new):
+            ids = candidate
+        images = images or any(local.get(name) is not None for name in ("pixel_values", "pixel_values_videos"))
+        # generate() encodes images before the first forward and hands the model their features
+        encoded = local.get("mm_encoder_outputs")
+        images = images or (isinstance(encoded, dict) and any(v is not None for v in encoded.values()))
     return ModelForward(module, ids, positions if isinstance(positions, torch.Tensor) else None, cache, images)
+
+
+_contained: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {module: whether it holds it}
+
+
+def contains(model: torch.nn.Module, module: torch.nn.Module) -> bool:
+    """Whether `module` is `model` or one of its submodules (remembered per pair: a forward asks once per frame)."""
+    if model is module:
+        return True
+    known = _contained.setdefault(model, weakref.WeakKeyDictionary())
+    found = known.get(module)
+    if found is None:
+        found = known[module] = any(child is module for child in model.modules())
+    return found
 
 
 def building_model(max_depth: int = 16):
@@ -145,12 +165,13 @@ def running_in(module: torch.nn.Module, thread: threading.Thread | None = None) 
 GENERATION_FILE = os.path.join("generation", "utils.py")
 
 
-def refuse_unrecordable_generation(config):
+def refuse_unrecordable_generation(builder):
     """Generation whose steps cannot be recorded as one sequence, found by the generation method
     on the call stack (once per forward), at any depth: wrappers and hooks between generate() and the
     mask only add frames, and a refusal or the padding rule missed there would record wrong rows. Only
-    a generation method of a model that holds `config` counts (`_generates_for`): a model run inside
-    another model's generate() (a reward model in a logits processor) is not that generation's step.
+    a generation method of a model that contains `builder` (the module building this forward's mask)
+    counts: a model run inside another model's generate() (a guide model in a logits processor, even
+    one built on the same config) is not that generation's step.
 
     Beam search reorders the cache rows between steps, so a batch row's earlier keys belong to another
     beam's history. Without a cache every step
@@ -169,7 +190,7 @@ def refuse_unrecordable_generation(config):
     while frame is not None:
         name = frame.f_code.co_name
         in_generation = frame.f_code.co_filename.endswith(GENERATION_FILE)
-        if in_generation and name in GENERATION_METHODS and not _generates_for(frame.f_locals.get("self"), config):
+        if in_generation and name in GENERATION_METHODS and not _generates_for(frame.f_locals.get("self"), builder):
             frame = frame.f_back  # another model's generation
             continue
         prefill = prefill or (name == "_prefill" and in_generation)
@@ -202,19 +223,12 @@ def refuse_unrecordable_generation(config):
 GENERATION_METHODS = frozenset(("_prefill", "_sample", "_beam_search", "_assisted_decoding"))
 
 
-def _generates_for(model, config) -> bool:
-    """Whether the model running a generation method holds `config`: as its own, its language model's
-    or a sub-config, or in any of its modules (a wrapper whose text model keeps a config of its own)."""
-    outer = getattr(model, "config", None)
-    if outer is None or not isinstance(model, torch.nn.Module):
-        return True  # not a model we can ask: taken as this forward's, as before
-    if (
-        config is outer
-        or config is outer.get_text_config(decoder=True)
-        or any(v is config for v in vars(outer).values())
-    ):
+def _generates_for(model, builder) -> bool:
+    """Whether the model running a generation method contains the module building this forward's mask
+    (None when no module forward was found: taken as this forward's, as before)."""
+    if builder is None or not isinstance(model, torch.nn.Module):
         return True
-    return any(getattr(module, "config", None) is config for module in model.modules())
+    return contains(model, builder)
 
 
 ASSISTED = (

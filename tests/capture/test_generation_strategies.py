@@ -385,12 +385,17 @@ class RunsAnotherModel(tf.LogitsProcessor):
         return scores
 
 
-def test_a_model_run_inside_another_models_generate_is_not_its_step():
+@pytest.mark.parametrize("config", ["its own config", "the same config object"])
+def test_a_model_run_inside_another_models_generate_is_not_its_step(config):
     """A second model's forwards inside generate() are its own, not decode steps of the generating
-    model: the generating model's finished row (its padding) does not mark the guide's row 0."""
+    model: the generating model's finished row (its padding) does not mark the guide's row 0, also
+    when the guide was built on the generating model's config object."""
     from support.models import StopRow
 
-    model, guide = build("llama3", "qk_sniff"), build("llama3", "qk_sniff", seed=5)
+    model = build("llama3", "qk_sniff")
+    guide = (
+        build("llama3", "qk_sniff", seed=5) if config == "its own config" else tf.LlamaForCausalLM(model.config).eval()
+    )
     guide_ids = torch.arange(20, 36).reshape(2, 8)
     with qk_attn.session(sampler="all", capture="k", layers="0") as s:
         s.begin([0, 1])
@@ -408,3 +413,34 @@ def test_a_model_run_inside_another_models_generate_is_not_its_step():
     assert len(examples) == 2  # one example per guide row, 4 + 3 tokens each (two key heads)
     for example in examples:
         assert sorted(p for e, p in guide_rows if e == example) == [p for p in range(7) for _ in range(2)]
+
+
+class EmbedsAnotherModel(tf.LogitsProcessor):
+    """A logits processor that runs a guide model on embeddings, as long as the running sequences."""
+
+    def __init__(self, model, ids):
+        self.model, self.ids = model, ids
+
+    def __call__(self, input_ids, scores):
+        embeddings = self.model.get_input_embeddings()(self.ids[:, : input_ids.shape[1]])
+        self.model(inputs_embeds=embeddings, use_cache=False)
+        return scores
+
+
+def test_a_model_given_embeddings_inside_another_models_generate_has_no_token_ids():
+    """The generating model's running token ids (the same shape as the guide's embeddings) are not
+    the guide's: its rows have no token id, as for any model given inputs_embeds."""
+    model, guide = build("llama3", "qk_sniff"), build("llama3", "qk_sniff", seed=5)
+    with qk_attn.session(sampler="all", capture="k", layers="0") as s:
+        s.begin([0, 1])
+        model.generate(
+            input_ids=torch.arange(5, 15).reshape(2, 5),
+            max_new_tokens=3,
+            do_sample=False,
+            pad_token_id=0,
+            logits_processor=tf.LogitsProcessorList([EmbedsAnotherModel(guide, torch.arange(40, 60).reshape(2, 10))]),
+        )
+    table = s.table().to_pydict()
+    guide_tokens = {t for e, t in zip(table["example_id"], table["token_id"]) if e not in (0, 1)}
+    model_tokens = {t for e, t in zip(table["example_id"], table["token_id"]) if e in (0, 1)}
+    assert guide_tokens == {None} and None not in model_tokens
