@@ -9,7 +9,7 @@ try:
     from qk_attn.session import Session, flush, reload_env, session
 
     register()
-except (ImportError, AttributeError) as error:  # a transformers release that moved what qk-attn uses
+except Exception as error:  # a transformers release that moved or changed what qk-attn uses (or another error)
     from qk_attn.capture.facts import mismatch_at_import
 
     raise mismatch_at_import(error) from error

@@ -5,9 +5,11 @@ Rows moved between forwards. `Cache.reorder_cache` (beam search), `batch_select_
 another row's history. A sequence continued on such a cache would key each row's new tokens by the
 example that row held before, so the tracker refuses the forward that continues it
 (`SequenceTracker._start_sequence`). The three methods are wrapped on the `Cache` base class, which
-DynamicCache, StaticCache and QuantizedCache inherit them from (fact `cache_row_methods`), and on
-any subclass that overrides them (a modeling file's cache, as MiniMax's, which does not call Cache's),
-wrapped at its first forward (`watch_cache_class`); each call counts one move of the cache's rows.
+DynamicCache, StaticCache and QuantizedCache inherit them from (fact `cache_row_methods`), on any
+subclass that overrides them (a modeling file's cache, as MiniMax's, which does not call Cache's),
+wrapped at its first forward (`watch_cache_class`), and on the cache layer types, whose own row methods
+move one layer's rows; each call counts one move of the cache's (or the layer's) rows. Rows moved
+otherwise (tensors edited in place, a method under another name) are not seen.
 
 Tokens rolled back. `Cache.crop` removes a cache's last tokens (assisted decoding's rejected drafts, a
 hand-written speculative loop, a deferred stop check's extra step). Rows of the removed tokens were
@@ -66,39 +68,49 @@ def rollback_of(cache) -> Rollback | None:
 
 
 def row_moves(cache) -> int:
-    """How many times the rows of `cache` were moved (0 for None or a cache never moved)."""
-    return 0 if cache is None else _moves.get(cache, 0)
+    """How many times the rows of `cache` were moved, by its methods or its layers' (0 for None)."""
+    if cache is None:
+        return 0
+    return _moves.get(cache, 0) + sum(_moves.get(layer, 0) for layer in getattr(cache, "layers", ()))
 
 
 def watch_row_moves() -> None:
-    """Wrap the Cache methods that move rows, and crop (idempotent)."""
+    """Wrap the Cache methods that move rows, and crop, and the row methods of transformers' cache layer
+    types (a layer's `reorder_cache` / `batch_select_indices` moves its rows alone) (idempotent)."""
     _wrap_own_methods(cache_utils.Cache)
+    for layer_type in vars(cache_utils).values():
+        if isinstance(layer_type, type) and issubclass(layer_type, cache_utils.CacheLayerMixin):
+            _wrap_own_methods(layer_type, crop=False)
 
 
 _watched_classes: weakref.WeakSet = weakref.WeakSet()
 
 
 def watch_cache_class(cache) -> None:
-    """Wrap the row methods and crop where a class between the cache's own and Cache overrides them,
-    before rows of this cache are recorded (once per class)."""
-    cls = type(cache)
-    if cache is None or cls in _watched_classes or not isinstance(cache, cache_utils.Cache):
+    """Wrap the row methods and crop where a class between the cache's own and Cache overrides them, and
+    the row methods of its layer types, before rows of this cache are recorded (once per class)."""
+    if cache is None or not isinstance(cache, cache_utils.Cache):
         return
-    for klass in cls.__mro__[: cls.__mro__.index(cache_utils.Cache)]:
-        _wrap_own_methods(klass)
-    _watched_classes.add(cls)
+    layer_types = {type(layer) for layer in getattr(cache, "layers", ())}
+    replicated = getattr(cache, "layer_class_to_replicate", None)  # layers made later, one per new layer
+    layer_types.update([replicated] if isinstance(replicated, type) else [])
+    for cls, base in ((type(cache), cache_utils.Cache), *((t, cache_utils.CacheLayerMixin) for t in layer_types)):
+        if cls not in _watched_classes and issubclass(cls, base):
+            for klass in cls.__mro__[: cls.__mro__.index(base)]:
+                _wrap_own_methods(klass, crop=base is cache_utils.Cache)
+            _watched_classes.add(cls)
 
 
-def _wrap_own_methods(klass: type) -> None:
-    """Wrap the row methods and crop that `klass` defines itself (plain functions), unless wrapped."""
+def _wrap_own_methods(klass: type, crop: bool = True) -> None:
+    """Wrap the row methods (and crop) that `klass` defines itself (plain functions), unless wrapped."""
     own = vars(klass)
     for name in ROW_METHODS:
         method = own.get(name)
         if isinstance(method, types.FunctionType) and not getattr(method, "_counts_row_moves", False):
             setattr(klass, name, _counting(method))
-    crop = own.get("crop")
-    if isinstance(crop, types.FunctionType) and not getattr(crop, "_notes_rollbacks", False):
-        klass.crop = _noting_rollbacks(crop)
+    method = own.get("crop")
+    if crop and isinstance(method, types.FunctionType) and not getattr(method, "_notes_rollbacks", False):
+        klass.crop = _noting_rollbacks(method)
 
 
 def _noting_rollbacks(crop):

@@ -220,7 +220,8 @@ class ForwardTracker:
             why = (
                 f"qk_sniff: a {getattr(forward.config, 'model_type', '')} model built its attention mask through "
                 "qk_sniff but none of its layers called qk_sniff's attention with a layer_idx (its attention modules "
-                "do not go through transformers' attention interface, or set no self.layer_idx), so nothing could be "
+                "do not go through transformers' attention interface, set no self.layer_idx, or hold another config "
+                "object than the model that built the mask: a config replaced after loading), so nothing could be "
                 "recorded; qk-attn records models whose attention modules have a layer_idx and call "
                 "ALL_ATTENTION_FUNCTIONS"
             )

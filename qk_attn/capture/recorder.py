@@ -151,9 +151,10 @@ class Session(SequenceTracker):
         refuse_packed(kwargs)
         if forward is None or forward.state != "running":
             raise CaptureError(
-                f"qk_sniff: layer {facts.layer} ran without transformers building its mask (the model was given "
-                "a prepared 4-D attention mask, or does not use transformers' mask functions); pass the 2-D "
-                "attention_mask instead"
+                f"qk_sniff: layer {facts.layer} ran without transformers building its mask for its config (the model "
+                "was given a prepared 4-D attention mask, does not use transformers' mask functions, or its attention "
+                "modules hold another config object than the model that built the mask: a config replaced after "
+                "loading); pass the 2-D attention_mask, and keep the config the model was loaded with"
             )
         layer, cross = facts.layer, facts.cross
         num_queries = check_shapes(forward, layer, query, key, cross)

@@ -269,3 +269,14 @@ def test_generate_with_a_static_cache_records_under_the_begun_ids(family):
             disable_compile=True,
         )
     _assert_same_rows(rows_by_key(s.table()), _one_shot(model, out[:, :-1], 17))
+
+
+def test_a_config_replaced_after_loading_is_named_in_the_refusal():
+    """The attention modules keep the config they were built with: a model whose config object was
+    replaced builds its masks for the new one, so its layers find no forward. Refused, saying so."""
+    import copy
+
+    model = build("llama3", "qk_sniff")
+    model.config = model.model.config = copy.deepcopy(model.config)
+    with pytest.raises(CaptureError, match="hold another config object"), qk_attn.session(sampler="all"):
+        model(input_ids=torch.arange(3, 9)[None])

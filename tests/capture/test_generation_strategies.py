@@ -130,6 +130,20 @@ def test_rows_moved_by_a_cache_subclass_of_its_own_are_refused(name):
             model(input_ids=NEXT, **cache_kw(cache))
 
 
+@pytest.mark.parametrize("name", ["reorder_cache", "batch_select_indices"])
+def test_rows_moved_by_the_cache_layers_own_methods_are_refused(name):
+    """A layer's public row methods move its rows without the Cache's: counted per layer."""
+    model = build("llama3", "qk_sniff")
+    with qk_attn.session(sampler="all") as s:
+        cache = tf.DynamicCache(config=model.config)
+        s.begin([1, 2])
+        model(input_ids=PROMPTS, **cache_kw(cache))
+        for layer in cache.layers:
+            getattr(layer, name)(torch.tensor([1, 0]))
+        with pytest.raises(CaptureError, match=r"^qk_sniff: the rows of the cache that holds examples \[1, 2\] were"):
+            model(input_ids=NEXT, **cache_kw(cache))
+
+
 def test_rows_are_recorded_when_no_row_moved():
     """The same loop without the move: every row, equal to one uncached forward over each sequence."""
     model = build("llama3", "qk_sniff")
@@ -292,6 +306,27 @@ def test_a_crop_by_a_cache_subclass_of_its_own_discards_the_example(caplog):
         s.commit()
     assert "cropped (Cache.crop) below the 12 tokens recorded for them" in caplog.text
     assert s.table() is None or s.table().num_rows == 0
+
+
+def test_a_crop_of_the_cache_layers_themselves_discards_the_example(caplog):
+    """Cropping each layer (not through Cache.crop) is seen at the commit: the cache holds fewer tokens
+    than were recorded. A cache emptied with reset() to be reused keeps its whole example."""
+    model = build("llama3", "qk_sniff")
+    with qk_attn.session(sampler="all") as s:
+        s.begin([1])
+        cache = tf.DynamicCache(config=model.config)
+        model(input_ids=PROMPT, **cache_kw(cache))
+        model(input_ids=DRAFTS, **cache_kw(cache))
+        for layer in cache.layers:
+            layer.crop(-3)
+        s.commit()
+        s.begin([2])
+        reused = tf.DynamicCache(config=model.config)
+        model(input_ids=PROMPT, **cache_kw(reused))
+        reused.reset()
+        s.commit()
+    assert "cropped (Cache.crop) below the 12 tokens recorded for them" in caplog.text
+    assert {key[0] for key in rows_by_key(s.table())} == {2}
 
 
 def test_a_crop_that_removes_nothing_recorded_keeps_the_example():
