@@ -6,4 +6,3 @@ __version__ = "0.1.0"
 # (constraints/tested.txt); `make test-range` runs the releases between. tests/test_versions.py holds them
 # equal to the constraint files, so `make lock` to a new release fails the suite until this is updated.
 TRANSFORMERS_TESTED = ("5.17.0", "5.25.0")
-

@@ -147,7 +147,7 @@ def merge(output: str | Path, allow_incomplete: bool = False) -> dict:
 
 
 def _merge_parts(output: Path, parts: dict[int, dict], allow_incomplete: bool) -> dict:
-    from qk_attn.storage.settings import LOCAL_SOURCES, identity
+    from qk_attn.storage.settings import LOCAL_SOURCES, identity, same_files
 
     sizes = {rank: (p.get("part") or {}).get("world_size") for rank, p in parts.items()}
     world = sizes[min(sizes)]
@@ -170,6 +170,9 @@ def _merge_parts(output: Path, parts: dict[int, dict], allow_incomplete: bool) -
     first = parts[0]
     reference = identity(first["config"], first.get("source"))
     models = {}
+    # Weights by their whole content where every rank recorded it (parts from before: the sampled sha256).
+    weights = [p["model"]["files"] for p in parts.values() if (p.get("model") or {}).get("files")]
+    digest = "content_sha256" if all("content_sha256" in files for files in weights) else "sha256"
     for rank, part in parts.items():
         other = identity(part["config"], part.get("source"))
         diffs = sorted(k for k in set(reference) | set(other) if reference.get(k) != other.get(k))
@@ -178,7 +181,7 @@ def _merge_parts(output: Path, parts: dict[int, dict], allow_incomplete: bool) -
         diffs += [
             f"{LOCAL_SOURCES.get(k, k)}: other files of the same name"
             for k in sorted(files)
-            if k in first_files and files[k] != first_files[k]
+            if k in first_files and not same_files(first_files[k], files[k])
         ]
         # One schema and one vocabulary per dataset (the optional columns, token_str's strings).
         diffs += [f for f in ("vector_dtype", "columns", "vocabulary_sha256") if part.get(f) != first.get(f)]
@@ -190,7 +193,7 @@ def _merge_parts(output: Path, parts: dict[int, dict], allow_incomplete: bool) -
         if part.get("model"):
             model = part["model"]  # a local folder is known by its files: each node may keep it elsewhere
             models[rank] = (
-                model["files"]["sha256"] if model.get("files") else model.get("id"),
+                model["files"][digest] if model.get("files") else model.get("id"),
                 model.get("revision"),
                 json.dumps(part.get("plan"), sort_keys=True),
             )

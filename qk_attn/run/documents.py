@@ -1,9 +1,11 @@
 """The documents of a run: the dataset as `datasets` loads it, example ids, and the rows in order.
 
 load_rows       datasets.load_dataset (Hub id, local jsonl/json/parquet/csv/txt, folder);
-                local files are checked first (qk_attn.run.input_checks)
+                local files are checked first (qk_attn.run.input_checks); dataset.sample_by
+                splits local .txt files (a file, glob or folder of them) and is refused elsewhere
 normalize_id    a dataset's id -> the int64 example_id the capture records
-iter_documents  Documents in dataset order, at most dataset.max_samples; duplicates refused
+iter_documents  Documents in dataset order, at most dataset.max_samples; duplicates, ids a
+                reader made inexact and null texts refused
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from qk_attn.errors import ConfigError
@@ -99,6 +102,50 @@ def _local_builder(path: str) -> str | None:
     )
 
 
+def folder_builder(cfg: DatasetSection, path: str | None = None) -> tuple[str, list[str]] | None:
+    """(packaged builder, data files) that `datasets` reads the local folder `dataset.path` with
+    (its own inference: the most common file type, dataset.data_files, a README's configs), None
+    when the path is no folder. Raises what `datasets` raises for a folder without data files."""
+    from datasets.load import dataset_module_factory
+    from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+
+    folder = os.path.expanduser(path or cfg.path)  # a folder is never a demo alias
+    if not os.path.isdir(folder):
+        return None
+    module = dataset_module_factory(folder, data_files=cfg.data_files)
+    builder = next((n for n, (m, _) in _PACKAGED_DATASETS_MODULES.items() if m == module.module_path), None)
+    params = module.builder_configs_parameters
+    configs = params.builder_configs or []
+    chosen = cfg.name or params.default_config_name
+    config = next((c for c in configs if c.name == chosen), configs[0] if configs else None)
+    splits = getattr(config, "data_files", None) or {}
+    split = re.split(r"[\[+]", cfg.split)[0]
+    files = splits.get(split) or [f for files in splits.values() for f in files]
+    return builder or module.module_path, [str(f) for f in files]
+
+
+def text_folder(cfg: DatasetSection) -> bool:
+    """Whether `dataset.path` is a local folder that `datasets` reads as text files (False when it
+    cannot read it: load_rows says why)."""
+    try:
+        found = folder_builder(cfg)
+    except Exception:  # noqa: BLE001 - whatever datasets raises on a folder it cannot read
+        return False
+    return found is not None and found[0] == "text"
+
+
+def check_sample_by(cfg: DatasetSection, builder: str | None) -> None:
+    """dataset.sample_by splits text files; on other data it would be recorded as if it applied
+    (and a changed value would refuse a resume of the same documents)."""
+    if cfg.sample_by == "document" or builder == "text":
+        return
+    what = "a Hub dataset, read as datasets reads it" if builder is None else f"read by datasets' {builder!r} builder"
+    raise ConfigError(
+        f"dataset.sample_by={cfg.sample_by!r} applies to local .txt files (a file, glob or folder of them); "
+        f"dataset.path={cfg.path!r} is {what}: remove dataset.sample_by (default document)"
+    )
+
+
 def load_rows(cfg: DatasetSection):
     """The dataset as `datasets` gives it (map-style, or iterable when streaming).
 
@@ -108,11 +155,14 @@ def load_rows(cfg: DatasetSection):
     from qk_attn.run.input_checks import check_file_options, check_hub, check_local_files
 
     path = _resolved_path(cfg)
-    if _local_builder(path) is not None:
+    builder = _local_builder(path)
+    if builder is not None:
         check_file_options(cfg)
+        check_sample_by(cfg, builder)
         check_local_files(dataclasses.replace(cfg, path=path))
     elif not os.path.isdir(os.path.expanduser(path)):
         missing_local_path(f"dataset.path={cfg.path!r}", path, "dataset", LOCAL_SUFFIXES)
+        check_sample_by(cfg, None)
         check_hub(f"dataset.path={cfg.path!r}", "dataset")
     try:
         return _load_rows(cfg, path)
@@ -156,6 +206,14 @@ def _load_rows(cfg: DatasetSection, path: str):
         if builder == "text":
             kwargs["sample_by"] = cfg.sample_by
         return datasets.load_dataset(builder, **kwargs)
+    found = folder_builder(cfg, path)
+    if found is not None:  # a local folder: checked as its files are (UTF-8, rows), sample_by as a glob's
+        from qk_attn.run.input_checks import check_local_files
+
+        check_sample_by(cfg, found[0])
+        check_local_files(dataclasses.replace(cfg, path=path), [Path(f) for f in found[1]])
+        if found[0] == "text":
+            kwargs["sample_by"] = cfg.sample_by
     if cfg.name is not None:
         kwargs["name"] = cfg.name
     if cfg.data_files is not None:
@@ -182,7 +240,10 @@ def count_documents(rows, cfg: DatasetSection) -> int | None:
 
 
 def iter_documents(rows, cfg: DatasetSection) -> Iterator[Document]:
-    """Documents in dataset order, at most `max_samples`; ids normalised; duplicates refused."""
+    """Documents in dataset order, at most `max_samples`; ids normalised; duplicates, null or
+    inexact ids and null texts refused."""
+    from qk_attn.run.input_checks import inexact_id, inexact_id_message, missing_id, not_text
+
     columns = getattr(rows, "column_names", None)
     if columns is not None:
         for column in (cfg.text_column, cfg.id_column):
@@ -200,9 +261,9 @@ def iter_documents(rows, cfg: DatasetSection) -> Iterator[Document]:
             raise ConfigError(f"dataset.id_column={cfg.id_column!r} is not in row {index} (columns: {', '.join(row)})")
         source_id = index if cfg.id_column is None else row[cfg.id_column]
         if source_id is None:
-            from qk_attn.run.input_checks import missing_id
-
             raise ConfigError(missing_id(cfg.id_column, index))
+        if inexact_id(source_id):
+            raise ConfigError(inexact_id_message(cfg.id_column, index, source_id))
         example_id = normalize_id(source_id)
         if example_id in seen:
             raise ConfigError(
@@ -212,8 +273,6 @@ def iter_documents(rows, cfg: DatasetSection) -> Iterator[Document]:
             )
         seen[example_id] = source_id
         text = row[cfg.text_column]
-        if text is not None and not isinstance(text, str):
-            raise ConfigError(
-                f"dataset.text_column={cfg.text_column!r}: row {index} holds a {type(text).__name__}, expected text"
-            )
-        yield Document(example_id, source_id, text or "", index, cfg.id_column is not None)
+        if not isinstance(text, str):
+            raise ConfigError(not_text(cfg, index, text, source_id))
+        yield Document(example_id, source_id, text, index, cfg.id_column is not None)

@@ -2,7 +2,8 @@
 
     hub        a Hub model or dataset id: the Hub answers one short probe (no retry storm)
     files      local dataset files: non-empty UTF-8 text, Parquet files with rows
-    ids        no two rows of the dataset map to the same example_id
+    ids        every row has an id, exact (not a float that lost digits), unique as example_id
+    texts      every row has a text (a string, not null)
 
 The libraries would fail later and deeper (datasets' builder, huggingface_hub's retries);
 these say which setting, which file or row, and the fix. The checks of the model's config and
@@ -22,6 +23,7 @@ from typing import Any
 from qk_attn.errors import ConfigError, one_line
 
 UTF8_CHUNK = 1 << 20
+EXACT_FLOAT = 2**53  # from here on a float no longer holds every integer
 TEXT_SUFFIXES = (".jsonl", ".json", ".csv", ".txt")
 HUB_PROBE_TIMEOUT_S = 3.0
 
@@ -100,13 +102,13 @@ def check_file_options(cfg) -> None:
         )
 
 
-def check_local_files(cfg) -> None:
-    """Text files of `dataset.path` exist, are not empty and are UTF-8 (datasets would fail later
-    with StopIteration or a decoding error deep in its builder)."""
+def check_local_files(cfg, files: list[Path] | None = None) -> None:
+    """Text files of `dataset.path` (or `files`, those of a folder) exist, are not empty and are
+    UTF-8 (datasets would fail later with StopIteration or a decoding error deep in its builder)."""
     path = cfg.path
     where = f"dataset.path={path!r}"
     expanded = os.path.expanduser(path)
-    files = local_files(path)
+    files = local_files(path) if files is None else files
     if any(ch in expanded for ch in "*?[") and not files:
         raise ConfigError(f"{where} matches no file")
     for file in files:
@@ -153,12 +155,45 @@ def missing_id(id_column: str, index: int) -> str:
     )
 
 
+def inexact_id(value: Any) -> bool:
+    """Whether `value` is a float too large to hold its integer exactly: what a reader (pyarrow's
+    JSON reader, pandas) makes of an integer id outside int64, or of a large integer in a column
+    that also holds a fraction. Its last digits are gone, so it cannot name its document."""
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):  # numpy scalars
+        value = value.item()
+    return isinstance(value, float) and value.is_integer() and abs(value) >= EXACT_FLOAT
+
+
+def inexact_id_message(id_column: str, index: int, value: Any) -> str:
+    """A float id too large to be exact (qk_attn.run.documents.inexact_id): hashed, it would name
+    no document of the file, and two ids could become one."""
+    return (
+        f"dataset.id_column={id_column!r}: row {index} has id {value!r}, a float too large to be exact (an integer "
+        "id outside int64, -2**63..2**63-1, is read as a float and loses its last digits); store the ids as "
+        "strings, or leave dataset.id_column unset to use row numbers"
+    )
+
+
+def not_text(cfg, index: int, text: Any, source_id: Any) -> str:
+    """A row whose text is null (missing) or not a string: a data error, not an empty document."""
+    row = f"row {index}" + (f" (id {source_id!r})" if cfg.id_column is not None else "")
+    if text is None:
+        return (
+            f"dataset.text_column={cfg.text_column!r}: {row} has no text (null or missing); fill it in (an empty "
+            "string is an empty document) or leave the row out"
+        )
+    return f"dataset.text_column={cfg.text_column!r}: {row} holds a {type(text).__name__}, expected text"
+
+
 def check_ids(ids: Iterable[Any], normalize: Callable[[Any], int], id_column: str) -> None:
-    """No two rows map to the same example_id (the capture would mix their rows)."""
+    """Every row has an exact id, and no two rows map to the same example_id (the capture would mix
+    their rows)."""
     seen: dict[int, tuple[int, Any]] = {}
     for index, value in enumerate(ids):
         if value is None:
             raise ConfigError(missing_id(id_column, index))
+        if inexact_id(value):
+            raise ConfigError(inexact_id_message(id_column, index, value))
         example = normalize(value)
         if example in seen:
             first, other = seen[example]

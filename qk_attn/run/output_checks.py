@@ -55,6 +55,7 @@ def check_output(
     model: dict,
     shape: ModelShape | None,
     rank=None,
+    token_strings: bool = False,
 ) -> Path:
     """The output folder can take this capture: see the module docstring. Returns the folder
     whose free space bounds the run (the output, or its nearest existing parent)."""
@@ -107,7 +108,7 @@ def check_output(
         return root
     if manifest is None or overwrite:
         return root
-    _check_same_settings(manifest, sniff, source, where)
+    _check_same_settings(manifest, sniff, source, where, token_strings)
     _check_same_model(manifest, model, shape, where)
     try:  # committed shards missing or truncated: resuming would build on them
         check_shard_sizes(root, manifest)
@@ -116,10 +117,23 @@ def check_output(
     return root
 
 
-def _check_same_settings(manifest: dict, sniff: SniffConfig, source: dict | None, where: str) -> None:
-    from qk_attn.storage.settings import setting_differences
+def _check_same_settings(
+    manifest: dict, sniff: SniffConfig, source: dict | None, where: str, token_strings: bool
+) -> None:
+    from qk_attn.storage.settings import SettingDifference, setting_differences
 
     differences = setting_differences(manifest, sniff, source)
+    if any(d.setting == "source.text_folder" and d.there is None for d in differences):
+        raise ConfigError(
+            f"{where} holds a capture of the .txt folder dataset.path={source['dataset']!r} made before "
+            "dataset.sample_by applied to folders (each line was a document, whatever sample_by said); resuming "
+            "it would mix two kinds of documents: set output.overwrite: true to capture it again, or choose "
+            "another output.data_root"
+        )
+    # capture_token_strings is recorded as the token_str column, not as a setting (one schema per dataset).
+    there = (manifest.get("columns") or {}).get("token_str", False)
+    if manifest.get("examples") and there != token_strings:
+        differences.append(SettingDifference("capture.capture_token_strings", there, token_strings))
     if differences:
         diffs = "; ".join(f"{d.setting}: {d.there!r} there, {d.now!r} now" for d in differences)
         raise ConfigError(

@@ -17,7 +17,7 @@ from typing import Any
 
 from qk_attn.errors import ConfigError, one_line
 from qk_attn.run.config import RunConfig
-from qk_attn.run.documents import count_documents, load_rows, map_style, normalize_id
+from qk_attn.run.documents import count_documents, load_rows, map_style, normalize_id, text_folder
 from qk_attn.run.estimate import format_estimate, refusal
 from qk_attn.run.model import load_model_config, load_tokenizer, resolve_max_length
 
@@ -46,6 +46,8 @@ def source_info(config: RunConfig, max_length: int) -> dict[str, Any]:
         "tokenizer_revision": config.tokenizer_revision,
         "add_special_tokens": config.tokenizer.add_special_tokens,
         "sample_by": d.sample_by,
+        # A folder of .txt files: read with sample_by since this key exists (before, one document per line).
+        **({"text_folder": True} if text_folder(d) else {}),
         "max_length": max_length,
         "padding_side": config.tokenizer.padding_side,
         "batch_size": config.inference.batch_size,
@@ -162,6 +164,7 @@ def prepare(config: RunConfig, model_name: str, tokenizer_name: str, rank, sink,
             model=model,
             shape=shape,
             rank=None if rank.is_single else rank.sink_rank(),
+            token_strings=config.capture.capture_token_strings,
         )
 
     rows = load_rows(config.dataset)
@@ -241,7 +244,7 @@ def _document_lengths(
     longest as (source id, tokens), and how many are longer than max_length; checks ids and texts
     first. Documents an earlier run committed (resume) and other ranks' documents are left out.
     """
-    from qk_attn.run.input_checks import check_ids
+    from qk_attn.run.input_checks import check_ids, not_text
     from qk_attn.storage.layout import Files
     from qk_attn.storage.manifest import read_manifest
 
@@ -269,12 +272,10 @@ def _document_lengths(
         part = todo[at : at + step]
         texts = head.select(part)[cfg.text_column]
         for index, text in zip(part, texts):
-            if text is not None and not isinstance(text, str):
-                raise ConfigError(
-                    f"dataset.text_column={cfg.text_column!r}: row {index} holds a {type(text).__name__}, expected text"
-                )
+            if not isinstance(text, str):
+                raise ConfigError(not_text(cfg, index, text, ids[index]))
         enc = tokenizer(
-            [t or "" for t in texts],
+            list(texts),
             truncation=True,
             max_length=max_length + 1,  # +1: was it cut?
             add_special_tokens=config.tokenizer.add_special_tokens,

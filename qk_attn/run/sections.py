@@ -38,6 +38,10 @@ def validate(where: str, value: Any, kind: str, choices, minimum, nullable) -> A
         if nullable:
             return None
         raise ConfigError(f"{where} is required")
+    if kind == "column":  # YAML reads `5` as a number: a column named 5 is written '5'
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}={value!r} is invalid: expected a column name (a string; quote a numeric name)")
+        return value
     if kind == "str":
         if isinstance(value, (dict, list, bool)):
             raise ConfigError(f"{where}={value!r} is invalid: expected a string")
@@ -90,11 +94,11 @@ class DatasetSection:
     split: str = _opt("train", "str", nullable=False)
     data_files: Any = _opt(None, "any")
     revision: str | None = _opt(None, "str")
-    text_column: str = _opt("text", "str", nullable=False)
-    id_column: str | None = _opt(None, "str")  # None: the row index is the example id
+    text_column: str = _opt("text", "column", nullable=False)
+    id_column: str | None = _opt(None, "column")  # None: the row index is the example id
     max_samples: int | None = _opt(None, "int", minimum=1)
     streaming: bool = _opt(False, "bool")
-    sample_by: str = _opt("document", "str", choices=SAMPLE_BY, nullable=False)  # for .txt files
+    sample_by: str = _opt("document", "str", choices=SAMPLE_BY, nullable=False)  # local .txt files only
 
 
 @dataclass

@@ -17,7 +17,7 @@ def encode_source(manifest: dict, source: dict) -> dict[int, list[int]]:
     from transformers import AutoTokenizer
 
     from qk_attn.demo import resolve_model
-    from qk_attn.run.documents import load_rows
+    from qk_attn.run.documents import load_rows, text_folder
     from qk_attn.run.sections import DatasetSection
 
     cfg = DatasetSection(
@@ -30,6 +30,8 @@ def encode_source(manifest: dict, source: dict) -> dict[int, list[int]]:
         id_column=source.get("id_column"),
         sample_by=source.get("sample_by") or "document",
     )
+    if text_folder(cfg) and not source.get("text_folder"):  # captured before sample_by applied to folders
+        cfg.sample_by = "line"  # what datasets' text builder did then, whatever sample_by said
     rows = load_rows(cfg)
     tokenizer = AutoTokenizer.from_pretrained(
         resolve_model(source["tokenizer"], verbose=False), revision=source.get("tokenizer_revision")

@@ -14,6 +14,12 @@ of each file's first and last MiB; no paths), and the resume check compares that
 resume wherever they lie (another folder, another machine), different files are refused. A
 capture recorded before the fingerprint existed is compared by its full recorded path (refusing a
 moved run rather than risking a mix), or by name only where a pull left nothing else.
+
+A model's weights are fingerprinted by their whole content as well (`content_sha256`): a
+fine-tune or LoRA merge saved over model.safetensors keeps its size and often its first and
+last MiB. The file is hashed in CONTENT_CHUNK pieces on every core (hashlib releases the GIL),
+the chunk digests combined in order. Records made before `content_sha256` existed are compared
+by the sampled sha256 they hold (`same_files`), so those captures keep resuming.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +48,9 @@ MODEL_FILES = ("config.json",)
 MODEL_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
 SAMPLE_BYTES = 1 << 20  # read from each end of a file: a multi-GB dataset is fingerprinted in milliseconds
 SAMPLE_BUDGET = 64 << 20  # read in all, so a folder of thousands of files costs no more
+CONTENT_KEYS = ("model",)  # sources hashed whole: weights changed in the middle keep their size and ends
+CONTENT_CHUNK = 64 << 20  # hashed on one core each, in parallel
+READ_BYTES = 4 << 20  # read into one buffer per chunk: memory stays at cores x 4 MiB
 _fingerprints: dict[tuple, dict] = {}  # by (key, files with their sizes and mtimes): output checks, then the sink
 
 
@@ -137,7 +147,8 @@ def local_fingerprint(value, key: str = "dataset") -> dict | None:
     names none (a Hub id). The sha256 covers each file's name (relative to the folder or glob),
     size, and first and last SAMPLE_BYTES (fewer when there are many files), in name order: it
     holds no path, so the same files elsewhere give the same fingerprint. Hidden files are left
-    out; of a tokenizer folder (`key` "tokenizer"), only the tokenizer's own files."""
+    out; of a tokenizer folder (`key` "tokenizer"), only the tokenizer's own files. A model
+    (`key` in CONTENT_KEYS) also gets "content_sha256", over the whole of every file."""
     if not isinstance(value, str) or not value:
         return None
     path = os.path.expanduser(value)
@@ -155,7 +166,11 @@ def local_fingerprint(value, key: str = "dataset") -> dict | None:
     try:
         stats = tuple((name, os.path.abspath(f), *_size_and_time(f)) for name, f in files)
         if (key, stats) not in _fingerprints:
-            _fingerprints[(key, stats)] = _fingerprint(files, [s[2] for s in stats])
+            sizes = [s[2] for s in stats]
+            fingerprint = _fingerprint(files, sizes)
+            if key in CONTENT_KEYS:
+                fingerprint["content_sha256"] = _content_sha256(files, sizes)
+            _fingerprints[(key, stats)] = fingerprint
     except OSError:  # unreadable here: the checks that read it say why
         return None
     return _fingerprints[(key, stats)]
@@ -197,6 +212,51 @@ def _fingerprint(files: list[tuple[str, str]], sizes: list[int]) -> dict:
     return {"files": len(files), "bytes": sum(sizes), "sha256": digest.hexdigest()}
 
 
+def _content_sha256(files: list[tuple[str, str]], sizes: list[int]) -> str:
+    """sha256 over each file's name and size and the sha256 of each of its CONTENT_CHUNK chunks,
+    in order (a tree hash: the chunks are hashed on every core at once)."""
+    chunks = [
+        (path, start, min(CONTENT_CHUNK, size - start))
+        for (_, path), size in zip(files, sizes)
+        for start in range(0, size, CONTENT_CHUNK)
+    ]
+    with ThreadPoolExecutor(max_workers=max(1, min(len(chunks), os.cpu_count() or 1))) as pool:
+        digests = iter(pool.map(_chunk_sha256, chunks))
+        digest = hashlib.sha256()
+        for (name, _), size in zip(files, sizes):
+            digest.update(f"{name}\0{size}\0".encode())
+            for _ in range(0, size, CONTENT_CHUNK):
+                digest.update(next(digests))
+    return digest.hexdigest()
+
+
+def _chunk_sha256(chunk: tuple[str, int, int]) -> bytes:
+    path, start, length = chunk
+    digest = hashlib.sha256()
+    view = memoryview(bytearray(READ_BYTES))
+    with open(path, "rb", buffering=0) as f:
+        f.seek(start)
+        while length > 0:
+            read = f.readinto(view[: min(READ_BYTES, length)])
+            if not read:  # cut short while read: unreadable as recorded
+                raise OSError(f"{path} is shorter than its size")
+            digest.update(view[:read])
+            length -= read
+    return digest.digest()
+
+
+def same_files(recorded: dict, now: dict) -> bool:
+    """Whether two fingerprints are of the same files: by their whole content where both hold it,
+    else by the sampled sha256 (a record made before content hashes: that capture keeps resuming)."""
+    digest = "content_sha256" if "content_sha256" in recorded and "content_sha256" in now else "sha256"
+    return all(recorded.get(k) == now.get(k) for k in ("files", "bytes", digest))
+
+
+def fingerprint_digest(fingerprint: dict) -> str:
+    """The digest that names a fingerprint's files in messages: the content hash where there is one."""
+    return fingerprint.get("content_sha256") or fingerprint["sha256"]
+
+
 def _local_difference(manifest: dict, key: str, setting: str, there, now) -> tuple[bool, SettingDifference | None]:
     """(decided, the difference or None) for the local source `key`; not decided when `now` names
     no local file, or when only the name recorded by a pull is known (compared as `public_value`)."""
@@ -205,7 +265,7 @@ def _local_difference(manifest: dict, key: str, setting: str, there, now) -> tup
         return False, None
     recorded = (manifest.get("source_files") or {}).get(key)
     if recorded is not None:
-        if recorded == now_fingerprint:
+        if same_files(recorded, now_fingerprint):
             return True, None  # the same files, wherever they are now
         return True, SettingDifference(setting, _described(there, recorded), _described(now, now_fingerprint))
     if isinstance(there, str) and not there.endswith(" (local)"):  # recorded before fingerprints: its full path
@@ -220,7 +280,7 @@ def _normal_path(value: str) -> str:
 
 def _described(value, fingerprint: dict) -> str:
     files = f" in {fingerprint['files']} files" if fingerprint["files"] > 1 else ""
-    return f"{value} ({fingerprint['bytes']:,} bytes{files}, fingerprint {fingerprint['sha256'][:12]})"
+    return f"{value} ({fingerprint['bytes']:,} bytes{files}, fingerprint {fingerprint_digest(fingerprint)[:12]})"
 
 
 def check_same_capture(output: Path, manifest: dict, config, source: dict | None) -> None:
@@ -249,7 +309,7 @@ def other_model(manifest: dict, model: dict) -> dict | None:
     if old.get("revision") and model.get("revision"):
         differs = old["revision"] != model["revision"]
     elif old.get("files") and model.get("files"):  # local folders: the same files anywhere are the same model
-        differs = old["files"] != model["files"]
+        differs = not same_files(old["files"], model["files"])
     else:
         differs = old.get("id") != model.get("id")
     for key in ("model_type", "dtype"):
@@ -264,7 +324,7 @@ def shape_differences(manifest: dict, plan: dict) -> list[SettingDifference]:
 
 
 def _model_words(model: dict) -> str:
-    files = f", weight files sha256 {model['files']['sha256'][:12]}..." if model.get("files") else ""
+    files = f", weight files sha256 {fingerprint_digest(model['files'])[:12]}..." if model.get("files") else ""
     return f"{model.get('id')!r} ({model.get('model_type')}, {model.get('dtype')}, revision {model.get('revision')}{files})"
 
 
