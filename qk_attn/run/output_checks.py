@@ -145,15 +145,19 @@ def _check_same_settings(
 
 def _check_same_model(manifest: dict, model: dict, shape: ModelShape | None, where: str) -> None:
     """The saver refuses a different model once examples are committed; say so before loading it."""
-    from qk_attn.storage.settings import other_model, shape_differences
+    from qk_attn.storage.settings import fingerprint_digest, other_model, shape_differences
 
     if not manifest.get("model") or not manifest.get("examples"):
         return
     old = other_model(manifest, model)
     if old is not None:
+        files = [
+            f", weight files sha256 {fingerprint_digest(m['files'])[:12]}" if m.get("files") else ""
+            for m in (old, model)
+        ]
         raise ConfigError(
-            f"{where} holds captures of model {old.get('id')!r} (revision {old.get('revision')}); "
-            f"model.name is {model.get('id')!r} (revision {model.get('revision')}): choose another "
+            f"{where} holds captures of model {old.get('id')!r} (revision {old.get('revision')}{files[0]}); "
+            f"model.name is {model.get('id')!r} (revision {model.get('revision')}{files[1]}): choose another "
             "output.data_root, or set output.overwrite: true to start over"
         )
     if shape is None:

@@ -166,6 +166,10 @@ class OutputSection:
     private: bool = _opt(False, "bool")
     overwrite: bool = _opt(False, "bool")
 
+    def __post_init__(self) -> None:
+        if isinstance(self.data_root, str):  # "~/x" is a home folder wherever the run writes, reads or prints it
+            self.data_root = os.path.expanduser(self.data_root)
+
 
 SECTIONS: dict[str, type] = {
     "dataset": DatasetSection,

@@ -2,7 +2,8 @@
 
 Manifest fields written by the sink (besides config, sampler, model, plan, versions):
     source_files  {"dataset" | "tokenizer" | "model": {"files", "bytes", "sha256"}}: fingerprints of the local
-                  files a capture was made from, no paths (qk_attn.storage.settings: the resume check)
+                  files a capture was made from, no paths (qk_attn.storage.settings: the resume check); the
+                  model's also "content_sha256", a hash of every byte of its weight files
     examples      {example_id: valid length}
     example_info  {example_id: {"source_id", "source_index", "first_position", "segment"}}
     shards        {key: [shard names]}

@@ -167,6 +167,24 @@ def test_different_sampler_on_existing_output(tiny_model, docs, tmp_path, capsys
     assert snapshot(out) == before
 
 
+def test_changed_token_strings_on_existing_output_name_the_yaml_key(tiny_model, docs, tmp_path, capsys, monkeypatch):
+    """capture.capture_token_strings is recorded as the token_str column, not as a setting: it is
+    refused as every other changed setting is (YAML key, output.overwrite), before the weights load."""
+    out = tmp_path / "out"
+    config = first_run(tiny_model, docs, tmp_path, capsys, out)
+    before = snapshot(out)
+    monkeypatch.setattr(runner, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    for argv in (["--dry-run"], []):
+        code, _, err = run_cli(capsys, "--config", config, "--set", "capture.capture_token_strings=true", *argv)
+        line = one_line(err)
+        assert code == 2 and "holds a capture with different settings (capture.capture_token_strings: " in line
+        assert "False there, True now" in line and "output.overwrite: true" in line
+    assert snapshot(out) == before
+    monkeypatch.undo()
+    code, _, err = run_cli(capsys, "--config", config, "--set", "dataset.max_samples=4")  # unchanged: resumes
+    assert code == 0, err
+
+
 def test_locked_output(tiny_model, docs, tmp_path, capsys, no_weights):
     out = tmp_path / "out"
     out.mkdir()

@@ -159,6 +159,9 @@ def test_capture_values_are_checked_when_read_and_name_the_yaml_key(monkeypatch)
             r"^inference\.pinned_mb=100000000 is invalid: expected an integer from 1 to",
         ),
         (["inference.pinned_mb=64.0"], r"^inference\.pinned_mb=64\.0 is invalid: expected an integer"),
+        # YAML reads 5 as a number: a column name is a string (it was taken as the column '5')
+        (["dataset.text_column=5"], r"^dataset\.text_column=5 is invalid: expected a column name \(a string"),
+        (["dataset.id_column=7"], r"^dataset\.id_column=7 is invalid: expected a column name \(a string"),
         # one of the two would be ignored, silently
         (["model.device_map=auto", "model.device=cpu"], r"^model\.device_map='auto' and model\.device='cpu' both"),
     ],
@@ -167,6 +170,11 @@ def test_set_values_of_the_wrong_type_or_not_finite_are_refused(overrides, patte
     with pytest.raises(ConfigError, match=pattern) as error:
         RunConfig.load(None, overrides, base=MINIMAL)
     assert "\n" not in str(error.value)
+
+
+def test_a_quoted_numeric_column_name_is_a_name():
+    loaded = RunConfig.load(None, ["dataset.text_column='5'", "dataset.id_column='7'"], base=MINIMAL)
+    assert (loaded.dataset.text_column, loaded.dataset.id_column) == ("5", "7")
 
 
 def test_sampler_as_mapping_or_flat_keys():
@@ -265,3 +273,12 @@ def test_environment_does_not_change_a_run(monkeypatch):
     assert set(settings) == set(SniffConfig.field_names())
     from_env = SniffConfig.from_env(**settings)  # what qk_attn.session(**settings) builds
     assert (from_env.vector_dtype, from_env.base_rate, from_env.layers) == ("float32", 1.0, None)
+
+
+def test_a_data_root_under_home_is_expanded_once_for_every_use(monkeypatch, tmp_path):
+    """The run wrote under $HOME but printed and checked `./~/out` in its summary (no card, "No rows
+    are committed"): the path is expanded where the configuration is read."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    run = RunConfig.from_dict({**MINIMAL, "output": {"data_root": "~/out"}})
+    assert run.output.data_root == str(tmp_path / "out")
+    assert run.sniff_config().output == str(tmp_path / "out")
