@@ -207,6 +207,23 @@ class HostRows:
     def __len__(self) -> int:
         return len(self.position)
 
+    @staticmethod
+    def merged(parts: list[HostRows]) -> HostRows:
+        """One HostRows of the rows of `parts` (calls of one layer, kind and heads), in order, in new
+        arrays; their per-call counts are not kept (`valid`, `first_position`: read when they came)."""
+        first = parts[0]
+        token_ids = [p.token_id for p in parts]
+        return dataclasses.replace(
+            first,
+            example_id=np.concatenate([p.example_id for p in parts]),
+            position=np.concatenate([p.position for p in parts]),
+            bucket=np.concatenate([p.bucket for p in parts]),
+            vectors=np.concatenate([p.vectors for p in parts], axis=1),
+            token_id=None if any(t is None for t in token_ids) else np.concatenate(token_ids),
+            valid={},
+            first_position={},
+        )
+
     def without(self, example_ids: np.ndarray) -> HostRows:
         """These rows less those of `example_ids`."""
         keep = ~np.isin(self.example_id, example_ids)

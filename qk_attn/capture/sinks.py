@@ -132,6 +132,9 @@ def warn_not_from_zero(example_id: int, first_position: int, warned: set) -> Non
         )
 
 
+MERGE_AT = 64  # HostRows a MemorySink holds before it merges them per layer and kind
+
+
 class MemorySink(Sink):
     """Keeps every batch's rows; for tests and small interactive runs. Batches on a GPU stay there
     until `table()` or `discard` reads them: capturing never waits for the device."""
@@ -143,6 +146,7 @@ class MemorySink(Sink):
         self._warned: set[int] = set()
         self._seen: set[int] = set()
         self.refusals = LateRefusals()
+        self._merge_at = MERGE_AT  # rows objects held before those of one key are merged
 
     @property
     def rows(self) -> list[HostRows]:
@@ -183,6 +187,26 @@ class MemorySink(Sink):
                     self._seen.add(example)
                     warn_not_from_zero(example, position, self._warned)
             self._rows.append(rows)
+        if len(self._rows) > self._merge_at:
+            self._merge()
+
+    def _merge(self) -> None:
+        """The rows of each (layer, kind, heads) in few sets of arrays. A dense decode keeps a few tiny arrays
+        per attention call for the whole session; interleaved with the cache's growing reallocations they
+        fragmented the heap (memory grew with the square of the steps while the rows stayed small). Pieces
+        are merged as a binary counter merges (a piece with the one before it when that is at most twice as
+        long), so every row is copied O(log rows) times and a key keeps O(log rows) pieces."""
+        groups: dict[tuple, list[HostRows]] = {}
+        for rows in self._rows:
+            if not len(rows):
+                continue  # their per-call counts were read when they came
+            key = (rows.layer, rows.kind, rows.heads, rows.sliding_window, rows.cross_attention, rows.token_id is None)
+            stack = groups.setdefault(key, [])
+            stack.append(rows)
+            while len(stack) > 1 and len(stack[-2]) <= 2 * len(stack[-1]):
+                stack[-2:] = [HostRows.merged(stack[-2:])]
+        self._rows = [rows for stack in groups.values() for rows in stack]
+        self._merge_at = 2 * len(self._rows) + MERGE_AT
 
     @staticmethod
     def _host_rows(item, reader: HostReader) -> HostRows | None:
@@ -211,8 +235,13 @@ class MemorySink(Sink):
         self._rows = [rows.without(drop) for rows in self.rows]
 
     def table(self) -> pa.Table | None:
-        """Every captured row of every head, in the dataset schema (vectors as float32; `token_id`
-        null where a row has none, e.g. vision keys)."""
-        tables = [rows.table(i, token_ids=True) for rows in self.rows for i in range(len(rows.heads))]
+        """Every captured row of every head, in the dataset schema (vectors in the stored dtype, float16
+        under vector_dtype="float16" as in a folder, else float32; `token_id` null where a row has none,
+        e.g. vision keys)."""
+        tables = [
+            rows.table(i, pa.float16() if rows.vectors.dtype == np.float16 else pa.float32(), token_ids=True)
+            for rows in self.rows
+            for i in range(len(rows.heads))
+        ]
         self.refusals.raise_for(None)
         return concat_rows(tables) if tables else None

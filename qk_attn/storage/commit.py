@@ -159,6 +159,16 @@ class Committer:
             return
         self._remove_uncommitted()
 
+    def _clean_after_failure(self) -> None:
+        """When the sink stops after a failed write (a full disk while spilling): the temporary shards it
+        left go, so that the folder is what its manifest says; a folder that replaced OUT is not touched."""
+        try:
+            replaced = self._folder_replaced()
+        except OSError:
+            replaced = True
+        if not replaced:
+            self._remove_uncommitted()
+
     def _remove_examples_ahead(self, manifest: dict) -> None:
         """The examples table is exported just before the manifest: after a failed manifest write it can
         list examples the manifest does not commit, which the `examples` config would give. Such a table

@@ -309,6 +309,8 @@ class ParquetSink(SaverThread, Sink):
             self._enqueue(_STOP)
             self._thread.join()
             self._writers.close()
+            if self._error is not None:  # no writer runs now
+                self._clean_after_failure()
             release_lock(self.output, self._lock_fd, self.files.lock)
         self.check()
         self._report_refused()

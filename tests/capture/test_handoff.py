@@ -210,3 +210,27 @@ def test_a_gpu_decode_step_skips_what_it_keeps_nothing_of_once_its_positions_rea
     for f, layer in decode:
         copied = arrived(arrives, layer + 1)
         assert on_device[(f, layer)] == (on_host[(f, layer)] if copied else KINDS), (f, layer)
+
+
+def test_a_dense_decode_in_memory_keeps_few_pieces_of_rows():
+    """An in-memory session merges its rows per (layer, kind) as they come (a binary counter): a dense
+    decode kept a few tiny arrays per attention call, which fragmented the heap (memory grew with the
+    square of the steps). The rows are the same, in every call's order within a layer and kind."""
+    from qk_attn.capture import sinks
+
+    model = build("llama3", "qk_sniff")
+    tables = []
+    for merge_at in (sinks.MERGE_AT, 10**9):  # merged as it comes; never merged
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(sinks, "MERGE_AT", merge_at)
+            with qk_attn.session(sampler="all") as s:
+                cache = DynamicCache(config=model.config)
+                model(input_ids=torch.arange(3, 11)[None], **cache_kw(cache))
+                for step in range(200):
+                    model(input_ids=torch.tensor([[11 + step % 50]]), **cache_kw(cache))
+                held = len(s._sink.rows) if hasattr(s, "_sink") else len(s.sink.rows)
+            tables.append((s.table().sort_by([(c, "ascending") for c in ("layer", "kind", "head", "position")]), held))
+    (merged, held_merged), (unmerged, held_unmerged) = tables
+    assert merged.equals(unmerged)
+    assert held_unmerged == 201 * LAYERS * KINDS
+    assert held_merged <= 2 * sinks.MERGE_AT + LAYERS * KINDS * 10  # O(log rows) pieces per layer and kind

@@ -80,3 +80,26 @@ def _row_flags(sizes, token_ids):
         for _ in range(size):
             yield size, ids, position
             position += 1
+
+
+def test_an_in_memory_table_stores_float16_vectors_as_a_folder_does(tmp_path):
+    """vector_dtype="float16": the memory table's vectors were float32 (the float16 values, widened),
+    while a folder's are float16; the same capture now gives the same type and values either way."""
+    import torch
+
+    import qk_attn
+    from support.models import build
+
+    model = build("llama3", "qk_sniff")
+    ids = torch.arange(3, 11)[None]
+    with qk_attn.session(sampler="all", vector_dtype="float16") as s:
+        model(input_ids=ids)
+    with qk_attn.session(output=tmp_path / "out", sampler="all", vector_dtype="float16"):
+        model(input_ids=ids)
+    folder = qk_attn.load(tmp_path / "out")
+    memory = s.table()
+    assert (
+        memory.schema.field("vector").type.value_type == pa.float16() == folder.schema.field("vector").type.value_type
+    )
+    order = [(c, "ascending") for c in ("example_id", "layer", "kind", "head", "position")]
+    assert memory.sort_by(order).column("vector").to_pylist() == folder.sort_by(order).column("vector").to_pylist()

@@ -239,3 +239,31 @@ def test_closing_a_capture_whose_folder_was_replaced_leaves_the_new_folders_lock
     assert (out / ".qk_sniff.lock").exists()
     release_lock(out, second)
     assert not (out / ".qk_sniff.lock").exists()
+
+
+def test_a_full_disk_while_spilling_leaves_no_temporary_shards(tmp_path, monkeypatch):
+    """A writer that fails (ENOSPC) while spilling an open segment stops the sink; the `.tmp` shards it
+    had written stayed on the full disk until the next run. They go when the sink stops: the folder is
+    what its manifest says, with the examples committed before the failure."""
+    import qk_attn.storage.shards as shards
+
+    out = tmp_path / "out"
+    calls = {"n": 0}
+    write = shards.write_table
+
+    def full_disk(table, path, fsync, options=None):
+        calls["n"] += 1
+        if calls["n"] == 9:
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+        return write(table, path, fsync, options)
+
+    monkeypatch.setattr(shards, "write_table", full_disk)
+    sink = open_sink(out, buffer_mb=0)
+    with pytest.raises(SaverError):
+        run_examples(sink, range(8), commit=False)
+        sink.commit(list(range(8)))
+        sink.flush()
+    with pytest.raises(SaverError):
+        sink.close()
+    assert calls["n"] >= 9
+    assert sorted(p.name for p in out.rglob("*.tmp")) == []
