@@ -67,33 +67,6 @@ PROMPTS = torch.tensor([[3, 4, 5, 6], [7, 8, 9, 10]])
 NEXT = torch.tensor([[11], [12]])
 
 
-@pytest.mark.parametrize(
-    "move",
-    [
-        lambda cache: cache.reorder_cache(torch.tensor([1, 0])),
-        lambda cache: cache.batch_select_indices(torch.tensor([1, 0])),
-        lambda cache: cache.batch_repeat_interleave(1),  # a no-op on the values, still a move
-    ],
-    ids=["reorder_cache", "batch_select_indices", "batch_repeat_interleave"],
-)
-def test_a_forward_after_the_cache_rows_moved_is_refused_and_the_session_goes_on(move):
-    model = build("llama3", "qk_sniff")
-    with qk_attn.session(sampler="all") as s:
-        cache = tf.DynamicCache(config=model.config)
-        s.begin([1, 2])
-        model(input_ids=PROMPTS, **cache_kw(cache))
-        move(cache)
-        with pytest.raises(
-            CaptureError, match=r"^qk_sniff: the rows of the cache that holds examples \[1, 2\] were moved"
-        ):
-            model(input_ids=NEXT, **cache_kw(cache))
-        s.begin([3])
-        model(input_ids=BEFORE)
-    got = rows_by_key(s.table())
-    assert {key[0] for key in got} == {3}  # the moved examples are discarded, the next one is whole
-    assert got.keys() == _one_shot(model, BEFORE, 3).keys()
-
-
 class OwnRowMethodsCache(tf.DynamicCache):
     """A modeling file's cache (as MiniMax's) that moves its rows and crops in methods of its own,
     without calling Cache's."""
@@ -115,33 +88,42 @@ class OwnRowMethodsCache(tf.DynamicCache):
             layer.keys, layer.values = layer.keys[..., :max_length, :], layer.values[..., :max_length, :]
 
 
-@pytest.mark.parametrize("name", ["batch_select_indices", "reorder_cache", "batch_repeat_interleave"])
-def test_rows_moved_by_a_cache_subclass_of_its_own_are_refused(name):
-    """Wrapping the methods on Cache missed a subclass's overrides: MiniMax's rows were swapped
-    silently, each example recorded with the other's history."""
-    model = build("llama3", "qk_sniff")
-    argument = 1 if name == "batch_repeat_interleave" else torch.tensor([1, 0])
-    with qk_attn.session(sampler="all") as s:
-        cache = OwnRowMethodsCache(config=model.config)
-        s.begin([1, 2])
-        model(input_ids=PROMPTS, **cache_kw(cache))
-        getattr(cache, name)(argument)
-        with pytest.raises(CaptureError, match=r"^qk_sniff: the rows of the cache that holds examples \[1, 2\] were"):
-            model(input_ids=NEXT, **cache_kw(cache))
+SWAP = torch.tensor([1, 0])
+MOVES = {  # (cache class, how its rows are moved)
+    "reorder_cache": (tf.DynamicCache, lambda cache: cache.reorder_cache(SWAP)),
+    "batch_select_indices": (tf.DynamicCache, lambda cache: cache.batch_select_indices(SWAP)),
+    "batch_repeat_interleave": (tf.DynamicCache, lambda cache: cache.batch_repeat_interleave(1)),  # a no-op, a move
+    # A modeling file's cache whose own methods do not call Cache's (MiniMax's): its moves went unseen.
+    "own reorder_cache": (OwnRowMethodsCache, lambda cache: cache.reorder_cache(SWAP)),
+    "own batch_select_indices": (OwnRowMethodsCache, lambda cache: cache.batch_select_indices(SWAP)),
+    "own batch_repeat_interleave": (OwnRowMethodsCache, lambda cache: cache.batch_repeat_interleave(1)),
+    # A layer's public row methods move its rows without the Cache's: counted per layer.
+    "layers' reorder_cache": (tf.DynamicCache, lambda cache: [layer.reorder_cache(SWAP) for layer in cache.layers]),
+    "layers' batch_select_indices": (
+        tf.DynamicCache,
+        lambda cache: [layer.batch_select_indices(SWAP) for layer in cache.layers],
+    ),
+}
 
 
-@pytest.mark.parametrize("name", ["reorder_cache", "batch_select_indices"])
-def test_rows_moved_by_the_cache_layers_own_methods_are_refused(name):
-    """A layer's public row methods move its rows without the Cache's: counted per layer."""
+@pytest.mark.parametrize("how", sorted(MOVES))
+def test_a_forward_after_the_cache_rows_moved_is_refused_and_the_session_goes_on(how):
+    cache_class, move = MOVES[how]
     model = build("llama3", "qk_sniff")
     with qk_attn.session(sampler="all") as s:
-        cache = tf.DynamicCache(config=model.config)
+        cache = cache_class(config=model.config)
         s.begin([1, 2])
         model(input_ids=PROMPTS, **cache_kw(cache))
-        for layer in cache.layers:
-            getattr(layer, name)(torch.tensor([1, 0]))
-        with pytest.raises(CaptureError, match=r"^qk_sniff: the rows of the cache that holds examples \[1, 2\] were"):
+        move(cache)
+        with pytest.raises(
+            CaptureError, match=r"^qk_sniff: the rows of the cache that holds examples \[1, 2\] were moved"
+        ):
             model(input_ids=NEXT, **cache_kw(cache))
+        s.begin([3])
+        model(input_ids=BEFORE)
+    got = rows_by_key(s.table())
+    assert {key[0] for key in got} == {3}  # the moved examples are discarded, the next one is whole
+    assert got.keys() == _one_shot(model, BEFORE, 3).keys()
 
 
 def test_rows_are_recorded_when_no_row_moved():
@@ -264,20 +246,32 @@ PROMPT = torch.arange(3, 11)[None]  # 8 tokens: positions 0-7
 DRAFTS = torch.tensor([[50, 51, 52, 53]])  # a verifying forward: positions 8-11
 
 
-@pytest.mark.parametrize("then", ["commit", "begin", "gone"])
-def test_a_cache_cropped_below_its_recorded_tokens_discards_their_example(then, caplog):
+CROPS = {  # how 3 of the cache's 12 tokens are cut
+    "Cache.crop": (tf.DynamicCache, lambda cache: cache.crop(-3)),
+    "a subclass's own crop": (OwnRowMethodsCache, lambda cache: cache.crop(9)),  # not Cache.crop (MiniMax-like)
+    "each layer's crop": (tf.DynamicCache, lambda cache: [layer.crop(-3) for layer in cache.layers]),  # seen at commit
+}
+
+
+@pytest.mark.parametrize(
+    "then, how",
+    [("commit", "Cache.crop"), ("begin", "Cache.crop"), ("gone", "Cache.crop")]
+    + [("commit", "a subclass's own crop"), ("commit", "each layer's crop")],
+)
+def test_a_cache_cropped_below_its_recorded_tokens_discards_their_example(then, how, caplog):
     """A hand-written speculative step: drafts verified in one forward, the rejected ones cropped from
-    the cache (Cache.crop) after it, when their rows were taken. With no forward after the crop,
-    the example was committed with the rejected drafts' rows; now it is discarded, whether the
-    session commits next, a forward with new ids continues the cache (those are recorded), or the
-    cache is gone by the commit (env mode's exit)."""
+    the cache after it, when their rows were taken. With no forward after the crop, the example was
+    committed with the rejected drafts' rows; now it is discarded, whether the session commits next, a
+    forward with new ids continues the cache (those are recorded), or the cache is gone by the commit
+    (env mode's exit)."""
+    cache_class, crop = CROPS[how]
     model = build("llama3", "qk_sniff")
     with qk_attn.session(sampler="all") as s:
         s.begin([1])
-        cache = tf.DynamicCache(config=model.config)
+        cache = cache_class(config=model.config)
         model(input_ids=PROMPT, **cache_kw(cache))
         model(input_ids=DRAFTS, **cache_kw(cache))
-        cache.crop(-3)  # the first draft kept: 9 tokens left
+        crop(cache)  # the first draft kept: 9 tokens left
         assert cache.get_seq_length() == 9
         if then == "begin":
             s.begin([2])
@@ -293,40 +287,16 @@ def test_a_cache_cropped_below_its_recorded_tokens_discards_their_example(then, 
         assert got == {}
 
 
-def test_a_crop_by_a_cache_subclass_of_its_own_discards_the_example(caplog):
-    """The same rollback through a subclass's own crop (not Cache.crop): noticed all the same."""
+def test_a_cache_emptied_to_be_reused_keeps_its_example():
+    """reset() empties the cache after a whole example: that is no rollback of its rows."""
     model = build("llama3", "qk_sniff")
     with qk_attn.session(sampler="all") as s:
-        s.begin([1])
-        cache = OwnRowMethodsCache(config=model.config)
-        model(input_ids=PROMPT, **cache_kw(cache))
-        model(input_ids=DRAFTS, **cache_kw(cache))
-        cache.crop(9)
-        assert cache.get_seq_length() == 9
-        s.commit()
-    assert "cropped (Cache.crop) below the 12 tokens recorded for them" in caplog.text
-    assert s.table() is None or s.table().num_rows == 0
-
-
-def test_a_crop_of_the_cache_layers_themselves_discards_the_example(caplog):
-    """Cropping each layer (not through Cache.crop) is seen at the commit: the cache holds fewer tokens
-    than were recorded. A cache emptied with reset() to be reused keeps its whole example."""
-    model = build("llama3", "qk_sniff")
-    with qk_attn.session(sampler="all") as s:
-        s.begin([1])
+        s.begin([2])
         cache = tf.DynamicCache(config=model.config)
         model(input_ids=PROMPT, **cache_kw(cache))
-        model(input_ids=DRAFTS, **cache_kw(cache))
-        for layer in cache.layers:
-            layer.crop(-3)
+        cache.reset()
         s.commit()
-        s.begin([2])
-        reused = tf.DynamicCache(config=model.config)
-        model(input_ids=PROMPT, **cache_kw(reused))
-        reused.reset()
-        s.commit()
-    assert "cropped (Cache.crop) below the 12 tokens recorded for them" in caplog.text
-    assert {key[0] for key in rows_by_key(s.table())} == {2}
+    assert rows_by_key(s.table()).keys() == _one_shot(model, PROMPT, 2).keys()
 
 
 def test_a_crop_that_removes_nothing_recorded_keeps_the_example():
@@ -420,6 +390,21 @@ class RunsAnotherModel(tf.LogitsProcessor):
         return scores
 
 
+def _generate_guided(model, processor, stopping_criteria=(), **kwargs) -> dict:
+    """Examples 0 and 1 generated by `model` with `processor` running a guide model at every step."""
+    with qk_attn.session(sampler="all", capture="k", layers="0") as s:
+        s.begin([0, 1])
+        model.generate(
+            input_ids=torch.arange(5, 15).reshape(2, 5),
+            do_sample=False,
+            pad_token_id=0,
+            stopping_criteria=tf.StoppingCriteriaList(list(stopping_criteria)),
+            logits_processor=tf.LogitsProcessorList([processor]),
+            **kwargs,
+        )
+    return s.table().to_pydict()
+
+
 @pytest.mark.parametrize("config", ["its own config", "the same config object"])
 def test_a_model_run_inside_another_models_generate_is_not_its_step(config):
     """A second model's forwards inside generate() are its own, not decode steps of the generating
@@ -432,17 +417,9 @@ def test_a_model_run_inside_another_models_generate_is_not_its_step(config):
         build("llama3", "qk_sniff", seed=5) if config == "its own config" else tf.LlamaForCausalLM(model.config).eval()
     )
     guide_ids = torch.arange(20, 36).reshape(2, 8)
-    with qk_attn.session(sampler="all", capture="k", layers="0") as s:
-        s.begin([0, 1])
-        model.generate(
-            input_ids=torch.arange(5, 15).reshape(2, 5),
-            max_new_tokens=4,
-            do_sample=False,
-            pad_token_id=0,
-            stopping_criteria=tf.StoppingCriteriaList([StopRow(0, 6)]),
-            logits_processor=tf.LogitsProcessorList([RunsAnotherModel(guide, guide_ids)]),
-        )
-    table = s.table().to_pydict()
+    table = _generate_guided(
+        model, RunsAnotherModel(guide, guide_ids), max_new_tokens=4, stopping_criteria=[StopRow(0, 6)]
+    )
     guide_rows = [(e, p) for e, p in zip(table["example_id"], table["position"]) if e not in (0, 1)]
     examples = sorted({e for e, _ in guide_rows})
     assert len(examples) == 2  # one example per guide row, 4 + 3 tokens each (two key heads)
@@ -466,16 +443,7 @@ def test_a_model_given_embeddings_inside_another_models_generate_has_no_token_id
     """The generating model's running token ids (the same shape as the guide's embeddings) are not
     the guide's: its rows have no token id, as for any model given inputs_embeds."""
     model, guide = build("llama3", "qk_sniff"), build("llama3", "qk_sniff", seed=5)
-    with qk_attn.session(sampler="all", capture="k", layers="0") as s:
-        s.begin([0, 1])
-        model.generate(
-            input_ids=torch.arange(5, 15).reshape(2, 5),
-            max_new_tokens=3,
-            do_sample=False,
-            pad_token_id=0,
-            logits_processor=tf.LogitsProcessorList([EmbedsAnotherModel(guide, torch.arange(40, 60).reshape(2, 10))]),
-        )
-    table = s.table().to_pydict()
+    table = _generate_guided(model, EmbedsAnotherModel(guide, torch.arange(40, 60).reshape(2, 10)), max_new_tokens=3)
     guide_tokens = {t for e, t in zip(table["example_id"], table["token_id"]) if e not in (0, 1)}
     model_tokens = {t for e, t in zip(table["example_id"], table["token_id"]) if e in (0, 1)}
     assert guide_tokens == {None} and None not in model_tokens
