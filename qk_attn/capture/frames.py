@@ -40,9 +40,10 @@ def model_forward(batch_size: int, num_new: int) -> ModelForward:
     (already created when the caller gave none). Token ids come from the nearest enclosing module
     forward that has this forward's (B, T) `input_ids`: wrappers hand their text model embeddings.
     The whole stack is read (wrappers and hooks only add frames, and an enclosing forward's images
-    missed would let a forward with images be recorded), but only frames of modules that contain the
-    one building the mask: another model whose method runs this one (a guide model inside a
-    generate()) holds its own token ids and images."""
+    missed would let a forward with images be recorded), but only the `forward` frames of modules that
+    contain the one building the mask: another model whose method runs this one (a guide model inside
+    a generate()) holds its own token ids and images, and generate()'s own frames hold the running
+    sequences (a model run on embeddings from its own logits processor is not given them)."""
     module = positions = ids = cache = None
     images = False
     for frame in _method_frames(sys._getframe(2)):
@@ -52,8 +53,8 @@ def model_forward(batch_size: int, num_new: int) -> ModelForward:
             continue
         if module is None:
             module, positions, cache = this, local.get("position_ids"), cache_of(local)
-        elif not contains(this, module):
-            continue
+        elif not contains(this, module) or frame.f_code.co_name != "forward":
+            continue  # generate()'s frames hold the running sequences, not this forward's tokens
         candidate = local.get("input_ids")
         if ids is None and isinstance(candidate, torch.Tensor) and candidate.shape == (batch_size, num_new):
             ids = candidate

@@ -11,8 +11,6 @@ from __future__ import annotations
 import threading
 import weakref
 
-from qk_attn.capture.frames import cache_length
-
 PRUNE_AT = 16  # sequences held before those of caches that are gone are forgotten
 
 
@@ -34,13 +32,8 @@ class Sequence:
         self.rollbacks_seen = 0  # how many crops of it its last forward had seen
 
     def rolled_back(self) -> bool:
-        """Whether a crop since its last forward left its cache shorter than the tokens recorded for it, or
-        its cache (still alive) holds fewer now, however it was cut (a layer's own crop). An emptied cache
-        (`reset()` to reuse it) is not a rollback: its rows were whole when it was reset."""
-        if self.rollback is not None and self.rollback.below(self.end, self.rollbacks_seen):
-            return True
-        held = cache_length(self.cache())
-        return held is not None and 0 < held < self.end
+        """Whether a crop since its last forward left its cache shorter than the tokens recorded for it."""
+        return self.rollback is not None and self.rollback.below(self.end, self.rollbacks_seen)
 
 
 def key_of(config, cache) -> tuple:

@@ -200,7 +200,8 @@ class MemorySink(Sink):
         for rows in self._rows:
             if not len(rows):
                 continue  # their per-call counts were read when they came
-            key = (rows.layer, rows.kind, rows.heads, rows.sliding_window, rows.cross_attention, rows.token_id is None)
+            shape = (rows.vectors.shape[-1], rows.vectors.dtype, rows.token_id is None)  # two models may share a layer
+            key = (rows.layer, rows.kind, rows.heads, rows.sliding_window, rows.cross_attention, *shape)
             stack = groups.setdefault(key, [])
             stack.append(rows)
             while len(stack) > 1 and len(stack[-2]) <= 2 * len(stack[-1]):

@@ -234,3 +234,21 @@ def test_a_dense_decode_in_memory_keeps_few_pieces_of_rows():
     assert merged.equals(unmerged)
     assert held_unmerged == 201 * LAYERS * KINDS
     assert held_merged <= 2 * sinks.MERGE_AT + LAYERS * KINDS * 10  # O(log rows) pieces per layer and kind
+
+
+def test_merged_rows_of_two_models_with_other_head_sizes_stay_apart():
+    """Two models in one in-memory session share layer numbers: rows of another head size are merged
+    apart (np.concatenate raised inside a forward, and every later forward and table() with it)."""
+    import transformers as tf
+
+    from qk_attn.capture import sinks
+    from support.models import COMMON
+
+    small = build("llama3", "qk_sniff")
+    large = tf.LlamaForCausalLM(tf.LlamaConfig(**{**COMMON, "head_dim": 32})).eval()
+    large.set_attn_implementation("qk_sniff")
+    with qk_attn.session(sampler="all") as s:
+        for step in range(sinks.MERGE_AT):
+            (small if step % 2 else large)(input_ids=torch.arange(3, 9)[None])
+    sizes = {len(v) for v in s.table().column("vector").to_pylist()}
+    assert sizes == {16, 32} and s.table().num_rows == sinks.MERGE_AT * 6 * (4 + 2) * LAYERS  # tokens x heads
