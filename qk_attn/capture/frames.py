@@ -65,18 +65,18 @@ def model_forward(batch_size: int, num_new: int) -> ModelForward:
     return ModelForward(module, ids, positions if isinstance(positions, torch.Tensor) else None, cache, images)
 
 
-_contained: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {module: whether it holds it}
+_contained: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the submodules found in it
 
 
 def contains(model: torch.nn.Module, module: torch.nn.Module) -> bool:
-    """Whether `module` is `model` or one of its submodules (remembered per pair: a forward asks once per frame)."""
+    """Whether `module` is `model` or one of its submodules. A module found is remembered per model (a
+    forward asks once per frame); one not found is looked for again, as it may be put in later."""
     if model is module:
         return True
-    known = _contained.setdefault(model, weakref.WeakKeyDictionary())
-    found = known.get(module)
-    if found is None:
-        found = known[module] = any(child is module for child in model.modules())
-    return found
+    found = _contained.setdefault(model, weakref.WeakSet())
+    if module not in found and any(child is module for child in model.modules()):
+        found.add(module)
+    return module in found
 
 
 def building_model(max_depth: int = 16):
