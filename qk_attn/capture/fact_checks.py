@@ -32,30 +32,6 @@ def _accepts(fn, names) -> str | None:
     return f"{fn.__qualname__}{inspect.signature(fn)}" if missing else None
 
 
-# What qk-attn imports from transformers when it is imported, and what `register()` wraps (module, attribute path).
-IMPORTED_NAMES = (
-    ("transformers", "AttentionInterface"),
-    ("transformers.masking_utils", "AttentionMaskInterface"),
-    ("transformers.masking_utils", "ALL_MASK_ATTENTION_FUNCTIONS"),
-    ("transformers.masking_utils", "flash_attention_mask"),
-    ("transformers.modeling_utils", "ALL_ATTENTION_FUNCTIONS"),
-    ("transformers.cache_utils", "Cache"),
-    ("transformers.generation.utils", "GenerationMixin.generate"),
-    ("transformers.utils.generic", "is_flash_attention_requested"),
-)
-
-
-def imported_names() -> str | None:
-    """Every name of IMPORTED_NAMES exists where qk-attn takes it from."""
-    for module, path in IMPORTED_NAMES:
-        found = importlib.import_module(module)
-        for part in path.split("."):
-            found = getattr(found, part, None)
-            if found is None:
-                return f"{module} has no {path}"
-    return None
-
-
 def attention_interface_register() -> str | None:
     from transformers import AttentionInterface
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -364,29 +340,4 @@ def text_config_lookup() -> str | None:
         return f"Gemma3Config().get_text_config(decoder=True) is {type(text).__name__}, LlamaConfig()'s {type(itself).__name__}"
     if vars(composite).get("vision_config") is not composite.vision_config:
         return "Gemma3Config keeps its vision_config elsewhere than in its instance attributes"
-    return None
-
-
-def backward_marker() -> str | None:
-    """torch (not transformers): `torch._C._current_graph_task_id()` is -1 outside a backward pass and a
-    task id inside one, which is how a checkpoint's recompute during backward is told apart (not recorded)."""
-    import torch
-
-    inside = []
-
-    class Probe(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return x.clone()
-
-        @staticmethod
-        def backward(ctx, grad):
-            inside.append(torch._C._current_graph_task_id())
-            return grad
-
-    outside = torch._C._current_graph_task_id()
-    with torch.inference_mode(False), torch.enable_grad():
-        Probe.apply(torch.zeros(1, requires_grad=True)).sum().backward()
-    if outside != -1 or len(inside) != 1 or type(inside[0]) is not int or inside[0] == -1:
-        return f"torch {torch.__version__}: {outside!r} outside a backward pass, {inside!r} inside one"
     return None

@@ -6,13 +6,13 @@ a session's first forward:
 FACTS are the internal facts the capture relies on (registries, mask and attention function
 signatures, the frames and attributes it reads). `check_all()` runs them all; `require()` raises
 one error naming the transformers version and every broken fact. The check behind each fact is
-in qk_attn.capture.fact_checks (caches and generation: fact_checks_generation). Branches on the implementation's
+in qk_attn.capture.fact_checks (caches and generation: fact_checks_generation; imports and torch: fact_checks_imports). Branches on the implementation's
 name are listed in qk_attn.capture.name_branches.
 
 Where the capture code relies on each fact (the module that reads it):
 
     imported_names                 what qk_attn imports from transformers at its import, and what
-                                   hooks.register wraps (fact_checks.IMPORTED_NAMES)
+                                   hooks.register wraps (fact_checks_imports.IMPORTED_NAMES)
     attention_interface_register   hooks.register, wrap_flash_attention
     mask_interface_register        hooks.register, wrap_flash_attention
     mask_functions                 backends.mask_function, hooks._noting_context
@@ -60,7 +60,6 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from qk_attn.capture.fact_checks import (
-    IMPORTED_NAMES,
     MASK_KEYWORDS,
     attention_call_layout,
     attention_forward_locals,
@@ -68,10 +67,8 @@ from qk_attn.capture.fact_checks import (
     attention_interface_register,
     attention_module_attributes,
     backend_support_flags,
-    backward_marker,
     eager_forward,
     flash_forward,
-    imported_names,
     mask_call_keywords,
     mask_functions,
     mask_interface_register,
@@ -88,6 +85,7 @@ from qk_attn.capture.fact_checks_generation import (
     generation_frames,
     layer_type_names,
 )
+from qk_attn.capture.fact_checks_imports import IMPORTED_NAMES, backward_marker, imported_names
 from qk_attn.errors import TransformersMismatch
 from qk_attn.version import TRANSFORMERS_TESTED, __version__
 

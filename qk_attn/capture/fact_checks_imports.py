@@ -1,0 +1,55 @@
+"""The checks behind the facts about what qk-attn's own import and torch provide (qk_attn.capture.facts):
+the transformers names it imports or wraps when imported, and torch's marker of a backward pass. One
+function per fact, None when it holds, else what was found."""
+
+from __future__ import annotations
+
+import importlib
+
+# What qk-attn imports from transformers when it is imported, and what `register()` wraps (module, attribute path).
+IMPORTED_NAMES = (
+    ("transformers", "AttentionInterface"),
+    ("transformers.masking_utils", "AttentionMaskInterface"),
+    ("transformers.masking_utils", "ALL_MASK_ATTENTION_FUNCTIONS"),
+    ("transformers.masking_utils", "flash_attention_mask"),
+    ("transformers.modeling_utils", "ALL_ATTENTION_FUNCTIONS"),
+    ("transformers.cache_utils", "Cache"),
+    ("transformers.generation.utils", "GenerationMixin.generate"),
+    ("transformers.utils.generic", "is_flash_attention_requested"),
+)
+
+
+def imported_names() -> str | None:
+    """Every name of IMPORTED_NAMES exists where qk-attn takes it from."""
+    for module, path in IMPORTED_NAMES:
+        found = importlib.import_module(module)
+        for part in path.split("."):
+            found = getattr(found, part, None)
+            if found is None:
+                return f"{module} has no {path}"
+    return None
+
+
+def backward_marker() -> str | None:
+    """torch (not transformers): `torch._C._current_graph_task_id()` is -1 outside a backward pass and a
+    task id inside one, which is how a checkpoint's recompute during backward is told apart (not recorded)."""
+    import torch
+
+    inside = []
+
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            inside.append(torch._C._current_graph_task_id())
+            return grad
+
+    outside = torch._C._current_graph_task_id()
+    with torch.inference_mode(False), torch.enable_grad():
+        Probe.apply(torch.zeros(1, requires_grad=True)).sum().backward()
+    if outside != -1 or len(inside) != 1 or type(inside[0]) is not int or inside[0] == -1:
+        return f"torch {torch.__version__}: {outside!r} outside a backward pass, {inside!r} inside one"
+    return None
