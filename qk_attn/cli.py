@@ -1,11 +1,11 @@
 """`qk-sniff`: run a dataset through a model and check what was recorded.
 
     qk-sniff run [--config FILE] [--set section.key=value ...] [--push] [--quiet] [--dry-run] [--shard I/N]
-    qk-sniff inspect OUT          rows, coverage, bucket distribution, plot path
-    qk-sniff verify OUT           schema, uniqueness, manifest counts, buckets, exact selection
-    qk-sniff repair OUT           drop the examples that bad or missing shards touched, so a re-run recaptures them
-    qk-sniff push OUT --repo ID [--revision BRANCH] [--private]
-    qk-sniff pull --repo ID OUT [--revision BRANCH]
+    qk-sniff inspect OUT [--quiet]   rows, coverage, bucket distribution, plot path
+    qk-sniff verify OUT [--quiet]    schema, uniqueness, manifest counts, buckets, exact selection
+    qk-sniff repair OUT [--quiet]    drop the examples that bad or missing shards touched, so a re-run recaptures them
+    qk-sniff push OUT --repo ID [--revision BRANCH] [--private] [--quiet]
+    qk-sniff pull --repo ID OUT [--revision BRANCH] [--quiet]
     qk-sniff merge OUT            manifest parts of several ranks -> qk_sniff.json + card
 
 `run` under torchrun / accelerate launch, or with `--shard i/n`, captures the documents of one
@@ -13,6 +13,10 @@ rank (qk_attn.run.distributed); see README "Multi-GPU and multi-node runs".
 
 `run` without `--config` runs the embedded offline demo (SmolLM2-135M over four KJV books,
 written to ./qk-sniff-demo/).
+
+Progress: `run` shows a bar over documents; `verify`, `inspect`, `repair` and `push` one over
+the shards or (layer, head, kind) folders of each pass they make, `push` and `pull` also
+huggingface_hub's transfer bars; all on stderr, none with `--quiet`.
 
 Exit status: 0 success; 1 `verify`/`merge` found problems in the data (`repair`: some
 remain), or a Hub transfer failed; 2 the command cannot do what it was asked: a configuration or usage error, an output
@@ -60,7 +64,7 @@ def cmd_merge(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    lines = inspect_dataset(args.out)
+    lines = inspect_dataset(args.out, progress=not args.quiet)
     for line in lines if args.full else shorten(lines):
         print(line)
     return 0
@@ -97,7 +101,7 @@ def shorten(lines: list[str], keep: int = 10, slack: int = 4) -> list[str]:
 
 
 def cmd_verify(args) -> int:
-    problems = verify_dataset(args.out, encode_source=encode_source)
+    problems = verify_dataset(args.out, encode_source=encode_source, progress=not args.quiet)
     if problems:
         print(f"FAILED: {len(problems)} problem(s) in {args.out}")
         for p in problems:
@@ -110,13 +114,13 @@ def cmd_verify(args) -> int:
 def cmd_repair(args) -> int:
     # repair_dataset prints what it dropped and returns the exit status: 0 when OUT is sound
     # afterwards (re-running the capture fills in what was dropped), 1 when problems remain.
-    return int(repair_dataset(args.out, log=print, encode_source=encode_source))
+    return int(repair_dataset(args.out, log=print, encode_source=encode_source, progress=not args.quiet))
 
 
 def cmd_push(args) -> int:
     from qk_attn.dataset import hub
 
-    hub.push(args.out, args.repo, revision=args.revision, private=args.private)
+    hub.push(args.out, args.repo, revision=args.revision, private=args.private, progress=not args.quiet)
     print(f"pushed {args.out} to {args.repo}{'@' + args.revision if args.revision else ''}")
     return 0
 
@@ -124,7 +128,7 @@ def cmd_push(args) -> int:
 def cmd_pull(args) -> int:
     from qk_attn.dataset import hub
 
-    hub.pull(args.repo, args.out, revision=args.revision)
+    hub.pull(args.repo, args.out, revision=args.revision, progress=not args.quiet)
     print(f"pulled {args.repo}{'@' + args.revision if args.revision else ''} into {args.out}")
     return 0
 
@@ -147,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add = functools.partial(sub.add_parser, parents=[common])  # every command takes --debug
 
+    def quiet(p: argparse.ArgumentParser, bars: str = "no progress bars") -> None:
+        p.add_argument("--quiet", "-q", action="store_true", help=bars)
+
     p = add("run", help="run a dataset through a model and record q/k (no --config: the offline demo)")
     p.add_argument("--config", "-c", help="YAML run configuration (see configs/); omit for the embedded demo")
     p.add_argument(
@@ -161,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="pull output.hf_repo_id before capture (if it exists) and push the dataset after the run",
     )
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars (ours and the libraries')")
+    quiet(p, "no progress bars (ours and the libraries')")
     p.add_argument(
         "--dry-run",
         action="store_true",
@@ -187,10 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("inspect", help="rows, coverage, bucket distribution and plot of a capture dataset")
     p.add_argument("out", help="capture output folder")
     p.add_argument("--full", action="store_true", help="every coverage and bucket line, however many")
+    quiet(p)
     p.set_defaults(func=cmd_inspect)
 
     p = add("verify", help="check a capture dataset against its manifest and the sampler")
     p.add_argument("out", help="capture output folder")
+    quiet(p)
     p.set_defaults(func=cmd_verify)
 
     p = add(
@@ -199,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         "so that re-running the same command captures exactly them again",
     )
     p.add_argument("out", help="capture output folder")
+    quiet(p)
     p.set_defaults(func=cmd_repair)
 
     p = add("push", help="upload a capture dataset to the Hugging Face Hub")
@@ -206,12 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repo", required=True, help="dataset repo id, e.g. org/sniffed-qk")
     p.add_argument("--revision", help="branch (created when missing), e.g. llama-3.1-8b")
     p.add_argument("--private", action="store_true", help="create the repo as private")
+    quiet(p, "no progress bars (ours and huggingface_hub's)")
     p.set_defaults(func=cmd_push)
 
     p = add("pull", help="download a capture dataset from the Hub so a run can resume into it")
     p.add_argument("out", help="local folder to fill")
     p.add_argument("--repo", required=True, help="dataset repo id")
     p.add_argument("--revision", help="branch")
+    quiet(p, "no progress bars (huggingface_hub's)")
     p.set_defaults(func=cmd_pull)
     return parser
 

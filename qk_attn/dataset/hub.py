@@ -7,6 +7,11 @@ never sees a manifest listing shards that are not there yet. It refuses to push 
 examples the local folder lacks (pull first). Any Hub failure is a `HubError` carrying the
 Hub's message; a repo id that cannot name a Hub repo (a local path) is a `ConfigError`, a usage
 error, before anything is contacted.
+
+Both take `progress` (default True): `push` shows a tqdm bar on stderr over the shards it checks
+and huggingface_hub's bars over the upload, `pull` the download's; False (`--quiet`) shows none,
+and neither shows where huggingface_hub's bars are switched off (`disable_progress_bars()`,
+HF_HUB_DISABLE_PROGRESS_BARS=1).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from pathlib import Path
 
 from huggingface_hub import HfApi
 
+from qk_attn.dataset.progress import bar, hub_bars, hub_enabled
 from qk_attn.errors import ConfigError, HubError, StorageError
 from qk_attn.storage.card import write_card
 from qk_attn.storage.folder import release_lock, take_lock
@@ -59,9 +65,12 @@ def push(
     private: bool = False,
     token: str | bool | None = None,
     api: HfApi | None = None,
+    progress: bool = True,
 ) -> str:
-    """Upload OUT to the dataset repo `repo_id` (branch `revision`, created when missing); returns its URL."""
+    """Upload OUT to the dataset repo `repo_id` (branch `revision`, created when missing); returns its URL.
+    `progress`: bars on stderr (the shards checked, then huggingface_hub's upload bars)."""
     _check_repo_id(repo_id)
+    progress = hub_enabled(progress)
     output = Path(output)
     manifest = read_manifest(output)
     if manifest is None:
@@ -70,41 +79,42 @@ def push(
     api = api or HfApi(token=token)
     where = _where(repo_id, revision)
     try:
-        _check_shards(output, manifest)
-        remote = _remote_manifest(api, repo_id, revision)
-        if remote is not None:
-            lacking = set(remote.get("examples", {})) - set(manifest.get("examples", {}))
-            if lacking:
-                raise HubError(
-                    f"{where} holds {len(lacking)} committed example(s) that {output} lacks; pushing would delete them. "
-                    f"Pull first (qk-sniff pull {output} --repo {repo_id}"
-                    f"{' --revision ' + revision if revision else ''}), or push to another branch."
-                )
-        api.create_repo(repo_id, repo_type=REPO_TYPE, private=private or None, exist_ok=True)
-        if revision:
-            api.create_branch(repo_id, branch=revision, repo_type=REPO_TYPE, exist_ok=True)
-        write_card(output, manifest, repo_id=repo_id, revision=revision)  # loading snippet names the repo
-        common = dict(repo_id=repo_id, repo_type=REPO_TYPE, revision=revision)
-        api.upload_folder(
-            **common,
-            folder_path=output,
-            allow_patterns=[SHARDS],
-            ignore_patterns=_unlisted_shards(output, manifest),  # a killed run's orphans, copies: never published
-            delete_patterns=[SHARDS],
-            commit_message=f"qk-sniff: {len(manifest['examples'])} examples (shards)",
-        )
-        with tempfile.TemporaryDirectory(prefix="qk-sniff-push-") as staging:  # the manifest without local paths
-            staging = Path(staging)
-            write_json_atomic(staging / MANIFEST, public_manifest(manifest), fsync=False)
-            for name in (EXAMPLES, CARD, CHART):
-                if (output / name).is_file():
-                    shutil.copy(output / name, staging / name)
+        with hub_bars(progress):
+            _check_shards(output, manifest, progress)
+            remote = _remote_manifest(api, repo_id, revision)
+            if remote is not None:
+                lacking = set(remote.get("examples", {})) - set(manifest.get("examples", {}))
+                if lacking:
+                    raise HubError(
+                        f"{where} holds {len(lacking)} committed example(s) that {output} lacks; pushing would delete them. "
+                        f"Pull first (qk-sniff pull {output} --repo {repo_id}"
+                        f"{' --revision ' + revision if revision else ''}), or push to another branch."
+                    )
+            api.create_repo(repo_id, repo_type=REPO_TYPE, private=private or None, exist_ok=True)
+            if revision:
+                api.create_branch(repo_id, branch=revision, repo_type=REPO_TYPE, exist_ok=True)
+            write_card(output, manifest, repo_id=repo_id, revision=revision)  # loading snippet names the repo
+            common = dict(repo_id=repo_id, repo_type=REPO_TYPE, revision=revision)
             api.upload_folder(
                 **common,
-                folder_path=staging,
-                allow_patterns=[MANIFEST, EXAMPLES, CARD, CHART],
-                commit_message=f"qk-sniff: {len(manifest['examples'])} examples (manifest, card)",
+                folder_path=output,
+                allow_patterns=[SHARDS],
+                ignore_patterns=_unlisted_shards(output, manifest),  # a killed run's orphans, copies: never published
+                delete_patterns=[SHARDS],
+                commit_message=f"qk-sniff: {len(manifest['examples'])} examples (shards)",
             )
+            with tempfile.TemporaryDirectory(prefix="qk-sniff-push-") as staging:  # the manifest without local paths
+                staging = Path(staging)
+                write_json_atomic(staging / MANIFEST, public_manifest(manifest), fsync=False)
+                for name in (EXAMPLES, CARD, CHART):
+                    if (output / name).is_file():
+                        shutil.copy(output / name, staging / name)
+                api.upload_folder(
+                    **common,
+                    folder_path=staging,
+                    allow_patterns=[MANIFEST, EXAMPLES, CARD, CHART],
+                    commit_message=f"qk-sniff: {len(manifest['examples'])} examples (manifest, card)",
+                )
     except (HubError, StorageError):
         raise
     except Exception as error:  # noqa: BLE001 - any Hub/network failure: keep the Hub's own words
@@ -121,14 +131,16 @@ def pull(
     token: str | bool | None = None,
     api: HfApi | None = None,
     missing_ok: bool = False,
+    progress: bool = True,
 ) -> Path | None:
     """Download a remote capture into OUT so a run resumes into it.
 
     Returns OUT, or None when the repo/branch does not exist and `missing_ok`. Refuses when OUT
     already holds committed examples the remote lacks (they would be orphaned), or a
-    capture with different settings.
+    capture with different settings. `progress`: huggingface_hub's download bars on stderr.
     """
     _check_repo_id(repo_id)
+    progress = hub_enabled(progress)
     output = Path(output)
     created = not output.exists()
     output.mkdir(parents=True, exist_ok=True)
@@ -136,33 +148,34 @@ def pull(
     api = api or HfApi(token=token)
     where = _where(repo_id, revision)
     try:
-        remote = _remote_manifest(api, repo_id, revision)
-        if remote is None:
-            if missing_ok:
-                return None
-            raise HubError(f"{where} does not exist or holds no {MANIFEST}: nothing to pull")
-        local = read_manifest(output)
-        if local is not None:
-            lacking = set(local.get("examples", {})) - set(remote.get("examples", {}))
-            if lacking:
-                raise HubError(
-                    f"{output} holds {len(lacking)} committed example(s) that {where} lacks; pulling would discard "
-                    f"them. Push first (qk-sniff push {output} --repo {repo_id}), or pull into another folder."
-                )
-            from qk_attn.config import SniffConfig
+        with hub_bars(progress):
+            remote = _remote_manifest(api, repo_id, revision)
+            if remote is None:
+                if missing_ok:
+                    return None
+                raise HubError(f"{where} does not exist or holds no {MANIFEST}: nothing to pull")
+            local = read_manifest(output)
+            if local is not None:
+                lacking = set(local.get("examples", {})) - set(remote.get("examples", {}))
+                if lacking:
+                    raise HubError(
+                        f"{output} holds {len(lacking)} committed example(s) that {where} lacks; pulling would discard "
+                        f"them. Push first (qk-sniff push {output} --repo {repo_id}), or pull into another folder."
+                    )
+                from qk_attn.config import SniffConfig
 
-            try:
-                config = SniffConfig(**{k: v for k, v in local["config"].items() if k in SniffConfig.field_names()})
-                check_same_capture(output, remote, config, local.get("source"))
-            except ValueError as error:
-                raise HubError(f"{where} and {output} are different captures: {error}") from error
-        api.snapshot_download(
-            repo_id,
-            repo_type=REPO_TYPE,
-            revision=revision,
-            local_dir=output,
-            allow_patterns=[MANIFEST, EXAMPLES, CARD, CHART, SHARDS],
-        )
+                try:
+                    config = SniffConfig(**{k: v for k, v in local["config"].items() if k in SniffConfig.field_names()})
+                    check_same_capture(output, remote, config, local.get("source"))
+                except ValueError as error:
+                    raise HubError(f"{where} and {output} are different captures: {error}") from error
+            api.snapshot_download(
+                repo_id,
+                repo_type=REPO_TYPE,
+                revision=revision,
+                local_dir=output,
+                allow_patterns=[MANIFEST, EXAMPLES, CARD, CHART, SHARDS],
+            )
     except HubError:
         raise
     except Exception as error:  # noqa: BLE001
@@ -183,18 +196,21 @@ def _unlisted_shards(output: Path, manifest: dict) -> list[str]:
     return sorted(path for path in found if fnmatch.fnmatch(path, SHARDS) and path not in listed)
 
 
-def _check_shards(output: Path, manifest: dict) -> None:
+def _check_shards(output: Path, manifest: dict, progress: bool = False) -> None:
     """Every committed shard against its recorded size and sha256: a damaged shard is never published."""
     from qk_attn.dataset.reader import check_shard
 
-    for key, names in sorted(manifest["shards"].items()):
-        for name in names:
-            problem = check_shard(output, manifest, key, name, read=False)
-            if problem:
-                raise StorageError(
-                    f"{output / key / name}: {problem}; nothing was pushed: run `qk-sniff verify "
-                    f"{output}`, then `qk-sniff repair {output}` and the capture again"
-                )
+    shards = sum(len(names) for names in manifest["shards"].values())
+    with bar("qk-sniff push: shards", "shard", progress, shards) as shard_bar:
+        for key, names in sorted(manifest["shards"].items()):
+            for name in names:
+                problem = check_shard(output, manifest, key, name, read=False)
+                if problem:
+                    raise StorageError(
+                        f"{output / key / name}: {problem}; nothing was pushed: run `qk-sniff verify "
+                        f"{output}`, then `qk-sniff repair {output}` and the capture again"
+                    )
+                shard_bar.update(1)
 
 
 def snapshot(

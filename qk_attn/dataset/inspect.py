@@ -5,13 +5,15 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+from qk_attn.dataset.progress import bar
 from qk_attn.dataset.reader import Dataset
 from qk_attn.storage.coverage import coverage
 
 
-def inspect_dataset(root: str | Path) -> list[str]:
+def inspect_dataset(root: str | Path, progress: bool = True) -> list[str]:
     """Rows, coverage, bucket distribution and plot path, as printable lines (from the files;
-    coverage reasons from the manifest, as the card states them)."""
+    coverage reasons from the manifest, as the card states them). `progress`: a tqdm bar on stderr
+    over the (layer, head, kind) folders read; False (`--quiet`): none."""
     import numpy as np
 
     data = Dataset.open(root)
@@ -21,7 +23,7 @@ def inspect_dataset(root: str | Path) -> list[str]:
     model = data.manifest.get("model") or {}
     rows: dict[str, Counter] = {"q": Counter(), "k": Counter()}  # kind -> bucket -> rows
     heads: dict[str, set] = {"q": set(), "k": set()}
-    for key in data.folders:
+    for key in bar("qk-sniff inspect: folders", "folder", progress, iterable=data.folders):
         table = data.index(key)
         if table is None or table.num_rows == 0:
             continue

@@ -4,7 +4,7 @@
                                and index columns (vectors are never loaded)
     check_shard(...)           one shard's integrity problem (missing, size, sha256, page checksums),
                                or None (qk_attn.dataset.load and qk_attn.dataset.hub use it)
-    check_integrity(data)      every committed shard and the examples table
+    check_integrity(data)      every committed shard and the examples table (a bar: one step a shard)
 
 Each integrity problem is one line: the file, what is wrong, the examples it holds (from the
 manifest, so also for a shard that cannot be read). See docs/architecture.md.
@@ -149,8 +149,9 @@ def ids_text(ids: list[int], limit: int = 20) -> str:
     return "[" + ", ".join(map(str, ids[:limit])) + (f", ... {len(ids) - limit} more" if len(ids) > limit else "") + "]"
 
 
-def check_integrity(data: Dataset) -> tuple[list[str], set[Path], int]:
-    """(one line per bad shard, the bad shard paths, how many shards had no digest to check)."""
+def check_integrity(data: Dataset, bar=None) -> tuple[list[str], set[Path], int]:
+    """(one line per bad shard, the bad shard paths, how many shards had no digest to check);
+    `bar` (qk_attn.dataset.progress.bar) moves one step per shard checked."""
     lines, bad, no_digest = [], set(), 0
     info = data.manifest.get("shard_info", {})
     for key, names in sorted(data.manifest.get("shards", {}).items()):
@@ -160,6 +161,8 @@ def check_integrity(data: Dataset) -> tuple[list[str], set[Path], int]:
             if problem:
                 lines.append(shard_problem_line(data.root, data.manifest, key, name, problem))
                 bad.add(data.root / key / name)
+            if bar is not None:
+                bar.update(1)
     problem = check_examples_file(data.root, data.manifest)
     if problem:
         lines.append(problem)

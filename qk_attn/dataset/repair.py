@@ -5,6 +5,9 @@
                                         write counts, examples table and card again
     repair_dataset(OUT) -> exit code    repair(), then every check of `verify`
 
+Both take `progress` (default True): tqdm bars on stderr over the shards checked and, when there
+is something to mend, over the folders rewritten, then verify's; False (`--quiet`): none.
+
 Re-running the same capture afterwards recaptures exactly the dropped examples. See
 docs/architecture.md.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from qk_attn.dataset.progress import bar
 from qk_attn.dataset.reader import check_shard, ids_text, shard_problem_line
 from qk_attn.dataset.salvage import holds_any, older_shard_examples, recount, salvage, scale_calls
 from qk_attn.dataset.verify import EncodeSource, verify_dataset
@@ -37,7 +41,7 @@ from qk_attn.storage.manifest import fsync_dir, read_manifest, write_json_atomic
 from qk_attn.storage.records import row_group_segments, segment_examples, shard_examples, shard_segments
 
 
-def repair(output: str | Path, log=print) -> dict:
+def repair(output: str | Path, log=print, progress: bool = True) -> dict:
     """Make OUT sound again after files were damaged, lost or left behind, keeping every intact row.
 
     1. An unreadable or altered qk_sniff.json (its digest) is replaced by the previous one
@@ -65,17 +69,17 @@ def repair(output: str | Path, log=print) -> dict:
         raise FileNotFoundError(f"{output} is not a folder")
     ranks = part_ranks(output)
     if ranks:
-        return _repair_ranks(output, ranks, log)
+        return _repair_ranks(output, ranks, log, progress)
     if not (output / MANIFEST).exists() and not (output / PREVIOUS).exists():
         raise NotACapture(f"{output} is not a qk-sniff dataset ({MANIFEST} is missing); nothing was changed")
     fd = take_lock(output, LOCK)  # never repair under a running capture
     try:
-        return _repair_writer(output, Files(), log)
+        return _repair_writer(output, Files(), log, progress=progress)
     finally:
         release_lock(output, fd, LOCK)
 
 
-def _repair_ranks(output: Path, ranks: list[int], log) -> dict:
+def _repair_ranks(output: Path, ranks: list[int], log, progress: bool = True) -> dict:
     """Each rank's part repaired as a writer of its own (its manifest, previous manifest, examples
     table and `rRRR-` shards), then Parquet files no rank owns quarantined. A part that lost
     examples (dropped or restored from its previous version) is marked incomplete, so `merge`
@@ -93,7 +97,7 @@ def _repair_ranks(output: Path, ranks: list[int], log) -> dict:
             )
         results = {}
         for rank in ranks:
-            results[rank] = _repair_writer(output, Files(rank), log, card=False)
+            results[rank] = _repair_writer(output, Files(rank), log, card=False, progress=progress)
         # Shards the merged manifest lists stay, also those of a rank whose part is gone.
         listed = {key: set(names) for key, names in ((merged or {}).get("shards") or {}).items()}
         tidied = _quarantine(output, listed, lambda name: any(Files(rank).owns(name) for rank in ranks))
@@ -138,7 +142,7 @@ def _merged_manifest(output: Path) -> dict | None:
         return None
 
 
-def _repair_writer(output: Path, files: Files, log, card: bool = True) -> dict:
+def _repair_writer(output: Path, files: Files, log, card: bool = True, progress: bool = True) -> dict:
     """repair() of one writer's files: the single writer's, or one rank's part (`files`)."""
     import numpy as np
     import pyarrow as pa
@@ -152,11 +156,15 @@ def _repair_writer(output: Path, files: Files, log, card: bool = True) -> dict:
     for line in tidied:
         log(line)
     bad: dict[tuple[str, str], str] = {}
-    for key, names in sorted(manifest["shards"].items()):
-        for name in names:
-            problem = check_shard(output, manifest, key, name)
-            if problem:
-                bad[(key, name)] = problem
+    who = "" if files.rank is None else f" (rank {files.rank})"
+    shards = sum(len(names) for names in manifest["shards"].values())
+    with bar(f"qk-sniff repair{who}: shards", "shard", progress, shards) as shard_bar:
+        for key, names in sorted(manifest["shards"].items()):
+            for name in names:
+                problem = check_shard(output, manifest, key, name)
+                if problem:
+                    bad[(key, name)] = problem
+                shard_bar.update(1)
     lines = [shard_problem_line(output, manifest, key, name, p) for (key, name), p in sorted(bad.items())]
     for line in lines:
         log(line)
@@ -189,7 +197,9 @@ def _repair_writer(output: Path, files: Files, log, card: bool = True) -> dict:
     drop = np.array(sorted(dropped), np.int64)
     removed: list[Path] = []
     part = 0
-    for key, names in sorted(manifest["shards"].items()):
+    for key, names in bar(
+        f"qk-sniff repair{who}: rewrite", "folder", progress, iterable=sorted(manifest["shards"].items())
+    ):
         kept = []
         for name in names:
             path = output / key / name
@@ -330,15 +340,17 @@ def _write_card(output: Path, manifest: dict, log) -> None:
     write_card(output, manifest)
 
 
-def repair_dataset(root: str | Path, log=print, encode_source: EncodeSource | None = None) -> int:
+def repair_dataset(
+    root: str | Path, log=print, encode_source: EncodeSource | None = None, progress: bool = True
+) -> int:
     """`qk-sniff repair OUT`: repair() with its report as lines, then every check of `verify`
     (given `encode_source` as verify is): exit status 0 exactly when verify passes afterwards
     (re-run the capture to fill what was dropped); 1 with each problem repair could not fix listed."""
-    result = repair(root, log=log)
+    result = repair(root, log=log, progress=progress)
     if result.get("merge"):  # ranks whose merged manifest was taken away: verify reads a merged folder
         log(f"the rank parts of {root} are sound; next: {result['merge']}")
         return 0
-    problems = verify_dataset(root, log=lambda *_: None, encode_source=encode_source)
+    problems = verify_dataset(root, log=lambda *_: None, encode_source=encode_source, progress=progress)
     for line in problems:
         log(f"still wrong: {line}")
     if problems:

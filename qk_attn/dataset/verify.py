@@ -1,10 +1,11 @@
 """`qk-sniff verify`: every check of a capture folder against its manifest and the sampler.
 
-    verify_dataset(OUT, encode_source=None) -> problems
+    verify_dataset(OUT, encode_source=None, progress=True) -> problems
         integrity (size, sha256, Parquet page checksums) of every committed shard and of the
         examples table, then schema, uniqueness, manifest counts, buckets, the sampler's exact
         selection and token ids (one token per (example, position) in every row; the source
-        documents encoded again when the caller gives `encode_source`)
+        documents encoded again when the caller gives `encode_source`); a bar on stderr for each
+        pass: shards (integrity), folders (rows), folders (selections)
 
 verify only reports: nothing it reads is copied anywhere. See docs/architecture.md.
 """
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from qk_attn.dataset.progress import bar
 from qk_attn.dataset.reader import INDEX_COLUMNS, Dataset, check_integrity
 from qk_attn.errors import ManifestError
 from qk_attn.storage.card import card_problem
@@ -55,9 +57,13 @@ def expected_positions(
     return out
 
 
-def verify_dataset(root: str | Path, log=print, encode_source: EncodeSource | None = None) -> list[str]:
+def verify_dataset(
+    root: str | Path, log=print, encode_source: EncodeSource | None = None, progress: bool = True
+) -> list[str]:
     """Every check of `qk-sniff verify`; returns the problems found (empty: the dataset is sound).
-    Without `encode_source` the token ids are not checked against the source documents (one info line)."""
+    Without `encode_source` the token ids are not checked against the source documents (one info line).
+    `progress`: a tqdm bar on stderr for each pass (shards checked, folders read, folders held to the
+    sampler's selection), as `qk-sniff run` shows its own; False (`--quiet`): none."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -75,7 +81,9 @@ def verify_dataset(root: str | Path, log=print, encode_source: EncodeSource | No
         data = Dataset.open(root)
     except ManifestError as error:  # altered or unreadable: nothing it lists can be trusted
         return [str(error)]
-    integrity, bad, no_digest = check_integrity(data)
+    shards = sum(len(names) for names in data.manifest.get("shards", {}).values())
+    with bar("qk-sniff verify: shards", "shard", progress, shards) as shard_bar:
+        integrity, bad, no_digest = check_integrity(data, shard_bar)
     card = card_problem(root, data.manifest)
     if card:
         integrity = [*integrity, f"{card}; `qk-sniff repair {root}` (or the next run of the capture) writes it"]
@@ -114,7 +122,7 @@ def verify_dataset(root: str | Path, log=print, encode_source: EncodeSource | No
     if stated_dim in first_dims.values():
         for key, dim in sorted(first_dims.items()):
             layer_dim.setdefault(parse_key(key)[0], dim)
-    for key, folder in data.folders.items():
+    for key, folder in bar("qk-sniff verify: folders", "folder", progress, iterable=data.folders.items()):
         layer, head, kind = key
         name = folder.name
         files = data.files(key)
@@ -230,23 +238,29 @@ def verify_dataset(root: str | Path, log=print, encode_source: EncodeSource | No
             if calls.get(key_name(layer, head, kind), 0) > 0
         }
     pairs = sorted({(layer, kind) for layer, _, kind in expected_keys} - vision_keys)
-    for layer, kind in pairs:
-        want = expected_positions(sampler, layer, kind, committed, starts=data.first_positions())
-        heads = sorted(h for (lay, h, k) in expected_keys if lay == layer and k == kind)
-        for head in heads:
-            name = key_name(layer, head, kind)
-            if name in damaged_folders and not damaged:  # an old dataset: no per-shard examples to exclude
-                continue
-            got = selections.get((layer, kind), {}).get(name, {})
-            wrong = [
-                e for e, positions in want.items() if not np.array_equal(got.get(e, np.empty(0, np.int64)), positions)
-            ]
-            if wrong:
-                e = wrong[0]
-                problems.append(
-                    f"{name}: {len(wrong)} example(s) whose positions differ from the sampler's selection, e.g. example "
-                    f"{e} (valid length {committed[e]}): recorded {len(got.get(e, []))} positions, expected {len(want[e])}"
-                )
+    held = sum((layer, kind) in pairs for layer, _, kind in expected_keys)
+    with bar("qk-sniff verify: selections", "folder", progress, held) as selection_bar:
+        for layer, kind in pairs:
+            want = expected_positions(sampler, layer, kind, committed, starts=data.first_positions())
+            heads = sorted(h for (lay, h, k) in expected_keys if lay == layer and k == kind)
+            for head in heads:
+                selection_bar.update(1)
+                name = key_name(layer, head, kind)
+                if name in damaged_folders and not damaged:  # an old dataset: no per-shard examples to exclude
+                    continue
+                got = selections.get((layer, kind), {}).get(name, {})
+                wrong = [
+                    e
+                    for e, positions in want.items()
+                    if not np.array_equal(got.get(e, np.empty(0, np.int64)), positions)
+                ]
+                if wrong:
+                    e = wrong[0]
+                    problems.append(
+                        f"{name}: {len(wrong)} example(s) whose positions differ from the sampler's selection, e.g. "
+                        f"example {e} (valid length {committed[e]}): recorded {len(got.get(e, []))} positions, "
+                        f"expected {len(want[e])}"
+                    )
     empty = len(expected_keys - set(data.folders))
     log(
         f"checked {len(data.folders)} (layer, head, kind) folders, {sum(seen_counts.values()):,} rows, "

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,13 @@ from qk_attn.errors import ConfigError
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PADDING_SIDES = ("right", "left")
 SAMPLE_BY = ("document", "paragraph", "line")
+# A number written as text (a quoted YAML value, or one YAML reads as a string) is plain ASCII:
+# int() and float() also take "1_0", "+4", " ٣" (other scripts' digits), which no one means as a
+# setting (as qk_attn.config refuses them in QK_SNIFF_* values).
+_INT_TEXT = re.compile(r"-?[0-9]+")
+_FLOAT_TEXT = re.compile(r"-?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+_INT_FORM = "in plain ASCII digits, e.g. 8 (no '_', '+' or other scripts' digits)"
+_FLOAT_FORM = "in plain ASCII decimal, e.g. 2.5 or 1e3 (no '_', '+' or other scripts' digits)"
 
 
 # ---- one field = one validator -------------------------------------------------------------
@@ -60,20 +68,22 @@ def validate(where: str, value: Any, kind: str, choices, minimum, nullable) -> A
     if kind == "int":
         if isinstance(value, bool) or not isinstance(value, (int, str)):
             raise ConfigError(f"{where}={value!r} is invalid: expected an integer")
+        at_least = "" if minimum is None else f" >= {minimum}"
         try:
-            number = int(value)
+            if isinstance(value, str) and not _INT_TEXT.fullmatch(value.strip()):
+                raise ValueError(value)
+            number = int(value)  # ValueError: more digits than int() converts
         except ValueError:
-            raise ConfigError(f"{where}={value!r} is invalid: expected an integer") from None
+            raise ConfigError(f"{where}={value!r} is invalid: expected an integer{at_least} {_INT_FORM}") from None
         if minimum is not None and number < minimum:
             raise ConfigError(f"{where}={value!r} is invalid: expected an integer >= {minimum}")
         return number
     if kind == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ConfigError(f"{where}={value!r} is invalid: expected a finite number")
-        try:
-            number = float(value)
-        except ValueError:
-            raise ConfigError(f"{where}={value!r} is invalid: expected a finite number") from None
+        if isinstance(value, str) and not _FLOAT_TEXT.fullmatch(value.strip()):
+            raise ConfigError(f"{where}={value!r} is invalid: expected a finite number > {minimum or 0} {_FLOAT_FORM}")
+        number = float(value)
         if not math.isfinite(number) or not number > (minimum or 0):  # .nan / .inf: not a size
             raise ConfigError(f"{where}={value!r} is invalid: expected a finite number > {minimum or 0}")
         return number

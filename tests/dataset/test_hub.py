@@ -3,6 +3,7 @@ the folders, manifest, card, pattern matching and loading are all real."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 try:  # the HTTP library huggingface_hub raises with: httpx2 from huggingface_hub 2, httpx before
@@ -254,3 +255,46 @@ def test_a_pulled_copy_resumes_with_the_same_local_files_anywhere_and_refuses_ot
     open_sink(pulled, source={"dataset": str(moved / "docs.jsonl"), "tokenizer": str(other / "tok")}).close()
     with pytest.raises(ValueError, match=r"dataset.path: 'docs.jsonl \(local\) \(16 bytes, fingerprint \w+\)' in "):
         open_sink(pulled, source={"dataset": str(other / "docs.jsonl"), "tokenizer": str(moved / "tok")})
+
+
+def test_push_shows_a_bar_over_its_shards_and_quiet_turns_every_bar_off(tmp_path, fake_hub, monkeypatch, capfd):
+    """`qk-sniff push` checks each shard with a bar on stderr and leaves huggingface_hub's own
+    bars on; `--quiet` shows neither (restored afterwards); `pull --quiet` turns the Hub's off."""
+    import importlib
+
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    from qk_attn import cli
+
+    hub_tqdm = importlib.import_module("huggingface_hub.utils.tqdm")  # the module, not its `tqdm` class
+    monkeypatch.setattr(hub_tqdm, "progress_bar_states", {})  # whatever earlier tests switched off
+    monkeypatch.setattr(hub_tqdm, "HF_HUB_DISABLE_PROGRESS_BARS", None)
+    hub_bars_on = []
+    for name in ("upload_folder", "snapshot_download"):
+        fake = getattr(HfApi, name)
+
+        def recording(self, *args, _fake=fake, **kwargs):
+            hub_bars_on.append(not are_progress_bars_disabled())
+            return _fake(self, *args, **kwargs)
+
+        monkeypatch.setattr(HfApi, name, recording)
+    out = tmp_path / "out"
+    _capture(out, [0, 1, 2])
+    shards = sum(len(names) for names in read_manifest(out)["shards"].values())
+
+    assert cli.main(["push", str(out), "--repo", "org/qk"]) == 0
+    err = capfd.readouterr().err
+    assert re.search(rf"qk-sniff push: shards: 100%\|[^|]*\| {shards}/{shards} \[[^\]]*(shard/s|s/shard)\]", err), err
+    assert hub_bars_on and all(hub_bars_on)
+    hub_bars_on.clear()
+    assert cli.main(["push", str(out), "--repo", "org/qk", "--quiet"]) == 0
+    assert capfd.readouterr().err == "" and hub_bars_on and not any(hub_bars_on)
+    hub_bars_on.clear()
+    assert cli.main(["pull", str(tmp_path / "pulled"), "--repo", "org/qk", "-q"]) == 0
+    assert capfd.readouterr().err == "" and hub_bars_on and not any(hub_bars_on)
+    assert not are_progress_bars_disabled()  # as it was before the commands
+    # huggingface_hub's bars switched off (as transformers' disable_progress_bar() and `run --quiet` do):
+    # push's own bar follows them, so `run --push --quiet` pushes without one.
+    hub_tqdm.progress_bar_states["_global"] = False
+    hub.push(out, "org/qk")
+    assert capfd.readouterr().err == ""

@@ -589,12 +589,25 @@ def test_push_and_pull_commands_call_the_hub_module(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(
         hub,
         "push",
-        lambda out, repo, revision=None, private=False: calls.append(("push", out, repo, revision, private)),
+        lambda out, repo, revision=None, private=False, progress=True: calls.append(
+            ("push", out, repo, revision, private, progress)
+        ),
     )
-    monkeypatch.setattr(hub, "pull", lambda repo, out, revision=None: calls.append(("pull", repo, out, revision)))
+    monkeypatch.setattr(
+        hub,
+        "pull",
+        lambda repo, out, revision=None, progress=True: calls.append(("pull", repo, out, revision, progress)),
+    )
     assert cli.main(["push", "out", "--repo", "org/qk", "--revision", "b", "--private"]) == 0
     assert cli.main(["pull", "out", "--repo", "org/qk"]) == 0
-    assert calls == [("push", "out", "org/qk", "b", True), ("pull", "org/qk", "out", None)]
+    assert cli.main(["push", "out", "--repo", "org/qk", "--quiet"]) == 0
+    assert cli.main(["pull", "out", "--repo", "org/qk", "-q"]) == 0
+    assert calls == [
+        ("push", "out", "org/qk", "b", True, True),
+        ("pull", "org/qk", "out", None, True),
+        ("push", "out", "org/qk", None, False, False),
+        ("pull", "org/qk", "out", None, False),
+    ]
 
     def failing(*args, **kwargs):
         raise HubError("pushing out to org/qk failed: 401 Unauthorized")
