@@ -13,13 +13,16 @@ which commits at `qk_attn.flush()` and at interpreter exit.
 from __future__ import annotations
 
 import contextlib
+import reprlib
 from collections.abc import Iterator
 from typing import Any
 
 from qk_attn.capture import active
 from qk_attn.capture.active import reload_env
 from qk_attn.capture.recorder import Session
-from qk_attn.config import SniffConfig
+from qk_attn.capture.sinks import Sink
+from qk_attn.config import SniffConfig, check_flag, check_source, check_vocabulary
+from qk_attn.errors import ConfigError
 from qk_attn.storage.sink import ParquetSink
 
 __all__ = ["Session", "flush", "reload_env", "session"]
@@ -36,6 +39,27 @@ def _recorder(
 
 active.make_default = _recorder
 
+# What a sink that does not subclass Sink must have (qk_attn.capture.sinks.as_sink uses only these).
+SINK_METHODS = ("put", "commit", "close")
+
+
+def _check_sink(sink) -> None:
+    """`sink=`: None, a Sink, or an object with the methods as_sink calls; refused here, not at the
+    session's first commit (an AttributeError, then another at close)."""
+    if sink is None or isinstance(sink, Sink):
+        return
+    missing = [name for name in SINK_METHODS if not callable(getattr(sink, name, None))]
+    if missing:
+        allowed = (
+            "None, a qk_attn.capture.sinks.Sink, or an object with put(batch), commit(example_ids) and close() methods"
+        )
+        raise ConfigError(
+            f"sink={reprlib.repr(sink)} is invalid: expected {allowed} (it has no {', '.join(missing)})",
+            setting="sink",
+            value=sink,
+            allowed=allowed,
+        )
+
 
 @contextlib.contextmanager
 def session(
@@ -51,7 +75,11 @@ def session(
 
     `source` is recorded in the manifest and card (e.g. {"tokenizer": name, "tokenizer_revision":
     rev}, which `load(..., tokens=True)` uses); `vocabulary` (token strings by id, e.g.
-    `tokenizer.convert_ids_to_tokens(range(len(tokenizer)))`) adds a `token_str` column."""
+    `tokenizer.convert_ids_to_tokens(range(len(tokenizer)))`) adds a `token_str` column.
+    Every argument is checked before anything is done (in memory too): `overwrite` is a bool."""
+    overwrite = check_flag("overwrite", overwrite)
+    source, vocabulary = check_source(source), check_vocabulary(vocabulary)
+    _check_sink(sink)
     config = SniffConfig.from_env(**settings)
     recorder = _recorder(config, sink, example_ids, overwrite, source, vocabulary)
     active.opened(recorder)

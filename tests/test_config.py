@@ -157,7 +157,29 @@ def test_an_empty_head_or_layer_list_is_refused_not_read_as_all(value):
         SniffConfig(layers=value)
     # unset (or empty, the shell's way of unsetting) means every head, as omitting the keyword does
     assert SniffConfig.from_env({"QK_SNIFF_HEADS": ""}).heads is None
-    assert SniffConfig(key_heads=value).key_heads == ()  # an explicit "no key heads" stays allowed
+
+
+@pytest.mark.parametrize("value", [[], (), set()])
+def test_an_empty_key_heads_list_is_refused_not_read_as_no_keys(value):
+    """`key_heads=[]` recorded no keys at all while the capture said q,k; no keys is capture="q"."""
+    import qk_attn
+    from qk_attn.run.config import RunConfig
+
+    says = r"key_heads=.* is invalid: expected at least one key head; omit it .* or record queries only \(capture='q'"
+    with pytest.raises(ValueError, match=rf"^{says}") as error:
+        SniffConfig(key_heads=value)
+    assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match=rf"^{says}"):
+        with qk_attn.session(key_heads=value):
+            pass
+    # a run configuration reads it through SniffConfig, named by its YAML key
+    minimal = {"dataset": {"path": "docs.jsonl"}, "model": {"name": "some/model"}, "output": {"data_root": "out"}}
+    with pytest.raises(ValueError, match=r"^capture\.key_heads=\[\] is invalid: expected at least one key head"):
+        RunConfig.load(None, ["capture.key_heads=[]"], base=minimal).sniff_config()
+    # unset, empty or all: the key heads the recorded query heads read, as omitting it does
+    for unset in (None, "", "all"):
+        assert SniffConfig(key_heads=unset).key_heads is None
+    assert SniffConfig.from_env({"QK_SNIFF_KEY_HEADS": ""}).key_heads is None
 
 
 @pytest.mark.parametrize(

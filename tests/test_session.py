@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import transformers as tf
@@ -331,3 +332,86 @@ def test_reload_env_with_a_bad_value_leaves_the_running_default_session(tmp_path
         monkeypatch.delenv("QK_SNIFF_OUTPUT")
         monkeypatch.delenv("QK_SNIFF_SAMPLER")
         qk_attn.reload_env()
+
+
+# ---- session()'s own arguments: checked before anything is done, in memory too ------------------
+def _files(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_takes_a_bool_only_and_a_refused_value_leaves_the_capture(tmp_path):
+    """`overwrite="no"` (any truthy non-bool) was read as True and deleted the capture it meant to keep."""
+    out = tmp_path / "out"
+    model = build("llama3", "qk_sniff")
+    ids = torch.arange(2, 10)[None]
+    settings = dict(sampler="all", layers="0", heads="0", capture="q")
+    with qk_attn.session(output=out, **settings):
+        model(input_ids=ids)
+    before = _files(out)
+    for value in ("no", "false", "yes", 0, 1, 2, None):
+        for output in (out, None):  # an in-memory session is refused the same way
+            with pytest.raises(qk_attn.ConfigError) as error:
+                with qk_attn.session(output=output, overwrite=value, **settings):
+                    model(input_ids=ids)
+            assert str(error.value) == f"overwrite={value!r} is invalid: expected True or False"
+        assert _files(out) == before
+    with qk_attn.session(output=out, overwrite=False, **settings):
+        model(input_ids=ids)
+    assert sorted(qk_attn.load_examples(out)["example_id"].to_pylist()) == [0, 1]  # resumed
+    with qk_attn.session(output=out, overwrite=True, **settings):
+        model(input_ids=ids)
+    assert qk_attn.load_examples(out)["example_id"].to_pylist() == [0]  # started over
+
+
+class _NoClose:
+    def put(self, batch):
+        pass
+
+    def commit(self, example_ids):
+        pass
+
+
+@pytest.mark.parametrize(
+    "argument, value, says",
+    [
+        ("source", "str", "expected a dict of str keys to JSON values"),
+        ("source", 5, "expected a dict of str keys to JSON values"),
+        ("source", [("tokenizer", "x")], "expected a dict of str keys to JSON values"),
+        ("source", {"tokenizer": b"x"}, "source['tokenizer'] is b'x'; expected"),
+        ("source", {"rate": float("nan")}, "source['rate'] is nan; expected"),
+        ("source", {1: "x"}, "source has the key 1, not a str; expected"),
+        ("vocabulary", 5, "expected a list of token strings indexed by token id"),
+        ("vocabulary", "abc", "a str would be one token per character"),
+        ("vocabulary", {"a": 1}, "a dict (token -> id, as get_vocab() gives) is not by id"),
+        ("vocabulary", ["a", 5], "item 1 is 5; expected a list of token strings"),
+        ("vocabulary", [], "expected a list of token strings"),
+        ("sink", 5, "expected None, a qk_attn.capture.sinks.Sink, or an object with put(batch), commit(example_ids)"),
+        ("sink", "x", "(it has no put, commit, close)"),
+        ("sink", _NoClose(), "(it has no close)"),
+    ],
+)
+def test_source_vocabulary_and_sink_are_checked_before_anything_is_done(tmp_path, argument, value, says):
+    """They gave AttributeErrors or pyarrow's TypeError (at the folder's opening, or at the first
+    commit and again at close), or were taken as they were ("abc" as three token strings); an
+    in-memory session never looked at source or vocabulary."""
+    for output in (None, tmp_path / "out"):
+        with pytest.raises(qk_attn.ConfigError) as error:
+            with qk_attn.session(output=output, sampler="all", **{argument: value}):
+                pass
+        message = str(error.value)
+        assert message.startswith(f"{argument}=") and says in message and "\n" not in message
+        assert not (tmp_path / "out").exists()
+
+
+def test_a_source_is_recorded_as_json_reads_it_back_so_a_resumed_run_matches(tmp_path):
+    """A tuple in `source` came back from the manifest as a list: the same run was then refused for
+    "different settings" (source.layers: [0, 1] there, (0, 1) now)."""
+    out = tmp_path / "out"
+    model = build("llama3", "qk_sniff")
+    source = {"dataset": "toy", "layers": (0, 1)}
+    vocabulary = np.array([f"t{i}" for i in range(VOCAB)])  # a numpy array of strings is a list of them
+    for _ in range(2):
+        with qk_attn.session(output=out, sampler="all", layers="0", source=source, vocabulary=vocabulary):
+            model(input_ids=torch.arange(2, 10)[None])
+    assert sorted(qk_attn.load_examples(out)["example_id"].to_pylist()) == [0, 1]
+    assert qk_attn.load(out, layer=0, head=0, kind="q")["token_str"].to_pylist()[:3] == ["t2", "t3", "t4"]

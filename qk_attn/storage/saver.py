@@ -193,6 +193,24 @@ class SaverThread(Committer):
         vectors = np.array(rows.vectors, dtype=self.vector_type.to_pandas_dtype(), order="C")
         buffer.add(rows.example_id, rows.position, rows.bucket, vectors, rows.token_id)
         self.rows_written += len(rows) * len(rows.heads)
+        if self.vocabulary is not None and rows.token_id is not None and not self._warned_vocabulary:
+            self._warn_past_vocabulary(rows.token_id)
+
+    def _warn_past_vocabulary(self, token_id: np.ndarray) -> None:
+        """Once per sink: a token id past the end of `vocabulary` gets token_str null (its token_id is
+        kept). A warning, not a refusal: the model's vocab_size is no bound (Qwen's embedding has rows
+        no tokenizer id reaches, so a whole vocabulary is shorter than it), only the ids that occur are."""
+        largest = int(token_id.max())
+        if largest >= len(self.vocabulary):
+            self._warned_vocabulary = True
+            logger.warning(
+                "qk-sniff: token id %d is past the end of the vocabulary given (%d strings, ids 0-%d): rows of ids past "
+                "its end get token_str null (their token_id is kept); pass a vocabulary of every id, e.g. "
+                "tokenizer.convert_ids_to_tokens(range(len(tokenizer)))",
+                largest,
+                len(self.vocabulary),
+                len(self.vocabulary) - 1,
+            )
 
     def _keep_in_budget(self) -> None:
         seg = self._open

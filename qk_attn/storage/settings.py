@@ -286,12 +286,12 @@ def _described(value, fingerprint: dict) -> str:
 def check_same_capture(output: Path, manifest: dict, config, source: dict | None) -> None:
     """Refuse to mix two different captures in one folder; the message names every difference."""
     differences = setting_differences(manifest, config, source)
-    diffs = [f"  {d.setting}: {d.there!r} in {output}, {d.now!r} now" for d in differences]
-    if diffs:
+    if differences:  # one line, as the run's own check words it (qk_attn.run.output_checks)
+        diffs = "; ".join(f"{d.setting}: {d.there!r} there, {d.now!r} now" for d in differences)
         raise ValueError(
-            f"{output} already holds a qk-sniff capture with different settings:\n" + "\n".join(diffs) + "\n"
-            "Re-run with the same settings to resume it, choose another output directory, or pass overwrite=True "
-            "(run config: output.overwrite: true) to delete the existing capture and start over."
+            f"{output} already holds a qk-sniff capture with different settings ({diffs}); re-run with the same "
+            "settings to resume it, choose another output directory, or pass overwrite=True (run config: "
+            "output.overwrite: true) to delete the existing capture and start over"
         )
 
 

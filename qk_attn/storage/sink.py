@@ -27,7 +27,7 @@ from qk_attn.capture.batch import CaptureBatch
 from qk_attn.capture.plan import dtype_name
 from qk_attn.capture.refusals import REFUSALS, LateRefusals
 from qk_attn.capture.sinks import Sink
-from qk_attn.config import SniffConfig
+from qk_attn.config import SniffConfig, check_flag, check_source, check_vocabulary
 from qk_attn.errors import CaptureError, CaptureOverflow, CommittedExampleError, SaverError, StorageError
 from qk_attn.storage.examples import check_examples_file
 from qk_attn.storage.folder import lock_taken_here, open_capture, release_lock, take_lock
@@ -74,6 +74,11 @@ class ParquetSink(SaverThread, Sink):
         vocabulary: list[str] | None = None,
         token_ids: bool | None = None,
     ) -> None:
+        # Checked before the folder is touched: overwrite="no" is true by its truth value.
+        overwrite, fsync = check_flag("overwrite", overwrite), check_flag("fsync", fsync)
+        if token_ids is not None:
+            check_flag("token_ids", token_ids)
+        source, vocabulary = check_source(source), check_vocabulary(vocabulary)
         self.output = Path(output)
         self.config = config
         self.files = Files() if rank is None else Files(*rank)
@@ -116,6 +121,7 @@ class ParquetSink(SaverThread, Sink):
         self._ready: set[int] = set()  # saver thread: committed, not durable yet
         self._described: dict[int, tuple] = {}  # saver thread: example -> (source_id, source_index)
         self._warned_start: set[int] = set()  # saver thread: see rows.warn_not_from_zero
+        self._warned_vocabulary = False  # saver thread: a token id past the vocabulary's end (token_str null)
         self._next_segment = manifest["next_segment"]
         self._open = self._new_segment()
         self._sealed: list = []  # of Segment

@@ -253,7 +253,7 @@ def test_a_pulled_copy_resumes_with_the_same_local_files_anywhere_and_refuses_ot
     hub.pull("org/qk", pulled)
     assert read_manifest(pulled)["source_files"] == read_manifest(out)["source_files"]
     open_sink(pulled, source={"dataset": str(moved / "docs.jsonl"), "tokenizer": str(other / "tok")}).close()
-    with pytest.raises(ValueError, match=r"dataset.path: 'docs.jsonl \(local\) \(16 bytes, fingerprint \w+\)' in "):
+    with pytest.raises(ValueError, match=r"dataset.path: 'docs.jsonl \(local\) \(16 bytes, fingerprint \w+\)' there"):
         open_sink(pulled, source={"dataset": str(other / "docs.jsonl"), "tokenizer": str(moved / "tok")})
 
 
