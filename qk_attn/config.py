@@ -4,21 +4,17 @@ Values are validated when the configuration is built, never inside a forward: a 
 is a `ConfigError` (a `ValueError`) naming the setting, the value and what is allowed. The
 setting is named as the user wrote it: `layers=...` for keyword arguments, `QK_SNIFF_LAYERS=...`
 for a value read from the environment, `capture.layers=...` for a run configuration
-(qk_attn.run.config relabels it). The checks of session()'s other arguments (`overwrite`, `source`,
-`vocabulary`), which ParquetSink makes too, are here as well: `check_flag`, `check_source`,
-`check_vocabulary`.
+(qk_attn.run.config relabels it). session()'s other arguments are checked in qk_attn.arguments.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
 import numbers
 import os
 import re
-import reprlib
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -213,101 +209,6 @@ def _parse_number(name: str, value: Any, kind: type, minimum: float, strict: boo
     if number < minimum or (strict and number == minimum):
         raise _fail(name, value, what)
     return number
-
-
-# ---- the other arguments of session() and ParquetSink (checked before anything is done) ----------
-
-
-def check_flag(name: str, value: Any) -> bool:
-    """A true/false argument of a Python call (`overwrite=`, `fsync=`): a bool only. By its truth
-    value "no", "false" and 2 would all be True (`overwrite="no"` would delete the capture it meant
-    to keep), so anything else is refused. (The QK_SNIFF_* words are for SniffConfig fields.)"""
-    if not isinstance(value, bool):
-        raise _fail(name, value, "True or False")
-    return value
-
-
-_JSON_TYPES = "str, int, float, bool, None, or a list or str-keyed dict of them"
-
-
-def check_source(source: Any) -> dict | None:
-    """`source=`: None, or a dict of str keys to JSON values, recorded in the manifest and card. It is
-    returned as the manifest will read it back (tuples as lists), so that a resumed run compares equal
-    values; a value JSON would change or refuse (a key 1, NaN, bytes, a Path) is refused here."""
-    if source is None:
-        return None
-    if not isinstance(source, dict):
-        raise _fail("source", source, f"a dict of str keys to JSON values ({_JSON_TYPES}), or None")
-    bad = _not_json(source, "source")
-    if bad is not None:
-        raise ConfigError(
-            f"source={reprlib.repr(source)} is invalid: {bad}; expected a dict of str keys to JSON values ({_JSON_TYPES})",
-            setting="source",
-            value=source,
-            allowed=f"a dict of str keys to JSON values ({_JSON_TYPES}), or None",
-        )
-    return json.loads(json.dumps(source))
-
-
-def _not_json(value: Any, where: str) -> str | None:
-    """The first part of `value` that JSON cannot hold as it is (`source['a'] is nan`), None when all can."""
-    if value is None or isinstance(value, (str, bool, int)):
-        return None
-    if isinstance(value, float):
-        return None if math.isfinite(value) else f"{where} is {value!r}"
-    if isinstance(value, (list, tuple)):
-        return next((bad for i, v in enumerate(value) if (bad := _not_json(v, f"{where}[{i}]"))), None)
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                return f"{where} has the key {key!r}, not a str"
-            bad = _not_json(item, f"{where}[{key!r}]")
-            if bad is not None:
-                return bad
-        return None
-    return f"{where} is {reprlib.repr(value)}"
-
-
-def check_vocabulary(vocabulary: Any) -> list | None:
-    """`vocabulary=`: None, or the token strings by id (`token_str` of id i is item i; None for an
-    id without a string). A str would be read as one token per character and a dict (token -> id,
-    as `get_vocab()` gives it) as its keys in insertion order: both would give ids wrong strings."""
-    if vocabulary is None:
-        return None
-    if hasattr(vocabulary, "tolist") and not isinstance(vocabulary, str):  # a numpy array
-        vocabulary = vocabulary.tolist()
-    allowed = (
-        "a list of token strings indexed by token id (None for an id without one), e.g. "
-        "tokenizer.convert_ids_to_tokens(range(len(tokenizer)))"
-    )
-    if not isinstance(vocabulary, (list, tuple)):
-        got = {
-            str: "a str would be one token per character",
-            dict: "a dict (token -> id, as get_vocab() gives) is not by id",
-        }
-        why = next((v for t, v in got.items() if isinstance(vocabulary, t)), f"got type {type(vocabulary).__name__}")
-        raise ConfigError(
-            f"vocabulary={reprlib.repr(vocabulary)} is invalid: expected {allowed}; {why}",
-            setting="vocabulary",
-            value=vocabulary,
-            allowed=allowed,
-        )
-    if not vocabulary:
-        raise ConfigError(
-            f"vocabulary={vocabulary!r} is invalid: expected {allowed}",
-            setting="vocabulary",
-            value=vocabulary,
-            allowed=allowed,
-        )
-    bad = next((i for i, token in enumerate(vocabulary) if token is not None and not isinstance(token, str)), None)
-    if bad is not None:
-        raise ConfigError(
-            f"vocabulary={reprlib.repr(vocabulary)} is invalid: item {bad} is {vocabulary[bad]!r}; expected {allowed}",
-            setting="vocabulary",
-            value=vocabulary,
-            allowed=allowed,
-        )
-    return list(vocabulary)
 
 
 @dataclass(frozen=True)

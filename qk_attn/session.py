@@ -17,11 +17,12 @@ import reprlib
 from collections.abc import Iterator
 from typing import Any
 
+from qk_attn.arguments import check_flag, check_source, check_vocabulary
 from qk_attn.capture import active
 from qk_attn.capture.active import reload_env
 from qk_attn.capture.recorder import Session
 from qk_attn.capture.sinks import Sink
-from qk_attn.config import SniffConfig, check_flag, check_source, check_vocabulary
+from qk_attn.config import SniffConfig
 from qk_attn.errors import ConfigError
 from qk_attn.storage.sink import ParquetSink
 

@@ -23,11 +23,12 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from qk_attn.arguments import check_flag, check_source, check_vocabulary
 from qk_attn.capture.batch import CaptureBatch
 from qk_attn.capture.plan import dtype_name
 from qk_attn.capture.refusals import REFUSALS, LateRefusals
 from qk_attn.capture.sinks import Sink
-from qk_attn.config import SniffConfig, check_flag, check_source, check_vocabulary
+from qk_attn.config import SniffConfig
 from qk_attn.errors import CaptureError, CaptureOverflow, CommittedExampleError, SaverError, StorageError
 from qk_attn.storage.examples import check_examples_file
 from qk_attn.storage.folder import lock_taken_here, open_capture, release_lock, take_lock
