@@ -8,6 +8,14 @@ A process forked while sessions are open (os.fork, a multiprocessing or DataLoad
 copies of them, whose saver thread, lock and folder are the parent's: in the child they are inert.
 Closing one there (leaving its with-block, the exit handler) does nothing, and a forward that would
 record into one is refused (`_refuse_forked`).
+
+A generate() records into one session from its first step to its last: the one its thread records
+into when it starts (or, when there is none yet, where its first forward records). A thread that
+opened no session keeps that one for the whole call, though another thread opens a newer one mid-way
+(`_Generation`). A session closed while such a generate() runs (close(), its with-block, reload_env())
+discards the examples it was extending rather than commit them part-way
+(`SequenceTracker.drop_open_sequences(generations=...)`), and the generate()'s next forward is refused
+(`refuse_closed`), as is any forward that would record into a closed session.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import atexit
 import os
 import sys
 import threading
+import weakref
 from collections.abc import Callable
 
 from qk_attn.config import SniffConfig
@@ -35,6 +44,23 @@ make_default: Callable[[SniffConfig], object] | None = None  # set by qk_attn.se
 # Sessions (held, so that their ids are never reused) that were open in the process this one was
 # forked from, or in one before it: their copies here write nothing.
 _inherited: list = []
+_reloaded: weakref.WeakSet = weakref.WeakSet()  # default sessions that reload_env() closed
+
+
+class _Generation:
+    """A generate() call running in a thread: the session it records into (None until its first forward
+    finds one) and that session's `generation_started()` number when it started recording there."""
+
+    __slots__ = ("session", "since", "thread")
+
+    def __init__(self, session) -> None:
+        self.session = session
+        self.since = session.generation_started() if session is not None else 0
+        self.thread = threading.current_thread()
+
+
+# thread -> the generate() calls it is inside now, outermost first (its _local.generations list)
+_generations: dict[threading.Thread, list[_Generation]] = {}
 
 
 def _after_fork_in_child() -> None:
@@ -85,6 +111,9 @@ def _active():
     own = getattr(_local, "stack", None)
     if own:
         return own[-1]
+    generations = getattr(_local, "generations", None)
+    if generations and generations[-1].session is not None:  # a generate() keeps the session it started in
+        return generations[-1].session
     opened_now = _opened
     return opened_now[-1] if opened_now else None
 
@@ -102,18 +131,27 @@ def current_session():
     if active is not None:
         if _inherited and inherited(active):
             _refuse_forked(active)
-        return active
-    if _env_config.output is None:
+        found = active
+    elif _env_config.output is None:
         return None
-    if _inherited and _default is not None and inherited(_default):
-        _refuse_forked(_default)
-    with _lock:
-        if _default is None:
-            _default = make_default(_env_config)
-            if not _exit_registered:
-                _exit_registered = True
-                atexit.register(_close_default_at_exit)
-    return _default
+    else:
+        if _inherited and _default is not None and inherited(_default):
+            _refuse_forked(_default)
+        with _lock:
+            if _default is None:
+                _default = make_default(_env_config)
+                if not _exit_registered:
+                    _exit_registered = True
+                    atexit.register(_close_default_at_exit)
+        found = _default
+    generations = getattr(_local, "generations", None)
+    # A generate() that found no session when it started keeps the one its first forward finds, unless it is
+    # a session this thread opened (inside the generate(): a callback's, which ends before the next step).
+    if generations and generations[-1].session is None and not getattr(_local, "stack", None):
+        for generation in generations:
+            if generation.session is None:
+                generation.session, generation.since = found, found.generation_started()
+    return found
 
 
 def _close_default_at_exit() -> None:
@@ -133,6 +171,65 @@ def _close_default_at_exit() -> None:
             _default.drop_open_sequences("the process ended with an uncaught exception")
     finally:
         _default.close()
+
+
+def generation_starts() -> _Generation:
+    """A generate() starts in this thread (`hooks.watch_generate`): it records into the session this
+    thread records into now (not made here: a model without qk_sniff must not start one), or, if
+    there is none yet, into the one its first forward finds. Pair with `generation_ends`."""
+    generation = _Generation(existing_session())
+    if not hasattr(_local, "generations"):
+        _local.generations = []
+    with _lock:
+        _local.generations.append(generation)
+        _generations[generation.thread] = _local.generations
+    return generation
+
+
+def generation_ends(generation: _Generation) -> None:
+    with _lock:
+        running = _local.generations
+        running.remove(generation)
+        if not running:
+            _generations.pop(generation.thread, None)
+
+
+def running_generations(session) -> list[tuple[threading.Thread, int]]:
+    """(thread, since) of each generate() that records into `session` and runs now, in any thread (a
+    thread that is gone runs none): the examples their thread extended since are still being extended."""
+    with _lock:
+        running = [g for calls in _generations.values() for g in calls]
+    return [(g.thread, g.since) for g in running if g.session is session and g.thread.is_alive()]
+
+
+def refuse_closed(session) -> None:
+    """A forward (its mask, or its decoder stack's start: before any layer) that would record into
+    `session`, which was closed: refused, never recorded into a closed session. Inside a generate() that
+    was recording into it, the examples it was extending were discarded when it closed."""
+    by = " by qk_attn.reload_env()" if session in _reloaded else ""
+    generations = getattr(_local, "generations", None) or ()
+    if any(g.session is session for g in generations):
+        then = (
+            "call reload_env() between generate() calls"
+            if by
+            else "keep the session open until generate() returns (join its thread before leaving the with block)"
+        )
+        raise CaptureError(
+            f"qk_sniff: the session this generate() records into was closed{by} while it ran; the examples it was "
+            f"extending were discarded, never committed part-way, and nothing more is recorded into it: {then}"
+        )
+    raise CaptureError(
+        f"qk_sniff: this forward would record into a session that was closed{by}; nothing is recorded into a "
+        "closed session: run the forward before close() (or before leaving its with block), or open a new session()"
+    )
+
+
+def open_sessions() -> list:
+    """The sessions open in this process now: every open session() and the default one (copies inherited
+    from a parent process excluded)."""
+    with _lock:
+        found = [*_opened, *([_default] if _default is not None else [])]
+    return [s for s in found if not inherited(s)]
 
 
 def existing_session():
@@ -155,6 +252,7 @@ def reload_env() -> SniffConfig:
     config = SniffConfig.from_env()
     if _default is not None:
         if not inherited(_default):
+            _reloaded.add(_default)  # a generate() still recording into it is told why at its next forward
             _default.close()
         _default = None
     _env_config = config

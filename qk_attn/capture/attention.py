@@ -154,3 +154,27 @@ def cross_attention_keys(key: torch.Tensor, mask) -> tuple[int, TextTokens]:
     positions = torch.arange(num_keys, device=key.device).expand(batch, num_keys)
     numbered = torch.zeros(batch, dtype=torch.bool, device=key.device)  # vision keys: one per index
     return 0, TextTokens(positions, valid, valid.sum(1), positions[:, 0], numbered, None)
+
+
+def check_shapes(forward, layer: int, query: torch.Tensor, key: torch.Tensor, cross: bool) -> int:
+    """An attention call's tensors against its forward, on the host (shapes only, no device read).
+    Returns how many of the forward's new tokens the query holds: all of them, or its last ones
+    (layers that compute only the positions whose logits are kept, as Gemma 4's shared-KV layers do)."""
+    batch, query_shape, key_shape = forward.batch_size, query.shape, key.shape
+    if query_shape[0] != batch or key_shape[0] != batch:
+        raise CaptureError(
+            f"qk_sniff: layer {layer} got a query of batch {query_shape[0]} and a key of batch "
+            f"{key_shape[0]} in a forward of batch {batch}; not recorded"
+        )
+    num_queries = query_shape[2]
+    if not 0 < num_queries <= forward.num_new:
+        raise CaptureError(
+            f"qk_sniff: layer {layer} got {num_queries} queries in a forward of {forward.num_new} "
+            "new tokens; not recorded"
+        )
+    if not cross and key_shape[2] < forward.num_new:
+        raise CaptureError(
+            f"qk_sniff: layer {layer} got {key_shape[2]} keys in a forward of {forward.num_new} new "
+            "tokens; not recorded"
+        )
+    return num_queries

@@ -18,6 +18,11 @@ recorded already, so a sequence whose cache a crop left shorter than its recorde
 the shortest length it left in the cache's `Rollback`, which a sequence holds (so it is read even
 after the cache is gone).
 
+A cache reset. `Cache.reset()` empties a cache for reuse (a new conversation on a user's static cache):
+the sequence it held is complete, and the next forward starts a new one, as on a new cache. Its calls
+are counted (`resets`), so that a static cache, whose length is on the device, is known to start
+again at 0 without reading it (`ForwardTracker._past`).
+
 Keys rounded by the cache. A cache layer that hands attention this forward's keys after a round
 trip through its storage format (transformers' `Fp8QuantizedLayer`) gives keys that are not the
 model's k projection with RoPE. Of transformers' own layer types (`cache_utils`), only those whose
@@ -40,6 +45,7 @@ from qk_attn.errors import CaptureError
 ROW_METHODS = ("reorder_cache", "batch_select_indices", "batch_repeat_interleave")
 
 _moves: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> times its rows were moved
+_resets: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> times it was reset
 _rollbacks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> its Rollback
 
 
@@ -74,6 +80,11 @@ def row_moves(cache) -> int:
     return _moves.get(cache, 0) + sum(_moves.get(layer, 0) for layer in getattr(cache, "layers", ()))
 
 
+def resets(cache) -> int:
+    """How many times `cache` was reset (0 for None)."""
+    return 0 if cache is None else _resets.get(cache, 0)
+
+
 def watch_row_moves() -> None:
     """Wrap the Cache methods that move rows, and crop, and the row methods of transformers' cache layer
     types (a layer's `reorder_cache` / `batch_select_indices` moves its rows alone) (idempotent)."""
@@ -102,7 +113,7 @@ def watch_cache_class(cache) -> None:
 
 
 def _wrap_own_methods(klass: type, crop: bool = True) -> None:
-    """Wrap the row methods (and crop) that `klass` defines itself (plain functions), unless wrapped."""
+    """Wrap the row methods (and crop and reset) that `klass` defines itself (plain functions), unless wrapped."""
     own = vars(klass)
     for name in ROW_METHODS:
         method = own.get(name)
@@ -111,6 +122,9 @@ def _wrap_own_methods(klass: type, crop: bool = True) -> None:
     method = own.get("crop")
     if crop and isinstance(method, types.FunctionType) and not getattr(method, "_notes_rollbacks", False):
         klass.crop = _noting_rollbacks(method)
+    method = own.get("reset")
+    if crop and isinstance(method, types.FunctionType) and not getattr(method, "_counts_resets", False):
+        klass.reset = _counting_resets(method)
 
 
 def _noting_rollbacks(crop):
@@ -131,6 +145,18 @@ def _noting_rollbacks(crop):
 
     noted._notes_rollbacks = True
     return noted
+
+
+def _counting_resets(reset):
+    @functools.wraps(reset)
+    def counted(cache, *args, **kwargs):
+        try:
+            return reset(cache, *args, **kwargs)
+        finally:
+            _resets[cache] = _resets.get(cache, 0) + 1
+
+    counted._counts_resets = True
+    return counted
 
 
 def _counting(method):

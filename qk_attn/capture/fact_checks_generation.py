@@ -30,14 +30,14 @@ def cache_lengths() -> str | None:
 
 
 def cache_row_methods() -> str | None:
-    """The Cache methods that move batch rows, and `crop` (which rolls tokens back), are defined on
+    """The Cache methods that move batch rows, `crop` (which rolls tokens back) and `reset`, are defined on
     Cache and inherited, not overridden, by the caches a decoder uses, so that wrapping them on Cache
     sees every call (capture/caches)."""
     from transformers import cache_utils
 
     from qk_attn.capture.caches import ROW_METHODS
 
-    for name in (*ROW_METHODS, "crop"):
+    for name in (*ROW_METHODS, "crop", "reset"):
         if not callable(getattr(cache_utils.Cache, name, None)):
             return f"Cache has no method {name}"
         for cls in (cache_utils.DynamicCache, cache_utils.StaticCache, cache_utils.QuantizedCache):

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from qk_attn.capture.decisions import DECODE_TOKENS, keep_all_layers
-from qk_attn.capture.frames import cache_of
+from qk_attn.capture.frames import cache_of, running_in
 from qk_attn.capture.tokens import POSITION_LIMIT, HostMirror, TextTokens, host_text_tokens, misnumbered_rows
 from qk_attn.errors import CaptureError, MisnumberedPositions
 
@@ -93,6 +93,14 @@ class ForwardContext:
         self.selections: dict = {}  # id(tokens) -> (tokens, Selection): Session._selection under "all"
         self.staging = None  # its rows until its end (qk_attn.capture.staging), from its first recorded call
         self.offset_check = None  # the derived `past` of a static cache, checked by the sink (OffsetCheck)
+
+    def in_progress(self) -> bool:
+        """Whether this forward is still running: not ended, and its thread is inside the forward of the
+        module that built its mask (the decoder stack, a wrapper, or generate()'s model, which encloses the
+        forwards it prepares). One that raised is over."""
+        if self.finished is not False or self.discarded or self.builder is None:
+            return False
+        return self.thread.is_alive() and running_in(self.builder, self.thread)
 
     def adopt(self, kwargs: dict) -> None:
         """The decoder stack started with the mask this context was built from: its own arguments
@@ -175,11 +183,37 @@ class ForwardContext:
         length = self.num_new if length is None else length
         cached = self._tokens.get((device, length))  # per device: layers of one forward may sit on several
         if cached is None or cached[0] is not position_ids:
+            self._refuse_other_positions(position_ids)
             tokens = self._text_tokens(position_ids, device)
             if length != self.num_new:
                 tokens = tokens.suffix(length)
             cached = self._tokens[(device, length)] = (position_ids, tokens)
         return cached[1]
+
+    def _refuse_other_positions(self, position_ids) -> None:
+        """Refuse an attention call handed other `position_ids` than those its model forward numbered
+        its tokens with (BART-style decoders take `position_ids` through **kwargs, pass them on to
+        their layers and number tokens themselves): which ones the model used cannot be told. Other
+        tensors happen only there, so the comparison (a device read on a GPU) is rare."""
+        own = self.position_ids
+        if own is None or position_ids is own or position_ids.shape[-1] != own.shape[-1]:
+            return
+        try:
+            given, used = torch.broadcast_tensors(position_ids, own.to(position_ids.device))
+        except RuntimeError:  # shapes that do not broadcast
+            given, used = position_ids, None
+        differ = used is None or given.shape != (self.batch_size, self.num_new) or given.ne(used)
+        if isinstance(differ, torch.Tensor):  # padding may be numbered anyhow
+            valid = self.attention_mask[:, -self.num_new :] if self.attention_mask is not None else None
+            differ = bool((differ & valid.to(differ.device).bool()).any() if valid is not None else differ.any())
+        if differ:
+            raise CaptureError(
+                f"qk_sniff: a {getattr(self.config, 'model_type', '')} model's attention got other position_ids "
+                "than its forward numbered its tokens with (a decoder that takes position_ids through **kwargs "
+                "and ignores them, as BART-style causal LMs do), so the positions its rows would be keyed by "
+                "could be wrong; not recorded: call the model without position_ids (qk-sniff run passes them "
+                "for padded batches: tokenizer.padding_side right, or inference.batch_size 1)"
+            )
 
     def decisions(self, sampler, num_layers: int, tokens: TextTokens) -> tuple:
         """For forwards up to DECIDE_AT_ONCE decisions whose positions the host knows: the sampler's
@@ -317,27 +351,3 @@ def host_int(value) -> int:
     """q_offset as a host int. Static caches give a 0-d device tensor: read at a sequence's first
     forward only, at the mask call before any layer is queued (never in an attention call)."""
     return int(value) if isinstance(value, torch.Tensor) else int(value or 0)
-
-
-def check_shapes(forward: ForwardContext, layer: int, query: torch.Tensor, key: torch.Tensor, cross: bool) -> int:
-    """An attention call's tensors against its forward, on the host (shapes only, no device read).
-    Returns how many of the forward's new tokens the query holds: all of them, or its last ones
-    (layers that compute only the positions whose logits are kept, as Gemma 4's shared-KV layers do)."""
-    batch, query_shape, key_shape = forward.batch_size, query.shape, key.shape
-    if query_shape[0] != batch or key_shape[0] != batch:
-        raise CaptureError(
-            f"qk_sniff: layer {layer} got a query of batch {query_shape[0]} and a key of batch "
-            f"{key_shape[0]} in a forward of batch {batch}; not recorded"
-        )
-    num_queries = query_shape[2]
-    if not 0 < num_queries <= forward.num_new:
-        raise CaptureError(
-            f"qk_sniff: layer {layer} got {num_queries} queries in a forward of {forward.num_new} "
-            "new tokens; not recorded"
-        )
-    if not cross and key_shape[2] < forward.num_new:
-        raise CaptureError(
-            f"qk_sniff: layer {layer} got {key_shape[2]} keys in a forward of {forward.num_new} new "
-            "tokens; not recorded"
-        )
-    return num_queries

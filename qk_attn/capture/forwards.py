@@ -13,7 +13,7 @@ import threading
 import torch
 
 from qk_attn.capture import forward as forward_module
-from qk_attn.capture.caches import refuse_rounding_cache, watch_cache_class
+from qk_attn.capture.caches import refuse_rounding_cache, resets, watch_cache_class
 from qk_attn.capture.facts import require as require_facts
 from qk_attn.capture.forward import ForwardContext, host_int
 from qk_attn.capture.frames import (
@@ -23,7 +23,7 @@ from qk_attn.capture.frames import (
     refuse_unrecordable_generation,
     running_in,
 )
-from qk_attn.capture.hooks import watch_forward
+from qk_attn.capture.hooks import refuse_concurrent, watch_forward
 from qk_attn.capture.staging import OffsetCheck
 from qk_attn.errors import CaptureError
 
@@ -49,6 +49,10 @@ class ForwardTracker:
     def _discard(self, forward: ForwardContext | None, why: str, config=None, cache=None) -> None:
         raise NotImplementedError
 
+    def _check_sequence(self, forward: ForwardContext) -> None:
+        """Raise the refusal the forward's first attention call would raise naming its examples."""
+        raise NotImplementedError
+
     def _current(self, config) -> ForwardContext | None:
         """The forward of the model of `config` that is running now (its mask was built), if any."""
         entry = self._forwards.get(id(config))
@@ -61,7 +65,7 @@ class ForwardTracker:
         require_facts()  # what the capture reads of transformers' internals holds (checked once)
         entry = self._forwards.get(id(config))
         forward = entry if isinstance(entry, ForwardContext) and entry.config is config else None
-        _refuse_concurrent(forward)
+        refuse_concurrent(forward)  # (also across sessions: hooks._refuse_concurrent_elsewhere)
         if forward is not None and not forward.used:
             forward.add_mask_kind(kv_length, kv_offset, local_size)  # another mask kind of the same forward
             return
@@ -96,6 +100,14 @@ class ForwardTracker:
                 "across an image's tokens, so rows could not be keyed by position; record text-only "
                 "inputs of this model (no pixel_values)"
             )
+        if not (forward.draft or caller.module.training):  # (those are not recorded: nothing to refuse)
+            try:
+                # Refused here, before a layer writes the new tokens into the cache: a forward retried
+                # after the refusal (with begin()) finds the cache as it was.
+                self._check_sequence(forward)
+            except CaptureError:
+                self._discard(None, "was refused", config, caller.cache)
+                raise
         if isinstance(entry, _Started):  # the decoder stack's start was reported: its end will be too
             forward.armed, forward.finished = True, False
         else:
@@ -138,7 +150,7 @@ class ForwardTracker:
                 )
             return past, None
         sequence = self._sequence_of(config, cache) if cache is not None else None
-        if sequence is None or begun:
+        if sequence is None or begun or sequence.resets != resets(cache):  # (reset: a new sequence from 0)
             return host_int(q_offset), None
         # A snapshot (no host read): the cache may advance the tensor in place as the layers run.
         check = OffsetCheck(q_offset.detach().clone(), sequence.end, tuple(sequence.ids))
@@ -153,7 +165,7 @@ class ForwardTracker:
         forward before it started (passed in as prepared masks) is adopted."""
         entry = self._forwards.get(id(config))
         if isinstance(entry, ForwardContext):
-            _refuse_concurrent(entry)
+            refuse_concurrent(entry)
             mask = kwargs.get("attention_mask")
             prepared = mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2)
             unused = entry.state == "pending" and not entry.used
@@ -262,7 +274,7 @@ class ForwardTracker:
         off with the layers it has not run yet missing."""
         forwards = [f for f in self._forwards.values() if isinstance(f, ForwardContext)]
         for forward in forwards:
-            if in_progress(forward):
+            if forward.in_progress():
                 where = (
                     "from inside it (a hook or callback)"
                     if forward.thread is threading.current_thread()
@@ -281,7 +293,7 @@ class ForwardTracker:
         runs one; `why` names the thread as {thread}): their sequences are neither committed nor continued,
         and what the thread does next in them records nothing. Then the session can commit and close."""
         for forward in [f for f in self._forwards.values() if isinstance(f, ForwardContext)]:
-            if forward.thread is not threading.current_thread() and in_progress(forward):
+            if forward.thread is not threading.current_thread() and forward.in_progress():
                 self._discard(forward, why.format(thread=repr(forward.thread.name)))
 
     def _end_forward(self) -> None:
@@ -301,29 +313,6 @@ def _refuse_mask_length(mask: torch.Tensor | None, past: int, num_new: int) -> N
             f"tokens are real; pass a mask of exactly {past + num_new} columns (extend it by the new tokens at "
             "every step, as generate() does); not recorded"
         )
-
-
-def _refuse_concurrent(forward: ForwardContext | None) -> None:
-    """A forward of a model that starts while another thread is in the middle of one of the same model
-    (the hooks and the session's forward context are per model): refused before it records anything,
-    so that the running one is recorded exactly. A forward that raised in a thread still running is
-    is over."""
-    if forward is not None and forward.thread is not threading.current_thread() and in_progress(forward):
-        raise CaptureError(
-            f"qk_sniff: this model is in the middle of a forward in thread {forward.thread.name!r}; a session "
-            "records one forward of a model at a time, and tells models apart by their config object: give each "
-            "thread its own copy of the model with its own config (copy.deepcopy(model); each is recorded exactly), "
-            "or run the forwards one after the other"
-        )
-
-
-def in_progress(forward: ForwardContext) -> bool:
-    """Whether `forward` is still running: not ended, and its thread is inside the forward of the module
-    that built its mask (the decoder stack, a wrapper, or generate()'s model, which encloses the forwards
-    it prepares). One that raised is over."""
-    if forward.finished is not False or forward.discarded or forward.builder is None:
-        return False
-    return forward.thread.is_alive() and running_in(forward.builder, forward.thread)
 
 
 class _Started:

@@ -195,9 +195,16 @@ def uses_kernel(states: torch.Tensor, out_dtype: torch.dtype) -> bool:
     # is_cuda / is_cpu: called twice per attention call, and `tensor.device` builds an object each time
     if states.is_cuda:
         return _triton_available(warn=True)
-    if states.is_cpu and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if states.is_cpu and _interpreting():
         return _triton_available(warn=False)
     return False
+
+
+@functools.cache
+def _interpreting() -> bool:
+    """TRITON_INTERPRET, read once: Triton reads it when the kernel module is imported, and an
+    environment lookup per attention call costs more than the rest of this check."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @functools.cache

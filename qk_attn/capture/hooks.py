@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import threading
 import weakref
 
 import torch
@@ -52,6 +54,7 @@ def _noting_context(mask_fn, batch_size, q_length, kv_length, q_offset=0, kv_off
     session = current_session()
     if session is not None:
         config = kwargs.get("config")
+        _refuse_closed(session)
         check_recorded(config, mask_fn)
         tower = tower_of(config)
         if tower is not None:  # a vision or audio tower's forward: not a text forward, nothing recorded
@@ -59,7 +62,11 @@ def _noting_context(mask_fn, batch_size, q_length, kv_length, q_offset=0, kv_off
         else:
             # local_size: the window of a sliding (or chunked) mask kind (fact mask_call_keywords)
             local_size = kwargs.get("local_size")
-            session.on_mask(config, batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask, local_size)
+            with _model_lock(config):  # no other thread's forward of this model starts between check and context
+                _refuse_concurrent_elsewhere(session, config)
+                session.on_mask(
+                    config, batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask, local_size
+                )
     return mask_fn(
         batch_size=batch_size,
         q_length=q_length,
@@ -109,7 +116,10 @@ def _forward_started(config, module, _args, kwargs) -> None:
     if session is not None:
         # May refuse this forward (another thread is inside the model's first forward, whose end
         # only the hooks below report): they are removed only once a forward has started.
-        session.on_forward_start(config, kwargs)
+        _refuse_closed(session)
+        with _model_lock(config):
+            _refuse_concurrent_elsewhere(session, config)
+            session.on_forward_start(config, kwargs)
     for handle in _first_forward_hooks.pop(module, ()):  # the stack's own hooks report from now on
         handle.remove()
 
@@ -119,7 +129,7 @@ def _forward_ended(config, _module, _args, _output) -> None:
     from qk_attn.capture.active import current_session
 
     session = current_session()
-    if session is not None:
+    if session is not None and not session.closed:  # a closed session refused the forward at its start
         session.on_forward_end(config)
 
 
@@ -128,8 +138,70 @@ def _report(event: str, config, *_hook_args) -> None:
     from qk_attn.capture.active import current_session
 
     session = current_session()
-    if session is not None:
+    if session is not None and not session.closed:
         getattr(session, event)(config)
+
+
+def _refuse_closed(session) -> None:
+    """A forward (its mask, its decoder stack's start: before any layer) into a closed session is refused."""
+    if session.closed:
+        from qk_attn.capture.active import refuse_closed
+
+        refuse_closed(session)
+
+
+def _refuse_concurrent_elsewhere(session, config) -> None:
+    """A forward of the model of `config` is refused while another thread is inside one of the same
+    model that another session records (the decoder stack's hooks and a first forward's end are the
+    model's, not a session's); within `session`, `ForwardTracker` refuses it the same way."""
+    from qk_attn.capture.active import open_sessions
+
+    for other in open_sessions():
+        if other is not session:
+            refuse_concurrent(other._current(config))
+
+
+_model_locks: dict[int, threading.RLock] = {}  # id(model config) -> its lock, while the config lives
+_model_locks_guard = threading.Lock()
+
+
+def _model_lock(config) -> threading.RLock:
+    """The lock under which a forward of the model of `config` is checked against other threads' and
+    gets its context, so that two threads starting one at once cannot both pass the check."""
+    lock = _model_locks.get(id(config))
+    if lock is None:
+        with _model_locks_guard:
+            lock = _model_locks.get(id(config))
+            if lock is None:
+                lock = _model_locks[id(config)] = threading.RLock()
+                if config is not None:  # its id may name another config once it is gone
+                    weakref.finalize(config, _model_locks.pop, id(config), None)
+    return lock
+
+
+def _after_fork_in_child() -> None:
+    """A thread of the parent may have held a model's lock at the fork: the child's forwards start afresh."""
+    global _model_locks_guard
+    _model_locks_guard = threading.Lock()
+    _model_locks.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def refuse_concurrent(forward) -> None:
+    """A forward of a model that starts while another thread is in the middle of `forward`, one of the
+    same model (None: none), in any session: refused before it records anything, so that the running one
+    is recorded exactly. A forward that raised in a thread still running is over."""
+    if forward is None or forward.thread is threading.current_thread():
+        return
+    if forward.in_progress():
+        raise CaptureError(
+            f"qk_sniff: this model is in the middle of a forward in thread {forward.thread.name!r}; qk-attn "
+            "records one forward of a model at a time (in one session or several), and tells models apart by "
+            "their config object: give each thread its own copy of the model with its own config "
+            "(copy.deepcopy(model); each is recorded exactly), or run the forwards one after the other"
+        )
 
 
 def register() -> None:
@@ -152,20 +224,21 @@ def watch_generate() -> None:
 
     @functools.wraps(generate)
     def generate_or_forget(model, *args, **kwargs):
-        from qk_attn.capture.active import existing_session
+        from qk_attn.capture.active import generation_ends, generation_starts
 
-        before = existing_session()  # not made here: a model without qk_sniff must not start one
-        since = before.generation_started() if before is not None else 0
+        generation = generation_starts()  # the session it records into, from start to end (qk_attn.capture.active)
         try:
             return generate(model, *args, **kwargs)
         except BaseException:
-            after = existing_session()  # the env-configured one may have started in this generate()
-            if after is not None:
-                try:
-                    after.drop_open_sequences("generate() raised", since if after is before else 0)
+            session = generation.session  # None: it recorded nothing; closed: closing dropped what it extended
+            if session is not None and not session.closed:
+                try:  # only what this thread extended since: not another thread's or model's examples
+                    session.drop_open_sequences("generate() raised", since=generation.since)
                 except Exception as error:  # noqa: BLE001 - the generate()'s own error is the one to raise
                     logger.warning("qk-attn: could not forget what the failed generate() recorded: %r", error)
             raise
+        finally:
+            generation_ends(generation)
 
     generate_or_forget._forgets_when_raising = True
     GenerationMixin.generate = generate_or_forget

@@ -14,14 +14,15 @@ import weakref
 
 import torch
 
+from qk_attn.capture import active
 from qk_attn.capture.attention import (
     ModuleFacts,
+    check_shapes,
     cross_attention_keys,
     module_facts,
     refuse_packed,
 )
 from qk_attn.capture.call_rows import CallRows, staged_dtype
-from qk_attn.capture.forward import check_shapes
 from qk_attn.capture.gather import uses_kernel
 from qk_attn.capture.plan import HeadPlan, ModelShape, dtype_name
 from qk_attn.capture.refusals import REFUSALS
@@ -80,7 +81,15 @@ class Session(SequenceTracker):
         """Re-raise an error from the sink's background work, if any."""
         self.sink.check()
 
+    @property
+    def closed(self) -> bool:
+        """Whether close() ran: a forward that would record into it is refused (`active.refuse_closed`)."""
+        return self._closed
+
     def close(self) -> None:
+        """Commit what was begun since the last commit, then close the sink. Examples a generate() that
+        still runs (in any thread, this one included: closed from a callback) was extending are
+        discarded with a warning, never committed part-way; its next forward is refused."""
         if self._closed:
             return
         self._closed = True
@@ -93,6 +102,12 @@ class Session(SequenceTracker):
             )
         try:
             self._end_forwards("close")  # refused while a forward runs, named as what the caller called
+            running = active.running_generations(self)
+            if running:
+                threads = ", ".join(sorted({repr(thread.name) for thread, _ in running}))
+                self.drop_open_sequences(
+                    f"the session closed while generate() ran in thread {threads}", generations=running
+                )
             self.commit()
         finally:
             self.sink.close()
@@ -207,13 +222,15 @@ class Session(SequenceTracker):
                     # sync): the sink still learns that it ran. The plan's heads are tuples already.
                     staging.add_empty(EmptyCall(layer, kind, heads, forward.example_ids, sliding_window, cross, host))
                     continue
-                decided = keep[layer, index] if host is these else None  # on a GPU the kernel decides
+                # On a GPU the kernel decides; "all" keeps every valid token, which the torch path
+                # selects once per forward (CallRows._selection), so it needs no decision per call.
+                decided = keep[layer, index] if host is these and self.sampler.strategy != "all" else None
             batch, staged = self._call_rows.batch(
                 module,
                 forward,
                 layer,
                 kind,
-                states.detach(),
+                states.detach() if states.requires_grad else states,
                 heads,
                 offset,
                 these,

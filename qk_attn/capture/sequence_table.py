@@ -27,6 +27,7 @@ class Sequence:
         self.decisions = None  # the sampler's decisions for its next decode steps (decisions.DecisionWindow)
         self.checked = -1  # the tracker's commit count when its ids were last checked against the committed ones
         self.row_moves = 0  # its cache's row moves (qk_attn.capture.caches) at its last forward
+        self.resets = 0  # its cache's resets at its last forward
         self.thread = threading.current_thread()  # that ran its last forward
         self.rollback = None  # its cache's caches.Rollback
         self.rollbacks_seen = 0  # how many crops of it its last forward had seen

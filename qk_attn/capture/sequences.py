@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 import operator
+import threading
 
-from qk_attn.capture.caches import rollback_of, row_moves
+from qk_attn.capture import active
+from qk_attn.capture.caches import resets, rollback_of, row_moves
 from qk_attn.capture.forward import ForwardContext
 from qk_attn.capture.forwards import ForwardTracker
-from qk_attn.capture.sequence_table import SequenceTable, key_of
+from qk_attn.capture.sequence_table import Sequence, SequenceTable, key_of
 from qk_attn.errors import CaptureError
 
 logger = logging.getLogger(__name__)
@@ -57,12 +59,17 @@ class SequenceTracker(ForwardTracker):
         return self._sequences.of(key_of(config, cache), cache)
 
     def commit(self) -> None:
-        """Every example begun so far is complete: the sink makes it durable."""
+        """Every example begun so far is complete: the sink makes it durable. Except those a generate()
+        that still runs (in another thread, or this one: a commit from its callback) is extending, with
+        their cache alive: they stay begun, for a commit after it returns, never committed part-way."""
         self._end_forwards("commit")
         self._drop_rolled_back()
         self._commits += 1
-        self._begun_sequences = []
-        begun, self._begun = list(self._begun), {}
+        running = active.running_generations(self)
+        later = set(self._extended_since(running, live_cache=True)) if running else set()
+        self._begun_sequences = [s for s in self._begun_sequences if later.intersection(s.ids)]
+        begun = [i for i in self._begun if i not in later]
+        self._begun = {i: n for i, n in self._begun.items() if i in later}
         self.sink.commit(begun)  # may raise a refusal found after a forward: they are committed or refused anyway
 
     def abort(self) -> None:
@@ -74,17 +81,24 @@ class SequenceTracker(ForwardTracker):
         if ids:
             self.sink.discard(ids)
 
-    def drop_open_sequences(self, why: str, since: int | None = None, other_threads: bool = False) -> None:
+    def drop_open_sequences(
+        self, why: str, since: int | None = None, other_threads: bool = False, generations=None
+    ) -> None:
         """Forget the uncommitted examples that were stopped between forwards, so they may be incomplete:
         those whose cache is still alive, so that a later forward could have continued them (with
         `other_threads`, only those another thread that is still alive was extending: a daemon thread
-        at interpreter exit), or with `since` (a `generation_started()` number), those a generate() that
-        raised has extended. They are never committed."""
+        at interpreter exit); with `since` (a `generation_started()` number), those this thread extended
+        since then (a generate() of this thread raised: not another thread's examples); with `generations`
+        ((thread, since) of each generate() recording here that still runs), those with a live cache that
+        such a thread extended since its generate() started (the session closes under it). They are never
+        committed."""
         self._end_forwards("drop_open_sequences")  # an unfinished forward is discarded first, with its own warning
-        if since is None:
-            ids = sorted(self._sequences.open_ids(other_threads) & self._begun.keys())
+        if generations is not None:
+            ids = self._extended_since(generations, live_cache=True)
+        elif since is not None:
+            ids = self._extended_since([(threading.current_thread(), since)], live_cache=False)
         else:
-            ids = sorted(i for i, number in self._begun.items() if number > since)
+            ids = sorted(self._sequences.open_ids(other_threads) & self._begun.keys())
         if not ids:
             return
         self._forget_begun(ids)
@@ -97,6 +111,18 @@ class SequenceTracker(ForwardTracker):
             where,
             why,
         )
+
+    def _extended_since(self, runs, live_cache: bool) -> list[int]:
+        """Uncommitted ids of the sequences whose latest forward ran in one of `runs`' threads, after its
+        `since` (a `generation_started()` number); with `live_cache`, only those whose cache is alive."""
+        ids: set[int] = set()
+        for sequence in self._begun_sequences:
+            if live_cache and sequence.cache() is None:
+                continue
+            for thread, since in runs:
+                if sequence.thread is thread:
+                    ids.update(i for i in sequence.ids if self._begun.get(i, since) > since)
+        return sorted(ids)
 
     def _drop_rolled_back(self) -> None:
         """Forget the begun examples whose cache a crop left shorter than their recorded end: the rows
@@ -157,6 +183,35 @@ class SequenceTracker(ForwardTracker):
         sequence belongs to its cache: a forward continues the sequence of the cache it extends."""
         if forward.example_ids is not None:
             return
+        ids, sequence = self._sequence_ids(forward)
+        if sequence is None:
+            sequence = self._sequences.start(key_of(forward.config, forward.cache), ids, forward.cache)
+            self._begun_sequences.append(sequence)
+        else:
+            forward.continues_from = sequence.next_position
+            if forward.decode_step:  # rows of a batched generate() that had finished before this step's tokens
+                forward.alive = sequence.unfinished
+        sequence.unfinished = forward.unfinished
+        sequence.thread = forward.thread
+        sequence.row_moves = row_moves(forward.cache)
+        sequence.resets = resets(forward.cache)
+        sequence.rollback = rollback_of(forward.cache)
+        sequence.rollbacks_seen = len(sequence.rollback.lengths) if sequence.rollback is not None else 0
+        sequence.end = forward.past + forward.num_new
+        sequence.checked = self._commits
+        forward.sequence = sequence
+        forward.example_ids = tuple(ids)
+        self._next_auto_id = max(self._next_auto_id, max(ids) + 1)
+        self._forward_number += 1
+        self._begun.update(dict.fromkeys(ids, self._forward_number))
+        self.sink.check_examples(forward.example_ids)  # refused after an earlier forward of theirs
+
+    def _check_sequence(self, forward: ForwardContext) -> None:
+        self._sequence_ids(forward)
+
+    def _sequence_ids(self, forward: ForwardContext) -> tuple[list[int], Sequence | None]:
+        """The ids this forward's rows get, and the sequence it continues (None: a new one), or the
+        refusal. Also run at the forward's mask (`_check_sequence`), before any layer writes its cache."""
         batch = forward.batch_size
         key = key_of(forward.config, forward.cache)
         sequence = self._sequences.of(key, forward.cache)  # None for a cache that is gone, whose id a new one took
@@ -226,26 +281,7 @@ class SequenceTracker(ForwardTracker):
                     f"example ids {sorted(committed)} are already committed in this output; "
                     "rows of a committed example are never added (use new ids)"
                 )
-        if sequence is None:
-            sequence = self._sequences.start(key, ids, forward.cache)
-            self._begun_sequences.append(sequence)
-        else:
-            forward.continues_from = sequence.next_position
-            if forward.decode_step:  # rows of a batched generate() that had finished before this step's tokens
-                forward.alive = sequence.unfinished
-        sequence.unfinished = forward.unfinished
-        sequence.thread = forward.thread
-        sequence.row_moves = row_moves(forward.cache)
-        sequence.rollback = rollback_of(forward.cache)
-        sequence.rollbacks_seen = len(sequence.rollback.lengths) if sequence.rollback is not None else 0
-        sequence.end = forward.past + forward.num_new
-        sequence.checked = self._commits
-        forward.sequence = sequence
-        forward.example_ids = tuple(ids)
-        self._next_auto_id = max(self._next_auto_id, max(ids) + 1)
-        self._forward_number += 1
-        self._begun.update(dict.fromkeys(ids, self._forward_number))
-        self.sink.check_examples(forward.example_ids)  # refused after an earlier forward of theirs
+        return ids, sequence
 
     def _committed_now(self) -> set[int]:
         return self.committed_ids()

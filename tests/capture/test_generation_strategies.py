@@ -303,6 +303,70 @@ def test_a_cache_emptied_and_reused_before_the_commit_keeps_both_examples():
     assert len({key[4] for key in got if key[0] == 2}) == 4
 
 
+def _cache(kind: str, model):
+    if kind == "static":
+        return tf.StaticCache(config=model.config, max_cache_len=32)
+    return tf.DynamicCache(config=model.config)
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_a_cache_reset_between_two_generates_starts_a_new_example(kind):
+    """reset() empties a user's cache for a new conversation: the next generate() on it starts a new
+    example, on a static cache too (its length is on the device: a reset is counted, not read), and the
+    finished one is kept. A static cache's reset was refused as a rollback and lost the first example."""
+    model = build("llama3", "qk_sniff")
+    cache = _cache(kind, model)
+    prompts = (PROMPT, torch.arange(30, 37)[None])
+    with qk_attn.session(sampler="all") as s:
+        outputs = []
+        for prompt in prompts:
+            outputs.append(
+                model.generate(input_ids=prompt, max_new_tokens=3, do_sample=False, pad_token_id=0, **cache_kw(cache))
+            )
+            cache.reset()
+    got = rows_by_key(s.table())
+    for example, sequence in enumerate(outputs):
+        want = _one_shot(model, sequence[:, :-1], example)  # the last generated token is never fed back
+        assert {key for key in got if key[0] == example} == want.keys()
+        for key, vector in want.items():
+            np.testing.assert_allclose(got[key], vector, rtol=1e-4, atol=1e-5, err_msg=str(key))
+
+
+@pytest.mark.parametrize("why", ["committed", "rows moved", "another session"])
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_a_refused_continuation_leaves_the_cache_as_it_was_and_the_retry_is_exact(kind, why):
+    """The continuation refusals are raised where the forward's mask is built, before a layer writes the
+    new tokens into the cache. Raised in the first attention call, they left layer 0's cache one forward
+    longer: the retry that the message advises (begin(), the same forward) failed, or on a static cache
+    ran at shifted positions, with logits and rows unlike sdpa's."""
+    model, sdpa = build("llama3", "qk_sniff"), build("llama3", "sdpa")
+    following = torch.tensor([[40, 41, 42]])
+    reference = _cache(kind, sdpa)
+    sdpa(input_ids=PROMPT, **cache_kw(reference))
+    expected = sdpa(input_ids=following, **cache_kw(reference)).logits
+    cache = _cache(kind, model)
+    if why == "another session":
+        with qk_attn.session(sampler="all"):
+            model(input_ids=PROMPT, **cache_kw(cache))
+    with qk_attn.session(sampler="all") as s:
+        if why != "another session":
+            s.begin([1])
+            model(input_ids=PROMPT, **cache_kw(cache))
+        if why == "committed":
+            s.commit()
+        if why == "rows moved":
+            cache.reorder_cache(torch.tensor([0]))
+        lengths = [layer.get_seq_length() for layer in cache.layers]
+        with pytest.raises((CaptureError, ValueError), match="qk_sniff: this forward continues|committed|were moved"):
+            model(input_ids=following, **cache_kw(cache))
+        assert [layer.get_seq_length() for layer in cache.layers] == lengths
+        s.begin([9])
+        logits = model(input_ids=following, **cache_kw(cache)).logits
+    assert torch.equal(logits, expected)
+    positions = {key[4] for key in rows_by_key(s.table()) if key[0] == 9}
+    assert positions == {PROMPT.shape[1], PROMPT.shape[1] + 1, PROMPT.shape[1] + 2}
+
+
 def test_a_crop_that_removes_nothing_recorded_keeps_the_example():
     """crop(0), and a crop back to the recorded end (the cache held more than was recorded: none here),
     change nothing recorded: the example is committed whole."""

@@ -127,7 +127,7 @@ def test_every_decoded_row_arrives(tmp_path, monkeypatch):
 @pytest.mark.parametrize("output", [False, True])
 def test_a_static_cache_offset_the_host_derived_is_checked_with_the_rows(tmp_path, output):
     """Decode steps over a static cache take their offset from the sequence (no device read per
-    forward); a cache reset behind the session's back makes that offset wrong, and the rows of that
+    forward); a cache emptied behind the session's back (its layers reset) makes that offset wrong, and the rows of that
     forward are refused loudly, in memory and in Parquet, never recorded at the wrong slot. The steps
     give their position_ids, so that the positions go on as the sequence's would (without them the
     reset cache's positions restart, which the forward itself refuses: test_positions.py)."""
@@ -144,7 +144,8 @@ def test_a_static_cache_offset_the_host_derived_is_checked_with_the_rows(tmp_pat
             model(input_ids=ids[:, :5], **cache_kw(cache))
             for t in range(5, 7):  # derived offsets 5 and 6: both right
                 model(input_ids=ids[:, t : t + 1], position_ids=torch.tensor([[t]]), **cache_kw(cache))
-            cache.reset()  # not told to the session
+            for layer in cache.layers:  # emptied behind the session's back (Cache.reset() is seen: a new sequence)
+                layer.reset()
             model(input_ids=ids[:, 7:8], position_ids=torch.tensor([[7]]), **cache_kw(cache))
             s.flush()
     if output:

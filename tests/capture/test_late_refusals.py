@@ -41,15 +41,17 @@ def _skipped_positions(model, s) -> None:
 
 
 def _reset_static_cache(model, s) -> None:
-    """Example [1]: decode steps over a static cache that is reset behind the session's back, so the
-    offset the host derived for the next step is wrong (test_handoff.py)."""
+    """Example [1]: decode steps over a static cache emptied behind the session's back (its layers reset;
+    Cache.reset() is seen and starts a new example), so the offset the host derived for the next step
+    is wrong (test_handoff.py)."""
     ids = _ids(9, seed=1)
     cache = StaticCache(config=model.config, max_cache_len=16)
     s.begin([1])
     model(input_ids=ids[:, :5], **cache_kw(cache))
     for t in range(5, 7):
         model(input_ids=ids[:, t : t + 1], position_ids=torch.tensor([[t]]), **cache_kw(cache))
-    cache.reset()
+    for layer in cache.layers:
+        layer.reset()
     model(input_ids=ids[:, 7:8], position_ids=torch.tensor([[7]]), **cache_kw(cache))
 
 

@@ -239,3 +239,42 @@ def test_a_mask_of_another_length_than_the_keys_is_refused_and_the_session_goes_
         model(input_ids=ids, attention_mask=torch.ones(1, 5, dtype=torch.long))
     table = s.table().to_pydict()
     assert set(table["example_id"]) == {1} and sorted(set(table["position"])) == list(range(5))
+
+
+def _bart_lm():
+    from transformers import BartConfig, BartForCausalLM
+
+    torch.manual_seed(0)
+    config = BartConfig(
+        vocab_size=VOCAB, d_model=32, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=64,
+        encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64, max_position_embeddings=64,
+        is_decoder=True, is_encoder_decoder=False, attn_implementation="qk_sniff",
+    )  # fmt: skip
+    return BartForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_a_model_that_ignores_the_position_ids_passed_to_it_is_refused_where_they_differ(side):
+    """BART-style causal LMs take position_ids through **kwargs, hand them to their layers and number
+    tokens themselves (0, 1, ... along the padded row). Rows were keyed by the position_ids passed:
+    wrong ones under left padding. Right padding numbers the real tokens alike: recorded."""
+    model = _bart_lm()
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    if side == "right":
+        mask = mask.flip(-1)
+    ids = _ids(6, batch=2).masked_fill(mask == 0, 0)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with qk_attn.session(sampler="all") as s:
+        if side == "left":
+            with pytest.raises(CaptureError, match="got other position_ids than its forward numbered"):
+                model(input_ids=ids, attention_mask=mask, position_ids=positions)
+        else:
+            model(input_ids=ids, attention_mask=mask, position_ids=positions)
+        s.begin([7, 8])
+        model(input_ids=ids, attention_mask=mask)  # without them: the positions the model used
+    got = rows_by_key(s.table())
+    used = {7: list(range(2, 6)) if side == "left" else list(range(4)), 8: list(range(6))}
+    for example, want in used.items():
+        assert sorted({key[4] for key in got if key[0] == example}) == want
+    if side == "right":
+        assert sorted({key[4] for key in got if key[0] == 0}) == list(range(4))

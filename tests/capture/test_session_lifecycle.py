@@ -1,0 +1,387 @@
+"""A session's life against forwards that outlive it or overlap it: a session closed while a generate()
+still extends its examples (another thread's, or its own from a callback: reload_env()), a session
+opened in the middle of another thread's generate(), a forward after close(), and one model running
+forwards in two threads that record into two sessions."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+import transformers as tf
+
+import qk_attn
+from qk_attn.errors import CaptureError
+from support.models import CACHE_ARG, build
+from support.oracle import rows_by_key
+
+torch.set_grad_enabled(False)
+
+PROMPT = torch.arange(5, 11)[None]  # 6 tokens
+GENERATE = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)  # 12 tokens, 11 fed
+SMALL = dict(sampler="all", layers="0", heads="0", capture="q")  # every position of one head: lengths are clear
+
+
+class PauseAt(tf.LogitsProcessor):
+    """At its `step`-th call (between two decode steps of its generate()): sets `paused`, waits for `go`."""
+
+    def __init__(self, step: int):
+        self.step, self.calls = step, 0
+        self.paused, self.go = threading.Event(), threading.Event()
+
+    def __call__(self, input_ids, scores):
+        self.calls += 1
+        if self.calls == self.step:
+            self.paused.set()
+            self.go.wait(30)
+        return scores
+
+
+class CallAt(tf.LogitsProcessor):
+    """Calls `action` at its `step`-th call, in generate()'s own thread between two decode steps."""
+
+    def __init__(self, step: int, action):
+        self.step, self.calls, self.action = step, 0, action
+
+    def __call__(self, input_ids, scores):
+        self.calls += 1
+        if self.calls == self.step:
+            self.action()
+        return scores
+
+
+def _in_thread(model, pause: PauseAt, result: dict) -> threading.Thread:
+    """generate() of PROMPT in thread 'T' (which opened no session), paused between two decode steps."""
+
+    def run():
+        try:
+            result["out"] = model.generate(PROMPT, logits_processor=tf.LogitsProcessorList([pause]), **GENERATE)
+        except Exception as error:  # noqa: BLE001 - the test reads it
+            result["error"] = error
+
+    return threading.Thread(target=run, name="T")
+
+
+def _positions(table) -> dict[int, list[int]]:
+    data = table.to_pydict()
+    found: dict[int, list[int]] = {}
+    for example, position in zip(data["example_id"], data["position"], strict=True):
+        found.setdefault(example, []).append(position)
+    return {example: sorted(found[example]) for example in sorted(found)}
+
+
+def _alone(model, ids, example_ids: list[int]) -> dict:
+    """The rows of `ids` in one uncached forward, under `example_ids`, in a session of their own."""
+    with qk_attn.session(example_ids=example_ids, **SMALL) as s:
+        model(input_ids=ids, use_cache=False)
+    return rows_by_key(s.table())
+
+
+def _same(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for key, vector in want.items():  # a decode step and an uncached forward round alike on the CPU
+        torch.testing.assert_close(torch.from_numpy(got[key]), torch.from_numpy(vector), rtol=1e-5, atol=1e-6)
+
+
+# ---- a session closed while a generate() is still extending its examples ------------------------
+
+
+def test_leaving_the_session_while_a_worker_generate_runs_commits_none_of_its_example(tmp_path, caplog):
+    """The streamer pattern: generate() in a worker thread, the reader leaves the with block between two
+    decode steps. The example it was extending is discarded with a warning, never committed short, and
+    the generate()'s next forward is refused with why; the complete example before it is committed."""
+    model, out = build("llama3", "qk_sniff"), tmp_path / "out"
+    pause, result = PauseAt(2), {}
+    worker = _in_thread(model, pause, result)
+    with qk_attn.session(output=out, **SMALL) as s:
+        s.begin([0])
+        model(input_ids=PROMPT)
+        s.begin([1])
+        worker.start()
+        assert pause.paused.wait(30)
+    pause.go.set()
+    worker.join(30)
+    assert (
+        "example(s) [1] could still be continued (their cache is alive) when the session closed while generate() "
+        "ran in thread 'T'; they may be incomplete" in caplog.text
+    )
+    assert isinstance(result.get("error"), CaptureError), result
+    assert str(result["error"]).startswith(
+        "qk_sniff: the session this generate() records into was closed while it ran; the examples it was extending "
+        "were discarded"
+    )
+    assert qk_attn.load_examples(out)["example_id"].to_pylist() == [0]
+    assert _positions(qk_attn.load(out)) == {0: list(range(6))}
+
+
+@pytest.mark.parametrize("where", ["another thread", "its own callback"])
+def test_a_commit_while_a_generate_runs_keeps_its_example_for_a_later_commit(tmp_path, where):
+    """commit() (qk_attn.flush() in env mode) between two decode steps of a generate(): the examples
+    before it are committed, the one it is extending is not complete, so it stays begun and the next
+    commit takes it whole. It was committed short, and the next step was refused."""
+    model, out = build("llama3", "qk_sniff"), tmp_path / "out"
+    with qk_attn.session(output=out, **SMALL) as s:
+        s.begin([0])
+        model(input_ids=PROMPT)
+        s.begin([1])
+        if where == "another thread":
+            pause, result = PauseAt(2), {}
+            worker = _in_thread(model, pause, result)
+            worker.start()
+            assert pause.paused.wait(30)
+            s.commit()
+            pause.go.set()
+            worker.join(30)
+            assert "error" not in result, result
+            sequence = result["out"]
+        else:
+            commit = CallAt(2, s.commit)
+            sequence = model.generate(PROMPT, logits_processor=tf.LogitsProcessorList([commit]), **GENERATE)
+        assert s.committed_ids() == {0}
+    assert qk_attn.load_examples(out)["example_id"].to_pylist() == [0, 1]
+    assert _positions(qk_attn.load(out)) == {0: list(range(6)), 1: list(range(sequence.shape[1] - 1))}
+
+
+def test_a_worker_thread_that_is_alive_holds_back_only_the_generate_it_runs_now(tmp_path, caplog):
+    """A thread-pool worker outlives its generate() calls. The example of one that returned is complete
+    and committed, even with its cache kept alive (return_dict_in_generate); only the example of the
+    generate() it runs when the session closes is discarded."""
+    model, out = build("llama3", "qk_sniff"), tmp_path / "out"
+    pause = PauseAt(2)
+    with ThreadPoolExecutor(1, thread_name_prefix="pool") as pool:
+        with qk_attn.session(output=out, **SMALL) as s:
+            s.begin([1])
+            kept = pool.submit(model.generate, PROMPT, return_dict_in_generate=True, **GENERATE).result(30)
+            s.begin([2])
+            running = pool.submit(model.generate, PROMPT, logits_processor=tf.LogitsProcessorList([pause]), **GENERATE)
+            assert pause.paused.wait(30)
+        pause.go.set()
+        with pytest.raises(CaptureError, match="records into was closed while it ran"):
+            running.result(30)
+    assert getattr(kept, CACHE_ARG) is not None  # its cache is alive: example 1 could be continued, but is complete
+    assert "example(s) [2] could still be continued" in caplog.text and "[1]" not in caplog.text
+    assert qk_attn.load_examples(out)["example_id"].to_pylist() == [1]
+    assert _positions(qk_attn.load(out)) == {1: list(range(11))}
+
+
+def test_closing_a_session_from_inside_its_own_generate_commits_none_of_it(caplog):
+    """close() from a logits processor, in generate()'s own thread: its examples are discarded, and its
+    next forward is refused (the in-memory table never shows the part recorded)."""
+    model = build("llama3", "qk_sniff")
+    with qk_attn.session(**SMALL) as s:
+        s.begin([0])
+        model(input_ids=PROMPT)
+        s.begin([1])
+        with pytest.raises(CaptureError, match="^qk_sniff: the session this generate\\(\\) records into was closed"):
+            model.generate(PROMPT, logits_processor=tf.LogitsProcessorList([CallAt(2, s.close)]), **GENERATE)
+    assert "example(s) [1] could still be continued" in caplog.text
+    assert _positions(s.table()) == {0: list(range(6))}
+
+
+def test_reload_env_inside_a_generate_commits_none_of_it_and_says_so(tmp_path, monkeypatch, caplog):
+    """QK_SNIFF_* mode, reload_env() called between two decode steps: the default session it closes
+    does not commit the generate()'s example part-way, and the next step's refusal names reload_env()
+    (not a cache that "no sequence" holds)."""
+    out = tmp_path / "out"
+    model = build("llama3", "qk_sniff")
+    monkeypatch.setenv("QK_SNIFF_OUTPUT", str(out))
+    monkeypatch.setenv("QK_SNIFF_SAMPLER", "all")
+    try:
+        qk_attn.reload_env()
+        model(input_ids=PROMPT)  # example 0, complete
+        with pytest.raises(CaptureError) as refused:
+            model.generate(PROMPT, logits_processor=tf.LogitsProcessorList([CallAt(2, qk_attn.reload_env)]), **GENERATE)
+        assert str(refused.value).startswith(
+            "qk_sniff: the session this generate() records into was closed by qk_attn.reload_env() while it ran"
+        )
+        assert "example(s) [1] could still be continued" in caplog.text
+        assert qk_attn.load_examples(out)["example_id"].to_pylist() == [0]
+        model(input_ids=PROMPT)  # outside generate(): the new default session, on the same folder
+        qk_attn.flush()
+        assert qk_attn.load_examples(out)["example_id"].to_pylist() == [0, 1]
+    finally:
+        monkeypatch.delenv("QK_SNIFF_OUTPUT")
+        monkeypatch.delenv("QK_SNIFF_SAMPLER")
+        qk_attn.reload_env()
+
+
+# ---- a session opened while another thread's generate() runs ------------------------------------
+
+
+def test_a_session_a_callback_opens_inside_a_generate_is_not_the_generates():
+    """Capture off when generate() starts; a logits processor opens its own session around a guide model
+    at each step. The guide is recorded there; the generate() itself records nothing and is not refused
+    when that session closes (it never recorded into it)."""
+    model, guide = build("llama3", "qk_sniff"), build("qwen2", "qk_sniff")
+    tables = []
+
+    def score():
+        with qk_attn.session(**SMALL) as s:
+            guide(input_ids=PROMPT)
+        tables.append(s.table())
+
+    sequence = model.generate(PROMPT, logits_processor=tf.LogitsProcessorList([CallAt(2, score)]), **GENERATE)
+    assert sequence.shape == (1, 12) and len(tables) == 1
+    _same(rows_by_key(tables[0]), _alone(guide, PROMPT, [0]))
+
+
+def test_a_session_opened_in_the_middle_of_a_worker_generate_keeps_each_its_own(tmp_path, caplog):
+    """Thread 'T' opened no session: its generate() records into the session that was the latest when it
+    started (A) until it returns, though the main thread opens B in the middle of it and records another
+    model there. Both examples are whole and exact, and nothing is discarded."""
+    model, other, out = build("llama3", "qk_sniff"), build("qwen2", "qk_sniff"), tmp_path / "a"
+    pause, result = PauseAt(2), {}
+    worker = _in_thread(model, pause, result)
+    with qk_attn.session(output=out, **SMALL) as a:
+        a.begin([1])
+        worker.start()
+        assert pause.paused.wait(30)
+        with qk_attn.session(**SMALL) as b:
+            other(input_ids=PROMPT)  # B's example 0
+            pause.go.set()
+            worker.join(30)
+    assert "error" not in result, result
+    assert "discarded" not in caplog.text, caplog.text
+    sequence = result["out"]
+    _same(rows_by_key(qk_attn.load(out)), _alone(model, sequence[:, :-1], [1]))
+    _same(rows_by_key(b.table()), _alone(other, PROMPT, [0]))
+
+
+def test_a_generate_that_raises_discards_only_what_its_own_thread_extended(caplog):
+    """A worker's generate() raises between two steps: its example goes, but not the example the main
+    thread recorded into the same session (another model) while it ran."""
+    model, other = build("llama3", "qk_sniff"), build("qwen2", "qk_sniff")
+    pause, result = PauseAt(2), {}
+
+    def fail():
+        pause.paused.set()
+        pause.go.wait(30)
+        raise RuntimeError("a logits processor failed")
+
+    def run():
+        try:
+            model.generate(PROMPT, logits_processor=tf.LogitsProcessorList([CallAt(2, fail)]), **GENERATE)
+        except RuntimeError as error:
+            result["error"] = error
+
+    worker = threading.Thread(target=run, name="T")
+    with qk_attn.session(**SMALL) as s:
+        s.begin([1])
+        worker.start()
+        assert pause.paused.wait(30)
+        s.begin([2])
+        other(input_ids=PROMPT)  # complete, begun after the generate() started
+        pause.go.set()
+        worker.join(30)
+    assert "a logits processor failed" in str(result.get("error"))
+    assert "example(s) [1] stopped between two forwards: generate() raised" in caplog.text
+    _same(rows_by_key(s.table()), _alone(other, PROMPT, [2]))
+
+
+# ---- a forward after close() --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["memory", "folder"])
+def test_a_forward_after_close_is_refused_before_any_layer_runs(tmp_path, where):
+    """close() inside the with block: the next forward that would record into it is refused in one line
+    before its first layer, in memory as with a folder (which raised from its closed sink at the end)."""
+    model = build("llama3", "qk_sniff")
+    ran = []
+    handle = model.model.layers[0].register_forward_pre_hook(lambda *_: ran.append(1))
+    output = tmp_path / "out" if where == "folder" else None
+    with pytest.raises(CaptureError, match="^qk_sniff: this forward would record into a session that was closed"):
+        with qk_attn.session(output=output, **SMALL) as s:
+            model(input_ids=PROMPT)
+            s.close()
+            ran.clear()
+            model(input_ids=PROMPT)
+    handle.remove()
+    assert ran == []
+    table = qk_attn.load(output) if output is not None else s.table()
+    assert _positions(table) == {0: list(range(6))}
+
+
+# ---- one model, two threads, two sessions -------------------------------------------------------
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_one_model_in_two_threads_with_two_sessions_refuses_the_second_forward(warm):
+    """Each thread opened its own session. While thread A is inside a forward (held in layer 1), B's
+    forward of the same model is refused as in one session, before it records anything (it failed with
+    "layer 0 ran without transformers building its mask" when A's forward was the model's first); A's
+    rows are exact."""
+    model = build("llama3", "qk_sniff")
+    if warm:
+        with qk_attn.session(**SMALL):
+            model(input_ids=PROMPT)
+    ids = {"A": torch.arange(3, 11)[None], "B": torch.arange(20, 25).repeat(2, 1)}
+    inside, b_done, results = threading.Event(), threading.Event(), {}
+
+    def hold(module, args):
+        if threading.current_thread().name == "A" and not b_done.is_set():
+            inside.set()
+            b_done.wait(30)
+
+    def run(name):
+        if name == "B":
+            inside.wait(30)
+        try:
+            with qk_attn.session(example_ids=[7] * (name == "A") or [8, 9], **SMALL) as s:
+                model(input_ids=ids[name])
+            results[name] = rows_by_key(s.table())
+        except CaptureError as error:
+            results[name] = str(error)
+        finally:
+            if name == "B":
+                b_done.set()
+
+    handle = model.model.layers[1].register_forward_pre_hook(hold)
+    threads = [threading.Thread(target=run, args=(name,), name=name) for name in "AB"]
+    [t.start() for t in threads]
+    [t.join(60) for t in threads]
+    handle.remove()
+    assert isinstance(results["B"], str) and results["B"].startswith(
+        "qk_sniff: this model is in the middle of a forward in thread 'A'"
+    ), results["B"]
+    _same(results["A"], _alone(model, ids["A"], [7]))
+
+
+def test_one_model_starting_forwards_in_two_threads_with_two_sessions_at_once():
+    """The model's first forward in two threads at once, each recording into its own session: both build
+    their masks before either reaches layer 1. One is refused, naming the other's thread (not "layer 0 ran
+    without transformers building its mask": the check and the new forward's context are one step per
+    model); the other is recorded exactly."""
+    model = build("llama3", "qk_sniff")
+    ids = {"A": torch.arange(3, 11)[None], "B": torch.arange(20, 25).repeat(2, 1)}
+    example_ids = {"A": [7], "B": [8, 9]}
+    both = threading.Barrier(2, timeout=30)
+    results = {}
+
+    def meet(module, args):
+        try:
+            both.wait()
+        except threading.BrokenBarrierError:  # the other thread's forward was refused
+            pass
+
+    def run(name):
+        try:
+            with qk_attn.session(example_ids=example_ids[name], **SMALL) as s:
+                model(input_ids=ids[name])
+            results[name] = rows_by_key(s.table())
+        except CaptureError as error:
+            results[name] = str(error)
+            both.abort()
+
+    handle = model.model.layers[1].register_forward_pre_hook(meet)
+    threads = [threading.Thread(target=run, args=(name,), name=name) for name in "AB"]
+    [t.start() for t in threads]
+    [t.join(60) for t in threads]
+    handle.remove()
+    refused = [name for name in "AB" if isinstance(results[name], str)]
+    assert len(refused) == 1, results
+    (loser,) = refused
+    (winner,) = set("AB") - {loser}
+    assert results[loser].startswith(f"qk_sniff: this model is in the middle of a forward in thread {winner!r}")
+    _same(results[winner], _alone(model, ids[winner], example_ids[winner]))
