@@ -316,6 +316,10 @@ def test_a_cache_reset_between_two_generates_starts_a_new_example(kind):
     finished one is kept. A static cache's reset was refused as a rollback and lost the first example."""
     model = build("llama3", "qk_sniff")
     cache = _cache(kind, model)
+    model(input_ids=PROMPT, **cache_kw(cache))
+    cache.reset()
+    if cache.get_seq_length():
+        pytest.skip("this transformers' DynamicCache.reset() keeps the cache's length (5.17): not reusable")
     prompts = (PROMPT, torch.arange(30, 37)[None])
     with qk_attn.session(sampler="all") as s:
         outputs = []
