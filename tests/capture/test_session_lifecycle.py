@@ -72,6 +72,15 @@ def _positions(table) -> dict[int, list[int]]:
     return {example: sorted(found[example]) for example in sorted(found)}
 
 
+def _in_threads_a_and_b(model, pre_hook, run) -> None:
+    """`run(name)` in threads 'A' and 'B' at once, with `pre_hook` on layer 1 meanwhile."""
+    handle = model.model.layers[1].register_forward_pre_hook(pre_hook)
+    threads = [threading.Thread(target=run, args=(name,), name=name) for name in "AB"]
+    [t.start() for t in threads]
+    [t.join(60) for t in threads]
+    handle.remove()
+
+
 def _alone(model, ids, example_ids: list[int]) -> dict:
     """The rows of `ids` in one uncached forward, under `example_ids`, in a session of their own."""
     with qk_attn.session(example_ids=example_ids, **SMALL) as s:
@@ -337,11 +346,7 @@ def test_one_model_in_two_threads_with_two_sessions_refuses_the_second_forward(w
             if name == "B":
                 b_done.set()
 
-    handle = model.model.layers[1].register_forward_pre_hook(hold)
-    threads = [threading.Thread(target=run, args=(name,), name=name) for name in "AB"]
-    [t.start() for t in threads]
-    [t.join(60) for t in threads]
-    handle.remove()
+    _in_threads_a_and_b(model, hold, run)
     assert isinstance(results["B"], str) and results["B"].startswith(
         "qk_sniff: this model is in the middle of a forward in thread 'A'"
     ), results["B"]
@@ -374,11 +379,7 @@ def test_one_model_starting_forwards_in_two_threads_with_two_sessions_at_once():
             results[name] = str(error)
             both.abort()
 
-    handle = model.model.layers[1].register_forward_pre_hook(meet)
-    threads = [threading.Thread(target=run, args=(name,), name=name) for name in "AB"]
-    [t.start() for t in threads]
-    [t.join(60) for t in threads]
-    handle.remove()
+    _in_threads_a_and_b(model, meet, run)
     refused = [name for name in "AB" if isinstance(results[name], str)]
     assert len(refused) == 1, results
     (loser,) = refused
