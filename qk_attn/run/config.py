@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,30 @@ from qk_attn.run.sections import (
     unknown_key,
     validate,
 )
+
+
+class _PlainNumbers(yaml.SafeLoader):
+    """YAML 1.1 reads 010 as 8 (octal), 0x10 as 16, 1_0 as 10, +4 as 4 and 1:30 as 90 (base 60). A run's
+    numbers are plain decimal: other forms stay text, which the sections refuse in one line, as they
+    refuse them quoted."""
+
+
+_PlainNumbers.yaml_implicit_resolvers = {
+    first: [
+        (tag, pattern) for tag, pattern in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+    ]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_PlainNumbers.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^-?(0|[1-9][0-9]*)$"), list("-0123456789"))
+_PlainNumbers.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^-?([0-9]+\.[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$"),
+    list("-+.0123456789"),
+)
+
+
+def _load_yaml(text: str):
+    return yaml.load(text, Loader=_PlainNumbers)  # a SafeLoader: no Python objects
 
 
 @dataclass
@@ -86,7 +111,7 @@ class RunConfig:
             if not path.is_file():
                 raise ConfigError(f"config file {str(path)!r} does not exist")
             try:
-                data = yaml.safe_load(path.read_text()) or {}
+                data = _load_yaml(path.read_text()) or {}
             except yaml.YAMLError as error:
                 raise ConfigError(f"{path}: not valid YAML: {error}") from None
             if not isinstance(data, dict):
@@ -243,7 +268,7 @@ def apply_override(data: dict, item: str) -> None:
     if key not in known:
         raise unknown_key(key, f"section {section!r} (--set {item!r})", known)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     target = data.setdefault(section, {})

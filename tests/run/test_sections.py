@@ -48,3 +48,22 @@ def test_plain_numbers_pass_as_text_or_as_yaml_numbers():
     # The range is still checked after the form, with its own message.
     with pytest.raises(ConfigError, match=r"^capture[.]seed='-1' is invalid: expected an integer >= 0$"):
         RunConfig.load(None, ["capture.seed='-1'"], base=MINIMAL)
+
+
+@pytest.mark.parametrize("form", ["1_0", "+4", "0x10", "0b11", "1:30"])
+def test_an_unquoted_yaml_number_in_another_form_is_refused_too(tmp_path, form):
+    """YAML 1.1 reads these as 10, 4, 16, 3 and 90 (base 60) before the sections see them: the run's
+    YAML reader keeps them as text, refused as the quoted forms are, from a file and from --set."""
+    with pytest.raises(ConfigError, match=r"^inference[.]batch_size=.* is invalid: expected an integer"):
+        RunConfig.load(None, [f"inference.batch_size={form}"], base=MINIMAL)
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"dataset: {{path: docs.jsonl}}\nmodel: {{name: some/model}}\noutput: {{data_root: out}}\n"
+        f"inference:\n  batch_size: {form}\n"
+    )
+    with pytest.raises(ConfigError, match=r"^inference[.]batch_size=.* is invalid: expected an integer"):
+        RunConfig.load(config, [])
+
+
+def test_a_leading_zero_is_decimal_not_octal():
+    assert RunConfig.load(None, ["inference.batch_size=010"], base=MINIMAL).inference.batch_size == 10
