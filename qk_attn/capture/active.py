@@ -48,15 +48,18 @@ _reloaded: weakref.WeakSet = weakref.WeakSet()  # default sessions that reload_e
 
 
 class _Generation:
-    """A generate() call running in a thread: the session it records into (None until its first forward
-    finds one) and that session's `generation_started()` number when it started recording there."""
+    """A generate() call running in a thread: the session it records into (`settled`: known; a generate()
+    that starts with none takes what its first forward finds, None when capture is off), that session's
+    `generation_started()` number when it started recording there, and the ranges of those numbers of
+    the generate() calls nested in it (a guide model's, from a logits processor) that returned."""
 
-    __slots__ = ("session", "since", "thread")
+    __slots__ = ("session", "settled", "since", "thread", "inner_done")
 
     def __init__(self, session) -> None:
-        self.session = session
+        self.session, self.settled = session, session is not None
         self.since = session.generation_started() if session is not None else 0
         self.thread = threading.current_thread()
+        self.inner_done: list[tuple[int, int]] = []
 
 
 # thread -> the generate() calls it is inside now, outermost first (its _local.generations list)
@@ -112,7 +115,7 @@ def _active():
     if own:
         return own[-1]
     generations = getattr(_local, "generations", None)
-    if generations and generations[-1].session is not None:  # a generate() keeps the session it started in
+    if generations and generations[-1].settled:  # a generate() keeps the session it started in (or none)
         return generations[-1].session
     opened_now = _opened
     return opened_now[-1] if opened_now else None
@@ -133,6 +136,7 @@ def current_session():
             _refuse_forked(active)
         found = active
     elif _env_config.output is None:
+        _settle(None)  # capture is off for a generate() whose first forward this is, to its end
         return None
     else:
         if _inherited and _default is not None and inherited(_default):
@@ -144,14 +148,20 @@ def current_session():
                     _exit_registered = True
                     atexit.register(_close_default_at_exit)
         found = _default
-    generations = getattr(_local, "generations", None)
-    # A generate() that found no session when it started keeps the one its first forward finds, unless it is
-    # a session this thread opened (inside the generate(): a callback's, which ends before the next step).
-    if generations and generations[-1].session is None and not getattr(_local, "stack", None):
-        for generation in generations:
-            if generation.session is None:
-                generation.session, generation.since = found, found.generation_started()
+    _settle(found)
     return found
+
+
+def _settle(found) -> None:
+    """A generate() that found no session when it started keeps what its first forward finds (None:
+    nothing is recorded of it, though another thread opens a session mid-way), unless it is a session
+    this thread opened (inside the generate(): a callback's, which ends before the next step)."""
+    generations = getattr(_local, "generations", None)
+    if generations and not generations[-1].settled and not getattr(_local, "stack", None):
+        for generation in generations:
+            if not generation.settled:
+                generation.session, generation.settled = found, True
+                generation.since = found.generation_started() if found is not None else 0
 
 
 def _close_default_at_exit() -> None:
@@ -186,12 +196,17 @@ def generation_starts() -> _Generation:
     return generation
 
 
-def generation_ends(generation: _Generation) -> None:
+def generation_ends(generation: _Generation, returned: bool) -> None:
+    """The generate() ends; one that `returned`, nested in another of this thread recording into the same
+    session, tells it which examples it made (complete: not the outer one's to drop if that one raises)."""
     with _lock:
         running = _local.generations
         running.remove(generation)
         if not running:
             _generations.pop(generation.thread, None)
+    session = generation.session
+    if returned and running and session is not None and running[-1].session is session:
+        running[-1].inner_done.append((generation.since, session.generation_started()))
 
 
 def running_generations(session) -> list[tuple[threading.Thread, int]]:

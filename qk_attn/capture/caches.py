@@ -51,16 +51,20 @@ _rollbacks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> 
 
 class Rollback:
     """The lengths crops left in one cache, in order (-1: unknown, a static cache's length is on the
-    device). Each sequence on the cache notes how many it had seen at its last forward."""
+    device), and where resets came between them. Each sequence on the cache notes how many crops it
+    had seen at its last forward; crops after the next reset are another sequence's."""
 
-    __slots__ = ("lengths",)
+    __slots__ = ("lengths", "resets_at")
 
     def __init__(self) -> None:
         self.lengths: list[int] = []
+        self.resets_at: dict[int, int] = {}  # the cache's n-th reset -> len(lengths) then
 
-    def below(self, end: int, seen: int) -> bool:
-        """Whether a crop since the first `seen` left fewer than `end` tokens."""
-        return any(length < end for length in self.lengths[seen:])
+    def below(self, end: int, seen: int, resets: int) -> bool:
+        """Whether a crop since the first `seen`, before the reset after the cache's first `resets`, left
+        fewer than `end` tokens."""
+        stop = self.resets_at.get(resets + 1, len(self.lengths))
+        return any(length < end for length in self.lengths[seen:stop])
 
 
 def rollback_of(cache) -> Rollback | None:
@@ -154,6 +158,9 @@ def _counting_resets(reset):
             return reset(cache, *args, **kwargs)
         finally:
             _resets[cache] = _resets.get(cache, 0) + 1
+            record = _rollbacks.get(cache)
+            if record is not None:  # crops from now on are the next sequence's
+                record.resets_at[_resets[cache]] = len(record.lengths)
 
     counted._counts_resets = True
     return counted

@@ -196,8 +196,8 @@ class ForwardContext:
         their layers and number tokens themselves): which ones the model used cannot be told. Other
         tensors happen only there, so the comparison (a device read on a GPU) is rare."""
         own = self.position_ids
-        if own is None or position_ids is own or position_ids.shape[-1] != own.shape[-1]:
-            return
+        if own is None or position_ids is own or position_ids.shape[-1] != own.shape[-1] or own.dim() > 2:
+            return  # (multimodal RoPE's rows, (3|4, B, T), hand the layers their text row: not compared)
         try:
             given, used = torch.broadcast_tensors(position_ids, own.to(position_ids.device))
         except RuntimeError:  # shapes that do not broadcast

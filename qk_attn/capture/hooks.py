@@ -227,18 +227,21 @@ def watch_generate() -> None:
         from qk_attn.capture.active import generation_ends, generation_starts
 
         generation = generation_starts()  # the session it records into, from start to end (qk_attn.capture.active)
+        returned = False
         try:
-            return generate(model, *args, **kwargs)
+            output = generate(model, *args, **kwargs)
+            returned = True
+            return output
         except BaseException:
             session = generation.session  # None: it recorded nothing; closed: closing dropped what it extended
             if session is not None and not session.closed:
-                try:  # only what this thread extended since: not another thread's or model's examples
-                    session.drop_open_sequences("generate() raised", since=generation.since)
+                try:  # only what this thread extended since: not another thread's, nor a nested generate()'s
+                    session.drop_open_sequences("generate() raised", since=generation.since, kept=generation.inner_done)
                 except Exception as error:  # noqa: BLE001 - the generate()'s own error is the one to raise
                     logger.warning("qk-attn: could not forget what the failed generate() recorded: %r", error)
             raise
         finally:
-            generation_ends(generation)
+            generation_ends(generation, returned)
 
     generate_or_forget._forgets_when_raising = True
     GenerationMixin.generate = generate_or_forget

@@ -34,7 +34,7 @@ class Sequence:
 
     def rolled_back(self) -> bool:
         """Whether a crop since its last forward left its cache shorter than the tokens recorded for it."""
-        return self.rollback is not None and self.rollback.below(self.end, self.rollbacks_seen)
+        return self.rollback is not None and self.rollback.below(self.end, self.rollbacks_seen, self.resets)
 
 
 def key_of(config, cache) -> tuple:

@@ -82,7 +82,7 @@ class SequenceTracker(ForwardTracker):
             self.sink.discard(ids)
 
     def drop_open_sequences(
-        self, why: str, since: int | None = None, other_threads: bool = False, generations=None
+        self, why: str, since: int | None = None, other_threads: bool = False, generations=None, kept=()
     ) -> None:
         """Forget the uncommitted examples that were stopped between forwards, so they may be incomplete:
         those whose cache is still alive, so that a later forward could have continued them (with
@@ -91,12 +91,14 @@ class SequenceTracker(ForwardTracker):
         since then (a generate() of this thread raised: not another thread's examples); with `generations`
         ((thread, since) of each generate() recording here that still runs), those with a live cache that
         such a thread extended since its generate() started (the session closes under it). They are never
-        committed."""
+        committed. `kept`: ranges of `generation_started()` numbers whose examples stay (a nested generate()
+        that returned made them)."""
         self._end_forwards("drop_open_sequences")  # an unfinished forward is discarded first, with its own warning
         if generations is not None:
             ids = self._extended_since(generations, live_cache=True)
         elif since is not None:
             ids = self._extended_since([(threading.current_thread(), since)], live_cache=False)
+            ids = [i for i in ids if not any(start < self._begun[i] <= end for start, end in kept)]
         else:
             ids = sorted(self._sequences.open_ids(other_threads) & self._begun.keys())
         if not ids:
@@ -164,7 +166,10 @@ class SequenceTracker(ForwardTracker):
         if forward is not None:
             config, cache = forward.config, forward.cache
         key = key_of(config, cache)
-        for sequence in (getattr(forward, "sequence", None), self._sequences.of(key, cache)):
+        held = self._sequences.of(key, cache)
+        if held is not None and held.resets != resets(cache):
+            held = None  # emptied since its last forward: complete, not this forward's
+        for sequence in (getattr(forward, "sequence", None), held):
             if sequence is not None:
                 ids |= set(sequence.ids)
         self._sequences.forget(ids, key, cache, why)  # a later forward on its cache is told why
@@ -215,6 +220,8 @@ class SequenceTracker(ForwardTracker):
         batch = forward.batch_size
         key = key_of(forward.config, forward.cache)
         sequence = self._sequences.of(key, forward.cache)  # None for a cache that is gone, whose id a new one took
+        if sequence is not None and sequence.resets != resets(forward.cache):
+            sequence = None  # emptied since its last forward (Cache.reset()): complete, continued by none
         gone = self._sequences.discarded(key, forward.cache) if sequence is None else None
         if sequence is not None and sequence.rolled_back():
             rolled_back = sorted(set(sequence.ids) & self._begun.keys())

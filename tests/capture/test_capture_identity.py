@@ -414,6 +414,21 @@ def test_text_only_forwards_of_multimodal_models_record_token_ids_and_their_end(
     assert _token_ids(s.table()) == _want_token_ids(call, [4, 5])
 
 
+def test_qwen2_vl_text_only_generate_records_its_text_positions():
+    """Multimodal RoPE models hand their layers the text row of their (3|4, B, T) positions: not
+    "other position_ids" than the forward's (a check against BART-style models refused every step)."""
+    model = _qwen2_vl()
+    batch = padded_batch("left", lengths=(7, 5), seed=8)
+    with qk_attn.session(sampler="all") as s:
+        prompt = {key: batch[key] for key in ("input_ids", "attention_mask")}  # generate() makes the positions
+        sequences = model.generate(**prompt, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    mask = torch.cat([batch["attention_mask"], torch.ones(2, 3, dtype=torch.long)], dim=1)[:, :-1]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    full = {"input_ids": sequences[:, :-1], "attention_mask": mask, "position_ids": positions}  # the last
+    # generated token is never fed back
+    _assert_same_rows(rows_by_key(s.table()), _truth(model, full, [0, 1]), rtol=1e-4, atol=1e-5)
+
+
 def test_qwen2_vl_with_an_image_is_refused_naming_images_and_mrope():
     model = _qwen2_vl()
     ids = torch.tensor([[3, 4, VOCAB - 3] + [VOCAB - 1] * 4 + [5, 6]])  # an image of 2 x 2 patches

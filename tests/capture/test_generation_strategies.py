@@ -309,17 +309,23 @@ def _cache(kind: str, model):
     return tf.DynamicCache(config=model.config)
 
 
+def _reusable_cache(kind: str, model):
+    """A cache that reset() empties (5.17's DynamicCache.reset() zeroes it but keeps its length)."""
+    cache = _cache(kind, model)
+    model(input_ids=PROMPT, **cache_kw(cache))
+    cache.reset()
+    if cache.get_seq_length():
+        pytest.skip("this transformers' DynamicCache.reset() keeps the cache's length (5.17): not reusable")
+    return cache
+
+
 @pytest.mark.parametrize("kind", ["dynamic", "static"])
 def test_a_cache_reset_between_two_generates_starts_a_new_example(kind):
     """reset() empties a user's cache for a new conversation: the next generate() on it starts a new
     example, on a static cache too (its length is on the device: a reset is counted, not read), and the
     finished one is kept. A static cache's reset was refused as a rollback and lost the first example."""
     model = build("llama3", "qk_sniff")
-    cache = _cache(kind, model)
-    model(input_ids=PROMPT, **cache_kw(cache))
-    cache.reset()
-    if cache.get_seq_length():
-        pytest.skip("this transformers' DynamicCache.reset() keeps the cache's length (5.17): not reusable")
+    cache = _reusable_cache(kind, model)
     prompts = (PROMPT, torch.arange(30, 37)[None])
     with qk_attn.session(sampler="all") as s:
         outputs = []
@@ -334,6 +340,44 @@ def test_a_cache_reset_between_two_generates_starts_a_new_example(kind):
         assert {key for key in got if key[0] == example} == want.keys()
         for key, vector in want.items():
             np.testing.assert_allclose(got[key], vector, rtol=1e-4, atol=1e-5, err_msg=str(key))
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_a_reset_cache_refilled_elsewhere_is_not_continued_by_its_old_example(kind):
+    """After reset(), another session fills the cache to the length the old example had: a forward
+    that goes on without begin() continues that other conversation, not the old example. It was
+    appended to the old example; it is refused, and the old example is kept whole."""
+    model = build("llama3", "qk_sniff")
+    cache = _reusable_cache(kind, model)
+    with qk_attn.session(sampler="all") as s:
+        s.begin([1])
+        model(input_ids=PROMPT, **cache_kw(cache))
+        cache.reset()
+        with qk_attn.session(sampler="all") as other:
+            model(input_ids=torch.arange(50, 58)[None], **cache_kw(cache))  # as long as PROMPT
+        with pytest.raises(CaptureError, match="continues a cache at position 8 but no sequence"):
+            model(input_ids=torch.tensor([[70, 71]]), **cache_kw(cache))
+    assert rows_by_key(s.table()).keys() == _one_shot(model, PROMPT, 1).keys()
+    assert {key[4] for key in rows_by_key(other.table())} == set(range(8))
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_a_crop_after_a_reset_discards_only_the_example_after_it(kind, caplog):
+    """Crops are noted per cache: one after a reset cut the new example, not the one before the reset,
+    which was complete (both were discarded)."""
+    if kind == "static" and not callable(getattr(tf.cache_utils.StaticLayer, "crop", None)):
+        pytest.skip("this transformers' static cache has no crop() (5.17)")
+    model = build("llama3", "qk_sniff")
+    cache = _reusable_cache(kind, model)
+    with qk_attn.session(sampler="all") as s:
+        s.begin([1])
+        model(input_ids=torch.cat((PROMPT, DRAFTS), 1), **cache_kw(cache))
+        cache.reset()
+        s.begin([2])
+        model(input_ids=PROMPT, **cache_kw(cache))
+        cache.crop(-2)
+    assert s.sink.committed == [1]
+    assert "example(s) [2] was cropped" in caplog.text and "[1] was cropped" not in caplog.text
 
 
 @pytest.mark.parametrize("why", ["committed", "rows moved", "another session"])

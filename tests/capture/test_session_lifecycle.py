@@ -289,6 +289,45 @@ def test_a_generate_that_raises_discards_only_what_its_own_thread_extended(caplo
     _same(rows_by_key(s.table()), _alone(other, PROMPT, [2]))
 
 
+def test_a_nested_generate_that_returned_keeps_its_example_when_the_outer_one_raises(caplog):
+    """A guide model's generate() run from a logits processor returns a complete example; the outer
+    generate() then raises: only the outer example goes (both went: the thread and the forward numbers
+    said "extended since the outer generate() started" of both)."""
+    model, guide = build("llama3", "qk_sniff"), build("qwen2", "qk_sniff")
+    guided = {}
+
+    def run_guide():
+        guided["sequence"] = guide.generate(PROMPT + 7, max_new_tokens=3, do_sample=False, pad_token_id=0)
+
+    def fail():
+        raise RuntimeError("a logits processor failed")
+
+    processors = tf.LogitsProcessorList([CallAt(2, run_guide), CallAt(4, fail)])
+    with qk_attn.session(**SMALL) as s:
+        with pytest.raises(RuntimeError, match="a logits processor failed"):
+            model.generate(PROMPT, logits_processor=processors, **GENERATE)
+    assert "example(s) [0] stopped between two forwards" in caplog.text and s.committed_ids() == {1}
+    _same(rows_by_key(s.table()), _alone(guide, guided["sequence"][:, :-1], [1]))
+
+
+def test_a_generate_begun_with_capture_off_stays_off_when_a_session_opens_mid_way():
+    """A worker's generate() starts with no session anywhere; the main thread then opens one and records
+    another model. The worker's later steps record nothing (they were refused as continuing a cache no
+    sequence was started on), and the main thread's example is exact."""
+    model, other = build("llama3", "qk_sniff"), build("qwen2", "qk_sniff")
+    pause, result = PauseAt(2), {}
+    worker = _in_thread(model, pause, result)
+    worker.start()
+    assert pause.paused.wait(30)
+    with qk_attn.session(**SMALL) as s:
+        s.begin([3])
+        other(input_ids=PROMPT)
+        pause.go.set()
+        worker.join(30)
+    assert "error" not in result, result
+    _same(rows_by_key(s.table()), _alone(other, PROMPT, [3]))
+
+
 # ---- a forward after close() --------------------------------------------------------------------
 
 
