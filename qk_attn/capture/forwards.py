@@ -100,14 +100,15 @@ class ForwardTracker:
                 "across an image's tokens, so rows could not be keyed by position; record text-only "
                 "inputs of this model (no pixel_values)"
             )
-        if not (forward.draft or caller.module.training):  # (those are not recorded: nothing to refuse)
+        if not forward.draft:  # (a draft is not recorded: nothing to refuse)
             try:
                 # Refused here, before a layer writes the new tokens into the cache: a forward retried
                 # after the refusal (with begin()) finds the cache as it was.
                 self._check_sequence(forward)
             except CaptureError:
-                self._discard(None, "was refused", config, caller.cache)
-                raise
+                if not _attention_in_training(caller.module):  # else not recorded (its first call says)
+                    self._discard(None, "was refused", config, caller.cache)
+                    raise
         if isinstance(entry, _Started):  # the decoder stack's start was reported: its end will be too
             forward.armed, forward.finished = True, False
         else:
@@ -313,6 +314,13 @@ def _refuse_mask_length(mask: torch.Tensor | None, past: int, num_new: int) -> N
             f"tokens are real; pass a mask of exactly {past + num_new} columns (extend it by the new tokens at "
             "every step, as generate() does); not recorded"
         )
+
+
+def _attention_in_training(module) -> bool:
+    """Whether an attention layer under `module` is in training mode: a forward of it is not recorded
+    (`Session._not_recorded`), so a refusal of its sequence is not raised (on a refusal only: a walk
+    over the model's modules)."""
+    return any(m.training for m in module.modules() if getattr(m, "layer_idx", None) is not None)
 
 
 class _Started:

@@ -415,6 +415,31 @@ def test_a_refused_continuation_leaves_the_cache_as_it_was_and_the_retry_is_exac
     assert positions == {PROMPT.shape[1], PROMPT.shape[1] + 1, PROMPT.shape[1] + 2}
 
 
+@pytest.mark.parametrize("training", ["one attention layer", "the model, not its layers"])
+def test_a_continuation_refusal_follows_what_is_recorded_in_training_mode(training, caplog):
+    """A forward with an attention layer in training mode is not recorded: continuing another session's
+    cache, it passes unrecorded (as README says). The model in train() with its layers in eval is
+    recorded: refused at the mask, the cache as it was (the check was skipped on the model's flag)."""
+    model = build("llama3", "qk_sniff")
+    cache = tf.DynamicCache(config=model.config)
+    with qk_attn.session(sampler="all"):
+        model(input_ids=PROMPT, **cache_kw(cache))
+    if training == "one attention layer":
+        model.model.layers[0].self_attn.train()
+    else:
+        model.train()
+        model.model.layers.eval()
+    with qk_attn.session(sampler="all") as s:
+        if training == "one attention layer":
+            model(input_ids=DRAFTS, **cache_kw(cache))
+            assert "not recording forwards in training mode" in caplog.text and s.table() is None
+        else:
+            with pytest.raises(CaptureError, match="continues a cache at position 8"):
+                model(input_ids=DRAFTS, **cache_kw(cache))
+            assert [layer.get_seq_length() for layer in cache.layers] == [8] * len(cache.layers)
+    model.eval()
+
+
 def test_a_crop_that_removes_nothing_recorded_keeps_the_example():
     """crop(0), and a crop back to the recorded end (the cache held more than was recorded: none here),
     change nothing recorded: the example is committed whole."""
