@@ -197,16 +197,20 @@ def generation_starts() -> _Generation:
 
 
 def generation_ends(generation: _Generation, returned: bool) -> None:
-    """The generate() ends; one that `returned`, nested in another of this thread recording into the same
-    session, tells it which examples it made (complete: not the outer one's to drop if that one raises)."""
+    """The generate() ends; one nested in another of this thread recording into the same session tells
+    it which examples it made if it `returned`, and those of the generate() calls that returned inside it
+    (complete: not the outer one's to drop if that one raises)."""
     with _lock:
         running = _local.generations
         running.remove(generation)
         if not running:
             _generations.pop(generation.thread, None)
     session = generation.session
-    if returned and running and session is not None and running[-1].session is session:
-        running[-1].inner_done.append((generation.since, session.generation_started()))
+    if running and session is not None and running[-1].session is session:
+        outer = running[-1]
+        outer.inner_done.extend(generation.inner_done)  # complete, also when this one raised
+        if returned:
+            outer.inner_done.append((generation.since, session.generation_started()))
 
 
 def running_generations(session) -> list[tuple[threading.Thread, int]]:

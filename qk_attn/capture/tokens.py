@@ -82,3 +82,16 @@ class HostMirror:
             tokens = host_text_tokens(self._host[:, :num_new], valid, None, None)
             self._tokens = tokens._replace(misnumbered=self._host[:, -1].bool())  # the device's check
         return self._tokens
+
+
+def departing_rows(given: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """(B,) bool: batch rows whose `given` positions ((B|1, T) or (T,)) differ from any of `rows` ((R, B|1, T))
+    at a real token (`valid`, (B, T), None: all real); True everywhere when the shapes do not broadcast."""
+    try:
+        given, rows = torch.broadcast_tensors(given.to(rows.device)[None], rows)
+    except RuntimeError:
+        return torch.ones(1, dtype=torch.bool)
+    differ = given.ne(rows).any(0)  # over the rows
+    if valid is not None:
+        differ = differ & valid.to(device=differ.device, dtype=torch.bool)
+    return differ.reshape(differ.shape[0] if differ.dim() > 1 else 1, -1).any(1)

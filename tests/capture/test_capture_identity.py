@@ -429,6 +429,32 @@ def test_qwen2_vl_text_only_generate_records_its_text_positions():
     _assert_same_rows(rows_by_key(s.table()), _truth(model, full, [0, 1]), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("on_device", [False, True], ids=["host", "device"])
+def test_qwen2_vl_positions_whose_multimodal_rows_depart_from_the_text_row_are_refused(monkeypatch, on_device):
+    """Four-row positions (text, then temporal, height, width) whose RoPE rows are not the text row
+    (images given as embeddings, positions built by hand): rows were keyed by the text row, which RoPE
+    did not use. Refused; on a device the sink finds it with the rows (no sync)."""
+    from qk_attn.capture import forward as forward_module
+    from qk_attn.errors import MisnumberedPositions
+
+    model, ids = _qwen2_vl(), _tokens(6, seed=1)
+    text = torch.arange(6)[None]
+    positions = torch.cat([text[None], (text + 3)[None].expand(3, 1, 6)])
+    if on_device:
+        monkeypatch.setattr(forward_module, "builds_on_host", lambda device: False)
+    with qk_attn.session(sampler="all") as s:
+        if on_device:
+            model(input_ids=ids, position_ids=positions)
+            with pytest.raises(MisnumberedPositions, match="had returned"):
+                s.table()
+        else:
+            with pytest.raises(CaptureError, match="multimodal RoPE positions depart from its text positions"):
+                model(input_ids=ids, position_ids=positions)
+        s.begin([5])
+        model(input_ids=ids, position_ids=text[None].expand(4, 1, 6))  # rows that agree: recorded
+    assert {key[0] for key in rows_by_key(s.table())} == {5}
+
+
 def test_qwen2_vl_with_an_image_is_refused_naming_images_and_mrope():
     model = _qwen2_vl()
     ids = torch.tensor([[3, 4, VOCAB - 3] + [VOCAB - 1] * 4 + [5, 6]])  # an image of 2 x 2 patches

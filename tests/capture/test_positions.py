@@ -278,3 +278,12 @@ def test_a_model_that_ignores_the_position_ids_passed_to_it_is_refused_where_the
         assert sorted({key[4] for key in got if key[0] == example}) == want
     if side == "right":
         assert sorted({key[4] for key in got if key[0] == 0}) == list(range(4))
+
+
+def test_position_ids_of_another_length_than_the_tokens_are_refused_in_one_line():
+    """A BART-style model takes any position_ids through **kwargs (its own numbering runs regardless):
+    one longer than the input raised a numpy broadcast error inside the forward."""
+    model = _bart_lm()
+    with qk_attn.session(sampler="all"):
+        with pytest.raises(CaptureError, match="got position_ids for 8 tokens in a forward of 7 new tokens"):
+            model(input_ids=_ids(7), position_ids=torch.arange(8)[None])

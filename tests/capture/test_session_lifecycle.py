@@ -310,6 +310,32 @@ def test_a_nested_generate_that_returned_keeps_its_example_when_the_outer_one_ra
     _same(rows_by_key(s.table()), _alone(guide, guided["sequence"][:, :-1], [1]))
 
 
+def test_a_generate_two_levels_down_that_returned_keeps_its_example_when_the_levels_above_raise():
+    """Three nested generate() calls: the innermost returns, the middle one raises (caught by the
+    outer's logits processor), then the outer one raises. Only the innermost example is complete: it
+    was lost with the others, as the middle one never returned to pass on what it had made."""
+    outer, middle, inner = build("llama3", "qk_sniff"), build("qwen2", "qk_sniff"), build("qwen3", "qk_sniff")
+    made = {}
+
+    def fail():
+        raise RuntimeError("a logits processor failed")
+
+    def run_inner():
+        made["sequence"] = inner.generate(PROMPT + 9, max_new_tokens=3, do_sample=False, pad_token_id=0)
+
+    def run_middle():
+        processors = tf.LogitsProcessorList([CallAt(2, run_inner), CallAt(3, fail)])
+        with pytest.raises(RuntimeError):
+            middle.generate(PROMPT + 7, logits_processor=processors, **GENERATE)
+
+    processors = tf.LogitsProcessorList([CallAt(2, run_middle), CallAt(4, fail)])
+    with qk_attn.session(**SMALL) as s:
+        with pytest.raises(RuntimeError, match="a logits processor failed"):
+            outer.generate(PROMPT, logits_processor=processors, **GENERATE)
+    assert s.committed_ids() == {2}
+    _same(rows_by_key(s.table()), _alone(inner, made["sequence"][:, :-1], [2]))
+
+
 def test_a_generate_begun_with_capture_off_stays_off_when_a_session_opens_mid_way():
     """A worker's generate() starts with no session anywhere; the main thread then opens one and records
     another model. The worker's later steps record nothing (they were refused as continuing a cache no
