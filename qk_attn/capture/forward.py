@@ -30,7 +30,7 @@ from qk_attn.capture.tokens import (
     POSITION_LIMIT,
     HostMirror,
     TextTokens,
-    departing_rows,
+    check_position_source,
     host_text_tokens,
     misnumbered_rows,
 )
@@ -190,7 +190,12 @@ class ForwardContext:
         length = self.num_new if length is None else length
         cached = self._tokens.get((device, length))  # per device: layers of one forward may sit on several
         if cached is None or cached[0] is not position_ids:
-            departing = self._check_position_source(position_ids, device) if position_ids is not None else None
+            departing = None
+            if position_ids is not None:
+                valid = self.attention_mask[:, -self.num_new :] if self.attention_mask is not None else None
+                departing = check_position_source(
+                    self.config, position_ids, self.position_ids, valid, self.num_new, builds_on_host(device)
+                )
             tokens = self._text_tokens(position_ids, device)
             if departing is not None:
                 tokens = tokens._replace(misnumbered=tokens.misnumbered | departing.to(tokens.misnumbered.device))
@@ -198,41 +203,6 @@ class ForwardContext:
                 tokens = tokens.suffix(length)
             cached = self._tokens[(device, length)] = (position_ids, tokens)
         return cached[1]
-
-    def _check_position_source(self, position_ids, device) -> torch.Tensor | None:
-        """Refuse positions that are not the ones RoPE used: of another length; other than those its model
-        forward numbered its tokens with (BART-style decoders take `position_ids` through **kwargs, hand
-        them to their layers and number tokens themselves); or a text row that multimodal RoPE's rows
-        ((3|4, B, T): images given as embeddings, positions built by hand) depart from at a real token. On
-        a GPU the last is found on the device: (B,) flags for the sink's misnumbered check (no sync)."""
-        if position_ids.shape[-1] not in (1, self.num_new):
-            raise CaptureError(
-                f"qk_sniff: an attention call got position_ids for {position_ids.shape[-1]} tokens in a forward of "
-                f"{self.num_new} new tokens; not recorded"
-            )
-        own = self.position_ids
-        valid = self.attention_mask[:, -self.num_new :] if self.attention_mask is not None else None
-        if own is not None and own.dim() > 2:
-            text = position_ids[0] if position_ids.dim() == 3 else position_ids
-            differ = departing_rows(text, own[-3:], valid)
-            if not builds_on_host(device):
-                return differ
-            if differ.any():
-                raise CaptureError(
-                    f"qk_sniff: a {getattr(self.config, 'model_type', '')} model's multimodal RoPE positions depart "
-                    "from its text positions (images given as embeddings, or position_ids built by hand), whose "
-                    "rows could not be keyed by one position; record text-only inputs with the positions the model "
-                    "makes itself"
-                )
-        elif own is not None and position_ids is not own and departing_rows(position_ids, own[None], valid).any():
-            raise CaptureError(  # (a host read on a GPU: only models that hand their layers other tensors)
-                f"qk_sniff: a {getattr(self.config, 'model_type', '')} model's attention got other position_ids "
-                "than its forward numbered its tokens with (a decoder that takes position_ids through **kwargs "
-                "and ignores them, as BART-style causal LMs do), so the positions its rows would be keyed by "
-                "could be wrong; not recorded: call the model without position_ids (qk-sniff run passes them "
-                "for padded batches: tokenizer.padding_side right, or inference.batch_size 1)"
-            )
-        return None
 
     def decisions(self, sampler, num_layers: int, tokens: TextTokens) -> tuple:
         """For forwards up to DECIDE_AT_ONCE decisions whose positions the host knows: the sampler's

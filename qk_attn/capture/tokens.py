@@ -9,6 +9,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from qk_attn.errors import CaptureError
+
 POSITION_LIMIT = 2**31  # positions are stored as int32
 _INT64_MAX = np.iinfo(np.int64).max
 
@@ -95,3 +97,40 @@ def departing_rows(given: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor 
     if valid is not None:
         differ = differ & valid.to(device=differ.device, dtype=torch.bool)
     return differ.reshape(differ.shape[0] if differ.dim() > 1 else 1, -1).any(1)
+
+
+def check_position_source(config, given: torch.Tensor, own: torch.Tensor | None, valid, num_new: int, on_host: bool):
+    """Refuse an attention call's positions (`given`) that are not the ones RoPE used: of another length
+    than the forward's `num_new` tokens (`valid`: (B, T) real tokens, None: all); other than those its model forward numbered its tokens
+    with (`own`: BART-style decoders take `position_ids` through **kwargs, hand them to their layers and
+    number tokens themselves); or a text row that multimodal RoPE's rows ((3|4, B, T)) depart from at a
+    real token (images given as embeddings, positions built by hand). Off the host the last is found on
+    the device: (B,) flags for the sink's misnumbered check (no sync); else None."""
+    model = getattr(config, "model_type", "")
+    if given.shape[-1] not in (1, num_new):
+        raise CaptureError(
+            f"qk_sniff: an attention call got position_ids for {given.shape[-1]} tokens in a forward of "
+            f"{num_new} new tokens; not recorded"
+        )
+    if own is None or own.shape[-1] != num_new:
+        return None
+    if own.dim() > 2:
+        text = given[0] if given.dim() == 3 else given
+        differ = departing_rows(text, own[-3:], valid)
+        if not on_host:
+            return differ
+        if differ.any():
+            raise CaptureError(
+                f"qk_sniff: a {model} model's multimodal RoPE positions depart from its text positions (images "
+                "given as embeddings, or position_ids built by hand), whose rows could not be keyed by one "
+                "position; record text-only inputs with the positions the model makes itself"
+            )
+    elif given is not own and departing_rows(given, own[None], valid).any():
+        raise CaptureError(  # (a host read on a GPU: only models that hand their layers other tensors)
+            f"qk_sniff: a {model} model's attention got other position_ids than its forward numbered its "
+            "tokens with (a decoder that takes position_ids through **kwargs and ignores them, as BART-style "
+            "causal LMs do), so the positions its rows would be keyed by could be wrong; not recorded: call the "
+            "model without position_ids (qk-sniff run passes them for padded batches: tokenizer.padding_side "
+            "right, or inference.batch_size 1)"
+        )
+    return None
