@@ -4,6 +4,7 @@ own name."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -54,7 +55,6 @@ def _noting_context(mask_fn, batch_size, q_length, kv_length, q_offset=0, kv_off
     session = current_session()
     if session is not None:
         config = kwargs.get("config")
-        _refuse_closed(session)
         check_recorded(config, mask_fn)
         tower = tower_of(config)
         if tower is not None:  # a vision or audio tower's forward: not a text forward, nothing recorded
@@ -62,8 +62,7 @@ def _noting_context(mask_fn, batch_size, q_length, kv_length, q_offset=0, kv_off
         else:
             # local_size: the window of a sliding (or chunked) mask kind (fact mask_call_keywords)
             local_size = kwargs.get("local_size")
-            with _model_lock(config):  # no other thread's forward of this model starts between check and context
-                _refuse_concurrent_elsewhere(session, config)
+            with _starting(session, config):
                 session.on_mask(
                     config, batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask, local_size
                 )
@@ -116,9 +115,7 @@ def _forward_started(config, module, _args, kwargs) -> None:
     if session is not None:
         # May refuse this forward (another thread is inside the model's first forward, whose end
         # only the hooks below report): they are removed only once a forward has started.
-        _refuse_closed(session)
-        with _model_lock(config):
-            _refuse_concurrent_elsewhere(session, config)
+        with _starting(session, config):
             session.on_forward_start(config, kwargs)
     for handle in _first_forward_hooks.pop(module, ()):  # the stack's own hooks report from now on
         handle.remove()
@@ -142,12 +139,18 @@ def _report(event: str, config, *_hook_args) -> None:
         getattr(session, event)(config)
 
 
-def _refuse_closed(session) -> None:
-    """A forward (its mask, its decoder stack's start: before any layer) into a closed session is refused."""
+@contextlib.contextmanager
+def _starting(session, config):
+    """Around a forward's start in `session` (its mask, its decoder stack's start: before any layer): refused
+    into a closed session, or while another thread is inside a forward of the same model; under the
+    model's lock, so that two threads starting one at once cannot both pass the check."""
     if session.closed:
         from qk_attn.capture.active import refuse_closed
 
         refuse_closed(session)
+    with _model_lock(config):
+        _refuse_concurrent_elsewhere(session, config)
+        yield
 
 
 def _refuse_concurrent_elsewhere(session, config) -> None:
