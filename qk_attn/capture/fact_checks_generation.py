@@ -99,6 +99,36 @@ def generation_frames() -> str | None:
     return _pads_only_under_eos_criteria(tree)
 
 
+def generation_dispatch() -> str | None:
+    """generate() calls `decoding_method`, taken by name from GENERATION_MODES_MAPPING: each mode's
+    method is one frames knows (DECODING_METHODS) or a Hub repo (a deprecated mode, run as custom_generate);
+    frames reads that local (with `custom_generate`) to refuse a decoding method under another name."""
+    from transformers.generation import utils
+
+    from qk_attn.capture.frames import DECODING_METHODS
+
+    mapping = getattr(utils, "GENERATION_MODES_MAPPING", None)
+    if not isinstance(mapping, dict):
+        return "generation/utils.py has no GENERATION_MODES_MAPPING dict"
+    for mode, method in mapping.items():
+        if "/" not in method and method not in DECODING_METHODS:
+            return f"generate() dispatches {getattr(mode, 'name', mode)} to {method}, not one of {sorted(DECODING_METHODS)}"
+    generate = inspect.unwrap(utils.GenerationMixin.generate)  # qk-attn's own wrapper (hooks.watch_generate)
+    if not {"decoding_method", "custom_generate"} <= set(generate.__code__.co_varnames):
+        return "GenerationMixin.generate has no locals decoding_method and custom_generate"
+    tree = ast.parse(textwrap.dedent(inspect.getsource(generate)))
+    picks = [
+        ast.unparse(node.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Assign) and [ast.unparse(t) for t in node.targets] == ["decoding_method"]
+    ]
+    if not any("GENERATION_MODES_MAPPING[" in pick for pick in picks):
+        return f"GenerationMixin.generate picks decoding_method as {picks}, not from GENERATION_MODES_MAPPING"
+    if not any(isinstance(n, ast.Call) and ast.unparse(n.func) == "decoding_method" for n in ast.walk(tree)):
+        return "GenerationMixin.generate does not call decoding_method"
+    return None
+
+
 def _pads_only_under_eos_criteria(tree: ast.AST) -> str | None:
     """`_sample` mixes pad tokens into finished rows (`next_tokens = ... unfinished_sequences ...`) only
     under `if has_eos_stopping_criteria:`; frames reads that local to tell padding from real tokens."""

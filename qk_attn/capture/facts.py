@@ -42,6 +42,8 @@ Where the capture code relies on each fact (the module that reads it):
                                    frames.refuse_unrecordable_generation (_beam_search, _sample,
                                    _assisted_decoding, _prefill in generation/utils.py, locals
                                    model_kwargs, unfinished_sequences, has_eos_stopping_criteria)
+    generation_dispatch            frames._refuse_unknown_decoding (generate()'s locals decoding_method and
+                                   custom_generate; GENERATION_MODES_MAPPING names only DECODING_METHODS)
     attention_module_attributes    capture/session: module.layer_idx, module.config,
                                    module.sliding_window, rope.uses_rope (module.use_rope)
     backward_marker                recorder._not_recorded (torch's, not transformers': a checkpoint's
@@ -82,6 +84,7 @@ from qk_attn.capture.fact_checks_generation import (
     cache_lengths,
     cache_row_methods,
     encoded_image_inputs,
+    generation_dispatch,
     generation_frames,
     layer_type_names,
 )
@@ -211,6 +214,12 @@ FACTS: tuple[Fact, ...] = (
         "unfinished_sequences and has_eos_stopping_criteria (it pads finished rows only under `if "
         "has_eos_stopping_criteria:`), reads model_kwargs['use_cache'] and runs its first forwards in _prefill",
         generation_frames,
+    ),
+    Fact(
+        "generation_dispatch",
+        "generate() calls decoding_method, picked from GENERATION_MODES_MAPPING, whose methods are _sample, "
+        "_beam_search and _assisted_decoding (deprecated modes: a Hub repo)",
+        generation_dispatch,
     ),
     Fact(
         "cache_lengths",

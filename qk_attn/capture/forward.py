@@ -21,16 +21,16 @@ import itertools
 import threading
 import weakref
 
-import numpy as np
 import torch
 
-from qk_attn.capture.decisions import DECODE_TOKENS, keep_all_layers
+from qk_attn.capture.decisions import DECODE_TOKENS, Decisions, decide
 from qk_attn.capture.frames import cache_of, running_in
 from qk_attn.capture.tokens import (
     POSITION_LIMIT,
     HostMirror,
     TextTokens,
     check_position_source,
+    host_rows,
     host_text_tokens,
     misnumbered_rows,
 )
@@ -57,6 +57,7 @@ class ForwardContext:
         self.config = config
         self.input_ids = input_ids  # (B, T) token ids of the new tokens, None when the model got embeddings
         self.position_ids = position_ids  # the model forward's own, when it has them
+        self.numbers_positions = True  # the forward that built the mask has position_ids (frames.ModelForward)
         self.cache = cache  # the cache object this forward extends (None: none, or not known yet)
         self.batch_size = batch_size
         self.num_new = num_new
@@ -94,7 +95,7 @@ class ForwardContext:
         self.continues_from = None
         self._calls: dict[int, tuple] = {}  # layer -> weak refs to the query and key it was called with
         self._tokens: dict = {}  # (device, length) -> (position_ids it was built from, TextTokens)
-        self._decisions: tuple | None = None  # see `decisions`
+        self._decisions: Decisions | None = None  # see `decisions`
         self._mirror: HostMirror | None = None  # a GPU decode step's tokens, copied to the host (`decisions`)
         self._decided_for: TextTokens | None = None  # the host tokens `_decisions` was last returned for
         self.selections: dict = {}  # id(tokens) -> (tokens, Selection): Session._selection under "all"
@@ -194,7 +195,13 @@ class ForwardContext:
             if position_ids is not None:
                 valid = self.attention_mask[:, -self.num_new :] if self.attention_mask is not None else None
                 departing = check_position_source(
-                    self.config, position_ids, self.position_ids, valid, self.num_new, builds_on_host(device)
+                    self.config,
+                    position_ids,
+                    self.position_ids,
+                    valid,
+                    self.num_new,
+                    builds_on_host(device),
+                    self.numbers_positions,
                 )
             tokens = self._text_tokens(position_ids, device)
             if departing is not None:
@@ -204,12 +211,11 @@ class ForwardContext:
             cached = self._tokens[(device, length)] = (position_ids, tokens)
         return cached[1]
 
-    def decisions(self, sampler, num_layers: int, tokens: TextTokens) -> tuple:
+    def decisions(self, sampler, num_layers: int, tokens: TextTokens) -> Decisions | None:
         """For forwards up to DECIDE_AT_ONCE decisions whose positions the host knows: the sampler's
-        keep mask of every (layer, kind) at once, which of them keep anything, and the host tokens
-        they were made from, so that the attention calls that select nothing cost a lookup; else
-        (None, None, None) and the call decides for itself (a long prefill, or a GPU forward whose
-        positions have not reached the host yet: `HostMirror`).
+        decisions of every (layer, kind) at once (`Decisions`), made from the host tokens, so that the
+        attention calls that select nothing cost a lookup; else None and the call decides for itself
+        (a long prefill, or a GPU forward whose positions have not reached the host yet: `HostMirror`).
 
         On the CPU the tokens are host tensors. On a GPU a decode step's are copied to the host
         without a wait (`HostMirror`), and asked for again at each call until they have arrived."""
@@ -217,14 +223,9 @@ class ForwardContext:
             return self._decisions
         if self._decisions is None:
             host = tokens if builds_on_host(tokens.valid.device) else self._mirrored(sampler, tokens)
-            if host is None:
-                return UNDECIDED
-            if num_layers * 2 * host.valid.numel() > DECIDE_AT_ONCE:
-                self._decisions = UNDECIDED
-            else:
-                keep = keep_all_layers(sampler, self, num_layers, host.positions, host.valid) & host.valid.numpy()
-                any_kept = keep.reshape(num_layers, 2, -1).any(-1).tolist()
-                self._decisions = (torch.from_numpy(keep), any_kept, host)
+            if host is None or num_layers * 2 * host.valid.numel() > DECIDE_AT_ONCE:
+                return None
+            self._decisions = decide(sampler, self, num_layers, host)
         self._decided_for = tokens
         return self._decisions
 
@@ -244,12 +245,12 @@ class ForwardContext:
         unknown = -1 if expected is None else expected  # where a row has no tokens here
         if builds_on_host(device):
             if isinstance(expected, torch.Tensor):  # made on a device (a forward split over devices)
-                expected = unknown = expected.cpu().numpy()
-            tokens = self._host_tokens(position_ids, expected)
-            if tokens.misnumbered.any():
+                expected = expected.tolist()
+            tokens, (counts, firsts, misnumbered) = self._host_tokens(position_ids, expected)
+            if True in misnumbered:
                 self._refuse_misnumbered(tokens, expected)
-            count, first = tokens.valid_count.numpy(), tokens.first_position.numpy()
-            after = np.where(count > 0, first + count, unknown)
+            before = [-1] * self.batch_size if expected is None else expected
+            after = [first + count if count else at for count, first, at in zip(counts, firsts, before)]
         else:
             if expected is not None:
                 expected = unknown = torch.as_tensor(expected).to(device, non_blocking=True)
@@ -275,28 +276,27 @@ class ForwardContext:
             seen = f"example {example} goes from position {positions[i - 1]} to {positions[i]}"
         raise MisnumberedPositions.of([self.example_ids[i] for i in rows], seen)
 
-    def _host_tokens(self, position_ids, expected=None) -> TextTokens:
-        """`_device_tokens` on the CPU, in numpy where it can: a decode step's (B, T) tensors are tiny, a
-        numpy op on them costs less than a torch op, and the decisions that follow are numpy too. The
-        same values and dtypes (tests/capture/test_forward_context.py)."""
+    def _host_tokens(self, position_ids, expected=None) -> tuple[TextTokens, tuple]:
+        """`_device_tokens` on the CPU, its per-row columns made in Python (`host_rows`, also returned): the
+        same values and dtypes (tests/capture/test_forward_context.py). `expected`: a list, or None."""
         batch, num_new = self.batch_size, self.num_new
-        cpu = torch.device("cpu")
         if self.attention_mask is None:
-            valid = np.ones((batch, num_new), dtype=bool)
+            valid = [[True] * num_new for _ in range(batch)]
         else:
-            valid = self.attention_mask[:, -num_new:].to(device=cpu, dtype=torch.bool).numpy()
+            valid = self.attention_mask[:, -num_new:].bool().tolist()
         if self.alive is not None:
-            valid = valid & self.alive.to(device=cpu, dtype=torch.bool).numpy()[:, None]
+            valid = [row if alive else [False] * num_new for row, alive in zip(valid, self.alive.bool().tolist())]
         if position_ids is None:
             positions = torch.arange(self.past, self.past + num_new)
         else:
             positions = position_ids[0] if position_ids.dim() == 3 else position_ids
-        positions = positions.to(device=cpu, dtype=torch.int64).expand(batch, num_new)
+        positions = positions.to(device="cpu", dtype=torch.int64).expand(batch, num_new)
         ids = self.input_ids
         token_ids = None
         if ids is not None and ids.shape == (batch, num_new):
-            token_ids = ids.to(device=cpu, dtype=torch.float32)[:, None, :, None]
-        return host_text_tokens(positions, valid, token_ids, expected)
+            token_ids = ids.to(device="cpu", dtype=torch.float32)[:, None, :, None]
+        rows = host_rows(positions.tolist(), valid, expected)
+        return host_text_tokens(positions, valid, token_ids, rows), rows
 
     def _device_tokens(self, position_ids, device, expected=None) -> TextTokens:
         batch, num_new = self.batch_size, self.num_new
@@ -325,9 +325,6 @@ class ForwardContext:
         # Checked on the host with the rows, so no sync here.
         misnumbered = misnumbered_rows(positions, valid, valid_count, first, expected)
         return TextTokens(positions, valid, valid_count, first, misnumbered, token_ids)
-
-
-UNDECIDED = (None, None, None)
 
 
 def builds_on_host(device: torch.device) -> bool:

@@ -59,6 +59,12 @@ class ForwardTracker:
         return entry if isinstance(entry, ForwardContext) and entry.config is config else None
 
     # ---- a forward's start and end, and its mask: once per forward and mask kind ------
+    @staticmethod
+    def require_facts() -> None:
+        """TransformersMismatch when what the capture reads of transformers' internals does not hold
+        (checked once per process): before the mask function's arguments are bound (hooks._noting_context)."""
+        require_facts()
+
     def on_mask(
         self, config, batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask, local_size=None
     ) -> None:
@@ -92,6 +98,7 @@ class ForwardTracker:
             config, batch_size, q_length, past, mask, caller.input_ids, caller.position_ids, caller.cache
         )
         forward.offset_check, forward.begun_ids, forward.builder = check, begun_ids, caller.module
+        forward.numbers_positions = caller.numbers_positions
         forward.unfinished, forward.decode_step, forward.draft = generation
         if caller.images and caller.position_ids is not None and caller.position_ids.dim() == 3:
             self._discard(None, "was refused", config, caller.cache)

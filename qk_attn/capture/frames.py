@@ -5,11 +5,12 @@ end, and the generation method that is running (refused when its steps cannot be
 These read frame locals and code names of transformers (named and checked in qk_attn.capture.facts):
 `self`, `input_ids`, `position_ids`, `cache` / `past_key_values`, `pixel_values`, `mm_encoder_outputs`, and
 generation/utils.py's `_sample`, `_assisted_decoding`, `_beam_search`, `model_kwargs`,
-`unfinished_sequences`.
+`unfinished_sequences`, and generate()'s `decoding_method` and `custom_generate`.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import threading
@@ -29,6 +30,9 @@ class ModelForward(NamedTuple):
     position_ids: torch.Tensor | None
     cache: object | None
     images: bool  # an enclosing forward was given pixel values
+    # The frame that builds the mask has a `position_ids` of its own (its value may be None): without one
+    # (a release that renamed it), positions its layers get came from elsewhere and cannot be checked.
+    numbers_positions: bool
 
 
 def model_forward(batch_size: int, num_new: int) -> ModelForward:
@@ -45,7 +49,7 @@ def model_forward(batch_size: int, num_new: int) -> ModelForward:
     a generate()) holds its own token ids and images, and generate()'s own frames hold the running
     sequences (a model run on embeddings from its own logits processor is not given them)."""
     module = positions = ids = cache = None
-    images = False
+    images = numbers_positions = False
     for frame in _method_frames(sys._getframe(2)):
         local = frame.f_locals
         this = local.get("self")
@@ -53,6 +57,7 @@ def model_forward(batch_size: int, num_new: int) -> ModelForward:
             continue
         if module is None:
             module, positions, cache = this, local.get("position_ids"), cache_of(local)
+            numbers_positions = "position_ids" in frame.f_code.co_varnames
         elif not contains(this, module) or frame.f_code.co_name != "forward":
             continue  # generate()'s frames hold the running sequences, not this forward's tokens
         candidate = local.get("input_ids")
@@ -62,7 +67,8 @@ def model_forward(batch_size: int, num_new: int) -> ModelForward:
         # generate() encodes images before the first forward and hands the model their features
         encoded = local.get("mm_encoder_outputs")
         images = images or (isinstance(encoded, dict) and any(v is not None for v in encoded.values()))
-    return ModelForward(module, ids, positions if isinstance(positions, torch.Tensor) else None, cache, images)
+    positions = positions if isinstance(positions, torch.Tensor) else None
+    return ModelForward(module, ids, positions, cache, images, numbers_positions)
 
 
 _contained: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the submodules found in it
@@ -187,6 +193,7 @@ def refuse_unrecordable_generation(builder):
     whether it drafts for early-exit assisted decoding (not recorded: the verifying forward that
     follows is refused, once transformers has restored the layer count the draft ran with)."""
     frame = sys._getframe(1)
+    _refuse_unknown_decoding(frame, builder)
     prefill = False
     while frame is not None:
         name = frame.f_code.co_name
@@ -221,7 +228,44 @@ def refuse_unrecordable_generation(builder):
     return None, False, False
 
 
-GENERATION_METHODS = frozenset(("_prefill", "_sample", "_beam_search", "_assisted_decoding"))
+DECODING_METHODS = frozenset(("_sample", "_beam_search", "_assisted_decoding"))  # what generate() may call
+GENERATION_METHODS = DECODING_METHODS | {"_prefill"}
+
+
+def _refuse_unknown_decoding(frame, builder) -> None:
+    """Refuse a generate() (of a model containing `builder`) whose decoding method is none of
+    DECODING_METHODS: the refusals and the padding rule above find their method by its name, so one
+    renamed (greedy search's own `_greedy_search`, as before transformers 4.39) would record padding and
+    use_cache=False steps. generate() picks it by name (GENERATION_MODES_MAPPING, fact generation_dispatch)
+    into its local `decoding_method` before any forward of its own (image encoding, prefill), so that
+    local is read rather than the frame below generate(), which may be such a helper; a caller's own
+    `custom_generate` loop is not transformers' and goes on (its cache moves are watched: caches)."""
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "generate" and code.co_filename.endswith(GENERATION_FILE):
+            local = frame.f_locals
+            method = local.get("decoding_method")
+            if (
+                method is not None
+                and method is not local.get("custom_generate")
+                and _generates_for(local.get("self"), builder)
+            ):
+                name = _code_name(method)
+                if name not in DECODING_METHODS:
+                    import transformers
+
+                    raise CaptureError(
+                        f"qk_sniff: generate() runs its decoding in {name}, which qk-attn does not know "
+                        f"(transformers {transformers.__version__}); not recorded"
+                    )
+        frame = frame.f_back
+
+
+def _code_name(method) -> str:
+    """The name of the code a decoding method runs (its frame's name), through decorators."""
+    inner = inspect.unwrap(method)
+    code = getattr(inner, "__code__", None)
+    return code.co_name if code is not None else getattr(inner, "__name__", type(inner).__name__)
 
 
 def _generates_for(model, builder) -> bool:

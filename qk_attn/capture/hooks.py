@@ -43,9 +43,9 @@ def qk_sniff_mask(*args, **kwargs):
 
 
 @torch.compiler.disable
-def _noting_context(mask_fn, batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kwargs):
-    """`mask_fn`'s mask. Without a registered mask, transformers would hand "qk_sniff" no mask
-    at all, silently losing padding and sliding windows.
+def _noting_context(mask_fn, *args, **kwargs):
+    """`mask_fn`'s mask, given transformers' arguments as they came. Without a registered mask,
+    transformers would hand "qk_sniff" no mask at all, silently losing padding and sliding windows.
 
     transformers calls it once per forward and mask kind before any layer: the capture
     context of the forward is established here (qk_attn.capture.forward). Kept out of compiled
@@ -54,27 +54,26 @@ def _noting_context(mask_fn, batch_size, q_length, kv_length, q_offset=0, kv_off
 
     session = current_session()
     if session is not None:
-        config = kwargs.get("config")
-        check_recorded(config, mask_fn)
-        tower = tower_of(config)
-        if tower is not None:  # a vision or audio tower's forward: not a text forward, nothing recorded
-            session.on_tower_mask(config, tower)
-        else:
-            # local_size: the window of a sliding (or chunked) mask kind (fact mask_call_keywords)
-            local_size = kwargs.get("local_size")
-            with _starting(session, config):
-                session.on_mask(
-                    config, batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask, local_size
-                )
-    return mask_fn(
-        batch_size=batch_size,
-        q_length=q_length,
-        kv_length=kv_length,
-        q_offset=q_offset,
-        kv_offset=kv_offset,
-        attention_mask=attention_mask,
-        **kwargs,
-    )
+        # Before binding the arguments: a release that renamed one is named as the broken fact
+        # (mask_call_keywords), not a TypeError. Capture off, the model runs as its backend would.
+        session.require_facts()
+        _note(session, mask_fn, *args, **kwargs)
+    return mask_fn(*args, **kwargs)
+
+
+def _note(
+    session, mask_fn, batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kwargs
+) -> None:
+    """The forward's capture context, from the mask function's arguments (fact mask_call_keywords)."""
+    config = kwargs.get("config")
+    check_recorded(config, mask_fn)
+    tower = tower_of(config)
+    if tower is not None:  # a vision or audio tower's forward: not a text forward, nothing recorded
+        session.on_tower_mask(config, tower)
+        return
+    local_size = kwargs.get("local_size")  # the window of a sliding (or chunked) mask kind
+    with _starting(session, config):
+        session.on_mask(config, batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask, local_size)
 
 
 _watched: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()

@@ -47,6 +47,8 @@ MANUAL_BRANCHES: dict[Branch, str] = {
         "cli/serving/model_manager.py", "self.attn_implementation not in VALID_ATTN_IMPLEMENTATIONS"
     ): "harmless for qk_sniff because it validates the `transformers serve` option, which qk-attn never uses",
     Branch("configuration_utils.py", "self._attn_implementation != 'eager'"): OUTPUT_ATTENTIONS,
+    Branch("configuration_utils.py", "value.get('', current_attn)"): LOAD_NAME,  # the setter's default
+    Branch("configuration_utils.py", "value.get(subconfig_key, current_subconfig_attn)"): LOAD_NAME,
     Branch("configuration_utils.py", "self._attn_implementation not in ['eager', None]"): OUTPUT_ATTENTIONS,
     Branch("generation/continuous_batching/continuous_api.py", "target_implem != original_attn_impl"): CONTINUOUS,
     Branch("generation/continuous_batching/continuous_api.py", "target_implem == 'eager'"): CONTINUOUS,

@@ -1,7 +1,9 @@
 """What qk-attn checks in a model's own modeling file, once per file and process, at the model's
 first "qk_sniff" forward (capture on or off), and in the file that defines each attention module
 class, at its first call (remote code that borrows a transformers config class lives elsewhere
-than the config's modeling file):
+than the config's modeling file), and in the files of the functions "qk_sniff" hands the call to: the
+wrapped backend's attention (integrations/sdpa_attention.py) and mask (masking_utils.py, with the mask
+builders), where a release may branch on the name too:
 
 - every branch on the attention implementation's name is one qk_attn.capture.known_branches says
   how to handle, or has the same value for "qk_sniff" as for the backends it wraps;
@@ -17,11 +19,14 @@ checks the file that runs, so that a release (or remote code) adding a path take
 from __future__ import annotations
 
 import ast
+import inspect
 import sys
 from pathlib import Path
 
 import transformers
 
+from qk_attn.capture.active import current_config
+from qk_attn.capture.backends import attention_forward, mask_function
 from qk_attn.capture.known_branches import FOLLOWS, NAME_BRANCHES
 from qk_attn.capture.name_branches import FOLLOWED_METHODS, alike, modeling_name, transformers_root, tree_branches
 from qk_attn.errors import CaptureError
@@ -29,13 +34,27 @@ from qk_attn.errors import CaptureError
 FOLLOWS_PREFIX = FOLLOWS.split("{}")[0]  # a branch a FOLLOWED_METHODS method takes under the backend's name
 WINDOW = "sliding_window"  # the keyword the recorder reads a call's window from
 
-_refusals: dict[str, str | None] = {}  # modeling module -> why its models are refused, or None
+# module name, source file or backend function -> why its models are refused, or None
+_refusals: dict[object, str | None] = {}
 
 
 def check_modeling_file(config) -> None:
-    """CaptureError (one line) when the modeling file of `config`'s model has a branch or a window
-    keyword qk-attn does not know. A dict lookup after the file's first forward."""
+    """CaptureError (one line) when the modeling file of `config`'s model, or the file of the wrapped
+    backend's attention or mask function, has a branch or a window keyword qk-attn does not know. A few
+    dict lookups after the files' first forward."""
     check_module(modeling_name(type(config)))
+    backend = current_config().backend
+    check_function(mask_function(backend))
+    check_function(attention_forward(backend))
+
+
+def check_function(fn) -> None:
+    """The same for the file that defines `fn` (its module's, and the file its code was compiled from
+    where that differs: a function redefined elsewhere and registered in its place)."""
+    if fn not in _refusals:
+        _refusals[fn] = _function_refusal(fn)
+    if (why := _refusals[fn]) is not None:
+        raise CaptureError(why)
 
 
 def check_attention_module(module) -> None:
@@ -52,14 +71,35 @@ def check_module(modeling: str) -> None:
         raise CaptureError(why)
 
 
+def _function_refusal(fn) -> str | None:
+    fn = inspect.unwrap(getattr(fn, "func", fn))  # a partial's function; past decorators (5.17's sdpa_mask)
+    modeling = getattr(fn, "__module__", None) or ""
+    if modeling.startswith("qk_attn."):  # eager_forward: the model's own eager, in its attention class's file
+        return None
+    if modeling not in _refusals:
+        _refusals[modeling] = _refusal(modeling)
+    code = getattr(getattr(fn, "__code__", None), "co_filename", None)
+    if code is None or code == getattr(sys.modules.get(modeling), "__file__", None):
+        return _refusals[modeling]
+    if code not in _refusals:
+        _refusals[code] = _file_refusal(code, "")
+    return _refusals[modeling] or _refusals[code]
+
+
 def _refusal(modeling: str) -> str | None:
     source = getattr(sys.modules.get(modeling), "__file__", None)
+    return _file_refusal(source, ".".join(FOLLOWED_METHODS.get(modeling, ())))
+
+
+def _file_refusal(source: str | None, followed: str) -> str | None:
     if source is None or not source.endswith(".py"):
         return None
-    path, root = Path(source), transformers_root()
-    relative = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+    path = Path(source)
+    # transformers_root() is where edited copies lie in tests; the installed package holds the rest
+    root = next((r for r in (transformers_root(), Path(transformers.__file__).parent) if path.is_relative_to(r)), None)
+    relative = path.relative_to(root).as_posix() if root is not None else str(path)
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    found = _unknown_branch(tree, relative, ".".join(FOLLOWED_METHODS.get(modeling, ()))) or _other_window(tree)
+    found = _unknown_branch(tree, relative, followed) or _other_window(tree)
     if found is None:
         return None
     line, what = found

@@ -37,6 +37,7 @@ NAME_HOLDERS = (
     "sub_implementation",
     "implementation",
     "_loaded_implementation",
+    "_attn_implementation_internal",  # what the config's `_attn_implementation` property returns
 )
 NOT_ATTENTION = ("experts", "cache_implementation")  # other "implementation" settings
 REGISTRIES = ("ALL_ATTENTION_FUNCTIONS", "ALL_MASK_ATTENTION_FUNCTIONS")  # lookups "qk_sniff" is registered in
@@ -51,9 +52,21 @@ class Branch(NamedTuple):
 
 
 def _holds_name(node: ast.AST) -> bool:
+    """`x.holder`, `holder`, or the same read by name: `getattr(x, "holder", default)` (as
+    configuration_utils.py reads it), `vars(x)["holder"]`, `kwargs.get("holder")`."""
+    if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "getattr" and len(node.args) > 1:
+        return _holder_literal(node.args[1])
+    if isinstance(node, ast.Call) and getattr(node.func, "attr", None) in ("get", "pop") and node.args:
+        return _holder_literal(node.args[0])
+    if isinstance(node, ast.Subscript):
+        return _holder_literal(node.slice)
     return (isinstance(node, ast.Attribute) and node.attr in NAME_HOLDERS) or (
         isinstance(node, ast.Name) and node.id in NAME_HOLDERS
     )
+
+
+def _holder_literal(node: ast.AST) -> bool:
+    return isinstance(node, ast.Constant) and node.value in NAME_HOLDERS
 
 
 def _name_condition(node: ast.AST, aliases: frozenset[str] = frozenset()) -> bool:
@@ -104,6 +117,9 @@ def _condition_text(node: ast.AST) -> str:
     return f"match {ast.unparse(node.subject)}" if isinstance(node, ast.Match) else ast.unparse(node)
 
 
+ASSIGNMENTS = (ast.Assign, ast.AnnAssign, ast.NamedExpr)  # `impl = ...`, `impl: str = ...`, `(impl := ...)`
+
+
 def _aliases(tree: ast.AST) -> dict[int, frozenset[str]]:
     """id(node) -> the locals of its (innermost) function assigned from an expression that holds an
     implementation's name (`impl = self.config._attn_implementation`), which then hold it too."""
@@ -113,8 +129,10 @@ def _aliases(tree: ast.AST) -> dict[int, frozenset[str]]:
         names = frozenset(
             target.id
             for node in ast.walk(function)
-            if isinstance(node, ast.Assign) and any(_holds_name(n) for n in ast.walk(node.value))
-            for target in node.targets
+            if isinstance(node, ASSIGNMENTS)
+            and node.value is not None
+            and any(_holds_name(n) for n in ast.walk(node.value))
+            for target in getattr(node, "targets", [getattr(node, "target", None)])
             if isinstance(target, ast.Name) and target.id not in NAME_HOLDERS
         )
         for node in ast.walk(function):
@@ -179,7 +197,7 @@ def outcome(condition: str, name: str):
                 return getattr(name, node.func.attr)(*map(ast.literal_eval, node.args))
             return None
         if isinstance(node, ast.Compare):
-            operands = [node.left, *node.comparators]
+            operands = [o.value if isinstance(o, ast.NamedExpr) else o for o in (node.left, *node.comparators)]
             if sum(map(_holds_name, operands)) != 1:
                 return None
             values = [name if _holds_name(o) else ast.literal_eval(o) for o in operands]

@@ -207,8 +207,7 @@ class Session(SequenceTracker):
             sequence.cross_done.add(layer)
         else:
             keys = (forward.key_slot(layer, key.shape[2]) if key_heads else 0, everything)
-        keep, keeps_any, host = forward.decisions(self.sampler, plan.shape.num_layers, everything)
-        kept = keeps_any[layer] if keep is not None else None  # per kind: whether the sampler keeps any token
+        decisions = forward.decisions(self.sampler, plan.shape.num_layers, everything)
         staging = forward.staging or self._start_staging(forward, model, query)
         for index, (kind, states, heads, tokens) in enumerate(
             (("q", query, query_heads, (0, text)), ("k", key, key_heads, keys))
@@ -217,14 +216,16 @@ class Session(SequenceTracker):
                 continue
             offset, these = tokens
             decided = None
-            if kept is not None and these is everything:
-                if not kept[index]:  # the sampler keeps nothing of this call (known on the host without a
-                    # sync): the sink still learns that it ran. The plan's heads are tuples already.
+            if decisions is not None and these is everything:
+                if not decisions.keeps(layer, index):  # the sampler keeps nothing of this call (known on the
+                    # host without a sync): the sink still learns that it ran. The plan's heads are tuples.
+                    host = decisions.host
                     staging.add_empty(EmptyCall(layer, kind, heads, forward.example_ids, sliding_window, cross, host))
                     continue
                 # On a GPU the kernel decides; "all" keeps every valid token, which the torch path
                 # selects once per forward (CallRows._selection), so it needs no decision per call.
-                decided = keep[layer, index] if host is these and self.sampler.strategy != "all" else None
+                if decisions.host is these and self.sampler.strategy != "all":
+                    decided = decisions.mask(layer, index)
             batch, staged = self._call_rows.batch(
                 module,
                 forward,

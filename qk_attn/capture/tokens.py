@@ -31,14 +31,34 @@ class TextTokens(NamedTuple):
         return self._replace(positions=self.positions[:, -length:], valid=self.valid[:, -length:], token_ids=token_ids)
 
 
-def host_text_tokens(positions: torch.Tensor, valid: np.ndarray, token_ids, expected) -> TextTokens:
-    """TextTokens from (B, T) int64 host positions and bool validity: the per-row columns in numpy
-    (`expected`: as `misnumbered_rows` takes it)."""
-    host = positions.numpy()
-    first = host.min(1, initial=_INT64_MAX, where=valid)  # an all-padding row: int64 max
-    valid_count = valid.sum(1, dtype=np.int64)
-    misnumbered = misnumbered_rows(host, valid, valid_count, first, expected)
-    return TextTokens(positions, *map(torch.from_numpy, (valid, valid_count, first, misnumbered)), token_ids)
+def host_rows(positions: list, valid: list, expected: list | None) -> tuple[list, list, list]:
+    """(valid counts, first positions, misnumbered) of each row, as `misnumbered_rows` finds them, from
+    (B, T) positions and validity as lists (`expected`: a list, or None). Python, not numpy or torch: an
+    op that nothing else in a forward runs costs tens of microseconds cold (the layers evicted its code),
+    where a decode step's few tokens cost a few Python steps."""
+    counts, firsts, misnumbered = [], [], []
+    for row, (numbers, real) in enumerate(zip(positions, valid)):
+        kept = [number for number, is_real in zip(numbers, real) if is_real]
+        count, first = len(kept), min(kept, default=_INT64_MAX)  # an all-padding row: int64 max
+        misnumbered.append(
+            count > 0
+            and (
+                kept != list(range(first, first + count))
+                or not 0 <= first <= POSITION_LIMIT - count
+                or (expected is not None and expected[row] >= 0 and first != expected[row])
+            )
+        )
+        counts.append(count)
+        firsts.append(first)
+    return counts, firsts, misnumbered
+
+
+def host_text_tokens(positions: torch.Tensor, valid: list, token_ids, rows: tuple[list, list, list]) -> TextTokens:
+    """TextTokens from (B, T) int64 host positions, validity as lists, and their `host_rows`."""
+    counts, firsts, misnumbered = rows
+    columns = torch.tensor([counts, firsts])
+    valid = torch.tensor(valid, dtype=torch.bool).reshape(positions.shape)
+    return TextTokens(positions, valid, columns[0], columns[1], torch.tensor(misnumbered), token_ids)
 
 
 def misnumbered_rows(positions, valid, valid_count, first, expected):
@@ -80,8 +100,8 @@ class HostMirror:
         """The host's TextTokens (no token ids: empty calls have no rows), or None while the copy runs."""
         if self._tokens is None and self.ready():
             num_new = self._host.shape[1] // 2
-            valid = self._host[:, num_new:-1].numpy().astype(bool)
-            tokens = host_text_tokens(self._host[:, :num_new], valid, None, None)
+            positions, valid = self._host[:, :num_new], self._host[:, num_new:-1].bool().tolist()
+            tokens = host_text_tokens(positions, valid, None, host_rows(positions.tolist(), valid, None))
             self._tokens = tokens._replace(misnumbered=self._host[:, -1].bool())  # the device's check
         return self._tokens
 
@@ -99,18 +119,29 @@ def departing_rows(given: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor 
     return differ.reshape(differ.shape[0] if differ.dim() > 1 else 1, -1).any(1)
 
 
-def check_position_source(config, given: torch.Tensor, own: torch.Tensor | None, valid, num_new: int, on_host: bool):
+def check_position_source(
+    config, given: torch.Tensor, own: torch.Tensor | None, valid, num_new: int, on_host: bool, numbered: bool = True
+):
     """Refuse an attention call's positions (`given`) that are not the ones RoPE used: of another length
     than the forward's `num_new` tokens (`valid`: (B, T) real tokens, None: all); other than those its model forward numbered its tokens
     with (`own`: BART-style decoders take `position_ids` through **kwargs, hand them to their layers and
     number tokens themselves); or a text row that multimodal RoPE's rows ((3|4, B, T)) depart from at a
     real token (images given as embeddings, positions built by hand). Off the host the last is found on
-    the device: (B,) flags for the sink's misnumbered check (no sync); else None."""
+    the device: (B,) flags for the sink's misnumbered check (no sync); else None. `numbered`: the forward
+    that built the mask has a `position_ids` of its own; without one (a release that renamed it) the
+    positions its layers got come from its caller, through **kwargs, and cannot be checked."""
     model = getattr(config, "model_type", "")
     if given.shape[-1] not in (1, num_new):
         raise CaptureError(
             f"qk_sniff: an attention call got position_ids for {given.shape[-1]} tokens in a forward of "
             f"{num_new} new tokens; not recorded"
+        )
+    if own is None and not numbered:
+        raise CaptureError(
+            f"qk_sniff: a {model} model's attention got position_ids, but the forward that built its mask has "
+            "no position_ids of its own (its caller's reach the layers through **kwargs), so the positions its "
+            "rows would be keyed by may not be those its RoPE used; not recorded: call the model without "
+            "position_ids"
         )
     if own is None or own.shape[-1] != num_new:
         return None

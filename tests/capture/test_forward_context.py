@@ -593,7 +593,7 @@ def test_layers_that_do_not_pass_position_ids_get_the_forwards_positions():
     ],
 )
 def test_host_tokens_equal_the_torch_path(mask, alive, position_ids, ids, expected):
-    """On the CPU a forward's tokens are made in numpy: the same values, dtypes and shapes as in torch,
+    """On the CPU a forward's per-row columns are made in Python: the same values, dtypes and shapes as in torch,
     the check of their positions against where the sequence's earlier forwards ended included."""
     from qk_attn.capture.forward import ForwardContext
 
@@ -603,7 +603,7 @@ def test_host_tokens_equal_the_torch_path(mask, alive, position_ids, ids, expect
     forward.alive = alive
     first = forward._device_tokens(position_ids, torch.device("cpu")).first_position
     after = {"none": None, "continues": first, "unknown": torch.full_like(first, -1), "skips": first + 1}[expected]
-    host = forward._host_tokens(position_ids, None if after is None else after.numpy())
+    host, _ = forward._host_tokens(position_ids, None if after is None else after.tolist())
     reference = forward._device_tokens(position_ids, torch.device("cpu"), after)
     if expected == "skips":  # every row with a real token starts one before where it should
         assert reference.misnumbered.tolist() == (reference.valid_count > 0).tolist()
@@ -621,20 +621,28 @@ def test_decode_steps_decide_from_the_window_like_the_sampler(strategy):
     the sampler's own, past the window's end too (it is made again there)."""
     from types import SimpleNamespace
 
-    from qk_attn.capture.decisions import DECISION_WINDOW, keep_all_layers
+    from qk_attn.capture.decisions import DECISION_WINDOW, decide
     from qk_attn.capture.forward import ForwardContext
     from qk_attn.sampler import Sampler
 
     sampler = Sampler(strategy, min_bucket_size=4, base_rate=2.0, seed=3)
     sequence = SimpleNamespace(decisions=None)
     start = torch.tensor([[5], [0]])  # two rows at different positions (left padding)
+    valid = torch.tensor([[True, True], [False, True]])  # a pad in row 1, at a position far outside the window
     for step in range(0, 2 * DECISION_WINDOW + 3, 2):
-        positions = (start + step + torch.arange(2)).expand(2, 2)  # two new tokens per step
+        positions = (start + step + torch.arange(2)).expand(2, 2).clone()
+        positions[1, 0] = 10**6
         forward = ForwardContext(None, 2, 2, 0, None)
         forward.example_ids, forward.sequence = (7, 2**40 + 1), sequence
-        got = keep_all_layers(sampler, forward, 5, positions, torch.ones(2, 2, dtype=torch.bool))
-        want = sampler.keep_all_layers(torch.tensor(forward.example_ids), 5, positions).numpy()
-        assert got.shape == want.shape and (got == want).all(), step
+        host = SimpleNamespace(positions=positions, valid=valid)
+        got = decide(sampler, forward, 5, host)
+        want = sampler.keep_all_layers(torch.tensor(forward.example_ids), 5, positions) & valid
+        masks = torch.stack([torch.stack([got.mask(layer, kind) for kind in (0, 1)]) for layer in range(5)])
+        assert torch.equal(masks, want), step
+        assert [got.keeps(layer, kind) for layer in range(5) for kind in (0, 1)] == want.flatten(2).any(
+            -1
+        ).flatten().tolist()
+        assert got.host is host
 
 
 def test_continuing_a_committed_sequence_is_refused_and_decode_steps_do_not_copy_the_committed_set():

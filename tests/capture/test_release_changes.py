@@ -424,3 +424,60 @@ def test_a_release_that_moved_what_qk_attn_imports_fails_its_import_naming_the_f
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"TransformersMismatch qk_sniff: transformers {tf.__version__} (torch ")
     assert "imported_names: expected the 8 names qk-attn takes from transformers" in result.stdout
+
+
+def test_a_mask_builder_that_renames_a_keyword_is_refused_naming_the_fact(tmp_path, monkeypatch):
+    """The mask function's arguments are bound once a forward is to be recorded: a builder that passes
+    `query_length=` raised a TypeError from qk_attn's own signature (capture on or off), naming no fact.
+    Capture off, the model runs as its backend does on that release."""
+    from transformers import masking_utils
+
+    assert not facts.check_all()  # (imports the modeling files the facts read before the edit: they bind it)
+    edit = ("        q_length=q_length,\n", "        query_length=q_length,\n")
+    renamed = redefine(masking_utils, "create_causal_mask", [edit], tmp_path, monkeypatch)
+    monkeypatch.setattr(modeling_llama, "create_causal_mask", renamed)
+    sdpa_mask = masking_utils.ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
+
+    def released_sdpa_mask(batch_size, query_length, kv_length, **kwargs):  # the release's own, renamed alike
+        return sdpa_mask(batch_size=batch_size, q_length=query_length, kv_length=kv_length, **kwargs)
+
+    monkeypatch.setitem(masking_utils.AttentionMaskInterface._global_mapping, "sdpa", released_sdpa_mask)
+    batch = padded_batch("left")
+    expected = build("llama3", "sdpa")(**batch).logits
+    model = build("llama3", "qk_sniff")
+    assert torch.equal(model(**batch).logits, expected)
+    facts.require.cache_clear()  # facts are checked once per process: as in a process on that release
+    try:
+        with pytest.raises(facts.TransformersMismatch, match=r"breaks what qk-attn relies on: mask_call_keywords"):
+            with qk_attn.session(sampler="all"):
+                model(**batch)
+    finally:
+        facts.require.cache_clear()
+
+
+def test_a_model_forward_whose_position_ids_were_renamed_refuses_a_callers_position_ids(tmp_path, monkeypatch):
+    """A release that renames a decoder stack's `position_ids` (numbering its tokens itself) lets a
+    caller's position_ids reach the layers through **kwargs: rows were keyed by them, silently, where
+    its RoPE used its own numbering (left padding: `qk-sniff run` passes position_ids for padded batches).
+    Qwen 2: fact model_forward_locals reads the seed families' stacks only."""
+    import transformers.models.qwen2.modeling_qwen2 as modeling_qwen2
+
+    edits = [
+        ("@auto_docstring\n", ""),  # (documents a method of a class: not this function)
+        ("            position_ids=position_ids,\n", ""),  # no longer handed to the layers
+        ('"position_ids": position_ids', '"position_ids": positions'),
+        ("self.rotary_emb(hidden_states, position_ids)", "self.rotary_emb(hidden_states, positions)"),
+        ("position_ids: torch.LongTensor | None = None", "positions: torch.LongTensor | None = None"),
+        ("if position_ids is None", "if positions is None"),
+        ("position_ids = torch.arange", "positions = torch.arange"),
+        ("position_ids = position_ids.unsqueeze(0)", "positions = positions.unsqueeze(0)"),
+    ]
+    redefine(modeling_qwen2.Qwen2Model, "forward", edits, tmp_path, monkeypatch)
+    model = build("qwen2", "qk_sniff")
+    batch = padded_batch("left")  # with position_ids counting real tokens
+    positions = batch.pop("position_ids")
+    with qk_attn.session(sampler="all") as s:
+        model(**batch, use_cache=False)  # without position_ids: its own numbering, recorded
+        with pytest.raises(CaptureError, match=r"^qk_sniff: a qwen2 model's attention got position_ids, but"):
+            model(**batch, position_ids=positions, use_cache=False)
+    assert s.table().num_rows > 0

@@ -1,0 +1,98 @@
+"""generate() dispatches each decoding mode to a method by name (GENERATION_MODES_MAPPING); frames knows
+`_sample`, `_beam_search` and `_assisted_decoding`. A release that dispatches greedy decoding to a
+method under another name (`_greedy_search`, as transformers had until 4.39) while `_sample` stays
+breaks fact generation_dispatch, and at run time (a process whose facts were checked before) the
+generate() is refused at its first forward: the padding rule and the use_cache=False refusal look for
+`_sample` by name, so its batch rows' padding after an EOS and its uncached steps would be recorded."""
+
+from __future__ import annotations
+
+import inspect
+import textwrap
+
+import pytest
+import torch
+import transformers as tf
+from transformers.generation import utils as generation_utils
+from transformers.generation.utils import GenerationMixin, GenerationMode
+
+import qk_attn
+from qk_attn.capture import facts
+from qk_attn.errors import CaptureError, TransformersMismatch
+from support.models import build
+
+torch.set_grad_enabled(False)
+
+IDS = torch.tensor([[0, 0, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6]])
+MASK = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+BEFORE = torch.arange(2, 8)[None]  # a complete example before the refused generate()
+
+
+def _greedy_search(tmp_path, monkeypatch) -> None:
+    """Greedy decoding dispatched to `_greedy_search`, a copy of `_sample` (as a release would), undone
+    by `monkeypatch`."""
+    source = textwrap.dedent(inspect.getsource(GenerationMixin._sample)).replace("def _sample(", "def _greedy_search(")
+    path = tmp_path / "greedy_search.py"
+    path.write_text(source, encoding="utf-8")
+    namespace: dict = {}
+    exec(compile(source, str(path), "exec"), generation_utils.__dict__, namespace)
+    monkeypatch.setattr(GenerationMixin, "_greedy_search", namespace["_greedy_search"], raising=False)
+    monkeypatch.setitem(generation_utils.GENERATION_MODES_MAPPING, GenerationMode.GREEDY_SEARCH, "_greedy_search")
+
+
+def test_greedy_decoding_dispatched_under_another_name_breaks_a_fact(tmp_path, monkeypatch):
+    _greedy_search(tmp_path, monkeypatch)
+    (finding,) = facts.check_all()
+    assert finding.fact == "generation_dispatch" and "GREEDY_SEARCH to _greedy_search" in finding.found
+    facts.require.cache_clear()
+    try:
+        with pytest.raises(TransformersMismatch, match=rf"transformers {tf.__version__} .*generation_dispatch"):
+            facts.require()
+    finally:
+        facts.require.cache_clear()
+
+
+def _eos_of_row_0(model) -> int:
+    """A token greedy decoding gives row 0 second and row 1 never: row 0 ends there, row 1 goes on."""
+    tokens = model.generate(input_ids=IDS, attention_mask=MASK, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    eos = int(tokens[0, 7])
+    assert eos not in tokens[1, 6:].tolist()
+    return eos
+
+
+@pytest.mark.parametrize("case", ["rows-ending-at-eos", "use_cache=False"])
+def test_a_generate_that_decodes_in_a_method_frames_does_not_know_is_refused(case, tmp_path, monkeypatch):
+    facts.require()  # the facts held when this process began: the refusal does not lean on them
+    model = build("llama3", "qk_sniff")
+    arguments = dict(eos_token_id=_eos_of_row_0(model)) if case == "rows-ending-at-eos" else dict(use_cache=False)
+    _greedy_search(tmp_path, monkeypatch)
+    refusal = rf"^qk_sniff: generate\(\) runs its decoding in _greedy_search, .* \(transformers {tf.__version__}\)"
+    with qk_attn.session(sampler="all", capture="k", layers="0") as s:
+        s.begin([1])
+        model(input_ids=BEFORE)
+        with pytest.raises(CaptureError, match=refusal):
+            s.begin([2, 3])
+            model.generate(
+                input_ids=IDS, attention_mask=MASK, max_new_tokens=6, do_sample=False, pad_token_id=0, **arguments
+            )
+        s.begin([4])
+        model.generate(input_ids=BEFORE, max_new_tokens=2, do_sample=True, pad_token_id=0)  # sampling: still _sample
+    assert set(s.table().to_pydict()["example_id"]) == {1, 4}
+
+
+def test_a_callers_own_decoding_loop_is_not_refused(tmp_path, monkeypatch):
+    """custom_generate (a callable) is the caller's loop, not a transformers method under another name."""
+    _greedy_search(tmp_path, monkeypatch)
+
+    def decode(model, input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs):
+        return GenerationMixin._sample(
+            model, input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs
+        )
+
+    model = build("llama3", "qk_sniff")
+    with qk_attn.session(sampler="all", capture="k", layers="0", example_ids=[0]) as s:
+        tokens = model.generate(
+            input_ids=BEFORE, max_new_tokens=3, do_sample=False, pad_token_id=0, custom_generate=decode
+        )
+    positions = s.table().to_pydict()["position"]
+    assert sorted(set(positions)) == list(range(tokens.shape[1] - 1))
