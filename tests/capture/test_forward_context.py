@@ -615,6 +615,34 @@ def test_host_tokens_equal_the_torch_path(mask, alive, position_ids, ids, expect
         assert torch.equal(got, want), name
 
 
+@pytest.mark.parametrize("seed", range(40))
+def test_host_tokens_equal_the_torch_path_on_random_rows(seed):
+    """The Python per-row columns against the torch path on random rows: padding anywhere, rows all
+    padding, finished rows, positions that repeat, skip, go negative or past int32, a previous forward
+    that ended elsewhere."""
+    from qk_attn.capture.forward import ForwardContext
+
+    generator = torch.Generator().manual_seed(seed)
+    batch, num_new = (int(n) for n in torch.randint(1, 5, (2,), generator=generator))
+    mask = (torch.rand(batch, num_new + 2, generator=generator) < 0.7).long()
+    start = torch.randint(-2, 6, (batch, 1), generator=generator)
+    if seed % 5 == 0:  # rows ending at the position column's int32 end, one before, or one past it
+        start = torch.arange(-1, batch - 1)[:, None] % 3 - 1 + 2**31 - num_new
+        mask = torch.ones_like(mask)
+    positions = start + torch.arange(num_new)
+    if seed % 3 == 0:  # a repeat or a gap in some row
+        positions[int(torch.randint(batch, (1,), generator=generator)), -1] += int(torch.randint(-1, 2, (1,)))
+    forward = ForwardContext(None, batch, num_new, 2, mask, None, positions)
+    forward.alive = (torch.rand(batch, generator=generator) < 0.8).long() if seed % 2 else None
+    expected = torch.randint(-1, 7, (batch,), generator=generator) if seed % 4 else None
+    host, rows = forward._host_tokens(positions, None if expected is None else expected.tolist())
+    reference = forward._device_tokens(positions, torch.device("cpu"), expected)
+    for name, got, want in zip(reference._fields, host, reference):
+        if want is not None:
+            assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want), name
+    assert rows == (reference.valid_count.tolist(), reference.first_position.tolist(), reference.misnumbered.tolist())
+
+
 @pytest.mark.parametrize("strategy", ["uniform", "log_uniform"])
 def test_decode_steps_decide_from_the_window_like_the_sampler(strategy):
     """A decode step takes the sampler's decisions from its sequence's DecisionWindow: the same as
@@ -627,13 +655,14 @@ def test_decode_steps_decide_from_the_window_like_the_sampler(strategy):
 
     sampler = Sampler(strategy, min_bucket_size=4, base_rate=2.0, seed=3)
     sequence = SimpleNamespace(decisions=None)
-    start = torch.tensor([[5], [0]])  # two rows at different positions (left padding)
-    valid = torch.tensor([[True, True], [False, True]])  # a pad in row 1, at a position far outside the window
+    start = torch.tensor([[5], [0], [3]])  # rows at different positions (left padding)
+    # a pad in row 1, at a position far outside the window; row 2 all padding (a finished row)
+    valid = torch.tensor([[True, True], [False, True], [False, False]])
     for step in range(0, 2 * DECISION_WINDOW + 3, 2):
-        positions = (start + step + torch.arange(2)).expand(2, 2).clone()
+        positions = (start + step + torch.arange(2)).expand(3, 2).clone()
         positions[1, 0] = 10**6
-        forward = ForwardContext(None, 2, 2, 0, None)
-        forward.example_ids, forward.sequence = (7, 2**40 + 1), sequence
+        forward = ForwardContext(None, 3, 2, 0, None)
+        forward.example_ids, forward.sequence = (7, 2**40 + 1, 9), sequence
         host = SimpleNamespace(positions=positions, valid=valid)
         got = decide(sampler, forward, 5, host)
         want = sampler.keep_all_layers(torch.tensor(forward.example_ids), 5, positions) & valid
