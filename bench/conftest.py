@@ -89,6 +89,12 @@ def backbone(threads):
 
 
 @pytest.fixture(scope="session")
+def sdpa_backbone(threads):
+    """A second backbone of the same weights, which only sdpa runs (test_decode_paired)."""
+    return harness.build_backbone()
+
+
+@pytest.fixture(scope="session")
 def short_lm(threads):
     """Issue 20's 12-layer model with its LM head; `.model` is the backbone of the short captures."""
     return harness.build_lm(num_hidden_layers=harness.SHORT_LAYERS)

@@ -344,6 +344,48 @@ def run_decode(
     return Decode(meter.seconds, meter.cpu, meter.foreign, new_tokens.shape[1], close, clock.seconds if clock else 0.0)
 
 
+# Issue 20, measured a second way: the two arms' steps alternate in blocks of this many tokens.
+PAIRED_BLOCK = 8
+
+
+@dataclass
+class PairedDecode:
+    """Seconds per token of each block of decode steps, the sdpa model's and the capture arm's blocks
+    alternating (same weights, two model objects, each with its own cache at the same length)."""
+
+    sdpa: list[float]
+    arm: list[float]
+
+    def ratios(self) -> list[float]:
+        return [arm / sdpa for arm, sdpa in zip(self.arm, self.sdpa)]
+
+
+def run_decode_paired(
+    sdpa_model: LlamaModel, model: LlamaModel, arm: Arm, prompt: torch.Tensor, new_tokens: torch.Tensor, out_dir: Path
+) -> PairedDecode:
+    """`run_decode`'s steps, as pairs of blocks: PAIRED_BLOCK steps of `sdpa_model` (vanilla sdpa, never
+    touched by qk_attn), then as many of `model` under the capture arm, in alternating order. A slow
+    minute of a shared machine then hits both arms alike, where whole runs one after the other (the
+    rounds of `run_decode`) differ by more than the 2% a target allows."""
+    from transformers import DynamicCache
+
+    use_arm(model, arm)
+    sdpa_cache, cache = DynamicCache(config=sdpa_model.config), DynamicCache(config=model.config)
+    times: dict[str, list[float]] = {"sdpa": [], "arm": []}
+    with _session(arm, out_dir) as session, torch.inference_mode():
+        session.begin([0])
+        sdpa_model(input_ids=prompt, cache=sdpa_cache, use_cache=True)
+        model(input_ids=prompt, cache=cache, use_cache=True)
+        for block, start in enumerate(range(0, new_tokens.shape[1] - PAIRED_BLOCK + 1, PAIRED_BLOCK)):
+            order = (("sdpa", sdpa_model, sdpa_cache), ("arm", model, cache))
+            for name, runs, kv in order if block % 2 == 0 else order[::-1]:
+                begin = time.perf_counter()
+                for step in range(start, start + PAIRED_BLOCK):
+                    runs(input_ids=new_tokens[:, step : step + 1], cache=kv, use_cache=True)
+                times[name].append((time.perf_counter() - begin) / PAIRED_BLOCK)
+    return PairedDecode(times["sdpa"], times["arm"])
+
+
 # Issue 20: short runs as a researcher runs them, on a 12-layer model of the SmolLM2-135M shape.
 SHORT_LAYERS = 12
 GENERATE_PROMPT = 512

@@ -10,7 +10,11 @@ from harness import ARMS, BASELINE, TARGET_SEQ, TARGETS, pairwise_ratios
 
 MB = 1e6
 # Issue 20's sections: test -> Results field. A run needs them for completeness only if it selected them.
-OPTIONAL = {"test_short_generation": "generation", "test_short_capture": "short_capture"}
+OPTIONAL = {
+    "test_short_generation": "generation",
+    "test_short_capture": "short_capture",
+    "test_decode_paired": "decode_paired",
+}
 
 
 @dataclass
@@ -26,6 +30,7 @@ class Results:
     end_to_end: dict[int, list[dict[str, harness.EndToEnd]]] = field(default_factory=dict)
     rss: dict[str, dict] = field(default_factory=dict)  # arm -> rss.py JSON (TARGET_SEQ)
     decode: list[dict[str, harness.Decode]] = field(default_factory=list)  # rounds
+    decode_paired: dict[str, harness.PairedDecode] = field(default_factory=dict)  # arm -> its run
     generation: list[dict[str, harness.Generation]] = field(default_factory=list)  # rounds
     short_capture: list[dict[str, harness.EndToEnd]] = field(default_factory=list)  # rounds
     selected: set[str] = field(default_factory=set)  # OPTIONAL fields whose tests were selected
@@ -40,7 +45,17 @@ class Results:
         )
 
     def measured(self) -> bool:
-        return any((self.forward, self.end_to_end, self.rss, self.decode, self.generation, self.short_capture))
+        return any(
+            (
+                self.forward,
+                self.end_to_end,
+                self.rss,
+                self.decode,
+                self.decode_paired,
+                self.generation,
+                self.short_capture,
+            )
+        )
 
     # ---- derived numbers -------------------------------------------------------------
     def forward_ratio(self, seq: int, arm: str):
@@ -166,6 +181,33 @@ def _decode_lines(rounds: list[dict[str, harness.Decode]]) -> list[str]:
             f"{med(run.close for run in runs):.2f} s",
         ],
     )
+    return lines
+
+
+def _decode_paired_lines(runs: dict[str, harness.PairedDecode]) -> list[str]:
+    """The decode steps again, the arms alternating every PAIRED_BLOCK tokens (harness.run_decode_paired)."""
+    block = harness.PAIRED_BLOCK
+    lines = [
+        "",
+        f"## Decode, arms alternating every {block} tokens (issue 20: {_targets_text(harness.DECODE_TARGETS)})",
+        "",
+        f"The same prompt and steps; a second model object of the same weights runs sdpa only, and {block} "
+        f"steps of it alternate with {block} steps of the capture arm, each model with its own cache at the same "
+        "length, one run per arm. Each pair of blocks gives a ratio; the cell is their median, with the "
+        "quartiles: slow drift of a shared machine hits both arms of a pair alike.",
+        "",
+        "| arm | sdpa per token | ratio to sdpa (median, quartiles) | target | block pairs |",
+        "|---|---|---|---|---|",
+    ]
+    for name, run in runs.items():
+        ratios = run.ratios()
+        low, _, high = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+        median = statistics.median(ratios)
+        target = harness.DECODE_TARGETS[name]
+        lines.append(
+            f"| **{name}** | {statistics.median(run.sdpa) * 1e3:.1f} ms | {median:.3f} ({low:.3f}–{high:.3f}) | "
+            f"≤ {target:.2f} {'✓' if median <= target else '✗'} | {len(ratios)} |"
+        )
     return lines
 
 
@@ -394,6 +436,8 @@ def render(results: Results) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     if results.decode:
         lines += _decode_lines(results.decode)
+    if results.decode_paired:
+        lines += _decode_paired_lines(results.decode_paired)
     if results.generation:
         lines += _generation_lines(results.generation)
     if results.short_capture:

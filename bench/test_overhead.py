@@ -112,6 +112,27 @@ def test_decode(benchmark, backbone, qk_results, tmp_root, request):
     benchmark.extra_info["ms_per_token"] = [{name: run.per_token_ms for name, run in r.items()} for r in measured]
 
 
+def test_decode_paired(benchmark, backbone, sdpa_backbone, qk_results, tmp_root):
+    """test_decode's steps with the arms alternating every few tokens (harness.run_decode_paired): one
+    run per capture arm, against a second model object of the same weights that only sdpa ever runs."""
+    benchmark.group = "decode-paired"
+    (prompt,) = harness.documents(harness.DECODE_PROMPT, 1)
+    (new_tokens,) = harness.documents(harness.DECODE_NEW_TOKENS, 1, seed=2)
+
+    def run_all():
+        for arm in END_TO_END_ARMS:
+            if arm.captures:
+                out = tmp_root / f"decode-paired-{arm.name}"
+                gc.collect()
+                qk_results.decode_paired[arm.name] = harness.run_decode_paired(
+                    sdpa_backbone, backbone, arm, prompt, new_tokens, out
+                )
+                harness.remove(out)
+
+    benchmark.pedantic(run_all, rounds=1, iterations=1)
+    benchmark.extra_info["ratios"] = {name: run.ratios() for name, run in qk_results.decode_paired.items()}
+
+
 def test_short_generation(benchmark, short_lm, qk_results, tmp_root, request):
     """Issue 20: one `generate()` (512-token prompt, 64 greedy tokens) of the 12-layer model with
     its LM head, one session opened and closed per generation, timed end to end."""
