@@ -239,14 +239,20 @@ def _refuse_unknown_decoding(frame, builder) -> None:
     use_cache=False steps. generate() picks it by name (GENERATION_MODES_MAPPING, fact generation_dispatch)
     into its local `decoding_method` before any forward of its own (image encoding, prefill), so that
     local is read rather than the frame below generate(), which may be such a helper; a caller's own
-    `custom_generate` loop is not transformers' and goes on (its cache moves are watched: caches)."""
+    `custom_generate` loop is not transformers' and goes on (its cache moves are watched: caches). So
+    does a wrapper of a known method (a profiling patch of `_sample` without functools.wraps): the known
+    method's frame lies between generate() and this forward, in its steps and its prefill alike."""
+    known_below = False  # a DECODING_METHODS frame between this forward and the generate() frame above it
     while frame is not None:
         code = frame.f_code
-        if code.co_name == "generate" and code.co_filename.endswith(GENERATION_FILE):
+        if code.co_filename.endswith(GENERATION_FILE) and code.co_name in DECODING_METHODS:
+            known_below = True
+        elif code.co_name == "generate" and code.co_filename.endswith(GENERATION_FILE):
             local = frame.f_locals
             method = local.get("decoding_method")
             if (
                 method is not None
+                and not known_below
                 and method is not local.get("custom_generate")
                 and _generates_for(local.get("self"), builder)
             ):
@@ -258,6 +264,7 @@ def _refuse_unknown_decoding(frame, builder) -> None:
                         f"qk_sniff: generate() runs its decoding in {name}, which qk-attn does not know "
                         f"(transformers {transformers.__version__}); not recorded"
                     )
+            known_below = False  # frames above belong to an enclosing generate()
         frame = frame.f_back
 
 

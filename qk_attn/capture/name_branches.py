@@ -66,7 +66,8 @@ def _holds_name(node: ast.AST) -> bool:
 
 
 def _holder_literal(node: ast.AST) -> bool:
-    return isinstance(node, ast.Constant) and node.value in NAME_HOLDERS
+    """A string key naming an attention holder (not a bare "implementation": a dict's own key, in remote code)."""
+    return isinstance(node, ast.Constant) and node.value in NAME_HOLDERS and "att" in str(node.value)
 
 
 def _name_condition(node: ast.AST, aliases: frozenset[str] = frozenset()) -> bool:

@@ -96,3 +96,21 @@ def test_a_callers_own_decoding_loop_is_not_refused(tmp_path, monkeypatch):
         )
     positions = s.table().to_pydict()["position"]
     assert sorted(set(positions)) == list(range(tokens.shape[1] - 1))
+
+
+def test_a_wrapper_of_the_sample_loop_without_functools_wraps_is_recorded(monkeypatch):
+    """A profiling or logging patch of `_sample` that hands the call on: generate()'s `decoding_method` is
+    the wrapper, whose name qk-attn does not know, but the known loop runs below it (prefill included)."""
+    facts.require()  # checked at the first captured forward, before the patch (fact generation_frames reads _sample)
+    inner = GenerationMixin._sample
+
+    def traced_sample(self, *args, **kwargs):
+        return inner(self, *args, **kwargs)
+
+    model = build("llama3", "qk_sniff")
+    expected = model.generate(input_ids=BEFORE, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    monkeypatch.setattr(GenerationMixin, "_sample", traced_sample)
+    with qk_attn.session(sampler="all", capture="k", layers="0", example_ids=[0]) as s:
+        tokens = model.generate(input_ids=BEFORE, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(tokens, expected)
+    assert sorted(set(s.table().to_pydict()["position"])) == list(range(tokens.shape[1] - 1))
