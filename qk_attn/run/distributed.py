@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qk_attn.errors import ConfigError
+from qk_attn.storage.provenance import merged_history
 
 # A barrier waits for the slowest rank: 128k-token documents take hours, not the 30 minutes
 # torch.distributed defaults to.
@@ -206,6 +207,7 @@ def _merge_parts(output: Path, parts: dict[int, dict], allow_incomplete: bool) -
     _check_same_documents(output, parts)
 
     merged = {k: v for k, v in first.items() if k != "part"}
+    merged["release_history"] = merged_history(parts)  # every rank's releases, by merged segment
     with_model = [p for p in parts.values() if p.get("model")]
     merged["model"] = with_model[0]["model"] if with_model else None
     merged["plan"] = with_model[0]["plan"] if with_model else None
@@ -239,7 +241,8 @@ def _merge_parts(output: Path, parts: dict[int, dict], allow_incomplete: bool) -
     if cross:
         merged["cross_attention_layers"] = cross
     merged["shards"] = {key: sorted(names) for key, names in sorted(merged["shards"].items())}
-    merged["next_segment"] = max(p["next_segment"] for p in parts.values())
+    # above every renumbered segment: a run resuming the merged folder must not reuse one
+    merged["next_segment"] = max(p["next_segment"] for p in parts.values()) * world
     merged["created"] = min(p["created"] for p in parts.values())
     stamps = [p["updated"] for p in parts.values() if p.get("updated")]
     merged["updated"] = max(stamps) if stamps else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -28,6 +28,7 @@ from qk_attn.storage.coverage import coverage, coverage_text, markdown_table
 from qk_attn.storage.folder import card_is_ours, signed_card
 from qk_attn.storage.layout import CARD, CHART, key_name, parse_key
 from qk_attn.storage.manifest import manifest_digest, read_manifest
+from qk_attn.storage.provenance import provenance_versions
 from qk_attn.storage.settings import public_manifest, public_value
 
 logger = logging.getLogger(__name__)
@@ -279,13 +280,13 @@ def _revision(manifest: dict) -> str:
 
 
 def _provenance(manifest: dict, max_length: int) -> str:
-    v = manifest.get("versions", {})
+    versions, releases = provenance_versions(manifest)  # several releases: a table of their own
     model = manifest.get("model") or {}
     source = manifest.get("source") or {}
     rows = [["model", public_value(model.get("id"))], ["model revision", _revision(manifest)]]
     if source.get("weights"):
         rows.append(["weights", source["weights"]])
-    rows += [[name, f"`{version}`"] for name, version in sorted(v.items())]
+    rows += versions
     rows += [
         ["model dtype", model.get("dtype")],
         ["max valid length", f"{max_length:,}"],
@@ -295,6 +296,7 @@ def _provenance(manifest: dict, max_length: int) -> str:
     config = {k: val for k, val in manifest.get("config", {}).items() if k != "output"}
     return (
         markdown_table(["", ""], rows)
+        + (f"\n\n{releases}" if releases else "")
         + "\n\nFull capture configuration:\n\n```json\n"
         + json.dumps(config, indent=1, sort_keys=True)
         + "\n```"

@@ -30,7 +30,7 @@ from qk_attn.storage.layout import (
     part_files,
     previous_name,
 )
-from qk_attn.storage.manifest import new_manifest, read_manifest, sha256_file, versions, write_json_atomic
+from qk_attn.storage.manifest import new_manifest, read_manifest, record_run, sha256_file, write_json_atomic
 from qk_attn.storage.settings import check_same_capture, record_latest_run
 
 logger = logging.getLogger(__name__)
@@ -61,12 +61,12 @@ def open_capture(
     if manifest is not None:
         check_same_capture(output, manifest, config, source)
         check_shard_sizes(output, manifest, digests=True)
-        manifest["versions"] = versions()  # of the latest run writing here
         record_latest_run(manifest, config, source)
         manifest.setdefault("example_info", {})
         manifest.setdefault("shard_info", {})
     else:
         manifest = new_manifest(config, source)
+    record_run(manifest, files.rank)  # `versions`: the latest run's; `release_history`: every run's, with its commits
     old = manifest.setdefault(
         "columns", columns if not manifest["examples"] else {"token_id": False, "token_str": False}
     )

@@ -1,6 +1,9 @@
 """The manifest record (`qk_sniff.json`): build it, read it, write it atomically with its digest.
 
-Manifest fields written by the sink (besides config, sampler, model, plan, versions):
+Manifest fields written by the sink (besides config, sampler, model, plan):
+    versions      {package: version} of the latest run that wrote the folder
+    release_history  [{"versions", "first_segment", "runs", "started"}]: every set of versions that wrote
+                  the folder, with the segments (so the examples) its runs committed (qk_attn.storage.provenance)
     source_files  {"dataset" | "tokenizer" | "model": {"files", "bytes", "sha256"}}: fingerprints of the local
                   files a capture was made from, no paths (qk_attn.storage.settings: the resume check); the
                   model's also "content_sha256", a hash of every byte of its weight files
@@ -83,6 +86,14 @@ def versions() -> dict[str, str]:
         except PackageNotFoundError:
             pass
     return out
+
+
+def record_run(manifest: dict, rank: int | None = None) -> None:
+    """A run opens the folder to write: `versions` becomes this run's (the latest run's) and the run joins
+    `release_history`, which keeps every set of versions that wrote here (qk_attn.storage.provenance)."""
+    from qk_attn.storage.provenance import record_release
+
+    record_release(manifest, rank, versions(), now())
 
 
 def new_manifest(config, source: dict | None) -> dict:
