@@ -98,7 +98,8 @@ class ForwardTracker:
             config, batch_size, q_length, past, mask, caller.input_ids, caller.position_ids, caller.cache
         )
         forward.offset_check, forward.begun_ids, forward.builder = check, begun_ids, caller.module
-        forward.numbers_positions = caller.numbers_positions
+        forward.numbers_positions, forward.builder_code = caller.numbers_positions, caller.code
+        forward.builder_positions = caller.position_ids
         forward.unfinished, forward.decode_step, forward.draft = generation
         if caller.images and caller.position_ids is not None and caller.position_ids.dim() == 3:
             self._discard(None, "was refused", config, caller.cache)

@@ -33,6 +33,7 @@ class ModelForward(NamedTuple):
     # The frame that builds the mask has a `position_ids` of its own (its value may be None): without one
     # (a release that renamed it), positions its layers get came from elsewhere and cannot be checked.
     numbers_positions: bool
+    code: object = None  # that frame's code: its `position_ids` is read again at the first call (`local_now`)
 
 
 def model_forward(batch_size: int, num_new: int) -> ModelForward:
@@ -48,7 +49,7 @@ def model_forward(batch_size: int, num_new: int) -> ModelForward:
     contain the one building the mask: another model whose method runs this one (a guide model inside
     a generate()) holds its own token ids and images, and generate()'s own frames hold the running
     sequences (a model run on embeddings from its own logits processor is not given them)."""
-    module = positions = ids = cache = None
+    module = positions = ids = cache = code = None
     images = numbers_positions = False
     for frame in _method_frames(sys._getframe(2)):
         local = frame.f_locals
@@ -57,7 +58,7 @@ def model_forward(batch_size: int, num_new: int) -> ModelForward:
             continue
         if module is None:
             module, positions, cache = this, local.get("position_ids"), cache_of(local)
-            numbers_positions = "position_ids" in frame.f_code.co_varnames
+            numbers_positions, code = "position_ids" in frame.f_code.co_varnames, frame.f_code
         elif not contains(this, module) or frame.f_code.co_name != "forward":
             continue  # generate()'s frames hold the running sequences, not this forward's tokens
         candidate = local.get("input_ids")
@@ -68,7 +69,24 @@ def model_forward(batch_size: int, num_new: int) -> ModelForward:
         encoded = local.get("mm_encoder_outputs")
         images = images or (isinstance(encoded, dict) and any(v is not None for v in encoded.values()))
     positions = positions if isinstance(positions, torch.Tensor) else None
-    return ModelForward(module, ids, positions, cache, images, numbers_positions)
+    return ModelForward(module, ids, positions, cache, images, numbers_positions, code)
+
+
+NOT_RUNNING = object()
+
+
+def local_now(code, module, name: str):
+    """The value that local `name` holds now in this thread's running frame of `code` whose `self` is
+    `module` (a forward that is still running: its attention calls are inside it); NOT_RUNNING when no
+    such frame is on the stack."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is code:
+            local = frame.f_locals
+            if local.get("self") is module:
+                return local.get(name)
+        frame = frame.f_back
+    return NOT_RUNNING
 
 
 _contained: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the submodules found in it

@@ -481,3 +481,45 @@ def test_a_model_forward_whose_position_ids_were_renamed_refuses_a_callers_posit
         with pytest.raises(CaptureError, match=r"^qk_sniff: a qwen2 model's attention got position_ids, but"):
             model(**batch, position_ids=positions, use_cache=False)
     assert s.table().num_rows > 0
+
+
+@pytest.mark.parametrize("handed_to_layers", [True, False])
+def test_a_model_forward_that_numbers_its_tokens_anew_after_its_mask_is_refused(
+    tmp_path, monkeypatch, handed_to_layers
+):
+    """A release whose decoder stack gives `position_ids` new values after it built the mask (padding-aware
+    positions) has its RoPE use those, while rows were keyed by the ones it held at the mask: silently
+    wrong where the layers get none, and refused with advice the caller could not follow where they do."""
+    import transformers.models.qwen2.modeling_qwen2 as modeling_qwen2
+
+    anchor = "    hidden_states = inputs_embeds\n"
+    renumber = "    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]\n"
+    edits = [("@auto_docstring\n", ""), (anchor, anchor + renumber)]
+    if not handed_to_layers:
+        edits.append(("            position_ids=position_ids,\n", ""))
+    redefine(modeling_qwen2.Qwen2Model, "forward", edits, tmp_path, monkeypatch)
+    model = build("qwen2", "qk_sniff")
+    batch = padded_batch("left")
+    batch.pop("position_ids")  # the release numbers the tokens itself
+    with qk_attn.session(sampler="all") as s:
+        with pytest.raises(CaptureError, match=r"^qk_sniff: Qwen2Model.forward changed its position_ids after it"):
+            model(**batch, use_cache=False)
+        model(**{**batch, "attention_mask": torch.ones_like(batch["attention_mask"])}, use_cache=False)
+    assert s.table().num_rows > 0  # without padding its new numbering is the old one: recorded
+
+
+def test_a_model_forward_that_rebinds_its_position_ids_to_the_same_values_is_recorded(tmp_path, monkeypatch):
+    """Rebinding `position_ids` after the mask to equal values (a copy, another device) changes nothing
+    its rows are keyed by: recorded, as the unedited forward records them."""
+    import transformers.models.qwen2.modeling_qwen2 as modeling_qwen2
+
+    batch = padded_batch("left")
+    model = build("qwen2", "qk_sniff")
+    with qk_attn.session(sampler="all") as before:
+        model(**batch, use_cache=False)
+    anchor = "    hidden_states = inputs_embeds\n"
+    edits = [("@auto_docstring\n", ""), (anchor, anchor + "    position_ids = position_ids.clone()\n")]
+    redefine(modeling_qwen2.Qwen2Model, "forward", edits, tmp_path, monkeypatch)
+    with qk_attn.session(sampler="all") as after:
+        model(**batch, use_cache=False)
+    assert after.table().equals(before.table())
