@@ -130,6 +130,11 @@ def current_session():
     """This thread's innermost `session()`, else the process's latest one, else the
     env-configured default (None when capture is off)."""
     global _default, _exit_registered
+    own = getattr(_local, "stack", None)
+    if own:  # (nothing to settle: a session this thread opened wins inside a generate() too)
+        if _inherited and inherited(own[-1]):
+            _refuse_forked(own[-1])
+        return own[-1]
     active = _active()
     if active is not None:
         if _inherited and inherited(active):

@@ -47,7 +47,8 @@ class Session(SequenceTracker):
         self.config = config
         self.sampler = Sampler.from_config(config)
         self._models: dict[int, _Model] = {}  # id(model config) -> its head plan
-        self._modules: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # attention module -> its ModuleFacts
+        self._modules: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # attention module -> _Binding
+        self._bindings = 0  # bumped when a model, its plan or its layer dtypes change: every _Binding is stale
         self._call_rows = CallRows(config, self.sampler)
         super().__init__(MemorySink() if sink is None else as_sink(sink), example_ids)
         self._warned: set[str] = set()
@@ -127,6 +128,7 @@ class Session(SequenceTracker):
     def _discard(self, forward, why: str, config=None, cache=None) -> None:
         super()._discard(forward, why, config, cache)
         if forward is not None:
+            self._bindings += 1
             for model in self._models.values():
                 model.layer_dtypes = {k: v for k, v in model.layer_dtypes.items() if v[1] != forward.serial}
 
@@ -143,9 +145,10 @@ class Session(SequenceTracker):
     def capture(self, module, query: torch.Tensor, key: torch.Tensor, mask, kwargs: dict, rotary=None) -> None:
         """Record this call's rows. `rotary` is the (cos, sin) the layer's forward applied (rope="pre")."""
         self.check()
-        tower = self._towers.get(id(module.config))
-        if tower is not None and tower() is module.config:
-            return
+        if self._towers:
+            tower = self._towers.get(id(module.config))
+            if tower is not None and tower() is module.config:
+                return
         forward = self._current(module.config)
         if forward is not None:
             forward.used = True
@@ -162,7 +165,8 @@ class Session(SequenceTracker):
             raise
 
     def _capture(self, forward, module, query, key, mask, kwargs, rotary) -> None:
-        facts = self._module_facts(module)
+        binding = self._binding(module)
+        facts = binding.facts
         refuse_packed(kwargs)
         if forward is None or forward.state != "running":
             raise CaptureError(
@@ -175,8 +179,10 @@ class Session(SequenceTracker):
         num_queries = check_shapes(forward, layer, query, key, cross)
         if not forward.first_call(layer, query, key):
             return  # the same query and key again (DiffLlama): recorded once
-        model = self._model(module, forward, layer, query, key)
-        shape = model.plan.shape
+        if binding.serial != self._bindings or binding.dtype is not query.dtype or binding.config is not module.config:
+            self._bind(binding, module, forward, query, key)
+        model, plan = binding.model, binding.plan
+        shape = plan.shape
         if query.shape[1] != shape.num_heads or key.shape[1] != shape.num_kv_heads:
             raise CaptureError(
                 f"qk_sniff: layer {layer} has {query.shape[1]} query and {key.shape[1]} key/value heads where the "
@@ -184,11 +190,12 @@ class Session(SequenceTracker):
                 "head counts (MiMo-V2's sliding layers, Gemma 4's global key/value heads) are not supported yet, "
                 "since one head plan serves every layer; nothing of this forward is recorded"
             )
-        self._start_sequence(forward)
+        if forward.example_ids is None:
+            self._start_sequence(forward)
         sliding_window = kwargs.get("sliding_window", facts.sliding_window)
         if sliding_window is None and not cross:  # the window its mask was built with, if any
             sliding_window = forward.mask_window(layer, facts.layer_type)
-        if layer in model.plan.excluded_layers:
+        if binding.excluded:
             return
         if self.config.full_attention_only and sliding_window is not None:
             forward.skipped_sliding = True
@@ -197,8 +204,7 @@ class Session(SequenceTracker):
         position_ids = kwargs.get("position_ids")
         everything = forward.tokens(position_ids, query.device)
         text = everything if num_queries == forward.num_new else forward.tokens(position_ids, query.device, num_queries)
-        plan = model.plan
-        query_heads, key_heads = plan.heads(layer, "q"), plan.heads(layer, "k")
+        query_heads, key_heads = binding.heads
         if cross:
             # Text queries of a cross-attention layer are this forward's tokens; its keys are
             # vision tokens, recorded once per sequence.
@@ -207,7 +213,7 @@ class Session(SequenceTracker):
             sequence.cross_done.add(layer)
         else:
             keys = (forward.key_slot(layer, key.shape[2]) if key_heads else 0, everything)
-        decisions = forward.decisions(self.sampler, plan.shape.num_layers, everything)
+        decisions = forward.decisions(self.sampler, shape.num_layers, everything)
         staging = forward.staging or self._start_staging(forward, model, query)
         for index, (kind, states, heads, tokens) in enumerate(
             (("q", query, query_heads, (0, text)), ("k", key, key_heads, keys))
@@ -302,11 +308,21 @@ class Session(SequenceTracker):
             self._warned.add(key)
             logger.warning(message)
 
-    def _module_facts(self, module) -> ModuleFacts:
-        facts = self._modules.get(module)
-        if facts is None:  # once per attention module
-            facts = self._modules[module] = module_facts(module)
-        return facts
+    def _binding(self, module) -> _Binding:
+        binding = self._modules.get(module)
+        if binding is None:  # once per attention module
+            binding = self._modules[module] = _Binding(module_facts(module))
+        return binding
+
+    def _bind(self, binding: _Binding, module, forward, query, key) -> None:
+        """The module's model, plan and heads, checked (`_model`) at its first call, and again after any
+        change that could alter them (`_bindings`) or in another dtype or config."""
+        layer = binding.facts.layer
+        model = self._model(module, forward, layer, query, key)
+        binding.model, binding.plan, binding.config, binding.dtype = model, model.plan, module.config, query.dtype
+        binding.heads = (model.plan.heads(layer, "q"), model.plan.heads(layer, "k"))
+        binding.excluded = layer in model.plan.excluded_layers
+        binding.serial = self._bindings
 
     def _model(self, module, forward, layer: int, query, key) -> _Model:
         model = self._models.get(id(module.config))
@@ -318,6 +334,7 @@ class Session(SequenceTracker):
                 )
             plan = HeadPlan.build(self.config, ModelShape.from_module(module, query, key))
             model = self._models[id(module.config)] = _Model(module.config, plan)
+            self._bindings += 1
             self.sink.bind_model(module.config, plan)
             if query.dtype == torch.float64:
                 self._warn_once(
@@ -331,6 +348,7 @@ class Session(SequenceTracker):
                 # every forward that had run in the bound dtype was discarded: this one's is the model's
                 model.plan = HeadPlan.build(self.config, ModelShape.from_module(module, query, key))
                 self.sink.bind_model(module.config, model.plan)
+                self._bindings += 1
             entry = model.layer_dtypes[layer] = (query.dtype, forward.serial)
         first = entry[0]
         if first != query.dtype and self.sink.one_model:  # (per layer: a model may upcast some layers)
@@ -356,3 +374,18 @@ class _Model:
         # Per device, reused by this model's forwards. Not shared between models: a forward of one
         # may still hold its staged rows (not handed off yet) while the other's forward runs.
         self.buffers: dict[torch.device, StagingBuffer] = {}
+
+
+class _Binding:
+    """Per attention module in a session: its facts, and what its calls share across forwards (its
+    model, plan and heads), valid while `serial` is the session's `_bindings` and the call's dtype and
+    config are the ones bound. A decode step reads them instead of checking them again."""
+
+    __slots__ = ("facts", "serial", "model", "plan", "config", "dtype", "heads", "excluded")
+
+    def __init__(self, facts: ModuleFacts):
+        self.facts = facts
+        self.serial = -1  # not bound yet
+        self.model = self.plan = self.config = self.dtype = None
+        self.heads: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
+        self.excluded = False
