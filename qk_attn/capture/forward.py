@@ -24,7 +24,7 @@ import weakref
 import torch
 
 from qk_attn.capture.decisions import DECODE_TOKENS, Decisions, decide
-from qk_attn.capture.frames import NOT_RUNNING, cache_of, local_now, running_in
+from qk_attn.capture.frames import cache_of, local_now, running_in
 from qk_attn.capture.tokens import (
     POSITION_LIMIT,
     HostMirror,
@@ -60,6 +60,7 @@ class ForwardContext:
         self.numbers_positions = True  # the forward that built the mask has position_ids (frames.ModelForward)
         self.builder_code = None  # that forward's code, and the position_ids it held when it built the mask
         self.builder_positions: torch.Tensor | None = None
+        self._renumbering_read = False  # `_follow_renumbering` ran
         self.cache = cache  # the cache object this forward extends (None: none, or not known yet)
         self.batch_size = batch_size
         self.num_new = num_new
@@ -188,12 +189,13 @@ class ForwardContext:
     def tokens(self, position_ids: torch.Tensor | None, device: torch.device, length: int | None = None) -> TextTokens:
         """The forward's new tokens, computed once per forward (per position_ids tensor) on `device`;
         with `length`, its last `length` tokens (a layer given only a suffix of the queries)."""
+        if not self._renumbering_read:
+            self._follow_renumbering()
         if position_ids is None:  # a layer that does not pass them on: the forward's own
             position_ids = self.position_ids
         length = self.num_new if length is None else length
         cached = self._tokens.get((device, length))  # per device: layers of one forward may sit on several
         if cached is None or cached[0] is not position_ids:
-            self._refuse_renumbered()
             departing = None
             if position_ids is not None:
                 valid = self.attention_mask[:, -self.num_new :] if self.attention_mask is not None else None
@@ -214,21 +216,25 @@ class ForwardContext:
             cached = self._tokens[(device, length)] = (position_ids, tokens)
         return cached[1]
 
-    def _refuse_renumbered(self) -> None:
-        """Refuse a forward that gave its `position_ids` other values after it built its mask: its rows
-        are keyed by those it held then, and its RoPE may have used the new ones."""
+    def _follow_renumbering(self) -> None:
+        """Once per forward, at its first recorded call (inside the forward, after its rotary embedding ran):
+        a forward that gave its `position_ids` other positions after it built its mask (BioGPT numbers its
+        tokens there; a release may make them padding-aware) hands those to its RoPE and layers, so its rows
+        are keyed by them. What is no positions (BART-style decoders reuse the name for their position
+        embeddings) or None (dropped after use) leaves the numbering as it was."""
+        self._renumbering_read = True
         if self.builder_code is None or not self.numbers_positions:
             return
         now = local_now(self.builder_code, self.builder, "position_ids")
-        then = self.builder_positions
-        now = now if isinstance(now, torch.Tensor) or now is NOT_RUNNING else None
-        if now is NOT_RUNNING or now is then or same_values(now, then):
+        if now is self.builder_positions or not isinstance(now, torch.Tensor) or now.is_floating_point():
             return
-        raise CaptureError(
-            f"qk_sniff: {type(self.builder).__name__}.forward changed its position_ids after it built the "
-            "attention mask (a release or a patch that numbers tokens anew there), so the positions its rows "
-            "would be keyed by may not be those its RoPE used; not recorded"
-        )
+        if now.dim() > 2 or now.shape[-1] != self.num_new:
+            raise CaptureError(
+                f"qk_sniff: {type(self.builder).__name__}.forward gave its position_ids a {tuple(now.shape)} tensor "
+                f"after it built the attention mask, for a forward of {self.num_new} new tokens: the positions its "
+                "rows would be keyed by could not be told; not recorded"
+            )
+        self.position_ids = now
 
     def decisions(self, sampler, num_layers: int, tokens: TextTokens) -> Decisions | None:
         """For forwards up to DECIDE_AT_ONCE decisions whose positions the host knows: the sampler's
@@ -344,17 +350,6 @@ class ForwardContext:
         # Checked on the host with the rows, so no sync here.
         misnumbered = misnumbered_rows(positions, valid, valid_count, first, expected)
         return TextTokens(positions, valid, valid_count, first, misnumbered, token_ids)
-
-
-def same_values(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
-    """Whether two position tensors (or Nones) hold the same values (a read on the host: only for a
-    forward that rebound its position_ids after its mask, e.g. to another device)."""
-    if a is None or b is None:
-        return a is b
-    try:  # (1, T) and (B, T) of equal rows are the same numbering
-        return bool(torch.equal(*torch.broadcast_tensors(a.cpu(), b.cpu())))
-    except RuntimeError:  # shapes that do not broadcast
-        return False
 
 
 def builds_on_host(device: torch.device) -> bool:

@@ -72,13 +72,10 @@ def model_forward(batch_size: int, num_new: int) -> ModelForward:
     return ModelForward(module, ids, positions, cache, images, numbers_positions, code)
 
 
-NOT_RUNNING = object()
-
-
 def local_now(code, module, name: str):
     """The value that local `name` holds now in this thread's running frame of `code` whose `self` is
-    `module` (a forward that is still running: its attention calls are inside it); NOT_RUNNING when no
-    such frame is on the stack."""
+    `module` (a forward that is still running: its attention calls are inside it); None when no such
+    frame is on the stack."""
     frame = sys._getframe(1)
     while frame is not None:
         if frame.f_code is code:
@@ -86,7 +83,7 @@ def local_now(code, module, name: str):
             if local.get("self") is module:
                 return local.get(name)
         frame = frame.f_back
-    return NOT_RUNNING
+    return None
 
 
 _contained: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the submodules found in it

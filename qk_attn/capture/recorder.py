@@ -150,6 +150,8 @@ class Session(SequenceTracker):
             if tower is not None and tower() is module.config:
                 return
         forward = self._current(module.config)
+        if forward is not None and forward.finished is True:
+            forward = None  # a call after its model's forward ended is none of it: refused, that forward kept
         if forward is not None:
             forward.used = True
             if forward.draft or forward.discarded:  # a discarded forward that runs on records nothing more

@@ -280,3 +280,17 @@ def test_a_config_replaced_after_loading_is_named_in_the_refusal():
     model.config = model.model.config = copy.deepcopy(model.config)
     with pytest.raises(CaptureError, match="hold another config object"), qk_attn.session(sampler="all"):
         model(input_ids=torch.arange(3, 9)[None])
+
+
+def test_a_module_moved_into_another_model_is_refused_and_the_first_models_example_kept():
+    """Model B runs model A's attention module (it holds A's config): B's forward is refused at that call.
+    A's forward had ended, yet the refusal discarded its example: a failure of one forward took another's rows."""
+    a, b = build("llama3", "qk_sniff", seed=0), build("llama3", "qk_sniff", seed=3)
+    ids = torch.randint(3, VOCAB - 2, (1, 7), generator=torch.Generator().manual_seed(1))
+    with qk_attn.session(sampler="all") as s:
+        a(input_ids=ids, use_cache=False)
+        kept = s.table()
+        b.model.layers[0].self_attn = a.model.layers[0].self_attn
+        with pytest.raises(CaptureError, match="^qk_sniff: layer 0 ran without transformers building its mask"):
+            b(input_ids=ids, use_cache=False)
+    assert s.table().equals(kept)

@@ -287,3 +287,40 @@ def test_position_ids_of_another_length_than_the_tokens_are_refused_in_one_line(
     with qk_attn.session(sampler="all"):
         with pytest.raises(CaptureError, match="got position_ids for 8 tokens in a forward of 7 new tokens"):
             model(input_ids=_ids(7), position_ids=torch.arange(8)[None])
+
+
+def _lm_renaming_position_ids(kind: str):
+    """Decoders whose forward binds `position_ids` anew after it built its mask: BART-style ones to their
+    position embeddings (a float tensor), BioGPT to the positions it numbers its tokens with."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if kind == "biogpt":
+        config = tf.BioGptConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=64, max_position_embeddings=64)  # fmt: skip
+        return tf.BioGptForCausalLM(config).eval()
+    names = {"marian": "Marian", "mbart": "MBart", "blenderbot": "Blenderbot", "blenderbot_small": "BlenderbotSmall"}
+    config = getattr(tf, f"{names[kind]}Config")(
+        vocab_size=VOCAB, d_model=32, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=64,
+        encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64, max_position_embeddings=64,
+        is_decoder=True, is_encoder_decoder=False, pad_token_id=0,
+    )  # fmt: skip
+    return getattr(tf, f"{names[kind]}ForCausalLM")(config).eval()
+
+
+@pytest.mark.parametrize("kind", ["marian", "mbart", "blenderbot", "blenderbot_small", "biogpt"])
+def test_a_forward_that_binds_position_ids_anew_after_its_mask_is_recorded_at_the_positions_it_used(kind):
+    """A forward's `position_ids` is read again at its first recorded call (a release that numbers tokens
+    anew after the mask is followed). A name reused for position embeddings (BART-style decoders), or set
+    to the positions the forward numbers its tokens with (BioGPT), was refused as renumbering: recorded,
+    as the same call given those positions records them."""
+    model = _lm_renaming_position_ids(kind)
+    model.set_attn_implementation("qk_sniff")
+    ids = _ids(7)
+    with qk_attn.session(sampler="all") as own:
+        model(input_ids=ids)
+    with qk_attn.session(sampler="all") as given:
+        model(input_ids=ids, position_ids=torch.arange(7)[None])
+    table = own.table()
+    assert table.num_rows == 2 * 8 * 7 and sorted(set(table.column("position").to_pylist())) == list(range(7))
+    assert table.equals(given.table())

@@ -484,28 +484,30 @@ def test_a_model_forward_whose_position_ids_were_renamed_refuses_a_callers_posit
 
 
 @pytest.mark.parametrize("handed_to_layers", [True, False])
-def test_a_model_forward_that_numbers_its_tokens_anew_after_its_mask_is_refused(
+def test_a_model_forward_that_numbers_its_tokens_anew_after_its_mask_is_recorded_at_the_new_positions(
     tmp_path, monkeypatch, handed_to_layers
 ):
     """A release whose decoder stack gives `position_ids` new values after it built the mask (padding-aware
-    positions) has its RoPE use those, while rows were keyed by the ones it held at the mask: silently
-    wrong where the layers get none, and refused with advice the caller could not follow where they do."""
+    positions) has its RoPE use those: its rows were keyed by the ones it held at the mask, silently where
+    its layers get none, and refused with advice the caller could not follow where they do. Recorded as
+    the unedited forward records a call given those positions."""
     import transformers.models.qwen2.modeling_qwen2 as modeling_qwen2
 
+    batch = padded_batch("left")  # position_ids: (attention_mask.cumsum(-1) - 1), what the release computes
+    model = build("qwen2", "qk_sniff")
+    with qk_attn.session(sampler="all") as given:
+        expected = model(**batch, use_cache=False).logits
     anchor = "    hidden_states = inputs_embeds\n"
     renumber = "    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]\n"
     edits = [("@auto_docstring\n", ""), (anchor, anchor + renumber)]
     if not handed_to_layers:
         edits.append(("            position_ids=position_ids,\n", ""))
     redefine(modeling_qwen2.Qwen2Model, "forward", edits, tmp_path, monkeypatch)
-    model = build("qwen2", "qk_sniff")
-    batch = padded_batch("left")
     batch.pop("position_ids")  # the release numbers the tokens itself
-    with qk_attn.session(sampler="all") as s:
-        with pytest.raises(CaptureError, match=r"^qk_sniff: Qwen2Model.forward changed its position_ids after it"):
-            model(**batch, use_cache=False)
-        model(**{**batch, "attention_mask": torch.ones_like(batch["attention_mask"])}, use_cache=False)
-    assert s.table().num_rows > 0  # without padding its new numbering is the old one: recorded
+    with qk_attn.session(sampler="all") as renumbered:
+        assert torch.equal(model(**batch, use_cache=False).logits[batch["attention_mask"].bool()],
+                           expected[batch["attention_mask"].bool()])  # fmt: skip
+    assert renumbered.table().equals(given.table())
 
 
 def test_a_model_forward_that_rebinds_its_position_ids_to_the_same_values_is_recorded(tmp_path, monkeypatch):
@@ -523,3 +525,25 @@ def test_a_model_forward_that_rebinds_its_position_ids_to_the_same_values_is_rec
     with qk_attn.session(sampler="all") as after:
         model(**batch, use_cache=False)
     assert after.table().equals(before.table())
+
+
+def test_a_model_forward_that_binds_position_ids_to_positions_of_another_shape_after_its_mask_is_refused(
+    tmp_path, monkeypatch
+):
+    """Positions bound anew after the mask are followed only where they number the forward's (B, T) tokens:
+    multimodal-like (3, B, T) ones cannot key a row by one position."""
+    import transformers.models.qwen2.modeling_qwen2 as modeling_qwen2
+
+    rope = "    position_embeddings = self.rotary_emb(hidden_states, position_ids)\n"
+    spread = "    position_ids = position_ids[None].expand(3, -1, -1)\n"
+    redefine(
+        modeling_qwen2.Qwen2Model, "forward", [("@auto_docstring\n", ""), (rope, rope + spread)], tmp_path, monkeypatch
+    )
+    model = build("qwen2", "qk_sniff")
+    batch = padded_batch("left")
+    with qk_attn.session(sampler="all") as s:
+        with pytest.raises(
+            CaptureError, match=r"^qk_sniff: Qwen2Model.forward gave its position_ids a \(3, 2, \d+\) tensor"
+        ):
+            model(**batch, use_cache=False)
+    assert s.table() is None
