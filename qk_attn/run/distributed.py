@@ -208,6 +208,8 @@ def _merge_parts(output: Path, parts: dict[int, dict], allow_incomplete: bool) -
 
     merged = {k: v for k, v in first.items() if k != "part"}
     merged["release_history"] = merged_history(parts)  # every rank's releases, by merged segment
+    latest = max(parts.values(), key=lambda part: part.get("updated") or "")  # the latest run's versions
+    merged["versions"] = latest.get("versions", merged.get("versions"))
     with_model = [p for p in parts.values() if p.get("model")]
     merged["model"] = with_model[0]["model"] if with_model else None
     merged["plan"] = with_model[0]["plan"] if with_model else None

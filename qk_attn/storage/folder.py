@@ -64,6 +64,11 @@ def open_capture(
         record_latest_run(manifest, config, source)
         manifest.setdefault("example_info", {})
         manifest.setdefault("shard_info", {})
+        # A merge before the merged numbering was respected left next_segment below its renumbered
+        # segments: this run's commits would share their numbers (and their shards' examples).
+        used = [info["segment"] for info in manifest["example_info"].values() if "segment" in info]
+        used += [s for info in manifest["shard_info"].values() for s in info.get("segments", ())]
+        manifest["next_segment"] = max([manifest["next_segment"], *(s + 1 for s in used)])
     else:
         manifest = new_manifest(config, source)
     record_run(manifest, files.rank)  # `versions`: the latest run's; `release_history`: every run's, with its commits

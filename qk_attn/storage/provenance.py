@@ -41,8 +41,16 @@ def record_release(manifest: dict, rank: int | None, current: dict, stamp: str) 
 
 
 def merged_history(parts: dict[int, dict]) -> list[dict]:
-    """A merge's `release_history`: every rank's spans (each names its rank and keeps its numbering)."""
-    return [span for _, part in sorted(parts.items()) for span in part.get(HISTORY) or ()]
+    """A merge's `release_history`: every rank's spans (each names its rank and keeps its numbering); a
+    part written before the history was kept gets its own `before_history` span, under its versions."""
+    history = []
+    for rank, part in sorted(parts.items()):
+        spans = part.get(HISTORY)
+        if spans is None and part.get("examples"):
+            old = {"versions": part.get("versions") or {}, "first_segment": 0, "runs": None, "started": None}
+            spans = [{**old, "rank": rank, "before_history": True}]
+        history += spans or ()
+    return history
 
 
 def release_examples(manifest: dict) -> tuple[list[tuple[dict, list[int]]], list[int]]:
@@ -90,14 +98,14 @@ def release_examples(manifest: dict) -> tuple[list[tuple[dict, list[int]]], list
 
 def provenance_versions(manifest: dict) -> tuple[list[list], str]:
     """The card's provenance: (rows `[package, version]` for its table, text after the table). One set of
-    versions recorded the examples: its rows, no text, as before the history was kept; several: no rows,
-    and a table of every set with the examples it recorded."""
+    versions recorded every example: its rows, no text, as before the history was kept; several, or examples
+    whose release is not recorded: no rows, and a table of every set with the examples it recorded."""
     sets, unknown = release_examples(manifest)
-    if len(sets) < 2:
+    if len(sets) < 2 and not unknown:
         versions = sets[0][0] if sets else manifest.get("versions", {})
         return [[name, f"`{version}`"] for name, version in sorted(versions.items())], ""
     names = sorted({name for versions, _ in sets for name in versions})
-    latest = manifest.get("versions")
+    latest = None if manifest.get("ranks") else manifest.get("versions")  # ranks of a merge run side by side
     rows = [
         [f"{i}{' (latest run)' if versions == latest else ''}", f"{len(ids):,}", _ids(ids)]
         + [f"`{versions[name]}`" if name in versions else "-" for name in names]
@@ -106,10 +114,17 @@ def provenance_versions(manifest: dict) -> tuple[list[list], str]:
     if unknown:
         rows.append(["not recorded", f"{len(unknown):,}", _ids(unknown)] + ["-"] * len(names))
     before = any(span.get("before_history") for span in manifest.get(HISTORY) or ())
-    text = (
+    lead = (
         f"**Recorded by {len(sets)} different releases.** Runs under different versions of qk-attn and the "
         "packages below resumed this capture, so its rows come from several releases; all rows of one example "
-        "come from one release:\n\n"
+        "come from one release:"
+        if len(sets) > 1
+        else "**The release that recorded some examples is not known** (they were committed before the folder "
+        "kept its release history, or merged from parts without one); the release of the others:"
+    )
+    text = (
+        lead
+        + "\n\n"
         + markdown_table(["release", "examples", "example ids", *names], rows)
         + "\n\nAn example's release, in `qk_sniff.json`: its `segment` (`example_info`) against the `first_segment` "
         "of each span of `release_history` (a span's examples run up to the next span of the same writer)."

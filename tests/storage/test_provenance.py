@@ -137,7 +137,7 @@ def test_rank_parts_record_their_releases_and_a_merge_of_their_histories_attribu
     assert release_examples(merged) == ([(REAL, [0, 2, 5]), (NEWER, [1, 3])], [])
     text = provenance(out)
     assert "**Recorded by 2 different releases.**" in text
-    assert re.search(r"\| 1 \(latest run\) \| 3 \| 0, 2, 5 \|", text) and re.search(r"\| 2 \| 2 \| 1, 3 \|", text)
+    assert re.search(r"\| 1 \| 3 \| 0, 2, 5 \|", text) and re.search(r"\| 2 \| 2 \| 1, 3 \|", text)
 
 
 def test_a_run_that_resumes_a_merged_folder_numbers_its_segments_above_every_merged_one(tmp_path, monkeypatch):
@@ -155,3 +155,80 @@ def test_a_run_that_resumes_a_merged_folder_numbers_its_segments_above_every_mer
     assert manifest["example_info"]["7"]["segment"] > max(taken)  # never one of a rank's renumbered segments
     assert release_examples(manifest) == ([(REAL, [0, 2, 5]), (NEWER, [1, 3, 7])], [])
     assert verify_dataset(out, log=lambda *_: None) == []
+
+
+def _without_history(out, name: str = "qk_sniff.json", example_info: bool = True) -> dict:
+    """The manifest `name` as a release before `release_history` (and, without `example_info`, before
+    that) wrote it."""
+    manifest = read_manifest(out, name)
+    del manifest["release_history"]
+    if not example_info:
+        del manifest["example_info"]
+    write_json_atomic(out / name, manifest, fsync=False)
+    return manifest
+
+
+def test_a_folder_merged_by_an_older_release_numbers_its_new_segments_above_the_merged_ones(tmp_path, monkeypatch):
+    """An older merge left next_segment below its renumbered segments (s * world + rank): a run resuming a
+    copy of it shared segment numbers with merged commits, which gave their examples its release."""
+    out = tmp_path / "out"
+    for rank, examples in ((0, [0, 2]), (1, [1, 3])):
+        sink = open_sink(out, rank=(rank, 2))
+        run_examples(sink, examples)
+        sink.complete = True
+        sink.close()
+    distributed.merge(out)
+    for part in out.glob("qk_sniff.rank*.json"):  # a copy of the merged dataset, as pushed and pulled
+        part.unlink()
+    manifest = _without_history(out)
+    manifest["next_segment"] //= 2  # what the older merge wrote
+    write_json_atomic(out / "qk_sniff.json", manifest, fsync=False)
+    taken = {info["segment"] for info in manifest["example_info"].values()}
+    release(monkeypatch, NEWER)
+    sink = open_sink(out)
+    run_examples(sink, [7, 9])
+    sink.close()
+    resumed = read_manifest(out)
+    assert min(resumed["example_info"][str(e)]["segment"] for e in (7, 9)) > max(taken)
+    assert release_examples(resumed) == ([(REAL, [0, 1, 2, 3]), (NEWER, [7, 9])], [])
+    assert verify_dataset(out, log=lambda *_: None) == []
+
+
+def test_a_merge_of_a_part_without_history_names_its_release_and_no_run_is_the_latest(tmp_path, monkeypatch):
+    """A rank part written before the history was kept had no release in the merge, and the card showed
+    the other rank's release as every row's; after a merge no run is "the latest" (ranks run side by side)."""
+    out = tmp_path / "out"
+    _rank_runs(out, monkeypatch)
+    _without_history(out, "qk_sniff.rank000.json")
+    merged = distributed.merge(out)
+    assert release_examples(merged) == ([(REAL, [0, 2, 5]), (NEWER, [1, 3])], [])
+    text = provenance(out)
+    assert "**Recorded by 2 different releases.**" in text and "latest run" not in text.split("\n\nAn example")[0]
+
+
+def test_examples_of_no_recorded_release_are_listed_as_such_on_the_card(tmp_path, monkeypatch):
+    """Examples committed before the folder kept the segment of each example have no release: the card
+    named the one release it knew as every row's."""
+    out = tmp_path / "out"
+    capture_model(out, batches=((0, 1),))
+    _without_history(out, example_info=False)
+    release(monkeypatch, NEWER)
+    manifest = capture_model(out, batches=((2, 3),))
+    assert release_examples(manifest) == ([(NEWER, [2, 3])], [0, 1])
+    text = provenance(out)
+    assert "**The release that recorded some examples is not known**" in text
+    assert re.search(r"\| not recorded \| 2 \| 0, 1 \|", text)
+
+
+def test_a_merged_manifests_versions_are_those_of_the_rank_that_wrote_last(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    for rank, examples, versions in ((0, [0, 2], REAL), (1, [1, 3], NEWER)):
+        release(monkeypatch, versions)
+        sink = open_sink(out, rank=(rank, 2))
+        run_examples(sink, examples)
+        sink.complete = True
+        sink.close()
+    for rank, updated in ((0, "2026-01-01T00:00:00Z"), (1, "2026-01-02T00:00:00Z")):
+        part = read_manifest(out, f"qk_sniff.rank{rank:03d}.json")
+        write_json_atomic(out / f"qk_sniff.rank{rank:03d}.json", {**part, "updated": updated}, fsync=False)
+    assert distributed.merge(out)["versions"] == NEWER
