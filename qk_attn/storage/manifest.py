@@ -32,6 +32,7 @@ from pathlib import Path
 
 from qk_attn.errors import ManifestError
 from qk_attn.storage.layout import MANIFEST, previous_name
+from qk_attn.storage.provenance import record_release
 from qk_attn.storage.settings import source_fingerprints
 
 FORMAT = 1
@@ -91,8 +92,6 @@ def versions() -> dict[str, str]:
 def record_run(manifest: dict, rank: int | None = None) -> None:
     """A run opens the folder to write: `versions` becomes this run's (the latest run's) and the run joins
     `release_history`, which keeps every set of versions that wrote here (qk_attn.storage.provenance)."""
-    from qk_attn.storage.provenance import record_release
-
     record_release(manifest, rank, versions(), now())
 
 

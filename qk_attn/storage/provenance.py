@@ -29,8 +29,7 @@ def record_release(manifest: dict, rank: int | None, current: dict, stamp: str) 
     if history is None:
         history = manifest[HISTORY] = []
         if manifest.get("examples"):  # committed before the history was kept
-            old = {"versions": manifest.get("versions") or {}, "first_segment": 0, "runs": None, "started": None}
-            history.append({**old, **({} if rank is None else {"rank": rank}), "before_history": True})
+            history.append(_before_history(manifest, rank))
     manifest["versions"] = current
     last = next((span for span in reversed(history) if span.get("rank") == rank), None)
     if last is not None and last["versions"] == current and not last.get("before_history"):
@@ -47,10 +46,16 @@ def merged_history(parts: dict[int, dict]) -> list[dict]:
     for rank, part in sorted(parts.items()):
         spans = part.get(HISTORY)
         if spans is None and part.get("examples"):
-            old = {"versions": part.get("versions") or {}, "first_segment": 0, "runs": None, "started": None}
-            spans = [{**old, "rank": rank, "before_history": True}]
+            spans = [_before_history(part, rank)]
         history += spans or ()
     return history
+
+
+def _before_history(manifest: dict, rank: int | None) -> dict:
+    """The span of the examples a folder (or rank part) committed before it kept a history: under the
+    versions it last recorded, which earlier runs may not have had."""
+    span = {"versions": manifest.get("versions") or {}, "first_segment": 0, "runs": None, "started": None}
+    return {**span, **({} if rank is None else {"rank": rank}), "before_history": True}
 
 
 def release_examples(manifest: dict) -> tuple[list[tuple[dict, list[int]]], list[int]]:
