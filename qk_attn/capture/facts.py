@@ -30,7 +30,8 @@ Where the capture code relies on each fact (the module that reads it):
     attention_forward_rotation     rope.uses_rope, rope.pre_rope_rows, rope.invert_rope (rope_check.rotation:
                                    which rotation a forward applies, read from its syntax tree)
     model_forward_locals           frames.model_forward, frames.cache_of (frame locals self,
-                                   input_ids, position_ids, cache (5.25) or past_key_values (5.17))
+                                   input_ids, position_ids, cache (5.25) or past_key_values (5.17));
+                                   frames.renumbered_positions (position_ids again, at the first call)
     cache_lengths                  frames.cache_length (sequences._past compares it with q_offset)
     cache_row_methods              caches.watch_row_moves (Cache.reorder_cache, batch_select_indices,
                                    batch_repeat_interleave, crop, inherited by Dynamic/Static/QuantizedCache)

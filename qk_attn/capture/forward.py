@@ -24,7 +24,7 @@ import weakref
 import torch
 
 from qk_attn.capture.decisions import DECODE_TOKENS, Decisions, decide
-from qk_attn.capture.frames import cache_of, local_now, running_in
+from qk_attn.capture.frames import cache_of, renumbered_positions, running_in
 from qk_attn.capture.tokens import (
     POSITION_LIMIT,
     HostMirror,
@@ -217,24 +217,13 @@ class ForwardContext:
         return cached[1]
 
     def _follow_renumbering(self) -> None:
-        """Once per forward, at its first recorded call (inside the forward, after its rotary embedding ran):
-        a forward that gave its `position_ids` other positions after it built its mask (BioGPT numbers its
-        tokens there; a release may make them padding-aware) hands those to its RoPE and layers, so its rows
-        are keyed by them. What is no positions (BART-style decoders reuse the name for their position
-        embeddings) or None (dropped after use) leaves the numbering as it was."""
+        """Once per forward, at its first recorded call: positions its forward bound anew after its mask
+        (`frames.renumbered_positions`) key its rows."""
         self._renumbering_read = True
-        if self.builder_code is None or not self.numbers_positions:
-            return
-        now = local_now(self.builder_code, self.builder, "position_ids")
-        if now is self.builder_positions or not isinstance(now, torch.Tensor) or now.is_floating_point():
-            return
-        if now.dim() > 2 or now.shape[-1] != self.num_new:
-            raise CaptureError(
-                f"qk_sniff: {type(self.builder).__name__}.forward gave its position_ids a {tuple(now.shape)} tensor "
-                f"after it built the attention mask, for a forward of {self.num_new} new tokens: the positions its "
-                "rows would be keyed by could not be told; not recorded"
-            )
-        self.position_ids = now
+        if self.builder_code is not None and self.numbers_positions:
+            now = renumbered_positions(self.builder_code, self.builder, self.builder_positions, self.num_new)
+            if now is not None:
+                self.position_ids = now
 
     def decisions(self, sampler, num_layers: int, tokens: TextTokens) -> Decisions | None:
         """For forwards up to DECIDE_AT_ONCE decisions whose positions the host knows: the sampler's

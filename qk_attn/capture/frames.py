@@ -33,7 +33,7 @@ class ModelForward(NamedTuple):
     # The frame that builds the mask has a `position_ids` of its own (its value may be None): without one
     # (a release that renamed it), positions its layers get came from elsewhere and cannot be checked.
     numbers_positions: bool
-    code: object = None  # that frame's code: its `position_ids` is read again at the first call (`local_now`)
+    code: object = None  # that frame's code: `renumbered_positions` reads its `position_ids` again
 
 
 def model_forward(batch_size: int, num_new: int) -> ModelForward:
@@ -72,18 +72,30 @@ def model_forward(batch_size: int, num_new: int) -> ModelForward:
     return ModelForward(module, ids, positions, cache, images, numbers_positions, code)
 
 
-def local_now(code, module, name: str):
-    """The value that local `name` holds now in this thread's running frame of `code` whose `self` is
-    `module` (a forward that is still running: its attention calls are inside it); None when no such
-    frame is on the stack."""
+def renumbered_positions(code, module, taken, num_new: int) -> torch.Tensor | None:
+    """The positions the running forward of `code` (whose `self` is `module`) bound to `position_ids` after
+    it built its mask, when they are new (`taken`: what it held then); None when they are not. Read inside
+    the forward, after its rotary embedding ran: BioGPT numbers its tokens there, and a release may make
+    them padding-aware, handing those to its RoPE and layers. What is no positions (BART-style decoders
+    reuse the name for their position embeddings) or None (dropped after use) is not new positions."""
+    now = None
     frame = sys._getframe(1)
     while frame is not None:
         if frame.f_code is code:
-            local = frame.f_locals
+            local = frame.f_locals  # (a copy of the frame's variables, made at each read)
             if local.get("self") is module:
-                return local.get(name)
+                now = local.get("position_ids")
+                break
         frame = frame.f_back
-    return None
+    if now is taken or not isinstance(now, torch.Tensor) or now.is_floating_point():
+        return None
+    if now.dim() > 2 or now.shape[-1] != num_new:
+        raise CaptureError(
+            f"qk_sniff: {type(module).__name__}.forward gave its position_ids a {tuple(now.shape)} tensor after it "
+            f"built the attention mask, for a forward of {num_new} new tokens: the positions its rows would be "
+            "keyed by could not be told; not recorded"
+        )
+    return now
 
 
 _contained: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the submodules found in it

@@ -16,12 +16,12 @@ import torch
 
 from qk_attn.capture import active
 from qk_attn.capture.attention import (
-    ModuleFacts,
     check_shapes,
     cross_attention_keys,
     module_facts,
     refuse_packed,
 )
+from qk_attn.capture.bindings import ModelBinding, ModuleBinding
 from qk_attn.capture.call_rows import CallRows, staged_dtype
 from qk_attn.capture.gather import uses_kernel
 from qk_attn.capture.plan import HeadPlan, ModelShape, dtype_name
@@ -46,9 +46,9 @@ class Session(SequenceTracker):
     def __init__(self, config: SniffConfig, sink=None, example_ids=None):
         self.config = config
         self.sampler = Sampler.from_config(config)
-        self._models: dict[int, _Model] = {}  # id(model config) -> its head plan
-        self._modules: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # attention module -> _Binding
-        self._bindings = 0  # bumped when a model, its plan or its layer dtypes change: every _Binding is stale
+        self._models: dict[int, ModelBinding] = {}  # id(model config) -> its head plan
+        self._modules: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # attention module -> ModuleBinding
+        self._bindings = 0  # bumped when a model, its plan or its layer dtypes change: every ModuleBinding is stale
         self._call_rows = CallRows(config, self.sampler)
         super().__init__(MemorySink() if sink is None else as_sink(sink), example_ids)
         self._warned: set[str] = set()
@@ -310,13 +310,13 @@ class Session(SequenceTracker):
             self._warned.add(key)
             logger.warning(message)
 
-    def _binding(self, module) -> _Binding:
+    def _binding(self, module) -> ModuleBinding:
         binding = self._modules.get(module)
         if binding is None:  # once per attention module
-            binding = self._modules[module] = _Binding(module_facts(module))
+            binding = self._modules[module] = ModuleBinding(module_facts(module))
         return binding
 
-    def _bind(self, binding: _Binding, module, forward, query, key) -> None:
+    def _bind(self, binding: ModuleBinding, module, forward, query, key) -> None:
         """The module's model, plan and heads, checked (`_model`) at its first call, and again after any
         change that could alter them (`_bindings`) or in another dtype or config."""
         layer = binding.facts.layer
@@ -326,7 +326,7 @@ class Session(SequenceTracker):
         binding.excluded = layer in model.plan.excluded_layers
         binding.serial = self._bindings
 
-    def _model(self, module, forward, layer: int, query, key) -> _Model:
+    def _model(self, module, forward, layer: int, query, key) -> ModelBinding:
         model = self._models.get(id(module.config))
         if model is None or model.config is not module.config:
             if self._models and self.sink.one_model:
@@ -335,7 +335,7 @@ class Session(SequenceTracker):
                     f"{self.config.output}, which holds one model's dataset; give each model its own session and output"
                 )
             plan = HeadPlan.build(self.config, ModelShape.from_module(module, query, key))
-            model = self._models[id(module.config)] = _Model(module.config, plan)
+            model = self._models[id(module.config)] = ModelBinding(module.config, plan)
             self._bindings += 1
             self.sink.bind_model(module.config, plan)
             if query.dtype == torch.float64:
@@ -361,33 +361,3 @@ class Session(SequenceTracker):
                 "or give this dtype its own output"
             )
         return model
-
-
-class _Model:
-    """Per model in a session: its config, head plan and staging buffers."""
-
-    def __init__(self, config, plan: HeadPlan):
-        self.config = config
-        self.plan = plan
-        # What each layer's attention ran in at its first call, and that forward's serial: a forward that
-        # is discarded takes its entries with it (Session._discard), so its dtype binds nothing.
-        self.layer_dtypes: dict[int, tuple[torch.dtype, int]] = {}
-        self.staging_bytes: dict[tuple, int] = {}  # forward shape -> its staging bound
-        # Per device, reused by this model's forwards. Not shared between models: a forward of one
-        # may still hold its staged rows (not handed off yet) while the other's forward runs.
-        self.buffers: dict[torch.device, StagingBuffer] = {}
-
-
-class _Binding:
-    """Per attention module in a session: its facts, and what its calls share across forwards (its
-    model, plan and heads), valid while `serial` is the session's `_bindings` and the call's dtype and
-    config are the ones bound. A decode step reads them instead of checking them again."""
-
-    __slots__ = ("facts", "serial", "model", "plan", "config", "dtype", "heads", "excluded")
-
-    def __init__(self, facts: ModuleFacts):
-        self.facts = facts
-        self.serial = -1  # not bound yet
-        self.model = self.plan = self.config = self.dtype = None
-        self.heads: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
-        self.excluded = False

@@ -1,0 +1,41 @@
+"""What a session binds per model and per attention module (`qk_attn.capture.recorder.Session`): a model's
+head plan, layer dtypes and staging buffers; a module's facts, and the model, plan and heads its calls
+share across forwards."""
+
+from __future__ import annotations
+
+import torch
+
+from qk_attn.capture.attention import ModuleFacts
+from qk_attn.capture.plan import HeadPlan
+from qk_attn.capture.staging import StagingBuffer
+
+
+class ModelBinding:
+    """Per model in a session: its config, head plan and staging buffers."""
+
+    def __init__(self, config, plan: HeadPlan):
+        self.config = config
+        self.plan = plan
+        # What each layer's attention ran in at its first call, and that forward's serial: a forward that
+        # is discarded takes its entries with it (qk_attn.capture.recorder.Session._discard), so its dtype binds nothing.
+        self.layer_dtypes: dict[int, tuple[torch.dtype, int]] = {}
+        self.staging_bytes: dict[tuple, int] = {}  # forward shape -> its staging bound
+        # Per device, reused by this model's forwards. Not shared between models: a forward of one
+        # may still hold its staged rows (not handed off yet) while the other's forward runs.
+        self.buffers: dict[torch.device, StagingBuffer] = {}
+
+
+class ModuleBinding:
+    """Per attention module in a session: its facts, and what its calls share across forwards (its
+    model, plan and heads), valid while `serial` is the session's `_bindings` (qk_attn.capture.recorder.Session) and the call's dtype and
+    config are the ones bound. A decode step reads them instead of checking them again."""
+
+    __slots__ = ("facts", "serial", "model", "plan", "config", "dtype", "heads", "excluded")
+
+    def __init__(self, facts: ModuleFacts):
+        self.facts = facts
+        self.serial = -1  # not bound yet
+        self.model = self.plan = self.config = self.dtype = None
+        self.heads: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
+        self.excluded = False
