@@ -18,7 +18,7 @@ class ModelBinding:
         self.config = config
         self.plan = plan
         # What each layer's attention ran in at its first call, and that forward's serial: a forward that
-        # is discarded takes its entries with it (qk_attn.capture.recorder.Session._discard), so its dtype binds nothing.
+        # is discarded takes its entries with it (`Session._discard`), so its dtype binds nothing.
         self.layer_dtypes: dict[int, tuple[torch.dtype, int]] = {}
         self.staging_bytes: dict[tuple, int] = {}  # forward shape -> its staging bound
         # Per device, reused by this model's forwards. Not shared between models: a forward of one
@@ -28,7 +28,7 @@ class ModelBinding:
 
 class ModuleBinding:
     """Per attention module in a session: its facts, and what its calls share across forwards (its
-    model, plan and heads), valid while `serial` is the session's `_bindings` (qk_attn.capture.recorder.Session) and the call's dtype and
+    model, plan and heads), valid while `serial` is the session's `_bindings` and the call's dtype and
     config are the ones bound. A decode step reads them instead of checking them again."""
 
     __slots__ = ("facts", "serial", "model", "plan", "config", "dtype", "heads", "excluded")
