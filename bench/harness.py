@@ -314,6 +314,7 @@ class Decode:
     steps: int
     close: float = 0.0  # commit + session close after the last step (rows durable)
     capture: float = 0.0  # seconds inside Session.capture during the decode steps
+    thread_cpu: float = 0.0  # CPU seconds of the main thread (torch runs one thread): the in-line cost
 
     @property
     def per_token_ms(self) -> float:
@@ -341,7 +342,8 @@ def run_decode(
                 model(input_ids=new_tokens[:, step : step + 1], cache=cache, use_cache=True)
         closing = time.perf_counter()
     close = time.perf_counter() - closing
-    return Decode(meter.seconds, meter.cpu, meter.foreign, new_tokens.shape[1], close, clock.seconds if clock else 0.0)
+    capture = clock.seconds if clock else 0.0
+    return Decode(meter.seconds, meter.cpu, meter.foreign, new_tokens.shape[1], close, capture, meter.thread_cpu)
 
 
 # Issue 20, measured a second way: the two arms' steps alternate in blocks of this many tokens.
@@ -355,9 +357,14 @@ class PairedDecode:
 
     sdpa: list[float]
     arm: list[float]
+    sdpa_cpu: list[float]  # the main thread's CPU seconds per token of the same blocks
+    arm_cpu: list[float]
 
     def ratios(self) -> list[float]:
         return [arm / sdpa for arm, sdpa in zip(self.arm, self.sdpa)]
+
+    def cpu_ratios(self) -> list[float]:
+        return [arm / sdpa for arm, sdpa in zip(self.arm_cpu, self.sdpa_cpu)]
 
 
 def run_decode_paired(
@@ -372,6 +379,7 @@ def run_decode_paired(
     use_arm(model, arm)
     sdpa_cache, cache = DynamicCache(config=sdpa_model.config), DynamicCache(config=model.config)
     times: dict[str, list[float]] = {"sdpa": [], "arm": []}
+    cpu: dict[str, list[float]] = {"sdpa": [], "arm": []}
     with _session(arm, out_dir) as session, torch.inference_mode():
         session.begin([0])
         sdpa_model(input_ids=prompt, cache=sdpa_cache, use_cache=True)
@@ -379,11 +387,12 @@ def run_decode_paired(
         for block, start in enumerate(range(0, new_tokens.shape[1] - PAIRED_BLOCK + 1, PAIRED_BLOCK)):
             order = (("sdpa", sdpa_model, sdpa_cache), ("arm", model, cache))
             for name, runs, kv in order if block % 2 == 0 else order[::-1]:
-                begin = time.perf_counter()
+                begin, begin_cpu = time.perf_counter(), time.thread_time()
                 for step in range(start, start + PAIRED_BLOCK):
                     runs(input_ids=new_tokens[:, step : step + 1], cache=kv, use_cache=True)
                 times[name].append((time.perf_counter() - begin) / PAIRED_BLOCK)
-    return PairedDecode(times["sdpa"], times["arm"])
+                cpu[name].append((time.thread_time() - begin_cpu) / PAIRED_BLOCK)
+    return PairedDecode(times["sdpa"], times["arm"], cpu["sdpa"], cpu["arm"])
 
 
 # Issue 20: short runs as a researcher runs them, on a 12-layer model of the SmolLM2-135M shape.
