@@ -90,7 +90,7 @@ class ForwardTracker:
         mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
         try:
             past, check = self._past(config, caller.cache, q_offset, begun_ids is not None)
-            _refuse_mask_length(mask, past, q_length)
+            _refuse_mask_shape(mask, batch_size, past, q_length)
         except CaptureError:
             self._discard(None, "was refused", config, caller.cache)
             raise
@@ -310,11 +310,18 @@ class ForwardTracker:
         self.sink.end_forward()
 
 
-def _refuse_mask_length(mask: torch.Tensor | None, past: int, num_new: int) -> None:
-    """The 2-D mask must cover exactly the cache's tokens and the new ones: validity is read from its last
-    `num_new` columns. transformers accepts other lengths (it reads the first columns it needs and pads
-    a short mask with 0: a decode loop that did not extend its mask masks its new tokens), so another
-    length would label other tokens real or padding than attention did."""
+def _refuse_mask_shape(mask: torch.Tensor | None, batch_size: int, past: int, num_new: int) -> None:
+    """The 2-D mask must have one row per batch row and cover exactly the cache's tokens and the new ones:
+    validity is read from its last `num_new` columns. transformers accepts other shapes (it broadcasts
+    another number of rows, reads the first columns it needs and pads a short mask with 0: a decode loop
+    that did not extend its mask masks its new tokens), so another shape would label other tokens real or
+    padding than attention did."""
+    if mask is not None and mask.shape[0] != batch_size:
+        raise CaptureError(
+            f"qk_sniff: the 2-D attention_mask has {mask.shape[0]} rows for a batch of {batch_size}, so it does not "
+            f"say which tokens of each row are real; pass a mask of shape ({batch_size}, {past + num_new}); "
+            "not recorded"
+        )
     if mask is not None and mask.shape[-1] != past + num_new:
         raise CaptureError(
             f"qk_sniff: the 2-D attention_mask has {mask.shape[-1]} columns, but this forward's keys are the "

@@ -241,6 +241,21 @@ def test_a_mask_of_another_length_than_the_keys_is_refused_and_the_session_goes_
     assert set(table["example_id"]) == {1} and sorted(set(table["position"])) == list(range(5))
 
 
+@pytest.mark.parametrize(("batch", "mask_rows"), [(1, 2), (2, 1), (1, 3)])
+def test_a_mask_with_another_number_of_rows_than_the_batch_is_refused_and_the_session_goes_on(batch, mask_rows):
+    """sdpa broadcasts a 2-D mask of another number of rows (or reads its first); capture read per-row
+    validity from it and failed with a bare reshape error. Refused in one line; the next forward is recorded."""
+    model = build("llama3", "qk_sniff")
+    ids = _ids(5, batch)
+    with qk_attn.session(sampler="all", capture="k", layers="0") as s:
+        with pytest.raises(CaptureError, match=rf"^qk_sniff: the 2-D attention_mask has {mask_rows} rows for a batch"):
+            model(input_ids=ids, attention_mask=torch.ones(mask_rows, 5, dtype=torch.long))
+        s.begin([1])
+        model(input_ids=_ids(5), attention_mask=torch.ones(1, 5, dtype=torch.long))
+    table = s.table().to_pydict()
+    assert set(table["example_id"]) == {1} and sorted(set(table["position"])) == list(range(5))
+
+
 def _bart_lm():
     from transformers import BartConfig, BartForCausalLM
 
