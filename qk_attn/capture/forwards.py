@@ -8,6 +8,7 @@ docs/architecture.md.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import torch
@@ -259,15 +260,22 @@ class ForwardTracker:
         raise CaptureError(why)
 
     def _hand_off(self, forward: ForwardContext) -> None:
-        """The forward's staged rows to the sink, once (qk_attn.capture.staging)."""
+        """The forward's staged rows to the sink, once (qk_attn.capture.staging). A hand-off that raises
+        (an interrupt, no memory) may have lost some of them: the forward's sequences are discarded, so
+        that none of its examples is committed without its rows."""
         staging, forward.staging = forward.staging, None
         if staging is None:
             return
-        if forward.offset_check is not None:
-            staging.check(forward.offset_check)
-        if staging.calls or staging.checks:
-            self.sink.put_forward(staging)
-        staging.handed_off()
+        try:
+            if forward.offset_check is not None:
+                staging.check(forward.offset_check)
+            if staging.calls or staging.checks:
+                self.sink.put_forward(staging)
+            staging.handed_off()
+        except BaseException:
+            with contextlib.suppress(Exception):  # the hand-off's own error is the one to raise
+                self._discard(forward, "could not hand its rows to the sink")
+            raise
 
     def _discard_if_unfinished(self, forward: ForwardContext) -> None:
         """A forward that stopped part-way (an exception inside the model, caught by the caller, or

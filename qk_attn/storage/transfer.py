@@ -72,6 +72,26 @@ class Piece:
     def release(self) -> None:
         self.pool.release(self.region)
 
+    def __del__(self) -> None:
+        if hasattr(self, "pool"):  # (not when its making failed: `send_forward` frees the region then)
+            _free(self.region, self.pool, self.event)
+
+
+def _host_batch(batch: CaptureBatch, views: dict) -> CaptureBatch:
+    """`batch` with its tensors replaced by `views` (in the pool, or the host tensors themselves)."""
+    return CaptureBatch(
+        batch.layer, batch.kind, batch.heads, batch.example_ids, batch.sliding_window, batch.cross_attention, **views
+    )
+
+
+def _free(region: list, pool: HostPool, event) -> None:
+    """Free a region whose piece is gone before the saver took it (an interrupt between its making and
+    its hand-over): the pool frees its regions in order, so one never freed would stop it for good."""
+    if not region[2]:
+        if event is not None:
+            event.synchronize()  # a copy still landing in the region must not land in its next owner's
+        pool.release(region)
+
 
 def _host_dtype(dtype: torch.dtype) -> torch.dtype:
     # numpy has no bfloat16: anything but float32/float16 is widened to float32 by the copy
@@ -108,23 +128,29 @@ class Transfer:
         are the piece (the region accounts for their bytes, as in `send`)."""
         pool = self._pool_for(staging.device)
         calls = staging.calls
-        if staging.bytes is not None and staging.device.type == "cuda" and staging.used:
-            region = pool.acquire(staging.used, check)
-            host = pool.buffer[region[0] : region[0] + staging.used]
-            event = self._copy([(host, staging.bytes[: staging.used])], staging.device, staging.stream)
-            staging.returned(event)
-            calls, checks = host_views(calls, staging.checks, staging.bytes.data_ptr(), host)
-        else:
-            if staging.bytes is not None and not staging.used:  # every call kept nothing: no bytes to copy or keep
-                staging.returned(None)
-            nbytes = sum(_nbytes(call) for call in calls if isinstance(call, CaptureBatch))
-            region = pool.acquire(min(nbytes, pool.nbytes), check)
-            event, checks = None, staging.checks
-            if staging.device.type == "cuda" and checks:
-                # The saver reads the checks' device values: after the producing stream's work, not
-                # on its own stream's terms (a user's stream does not wait for the saver's).
-                event = self._copy([], staging.device, staging.stream)
-        return ForwardPiece(staging.example_ids, calls, checks, event, region, pool)
+        region = event = None
+        try:
+            if staging.bytes is not None and staging.device.type == "cuda" and staging.used:
+                region = pool.acquire(staging.used, check)
+                host = pool.buffer[region[0] : region[0] + staging.used]
+                event = self._copy([(host, staging.bytes[: staging.used])], staging.device, staging.stream)
+                staging.returned(event)
+                calls, checks = host_views(calls, staging.checks, staging.bytes.data_ptr(), host)
+            else:
+                if staging.bytes is not None and not staging.used:  # every call kept nothing: no bytes to copy
+                    staging.returned(None)
+                nbytes = sum(_nbytes(call) for call in calls if isinstance(call, CaptureBatch))
+                region = pool.acquire(min(nbytes, pool.nbytes), check)
+                checks = staging.checks
+                if staging.device.type == "cuda" and checks:
+                    # The saver reads the checks' device values: after the producing stream's work, not
+                    # on its own stream's terms (a user's stream does not wait for the saver's).
+                    event = self._copy([], staging.device, staging.stream)
+            return ForwardPiece(staging.example_ids, calls, checks, event, region, pool)
+        except BaseException:  # (an interrupt): a region no piece owns would never be freed
+            if region is not None:
+                _free(region, pool, event)
+            raise
 
     def pieces(self, batch: CaptureBatch, check: Callable[[], None] = lambda: None) -> Iterator[Piece]:
         """Copy `batch` into the pool in pieces, waiting for space; yields each piece as soon as
@@ -180,29 +206,25 @@ class Transfer:
             if region is None:
                 stopped.append(start)
                 return
-            if device.type == "cuda":
-                offset, views, pairs = region[0], {}, []
-                for (name, dt, shape, src), size in zip(layout, sizes):
-                    views[name] = pool.view(offset, dt, shape)
-                    pairs.append((views[name], src))
-                    offset += size
-                event = self._copy(pairs, device, producer)
-            else:
-                # Host tensors are handed over, not copied (a batch is not modified after `put`):
-                # the region only accounts for their bytes, so the pool still bounds what is in
-                # flight and its own memory is never touched.
-                views = {name: src if src.dtype == dt else src.to(dt) for name, dt, _, src in layout}
-                event = None
-            host = CaptureBatch(
-                batch.layer,
-                batch.kind,
-                batch.heads,
-                batch.example_ids,
-                batch.sliding_window,
-                batch.cross_attention,
-                **views,
-            )
-            yield Piece(host, start, cap, start == 0, event, region, pool)
+            event = None
+            try:
+                if device.type == "cuda":
+                    offset, views, pairs = region[0], {}, []
+                    for (name, dt, shape, src), size in zip(layout, sizes):
+                        views[name] = pool.view(offset, dt, shape)
+                        pairs.append((views[name], src))
+                        offset += size
+                    event = self._copy(pairs, device, producer)
+                else:
+                    # Host tensors are handed over, not copied (a batch is not modified after `put`):
+                    # the region only accounts for their bytes, so the pool still bounds what is in
+                    # flight and its own memory is never touched.
+                    views = {name: src if src.dtype == dt else src.to(dt) for name, dt, _, src in layout}
+                piece = Piece(_host_batch(batch, views), start, cap, start == 0, event, region, pool)
+            except BaseException:  # (an interrupt): a region no piece owns would never be freed
+                _free(region, pool, event)
+                raise
+            yield piece
             start += n
             if start >= cap:
                 return
@@ -339,3 +361,7 @@ class ForwardPiece:
 
     def release(self) -> None:
         self.pool.release(self.region)
+
+    def __del__(self) -> None:
+        if hasattr(self, "pool"):  # (not when its making failed: `send_forward` frees the region then)
+            _free(self.region, self.pool, self.event)

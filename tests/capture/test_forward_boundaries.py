@@ -294,3 +294,57 @@ def test_a_module_moved_into_another_model_is_refused_and_the_first_models_examp
         with pytest.raises(CaptureError, match="^qk_sniff: layer 0 ran without transformers building its mask"):
             b(input_ids=ids, use_cache=False)
     assert s.table().equals(kept)
+
+
+def _fail_once(monkeypatch, owner, name: str, error: type[BaseException]) -> None:
+    original = getattr(owner, name)
+    fired = []
+
+    def failing(*args, **kwargs):
+        if not fired:
+            fired.append(True)
+            raise error("injected into the hand-off")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, failing)
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+@pytest.mark.parametrize("where", ["put_forward", "piece"])
+@pytest.mark.parametrize("warm", [True, False], ids=["later forward", "first forward"])
+def test_a_hand_off_that_raises_commits_none_of_its_forwards_examples(tmp_path, monkeypatch, error, where, warm):
+    """A forward's rows leave at one hand-off (`ParquetSink.put_forward`). One that raised there (an interrupt,
+    no memory) had marked its forward complete, and its examples were committed with no rows: verify passed
+    and a resumed run skipped them. A model's first forward is handed off at the start of its next one, so
+    there the failure committed the earlier, complete forward empty. Now the forward whose rows were being
+    handed off is discarded (never committed), the pool region is freed, and the session goes on exactly."""
+    from qk_attn.storage.sink import ParquetSink
+    from qk_attn.storage.transfer import ForwardPiece
+
+    model = build("llama3", "qk_sniff")
+    out = tmp_path / "out"
+    with qk_attn.session(sampler="all", output=out) as s:
+        if warm:
+            s.begin([0])
+            model(input_ids=_tokens(5, seed=9))
+        s.begin([1])
+        model(input_ids=_tokens(6, seed=1))  # handed off at its end (later forward) or at the next start (first)
+        owner, name = (ParquetSink, "put_forward") if where == "put_forward" else (ForwardPiece, "__init__")
+        _fail_once(monkeypatch, owner, name, error)
+        s.begin([2])
+        with pytest.raises(error, match="injected"):
+            model(input_ids=_tokens(7, seed=2))
+        monkeypatch.undo()
+        s.begin([3])
+        model(input_ids=_tokens(6, seed=3))
+        s.commit()
+        s.flush()
+        assert s.sink.pool.in_use == 0  # every region freed, the failed one too
+    kept = [0, 1, 3] if warm else [3]  # first forward: example 1 was the one being handed off
+    assert sorted(int(i) for i in qk_attn.load_examples(out)["example_id"].to_pylist()) == kept
+    want = {}
+    for example, ids in ((0, _tokens(5, seed=9)), (1, _tokens(6, seed=1)), (3, _tokens(6, seed=3))):
+        if example in kept:
+            want.update(_one_shot(model, ids, example))
+    _assert_same_rows(_folder_rows(out, model), want)
+    assert cli.verify_dataset(out, log=lambda *_: None) == []
