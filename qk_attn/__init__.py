@@ -4,18 +4,21 @@
 transformers' registries; that is its only side effect.
 """
 
+from qk_attn.errors import ConfigError
+
 try:
     from qk_attn.capture.hooks import register, wrap_flash_attention
     from qk_attn.session import Session, flush, reload_env, session
 
     register()
+except ConfigError:  # a bad QK_SNIFF_* value: the user's to fix, whatever transformers is
+    raise
 except Exception as error:  # a transformers release that moved or changed what qk-attn uses (or another error)
     from qk_attn.capture.facts import mismatch_at_import
 
     raise mismatch_at_import(error) from error
 from qk_attn.config import SniffConfig
 from qk_attn.dataset.load import load, load_examples, load_vectors
-from qk_attn.errors import ConfigError
 from qk_attn.sampler import Sampler
 from qk_attn.version import __version__
 
