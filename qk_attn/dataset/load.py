@@ -144,12 +144,45 @@ def with_token_strings(table: pa.Table, manifest: dict, tokenizer=None) -> pa.Ta
             "tokens=True: this capture has no token_id column (it was written before token ids "
             "were recorded, or with token ids off)"
         )
-    tokenizer = tokenizer_of(manifest, tokenizer)
     ids = table.column("token_id").combine_chunks()
     vocabulary = pc.unique(ids.drop_null())
-    strings = pa.array(tokenizer.convert_ids_to_tokens(vocabulary.to_pylist()), pa.string())
+    stored = _stored_strings(table)
+    if tokenizer is None and not (manifest.get("source") or {}).get("tokenizer") and stored is not None:
+        strings = [stored.get(i) for i in vocabulary.to_pylist()]  # the strings the capture stored itself
+    else:
+        strings = _decoded(tokenizer_of(manifest, tokenizer), vocabulary.to_pylist(), stored)
     indices = pc.index_in(ids, value_set=vocabulary)
-    return table.append_column("token", pa.DictionaryArray.from_arrays(indices, strings))
+    return table.append_column("token", pa.DictionaryArray.from_arrays(indices, pa.array(strings, pa.string())))
+
+
+def _stored_strings(table: pa.Table) -> dict[int, str] | None:
+    """{token id: its `token_str`} of a capture that stored the strings (`session(vocabulary=...)`), else None."""
+    if "token_str" not in table.column_names:
+        return None
+    pairs = pa.table({"id": table.column("token_id"), "str": table.column("token_str").cast(pa.string())})
+    pairs = pairs.filter(pc.is_valid(pairs.column("id"))).group_by(["id", "str"]).aggregate([])
+    return dict(zip(pairs.column("id").to_pylist(), pairs.column("str").to_pylist()))
+
+
+def _decoded(tokenizer, ids: list[int], stored: dict[int, str] | None) -> list[str | None]:
+    """`ids` as `tokenizer` writes them; refused when `tokenizer` cannot be the capture's: an id past its
+    vocabulary (it would read as null), or a string other than the one the capture stored for that id."""
+    size = len(tokenizer)
+    past = [i for i in ids if not 0 <= i < size]
+    if past:
+        raise ValueError(
+            f"tokens=True: token id {past[0]} is past the end of the tokenizer's {size} tokens, so it is not the "
+            "tokenizer this capture was recorded with; pass that one (tokenizer=<name, path or tokenizer>)"
+        )
+    strings = tokenizer.convert_ids_to_tokens(ids)
+    for i, string in zip(ids, strings):
+        if stored is not None and stored.get(i, string) != string:
+            raise ValueError(
+                f"tokens=True: the tokenizer writes token id {i} as {string!r}, but the capture stored {stored[i]!r} "
+                "(token_str), so it is not the tokenizer this capture was recorded with; pass that one "
+                "(tokenizer=<name, path or tokenizer>)"
+            )
+    return strings
 
 
 def tokenizer_of(manifest: dict, tokenizer=None):

@@ -113,3 +113,34 @@ def test_a_capture_without_rows_is_a_lookup_error_not_an_arrow_one(tmp_path):
     assert qk_attn.load_examples(out).num_rows == 0
     with pytest.raises(LookupError, match="has no committed rows"):
         qk_attn.load(out)
+
+
+def _word_level(tokens: list[str]):
+    """A tokenizer whose id i is tokens[i]."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(tokens)}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token=tokens[0])))
+
+
+def test_token_strings_come_from_the_capture_or_from_a_tokenizer_that_fits_it(tiny_model, tmp_path):
+    """load(tokens=True) decoded token ids with whatever tokenizer it was given: one with fewer tokens gave
+    null strings and one with another vocabulary other strings, silently. Those are refused now; a capture
+    that stored its strings (session(vocabulary=...)) but names no tokenizer reads them back."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = LlamaForCausalLM.from_pretrained(tiny_model, attn_implementation="qk_sniff").eval()
+    words = tokenizer.convert_ids_to_tokens(range(len(tokenizer)))
+    ids = torch.arange(len(words) - 8, len(words)).unsqueeze(0)  # the last ids: past a smaller vocabulary
+    out = tmp_path / "out"
+    with torch.no_grad(), qk_attn.session(output=str(out), sampler="all", layers="0", vocabulary=words):
+        model(input_ids=ids)
+    table = qk_attn.load(out, layer=0, head=0, kind="k", tokens=True)
+    assert table["token"].to_pylist() == [words[i] for i in ids[0].tolist()] == table["token_str"].to_pylist()
+    assert qk_attn.load(out, layer=0, head=0, kind="k", tokens=True, tokenizer=tokenizer)["token"] == table["token"]
+    with pytest.raises(ValueError, match=rf"^tokens=True: token id {len(words) - 8} is past the end of the tok"):
+        qk_attn.load(out, layer=0, tokens=True, tokenizer=_word_level(words[: len(words) - 8]))
+    with pytest.raises(ValueError, match=r"^tokens=True: the tokenizer writes token id \d+ as '.*', but the capture"):
+        qk_attn.load(out, layer=0, tokens=True, tokenizer=_word_level(words[::-1]))
