@@ -348,3 +348,13 @@ def test_a_hand_off_that_raises_commits_none_of_its_forwards_examples(tmp_path, 
             want.update(_one_shot(model, ids, example))
     _assert_same_rows(_folder_rows(out, model), want)
     assert cli.verify_dataset(out, log=lambda *_: None) == []
+
+
+def test_a_second_begin_before_any_forward_replaces_the_first():
+    """As the README says: the retry of a forward that failed before it took its ids is begun again."""
+    model = build("llama3", "qk_sniff")
+    with qk_attn.session(sampler="all") as s:
+        s.begin([20])
+        s.begin([30])
+        model(input_ids=_tokens(5, seed=1))
+    assert set(s.table()["example_id"].to_pylist()) == {30}
