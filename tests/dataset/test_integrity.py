@@ -10,6 +10,7 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 import qk_attn
 from qk_attn import cli
@@ -326,3 +327,20 @@ def test_verify_holds_the_shards_vectors_to_the_manifests_type(dataset, field, v
     shards = sum(len(names) for names in manifest["shards"].values())
     problems = [p for p in problems if not p.startswith("README.md ")]  # written from the manifest before the edit
     assert len(problems) == shards and all("differs from the dataset schema" in p for p in problems), problems
+
+
+def test_verify_of_a_folder_a_capture_is_writing_checks_its_commits_and_not_its_card(tmp_path):
+    """verify of a folder whose session is open reported its card missing and advised a repair, which the
+    writer's lock then refused. It checks what is committed so far and says a capture is writing."""
+    from support.models import build
+
+    model = build("llama3", "qk_sniff")
+    out = tmp_path / "out"
+    logged = []
+    with qk_attn.session(output=str(out), sampler="all") as s:
+        model(input_ids=torch.randint(2, 60, (2, 6), generator=torch.Generator().manual_seed(0)))
+        s.commit()
+        s.flush()
+        assert verify_dataset(out, log=logged.append, progress=False) == []
+    assert any(line.startswith(f"info: a capture is writing {out} now") for line in logged)
+    assert verify_dataset(out, log=lambda *_: None, progress=False) == []  # closed: the card is there
