@@ -11,7 +11,6 @@ import fcntl
 import hashlib
 import logging
 import os
-import shutil
 from pathlib import Path
 
 from qk_attn.errors import DamagedDataset, NotACapture, OutputLocked, StorageError
@@ -29,6 +28,7 @@ from qk_attn.storage.layout import (
     parse_key,
     part_files,
     previous_name,
+    shard_segment,
 )
 from qk_attn.storage.manifest import new_manifest, read_manifest, record_run, sha256_file, write_json_atomic
 from qk_attn.storage.settings import check_same_capture, record_latest_run
@@ -295,7 +295,11 @@ def remove_dataset(output: Path, files: Files = Files()) -> None:
     if files.rank is None:
         for child in output.iterdir():
             if child.is_dir() and parse_key(child.name) is not None:
-                shutil.rmtree(child)
+                for path in child.iterdir():  # shards of any writer; a file of the user's own stays
+                    if path.is_file() and _is_shard(path.name):
+                        path.unlink()
+                if not any(child.iterdir()):
+                    child.rmdir()
             elif child.name in (*ours, *CARD_FILES) or any(r.fullmatch(child.name) for r in RANK_FILES):
                 if child.name != CARD or card_is_ours(output):  # a README of the user's own stays
                     child.unlink()
@@ -311,6 +315,12 @@ def remove_dataset(output: Path, files: Files = Files()) -> None:
     ):
         if name != CARD or card_is_ours(output):  # a README of the user's own stays
             (output / name).unlink(missing_ok=True)
+
+
+def _is_shard(name: str) -> bool:
+    """A shard (or its temporary file) of any writer: the single writer's or a rank's."""
+    name = name[1:-4] if name.startswith(".") and name.endswith(".parquet.tmp") else name
+    return shard_segment(name) is not None
 
 
 CARD_SIGNATURE = "<!-- qk-sniff wrote this card; sha256 of the text above: {} -->"

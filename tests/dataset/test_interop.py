@@ -16,6 +16,7 @@ from huggingface_hub import DatasetCard
 import qk_attn
 from qk_attn.capture.schema import concat_rows
 from qk_attn.config import SniffConfig
+from qk_attn.dataset.verify import verify_dataset
 from qk_attn.run import distributed
 from qk_attn.storage.card import write_card
 from qk_attn.storage.manifest import read_manifest
@@ -135,6 +136,19 @@ def test_a_readme_of_the_users_own_is_never_replaced_or_deleted(tmp_path):
     distributed.merge(ranks)
     assert (ranks / "README.md").read_text() == own
     assert qk_attn.load(ranks).num_rows == 2 * 3 * (4 + 2) * 5
+
+
+def test_overwriting_a_capture_keeps_the_users_own_files_in_its_folders(tmp_path):
+    """overwrite=True deleted every (layer, head, kind) folder whole, a note the user kept there with it;
+    it deletes the shards it wrote (and a folder left empty), as it keeps a README of the user's own."""
+    out = tmp_path / "out"
+    _capture(out)
+    (out / "l00h00q" / "notes.txt").write_text("mine")
+    first = qk_attn.load(out)
+    _capture(out, overwrite=True)
+    assert (out / "l00h00q" / "notes.txt").read_text() == "mine"
+    assert qk_attn.load(out).equals(first)  # the rows of the new capture only, not twice
+    assert verify_dataset(out, log=lambda *_: None) == []
 
 
 def test_a_card_the_user_edited_is_kept_and_an_untouched_one_is_rewritten(tmp_path):
