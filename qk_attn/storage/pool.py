@@ -4,6 +4,7 @@ thread and the saver. Regions are aligned (qk_attn.capture.staging.ALIGN) for ev
 from __future__ import annotations
 
 import math
+import queue
 import threading
 import time
 from collections import deque
@@ -22,20 +23,37 @@ class HostPool:
     Regions are normally released in the order they were acquired (one saver thread,
     FIFO queue); out-of-order release is tolerated, the space returns when every older
     region is released. `acquire` blocks while there is no room: that is the back-pressure.
+
+    `release` (the saver's side) takes no lock: the capturing thread is the main thread, where an
+    interrupt (Ctrl-C) landing between a lock's acquisition and its `with` block leaves that lock held
+    for good, and a saver waiting for it would hang the session's close. It marks the region free and
+    wakes a waiting producer; producers (the only ones to change the ring) reclaim freed space.
     """
 
     def __init__(self, nbytes: int, pin: bool) -> None:
         self.nbytes = aligned(nbytes)
         self.pinned = pin
         self.buffer = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=pin)
-        self._cond = threading.Condition()
+        self._producers = threading.Lock()  # threads handing off forwards at once; never the saver
+        self._freed: queue.SimpleQueue = queue.SimpleQueue()  # one token per release: wakes a waiting producer
         self._live: deque[list] = deque()  # [start, end, released], in acquisition order
-        self.in_use = 0
         self.high_water = 0
         self.waits = 0  # times a producer had to wait for space
         self.waited_s = 0.0  # and for how long in all: how far the saver held capture back
 
+    @property
+    def in_use(self) -> int:
+        """Bytes of the regions not released yet."""
+        return sum(end - start for start, end, released in list(self._live) if not released)
+
     def _find(self, n: int) -> int | None:
+        while True:  # the wake-up tokens of releases so far: space is reclaimed below
+            try:
+                self._freed.get_nowait()
+            except queue.Empty:
+                break
+        while self._live and self._live[0][2]:
+            self._live.popleft()
         if not self._live:
             return 0
         first, last = self._live[0][0], self._live[-1]
@@ -52,7 +70,7 @@ class HostPool:
         n = aligned(max(nbytes, 1))
         if n > self.nbytes:
             raise ValueError(f"a {n}-byte piece cannot fit a {self.nbytes}-byte host pool")
-        with self._cond:
+        with self._producers:
             start = self._find(n)
             if start is None and not wait:
                 return None
@@ -61,24 +79,22 @@ class HostPool:
                 since = time.perf_counter()
                 while start is None:
                     check()  # a dead saver never frees space: surface its error instead of hanging
-                    self._cond.wait(WAIT_S)
+                    try:
+                        self._freed.get(timeout=WAIT_S)
+                    except queue.Empty:
+                        pass
                     start = self._find(n)
                 self.waited_s += time.perf_counter() - since
             region = [start, start + n, False]
             self._live.append(region)
-            self.in_use += n
             self.high_water = max(self.high_water, self.in_use)
             return region
 
     def release(self, region: list) -> None:
-        with self._cond:
-            if region[2]:
-                return
+        """Any thread, any number of times: the region is free (reclaimed by the next `acquire`)."""
+        if not region[2]:
             region[2] = True
-            self.in_use -= region[1] - region[0]
-            while self._live and self._live[0][2]:
-                self._live.popleft()
-            self._cond.notify_all()
+            self._freed.put(None)
 
     def view(self, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         nbytes = math.prod(shape) * dtype.itemsize

@@ -135,7 +135,8 @@ class ParquetSink(SaverThread, Sink):
         # previous forward's piece while the next one is copied in.
         self.staging_limit = (config.pinned_mb << 20) // 2
         self._writers = Writers(writer_threads)
-        self._queue: queue.Queue = queue.Queue()
+        # C-level, no Python lock: an interrupt in the capturing (main) thread cannot leave it held for the saver.
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._held: list = []  # forward pieces not queued yet: the saver takes them together
         self._sender = Sender(self._transfer, self._enqueue, self._check_waiting)
         self._error: BaseException | None = None

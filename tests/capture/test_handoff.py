@@ -49,6 +49,19 @@ class Counts:
         monkeypatch.setattr(owner, name, counted)
 
 
+class _CountingQueue:
+    """The saver's queue, counting the forward pieces put on it (they come held together, in lists)."""
+
+    def __init__(self, inner, counts: Counts) -> None:
+        self.inner, self.counts, self.get = inner, counts, inner.get
+
+    def put(self, item) -> None:
+        for piece in item if isinstance(item, list) else [item]:
+            if isinstance(piece, (ForwardPiece, Piece)):
+                self.counts.count("pieces")
+        self.inner.put(item)
+
+
 def _decode(tmp_path, monkeypatch, sampler: str, **settings) -> tuple[Counts, object]:
     model = build("llama3", "qk_sniff")
     counts = Counts()
@@ -62,15 +75,7 @@ def _decode(tmp_path, monkeypatch, sampler: str, **settings) -> tuple[Counts, ob
     ids = torch.randint(2, 90, (1, PROMPT + STEPS))
     cache = DynamicCache(config=model.config)
     with torch.inference_mode(), qk_attn.session(output=str(tmp_path / "out"), sampler=sampler, **settings) as s:
-        queue_put = s.sink._queue.put
-
-        def put(item, *args, **kwargs):
-            for piece in item if isinstance(item, list) else [item]:  # forward pieces come held together
-                if isinstance(piece, (ForwardPiece, Piece)):
-                    counts.count("pieces")
-            return queue_put(item, *args, **kwargs)
-
-        s.sink._queue.put = put
+        s.sink._queue = _CountingQueue(s.sink._queue, counts)  # the saver reads the attribute at each get
         s.begin([0])
         model(input_ids=ids[:, :PROMPT], **cache_kw(cache))
         for step in range(STEPS):
