@@ -249,6 +249,13 @@ def _deep_copy(data: Mapping) -> dict:
     return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in data.items()}
 
 
+# What a scalar written for a mapping setting means, as a mapping (RunConfig reads both forms alike).
+SHORTHAND_KEYS = {
+    "sampler": lambda name: {"type": name} if isinstance(name, str) else {},
+    "head_sampling": lambda count: {"count": count} if isinstance(count, int) and not isinstance(count, bool) else {},
+}
+
+
 def apply_override(data: dict, item: str) -> None:
     """Apply one `section.key=value` (or `section.key.subkey=value`) to a config mapping.
 
@@ -277,8 +284,9 @@ def apply_override(data: dict, item: str) -> None:
     for part in parts[1:-1]:
         nxt = target.get(part)
         if not isinstance(nxt, dict):
-            # e.g. capture.sampler=uniform then capture.sampler.base_rate=2: keep the name as `type`
-            nxt = {"type": nxt} if (part == "sampler" and isinstance(nxt, str)) else {}
+            # A shorthand keeps its meaning: capture.sampler=uniform then capture.sampler.base_rate=2 keeps
+            # the name as `type`; head_sampling: 300 then capture.head_sampling.seed=5 keeps 300 as `count`.
+            nxt = SHORTHAND_KEYS[part](nxt) if part in SHORTHAND_KEYS else {}
             target[part] = nxt
         target = nxt
     target[parts[-1]] = value

@@ -212,6 +212,15 @@ def test_capture_kinds_rope_and_heads_map_onto_sniff_config():
     assert config(capture={"capture_token_strings": True}).capture.capture_token_strings is True
 
 
+def test_a_set_subkey_keeps_the_shorthand_it_refines(tmp_path):
+    """`head_sampling: 3` then --set capture.head_sampling.seed=5 became {seed: 5}: head sampling off, every
+    pair recorded, silently. A shorthand keeps its meaning, as the sampler's name does."""
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({**MINIMAL, "capture": {"head_sampling": 3, "sampler": "uniform"}}))
+    sniff = RunConfig.load(path, ["capture.head_sampling.seed=5", "capture.sampler.base_rate=2"]).sniff_config()
+    assert (sniff.head_sample_count, sniff.head_sample_seed, sniff.sampler, sniff.base_rate) == (3, 5, "uniform", 2)
+
+
 def test_set_overrides_keep_yaml_types(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(MINIMAL))
