@@ -24,6 +24,14 @@ def _merge(current: Any, new: Any) -> Any:
     return new
 
 
+def refuse_local_revision(section: str, name: str, revision: str | None) -> None:
+    if revision is not None:
+        raise ConfigError(
+            f"{section}.revision={revision!r} cannot apply to the local folder {section}.name={name!r} (a revision "
+            "chooses within a Hub repository); remove it"
+        )
+
+
 def load_model_config(config: RunConfig, name: str):
     """AutoConfig with `model.config_overrides` merged in (mappings merge key by key, so
     `rope_parameters: {rope_type: yarn, factor: 4}` keeps the model's rope_theta)."""
@@ -40,6 +48,10 @@ def load_model_config(config: RunConfig, name: str):
         from qk_attn.run.input_checks import check_hub
 
         check_hub(f"model.name={cfg.name!r}", "model")
+    else:  # transformers ignores a revision for a local folder: the card would name one that was not used
+        refuse_local_revision("model", cfg.name, cfg.revision)
+        if config.tokenizer.name is None or Path(os.path.expanduser(config.tokenizer_name)).exists():
+            refuse_local_revision("tokenizer", config.tokenizer_name, config.tokenizer.revision)
     try:
         model_config = AutoConfig.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as error:  # not found, no network, not a transformers model

@@ -442,6 +442,11 @@ def test_dataset_files_are_part_of_what_a_capture_is(tiny_model, docs, tmp_path,
         assert cli.main(["run", "--config", config, "--quiet", "--dry-run", "--set", option]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "cannot apply to the local file dataset.path=" in err, err
+    # A revision of a local model folder was ignored by transformers and named on the card.
+    for section in ("model", "tokenizer"):
+        assert cli.main(["run", "--config", config, "--quiet", "--dry-run", "--set", f"{section}.revision=v1"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"cannot apply to the local folder {section}.name=" in err, err
 
 
 def test_killed_mid_forward_then_rerun_gives_the_uninterrupted_rows(tiny_model, docs, tmp_path, monkeypatch):
