@@ -86,6 +86,9 @@ def main_module(argv) -> str | None:
     return None
 
 
+MAX_INDEX = 1 << 20  # a layer or head index at or above it is a typo
+
+
 def parse_index_list(name: str, value: Any, allow_empty: bool = True) -> tuple[int, ...] | None:
     """`"0,3,10-12"` (or a list of ints) -> (0, 3, 10, 11, 12); None/"" means all.
 
@@ -117,9 +120,13 @@ def parse_index_list(name: str, value: Any, allow_empty: bool = True) -> tuple[i
                 lo_i, hi_i = _int(lo), _int(hi)
                 if hi_i < lo_i:
                     raise ValueError
+                if hi_i >= MAX_INDEX:  # checked before expanding: "0-99999999999" would fill the memory
+                    raise _fail(name, value, f"indices below {MAX_INDEX:,} (no model has more layers or heads)")
                 items.extend(range(lo_i, hi_i + 1))
             else:
                 items.append(_int(part))
+    except ConfigError:
+        raise
     except (TypeError, ValueError):
         raise _fail(name, value, expected) from None
     if any(i < 0 for i in items):

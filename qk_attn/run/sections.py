@@ -77,6 +77,8 @@ def validate(where: str, value: Any, kind: str, choices, minimum, nullable) -> A
             raise ConfigError(f"{where}={value!r} is invalid: expected an integer{at_least} {_INT_FORM}") from None
         if minimum is not None and number < minimum:
             raise ConfigError(f"{where}={value!r} is invalid: expected an integer >= {minimum}")
+        if number >= 1 << 63:  # past int64, which the tokenizer, torch and Arrow take (a bare OverflowError)
+            raise ConfigError(f"{where}={value!r} is invalid: expected an integer below 2**63")
         return number
     if kind == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):

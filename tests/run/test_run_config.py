@@ -159,6 +159,10 @@ def test_capture_values_are_checked_when_read_and_name_the_yaml_key(monkeypatch)
             r"^inference\.pinned_mb=100000000 is invalid: expected an integer from 1 to",
         ),
         (["inference.pinned_mb=64.0"], r"^inference\.pinned_mb=64\.0 is invalid: expected an integer"),
+        # past int64: a bare OverflowError from the tokenizer, after --dry-run had passed
+        (["tokenizer.max_length=99999999999999999999999"], r"^tokenizer\.max_length=\d+ is invalid: .* below 2\*\*63$"),
+        # expanded in memory before any check (a MemoryError)
+        (["capture.layers=0-99999999999"], r"^capture\.layers='0-99999999999' is invalid: expected indices below"),
         # YAML reads 5 as a number: a column name is a string (it was taken as the column '5')
         (["dataset.text_column=5"], r"^dataset\.text_column=5 is invalid: expected a column name \(a string"),
         (["dataset.id_column=7"], r"^dataset\.id_column=7 is invalid: expected a column name \(a string"),
