@@ -22,7 +22,8 @@ Exit status: 0 success; 1 `verify`/`merge` found problems in the data (`repair`:
 remain), or a Hub transfer failed; 2 the command cannot do what it was asked: a configuration or usage error, an output
 folder that is locked, incompatible, not writable or full, a dataset that is empty, not UTF-8
 or has duplicate ids, a run larger than `capture.max_gb`, a forward the capture refuses (nothing of it
-is committed); 130 interrupted (qk_attn.errors.EXIT_STATUS lists each error's status). Every expected
+is committed); 130 interrupted, 143 terminated (SIGTERM, handled as Ctrl-C) (qk_attn.errors.EXIT_STATUS
+lists each error's status). Every expected
 failure is one line on stderr naming the setting, the value and what is allowed; `--debug`
 adds the traceback.
 """
@@ -32,14 +33,16 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 from qk_attn.dataset.inspect import inspect_dataset
 from qk_attn.dataset.repair import repair_dataset
 from qk_attn.dataset.verify import verify_dataset
-from qk_attn.errors import EXIT_STATUS, one_line
+from qk_attn.errors import EXIT_STATUS, Terminated, one_line
 from qk_attn.run.command import cmd_run
 from qk_attn.run.source import encode_source
 from qk_attn.storage.layout import MANIFEST
@@ -140,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit status: 0 success; 1 verify/merge found problems (repair: some remain), or a Hub transfer "
         "failed; 2 a configuration, "
         "usage, output-folder, dataset or disk problem (one line on stderr; --debug for the traceback); "
-        "130 interrupted",
+        "130 interrupted; 143 terminated (SIGTERM, handled as Ctrl-C)",
     )
     common = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: a subcommand without --debug leaves `qk-sniff --debug run ...` as it was
@@ -266,19 +269,30 @@ def _disk_full(error: BaseException | None) -> bool:
     return False
 
 
+def _raise_terminated(signum, _frame) -> None:
+    raise Terminated(f"signal {signum}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     saver_log, quiet = logging.getLogger("qk_attn.storage.saver"), _SaverFailureFilter()
     if not args.debug:
         saver_log.addFilter(quiet)
+    # SIGTERM ends a run as Ctrl-C does (the default would kill it with its folder unclosed); a handler
+    # of the caller's own is kept. Signal handlers can only be set from the main thread.
+    terminate = threading.current_thread() is threading.main_thread()
+    terminate = terminate and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    if terminate:
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return args.func(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
+        how = "terminated (SIGTERM)" if isinstance(interrupt, Terminated) else "interrupted"
         print(
-            f"qk-sniff {args.command}: interrupted; committed examples are kept, re-run the same command to resume",
+            f"qk-sniff {args.command}: {how}; committed examples are kept, re-run the same command to resume",
             file=sys.stderr,
         )
-        return 130
+        return 143 if isinstance(interrupt, Terminated) else 130
     except Exception as error:  # noqa: BLE001 - sorted into expected (one line) and unexpected (traceback)
         match = _exit_status(error)
         if match is None:
@@ -295,6 +309,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return status
     finally:
         saver_log.removeFilter(quiet)
+        if terminate:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 if __name__ == "__main__":

@@ -110,6 +110,11 @@ class SaverError(RuntimeError):
 
 
 # ---- dataset: a finished folder on the Hub -----------------------------------------------------
+class Terminated(KeyboardInterrupt):
+    """SIGTERM to `qk-sniff` (a batch scheduler's time limit, torchrun stopping a rank): handled as Ctrl-C
+    is, so that examples in flight are dropped, committed ones kept, and the folder closed cleanly."""
+
+
 class HubError(RuntimeError):
     """A Hub operation failed; the message includes what the Hub said."""
 

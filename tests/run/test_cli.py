@@ -480,6 +480,41 @@ def test_killed_mid_forward_then_rerun_gives_the_uninterrupted_rows(tiny_model, 
     assert cli.verify_dataset(out, log=lambda *_: None) == []
 
 
+def test_sigterm_mid_forward_closes_the_folder_as_ctrl_c_does(tiny_model, docs, tmp_path, monkeypatch, capsys):
+    """SIGTERM (a scheduler's time limit, torchrun stopping a rank) killed `qk-sniff run` with its folder
+    unclosed: the lock left behind, verify failing (no card, the examples table behind the manifest). It is
+    handled as Ctrl-C: exit 143, one line, the 4th document not committed, the folder sound, and the re-run
+    gives the uninterrupted rows."""
+    import os
+    import signal
+
+    from transformers.models.llama import modeling_llama
+
+    path, _ = docs
+    full = tmp_path / "full"
+    runner.run(make_config(tiny_model, path, full, capture=SPARSE), progress=False)
+    calls = {"n": 0}
+    original = modeling_llama.LlamaDecoderLayer.forward
+
+    def terminating(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3 * LAYERS + 2:  # 4th document, second layer
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_llama.LlamaDecoderLayer, "forward", terminating)
+    out = tmp_path / "out"
+    config = write_config(tmp_path, tiny_model, path, out, capture=SPARSE)
+    assert cli.main(["run", "--config", config, "--quiet"]) == 143
+    assert capsys.readouterr().err.splitlines()[-1].startswith("qk-sniff run: terminated (SIGTERM); committed examples")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the command's only
+    monkeypatch.setattr(modeling_llama.LlamaDecoderLayer, "forward", original)
+    assert len(read_manifest(out)["examples"]) == 3 and not (out / ".qk_sniff.lock").exists()
+    assert cli.verify_dataset(out, log=lambda *_: None) == []
+    assert cli.main(["run", "--config", config, "--quiet"]) == 0
+    assert_same_rows(all_rows(out), all_rows(full))
+
+
 def test_repair_then_rerun_gives_the_uninterrupted_manifest(tiny_model, docs, tmp_path, capsys):
     """After repair dropped some examples and the same command captured them again, the rows, the
     examples table and the manifest's examples, calls and row counts equal an uninterrupted run's."""
