@@ -37,6 +37,13 @@ from qk_attn.capture.tokens import (
 from qk_attn.errors import CaptureError, MisnumberedPositions
 
 _serials = itertools.count()  # ForwardContext.serial: never reused, unlike id()
+
+
+def serial_mark() -> int:
+    """A number below the serial of every forward that starts after this call."""
+    return next(_serials)
+
+
 DECIDE_AT_ONCE = 1 << 21  # (layer, kind, token) decisions made in one go per CPU forward
 
 

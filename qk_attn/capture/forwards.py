@@ -21,10 +21,11 @@ from qk_attn.capture.frames import (
     cache_length,
     decoder_stack,
     model_forward,
+    outermost_forward,
     refuse_unrecordable_generation,
     running_in,
 )
-from qk_attn.capture.hooks import refuse_concurrent, watch_forward
+from qk_attn.capture.hooks import refuse_concurrent, watch_call, watch_forward
 from qk_attn.capture.staging import OffsetCheck
 from qk_attn.errors import CaptureError
 
@@ -40,6 +41,9 @@ class ForwardTracker:
     def __init__(self, sink):
         self.sink = sink
         self._forwards: dict[int, object] = {}  # id(model config) -> its current forward (or _Started)
+        self._ended: dict[
+            int, tuple
+        ] = {}  # id(model config) -> (serial, thread, example ids) of its last ended forward
 
     def _take_begun_ids(self) -> list[int] | None:
         raise NotImplementedError
@@ -132,7 +136,11 @@ class ForwardTracker:
         owner, last_layer = decoder_stack(module, config)
         if owner is None:
             forward.finished = None  # nothing tells this forward's end
-        elif watch_forward(owner, last_layer, config) and running_in(owner):
+            return
+        first = watch_forward(owner, last_layer, config)
+        if first:  # and the calls around the stack (its causal LM), whose exceptions also stop a forward
+            watch_call(outermost_forward(owner), config)
+        if first and running_in(owner):
             forward.finished = False  # the first forward: its last layer's return is its end
         else:  # built before the decoder stack runs (generate(), a wrapper): its start adopts it
             forward.state, forward.finished = "pending", False
@@ -198,6 +206,7 @@ class ForwardTracker:
             self._refuse_unattended(entry)  # as `_retire` does for a model's first forward
             self._hand_off(entry)
             del self._forwards[id(config)]
+            self._ended[id(config)] = (entry.serial, entry.thread, entry.example_ids)  # (`on_call_raised`)
 
     def on_layers_done(self, config) -> None:
         """The last decoder layer of a forward whose stack's own end is not reported (its first) returned:

@@ -148,6 +148,18 @@ def tower_of(config) -> str | None:
     return None
 
 
+def outermost_forward(inner: torch.nn.Module) -> torch.nn.Module | None:
+    """The outermost module whose forward runs now in this thread around `inner` (the model the caller
+    called: a causal LM around its decoder stack, or a wrapper of it); None when that is `inner` itself."""
+    outer = None
+    for frame in _method_frames(sys._getframe(1)):
+        this = frame.f_locals.get("self")
+        if frame.f_code.co_name == "forward" and isinstance(this, torch.nn.Module) and this is not inner:
+            if contains(this, inner):
+                outer = this
+    return outer
+
+
 def _method_frames(frame):
     """`frame` and its callers that have a `self` (reading a frame's locals costs more than its code's names)."""
     while frame is not None:

@@ -8,6 +8,7 @@ import contextlib
 import functools
 import logging
 import os
+import sys
 import threading
 import weakref
 
@@ -18,6 +19,7 @@ from transformers.masking_utils import AttentionMaskInterface, flash_attention_m
 from qk_attn.capture.attention import attend_and_capture, qk_sniff_attention
 from qk_attn.capture.backends import check_backend_support, mask_function
 from qk_attn.capture.caches import watch_row_moves
+from qk_attn.capture.forward import serial_mark
 from qk_attn.capture.frames import building_model, tower_of
 from qk_attn.capture.modeling_checks import check_modeling_file
 from qk_attn.capture.name_branches import follow_wrapped_backend
@@ -104,6 +106,46 @@ def watch_forward(owner: torch.nn.Module | None, last_layer: torch.nn.Module | N
     _first_forward_hooks[owner] = handles
     _watched.add(owner)
     return True
+
+
+_calls = threading.local()  # .running: [(module, serial mark, exception being handled at its start)]
+_watched_calls: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+
+
+def watch_call(outer: torch.nn.Module | None, config) -> None:
+    """Have every call of `outer` (the model the caller calls around the decoder stack of `config`) that raises
+    after the stack returned (in its loss, its head, a hook) tell the active session, which then does not
+    commit what that forward recorded (`on_call_raised`). From `outer`'s next call on: torch fixes a call's
+    hooks when it starts. Idempotent."""
+    if outer is None or outer in _watched_calls:
+        return
+    outer.register_forward_pre_hook(_call_started)
+    outer.register_forward_hook(functools.partial(_call_ended, config), always_call=True)
+    _watched_calls.add(outer)
+
+
+@torch.compiler.disable
+def _call_started(module, _args) -> None:
+    running = _calls.__dict__.setdefault("running", [])
+    running.append((module, serial_mark(), sys.exc_info()[1]))
+
+
+@torch.compiler.disable
+def _call_ended(config, module, _args, _output) -> None:
+    """Run on the call's return and, `always_call`, when it raised: then the exception being handled is
+    a new one (torch calls it from its `except`), not the one that was being handled when it started."""
+    from qk_attn.capture.active import current_session
+
+    running = getattr(_calls, "running", None)
+    index = next((i for i in range(len(running or ()) - 1, -1, -1) if running[i][0] is module), None)
+    if index is None:
+        return
+    _, mark, handled = running.pop(index)
+    del running[index:]  # calls inside it that an interrupt left unfinished (it skips always_call hooks)
+    raised = sys.exc_info()[1]
+    session = current_session()
+    if raised is not None and raised is not handled and session is not None and not session.closed:
+        session.on_call_raised(config, mark)
 
 
 @torch.compiler.disable

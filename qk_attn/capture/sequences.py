@@ -114,6 +114,22 @@ class SequenceTracker(ForwardTracker):
             why,
         )
 
+    def on_call_raised(self, config, since: int) -> None:
+        """A call of the model of `config` (hooks.watch_call) raised after its decoder stack returned (in its
+        loss, its head, a hook): the forward it ran, if it ended after `since` (`serial_mark`) in this
+        thread, is stopped as a forward that raised inside is: its examples are not committed."""
+        ended = self._ended.pop(id(config), None)
+        if ended is None or ended[0] <= since or ended[1] is not threading.current_thread():
+            return
+        ids = sorted(set(ended[2] or ()) & self._begun.keys())
+        if ids:
+            self._forget_begun(ids)
+            logger.warning(
+                "qk-attn: the model call that recorded example(s) %s raised after its decoder stack returned; their "
+                "rows are discarded and they are not committed",
+                ids,
+            )
+
     def _extended_since(self, runs, live_cache: bool) -> list[int]:
         """Uncommitted ids of the sequences whose latest forward ran in one of `runs`' threads, after its
         `since` (a `generation_started()` number); with `live_cache`, only those whose cache is alive."""

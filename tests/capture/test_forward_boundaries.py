@@ -5,6 +5,7 @@ uncached one-shot forward of the same tokens in a fresh session."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import numpy as np
@@ -358,3 +359,50 @@ def test_a_second_begin_before_any_forward_replaces_the_first():
         s.begin([30])
         model(input_ids=_tokens(5, seed=1))
     assert set(s.table()["example_id"].to_pylist()) == {30}
+
+
+def _wrong_labels(model, ids):
+    model(input_ids=ids, labels=torch.zeros(1, 2, dtype=torch.long))  # the loss raises: wrong length
+
+
+def _raising_head(model, ids):
+    handle = model.lm_head.register_forward_hook(_raise)
+    try:
+        model(input_ids=ids)
+    finally:
+        handle.remove()
+
+
+def _inside_an_except_block(model, ids):
+    """A call that returns while the caller handles another exception: not a call that raised."""
+    try:
+        raise _Boom("handled by the caller")
+    except _Boom:
+        model(input_ids=ids)
+
+
+@pytest.mark.parametrize("call", [_wrong_labels, _raising_head, _inside_an_except_block])
+def test_a_model_call_that_raises_after_its_decoder_stack_returned_commits_nothing_of_it(tmp_path, call):
+    """A causal LM's call that raised in its loss or in a hook on its head, after the decoder stack returned,
+    had its example committed: a caller retrying the document under a new id recorded it twice. It is
+    stopped as a forward that raises inside is (from the model's second call in the session on)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(build("llama3", "qk_sniff").config).eval()
+    first, ids = _tokens(4, seed=9), _tokens(6, seed=1)
+    out = tmp_path / "out"
+    with qk_attn.session(sampler="all", output=out) as s:
+        s.begin([0])
+        model(input_ids=first)  # the first call in the session arms the hooks on the model's calls
+        s.begin([1])
+        raised = call is not _inside_an_except_block
+        with pytest.raises(_Boom if call is _raising_head else ValueError) if raised else contextlib.nullcontext():
+            call(model, ids)
+        s.begin([2])
+        model(input_ids=ids)  # the retry
+    want = {**_one_shot(model, first, 0), **_one_shot(model, ids, 2)}
+    if not raised:
+        want.update(_one_shot(model, ids, 1))
+    _assert_same_rows(_folder_rows(out, model), want)
+    assert cli.verify_dataset(out, log=lambda *_: None) == []
