@@ -37,10 +37,11 @@ def load_model_config(config: RunConfig, name: str):
     `rope_parameters: {rope_type: yarn, factor: 4}` keeps the model's rope_theta)."""
     from transformers import AutoConfig
 
-    from qk_attn.run.preflight import check_device, check_overrides_build
+    from qk_attn.run.preflight import check_device, check_device_map, check_overrides_build
 
     cfg = config.model
-    check_device(cfg.device)  # first of the model's checks: cheap, and --dry-run makes it
+    check_device(cfg.device)  # first of the model's checks: cheap, and --dry-run makes them
+    check_device_map(cfg.device_map)
     local = cfg.name.startswith(("/", "./", "../", "~")) or os.path.isabs(cfg.name)
     if local and not Path(os.path.expanduser(cfg.name)).exists():
         raise ConfigError(f"model.name={cfg.name!r} does not exist: no such folder (a Hub id looks like org/name)")

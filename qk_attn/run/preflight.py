@@ -74,6 +74,32 @@ def check_backend(model_config, backend: str, kind: str) -> None:
         )
 
 
+DEVICE_MAP_NAMES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def check_device_map(device_map) -> None:
+    """`model.device_map`: one of accelerate's strategies, a device, or a mapping of module names to devices
+    that this machine has (transformers would fail only after the dataset loaded, with a traceback)."""
+    if device_map is None or device_map in DEVICE_MAP_NAMES:
+        return
+    expected = f"{' | '.join(DEVICE_MAP_NAMES)}, a device (cpu, cuda:N, an index), or {{module name: device}}"
+    if isinstance(device_map, dict):
+        devices = list(device_map.values())
+    elif isinstance(device_map, (str, int)) and not isinstance(device_map, bool):
+        devices = [device_map]
+    else:
+        raise ConfigError(f"model.device_map={device_map!r} is invalid: expected {expected}")
+    for device in devices:
+        if device == "disk":  # offloaded weights (accelerate)
+            continue
+        name = f"cuda:{device}" if isinstance(device, int) and not isinstance(device, bool) else device
+        try:
+            check_device(name if isinstance(name, str) else repr(name))
+        except ConfigError as error:
+            why = str(error).split(" is invalid: ", 1)[-1].split("; expected", 1)[0]
+            raise ConfigError(f"model.device_map={device_map!r} is invalid: {why}; expected {expected}") from None
+
+
 def check_device(device: str | None) -> None:
     """`model.device` names a torch device this machine has (torch would fail only when the weights
     are moved: a RuntimeError for a bad name, an AssertionError for CUDA on a CPU-only torch)."""

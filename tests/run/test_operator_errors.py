@@ -751,6 +751,31 @@ def test_cuda_device_on_a_cpu_only_machine_is_one_line(tiny_model, docs, tmp_pat
     assert "model.device='cuda' is invalid: this machine (torch " in one_line(err) and "has no cuda device" in err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+@pytest.mark.parametrize(
+    ("device_map", "says"),
+    [
+        ("cuda", "has no cuda device"),
+        ({"": 0}, "has no cuda device"),
+        (5, "has no cuda device"),
+        ([1, 2], r"is invalid: expected auto \| balanced"),
+        ("banana", "not a torch device"),
+    ],
+)
+def test_a_device_map_this_machine_lacks_is_one_line_in_a_dry_run(
+    tiny_model, docs, tmp_path, capsys, no_weights, device_map, says
+):
+    """model.device_map was passed to transformers unchecked: --dry-run passed, and the run died after loading
+    the dataset with a 30-line traceback (CUDA on a CPU-only torch) or an AttributeError (a list)."""
+    config = write_config(
+        tmp_path, tiny_model, docs[0], tmp_path / "out", model={"device_map": device_map, "device": None}
+    )
+    code, _, err = run_cli(capsys, "--config", config, "--dry-run")
+    assert code == 2
+    assert one_line(err).startswith(f"qk-sniff run: model.device_map={device_map!r} is invalid: ")
+    assert re.search(says, err), err
+
+
 def test_config_overrides_that_fit_still_run(tiny_model, docs, tmp_path, capsys):
     """The meta-device build and the weight-shape check refuse nothing a model takes."""
     out = tmp_path / "out"
