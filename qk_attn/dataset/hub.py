@@ -39,7 +39,7 @@ def _where(repo_id: str, revision: str | None) -> str:
     return repo_id + (f"@{revision}" if revision else "")
 
 
-def _check_repo_id(repo_id: str) -> None:
+def check_repo_id(repo_id: str) -> None:
     """A usage error (exit 2), not a failed transfer: `repo_id` cannot name a Hub repo."""
     if not isinstance(repo_id, str) or not is_repo_id(repo_id):
         raise ConfigError(
@@ -69,7 +69,7 @@ def push(
 ) -> str:
     """Upload OUT to the dataset repo `repo_id` (branch `revision`, created when missing); returns its URL.
     `progress`: bars on stderr (the shards checked, then huggingface_hub's upload bars)."""
-    _check_repo_id(repo_id)
+    check_repo_id(repo_id)
     progress = hub_enabled(progress)
     output = Path(output)
     manifest = read_manifest(output)
@@ -139,7 +139,7 @@ def pull(
     already holds committed examples the remote lacks (they would be orphaned), or a
     capture with different settings. `progress`: huggingface_hub's download bars on stderr.
     """
-    _check_repo_id(repo_id)
+    check_repo_id(repo_id)
     progress = hub_enabled(progress)
     output = Path(output)
     created = not output.exists()

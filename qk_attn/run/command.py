@@ -29,7 +29,10 @@ def cmd_run(args) -> int:
         _quiet_libraries()
     if args.dry_run:
         from qk_attn.run.prepare import check
+        from qk_attn.run.runner import check_push
 
+        if args.push:
+            check_push(config)
         check(config, shard=args.shard)
         print(
             f"qk-sniff run --dry-run: every check passed; no weights loaded, nothing written to "

@@ -87,12 +87,21 @@ def run(
     return summary
 
 
+def check_push(config: RunConfig) -> None:
+    """--push: output.hf_repo_id names a Hub dataset repo (checked before anything runs, by --dry-run too)."""
+    from qk_attn.dataset.hub import check_repo_id
+
+    if not config.output.hf_repo_id:
+        raise ConfigError("--push needs output.hf_repo_id (e.g. --set output.hf_repo_id=org/name)")
+    check_repo_id(config.output.hf_repo_id)
+
+
 def _run(config: RunConfig, rank, push_to_hub: bool, progress: bool, sink, log=print) -> RunSummary:
     import qk_attn
     from qk_attn.demo import DEMO_MODEL, DEMO_MODEL_ID, resolve_model
 
-    if push_to_hub and not config.output.hf_repo_id:
-        raise ConfigError("--push needs output.hf_repo_id (e.g. --set output.hf_repo_id=org/name)")
+    if push_to_hub:
+        check_push(config)
     settings = config.sniff_settings()
     model_name = resolve_model(config.model.name)
     tokenizer_name = resolve_model(config.tokenizer_name)

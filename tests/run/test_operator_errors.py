@@ -776,6 +776,14 @@ def test_a_device_map_this_machine_lacks_is_one_line_in_a_dry_run(
     assert re.search(says, err), err
 
 
+@pytest.mark.parametrize(("repo", "says"), [("not a repo", "is not a Hub dataset repo id"), (None, "--push needs")])
+def test_a_dry_run_with_push_checks_the_repo_id(tiny_model, docs, tmp_path, capsys, no_weights, repo, says):
+    """--dry-run --push passed with an output.hf_repo_id that the real run then refused."""
+    config = write_config(tmp_path, tiny_model, docs[0], tmp_path / "out", output={"hf_repo_id": repo})
+    code, _, err = run_cli(capsys, "--config", config, "--dry-run", "--push")
+    assert code == 2 and says in one_line(err)
+
+
 def test_config_overrides_that_fit_still_run(tiny_model, docs, tmp_path, capsys):
     """The meta-device build and the weight-shape check refuse nothing a model takes."""
     out = tmp_path / "out"
