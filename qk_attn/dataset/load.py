@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from qk_attn.arguments import check_flag
 from qk_attn.capture.schema import concat_rows
 from qk_attn.dataset.reader import check_shard
 from qk_attn.errors import CorruptShard
@@ -115,6 +116,7 @@ def load(
     (a tokenizer, or its name or path), by default the one the manifest records.
     """
     columns = _check_columns(columns)
+    tokens = check_flag("tokens", tokens)  # "no" would be true
     root, manifest, remote = _open(path_or_repo, revision, token)
     keys = _select(path_or_repo, manifest, layer, head, kind)
     if remote:

@@ -144,3 +144,5 @@ def test_token_strings_come_from_the_capture_or_from_a_tokenizer_that_fits_it(ti
         qk_attn.load(out, layer=0, tokens=True, tokenizer=_word_level(words[: len(words) - 8]))
     with pytest.raises(ValueError, match=r"^tokens=True: the tokenizer writes token id \d+ as '.*', but the capture"):
         qk_attn.load(out, layer=0, tokens=True, tokenizer=_word_level(words[::-1]))
+    with pytest.raises(ValueError, match=r"^tokens='no' is invalid: expected True or False"):  # was read as true
+        qk_attn.load(out, layer=0, tokens="no")
