@@ -23,7 +23,7 @@ from qk_attn.capture.active import reload_env
 from qk_attn.capture.recorder import Session
 from qk_attn.capture.sinks import Sink
 from qk_attn.config import SniffConfig
-from qk_attn.errors import ConfigError
+from qk_attn.errors import ConfigError, StorageError
 from qk_attn.storage.sink import ParquetSink
 
 __all__ = ["Session", "flush", "reload_env", "session"]
@@ -34,7 +34,13 @@ def _recorder(
 ) -> Session:
     """A recorder writing to `sink`, else to `config.output` (Parquet), else to memory."""
     if sink is None and config.output is not None:
-        sink = ParquetSink(config.output, config, overwrite=overwrite, source=source, vocabulary=vocabulary)
+        try:
+            sink = ParquetSink(config.output, config, overwrite=overwrite, source=source, vocabulary=vocabulary)
+        except OSError as error:  # a file where the folder goes, no such parent, no permission
+            raise StorageError(
+                f"{config.setting_name('output')}={config.output!r}: cannot write a capture there "
+                f"({error.strerror or error}); choose a folder you can write to"
+            ) from error
     return Session(config, sink=sink, example_ids=example_ids)
 
 

@@ -415,3 +415,16 @@ def test_a_source_is_recorded_as_json_reads_it_back_so_a_resumed_run_matches(tmp
             model(input_ids=torch.arange(2, 10)[None])
     assert sorted(qk_attn.load_examples(out)["example_id"].to_pylist()) == [0, 1]
     assert qk_attn.load(out, layer=0, head=0, kind="q")["token_str"].to_pylist()[:3] == ["t2", "t3", "t4"]
+
+
+@pytest.mark.parametrize("where", ["/proc/no-such-folder", "file/sub"])
+def test_an_output_that_cannot_be_written_is_one_line_naming_the_setting(tmp_path, where):
+    """A raw FileNotFoundError / NotADirectoryError named no setting."""
+    from qk_attn.errors import StorageError
+
+    (tmp_path / "file").write_text("mine")
+    output = where if where.startswith("/") else str(tmp_path / where)
+    with pytest.raises(StorageError, match=rf"^output='{output}': cannot write a capture there \("):
+        with qk_attn.session(output=output):
+            pass
+    assert (tmp_path / "file").read_text() == "mine"
