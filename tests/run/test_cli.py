@@ -449,29 +449,37 @@ def test_dataset_files_are_part_of_what_a_capture_is(tiny_model, docs, tmp_path,
         assert len(err.splitlines()) == 1 and f"cannot apply to the local folder {section}.name=" in err, err
 
 
-def test_killed_mid_forward_then_rerun_gives_the_uninterrupted_rows(tiny_model, docs, tmp_path, monkeypatch):
-    """An interrupt inside the 4th document's forward (after layer 0 was captured) must not
-    commit that document: the re-run redoes it and the rows equal an uninterrupted run."""
+def _stop_in_the_fourth_document(monkeypatch, stop) -> None:
+    """`stop()` inside the 4th document's forward, at its second layer (after layer 0 was captured)."""
     from transformers.models.llama import modeling_llama
-
-    path, _ = docs
-    full = tmp_path / "full"
-    runner.run(make_config(tiny_model, path, full, capture=SPARSE), progress=False)
 
     calls = {"n": 0}
     original = modeling_llama.LlamaDecoderLayer.forward
 
-    def interrupting(self, *args, **kwargs):
+    def stopping(self, *args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 3 * LAYERS + 2:  # 4th document, second layer
-            raise KeyboardInterrupt
+        if calls["n"] == 3 * LAYERS + 2:
+            stop()
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(modeling_llama.LlamaDecoderLayer, "forward", interrupting)
+    monkeypatch.setattr(modeling_llama.LlamaDecoderLayer, "forward", stopping)
+
+
+def test_killed_mid_forward_then_rerun_gives_the_uninterrupted_rows(tiny_model, docs, tmp_path, monkeypatch):
+    """An interrupt inside the 4th document's forward (after layer 0 was captured) must not
+    commit that document: the re-run redoes it and the rows equal an uninterrupted run."""
+    path, _ = docs
+    full = tmp_path / "full"
+    runner.run(make_config(tiny_model, path, full, capture=SPARSE), progress=False)
+
+    def interrupt():
+        raise KeyboardInterrupt
+
+    _stop_in_the_fourth_document(monkeypatch, interrupt)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         runner.run(make_config(tiny_model, path, out, capture=SPARSE), progress=False)
-    monkeypatch.setattr(modeling_llama.LlamaDecoderLayer, "forward", original)
+    monkeypatch.undo()
     committed = json.loads((out / "qk_sniff.json").read_text())["examples"]
     assert len(committed) == 3, "the interrupted document must not be committed"
     again = runner.run(make_config(tiny_model, path, out, capture=SPARSE), progress=False)
@@ -488,27 +496,16 @@ def test_sigterm_mid_forward_closes_the_folder_as_ctrl_c_does(tiny_model, docs, 
     import os
     import signal
 
-    from transformers.models.llama import modeling_llama
-
     path, _ = docs
     full = tmp_path / "full"
     runner.run(make_config(tiny_model, path, full, capture=SPARSE), progress=False)
-    calls = {"n": 0}
-    original = modeling_llama.LlamaDecoderLayer.forward
-
-    def terminating(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3 * LAYERS + 2:  # 4th document, second layer
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(modeling_llama.LlamaDecoderLayer, "forward", terminating)
+    _stop_in_the_fourth_document(monkeypatch, lambda: os.kill(os.getpid(), signal.SIGTERM))
     out = tmp_path / "out"
     config = write_config(tmp_path, tiny_model, path, out, capture=SPARSE)
     assert cli.main(["run", "--config", config, "--quiet"]) == 143
     assert capsys.readouterr().err.splitlines()[-1].startswith("qk-sniff run: terminated (SIGTERM); committed examples")
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the command's only
-    monkeypatch.setattr(modeling_llama.LlamaDecoderLayer, "forward", original)
+    monkeypatch.undo()
     assert len(read_manifest(out)["examples"]) == 3 and not (out / ".qk_sniff.lock").exists()
     assert cli.verify_dataset(out, log=lambda *_: None) == []
     assert cli.main(["run", "--config", config, "--quiet"]) == 0
