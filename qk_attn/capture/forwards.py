@@ -41,9 +41,7 @@ class ForwardTracker:
     def __init__(self, sink):
         self.sink = sink
         self._forwards: dict[int, object] = {}  # id(model config) -> its current forward (or _Started)
-        self._ended: dict[
-            int, tuple
-        ] = {}  # id(model config) -> (serial, thread, example ids) of its last ended forward
+        self._ended: dict[int, tuple] = {}  # id(model config) -> (serial, thread, ids) of its last ended forward
 
     def _take_begun_ids(self) -> list[int] | None:
         raise NotImplementedError
