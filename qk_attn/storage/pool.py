@@ -37,7 +37,7 @@ class HostPool:
         self._producers = threading.Lock()  # threads handing off forwards at once; never the saver
         self._freed: queue.SimpleQueue = queue.SimpleQueue()  # one token per release: wakes a waiting producer
         self._live: deque[list] = deque()  # [start, end, released], in acquisition order
-        self.high_water = 0
+        self.high_water = 0  # the most bytes of the ring held at once
         self.waits = 0  # times a producer had to wait for space
         self.waited_s = 0.0  # and for how long in all: how far the saver held capture back
 
@@ -45,6 +45,13 @@ class HostPool:
     def in_use(self) -> int:
         """Bytes of the regions not released yet."""
         return sum(end - start for start, end, released in list(self._live) if not released)
+
+    def _span(self) -> int:
+        """Bytes of the ring from the oldest live region to the newest (what bounds the next `acquire`)."""
+        if not self._live:
+            return 0
+        first, last = self._live[0][0], self._live[-1][1]
+        return last - first if last > first else self.nbytes - first + last
 
     def _find(self, n: int) -> int | None:
         while True:  # the wake-up tokens of releases so far: space is reclaimed below
@@ -87,7 +94,7 @@ class HostPool:
                 self.waited_s += time.perf_counter() - since
             region = [start, start + n, False]
             self._live.append(region)
-            self.high_water = max(self.high_water, self.in_use)
+            self.high_water = max(self.high_water, self._span())
             return region
 
     def release(self, region: list) -> None:
