@@ -192,6 +192,7 @@ def _run(config: RunConfig, rank, push_to_hub: bool, progress: bool, sink, log=p
             s.sink.documents = {"count": index + 1, "sha256": listed.hexdigest()}
             s.sink.complete = True  # a rank's manifest part records that it went through all its documents
         summary.rows_written = s.rows_written
+        _show_rate(bar, summary, start, s.rows_written)  # closing wrote the rows still in flight: the final count
         pool = s.sink.pool
         summary.pool_waits = (pool.waits, pool.waited_s) if pool is not None else (0, 0.0)
     finally:
@@ -224,6 +225,10 @@ def _forward(s, decoder, tokenizer, docs, max_length, config, device, summary, b
     summary.documents += len(docs)
     summary.tokens += int(sum(lengths))
     summary.ids.update((d.example_id, d.source_id) for d in docs)
-    elapsed = max(time.perf_counter() - start, 1e-9)
-    bar.set_postfix_str(f"{summary.tokens / elapsed:,.0f} tok/s, {s.rows_written:,} rows", refresh=False)
+    _show_rate(bar, summary, start, s.rows_written, refresh=False)
     bar.update(len(docs))
+
+
+def _show_rate(bar, summary: RunSummary, start: float, rows: int, refresh: bool = True) -> None:
+    elapsed = max(time.perf_counter() - start, 1e-9)
+    bar.set_postfix_str(f"{summary.tokens / elapsed:,.0f} tok/s, {rows:,} rows", refresh=refresh)

@@ -778,3 +778,13 @@ def test_the_command_ignores_the_environment_however_python_is_told_to_run_it(ti
         assert result.returncode == 0, (flags, result.stderr)
         assert "QK_SNIFF_SAMPLER" not in result.stderr
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_the_progress_bar_ends_on_the_rows_written(tiny_model, docs, tmp_path, capsys):
+    """The bar showed the rows the saver had taken at the last forward's end (460 of 554 written)."""
+    import re
+
+    path, _ = docs
+    summary = runner.run(make_config(tiny_model, path, tmp_path / "out", capture=SPARSE), progress=True)
+    shown = re.findall(r"([\d,]+) rows\]", capsys.readouterr().err)
+    assert shown and int(shown[-1].replace(",", "")) == summary.rows_written > 0
