@@ -109,7 +109,8 @@ class RunConfig:
         if path is not None:
             path = Path(path)
             if not path.is_file():
-                raise ConfigError(f"config file {str(path)!r} does not exist")
+                why = "is not a regular file" if path.exists() else "does not exist"  # /dev/null, a pipe
+                raise ConfigError(f"config file {str(path)!r} {why}")
             try:
                 data = _load_yaml(path.read_text()) or {}
             except yaml.YAMLError as error:

@@ -269,6 +269,8 @@ def test_set_on_the_embedded_demo():
 def test_missing_or_bad_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         RunConfig.load(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="^config file '/dev/null' is not a regular file$"):  # was "does not exist"
+        RunConfig.load("/dev/null")
     bad = tmp_path / "bad.yaml"
     bad.write_text("dataset: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
