@@ -142,6 +142,8 @@ def pull(
     check_repo_id(repo_id)
     progress = hub_enabled(progress)
     output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise StorageError(f"{output} is a file; pull writes the capture into a folder: name a new or capture folder")
     created = not output.exists()
     output.mkdir(parents=True, exist_ok=True)
     lock = take_lock(output)

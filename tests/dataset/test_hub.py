@@ -298,3 +298,14 @@ def test_push_shows_a_bar_over_its_shards_and_quiet_turns_every_bar_off(tmp_path
     hub_tqdm.progress_bar_states["_global"] = False
     hub.push(out, "org/qk")
     assert capfd.readouterr().err == ""
+
+
+def test_pull_into_a_file_is_refused_in_one_line(tmp_path, fake_hub):
+    """It printed a raw `[Errno 17] File exists`."""
+    a = tmp_path / "a"
+    _capture(a, [0])
+    hub.push(a, "org/qk")
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(StorageError, match=r"notes\.txt is a file; pull writes the capture into a folder"):
+        hub.pull("org/qk", tmp_path / "notes.txt")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
