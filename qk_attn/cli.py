@@ -136,6 +136,13 @@ def cmd_pull(args) -> int:
     return 0
 
 
+def _folder_argument(value: str) -> str:
+    """OUT of a subcommand: an empty string would be read as the current folder."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("an empty path names no folder")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qk-sniff",
@@ -186,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = add("merge", help="merge the manifest parts of a multi-rank / --shard capture; writes the card")
-    p.add_argument("out", help="capture output folder")
+    p.add_argument("out", type=_folder_argument, help="capture output folder")
     p.add_argument(
         "--allow-incomplete",
         action="store_true",
@@ -195,13 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_merge)
 
     p = add("inspect", help="rows, coverage, bucket distribution and plot of a capture dataset")
-    p.add_argument("out", help="capture output folder")
+    p.add_argument("out", type=_folder_argument, help="capture output folder")
     p.add_argument("--full", action="store_true", help="every coverage and bucket line, however many")
     quiet(p)
     p.set_defaults(func=cmd_inspect)
 
     p = add("verify", help="check a capture dataset against its manifest and the sampler")
-    p.add_argument("out", help="capture output folder")
+    p.add_argument("out", type=_folder_argument, help="capture output folder")
     quiet(p)
     p.set_defaults(func=cmd_verify)
 
@@ -210,12 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="drop the examples that bad or missing shards touched from the manifest, "
         "so that re-running the same command captures exactly them again",
     )
-    p.add_argument("out", help="capture output folder")
+    p.add_argument("out", type=_folder_argument, help="capture output folder")
     quiet(p)
     p.set_defaults(func=cmd_repair)
 
     p = add("push", help="upload a capture dataset to the Hugging Face Hub")
-    p.add_argument("out", help="capture output folder")
+    p.add_argument("out", type=_folder_argument, help="capture output folder")
     p.add_argument("--repo", required=True, help="dataset repo id, e.g. org/sniffed-qk")
     p.add_argument("--revision", help="branch (created when missing), e.g. llama-3.1-8b")
     p.add_argument("--private", action="store_true", help="create the repo as private")
@@ -223,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_push)
 
     p = add("pull", help="download a capture dataset from the Hub so a run can resume into it")
-    p.add_argument("out", help="local folder to fill")
+    p.add_argument("out", type=_folder_argument, help="local folder to fill")
     p.add_argument("--repo", required=True, help="dataset repo id")
     p.add_argument("--revision", help="branch")
     quiet(p, "no progress bars (huggingface_hub's)")

@@ -788,3 +788,12 @@ def test_the_progress_bar_ends_on_the_rows_written(tiny_model, docs, tmp_path, c
     summary = runner.run(make_config(tiny_model, path, tmp_path / "out", capture=SPARSE), progress=True)
     shown = re.findall(r"([\d,]+) rows\]", capsys.readouterr().err)
     assert shown and int(shown[-1].replace(",", "")) == summary.rows_written > 0
+
+
+@pytest.mark.parametrize("command", ["verify", "inspect", "repair"])
+def test_an_empty_folder_argument_is_a_usage_error(command, tmp_path, monkeypatch, capsys):
+    """`qk-sniff verify ""` checked the current folder."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        cli.main([command, ""])
+    assert stopped.value.code == 2 and "an empty path names no folder" in capsys.readouterr().err
