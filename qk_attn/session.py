@@ -13,8 +13,10 @@ which commits at `qk_attn.flush()` and at interpreter exit.
 from __future__ import annotations
 
 import contextlib
+import os
 import reprlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from qk_attn.arguments import check_flag, check_source, check_vocabulary
@@ -22,8 +24,10 @@ from qk_attn.capture import active
 from qk_attn.capture.active import reload_env
 from qk_attn.capture.recorder import Session
 from qk_attn.capture.sinks import Sink
-from qk_attn.config import SniffConfig
-from qk_attn.errors import ConfigError, StorageError
+from qk_attn.config import SniffConfig, command_line_process
+from qk_attn.errors import ConfigError, NotACapture, StorageError
+from qk_attn.storage.folder import check_is_capture
+from qk_attn.storage.layout import Files
 from qk_attn.storage.sink import ParquetSink
 
 __all__ = ["Session", "flush", "reload_env", "session"]
@@ -45,6 +49,35 @@ def _recorder(
 
 
 active.make_default = _recorder
+
+
+def _check_env_output(output: str | None) -> None:
+    """QK_SNIFF_OUTPUT, refused at import as every QK_SNIFF_* value is (not at the first forward): a file, a
+    folder that holds something other than a capture, or a place this process cannot write. Nothing written."""
+    if output is None or command_line_process():
+        return
+    path = Path(output).expanduser()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    why = None
+    if not existing.is_dir():
+        why = f"{existing} is a file, not a folder"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        why = f"this process cannot write in {existing}"
+    if why is None and path.is_dir():
+        try:
+            check_is_capture(path, Files())
+        except NotACapture as error:
+            why = str(error).split(": refusing", 1)[0]
+    if why is not None:
+        raise ConfigError(
+            f"QK_SNIFF_OUTPUT={output!r} is invalid: {why}; expected a new or capture folder you can write to",
+            setting="output",
+            value=output,
+            allowed="a new or capture folder you can write to",
+        )
+
+
+_check_env_output(active.env_config().output)
 
 # What a sink that does not subclass Sink must have (qk_attn.capture.sinks.as_sink uses only these).
 SINK_METHODS = ("put", "commit", "close")

@@ -344,3 +344,20 @@ def test_full_attention_only_takes_the_true_false_words_and_says_so(value, expec
 )
 def test_the_module_run_with_dash_m_is_read_from_the_interpreter_command_line(argv, module):
     assert main_module(argv) == module
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file", "a folder of someone else's"])
+def test_an_env_output_that_cannot_hold_a_capture_fails_at_import(tmp_path, where):
+    """QK_SNIFF_OUTPUT was first checked at the first forward (every forward then raised), though the README
+    refuses QK_SNIFF_* values at import. A new folder is fine."""
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "notes.txt").write_text("theirs")
+    output = {"a file": "file", "under a file": "file/out", "a folder of someone else's": "theirs"}[where]
+    script = "try:\n import qk_attn\nexcept ValueError as e:\n print(type(e).__name__, e)\nelse:\n print('imported')"
+    env = {"QK_SNIFF_OUTPUT": str(tmp_path / output), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert result.stdout.startswith(f"ConfigError QK_SNIFF_OUTPUT='{tmp_path / output}' is invalid: "), result
+    env["QK_SNIFF_OUTPUT"] = str(tmp_path / "new" / "capture")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert result.stdout.strip() == "imported" and not (tmp_path / "new").exists()

@@ -264,6 +264,11 @@ def existing_session():
     return None if found is None or inherited(found) else found
 
 
+def env_config() -> SniffConfig:
+    """The QK_SNIFF_* settings read at import (or at the latest `reload_env`)."""
+    return _env_config
+
+
 def default_session():
     """The env-configured default session, if this process made one (a forked child's copy: None)."""
     return None if _default is None or inherited(_default) else _default
