@@ -50,7 +50,10 @@ Where the capture code relies on each fact (the module that reads it):
     backward_marker                recorder._not_recorded (torch's, not transformers': a checkpoint's
                                    recompute during backward, by torch._C._current_graph_task_id)
     (torch, not transformers: forward hooks on the decoder stack, frames.decoder_stack, which
-    finds it by structure: a ModuleList child whose attention modules share `config`)
+    finds it by structure: a ModuleList child whose attention modules share `config`; and a pre-hook
+    and an `always_call` forward hook on the outermost module whose `forward` frame encloses the stack,
+    frames.outermost_forward and hooks.watch_call: should a release call its stack otherwise, only the
+    discarding of a forward whose model call raised after the stack returned is lost, never a row)
 """
 
 from __future__ import annotations
