@@ -116,6 +116,27 @@ def layer_type(config, layer: int) -> str | None:
     return str(types[layer]) if types and layer < len(types) else None
 
 
+def call_window(facts: ModuleFacts, kwargs: dict) -> int | None:
+    """The sliding window an attention call names: its `sliding_window=` keyword, else its module's own
+    (None: none named). Refused when it is not a positive int, or when the layer's `layer_type` says
+    full attention: the mask was then built full, which a flash kernel given the window would not
+    apply, so the rows' `sliding_window` could not be told."""
+    window = kwargs.get("sliding_window", facts.sliding_window)
+    if window is None:
+        return None
+    if type(window) is not int or window <= 0:
+        raise CaptureError(
+            f"qk_sniff: layer {facts.layer}'s attention call names the sliding window {window!r}, not a positive "
+            "int, so its rows' sliding_window could not be recorded; not recorded"
+        )
+    if facts.layer_type == "full_attention":
+        raise CaptureError(
+            f"qk_sniff: layer {facts.layer}'s attention call names a sliding window of {window} where its config's "
+            "layer_types says full_attention, so which of the two it attends through could not be told; not recorded"
+        )
+    return window
+
+
 def refuse_packed(kwargs: dict) -> None:
     """Calls whose rows cannot be attributed exactly are refused, with the reason."""
     if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None:

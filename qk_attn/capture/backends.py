@@ -18,6 +18,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from qk_attn.capture import active
+from qk_attn.capture.parsing import parse
 from qk_attn.errors import CaptureError
 
 # The class flag transformers reads before it runs a model with a backend (named in qk_attn.capture.facts).
@@ -36,7 +37,7 @@ def _eager_attention_of(cls):
     own module; the module's `eager_attention_forward` when the forward names none."""
     forward = inspect.unwrap(cls.forward)
     try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(forward)))
+        tree = parse(textwrap.dedent(inspect.getsource(forward)))
     except (OSError, TypeError, SyntaxError):  # no source to read: the modeling file's convention
         tree = ast.Module(body=[], type_ignores=[])
     defaults = {ast.unparse(node.args[1]) for node in ast.walk(tree) if _registry_lookup(node) and len(node.args) > 1}

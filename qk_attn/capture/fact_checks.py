@@ -15,6 +15,8 @@ import re
 import sys
 import textwrap
 
+from qk_attn.capture.parsing import parse
+
 NAME = "qk_sniff"
 
 
@@ -79,7 +81,7 @@ def mask_call_keywords() -> str | None:
     from transformers import masking_utils
 
     for builder in MASK_BUILDERS:
-        tree = ast.parse(inspect.getsource(getattr(masking_utils, builder)))
+        tree = parse(inspect.getsource(getattr(masking_utils, builder)))
         calls = [
             node
             for node in ast.walk(tree)
@@ -240,7 +242,7 @@ def _heads_first(text: str, shapes: dict[str, str]) -> bool:
 
 
 def _forward_tree(cls) -> ast.AST:
-    return ast.parse(textwrap.dedent(inspect.getsource(inspect.unwrap(cls.forward))))
+    return parse(textwrap.dedent(inspect.getsource(inspect.unwrap(cls.forward))))
 
 
 BASE_MODELS = {
@@ -273,7 +275,7 @@ def model_forward_locals() -> str | None:
 def _rotates_by_position_ids(forward) -> bool:
     """`forward` hands its own `position_ids` local, as it is, to `self.rotary_emb`: the positions RoPE
     uses are the ones frames.model_forward reads."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(forward)))
+    tree = parse(textwrap.dedent(inspect.getsource(forward)))
     return any(
         isinstance(node, ast.Call)
         and ast.unparse(node.func) == "self.rotary_emb"
@@ -284,7 +286,7 @@ def _rotates_by_position_ids(forward) -> bool:
 
 def init_sets(cls) -> set[str]:
     """Attributes `cls.__init__` assigns on self, read from its source (`kernels` may wrap __init__)."""
-    tree = ast.parse(inspect.getsource(cls))
+    tree = parse(inspect.getsource(cls))
     init = next(n for n in tree.body[0].body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
     return {
         t.attr

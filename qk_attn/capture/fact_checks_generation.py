@@ -8,6 +8,7 @@ import inspect
 import textwrap
 
 from qk_attn.capture.fact_checks import init_sets
+from qk_attn.capture.parsing import parse
 
 
 def cache_lengths() -> str | None:
@@ -63,6 +64,39 @@ def cache_layer_updates() -> str | None:
     fp8 = getattr(cache_utils, "Fp8QuantizedLayer", None)  # transformers 5.25
     if fp8 is not None and not rounding_layer(fp8):
         return "cache_utils.Fp8QuantizedLayer is not refused as rounding the keys"
+    return next(filter(None, map(_returns_keys_as_given, VETTED_UPDATES)), None)
+
+
+def _returns_keys_as_given(name: str) -> str | None:
+    """The vetted layer `name`, updated with 3 float32 tokens and then 1, returns those keys bit for bit, in
+    their dtype, at the slots of their positions: trusted by name (caches.VETTED_UPDATES), so a release
+    that changes what its update returns (a rounding storage dtype) must be seen here."""
+    import torch
+    from transformers import cache_utils
+
+    class Unquantized(cache_utils.QuantizedLayer):  # QuantizedLayer's own update, storage left exact
+        def _quantize(self, tensor, axis):
+            return tensor
+
+        def _dequantize(self, tensor):
+            return tensor
+
+    builders = {
+        "DynamicLayer": lambda: cache_utils.DynamicLayer(),
+        "DynamicSlidingWindowLayer": lambda: cache_utils.DynamicSlidingWindowLayer(sliding_window=8),
+        "StaticLayer": lambda: cache_utils.StaticLayer(max_cache_len=8),
+        "StaticSlidingWindowLayer": lambda: cache_utils.StaticSlidingWindowLayer(max_cache_len=8, sliding_window=8),
+        "QuantizedLayer": lambda: Unquantized(residual_length=64),
+    }
+    keys = torch.randn(1, 2, 4, 8, generator=torch.Generator().manual_seed(0))
+    try:
+        layer = builders[name]()
+        layer.update(keys[:, :, :3], keys[:, :, :3].clone())
+        returned, _ = layer.update(keys[:, :, 3:], keys[:, :, 3:].clone())
+    except Exception as error:  # noqa: BLE001 - a layer built or updated otherwise than read: the finding
+        return f"cache_utils.{name} could not be updated as read: {type(error).__name__}: {error}"
+    if returned.dtype != keys.dtype or returned.shape[2] < 4 or not torch.equal(returned[:, :, :4], keys):
+        return f"cache_utils.{name}.update does not return the keys it was given as given"
     return None
 
 
@@ -79,21 +113,26 @@ def layer_type_names() -> str | None:
 
 
 def generation_frames() -> str | None:
+    """The generation methods frames looks for, by code name and file (GENERATION_FILE), with the locals it reads."""
     from transformers.generation import utils
+
+    from qk_attn.capture.frames import GENERATION_FILE
 
     for method in ("generate", "_sample", "_beam_search", "_assisted_decoding", "_prefill"):
         fn = getattr(utils.GenerationMixin, method, None)
         if fn is None:
             return f"no GenerationMixin.{method}"
-        name = getattr(inspect.unwrap(fn), "__code__", None)
-        if method != "generate" and (name is None or name.co_name != method):  # frames match code names
-            return f"GenerationMixin.{method} runs code named {getattr(name, 'co_name', None)!r}"
+        code = getattr(inspect.unwrap(fn), "__code__", None)
+        if method != "generate" and (code is None or code.co_name != method):  # frames match code names
+            return f"GenerationMixin.{method} runs code named {getattr(code, 'co_name', None)!r}"
+        if code is None or not code.co_filename.endswith(GENERATION_FILE):  # ... in this file
+            return f"GenerationMixin.{method} is defined in {getattr(code, 'co_filename', None)}, not {GENERATION_FILE}"
     code = utils.GenerationMixin._sample.__code__
     if not {"model_kwargs", "unfinished_sequences", "has_eos_stopping_criteria"} <= set(code.co_varnames):
         return f"GenerationMixin._sample locals {code.co_varnames}"
     if "_prefill" not in code.co_names:  # its first forwards feed the caller's tokens (frames)
         return "GenerationMixin._sample does not call self._prefill"
-    tree = ast.parse(textwrap.dedent(inspect.getsource(utils.GenerationMixin._sample)))
+    tree = parse(textwrap.dedent(inspect.getsource(utils.GenerationMixin._sample)))
     if not any(isinstance(n, ast.Subscript) and ast.unparse(n) == "model_kwargs['use_cache']" for n in ast.walk(tree)):
         return "GenerationMixin._sample does not read model_kwargs['use_cache']"  # frames: use_cache=False refusal
     return _pads_only_under_eos_criteria(tree)
@@ -116,7 +155,7 @@ def generation_dispatch() -> str | None:
     generate = inspect.unwrap(utils.GenerationMixin.generate)  # qk-attn's own wrapper (hooks.watch_generate)
     if not {"decoding_method", "custom_generate"} <= set(generate.__code__.co_varnames):
         return "GenerationMixin.generate has no locals decoding_method and custom_generate"
-    tree = ast.parse(textwrap.dedent(inspect.getsource(generate)))
+    tree = parse(textwrap.dedent(inspect.getsource(generate)))
     picks = [
         ast.unparse(node.value)
         for node in ast.walk(tree)
@@ -159,6 +198,6 @@ def encoded_image_inputs() -> str | None:
     encode = getattr(utils.GenerationMixin, "_prepare_multimodal_encoder_kwargs_for_generation", None)
     if encode is None:
         return None
-    if "'mm_encoder_outputs'" not in ast.unparse(ast.parse(textwrap.dedent(inspect.getsource(encode)))):
+    if "'mm_encoder_outputs'" not in ast.unparse(parse(textwrap.dedent(inspect.getsource(encode)))):
         return "GenerationMixin._prepare_multimodal_encoder_kwargs_for_generation does not fill mm_encoder_outputs"
     return None

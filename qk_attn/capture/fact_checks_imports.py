@@ -9,11 +9,14 @@ import importlib
 # What qk-attn imports from transformers when it is imported, and what `register()` wraps (module, attribute path).
 IMPORTED_NAMES = (
     ("transformers", "AttentionInterface"),
+    ("transformers", "AttentionInterface._global_mapping"),  # hooks: the registered functions, read by name
     ("transformers.masking_utils", "AttentionMaskInterface"),
+    ("transformers.masking_utils", "AttentionMaskInterface._global_mapping"),
     ("transformers.masking_utils", "ALL_MASK_ATTENTION_FUNCTIONS"),
     ("transformers.masking_utils", "flash_attention_mask"),
     ("transformers.modeling_utils", "ALL_ATTENTION_FUNCTIONS"),
     ("transformers.cache_utils", "Cache"),
+    ("transformers.cache_utils", "CacheLayerMixin"),  # caches: which layer types are transformers' own
     ("transformers.generation.utils", "GenerationMixin.generate"),
     ("transformers.utils.generic", "is_flash_attention_requested"),
 )

@@ -94,7 +94,7 @@ from qk_attn.capture.fact_checks_generation import (
 )
 from qk_attn.capture.fact_checks_imports import IMPORTED_NAMES, backward_marker, imported_names
 from qk_attn.errors import TransformersMismatch
-from qk_attn.version import TRANSFORMERS_TESTED, __version__
+from qk_attn.version import TRANSFORMERS_TESTED, __version__, tested_transformers
 
 logger = logging.getLogger(__name__)
 
@@ -306,7 +306,8 @@ def untested_release(version: str) -> str | None:
     )
     return (
         f"qk-attn: transformers {version} is {side} qk-attn {__version__} was tested with; every fact it relies "
-        "on holds (checked), but models changed in that release have not been run by its suite (README: Tested versions)"
+        "on holds (checked), but models changed in that release have not been run by its suite (README: Tested "
+        f"versions); to run a tested release: pip install '{tested_transformers()}'"
     )
 
 
@@ -327,6 +328,11 @@ def _mismatch(findings: list[Finding]) -> TransformersMismatch:
 
     return TransformersMismatch(
         f"qk_sniff: transformers {findings[0].transformers} (torch {torch.__version__}) breaks what qk-attn relies on: "
-        + "; ".join(f"{f.fact}: expected {f.expected}, found {f.found}" for f in findings)
-        + "; install a transformers version qk-attn supports (see README)"
+        + "; ".join(f"{f.fact}: expected {f.expected}, found {_clipped(f.found)}" for f in findings)
+        + f"; install a release qk-attn {__version__} was tested with: pip install '{tested_transformers()}'"
     )
+
+
+def _clipped(found: str, limit: int = 300) -> str:
+    """What a check found, cut to one readable clause (some quote whole tuples of locals)."""
+    return found if len(found) <= limit else found[:limit] + " ..."

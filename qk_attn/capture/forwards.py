@@ -49,7 +49,7 @@ class ForwardTracker:
     def _sequence_of(self, config, cache):
         raise NotImplementedError
 
-    def _discard(self, forward: ForwardContext | None, why: str, config=None, cache=None) -> None:
+    def _discard(self, forward: ForwardContext | None, why: str, config=None, cache=None, past: int = 0) -> None:
         raise NotImplementedError
 
     def _check_sequence(self, forward: ForwardContext) -> None:
@@ -95,7 +95,7 @@ class ForwardTracker:
             past, check = self._past(config, caller.cache, q_offset, begun_ids is not None)
             _refuse_mask_shape(mask, batch_size, past, q_length)
         except CaptureError:
-            self._discard(None, "was refused", config, caller.cache)
+            self._discard(None, "was refused", config, caller.cache, q_offset if type(q_offset) is int else 0)
             raise
         forward = ForwardContext(
             config, batch_size, q_length, past, mask, caller.input_ids, caller.position_ids, caller.cache

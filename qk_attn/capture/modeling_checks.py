@@ -29,7 +29,9 @@ from qk_attn.capture.active import current_config
 from qk_attn.capture.backends import attention_forward, mask_function
 from qk_attn.capture.known_branches import FOLLOWS, NAME_BRANCHES
 from qk_attn.capture.name_branches import FOLLOWED_METHODS, alike, modeling_name, transformers_root, tree_branches
+from qk_attn.capture.parsing import parse
 from qk_attn.errors import CaptureError
+from qk_attn.version import tested_transformers
 
 FOLLOWS_PREFIX = FOLLOWS.split("{}")[0]  # a branch a FOLLOWED_METHODS method takes under the backend's name
 WINDOW = "sliding_window"  # the keyword the recorder reads a call's window from
@@ -98,14 +100,14 @@ def _file_refusal(source: str | None, followed: str) -> str | None:
     # transformers_root() is where edited copies lie in tests; the installed package holds the rest
     root = next((r for r in (transformers_root(), Path(transformers.__file__).parent) if path.is_relative_to(r)), None)
     relative = path.relative_to(root).as_posix() if root is not None else str(path)
-    tree = ast.parse(path.read_text(encoding="utf-8"))
+    tree = parse(path.read_text(encoding="utf-8"))
     found = _unknown_branch(tree, relative, followed) or _other_window(tree)
     if found is None:
         return None
     line, what = found
     return (
-        f"qk_sniff: {relative} line {line} {what} (transformers {transformers.__version__}); install a "
-        "transformers version qk-attn supports (see README), or load the model with its backend's name to run it "
+        f"qk_sniff: {relative} line {line} {what} (transformers {transformers.__version__}); install a tested "
+        f"release (pip install '{tested_transformers()}'), or load the model with its backend's name to run it "
         "unrecorded"
     )
 

@@ -12,12 +12,14 @@ from __future__ import annotations
 import ast
 import functools
 import operator
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
 from qk_attn.capture.active import current_config
+from qk_attn.capture.parsing import parse
 from qk_attn.errors import CaptureError
 
 NAME = "qk_sniff"
@@ -41,6 +43,9 @@ NAME_HOLDERS = (
 )
 NOT_ATTENTION = ("experts", "cache_implementation")  # other "implementation" settings
 REGISTRIES = ("ALL_ATTENTION_FUNCTIONS", "ALL_MASK_ATTENTION_FUNCTIONS")  # lookups "qk_sniff" is registered in
+# Helpers that test the name given a config: `is_flash_attention_requested(config)`, and any sibling a
+# release adds (`is_sdpa_requested`), whose outcome only is_flash_attention_requested's is known for.
+REQUESTED_HELPER = re.compile(r"is_\w*(attention|attn|sdpa|eager|flash|implementation)\w*_requested")
 
 
 class Branch(NamedTuple):
@@ -90,9 +95,8 @@ def _name_condition(node: ast.AST, aliases: frozenset[str] = frozenset()) -> boo
         if any(isinstance(op, (ast.Is, ast.IsNot)) for op in node.ops):
             return False  # `is None`: the default implementation, never "qk_sniff"
         operands = (node.left, *node.comparators)
-    elif (
-        isinstance(node, ast.Call)
-        and getattr(node.func, "id", getattr(node.func, "attr", None)) == "is_flash_attention_requested"
+    elif isinstance(node, ast.Call) and REQUESTED_HELPER.fullmatch(
+        str(getattr(node.func, "id", getattr(node.func, "attr", "")))
     ):
         return True
     elif (
@@ -160,7 +164,7 @@ def name_branches(root: Path | None = None) -> dict[Branch, list[int]]:
 
 def file_branches(path: Path, relative: str) -> dict[Branch, list[int]]:
     """The conditions on the attention implementation's name in one source file, with their lines."""
-    return tree_branches(ast.parse(path.read_text(encoding="utf-8")), relative)
+    return tree_branches(parse(path.read_text(encoding="utf-8")), relative)
 
 
 def tree_branches(tree: ast.AST, relative: str) -> dict[Branch, list[int]]:
@@ -188,7 +192,7 @@ def outcome(condition: str, name: str):
 
     if condition.startswith("match "):  # a `match` statement: its cases are not read
         return None
-    node = ast.parse(condition, mode="eval").body
+    node = parse(condition, mode="eval").body
     try:
         if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "is_flash_attention_requested":
             version = next((ast.literal_eval(k.value) for k in node.keywords if k.arg == "version"), None)

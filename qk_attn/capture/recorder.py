@@ -16,6 +16,7 @@ import torch
 
 from qk_attn.capture import active
 from qk_attn.capture.attention import (
+    call_window,
     check_shapes,
     cross_attention_keys,
     module_facts,
@@ -125,8 +126,8 @@ class Session(SequenceTracker):
         return self.sink.table()
 
     # ---- inside the attention call ---------------------------------------------------
-    def _discard(self, forward, why: str, config=None, cache=None) -> None:
-        super()._discard(forward, why, config, cache)
+    def _discard(self, forward, why: str, config=None, cache=None, past: int = 0) -> None:
+        super()._discard(forward, why, config, cache, past)
         if forward is not None:
             self._bindings += 1
             for model in self._models.values():
@@ -194,7 +195,7 @@ class Session(SequenceTracker):
             )
         if forward.example_ids is None:
             self._start_sequence(forward)
-        sliding_window = kwargs.get("sliding_window", facts.sliding_window)
+        sliding_window = call_window(facts, kwargs)
         if sliding_window is None and not cross:  # the window its mask was built with, if any
             sliding_window = forward.mask_window(layer, facts.layer_type)
         if binding.excluded:

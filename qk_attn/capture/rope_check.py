@@ -32,6 +32,7 @@ from collections.abc import Callable
 from types import CodeType
 from typing import NamedTuple
 
+from qk_attn.capture.parsing import parse
 from qk_attn.capture.rope_syntax import (
     APPLY,
     GIVEN,
@@ -69,7 +70,7 @@ def rotation(cls: type) -> Rotation:
     """The verdict for an attention class (cached: one parse per class and process)."""
     try:
         forward = inspect.unwrap(cls.forward)
-        tree = ast.parse(textwrap.dedent(inspect.getsource(forward)))
+        tree = parse(textwrap.dedent(inspect.getsource(forward)))
     except (OSError, TypeError, SyntaxError) as error:
         return Rotation(f"has no source to read ({type(error).__name__})")
     fn = tree.body[0]

@@ -172,23 +172,26 @@ class SequenceTracker(ForwardTracker):
         """A generate() starts: the number `drop_open_sequences(since=...)` takes if it raises."""
         return self._forward_number
 
-    def _discard(self, forward: ForwardContext | None, why: str, config=None, cache=None) -> None:
+    def _discard(self, forward: ForwardContext | None, why: str, config=None, cache=None, past: int = 0) -> None:
         """Forget the sequences `forward` extends (or, before it has a context, the one of `cache` of the
-        model of `config`): their rows are dropped and they are neither committed nor continued."""
+        model of `config`, `past` tokens in): their rows are dropped and they are neither committed nor
+        continued. A forward from position 0 without a cache continues nothing: the model's earlier
+        cacheless forwards are complete examples."""
         if forward is not None:
             forward.staging = None  # its staged rows are dropped, never handed off
             forward.discarded = True
         ids = set(forward.example_ids or ()) if forward is not None else set()
         if forward is not None:
-            config, cache = forward.config, forward.cache
+            config, cache, past = forward.config, forward.cache, forward.past
         key = key_of(config, cache)
-        held = self._sequences.of(key, cache)
+        held = self._sequences.of(key, cache) if cache is not None or past > 0 else None
         if held is not None and held.resets != resets(cache):
             held = None  # emptied since its last forward: complete, not this forward's
         for sequence in (getattr(forward, "sequence", None), held):
             if sequence is not None:
                 ids |= set(sequence.ids)
         self._sequences.forget(ids, key, cache, why)  # a later forward on its cache is told why
+        ids -= self.committed_ids()  # committed: complete, whatever a later forward does
         if not ids:
             return
         self._begun = {i: n for i, n in self._begun.items() if i not in ids}

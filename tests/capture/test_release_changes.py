@@ -3,6 +3,9 @@ wrong: each case edits transformers' own source as such a release would (support
 
 from __future__ import annotations
 
+import importlib
+import sys
+
 import pytest
 import torch
 import transformers as tf
@@ -58,6 +61,10 @@ NEW_BRANCH_FORMS = {
         "                attention_mask = attention_mask\n",
         r"\(match self.config._attn_implementation\)",
     ),
+    "a helper given the config": (
+        "        if is_sdpa_requested(self.config):\n            attention_mask = attention_mask\n",
+        r"\(is_sdpa_requested\(self.config\)\)",
+    ),
     "a table lookup": (
         "        attention_mask = {'sdpa': attention_mask}.get(self.config._attn_implementation, attention_mask)\n",
         r"\(\{'sdpa': attention_mask\}.get\(self.config._attn_implementation, attention_mask\)\)",
@@ -67,7 +74,8 @@ NEW_BRANCH_FORMS = {
 
 @pytest.mark.parametrize("form", NEW_BRANCH_FORMS)
 def test_a_new_branch_written_another_way_is_refused_too(form, fresh_checks, tmp_path, monkeypatch):
-    """A release may test the name through a local alias, a `match` or a table's `.get`: still a branch."""
+    """A release may test the name through a local alias, a `match`, a helper in the style of
+    is_flash_attention_requested or a table's `.get`: still a branch."""
     code, condition = NEW_BRANCH_FORMS[form]
     anchor = "        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS"
     model = build("llama3", "qk_sniff")
@@ -423,7 +431,8 @@ def test_a_release_that_moved_what_qk_attn_imports_fails_its_import_naming_the_f
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"TransformersMismatch qk_sniff: transformers {tf.__version__} (torch ")
-    assert "imported_names: expected the 8 names qk-attn takes from transformers" in result.stdout
+    assert "imported_names: expected the 11 names qk-attn takes from transformers" in result.stdout
+    assert f"pip install 'transformers>={qk_attn.version.TRANSFORMERS_TESTED[0]},<" in result.stdout
 
 
 def test_a_mask_builder_that_renames_a_keyword_is_refused_naming_the_fact(tmp_path, monkeypatch):
@@ -546,4 +555,77 @@ def test_a_model_forward_that_binds_position_ids_to_positions_of_another_shape_a
             CaptureError, match=r"^qk_sniff: Qwen2Model.forward gave its position_ids a \(3, 2, \d+\) tensor"
         ):
             model(**batch, use_cache=False)
+    assert s.table() is None
+
+
+def test_generation_methods_moved_to_another_file_break_a_fact(tmp_path, monkeypatch):
+    """frames tells generate()'s methods by name and file (generation/utils.py): a release that splits that
+    file would leave the use_cache=False refusal, the padding rule and the assisted refusal unreached."""
+    import inspect
+    import textwrap
+
+    from transformers.generation.utils import GenerationMixin
+
+    fn = inspect.unwrap(GenerationMixin._sample)
+    path = tmp_path / "generation" / "sampling.py"
+    path.parent.mkdir()
+    path.write_text(textwrap.dedent(inspect.getsource(fn)), encoding="utf-8")
+    namespace: dict = {}
+    exec(compile(path.read_text(encoding="utf-8"), str(path), "exec"), sys.modules[fn.__module__].__dict__, namespace)
+    monkeypatch.setattr(GenerationMixin, "_sample", namespace["_sample"])
+    (finding,) = facts.check_all()
+    assert finding.fact == "generation_frames" and f"_sample is defined in {path}" in finding.found
+
+
+def test_a_vetted_cache_layer_whose_update_rounds_the_keys_breaks_a_fact(monkeypatch):
+    """The layer types whose update qk-attn read are trusted by name: a release whose update returns the keys
+    rounded (a bf16 storage default) would record keys the model never computed."""
+    from transformers import cache_utils
+
+    update = cache_utils.DynamicLayer.update
+
+    def rounding(self, key_states, value_states, *args, **kwargs):
+        return update(self, key_states.to(torch.bfloat16).to(key_states.dtype), value_states, *args, **kwargs)
+
+    monkeypatch.setattr(cache_utils.DynamicLayer, "update", rounding)
+    (finding,) = facts.check_all()
+    assert finding.fact == "cache_layer_updates" and "DynamicLayer.update does not return the keys" in finding.found
+
+
+@pytest.mark.parametrize(
+    "module, holder, name",
+    [("transformers", "AttentionInterface", "_global_mapping"), ("transformers.cache_utils", None, "CacheLayerMixin")],
+)
+def test_a_release_without_what_hooks_and_caches_read_breaks_imported_names(module, holder, name, monkeypatch):
+    """hooks read the registered functions from `_global_mapping`; caches tell transformers' own layer
+    types by CacheLayerMixin: gone, they failed with a bare AttributeError at a forward or at import."""
+    target = importlib.import_module(module)
+    target = getattr(target, holder) if holder else target
+    monkeypatch.setattr(target, name, None)
+    findings = {finding.fact: finding.found for finding in facts.check_all()}
+    assert findings.get("imported_names") == f"{module} has no {holder + '.' if holder else ''}{name}"
+
+
+def _gemma3_windows(model, windows: dict[int, object]) -> None:
+    for layer, window in windows.items():
+        model.model.layers[layer].self_attn.sliding_window = window
+
+
+@pytest.mark.parametrize(
+    "windows, message",
+    [
+        ({1: 4}, r"layer 1's attention call names a sliding window of 4 where its config's layer_types says full"),
+        ({0: (4, 0)}, r"layer 0's attention call names the sliding window \(4, 0\), not a positive int"),
+    ],
+    ids=["window-on-a-full-layer", "window-as-a-pair"],
+)
+def test_a_window_its_rows_could_not_be_labelled_with_is_refused(windows, message):
+    """Gemma 3 passes its module's `sliding_window` to every attention call, None on full layers. A release
+    that sets it on full layers too (their mask still built full) labelled full-attention rows with the
+    window; one that passes a (left, right) pair failed deep inside the sink, or as a saver error."""
+    model = build("gemma3", "qk_sniff")
+    _gemma3_windows(model, windows)
+    with qk_attn.session(sampler="all") as s:
+        with pytest.raises(CaptureError, match=message):
+            model(**padded_batch("right"))
     assert s.table() is None

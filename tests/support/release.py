@@ -36,10 +36,12 @@ def edit_file(module, edits, root: Path, monkeypatch) -> Path:
 
 
 def redefine(owner, name: str, edits, directory: Path, monkeypatch):
-    """`owner.name` (a function or method) redefined from its edited source, in its own module."""
+    """`owner.name` (a function or method) redefined from its edited source, in its own module, compiled
+    from a file whose path ends as its module's does (frames tell generate()'s methods by their file)."""
     fn = inspect.unwrap(getattr(owner, name))
     module = sys.modules[fn.__module__]
-    path = directory / f"{fn.__module__.replace('.', '_')}_{name}.py"
+    path = directory / f"redefined_{name}" / Path(*fn.__module__.split(".")).with_suffix(".py")
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(_edited(textwrap.dedent(inspect.getsource(fn)), edits), encoding="utf-8")
     namespace: dict = {}
     exec(compile(path.read_text(encoding="utf-8"), str(path), "exec"), module.__dict__, namespace)
