@@ -37,7 +37,8 @@ Where the capture code relies on each fact (the module that reads it):
                                    batch_repeat_interleave, crop, inherited by Dynamic/Static/QuantizedCache)
     encoded_image_inputs           frames.model_forward (mm_encoder_outputs: a forward given images by generate())
     cache_layer_updates            caches.refuse_rounding_cache (transformers' own layer types are
-                                   trusted only with an update qk-attn read: VETTED_UPDATES)
+                                   trusted only with an update qk-attn read: VETTED_UPDATES, each
+                                   checked to return the keys it is given)
     layer_type_names               plan.ModelShape.local_attention (full_attention_only)
     generation_frames              hooks.watch_generate (GenerationMixin.generate),
                                    frames.refuse_unrecordable_generation (_beam_search, _sample,
@@ -244,9 +245,9 @@ FACTS: tuple[Fact, ...] = (
     ),
     Fact(
         "cache_layer_updates",
-        "cache_utils' Dynamic, DynamicSlidingWindow, Static, StaticSlidingWindow and Quantized layers update "
-        "with the methods qk-attn read (this forward's keys returned as given); a Cache keeps its layers in "
-        "layers and layer_class_to_replicate; Fp8QuantizedLayer is refused",
+        "cache_utils' Dynamic, DynamicSlidingWindow, Static, StaticSlidingWindow and Quantized layers exist and "
+        "return the keys an update is given bit for bit (each updated with float32 keys); a Cache keeps its "
+        "layers in layers and layer_class_to_replicate; Fp8QuantizedLayer is refused",
         cache_layer_updates,
     ),
     Fact(
