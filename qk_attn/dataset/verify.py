@@ -82,16 +82,17 @@ def verify_dataset(
         data = Dataset.open(root)
     except ManifestError as error:  # altered or unreadable: nothing it lists can be trusted
         return [str(error)]
-    shards = sum(len(names) for names in data.manifest.get("shards", {}).values())
-    with bar("qk-sniff verify: shards", "shard", progress, shards) as shard_bar:
-        integrity, bad, no_digest = check_integrity(data, shard_bar)
-    # A capture writing the folder now has shards it has not committed yet, and writes its card at close.
+    # A capture writing the folder now has shards it has not committed yet, rewrites its examples table at
+    # most every minute, and writes its card at close.
     live = lock_held(root / LOCK)
     if live:
         log(
             f"info: a capture is writing {root} now (it holds {LOCK}): checked what it has committed so far; "
-            "its uncommitted shards and its card (written when it closes) are not checked"
+            "its uncommitted shards, its examples table and its card (written when it closes) are not checked"
         )
+    shards = sum(len(names) for names in data.manifest.get("shards", {}).values())
+    with bar("qk-sniff verify: shards", "shard", progress, shards) as shard_bar:
+        integrity, bad, no_digest = check_integrity(data, shard_bar, examples=not live)
     card = None if live else card_problem(root, data.manifest)
     if card:
         integrity = [*integrity, f"{card}; `qk-sniff repair {root}` (or the next run of the capture) writes it"]

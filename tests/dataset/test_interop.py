@@ -197,3 +197,30 @@ def test_a_shard_merged_away_while_load_read_the_folder_is_read_from_the_new_man
     (out / "l00h00q" / read_manifest(out)["shards"]["l00h00q"][0]).unlink()  # really missing: still refused
     with pytest.raises(CorruptShard, match="qk-sniff repair"):
         qk_attn.load(out, layer=0)
+
+
+def test_datasets_reads_each_capture_not_its_cache_of_another_with_the_same_folder_name(tmp_path):
+    """`datasets` keys its cache of a local folder on the card's YAML: a second capture in a folder of the
+    same name (`out`, as the README names it), or the same folder after a resume, was read from the first
+    one's cache, silently. Each config's committed bytes in the card's `dataset_info` tell them apart."""
+    model = build("llama3", "qk_sniff")
+    cache = str(tmp_path / "cache")
+
+    def capture(out, ids, length):
+        with torch.inference_mode(), qk_attn.session(output=out, **SETTINGS) as s:
+            for example in ids:
+                s.begin([example])
+                model(input_ids=torch.randint(2, 90, (1, length), generator=torch.Generator().manual_seed(example)))
+                s.commit()
+
+    def read(out):
+        rows = datasets.load_dataset(str(out), "l00h00q", split="train", cache_dir=cache)
+        return sorted(set(rows["example_id"])), rows.num_rows
+
+    first, second = tmp_path / "a" / "out", tmp_path / "b" / "out"
+    capture(first, [1, 2], 10)
+    capture(second, [100, 200, 300], 7)
+    assert read(first) == ([1, 2], 20)
+    assert read(second) == ([100, 200, 300], 21)
+    capture(first, [3], 5)  # resumed with one more example
+    assert read(first) == ([1, 2, 3], 25)

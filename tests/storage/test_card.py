@@ -232,3 +232,22 @@ def test_a_layer_that_ran_but_kept_no_position_is_ran_0_rows_and_verify_checks_i
     (out / MANIFEST).write_text(json.dumps(manifest))
     problems = verify_dataset(out, log=lambda *_: None)
     assert any(p.startswith("l02h") and "differ from the sampler's selection" in p for p in problems), problems
+
+
+def test_the_card_says_what_the_vectors_are_and_each_configs_committed_bytes(tmp_path):
+    """`rope=pre` vectors are RoPE inverted, equal to the projections up to rounding: the card called them
+    the exact vectors attention used. Each config's `download_size` is the bytes of its committed shards,
+    which is what `datasets` keys its cache of the folder on (test_interop)."""
+    for rope in ("post", "pre"):
+        out = tmp_path / rope
+        manifest = capture_model(out, rope=rope)
+        card = DatasetCard.load(out / "README.md")
+        exact = "the exact vectors the model's attention used (after RoPE)" in card.text
+        assert exact == (rope == "post") and ("not bit for bit" in card.text) == (rope == "pre")
+        sizes = {info["config_name"]: info["download_size"] for info in card.data.dataset_info}
+        info = manifest["shard_info"]
+        for key, names in manifest["shards"].items():
+            assert sizes[key] == sum(info[f"{key}/{name}"]["bytes"] for name in names)
+            assert sizes[key] == sum((out / key / name).stat().st_size for name in names)
+        assert sizes["all_q"] == sum(size for key, size in sizes.items() if re.fullmatch(r"l\d+h\d+q", key))
+        assert sizes["examples"] == (out / "examples.parquet").stat().st_size
