@@ -57,7 +57,7 @@ class RunSummary:
                 )
             )
         if self.ids and any(source != example for example, source in self.ids.items()):
-            shown = ", ".join(f"{source!r} -> {example}" for example, source in list(self.ids.items())[:4])
+            shown = ", ".join(f"{_clipped(source)} -> {example}" for example, source in list(self.ids.items())[:4])
             out.append(f"ids        {shown}{', ...' if len(self.ids) > 4 else ''}")
         if self.pulled:
             out.append("hub        pulled the existing remote dataset before capture")
@@ -96,3 +96,9 @@ def format_load_hint(output: str) -> list[str]:
         f"    datasets.load_dataset({output!r}, {name!r}, split='train')",
         f"Check it:  qk-sniff verify {output}",
     ]
+
+
+def _clipped(source: Any, limit: int = 40) -> str:
+    """A dataset id as the summary shows it: its repr, cut to `limit` characters (ids may be whole texts)."""
+    text = repr(source)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

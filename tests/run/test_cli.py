@@ -718,6 +718,13 @@ def test_summary_reports_how_long_capture_waited_for_the_saver():
     assert "3 time(s), 2.5 s (25% of the run)" in line and "inference.pinned_mb" in line
 
 
+def test_summary_shows_long_dataset_ids_cut_short():
+    """A dataset id may be a whole text: the summary's ids line printed a 5,000-character id in full."""
+    summary = RunSummary(output="out", model="m", dataset="d", ids={7: "x" * 5000, 8: "short"})
+    (line,) = [line for line in summary.lines() if line.startswith("ids")]
+    assert len(line) < 120 and "'xxx" in line and "... -> 7" in line and "'short' -> 8" in line
+
+
 def test_a_release_the_modeling_checks_refuse_is_one_line_and_exit_2(tiny_model, docs, tmp_path, capsys, monkeypatch):
     """What modeling_checks refuses (here a new branch on the implementation's name in modeling_llama.py)
     reaches a `qk-sniff run` user as one line naming file and line, exit 2, nothing committed."""
