@@ -116,11 +116,12 @@ def layer_type(config, layer: int) -> str | None:
     return str(types[layer]) if types and layer < len(types) else None
 
 
-def call_window(facts: ModuleFacts, kwargs: dict) -> int | None:
+def call_window(facts: ModuleFacts, kwargs: dict, mask_windows: set) -> int | None:
     """The sliding window an attention call names: its `sliding_window=` keyword, else its module's own
-    (None: none named). Refused when it is not a positive int, or when the layer's `layer_type` says
-    full attention: the mask was then built full, which a flash kernel given the window would not
-    apply, so the rows' `sliding_window` could not be told."""
+    (None: none named). Refused when it is not a positive int, and on a layer whose `layer_type` says full
+    attention unless every mask its forward built has that window (MiniMax builds its full-attention
+    layers' mask with the window): a full mask was built, which sdpa attends through and a flash kernel
+    given the window would not, so the rows' `sliding_window` could not be told."""
     window = kwargs.get("sliding_window", facts.sliding_window)
     if window is None:
         return None
@@ -129,10 +130,11 @@ def call_window(facts: ModuleFacts, kwargs: dict) -> int | None:
             f"qk_sniff: layer {facts.layer}'s attention call names the sliding window {window!r}, not a positive "
             "int, so its rows' sliding_window could not be recorded; not recorded"
         )
-    if facts.layer_type == "full_attention":
+    if facts.layer_type == "full_attention" and mask_windows != {window}:
         raise CaptureError(
             f"qk_sniff: layer {facts.layer}'s attention call names a sliding window of {window} where its config's "
-            "layer_types says full_attention, so which of the two it attends through could not be told; not recorded"
+            f"layer_types says full_attention and its forward built masks with windows {sorted(mask_windows, key=str)}, "
+            "so which of them it attends through could not be told; not recorded"
         )
     return window
 

@@ -195,7 +195,7 @@ class Session(SequenceTracker):
             )
         if forward.example_ids is None:
             self._start_sequence(forward)
-        sliding_window = call_window(facts, kwargs)
+        sliding_window = call_window(facts, kwargs, forward.mask_windows)
         if sliding_window is None and not cross:  # the window its mask was built with, if any
             sliding_window = forward.mask_window(layer, facts.layer_type)
         if binding.excluded:

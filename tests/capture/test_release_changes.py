@@ -614,7 +614,10 @@ def _gemma3_windows(model, windows: dict[int, object]) -> None:
 @pytest.mark.parametrize(
     "windows, message",
     [
-        ({1: 4}, r"layer 1's attention call names a sliding window of 4 where its config's layer_types says full"),
+        (
+            {1: 4},
+            r"layer 1's attention call names a sliding window of 4 where its config's layer_types says full_attention and its forward built masks with windows \[4, None\]",
+        ),
         ({0: (4, 0)}, r"layer 0's attention call names the sliding window \(4, 0\), not a positive int"),
     ],
     ids=["window-on-a-full-layer", "window-as-a-pair"],
@@ -629,3 +632,27 @@ def test_a_window_its_rows_could_not_be_labelled_with_is_refused(windows, messag
         with pytest.raises(CaptureError, match=message):
             model(**padded_batch("right"))
     assert s.table() is None
+
+
+def test_minimax_whose_full_attention_layers_attend_through_its_window_is_recorded_with_it():
+    """MiniMax builds the mask of its `full_attention` layers with its `sliding_window` (when set) and passes
+    the window to the call: the layer type's name says full, its mask and its call agree on the window."""
+    config = tf.MiniMaxConfig(
+        **{**COMMON, "num_hidden_layers": 4},
+        head_dim=16,
+        sliding_window=4,
+        num_local_experts=2,
+        num_experts_per_tok=1,
+        layer_types=["full_attention", "linear_attention"] * 2,
+    )
+    torch.manual_seed(0)
+    model = tf.MiniMaxForCausalLM(config).eval()
+    ids = torch.randint(2, 90, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = model(input_ids=ids).logits
+        model.set_attn_implementation("qk_sniff")
+        with qk_attn.session(sampler="all", capture="k") as s:
+            assert torch.equal(model(input_ids=ids).logits, expected)
+    table = s.table()
+    assert set(table.column("sliding_window").to_pylist()) == {4} and set(table.column("layer").to_pylist()) == {0, 2}
+    assert table.num_rows == 12 * 2 * config.num_key_value_heads
