@@ -92,7 +92,7 @@ def test_a_branch_in_the_sdpa_attention_function_registered_by_a_release_is_refu
     model = build("llama3", "qk_sniff")
     with pytest.raises(
         CaptureError,
-        match=r"^qk_sniff: transformers_integrations_sdpa_attention_sdpa_attention_forward.py line \d+ branches on "
+        match=r"^qk_sniff: redefined_sdpa_attention_forward/transformers/integrations/sdpa_attention.py line \d+ branches on "
         r"the attention implementation's name \(module.config._attn_implementation != 'sdpa'\)",
     ):
         run(model, in_session)
