@@ -68,34 +68,39 @@ def cache_layer_updates() -> str | None:
 
 
 def _returns_keys_as_given(name: str) -> str | None:
-    """The vetted layer `name`, updated with 3 float32 tokens and then 1, returns those keys bit for bit, in
-    their dtype, at the slots of their positions: trusted by name (caches.VETTED_UPDATES), so a release
-    that changes what its update returns (a rounding storage dtype) must be seen here."""
+    """The vetted layer `name`, updated with 3 float32 tokens and then 1, returns each update's new keys bit
+    for bit, in their dtype, at the slots of their positions: trusted by name (caches.VETTED_UPDATES), so a
+    release that changes what its update returns (a rounding storage dtype) must be seen here. On the CPU,
+    whatever the default device."""
     import torch
     from transformers import cache_utils
 
-    class Unquantized(cache_utils.QuantizedLayer):  # QuantizedLayer's own update, storage left exact
+    class Bfloat16Stored(cache_utils.QuantizedLayer):  # a lossy storage: only the new keys may come back exact
         def _quantize(self, tensor, axis):
-            return tensor
+            return tensor.to(torch.bfloat16)
 
         def _dequantize(self, tensor):
-            return tensor
+            return tensor.to(torch.float32)
 
     builders = {
         "DynamicLayer": lambda: cache_utils.DynamicLayer(),
         "DynamicSlidingWindowLayer": lambda: cache_utils.DynamicSlidingWindowLayer(sliding_window=8),
         "StaticLayer": lambda: cache_utils.StaticLayer(max_cache_len=8),
         "StaticSlidingWindowLayer": lambda: cache_utils.StaticSlidingWindowLayer(max_cache_len=8, sliding_window=8),
-        "QuantizedLayer": lambda: Unquantized(residual_length=64),
+        "QuantizedLayer": lambda: Bfloat16Stored(residual_length=64),
     }
-    keys = torch.randn(1, 2, 4, 8, generator=torch.Generator().manual_seed(0))
-    try:
-        layer = builders[name]()
-        layer.update(keys[:, :, :3], keys[:, :, :3].clone())
-        returned, _ = layer.update(keys[:, :, 3:], keys[:, :, 3:].clone())
-    except Exception as error:  # noqa: BLE001 - a layer built or updated otherwise than read: the finding
-        return f"cache_utils.{name} could not be updated as read: {type(error).__name__}: {error}"
-    if returned.dtype != keys.dtype or returned.shape[2] < 4 or not torch.equal(returned[:, :, :4], keys):
+    with torch.device("cpu"):
+        keys = torch.randn(1, 2, 4, 8, generator=torch.Generator(device="cpu").manual_seed(0))
+        try:
+            layer = builders[name]()
+            first, _ = layer.update(keys[:, :, :3], keys[:, :, :3].clone())
+            first = first[:, :, :3].clone()  # a static layer returns its buffer, which the next update writes
+            second, _ = layer.update(keys[:, :, 3:], keys[:, :, 3:].clone())
+        except Exception as error:  # noqa: BLE001 - a layer built or updated otherwise than read: the finding
+            return f"cache_utils.{name} could not be updated as read: {type(error).__name__}: {error}"
+    if first.dtype != keys.dtype or second.dtype != keys.dtype or second.shape[2] < 4:
+        return f"cache_utils.{name}.update returns keys of another dtype or length than it was given"
+    if not (torch.equal(first, keys[:, :, :3]) and torch.equal(second[:, :, 3], keys[:, :, 3])):
         return f"cache_utils.{name}.update does not return the keys it was given as given"
     return None
 

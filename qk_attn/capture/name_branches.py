@@ -95,7 +95,7 @@ def _name_condition(node: ast.AST, aliases: frozenset[str] = frozenset()) -> boo
         if any(isinstance(op, (ast.Is, ast.IsNot)) for op in node.ops):
             return False  # `is None`: the default implementation, never "qk_sniff"
         operands = (node.left, *node.comparators)
-    elif isinstance(node, ast.Call) and REQUESTED_HELPER.fullmatch(
+    elif isinstance(node, ast.Call) and _requested_helper(
         str(getattr(node.func, "id", getattr(node.func, "attr", "")))
     ):
         return True
@@ -115,6 +115,10 @@ def _name_condition(node: ast.AST, aliases: frozenset[str] = frozenset()) -> boo
     ]
     text = _condition_text(node)
     return bool(names) and not any(word in text for word in NOT_ATTENTION)
+
+
+def _requested_helper(name: str) -> bool:
+    return REQUESTED_HELPER.fullmatch(name) is not None and not any(word in name for word in NOT_ATTENTION)
 
 
 def _condition_text(node: ast.AST) -> str:

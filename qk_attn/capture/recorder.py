@@ -195,11 +195,11 @@ class Session(SequenceTracker):
             )
         if forward.example_ids is None:
             self._start_sequence(forward)
+        if binding.excluded:
+            return
         sliding_window = call_window(facts, kwargs, forward.mask_windows)
         if sliding_window is None and not cross:  # the window its mask was built with, if any
             sliding_window = forward.mask_window(layer, facts.layer_type)
-        if binding.excluded:
-            return
         if self.config.full_attention_only and sliding_window is not None:
             forward.skipped_sliding = True
             return

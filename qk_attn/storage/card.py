@@ -23,7 +23,7 @@ from huggingface_hub import DatasetCard, DatasetCardData
 
 from qk_attn.sampler import Sampler
 from qk_attn.storage.card_columns import head_dims, mixed_size_features, vector_text
-from qk_attn.storage.card_splits import config_sizes
+from qk_attn.storage.card_infos import config_infos
 from qk_attn.storage.chart import bucket_chart, per_example_head, sampler_of
 from qk_attn.storage.coverage import coverage, coverage_text, markdown_table
 from qk_attn.storage.folder import card_is_ours, signed_card
@@ -92,11 +92,11 @@ def card_text(
     data["configs"] = [{"config_name": name, **config} for name, config in sorted(configs.items())]
     dims = {k: d for k, d in (dims or {}).items() if k in configs}
     features = {entry["config_name"]: entry for entry in mixed_size_features(manifest, dims)}
-    sizes = config_sizes(manifest, configs)
+    files = config_infos(manifest, configs)
     infos = [
-        {"config_name": name, **features.get(name, {}), **sizes.get(name, {})}
+        {"config_name": name, **features.get(name, {}), **files.get(name, {})}
         for name in sorted(configs)
-        if name in features or name in sizes
+        if name in features or name in files
     ]
     if infos:
         data["dataset_info"] = infos

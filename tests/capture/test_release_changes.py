@@ -656,3 +656,51 @@ def test_minimax_whose_full_attention_layers_attend_through_its_window_is_record
     table = s.table()
     assert set(table.column("sliding_window").to_pylist()) == {4} and set(table.column("layer").to_pylist()) == {0, 2}
     assert table.num_rows == 12 * 2 * config.num_key_value_heads
+
+
+def test_mistral_given_layer_types_whose_layers_all_attend_through_its_window_is_recorded_with_it():
+    """A Ministral-style config loaded as Mistral names its layers full_attention, yet Mistral builds only its
+    sliding mask and passes the window to every call: mask and call agree, so the rows carry the window."""
+    config = tf.MistralConfig(**COMMON, head_dim=16, sliding_window=4, layer_types=["full_attention"] * 3)
+    model = tf.MistralForCausalLM(config).eval()
+    model.set_attn_implementation("qk_sniff")
+    with torch.inference_mode(), qk_attn.session(sampler="all", capture="k") as s:
+        model(input_ids=torch.randint(2, 90, (1, 9), generator=torch.Generator().manual_seed(0)))
+    assert set(s.table().column("sliding_window").to_pylist()) == {4}
+
+
+def test_the_cache_update_fact_holds_under_another_default_device(monkeypatch):
+    """Its keys came from a CPU generator on the default device: under torch.set_default_device("cuda") (meta
+    here) the fact broke and blamed transformers for every recorded forward."""
+    from qk_attn.capture.fact_checks_generation import cache_layer_updates
+
+    torch.set_default_device("meta")
+    try:
+        assert cache_layer_updates() is None
+    finally:
+        torch.set_default_device(None)
+
+
+def test_a_quantized_layer_that_rounds_the_new_keys_breaks_a_fact(monkeypatch):
+    """Quanto and HQQ layers are trusted to hand attention the new keys as given; the check's stand-in storage
+    was exact, so an update that sent the new keys through the storage (as fp8 does) went unseen."""
+    from transformers import cache_utils
+
+    update = cache_utils.QuantizedLayer.update
+
+    def rounding(self, key_states, value_states, *args, **kwargs):
+        rounded = self._dequantize(self._quantize(key_states, axis=self.axis_key))
+        return update(self, rounded, value_states, *args, **kwargs)
+
+    monkeypatch.setattr(cache_utils.QuantizedLayer, "update", rounding)
+    (finding,) = facts.check_all()
+    assert finding.fact == "cache_layer_updates" and "QuantizedLayer.update does not return" in finding.found
+
+
+def test_a_window_on_a_layer_not_recorded_does_not_refuse_the_forward():
+    """Only the recorded layers' windows are read: a layer left out by `layers=` is not refused for its own."""
+    model = build("gemma3", "qk_sniff")
+    _gemma3_windows(model, {1: 4})
+    with qk_attn.session(sampler="all", layers="0") as s:
+        model(**padded_batch("right"))
+    assert set(s.table().column("layer").to_pylist()) == {0}

@@ -201,16 +201,17 @@ def test_a_shard_merged_away_while_load_read_the_folder_is_read_from_the_new_man
 
 def test_datasets_reads_each_capture_not_its_cache_of_another_with_the_same_folder_name(tmp_path):
     """`datasets` keys its cache of a local folder on the card's YAML: a second capture in a folder of the
-    same name (`out`, as the README names it), or the same folder after a resume, was read from the first
-    one's cache, silently. Each config's committed bytes in the card's `dataset_info` tell them apart."""
+    same name (`out`, as the README names it), the same folder after a resume, or after an overwrite with
+    other example ids (files of the same sizes), was read from the first one's cache, silently. Each config's
+    bytes and shard digest in the card's `dataset_info` tell them apart."""
     model = build("llama3", "qk_sniff")
     cache = str(tmp_path / "cache")
 
-    def capture(out, ids, length):
-        with torch.inference_mode(), qk_attn.session(output=out, **SETTINGS) as s:
-            for example in ids:
+    def capture(out, ids, length, overwrite=False):
+        with torch.inference_mode(), qk_attn.session(output=out, overwrite=overwrite, **SETTINGS) as s:
+            for n, example in enumerate(ids):
                 s.begin([example])
-                model(input_ids=torch.randint(2, 90, (1, length), generator=torch.Generator().manual_seed(example)))
+                model(input_ids=torch.randint(2, 90, (1, length), generator=torch.Generator().manual_seed(n)))
                 s.commit()
 
     def read(out):
@@ -224,3 +225,5 @@ def test_datasets_reads_each_capture_not_its_cache_of_another_with_the_same_fold
     assert read(second) == ([100, 200, 300], 21)
     capture(first, [3], 5)  # resumed with one more example
     assert read(first) == ([1, 2, 3], 25)
+    capture(second, [105, 205, 305], 7, overwrite=True)  # the same tokens under other ids
+    assert read(second) == ([105, 205, 305], 21)

@@ -236,8 +236,8 @@ def test_a_layer_that_ran_but_kept_no_position_is_ran_0_rows_and_verify_checks_i
 
 def test_the_card_says_what_the_vectors_are_and_each_configs_committed_bytes(tmp_path):
     """`rope=pre` vectors are RoPE inverted, equal to the projections up to rounding: the card called them
-    the exact vectors attention used. Each config's `download_size` is the bytes of its committed shards,
-    which is what `datasets` keys its cache of the folder on (test_interop)."""
+    the exact vectors attention used. Each config's `download_size` is the bytes of its committed shards, and
+    its `description` a digest of them: `datasets` keys its cache of the folder on both (test_interop)."""
     for rope in ("post", "pre"):
         out = tmp_path / rope
         manifest = capture_model(out, rope=rope)
@@ -245,6 +245,8 @@ def test_the_card_says_what_the_vectors_are_and_each_configs_committed_bytes(tmp
         exact = "the exact vectors the model's attention used (after RoPE)" in card.text
         assert exact == (rope == "post") and ("not bit for bit" in card.text) == (rope == "pre")
         sizes = {info["config_name"]: info["download_size"] for info in card.data.dataset_info}
+        digests = {info["config_name"]: info["description"] for info in card.data.dataset_info}
+        assert len(set(digests.values())) == len(digests) and all(" sha256 " in d for d in digests.values())
         info = manifest["shard_info"]
         for key, names in manifest["shards"].items():
             assert sizes[key] == sum(info[f"{key}/{name}"]["bytes"] for name in names)
