@@ -15,7 +15,7 @@ import re
 import sys
 import textwrap
 
-from qk_attn.capture.parsing import parse
+from qk_attn.capture.parsing import class_source, parse
 
 NAME = "qk_sniff"
 
@@ -286,7 +286,7 @@ def _rotates_by_position_ids(forward) -> bool:
 
 def init_sets(cls) -> set[str]:
     """Attributes `cls.__init__` assigns on self, read from its source (`kernels` may wrap __init__)."""
-    tree = parse(inspect.getsource(cls))
+    tree = parse(class_source(cls))
     init = next(n for n in tree.body[0].body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
     return {
         t.attr

@@ -521,5 +521,5 @@ def test_first_forwards_of_two_models_started_together_in_two_threads_are_record
                 thread.start()
             for thread in threads:
                 thread.join()
+        assert errors == []
         assert s.table().num_rows == 2 * 16 * model.config.num_hidden_layers * model.config.num_key_value_heads
-    assert errors == []
