@@ -22,8 +22,8 @@ import yaml
 from huggingface_hub import DatasetCard, DatasetCardData
 
 from qk_attn.sampler import Sampler
-from qk_attn.storage.card_columns import head_dims, mixed_size_features, vector_text
-from qk_attn.storage.card_infos import config_infos
+from qk_attn.storage.card_columns import head_dims, mixed_size_features, vector_text, vectors_text
+from qk_attn.storage.card_infos import dataset_infos
 from qk_attn.storage.chart import bucket_chart, per_example_head, sampler_of
 from qk_attn.storage.coverage import coverage, coverage_text, markdown_table
 from qk_attn.storage.folder import card_is_ours, signed_card
@@ -91,13 +91,7 @@ def card_text(
     configs = dataset_configs(manifest.get("shards", {}), examples_file)
     data["configs"] = [{"config_name": name, **config} for name, config in sorted(configs.items())]
     dims = {k: d for k, d in (dims or {}).items() if k in configs}
-    features = {entry["config_name"]: entry for entry in mixed_size_features(manifest, dims)}
-    files = config_infos(manifest, configs)
-    infos = [
-        {"config_name": name, **features.get(name, {}), **files.get(name, {})}
-        for name in sorted(configs)
-        if name in features or name in files
-    ]
+    infos = dataset_infos(manifest, configs, mixed_size_features(manifest, dims))
     if infos:
         data["dataset_info"] = infos
 
@@ -110,7 +104,7 @@ def card_text(
     parts = [
         f"# {data.pretty_name}",
         f"Query and key vectors recorded inside the attention calls of `{label}` by "
-        f'qk-attn (`attn_implementation="qk_sniff"`): ' + _vectors_text(config) + ", sampled over positions.",
+        f'qk-attn (`attn_implementation="qk_sniff"`): ' + vectors_text(config) + ", sampled over positions.",
         "## Contents",
         markdown_table(
             ["examples", "valid tokens", "max length", "query rows", "key rows", "configs"],
@@ -306,15 +300,6 @@ def _provenance(manifest: dict, max_length: int) -> str:
         + "\n\nFull capture configuration:\n\n```json\n"
         + json.dumps(config, indent=1, sort_keys=True)
         + "\n```"
-    )
-
-
-def _vectors_text(config: dict) -> str:
-    if config.get("rope", "post") == "post":
-        return "the exact vectors the model's attention used (after RoPE)"
-    return (
-        "the vectors before RoPE (`rope=pre`: RoPE inverted on the vectors attention used, equal to the "
-        "projections' outputs up to rounding, not bit for bit)"
     )
 
 

@@ -1,6 +1,7 @@
-"""What a dataset card says of the `vector` column where layers differ in head size (Gemma 4's
-global layers): each folder's head size, read from its first shard's schema, the `dataset_info`
-features that let `datasets` load configs that mix sizes, and the column's description."""
+"""What a dataset card says of the `vector` column: what the vectors are (after RoPE, or RoPE
+inverted), and where layers differ in head size (Gemma 4's global layers) each folder's head size,
+read from its first shard's schema, the `dataset_info` features that let `datasets` load configs
+that mix sizes, and the column's description."""
 
 from __future__ import annotations
 
@@ -67,4 +68,14 @@ def vector_text(manifest: dict, dims: dict[str, int]) -> str:
     return (
         f"fixed-size list of {dtype}: {sizes} (configs that mix head sizes, such as `all_q`, give a "
         "variable-length list)"
+    )
+
+
+def vectors_text(config: dict) -> str:
+    """What the recorded vectors are, by the capture's `rope` setting."""
+    if config.get("rope", "post") == "post":
+        return "the exact vectors the model's attention used (after RoPE)"
+    return (
+        "the vectors before RoPE (`rope=pre`: RoPE inverted on the vectors attention used, equal to the "
+        "projections' outputs up to rounding, not bit for bit)"
     )

@@ -14,6 +14,18 @@ import hashlib
 from qk_attn.storage.layout import parse_key
 
 
+def dataset_infos(manifest: dict, configs: dict[str, dict], features: list[dict]) -> list[dict]:
+    """The card's `dataset_info`: per config, its files' fields merged with its `features` entry (configs
+    that mix head sizes, card_columns.mixed_size_features)."""
+    by_name = {entry["config_name"]: entry for entry in features}
+    files = config_infos(manifest, configs)
+    return [
+        {"config_name": name, **by_name.get(name, {}), **files.get(name, {})}
+        for name in sorted(configs)
+        if name in by_name or name in files
+    ]
+
+
 def config_infos(manifest: dict, configs: dict[str, dict]) -> dict[str, dict]:
     """Config name -> its `dataset_info` fields, for the names in `configs` whose files the manifest lists."""
     info = manifest.get("shard_info") or {}
