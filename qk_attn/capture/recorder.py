@@ -111,6 +111,9 @@ class Session(SequenceTracker):
                     f"the session closed while generate() ran in thread {threads}", generations=running
                 )
             self.commit()
+        except RuntimeError:  # refused: another thread is inside a forward, which the closing sink ends
+            self.discard_running("was running in thread {thread} when the session closed")
+            raise
         finally:
             self.sink.close()
 

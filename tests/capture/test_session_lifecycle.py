@@ -523,3 +523,37 @@ def test_first_forwards_of_two_models_started_together_in_two_threads_are_record
                 thread.join()
         assert errors == []
         assert s.table().num_rows == 2 * 16 * model.config.num_hidden_layers * model.config.num_key_value_heads
+
+
+def test_a_forward_another_thread_runs_while_the_session_closes_is_discarded_naming_the_close(caplog):
+    """close() while another thread is inside a forward is refused and ends the session: that forward's rows
+    are discarded. Its warning said it "stopped before its end (an exception inside the model)"."""
+    model = build("llama3", "qk_sniff")
+    inside, go_on, errors = threading.Event(), threading.Event(), []
+
+    def pause(module, args, output):
+        inside.set()
+        go_on.wait(30)
+
+    def forward():
+        try:
+            model(input_ids=PROMPT, use_cache=False)
+        except Exception as error:  # noqa: BLE001 - collected and asserted below
+            errors.append(error)
+
+    opened = qk_attn.session(example_ids=[8], **SMALL)
+    s = opened.__enter__()
+    handle = model.model.layers[1].register_forward_hook(pause)
+    worker = threading.Thread(target=forward)
+    worker.start()
+    inside.wait(30)
+    with pytest.raises(RuntimeError, match=r"close\(\) was called while a forward of this session is running"):
+        opened.__exit__(None, None, None)
+    go_on.set()
+    worker.join()
+    handle.remove()
+    with qk_attn.session(**SMALL):
+        model(input_ids=PROMPT, use_cache=False)  # the next session's forward ends nothing of the old one
+    assert errors == [] and s.table() is None
+    assert "[8] was running in thread" in caplog.text and "when the session closed" in caplog.text
+    assert "stopped before its end" not in caplog.text
