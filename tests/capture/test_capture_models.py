@@ -38,6 +38,17 @@ def test_post_rope_vectors_equal_ground_truth(family, side):
         np.testing.assert_array_equal(got[key], vector, err_msg=str(key))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_post_rope_vectors_equal_ground_truth_in_low_precision(family, dtype):
+    """The rows are the model's own bf16/fp16 vectors, bit for bit, not a float32 recomputation."""
+    model = build(family, "qk_sniff").to(dtype)
+    got, want = captured_and_truth(model, padded_batch("left"), [10, 11])
+    assert got.keys() == want.keys()
+    for key, vector in want.items():
+        np.testing.assert_array_equal(got[key], vector, err_msg=str(key))
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_pre_rope_vectors_equal_hook_outputs(family):
     model = build(family, "qk_sniff")

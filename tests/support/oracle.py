@@ -40,7 +40,8 @@ class GroundTruth:
                 out = out.detach()
                 if out.dim() == 3:  # projection output (B, T, H*D)
                     out = out.view(*out.shape[:2], -1, head_dim)
-                self.pre[(layer, kind)] = out.float()  # (B, T, H, D) or already (B, H, T, D): see rotate
+                # the model's dtype, as the model rotates them: bit for bit in bf16/fp16 too
+                self.pre[(layer, kind)] = out  # (B, T, H, D) or already (B, H, T, D): see rotate
 
             self._handles.append(source.register_forward_hook(keep))
 
