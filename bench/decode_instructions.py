@@ -7,7 +7,7 @@ arms' counts is the work capture adds, read to a tenth of a percent. It is not a
 step streams the weights from memory and capture's Python is cache-friendly, so the instruction
 ratio overstates the time ratio rather than hiding it.
 
-    .venv/bin/python bench/decode_instructions.py [--steps 8] [--prompt 2048] [--layers 30]
+    .venv/bin/python bench/decode_instructions.py [--steps 8] [--prompt 2048] [--layers 30] [--jobs 1]
 
 Per arm, one process under `valgrind --tool=callgrind --instr-atstart=no`: the benchmark's model
 (`harness.build_backbone`, one torch thread), a prefill of `--prompt` tokens and three decode steps
@@ -20,6 +20,7 @@ and capture run there: the in-line cost).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import ctypes
 import os
 import re
@@ -110,13 +111,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt", type=int, default=2048)
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--arms", default="sdpa,uniform,log_uniform,all")
+    parser.add_argument("--jobs", type=int, default=1, help="arms counted at once (a count does not depend on load)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         return child(args.child, args.steps, args.prompt, args.layers, args.folder)
     arms = args.arms.split(",")
-    counts = {arm: count(arm, args.steps, args.prompt, args.layers) for arm in arms}
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        futures = {arm: pool.submit(count, arm, args.steps, args.prompt, args.layers) for arm in arms}
+        counts = {arm: future.result() for arm, future in futures.items()}
     base_process, base_main = counts["sdpa"]
     print(f"{args.layers} layers, {args.prompt}-token prompt, {args.steps} decode steps counted per arm\n")
     print("| arm | instructions per step (process) | ratio | main thread | ratio |\n|---|---|---|---|---|")
