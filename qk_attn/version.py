@@ -1,5 +1,7 @@
 """The version of qk-attn, recorded in every manifest."""
 
+import re
+
 __version__ = "0.1.0"
 
 # The transformers releases the suite ran on: the lowest supported (constraints/lowest.txt) and the lock's
@@ -8,9 +10,13 @@ __version__ = "0.1.0"
 TRANSFORMERS_TESTED = ("5.17.0", "5.25.0")
 
 
+def minor_release(version: str) -> tuple[int, ...]:
+    """(major, minor): a patch release of a tested minor counts as tested (test-range runs one patch per minor)."""
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+
+
 def tested_transformers() -> str:
-    """The pip requirement of the tested releases, for messages that say what to install (a patch release
-    of the newest tested minor counts as tested, as in capture/facts)."""
+    """The pip requirement of the tested releases, for messages that say what to install."""
     lowest, newest = TRANSFORMERS_TESTED
-    major, minor = newest.split(".")[:2]
-    return f"transformers>={lowest},<{major}.{int(minor) + 1}"
+    major, minor = minor_release(newest)
+    return f"transformers>={lowest},<{major}.{minor + 1}"

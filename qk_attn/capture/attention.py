@@ -16,6 +16,7 @@ import torch
 
 from qk_attn.capture import active
 from qk_attn.capture.backends import attention_forward
+from qk_attn.capture.fact_checks_inputs import PACKED_KEYWORDS
 from qk_attn.capture.modeling_checks import check_attention_module
 from qk_attn.capture.tokens import TextTokens
 from qk_attn.errors import CaptureError
@@ -141,7 +142,7 @@ def call_window(facts: ModuleFacts, kwargs: dict, mask_windows: set) -> int | No
 
 def refuse_packed(kwargs: dict) -> None:
     """Calls whose rows cannot be attributed exactly are refused, with the reason."""
-    if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None:
+    if any(kwargs.get(name) is not None for name in PACKED_KEYWORDS):
         raise CaptureError(
             "qk_sniff: packed sequences (cu_seq_lens_*) hold several documents in one row; "
             "run one document per batch row (pad instead of packing) to record them"

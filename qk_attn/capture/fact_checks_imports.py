@@ -19,6 +19,7 @@ IMPORTED_NAMES = (
     ("transformers.cache_utils", "CacheLayerMixin"),  # caches: which layer types are transformers' own
     ("transformers.generation.utils", "GenerationMixin.generate"),
     ("transformers.utils.generic", "is_flash_attention_requested"),
+    ("transformers.models.auto.modeling_auto", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),  # run.preflight.check_backend
 )
 
 

@@ -6,7 +6,8 @@ a session's first forward:
 FACTS are the internal facts the capture relies on (registries, mask and attention function
 signatures, the frames and attributes it reads). `check_all()` runs them all; `require()` raises
 one error naming the transformers version and every broken fact. The check behind each fact is
-in qk_attn.capture.fact_checks (caches and generation: fact_checks_generation; imports and torch: fact_checks_imports). Branches on the implementation's
+in qk_attn.capture.fact_checks (caches and generation: fact_checks_generation; imports and torch:
+fact_checks_imports; a forward's inputs: fact_checks_inputs). Branches on the implementation's
 name are listed in qk_attn.capture.name_branches.
 
 Where the capture code relies on each fact (the module that reads it):
@@ -36,6 +37,8 @@ Where the capture code relies on each fact (the module that reads it):
     cache_row_methods              caches.watch_row_moves (Cache.reorder_cache, batch_select_indices,
                                    batch_repeat_interleave, crop, inherited by Dynamic/Static/QuantizedCache)
     encoded_image_inputs           frames.model_forward (mm_encoder_outputs: a forward given images by generate())
+    image_inputs                   frames.model_forward (pixel_values: a forward given images)
+    packed_sequence_keywords       attention.refuse_packed (cu_seq_lens_q, cu_seq_lens_k)
     cache_layer_updates            caches.refuse_rounding_cache (transformers' own layer types are
                                    trusted only with an update qk-attn read: VETTED_UPDATES, each
                                    checked to return the keys it is given)
@@ -61,7 +64,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -94,8 +96,9 @@ from qk_attn.capture.fact_checks_generation import (
     layer_type_names,
 )
 from qk_attn.capture.fact_checks_imports import IMPORTED_NAMES, backward_marker, imported_names
+from qk_attn.capture.fact_checks_inputs import IMAGE_INPUTS, PACKED_KEYWORDS, image_inputs, packed_sequence_keywords
 from qk_attn.errors import TransformersMismatch
-from qk_attn.version import TRANSFORMERS_TESTED, __version__, tested_transformers
+from qk_attn.version import TRANSFORMERS_TESTED, __version__, minor_release, tested_transformers
 
 logger = logging.getLogger(__name__)
 
@@ -244,6 +247,17 @@ FACTS: tuple[Fact, ...] = (
         encoded_image_inputs,
     ),
     Fact(
+        "image_inputs",
+        f"Gemma 3's and Mllama's ForConditionalGeneration.forward take their images as {', '.join(IMAGE_INPUTS)}",
+        image_inputs,
+    ),
+    Fact(
+        "packed_sequence_keywords",
+        f"packed documents reach the attention call as {', '.join(PACKED_KEYWORDS)} (FlashAttentionKwargs, "
+        "_flash_attention_forward)",
+        packed_sequence_keywords,
+    ),
+    Fact(
         "cache_layer_updates",
         "cache_utils' Dynamic, DynamicSlidingWindow, Static, StaticSlidingWindow and Quantized layers exist and "
         "return the keys an update is given bit for bit (each updated with float32 keys); a Cache keeps its "
@@ -298,11 +312,11 @@ def untested_release(version: str) -> str | None:
     """One line for a transformers release outside the tested range (TRANSFORMERS_TESTED), else None. The
     facts hold (checked before), but what changed in its models was not run by the suite."""
     lowest, newest = TRANSFORMERS_TESTED
-    if _release(lowest) <= _release(version) <= _release(newest):
+    if minor_release(lowest) <= minor_release(version) <= minor_release(newest):
         return None
     side = (
         f"newer than the newest release ({newest})"
-        if _release(version) > _release(newest)
+        if minor_release(version) > minor_release(newest)
         else (f"older than the lowest release ({lowest})")
     )
     return (
@@ -310,11 +324,6 @@ def untested_release(version: str) -> str | None:
         "on holds (checked), but models changed in that release have not been run by its suite (README: Tested "
         f"versions); to run a tested release: pip install '{tested_transformers()}'"
     )
-
-
-def _release(version: str) -> tuple[int, ...]:
-    """(major, minor): a patch release of a tested minor counts as tested (test-range runs one patch per minor)."""
-    return tuple(int(part) for part in re.findall(r"\d+", version)[:2])
 
 
 def mismatch_at_import(error: Exception) -> Exception:

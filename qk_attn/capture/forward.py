@@ -24,7 +24,7 @@ import weakref
 import torch
 
 from qk_attn.capture.decisions import DECODE_TOKENS, Decisions, decide
-from qk_attn.capture.frames import cache_of, renumbered_positions, running_in
+from qk_attn.capture.frames import cache_of, encloses_this_call, renumbered_positions, running_in
 from qk_attn.capture.tokens import (
     POSITION_LIMIT,
     HostMirror,
@@ -93,6 +93,7 @@ class ForwardContext:
         self.thread = threading.current_thread()  # the thread running it (one forward of a model at a time)
         self.serial = next(_serials)
         self.builder = None  # the module whose forward built its mask (frames.model_forward), if found
+        self.builder_depth = 0  # the place of that forward's frame on the stack (`encloses_this_call`)
         self.example_ids: tuple[int, ...] | None = None  # set by the session at the first recorded call
         self.begun_ids: list[int] | None = None  # `begin()`'s ids, taken by this forward at its start
         self.sequence = None  # the session's sequence this forward extends
@@ -119,6 +120,13 @@ class ForwardContext:
         if self.finished is not False or self.discarded or self.builder is None:
             return False
         return self.thread.is_alive() and running_in(self.builder, self.thread)
+
+    def encloses_this_call(self) -> bool:
+        """Whether this forward's layers ran and the forward is still running around the current call, in
+        its own thread: a forward that starts now started from a hook or callback inside it."""
+        if not self.used or self.finished is not False or self.discarded or self.builder is None:
+            return False
+        return self.thread is threading.current_thread() and encloses_this_call(self.builder, self.builder_depth)
 
     def adopt(self, kwargs: dict) -> None:
         """The decoder stack started with the mask this context was built from: its own arguments

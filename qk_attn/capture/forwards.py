@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 
 import torch
 
@@ -41,7 +42,7 @@ class ForwardTracker:
     def __init__(self, sink):
         self.sink = sink
         self._forwards: dict[int, object] = {}  # id(model config) -> its current forward (or _Started)
-        self._ended: dict[int, tuple] = {}  # id(model config) -> (serial, thread, ids) of its last ended forward
+        self._ended: dict[int, tuple] = {}  # id(model config) -> (serial, thread, ids, cache) of its last ended forward
 
     def _take_begun_ids(self) -> list[int] | None:
         raise NotImplementedError
@@ -83,6 +84,8 @@ class ForwardTracker:
         self._end_forward()  # the previous forward is over: back-pressure belongs here, not in a layer
         begun_ids = entry.begun_ids if isinstance(entry, _Started) else self._take_begun_ids()
         caller = model_forward(batch_size, q_length)
+        if caller.outermost is not caller.module:  # each model the caller calls, not only the first forward's
+            watch_call(caller.outermost, config)
         try:
             generation = refuse_unrecordable_generation(caller.module)
             watch_cache_class(caller.cache)
@@ -102,7 +105,7 @@ class ForwardTracker:
         )
         forward.offset_check, forward.begun_ids, forward.builder = check, begun_ids, caller.module
         forward.numbers_positions, forward.builder_code = caller.numbers_positions, caller.code
-        forward.builder_positions = caller.position_ids
+        forward.builder_positions, forward.builder_depth = caller.position_ids, caller.depth
         forward.unfinished, forward.decode_step, forward.draft = generation
         if caller.images and caller.position_ids is not None and caller.position_ids.dim() == 3:
             self._discard(None, "was refused", config, caller.cache)
@@ -204,7 +207,8 @@ class ForwardTracker:
             self._refuse_unattended(entry)  # as `_retire` does for a model's first forward
             self._hand_off(entry)
             del self._forwards[id(config)]
-            self._ended[id(config)] = (entry.serial, entry.thread, entry.example_ids)  # (`on_call_raised`)
+            cache = None if entry.cache is None else weakref.ref(entry.cache)
+            self._ended[id(config)] = (entry.serial, entry.thread, entry.example_ids, cache)  # (`on_call_raised`)
 
     def on_layers_done(self, config) -> None:
         """The last decoder layer of a forward whose stack's own end is not reported (its first) returned:
@@ -308,9 +312,15 @@ class ForwardTracker:
                     f"qk_attn: {caller}() was called while a forward of this session is running {where}; call it "
                     "between forwards"
                 )
-        for forward in forwards:
-            self._retire(forward)
+        failure = None
+        for forward in forwards:  # each: a hand-off that raises discards its own forward only (`_hand_off`)
+            try:
+                self._retire(forward)
+            except BaseException as error:  # noqa: BLE001 - raised below, once every forward is over
+                failure = failure or error
         self._end_forward()
+        if failure is not None:
+            raise failure
 
     def discard_running(self, why: str) -> None:
         """Discard the forwards other threads are inside now (the interpreter exits while a daemon thread

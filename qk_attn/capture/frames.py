@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import torch
 
+from qk_attn.capture.fact_checks_inputs import IMAGE_INPUTS
 from qk_attn.errors import CaptureError
 
 
@@ -34,6 +35,8 @@ class ModelForward(NamedTuple):
     # (a release that renamed it), positions its layers get came from elsewhere and cannot be checked.
     numbers_positions: bool
     code: object = None  # that frame's code: `renumbered_positions` reads its `position_ids` again
+    depth: int = 0  # that frame's place on the stack, counted from its bottom (`encloses_this_call`)
+    outermost: torch.nn.Module | None = None  # the outermost module whose forward encloses it (the model called)
 
 
 def model_forward(batch_size: int, num_new: int) -> ModelForward:
@@ -49,7 +52,7 @@ def model_forward(batch_size: int, num_new: int) -> ModelForward:
     contain the one building the mask: another model whose method runs this one (a guide model inside
     a generate()) holds its own token ids and images, and generate()'s own frames hold the running
     sequences (a model run on embeddings from its own logits processor is not given them)."""
-    module = positions = ids = cache = code = None
+    module = positions = ids = cache = code = builder = outermost = None
     images = numbers_positions = False
     for frame in _method_frames(sys._getframe(2)):
         local = frame.f_locals
@@ -57,19 +60,43 @@ def model_forward(batch_size: int, num_new: int) -> ModelForward:
         if not isinstance(this, torch.nn.Module):
             continue
         if module is None:
-            module, positions, cache = this, local.get("position_ids"), cache_of(local)
+            module, positions, cache, builder = this, local.get("position_ids"), cache_of(local), frame
             numbers_positions, code = "position_ids" in frame.f_code.co_varnames, frame.f_code
         elif not contains(this, module) or frame.f_code.co_name != "forward":
             continue  # generate()'s frames hold the running sequences, not this forward's tokens
+        outermost = this
         candidate = local.get("input_ids")
         if ids is None and isinstance(candidate, torch.Tensor) and candidate.shape == (batch_size, num_new):
             ids = candidate
-        images = images or any(local.get(name) is not None for name in ("pixel_values", "pixel_values_videos"))
+        images = images or any(local.get(name) is not None for name in (*IMAGE_INPUTS, "pixel_values_videos"))
         # generate() encodes images before the first forward and hands the model their features
         encoded = local.get("mm_encoder_outputs")
         images = images or (isinstance(encoded, dict) and any(v is not None for v in encoded.values()))
     positions = positions if isinstance(positions, torch.Tensor) else None
-    return ModelForward(module, ids, positions, cache, images, numbers_positions, code)
+    depth = len(_stack(builder)) - 1 if builder is not None else 0
+    return ModelForward(module, ids, positions, cache, images, numbers_positions, code, depth, outermost)
+
+
+def _stack(frame) -> list:
+    """`frame` and its callers, innermost first."""
+    frames = []
+    while frame is not None:
+        frames.append(frame)
+        frame = frame.f_back
+    return frames
+
+
+def encloses_this_call(module: torch.nn.Module, depth: int) -> bool:
+    """Whether this thread is inside a method of `module` whose frame is `depth` frames above the stack's
+    bottom (where a forward built its mask), with another module's method running inside it (a layer, a
+    hook's model): a forward started from a hook or callback within that one. A new call of `module` after
+    that one returned (or raised) may take the same place on the stack, but only its own methods and
+    transformers' mask builders run inside it then."""
+    stack = _stack(sys._getframe(1))
+    if depth >= len(stack) or stack[-1 - depth].f_locals.get("self") is not module:
+        return False
+    inside = (f.f_locals.get("self") for f in _method_frames_of(stack[: -1 - depth]))
+    return any(isinstance(this, torch.nn.Module) and this is not module for this in inside)
 
 
 def renumbered_positions(code, module, taken, num_new: int) -> torch.Tensor | None:
@@ -160,12 +187,13 @@ def outermost_forward(inner: torch.nn.Module) -> torch.nn.Module | None:
     return outer
 
 
+def _method_frames_of(frames: list):
+    return (f for f in frames if "self" in f.f_code.co_varnames or "self" in f.f_code.co_freevars)
+
+
 def _method_frames(frame):
     """`frame` and its callers that have a `self` (reading a frame's locals costs more than its code's names)."""
-    while frame is not None:
-        if "self" in frame.f_code.co_varnames or "self" in frame.f_code.co_freevars:
-            yield frame
-        frame = frame.f_back
+    return _method_frames_of(_stack(frame))
 
 
 def cache_of(arguments: dict):

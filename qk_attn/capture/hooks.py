@@ -236,16 +236,24 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 def refuse_concurrent(forward) -> None:
     """A forward of a model that starts while another thread is in the middle of `forward`, one of the
     same model (None: none), in any session: refused before it records anything, so that the running one
-    is recorded exactly. A forward that raised in a thread still running is over."""
-    if forward is None or forward.thread is threading.current_thread():
-        return
-    if forward.in_progress():
+    is recorded exactly. A forward that raised in a thread still running is over. In the same thread, one
+    that starts inside it (from a hook or callback) is refused too: both would be keyed by one config."""
+    if forward is not None and forward.encloses_this_call():
         raise CaptureError(
-            f"qk_sniff: this model is in the middle of a forward in thread {forward.thread.name!r}; qk-attn "
-            "records one forward of a model at a time (in one session or several), and tells models apart by "
-            "their config object: give each thread its own copy of the model with its own config "
-            "(copy.deepcopy(model); each is recorded exactly), or run the forwards one after the other"
+            f"qk_sniff: a forward of this {getattr(forward.config, 'model_type', '')} model started inside another "
+            "forward of it still running (called from a hook or callback inside that forward, by the same model or "
+            "one sharing its config object); qk-attn records one forward of a model at a time and tells models "
+            "apart by their config object: run the inner forward after the outer one returns, or give the inner "
+            "model its own config (copy.deepcopy(model))"
         )
+    if forward is None or forward.thread is threading.current_thread() or not forward.in_progress():
+        return
+    raise CaptureError(
+        f"qk_sniff: this model is in the middle of a forward in thread {forward.thread.name!r}; qk-attn "
+        "records one forward of a model at a time (in one session or several), and tells models apart by "
+        "their config object: give each thread its own copy of the model with its own config "
+        "(copy.deepcopy(model); each is recorded exactly), or run the forwards one after the other"
+    )
 
 
 def register() -> None:

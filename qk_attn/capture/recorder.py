@@ -102,8 +102,14 @@ class Session(SequenceTracker):
                 "model ran forwards in it, check its config._attn_implementation (set_attn_implementation keeps "
                 "the old one, with transformers' warning, on models that cannot switch, e.g. Bloom)"
             )
+        handing_off = None
         try:
-            self._end_forwards("close")  # refused while a forward runs, named as what the caller called
+            try:
+                self._end_forwards("close")  # refused while a forward runs, named as what the caller called
+            except RuntimeError:
+                raise
+            except BaseException as error:  # noqa: BLE001 - a hand-off failed: that forward was discarded
+                handing_off = error  # and the others are complete: committed, then it is raised
             running = active.running_generations(self)
             if running:
                 threads = ", ".join(sorted({repr(thread.name) for thread, _ in running}))
@@ -116,6 +122,8 @@ class Session(SequenceTracker):
             raise
         finally:
             self.sink.close()
+        if handing_off is not None:
+            raise handing_off
 
     def table(self):
         """All rows captured so far (in-memory sessions, i.e. without `output`; None before any)."""

@@ -123,7 +123,10 @@ class SequenceTracker(ForwardTracker):
             return
         ids = sorted(set(ended[2] or ()) & self._begun.keys())
         if ids:
-            self._forget_begun(ids)
+            cache = ended[3]() if ended[3] is not None else None  # a later forward on it is told why
+            self._forget_begun(
+                ids, key_of(config, cache), cache, "raised in its model call after its decoder stack returned"
+            )
             logger.warning(
                 "qk-attn: the model call that recorded example(s) %s raised after its decoder stack returned; their "
                 "rows are discarded and they are not committed",
@@ -159,9 +162,10 @@ class SequenceTracker(ForwardTracker):
             sequence.end,
         )
 
-    def _forget_begun(self, ids: list[int]) -> None:
-        """Forget sequences holding `ids`, which are never committed: their rows in the sink go."""
-        self._sequences.forget(ids)
+    def _forget_begun(self, ids: list[int], key: tuple | None = None, cache=None, why: str = "") -> None:
+        """Forget sequences holding `ids`, which are never committed: their rows in the sink go (a later forward
+        on `cache` is told `why`)."""
+        self._sequences.forget(ids, key, cache, why)
         self._begun = {i: n for i, n in self._begun.items() if i not in ids}
         self.sink.discard(ids)
 

@@ -61,9 +61,12 @@ def check_backend(model_config, backend: str, kind: str) -> None:
     refused from its config, before any weight loads (the capture refuses it at its first forward too:
     qk_attn.capture.backends.check_backend_support)."""
     import transformers
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     from qk_attn.capture.backends import SUPPORT_FLAGS
+    from qk_attn.capture.facts import require as require_facts
+
+    require_facts()  # the facts hold, the mapping read here among them: else one error naming what changed
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(kind, ""), None)  # remote code: not known here
     flag = SUPPORT_FLAGS.get(backend)

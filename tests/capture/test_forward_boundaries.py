@@ -6,6 +6,7 @@ uncached one-shot forward of the same tokens in a fresh session."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import threading
 
 import numpy as np
@@ -146,6 +147,43 @@ def test_a_session_call_from_another_thread_during_a_forward_is_refused_there():
         handle.remove()
     assert len(errors) == 1 and "is running in thread 'MainThread'; call it between forwards" in errors[0]
     _assert_same_rows(rows_by_key(s.table()), _one_shot(model, ids, 4))
+
+
+@pytest.mark.parametrize("inner", ["same model", "shared config", "own config"])
+@pytest.mark.parametrize("warm", [False, True])
+def test_a_forward_started_inside_another_of_its_config_is_refused_naming_the_nesting(inner, warm):
+    """A hook that runs the model again (or a model sharing its config object) mid-forward: both would be
+    keyed by one config, so the inner one is refused in one line naming it; the outer forward stops and
+    records nothing, and the next forward is recorded whole. A model with its own config nests freely."""
+    model = build("llama3", "qk_sniff")
+    nested = {"same model": model, "shared config": type(model)(model.config).eval()}.get(inner)
+    nested = nested if nested is not None else copy.deepcopy(model)
+    outer_ids, inner_ids, good = _tokens(6, seed=1), _tokens(4, seed=3), _tokens(5, seed=2)
+    with qk_attn.session(sampler="all") as s:
+        if warm:  # the decoder stack's own hooks report the forward's start from the second forward on
+            s.begin([7])
+            model(input_ids=good)
+        handle = model.model.layers[0].register_forward_hook(lambda *_: [nested(input_ids=inner_ids)] and None)
+        if inner == "own config":
+            model(input_ids=outer_ids)
+        else:
+            with pytest.raises(CaptureError, match=r"^qk_sniff: a forward of this llama model started inside another"):
+                model(input_ids=outer_ids)
+        handle.remove()
+        s.begin([3])
+        model(input_ids=good)
+    rows = rows_by_key(s.table())
+    if inner == "own config":  # the outer forward built its mask first: it took the first automatic id
+        outer_id, inner_id = sorted({k[0] for k in rows} - {3, 7})
+        _assert_same_rows(_rows_of(rows, outer_id), _one_shot(model, outer_ids, outer_id))
+        _assert_same_rows(_rows_of(rows, inner_id), _one_shot(nested, inner_ids, inner_id))
+    else:
+        assert {k[0] for k in rows} == ({3, 7} if warm else {3})
+    _assert_same_rows(_rows_of(rows, 3), _one_shot(model, good, 3))
+
+
+def _rows_of(rows: dict, example_id: int) -> dict:
+    return {key: vector for key, vector in rows.items() if key[0] == example_id}
 
 
 def test_a_forward_that_raised_in_a_thread_that_lives_on_does_not_block_the_model():
@@ -351,6 +389,26 @@ def test_a_hand_off_that_raises_commits_none_of_its_forwards_examples(tmp_path, 
     assert cli.verify_dataset(out, log=lambda *_: None) == []
 
 
+def test_a_hand_off_that_raises_at_the_close_commits_the_other_models_complete_examples(monkeypatch):
+    """A model's only forward is handed off at the close. When that hand-off raised, the close stopped there:
+    another model's complete examples were neither committed nor discarded (yet read by table()). Now the
+    failed forward is discarded, the others are committed, and the error is raised after."""
+    from qk_attn.capture.sinks import MemorySink
+
+    first, second = build("llama3", "qk_sniff"), build("qwen2", "qk_sniff")
+    ids = _tokens(6, seed=1)
+    with pytest.raises(MemoryError, match="injected"):
+        with qk_attn.session(sampler="all") as s:
+            for example in (1, 2, 3):
+                s.begin([example])
+                first(input_ids=ids, use_cache=False)
+            s.begin([20])
+            second(input_ids=ids, use_cache=False)  # its only forward: handed off at the close
+            _fail_once(monkeypatch, MemorySink, "put_forward", MemoryError)
+    assert sorted(s.committed_ids()) == [1, 2, 3]
+    assert sorted({key[0] for key in rows_by_key(s.table())}) == [1, 2, 3]
+
+
 def test_a_second_begin_before_any_forward_replaces_the_first():
     """As the README says: the retry of a forward that failed before it took its ids is begun again."""
     model = build("llama3", "qk_sniff")
@@ -406,3 +464,57 @@ def test_a_model_call_that_raises_after_its_decoder_stack_returned_commits_nothi
         want.update(_one_shot(model, ids, 1))
     _assert_same_rows(_folder_rows(out, model), want)
     assert cli.verify_dataset(out, log=lambda *_: None) == []
+
+
+class _Wrapper(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **kwargs):
+        return self.model(**kwargs)
+
+
+@pytest.mark.parametrize("first", ["backbone", "wrapper"])
+def test_a_model_call_that_raises_after_its_stack_is_stopped_whichever_module_made_the_first_call(first):
+    """Only the module around the model's first forward in the process had its calls watched: after a
+    first call through the backbone (the README's session example) or a wrapper, a causal LM call whose
+    loss raised was committed. Each module the caller calls is watched, from its second call on."""
+    model = build("llama3", "qk_sniff")
+    ids, wrong_labels = _tokens(6, seed=1), torch.zeros(1, 5, dtype=torch.long)
+    entry = model.model if first == "backbone" else _Wrapper(model)
+    with qk_attn.session(sampler="all") as s:
+        s.begin([0])
+        entry(input_ids=ids)
+        s.begin([3])
+        model(input_ids=ids)  # the causal LM's first call: its calls are watched from the next one on
+        s.begin([1])
+        with pytest.raises(ValueError, match="batch_size"):
+            model(input_ids=ids, labels=wrong_labels)
+        s.begin([2])
+        model(input_ids=ids)
+    assert sorted({key[0] for key in rows_by_key(s.table())}) == [0, 2, 3]
+
+
+def test_a_cache_whose_model_call_raised_after_its_stack_is_refused_naming_that_call():
+    """Continuing the cache of an example discarded because its model call raised after the decoder stack
+    returned was refused as 'no sequence of this model was started on this cache', which blamed the cache."""
+    from transformers import DynamicCache
+
+    model = build("llama3", "qk_sniff")
+    document = _tokens(12, seed=3)
+    with qk_attn.session(sampler="all") as s:
+        s.begin([0])
+        model(input_ids=_tokens(5, seed=9), use_cache=False)  # the model's calls are watched from the next one
+        cache = DynamicCache(config=model.config)
+        s.begin([5])
+        model(input_ids=document[:, :4], **cache_kw(cache))
+        with pytest.raises(ValueError, match="batch_size"):
+            model(input_ids=document[:, 4:8], labels=torch.zeros(1, 3, dtype=torch.long), **cache_kw(cache))
+        with pytest.raises(
+            CaptureError,
+            match=r"continues the cache of examples \[5\], which were discarded when a forward of theirs raised in "
+            r"its model call after its decoder stack returned",
+        ):
+            model(input_ids=document[:, 8:], **cache_kw(cache))
+    assert sorted({key[0] for key in rows_by_key(s.table())}) == [0]

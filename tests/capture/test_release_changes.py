@@ -431,7 +431,7 @@ def test_a_release_that_moved_what_qk_attn_imports_fails_its_import_naming_the_f
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"TransformersMismatch qk_sniff: transformers {tf.__version__} (torch ")
-    assert "imported_names: expected the 11 names qk-attn takes from transformers" in result.stdout
+    assert "imported_names: expected the 12 names qk-attn takes from transformers" in result.stdout
     assert f"pip install 'transformers>={qk_attn.version.TRANSFORMERS_TESTED[0]},<" in result.stdout
 
 
@@ -594,11 +594,16 @@ def test_a_vetted_cache_layer_whose_update_rounds_the_keys_breaks_a_fact(monkeyp
 
 @pytest.mark.parametrize(
     "module, holder, name",
-    [("transformers", "AttentionInterface", "_global_mapping"), ("transformers.cache_utils", None, "CacheLayerMixin")],
+    [
+        ("transformers", "AttentionInterface", "_global_mapping"),
+        ("transformers.cache_utils", None, "CacheLayerMixin"),
+        ("transformers.models.auto.modeling_auto", None, "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
+    ],
 )
 def test_a_release_without_what_hooks_and_caches_read_breaks_imported_names(module, holder, name, monkeypatch):
     """hooks read the registered functions from `_global_mapping`; caches tell transformers' own layer
-    types by CacheLayerMixin: gone, they failed with a bare AttributeError at a forward or at import."""
+    types by CacheLayerMixin; the CLI's preflight a model type's class by MODEL_FOR_CAUSAL_LM_MAPPING_NAMES: gone,
+    they failed with a bare AttributeError (or ImportError) at a forward, at import or before a run."""
     target = importlib.import_module(module)
     target = getattr(target, holder) if holder else target
     monkeypatch.setattr(target, name, None)

@@ -184,3 +184,31 @@ def test_a_trusted_cache_layer_that_moved_is_found(monkeypatch):
 
     monkeypatch.delattr(cache_utils, "StaticSlidingWindowLayer")
     assert [f.fact for f in facts.check_all()] == ["cache_layer_updates"]
+
+
+@pytest.mark.parametrize("renamed", ["FlashAttentionKwargs", "_flash_attention_forward"])
+def test_packed_sequence_keywords_renamed_by_a_release_are_found(renamed, monkeypatch):
+    """attention.refuse_packed reads cu_seq_lens_q/k: renamed, packed documents would be recorded as one."""
+    from transformers import modeling_flash_attention_utils as flash_utils
+
+    if renamed == "FlashAttentionKwargs":
+        annotations = {"cu_seqlens_q": torch.Tensor, "cu_seqlens_k": torch.Tensor}
+        monkeypatch.setattr(flash_utils.FlashAttentionKwargs, "__annotations__", annotations)
+    else:
+        monkeypatch.setattr(flash_utils, "_flash_attention_forward", lambda q, k, v, mask, cu_seqlens_q=None: None)
+    assert [f.fact for f in facts.check_all()] == ["packed_sequence_keywords"]
+
+
+def test_image_inputs_renamed_by_a_release_are_found(monkeypatch):
+    """frames.model_forward tells a forward with images by its pixel_values (mrope positions are refused)."""
+    from transformers.models.gemma3 import modeling_gemma3
+
+    def forward(self, input_ids=None, images=None, **kwargs):
+        return None
+
+    monkeypatch.setattr(modeling_gemma3.Gemma3ForConditionalGeneration, "forward", forward)
+    findings = {finding.fact: finding.found for finding in facts.check_all()}
+    assert findings.keys() == {"image_inputs"}
+    assert findings["image_inputs"].startswith(
+        "Gemma3ForConditionalGeneration.forward(self, input_ids=None, images=None"
+    )
