@@ -46,7 +46,23 @@ class SequenceTracker(ForwardTracker):
 
     def begin(self, example_ids) -> None:
         """Ids for the batch rows of the next forward; later forwards over its cache continue them."""
-        self._pending_ids = integer_ids(example_ids)
+        ids = integer_ids(example_ids)
+        self._refuse_taken(ids)  # refused here, where the ids are named (the forward checks them again)
+        committed = self.sink.committed_among(ids)
+        if committed:
+            raise ValueError(_COMMITTED.format(ids=sorted(committed)))
+        self._pending_ids = ids
+
+    def _refuse_taken(self, ids: list[int]) -> None:
+        """ValueError for ids that repeat, or that name an example begun and not committed yet."""
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"example_ids {ids} repeats an id: every batch row is its own example")
+        again = sorted(set(ids) & self._begun.keys())
+        if again:
+            raise ValueError(
+                f"example ids {again} were begun already and are not committed yet: an example is begun once "
+                "(later forwards over its cache continue it without begin); use new ids, or commit() first"
+            )
 
     def _take_begun_ids(self) -> list[int] | None:
         """`begin()`'s ids, taken by the forward that starts now: used up by it even if it fails or is
@@ -195,7 +211,7 @@ class SequenceTracker(ForwardTracker):
             if sequence is not None:
                 ids |= set(sequence.ids)
         self._sequences.forget(ids, key, cache, why)  # a later forward on its cache is told why
-        ids -= self.committed_ids()  # committed: complete, whatever a later forward does
+        ids -= self.sink.committed_among(ids)  # committed: complete, whatever a later forward does
         if not ids:
             return
         self._begun = {i: n for i, n in self._begun.items() if i not in ids}
@@ -254,14 +270,7 @@ class SequenceTracker(ForwardTracker):
             ids = forward.begun_ids
             if len(ids) != batch:
                 raise ValueError(f"example_ids has {len(ids)} ids but the forward has batch size {batch}")
-            if len(set(ids)) != len(ids):
-                raise ValueError(f"example_ids {ids} repeats an id: every batch row is its own example")
-            again = sorted(set(ids) & self._begun.keys())
-            if again:
-                raise ValueError(
-                    f"example ids {again} were begun already and are not committed yet: an example is begun once "
-                    "(later forwards over its cache continue it without begin); use new ids, or commit() first"
-                )
+            self._refuse_taken(ids)
             sequence = None
         elif forward.past == 0:
             if self._next_auto_id + batch - 1 > ID_RANGE[1]:
@@ -296,9 +305,9 @@ class SequenceTracker(ForwardTracker):
             )
         else:
             ids = list(sequence.ids)
-        # Once per sequence and commit: the committed ids are copied to be read, O(committed) per forward.
+        # Once per sequence and commit (a set lookup per id in the sinks qk-attn has: `Sink.committed_among`).
         if sequence is None or sequence.checked != self._commits:
-            committed = set(ids) & self._committed_now()
+            committed = self.sink.committed_among(ids)
             if committed and sequence is not None:  # env mode names no ids: say where they came from
                 raise ValueError(
                     f"this forward continues the cache of examples {sorted(committed)}, which a commit() or "
@@ -307,14 +316,13 @@ class SequenceTracker(ForwardTracker):
                     "session.begin(ids) before this one to record it under new ids"
                 )
             if committed:
-                raise ValueError(
-                    f"example ids {sorted(committed)} are already committed in this output; "
-                    "rows of a committed example are never added (use new ids)"
-                )
+                raise ValueError(_COMMITTED.format(ids=sorted(committed)))
         return ids, sequence
 
-    def _committed_now(self) -> set[int]:
-        return self.committed_ids()
+
+_COMMITTED = (
+    "example ids {ids} are already committed in this output; rows of a committed example are never added (use new ids)"
+)
 
 
 def integer_ids(example_ids) -> list[int]:

@@ -70,6 +70,11 @@ class Sink:
         """Examples committed so far (a resuming run skips them)."""
         return set()
 
+    def committed_among(self, example_ids) -> set[int]:
+        """Those of `example_ids` committed so far: asked at each new example, so a sink that keeps a set
+        answers without copying it."""
+        return set(example_ids) & self.committed_ids()
+
     def describe(self, example_id: int, source_id: str | None, source_index: int | None) -> None:
         """Where an example came from (its source dataset's id and row)."""
 
@@ -142,6 +147,7 @@ class MemorySink(Sink):
     def __init__(self) -> None:
         self._rows: list[HostRows] = []
         self.committed: list[int] = []
+        self._committed_set: set[int] = set()
         self._pending: list = []  # CaptureBatch, EmptyCall and OffsetCheck, in the order they came
         self._warned: set[int] = set()
         self._seen: set[int] = set()
@@ -226,9 +232,13 @@ class MemorySink(Sink):
 
     def commit(self, example_ids: list[int]) -> None:
         self.committed.extend(example_ids)
+        self._committed_set.update(example_ids)
 
     def committed_ids(self) -> set[int]:
         return set(self.committed)
+
+    def committed_among(self, example_ids) -> set[int]:
+        return {i for i in example_ids if i in self._committed_set}
 
     def discard(self, example_ids: list[int]) -> None:
         """Rows of these examples are dropped (a forward that stopped part-way)."""

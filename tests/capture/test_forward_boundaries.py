@@ -97,12 +97,31 @@ def test_an_example_id_begun_and_not_committed_cannot_be_begun_again(tmp_path):
     with qk_attn.session(sampler="all", output=out) as s:
         s.begin([20])
         model(input_ids=first)
-        s.begin([20])
         with pytest.raises(ValueError, match=r"example ids \[20\] were begun already and are not committed yet"):
-            model(input_ids=second)
+            s.begin([20])  # refused where the id is named (the forward would refuse it too)
+        model(input_ids=second)  # an automatic id: the next after the largest one used
         s.commit()
-    _assert_same_rows(_folder_rows(out, model), _one_shot(model, first, 20))
+    _assert_same_rows(_folder_rows(out, model), {**_one_shot(model, first, 20), **_one_shot(model, second, 21)})
     assert cli.verify_dataset(out, log=lambda *_: None) == []
+
+
+@pytest.mark.parametrize(
+    "ids, why",
+    [([4, 4], r"example_ids \[4, 4\] repeats an id"), ([2], r"example ids \[2\] are already committed")],
+    ids=["repeated", "committed"],
+)
+def test_begin_refuses_ids_its_arguments_show_are_taken(ids, why):
+    """begin() raised nothing for ids that repeat or are committed: the next forward was refused instead."""
+    model = build("llama3", "qk_sniff")
+    with qk_attn.session(sampler="all") as s:
+        s.begin([2])
+        model(input_ids=_tokens(5, seed=1))
+        s.commit()
+        with pytest.raises(ValueError, match=why):
+            s.begin(ids)
+        s.begin([5, 6])
+        model(input_ids=torch.cat([_tokens(5, seed=2), _tokens(5, seed=3)]))
+    assert sorted(s.committed_ids()) == [2, 5, 6]
 
 
 @pytest.mark.parametrize("call", ["commit", "flush", "table"])
