@@ -20,10 +20,14 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+
+from qk_attn.errors import ConfigError
 
 MASK32 = 0xFFFFFFFF
 SALT = 0x5F3759DF
@@ -31,6 +35,11 @@ KIND_CODE = {"q": 1, "k": 2}
 R_BITS = 24
 ONE = 1 << R_BITS  # threshold meaning "always keep"
 MAX_BUCKETS = 64  # log-uniform buckets cover positions up to min_bucket_size * 2**62
+# The largest min_bucket_size: its last log-uniform bucket, min_bucket_size << 62, must stay a finite
+# float for its keep probability (qk_attn.config.MAX_MIN_BUCKET_SIZE, the same bound for SniffConfig).
+MAX_MIN_BUCKET_SIZE = 1 << (MAX_BUCKETS - 2)
+BUCKET_SIZES = "a power of two from 1 to 2**62 (1, 2, 4, ..., 8192, ...)"
+SEED_LIMIT = 1 << 32  # the seed is mixed in as 32 bits: a larger or negative one would alias another
 
 
 def _mul32(h, c: int):
@@ -83,13 +92,28 @@ class Sampler:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        # The ranges SniffConfig allows, with its messages (ConfigError, a ValueError). qk_attn.config
+        # sits beside this module in the same layer, so its checks cannot be imported here.
         if self.strategy not in ("log_uniform", "uniform", "all"):
-            raise ValueError(f"sampler strategy {self.strategy!r} is invalid: expected log_uniform | uniform | all")
-        m = self.min_bucket_size
-        if not isinstance(m, int) or m < 1 or m & (m - 1):
-            raise ValueError(f"min_bucket_size={m!r} is invalid: expected a power of two (1, 2, 4, ..., 8192, ...)")
-        if not self.base_rate > 0:
-            raise ValueError(f"base_rate={self.base_rate!r} is invalid: expected a number > 0")
+            raise ConfigError(f"sampler strategy {self.strategy!r} is invalid: expected log_uniform | uniform | all")
+        m = _integer("min_bucket_size", self.min_bucket_size, BUCKET_SIZES)
+        if m < 1 or m & (m - 1) or m > MAX_MIN_BUCKET_SIZE:
+            raise _invalid("min_bucket_size", self.min_bucket_size, BUCKET_SIZES)
+        rate = self.base_rate
+        try:
+            if isinstance(rate, bool) or not isinstance(rate, numbers.Real):  # True would pass as 1.0
+                raise TypeError
+            rate = float(rate)  # OverflowError: an int beyond a float (10**400)
+        except (TypeError, OverflowError):
+            raise _invalid("base_rate", self.base_rate, "a finite number > 0") from None
+        if not (math.isfinite(rate) and rate > 0):
+            raise _invalid("base_rate", self.base_rate, "a finite number > 0")
+        seed = _integer("seed", self.seed, "an integer in [0, 2**32)")
+        if not 0 <= seed < SEED_LIMIT:
+            raise _invalid("seed", self.seed, "an integer in [0, 2**32)")
+        object.__setattr__(self, "min_bucket_size", m)  # numpy integers become ints (frozen dataclass)
+        object.__setattr__(self, "base_rate", rate)
+        object.__setattr__(self, "seed", seed)
 
     @classmethod
     def from_config(cls, config) -> Sampler:
@@ -190,6 +214,21 @@ class Sampler:
         positions = torch.arange(length, dtype=torch.int64)
         mask = self.keep(torch.tensor([example_id], dtype=torch.int64), layer, kind, positions[None])[0]
         return positions[mask].numpy()
+
+
+def _invalid(name: str, value: Any, allowed: str) -> ConfigError:
+    """SniffConfig's one-line message for a bad value of the keyword `name` (which also takes text, from
+    QK_SNIFF_* variables; a Sampler takes numbers only)."""
+    if isinstance(value, str):
+        allowed += " (a number, not a string)"
+    return ConfigError(f"{name}={value!r} is invalid: expected {allowed}", setting=name, value=value, allowed=allowed)
+
+
+def _integer(name: str, value: Any, allowed: str) -> int:
+    """`value` as an int: an int or numpy integer, never a bool, a float or a string (not truncated or parsed)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise _invalid(name, value, allowed)
+    return int(value)
 
 
 # Once per sampler / model shape, not once per forward (a CPU decode step is short).

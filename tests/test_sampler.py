@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import math
+import re
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qk_attn.config import SniffConfig
+from qk_attn.errors import ConfigError
 from qk_attn.sampler import MASK32, Sampler, bit_length, fmix32
 
 strategies = st.sampled_from(["log_uniform", "uniform"])
@@ -147,6 +151,45 @@ def test_capacity_covers_expected_and_never_exceeds_length():
 def test_bad_parameters_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Sampler(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "name, value, allowed",
+    [
+        ("seed", 2**40, "an integer in [0, 2**32)"),  # was the seed 0's selection: only 32 bits are mixed
+        ("seed", -5, "an integer in [0, 2**32)"),  # was the selection of 2**32 - 5
+        ("seed", 1.0, "an integer in [0, 2**32)"),
+        ("seed", True, "an integer in [0, 2**32)"),
+        ("min_bucket_size", True, "a power of two from 1 to 2**62 (1, 2, 4, ..., 8192, ...)"),  # was 1
+        ("min_bucket_size", 2**63, "a power of two from 1 to 2**62 (1, 2, 4, ..., 8192, ...)"),
+        ("min_bucket_size", 8.0, "a power of two from 1 to 2**62 (1, 2, 4, ..., 8192, ...)"),
+        ("base_rate", float("inf"), "a finite number > 0"),
+        ("base_rate", float("nan"), "a finite number > 0"),
+        ("base_rate", 10**400, "a finite number > 0"),
+        ("base_rate", True, "a finite number > 0"),
+        ("base_rate", "2", "a finite number > 0 (a number, not a string)"),  # was a bare TypeError from `>`
+    ],
+)
+def test_sampler_refuses_what_sniff_config_refuses(name, value, allowed):
+    """The public Sampler skipped SniffConfig's checks: seeds outside 32 bits aliased other seeds, a bool
+    bucket size and an infinite rate were taken, a string rate failed inside a comparison. Refused now in
+    SniffConfig's one line (a ConfigError, a ValueError), naming the argument; SniffConfig refuses the same
+    value (a string rate aside, which its environment variables need)."""
+    with pytest.raises(ConfigError, match=f"^{re.escape(f'{name}={value!r} is invalid: expected {allowed}')}$"):
+        Sampler(**{name: value})
+    if not isinstance(value, str):
+        with pytest.raises(ConfigError, match=rf"^{name}=.* is invalid"):
+            SniffConfig(**{name: value})
+
+
+def test_sampler_takes_the_values_sniff_config_takes():
+    """The ends of each range, and numpy numbers (normalised to Python ones, so equal samplers hash alike)."""
+    for kwargs in [dict(seed=2**32 - 1), dict(min_bucket_size=2**62), dict(base_rate=1e-300), dict(base_rate=3)]:
+        config = SniffConfig(**kwargs)
+        assert Sampler(**kwargs) == Sampler.from_config(config)
+    numpy_made = Sampler("uniform", np.int64(8), np.float32(0.5), np.uint32(7))
+    assert numpy_made == Sampler("uniform", 8, 0.5, 7) and type(numpy_made.min_bucket_size) is int
+    assert hash(numpy_made) == hash(Sampler("uniform", 8, 0.5, 7))
 
 
 @settings(max_examples=25, deadline=None)

@@ -19,7 +19,7 @@ import torch
 from qk_attn.arguments import check_flag
 from qk_attn.capture.schema import concat_rows
 from qk_attn.dataset.reader import check_shard
-from qk_attn.errors import CorruptShard
+from qk_attn.errors import CorruptShard, one_line
 from qk_attn.storage.examples import examples_table
 from qk_attn.storage.layout import MANIFEST, parse_key
 from qk_attn.storage.manifest import read_manifest
@@ -77,6 +77,8 @@ def _open(path_or_repo: str | os.PathLike, revision: str | None, token) -> tuple
     if local.is_dir():
         if revision is not None:
             raise ValueError(f"revision={revision!r} only applies to Hub repos; {local} is a local folder")
+        if token is not None:  # its value is a secret: not repeated in the message
+            raise ValueError(f"token= only applies to Hub repos; {local} is a local folder")
         manifest = read_manifest(local)
         if manifest is None:
             raise FileNotFoundError(f"{local} is not a qk-sniff capture: {MANIFEST} is missing")
@@ -117,6 +119,11 @@ def load(
     """
     columns = _check_columns(columns)
     tokens = check_flag("tokens", tokens)  # "no" would be true
+    if tokenizer is not None and not tokens:  # it would be ignored
+        raise ValueError(
+            f"tokenizer={_shown(tokenizer)} needs tokens=True: it decodes token_id into the token column that "
+            "tokens=True adds; pass tokens=True, or leave tokenizer out"
+        )
     root, manifest, remote = _open(path_or_repo, revision, token)
     keys = _select(path_or_repo, manifest, layer, head, kind)
     if remote:
@@ -187,20 +194,52 @@ def _decoded(tokenizer, ids: list[int], stored: dict[int, str] | None) -> list[s
     return strings
 
 
+def _shown(tokenizer) -> str:
+    """A tokenizer argument for a one-line message: a name or path as written, an object by its type
+    (a tokenizer's repr runs over many lines)."""
+    if isinstance(tokenizer, (str, os.PathLike, int, float)):
+        return repr(os.fspath(tokenizer) if isinstance(tokenizer, os.PathLike) else tokenizer)
+    return f"<{type(tokenizer).__name__}>"
+
+
 def tokenizer_of(manifest: dict, tokenizer=None):
-    """`tokenizer` as a tokenizer object; by default the one the manifest's source names."""
+    """`tokenizer` as a tokenizer object; by default the one the manifest's source names.
+
+    A name that cannot be loaded is one line naming it (for the recorded one, as the capture
+    records it, and how to pass another), not what the Hub or transformers said alone."""
     if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
+        if not hasattr(tokenizer, "convert_ids_to_tokens"):
+            raise ValueError(
+                f"tokens=True: tokenizer={_shown(tokenizer)} is not a tokenizer; pass a tokenizer name, path or "
+                "tokenizer object (AutoTokenizer.from_pretrained(...))"
+            )
         return tokenizer
     source = manifest.get("source") or {}
     name = tokenizer if tokenizer is not None else source.get("tokenizer")
     if name is None:
         raise ValueError("tokens=True: the capture records no tokenizer; pass tokenizer=<name, path or tokenizer>")
+    revision = None if tokenizer is not None else source.get("tokenizer_revision")
+    if tokenizer is None:
+        what = f'the tokenizer this capture records (source["tokenizer"] = {_shown(name)}'
+        what += f", revision {revision!r})" if revision is not None else ")"
+        fix = "pass the capture's tokenizer: tokenizer=<name, path or tokenizer>"
+    else:
+        what, fix = f"tokenizer={_shown(name)}", "pass a tokenizer name, path or tokenizer object"
+    if not isinstance(name, (str, os.PathLike)):
+        raise ValueError(f"tokens=True: {what} is not a tokenizer name or path; {fix}")
+    if not isinstance(revision, (str, type(None))):
+        raise ValueError(f"tokens=True: {what} has a revision that is not a branch, tag or commit name; {fix}")
     from transformers import AutoTokenizer
 
     from qk_attn.demo import resolve_model
 
-    revision = None if tokenizer is not None else source.get("tokenizer_revision")
-    return AutoTokenizer.from_pretrained(resolve_model(os.fspath(name), verbose=False), revision=revision)
+    path = os.path.expanduser(resolve_model(os.fspath(name), verbose=False))  # "~/tok": no repo id starts so
+    if not os.path.exists(path) and not is_repo_id(path):  # the Hub would say "Repo id must be ..."
+        raise ValueError(f"tokens=True: {what} cannot be loaded (no such folder, and not a Hub repo id); {fix}")
+    try:
+        return AutoTokenizer.from_pretrained(path, revision=revision)
+    except Exception as error:  # noqa: BLE001 - OSError from the Hub, ValueError/TypeError from transformers
+        raise ValueError(f"tokens=True: {what} cannot be loaded ({one_line(error)}); {fix}") from error
 
 
 def _read(root: Path, manifest: dict, key: str, name: str, columns: list[str] | None) -> pa.Table:

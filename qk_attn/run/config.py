@@ -11,9 +11,9 @@
     output:    {data_root, hf_repo_id, hf_branch, private, overwrite}
 
 Everything is validated when the file is read, before any model or dataset is loaded: an
-unknown section or key, or a value of the wrong type, is a `ConfigError` that names the
-section and key (and the closest known key). The capture section maps onto `SniffConfig`
-(`RunConfig.sniff_config()`), whose own checks run at the same time. The sections and the
+unknown section or key, a key written twice, or a value of the wrong type, is a `ConfigError`
+that names the section and key (and the closest known key). The capture section maps onto
+`SniffConfig` (`RunConfig.sniff_config()`), whose own checks run at the same time. The sections and the
 check of each key live in qk_attn.run.sections; this module reads the file, applies `--set`
 and maps the result onto the capture library.
 """
@@ -68,8 +68,40 @@ _PlainNumbers.add_implicit_resolver(
 )
 
 
-def _load_yaml(text: str):
-    return yaml.load(text, Loader=_PlainNumbers)  # a SafeLoader: no Python objects
+def _load_yaml(text: str, where: str, prefix: str = ""):
+    """The YAML `text` (a SafeLoader: no Python objects). A key given twice in one mapping, at any
+    depth, is a ConfigError naming `where`, the key's path (below `prefix`, the `--set` key) and,
+    for a file, both lines: PyYAML would keep the last one and drop the other without a word."""
+    loader = _PlainNumbers(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _refuse_duplicate_keys(node, prefix, where, lines=not prefix, walked=set())
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _refuse_duplicate_keys(node: yaml.Node, path: str, where: str, lines: bool, walked: set[int]) -> None:
+    if id(node) in walked:  # an alias of a node walked already
+        return
+    walked.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _refuse_duplicate_keys(item, f"{path}[{index}]", where, lines, walked)
+    elif isinstance(node, yaml.MappingNode):
+        first: dict[tuple[str, str], yaml.Node] = {}
+        for key, value in node.value:
+            if not isinstance(key, yaml.ScalarNode):  # a complex key (`? [a, b]`): no setting has one
+                _refuse_duplicate_keys(value, path, where, lines, walked)
+                continue
+            name = f"{path}.{key.value}" if path else key.value
+            if (key.tag, key.value) in first:
+                at = f" (lines {first[key.tag, key.value].start_mark.line + 1} and {key.start_mark.line + 1})"
+                raise ConfigError(f"{where}: key {name!r} appears twice{at if lines else ''}; keep one")
+            first[key.tag, key.value] = key
+            _refuse_duplicate_keys(value, name, where, lines, walked)
 
 
 @dataclass
@@ -112,7 +144,7 @@ class RunConfig:
                 why = "is not a regular file" if path.exists() else "does not exist"  # /dev/null, a pipe
                 raise ConfigError(f"config file {str(path)!r} {why}")
             try:
-                data = _load_yaml(path.read_text()) or {}
+                data = _load_yaml(path.read_text(), f"run config {path}") or {}
             except yaml.YAMLError as error:
                 raise ConfigError(f"{path}: not valid YAML: {error}") from None
             if not isinstance(data, dict):
@@ -276,7 +308,7 @@ def apply_override(data: dict, item: str) -> None:
     if key not in known:
         raise unknown_key(key, f"section {section!r} (--set {item!r})", known)
     try:
-        value = _load_yaml(raw) if raw.strip() else None
+        value = _load_yaml(raw, f"--set {item!r}", ".".join(parts)) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     target = data.setdefault(section, {})

@@ -32,6 +32,37 @@ def refuse_local_revision(section: str, name: str, revision: str | None) -> None
         )
 
 
+def _unreadable_header(folder: str | None) -> tuple[Path, BaseException] | None:
+    """The first safetensors file of `folder` whose header does not read (a truncated or damaged
+    copy: safetensors also checks that the file's size covers every tensor the header lists), and
+    why. The headers only: no tensor is read."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(os.path.expanduser(folder)) if folder else None
+    for file in sorted(path.glob("*.safetensors")) if path is not None and path.is_dir() else []:
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            return file, error
+    return None
+
+
+def _weight_file_error(model_name: str, file: str, error: BaseException) -> ConfigError:
+    return ConfigError(
+        f"model.name={model_name!r}: {file} cannot be read ({type(error).__name__}: {one_line(error)}); "
+        "it is damaged or incomplete: copy or download it again"
+    )
+
+
+def check_weight_headers(model_name: str, folder: str) -> None:
+    """The safetensors files of a local model folder are whole, found by --dry-run too, where loading
+    them would fail with a traceback."""
+    bad = _unreadable_header(folder)
+    if bad is not None:
+        raise _weight_file_error(model_name, f"the weight file {bad[0]}", bad[1])
+
+
 def load_model_config(config: RunConfig, name: str):
     """AutoConfig with `model.config_overrides` merged in (mappings merge key by key, so
     `rope_parameters: {rope_type: yarn, factor: 4}` keeps the model's rope_theta)."""
@@ -53,6 +84,7 @@ def load_model_config(config: RunConfig, name: str):
         refuse_local_revision("model", cfg.name, cfg.revision)
         if config.tokenizer.name is None or Path(os.path.expanduser(config.tokenizer_name)).exists():
             refuse_local_revision("tokenizer", config.tokenizer_name, config.tokenizer.revision)
+        check_weight_headers(cfg.name, name)
     try:
         model_config = AutoConfig.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as error:  # not found, no network, not a transformers model
@@ -114,8 +146,14 @@ def load_model(config: RunConfig, name: str, model_config=None):
     }
     if cfg.device_map is not None:
         kwargs["device_map"] = cfg.device_map
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except SafetensorError as error:  # a weight file damaged since the checks (or in the Hub cache)
+        raise _damaged_weights(cfg.name, name, cfg.revision, error) from error
+    except OSError as error:  # a weight file missing or unreadable (permissions, I/O), or not downloadable
+        raise ConfigError(f"model.name={cfg.name!r}: its weights cannot be loaded: {one_line(error)}") from error
     except (RuntimeError, ValueError) as error:
         if not cfg.config_overrides:
             raise
@@ -127,6 +165,23 @@ def load_model(config: RunConfig, name: str, model_config=None):
     if cfg.device_map is None:
         model.to(default_device(cfg))
     return model.eval()
+
+
+def _damaged_weights(model_name: str, name: str, revision: str | None, error: BaseException) -> ConfigError:
+    """The error of a weight file that failed to load, naming the file where its header does not
+    read, in the local folder or the Hub cache (safetensors' own message names no file)."""
+    folder: str | None = name
+    if not Path(os.path.expanduser(name)).exists():
+        from huggingface_hub import snapshot_download
+
+        try:  # the cached snapshot only: never a download
+            folder = snapshot_download(name, revision=revision, local_files_only=True, allow_patterns=["*.safetensors"])
+        except (OSError, ValueError):
+            folder = None
+    bad = _unreadable_header(folder)
+    if bad is not None:
+        return _weight_file_error(model_name, f"the weight file {bad[0]}", bad[1])
+    return _weight_file_error(model_name, f"a weight file of {name}", error)
 
 
 def backbone(model):

@@ -2,7 +2,8 @@
 
 Each section is a dataclass whose fields carry their own validator (`_opt`): `build_section`
 turns one YAML mapping into a section, refusing an unknown key (naming the closest known one)
-or a value of the wrong type with a `ConfigError` that names `section.key`.
+or a value of the wrong type with a `ConfigError` that names `section.key`. A null value is
+the key's default (as if the key were left out); only a key without a default is required.
 """
 
 from __future__ import annotations
@@ -181,6 +182,19 @@ class OutputSection:
     def __post_init__(self) -> None:
         if isinstance(self.data_root, str):  # "~/x" is a home folder wherever the run writes, reads or prints it
             self.data_root = os.path.expanduser(self.data_root)
+        # How --push writes the repo output.hf_repo_id names: without that repo they would be ignored.
+        for key, what in _PUSH_KEYS.items():
+            if getattr(self, key) and not self.hf_repo_id:
+                raise ConfigError(
+                    f"output.{key}={getattr(self, key)!r} cannot apply without output.hf_repo_id ({what}); "
+                    f"set output.hf_repo_id (and run with --push), or remove output.{key}"
+                )
+
+
+_PUSH_KEYS = {
+    "hf_branch": "it names the branch of the Hub repo that --push pulls and pushes",
+    "private": "it makes the Hub repo that --push creates private",
+}
 
 
 SECTIONS: dict[str, type] = {
@@ -213,6 +227,8 @@ def build_section(name: str, values: Any):
             raise unknown_key(key, f"section {name!r}", list(fields))
     checked = {}
     for key, f in fields.items():
+        if values.get(key) is None and f.default is not None:
+            continue  # null (`dtype:` left empty, `--set model.dtype=null`) is the key's default, as if omitted
         if key in values:
             checked[key] = validate(f"{name}.{key}", values[key], **f.metadata)
         elif not f.metadata.get("nullable", True) and f.default is None:

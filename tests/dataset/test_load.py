@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import datasets
 import numpy as np
 import pyarrow as pa
@@ -12,7 +14,7 @@ from datasets import List, Value
 
 import qk_attn
 from qk_attn.capture.schema import arrow_schema
-from qk_attn.dataset.load import vectors_of
+from qk_attn.dataset.load import tokenizer_of, vectors_of
 from support.storage import capture_model, folder_table, sort_rows
 
 # The column types of docs/architecture.md, as `datasets` names them
@@ -146,3 +148,56 @@ def test_token_strings_come_from_the_capture_or_from_a_tokenizer_that_fits_it(ti
         qk_attn.load(out, layer=0, tokens=True, tokenizer=_word_level(words[::-1]))
     with pytest.raises(ValueError, match=r"^tokens='no' is invalid: expected True or False"):  # was read as true
         qk_attn.load(out, layer=0, tokens="no")
+
+
+def test_load_refuses_hub_arguments_on_a_local_folder_and_a_tokenizer_without_tokens(captured):
+    """token= on a local folder was ignored (revision= is refused), and so was tokenizer= without tokens=True:
+    both refused now, in one line naming the argument; the token's value, a secret, is not repeated."""
+    local = f"^token= only applies to Hub repos; {re.escape(str(captured))} is a local folder$"
+    for read in (qk_attn.load, qk_attn.load_vectors, qk_attn.load_examples):
+        with pytest.raises(ValueError, match=local) as refused:
+            read(captured, token="hf_secret")
+        assert "hf_secret" not in str(refused.value)
+    for tokenizer in (5, "/nonexistent", _word_level(["a", "b"])):
+        shown = (
+            repr(tokenizer) if isinstance(tokenizer, (int, str)) else f"<{type(tokenizer).__name__}>"
+        )  # not its repr
+        needs = rf"^tokenizer={re.escape(shown)} needs tokens=True: it decodes token_id into the token column"
+        with pytest.raises(ValueError, match=needs):
+            qk_attn.load(captured, layer=0, tokenizer=tokenizer)
+        with pytest.raises(ValueError, match=needs):
+            qk_attn.load(captured, layer=0, tokenizer=tokenizer, tokens=False)
+    with pytest.raises(ValueError, match=r"^tokens=True: tokenizer=5 is not a tokenizer; pass a tokenizer name"):
+        qk_attn.load(captured, layer=0, tokens=True, tokenizer=5)  # was len(5): a TypeError
+
+
+def test_a_recorded_tokenizer_that_cannot_be_loaded_is_named_with_the_way_round_it(tmp_path):
+    """A capture whose source names a tokenizer that is not there (moved, or another machine's path) made
+    load(tokens=True) raise huggingface_hub's "Repo id must be in the form ..."; one that is not a name at
+    all, a TypeError. Now one line names the recorded tokenizer and says to pass one: tokenizer=..."""
+    from support.models import VOCAB, build
+
+    gone = tmp_path / "gone" / "tok"
+    out = tmp_path / "out"
+    model = build("llama3", "qk_sniff")
+    with torch.no_grad(), qk_attn.session(output=str(out), sampler="all", layers="0", source={"tokenizer": str(gone)}):
+        model(input_ids=torch.tensor([[1, 5, 6]]))
+    cannot = (
+        rf'^tokens=True: the tokenizer this capture records \(source\["tokenizer"\] = {re.escape(repr(str(gone)))}\) '
+        r"cannot be loaded \(no such folder, and not a Hub repo id\); pass the capture's tokenizer: tokenizer=<"
+    )
+    with pytest.raises(ValueError, match=cannot) as refused:
+        qk_attn.load(out, layer=0, tokens=True)
+    assert "\n" not in str(refused.value)
+    words = [f"t{i}" for i in range(VOCAB)]
+    table = qk_attn.load(out, layer=0, head=0, kind="q", tokens=True, tokenizer=_word_level(words))
+    assert table["token"].to_pylist() == ["t1", "t5", "t6"]  # the way round it the message gives
+    # A manifest whose source names no string (written by hand, or before session() checked it).
+    with pytest.raises(
+        ValueError, match=r'^tokens=True: the tokenizer this capture records \(source\["tokenizer"\] = 5\) is'
+    ):
+        tokenizer_of({"source": {"tokenizer": 5}})
+    with pytest.raises(
+        ValueError, match=r"\(source\[\"tokenizer\"\] = '/nonexistent/tok'\) cannot be loaded \(no such"
+    ):
+        tokenizer_of({"source": {"tokenizer": "/nonexistent/tok"}})

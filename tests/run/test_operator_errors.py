@@ -6,6 +6,7 @@ The model is the 2-layer tiny Llama of test_cli (4 query / 2 KV heads), saved to
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import json
@@ -814,3 +815,177 @@ def test_a_model_transformers_runs_without_sdpa_is_refused_before_its_weights_lo
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "inference.backend='sdpa': GptOssForCausalLM does not support sdpa" in err
     assert "set inference.backend: eager" in err and not out.exists()
+
+
+# ---- the run config as written: a key twice, null, settings that cannot apply ----------------
+def _yaml_with(tmp_path, tiny_model, docs, name: str, tail: str) -> str:
+    """A run config file written by hand (yaml.safe_dump cannot write a key twice), `tail` appended."""
+    path = tmp_path / name
+    path.write_text(
+        f"dataset:\n  path: {docs[0]}\n  text_column: body\n  id_column: doc\n"
+        f"model:\n  name: {tiny_model}\n  dtype: float32\n  device: cpu\n"
+        f"output:\n  data_root: {tmp_path / 'out'}\n" + tail
+    )
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("tail", "key", "lines"),
+    [
+        ("capture:\n  sampler: all\n  layers: '0'\ncapture:\n  sampler: uniform\n", "capture", (11, 14)),
+        ("capture:\n  sampler: all\n  sampler: uniform\n", "capture.sampler", (12, 13)),
+        (
+            "capture:\n  sampler:\n    type: all\n    base_rate: 2\n    type: uniform\n",
+            "capture.sampler.type",
+            (13, 15),
+        ),
+        ("model:\n  name: ./nowhere\n", "model", (5, 11)),
+    ],
+)
+def test_a_key_written_twice_in_the_config_file_is_one_line(
+    tiny_model, docs, tmp_path, capsys, no_weights, tail, key, lines
+):
+    """PyYAML keeps the last of two equal keys: a repeated section or key was dropped without a word
+    and the run recorded with settings other than those written first."""
+    config = _yaml_with(tmp_path, tiny_model, docs, "dup.yaml", tail)
+    code, _, err = run_cli(capsys, "--config", config, "--dry-run")
+    assert code == 2
+    assert one_line(err) == (
+        f"qk-sniff run: run config {config}: key {key!r} appears twice (lines {lines[0]} and {lines[1]}); keep one"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_key_written_twice_in_a_set_value_is_one_line(tiny_model, docs, tmp_path, capsys, no_weights):
+    config = write_config(tmp_path, tiny_model, docs[0], tmp_path / "out")
+    code, _, err = run_cli(
+        capsys, "--config", config, "--dry-run", "--set", "capture.sampler={type: all, type: uniform}"
+    )
+    assert code == 2
+    assert one_line(err).endswith(": key 'capture.sampler.type' appears twice; keep one")
+    # the same key in two --set overrides is an override, as documented: the last one wins
+    code, _, err = run_cli(
+        capsys, "--config", config, "--dry-run", "--set", "capture.sampler=all", "--set", "capture.sampler=uniform"
+    )
+    assert code == 0, err
+
+
+@pytest.mark.parametrize(
+    "setting",
+    ["model.dtype", "dataset.split", "tokenizer.padding_side", "inference.batch_size", "capture.capture_queries"],
+)
+def test_null_is_the_default_of_an_optional_key(tiny_model, docs, tmp_path, capsys, no_weights, setting):
+    """`--set model.dtype=null` said "model.dtype is required", though dtype is optional (default auto);
+    and `capture_queries: null` was read as false. Null is the key's default, as when it is left out."""
+    section, key = setting.split(".")
+    config = _yaml_with(tmp_path, tiny_model, docs, "null.yaml", "")
+    code, _, err = run_cli(capsys, "--config", config, "--dry-run", "--set", f"{setting}=null")
+    assert code == 0, err
+    from qk_attn.run.config import RunConfig
+    from qk_attn.run.sections import SECTIONS
+
+    default = next(f.default for f in dataclasses.fields(SECTIONS[section]) if f.name == key)
+    assert getattr(getattr(RunConfig.load(config, [f"{setting}=null"]), section), key) == default
+
+
+def test_an_empty_key_in_the_file_is_its_default(tiny_model, docs, tmp_path, capsys, no_weights):
+    """`dtype:` left empty in the file reads as null: the default, not "model.dtype is required"."""
+    config = tmp_path / "empty.yaml"
+    config.write_text(
+        Path(_yaml_with(tmp_path, tiny_model, docs, "x.yaml", "")).read_text().replace("dtype: float32", "dtype:")
+    )
+    code, _, err = run_cli(capsys, "--config", str(config), "--dry-run")
+    assert code == 0, err
+
+
+@pytest.mark.parametrize(
+    ("setting", "says"),
+    [
+        ("output.private=true", "output.private=True cannot apply without output.hf_repo_id"),
+        ("output.hf_branch=llama", "output.hf_branch='llama' cannot apply without output.hf_repo_id"),
+    ],
+)
+def test_push_settings_without_a_repo_are_refused(tiny_model, docs, tmp_path, capsys, no_weights, setting, says):
+    """output.private and output.hf_branch only choose how --push writes output.hf_repo_id: without that
+    repo they were accepted and ignored (as model.revision on a local folder is refused)."""
+    config = write_config(tmp_path, tiny_model, docs[0], tmp_path / "out")
+    code, _, err = run_cli(capsys, "--config", config, "--dry-run", "--set", setting)
+    assert code == 2
+    line = one_line(err)
+    assert line.startswith(f"qk-sniff run: {says} (") and "set output.hf_repo_id" in line
+    # with the repo they are accepted, with --push or without (the file names the repo --push writes)
+    for push in ([], ["--push"]):
+        code, _, err = run_cli(
+            capsys, "--config", config, "--dry-run", "--set", setting, "--set", "output.hf_repo_id=org/qk", *push
+        )
+        assert code == 0, err
+    code, _, err = run_cli(capsys, "--config", config, "--dry-run", "--set", "output.private=false")
+    assert code == 0, err
+
+
+@pytest.fixture
+def damaged_model(tiny_model, tmp_path):
+    """A copy of the tiny model whose model.safetensors is cut short."""
+    import shutil
+
+    model = tmp_path / "damaged"
+    shutil.copytree(tiny_model, model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    return model
+
+
+def test_a_damaged_weight_file_is_one_line_in_a_dry_run_and_a_run(damaged_model, docs, tmp_path, capsys):
+    """A truncated model.safetensors passed --dry-run, and the run died loading it with a 29-line
+    SafetensorError traceback (exit 1). Its header is read by --dry-run now: one line, exit 2."""
+    out = tmp_path / "out"
+    config = write_config(tmp_path, damaged_model, docs[0], out)
+    says = (
+        f"qk-sniff run: model.name={str(damaged_model)!r}: the weight file {damaged_model / 'model.safetensors'} "
+        "cannot be read (SafetensorError: Error while deserializing header: invalid header length); "
+        "it is damaged or incomplete"
+    )
+    for dry in (["--dry-run"], []):
+        code, _, err = run_cli(capsys, "--config", config, *dry)
+        assert code == 2
+        assert one_line(err).startswith(says)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("keep", "says"),
+    [(1000, "invalid header length"), (-100, "incomplete metadata, file not fully covered")],
+)
+def test_a_weight_file_that_fails_to_load_names_the_file(damaged_model, tiny_model, docs, tmp_path, keep, says):
+    """The weights load after the checks (a file damaged meanwhile, or in the Hub cache): the
+    SafetensorError from transformers is one line naming model.name and the file, not a traceback."""
+    from transformers import AutoConfig
+
+    from qk_attn.run.model import load_model
+
+    weights = damaged_model / "model.safetensors"
+    weights.write_bytes((tiny_model / "model.safetensors").read_bytes()[:keep])  # -100: the tensors cut short
+    config = make_config(damaged_model, docs[0], tmp_path / "out")
+    with pytest.raises(ConfigError) as error:
+        load_model(config, str(damaged_model), AutoConfig.from_pretrained(damaged_model))
+    message = str(error.value)
+    assert message.startswith(
+        f"model.name={str(damaged_model)!r}: the weight file {weights} cannot be read (SafetensorError: "
+    )
+    assert says in message and "\n" not in message
+
+
+def test_a_model_folder_without_weight_files_names_model_name(tiny_model, docs, tmp_path, capsys):
+    """The OSError transformers raises when no weight file is there (or one cannot be opened) names
+    the setting, in one line, exit 2."""
+    import shutil
+
+    model = tmp_path / "no-weights"
+    shutil.copytree(tiny_model, model)
+    (model / "model.safetensors").unlink()
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "--config", write_config(tmp_path, model, docs[0], out))
+    assert code == 2
+    line = one_line(err)
+    assert line.startswith(f"qk-sniff run: model.name={str(model)!r}: its weights cannot be loaded: "), line
+    assert "model.safetensors" in line and "--debug" not in line
