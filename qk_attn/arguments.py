@@ -28,6 +28,9 @@ def check_flag(name: str, value: Any) -> bool:
 _JSON_TYPES = "str, int, float, bool, None, or a list or str-keyed dict of them"
 
 
+TOKENIZER_KEYS = ("tokenizer", "tokenizer_revision")
+
+
 def check_source(source: Any) -> dict | None:
     """`source=`: None, or a dict of str keys to JSON values, recorded in the manifest and card. It is
     returned as the manifest will read it back (tuples as lists), so that a resumed run compares equal
@@ -44,6 +47,15 @@ def check_source(source: Any) -> dict | None:
             value=source,
             allowed=f"a dict of str keys to JSON values ({_JSON_TYPES}), or None",
         )
+    for key in TOKENIZER_KEYS:  # read back by load(..., tokens=True): a name or path, and a revision
+        if source.get(key) is not None and not (isinstance(source[key], str) and source[key].strip()):
+            raise ConfigError(
+                f"source[{key!r}]={reprlib.repr(source[key])} is invalid: expected a non-empty str (a tokenizer's "
+                f"{'Hub id or folder' if key == 'tokenizer' else 'revision'}), or None",
+                setting="source",
+                value=source,
+                allowed=f"source[{key!r}]: a non-empty str, or None",
+            )
     return json.loads(json.dumps(source))
 
 

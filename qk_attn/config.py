@@ -27,6 +27,15 @@ SAMPLERS = ("log_uniform", "uniform", "all")
 CAPTURE_KINDS = ("q,k", "q", "k")
 ROPE_STAGES = ("post", "pre")
 BACKENDS = ("sdpa", "eager", "flash_attention_2")
+# What "qk_sniff" wraps. flash_attention_2 is recorded under its own name (qk_attn.wrap_flash_attention()):
+# a SniffConfig takes it as a label (a run configuration's inference.backend), but the environment and
+# session() refuse it until flash attention records, where "qk_sniff" would refuse it in the first forward.
+WRAPPED_BACKENDS = ("sdpa", "eager")
+FLASH = "flash_attention_2"
+FLASH_ADVICE = (
+    "flash attention is recorded under its own name: call qk_attn.wrap_flash_attention() and load the model with "
+    'attn_implementation="flash_attention_2", leaving this setting unset'
+)
 VECTOR_DTYPES = ("float32", "float16")
 # The sampler's largest log-uniform bucket is min_bucket_size << 62 (sampler.MAX_BUCKETS): its keep
 # probability needs it as a finite float, and the kernel shifts int64 positions by log2 of it.
@@ -35,6 +44,21 @@ BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "fal
 # Plain ASCII numbers only: int() and float() also take "1_024", "+4" and other scripts' digits ("٣").
 _INT_TEXT = re.compile(r"[0-9]+")
 _FLOAT_TEXT = re.compile(r"-?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+
+
+def _flash_recorded() -> bool:
+    """Whether qk_attn.wrap_flash_attention() made "flash_attention_2" record (looked up, not imported:
+    the environment is read while qk_attn.capture.hooks itself is imported, before anything is wrapped)."""
+    hooks = sys.modules.get("qk_attn.capture.hooks")
+    records = getattr(hooks, "_records", None)
+    return records is not None and records(FLASH)
+
+
+def _session_backends() -> str:
+    """The backends the environment and session() take now: flash_attention_2 only once it records."""
+    if _flash_recorded():
+        return " | ".join(BACKENDS)
+    return f"{' | '.join(WRAPPED_BACKENDS)}; {FLASH_ADVICE}"
 
 
 def _did_you_mean(name: str, known) -> str:
@@ -246,6 +270,8 @@ class SniffConfig:
         set_("output", None if self.output in (None, "") else os.fspath(self.output))
         if self.output is not None and not self.output.strip():  # a folder named " " is a typo
             raise _fail("output", self.output, "a folder path (empty or unset: no output)")
+        if self.output is not None and "\0" in self.output:  # no file system takes it (os: a bare ValueError)
+            raise _fail("output", self.output, "a folder path without NUL characters")
         if self.output is not None:  # "~/x" is a home folder, as for qk_attn.load and a run's data_root
             set_("output", os.path.expanduser(self.output))
         set_("sampler", _parse_choice("sampler", self.sampler, SAMPLERS))
@@ -299,6 +325,9 @@ class SniffConfig:
 
         A bad value names the variable when it came from the environment, the keyword otherwise.
         In the `qk-sniff` command the process environment is not read (see command_line_process).
+        `backend="flash_attention_2"` is refused here unless flash attention records already
+        (qk_attn.wrap_flash_attention(), as `qk-sniff run` calls before its session): "qk_sniff" would
+        refuse it at the first forward (qk_attn.capture.backends.flash_forward).
         """
         if environ is None:
             environ = {} if command_line_process() else os.environ
@@ -317,10 +346,14 @@ class SniffConfig:
         values.update(overrides)
         try:
             config = cls(**values)
+            if config.backend == FLASH and not _flash_recorded():
+                raise _fail("backend", values["backend"], _session_backends())
         except ConfigError as error:
+            if error.setting == "backend":  # what the environment and session() take, flash included or not
+                error = _fail("backend", error.value, _session_backends())
             if error.setting in from_environment:
                 raise error.relabel(ENV_PREFIX + error.setting.upper()) from None
-            raise
+            raise error from None
         object.__setattr__(config, "_from_env", frozenset(from_environment))
         return config
 

@@ -56,8 +56,9 @@ class CaptureOverflow(RuntimeError):
 class MisnumberedPositions(CaptureError):
     """The positions RoPE used do not count up by one along an example, or leave [0, 2**31) (packed documents restart
     them, right padding in generate() repeats them, position_ids that change between a sequence's
-    forwards skip some): refused, since rows are keyed by position and an example's positions are
-    the range [first_position, first_position + valid_length)."""
+    forwards skip some; the int32 position column ends at 2**31 - 1): refused, since rows are keyed by
+    position and an example's positions are the range [first_position, first_position + valid_length).
+    One example whose positions leave that range is told of the range, not of packing or padding (`out_of_range`)."""
 
     @classmethod
     def of(cls, example_ids: list[int], seen: str = "") -> MisnumberedPositions:
@@ -68,6 +69,22 @@ class MisnumberedPositions(CaptureError):
             "padding in generate() repeats them, position_ids that change between a sequence's forwards skip some; "
             "rows could not be keyed by position, so nothing of them is recorded; run one document per batch row, "
             "left-padded, with the same position_ids scheme in every forward"
+        )
+
+    @classmethod
+    def out_of_range(cls, example: Any, first: int, last: int) -> MisnumberedPositions:
+        """Example `example` is at positions `first` to `last`, of which some lie outside the int32 position
+        column (below 0, or from 2**31 on): told of that range, not of packing or padding."""
+        where = (
+            "below 0, where the position column and the sampler's buckets start"
+            if first < 0
+            else "beyond the int32 position column's 2**31 - 1"
+        )
+        return cls(
+            f"qk_sniff: examples [{example}]: example {example} is at positions {first} to {last}, {where}; rows "
+            "are keyed by position, which that column cannot hold, so nothing of it is recorded; give it "
+            "position_ids from 0 to 2**31 - 1 (a document's tokens count from 0, as transformers numbers them "
+            "without position_ids)"
         )
 
 

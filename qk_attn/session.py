@@ -101,6 +101,38 @@ def _check_sink(sink) -> None:
         )
 
 
+def _refuse_unused(config: SniffConfig, sink, output, **folder_arguments) -> None:
+    """Arguments that would have no effect, refused rather than ignored: `output=` with a `sink=` that does not
+    write it (the rows go to the sink), and the arguments of the folder the session opens (`overwrite`,
+    `source`, `vocabulary`) when it opens none."""
+    if sink is not None and output is not None and not _writes(sink, output):
+        raise ConfigError(
+            f"sink= and output={output!r} are both given: a session's rows go to one place; pass one of them",
+            setting="sink",
+            value=sink,
+            allowed="None when output= is given",
+        )
+    if sink is None and config.output is not None:
+        return
+    given = [name for name, value in folder_arguments.items() if value not in (None, False)]
+    if given:
+        where = "has a sink of its own" if sink is not None else "keeps its rows in memory (no output)"
+        raise ConfigError(
+            f"{', '.join(name + '=' for name in given)} only {'applies' if len(given) == 1 else 'apply'} to a session "
+            "that writes a folder (output=...); "
+            f"this one {where}: leave them out, or pass output=",
+            setting=given[0],
+            value=folder_arguments[given[0]],
+            allowed="its default when the session writes no folder",
+        )
+
+
+def _writes(sink, output) -> bool:
+    """Whether `sink` writes the folder `output` (a ParquetSink made for it, as `qk-sniff run` makes per rank)."""
+    written = getattr(sink, "output", None)
+    return written is not None and Path(written).resolve() == Path(output).expanduser().resolve()
+
+
 @contextlib.contextmanager
 def session(
     *,
@@ -121,6 +153,7 @@ def session(
     source, vocabulary = check_source(source), check_vocabulary(vocabulary)
     _check_sink(sink)
     config = SniffConfig.from_env(**settings)
+    _refuse_unused(config, sink, settings.get("output"), overwrite=overwrite, source=source, vocabulary=vocabulary)
     recorder = _recorder(config, sink, example_ids, overwrite, source, vocabulary)
     active.opened(recorder)
     try:

@@ -72,7 +72,7 @@ def test_defaults_and_full_environment():
         ("CAPTURE", "v", "q,k | q | k"),
         ("ROPE", "middle", "post | pre"),
         ("FULL_ATTENTION_ONLY", "maybe", "0 or 1"),
-        ("BACKEND", "flex", "sdpa | eager | flash_attention_2"),
+        ("BACKEND", "flex", "sdpa | eager; flash attention is recorded under its own name"),
         ("HEAD_SAMPLE_COUNT", "0", ">= 1"),
         ("VECTOR_DTYPE", "bfloat16", "float32 | float16"),
         ("PINNED_MB", "0", ">= 1"),
@@ -361,3 +361,66 @@ def test_an_env_output_that_cannot_hold_a_capture_fails_at_import(tmp_path, wher
     env["QK_SNIFF_OUTPUT"] = str(tmp_path / "new" / "capture")
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert result.stdout.strip() == "imported" and not (tmp_path / "new").exists()
+
+
+FLASH_REFUSED = (
+    r"is invalid: expected sdpa \| eager; flash attention is recorded under its own name: call "
+    r'qk_attn.wrap_flash_attention\(\) and load the model with attn_implementation="flash_attention_2"'
+)
+
+
+def test_a_flash_backend_is_refused_when_read_not_in_the_first_forward(tmp_path):
+    """QK_SNIFF_BACKEND=flash_attention_2 and session(backend="flash_attention_2") were accepted, then the first
+    forward raised a plain ValueError from "qk_sniff" (flash is recorded under its own name), after the default
+    session had made its folder. A SniffConfig keeps it as a label: a run configuration's inference.backend."""
+    import qk_attn
+
+    with pytest.raises(qk_attn.ConfigError, match=r"^QK_SNIFF_BACKEND='flash_attention_2' " + FLASH_REFUSED):
+        SniffConfig.from_env({"QK_SNIFF_BACKEND": "flash_attention_2"})
+    out = tmp_path / "out"
+    with pytest.raises(qk_attn.ConfigError, match=r"^backend='flash_attention_2' " + FLASH_REFUSED):
+        with qk_attn.session(output=out, backend="flash_attention_2"):
+            pass
+    assert not out.exists()
+    assert SniffConfig(backend="flash_attention_2").backend == "flash_attention_2"
+    env = {"QK_SNIFF_BACKEND": "flash_attention_2", "QK_SNIFF_OUTPUT": str(out), "PATH": "/usr/bin:/bin"}
+    script = "try:\n import qk_attn\nexcept ValueError as e:\n print(type(e).__name__, e)"
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert re.match(r"ConfigError QK_SNIFF_BACKEND='flash_attention_2' " + FLASH_REFUSED, result.stdout), result
+    assert len(result.stdout.splitlines()) == 1 and not out.exists()
+
+
+def test_a_flash_backend_is_taken_once_flash_attention_records():
+    """As qk-sniff run does for inference.backend: flash_attention_2, whose session opens after it wrapped flash."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    import qk_attn
+
+    saved = dict(AttentionInterface._global_mapping), dict(AttentionMaskInterface._global_mapping)
+    try:
+        qk_attn.wrap_flash_attention()
+        assert SniffConfig.from_env({"QK_SNIFF_BACKEND": "flash_attention_2"}).backend == "flash_attention_2"
+        with qk_attn.session(backend="flash_attention_2") as s:
+            assert s.config.backend == "flash_attention_2"
+        with pytest.raises(ValueError, match=r"^QK_SNIFF_BACKEND='flex' is invalid: expected sdpa \| eager \| flash"):
+            SniffConfig.from_env({"QK_SNIFF_BACKEND": "flex"})
+    finally:
+        for interface, mapping in zip((AttentionInterface, AttentionMaskInterface), saved):
+            interface._global_mapping.clear()
+            interface._global_mapping.update(mapping)
+
+
+def test_the_readme_says_which_head_sample_seeds_are_taken():
+    """The README said "any integer", but the variable, the keyword and a run configuration's
+    capture.head_sampling.seed all refuse a negative seed: the README says >= 0, as they do."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| `QK_SNIFF_HEAD_SAMPLE_SEED` |"))
+    assert "any integer" not in row and "an integer >= 0" in row, row
+    with pytest.raises(ValueError, match=r"^QK_SNIFF_HEAD_SAMPLE_SEED='-5' is invalid: expected an integer >= 0"):
+        SniffConfig.from_env({"QK_SNIFF_HEAD_SAMPLE_SEED": "-5"})
+    with pytest.raises(ValueError, match=r"^head_sample_seed=-5 is invalid: expected an integer >= 0"):
+        SniffConfig(head_sample_seed=-5)
+    assert SniffConfig.from_env({"QK_SNIFF_HEAD_SAMPLE_SEED": str(2**70)}).head_sample_seed == 2**70  # any size

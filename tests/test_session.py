@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -334,6 +336,44 @@ def test_reload_env_with_a_bad_value_leaves_the_running_default_session(tmp_path
         qk_attn.reload_env()
 
 
+def test_a_session_on_the_default_sessions_folder_is_told_this_process_holds_it(tmp_path, monkeypatch):
+    """session() without output= while the default session of QK_SNIFF_OUTPUT writes there was refused as if
+    "another qk-sniff capture" held the folder: it is this process's own default session, and the message
+    says so and how to go on (reload_env() closes the default session, which flush() does not)."""
+    from qk_attn.errors import OutputLocked
+
+    out = tmp_path / "out"
+    model = build("llama3", "qk_sniff")
+    ids = torch.arange(2, 10)[None]
+    monkeypatch.setenv("QK_SNIFF_OUTPUT", str(out))
+    monkeypatch.setenv("QK_SNIFF_SAMPLER", "all")
+    try:
+        qk_attn.reload_env()
+        model(input_ids=ids)  # the default session takes the folder's lock
+        qk_attn.flush()
+        with pytest.raises(OutputLocked) as error:
+            with qk_attn.session():
+                pass
+        message = str(error.value)
+        assert message.startswith(
+            f"this process (pid {os.getpid()}) is already writing to {out}: its capture of "
+            f"QK_SNIFF_OUTPUT={str(out)!r} (the default session that the variable configures"
+        ), message
+        assert "another qk-sniff capture" not in message and "output=None records in memory" in message
+        assert "qk_attn.reload_env() closes the default session (qk_attn.flush() only commits" in message
+        with qk_attn.session(output=None) as s:  # in memory, as the message says
+            model(input_ids=ids)
+        assert s.table().num_rows
+        qk_attn.reload_env()  # closes the default session: its folder is free for a session()
+        with qk_attn.session(example_ids=[1]):
+            model(input_ids=ids)
+        assert sorted(qk_attn.load_examples(out)["example_id"].to_pylist()) == [0, 1]
+    finally:
+        monkeypatch.delenv("QK_SNIFF_OUTPUT")
+        monkeypatch.delenv("QK_SNIFF_SAMPLER")
+        qk_attn.reload_env()
+
+
 # ---- session()'s own arguments: checked before anything is done, in memory too ------------------
 def _files(folder):
     return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
@@ -428,3 +468,44 @@ def test_an_output_that_cannot_be_written_is_one_line_naming_the_setting(tmp_pat
         with qk_attn.session(output=output):
             pass
     assert (tmp_path / "file").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "arguments, why",
+    [
+        (
+            {"vocabulary": ["a", "b"]},
+            r"^vocabulary= only applies to a session that writes a folder \(output=\.\.\.\); ",
+        ),
+        ({"overwrite": True, "source": {"a": 1}}, r"^overwrite=, source= only apply to a session that writes a folder"),
+        ({"sink": "memory", "vocabulary": ["a"]}, r"^vocabulary= only applies .* this one has a sink of its own"),
+        (
+            {"sink": "memory", "output": "OUT"},
+            r"^sink= and output='.*' are both given: a session's rows go to one place",
+        ),
+        ({"source": {"tokenizer": 5}}, r"^source\['tokenizer'\]=5 is invalid: expected a non-empty str"),
+        ({"output": "a\0b"}, r"^output='a\\x00b' is invalid: expected a folder path without NUL characters"),
+    ],
+    ids=[
+        "vocabulary-in-memory",
+        "folder-arguments-in-memory",
+        "folder-argument-with-sink",
+        "sink-and-output",
+        "tokenizer-not-a-str",
+        "nul-in-output",
+    ],
+)
+def test_arguments_that_would_do_nothing_are_refused_naming_them(tmp_path, arguments, why):
+    """In memory, or with a sink, `vocabulary`, `overwrite` and `source` were accepted and did nothing, and
+    `output=` next to `sink=` wrote no folder; a tokenizer recorded as an int failed only at load()."""
+    from qk_attn.capture.sinks import MemorySink
+
+    arguments = dict(arguments)
+    if arguments.get("sink") == "memory":
+        arguments["sink"] = MemorySink()
+    if arguments.get("output") == "OUT":
+        arguments["output"] = str(tmp_path / "out")
+    with pytest.raises(qk_attn.ConfigError, match=why):
+        with qk_attn.session(**arguments):
+            pass
+    assert not (tmp_path / "out").exists()

@@ -295,6 +295,9 @@ class ForwardContext:
         row, example = rows[0], self.example_ids[rows[0]]
         positions = tokens.positions[row][tokens.valid[row]].tolist()
         if positions[0] < 0 or positions[-1] >= POSITION_LIMIT:
+            counts_up = positions == list(range(positions[0], positions[0] + len(positions)))
+            if counts_up and len(rows) == 1 and (expected is None or expected[row] in (-1, positions[0])):
+                raise MisnumberedPositions.out_of_range(example, positions[0], positions[-1])  # the range alone
             seen = f"example {example} is at positions {positions[0]} to {positions[-1]}"
         elif expected is not None and 0 <= expected[row] != positions[0]:
             seen = (

@@ -166,9 +166,7 @@ def _run(config: RunConfig, rank, push_to_hub: bool, progress: bool, sink, log=p
     start = time.perf_counter()
     bar = _progress(total, progress and not (rank.launched and rank.rank))  # one bar per launched job
     try:
-        with qk_attn.session(
-            overwrite=config.output.overwrite, source=source, sink=sink, vocabulary=vocabulary, **settings
-        ) as s:
+        with qk_attn.session(**_session_arguments(settings, sink, config.output.overwrite, source, vocabulary)) as s:
             committed = set(s.committed_ids())
             pending = []
             index = -1
@@ -232,3 +230,14 @@ def _forward(s, decoder, tokenizer, docs, max_length, config, device, summary, b
 def _show_rate(bar, summary: RunSummary, start: float, rows: int, refresh: bool = True) -> None:
     elapsed = max(time.perf_counter() - start, 1e-9)
     bar.set_postfix_str(f"{summary.tokens / elapsed:,.0f} tok/s, {rows:,} rows", refresh=refresh)
+
+
+def _session_arguments(settings: dict, sink, overwrite: bool, source, vocabulary) -> dict:
+    """session()'s arguments: the folder's own when the session opens it; with a sink made here (one rank's
+    ParquetSink, given them already) or by the caller (a MemorySink), the sink and, if it writes the folder,
+    the output."""
+    if sink is None:
+        return dict(settings, overwrite=overwrite, source=source, vocabulary=vocabulary)
+    if getattr(sink, "output", None) is None:
+        settings = {key: value for key, value in settings.items() if key != "output"}
+    return dict(settings, sink=sink)

@@ -106,7 +106,9 @@ class ParquetSink(SaverThread, Sink):
         if self.output.exists() and not self.output.is_dir():
             raise StorageError(f"output {self.output} is a file, not a folder; choose a folder for the capture")
         self.output.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = take_lock(self.output, self.files.lock)
+        # who holds the lock, should this process try to take it again (the default session of QK_SNIFF_OUTPUT)
+        holder = f"{config.setting_name('output') if config.output is not None else 'output'}={str(self.output)!r}"
+        self._lock_fd = take_lock(self.output, self.files.lock, holder)
         try:
             columns = {"token_id": self.token_ids, "token_str": self.token_ids and vocabulary is not None}
             manifest, self.removed_orphans = open_capture(
@@ -152,6 +154,9 @@ class ParquetSink(SaverThread, Sink):
     def committed_ids(self) -> set[int]:
         """Examples already committed (by this run or an earlier one): a resuming run skips them."""
         return set(self._committed)
+
+    def committed_among(self, example_ids) -> set[int]:
+        return {i for i in example_ids if i in self._committed}
 
     def max_committed_id(self) -> int | None:
         """The largest committed example id (automatic ids continue after it), None if none."""

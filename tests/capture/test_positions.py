@@ -31,17 +31,22 @@ def _ids(length: int, batch: int = 1, seed: int = 3) -> torch.Tensor:
         (torch.cat([torch.arange(8), torch.arange(10, 18)]), "goes from position 7 to 10"),  # a gap
         (torch.cat([torch.arange(8), torch.arange(7, 15)]), "goes from position 7 to 7"),  # a repeat
         (torch.cat([torch.arange(1, 16), torch.tensor([0])]), "goes from position 15 to 0"),  # out of order
-        (torch.arange(-3, 13), "is at positions -3 to 12"),  # below 0: no bucket holds it
-        (torch.arange(2**31 - 8, 2**31 + 8), "is at positions 2147483640 to 2147483655"),  # past int32
-        (torch.arange(2**40, 2**40 + 16), "is at positions 1099511627776 to 1099511627791"),
+        (torch.arange(-3, 13), "is at positions -3 to 12, below 0"),  # no bucket holds it
+        (torch.arange(2**31 - 8, 2**31 + 8), "is at positions 2147483640 to 2147483655, beyond the int32"),
+        (torch.arange(2**40, 2**40 + 16), "is at positions 1099511627776 to 1099511627791, beyond the int32"),
     ],
 )
 def test_positions_that_do_not_count_up_by_one_in_a_forward_are_refused_there(tmp_path, into, positions, seen):
+    """Positions that count up by one but leave the int32 column are told of that range first, without the
+    causes of misnumbering (packed documents, right padding), which they do not have."""
     model = build("llama3", "qk_sniff")
     out = tmp_path / "out"
+    beyond = "is at positions" in seen
     with qk_attn.session(sampler="all", **({"output": out} if into == "parquet" else {})) as s:
-        with pytest.raises(MisnumberedPositions, match=rf"examples \[0\]: .*\(example 0 {seen}\)"):
+        expected = rf"examples \[0\]: example 0 {seen}" if beyond else rf"examples \[0\]: .*\(example 0 {seen}\)"
+        with pytest.raises(MisnumberedPositions, match=expected) as error:
             model(input_ids=_ids(16), position_ids=positions[None], use_cache=False)
+        assert ("packed documents" in str(error.value)) is not beyond, error.value
         model(input_ids=_ids(5, seed=4), use_cache=False)  # the next document: recorded
         s.commit()
         if into == "memory":
@@ -339,3 +344,19 @@ def test_a_forward_that_binds_position_ids_anew_after_its_mask_is_recorded_at_th
     table = own.table()
     assert table.num_rows == 2 * 8 * 7 and sorted(set(table.column("position").to_pylist())) == list(range(7))
     assert table.equals(given.table())
+
+
+def test_positions_just_past_int32_lead_with_their_range():
+    """position_ids starting at 2**31 - 3 count up by one: only the range refuses them. The message led with
+    "do not count up by one ... or leave 0 to 2**31 - 1" and suggested packed documents and right padding."""
+    model = build("llama3", "qk_sniff")
+    with qk_attn.session(sampler="all", example_ids=[42]):
+        with pytest.raises(MisnumberedPositions) as error:
+            model(input_ids=_ids(6), position_ids=torch.arange(2**31 - 3, 2**31 + 3)[None], use_cache=False)
+    message = str(error.value)
+    assert message.startswith(
+        "qk_sniff: examples [42]: example 42 is at positions 2147483645 to 2147483650, beyond the int32 position "
+        "column's 2**31 - 1; "
+    ), message
+    assert "count up by one" not in message and "packed" not in message and "padding" not in message
+    assert "position_ids from 0 to 2**31 - 1" in message

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import threading
 import time
@@ -24,7 +25,7 @@ from qk_attn.capture.schema import arrow_schema
 from qk_attn.capture.staging import Staging
 from qk_attn.config import SniffConfig
 from qk_attn.dataset.verify import verify_dataset
-from qk_attn.errors import CaptureOverflow, SaverError
+from qk_attn.errors import CaptureOverflow, OutputLocked, SaverError
 from qk_attn.sampler import Sampler
 from qk_attn.storage.layout import MANIFEST, key_name
 from qk_attn.storage.manifest import read_manifest
@@ -313,11 +314,41 @@ def test_different_settings_are_refused_then_overwritten(tmp_path):
 
 
 def test_one_writer_per_folder(tmp_path):
-    sink = open_sink(tmp_path / "out")
-    with pytest.raises(RuntimeError, match="another qk-sniff capture"):
-        open_sink(tmp_path / "out")
+    """A second writer of this same process is told that the holder is this process (it was told of
+    "another qk-sniff capture", as if another process held the lock), and of which capture."""
+    out = tmp_path / "out"
+    sink = open_sink(out)
+    with pytest.raises(OutputLocked) as error:
+        open_sink(out)
+    assert str(error.value).startswith(
+        f"this process (pid {os.getpid()}) is already writing to {out}: its capture of output={str(out)!r} "
+        f"(a session() or ParquetSink still open) holds {out / '.qk_sniff.lock'}"
+    ), error.value
+    assert "pass another output= (output=None records in memory)" in str(error.value)
     sink.close()
-    open_sink(tmp_path / "out").close()
+    open_sink(out).close()
+
+
+def test_a_lock_another_process_holds_is_named_as_another_capture(tmp_path):
+    import fcntl
+
+    from qk_attn.storage.folder import release_lock, take_lock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    fd = os.open(out / ".qk_sniff.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as another process would: not a lock take_lock took here
+    try:
+        with pytest.raises(OutputLocked, match=r"^another qk-sniff capture is writing to "):
+            take_lock(out)
+    finally:
+        os.close(fd)
+    held = take_lock(out)  # taken here without a holder (a command such as repair): named generically
+    try:
+        with pytest.raises(OutputLocked, match=r"^this process \(pid \d+\) is already writing to .*: one of its own"):
+            take_lock(out)
+    finally:
+        release_lock(out, held)
 
 
 def test_an_output_that_is_a_file_is_refused_in_one_line(tmp_path):
