@@ -341,7 +341,8 @@ class SniffConfig:
                 f"{unknown[0]} is not a qk-attn variable{_did_you_mean(unknown[0].upper(), [*known, *OTHER_ENV])}"
             )
         cls._refuse_unknown(overrides)
-        values = {name: environ[variable] for variable, name in known.items() if variable in environ}
+        # An empty variable is unset, as `VAR= cmd` reads in the shell: its default, for every variable alike.
+        values = {name: environ[variable] for variable, name in known.items() if environ.get(variable, "").strip()}
         from_environment = set(values) - set(overrides)
         values.update(overrides)
         try:

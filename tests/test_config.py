@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -424,3 +425,12 @@ def test_the_readme_says_which_head_sample_seeds_are_taken():
     with pytest.raises(ValueError, match=r"^head_sample_seed=-5 is invalid: expected an integer >= 0"):
         SniffConfig(head_sample_seed=-5)
     assert SniffConfig.from_env({"QK_SNIFF_HEAD_SAMPLE_SEED": str(2**70)}).head_sample_seed == 2**70  # any size
+
+
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(SniffConfig)])
+def test_an_empty_variable_is_unset_for_every_variable(name):
+    """`QK_SNIFF_SEED=` was refused while `QK_SNIFF_LAYERS=` meant all: an empty variable is now unset for
+    every variable, as the shell's `VAR= cmd` reads, whatever its type."""
+    variable = "QK_SNIFF_" + name.upper()
+    for empty in ("", "  "):
+        assert SniffConfig.from_env({variable: empty}) == SniffConfig.from_env({})
