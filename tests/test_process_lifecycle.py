@@ -32,7 +32,7 @@ PRELUDE = textwrap.dedent("""
         return torch.randint(2, 90, (1, n), generator=torch.Generator().manual_seed(seed))
 
     # A third process that tries to take the writer's lock of OUT while the parent still writes it.
-    THIRD = "import sys; from pathlib import Path; from qk_attn.storage.folder import take_lock; take_lock(Path(sys.argv[1])); print('third: took the lock')"
+    THIRD = "import sys; from pathlib import Path; from qk_attn.storage.lock import take_lock; take_lock(Path(sys.argv[1])); print('third: took the lock')"
 
     def third_process(out):
         done = subprocess.run([sys.executable, "-c", THIRD, out], capture_output=True, text=True)

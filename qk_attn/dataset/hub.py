@@ -26,8 +26,8 @@ from huggingface_hub import HfApi
 from qk_attn.dataset.progress import bar, hub_bars, hub_enabled
 from qk_attn.errors import ConfigError, HubError, StorageError
 from qk_attn.storage.card import write_card
-from qk_attn.storage.folder import release_lock, take_lock
 from qk_attn.storage.layout import CARD, CHART, EXAMPLES, MANIFEST
+from qk_attn.storage.lock import release_lock, take_lock
 from qk_attn.storage.manifest import read_manifest, write_json_atomic
 from qk_attn.storage.settings import check_same_capture, is_repo_id, public_manifest
 

@@ -24,7 +24,7 @@ from qk_attn.dataset.verify import EncodeSource, verify_dataset
 from qk_attn.errors import ManifestError, NotACapture, StorageError
 from qk_attn.storage.card import card_problem
 from qk_attn.storage.examples import check_examples_file, write_examples
-from qk_attn.storage.folder import card_is_ours, release_lock, remove_orphans, take_lock
+from qk_attn.storage.folder import card_is_ours, remove_orphans
 from qk_attn.storage.layout import (
     CARD,
     EXAMPLES,
@@ -37,6 +37,7 @@ from qk_attn.storage.layout import (
     part_ranks,
     previous_name,
 )
+from qk_attn.storage.lock import release_lock, take_lock
 from qk_attn.storage.manifest import fsync_dir, read_manifest, write_json_atomic
 from qk_attn.storage.records import row_group_segments, segment_examples, shard_examples, shard_segments
 

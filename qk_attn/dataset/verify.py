@@ -22,8 +22,8 @@ from qk_attn.dataset.reader import INDEX_COLUMNS, Dataset, check_integrity
 from qk_attn.errors import ManifestError
 from qk_attn.storage.card import card_problem
 from qk_attn.storage.card_columns import head_dims
-from qk_attn.storage.folder import lock_held
 from qk_attn.storage.layout import LOCK, MANIFEST, PREVIOUS, key_name, parse_key
+from qk_attn.storage.lock import lock_held
 from qk_attn.storage.records import shard_examples
 
 # (manifest, manifest["source"]) -> {example_id: the token ids of its source document}. The run

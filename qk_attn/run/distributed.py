@@ -115,8 +115,8 @@ def merge(output: str | Path, allow_incomplete: bool = False) -> dict:
     from qk_attn.errors import OutputLocked
     from qk_attn.storage.card import write_card
     from qk_attn.storage.examples import write_examples
-    from qk_attn.storage.folder import release_lock, take_lock
     from qk_attn.storage.layout import MANIFEST, Files, part_files
+    from qk_attn.storage.lock import release_lock, take_lock
     from qk_attn.storage.manifest import read_manifest, write_json_atomic
 
     output = Path(output)

@@ -37,7 +37,7 @@ def _probe_writable(folder: Path, where: str) -> None:
 
 
 def _probe_lock(path: Path, where: str) -> None:
-    from qk_attn.storage.folder import lock_held
+    from qk_attn.storage.lock import lock_held
 
     if lock_held(path):
         raise ConfigError(

@@ -31,8 +31,9 @@ from qk_attn.capture.sinks import Sink
 from qk_attn.config import SniffConfig
 from qk_attn.errors import CaptureError, CaptureOverflow, CommittedExampleError, SaverError, StorageError
 from qk_attn.storage.examples import check_examples_file
-from qk_attn.storage.folder import lock_taken_here, open_capture, release_lock, take_lock
+from qk_attn.storage.folder import open_capture
 from qk_attn.storage.layout import Files
+from qk_attn.storage.lock import lock_taken_here, release_lock, take_lock
 from qk_attn.storage.manifest import read_manifest, vocabulary_digest
 from qk_attn.storage.saver import _STOP, SaverThread, _Flush
 from qk_attn.storage.settings import check_same_model, local_fingerprint

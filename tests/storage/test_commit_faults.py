@@ -227,7 +227,7 @@ def test_closing_a_capture_whose_folder_was_replaced_leaves_the_new_folders_lock
     file at OUT's name, which was the other capture's: a third writer could then open the folder."""
     import shutil
 
-    from qk_attn.storage.folder import release_lock, take_lock
+    from qk_attn.storage.lock import release_lock, take_lock
 
     out = tmp_path / "out"
     out.mkdir()

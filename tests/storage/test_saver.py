@@ -332,7 +332,7 @@ def test_one_writer_per_folder(tmp_path):
 def test_a_lock_another_process_holds_is_named_as_another_capture(tmp_path):
     import fcntl
 
-    from qk_attn.storage.folder import release_lock, take_lock
+    from qk_attn.storage.lock import release_lock, take_lock
 
     out = tmp_path / "out"
     out.mkdir()
