@@ -7,7 +7,7 @@ arms' counts is the work capture adds, read to a tenth of a percent. It is not a
 step streams the weights from memory and capture's Python is cache-friendly, so the instruction
 ratio overstates the time ratio rather than hiding it.
 
-    .venv/bin/python bench/decode_instructions.py [--steps 8] [--prompt 2048] [--layers 30] [--jobs 1]
+    .venv/bin/python bench/decode_instructions.py [--steps 8] [--prompt 2048] [--layers 30] [--jobs 1] [--keep DIR]
 
 Per arm, one process under `valgrind --tool=callgrind --instr-atstart=no`: the benchmark's model
 (`harness.build_backbone`, one torch thread), a prefill of `--prompt` tokens and three decode steps
@@ -24,6 +24,7 @@ import concurrent.futures
 import ctypes
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -80,8 +81,9 @@ def _instructions(dump: str) -> int:
     return int(match.group(1))
 
 
-def count(arm_name: str, steps: int, prompt_len: int, layers: int) -> tuple[int, int]:
-    """(process, main thread) instructions per decode step of one arm, from its own valgrind run."""
+def count(arm_name: str, steps: int, prompt_len: int, layers: int, keep: Path | None = None) -> tuple[int, int]:
+    """(process, main thread) instructions per decode step of one arm, from its own valgrind run; with `keep`,
+    its dumps are copied to keep/ARM/ (read them per function with `callgrind_annotate`)."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         out = folder / "callgrind.out"
@@ -95,6 +97,10 @@ def count(arm_name: str, steps: int, prompt_len: int, layers: int) -> tuple[int,
         dumps = sorted(str(p) for p in folder.glob("callgrind.out.*") if _is_decode_dump(p))
         if not dumps:
             raise SystemExit(f"{arm_name}: callgrind wrote no decode dump in {folder}")
+        if keep is not None:
+            (keep / arm_name).mkdir(parents=True, exist_ok=True)
+            for dump in dumps:
+                shutil.copy(dump, keep / arm_name)
         per_thread = {dump: _instructions(dump) for dump in dumps}
         main = per_thread[min(dumps, key=lambda d: int(d.rsplit("-", 1)[1]))]  # thread 1: the main thread
         return sum(per_thread.values()) // steps, main // steps
@@ -112,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--arms", default="sdpa,uniform,log_uniform,all")
     parser.add_argument("--jobs", type=int, default=1, help="arms counted at once (a count does not depend on load)")
+    parser.add_argument("--keep", type=Path, help="copy each arm's callgrind dumps to KEEP/ARM/")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -119,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         return child(args.child, args.steps, args.prompt, args.layers, args.folder)
     arms = args.arms.split(",")
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        futures = {arm: pool.submit(count, arm, args.steps, args.prompt, args.layers) for arm in arms}
+        futures = {arm: pool.submit(count, arm, args.steps, args.prompt, args.layers, args.keep) for arm in arms}
         counts = {arm: future.result() for arm, future in futures.items()}
     base_process, base_main = counts["sdpa"]
     print(f"{args.layers} layers, {args.prompt}-token prompt, {args.steps} decode steps counted per arm\n")
