@@ -302,7 +302,22 @@ def test_a_model_running_a_forward_in_another_thread_refuses_a_second_one():
         assert torch.equal(torch.from_numpy(got[key]), torch.from_numpy(vector)), key
 
 
-def test_reload_env_with_a_bad_value_leaves_the_running_default_session(tmp_path, monkeypatch):
+@pytest.fixture
+def default_env(monkeypatch):
+    """`default_env(output=..., sampler=...)` sets those QK_SNIFF_* variables and reloads them; after the
+    test the environment is as it was and the default session it opened is closed."""
+
+    def use(**variables):
+        for name, value in variables.items():
+            monkeypatch.setenv("QK_SNIFF_" + name.upper(), str(value))
+        return qk_attn.reload_env()
+
+    yield use
+    monkeypatch.undo()
+    qk_attn.reload_env()
+
+
+def test_reload_env_with_a_bad_value_leaves_the_running_default_session(tmp_path, default_env):
     """A failed reload used to close the default session first: the next forward then opened a new
     one on the old folder, under the old settings, as if nothing had been asked."""
     from qk_attn.capture import active
@@ -310,33 +325,23 @@ def test_reload_env_with_a_bad_value_leaves_the_running_default_session(tmp_path
     a, b = tmp_path / "a", tmp_path / "b"
     model = build("llama3", "qk_sniff")
     ids = torch.arange(2, 10)[None]
-    monkeypatch.setenv("QK_SNIFF_OUTPUT", str(a))
-    monkeypatch.setenv("QK_SNIFF_SAMPLER", "all")
-    try:
-        qk_attn.reload_env()
-        model(input_ids=ids)
-        running = active.default_session()
-        monkeypatch.setenv("QK_SNIFF_OUTPUT", str(b))
-        monkeypatch.setenv("QK_SNIFF_SAMPLER", "bogus")
-        with pytest.raises(qk_attn.ConfigError, match=r"^QK_SNIFF_SAMPLER='bogus' is invalid"):
-            qk_attn.reload_env()
-        assert active.default_session() is running and (a / ".qk_sniff.lock").exists()
-        model(input_ids=ids)  # still into the running session
-        qk_attn.flush()
-        assert sorted(qk_attn.load_examples(a)["example_id"].to_pylist()) == [0, 1]
-        monkeypatch.setenv("QK_SNIFF_SAMPLER", "all")
-        assert qk_attn.reload_env().output == str(b)  # valid: the running session closes, b takes over
-        assert not (a / ".qk_sniff.lock").exists()
-        model(input_ids=ids)
-        qk_attn.flush()
-        assert qk_attn.load_examples(b)["example_id"].to_pylist() == [0]
-    finally:
-        monkeypatch.delenv("QK_SNIFF_OUTPUT")
-        monkeypatch.delenv("QK_SNIFF_SAMPLER")
-        qk_attn.reload_env()
+    default_env(output=a, sampler="all")
+    model(input_ids=ids)
+    running = active.default_session()
+    with pytest.raises(qk_attn.ConfigError, match=r"^QK_SNIFF_SAMPLER='bogus' is invalid"):
+        default_env(output=b, sampler="bogus")
+    assert active.default_session() is running and (a / ".qk_sniff.lock").exists()
+    model(input_ids=ids)  # still into the running session
+    qk_attn.flush()
+    assert sorted(qk_attn.load_examples(a)["example_id"].to_pylist()) == [0, 1]
+    assert default_env(sampler="all").output == str(b)  # valid: the running session closes, b takes over
+    assert not (a / ".qk_sniff.lock").exists()
+    model(input_ids=ids)
+    qk_attn.flush()
+    assert qk_attn.load_examples(b)["example_id"].to_pylist() == [0]
 
 
-def test_a_session_on_the_default_sessions_folder_is_told_this_process_holds_it(tmp_path, monkeypatch):
+def test_a_session_on_the_default_sessions_folder_is_told_this_process_holds_it(tmp_path, default_env):
     """session() without output= while the default session of QK_SNIFF_OUTPUT writes there was refused as if
     "another qk-sniff capture" held the folder: it is this process's own default session, and the message
     says so and how to go on (reload_env() closes the default session, which flush() does not)."""
@@ -345,33 +350,26 @@ def test_a_session_on_the_default_sessions_folder_is_told_this_process_holds_it(
     out = tmp_path / "out"
     model = build("llama3", "qk_sniff")
     ids = torch.arange(2, 10)[None]
-    monkeypatch.setenv("QK_SNIFF_OUTPUT", str(out))
-    monkeypatch.setenv("QK_SNIFF_SAMPLER", "all")
-    try:
-        qk_attn.reload_env()
-        model(input_ids=ids)  # the default session takes the folder's lock
-        qk_attn.flush()
-        with pytest.raises(OutputLocked) as error:
-            with qk_attn.session():
-                pass
-        message = str(error.value)
-        assert message.startswith(
-            f"this process (pid {os.getpid()}) is already writing to {out}: its capture of "
-            f"QK_SNIFF_OUTPUT={str(out)!r} (the default session that the variable configures"
-        ), message
-        assert "another qk-sniff capture" not in message and "output=None records in memory" in message
-        assert "qk_attn.reload_env() closes the default session (qk_attn.flush() only commits" in message
-        with qk_attn.session(output=None) as s:  # in memory, as the message says
-            model(input_ids=ids)
-        assert s.table().num_rows
-        qk_attn.reload_env()  # closes the default session: its folder is free for a session()
-        with qk_attn.session(example_ids=[1]):
-            model(input_ids=ids)
-        assert sorted(qk_attn.load_examples(out)["example_id"].to_pylist()) == [0, 1]
-    finally:
-        monkeypatch.delenv("QK_SNIFF_OUTPUT")
-        monkeypatch.delenv("QK_SNIFF_SAMPLER")
-        qk_attn.reload_env()
+    default_env(output=out, sampler="all")
+    model(input_ids=ids)  # the default session takes the folder's lock
+    qk_attn.flush()
+    with pytest.raises(OutputLocked) as error:
+        with qk_attn.session():
+            pass
+    message = str(error.value)
+    assert message.startswith(
+        f"this process (pid {os.getpid()}) is already writing to {out}: its capture of "
+        f"QK_SNIFF_OUTPUT={str(out)!r} (the default session that the variable configures"
+    ), message
+    assert "another qk-sniff capture" not in message and "output=None records in memory" in message
+    assert "qk_attn.reload_env() closes the default session (qk_attn.flush() only commits" in message
+    with qk_attn.session(output=None) as s:  # in memory, as the message says
+        model(input_ids=ids)
+    assert s.table().num_rows
+    qk_attn.reload_env()  # closes the default session: its folder is free for a session()
+    with qk_attn.session(example_ids=[1]):
+        model(input_ids=ids)
+    assert sorted(qk_attn.load_examples(out)["example_id"].to_pylist()) == [0, 1]
 
 
 # ---- session()'s own arguments: checked before anything is done, in memory too ------------------
