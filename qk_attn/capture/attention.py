@@ -22,25 +22,40 @@ from qk_attn.capture.tokens import TextTokens
 from qk_attn.errors import CaptureError
 
 
-def qk_sniff_attention(module, query, key, value, attention_mask, **kwargs):
+def qk_sniff_attention(module, query, key, value, attention_mask, *args, **kwargs):
     """Registered as "qk_sniff". query (B, Hq, T, D), key/value (B, Hkv, K, D), post-RoPE;
-    K includes cached keys. Returns whatever the wrapped backend returns."""
-    backend = attention_forward(active.current_config().backend)
-    return attend_and_capture(backend, module, query, key, value, attention_mask, **kwargs)
+    K includes cached keys; `args` (a dropout or scaling passed by position) go to the backend as
+    given. Returns whatever the wrapped backend returns."""
+    check_attention_module(module)
+    session = active.current_session()
+    backend = attention_forward((session.config if session is not None else active.current_config()).backend)
+    output = backend(module, query, key, value, attention_mask, *args, **kwargs)
+    if session is not None:
+        _record(session, module, query, key, attention_mask, kwargs)
+    return output
 
 
-def attend_and_capture(backend, module, query, key, value, attention_mask, **kwargs):
+def attend_and_capture(backend, module, query, key, value, attention_mask, *args, **kwargs):
     """`backend`'s attention, then this call's rows to the active session (if any)."""
     check_attention_module(module)
-    output = backend(module, query, key, value, attention_mask, **kwargs)
     session = active.current_session()
+    output = backend(module, query, key, value, attention_mask, *args, **kwargs)
+    if session is not None:
+        _record(session, module, query, key, attention_mask, kwargs)
+    return output
+
+
+def _record(session, module, query, key, attention_mask, kwargs) -> None:
     # Vision towers have no layer_idx: only text attention layers are recorded.
-    if session is not None and getattr(module, "layer_idx", None) is not None:
-        rotary = applied_rotary(module) if session.config.rope == "pre" else None
+    if getattr(module, "layer_idx", None) is None:
+        return
+    rotary = applied_rotary(module) if session.config.rope == "pre" else None
+    if query.is_cuda or torch.compiler.is_compiling():
         # The graph-break wrapper costs a few microseconds per call: only pay it while compiling.
         capture = _capture_outside_graph if torch.compiler.is_compiling() else _capture
         capture(session, module, query, key, attention_mask, kwargs, rotary)
-    return output
+    else:
+        session.capture(module, query, key, attention_mask, kwargs, rotary)
 
 
 def applied_rotary(module, max_depth: int = 4):
@@ -138,6 +153,9 @@ def call_window(facts: ModuleFacts, kwargs: dict, mask_windows: set) -> int | No
             "so which of them it attends through could not be told; not recorded"
         )
     return window
+
+
+PACKED = frozenset(PACKED_KEYWORDS)  # a call's kwargs meet it (`not PACKED.isdisjoint(kwargs)`) only when packed
 
 
 def refuse_packed(kwargs: dict) -> None:

@@ -4,6 +4,8 @@ share across forwards."""
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from qk_attn.capture.attention import ModuleFacts
@@ -31,10 +33,11 @@ class ModuleBinding:
     model, plan and heads), valid while `serial` is the session's `_bindings` and the call's dtype and
     config are the ones bound. A decode step reads them instead of checking them again."""
 
-    __slots__ = ("facts", "serial", "model", "plan", "config", "dtype", "heads", "excluded")
+    __slots__ = ("facts", "module", "serial", "model", "plan", "config", "dtype", "heads", "excluded")
 
-    def __init__(self, facts: ModuleFacts):
+    def __init__(self, facts: ModuleFacts, module: weakref.ref):
         self.facts = facts
+        self.module = module  # a weak reference: the binding goes with its module
         self.serial = -1  # not bound yet
         self.model = self.plan = self.config = self.dtype = None
         self.heads: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())

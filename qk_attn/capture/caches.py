@@ -45,6 +45,7 @@ from qk_attn.errors import CaptureError
 ROW_METHODS = ("reorder_cache", "batch_select_indices", "batch_repeat_interleave")
 
 _moves: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> times its rows were moved
+_moved = 0  # moves of any cache's or layer's rows in this process: row_moves reads nothing while it is 0
 _resets: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> times it was reset
 _rollbacks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> its Rollback
 
@@ -79,7 +80,7 @@ def rollback_of(cache) -> Rollback | None:
 
 def row_moves(cache) -> int:
     """How many times the rows of `cache` were moved, by its methods or its layers' (0 for None)."""
-    if cache is None:
+    if cache is None or not _moved:
         return 0
     return _moves.get(cache, 0) + sum(_moves.get(layer, 0) for layer in getattr(cache, "layers", ()))
 
@@ -106,7 +107,7 @@ def watch_cache_class(cache) -> None:
     the row methods of its layer types, before rows of this cache are recorded (once per class)."""
     if cache is None or not isinstance(cache, cache_utils.Cache):
         return
-    layer_types = {type(layer) for layer in getattr(cache, "layers", ())}
+    layer_types = set(map(type, getattr(cache, "layers", ())))  # (map: no Python frame per layer)
     replicated = getattr(cache, "layer_class_to_replicate", None)  # layers made later, one per new layer
     layer_types.update([replicated] if isinstance(replicated, type) else [])
     for cls, base in ((type(cache), cache_utils.Cache), *((t, cache_utils.CacheLayerMixin) for t in layer_types)):
@@ -169,7 +170,9 @@ def _counting_resets(reset):
 def _counting(method):
     @functools.wraps(method)
     def counted(cache, *args, **kwargs):
+        global _moved
         _moves[cache] = _moves.get(cache, 0) + 1
+        _moved += 1
         return method(cache, *args, **kwargs)
 
     counted._counts_row_moves = True
@@ -180,7 +183,7 @@ def refuse_rounding_cache(cache) -> None:
     """Refuse a forward whose cache rounds the keys it hands to attention (once per forward)."""
     if cache is None:
         return
-    classes = {type(layer) for layer in getattr(cache, "layers", ())}
+    classes = set(map(type, getattr(cache, "layers", ())))
     replicated = getattr(cache, "layer_class_to_replicate", None)
     if isinstance(replicated, type):
         classes.add(replicated)

@@ -25,6 +25,10 @@ class Decisions:
     def keeps(self, layer: int, kind: int) -> bool:
         return bool(self.kept >> (2 * layer + kind) & 1)
 
+    def keeps_any(self, layer: int) -> bool:
+        """Whether either kind of `layer` keeps anything."""
+        return bool(self.kept >> (2 * layer) & 3)
+
     def mask(self, layer: int, kind: int) -> torch.Tensor:
         return self._mask(layer, kind)
 

@@ -16,6 +16,7 @@ import torch
 
 from qk_attn.capture import active
 from qk_attn.capture.attention import (
+    PACKED,
     call_window,
     check_shapes,
     cross_attention_keys,
@@ -24,12 +25,13 @@ from qk_attn.capture.attention import (
 )
 from qk_attn.capture.bindings import ModelBinding, ModuleBinding
 from qk_attn.capture.call_rows import CallRows, staged_dtype
+from qk_attn.capture.forward import ForwardContext
 from qk_attn.capture.gather import uses_kernel
 from qk_attn.capture.plan import HeadPlan, ModelShape, dtype_name
 from qk_attn.capture.refusals import REFUSALS
 from qk_attn.capture.sequences import SequenceTracker
 from qk_attn.capture.sinks import MemorySink, Sink, as_sink
-from qk_attn.capture.staging import EmptyCall, Staging, StagingBuffer, forward_bytes
+from qk_attn.capture.staging import Staging, StagingBuffer, empty_call, forward_bytes
 from qk_attn.config import SniffConfig
 from qk_attn.errors import CaptureError
 from qk_attn.sampler import Sampler
@@ -48,7 +50,7 @@ class Session(SequenceTracker):
         self.config = config
         self.sampler = Sampler.from_config(config)
         self._models: dict[int, ModelBinding] = {}  # id(model config) -> its head plan
-        self._modules: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # attention module -> ModuleBinding
+        self._modules: dict[int, ModuleBinding] = {}  # id(attention module) -> its binding (`_new_binding`)
         self._bindings = 0  # bumped when a model, its plan or its layer dtypes change: every ModuleBinding is stale
         self._call_rows = CallRows(config, self.sampler)
         super().__init__(MemorySink() if sink is None else as_sink(sink), example_ids)
@@ -155,21 +157,28 @@ class Session(SequenceTracker):
         )
 
     def capture(self, module, query: torch.Tensor, key: torch.Tensor, mask, kwargs: dict, rotary=None) -> None:
-        """Record this call's rows. `rotary` is the (cos, sin) the layer's forward applied (rope="pre")."""
-        self.check()
+        """Record this call's rows. `rotary` is the (cos, sin) the layer's forward applied (rope="pre").
+        A decode step runs this once per layer: its common path calls as few functions as it can."""
+        self.sink.check()
+        config = module.config
         if self._towers:
-            tower = self._towers.get(id(module.config))
-            if tower is not None and tower() is module.config:
+            tower = self._towers.get(id(config))
+            if tower is not None and tower() is config:
                 return
-        forward = self._current(module.config)
-        if forward is not None and forward.finished is True:
+        forward = self._forwards.get(id(config))  # (ForwardTracker._current, inline)
+        if not isinstance(forward, ForwardContext) or forward.config is not config or forward.finished is True:
             forward = None  # a call after its model's forward ended is none of it: refused, that forward kept
-        if forward is not None:
+        else:
             forward.used = True
             if forward.draft or forward.discarded:  # a discarded forward that runs on records nothing more
                 return
         try:
-            if self._not_recorded(forward, module):
+            if (
+                forward is None
+                or forward.training is not False
+                or module.training
+                or torch._C._current_graph_task_id() != -1
+            ) and self._not_recorded(forward, module):
                 return
             self._capture(forward, module, query, key, mask, kwargs, rotary)
         except REFUSALS:
@@ -179,9 +188,12 @@ class Session(SequenceTracker):
             raise
 
     def _capture(self, forward, module, query, key, mask, kwargs, rotary) -> None:
-        binding = self._binding(module)
+        binding = self._modules.get(id(module))
+        if binding is None or binding.module() is not module:
+            binding = self._new_binding(module)
         facts = binding.facts
-        refuse_packed(kwargs)
+        if not PACKED.isdisjoint(kwargs):
+            refuse_packed(kwargs)
         if forward is None or forward.state != "running":
             raise CaptureError(
                 f"qk_sniff: layer {facts.layer} ran without transformers building its mask for its config (the model "
@@ -229,6 +241,15 @@ class Session(SequenceTracker):
             keys = (forward.key_slot(layer, key.shape[2]) if key_heads else 0, everything)
         decisions = forward.decisions(self.sampler, shape.num_layers, everything)
         staging = forward.staging or self._start_staging(forward, model, query)
+        if decisions is not None and text is everything and not cross and not decisions.keeps_any(layer):
+            # The sampler keeps nothing of this layer (known on the host without a sync), as in most
+            # layers of a decode step: the sink still learns that it ran.
+            host, ids = decisions.host, forward.example_ids
+            if query_heads:
+                staging.calls.append(empty_call((layer, "q", query_heads, ids, sliding_window, False, host)))
+            if key_heads:
+                staging.calls.append(empty_call((layer, "k", key_heads, ids, sliding_window, False, host)))
+            return
         for index, (kind, states, heads, tokens) in enumerate(
             (("q", query, query_heads, (0, text)), ("k", key, key_heads, keys))
         ):
@@ -237,10 +258,10 @@ class Session(SequenceTracker):
             offset, these = tokens
             decided = None
             if decisions is not None and these is everything:
-                if not decisions.keeps(layer, index):  # the sampler keeps nothing of this call (known on the
-                    # host without a sync): the sink still learns that it ran. The plan's heads are tuples.
+                if not decisions.keeps(layer, index):  # the sampler keeps nothing of this call: it ran, with 0
+                    # rows. The plan's heads are tuples.
                     host = decisions.host
-                    staging.add_empty(EmptyCall(layer, kind, heads, forward.example_ids, sliding_window, cross, host))
+                    staging.calls.append(empty_call((layer, kind, heads, forward.example_ids, sliding_window, cross, host)))
                     continue
                 # On a GPU the kernel decides; "all" keeps every valid token, which the torch path
                 # selects once per forward (CallRows._selection), so it needs no decision per call.
@@ -322,10 +343,16 @@ class Session(SequenceTracker):
             self._warned.add(key)
             logger.warning(message)
 
-    def _binding(self, module) -> ModuleBinding:
-        binding = self._modules.get(module)
-        if binding is None:  # once per attention module
-            binding = self._modules[module] = ModuleBinding(module_facts(module))
+    def _new_binding(self, module) -> ModuleBinding:
+        """The module's binding, made at its first call in this session. Kept by id, not in a
+        WeakKeyDictionary (whose lookup makes a weak reference per call); it goes with the module."""
+        key, modules = id(module), self._modules
+
+        def forget(ref, key=key) -> None:
+            if (entry := modules.get(key)) is not None and entry.module is ref:
+                del modules[key]
+
+        binding = modules[key] = ModuleBinding(module_facts(module), weakref.ref(module, forget))
         return binding
 
     def _bind(self, binding: ModuleBinding, module, forward, query, key) -> None:

@@ -1,6 +1,6 @@
 """A forward's rows, staged on their device until the forward ends, then handed to the sink at once.
 
-    attention call  -> `Staging.add(batch)`, `Staging.add_empty(call)`: rows stay where they were made;
+    attention call  -> `Staging.add(batch)`, `Staging.calls.append(empty_call)`: rows stay where they were made;
                        on a GPU the kernel writes them straight into views of one byte buffer
     forward's end   -> `Sink.put_forward(staging)`: one piece; ParquetSink copies the used bytes of the
                        buffer to pinned memory in one copy with one event (qk_attn.storage.transfer)
@@ -15,6 +15,7 @@ instead: its calls go to `Sink.put` one by one, and only its empty calls and che
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -63,6 +64,10 @@ class EmptyCall(NamedTuple):
     sliding_window: int | None
     cross_attention: bool
     tokens: object  # the forward's TextTokens (host tensors)
+
+
+# EmptyCall((...)) without the Python frame of a NamedTuple's __new__: a decode step makes two per layer.
+empty_call = functools.partial(tuple.__new__, EmptyCall)
 
 
 class OffsetCheck(NamedTuple):
@@ -124,6 +129,7 @@ class Staging:
         self.device = device
         self.streams = streams
         self.calls: list[CaptureBatch | EmptyCall] = []
+        self.batches = 0  # how many of the calls are CaptureBatches (the others kept nothing)
         self.checks: list[OffsetCheck] = []
         self.buffer = buffer if buffer is not None and not streams else None
         self.bytes = self.buffer.take(nbytes) if self.buffer is not None else None
@@ -177,9 +183,7 @@ class Staging:
 
     def add(self, batch: CaptureBatch) -> None:
         self.calls.append(batch)
-
-    def add_empty(self, call: EmptyCall) -> None:
-        self.calls.append(call)
+        self.batches += 1
 
     def check(self, check: OffsetCheck) -> None:
         """Stage an offset check (at the hand-off, which may run outside the forward's stream context:

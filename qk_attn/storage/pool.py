@@ -54,11 +54,8 @@ class HostPool:
         return last - first if last > first else self.nbytes - first + last
 
     def _find(self, n: int) -> int | None:
-        while True:  # the wake-up tokens of releases so far: space is reclaimed below
-            try:
-                self._freed.get_nowait()
-            except queue.Empty:
-                break
+        while not self._freed.empty():  # the wake-up tokens of releases so far (only producers take them,
+            self._freed.get_nowait()  # under their lock): space is reclaimed below
         while self._live and self._live[0][2]:
             self._live.popleft()
         if not self._live:
