@@ -86,7 +86,15 @@ class SequenceTracker(ForwardTracker):
         self._begun_sequences = [s for s in self._begun_sequences if later.intersection(s.ids)]
         begun = [i for i in self._begun if i not in later]
         self._begun = {i: n for i, n in self._begun.items() if i in later}
-        self.sink.commit(begun)  # may raise a refusal found after a forward: they are committed or refused anyway
+        try:
+            self.sink.commit(begun)  # may raise a refusal found after a forward: they are committed or refused anyway
+        except BaseException:
+            # Interrupted before the sink took them (or it failed): they are discarded, never left committed
+            # here and unwritten there; a new begin() may record them again.
+            lost = sorted(set(begun) - self.sink.committed_among(begun))
+            if lost:
+                self.sink.discard(lost)
+            raise
 
     def abort(self) -> None:
         """Forget the examples begun since the last commit: they may be incomplete, so their rows are

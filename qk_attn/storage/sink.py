@@ -141,6 +141,7 @@ class ParquetSink(SaverThread, Sink):
         # C-level, no Python lock: an interrupt in the capturing (main) thread cannot leave it held for the saver.
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._held: list = []  # forward pieces not queued yet: the saver takes them together
+        self._held_bytes = 0  # the bytes of their pool regions
         self._sender = Sender(self._transfer, self._enqueue, self._check_waiting)
         self._error: BaseException | None = None
         self.refusals = LateRefusals()  # examples the saver refused after their forward
@@ -222,8 +223,8 @@ class ParquetSink(SaverThread, Sink):
         self._sender.drain()  # streamed calls of an earlier forward go first
         piece = self._transfer.send_forward(staging, self._check_waiting)  # may send the held list
         self._held.append(piece)  # so: appended to the list held after it, never to one already sent
-        held_bytes = sum(piece.region[1] - piece.region[0] for piece in self._held)
-        if len(self._held) >= HOLD_FORWARDS or held_bytes > self._transfer.pool.nbytes // HOLD_FORWARDS:
+        self._held_bytes += piece.region[1] - piece.region[0]
+        if len(self._held) >= HOLD_FORWARDS or self._held_bytes > self._transfer.pool.nbytes // HOLD_FORWARDS:
             self._send_held()
 
     def check_examples(self, example_ids) -> None:
@@ -244,7 +245,7 @@ class ParquetSink(SaverThread, Sink):
 
     def _send_held(self) -> None:
         if self._held:
-            held, self._held = self._held, []
+            held, self._held, self._held_bytes = self._held, [], 0
             self._queue.put(held)
 
     def _enqueue(self, item) -> None:
@@ -281,8 +282,8 @@ class ParquetSink(SaverThread, Sink):
         self.check()
         self._sender.drain()  # their rows must be queued before the commit
         ids = [int(i) for i in example_ids]
+        self._enqueue(("commit", ids))  # first: an interrupt before it leaves them not committed, here too
         self._committed.update(set(ids) - self.refusals.ids)
-        self._enqueue(("commit", ids))
         self._report_refused(ids)
 
     def flush(self, timeout: float | None = None) -> None:

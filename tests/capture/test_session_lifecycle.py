@@ -557,3 +557,29 @@ def test_a_forward_another_thread_runs_while_the_session_closes_is_discarded_nam
     assert errors == [] and s.table() is None
     assert "[8] was running in thread" in caplog.text and "when the session closed" in caplog.text
     assert "stopped before its end" not in caplog.text
+
+
+def test_an_interrupt_inside_commit_leaves_the_example_uncommitted_and_recordable_again(tmp_path):
+    """Ctrl-C inside commit(), before the sink queued it, caught by the caller (a notebook cell): the
+    example is not listed as committed while it is never written; begin() may record it again."""
+    model = build("llama3", "qk_sniff")
+    ids = torch.randint(2, 90, (1, 6), generator=torch.Generator().manual_seed(0))
+    out = tmp_path / "out"
+    with torch.no_grad(), qk_attn.session(output=str(out), sampler="all") as s:
+        s.begin([0])
+        model(input_ids=ids)
+        queue = s.sink._enqueue
+
+        def interrupted(item):
+            s.sink._enqueue = queue
+            raise KeyboardInterrupt
+
+        s.sink._enqueue = interrupted
+        with pytest.raises(KeyboardInterrupt):
+            s.commit()
+        assert s.committed_ids() == set()
+        s.begin([0])  # recorded again, and committed at close
+        model(input_ids=ids)
+    table = qk_attn.load(str(out), layer=0, head=0, kind="k")
+    assert sorted(set(table.column("example_id").to_pylist())) == [0]
+    assert table.num_rows == 6
