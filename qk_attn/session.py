@@ -13,6 +13,7 @@ which commits at `qk_attn.flush()` and at interpreter exit.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import reprlib
 from collections.abc import Iterator
@@ -134,7 +135,7 @@ def _writes(sink, output) -> bool:
 
 
 @contextlib.contextmanager
-def session(
+def _session(
     *,
     example_ids=None,
     overwrite: bool = False,
@@ -170,6 +171,31 @@ def session(
         # files are the parent's, which goes on writing them, so the copy is dropped, never closed.
         if not active.inherited(recorder):
             recorder.close()
+
+
+class _EnteredOnce:
+    """A `session()` block, entered once: contextlib's own error on a second entry is an AttributeError
+    about 'args', which does not say that a session is single-use."""
+
+    def __init__(self, block) -> None:
+        self._block, self._entered = block, False
+
+    def __enter__(self) -> Session:
+        if self._entered:
+            raise RuntimeError(
+                "qk_attn: this session() block was entered already; a session is used once: call "
+                "qk_attn.session(...) again for a new one"
+            )
+        self._entered = True
+        return self._block.__enter__()
+
+    def __exit__(self, *exc_info) -> bool | None:
+        return self._block.__exit__(*exc_info)
+
+
+@functools.wraps(_session)
+def session(*args, **kwargs) -> _EnteredOnce:
+    return _EnteredOnce(_session(*args, **kwargs))
 
 
 def flush() -> None:

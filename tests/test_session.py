@@ -507,3 +507,13 @@ def test_arguments_that_would_do_nothing_are_refused_naming_them(tmp_path, argum
         with qk_attn.session(**arguments):
             pass
     assert not (tmp_path / "out").exists()
+
+
+def test_a_session_block_entered_twice_says_a_session_is_used_once(tmp_path):
+    block = qk_attn.session(output=str(tmp_path / "out"))
+    with block:
+        with pytest.raises(RuntimeError, match=r"entered already; a session is used once"):
+            block.__enter__()
+    with pytest.raises(RuntimeError, match=r"entered already"):
+        with block:
+            pass
