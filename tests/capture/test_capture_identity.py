@@ -730,3 +730,18 @@ def test_a_refusal_in_a_cli_run_commits_none_of_the_refused_documents(tiny_model
     assert verify_dataset(out, log=lambda *_: None) == []
     assert cli.main(["run", "--config", config, "--quiet"]) == 0
     assert_same_rows(all_rows(out), all_rows(full))
+
+
+def test_dropout_and_scaling_passed_by_position_reach_the_backend_as_sdpa_takes_them():
+    """A modeling file may pass `dropout` and `scaling` by position after the mask, as sdpa's signature
+    allows: "qk_sniff" hands them on, capture on or off, and computes what sdpa computes."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    model = build("llama3", "qk_sniff")
+    module = model.model.layers[0].self_attn
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(1, n, 5, 16, generator=generator) for n in (4, 2, 2))
+    expected = ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, None, 0.0, 0.5)[0]
+    found = ALL_ATTENTION_FUNCTIONS["qk_sniff"](module, query, key, value, None, 0.0, 0.5)[0]
+    assert torch.equal(found, expected)
+    assert not torch.equal(found, ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, None, 0.0, 1.0)[0])
