@@ -49,8 +49,8 @@ def attention_interface_register() -> str | None:
 def mask_interface_register() -> str | None:
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-    from qk_attn.capture.hooks import qk_sniff_mask
-
+    # hooks registered it at `import qk_attn` (read from there, not imported: hooks requires the facts)
+    qk_sniff_mask = getattr(sys.modules.get("qk_attn.capture.hooks"), "qk_sniff_mask", None)
     if not callable(getattr(AttentionMaskInterface, "register", None)):
         return "no AttentionMaskInterface.register"
     found = ALL_MASK_ATTENTION_FUNCTIONS.get(NAME) if NAME in ALL_MASK_ATTENTION_FUNCTIONS else None
@@ -106,10 +106,12 @@ def _attention_call(fn) -> str | None:
 
 
 def sdpa_forward() -> str | None:
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    """transformers' own sdpa attention, not what is registered under "sdpa" now: a user's own function
+    registered there is what a model loaded with "sdpa" runs, and "qk_sniff" calls it the same way."""
+    from transformers.integrations import sdpa_attention
 
-    fn = ALL_ATTENTION_FUNCTIONS.get_interface("sdpa", None)
-    return "no ALL_ATTENTION_FUNCTIONS['sdpa']" if fn is None else _attention_call(fn)
+    fn = getattr(sdpa_attention, "sdpa_attention_forward", None)
+    return "no integrations.sdpa_attention.sdpa_attention_forward" if fn is None else _attention_call(fn)
 
 
 def flash_forward() -> str | None:

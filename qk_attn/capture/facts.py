@@ -19,8 +19,12 @@ Where the capture code relies on each fact (the module that reads it):
     mask_functions                 backends.mask_function, hooks._noting_context
     mask_call_keywords             hooks._noting_context (batch_size, q_length, kv_length,
                                    q_offset, kv_offset, attention_mask, config, local_size)
+    mask_every_forward             forwards.on_mask (a forward's start: its mask call, also with no padding)
+    mask_padding                   forwards.on_mask, mask_checks (which tokens are padding: the mask call's
+                                   attention_mask, checked per forward against the model forward's own)
     text_config_lookup             frames.tower_of (a vision or audio tower's mask and attention: not recorded)
-    attention_call                 attention.qk_sniff_attention, attention.attend_and_capture
+    attention_call                 attention.qk_sniff_attention (the seed forwards' attention calls bind
+                                   to its signature), attention.attend_and_capture
     sdpa_forward                   backends.attention_forward("sdpa")
     flash_forward                  hooks.wrap_flash_attention
     eager_forward                  backends.eager_forward
@@ -86,6 +90,7 @@ from qk_attn.capture.fact_checks import (
     sdpa_forward,
     text_config_lookup,
 )
+from qk_attn.capture.fact_checks_calls import attention_call, mask_every_forward, mask_padding
 from qk_attn.capture.fact_checks_generation import (
     cache_layer_updates,
     cache_lengths,
@@ -97,8 +102,8 @@ from qk_attn.capture.fact_checks_generation import (
 )
 from qk_attn.capture.fact_checks_imports import IMPORTED_NAMES, backward_marker, imported_names
 from qk_attn.capture.fact_checks_inputs import IMAGE_INPUTS, PACKED_KEYWORDS, image_inputs, packed_sequence_keywords
-from qk_attn.errors import TransformersMismatch
-from qk_attn.version import TRANSFORMERS_TESTED, __version__, minor_release, tested_transformers
+from qk_attn.capture.fact_report import mismatch, untested_release
+from qk_attn.errors import TransformersMismatch  # noqa: F401 - (tests read it here)
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +164,17 @@ FACTS: tuple[Fact, ...] = (
         mask_call_keywords,
     ),
     Fact(
+        "mask_every_forward",
+        "create_causal_mask calls the mask function for a plain causal forward too (no padding, no cache)",
+        mask_every_forward,
+    ),
+    Fact(
+        "mask_padding",
+        "create_causal_mask hands the mask function the 2-D attention_mask it was given as an equal (batch, keys) "
+        "bool tensor, True for real tokens",
+        mask_padding,
+    ),
+    Fact(
         "text_config_lookup",
         "config.get_text_config(decoder=True) is a composite config's text_config (a language model's: itself); "
         "its towers' configs are its attributes",
@@ -166,8 +182,14 @@ FACTS: tuple[Fact, ...] = (
     ),
     Fact(
         "sdpa_forward",
-        "ALL_ATTENTION_FUNCTIONS['sdpa'] is a function(module, query, key, value, attention_mask, **kwargs)",
+        "integrations.sdpa_attention.sdpa_attention_forward (what transformers registers as 'sdpa') is a "
+        "function(module, query, key, value, attention_mask, **kwargs)",
         sdpa_forward,
+    ),
+    Fact(
+        "attention_call",
+        "each seed attention forward calls the attention function with arguments qk_sniff_attention accepts",
+        attention_call,
     ),
     Fact(
         "flash_forward",
@@ -302,47 +324,15 @@ def require() -> None:
     """Raise TransformersMismatch naming the transformers version and every broken fact (once per process)."""
     findings = check_all()
     if findings:
-        raise _mismatch(findings)
+        raise mismatch(findings)
     untested = untested_release(transformers_version())
     if untested:
         logger.warning(untested)
 
 
-def untested_release(version: str) -> str | None:
-    """One line for a transformers release outside the tested range (TRANSFORMERS_TESTED), else None. The
-    facts hold (checked before), but what changed in its models was not run by the suite."""
-    lowest, newest = TRANSFORMERS_TESTED
-    if minor_release(lowest) <= minor_release(version) <= minor_release(newest):
-        return None
-    side = (
-        f"newer than the newest release ({newest})"
-        if minor_release(version) > minor_release(newest)
-        else (f"older than the lowest release ({lowest})")
-    )
-    return (
-        f"qk-attn: transformers {version} is {side} qk-attn {__version__} was tested with; every fact it relies "
-        "on holds (checked), but models changed in that release have not been run by its suite (README: Tested "
-        f"versions); to run a tested release: pip install '{tested_transformers()}'"
-    )
-
-
 def mismatch_at_import(error: Exception) -> Exception:
-    """What `import qk_attn` raises when registering failed with `error`: TransformersMismatch naming the
-    broken facts (a moved or removed transformers name), or `error` itself when every fact holds."""
+    """What `import qk_attn` raises when registering failed with `error` (and a capture-off forward when
+    reading transformers' source did: hooks.qk_sniff_mask): TransformersMismatch naming the broken facts
+    (a moved or removed transformers name), or `error` itself when every fact holds."""
     findings = check_all()
-    return _mismatch(findings) if findings else error
-
-
-def _mismatch(findings: list[Finding]) -> TransformersMismatch:
-    import torch
-
-    return TransformersMismatch(
-        f"qk_sniff: transformers {findings[0].transformers} (torch {torch.__version__}) breaks what qk-attn relies on: "
-        + "; ".join(f"{f.fact}: expected {f.expected}, found {_clipped(f.found)}" for f in findings)
-        + f"; install a release qk-attn {__version__} was tested with: pip install '{tested_transformers()}'"
-    )
-
-
-def _clipped(found: str, limit: int = 300) -> str:
-    """What a check found, cut to one readable clause (some quote whole tuples of locals)."""
-    return found if len(found) <= limit else found[:limit] + " ..."
+    return mismatch(findings) if findings else error

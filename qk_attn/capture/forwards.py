@@ -27,6 +27,7 @@ from qk_attn.capture.frames import (
     running_in,
 )
 from qk_attn.capture.hooks import refuse_concurrent, watch_call, watch_forward
+from qk_attn.capture.mask_checks import refuse_mask_shape, refuse_other_padding
 from qk_attn.capture.staging import OffsetCheck
 from qk_attn.errors import CaptureError
 
@@ -95,8 +96,11 @@ class ForwardTracker:
             raise
         mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
         try:
+            # which tokens are padding: the mask call's mask must be the model forward's own (mask_checks)
+            on_host = isinstance(attention_mask, torch.Tensor) and forward_module.builds_on_host(attention_mask.device)
+            refuse_other_padding(attention_mask, caller.attention_mask, caller.module, on_host)
             past, check = self._past(config, caller.cache, q_offset, begun_ids is not None)
-            _refuse_mask_shape(mask, batch_size, past, q_length)
+            refuse_mask_shape(mask, batch_size, past, q_length)
         except CaptureError:
             self._discard(None, "was refused", config, caller.cache, q_offset if type(q_offset) is int else 0)
             raise
@@ -333,27 +337,6 @@ class ForwardTracker:
     def _end_forward(self) -> None:
         """Between forwards: the sink sends what waited on the device (waiting for pool space)."""
         self.sink.end_forward()
-
-
-def _refuse_mask_shape(mask: torch.Tensor | None, batch_size: int, past: int, num_new: int) -> None:
-    """The 2-D mask must have one row per batch row and cover exactly the cache's tokens and the new ones:
-    validity is read from its last `num_new` columns. transformers accepts other shapes (it broadcasts
-    another number of rows, reads the first columns it needs and pads a short mask with 0: a decode loop
-    that did not extend its mask masks its new tokens), so another shape would label other tokens real or
-    padding than attention did."""
-    if mask is not None and mask.shape[0] != batch_size:
-        raise CaptureError(
-            f"qk_sniff: the 2-D attention_mask has {mask.shape[0]} rows for a batch of {batch_size}, so it does not "
-            f"say which tokens of each row are real; pass a mask of shape ({batch_size}, {past + num_new}); "
-            "not recorded"
-        )
-    if mask is not None and mask.shape[-1] != past + num_new:
-        raise CaptureError(
-            f"qk_sniff: the 2-D attention_mask has {mask.shape[-1]} columns, but this forward's keys are the "
-            f"cache's {past} tokens and its {num_new} new ones ({past + num_new}), so it does not say which new "
-            f"tokens are real; pass a mask of exactly {past + num_new} columns (extend it by the new tokens at "
-            "every step, as generate() does); not recorded"
-        )
 
 
 def _attention_in_training(module) -> bool:

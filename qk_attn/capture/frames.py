@@ -37,6 +37,7 @@ class ModelForward(NamedTuple):
     code: object = None  # that frame's code: `renumbered_positions` reads its `position_ids` again
     depth: int = 0  # that frame's place on the stack, counted from its bottom (`encloses_this_call`)
     outermost: torch.nn.Module | None = None  # the outermost module whose forward encloses it (the model called)
+    attention_mask: object = None  # that frame's own `attention_mask` (mask_checks compares the mask call's with it)
 
 
 def model_forward(batch_size: int, num_new: int) -> ModelForward:
@@ -52,7 +53,7 @@ def model_forward(batch_size: int, num_new: int) -> ModelForward:
     contain the one building the mask: another model whose method runs this one (a guide model inside
     a generate()) holds its own token ids and images, and generate()'s own frames hold the running
     sequences (a model run on embeddings from its own logits processor is not given them)."""
-    module = positions = ids = cache = code = builder = outermost = None
+    module = positions = ids = cache = code = builder = outermost = own_mask = None
     images = numbers_positions = False
     for frame in _method_frames(sys._getframe(2)):
         local = frame.f_locals
@@ -61,6 +62,7 @@ def model_forward(batch_size: int, num_new: int) -> ModelForward:
             continue
         if module is None:
             module, positions, cache, builder = this, local.get("position_ids"), cache_of(local), frame
+            own_mask = local.get("attention_mask")
             numbers_positions, code = "position_ids" in frame.f_code.co_varnames, frame.f_code
         elif not contains(this, module) or frame.f_code.co_name != "forward":
             continue  # generate()'s frames hold the running sequences, not this forward's tokens
@@ -74,7 +76,7 @@ def model_forward(batch_size: int, num_new: int) -> ModelForward:
         images = images or (isinstance(encoded, dict) and any(v is not None for v in encoded.values()))
     positions = positions if isinstance(positions, torch.Tensor) else None
     depth = len(_stack(builder)) - 1 if builder is not None else 0
-    return ModelForward(module, ids, positions, cache, images, numbers_positions, code, depth, outermost)
+    return ModelForward(module, ids, positions, cache, images, numbers_positions, code, depth, outermost, own_mask)
 
 
 def _stack(frame) -> list:

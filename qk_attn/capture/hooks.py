@@ -34,13 +34,21 @@ def qk_sniff_mask(*args, **kwargs):
     """The mask of the wrapped backend, after the forward's capture context is noted. Every forward,
     capture on or off, first has the model's branches on the implementation's name take the
     wrapped backend's path (or refuses the model, also for a branch qk-attn does not know), so
-    logits stay the backend's bit for bit."""
-    from qk_attn.capture.active import current_config
+    logits stay the backend's bit for bit. The facts come before those checks (capture off: an error of theirs)."""
+    from qk_attn.capture.active import current_config, current_session
+    from qk_attn.capture.facts import mismatch_at_import, require
 
+    if current_session() is not None:
+        require()  # first (once per process): a release that moved what the checks below read is named
     backend, config = current_config().backend, kwargs.get("config")
-    check_modeling_file(config)
-    check_backend_support(building_model(), backend)
-    follow_wrapped_backend(config, backend)
+    try:
+        check_modeling_file(config)
+        check_backend_support(building_model(), backend)
+        follow_wrapped_backend(config, backend)
+    except CaptureError:
+        raise
+    except Exception as error:  # (capture off) a release qk-attn was not made for: named in one line, if so
+        raise mismatch_at_import(error) from error
     return _noting_context(mask_function(backend), *args, **kwargs)
 
 

@@ -3,7 +3,8 @@ first "qk_sniff" forward (capture on or off), and in the file that defines each 
 class, at its first call (remote code that borrows a transformers config class lives elsewhere
 than the config's modeling file), and in the files of the functions "qk_sniff" hands the call to: the
 wrapped backend's attention (integrations/sdpa_attention.py) and mask (masking_utils.py, with the mask
-builders), where a release may branch on the name too:
+builders), where a release may branch on the name too; and, once per process, transformers' files that
+every model runs through (generation/utils.py, modeling_utils.py, utils/generic.py: CORE_MODULES):
 
 - every branch on the attention implementation's name is one qk_attn.capture.known_branches says
   how to handle, or has the same value for "qk_sniff" as for the backends it wraps;
@@ -19,6 +20,7 @@ checks the file that runs, so that a release (or remote code) adding a path take
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import sys
 from pathlib import Path
@@ -44,10 +46,47 @@ def check_modeling_file(config) -> None:
     """CaptureError (one line) when the modeling file of `config`'s model, or the file of the wrapped
     backend's attention or mask function, has a branch or a window keyword qk-attn does not know. A few
     dict lookups after the files' first forward."""
+    check_core_files()
     check_module(modeling_name(type(config)))
     backend = current_config().backend
     check_function(mask_function(backend))
     check_function(attention_forward(backend))
+
+
+# transformers' own files whose name branches every model runs through (generate()'s input preparation,
+# loading, output handling): checked at run time as a model's file is, so that a release the suite has
+# not run cannot make "qk_sniff" take another path than its backend. About 0.6 s once per process.
+CORE_MODULES = ("transformers.generation.utils", "transformers.modeling_utils", "transformers.utils.generic")
+CORE_CLASSES = (
+    ("transformers.generation.utils", "GenerationMixin"),
+    ("transformers.modeling_utils", "PreTrainedModel"),
+)
+
+
+def check_core_files() -> None:
+    """CORE_MODULES' files, and the files of their classes' methods compiled elsewhere (a method replaced
+    by a patch, or by a release that moved it): once per process."""
+    if (why := _core_refusal()) is not None:
+        raise CaptureError(why)
+
+
+@functools.cache  # (apart from _refusals, which tests forget for each modeling file they edit)
+def _core_refusal() -> str | None:
+    for name in CORE_MODULES:
+        if name in sys.modules and (why := _refusal(name)) is not None:
+            return why
+    files = set()
+    for module_name, class_name in CORE_CLASSES:
+        module = sys.modules.get(module_name)
+        for value in vars(getattr(module, class_name, object)).values():
+            code = getattr(inspect.unwrap(getattr(value, "__func__", value)), "__code__", None)
+            if code is not None and code.co_filename != getattr(module, "__file__", None):
+                files.add(code.co_filename)
+    import torch
+
+    # not qk_attn's own wrappers (generate()), nor torch's methods PreTrainedModel overrides (to, cuda)
+    skipped = (str(Path(__file__).parent.parent), str(Path(torch.__file__).parent))
+    return next((why for f in sorted(files) if not f.startswith(skipped) and (why := _file_refusal(f, ""))), None)
 
 
 def check_function(fn) -> None:

@@ -4,16 +4,21 @@ No family tables: `apply_rotary_pos_emb` is the one the attention forward calls 
 the ones the layer's forward applied, so partial, interleaved and scaled rotary (GLM, yarn,
 longrope, llama3, dynamic) come for free. Whether a forward's rotation can be undone at all, and
 whether a layer rotates, is read once per class from the forward's source (`rope_check`): any
-other shape is refused in one line, never inverted wrongly. The few documented special cases
-each sit behind one small function below.
+other shape is refused in one line, never inverted wrongly. That the inverse (apply with -sin, q and
+k each by its own side) undoes the rotation on the layer's own cos/sin is tried once per class, apply
+function and rotary class (`_refuse_no_round_trip`). The few documented special cases each sit
+behind one small function below.
 """
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from qk_attn.capture.gather import SelectionSpec, as_states, select_rows
-from qk_attn.capture.rope_check import refusal_message, rotates, rotation
+from qk_attn.capture.rope_check import current_apply, refusal_message, rotates, rotation
+from qk_attn.capture.rope_syntax import APPLY
 from qk_attn.errors import CaptureError, ConfigError
 
 
@@ -70,22 +75,71 @@ def invert_rope(module, kind: str, vectors: torch.Tensor, positions: torch.Tenso
     """
     cos, sin = rotary
     verdict = rotation(type(module))
-    apply = verdict.apply
+    apply = current_apply(verdict)
+    side = 0 if kind == "q" else 1  # apply returns (q, k): each undone by its own side
     rows = vectors[None]  # (1, H, N, D) as apply_rotary_pos_emb expects (B, H, T, D)
     try:
-        back = apply(rows, rows, cos, -sin)[0]
+        back = _undo(apply, rows, cos, sin, side)
     except (RuntimeError, TypeError, ValueError) as error:  # shapes only: before anything runs on the device
         raise CaptureError(
             f"qk_sniff: rope='pre': {type(module).__name__} rotates {cos.shape[-1]} of the {vectors.shape[-1]} "
-            f"dimensions of each {kind} head, which its {apply.__name__} cannot undo on the rows it hands to "
-            f"attention ({type(error).__name__}: {' '.join(str(error).split())[:120]}); use rope='post'"
+            f"dimensions of each {kind} head, which its {getattr(apply, '__name__', APPLY)} cannot undo on the rows "
+            f"it hands to attention ({type(error).__name__}: {' '.join(str(error).split())[:120]}); use rope='post'"
         ) from error
-    ones = torch.ones_like(rows[:, :1])
-    scale = apply(apply(ones, ones, cos, sin)[0], ones, cos, -sin)[0]
-    out = (back / scale)[0]
+    _refuse_no_round_trip(module, apply, cos, sin, vectors.shape[-1])
+    out = back[0]
     if kind == "q" and verdict.query_scale is not None:
         out = out / query_scale(module, verdict.query_scale, positions)[:, None]
     return out
+
+
+def _undo(apply, rows: torch.Tensor, cos, sin, side: int) -> torch.Tensor:
+    """R^T y / s^2 for one side (0: q, 1: k) of `apply` (see invert_rope)."""
+    ones = torch.ones_like(rows[:, :1])
+    scale = apply(*[apply(ones, ones, cos, sin)[side]] * 2, cos, -sin)[side]
+    return apply(rows, rows, cos, -sin)[side] / scale
+
+
+_round_trips: dict[tuple, str | None] = {}  # (attention class, apply, rotary forwards) -> refusal, None: undone
+_rotaries: dict[type, tuple] = {}  # attention class -> the rotary embedding classes of its module
+
+
+def _rotary_classes(cls: type) -> tuple:
+    """The rotary embedding classes (by name) of the module `cls` is defined in: a patch of their forward
+    (other cos/sin for the same apply) has the round trip tried again."""
+    if cls not in _rotaries:
+        namespace = vars(sys.modules.get(cls.__module__, object))
+        _rotaries[cls] = tuple(
+            v
+            for v in namespace.values()
+            if isinstance(v, type) and issubclass(v, torch.nn.Module) and "Rotary" in v.__name__
+        )
+    return _rotaries[cls]
+
+
+def _refuse_no_round_trip(module, apply, cos, sin, head_dim: int) -> None:
+    """Whether `apply` with -sin undoes `apply` for both q and k on the cos/sin the layer applied is assumed by
+    `invert_rope`, not known: a release whose cos/sin layout does not match its apply (interleaved pairs
+    against rotate_half), or which rotates k otherwise than q, breaks it. Tried once per attention class and
+    apply function (and rotary forward) on random q and k: one read of the device, at its first rope='pre' call."""
+    key = (type(module), apply, *(r.forward for r in _rotary_classes(type(module))))
+    if key not in _round_trips and cos.shape[-2] > 0:
+        generator = torch.Generator().manual_seed(0)
+        q, k = (torch.randn((1, 1, cos.shape[-2], head_dim), generator=generator).to(cos.device) for _ in "qk")
+        rotated = apply(q.clone(), k.clone(), cos, sin)  # (copies: a kernel may rotate in place)
+        back = [_undo(apply, rotated[side], cos, sin, side) for side in (0, 1)]
+        worst = max(float((b - x).abs().max()) for b, x in zip(back, (q, k), strict=True))
+        _round_trips[key] = (
+            None
+            if worst <= 1e-3
+            else (
+                f"qk_sniff: rope='pre': {type(module).__name__}'s {getattr(apply, '__name__', APPLY)} with -sin does not "
+                f"undo its rotation on the cos/sin its layer applied (q and k put through it come back off by up to "
+                f"{worst:.2g}), so the pre-RoPE vectors cannot be recovered exactly; use rope='post'"
+            )
+        )
+    if (why := _round_trips.get(key)) is not None:
+        raise CaptureError(why)
 
 
 def query_scale(module, scale_fn, positions: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Which attention forwards rope="pre" can undo exactly: read once per class from its forward's source.
+"""Which attention forwards rope="pre" can undo exactly: read once per class (and forward) from its source.
 
 `rope.invert_rope` undoes one shape of rotation, the one most transformers decoders share:
 
@@ -63,11 +63,17 @@ class Rotation(NamedTuple):
     apply: Callable | None = None  # the apply_rotary_pos_emb the forward calls (its own module's)
     query_scale: Callable | None = None  # get_llama_4_attn_scale when the forward scales q after RoPE
     split: bool = False  # refused for rotating parts of the vectors it attends with (cos/sin cover those parts)
+    forward_globals: dict | None = None  # the forward's module namespace (`current_apply`)
+
+
+def rotation(cls: type) -> Rotation:
+    """The verdict for an attention class: one parse per class and forward function (a forward replaced
+    later, by a patch or a plugin, is read again rather than judged by its predecessor's verdict)."""
+    return _verdict(cls, getattr(cls, "forward", None))
 
 
 @functools.cache
-def rotation(cls: type) -> Rotation:
-    """The verdict for an attention class (cached: one parse per class and process)."""
+def _verdict(cls: type, _forward) -> Rotation:
     try:
         forward = inspect.unwrap(cls.forward)
         tree = parse(textwrap.dedent(inspect.getsource(forward)))
@@ -77,6 +83,15 @@ def rotation(cls: type) -> Rotation:
     if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
         return Rotation("is not a plain function")
     return _read(fn, forward)
+
+
+rotation.cache_clear = _verdict.cache_clear  # (tests forget the verdicts)
+
+
+def current_apply(verdict: Rotation):
+    """The apply_rotary_pos_emb the forward calls now: its module's global, read at each call (a module
+    patched after the verdict was read calls the new one)."""
+    return verdict.forward_globals.get(APPLY, verdict.apply) if verdict.forward_globals else verdict.apply
 
 
 def rotates(module, rotary) -> bool:
@@ -246,4 +261,4 @@ def _read(fn, forward) -> Rotation:
     scale = namespace.get(QUERY_SCALE) if scaled else None
     if scaled and not callable(scale):
         return Rotation(f"scales the query with a {QUERY_SCALE} that its module does not define")
-    return Rotation(None, condition, reads_given, forward.__code__, apply, scale)
+    return Rotation(None, condition, reads_given, forward.__code__, apply, scale, forward_globals=namespace)

@@ -36,9 +36,10 @@ def test_a_broken_fact_names_the_version_and_the_fact(monkeypatch):
 
 
 def test_a_changed_attention_signature_is_found(monkeypatch):
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    """transformers' own sdpa attention (a user's function registered as "sdpa" is what "sdpa" runs: not a fact)."""
+    from transformers.integrations import sdpa_attention
 
-    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa", lambda module, q, k, v, mask, **kw: None)
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", lambda module, q, k, v, mask, **kw: None)
     assert [f.fact for f in facts.check_all()] == ["sdpa_forward"]
 
 
