@@ -261,7 +261,9 @@ class Session(SequenceTracker):
                 if not decisions.keeps(layer, index):  # the sampler keeps nothing of this call: it ran, with 0
                     # rows. The plan's heads are tuples.
                     host = decisions.host
-                    staging.calls.append(empty_call((layer, kind, heads, forward.example_ids, sliding_window, cross, host)))
+                    staging.calls.append(
+                        empty_call((layer, kind, heads, forward.example_ids, sliding_window, cross, host))
+                    )
                     continue
                 # On a GPU the kernel decides; "all" keeps every valid token, which the torch path
                 # selects once per forward (CallRows._selection), so it needs no decision per call.

@@ -139,7 +139,9 @@ class Transfer:
             else:
                 if staging.bytes is not None and not staging.used:  # every call kept nothing: no bytes to copy
                     staging.returned(None)
-                nbytes = sum(_nbytes(call) for call in calls if isinstance(call, CaptureBatch)) if staging.batches else 0
+                nbytes = (
+                    sum(_nbytes(call) for call in calls if isinstance(call, CaptureBatch)) if staging.batches else 0
+                )
                 region = pool.acquire(min(nbytes, pool.nbytes), check)
                 checks = staging.checks
                 if staging.device.type == "cuda" and checks:
