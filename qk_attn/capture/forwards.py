@@ -300,11 +300,14 @@ class ForwardTracker:
             return
         self._discard(forward, "stopped before its end (an exception inside the model)")
 
-    def _end_forwards(self, caller: str) -> None:
+    def _end_forwards(self, caller: str, this_thread: bool = False) -> None:
         """Outside every forward (`caller`: commit, flush, table): discard what an unfinished forward
         recorded. Refused while a forward is still running: it would be discarded part-way, or handed
-        off with the layers it has not run yet missing."""
+        off with the layers it has not run yet missing. `this_thread`: only this thread's forwards (a
+        generate() of it raised: another thread may be inside a forward of other examples)."""
         forwards = [f for f in self._forwards.values() if isinstance(f, ForwardContext)]
+        if this_thread:
+            forwards = [f for f in forwards if f.thread is threading.current_thread()]
         for forward in forwards:
             if forward.in_progress():
                 where = (

@@ -117,7 +117,15 @@ class SequenceTracker(ForwardTracker):
         such a thread extended since its generate() started (the session closes under it). They are never
         committed. `kept`: ranges of `generation_started()` numbers whose examples stay (a nested generate()
         that returned made them)."""
-        self._end_forwards("drop_open_sequences")  # an unfinished forward is discarded first, with its own warning
+        # An unfinished forward is discarded first, with its own warning (with `since`, this thread's only:
+        # another thread may be inside a forward of its own examples, which this drop leaves alone). The
+        # examples are forgotten though that fails (a hand-off that raised): committing them is never right.
+        try:
+            self._end_forwards("drop_open_sequences", this_thread=since is not None)
+        finally:
+            self._forget_open(why, since, other_threads, generations, kept)
+
+    def _forget_open(self, why: str, since: int | None, other_threads: bool, generations, kept) -> None:
         if generations is not None:
             ids = self._extended_since(generations, live_cache=True)
         elif since is not None:

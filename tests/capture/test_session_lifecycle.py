@@ -583,3 +583,46 @@ def test_an_interrupt_inside_commit_leaves_the_example_uncommitted_and_recordabl
     table = qk_attn.load(str(out), layer=0, head=0, kind="k")
     assert sorted(set(table.column("example_id").to_pylist())) == [0]
     assert table.num_rows == 6
+
+
+def test_a_generate_that_raises_while_another_thread_is_inside_a_forward_is_discarded_not_committed(tmp_path):
+    """Thread B's generate() raises between two steps while thread A is inside a forward of the same model:
+    B's part-way example is discarded (its drop does not wait for A's forward), A's is committed whole."""
+    model = build("llama3", "qk_sniff")
+    model.generation_config.pad_token_id = 0
+    inside_a, b_failed, b_between = threading.Event(), threading.Event(), threading.Event()
+
+    def fail():
+        b_between.set()
+        inside_a.wait(30)
+        raise RuntimeError("B's logits processor")
+
+    def hold(*_):
+        inside_a.set()
+        b_failed.wait(30)
+
+    def run_a():
+        b_between.wait(30)
+        handle = model.model.layers[1].register_forward_hook(hold)
+        try:
+            model(input_ids=torch.arange(2, 9)[None])
+        finally:
+            handle.remove()
+
+    def run_b():
+        try:
+            with pytest.raises(RuntimeError, match="B's logits processor"):
+                model.generate(PROMPT, logits_processor=tf.LogitsProcessorList([CallAt(3, fail)]), **GENERATE)
+        finally:
+            b_failed.set()
+
+    out = tmp_path / "out"
+    with torch.no_grad(), qk_attn.session(output=str(out), sampler="all", capture="k"):
+        threads = [threading.Thread(target=run_a, name="A"), threading.Thread(target=run_b, name="B")]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    table = qk_attn.load(str(out), layer=0, head=0, kind="k")
+    assert sorted(set(table.column("example_id").to_pylist())) == [1]  # B's example 0 is not committed
+    assert table.num_rows == 7
