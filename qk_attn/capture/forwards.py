@@ -26,7 +26,7 @@ from qk_attn.capture.frames import (
     refuse_unrecordable_generation,
     running_in,
 )
-from qk_attn.capture.hooks import refuse_concurrent, watch_call, watch_forward
+from qk_attn.capture.hooks import refuse_concurrent, settle_interrupted_calls, watch_call, watch_forward
 from qk_attn.capture.mask_checks import refuse_mask_shape, refuse_other_padding
 from qk_attn.capture.staging import OffsetCheck
 from qk_attn.errors import CaptureError
@@ -305,6 +305,7 @@ class ForwardTracker:
         recorded. Refused while a forward is still running: it would be discarded part-way, or handed
         off with the layers it has not run yet missing. `this_thread`: only this thread's forwards (a
         generate() of it raised: another thread may be inside a forward of other examples)."""
+        settle_interrupted_calls()  # a model call an interrupt stopped after its stack returned: not committed
         forwards = [f for f in self._forwards.values() if isinstance(f, ForwardContext)]
         if this_thread:
             forwards = [f for f in forwards if f.thread is threading.current_thread()]

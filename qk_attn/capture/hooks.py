@@ -102,8 +102,8 @@ def watch_forward(owner: torch.nn.Module | None, last_layer: torch.nn.Module | N
     stack's own start is first reported."""
     if owner is None or owner in _watched:
         return False
-    owner.register_forward_pre_hook(functools.partial(_forward_started, config), with_kwargs=True)
-    owner.register_forward_hook(functools.partial(_forward_ended, config))
+    ended = owner.register_forward_hook(functools.partial(_forward_ended, config))
+    owner.register_forward_pre_hook(functools.partial(_forward_started, config, ended.id), with_kwargs=True)
     handles = []
     if last_layer is not None:
         handles.append(last_layer.register_forward_hook(functools.partial(_report, "on_layers_done", config)))
@@ -116,7 +116,9 @@ def watch_forward(owner: torch.nn.Module | None, last_layer: torch.nn.Module | N
     return True
 
 
-_calls = threading.local()  # .running: [(module, serial mark, exception being handled at its start)]
+_calls = threading.local()  # .running: [(module, config, serial mark, exception being handled at its start,
+# the call's frame in torch's Module._call_impl: on the stack while the call runs)]
+_CALL_IMPL = getattr(torch.nn.Module._call_impl, "__code__", None)
 _watched_calls: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
 
 
@@ -127,15 +129,23 @@ def watch_call(outer: torch.nn.Module | None, config) -> None:
     hooks when it starts. Idempotent."""
     if outer is None or outer in _watched_calls:
         return
-    outer.register_forward_pre_hook(_call_started)
-    outer.register_forward_hook(functools.partial(_call_ended, config), always_call=True)
+    ended = outer.register_forward_hook(functools.partial(_call_ended, config), always_call=True)
+    outer.register_forward_pre_hook(functools.partial(_call_started, config, ended.id))
     _watched_calls.add(outer)
 
 
 @torch.compiler.disable
-def _call_started(module, _args) -> None:
+def _call_started(config, ended_id: int, module, _args) -> None:
     running = _calls.__dict__.setdefault("running", [])
-    running.append((module, serial_mark(), sys.exc_info()[1]))
+    if running:
+        settle_interrupted_calls()
+    # torch runs an always_call hook that already ran only once: one that ran before a user's hook raised would
+    # miss it.
+    _run_last(module, ended_id)
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code is not _CALL_IMPL:
+        frame = frame.f_back
+    running.append((module, config, serial_mark(), sys.exc_info()[1], frame))
 
 
 @torch.compiler.disable
@@ -148,7 +158,7 @@ def _call_ended(config, module, _args, _output) -> None:
     index = next((i for i in range(len(running or ()) - 1, -1, -1) if running[i][0] is module), None)
     if index is None:
         return
-    _, mark, handled = running.pop(index)
+    _, _, mark, handled, _ = running.pop(index)
     del running[index:]  # calls inside it that an interrupt left unfinished (it skips always_call hooks)
     raised = sys.exc_info()[1]
     session = current_session()
@@ -156,9 +166,40 @@ def _call_ended(config, module, _args, _output) -> None:
         session.on_call_raised(config, mark)
 
 
-@torch.compiler.disable
-def _forward_started(config, module, _args, kwargs) -> None:
+def _run_last(module: torch.nn.Module, hook_id: int) -> None:
+    """Move forward hook `hook_id` of `module` after its other forward hooks, those registered later included
+    (torch reads them after the forward, in order): qk-attn's end hooks see what the user's hooks raise."""
+    hooks = module._forward_hooks
+    if hook_id in hooks and next(reversed(hooks)) != hook_id:
+        hooks.move_to_end(hook_id)
+
+
+def _on_stack(target) -> bool:
+    frame = sys._getframe(2)
+    while frame is not None and frame is not target:
+        frame = frame.f_back
+    return frame is not None
+
+
+def settle_interrupted_calls() -> None:
+    """Calls of this thread that an interrupt (a BaseException, for which torch runs no always_call hook)
+    left unfinished: their forwards are not committed either (`on_call_raised`). Read at a watched call's
+    start and before a commit, flush or close (`ForwardTracker._end_forwards`)."""
     from qk_attn.capture.active import current_session
+
+    running = getattr(_calls, "running", None)
+    while running and running[-1][4] is not None and not _on_stack(running[-1][4]):
+        _, config, mark, _, _ = running.pop()
+        session = current_session()
+        if session is not None and not session.closed:
+            session.on_call_raised(config, mark)
+
+
+@torch.compiler.disable
+def _forward_started(config, ended_id: int, module, _args, kwargs) -> None:
+    from qk_attn.capture.active import current_session
+
+    _run_last(module, ended_id)  # a hook of the user's on the stack that raises stops the forward before its end
 
     session = current_session()
     if session is not None:

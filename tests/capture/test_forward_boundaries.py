@@ -450,6 +450,34 @@ def _raising_head(model, ids):
         handle.remove()
 
 
+def _raising_hook_on_the_model(model, ids):
+    """A hook of the user's on the causal LM itself, registered after the model's first call: torch runs it
+    after qk-attn's end hook unless that one is moved last."""
+    handle = model.register_forward_hook(_raise)
+    try:
+        model(input_ids=ids)
+    finally:
+        handle.remove()
+
+
+class _Interrupt(KeyboardInterrupt):
+    pass
+
+
+def _interrupted_head(model, ids):
+    """Ctrl-C in the head (caught by the caller, a notebook cell): torch runs no always_call hook on a
+    BaseException; the next commit finds the call unfinished."""
+
+    def interrupt(*_):
+        raise _Interrupt
+
+    handle = model.lm_head.register_forward_hook(interrupt)
+    try:
+        model(input_ids=ids)
+    finally:
+        handle.remove()
+
+
 def _inside_an_except_block(model, ids):
     """A call that returns while the caller handles another exception: not a call that raised."""
     try:
@@ -458,7 +486,12 @@ def _inside_an_except_block(model, ids):
         model(input_ids=ids)
 
 
-@pytest.mark.parametrize("call", [_wrong_labels, _raising_head, _inside_an_except_block])
+_RAISES = {_wrong_labels: ValueError, _raising_head: _Boom, _raising_hook_on_the_model: _Boom, _interrupted_head: _Interrupt}
+
+
+@pytest.mark.parametrize(
+    "call", [_wrong_labels, _raising_head, _raising_hook_on_the_model, _interrupted_head, _inside_an_except_block]
+)
 def test_a_model_call_that_raises_after_its_decoder_stack_returned_commits_nothing_of_it(tmp_path, call):
     """A causal LM's call that raised in its loss or in a hook on its head, after the decoder stack returned,
     had its example committed: a caller retrying the document under a new id recorded it twice. It is
@@ -474,7 +507,7 @@ def test_a_model_call_that_raises_after_its_decoder_stack_returned_commits_nothi
         model(input_ids=first)  # the first call in the session arms the hooks on the model's calls
         s.begin([1])
         raised = call is not _inside_an_except_block
-        with pytest.raises(_Boom if call is _raising_head else ValueError) if raised else contextlib.nullcontext():
+        with pytest.raises(_RAISES[call]) if raised else contextlib.nullcontext():
             call(model, ids)
         s.begin([2])
         model(input_ids=ids)  # the retry
@@ -537,3 +570,22 @@ def test_a_cache_whose_model_call_raised_after_its_stack_is_refused_naming_that_
         ):
             model(input_ids=document[:, 8:], **cache_kw(cache))
     assert sorted({key[0] for key in rows_by_key(s.table())}) == [0]
+
+
+def test_a_backbone_called_directly_whose_own_hook_raises_is_discarded():
+    """A hook of the user's on the decoder stack itself, registered after its first forward, that raises:
+    torch ran qk-attn's end hook first, so the forward was handed off and committed. The end hook now runs
+    after the user's hooks; the raise stops the forward before its end."""
+    model = build("llama3", "qk_sniff")
+    ids = _tokens(6, seed=1)
+    with qk_attn.session(sampler="all") as s:
+        s.begin([0])
+        model.model(input_ids=ids)
+        handle = model.model.register_forward_hook(_raise)
+        s.begin([1])
+        with pytest.raises(_Boom):
+            model.model(input_ids=ids)
+        handle.remove()
+        s.begin([2])
+        model.model(input_ids=ids)
+    assert sorted({key[0] for key in rows_by_key(s.table())}) == [0, 2]
