@@ -168,11 +168,15 @@ class ForwardContext:
         """Index along K of the first new key, for a layer whose key tensor has num_keys slots."""
         slot = self.key_slots.get(num_keys)
         if slot is None:
-            reason = (
-                "two mask kinds disagree on it"
-                if num_keys in self.key_slots
-                else (f"the mask function was told of key lengths {sorted(self.key_slots)} only")
-            )
+            if num_keys in self.key_slots:
+                reason = "two mask kinds disagree on it"
+            else:
+                reason = f"the mask function was told of key lengths {sorted(self.key_slots)} only"
+                if num_keys > self.past + self.num_new:  # the cache said it held fewer tokens than its layers hold
+                    reason += (
+                        f" (the cache said it held {self.past} tokens before this forward's {self.num_new}: a cache that "
+                        "reads its length from a layer holding no keys, as MiniMax's with linear attention first, says 0)"
+                    )
             raise CaptureError(
                 f"qk_sniff: layer {layer} has {num_keys} keys and {reason}; cannot tell where this "
                 "forward's new keys sit, so nothing is recorded for it"

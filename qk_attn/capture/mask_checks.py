@@ -58,9 +58,15 @@ def refuse_mask_shape(mask: torch.Tensor | None, batch_size: int, past: int, num
             "not recorded"
         )
     if mask is not None and mask.shape[-1] != past + num_new:
+        longer = (
+            f", or the cache said it held {past} tokens where it holds more (a cache that reads its length from a "
+            "layer holding no keys, as MiniMax's with linear attention first, says 0)"
+            if mask.shape[-1] > past + num_new
+            else ""
+        )
         raise CaptureError(
             f"qk_sniff: the 2-D attention_mask has {mask.shape[-1]} columns, but this forward's keys are the "
             f"cache's {past} tokens and its {num_new} new ones ({past + num_new}), so it does not say which new "
             f"tokens are real; pass a mask of exactly {past + num_new} columns (extend it by the new tokens at "
-            "every step, as generate() does); not recorded"
+            f"every step, as generate() does){longer}; not recorded"
         )

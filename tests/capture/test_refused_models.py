@@ -202,3 +202,20 @@ def test_settings_that_select_no_layer_of_the_model_are_refused_not_committed_em
     with qk_attn.session(sampler="all", layers="0,1", full_attention_only=True) as s:  # layer 1 is full
         model(**padded_batch("left"))
     assert set(s.table()["layer"].to_pylist()) == {1}
+
+
+def test_a_cache_that_reports_no_tokens_from_a_linear_first_layer_is_refused_naming_it():
+    """MiniMax-Text-01's layout: layer 0 is linear attention, so MiniMaxCache.get_seq_length() (read from
+    layer 0) says 0 after the prefill, and the decode step's key slot cannot be told. The refusal names the
+    cache's reported length, not only the key lengths."""
+    torch.manual_seed(0)
+    config = tf.MiniMaxConfig(
+        **{**COMMON, "num_hidden_layers": 2}, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+        layer_types=["linear_attention", "full_attention"], block_size=4, attn_implementation="qk_sniff",
+    )  # fmt: skip
+    model = tf.MiniMaxForCausalLM(config).eval()
+    ids = torch.randint(2, VOCAB - 2, (1, 7), generator=torch.Generator().manual_seed(1))
+    # (5.17's generate() passes the mask, whose columns are then checked first; 5.2x's passes none)
+    with torch.no_grad(), pytest.raises(CaptureError, match=r"the cache said it held 0 tokens .*MiniMax"):
+        with qk_attn.session(sampler="all"):
+            model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
