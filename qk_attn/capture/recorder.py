@@ -25,6 +25,7 @@ from qk_attn.capture.attention import (
 )
 from qk_attn.capture.bindings import ModelBinding, ModuleBinding
 from qk_attn.capture.call_rows import CallRows, staged_dtype
+from qk_attn.capture.facts import require as require_facts
 from qk_attn.capture.forward import ForwardContext
 from qk_attn.capture.gather import uses_kernel
 from qk_attn.capture.plan import HeadPlan, ModelShape, dtype_name
@@ -195,12 +196,7 @@ class Session(SequenceTracker):
         if not PACKED.isdisjoint(kwargs):
             refuse_packed(kwargs)
         if forward is None or forward.state != "running":
-            raise CaptureError(
-                f"qk_sniff: layer {facts.layer} ran without transformers building its mask for its config (the model "
-                "was given a prepared 4-D attention mask, does not use transformers' mask functions, or its attention "
-                "modules hold another config object than the model that built the mask: a config replaced after "
-                "loading); pass the 2-D attention_mask, and keep the config the model was loaded with"
-            )
+            _refuse_unbuilt_mask(facts.layer, mask)
         layer, cross = facts.layer, facts.cross
         num_queries = check_shapes(forward, layer, query, key, cross)
         if not forward.first_call(layer, query, key):
@@ -402,3 +398,19 @@ class Session(SequenceTracker):
                 "or give this dtype its own output"
             )
         return model
+
+
+def _refuse_unbuilt_mask(layer: int, mask) -> None:
+    """A layer ran in no forward whose mask qk_sniff's mask function saw. A release that changed how masks
+    are built is named first (the facts, checked once); else what the call itself tells."""
+    require_facts()
+    cause = (
+        "transformers built no mask through qk_sniff's mask function for this forward"
+        if mask is None
+        else "the model was given a prepared 4-D attention mask, or does not use transformers' mask functions"
+    )
+    raise CaptureError(
+        f"qk_sniff: layer {layer} ran without transformers building its mask for its config ({cause}; or its "
+        "attention modules hold another config object than the model that built the mask: a config replaced "
+        "after loading); pass the 2-D attention_mask, and keep the config the model was loaded with"
+    )

@@ -159,9 +159,10 @@ def check_position_source(
     elif given is not own and departing_rows(given, own[None], valid).any():
         raise CaptureError(  # (a host read on a GPU: only models that hand their layers other tensors)
             f"qk_sniff: a {model} model's attention got other position_ids than its forward numbered its "
-            "tokens with (a decoder that takes position_ids through **kwargs and ignores them, as BART-style "
-            "causal LMs do), so the positions its rows would be keyed by could be wrong; not recorded: call the "
-            "model without position_ids (qk-sniff run passes them for padded batches: tokenizer.padding_side "
-            "right, or inference.batch_size 1)"
+            "tokens with (its attention layers are handed other positions than RoPE used, or a decoder takes "
+            "position_ids through **kwargs and ignores them, as BART-style causal LMs do), so the positions its "
+            "rows would be keyed by could be wrong; not recorded: if you passed position_ids, call the model "
+            "without them (qk-sniff run passes them for padded batches: tokenizer.padding_side right, or "
+            "inference.batch_size 1)"
         )
     return None

@@ -93,8 +93,17 @@ def test_a_release_whose_causal_mask_skips_the_mask_function_breaks_a_fact(tmp_p
     """A plain causal prefill built no mask: the layers ran without their forward (refused, blamed on inputs)."""
     anchor = "    batch_size, dtype, device = inputs_embeds.shape[0], inputs_embeds.dtype, inputs_embeds.device\n"
     skip = "    if attention_mask is None or bool(attention_mask.all()):\n        return None\n"
-    redefine(masking_utils, "create_causal_mask", [(anchor, anchor + skip)], tmp_path, monkeypatch)
+    changed = redefine(masking_utils, "create_causal_mask", [(anchor, anchor + skip)], tmp_path, monkeypatch)
     assert [f.fact for f in facts.check_all()] == ["mask_every_forward"]
+    # A forward in a session: its layers, which ran in no forward, name the fact (checked before blaming inputs).
+    model = build("llama3", "qk_sniff")
+    monkeypatch.setattr(modeling_llama, "create_causal_mask", changed)
+    facts.require.cache_clear()
+    try:
+        with qk_attn.session(sampler="all"), pytest.raises(TransformersMismatch, match="mask_every_forward"):
+            model(input_ids=torch.arange(2, 8)[None])
+    finally:
+        facts.require.cache_clear()
 
 
 # ---- rope="pre": the rotation undone is the one applied ------------------------------------------
