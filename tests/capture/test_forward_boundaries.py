@@ -486,7 +486,12 @@ def _inside_an_except_block(model, ids):
         model(input_ids=ids)
 
 
-_RAISES = {_wrong_labels: ValueError, _raising_head: _Boom, _raising_hook_on_the_model: _Boom, _interrupted_head: _Interrupt}
+_RAISES = {
+    _wrong_labels: ValueError,
+    _raising_head: _Boom,
+    _raising_hook_on_the_model: _Boom,
+    _interrupted_head: _Interrupt,
+}
 
 
 @pytest.mark.parametrize(
