@@ -16,6 +16,7 @@ import numbers
 import os
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,12 +47,14 @@ _INT_TEXT = re.compile(r"[0-9]+")
 _FLOAT_TEXT = re.compile(r"-?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 
 
+# Whether the attention registered under a backend's name records: set by qk_attn.capture.hooks when it is
+# imported (this layer does not import capture). Before that nothing is wrapped, flash_attention_2 included.
+backend_records: Callable[[str], bool] = lambda name: False
+
+
 def _flash_recorded() -> bool:
-    """Whether qk_attn.wrap_flash_attention() made "flash_attention_2" record (looked up, not imported:
-    the environment is read while qk_attn.capture.hooks itself is imported, before anything is wrapped)."""
-    hooks = sys.modules.get("qk_attn.capture.hooks")
-    records = getattr(hooks, "_records", None)
-    return records is not None and records(FLASH)
+    """Whether qk_attn.wrap_flash_attention() made "flash_attention_2" record."""
+    return backend_records(FLASH)
 
 
 def _session_backends() -> str:

@@ -16,6 +16,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
+from qk_attn import config as sniff_config
 from qk_attn.capture.attention import attend_and_capture, qk_sniff_attention
 from qk_attn.capture.backends import check_backend_support, mask_function
 from qk_attn.capture.caches import watch_row_moves
@@ -381,6 +382,9 @@ def _records(name: str) -> bool:
     """Whether the attention registered under `name` records (is ours)."""
     attention = AttentionInterface._global_mapping.get(name)
     return attention is qk_sniff_attention or getattr(attention, "func", None) is attend_and_capture
+
+
+sniff_config.backend_records = _records  # QK_SNIFF_BACKEND and session(backend=...) take flash once it records
 
 
 def check_recorded(config, mask_fn) -> None:
