@@ -75,8 +75,16 @@ def model_forward(batch_size: int, num_new: int) -> ModelForward:
         encoded = local.get("mm_encoder_outputs")
         images = images or (isinstance(encoded, dict) and any(v is not None for v in encoded.values()))
     positions = positions if isinstance(positions, torch.Tensor) else None
-    depth = len(_stack(builder)) - 1 if builder is not None else 0
+    depth = _depth(builder) if builder is not None else 0
     return ModelForward(module, ids, positions, cache, images, numbers_positions, code, depth, outermost, own_mask)
+
+
+def _depth(frame) -> int:
+    """How many frames lie below `frame` on its stack."""
+    depth = 0
+    while (frame := frame.f_back) is not None:
+        depth += 1
+    return depth
 
 
 def _stack(frame) -> list:
