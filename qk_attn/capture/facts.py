@@ -60,7 +60,7 @@ Where the capture code relies on each fact (the module that reads it):
     (torch, not transformers: forward hooks on the decoder stack, frames.decoder_stack, which
     finds it by structure: a ModuleList child whose attention modules share `config`; and a pre-hook
     and an `always_call` forward hook on the outermost module whose `forward` frame encloses the stack,
-    frames.outermost_forward and hooks.watch_call: should a release call its stack otherwise, only the
+    frames.outermost_forward and calls.watch_call: should a release call its stack otherwise, only the
     discarding of a forward whose model call raised after the stack returned is lost, never a row)
 """
 

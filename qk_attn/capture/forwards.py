@@ -16,6 +16,7 @@ import torch
 
 from qk_attn.capture import forward as forward_module
 from qk_attn.capture.caches import refuse_rounding_cache, resets, watch_cache_class
+from qk_attn.capture.calls import settle_interrupted_calls, watch_call
 from qk_attn.capture.facts import require as require_facts
 from qk_attn.capture.forward import ForwardContext, host_int
 from qk_attn.capture.frames import (
@@ -26,7 +27,7 @@ from qk_attn.capture.frames import (
     refuse_unrecordable_generation,
     running_in,
 )
-from qk_attn.capture.hooks import refuse_concurrent, settle_interrupted_calls, watch_call, watch_forward
+from qk_attn.capture.hooks import refuse_concurrent, watch_forward
 from qk_attn.capture.mask_checks import refuse_mask_shape, refuse_other_padding
 from qk_attn.capture.staging import OffsetCheck
 from qk_attn.errors import CaptureError

@@ -8,7 +8,6 @@ import contextlib
 import functools
 import logging
 import os
-import sys
 import threading
 import weakref
 
@@ -20,7 +19,7 @@ from qk_attn import config as sniff_config
 from qk_attn.capture.attention import attend_and_capture, qk_sniff_attention
 from qk_attn.capture.backends import check_backend_support, mask_function
 from qk_attn.capture.caches import watch_row_moves
-from qk_attn.capture.forward import serial_mark
+from qk_attn.capture.calls import run_last
 from qk_attn.capture.frames import building_model, tower_of
 from qk_attn.capture.modeling_checks import check_modeling_file
 from qk_attn.capture.name_branches import follow_wrapped_backend
@@ -117,90 +116,11 @@ def watch_forward(owner: torch.nn.Module | None, last_layer: torch.nn.Module | N
     return True
 
 
-_calls = threading.local()  # .running: [(module, config, serial mark, exception being handled at its start,
-# the call's frame in torch's Module._call_impl: on the stack while the call runs)]
-_CALL_IMPL = getattr(torch.nn.Module._call_impl, "__code__", None)
-_watched_calls: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
-
-
-def watch_call(outer: torch.nn.Module | None, config) -> None:
-    """Have every call of `outer` (the model the caller calls around the decoder stack of `config`) that raises
-    after the stack returned (in its loss, its head, a hook) tell the active session, which then does not
-    commit what that forward recorded (`on_call_raised`). From `outer`'s next call on: torch fixes a call's
-    hooks when it starts. Idempotent."""
-    if outer is None or outer in _watched_calls:
-        return
-    ended = outer.register_forward_hook(functools.partial(_call_ended, config), always_call=True)
-    outer.register_forward_pre_hook(functools.partial(_call_started, config, ended.id))
-    _watched_calls.add(outer)
-
-
-@torch.compiler.disable
-def _call_started(config, ended_id: int, module, _args) -> None:
-    running = _calls.__dict__.setdefault("running", [])
-    if running:
-        settle_interrupted_calls()
-    # torch runs an always_call hook that already ran only once: one that ran before a user's hook raised would
-    # miss it.
-    _run_last(module, ended_id)
-    frame = sys._getframe(1)
-    while frame is not None and frame.f_code is not _CALL_IMPL:
-        frame = frame.f_back
-    running.append((module, config, serial_mark(), sys.exc_info()[1], frame))
-
-
-@torch.compiler.disable
-def _call_ended(config, module, _args, _output) -> None:
-    """Run on the call's return and, `always_call`, when it raised: then the exception being handled is
-    a new one (torch calls it from its `except`), not the one that was being handled when it started."""
-    from qk_attn.capture.active import current_session
-
-    running = getattr(_calls, "running", None)
-    index = next((i for i in range(len(running or ()) - 1, -1, -1) if running[i][0] is module), None)
-    if index is None:
-        return
-    _, _, mark, handled, _ = running.pop(index)
-    del running[index:]  # calls inside it that an interrupt left unfinished (it skips always_call hooks)
-    raised = sys.exc_info()[1]
-    session = current_session()
-    if raised is not None and raised is not handled and session is not None and not session.closed:
-        session.on_call_raised(config, mark)
-
-
-def _run_last(module: torch.nn.Module, hook_id: int) -> None:
-    """Move forward hook `hook_id` of `module` after its other forward hooks, those registered later included
-    (torch reads them after the forward, in order): qk-attn's end hooks see what the user's hooks raise."""
-    hooks = module._forward_hooks
-    if hook_id in hooks and next(reversed(hooks)) != hook_id:
-        hooks.move_to_end(hook_id)
-
-
-def _on_stack(target) -> bool:
-    frame = sys._getframe(2)
-    while frame is not None and frame is not target:
-        frame = frame.f_back
-    return frame is not None
-
-
-def settle_interrupted_calls() -> None:
-    """Calls of this thread that an interrupt (a BaseException, for which torch runs no always_call hook)
-    left unfinished: their forwards are not committed either (`on_call_raised`). Read at a watched call's
-    start and before a commit, flush or close (`ForwardTracker._end_forwards`)."""
-    from qk_attn.capture.active import current_session
-
-    running = getattr(_calls, "running", None)
-    while running and running[-1][4] is not None and not _on_stack(running[-1][4]):
-        _, config, mark, _, _ = running.pop()
-        session = current_session()
-        if session is not None and not session.closed:
-            session.on_call_raised(config, mark)
-
-
 @torch.compiler.disable
 def _forward_started(config, ended_id: int, module, _args, kwargs) -> None:
     from qk_attn.capture.active import current_session
 
-    _run_last(module, ended_id)  # a hook of the user's on the stack that raises stops the forward before its end
+    run_last(module, ended_id)  # a hook of the user's on the stack that raises stops the forward before its end
 
     session = current_session()
     if session is not None:

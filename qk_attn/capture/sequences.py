@@ -147,7 +147,7 @@ class SequenceTracker(ForwardTracker):
         )
 
     def on_call_raised(self, config, since: int) -> None:
-        """A call of the model of `config` (hooks.watch_call) raised after its decoder stack returned (in its
+        """A call of the model of `config` (calls.watch_call) raised after its decoder stack returned (in its
         loss, its head, a hook): the forward it ran, if it ended after `since` (`serial_mark`) in this
         thread, is stopped as a forward that raised inside is: its examples are not committed."""
         ended = self._ended.pop(id(config), None)
