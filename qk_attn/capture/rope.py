@@ -123,12 +123,18 @@ def _refuse_no_round_trip(module, apply, cos, sin, head_dim: int) -> None:
     against rotate_half), or which rotates k otherwise than q, breaks it. Tried once per attention class and
     apply function (and rotary forward) on random q and k: one read of the device, at its first rope='pre' call."""
     key = (type(module), apply, *(r.forward for r in _rotary_classes(type(module))))
-    if key not in _round_trips and cos.shape[-2] > 0:
+    # Rows whose cos and sin are all 0 are slots no token was gathered into (the kernel path's capacity):
+    # nothing there to undo.
+    live = cos.ne(0).any(-1) | sin.ne(0).any(-1)
+    if key not in _round_trips and bool(live.any()):
         generator = torch.Generator().manual_seed(0)
-        q, k = (torch.randn((1, 1, cos.shape[-2], head_dim), generator=generator).to(cos.device) for _ in "qk")
+        # One head per row of cos/sin, as the layer's own q and k (a kernel may not broadcast a batch of one)
+        rows = cos.shape[0] if cos.dim() == 3 else 1
+        q, k = (torch.randn((rows, 1, cos.shape[-2], head_dim), generator=generator).to(cos.device) for _ in "qk")
         rotated = apply(q.clone(), k.clone(), cos, sin)  # (copies: a kernel may rotate in place)
         back = [_undo(apply, rotated[side], cos, sin, side) for side in (0, 1)]
-        worst = max(float((b - x).abs().max()) for b, x in zip(back, (q, k), strict=True))
+        live = live.expand(rows, cos.shape[-2])
+        worst = max(float((b - x).abs().amax(-1)[:, 0][live].max()) for b, x in zip(back, (q, k), strict=True))
         _round_trips[key] = (
             None
             if worst <= 1e-3
