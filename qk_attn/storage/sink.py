@@ -14,9 +14,11 @@ merged into `qk_sniff.json` and the card once every rank has finished.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
+import signal
 import threading
 import time
 from pathlib import Path
@@ -282,8 +284,9 @@ class ParquetSink(SaverThread, Sink):
         self.check()
         self._sender.drain()  # their rows must be queued before the commit
         ids = [int(i) for i in example_ids]
-        self._enqueue(("commit", ids))  # first: an interrupt before it leaves them not committed, here too
-        self._committed.update(set(ids) - self.refusals.ids)
+        with _interrupts_held():  # queued and listed committed together, or neither (Ctrl-C)
+            self._enqueue(("commit", ids))
+            self._committed.update(set(ids) - self.refusals.ids)
         self._report_refused(ids)
 
     def flush(self, timeout: float | None = None) -> None:
@@ -315,12 +318,18 @@ class ParquetSink(SaverThread, Sink):
         if not lock_taken_here(self._lock_fd):
             release_lock(self.output, self._lock_fd, self.files.lock)  # the descriptor only (folder.release_lock)
             return
+        final = _Flush(final=True)
+        queued = False
         try:
             if self._error is None:
                 self._sender.drain()
-                self._wait(_Flush(final=True), None)
+                self._enqueue(final)
+                queued = True
+                self._wait_for(final, None)
         finally:
             self._sender.clear()
+            if not queued and self._error is None:  # interrupted before it: what was committed is still written
+                self._enqueue(final)
             self._enqueue(_STOP)
             self._thread.join()
             self._writers.close()
@@ -337,6 +346,9 @@ class ParquetSink(SaverThread, Sink):
 
     def _wait(self, flush: _Flush, timeout: float | None) -> None:
         self._enqueue(flush)
+        self._wait_for(flush, timeout)
+
+    def _wait_for(self, flush: _Flush, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
         while not flush.done.wait(0.05):
             self.check()
@@ -345,3 +357,22 @@ class ParquetSink(SaverThread, Sink):
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"qk-sniff saver did not finish flushing {self.output} within {timeout} s")
         self.check()
+
+
+@contextlib.contextmanager
+def _interrupts_held():
+    """Ctrl-C (SIGINT) handled after the block, not inside it: its Python handler is swapped for one that
+    notes it (signal handlers run in the main thread only: elsewhere the block runs as it is)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    noted: list = []
+    previous = signal.signal(signal.SIGINT, lambda *received: noted.append(received))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if noted and callable(previous):
+            previous(*noted[0])  # Python's default handler raises KeyboardInterrupt here
+        elif noted and previous == signal.SIG_DFL:
+            os.kill(os.getpid(), signal.SIGINT)

@@ -626,3 +626,53 @@ def test_a_generate_that_raises_while_another_thread_is_inside_a_forward_is_disc
     table = qk_attn.load(str(out), layer=0, head=0, kind="k")
     assert sorted(set(table.column("example_id").to_pylist())) == [1]  # B's example 0 is not committed
     assert table.num_rows == 7
+
+
+def test_ctrl_c_right_after_the_commit_is_queued_lands_after_it_is_listed_committed(tmp_path):
+    """A real SIGINT between queueing the commit and listing the examples committed: delivered after both,
+    so the examples are committed once, and begin() refuses them again (no second copy of their rows)."""
+    import os
+    import signal
+
+    model = build("llama3", "qk_sniff")
+    ids = torch.randint(2, 90, (1, 6), generator=torch.Generator().manual_seed(0))
+    out = tmp_path / "out"
+    with torch.no_grad(), qk_attn.session(output=str(out), sampler="all") as s:
+        s.begin([0])
+        model(input_ids=ids)
+        queue = s.sink._enqueue
+
+        def then_interrupted(item):
+            queue(item)
+            if isinstance(item, tuple) and item[0] == "commit":
+                os.kill(os.getpid(), signal.SIGINT)
+
+        s.sink._enqueue = then_interrupted
+        with pytest.raises(KeyboardInterrupt):
+            s.commit()
+        s.sink._enqueue = queue
+        assert s.committed_ids() == {0}
+        with pytest.raises(ValueError, match="already committed"):
+            s.begin([0])
+    table = qk_attn.load(str(out), layer=0, head=0, kind="k")
+    assert table.column("example_id").to_pylist() == [0] * 6
+
+
+def test_ctrl_c_as_the_session_closes_still_writes_what_was_committed(tmp_path):
+    """Ctrl-C in close() before its final flush was queued (while it drains the last copies): the saver
+    stopped without writing the committed examples. The final flush is queued before the stop."""
+    model = build("llama3", "qk_sniff")
+    ids = torch.randint(2, 90, (1, 6), generator=torch.Generator().manual_seed(0))
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt), torch.no_grad(), qk_attn.session(output=str(out), sampler="all") as s:
+        for example in range(3):
+            s.begin([example])
+            model(input_ids=ids)
+        s.commit()
+
+        def interrupted():
+            raise KeyboardInterrupt
+
+        s.sink._sender.drain = interrupted
+    table = qk_attn.load(str(out), layer=0, head=0, kind="k")
+    assert sorted(set(table.column("example_id").to_pylist())) == [0, 1, 2]
