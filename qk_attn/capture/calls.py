@@ -58,9 +58,12 @@ def _call_ended(config, module, _args, _output) -> None:
     if index is None:
         return
     _, _, mark, handled, _ = running.pop(index)
-    del running[index:]  # calls inside it that an interrupt left unfinished (it skips always_call hooks)
-    raised = sys.exc_info()[1]
+    stopped, running[index:] = running[index:], []  # calls inside it that an interrupt left unfinished
     session = current_session()
+    for _, inner, inner_mark, _, _ in reversed(stopped):  # (torch runs no always_call hook on an interrupt)
+        if session is not None and not session.closed:
+            session.on_call_raised(inner, inner_mark)
+    raised = sys.exc_info()[1]
     if raised is not None and raised is not handled and session is not None and not session.closed:
         session.on_call_raised(config, mark)
 

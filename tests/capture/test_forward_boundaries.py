@@ -594,3 +594,30 @@ def test_a_backbone_called_directly_whose_own_hook_raises_is_discarded():
         s.begin([2])
         model.model(input_ids=ids)
     assert sorted({key[0] for key in rows_by_key(s.table())}) == [0, 2]
+
+
+def test_an_interrupted_model_call_nested_in_another_models_hook_is_not_committed():
+    """Model B runs inside a hook of model A; Ctrl-C in B's head is caught by A's hook. A's call ends
+    normally and dropped B's unfinished call without telling the session: B's examples were committed."""
+    outer, inner = build("llama3", "qk_sniff"), build("qwen3", "qk_sniff")
+    ids = _tokens(6, seed=1)
+    with torch.no_grad(), qk_attn.session(sampler="all"):  # the models' calls are watched from their second on
+        outer(input_ids=ids)
+        inner(input_ids=ids)
+
+    def interrupt(*_):
+        raise _Interrupt
+
+    inner.lm_head.register_forward_hook(interrupt)
+    with torch.no_grad(), qk_attn.session(sampler="all") as s:
+
+        def run_inner(*_):
+            s.begin([20])
+            with contextlib.suppress(_Interrupt):
+                inner(input_ids=ids)
+
+        outer.model.layers[0].register_forward_hook(run_inner)
+        s.begin([10])
+        outer(input_ids=ids)
+        s.commit()
+        assert s.committed_ids() == {10}
