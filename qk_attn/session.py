@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import os
 import reprlib
 from collections.abc import Iterator
@@ -173,20 +174,23 @@ def _session(
             recorder.close()
 
 
-class _EnteredOnce:
-    """A `session()` block, entered once: contextlib's own error on a second entry is an AttributeError
-    about 'args', which does not say that a session is single-use."""
+class _EnteredOnce(contextlib.ContextDecorator):
+    """A `session()` block, entered once (contextlib's own error on a second entry is an AttributeError
+    about 'args', which does not say that a session is single-use); as a decorator, a new session per call."""
 
-    def __init__(self, block) -> None:
-        self._block, self._entered = block, False
+    def __init__(self, args: tuple, kwargs: dict) -> None:
+        self._args, self._kwargs, self._block = args, kwargs, None
+
+    def _recreate_cm(self) -> _EnteredOnce:
+        return _EnteredOnce(self._args, self._kwargs)
 
     def __enter__(self) -> Session:
-        if self._entered:
+        if self._block is not None:
             raise RuntimeError(
                 "qk_attn: this session() block was entered already; a session is used once: call "
                 "qk_attn.session(...) again for a new one"
             )
-        self._entered = True
+        self._block = _session(*self._args, **self._kwargs)
         return self._block.__enter__()
 
     def __exit__(self, *exc_info) -> bool | None:
@@ -195,7 +199,11 @@ class _EnteredOnce:
 
 @functools.wraps(_session)
 def session(*args, **kwargs) -> _EnteredOnce:
-    return _EnteredOnce(_session(*args, **kwargs))
+    return _EnteredOnce(args, kwargs)
+
+
+# What help() and inspect show: _session's parameters, and what session() returns.
+session.__signature__ = inspect.signature(_session).replace(return_annotation="_EnteredOnce")
 
 
 def flush() -> None:

@@ -517,3 +517,15 @@ def test_a_session_block_entered_twice_says_a_session_is_used_once(tmp_path):
     with pytest.raises(RuntimeError, match=r"entered already"):
         with block:
             pass
+
+
+def test_a_session_decorates_a_function_with_a_new_session_per_call():
+    """contextlib's context managers are decorators: session() stays one (each call opens its own)."""
+    from qk_attn.capture import active
+
+    @qk_attn.session(sampler="all")
+    def inside():
+        return active.current_session()
+
+    first, second = inside(), inside()
+    assert first is not second and first.closed and second.closed
