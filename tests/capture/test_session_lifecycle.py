@@ -559,9 +559,14 @@ def test_a_forward_another_thread_runs_while_the_session_closes_is_discarded_nam
     assert "stopped before its end" not in caplog.text
 
 
-def test_an_interrupt_inside_commit_leaves_the_example_uncommitted_and_recordable_again(tmp_path):
-    """Ctrl-C inside commit(), before the sink queued it, caught by the caller (a notebook cell): the
-    example is not listed as committed while it is never written; begin() may record it again."""
+@pytest.mark.parametrize("queued", [False, True])
+def test_ctrl_c_in_commit_leaves_the_example_committed_once_or_recordable_again(tmp_path, queued):
+    """Ctrl-C inside commit(), caught by the caller (a notebook cell). Before the sink queued the commit: the
+    example is not listed committed (it is never written) and begin() records it again. A real SIGINT right
+    after: delivered once it is also listed committed, so begin() refuses it (no second copy of its rows)."""
+    import os
+    import signal
+
     model = build("llama3", "qk_sniff")
     ids = torch.randint(2, 90, (1, 6), generator=torch.Generator().manual_seed(0))
     out = tmp_path / "out"
@@ -572,17 +577,23 @@ def test_an_interrupt_inside_commit_leaves_the_example_uncommitted_and_recordabl
 
         def interrupted(item):
             s.sink._enqueue = queue
-            raise KeyboardInterrupt
+            if not queued:
+                raise KeyboardInterrupt
+            queue(item)
+            os.kill(os.getpid(), signal.SIGINT)
 
         s.sink._enqueue = interrupted
         with pytest.raises(KeyboardInterrupt):
             s.commit()
-        assert s.committed_ids() == set()
-        s.begin([0])  # recorded again, and committed at close
-        model(input_ids=ids)
+        assert s.committed_ids() == ({0} if queued else set())
+        if queued:
+            with pytest.raises(ValueError, match="already committed"):
+                s.begin([0])
+        else:
+            s.begin([0])  # recorded again, and committed at close
+            model(input_ids=ids)
     table = qk_attn.load(str(out), layer=0, head=0, kind="k")
-    assert sorted(set(table.column("example_id").to_pylist())) == [0]
-    assert table.num_rows == 6
+    assert table.column("example_id").to_pylist() == [0] * 6
 
 
 def test_a_generate_that_raises_while_another_thread_is_inside_a_forward_is_discarded_not_committed(tmp_path):
@@ -626,36 +637,6 @@ def test_a_generate_that_raises_while_another_thread_is_inside_a_forward_is_disc
     table = qk_attn.load(str(out), layer=0, head=0, kind="k")
     assert sorted(set(table.column("example_id").to_pylist())) == [1]  # B's example 0 is not committed
     assert table.num_rows == 7
-
-
-def test_ctrl_c_right_after_the_commit_is_queued_lands_after_it_is_listed_committed(tmp_path):
-    """A real SIGINT between queueing the commit and listing the examples committed: delivered after both,
-    so the examples are committed once, and begin() refuses them again (no second copy of their rows)."""
-    import os
-    import signal
-
-    model = build("llama3", "qk_sniff")
-    ids = torch.randint(2, 90, (1, 6), generator=torch.Generator().manual_seed(0))
-    out = tmp_path / "out"
-    with torch.no_grad(), qk_attn.session(output=str(out), sampler="all") as s:
-        s.begin([0])
-        model(input_ids=ids)
-        queue = s.sink._enqueue
-
-        def then_interrupted(item):
-            queue(item)
-            if isinstance(item, tuple) and item[0] == "commit":
-                os.kill(os.getpid(), signal.SIGINT)
-
-        s.sink._enqueue = then_interrupted
-        with pytest.raises(KeyboardInterrupt):
-            s.commit()
-        s.sink._enqueue = queue
-        assert s.committed_ids() == {0}
-        with pytest.raises(ValueError, match="already committed"):
-            s.begin([0])
-    table = qk_attn.load(str(out), layer=0, head=0, kind="k")
-    assert table.column("example_id").to_pylist() == [0] * 6
 
 
 def test_ctrl_c_as_the_session_closes_still_writes_what_was_committed(tmp_path):
