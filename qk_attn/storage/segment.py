@@ -31,6 +31,8 @@ class Segment:
     )  # example -> (layer, kind) -> tokens
     first: dict[int, int] = field(default_factory=dict)  # example -> smallest first position
     calls: Counter = field(default_factory=Counter)  # (layer, kind, heads) -> attention calls seen
+    # the same, per forward's examples: a forward whose examples are all dropped takes its calls with it
+    calls_of: dict[tuple, Counter] = field(default_factory=lambda: defaultdict(Counter))
     cross_attention_layers: set[int] = field(default_factory=set)  # layers whose keys are vision tokens
 
     @property
@@ -43,7 +45,9 @@ class Segment:
         self.examples.update(valid)
         for example, position in first.items():
             self.first[example] = min(self.first.get(example, NO_POSITION), position)
-        self.calls.update((call.layer, call.kind, call.heads) for call in calls)
+        counted = Counter((call.layer, call.kind, call.heads) for call in calls)
+        self.calls.update(counted)
+        self.calls_of[tuple(sorted(valid))].update(counted)
         text = dict.fromkeys((call.layer, call.kind) for call in calls if not call.cross_attention)
         # Cross-attention keys are image tokens, not text length.
         self.cross_attention_layers.update(call.layer for call in calls if call.cross_attention)
@@ -54,6 +58,9 @@ class Segment:
         """Remove uncommitted examples' rows (buffers and .tmp shards under `output`). Buffers may hold
         rows of examples not counted yet (a forward refused part-way through its calls)."""
         ids = np.array(sorted(incomplete), np.int64)
+        for examples in [e for e in self.calls_of if e and incomplete.issuperset(e)]:
+            self.calls.subtract(self.calls_of.pop(examples))
+        self.calls = +self.calls  # (no zero counts: a call of no kept example was not seen)
         for key, buffer in list(self.buffers.items()):
             buffer.drop(ids)
             if not buffer.rows:

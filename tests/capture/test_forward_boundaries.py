@@ -621,3 +621,26 @@ def test_an_interrupted_model_call_nested_in_another_models_hook_is_not_committe
         outer(input_ids=ids)
         s.commit()
         assert s.committed_ids() == {10}
+
+
+def test_the_calls_of_a_discarded_example_leave_the_manifests_call_counts(tmp_path):
+    """An example whose first chunk was handed off and whose second raised is discarded: its rows went, but
+    its first chunk's calls stayed in the manifest's counts (`calls`: calls seen for committed examples)."""
+    from qk_attn.storage.manifest import read_manifest
+
+    model = build("llama3", "qk_sniff")
+    document = _tokens(8, seed=2)
+    out = tmp_path / "out"
+    with torch.no_grad(), qk_attn.session(output=out, sampler="all") as s:
+        s.begin([1])
+        cache = DynamicCache(config=model.config)
+        model(input_ids=document[:, :4], **cache_kw(cache))
+        handle = model.model.layers[1].register_forward_hook(_raise)
+        with pytest.raises(_Boom):
+            model(input_ids=document[:, 4:], **cache_kw(cache))
+        handle.remove()
+        s.begin([2])
+        model(input_ids=document)
+    manifest = read_manifest(out)
+    assert list(manifest["examples"]) == ["2"]
+    assert set(manifest["calls"].values()) == {1}
