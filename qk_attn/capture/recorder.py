@@ -190,8 +190,8 @@ class Session(SequenceTracker):
 
     def _capture(self, forward, module, query, key, mask, kwargs, rotary) -> None:
         binding = self._modules.get(id(module))
-        if binding is None or binding.module() is not module:
-            binding = self._new_binding(module)
+        if binding is None or binding.module() is not module or binding.facts.layer != module.layer_idx:
+            binding = self._new_binding(module)  # (a new layer_idx: layers renumbered in place, checked again)
         facts = binding.facts
         if not PACKED.isdisjoint(kwargs):
             refuse_packed(kwargs)
@@ -381,6 +381,13 @@ class Session(SequenceTracker):
                     f"qk-attn: the model runs in float64; vectors are stored as {self.config.vector_dtype} "
                     "(vector_dtype), rounded",
                 )
+        layers = getattr(module.config, "num_hidden_layers", None)
+        if isinstance(layers, int) and layers != model.plan.shape.num_layers:
+            raise CaptureError(
+                f"qk_sniff: the model now has {layers} layers where its first recorded forward in this session had "
+                f"{model.plan.shape.num_layers} (layers pruned or added in place): its rows could not share one head "
+                "plan and layer numbering; open a new session for the changed model"
+            )
         entry = model.layer_dtypes.get(layer)
         if entry is None:
             if not model.layer_dtypes and dtype_name(query.dtype) != model.plan.shape.dtype:

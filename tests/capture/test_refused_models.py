@@ -219,3 +219,22 @@ def test_a_cache_that_reports_no_tokens_from_a_linear_first_layer_is_refused_nam
     with torch.no_grad(), pytest.raises(CaptureError, match=r"the cache said it held 0 tokens .*MiniMax"):
         with qk_attn.session(sampler="all"):
             model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+
+
+def test_layers_pruned_in_place_within_a_session_are_refused_not_keyed_by_their_old_index():
+    """A pruning script drops layer 0 and renumbers the others' layer_idx (and num_hidden_layers): the
+    session had each module's layer index from its first call and keyed the rows by the old one."""
+    model = build("llama3", "qk_sniff")
+    ids = torch.randint(2, VOCAB - 2, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), qk_attn.session(sampler="all") as s:
+        s.begin([0])
+        model(input_ids=ids)
+        model.model.layers = torch.nn.ModuleList(list(model.model.layers)[1:])
+        for index, layer in enumerate(model.model.layers):
+            layer.self_attn.layer_idx = index
+        model.config.num_hidden_layers = len(model.model.layers)
+        if getattr(model.config, "layer_types", None):
+            model.config.layer_types = model.config.layer_types[1:]
+        s.begin([1])
+        with pytest.raises(CaptureError, match="the model now has 2 layers where its first recorded forward"):
+            model(input_ids=ids)
