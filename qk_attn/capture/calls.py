@@ -18,7 +18,7 @@ from qk_attn.capture.forward import serial_mark
 _calls = threading.local()  # .running: [(module, config, serial mark, exception being handled at its start,
 # the call's frame in torch's Module._call_impl: on the stack while the call runs)]
 _CALL_IMPL = getattr(torch.nn.Module._call_impl, "__code__", None)
-_watched_calls: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+_watched_calls: weakref.WeakKeyDictionary[torch.nn.Module, int] = weakref.WeakKeyDictionary()  # -> its end hook
 
 
 def watch_call(outer: torch.nn.Module | None, config) -> None:
@@ -26,11 +26,11 @@ def watch_call(outer: torch.nn.Module | None, config) -> None:
     after the stack returned (in its loss, its head, a hook) tell the active session, which then does not
     commit what that forward recorded (`on_call_raised`). From `outer`'s next call on: torch fixes a call's
     hooks when it starts. Idempotent."""
-    if outer is None or outer in _watched_calls:
-        return
+    if outer is None or (outer in _watched_calls and _watched_calls[outer] in outer._forward_hooks):
+        return  # (hooks cleared by another tool: registered again)
     ended = outer.register_forward_hook(functools.partial(_call_ended, config), always_call=True)
     outer.register_forward_pre_hook(functools.partial(_call_started, config, ended.id))
-    _watched_calls.add(outer)
+    _watched_calls[outer] = ended.id
 
 
 @torch.compiler.disable

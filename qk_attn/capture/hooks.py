@@ -86,7 +86,7 @@ def _note(
         session.on_mask(config, batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask, local_size)
 
 
-_watched: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+_watched: weakref.WeakKeyDictionary[torch.nn.Module, int] = weakref.WeakKeyDictionary()  # stack -> its start hook
 _first_forward_hooks: weakref.WeakKeyDictionary[torch.nn.Module, list] = weakref.WeakKeyDictionary()
 
 
@@ -100,10 +100,10 @@ def watch_forward(owner: torch.nn.Module | None, last_layer: torch.nn.Module | N
     layer's return (`on_layers_done`), then each direct child of the stack that runs after it (the
     final norm, whatever its name: `on_tail_start`, `on_tail_end`). Those hooks are removed when the
     stack's own start is first reported."""
-    if owner is None or owner in _watched:
-        return False
+    if owner is None or (owner in _watched and _watched[owner] in owner._forward_pre_hooks):
+        return False  # (hooks cleared by another tool, as some profilers do when they clean up: registered again)
     ended = owner.register_forward_hook(functools.partial(_forward_ended, config))
-    owner.register_forward_pre_hook(functools.partial(_forward_started, config, ended.id), with_kwargs=True)
+    started = owner.register_forward_pre_hook(functools.partial(_forward_started, config, ended.id), with_kwargs=True)
     handles = []
     if last_layer is not None:
         handles.append(last_layer.register_forward_hook(functools.partial(_report, "on_layers_done", config)))
@@ -112,7 +112,7 @@ def watch_forward(owner: torch.nn.Module | None, last_layer: torch.nn.Module | N
             handles.append(child.register_forward_pre_hook(functools.partial(_report, "on_tail_start", config)))
             handles.append(child.register_forward_hook(functools.partial(_report, "on_tail_end", config)))
     _first_forward_hooks[owner] = handles
-    _watched.add(owner)
+    _watched[owner] = started.id
     return True
 
 

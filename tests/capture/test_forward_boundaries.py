@@ -644,3 +644,23 @@ def test_the_calls_of_a_discarded_example_leave_the_manifests_call_counts(tmp_pa
     manifest = read_manifest(out)
     assert list(manifest["examples"]) == ["2"]
     assert set(manifest["calls"].values()) == {1}
+
+
+def test_a_model_whose_hooks_another_tool_cleared_is_recorded_again():
+    """Some profilers clear every module's hooks when they clean up: qk-attn's were taken with them, and
+    every later forward was refused as one without its mask. They are registered again."""
+    model = build("llama3", "qk_sniff")
+    ids = _tokens(6, seed=1)
+    with torch.no_grad(), qk_attn.session(sampler="all", example_ids=[0]) as before:
+        model(input_ids=ids)
+    for module in model.modules():
+        module._forward_hooks.clear()
+        module._forward_pre_hooks.clear()
+    with torch.no_grad(), qk_attn.session(sampler="all") as s:
+        for example in (0, 1):
+            s.begin([example])
+            model(input_ids=ids)
+    expected = rows_by_key(before.table())
+    got = rows_by_key(s.table())
+    assert {key[0] for key in got} == {0, 1}
+    assert all(np.array_equal(got[key], value) for key, value in expected.items())
