@@ -125,6 +125,10 @@ class Session(SequenceTracker):
             raise
         finally:
             self.sink.close()
+        # Every forward is retired: what they hold (their decoder stack, its cache) goes with the session's close,
+        # not with the session object (which a caller keeps to read table()).
+        self._forwards.clear()
+        self._ended.clear()
         if handing_off is not None:
             raise handing_off
 

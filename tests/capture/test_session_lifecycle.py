@@ -657,3 +657,21 @@ def test_ctrl_c_as_the_session_closes_still_writes_what_was_committed(tmp_path):
         s.sink._sender.drain = interrupted
     table = qk_attn.load(str(out), layer=0, head=0, kind="k")
     assert sorted(set(table.column("example_id").to_pylist())) == [0, 1, 2]
+
+
+def test_a_closed_session_kept_for_its_table_does_not_keep_the_models_it_recorded():
+    """The last forward of each model (its decoder stack, its cache) stayed in the session after close(), so
+    a caller that keeps the session to read table() kept every model it had recorded alive."""
+    import gc
+    import weakref
+
+    def record(s):
+        model = build("llama3", "qk_sniff")
+        model(input_ids=torch.arange(2, 8)[None])
+        return weakref.ref(model.model)  # (the forward held its decoder stack)
+
+    with torch.no_grad(), qk_attn.session(sampler="all") as s:
+        gone = record(s)
+    gc.collect()
+    assert gone() is None
+    assert s.table().num_rows > 0
