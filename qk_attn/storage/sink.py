@@ -363,8 +363,8 @@ class ParquetSink(SaverThread, Sink):
 def _interrupts_held():
     """Ctrl-C (SIGINT) handled after the block, not inside it: its Python handler is swapped for one that
     notes it (signal handlers run in the main thread only: elsewhere the block runs as it is)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        yield  # (None: a handler not installed from Python, which could not be put back)
         return
     noted: list = []
     previous = signal.signal(signal.SIGINT, lambda *received: noted.append(received))
