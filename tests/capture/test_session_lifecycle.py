@@ -559,8 +559,18 @@ def test_a_forward_another_thread_runs_while_the_session_closes_is_discarded_nam
     assert "stopped before its end" not in caplog.text
 
 
+@pytest.fixture
+def ctrl_c_raises():
+    """Python's own SIGINT handler (a process started in the background, as CI's may be, ignores SIGINT)."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("queued", [False, True])
-def test_ctrl_c_in_commit_leaves_the_example_committed_once_or_recordable_again(tmp_path, queued):
+def test_ctrl_c_in_commit_leaves_the_example_committed_once_or_recordable_again(tmp_path, queued, ctrl_c_raises):
     """Ctrl-C inside commit(), caught by the caller (a notebook cell). Before the sink queued the commit: the
     example is not listed committed (it is never written) and begin() records it again. A SIGINT right
     after: delivered once it is also listed committed, so begin() refuses it (no second copy of its rows)."""
