@@ -57,3 +57,44 @@ def backward_marker() -> str | None:
     if outside != -1 or len(inside) != 1 or type(inside[0]) is not int or inside[0] == -1:
         return f"torch {torch.__version__}: {outside!r} outside a backward pass, {inside!r} inside one"
     return None
+
+
+def module_call_hooks() -> str | None:
+    """torch (not transformers), what qk_attn.capture.calls relies on: a forward pre-hook runs inside a frame
+    of `Module._call_impl` (the one calls._CALL_IMPL names), kept while the call runs; `_forward_hooks` is an
+    ordered dict whose order, read after the forward, is the order hooks run in (`run_last` moves its own
+    last), and an `always_call` hook moved last still runs when an earlier hook raises."""
+    import sys
+
+    import torch
+
+    from qk_attn.capture.calls import _CALL_IMPL
+
+    module, ran, frames = torch.nn.Identity(), [], []
+
+    def pre(_module, _args):
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_code is not _CALL_IMPL:
+            frame = frame.f_back
+        frames.append(frame)
+
+    def failing(*_):
+        ran.append("user")
+        raise LookupError
+
+    module.register_forward_pre_hook(pre)
+    ours = module.register_forward_hook(lambda *_: ran.append("ours"), always_call=True)
+    module.register_forward_hook(failing)
+    hooks = module._forward_hooks
+    if not hasattr(hooks, "move_to_end"):
+        return f"torch {torch.__version__}: Module._forward_hooks is a {type(hooks).__name__}, without move_to_end"
+    hooks.move_to_end(ours.id)
+    try:
+        module(torch.zeros(1))
+    except LookupError:
+        pass
+    if frames != [frames[0]] or frames[0] is None:
+        return f"torch {torch.__version__}: no frame of Module._call_impl encloses a forward pre-hook"
+    if ran != ["user", "ours"]:
+        return f"torch {torch.__version__}: forward hooks ran as {ran} (a user's that raises, then ours moved last)"
+    return None

@@ -57,6 +57,7 @@ Where the capture code relies on each fact (the module that reads it):
                                    module.sliding_window, rope.uses_rope (module.use_rope)
     backward_marker                recorder._not_recorded (torch's, not transformers': a checkpoint's
                                    recompute during backward, by torch._C._current_graph_task_id)
+    module_call_hooks              calls: a call's frame in Module._call_impl, run_last's hook order (torch's)
     (torch, not transformers: forward hooks on the decoder stack, frames.decoder_stack, which
     finds it by structure: a ModuleList child whose attention modules share `config`; and a pre-hook
     and an `always_call` forward hook on the outermost module whose `forward` frame encloses the stack,
@@ -100,7 +101,7 @@ from qk_attn.capture.fact_checks_generation import (
     generation_frames,
     layer_type_names,
 )
-from qk_attn.capture.fact_checks_imports import IMPORTED_NAMES, backward_marker, imported_names
+from qk_attn.capture.fact_checks_imports import IMPORTED_NAMES, backward_marker, imported_names, module_call_hooks
 from qk_attn.capture.fact_checks_inputs import IMAGE_INPUTS, PACKED_KEYWORDS, image_inputs, packed_sequence_keywords
 from qk_attn.capture.fact_report import mismatch, untested_release
 from qk_attn.errors import TransformersMismatch  # noqa: F401 - (tests read it here)
@@ -301,6 +302,12 @@ FACTS: tuple[Fact, ...] = (
         "backward_marker",
         "torch._C._current_graph_task_id() is -1 outside a backward pass and a task id inside one (torch)",
         backward_marker,
+    ),
+    Fact(
+        "module_call_hooks",
+        "a forward pre-hook runs inside a frame of Module._call_impl, and forward hooks run in the order of "
+        "Module._forward_hooks (an ordered dict), an always_call one moved last also after one that raised (torch)",
+        module_call_hooks,
     ),
 )
 

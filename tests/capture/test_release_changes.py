@@ -412,6 +412,32 @@ def test_a_torch_whose_backward_marker_changed_breaks_a_fact(monkeypatch):
     assert finding.fact == "backward_marker" and "None outside a backward pass" in finding.found
 
 
+@pytest.mark.parametrize("change", ["call_impl", "hook_order"])
+def test_a_torch_whose_module_call_changed_breaks_a_fact(monkeypatch, change):
+    """qk_attn.capture.calls keeps a call's frame of Module._call_impl (an interrupted call is one whose frame
+    left the stack) and moves its end hook last among a module's forward hooks: a torch that runs its calls in
+    other code, or its hooks in another order, would commit forwards that failed."""
+    import types
+
+    if change == "call_impl":  # the same body under another code object
+        original = torch.nn.Module._call_impl
+        copy = types.FunctionType(original.__code__.replace(co_name="_call_impl_v2"), original.__globals__)
+        monkeypatch.setattr(torch.nn.Module, "_call_impl", copy)
+        monkeypatch.setattr(torch.nn.Module, "__call__", lambda self, *a, **k: copy(self, *a, **k))
+        expected = "no frame of Module._call_impl"
+    else:  # hooks read in reverse
+        call = torch.nn.Module._call_impl
+
+        def reversed_hooks(self, *args, **kwargs):
+            self._forward_hooks = type(self._forward_hooks)(reversed(list(self._forward_hooks.items())))
+            return call(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.nn.Module, "__call__", reversed_hooks)
+        expected = "forward hooks ran as"
+    findings = [f for f in facts.check_all() if f.fact == "module_call_hooks"]
+    assert len(findings) == 1 and expected in findings[0].found
+
+
 @pytest.mark.parametrize(
     "release",
     [
