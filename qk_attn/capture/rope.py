@@ -124,9 +124,9 @@ def _refuse_no_round_trip(module, apply, cos, sin, head_dim: int) -> None:
     apply function (and rotary forward) on random q and k: one read of the device, at its first rope='pre' call."""
     key = (type(module), apply, *(r.forward for r in _rotary_classes(type(module))))
     # Rows whose cos and sin are all 0 are slots no token was gathered into (the kernel path's capacity):
-    # nothing there to undo.
-    live = cos.ne(0).any(-1) | sin.ne(0).any(-1)
-    if key not in _round_trips and bool(live.any()):
+    # nothing there to undo. (Read only until the key has its verdict: the device read is once per key.)
+    live = None if key in _round_trips else cos.ne(0).any(-1) | sin.ne(0).any(-1)
+    if live is not None and bool(live.any()):
         generator = torch.Generator().manual_seed(0)
         # One head per row of cos/sin, as the layer's own q and k (a kernel may not broadcast a batch of one)
         rows = cos.shape[0] if cos.dim() == 3 else 1
