@@ -4,23 +4,22 @@ Values are validated when the configuration is built, never inside a forward: a 
 is a `ConfigError` (a `ValueError`) naming the setting, the value and what is allowed. The
 setting is named as the user wrote it: `layers=...` for keyword arguments, `QK_SNIFF_LAYERS=...`
 for a value read from the environment, `capture.layers=...` for a run configuration
-(qk_attn.run.config relabels it). session()'s other arguments are checked in qk_attn.arguments.
+(qk_attn.run.config relabels it). Each value is read by qk_attn.setting_values; session()'s other
+arguments are checked in qk_attn.arguments.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
-import numbers
 import os
-import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from qk_attn.errors import ConfigError
+from qk_attn.setting_values import invalid_value, parse_bool, parse_choice, parse_index_list, parse_number
 
 ENV_PREFIX = "QK_SNIFF_"
 OTHER_ENV = ("QK_SNIFF_CACHE",)  # read by the demo, not a capture setting
@@ -41,10 +40,6 @@ VECTOR_DTYPES = ("float32", "float16")
 # The sampler's largest log-uniform bucket is min_bucket_size << 62 (sampler.MAX_BUCKETS): its keep
 # probability needs it as a finite float, and the kernel shifts int64 positions by log2 of it.
 MAX_MIN_BUCKET_SIZE = 2**62
-BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
-# Plain ASCII numbers only: int() and float() also take "1_024", "+4" and other scripts' digits ("٣").
-_INT_TEXT = re.compile(r"[0-9]+")
-_FLOAT_TEXT = re.compile(r"-?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 
 
 # Whether the attention registered under a backend's name records: set by qk_attn.capture.hooks when it is
@@ -67,11 +62,6 @@ def _session_backends() -> str:
 def _did_you_mean(name: str, known) -> str:
     close = difflib.get_close_matches(name, list(known), n=1)
     return (f" (did you mean {close[0]}?)" if close else "") + f"; known: {', '.join(known)}"
-
-
-def _fail(name: str, value: Any, allowed: str) -> ConfigError:
-    """A bad value of field `name`, named as a keyword argument (`layers='x'`) until relabelled."""
-    return ConfigError(f"{name}={value!r} is invalid: expected {allowed}", setting=name, value=value, allowed=allowed)
 
 
 def command_line_process() -> bool:
@@ -113,136 +103,12 @@ def main_module(argv) -> str | None:
     return None
 
 
-MAX_INDEX = 1 << 20  # a layer or head index at or above it is a typo
-
-
-def parse_index_list(name: str, value: Any, allow_empty: bool = True) -> tuple[int, ...] | None:
-    """`"0,3,10-12"` (or a list of ints) -> (0, 3, 10, 11, 12); None/"" means all.
-
-    Items are ints or strings of ints and ranges; a bool, a float or a mapping is refused, never
-    truncated (`[0.9]` is not layer 0). An empty list is refused unless `allow_empty` (for
-    `layers`, `heads` and `key_heads` it would select nothing, so "all" must be said by omitting the
-    setting; no keys at all is `capture="q"`).
-    """
-    if hasattr(value, "tolist") and not isinstance(value, str):  # a numpy array or a torch tensor
-        value = value.tolist()
-    if value is None or (isinstance(value, str) and value.strip() in ("", "all")):
-        return None
-    expected = 'comma-separated non-negative integers or ranges, e.g. "0,3,10-12"'
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        value = [value]
-    if isinstance(value, str):
-        parts: list[Any] = value.split(",")
-    elif isinstance(value, (list, tuple, range, set, frozenset)):
-        parts = list(value)
-    else:
-        raise _fail(name, value, expected)
-    items: list[int] = []
-    try:
-        for part in parts:
-            if isinstance(part, bool) or not isinstance(part, (numbers.Integral, str)):
-                raise TypeError
-            if isinstance(part, str) and "-" in part.strip()[1:]:
-                lo, hi = part.split("-", 1)
-                lo_i, hi_i = _int(lo), _int(hi)
-                if hi_i < lo_i:
-                    raise ValueError
-                if hi_i >= MAX_INDEX:  # checked before expanding: "0-99999999999" would fill the memory
-                    raise _fail(name, value, f"indices below {MAX_INDEX:,} (no model has more layers or heads)")
-                items.extend(range(lo_i, hi_i + 1))
-            else:
-                items.append(_int(part))
-    except ConfigError:
-        raise
-    except (TypeError, ValueError):
-        raise _fail(name, value, expected) from None
-    if any(i < 0 for i in items):
-        raise _fail(name, value, "non-negative integers")
-    if not items and not allow_empty:
-        raise _fail(name, value, _EMPTY_HINTS.get(name, "at least one index (omit the setting for all)"))
-    return tuple(sorted(set(items)))
-
-
-_EMPTY_HINTS = {
-    "layers": "at least one layer; omit the setting (null) to record every layer",
-    "heads": (
-        "at least one query head; omit it to record every query head, or record keys only "
-        "(capture='k', QK_SNIFF_CAPTURE=k; in a run configuration capture.capture_queries: false)"
-    ),
-    "key_heads": (
-        "at least one key head; omit it to record the key heads the recorded query heads read, or record "
-        "queries only (capture='q', QK_SNIFF_CAPTURE=q; in a run configuration capture.capture_keys: false)"
-    ),
-}
-
-
-def _int(value: Any) -> int:
-    """An int, or a string of ASCII digits (surrounding spaces allowed); anything else is a ValueError."""
-    if isinstance(value, str) and not _INT_TEXT.fullmatch(value.strip()):
-        raise ValueError(value)
-    return int(value)
-
-
-def _float(value: Any) -> float:
-    """A real number, or a string of a plain ASCII decimal number (`1.5`, `2e3`); else a ValueError."""
-    if isinstance(value, str) and not _FLOAT_TEXT.fullmatch(value.strip()):
-        raise ValueError(value)
-    return float(value)
-
-
-def _parse_bool(name: str, value: Any) -> bool:
-    """The words the run configuration takes for its true/false keys (`1`, `true`, `yes`, `on` and their
-    opposites, any case), and empty: unset, as the shell unsets a variable."""
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text == "":
-        return False
-    if text not in BOOL_WORDS:
-        raise _fail(name, value, "0 or 1 (or true/false, yes/no, on/off)")
-    return BOOL_WORDS[text]
-
-
-def _parse_choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
-    text = ",".join(part.strip() for part in str(value).split(","))  # "q, k": spaces around items only
-    if name == "capture" and text == "k,q":
-        text = "q,k"
-    if text not in allowed:
-        raise _fail(name, value, " | ".join(allowed))
-    return text
-
-
 def _host_memory_mib() -> int | None:
     """This host's physical memory in MiB, None where the system does not say."""
     try:
         return (os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")) >> 20
     except (AttributeError, OSError, ValueError):
         return None
-
-
-def _parse_number(name: str, value: Any, kind: type, minimum: float, strict: bool = False) -> Any:
-    """An int (an int or a string of ASCII digits: never a bool or a float, which would be truncated)
-    or a finite real number (never a bool, NaN or infinity; a string must be a plain decimal number),
-    at least `minimum` (above it if `strict`)."""
-    what = f"{'an integer' if kind is int else 'a finite number'} {'>' if strict else '>='} {minimum:g}"
-    try:
-        if isinstance(value, bool):  # True would pass as 1
-            raise TypeError
-        if kind is int:
-            if not isinstance(value, (numbers.Integral, str)):
-                raise TypeError  # 1.5 or 2.0: a float is not silently truncated
-            number = _int(value)
-        else:
-            if not isinstance(value, (numbers.Real, str)):
-                raise TypeError
-            number = _float(value)
-            if not math.isfinite(number):
-                raise ValueError
-    except (TypeError, ValueError, OverflowError):  # OverflowError: an int beyond a float (10**400)
-        raise _fail(name, value, what) from None
-    if number < minimum or (strict and number == minimum):
-        raise _fail(name, value, what)
-    return number
 
 
 @dataclass(frozen=True)
@@ -269,46 +135,50 @@ class SniffConfig:
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
         if not (self.output is None or isinstance(self.output, (str, os.PathLike))):
-            raise _fail("output", self.output, "a folder path")
+            raise invalid_value("output", self.output, "a folder path")
         set_("output", None if self.output in (None, "") else os.fspath(self.output))
         if self.output is not None and not self.output.strip():  # a folder named " " is a typo
-            raise _fail("output", self.output, "a folder path (empty or unset: no output)")
+            raise invalid_value("output", self.output, "a folder path (empty or unset: no output)")
         if self.output is not None and "\0" in self.output:  # no file system takes it (os: a bare ValueError)
-            raise _fail("output", self.output, "a folder path without NUL characters")
+            raise invalid_value("output", self.output, "a folder path without NUL characters")
         if self.output is not None:  # "~/x" is a home folder, as for qk_attn.load and a run's data_root
             set_("output", os.path.expanduser(self.output))
-        set_("sampler", _parse_choice("sampler", self.sampler, SAMPLERS))
+        set_("sampler", parse_choice("sampler", self.sampler, SAMPLERS))
         raw_bucket = self.min_bucket_size
-        set_("min_bucket_size", _parse_number("min_bucket_size", raw_bucket, int, 1))
+        set_("min_bucket_size", parse_number("min_bucket_size", raw_bucket, int, 1))
         if self.min_bucket_size & (self.min_bucket_size - 1) or self.min_bucket_size > MAX_MIN_BUCKET_SIZE:
-            raise _fail("min_bucket_size", raw_bucket, "a power of two from 1 to 2**62 (1, 2, 4, ..., 8192, ...)")
-        set_("base_rate", _parse_number("base_rate", self.base_rate, float, 0.0, strict=True))
+            raise invalid_value(
+                "min_bucket_size", raw_bucket, "a power of two from 1 to 2**62 (1, 2, 4, ..., 8192, ...)"
+            )
+        set_("base_rate", parse_number("base_rate", self.base_rate, float, 0.0, strict=True))
         raw_seed = self.seed
-        set_("seed", _parse_number("seed", raw_seed, int, 0))
+        set_("seed", parse_number("seed", raw_seed, int, 0))
         if self.seed >= 2**32:
-            raise _fail("seed", raw_seed, "an integer in [0, 2**32)")
+            raise invalid_value("seed", raw_seed, "an integer in [0, 2**32)")
         set_("layers", parse_index_list("layers", self.layers, allow_empty=False))
         set_("heads", parse_index_list("heads", self.heads, allow_empty=False))
         set_("key_heads", parse_index_list("key_heads", self.key_heads, allow_empty=False))
         if self.head_sample_count not in (None, ""):
-            set_("head_sample_count", _parse_number("head_sample_count", self.head_sample_count, int, 1))
+            set_("head_sample_count", parse_number("head_sample_count", self.head_sample_count, int, 1))
         else:
             set_("head_sample_count", None)
-        set_("head_sample_seed", _parse_number("head_sample_seed", self.head_sample_seed, int, 0))
-        set_("capture", _parse_choice("capture", self.capture, CAPTURE_KINDS))
+        set_("head_sample_seed", parse_number("head_sample_seed", self.head_sample_seed, int, 0))
+        set_("capture", parse_choice("capture", self.capture, CAPTURE_KINDS))
         if self.key_heads and "k" not in self.kinds:  # it would choose among no rows
-            raise _fail("key_heads", ",".join(map(str, self.key_heads)), f"unset while capture={self.capture!r}")
-        set_("rope", _parse_choice("rope", self.rope, ROPE_STAGES))
-        set_("full_attention_only", _parse_bool("full_attention_only", self.full_attention_only))
-        set_("backend", _parse_choice("backend", self.backend, BACKENDS))
-        set_("vector_dtype", _parse_choice("vector_dtype", self.vector_dtype, VECTOR_DTYPES))
+            raise invalid_value(
+                "key_heads", ",".join(map(str, self.key_heads)), f"unset while capture={self.capture!r}"
+            )
+        set_("rope", parse_choice("rope", self.rope, ROPE_STAGES))
+        set_("full_attention_only", parse_bool("full_attention_only", self.full_attention_only))
+        set_("backend", parse_choice("backend", self.backend, BACKENDS))
+        set_("vector_dtype", parse_choice("vector_dtype", self.vector_dtype, VECTOR_DTYPES))
         raw_pinned = self.pinned_mb
-        set_("pinned_mb", _parse_number("pinned_mb", raw_pinned, int, 1))
+        set_("pinned_mb", parse_number("pinned_mb", raw_pinned, int, 1))
         # The pool is allocated whole when a capture starts: a size beyond this host's memory would
         # fail there (an allocator error inside the session) instead of here with the setting's name.
         memory = _host_memory_mib()
         if memory and self.pinned_mb > memory:
-            raise _fail(
+            raise invalid_value(
                 "pinned_mb",
                 raw_pinned,
                 f"an integer from 1 to {memory} (MiB of pinned host memory; this host has {memory:,} MiB of memory)",
@@ -343,18 +213,20 @@ class SniffConfig:
             raise ConfigError(
                 f"{unknown[0]} is not a qk-attn variable{_did_you_mean(unknown[0].upper(), [*known, *OTHER_ENV])}"
             )
-        cls._refuse_unknown(overrides)
+        cls.refuse_unknown(overrides)
         # An empty variable is unset, as `VAR= cmd` reads in the shell: its default, for every variable alike.
         values = {name: environ[variable] for variable, name in known.items() if environ.get(variable, "").strip()}
+        if "output" in values:  # as every other variable's value is read: "out " is the folder out
+            values["output"] = values["output"].strip()
         from_environment = set(values) - set(overrides)
         values.update(overrides)
         try:
             config = cls(**values)
             if config.backend == FLASH and not _flash_recorded():
-                raise _fail("backend", values["backend"], _session_backends())
+                raise invalid_value("backend", values["backend"], _session_backends())
         except ConfigError as error:
             if error.setting == "backend":  # what the environment and session() take, flash included or not
-                error = _fail("backend", error.value, _session_backends())
+                error = invalid_value("backend", error.value, _session_backends())
             if error.setting in from_environment:
                 raise error.relabel(ENV_PREFIX + error.setting.upper()) from None
             raise error from None
@@ -367,16 +239,18 @@ class SniffConfig:
         return ENV_PREFIX + name.upper() if name in getattr(self, "_from_env", ()) else name
 
     def replace(self, **changes: Any) -> SniffConfig:
-        self._refuse_unknown(changes)
+        self.refuse_unknown(changes)
         config = dataclasses.replace(self, **changes)
         object.__setattr__(config, "_from_env", frozenset(getattr(self, "_from_env", ())) - set(changes))
         return config
 
     @classmethod
-    def _refuse_unknown(cls, settings: dict[str, Any]) -> None:
-        unknown = sorted(set(settings) - set(cls.field_names()))
+    def refuse_unknown(cls, settings: dict[str, Any], also: tuple[str, ...] = ()) -> None:
+        """TypeError for a keyword that is no setting (nor one of `also`, the caller's own keywords)."""
+        known = (*also, *cls.field_names())
+        unknown = sorted(set(settings) - set(known))
         if unknown:
-            raise TypeError(f"unknown setting {unknown[0]!r}{_did_you_mean(unknown[0], cls.field_names())}")
+            raise TypeError(f"unknown setting {unknown[0]!r}{_did_you_mean(unknown[0], known)}")
 
     def to_dict(self) -> dict[str, Any]:
         values = {name: getattr(self, name) for name in self.field_names()}

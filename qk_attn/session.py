@@ -135,6 +135,9 @@ def _writes(sink, output) -> bool:
     return written is not None and Path(written).resolve() == Path(output).expanduser().resolve()
 
 
+SESSION_KEYWORDS = ("example_ids", "overwrite", "source", "sink", "vocabulary")  # session()'s own, not settings
+
+
 @contextlib.contextmanager
 def _session(
     *,
@@ -151,6 +154,7 @@ def _session(
     rev}, which `load(..., tokens=True)` uses); `vocabulary` (token strings by id, e.g.
     `tokenizer.convert_ids_to_tokens(range(len(tokenizer)))`) adds a `token_str` column.
     Every argument is checked before anything is done (in memory too): `overwrite` is a bool."""
+    SniffConfig.refuse_unknown(settings, also=SESSION_KEYWORDS)  # (a misspelt `example_ids` too)
     overwrite = check_flag("overwrite", overwrite)
     source, vocabulary = check_source(source), check_vocabulary(vocabulary)
     _check_sink(sink)

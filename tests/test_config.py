@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from qk_attn import SniffConfig
-from qk_attn.config import main_module, parse_index_list
+from qk_attn.config import main_module
+from qk_attn.setting_values import parse_index_list
 
 
 def test_defaults_and_full_environment():
@@ -143,6 +144,14 @@ def test_replace_and_session_reject_unknown_settings_with_the_closest_name():
     with pytest.raises(TypeError, match=r"^unknown setting 'min_bucket' \(did you mean min_bucket_size\?\)"):
         with qk_attn.session(min_bucket=64):
             pass
+    with pytest.raises(TypeError, match=r"^unknown setting 'exampel_ids' \(did you mean example_ids\?\)"):
+        with qk_attn.session(exampel_ids=[1]):  # session()'s own keywords are among the known ones
+            pass
+
+
+def test_qk_sniff_output_is_read_without_surrounding_whitespace():
+    """Every other variable's value is; "out " made a folder named with a trailing space."""
+    assert SniffConfig.from_env({"QK_SNIFF_OUTPUT": " out "}).output == "out"
 
 
 @pytest.mark.parametrize("value", [[], (), set()])

@@ -529,3 +529,20 @@ def test_a_session_decorates_a_function_with_a_new_session_per_call():
 
     first, second = inside(), inside()
     assert first is not second and first.closed and second.closed
+
+
+def test_a_relative_output_stays_where_the_session_opened_it_after_a_chdir(tmp_path, monkeypatch):
+    """The saver thread writes after the capturing thread moved on: a relative output was resolved against the
+    working directory then, so a chdir inside the session (a notebook cell) lost every example, blamed on a
+    folder "removed or replaced"."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    model = build("llama3", "qk_sniff")
+    with qk_attn.session(output="out", sampler="all") as s:
+        model(**padded_batch("left"))
+        s.commit()
+        os.chdir(tmp_path / "elsewhere")
+        model(**padded_batch("left"))
+        s.commit()
+    assert sorted(qk_attn.load_examples(tmp_path / "out").column("example_id").to_pylist()) == [0, 1, 2, 3]
+    assert not (tmp_path / "elsewhere" / "out").exists()

@@ -20,20 +20,20 @@ from pathlib import Path
 from qk_attn.dataset.progress import bar
 from qk_attn.dataset.reader import check_shard, ids_text, shard_problem_line
 from qk_attn.dataset.salvage import holds_any, older_shard_examples, recount, salvage, scale_calls
-from qk_attn.dataset.verify import EncodeSource, verify_dataset
+from qk_attn.dataset.tidy import quarantine_unlisted, tidy
+from qk_attn.dataset.token_checks import EncodeSource
+from qk_attn.dataset.verify import verify_dataset
 from qk_attn.errors import ManifestError, NotACapture, StorageError
 from qk_attn.storage.card import card_problem
 from qk_attn.storage.examples import check_examples_file, write_examples
-from qk_attn.storage.folder import card_is_ours, remove_orphans
+from qk_attn.storage.folder import card_is_ours
 from qk_attn.storage.layout import (
     CARD,
     EXAMPLES,
     LOCK,
     MANIFEST,
     PREVIOUS,
-    QUARANTINE,
     Files,
-    parse_key,
     part_ranks,
     previous_name,
 )
@@ -101,7 +101,7 @@ def _repair_ranks(output: Path, ranks: list[int], log, progress: bool = True) ->
             results[rank] = _repair_writer(output, Files(rank), log, card=False, progress=progress)
         # Shards the merged manifest lists stay, also those of a rank whose part is gone.
         listed = {key: set(names) for key, names in ((merged or {}).get("shards") or {}).items()}
-        tidied = _quarantine(output, listed, lambda name: any(Files(rank).owns(name) for rank in ranks))
+        tidied = quarantine_unlisted(output, listed, lambda name: any(Files(rank).owns(name) for rank in ranks))
         for line in tidied:
             log(line)
         changed = any(r["restored"] or r["bad"] or r["dropped"] or r["tidied"] for r in results.values())
@@ -153,7 +153,7 @@ def _repair_writer(output: Path, files: Files, log, card: bool = True, progress:
     manifest, restored = _readable_manifest(output, files, log)
     manifest.setdefault("shard_info", {})
     manifest.setdefault("example_info", {})
-    tidied = _tidy(output, manifest, files)
+    tidied = tidy(output, manifest, files)
     for line in tidied:
         log(line)
     bad: dict[tuple[str, str], str] = {}
@@ -289,46 +289,6 @@ def _readable_manifest(output: Path, files: Files, log) -> tuple[dict, bool]:
         ) from None
     log(f"restored {name} from {previous}: examples committed after it will be captured again")
     return manifest, True
-
-
-def _tidy(output: Path, manifest: dict, files: Files) -> list[str]:
-    """Remove what no reader may see: this writer's unlisted shards and temporary files (a killed
-    run's or compaction's leftovers) are deleted; for the single writer, other Parquet files in key
-    folders are moved to OUT/.qk_sniff.quarantine/ (ranks: once, after every part)."""
-    lines = []
-    removed = remove_orphans(output, manifest, files)
-    if removed:
-        lines.append(
-            f"removed {len(removed)} file(s) that no commit lists (left by an interrupted run or "
-            f"compaction), e.g. {removed[0].relative_to(output)}"
-        )
-    if files.rank is None:
-        listed = {key: set(names) for key, names in manifest.get("shards", {}).items()}
-        lines += _quarantine(output, listed, files.owns)
-    for name in (files.manifest, files.examples, previous_name(files.manifest)):
-        (output / f".{name}.tmp").unlink(missing_ok=True)
-    return lines
-
-
-def _quarantine(output: Path, listed: dict[str, set[str]], owned) -> list[str]:
-    """Move the files in key folders that are neither listed nor `owned` (a writer's own name) to
-    OUT/.qk_sniff.quarantine/: never deleted, someone else put them there."""
-    quarantine = output / QUARANTINE
-    moved = []
-    for folder in sorted(p for p in output.iterdir() if p.is_dir() and parse_key(p.name)):
-        for path in sorted(folder.iterdir()):
-            if path.is_file() and path.name not in listed.get(folder.name, ()) and not owned(path.name):
-                (quarantine / folder.name).mkdir(parents=True, exist_ok=True)
-                os.replace(path, quarantine / folder.name / path.name)
-                moved.append(path)
-        if not any(folder.iterdir()) and not listed.get(folder.name):
-            folder.rmdir()
-    if not moved:
-        return []
-    return [
-        f"moved {len(moved)} file(s) that the manifest does not list to {quarantine} (readers would "
-        f"have read them), e.g. {moved[0].relative_to(output)}"
-    ]
 
 
 def _write_card(output: Path, manifest: dict, log) -> None:

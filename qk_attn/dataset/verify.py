@@ -4,8 +4,8 @@
         integrity (size, sha256, Parquet page checksums) of every committed shard and of the
         examples table, then schema, uniqueness, manifest counts, buckets, the sampler's exact
         selection and token ids (one token per (example, position) in every row; the source
-        documents encoded again when the caller gives `encode_source`); a bar on stderr for each
-        pass: shards (integrity), folders (rows), folders (selections)
+        documents encoded again when the caller gives `encode_source`: qk_attn.dataset.token_checks);
+        a bar on stderr for each pass: shards (integrity), folders (rows), folders (selections)
 
 verify only reports: nothing it reads is copied anywhere. See docs/architecture.md.
 """
@@ -13,22 +13,18 @@ verify only reports: nothing it reads is copied anywhere. See docs/architecture.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from qk_attn.dataset.progress import bar
 from qk_attn.dataset.reader import INDEX_COLUMNS, Dataset, check_integrity
+from qk_attn.dataset.token_checks import EncodeSource, source_token_problems, token_id_problems
 from qk_attn.errors import ManifestError
 from qk_attn.storage.card import card_problem
 from qk_attn.storage.card_columns import head_dims
 from qk_attn.storage.layout import LOCK, MANIFEST, PREVIOUS, key_name, parse_key
 from qk_attn.storage.lock import lock_held
 from qk_attn.storage.records import shard_examples
-
-# (manifest, manifest["source"]) -> {example_id: the token ids of its source document}. The run
-# layer has one (qk_attn.run.source.encode_source); the dataset layer never loads documents.
-EncodeSource = Callable[[dict, dict], dict[int, list[int]]]
 
 
 def expected_positions(
@@ -293,71 +289,3 @@ def _unreadable(path: Path) -> bool:
     except Exception:  # noqa: BLE001
         return True
     return False
-
-
-def token_id_problems(token_rows: list) -> list[str]:
-    """Every row of one (example, position) holds the same token, whatever its layer, head or kind
-    (null, as -1, only where the model was given embeddings: then for all of them)."""
-    import numpy as np
-
-    if not token_rows:
-        return []
-    ids, pos, tok = (np.concatenate(parts) for parts in zip(*token_rows))
-    order = np.lexsort((tok, pos, ids))
-    ids, pos, tok = ids[order], pos[order], tok[order]
-    clash = np.flatnonzero((ids[1:] == ids[:-1]) & (pos[1:] == pos[:-1]) & (tok[1:] != tok[:-1]))
-    if not clash.size:
-        return []
-    i = clash[0]
-    return [
-        f"token_id: {clash.size} (example, position) pairs whose rows disagree on the token, e.g. example "
-        f"{ids[i]} position {pos[i]}: {tok[i]} and {tok[i + 1]}"
-    ]
-
-
-def source_token_problems(data: Dataset, token_rows: list, log, encode_source: EncodeSource | None) -> list[str]:
-    """`token_id` against the source documents encoded again with the recorded tokenizer and
-    settings, where the caller gives `encode_source` and the source dataset and tokenizer are
-    available here (else one info line)."""
-    import numpy as np
-
-    source = data.manifest.get("source") or {}
-    if not token_rows or not source.get("dataset") or not source.get("tokenizer"):
-        return []
-    if encode_source is None:
-        log("info: token ids not checked against the source dataset (no source encoder given)")
-        return []
-    try:
-        encoded = encode_source(data.manifest, source)
-    except Exception as error:  # noqa: BLE001 - the source is optional for verify
-        log(
-            f"info: token ids not checked against the source dataset ({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else ''})"
-        )
-        return []
-    starts = data.first_positions()
-    checked, wrong, first = 0, 0, None
-    for ids, pos, tok in token_rows:  # each sorted by example: compare one example's run at a time
-        bounds = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1], True])
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
-            tokens = encoded.get(int(ids[lo]))
-            if tokens is None:
-                continue
-            index = pos[lo:hi] - starts.get(int(ids[lo]), 0)
-            inside = (index >= 0) & (index < len(tokens))
-            want = np.full(hi - lo, -2, np.int64)
-            want[inside] = np.asarray(tokens, np.int64)[index[inside]]
-            bad = np.flatnonzero(want != tok[lo:hi])
-            checked += hi - lo
-            wrong += bad.size
-            if bad.size and first is None:
-                i = lo + bad[0]
-                first = (int(ids[i]), int(pos[i]), int(tok[i]), int(want[bad[0]]) if inside[bad[0]] else None)
-    log(f"checked {checked:,} token ids against {len(encoded)} source documents")
-    if not wrong:
-        return []
-    e, p, got, expected = first
-    return [
-        f"token_id: {wrong} rows differ from the source documents encoded again, e.g. example {e} position "
-        f"{p}: {got}, the tokenizer gives {expected}"
-    ]

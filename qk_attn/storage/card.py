@@ -1,6 +1,7 @@
 """The dataset card (`README.md`) of a capture folder, built from its manifest.
 
-The chart comes from qk_attn.storage.chart, the Coverage section from qk_attn.storage.coverage.
+The chart comes from qk_attn.storage.chart, the Buckets table from qk_attn.storage.card_buckets,
+the Coverage section from qk_attn.storage.coverage.
 
 YAML front matter: one `datasets` config per folder `l{LL}h{HH}{q|k}`, per layer and kind
 (`layer{LL}_q`, `layer{LL}_k`) and per kind (`all_q`, `all_k`), each a `data_files` glob, so
@@ -22,9 +23,10 @@ import yaml
 from huggingface_hub import DatasetCard, DatasetCardData
 
 from qk_attn.sampler import Sampler
+from qk_attn.storage.card_buckets import bucket_table
 from qk_attn.storage.card_columns import head_dims, mixed_size_features, vector_text, vectors_text
 from qk_attn.storage.card_infos import dataset_infos
-from qk_attn.storage.chart import bucket_chart, per_example_head, sampler_of
+from qk_attn.storage.chart import bucket_chart, sampler_of
 from qk_attn.storage.coverage import coverage, coverage_text, markdown_table
 from qk_attn.storage.folder import card_is_ours, signed_card
 from qk_attn.storage.layout import CARD, CHART, key_name, parse_key
@@ -182,7 +184,7 @@ def card_text(
         "A token is kept iff a 24-bit hash of (seed, example_id, layer, kind, position) is below its bucket's "
         "threshold: the same positions for every head of a layer, independent of batching and padding.",
         "### Buckets",
-        _bucket_table(manifest, sampler, max_length),
+        bucket_table(manifest, sampler, max_length),
     ]
     if chart:
         parts.append(f"![rows per bucket]({CHART})")
@@ -225,48 +227,6 @@ def _examples_section(examples_file: str | None, where: str, rev: str) -> list[s
         f'examples = load_dataset({where!r}, "examples", split="train"{rev})\n'
         f"examples = qk_attn.load_examples({where!r}{rev})  # the same, as a pyarrow Table\n```",
     ]
-
-
-def _bucket_table(manifest: dict, sampler: Sampler, max_length: int) -> str:
-    buckets = manifest.get("buckets", {})
-    seen = {int(b) for counts in buckets.values() for b in counts}
-    bounds = {b: (s, e, p) for b, s, e, p in sampler.bucket_bounds(max(max_length, 1))}
-    per = per_example_head(manifest)
-    cell = lambda b, k: f"{per[b][k]:.2f}" if b in per and k in per[b] else "-"  # noqa: E731
-    rows = []
-    for b in sorted(set(bounds) | seen):
-        start = sampler.bucket_start(b)
-        end = start + sampler.bucket_size(b)
-        rows.append(
-            [
-                b,
-                f"[{start:,}, {end:,})",
-                f"{sampler.bucket_size(b):,}",
-                f"{sampler.keep_probability(b):.6g}",
-                f"{buckets.get('q', {}).get(str(b), 0):,}",
-                f"{buckets.get('k', {}).get(str(b), 0):,}",
-                cell(b, "q"),
-                cell(b, "k"),
-                cell(b, "expected"),
-            ]
-        )
-    return markdown_table(
-        [
-            "bucket",
-            "positions",
-            "size",
-            "keep probability",
-            "query rows",
-            "key rows",
-            "query rows per example-head",
-            "key rows per example-head",
-            "expected per example-head",
-        ],
-        rows,
-    ) + (
-        "\n\nPer example-head: rows over (committed examples x (layer, head) pairs that ran); expected: the "
-        "sampler's keep probability x the bucket's overlap with each example's valid length, averaged over examples."
-    )
 
 
 def _revision(manifest: dict) -> str:

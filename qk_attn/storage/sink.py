@@ -14,11 +14,9 @@ merged into `qk_sniff.json` and the card once every rank has finished.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import queue
-import signal
 import threading
 import time
 from pathlib import Path
@@ -27,20 +25,22 @@ import pyarrow as pa
 
 from qk_attn.arguments import check_flag, check_source, check_vocabulary
 from qk_attn.capture.batch import CaptureBatch
-from qk_attn.capture.plan import dtype_name
 from qk_attn.capture.refusals import REFUSALS, LateRefusals
 from qk_attn.capture.sinks import Sink
 from qk_attn.config import SniffConfig
 from qk_attn.errors import CaptureError, CaptureOverflow, CommittedExampleError, SaverError, StorageError
 from qk_attn.storage.examples import check_examples_file
 from qk_attn.storage.folder import open_capture
+from qk_attn.storage.interrupts import interrupts_held
 from qk_attn.storage.layout import Files
 from qk_attn.storage.lock import lock_taken_here, release_lock, take_lock
 from qk_attn.storage.manifest import read_manifest, vocabulary_digest
+from qk_attn.storage.model_record import model_record
 from qk_attn.storage.saver import _STOP, SaverThread, _Flush
-from qk_attn.storage.settings import check_same_model, local_fingerprint
+from qk_attn.storage.sender import Sender
+from qk_attn.storage.settings import check_same_model
 from qk_attn.storage.shards import Writers
-from qk_attn.storage.transfer import Sender, Transfer
+from qk_attn.storage.transfer import Transfer
 
 # Forward pieces the sink hands the saver together (fewer if they hold more than 1/HOLD_FORWARDS of
 # the pool): one wake-up of the saver per batch of decode steps, with its code and data still warm.
@@ -83,7 +83,7 @@ class ParquetSink(SaverThread, Sink):
         if token_ids is not None:
             check_flag("token_ids", token_ids)
         source, vocabulary = check_source(source), check_vocabulary(vocabulary)
-        self.output = Path(output)
+        self.output = Path(os.path.abspath(output))  # the saver thread writes later: a chdir must not move it
         self.config = config
         self.files = Files() if rank is None else Files(*rank)
         self.complete = False  # set by a runner that went through every document it owns (rank parts record it)
@@ -154,7 +154,6 @@ class ParquetSink(SaverThread, Sink):
             self._write_manifest(export=True)  # a killed run left the examples table behind the manifest
 
     # ---- the capturing thread ----------------------------------------------------------
-    # ---- the capturing thread ----------------------------------------------------------
     def committed_ids(self) -> set[int]:
         """Examples already committed (by this run or an earlier one): a resuming run skips them."""
         return set(self._committed)
@@ -168,19 +167,7 @@ class ParquetSink(SaverThread, Sink):
 
     def bind_model(self, model_config, plan) -> None:
         """Record the model and head plan (first captured call); refuse a different model than OUT holds."""
-        model = {
-            "id": getattr(model_config, "_name_or_path", None) or None,
-            "revision": getattr(model_config, "_commit_hash", None),
-            # what attention ran in: `.half()` and `.to()` leave config.dtype as it was loaded
-            "dtype": plan.shape.dtype
-            or (dtype_name(model_config.dtype) if getattr(model_config, "dtype", None) else None),
-            "model_type": getattr(model_config, "model_type", None),
-        }
-        # A model loaded from a local folder: its config and weight files, so a folder whose weights were
-        # replaced (a checkpoint saved again under one path) is another model (settings.local_fingerprint).
-        files = local_fingerprint(model["id"], "model")
-        if files is not None:
-            model["files"] = files
+        model = model_record(model_config, plan)
         plan_dict = plan.to_dict()
         with self._manifest_lock:
             if self._manifest["examples"]:
@@ -284,7 +271,7 @@ class ParquetSink(SaverThread, Sink):
         self.check()
         self._sender.drain()  # their rows must be queued before the commit
         ids = [int(i) for i in example_ids]
-        with _interrupts_held():  # queued and listed committed together, or neither (Ctrl-C)
+        with interrupts_held():  # queued and listed committed together, or neither (Ctrl-C)
             self._enqueue(("commit", ids))
             self._committed.update(set(ids) - self.refusals.ids)
         self._report_refused(ids)
@@ -357,22 +344,3 @@ class ParquetSink(SaverThread, Sink):
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"qk-sniff saver did not finish flushing {self.output} within {timeout} s")
         self.check()
-
-
-@contextlib.contextmanager
-def _interrupts_held():
-    """Ctrl-C (SIGINT) handled after the block, not inside it: its Python handler is swapped for one that
-    notes it (signal handlers run in the main thread only: elsewhere the block runs as it is)."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
-        yield  # (None: a handler not installed from Python, which could not be put back)
-        return
-    noted: list = []
-    previous = signal.signal(signal.SIGINT, lambda *received: noted.append(received))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if noted and callable(previous):
-            previous(*noted[0])  # Python's default handler raises KeyboardInterrupt here
-        elif noted and previous == signal.SIG_DFL:
-            os.kill(os.getpid(), signal.SIGINT)

@@ -9,7 +9,8 @@ A forward's rows (the usual path), at the forward's end, between forwards (`send
           host tensors are the piece and the region only accounts for their bytes
     one ForwardPiece to the saver
 
-A streamed call (a forward too large to stage: qk_attn.capture.staging), per `CaptureBatch`:
+A streamed call (a forward too large to stage: qk_attn.capture.staging), per `CaptureBatch`
+(qk_attn.storage.sender):
 
     split the staging capacity into pieces that fit the pool
     for each piece:  take a pool region *without waiting*; when the pool is full, stop: the rest
@@ -29,9 +30,7 @@ host when the copy is issued); the sampler's capacity bound limits that waste.
 
 from __future__ import annotations
 
-import logging
 import math
-from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -40,8 +39,6 @@ import torch
 from qk_attn.capture.batch import CaptureBatch, HostRows
 from qk_attn.capture.staging import ALIGN, aligned
 from qk_attn.storage.pool import HostPool
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -140,7 +137,9 @@ class Transfer:
                 if staging.bytes is not None and not staging.used:  # every call kept nothing: no bytes to copy
                     staging.returned(None)
                 nbytes = (
-                    sum(_nbytes(call) for call in calls if isinstance(call, CaptureBatch)) if staging.batches else 0
+                    sum(batch_nbytes(call) for call in calls if isinstance(call, CaptureBatch))
+                    if staging.batches
+                    else 0
                 )
                 region = pool.acquire(min(nbytes, pool.nbytes), check)
                 checks = staging.checks
@@ -256,72 +255,9 @@ class Transfer:
         return event
 
 
-class Sender:
-    """The `put` side of a sink: pieces into the pool without waiting inside an attention call.
-
-    When the pool is full, the rest of the batch (and every later batch, to keep their order)
-    stays on the device, its tensors kept alive, until `drain()` (the sink's `end_forward`,
-    `commit`, `flush`), which waits for space. If one forward holds more than the pool on the
-    device, `put` waits after all (with a warning naming the setting): device memory must not
-    grow without bound because the pool is too small for the plan.
-    """
-
-    def __init__(self, transfer: Transfer, emit: Callable[[Piece], None], check: Callable[[], None]) -> None:
-        self.transfer = transfer
-        self.emit = emit  # hands a piece to the saver thread
-        self.check = check  # re-raises the saver's error while waiting
-        self.deferred: deque[list] = deque()  # [batch, first staging row not sent yet]
-        self.deferred_bytes = 0
-        self._warned = False
-
-    def put(self, batch: CaptureBatch) -> None:
-        if not self.deferred:
-            stopped: list[int] = []
-            for piece in self.transfer.send(batch, 0, self.check, wait=False, stopped=stopped):
-                self.emit(piece)
-            if not stopped:
-                return
-            self.deferred.append([batch, stopped[0], _produced(batch)])
-        else:
-            self.deferred.append([batch, 0, _produced(batch)])
-        self.deferred_bytes += _nbytes(batch)
-        pool = self.transfer.pool
-        if self.deferred_bytes > pool.nbytes:
-            if not self._warned:
-                logger.warning(
-                    "qk-sniff: one forward captures more than the %d MiB host pool; capture now waits inside "
-                    "attention calls. Raise pinned_mb (QK_SNIFF_PINNED_MB) above the bytes of one forward's rows.",
-                    pool.nbytes >> 20,
-                )
-                self._warned = True
-            self.drain()
-
-    def drain(self) -> None:
-        """Send every deferred batch, waiting for pool space (never call inside an attention call)."""
-        while self.deferred:
-            batch, start, produced = self.deferred[0]
-            for piece in self.transfer.send(batch, start, self.check, wait=True, producer=produced):
-                self.emit(piece)
-            self.deferred.popleft()
-            self.deferred_bytes -= _nbytes(batch)
-
-    def clear(self) -> None:
-        self.deferred.clear()
-        self.deferred_bytes = 0
-
-
-def _nbytes(batch: CaptureBatch) -> int:
+def batch_nbytes(batch: CaptureBatch) -> int:
+    """The bytes of `batch`'s vectors: what it holds on the device, what the host pool must take."""
     return batch.vectors.numel() * batch.vectors.element_size()
-
-
-def _produced(batch: CaptureBatch):
-    """An event on the stream that made `batch` (CUDA): a deferred copy waits for it, not for whatever
-    stream is current when it is finally sent."""
-    if batch.vectors.device.type != "cuda":
-        return None
-    event = torch.cuda.Event()
-    event.record(torch.cuda.current_stream(batch.vectors.device))
-    return event
 
 
 def _rebase(tensor: torch.Tensor, base: int, host: torch.Tensor) -> torch.Tensor:

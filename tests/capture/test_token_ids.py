@@ -100,7 +100,8 @@ def test_inputs_embeds_give_null_token_ids_and_vision_keys_are_null():
 def test_verify_finds_rows_that_disagree_on_a_token(tmp_path):
     import numpy as np
 
-    from qk_attn.dataset.verify import token_id_problems, verify_dataset
+    from qk_attn.dataset.token_checks import token_id_problems
+    from qk_attn.dataset.verify import verify_dataset
 
     model = build("llama3", "qk_sniff")
     with qk_attn.session(output=tmp_path / "out", sampler="all", example_ids=[0, 1]):
