@@ -137,7 +137,8 @@ def call_window(facts: ModuleFacts, kwargs: dict, mask_windows: set) -> int | No
     (None: none named). Refused when it is not a positive int, and on a layer whose `layer_type` says full
     attention unless every mask its forward built has that window (MiniMax builds its full-attention
     layers' mask with the window): a full mask was built, which sdpa attends through and a flash kernel
-    given the window would not, so the rows' `sliding_window` could not be told."""
+    given the window would not, so the rows' `sliding_window` could not be told. Refused too when the
+    forward's sliding masks have another window (a config edited after the model was built)."""
     window = kwargs.get("sliding_window", facts.sliding_window)
     if window is None:
         return None
@@ -151,6 +152,14 @@ def call_window(facts: ModuleFacts, kwargs: dict, mask_windows: set) -> int | No
             f"qk_sniff: layer {facts.layer}'s attention call names a sliding window of {window} where its config's "
             f"layer_types says full_attention and its forward built masks with windows {sorted(mask_windows, key=str)}, "
             "so which of them it attends through could not be told; not recorded"
+        )
+    if window not in mask_windows and len(mask_windows) > (None in mask_windows):
+        # Its sliding masks have another window: the config's edited after loading, while the module kept its own.
+        raise CaptureError(
+            f"qk_sniff: layer {facts.layer}'s attention call names a sliding window of {window}, but its forward built "
+            f"its sliding masks with {sorted(mask_windows - {None})} (config.sliding_window changed after the model "
+            "was built?), so the window it attends through could not be told; not recorded: keep the window the "
+            "model was built with, or build it again from the edited config"
         )
     return window
 

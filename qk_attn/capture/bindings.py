@@ -26,6 +26,9 @@ class ModelBinding:
         # Per device, reused by this model's forwards. Not shared between models: a forward of one
         # may still hold its staged rows (not handed off yet) while the other's forward runs.
         self.buffers: dict[torch.device, StagingBuffer] = {}
+        # The module that built its first recorded forward's mask: in a session holding one model's dataset, an
+        # attention module outside it is another model's, even one built on the same config object.
+        self.owner: weakref.ref | None = None
 
 
 class ModuleBinding:

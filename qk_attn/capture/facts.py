@@ -337,9 +337,13 @@ def require() -> None:
         logger.warning(untested)
 
 
-def mismatch_at_import(error: Exception) -> Exception:
+REGISTRATION_FACTS = frozenset(("attention_interface_register", "mask_interface_register"))
+
+
+def mismatch_at_import(error: Exception, registered: bool = True) -> Exception:
     """What `import qk_attn` raises when registering failed with `error` (and a capture-off forward when
     reading transformers' source did: hooks.qk_sniff_mask): TransformersMismatch naming the broken facts
-    (a moved or removed transformers name), or `error` itself when every fact holds."""
-    findings = check_all()
+    (a moved or removed transformers name), or `error` itself when every fact holds. When `error` came
+    before "qk_sniff" was registered (`registered` False), its absence from the registries is no finding."""
+    findings = [f for f in check_all() if registered or f.fact not in REGISTRATION_FACTS]
     return mismatch(findings) if findings else error

@@ -326,11 +326,13 @@ class ForwardContext:
             positions = torch.arange(self.past, self.past + num_new)
         else:
             positions = position_ids[0] if position_ids.dim() == 3 else position_ids
-        positions = positions.to(device="cpu", dtype=torch.int64).expand(batch, num_new)
+        if positions.dtype is not torch.int64 or positions.device.type != "cpu":
+            positions = positions.to(device="cpu", dtype=torch.int64)
+        positions = positions.expand(batch, num_new)
         ids = self.input_ids
         token_ids = None
         if ids is not None and ids.shape == (batch, num_new):
-            token_ids = ids.to(device="cpu", dtype=torch.float32)[:, None, :, None]
+            token_ids = ids.to(device="cpu", dtype=torch.float32).reshape(batch, 1, num_new, 1)
         rows = host_rows(positions.tolist(), valid, expected)
         return host_text_tokens(positions, valid, token_ids, rows), rows
 

@@ -72,8 +72,10 @@ class ForwardTracker:
         require_facts()
 
     def on_mask(
-        self, config, batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask, local_size=None
+        self, config, batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask, local_size=None, *, callers
     ) -> None:
+        """A mask call of a forward of the model of `config` (transformers' mask function's arguments, and the
+        call's `frames.method_frames`): a new forward's context, or another mask kind of the running one."""
         require_facts()  # what the capture reads of transformers' internals holds (checked once)
         entry = self._forwards.get(id(config))
         forward = entry if isinstance(entry, ForwardContext) and entry.config is config else None
@@ -85,11 +87,11 @@ class ForwardTracker:
             self._retire(forward)
         self._end_forward()  # the previous forward is over: back-pressure belongs here, not in a layer
         begun_ids = entry.begun_ids if isinstance(entry, _Started) else self._take_begun_ids()
-        caller = model_forward(batch_size, q_length)
+        caller = model_forward(callers, batch_size, q_length)
         if caller.outermost is not caller.module:  # each model the caller calls, not only the first forward's
             watch_call(caller.outermost, config)
         try:
-            generation = refuse_unrecordable_generation(caller.module)
+            generation = refuse_unrecordable_generation(callers, caller.module)
             watch_cache_class(caller.cache)
             refuse_rounding_cache(caller.cache)
         except CaptureError:

@@ -40,7 +40,7 @@ class ModelForward(NamedTuple):
     attention_mask: object = None  # that frame's own `attention_mask` (mask_checks compares the mask call's with it)
 
 
-def model_forward(batch_size: int, num_new: int) -> ModelForward:
+def model_forward(callers: list[MethodFrame], batch_size: int, num_new: int) -> ModelForward:
     """The module forward that is building its mask right now, with its arguments.
 
     The mask function's callers are transformers' mask builders, called by a module's own forward
@@ -55,9 +55,7 @@ def model_forward(batch_size: int, num_new: int) -> ModelForward:
     sequences (a model run on embeddings from its own logits processor is not given them)."""
     module = positions = ids = cache = code = builder = outermost = own_mask = None
     images = numbers_positions = False
-    for frame in _method_frames(sys._getframe(2)):
-        local = frame.f_locals
-        this = local.get("self")
+    for frame, local, this, _ in callers:
         if not isinstance(this, torch.nn.Module):
             continue
         if module is None:
@@ -149,11 +147,14 @@ def contains(model: torch.nn.Module, module: torch.nn.Module) -> bool:
     return module in found
 
 
-def building_model(max_depth: int = 16):
+def building_model(callers: list[MethodFrame] | None, max_depth: int = 16):
     """The transformers model (a PreTrainedModel: the decoder stack, or a wrapper) whose forward is
-    building the mask right now; None when no frame of one is found."""
+    building the mask right now, within `max_depth` frames of the mask call; None when no frame of one
+    is found. `callers`: the mask call's `method_frames`, or None (capture off) to read its caller's few frames."""
     from transformers import PreTrainedModel
 
+    if callers is not None:
+        return next((f.this for f in callers if f.height < max_depth and isinstance(f.this, PreTrainedModel)), None)
     frame = sys._getframe(1)
     for _ in range(max_depth):
         if frame is None:
@@ -165,7 +166,7 @@ def building_model(max_depth: int = 16):
     return None
 
 
-def tower_of(config) -> str | None:
+def tower_of(config, callers: list[MethodFrame]) -> str | None:
     """The attribute (`vision_config`, `audio_config`, ...) under which a model running on the call stack
     (in any method: generate() encodes images before the first forward, in get_image_features) keeps
     `config`, when that is not its language model's config (`get_text_config(decoder=True)`, fact
@@ -175,9 +176,8 @@ def tower_of(config) -> str | None:
     would be recorded as text layers)."""
     from transformers import PreTrainedModel
 
-    for frame in _method_frames(sys._getframe(1)):
-        this = frame.f_locals.get("self")
-        outer = this.config if isinstance(this, PreTrainedModel) else None
+    for frame in callers:
+        outer = frame.this.config if isinstance(frame.this, PreTrainedModel) else None
         if outer is not None and config is not outer and config is not outer.get_text_config(decoder=True):
             name = next((name for name, value in vars(outer).items() if value is config), None)
             if name is not None:
@@ -189,8 +189,7 @@ def outermost_forward(inner: torch.nn.Module) -> torch.nn.Module | None:
     """The outermost module whose forward runs now in this thread around `inner` (the model the caller
     called: a causal LM around its decoder stack, or a wrapper of it); None when that is `inner` itself."""
     outer = None
-    for frame in _method_frames(sys._getframe(1)):
-        this = frame.f_locals.get("self")
+    for frame, _, this, _ in method_frames(sys._getframe(1)):
         if frame.f_code.co_name == "forward" and isinstance(this, torch.nn.Module) and this is not inner:
             if contains(this, inner):
                 outer = this
@@ -201,9 +200,27 @@ def _method_frames_of(frames: list):
     return (f for f in frames if "self" in f.f_code.co_varnames or "self" in f.f_code.co_freevars)
 
 
-def _method_frames(frame):
-    """`frame` and its callers that have a `self` (reading a frame's locals costs more than its code's names)."""
-    return _method_frames_of(_stack(frame))
+class MethodFrame(NamedTuple):
+    """A frame on the stack that has a `self`, with its locals as read once."""
+
+    frame: object
+    local: dict
+    this: object  # its `self`
+    height: int  # frames between the stack's start and it (0: the start itself)
+
+
+def method_frames(frame) -> list[MethodFrame]:
+    """`frame` and its callers that have a `self`, innermost first, each one's locals read once: reading them
+    copies them, and a mask call's checks (`building_model`, `tower_of`, `model_forward`,
+    `refuse_unrecordable_generation`) all read the same frames. Taken once per mask call, inside it."""
+    found, height = [], 0
+    while frame is not None:
+        code = frame.f_code
+        if "self" in code.co_varnames or "self" in code.co_freevars:
+            local = frame.f_locals
+            found.append(MethodFrame(frame, local, local.get("self"), height))
+        frame, height = frame.f_back, height + 1
+    return found
 
 
 def cache_of(arguments: dict):
@@ -249,7 +266,7 @@ def running_in(module: torch.nn.Module, thread: threading.Thread | None = None) 
 GENERATION_FILE = os.path.join("generation", "utils.py")
 
 
-def refuse_unrecordable_generation(builder):
+def refuse_unrecordable_generation(callers: list[MethodFrame], builder):
     """Generation whose steps cannot be recorded as one sequence, found by the generation method
     on the call stack (once per forward), at any depth: wrappers and hooks between generate() and the
     mask only add frames, and a refusal or the padding rule missed there would record wrong rows. Only
@@ -269,15 +286,13 @@ def refuse_unrecordable_generation(builder):
     which feeds only the caller's tokens, also when it continues an earlier generate()'s cache); and
     whether it drafts for early-exit assisted decoding (not recorded: the verifying forward that
     follows is refused, once transformers has restored the layer count the draft ran with)."""
-    frame = sys._getframe(1)
-    _refuse_unknown_decoding(frame, builder)
+    _refuse_unknown_decoding(callers, builder)
     prefill = False
-    while frame is not None:
+    for frame, local, this, _ in callers:  # (generation's methods all have a `self`)
         name = frame.f_code.co_name
         in_generation = frame.f_code.co_filename.endswith(GENERATION_FILE)
-        if in_generation and name in GENERATION_METHODS and not _generates_for(frame.f_locals.get("self"), builder):
-            frame = frame.f_back  # another model's generation
-            continue
+        if in_generation and name in GENERATION_METHODS and not _generates_for(this, builder):
+            continue  # another model's generation
         prefill = prefill or (name == "_prefill" and in_generation)
         if name == "_beam_search":
             raise CaptureError(
@@ -287,21 +302,20 @@ def refuse_unrecordable_generation(builder):
         if name == "_assisted_decoding" and in_generation:
             raise CaptureError(ASSISTED)
         if name == "_sample" and in_generation:
-            model_kwargs = frame.f_locals.get("model_kwargs")
+            model_kwargs = local.get("model_kwargs")
             if isinstance(model_kwargs, dict) and model_kwargs.get("use_cache") is False:
                 raise CaptureError(
                     "qk_sniff: generate(use_cache=False) re-runs the whole sequence at every step, "
                     "which would record it once per new token; generate with use_cache=True"
                 )
-            draft = _assistant_draft(frame)
-            unfinished = frame.f_locals.get("unfinished_sequences")
+            draft = _assistant_draft(frame, this)
+            unfinished = local.get("unfinished_sequences")
             if not (isinstance(unfinished, torch.Tensor) and unfinished.dim() == 1):
                 return None, False, draft
-            if frame.f_locals.get("has_eos_stopping_criteria") is False:
+            if local.get("has_eos_stopping_criteria") is False:
                 # Without an EOS criterion a finished row is fed real tokens, not padding: every row goes on.
                 return None, not prefill, draft
             return unfinished, not prefill, draft
-        frame = frame.f_back
     return None, False, False
 
 
@@ -309,7 +323,7 @@ DECODING_METHODS = frozenset(("_sample", "_beam_search", "_assisted_decoding")) 
 GENERATION_METHODS = DECODING_METHODS | {"_prefill"}
 
 
-def _refuse_unknown_decoding(frame, builder) -> None:
+def _refuse_unknown_decoding(callers: list[MethodFrame], builder) -> None:
     """Refuse a generate() (of a model containing `builder`) whose decoding method is none of
     DECODING_METHODS: the refusals and the padding rule above find their method by its name, so one
     renamed (greedy search's own `_greedy_search`, as before transformers 4.39) would record padding and
@@ -320,18 +334,17 @@ def _refuse_unknown_decoding(frame, builder) -> None:
     does a wrapper of a known method (a profiling patch of `_sample` without functools.wraps): the known
     method's frame lies between generate() and this forward, in its steps and its prefill alike."""
     known_below = False  # a DECODING_METHODS frame between this forward and the generate() frame above it
-    while frame is not None:
+    for frame, local, this, _ in callers:  # (generate() and its decoding methods have a `self`)
         code = frame.f_code
         if code.co_filename.endswith(GENERATION_FILE) and code.co_name in DECODING_METHODS:
             known_below = True
         elif code.co_name == "generate" and code.co_filename.endswith(GENERATION_FILE):
-            local = frame.f_locals
             method = local.get("decoding_method")
             if (
                 method is not None
                 and not known_below
                 and method is not local.get("custom_generate")
-                and _generates_for(local.get("self"), builder)
+                and _generates_for(this, builder)
             ):
                 name = _code_name(method)
                 if name not in DECODING_METHODS:
@@ -342,7 +355,6 @@ def _refuse_unknown_decoding(frame, builder) -> None:
                         f"(transformers {transformers.__version__}); not recorded"
                     )
             known_below = False  # frames above belong to an enclosing generate()
-        frame = frame.f_back
 
 
 def _code_name(method) -> str:
@@ -367,12 +379,12 @@ ASSISTED = (
 )
 
 
-def _assistant_draft(sample) -> bool:
+def _assistant_draft(sample, model) -> bool:
     """A `_sample` that drafts tokens for assisted decoding: refused when an assistant model loaded
     with qk_sniff runs it; True when the model drafts for itself (early exit), whose drafts are not
     recorded and whose verifying forward is refused: a refusal inside the draft would leave the model
     with the draft's layer count (transformers restores it only when the draft returns)."""
-    model, frame = sample.f_locals.get("self"), sample.f_back
+    frame = sample.f_back
     while frame is not None:
         if frame.f_code.co_name == "_assisted_decoding" and frame.f_code.co_filename.endswith(GENERATION_FILE):
             if frame.f_locals.get("self") is not model:

@@ -8,6 +8,7 @@ import contextlib
 import functools
 import logging
 import os
+import sys
 import threading
 import weakref
 
@@ -20,7 +21,7 @@ from qk_attn.capture.attention import attend_and_capture, qk_sniff_attention
 from qk_attn.capture.backends import check_backend_support, mask_function
 from qk_attn.capture.caches import watch_row_moves
 from qk_attn.capture.calls import run_last
-from qk_attn.capture.frames import building_model, tower_of
+from qk_attn.capture.frames import building_model, method_frames, tower_of
 from qk_attn.capture.modeling_checks import check_modeling_file
 from qk_attn.capture.name_branches import follow_wrapped_backend
 from qk_attn.errors import CaptureError
@@ -38,28 +39,31 @@ def qk_sniff_mask(*args, **kwargs):
     from qk_attn.capture.active import current_config, current_session
     from qk_attn.capture.facts import mismatch_at_import, require
 
+    callers = None
     if current_session() is not None:
         require()  # first (once per process): a release that moved what the checks below read is named
+        callers = method_frames(sys._getframe(0))  # what the checks of this mask call read of the stack
     backend, config = current_config().backend, kwargs.get("config")
     try:
         check_modeling_file(config)
-        check_backend_support(building_model(), backend)
+        check_backend_support(building_model(callers), backend)
         follow_wrapped_backend(config, backend)
     except CaptureError:
         raise
     except Exception as error:  # (capture off) a release qk-attn was not made for: named in one line, if so
         raise mismatch_at_import(error) from error
-    return _noting_context(mask_function(backend), *args, **kwargs)
+    return _noting_context(mask_function(backend), *args, _callers=callers, **kwargs)
 
 
 @torch.compiler.disable
-def _noting_context(mask_fn, *args, **kwargs):
+def _noting_context(mask_fn, *args, _callers=None, **kwargs):
     """`mask_fn`'s mask, given transformers' arguments as they came. Without a registered mask,
     transformers would hand "qk_sniff" no mask at all, silently losing padding and sliding windows.
 
     transformers calls it once per forward and mask kind before any layer: the capture
     context of the forward is established here (qk_attn.capture.forward). Kept out of compiled
-    graphs so that it runs every forward, not once at trace time."""
+    graphs so that it runs every forward, not once at trace time. `_callers`: the mask call's
+    `method_frames`, when `qk_sniff_mask` took them (flash attention's mask calls this directly)."""
     from qk_attn.capture.active import current_session
 
     session = current_session()
@@ -67,23 +71,26 @@ def _noting_context(mask_fn, *args, **kwargs):
         # Before binding the arguments: a release that renamed one is named as the broken fact
         # (mask_call_keywords), not a TypeError. Capture off, the model runs as its backend would.
         session.require_facts()
-        _note(session, mask_fn, *args, **kwargs)
+        callers = _callers if _callers is not None else method_frames(sys._getframe(0))
+        _note(session, mask_fn, callers, *args, **kwargs)
     return mask_fn(*args, **kwargs)
 
 
 def _note(
-    session, mask_fn, batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kwargs
+    session, mask_fn, callers, batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kwargs
 ) -> None:
     """The forward's capture context, from the mask function's arguments (fact mask_call_keywords)."""
     config = kwargs.get("config")
     check_recorded(config, mask_fn)
-    tower = tower_of(config)
+    tower = tower_of(config, callers)
     if tower is not None:  # a vision or audio tower's forward: not a text forward, nothing recorded
         session.on_tower_mask(config, tower)
         return
     local_size = kwargs.get("local_size")  # the window of a sliding (or chunked) mask kind
     with _starting(session, config):
-        session.on_mask(config, batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask, local_size)
+        session.on_mask(
+            config, batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask, local_size, callers=callers
+        )
 
 
 _watched: weakref.WeakKeyDictionary[torch.nn.Module, int] = weakref.WeakKeyDictionary()  # stack -> its start hook
@@ -222,7 +229,8 @@ def refuse_concurrent(forward) -> None:
         f"qk_sniff: this model is in the middle of a forward in thread {forward.thread.name!r}; qk-attn "
         "records one forward of a model at a time (in one session or several), and tells models apart by "
         "their config object: give each thread its own copy of the model with its own config "
-        "(copy.deepcopy(model); each is recorded exactly), or run the forwards one after the other"
+        "(copy.deepcopy(model); each is recorded exactly, each in its own session and output when the session "
+        "writes a folder, which holds one model's dataset), or run the forwards one after the other"
     )
 
 

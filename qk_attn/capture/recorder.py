@@ -27,6 +27,7 @@ from qk_attn.capture.bindings import ModelBinding, ModuleBinding
 from qk_attn.capture.call_rows import CallRows, staged_dtype
 from qk_attn.capture.facts import require as require_facts
 from qk_attn.capture.forward import ForwardContext
+from qk_attn.capture.frames import contains
 from qk_attn.capture.gather import uses_kernel
 from qk_attn.capture.plan import HeadPlan, ModelShape, dtype_name
 from qk_attn.capture.refusals import REFUSALS
@@ -371,12 +372,11 @@ class Session(SequenceTracker):
         model = self._models.get(id(module.config))
         if model is None or model.config is not module.config:
             if self._models and self.sink.one_model:
-                raise CaptureError(
-                    f"qk_sniff: a second model ({type(module).__module__.rsplit('.', 1)[-1]}) in a session that writes "
-                    f"{self.config.output}, which holds one model's dataset; give each model its own session and output"
-                )
+                self._refuse_second_model(module)
             plan = HeadPlan.build(self.config, ModelShape.from_module(module, query, key))
             model = self._models[id(module.config)] = ModelBinding(module.config, plan)
+            if forward.builder is not None:
+                model.owner = weakref.ref(forward.builder)
             self._bindings += 1
             self.sink.bind_model(module.config, plan)
             if query.dtype == torch.float64:
@@ -385,6 +385,10 @@ class Session(SequenceTracker):
                     f"qk-attn: the model runs in float64; vectors are stored as {self.config.vector_dtype} "
                     "(vector_dtype), rounded",
                 )
+        elif self.sink.one_model and model.owner is not None:
+            owner = model.owner()  # (gone: the module is another model's too)
+            if owner is None or not contains(owner, module):
+                self._refuse_second_model(module)  # another model built on the same config object
         layers = getattr(module.config, "num_hidden_layers", None)
         if isinstance(layers, int) and layers != model.plan.shape.num_layers:
             raise CaptureError(
@@ -409,6 +413,13 @@ class Session(SequenceTracker):
                 "or give this dtype its own output"
             )
         return model
+
+    def _refuse_second_model(self, module) -> None:
+        raise CaptureError(
+            f"qk_sniff: a second model ({type(module).__module__.rsplit('.', 1)[-1]}) in a session that writes "
+            f"{self.config.output}, which holds one model's dataset (a model built on the first one's config "
+            "object is another model too); give each model its own session and output"
+        )
 
 
 def _refuse_unbuilt_mask(layer: int, mask) -> None:

@@ -56,9 +56,10 @@ def host_rows(positions: list, valid: list, expected: list | None) -> tuple[list
 def host_text_tokens(positions: torch.Tensor, valid: list, token_ids, rows: tuple[list, list, list]) -> TextTokens:
     """TextTokens from (B, T) int64 host positions, validity as lists, and their `host_rows`."""
     counts, firsts, misnumbered = rows
-    columns = torch.tensor([counts, firsts])
-    valid = torch.tensor(valid, dtype=torch.bool).reshape(positions.shape)
-    return TextTokens(positions, valid, columns[0], columns[1], torch.tensor(misnumbered), token_ids)
+    valid = torch.tensor(valid, dtype=torch.bool)  # (B, T) from B lists of T
+    return TextTokens(
+        positions, valid, torch.tensor(counts), torch.tensor(firsts), torch.tensor(misnumbered), token_ids
+    )
 
 
 def misnumbered_rows(positions, valid, valid_count, first, expected):

@@ -214,6 +214,26 @@ def test_second_model_into_one_output_folder_is_refused(tmp_path):
             other(input_ids=ids)
 
 
+def test_a_model_built_on_the_first_ones_config_object_is_a_second_model_in_a_folder(tmp_path):
+    """Models are told apart by their config object; one built on another's config (other weights: an ablation,
+    a fine-tuned copy) was written into the first one's folder as the same model."""
+    first = build("llama3", "qk_sniff")
+    torch.manual_seed(1)
+    other = type(first)(first.config).eval()
+    ids = _tokens(5)
+    with qk_attn.session(output=tmp_path / "out", sampler="all"):
+        first(input_ids=ids)
+        with pytest.raises(CaptureError, match="second model .* built on the first one's config object"):
+            other(input_ids=ids)
+        first(input_ids=ids)  # the first model goes on
+    table = qk_attn.load(tmp_path / "out", layer=0, head=0, kind="q")
+    rows = {}
+    for example, position, vector in zip(*(table[c].to_pylist() for c in ("example_id", "position", "vector"))):
+        rows.setdefault(example, {})[position] = vector
+    assert len(rows) == 2 and len(qk_attn.load_examples(tmp_path / "out")) == 2
+    assert list(rows.values())[0] == list(rows.values())[1]  # both the first model's
+
+
 class _Boom(RuntimeError):
     pass
 

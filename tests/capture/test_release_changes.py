@@ -650,8 +650,12 @@ def _gemma3_windows(model, windows: dict[int, object]) -> None:
             r"layer 1's attention call names a sliding window of 4 where its config's layer_types says full_attention and its forward built masks with windows \[4, None\]",
         ),
         ({0: (4, 0)}, r"layer 0's attention call names the sliding window \(4, 0\), not a positive int"),
+        (
+            {0: 3},  # (what the module keeps when config.sliding_window is edited after the model was built)
+            r"layer 0's attention call names a sliding window of 3, but its forward built its sliding masks with \[4\]",
+        ),
     ],
-    ids=["window-on-a-full-layer", "window-as-a-pair"],
+    ids=["window-on-a-full-layer", "window-as-a-pair", "window-other-than-its-masks"],
 )
 def test_a_window_its_rows_could_not_be_labelled_with_is_refused(windows, message):
     """Gemma 3 passes its module's `sliding_window` to every attention call, None on full layers. A release

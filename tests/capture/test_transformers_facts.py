@@ -213,3 +213,15 @@ def test_image_inputs_renamed_by_a_release_are_found(monkeypatch):
     assert findings["image_inputs"].startswith(
         "Gemma3ForConditionalGeneration.forward(self, input_ids=None, images=None"
     )
+
+
+def test_an_import_that_fails_before_registering_is_not_blamed_on_transformers():
+    """`import qk_attn` blamed any failure on transformers when "qk_sniff" was then missing from its registries:
+    a missing pyarrow read as "transformers 5.25.0 breaks what qk-attn relies on"."""
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['pyarrow'] = None; import qk_attn"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode != 0 and last.startswith("ModuleNotFoundError: import of pyarrow halted"), last
