@@ -207,11 +207,11 @@ def cross_attention_keys(key: torch.Tensor, mask) -> tuple[int, TextTokens]:
     return 0, TextTokens(positions, valid, valid.sum(1), positions[:, 0], numbered, None)
 
 
-def check_shapes(forward, layer: int, query: torch.Tensor, key: torch.Tensor, cross: bool) -> int:
-    """An attention call's tensors against its forward, on the host (shapes only, no device read).
+def check_shapes(forward, layer: int, query_shape: torch.Size, key_shape: torch.Size, cross: bool) -> int:
+    """An attention call's query and key shapes against its forward, on the host (no device read).
     Returns how many of the forward's new tokens the query holds: all of them, or its last ones
     (layers that compute only the positions whose logits are kept, as Gemma 4's shared-KV layers do)."""
-    batch, query_shape, key_shape = forward.batch_size, query.shape, key.shape
+    batch = forward.batch_size
     if query_shape[0] != batch or key_shape[0] != batch:
         raise CaptureError(
             f"qk_sniff: layer {layer} got a query of batch {query_shape[0]} and a key of batch "

@@ -203,16 +203,17 @@ class Session(SequenceTracker):
         if forward is None or forward.state != "running":
             _refuse_unbuilt_mask(facts.layer, mask)
         layer, cross = facts.layer, facts.cross
-        num_queries = check_shapes(forward, layer, query, key, cross)
+        query_shape, key_shape = query.shape, key.shape  # (read once: each read makes a torch.Size)
+        num_queries = check_shapes(forward, layer, query_shape, key_shape, cross)
         if not forward.first_call(layer, query, key):
             return  # the same query and key again (DiffLlama): recorded once
         if binding.serial != self._bindings or binding.dtype is not query.dtype or binding.config is not module.config:
             self._bind(binding, module, forward, query, key)
         model, plan = binding.model, binding.plan
         shape = plan.shape
-        if query.shape[1] != shape.num_heads or key.shape[1] != shape.num_kv_heads:
+        if query_shape[1] != shape.num_heads or key_shape[1] != shape.num_kv_heads:
             raise CaptureError(
-                f"qk_sniff: layer {layer} has {query.shape[1]} query and {key.shape[1]} key/value heads where the "
+                f"qk_sniff: layer {layer} has {query_shape[1]} query and {key_shape[1]} key/value heads where the "
                 f"model's first layer had {shape.num_heads} and {shape.num_kv_heads}: models whose layers differ in "
                 "head counts (MiMo-V2's sliding layers, Gemma 4's global key/value heads) are not supported yet, "
                 "since one head plan serves every layer; nothing of this forward is recorded"
@@ -229,8 +230,9 @@ class Session(SequenceTracker):
             return
         forward.recorded = True
         position_ids = kwargs.get("position_ids")
-        everything = forward.tokens(position_ids, query.device)
-        text = everything if num_queries == forward.num_new else forward.tokens(position_ids, query.device, num_queries)
+        device = query.device
+        everything = forward.tokens(position_ids, device)
+        text = everything if num_queries == forward.num_new else forward.tokens(position_ids, device, num_queries)
         query_heads, key_heads = binding.heads
         if cross:
             # Text queries of a cross-attention layer are this forward's tokens; its keys are
@@ -239,7 +241,7 @@ class Session(SequenceTracker):
             keys = None if layer in sequence.cross_done else cross_attention_keys(key, mask)
             sequence.cross_done.add(layer)
         else:
-            keys = (forward.key_slot(layer, key.shape[2]) if key_heads else 0, everything)
+            keys = (forward.key_slot(layer, key_shape[2]) if key_heads else 0, everything)
         decisions = forward.decisions(self.sampler, shape.num_layers, everything)
         staging = forward.staging or self._start_staging(forward, model, query)
         if decisions is not None and text is everything and not cross and not decisions.keeps_any(layer):

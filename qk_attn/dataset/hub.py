@@ -24,7 +24,7 @@ from pathlib import Path
 from huggingface_hub import HfApi
 
 from qk_attn.dataset.progress import bar, hub_bars, hub_enabled
-from qk_attn.errors import ConfigError, HubError, StorageError
+from qk_attn.errors import ConfigError, HubError, StorageError, one_line
 from qk_attn.storage.card import write_card
 from qk_attn.storage.layout import CARD, CHART, EXAMPLES, MANIFEST
 from qk_attn.storage.lock import release_lock, take_lock
@@ -229,4 +229,4 @@ def snapshot(
             api.snapshot_download(repo_id, repo_type=REPO_TYPE, revision=revision, allow_patterns=allow_patterns)
         )
     except Exception as error:  # noqa: BLE001
-        raise HubError(f"downloading {_where(repo_id, revision)} failed: {error}") from error
+        raise HubError(f"downloading {_where(repo_id, revision)} failed: {one_line(error)}") from error

@@ -19,7 +19,7 @@ import torch
 from qk_attn.arguments import check_flag
 from qk_attn.capture.schema import concat_rows
 from qk_attn.dataset.reader import check_shard
-from qk_attn.errors import CorruptShard, one_line
+from qk_attn.errors import CorruptShard, HubError, one_line
 from qk_attn.storage.examples import examples_table
 from qk_attn.storage.layout import MANIFEST, parse_key
 from qk_attn.storage.manifest import read_manifest
@@ -89,7 +89,10 @@ def _open(path_or_repo: str | os.PathLike, revision: str | None, token) -> tuple
         raise FileNotFoundError(f"{local} does not exist: expected a qk-sniff capture folder or a Hub dataset repo id")
     from qk_attn.dataset.hub import snapshot
 
-    root = snapshot(str(path_or_repo), revision=revision, allow_patterns=[MANIFEST], token=token)
+    try:
+        root = snapshot(str(path_or_repo), revision=revision, allow_patterns=[MANIFEST], token=token)
+    except HubError as error:  # a name that is also a local path: say that no such folder exists either
+        raise HubError(f"{error} (and no local folder {local} exists)") from error
     manifest = read_manifest(root)
     if manifest is None:
         raise FileNotFoundError(

@@ -23,6 +23,13 @@ from qk_attn.storage.records import shard_examples
 INDEX_COLUMNS = ["example_id", "position", "bucket", "layer", "head", "kind"]
 
 
+def not_a_folder(root: Path) -> str | None:
+    """Why `root` can hold no dataset before its manifest is looked for: it does not exist, or is a file."""
+    if not root.exists():
+        return f"{root} does not exist"
+    return None if root.is_dir() else f"{root} is a file, not a folder"
+
+
 @dataclass
 class Dataset:
     """A capture output folder as `inspect` and `verify` read it (vectors are never loaded).
@@ -42,7 +49,9 @@ class Dataset:
     @classmethod
     def open(cls, root: str | Path) -> Dataset:
         root = Path(root)
-        manifest = read_manifest(root) if root.is_dir() else None
+        if (why := not_a_folder(root)) is not None:
+            raise FileNotFoundError(f"{why}; expected a qk-sniff dataset folder")
+        manifest = read_manifest(root)
         if manifest is None:
             raise FileNotFoundError(f"{root} is not a qk-sniff dataset: {MANIFEST} is missing")
         names = set(manifest.get("shards", {}))

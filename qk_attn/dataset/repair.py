@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 
 from qk_attn.dataset.progress import bar
-from qk_attn.dataset.reader import check_shard, ids_text, shard_problem_line
+from qk_attn.dataset.reader import check_shard, ids_text, not_a_folder, shard_problem_line
 from qk_attn.dataset.salvage import holds_any, older_shard_examples, recount, salvage, scale_calls
 from qk_attn.dataset.tidy import quarantine_unlisted, tidy
 from qk_attn.dataset.token_checks import EncodeSource
@@ -66,8 +66,8 @@ def repair(output: str | Path, log=print, progress: bool = True) -> dict:
     (for ranks also "merge": the command that makes OUT readable again, or None).
     """
     output = Path(output)
-    if not output.is_dir():
-        raise FileNotFoundError(f"{output} is not a folder")
+    if (why := not_a_folder(output)) is not None:
+        raise FileNotFoundError(f"{why}; expected a qk-sniff dataset folder")
     ranks = part_ranks(output)
     if ranks:
         return _repair_ranks(output, ranks, log, progress)

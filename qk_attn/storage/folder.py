@@ -199,13 +199,15 @@ def remove_orphans(output: Path, manifest: dict, files: Files = Files()) -> list
 
 def has_leftovers(output: Path) -> bool:
     """What a killed run (or compaction) leaves that the next open of the folder makes good: shards
-    or temporary files no commit lists, an examples table behind the manifest, no card, or a card of
+    or temporary files no commit lists, an examples table behind the manifest, its lock file, no card, or a card of
     ours older than the manifest (a run killed before or while it wrote the card, which comes last)."""
     manifest = read_manifest(output)
     if manifest is None:
         return False
     card = output / CARD
     if not card.exists() or check_examples_file(output, manifest):
+        return True
+    if (output / Files().lock).exists():  # a killed writer's (taking it refuses one still held)
         return True
     if card.stat().st_mtime_ns < (output / MANIFEST).stat().st_mtime_ns and card_is_ours(output):
         return True

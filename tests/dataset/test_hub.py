@@ -309,3 +309,13 @@ def test_pull_into_a_file_is_refused_in_one_line(tmp_path, fake_hub):
     with pytest.raises(StorageError, match=r"notes\.txt is a file; pull writes the capture into a folder"):
         hub.pull("org/qk", tmp_path / "notes.txt")
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_load_of_a_name_neither_a_folder_nor_on_the_hub_says_so_in_one_line(tmp_path, fake_hub, monkeypatch):
+    """A bare name is a Hub id too: its failure was huggingface_hub's message over two lines, without
+    saying that no local folder of that name exists either."""
+    monkeypatch.chdir(tmp_path)
+    fake_hub.fail["snapshot_download"] = OSError("no network\nAn error happened while trying to locate the files")
+    with pytest.raises(HubError) as raised:
+        qk_attn.load("nowhere")
+    assert "\n" not in str(raised.value) and str(raised.value).endswith("(and no local folder nowhere exists)")

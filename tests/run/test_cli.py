@@ -224,7 +224,7 @@ def test_cli_config_errors_exit_2(tmp_path, capsys):
     assert cli.main(["run", "--config", str(path), "--set", "capture.bucket=3"]) == 2
     assert "'bucket'" in capsys.readouterr().err
     assert cli.main(["verify", str(tmp_path / "nowhere")]) == 2  # a usage error, not a problem found in data
-    assert "qk_sniff.json is missing" in capsys.readouterr().err
+    assert "nowhere does not exist; expected a qk-sniff dataset folder" in capsys.readouterr().err
 
 
 def test_a_missing_local_path_or_a_bad_config_file_is_named(tiny_model, docs, tmp_path, capsys):
@@ -768,6 +768,18 @@ def test_a_card_left_behind_its_manifest_is_a_leftover_the_next_open_makes_good(
     manifest_time = (out / "qk_sniff.json").stat().st_mtime_ns  # the earlier card, older than the manifest
     os.utime(out / "README.md", ns=(manifest_time - 10**9, manifest_time - 10**9))
     assert has_leftovers(out)
+
+
+def test_a_killed_runs_lock_file_is_deleted_by_a_run_with_nothing_left_to_capture(tiny_model, docs, tmp_path):
+    """A SIGKILL leaves OUT/.qk_sniff.lock (no longer held); a re-run with nothing to capture did not open
+    the folder, so the file stayed, where README says a run deletes it when it ends."""
+    path, _ = docs
+    out = tmp_path / "out"
+    config = make_config(tiny_model, path, out, capture=SPARSE, dataset={"max_samples": 2})
+    runner.run(config, progress=False)
+    (out / ".qk_sniff.lock").touch()  # what a killed writer leaves
+    summary = runner.run(config, progress=False)
+    assert summary.resumed == 2 and not (out / ".qk_sniff.lock").exists()
 
 
 def test_the_command_ignores_the_environment_however_python_is_told_to_run_it(tiny_model, docs, tmp_path):
