@@ -118,10 +118,10 @@ def layer_type_names() -> str | None:
 
 
 def generation_frames() -> str | None:
-    """The generation methods frames looks for, by code name and file (GENERATION_FILE), with the locals it reads."""
+    """The generation methods generation_frames looks for, by code name and file (GENERATION_FILE), with the locals it reads."""
     from transformers.generation import utils
 
-    from qk_attn.capture.frames import GENERATION_FILE
+    from qk_attn.capture.generation_frames import GENERATION_FILE
 
     for method in ("generate", "_sample", "_beam_search", "_assisted_decoding", "_prefill"):
         fn = getattr(utils.GenerationMixin, method, None)
@@ -145,11 +145,11 @@ def generation_frames() -> str | None:
 
 def generation_dispatch() -> str | None:
     """generate() calls `decoding_method`, taken by name from GENERATION_MODES_MAPPING: each mode's
-    method is one frames knows (DECODING_METHODS) or a Hub repo (a deprecated mode, run as custom_generate);
+    method is one generation_frames knows (DECODING_METHODS) or a Hub repo (a deprecated mode, run as custom_generate);
     frames reads that local (with `custom_generate`) to refuse a decoding method under another name."""
     from transformers.generation import utils
 
-    from qk_attn.capture.frames import DECODING_METHODS
+    from qk_attn.capture.generation_frames import DECODING_METHODS
 
     mapping = getattr(utils, "GENERATION_MODES_MAPPING", None)
     if not isinstance(mapping, dict):

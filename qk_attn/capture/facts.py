@@ -48,10 +48,10 @@ Where the capture code relies on each fact (the module that reads it):
                                    checked to return the keys it is given)
     layer_type_names               plan.ModelShape.local_attention (full_attention_only)
     generation_frames              hooks.watch_generate (GenerationMixin.generate),
-                                   frames.refuse_unrecordable_generation (_beam_search, _sample,
+                                   generation_frames.refuse_unrecordable_generation (_beam_search, _sample,
                                    _assisted_decoding, _prefill in generation/utils.py, locals
                                    model_kwargs, unfinished_sequences, has_eos_stopping_criteria)
-    generation_dispatch            frames._refuse_unknown_decoding (generate()'s locals decoding_method and
+    generation_dispatch            generation_frames._refuse_unknown_decoding (generate()'s locals decoding_method and
                                    custom_generate; GENERATION_MODES_MAPPING names only DECODING_METHODS)
     attention_module_attributes    capture/session: module.layer_idx, module.config,
                                    module.sliding_window, rope.uses_rope (module.use_rope)

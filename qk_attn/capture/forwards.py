@@ -24,9 +24,9 @@ from qk_attn.capture.frames import (
     decoder_stack,
     model_forward,
     outermost_forward,
-    refuse_unrecordable_generation,
     running_in,
 )
+from qk_attn.capture.generation_frames import refuse_unrecordable_generation
 from qk_attn.capture.hooks import refuse_concurrent, watch_forward
 from qk_attn.capture.mask_checks import refuse_mask_shape, refuse_other_padding
 from qk_attn.capture.staging import OffsetCheck
