@@ -288,8 +288,8 @@ class ParquetSink(SaverThread, Sink):
         error = self._error
         if error is None:
             return
-        if isinstance(error, (CaptureError, CaptureOverflow, CommittedExampleError)):
-            raise type(error)(str(error)) from error
+        if isinstance(error, (CaptureError, CaptureOverflow, CommittedExampleError, SaverError)):
+            raise type(error)(str(error)) from error  # (a SaverError says itself what became of the rows)
         raise SaverError(
             f"qk-sniff saver for {self.output} failed: {type(error).__name__}: {error}. The examples its manifest "
             "lists (those whose commit the saver had finished) are safe; re-run the same command to resume the rest."
