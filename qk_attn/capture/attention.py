@@ -100,6 +100,7 @@ class ModuleFacts(NamedTuple):
     cross: bool  # `is_cross_attention`
     sliding_window: int | None  # the module's own, for calls whose kwargs do not pass one
     layer_type: str | None  # its config's layer_types entry (`layer_type`)
+    bidirectional: bool = False  # `is_causal` False (ModernBERT): its window is flash's, one more than its masks'
 
 
 def module_facts(module) -> ModuleFacts:
@@ -118,7 +119,8 @@ def module_facts(module) -> ModuleFacts:
             "decoder-only models (their self-attention positions and caches)"
         )
     kind = layer_type(module.config, layer)
-    return ModuleFacts(layer, is_cross_attention(module), getattr(module, "sliding_window", None), kind)
+    window, bidirectional = getattr(module, "sliding_window", None), getattr(module, "is_causal", True) is False
+    return ModuleFacts(layer, is_cross_attention(module), window, kind, bidirectional)
 
 
 def layer_type(config, layer: int) -> str | None:
@@ -153,8 +155,9 @@ def call_window(facts: ModuleFacts, kwargs: dict, mask_windows: set) -> int | No
             f"layer_types says full_attention and its forward built masks with windows {sorted(mask_windows, key=str)}, "
             "so which of them it attends through could not be told; not recorded"
         )
-    if window not in mask_windows and len(mask_windows) > (None in mask_windows):
+    if window not in mask_windows and len(mask_windows) > (None in mask_windows) and not facts.bidirectional:
         # Its sliding masks have another window: the config's edited after loading, while the module kept its own.
+        # (Bidirectional models keep flash's window, config.sliding_window + 1, and build their masks with the config's.)
         raise CaptureError(
             f"qk_sniff: layer {facts.layer}'s attention call names a sliding window of {window}, but its forward built "
             f"its sliding masks with {sorted(mask_windows - {None})} (config.sliding_window changed after the model "

@@ -70,6 +70,8 @@ class ModuleBinder:
             owner = model.owner()  # (gone: the module is another model's too)
             if owner is None or not contains(owner, module):
                 self._refuse_second_model(module)  # another model built on the same config object
+        elif forward.builder is not None:  # bound by a forward whose mask no module built: the first that does
+            model.owner = weakref.ref(forward.builder)
         layers = getattr(module.config, "num_hidden_layers", None)
         if isinstance(layers, int) and layers != model.plan.shape.num_layers:
             raise CaptureError(
@@ -79,11 +81,6 @@ class ModuleBinder:
             )
         entry = model.layer_dtypes.get(layer)
         if entry is None:
-            if not model.layer_dtypes and dtype_name(query.dtype) != model.plan.shape.dtype:
-                # every forward that had run in the bound dtype was discarded: this one's is the model's
-                model.plan = HeadPlan.build(self.config, ModelShape.from_module(module, query, key))
-                self.sink.bind_model(module.config, model.plan)
-                self._bindings += 1
             entry = model.layer_dtypes[layer] = (query.dtype, forward.serial)
         first = entry[0]
         if first != query.dtype and self.sink.one_model:  # (per layer: a model may upcast some layers)

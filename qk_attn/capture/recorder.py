@@ -147,6 +147,9 @@ class Session(ModuleBinder, SequenceTracker):
             self._bindings += 1
             for model in self._models.values():
                 model.layer_dtypes = {k: v for k, v in model.layer_dtypes.items() if v[1] != forward.serial}
+            # A model bound only by discarded forwards is no model of the session: not the one its folder holds
+            # (a model called next is no second model), and its next forward binds it again, in its own dtype.
+            self._models = {key: model for key, model in self._models.items() if model.layer_dtypes}
 
     def on_tower_mask(self, config, where: str) -> None:
         """A vision or audio tower builds its mask (frames.tower_of): its attention calls are not text

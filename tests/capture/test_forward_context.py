@@ -234,6 +234,43 @@ def test_a_model_built_on_the_first_ones_config_object_is_a_second_model_in_a_fo
     assert list(rows.values())[0] == list(rows.values())[1]  # both the first model's
 
 
+@pytest.mark.parametrize("second", ["built-again-on-its-config", "another-model"])
+def test_a_model_whose_forwards_were_all_refused_is_not_the_model_of_the_folder(tmp_path, second):
+    """A refused forward bound its model (plan, owner) for the whole session: the model called next, even the
+    one the refusal advised building, was refused as a second model although nothing of the first was recorded."""
+    first = build("gemma3", "qk_sniff")
+    first.config.sliding_window = 6  # edited after the model was built: its forwards are refused
+    ids = _tokens(9)
+    with qk_attn.session(output=tmp_path / "out", sampler="all"):
+        with pytest.raises(CaptureError, match="names a sliding window of 4, but its forward built its sliding masks"):
+            first(input_ids=ids)
+        if second == "another-model":
+            model = build("llama3", "qk_sniff")
+        else:
+            torch.manual_seed(1)
+            model = type(first)(first.config).eval()
+        model(input_ids=ids)
+        with pytest.raises(CaptureError, match="second model"):
+            first(input_ids=ids)  # the folder's model is the one that recorded
+    assert len(qk_attn.load_examples(tmp_path / "out")) == 1
+
+
+def test_a_bidirectional_models_window_one_more_than_its_masks_is_recorded():
+    """ModernBERT-style encoders keep flash's window (config.sliding_window + 1) on their modules and build their
+    sliding masks with the config's: no edit of the config, recorded as before."""
+    config = tf.UltrabertConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=96, num_attention_heads=4, pad_token_id=0, num_hidden_layers=2,
+        num_key_value_heads=2, head_dim=16, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = tf.UltrabertModel(config).eval()
+    model.set_attn_implementation("qk_sniff")
+    assert model.layers[0].self_attn.sliding_window == 5
+    with qk_attn.session(sampler="all") as s:
+        model(input_ids=_tokens(9))
+    assert s.table().num_rows == 2 * 9 * (4 + 2)  # layers x tokens x (query + key heads)
+
+
 class _Boom(RuntimeError):
     pass
 

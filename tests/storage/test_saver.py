@@ -210,7 +210,7 @@ def test_saver_failure_surfaces_in_the_caller_without_hanging(tmp_path):
     out.write_text("not a folder")
     start = time.monotonic()
     run_examples(sink, [1], commit=False)
-    with pytest.raises(SaverError, match="saver .* failed"):
+    with pytest.raises(SaverError, match="saver .* failed|was removed or replaced while the capture ran"):
         sink.flush(timeout=10)
     with pytest.raises(SaverError):  # every later call keeps raising, including put
         sink.put(make_batch(0, "q", [2], [4]))
@@ -472,7 +472,7 @@ def test_saver_failure_surfaces_in_a_model_forward(tmp_path):
     )
     start = time.monotonic()
     forwards = 0
-    with pytest.raises(SaverError, match="saver .* failed"):
+    with pytest.raises(SaverError, match="saver .* failed|was removed or replaced while the capture ran"):
         with torch.inference_mode(), qk_attn.session(sink=sink, sampler="all", min_bucket_size=4) as s:
             for ids in ([0, 1], [2, 3], [4, 5], [6, 7]):
                 s.begin(ids)
