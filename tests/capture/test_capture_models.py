@@ -193,6 +193,24 @@ def test_a_generate_with_an_image_passes_verify(tmp_path, sampler):
     assert verify_dataset(tmp_path, log=lambda *_: None) == []
 
 
+def test_text_only_forwards_beside_image_ones_pass_verify(tmp_path):
+    """Without an image Mllama skips its cross-attention layers: a text-only example holds no query rows there,
+    which verify read as a selection differing from the sampler's (and repair could not mend)."""
+    from qk_attn.dataset.verify import verify_dataset
+
+    model = build("mllama", "sdpa")
+    model.set_attn_implementation({"text_config": "qk_sniff", "vision_config": "sdpa"})
+    batch, _ = _mllama_image_batch()
+    with qk_attn.session(output=tmp_path, sampler="all") as session:
+        model(**batch)  # examples 0 and 1
+        session.commit()
+        model(input_ids=batch["input_ids"][:, :2])  # 2 and 3
+    cross_layer = model.config.text_config.cross_attention_layers[0]
+    recorded = set(qk_attn.load(tmp_path, layer=cross_layer, kind="q").column("example_id").to_pylist())
+    assert recorded == {0, 1}  # the image forward's examples only
+    assert verify_dataset(tmp_path, log=lambda *_: None) == []
+
+
 def _gemma4_with_vision(impl):
     import transformers as tf
 
