@@ -70,7 +70,7 @@ class ModuleBinder:
             owner = model.owner()  # (gone: the module is another model's too)
             if owner is None or not contains(owner, module):
                 self._refuse_second_model(module)  # another model built on the same config object
-        elif forward.builder is not None:  # bound by a forward whose mask no module built: the first that does
+        elif model.owner is None and forward.builder is not None:  # bound by a forward whose mask no module built
             model.owner = weakref.ref(forward.builder)
         layers = getattr(module.config, "num_hidden_layers", None)
         if isinstance(layers, int) and layers != model.plan.shape.num_layers:
