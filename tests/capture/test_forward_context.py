@@ -256,19 +256,20 @@ def test_a_model_whose_forwards_were_all_refused_is_not_the_model_of_the_folder(
 
 
 def test_a_bidirectional_models_window_one_more_than_its_masks_is_recorded():
-    """ModernBERT-style encoders keep flash's window (config.sliding_window + 1) on their modules and build their
+    """ModernBERT-style encoders keep flash's window (one more than their masks') on their modules and build their
     sliding masks with the config's: no edit of the config, recorded as before."""
-    config = tf.UltrabertConfig(
-        vocab_size=96, hidden_size=64, intermediate_size=96, num_attention_heads=4, pad_token_id=0, num_hidden_layers=2,
-        num_key_value_heads=2, head_dim=16, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+    config = tf.ModernBertConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=96, num_attention_heads=4, pad_token_id=0, num_hidden_layers=3,
+        local_attention=4, global_attn_every_n_layers=2, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2,
     )  # fmt: skip
     torch.manual_seed(0)
-    model = tf.UltrabertModel(config).eval()
+    model = tf.ModernBertModel(config).eval()
     model.set_attn_implementation("qk_sniff")
-    assert model.layers[0].self_attn.sliding_window == 5
     with qk_attn.session(sampler="all") as s:
         model(input_ids=_tokens(9))
-    assert s.table().num_rows == 2 * 9 * (4 + 2)  # layers x tokens x (query + key heads)
+    table = s.table()
+    assert table.num_rows == 3 * 9 * (4 + 4)  # layers x tokens x (query + key heads)
+    assert set(table.column("sliding_window").to_pylist()) == {None, model.layers[1].attn.sliding_window}
 
 
 class _Boom(RuntimeError):
