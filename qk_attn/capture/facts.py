@@ -54,7 +54,10 @@ Where the capture code relies on each fact (the module that reads it):
     generation_dispatch            generation_frames._refuse_unknown_decoding (generate()'s locals decoding_method and
                                    custom_generate; GENERATION_MODES_MAPPING names only DECODING_METHODS)
     attention_module_attributes    capture/session: module.layer_idx, module.config,
-                                   module.sliding_window, rope.uses_rope (module.use_rope)
+                                   module.sliding_window, rope.uses_rope (module.use_rope); not a
+                                   fact of its own, held by tests (test_forward_context, test_release_changes):
+                                   a causal module's sliding_window is its sliding masks' local_size, a
+                                   bidirectional one's (module.is_causal False) one more (attention.call_window)
     backward_marker                recorder._not_recorded (torch's, not transformers': a checkpoint's
                                    recompute during backward, by torch._C._current_graph_task_id)
     module_call_hooks              calls: a call's frame in Module._call_impl, run_last's hook order (torch's)
