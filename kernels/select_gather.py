@@ -16,10 +16,12 @@ hash per token per program (N/1024 vector steps of the scan) and buys a determin
 order, a single launch, no zeroed workspace and no host sync.
 Rows in [count, capacity) are filled with row = -1, position = bucket = 0, zero vectors.
 
-Layout of this file: kernel (jit helpers, then `_select_gather_kernel`) -> launcher
-(`gather_rows_triton`). The torch reference lives with the tests (tests/kernel_reference.py).
-This module imports nothing of the package but the sampler's constants: the torch path
-(`qk_attn.capture.gather`) imports it, never the reverse.
+Layout of this file: kernel (`_gather_block`, then `_select_gather_kernel`) -> launcher
+(`gather_rows_triton`). Its jit helpers have modules of their own: the sampler's keep rule
+(`keep_rule`), the storage kinds moved (`storage_kinds`), and Triton or its stand-in
+(`triton_support`). The torch reference lives with the tests (tests/support/kernel_reference.py).
+These modules import nothing of the package but the sampler's constants: the torch path
+(`qk_attn.capture.gather`) imports them, never the reverse.
 
 Interpreter caveats (TRITON_INTERPRET=1, used by the CPU tests): all math is fp32; bf16
 is moved as raw 16-bit patterns (the interpreter truncates fp32->bf16 casts, so the
@@ -30,168 +32,17 @@ block widths are powers of two with masked tails.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
-from qk_attn.sampler import KIND_CODE, MAX_BUCKETS, R_BITS, layer_kind_hash
-
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # the torch path (qk_attn.capture.gather) works without Triton
-
-    class _NoTriton:
-        """Just enough of `triton`/`tl` for this module to import; launching raises."""
-
-        constexpr = staticmethod(lambda value=None: value)
-
-        @staticmethod
-        def jit(fn=None, **_):
-            return fn if fn is not None else (lambda f: f)
-
-    triton = tl = _NoTriton()
-    HAS_TRITON = False
-
-
-def _interpreter_index_on_numpy_2_5():
-    """Triton's interpreter before 3.9 (3.6 seen) reads a scalar's loop bound with `int()` on a
-    one-element array, which NumPy 2.5 refuses ("only 0-dimensional arrays can be converted to
-    Python scalars"), so every `range(runtime size)` in the kernel fails under TRITON_INTERPRET=1.
-    Squeeze first, as Triton 3.9 does; the same value on every version."""
-    if not HAS_TRITON or os.environ.get("TRITON_INTERPRET") != "1":
-        return
-    from triton.runtime import interpreter
-
-    original = getattr(interpreter, "_patch_lang_tensor", None)
-    if original is None or getattr(original, "squeezes_index", False):
-        return
-
-    def patch_lang_tensor(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
-
-    patch_lang_tensor.squeezes_index = True
-    interpreter._patch_lang_tensor = patch_lang_tensor
-
-
-_interpreter_index_on_numpy_2_5()
-
-
-# Sampler strategies and storage kinds, as kernel constants.
-_ALL = tl.constexpr(0)
-_UNIFORM = tl.constexpr(1)
-_LOG_UNIFORM = tl.constexpr(2)
-_STRATEGY = {"all": 0, "uniform": 1, "log_uniform": 2}
-
-_F32 = tl.constexpr(0)
-_F16 = tl.constexpr(1)
-_BF16 = tl.constexpr(2)  # passed as an int16 view: raw bits
-_STORAGE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-
-# The sampler's constants, as the kernel sees them.
-_R_SHIFT = tl.constexpr(32 - R_BITS)  # uniform24 = fmix32(...) >> 8
-_LAST_BUCKET = tl.constexpr(MAX_BUCKETS - 1)  # threshold table index clamp
-
+from qk_attn.kernels.keep_rule import STRATEGY_CODE, bucket_of, keep_bits, row_hash, threshold_table
+from qk_attn.kernels.storage_kinds import STORAGE, as_storage, load_f32, store_f32
+from qk_attn.kernels.triton_support import HAS_TRITON, tl, triton
+from qk_attn.sampler import KIND_CODE, layer_kind_hash
 
 # ======================================================================================
 # kernel
 # ======================================================================================
-
-
-@triton.jit
-def _fmix32(h):
-    """murmur3 fmix32 on uint32 (wrapping multiply, logical shifts) == sampler.fmix32."""
-    h ^= h >> 16
-    h *= 0x85EBCA6B
-    h ^= h >> 13
-    h *= 0xC2B2AE35
-    h ^= h >> 16
-    return h
-
-
-@triton.jit
-def _row_hash(eid_ptr, rb, s_e, layer_kind):
-    """sampler.row_hash for batch row `rb`: both 32-bit halves of the int64 example id."""
-    eid = tl.load(eid_ptr + rb * s_e).to(tl.int64)
-    h = _fmix32(eid.to(tl.uint32) ^ layer_kind)  # low half (int64 -> uint32 truncates)
-    return _fmix32(h ^ (eid >> 32).to(tl.uint32))  # high half
-
-
-@triton.jit
-def _bucket(pos, shift, STRATEGY: tl.constexpr):
-    """sampler.bucket_of on int64 positions (bit_length by the same binary search)."""
-    q = pos >> shift
-    if STRATEGY == _LOG_UNIFORM:
-        bits = tl.zeros_like(q)
-        big = (q >> 32) > 0
-        q = tl.where(big, q >> 32, q)
-        bits += tl.where(big, 32, 0)
-        big = (q >> 16) > 0
-        q = tl.where(big, q >> 16, q)
-        bits += tl.where(big, 16, 0)
-        big = (q >> 8) > 0
-        q = tl.where(big, q >> 8, q)
-        bits += tl.where(big, 8, 0)
-        big = (q >> 4) > 0
-        q = tl.where(big, q >> 4, q)
-        bits += tl.where(big, 4, 0)
-        big = (q >> 2) > 0
-        q = tl.where(big, q >> 2, q)
-        bits += tl.where(big, 2, 0)
-        big = (q >> 1) > 0
-        q = tl.where(big, q >> 1, q)
-        bits += tl.where(big, 1, 0)
-        q = bits + tl.where(q > 0, 1, 0)
-    return q
-
-
-@triton.jit
-def _keep(pos_ptr, s_pb, s_pt, valid_ptr, s_vb, s_vt, rb, t, T, row_h, thr_ptr, threshold, shift,
-          STRATEGY: tl.constexpr):
-    """Keep bits and int64 positions of tokens `t` (a block) of batch row `rb`."""
-    in_row = t < T
-    rb64 = tl.cast(rb, tl.int64)
-    t64 = t.to(tl.int64)
-    pos = tl.load(pos_ptr + rb64 * s_pb + t64 * s_pt, mask=in_row, other=0).to(tl.int64)
-    keep = tl.load(valid_ptr + rb64 * s_vb + t64 * s_vt, mask=in_row, other=0) != 0
-    if STRATEGY != _ALL:
-        r = (_fmix32(row_h ^ pos.to(tl.uint32)) >> _R_SHIFT).to(tl.int32)  # uniform24
-        if STRATEGY == _UNIFORM:
-            keep = keep & (r < threshold)
-        else:
-            bucket = tl.minimum(_bucket(pos, shift, STRATEGY), _LAST_BUCKET)
-            thr = tl.load(thr_ptr + bucket, mask=keep, other=0)
-            keep = keep & (r < thr)
-    return keep, pos
-
-
-@triton.jit
-def _load_f32(ptrs, mask, KIND: tl.constexpr):
-    """Load any storage kind as fp32 (bf16 arrives as int16 bits: widen exactly)."""
-    raw = tl.load(ptrs, mask=mask, other=0)
-    if KIND == _BF16:
-        bits = raw.to(tl.uint16, bitcast=True).to(tl.uint32) << 16
-        value = bits.to(tl.float32, bitcast=True)
-    else:
-        value = raw.to(tl.float32)
-    return value
-
-
-@triton.jit
-def _store_f32(ptrs, value, mask, KIND: tl.constexpr):
-    """Store fp32 as the output kind; bf16: round to nearest even on the bits (torch's rule)."""
-    if KIND == _BF16:
-        bits = value.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        bits = tl.where(value != value, 0x7FC0, bits)  # NaN -> canonical quiet NaN, as c10
-        tl.store(ptrs, bits.to(tl.int16), mask=mask)
-    elif KIND == _F16:
-        tl.store(ptrs, value.to(tl.float16), mask=mask)
-    else:
-        tl.store(ptrs, value, mask=mask)
 
 
 @triton.jit
@@ -208,8 +59,8 @@ def _gather_block(
     d_in = d < D
     for sub in range(0, SCAN // BLOCK_G):
         t = t0 + sub * BLOCK_G + tl.arange(0, BLOCK_G)
-        keep, pos = _keep(pos_ptr, s_pb, s_pt, valid_ptr, s_vb, s_vt, rb, t, T, row_h, thr_ptr, threshold,
-                          shift, STRATEGY)
+        keep, pos = keep_bits(pos_ptr, s_pb, s_pt, valid_ptr, s_vb, s_vt, rb, t, T, row_h, thr_ptr, threshold,
+                              shift, STRATEGY)
         n = tl.sum(keep.to(tl.int32), 0)
         if n > 0:
             dest = base + tl.cumsum(keep.to(tl.int32), 0) - 1
@@ -217,7 +68,7 @@ def _gather_block(
             dest64 = dest.to(tl.int64)
             tl.store(row_ptr + dest64, tl.zeros_like(dest64) + rb, mask=write)
             tl.store(out_pos_ptr + dest64, pos.to(tl.int32), mask=write)
-            tl.store(out_bucket_ptr + dest64, _bucket(pos, shift, STRATEGY).to(tl.int32), mask=write)
+            tl.store(out_bucket_ptr + dest64, bucket_of(pos, shift, STRATEGY).to(tl.int32), mask=write)
             rb64 = tl.cast(rb, tl.int64)
             if HAS_TOKENS:  # the token id of each kept token, by the same selection (exact: ids < 2**24)
                 token_id = tl.load(tok_ptr + rb64 * s_tb + t.to(tl.int64) * s_tt, mask=write, other=0)
@@ -229,8 +80,8 @@ def _gather_block(
             dst = vec_ptr + dest64[:, None] * D + d[None, :]  # (BLOCK_G, BLOCK_D), head 0
             for i in range(0, num_heads):
                 head = tl.load(heads_ptr + i * s_heads).to(tl.int64)
-                y = _load_f32(src_row + head * s_h + d[None, :] * s_d, tile, IN_KIND)
-                _store_f32(dst + tl.cast(i * cap, tl.int64) * D, y, tile, OUT_KIND)
+                y = load_f32(src_row + head * s_h + d[None, :] * s_d, tile, IN_KIND)
+                store_f32(dst + tl.cast(i * cap, tl.int64) * D, y, tile, OUT_KIND)
         base += n
 
 
@@ -270,11 +121,11 @@ def _select_gather_kernel(
     # before the current block, i.e. the output row of its first kept token.
     running = tl.zeros((), dtype=tl.int32)
     for rb in range(0, B):
-        row_h = _row_hash(eid_ptr, rb, s_e, layer_kind)
+        row_h = row_hash(eid_ptr, rb, s_e, layer_kind)
         for blk in range(0, tl.cdiv(T, SCAN)):
             t = blk * SCAN + tl.arange(0, SCAN)
-            keep, _ = _keep(pos_ptr, s_pb, s_pt, valid_ptr, s_vb, s_vt, rb, t, T, row_h, thr_ptr, threshold,
-                            shift, STRATEGY)
+            keep, _ = keep_bits(pos_ptr, s_pb, s_pt, valid_ptr, s_vb, s_vt, rb, t, T, row_h, thr_ptr, threshold,
+                                shift, STRATEGY)
             n = tl.sum(keep.to(tl.int32), 0)
             if (rb == my_row) & (blk >= first) & (blk < first + blocks_per_chunk) & (n > 0):
                 _gather_block(
@@ -304,7 +155,7 @@ def _select_gather_kernel(
         tile = inside[:, None] & (d < D)[None, :]
         zeros = tl.zeros((BLOCK_F, BLOCK_D), tl.float32)
         for i in range(0, num_heads):
-            _store_f32(vec_ptr + (tl.cast(i * cap, tl.int64) + j64[:, None]) * D + d[None, :], zeros, tile, OUT_KIND)
+            store_f32(vec_ptr + (tl.cast(i * cap, tl.int64) + j64[:, None]) * D + d[None, :], zeros, tile, OUT_KIND)
 
 
 # ======================================================================================
@@ -326,32 +177,6 @@ def _target_programs(device: torch.device) -> int:
     if device.type == "cuda":
         return 2 * torch.cuda.get_device_properties(device).multi_processor_count
     return 4
-
-
-_THRESHOLDS: dict = {}
-
-
-def _threshold_table(sampler, device: torch.device) -> torch.Tensor:
-    """The log-uniform threshold table on `device`, uploaded once per (sampler, device).
-
-    The upload is asynchronous from pinned memory (no host sync); the pinned
-    source stays referenced in the cache so the copy can never read freed memory.
-    """
-    key = (sampler.strategy, sampler.min_bucket_size, sampler.base_rate, str(device))
-    if key not in _THRESHOLDS:
-        host = torch.tensor(sampler.thresholds(), dtype=torch.int32)
-        if device.type == "cuda":
-            host = host.pin_memory()
-        _THRESHOLDS[key] = (host, host.to(device, non_blocking=True))
-    return _THRESHOLDS[key][1]
-
-
-def _storage(t: torch.Tensor, what: str) -> tuple[torch.Tensor, int]:
-    """(tensor as the kernel reads it, storage kind): bf16 travels as int16 bits."""
-    if t.dtype not in _STORAGE:
-        raise ValueError(f"{what} has dtype {t.dtype}; the kernel takes float32, float16 or bfloat16")
-    kind = _STORAGE[t.dtype]
-    return (t.view(torch.int16) if kind == 2 else t), kind
 
 
 def gather_rows_triton(
@@ -397,7 +222,7 @@ def gather_rows_triton(
                          f"{tuple(valid.shape)} {valid.dtype}")
     if spec.kind not in KIND_CODE:
         raise ValueError(f"kind={spec.kind!r} is invalid: expected 'q' or 'k'")
-    if out_dtype not in _STORAGE:
+    if out_dtype not in STORAGE:
         raise ValueError(f"out_dtype={out_dtype} is invalid: expected float32, float16 or bfloat16")
 
     device = states.device
@@ -412,7 +237,7 @@ def gather_rows_triton(
     B, _, _, D = states.shape
     T = positions.shape[1]
     Hs = heads.shape[0]
-    states_k, in_kind = _storage(states, "states")
+    states_k, in_kind = as_storage(states, "states")
 
     if out is None:
         out = (
@@ -433,9 +258,9 @@ def gather_rows_triton(
         token_ids, token_out, tok_strides = positions, row, (0, 0)  # unused pointers
     vectors_k = vectors.view(torch.int16) if out_dtype == torch.bfloat16 else vectors
 
-    strategy = _STRATEGY[sampler.strategy]
+    strategy = STRATEGY_CODE[sampler.strategy]
     thresholds = sampler.thresholds()
-    table = _threshold_table(sampler, device) if strategy == 2 else positions  # unused pointer otherwise
+    table = threshold_table(sampler, device) if strategy == 2 else positions  # unused pointer otherwise
     lk = layer_kind_hash(sampler.seed, spec.layer, spec.kind)
     lk = lk - (1 << 32) if lk >= 1 << 31 else lk  # same 32 bits, always typed int32
 
@@ -465,7 +290,7 @@ def gather_rows_triton(
         token_ids, *tok_strides,
         count, row, position, bucket, vectors_k, token_out,
         B, T, D, capacity, chunks_per_row, blocks_per_chunk,
-        STRATEGY=strategy, OFFSET_FROM_PTR=offset_from_ptr, IN_KIND=in_kind, OUT_KIND=_STORAGE[out_dtype],
+        STRATEGY=strategy, OFFSET_FROM_PTR=offset_from_ptr, IN_KIND=in_kind, OUT_KIND=STORAGE[out_dtype],
         HAS_TOKENS=has_tokens, SCAN=scan, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_F=block_g,
         num_warps=_NUM_WARPS,
         enable_fp_fusion=False,  # no FMA contraction: values are only moved and cast

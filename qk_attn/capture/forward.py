@@ -12,7 +12,8 @@ its own (positions and identity: docs/architecture.md):
     attention_mask     the 2-D (B, q_offset + q_length) padding mask, or None
 
 Every attention call of that forward looks its `ForwardContext` up (by the model's config)
-instead of guessing from layer order or mask shapes.
+instead of guessing from layer order or mask shapes. Its new tokens are built by
+`qk_attn.capture.forward_tokens`, once per forward and device.
 """
 
 from __future__ import annotations
@@ -24,17 +25,10 @@ import weakref
 import torch
 
 from qk_attn.capture.decisions import DECODE_TOKENS, Decisions, decide
+from qk_attn.capture.forward_tokens import text_tokens
 from qk_attn.capture.frames import cache_of, encloses_this_call, renumbered_positions, running_in
-from qk_attn.capture.tokens import (
-    POSITION_LIMIT,
-    HostMirror,
-    TextTokens,
-    check_position_source,
-    host_rows,
-    host_text_tokens,
-    misnumbered_rows,
-)
-from qk_attn.errors import CaptureError, MisnumberedPositions
+from qk_attn.capture.tokens import HostMirror, TextTokens, check_position_source
+from qk_attn.errors import CaptureError
 
 _serials = itertools.count()  # ForwardContext.serial: never reused, unlike id()
 
@@ -227,7 +221,7 @@ class ForwardContext:
                     builds_on_host(device),
                     self.numbers_positions,
                 )
-            tokens = self._text_tokens(position_ids, device)
+            tokens = text_tokens(self, position_ids, device, builds_on_host(device))
             if departing is not None:
                 tokens = tokens._replace(misnumbered=tokens.misnumbered | departing.to(tokens.misnumbered.device))
             if length != self.num_new:
@@ -270,99 +264,6 @@ class ForwardContext:
         if self._mirror is None:
             self._mirror = HostMirror(tokens)
         return self._mirror.tokens()
-
-    def _text_tokens(self, position_ids, device) -> TextTokens:
-        """The tokens on `device`, their rows' positions checked (`misnumbered_rows`): on the host at
-        once, on a device by the sink with the rows; and where the sequence's next forward continues."""
-        expected = self.continues_from
-        unknown = -1 if expected is None else expected  # where a row has no tokens here
-        if builds_on_host(device):
-            if isinstance(expected, torch.Tensor):  # made on a device (a forward split over devices)
-                expected = expected.tolist()
-            tokens, (counts, firsts, misnumbered) = self._host_tokens(position_ids, expected)
-            if True in misnumbered:
-                self._refuse_misnumbered(tokens, expected)
-            before = [-1] * self.batch_size if expected is None else expected
-            after = [first + count if count else at for count, first, at in zip(counts, firsts, before)]
-        else:
-            if expected is not None:
-                expected = unknown = torch.as_tensor(expected).to(device, non_blocking=True)
-            tokens = self._device_tokens(position_ids, device, expected)
-            after = torch.where(tokens.valid_count > 0, tokens.first_position + tokens.valid_count, unknown)
-        if self.sequence is not None:
-            self.sequence.next_position = after
-        return tokens
-
-    def _refuse_misnumbered(self, tokens: TextTokens, expected) -> None:
-        """Raise MisnumberedPositions for host tokens, saying what the first such row holds."""
-        rows = tokens.misnumbered.nonzero()[:, 0].tolist()
-        row, example = rows[0], self.example_ids[rows[0]]
-        positions = tokens.positions[row][tokens.valid[row]].tolist()
-        if positions[0] < 0 or positions[-1] >= POSITION_LIMIT:
-            counts_up = positions == list(range(positions[0], positions[0] + len(positions)))
-            if counts_up and len(rows) == 1 and (expected is None or expected[row] in (-1, positions[0])):
-                raise MisnumberedPositions.out_of_range(example, positions[0], positions[-1])  # the range alone
-            seen = f"example {example} is at positions {positions[0]} to {positions[-1]}"
-        elif expected is not None and 0 <= expected[row] != positions[0]:
-            seen = (
-                f"example {example} goes on at position {positions[0]} after its previous token at {expected[row] - 1}"
-            )
-        else:
-            i = next(i for i, p in enumerate(positions) if p != positions[0] + i)
-            seen = f"example {example} goes from position {positions[i - 1]} to {positions[i]}"
-        raise MisnumberedPositions.of([self.example_ids[i] for i in rows], seen)
-
-    def _host_tokens(self, position_ids, expected=None) -> tuple[TextTokens, tuple]:
-        """`_device_tokens` on the CPU, its per-row columns made in Python (`host_rows`, also returned): the
-        same values and dtypes (tests/capture/test_forward_context.py). `expected`: a list, or None."""
-        batch, num_new = self.batch_size, self.num_new
-        if self.attention_mask is None:
-            valid = [[True] * num_new for _ in range(batch)]
-        else:
-            valid = self.attention_mask[:, -num_new:].bool().tolist()
-        if self.alive is not None:
-            valid = [row if alive else [False] * num_new for row, alive in zip(valid, self.alive.bool().tolist())]
-        if position_ids is None:
-            positions = torch.arange(self.past, self.past + num_new)
-        else:
-            positions = position_ids[0] if position_ids.dim() == 3 else position_ids
-        if positions.dtype is not torch.int64 or positions.device.type != "cpu":
-            positions = positions.to(device="cpu", dtype=torch.int64)
-        positions = positions.expand(batch, num_new)
-        ids = self.input_ids
-        token_ids = None
-        if ids is not None and ids.shape == (batch, num_new):
-            token_ids = ids.to(device="cpu", dtype=torch.float32).reshape(batch, 1, num_new, 1)
-        rows = host_rows(positions.tolist(), valid, expected)
-        return host_text_tokens(positions, valid, token_ids, rows), rows
-
-    def _device_tokens(self, position_ids, device, expected=None) -> TextTokens:
-        batch, num_new = self.batch_size, self.num_new
-        # Validity: the 2-D mask's last T columns are the new tokens.
-        if self.attention_mask is None:
-            valid = torch.ones(batch, num_new, dtype=torch.bool, device=device)
-        else:
-            valid = self.attention_mask[:, -num_new:].to(device=device, dtype=torch.bool)
-        if self.alive is not None:  # rows of a batched generate() that finished before this step
-            valid = valid & self.alive.to(device=device, dtype=torch.bool)[:, None]
-        # Positions RoPE used: the call's position_ids (text axis of mrope), else the cache
-        # positions, which is what transformers uses when no position_ids are given.
-        if position_ids is None:
-            positions = torch.arange(self.past, self.past + num_new, device=device)
-        else:
-            positions = position_ids[0] if position_ids.dim() == 3 else position_ids
-        positions = positions.to(device=device, dtype=torch.int64).expand(batch, num_new)
-        # Token ids shaped like attention states (B, 1, T, 1) so that the same selection gathers
-        # them; float32 is exact for vocabulary ids (far below 2**24).
-        ids = self.input_ids
-        token_ids = None
-        if ids is not None and ids.shape == (batch, num_new):
-            token_ids = ids.to(device=device, dtype=torch.float32)[:, None, :, None]
-        first = positions.masked_fill(~valid, torch.iinfo(torch.int64).max).amin(1)
-        valid_count = valid.sum(1)
-        # Checked on the host with the rows, so no sync here.
-        misnumbered = misnumbered_rows(positions, valid, valid_count, first, expected)
-        return TextTokens(positions, valid, valid_count, first, misnumbered, token_ids)
 
 
 def builds_on_host(device: torch.device) -> bool:

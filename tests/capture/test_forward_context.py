@@ -655,15 +655,16 @@ def test_host_tokens_equal_the_torch_path(mask, alive, position_ids, ids, expect
     """On the CPU a forward's per-row columns are made in Python: the same values, dtypes and shapes as in torch,
     the check of their positions against where the sequence's earlier forwards ended included."""
     from qk_attn.capture.forward import ForwardContext
+    from qk_attn.capture.forward_tokens import device_tokens, host_tokens
 
     batch = 1 if mask is None else mask.shape[0]
     num_new = 1 if position_ids is None else position_ids.shape[-1]
     forward = ForwardContext(None, batch, num_new, 3, mask, ids, position_ids)
     forward.alive = alive
-    first = forward._device_tokens(position_ids, torch.device("cpu")).first_position
+    first = device_tokens(forward, position_ids, torch.device("cpu")).first_position
     after = {"none": None, "continues": first, "unknown": torch.full_like(first, -1), "skips": first + 1}[expected]
-    host, _ = forward._host_tokens(position_ids, None if after is None else after.tolist())
-    reference = forward._device_tokens(position_ids, torch.device("cpu"), after)
+    host, _ = host_tokens(forward, position_ids, None if after is None else after.tolist())
+    reference = device_tokens(forward, position_ids, torch.device("cpu"), after)
     if expected == "skips":  # every row with a real token starts one before where it should
         assert reference.misnumbered.tolist() == (reference.valid_count > 0).tolist()
     for name, got, want in zip(reference._fields, host, reference):
@@ -680,6 +681,7 @@ def test_host_tokens_equal_the_torch_path_on_random_rows(seed):
     padding, finished rows, positions that repeat, skip, go negative or past int32, a previous forward
     that ended elsewhere."""
     from qk_attn.capture.forward import ForwardContext
+    from qk_attn.capture.forward_tokens import device_tokens, host_tokens
 
     generator = torch.Generator().manual_seed(seed)
     batch, num_new = (int(n) for n in torch.randint(1, 5, (2,), generator=generator))
@@ -694,8 +696,8 @@ def test_host_tokens_equal_the_torch_path_on_random_rows(seed):
     forward = ForwardContext(None, batch, num_new, 2, mask, None, positions)
     forward.alive = (torch.rand(batch, generator=generator) < 0.8).long() if seed % 2 else None
     expected = torch.randint(-1, 7, (batch,), generator=generator) if seed % 4 else None
-    host, rows = forward._host_tokens(positions, None if expected is None else expected.tolist())
-    reference = forward._device_tokens(positions, torch.device("cpu"), expected)
+    host, rows = host_tokens(forward, positions, None if expected is None else expected.tolist())
+    reference = device_tokens(forward, positions, torch.device("cpu"), expected)
     for name, got, want in zip(reference._fields, host, reference):
         if want is not None:
             assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want), name
