@@ -51,13 +51,13 @@ class ModuleBinder:
 
     def _model(self, module, forward, layer: int, query, key) -> ModelBinding:
         model = self._models.get(id(module.config))
-        if model is None or model.config is not module.config:
+        if model is None or model.config() is not module.config:
             if self._models and self.sink.one_model:
                 self._refuse_second_model(module)
             plan = HeadPlan.build(self.config, ModelShape.from_module(module, query, key))
             model = self._models[id(module.config)] = ModelBinding(module.config, plan)
             if forward.builder is not None:
-                model.owner = weakref.ref(forward.builder)
+                model.own(forward.builder)
             self._bindings += 1
             self.sink.bind_model(module.config, plan)
             if query.dtype == torch.float64:
@@ -71,7 +71,7 @@ class ModuleBinder:
             if owner is None or not contains(owner, module):
                 self._refuse_second_model(module)  # another model built on the same config object
         elif model.owner is None and forward.builder is not None:  # bound by a forward whose mask no module built
-            model.owner = weakref.ref(forward.builder)
+            model.own(forward.builder)
         layers = getattr(module.config, "num_hidden_layers", None)
         if isinstance(layers, int) and layers != model.plan.shape.num_layers:
             raise CaptureError(

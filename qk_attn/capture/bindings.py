@@ -14,10 +14,11 @@ from qk_attn.capture.staging import StagingBuffer
 
 
 class ModelBinding:
-    """Per model in a session: its config, head plan and staging buffers."""
+    """Per model in a session: its config (weakly: a sweep over many models in one session keeps none of
+    them), head plan and staging buffers."""
 
     def __init__(self, config, plan: HeadPlan):
-        self.config = config
+        self.config = weakref.ref(config)
         self.plan = plan
         # What each layer's attention ran in at its first call, and that forward's serial: a forward that
         # is discarded takes its entries with it (`Session._discard`), so its dtype binds nothing.
@@ -29,6 +30,12 @@ class ModelBinding:
         # The module that built its first recorded forward's mask: in a session holding one model's dataset, an
         # attention module outside it is another model's, even one built on the same config object.
         self.owner: weakref.ref | None = None
+
+    def own(self, builder) -> None:
+        """Set the owner; when it goes, its staging buffers go with it (device memory a session that
+        outlives the model would otherwise keep; a forward still handing off holds its own views)."""
+        self.owner = weakref.ref(builder)
+        weakref.finalize(builder, self.buffers.clear)
 
 
 class ModuleBinding:

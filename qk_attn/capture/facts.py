@@ -1,6 +1,6 @@
 """What qk-attn assumes about transformers' internals: each assumption a named fact (FACTS).
 
-Checked by tests/test_transformers_facts.py on the installed transformers, and by `require()` at
+Checked by tests/capture/test_transformers_facts.py on the installed transformers, and by `require()` at
 a session's first forward:
 
 FACTS are the internal facts the capture relies on (registries, mask and attention function

@@ -37,9 +37,16 @@ class ForwardEnds:
             entry.finished = True
             self._refuse_unattended(entry)  # as `_retire` does for a model's first forward
             self._hand_off(entry)
-            del self._forwards[id(config)]
-            cache = None if entry.cache is None else weakref.ref(entry.cache)
-            self._ended[id(config)] = (entry.serial, entry.thread, entry.example_ids, cache)  # (`on_call_raised`)
+            self._let_go(entry)
+
+    def _let_go(self, forward: ForwardContext) -> None:
+        """The forward is over: it is no model's current forward any more, so the session keeps nothing of
+        its model (the forward holds its decoder stack and cache); `_ended` keeps what `on_call_raised` reads."""
+        key = id(forward.config)
+        if self._forwards.get(key) is forward:
+            del self._forwards[key]
+        cache = None if forward.cache is None else weakref.ref(forward.cache)
+        self._ended[key] = (forward.serial, forward.thread, forward.example_ids, cache)
 
     def on_layers_done(self, config) -> None:
         """The last decoder layer of a forward whose stack's own end is not reported (its first) returned:
@@ -153,6 +160,7 @@ class ForwardEnds:
                 self._retire(forward)
             except BaseException as error:  # noqa: BLE001 - raised below, once every forward is over
                 failure = failure or error
+            self._let_go(forward)  # (a model's first forward, whose end its stack does not report)
         self._end_forward()
         if failure is not None:
             raise failure

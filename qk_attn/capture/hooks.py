@@ -71,13 +71,28 @@ def _noting_context(mask_fn, *args, _callers=None, **kwargs):
         # Before binding the arguments: a release that renamed one is named as the broken fact
         # (mask_call_keywords), not a TypeError. Capture off, the model runs as its backend would.
         session.require_facts()
+        if args:  # (which value is which would be guessed from a signature the caller may not share)
+            raise CaptureError(
+                f"qk_sniff: a mask function was called with {len(args)} positional argument(s); qk-attn reads the "
+                "mask arguments by keyword, as transformers passes them (fact mask_call_keywords): not recorded"
+            )
         callers = _callers if _callers is not None else method_frames(sys._getframe(0))
-        _note(session, mask_fn, callers, *args, **kwargs)
+        _note(session, mask_fn, callers, **kwargs)
     return mask_fn(*args, **kwargs)
 
 
 def _note(
-    session, mask_fn, callers, batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kwargs
+    session,
+    mask_fn,
+    callers,
+    *,
+    batch_size,
+    q_length,
+    kv_length,
+    q_offset=0,
+    kv_offset=0,
+    attention_mask=None,
+    **kwargs,
 ) -> None:
     """The forward's capture context, from the mask function's arguments (fact mask_call_keywords)."""
     config = kwargs.get("config")

@@ -3,7 +3,7 @@ implementation's name (transformers 5.17 to 5.25, constraints/range.txt between)
 Branch -> handling text.
 
 qk_attn.capture.name_branches finds the branches in the installed source and follows or refuses
-them at run time; tests/test_transformers_facts.py checks that every branch found is in this
+them at run time; tests/capture/test_transformers_facts.py checks that every branch found is in this
 table, and that the branches said ALIKE are alike.
 """
 

@@ -4,7 +4,7 @@ class, at its first call (remote code that borrows a transformers config class l
 than the config's modeling file), and in the files of the functions "qk_sniff" hands the call to: the
 wrapped backend's attention (integrations/sdpa_attention.py) and mask (masking_utils.py, with the mask
 builders), where a release may branch on the name too; and, once per process, transformers' files that
-every model runs through (generation/utils.py, modeling_utils.py, utils/generic.py: CORE_MODULES):
+every model runs through (generation/utils.py, modeling_utils.py, modeling_layers.py, ...: CORE_MODULES):
 
 - every branch on the attention implementation's name is one qk_attn.capture.known_branches says
   how to handle, or has the same value for "qk_sniff" as for the backends it wraps;
@@ -56,7 +56,18 @@ def check_modeling_file(config) -> None:
 # transformers' own files whose name branches every model runs through (generate()'s input preparation,
 # loading, output handling): checked at run time as a model's file is, so that a release the suite has
 # not run cannot make "qk_sniff" take another path than its backend. About 0.6 s once per process.
-CORE_MODULES = ("transformers.generation.utils", "transformers.modeling_utils", "transformers.utils.generic")
+# Also the files under every model's classes (its decoder layers' base in modeling_layers, its config's,
+# cache's and RoPE's): a branch there changes a forward as much as one in the model's own file.
+CORE_MODULES = (
+    "transformers.generation.utils",
+    "transformers.modeling_utils",
+    "transformers.utils.generic",
+    "transformers.modeling_layers",
+    "transformers.configuration_utils",
+    "transformers.cache_utils",
+    "transformers.modeling_rope_utils",
+    "transformers.integrations.hub_kernels",
+)
 CORE_CLASSES = (
     ("transformers.generation.utils", "GenerationMixin"),
     ("transformers.modeling_utils", "PreTrainedModel"),

@@ -2,7 +2,7 @@
 take the wrapped backend's branch there (or refuses the model).
 
 `name_branches()` finds the branches in the installed source (ast), so a new or changed branch
-is noticed by tests/test_transformers_facts.py; NAME_BRANCHES (qk_attn.capture.known_branches)
+is noticed by tests/capture/test_transformers_facts.py; NAME_BRANCHES (qk_attn.capture.known_branches)
 says, for each, why it is harmless, which followed method takes the wrapped backend's path
 (`follow_wrapped_backend`), or why the model is refused.
 """

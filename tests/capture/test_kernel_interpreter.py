@@ -400,3 +400,30 @@ def test_two_models_in_one_session_stage_into_buffers_of_their_own():
 
     alone, both = rows(["A"]), rows(["A", "B"])
     assert_same_rows({key: v for key, v in both.items() if key[0] < 2}, alone)
+
+
+def test_a_dropped_models_staging_buffer_goes_with_it(monkeypatch):
+    """A session outliving its models (a sweep in one in-memory session) keeps none of their staging
+    buffers, device memory on a GPU: a model's buffer goes when the model does."""
+    import gc
+    import weakref
+
+    from qk_attn.capture.staging import StagingBuffer
+    from support.models import build, padded_batch
+
+    made, init = [], StagingBuffer.__init__
+    monkeypatch.setattr(
+        StagingBuffer, "__init__", lambda self, device: made.append(weakref.ref(self)) or init(self, device)
+    )
+    batch = padded_batch("left", lengths=(12, 9))
+    with torch.inference_mode(), qk_attn.session(sampler="all") as s:
+        for example in range(2):
+            model = build("llama3", "qk_sniff", seed=example)
+            s.begin([2 * example, 2 * example + 1])
+            model(**batch)
+            s.commit()
+            assert made and made[-1]() is not None
+            del model
+            gc.collect()
+            assert [ref() for ref in made] == [None] * len(made), "a dropped model's staging buffer is kept"
+        assert s.table().num_rows > 0

@@ -739,3 +739,23 @@ def test_a_window_on_a_layer_not_recorded_does_not_refuse_the_forward():
     with qk_attn.session(sampler="all", layers="0") as s:
         model(**padded_batch("right"))
     assert set(s.table().column("layer").to_pylist()) == {0}
+
+
+def test_a_mask_function_called_positionally_is_refused_in_one_line_and_the_next_forward_records():
+    """A model file calling the registered mask function itself, positionally (as sdpa_mask's parameters
+    come): a 45-line TypeError from qk-attn's own function, and six arguments would bind the mask
+    function as the padding mask."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
+
+    model = build("llama3", "qk_sniff")
+    mask = ALL_MASK_ATTENTION_FUNCTIONS["qk_sniff"]
+    with torch.no_grad(), qk_attn.session(sampler="all", layers="0", heads="0", capture="q") as s:
+        for args in [(1, 6, 6, 0, 0, causal_mask_function, None), (1, 6, 6, 0, 0, causal_mask_function)]:
+            with pytest.raises(CaptureError, match=rf"^[^\n]*called with {len(args)} positional argument\(s\)[^\n]*$"):
+                mask(*args, config=model.config)
+        s.begin([4])
+        model(input_ids=torch.arange(3, 9)[None])
+        s.commit()
+        table = s.table().to_pydict()
+    assert table["example_id"] == [4] * 6 and sorted(table["position"]) == list(range(6))
+    mask(1, 6, 6, 0, 0, causal_mask_function)  # capture off: the backend's mask, however it is called

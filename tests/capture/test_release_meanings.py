@@ -201,6 +201,27 @@ def test_a_name_branch_in_generation_utils_is_refused_at_run_time(how, fresh_cor
         model.generate(input_ids=torch.arange(3, 9)[None], max_new_tokens=2, do_sample=False, pad_token_id=0)
 
 
+LAYER_BRANCH = (  # a method of GradientCheckpointingLayer
+    "    gradient_checkpointing = False\n",
+    "    gradient_checkpointing = False\n\n"
+    "    def _inputs(self, kwargs):\n"
+    "        if self.config._attn_implementation == 'sdpa':\n"
+    "            kwargs['position_embeddings'] = None  # (a path only sdpa takes)\n",
+)
+
+
+def test_a_name_branch_in_the_decoder_layers_base_class_is_refused_at_run_time(fresh_core_check, tmp_path, monkeypatch):
+    """modeling_layers.py (GradientCheckpointingLayer, the base of every decoder layer) was not read at run
+    time: a branch there made "qk_sniff" compute other logits than sdpa, recorded without a refusal."""
+    from transformers import modeling_layers
+
+    edit_file(modeling_layers, [LAYER_BRANCH], tmp_path, monkeypatch)
+    monkeypatch.setattr(modeling_checks, "transformers_root", lambda: tmp_path)
+    model = build("llama3", "qk_sniff")
+    with pytest.raises(CaptureError, match=r"modeling_layers.py line \d+ branches on the attention implementation"):
+        model(input_ids=torch.arange(3, 9)[None])
+
+
 # ---- transformers outside the range: the facts first ---------------------------------------------
 
 

@@ -5,7 +5,9 @@ forwards in two threads that record into two sessions."""
 
 from __future__ import annotations
 
+import gc
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -685,3 +687,27 @@ def test_a_closed_session_kept_for_its_table_does_not_keep_the_models_it_recorde
     gc.collect()
     assert gone() is None
     assert s.table().num_rows > 0
+
+
+@pytest.mark.parametrize("forwards", [1, 3])
+def test_a_session_keeps_nothing_of_a_model_the_caller_dropped(forwards):
+    """A sweep over models in one session: once the caller drops a model, its weights and config go,
+    whether its last forward's end was reported by its decoder stack or (a model's first forward)
+    found at its final norm. The next model records as if it were the first."""
+    with qk_attn.session(**SMALL) as s:
+        model = build("llama3", "qk_sniff")
+        for example in range(forwards):
+            s.begin([example])
+            model(PROMPT)
+            s.commit()
+        weight, config = weakref.ref(model.model.layers[0].self_attn.q_proj.weight), weakref.ref(model.config)
+        del model
+        gc.collect()
+        assert weight() is None, "the session keeps the dropped model's weights"
+        assert config() is None, "the session keeps the dropped model's config"
+        s.begin([9])
+        build("llama3", "qk_sniff", seed=1)(PROMPT)
+        s.commit()
+        examples = s.table().column("example_id").to_pylist()
+    assert sorted(set(examples)) == [*range(forwards), 9]
+    assert examples.count(9) == PROMPT.shape[1]
