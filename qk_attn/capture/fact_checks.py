@@ -16,6 +16,7 @@ import sys
 import textwrap
 
 from qk_attn.capture.parsing import class_source, parse
+from qk_attn.capture.rotary_positions import hands_position_ids, rotary_calls
 
 NAME = "qk_sniff"
 
@@ -277,13 +278,7 @@ def model_forward_locals() -> str | None:
 def _rotates_by_position_ids(forward) -> bool:
     """`forward` hands its own `position_ids` local, as it is, to `self.rotary_emb`: the positions RoPE
     uses are the ones frames.model_forward reads."""
-    tree = parse(textwrap.dedent(inspect.getsource(forward)))
-    return any(
-        isinstance(node, ast.Call)
-        and ast.unparse(node.func) == "self.rotary_emb"
-        and any(ast.unparse(a) == "position_ids" for a in (*node.args, *(k.value for k in node.keywords)))
-        for node in ast.walk(tree)
-    )
+    return any(hands_position_ids(call) for call in rotary_calls(inspect.getsource(forward)))
 
 
 def init_sets(cls) -> set[str]:

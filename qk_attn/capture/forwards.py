@@ -27,6 +27,7 @@ from qk_attn.capture.frames import (
 from qk_attn.capture.generation_frames import refuse_unrecordable_generation
 from qk_attn.capture.hooks import refuse_concurrent, watch_forward
 from qk_attn.capture.mask_checks import refuse_mask_shape, refuse_other_padding
+from qk_attn.capture.rotary_positions import refuse_other_rotary_positions
 from qk_attn.capture.staging import OffsetCheck
 from qk_attn.errors import CaptureError
 
@@ -83,6 +84,7 @@ class ForwardTracker(ForwardEnds):
             watch_call(caller.outermost, config)
         try:
             generation = refuse_unrecordable_generation(callers, caller.module)
+            refuse_other_rotary_positions(caller.code)
             watch_cache_class(caller.cache)
             refuse_rounding_cache(caller.cache)
         except CaptureError:

@@ -4,6 +4,7 @@ wrong: each case edits transformers' own source as such a release would (support
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 
 import pytest
@@ -759,3 +760,29 @@ def test_a_mask_function_called_positionally_is_refused_in_one_line_and_the_next
         table = s.table().to_pydict()
     assert table["example_id"] == [4] * 6 and sorted(table["position"]) == list(range(6))
     mask(1, 6, 6, 0, 0, causal_mask_function)  # capture off: the backend's mask, however it is called
+
+
+@pytest.mark.parametrize("positions", ["position_ids + 3", "rope_ids"])
+def test_a_model_forward_rotating_by_other_positions_than_its_position_ids_is_refused(positions, tmp_path, monkeypatch):
+    """Rows are keyed by the mask-building forward's position_ids local. A model outside the seeds whose
+    forward rotates by other positions (shifted, or numbered into another local) was recorded keyed by
+    position_ids, every row off, with no error: fact model_forward_locals reads the seed models only."""
+    import transformers.models.mistral.modeling_mistral as modeling_mistral
+
+    call = "self.rotary_emb(hidden_states, position_ids=position_ids)"
+    new = f"self.rotary_emb(hidden_states, position_ids={positions})"
+    prefix = "rope_ids = position_ids + 3\n    " if positions == "rope_ids" else ""
+    edits = [("@auto_docstring\n", ""), (f"position_embeddings = {call}", prefix + f"position_embeddings = {new}")]
+    redefine(modeling_mistral.MistralModel, "forward", edits, tmp_path, monkeypatch)  # (auto_docstring: on classes)
+    torch.manual_seed(0)
+    model = tf.MistralForCausalLM(tf.MistralConfig(**COMMON, sliding_window=None)).eval()
+    model.set_attn_implementation("qk_sniff")
+    with torch.no_grad(), qk_attn.session(sampler="all", layers="0", heads="0", capture="q") as s:
+        with pytest.raises(CaptureError, match=rf"^qk_sniff: [^\n]*calls self.rotary_emb with [^\n]*{re.escape(positions)}"):
+            model(input_ids=torch.arange(3, 9)[None])
+        monkeypatch.undo()  # the released forward again: recorded at the positions RoPE used
+        s.begin([4])
+        model(input_ids=torch.arange(3, 9)[None])
+        s.commit()
+        table = s.table().to_pydict()
+    assert table["example_id"] == [4] * 6 and sorted(table["position"]) == list(range(6))
