@@ -778,7 +778,9 @@ def test_a_model_forward_rotating_by_other_positions_than_its_position_ids_is_re
     model = tf.MistralForCausalLM(tf.MistralConfig(**COMMON, sliding_window=None)).eval()
     model.set_attn_implementation("qk_sniff")
     with torch.no_grad(), qk_attn.session(sampler="all", layers="0", heads="0", capture="q") as s:
-        with pytest.raises(CaptureError, match=rf"^qk_sniff: [^\n]*calls self.rotary_emb with [^\n]*{re.escape(positions)}"):
+        with pytest.raises(
+            CaptureError, match=rf"^qk_sniff: [^\n]*calls self.rotary_emb with [^\n]*{re.escape(positions)}"
+        ):
             model(input_ids=torch.arange(3, 9)[None])
         monkeypatch.undo()  # the released forward again: recorded at the positions RoPE used
         s.begin([4])
