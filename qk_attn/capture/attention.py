@@ -224,11 +224,19 @@ def check_shapes(forward, layer: int, query_shape: torch.Size, key_shape: torch.
     if not 0 < num_queries <= forward.num_new:
         raise CaptureError(
             f"qk_sniff: layer {layer} got {num_queries} queries in a forward of {forward.num_new} "
-            "new tokens; not recorded"
+            f"new tokens{_tokens_second(query_shape, forward.num_new)}; not recorded"
         )
     if not cross and key_shape[2] < forward.num_new:
         raise CaptureError(
             f"qk_sniff: layer {layer} got {key_shape[2]} keys in a forward of {forward.num_new} new "
-            "tokens; not recorded"
+            f"tokens{_tokens_second(key_shape, forward.num_new)}; not recorded"
         )
     return num_queries
+
+
+def _tokens_second(shape: torch.Size, num_new: int) -> str:
+    """What a refused shape says when its axis 1 holds the tokens: states laid out (batch, tokens, heads,
+    head_dim), where qk-attn reads (batch, heads, tokens, head_dim) as transformers' backends do."""
+    if shape[1] != num_new:
+        return ""
+    return f" (a {tuple(shape)} tensor: tokens on axis 1, not (batch, heads, tokens, head_dim))"

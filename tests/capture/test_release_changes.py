@@ -788,3 +788,20 @@ def test_a_model_forward_rotating_by_other_positions_than_its_position_ids_is_re
         s.commit()
         table = s.table().to_pydict()
     assert table["example_id"] == [4] * 6 and sorted(table["position"]) == list(range(6))
+
+
+@pytest.mark.parametrize("tokens", [3, 6])
+def test_states_handed_over_tokens_first_are_refused_naming_the_layout(tokens, tmp_path, monkeypatch):
+    """A model that hands attention (batch, tokens, heads, head_dim) states was told it "got 4 queries in a
+    forward of 3 new tokens": the refusal now names the layout."""
+    import transformers.models.mistral.modeling_mistral as modeling_mistral
+
+    states = "query_states, key_states, value_states"
+    swap = f"{states} = (s.transpose(1, 2) for s in ({states}))\n    "
+    edit = ("attention_interface: Callable", swap + "attention_interface: Callable")
+    redefine(modeling_mistral.MistralAttention, "forward", [edit], tmp_path, monkeypatch)
+    model = tf.MistralForCausalLM(tf.MistralConfig(**dict(COMMON, num_key_value_heads=4), sliding_window=None)).eval()
+    model.set_attn_implementation("qk_sniff")
+    layout = rf"\(1, {tokens}, 4, \d+\) tensor: tokens on axis 1, not \(batch, heads, tokens, head_dim\)"
+    with torch.no_grad(), qk_attn.session(sampler="all"), pytest.raises(CaptureError, match=layout):
+        model(input_ids=torch.arange(3, 3 + tokens)[None])
