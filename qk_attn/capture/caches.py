@@ -48,6 +48,7 @@ _moves: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> time
 _moved = 0  # moves of any cache's or layer's rows in this process: row_moves reads nothing while it is 0
 _resets: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> times it was reset
 _rollbacks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> its Rollback
+_vision: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> its resets when a forward gave it images
 
 
 class Rollback:
@@ -88,6 +89,20 @@ def row_moves(cache) -> int:
 def resets(cache) -> int:
     """How many times `cache` was reset (0 for None)."""
     return 0 if cache is None else _resets.get(cache, 0)
+
+
+def note_vision(cache) -> None:
+    """A forward with images (or vision states) ran on `cache`: its cross-attention layers hold them
+    until it is reset."""
+    if cache is not None:
+        _vision[cache] = resets(cache)
+
+
+def holds_vision(cache) -> bool:
+    """Whether a forward with images ran on `cache` since its last reset. A static cache initialised
+    early holds zeros in its cross-attention layers, which Mllama attends over as if an image were
+    there (transformers 5.25); those keys belong to no token."""
+    return cache is not None and _vision.get(cache) == resets(cache)
 
 
 def watch_row_moves() -> None:

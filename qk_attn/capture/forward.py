@@ -93,6 +93,7 @@ class ForwardContext:
         self.sequence = None  # the session's sequence this forward extends
         self.unfinished = None  # generate()'s (B,) unfinished_sequences at this step (device), if any
         self.decode_step = False  # a step of generate()'s decoding loop (not its prefill)
+        self.images = False  # the forward has images (or vision states): its cross-attention layers attend to them
         self.draft = False  # early-exit assisted decoding's draft: not recorded (its verification is refused)
         self.alive = None  # (B,) rows still generating when this forward's tokens were produced (device)
         # (B,) the position after each row's last recorded token in the sequence's previous forwards

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from qk_attn.capture import forward as forward_module
-from qk_attn.capture.caches import refuse_rounding_cache, resets, watch_cache_class
+from qk_attn.capture.caches import note_vision, refuse_rounding_cache, resets, watch_cache_class
 from qk_attn.capture.calls import watch_call
 from qk_attn.capture.facts import require as require_facts
 from qk_attn.capture.forward import ForwardContext, host_int
@@ -107,6 +107,7 @@ class ForwardTracker(ForwardEnds):
         forward.numbers_positions, forward.builder_code = caller.numbers_positions, caller.code
         forward.builder_positions, forward.builder_depth = caller.position_ids, caller.depth
         forward.unfinished, forward.decode_step, forward.draft = generation
+        forward.images = caller.images
         if caller.images and caller.position_ids is not None and caller.position_ids.dim() == 3:
             self._discard(None, "was refused", config, caller.cache)
             raise CaptureError(
@@ -127,6 +128,8 @@ class ForwardTracker(ForwardEnds):
             forward.armed, forward.finished = True, False
         else:
             self._find_end(forward, caller.module, config)
+        if forward.images:
+            note_vision(caller.cache)
         self._forwards[id(config)] = forward
         forward.add_mask_kind(kv_length, kv_offset, local_size)
 

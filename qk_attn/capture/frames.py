@@ -18,6 +18,9 @@ import torch
 from qk_attn.capture.fact_checks_inputs import IMAGE_INPUTS
 from qk_attn.errors import CaptureError
 
+# Also a forward with images: videos, and vision states handed in already encoded (Mllama's text model)
+VISION_STATES = ("pixel_values_videos", "cross_attention_states")
+
 
 class ModelForward(NamedTuple):
     """The model forward that is building its mask: the module and its own arguments."""
@@ -34,6 +37,14 @@ class ModelForward(NamedTuple):
     depth: int = 0  # that frame's place on the stack, counted from its bottom (`encloses_this_call`)
     outermost: torch.nn.Module | None = None  # the outermost module whose forward encloses it (the model called)
     attention_mask: object = None  # that frame's own `attention_mask` (mask_checks compares the mask call's with it)
+
+
+def _has_images(local: dict) -> bool:
+    """Whether a frame's locals hold images, as arguments or in its `**kwargs` (generate()'s input
+    preparation, which builds the mask for a static cache, gets them there)."""
+    kwargs = local.get("kwargs")
+    kwargs = kwargs if isinstance(kwargs, dict) else {}
+    return any(local.get(name) is not None or kwargs.get(name) is not None for name in (*IMAGE_INPUTS, *VISION_STATES))
 
 
 def model_forward(callers: list[MethodFrame], batch_size: int, num_new: int) -> ModelForward:
@@ -64,7 +75,7 @@ def model_forward(callers: list[MethodFrame], batch_size: int, num_new: int) -> 
         candidate = local.get("input_ids")
         if ids is None and isinstance(candidate, torch.Tensor) and candidate.shape == (batch_size, num_new):
             ids = candidate
-        images = images or any(local.get(name) is not None for name in (*IMAGE_INPUTS, "pixel_values_videos"))
+        images = images or _has_images(local)
         # generate() encodes images before the first forward and hands the model their features
         encoded = local.get("mm_encoder_outputs")
         images = images or (isinstance(encoded, dict) and any(v is not None for v in encoded.values()))

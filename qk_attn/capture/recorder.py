@@ -23,6 +23,7 @@ from qk_attn.capture.attention import (
     refuse_packed,
 )
 from qk_attn.capture.binder import ModuleBinder
+from qk_attn.capture.caches import holds_vision
 from qk_attn.capture.call_rows import CallRows, staged_dtype
 from qk_attn.capture.facts import require as require_facts
 from qk_attn.capture.forward import ForwardContext
@@ -226,6 +227,13 @@ class Session(ModuleBinder, SequenceTracker):
             sliding_window = forward.mask_window(layer, facts.layer_type)
         if self.config.full_attention_only and sliding_window is not None:
             forward.skipped_sliding = True
+            return
+        if cross and not forward.images and not holds_vision(forward.cache):
+            self._warn_once(
+                "no vision",
+                f"qk-attn: cross-attention layer {layer} ran over a cache no forward gave images to (a static cache "
+                "initialised early holds zeros there); its keys belong to no token, so it is not recorded",
+            )
             return
         forward.recorded = True
         position_ids = kwargs.get("position_ids")

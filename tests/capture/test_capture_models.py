@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import transformers as tf
 
 import qk_attn
 from support.models import FAMILIES, _mllama_image_batch, build, padded_batch
@@ -339,3 +340,45 @@ def test_gemma4_generate_with_an_image_records_the_text_model_only(tmp_path):
     from qk_attn.dataset.verify import verify_dataset
 
     assert verify_dataset(tmp_path / "out", log=lambda *_: None) == []  # its global layers' head size included
+
+
+def test_mllama_text_only_over_an_early_initialised_static_cache_records_no_cross_attention_layer():
+    """Chunked prefill initialises a static cache early: Mllama then runs its cross-attention layer over
+    the cache's zeros. Those all-zero "vision keys" of no image were recorded (and verify passed); now the
+    layer is not recorded, as over a dynamic cache, and every other row is the same."""
+    model = build("mllama_text", "qk_sniff")
+    cross_layer = model.config.cross_attention_layers[0]
+    batch = padded_batch("left", lengths=(10,), seed=3)
+    prompt = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    rows = {}
+    for chunk in (None, 3):
+        with torch.no_grad(), qk_attn.session(sampler="all", example_ids=[0]) as s:
+            model.generate(
+                **prompt, max_new_tokens=4, do_sample=False, pad_token_id=0, cache_implementation="static",
+                prefill_chunk_size=chunk,
+            )  # fmt: skip
+        rows[chunk] = rows_by_key(s.table())
+    assert not any(layer == cross_layer for _, layer, *_ in rows[3])
+    assert rows[3].keys() == rows[None].keys()
+    for key, vector in rows[3].items():
+        np.testing.assert_allclose(vector, rows[None][key], rtol=1e-5, atol=1e-6, err_msg=str(key))
+
+
+def test_mllama_decode_steps_over_a_static_cache_with_an_image_record_the_cross_attention_queries():
+    """The image's forward marks its cache as holding vision states: the decode steps after it, which have
+    no image of their own, still record their cross-attention queries."""
+    model = build("mllama", "sdpa")
+    batch, _ = _mllama_image_batch()
+    generate = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, cache_implementation="static")
+    try:
+        model.generate(**batch, **generate)
+    except RuntimeError as error:  # transformers 5.17's own cross-attention mask over a static cache
+        pytest.skip(f"sdpa itself cannot run this generate() on transformers {tf.__version__}: {error}")
+    model.set_attn_implementation({"text_config": "qk_sniff", "vision_config": "sdpa"})
+    cross_layer = model.config.text_config.cross_attention_layers[0]
+    with torch.no_grad(), qk_attn.session(sampler="all", layers=str(cross_layer), heads="0", capture="q") as s:
+        model.generate(**batch, **generate)
+    table = s.table().to_pydict()
+    rows = sorted(zip(table["example_id"], table["position"]))
+    # generate() numbers real tokens from 0 (row 1 has 3 left pads); the last generated token is not fed
+    assert rows == sorted([(0, p) for p in range(9 + 2)] + [(1, p) for p in range(6 + 2)])
