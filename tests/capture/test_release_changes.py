@@ -491,11 +491,12 @@ def test_a_mask_builder_that_renames_a_keyword_is_refused_naming_the_fact(tmp_pa
         facts.require.cache_clear()
 
 
-def test_a_model_forward_whose_position_ids_were_renamed_refuses_a_callers_position_ids(tmp_path, monkeypatch):
+def test_a_model_forward_whose_position_ids_were_renamed_is_refused(tmp_path, monkeypatch):
     """A release that renames a decoder stack's `position_ids` (numbering its tokens itself) lets a
     caller's position_ids reach the layers through **kwargs: rows were keyed by them, silently, where
     its RoPE used its own numbering (left padding: `qk-sniff run` passes position_ids for padded batches).
-    Qwen 2: fact model_forward_locals reads the seed families' stacks only."""
+    Without them, rows were keyed by token index, right only while its numbering happens to be that.
+    Qwen 2: fact model_forward_locals reads the seed families' stacks only; its forward is read at run time."""
     import transformers.models.qwen2.modeling_qwen2 as modeling_qwen2
 
     edits = [
@@ -512,11 +513,12 @@ def test_a_model_forward_whose_position_ids_were_renamed_refuses_a_callers_posit
     model = build("qwen2", "qk_sniff")
     batch = padded_batch("left")  # with position_ids counting real tokens
     positions = batch.pop("position_ids")
+    renamed = r"^qk_sniff: \S*forward \(modeling_qwen2.py\) calls self.rotary_emb with [^\n]*positions\), not"
     with qk_attn.session(sampler="all") as s:
-        model(**batch, use_cache=False)  # without position_ids: its own numbering, recorded
-        with pytest.raises(CaptureError, match=r"^qk_sniff: a qwen2 model's attention got position_ids, but"):
-            model(**batch, position_ids=positions, use_cache=False)
-    assert s.table().num_rows > 0
+        for given in ({}, {"position_ids": positions}):
+            with pytest.raises(CaptureError, match=renamed):
+                model(**batch, **given, use_cache=False)
+    assert s.table() is None
 
 
 @pytest.mark.parametrize("handed_to_layers", [True, False])
