@@ -178,20 +178,20 @@ class MemorySink(Sink):
         reader = HostReader()
         for item in pending:
             try:
-                rows = self._host_rows(item, reader)
+                rows, first_positions = self._host_rows(item, reader)
             except REFUSALS as error:
                 self.refusals.refuse(item.example_ids, error)
                 refused = np.asarray(sorted(self.refusals.ids), np.int64)
                 self._rows = [rows.without(refused) for rows in self._rows]
                 continue
+            for example, position in first_positions.items():  # (a call that kept no row counts too)
+                if example not in self._seen and example not in self.refusals.ids:  # its first forward
+                    self._seen.add(example)
+                    warn_not_from_zero(example, position, self._warned)
             if rows is None:
                 continue
             if self.refusals.ids:
                 rows = rows.without(np.asarray(sorted(self.refusals.ids), np.int64))
-            for example, position in rows.first_position.items():
-                if example not in self._seen:  # its first forward (later ones continue the sequence)
-                    self._seen.add(example)
-                    warn_not_from_zero(example, position, self._warned)
             self._rows.append(rows)
         if len(self._rows) > self._merge_at:
             self._merge()
@@ -216,16 +216,20 @@ class MemorySink(Sink):
         self._merge_at = 2 * len(self._rows) + MERGE_AT
 
     @staticmethod
-    def _host_rows(item, reader: HostReader) -> HostRows | None:
-        """A batch's rows; None for what only has checks (an empty call's positions, a cache offset)."""
+    def _host_rows(item, reader: HostReader) -> tuple[HostRows | None, dict]:
+        """A batch's rows, and each example's first position in the call; None for what only has checks
+        (an empty call's positions, a cache offset)."""
         if isinstance(item, EmptyCall):
             tokens = item.tokens
-            reader.per_row(item.example_ids, tokens.valid_count, None, tokens.misnumbered)
-            return None
+            _, first_positions = reader.per_row(
+                item.example_ids, tokens.valid_count, tokens.first_position, tokens.misnumbered
+            )
+            return None, first_positions
         if not isinstance(item, CaptureBatch):
             item.verify()
-            return None
-        return item.host_rows()
+            return None, {}
+        rows = item.host_rows()
+        return rows, rows.first_position
 
     def check_examples(self, example_ids) -> None:
         self.refusals.raise_for(example_ids)

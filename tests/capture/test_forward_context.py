@@ -566,6 +566,17 @@ def test_decode_steps_do_not_warn_about_the_first_position(caplog):
     assert "starts at position" not in caplog.text
 
 
+def test_an_in_memory_generate_whose_prefill_keeps_no_row_does_not_warn_about_its_first_position(caplog):
+    """A sparse sampler keeping nothing of a short prompt: the first call with rows was a decode step's,
+    so an in-memory session warned "example 7 starts at position 5, not 0" (a folder did not)."""
+    model = build("llama3", "qk_sniff")
+    settings = dict(sampler="uniform", min_bucket_size=16, base_rate=1, seed=0, example_ids=[7])
+    with caplog.at_level(logging.WARNING, logger="qk_attn"), qk_attn.session(**settings) as s:
+        model.generate(input_ids=_tokens(2, seed=3), max_new_tokens=20, do_sample=False, pad_token_id=0)
+    assert min(s.table().column("position").to_pylist()) > 1  # the prompt kept no row
+    assert "starts at position" not in caplog.text
+
+
 def test_generate_with_chunked_prefill_records_each_position_once():
     model = build("llama3", "qk_sniff")
     ids = _tokens(13)
