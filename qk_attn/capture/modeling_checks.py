@@ -55,7 +55,7 @@ def check_modeling_file(config) -> None:
 
 # transformers' own files whose name branches every model runs through (generate()'s input preparation,
 # loading, output handling): checked at run time as a model's file is, so that a release the suite has
-# not run cannot make "qk_sniff" take another path than its backend. About 0.6 s once per process.
+# not run cannot make "qk_sniff" take another path than its backend. About 1 s once per process.
 # Also the files under every model's classes (its decoder layers' base in modeling_layers, its config's,
 # cache's and RoPE's): a branch there changes a forward as much as one in the model's own file.
 CORE_MODULES = (
