@@ -27,7 +27,7 @@ from qk_attn.capture.frames import (
 from qk_attn.capture.generation_frames import refuse_unrecordable_generation
 from qk_attn.capture.hooks import refuse_concurrent, watch_forward
 from qk_attn.capture.mask_checks import refuse_mask_shape, refuse_other_padding
-from qk_attn.capture.rotary_positions import refuse_other_rotary_positions
+from qk_attn.capture.rotary_positions import refuse_other_rotary_positions, refuse_stack_rotary_positions
 from qk_attn.capture.staging import OffsetCheck
 from qk_attn.errors import CaptureError
 
@@ -127,7 +127,11 @@ class ForwardTracker(ForwardEnds):
         if isinstance(entry, _Started):  # the decoder stack's start was reported: its end will be too
             forward.armed, forward.finished = True, False
         else:
-            self._find_end(forward, caller.module, config)
+            try:
+                self._find_end(forward, caller.module, config)
+            except CaptureError:
+                self._discard(None, "was refused", config, caller.cache)
+                raise
         if forward.images:
             note_vision(caller.cache)
         self._forwards[id(config)] = forward
@@ -141,6 +145,7 @@ class ForwardTracker(ForwardEnds):
         if owner is None:
             forward.finished = None  # nothing tells this forward's end
             return
+        refuse_stack_rotary_positions(owner)  # (the mask may be built outside it: its positions are its own)
         first = watch_forward(owner, last_layer, config)
         if first:  # and the calls around the stack (its causal LM), whose exceptions also stop a forward
             watch_call(outermost_forward(owner), config)

@@ -24,6 +24,7 @@ from qk_attn.capture.calls import run_last
 from qk_attn.capture.frames import building_model, method_frames, tower_of
 from qk_attn.capture.modeling_checks import check_modeling_file
 from qk_attn.capture.name_branches import follow_wrapped_backend
+from qk_attn.capture.rotary_positions import refuse_stack_rotary_positions
 from qk_attn.errors import CaptureError
 
 NAME = "qk_sniff"
@@ -149,6 +150,7 @@ def _forward_started(config, ended_id: int, module, _args, kwargs) -> None:
         # May refuse this forward (another thread is inside the model's first forward, whose end
         # only the hooks below report): they are removed only once a forward has started.
         with _starting(session, config):
+            refuse_stack_rotary_positions(module)  # (before anything of this forward is noted)
             session.on_forward_start(config, kwargs)
     for handle in _first_forward_hooks.pop(module, ()):  # the stack's own hooks report from now on
         handle.remove()

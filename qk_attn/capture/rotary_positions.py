@@ -1,8 +1,10 @@
 """Rows are keyed by the `position_ids` local of the model forward that builds the mask
 (frames.model_forward): the positions its rotary embedding uses, as long as it hands that local, as
 it is, to `self.rotary_emb`. Checked on the seed base models by fact `model_forward_locals`, and at
-run time on the forward that runs (`refuse_other_rotary_positions`), once per code object: a model
-(or a release) that rotates by other positions is refused, never keyed by the wrong ones."""
+run time, once per code object, on the forward that builds the mask (`refuse_other_rotary_positions`)
+and on the decoder stack's own forward (`refuse_stack_rotary_positions`: generate()'s input
+preparation or a multimodal wrapper may build the mask and hand it to the stack): a model (or a
+release) that rotates by other positions is refused, never keyed by the wrong ones."""
 
 from __future__ import annotations
 
@@ -32,6 +34,16 @@ def refuse_other_rotary_positions(code) -> None:
     the position_ids they are given: attention.check_position_source; no RoPE) passes."""
     if code is not None and (why := _refusal(code)) is not None:
         raise CaptureError(why)
+
+
+def refuse_stack_rotary_positions(stack) -> None:
+    """The same for the forward of the decoder stack `stack` (its class's, under any decorators)."""
+    refuse_other_rotary_positions(_forward_code(type(stack).forward))
+
+
+@functools.cache
+def _forward_code(forward):
+    return getattr(inspect.unwrap(forward), "__code__", None)
 
 
 @functools.cache

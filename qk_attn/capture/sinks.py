@@ -121,11 +121,14 @@ def as_sink(sink) -> Sink:
     return sink if isinstance(sink, Sink) else _BareSink(sink)
 
 
+NO_TOKENS = np.iinfo(np.int64).max  # the first position of a row without a real token
+
+
 def warn_not_from_zero(example_id: int, first_position: int, warned: set) -> None:
     """Once per sink (`warned` is its memo): a document whose first recorded token is not at position 0:
     its cache was filled before the session (or before `begin`), a left-padded batch ran without
     position_ids (which rotates a row by its padding), or its prompt row was all padding."""
-    if 0 < first_position < np.iinfo(np.int64).max and not warned:
+    if 0 < first_position < NO_TOKENS and not warned:
         warned.add(example_id)
         logger.warning(
             "qk-attn: example %d starts at position %d, not 0: `position` is what RoPE used; either its cache was "
@@ -185,6 +188,8 @@ class MemorySink(Sink):
                 self._rows = [rows.without(refused) for rows in self._rows]
                 continue
             for example, position in first_positions.items():  # (a call that kept no row counts too)
+                if position == NO_TOKENS:  # an all-padding row: its tokens come later
+                    continue
                 if example not in self._seen and example not in self.refusals.ids:  # its first forward
                     self._seen.add(example)
                     warn_not_from_zero(example, position, self._warned)
@@ -248,6 +253,7 @@ class MemorySink(Sink):
         """Rows of these examples are dropped (a forward that stopped part-way)."""
         drop = np.asarray(example_ids, np.int64)
         self._rows = [rows.without(drop) for rows in self.rows]
+        self._seen.difference_update(example_ids)  # an id begun again starts anew
 
     def table(self) -> pa.Table | None:
         """Every captured row of every head, in the dataset schema (vectors in the stored dtype, float16

@@ -577,6 +577,42 @@ def test_an_in_memory_generate_whose_prefill_keeps_no_row_does_not_warn_about_it
     assert "starts at position" not in caplog.text
 
 
+@pytest.mark.parametrize("in_memory", [True, False], ids=["memory", "folder"])
+def test_an_all_padding_prompt_row_warns_alike_in_memory_and_in_a_folder(in_memory, tmp_path, caplog):
+    """generate() numbers an all-padding prompt row's new tokens from 1: a folder warned, an in-memory
+    session took the row's placeholder position (no real token) for its start and did not."""
+    model = build("llama3", "qk_sniff")
+    mask = torch.ones(2, 4, dtype=torch.long)
+    mask[1] = 0
+    out = None if in_memory else tmp_path / "out"
+    with caplog.at_level(logging.WARNING, logger="qk_attn"):
+        with qk_attn.session(output=out, sampler="all", example_ids=[4, 5]):
+            model.generate(
+                input_ids=_tokens(4, 2) * mask, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0
+            )
+    assert "example 5 starts at position 1, not 0" in caplog.text and "example 4 starts" not in caplog.text
+
+
+def test_an_id_begun_again_after_its_forward_was_discarded_is_checked_for_its_start_again(caplog):
+    """An in-memory session remembered the discarded forward's start (0) for the id, and did not warn
+    when the id, begun again, started at position 3 (a folder warned)."""
+    model = build("llama3", "qk_sniff")
+    ids = _tokens(6)
+    with caplog.at_level(logging.WARNING, logger="qk_attn"), qk_attn.session(sampler="all") as s:
+        model(input_ids=ids[:, :2])  # (the first forward: its end found by structure)
+        failing = model.lm_head.register_forward_hook(lambda *_: 1 / 0)  # raises after the stack returned
+        s.begin([5])
+        with pytest.raises(ZeroDivisionError):
+            model(input_ids=ids[:, :4])
+        failing.remove()
+        cache = DynamicCache(config=model.config)
+        model(input_ids=ids[:, :3], **cache_kw(cache))  # filled as example 1
+        s.begin([5])
+        model(input_ids=ids[:, 3:6], **cache_kw(cache))
+    assert sorted({key[4] for key in rows_by_key(s.table()) if key[0] == 5}) == [3, 4, 5]
+    assert "example 5 starts at position 3, not 0" in caplog.text
+
+
 def test_generate_with_chunked_prefill_records_each_position_once():
     model = build("llama3", "qk_sniff")
     ids = _tokens(13)

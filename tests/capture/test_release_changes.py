@@ -784,6 +784,14 @@ def test_a_model_forward_rotating_by_other_positions_than_its_position_ids_is_re
             CaptureError, match=rf"^qk_sniff: [^\n]*calls self.rotary_emb with [^\n]*{re.escape(positions)}"
         ):
             model(input_ids=torch.arange(3, 9)[None])
+        # generate() over a static cache builds a padded batch's mask in its input preparation, and hands it
+        # to the forward, which builds none: the stack's own forward is read
+        batch = padded_batch("left")
+        prompt = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        with pytest.raises(
+            CaptureError, match=rf"^qk_sniff: [^\n]*calls self.rotary_emb with [^\n]*{re.escape(positions)}"
+        ):
+            model.generate(**prompt, max_new_tokens=2, do_sample=False, pad_token_id=0, cache_implementation="static")
         monkeypatch.undo()  # the released forward again: recorded at the positions RoPE used
         s.begin([4])
         model(input_ids=torch.arange(3, 9)[None])
