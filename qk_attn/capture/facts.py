@@ -36,12 +36,18 @@ Where the capture code relies on each fact (the module that reads it):
                                    which rotation a forward applies, read from its syntax tree)
     model_forward_locals           frames.model_forward, frames.cache_of (frame locals self,
                                    input_ids, position_ids, cache (5.25) or past_key_values (5.17));
-                                   frames.renumbered_positions (position_ids again, at the first call)
+                                   frames.renumbered_positions (position_ids again, at the first call);
+                                   also checked at run time on every mask-building and decoder-stack
+                                   forward: rotary_positions (self.rotary_emb given position_ids as is)
     cache_lengths                  frames.cache_length (sequences._past compares it with q_offset)
     cache_row_methods              caches.watch_row_moves (Cache.reorder_cache, batch_select_indices,
                                    batch_repeat_interleave, crop, inherited by Dynamic/Static/QuantizedCache)
     encoded_image_inputs           frames.model_forward (mm_encoder_outputs: a forward given images by generate())
-    image_inputs                   frames.model_forward (pixel_values: a forward given images)
+    image_inputs                   frames.model_forward (pixel_values: a forward given images, also in
+                                   the **kwargs of generate()'s input preparation, which builds a static
+                                   cache's mask; not a fact of its own, held by tests (test_capture_models:
+                                   Mllama over a static cache): if it moves, a cross-attention layer is
+                                   not recorded (caches.holds_vision), with a warning, never recorded wrong)
     packed_sequence_keywords       attention.refuse_packed (cu_seq_lens_q, cu_seq_lens_k)
     cache_layer_updates            caches.refuse_rounding_cache (transformers' own layer types are
                                    trusted only with an update qk-attn read: VETTED_UPDATES, each
