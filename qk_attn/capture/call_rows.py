@@ -18,7 +18,7 @@ from qk_attn.capture.gather import (
     uses_kernel,
 )
 from qk_attn.capture.rope import pre_rope_rows, uses_rope
-from qk_attn.capture.staging import Staging, call_bytes, shared_bytes
+from qk_attn.capture.staging import Staging, StagingBuffer, call_bytes, forward_bytes, shared_bytes
 from qk_attn.config import SniffConfig
 from qk_attn.sampler import Sampler
 
@@ -37,6 +37,25 @@ class CallRows:
         self.config = config
         self.sampler = sampler
         self.device_tables = DeviceTables()  # example and head ids on the device, copied once
+
+    def start_staging(self, forward, model, query: torch.Tensor, sink) -> Staging:
+        """A forward's staging area, sized for every call it can make: a buffer on its device in buffer
+        mode; streaming (`Staging.streams`) when its rows could exceed the sink's staging limit."""
+        batch_size, device = forward.batch_size, query.device
+        dtype = staged_dtype(self.config, self.config.rope == "pre")
+        capacity = batch_size * self.sampler.capacity(forward.num_new)
+        key = (capacity, batch_size, query.shape[-1], dtype.itemsize, forward.input_ids is not None)
+        nbytes = model.staging_bytes.get(key)
+        if nbytes is None:  # once per forward shape (a decode step repeats the last one)
+            nbytes = model.staging_bytes[key] = forward_bytes(model.plan, *key)
+        limit = sink.staging_limit
+        buffer = None
+        if device.type == "cuda" or uses_kernel(query, dtype):
+            buffer = model.buffers.get(device)
+            if buffer is None:
+                buffer = model.buffers[device] = StagingBuffer(device)
+        sink.prepare(device)
+        return Staging(forward.example_ids, device, nbytes, buffer, limit is not None and nbytes > limit)
 
     def batch(
         self,

@@ -24,15 +24,14 @@ from qk_attn.capture.attention import (
 )
 from qk_attn.capture.binder import ModuleBinder
 from qk_attn.capture.caches import holds_vision
-from qk_attn.capture.call_rows import CallRows, staged_dtype
+from qk_attn.capture.call_rows import CallRows
 from qk_attn.capture.facts import require as require_facts
 from qk_attn.capture.forward import ForwardContext
-from qk_attn.capture.gather import uses_kernel
 from qk_attn.capture.plan import HeadPlan
 from qk_attn.capture.refusals import REFUSALS
 from qk_attn.capture.sequences import SequenceTracker
 from qk_attn.capture.sinks import MemorySink, Sink, as_sink
-from qk_attn.capture.staging import Staging, StagingBuffer, empty_call, forward_bytes
+from qk_attn.capture.staging import Staging, empty_call
 from qk_attn.config import SniffConfig
 from qk_attn.errors import CaptureError
 from qk_attn.sampler import Sampler
@@ -251,6 +250,10 @@ class Session(ModuleBinder, SequenceTracker):
             keys = (forward.key_slot(layer, key_shape[2]) if key_heads else 0, everything)
         decisions = forward.decisions(self.sampler, shape.num_layers, everything)
         staging = forward.staging or self._start_staging(forward, model, query)
+        if text is not everything and query_heads and not cross:  # the manifest names the queries it did not get
+            for example, span in zip(forward.example_ids, everything.unseen(num_queries)):
+                if span is not None:
+                    staging.unseen.append((example, layer, *span))
         if decisions is not None and text is everything and not cross and not decisions.keeps_any(layer):
             # The sampler keeps nothing of this layer (known on the host without a sync), as in most
             # layers of a decode step: the sink still learns that it ran.
@@ -300,32 +303,17 @@ class Session(ModuleBinder, SequenceTracker):
                 self.sink.put(batch)  # device: streamed call by call
 
     def _start_staging(self, forward, model, query) -> Staging:
-        """The forward's staging area, at its first recorded call, sized for every call it can make."""
-        batch_size, num_new, device = forward.batch_size, forward.num_new, query.device
-        dtype = staged_dtype(self.config, self.config.rope == "pre")
-        capacity = batch_size * self.sampler.capacity(num_new)
-        tokens = forward.input_ids is not None
-        key = (capacity, batch_size, query.shape[-1], dtype.itemsize, tokens)
-        nbytes = model.staging_bytes.get(key)
-        if nbytes is None:  # once per forward shape (a decode step repeats the last one)
-            nbytes = model.staging_bytes[key] = forward_bytes(model.plan, *key)
-        limit = self.sink.staging_limit
-        streams = limit is not None and nbytes > limit
-        buffer = None
-        if device.type == "cuda" or uses_kernel(query, dtype):
-            buffer = model.buffers.get(device)
-            if buffer is None:
-                buffer = model.buffers[device] = StagingBuffer(device)
-        self.sink.prepare(device)
-        if streams:
+        """The forward's staging area, at its first recorded call (`CallRows.start_staging`)."""
+        staging = forward.staging = self._call_rows.start_staging(forward, model, query, self.sink)
+        if staging.streams:
+            limit = self.sink.staging_limit
             self._warn_once(
                 "streams",
-                f"qk-attn: one forward's rows ({nbytes / 2**20:,.0f} MiB at most) exceed the staging limit "
+                f"qk-attn: one forward's rows ({staging.nbytes / 2**20:,.0f} MiB at most) exceed the staging limit "
                 f"({limit / 2**20:,.0f} MiB, half of pinned_mb): such forwards are handed to the sink call by "
                 "call and may wait for the saver inside the forward; raise pinned_mb to stage them whole",
             )
-        forward.staging = Staging(forward.example_ids, device, nbytes, buffer, streams)
-        return forward.staging
+        return staging
 
     # ---- bookkeeping (host only) -----------------------------------------------------
     def _not_recorded(self, forward, module) -> bool:

@@ -127,10 +127,13 @@ class Staging:
     ) -> None:
         self.example_ids = example_ids
         self.device = device
+        self.nbytes = nbytes  # the most its calls can stage
         self.streams = streams
         self.calls: list[CaptureBatch | EmptyCall] = []
         self.batches = 0  # how many of the calls are CaptureBatches (the others kept nothing)
         self.checks: list[OffsetCheck] = []
+        # (example_id, layer, start, stop): queries a layer given only their suffix did not get (TextTokens.unseen)
+        self.unseen: list[tuple[int, int, int, int]] = []
         self.buffer = buffer if buffer is not None and not streams else None
         self.bytes = self.buffer.take(nbytes) if self.buffer is not None else None
         self.used = 0

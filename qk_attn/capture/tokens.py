@@ -30,6 +30,18 @@ class TextTokens(NamedTuple):
         token_ids = None if self.token_ids is None else self.token_ids[:, :, -length:]
         return self._replace(positions=self.positions[:, -length:], valid=self.valid[:, -length:], token_ids=token_ids)
 
+    def unseen(self, length: int) -> list[tuple[int, int] | None]:
+        """Per row, the [start, stop) positions of the real tokens before the last `length`: the queries
+        a layer given only that suffix did not get (None where there are none). A host read: such layers
+        (Gemma 4's KV-shared ones) get a suffix only in a prefill. A row whose positions do not count up
+        by one is refused by its `misnumbered` flag, so a range is exact."""
+        skipped = self.positions.shape[1] - length
+        ranges = []
+        for numbers, real in zip(self.positions[:, :skipped].tolist(), self.valid[:, :skipped].tolist()):
+            kept = [number for number, is_real in zip(numbers, real) if is_real]
+            ranges.append((min(kept), max(kept) + 1) if kept else None)
+        return ranges
+
 
 def host_rows(positions: list, valid: list, expected: list | None) -> tuple[list, list, list]:
     """(valid counts, first positions, misnumbered) of each row, as `misnumbered_rows` finds them, from

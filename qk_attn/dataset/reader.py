@@ -75,6 +75,14 @@ class Dataset:
         info = self.manifest.get("example_info", {})
         return {int(k): int((info.get(k) or {}).get("first_position") or 0) for k in self.manifest.get("examples", {})}
 
+    def unseen_queries(self, layer: int) -> dict[int, list]:
+        """example_id -> [[start, stop], ...] of the query positions `layer` did not get (given only the
+        last queries of a forward: Gemma 4's KV-shared layers); examples it got every query of are absent."""
+        info = self.manifest.get("example_info", {})
+        return {
+            int(e): spans[str(layer)] for e, i in info.items() if str(layer) in (spans := i.get("unseen_queries") or {})
+        }
+
     def row_counts(self) -> dict[str, int]:
         """Folder name (e.g. "l00h00q") -> committed rows, as the manifest records them."""
         return {str(k): int(v) for k, v in self.manifest.get("row_counts", {}).items()}

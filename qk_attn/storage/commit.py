@@ -21,7 +21,7 @@ from qk_attn.storage.folder import remove_orphans
 from qk_attn.storage.layout import key_names
 from qk_attn.storage.manifest import now, read_manifest
 from qk_attn.storage.records import add_shard
-from qk_attn.storage.segment import NO_POSITION
+from qk_attn.storage.segment import NO_POSITION, unseen_queries
 from qk_attn.storage.shards import CallBuffer, Written
 
 logger = logging.getLogger("qk_attn.storage.saver")  # one logger for the saver thread (the CLI filters it)
@@ -106,6 +106,7 @@ class Committer:
             segment_of = {e: seg.number for seg in sealed for e in seg.examples}
             valid = {e: c for seg in sealed for e, c in seg.valid.items()}
             first_position = {e: p for seg in sealed for e, p in seg.first.items()}
+            unseen = unseen_queries(sealed)
             # Edited in place, not copied (a large capture's manifest is megabytes): only this thread
             # changes what it commits, and after a failed write the sink is in error for good.
             with self._manifest_lock:
@@ -130,6 +131,8 @@ class Committer:
                         "segment": segment_of.get(example, job.number),
                         "first_position": None if position == NO_POSITION else position,
                     }
+                    if example in unseen:
+                        manifest["example_info"][str(example)]["unseen_queries"] = unseen[example]
                 for example, (source_id, source_index) in list(self._described.items()):
                     info = manifest["example_info"].get(str(example))
                     if info is not None:  # described before or after its commit: both are kept

@@ -148,6 +148,15 @@ def coverage_text(manifest: dict, cov: dict) -> str:
             f"Cross-attention layers {ranges(manifest['cross_attention_layers'])}: their keys are vision "
             "tokens (`position` = vision token index, recorded once per sequence); their queries are text tokens."
         )
+    unseen = [info["unseen_queries"] for info in manifest.get("example_info", {}).values() if "unseen_queries" in info]
+    if unseen:
+        layers = sorted({int(layer) for spans in unseen for layer in spans})
+        lines.append(
+            f"Layers {ranges(layers)} were given only the last queries of some forwards (Gemma 4's KV-shared layers "
+            f"in a prefill, 1 query under `generate()`) in {len(unseen)} example(s): their query rows are those "
+            "positions; the positions each did not get are in `qk_sniff.json` (`example_info`, `unseen_queries`), "
+            "and `qk-sniff verify` holds the rows to the sampler's selection without them."
+        )
     if plan.get("notes"):
         lines.append("Plan notes:\n\n" + "\n".join(f"- {n}" for n in plan["notes"]))
     return "\n\n".join(lines)

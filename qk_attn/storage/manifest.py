@@ -8,7 +8,9 @@ Manifest fields written by the sink (besides config, sampler, model, plan):
                   files a capture was made from, no paths (qk_attn.storage.settings: the resume check); the
                   model's also "content_sha256", a hash of every byte of its weight files
     examples      {example_id: valid length}
-    example_info  {example_id: {"source_id", "source_index", "first_position", "segment"}}
+    example_info  {example_id: {"source_id", "source_index", "first_position", "segment"}}, and
+                  "unseen_queries" {layer: [[start, stop], ...]} where a layer was given only the last
+                  queries of a forward (Gemma 4's KV-shared layers): the positions it did not get
     shards        {key: [shard names]}
     shard_info    {"key/name": {"bytes", "sha256", "rows", "segments": [segment numbers]}}
     columns       {"token_id": bool, "token_str": bool}: the optional columns of every shard

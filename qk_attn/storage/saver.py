@@ -86,7 +86,7 @@ class SaverThread(Committer):
         if isinstance(item, list):  # forward pieces (ForwardPiece) the sink held back and sent together
             for piece in item:
                 piece.wait()
-                self._checked(piece.example_ids, lambda: self._accept_forward(piece.checks, piece.calls))
+                self._checked(piece.example_ids, lambda: self._accept_forward(piece.checks, piece.calls, piece.unseen))
                 piece.release()  # its pool region is free now, not after the whole list
         elif isinstance(item, Piece):
             item.wait()
@@ -142,13 +142,15 @@ class SaverThread(Committer):
             self._drop(set(refused))
             self._seal_and_schedule()  # the segment may have waited for them only
 
-    def _accept_forward(self, checks: list, calls: list) -> None:
+    def _accept_forward(self, checks: list, calls: list, unseen: list) -> None:
         """A forward's offset checks, then its calls (host batches, or empty calls:
-        qk_attn.capture.staging.EmptyCall) into the open segment. Columns the calls share are read
-        once, and calls that share their per-row counts are counted together: a decode step's calls
-        cost a few list appends here."""
+        qk_attn.capture.staging.EmptyCall) and the queries layers did not get into the open segment.
+        Columns the calls share are read once, and calls that share their per-row counts are counted
+        together: a decode step's calls cost a few list appends here."""
         for check in checks:
             check.verify()
+        for example, layer, start, stop in unseen:
+            self._open.unseen[example].setdefault(layer, []).append([start, stop])
         reader = HostReader()
         empty: dict[tuple, tuple[dict, dict]] = {}  # per-row counts of empty calls, by their tokens
         groups: dict[tuple, tuple[dict, dict, list]] = {}  # calls by the per-row counts they share

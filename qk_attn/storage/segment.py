@@ -34,6 +34,8 @@ class Segment:
     # the same, per forward's examples: a forward whose examples are all dropped takes its calls with it
     calls_of: dict[tuple, Counter] = field(default_factory=lambda: defaultdict(Counter))
     cross_attention_layers: set[int] = field(default_factory=set)  # layers whose keys are vision tokens
+    # example -> layer -> [[start, stop], ...]: query positions a layer did not get (given only a suffix)
+    unseen: dict[int, dict[int, list]] = field(default_factory=lambda: defaultdict(dict))
 
     @property
     def nbytes(self) -> int:
@@ -94,4 +96,19 @@ class Segment:
         for example in incomplete:
             self.valid.pop(example, None)
             self.first.pop(example, None)
+            self.unseen.pop(example, None)
         self.examples -= incomplete
+
+
+def unseen_queries(sealed: list[Segment]) -> dict[int, dict[str, list]]:
+    """example -> layer (a manifest key) -> its unseen query ranges [[start, stop], ...] in position
+    order, over the segments an example's forwards went to."""
+    out: dict[int, dict[str, list]] = {}
+    for seg in sealed:
+        for example, layers in seg.unseen.items():
+            for layer, spans in layers.items():
+                out.setdefault(example, {}).setdefault(str(layer), []).extend(spans)
+    for layers in out.values():
+        for spans in layers.values():
+            spans.sort()
+    return out

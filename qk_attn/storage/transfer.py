@@ -147,7 +147,7 @@ class Transfer:
                     # The saver reads the checks' device values: after the producing stream's work, not
                     # on its own stream's terms (a user's stream does not wait for the saver's).
                     event = self._copy([], staging.device, staging.stream)
-            return ForwardPiece(staging.example_ids, calls, checks, event, region, pool)
+            return ForwardPiece(staging.example_ids, calls, checks, staging.unseen, event, region, pool)
         except BaseException:  # (an interrupt): a region no piece owns would never be freed
             if region is not None:
                 _free(region, pool, event)
@@ -286,11 +286,13 @@ def host_views(calls: list, checks: list, base: int, host: torch.Tensor) -> tupl
 
 class ForwardPiece:
     """One forward's rows in host memory (`Transfer.send_forward`): its examples, its calls
-    (CaptureBatch views of the pool, or an empty call), the offset checks to verify first, and the
-    event of the one copy."""
+    (CaptureBatch views of the pool, or an empty call), the offset checks to verify first, the queries
+    layers did not get (`Staging.unseen`), and the event of the one copy."""
 
-    def __init__(self, example_ids: tuple, calls: list, checks: list, event, region: list, pool: HostPool) -> None:
-        self.example_ids, self.calls, self.checks = example_ids, calls, checks
+    def __init__(
+        self, example_ids: tuple, calls: list, checks: list, unseen: list, event, region: list, pool: HostPool
+    ) -> None:
+        self.example_ids, self.calls, self.checks, self.unseen = example_ids, calls, checks, unseen
         self.event, self.region, self.pool = event, region, pool
 
     def wait(self) -> None:

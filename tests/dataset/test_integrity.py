@@ -11,6 +11,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 
 import qk_attn
 from qk_attn import cli
@@ -346,3 +348,38 @@ def test_verify_of_a_folder_a_capture_is_writing_checks_its_commits_and_not_its_
             assert verify_dataset(out, log=logged.append, progress=False) == []
     assert any(line.startswith(f"info: a capture is writing {out} now") for line in logged)
     assert verify_dataset(out, log=lambda *_: None, progress=False) == []  # closed: the card is there
+
+
+def test_layers_given_only_the_last_queries_verify_against_what_they_got(tmp_path):
+    """Gemma 4's KV-shared layers get only the last `logits_to_keep` queries of a forward (transformers
+    >= 5.25): the manifest names the positions each did not get, per example, and verify holds their rows to
+    the sampler's selection without them (two chunks, and a sparse generate())."""
+    from support.models import gemma4
+
+    model = gemma4(global_head_dim=16, num_kv_shared_layers=2, hidden_size_per_layer_input=8)
+    model.set_attn_implementation("qk_sniff")
+    shared = [2, 3]
+    ids = torch.randint(2, 90, (1, 12), generator=torch.Generator().manual_seed(1))
+    out = tmp_path / "cap"
+    with torch.no_grad(), qk_attn.session(output=str(out), sampler="all", capture="q", heads="0") as s:
+        s.begin([4])
+        cache = None
+        for chunk in (ids[:, :6], ids[:, 6:]):
+            cache = model(input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1).past_key_values
+    info = read_manifest(out)["example_info"]["4"]
+    for layer in shared:
+        got = sorted(pq.read_table(out / f"l{layer:02d}h00q").column("position").to_pylist())
+        unseen = info.get("unseen_queries", {}).get(str(layer), [])
+        assert got in ([5, 11], list(range(12)))  # sliced, or an older transformers computing every query
+        assert unseen == ([[0, 5], [6, 11]] if len(got) == 2 else [])
+    assert "unseen_queries" in info or Version(transformers.__version__) < Version("5.25")
+    assert verify_dataset(out, log=lambda *_: None) == []
+    if "unseen_queries" in info:  # the card says which layers got only the last queries, and where that is recorded
+        assert "Layers 2-3 were given only the last queries" in (out / "README.md").read_text()
+
+    sparse = tmp_path / "sparse"
+    with torch.no_grad(), qk_attn.session(output=str(sparse), sampler="uniform", min_bucket_size=2, base_rate=1.0):
+        model.generate(input_ids=ids[:, :7], max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert verify_dataset(sparse, log=lambda *_: None) == []
+    os.remove(next((sparse / "l02h00q").glob("*.parquet")))  # a layer's rows lost are still found
+    assert any("l02h00q" in problem for problem in verify_dataset(sparse, log=lambda *_: None))

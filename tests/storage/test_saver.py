@@ -238,7 +238,7 @@ def test_forward_pieces_held_back_are_sent_when_a_wait_needs_their_pool_space(tm
 
     done, batches, saver_may_go = [], [], threading.Event()
     accept = sink._accept_forward
-    sink._accept_forward = lambda checks, calls: (saver_may_go.wait(10), accept(checks, calls))
+    sink._accept_forward = lambda *piece: (saver_may_go.wait(10), accept(*piece))
 
     def run():
         batches.append(forward(0, 480))  # ~47% of the pool: more than 1/16, so queued at once
