@@ -57,6 +57,8 @@ def read_manifest(output: str | Path, name: str = MANIFEST) -> dict | None:
         ):
             raise ValueError("missing 'examples' or 'shards'")
         recorded = manifest.pop("digest", None)  # manifests written before the digest existed have none
+        if recorded is None and "release_history" in manifest:  # (which came after it: a digest was removed)
+            raise ValueError("its sha256 digest is missing: a value may have changed after it was written")
         if recorded is not None and recorded != manifest_digest(manifest):
             raise ValueError("its sha256 digest differs: a value changed after it was written")
     except (OSError, ValueError) as error:

@@ -258,7 +258,7 @@ def test_examples_table_identity_and_first_position(tmp_path):
 def test_older_datasets_without_digests_still_load_and_verify(dataset):
     out, _ = dataset
     manifest = read_manifest(out)
-    for field in ("shard_info", "example_info", "examples_file"):
+    for field in ("shard_info", "example_info", "examples_file", "release_history"):
         manifest.pop(field)
     (out / MANIFEST).write_text(json.dumps(manifest))
     card = out / "README.md"  # as cards were written then: without the manifest's sha256 and the signature
@@ -276,7 +276,7 @@ def test_repair_of_an_older_dataset_resumed_by_this_version(tmp_path):
     out = tmp_path / "out"
     capture(out, EXAMPLES[:4])
     manifest = read_manifest(out)
-    for field in ("shard_info", "example_info", "examples_file"):
+    for field in ("shard_info", "example_info", "examples_file", "release_history"):
         manifest.pop(field)
     (out / MANIFEST).write_text(json.dumps(manifest))
     capture(out, EXAMPLES)  # resumed by this version: 4..7 get records
