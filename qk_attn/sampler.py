@@ -137,9 +137,12 @@ class Sampler:
         return m << (bucket - 1)
 
     def keep_probability(self, bucket: int) -> float:
+        """What the keep rule keeps of `bucket`: min(1, base_rate / size), rounded up to the threshold's
+        step of 2**-24 (below 2**-24, e.g. log-uniform buckets past 2**24 * base_rate positions, 2**-24:
+        up to 64 times the rate asked for). Capacities, estimates and the card use it."""
         if self.strategy == "all":
             return 1.0
-        return min(1.0, self.base_rate / self.bucket_size(bucket))
+        return threshold(min(1.0, self.base_rate / self.bucket_size(bucket))) / ONE
 
     def thresholds(self) -> tuple[int, ...]:
         """Per-bucket thresholds for log_uniform (MAX_BUCKETS entries), one entry otherwise."""

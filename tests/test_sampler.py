@@ -209,3 +209,15 @@ def test_keep_all_layers_equals_keep_per_layer_and_kind(strategy, m, rate, ids, 
     for layer in range(4):
         for index, kind in enumerate(("q", "k")):
             assert torch.equal(table[layer, index], sampler.keep(example, layer, kind, positions))
+
+
+def test_keep_probability_is_the_rate_the_threshold_keeps_also_below_its_step():
+    """Below 2**-24 the 24-bit compare keeps 2**-24, not the rate asked for: capacities, estimates and the
+    card use what is kept, so a long document at a tiny rate cannot overflow a capacity sized for less."""
+    tiny = Sampler("uniform", min_bucket_size=2**30, base_rate=1.0)
+    assert tiny.keep_probability(0) == 2**-24  # asked for 2**-30
+    positions = torch.arange(2**26, dtype=torch.int64)[None]
+    kept = int(tiny.keep(torch.tensor([7]), 0, "q", positions).sum())
+    assert tiny.expected_keeps(2**26) == 4.0 and 0 < kept <= tiny.capacity(2**26)
+    coarse = Sampler("uniform", min_bucket_size=8192, base_rate=0.001)  # 1.22e-7 is 2.05 steps: 3 are kept
+    assert coarse.keep_probability(0) == 3 / 2**24 and coarse.thresholds() == (3,)
