@@ -99,8 +99,9 @@ class Session(ModuleBinder, SequenceTracker):
         if not self._models and "training" not in self._warned and sys.exc_info()[0] is None:
             logger.warning(
                 "qk-attn: the session ends having recorded nothing: no attention call reached qk_sniff; if a "
-                "model ran forwards in it, check its config._attn_implementation (set_attn_implementation keeps "
-                "the old one, with transformers' warning, on models that cannot switch, e.g. Bloom)"
+                "model ran forwards in it that did not raise before their attention, check its "
+                "config._attn_implementation (set_attn_implementation keeps the old one, with transformers' "
+                "warning, on models that cannot switch, e.g. Bloom)"
             )
         handing_off = None
         try:

@@ -26,7 +26,7 @@ class SequenceIds(ForwardTracker):
 
     Sequence identity is explicit: `begin(ids)` names the batch rows of the next forward; a
     later forward over the same cache (chunked prefill, decoding) continues them; a forward over
-    an empty cache without `begin` gets fresh ids (after the largest committed id). Each model
+    an empty cache without `begin` gets fresh ids (from 0, after the largest id used or committed). Each model
     has its own current forward and sequences.
     """
 
@@ -35,7 +35,7 @@ class SequenceIds(ForwardTracker):
         self._pending_ids = None if example_ids is None else integer_ids(example_ids)
         self._sequences = SequenceTable()
         committed = self.committed_ids()
-        self._next_auto_id = max(committed) + 1 if committed else 0
+        self._next_auto_id = max(0, max(committed) + 1) if committed else 0  # never negative, as in a session
         self._begun: dict[int, int] = {}  # uncommitted example id -> number of its latest forward, in begin order
         self._forward_number = 0  # forwards given example ids so far
         self._commits = 0  # commits so far: a sequence's ids are checked against the committed ones once per commit

@@ -126,13 +126,14 @@ NO_TOKENS = np.iinfo(np.int64).max  # the first position of a row without a real
 
 def warn_not_from_zero(example_id: int, first_position: int, warned: set) -> None:
     """Once per sink (`warned` is its memo): a document whose first recorded token is not at position 0:
-    its cache was filled before the session (or before `begin`), a left-padded batch ran without
+    position_ids given that start there, its cache filled before the session (or before `begin`), a left-padded batch ran without
     position_ids (which rotates a row by its padding), or its prompt row was all padding."""
     if 0 < first_position < NO_TOKENS and not warned:
         warned.add(example_id)
         logger.warning(
-            "qk-attn: example %d starts at position %d, not 0: `position` is what RoPE used; either its cache was "
-            "filled before the session (or before begin()), or a left-padded batch ran without position_ids "
+            "qk-attn: example %d starts at position %d, not 0: `position` is what RoPE used; either the "
+            "position_ids passed start there, or its cache was filled before the session (or before begin()), "
+            "or a left-padded batch ran without position_ids "
             "(pass them, as generate() and qk-sniff run do, to start at 0), or its prompt row was all padding "
             "(generate() numbers such a row's new tokens from 1)",
             example_id,

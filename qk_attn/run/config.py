@@ -278,6 +278,33 @@ _YAML_KEYS = {
 }
 
 
+# A run's source record key (qk_attn.run.prepare.source_record) -> the YAML key it is set by.
+_SOURCE_YAML_KEYS = {
+    "dataset": "dataset.path",
+    "dataset_name": "dataset.name",
+    "dataset_revision": "dataset.revision",
+    "model": "model.name",
+    "model_revision": "model.revision",
+    "dtype": "model.dtype",
+    "config_overrides": "model.config_overrides",
+    "tokenizer": "tokenizer.name",
+    "tokenizer_revision": "tokenizer.revision",
+    "add_special_tokens": "tokenizer.add_special_tokens",
+    "max_length": "tokenizer.max_length",
+    "padding_side": "tokenizer.padding_side",
+    "batch_size": "inference.batch_size",
+}
+
+
+def setting_yaml_key(setting: str) -> str:
+    """The YAML key of a setting a resume compares (qk_attn.storage.settings.SettingDifference): a
+    SniffConfig field, `source.<key>` of the source record, or already a YAML key (`dataset.path`)."""
+    if setting.startswith("source."):
+        key = setting.removeprefix("source.")
+        return _SOURCE_YAML_KEYS.get(key, f"dataset.{key}")
+    return setting if "." in setting else _YAML_KEYS.get(setting, f"capture.{setting}")
+
+
 def _deep_copy(data: Mapping) -> dict:
     return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in data.items()}
 

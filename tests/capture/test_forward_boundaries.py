@@ -105,6 +105,24 @@ def test_an_example_id_begun_and_not_committed_cannot_be_begun_again(tmp_path):
     assert cli.verify_dataset(out, log=lambda *_: None) == []
 
 
+def test_automatic_ids_after_negative_ones_are_the_same_in_a_session_and_a_reopened_one(tmp_path):
+    """Automatic ids start at 0 (never negative), after the largest id used: whether the negative
+    example was committed in this session or in an earlier one on the same folder."""
+    model = build("llama3", "qk_sniff")
+    document = _tokens(6, seed=2)
+    same, reopened = tmp_path / "same", tmp_path / "reopened"
+    with qk_attn.session(sampler="all", output=same, example_ids=[-5]) as s:
+        model(input_ids=document)
+        s.commit()
+        model(input_ids=document)
+    with qk_attn.session(sampler="all", output=reopened, example_ids=[-5]):
+        model(input_ids=document)
+    with qk_attn.session(sampler="all", output=reopened):
+        model(input_ids=document)
+    for out in (same, reopened):
+        assert sorted(qk_attn.load_examples(out)["example_id"].to_pylist()) == [-5, 0]
+
+
 @pytest.mark.parametrize(
     "ids, why",
     [([4, 4], r"example_ids \[4, 4\] repeats an id"), ([2], r"example ids \[2\] are already committed")],

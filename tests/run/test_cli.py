@@ -435,7 +435,7 @@ def test_dataset_files_are_part_of_what_a_capture_is(tiny_model, docs, tmp_path,
     assert cli.main(["run", "--config", config, "--quiet", "--set", "dataset.data_files=a.jsonl"]) == 0
     capsys.readouterr()
     assert cli.main(["run", "--config", config, "--quiet", "--dry-run", "--set", "dataset.data_files=b.jsonl"]) == 2
-    assert "(source.data_files: 'a.jsonl' there, 'b.jsonl' now)" in capsys.readouterr().err
+    assert "(dataset.data_files: 'a.jsonl' there, 'b.jsonl' now)" in capsys.readouterr().err
 
     config = write_config(tmp_path, tiny_model, path, tmp_path / "out2", capture=SPARSE)
     for option in ("dataset.name=x", "dataset.revision=v9", "dataset.data_files=a.jsonl"):

@@ -160,9 +160,20 @@ def test_different_sampler_on_existing_output(tiny_model, docs, tmp_path, capsys
     monkeypatch.setattr(runner, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
     code, _, err = run_cli(capsys, "--config", config, "--set", "capture.sampler.type=uniform")
     line = one_line(err)
-    assert code == 2 and "holds a capture with different settings (sampler: 'log_uniform' there, 'uniform' now)" in line
+    assert (
+        code == 2
+        and "holds a capture with different settings (capture.sampler: 'log_uniform' there, 'uniform' now)" in line
+    )
     assert "output.overwrite: true" in line
     assert snapshot(out) == before
+    for override, named in [  # each setting by the YAML key it was written with
+        ("capture.layers=0", "capture.layers: None there, [0] now"),
+        ("model.dtype=bfloat16", "model.dtype: "),
+        ("tokenizer.max_length=100", "tokenizer.max_length: "),
+        ("capture.head_sampling=1", "capture.head_sampling.count: None there, 1 now"),
+    ]:
+        code, _, err = run_cli(capsys, "--config", config, "--set", override)
+        assert code == 2 and f"different settings ({named}" in one_line(err), (override, err)
     with pytest.raises(ConfigError, match="holds a capture with different settings"):  # the API says the same
         runner.run(make_config(tiny_model, docs[0], out, capture={"sampler": "uniform"}), progress=False)
     assert snapshot(out) == before
