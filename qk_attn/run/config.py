@@ -305,6 +305,17 @@ def setting_yaml_key(setting: str) -> str:
     return setting if "." in setting else _YAML_KEYS.get(setting, f"capture.{setting}")
 
 
+def described_difference(setting: str, there, now) -> str:
+    """`key: X there, Y now` in a run configuration's terms: its YAML key, and the value that key takes
+    where the run turns it into another (capture_pre_rope: true for rope "pre"; the kinds for
+    capture_queries and capture_keys together)."""
+    if setting == "rope":
+        return f"capture.capture_pre_rope: {there == 'pre'} there, {now == 'pre'} now"
+    if setting == "capture":
+        return f"capture.capture_queries and capture.capture_keys: kinds {there!r} there, {now!r} now"
+    return f"{setting_yaml_key(setting)}: {there!r} there, {now!r} now"
+
+
 def _deep_copy(data: Mapping) -> dict:
     return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in data.items()}
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from qk_attn.capture.plan import ModelShape
 from qk_attn.config import SniffConfig
 from qk_attn.errors import ConfigError, one_line
-from qk_attn.run.config import setting_yaml_key
+from qk_attn.run.config import described_difference
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -136,7 +136,7 @@ def _check_same_settings(
     if manifest.get("examples") and there != token_strings:
         differences.append(SettingDifference("capture.capture_token_strings", there, token_strings))
     if differences:
-        diffs = "; ".join(f"{setting_yaml_key(d.setting)}: {d.there!r} there, {d.now!r} now" for d in differences)
+        diffs = "; ".join(described_difference(d.setting, d.there, d.now) for d in differences)
         raise ConfigError(
             f"{where} holds a capture with different settings ({diffs}); re-run with the same settings "
             "to resume it, choose another output.data_root, or set output.overwrite: true to delete "

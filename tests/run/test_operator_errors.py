@@ -171,6 +171,8 @@ def test_different_sampler_on_existing_output(tiny_model, docs, tmp_path, capsys
         ("model.dtype=bfloat16", "model.dtype: "),
         ("tokenizer.max_length=100", "tokenizer.max_length: "),
         ("capture.head_sampling=1", "capture.head_sampling.count: None there, 1 now"),
+        ("capture.capture_pre_rope=true", "capture.capture_pre_rope: False there, True now"),
+        ("capture.capture_keys=false", "capture.capture_queries and capture.capture_keys: kinds 'q,k' there, 'q' now"),
     ]:
         code, _, err = run_cli(capsys, "--config", config, "--set", override)
         assert code == 2 and f"different settings ({named}" in one_line(err), (override, err)
