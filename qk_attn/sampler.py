@@ -138,8 +138,8 @@ class Sampler:
 
     def keep_probability(self, bucket: int) -> float:
         """What the keep rule keeps of `bucket`: min(1, base_rate / size), rounded up to the threshold's
-        step of 2**-24 (below 2**-24, e.g. log-uniform buckets past 2**24 * base_rate positions, 2**-24:
-        up to 64 times the rate asked for). Capacities, estimates and the card use it."""
+        step of 2**-24; 2**-24 where that is less (buckets of more than 2**24 * base_rate positions:
+        size / (2**24 * base_rate) times the rate asked for). Capacities, estimates and the card use it."""
         if self.strategy == "all":
             return 1.0
         return threshold(min(1.0, self.base_rate / self.bucket_size(bucket))) / ONE

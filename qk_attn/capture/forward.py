@@ -105,6 +105,9 @@ class ForwardContext:
         self._mirror: HostMirror | None = None  # a GPU decode step's tokens, copied to the host (`decisions`)
         self._decided_for: TextTokens | None = None  # the host tokens `_decisions` was last returned for
         self.selections: dict = {}  # id(tokens) -> (tokens, Selection): Session._selection under "all"
+        self.unseen: dict[
+            int, list
+        ] = {}  # queries given -> per row, the [start, stop) not given (Session._note_unseen)
         self.staging = None  # its rows until its end (qk_attn.capture.staging), from its first recorded call
         self.offset_check = None  # the derived `past` of a static cache, checked by the sink (OffsetCheck)
 

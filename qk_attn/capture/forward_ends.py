@@ -118,7 +118,7 @@ class ForwardEnds:
         try:
             if forward.offset_check is not None:
                 staging.check(forward.offset_check)
-            if staging.calls or staging.checks:
+            if staging.calls or staging.checks or staging.unseen:  # (a forward that streamed has no calls here)
                 self.sink.put_forward(staging)
             staging.handed_off()
         except BaseException:

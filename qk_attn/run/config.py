@@ -293,6 +293,9 @@ _SOURCE_YAML_KEYS = {
     "max_length": "tokenizer.max_length",
     "padding_side": "tokenizer.padding_side",
     "batch_size": "inference.batch_size",
+    "text_folder": "dataset.path",  # (a folder of .txt files, read with dataset.sample_by)
+    "description": "dataset.path",  # (the demo's dataset)
+    "weights": "model.name",  # (the demo's weights package)
 }
 
 

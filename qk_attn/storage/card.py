@@ -29,18 +29,16 @@ from qk_attn.storage.card_infos import dataset_infos
 from qk_attn.storage.chart import bucket_chart, sampler_of
 from qk_attn.storage.coverage import coverage, coverage_text, markdown_table
 from qk_attn.storage.folder import card_is_ours, signed_card
-from qk_attn.storage.layout import CARD, CHART, key_name, parse_key
+from qk_attn.storage.layout import CARD, CARD_SIGNATURE, CHART, key_name, parse_key
 from qk_attn.storage.manifest import manifest_digest, read_manifest
 from qk_attn.storage.provenance import provenance_versions
 from qk_attn.storage.settings import public_manifest, public_value
 
 logger = logging.getLogger(__name__)
 
+
 # The manifest a card was written from (as pushed, for a card naming a Hub repo): a card behind its
 # manifest (a run killed before it wrote the card) is told apart by it (`card_problem`).
-MANIFEST_LINE = "<!-- qk-sniff manifest sha256 {} -->"
-
-
 def dataset_configs(shards: dict[str, list[str]], examples_file: str | None = None) -> dict[str, dict]:
     """`configs:` entries for every folder with committed shards, every layer and kind, each kind,
     and `examples` (one row per committed example) when the capture wrote that table. The card
@@ -286,7 +284,7 @@ def write_card(
             output,
         )
         return None
-    written_from = MANIFEST_LINE.format(manifest_digest(public_manifest(manifest) if repo_id else manifest))
+    written_from = CARD_SIGNATURE.format(manifest_digest(public_manifest(manifest) if repo_id else manifest))
     chart = bucket_chart(manifest, output / CHART)
     # A local card names the folder relative to where it sits: no absolute path is published.
     where = repo_id or output.resolve().name
@@ -313,7 +311,7 @@ def card_problem(output: str | Path, manifest: dict) -> str | None:
         return f"{CARD} (the dataset card, which names the configs datasets.load_dataset reads) is missing"
     if not card_is_ours(output):
         return None
-    found = re.search(MANIFEST_LINE.format("([0-9a-f]{64})"), path.read_text(encoding="utf-8"))
+    found = re.search(CARD_SIGNATURE.format("([0-9a-f]{64})"), path.read_text(encoding="utf-8"))
     if found and found[1] not in (manifest_digest(manifest), manifest_digest(public_manifest(manifest))):
         return f"{CARD} was written from an earlier manifest (a run stopped before it wrote the card): its counts and configs are behind"
     return None

@@ -52,4 +52,10 @@ def bucket_table(manifest: dict, sampler: Sampler, max_length: int) -> str:
     ) + (
         "\n\nPer example-head: rows over (committed examples x (layer, head) pairs that ran); expected: the "
         "sampler's keep probability x the bucket's overlap with each example's valid length, averaged over examples."
+        + (
+            " Query rows fall short of it where layers were given only a forward's last queries (see Coverage): the "
+            "positions they did not get are not recorded."
+            if any("unseen_queries" in info for info in manifest.get("example_info", {}).values())
+            else ""
+        )
     )

@@ -25,6 +25,7 @@ MANIFEST = "qk_sniff.json"
 LOCK = ".qk_sniff.lock"
 EXAMPLES = "examples.parquet"
 CARD = "README.md"
+CARD_SIGNATURE = "<!-- qk-sniff manifest sha256 {} -->"  # the manifest a card was written from
 CHART = "buckets.png"
 CARD_FILES = (CARD, CHART)
 QUARANTINE = ".qk_sniff.quarantine"  # where repair moves Parquet files no manifest lists

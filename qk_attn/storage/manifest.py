@@ -26,6 +26,7 @@ described in docs/architecture.md.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -33,7 +34,7 @@ import time
 from pathlib import Path
 
 from qk_attn.errors import ManifestError
-from qk_attn.storage.layout import MANIFEST, previous_name
+from qk_attn.storage.layout import CARD, CARD_SIGNATURE, MANIFEST, previous_name
 from qk_attn.storage.provenance import record_release
 from qk_attn.storage.settings import source_fingerprints
 
@@ -57,7 +58,7 @@ def read_manifest(output: str | Path, name: str = MANIFEST) -> dict | None:
         ):
             raise ValueError("missing 'examples' or 'shards'")
         recorded = manifest.pop("digest", None)  # manifests written before the digest existed have none
-        if recorded is None and "release_history" in manifest:  # (which came after it: a digest was removed)
+        if recorded is None and _written_with_digests(path, manifest):
             raise ValueError("its sha256 digest is missing: a value may have changed after it was written")
         if recorded is not None and recorded != manifest_digest(manifest):
             raise ValueError("its sha256 digest differs: a value changed after it was written")
@@ -68,6 +69,20 @@ def read_manifest(output: str | Path, name: str = MANIFEST) -> dict | None:
             f"(restores the previous manifest, {previous_name(path.name)}) or restore the file from a copy"
         ) from None
     return manifest
+
+
+def _written_with_digests(path: Path, manifest: dict) -> bool:
+    """Whether a manifest without a digest comes from a qk-attn that writes one (so it was removed): its
+    release_history, a card signed with a manifest's sha256, or a previous manifest with a digest say so."""
+    if "release_history" in manifest:  # (came after the digest)
+        return True
+    card, previous = path.parent / CARD, path.parent / previous_name(path.name)
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        if card.is_file() and CARD_SIGNATURE.split("{}")[0] in card.read_text(encoding="utf-8"):
+            return True
+    with contextlib.suppress(OSError, ValueError):
+        return previous.is_file() and "digest" in json.loads(previous.read_text())
+    return False
 
 
 def manifest_digest(manifest: dict) -> str:

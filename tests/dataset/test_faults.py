@@ -159,7 +159,10 @@ def test_stray_and_duplicate_files_are_quarantined_or_removed_never_read(compact
     assert_complete(out, compacted[1])
 
 
-@pytest.mark.parametrize("change", ["seed", "row_count", "valid_length", "shard_key", "rope_without_digest"])
+@pytest.mark.parametrize(
+    "change",
+    ["seed", "row_count", "valid_length", "shard_key", "rope_without_digest", "seed_without_digest_or_history"],
+)
 def test_a_changed_manifest_value_is_found_by_verify_and_repaired(compacted, tmp_path, change, capsys):
     out = copy_of(compacted, tmp_path)
     text = (out / MANIFEST).read_text()
@@ -173,6 +176,9 @@ def test_a_changed_manifest_value_is_found_by_verify_and_repaired(compacted, tmp
     elif change == "rope_without_digest":  # the digest removed too, as a hand edit that "fixes" the refusal would
         manifest["config"]["rope"] = "pre"
         del manifest["digest"]
+    elif change == "seed_without_digest_or_history":  # what dates it removed too: the signed card still does
+        manifest["sampler"]["seed"] += 1
+        del manifest["digest"], manifest["release_history"]
     else:  # one flipped letter in a key turns off checking of that shard
         info = manifest["shard_info"]
         old = sorted(info)[0]

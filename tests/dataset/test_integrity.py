@@ -255,14 +255,21 @@ def test_examples_table_identity_and_first_position(tmp_path):
     assert loaded["source_id"] == ["doc-3", "doc-7"]
 
 
+def as_older(out) -> None:
+    """The folder as a qk-attn before digests and records wrote it: manifests without them, an unsigned card."""
+    for name in (MANIFEST, PREVIOUS):
+        if (out / name).exists():
+            manifest = json.loads((out / name).read_text())
+            for field in ("digest", "shard_info", "example_info", "examples_file", "release_history"):
+                manifest.pop(field, None)
+            (out / name).write_text(json.dumps(manifest))
+    card = out / "README.md"  # without the manifest's sha256 and the signature
+    card.write_text(card.read_text().split("<!-- qk-sniff manifest sha256")[0])
+
+
 def test_older_datasets_without_digests_still_load_and_verify(dataset):
     out, _ = dataset
-    manifest = read_manifest(out)
-    for field in ("shard_info", "example_info", "examples_file", "release_history"):
-        manifest.pop(field)
-    (out / MANIFEST).write_text(json.dumps(manifest))
-    card = out / "README.md"  # as cards were written then: without the manifest's sha256 and the signature
-    card.write_text(card.read_text().split("<!-- qk-sniff manifest sha256")[0])
+    as_older(out)
     lines = []
     assert verify_dataset(out, log=lines.append) == []
     assert any(line.startswith("info:") and "no recorded size/digest" in line for line in lines)
@@ -275,10 +282,7 @@ def test_repair_of_an_older_dataset_resumed_by_this_version(tmp_path):
     damaged older shard drops the older examples it may hold, and the re-run restores them."""
     out = tmp_path / "out"
     capture(out, EXAMPLES[:4])
-    manifest = read_manifest(out)
-    for field in ("shard_info", "example_info", "examples_file", "release_history"):
-        manifest.pop(field)
-    (out / MANIFEST).write_text(json.dumps(manifest))
+    as_older(out)
     capture(out, EXAMPLES)  # resumed by this version: 4..7 get records
     older = next(
         n for n in read_manifest(out)["shards"]["l00h00q"] if f"l00h00q/{n}" not in read_manifest(out)["shard_info"]
@@ -375,7 +379,8 @@ def test_layers_given_only_the_last_queries_verify_against_what_they_got(tmp_pat
     assert "unseen_queries" in info or Version(transformers.__version__) < Version("5.25")
     assert verify_dataset(out, log=lambda *_: None) == []
     if "unseen_queries" in info:  # the card says which layers got only the last queries, and where that is recorded
-        assert "Layers 2-3 were given only the last queries" in (out / "README.md").read_text()
+        card = (out / "README.md").read_text()
+        assert "Layers 2-3 were given only the last queries" in card and "Query rows fall short of it" in card
 
     sparse = tmp_path / "sparse"
     with torch.no_grad(), qk_attn.session(output=str(sparse), sampler="uniform", min_bucket_size=2, base_rate=1.0):
@@ -383,3 +388,11 @@ def test_layers_given_only_the_last_queries_verify_against_what_they_got(tmp_pat
     assert verify_dataset(sparse, log=lambda *_: None) == []
     os.remove(next((sparse / "l02h00q").glob("*.parquet")))  # a layer's rows lost are still found
     assert any("l02h00q" in problem for problem in verify_dataset(sparse, log=lambda *_: None))
+
+    streamed = tmp_path / "streamed"  # a forward too large to stage whole (pinned_mb=1) hands its calls on one by one
+    long = torch.randint(2, 90, (1, 600), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), qk_attn.session(output=str(streamed), sampler="all", pinned_mb=1):
+        model(input_ids=long, logits_to_keep=1)
+    if "unseen_queries" in info:
+        assert read_manifest(streamed)["example_info"]["0"]["unseen_queries"] == {"2": [[0, 599]], "3": [[0, 599]]}
+    assert verify_dataset(streamed, log=lambda *_: None) == []
