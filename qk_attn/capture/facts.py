@@ -49,6 +49,10 @@ Where the capture code relies on each fact (the module that reads it):
                                    Mllama over a static cache): if it moves, a cross-attention layer is
                                    not recorded (caches.holds_vision), with a warning, never recorded wrong)
     packed_sequence_keywords       attention.refuse_packed (cu_seq_lens_q, cu_seq_lens_k)
+    (run time, no fact of its own)  query_slicing.refuse_unread_query_slicing (a layer given fewer queries
+                                   than its forward's tokens got the last ones only where the slicing
+                                   method was read: Gemma 4's _maybe_slice_kv_shared_inputs slicing with
+                                   slice(-logits_to_keep, None); anywhere else the call is refused)
     cache_layer_updates            caches.refuse_rounding_cache (transformers' own layer types are
                                    trusted only with an update qk-attn read: VETTED_UPDATES, each
                                    checked to return the keys it is given)

@@ -28,6 +28,7 @@ from qk_attn.capture.call_rows import CallRows
 from qk_attn.capture.facts import require as require_facts
 from qk_attn.capture.forward import ForwardContext
 from qk_attn.capture.plan import HeadPlan
+from qk_attn.capture.query_slicing import refuse_unread_query_slicing
 from qk_attn.capture.refusals import REFUSALS
 from qk_attn.capture.sequences import SequenceTracker
 from qk_attn.capture.sinks import MemorySink, Sink, as_sink
@@ -320,6 +321,7 @@ class Session(ModuleBinder, SequenceTracker):
         forwards are prefills, where it is small against the forward's work)."""
         spans = forward.unseen.get(num_queries)
         if spans is None:
+            refuse_unread_query_slicing(forward.config, layer, num_queries, forward.num_new)
             spans = forward.unseen[num_queries] = everything.unseen(num_queries)
             self._warn_once(
                 "unseen",

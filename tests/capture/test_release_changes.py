@@ -14,7 +14,7 @@ import transformers.models.llama.modeling_llama as modeling_llama
 from transformers import DynamicCache
 
 import qk_attn
-from qk_attn.capture import backends, facts, modeling_checks, name_branches, rope_check
+from qk_attn.capture import backends, facts, modeling_checks, name_branches, query_slicing, rope_check
 from qk_attn.errors import CaptureError
 from support.models import COMMON, build, cache_kw, gemma4, padded_batch
 from support.release import edit_file, edited_source, redefine
@@ -815,3 +815,49 @@ def test_states_handed_over_tokens_first_are_refused_naming_the_layout(tokens, t
     layout = rf"\(1, {tokens}, 4, \d+\) tensor: tokens on axis 1, not \(batch, heads, tokens, head_dim\)"
     with torch.no_grad(), qk_attn.session(sampler="all"), pytest.raises(CaptureError, match=layout):
         model(input_ids=torch.arange(3, 3 + tokens)[None])
+
+
+def test_layers_given_other_than_the_last_queries_are_refused(fresh_checks, tmp_path, monkeypatch):
+    """Which queries a layer got is read from the method that slices them (Gemma 4's KV-shared layers):
+    a release that slices others (here: the first ones) is refused in one line, never keyed by guessed
+    positions."""
+    modeling_gemma4 = pytest.importorskip("transformers.models.gemma4.modeling_gemma4")
+    if not hasattr(modeling_gemma4.Gemma4TextModel, "_maybe_slice_kv_shared_inputs"):
+        pytest.skip("no Gemma 4 layers given only the last queries in this transformers")
+    monkeypatch.setattr(query_slicing, "_refusals", {})
+    first = ("slice(-logits_to_keep, None)", "slice(0, logits_to_keep)")
+    redefine(modeling_gemma4.Gemma4TextModel, "_maybe_slice_kv_shared_inputs", [first], tmp_path, monkeypatch)
+    model = gemma4(global_head_dim=16, num_kv_shared_layers=2, hidden_size_per_layer_input=8)
+    model.set_attn_implementation("qk_sniff")
+    ids = torch.randint(2, 90, (1, 6), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(
+        CaptureError,
+        match=r"^qk_sniff: layer 2 got 1 of its forward's 6 queries; Gemma4TextModel._maybe_slice_kv_shared_inputs "
+        r"does not slice them with slice\(-logits_to_keep, None\) .*; not recorded$",
+    ):
+        with qk_attn.session(sampler="all") as s:
+            model(input_ids=ids, logits_to_keep=1)
+    assert s.table() is None
+
+
+def test_a_layer_of_another_model_given_fewer_queries_than_its_tokens_is_refused(monkeypatch):
+    """Only the method read for Gemma 4 says which queries a layer got: elsewhere they are not guessed."""
+    monkeypatch.setattr(query_slicing, "_refusals", {})
+    ids = torch.randint(2, 90, (1, 6), generator=torch.Generator().manual_seed(1))
+    llama = build("llama3", "qk_sniff")
+    interfaces = modeling_llama.ALL_ATTENTION_FUNCTIONS
+
+    class LastQueryOfLayer1:  # as a model that gives layer 1 only its last query, over every key
+        def get_interface(self, name, default):
+            attention = interfaces.get_interface(name, default)
+
+            def last_query(module, query, *args, **kwargs):
+                return attention(module, query[:, :, -1:] if module.layer_idx == 1 else query, *args, **kwargs)
+
+            return last_query
+
+    monkeypatch.setattr(modeling_llama, "ALL_ATTENTION_FUNCTIONS", LastQueryOfLayer1())
+    with pytest.raises(CaptureError, match=r"^qk_sniff: layer 1 got 1 of its forward's 6 queries; qk-attn knows which"):
+        with qk_attn.session(sampler="all") as s:
+            llama(input_ids=ids)
+    assert s.table() is None
