@@ -107,7 +107,7 @@ class ForwardContext:
         self.selections: dict = {}  # id(tokens) -> (tokens, Selection): Session._selection under "all"
         self.unseen: dict[
             int, list
-        ] = {}  # queries given -> per row, the [start, stop) not given (Session._note_unseen)
+        ] = {}  # queries given -> per row, the [start, stop) not given (query_slicing.note_unseen)
         self.staging = None  # its rows until its end (qk_attn.capture.staging), from its first recorded call
         self.offset_check = None  # the derived `past` of a static cache, checked by the sink (OffsetCheck)
 

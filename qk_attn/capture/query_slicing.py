@@ -29,6 +29,24 @@ SLICES_LAST = "slice(-logits_to_keep, None)"  # what the method must slice with
 _refusals: dict[str, str | None] = {}  # modeling module -> its refusal (None: it slices the last queries)
 
 
+def note_unseen(forward, staging, layer: int, everything, num_queries: int, warn_once) -> None:
+    """A layer given only the last `num_queries` queries: the positions it did not get, per example, for the
+    manifest (`staging.unseen`). One host read per forward (on a GPU, a sync: such forwards are prefills,
+    where it is small against the forward's work)."""
+    spans = forward.unseen.get(num_queries)
+    if spans is None:
+        refuse_unread_query_slicing(forward.config, layer, num_queries, forward.num_new)
+        spans = forward.unseen[num_queries] = everything.unseen(num_queries)
+        warn_once(
+            "unseen",
+            f"qk-attn: layer {layer} was given only the last {num_queries} of the forward's {forward.num_new} "
+            "queries (Gemma 4's KV-shared layers, from transformers 5.25): the positions it did not get are not "
+            "recorded; a folder's manifest lists them per example (`unseen_queries`), where verify and the card "
+            "account for them",
+        )
+    staging.unseen.extend((example, layer, *span) for example, span in zip(forward.example_ids, spans) if span)
+
+
 def refuse_unread_query_slicing(config, layer: int, num_queries: int, num_new: int) -> None:
     """CaptureError (one line) unless `config`'s model is known to give its layers the last queries."""
     modeling = modeling_name(type(config))

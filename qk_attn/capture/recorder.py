@@ -28,7 +28,7 @@ from qk_attn.capture.call_rows import CallRows
 from qk_attn.capture.facts import require as require_facts
 from qk_attn.capture.forward import ForwardContext
 from qk_attn.capture.plan import HeadPlan
-from qk_attn.capture.query_slicing import refuse_unread_query_slicing
+from qk_attn.capture.query_slicing import note_unseen
 from qk_attn.capture.refusals import REFUSALS
 from qk_attn.capture.sequences import SequenceTracker
 from qk_attn.capture.sinks import MemorySink, Sink, as_sink
@@ -253,7 +253,7 @@ class Session(ModuleBinder, SequenceTracker):
         decisions = forward.decisions(self.sampler, shape.num_layers, everything)
         staging = forward.staging or self._start_staging(forward, model, query)
         if text is not everything and query_heads and not cross:  # the manifest names the queries it did not get
-            self._note_unseen(forward, staging, layer, everything, num_queries)
+            note_unseen(forward, staging, layer, everything, num_queries, self._warn_once)
         if decisions is not None and text is everything and not cross and not decisions.keeps_any(layer):
             # The sampler keeps nothing of this layer (known on the host without a sync), as in most
             # layers of a decode step: the sink still learns that it ran.
@@ -314,23 +314,6 @@ class Session(ModuleBinder, SequenceTracker):
                 "call and may wait for the saver inside the forward; raise pinned_mb to stage them whole",
             )
         return staging
-
-    def _note_unseen(self, forward, staging: Staging, layer: int, everything, num_queries: int) -> None:
-        """A layer given only the last `num_queries` queries (Gemma 4's KV-shared layers in a prefill): the
-        positions it did not get, for the manifest. One host read per forward (on a GPU, a sync: such
-        forwards are prefills, where it is small against the forward's work)."""
-        spans = forward.unseen.get(num_queries)
-        if spans is None:
-            refuse_unread_query_slicing(forward.config, layer, num_queries, forward.num_new)
-            spans = forward.unseen[num_queries] = everything.unseen(num_queries)
-            self._warn_once(
-                "unseen",
-                f"qk-attn: layer {layer} was given only the last {num_queries} of the forward's {forward.num_new} "
-                "queries (Gemma 4's KV-shared layers, from transformers 5.25): the positions it did not get are not "
-                "recorded; a folder's manifest lists them per example (`unseen_queries`), where verify and the card "
-                "account for them",
-            )
-        staging.unseen.extend((example, layer, *span) for example, span in zip(forward.example_ids, spans) if span)
 
     # ---- bookkeeping (host only) -----------------------------------------------------
     def _not_recorded(self, forward, module) -> bool:
