@@ -59,6 +59,11 @@ def _session_backends() -> str:
     return f"{' | '.join(WRAPPED_BACKENDS)}; {FLASH_ADVICE}"
 
 
+def _looks_like_ours(variable: str) -> bool:
+    """`QK_SNIFF_*` in any case, and its misspelt prefixes (QK_SNIF_, QKSNIFF_, QK__SNIFF_)."""
+    return "".join(c for c in variable.upper() if c.isalpha()).startswith("QKSNIF")
+
+
 def _did_you_mean(name: str, known) -> str:
     close = difflib.get_close_matches(name, list(known), n=1)
     return (f" (did you mean {close[0]}?)" if close else "") + f"; known: {', '.join(known)}"
@@ -206,9 +211,7 @@ class SniffConfig:
             environ = {} if command_line_process() else os.environ
         known = {ENV_PREFIX + name.upper(): name for name in cls.field_names()}
         # Names are upper case: qk_sniff_output would be ignored by the shell's user, silently.
-        unknown = sorted(
-            v for v in environ if v.upper().startswith(ENV_PREFIX) and v not in known and v not in OTHER_ENV
-        )
+        unknown = sorted(v for v in environ if _looks_like_ours(v) and v not in known and v not in OTHER_ENV)
         if unknown:  # a typo would otherwise capture with a default silently
             raise ConfigError(
                 f"{unknown[0]} is not a qk-attn variable{_did_you_mean(unknown[0].upper(), [*known, *OTHER_ENV])}"

@@ -126,6 +126,11 @@ def test_unknown_variable_is_refused_with_the_closest_name(tmp_path):
     # Names are upper case: a lower-case one would leave capture off, silently.
     with pytest.raises(ValueError, match=r"^qk_sniff_output is not a qk-attn variable \(did you mean QK_SNIFF_OUTPUT"):
         SniffConfig.from_env({"qk_sniff_output": str(tmp_path)})
+    # A misspelt prefix too: the variable would be ignored, and capture would use its default.
+    for variable in ("QK_SNIF_OUTPUT", "QKSNIFF_OUTPUT", "QK__SNIFF_OUTPUT", "QK_SNIFFF_RATE"):
+        with pytest.raises(ValueError, match=rf"^{variable} is not a qk-attn variable \(did you mean QK_SNIFF_"):
+            SniffConfig.from_env({variable: "x"})
+    assert SniffConfig.from_env({"QK_SNAP": "x", "QKV_SNIFF": "x"}) == SniffConfig()  # not ours
 
 
 def test_index_lists():
