@@ -62,7 +62,9 @@ Where the capture code relies on each fact (the module that reads it):
                                    _assisted_decoding, _prefill in generation/utils.py, locals
                                    model_kwargs, unfinished_sequences, has_eos_stopping_criteria)
     generation_dispatch            generation_frames._refuse_unknown_decoding (generate()'s locals decoding_method and
-                                   custom_generate; GENERATION_MODES_MAPPING names only DECODING_METHODS)
+                                   custom_generate; GENERATION_MODES_MAPPING names only DECODING_METHODS;
+                                   at run time, the method's code is generation/utils.py's: a model's own
+                                   `_sample` (CSM's) is refused)
     attention_module_attributes    capture/session: module.layer_idx, module.config,
                                    module.sliding_window, rope.uses_rope (module.use_rope); not a
                                    fact of its own, held by tests (test_forward_context, test_release_changes):

@@ -100,7 +100,7 @@ def _refuse_unknown_decoding(callers: list[MethodFrame], builder) -> None:
                 and method is not local.get("custom_generate")
                 and _generates_for(this, builder)
             ):
-                name = _code_name(method)
+                name, filename = _code_name(method)
                 if name not in DECODING_METHODS:
                     import transformers
 
@@ -108,14 +108,29 @@ def _refuse_unknown_decoding(callers: list[MethodFrame], builder) -> None:
                         f"qk_sniff: generate() runs its decoding in {name}, which qk-attn does not know "
                         f"(transformers {transformers.__version__}); not recorded"
                     )
+                if not filename.endswith(GENERATION_FILE):
+                    # A model's own loop (CSM's, VibeVoice's): its use_cache and padding of finished rows unread.
+                    raise CaptureError(
+                        f"qk_sniff: generate() of {type(this).__name__} runs its own {name} ({_short(filename)}), "
+                        "not transformers' generation/utils.py, which is the one qk-attn read (its use_cache and "
+                        "padding of finished rows); not recorded: call the model's forward directly"
+                    )
             known_below = False  # frames above belong to an enclosing generate()
 
 
-def _code_name(method) -> str:
-    """The name of the code a decoding method runs (its frame's name), through decorators."""
+def _code_name(method) -> tuple[str, str]:
+    """The name and file of the code a decoding method runs (its frame's), through decorators."""
     inner = inspect.unwrap(method)
     code = getattr(inner, "__code__", None)
-    return code.co_name if code is not None else getattr(inner, "__name__", type(inner).__name__)
+    if code is None:
+        return getattr(inner, "__name__", type(inner).__name__), ""
+    return code.co_name, code.co_filename
+
+
+def _short(filename: str) -> str:
+    """A file under transformers/ from there; any other whole."""
+    head, marker, tail = filename.rpartition(os.sep + "transformers" + os.sep)
+    return "transformers" + os.sep + tail if marker else filename
 
 
 def _generates_for(model, builder) -> bool:

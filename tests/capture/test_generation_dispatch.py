@@ -114,3 +114,50 @@ def test_a_wrapper_of_the_sample_loop_without_functools_wraps_is_recorded(monkey
         tokens = model.generate(input_ids=BEFORE, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert torch.equal(tokens, expected)
     assert sorted(set(s.table().to_pydict()["position"])) == list(range(tokens.shape[1] - 1))
+
+
+def _own_sample_loop(tmp_path):
+    """A Llama whose class decodes in its own `_sample` (a copy of transformers', in a file of its own), as
+    CSM, VibeVoice, Higgs Audio v2 and Pocket TTS do: that loop's use_cache and padding are unread."""
+    source = textwrap.dedent(inspect.getsource(GenerationMixin._sample))
+    path = tmp_path / "generation_own.py"
+    path.write_text(source, encoding="utf-8")
+    namespace: dict = {}
+    exec(compile(source, str(path), "exec"), generation_utils.__dict__, namespace)
+    model = build("llama3", "qk_sniff")
+    model.__class__ = type("OwnLoopForCausalLM", (type(model),), {"_sample": namespace["_sample"]})
+    return model
+
+
+def _csm():
+    """transformers' CSM, whose generate() decodes in models/csm/generation_csm.py's `_sample`."""
+    depth = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    config = tf.CsmConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=16, num_codebooks=4, vocab_size=16, text_vocab_size=50, codebook_pad_token_id=15,
+        codebook_eos_token_id=0, audio_token_id=49, pad_token_id=48, max_position_embeddings=64,
+        depth_decoder_config=dict(depth, num_key_value_heads=1, head_dim=16, num_codebooks=4, vocab_size=16,
+                                  backbone_hidden_size=32),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = tf.CsmForConditionalGeneration(config).eval()
+    model.set_attn_implementation("qk_sniff")
+    return model
+
+
+@pytest.mark.parametrize("which", ["own-copy", "csm"])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_a_model_that_decodes_in_its_own_sample_loop_is_refused(which, use_cache, tmp_path):
+    """Its steps without a cache would each be recorded as a new example (position 5 under two ids), and
+    its finished rows' padding as tokens: refused, with the loop's file, and the session goes on."""
+    model = _own_sample_loop(tmp_path) if which == "own-copy" else _csm()
+    arguments = dict(depth_decoder_do_sample=False) if which == "csm" else dict(pad_token_id=0)
+    name = "OwnLoopForCausalLM" if which == "own-copy" else "CsmForConditionalGeneration"
+    where = "generation_own.py" if which == "own-copy" else "generation_csm.py"
+    refusal = rf"^qk_sniff: generate\(\) of {name} runs its own _sample \(.*{where}\), not transformers'"
+    with qk_attn.session(sampler="all", layers="0") as s:
+        with pytest.raises(CaptureError, match=refusal):
+            model.generate(input_ids=BEFORE % 16, max_new_tokens=3, do_sample=False, use_cache=use_cache, **arguments)
+        s.begin([7])
+        model(input_ids=BEFORE % 16)  # its forward, called directly: recorded
+    assert set(s.table().to_pydict()["example_id"]) == {7}
