@@ -65,7 +65,8 @@ def model_forward(callers: list[MethodFrame], batch_size: int, num_new: int) -> 
     for frame, local, this, _ in callers:
         if not isinstance(this, torch.nn.Module):
             continue
-        if module is None:
+        if module is None or (this is module and not numbers_positions and _forward_above_helper(frame, builder)):
+            # (a helper method of the module that built the mask without its positions: its forward holds them)
             module, positions, cache, builder = this, local.get("position_ids"), cache_of(local), frame
             own_mask = local.get("attention_mask")
             numbers_positions, code = "position_ids" in frame.f_code.co_varnames, frame.f_code
@@ -82,6 +83,10 @@ def model_forward(callers: list[MethodFrame], batch_size: int, num_new: int) -> 
     positions = positions if isinstance(positions, torch.Tensor) else None
     depth = _depth(builder) if builder is not None else 0
     return ModelForward(module, ids, positions, cache, images, numbers_positions, code, depth, outermost, own_mask)
+
+
+def _forward_above_helper(frame, builder) -> bool:
+    return frame.f_code.co_name == "forward" and builder.f_code.co_name != "forward"
 
 
 def _depth(frame) -> int:

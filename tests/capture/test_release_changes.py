@@ -861,3 +861,36 @@ def test_a_layer_of_another_model_given_fewer_queries_than_its_tokens_is_refused
         with qk_attn.session(sampler="all") as s:
             llama(input_ids=ids)
     assert s.table() is None
+
+
+@pytest.mark.parametrize("handed_to_layers", [True, False])
+def test_a_model_that_builds_its_mask_in_a_helper_method_is_keyed_by_its_forwards_positions(
+    tmp_path, monkeypatch, handed_to_layers
+):
+    """A release (or remote code) whose decoder stack builds its mask in a method of its own, as
+    transformers 4.x did in `_update_causal_mask`, holding the positions under another name there: they were
+    read from that helper's frame (none: counted from the cache), so a left-padded example was keyed at
+    positions 3.. where its RoPE used 0.., silently where its layers get no position_ids, and refused with
+    advice the caller could not follow where they do. Its forward's own are read: recorded as unedited."""
+    import transformers.models.qwen2.modeling_qwen2 as modeling_qwen2
+
+    batch = padded_batch("left")  # with position_ids counting real tokens
+    model = build("qwen2", "qk_sniff")
+    with qk_attn.session(sampler="all") as unedited:
+        expected = model(**batch, use_cache=False).logits
+
+    def build_mask(self, arguments):
+        positions = arguments.pop("position_ids")
+        return modeling_qwen2.create_causal_mask(**arguments, position_ids=positions)
+
+    edits = [
+        ("@auto_docstring\n", ""),
+        ('"full_attention": create_causal_mask(**mask_kwargs)', '"full_attention": self.build_mask(mask_kwargs)'),
+    ]
+    if not handed_to_layers:
+        edits.append(("            position_ids=position_ids,\n", ""))
+    redefine(modeling_qwen2.Qwen2Model, "forward", edits, tmp_path, monkeypatch)
+    monkeypatch.setattr(modeling_qwen2.Qwen2Model, "build_mask", build_mask, raising=False)
+    with qk_attn.session(sampler="all") as helper:
+        assert torch.equal(model(**batch, use_cache=False).logits, expected)
+    assert helper.table().equals(unedited.table())
