@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from qk_attn.capture.schema import columns_table
+from qk_attn.capture.schema import TokenStrings, columns_table
 from qk_attn.errors import CaptureError, CaptureOverflow, MisnumberedPositions
 
 KINDS = ("q", "k")
@@ -244,12 +244,12 @@ class HostRows:
         head_index: int,
         vector_type: pa.DataType = pa.float32(),
         token_ids: bool | None = None,
-        vocabulary: pa.Array | None = None,
+        vocabulary: TokenStrings | None = None,
     ) -> pa.Table:
         """The rows of one head as an Arrow table in the dataset schema, built without row loops.
 
         `token_ids`: whether the schema has `token_id` (None: when this batch has token ids);
-        `vocabulary` (string array) adds `token_str`."""
+        `vocabulary` (TokenStrings) adds `token_str`."""
         token_ids = self.token_id is not None if token_ids is None else token_ids
         flat = np.ascontiguousarray(self.vectors[head_index], dtype=vector_type.to_pandas_dtype()).reshape(-1)
         return columns_table(

@@ -23,7 +23,7 @@ def columns_table(
     head_dim: int,
     vector_type: pa.DataType,
     token_ids: bool,
-    vocabulary: pa.Array | None = None,
+    vocabulary: TokenStrings | None = None,
 ) -> pa.Table:
     """A table in the dataset schema from lists of numpy chunks (one chunk per piece): numeric
     numpy arrays become Arrow arrays zero-copy, runs of small chunks are joined first
@@ -92,13 +92,31 @@ def _join_small_chunks(example_id, position, bucket, vectors, token_id) -> tuple
     return tuple(joined(chunks) for chunks in (example_id, position, bucket, vectors, token_id))
 
 
-def _token_str(token_id: pa.Array, vocabulary: pa.Array) -> pa.DictionaryArray:
+class TokenStrings:
+    """A vocabulary as `token_str`'s dictionary: the strings by id, none null (Parquet cannot write a null in a
+    dictionary), and the ids that have none (None in the list given), whose token_str is null."""
+
+    __slots__ = ("strings", "missing")
+
+    def __init__(self, vocabulary: list) -> None:
+        strings = pa.array(vocabulary, pa.string())
+        self.missing = np.asarray(strings.is_null()) if strings.null_count else None
+        self.strings = strings.fill_null("") if strings.null_count else strings
+
+    def __len__(self) -> int:
+        return len(self.strings)
+
+
+def _token_str(token_id: pa.Array, vocabulary: TokenStrings) -> pa.DictionaryArray:
     # Ids outside the vocabulary (added tokens the list lacks) become nulls, not an error mid-run.
     ids = token_id.to_numpy(zero_copy_only=False)
     bad = np.isnan(ids) if ids.dtype.kind == "f" else np.zeros(len(ids), bool)
     ids = np.where(bad, 0, ids).astype(np.int64)
     bad |= (ids < 0) | (ids >= len(vocabulary))
-    return pa.DictionaryArray.from_arrays(pa.array(np.where(bad, 0, ids).astype(np.int32), mask=bad), vocabulary)
+    ids = np.where(bad, 0, ids).astype(np.int32)
+    if vocabulary.missing is not None:
+        bad |= vocabulary.missing[ids]
+    return pa.DictionaryArray.from_arrays(pa.array(ids, mask=bad), vocabulary.strings)
 
 
 def arrow_schema(

@@ -26,6 +26,7 @@ import pyarrow as pa
 from qk_attn.arguments import check_flag, check_source, check_vocabulary
 from qk_attn.capture.batch import CaptureBatch
 from qk_attn.capture.refusals import REFUSALS, LateRefusals
+from qk_attn.capture.schema import TokenStrings
 from qk_attn.capture.sinks import Sink
 from qk_attn.config import SniffConfig
 from qk_attn.errors import CaptureError, CaptureOverflow, CommittedExampleError, SaverError, StorageError
@@ -89,7 +90,7 @@ class ParquetSink(SaverThread, Sink):
         self.complete = False  # set by a runner that went through every document it owns (rank parts record it)
         self.documents: dict | None = None  # with `complete`: the document list it went through ({"count", "sha256"})
         self.vector_type = pa.float16() if config.vector_dtype == "float16" else pa.float32()
-        self.vocabulary = None if vocabulary is None else pa.array(vocabulary, pa.string())
+        self.vocabulary = None if vocabulary is None else TokenStrings(vocabulary)
         # One schema per dataset: token ids are a column of every shard or of none. New captures
         # have them; a capture resumed from before token ids keeps its schema.
         if token_ids is None:
