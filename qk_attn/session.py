@@ -12,6 +12,7 @@ which commits at `qk_attn.flush()` and at interpreter exit.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import inspect
@@ -183,7 +184,7 @@ class _EnteredOnce(contextlib.ContextDecorator):
     about 'args', which does not say that a session is single-use); as a decorator, a new session per call."""
 
     def __init__(self, args: tuple, kwargs: dict) -> None:
-        self._args, self._kwargs, self._block = args, kwargs, None
+        self._args, self._kwargs, self._block, self._recorder = args, kwargs, None, None
 
     def _recreate_cm(self) -> _EnteredOnce:
         return _EnteredOnce(self._args, self._kwargs)
@@ -195,10 +196,24 @@ class _EnteredOnce(contextlib.ContextDecorator):
                 "qk_attn.session(...) again for a new one"
             )
         self._block = _session(*self._args, **self._kwargs)
-        return self._block.__enter__()
+        self._recorder = self._block.__enter__()
+        # A block entered by hand (a notebook's `s = session(...).__enter__()`) stays open while the process
+        # runs, and closes at its exit like the default session: its generator, left to the garbage
+        # collector, closed it at once when this object was dropped, or failed at interpreter teardown.
+        atexit.register(self._exit_at_interpreter_exit)
+        return self._recorder
 
     def __exit__(self, *exc_info) -> bool | None:
+        atexit.unregister(self._exit_at_interpreter_exit)
         return self._block.__exit__(*exc_info)
+
+    def _exit_at_interpreter_exit(self) -> None:
+        if self._recorder.closed or active.inherited(self._recorder):
+            return
+        try:
+            active.settle_at_exit(self._recorder)
+        finally:
+            self._block.__exit__(None, None, None)
 
 
 @functools.wraps(_session)

@@ -242,3 +242,33 @@ def test_the_exit_handler_discards_a_sequence_a_live_thread_was_still_extending(
     assert "example(s) [1] could still be continued" in result.stderr, result.stderr
     assert _examples(out) == [0]
     assert verify_dataset(out, log=lambda *_: None) == []
+
+
+# A session entered by hand (as in a notebook), its context manager dropped, never exited.
+ENTERED_BY_HAND = PRELUDE + textwrap.dedent("""
+    model = build("llama3", "qk_sniff")
+    s = qk_attn.session(output=sys.argv[1], sampler="all").__enter__()
+    print("closed after enter:", s.closed)
+    s.begin([1, 2])
+    model(input_ids=torch.cat([tokens(6, 0), tokens(6, 1)]))
+    s.commit()
+    s.begin([3])
+    model(input_ids=tokens(4, 2))  # complete, not committed by hand: committed at exit, as a block's end does
+    print("main thread returns")
+""")
+
+
+def test_a_session_entered_by_hand_stays_open_and_commits_at_interpreter_exit(tmp_path):
+    """Its dropped context manager closed it at once (the garbage collector finalised its generator), so
+    forwards recorded nothing, silently; kept, the generator's cleanup failed at interpreter teardown with a
+    TypeError, leaving a folder of no committed example, a stale lock and no card. It now stays open and
+    closes at exit as the default session does."""
+    out = tmp_path / "out"
+    result = _run(ENTERED_BY_HAND, out)
+    assert result.returncode == 0, result.stderr
+    assert "closed after enter: False" in result.stdout and "main thread returns" in result.stdout
+    assert "Exception ignored" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert _examples(out) == [1, 2, 3]
+    assert _positions(out, kind="k") == {1: list(range(6)), 2: list(range(6)), 3: list(range(4))}
+    assert verify_dataset(out, log=lambda *_: None) == []
+    assert (out / "README.md").exists() and not (out / LOCK).exists()

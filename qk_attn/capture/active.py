@@ -171,21 +171,27 @@ def _settle(found) -> None:
 
 def _close_default_at_exit() -> None:
     """Interpreter exit: the default session commits and closes (in the process that made it: a forked
-    child's copy is inert). A daemon thread may still be inside a forward: that forward's examples (and
-    the sequences it extends) are discarded with one warning, and the examples whose forwards ended are
-    committed. When an uncaught exception ends the process (sys.last_value), it may have stopped an
-    example between two of its forwards (prefill chunks, generate() steps): the sequences a later forward
-    could still continue are not committed."""
+    child's copy is inert)."""
     if _default is None or inherited(_default):
         return
     try:
-        _default.discard_running("was still running in thread {thread} when the interpreter exited")
-        # a thread still alive may be between two forwards of its sequence (prefill chunks, decode steps)
-        _default.drop_open_sequences("the interpreter exited while their thread ran", other_threads=True)
-        if getattr(sys, "last_value", None) is not None:
-            _default.drop_open_sequences("the process ended with an uncaught exception")
+        settle_at_exit(_default)
     finally:
         _default.close()
+
+
+def settle_at_exit(session) -> None:
+    """What a session still open at interpreter exit drops before it closes (the default session, or a
+    `session()` entered by hand and never exited). A daemon thread may still be inside a forward: that
+    forward's examples (and the sequences it extends) are discarded with one warning, and the examples
+    whose forwards ended are committed. When an uncaught exception ends the process (sys.last_value), it
+    may have stopped an example between two of its forwards (prefill chunks, generate() steps): the
+    sequences a later forward could still continue are not committed."""
+    session.discard_running("was still running in thread {thread} when the interpreter exited")
+    # a thread still alive may be between two forwards of its sequence (prefill chunks, decode steps)
+    session.drop_open_sequences("the interpreter exited while their thread ran", other_threads=True)
+    if getattr(sys, "last_value", None) is not None:
+        session.drop_open_sequences("the process ended with an uncaught exception")
 
 
 def generation_starts() -> _Generation:
