@@ -54,7 +54,7 @@ class ModuleBinder:
         if model is None or model.config() is not module.config:
             if self._models and self.sink.one_model:
                 self._refuse_second_model(module)
-            plan = HeadPlan.build(self.config, ModelShape.from_module(module, query, key))
+            plan = HeadPlan.build(self.config, ModelShape.from_module(module, query, key, forward.builder))
             model = self._models[id(module.config)] = ModelBinding(module.config, plan)
             if forward.builder is not None:
                 model.own(forward.builder)
@@ -78,6 +78,12 @@ class ModuleBinder:
                 f"qk_sniff: the model now has {layers} layers where its first recorded forward in this session had "
                 f"{model.plan.shape.num_layers} (layers pruned or added in place): its rows could not share one head "
                 "plan and layer numbering; open a new session for the changed model"
+            )
+        if not model.plan.shape.has_attention(layer):
+            raise CaptureError(
+                f"qk_sniff: layer {layer} ({type(module).__name__}) called attention, but qk-attn found no attention "
+                "module in that layer when it planned the model's layers (of the first one's class, or calling "
+                "transformers' attention interface), so its plan could be wrong; not recorded"
             )
         entry = model.layer_dtypes.get(layer)
         if entry is None:

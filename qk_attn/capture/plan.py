@@ -6,6 +6,7 @@ Built once per model shape from the configuration; the attention call only looks
 
 from __future__ import annotations
 
+import inspect
 import random
 from dataclasses import dataclass, field
 
@@ -26,10 +27,12 @@ class ModelShape:
     head_dim: int
     layer_types: tuple[str, ...] | None = None
     dtype: str | None = None  # what attention ran in (the query's), whatever the config says
+    attention_layers: frozenset[int] | None = None  # the layers with an attention module (None: not known)
 
     @classmethod
-    def from_module(cls, module, query, key) -> ModelShape:
-        """Read the shape from an attention module and the tensors it was called with."""
+    def from_module(cls, module, query, key, model=None) -> ModelShape:
+        """Read the shape from an attention module, the tensors it was called with, and the `model` that
+        holds it (the module that built the mask: which of its layers have attention)."""
         config = module.config
         heads, groups = _config_int(config, "num_attention_heads"), getattr(module, "num_key_value_groups", 1)
         latent = getattr(module, "kv_lora_rank", None) is not None
@@ -55,13 +58,33 @@ class ModelShape:
             head_dim=query.shape[-1],
             layer_types=tuple(layer_types) if layer_types else None,
             dtype=dtype_name(query.dtype),
+            attention_layers=attention_layers(model, module) if model is not None else None,
         )
+
+    def has_attention(self, layer: int) -> bool:
+        return self.attention_layers is None or layer in self.attention_layers
 
     def local_attention(self, layer: int) -> str | None:
         """What a layer attends over when not the whole sequence, from the config's layer_types: "sliding-window"
         or "chunked-attention" (Llama 4), else None."""
         kind = self.layer_types[layer] if self.layer_types and layer < len(self.layer_types) else ""
         return "sliding-window" if "sliding" in kind else "chunked-attention" if "chunked" in kind else None
+
+
+def attention_layers(model, module) -> frozenset[int]:
+    """The layers of `model` that hold an attention module of `module`'s config: of `module`'s class, or one
+    whose forward calls transformers' attention interface. A hybrid model's conv, Mamba or linear-attention
+    layers have none: a plan that counted them would record nothing of a layer filter or a head sample
+    drawn there, silently. (A layer taken for one without attention that calls it is refused: binder.)"""
+    config, found = module.config, set()
+    for candidate in model.modules():
+        layer = getattr(candidate, "layer_idx", None)
+        if getattr(candidate, "config", None) is not config or not isinstance(layer, int):
+            continue
+        forward = getattr(inspect.unwrap(type(candidate).forward), "__code__", None)  # (through decorators)
+        if type(candidate) is type(module) or (forward is not None and "ALL_ATTENTION_FUNCTIONS" in forward.co_names):
+            found.add(layer)
+    return frozenset(found)
 
 
 def _config_int(config, name: str) -> int | None:
@@ -109,6 +132,9 @@ class HeadPlan:
         for layer in range(shape.num_layers):
             if config.layers is not None and layer not in config.layers:
                 plan.excluded_layers[layer] = "not in layers filter"
+            elif not shape.has_attention(layer):
+                kind = shape.layer_types[layer] if shape.layer_types and layer < len(shape.layer_types) else None
+                plan.excluded_layers[layer] = f"no attention ({kind} layer)" if kind else "no attention module"
             elif config.full_attention_only and shape.local_attention(layer):
                 plan.excluded_layers[layer] = f"{shape.local_attention(layer)} layer (full_attention_only)"
         # None is every head; an empty tuple never reaches here (SniffConfig refuses it), and must

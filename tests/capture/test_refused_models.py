@@ -238,3 +238,47 @@ def test_layers_pruned_in_place_within_a_session_are_refused_not_keyed_by_their_
         s.begin([1])
         with pytest.raises(CaptureError, match="the model now has 2 layers where its first recorded forward"):
             model(input_ids=ids)
+
+
+def _lfm2():
+    """A hybrid model: layers 0 and 2 are convolutions (no attention), layers 1 and 3 attend."""
+    torch.manual_seed(0)
+    config = tf.Lfm2Config(**{**COMMON, "num_hidden_layers": 4}, layer_types=["conv", "full_attention"] * 2)
+    model = tf.Lfm2ForCausalLM(config).eval()
+    model.set_attn_implementation("qk_sniff")
+    return model
+
+
+@pytest.mark.parametrize("into", ["memory", "parquet"])
+def test_layers_without_attention_of_a_hybrid_model_are_not_planned(tmp_path, into):
+    """A hybrid model's conv (Mamba, linear-attention) layers were planned as attention layers: layers="0"
+    committed examples with no rows and a valid length of 0, which verify passed, and a head sample drew
+    pairs there (seed 2 of 3 pairs: none recorded). They are excluded, named in the refusal and the plan."""
+    model = _lfm2()
+    ids = torch.randint(2, VOCAB - 2, (1, 8), generator=torch.Generator().manual_seed(0))
+    out = {"output": tmp_path / "out"} if into == "parquet" else {}
+    with pytest.raises(
+        ConfigError, match=r"^nothing would be recorded: .*\(no attention \(conv layer\); not in layers"
+    ):
+        with qk_attn.session(sampler="all", layers="0", **out) as s:
+            model(input_ids=ids)
+    assert not s.sink.committed_ids()
+    for seed in range(4):
+        with qk_attn.session(sampler="all", capture="q", head_sample_count=3, head_sample_seed=seed) as s:
+            model(input_ids=ids)
+        assert s.plan.excluded_layers == {0: "no attention (conv layer)", 2: "no attention (conv layer)"}
+        recorded = set(zip(s.table()["layer"].to_pylist(), s.table()["head"].to_pylist()))
+        assert len(recorded) == 3 and {layer for layer, _ in recorded} <= {1, 3}
+
+
+def test_a_layer_planned_without_attention_that_calls_it_is_refused(monkeypatch):
+    """Which layers attend is read from the model's modules (plan.attention_layers): a layer it missed that
+    calls attention is refused in one line, never recorded under a plan that left it out."""
+    from qk_attn.capture import plan
+
+    monkeypatch.setattr(plan, "attention_layers", lambda model, module: frozenset({0}))
+    model = build("llama3", "qk_sniff")
+    with pytest.raises(CaptureError, match=r"^qk_sniff: layer 1 \(LlamaAttention\) called attention, but qk-attn"):
+        with qk_attn.session(sampler="all") as s:
+            model(input_ids=torch.tensor([[2, 3, 4]]))
+    assert s.table() is None
