@@ -32,11 +32,13 @@ NAME = "qk_sniff"
 logger = logging.getLogger(__name__)
 
 
+@torch.compiler.disable
 def qk_sniff_mask(*args, **kwargs):
     """The mask of the wrapped backend, after the forward's capture context is noted. Every forward,
     capture on or off, first has the model's branches on the implementation's name take the
     wrapped backend's path (or refuses the model, also for a branch qk-attn does not know), so
-    logits stay the backend's bit for bit. The facts come before those checks (capture off: an error of theirs)."""
+    logits stay the backend's bit for bit. The facts come before those checks (capture off: an error of theirs).
+    Kept out of compiled graphs: it reads the stack's frames, which dynamo cannot trace."""
     from qk_attn.capture.active import current_config, current_session
     from qk_attn.capture.facts import mismatch_at_import, require
 

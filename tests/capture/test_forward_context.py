@@ -481,15 +481,19 @@ def test_out_of_range_heads_from_the_environment_name_the_variable(monkeypatch):
             model(input_ids=_tokens(4))
 
 
-def test_compiled_model_records_every_forward_like_eager():
-    """torch.compile traces the mask function and layers once; the capture context and the
-    capture itself are kept out of the graph, so each forward is recorded with its own ids."""
+@pytest.mark.parametrize("masked", [False, True])
+def test_compiled_model_records_every_forward_like_eager(masked):
+    """torch.compile traces the layers once; the mask function, the capture context and the capture itself
+    are kept out of the graph, so each forward is recorded with its own ids. With an attention_mask, the
+    first compiled forward inside a session failed in dynamo (it traced the mask function's frame reads)."""
+    torch._dynamo.reset()  # (compiled code is kept per code object: each case compiles afresh)
     model = build("llama3", "qk_sniff")
     first, second = _tokens(6, seed=1), _tokens(6, seed=2)
+    mask = dict(attention_mask=torch.ones_like(first)) if masked else {}
     compiled = torch.compile(model, backend="eager")
     with qk_attn.session(sampler="all", capture="k") as s:
-        compiled(input_ids=first, use_cache=False)
-        compiled(input_ids=second, use_cache=False)
+        compiled(input_ids=first, use_cache=False, **mask)
+        compiled(input_ids=second, use_cache=False, **mask)
     got = rows_by_key(s.table())
     want = {**_one_shot(model, first, [0], capture="k"), **_one_shot(model, second, [1], capture="k")}
     _assert_same_rows(got, want, rtol=0, atol=0)
