@@ -48,6 +48,7 @@ def attend_and_capture(backend, module, query, key, value, attention_mask, *args
 def _record(session, module, query, key, attention_mask, kwargs) -> None:
     # Vision towers have no layer_idx: only text attention layers are recorded.
     if getattr(module, "layer_idx", None) is None:
+        session.refuse_unnumbered(module)
         return
     rotary = applied_rotary(module) if session.config.rope == "pre" else None
     if query.is_cuda or torch.compiler.is_compiling():

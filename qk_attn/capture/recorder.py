@@ -163,6 +163,20 @@ class Session(ModuleBinder, SequenceTracker):
             "the language model's attention",
         )
 
+    def refuse_unnumbered(self, module) -> None:
+        """An attention call of a module without a layer_idx: a vision tower's is not recorded, but one of the
+        model whose forward runs (a release or remote code that sets none on some layers) is refused: that
+        layer's rows would be missing while the others' were committed, and verify could not tell."""
+        forward = self._forwards.get(id(getattr(module, "config", None)))
+        if isinstance(forward, ForwardContext) and forward.config is module.config and forward.finished is not True:
+            forward.used = True  # (the next mask call starts the next forward)
+            self._discard(forward, "was refused")
+            raise CaptureError(
+                f"qk_sniff: {type(module).__name__}, an attention module of the model whose forward runs, has no "
+                "layer_idx, so its rows could not be keyed by layer; nothing of this forward is recorded (qk-attn "
+                "records models whose attention modules set self.layer_idx)"
+            )
+
     def capture(self, module, query: torch.Tensor, key: torch.Tensor, mask, kwargs: dict, rotary=None) -> None:
         """Record this call's rows. `rotary` is the (cos, sin) the layer's forward applied (rope="pre").
         A decode step runs this once per layer: its common path calls as few functions as it can."""

@@ -32,17 +32,28 @@ def test_a_model_whose_attention_does_not_use_the_interface_is_refused_not_recor
         assert qk_attn.load_examples(out).num_rows == 0
 
 
-def test_attention_modules_without_a_layer_idx_are_named_in_the_refusal():
+@pytest.mark.parametrize("which", ["every layer", "layer 1"])
+def test_attention_modules_without_a_layer_idx_are_named_in_the_refusal(which, tmp_path):
     """Attention calls without a layer_idx are not recorded (vision towers have none): a release that
-    stops setting it on a text model's attention records nothing, and the refusal names layer_idx."""
+    stops setting it on a text model's attention recorded nothing, and where only some layers lost it, the
+    others' rows were committed with that layer missing, which verify passed. Refused, naming layer_idx,
+    and the session goes on."""
     model = build("llama3", "qk_sniff")
-    for layer in model.model.layers:
-        layer.self_attn.layer_idx = None
-    with pytest.raises(
-        CaptureError, match=r"none of its layers called qk_sniff's attention with a layer_idx .*set no self\.layer_idx"
-    ):
-        with qk_attn.session(sampler="all"):
+    for index, layer in enumerate(model.model.layers):
+        if which == "every layer" or index == 1:
+            layer.self_attn.layer_idx = None
+    with qk_attn.session(sampler="all", output=tmp_path / "out") as s:
+        with pytest.raises(
+            CaptureError, match=r"^qk_sniff: LlamaAttention, an attention module of .* has no layer_idx, so its rows"
+        ):
+            s.begin([0, 1])
             model(**padded_batch("left"), use_cache=False)
+        for index, layer in enumerate(model.model.layers):
+            layer.self_attn.layer_idx = index
+        s.begin([2, 3])
+        model(**padded_batch("left"), use_cache=False)
+    assert s.sink.committed_ids() == {2, 3}
+    assert set(qk_attn.load_examples(tmp_path / "out")["example_id"].to_pylist()) == {2, 3}
 
 
 def test_a_session_that_records_nothing_says_so_when_it_ends(tmp_path, caplog):
