@@ -226,6 +226,7 @@ RANK_FILES = (PART_FILES_RE, PART_EXAMPLES_RE)  # what a single writer's overwri
 def remove_dataset(output: Path, files: Files = Files()) -> None:
     """Delete what a capture wrote into OUT (and nothing else). A rank deletes only its own
     shards and manifest part; rank 0 also the merged manifest, the card and single-writer shards."""
+    _refuse_foreign_parquet(output)
     ours = (MANIFEST, PREVIOUS, EXAMPLES)
     if files.rank is None:
         for child in output.iterdir():
@@ -250,6 +251,25 @@ def remove_dataset(output: Path, files: Files = Files()) -> None:
     ):
         if name != CARD or card_is_ours(output):  # a README of the user's own stays
             (output / name).unlink(missing_ok=True)
+
+
+def _refuse_foreign_parquet(output: Path) -> None:
+    """Parquet files of the user's own in a (layer, head, kind) folder stay when a capture is removed, and the
+    card's configs read every *.parquet there (`datasets.load_dataset`): the new capture's rows would be mixed
+    with theirs. Refused before anything is deleted."""
+    foreign = [
+        f"{folder.name}/{path.name}"
+        for folder in output.iterdir()
+        if folder.is_dir() and parse_key(folder.name) is not None
+        for path in folder.iterdir()
+        if path.is_file() and path.suffix == ".parquet" and not _is_shard(path.name)
+    ]
+    if foreign:
+        raise NotACapture(
+            f"{output}/{foreign[0]}{f' (and {len(foreign) - 1} more)' if len(foreign) > 1 else ''} is no shard "
+            "qk-attn wrote, in a folder whose *.parquet files the dataset card's configs read: overwrite would keep "
+            "it and mix its rows into the new capture; move it out of the output folder"
+        )
 
 
 def _is_shard(name: str) -> bool:

@@ -151,6 +151,27 @@ def test_overwriting_a_capture_keeps_the_users_own_files_in_its_folders(tmp_path
     assert verify_dataset(out, log=lambda *_: None) == []
 
 
+def test_overwriting_a_capture_refuses_a_parquet_file_of_the_users_own_in_its_folders(tmp_path):
+    """A Parquet file of the user's own (a copy of an old shard) in a (layer, head, kind) folder was kept,
+    and `load_dataset` read its rows as part of the new capture (the card's configs glob *.parquet there),
+    while verify failed. Refused before anything is deleted, naming the file."""
+    import datasets
+    from qk_attn.errors import NotACapture
+
+    out = tmp_path / "out"
+    _capture(out)
+    shard = next((out / "l00h00q").glob("*.parquet"))
+    (out / "l00h00q" / "mine.parquet").write_bytes(shard.read_bytes())
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    with pytest.raises(NotACapture, match=r"l00h00q/mine\.parquet is no shard qk-attn wrote, .*move it out"):
+        _capture(out, overwrite=True)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    (out / "l00h00q" / "mine.parquet").unlink()
+    _capture(out, overwrite=True)
+    loaded = datasets.load_dataset(str(out), "l00h00q", split="train")
+    assert loaded.num_rows == qk_attn.load(out, layer=0, head=0, kind="q").num_rows
+
+
 def test_a_card_the_user_edited_is_kept_and_an_untouched_one_is_rewritten(tmp_path):
     """The card's last line signs the text above it. An untouched card (or one written before cards
     were signed) is qk-sniff's to rewrite; once the user edits it, it is theirs: resuming the capture
