@@ -134,6 +134,24 @@ class ForwardEnds:
             return
         self._discard(forward, "stopped before its end (an exception inside the model)")
 
+    def _settle_stopped_forwards(self) -> bool:
+        """This thread's forwards that stopped part-way (an exception inside the model) are settled now,
+        as the next model call would: their examples are discarded, so their ids may be begun again.
+        Whether any was."""
+        settle_interrupted_calls()
+        stopped = [
+            f
+            for f in self._forwards.values()
+            if isinstance(f, ForwardContext)
+            and f.thread is threading.current_thread()
+            and f.finished is False
+            and not f.discarded
+            and not f.in_progress()
+        ]
+        for forward in stopped:
+            self._retire(forward)
+        return bool(stopped)
+
     def _end_forwards(self, caller: str, this_thread: bool = False) -> None:
         """Outside every forward (`caller`: commit, flush, table): discard what an unfinished forward
         recorded. Refused while a forward is still running: it would be discarded part-way, or handed

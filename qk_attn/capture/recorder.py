@@ -70,7 +70,12 @@ class Session(ModuleBinder, SequenceTracker):
     def begin(self, example_ids) -> None:
         if self._closed:  # its ids would name no forward: nothing records into a closed session
             raise RuntimeError(f"qk_attn: begin({list(example_ids)}) on a closed session; open a new session()")
-        super().begin(example_ids)
+        try:
+            super().begin(example_ids)
+        except ValueError:  # ids a forward took that stopped part-way: free once it is settled, as for a retry
+            if not self._settle_stopped_forwards():
+                raise
+            super().begin(example_ids)
 
     def flush(self) -> None:
         """Write what the sink holds for committed examples now, and surface any saver error."""

@@ -682,3 +682,28 @@ def test_a_model_whose_hooks_another_tool_cleared_is_recorded_again():
     got = rows_by_key(s.table())
     assert {key[0] for key in got} == {0, 1}
     assert all(np.array_equal(got[key], value) for key, value in expected.items())
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_an_example_whose_forward_raised_inside_the_model_is_begun_again_for_its_retry(error):
+    """A forward that raised in a layer's attention was settled only at the next model call or commit(), so
+    `begin()` of its ids for the retry was refused as "begun already and not committed yet". begin() settles it
+    (its rows discarded), and the retry is recorded as a clean run of the same ids."""
+    model = build("llama3", "qk_sniff")
+    tokens = torch.randint(2, VOCAB - 2, (1, 6), generator=torch.Generator().manual_seed(4))
+    with qk_attn.session(sampler="all") as clean:
+        clean.begin([2])
+        model(input_ids=tokens)
+
+    def fail(module, args, kwargs, output):
+        raise error("boom")
+
+    with qk_attn.session(sampler="all") as s:
+        s.begin([2])
+        hook = model.model.layers[1].self_attn.register_forward_hook(fail, with_kwargs=True)
+        with pytest.raises(error):
+            model(input_ids=tokens)
+        hook.remove()
+        s.begin([2])
+        model(input_ids=tokens)
+    assert s.table().equals(clean.table())

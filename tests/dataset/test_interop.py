@@ -156,6 +156,7 @@ def test_overwriting_a_capture_refuses_a_parquet_file_of_the_users_own_in_its_fo
     and `load_dataset` read its rows as part of the new capture (the card's configs glob *.parquet there),
     while verify failed. Refused before anything is deleted, naming the file."""
     import datasets
+
     from qk_attn.errors import NotACapture
 
     out = tmp_path / "out"
