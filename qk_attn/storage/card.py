@@ -128,7 +128,9 @@ def card_text(
         + _token_columns_text(manifest)
         + ".",
         "## Loading",
-        "```python\nfrom datasets import load_dataset\n\n"
+        "No committed example kept a row yet, so there is no `(layer, head, kind)` config to load."
+        if not keys
+        else "```python\nfrom datasets import load_dataset\n\n"
         f"ds = load_dataset({where!r}, {first!r}, split=\"train\"{rev})  # one head; 'layer{layer:02d}_{kind}', 'all_{kind}' for more\n\n"
         "import qk_attn\n\n"
         f"table = qk_attn.load({where!r}, layer={layer}, head={head}, kind={kind!r}{rev})  # pyarrow Table\n"

@@ -253,3 +253,22 @@ def test_the_card_says_what_the_vectors_are_and_each_configs_committed_bytes(tmp
             assert sizes[key] == sum((out / key / name).stat().st_size for name in names)
         assert sizes["all_q"] == sum(size for key, size in sizes.items() if re.fullmatch(r"l\d+h\d+q", key))
         assert sizes["examples"] == (out / "examples.parquet").stat().st_size
+
+
+def test_the_card_of_a_capture_that_kept_no_row_shows_no_loading_code_that_fails(tmp_path):
+    """Its Loading section named config `l00h00q` and `load(..., layer=0, head=0, kind='q')`, neither of which
+    exists when no committed example kept a row (a sparse sampler over short documents)."""
+    import datasets
+    import torch
+
+    import qk_attn
+    from support.models import build
+
+    out = tmp_path / "out"
+    with torch.inference_mode(), qk_attn.session(output=out, sampler="uniform", min_bucket_size=8192):
+        build("llama3", "qk_sniff")(input_ids=torch.tensor([[2, 3, 4, 5]]))
+    card = (out / "README.md").read_text()
+    loading = card.split("## Loading", 1)[1].split("\n## ", 1)[0]
+    assert "no `(layer, head, kind)` config to load" in loading and "load_dataset" not in loading
+    assert [c["config_name"] for c in DatasetCard.load(out / "README.md").data["configs"]] == ["examples"]
+    assert datasets.load_dataset(str(out), "examples", split="train")["example_id"] == [0]
