@@ -228,10 +228,11 @@ def _vetted_updates() -> tuple:
 
 
 def rounding_layer(cls: type) -> bool:
-    """One of transformers' own cache layer types whose `update` qk-attn has not read to return the new
-    keys as given (Fp8QuantizedLayer rounds them)."""
+    """One of transformers' own cache layer types (in cache_utils, a module of its own, or a model's file)
+    whose `update` qk-attn has not read to return the new keys as given (Fp8QuantizedLayer rounds them).
+    A caller's own layer type is theirs, as their cache is."""
     return (
         issubclass(cls, cache_utils.CacheLayerMixin)  # attention layers: not DummyLayer, not linear attention
-        and cls.__module__ == cache_utils.__name__
+        and cls.__module__.partition(".")[0] == "transformers"
         and cls.update not in _vetted_updates()
     )

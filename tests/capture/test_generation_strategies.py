@@ -180,16 +180,18 @@ def test_a_cache_that_rounds_the_new_keys_is_refused_and_the_session_goes_on():
     assert_same_rows(got, _one_shot(model, BEFORE, 2))
 
 
-def test_a_new_cache_layer_type_of_transformers_that_rounds_keys_is_refused(monkeypatch):
+@pytest.mark.parametrize("module", ["transformers.cache_utils", "transformers.integrations.fp8_cache"])
+def test_a_new_cache_layer_type_of_transformers_that_rounds_keys_is_refused(monkeypatch, module):
     """A release that adds a layer type to cache_utils (here an fp8 round trip on a DynamicLayer, not a
-    quantized class by name) is not trusted until qk-attn has read its update."""
+    quantized class by name), or in a module of its own (a new backend, cache_utils split into a package: it
+    was trusted unread there), is not trusted until qk-attn has read its update."""
     from transformers import cache_utils
 
     def update(self, key_states, value_states, *args, **kwargs):
         rounded = key_states.to(torch.float8_e4m3fn).to(key_states.dtype)
         return cache_utils.DynamicLayer.update(self, rounded, value_states, *args, **kwargs)
 
-    layer_type = type("Fp8KVLayer", (cache_utils.DynamicLayer,), {"update": update, "__module__": cache_utils.__name__})
+    layer_type = type("Fp8KVLayer", (cache_utils.DynamicLayer,), {"update": update, "__module__": module})
     monkeypatch.setattr(cache_utils, "Fp8KVLayer", layer_type, raising=False)
     model = build("llama3", "qk_sniff")
     cache = tf.DynamicCache(config=model.config)
