@@ -30,10 +30,22 @@ def mismatch(findings: list) -> TransformersMismatch:
     tested release to install."""
     import torch
 
+    version, lowest = findings[0].transformers, TRANSFORMERS_TESTED[0]
+    found = {f.found for f in findings}
+    if len(findings) > 2 and len(found) == 1:  # one error behind every check: transformers' import, not its code
+        cause = (
+            f"every check of it failed with the same error ({_clipped(found.pop())}), which may be its environment's"
+        )
+    else:
+        cause = "; ".join(f"{f.fact}: expected {f.expected}, found {_clipped(f.found)}" for f in findings)
+    older = (
+        f", older than {lowest}, the lowest release qk-attn supports,"
+        if minor_release(version) < minor_release(lowest)
+        else ""
+    )
     return TransformersMismatch(
-        f"qk_sniff: transformers {findings[0].transformers} (torch {torch.__version__}) breaks what qk-attn relies on: "
-        + "; ".join(f"{f.fact}: expected {f.expected}, found {_clipped(f.found)}" for f in findings)
-        + f"; install a release qk-attn {__version__} was tested with: pip install '{tested_transformers()}'"
+        f"qk_sniff: transformers {version}{older} (torch {torch.__version__}) breaks what qk-attn relies on: {cause}"
+        f"; install a release qk-attn {__version__} was tested with: pip install '{tested_transformers()}'"
     )
 
 

@@ -225,3 +225,20 @@ def test_an_import_that_fails_before_registering_is_not_blamed_on_transformers()
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode != 0 and last.startswith("ModuleNotFoundError: import of pyarrow halted"), last
+
+
+def test_the_mismatch_of_a_release_below_the_range_says_so_and_one_shared_error_is_told_once():
+    """4.57.6 (outside the range) was told as 15 broken facts in 4,415 characters, never as "older than the
+    lowest release"; an environment where transformers' own imports fail (every check failing alike) blamed
+    15 facts with the same error."""
+    from qk_attn.capture.fact_report import mismatch
+    from qk_attn.capture.facts import Finding
+
+    old = [Finding("mask_functions", "4.57.6", "x", "y"), Finding("attention_call", "4.57.6", "a", "b")]
+    message = str(mismatch(old))
+    assert message.startswith("qk_sniff: transformers 4.57.6, older than 5.17.0, the lowest release qk-attn supports,")
+    assert "mask_functions: expected x, found y; attention_call: expected a, found b" in message
+    shared = [Finding(name, tf.__version__, "z", "ValueError: Either a revision or a version") for name in "abc"]
+    message = str(mismatch(shared))
+    assert "older than" not in message and message.count("Either a revision") == 1
+    assert "every check of it failed with the same error (ValueError: Either a revision" in message
