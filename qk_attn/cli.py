@@ -312,7 +312,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             traceback.print_exc()
             hint = hint.replace(TRACEBACK_HINT, "")
-        print(f"qk-sniff {args.command}: {one_line(error)}{hint}", file=sys.stderr)
+        message = one_line(error)
+        if hint.startswith(";"):  # (a message that ends its own sentence takes the hint without a second stop)
+            message = message.removesuffix(".")
+        print(f"qk-sniff {args.command}: {message}{hint}", file=sys.stderr)
         return status
     finally:
         saver_log.removeFilter(quiet)

@@ -290,6 +290,7 @@ def test_injected_enospc_during_a_run(tiny_model, docs, tmp_path, capsys, monkey
     code, _, err = run_cli(capsys, "--config", config, "--set", "dataset.max_samples=6")
     line = one_line(err)
     assert code == 2 and "No space left on device" in line and "free space on the output's disk" in line
+    assert ".;" not in line  # (the saver's sentence and the hint joined)
     monkeypatch.undo()
     assert json.loads((out / "qk_sniff.json").read_text())["examples"] == before
     assert_same_rows(all_rows(out), rows)
