@@ -54,6 +54,7 @@ class Session(ModuleBinder, SequenceTracker):
         self._call_rows = CallRows(config, self.sampler)
         super().__init__(MemorySink() if sink is None else as_sink(sink), example_ids)
         self._warned: set[str] = set()
+        self._discarded = 0  # forwards discarded (refused, stopped part-way): what "recorded nothing" blames
         self._closed = False
         self._towers: dict[int, weakref.ref] = {}  # id(config) -> config of a vision/audio tower seen at its mask
 
@@ -101,14 +102,6 @@ class Session(ModuleBinder, SequenceTracker):
         if self._closed:
             return
         self._closed = True
-        # An empty dataset would look like a capture (a training-only session was told why already).
-        if not self._models and "training" not in self._warned and sys.exc_info()[0] is None:
-            logger.warning(
-                "qk-attn: the session ends having recorded nothing: no attention call reached qk_sniff; if a "
-                "model ran forwards in it that did not raise before their attention, check its "
-                "config._attn_implementation (set_attn_implementation keeps the old one, with transformers' "
-                "warning, on models that cannot switch, e.g. Bloom)"
-            )
         handing_off = None
         try:
             try:
@@ -117,6 +110,7 @@ class Session(ModuleBinder, SequenceTracker):
                 raise
             except BaseException as error:  # noqa: BLE001 - a hand-off failed: that forward was discarded
                 handing_off = error  # and the others are complete: committed, then it is raised
+            self._warn_if_nothing_recorded()  # (once every forward is settled: discarded ones are known)
             running = active.running_generations(self)
             if running:
                 threads = ", ".join(sorted({repr(thread.name) for thread, _ in running}))
@@ -136,6 +130,22 @@ class Session(ModuleBinder, SequenceTracker):
         if handing_off is not None:
             raise handing_off
 
+    def _warn_if_nothing_recorded(self) -> None:
+        """An empty dataset would look like a capture (a training-only session was told why already)."""
+        if self._models or "training" in self._warned or sys.exc_info()[0] is not None:
+            return
+        logger.warning(
+            "qk-attn: the session ends having recorded nothing: "
+            + (
+                f"its {self._discarded} forward(s) that reached qk_sniff were discarded (refused, or stopped "
+                "part-way: see the errors and warnings above)"
+                if self._discarded
+                else "no attention call reached qk_sniff; if a model ran forwards in it that did not raise "
+                "before their attention, check its config._attn_implementation (set_attn_implementation keeps "
+                "the old one, with transformers' warning, on models that cannot switch, e.g. Bloom)"
+            )
+        )
+
     def table(self):
         """All rows captured so far (in-memory sessions, i.e. without `output`; None before any)."""
         if type(self.sink).table is Sink.table:  # a sink that keeps no rows: None would read as "no rows"
@@ -151,6 +161,7 @@ class Session(ModuleBinder, SequenceTracker):
     def _discard(self, forward, why: str, config=None, cache=None, past: int = 0) -> None:
         super()._discard(forward, why, config, cache, past)
         if forward is not None:
+            self._discarded += forward.used
             self._bindings += 1
             for model in self._models.values():
                 model.layer_dtypes = {k: v for k, v in model.layer_dtypes.items() if v[1] != forward.serial}

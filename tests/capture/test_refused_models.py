@@ -74,6 +74,14 @@ def test_a_session_that_records_nothing_says_so_when_it_ends(tmp_path, caplog):
     with pytest.raises(KeyboardInterrupt), qk_attn.session(sampler="all"):  # its error says enough
         raise KeyboardInterrupt
     assert not [r for r in caplog.records if "recorded nothing" in r.getMessage()]
+    # Forwards that reached qk_sniff and were discarded: the backend is not to blame.
+    hook = recorded.model.layers[1].register_forward_hook(lambda *_: 1 / 0)
+    with qk_attn.session(sampler="all"):
+        with pytest.raises(ZeroDivisionError):
+            recorded(input_ids=torch.randint(2, VOCAB - 2, (1, 8)))
+    hook.remove()
+    (told,) = [r.getMessage() for r in caplog.records if "recorded nothing" in r.getMessage()]
+    assert "its 1 forward(s) that reached qk_sniff were discarded" in told and "_attn_implementation" not in told
 
 
 def test_an_attention_block_shared_between_layers_is_refused():
