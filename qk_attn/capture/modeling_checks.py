@@ -1,7 +1,8 @@
 """What qk-attn checks in a model's own modeling file, once per file and process, at the model's
-first "qk_sniff" forward (capture on or off), and in the file that defines each attention module
-class, at its first call (remote code that borrows a transformers config class lives elsewhere
-than the config's modeling file), and in the files of the functions "qk_sniff" hands the call to: the
+first "qk_sniff" forward (capture on or off), in the files of every class of the running model and its
+modules (with their bases, and the decorators around their methods: capture_outputs), once per class,
+and in the file that defines each attention module class, at its first call (remote code that borrows
+a transformers config class lives elsewhere than the config's modeling file), and in the files of the functions "qk_sniff" hands the call to: the
 wrapped backend's attention (integrations/sdpa_attention.py) and mask (masking_utils.py, with the mask
 builders), where a release may branch on the name too; and, once per process, transformers' files that
 every model runs through (generation/utils.py, modeling_utils.py, modeling_layers.py, ...: CORE_MODULES):
@@ -23,14 +24,25 @@ import ast
 import functools
 import inspect
 import sys
+import sysconfig
+import types
+import weakref
 from pathlib import Path
 
+import torch
 import transformers
 
 from qk_attn.capture.active import current_config
 from qk_attn.capture.backends import attention_forward, mask_function
 from qk_attn.capture.known_branches import FOLLOWS, NAME_BRANCHES
-from qk_attn.capture.name_branches import FOLLOWED_METHODS, alike, modeling_name, transformers_root, tree_branches
+from qk_attn.capture.name_branches import (
+    FOLLOWED_METHODS,
+    alike,
+    may_branch,
+    modeling_name,
+    transformers_root,
+    tree_branches,
+)
 from qk_attn.capture.parsing import parse
 from qk_attn.errors import CaptureError
 from qk_attn.version import tested_transformers
@@ -51,6 +63,7 @@ def check_modeling_file(config) -> None:
     backend = current_config().backend
     check_function(mask_function(backend))
     check_function(attention_forward(backend))
+    check_running_model()
 
 
 # transformers' own files whose name branches every model runs through (generate()'s input preparation,
@@ -67,6 +80,20 @@ CORE_MODULES = (
     "transformers.cache_utils",
     "transformers.modeling_rope_utils",
     "transformers.integrations.hub_kernels",
+    # what every decoder forward runs through: the decorators around it (capture_outputs,
+    # deprecate_kwarg) and the helpers it calls; and generate()'s settings, logits processors and stops
+    "transformers.utils.output_capturing",
+    "transformers.utils.deprecation",
+    "transformers.utils.import_utils",
+    "transformers.activations",
+    "transformers.pytorch_utils",
+    "transformers.integrations.deepspeed",
+    "transformers.distributed.fsdp",
+    "transformers.distributed.utils",
+    "transformers.integrations.heterogeneity.configuration_utils",
+    "transformers.generation.configuration_utils",
+    "transformers.generation.logits_process",
+    "transformers.generation.stopping_criteria",
 )
 CORE_CLASSES = (
     ("transformers.generation.utils", "GenerationMixin"),
@@ -93,11 +120,95 @@ def _core_refusal() -> str | None:
             code = getattr(inspect.unwrap(getattr(value, "__func__", value)), "__code__", None)
             if code is not None and code.co_filename != getattr(module, "__file__", None):
                 files.add(code.co_filename)
-    import torch
-
     # not qk_attn's own wrappers (generate()), nor torch's methods PreTrainedModel overrides (to, cuda)
-    skipped = (str(Path(__file__).parent.parent), str(Path(torch.__file__).parent))
-    return next((why for f in sorted(files) if not f.startswith(skipped) and (why := _file_refusal(f, ""))), None)
+    return next((why for f in sorted(files) if not _skipped(f) and (why := _file_once(f))), None)
+
+
+def _file_once(source: str, followed: str = "", owner: str | None = None) -> str | None:
+    key = (source, followed, owner) if owner else source
+    if key not in _refusals:
+        _refusals[key] = _file_refusal(source, followed, owner)
+    return _refusals[key]
+
+
+# not qk_attn's own code (its wrapper of generate()), nor torch's (nn.Module, the layers) or the standard library's
+SKIPPED = (str(Path(__file__).parent.parent), str(Path(torch.__file__).parent), sysconfig.get_paths()["stdlib"])
+
+
+def _skipped(source: str | None) -> bool:
+    return source is None or source.startswith(SKIPPED)
+
+
+# id(code object) -> (it, whether the `self` of its frames is a module): read once per code object, since
+# reading a frame's locals copies them and the stack is walked at every forward's mask call (by id: a
+# code object's hash is computed anew at each lookup)
+_module_code: dict[int, tuple[object, bool]] = {}
+_checked_models: weakref.WeakSet = weakref.WeakSet()
+
+
+def check_running_model() -> None:
+    """The same for the files of every class of the model whose forward runs now (the outermost module
+    on the stack) and of its modules, with their bases: remote code's own model and layer classes, which
+    the config's modeling file is not, and the decorators around their methods (capture_outputs). Each
+    class once per process; each model's modules are listed once. About 10 us a forward after that."""
+    if torch.compiler.is_compiling():
+        _check_outside_graph()  # (a graph break; costs some 30 us a call, so only while compiling)
+    else:
+        _check_model_of(sys._getframe(1))
+
+
+@torch.compiler.disable
+def _check_outside_graph() -> None:
+    _check_model_of(sys._getframe(1))
+
+
+def _check_model_of(frame) -> None:
+    outer = None
+    while frame is not None:
+        code = frame.f_code
+        known = _module_code.get(id(code))
+        if known is None or known[0] is not code:
+            this = frame.f_locals.get("self") if "self" in code.co_varnames else None
+            known = _module_code[id(code)] = (code, isinstance(this, torch.nn.Module))
+        if known[1]:
+            outer = frame
+        frame = frame.f_back
+    model = outer.f_locals.get("self") if outer is not None else None
+    if not isinstance(model, torch.nn.Module) or model in _checked_models:
+        return
+    for cls in dict.fromkeys(c for m in model.modules() for c in type(m).__mro__):
+        if cls not in _refusals:
+            _refusals[cls] = _class_refusal(cls)
+        if (why := _refusals[cls]) is not None:
+            raise CaptureError(why)
+    _checked_models.add(model)
+
+
+def _class_refusal(cls: type) -> str | None:
+    """The refusal of `cls`'s module file, or of a file one of its methods, or a decorator's wrapper
+    around one, was compiled from (a method patched in, a wrapper defined elsewhere)."""
+    source = getattr(sys.modules.get(cls.__module__), "__file__", None)
+    if _skipped(source):
+        return None
+    files = []  # (file, the followed method as it is named there, or "")
+    followed = FOLLOWED_METHODS.get(cls.__module__)
+    for name, value in vars(cls).items():
+        fn = getattr(value, "__func__", getattr(value, "fget", value))  # class and static methods, properties
+        for _ in range(8):  # the decorators' wrappers, down to the method (a bounded inspect.unwrap)
+            if not isinstance(fn, types.FunctionType):
+                break
+            where = fn.__code__.co_qualname if followed == (cls.__name__, name) else ""
+            files.append((fn.__code__.co_filename, where))
+            fn = getattr(fn, "__wrapped__", None)
+    core = {getattr(sys.modules.get(name), "__file__", None) for name in CORE_MODULES}  # read by check_core_files
+    if cls.__module__ in _refusals or cls.__module__ in FOLLOWED_METHODS:  # (by name: with its followed method)
+        why = _module_refusal(cls.__module__)
+    else:
+        why = _file_once(source) if source not in core else None
+    for file, where in dict.fromkeys(files):
+        if file != source and not _skipped(file) and file not in core:
+            why = why or _file_once(file, where, source if where else None)
+    return why
 
 
 def check_function(fn) -> None:
@@ -117,10 +228,14 @@ def check_attention_module(module) -> None:
 def check_module(modeling: str) -> None:
     """CaptureError (one line) when the Python module named `modeling` has a branch or a window keyword
     qk-attn does not know; checked once per module and process."""
+    if (why := _module_refusal(modeling)) is not None:
+        raise CaptureError(why)
+
+
+def _module_refusal(modeling: str) -> str | None:
     if modeling not in _refusals:
         _refusals[modeling] = _refusal(modeling)
-    if (why := _refusals[modeling]) is not None:
-        raise CaptureError(why)
+    return _refusals[modeling]
 
 
 def _function_refusal(fn) -> str | None:
@@ -143,15 +258,18 @@ def _refusal(modeling: str) -> str | None:
     return _file_refusal(source, ".".join(FOLLOWED_METHODS.get(modeling, ())))
 
 
-def _file_refusal(source: str | None, followed: str) -> str | None:
+def _file_refusal(source: str | None, followed: str, owner: str | None = None) -> str | None:
+    """`owner`: the file whose NAME_BRANCHES the branches of `source` are looked up in (a followed method
+    of a class of `owner`'s, compiled elsewhere: patched in, or redefined by a test as a release would)."""
     if source is None or not source.endswith(".py"):
         return None
     path = Path(source)
-    # transformers_root() is where edited copies lie in tests; the installed package holds the rest
-    root = next((r for r in (transformers_root(), Path(transformers.__file__).parent) if path.is_relative_to(r)), None)
-    relative = path.relative_to(root).as_posix() if root is not None else str(path)
-    tree = parse(path.read_text(encoding="utf-8"))
-    found = _unknown_branch(tree, relative, followed) or _other_window(tree)
+    relative = _relative(path)
+    source = path.read_text(encoding="utf-8")
+    if not may_branch(source):  # (nor an attention call: `attention_interface` is one of its words)
+        return None
+    tree = parse(source)
+    found = _unknown_branch(tree, _relative(Path(owner)) if owner else relative, followed) or _other_window(tree)
     if found is None:
         return None
     line, what = found
@@ -160,6 +278,12 @@ def _file_refusal(source: str | None, followed: str) -> str | None:
         f"release (pip install '{tested_transformers()}'), or load the model with its backend's name to run it "
         "unrecorded"
     )
+
+
+def _relative(path: Path) -> str:
+    # transformers_root() is where edited copies lie in tests; the installed package holds the rest
+    root = next((r for r in (transformers_root(), Path(transformers.__file__).parent) if path.is_relative_to(r)), None)
+    return path.relative_to(root).as_posix() if root is not None else str(path)
 
 
 def _unknown_branch(tree: ast.Module, relative: str, followed: str) -> tuple[int, str] | None:

@@ -46,6 +46,12 @@ REGISTRIES = ("ALL_ATTENTION_FUNCTIONS", "ALL_MASK_ATTENTION_FUNCTIONS")  # look
 # Helpers that test the name given a config: `is_flash_attention_requested(config)`, and any sibling a
 # release adds (`is_sdpa_requested`), whose outcome only is_flash_attention_requested's is known for.
 REQUESTED_HELPER = re.compile(r"is_\w*(attention|attn|sdpa|eager|flash|implementation)\w*_requested")
+# What names an attention or mask function in transformers' source: the one a forward looked up
+# (`attention_interface`), the backends' own (`sdpa_attention_forward`, `sdpa_mask`). Under "qk_sniff" the
+# function looked up is qk-attn's, so comparing it with a backend's by identity is a branch on the name.
+ATTENTION_FUNCTION = re.compile(
+    r"attention_interface|\w*attention_forward|\w*attention_function|mask_interface|\w*(sdpa|eager|flash|flex)\w*_mask"
+)
 
 
 class Branch(NamedTuple):
@@ -92,6 +98,8 @@ def _name_condition(node: ast.AST, aliases: frozenset[str] = frozenset()) -> boo
     ):
         operands = tuple(node.args)
     elif isinstance(node, ast.Compare):
+        if _compares_attention_function(node):
+            return True
         if any(isinstance(op, (ast.Is, ast.IsNot)) for op in node.ops):
             return False  # `is None`: the default implementation, never "qk_sniff"
         operands = (node.left, *node.comparators)
@@ -115,6 +123,26 @@ def _name_condition(node: ast.AST, aliases: frozenset[str] = frozenset()) -> boo
     ]
     text = _condition_text(node)
     return bool(names) and not any(word in text for word in NOT_ATTENTION)
+
+
+def _compares_attention_function(node: ast.Compare) -> bool:
+    """`attention_interface is eager_attention_forward`, `fn == ALL_ATTENTION_FUNCTIONS["sdpa"]`, `is not`, `in`:
+    the function tells the backend as its name would. Not a test against None (under any name there is one)."""
+    operands = (node.left, *node.comparators)
+    if any(isinstance(o, ast.Constant) and o.value is None for o in operands):
+        return False
+    return any(_attention_function(n) for operand in operands for n in ast.walk(operand))
+
+
+def _attention_function(node: ast.AST) -> bool:
+    """A name of an attention or mask function, or an entry of a registry of them."""
+    if isinstance(node, ast.Name | ast.Attribute):
+        return ATTENTION_FUNCTION.fullmatch(getattr(node, "id", getattr(node, "attr", ""))) is not None
+    if isinstance(node, ast.Subscript):
+        return ast.unparse(node.value) in REGISTRIES
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get":
+        return ast.unparse(node.func.value) in REGISTRIES
+    return False
 
 
 def _requested_helper(name: str) -> bool:
@@ -168,7 +196,15 @@ def name_branches(root: Path | None = None) -> dict[Branch, list[int]]:
 
 def file_branches(path: Path, relative: str) -> dict[Branch, list[int]]:
     """The conditions on the attention implementation's name in one source file, with their lines."""
-    return tree_branches(parse(path.read_text(encoding="utf-8")), relative)
+    source = path.read_text(encoding="utf-8")
+    return tree_branches(parse(source), relative) if may_branch(source) else {}
+
+
+def may_branch(source: str) -> bool:
+    """Whether `source` holds a word that every branch `tree_branches` finds holds (a name holder, a
+    registry, a helper, an attention function): most files hold none, and need not be parsed."""
+    words = (*NAME_HOLDERS, *REGISTRIES, "_requested")
+    return any(word in source for word in words) or ATTENTION_FUNCTION.search(source) is not None
 
 
 def tree_branches(tree: ast.AST, relative: str) -> dict[Branch, list[int]]:
