@@ -23,7 +23,7 @@ from qk_attn.errors import CorruptShard, HubError, one_line
 from qk_attn.storage.examples import examples_table
 from qk_attn.storage.layout import MANIFEST, parse_key
 from qk_attn.storage.manifest import read_manifest
-from qk_attn.storage.settings import is_repo_id
+from qk_attn.storage.settings import fingerprint_digest, is_repo_id, local_fingerprint, same_files
 
 
 def _index(name: str, value) -> int | None:
@@ -162,7 +162,10 @@ def with_token_strings(table: pa.Table, manifest: dict, tokenizer=None) -> pa.Ta
     if tokenizer is None and not (manifest.get("source") or {}).get("tokenizer") and stored is not None:
         strings = [stored.get(i) for i in vocabulary.to_pylist()]  # the strings the capture stored itself
     else:
-        strings = _decoded(tokenizer_of(manifest, tokenizer), vocabulary.to_pylist(), stored)
+        given = tokenizer_of(manifest, tokenizer)
+        if tokenizer is not None:
+            _refuse_other_tokenizer_files(manifest, tokenizer, given)
+        strings = _decoded(given, vocabulary.to_pylist(), stored)
     indices = pc.index_in(ids, value_set=vocabulary)
     return table.append_column("token", pa.DictionaryArray.from_arrays(indices, pa.array(strings, pa.string())))
 
@@ -174,6 +177,23 @@ def _stored_strings(table: pa.Table) -> dict[int, str] | None:
     pairs = pa.table({"id": table.column("token_id"), "str": table.column("token_str").cast(pa.string())})
     pairs = pairs.filter(pc.is_valid(pairs.column("id"))).group_by(["id", "str"]).aggregate([])
     return dict(zip(pairs.column("id").to_pylist(), pairs.column("str").to_pylist()))
+
+
+def _refuse_other_tokenizer_files(manifest: dict, tokenizer, given) -> None:
+    """A tokenizer given for a capture recorded with a local one: its files must be the recorded ones (the
+    manifest's fingerprint of them), where its own folder is known; another tokenizer at least as large
+    decoded every id, silently. A Hub tokenizer, or one whose folder is not known, is taken as given."""
+    recorded = (manifest.get("source_files") or {}).get("tokenizer")
+    folder = tokenizer if isinstance(tokenizer, (str, os.PathLike)) else getattr(given, "name_or_path", None)
+    if recorded is None or not isinstance(folder, (str, os.PathLike)) or not os.path.exists(folder):
+        return
+    now = local_fingerprint(os.fspath(folder), "tokenizer")
+    if now is not None and not same_files(recorded, now):
+        raise ValueError(
+            f"tokens=True: tokenizer={_shown(tokenizer)} has other files ({os.fspath(folder)}, sha256 "
+            f"{fingerprint_digest(now)[:12]}...) than the tokenizer this capture was recorded with (sha256 "
+            f"{fingerprint_digest(recorded)[:12]}...); pass that one (tokenizer=<name, path or tokenizer>)"
+        )
 
 
 def _decoded(tokenizer, ids: list[int], stored: dict[int, str] | None) -> list[str | None]:

@@ -201,3 +201,32 @@ def test_a_recorded_tokenizer_that_cannot_be_loaded_is_named_with_the_way_round_
         ValueError, match=r"\(source\[\"tokenizer\"\] = '/nonexistent/tok'\) cannot be loaded \(no such"
     ):
         tokenizer_of({"source": {"tokenizer": "/nonexistent/tok"}})
+
+
+def test_a_tokenizer_with_other_files_than_the_recorded_one_is_refused(tiny_model, tmp_path):
+    """A capture recorded with a local tokenizer holds its files' fingerprint: another tokenizer at least as
+    large (a shuffled vocabulary, saved to a folder) decoded every id, silently, where no token_str was stored
+    to compare with. Refused, by path or by object; the recorded one, copied elsewhere, is accepted."""
+    import shutil
+
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = LlamaForCausalLM.from_pretrained(tiny_model, attn_implementation="qk_sniff").eval()
+    out = tmp_path / "out"
+    with (
+        torch.no_grad(),
+        qk_attn.session(output=str(out), sampler="all", layers="0", source={"tokenizer": str(tiny_model)}),
+    ):
+        model(input_ids=torch.tensor([[1, 5, 6, 7]]))
+    words = tokenizer.convert_ids_to_tokens(range(len(tokenizer)))
+    other = tmp_path / "other"
+    _word_level(words[::-1]).save_pretrained(other)
+    for given in (str(other), AutoTokenizer.from_pretrained(other)):
+        with pytest.raises(
+            ValueError, match=r"^tokens=True: tokenizer=.* has other files \(.*other, sha256 \w+\.\.\.\) "
+        ):
+            qk_attn.load(out, layer=0, head=0, kind="k", tokens=True, tokenizer=given)
+    copy = shutil.copytree(tiny_model, tmp_path / "copy")
+    got = qk_attn.load(out, layer=0, head=0, kind="k", tokens=True, tokenizer=str(copy))["token"].to_pylist()
+    assert got == [words[i] for i in (1, 5, 6, 7)]
