@@ -210,6 +210,11 @@ def prepare(config: RunConfig, model_name: str, tokenizer_name: str, rank, sink,
             f"qk-sniff: estimate: streaming dataset, lengths unknown before the run: at most {upper.rows * n:,.0f} rows, "
             f"{format_bytes(upper.bytes * n)} uncompressed for {count} of at most {max_length:,} tokens"
         )
+        if config.capture.max_gb is not None:  # (set, and not applied: said, not ignored silently)
+            log(
+                f"qk-sniff: capture.max_gb={config.capture.max_gb:g} is not applied to a streaming dataset, whose size "
+                "is not known before the run; bound it with dataset.max_samples and tokenizer.max_length"
+            )
         if sink is None:  # the session's ParquetSink stages forwards within half of inference.pinned_mb
             log(_staging_line(config, sniff, plan, max_length, config.dataset.max_samples))
     est = None

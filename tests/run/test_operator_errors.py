@@ -335,6 +335,11 @@ def test_streaming_runs_print_an_upper_bound(tiny_model, docs, tmp_path, capsys)
     assert code == 0, err
     rows = 2 * 2 * (4 + 2) * 30  # 2 documents x 2 layers x 6 heads x 30 tokens (sampler all)
     assert f"estimate: streaming dataset, lengths unknown before the run: at most {rows:,} rows" in printed
+    assert "capture.max_gb" not in printed
+    # An explicit capture.max_gb is not applied to a streaming dataset: said, not ignored silently.
+    code, printed, err = run_cli(capsys, "--config", config, "--set", "capture.max_gb=0.000001", "--dry-run")
+    assert code == 0, err
+    assert "capture.max_gb=1e-06 is not applied to a streaming dataset" in printed
 
 
 def test_estimate_function():
