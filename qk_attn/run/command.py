@@ -61,6 +61,8 @@ def _check_config_file(path: str) -> None:
     """What reading `--config` would otherwise word without naming the file: a folder, or bytes
     that are not UTF-8 (the file, the byte and its offset)."""
     file = Path(path).expanduser()
+    if not path.strip():
+        raise ConfigError("--config '' names no file; give the YAML run configuration file (e.g. configs/demo.yaml)")
     if file.is_dir():
         raise ConfigError(
             f"--config {path!r} is a folder; give the YAML run configuration file (e.g. configs/demo.yaml)"

@@ -120,6 +120,8 @@ def merge(output: str | Path, allow_incomplete: bool = False) -> dict:
     from qk_attn.storage.manifest import read_manifest, write_json_atomic
 
     output = Path(output)
+    if not output.is_dir():  # (as verify, inspect and repair say it)
+        raise FileNotFoundError(f"{output} {'is a file' if output.exists() else 'does not exist'}: nothing to merge")
     paths = part_files(output)
     if not paths:
         raise FileNotFoundError(f"{output} holds no manifest parts (qk_sniff.rank*.json): nothing to merge")

@@ -244,6 +244,15 @@ def test_a_missing_local_path_or_a_bad_config_file_is_named(tiny_model, docs, tm
     folder.mkdir()
     assert cli.main(["run", "--config", str(folder)]) == 2
     assert f"--config {str(folder)!r} is a folder" in capsys.readouterr().err
+    assert cli.main(["run", "--config", ""]) == 2  # was called a folder (the current one)
+    assert (
+        capsys.readouterr().err
+        == "qk-sniff run: --config '' names no file; give the YAML run configuration file (e.g. configs/demo.yaml)\n"
+    )
+    (tmp_path / "a_file").write_text("x")
+    for where, says in ((tmp_path / "none", "does not exist"), (tmp_path / "a_file", "is a file")):
+        assert cli.main(["merge", str(where)]) == 2  # was "holds no manifest parts"
+        assert capsys.readouterr().err == f"qk-sniff merge: {where} {says}: nothing to merge\n"
     latin = tmp_path / "latin.yaml"
     latin.write_bytes("model: {name: caf\xe9}\n".encode("latin-1"))
     assert cli.main(["run", "--config", str(latin)]) == 2
