@@ -31,6 +31,8 @@ from qk_attn.config import SniffConfig, command_line_process
 from qk_attn.errors import ConfigError, NotACapture, StorageError
 from qk_attn.storage.folder import check_is_capture
 from qk_attn.storage.layout import Files
+from qk_attn.storage.manifest import read_manifest
+from qk_attn.storage.settings import setting_differences
 from qk_attn.storage.sink import ParquetSink
 
 __all__ = ["Session", "flush", "reload_env", "session"]
@@ -54,9 +56,27 @@ def _recorder(
 active.make_default = _recorder
 
 
-def _check_env_output(output: str | None) -> None:
+def _other_settings(path: Path, config: SniffConfig) -> str | None:
+    """Why the capture in `path` cannot be resumed by the environment's settings (the first forward would
+    refuse it, in every forward): the QK_SNIFF_* variables that differ, named so."""
+    try:
+        manifest = read_manifest(path)
+    except Exception:  # noqa: BLE001 - a damaged folder is the first forward's to refuse, with how to repair it
+        return None
+    differences = setting_differences(manifest, config, None) if manifest and manifest["examples"] else []
+    if not differences:
+        return None
+    diffs = "; ".join(f"{config.setting_name(d.setting)}: {d.there!r} there, {d.now!r} now" for d in differences)
+    return (
+        f"it holds a capture with other settings ({diffs}): set the same values to resume it, or choose another folder"
+    )
+
+
+def _check_env_output(config: SniffConfig) -> None:
     """QK_SNIFF_OUTPUT, refused at import as every QK_SNIFF_* value is (not at the first forward): a file, a
-    folder that holds something other than a capture, or a place this process cannot write. Nothing written."""
+    folder that holds something other than a capture or a capture of other settings, or a place this process
+    cannot write. Nothing written. Also at `reload_env()`."""
+    output = config.output
     if output is None or command_line_process():
         return
     path = Path(output).expanduser()
@@ -71,6 +91,8 @@ def _check_env_output(output: str | None) -> None:
             check_is_capture(path, Files())
         except NotACapture as error:
             why = str(error).split(": refusing", 1)[0]
+        else:
+            why = _other_settings(path, config)
     if why is not None:
         raise ConfigError(
             f"QK_SNIFF_OUTPUT={output!r} is invalid: {why}; expected a new or capture folder you can write to",
@@ -80,7 +102,8 @@ def _check_env_output(output: str | None) -> None:
         )
 
 
-_check_env_output(active.env_config().output)
+active.check_env_output = _check_env_output
+_check_env_output(active.env_config())
 
 # What a sink that does not subclass Sink must have (qk_attn.capture.sinks.as_sink uses only these).
 SINK_METHODS = ("put", "commit", "close")

@@ -448,3 +448,30 @@ def test_an_empty_variable_is_unset_for_every_variable(name):
     variable = "QK_SNIFF_" + name.upper()
     for empty in ("", "  "):
         assert SniffConfig.from_env({variable: empty}) == SniffConfig.from_env({})
+
+
+def test_an_env_output_holding_a_capture_of_other_settings_fails_at_import_and_at_reload(tmp_path, monkeypatch):
+    """It was refused inside every forward, naming `sampler` (not QK_SNIFF_SAMPLER) and advising
+    overwrite=True, which the environment has not; reload_env() took it too. Refused at import and at
+    reload_env(), naming the variables; the same settings resume it."""
+    import qk_attn
+    from qk_attn.errors import ConfigError
+    from support.models import build
+
+    out = tmp_path / "out"
+    with torch.inference_mode(), qk_attn.session(output=out, sampler="all", layers="0"):
+        build("llama3", "qk_sniff")(input_ids=torch.tensor([[2, 3, 4]]))
+    script = "try:\n import qk_attn\nexcept ValueError as e:\n print(type(e).__name__, e)\nelse:\n print('imported')"
+    env = {"QK_SNIFF_OUTPUT": str(out), "QK_SNIFF_SAMPLER": "uniform", "QK_SNIFF_LAYERS": "0", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert result.stdout.startswith(
+        f"ConfigError QK_SNIFF_OUTPUT='{out}' is invalid: it holds a capture with other settings (QK_SNIFF_SAMPLER: "
+        "'all' there, 'uniform' now): set the same values to resume it"
+    ), result
+    env["QK_SNIFF_SAMPLER"] = "all"
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert result.stdout.strip() == "imported", result
+    for name, value in {**env, "QK_SNIFF_SAMPLER": "uniform"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=r"^QK_SNIFF_OUTPUT=.* other settings \(QK_SNIFF_SAMPLER: 'all' there"):
+        qk_attn.reload_env()

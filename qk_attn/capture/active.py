@@ -41,6 +41,7 @@ _env_config: SniffConfig = SniffConfig.from_env()
 _default = None  # the env-configured default session, made on first use
 _exit_registered = False
 make_default: Callable[[SniffConfig], object] | None = None  # set by qk_attn.session
+check_env_output: Callable[[SniffConfig], None] | None = None  # set by qk_attn.session: QK_SNIFF_OUTPUT's folder
 # Sessions (held, so that their ids are never reused) that were open in the process this one was
 # forked from, or in one before it: their copies here write nothing.
 _inherited: list = []
@@ -285,6 +286,8 @@ def reload_env() -> SniffConfig:
     A bad value raises ConfigError first and leaves the running default session open and in force."""
     global _env_config, _default
     config = SniffConfig.from_env()
+    if check_env_output is not None:
+        check_env_output(config)
     if _default is not None:
         if not inherited(_default):
             _reloaded.add(_default)  # a generate() still recording into it is told why at its next forward

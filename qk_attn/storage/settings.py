@@ -287,7 +287,8 @@ def check_same_capture(output: Path, manifest: dict, config, source: dict | None
     """Refuse to mix two different captures in one folder; the message names every difference."""
     differences = setting_differences(manifest, config, source)
     if differences:  # one line, as the run's own check words it (qk_attn.run.output_checks)
-        diffs = "; ".join(f"{d.setting}: {d.there!r} there, {d.now!r} now" for d in differences)
+        named = getattr(config, "setting_name", lambda setting: setting)  # (QK_SNIFF_SAMPLER where it came from there)
+        diffs = "; ".join(f"{named(d.setting)}: {d.there!r} there, {d.now!r} now" for d in differences)
         raise ValueError(
             f"{output} already holds a qk-sniff capture with different settings ({diffs}); re-run with the same "
             "settings to resume it, choose another output directory, or pass overwrite=True (run config: "
