@@ -158,6 +158,29 @@ def current_session():
     return found
 
 
+def note_uncaptured_forward(config, frame) -> None:
+    """A forward of the model of `config` builds its mask with capture off, in the module forward whose frame is
+    `frame`: should another thread open a session before it ends, its attention calls are none of that
+    session's (`started_uncaptured`). Kept by the frame's id and code, not the frame (its locals would live on)."""
+    marks = getattr(_local, "uncaptured", None)
+    if marks is None:
+        marks = _local.uncaptured = {}
+    marks[id(config)] = (id(frame), frame.f_code)
+
+
+def started_uncaptured(config) -> bool:
+    """Whether this thread runs, right now, a forward of `config`'s model that built its mask with capture off."""
+    mark = getattr(_local, "uncaptured", {}).get(id(config))
+    if mark is None:
+        return False
+    frame = sys._getframe(1)
+    while frame is not None:
+        if id(frame) == mark[0] and frame.f_code is mark[1]:
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _settle(found) -> None:
     """A generate() that found no session when it started keeps what its first forward finds (None:
     nothing is recorded of it, though another thread opens a session mid-way), unless it is a session

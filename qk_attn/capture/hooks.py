@@ -39,13 +39,15 @@ def qk_sniff_mask(*args, **kwargs):
     wrapped backend's path (or refuses the model, also for a branch qk-attn does not know), so
     logits stay the backend's bit for bit. The facts come before those checks (capture off: an error of theirs).
     Kept out of compiled graphs: it reads the stack's frames, which dynamo cannot trace."""
-    from qk_attn.capture.active import current_config, current_session
+    from qk_attn.capture.active import current_config, current_session, note_uncaptured_forward
     from qk_attn.capture.facts import mismatch_at_import, require
 
     callers = None
     if current_session() is not None:
         require()  # first (once per process): a release that moved what the checks below read is named
         callers = method_frames(sys._getframe(0))  # what the checks of this mask call read of the stack
+    elif (builder := _module_frame(sys._getframe(1))) is not None:
+        note_uncaptured_forward(kwargs.get("config"), builder)  # (a session opened mid-way is not its)
     backend, config = current_config().backend, kwargs.get("config")
     try:
         check_modeling_file(config)
@@ -56,6 +58,15 @@ def qk_sniff_mask(*args, **kwargs):
     except Exception as error:  # (capture off) a release qk-attn was not made for: named in one line, if so
         raise mismatch_at_import(error) from error
     return _noting_context(mask_function(backend), *args, _callers=callers, **kwargs)
+
+
+def _module_frame(frame):
+    """The innermost frame of a module's method above `frame`: the forward building the mask."""
+    while frame is not None:
+        if "self" in frame.f_code.co_varnames and isinstance(frame.f_locals.get("self"), torch.nn.Module):
+            return frame
+        frame = frame.f_back
+    return None
 
 
 @torch.compiler.disable

@@ -204,6 +204,8 @@ class Session(ModuleBinder, SequenceTracker):
                 return
         forward = self._forwards.get(id(config))  # (ForwardTracker._current, inline)
         if not isinstance(forward, ForwardContext) or forward.config is not config or forward.finished is True:
+            if active.started_uncaptured(config):  # a forward begun before another thread opened this session
+                return
             forward = None  # a call after its model's forward ended is none of it: refused, that forward kept
         else:
             forward.used = True

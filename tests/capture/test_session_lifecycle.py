@@ -711,3 +711,41 @@ def test_a_session_keeps_nothing_of_a_model_the_caller_dropped(forwards):
         examples = s.table().column("example_id").to_pylist()
     assert sorted(set(examples)) == [*range(forwards), 9]
     assert examples.count(9) == PROMPT.shape[1]
+
+
+def test_a_forward_begun_with_capture_off_ends_so_when_another_thread_opens_a_session():
+    """A forward running with no session (capture off) whose thread met a session opened meanwhile by another
+    thread raised at its next layer ("ran without transformers building its mask"): a caller that was not
+    capturing got an error. It ends as it began, unrecorded and equal to sdpa; the session records its own."""
+    model = build("llama3", "qk_sniff")
+    reference = build("llama3", "sdpa")
+    tokens = torch.randint(2, 90, (1, 7), generator=torch.Generator().manual_seed(3))
+    with qk_attn.session(sampler="all"):
+        model(input_ids=tokens)  # (the model's hooks are in place, as after any earlier session)
+    inside, release, result = threading.Event(), threading.Event(), {}
+
+    def pause(*_):
+        inside.set()
+        release.wait(30)
+
+    hook = model.model.layers[0].mlp.register_forward_hook(pause)
+
+    def run():
+        try:
+            result["logits"] = model(input_ids=tokens).logits
+        except BaseException as error:  # noqa: BLE001 - reported below
+            result["error"] = error
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert inside.wait(30)
+    with qk_attn.session(sampler="all") as s:
+        release.set()
+        thread.join(30)
+        hook.remove()
+        assert "error" not in result, result.get("error")
+        assert s.table() is None
+        s.begin([5])
+        model(input_ids=tokens)
+    assert torch.equal(result["logits"], reference(input_ids=tokens).logits)
+    assert set(s.table()["example_id"].to_pylist()) == {5}
