@@ -139,14 +139,15 @@ def run_examples(sink, example_ids, layers=(0, 1), lengths=None, commit=True):
 
 def capture_model(out: Path, *, drop_layer: bool = False, batches=((0, 1), (2, 3)), **settings) -> dict:
     """A real capture: tiny random Llama (3 layers, 4 query / 2 KV heads, head_dim 16) through
-    qk_attn.session into OUT, left-padded batches of two. `drop_layer`: the model runs only its
-    first two decoder layers, so layer 2 is planned but never calls attention."""
+    qk_attn.session into OUT, left-padded batches of two. `drop_layer`: the model's last decoder layer
+    hands its input on without running, so layer 2 (its attention module in place) is planned but never
+    calls attention."""
     import qk_attn
     from support.models import build, padded_batch
 
     model = build("llama3", "qk_sniff")
     if drop_layer:
-        model.model.layers = model.model.layers[:2]  # forward loops over self.layers[:num_hidden_layers]
+        model.model.layers[2].forward = lambda hidden_states, *args, **kwargs: hidden_states
     settings = {"sampler": "all", "min_bucket_size": 4, **settings}
     source = {"dataset": "toy/random-tokens", "split": "train", "max_length": 30}
     sink = ParquetSink(out, SniffConfig(output=str(out), **settings), source=source, commit_every_s=0, fsync=False)
