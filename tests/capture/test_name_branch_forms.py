@@ -17,7 +17,7 @@ import qk_attn
 from qk_attn.capture import modeling_checks, name_branches
 from qk_attn.errors import CaptureError
 from support.models import build, padded_batch
-from support.release import edit_file, edited_source, redefine
+from support.release import edit_file, edited_source, import_file, redefine
 
 
 @pytest.fixture
@@ -173,15 +173,9 @@ def test_remote_code_whose_own_model_class_branches_on_the_name_is_refused(
 ):
     """A remote model on LlamaConfig and LlamaAttention, whose own decoder stack lives in its own file:
     only modeling_llama.py was read, and "qk_sniff" recorded logits 0.2 away from sdpa's."""
-    import importlib.util
-    import sys
-
     path = tmp_path / "remote_model.py"
     path.write_text(REMOTE_MODEL, encoding="utf-8")
-    spec = importlib.util.spec_from_file_location("remote_model", path)
-    remote = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "remote_model", remote)
-    spec.loader.exec_module(remote)
+    remote = import_file(path, "remote_model", monkeypatch)
     model = remote.RemoteForCausalLM(build("llama3").config).eval()
     model.set_attn_implementation("qk_sniff")
     with pytest.raises(
@@ -215,9 +209,7 @@ def test_a_name_branch_in_the_decorator_around_the_decoder_forward_is_refused(
     that drops the positions unless the name is "sdpa") was read by no check, and "qk_sniff" recorded
     other positions than sdpa's. A release edits the file; or the decoder forward is wrapped by a
     capture_outputs compiled from another file (the model's method's wrapper is read)."""
-    import importlib.util
     import inspect
-    import sys
 
     from transformers.utils import output_capturing
 
@@ -227,10 +219,7 @@ def test_a_name_branch_in_the_decorator_around_the_decoder_forward_is_refused(
         path = tmp_path / "utils" / "output_capturing.py"
         path.parent.mkdir(parents=True)
         path.write_text(edited_source(output_capturing, [OUTPUT_CAPTURING_BRANCH]), encoding="utf-8")
-        spec = importlib.util.spec_from_file_location("transformers.utils.output_capturing_edited", path)
-        edited = importlib.util.module_from_spec(spec)
-        monkeypatch.setitem(sys.modules, spec.name, edited)
-        spec.loader.exec_module(edited)
+        edited = import_file(path, "transformers.utils.output_capturing_edited", monkeypatch)
         forward = edited.capture_outputs(inspect.unwrap(modeling_llama.LlamaModel.forward))
         monkeypatch.setattr(modeling_llama.LlamaModel, "forward", forward)
     model = build("llama3", "qk_sniff")

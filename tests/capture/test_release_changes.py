@@ -17,7 +17,7 @@ import qk_attn
 from qk_attn.capture import backends, facts, modeling_checks, name_branches, query_slicing, rope_check
 from qk_attn.errors import CaptureError
 from support.models import COMMON, build, cache_kw, gemma4, padded_batch
-from support.release import edit_file, edited_source, redefine
+from support.release import edit_file, edited_source, import_file, redefine
 
 NEW_BRANCH = (
     "        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS",
@@ -88,19 +88,14 @@ def test_a_new_branch_written_another_way_is_refused_too(form, fresh_checks, tmp
 def test_remote_code_on_a_transformers_config_class_has_its_own_file_checked(fresh_checks, tmp_path, monkeypatch):
     """Remote code may reuse a transformers config class (here LlamaConfig): the config names
     modeling_llama, but the attention runs from the remote file, which is checked at its first call."""
-    import importlib.util
     import re
-    import sys
 
     source = edited_source(modeling_llama, [NEW_BRANCH])
     source = re.sub(r"^from \.\.\.", "from transformers.", source, flags=re.M)
     source = source.replace("from .configuration_llama", "from transformers.models.llama.configuration_llama")
     path = tmp_path / "remote_llama.py"
     path.write_text(source, encoding="utf-8")
-    spec = importlib.util.spec_from_file_location("remote_llama", path)
-    remote = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "remote_llama", remote)
-    spec.loader.exec_module(remote)
+    remote = import_file(path, "remote_llama", monkeypatch)
     config = build("llama3").config
     model = remote.LlamaForCausalLM(config).eval()
     model.set_attn_implementation("qk_sniff")

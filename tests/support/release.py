@@ -4,6 +4,7 @@ release's. Both are undone by the `monkeypatch` they are given."""
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import sys
 import textwrap
@@ -47,3 +48,13 @@ def redefine(owner, name: str, edits, directory: Path, monkeypatch):
     exec(compile(path.read_text(encoding="utf-8"), str(path), "exec"), module.__dict__, namespace)
     monkeypatch.setattr(owner, name, namespace[name])
     return namespace[name]
+
+
+def import_file(path: Path, name: str, monkeypatch):
+    """The module in the file `path`, imported as `name` (in sys.modules until `monkeypatch` undoes it),
+    as remote code or an edited release file is."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module
