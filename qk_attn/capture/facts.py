@@ -38,7 +38,9 @@ Where the capture code relies on each fact (the module that reads it):
                                    input_ids, position_ids, cache (5.25) or past_key_values (5.17));
                                    frames.renumbered_positions (position_ids again, at the first call);
                                    also checked at run time on every mask-building and decoder-stack
-                                   forward: rotary_positions (self.rotary_emb given position_ids as is)
+                                   forward: rotary_positions (self.rotary_emb given position_ids as is);
+                                   a mask built in a helper method without position_ids takes its
+                                   module's `forward` frame's (transformers 4.x's _update_causal_mask)
     cache_lengths                  frames.cache_length (sequences._past compares it with q_offset)
     cache_row_methods              caches.watch_row_moves (Cache.reorder_cache, batch_select_indices,
                                    batch_repeat_interleave, crop, inherited by Dynamic/Static/QuantizedCache)
@@ -65,8 +67,12 @@ Where the capture code relies on each fact (the module that reads it):
                                    custom_generate; GENERATION_MODES_MAPPING names only DECODING_METHODS;
                                    at run time, the method's code is generation/utils.py's: a model's own
                                    `_sample` (CSM's) is refused)
-    attention_module_attributes    capture/session: module.layer_idx, module.config,
-                                   module.sliding_window, rope.uses_rope (module.use_rope); not a
+    attention_module_attributes    capture/session: module.layer_idx (none: refused where the module's
+                                   config is the running forward's, recorder.refuse_unnumbered), module.config,
+                                   module.sliding_window, rope.uses_rope (module.use_rope); which layers
+                                   attend (plan.attention_layers: a module of the first caller's class, or
+                                   one whose forward names ALL_ATTENTION_FUNCTIONS; a layer missed that
+                                   calls attention is refused, binder._model); not a
                                    fact of its own, held by tests (test_forward_context, test_release_changes):
                                    a causal module's sliding_window is its sliding masks' local_size, a
                                    bidirectional one's (module.is_causal False) one more (attention.call_window)
