@@ -201,6 +201,11 @@ class RunConfig:
             if key not in HEAD_SAMPLING_KEYS:
                 raise unknown_key(key, "capture.head_sampling", HEAD_SAMPLING_KEYS)
         out = {}
+        if hs.get("seed") is not None and hs.get("count") is None:  # it would be recorded, and do nothing
+            raise ConfigError(
+                f"capture.head_sampling.seed={hs['seed']!r} needs capture.head_sampling.count: without a count every "
+                "(layer, head) is recorded and no sample is drawn; set count, or leave head_sampling out"
+            )
         if hs.get("count") is not None:
             out["head_sample_count"] = validate("capture.head_sampling.count", hs["count"], "int", None, 1, True)
         if hs.get("seed") is not None:

@@ -223,6 +223,10 @@ def test_a_set_subkey_keeps_the_shorthand_it_refines(tmp_path):
     path.write_text(yaml.safe_dump({**MINIMAL, "capture": {"head_sampling": 3, "sampler": "uniform"}}))
     sniff = RunConfig.load(path, ["capture.head_sampling.seed=5", "capture.sampler.base_rate=2"]).sniff_config()
     assert (sniff.head_sample_count, sniff.head_sample_seed, sniff.sampler, sniff.base_rate) == (3, 5, "uniform", 2)
+    # A seed without a count (no shorthand to refine) would be recorded and draw nothing: refused.
+    path.write_text(yaml.safe_dump({**MINIMAL, "capture": {"head_sampling": {"seed": 5}}}))
+    with pytest.raises(ConfigError, match=r"^capture.head_sampling.seed=5 needs capture.head_sampling.count: "):
+        RunConfig.load(path).sniff_config()
 
 
 def test_set_overrides_keep_yaml_types(tmp_path):
