@@ -231,11 +231,10 @@ class _EnteredOnce(contextlib.ContextDecorator):
         return self._block.__exit__(*exc_info)
 
     def _exit_at_interpreter_exit(self) -> None:
-        if self._recorder.closed or active.inherited(self._recorder):
-            return
         try:
-            active.settle_at_exit(self._recorder)
-        finally:
+            if not self._recorder.closed and not active.inherited(self._recorder):
+                active.settle_at_exit(self._recorder)
+        finally:  # (closed by hand too: its generator ends here, not in the interpreter's teardown)
             self._block.__exit__(None, None, None)
 
 

@@ -13,6 +13,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 import qk_attn
 from qk_attn.dataset.verify import verify_dataset
 
@@ -254,17 +256,20 @@ ENTERED_BY_HAND = PRELUDE + textwrap.dedent("""
     s.commit()
     s.begin([3])
     model(input_ids=tokens(4, 2))  # complete, not committed by hand: committed at exit, as a block's end does
+    if sys.argv[2] == "closed":
+        s.close()
     print("main thread returns")
 """)
 
 
-def test_a_session_entered_by_hand_stays_open_and_commits_at_interpreter_exit(tmp_path):
+@pytest.mark.parametrize("closed", ["open", "closed"])
+def test_a_session_entered_by_hand_stays_open_and_commits_at_interpreter_exit(tmp_path, closed):
     """Its dropped context manager closed it at once (the garbage collector finalised its generator), so
     forwards recorded nothing, silently; kept, the generator's cleanup failed at interpreter teardown with a
-    TypeError, leaving a folder of no committed example, a stale lock and no card. It now stays open and
-    closes at exit as the default session does."""
+    TypeError, leaving a folder of no committed example, a stale lock and no card (and closed by hand, the
+    same TypeError at exit). It now stays open and closes at exit as the default session does."""
     out = tmp_path / "out"
-    result = _run(ENTERED_BY_HAND, out)
+    result = _run(ENTERED_BY_HAND, out, closed)
     assert result.returncode == 0, result.stderr
     assert "closed after enter: False" in result.stdout and "main thread returns" in result.stdout
     assert "Exception ignored" not in result.stderr and "Traceback" not in result.stderr, result.stderr
