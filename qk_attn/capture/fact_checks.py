@@ -98,12 +98,19 @@ def mask_call_keywords() -> str | None:
     return None
 
 
-ATTENTION_PARAMETERS = ["module", "query", "key", "value", "attention_mask"]
+# What an attention function's first five parameters hold, by a part of their names: qk-attn passes them by
+# position, so a rename that keeps each in its place (`query` -> `query_states`) changes nothing; a reorder does.
+ATTENTION_PARAMETERS = ("module", "query", "key", "value", "mask")
 
 
 def _attention_call(fn) -> str | None:
-    names = _parameters(fn)
-    return None if names[:5] == ATTENTION_PARAMETERS else f"{fn.__module__}.{fn.__qualname__}{tuple(names)}"
+    params = list(inspect.signature(fn).parameters.values())[:5]
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if len(params) == 5 and all(
+        p.kind in positional and part in p.name for p, part in zip(params, ATTENTION_PARAMETERS)
+    ):
+        return None
+    return f"{fn.__module__}.{fn.__qualname__}{tuple(_parameters(fn))}"
 
 
 def sdpa_forward() -> str | None:

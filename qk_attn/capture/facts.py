@@ -205,7 +205,8 @@ FACTS: tuple[Fact, ...] = (
     Fact(
         "sdpa_forward",
         "integrations.sdpa_attention.sdpa_attention_forward (what transformers registers as 'sdpa') is a "
-        "function(module, query, key, value, attention_mask, **kwargs)",
+        "function(module, query, key, value, attention_mask, **kwargs) (renames that keep each in its place, "
+        "as query_states, are the same: qk-attn passes them by position)",
         sdpa_forward,
     ),
     Fact(

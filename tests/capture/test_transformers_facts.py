@@ -43,6 +43,22 @@ def test_a_changed_attention_signature_is_found(monkeypatch):
     assert [f.fact for f in facts.check_all()] == ["sdpa_forward"]
 
 
+def test_attention_parameters_renamed_in_place_keep_the_fact(monkeypatch):
+    """qk-attn passes them by position: `query` -> `query_states` keeps each in its place; a swap does not."""
+    from transformers.integrations import sdpa_attention
+
+    def renamed(module, query_states, key_states, value_states, attention_mask, **kwargs):
+        return None
+
+    def swapped(module, query, value, key, attention_mask, **kwargs):
+        return None
+
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", renamed)
+    assert facts.check_all() == []
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", swapped)
+    assert [f.fact for f in facts.check_all()] == ["sdpa_forward"]
+
+
 @pytest.fixture(scope="module")
 def found():
     """The installed transformers' branches on the implementation's name (reading its source takes seconds)."""
