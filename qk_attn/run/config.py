@@ -223,6 +223,11 @@ class RunConfig:
             raise ConfigError(
                 "capture.capture_queries and capture.capture_keys are both false: nothing would be recorded"
             )
+        if c.key_heads is not None and not c.capture_keys:  # it would choose among no rows
+            raise ConfigError(
+                f"capture.key_heads={c.key_heads!r} cannot apply while capture.capture_keys is false: "
+                "no keys are recorded; remove capture.key_heads, or set capture.capture_keys: true"
+            )
         kinds = ",".join(k for k, on in (("q", c.capture_queries), ("k", c.capture_keys)) if on)
         defaults = SniffConfig()
         settings: dict[str, Any] = {name: getattr(defaults, name) for name in SniffConfig.field_names()}

@@ -229,6 +229,14 @@ def test_a_set_subkey_keeps_the_shorthand_it_refines(tmp_path):
         RunConfig.load(path).sniff_config()
 
 
+def test_key_heads_without_keys_names_the_yaml_keys(tmp_path):
+    """It named SniffConfig's `capture='q'`, a value no run configuration holds."""
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({**MINIMAL, "capture": {"key_heads": "0", "capture_keys": False}}))
+    with pytest.raises(ConfigError, match=r"^capture.key_heads='0' cannot apply while capture.capture_keys is false"):
+        RunConfig.load(path).sniff_config()
+
+
 def test_set_overrides_keep_yaml_types(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(MINIMAL))
