@@ -8,6 +8,7 @@ from pathlib import Path
 from qk_attn.dataset.progress import bar
 from qk_attn.dataset.reader import Dataset
 from qk_attn.storage.coverage import coverage
+from qk_attn.storage.model_record import model_name
 
 
 def inspect_dataset(root: str | Path, progress: bool = True) -> list[str]:
@@ -33,7 +34,7 @@ def inspect_dataset(root: str | Path, progress: bool = True) -> list[str]:
     total = {kind: sum(c.values()) for kind, c in rows.items()}
     lines = [
         f"dataset    {data.root}",
-        f"model      {model.get('id')}  ({model.get('model_type')}, {model.get('dtype')})",
+        f"model      {model_name(model)}  ({model.get('model_type')}, {model.get('dtype')})",
         f"sampler    {sampler.strategy}, min_bucket_size {sampler.min_bucket_size}, base_rate {sampler.base_rate:g}, "
         f"seed {sampler.seed}; {config.get('rope', 'post')}-RoPE; captured {config.get('capture')}",
         f"examples   {len(committed)} committed, {sum(committed.values()):,} valid tokens, "

@@ -31,6 +31,7 @@ from qk_attn.storage.coverage import coverage, coverage_text, markdown_table
 from qk_attn.storage.folder import card_is_ours, signed_card
 from qk_attn.storage.layout import CARD, CARD_SIGNATURE, CHART, key_name, parse_key
 from qk_attn.storage.manifest import manifest_digest, read_manifest
+from qk_attn.storage.model_record import model_name
 from qk_attn.storage.provenance import provenance_versions
 from qk_attn.storage.settings import public_manifest, public_value
 
@@ -243,7 +244,7 @@ def _provenance(manifest: dict, max_length: int) -> str:
     versions, releases = provenance_versions(manifest)  # several releases: a table of their own
     model = manifest.get("model") or {}
     source = manifest.get("source") or {}
-    rows = [["model", public_value(model.get("id"))], ["model revision", _revision(manifest)]]
+    rows = [["model", model_name(model)], ["model revision", _revision(manifest)]]
     if source.get("weights"):
         rows.append(["weights", source["weights"]])
     rows += versions

@@ -8,7 +8,9 @@ resumed capture is refused when the model differs from the one OUT holds
 from __future__ import annotations
 
 from qk_attn.capture.plan import dtype_name
-from qk_attn.storage.settings import local_fingerprint
+from qk_attn.storage.settings import local_fingerprint, public_value
+
+UNNAMED = "(no name: a model built from a config in Python)"
 
 
 def model_record(model_config, plan) -> dict:
@@ -26,3 +28,9 @@ def model_record(model_config, plan) -> dict:
     if files is not None:
         model["files"] = files
     return model
+
+
+def model_name(model: dict) -> str:
+    """How a card or `inspect` names the recorded model: its public id, or that it had none (`_name_or_path`
+    is empty for a model built from a config, not loaded)."""
+    return public_value(model.get("id")) or UNNAMED

@@ -232,3 +232,16 @@ def test_a_merged_manifests_versions_are_those_of_the_rank_that_wrote_last(tmp_p
         part = read_manifest(out, f"qk_sniff.rank{rank:03d}.json")
         write_json_atomic(out / f"qk_sniff.rank{rank:03d}.json", {**part, "updated": updated}, fsync=False)
     assert distributed.merge(out)["versions"] == NEWER
+
+
+def test_a_model_built_from_a_config_is_named_as_such_not_none(tmp_path):
+    """A model built in Python has no `_name_or_path`: the card's provenance and `inspect` said `None`."""
+    from qk_attn.dataset.inspect import inspect_dataset
+    from qk_attn.storage.model_record import UNNAMED
+
+    out = tmp_path / "out"
+    manifest = capture_model(out, batches=((0, 1),))
+    assert manifest["model"]["id"] is None
+    assert f"| model | {UNNAMED} |" in provenance(out)
+    (line,) = [line for line in inspect_dataset(out, progress=False) if line.startswith("model ")]
+    assert UNNAMED in line and "None" not in line
