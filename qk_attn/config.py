@@ -167,7 +167,10 @@ class SniffConfig:
             set_("head_sample_count", parse_number("head_sample_count", self.head_sample_count, int, 1))
         else:
             set_("head_sample_count", None)
-        set_("head_sample_seed", parse_number("head_sample_seed", self.head_sample_seed, int, 0))
+        raw_head_seed = self.head_sample_seed
+        set_("head_sample_seed", parse_number("head_sample_seed", raw_head_seed, int, 0))
+        if self.head_sample_seed >= 2**63:  # as a run configuration's integers: the manifest's readers take int64
+            raise invalid_value("head_sample_seed", raw_head_seed, "an integer in [0, 2**63)")
         set_("capture", parse_choice("capture", self.capture, CAPTURE_KINDS))
         if self.key_heads and "k" not in self.kinds:  # it would choose among no rows
             raise invalid_value(

@@ -13,6 +13,7 @@ import torch
 
 from qk_attn import SniffConfig
 from qk_attn.config import main_module
+from qk_attn.run.sections import validate
 from qk_attn.setting_values import parse_index_list
 
 
@@ -433,12 +434,17 @@ def test_the_readme_says_which_head_sample_seeds_are_taken():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     row = next(line for line in readme.splitlines() if line.startswith("| `QK_SNIFF_HEAD_SAMPLE_SEED` |"))
-    assert "any integer" not in row and "an integer >= 0" in row, row
+    assert "any integer" not in row and "an integer from 0 to 2**63 - 1" in row, row
     with pytest.raises(ValueError, match=r"^QK_SNIFF_HEAD_SAMPLE_SEED='-5' is invalid: expected an integer >= 0"):
         SniffConfig.from_env({"QK_SNIFF_HEAD_SAMPLE_SEED": "-5"})
     with pytest.raises(ValueError, match=r"^head_sample_seed=-5 is invalid: expected an integer >= 0"):
         SniffConfig(head_sample_seed=-5)
-    assert SniffConfig.from_env({"QK_SNIFF_HEAD_SAMPLE_SEED": str(2**70)}).head_sample_seed == 2**70  # any size
+    # The variable took any size where a run configuration refuses 2**63 and above: the same range now.
+    assert SniffConfig.from_env({"QK_SNIFF_HEAD_SAMPLE_SEED": str(2**63 - 1)}).head_sample_seed == 2**63 - 1
+    with pytest.raises(ValueError, match=r"^QK_SNIFF_HEAD_SAMPLE_SEED='9223372036854775808' is invalid: .*2\*\*63"):
+        SniffConfig.from_env({"QK_SNIFF_HEAD_SAMPLE_SEED": str(2**63)})
+    with pytest.raises(ValueError, match=r"^capture.head_sampling.seed=9223372036854775808 is invalid: .*2\*\*63"):
+        validate("capture.head_sampling.seed", 2**63, "int", None, 0, True)
 
 
 @pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(SniffConfig)])
