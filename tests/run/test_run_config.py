@@ -10,7 +10,8 @@ import yaml
 from qk_attn.config import SniffConfig
 from qk_attn.demo import DEMO_CONFIG
 from qk_attn.errors import ConfigError
-from qk_attn.run.config import RunConfig, apply_override
+from qk_attn.run.config import RunConfig
+from qk_attn.run.yaml_text import apply_override
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 MINIMAL = {"dataset": {"path": "docs.jsonl"}, "model": {"name": "some/model"}, "output": {"data_root": "out"}}
