@@ -85,6 +85,7 @@ class ForwardContext:
         self.finished: bool | None = None
         self.discarded = False  # refused or stopped part-way: its sequences are gone (warned once)
         self.thread = threading.current_thread()  # the thread running it (one forward of a model at a time)
+        self.thread_id = threading.get_ident()  # (compared in every attention call: a C call, no Thread object)
         self.serial = next(_serials)
         self.builder = None  # the module whose forward built its mask (frames.model_forward), if found
         self.builder_depth = 0  # the place of that forward's frame on the stack (`encloses_this_call`)
@@ -125,6 +126,16 @@ class ForwardContext:
         if not self.used or self.finished is not False or self.discarded or self.builder is None:
             return False
         return self.thread is threading.current_thread() and encloses_this_call(self.builder, self.builder_depth)
+
+    def refuse_call_from_another_thread(self, layer) -> None:
+        """An attention call of this forward's model made in another thread than this forward's, by a forward
+        not known to run with capture off: its rows could be told from neither forward's."""
+        raise CaptureError(
+            f"qk_sniff: layer {layer} of this model ran in thread {threading.current_thread().name!r} while a "
+            f"forward of it runs in thread {self.thread.name!r}; qk-attn records a forward's layers in the thread "
+            "that runs the forward, and one forward of a model at a time: give each thread its own copy of the "
+            "model (copy.deepcopy(model)), or run the forwards one after the other; not recorded"
+        )
 
     def adopt(self, kwargs: dict) -> None:
         """The decoder stack started with the mask this context was built from: its own arguments

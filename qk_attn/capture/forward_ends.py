@@ -33,7 +33,8 @@ class ForwardEnds:
     def on_forward_end(self, config) -> None:
         """The decoder stack of `config` returned: its forward is complete and over."""
         entry = self._forwards.get(id(config))
-        if isinstance(entry, ForwardContext) and entry.state == "running":
+        # (a forward of the same model in another thread, begun with capture off, ends none of this session's)
+        if isinstance(entry, ForwardContext) and entry.state == "running" and entry.thread_id == threading.get_ident():
             entry.finished = True
             self._refuse_unattended(entry)  # as `_retire` does for a model's first forward
             self._hand_off(entry)
@@ -69,7 +70,12 @@ class ForwardEnds:
 
     def _first_forward(self, config) -> ForwardContext | None:
         entry = self._forwards.get(id(config))
-        if isinstance(entry, ForwardContext) and entry.state == "running" and not entry.armed:
+        if (
+            isinstance(entry, ForwardContext)
+            and entry.state == "running"
+            and not entry.armed
+            and entry.thread_id == threading.get_ident()
+        ):
             return entry
         return None
 

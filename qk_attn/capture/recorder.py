@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import weakref
+from threading import get_ident
 
 import torch
 
@@ -119,6 +120,10 @@ class Session(SessionLifecycle, ModuleBinder, SequenceTracker):
             if active.started_uncaptured(config):  # a forward begun before another thread opened this session
                 return
             forward = None  # a call after its model's forward ended is none of it: refused, that forward kept
+        elif forward.thread_id != get_ident():  # another thread's forward of this model: this call is none of it
+            if active.started_uncaptured(config):  # this thread's forward began with capture off: it ends so
+                return
+            forward.refuse_call_from_another_thread(getattr(module, "layer_idx", None))
         else:
             forward.used = True
             if forward.draft or forward.discarded:  # a discarded forward that runs on records nothing more

@@ -10,6 +10,7 @@ import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 import torch
 import transformers as tf
@@ -749,3 +750,88 @@ def test_a_forward_begun_with_capture_off_ends_so_when_another_thread_opens_a_se
         model(input_ids=tokens)
     assert torch.equal(result["logits"], reference(input_ids=tokens).logits)
     assert set(s.table()["example_id"].to_pylist()) == {5}
+
+
+@pytest.mark.parametrize("other_length", [6, 9])
+def test_a_capture_off_forward_in_another_thread_does_not_mix_into_the_sessions_forward(other_length):
+    """A forward begun with capture off in thread `bg`, paused in layer 0, then run to its end while the
+    session's forward of the same model waits before its layer 2. Its layers' attention calls were credited to
+    the session's forward (same length: layer 2's rows were bg's vectors, committed, verify OK), its end ended
+    the session's forward (so the real layer 2 was refused), and with another length bg itself raised while
+    the session's example was dropped. bg ends unrecorded and equal to sdpa; the session's rows are exact."""
+    from support.oracle import GroundTruth, all_heads, expected_rows
+
+    model, reference = build("llama3", "qk_sniff"), build("llama3", "sdpa")
+    other = torch.randint(2, 90, (1, other_length), generator=torch.Generator().manual_seed(1))
+    document = torch.randint(2, 90, (1, 6), generator=torch.Generator().manual_seed(2))
+    with qk_attn.session(sampler="all"):
+        model(input_ids=document)  # (the model's hooks are in place, as after any earlier session)
+    bg_inside, release_bg, bg_done, result = threading.Event(), threading.Event(), threading.Event(), {}
+
+    def pause_bg(*_):
+        if threading.current_thread().name == "bg":
+            bg_inside.set()
+            release_bg.wait(30)
+
+    def let_bg_finish(*_):
+        if threading.current_thread() is threading.main_thread():
+            release_bg.set()
+            bg_done.wait(30)
+
+    hooks = [
+        model.model.layers[0].mlp.register_forward_hook(pause_bg),
+        model.model.layers[2].register_forward_pre_hook(let_bg_finish),
+    ]
+
+    def background():
+        try:
+            result["logits"] = model(input_ids=other).logits
+        except BaseException as error:  # noqa: BLE001 - reported below
+            result["error"] = error
+        bg_done.set()
+
+    thread = threading.Thread(target=background, name="bg")
+    thread.start()
+    assert bg_inside.wait(30)
+    with qk_attn.session(sampler="all") as s:
+        s.begin([7])
+        model(input_ids=document)
+        thread.join(30)
+    for hook in hooks:
+        hook.remove()
+    assert "error" not in result, result.get("error")
+    assert torch.equal(result["logits"], reference(input_ids=other).logits)
+    truth = GroundTruth(reference)
+    reference(input_ids=document)
+    truth.remove()
+    batch = {"attention_mask": torch.ones_like(document), "position_ids": torch.arange(6)[None]}
+    expected = expected_rows(truth.post, batch, [7], all_heads(reference))
+    got = rows_by_key(s.table())
+    assert got.keys() == expected.keys()
+    assert all(np.array_equal(got[key], expected[key]) for key in expected)
+
+
+def test_a_layer_run_in_a_worker_thread_inside_a_forward_is_refused_in_one_line():
+    """A layer the forward hands to another thread: its rows could be told from no forward's, so it is
+    refused there (and the forward with it), naming both threads."""
+    model = build("llama3", "qk_sniff")
+    layer = model.model.layers[2]
+    in_thread = layer.forward
+
+    def forward_in_a_worker(*args, **kwargs):
+        with ThreadPoolExecutor(1, thread_name_prefix="worker") as pool:
+            return pool.submit(in_thread, *args, **kwargs).result()
+
+    layer.forward = forward_in_a_worker
+    with qk_attn.session(sampler="all") as s:
+        s.begin([7])
+        with pytest.raises(
+            CaptureError,
+            match=r"^qk_sniff: layer 2 of this model ran in thread 'worker_0' while a "
+            r"forward of it runs in thread 'MainThread'; [^\n]*not recorded$",
+        ):
+            model(input_ids=PROMPT)
+        del layer.forward
+        s.begin([8])
+        model(input_ids=PROMPT)
+    assert set(s.table()["example_id"].to_pylist()) == {8}
