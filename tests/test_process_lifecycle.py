@@ -115,6 +115,8 @@ def test_a_child_forked_inside_a_session_leaves_the_parents_lock_and_files_alone
     assert "parent: third process: qk_attn.errors.OutputLocked" in lines, result.stdout
     assert "parent: done" in lines
     assert "SaverError" not in result.stderr, result.stderr
+    # told once: the forward's end hook raised the refusal again, which torch printed as a silenced warning
+    assert "always_call" not in result.stderr and "was forked" not in result.stderr, result.stderr
     assert _examples(out) == [0, 1]
     assert _positions(out) == {0: list(range(7)), 1: list(range(6))}
     assert verify_dataset(out, log=lambda *_: None) == []

@@ -51,7 +51,7 @@ def _call_started(config, ended_id: int, module, _args) -> None:
 def _call_ended(config, module, _args, _output) -> None:
     """Run on the call's return and, `always_call`, when it raised: then the exception being handled is
     a new one (torch calls it from its `except`), not the one that was being handled when it started."""
-    from qk_attn.capture.active import current_session
+    from qk_attn.capture.active import existing_session
 
     running = getattr(_calls, "running", None)
     index = next((i for i in range(len(running or ()) - 1, -1, -1) if running[i][0] is module), None)
@@ -59,7 +59,7 @@ def _call_ended(config, module, _args, _output) -> None:
         return
     _, _, mark, handled, _ = running.pop(index)
     stopped, running[index:] = running[index:], []  # calls inside it that an interrupt left unfinished
-    session = current_session()
+    session = existing_session()
     for _, inner, inner_mark, _, _ in reversed(stopped):  # (torch runs no always_call hook on an interrupt)
         if session is not None and not session.closed:
             session.on_call_raised(inner, inner_mark)
@@ -87,11 +87,11 @@ def settle_interrupted_calls() -> None:
     """Calls of this thread that an interrupt (a BaseException, for which torch runs no always_call hook)
     left unfinished: their forwards are not committed either (`on_call_raised`). Read at a watched call's
     start and before a commit, flush or close (`ForwardTracker._end_forwards`)."""
-    from qk_attn.capture.active import current_session
+    from qk_attn.capture.active import existing_session
 
     running = getattr(_calls, "running", None)
     while running and running[-1][4] is not None and not _on_stack(running[-1][4]):
         _, config, mark, _, _ = running.pop()
-        session = current_session()
+        session = existing_session()
         if session is not None and not session.closed:
             session.on_call_raised(config, mark)

@@ -171,18 +171,19 @@ def _forward_started(config, ended_id: int, module, _args, kwargs) -> None:
 
 @torch.compiler.disable
 def _forward_ended(config, _module, _args, _output) -> None:
-    from qk_attn.capture.active import current_session
+    from qk_attn.capture.active import existing_session
 
-    session = current_session()
+    # (existing: an end makes no default session, and in a forked child the start's refusal is not raised twice)
+    session = existing_session()
     if session is not None and not session.closed:  # a closed session refused the forward at its start
         session.on_forward_end(config)
 
 
 @torch.compiler.disable
 def _report(event: str, config, *_hook_args) -> None:
-    from qk_attn.capture.active import current_session
+    from qk_attn.capture.active import existing_session
 
-    session = current_session()
+    session = existing_session()
     if session is not None and not session.closed:
         getattr(session, event)(config)
 
