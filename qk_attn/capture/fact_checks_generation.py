@@ -135,6 +135,8 @@ def generation_frames() -> str | None:
     code = utils.GenerationMixin._sample.__code__
     if not {"model_kwargs", "unfinished_sequences", "has_eos_stopping_criteria"} <= set(code.co_varnames):
         return f"GenerationMixin._sample locals {code.co_varnames}"
+    if hasattr(utils, "DeferredStopCheck") and "stop_check" not in code.co_varnames:  # (frames: refused when deferred)
+        return "GenerationMixin._sample has no local stop_check, where a deferred stop check is found"
     if "_prefill" not in code.co_names:  # its first forwards feed the caller's tokens (frames)
         return "GenerationMixin._sample does not call self._prefill"
     tree = parse(textwrap.dedent(inspect.getsource(utils.GenerationMixin._sample)))

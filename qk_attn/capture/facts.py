@@ -62,7 +62,8 @@ Where the capture code relies on each fact (the module that reads it):
     generation_frames              hooks.watch_generate (GenerationMixin.generate),
                                    generation_frames.refuse_unrecordable_generation (_beam_search, _sample,
                                    _assisted_decoding, _prefill in generation/utils.py, locals
-                                   model_kwargs, unfinished_sequences, has_eos_stopping_criteria)
+                                   model_kwargs, unfinished_sequences, has_eos_stopping_criteria,
+                                   stop_check: a stop decided a step late, DeferredStopCheck, is refused)
     generation_dispatch            generation_frames._refuse_unknown_decoding (generate()'s locals decoding_method and
                                    custom_generate; GENERATION_MODES_MAPPING names only DECODING_METHODS;
                                    at run time, the method's code is generation/utils.py's: a model's own
@@ -265,7 +266,8 @@ FACTS: tuple[Fact, ...] = (
         "generation_frames",
         "GenerationMixin.generate/_sample/_beam_search/_assisted_decoding exist; _sample has locals model_kwargs, "
         "unfinished_sequences and has_eos_stopping_criteria (it pads finished rows only under `if "
-        "has_eos_stopping_criteria:`), reads model_kwargs['use_cache'] and runs its first forwards in _prefill",
+        "has_eos_stopping_criteria:`), reads model_kwargs['use_cache'] and runs its first forwards in _prefill; "
+        "where DeferredStopCheck exists, _sample's local stop_check holds its stop check",
         generation_frames,
     ),
     Fact(

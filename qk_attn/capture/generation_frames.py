@@ -62,6 +62,13 @@ def refuse_unrecordable_generation(callers: list[MethodFrame], builder):
                     "qk_sniff: generate(use_cache=False) re-runs the whole sequence at every step, "
                     "which would record it once per new token; generate with use_cache=True"
                 )
+            stop_check = local.get("stop_check")  # (set after the prefill)
+            if stop_check is not None and type(stop_check).__name__ != "StopCheck":
+                raise CaptureError(
+                    f"qk_sniff: generate() decides to stop one step late here ({type(stop_check).__name__}, as "
+                    "transformers does on MPS): its extra forward and the cache crop after it would record a token "
+                    "the sequence does not keep, or discard the example; not recorded: generate on CPU or CUDA"
+                )
             draft = _assistant_draft(frame, this)
             unfinished = local.get("unfinished_sequences")
             if not (isinstance(unfinished, torch.Tensor) and unfinished.dim() == 1):

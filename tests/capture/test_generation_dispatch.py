@@ -161,3 +161,45 @@ def test_a_model_that_decodes_in_its_own_sample_loop_is_refused(which, use_cache
         s.begin([7])
         model(input_ids=BEFORE % 16)  # its forward, called directly: recorded
     assert set(s.table().to_pydict()["example_id"]) == {7}
+
+
+class _NoEvent:
+    """torch.Event stands in for an MPS event on CPU (DeferredStopCheck records and waits on one)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+
+@pytest.mark.skipif(not hasattr(generation_utils, "DeferredStopCheck"), reason="no deferred stop check")
+@pytest.mark.parametrize("return_dict", [False, True])
+def test_a_stop_decided_one_step_late_is_refused(return_dict, monkeypatch):
+    """transformers defers generate()'s stop check by a step on MPS (DeferredStopCheck): one extra forward feeds
+    the EOS token (its row was recorded, a row the CPU path never has), and with the cache returned its crop
+    after the loop discarded the whole example. Simulated here as MPS runs it: refused, and the session goes on."""
+    monkeypatch.setattr(torch, "Event", _NoEvent)
+    monkeypatch.setattr(generation_utils.DeferredStopCheck, "is_supported", staticmethod(lambda *args, **kwargs: True))
+    model = build("llama3", "qk_sniff")
+    with qk_attn.session(sampler="all", layers="0") as s:
+        with pytest.raises(CaptureError, match=r"^qk_sniff: generate\(\) decides to stop one step late here "):
+            model.generate(
+                input_ids=BEFORE, max_new_tokens=3, do_sample=False, pad_token_id=0, return_dict_in_generate=return_dict
+            )
+        s.begin([7])
+        model(input_ids=BEFORE)
+    assert set(s.table().to_pydict()["example_id"]) == {7}
+
+
+def test_a_sample_loop_without_its_stop_check_local_breaks_a_fact(monkeypatch):
+    """The refusal above reads `_sample`'s local stop_check: a release that renames it is named."""
+    source = textwrap.dedent(inspect.getsource(GenerationMixin._sample)).replace("stop_check", "stopper")
+    namespace = dict(vars(generation_utils))
+    exec(compile(source, generation_utils.__file__, "exec"), namespace)  # noqa: S102 - transformers' own code
+    monkeypatch.setattr(GenerationMixin, "_sample", namespace["_sample"])
+    found = {f.fact: f.found for f in facts.check_all()}
+    assert "no local stop_check" in found["generation_frames"], found
