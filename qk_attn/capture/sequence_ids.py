@@ -183,7 +183,14 @@ class SequenceIds(ForwardTracker):
                 f"forward of theirs {gone[1]}; nothing more of them is recorded: call session.begin(ids) before it "
                 "to record its tokens under new ids"
             )
-        elif sequence is None or sequence.end != forward.past or len(sequence.ids) != batch:
+        elif sequence is not None and sequence.end == forward.past and len(sequence.ids) != batch:
+            raise CaptureError(
+                f"qk_sniff: this forward of batch {batch} continues a cache that holds {len(sequence.ids)} "
+                f"sequence(s), examples {list(sequence.ids)} (as generate(num_return_sequences=...) over a cache "
+                "prefilled for one prompt); run as many rows as the cache holds, or call session.begin(ids) before "
+                "it to name its sequences"
+            )
+        elif sequence is None or sequence.end != forward.past:
             where = (
                 "no sequence of this model was started on this cache"
                 if sequence is None

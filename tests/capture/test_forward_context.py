@@ -90,6 +90,17 @@ def test_forward_without_begin_over_a_fresh_cache_gets_fresh_ids_and_continuatio
     assert ids_positions == [(0, p) for p in range(6)] + [(1, p) for p in range(5)]
 
 
+def test_continuing_a_cache_with_another_batch_names_the_batches():
+    """It said "at position 4 but the sequence [0] of this cache is at position 4": the batch was never named."""
+    model = build("llama3", "qk_sniff")
+    with qk_attn.session(sampler="all") as s:
+        cache = DynamicCache(config=model.config)
+        s.begin([0])
+        model(input_ids=torch.arange(10, 14)[None], **cache_kw(cache))
+        with pytest.raises(CaptureError, match=r"forward of batch 2 continues a cache that holds 1 sequence\(s\), "):
+            model(input_ids=torch.tensor([[14], [15]]), **cache_kw(cache))
+
+
 def test_continuing_a_cache_the_session_did_not_start_is_refused():
     model = build("llama3", "qk_sniff")
     ids = _tokens(8)
