@@ -49,6 +49,8 @@ def _refuse_misnumbered(forward, tokens: TextTokens, expected) -> None:
         seen = f"example {example} is at positions {positions[0]} to {positions[-1]}"
     elif expected is not None and 0 <= expected[row] != positions[0]:
         seen = f"example {example} goes on at position {positions[0]} after its previous token at {expected[row] - 1}"
+        if positions[0] == 0:  # the commonest cause: generate(input_ids=prompt, cache=cache) over the prompt's cache
+            seen += "; a prompt fed again over a cache that already holds it starts at 0 too: feed only the new tokens"
     else:
         i = next(i for i, p in enumerate(positions) if p != positions[0] + i)
         seen = f"example {example} goes from position {positions[i - 1]} to {positions[i]}"

@@ -360,3 +360,15 @@ def test_positions_just_past_int32_lead_with_their_range():
     ), message
     assert "count up by one" not in message and "packed" not in message and "padding" not in message
     assert "position_ids from 0 to 2**31 - 1" in message
+
+
+def test_a_prompt_fed_again_over_its_own_cache_is_told_so():
+    """generate(input_ids=prompt, cache=cache) over a cache that holds the prompt feeds it again from position 0:
+    refused (rows would repeat positions), and the message names that cause, not only packing or padding."""
+    model = build("llama3", "qk_sniff")
+    prompt = _ids(9, batch=1, seed=2)
+    with qk_attn.session(sampler="all"):
+        cache = DynamicCache(config=model.config)
+        model(input_ids=prompt, **cache_kw(cache))
+        with pytest.raises(MisnumberedPositions, match=r"goes on at position 0 .*a prompt fed again over a cache"):
+            model(input_ids=prompt, position_ids=torch.arange(9)[None], **cache_kw(cache))  # (as generate() does)
