@@ -81,6 +81,8 @@ class ForwardContext:
         # runs after its last layer has returned (`layers_done`).
         self.armed = False
         self.layers_done = False
+        self.mask_skipped = False  # its mask function returned None (no padding: the backend attends without one)
+        self.adopted_without_mask = False  # a pending forward adopted by a stack given no mask (see on_forward_start)
         # Whether the model forward ran to its end: False until its end is reported, None when it cannot be.
         self.finished: bool | None = None
         self.discarded = False  # refused or stopped part-way: its sequences are gone (warned once)

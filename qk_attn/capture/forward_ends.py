@@ -68,6 +68,23 @@ class ForwardEnds:
         if entry is not None and entry.layers_done:
             entry.finished = True
 
+    def _let_go_other_models(self, config) -> None:
+        """A forward of the model of `config` starts in this thread: another model's first forward here (whose end
+        only its last modules tell, so it stays current until that model's next forward) that is over is handed
+        off and let go now. A model dropped after one forward (`del model`) is then not kept alive by the
+        session's context (its decoder stack and cache) past the next forward of any model."""
+        for key, entry in list(self._forwards.items()):
+            if (
+                key != id(config)
+                and isinstance(entry, ForwardContext)
+                and entry.state == "running"
+                and not entry.armed
+                and entry.thread_id == threading.get_ident()
+                and not entry.in_progress()  # (a model run inside another's forward: that one runs on)
+            ):
+                self._retire(entry)
+                self._let_go(entry)
+
     def _first_forward(self, config) -> ForwardContext | None:
         entry = self._forwards.get(id(config))
         if (

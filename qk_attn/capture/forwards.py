@@ -73,10 +73,17 @@ class ForwardTracker(ForwardEnds):
         forward = entry if isinstance(entry, ForwardContext) and entry.config is config else None
         refuse_concurrent(forward)  # (also across sessions: hooks._refuse_concurrent_elsewhere)
         if forward is not None and not forward.used:
-            forward.add_mask_kind(kv_length, kv_offset, local_size)  # another mask kind of the same forward
-            return
+            if not forward.adopted_without_mask:
+                forward.add_mask_kind(kv_length, kv_offset, local_size)  # another mask kind of the same forward
+                return
+            # The stack given no mask builds its own: the skipped mask it adopted was prepared for it and not
+            # passed on (generate()'s), so this forward starts here, taking that one's ids, as a stack that got none.
+            self._retire(forward)
+            entry = _Started(forward.begun_ids if forward.begun_ids is not None else self._take_begun_ids())
+            forward = None
         if forward is not None:
             self._retire(forward)
+        self._let_go_other_models(config)
         self._end_forward()  # the previous forward is over: back-pressure belongs here, not in a layer
         begun_ids = entry.begun_ids if isinstance(entry, _Started) else self._take_begun_ids()
         caller = model_forward(callers, batch_size, q_length)
@@ -186,6 +193,12 @@ class ForwardTracker(ForwardEnds):
             check = None
         return sequence.end, check
 
+    def on_mask_skipped(self, config) -> None:
+        """The mask function of a forward of `config`'s model returned None (the backend attends without a mask)."""
+        forward = self._current(config)
+        if forward is not None and forward.state == "pending":
+            forward.mask_skipped = True
+
     def on_forward_start(self, config, kwargs: dict) -> None:
         """The decoder stack of `config` starts a forward (registration.watch_forward). Whatever an
         earlier forward left is over: discarded unless it ended, never reused. A mask built for this
@@ -196,8 +209,11 @@ class ForwardTracker(ForwardEnds):
             mask = kwargs.get("attention_mask")
             prepared = mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2)
             unused = entry.state == "pending" and not entry.used
-            if unused and prepared:
+            if unused and (prepared or (mask is None and entry.mask_skipped)):
+                # A mask built around the stack (BERT's model around its encoder), passed in; or skipped there (None:
+                # no padding), which the stack gets as None. Should the stack build its own, `on_mask` lets it go.
                 entry.adopt(kwargs)
+                entry.adopted_without_mask = not prepared
                 return
             self._retire(entry)
             if unused and entry.begun_ids is not None:

@@ -92,7 +92,10 @@ def _noting_context(mask_fn, *args, _callers=None, **kwargs):
             )
         callers = _callers if _callers is not None else method_frames(sys._getframe(0))
         _note(session, mask_fn, callers, **kwargs)
-    return mask_fn(*args, **kwargs)
+    mask = mask_fn(*args, **kwargs)
+    if mask is None and session is not None:  # a stack that gets None then takes it as its mask (on_forward_start)
+        session.on_mask_skipped(kwargs.get("config"))
+    return mask
 
 
 def _note(

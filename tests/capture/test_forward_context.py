@@ -3,6 +3,7 @@ an uncached one-shot forward of the same tokens, or hooks on the projections plu
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 
@@ -815,3 +816,47 @@ def test_continuing_a_committed_sequence_is_refused_and_decode_steps_do_not_copy
         s.commit()
         with pytest.raises(ValueError, match=r"continues the cache of examples \[4\], which a commit\(\) or flush\(\)"):
             model(input_ids=ids[:, 7:], **cache_kw(cache))
+
+
+def _bert(decoder: bool, attn_implementation: str):
+    config = tf.BertConfig(
+        vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64, is_decoder=decoder,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = (tf.BertLMHeadModel if decoder else tf.BertModel)(config).eval()
+    model.set_attn_implementation(attn_implementation)
+    return model
+
+
+@pytest.mark.parametrize("decoder", [False, True], ids=["encoder", "decoder"])
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+def test_a_model_that_builds_its_mask_around_its_layer_stack_is_recorded_exactly(decoder, padded):
+    """BERT builds its mask in BertModel and runs its layers in BertEncoder. Without padding transformers skips
+    the mask (None), which the encoder got as None: every forward was refused ("ran without transformers
+    building its mask"), though a padded one (a 4-D mask passed in) was recorded. Both are recorded, equal to
+    the query and key projections, with outputs equal to sdpa's."""
+    model, reference = _bert(decoder, "qk_sniff"), _bert(decoder, "sdpa")
+    ids = _tokens(7, batch=2)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, 5:] = 0
+    kept, handles = {}, []
+    for layer, block in enumerate(model.bert.encoder.layer if decoder else model.encoder.layer):
+        for kind, linear in (("q", block.attention.self.query), ("k", block.attention.self.key)):
+            handles.append(linear.register_forward_hook(lambda _m, _a, out, key=(layer, kind): kept.update({key: out})))
+    with qk_attn.session(sampler="all") as s:
+        got = model(input_ids=ids, attention_mask=mask if padded else None)
+    for handle in handles:
+        handle.remove()
+    want = reference(input_ids=ids, attention_mask=mask if padded else None)
+    assert torch.equal(got[0], want[0])
+    expected = {}
+    for (layer, kind), states in kept.items():
+        states = states.view(2, 7, 4, 8)
+        for b, t, h in itertools.product(range(2), range(7), range(4)):
+            if mask[b, t]:
+                expected[(b, layer, h, kind, t)] = states[b, t, h].numpy()
+    rows = rows_by_key(s.table())
+    assert rows.keys() == expected.keys()
+    assert all(np.array_equal(rows[key], expected[key]) for key in expected)

@@ -835,3 +835,21 @@ def test_a_layer_run_in_a_worker_thread_inside_a_forward_is_refused_in_one_line(
         s.begin([8])
         model(input_ids=PROMPT)
     assert set(s.table()["example_id"].to_pylist()) == {8}
+
+
+def test_a_model_dropped_after_one_forward_is_let_go_at_the_next_models_forward():
+    """A model's first forward stays its current one until its next (only its last modules tell its end): a loop
+    of load, one forward, `del model` kept every model's weights and cache until the session's commit."""
+    weights = []
+    with qk_attn.session(sampler="all", layers="0", heads="0", capture="q") as s:
+        for seed in range(3):
+            model = build("llama3", "qk_sniff", seed=seed)
+            s.begin([seed])
+            model(input_ids=PROMPT)
+            weights.append(weakref.ref(model.model.layers[0].self_attn.q_proj.weight))
+            del model
+            gc.collect()
+            assert [w() is None for w in weights[:-1]] == [True] * seed, "an earlier model is kept alive"
+        s.commit()
+    assert sorted(set(s.table()["example_id"].to_pylist())) == [0, 1, 2]
+    assert s.table().num_rows == 3 * PROMPT.shape[1]
