@@ -91,6 +91,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -353,12 +354,23 @@ def check_all(facts: tuple[Fact, ...] = FACTS) -> list[Finding]:
 @functools.cache
 def require() -> None:
     """Raise TransformersMismatch naming the transformers version and every broken fact (once per process)."""
-    findings = check_all()
+    findings = _check_all_apart()
     if findings:
         raise mismatch(findings)
     untested = untested_release(transformers_version())
     if untested:
         logger.warning(untested)
+
+
+def _check_all_apart() -> list[Finding]:
+    """`check_all` in a thread of its own: its probes run tiny forwards and read torch's state, which the caller's
+    first recorded forward may run under (a torch.func transform, a jit trace, an export, a backward pass: all
+    per thread), where they would find transformers broken."""
+    findings: list[Finding] = []
+    thread = threading.Thread(target=lambda: findings.extend(check_all()), name="qk-attn facts")
+    thread.start()
+    thread.join()
+    return findings
 
 
 REGISTRATION_FACTS = frozenset(("attention_interface_register", "mask_interface_register"))

@@ -25,6 +25,7 @@ from qk_attn.capture.frames import building_model, method_frames, tower_of
 from qk_attn.capture.modeling_checks import check_modeling_file
 from qk_attn.capture.name_branches import follow_wrapped_backend
 from qk_attn.capture.rotary_positions import refuse_stack_rotary_positions
+from qk_attn.capture.transforms import active_transform, refuse_transformed_forward
 from qk_attn.errors import CaptureError
 
 NAME = "qk_sniff"
@@ -44,6 +45,7 @@ def qk_sniff_mask(*args, **kwargs):
 
     callers = None
     if current_session() is not None:
+        refuse_transformed_forward()  # (before the facts: an export patches what they check)
         require()  # first (once per process): a release that moved what the checks below read is named
         callers = method_frames(sys._getframe(0))  # what the checks of this mask call read of the stack
     elif (builder := _module_frame(sys._getframe(1))) is not None:
@@ -163,6 +165,7 @@ def _forward_started(config, ended_id: int, module, _args, kwargs) -> None:
 
     session = current_session()
     if session is not None:
+        refuse_transformed_forward()  # (before an earlier forward is handed off inside the transform)
         # May refuse this forward (another thread is inside the model's first forward, whose end
         # only the hooks below report): they are removed only once a forward has started.
         with _starting(session, config):
@@ -178,7 +181,8 @@ def _forward_ended(config, _module, _args, _output) -> None:
 
     # (existing: an end makes no default session, and in a forked child the start's refusal is not raised twice)
     session = existing_session()
-    if session is not None and not session.closed:  # a closed session refused the forward at its start
+    # (a closed session, or a transform, refused the forward at its start)
+    if session is not None and not session.closed and active_transform() is None:
         session.on_forward_end(config)
 
 
@@ -187,7 +191,7 @@ def _report(event: str, config, *_hook_args) -> None:
     from qk_attn.capture.active import existing_session
 
     session = existing_session()
-    if session is not None and not session.closed:
+    if session is not None and not session.closed and active_transform() is None:
         getattr(session, event)(config)
 
 
