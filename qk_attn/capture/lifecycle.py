@@ -92,7 +92,8 @@ class SessionLifecycle:
                 if self._discarded
                 else "no attention call reached qk_sniff; if a model ran forwards in it that did not raise "
                 "before their attention, check its config._attn_implementation (set_attn_implementation keeps "
-                "the old one, with transformers' warning, on models that cannot switch, e.g. Bloom)"
+                "the old one, with transformers' warning, on models that cannot switch, e.g. Bloom), and that it is no "
+                "jit-traced or exported copy (which runs no Python, so nothing of it can be recorded)"
             )
         )
 
