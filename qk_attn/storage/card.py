@@ -29,7 +29,7 @@ from qk_attn.storage.card_infos import dataset_infos
 from qk_attn.storage.chart import bucket_chart, sampler_of
 from qk_attn.storage.coverage import coverage, coverage_text, markdown_table
 from qk_attn.storage.folder import card_is_ours, signed_card
-from qk_attn.storage.layout import CARD, CARD_SIGNATURE, CHART, key_name, parse_key
+from qk_attn.storage.layout import CARD, CARD_SIGNATURE, CHART, KEY_RE, key_name, parse_key
 from qk_attn.storage.manifest import manifest_digest, read_manifest
 from qk_attn.storage.model_record import model_name
 from qk_attn.storage.provenance import provenance_versions
@@ -52,12 +52,25 @@ def dataset_configs(shards: dict[str, list[str]], examples_file: str | None = No
     for (_, _, _), key in keys:
         configs[key] = {"data_files": [{"split": "train", "path": f"{key}/*.parquet"}]}
     for layer, kind in sorted({(layer, kind) for (layer, _, kind), _ in keys}):
-        configs[f"layer{layer:02d}_{kind}"] = {
-            "data_files": [{"split": "train", "path": f"l{layer:02d}h*{kind}/*.parquet"}]
-        }
+        names = [key for (this, _, k), key in keys if (this, k) == (layer, kind)]
+        configs[f"layer{layer:02d}_{kind}"] = {"data_files": [{"split": "train", "path": _folders(names, layer=True)}]}
     for kind in sorted({kind for (_, _, kind), _ in keys}):
-        configs[f"all_{kind}"] = {"data_files": [{"split": "train", "path": f"l*h*{kind}/*.parquet"}]}
+        names = [key for (_, _, k), key in keys if k == kind]
+        configs[f"all_{kind}"] = {"data_files": [{"split": "train", "path": _folders(names, layer=False)}]}
     return configs
+
+
+def _folders(names: list[str], layer: bool) -> str | list[str]:
+    """Glob patterns of the key folders `names` (`l03h01k`) by their shape, with digits for the head number (and
+    the layer's, unless `layer`): `l*h*k` would also read a copy beside them (`l00h00q.bak`, whose name ends in
+    k) into a config, where verify looks at key folders only. One pattern per width of the numbers present."""
+    digits = lambda number: "[0-9]" * len(number)  # noqa: E731
+    shapes = set()
+    for name in names:
+        number_l, number_h, kind = KEY_RE.fullmatch(name).groups()
+        shapes.add(f"l{number_l if layer else digits(number_l)}h{digits(number_h)}{kind}/*.parquet")
+    ordered = sorted(shapes)
+    return ordered[0] if len(ordered) == 1 else ordered
 
 
 def render_card(

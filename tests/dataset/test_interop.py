@@ -77,6 +77,30 @@ def test_every_config_loads_with_datasets_where_layers_differ_in_head_size(mixed
         qk_attn.load_vectors(mixed, kind="q")
 
 
+def test_the_cards_configs_read_the_key_folders_only_not_copies_beside_them(mixed, tmp_path):
+    """`all_k` (`l*h*k/*.parquet`) also read a backup `l00h00q.bak` (whose name ends in k) or `logs_check/`:
+    query rows in the key config, while verify, which reads key folders only, passed."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(mixed, out)
+    for folder, copy in (("l00h00q", "l00h00q.bak"), ("l00h00k", "l00h00k.bak"), ("l01h00k", "logs_check")):
+        shutil.copytree(out / folder, out / copy)
+    card = DatasetCard.load(out / "README.md")
+    for name in ("all_k", "all_q", "layer00_k", "layer01_k"):
+        (config,) = [c for c in card.data.configs if c["config_name"] == name]
+        got = datasets.load_dataset(str(out), name, split="train", cache_dir=str(tmp_path / "cache")).data.table
+        kind, layer = name[-1], None if name.startswith("all") else int(name[5:7])
+        want = qk_attn.load(out, kind=kind, **({} if layer is None else {"layer": layer}))
+        keys = [(c, "ascending") for c in ("layer", "head", "example_id", "position")]
+        assert got.num_rows == want.num_rows > 0, name
+        assert (
+            got.select(["layer", "head", "kind", "example_id", "position"])
+            .sort_by(keys)
+            .equals(want.select(["layer", "head", "kind", "example_id", "position"]).sort_by(keys))
+        ), name
+
+
 def test_load_filters_refuse_wrong_values_naming_the_argument(mixed):
     everything = qk_attn.load(mixed)
     for layer, head, kind in ((1, 0, "k"), (0, None, "q"), (None, 3, None)):

@@ -103,8 +103,8 @@ def test_coverage_reasons_from_the_plan():
         "layer 2: ran, 0 rows (the sampler kept no position of its planned heads)",
     ]
     configs = dataset_configs(manifest["shards"])
-    assert configs["layer00_q"] == {"data_files": [{"split": "train", "path": "l00h*q/*.parquet"}]}
-    assert configs["all_k"] == {"data_files": [{"split": "train", "path": "l*h*k/*.parquet"}]}
+    assert configs["layer00_q"] == {"data_files": [{"split": "train", "path": "l00h[0-9][0-9]q/*.parquet"}]}
+    assert configs["all_k"] == {"data_files": [{"split": "train", "path": "l[0-9][0-9]h[0-9][0-9]k/*.parquet"}]}
     manifest.update(sampler={"sampler": "uniform", "min_bucket_size": 8, "base_rate": 1.0, "seed": 0}, examples={})
     card = render_card(manifest, "org/qk", revision="llama")
     assert "load_dataset('org/qk', 'l00h00q', split=\"train\", revision='llama')" in card.text

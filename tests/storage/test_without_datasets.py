@@ -51,7 +51,7 @@ def test_capture_closes_with_the_card_when_datasets_cannot_be_imported(tmp_path)
     configs = {c["config_name"]: c["data_files"] for c in card.data.configs}
     assert [c["config_name"] for c in card.data.configs] == sorted(configs)
     assert configs["l01h03q"] == [{"split": "train", "path": "l01h03q/*.parquet"}]
-    assert configs["layer02_k"] == [{"split": "train", "path": "l02h*k/*.parquet"}]
-    assert configs["all_q"] == [{"split": "train", "path": "l*h*q/*.parquet"}]
+    assert configs["layer02_k"] == [{"split": "train", "path": "l02h[0-9][0-9]k/*.parquet"}]
+    assert configs["all_q"] == [{"split": "train", "path": "l[0-9][0-9]h[0-9][0-9]q/*.parquet"}]
     assert len(configs) == 18 + 6 + 2 + ("examples" in configs)
     assert (out / "buckets.png").stat().st_size > 0
