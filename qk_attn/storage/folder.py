@@ -227,7 +227,6 @@ def remove_dataset(output: Path, files: Files = Files()) -> None:
     """Delete what a capture wrote into OUT (and nothing else). A rank deletes only its own
     shards and manifest part; rank 0 also the merged manifest, the card and single-writer shards."""
     _refuse_foreign_parquet(output)
-    ours = (MANIFEST, PREVIOUS, EXAMPLES)
     if files.rank is None:
         for child in output.iterdir():
             if child.is_dir() and parse_key(child.name) is not None:
@@ -236,9 +235,13 @@ def remove_dataset(output: Path, files: Files = Files()) -> None:
                         path.unlink()
                 if not any(child.iterdir()):
                     child.rmdir()
-            elif child.name in (*ours, *CARD_FILES) or any(r.fullmatch(child.name) for r in RANK_FILES):
+            elif child.name in (EXAMPLES, *CARD_FILES) or any(r.fullmatch(child.name) for r in RANK_FILES):
                 if child.name != CARD or card_is_ours(output):  # a README of the user's own stays
                     child.unlink()
+        # The manifests last: a removal interrupted before them leaves a capture that overwrite or repair
+        # knows (its manifest), never a folder of qk-sniff's files that every command refuses as not one.
+        for name in (PREVIOUS, MANIFEST):
+            (output / name).unlink(missing_ok=True)
         return
     owners = [files] + ([Files()] if files.rank == 0 else [])
     for folder in output.iterdir():
@@ -246,8 +249,13 @@ def remove_dataset(output: Path, files: Files = Files()) -> None:
             for path in folder.iterdir():
                 if path.is_file() and any(owner.owns(path.name) for owner in owners):
                     path.unlink()
-    for name in [files.manifest, previous_name(files.manifest), files.examples] + (
-        [*ours, *CARD_FILES] if files.rank == 0 else []
+    for name in (
+        [files.examples]
+        + ([EXAMPLES, *CARD_FILES, PREVIOUS, MANIFEST] if files.rank == 0 else [])
+        + [
+            previous_name(files.manifest),
+            files.manifest,  # (last, as above)
+        ]
     ):
         if name != CARD or card_is_ours(output):  # a README of the user's own stays
             (output / name).unlink(missing_ok=True)

@@ -313,6 +313,52 @@ def test_different_settings_are_refused_then_overwritten(tmp_path):
     sink.close()
 
 
+def test_an_overwrite_interrupted_anywhere_leaves_a_folder_the_next_overwrite_takes(tmp_path, monkeypatch):
+    """Interrupted after it had deleted both manifests but not every shard (an interrupt at any deletion from about
+    the middle on), an overwrite left qk-sniff's files without a manifest: refused as "not empty and holds no
+    qk_sniff.json" by every command. The manifests go last: at every deletion, the next overwrite takes it."""
+    import pathlib
+
+    from qk_attn.storage import folder
+    from qk_attn.storage.folder import remove_dataset
+
+    template = tmp_path / "template"
+    sink = open_sink(template)
+    run_examples(sink, [0, 1, 2, 3])
+    sink.close()
+    unlink, stops = pathlib.Path.unlink, iter(range(1000))
+    stop = next(stops)
+    while True:  # the interrupt at the 1st, 2nd, ... file the overwrite deletes, until it runs to its end
+        out = tmp_path / f"out{stop}"
+        shutil.copytree(template, out)
+        calls = iter(range(1000))
+
+        def interrupted(self, *args, **kwargs):
+            if next(calls) == stop:
+                raise KeyboardInterrupt
+            return unlink(self, *args, **kwargs)
+
+        def remove_interrupted(*args, **kwargs):
+            with monkeypatch.context() as patch:
+                patch.setattr(pathlib.Path, "unlink", interrupted)
+                return remove_dataset(*args, **kwargs)
+
+        other = SniffConfig(output=str(out), sampler="uniform")
+        try:
+            with monkeypatch.context() as patch:
+                patch.setattr(folder, "remove_dataset", remove_interrupted)
+                ParquetSink(out, other, overwrite=True, fsync=False).close()
+            break  # no interrupt came: every deletion was tried
+        except KeyboardInterrupt:
+            pass
+        sink = ParquetSink(out, other, overwrite=True, fsync=False)
+        assert sink.committed_ids() == set(), stop
+        sink.close()
+        assert not any(p.name.startswith("l0") for p in out.iterdir()), stop
+        stop = next(stops)
+    assert stop > 10  # (the shards, the card, the examples table and the manifests were each interrupted)
+
+
 def test_one_writer_per_folder(tmp_path):
     """A second writer of this same process is told that the holder is this process (it was told of
     "another qk-sniff capture", as if another process held the lock), and of which capture."""
