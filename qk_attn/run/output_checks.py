@@ -66,6 +66,7 @@ def check_output(
 
     root = Path(os.path.expanduser(data_root))
     where = f"output.data_root={data_root!r}"
+    _refuse_inside_dataset(root, (source or {}).get("dataset"), where)
     if root.exists() and not root.is_dir():
         raise ConfigError(f"{where} is a file, expected a folder (new or holding a qk-sniff capture)")
     if not root.exists():
@@ -116,6 +117,19 @@ def check_output(
     except ValueError as error:
         raise ConfigError(f"{where}: {one_line(error)}") from None
     return root
+
+
+def _refuse_inside_dataset(root: Path, dataset, where: str) -> None:
+    """An output inside a local dataset folder becomes part of the dataset the run reads: its shards change the
+    folder's fingerprint (a resumed run is refused as another dataset) and a folder loader reads them too."""
+    if not isinstance(dataset, str) or not os.path.isdir(os.path.expanduser(dataset)):
+        return
+    folder, output = Path(os.path.expanduser(dataset)).resolve(), root.resolve()
+    if output == folder or folder in output.parents:
+        raise ConfigError(
+            f"{where} lies inside dataset.path={dataset!r}: the capture's files would become part of the dataset "
+            "the run reads (its fingerprint changes, so the run could not resume); choose an output outside it"
+        )
 
 
 def _check_same_settings(

@@ -1008,3 +1008,13 @@ def test_a_model_folder_without_weight_files_names_model_name(tiny_model, docs, 
     line = one_line(err)
     assert line.startswith(f"qk-sniff run: model.name={str(model)!r}: its weights cannot be loaded: "), line
     assert "model.safetensors" in line and "--debug" not in line
+
+
+def test_an_output_inside_the_local_dataset_folder_is_refused(tiny_model, docs, tmp_path, capsys, no_weights):
+    """It was accepted; the capture's shards then changed the dataset folder's fingerprint, so the same command
+    run again (a resume) was refused as a capture of another dataset, with overwrite as the advice."""
+    folder = Path(docs[0]).parent
+    out = folder / "capture"
+    code, _, err = run_cli(capsys, "--config", write_config(tmp_path, tiny_model, str(folder), out))
+    assert code == 2 and f"lies inside dataset.path={str(folder)!r}" in one_line(err), err
+    assert not out.exists()
