@@ -109,12 +109,27 @@ def check_vocabulary(vocabulary: Any) -> list | None:
             value=vocabulary,
             allowed=allowed,
         )
-    bad = next((i for i, token in enumerate(vocabulary) if token is not None and not isinstance(token, str)), None)
+    bad = next((i for i, token in enumerate(vocabulary) if token is not None and not _utf8(token)), None)
     if bad is not None:
+        what = (
+            "not UTF-8 text (a lone surrogate), which Parquet cannot store" if isinstance(vocabulary[bad], str) else ""
+        )
         raise ConfigError(
-            f"vocabulary={reprlib.repr(vocabulary)} is invalid: item {bad} is {vocabulary[bad]!r}; expected {allowed}",
+            f"vocabulary={reprlib.repr(vocabulary)} is invalid: item {bad} is {vocabulary[bad]!r}"
+            f"{', ' + what if what else ''}; expected {allowed}",
             setting="vocabulary",
             value=vocabulary,
             allowed=allowed,
         )
     return list(vocabulary)
+
+
+def _utf8(token) -> bool:
+    """A str that UTF-8 can encode (a lone surrogate, as "\\ud800", cannot: Arrow refuses it in the saver)."""
+    if not isinstance(token, str):
+        return False
+    try:
+        token.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -422,6 +422,7 @@ class _NoClose:
         ("vocabulary", "abc", "a str would be one token per character"),
         ("vocabulary", {"a": 1}, "a dict (token -> id, as get_vocab() gives) is not by id"),
         ("vocabulary", ["a", 5], "item 1 is 5; expected a list of token strings"),
+        ("vocabulary", ["a", "\ud800"], "item 1 is '\\ud800', not UTF-8 text (a lone surrogate)"),
         ("vocabulary", [], "expected a list of token strings"),
         ("sink", 5, "expected None, a qk_attn.capture.sinks.Sink, or an object with put(batch), commit(example_ids)"),
         ("sink", "x", "(it has no put, commit, close)"),
