@@ -50,6 +50,6 @@ def quarantine_unlisted(output: Path, listed: dict[str, set[str]], owned) -> lis
     if not moved:
         return []
     return [
-        f"moved {len(moved)} file(s) that the manifest does not list to {quarantine} (readers would "
-        f"have read them), e.g. {moved[0].relative_to(output)}"
+        f"moved {len(moved)} file(s) that the manifest does not list to {quarantine} (kept there: not "
+        f"qk-sniff's to delete), e.g. {moved[0].relative_to(output)}"
     ]

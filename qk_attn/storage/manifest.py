@@ -64,10 +64,14 @@ def read_manifest(output: str | Path, name: str = MANIFEST) -> dict | None:
             raise ValueError("its sha256 digest differs: a value changed after it was written")
     except (OSError, ValueError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ManifestError(
-            f"{path} is not a readable qk-sniff manifest ({reason}); run `qk-sniff repair {Path(output)}` "
-            f"(restores the previous manifest, {previous_name(path.name)}) or restore the file from a copy"
-        ) from None
+        previous = path.parent / previous_name(path.name)
+        advice = (
+            f"run `qk-sniff repair {Path(output)}` (restores the previous manifest, {previous.name}) or restore the "
+            "file from a copy"
+            if previous.is_file()
+            else f"restore the file from a copy (there is no previous manifest, {previous.name}, to restore)"
+        )
+        raise ManifestError(f"{path} is not a readable qk-sniff manifest ({reason}); {advice}") from None
     return manifest
 
 

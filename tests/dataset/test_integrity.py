@@ -191,6 +191,19 @@ def test_a_corrupt_manifest_is_one_line_that_never_advises_overwrite(dataset, ca
     assert sort_rows(folder_table(out)).equals(sort_rows(folder_table(clean)))
 
 
+def test_a_corrupt_manifest_without_a_previous_one_does_not_advise_repair(dataset):
+    """It advised `qk-sniff repair` "to restore the previous manifest" where there was none (repair then said so)."""
+    out, _ = dataset
+    (out / PREVIOUS).unlink()
+    (out / MANIFEST).write_text('{"examples": {"0": 5}, "shards": {')
+    with pytest.raises(ManifestError) as error:
+        read_manifest(out)
+    assert "qk-sniff repair" not in str(error.value)
+    assert str(error.value).endswith(
+        f"restore the file from a copy (there is no previous manifest, {PREVIOUS}, to restore)"
+    )
+
+
 def test_a_deleted_manifest_with_its_previous_one_is_damage_that_repair_mends(dataset, capsys):
     """verify of a capture whose qk_sniff.json is gone but whose previous manifest is there reports
     damage (exit 1) and names `qk-sniff repair`, which restores it."""
