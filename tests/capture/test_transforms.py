@@ -64,7 +64,8 @@ def test_the_first_forward_of_a_process_inside_a_backward_pass_finds_the_facts_h
     model = build("llama3", "qk_sniff")
     facts.require.cache_clear()
     x = torch.ones(3, requires_grad=True)
-    y = x * 2
+    with torch.enable_grad():  # (other test modules switch it off for the process)
+        y = x * 2
 
     def forward_in_backward(grad):
         with torch.no_grad():
@@ -73,7 +74,8 @@ def test_the_first_forward_of_a_process_inside_a_backward_pass_finds_the_facts_h
 
     y.register_hook(forward_in_backward)
     with qk_attn.session(sampler="all", layers="0", heads="0", capture="q") as s:
-        y.sum().backward()
+        with torch.enable_grad():
+            y.sum().backward()
         s.begin([1])
         model(IDS)
     assert set(s.table()["example_id"].to_pylist()) == {1}
