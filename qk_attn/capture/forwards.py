@@ -14,6 +14,7 @@ import torch
 from qk_attn.capture import forward as forward_module
 from qk_attn.capture.caches import note_vision, refuse_rounding_cache, resets, watch_cache_class
 from qk_attn.capture.calls import watch_call
+from qk_attn.capture.concurrency import refuse_concurrent
 from qk_attn.capture.facts import require as require_facts
 from qk_attn.capture.forward import ForwardContext, host_int
 from qk_attn.capture.forward_ends import ForwardEnds
@@ -25,7 +26,7 @@ from qk_attn.capture.frames import (
     running_in,
 )
 from qk_attn.capture.generation_frames import refuse_unrecordable_generation
-from qk_attn.capture.hooks import refuse_concurrent, watch_forward
+from qk_attn.capture.hooks import watch_forward
 from qk_attn.capture.mask_checks import refuse_mask_shape, refuse_other_padding
 from qk_attn.capture.rotary_positions import refuse_other_rotary_positions, refuse_stack_rotary_positions
 from qk_attn.capture.staging import OffsetCheck
@@ -71,7 +72,7 @@ class ForwardTracker(ForwardEnds):
         require_facts()  # what the capture reads of transformers' internals holds (checked once)
         entry = self._forwards.get(id(config))
         forward = entry if isinstance(entry, ForwardContext) and entry.config is config else None
-        refuse_concurrent(forward)  # (also across sessions: hooks._refuse_concurrent_elsewhere)
+        refuse_concurrent(forward)  # (also across sessions: concurrency._refuse_concurrent_elsewhere)
         if forward is not None and not forward.used:
             if not forward.adopted_without_mask:
                 forward.add_mask_kind(kv_length, kv_offset, local_size)  # another mask kind of the same forward
