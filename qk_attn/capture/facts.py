@@ -19,7 +19,10 @@ Where the capture code relies on each fact (the module that reads it):
     mask_functions                 backends.mask_function, hooks._noting_context
     mask_call_keywords             hooks._noting_context (batch_size, q_length, kv_length,
                                    q_offset, kv_offset, attention_mask, config, local_size)
-    mask_every_forward             forwards.on_mask (a forward's start: its mask call, also with no padding)
+    mask_every_forward             forwards.on_mask (a forward's start: its mask call, also with no padding);
+                                   a mask built around the decoder stack (BERT's model around its encoder)
+                                   reaches the stack as its attention_mask, None where the mask function
+                                   returned None (forwards.on_forward_start; held by tests: test_forward_context)
     mask_padding                   forwards.on_mask, mask_checks (which tokens are padding: the mask call's
                                    attention_mask, checked per forward against the model forward's own)
     text_config_lookup             frames.tower_of (a vision or audio tower's mask and attention: not recorded)
