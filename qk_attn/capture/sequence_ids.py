@@ -198,7 +198,7 @@ class SequenceIds(ForwardTracker):
             )
             raise CaptureError(
                 f"qk_sniff: this forward continues a cache at position {forward.past} but {where} (a rolled-back or "
-                "different cache, or forwards that ran on it without qk_sniff or outside this session); call "
+                "different cache, or forwards that ran on it without qk_sniff, outside this session or in training mode); call "
                 "session.begin(ids) before it to name its sequences"
             )
         elif sequence.row_moves != row_moves(forward.cache):
