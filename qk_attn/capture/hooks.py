@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+import threading
 import weakref
 
 import torch
@@ -169,8 +170,22 @@ def _forward_started(config, ended_id: int, module, _args, kwargs) -> None:
         with starting(session, config):
             refuse_stack_rotary_positions(module)  # (before anything of this forward is noted)
             session.on_forward_start(config, kwargs)
-    for handle in _first_forward_hooks.pop(module, ()):  # the stack's own hooks report from now on
-        handle.remove()
+    if module in _first_forward_hooks and not _first_forward_elsewhere(config):
+        for handle in _first_forward_hooks.pop(module):  # the stack's own hooks report from now on
+            handle.remove()
+
+
+def _first_forward_elsewhere(config) -> bool:
+    """Whether another thread runs the model's first recorded forward, whose end only the first-forward hooks
+    tell (its stack's own start hook came too late for it): they stay until it is over."""
+    from qk_attn.capture.active import open_sessions
+
+    for session in open_sessions():
+        forward = session._current(config)
+        if forward is not None and not forward.armed and forward.thread_id != threading.get_ident():
+            if forward.in_progress():
+                return True
+    return False
 
 
 @torch.compiler.disable

@@ -27,6 +27,7 @@ from qk_attn.capture.caches import holds_vision
 from qk_attn.capture.call_rows import CallRows
 from qk_attn.capture.facts import require as require_facts
 from qk_attn.capture.forward import ForwardContext
+from qk_attn.capture.frames import running_in
 from qk_attn.capture.lifecycle import SessionLifecycle
 from qk_attn.capture.plan import HeadPlan
 from qk_attn.capture.query_slicing import note_unseen
@@ -121,7 +122,9 @@ class Session(SessionLifecycle, ModuleBinder, SequenceTracker):
                 return
             forward = None  # a call after its model's forward ended is none of it: refused, that forward kept
         elif forward.thread_id != get_ident():  # another thread's forward of this model: this call is none of it
-            if active.started_uncaptured(config):  # this thread's forward began with capture off: it ends so
+            # This thread's own forward of the model, begun with capture off (its mask built then, or a prepared one
+            # passed in), ends so; a layer handed here from that forward is refused.
+            if active.started_uncaptured(config) or running_in(forward.builder):
                 return
             forward.refuse_call_from_another_thread(getattr(module, "layer_idx", None))
         else:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 
@@ -853,3 +854,81 @@ def test_a_model_dropped_after_one_forward_is_let_go_at_the_next_models_forward(
         s.commit()
     assert sorted(set(s.table()["example_id"].to_pylist())) == [0, 1, 2]
     assert s.table().num_rows == 3 * PROMPT.shape[1]
+
+
+def test_a_capture_off_forward_given_a_prepared_mask_runs_on_beside_a_sessions_forward():
+    """A forward given a 4-D mask builds none, so nothing marked it as begun with capture off: another thread's
+    session forward of the same model made its next layer raise ("ran in thread 'bg' while a forward of it runs")."""
+    model = build("llama3", "qk_sniff")
+    ids = torch.randint(2, 90, (1, 6), generator=torch.Generator().manual_seed(4))
+    causal = torch.zeros(1, 1, 6, 6).masked_fill_(torch.ones(6, 6, dtype=torch.bool).triu(1), float("-inf"))
+    bg_inside, session_started, result = threading.Event(), threading.Event(), {}
+
+    def gate(*_):
+        if threading.current_thread().name == "bg" and not bg_inside.is_set():
+            bg_inside.set()
+            session_started.wait(30)
+        elif threading.current_thread().name != "bg":
+            session_started.set()
+            time.sleep(0.3)  # bg runs its next layers while this forward is inside its own
+
+    hook = model.model.layers[1].register_forward_pre_hook(gate)
+
+    def background():
+        try:
+            result["logits"] = model(input_ids=ids, attention_mask=causal).logits
+        except BaseException as error:  # noqa: BLE001 - reported below
+            result["error"] = error
+
+    thread = threading.Thread(target=background, name="bg")
+    thread.start()
+    assert bg_inside.wait(30)
+    with qk_attn.session(sampler="all", layers="1", heads="0", capture="q") as s:
+        s.begin([7])
+        model(input_ids=ids)
+        thread.join(30)
+    hook.remove()
+    assert "error" not in result, result.get("error")
+    assert torch.equal(result["logits"], build("llama3", "sdpa")(input_ids=ids, attention_mask=causal).logits)
+    assert s.table()["example_id"].to_pylist() == [7] * 6
+
+
+def test_a_models_first_forward_keeps_its_end_when_another_threads_capture_off_forward_starts():
+    """A model's first recorded forward ends by hooks on its last modules, which the stack's start removed in any
+    thread: a capture-off generate() step of another thread took them, and the first forward was discarded
+    as "stopped before its end (an exception inside the model)", though nothing raised."""
+    model = build("llama3", "qk_sniff")
+    ids = torch.randint(2, 90, (1, 6), generator=torch.Generator().manual_seed(5))
+    first_inside, bg_stepped, may_step = threading.Event(), threading.Event(), threading.Event()
+
+    class WaitBetweenSteps(tf.StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            may_step.wait(30)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    def gate(*_):
+        if threading.current_thread().name == "bg":
+            if may_step.is_set():
+                bg_stepped.set()
+        elif not first_inside.is_set():
+            first_inside.set()
+            may_step.set()
+            bg_stepped.wait(30)  # bg's next step starts its stack while this first forward runs
+
+    hook = model.model.layers[0].register_forward_pre_hook(gate)
+    thread = threading.Thread(
+        target=lambda: model.generate(
+            input_ids=ids, max_new_tokens=3, do_sample=False, stopping_criteria=[WaitBetweenSteps()], pad_token_id=0
+        ),
+        name="bg",
+    )
+    thread.start()
+    time.sleep(0.5)  # bg is past its prefill, waiting between steps, when the session opens
+    with qk_attn.session(sampler="all", layers="0", heads="0", capture="q") as s:
+        s.begin([10])
+        model(input_ids=ids)
+        thread.join(30)
+        s.begin([11])
+        model(input_ids=ids)
+    hook.remove()
+    assert sorted(set(s.table()["example_id"].to_pylist())) == [10, 11]
