@@ -68,7 +68,8 @@ def local_files(path: str) -> list[Path]:
     """The files a local file or glob names (a folder or Hub id: none)."""
     expanded = os.path.expanduser(path)
     if any(ch in expanded for ch in "*?["):
-        return [Path(p) for p in sorted(glob.glob(expanded)) if os.path.isfile(p)]
+        # (recursive: `**` matches files at any depth, the top level too, as `datasets` reads it)
+        return [Path(p) for p in sorted(glob.glob(expanded, recursive=True)) if os.path.isfile(p)]
     return [Path(expanded)] if os.path.isfile(expanded) else []
 
 

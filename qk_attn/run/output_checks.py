@@ -120,16 +120,45 @@ def check_output(
 
 
 def _refuse_inside_dataset(root: Path, dataset, where: str) -> None:
-    """An output inside a local dataset folder becomes part of the dataset the run reads: its shards change the
-    folder's fingerprint (a resumed run is refused as another dataset) and a folder loader reads them too."""
-    if not isinstance(dataset, str) or not os.path.isdir(os.path.expanduser(dataset)):
+    """An output inside a local dataset folder, or where a local glob would match its files, becomes part of the
+    dataset the run reads: its shards change the dataset's fingerprint (a resumed run is refused as another
+    dataset) and the loader reads them as documents."""
+    if not isinstance(dataset, str):
         return
-    folder, output = Path(os.path.expanduser(dataset)).resolve(), root.resolve()
-    if output == folder or folder in output.parents:
+    path, output = os.path.expanduser(dataset), root.resolve()
+    glob = any(ch in path for ch in "*?[")
+    if glob:
+        reached = _glob_reaches(path, output)
+    else:
+        folder = Path(path).resolve()
+        reached = os.path.isdir(path) and (output == folder or folder in output.parents)
+    if reached:
+        place = "where the glob" if glob else "inside"
         raise ConfigError(
-            f"{where} lies inside dataset.path={dataset!r}: the capture's files would become part of the dataset "
-            "the run reads (its fingerprint changes, so the run could not resume); choose an output outside it"
+            f"{where} lies {place} dataset.path={dataset!r}{' matches its files' if glob else ''}: the capture's "
+            "files would become part of the dataset the run reads (its fingerprint changes, so the run could not "
+            "resume); choose an output outside it"
         )
+
+
+def _glob_reaches(pattern: str, output: Path) -> bool:
+    """Whether the local glob `pattern` (recursive, as `datasets` reads it) would match a file a capture writes in
+    `output`: its shards (`l00h00q/s000000-p0000.parquet`), examples table, card or manifest."""
+    import fnmatch
+
+    wild = min(pattern.index(ch) for ch in "*?[" if ch in pattern)
+    base = Path(os.path.dirname(pattern[:wild]) or ".").resolve()
+    if output != base and base not in output.parents:
+        return False
+    rest = os.path.relpath(pattern, os.path.dirname(pattern[:wild]) or ".")
+    written = ("l00h00q/s000000-p0000.parquet", "examples.parquet", "README.md", "qk_sniff.json")
+    inside = os.path.relpath(output, base)
+    for name in written:
+        candidate = name if inside == "." else f"{inside}/{name}"
+        # fnmatch's `*` crosses `/`; glob's crosses it only as `**`
+        if fnmatch.fnmatch(candidate, rest) and ("**" in rest or candidate.count("/") == rest.count("/")):
+            return True
+    return False
 
 
 def _check_same_settings(

@@ -23,6 +23,7 @@ from qk_attn.errors import ConfigError, HubError
 from qk_attn.run import prepare, runner
 from qk_attn.run.config import RunConfig
 from qk_attn.run.documents import iter_documents, load_rows, normalize_id
+from qk_attn.run.input_checks import local_files
 from qk_attn.run.model import load_model_config
 from qk_attn.run.summary import RunSummary
 from qk_attn.storage.manifest import read_manifest
@@ -85,6 +86,8 @@ def test_local_files_of_every_kind(tmp_path):
     assert [d.example_id for d in got] == [0, 1, 2] and all("line two" in d.text for d in got)
     cfg = _section(tmp_path / "t" / "0.txt", sample_by="line")
     assert [d.text for d in iter_documents(load_rows(cfg), cfg)] == ["line one of 0", "line two"]
+    # A recursive glob names top-level files too, as datasets reads it (the check said it "matches no file").
+    assert local_files(str(tmp_path / "t" / "**" / "*.txt")) == [tmp_path / "t" / f"{i}.txt" for i in range(3)]
 
 
 def test_max_samples_streaming_and_column_errors(docs):

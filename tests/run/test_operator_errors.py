@@ -1018,3 +1018,19 @@ def test_an_output_inside_the_local_dataset_folder_is_refused(tiny_model, docs, 
     code, _, err = run_cli(capsys, "--config", write_config(tmp_path, tiny_model, str(folder), out))
     assert code == 2 and f"lies inside dataset.path={str(folder)!r}" in one_line(err), err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("pattern, refused", [("**/*.jsonl", False), ("**/*.parquet", True), ("*/*.parquet", True)])
+def test_an_output_where_the_local_dataset_glob_reads_its_files_is_refused(
+    tiny_model, docs, tmp_path, capsys, no_weights, pattern, refused
+):
+    """A glob over the dataset folder reached the capture's shards (`**/*.parquet`): accepted, then its resume was
+    refused as another dataset. One that cannot match them (`**/*.jsonl`) is fine."""
+    folder = Path(docs[0]).parent
+    out = folder / "capture"
+    config = write_config(tmp_path, tiny_model, f"{folder}/{pattern}", out)
+    code, _, err = run_cli(capsys, "--config", config, "--dry-run")
+    if refused:
+        assert code == 2 and f"lies where the glob dataset.path='{folder}/{pattern}' matches its files" in one_line(err)
+    else:
+        assert "lies where the glob" not in err
