@@ -213,7 +213,8 @@ class ForwardContext:
         raise CaptureError(
             f"qk_sniff: layer {layer} ran again with other inputs and no new mask: either the model passed a "
             "prepared 4-D attention mask (qk_sniff needs the 2-D attention_mask so that transformers builds the "
-            "mask), or it calls one layer twice per forward with different inputs; not recorded"
+            "mask), or it calls one layer twice per forward with different inputs (as a BERT-style decoder given "
+            "encoder_hidden_states: its cross-attention shares the layer's layer_idx); not recorded"
         )
 
     def tokens(self, position_ids: torch.Tensor | None, device: torch.device, length: int | None = None) -> TextTokens:
