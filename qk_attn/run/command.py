@@ -22,6 +22,8 @@ def cmd_run(args) -> int:
     is_demo = args.config is None
     if not is_demo:
         _check_config_file(args.config)
+    else:
+        _refuse_other_sources_in_the_demo(args.set or [])
     config = RunConfig.load(args.config, args.set or [], base=DEMO_CONFIG if is_demo else None)
     if is_demo:
         print("qk-sniff: no --config given: running the embedded demo (configs/demo.yaml)", flush=True)
@@ -55,6 +57,22 @@ def cmd_run(args) -> int:
     for line in format_load_hint(config.output.data_root):
         print(line)
     return 0
+
+
+# What --set may not change without --config: the demo's other settings (4 documents, its sampler, ids, lengths)
+# would silently apply to another dataset or model.
+DEMO_SOURCES = ("dataset.path", "dataset.name", "dataset.data_files", "model.name")
+
+
+def _refuse_other_sources_in_the_demo(overrides: list[str]) -> None:
+    changed = [item.split("=", 1)[0].strip() for item in overrides if "=" in item]
+    other = next((key for key in changed if key in DEMO_SOURCES), None)
+    if other is not None:
+        raise ConfigError(
+            f"--set {other}=... without --config runs the embedded demo on another source, keeping the demo's other "
+            "settings (dataset.max_samples: 4, its sampler, id column and lengths); write a run configuration "
+            "(configs/demo.yaml is one to copy) and pass it with --config"
+        )
 
 
 def _check_config_file(path: str) -> None:

@@ -1034,3 +1034,11 @@ def test_an_output_where_the_local_dataset_glob_reads_its_files_is_refused(
         assert code == 2 and f"lies where the glob dataset.path='{folder}/{pattern}' matches its files" in one_line(err)
     else:
         assert "lies where the glob" not in err
+
+
+@pytest.mark.parametrize("key", ["dataset.path", "model.name"])
+def test_the_demo_refuses_another_source_given_with_set(key, capsys):
+    """`--set dataset.path=docs.jsonl` without --config ran the demo's settings on it: 4 documents, silently."""
+    code, out, err = run_cli(capsys, "--set", f"{key}=elsewhere", "--dry-run")
+    assert code == 2 and f"--set {key}=... without --config runs the embedded demo on another source" in one_line(err)
+    assert "running the embedded demo" not in out
