@@ -113,6 +113,14 @@ class DatasetSection:
     streaming: bool = _opt(False, "bool")
     sample_by: str = _opt("document", "str", choices=SAMPLE_BY, nullable=False)  # local .txt files only
 
+    def __post_init__(self) -> None:
+        # `datasets` streams whole splits only: a slice failed in its loader ("Bad split: train[:3]")
+        if self.streaming is True and isinstance(self.split, str) and any(ch in self.split for ch in "[+"):
+            raise ConfigError(
+                f"dataset.split={self.split!r} cannot be streamed (dataset.streaming: true reads whole splits "
+                "only); use dataset.max_samples to take the first documents, or set dataset.streaming: false"
+            )
+
 
 @dataclass
 class ModelSection:

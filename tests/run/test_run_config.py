@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -310,3 +311,12 @@ def test_a_data_root_under_home_is_expanded_once_for_every_use(monkeypatch, tmp_
     run = RunConfig.from_dict({**MINIMAL, "output": {"data_root": "~/out"}})
     assert run.output.data_root == str(tmp_path / "out")
     assert run.sniff_config().output == str(tmp_path / "out")
+
+
+@pytest.mark.parametrize("split", ["train[:3]", "train[50%:]", "train[:3]+train[-2:]", "train+test"])
+def test_a_sliced_split_cannot_be_streamed_and_the_keys_are_named(split):
+    """It failed in datasets' loader as `dataset.path='docs.jsonl' cannot be read: ValueError: Bad split`."""
+    data = {**MINIMAL, "dataset": {**MINIMAL["dataset"], "split": split, "streaming": True}}
+    with pytest.raises(ConfigError, match=rf"^dataset.split='{re.escape(split)}' cannot be streamed \(dataset"):
+        RunConfig.from_dict(data)
+    assert RunConfig.from_dict({**data, "dataset": {**data["dataset"], "streaming": False}}).dataset.split == split
