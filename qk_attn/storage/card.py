@@ -235,7 +235,7 @@ def _examples_section(examples_file: str | None, where: str, rev: str) -> list[s
         "## Examples",
         f"`{examples_file}` (config `examples`) has one row per committed example: `example_id` int64 (as in every "
         "shard), `source_id` string (the source dataset's own id; null when the row number served as id), "
-        "`source_index` int64 (the row in the source dataset), `valid_length` int64 (its valid tokens), "
+        "`source_index` int64 (the row in the split read: `train[3:5]`'s first row is 0), `valid_length` int64 (its valid tokens), "
         "`first_position` int64 (the smallest position among them).",
         "```python\n"
         f'examples = load_dataset({where!r}, "examples", split="train"{rev})\n'
