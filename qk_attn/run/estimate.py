@@ -99,7 +99,7 @@ def format_bytes(n: float) -> str:
 def format_estimate(est) -> list[str]:
     """The estimate as printed before a run."""
     if not est.documents:
-        return ["qk-sniff: estimate: nothing to capture (every document is already committed)"]
+        return ["qk-sniff: estimate: nothing to capture (every document is committed already, or this shard owns none)"]
     spread = (
         f"{est.rows_per_document:,.0f}"
         if round(est.min_rows) == round(est.max_rows)
