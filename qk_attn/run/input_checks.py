@@ -180,10 +180,12 @@ def not_text(cfg, index: int, text: Any, source_id: Any) -> str:
     row = f"row {index}" + (f" (id {source_id!r})" if cfg.id_column is not None else "")
     if text is None:
         return (
-            f"dataset.text_column={cfg.text_column!r}: {row} has no text (null or missing); fill it in (an empty "
-            "string is an empty document) or leave the row out"
+            f"dataset.text_column={cfg.text_column!r}: {row} has no text (null or missing; a CSV reads an empty "
+            "field as null); fill it in (an empty string is an empty document) or leave the row out"
         )
-    return f"dataset.text_column={cfg.text_column!r}: {row} holds a {type(text).__name__}, expected text"
+    kind = type(text).__name__
+    article = "an" if kind[:1] in "aeiou" else "a"
+    return f"dataset.text_column={cfg.text_column!r}: {row} holds {article} {kind}, expected text"
 
 
 def check_ids(ids: Iterable[Any], normalize: Callable[[Any], int], id_column: str) -> None:

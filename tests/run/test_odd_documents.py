@@ -105,7 +105,7 @@ def test_a_null_or_missing_text_is_refused_naming_the_row(tiny_model, tmp_path, 
     path = write_config(tmp_path, tiny_model, docs, tmp_path / "out", dataset={"streaming": streaming})
     code = cli.main(["run", "--config", path, "--quiet"])
     err = capsys.readouterr().err
-    assert code == 2 and "dataset.text_column='body': row 1 (id 'b') has no text (null or missing)" in err
+    assert code == 2 and "dataset.text_column='body': row 1 (id 'b') has no text (null or missing" in err
     if not streaming:  # refused before the weights load (streaming: when the row is read)
         assert len([line for line in err.splitlines() if line.strip()]) == 1 and not (tmp_path / "out").exists()
 
@@ -121,3 +121,14 @@ def test_an_empty_text_is_a_document_of_its_special_tokens(tiny_model, tmp_path)
         make_config(tiny_model, docs, tmp_path / "none", tokenizer=NO_BOS), progress=False, log=lambda *a: None
     )
     assert (none.documents, none.empty) == (1, 1)
+
+
+def test_a_text_that_is_not_a_string_is_named_with_its_type():
+    """`holds a int`: the article follows the type's name."""
+    from types import SimpleNamespace
+
+    from qk_attn.run.input_checks import not_text
+
+    cfg = SimpleNamespace(text_column="body", id_column=None)
+    assert not_text(cfg, 3, 7, None).endswith("row 3 holds an int, expected text")
+    assert not_text(cfg, 3, [1], None).endswith("row 3 holds a list, expected text")
