@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
 import signal
 import sys
 import threading
@@ -43,7 +44,7 @@ from qk_attn.dataset.inspect import inspect_dataset
 from qk_attn.dataset.repair import repair_dataset
 from qk_attn.dataset.verify import verify_dataset
 from qk_attn.errors import EXIT_STATUS, Terminated, one_line
-from qk_attn.run.command import cmd_run
+from qk_attn.run.command import cmd_run, quiet_libraries
 from qk_attn.run.source import encode_source
 from qk_attn.storage.layout import MANIFEST
 
@@ -104,6 +105,8 @@ def shorten(lines: list[str], keep: int = 10, slack: int = 4) -> list[str]:
 
 
 def cmd_verify(args) -> int:
+    if args.quiet:  # (reading the source for the token check would show datasets' own bars)
+        quiet_libraries()
     problems = verify_dataset(args.out, encode_source=encode_source, progress=not args.quiet)
     if problems:
         print(f"FAILED: {len(problems)} problem(s) in {args.out}")
@@ -117,6 +120,8 @@ def cmd_verify(args) -> int:
 def cmd_repair(args) -> int:
     # repair_dataset prints what it dropped and returns the exit status: 0 when OUT is sound
     # afterwards (re-running the capture fills in what was dropped), 1 when problems remain.
+    if args.quiet:
+        quiet_libraries()
     return int(repair_dataset(args.out, log=print, encode_source=encode_source, progress=not args.quiet))
 
 
@@ -300,6 +305,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 143 if isinstance(interrupt, Terminated) else 130
+    except BrokenPipeError:  # the reader of stdout left (`| head`): stop quietly, as a shell's SIGPIPE would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the exit's flush would raise again)
+        return 141
     except Exception as error:  # noqa: BLE001 - sorted into expected (one line) and unexpected (traceback)
         match = _exit_status(error)
         if match is None:

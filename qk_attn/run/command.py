@@ -28,7 +28,7 @@ def cmd_run(args) -> int:
     if is_demo:
         print("qk-sniff: no --config given: running the embedded demo (configs/demo.yaml)", flush=True)
     if is_demo or args.quiet:
-        _quiet_libraries()
+        quiet_libraries()
     if args.dry_run:
         from qk_attn.run.prepare import check
         from qk_attn.run.runner import check_push
@@ -98,7 +98,7 @@ def _check_config_file(path: str) -> None:
         ) from None
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """The demo's output is our progress bar and the summary, not every library's bars (--quiet: no bars at all)."""
     import datasets
     import transformers

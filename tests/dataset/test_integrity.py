@@ -409,3 +409,15 @@ def test_layers_given_only_the_last_queries_verify_against_what_they_got(tmp_pat
     if "unseen_queries" in info:
         assert read_manifest(streamed)["example_info"]["0"]["unseen_queries"] == {"2": [[0, 599]], "3": [[0, 599]]}
     assert verify_dataset(streamed, log=lambda *_: None) == []
+
+
+def test_verify_piped_into_a_reader_that_leaves_stops_quietly(dataset):
+    """`qk-sniff verify OUT | head -1` printed `[Errno 32] Broken pipe` as the command's error."""
+    import subprocess
+    import sys
+
+    out, _ = dataset
+    result = subprocess.run(
+        f"{sys.executable} -m qk_attn.cli verify {out} -q | head -c 0", shell=True, capture_output=True, text=True
+    )
+    assert result.stderr == ""
