@@ -45,6 +45,10 @@ class Rank:
         """Whether document number `index` (dataset order) is this rank's."""
         return index % self.world_size == self.rank
 
+    def share(self, documents: int) -> int:
+        """How many of the first `documents` documents are this rank's."""
+        return len(range(self.rank, documents, self.world_size))
+
     def sink_rank(self) -> tuple[int, int] | None:
         """(rank, world_size) for qk_attn.storage.sink.ParquetSink; None for a single process."""
         return None if self.is_single else (self.rank, self.world_size)

@@ -204,8 +204,11 @@ def prepare(config: RunConfig, model_name: str, tokenizer_name: str, rank, sink,
         from qk_attn.run.estimate import format_bytes
 
         upper = estimate(plan, Sampler.from_config(sniff), [max_length], sniff.vector_dtype)
-        count = f"{config.dataset.max_samples:,} document(s)" if config.dataset.max_samples else "each document"
-        n = config.dataset.max_samples or 1
+        limit = config.dataset.max_samples
+        n = rank.share(limit) if limit else 1
+        count = f"{n:,} document(s)" if limit else "each document"
+        if limit and not rank.is_single:
+            count += f" (this rank's share of dataset.max_samples={limit:,})"
         log(
             f"qk-sniff: estimate: streaming dataset, lengths unknown before the run: at most {upper.rows * n:,.0f} rows, "
             f"{format_bytes(upper.bytes * n)} uncompressed for {count} of at most {max_length:,} tokens"
@@ -213,7 +216,12 @@ def prepare(config: RunConfig, model_name: str, tokenizer_name: str, rank, sink,
         if config.capture.max_gb is not None:  # (set, and not applied: said, not ignored silently)
             log(
                 f"qk-sniff: capture.max_gb={config.capture.max_gb:g} is not applied to a streaming dataset, whose size "
-                "is not known before the run; bound it with dataset.max_samples and tokenizer.max_length"
+                "is not known before the run; "
+                + (
+                    "the bound above is what dataset.max_samples and tokenizer.max_length allow"
+                    if limit
+                    else "bound it with dataset.max_samples (the estimate above is per document)"
+                )
             )
         if sink is None:  # the session's ParquetSink stages forwards within half of inference.pinned_mb
             log(_staging_line(config, sniff, plan, max_length, config.dataset.max_samples))

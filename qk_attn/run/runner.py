@@ -162,7 +162,7 @@ def _run(config: RunConfig, rank, push_to_hub: bool, progress: bool, sink, log=p
             vocabulary=vocabulary,
         )
     if total is not None:
-        total = len(range(rank.rank, total, rank.world_size))
+        total = rank.share(total)
     start = time.perf_counter()
     bar = _progress(total, progress and not (rank.launched and rank.rank))  # one bar per launched job
     try:

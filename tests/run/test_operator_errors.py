@@ -340,6 +340,25 @@ def test_streaming_runs_print_an_upper_bound(tiny_model, docs, tmp_path, capsys)
     code, printed, err = run_cli(capsys, "--config", config, "--set", "capture.max_gb=0.000001", "--dry-run")
     assert code == 0, err
     assert "capture.max_gb=1e-06 is not applied to a streaming dataset" in printed
+    assert "the bound above is what dataset.max_samples and tokenizer.max_length allow" in printed
+
+
+def test_a_sharded_streaming_estimate_counts_the_ranks_own_documents(tiny_model, docs, tmp_path, capsys):
+    """Documents go to ranks in turn (index % n): of dataset.max_samples=3, shard 0/2 runs 2 and 1/2 runs 1."""
+    config = write_config(
+        tmp_path,
+        tiny_model,
+        docs[0],
+        tmp_path / "out",
+        dataset={"streaming": True, "max_samples": 3},
+        tokenizer={"max_length": 30},
+    )
+    per_document = 2 * (4 + 2) * 30  # 2 layers x 6 heads x 30 tokens (sampler all)
+    for shard, documents in (("0/2", 2), ("1/2", 1)):
+        code, printed, err = run_cli(capsys, "--config", config, "--shard", shard, "--dry-run")
+        assert code == 0, err
+        assert f"at most {documents * per_document:,} rows" in printed, printed
+        assert f"for {documents} document(s) (this rank's share of dataset.max_samples=3)" in printed
 
 
 def test_estimate_function():
