@@ -80,9 +80,15 @@ class SessionLifecycle:
         if handing_off is not None:
             raise handing_off
 
+    def expect_nothing(self) -> None:
+        """Its caller ran no forward on purpose (a rank whose documents are all committed, or that owns
+        none): closing it empty is then no sign of a model whose attention bypassed qk_sniff."""
+        self._warned.add("nothing expected")
+
     def _warn_if_nothing_recorded(self) -> None:
         """An empty dataset would look like a capture (a training-only session was told why already)."""
-        if self._models or "training" in self._warned or sys.exc_info()[0] is not None:
+        told = {"training", "nothing expected"} & self._warned
+        if self._models or told or sys.exc_info()[0] is not None:
             return
         logger.warning(
             "qk-attn: the session ends having recorded nothing: "

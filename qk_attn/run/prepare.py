@@ -177,9 +177,11 @@ def prepare(config: RunConfig, model_name: str, tokenizer_name: str, rank, sink,
     if map_style(rows):  # ids and lengths of every document, before the model loads
         lengths, longest, truncated = _document_lengths(rows, total, config, tokenizer, max_length, rank, sink is None)
         checks.check_positions(max_length, positions, longest, model_label, streaming=False)
+        # Of the documents this run captures: committed ones (resume) and other ranks' are not counted.
+        of = f"{len(lengths)} document(s)" + (" left to capture" if len(lengths) < total else "")
         if truncated:
             log(
-                f"qk-sniff: {truncated} of {len(lengths)} document(s) have more than tokenizer.max_length={max_length:,} "
+                f"qk-sniff: {truncated} of {of} have more than tokenizer.max_length={max_length:,} "
                 "tokens and are truncated to it"
             )
         # Documents without a single token are never run nor committed: not part of the estimate, and
@@ -193,10 +195,7 @@ def prepare(config: RunConfig, model_name: str, tokenizer_name: str, rank, sink,
                     f"text, tokenizer.add_special_tokens={config.tokenizer.add_special_tokens}); there is nothing "
                     "to capture"
                 )
-            log(
-                f"qk-sniff: {empty} of {len(lengths)} document(s) have no tokens (empty or whitespace-only text) and "
-                "are skipped"
-            )
+            log(f"qk-sniff: {empty} of {of} have no tokens (empty or whitespace-only text) and are skipped")
             lengths = [n for n in lengths if n]
     else:
         checks.check_positions(max_length, positions, None, model_label, streaming=True)

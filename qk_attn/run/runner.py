@@ -188,6 +188,8 @@ def _run(config: RunConfig, rank, push_to_hub: bool, progress: bool, sink, log=p
             if index < 0:  # a streaming dataset without rows (map-style ones were checked before loading)
                 raise ConfigError(f"dataset.path={config.dataset.path!r} (split {config.dataset.split!r}) has no rows")
             s.sink.documents = {"count": index + 1, "sha256": listed.hexdigest()}
+            if not summary.documents:  # this rank's documents are all committed, or it owns none
+                s.expect_nothing()
             s.sink.complete = True  # a rank's manifest part records that it went through all its documents
         summary.rows_written = s.rows_written
         _show_rate(bar, summary, start, s.rows_written)  # closing wrote the rows still in flight: the final count

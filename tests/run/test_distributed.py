@@ -5,6 +5,7 @@ single process writes (same rows, committed ids, row counts, card), loadable the
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -13,6 +14,8 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -439,3 +442,22 @@ def test_repair_of_a_rank_folder_keeps_what_the_merged_manifest_lists_and_refuse
     capsys.readouterr()
     assert cli.main(["repair", str(out)]) == 2
     assert "is a single process's capture, but" in capsys.readouterr().err
+
+
+def test_a_shard_that_runs_no_forward_ends_without_the_recorded_nothing_warning(setup, caplog):
+    """A rank that owns no document (three shards of two), or whose documents are all committed (its
+    resume), runs no forward on purpose: its manifest part is written and merged, and the warning that
+    blames a model's attention for an empty session is not given."""
+    root, config, single = setup
+    out = root / "three-shards"
+    path = str(config(out))
+    two = ["--set", "dataset.max_samples=2", "-q"]
+    with caplog.at_level(logging.WARNING, logger="qk_attn"):
+        for shard in ("0/3", "1/3", "2/3", "0/3"):  # 2/3 owns none; 0/3 again resumes its one document
+            assert cli.main(["run", "--config", path, "--shard", shard, *two]) == 0
+    assert not [r.getMessage() for r in caplog.records if "recorded nothing" in r.getMessage()]
+    assert cli.main(["merge", str(out)]) == 0
+    got = sort_rows(folder_table(out)).select(INDEX)
+    want = sort_rows(folder_table(single)).select(INDEX)
+    want = want.filter(pc.is_in(want["example_id"], pa.array(np.unique(got["example_id"].to_numpy()))))
+    assert len(read_manifest(out)["examples"]) == 2 and got.equals(want)

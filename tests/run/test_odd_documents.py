@@ -56,8 +56,11 @@ def test_a_resume_with_only_empty_documents_left_loads_no_weights(tiny_model, tm
     assert any("1 of 2 document(s) have no tokens" in line for line in lines)
     assert any("estimate: 1 document(s)" in line for line in lines)  # the empty one is not estimated
     _refuse_weights(monkeypatch)
-    again = runner.run(RunConfig.from_dict(config.to_dict()), progress=False, log=lambda *a: None)
+    lines.clear()
+    again = runner.run(RunConfig.from_dict(config.to_dict()), progress=False, log=lines.append)
     assert (again.documents, again.resumed, again.empty) == (0, 1, 1)
+    # Counted among the documents left (the committed one is not), not as "1 of 1 document(s)".
+    assert any("1 of 1 document(s) left to capture have no tokens" in line for line in lines), lines
 
 
 @pytest.mark.parametrize("streaming", [False, True])
