@@ -1,5 +1,6 @@
 """Forwards that run under a torch transform or tracer, whose tensors capture cannot read: refused in one line at
-their mask, before anything of them is noted (or the once-per-process facts check runs inside them)."""
+their mask and at their decoder stack's start, before anything of them is noted (or the once-per-process facts
+check runs inside them)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The inputs a run reads, checked before they load: each failure is one `ConfigError` line.
 
     hub        a Hub model or dataset id: the Hub answers one short probe (no retry storm)
-    files      local dataset files: non-empty UTF-8 text, Parquet files with rows
+    files      local dataset files: non-empty UTF-8 text (compressed too), Parquet files with rows
     ids        every row has an id, exact (not a float that lost digits), unique as example_id
     texts      every row has a text (a string, not null)
 
@@ -12,9 +12,12 @@ of the run's size are in `preflight`, the output folder's in `output_checks`.
 
 from __future__ import annotations
 
+import bz2
 import codecs
 import functools
 import glob
+import gzip
+import lzma
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -25,6 +28,9 @@ from qk_attn.errors import ConfigError, one_line
 UTF8_CHUNK = 1 << 20
 EXACT_FLOAT = 2**53  # from here on a float no longer holds every integer
 TEXT_SUFFIXES = (".jsonl", ".json", ".csv", ".txt")
+# Compressed text files datasets reads, and how to read them here (`data.jsonl.gz`).
+DECOMPRESS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+UNREADABLE = (OSError, EOFError, lzma.LZMAError)  # a corrupt or truncated compressed file
 HUB_PROBE_TIMEOUT_S = 3.0
 
 
@@ -73,11 +79,12 @@ def local_files(path: str) -> list[Path]:
     return [Path(expanded)] if os.path.isfile(expanded) else []
 
 
-def first_bad_utf8(path: Path) -> tuple[int, int] | None:
-    """(offset, byte) of the first byte that is not valid UTF-8, or None; reads the file in chunks."""
+def first_bad_utf8(path: Path, opener: Callable = open) -> tuple[int, int] | None:
+    """(offset, byte) of the first byte that is not valid UTF-8, or None; reads the file (as `opener`
+    opens it: decompressed) in chunks."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0
-    with open(path, "rb") as f:
+    with opener(path, "rb") as f:
         while True:
             chunk = f.read(UTF8_CHUNK)
             final = not chunk
@@ -117,16 +124,28 @@ def check_local_files(cfg, files: list[Path] | None = None) -> None:
         if name.endswith(".parquet"):
             _check_parquet(file, where)
             continue
-        if not name.endswith(TEXT_SUFFIXES):  # parquet/arrow are binary; compressed files are checked by datasets
-            continue
+        opener = DECOMPRESS.get(Path(name).suffix)
+        if not Path(name).stem.endswith(TEXT_SUFFIXES) if opener else not name.endswith(TEXT_SUFFIXES):
+            continue  # parquet/arrow are binary
         if file.stat().st_size == 0:
             raise ConfigError(f"{where}: {file} is empty (0 bytes); a run needs at least one document")
-        bad = first_bad_utf8(file)
+        try:
+            bad = first_bad_utf8(file, opener or open)
+        except UNREADABLE as error:
+            raise ConfigError(
+                f"{where}: {file} cannot be decompressed ({type(error).__name__}: {one_line(error)})"
+            ) from None
         if bad is not None:
             offset, byte = bad
+            text = Path(file.stem) if opener else file
+            convert = f"iconv -f latin1 -t utf-8 {file.name} > {text.stem}.utf8{text.suffix}"
+            if opener:
+                reader = {gzip.open: "zcat", bz2.open: "bzcat", lzma.open: "xzcat"}[opener]
+                convert = f"{reader} {file.name} | iconv -f latin1 -t utf-8 > {text.stem}.utf8{text.suffix}"
             raise ConfigError(
-                f"{where}: {file} is not UTF-8 text (byte 0x{byte:02x} at offset {offset:,}); "
-                f"convert it, e.g. `iconv -f latin1 -t utf-8 {file.name} > {file.stem}.utf8{file.suffix}`"
+                f"{where}: {file} is not UTF-8 text (byte 0x{byte:02x} at offset {offset:,}"
+                + (" of its decompressed text" if opener else "")
+                + f"); convert it, e.g. `{convert}`"
             )
 
 

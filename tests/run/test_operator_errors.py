@@ -134,6 +134,32 @@ def test_csv_with_a_header_only_and_text_not_utf8(tiny_model, tmp_path, capsys, 
     assert code == 2 and "not UTF-8 text (byte 0xe9 at offset 9)" in one_line(err)
 
 
+@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz"])
+def test_a_compressed_text_file_is_checked_decompressed(tiny_model, tmp_path, capsys, suffix):
+    """It reached datasets' builder, which failed with a bare decoder error."""
+    import bz2
+    import gzip
+    import lzma
+
+    compress = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress}[suffix]
+    path = tmp_path / f"d.jsonl{suffix}"
+    good, bad = b'{"doc": "a", "body": "w1 w2"}\n', b'{"doc": "b", "body": "caf'
+    path.write_bytes(compress(good + bad + b'\xe9"}\n'))
+    config = write_config(tmp_path, tiny_model, path, tmp_path / "o")
+    code, _, err = run_cli(capsys, "--config", config)
+    line = one_line(err)
+    assert code == 2 and f"not UTF-8 text (byte 0xe9 at offset {len(good + bad)} of its decompressed text)" in line, (
+        line
+    )
+    assert f"cat d.jsonl{suffix} | iconv -f latin1 -t utf-8 > d.utf8.jsonl`" in line
+    path.write_bytes(compress(good + bad + b's"}\n'))  # UTF-8: read by datasets, as the estimate shows
+    code, printed, err = run_cli(capsys, "--config", config, "--dry-run")
+    assert code == 0 and "estimate: 2 document(s)" in printed, err
+    path.write_bytes(compress(good)[:-6])  # cut short
+    code, _, err = run_cli(capsys, "--config", config)
+    assert code == 2 and f"d.jsonl{suffix} cannot be decompressed (" in one_line(err), err
+
+
 def test_utf8_check_across_chunk_boundaries(tmp_path, monkeypatch):
     from qk_attn.run import input_checks
 
