@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,9 +60,14 @@ def _session_backends() -> str:
     return f"{' | '.join(WRAPPED_BACKENDS)}; {FLASH_ADVICE}"
 
 
-def _looks_like_ours(variable: str) -> bool:
-    """`QK_SNIFF_*` in any case, and its misspelt prefixes (QK_SNIF_, QKSNIFF_, QK__SNIFF_)."""
-    return "".join(c for c in variable.upper() if c.isalpha()).startswith("QKSNIF")
+def _looks_like_ours(variable: str, names: list[str]) -> bool:
+    """`QK_SNIFF_*` in any case, and a misspelt prefix (QK_SNIF_, QKSNIFF_, QK__SNIFF_) before one of our
+    `names` or a name close to one; another tool's QK_SNIFFER_MODE is not ours."""
+    upper = variable.upper()
+    if upper.startswith(ENV_PREFIX):
+        return True
+    misspelt = re.match(r"Q_*K_*S_*N_*I_*F+_*", upper)
+    return misspelt is not None and bool(difflib.get_close_matches(upper[misspelt.end() :], names, n=1))
 
 
 def _did_you_mean(name: str, known) -> str:
@@ -171,6 +177,13 @@ class SniffConfig:
         set_("head_sample_seed", parse_number("head_sample_seed", raw_head_seed, int, 0))
         if self.head_sample_seed >= 2**63:  # as a run configuration's integers: the manifest's readers take int64
             raise invalid_value("head_sample_seed", raw_head_seed, "an integer in [0, 2**63)")
+        if self.head_sample_seed and self.head_sample_count is None:  # it would be recorded, and do nothing
+            raise invalid_value(
+                "head_sample_seed",
+                raw_head_seed,
+                "0 (unset) without head_sample_count: without a count every (layer, head) is recorded and no sample "
+                "is drawn; set head_sample_count too",
+            )
         set_("capture", parse_choice("capture", self.capture, CAPTURE_KINDS))
         if self.key_heads and "k" not in self.kinds:  # it would choose among no rows
             raise invalid_value(
@@ -214,7 +227,8 @@ class SniffConfig:
             environ = {} if command_line_process() else os.environ
         known = {ENV_PREFIX + name.upper(): name for name in cls.field_names()}
         # Names are upper case: qk_sniff_output would be ignored by the shell's user, silently.
-        unknown = sorted(v for v in environ if _looks_like_ours(v) and v not in known and v not in OTHER_ENV)
+        names = [variable[len(ENV_PREFIX) :] for variable in (*known, *OTHER_ENV)]
+        unknown = sorted(v for v in environ if v not in known and v not in OTHER_ENV and _looks_like_ours(v, names))
         if unknown:  # a typo would otherwise capture with a default silently
             raise ConfigError(
                 f"{unknown[0]} is not a qk-attn variable{_did_you_mean(unknown[0].upper(), [*known, *OTHER_ENV])}"

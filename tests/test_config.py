@@ -132,6 +132,10 @@ def test_unknown_variable_is_refused_with_the_closest_name(tmp_path):
         with pytest.raises(ValueError, match=rf"^{variable} is not a qk-attn variable \(did you mean QK_SNIFF_"):
             SniffConfig.from_env({variable: "x"})
     assert SniffConfig.from_env({"QK_SNAP": "x", "QKV_SNIFF": "x"}) == SniffConfig()  # not ours
+    # Nor another tool's variables that begin with the same letters: they made `import qk_attn` fail.
+    assert SniffConfig.from_env({"QK_SNIFFER_MODE": "1", "QKSNIFTY_HOME": "/x"}) == SniffConfig()
+    with pytest.raises(ValueError, match=r"^QK_SNIFF_MODE is not a qk-attn variable"):  # our prefix: always ours
+        SniffConfig.from_env({"QK_SNIFF_MODE": "1"})
 
 
 def test_index_lists():
@@ -440,11 +444,23 @@ def test_the_readme_says_which_head_sample_seeds_are_taken():
     with pytest.raises(ValueError, match=r"^head_sample_seed=-5 is invalid: expected an integer >= 0"):
         SniffConfig(head_sample_seed=-5)
     # The variable took any size where a run configuration refuses 2**63 and above: the same range now.
-    assert SniffConfig.from_env({"QK_SNIFF_HEAD_SAMPLE_SEED": str(2**63 - 1)}).head_sample_seed == 2**63 - 1
+    counted = {"QK_SNIFF_HEAD_SAMPLE_COUNT": "2"}
+    assert SniffConfig.from_env({**counted, "QK_SNIFF_HEAD_SAMPLE_SEED": str(2**63 - 1)}).head_sample_seed == 2**63 - 1
     with pytest.raises(ValueError, match=r"^QK_SNIFF_HEAD_SAMPLE_SEED='9223372036854775808' is invalid: .*2\*\*63"):
-        SniffConfig.from_env({"QK_SNIFF_HEAD_SAMPLE_SEED": str(2**63)})
+        SniffConfig.from_env({**counted, "QK_SNIFF_HEAD_SAMPLE_SEED": str(2**63)})
     with pytest.raises(ValueError, match=r"^capture.head_sampling.seed=9223372036854775808 is invalid: .*2\*\*63"):
         validate("capture.head_sampling.seed", 2**63, "int", None, 0, True)
+
+
+def test_a_head_sample_seed_without_a_count_is_refused_as_the_run_configuration_refuses_it():
+    """It drew no sample yet was part of the folder's settings: a resume with another seed (which does nothing
+    either) was refused."""
+    with pytest.raises(ValueError, match=r"^head_sample_seed=5 is invalid: expected 0 \(unset\) without head_sample_c"):
+        SniffConfig(head_sample_seed=5)
+    with pytest.raises(ValueError, match=r"^QK_SNIFF_HEAD_SAMPLE_SEED='5' is invalid: expected 0 \(unset\)"):
+        SniffConfig.from_env({"QK_SNIFF_HEAD_SAMPLE_SEED": "5"})
+    assert SniffConfig(head_sample_seed=0) == SniffConfig()
+    assert SniffConfig(head_sample_seed=5, head_sample_count=2).head_sample_seed == 5
 
 
 @pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(SniffConfig)])

@@ -18,9 +18,9 @@ from qk_attn import config as sniff_config
 from qk_attn.capture.attention import attend_and_capture, qk_sniff_attention
 from qk_attn.capture.backends import check_backend_support, mask_function
 from qk_attn.capture.caches import watch_row_moves
-from qk_attn.capture.calls import run_last
+from qk_attn.capture.calls import run_last, watch_call
 from qk_attn.capture.concurrency import starting
-from qk_attn.capture.frames import building_model, method_frames, tower_of
+from qk_attn.capture.frames import building_model, decoder_stack, method_frames, outermost_forward, tower_of
 from qk_attn.capture.modeling_checks import check_modeling_file
 from qk_attn.capture.name_branches import follow_wrapped_backend
 from qk_attn.capture.rotary_positions import refuse_stack_rotary_positions
@@ -49,6 +49,7 @@ def qk_sniff_mask(*args, **kwargs):
         callers = method_frames(sys._getframe(0))  # what the checks of this mask call read of the stack
     elif (builder := _module_frame(sys._getframe(1))) is not None:
         note_uncaptured_forward(kwargs.get("config"), builder)  # (a session opened mid-way is not its)
+        watch_uncaptured(builder.f_locals["self"], kwargs.get("config"))
     backend, config = current_config().backend, kwargs.get("config")
     try:
         check_modeling_file(config)
@@ -154,6 +155,22 @@ def watch_forward(owner: torch.nn.Module | None, last_layer: torch.nn.Module | N
     _first_forward_hooks[owner] = handles
     _watched[owner] = started.id
     return True
+
+
+_watched_builders: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+
+
+def watch_uncaptured(builder: torch.nn.Module, config) -> None:
+    """A forward with capture off registers what tells a recorded forward's end (the decoder stack's hooks,
+    the call around it: as `ForwardTracker._find_end` does): else the model's first recorded forward, after
+    any number of such forwards, would have the first-forward hole (a call that raised after its stack
+    returned, committed) that only the very first forward after loading has. Once per mask-building module."""
+    if config is None or builder in _watched_builders:
+        return
+    _watched_builders.add(builder)
+    owner, last_layer = decoder_stack(builder, config)
+    if watch_forward(owner, last_layer, config):
+        watch_call(outermost_forward(owner), config)
 
 
 @torch.compiler.disable

@@ -541,6 +541,36 @@ def test_a_model_call_that_raises_after_its_decoder_stack_returned_commits_nothi
     assert cli.verify_dataset(out, log=lambda *_: None) == []
 
 
+def _raising_hook_on_the_backbone(model, ids):
+    handle = model.model.register_forward_hook(_raise)
+    try:
+        model(input_ids=ids)
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("call", [_raising_head, _raising_hook_on_the_model, _raising_hook_on_the_backbone])
+def test_a_models_first_recorded_call_after_forwards_with_capture_off_that_raises_after_its_stack_is_discarded(call):
+    """The hooks that tell a forward's end were registered only by recorded forwards: a model warmed up with
+    capture off had, at its first recorded call, the hole only the very first call after loading has (the
+    rows of a call that raised after its stack returned were committed, and a retry under the same ids was
+    refused). Forwards with capture off register them too."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(build("llama3", "qk_sniff").config).eval()
+    ids = _tokens(6, seed=1)
+    for _ in range(2):
+        model(input_ids=_tokens(4, seed=9))  # no session: capture off
+    with qk_attn.session(sampler="all") as s:
+        s.begin([1])
+        with pytest.raises(_Boom):
+            call(model, ids)
+        s.begin([1])  # the retry, under the same id: free, since nothing of the call that raised was kept
+        model(input_ids=ids)
+    _assert_same_rows(rows_by_key(s.table()), _one_shot(model, ids, 1))
+
+
 class _Wrapper(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
