@@ -20,7 +20,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from qk_attn.errors import ConfigError
-from qk_attn.setting_values import invalid_value, parse_bool, parse_choice, parse_index_list, parse_number
+from qk_attn.setting_values import (
+    BUCKET_SIZES,
+    invalid_value,
+    parse_bool,
+    parse_choice,
+    parse_index_list,
+    parse_number,
+)
 
 ENV_PREFIX = "QK_SNIFF_"
 OTHER_ENV = ("QK_SNIFF_CACHE",)  # read by the demo, not a capture setting
@@ -156,11 +163,12 @@ class SniffConfig:
             set_("output", os.path.expanduser(self.output))
         set_("sampler", parse_choice("sampler", self.sampler, SAMPLERS))
         raw_bucket = self.min_bucket_size
-        set_("min_bucket_size", parse_number("min_bucket_size", raw_bucket, int, 1))
+        try:  # one message with the whole rule, for 0 and 8.0 as for 3
+            set_("min_bucket_size", parse_number("min_bucket_size", raw_bucket, int, 1))
+        except ConfigError:
+            raise invalid_value("min_bucket_size", raw_bucket, BUCKET_SIZES) from None
         if self.min_bucket_size & (self.min_bucket_size - 1) or self.min_bucket_size > MAX_MIN_BUCKET_SIZE:
-            raise invalid_value(
-                "min_bucket_size", raw_bucket, "a power of two from 1 to 2**62 (1, 2, 4, ..., 8192, ...)"
-            )
+            raise invalid_value("min_bucket_size", raw_bucket, BUCKET_SIZES)
         set_("base_rate", parse_number("base_rate", self.base_rate, float, 0.0, strict=True))
         raw_seed = self.seed
         set_("seed", parse_number("seed", raw_seed, int, 0))

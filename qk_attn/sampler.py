@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from qk_attn.errors import ConfigError
+from qk_attn.setting_values import BUCKET_SIZES
 
 MASK32 = 0xFFFFFFFF
 SALT = 0x5F3759DF
@@ -38,7 +39,6 @@ MAX_BUCKETS = 64  # log-uniform buckets cover positions up to min_bucket_size * 
 # The largest min_bucket_size: its last log-uniform bucket, min_bucket_size << 62, must stay a finite
 # float for its keep probability (qk_attn.config.MAX_MIN_BUCKET_SIZE, the same bound for SniffConfig).
 MAX_MIN_BUCKET_SIZE = 1 << (MAX_BUCKETS - 2)
-BUCKET_SIZES = "a power of two from 1 to 2**62 (1, 2, 4, ..., 8192, ...)"
 SEED_LIMIT = 1 << 32  # the seed is mixed in as 32 bits: a larger or negative one would alias another
 
 
@@ -78,8 +78,9 @@ def uniform24(row_hashes, positions):
 
 
 def threshold(p: float) -> int:
-    """Keep iff r < threshold: computed once on the host in float64."""
-    return min(ONE, math.ceil(p * ONE))
+    """Keep iff r < threshold: computed once on the host in float64. At least 1: a rate > 0 whose p
+    underflows to 0.0 (base_rate=5e-324) still keeps 2**-24 of each bucket, as for any tiny p."""
+    return min(ONE, max(1, math.ceil(p * ONE)))
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ def invalid_value(name: str, value: Any, allowed: str) -> ConfigError:
     return ConfigError(f"{name}={value!r} is invalid: expected {allowed}", setting=name, value=value, allowed=allowed)
 
 
+BUCKET_SIZES = "a power of two from 1 to 2**62 (1, 2, 4, ..., 8192, ...)"  # min_bucket_size (config, sampler)
 MAX_INDEX = 1 << 20  # a layer or head index at or above it is a typo
 
 

@@ -64,7 +64,7 @@ def test_defaults_and_full_environment():
     [
         ("SAMPLER", "gauss", "log_uniform | uniform | all"),
         ("MIN_BUCKET_SIZE", "100", "power of two"),
-        ("MIN_BUCKET_SIZE", "abc", "integer"),
+        ("MIN_BUCKET_SIZE", "abc", "power of two"),
         ("BASE_RATE", "0", "> 0"),
         ("BASE_RATE", "many", "number"),
         ("SEED", "-1", ">= 0"),
@@ -213,8 +213,11 @@ def test_an_empty_key_heads_list_is_refused_not_read_as_no_keys(value):
         ("heads", True, "comma-separated"),
         ("seed", True, "an integer >= 0"),
         ("seed", 1.0, "an integer >= 0"),
-        ("min_bucket_size", True, "an integer >= 1"),
-        ("min_bucket_size", 128.0, "an integer >= 1"),
+        # The whole rule, for 0 and 128.0 as for 3 (they said "an integer >= 1", then the next try said the rest).
+        ("min_bucket_size", True, "a power of two from 1 to 2**62"),
+        ("min_bucket_size", 128.0, "a power of two from 1 to 2**62"),
+        ("min_bucket_size", 0, "a power of two from 1 to 2**62"),
+        ("min_bucket_size", "1e3", "a power of two from 1 to 2**62"),
         ("head_sample_count", 2.5, "an integer >= 1"),
         ("pinned_mb", True, "an integer >= 1"),
         ("base_rate", True, "a finite number > 0"),

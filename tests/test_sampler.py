@@ -221,3 +221,7 @@ def test_keep_probability_is_the_rate_the_threshold_keeps_also_below_its_step():
     assert tiny.expected_keeps(2**26) == 4.0 and 0 < kept <= tiny.capacity(2**26)
     coarse = Sampler("uniform", min_bucket_size=8192, base_rate=0.001)  # 1.22e-7 is 2.05 steps: 3 are kept
     assert coarse.keep_probability(0) == 3 / 2**24 and coarse.thresholds() == (3,)
+    # A rate whose p underflows to 0.0 kept nothing (threshold 0), where the rule keeps 2**-24 of any p > 0.
+    for underflow in (Sampler("uniform", base_rate=5e-324), Sampler("log_uniform", 2**62, base_rate=1e-300)):
+        assert min(underflow.thresholds()) == 1 and underflow.keep_probability(0) == 2**-24
+        assert 0 < int(underflow.keep(torch.tensor([7]), 0, "q", positions).sum()) <= underflow.capacity(2**26)
