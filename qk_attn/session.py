@@ -27,7 +27,7 @@ from qk_attn.capture import active
 from qk_attn.capture.active import reload_env
 from qk_attn.capture.recorder import Session
 from qk_attn.capture.sinks import Sink
-from qk_attn.config import SniffConfig, command_line_process
+from qk_attn.config import ENV_PREFIX, SniffConfig, command_line_process
 from qk_attn.errors import ConfigError, NotACapture, StorageError
 from qk_attn.storage.folder import check_is_capture
 from qk_attn.storage.layout import Files
@@ -66,10 +66,18 @@ def _other_settings(path: Path, config: SniffConfig) -> str | None:
     differences = setting_differences(manifest, config, None) if manifest and manifest["examples"] else []
     if not differences:
         return None
-    diffs = "; ".join(f"{config.setting_name(d.setting)}: {d.there!r} there, {d.now!r} now" for d in differences)
+    diffs = "; ".join(f"{_variable(d.setting, config)}: {d.there!r} there, {d.now!r} now" for d in differences)
     return (
         f"it holds a capture with other settings ({diffs}): set the same values to resume it, or choose another folder"
     )
+
+
+def _variable(setting: str, config: SniffConfig) -> str:
+    """A setting of the environment's session as its variable; one left unset says so (its default is compared)."""
+    if setting not in SniffConfig.field_names():
+        return setting
+    name = ENV_PREFIX + setting.upper()
+    return name if config.setting_name(setting) == name else f"{name} (unset)"
 
 
 def _check_env_output(config: SniffConfig) -> None:

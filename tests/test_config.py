@@ -500,3 +500,8 @@ def test_an_env_output_holding_a_capture_of_other_settings_fails_at_import_and_a
         monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError, match=r"^QK_SNIFF_OUTPUT=.* other settings \(QK_SNIFF_SAMPLER: 'all' there"):
         qk_attn.reload_env()
+    # A setting the capture has and the environment leaves unset is named by its variable too (it was `layers`).
+    monkeypatch.setenv("QK_SNIFF_SAMPLER", "all")
+    monkeypatch.delenv("QK_SNIFF_LAYERS")
+    with pytest.raises(ConfigError, match=r"other settings \(QK_SNIFF_LAYERS \(unset\): \[0\] there, None now\)"):
+        qk_attn.reload_env()

@@ -115,10 +115,14 @@ class RunConfig:
                     raise unknown_key(key, "capture.sampler", SAMPLER_KEYS)
             nested = {k: sampler.get(k) for k in SAMPLER_KEYS[1:]}
             for key, value in nested.items():
-                if value is not None and flat[key] is not None and value != flat[key]:
-                    raise ConfigError(
-                        f"capture.sampler.{key}={value!r} and capture.{key}={flat[key]!r} disagree; set it once"
-                    )
+                # Both given: each valid before they are compared ('1_0' is invalid, not a disagreement), as read.
+                if value is not None and flat[key] is not None:
+                    if _sampler_value(key, value, f"capture.sampler.{key}") != _sampler_value(
+                        key, flat[key], f"capture.{key}"
+                    ):
+                        raise ConfigError(
+                            f"capture.sampler.{key}={value!r} and capture.{key}={flat[key]!r} disagree; set it once"
+                        )
                 if value is not None:
                     flat[key] = value
             sampler = sampler.get("type", "log_uniform")
@@ -271,3 +275,11 @@ def described_difference(setting: str, there, now) -> str:
     if setting == "capture":
         return f"capture.capture_queries and capture.capture_keys: kinds {there!r} there, {now!r} now"
     return f"{setting_yaml_key(setting)}: {there!r} there, {now!r} now"
+
+
+def _sampler_value(key: str, value: Any, label: str) -> Any:
+    """A sampler value as the capture library reads it; refused as invalid, named `label`."""
+    try:
+        return getattr(SniffConfig(**{key: value}), key)
+    except ConfigError as error:
+        raise error.relabel(label) from None

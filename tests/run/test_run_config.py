@@ -146,7 +146,7 @@ def test_capture_values_are_checked_when_read_and_name_the_yaml_key(monkeypatch)
         ),
         (
             ["capture.sampler={type: all, min_bucket_size: true}"],
-            r"^capture\.sampler\.min_bucket_size=True is invalid: expected an integer >= 1$",
+            r"^capture\.sampler\.min_bucket_size=True is invalid: expected a power of two from 1 to 2\*\*62",
         ),
         (["capture.sampler={type: all, seed: 1.0}"], r"^capture\.sampler\.seed=1\.0 is invalid: expected an integer"),
         (["capture.base_rate=true"], r"^capture\.base_rate=True is invalid: expected a finite number > 0$"),
@@ -195,6 +195,13 @@ def test_sampler_as_mapping_or_flat_keys():
     }
     with pytest.raises(ConfigError, match="disagree"):
         config(capture={"sampler": {"type": "uniform", "base_rate": 2}, "base_rate": 3})
+    # Both given, one invalid: refused as invalid (it was "disagree"), named where it was written; equal as read.
+    with pytest.raises(ConfigError, match=r"^capture\.base_rate='1_0' is invalid: expected a finite number > 0"):
+        config(capture={"sampler": {"type": "uniform", "base_rate": 1.0}, "base_rate": "1_0"})
+    with pytest.raises(ConfigError, match=r"^capture\.sampler\.min_bucket_size=3 is invalid: expected a power of two"):
+        config(capture={"sampler": {"type": "uniform", "min_bucket_size": 3}, "min_bucket_size": 4})
+    same = config(capture={"sampler": {"type": "uniform", "base_rate": 2}, "base_rate": 2.0})
+    assert same.sniff_config().base_rate == 2.0
 
 
 def test_capture_kinds_rope_and_heads_map_onto_sniff_config():
