@@ -186,10 +186,7 @@ def _session(
     rev}, which `load(..., tokens=True)` uses); `vocabulary` (token strings by id, e.g.
     `tokenizer.convert_ids_to_tokens(range(len(tokenizer)))`) adds a `token_str` column.
     Every argument is checked before anything is done (in memory too): `overwrite` is a bool."""
-    SniffConfig.refuse_unknown(settings, also=SESSION_KEYWORDS)  # (a misspelt `example_ids` too)
-    overwrite = check_flag("overwrite", overwrite)
-    source, vocabulary = check_source(source), check_vocabulary(vocabulary)
-    _check_sink(sink)
+    overwrite, source, vocabulary = _checked(overwrite, source, sink, vocabulary, settings)
     config = SniffConfig.from_env(**settings)
     _refuse_unused(config, sink, settings.get("output"), overwrite=overwrite, source=source, vocabulary=vocabulary)
     recorder = _recorder(config, sink, example_ids, overwrite, source, vocabulary)
@@ -208,6 +205,20 @@ def _session(
         # files are the parent's, which goes on writing them, so the copy is dropped, never closed.
         if not active.inherited(recorder):
             recorder.close()
+
+
+def _checked(overwrite, source, sink, vocabulary, settings: dict) -> tuple:
+    """session()'s arguments, checked: when it is called, and again when it opens (where the environment is read)."""
+    SniffConfig.refuse_unknown(settings, also=SESSION_KEYWORDS)  # (a misspelt `example_ids` too)
+    overwrite = check_flag("overwrite", overwrite)
+    source, vocabulary = check_source(source), check_vocabulary(vocabulary)
+    _check_sink(sink)
+    return overwrite, source, vocabulary
+
+
+def _check_call(*, example_ids=None, overwrite=False, source=None, sink=None, vocabulary=None, **settings) -> None:
+    _checked(overwrite, source, sink, vocabulary, settings)
+    SniffConfig.from_env({}, **settings)  # the keywords' values (the environment's are read when it opens)
 
 
 class _EnteredOnce(contextlib.ContextDecorator):
@@ -248,6 +259,9 @@ class _EnteredOnce(contextlib.ContextDecorator):
 
 @functools.wraps(_session)
 def session(*args, **kwargs) -> _EnteredOnce:
+    if args:
+        raise TypeError(f"qk_attn.session() takes keyword arguments only; got {len(args)} positional")
+    _check_call(**kwargs)  # a bad argument fails here, not only where the block is entered
     return _EnteredOnce(args, kwargs)
 
 

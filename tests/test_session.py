@@ -442,6 +442,25 @@ def test_source_vocabulary_and_sink_are_checked_before_anything_is_done(tmp_path
         assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    "arguments, error",
+    [
+        ({"samplr": "all"}, TypeError),
+        ({"layers": []}, qk_attn.ConfigError),
+        ({"base_rate": -1}, qk_attn.ConfigError),
+        ({"overwrite": "yes"}, qk_attn.ConfigError),
+        ({"sink": 5}, qk_attn.ConfigError),
+    ],
+)
+def test_session_checks_its_arguments_when_called_not_only_when_entered(tmp_path, arguments, error):
+    """`session(samplr=...)` returned a block that raised only at `with` (or never, if not entered), where
+    its docstring says every argument is checked before anything is done."""
+    with pytest.raises(error):
+        qk_attn.session(**arguments)
+    with pytest.raises(TypeError, match=r"^qk_attn.session\(\) takes keyword arguments only"):
+        qk_attn.session(str(tmp_path))
+
+
 def test_a_source_is_recorded_as_json_reads_it_back_so_a_resumed_run_matches(tmp_path):
     """A tuple in `source` came back from the manifest as a list: the same run was then refused for
     "different settings" (source.layers: [0, 1] there, (0, 1) now)."""
