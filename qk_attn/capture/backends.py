@@ -90,11 +90,38 @@ def check_backend_support(model, backend: str) -> None:
     flag = SUPPORT_FLAGS.get(backend)
     if model is None or flag is None or getattr(type(model), flag, True):
         return
+    name = type(model).__name__
+    # Where eager could not be recorded either, advising it would lead to a second, other refusal.
+    outer = _running_encoder_decoder()  # (T5Gemma's encoder has a config of its own, not an encoder-decoder's)
+    if outer is not None:
+        raise CaptureError(
+            f"qk_sniff: {name} belongs to an encoder-decoder model ({type(outer).__name__}); qk-attn records "
+            "decoder-only models"
+        )
+    if not hasattr(sys.modules.get(type(model).__module__), "ALL_ATTENTION_FUNCTIONS"):
+        raise CaptureError(
+            f"qk_sniff: {name}'s attention does not go through transformers' attention interface (its modeling "
+            'file never looks up ALL_ATTENTION_FUNCTIONS), so no backend of "qk_sniff" can record it; qk-attn records '
+            "models whose attention modules call it"
+        )
     setting = active.current_config().setting_name("backend")
     raise CaptureError(
-        f"qk_sniff: {type(model).__name__} does not support {backend} in transformers ({flag} is False), so "
+        f"qk_sniff: {name} does not support {backend} in transformers ({flag} is False), so "
         f"{setting}={backend} would compute another attention than the model's; use {setting}=eager"
     )
+
+
+def _running_encoder_decoder():
+    """The encoder-decoder model whose forward runs in this thread, if any (read only where a model is refused)."""
+    from transformers import PreTrainedModel
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        this = frame.f_locals.get("self")
+        if isinstance(this, PreTrainedModel) and getattr(this.config, "is_encoder_decoder", False):
+            return this
+        frame = frame.f_back
+    return None
 
 
 def mask_function(backend: str):

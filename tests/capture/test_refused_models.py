@@ -204,6 +204,39 @@ def test_a_model_transformers_runs_without_sdpa_is_refused_under_the_sdpa_backen
     assert torch.equal(got, want) and s.table().num_rows > 0
 
 
+def _mpt():  # (set_attn_implementation keeps sdpa on MPT, with transformers' warning: built so)
+    config = tf.MptConfig(vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, max_seq_len=64)
+    return tf.AutoModelForCausalLM.from_config(config, attn_implementation="qk_sniff")
+
+
+def _t5gemma():
+    part = dict(COMMON, num_hidden_layers=2, head_dim=16, sliding_window=4)
+    part["layer_types"] = ["sliding_attention", "full_attention"]
+    config = tf.T5GemmaConfig(encoder=dict(part), decoder=dict(part), vocab_size=VOCAB, pad_token_id=0)
+    model = tf.T5GemmaForConditionalGeneration(config)
+    model.set_attn_implementation("qk_sniff")
+    return model
+
+
+@pytest.mark.parametrize(
+    "make, says",
+    [
+        (_mpt, r"^qk_sniff: MptModel's attention does not go through transformers' attention interface"),
+        (_t5gemma, r"^qk_sniff: T5GemmaEncoder belongs to an encoder-decoder model \(T5GemmaModel\); qk-attn records "),
+    ],
+)
+def test_a_model_without_sdpa_that_eager_could_not_record_either_is_not_advised_eager(make, says):
+    """They were told `use backend=eager`, whose forward was then refused for another reason (no attention
+    interface: MPT, Bloom; an encoder-decoder whose encoder has a config of its own: T5Gemma)."""
+    torch.manual_seed(0)
+    model = make().eval()
+    extra = {"decoder_input_ids": torch.tensor([[3, 4, 5]])} if model.config.is_encoder_decoder else {}
+    with pytest.raises(CaptureError, match=says) as refused:
+        with qk_attn.session(sampler="all"):
+            model(input_ids=torch.tensor([[3, 4, 5, 6, 7]]), **extra)
+    assert "eager" not in str(refused.value)
+
+
 @pytest.mark.parametrize("into", ["memory", "parquet"])
 def test_settings_that_select_no_layer_of_the_model_are_refused_not_committed_empty(tmp_path, into):
     """Gemma 3's layers 0 and 2 have a sliding window: layers="0,2" with full_attention_only selects
