@@ -154,7 +154,7 @@ class Session(SessionLifecycle, ModuleBinder, SequenceTracker):
         if not PACKED.isdisjoint(kwargs):
             refuse_packed(kwargs)
         if forward is None or forward.state != "running":
-            _refuse_unbuilt_mask(facts.layer, mask)
+            _refuse_unbuilt_mask(facts.layer, mask, module.config, self)
         layer, cross = facts.layer, facts.cross
         query_shape, key_shape = query.shape, key.shape  # (read once: each read makes a torch.Size)
         num_queries = check_shapes(forward, layer, query_shape, key_shape, cross)
@@ -296,10 +296,18 @@ class Session(SessionLifecycle, ModuleBinder, SequenceTracker):
             logger.warning(message)
 
 
-def _refuse_unbuilt_mask(layer: int, mask) -> None:
+def _refuse_unbuilt_mask(layer: int, mask, config, session) -> None:
     """A layer ran in no forward whose mask qk_sniff's mask function saw. A release that changed how masks
     are built is named first (the facts, checked once); else what the call itself tells."""
     require_facts()
+    for other in active.open_sessions():  # its forward began in a session that another, opened inside it, hides
+        forward = other._current(config) if other is not session else None
+        if forward is not None and forward.thread_id == get_ident() and forward.in_progress():
+            raise CaptureError(
+                f"qk_sniff: layer {layer} ran in a forward that another session records: a session was opened "
+                "inside that forward (from a hook or callback) and left open; open and close sessions between "
+                "forwards"
+            )
     cause = (
         "transformers built no mask through qk_sniff's mask function for this forward"
         if mask is None

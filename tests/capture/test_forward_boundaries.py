@@ -161,6 +161,25 @@ def test_a_session_call_from_inside_a_forward_is_refused_and_the_forward_is_not_
     assert s.sink.committed == [1]
 
 
+def test_a_session_opened_inside_a_forward_and_left_open_is_named_in_the_refusal():
+    """The forward's next layer found no forward in the newest session and was refused as a config replaced
+    after loading, advising a 2-D attention_mask. Nothing of it is kept; the outer session records on."""
+    model = build("llama3", "qk_sniff")
+    bad, good = _tokens(6, seed=1), _tokens(5, seed=2)
+    inner = []
+    with qk_attn.session(sampler="all") as s:
+        opener = qk_attn.session(sampler="all")
+        handle = model.model.layers[0].register_forward_hook(lambda *_: inner or inner.append(opener.__enter__()))
+        with pytest.raises(CaptureError, match=r"^qk_sniff: layer 1 ran in a forward that another session records: a "):
+            model(input_ids=bad)
+        handle.remove()
+        opener.__exit__(None, None, None)
+        s.begin([1])
+        model(input_ids=good)
+    _assert_same_rows(rows_by_key(s.table()), _one_shot(model, good, 1))
+    assert s.sink.committed == [1] and inner[0].table() is None
+
+
 def test_a_session_call_from_another_thread_during_a_forward_is_refused_there():
     """The forward goes on and is recorded whole; the other thread gets the error."""
     model = build("llama3", "qk_sniff")
