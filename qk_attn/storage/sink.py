@@ -291,9 +291,13 @@ class ParquetSink(SaverThread, Sink):
             return
         if isinstance(error, (CaptureError, CaptureOverflow, CommittedExampleError, SaverError)):
             raise type(error)(str(error)) from error  # (a SaverError says itself what became of the rows)
+        where = ""
+        if isinstance(error, (FileExistsError, NotADirectoryError)):  # as a user's file named like a folder is
+            where = " (a file sits where the capture needs a folder: move it out of the way)"
         raise SaverError(
-            f"qk-sniff saver for {self.output} failed: {type(error).__name__}: {error}. The examples its manifest "
-            "lists (those whose commit the saver had finished) are safe; re-run the same command to resume the rest."
+            f"qk-sniff saver for {self.output} failed: {type(error).__name__}: {error}{where}. The examples its "
+            "manifest lists (those whose commit the saver had finished) are safe; re-run the same command (or open a "
+            "session on the same output again) to resume the rest."
         ) from error
 
     def close(self) -> None:

@@ -587,3 +587,20 @@ def test_host_views_of_a_staged_forward_share_what_its_calls_share():
     assert rows[0].valid is rows[1].valid == {1: 5, 2: 3}
     for got, want in zip(rows, (q, k)):
         np.testing.assert_array_equal(got.vectors, want.host_rows().vectors)
+
+
+def test_a_file_where_a_key_folder_goes_is_named_as_such(tmp_path):
+    """It was a bare FileExistsError inside the saver's message; the committed examples before it stay listed."""
+    out = tmp_path / "out"
+    sink = open_sink(out)
+    run_examples(sink, [0])
+    sink.flush()
+    blocker = next(p for p in out.iterdir() if p.is_dir())
+    shutil.rmtree(blocker)
+    blocker.write_text("a user's file")
+    run_examples(sink, [1])
+    with pytest.raises(SaverError, match=r"File exists: .* \(a file sits where the capture needs a folder: move it"):
+        sink.flush()
+    with pytest.raises(SaverError, match=r"re-run the same command \(or open a session on the same output again\)"):
+        sink.close()
+    assert list(read_manifest(out)["examples"]) == ["0"]
