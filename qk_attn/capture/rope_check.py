@@ -134,7 +134,7 @@ def refusal_message(module, kind: str, rotated: int | None, head_dim: int) -> st
         dims = f" rotates {rotated} of the {head_dim} dimensions of each {kind} head;"
     return (
         f"qk_sniff: rope='pre': {type(module).__name__}{dims} its forward {verdict.refusal}; "
-        f"rope='pre' undoes only {SHAPE}, so the pre-RoPE vectors cannot be recovered exactly; use rope='post'"
+        f"rope='pre' undoes only {SHAPE}, so qk-attn cannot take this rotation back exactly; use rope='post'"
     )
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from qk_attn.dataset.progress import bar
 from qk_attn.dataset.reader import Dataset
-from qk_attn.storage.coverage import coverage
+from qk_attn.storage.coverage import coverage, head_totals
 from qk_attn.storage.model_record import model_name
 
 
@@ -48,7 +48,8 @@ def inspect_dataset(root: str | Path, progress: bool = True) -> list[str]:
             f"coverage   q: {len(heads['q'])} (layer, head) pairs with rows of {layers} layers x {plan['num_heads']} "
             f"query heads; k: {len(heads['k'])} of {layers} x {plan['num_kv_heads']} key heads"
         )
-        for line in coverage(data.manifest).get("missing", []):
+        cov = coverage(data.manifest)
+        for line in head_totals(plan, cov) + cov["missing"]:  # the plan, and why anything is missing (as the card)
             lines.append(f"           {line}")
     lines.append("buckets    bucket  positions              q rows      k rows   q per example-head")
     n_examples = max(1, len(committed))

@@ -86,19 +86,11 @@ def _filter_reason(kind: str, head: int, config: dict, kinds: list[str]) -> str:
     return "not planned"
 
 
-def coverage_text(manifest: dict, cov: dict) -> str:
-    """The card's Coverage section from `coverage(manifest)`: totals, the per-layer table, what is missing."""
-    plan = manifest.get("plan")
-    if not plan:
-        return cov["missing"][0]
-    layers = cov["layers"]
-    ran = [e["layer"] for e in layers if e["status"] == "ran"]
-    expected = [e["layer"] for e in layers if e["status"] != "excluded"]
-    lines = [
-        f"Layers recorded: {len(ran)} of {plan['num_layers']} ({ranges(ran)}); expected by the plan: {len(expected)} "
-        f"({ranges(expected)}).",
-    ]
-    active = [e for e in layers if e["status"] != "excluded"]
+def head_totals(plan: dict, cov: dict) -> list[str]:
+    """Per kind: the (layer, head) pairs with rows, of those planned, and why the others are not recorded
+    (the card's and `qk-sniff inspect`'s lines)."""
+    active = [e for e in cov["layers"] if e["status"] != "excluded"]
+    lines = []
     for kind, total in (("q", plan["num_heads"]), ("k", plan["num_kv_heads"])):
         expected_pairs = sum(len(e[kind]["expected"]) for e in active)
         recorded_pairs = sum(len(e[kind]["recorded"]) for e in active)
@@ -114,6 +106,22 @@ def coverage_text(manifest: dict, cov: dict) -> str:
             f" Not recorded: {KINDS[kind]} heads {ranges(sorted(hs))}: {why}." for why, hs in filtered.items()
         )
         lines.append(line)
+    return lines
+
+
+def coverage_text(manifest: dict, cov: dict) -> str:
+    """The card's Coverage section from `coverage(manifest)`: totals, the per-layer table, what is missing."""
+    plan = manifest.get("plan")
+    if not plan:
+        return cov["missing"][0]
+    layers = cov["layers"]
+    ran = [e["layer"] for e in layers if e["status"] == "ran"]
+    expected = [e["layer"] for e in layers if e["status"] != "excluded"]
+    lines = [
+        f"Layers recorded: {len(ran)} of {plan['num_layers']} ({ranges(ran)}); expected by the plan: {len(expected)} "
+        f"({ranges(expected)}).",
+    ]
+    lines += head_totals(plan, cov)
     rows = []
     for e in layers:
         if e["status"] == "excluded":

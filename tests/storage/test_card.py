@@ -272,3 +272,17 @@ def test_the_card_of_a_capture_that_kept_no_row_shows_no_loading_code_that_fails
     assert "no `(layer, head, kind)` config to load" in loading and "load_dataset" not in loading
     assert [c["config_name"] for c in DatasetCard.load(out / "README.md").data["configs"]] == ["examples"]
     assert datasets.load_dataset(str(out), "examples", split="train")["example_id"] == [0]
+
+
+def test_inspect_states_the_plan_and_why_heads_are_missing_as_the_card_does(tmp_path, capsys):
+    """A head-sampled capture: inspect gave only the pairs with rows, not that 3 were planned nor that the
+    others were not drawn by head sampling, which the card says."""
+    from qk_attn import cli
+
+    out = tmp_path / "out"
+    capture_model(out, head_sample_count=3, head_sample_seed=2)
+    card = (out / "README.md").read_text()
+    assert cli.main(["inspect", "--full", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for said in ("Query heads: 3 (layer, head) pairs with rows, of 3 planned", "not drawn by head sampling (count 3"):
+        assert said in card and said in printed, said
