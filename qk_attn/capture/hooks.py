@@ -226,6 +226,8 @@ def _report(event: str, config, *_hook_args) -> None:
 
 
 def register() -> None:
+    """Register "qk_sniff" (attention and mask functions) with transformers, and the watchers of cache row moves
+    and generate(); `import qk_attn` calls it."""
     AttentionInterface.register(NAME, qk_sniff_attention)
     AttentionMaskInterface.register(NAME, qk_sniff_mask)
     watch_row_moves()

@@ -210,7 +210,10 @@ def _token_columns_text(manifest: dict) -> str:
     columns = manifest.get("columns") or {}
     text = ""
     if columns.get("token_id"):
-        text += ", `token_id` int32 (the vocabulary id of the token at that position; null for vision keys)"
+        text += (
+            ", `token_id` int32 (the vocabulary id of the token at that position; null for vision keys and for "
+            "tokens given as `inputs_embeds`)"
+        )
     if columns.get("token_str"):
         text += ", `token_str` string (dictionary-encoded: the tokenizer's token for `token_id`)"
     return text
