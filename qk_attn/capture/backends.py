@@ -18,6 +18,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from qk_attn.capture import active
+from qk_attn.capture.frames import running_encoder_decoder
 from qk_attn.capture.parsing import parse
 from qk_attn.errors import CaptureError
 
@@ -92,7 +93,7 @@ def check_backend_support(model, backend: str) -> None:
         return
     name = type(model).__name__
     # Where eager could not be recorded either, advising it would lead to a second, other refusal.
-    outer = _running_encoder_decoder()  # (T5Gemma's encoder has a config of its own, not an encoder-decoder's)
+    outer = running_encoder_decoder()  # (T5Gemma's encoder has a config of its own, not an encoder-decoder's)
     if outer is not None:
         raise CaptureError(
             f"qk_sniff: {name} belongs to an encoder-decoder model ({type(outer).__name__}); qk-attn records "
@@ -109,19 +110,6 @@ def check_backend_support(model, backend: str) -> None:
         f"qk_sniff: {name} does not support {backend} in transformers ({flag} is False), so "
         f"{setting}={backend} would compute another attention than the model's; use {setting}=eager"
     )
-
-
-def _running_encoder_decoder():
-    """The encoder-decoder model whose forward runs in this thread, if any (read only where a model is refused)."""
-    from transformers import PreTrainedModel
-
-    frame = sys._getframe(1)
-    while frame is not None:
-        this = frame.f_locals.get("self")
-        if isinstance(this, PreTrainedModel) and getattr(this.config, "is_encoder_decoder", False):
-            return this
-        frame = frame.f_back
-    return None
 
 
 def mask_function(backend: str):

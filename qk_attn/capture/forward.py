@@ -26,7 +26,13 @@ import torch
 
 from qk_attn.capture.decisions import DECODE_TOKENS, Decisions, decide
 from qk_attn.capture.forward_tokens import text_tokens
-from qk_attn.capture.frames import cache_of, encloses_this_call, renumbered_positions, running_in
+from qk_attn.capture.frames import (
+    cache_of,
+    encloses_this_call,
+    renumbered_positions,
+    running_encoder_decoder,
+    running_in,
+)
 from qk_attn.capture.tokens import HostMirror, TextTokens, check_position_source
 from qk_attn.errors import CaptureError
 
@@ -210,6 +216,12 @@ class ForwardContext:
             return True
         if seen[0]() is query and seen[1]() is key:
             return False
+        outer = running_encoder_decoder()
+        if outer is not None:  # its encoder's and decoder's layers share their numbers
+            raise CaptureError(
+                f"qk_sniff: layer {layer} belongs to an encoder-decoder model ({type(outer).__name__}); qk-attn "
+                "records decoder-only models"
+            )
         raise CaptureError(
             f"qk_sniff: layer {layer} ran again with other inputs and no new mask: either the model passed a "
             "prepared 4-D attention mask (qk_sniff needs the 2-D attention_mask so that transformers builds the "

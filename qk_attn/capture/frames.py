@@ -264,6 +264,20 @@ def decoder_stack(module: torch.nn.Module | None, config) -> tuple[torch.nn.Modu
     return None, None
 
 
+def running_encoder_decoder():
+    """The encoder-decoder model whose forward runs in this thread, if any (read where a call is refused, to
+    name that cause: T5Gemma's encoder and decoder have configs of their own, not an encoder-decoder's)."""
+    from transformers import PreTrainedModel
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        this = frame.f_locals.get("self")
+        if isinstance(this, PreTrainedModel) and getattr(this.config, "is_encoder_decoder", False):
+            return this
+        frame = frame.f_back
+    return None
+
+
 def running_in(module: torch.nn.Module, thread: threading.Thread | None = None) -> bool:
     """Whether `module`'s forward is on the call stack of `thread` (None: this thread), at any depth."""
     thread = thread or threading.current_thread()
