@@ -479,22 +479,22 @@ def _wrong_labels(model, ids):
     model(input_ids=ids, labels=torch.zeros(1, 2, dtype=torch.long))  # the loss raises: wrong length
 
 
-def _raising_head(model, ids):
-    handle = model.lm_head.register_forward_hook(_raise)
+def _call_with_a_raising_hook(module, model, ids):
+    handle = module.register_forward_hook(_raise)
     try:
         model(input_ids=ids)
     finally:
         handle.remove()
+
+
+def _raising_head(model, ids):
+    _call_with_a_raising_hook(model.lm_head, model, ids)
 
 
 def _raising_hook_on_the_model(model, ids):
     """A hook of the user's on the causal LM itself, registered after the model's first call: torch runs it
     after qk-attn's end hook unless that one is moved last."""
-    handle = model.register_forward_hook(_raise)
-    try:
-        model(input_ids=ids)
-    finally:
-        handle.remove()
+    _call_with_a_raising_hook(model, model, ids)
 
 
 class _Interrupt(KeyboardInterrupt):
@@ -561,11 +561,7 @@ def test_a_model_call_that_raises_after_its_decoder_stack_returned_commits_nothi
 
 
 def _raising_hook_on_the_backbone(model, ids):
-    handle = model.model.register_forward_hook(_raise)
-    try:
-        model(input_ids=ids)
-    finally:
-        handle.remove()
+    _call_with_a_raising_hook(model.model, model, ids)
 
 
 @pytest.mark.parametrize("call", [_raising_head, _raising_hook_on_the_model, _raising_hook_on_the_backbone])

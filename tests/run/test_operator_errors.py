@@ -348,15 +348,13 @@ def test_estimate_is_printed_and_exact_for_the_all_sampler(tiny_model, docs, tmp
     assert int(match[5]) == 8 * 4 + (8 + 4 + 4 + 2 + 2 + 4 + 1 + 4)
 
 
+def _streaming_config(tmp_path, tiny_model, docs, max_samples: int) -> str:
+    dataset = {"streaming": True, "max_samples": max_samples}
+    return write_config(tmp_path, tiny_model, docs[0], tmp_path / "out", dataset=dataset, tokenizer={"max_length": 30})
+
+
 def test_streaming_runs_print_an_upper_bound(tiny_model, docs, tmp_path, capsys):
-    config = write_config(
-        tmp_path,
-        tiny_model,
-        docs[0],
-        tmp_path / "out",
-        dataset={"streaming": True, "max_samples": 2},
-        tokenizer={"max_length": 30},
-    )
+    config = _streaming_config(tmp_path, tiny_model, docs, max_samples=2)
     code, printed, err = run_cli(capsys, "--config", config)
     assert code == 0, err
     rows = 2 * 2 * (4 + 2) * 30  # 2 documents x 2 layers x 6 heads x 30 tokens (sampler all)
@@ -371,14 +369,7 @@ def test_streaming_runs_print_an_upper_bound(tiny_model, docs, tmp_path, capsys)
 
 def test_a_sharded_streaming_estimate_counts_the_ranks_own_documents(tiny_model, docs, tmp_path, capsys):
     """Documents go to ranks in turn (index % n): of dataset.max_samples=3, shard 0/2 runs 2 and 1/2 runs 1."""
-    config = write_config(
-        tmp_path,
-        tiny_model,
-        docs[0],
-        tmp_path / "out",
-        dataset={"streaming": True, "max_samples": 3},
-        tokenizer={"max_length": 30},
-    )
+    config = _streaming_config(tmp_path, tiny_model, docs, max_samples=3)
     per_document = 2 * (4 + 2) * 30  # 2 layers x 6 heads x 30 tokens (sampler all)
     for shard, documents in (("0/2", 2), ("1/2", 1)):
         code, printed, err = run_cli(capsys, "--config", config, "--shard", shard, "--dry-run")
