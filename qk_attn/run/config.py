@@ -45,7 +45,7 @@ from qk_attn.run.sections import (
     unknown_key,
     validate,
 )
-from qk_attn.run.yaml_text import apply_override, deep_copy, load_yaml, refuse_repeated
+from qk_attn.run.yaml_text import apply_override, deep_copy, load_yaml
 
 
 @dataclass
@@ -95,7 +95,6 @@ class RunConfig:
                 raise ConfigError(f"{path}: a run configuration is a mapping of sections, got {type(data).__name__}")
         elif base is not None:
             data = deep_copy(base)
-        refuse_repeated(overrides)
         for item in overrides:
             apply_override(data, item)
         return cls.from_dict(data)

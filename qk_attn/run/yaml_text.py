@@ -80,16 +80,6 @@ SHORTHAND_KEYS = {
 }
 
 
-def refuse_repeated(overrides) -> None:
-    """A key given twice by --set, as a key written twice in the YAML file: refused, not the last one taken."""
-    seen: dict[str, str] = {}
-    for item in overrides:
-        key = ".".join(part.strip() for part in item.split("=", 1)[0].split("."))
-        if key in seen:
-            raise ConfigError(f"--set {key} is given twice ({seen[key]!r}, then {item!r}); keep one")
-        seen[key] = item
-
-
 def apply_override(data: dict, item: str) -> None:
     """Apply one `section.key=value` (or `section.key.subkey=value`) to a config mapping.
 
