@@ -185,13 +185,6 @@ class SniffConfig:
         set_("head_sample_seed", parse_number("head_sample_seed", raw_head_seed, int, 0))
         if self.head_sample_seed >= 2**63:  # as a run configuration's integers: the manifest's readers take int64
             raise invalid_value("head_sample_seed", raw_head_seed, "an integer in [0, 2**63)")
-        if self.head_sample_seed and self.head_sample_count is None:  # it would be recorded, and do nothing
-            raise invalid_value(
-                "head_sample_seed",
-                raw_head_seed,
-                "0 (unset) without head_sample_count: without a count every (layer, head) is recorded and no sample "
-                "is drawn; set head_sample_count too",
-            )
         set_("capture", parse_choice("capture", self.capture, CAPTURE_KINDS))
         if self.key_heads and "k" not in self.kinds:  # it would choose among no rows
             raise invalid_value(

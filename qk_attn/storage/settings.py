@@ -56,6 +56,8 @@ _fingerprints: dict[tuple, dict] = {}  # by (key, files with their sizes and mti
 
 def identity(config: dict, source: dict | None) -> dict:
     out = {k: public_value(v) for k, v in config.items() if k not in NOT_IDENTITY}
+    if out.get("head_sample_count") is None:  # the seed of no head sample selects nothing: every head is recorded
+        out.pop("head_sample_seed", None)
     if source:  # a pushed (then pulled) manifest names local files by their last part
         out.update({f"source.{k}": public_value(v) for k, v in source.items() if k not in SOURCE_NOT_IDENTITY})
     return out
