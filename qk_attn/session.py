@@ -218,7 +218,9 @@ def _checked(overwrite, source, sink, vocabulary, settings: dict) -> tuple:
 
 def _check_call(*, example_ids=None, overwrite=False, source=None, sink=None, vocabulary=None, **settings) -> None:
     _checked(overwrite, source, sink, vocabulary, settings)
-    SniffConfig.from_env({}, **settings)  # the keywords' values (the environment's are read when it opens)
+    # The keywords' values. The environment is read when it opens, and so is whether flash attention records
+    # (a decorated function's wrap_flash_attention() may come later).
+    SniffConfig(**settings)
 
 
 class _EnteredOnce(contextlib.ContextDecorator):

@@ -459,6 +459,8 @@ def test_session_checks_its_arguments_when_called_not_only_when_entered(tmp_path
         qk_attn.session(**arguments)
     with pytest.raises(TypeError, match=r"^qk_attn.session\(\) takes keyword arguments only"):
         qk_attn.session(str(tmp_path))
+    # What depends on the process when it opens is checked then: a decorator's flash backend may be wrapped later.
+    qk_attn.session(backend="flash_attention_2", head_sample_seed=3)
 
 
 def test_a_source_is_recorded_as_json_reads_it_back_so_a_resumed_run_matches(tmp_path):
