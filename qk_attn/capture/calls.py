@@ -18,7 +18,8 @@ from qk_attn.capture.forward import serial_mark
 _calls = threading.local()  # .running: [(module, config, serial mark, exception being handled at its start,
 # the call's frame in torch's Module._call_impl: on the stack while the call runs)]
 _CALL_IMPL = getattr(torch.nn.Module._call_impl, "__code__", None)
-_watched_calls: weakref.WeakKeyDictionary[torch.nn.Module, int] = weakref.WeakKeyDictionary()  # -> its end hook
+# -> the ids of its start and end hooks
+_watched_calls: weakref.WeakKeyDictionary[torch.nn.Module, tuple[int, int]] = weakref.WeakKeyDictionary()
 
 
 def watch_call(outer: torch.nn.Module | None, config) -> None:
@@ -26,11 +27,17 @@ def watch_call(outer: torch.nn.Module | None, config) -> None:
     after the stack returned (in its loss, its head, a hook) tell the active session, which then does not
     commit what that forward recorded (`on_call_raised`). From `outer`'s next call on: torch fixes a call's
     hooks when it starts. Idempotent."""
-    if outer is None or (outer in _watched_calls and _watched_calls[outer] in outer._forward_hooks):
-        return  # (hooks cleared by another tool: registered again)
+    if outer is None:
+        return
+    if outer in _watched_calls:  # hooks cleared by another tool, either of the two: registered again, both
+        started_id, ended_id = _watched_calls[outer]
+        if started_id in outer._forward_pre_hooks and ended_id in outer._forward_hooks:
+            return
+        outer._forward_pre_hooks.pop(started_id, None)
+        outer._forward_hooks.pop(ended_id, None)
     ended = outer.register_forward_hook(functools.partial(_call_ended, config), always_call=True)
-    outer.register_forward_pre_hook(functools.partial(_call_started, config, ended.id))
-    _watched_calls[outer] = ended.id
+    started = outer.register_forward_pre_hook(functools.partial(_call_started, config, ended.id))
+    _watched_calls[outer] = (started.id, ended.id)
 
 
 @torch.compiler.disable

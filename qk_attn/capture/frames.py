@@ -200,12 +200,17 @@ def tower_of(config, callers: list[MethodFrame]) -> str | None:
 def outermost_forward(inner: torch.nn.Module) -> torch.nn.Module | None:
     """The outermost module whose forward runs now in this thread around `inner` (the model the caller
     called: a causal LM around its decoder stack, or a wrapper of it); None when that is `inner` itself."""
-    outer = None
-    for frame, _, this, _ in method_frames(sys._getframe(1)):
-        if frame.f_code.co_name == "forward" and isinstance(this, torch.nn.Module) and this is not inner:
-            if contains(this, inner):
-                outer = this
-    return outer
+    return next(iter(enclosing_forwards(inner, sys._getframe(1))[-1:]), None)
+
+
+def enclosing_forwards(inner: torch.nn.Module, frame) -> list[torch.nn.Module]:
+    """The modules whose forward runs now around `inner` (above `frame`), innermost first."""
+    found = []
+    for method, _, this, _ in method_frames(frame):
+        if method.f_code.co_name == "forward" and isinstance(this, torch.nn.Module) and this is not inner:
+            if this not in found and contains(this, inner):
+                found.append(this)
+    return found
 
 
 def _method_frames_of(frames: list):

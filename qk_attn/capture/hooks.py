@@ -20,7 +20,7 @@ from qk_attn.capture.backends import check_backend_support, mask_function
 from qk_attn.capture.caches import watch_row_moves
 from qk_attn.capture.calls import run_last, watch_call
 from qk_attn.capture.concurrency import starting
-from qk_attn.capture.frames import building_model, decoder_stack, method_frames, outermost_forward, tower_of
+from qk_attn.capture.frames import building_model, decoder_stack, enclosing_forwards, method_frames, tower_of
 from qk_attn.capture.modeling_checks import check_modeling_file
 from qk_attn.capture.name_branches import follow_wrapped_backend
 from qk_attn.capture.rotary_positions import refuse_stack_rotary_positions
@@ -49,7 +49,7 @@ def qk_sniff_mask(*args, **kwargs):
         callers = method_frames(sys._getframe(0))  # what the checks of this mask call read of the stack
     elif (builder := _module_frame(sys._getframe(1))) is not None:
         note_uncaptured_forward(kwargs.get("config"), builder)  # (a session opened mid-way is not its)
-        watch_uncaptured(builder.f_locals["self"], kwargs.get("config"))
+        watch_uncaptured(builder, kwargs.get("config"))
     backend, config = current_config().backend, kwargs.get("config")
     try:
         check_modeling_file(config)
@@ -127,7 +127,8 @@ def _note(
         )
 
 
-_watched: weakref.WeakKeyDictionary[torch.nn.Module, int] = weakref.WeakKeyDictionary()  # stack -> its start hook
+# stack -> the ids of its start and end hooks
+_watched: weakref.WeakKeyDictionary[torch.nn.Module, tuple[int, int]] = weakref.WeakKeyDictionary()
 _first_forward_hooks: weakref.WeakKeyDictionary[torch.nn.Module, list] = weakref.WeakKeyDictionary()
 
 
@@ -141,10 +142,17 @@ def watch_forward(owner: torch.nn.Module | None, last_layer: torch.nn.Module | N
     layer's return (`on_layers_done`), then each direct child of the stack that runs after it (the
     final norm, whatever its name: `on_tail_start`, `on_tail_end`). Those hooks are removed when the
     stack's own start is first reported."""
-    if owner is None or (owner in _watched and _watched[owner] in owner._forward_pre_hooks):
-        return False  # (hooks cleared by another tool, as some profilers do when they clean up: registered again)
+    if owner is None:
+        return False
+    if owner in _watched:  # hooks cleared by another tool (as some profilers do when they clean up), either of
+        started_id, ended_id = _watched[owner]  # the two: registered again, both, so that every start has its end
+        if started_id in owner._forward_pre_hooks and ended_id in owner._forward_hooks:
+            return False
+        owner._forward_pre_hooks.pop(started_id, None)
+        owner._forward_pre_hooks_with_kwargs.pop(started_id, None)
+        owner._forward_hooks.pop(ended_id, None)
     ended = owner.register_forward_hook(functools.partial(_forward_ended, config))
-    started = owner.register_forward_pre_hook(functools.partial(_forward_started, config, ended.id), with_kwargs=True)
+    started = owner.register_forward_pre_hook(functools.partial(_forward_started, config), with_kwargs=True)
     handles = []
     if last_layer is not None:
         handles.append(last_layer.register_forward_hook(functools.partial(_report, "on_layers_done", config)))
@@ -153,31 +161,40 @@ def watch_forward(owner: torch.nn.Module | None, last_layer: torch.nn.Module | N
             handles.append(child.register_forward_pre_hook(functools.partial(_report, "on_tail_start", config)))
             handles.append(child.register_forward_hook(functools.partial(_report, "on_tail_end", config)))
     _first_forward_hooks[owner] = handles
-    _watched[owner] = started.id
+    _watched[owner] = (started.id, ended.id)
     return True
 
 
-_watched_builders: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+_stacks: weakref.WeakKeyDictionary[torch.nn.Module, tuple] = weakref.WeakKeyDictionary()  # builder -> its stack
 
 
-def watch_uncaptured(builder: torch.nn.Module, config) -> None:
-    """A forward with capture off registers what tells a recorded forward's end (the decoder stack's hooks,
-    the call around it: as `ForwardTracker._find_end` does): else the model's first recorded forward, after
-    any number of such forwards, would have the first-forward hole (a call that raised after its stack
-    returned, committed) that only the very first forward after loading has. Once per mask-building module."""
-    if config is None or builder in _watched_builders:
+def watch_uncaptured(frame, config) -> None:
+    """A forward with capture off registers what tells a recorded forward's end, as a recorded one does
+    (`ForwardTracker.on_mask`, `_find_end`): the decoder stack's hooks, and the hooks of the model call around it
+    (each module the caller calls). Else the model's first recorded call, after any number of forwards with
+    capture off, would have the hole only the very first call after loading has (a call that raised after its
+    stack returned, committed). `frame`: the mask call's caller. Vision and audio towers are none of it."""
+    if config is None:
         return
-    _watched_builders.add(builder)
-    owner, last_layer = decoder_stack(builder, config)
-    if watch_forward(owner, last_layer, config):
-        watch_call(outermost_forward(owner), config)
+    builder = frame.f_locals["self"]
+    if tower_of(config, method_frames(frame)) is not None:
+        return
+    if builder not in _stacks:
+        _stacks[builder] = decoder_stack(builder, config)
+    owner, last_layer = _stacks[builder]
+    if owner is not None:
+        watch_forward(owner, last_layer, config)
+        for outer in enclosing_forwards(owner, frame):  # a causal LM called later without this wrapper, too
+            watch_call(outer, config)
 
 
 @torch.compiler.disable
-def _forward_started(config, ended_id: int, module, _args, kwargs) -> None:
+def _forward_started(config, module, _args, kwargs) -> None:
     from qk_attn.capture.active import current_session
 
-    run_last(module, ended_id)  # a hook of the user's on the stack that raises stops the forward before its end
+    run_last(
+        module, _end_hook(module, config)
+    )  # a user's hook on the stack that raises stops the forward before its end
 
     session = current_session()
     if session is not None:
@@ -190,6 +207,16 @@ def _forward_started(config, ended_id: int, module, _args, kwargs) -> None:
     if module in _first_forward_hooks and not _first_forward_elsewhere(config):
         for handle in _first_forward_hooks.pop(module):  # the stack's own hooks report from now on
             handle.remove()
+
+
+def _end_hook(module, config) -> int:
+    """The id of the stack's end hook; registered again where another tool cleared the forward hooks only (torch
+    reads them after the forward, so it reports this forward's end too): every start has its end."""
+    started_id, ended_id = _watched[module]
+    if ended_id not in module._forward_hooks:
+        ended_id = module.register_forward_hook(functools.partial(_forward_ended, config)).id
+        _watched[module] = (started_id, ended_id)
+    return ended_id
 
 
 def _first_forward_elsewhere(config) -> bool:

@@ -564,28 +564,6 @@ def _raising_hook_on_the_backbone(model, ids):
     _call_with_a_raising_hook(model.model, model, ids)
 
 
-@pytest.mark.parametrize("call", [_raising_head, _raising_hook_on_the_model, _raising_hook_on_the_backbone])
-def test_a_models_first_recorded_call_after_forwards_with_capture_off_that_raises_after_its_stack_is_discarded(call):
-    """The hooks that tell a forward's end were registered only by recorded forwards: a model warmed up with
-    capture off had, at its first recorded call, the hole only the very first call after loading has (the
-    rows of a call that raised after its stack returned were committed, and a retry under the same ids was
-    refused). Forwards with capture off register them too."""
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(build("llama3", "qk_sniff").config).eval()
-    ids = _tokens(6, seed=1)
-    for _ in range(2):
-        model(input_ids=_tokens(4, seed=9))  # no session: capture off
-    with qk_attn.session(sampler="all") as s:
-        s.begin([1])
-        with pytest.raises(_Boom):
-            call(model, ids)
-        s.begin([1])  # the retry, under the same id: free, since nothing of the call that raised was kept
-        model(input_ids=ids)
-    _assert_same_rows(rows_by_key(s.table()), _one_shot(model, ids, 1))
-
-
 class _Wrapper(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
@@ -593,6 +571,32 @@ class _Wrapper(torch.nn.Module):
 
     def forward(self, **kwargs):
         return self.model(**kwargs)
+
+
+@pytest.mark.parametrize("warm", ["causal LM", "wrapper", "causal LM, then wrapper"])
+@pytest.mark.parametrize("call", [_raising_head, _raising_hook_on_the_model, _raising_hook_on_the_backbone])
+def test_a_models_first_recorded_call_after_forwards_with_capture_off_that_raises_after_its_stack_is_discarded(
+    call, warm
+):
+    """The hooks that tell a forward's end were registered only by recorded forwards: a model warmed up with
+    capture off had, at its first recorded call, the hole only the very first call after loading has (the
+    rows of a call that raised after its stack returned were committed, and a retry under the same ids was
+    refused). Forwards with capture off register them too, for each model call around the stack (a warm-up
+    through a wrapper watches the causal LM called alone later)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(build("llama3", "qk_sniff").config).eval()
+    ids = _tokens(6, seed=1)
+    for entry in warm.split(", then "):
+        (model if entry == "causal LM" else _Wrapper(model))(input_ids=_tokens(4, seed=9))  # no session: capture off
+    with qk_attn.session(sampler="all") as s:
+        s.begin([1])
+        with pytest.raises(_Boom):
+            call(model, ids)
+        s.begin([1])  # the retry, under the same id: free, since nothing of the call that raised was kept
+        model(input_ids=ids)
+    _assert_same_rows(rows_by_key(s.table()), _one_shot(model, ids, 1))
 
 
 @pytest.mark.parametrize("first", ["backbone", "wrapper"])
@@ -709,16 +713,19 @@ def test_the_calls_of_a_discarded_example_leave_the_manifests_call_counts(tmp_pa
     assert set(manifest["calls"].values()) == {1}
 
 
-def test_a_model_whose_hooks_another_tool_cleared_is_recorded_again():
+@pytest.mark.parametrize("clear", ["all hooks", "forward hooks only"])
+def test_a_model_whose_hooks_another_tool_cleared_is_recorded_again(clear):
     """Some profilers clear every module's hooks when they clean up: qk-attn's were taken with them, and
-    every later forward was refused as one without its mask. They are registered again."""
+    every later forward was refused as one without its mask (all hooks), or discarded as stopped before its
+    end (the forward hooks only: the stack's start was told, its end never). They are registered again."""
     model = build("llama3", "qk_sniff")
     ids = _tokens(6, seed=1)
     with torch.no_grad(), qk_attn.session(sampler="all", example_ids=[0]) as before:
         model(input_ids=ids)
     for module in model.modules():
         module._forward_hooks.clear()
-        module._forward_pre_hooks.clear()
+        if clear == "all hooks":
+            module._forward_pre_hooks.clear()
     with torch.no_grad(), qk_attn.session(sampler="all") as s:
         for example in (0, 1):
             s.begin([example])
@@ -727,6 +734,23 @@ def test_a_model_whose_hooks_another_tool_cleared_is_recorded_again():
     got = rows_by_key(s.table())
     assert {key[0] for key in got} == {0, 1}
     assert all(np.array_equal(got[key], value) for key, value in expected.items())
+
+
+def test_a_stack_whose_forward_hooks_were_cleared_after_forwards_with_capture_off_is_recorded():
+    """Its start hook stayed, its end hook was gone: every recorded forward was discarded as stopped before
+    its end, though nothing raised. The end hook is registered again at the start."""
+    model = build("llama3", "qk_sniff")
+    ids = _tokens(6, seed=1)
+    model(input_ids=ids)  # capture off
+    model.model._forward_hooks.clear()
+    with qk_attn.session(sampler="all") as s:
+        for example in (0, 1):
+            s.begin([example])
+            model(input_ids=ids)
+    got = rows_by_key(s.table())
+    want = _one_shot(model, ids, 0)
+    assert {key[0] for key in got} == {0, 1}
+    _assert_same_rows({key: v for key, v in got.items() if key[0] == 0}, want)
 
 
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
