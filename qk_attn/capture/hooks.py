@@ -127,8 +127,8 @@ def _note(
         )
 
 
-# stack -> the ids of its start and end hooks
-_watched: weakref.WeakKeyDictionary[torch.nn.Module, tuple[int, int]] = weakref.WeakKeyDictionary()
+# stack -> the id of its start hook, and [the id of its end hook] (`_end_hook` may register that one again)
+_watched: weakref.WeakKeyDictionary[torch.nn.Module, tuple[int, list[int]]] = weakref.WeakKeyDictionary()
 _first_forward_hooks: weakref.WeakKeyDictionary[torch.nn.Module, list] = weakref.WeakKeyDictionary()
 
 
@@ -145,14 +145,15 @@ def watch_forward(owner: torch.nn.Module | None, last_layer: torch.nn.Module | N
     if owner is None:
         return False
     if owner in _watched:  # hooks cleared by another tool (as some profilers do when they clean up), either of
-        started_id, ended_id = _watched[owner]  # the two: registered again, both, so that every start has its end
-        if started_id in owner._forward_pre_hooks and ended_id in owner._forward_hooks:
+        started_id, ended = _watched[owner]  # the two: registered again, both, so that every start has its end
+        if started_id in owner._forward_pre_hooks and ended[0] in owner._forward_hooks:
             return False
         owner._forward_pre_hooks.pop(started_id, None)
         owner._forward_pre_hooks_with_kwargs.pop(started_id, None)
-        owner._forward_hooks.pop(ended_id, None)
-    ended = owner.register_forward_hook(functools.partial(_forward_ended, config))
-    started = owner.register_forward_pre_hook(functools.partial(_forward_started, config), with_kwargs=True)
+        owner._forward_hooks.pop(ended[0], None)
+    # The end hook's id travels with the start hook (a deep copy of the model keeps both, under the same ids).
+    ended = [owner.register_forward_hook(functools.partial(_forward_ended, config)).id]
+    started = owner.register_forward_pre_hook(functools.partial(_forward_started, config, ended), with_kwargs=True)
     handles = []
     if last_layer is not None:
         handles.append(last_layer.register_forward_hook(functools.partial(_report, "on_layers_done", config)))
@@ -161,7 +162,7 @@ def watch_forward(owner: torch.nn.Module | None, last_layer: torch.nn.Module | N
             handles.append(child.register_forward_pre_hook(functools.partial(_report, "on_tail_start", config)))
             handles.append(child.register_forward_hook(functools.partial(_report, "on_tail_end", config)))
     _first_forward_hooks[owner] = handles
-    _watched[owner] = (started.id, ended.id)
+    _watched[owner] = (started.id, ended)
     return True
 
 
@@ -189,12 +190,11 @@ def watch_uncaptured(frame, config) -> None:
 
 
 @torch.compiler.disable
-def _forward_started(config, module, _args, kwargs) -> None:
+def _forward_started(config, ended: list[int], module, _args, kwargs) -> None:
     from qk_attn.capture.active import current_session
 
-    run_last(
-        module, _end_hook(module, config)
-    )  # a user's hook on the stack that raises stops the forward before its end
+    _keep_end_hook(module, config, ended)
+    run_last(module, ended[0])  # a hook of the user's on the stack that raises stops the forward before its end
 
     session = current_session()
     if session is not None:
@@ -209,14 +209,11 @@ def _forward_started(config, module, _args, kwargs) -> None:
             handle.remove()
 
 
-def _end_hook(module, config) -> int:
-    """The id of the stack's end hook; registered again where another tool cleared the forward hooks only (torch
-    reads them after the forward, so it reports this forward's end too): every start has its end."""
-    started_id, ended_id = _watched[module]
-    if ended_id not in module._forward_hooks:
-        ended_id = module.register_forward_hook(functools.partial(_forward_ended, config)).id
-        _watched[module] = (started_id, ended_id)
-    return ended_id
+def _keep_end_hook(module, config, ended: list[int]) -> None:
+    """The stack's end hook, registered again where another tool cleared its forward hooks only (torch reads them
+    after the forward, so it reports this forward's end too): every start has its end."""
+    if ended[0] not in module._forward_hooks:
+        ended[0] = module.register_forward_hook(functools.partial(_forward_ended, config)).id
 
 
 def _first_forward_elsewhere(config) -> bool:

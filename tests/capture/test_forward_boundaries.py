@@ -753,6 +753,19 @@ def test_a_stack_whose_forward_hooks_were_cleared_after_forwards_with_capture_of
     _assert_same_rows({key: v for key, v in got.items() if key[0] == 0}, want)
 
 
+@pytest.mark.parametrize("warm", ["capture off", "recorded"])
+def test_a_deep_copy_of_a_model_that_ran_is_recorded_as_the_model(warm):
+    """A copy carries the stack's hooks: they must find what they need in themselves, not in a table keyed by
+    the original module (a KeyError in every forward of the copy, capture on or off)."""
+    model = build("llama3", "qk_sniff")
+    ids = _tokens(6, seed=1)
+    with qk_attn.session(sampler="all") if warm == "recorded" else contextlib.nullcontext():
+        model(input_ids=ids)
+    twin = copy.deepcopy(model)
+    assert torch.equal(twin(input_ids=ids).logits, model(input_ids=ids).logits)  # capture off
+    _assert_same_rows(_one_shot(twin, ids, 0), _one_shot(model, ids, 0))
+
+
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
 def test_an_example_whose_forward_raised_inside_the_model_is_begun_again_for_its_retry(error):
     """A forward that raised in a layer's attention was settled only at the next model call or commit(), so
