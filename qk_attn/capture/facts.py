@@ -31,7 +31,10 @@ Where the capture code relies on each fact (the module that reads it):
     sdpa_forward                   backends.attention_forward("sdpa")
     flash_forward                  hooks.wrap_flash_attention
     eager_forward                  backends.eager_forward
-    backend_support_flags          backends.check_backend_support (_supports_sdpa, _supports_flash_attn)
+    backend_support_flags          backends.check_backend_support (_supports_sdpa, _supports_flash_attn);
+                                   which reason its refusal names, wording only: a modeling module without
+                                   ALL_ATTENTION_FUNCTIONS, a running model whose config.is_encoder_decoder
+                                   (frames.running_encoder_decoder; held by tests: test_refused_models)
     rotary_helpers                 rope.invert_rope (apply_rotary_pos_emb), rope.query_scale
     attention_call_layout          call_rows, gather (query and key read as (batch, heads, tokens, head_dim))
     attention_forward_locals       attention.applied_rotary (frame locals self, position_embeddings)
