@@ -200,13 +200,13 @@ def tower_of(config, callers: list[MethodFrame]) -> str | None:
 def outermost_forward(inner: torch.nn.Module) -> torch.nn.Module | None:
     """The outermost module whose forward runs now in this thread around `inner` (the model the caller
     called: a causal LM around its decoder stack, or a wrapper of it); None when that is `inner` itself."""
-    return next(iter(enclosing_forwards(inner, sys._getframe(1))[-1:]), None)
+    return next(iter(enclosing_forwards(inner, method_frames(sys._getframe(1)))[-1:]), None)
 
 
-def enclosing_forwards(inner: torch.nn.Module, frame) -> list[torch.nn.Module]:
-    """The modules whose forward runs now around `inner` (above `frame`), innermost first."""
+def enclosing_forwards(inner: torch.nn.Module, callers: list[MethodFrame]) -> list[torch.nn.Module]:
+    """The modules whose forward runs now around `inner` (among `callers`, `method_frames`), innermost first."""
     found = []
-    for method, _, this, _ in method_frames(frame):
+    for method, _, this, _ in callers:
         if method.f_code.co_name == "forward" and isinstance(this, torch.nn.Module) and this is not inner:
             if this not in found and contains(this, inner):
                 found.append(this)

@@ -177,15 +177,15 @@ def watch_uncaptured(frame, config) -> None:
     stack returned, committed). `frame`: the mask call's caller. Vision and audio towers are none of it."""
     if config is None:
         return
-    builder = frame.f_locals["self"]
-    if tower_of(config, method_frames(frame)) is not None:
+    builder, callers = frame.f_locals["self"], method_frames(frame)
+    if tower_of(config, callers) is not None:
         return
     if builder not in _stacks:
         _stacks[builder] = decoder_stack(builder, config)
     owner, last_layer = _stacks[builder]
     if owner is not None:
         watch_forward(owner, last_layer, config)
-        for outer in enclosing_forwards(owner, frame):  # a causal LM called later without this wrapper, too
+        for outer in enclosing_forwards(owner, callers):  # a causal LM called later without this wrapper, too
             watch_call(outer, config)
 
 
